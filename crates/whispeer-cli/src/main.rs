@@ -1,0 +1,3 @@
+//! The `whispeer` command line.
+
+fn main() {}

@@ -1,0 +1,186 @@
+//! The message envelope: what travels from a publisher to its subscribers.
+//!
+//! The envelope's `payload` is opaque bytes — encoded, and later compressed and sealed, at the
+//! publishing edge. Everything between the edges (router, plugins, storage, servers) handles
+//! envelopes without opening them, and shares the payload by reference count.
+
+use std::fmt;
+
+use bytes::Bytes;
+
+use crate::Topic;
+
+/// A message identifier, unique per broker in practice: a random 64-bit prefix chosen when the
+/// broker starts and a 64-bit counter.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct MessageId(pub u128);
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+impl fmt::Debug for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MessageId({self})")
+    }
+}
+
+/// How the payload's plaintext was encoded; carried in [`Flags`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+#[repr(u8)]
+pub enum ContentType {
+    /// Raw bytes chosen by the application.
+    Raw = 0,
+    /// serde through postcard, the compact binary default.
+    Postcard = 1,
+    /// serde through JSON.
+    Json = 2,
+}
+
+impl ContentType {
+    /// The content type for a flag value, if it is one this version knows.
+    pub fn from_bits(bits: u8) -> Option<Self> {
+        match bits {
+            0 => Some(Self::Raw),
+            1 => Some(Self::Postcard),
+            2 => Some(Self::Json),
+            _ => None,
+        }
+    }
+}
+
+/// Envelope flags: what was done to the payload. Bit layout (least significant first):
+/// bits 0–2 content type; the remaining bits are reserved for compression and encryption.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Flags(pub u16);
+
+impl Flags {
+    const CONTENT_MASK: u16 = 0b111;
+
+    /// Flags that say only how the payload was encoded.
+    pub fn with_content(content: ContentType) -> Self {
+        Self(content as u16)
+    }
+
+    /// The content type, or `None` if the bits name one this version does not know.
+    pub fn content(self) -> Option<ContentType> {
+        ContentType::from_bits((self.0 & Self::CONTENT_MASK) as u8)
+    }
+}
+
+impl fmt::Debug for Flags {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Flags({:#06x})", self.0)
+    }
+}
+
+/// Application headers: short name/value pairs that travel beside the payload, in order.
+///
+/// Headers are not encrypted by the engines, but they are authenticated: a sealed message whose
+/// headers were edited fails to open.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Headers(Vec<(String, Bytes)>);
+
+impl Headers {
+    /// No headers; does not allocate.
+    pub const fn new() -> Self {
+        Self(Vec::new())
+    }
+
+    /// Appends a header; names may repeat.
+    pub fn insert(&mut self, name: impl Into<String>, value: impl Into<Bytes>) {
+        self.0.push((name.into(), value.into()));
+    }
+
+    /// The first value for `name`.
+    pub fn get(&self, name: &str) -> Option<&Bytes> {
+        self.0.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+    }
+
+    /// All headers, in insertion order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Bytes)> {
+        self.0.iter().map(|(n, v)| (n.as_str(), v))
+    }
+
+    /// Number of headers.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are no headers.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// One message as the broker sees it: addressing and metadata in the clear, payload opaque.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Envelope {
+    /// Unique identifier, assigned by the publishing edge.
+    pub id: MessageId,
+    /// Where the message was published.
+    pub topic: Topic,
+    /// Publish time, in milliseconds since the Unix epoch.
+    pub timestamp_ms: u64,
+    /// What was done to the payload.
+    pub flags: Flags,
+    /// Application headers.
+    pub headers: Headers,
+    /// The payload, shared rather than copied between subscribers.
+    pub payload: Bytes,
+}
+
+impl Envelope {
+    /// An envelope with no headers.
+    pub fn new(
+        id: MessageId,
+        topic: Topic,
+        timestamp_ms: u64,
+        flags: Flags,
+        payload: Bytes,
+    ) -> Self {
+        Self {
+            id,
+            topic,
+            timestamp_ms,
+            flags,
+            headers: Headers::new(),
+            payload,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_round_trip_content_type() {
+        for ct in [ContentType::Raw, ContentType::Postcard, ContentType::Json] {
+            assert_eq!(Flags::with_content(ct).content(), Some(ct));
+        }
+        assert_eq!(Flags(0b111).content(), None);
+    }
+
+    #[test]
+    fn headers_keep_order_and_find_first() {
+        let mut h = Headers::new();
+        h.insert("a", "1");
+        h.insert("b", "2");
+        h.insert("a", "3");
+        assert_eq!(h.get("a").map(|v| &v[..]), Some(&b"1"[..]));
+        assert_eq!(
+            h.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            ["a", "b", "a"]
+        );
+        assert_eq!(h.len(), 3);
+    }
+
+    #[test]
+    fn message_id_displays_as_fixed_width_hex() {
+        assert_eq!(MessageId(255).to_string(), format!("{:0>32}", "ff"));
+    }
+}

@@ -1,0 +1,23 @@
+//! whispeer-proto — the vocabulary every whispeer crate shares.
+//!
+//! Topics and filters ([`Topic`], [`Filter`]), the message [`Envelope`] that travels between
+//! publisher and subscriber, and the [`Limits`] that bound everything read from outside.
+//!
+//! This crate performs no I/O and knows no async runtime, so it builds for
+//! `wasm32-unknown-unknown` and can be shared by the broker, the clients and the browser.
+//!
+//! ```
+//! use whispeer_proto::{Filter, Topic};
+//! let filter = Filter::parse("sensor/+/temperature")?;
+//! assert!(filter.matches(&Topic::parse("sensor/kitchen/temperature")?));
+//! assert!(!filter.matches(&Topic::parse("sensor/kitchen/humidity")?));
+//! # Ok::<(), whispeer_proto::TopicError>(())
+//! ```
+
+mod envelope;
+mod limits;
+mod topic;
+
+pub use envelope::{ContentType, Envelope, Flags, Headers, MessageId};
+pub use limits::Limits;
+pub use topic::{Filter, FilterSegment, Topic, TopicError};

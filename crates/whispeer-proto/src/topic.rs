@@ -1,0 +1,450 @@
+//! Topics and filters: parsing, validation and matching of `+`, `*` and `#`.
+//!
+//! A topic or filter is validated once, at `parse`; matching never fails afterwards.
+//! Topics are `/`-separated, non-empty segments. In a filter, `+` and `*` match exactly one
+//! segment and `#` matches any number of trailing segments, including zero, so `chat/#` also
+//! matches `chat`. A filter that starts with a wildcard does not match topics whose first
+//! segment starts with `$` (those are reserved for the broker, as in MQTT).
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::Limits;
+
+/// Why a topic or filter was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TopicError {
+    /// The topic or filter is the empty string.
+    #[error("topic is empty")]
+    Empty,
+    /// A segment between two `/` (or at either end) is empty.
+    #[error("segment {index} is empty (leading, trailing or doubled '/')")]
+    EmptySegment {
+        /// Zero-based index of the empty segment.
+        index: usize,
+    },
+    /// A wildcard appears in a topic, which names one concrete destination.
+    #[error("wildcard '{wildcard}' in segment {index} of a topic; wildcards belong in filters")]
+    WildcardInTopic {
+        /// Zero-based index of the offending segment.
+        index: usize,
+        /// The wildcard character.
+        wildcard: char,
+    },
+    /// A wildcard shares its segment with other characters, as in `a+` or `#b`.
+    #[error("wildcard '{wildcard}' must be a whole segment, found in segment {index}")]
+    WildcardInSegment {
+        /// Zero-based index of the offending segment.
+        index: usize,
+        /// The wildcard character.
+        wildcard: char,
+    },
+    /// `#` appears before the last segment.
+    #[error("'#' must be the last segment, found at segment {index}")]
+    HashNotLast {
+        /// Zero-based index of the `#` segment.
+        index: usize,
+    },
+    /// The topic has a control character (U+0000 to U+001F or U+007F).
+    #[error("control character {code:#04x} at byte {at}")]
+    ControlCharacter {
+        /// Byte offset of the character.
+        at: usize,
+        /// The character's code.
+        code: u8,
+    },
+    /// The topic is longer than [`Limits::max_topic_len`].
+    #[error("topic of {len} bytes exceeds the limit of {max}")]
+    TooLong {
+        /// Length of the refused topic in bytes.
+        len: usize,
+        /// The configured limit.
+        max: usize,
+    },
+    /// The topic has more segments than [`Limits::max_topic_depth`].
+    #[error("topic of {depth} segments exceeds the limit of {max}")]
+    TooDeep {
+        /// Number of segments of the refused topic.
+        depth: usize,
+        /// The configured limit.
+        max: usize,
+    },
+}
+
+/// Checks what topics and filters have in common; returns the number of segments.
+fn check_common(s: &str, limits: &Limits) -> Result<usize, TopicError> {
+    if s.is_empty() {
+        return Err(TopicError::Empty);
+    }
+    if s.len() > limits.max_topic_len {
+        return Err(TopicError::TooLong {
+            len: s.len(),
+            max: limits.max_topic_len,
+        });
+    }
+    if let Some(at) = s.bytes().position(|b| b < 0x20 || b == 0x7f) {
+        return Err(TopicError::ControlCharacter {
+            at,
+            code: s.as_bytes()[at],
+        });
+    }
+    let mut depth = 0;
+    for (index, segment) in s.split('/').enumerate() {
+        if segment.is_empty() {
+            return Err(TopicError::EmptySegment { index });
+        }
+        depth = index + 1;
+    }
+    if depth > limits.max_topic_depth {
+        return Err(TopicError::TooDeep {
+            depth,
+            max: limits.max_topic_depth,
+        });
+    }
+    Ok(depth)
+}
+
+fn wildcard_in(segment: &str) -> Option<char> {
+    segment.chars().find(|c| matches!(c, '+' | '*' | '#'))
+}
+
+/// A validated topic: the concrete name a message is published to, such as `sensor/k1/temperature`.
+///
+/// Cloning is cheap (the text is shared).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Topic(Arc<str>);
+
+impl Topic {
+    /// Parses a topic under the default [`Limits`].
+    ///
+    /// # Errors
+    /// Returns the first rule the text breaks; see [`TopicError`].
+    pub fn parse(s: &str) -> Result<Self, TopicError> {
+        Self::parse_with(s, &Limits::DEFAULT)
+    }
+
+    /// Parses a topic under the given limits.
+    ///
+    /// # Errors
+    /// Returns the first rule the text breaks; see [`TopicError`].
+    pub fn parse_with(s: &str, limits: &Limits) -> Result<Self, TopicError> {
+        Self::validate(s, limits)?;
+        Ok(Self(Arc::from(s)))
+    }
+
+    /// Checks that `s` is a valid topic under `limits` without allocating.
+    ///
+    /// # Errors
+    /// Returns the first rule the text breaks; see [`TopicError`].
+    pub fn validate(s: &str, limits: &Limits) -> Result<(), TopicError> {
+        check_common(s, limits)?;
+        for (index, segment) in s.split('/').enumerate() {
+            if let Some(wildcard) = wildcard_in(segment) {
+                return Err(TopicError::WildcardInTopic { index, wildcard });
+            }
+        }
+        Ok(())
+    }
+
+    /// The topic's text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The `/`-separated segments, in order.
+    pub fn segments(&self) -> impl Iterator<Item = &str> {
+        self.0.split('/')
+    }
+
+    /// Whether the topic is reserved for the broker (its first segment starts with `$`).
+    pub fn is_reserved(&self) -> bool {
+        self.0.starts_with('$')
+    }
+}
+
+impl fmt::Display for Topic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Topic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Topic({:?})", &*self.0)
+    }
+}
+
+impl AsRef<str> for Topic {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+/// One segment of a [`Filter`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FilterSegment<'a> {
+    /// A segment that must equal this text.
+    Literal(&'a str),
+    /// `+` or `*`: exactly one segment, whatever it is.
+    One,
+    /// `#`: any number of trailing segments, including zero. Always last.
+    Rest,
+}
+
+impl<'a> FilterSegment<'a> {
+    fn classify(segment: &'a str) -> Self {
+        match segment {
+            "+" | "*" => Self::One,
+            "#" => Self::Rest,
+            literal => Self::Literal(literal),
+        }
+    }
+}
+
+/// A validated subscription filter, such as `sensor/+/temperature` or `chat/#`.
+///
+/// A filter without wildcards matches exactly one topic (see [`Filter::is_exact`]).
+/// Cloning is cheap (the text is shared).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Filter {
+    text: Arc<str>,
+    exact: bool,
+}
+
+impl Filter {
+    /// Parses a filter under the default [`Limits`].
+    ///
+    /// # Errors
+    /// Returns the first rule the text breaks; see [`TopicError`].
+    pub fn parse(s: &str) -> Result<Self, TopicError> {
+        Self::parse_with(s, &Limits::DEFAULT)
+    }
+
+    /// Parses a filter under the given limits.
+    ///
+    /// # Errors
+    /// Returns the first rule the text breaks; see [`TopicError`].
+    pub fn parse_with(s: &str, limits: &Limits) -> Result<Self, TopicError> {
+        let depth = check_common(s, limits)?;
+        let mut exact = true;
+        for (index, segment) in s.split('/').enumerate() {
+            match FilterSegment::classify(segment) {
+                FilterSegment::Literal(text) => {
+                    if let Some(wildcard) = wildcard_in(text) {
+                        return Err(TopicError::WildcardInSegment { index, wildcard });
+                    }
+                }
+                FilterSegment::One => exact = false,
+                FilterSegment::Rest => {
+                    if index + 1 != depth {
+                        return Err(TopicError::HashNotLast { index });
+                    }
+                    exact = false;
+                }
+            }
+        }
+        Ok(Self {
+            text: Arc::from(s),
+            exact,
+        })
+    }
+
+    /// The filter's text, as given.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// Whether the filter has no wildcard and so matches exactly one topic.
+    pub fn is_exact(&self) -> bool {
+        self.exact
+    }
+
+    /// The segments, in order.
+    pub fn segments(&self) -> impl Iterator<Item = FilterSegment<'_>> {
+        self.text.split('/').map(FilterSegment::classify)
+    }
+
+    /// Whether `topic` matches this filter.
+    pub fn matches(&self, topic: &Topic) -> bool {
+        if self.exact {
+            return *self.text == *topic.0;
+        }
+        let mut filter = self.segments();
+        let mut topic_segments = topic.segments();
+        // A leading wildcard never matches a reserved (`$`) topic.
+        let mut first = true;
+        loop {
+            match (filter.next(), topic_segments.next()) {
+                (Some(FilterSegment::Rest), next) => {
+                    return !(first && next.is_some_and(|s| s.starts_with('$')));
+                }
+                (Some(FilterSegment::One), Some(segment)) => {
+                    if first && segment.starts_with('$') {
+                        return false;
+                    }
+                }
+                (Some(FilterSegment::Literal(want)), Some(segment)) => {
+                    if want != segment {
+                        return false;
+                    }
+                }
+                (None, None) => return true,
+                _ => return false,
+            }
+            first = false;
+        }
+    }
+}
+
+impl fmt::Display for Filter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl fmt::Debug for Filter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Filter({:?})", &*self.text)
+    }
+}
+
+impl From<Topic> for Filter {
+    /// A topic is a filter that matches only itself.
+    fn from(topic: Topic) -> Self {
+        Self {
+            text: topic.0,
+            exact: true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[track_caller]
+    fn check(filter: &str, topic: &str, matches: bool) {
+        let f = Filter::parse(filter).unwrap();
+        let t = Topic::parse(topic).unwrap();
+        assert_eq!(f.matches(&t), matches, "{filter} vs {topic}");
+    }
+
+    #[test]
+    fn exact_filter_matches_only_itself() {
+        check("a/b", "a/b", true);
+        check("a/b", "a/b/c", false);
+        check("a/b", "a", false);
+        assert!(Filter::parse("a/b").unwrap().is_exact());
+    }
+
+    #[test]
+    fn plus_and_star_match_exactly_one_segment() {
+        check("sensor/+/temperature", "sensor/kitchen/temperature", true);
+        check("sensor/*/temperature", "sensor/kitchen/temperature", true);
+        check("sensor/+/temperature", "sensor/temperature", false);
+        check("sensor/+/temperature", "sensor/a/b/temperature", false);
+        check("+", "a", true);
+        check("+", "a/b", false);
+        assert!(!Filter::parse("a/+").unwrap().is_exact());
+    }
+
+    #[test]
+    fn hash_matches_parent_and_any_depth() {
+        check("chat/#", "chat", true);
+        check("chat/#", "chat/room", true);
+        check("chat/#", "chat/room/1/2", true);
+        check("chat/#", "chatter", false);
+        check("#", "anything/at/all", true);
+        check("a/+/#", "a/b", true);
+        check("a/+/#", "a", false);
+    }
+
+    #[test]
+    fn leading_wildcard_skips_reserved_topics() {
+        check("#", "$sys/clients", false);
+        check("+/clients", "$sys/clients", false);
+        check("$sys/#", "$sys/clients", true);
+        check("a/#", "a/$b", true);
+    }
+
+    #[test]
+    fn topic_refuses_malformed_text() {
+        let limits = Limits::DEFAULT;
+        let cases: &[(&str, TopicError)] = &[
+            ("", TopicError::Empty),
+            ("/a", TopicError::EmptySegment { index: 0 }),
+            ("a/", TopicError::EmptySegment { index: 1 }),
+            ("a//b", TopicError::EmptySegment { index: 1 }),
+            (
+                "a/+",
+                TopicError::WildcardInTopic {
+                    index: 1,
+                    wildcard: '+',
+                },
+            ),
+            (
+                "a/b#",
+                TopicError::WildcardInTopic {
+                    index: 1,
+                    wildcard: '#',
+                },
+            ),
+            ("a\0b", TopicError::ControlCharacter { at: 1, code: 0 }),
+        ];
+        for (text, err) in cases {
+            assert_eq!(Topic::validate(text, &limits), Err(err.clone()), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn filter_refuses_malformed_wildcards() {
+        let cases: &[(&str, TopicError)] = &[
+            (
+                "a/b+",
+                TopicError::WildcardInSegment {
+                    index: 1,
+                    wildcard: '+',
+                },
+            ),
+            (
+                "#a",
+                TopicError::WildcardInSegment {
+                    index: 0,
+                    wildcard: '#',
+                },
+            ),
+            (
+                "a/*b",
+                TopicError::WildcardInSegment {
+                    index: 1,
+                    wildcard: '*',
+                },
+            ),
+            ("#/a", TopicError::HashNotLast { index: 0 }),
+            ("a/#/b", TopicError::HashNotLast { index: 1 }),
+            ("a//#", TopicError::EmptySegment { index: 1 }),
+        ];
+        for (text, err) in cases {
+            assert_eq!(Filter::parse(text), Err(err.clone()), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn limits_bound_length_and_depth() {
+        let limits = Limits {
+            max_topic_len: 8,
+            max_topic_depth: 3,
+            ..Limits::DEFAULT
+        };
+        assert_eq!(
+            Topic::parse_with("abcdefghi", &limits),
+            Err(TopicError::TooLong { len: 9, max: 8 })
+        );
+        assert_eq!(
+            Topic::parse_with("a/b/c/d", &limits),
+            Err(TopicError::TooDeep { depth: 4, max: 3 })
+        );
+        assert!(Filter::parse_with("a/b/#", &limits).is_ok());
+    }
+}

@@ -1,0 +1,567 @@
+//! The broker handle, its builder and options, and the publish path.
+//!
+//! A [`Broker`] is a cheap handle on shared state. Publishing encodes the value once, runs the
+//! plugins, routes the envelope and offers one shared [`Message`] to every matching queue;
+//! it never blocks and never awaits.
+
+use std::any::{TypeId, type_name};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::runtime::Handle;
+use whispeer_engines::Codec;
+use whispeer_proto::{ContentType, Envelope, Filter, Flags, Limits, MessageId, Topic};
+
+use crate::error::{BindError, PublishError, SubscribeError};
+use crate::message::Message;
+use crate::plugin::Plugin;
+use crate::queue::{Pushed, Queue, SlowConsumer};
+use crate::router::{Route, Router, SubId};
+use crate::runtime::Spawner;
+use crate::stats::{BrokerCounters, BrokerStats, bump};
+use crate::subscription::{self, SubscribeOptions, Subscriber, Subscription};
+use crate::typed::TypedTopic;
+
+/// Largest queue a subscription may ask for; queues allocate their capacity up front.
+pub const MAX_QUEUE_CAPACITY: usize = 1 << 20;
+
+/// Settings of a broker. Every field has a safe default.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct BrokerOptions {
+    /// How typed values are encoded. Default: [`Codec::Postcard`].
+    pub codec: Codec,
+    /// Bounds on topics and messages.
+    pub limits: Limits,
+    /// Default queue capacity of a subscription, in messages. Default: 1024.
+    pub queue_capacity: usize,
+    /// Default policy when a subscription's queue is full. Default: [`SlowConsumer::DropOldest`].
+    pub slow_consumer: SlowConsumer,
+}
+
+impl Default for BrokerOptions {
+    fn default() -> Self {
+        Self {
+            codec: Codec::default(),
+            limits: Limits::default(),
+            queue_capacity: 1024,
+            slow_consumer: SlowConsumer::default(),
+        }
+    }
+}
+
+/// Anything that extends a broker at build time: plugins today; engines, transports and
+/// storage as they arrive. Passed to [`BrokerBuilder::with`].
+pub trait Extension {
+    /// Adds itself to the builder.
+    fn extend(self, builder: BrokerBuilder) -> BrokerBuilder;
+}
+
+impl<P: Plugin> Extension for P {
+    fn extend(self, builder: BrokerBuilder) -> BrokerBuilder {
+        builder.plugin(self)
+    }
+}
+
+/// Builds a [`Broker`]. Start with [`Broker::builder`] or [`Broker::build_default`].
+#[must_use = "a builder does nothing until `build` is called"]
+pub struct BrokerBuilder {
+    options: BrokerOptions,
+    plugins: Vec<Arc<dyn Plugin>>,
+    runtime: Option<Handle>,
+}
+
+impl std::fmt::Debug for BrokerBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerBuilder")
+            .field("options", &self.options)
+            .field(
+                "plugins",
+                &self.plugins.iter().map(|p| p.name()).collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl BrokerBuilder {
+    /// Adds an extension: a plugin, and later an engine, transport or store.
+    pub fn with(self, extension: impl Extension) -> Self {
+        extension.extend(self)
+    }
+
+    /// Adds a plugin; plugins run in the order they were added.
+    pub fn plugin(mut self, plugin: impl Plugin) -> Self {
+        self.plugins.push(Arc::new(plugin));
+        self
+    }
+
+    /// Runs callback subscribers' delivery tasks on this runtime. Without it, they run on the
+    /// runtime that calls `subscribe`, or, outside any runtime, on a small one the broker starts.
+    pub fn runtime(mut self, handle: Handle) -> Self {
+        self.runtime = Some(handle);
+        self
+    }
+
+    /// The options, for extensions that adjust them.
+    pub fn options_mut(&mut self) -> &mut BrokerOptions {
+        &mut self.options
+    }
+
+    /// Builds the broker.
+    pub fn build(self) -> Broker {
+        let mut prefix = [0u8; 8];
+        // Only uniqueness across brokers depends on this; a fixed prefix still gives unique ids
+        // within this broker, so a failing entropy source is not worth refusing to start.
+        if getrandom::fill(&mut prefix).is_err() {
+            tracing::warn!(
+                "no entropy for message id prefix; ids are unique only within this broker"
+            );
+        }
+        Broker {
+            inner: Arc::new(Shared {
+                options: self.options,
+                router: Router::default(),
+                plugins: self.plugins.into(),
+                bindings: RwLock::default(),
+                has_bindings: AtomicBool::new(false),
+                id_prefix: u64::from_le_bytes(prefix),
+                next_id: AtomicU64::new(1),
+                next_sub: AtomicU64::new(1),
+                spawner: Spawner::new(self.runtime),
+                counters: Arc::default(),
+            }),
+        }
+    }
+}
+
+/// What a successful publish did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PublishReceipt {
+    /// The message's id.
+    pub id: MessageId,
+    /// How many subscriber queues took the message.
+    pub subscribers: usize,
+}
+
+/// A topic's bound type; see [`Broker::topic`].
+#[derive(Clone, Copy, Debug)]
+struct Binding {
+    type_id: TypeId,
+    type_name: &'static str,
+}
+
+/// Stands for "raw bytes" in type checks against bound topics.
+struct RawBytes;
+
+/// The state every handle shares.
+pub(crate) struct Shared {
+    pub(crate) options: BrokerOptions,
+    pub(crate) router: Router,
+    pub(crate) plugins: Box<[Arc<dyn Plugin>]>,
+    bindings: RwLock<HashMap<Box<str>, Binding>>,
+    has_bindings: AtomicBool,
+    id_prefix: u64,
+    next_id: AtomicU64,
+    next_sub: AtomicU64,
+    pub(crate) spawner: Spawner,
+    pub(crate) counters: Arc<BrokerCounters>,
+}
+
+impl Shared {
+    fn binding(&self, topic: &str) -> Option<Binding> {
+        if !self.has_bindings.load(Ordering::Acquire) {
+            return None;
+        }
+        self.bindings
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(topic)
+            .copied()
+    }
+
+    fn publish_payload(
+        &self,
+        topic: &str,
+        type_id: TypeId,
+        found: &'static str,
+        payload: impl FnOnce() -> Result<(Flags, Bytes), PublishError>,
+    ) -> Result<PublishReceipt, PublishError> {
+        let topic = Topic::parse_with(topic, &self.options.limits)?;
+        if topic.is_reserved() {
+            return Err(PublishError::ReservedTopic(topic));
+        }
+        if let Some(bound) = self.binding(topic.as_str())
+            && bound.type_id != type_id
+        {
+            return Err(PublishError::WrongType {
+                topic,
+                expected: bound.type_name,
+                found,
+            });
+        }
+        let (flags, payload) = payload()?;
+        let max = self.options.limits.max_message_bytes;
+        if payload.len() > max {
+            return Err(PublishError::TooLarge {
+                len: payload.len(),
+                max,
+            });
+        }
+        let id = MessageId(
+            u128::from(self.id_prefix) << 64
+                | u128::from(self.next_id.fetch_add(1, Ordering::Relaxed)),
+        );
+        let mut envelope = Envelope::new(id, topic, now_ms(), flags, payload);
+        for plugin in self.plugins.iter() {
+            if let Err(rejection) = plugin.on_publish(&mut envelope) {
+                bump(&self.counters.rejected_by_plugins);
+                return Err(PublishError::Rejected {
+                    plugin: plugin.name(),
+                    reason: rejection.reason,
+                });
+            }
+        }
+        bump(&self.counters.published);
+        self.route(envelope)
+    }
+
+    /// Offers the envelope to every matching queue.
+    fn route(&self, envelope: Envelope) -> Result<PublishReceipt, PublishError> {
+        let id = envelope.id;
+        let topic = envelope.topic.clone();
+        let mut tally = Tally::default();
+        let mut disconnected: Vec<(SubId, Arc<Queue>)> = Vec::new();
+        self.router.with_matches(topic.as_str(), |exact, wild| {
+            let count = exact.len() + wild.len();
+            if count == 0 {
+                return;
+            }
+            let message = Message::new(envelope, count);
+            for route in exact.iter().chain(wild) {
+                let pushed = route.queue.push(message.clone());
+                if tally.record(pushed, &self.counters) {
+                    disconnected.push((route.id, Arc::clone(&route.queue)));
+                }
+            }
+        });
+        for (id, queue) in disconnected {
+            tracing::warn!(filter = %queue.filter, "subscriber disconnected: queue full");
+            self.unsubscribe(id, &queue);
+        }
+        if tally.delivered == 0 && tally.full == 0 {
+            bump(&self.counters.unrouted);
+        }
+        self.counters
+            .deliveries
+            .fetch_add(tally.delivered as u64, Ordering::Relaxed);
+        if tally.full > 0 {
+            return Err(PublishError::QueueFull {
+                full: tally.full,
+                delivered: tally.delivered,
+            });
+        }
+        Ok(PublishReceipt {
+            id,
+            subscribers: tally.delivered,
+        })
+    }
+
+    /// Creates and routes a subscription queue, after the checks every kind of subscription
+    /// shares. `type_check` is the subscriber's type, if it has one.
+    pub(crate) fn register(
+        &self,
+        options: &SubscribeOptions,
+        typed: Option<(TypeId, &'static str)>,
+    ) -> Result<(SubId, Arc<Queue>), SubscribeError> {
+        let filter = Filter::parse_with(options.filter(), &self.options.limits)?;
+        if let (true, Some((type_id, found))) = (filter.is_exact(), typed)
+            && let Some(bound) = self.binding(filter.as_str())
+            && bound.type_id != type_id
+        {
+            let topic = Topic::parse_with(filter.as_str(), &self.options.limits)?;
+            return Err(SubscribeError::WrongType {
+                topic,
+                expected: bound.type_name,
+                found,
+            });
+        }
+        let capacity = options
+            .queue_capacity()
+            .unwrap_or(self.options.queue_capacity);
+        if !(1..=MAX_QUEUE_CAPACITY).contains(&capacity) {
+            return Err(SubscribeError::InvalidCapacity {
+                capacity,
+                max: MAX_QUEUE_CAPACITY,
+            });
+        }
+        for plugin in self.plugins.iter() {
+            plugin
+                .on_subscribe(&filter)
+                .map_err(|rejection| SubscribeError::Rejected {
+                    plugin: plugin.name(),
+                    reason: rejection.reason,
+                })?;
+        }
+        let policy = options.policy().unwrap_or(self.options.slow_consumer);
+        let id = SubId(self.next_sub.fetch_add(1, Ordering::Relaxed));
+        let queue = Arc::new(Queue::new(filter, capacity, policy));
+        self.router.insert(
+            &queue.filter,
+            Route {
+                id,
+                queue: Arc::clone(&queue),
+            },
+        );
+        Ok((id, queue))
+    }
+
+    /// Ends a subscription: closes its queue and removes its route. Idempotent; plugins hear
+    /// of each subscription's end once.
+    pub(crate) fn unsubscribe(&self, id: SubId, queue: &Queue) {
+        queue.close();
+        if self.router.remove(&queue.filter, id) {
+            for plugin in self.plugins.iter() {
+                plugin.on_unsubscribe(&queue.filter);
+            }
+        }
+    }
+}
+
+/// Outcomes of one fan-out.
+#[derive(Default)]
+struct Tally {
+    delivered: usize,
+    full: usize,
+}
+
+impl Tally {
+    /// Records one push; returns whether the subscriber must now be disconnected.
+    fn record(&mut self, pushed: Pushed, counters: &BrokerCounters) -> bool {
+        match pushed {
+            Pushed::Queued => self.delivered += 1,
+            Pushed::DroppedOldest => {
+                self.delivered += 1;
+                bump(&counters.dropped_oldest);
+            }
+            Pushed::DroppedNewest => bump(&counters.dropped_newest),
+            Pushed::Full => {
+                self.full += 1;
+                bump(&counters.rejected_full);
+            }
+            Pushed::Disconnected => {
+                bump(&counters.disconnected);
+                return true;
+            }
+            Pushed::Closed => {}
+        }
+        false
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A handle to a running broker. Cloning is cheap; all clones share one broker.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), whispeer::Error> {
+/// use whispeer::{Broker, BrokerOptions};
+/// let broker = Broker::builder(BrokerOptions::default()).build();
+/// let mut names = broker.subscription::<String>("greet/+")?;
+/// broker.publish("greet/en", &"Ada".to_string())?;
+/// assert_eq!(names.recv().await.as_deref(), Some("Ada"));
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Broker {
+    pub(crate) inner: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("options", &self.inner.options)
+            .field("subscriptions", &self.inner.router.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Broker {
+    /// A builder with the given options and no extensions.
+    pub fn builder(options: BrokerOptions) -> BrokerBuilder {
+        BrokerBuilder {
+            options,
+            plugins: Vec::new(),
+            runtime: None,
+        }
+    }
+
+    /// A builder with the recommended defaults. Today that is the default options; as the
+    /// engines land it will turn compression and encryption on.
+    pub fn build_default() -> BrokerBuilder {
+        Self::builder(BrokerOptions::default())
+    }
+
+    /// Publishes `value` to `topic`, encoded once with the broker's codec and shared by every
+    /// matching subscriber. Never blocks.
+    ///
+    /// # Errors
+    /// See [`PublishError`]: an invalid or reserved topic, a topic bound to another type, a value
+    /// the codec refuses, a message over the size limit, a plugin's refusal, or full queues of
+    /// `FailPublish` subscribers.
+    pub fn publish<T: Serialize + ?Sized + 'static>(
+        &self,
+        topic: &str,
+        value: &T,
+    ) -> Result<PublishReceipt, PublishError> {
+        let codec = self.inner.options.codec;
+        let payload = || {
+            Ok((
+                Flags::with_content(codec.content_type()),
+                codec.encode(value)?,
+            ))
+        };
+        self.inner
+            .publish_payload(topic, TypeId::of::<T>(), type_name::<T>(), payload)
+    }
+
+    /// Publishes raw bytes, for subscribers that read [`Message::payload`]. A topic bound to a
+    /// type refuses raw bytes.
+    ///
+    /// # Errors
+    /// As [`Broker::publish`], except encoding.
+    pub fn publish_bytes(
+        &self,
+        topic: &str,
+        payload: impl Into<Bytes>,
+    ) -> Result<PublishReceipt, PublishError> {
+        let payload = || Ok((Flags::with_content(ContentType::Raw), payload.into()));
+        self.inner
+            .publish_payload(topic, TypeId::of::<RawBytes>(), "raw bytes", payload)
+    }
+
+    /// Calls `callback` with every message matching the filter, decoded as `T`, in order, on a
+    /// delivery task. The callback should return quickly: a slow one fills its queue and meets
+    /// the slow-consumer policy. Messages that do not decode as `T` are skipped and counted.
+    /// A panic in the callback is caught, counted and logged; the subscriber goes on.
+    ///
+    /// `filter` is a filter string or a [`SubscribeOptions`]. Dropping the returned
+    /// [`Subscriber`] unsubscribes.
+    ///
+    /// # Errors
+    /// See [`SubscribeError`].
+    pub fn subscribe<T>(
+        &self,
+        filter: impl Into<SubscribeOptions>,
+        callback: impl FnMut(T) + Send + 'static,
+    ) -> Result<Subscriber, SubscribeError>
+    where
+        T: DeserializeOwned + Clone + Send + Sync + 'static,
+    {
+        subscription::spawn_sync(self, filter.into(), callback)
+    }
+
+    /// Like [`Broker::subscribe`], with an `async` callback. Each call's future completes before
+    /// the next message is handed over, so messages stay in order.
+    ///
+    /// # Errors
+    /// See [`SubscribeError`].
+    pub fn subscribe_async<T, Fut>(
+        &self,
+        filter: impl Into<SubscribeOptions>,
+        callback: impl FnMut(T) -> Fut + Send + 'static,
+    ) -> Result<Subscriber, SubscribeError>
+    where
+        T: DeserializeOwned + Clone + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        subscription::spawn_async(self, filter.into(), callback)
+    }
+
+    /// A pull subscription: `recv().await` or use it as a `Stream` of `T`.
+    ///
+    /// # Errors
+    /// See [`SubscribeError`].
+    pub fn subscription<T>(
+        &self,
+        filter: impl Into<SubscribeOptions>,
+    ) -> Result<Subscription<T>, SubscribeError>
+    where
+        T: DeserializeOwned + Clone + Send + Sync + 'static,
+    {
+        Subscription::typed(self, filter.into())
+    }
+
+    /// A pull subscription of undecoded [`Message`]s: topic, id, headers and payload bytes.
+    ///
+    /// # Errors
+    /// See [`SubscribeError`].
+    pub fn messages(
+        &self,
+        filter: impl Into<SubscribeOptions>,
+    ) -> Result<Subscription<Message>, SubscribeError> {
+        Subscription::raw(self, filter.into())
+    }
+
+    /// Binds `topic` to the type `T`: publishing another type there, or subscribing to it
+    /// exactly with another type, is refused from now on. Binding the same type again is fine.
+    ///
+    /// ```
+    /// # use serde::{Deserialize, Serialize};
+    /// # #[derive(Clone, Serialize, Deserialize)] struct Order { id: u32 }
+    /// use whispeer::{Broker, PublishError};
+    /// let broker = Broker::build_default().build();
+    /// let orders = broker.topic::<Order>("orders")?;
+    /// orders.publish(&Order { id: 1 })?;
+    /// assert!(matches!(broker.publish("orders", &"oops"), Err(PublishError::WrongType { .. })));
+    /// # Ok::<(), whispeer::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`BindError`] for an invalid topic or one already bound to another type.
+    pub fn topic<T>(&self, topic: &str) -> Result<TypedTopic<T>, BindError>
+    where
+        T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+    {
+        let topic = Topic::parse_with(topic, &self.inner.options.limits)?;
+        let requested = Binding {
+            type_id: TypeId::of::<T>(),
+            type_name: type_name::<T>(),
+        };
+        let mut bindings = self
+            .inner
+            .bindings
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let bound = *bindings.entry(topic.as_str().into()).or_insert(requested);
+        self.inner.has_bindings.store(true, Ordering::Release);
+        if bound.type_id != requested.type_id {
+            return Err(BindError::AlreadyBound {
+                topic,
+                bound: bound.type_name,
+                requested: requested.type_name,
+            });
+        }
+        Ok(TypedTopic::new(self.clone(), topic))
+    }
+
+    /// A snapshot of the broker's counters.
+    pub fn stats(&self) -> BrokerStats {
+        self.inner.counters.snapshot(self.inner.router.len())
+    }
+
+    /// The broker's options.
+    pub fn options(&self) -> &BrokerOptions {
+        &self.inner.options
+    }
+}

@@ -1,0 +1,61 @@
+//! whispeer — an embeddable publish/subscribe broker.
+//!
+//! Start with [`Broker::builder`] (or [`Broker::build_default`]). Messages are typed at the
+//! edges and bytes inside: a value is encoded once, and every subscriber shares the same bytes.
+//!
+//! - Publish any `serde` value with [`Broker::publish`]; raw bytes with [`Broker::publish_bytes`].
+//! - Subscribe with a callback ([`Broker::subscribe`]), an `async` callback
+//!   ([`Broker::subscribe_async`]), or pull messages from a [`Subscription`] (`recv().await`, or
+//!   as a `Stream`).
+//! - Filters: `+` or `*` match one segment, `#` any number of trailing segments (also none).
+//! - Every subscriber has a bounded queue and a [`SlowConsumer`] policy; drops are counted in
+//!   [`BrokerStats`] and [`SubscriptionStats`].
+//! - Bind a topic to one type with [`Broker::topic`]; extend the broker with [`Plugin`]s.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), whispeer::Error> {
+//! use serde::{Deserialize, Serialize};
+//! use whispeer::{Broker, BrokerOptions};
+//!
+//! #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+//! struct Reading { sensor: String, celsius: f32 }
+//!
+//! let broker = Broker::builder(BrokerOptions::default()).build();
+//! let mut readings = broker.subscription::<Reading>("sensor/+/temperature")?;
+//! let _log = broker.subscribe("sensor/#", |r: Reading| println!("{r:?}"));
+//!
+//! let reading = Reading { sensor: "kitchen".into(), celsius: 21.5 };
+//! broker.publish("sensor/kitchen/temperature", &reading)?;
+//! assert_eq!(readings.recv().await, Some(reading));
+//! # Ok(()) }
+//! ```
+
+mod broker;
+mod error;
+mod message;
+mod plugin;
+mod queue;
+mod router;
+mod runtime;
+mod stats;
+mod subscription;
+mod typed;
+
+pub use broker::{
+    Broker, BrokerBuilder, BrokerOptions, Extension, MAX_QUEUE_CAPACITY, PublishReceipt,
+};
+pub use error::{BindError, Error, PublishError, SubscribeError};
+pub use message::Message;
+pub use plugin::{LoggingPlugin, Plugin, Rejection};
+pub use queue::SlowConsumer;
+pub use stats::{BrokerStats, SubscriptionStats};
+pub use subscription::{SubscribeOptions, Subscriber, Subscription};
+pub use typed::TypedTopic;
+pub use whispeer_engines::{Codec, CodecError};
+pub use whispeer_proto::{Filter, Topic, TopicError};
+
+/// The wire vocabulary: envelopes, flags, limits. Re-exported for plugin authors.
+pub mod proto {
+    pub use whispeer_proto::*;
+}

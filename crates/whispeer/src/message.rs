@@ -1,0 +1,162 @@
+//! A delivered message: the shared envelope plus a decode-once slot.
+//!
+//! One `Message` is created per publish and every matching subscriber gets a clone of the same
+//! `Arc`, so the payload is encoded once and never copied per subscriber. When a message goes to
+//! more than one subscriber, the first subscriber to decode it leaves the decoded value in the
+//! slot and subscribers of the same type clone that value instead of decoding again.
+
+use std::any::{Any, TypeId};
+use std::fmt;
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use whispeer_engines::{Codec, CodecError};
+use whispeer_proto::{Envelope, Headers, MessageId, Topic};
+
+/// A message as a subscriber receives it. Cloning is cheap.
+#[derive(Clone)]
+pub struct Message {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    envelope: Envelope,
+    /// Whether decoding should go through `decoded` (the message has several subscribers).
+    share_decoded: bool,
+    decoded: OnceLock<Decoded>,
+}
+
+/// The first decoding of the payload: the type asked for and, if it decoded, the value.
+struct Decoded {
+    type_id: TypeId,
+    value: Option<Box<dyn Any + Send + Sync>>,
+}
+
+impl Message {
+    pub(crate) fn new(envelope: Envelope, subscribers: usize) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                envelope,
+                share_decoded: subscribers > 1,
+                decoded: OnceLock::new(),
+            }),
+        }
+    }
+
+    /// The topic the message was published to.
+    pub fn topic(&self) -> &Topic {
+        &self.inner.envelope.topic
+    }
+
+    /// The message's unique id.
+    pub fn id(&self) -> MessageId {
+        self.inner.envelope.id
+    }
+
+    /// Publish time in milliseconds since the Unix epoch.
+    pub fn timestamp_ms(&self) -> u64 {
+        self.inner.envelope.timestamp_ms
+    }
+
+    /// Application headers.
+    pub fn headers(&self) -> &Headers {
+        &self.inner.envelope.headers
+    }
+
+    /// The encoded payload, as published.
+    pub fn payload(&self) -> &Bytes {
+        &self.inner.envelope.payload
+    }
+
+    /// The whole envelope.
+    pub fn envelope(&self) -> &Envelope {
+        &self.inner.envelope
+    }
+
+    /// Decodes the payload as a `T` with the codec recorded in the envelope.
+    ///
+    /// # Errors
+    /// [`CodecError`] when the payload is raw bytes or not a valid encoding of `T`.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, CodecError> {
+        let envelope = &self.inner.envelope;
+        Codec::for_content(envelope.flags.content())?.decode(&envelope.payload)
+    }
+
+    /// Decodes like [`Message::decode`], but when the message has several subscribers, decodes
+    /// once per message for the first type asked for and clones the value for the others.
+    pub(crate) fn decode_shared<T>(&self) -> Result<T, CodecError>
+    where
+        T: DeserializeOwned + Clone + Send + Sync + 'static,
+    {
+        if !self.inner.share_decoded {
+            return self.decode();
+        }
+        let decoded = self.inner.decoded.get_or_init(|| Decoded {
+            type_id: TypeId::of::<T>(),
+            value: self
+                .decode::<T>()
+                .ok()
+                .map(|v| Box::new(v) as Box<dyn Any + Send + Sync>),
+        });
+        if decoded.type_id != TypeId::of::<T>() {
+            return self.decode();
+        }
+        match decoded.value.as_ref().and_then(|v| v.downcast_ref::<T>()) {
+            Some(value) => Ok(value.clone()),
+            // Decoding is deterministic: decoding again yields the same error to report.
+            None => self.decode(),
+        }
+    }
+}
+
+impl fmt::Debug for Message {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let e = &self.inner.envelope;
+        f.debug_struct("Message")
+            .field("id", &e.id)
+            .field("topic", &e.topic)
+            .field("flags", &e.flags)
+            .field("payload_len", &e.payload.len())
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use whispeer_proto::{ContentType, Flags};
+
+    use super::*;
+
+    fn message(value: &impl serde::Serialize, subscribers: usize) -> Message {
+        let payload = Codec::Postcard.encode(value).unwrap();
+        let envelope = Envelope::new(
+            MessageId(1),
+            Topic::parse("t").unwrap(),
+            0,
+            Flags::with_content(ContentType::Postcard),
+            payload,
+        );
+        Message::new(envelope, subscribers)
+    }
+
+    #[test]
+    fn shared_decode_keeps_first_type_and_still_decodes_others() {
+        let m = message(&(7u32, "x".to_string()), 3);
+        let a: (u32, String) = m.decode_shared().unwrap();
+        let b: (u32, String) = m.decode_shared().unwrap();
+        assert_eq!(a, b);
+        // A different type still decodes independently (here: the same bytes read as u8s).
+        let raw: (u8, String) = m.decode_shared().unwrap();
+        assert_eq!(raw, (7, "x".to_string()));
+    }
+
+    #[test]
+    fn shared_decode_failure_is_reported_to_every_subscriber() {
+        // Three bytes of 0xff are not UTF-8, so they cannot decode as a String.
+        let m = message(&vec![0xffu8; 3], 2);
+        assert!(m.decode_shared::<String>().is_err());
+        assert!(m.decode_shared::<String>().is_err());
+        assert_eq!(m.decode_shared::<Vec<u8>>().unwrap(), vec![0xff; 3]);
+    }
+}

@@ -1,0 +1,368 @@
+//! Topic → subscribers: an exact-topic hash map, a wildcard trie, and a per-topic match cache.
+//!
+//! Exact filters route with one hash lookup. Wildcard filters live in a trie keyed by segment;
+//! the result of matching a topic against the trie is cached per topic, so a topic seen before
+//! also routes in O(1). The cache holds at most `MAX_CACHED_TOPICS` entries and is cleared
+//! whenever a wildcard subscription comes or goes.
+//!
+//! Locking: `table` is a std `RwLock`, read on every publish and written on (un)subscribe, and
+//! never held across `.await`. The cache has its own lock, always taken *after* `table`, so a
+//! cache insert (under a table read lock) can never race a clear (under the table write lock).
+
+use std::collections::HashMap;
+use std::sync::{Arc, PoisonError, RwLock};
+
+use whispeer_proto::{Filter, FilterSegment};
+
+use crate::queue::Queue;
+
+/// Bound on the number of topics whose wildcard matches are cached.
+const MAX_CACHED_TOPICS: usize = 64 * 1024;
+
+/// Identifies one subscription for its lifetime in a broker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct SubId(pub(crate) u64);
+
+/// One subscriber as the router knows it: where to push its messages.
+#[derive(Clone, Debug)]
+pub(crate) struct Route {
+    pub(crate) id: SubId,
+    pub(crate) queue: Arc<Queue>,
+}
+
+#[derive(Debug, Default)]
+struct Node {
+    children: HashMap<Box<str>, Self>,
+    /// Filters continuing with `+` / `*` here.
+    one: Option<Box<Self>>,
+    /// Filters ending in `#` here.
+    rest: Vec<Route>,
+    /// Filters ending exactly here.
+    here: Vec<Route>,
+}
+
+impl Node {
+    fn is_empty(&self) -> bool {
+        self.children.is_empty()
+            && self.one.is_none()
+            && self.rest.is_empty()
+            && self.here.is_empty()
+    }
+
+    fn insert<'f>(&mut self, mut segments: impl Iterator<Item = FilterSegment<'f>>, route: Route) {
+        match segments.next() {
+            None => self.here.push(route),
+            Some(FilterSegment::Rest) => self.rest.push(route),
+            Some(FilterSegment::One) => self.one.get_or_insert_default().insert(segments, route),
+            Some(FilterSegment::Literal(s)) => {
+                self.children
+                    .entry(s.into())
+                    .or_default()
+                    .insert(segments, route);
+            }
+        }
+    }
+
+    /// Removes `id` along the filter's path; prunes nodes left empty. Returns whether found.
+    fn remove<'f>(
+        &mut self,
+        mut segments: impl Iterator<Item = FilterSegment<'f>>,
+        id: SubId,
+    ) -> bool {
+        match segments.next() {
+            None => remove_route(&mut self.here, id),
+            Some(FilterSegment::Rest) => remove_route(&mut self.rest, id),
+            Some(FilterSegment::One) => {
+                let Some(child) = self.one.as_mut() else {
+                    return false;
+                };
+                let found = child.remove(segments, id);
+                if child.is_empty() {
+                    self.one = None;
+                }
+                found
+            }
+            Some(FilterSegment::Literal(s)) => {
+                let Some(child) = self.children.get_mut(s) else {
+                    return false;
+                };
+                let found = child.remove(segments, id);
+                if child.is_empty() {
+                    self.children.remove(s);
+                }
+                found
+            }
+        }
+    }
+
+    /// Appends the routes of every filter below this node that matches `segments[depth..]`.
+    fn collect(&self, segments: &[&str], depth: usize, out: &mut Vec<Route>) {
+        // A leading wildcard never matches a reserved (`$`) topic.
+        let wildcards_allowed = depth > 0 || !segments[0].starts_with('$');
+        if wildcards_allowed {
+            out.extend_from_slice(&self.rest);
+        }
+        let Some(segment) = segments.get(depth) else {
+            out.extend_from_slice(&self.here);
+            return;
+        };
+        if let Some(child) = self.children.get(*segment) {
+            child.collect(segments, depth + 1, out);
+        }
+        if let (true, Some(one)) = (wildcards_allowed, &self.one) {
+            one.collect(segments, depth + 1, out);
+        }
+    }
+}
+
+fn remove_route(routes: &mut Vec<Route>, id: SubId) -> bool {
+    let before = routes.len();
+    routes.retain(|r| r.id != id);
+    routes.len() != before
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    exact: HashMap<Box<str>, Vec<Route>>,
+    wild: Node,
+    wild_count: usize,
+    total: usize,
+}
+
+/// The routing table. See the module documentation for its locking.
+#[derive(Debug, Default)]
+pub(crate) struct Router {
+    table: RwLock<Table>,
+    cache: RwLock<HashMap<Box<str>, Arc<[Route]>>>,
+}
+
+impl Router {
+    /// Adds a subscription.
+    pub(crate) fn insert(&self, filter: &Filter, route: Route) {
+        let mut table = self.table.write().unwrap_or_else(PoisonError::into_inner);
+        table.total += 1;
+        if filter.is_exact() {
+            table
+                .exact
+                .entry(filter.as_str().into())
+                .or_default()
+                .push(route);
+        } else {
+            table.wild.insert(filter.segments(), route);
+            table.wild_count += 1;
+            self.clear_cache();
+        }
+    }
+
+    /// Removes a subscription; returns whether it was present.
+    pub(crate) fn remove(&self, filter: &Filter, id: SubId) -> bool {
+        let mut table = self.table.write().unwrap_or_else(PoisonError::into_inner);
+        let found = if filter.is_exact() {
+            let key = filter.as_str();
+            let found = table
+                .exact
+                .get_mut(key)
+                .is_some_and(|routes| remove_route(routes, id));
+            if table.exact.get(key).is_some_and(Vec::is_empty) {
+                table.exact.remove(key);
+            }
+            found
+        } else {
+            let found = table.wild.remove(filter.segments(), id);
+            if found {
+                table.wild_count -= 1;
+                self.clear_cache();
+            }
+            found
+        };
+        if found {
+            table.total -= 1;
+        }
+        found
+    }
+
+    fn clear_cache(&self) {
+        self.cache
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+
+    /// Number of subscriptions.
+    pub(crate) fn len(&self) -> usize {
+        self.table
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .total
+    }
+
+    /// Calls `deliver` with the routes of every subscription matching `topic` (a valid topic),
+    /// exact ones first. The table is read-locked meanwhile, so `deliver` must not block or
+    /// call back into the router.
+    pub(crate) fn with_matches<R>(
+        &self,
+        topic: &str,
+        deliver: impl FnOnce(&[Route], &[Route]) -> R,
+    ) -> R {
+        let table = self.table.read().unwrap_or_else(PoisonError::into_inner);
+        let exact = table.exact.get(topic).map_or(&[][..], Vec::as_slice);
+        if table.wild_count == 0 {
+            return deliver(exact, &[]);
+        }
+        let cached = self
+            .cache
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(topic)
+            .cloned();
+        let wild = cached.unwrap_or_else(|| {
+            let segments: Vec<&str> = topic.split('/').collect();
+            let mut found = Vec::new();
+            table.wild.collect(&segments, 0, &mut found);
+            let found: Arc<[Route]> = found.into();
+            let mut cache = self.cache.write().unwrap_or_else(PoisonError::into_inner);
+            if cache.len() >= MAX_CACHED_TOPICS {
+                cache.clear();
+            }
+            cache.insert(topic.into(), Arc::clone(&found));
+            found
+        });
+        deliver(exact, &wild)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use proptest::prelude::*;
+    use whispeer_proto::Topic;
+
+    use super::*;
+    use crate::SlowConsumer;
+
+    fn route(id: u64) -> Route {
+        Route {
+            id: SubId(id),
+            queue: Arc::new(Queue::new(
+                Filter::parse("#").unwrap(),
+                1,
+                SlowConsumer::DropOldest,
+            )),
+        }
+    }
+
+    fn matched(router: &Router, topic: &str) -> BTreeSet<u64> {
+        router.with_matches(topic, |a, b| a.iter().chain(b).map(|r| r.id.0).collect())
+    }
+
+    /// The reference matcher, written as plainly as possible.
+    fn naive(filter: &str, topic: &str) -> bool {
+        let f: Vec<&str> = filter.split('/').collect();
+        let t: Vec<&str> = topic.split('/').collect();
+        if matches!(f[0], "+" | "*" | "#") && t[0].starts_with('$') {
+            return false;
+        }
+        for (i, seg) in f.iter().enumerate() {
+            match *seg {
+                "#" => return true,
+                "+" | "*" if i < t.len() => {}
+                s if i < t.len() && s == t[i] => {}
+                _ => return false,
+            }
+        }
+        f.len() == t.len()
+    }
+
+    #[test]
+    fn routes_exact_and_wildcard_and_forgets_removed() {
+        let router = Router::default();
+        let filters = ["a/b", "a/+", "a/#", "#", "+/b", "x/y"];
+        for (i, f) in filters.iter().enumerate() {
+            router.insert(&Filter::parse(f).unwrap(), route(i as u64));
+        }
+        assert_eq!(matched(&router, "a/b"), BTreeSet::from([0, 1, 2, 3, 4]));
+        assert_eq!(matched(&router, "a"), BTreeSet::from([2, 3]));
+        assert!(router.remove(&Filter::parse("a/+").unwrap(), SubId(1)));
+        assert!(!router.remove(&Filter::parse("a/+").unwrap(), SubId(1)));
+        assert_eq!(matched(&router, "a/b"), BTreeSet::from([0, 2, 3, 4]));
+        assert!(router.remove(&Filter::parse("a/b").unwrap(), SubId(0)));
+        assert_eq!(matched(&router, "a/b"), BTreeSet::from([2, 3, 4]));
+        assert_eq!(router.len(), 4);
+    }
+
+    #[test]
+    fn removing_everything_leaves_an_empty_trie() {
+        let router = Router::default();
+        let filters = ["a/+/c/#", "a/b", "+/+", "#"];
+        for (i, f) in filters.iter().enumerate() {
+            router.insert(&Filter::parse(f).unwrap(), route(i as u64));
+        }
+        for (i, f) in filters.iter().enumerate() {
+            assert!(router.remove(&Filter::parse(f).unwrap(), SubId(i as u64)));
+        }
+        let table = router.table.read().unwrap();
+        assert!(table.wild.is_empty() && table.exact.is_empty());
+        assert_eq!((table.wild_count, table.total), (0, 0));
+    }
+
+    fn segment() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("a".to_string()),
+            Just("b".to_string()),
+            Just("$s".to_string())
+        ]
+    }
+
+    fn filter_segment() -> impl Strategy<Value = String> {
+        prop_oneof![3 => segment(), 1 => Just("+".to_string()), 1 => Just("*".to_string())]
+    }
+
+    fn filter() -> impl Strategy<Value = String> {
+        (prop::collection::vec(filter_segment(), 1..4), any::<bool>()).prop_map(|(mut s, hash)| {
+            if hash {
+                s.push("#".into());
+            }
+            s.join("/")
+        })
+    }
+
+    fn topic() -> impl Strategy<Value = String> {
+        prop::collection::vec(segment(), 1..5).prop_map(|s| s.join("/"))
+    }
+
+    proptest! {
+        #[test]
+        fn router_agrees_with_reference_matcher(
+            filters in prop::collection::vec(filter(), 1..12),
+            topics in prop::collection::vec(topic(), 1..12),
+            removed in prop::collection::vec(any::<bool>(), 12),
+        ) {
+            let router = Router::default();
+            for (i, f) in filters.iter().enumerate() {
+                router.insert(&Filter::parse(f).unwrap(), route(i as u64));
+            }
+            // Warm the cache, then remove some subscriptions: the cache must not go stale.
+            for t in &topics {
+                matched(&router, t);
+            }
+            for (i, f) in filters.iter().enumerate() {
+                if removed[i] {
+                    router.remove(&Filter::parse(f).unwrap(), SubId(i as u64));
+                }
+            }
+            for t in &topics {
+                let expected: BTreeSet<u64> = filters.iter().enumerate()
+                    .filter(|&(i, f)| !removed[i] && naive(f, t))
+                    .map(|(i, _)| i as u64)
+                    .collect();
+                prop_assert_eq!(matched(&router, t), expected.clone(), "topic {}", t);
+                let by_filter: BTreeSet<u64> = filters.iter().enumerate()
+                    .filter(|&(i, f)| !removed[i] && Filter::parse(f).unwrap().matches(&Topic::parse(t).unwrap()))
+                    .map(|(i, _)| i as u64)
+                    .collect();
+                prop_assert_eq!(by_filter, expected);
+            }
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! Counters of the broker and of each subscription, and their snapshots.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::queue::Counters;
+
+/// Broker-wide counters. Relaxed atomics: statistics, not synchronisation.
+#[derive(Debug, Default)]
+pub(crate) struct BrokerCounters {
+    pub(crate) published: AtomicU64,
+    pub(crate) deliveries: AtomicU64,
+    pub(crate) unrouted: AtomicU64,
+    pub(crate) dropped_oldest: AtomicU64,
+    pub(crate) dropped_newest: AtomicU64,
+    pub(crate) rejected_full: AtomicU64,
+    pub(crate) disconnected: AtomicU64,
+    pub(crate) rejected_by_plugins: AtomicU64,
+    pub(crate) decode_errors: AtomicU64,
+    pub(crate) callback_panics: AtomicU64,
+}
+
+pub(crate) fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+fn get(counter: &AtomicU64) -> u64 {
+    counter.load(Ordering::Relaxed)
+}
+
+/// A snapshot of the broker's counters since it was built.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BrokerStats {
+    /// Messages accepted by `publish`.
+    pub published: u64,
+    /// Messages queued for a subscriber (one message to three subscribers counts three).
+    pub deliveries: u64,
+    /// Published messages that matched no subscriber.
+    pub unrouted: u64,
+    /// Queued messages dropped to make room (`SlowConsumer::DropOldest`).
+    pub dropped_oldest: u64,
+    /// New messages dropped at a full queue (`SlowConsumer::DropNewest`).
+    pub dropped_newest: u64,
+    /// New messages refused at a full queue, failing the publish (`SlowConsumer::FailPublish`).
+    pub rejected_full: u64,
+    /// Subscriptions closed at a full queue (`SlowConsumer::Disconnect`).
+    pub disconnected: u64,
+    /// Publishes refused by a plugin.
+    pub rejected_by_plugins: u64,
+    /// Messages a subscriber could not decode into its type.
+    pub decode_errors: u64,
+    /// Callback invocations that panicked (the subscriber goes on).
+    pub callback_panics: u64,
+    /// Live subscriptions.
+    pub subscriptions: usize,
+}
+
+impl BrokerCounters {
+    pub(crate) fn snapshot(&self, subscriptions: usize) -> BrokerStats {
+        BrokerStats {
+            published: get(&self.published),
+            deliveries: get(&self.deliveries),
+            unrouted: get(&self.unrouted),
+            dropped_oldest: get(&self.dropped_oldest),
+            dropped_newest: get(&self.dropped_newest),
+            rejected_full: get(&self.rejected_full),
+            disconnected: get(&self.disconnected),
+            rejected_by_plugins: get(&self.rejected_by_plugins),
+            decode_errors: get(&self.decode_errors),
+            callback_panics: get(&self.callback_panics),
+            subscriptions,
+        }
+    }
+}
+
+/// A snapshot of one subscription's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SubscriptionStats {
+    /// Messages taken off the queue by the subscriber.
+    pub received: u64,
+    /// Messages waiting in the queue.
+    pub queued: usize,
+    /// Queued messages dropped to make room.
+    pub dropped_oldest: u64,
+    /// New messages dropped because the queue was full.
+    pub dropped_newest: u64,
+    /// New messages refused because the queue was full, failing their publish.
+    pub rejected_full: u64,
+    /// Received messages that did not decode into the subscriber's type.
+    pub decode_errors: u64,
+    /// Callback invocations that panicked.
+    pub callback_panics: u64,
+}
+
+impl Counters {
+    pub(crate) fn snapshot(&self, queued: usize) -> SubscriptionStats {
+        SubscriptionStats {
+            received: get(&self.received),
+            queued,
+            dropped_oldest: get(&self.dropped_oldest),
+            dropped_newest: get(&self.dropped_newest),
+            rejected_full: get(&self.rejected_full),
+            decode_errors: get(&self.decode_errors),
+            callback_panics: get(&self.callback_panics),
+        }
+    }
+}
