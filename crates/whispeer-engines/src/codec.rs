@@ -3,6 +3,8 @@
 //! A codec is chosen by the publisher and recorded in the envelope's content type, so a
 //! subscriber always decodes with the codec the bytes were written in, whatever its own default.
 
+use std::cell::RefCell;
+
 use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -37,6 +39,16 @@ pub enum CodecError {
     /// The payload's content type has no serde codec (raw bytes, or a type this version lacks).
     #[error("payload content type {0:?} cannot be decoded into a typed value")]
     NotTyped(Option<ContentType>),
+}
+
+/// Scratch space kept above this size after an encode is released, so one large message does
+/// not pin its buffer for the life of the thread.
+const SCRATCH_KEEP: usize = 64 * 1024;
+
+thread_local! {
+    /// Per-thread encode buffer: values are written here, then copied once into a payload of
+    /// exactly the right size (instead of growing a fresh `Vec` by reallocation every time).
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 /// A serde format for typed payloads.
@@ -74,11 +86,36 @@ impl Codec {
     /// [`CodecError::Encode`] when serde refuses the value (a map with non-string keys in JSON,
     /// a sequence of unknown length in postcard).
     pub fn encode<T: Serialize + ?Sized>(self, value: &T) -> Result<Bytes, CodecError> {
-        let encoded = match self {
-            Self::Postcard => postcard::to_allocvec(value).map_err(|e| self.encode_error(e)),
-            Self::Json => serde_json::to_vec(value).map_err(|e| self.encode_error(e)),
-        };
-        encoded.map(Bytes::from)
+        SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+            Ok(mut buffer) => {
+                buffer.clear();
+                let written = self.encode_into(value, &mut buffer);
+                let bytes = written.map(|()| Bytes::copy_from_slice(&buffer));
+                if buffer.capacity() > SCRATCH_KEEP {
+                    *buffer = Vec::new();
+                }
+                bytes
+            }
+            // Re-entered from inside a `Serialize` impl: use a buffer of its own.
+            Err(_) => {
+                let mut buffer = Vec::new();
+                self.encode_into(value, &mut buffer)
+                    .map(|()| Bytes::from(buffer))
+            }
+        })
+    }
+
+    fn encode_into<T: Serialize + ?Sized>(
+        self,
+        value: &T,
+        buffer: &mut Vec<u8>,
+    ) -> Result<(), CodecError> {
+        match self {
+            Self::Postcard => postcard::to_io(value, buffer)
+                .map(drop)
+                .map_err(|e| self.encode_error(e)),
+            Self::Json => serde_json::to_writer(buffer, value).map_err(|e| self.encode_error(e)),
+        }
     }
 
     /// Decodes a `T` from `bytes`.

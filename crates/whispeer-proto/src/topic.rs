@@ -72,8 +72,9 @@ pub enum TopicError {
     },
 }
 
-/// Checks what topics and filters have in common; returns the number of segments.
-fn check_common(s: &str, limits: &Limits) -> Result<usize, TopicError> {
+/// Checks what topics and filters have in common in one pass over the bytes; returns the
+/// number of segments and the first wildcard character found, with its segment index.
+fn scan(s: &str, limits: &Limits) -> Result<(usize, Option<(usize, char)>), TopicError> {
     if s.is_empty() {
         return Err(TopicError::Empty);
     }
@@ -83,30 +84,36 @@ fn check_common(s: &str, limits: &Limits) -> Result<usize, TopicError> {
             max: limits.max_topic_len,
         });
     }
-    if let Some(at) = s.bytes().position(|b| b < 0x20 || b == 0x7f) {
-        return Err(TopicError::ControlCharacter {
-            at,
-            code: s.as_bytes()[at],
-        });
-    }
-    let mut depth = 0;
-    for (index, segment) in s.split('/').enumerate() {
-        if segment.is_empty() {
-            return Err(TopicError::EmptySegment { index });
+    let mut index = 0;
+    let mut segment_len = 0;
+    let mut wildcard = None;
+    for (at, &b) in s.as_bytes().iter().enumerate() {
+        match b {
+            b'/' => {
+                if segment_len == 0 {
+                    return Err(TopicError::EmptySegment { index });
+                }
+                index += 1;
+                segment_len = 0;
+                continue;
+            }
+            0..0x20 | 0x7f => return Err(TopicError::ControlCharacter { at, code: b }),
+            b'+' | b'*' | b'#' if wildcard.is_none() => wildcard = Some((index, char::from(b))),
+            _ => {}
         }
-        depth = index + 1;
+        segment_len += 1;
     }
+    if segment_len == 0 {
+        return Err(TopicError::EmptySegment { index });
+    }
+    let depth = index + 1;
     if depth > limits.max_topic_depth {
         return Err(TopicError::TooDeep {
             depth,
             max: limits.max_topic_depth,
         });
     }
-    Ok(depth)
-}
-
-fn wildcard_in(segment: &str) -> Option<char> {
-    segment.chars().find(|c| matches!(c, '+' | '*' | '#'))
+    Ok((depth, wildcard))
 }
 
 /// A validated topic: the concrete name a message is published to, such as `sensor/k1/temperature`.
@@ -138,13 +145,10 @@ impl Topic {
     /// # Errors
     /// Returns the first rule the text breaks; see [`TopicError`].
     pub fn validate(s: &str, limits: &Limits) -> Result<(), TopicError> {
-        check_common(s, limits)?;
-        for (index, segment) in s.split('/').enumerate() {
-            if let Some(wildcard) = wildcard_in(segment) {
-                return Err(TopicError::WildcardInTopic { index, wildcard });
-            }
+        match scan(s, limits)? {
+            (_, None) => Ok(()),
+            (_, Some((index, wildcard))) => Err(TopicError::WildcardInTopic { index, wildcard }),
         }
-        Ok(())
     }
 
     /// The topic's text.
@@ -172,6 +176,13 @@ impl fmt::Display for Topic {
 impl fmt::Debug for Topic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Topic({:?})", &*self.0)
+    }
+}
+
+impl std::borrow::Borrow<str> for Topic {
+    /// Lets maps keyed by `Topic` be searched with a `&str` (`Topic` hashes as its text).
+    fn borrow(&self) -> &str {
+        &self.0
     }
 }
 
@@ -226,12 +237,18 @@ impl Filter {
     /// # Errors
     /// Returns the first rule the text breaks; see [`TopicError`].
     pub fn parse_with(s: &str, limits: &Limits) -> Result<Self, TopicError> {
-        let depth = check_common(s, limits)?;
+        let (depth, first_wildcard) = scan(s, limits)?;
+        if first_wildcard.is_none() {
+            return Ok(Self {
+                text: Arc::from(s),
+                exact: true,
+            });
+        }
         let mut exact = true;
         for (index, segment) in s.split('/').enumerate() {
             match FilterSegment::classify(segment) {
                 FilterSegment::Literal(text) => {
-                    if let Some(wildcard) = wildcard_in(text) {
+                    if let Some(wildcard) = text.chars().find(|c| matches!(c, '+' | '*' | '#')) {
                         return Err(TopicError::WildcardInSegment { index, wildcard });
                     }
                 }
@@ -258,6 +275,11 @@ impl Filter {
     /// Whether the filter has no wildcard and so matches exactly one topic.
     pub fn is_exact(&self) -> bool {
         self.exact
+    }
+
+    /// The one topic an exact filter matches; `None` for a filter with wildcards.
+    pub fn as_topic(&self) -> Option<Topic> {
+        self.exact.then(|| Topic(Arc::clone(&self.text)))
     }
 
     /// The segments, in order.

@@ -192,13 +192,17 @@ impl Shared {
         found: &'static str,
         payload: impl FnOnce() -> Result<(Flags, Bytes), PublishError>,
     ) -> Result<PublishReceipt, PublishError> {
-        let topic = Topic::parse_with(topic, &self.options.limits)?;
-        if topic.is_reserved() {
-            return Err(PublishError::ReservedTopic(topic));
+        let limits = &self.options.limits;
+        Topic::validate(topic, limits)?;
+        if topic.starts_with('$') {
+            return Err(PublishError::ReservedTopic(Topic::parse_with(
+                topic, limits,
+            )?));
         }
-        if let Some(bound) = self.binding(topic.as_str())
+        if let Some(bound) = self.binding(topic)
             && bound.type_id != type_id
         {
+            let topic = Topic::parse_with(topic, limits)?;
             return Err(PublishError::WrongType {
                 topic,
                 expected: bound.type_name,
@@ -206,46 +210,65 @@ impl Shared {
             });
         }
         let (flags, payload) = payload()?;
-        let max = self.options.limits.max_message_bytes;
-        if payload.len() > max {
+        if payload.len() > limits.max_message_bytes {
             return Err(PublishError::TooLarge {
                 len: payload.len(),
-                max,
+                max: limits.max_message_bytes,
             });
         }
         let id = MessageId(
             u128::from(self.id_prefix) << 64
                 | u128::from(self.next_id.fetch_add(1, Ordering::Relaxed)),
         );
-        let mut envelope = Envelope::new(id, topic, now_ms(), flags, payload);
+        let timestamp_ms = now_ms();
+        if self.plugins.is_empty() {
+            // The envelope shares the router's copy of the topic, and is only built if someone
+            // subscribed.
+            bump(&self.counters.published);
+            return self.route(id, topic, |topic| {
+                Envelope::new(id, topic.clone(), timestamp_ms, flags, payload)
+            });
+        }
+        let topic = Topic::parse_with(topic, limits)?;
+        let mut envelope = Envelope::new(id, topic, timestamp_ms, flags, payload);
         for plugin in self.plugins.iter() {
             if let Err(rejection) = plugin.on_publish(&mut envelope) {
                 bump(&self.counters.rejected_by_plugins);
+                let plugin = plugin.name();
                 return Err(PublishError::Rejected {
-                    plugin: plugin.name(),
+                    plugin,
                     reason: rejection.reason,
                 });
             }
         }
         bump(&self.counters.published);
-        self.route(envelope)
+        // A plugin may have moved the message to another (valid) topic.
+        let topic = envelope.topic.clone();
+        self.route(id, topic.as_str(), |_| envelope)
     }
 
-    /// Offers the envelope to every matching queue.
-    fn route(&self, envelope: Envelope) -> Result<PublishReceipt, PublishError> {
-        let id = envelope.id;
-        let topic = envelope.topic.clone();
+    /// Offers the envelope to every queue whose filter matches `topic`.
+    fn route(
+        &self,
+        id: MessageId,
+        topic: &str,
+        envelope: impl FnOnce(&Topic) -> Envelope,
+    ) -> Result<PublishReceipt, PublishError> {
         let mut tally = Tally::default();
         let mut disconnected: Vec<(SubId, Arc<Queue>)> = Vec::new();
-        self.router.with_matches(topic.as_str(), |exact, wild| {
-            let count = exact.len() + wild.len();
-            if count == 0 {
-                return;
-            }
-            let message = Message::new(envelope, count);
-            for route in exact.iter().chain(wild) {
-                let pushed = route.queue.push(message.clone());
-                if tally.record(pushed, &self.counters) {
+        self.router.with_matches(topic, |matches| {
+            let Some(matches) = matches else { return };
+            let mut message = Some(Message::new(envelope(matches.topic), matches.len()));
+            let mut routes = matches.iter().peekable();
+            while let Some(route) = routes.next() {
+                // The last subscriber takes the publisher's reference instead of a clone.
+                let next = if routes.peek().is_some() {
+                    message.clone()
+                } else {
+                    message.take()
+                };
+                let Some(next) = next else { break };
+                if tally.record(route.queue.push(next), &self.counters) {
                     disconnected.push((route.id, Arc::clone(&route.queue)));
                 }
             }

@@ -85,6 +85,9 @@ impl Message {
 
     /// Decodes like [`Message::decode`], but when the message has several subscribers, decodes
     /// once per message for the first type asked for and clones the value for the others.
+    ///
+    /// Never blocks: subscribers racing the first decode decode for themselves, and whichever
+    /// finishes first fills the slot.
     pub(crate) fn decode_shared<T>(&self) -> Result<T, CodecError>
     where
         T: DeserializeOwned + Clone + Send + Sync + 'static,
@@ -92,21 +95,27 @@ impl Message {
         if !self.inner.share_decoded {
             return self.decode();
         }
-        let decoded = self.inner.decoded.get_or_init(|| Decoded {
-            type_id: TypeId::of::<T>(),
-            value: self
-                .decode::<T>()
-                .ok()
-                .map(|v| Box::new(v) as Box<dyn Any + Send + Sync>),
-        });
-        if decoded.type_id != TypeId::of::<T>() {
+        let slot = &self.inner.decoded;
+        if let Some(decoded) = slot.get() {
+            if decoded.type_id == TypeId::of::<T>() {
+                return match decoded.value.as_ref().and_then(|v| v.downcast_ref::<T>()) {
+                    Some(value) => Ok(value.clone()),
+                    // Decoding is deterministic: decoding again yields the same error to report.
+                    None => self.decode(),
+                };
+            }
             return self.decode();
         }
-        match decoded.value.as_ref().and_then(|v| v.downcast_ref::<T>()) {
-            Some(value) => Ok(value.clone()),
-            // Decoding is deterministic: decoding again yields the same error to report.
-            None => self.decode(),
-        }
+        let result = self.decode::<T>();
+        let value = result
+            .as_ref()
+            .ok()
+            .map(|v| Box::new(v.clone()) as Box<dyn Any + Send + Sync>);
+        let _ = slot.set(Decoded {
+            type_id: TypeId::of::<T>(),
+            value,
+        });
+        result
     }
 }
 

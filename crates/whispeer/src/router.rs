@@ -12,12 +12,25 @@
 use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
 
-use whispeer_proto::{Filter, FilterSegment};
+use whispeer_proto::{Filter, FilterSegment, Limits, Topic};
 
 use crate::queue::Queue;
 
 /// Bound on the number of topics whose wildcard matches are cached.
 const MAX_CACHED_TOPICS: usize = 64 * 1024;
+
+/// Topics reach the router already validated under the broker's limits; re-parsing one to key
+/// the cache must not fail on a tighter default limit.
+fn no_limits() -> Limits {
+    let mut limits = Limits::DEFAULT;
+    limits.max_topic_len = usize::MAX;
+    limits.max_topic_depth = usize::MAX;
+    limits
+}
+
+/// Hash maps keyed by topic text. foldhash is fast on short strings and randomly seeded per
+/// map, which keeps collision floods from chosen topic names impractical.
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Identifies one subscription for its lifetime in a broker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -32,7 +45,7 @@ pub(crate) struct Route {
 
 #[derive(Debug, Default)]
 struct Node {
-    children: HashMap<Box<str>, Self>,
+    children: Map<Box<str>, Self>,
     /// Filters continuing with `+` / `*` here.
     one: Option<Box<Self>>,
     /// Filters ending in `#` here.
@@ -123,7 +136,7 @@ fn remove_route(routes: &mut Vec<Route>, id: SubId) -> bool {
 
 #[derive(Debug, Default)]
 struct Table {
-    exact: HashMap<Box<str>, Vec<Route>>,
+    exact: Map<Topic, Vec<Route>>,
     wild: Node,
     wild_count: usize,
     total: usize,
@@ -133,7 +146,31 @@ struct Table {
 #[derive(Debug, Default)]
 pub(crate) struct Router {
     table: RwLock<Table>,
-    cache: RwLock<HashMap<Box<str>, Arc<[Route]>>>,
+    cache: RwLock<Map<Topic, Arc<[Route]>>>,
+}
+
+/// The subscriptions one topic matches, and the topic as the router holds it, so a publisher can
+/// share that allocation instead of making its own.
+#[derive(Debug)]
+pub(crate) struct Matches<'a> {
+    pub(crate) topic: &'a Topic,
+    pub(crate) exact: &'a [Route],
+    pub(crate) wild: &'a [Route],
+}
+
+impl<'a> Matches<'a> {
+    /// Matches, if there is any route at all.
+    fn some(topic: &'a Topic, exact: &'a [Route], wild: &'a [Route]) -> Option<Self> {
+        (!exact.is_empty() || !wild.is_empty()).then_some(Self { topic, exact, wild })
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.exact.len() + self.wild.len()
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Route> {
+        self.exact.iter().chain(self.wild)
+    }
 }
 
 impl Router {
@@ -141,12 +178,8 @@ impl Router {
     pub(crate) fn insert(&self, filter: &Filter, route: Route) {
         let mut table = self.table.write().unwrap_or_else(PoisonError::into_inner);
         table.total += 1;
-        if filter.is_exact() {
-            table
-                .exact
-                .entry(filter.as_str().into())
-                .or_default()
-                .push(route);
+        if let Some(topic) = filter.as_topic() {
+            table.exact.entry(topic).or_default().push(route);
         } else {
             table.wild.insert(filter.segments(), route);
             table.wild_count += 1;
@@ -196,38 +229,49 @@ impl Router {
             .total
     }
 
-    /// Calls `deliver` with the routes of every subscription matching `topic` (a valid topic),
-    /// exact ones first. The table is read-locked meanwhile, so `deliver` must not block or
+    /// Calls `deliver` with the subscriptions matching `topic` (a valid topic), or with `None`
+    /// if there are none. The table is read-locked meanwhile, so `deliver` must not block or
     /// call back into the router.
     pub(crate) fn with_matches<R>(
         &self,
         topic: &str,
-        deliver: impl FnOnce(&[Route], &[Route]) -> R,
+        deliver: impl FnOnce(Option<Matches<'_>>) -> R,
     ) -> R {
         let table = self.table.read().unwrap_or_else(PoisonError::into_inner);
-        let exact = table.exact.get(topic).map_or(&[][..], Vec::as_slice);
+        let exact = table.exact.get_key_value(topic);
         if table.wild_count == 0 {
-            return deliver(exact, &[]);
+            return deliver(exact.map(|(topic, exact)| Matches {
+                topic,
+                exact,
+                wild: &[],
+            }));
         }
-        let cached = self
-            .cache
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(topic)
-            .cloned();
-        let wild = cached.unwrap_or_else(|| {
-            let segments: Vec<&str> = topic.split('/').collect();
-            let mut found = Vec::new();
-            table.wild.collect(&segments, 0, &mut found);
-            let found: Arc<[Route]> = found.into();
-            let mut cache = self.cache.write().unwrap_or_else(PoisonError::into_inner);
-            if cache.len() >= MAX_CACHED_TOPICS {
-                cache.clear();
-            }
-            cache.insert(topic.into(), Arc::clone(&found));
-            found
-        });
-        deliver(exact, &wild)
+        let exact_routes = exact.map_or(&[][..], |(_, routes)| routes.as_slice());
+        let cache = self.cache.read().unwrap_or_else(PoisonError::into_inner);
+        if let Some((topic, wild)) = cache.get_key_value(topic) {
+            return deliver(Matches::some(topic, exact_routes, wild));
+        }
+        drop(cache);
+        match self.match_wildcards(&table, topic) {
+            Some((topic, wild)) => deliver(Matches::some(&topic, exact_routes, &wild)),
+            None => deliver(None),
+        }
+    }
+
+    /// Matches `topic` against the trie and caches the result (also when empty, so that
+    /// unmatched topics stay O(1)). `None` only if `topic` is not valid.
+    fn match_wildcards(&self, table: &Table, topic: &str) -> Option<(Topic, Arc<[Route]>)> {
+        let key = Topic::parse_with(topic, &no_limits()).ok()?;
+        let segments: Vec<&str> = topic.split('/').collect();
+        let mut found = Vec::new();
+        table.wild.collect(&segments, 0, &mut found);
+        let found: Arc<[Route]> = found.into();
+        let mut cache = self.cache.write().unwrap_or_else(PoisonError::into_inner);
+        if cache.len() >= MAX_CACHED_TOPICS {
+            cache.clear();
+        }
+        cache.insert(key.clone(), Arc::clone(&found));
+        Some((key, found))
     }
 }
 
@@ -253,7 +297,10 @@ mod tests {
     }
 
     fn matched(router: &Router, topic: &str) -> BTreeSet<u64> {
-        router.with_matches(topic, |a, b| a.iter().chain(b).map(|r| r.id.0).collect())
+        router.with_matches(topic, |m| {
+            m.map(|m| m.iter().map(|r| r.id.0).collect())
+                .unwrap_or_default()
+        })
     }
 
     /// The reference matcher, written as plainly as possible.
