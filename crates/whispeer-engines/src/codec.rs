@@ -99,8 +99,7 @@ impl Codec {
             // Re-entered from inside a `Serialize` impl: use a buffer of its own.
             Err(_) => {
                 let mut buffer = Vec::new();
-                self.encode_into(value, &mut buffer)
-                    .map(|()| Bytes::from(buffer))
+                self.encode_into(value, &mut buffer).map(|()| Bytes::from(buffer))
             }
         })
     }
@@ -111,9 +110,9 @@ impl Codec {
         buffer: &mut Vec<u8>,
     ) -> Result<(), CodecError> {
         match self {
-            Self::Postcard => postcard::to_io(value, buffer)
-                .map(drop)
-                .map_err(|e| self.encode_error(e)),
+            Self::Postcard => {
+                postcard::to_io(value, buffer).map(drop).map_err(|e| self.encode_error(e))
+            }
             Self::Json => serde_json::to_writer(buffer, value).map_err(|e| self.encode_error(e)),
         }
     }
@@ -136,10 +135,7 @@ impl Codec {
     }
 
     fn encode_error(self, e: impl std::error::Error + Send + Sync + 'static) -> CodecError {
-        CodecError::Encode {
-            content: self.content_type(),
-            source: Box::new(e),
-        }
+        CodecError::Encode { content: self.content_type(), source: Box::new(e) }
     }
 }
 
@@ -159,18 +155,8 @@ mod tests {
     }
 
     fn sample() -> impl Strategy<Value = Sample> {
-        (
-            any::<String>(),
-            any::<i32>(),
-            any::<Vec<u8>>(),
-            any::<Option<(u64, bool)>>(),
-        )
-            .prop_map(|(name, id, tags, nested)| Sample {
-                name,
-                id,
-                tags,
-                nested,
-            })
+        (any::<String>(), any::<i32>(), any::<Vec<u8>>(), any::<Option<(u64, bool)>>())
+            .prop_map(|(name, id, tags, nested)| Sample { name, id, tags, nested })
     }
 
     proptest! {
@@ -193,14 +179,7 @@ mod tests {
     fn wrong_type_is_a_decode_error() {
         let bytes = Codec::Json.encode(&"text").unwrap();
         let err = Codec::Json.decode::<u32>(&bytes).unwrap_err();
-        assert!(matches!(
-            err,
-            CodecError::Decode {
-                content: ContentType::Json,
-                len: 6,
-                ..
-            }
-        ));
+        assert!(matches!(err, CodecError::Decode { content: ContentType::Json, len: 6, .. }));
     }
 
     #[test]
@@ -209,9 +188,6 @@ mod tests {
             Codec::for_content(Some(ContentType::Raw)),
             Err(CodecError::NotTyped(Some(ContentType::Raw)))
         ));
-        assert_eq!(
-            Codec::for_content(Some(ContentType::Json)).unwrap(),
-            Codec::Json
-        );
+        assert_eq!(Codec::for_content(Some(ContentType::Json)).unwrap(), Codec::Json);
     }
 }

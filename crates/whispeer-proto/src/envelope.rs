@@ -142,14 +142,7 @@ impl Envelope {
         flags: Flags,
         payload: Bytes,
     ) -> Self {
-        Self {
-            id,
-            topic,
-            timestamp_ms,
-            flags,
-            headers: Headers::new(),
-            payload,
-        }
+        Self { id, topic, timestamp_ms, flags, headers: Headers::new(), payload }
     }
 }
 
@@ -172,10 +165,7 @@ mod tests {
         h.insert("b", "2");
         h.insert("a", "3");
         assert_eq!(h.get("a").map(|v| &v[..]), Some(&b"1"[..]));
-        assert_eq!(
-            h.iter().map(|(n, _)| n).collect::<Vec<_>>(),
-            ["a", "b", "a"]
-        );
+        assert_eq!(h.iter().map(|(n, _)| n).collect::<Vec<_>>(), ["a", "b", "a"]);
         assert_eq!(h.len(), 3);
     }
 

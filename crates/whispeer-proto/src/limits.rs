@@ -24,11 +24,8 @@ pub struct Limits {
 
 impl Limits {
     /// The default limits: 1 KiB topics, 32 segments, 1 MiB messages.
-    pub const DEFAULT: Self = Self {
-        max_topic_len: 1024,
-        max_topic_depth: 32,
-        max_message_bytes: 1024 * 1024,
-    };
+    pub const DEFAULT: Self =
+        Self { max_topic_len: 1024, max_topic_depth: 32, max_message_bytes: 1024 * 1024 };
 }
 
 impl Default for Limits {

@@ -79,10 +79,7 @@ fn scan(s: &str, limits: &Limits) -> Result<(usize, Option<(usize, char)>), Topi
         return Err(TopicError::Empty);
     }
     if s.len() > limits.max_topic_len {
-        return Err(TopicError::TooLong {
-            len: s.len(),
-            max: limits.max_topic_len,
-        });
+        return Err(TopicError::TooLong { len: s.len(), max: limits.max_topic_len });
     }
     let mut index = 0;
     let mut segment_len = 0;
@@ -108,10 +105,7 @@ fn scan(s: &str, limits: &Limits) -> Result<(usize, Option<(usize, char)>), Topi
     }
     let depth = index + 1;
     if depth > limits.max_topic_depth {
-        return Err(TopicError::TooDeep {
-            depth,
-            max: limits.max_topic_depth,
-        });
+        return Err(TopicError::TooDeep { depth, max: limits.max_topic_depth });
     }
     Ok((depth, wildcard))
 }
@@ -239,10 +233,7 @@ impl Filter {
     pub fn parse_with(s: &str, limits: &Limits) -> Result<Self, TopicError> {
         let (depth, first_wildcard) = scan(s, limits)?;
         if first_wildcard.is_none() {
-            return Ok(Self {
-                text: Arc::from(s),
-                exact: true,
-            });
+            return Ok(Self { text: Arc::from(s), exact: true });
         }
         let mut exact = true;
         for (index, segment) in s.split('/').enumerate() {
@@ -261,10 +252,7 @@ impl Filter {
                 }
             }
         }
-        Ok(Self {
-            text: Arc::from(s),
-            exact,
-        })
+        Ok(Self { text: Arc::from(s), exact })
     }
 
     /// The filter's text, as given.
@@ -334,10 +322,7 @@ impl fmt::Debug for Filter {
 impl From<Topic> for Filter {
     /// A topic is a filter that matches only itself.
     fn from(topic: Topic) -> Self {
-        Self {
-            text: topic.0,
-            exact: true,
-        }
+        Self { text: topic.0, exact: true }
     }
 }
 
@@ -398,20 +383,8 @@ mod tests {
             ("/a", TopicError::EmptySegment { index: 0 }),
             ("a/", TopicError::EmptySegment { index: 1 }),
             ("a//b", TopicError::EmptySegment { index: 1 }),
-            (
-                "a/+",
-                TopicError::WildcardInTopic {
-                    index: 1,
-                    wildcard: '+',
-                },
-            ),
-            (
-                "a/b#",
-                TopicError::WildcardInTopic {
-                    index: 1,
-                    wildcard: '#',
-                },
-            ),
+            ("a/+", TopicError::WildcardInTopic { index: 1, wildcard: '+' }),
+            ("a/b#", TopicError::WildcardInTopic { index: 1, wildcard: '#' }),
             ("a\0b", TopicError::ControlCharacter { at: 1, code: 0 }),
         ];
         for (text, err) in cases {
@@ -422,27 +395,9 @@ mod tests {
     #[test]
     fn filter_refuses_malformed_wildcards() {
         let cases: &[(&str, TopicError)] = &[
-            (
-                "a/b+",
-                TopicError::WildcardInSegment {
-                    index: 1,
-                    wildcard: '+',
-                },
-            ),
-            (
-                "#a",
-                TopicError::WildcardInSegment {
-                    index: 0,
-                    wildcard: '#',
-                },
-            ),
-            (
-                "a/*b",
-                TopicError::WildcardInSegment {
-                    index: 1,
-                    wildcard: '*',
-                },
-            ),
+            ("a/b+", TopicError::WildcardInSegment { index: 1, wildcard: '+' }),
+            ("#a", TopicError::WildcardInSegment { index: 0, wildcard: '#' }),
+            ("a/*b", TopicError::WildcardInSegment { index: 1, wildcard: '*' }),
             ("#/a", TopicError::HashNotLast { index: 0 }),
             ("a/#/b", TopicError::HashNotLast { index: 1 }),
             ("a//#", TopicError::EmptySegment { index: 1 }),
@@ -454,11 +409,7 @@ mod tests {
 
     #[test]
     fn limits_bound_length_and_depth() {
-        let limits = Limits {
-            max_topic_len: 8,
-            max_topic_depth: 3,
-            ..Limits::DEFAULT
-        };
+        let limits = Limits { max_topic_len: 8, max_topic_depth: 3, ..Limits::DEFAULT };
         assert_eq!(
             Topic::parse_with("abcdefghi", &limits),
             Err(TopicError::TooLong { len: 9, max: 8 })

@@ -37,11 +37,7 @@ where
 }
 
 fn runtime() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
 
 /// Progress of every subscriber; the publisher waits on the slowest.
@@ -53,11 +49,7 @@ impl Progress {
     }
 
     fn slowest(&self) -> u64 {
-        self.0
-            .iter()
-            .map(|c| c.load(Ordering::Acquire))
-            .min()
-            .unwrap_or(0)
+        self.0.iter().map(|c| c.load(Ordering::Acquire)).min().unwrap_or(0)
     }
 
     /// Waits until the publisher, about to send message `sent`, is within the window.
@@ -123,9 +115,8 @@ fn whispeer_raw(rt: &Runtime, subscribers: usize, messages: u64) -> Duration {
         let progress = Progress::new(subscribers);
         let handles = (0..subscribers)
             .map(|i| {
-                let mut sub = broker
-                    .messages(SubscribeOptions::new(TOPIC).capacity(CAPACITY))
-                    .unwrap();
+                let mut sub =
+                    broker.messages(SubscribeOptions::new(TOPIC).capacity(CAPACITY)).unwrap();
                 let progress = Arc::clone(&progress);
                 tokio::spawn(async move {
                     for n in 1..=messages {
@@ -173,9 +164,7 @@ fn whispeer_typed(rt: &Runtime, subscribers: usize, messages: u64) -> Duration {
 fn fanout(c: &mut Criterion) {
     let rt = runtime();
     let mut group = c.benchmark_group("fanout-128B");
-    group
-        .sample_size(20)
-        .measurement_time(Duration::from_secs(4));
+    group.sample_size(20).measurement_time(Duration::from_secs(4));
     for subscribers in [1usize, 8] {
         group.throughput(Throughput::Elements(subscribers as u64));
         group.bench_function(BenchmarkId::new("broadcast", subscribers), |b| {

@@ -80,10 +80,7 @@ impl std::fmt::Debug for BrokerBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BrokerBuilder")
             .field("options", &self.options)
-            .field(
-                "plugins",
-                &self.plugins.iter().map(|p| p.name()).collect::<Vec<_>>(),
-            )
+            .field("plugins", &self.plugins.iter().map(|p| p.name()).collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
 }
@@ -178,11 +175,7 @@ impl Shared {
         if !self.has_bindings.load(Ordering::Acquire) {
             return None;
         }
-        self.bindings
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(topic)
-            .copied()
+        self.bindings.read().unwrap_or_else(PoisonError::into_inner).get(topic).copied()
     }
 
     fn publish_payload(
@@ -195,19 +188,13 @@ impl Shared {
         let limits = &self.options.limits;
         Topic::validate(topic, limits)?;
         if topic.starts_with('$') {
-            return Err(PublishError::ReservedTopic(Topic::parse_with(
-                topic, limits,
-            )?));
+            return Err(PublishError::ReservedTopic(Topic::parse_with(topic, limits)?));
         }
         if let Some(bound) = self.binding(topic)
             && bound.type_id != type_id
         {
             let topic = Topic::parse_with(topic, limits)?;
-            return Err(PublishError::WrongType {
-                topic,
-                expected: bound.type_name,
-                found,
-            });
+            return Err(PublishError::WrongType { topic, expected: bound.type_name, found });
         }
         let (flags, payload) = payload()?;
         if payload.len() > limits.max_message_bytes {
@@ -235,10 +222,7 @@ impl Shared {
             if let Err(rejection) = plugin.on_publish(&mut envelope) {
                 bump(&self.counters.rejected_by_plugins);
                 let plugin = plugin.name();
-                return Err(PublishError::Rejected {
-                    plugin,
-                    reason: rejection.reason,
-                });
+                return Err(PublishError::Rejected { plugin, reason: rejection.reason });
             }
         }
         bump(&self.counters.published);
@@ -262,11 +246,7 @@ impl Shared {
             let mut routes = matches.iter().peekable();
             while let Some(route) = routes.next() {
                 // The last subscriber takes the publisher's reference instead of a clone.
-                let next = if routes.peek().is_some() {
-                    message.clone()
-                } else {
-                    message.take()
-                };
+                let next = if routes.peek().is_some() { message.clone() } else { message.take() };
                 let Some(next) = next else { break };
                 if tally.record(route.queue.push(next), &self.counters) {
                     disconnected.push((route.id, Arc::clone(&route.queue)));
@@ -280,19 +260,11 @@ impl Shared {
         if tally.delivered == 0 && tally.full == 0 {
             bump(&self.counters.unrouted);
         }
-        self.counters
-            .deliveries
-            .fetch_add(tally.delivered as u64, Ordering::Relaxed);
+        self.counters.deliveries.fetch_add(tally.delivered as u64, Ordering::Relaxed);
         if tally.full > 0 {
-            return Err(PublishError::QueueFull {
-                full: tally.full,
-                delivered: tally.delivered,
-            });
+            return Err(PublishError::QueueFull { full: tally.full, delivered: tally.delivered });
         }
-        Ok(PublishReceipt {
-            id,
-            subscribers: tally.delivered,
-        })
+        Ok(PublishReceipt { id, subscribers: tally.delivered })
     }
 
     /// Creates and routes a subscription queue, after the checks every kind of subscription
@@ -308,39 +280,22 @@ impl Shared {
             && bound.type_id != type_id
         {
             let topic = Topic::parse_with(filter.as_str(), &self.options.limits)?;
-            return Err(SubscribeError::WrongType {
-                topic,
-                expected: bound.type_name,
-                found,
-            });
+            return Err(SubscribeError::WrongType { topic, expected: bound.type_name, found });
         }
-        let capacity = options
-            .queue_capacity()
-            .unwrap_or(self.options.queue_capacity);
+        let capacity = options.queue_capacity().unwrap_or(self.options.queue_capacity);
         if !(1..=MAX_QUEUE_CAPACITY).contains(&capacity) {
-            return Err(SubscribeError::InvalidCapacity {
-                capacity,
-                max: MAX_QUEUE_CAPACITY,
-            });
+            return Err(SubscribeError::InvalidCapacity { capacity, max: MAX_QUEUE_CAPACITY });
         }
         for plugin in self.plugins.iter() {
-            plugin
-                .on_subscribe(&filter)
-                .map_err(|rejection| SubscribeError::Rejected {
-                    plugin: plugin.name(),
-                    reason: rejection.reason,
-                })?;
+            plugin.on_subscribe(&filter).map_err(|rejection| SubscribeError::Rejected {
+                plugin: plugin.name(),
+                reason: rejection.reason,
+            })?;
         }
         let policy = options.policy().unwrap_or(self.options.slow_consumer);
         let id = SubId(self.next_sub.fetch_add(1, Ordering::Relaxed));
         let queue = Arc::new(Queue::new(filter, capacity, policy));
-        self.router.insert(
-            &queue.filter,
-            Route {
-                id,
-                queue: Arc::clone(&queue),
-            },
-        );
+        self.router.insert(&queue.filter, Route { id, queue: Arc::clone(&queue) });
         Ok((id, queue))
     }
 
@@ -388,9 +343,7 @@ impl Tally {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A handle to a running broker. Cloning is cheap; all clones share one broker.
@@ -422,11 +375,7 @@ impl std::fmt::Debug for Broker {
 impl Broker {
     /// A builder with the given options and no extensions.
     pub fn builder(options: BrokerOptions) -> BrokerBuilder {
-        BrokerBuilder {
-            options,
-            plugins: Vec::new(),
-            runtime: None,
-        }
+        BrokerBuilder { options, plugins: Vec::new(), runtime: None }
     }
 
     /// A builder with the recommended defaults. Today that is the default options; as the
@@ -448,14 +397,8 @@ impl Broker {
         value: &T,
     ) -> Result<PublishReceipt, PublishError> {
         let codec = self.inner.options.codec;
-        let payload = || {
-            Ok((
-                Flags::with_content(codec.content_type()),
-                codec.encode(value)?,
-            ))
-        };
-        self.inner
-            .publish_payload(topic, TypeId::of::<T>(), type_name::<T>(), payload)
+        let payload = || Ok((Flags::with_content(codec.content_type()), codec.encode(value)?));
+        self.inner.publish_payload(topic, TypeId::of::<T>(), type_name::<T>(), payload)
     }
 
     /// Publishes raw bytes, for subscribers that read [`Message::payload`]. A topic bound to a
@@ -469,8 +412,7 @@ impl Broker {
         payload: impl Into<Bytes>,
     ) -> Result<PublishReceipt, PublishError> {
         let payload = || Ok((Flags::with_content(ContentType::Raw), payload.into()));
-        self.inner
-            .publish_payload(topic, TypeId::of::<RawBytes>(), "raw bytes", payload)
+        self.inner.publish_payload(topic, TypeId::of::<RawBytes>(), "raw bytes", payload)
     }
 
     /// Calls `callback` with every message matching the filter, decoded as `T`, in order, on a
@@ -557,15 +499,8 @@ impl Broker {
         T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
     {
         let topic = Topic::parse_with(topic, &self.inner.options.limits)?;
-        let requested = Binding {
-            type_id: TypeId::of::<T>(),
-            type_name: type_name::<T>(),
-        };
-        let mut bindings = self
-            .inner
-            .bindings
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
+        let requested = Binding { type_id: TypeId::of::<T>(), type_name: type_name::<T>() };
+        let mut bindings = self.inner.bindings.write().unwrap_or_else(PoisonError::into_inner);
         let bound = *bindings.entry(topic.as_str().into()).or_insert(requested);
         self.inner.has_bindings.store(true, Ordering::Release);
         if bound.type_id != requested.type_id {

@@ -107,14 +107,8 @@ impl Message {
             return self.decode();
         }
         let result = self.decode::<T>();
-        let value = result
-            .as_ref()
-            .ok()
-            .map(|v| Box::new(v.clone()) as Box<dyn Any + Send + Sync>);
-        let _ = slot.set(Decoded {
-            type_id: TypeId::of::<T>(),
-            value,
-        });
+        let value = result.as_ref().ok().map(|v| Box::new(v.clone()) as Box<dyn Any + Send + Sync>);
+        let _ = slot.set(Decoded { type_id: TypeId::of::<T>(), value });
         result
     }
 }

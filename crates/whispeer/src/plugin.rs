@@ -18,9 +18,7 @@ pub struct Rejection {
 impl Rejection {
     /// A rejection with the given reason.
     pub fn new(reason: impl Into<String>) -> Self {
-        Self {
-            reason: reason.into(),
-        }
+        Self { reason: reason.into() }
     }
 }
 

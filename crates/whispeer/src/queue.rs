@@ -136,11 +136,7 @@ impl Queue {
         if let Some(message) = self.items.pop() {
             return Poll::Ready(Some(self.received(message)));
         }
-        if self.is_closed() {
-            Poll::Ready(None)
-        } else {
-            Poll::Pending
-        }
+        if self.is_closed() { Poll::Ready(None) } else { Poll::Pending }
     }
 
     /// Takes the next message without waiting.

@@ -68,10 +68,7 @@ impl Node {
             Some(FilterSegment::Rest) => self.rest.push(route),
             Some(FilterSegment::One) => self.one.get_or_insert_default().insert(segments, route),
             Some(FilterSegment::Literal(s)) => {
-                self.children
-                    .entry(s.into())
-                    .or_default()
-                    .insert(segments, route);
+                self.children.entry(s.into()).or_default().insert(segments, route);
             }
         }
     }
@@ -192,10 +189,7 @@ impl Router {
         let mut table = self.table.write().unwrap_or_else(PoisonError::into_inner);
         let found = if filter.is_exact() {
             let key = filter.as_str();
-            let found = table
-                .exact
-                .get_mut(key)
-                .is_some_and(|routes| remove_route(routes, id));
+            let found = table.exact.get_mut(key).is_some_and(|routes| remove_route(routes, id));
             if table.exact.get(key).is_some_and(Vec::is_empty) {
                 table.exact.remove(key);
             }
@@ -215,18 +209,12 @@ impl Router {
     }
 
     fn clear_cache(&self) {
-        self.cache
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clear();
+        self.cache.write().unwrap_or_else(PoisonError::into_inner).clear();
     }
 
     /// Number of subscriptions.
     pub(crate) fn len(&self) -> usize {
-        self.table
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .total
+        self.table.read().unwrap_or_else(PoisonError::into_inner).total
     }
 
     /// Calls `deliver` with the subscriptions matching `topic` (a valid topic), or with `None`
@@ -240,11 +228,7 @@ impl Router {
         let table = self.table.read().unwrap_or_else(PoisonError::into_inner);
         let exact = table.exact.get_key_value(topic);
         if table.wild_count == 0 {
-            return deliver(exact.map(|(topic, exact)| Matches {
-                topic,
-                exact,
-                wild: &[],
-            }));
+            return deliver(exact.map(|(topic, exact)| Matches { topic, exact, wild: &[] }));
         }
         let exact_routes = exact.map_or(&[][..], |(_, routes)| routes.as_slice());
         let cache = self.cache.read().unwrap_or_else(PoisonError::into_inner);
@@ -288,18 +272,13 @@ mod tests {
     fn route(id: u64) -> Route {
         Route {
             id: SubId(id),
-            queue: Arc::new(Queue::new(
-                Filter::parse("#").unwrap(),
-                1,
-                SlowConsumer::DropOldest,
-            )),
+            queue: Arc::new(Queue::new(Filter::parse("#").unwrap(), 1, SlowConsumer::DropOldest)),
         }
     }
 
     fn matched(router: &Router, topic: &str) -> BTreeSet<u64> {
         router.with_matches(topic, |m| {
-            m.map(|m| m.iter().map(|r| r.id.0).collect())
-                .unwrap_or_default()
+            m.map(|m| m.iter().map(|r| r.id.0).collect()).unwrap_or_default()
         })
     }
 
@@ -354,11 +333,7 @@ mod tests {
     }
 
     fn segment() -> impl Strategy<Value = String> {
-        prop_oneof![
-            Just("a".to_string()),
-            Just("b".to_string()),
-            Just("$s".to_string())
-        ]
+        prop_oneof![Just("a".to_string()), Just("b".to_string()), Just("$s".to_string())]
     }
 
     fn filter_segment() -> impl Strategy<Value = String> {

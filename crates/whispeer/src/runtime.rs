@@ -23,10 +23,7 @@ pub(crate) struct Spawner {
 
 impl Spawner {
     pub(crate) fn new(handle: Option<Handle>) -> Self {
-        Self {
-            handle,
-            ..Self::default()
-        }
+        Self { handle, ..Self::default() }
     }
 
     /// Spawns a delivery task.
@@ -59,11 +56,7 @@ impl Spawner {
                 .build()?;
             let _ = self.owned.set(OwnedRuntime(Some(runtime)));
         }
-        Ok(self
-            .owned
-            .get()
-            .expect("initialised above under the init lock")
-            .runtime())
+        Ok(self.owned.get().expect("initialised above under the init lock").runtime())
     }
 }
 

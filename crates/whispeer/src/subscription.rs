@@ -52,11 +52,7 @@ pub struct SubscribeOptions {
 impl SubscribeOptions {
     /// Options for `filter` with the broker's default capacity and policy.
     pub fn new(filter: impl Into<String>) -> Self {
-        Self {
-            filter: filter.into(),
-            capacity: None,
-            policy: None,
-        }
+        Self { filter: filter.into(), capacity: None, policy: None }
     }
 
     /// Sets the queue capacity, in messages (1 to [`crate::MAX_QUEUE_CAPACITY`]).
@@ -116,11 +112,7 @@ impl Registration {
         typed: Option<(TypeId, &'static str)>,
     ) -> Result<Self, SubscribeError> {
         let (id, queue) = broker.inner.register(options, typed)?;
-        Ok(Self {
-            shared: Arc::clone(&broker.inner),
-            id,
-            queue,
-        })
+        Ok(Self { shared: Arc::clone(&broker.inner), id, queue })
     }
 
     fn stats(&self) -> SubscriptionStats {
@@ -180,10 +172,7 @@ impl<T> Subscription<T> {
         T: DeserializeOwned + Clone + Send + Sync + 'static,
     {
         let registration = Registration::new(broker, &options, typed_info::<T>())?;
-        Ok(Self {
-            registration,
-            decode: decode_typed::<T>,
-        })
+        Ok(Self { registration, decode: decode_typed::<T> })
     }
 
     /// Waits for the next message. Returns `None` once the subscription is closed: unsubscribed,
@@ -260,10 +249,7 @@ impl<T> Subscription<T> {
 impl Subscription<Message> {
     pub(crate) fn raw(broker: &Broker, options: SubscribeOptions) -> Result<Self, SubscribeError> {
         let registration = Registration::new(broker, &options, None)?;
-        Ok(Self {
-            registration,
-            decode: |message| Ok(message.clone()),
-        })
+        Ok(Self { registration, decode: |message| Ok(message.clone()) })
     }
 }
 
@@ -338,13 +324,7 @@ where
         }
     };
     // Dropping the task's JoinHandle detaches it; it ends by itself once its queue closes.
-    drop(
-        broker
-            .inner
-            .spawner
-            .spawn(task)
-            .map_err(SubscribeError::Runtime)?,
-    );
+    drop(broker.inner.spawner.spawn(task).map_err(SubscribeError::Runtime)?);
     Ok(Subscriber { registration })
 }
 

@@ -23,11 +23,7 @@ pub struct TypedTopic<T> {
 
 impl<T> Clone for TypedTopic<T> {
     fn clone(&self) -> Self {
-        Self {
-            broker: self.broker.clone(),
-            topic: self.topic.clone(),
-            _type: PhantomData,
-        }
+        Self { broker: self.broker.clone(), topic: self.topic.clone(), _type: PhantomData }
     }
 }
 
@@ -45,11 +41,7 @@ where
     T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
 {
     pub(crate) fn new(broker: Broker, topic: Topic) -> Self {
-        Self {
-            broker,
-            topic,
-            _type: PhantomData,
-        }
+        Self { broker, topic, _type: PhantomData }
     }
 
     /// The bound topic.

@@ -20,10 +20,7 @@ struct MyData {
 }
 
 fn data(id: i32) -> MyData {
-    MyData {
-        name: format!("item-{id}"),
-        id,
-    }
+    MyData { name: format!("item-{id}"), id }
 }
 
 fn broker() -> Broker {
@@ -32,18 +29,14 @@ fn broker() -> Broker {
 
 /// Guards an await so a broken test fails instead of hanging.
 async fn soon<F: Future>(f: F) -> F::Output {
-    timeout(Duration::from_secs(10), f)
-        .await
-        .expect("timed out waiting")
+    timeout(Duration::from_secs(10), f).await.expect("timed out waiting")
 }
 
 #[tokio::test]
 async fn sync_callback_receives_typed_values() {
     let broker = broker();
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let _a = broker
-        .subscribe("some-event", move |d: MyData| tx.send(d).unwrap())
-        .unwrap();
+    let _a = broker.subscribe("some-event", move |d: MyData| tx.send(d).unwrap()).unwrap();
     broker.publish("some-event", &data(1)).unwrap();
     broker.publish::<MyData>("some-event", &data(2)).unwrap();
     assert_eq!(soon(rx.recv()).await, Some(data(1)));
@@ -56,9 +49,7 @@ async fn turbofish_subscribe_and_async_callback() {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let tx2 = tx.clone();
     let _b = broker
-        .subscribe::<MyData>("sensor/+/temperature", move |d| {
-            tx.send(("sync", d)).unwrap()
-        })
+        .subscribe::<MyData>("sensor/+/temperature", move |d| tx.send(("sync", d)).unwrap())
         .unwrap();
     let _c = broker
         .subscribe_async("chat/#", move |d: MyData| {
@@ -72,10 +63,7 @@ async fn turbofish_subscribe_and_async_callback() {
     broker.publish("sensor/k1/temperature", &data(1)).unwrap();
     broker.publish("sensor/k1/humidity", &data(2)).unwrap();
     broker.publish("chat", &data(3)).unwrap();
-    let mut got = vec![
-        soon(rx.recv()).await.unwrap(),
-        soon(rx.recv()).await.unwrap(),
-    ];
+    let mut got = vec![soon(rx.recv()).await.unwrap(), soon(rx.recv()).await.unwrap()];
     got.sort_by_key(|(_, d)| d.id);
     assert_eq!(got, [("sync", data(1)), ("async", data(3))]);
 }
@@ -126,9 +114,7 @@ async fn publish_bytes_reaches_raw_subscribers_and_fails_typed_decode() {
 async fn undecodable_messages_are_counted_not_fatal() {
     let broker = broker();
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let sub = broker
-        .subscribe("mixed", move |d: MyData| tx.send(d).unwrap())
-        .unwrap();
+    let sub = broker.subscribe("mixed", move |d: MyData| tx.send(d).unwrap()).unwrap();
     broker.publish("mixed", &vec![0xffu8; 4]).unwrap();
     broker.publish("mixed", &data(5)).unwrap();
     assert_eq!(soon(rx.recv()).await, Some(data(5)));
@@ -157,14 +143,9 @@ async fn bound_topic_refuses_other_types() {
     orders.publish(&data(1)).unwrap();
     assert_eq!(soon(s.recv()).await, Some(data(1)));
 
-    let err = broker
-        .publish("orders", &"not an order".to_string())
-        .unwrap_err();
+    let err = broker.publish("orders", &"not an order".to_string()).unwrap_err();
     assert!(matches!(err, PublishError::WrongType { .. }), "{err:?}");
-    assert!(matches!(
-        broker.publish_bytes("orders", "x"),
-        Err(PublishError::WrongType { .. })
-    ));
+    assert!(matches!(broker.publish_bytes("orders", "x"), Err(PublishError::WrongType { .. })));
     let err = broker.subscription::<String>("orders").unwrap_err();
     assert!(matches!(err, SubscribeError::WrongType { .. }), "{err:?}");
     assert!(broker.topic::<String>("orders").is_err());
@@ -177,27 +158,12 @@ async fn bound_topic_refuses_other_types() {
 #[tokio::test]
 async fn invalid_and_reserved_topics_are_refused() {
     let broker = broker();
-    assert!(matches!(
-        broker.publish("a//b", &1),
-        Err(PublishError::InvalidTopic(_))
-    ));
-    assert!(matches!(
-        broker.publish("a/+", &1),
-        Err(PublishError::InvalidTopic(_))
-    ));
-    assert!(matches!(
-        broker.publish("$sys/x", &1),
-        Err(PublishError::ReservedTopic(_))
-    ));
-    assert!(matches!(
-        broker.subscription::<u8>("a/#/b"),
-        Err(SubscribeError::InvalidFilter(_))
-    ));
+    assert!(matches!(broker.publish("a//b", &1), Err(PublishError::InvalidTopic(_))));
+    assert!(matches!(broker.publish("a/+", &1), Err(PublishError::InvalidTopic(_))));
+    assert!(matches!(broker.publish("$sys/x", &1), Err(PublishError::ReservedTopic(_))));
+    assert!(matches!(broker.subscription::<u8>("a/#/b"), Err(SubscribeError::InvalidFilter(_))));
     let zero = SubscribeOptions::new("a").capacity(0);
-    assert!(matches!(
-        broker.subscription::<u8>(zero),
-        Err(SubscribeError::InvalidCapacity { .. })
-    ));
+    assert!(matches!(broker.subscription::<u8>(zero), Err(SubscribeError::InvalidCapacity { .. })));
 }
 
 #[tokio::test]
@@ -212,24 +178,17 @@ async fn oversized_message_is_refused_before_routing() {
 }
 
 fn small(filter: &str, policy: SlowConsumer) -> SubscribeOptions {
-    SubscribeOptions::new(filter)
-        .capacity(2)
-        .slow_consumer(policy)
+    SubscribeOptions::new(filter).capacity(2).slow_consumer(policy)
 }
 
 #[tokio::test]
 async fn drop_oldest_keeps_the_newest() {
     let broker = broker();
-    let mut s = broker
-        .subscription::<i32>(small("q", SlowConsumer::DropOldest))
-        .unwrap();
+    let mut s = broker.subscription::<i32>(small("q", SlowConsumer::DropOldest)).unwrap();
     for i in 1..=5 {
         broker.publish("q", &i).unwrap();
     }
-    assert_eq!(
-        (s.try_recv(), s.try_recv(), s.try_recv()),
-        (Some(4), Some(5), None)
-    );
+    assert_eq!((s.try_recv(), s.try_recv(), s.try_recv()), (Some(4), Some(5), None));
     assert_eq!(s.stats().dropped_oldest, 3);
     assert_eq!(broker.stats().dropped_oldest, 3);
 }
@@ -237,16 +196,11 @@ async fn drop_oldest_keeps_the_newest() {
 #[tokio::test]
 async fn drop_newest_keeps_the_oldest() {
     let broker = broker();
-    let mut s = broker
-        .subscription::<i32>(small("q", SlowConsumer::DropNewest))
-        .unwrap();
+    let mut s = broker.subscription::<i32>(small("q", SlowConsumer::DropNewest)).unwrap();
     for i in 1..=5 {
         broker.publish("q", &i).unwrap();
     }
-    assert_eq!(
-        (s.try_recv(), s.try_recv(), s.try_recv()),
-        (Some(1), Some(2), None)
-    );
+    assert_eq!((s.try_recv(), s.try_recv(), s.try_recv()), (Some(1), Some(2), None));
     assert_eq!(s.stats().dropped_newest, 3);
     assert_eq!(broker.stats().dropped_newest, 3);
 }
@@ -254,27 +208,13 @@ async fn drop_newest_keeps_the_oldest() {
 #[tokio::test]
 async fn fail_publish_reports_full_queue_and_still_delivers_to_others() {
     let broker = broker();
-    let mut slow = broker
-        .subscription::<i32>(small("q", SlowConsumer::FailPublish))
-        .unwrap();
+    let mut slow = broker.subscription::<i32>(small("q", SlowConsumer::FailPublish)).unwrap();
     let mut fast = broker.subscription::<i32>("q").unwrap();
     broker.publish("q", &1).unwrap();
     broker.publish("q", &2).unwrap();
     let err = broker.publish("q", &3).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            PublishError::QueueFull {
-                full: 1,
-                delivered: 1
-            }
-        ),
-        "{err:?}"
-    );
-    assert_eq!(
-        (slow.try_recv(), slow.try_recv(), slow.try_recv()),
-        (Some(1), Some(2), None)
-    );
+    assert!(matches!(err, PublishError::QueueFull { full: 1, delivered: 1 }), "{err:?}");
+    assert_eq!((slow.try_recv(), slow.try_recv(), slow.try_recv()), (Some(1), Some(2), None));
     assert_eq!(fast.try_recv(), Some(1));
     assert_eq!(slow.stats().rejected_full, 1);
     // Room again: publishing succeeds.
@@ -285,9 +225,7 @@ async fn fail_publish_reports_full_queue_and_still_delivers_to_others() {
 #[tokio::test]
 async fn disconnect_closes_the_subscription() {
     let broker = broker();
-    let mut s = broker
-        .subscription::<i32>(small("q", SlowConsumer::Disconnect))
-        .unwrap();
+    let mut s = broker.subscription::<i32>(small("q", SlowConsumer::Disconnect)).unwrap();
     assert_eq!(broker.stats().subscriptions, 1);
     for i in 1..=3 {
         broker.publish("q", &i).unwrap();
@@ -362,9 +300,7 @@ async fn panicking_callback_is_counted_and_keeps_going() {
 fn callbacks_work_without_a_runtime() {
     let broker = broker();
     let (tx, rx) = std::sync::mpsc::channel();
-    let _sub = broker
-        .subscribe("plain", move |d: MyData| tx.send(d).unwrap())
-        .unwrap();
+    let _sub = broker.subscribe("plain", move |d: MyData| tx.send(d).unwrap()).unwrap();
     broker.publish("plain", &data(9)).unwrap();
     assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), data(9));
 }
@@ -416,39 +352,16 @@ async fn plugins_see_transform_and_refuse() {
     let mut s = broker.messages("ok/#").unwrap();
     broker.publish("ok/1", &1).unwrap();
     let message = soon(s.recv()).await.unwrap();
-    assert_eq!(
-        message.headers().get("seen-by").map(|v| &v[..]),
-        Some(&b"recorder"[..])
-    );
+    assert_eq!(message.headers().get("seen-by").map(|v| &v[..]), Some(&b"recorder"[..]));
 
     let err = broker.publish("deny/1", &1).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            PublishError::Rejected {
-                plugin: "recorder",
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert!(matches!(err, PublishError::Rejected { plugin: "recorder", .. }), "{err:?}");
     assert_eq!(broker.stats().rejected_by_plugins, 1);
     let err = broker.messages("secret/#").unwrap_err();
-    assert!(
-        matches!(
-            err,
-            SubscribeError::Rejected {
-                plugin: "recorder",
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert!(matches!(err, SubscribeError::Rejected { plugin: "recorder", .. }), "{err:?}");
 
     // A subscription closed by policy and then dropped is reported as ended exactly once.
-    let full = broker
-        .subscription::<i32>(small("ok/full", SlowConsumer::Disconnect))
-        .unwrap();
+    let full = broker.subscription::<i32>(small("ok/full", SlowConsumer::Disconnect)).unwrap();
     for i in 0..3 {
         broker.publish("ok/full", &i).unwrap();
     }
@@ -480,9 +393,8 @@ async fn many_publishers_and_subscribers_lose_nothing_and_keep_order() {
             a.fetch_add(1, Ordering::Relaxed);
         }
     });
-    let pulls: Vec<_> = (0..4)
-        .map(|_| broker.subscription::<(usize, usize)>(capacity()).unwrap())
-        .collect();
+    let pulls: Vec<_> =
+        (0..4).map(|_| broker.subscription::<(usize, usize)>(capacity()).unwrap()).collect();
 
     // Subscribers come and go while publishing; they must not disturb the others.
     let churn = {
