@@ -1,10 +1,15 @@
 //! whispeer-engines — what happens to a message at the edges.
 //!
-//! Today: the serde [`Codec`]s that turn typed values into payload bytes and back. Compression
-//! and end-to-end encryption join them here, so that everything between the edges only ever
-//! handles opaque bytes.
+//! - [`Codec`]: typed values to payload bytes and back (postcard or JSON).
+//! - [`Engines`]: the edge pipeline. [`Engines::seal`] compresses ([`Compression`]: zstd or lz4)
+//!   and then encrypts ([`Encryption`]: XChaCha20-Poly1305 or AES-256-GCM with keys from a
+//!   [`Keyring`]); [`Engines::open`] undoes both and authenticates. [`TopicRule`]s change the
+//!   settings per topic or filter.
 //!
-//! No async runtime and no I/O: this crate builds for `wasm32-unknown-unknown`.
+//! Everything between the publishing and the subscribing edge handles sealed bytes only; see
+//! [`security`] for what each party can see and the bounds the design relies on.
+//!
+//! No async runtime: this crate builds for `wasm32-unknown-unknown` (feature `wasm`).
 //!
 //! ```
 //! use whispeer_engines::Codec;
@@ -15,5 +20,15 @@
 //! ```
 
 mod codec;
+mod compress;
+mod keyring;
+mod seal;
+
+#[doc = include_str!("security.md")]
+pub mod security {}
 
 pub use codec::{Codec, CodecError};
+pub use compress::{Compression, DEFAULT_THRESHOLD, DEFAULT_ZSTD_LEVEL};
+pub use keyring::{Key, KeyError, KeyId, Keyring};
+pub use seal::{Encryption, Engines, KeyChoice, OpenError, SealError, Sealing, TopicRule};
+pub use whispeer_proto::{CipherAlgorithm, CompressionAlgorithm};

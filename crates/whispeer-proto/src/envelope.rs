@@ -52,13 +52,51 @@ impl ContentType {
     }
 }
 
-/// Envelope flags: what was done to the payload. Bit layout (least significant first):
-/// bits 0–2 content type; the remaining bits are reserved for compression and encryption.
+/// How the payload was compressed; carried in [`Flags`]. Values are wire constants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+#[repr(u8)]
+pub enum CompressionAlgorithm {
+    /// Not compressed.
+    None = 0,
+    /// zstd (RFC 8878), one frame.
+    Zstd = 1,
+    /// LZ4 block format, preceded by the uncompressed length as a little-endian `u32`.
+    Lz4 = 2,
+}
+
+/// How the payload was encrypted; carried in [`Flags`]. Values are wire constants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+#[repr(u8)]
+pub enum CipherAlgorithm {
+    /// Not encrypted.
+    None = 0,
+    /// XChaCha20-Poly1305: 256-bit key, 192-bit nonce, 128-bit tag. The default.
+    XChaCha20Poly1305 = 1,
+    /// AES-256-GCM: 256-bit key, 96-bit nonce, 128-bit tag.
+    Aes256Gcm = 2,
+}
+
+/// Envelope flags: what was done to the payload. Bit layout, least significant first:
+///
+/// | bits | meaning |
+/// |---|---|
+/// | 0–2 | [`ContentType`] of the plaintext |
+/// | 3–4 | [`CompressionAlgorithm`] |
+/// | 5–6 | [`CipherAlgorithm`] |
+/// | 7 | the key was derived per topic from the key id's master key (HKDF) |
+/// | 8–15 | reserved, zero |
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Flags(pub u16);
 
 impl Flags {
     const CONTENT_MASK: u16 = 0b111;
+    const COMPRESSION_SHIFT: u16 = 3;
+    const CIPHER_SHIFT: u16 = 5;
+    const TWO_BITS: u16 = 0b11;
+    const DERIVED_KEY: u16 = 1 << 7;
+    const RESERVED: u16 = 0xff00;
 
     /// Flags that say only how the payload was encoded.
     pub fn with_content(content: ContentType) -> Self {
@@ -68,6 +106,56 @@ impl Flags {
     /// The content type, or `None` if the bits name one this version does not know.
     pub fn content(self) -> Option<ContentType> {
         ContentType::from_bits((self.0 & Self::CONTENT_MASK) as u8)
+    }
+
+    /// The compression, or `None` if the bits name one this version does not know.
+    pub fn compression(self) -> Option<CompressionAlgorithm> {
+        match (self.0 >> Self::COMPRESSION_SHIFT) & Self::TWO_BITS {
+            0 => Some(CompressionAlgorithm::None),
+            1 => Some(CompressionAlgorithm::Zstd),
+            2 => Some(CompressionAlgorithm::Lz4),
+            _ => None,
+        }
+    }
+
+    /// These flags with the compression set.
+    pub fn with_compression(self, compression: CompressionAlgorithm) -> Self {
+        let cleared = self.0 & !(Self::TWO_BITS << Self::COMPRESSION_SHIFT);
+        Self(cleared | (compression as u16) << Self::COMPRESSION_SHIFT)
+    }
+
+    /// The cipher, or `None` if the bits name one this version does not know.
+    pub fn cipher(self) -> Option<CipherAlgorithm> {
+        match (self.0 >> Self::CIPHER_SHIFT) & Self::TWO_BITS {
+            0 => Some(CipherAlgorithm::None),
+            1 => Some(CipherAlgorithm::XChaCha20Poly1305),
+            2 => Some(CipherAlgorithm::Aes256Gcm),
+            _ => None,
+        }
+    }
+
+    /// These flags with the cipher set.
+    pub fn with_cipher(self, cipher: CipherAlgorithm) -> Self {
+        let cleared = self.0 & !(Self::TWO_BITS << Self::CIPHER_SHIFT);
+        Self(cleared | (cipher as u16) << Self::CIPHER_SHIFT)
+    }
+
+    /// Whether the key was derived per topic.
+    pub fn key_derived(self) -> bool {
+        self.0 & Self::DERIVED_KEY != 0
+    }
+
+    /// These flags with the derived-key bit set or cleared.
+    pub fn with_key_derived(self, derived: bool) -> Self {
+        if derived { Self(self.0 | Self::DERIVED_KEY) } else { Self(self.0 & !Self::DERIVED_KEY) }
+    }
+
+    /// Whether every bit has a meaning this version knows.
+    pub fn is_known(self) -> bool {
+        self.0 & Self::RESERVED == 0
+            && self.content().is_some()
+            && self.compression().is_some()
+            && self.cipher().is_some()
     }
 }
 
@@ -156,6 +244,24 @@ mod tests {
             assert_eq!(Flags::with_content(ct).content(), Some(ct));
         }
         assert_eq!(Flags(0b111).content(), None);
+    }
+
+    #[test]
+    fn flag_fields_are_independent() {
+        let flags = Flags::with_content(ContentType::Json)
+            .with_compression(CompressionAlgorithm::Lz4)
+            .with_cipher(CipherAlgorithm::Aes256Gcm)
+            .with_key_derived(true);
+        assert_eq!(flags.content(), Some(ContentType::Json));
+        assert_eq!(flags.compression(), Some(CompressionAlgorithm::Lz4));
+        assert_eq!(flags.cipher(), Some(CipherAlgorithm::Aes256Gcm));
+        assert!(flags.key_derived() && flags.is_known());
+        let flags = flags.with_compression(CompressionAlgorithm::None).with_key_derived(false);
+        assert_eq!(flags.compression(), Some(CompressionAlgorithm::None));
+        assert_eq!(flags.cipher(), Some(CipherAlgorithm::Aes256Gcm));
+        assert!(!flags.key_derived());
+        assert!(!Flags(0x0100).is_known());
+        assert_eq!(Flags(0b11 << 3).compression(), None);
     }
 
     #[test]

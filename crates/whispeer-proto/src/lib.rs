@@ -18,6 +18,8 @@ mod envelope;
 mod limits;
 mod topic;
 
-pub use envelope::{ContentType, Envelope, Flags, Headers, MessageId};
+pub use envelope::{
+    CipherAlgorithm, CompressionAlgorithm, ContentType, Envelope, Flags, Headers, MessageId,
+};
 pub use limits::Limits;
 pub use topic::{Filter, FilterSegment, Topic, TopicError};

@@ -277,11 +277,17 @@ impl Filter {
 
     /// Whether `topic` matches this filter.
     pub fn matches(&self, topic: &Topic) -> bool {
+        self.matches_str(topic.as_str())
+    }
+
+    /// Whether the topic text `topic` matches this filter. The text is not validated: use it
+    /// for topics validated elsewhere (an invalid one gets an answer, never a panic).
+    pub fn matches_str(&self, topic: &str) -> bool {
         if self.exact {
-            return *self.text == *topic.0;
+            return *self.text == *topic;
         }
         let mut filter = self.segments();
-        let mut topic_segments = topic.segments();
+        let mut topic_segments = topic.split('/');
         // A leading wildcard never matches a reserved (`$`) topic.
         let mut first = true;
         loop {
