@@ -1,12 +1,12 @@
 //! The `whispeer` command line.
 //!
-//! Today it checks topics and filters; `serve`, `pub`, `sub`, `bench` and `keygen` arrive with
-//! the network broker and engines work (see the README's status table).
+//! Today it checks topics and filters and makes keys; `serve`, `pub`, `sub` and `bench` arrive
+//! with the network broker (see the README's status table).
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use whispeer::{Filter, Topic};
+use whispeer::{Filter, Key, KeyId, Keyring, Topic};
 
 /// whispeer — an embeddable, end-to-end encrypted publish/subscribe broker.
 #[derive(Debug, Parser)]
@@ -31,11 +31,37 @@ enum Command {
         #[arg(required = true)]
         topics: Vec<String>,
     },
+    /// Print a new random 256-bit encryption key as `<id>:<base64url>`.
+    ///
+    /// The line is the key file and `WHISPEER_KEY` format: append it to a key file
+    /// (`whispeer keygen --id 2 >> keys.txt`) to rotate; the highest id seals, every id opens.
+    /// Treat the output as a password.
+    Keygen {
+        /// The key id carried in every message sealed with this key.
+        #[arg(long, default_value_t = 1)]
+        id: u32,
+    },
 }
 
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Match { filter, topics } => match_topics(&filter, &topics),
+        Command::Keygen { id } => keygen(id),
+    }
+}
+
+fn keygen(id: u32) -> ExitCode {
+    let mut keyring = Keyring::new();
+    let made = Key::generate().and_then(|key| keyring.insert(KeyId(id), key));
+    match made {
+        Ok(()) => {
+            print!("{}", keyring.to_text().as_str());
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("whispeer: cannot make a key: {err}");
+            ExitCode::FAILURE
+        }
     }
 }
 

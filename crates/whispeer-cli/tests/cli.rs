@@ -33,3 +33,14 @@ fn help_explains_the_commands() {
     assert!(out.status.success());
     assert!(String::from_utf8(out.stdout).unwrap().contains("match"));
 }
+
+#[test]
+fn keygen_prints_a_loadable_key_and_a_new_one_each_time() {
+    let first = whispeer(&["keygen", "--id", "7"]);
+    assert!(first.status.success());
+    let text = String::from_utf8(first.stdout).unwrap();
+    let keyring = whispeer::Keyring::parse(&text).unwrap();
+    assert_eq!(keyring.current(), Some(whispeer::KeyId(7)));
+    let second = String::from_utf8(whispeer(&["keygen", "--id", "7"]).stdout).unwrap();
+    assert_ne!(text, second);
+}

@@ -14,8 +14,8 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::runtime::Handle;
-use whispeer_engines::Codec;
-use whispeer_proto::{ContentType, Envelope, Filter, Flags, Limits, MessageId, Topic};
+use whispeer_engines::{Codec, Compression, Encryption, Engines, Sealing, TopicRule};
+use whispeer_proto::{ContentType, Envelope, Filter, Flags, Headers, Limits, MessageId, Topic};
 
 use crate::error::{BindError, PublishError, SubscribeError};
 use crate::message::Message;
@@ -55,8 +55,8 @@ impl Default for BrokerOptions {
     }
 }
 
-/// Anything that extends a broker at build time: plugins today; engines, transports and
-/// storage as they arrive. Passed to [`BrokerBuilder::with`].
+/// Anything that extends a broker at build time: plugins, [`Compression`], [`Encryption`] and
+/// [`TopicRule`]s today; transports and storage as they arrive. Passed to [`BrokerBuilder::with`].
 pub trait Extension {
     /// Adds itself to the builder.
     fn extend(self, builder: BrokerBuilder) -> BrokerBuilder;
@@ -68,11 +68,33 @@ impl<P: Plugin> Extension for P {
     }
 }
 
+impl Extension for Compression {
+    fn extend(self, mut builder: BrokerBuilder) -> BrokerBuilder {
+        builder.engines = std::mem::take(&mut builder.engines).with_compression(self);
+        builder
+    }
+}
+
+impl Extension for Encryption {
+    fn extend(self, mut builder: BrokerBuilder) -> BrokerBuilder {
+        builder.engines = std::mem::take(&mut builder.engines).with_encryption(self);
+        builder
+    }
+}
+
+impl Extension for TopicRule {
+    fn extend(self, mut builder: BrokerBuilder) -> BrokerBuilder {
+        builder.engines = std::mem::take(&mut builder.engines).with_rule(self);
+        builder
+    }
+}
+
 /// Builds a [`Broker`]. Start with [`Broker::builder`] or [`Broker::build_default`].
 #[must_use = "a builder does nothing until `build` is called"]
 pub struct BrokerBuilder {
     options: BrokerOptions,
     plugins: Vec<Arc<dyn Plugin>>,
+    engines: Engines,
     runtime: Option<Handle>,
 }
 
@@ -81,6 +103,7 @@ impl std::fmt::Debug for BrokerBuilder {
         f.debug_struct("BrokerBuilder")
             .field("options", &self.options)
             .field("plugins", &self.plugins.iter().map(|p| p.name()).collect::<Vec<_>>())
+            .field("engines", &self.engines)
             .finish_non_exhaustive()
     }
 }
@@ -119,8 +142,10 @@ impl BrokerBuilder {
                 "no entropy for message id prefix; ids are unique only within this broker"
             );
         }
+        let engines = self.engines.with_max_message_bytes(self.options.limits.max_message_bytes);
         Broker {
             inner: Arc::new(Shared {
+                engines: engines.is_active().then(|| Arc::new(engines)),
                 options: self.options,
                 router: Router::default(),
                 plugins: self.plugins.into(),
@@ -159,6 +184,8 @@ struct RawBytes;
 /// The state every handle shares.
 pub(crate) struct Shared {
     pub(crate) options: BrokerOptions,
+    /// Compression and encryption; `None` when neither is configured.
+    engines: Option<Arc<Engines>>,
     pub(crate) router: Router,
     pub(crate) plugins: Box<[Arc<dyn Plugin>]>,
     bindings: RwLock<HashMap<Box<str>, Binding>>,
@@ -208,6 +235,14 @@ impl Shared {
                 | u128::from(self.next_id.fetch_add(1, Ordering::Relaxed)),
         );
         let timestamp_ms = now_ms();
+        let (flags, payload) = match &self.engines {
+            Some(engines) => {
+                let headers = Headers::new();
+                let meta = Sealing { topic, id, timestamp_ms, headers: &headers };
+                engines.seal(&meta, flags, payload)?
+            }
+            None => (flags, payload),
+        };
         if self.plugins.is_empty() {
             // The envelope shares the router's copy of the topic, and is only built if someone
             // subscribed.
@@ -242,7 +277,8 @@ impl Shared {
         let mut disconnected: Vec<(SubId, Arc<Queue>)> = Vec::new();
         self.router.with_matches(topic, |matches| {
             let Some(matches) = matches else { return };
-            let mut message = Some(Message::new(envelope(matches.topic), matches.len()));
+            let engines = self.engines.clone();
+            let mut message = Some(Message::new(envelope(matches.topic), matches.len(), engines));
             let mut routes = matches.iter().peekable();
             while let Some(route) = routes.next() {
                 // The last subscriber takes the publisher's reference instead of a clone.
@@ -375,13 +411,20 @@ impl std::fmt::Debug for Broker {
 impl Broker {
     /// A builder with the given options and no extensions.
     pub fn builder(options: BrokerOptions) -> BrokerBuilder {
-        BrokerBuilder { options, plugins: Vec::new(), runtime: None }
+        BrokerBuilder { options, plugins: Vec::new(), engines: Engines::new(), runtime: None }
     }
 
-    /// A builder with the recommended defaults. Today that is the default options; as the
-    /// engines land it will turn compression and encryption on.
+    /// A builder with the recommended defaults: zstd compression for payloads of 256 bytes and
+    /// more, and XChaCha20-Poly1305 encryption with a key generated for this broker (which
+    /// therefore only this process can open). To share keys with other parties, configure them:
+    /// `Broker::builder(options).with(Compression::new()).with(Encryption::from_env("WHISPEER_KEY")?)`.
+    ///
+    /// # Panics
+    /// If the operating system cannot provide 32 random bytes for the key.
     pub fn build_default() -> BrokerBuilder {
-        Self::builder(BrokerOptions::default())
+        let encryption = Encryption::generated()
+            .expect("the operating system's random number generator provides a key");
+        Self::builder(BrokerOptions::default()).with(Compression::new()).with(encryption)
     }
 
     /// Publishes `value` to `topic`, encoded once with the broker's codec and shared by every

@@ -1,6 +1,6 @@
 //! Errors, one enum per operation family, and the umbrella [`Error`] they convert into.
 
-use whispeer_engines::CodecError;
+use whispeer_engines::{CodecError, OpenError, SealError};
 use whispeer_proto::{Topic, TopicError};
 
 /// Why a message was not published.
@@ -26,6 +26,9 @@ pub enum PublishError {
     /// The value could not be encoded.
     #[error(transparent)]
     Encode(#[from] CodecError),
+    /// The payload could not be sealed (no key for the topic, no randomness).
+    #[error(transparent)]
+    Seal(#[from] SealError),
     /// The encoded message is larger than `Limits::max_message_bytes`.
     #[error("message of {len} bytes exceeds the limit of {max}")]
     TooLarge {
@@ -110,6 +113,20 @@ pub enum BindError {
     },
 }
 
+/// Why a received message could not be turned into a value. The message is skipped and
+/// counted (`open_errors` or `decode_errors`); the subscriber goes on.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReceiveError {
+    /// The payload could not be decrypted or decompressed: wrong or unknown key, tampering,
+    /// corruption, or a payload over the size limit.
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    /// The plaintext is not a valid encoding of the subscriber's type.
+    #[error(transparent)]
+    Decode(#[from] CodecError),
+}
+
 /// Any whispeer error; each operation's own error converts into it.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -123,4 +140,10 @@ pub enum Error {
     /// See [`BindError`].
     #[error(transparent)]
     Bind(#[from] BindError),
+    /// See [`ReceiveError`].
+    #[error(transparent)]
+    Receive(#[from] ReceiveError),
+    /// See [`whispeer_engines::KeyError`].
+    #[error(transparent)]
+    Key(#[from] whispeer_engines::KeyError),
 }

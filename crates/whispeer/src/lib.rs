@@ -11,6 +11,9 @@
 //! - Every subscriber has a bounded queue and a [`SlowConsumer`] policy; drops are counted in
 //!   [`BrokerStats`] and [`SubscriptionStats`].
 //! - Bind a topic to one type with [`Broker::topic`]; extend the broker with [`Plugin`]s.
+//! - Compress and encrypt at the edges: `.with(Compression::new()).with(Encryption::new(keyring))`,
+//!   or [`Broker::build_default`] for both with a generated key. Plugins and everything between
+//!   publisher and subscriber see only ciphertext; see [`engines::security`].
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -45,17 +48,25 @@ mod typed;
 pub use broker::{
     Broker, BrokerBuilder, BrokerOptions, Extension, MAX_QUEUE_CAPACITY, PublishReceipt,
 };
-pub use error::{BindError, Error, PublishError, SubscribeError};
+pub use error::{BindError, Error, PublishError, ReceiveError, SubscribeError};
 pub use message::Message;
 pub use plugin::{LoggingPlugin, Plugin, Rejection};
 pub use queue::SlowConsumer;
 pub use stats::{BrokerStats, SubscriptionStats};
 pub use subscription::{SubscribeOptions, Subscriber, Subscription};
 pub use typed::TypedTopic;
-pub use whispeer_engines::{Codec, CodecError};
+pub use whispeer_engines::{
+    CipherAlgorithm, Codec, CodecError, Compression, CompressionAlgorithm, Encryption, Key,
+    KeyError, KeyId, Keyring, OpenError, SealError, TopicRule,
+};
 pub use whispeer_proto::{Filter, Topic, TopicError};
 
 /// The wire vocabulary: envelopes, flags, limits. Re-exported for plugin authors.
 pub mod proto {
     pub use whispeer_proto::*;
+}
+
+/// The edge pipeline (codecs, compression, encryption, keys), including its security model.
+pub mod engines {
+    pub use whispeer_engines::*;
 }

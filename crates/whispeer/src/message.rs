@@ -1,9 +1,12 @@
-//! A delivered message: the shared envelope plus a decode-once slot.
+//! A delivered message: the shared envelope plus open-once and decode-once slots.
 //!
 //! One `Message` is created per publish and every matching subscriber gets a clone of the same
-//! `Arc`, so the payload is encoded once and never copied per subscriber. When a message goes to
-//! more than one subscriber, the first subscriber to decode it leaves the decoded value in the
-//! slot and subscribers of the same type clone that value instead of decoding again.
+//! `Arc`, so the payload is encoded once and never copied per subscriber. A sealed payload is
+//! opened (decrypted, decompressed) at most once per message in this process, whoever asks
+//! first. When a message goes to more than one subscriber, the first subscriber to decode it
+//! leaves the decoded value in a slot and subscribers of the same type clone that value instead
+//! of decoding again. Neither slot ever blocks: racing subscribers work for themselves and the
+//! first to finish fills the slot.
 
 use std::any::{Any, TypeId};
 use std::fmt;
@@ -11,8 +14,10 @@ use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
-use whispeer_engines::{Codec, CodecError};
-use whispeer_proto::{Envelope, Headers, MessageId, Topic};
+use whispeer_engines::{Codec, Engines, OpenError};
+use whispeer_proto::{CipherAlgorithm, CompressionAlgorithm, Envelope, Headers, MessageId, Topic};
+
+use crate::error::ReceiveError;
 
 /// A message as a subscriber receives it. Cloning is cheap.
 #[derive(Clone)]
@@ -22,6 +27,9 @@ pub struct Message {
 
 struct Inner {
     envelope: Envelope,
+    /// The pipeline that sealed the payload, to open it; `None` when the broker has none.
+    engines: Option<Arc<Engines>>,
+    opened: OnceLock<Result<Bytes, OpenError>>,
     /// Whether decoding should go through `decoded` (the message has several subscribers).
     share_decoded: bool,
     decoded: OnceLock<Decoded>,
@@ -34,10 +42,16 @@ struct Decoded {
 }
 
 impl Message {
-    pub(crate) fn new(envelope: Envelope, subscribers: usize) -> Self {
+    pub(crate) fn new(
+        envelope: Envelope,
+        subscribers: usize,
+        engines: Option<Arc<Engines>>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 envelope,
+                engines,
+                opened: OnceLock::new(),
                 share_decoded: subscribers > 1,
                 decoded: OnceLock::new(),
             }),
@@ -64,7 +78,8 @@ impl Message {
         &self.inner.envelope.headers
     }
 
-    /// The encoded payload, as published.
+    /// The payload as it travels: sealed (compressed, encrypted) if the broker's engines say so.
+    /// See [`Message::plaintext`] for the opened bytes.
     pub fn payload(&self) -> &Bytes {
         &self.inner.envelope.payload
     }
@@ -74,13 +89,40 @@ impl Message {
         &self.inner.envelope
     }
 
-    /// Decodes the payload as a `T` with the codec recorded in the envelope.
+    /// The payload opened: decrypted and decompressed as the envelope's flags say, and
+    /// authenticated. Opened once per message; later calls return the same bytes.
     ///
     /// # Errors
-    /// [`CodecError`] when the payload is raw bytes or not a valid encoding of `T`.
-    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, CodecError> {
+    /// [`OpenError`] for a wrong or unknown key, tampering, corruption or an oversized payload.
+    pub fn plaintext(&self) -> Result<Bytes, OpenError> {
         let envelope = &self.inner.envelope;
-        Codec::for_content(envelope.flags.content())?.decode(&envelope.payload)
+        let flags = envelope.flags;
+        if flags.cipher() == Some(CipherAlgorithm::None)
+            && flags.compression() == Some(CompressionAlgorithm::None)
+        {
+            return Ok(envelope.payload.clone());
+        }
+        if let Some(opened) = self.inner.opened.get() {
+            return opened.clone();
+        }
+        let opened = match &self.inner.engines {
+            Some(engines) => engines.open(envelope),
+            None => {
+                Err(OpenError::Unsupported { what: "sealed payload on a broker without engines" })
+            }
+        };
+        let _ = self.inner.opened.set(opened.clone());
+        opened
+    }
+
+    /// Opens the payload and decodes it as a `T` with the codec recorded in the envelope.
+    ///
+    /// # Errors
+    /// [`ReceiveError::Open`] if the payload does not open; [`ReceiveError::Decode`] if it is raw
+    /// bytes or not a valid encoding of `T`.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, ReceiveError> {
+        let plaintext = self.plaintext()?;
+        Ok(Codec::for_content(self.inner.envelope.flags.content())?.decode(&plaintext)?)
     }
 
     /// Decodes like [`Message::decode`], but when the message has several subscribers, decodes
@@ -88,7 +130,7 @@ impl Message {
     ///
     /// Never blocks: subscribers racing the first decode decode for themselves, and whichever
     /// finishes first fills the slot.
-    pub(crate) fn decode_shared<T>(&self) -> Result<T, CodecError>
+    pub(crate) fn decode_shared<T>(&self) -> Result<T, ReceiveError>
     where
         T: DeserializeOwned + Clone + Send + Sync + 'static,
     {
@@ -140,7 +182,7 @@ mod tests {
             Flags::with_content(ContentType::Postcard),
             payload,
         );
-        Message::new(envelope, subscribers)
+        Message::new(envelope, subscribers, None)
     }
 
     #[test]

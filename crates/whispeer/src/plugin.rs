@@ -2,6 +2,9 @@
 //! [`LoggingPlugin`].
 //!
 //! Plugins see envelopes, never decoded values: with encryption on, they see only ciphertext.
+//! The topic, id, timestamp, flags and headers of an encrypted message are authenticated, so a
+//! plugin that edits them makes the message unopenable for every subscriber (it is counted in
+//! `open_errors`); plugins that transform should stick to unencrypted topics.
 //! Hooks run on the caller's thread inside `publish` / `subscribe`, so they must be quick and
 //! must not block; a plugin that needs I/O hands the work to its own task.
 

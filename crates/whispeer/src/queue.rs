@@ -56,6 +56,7 @@ pub(crate) struct Counters {
     pub(crate) dropped_newest: AtomicU64,
     pub(crate) rejected_full: AtomicU64,
     pub(crate) decode_errors: AtomicU64,
+    pub(crate) open_errors: AtomicU64,
     pub(crate) callback_panics: AtomicU64,
 }
 

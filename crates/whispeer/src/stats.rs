@@ -16,6 +16,7 @@ pub(crate) struct BrokerCounters {
     pub(crate) disconnected: AtomicU64,
     pub(crate) rejected_by_plugins: AtomicU64,
     pub(crate) decode_errors: AtomicU64,
+    pub(crate) open_errors: AtomicU64,
     pub(crate) callback_panics: AtomicU64,
 }
 
@@ -49,6 +50,8 @@ pub struct BrokerStats {
     pub rejected_by_plugins: u64,
     /// Messages a subscriber could not decode into its type.
     pub decode_errors: u64,
+    /// Messages a subscriber could not open: wrong or unknown key, tampering, corruption.
+    pub open_errors: u64,
     /// Callback invocations that panicked (the subscriber goes on).
     pub callback_panics: u64,
     /// Live subscriptions.
@@ -67,6 +70,7 @@ impl BrokerCounters {
             disconnected: get(&self.disconnected),
             rejected_by_plugins: get(&self.rejected_by_plugins),
             decode_errors: get(&self.decode_errors),
+            open_errors: get(&self.open_errors),
             callback_panics: get(&self.callback_panics),
             subscriptions,
         }
@@ -89,6 +93,8 @@ pub struct SubscriptionStats {
     pub rejected_full: u64,
     /// Received messages that did not decode into the subscriber's type.
     pub decode_errors: u64,
+    /// Received messages that did not open (wrong or unknown key, tampering, corruption).
+    pub open_errors: u64,
     /// Callback invocations that panicked.
     pub callback_panics: u64,
 }
@@ -102,6 +108,7 @@ impl Counters {
             dropped_newest: get(&self.dropped_newest),
             rejected_full: get(&self.rejected_full),
             decode_errors: get(&self.decode_errors),
+            open_errors: get(&self.open_errors),
             callback_panics: get(&self.callback_panics),
         }
     }

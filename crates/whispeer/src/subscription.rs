@@ -20,11 +20,10 @@ use std::task::{Context, Poll};
 use futures_core::Stream;
 use futures_util::FutureExt;
 use serde::de::DeserializeOwned;
-use whispeer_engines::CodecError;
 use whispeer_proto::Filter;
 
 use crate::broker::{Broker, Shared};
-use crate::error::SubscribeError;
+use crate::error::{ReceiveError, SubscribeError};
 use crate::message::Message;
 use crate::queue::{Queue, SlowConsumer};
 use crate::router::SubId;
@@ -136,24 +135,33 @@ impl fmt::Debug for Registration {
     }
 }
 
-type Decode<T> = fn(&Message) -> Result<T, CodecError>;
+type Decode<T> = fn(&Message) -> Result<T, ReceiveError>;
 
 fn typed_info<T: 'static>() -> Option<(TypeId, &'static str)> {
     Some((TypeId::of::<T>(), type_name::<T>()))
 }
 
-fn decode_typed<T>(message: &Message) -> Result<T, CodecError>
+fn decode_typed<T>(message: &Message) -> Result<T, ReceiveError>
 where
     T: DeserializeOwned + Clone + Send + Sync + 'static,
 {
     message.decode_shared()
 }
 
-/// Counts a message the subscriber could not decode.
-fn decode_failed(queue: &Queue, counters: &BrokerCounters, message: &Message, error: &CodecError) {
-    bump(&queue.counters.decode_errors);
-    bump(&counters.decode_errors);
-    tracing::debug!(topic = %message.topic(), id = %message.id(), %error, "message skipped: does not decode");
+/// Counts a message the subscriber could not open or decode.
+fn decode_failed(
+    queue: &Queue,
+    counters: &BrokerCounters,
+    message: &Message,
+    error: &ReceiveError,
+) {
+    let (mine, total) = match error {
+        ReceiveError::Open(_) => (&queue.counters.open_errors, &counters.open_errors),
+        _ => (&queue.counters.decode_errors, &counters.decode_errors),
+    };
+    bump(mine);
+    bump(total);
+    tracing::debug!(topic = %message.topic(), id = %message.id(), %error, "message skipped");
 }
 
 /// A pull subscription: take messages with [`recv`](Self::recv) or as a [`Stream`].
