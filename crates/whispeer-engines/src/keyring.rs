@@ -12,15 +12,15 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::Path;
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
-use aes_gcm::Aes256Gcm;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use chacha20poly1305::{KeyInit, XChaCha20Poly1305};
 use hkdf::Hkdf;
 use sha2::Sha256;
 use zeroize::Zeroizing;
+
+use crate::aead::Ciphers;
 
 /// Salt of the per-topic key derivation; changing it changes every derived key.
 const DERIVE_SALT: &[u8] = b"whispeer/v1/topic-key";
@@ -115,24 +115,15 @@ impl fmt::Debug for Key {
     }
 }
 
-/// A key with its cipher instances, built on first use.
+/// A key with its cipher state, built on first use.
 pub(crate) struct KeyMaterial {
-    key: Key,
-    xchacha: OnceLock<XChaCha20Poly1305>,
-    aes: OnceLock<Aes256Gcm>,
+    pub(crate) key: Key,
+    pub(crate) ciphers: Ciphers,
 }
 
 impl KeyMaterial {
     fn new(key: Key) -> Self {
-        Self { key, xchacha: OnceLock::new(), aes: OnceLock::new() }
-    }
-
-    pub(crate) fn xchacha(&self) -> &XChaCha20Poly1305 {
-        self.xchacha.get_or_init(|| XChaCha20Poly1305::new(self.key.bytes().into()))
-    }
-
-    pub(crate) fn aes(&self) -> &Aes256Gcm {
-        self.aes.get_or_init(|| Aes256Gcm::new(self.key.bytes().into()))
+        Self { key, ciphers: Ciphers::default() }
     }
 }
 

@@ -19,6 +19,7 @@
 //! # Ok::<(), whispeer_engines::CodecError>(())
 //! ```
 
+mod aead;
 mod codec;
 mod compress;
 mod keyring;

@@ -16,18 +16,15 @@ use std::cell::RefCell;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use aes_gcm::Aes256Gcm;
 use bytes::Bytes;
-use chacha20poly1305::{AeadCore, AeadInOut, XChaCha20Poly1305};
 use whispeer_proto::{
     CipherAlgorithm, CompressionAlgorithm, Envelope, Filter, Flags, Headers, Limits, MessageId,
 };
 
+use crate::aead::{self, TAG_LEN, nonce_len};
 use crate::compress::{Compression, decompress};
-use crate::keyring::{KeyError, KeyId, KeyMaterial, Keyring};
+use crate::keyring::{KeyError, KeyId, Keyring};
 
-/// Authentication tag length of both ciphers.
-const TAG_LEN: usize = 16;
 const KEY_ID_LEN: usize = 4;
 /// Domain separation for the associated data; a new layout gets a new label.
 const AAD_LABEL: &[u8] = b"whispeer/v1/aad";
@@ -456,7 +453,8 @@ impl Engines {
         out.extend_from_slice(&nonce[..nonce_len]);
         out.extend_from_slice(&body);
         let sealed = with_aad(flags, key_id, meta, |aad| {
-            encrypt(cipher, &material, &nonce[..nonce_len], aad, &mut out[header..])
+            let (key, ciphers) = (&material.key, &material.ciphers);
+            aead::encrypt(cipher, key, ciphers, &nonce[..nonce_len], aad, &mut out[header..])
         });
         let tag = sealed.ok_or(SealError::Encrypt { len: body.len() })?;
         out.extend_from_slice(&tag);
@@ -496,7 +494,7 @@ impl Engines {
     fn decrypt(&self, cipher: CipherAlgorithm, envelope: &Envelope) -> Result<Vec<u8>, OpenError> {
         let keyring = &self.encryption.as_ref().ok_or(OpenError::NoKeyring)?.keyring;
         let payload = &envelope.payload[..];
-        let nonce_len = if cipher == CipherAlgorithm::Aes256Gcm { 12 } else { 24 };
+        let nonce_len = nonce_len(cipher);
         let need = KEY_ID_LEN + nonce_len + TAG_LEN;
         if payload.len() < need {
             return Err(OpenError::Malformed { len: payload.len(), need });
@@ -514,65 +512,8 @@ impl Engines {
         let mut buffer = ciphertext.to_vec();
         let meta = Sealing::from(envelope);
         let opened = with_aad(envelope.flags, key_id, &meta, |aad| {
-            decrypt(cipher, &material, nonce, aad, &mut buffer, tag)
+            aead::decrypt(cipher, &material.key, &material.ciphers, nonce, aad, &mut buffer, tag)
         });
         opened.then_some(buffer).ok_or(OpenError::Authentication)
-    }
-}
-
-/// Encrypts `buffer` in place; returns the tag, or `None` if the cipher refused.
-fn encrypt(
-    cipher: CipherAlgorithm,
-    material: &KeyMaterial,
-    nonce: &[u8],
-    aad: &[u8],
-    buffer: &mut [u8],
-) -> Option<[u8; TAG_LEN]> {
-    match cipher {
-        CipherAlgorithm::XChaCha20Poly1305 => {
-            let nonce = <&chacha20poly1305::XNonce>::try_from(nonce).ok()?;
-            let tag = material.xchacha().encrypt_inout_detached(nonce, aad, buffer.into()).ok()?;
-            tag.as_slice().try_into().ok()
-        }
-        CipherAlgorithm::Aes256Gcm => {
-            let nonce =
-                <&aes_gcm::Nonce<<Aes256Gcm as AeadCore>::NonceSize>>::try_from(nonce).ok()?;
-            let tag = material.aes().encrypt_inout_detached(nonce, aad, buffer.into()).ok()?;
-            tag.as_slice().try_into().ok()
-        }
-        _ => None,
-    }
-}
-
-/// Decrypts `buffer` in place; returns whether the tag verified.
-fn decrypt(
-    cipher: CipherAlgorithm,
-    material: &KeyMaterial,
-    nonce: &[u8],
-    aad: &[u8],
-    buffer: &mut [u8],
-    tag: &[u8],
-) -> bool {
-    match cipher {
-        CipherAlgorithm::XChaCha20Poly1305 => {
-            let (Ok(nonce), Ok(tag)) = (
-                <&chacha20poly1305::XNonce>::try_from(nonce),
-                <&chacha20poly1305::Tag>::try_from(tag),
-            ) else {
-                return false;
-            };
-            let cipher: &XChaCha20Poly1305 = material.xchacha();
-            cipher.decrypt_inout_detached(nonce, aad, buffer.into(), tag).is_ok()
-        }
-        CipherAlgorithm::Aes256Gcm => {
-            let (Ok(nonce), Ok(tag)) = (
-                <&aes_gcm::Nonce<<Aes256Gcm as AeadCore>::NonceSize>>::try_from(nonce),
-                <&aes_gcm::Tag>::try_from(tag),
-            ) else {
-                return false;
-            };
-            material.aes().decrypt_inout_detached(nonce, aad, buffer.into(), tag).is_ok()
-        }
-        _ => false,
     }
 }

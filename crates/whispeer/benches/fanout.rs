@@ -7,7 +7,9 @@
 //!
 //! Cases: `broadcast` (Bytes through `tokio::sync::broadcast`), `whispeer-raw`
 //! (`publish_bytes` → `Subscription<Message>`), `whispeer-typed` (`publish::<Bytes>` →
-//! `Subscription<Bytes>`, encode and decode included).
+//! `Subscription<Bytes>`, encode and decode included), `whispeer-sealed` (the typed case on
+//! `Broker::build_default()`: XChaCha20-Poly1305 sealing and opening included; 128-byte payloads
+//! are under the compression threshold).
 //!
 //! Run with `cargo bench -p whispeer --bench fanout`.
 
@@ -135,9 +137,13 @@ fn whispeer_raw(rt: &Runtime, subscribers: usize, messages: u64) -> Duration {
     })
 }
 
-fn whispeer_typed(rt: &Runtime, subscribers: usize, messages: u64) -> Duration {
+fn whispeer_typed(rt: &Runtime, subscribers: usize, messages: u64, sealed: bool) -> Duration {
     on_worker(rt, async move {
-        let broker = Broker::builder(BrokerOptions::default()).build();
+        let broker = if sealed {
+            Broker::build_default().build()
+        } else {
+            Broker::builder(BrokerOptions::default()).build()
+        };
         let progress = Progress::new(subscribers);
         let handles = (0..subscribers)
             .map(|i| {
@@ -174,7 +180,10 @@ fn fanout(c: &mut Criterion) {
             b.iter_custom(|iters| whispeer_raw(&rt, subscribers, iters))
         });
         group.bench_function(BenchmarkId::new("whispeer-typed", subscribers), |b| {
-            b.iter_custom(|iters| whispeer_typed(&rt, subscribers, iters))
+            b.iter_custom(|iters| whispeer_typed(&rt, subscribers, iters, false))
+        });
+        group.bench_function(BenchmarkId::new("whispeer-sealed", subscribers), |b| {
+            b.iter_custom(|iters| whispeer_typed(&rt, subscribers, iters, true))
         });
     }
     group.finish();

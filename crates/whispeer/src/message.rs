@@ -96,10 +96,7 @@ impl Message {
     /// [`OpenError`] for a wrong or unknown key, tampering, corruption or an oversized payload.
     pub fn plaintext(&self) -> Result<Bytes, OpenError> {
         let envelope = &self.inner.envelope;
-        let flags = envelope.flags;
-        if flags.cipher() == Some(CipherAlgorithm::None)
-            && flags.compression() == Some(CompressionAlgorithm::None)
-        {
+        if self.is_plain() {
             return Ok(envelope.payload.clone());
         }
         if let Some(opened) = self.inner.opened.get() {
@@ -121,8 +118,21 @@ impl Message {
     /// [`ReceiveError::Open`] if the payload does not open; [`ReceiveError::Decode`] if it is raw
     /// bytes or not a valid encoding of `T`.
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, ReceiveError> {
-        let plaintext = self.plaintext()?;
-        Ok(Codec::for_content(self.inner.envelope.flags.content())?.decode(&plaintext)?)
+        let envelope = &self.inner.envelope;
+        let codec = Codec::for_content(envelope.flags.content())?;
+        if self.is_plain() {
+            // Decode from the shared payload itself: cloning the `Bytes` handle would make every
+            // subscriber contend on its reference count.
+            return Ok(codec.decode(&envelope.payload)?);
+        }
+        Ok(codec.decode(&self.plaintext()?)?)
+    }
+
+    /// Whether the payload is neither compressed nor encrypted.
+    fn is_plain(&self) -> bool {
+        let flags = self.inner.envelope.flags;
+        flags.cipher() == Some(CipherAlgorithm::None)
+            && flags.compression() == Some(CompressionAlgorithm::None)
     }
 
     /// Decodes like [`Message::decode`], but when the message has several subscribers, decodes
