@@ -358,6 +358,23 @@ mod tests {
     }
 
     #[test]
+    fn keys_load_from_a_file_and_a_missing_variable_is_named() {
+        let ring = Keyring::generate().unwrap();
+        let path = std::env::temp_dir().join(format!("whispeer-keys-{}.txt", std::process::id()));
+        std::fs::write(&path, ring.to_text().as_bytes()).unwrap();
+        let loaded = Keyring::from_file(&path);
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(loaded.unwrap().to_text(), ring.to_text());
+        assert!(
+            matches!(Keyring::from_file(&path), Err(KeyError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound)
+        );
+        let missing = "WHISPEER_TEST_VARIABLE_THAT_IS_NEVER_SET";
+        assert!(
+            matches!(Keyring::from_env(missing), Err(KeyError::MissingVariable(name)) if name == missing)
+        );
+    }
+
+    #[test]
     fn rotation_keeps_old_keys() {
         let mut ring = Keyring::generate().unwrap();
         assert_eq!(ring.rotate(Key::generate().unwrap()), KeyId(2));
