@@ -1,7 +1,8 @@
 //! whispeer-proto — the vocabulary every whispeer crate shares.
 //!
 //! Topics and filters ([`Topic`], [`Filter`]), the message [`Envelope`] that travels between
-//! publisher and subscriber, and the [`Limits`] that bound everything read from outside.
+//! publisher and subscriber, the wire [`Frame`]s with their [`ErrorCode`]s, and the [`Limits`]
+//! that bound everything read from outside.
 //!
 //! This crate performs no I/O and knows no async runtime, so it builds for
 //! `wasm32-unknown-unknown` and can be shared by the broker, the clients and the browser.
@@ -14,12 +15,16 @@
 //! # Ok::<(), whispeer_proto::TopicError>(())
 //! ```
 
+mod code;
 mod envelope;
+mod frame;
 mod limits;
 mod topic;
 
+pub use code::ErrorCode;
 pub use envelope::{
     CipherAlgorithm, CompressionAlgorithm, ContentType, Envelope, Flags, Headers, MessageId,
 };
+pub use frame::{Body, DecodeError, EncodeError, Frame, MAX_HEADERS, PROTOCOL_VERSION, Qos};
 pub use limits::Limits;
 pub use topic::{Filter, FilterSegment, Topic, TopicError};

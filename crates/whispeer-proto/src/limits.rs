@@ -20,12 +20,19 @@ pub struct Limits {
     pub max_topic_depth: usize,
     /// Largest message payload, in bytes, after decompression.
     pub max_message_bytes: usize,
+    /// Largest wire frame, in bytes after the length prefix. Leave room above
+    /// `max_message_bytes` for the envelope and the seal (64 KiB by default).
+    pub max_frame_bytes: usize,
 }
 
 impl Limits {
-    /// The default limits: 1 KiB topics, 32 segments, 1 MiB messages.
-    pub const DEFAULT: Self =
-        Self { max_topic_len: 1024, max_topic_depth: 32, max_message_bytes: 1024 * 1024 };
+    /// The default limits: 1 KiB topics, 32 segments, 1 MiB messages, 1 MiB + 64 KiB frames.
+    pub const DEFAULT: Self = Self {
+        max_topic_len: 1024,
+        max_topic_depth: 32,
+        max_message_bytes: 1024 * 1024,
+        max_frame_bytes: 1024 * 1024 + 64 * 1024,
+    };
 }
 
 impl Default for Limits {

@@ -1,0 +1,721 @@
+//! Wire frames: the sans-I/O encoder and incremental decoder of the binary protocol.
+//!
+//! ```text
+//! +----------------+---------+--------------------+------------------------+
+//! | length (u32)   | type u8 | correlation (u32)  | body (by type)         |
+//! +----------------+---------+--------------------+------------------------+
+//!   bytes after the length field; big-endian throughout
+//! ```
+//!
+//! [`Frame::decode`] takes one frame off the front of a buffer, or says it needs more bytes. The
+//! length prefix is checked against [`Limits::max_frame_bytes`] before anything is allocated,
+//! every field is bounds-checked, and malformed input is a [`DecodeError`], never a panic.
+//! Payloads are slices of the received buffer, not copies. `PROTOCOL.md` documents each body.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use crate::{Envelope, ErrorCode, Filter, Flags, Headers, Limits, MessageId, Topic, TopicError};
+
+/// The protocol version this crate speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Length, type and correlation id.
+const HEADER_LEN: usize = 4 + 1 + 4;
+/// The most headers an envelope may carry.
+pub const MAX_HEADERS: u16 = 64;
+
+/// Delivery guarantee asked for by a publish or a subscription.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Qos {
+    /// At most once: no acknowledgement.
+    #[default]
+    AtMostOnce,
+    /// At least once: acknowledged, redelivered until acknowledged.
+    AtLeastOnce,
+}
+
+impl Qos {
+    fn to_byte(self) -> u8 {
+        match self {
+            Self::AtMostOnce => 0,
+            Self::AtLeastOnce => 1,
+        }
+    }
+
+    fn from_byte(byte: u8) -> Result<Self, DecodeError> {
+        match byte {
+            0 => Ok(Self::AtMostOnce),
+            1 => Ok(Self::AtLeastOnce),
+            other => Err(DecodeError::InvalidQos(other)),
+        }
+    }
+}
+
+/// One frame: a correlation id chosen by the sender of a request (echoed by its reply; 0 when
+/// there is none) and a body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame {
+    /// Matches a reply to its request.
+    pub correlation: u32,
+    /// What the frame says.
+    pub body: Body,
+}
+
+/// The frame bodies. Type bytes are in brackets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Body {
+    /// [0x01] Client → server, first frame: protocol version, capabilities, client name.
+    Hello {
+        /// The client's protocol version.
+        version: u16,
+        /// Capability bits (none defined yet).
+        capabilities: u32,
+        /// A name for logs.
+        name: String,
+    },
+    /// [0x02] Server → client, reply to `Hello`: the server's version and limits.
+    Welcome {
+        /// The server's protocol version.
+        version: u16,
+        /// Capability bits; bit 0: the server requires `Auth`.
+        capabilities: u32,
+        /// Largest frame the server accepts.
+        max_frame_bytes: u32,
+        /// Largest opened payload the server's subscribers accept.
+        max_message_bytes: u32,
+        /// The server pings an idle connection this often; it closes one silent for 3×.
+        heartbeat_ms: u32,
+        /// A name for logs.
+        name: String,
+    },
+    /// [0x03] Client → server: an API key. Reply: `Ok` or `Error`.
+    Auth {
+        /// The key, as configured.
+        key: Bytes,
+    },
+    /// [0x04] Success reply to `Auth`, `Subscribe` and `Unsubscribe`.
+    Ok,
+    /// [0x10] Client → server: deliver messages matching `filter` as subscription `sub`.
+    Subscribe {
+        /// Client-chosen id, unique on the connection.
+        sub: u32,
+        /// Requested guarantee.
+        qos: Qos,
+        /// What to match.
+        filter: Filter,
+    },
+    /// [0x11] Client → server: end subscription `sub`.
+    Unsubscribe {
+        /// The subscription.
+        sub: u32,
+    },
+    /// [0x20] Client → server: publish an (already sealed) envelope. Reply: `PubAck` for QoS 1,
+    /// nothing for QoS 0, `Error` on failure.
+    Publish {
+        /// Requested guarantee.
+        qos: Qos,
+        /// The message.
+        envelope: Envelope,
+    },
+    /// [0x21] Server → client: the publish with this correlation id was accepted.
+    PubAck,
+    /// [0x30] Server → client: a message for subscription `sub`.
+    Deliver {
+        /// The subscription.
+        sub: u32,
+        /// The message, as published.
+        envelope: Envelope,
+    },
+    /// [0x31] Client → server: message `id` of subscription `sub` was processed.
+    Ack {
+        /// The subscription.
+        sub: u32,
+        /// The message.
+        id: MessageId,
+    },
+    /// [0x32] Client → server: message `id` of subscription `sub` was not processed.
+    Nack {
+        /// The subscription.
+        sub: u32,
+        /// The message.
+        id: MessageId,
+        /// Whether to deliver it again.
+        requeue: bool,
+    },
+    /// [0x40] Either way: are you there? Reply: `Pong` with the same correlation id.
+    Ping,
+    /// [0x41] Reply to `Ping`.
+    Pong,
+    /// [0x7f] Either way: the request with this correlation id (0: the connection) failed.
+    Error {
+        /// What went wrong.
+        code: ErrorCode,
+        /// Details for a person.
+        message: String,
+    },
+}
+
+impl Body {
+    fn type_byte(&self) -> u8 {
+        match self {
+            Self::Hello { .. } => 0x01,
+            Self::Welcome { .. } => 0x02,
+            Self::Auth { .. } => 0x03,
+            Self::Ok => 0x04,
+            Self::Subscribe { .. } => 0x10,
+            Self::Unsubscribe { .. } => 0x11,
+            Self::Publish { .. } => 0x20,
+            Self::PubAck => 0x21,
+            Self::Deliver { .. } => 0x30,
+            Self::Ack { .. } => 0x31,
+            Self::Nack { .. } => 0x32,
+            Self::Ping => 0x40,
+            Self::Pong => 0x41,
+            Self::Error { .. } => 0x7f,
+        }
+    }
+}
+
+/// Why bytes could not be decoded into a frame. The connection that sent them is beyond repair.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The length prefix exceeds the limit; nothing was allocated.
+    #[error("frame of {len} bytes exceeds the limit of {max}")]
+    FrameTooLarge {
+        /// The announced length.
+        len: u32,
+        /// The limit.
+        max: usize,
+    },
+    /// The frame type byte is not one this version knows.
+    #[error("unknown frame type {0:#04x}")]
+    UnknownType(u8),
+    /// The frame ended before its body did.
+    #[error("frame type {frame_type:#04x} ends early")]
+    Truncated {
+        /// The frame's type.
+        frame_type: u8,
+    },
+    /// The frame has bytes after its body.
+    #[error("frame type {frame_type:#04x} has {extra} bytes after its body")]
+    TrailingBytes {
+        /// The frame's type.
+        frame_type: u8,
+        /// How many.
+        extra: usize,
+    },
+    /// A text field is not UTF-8.
+    #[error("text field is not UTF-8")]
+    InvalidUtf8,
+    /// A topic or filter is invalid.
+    #[error("invalid topic or filter: {0}")]
+    InvalidTopic(#[from] TopicError),
+    /// The QoS byte is not 0 or 1.
+    #[error("invalid QoS {0}")]
+    InvalidQos(u8),
+    /// An envelope has more headers than allowed.
+    #[error("{count} headers exceed the limit of {max}")]
+    TooManyHeaders {
+        /// Announced count.
+        count: u16,
+        /// The limit.
+        max: u16,
+    },
+}
+
+impl DecodeError {
+    /// The error code to send back for this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::FrameTooLarge { .. } => ErrorCode::TOO_LARGE,
+            Self::InvalidTopic(_) => ErrorCode::INVALID_TOPIC,
+            _ => ErrorCode::MALFORMED,
+        }
+    }
+}
+
+/// Why a frame could not be encoded.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EncodeError {
+    /// A text field longer than 65 535 bytes.
+    #[error("text field of {len} bytes exceeds 65535")]
+    TextTooLong {
+        /// Its length.
+        len: usize,
+    },
+    /// The frame would exceed the limit it is encoded for.
+    #[error("frame of {len} bytes exceeds the limit of {max}")]
+    FrameTooLarge {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// More headers than [`MAX_HEADERS`].
+    #[error("{count} headers exceed the limit of {max}", max = MAX_HEADERS)]
+    TooManyHeaders {
+        /// Their count.
+        count: usize,
+    },
+}
+
+impl Frame {
+    /// A frame with the given correlation id.
+    pub fn new(correlation: u32, body: Body) -> Self {
+        Self { correlation, body }
+    }
+
+    /// Appends the encoded frame to `dst`, refusing frames over `max_frame_bytes` (the peer's
+    /// limit, as its `Welcome` said). On error nothing is appended.
+    ///
+    /// # Errors
+    /// See [`EncodeError`].
+    pub fn encode(&self, dst: &mut BytesMut, max_frame_bytes: usize) -> Result<(), EncodeError> {
+        let start = dst.len();
+        dst.put_u32(0);
+        dst.put_u8(self.body.type_byte());
+        dst.put_u32(self.correlation);
+        let written = self.encode_body(dst);
+        let len = dst.len() - start - 4;
+        let checked = written.and_then(|()| {
+            u32::try_from(len)
+                .ok()
+                .filter(|_| len <= max_frame_bytes)
+                .ok_or(EncodeError::FrameTooLarge { len, max: max_frame_bytes })
+        });
+        match checked {
+            Ok(len) => {
+                dst[start..start + 4].copy_from_slice(&len.to_be_bytes());
+                Ok(())
+            }
+            Err(err) => {
+                dst.truncate(start);
+                Err(err)
+            }
+        }
+    }
+
+    fn encode_body(&self, dst: &mut BytesMut) -> Result<(), EncodeError> {
+        match &self.body {
+            Body::Hello { version, capabilities, name } => {
+                dst.put_u16(*version);
+                dst.put_u32(*capabilities);
+                put_str(dst, name)?;
+            }
+            Body::Welcome {
+                version,
+                capabilities,
+                max_frame_bytes,
+                max_message_bytes,
+                heartbeat_ms,
+                name,
+            } => {
+                dst.put_u16(*version);
+                dst.put_u32(*capabilities);
+                dst.put_u32(*max_frame_bytes);
+                dst.put_u32(*max_message_bytes);
+                dst.put_u32(*heartbeat_ms);
+                put_str(dst, name)?;
+            }
+            Body::Auth { key } => put_bytes32(dst, key),
+            Body::Ok | Body::PubAck | Body::Ping | Body::Pong => {}
+            Body::Subscribe { sub, qos, filter } => {
+                dst.put_u32(*sub);
+                dst.put_u8(qos.to_byte());
+                put_str(dst, filter.as_str())?;
+            }
+            Body::Unsubscribe { sub } => dst.put_u32(*sub),
+            Body::Publish { qos, envelope } => {
+                dst.put_u8(qos.to_byte());
+                put_envelope(dst, envelope)?;
+            }
+            Body::Deliver { sub, envelope } => {
+                dst.put_u32(*sub);
+                put_envelope(dst, envelope)?;
+            }
+            Body::Ack { sub, id } => {
+                dst.put_u32(*sub);
+                dst.put_u128(id.0);
+            }
+            Body::Nack { sub, id, requeue } => {
+                dst.put_u32(*sub);
+                dst.put_u128(id.0);
+                dst.put_u8(u8::from(*requeue));
+            }
+            Body::Error { code, message } => {
+                dst.put_u16(code.0);
+                put_str(dst, message)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes one frame off the front of `buf`; `Ok(None)` means "need more bytes" (and room for
+    /// the rest of the frame has been reserved, up to the limit).
+    ///
+    /// # Errors
+    /// [`DecodeError`] for malformed input; the buffer is then in an unspecified state and the
+    /// connection should be closed.
+    pub fn decode(buf: &mut BytesMut, limits: &Limits) -> Result<Option<Self>, DecodeError> {
+        let Some(prefix) = buf.first_chunk::<4>() else { return Ok(None) };
+        let len = u32::from_be_bytes(*prefix);
+        let body_len = len as usize;
+        if body_len > limits.max_frame_bytes {
+            return Err(DecodeError::FrameTooLarge { len, max: limits.max_frame_bytes });
+        }
+        if body_len < HEADER_LEN - 4 {
+            return Err(DecodeError::Truncated { frame_type: buf.get(4).copied().unwrap_or(0) });
+        }
+        if buf.len() < 4 + body_len {
+            buf.reserve(4 + body_len - buf.len());
+            return Ok(None);
+        }
+        let mut frame = buf.split_to(4 + body_len).freeze();
+        frame.advance(4);
+        let frame_type = frame.get_u8();
+        let correlation = frame.get_u32();
+        let mut reader = Reader { buf: frame, frame_type };
+        let body = reader.body(limits)?;
+        reader.finish()?;
+        Ok(Some(Self { correlation, body }))
+    }
+}
+
+fn put_str(dst: &mut BytesMut, text: &str) -> Result<(), EncodeError> {
+    let len =
+        u16::try_from(text.len()).map_err(|_| EncodeError::TextTooLong { len: text.len() })?;
+    dst.put_u16(len);
+    dst.put_slice(text.as_bytes());
+    Ok(())
+}
+
+fn put_bytes32(dst: &mut BytesMut, bytes: &[u8]) {
+    // Frames are limited far below 4 GiB, so a longer field fails the frame length check.
+    dst.put_u32(u32::try_from(bytes.len()).unwrap_or(u32::MAX));
+    dst.put_slice(bytes);
+}
+
+fn put_envelope(dst: &mut BytesMut, envelope: &Envelope) -> Result<(), EncodeError> {
+    dst.put_u128(envelope.id.0);
+    dst.put_u64(envelope.timestamp_ms);
+    dst.put_u16(envelope.flags.0);
+    put_str(dst, envelope.topic.as_str())?;
+    let count = envelope.headers.len();
+    let count16 = u16::try_from(count).ok().filter(|c| *c <= MAX_HEADERS);
+    dst.put_u16(count16.ok_or(EncodeError::TooManyHeaders { count })?);
+    for (name, value) in envelope.headers.iter() {
+        put_str(dst, name)?;
+        put_bytes32(dst, value);
+    }
+    put_bytes32(dst, &envelope.payload);
+    Ok(())
+}
+
+/// A bounds-checked cursor over one frame's body.
+struct Reader {
+    buf: Bytes,
+    frame_type: u8,
+}
+
+impl Reader {
+    fn need(&self, n: usize) -> Result<(), DecodeError> {
+        if self.buf.remaining() < n {
+            return Err(DecodeError::Truncated { frame_type: self.frame_type });
+        }
+        Ok(())
+    }
+
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        self.need(1)?;
+        Ok(self.buf.get_u8())
+    }
+
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        self.need(2)?;
+        Ok(self.buf.get_u16())
+    }
+
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        self.need(4)?;
+        Ok(self.buf.get_u32())
+    }
+
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        self.need(8)?;
+        Ok(self.buf.get_u64())
+    }
+
+    fn u128(&mut self) -> Result<u128, DecodeError> {
+        self.need(16)?;
+        Ok(self.buf.get_u128())
+    }
+
+    fn bytes(&mut self, len: usize) -> Result<Bytes, DecodeError> {
+        self.need(len)?;
+        Ok(self.buf.split_to(len))
+    }
+
+    fn string(&mut self) -> Result<String, DecodeError> {
+        let len = usize::from(self.u16()?);
+        let bytes = self.bytes(len)?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| DecodeError::InvalidUtf8)
+    }
+
+    fn bytes32(&mut self) -> Result<Bytes, DecodeError> {
+        let len = self.u32()? as usize;
+        self.bytes(len)
+    }
+
+    fn qos(&mut self) -> Result<Qos, DecodeError> {
+        Qos::from_byte(self.u8()?)
+    }
+
+    fn envelope(&mut self, limits: &Limits) -> Result<Envelope, DecodeError> {
+        let id = MessageId(self.u128()?);
+        let timestamp_ms = self.u64()?;
+        let flags = Flags(self.u16()?);
+        let topic = Topic::parse_with(&self.string()?, limits)?;
+        let count = self.u16()?;
+        if count > MAX_HEADERS {
+            return Err(DecodeError::TooManyHeaders { count, max: MAX_HEADERS });
+        }
+        let mut headers = Headers::new();
+        for _ in 0..count {
+            let name = self.string()?;
+            headers.insert(name, self.bytes32()?);
+        }
+        let payload = self.bytes32()?;
+        Ok(Envelope { id, topic, timestamp_ms, flags, headers, payload })
+    }
+
+    fn body(&mut self, limits: &Limits) -> Result<Body, DecodeError> {
+        Ok(match self.frame_type {
+            0x01 => Body::Hello {
+                version: self.u16()?,
+                capabilities: self.u32()?,
+                name: self.string()?,
+            },
+            0x02 => Body::Welcome {
+                version: self.u16()?,
+                capabilities: self.u32()?,
+                max_frame_bytes: self.u32()?,
+                max_message_bytes: self.u32()?,
+                heartbeat_ms: self.u32()?,
+                name: self.string()?,
+            },
+            0x03 => Body::Auth { key: self.bytes32()? },
+            0x04 => Body::Ok,
+            0x10 => Body::Subscribe {
+                sub: self.u32()?,
+                qos: self.qos()?,
+                filter: Filter::parse_with(&self.string()?, limits)?,
+            },
+            0x11 => Body::Unsubscribe { sub: self.u32()? },
+            0x20 => Body::Publish { qos: self.qos()?, envelope: self.envelope(limits)? },
+            0x21 => Body::PubAck,
+            0x30 => Body::Deliver { sub: self.u32()?, envelope: self.envelope(limits)? },
+            0x31 => Body::Ack { sub: self.u32()?, id: MessageId(self.u128()?) },
+            0x32 => Body::Nack {
+                sub: self.u32()?,
+                id: MessageId(self.u128()?),
+                requeue: self.u8()? != 0,
+            },
+            0x40 => Body::Ping,
+            0x41 => Body::Pong,
+            0x7f => Body::Error { code: ErrorCode(self.u16()?), message: self.string()? },
+            other => return Err(DecodeError::UnknownType(other)),
+        })
+    }
+
+    fn finish(self) -> Result<(), DecodeError> {
+        match self.buf.remaining() {
+            0 => Ok(()),
+            extra => Err(DecodeError::TrailingBytes { frame_type: self.frame_type, extra }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::ContentType;
+
+    fn limits() -> Limits {
+        Limits::DEFAULT
+    }
+
+    fn envelope(topic: &str, payload: &[u8], headers: &[(&str, &[u8])]) -> Envelope {
+        let mut e = Envelope::new(
+            MessageId(0x0102_0304),
+            Topic::parse(topic).unwrap(),
+            1_700_000_000_123,
+            Flags::with_content(ContentType::Json),
+            Bytes::copy_from_slice(payload),
+        );
+        for (name, value) in headers {
+            e.headers.insert(*name, Bytes::copy_from_slice(value));
+        }
+        e
+    }
+
+    fn round_trip(frame: &Frame) -> Frame {
+        let mut buf = BytesMut::new();
+        frame.encode(&mut buf, usize::MAX).unwrap();
+        let decoded = Frame::decode(&mut buf, &limits()).unwrap().unwrap();
+        assert!(buf.is_empty());
+        decoded
+    }
+
+    fn all_bodies() -> Vec<Body> {
+        vec![
+            Body::Hello { version: 1, capabilities: 0, name: "cli".into() },
+            Body::Welcome {
+                version: 1,
+                capabilities: 1,
+                max_frame_bytes: 1 << 20,
+                max_message_bytes: 1 << 20,
+                heartbeat_ms: 5000,
+                name: "whispeerd".into(),
+            },
+            Body::Auth { key: Bytes::from_static(b"secret") },
+            Body::Ok,
+            Body::Subscribe {
+                sub: 7,
+                qos: Qos::AtLeastOnce,
+                filter: Filter::parse("a/+/#").unwrap(),
+            },
+            Body::Unsubscribe { sub: 7 },
+            Body::Publish {
+                qos: Qos::AtMostOnce,
+                envelope: envelope("a/b", b"hi", &[("k", b"v")]),
+            },
+            Body::PubAck,
+            Body::Deliver { sub: 9, envelope: envelope("x", b"", &[]) },
+            Body::Ack { sub: 1, id: MessageId(u128::MAX) },
+            Body::Nack { sub: 1, id: MessageId(3), requeue: true },
+            Body::Ping,
+            Body::Pong,
+            Body::Error { code: ErrorCode::FORBIDDEN, message: "no".into() },
+        ]
+    }
+
+    #[test]
+    fn every_body_round_trips() {
+        for (i, body) in all_bodies().into_iter().enumerate() {
+            let frame = Frame::new(i as u32, body);
+            assert_eq!(round_trip(&frame), frame);
+        }
+    }
+
+    #[test]
+    fn partial_input_waits_for_more() {
+        let mut full = BytesMut::new();
+        Frame::new(1, Body::Ping).encode(&mut full, usize::MAX).unwrap();
+        Frame::new(2, Body::Pong).encode(&mut full, usize::MAX).unwrap();
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        for byte in full {
+            buf.put_u8(byte);
+            while let Some(frame) = Frame::decode(&mut buf, &limits()).unwrap() {
+                out.push(frame);
+            }
+        }
+        assert_eq!(out, [Frame::new(1, Body::Ping), Frame::new(2, Body::Pong)]);
+    }
+
+    #[test]
+    fn oversize_prefix_is_refused_before_allocating() {
+        let mut buf = BytesMut::from(&[0xff, 0xff, 0xff, 0xff][..]);
+        let err = Frame::decode(&mut buf, &limits()).unwrap_err();
+        assert_eq!(
+            err,
+            DecodeError::FrameTooLarge { len: u32::MAX, max: limits().max_frame_bytes }
+        );
+        assert_eq!(err.code(), ErrorCode::TOO_LARGE);
+        assert!(buf.capacity() < 64, "nothing reserved for the claimed length");
+    }
+
+    #[test]
+    fn malformed_frames_are_typed_errors() {
+        let cases: Vec<(Vec<u8>, DecodeError)> = vec![
+            (vec![0, 0, 0, 1, 0x40], DecodeError::Truncated { frame_type: 0x40 }),
+            (vec![0, 0, 0, 5, 0x66, 0, 0, 0, 0], DecodeError::UnknownType(0x66)),
+            (
+                vec![0, 0, 0, 6, 0x40, 0, 0, 0, 0, 9],
+                DecodeError::TrailingBytes { frame_type: 0x40, extra: 1 },
+            ),
+            (vec![0, 0, 0, 7, 0x11, 0, 0, 0, 0, 0, 0], DecodeError::Truncated { frame_type: 0x11 }),
+            (vec![0, 0, 0, 10, 0x10, 0, 0, 0, 0, 0, 0, 0, 1, 9], DecodeError::InvalidQos(9)),
+        ];
+        for (bytes, expected) in cases {
+            let mut buf = BytesMut::from(&bytes[..]);
+            assert_eq!(Frame::decode(&mut buf, &limits()), Err(expected), "{bytes:?}");
+        }
+    }
+
+    #[test]
+    fn invalid_topic_and_text_are_refused() {
+        let mut buf = BytesMut::new();
+        let frame = Frame::new(
+            1,
+            Body::Subscribe { sub: 1, qos: Qos::AtMostOnce, filter: Filter::parse("a").unwrap() },
+        );
+        frame.encode(&mut buf, usize::MAX).unwrap();
+        // The filter "a" is the last byte: swap it for other one-byte filters.
+        let mut bad = buf.to_vec();
+        *bad.last_mut().unwrap() = b'#';
+        let mut ok = BytesMut::from(&bad[..]);
+        assert!(Frame::decode(&mut ok, &limits()).is_ok());
+        *bad.last_mut().unwrap() = 0xff;
+        let mut utf = BytesMut::from(&bad[..]);
+        assert_eq!(Frame::decode(&mut utf, &limits()), Err(DecodeError::InvalidUtf8));
+        *bad.last_mut().unwrap() = b'/';
+        let mut topic = BytesMut::from(&bad[..]);
+        assert!(matches!(Frame::decode(&mut topic, &limits()), Err(DecodeError::InvalidTopic(_))));
+    }
+
+    #[test]
+    fn encode_refuses_frames_over_the_peer_limit() {
+        let frame = Frame::new(
+            1,
+            Body::Publish { qos: Qos::AtMostOnce, envelope: envelope("t", &[0; 100], &[]) },
+        );
+        let mut buf = BytesMut::from(&b"keep"[..]);
+        assert!(matches!(
+            frame.encode(&mut buf, 64),
+            Err(EncodeError::FrameTooLarge { max: 64, .. })
+        ));
+        assert_eq!(&buf[..], b"keep");
+    }
+
+    proptest! {
+        #[test]
+        fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+            let mut buf = BytesMut::from(&bytes[..]);
+            while let Ok(Some(_)) = Frame::decode(&mut buf, &limits()) {}
+        }
+
+        #[test]
+        fn publish_round_trips(
+            id in any::<u128>(),
+            ts in any::<u64>(),
+            flags in any::<u16>(),
+            topic in "[a-z]{1,5}(/[a-z]{1,5}){0,3}",
+            payload in prop::collection::vec(any::<u8>(), 0..300),
+            header in prop::option::of(("[a-z]{1,8}", prop::collection::vec(any::<u8>(), 0..20))),
+            correlation in any::<u32>(),
+        ) {
+            let mut envelope = Envelope::new(MessageId(id), Topic::parse(&topic).unwrap(), ts, Flags(flags), Bytes::from(payload));
+            if let Some((name, value)) = header {
+                envelope.headers.insert(name, value);
+            }
+            let frame = Frame::new(correlation, Body::Publish { qos: Qos::AtLeastOnce, envelope });
+            prop_assert_eq!(round_trip(&frame), frame);
+        }
+    }
+}
