@@ -27,6 +27,9 @@ use crate::stats::{BrokerCounters, BrokerStats, bump};
 use crate::subscription::{self, SubscribeOptions, Subscriber, Subscription};
 use crate::typed::TypedTopic;
 
+/// Room above `max_message_bytes` for what sealing adds to a payload (key id, nonce, tag).
+pub(crate) const SEAL_OVERHEAD: usize = 64;
+
 /// Largest queue a subscription may ask for; queues allocate their capacity up front.
 pub const MAX_QUEUE_CAPACITY: usize = 1 << 20;
 
@@ -456,6 +459,36 @@ impl Broker {
     ) -> Result<PublishReceipt, PublishError> {
         let payload = || Ok((Flags::with_content(ContentType::Raw), payload.into()));
         self.inner.publish_payload(topic, TypeId::of::<RawBytes>(), "raw bytes", payload)
+    }
+
+    /// Publishes an envelope as it arrived from elsewhere, already encoded and sealed: the server
+    /// forwards clients' messages this way, without opening them. The topic must not be reserved,
+    /// the payload must fit `max_message_bytes` plus the seal's overhead, and plugins run as for
+    /// any publish. Type bindings do not apply.
+    ///
+    /// # Errors
+    /// See [`PublishError`].
+    pub fn publish_envelope(&self, mut envelope: Envelope) -> Result<PublishReceipt, PublishError> {
+        let shared = &*self.inner;
+        let limits = &shared.options.limits;
+        Topic::validate(envelope.topic.as_str(), limits)?;
+        if envelope.topic.is_reserved() {
+            return Err(PublishError::ReservedTopic(envelope.topic));
+        }
+        let max = limits.max_message_bytes + SEAL_OVERHEAD;
+        if envelope.payload.len() > max {
+            return Err(PublishError::TooLarge { len: envelope.payload.len(), max });
+        }
+        for plugin in shared.plugins.iter() {
+            if let Err(rejection) = plugin.on_publish(&mut envelope) {
+                bump(&shared.counters.rejected_by_plugins);
+                let plugin = plugin.name();
+                return Err(PublishError::Rejected { plugin, reason: rejection.reason });
+            }
+        }
+        bump(&shared.counters.published);
+        let (id, topic) = (envelope.id, envelope.topic.clone());
+        shared.route(id, topic.as_str(), |_| envelope)
     }
 
     /// Calls `callback` with every message matching the filter, decoded as `T`, in order, on a

@@ -41,6 +41,8 @@ mod plugin;
 mod queue;
 mod router;
 mod runtime;
+#[cfg(feature = "server")]
+pub mod server;
 mod stats;
 mod subscription;
 mod typed;

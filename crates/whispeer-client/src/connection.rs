@@ -1,0 +1,439 @@
+//! The connection task: one owner for the socket, fed by a closed set of commands.
+//!
+//! ```text
+//! Client handles ──Command──▶ Actor ──frames──▶ socket
+//!                                   ◀─frames── socket ──Deliver──▶ subscription channels
+//! ```
+//!
+//! Writes are batched: the actor drains every waiting command into one buffer before writing.
+//! Replies are matched to requests by correlation id. When the socket fails, pending requests
+//! fail with `Disconnected`; with reconnection on, the actor connects again with exponential
+//! backoff and re-subscribes every live subscription under its old id.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, sleep, sleep_until, timeout};
+use whispeer_proto::{Body, Envelope, ErrorCode, Filter, Frame, Limits, PROTOCOL_VERSION, Qos};
+
+use crate::{ClientError, ClientOptions};
+
+/// Bytes buffered for writing before the actor stops taking commands.
+const HIGH_WATER: usize = 256 * 1024;
+/// Commands taken per wake-up before writing.
+const BATCH: usize = 256;
+
+/// What a client handle asks of the connection task.
+pub(crate) enum Command {
+    Publish {
+        qos: Qos,
+        envelope: Envelope,
+        ack: Option<oneshot::Sender<Result<(), ClientError>>>,
+    },
+    Subscribe {
+        filter: Filter,
+        deliver: mpsc::Sender<Envelope>,
+        reply: oneshot::Sender<Result<u32, ClientError>>,
+    },
+    Unsubscribe {
+        sub: u32,
+    },
+    Flush {
+        reply: oneshot::Sender<Result<(), ClientError>>,
+    },
+    Close,
+}
+
+/// A request waiting for its reply.
+enum Pending {
+    Ack(oneshot::Sender<Result<(), ClientError>>),
+    Subscribed { sub: u32, reply: oneshot::Sender<Result<u32, ClientError>> },
+    Resubscribed { sub: u32 },
+    Flush(oneshot::Sender<Result<(), ClientError>>),
+}
+
+/// A connection after the handshake.
+pub(crate) struct Established {
+    stream: TcpStream,
+    leftover: BytesMut,
+    heartbeat: Duration,
+    max_frame_bytes: usize,
+    pub(crate) max_message_bytes: usize,
+}
+
+/// Connects, sends `Hello` (and `Auth`), and waits for `Welcome` (and the auth reply).
+pub(crate) async fn handshake(options: &ClientOptions) -> Result<Established, ClientError> {
+    let limit = options.connect_timeout;
+    timeout(limit, handshake_inner(options)).await.map_err(|_| ClientError::Timeout(limit))?
+}
+
+async fn handshake_inner(options: &ClientOptions) -> Result<Established, ClientError> {
+    let connect_error = |source| ClientError::Connect { addr: options.addr.clone(), source };
+    let mut stream = TcpStream::connect(&options.addr).await.map_err(connect_error)?;
+    let _ = stream.set_nodelay(true);
+    let mut out = BytesMut::new();
+    let hello =
+        Body::Hello { version: PROTOCOL_VERSION, capabilities: 0, name: options.name.clone() };
+    encode(&Frame::new(1, hello), &mut out, usize::MAX)?;
+    if let Some(key) = &options.api_key {
+        encode(
+            &Frame::new(2, Body::Auth { key: key.clone().into_bytes().into() }),
+            &mut out,
+            usize::MAX,
+        )?;
+    }
+    stream.write_all(&out).await.map_err(connect_error)?;
+
+    let mut buf = BytesMut::new();
+    let mut welcome = None;
+    let mut authed = options.api_key.is_none();
+    while welcome.is_none() || !authed {
+        let frame = read_frame(&mut stream, &mut buf, &options.limits).await?;
+        match (frame.correlation, frame.body) {
+            (
+                1,
+                Body::Welcome {
+                    version,
+                    capabilities,
+                    max_frame_bytes,
+                    max_message_bytes,
+                    heartbeat_ms,
+                    ..
+                },
+            ) => {
+                if version != PROTOCOL_VERSION {
+                    return Err(ClientError::Protocol(format!("server speaks version {version}")));
+                }
+                if capabilities & 1 != 0 && options.api_key.is_none() {
+                    let message = "the server requires an API key".to_string();
+                    return Err(ClientError::Server { code: ErrorCode::UNAUTHENTICATED, message });
+                }
+                welcome =
+                    Some((max_frame_bytes as usize, max_message_bytes as usize, heartbeat_ms));
+            }
+            (2, Body::Ok) => authed = true,
+            (_, Body::Error { code, message }) => {
+                return Err(ClientError::Server { code, message });
+            }
+            (_, Body::Ping) => {}
+            (_, other) => {
+                return Err(ClientError::Protocol(format!(
+                    "unexpected frame during handshake: {other:?}"
+                )));
+            }
+        }
+    }
+    let (max_frame_bytes, max_message_bytes, heartbeat_ms) = welcome.unwrap_or((0, 0, 0));
+    Ok(Established {
+        stream,
+        leftover: buf,
+        heartbeat: Duration::from_millis(u64::from(heartbeat_ms).max(100)),
+        max_frame_bytes,
+        max_message_bytes,
+    })
+}
+
+async fn read_frame(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    limits: &Limits,
+) -> Result<Frame, ClientError> {
+    loop {
+        match Frame::decode(buf, limits) {
+            Ok(Some(frame)) => return Ok(frame),
+            Ok(None) => {}
+            Err(err) => return Err(ClientError::Protocol(err.to_string())),
+        }
+        match stream.read_buf(buf).await {
+            Ok(0) => return Err(ClientError::Disconnected),
+            Ok(_) => {}
+            Err(_) => return Err(ClientError::Disconnected),
+        }
+    }
+}
+
+fn encode(frame: &Frame, out: &mut BytesMut, max: usize) -> Result<(), ClientError> {
+    frame.encode(out, max).map_err(|err| ClientError::Protocol(err.to_string()))
+}
+
+/// Why serving one connection stopped.
+enum Ended {
+    /// Every handle is gone, or `close` was called.
+    Closed,
+    /// The connection failed.
+    Lost(ClientError),
+}
+
+pub(crate) struct Actor {
+    options: ClientOptions,
+    commands: mpsc::Receiver<Command>,
+    subscriptions: HashMap<u32, (Filter, mpsc::Sender<Envelope>)>,
+    pending: HashMap<u32, Pending>,
+    next_sub: u32,
+    next_correlation: u32,
+}
+
+impl Actor {
+    pub(crate) fn new(options: ClientOptions, commands: mpsc::Receiver<Command>) -> Self {
+        Self {
+            options,
+            commands,
+            subscriptions: HashMap::new(),
+            pending: HashMap::new(),
+            next_sub: 1,
+            next_correlation: 100,
+        }
+    }
+
+    fn correlation(&mut self) -> u32 {
+        self.next_correlation = self.next_correlation.wrapping_add(1).max(100);
+        self.next_correlation
+    }
+
+    pub(crate) async fn run(mut self, first: Established) {
+        let mut connection = first;
+        loop {
+            let ended = self.serve(connection).await;
+            for (_, pending) in self.pending.drain() {
+                fail(pending, ClientError::Disconnected);
+            }
+            match ended {
+                Ended::Closed => return,
+                Ended::Lost(err) if !self.options.reconnect => {
+                    tracing::warn!(%err, "connection lost");
+                    return;
+                }
+                Ended::Lost(err) => tracing::warn!(%err, "connection lost; reconnecting"),
+            }
+            match self.reconnect().await {
+                Some(established) => connection = established,
+                None => return,
+            }
+        }
+    }
+
+    /// Tries to connect until it works or every handle is gone.
+    async fn reconnect(&mut self) -> Option<Established> {
+        let (mut delay, max) = self.options.backoff;
+        loop {
+            if self.commands.is_closed() {
+                return None;
+            }
+            // Up to a quarter of jitter, so many clients do not reconnect in lockstep.
+            let jitter = delay.mul_f64(f64::from(getrandom::u32().unwrap_or(0) % 256) / 1024.0);
+            sleep(delay + jitter).await;
+            match handshake(&self.options).await {
+                Ok(established) => {
+                    tracing::info!(addr = %self.options.addr, "reconnected");
+                    return Some(established);
+                }
+                Err(err) => tracing::debug!(%err, "reconnect failed"),
+            }
+            delay = (delay * 2).min(max);
+        }
+    }
+
+    async fn serve(&mut self, established: Established) -> Ended {
+        let Established { stream, leftover: mut inbound, heartbeat, max_frame_bytes, .. } =
+            established;
+        let (mut reader, mut writer) = stream.into_split();
+        let mut out = BytesMut::with_capacity(64 * 1024);
+        let limits = self.options.limits.clone();
+        let subs: Vec<(u32, Filter)> =
+            self.subscriptions.iter().map(|(s, (f, _))| (*s, f.clone())).collect();
+        for (sub, filter) in subs {
+            let correlation = self.correlation();
+            self.pending.insert(correlation, Pending::Resubscribed { sub });
+            let frame =
+                Frame::new(correlation, Body::Subscribe { sub, qos: Qos::AtMostOnce, filter });
+            if let Err(err) = encode(&frame, &mut out, max_frame_bytes) {
+                return Ended::Lost(err);
+            }
+        }
+        // The server pings every heartbeat: three silent periods mean the connection is dead.
+        let silence = heartbeat * 3;
+        let mut deadline = Instant::now() + silence;
+        loop {
+            while let Some(frame) = match Frame::decode(&mut inbound, &limits) {
+                Ok(frame) => frame,
+                Err(err) => return Ended::Lost(ClientError::Protocol(err.to_string())),
+            } {
+                if let Err(err) = self.dispatch(frame, &mut out, max_frame_bytes) {
+                    return Ended::Lost(err);
+                }
+            }
+            tokio::select! {
+                read = reader.read_buf(&mut inbound) => match read {
+                    Ok(0) | Err(_) => return Ended::Lost(ClientError::Disconnected),
+                    Ok(_) => deadline = Instant::now() + silence,
+                },
+                written = writer.write_buf(&mut out), if !out.is_empty() => {
+                    if matches!(written, Ok(0) | Err(_)) {
+                        return Ended::Lost(ClientError::Disconnected);
+                    }
+                }
+                command = self.commands.recv(), if out.len() < HIGH_WATER => {
+                    let Some(command) = command else { return self.finish(writer, out).await };
+                    if self.command(command, &mut out, max_frame_bytes) {
+                        return self.finish(writer, out).await;
+                    }
+                    for _ in 0..BATCH {
+                        if out.len() >= HIGH_WATER {
+                            break;
+                        }
+                        match self.commands.try_recv() {
+                            Ok(command) => {
+                                if self.command(command, &mut out, max_frame_bytes) {
+                                    return self.finish(writer, out).await;
+                                }
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                }
+                () = sleep_until(deadline) => {
+                    return Ended::Lost(ClientError::Timeout(silence));
+                }
+            }
+        }
+    }
+
+    /// Writes what is buffered, then closes.
+    async fn finish(
+        &mut self,
+        mut writer: tokio::net::tcp::OwnedWriteHalf,
+        out: BytesMut,
+    ) -> Ended {
+        let _ = writer.write_all(&out).await;
+        let _ = writer.shutdown().await;
+        self.subscriptions.clear();
+        Ended::Closed
+    }
+
+    /// Encodes a command; returns whether it asks to close.
+    fn command(&mut self, command: Command, out: &mut BytesMut, max: usize) -> bool {
+        match command {
+            Command::Publish { qos, envelope, ack } => {
+                let correlation = self.correlation();
+                match encode(&Frame::new(correlation, Body::Publish { qos, envelope }), out, max) {
+                    Ok(()) => {
+                        if let Some(ack) = ack {
+                            self.pending.insert(correlation, Pending::Ack(ack));
+                        }
+                    }
+                    Err(err) => {
+                        tracing::warn!(%err, "publish not sent");
+                        if let Some(ack) = ack {
+                            let _ = ack.send(Err(err));
+                        }
+                    }
+                }
+            }
+            Command::Subscribe { filter, deliver, reply } => {
+                let sub = self.next_sub;
+                self.next_sub = self.next_sub.wrapping_add(1);
+                let correlation = self.correlation();
+                let frame = Frame::new(
+                    correlation,
+                    Body::Subscribe { sub, qos: Qos::AtMostOnce, filter: filter.clone() },
+                );
+                match encode(&frame, out, max) {
+                    Ok(()) => {
+                        self.subscriptions.insert(sub, (filter, deliver));
+                        self.pending.insert(correlation, Pending::Subscribed { sub, reply });
+                    }
+                    Err(err) => {
+                        let _ = reply.send(Err(err));
+                    }
+                }
+            }
+            Command::Unsubscribe { sub } => self.unsubscribe(sub, out, max),
+            Command::Flush { reply } => {
+                let correlation = self.correlation();
+                match encode(&Frame::new(correlation, Body::Ping), out, max) {
+                    Ok(()) => {
+                        self.pending.insert(correlation, Pending::Flush(reply));
+                    }
+                    Err(err) => {
+                        let _ = reply.send(Err(err));
+                    }
+                }
+            }
+            Command::Close => return true,
+        }
+        false
+    }
+
+    fn unsubscribe(&mut self, sub: u32, out: &mut BytesMut, max: usize) {
+        if self.subscriptions.remove(&sub).is_some() {
+            let correlation = self.correlation();
+            let _ = encode(&Frame::new(correlation, Body::Unsubscribe { sub }), out, max);
+        }
+    }
+
+    /// Acts on one frame from the server.
+    fn dispatch(
+        &mut self,
+        frame: Frame,
+        out: &mut BytesMut,
+        max: usize,
+    ) -> Result<(), ClientError> {
+        let correlation = frame.correlation;
+        match frame.body {
+            Body::Deliver { sub, envelope } => {
+                let Some((_, deliver)) = self.subscriptions.get(&sub) else { return Ok(()) };
+                match deliver.try_send(envelope) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(envelope)) => {
+                        tracing::warn!(sub, id = %envelope.id, "subscription buffer full; message dropped");
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => self.unsubscribe(sub, out, max),
+                }
+            }
+            Body::Ping => encode(&Frame::new(correlation, Body::Pong), out, max)?,
+            Body::Ok | Body::PubAck | Body::Pong => match self.pending.remove(&correlation) {
+                Some(Pending::Ack(ack)) | Some(Pending::Flush(ack)) => {
+                    let _ = ack.send(Ok(()));
+                }
+                Some(Pending::Subscribed { sub, reply }) => {
+                    let _ = reply.send(Ok(sub));
+                }
+                Some(Pending::Resubscribed { .. }) | None => {}
+            },
+            Body::Error { code, message } => match self.pending.remove(&correlation) {
+                Some(Pending::Subscribed { sub, reply }) => {
+                    self.subscriptions.remove(&sub);
+                    let _ = reply.send(Err(ClientError::Server { code, message }));
+                }
+                Some(Pending::Resubscribed { sub }) => {
+                    tracing::warn!(sub, %code, %message, "re-subscription refused");
+                    self.subscriptions.remove(&sub);
+                }
+                Some(pending) => fail(pending, ClientError::Server { code, message }),
+                None => tracing::warn!(%code, %message, "server reported an error"),
+            },
+            other => {
+                return Err(ClientError::Protocol(format!(
+                    "unexpected frame from the server: {other:?}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn fail(pending: Pending, err: ClientError) {
+    match pending {
+        Pending::Ack(reply) | Pending::Flush(reply) => {
+            let _ = reply.send(Err(err));
+        }
+        Pending::Subscribed { reply, .. } => {
+            let _ = reply.send(Err(err));
+        }
+        Pending::Resubscribed { .. } => {}
+    }
+}

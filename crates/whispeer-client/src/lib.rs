@@ -1,0 +1,393 @@
+//! whispeer-client — the Rust SDK for whispeer servers.
+//!
+//! Connect with [`Client::connect`] (or [`Client::connect_with`] for keys, engines and
+//! reconnection settings), then publish typed values and subscribe with the same shapes as the
+//! embedded broker. Payloads are sealed in this process and opened here: the server forwards
+//! ciphertext and never holds a key.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), whispeer_client::ClientError> {
+//! use whispeer_client::{Client, ClientOptions};
+//! let client = Client::connect_with(ClientOptions::new("127.0.0.1:7450").api_key("secret")).await?;
+//! let mut temps = client.subscribe::<f32>("sensor/+/temperature").await?;
+//! client.publish("sensor/kitchen/temperature", &21.5f32).await?;
+//! assert_eq!(temps.recv().await, Some(21.5));
+//! # Ok(()) }
+//! ```
+//!
+//! A connection task, spawned on the caller's tokio runtime, owns the socket: it batches
+//! outgoing frames, hands deliveries to subscriptions, and on failure reconnects with
+//! exponential backoff and re-subscribes. Requests in flight when a connection drops fail with
+//! [`ClientError::Disconnected`]; QoS 0 messages published while disconnected wait in the
+//! (bounded) command queue.
+
+mod connection;
+mod subscription;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::{mpsc, oneshot};
+use whispeer_engines::{
+    Codec, CodecError, Compression, Encryption, Engines, OpenError, SealError, Sealing, TopicRule,
+};
+use whispeer_proto::{
+    ContentType, Envelope, ErrorCode, Filter, Flags, Headers, Limits, MessageId, Qos, Topic,
+    TopicError,
+};
+
+pub use subscription::{ClientSubscription, Delivery, SubscriptionStats};
+pub use whispeer_engines as engines;
+pub use whispeer_proto as proto;
+
+use connection::Command;
+
+/// Why a client operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The TCP connection could not be made.
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        /// The address tried.
+        addr: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The server did not answer in time.
+    #[error("no answer from the server within {0:?}")]
+    Timeout(Duration),
+    /// The server refused a request or closed the connection with an error.
+    #[error("server error {code}: {message}")]
+    Server {
+        /// The server's code.
+        code: ErrorCode,
+        /// The server's message.
+        message: String,
+    },
+    /// The server speaks something unexpected (not whispeer, or a broken peer).
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The connection dropped before the request was answered; it may or may not have taken
+    /// effect.
+    #[error("connection lost before the server answered")]
+    Disconnected,
+    /// The client has been closed.
+    #[error("client closed")]
+    Closed,
+    /// The topic or filter is invalid.
+    #[error("invalid topic or filter: {0}")]
+    InvalidTopic(#[from] TopicError),
+    /// The value could not be encoded.
+    #[error(transparent)]
+    Encode(#[from] CodecError),
+    /// The payload could not be sealed.
+    #[error(transparent)]
+    Seal(#[from] SealError),
+    /// The message exceeds the server's limit.
+    #[error("message of {len} bytes exceeds the server's limit of {max}")]
+    TooLarge {
+        /// Encoded length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+}
+
+/// Why a delivered message could not be turned into a value.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReceiveError {
+    /// The payload did not open: wrong or unknown key, tampering, corruption.
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    /// The plaintext is not a valid encoding of the requested type.
+    #[error(transparent)]
+    Decode(#[from] CodecError),
+}
+
+/// How to connect. Every field but the address has a default.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct ClientOptions {
+    /// `host:port` of the server.
+    pub addr: String,
+    /// API key, if the server requires one.
+    pub api_key: Option<String>,
+    /// Name sent in `Hello`, for the server's logs.
+    pub name: String,
+    /// Codec for typed publishes. Default: postcard.
+    pub codec: Codec,
+    /// Compression and encryption applied here, before anything leaves the process.
+    pub engines: Engines,
+    /// Reconnect (and re-subscribe) after the connection drops. Default: yes.
+    pub reconnect: bool,
+    /// Limit for connecting and for the handshake. Default: 5 s.
+    pub connect_timeout: Duration,
+    /// First and longest wait between reconnection attempts. Default: 100 ms and 5 s.
+    pub backoff: (Duration, Duration),
+    /// Messages buffered per subscription; further ones are dropped and counted. Default: 1 024.
+    pub subscription_capacity: usize,
+    /// Commands (publishes, subscribes) queued for the connection task. Default: 4 096.
+    pub command_queue: usize,
+    /// Bounds on what this client accepts from the server.
+    pub limits: Limits,
+}
+
+impl ClientOptions {
+    /// Options for the server at `addr` with every default.
+    pub fn new(addr: impl Into<String>) -> Self {
+        Self {
+            addr: addr.into(),
+            api_key: None,
+            name: format!("whispeer-client {}", env!("CARGO_PKG_VERSION")),
+            codec: Codec::default(),
+            engines: Engines::new(),
+            reconnect: true,
+            connect_timeout: Duration::from_secs(5),
+            backoff: (Duration::from_millis(100), Duration::from_secs(5)),
+            subscription_capacity: 1024,
+            command_queue: 4096,
+            limits: Limits::default(),
+        }
+    }
+
+    /// Sets the API key.
+    pub fn api_key(mut self, key: impl Into<String>) -> Self {
+        self.api_key = Some(key.into());
+        self
+    }
+
+    /// Compresses payloads before sending.
+    pub fn compression(mut self, compression: Compression) -> Self {
+        self.engines = std::mem::take(&mut self.engines).with_compression(compression);
+        self
+    }
+
+    /// Encrypts payloads before sending and opens deliveries with these keys.
+    pub fn encryption(mut self, encryption: Encryption) -> Self {
+        self.engines = std::mem::take(&mut self.engines).with_encryption(encryption);
+        self
+    }
+
+    /// Adds a per-topic rule for the engines.
+    pub fn rule(mut self, rule: TopicRule) -> Self {
+        self.engines = std::mem::take(&mut self.engines).with_rule(rule);
+        self
+    }
+
+    /// Turns reconnection on or off.
+    pub fn reconnect(mut self, reconnect: bool) -> Self {
+        self.reconnect = reconnect;
+        self
+    }
+}
+
+/// What every handle shares.
+#[derive(Debug)]
+struct Shared {
+    codec: Codec,
+    engines: Arc<Engines>,
+    max_message_bytes: usize,
+    id_prefix: u64,
+    next_id: AtomicU64,
+    subscription_capacity: usize,
+}
+
+/// A connection to a whispeer server. Cheap to clone; the connection closes when every clone
+/// and every subscription is gone (or on [`Client::close`]).
+#[derive(Clone, Debug)]
+pub struct Client {
+    commands: mpsc::Sender<Command>,
+    shared: Arc<Shared>,
+}
+
+impl Client {
+    /// Connects with default options.
+    ///
+    /// # Errors
+    /// [`ClientError::Connect`], [`ClientError::Timeout`], or the server's refusal.
+    pub async fn connect(addr: impl Into<String>) -> Result<Self, ClientError> {
+        Self::connect_with(ClientOptions::new(addr)).await
+    }
+
+    /// Connects, says hello, authenticates if a key is set, and starts the connection task.
+    ///
+    /// # Errors
+    /// [`ClientError::Connect`], [`ClientError::Timeout`], or the server's refusal (for example
+    /// `FORBIDDEN` for a wrong key).
+    pub async fn connect_with(mut options: ClientOptions) -> Result<Self, ClientError> {
+        let established = connection::handshake(&options).await?;
+        let max_message_bytes = established.max_message_bytes;
+        let engines = std::mem::take(&mut options.engines)
+            .with_max_message_bytes(options.limits.max_message_bytes);
+        let mut prefix = [0u8; 8];
+        // Only uniqueness across publishers depends on this; see the broker's identical choice.
+        let _ = getrandom::fill(&mut prefix);
+        let shared = Arc::new(Shared {
+            codec: options.codec,
+            engines: Arc::new(engines),
+            max_message_bytes,
+            id_prefix: u64::from_le_bytes(prefix),
+            next_id: AtomicU64::new(1),
+            subscription_capacity: options.subscription_capacity,
+        });
+        let (commands, rx) = mpsc::channel(options.command_queue);
+        tokio::spawn(connection::Actor::new(options, rx).run(established));
+        Ok(Self { commands, shared })
+    }
+
+    fn next_id(&self) -> MessageId {
+        let n = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        MessageId(u128::from(self.shared.id_prefix) << 64 | u128::from(n))
+    }
+
+    fn envelope(
+        &self,
+        topic: &str,
+        content: ContentType,
+        plaintext: Bytes,
+    ) -> Result<Envelope, ClientError> {
+        let topic = Topic::parse(topic)?;
+        if plaintext.len() > self.shared.max_message_bytes {
+            return Err(ClientError::TooLarge {
+                len: plaintext.len(),
+                max: self.shared.max_message_bytes,
+            });
+        }
+        let id = self.next_id();
+        let timestamp_ms =
+            SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let headers = Headers::new();
+        let meta = Sealing { topic: topic.as_str(), id, timestamp_ms, headers: &headers };
+        let (flags, payload) =
+            self.shared.engines.seal(&meta, Flags::with_content(content), plaintext)?;
+        Ok(Envelope::new(id, topic, timestamp_ms, flags, payload))
+    }
+
+    async fn send(&self, command: Command) -> Result<(), ClientError> {
+        self.commands.send(command).await.map_err(|_| ClientError::Closed)
+    }
+
+    /// Publishes `value` (QoS 0): encoded, sealed, and queued for sending; returns its id. Many
+    /// publishes are written in one batch. Use [`Client::flush`] to wait until the server has
+    /// them, or [`Client::publish_acked`] for an acknowledgement.
+    ///
+    /// # Errors
+    /// An invalid topic, a value the codec refuses, a sealing failure, a message over the
+    /// server's limit, or a closed client.
+    pub async fn publish<T: Serialize + ?Sized>(
+        &self,
+        topic: &str,
+        value: &T,
+    ) -> Result<MessageId, ClientError> {
+        let codec = self.shared.codec;
+        let envelope = self.envelope(topic, codec.content_type(), codec.encode(value)?)?;
+        let id = envelope.id;
+        self.send(Command::Publish { qos: Qos::AtMostOnce, envelope, ack: None }).await?;
+        Ok(id)
+    }
+
+    /// Publishes raw bytes (QoS 0), for subscribers that read [`Delivery::plaintext`].
+    ///
+    /// # Errors
+    /// As [`Client::publish`].
+    pub async fn publish_bytes(
+        &self,
+        topic: &str,
+        payload: impl Into<Bytes>,
+    ) -> Result<MessageId, ClientError> {
+        let envelope = self.envelope(topic, ContentType::Raw, payload.into())?;
+        let id = envelope.id;
+        self.send(Command::Publish { qos: Qos::AtMostOnce, envelope, ack: None }).await?;
+        Ok(id)
+    }
+
+    /// Publishes `value` with QoS 1 and waits for the server's acknowledgement.
+    ///
+    /// # Errors
+    /// As [`Client::publish`], plus the server's refusal or [`ClientError::Disconnected`].
+    pub async fn publish_acked<T: Serialize + ?Sized>(
+        &self,
+        topic: &str,
+        value: &T,
+    ) -> Result<MessageId, ClientError> {
+        let codec = self.shared.codec;
+        let envelope = self.envelope(topic, codec.content_type(), codec.encode(value)?)?;
+        let id = envelope.id;
+        let (ack, acked) = oneshot::channel();
+        self.send(Command::Publish { qos: Qos::AtLeastOnce, envelope, ack: Some(ack) }).await?;
+        acked.await.map_err(|_| ClientError::Closed)??;
+        Ok(id)
+    }
+
+    async fn open_subscription(
+        &self,
+        filter: &str,
+    ) -> Result<(u32, mpsc::Receiver<Envelope>), ClientError> {
+        let filter = Filter::parse(filter)?;
+        let (deliver, deliveries) = mpsc::channel(self.shared.subscription_capacity);
+        let (reply, replied) = oneshot::channel();
+        self.send(Command::Subscribe { filter, deliver, reply }).await?;
+        let sub = replied.await.map_err(|_| ClientError::Closed)??;
+        Ok((sub, deliveries))
+    }
+
+    /// Subscribes to `filter`, decoding messages as `T`; messages that do not open or decode are
+    /// skipped and counted. Returns once the server has accepted the subscription.
+    ///
+    /// # Errors
+    /// An invalid filter, the server's refusal, or a lost connection.
+    pub async fn subscribe<T: DeserializeOwned>(
+        &self,
+        filter: &str,
+    ) -> Result<ClientSubscription<T>, ClientError> {
+        let (sub, deliveries) = self.open_subscription(filter).await?;
+        Ok(ClientSubscription::new(
+            sub,
+            deliveries,
+            self.commands.clone(),
+            Arc::clone(&self.shared.engines),
+            |d| d.decode(),
+        ))
+    }
+
+    /// Subscribes to `filter`, receiving [`Delivery`]s (topic, id, headers, payload).
+    ///
+    /// # Errors
+    /// As [`Client::subscribe`].
+    pub async fn messages(
+        &self,
+        filter: &str,
+    ) -> Result<ClientSubscription<Delivery>, ClientError> {
+        let (sub, deliveries) = self.open_subscription(filter).await?;
+        Ok(ClientSubscription::new(
+            sub,
+            deliveries,
+            self.commands.clone(),
+            Arc::clone(&self.shared.engines),
+            |d| Ok(d.clone()),
+        ))
+    }
+
+    /// Waits until everything sent before this call has reached the server and been handled.
+    ///
+    /// # Errors
+    /// [`ClientError::Disconnected`] if the connection drops meanwhile, or a closed client.
+    pub async fn flush(&self) -> Result<(), ClientError> {
+        let (reply, replied) = oneshot::channel();
+        self.send(Command::Flush { reply }).await?;
+        replied.await.map_err(|_| ClientError::Closed)?
+    }
+
+    /// Flushes, then closes the connection for every clone of this client.
+    pub async fn close(self) {
+        let _ = self.flush().await;
+        let _ = self.commands.send(Command::Close).await;
+    }
+}

@@ -1,0 +1,354 @@
+//! The client SDK against a real server on a loopback socket.
+
+#![expect(clippy::unwrap_used, reason = "test helpers fail loudly")]
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{BufMut, BytesMut};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
+use whispeer::server::{ApiKeys, ServerConfig, serve};
+use whispeer::{Broker, BrokerOptions, Plugin, Rejection};
+use whispeer_client::engines::{Encryption, Keyring};
+use whispeer_client::proto::{Body, Envelope, ErrorCode, Frame, Limits};
+use whispeer_client::{Client, ClientError, ClientOptions};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Reading {
+    sensor: String,
+    celsius: f32,
+}
+
+fn reading(n: u32) -> Reading {
+    Reading { sensor: format!("s{n}"), celsius: n as f32 / 2.0 }
+}
+
+async fn soon<F: Future>(f: F) -> F::Output {
+    timeout(Duration::from_secs(10), f).await.expect("timed out")
+}
+
+/// Records every envelope the server routes.
+#[derive(Clone, Default)]
+struct Spy(Arc<Mutex<Vec<Envelope>>>);
+
+impl Plugin for Spy {
+    fn name(&self) -> &'static str {
+        "spy"
+    }
+
+    fn on_publish(&self, envelope: &mut Envelope) -> Result<(), Rejection> {
+        self.0.lock().expect("spy lock").push(envelope.clone());
+        Ok(())
+    }
+}
+
+struct TestServer {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl TestServer {
+    async fn start(config: ServerConfig, spy: Option<Spy>) -> Self {
+        Self::start_on("127.0.0.1:0", config, spy).await
+    }
+
+    async fn start_on(addr: &str, config: ServerConfig, spy: Option<Spy>) -> Self {
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut builder = Broker::builder(BrokerOptions::default());
+        if let Some(spy) = spy {
+            builder = builder.with(spy);
+        }
+        let broker = builder.build();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            serve(listener, broker, config, async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+        });
+        Self { addr, stop: Some(stop), task }
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().map(|s| s.send(()));
+        soon(&mut self.task).await.unwrap();
+    }
+
+    fn options(&self) -> ClientOptions {
+        ClientOptions::new(self.addr.to_string())
+    }
+}
+
+fn fast_config() -> ServerConfig {
+    let mut config = ServerConfig::default();
+    config.heartbeat = Duration::from_millis(200);
+    config.shutdown_grace = Duration::from_secs(2);
+    config
+}
+
+#[tokio::test]
+async fn typed_publish_reaches_wildcard_subscriber_on_another_connection() {
+    let server = TestServer::start(fast_config(), None).await;
+    let subscriber = Client::connect(server.addr.to_string()).await.unwrap();
+    let publisher = Client::connect(server.addr.to_string()).await.unwrap();
+    let mut temps = subscriber.subscribe::<Reading>("sensor/+/temperature").await.unwrap();
+    for n in 0..100 {
+        publisher.publish(&format!("sensor/k{}/temperature", n % 3), &reading(n)).await.unwrap();
+    }
+    publisher.publish("sensor/k1/humidity", &reading(999)).await.unwrap();
+    publisher.flush().await.unwrap();
+    for n in 0..100 {
+        assert_eq!(soon(temps.recv()).await, Some(reading(n)), "in publish order");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn server_sees_only_ciphertext_and_strangers_cannot_open() {
+    let spy = Spy::default();
+    let server = TestServer::start(fast_config(), Some(spy.clone())).await;
+    let keys = Keyring::generate().unwrap();
+    let sealed = || server.options().encryption(Encryption::new(keys.clone()));
+    let alice = Client::connect_with(sealed()).await.unwrap();
+    let bob = Client::connect_with(sealed()).await.unwrap();
+    let eve = Client::connect(server.addr.to_string()).await.unwrap();
+    let mut bob_sub = bob.subscribe::<String>("dm/bob").await.unwrap();
+    let mut eve_sub = eve.subscribe::<String>("dm/bob").await.unwrap();
+    let mut eve_raw = eve.messages("dm/bob").await.unwrap();
+
+    alice.publish_acked("dm/bob", &"the password is swordfish".to_string()).await.unwrap();
+    assert_eq!(soon(bob_sub.recv()).await.as_deref(), Some("the password is swordfish"));
+
+    let seen = spy.0.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1);
+    assert!(!seen[0].payload.windows(9).any(|w| w == b"swordfish"), "the server saw plaintext");
+    let raw = soon(eve_raw.recv()).await.unwrap();
+    assert_eq!(raw.payload(), &seen[0].payload, "forwarded unopened");
+    assert!(raw.plaintext().is_err());
+    // Eve's typed subscription skips what she cannot open.
+    alice.publish("dm/bob", &"second".to_string()).await.unwrap();
+    bob.flush().await.unwrap();
+    assert_eq!(soon(bob_sub.recv()).await.as_deref(), Some("second"));
+    assert!(timeout(Duration::from_millis(200), eve_sub.recv()).await.is_err());
+    assert_eq!(eve_sub.stats().open_errors, 2);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn api_keys_gate_the_server() {
+    let mut config = fast_config();
+    config.api_keys = ApiKeys::parse(&["right-key"]).unwrap();
+    let server = TestServer::start(config, None).await;
+
+    let err = Client::connect(server.addr.to_string()).await.unwrap_err();
+    assert!(matches!(err, ClientError::Server { code: ErrorCode::UNAUTHENTICATED, .. }), "{err:?}");
+    let err = Client::connect_with(server.options().api_key("wrong")).await.unwrap_err();
+    assert!(matches!(err, ClientError::Server { code: ErrorCode::FORBIDDEN, .. }), "{err:?}");
+
+    let client = Client::connect_with(server.options().api_key("right-key")).await.unwrap();
+    let mut sub = client.subscribe::<u32>("ok").await.unwrap();
+    client.publish_acked("ok", &7u32).await.unwrap();
+    assert_eq!(soon(sub.recv()).await, Some(7));
+
+    // A raw connection that skips AUTH gets a clear error, not service.
+    let mut raw = RawClient::connect(server.addr).await;
+    raw.hello().await;
+    raw.send(Frame::new(9, Body::Unsubscribe { sub: 1 })).await;
+    let reply = raw.next_frame().await.unwrap();
+    assert_eq!(reply.correlation, 9);
+    assert!(
+        matches!(reply.body, Body::Error { code: ErrorCode::UNAUTHENTICATED, .. }),
+        "{reply:?}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn refused_publishes_and_subscriptions_report_the_server_error() {
+    let server = TestServer::start(fast_config(), None).await;
+    let client = Client::connect(server.addr.to_string()).await.unwrap();
+    let err = client.publish_acked("$sys/forged", &1u8).await.unwrap_err();
+    assert!(matches!(err, ClientError::Server { code: ErrorCode::INVALID_TOPIC, .. }), "{err:?}");
+    assert!(matches!(client.subscribe::<u8>("a/#/b").await, Err(ClientError::InvalidTopic(_))));
+    assert!(matches!(client.publish("a/+", &1u8).await, Err(ClientError::InvalidTopic(_))));
+    // The connection is still good.
+    let mut sub = client.subscribe::<u8>("fine").await.unwrap();
+    client.publish("fine", &1u8).await.unwrap();
+    assert_eq!(soon(sub.recv()).await, Some(1));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn client_reconnects_and_resubscribes_after_a_server_restart() {
+    let server = TestServer::start(fast_config(), None).await;
+    let addr = server.addr;
+    let mut options = server.options();
+    options.backoff = (Duration::from_millis(20), Duration::from_millis(200));
+    let client = Client::connect_with(options).await.unwrap();
+    let mut sub = client.subscribe::<u32>("events/#").await.unwrap();
+    client.publish("events/a", &1u32).await.unwrap();
+    assert_eq!(soon(sub.recv()).await, Some(1));
+
+    server.stop().await;
+    let server = TestServer::start_on(&addr.to_string(), fast_config(), None).await;
+    let publisher = Client::connect(addr.to_string()).await.unwrap();
+    // Publish until the re-subscription is in place on the new server.
+    let got = soon(async {
+        let mut n = 2u32;
+        loop {
+            publisher.publish("events/b", &n).await.unwrap();
+            if let Ok(Some(v)) = timeout(Duration::from_millis(50), sub.recv()).await {
+                return v;
+            }
+            n += 1;
+        }
+    })
+    .await;
+    assert!(got >= 2);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_tells_clients_and_ends_their_subscriptions() {
+    let server = TestServer::start(fast_config(), None).await;
+    let client = Client::connect_with(server.options().reconnect(false)).await.unwrap();
+    let mut sub = client.subscribe::<u8>("x").await.unwrap();
+    let mut raw = RawClient::connect(server.addr).await;
+    raw.hello().await;
+    server.stop().await;
+    assert_eq!(soon(sub.recv()).await, None);
+    let last = soon(raw.next_frame()).await.unwrap();
+    assert!(matches!(last.body, Body::Error { code: ErrorCode::SHUTTING_DOWN, .. }), "{last:?}");
+}
+
+/// A hand-driven client, for the misbehaviours the SDK will not commit.
+struct RawClient {
+    stream: TcpStream,
+    buf: BytesMut,
+}
+
+impl RawClient {
+    async fn connect(addr: SocketAddr) -> Self {
+        Self { stream: TcpStream::connect(addr).await.unwrap(), buf: BytesMut::new() }
+    }
+
+    async fn send(&mut self, frame: Frame) {
+        let mut out = BytesMut::new();
+        frame.encode(&mut out, usize::MAX).unwrap();
+        self.stream.write_all(&out).await.unwrap();
+    }
+
+    async fn hello(&mut self) {
+        self.send(Frame::new(1, Body::Hello { version: 1, capabilities: 0, name: "raw".into() }))
+            .await;
+        let welcome = self.next_frame().await.unwrap();
+        assert!(matches!(welcome.body, Body::Welcome { .. }), "{welcome:?}");
+    }
+
+    /// The next frame other than a ping, or `None` once the server closes the connection.
+    async fn next_frame(&mut self) -> Option<Frame> {
+        loop {
+            if let Some(frame) = Frame::decode(&mut self.buf, &Limits::default()).unwrap() {
+                if frame.body == Body::Ping {
+                    continue;
+                }
+                return Some(frame);
+            }
+            if self.stream.read_buf(&mut self.buf).await.unwrap_or(0) == 0 {
+                return None;
+            }
+        }
+    }
+
+    /// Reads until the server closes; returns the error codes it sent.
+    async fn drain_errors(&mut self) -> Vec<ErrorCode> {
+        let mut codes = Vec::new();
+        while let Some(frame) = soon(self.next_frame()).await {
+            if let Body::Error { code, .. } = frame.body {
+                codes.push(code);
+            }
+        }
+        codes
+    }
+}
+
+#[tokio::test]
+async fn bad_clients_are_cut_off_and_others_are_served() {
+    let server = TestServer::start(fast_config(), None).await;
+    let good = Client::connect(server.addr.to_string()).await.unwrap();
+    let mut sub = good.subscribe::<u32>("alive").await.unwrap();
+
+    // Random bytes instead of HELLO.
+    let mut noise = RawClient::connect(server.addr).await;
+    noise.stream.write_all(&[0, 0, 0, 9, 0x66, 1, 2, 3, 4, 5, 6, 7, 8]).await.unwrap();
+    assert_eq!(noise.drain_errors().await, [ErrorCode::MALFORMED]);
+
+    // A length prefix claiming 4 GiB.
+    let mut huge = RawClient::connect(server.addr).await;
+    huge.stream.write_all(&[0xff, 0xff, 0xff, 0xff]).await.unwrap();
+    assert_eq!(huge.drain_errors().await, [ErrorCode::TOO_LARGE]);
+
+    // Frames before HELLO.
+    let mut rude = RawClient::connect(server.addr).await;
+    rude.send(Frame::new(3, Body::Ping)).await;
+    assert_eq!(rude.drain_errors().await, [ErrorCode::PROTOCOL_VIOLATION]);
+
+    // A half-open connection that says nothing, and one that trickles a byte at a time.
+    let silent = RawClient::connect(server.addr).await;
+    let mut trickle = RawClient::connect(server.addr).await;
+    let mut hello = BytesMut::new();
+    Frame::new(1, Body::Hello { version: 1, capabilities: 0, name: "slow".into() })
+        .encode(&mut hello, usize::MAX)
+        .unwrap();
+    let trickler = tokio::spawn(async move {
+        for byte in hello.iter().take(5) {
+            if trickle.stream.write_all(&[*byte]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+        trickle.drain_errors().await
+    });
+
+    // Meanwhile the good client is served as usual.
+    for n in 0..50u32 {
+        good.publish("alive", &n).await.unwrap();
+        assert_eq!(soon(sub.recv()).await, Some(n));
+    }
+    // The trickler is cut off once its frame stays incomplete past the idle timeout.
+    assert_eq!(soon(trickler).await.unwrap(), [ErrorCode::IDLE_TIMEOUT]);
+    // The silent one is cut off after three heartbeats of silence.
+    let mut silent = silent;
+    assert_eq!(silent.drain_errors().await, [ErrorCode::IDLE_TIMEOUT]);
+    good.publish_acked("alive", &99u32).await.unwrap();
+    assert_eq!(soon(sub.recv()).await, Some(99));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_publish_is_refused_with_too_large() {
+    let server = TestServer::start(fast_config(), None).await;
+    let mut raw = RawClient::connect(server.addr).await;
+    raw.hello().await;
+    let limits = Limits::default();
+    let mut frame = BytesMut::new();
+    frame.put_u32((limits.max_frame_bytes + 1) as u32);
+    frame.put_u8(0x20);
+    raw.stream.write_all(&frame).await.unwrap();
+    assert_eq!(raw.drain_errors().await, [ErrorCode::TOO_LARGE]);
+    // And the SDK refuses before sending.
+    let client = Client::connect(server.addr.to_string()).await.unwrap();
+    let err =
+        client.publish_bytes("big", vec![0u8; limits.max_message_bytes + 1]).await.unwrap_err();
+    assert!(matches!(err, ClientError::TooLarge { .. }), "{err:?}");
+    server.stop().await;
+}

@@ -1,0 +1,391 @@
+//! One client connection: handshake, authentication, and the frames that follow.
+//!
+//! The reader decodes frames and acts on the broker; replies and deliveries go through one
+//! bounded outbound queue to the writer, which batches them into as few writes as it can. A
+//! fatal error (malformed frame, idle timeout, protocol violation) is reported with an `Error`
+//! frame before the connection closes.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use whispeer_proto::{Body, ErrorCode, Frame, Limits, PROTOCOL_VERSION, Qos};
+
+use super::ServerConfig;
+use crate::{Broker, Message, PublishError, SubscribeError, SubscribeOptions};
+
+/// Bytes gathered before a write, so one syscall carries many frames.
+const WRITE_BATCH: usize = 64 * 1024;
+/// Capability bit in `Welcome`: the server requires `Auth`.
+const CAP_AUTH_REQUIRED: u32 = 1;
+
+/// What the writer sends.
+enum Outbound {
+    Frame(Frame),
+    Deliver { sub: u32, message: Message },
+}
+
+/// Why the connection ends, if not by the client's choice.
+struct Close {
+    code: ErrorCode,
+    message: String,
+}
+
+impl Close {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { code, message: message.into() }
+    }
+}
+
+/// Answers a connection beyond the limit with an error and closes it.
+pub(super) async fn refuse(mut stream: TcpStream, peer: SocketAddr) {
+    tracing::warn!(%peer, "connection refused: limit reached");
+    let mut buf = BytesMut::new();
+    let frame = error_frame(0, ErrorCode::LIMIT_REACHED, "too many connections");
+    if frame.encode(&mut buf, usize::MAX).is_ok() {
+        let _ = stream.write_all(&buf).await;
+    }
+    let _ = stream.shutdown().await;
+}
+
+fn error_frame(correlation: u32, code: ErrorCode, message: impl Into<String>) -> Frame {
+    Frame::new(correlation, Body::Error { code, message: message.into() })
+}
+
+/// Serves one connection until the client leaves, a fatal error, or shutdown.
+pub(super) async fn run(
+    stream: TcpStream,
+    peer: SocketAddr,
+    broker: Broker,
+    config: Arc<ServerConfig>,
+    stop: CancellationToken,
+) {
+    let _ = stream.set_nodelay(true);
+    let (reader, writer) = stream.into_split();
+    let (tx, rx) = mpsc::channel(config.outbound_frames);
+    let writer_gone = CancellationToken::new();
+    let limits = broker.options().limits.clone();
+    let write_task = tokio::spawn(write_loop(
+        writer,
+        rx,
+        Arc::clone(&config),
+        limits.clone(),
+        writer_gone.clone(),
+    ));
+    tracing::debug!(%peer, "connected");
+    let mut connection = Connection {
+        authenticated: !config.api_keys.required(),
+        greeted: false,
+        auth_failures: 0,
+        subscriptions: HashMap::new(),
+        broker,
+        config,
+        tx,
+    };
+    let outcome = connection.read_loop(reader, &limits, &stop, &writer_gone).await;
+    for (_, forwarder) in connection.subscriptions.drain() {
+        forwarder.abort();
+    }
+    let close = match outcome {
+        Err(close) => Some(close),
+        Ok(()) if stop.is_cancelled() => {
+            Some(Close::new(ErrorCode::SHUTTING_DOWN, "server shutting down"))
+        }
+        Ok(()) => None,
+    };
+    if let Some(close) = close {
+        tracing::debug!(%peer, code = %close.code, message = %close.message, "closing");
+        let _ = connection.tx.try_send(Outbound::Frame(error_frame(0, close.code, close.message)));
+    }
+    // The writer drains what is queued, then sees the queue close and shuts the socket.
+    drop(connection);
+    let _ = write_task.await;
+    tracing::debug!(%peer, "disconnected");
+}
+
+struct Connection {
+    broker: Broker,
+    config: Arc<ServerConfig>,
+    tx: mpsc::Sender<Outbound>,
+    greeted: bool,
+    authenticated: bool,
+    auth_failures: u32,
+    subscriptions: HashMap<u32, JoinHandle<()>>,
+}
+
+impl Connection {
+    async fn read_loop(
+        &mut self,
+        mut reader: OwnedReadHalf,
+        limits: &Limits,
+        stop: &CancellationToken,
+        writer_gone: &CancellationToken,
+    ) -> Result<(), Close> {
+        let idle = self.config.idle_timeout();
+        let mut buf = BytesMut::with_capacity(8 * 1024);
+        let mut partial_since: Option<Instant> = None;
+        loop {
+            loop {
+                match Frame::decode(&mut buf, limits) {
+                    Ok(Some(frame)) => self.handle(frame).await?,
+                    Ok(None) => break,
+                    Err(err) => return Err(Close::new(err.code(), err.to_string())),
+                }
+            }
+            partial_since =
+                if buf.is_empty() { None } else { partial_since.or_else(|| Some(Instant::now())) };
+            if partial_since.is_some_and(|since| since.elapsed() > idle) {
+                return Err(Close::new(ErrorCode::IDLE_TIMEOUT, "frame left incomplete"));
+            }
+            tokio::select! {
+                () = stop.cancelled() => return Ok(()),
+                () = writer_gone.cancelled() => return Ok(()),
+                read = tokio::time::timeout(idle, reader.read_buf(&mut buf)) => match read {
+                    Err(_) => return Err(Close::new(ErrorCode::IDLE_TIMEOUT, "nothing received")),
+                    Ok(Ok(0) | Err(_)) => return Ok(()),
+                    Ok(Ok(_)) => {}
+                },
+            }
+        }
+    }
+
+    async fn send(&self, frame: Frame) {
+        // A failed send means the writer has gone; the read loop notices on its next turn.
+        let _ = self.tx.send(Outbound::Frame(frame)).await;
+    }
+
+    async fn reply_error(&self, correlation: u32, code: ErrorCode, message: impl Into<String>) {
+        self.send(error_frame(correlation, code, message)).await;
+    }
+
+    async fn handle(&mut self, frame: Frame) -> Result<(), Close> {
+        let correlation = frame.correlation;
+        match frame.body {
+            Body::Hello { version, .. } if !self.greeted => {
+                if version != PROTOCOL_VERSION {
+                    return Err(Close::new(
+                        ErrorCode::UNSUPPORTED_VERSION,
+                        format!("client speaks version {version}, server {PROTOCOL_VERSION}"),
+                    ));
+                }
+                self.greeted = true;
+                self.send(Frame::new(correlation, self.welcome())).await;
+            }
+            _ if !self.greeted => {
+                return Err(Close::new(
+                    ErrorCode::PROTOCOL_VIOLATION,
+                    "the first frame must be HELLO",
+                ));
+            }
+            Body::Hello { .. } => {
+                return Err(Close::new(ErrorCode::PROTOCOL_VIOLATION, "HELLO sent twice"));
+            }
+            Body::Ping => self.send(Frame::new(correlation, Body::Pong)).await,
+            Body::Pong => {}
+            Body::Auth { key } => {
+                if self.config.api_keys.accepts(&key) || !self.config.api_keys.required() {
+                    self.authenticated = true;
+                    self.send(Frame::new(correlation, Body::Ok)).await;
+                } else {
+                    self.auth_failures += 1;
+                    if self.auth_failures >= self.config.max_auth_failures {
+                        return Err(Close::new(ErrorCode::FORBIDDEN, "too many wrong API keys"));
+                    }
+                    self.reply_error(correlation, ErrorCode::FORBIDDEN, "wrong API key").await;
+                }
+            }
+            Body::Error { code, message } => {
+                tracing::debug!(%code, %message, "client reported an error")
+            }
+            Body::Subscribe { .. }
+            | Body::Unsubscribe { .. }
+            | Body::Publish { .. }
+            | Body::Ack { .. }
+            | Body::Nack { .. }
+                if !self.authenticated =>
+            {
+                self.reply_error(
+                    correlation,
+                    ErrorCode::UNAUTHENTICATED,
+                    "send AUTH with an API key first",
+                )
+                .await;
+            }
+            Body::Subscribe { sub, filter, .. } => {
+                self.subscribe(correlation, sub, filter.as_str()).await
+            }
+            Body::Unsubscribe { sub } => match self.subscriptions.remove(&sub) {
+                Some(forwarder) => {
+                    forwarder.abort();
+                    self.send(Frame::new(correlation, Body::Ok)).await;
+                }
+                None => {
+                    self.reply_error(
+                        correlation,
+                        ErrorCode::UNKNOWN_SUBSCRIPTION,
+                        format!("no subscription {sub}"),
+                    )
+                    .await
+                }
+            },
+            Body::Publish { qos, envelope } => match self.broker.publish_envelope(envelope) {
+                Ok(_) if qos == Qos::AtLeastOnce => {
+                    self.send(Frame::new(correlation, Body::PubAck)).await
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    self.reply_error(correlation, publish_code(&err), err.to_string()).await
+                }
+            },
+            // Acknowledgements matter once QoS 1 delivery is tracked; until then there is nothing to settle.
+            Body::Ack { .. } | Body::Nack { .. } => {}
+            other => {
+                return Err(Close::new(
+                    ErrorCode::PROTOCOL_VIOLATION,
+                    format!("clients do not send {}", frame_name(&other)),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn welcome(&self) -> Body {
+        let limits = &self.broker.options().limits;
+        let capabilities = if self.config.api_keys.required() { CAP_AUTH_REQUIRED } else { 0 };
+        Body::Welcome {
+            version: PROTOCOL_VERSION,
+            capabilities,
+            max_frame_bytes: u32::try_from(limits.max_frame_bytes).unwrap_or(u32::MAX),
+            max_message_bytes: u32::try_from(limits.max_message_bytes).unwrap_or(u32::MAX),
+            heartbeat_ms: u32::try_from(self.config.heartbeat.as_millis()).unwrap_or(u32::MAX),
+            name: self.config.name.clone(),
+        }
+    }
+
+    async fn subscribe(&mut self, correlation: u32, sub: u32, filter: &str) {
+        if self.subscriptions.contains_key(&sub) {
+            return self
+                .reply_error(
+                    correlation,
+                    ErrorCode::DUPLICATE_SUBSCRIPTION,
+                    format!("subscription {sub} exists"),
+                )
+                .await;
+        }
+        if self.subscriptions.len() >= self.config.max_subscriptions {
+            let max = self.config.max_subscriptions;
+            return self
+                .reply_error(
+                    correlation,
+                    ErrorCode::LIMIT_REACHED,
+                    format!("at most {max} subscriptions"),
+                )
+                .await;
+        }
+        let mut subscription = match self.broker.messages(SubscribeOptions::new(filter)) {
+            Ok(subscription) => subscription,
+            Err(err) => {
+                return self.reply_error(correlation, subscribe_code(&err), err.to_string()).await;
+            }
+        };
+        let tx = self.tx.clone();
+        let forwarder = tokio::spawn(async move {
+            while let Some(message) = subscription.recv_message().await {
+                if tx.send(Outbound::Deliver { sub, message }).await.is_err() {
+                    break;
+                }
+            }
+        });
+        self.subscriptions.insert(sub, forwarder);
+        self.send(Frame::new(correlation, Body::Ok)).await;
+    }
+}
+
+fn publish_code(err: &PublishError) -> ErrorCode {
+    match err {
+        PublishError::InvalidTopic(_) | PublishError::ReservedTopic(_) => ErrorCode::INVALID_TOPIC,
+        PublishError::TooLarge { .. } => ErrorCode::TOO_LARGE,
+        PublishError::Rejected { .. } => ErrorCode::REJECTED,
+        PublishError::QueueFull { .. } => ErrorCode::QUEUE_FULL,
+        _ => ErrorCode::INTERNAL,
+    }
+}
+
+fn subscribe_code(err: &SubscribeError) -> ErrorCode {
+    match err {
+        SubscribeError::InvalidFilter(_) => ErrorCode::INVALID_TOPIC,
+        SubscribeError::Rejected { .. } => ErrorCode::REJECTED,
+        SubscribeError::InvalidCapacity { .. } => ErrorCode::LIMIT_REACHED,
+        _ => ErrorCode::INTERNAL,
+    }
+}
+
+fn frame_name(body: &Body) -> &'static str {
+    match body {
+        Body::Welcome { .. } => "WELCOME",
+        Body::Ok => "OK",
+        Body::PubAck => "PUBACK",
+        Body::Deliver { .. } => "DELIVER",
+        _ => "this frame",
+    }
+}
+
+/// Drains the outbound queue into the socket, many frames per write; pings when idle. Ends when
+/// the queue closes (flushing what it holds) or the socket fails or stalls.
+async fn write_loop(
+    mut writer: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Outbound>,
+    config: Arc<ServerConfig>,
+    limits: Limits,
+    gone: CancellationToken,
+) {
+    let mut buf = BytesMut::with_capacity(WRITE_BATCH);
+    let stall = config.idle_timeout();
+    loop {
+        let first = match tokio::time::timeout(config.heartbeat, rx.recv()).await {
+            Ok(Some(outbound)) => outbound,
+            Ok(None) => break,
+            Err(_) => Outbound::Frame(Frame::new(0, Body::Ping)),
+        };
+        encode(first, &mut buf, &limits);
+        while buf.len() < WRITE_BATCH {
+            match rx.try_recv() {
+                Ok(outbound) => encode(outbound, &mut buf, &limits),
+                Err(_) => break,
+            }
+        }
+        match tokio::time::timeout(stall, writer.write_all(&buf)).await {
+            Ok(Ok(())) => buf.clear(),
+            Ok(Err(err)) => {
+                tracing::debug!(%err, "write failed");
+                break;
+            }
+            Err(_) => {
+                tracing::warn!("client stopped reading; disconnecting");
+                break;
+            }
+        }
+    }
+    gone.cancel();
+    let _ = writer.shutdown().await;
+}
+
+fn encode(outbound: Outbound, buf: &mut BytesMut, limits: &Limits) {
+    let encoded = match &outbound {
+        Outbound::Frame(frame) => frame.encode(buf, limits.max_frame_bytes),
+        Outbound::Deliver { sub, message } => {
+            Frame::encode_deliver(buf, *sub, message.envelope(), limits.max_frame_bytes)
+        }
+    };
+    if let Err(err) = encoded {
+        tracing::warn!(%err, "frame not sent");
+    }
+}

@@ -1,0 +1,142 @@
+//! The network server: accepts TCP connections and serves the binary protocol on a broker.
+//!
+//! ```text
+//! serve ─ accept loop ─┬─ connection task (reader: decode frames, act on the broker)
+//!                      │     ├─ writer task   (drains the outbound queue, many frames per write)
+//!                      │     └─ forwarder task per subscription (Subscription → outbound queue)
+//!                      └─ … one per connection, tracked for shutdown
+//! ```
+//!
+//! Every queue is bounded: a client that reads slowly fills its outbound queue, its forwarders
+//! wait, and its subscriptions' broker queues meet their slow-consumer policy (counted). A client
+//! that stops reading altogether is disconnected when a write stalls past the idle timeout.
+//! The server never opens a payload; it holds no content key.
+//!
+//! The library takes its inputs: a bound listener, a broker, a config and a shutdown future.
+
+mod auth;
+mod connection;
+
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use auth::{ApiKeyError, ApiKeys, digest_of};
+
+use crate::Broker;
+
+/// Settings of a server. Every field has a safe default.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ServerConfig {
+    /// Name sent in `Welcome`, for clients' logs.
+    pub name: String,
+    /// Keys that may connect; empty means anyone may (keep such a server on loopback).
+    pub api_keys: ApiKeys,
+    /// An idle connection is pinged this often and closed after three silent periods; a write
+    /// that stalls as long, or a frame left incomplete as long, also closes it. Default: 10 s.
+    pub heartbeat: Duration,
+    /// Connections beyond this are refused with `LIMIT_REACHED`. Default: 10 000.
+    pub max_connections: usize,
+    /// Subscriptions per connection. Default: 1 024.
+    pub max_subscriptions: usize,
+    /// Frames waiting to be written per connection. Default: 1 024.
+    pub outbound_frames: usize,
+    /// Wrong API keys tolerated before the connection is closed. Default: 3.
+    pub max_auth_failures: u32,
+    /// How long shutdown waits for connections to flush. Default: 5 s.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            name: format!("whispeerd {}", env!("CARGO_PKG_VERSION")),
+            api_keys: ApiKeys::default(),
+            heartbeat: Duration::from_secs(10),
+            max_connections: 10_000,
+            max_subscriptions: 1024,
+            outbound_frames: 1024,
+            max_auth_failures: 3,
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+impl ServerConfig {
+    pub(crate) fn idle_timeout(&self) -> Duration {
+        self.heartbeat * 3
+    }
+}
+
+/// Serves `broker` on `listener` until `shutdown` completes, then stops accepting, tells every
+/// client (`SHUTTING_DOWN`), lets writers flush for up to `shutdown_grace`, and returns.
+///
+/// # Errors
+/// Only for failures of the listener itself; a connection's errors close that connection.
+pub async fn serve(
+    listener: TcpListener,
+    broker: Broker,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let config = Arc::new(config);
+    let stop = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let live = Arc::new(AtomicUsize::new(0));
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(err) => {
+                // Out of descriptors or similar: back off instead of spinning.
+                tracing::warn!(%err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let guard = ConnectionCount::enter(&live);
+        let over_limit = guard.0 > config.max_connections;
+        let (broker, config, stop) = (broker.clone(), Arc::clone(&config), stop.child_token());
+        tasks.spawn(async move {
+            let _guard = guard;
+            if over_limit {
+                connection::refuse(stream, peer).await;
+            } else {
+                connection::run(stream, peer, broker, config, stop).await;
+            }
+        });
+    }
+    tracing::info!(connections = live.load(Ordering::Relaxed), "shutting down");
+    stop.cancel();
+    tasks.close();
+    if tokio::time::timeout(config.shutdown_grace, tasks.wait()).await.is_err() {
+        tracing::warn!("some connections did not close within the grace period");
+    }
+    Ok(())
+}
+
+/// Counts live connections; the count drops when the guard does.
+struct ConnectionCount(usize, Arc<AtomicUsize>);
+
+impl ConnectionCount {
+    fn enter(live: &Arc<AtomicUsize>) -> Self {
+        Self(live.fetch_add(1, Ordering::Relaxed) + 1, Arc::clone(live))
+    }
+}
+
+impl Drop for ConnectionCount {
+    fn drop(&mut self) {
+        self.1.fetch_sub(1, Ordering::Relaxed);
+    }
+}
