@@ -1,11 +1,16 @@
-//! The `whispeer` command line.
+//! The `whispeer` command line: run a server, publish and subscribe, make keys, check filters.
 //!
-//! Today it checks topics and filters and makes keys; `serve`, `pub`, `sub` and `bench` arrive
-//! with the network broker (see the README's status table).
+//! Exit codes: 0 success; 1 a runtime failure (cannot connect, refused by the server); 2 a usage
+//! or configuration error; for `match`, 1 also means some topic did not match.
 
+mod config;
+mod pubsub;
+mod serve;
+
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use whispeer::{Filter, Key, KeyId, Keyring, Topic};
 
 /// whispeer — an embeddable, end-to-end encrypted publish/subscribe broker.
@@ -18,6 +23,28 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run a server for clients over TCP.
+    ///
+    /// Settings come from defaults, then `whispeer.toml` (or --config), then WHISPEER_*
+    /// variables (WHISPEER_LISTEN, WHISPEER_API_KEYS='["sha256:…"]',
+    /// WHISPEER_LIMITS__MAX_MESSAGE_BYTES=…), then --listen. Without api_keys the server only
+    /// listens on loopback. Stops cleanly on SIGINT or SIGTERM.
+    Serve {
+        /// Address to listen on, such as 127.0.0.1:7450 (port 0 picks a free port).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Configuration file [default: whispeer.toml, if present].
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Publish a message, or one message per line of standard input.
+    ///
+    /// Example: whispeer pub sensor/k1/temperature 21.5
+    Pub(pubsub::PubArgs),
+    /// Subscribe and print each message (with -v, its topic first, like mosquitto_sub -v).
+    ///
+    /// Example: whispeer sub 'sensor/#' -v
+    Sub(pubsub::SubArgs),
     /// Check which topics a filter matches, the way the broker routes them.
     ///
     /// Prints one line per topic, `match` or `no match`, and exits with 0 if every topic
@@ -43,10 +70,31 @@ enum Command {
     },
 }
 
+/// Connection settings shared by `pub` and `sub`.
+#[derive(Debug, Args)]
+pub(crate) struct ConnectArgs {
+    /// Server address.
+    #[arg(long, env = "WHISPEER_SERVER", default_value = config::DEFAULT_LISTEN)]
+    server: String,
+    /// API key, if the server requires one.
+    #[arg(long, env = "WHISPEER_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Key file for end-to-end encryption (see `whispeer keygen`); WHISPEER_KEY also works.
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+    /// Compress payloads (zstd) before sending.
+    #[arg(long)]
+    compress: bool,
+}
+
 fn main() -> ExitCode {
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    match cli.command {
         Command::Match { filter, topics } => match_topics(&filter, &topics),
         Command::Keygen { id } => keygen(id),
+        Command::Serve { listen, config } => serve::run(listen, config),
+        Command::Pub(args) => pubsub::run_pub(args),
+        Command::Sub(args) => pubsub::run_sub(args),
     }
 }
 

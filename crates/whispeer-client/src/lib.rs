@@ -51,7 +51,7 @@ use connection::Command;
 #[non_exhaustive]
 pub enum ClientError {
     /// The TCP connection could not be made.
-    #[error("cannot connect to {addr}: {source}")]
+    #[error("cannot connect to {addr}")]
     Connect {
         /// The address tried.
         addr: String,
@@ -319,6 +319,23 @@ impl Client {
     ) -> Result<MessageId, ClientError> {
         let codec = self.shared.codec;
         let envelope = self.envelope(topic, codec.content_type(), codec.encode(value)?)?;
+        let id = envelope.id;
+        let (ack, acked) = oneshot::channel();
+        self.send(Command::Publish { qos: Qos::AtLeastOnce, envelope, ack: Some(ack) }).await?;
+        acked.await.map_err(|_| ClientError::Closed)??;
+        Ok(id)
+    }
+
+    /// Publishes raw bytes with QoS 1 and waits for the server's acknowledgement.
+    ///
+    /// # Errors
+    /// As [`Client::publish_acked`].
+    pub async fn publish_acked_bytes(
+        &self,
+        topic: &str,
+        payload: impl Into<Bytes>,
+    ) -> Result<MessageId, ClientError> {
+        let envelope = self.envelope(topic, ContentType::Raw, payload.into())?;
         let id = envelope.id;
         let (ack, acked) = oneshot::channel();
         self.send(Command::Publish { qos: Qos::AtLeastOnce, envelope, ack: Some(ack) }).await?;

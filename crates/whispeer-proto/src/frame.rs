@@ -61,11 +61,11 @@ pub struct Frame {
     pub body: Body,
 }
 
-/// The frame bodies. Type bytes are in brackets.
+/// The frame bodies. Each starts with its type byte.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Body {
-    /// [0x01] Client → server, first frame: protocol version, capabilities, client name.
+    /// `0x01` Client → server, first frame: protocol version, capabilities, client name.
     Hello {
         /// The client's protocol version.
         version: u16,
@@ -74,7 +74,7 @@ pub enum Body {
         /// A name for logs.
         name: String,
     },
-    /// [0x02] Server → client, reply to `Hello`: the server's version and limits.
+    /// `0x02` Server → client, reply to `Hello`: the server's version and limits.
     Welcome {
         /// The server's protocol version.
         version: u16,
@@ -89,14 +89,14 @@ pub enum Body {
         /// A name for logs.
         name: String,
     },
-    /// [0x03] Client → server: an API key. Reply: `Ok` or `Error`.
+    /// `0x03` Client → server: an API key. Reply: `Ok` or `Error`.
     Auth {
         /// The key, as configured.
         key: Bytes,
     },
-    /// [0x04] Success reply to `Auth`, `Subscribe` and `Unsubscribe`.
+    /// `0x04` Success reply to `Auth`, `Subscribe` and `Unsubscribe`.
     Ok,
-    /// [0x10] Client → server: deliver messages matching `filter` as subscription `sub`.
+    /// `0x10` Client → server: deliver messages matching `filter` as subscription `sub`.
     Subscribe {
         /// Client-chosen id, unique on the connection.
         sub: u32,
@@ -105,12 +105,12 @@ pub enum Body {
         /// What to match.
         filter: Filter,
     },
-    /// [0x11] Client → server: end subscription `sub`.
+    /// `0x11` Client → server: end subscription `sub`.
     Unsubscribe {
         /// The subscription.
         sub: u32,
     },
-    /// [0x20] Client → server: publish an (already sealed) envelope. Reply: `PubAck` for QoS 1,
+    /// `0x20` Client → server: publish an (already sealed) envelope. Reply: `PubAck` for QoS 1,
     /// nothing for QoS 0, `Error` on failure.
     Publish {
         /// Requested guarantee.
@@ -118,23 +118,23 @@ pub enum Body {
         /// The message.
         envelope: Envelope,
     },
-    /// [0x21] Server → client: the publish with this correlation id was accepted.
+    /// `0x21` Server → client: the publish with this correlation id was accepted.
     PubAck,
-    /// [0x30] Server → client: a message for subscription `sub`.
+    /// `0x30` Server → client: a message for subscription `sub`.
     Deliver {
         /// The subscription.
         sub: u32,
         /// The message, as published.
         envelope: Envelope,
     },
-    /// [0x31] Client → server: message `id` of subscription `sub` was processed.
+    /// `0x31` Client → server: message `id` of subscription `sub` was processed.
     Ack {
         /// The subscription.
         sub: u32,
         /// The message.
         id: MessageId,
     },
-    /// [0x32] Client → server: message `id` of subscription `sub` was not processed.
+    /// `0x32` Client → server: message `id` of subscription `sub` was not processed.
     Nack {
         /// The subscription.
         sub: u32,
@@ -143,11 +143,11 @@ pub enum Body {
         /// Whether to deliver it again.
         requeue: bool,
     },
-    /// [0x40] Either way: are you there? Reply: `Pong` with the same correlation id.
+    /// `0x40` Either way: are you there? Reply: `Pong` with the same correlation id.
     Ping,
-    /// [0x41] Reply to `Ping`.
+    /// `0x41` Reply to `Ping`.
     Pong,
-    /// [0x7f] Either way: the request with this correlation id (0: the connection) failed.
+    /// `0x7f` Either way: the request with this correlation id (0: the connection) failed.
     Error {
         /// What went wrong.
         code: ErrorCode,
@@ -568,193 +568,4 @@ impl Reader {
 }
 
 #[cfg(test)]
-mod tests {
-    use proptest::prelude::*;
-
-    use super::*;
-    use crate::ContentType;
-
-    fn limits() -> Limits {
-        Limits::DEFAULT
-    }
-
-    fn envelope(topic: &str, payload: &[u8], headers: &[(&str, &[u8])]) -> Envelope {
-        let mut e = Envelope::new(
-            MessageId(0x0102_0304),
-            Topic::parse(topic).unwrap(),
-            1_700_000_000_123,
-            Flags::with_content(ContentType::Json),
-            Bytes::copy_from_slice(payload),
-        );
-        for (name, value) in headers {
-            e.headers.insert(*name, Bytes::copy_from_slice(value));
-        }
-        e
-    }
-
-    fn round_trip(frame: &Frame) -> Frame {
-        let mut buf = BytesMut::new();
-        frame.encode(&mut buf, usize::MAX).unwrap();
-        let decoded = Frame::decode(&mut buf, &limits()).unwrap().unwrap();
-        assert!(buf.is_empty());
-        decoded
-    }
-
-    fn all_bodies() -> Vec<Body> {
-        vec![
-            Body::Hello { version: 1, capabilities: 0, name: "cli".into() },
-            Body::Welcome {
-                version: 1,
-                capabilities: 1,
-                max_frame_bytes: 1 << 20,
-                max_message_bytes: 1 << 20,
-                heartbeat_ms: 5000,
-                name: "whispeerd".into(),
-            },
-            Body::Auth { key: Bytes::from_static(b"secret") },
-            Body::Ok,
-            Body::Subscribe {
-                sub: 7,
-                qos: Qos::AtLeastOnce,
-                filter: Filter::parse("a/+/#").unwrap(),
-            },
-            Body::Unsubscribe { sub: 7 },
-            Body::Publish {
-                qos: Qos::AtMostOnce,
-                envelope: envelope("a/b", b"hi", &[("k", b"v")]),
-            },
-            Body::PubAck,
-            Body::Deliver { sub: 9, envelope: envelope("x", b"", &[]) },
-            Body::Ack { sub: 1, id: MessageId(u128::MAX) },
-            Body::Nack { sub: 1, id: MessageId(3), requeue: true },
-            Body::Ping,
-            Body::Pong,
-            Body::Error { code: ErrorCode::FORBIDDEN, message: "no".into() },
-        ]
-    }
-
-    #[test]
-    fn every_body_round_trips() {
-        for (i, body) in all_bodies().into_iter().enumerate() {
-            let frame = Frame::new(i as u32, body);
-            assert_eq!(round_trip(&frame), frame);
-        }
-    }
-
-    #[test]
-    fn encode_deliver_matches_the_general_encoder() {
-        let envelope = envelope("a/b", b"payload", &[("h", b"1")]);
-        let mut fast = BytesMut::new();
-        Frame::encode_deliver(&mut fast, 3, &envelope, usize::MAX).unwrap();
-        let mut general = BytesMut::new();
-        Frame::new(0, Body::Deliver { sub: 3, envelope }).encode(&mut general, usize::MAX).unwrap();
-        assert_eq!(fast, general);
-    }
-
-    #[test]
-    fn partial_input_waits_for_more() {
-        let mut full = BytesMut::new();
-        Frame::new(1, Body::Ping).encode(&mut full, usize::MAX).unwrap();
-        Frame::new(2, Body::Pong).encode(&mut full, usize::MAX).unwrap();
-        let mut buf = BytesMut::new();
-        let mut out = Vec::new();
-        for byte in full {
-            buf.put_u8(byte);
-            while let Some(frame) = Frame::decode(&mut buf, &limits()).unwrap() {
-                out.push(frame);
-            }
-        }
-        assert_eq!(out, [Frame::new(1, Body::Ping), Frame::new(2, Body::Pong)]);
-    }
-
-    #[test]
-    fn oversize_prefix_is_refused_before_allocating() {
-        let mut buf = BytesMut::from(&[0xff, 0xff, 0xff, 0xff][..]);
-        let err = Frame::decode(&mut buf, &limits()).unwrap_err();
-        assert_eq!(
-            err,
-            DecodeError::FrameTooLarge { len: u32::MAX, max: limits().max_frame_bytes }
-        );
-        assert_eq!(err.code(), ErrorCode::TOO_LARGE);
-        assert!(buf.capacity() < 64, "nothing reserved for the claimed length");
-    }
-
-    #[test]
-    fn malformed_frames_are_typed_errors() {
-        let cases: Vec<(Vec<u8>, DecodeError)> = vec![
-            (vec![0, 0, 0, 1, 0x40], DecodeError::Truncated { frame_type: 0x40 }),
-            (vec![0, 0, 0, 5, 0x66, 0, 0, 0, 0], DecodeError::UnknownType(0x66)),
-            (
-                vec![0, 0, 0, 6, 0x40, 0, 0, 0, 0, 9],
-                DecodeError::TrailingBytes { frame_type: 0x40, extra: 1 },
-            ),
-            (vec![0, 0, 0, 7, 0x11, 0, 0, 0, 0, 0, 0], DecodeError::Truncated { frame_type: 0x11 }),
-            (vec![0, 0, 0, 10, 0x10, 0, 0, 0, 0, 0, 0, 0, 1, 9], DecodeError::InvalidQos(9)),
-        ];
-        for (bytes, expected) in cases {
-            let mut buf = BytesMut::from(&bytes[..]);
-            assert_eq!(Frame::decode(&mut buf, &limits()), Err(expected), "{bytes:?}");
-        }
-    }
-
-    #[test]
-    fn invalid_topic_and_text_are_refused() {
-        let mut buf = BytesMut::new();
-        let frame = Frame::new(
-            1,
-            Body::Subscribe { sub: 1, qos: Qos::AtMostOnce, filter: Filter::parse("a").unwrap() },
-        );
-        frame.encode(&mut buf, usize::MAX).unwrap();
-        // The filter "a" is the last byte: swap it for other one-byte filters.
-        let mut bad = buf.to_vec();
-        *bad.last_mut().unwrap() = b'#';
-        let mut ok = BytesMut::from(&bad[..]);
-        assert!(Frame::decode(&mut ok, &limits()).is_ok());
-        *bad.last_mut().unwrap() = 0xff;
-        let mut utf = BytesMut::from(&bad[..]);
-        assert_eq!(Frame::decode(&mut utf, &limits()), Err(DecodeError::InvalidUtf8));
-        *bad.last_mut().unwrap() = b'/';
-        let mut topic = BytesMut::from(&bad[..]);
-        assert!(matches!(Frame::decode(&mut topic, &limits()), Err(DecodeError::InvalidTopic(_))));
-    }
-
-    #[test]
-    fn encode_refuses_frames_over_the_peer_limit() {
-        let frame = Frame::new(
-            1,
-            Body::Publish { qos: Qos::AtMostOnce, envelope: envelope("t", &[0; 100], &[]) },
-        );
-        let mut buf = BytesMut::from(&b"keep"[..]);
-        assert!(matches!(
-            frame.encode(&mut buf, 64),
-            Err(EncodeError::FrameTooLarge { max: 64, .. })
-        ));
-        assert_eq!(&buf[..], b"keep");
-    }
-
-    proptest! {
-        #[test]
-        fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
-            let mut buf = BytesMut::from(&bytes[..]);
-            while let Ok(Some(_)) = Frame::decode(&mut buf, &limits()) {}
-        }
-
-        #[test]
-        fn publish_round_trips(
-            id in any::<u128>(),
-            ts in any::<u64>(),
-            flags in any::<u16>(),
-            topic in "[a-z]{1,5}(/[a-z]{1,5}){0,3}",
-            payload in prop::collection::vec(any::<u8>(), 0..300),
-            header in prop::option::of(("[a-z]{1,8}", prop::collection::vec(any::<u8>(), 0..20))),
-            correlation in any::<u32>(),
-        ) {
-            let mut envelope = Envelope::new(MessageId(id), Topic::parse(&topic).unwrap(), ts, Flags(flags), Bytes::from(payload));
-            if let Some((name, value)) = header {
-                envelope.headers.insert(name, value);
-            }
-            let frame = Frame::new(correlation, Body::Publish { qos: Qos::AtLeastOnce, envelope });
-            prop_assert_eq!(round_trip(&frame), frame);
-        }
-    }
-}
+mod tests;

@@ -13,14 +13,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::runtime::Handle;
-use whispeer_engines::{Codec, Compression, Encryption, Engines, Sealing, TopicRule};
-use whispeer_proto::{ContentType, Envelope, Filter, Flags, Headers, Limits, MessageId, Topic};
+use whispeer_engines::{Compression, Encryption, Engines, Sealing};
+use whispeer_proto::{ContentType, Envelope, Filter, Flags, Headers, MessageId, Topic};
 
+use crate::builder::{BrokerBuilder, BrokerOptions};
 use crate::error::{BindError, PublishError, SubscribeError};
 use crate::message::Message;
 use crate::plugin::Plugin;
-use crate::queue::{Pushed, Queue, SlowConsumer};
+use crate::queue::{Pushed, Queue};
 use crate::router::{Route, Router, SubId};
 use crate::runtime::Spawner;
 use crate::stats::{BrokerCounters, BrokerStats, bump};
@@ -32,137 +32,6 @@ pub(crate) const SEAL_OVERHEAD: usize = 64;
 
 /// Largest queue a subscription may ask for; queues allocate their capacity up front.
 pub const MAX_QUEUE_CAPACITY: usize = 1 << 20;
-
-/// Settings of a broker. Every field has a safe default.
-#[derive(Clone, Debug)]
-#[non_exhaustive]
-pub struct BrokerOptions {
-    /// How typed values are encoded. Default: [`Codec::Postcard`].
-    pub codec: Codec,
-    /// Bounds on topics and messages.
-    pub limits: Limits,
-    /// Default queue capacity of a subscription, in messages. Default: 1024.
-    pub queue_capacity: usize,
-    /// Default policy when a subscription's queue is full. Default: [`SlowConsumer::DropOldest`].
-    pub slow_consumer: SlowConsumer,
-}
-
-impl Default for BrokerOptions {
-    fn default() -> Self {
-        Self {
-            codec: Codec::default(),
-            limits: Limits::default(),
-            queue_capacity: 1024,
-            slow_consumer: SlowConsumer::default(),
-        }
-    }
-}
-
-/// Anything that extends a broker at build time: plugins, [`Compression`], [`Encryption`] and
-/// [`TopicRule`]s today; transports and storage as they arrive. Passed to [`BrokerBuilder::with`].
-pub trait Extension {
-    /// Adds itself to the builder.
-    fn extend(self, builder: BrokerBuilder) -> BrokerBuilder;
-}
-
-impl<P: Plugin> Extension for P {
-    fn extend(self, builder: BrokerBuilder) -> BrokerBuilder {
-        builder.plugin(self)
-    }
-}
-
-impl Extension for Compression {
-    fn extend(self, mut builder: BrokerBuilder) -> BrokerBuilder {
-        builder.engines = std::mem::take(&mut builder.engines).with_compression(self);
-        builder
-    }
-}
-
-impl Extension for Encryption {
-    fn extend(self, mut builder: BrokerBuilder) -> BrokerBuilder {
-        builder.engines = std::mem::take(&mut builder.engines).with_encryption(self);
-        builder
-    }
-}
-
-impl Extension for TopicRule {
-    fn extend(self, mut builder: BrokerBuilder) -> BrokerBuilder {
-        builder.engines = std::mem::take(&mut builder.engines).with_rule(self);
-        builder
-    }
-}
-
-/// Builds a [`Broker`]. Start with [`Broker::builder`] or [`Broker::build_default`].
-#[must_use = "a builder does nothing until `build` is called"]
-pub struct BrokerBuilder {
-    options: BrokerOptions,
-    plugins: Vec<Arc<dyn Plugin>>,
-    engines: Engines,
-    runtime: Option<Handle>,
-}
-
-impl std::fmt::Debug for BrokerBuilder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BrokerBuilder")
-            .field("options", &self.options)
-            .field("plugins", &self.plugins.iter().map(|p| p.name()).collect::<Vec<_>>())
-            .field("engines", &self.engines)
-            .finish_non_exhaustive()
-    }
-}
-
-impl BrokerBuilder {
-    /// Adds an extension: a plugin, and later an engine, transport or store.
-    pub fn with(self, extension: impl Extension) -> Self {
-        extension.extend(self)
-    }
-
-    /// Adds a plugin; plugins run in the order they were added.
-    pub fn plugin(mut self, plugin: impl Plugin) -> Self {
-        self.plugins.push(Arc::new(plugin));
-        self
-    }
-
-    /// Runs callback subscribers' delivery tasks on this runtime. Without it, they run on the
-    /// runtime that calls `subscribe`, or, outside any runtime, on a small one the broker starts.
-    pub fn runtime(mut self, handle: Handle) -> Self {
-        self.runtime = Some(handle);
-        self
-    }
-
-    /// The options, for extensions that adjust them.
-    pub fn options_mut(&mut self) -> &mut BrokerOptions {
-        &mut self.options
-    }
-
-    /// Builds the broker.
-    pub fn build(self) -> Broker {
-        let mut prefix = [0u8; 8];
-        // Only uniqueness across brokers depends on this; a fixed prefix still gives unique ids
-        // within this broker, so a failing entropy source is not worth refusing to start.
-        if getrandom::fill(&mut prefix).is_err() {
-            tracing::warn!(
-                "no entropy for message id prefix; ids are unique only within this broker"
-            );
-        }
-        let engines = self.engines.with_max_message_bytes(self.options.limits.max_message_bytes);
-        Broker {
-            inner: Arc::new(Shared {
-                engines: engines.is_active().then(|| Arc::new(engines)),
-                options: self.options,
-                router: Router::default(),
-                plugins: self.plugins.into(),
-                bindings: RwLock::default(),
-                has_bindings: AtomicBool::new(false),
-                id_prefix: u64::from_le_bytes(prefix),
-                next_id: AtomicU64::new(1),
-                next_sub: AtomicU64::new(1),
-                spawner: Spawner::new(self.runtime),
-                counters: Arc::default(),
-            }),
-        }
-    }
-}
 
 /// What a successful publish did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -201,6 +70,35 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    pub(crate) fn new(
+        options: BrokerOptions,
+        plugins: Box<[Arc<dyn Plugin>]>,
+        engines: Option<Arc<Engines>>,
+        spawner: Spawner,
+    ) -> Self {
+        let mut prefix = [0u8; 8];
+        // Only uniqueness across brokers depends on this; a fixed prefix still gives unique ids
+        // within this broker, so a failing entropy source is not worth refusing to start.
+        if getrandom::fill(&mut prefix).is_err() {
+            tracing::warn!(
+                "no entropy for message id prefix; ids are unique only within this broker"
+            );
+        }
+        Self {
+            options,
+            engines,
+            router: Router::default(),
+            plugins,
+            bindings: RwLock::default(),
+            has_bindings: AtomicBool::new(false),
+            id_prefix: u64::from_le_bytes(prefix),
+            next_id: AtomicU64::new(1),
+            next_sub: AtomicU64::new(1),
+            spawner,
+            counters: Arc::default(),
+        }
+    }
+
     fn binding(&self, topic: &str) -> Option<Binding> {
         if !self.has_bindings.load(Ordering::Acquire) {
             return None;
@@ -414,7 +312,7 @@ impl std::fmt::Debug for Broker {
 impl Broker {
     /// A builder with the given options and no extensions.
     pub fn builder(options: BrokerOptions) -> BrokerBuilder {
-        BrokerBuilder { options, plugins: Vec::new(), engines: Engines::new(), runtime: None }
+        BrokerBuilder::new(options)
     }
 
     /// A builder with the recommended defaults: zstd compression for payloads of 256 bytes and

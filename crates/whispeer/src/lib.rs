@@ -35,6 +35,7 @@
 //! ```
 
 mod broker;
+mod builder;
 mod error;
 mod message;
 mod plugin;
@@ -47,9 +48,8 @@ mod stats;
 mod subscription;
 mod typed;
 
-pub use broker::{
-    Broker, BrokerBuilder, BrokerOptions, Extension, MAX_QUEUE_CAPACITY, PublishReceipt,
-};
+pub use broker::{Broker, MAX_QUEUE_CAPACITY, PublishReceipt};
+pub use builder::{BrokerBuilder, BrokerOptions, Extension};
 pub use error::{BindError, Error, PublishError, ReceiveError, SubscribeError};
 pub use message::Message;
 pub use plugin::{LoggingPlugin, Plugin, Rejection};

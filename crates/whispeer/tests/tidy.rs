@@ -96,6 +96,6 @@ fn readme_quickstart_is_the_example() {
 fn readme_first_screen_has_the_two_commands() {
     let readme = fs::read_to_string(root().join("README.md")).unwrap();
     let first_screen: String = readme.lines().take(25).collect::<Vec<_>>().join("\n");
-    assert!(first_screen.contains("cargo run --example quickstart"));
+    assert!(first_screen.contains("-p whispeer-cli -- serve"));
     assert!(first_screen.contains("./scripts/test"));
 }

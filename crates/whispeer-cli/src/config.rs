@@ -1,0 +1,247 @@
+//! `whispeer serve` configuration: defaults, then `whispeer.toml`, then `WHISPEER_*` variables.
+//!
+//! Nested keys use a double underscore in variables: `WHISPEER_LIMITS__MAX_MESSAGE_BYTES=2048`
+//! sets `[limits] max_message_bytes`. A bad value's error names the key and where it came from.
+
+use std::path::Path;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+use whispeer::server::{ApiKeys, ServerConfig};
+use whispeer::{BrokerOptions, SlowConsumer};
+
+/// The default address: loopback, so an unconfigured server is reachable only from this host.
+pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:7450";
+
+/// Everything `whispeer serve` reads.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct Config {
+    /// Address to listen on for the binary protocol over TCP.
+    pub(crate) listen: String,
+    /// Name sent to clients.
+    pub(crate) name: String,
+    /// API keys: `sha256:<hex>` digests (preferred) or plain keys.
+    pub(crate) api_keys: Vec<String>,
+    /// Heartbeat period in milliseconds; idle connections close after three.
+    pub(crate) heartbeat_ms: u64,
+    /// Most simultaneous connections.
+    pub(crate) max_connections: usize,
+    /// Most subscriptions per connection.
+    pub(crate) max_subscriptions: usize,
+    /// Logging.
+    pub(crate) log: Log,
+    /// Size limits.
+    pub(crate) limits: Limits,
+    /// Subscriber queues.
+    pub(crate) queues: Queues,
+}
+
+/// `[log]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct Log {
+    /// `text` or `json`.
+    pub(crate) format: LogFormat,
+    /// A `tracing` filter such as `info` or `whispeer=debug`; `WHISPEER_LOG` overrides it.
+    pub(crate) level: String,
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[limits]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct Limits {
+    pub(crate) max_message_bytes: usize,
+    pub(crate) max_frame_bytes: usize,
+    pub(crate) max_topic_len: usize,
+    pub(crate) max_topic_depth: usize,
+}
+
+/// `[queues]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct Queues {
+    /// Messages buffered per subscription.
+    pub(crate) capacity: usize,
+    /// `drop-oldest`, `drop-newest` or `disconnect`.
+    pub(crate) slow_consumer: Policy,
+}
+
+/// Slow-consumer policy names in configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum Policy {
+    DropOldest,
+    DropNewest,
+    Disconnect,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let server = ServerConfig::default();
+        Self {
+            listen: DEFAULT_LISTEN.into(),
+            name: server.name,
+            api_keys: Vec::new(),
+            heartbeat_ms: server.heartbeat.as_millis() as u64,
+            max_connections: server.max_connections,
+            max_subscriptions: server.max_subscriptions,
+            log: Log::default(),
+            limits: Limits::default(),
+            queues: Queues::default(),
+        }
+    }
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Self { format: LogFormat::Text, level: "info".into() }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        let limits = whispeer::proto::Limits::default();
+        Self {
+            max_message_bytes: limits.max_message_bytes,
+            max_frame_bytes: limits.max_frame_bytes,
+            max_topic_len: limits.max_topic_len,
+            max_topic_depth: limits.max_topic_depth,
+        }
+    }
+}
+
+impl Default for Queues {
+    fn default() -> Self {
+        Self {
+            capacity: BrokerOptions::default().queue_capacity,
+            slow_consumer: Policy::DropOldest,
+        }
+    }
+}
+
+impl Config {
+    /// Loads defaults, then the file (required if `explicit`), then `WHISPEER_*` variables.
+    pub(crate) fn load(path: &Path, explicit: bool) -> Result<Self, Box<figment::Error>> {
+        let mut figment = Figment::from(Serialized::defaults(Self::default()));
+        if explicit || path.exists() {
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        // WHISPEER_KEY, WHISPEER_SERVER and WHISPEER_LOG belong to other commands or to logging.
+        let env =
+            Env::prefixed("WHISPEER_").split("__").ignore(&["key", "server", "log", "api_key"]);
+        figment.merge(env).extract().map_err(Box::new)
+    }
+
+    /// The broker's options.
+    pub(crate) fn broker_options(&self) -> BrokerOptions {
+        let mut options = BrokerOptions::default();
+        options.limits.max_message_bytes = self.limits.max_message_bytes;
+        options.limits.max_frame_bytes = self.limits.max_frame_bytes;
+        options.limits.max_topic_len = self.limits.max_topic_len;
+        options.limits.max_topic_depth = self.limits.max_topic_depth;
+        options.queue_capacity = self.queues.capacity;
+        options.slow_consumer = match self.queues.slow_consumer {
+            Policy::DropOldest => SlowConsumer::DropOldest,
+            Policy::DropNewest => SlowConsumer::DropNewest,
+            Policy::Disconnect => SlowConsumer::Disconnect,
+        };
+        options
+    }
+
+    /// The server's settings.
+    pub(crate) fn server_config(&self) -> anyhow::Result<ServerConfig> {
+        let mut server = ServerConfig::default();
+        server.name.clone_from(&self.name);
+        server.api_keys = ApiKeys::parse(&self.api_keys)?;
+        server.heartbeat = Duration::from_millis(self.heartbeat_ms.max(10));
+        server.max_connections = self.max_connections;
+        server.max_subscriptions = self.max_subscriptions;
+        Ok(server)
+    }
+}
+
+#[cfg(test)]
+#[expect(clippy::result_large_err, reason = "figment's Jail closures must return figment::Result")]
+mod tests {
+    use figment::Jail;
+
+    use super::*;
+
+    #[test]
+    fn defaults_need_no_file() {
+        Jail::expect_with(|_jail| {
+            let config = Config::load(Path::new("whispeer.toml"), false).unwrap();
+            assert_eq!(config, Config::default());
+            assert_eq!(config.listen, DEFAULT_LISTEN);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn file_then_environment_override_defaults() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "whispeer.toml",
+                r#"
+                listen = "127.0.0.1:9000"
+                api_keys = ["one"]
+                [limits]
+                max_message_bytes = 4096
+                [queues]
+                slow_consumer = "drop-newest"
+                "#,
+            )?;
+            jail.set_env("WHISPEER_LISTEN", "127.0.0.1:9001");
+            jail.set_env("WHISPEER_LIMITS__MAX_TOPIC_DEPTH", "8");
+            jail.set_env("WHISPEER_KEY", "1:not-a-config-key");
+            let config = Config::load(Path::new("whispeer.toml"), false).unwrap();
+            assert_eq!(config.listen, "127.0.0.1:9001");
+            assert_eq!(config.api_keys, ["one"]);
+            assert_eq!(config.limits.max_message_bytes, 4096);
+            assert_eq!(config.limits.max_topic_depth, 8);
+            assert_eq!(config.broker_options().slow_consumer, SlowConsumer::DropNewest);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_values_name_the_key_and_the_source() {
+        Jail::expect_with(|jail| {
+            jail.set_env("WHISPEER_LIMITS__MAX_MESSAGE_BYTES", "lots");
+            let err = Config::load(Path::new("whispeer.toml"), false).unwrap_err().to_string();
+            // figment names the key (upper-cased, as in the variable) and the provider.
+            let lower = err.to_lowercase();
+            assert!(
+                lower.contains("limits.max_message_bytes") && err.contains("WHISPEER_"),
+                "{err}"
+            );
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.create_file("custom.toml", "lisen = \"typo\"")?;
+            let err = Config::load(Path::new("custom.toml"), true).unwrap_err().to_string();
+            assert!(err.contains("lisen") && err.contains("custom.toml"), "{err}");
+            Ok(())
+        });
+        Jail::expect_with(|_jail| {
+            assert!(
+                Config::load(Path::new("missing.toml"), true).is_err(),
+                "an explicit file must exist"
+            );
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,146 @@
+//! `whispeer pub` and `whispeer sub`: the client SDK from the command line.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Args;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use whispeer_client::engines::{Compression, Encryption, Keyring};
+use whispeer_client::{Client, ClientOptions};
+
+use crate::ConnectArgs;
+
+/// `whispeer pub`.
+#[derive(Debug, Args)]
+pub(crate) struct PubArgs {
+    /// Topic to publish to.
+    topic: String,
+    /// The message; without it, each line of standard input is one message.
+    message: Option<String>,
+    /// Wait for the server to acknowledge each message (QoS 1).
+    #[arg(long)]
+    ack: bool,
+    #[command(flatten)]
+    connect: ConnectArgs,
+}
+
+/// `whispeer sub`.
+#[derive(Debug, Args)]
+pub(crate) struct SubArgs {
+    /// Filter to subscribe to (`+` one segment, `#` the rest).
+    filter: String,
+    /// Print each message's topic before it.
+    #[arg(short, long)]
+    verbose: bool,
+    /// Exit after this many messages.
+    #[arg(long)]
+    count: Option<u64>,
+    #[command(flatten)]
+    connect: ConnectArgs,
+}
+
+fn block_on(future: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("whispeer: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(future) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("whispeer: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn connect(args: &ConnectArgs) -> anyhow::Result<Client> {
+    let mut options = ClientOptions::new(args.server.clone());
+    if let Some(key) = &args.api_key {
+        options = options.api_key(key.clone());
+    }
+    let keyring = match &args.key_file {
+        Some(path) => {
+            Some(Keyring::from_file(path).with_context(|| format!("key file {}", path.display()))?)
+        }
+        None if std::env::var_os("WHISPEER_KEY").is_some() => {
+            Some(Keyring::from_env("WHISPEER_KEY").context("WHISPEER_KEY")?)
+        }
+        None => None,
+    };
+    if let Some(keyring) = keyring {
+        options = options.encryption(Encryption::new(keyring));
+    }
+    if args.compress {
+        options = options.compression(Compression::new());
+    }
+    Ok(Client::connect_with(options).await?)
+}
+
+pub(crate) fn run_pub(args: PubArgs) -> ExitCode {
+    block_on(async move {
+        let client = connect(&args.connect).await?;
+        let publish = async |payload: String| -> anyhow::Result<()> {
+            if args.ack {
+                client.publish_acked_bytes(&args.topic, payload.into_bytes()).await?;
+            } else {
+                client.publish_bytes(&args.topic, payload.into_bytes()).await?;
+            }
+            Ok(())
+        };
+        match &args.message {
+            Some(message) => publish(message.clone()).await?,
+            None => {
+                let mut lines = BufReader::new(tokio::io::stdin()).lines();
+                while let Some(line) = lines.next_line().await.context("reading standard input")? {
+                    publish(line).await?;
+                }
+            }
+        }
+        client.flush().await.context("flushing to the server")?;
+        Ok(())
+    })
+}
+
+pub(crate) fn run_sub(args: SubArgs) -> ExitCode {
+    block_on(async move {
+        let client = connect(&args.connect).await?;
+        let mut messages = client.messages(&args.filter).await.context("subscribing")?;
+        eprintln!("whispeer: subscribed to {}", args.filter);
+        let mut seen = 0u64;
+        while args.count.is_none_or(|count| seen < count) {
+            let received = tokio::select! {
+                received = messages.recv() => received,
+                _ = tokio::signal::ctrl_c() => break,
+            };
+            let Some(delivery) = received else { anyhow::bail!("connection closed") };
+            let payload = match delivery.plaintext() {
+                Ok(payload) => payload,
+                Err(err) => {
+                    eprintln!(
+                        "whispeer: message {} on {} skipped: {err}",
+                        delivery.id(),
+                        delivery.topic()
+                    );
+                    continue;
+                }
+            };
+            let text = String::from_utf8_lossy(&payload);
+            let mut out = std::io::stdout().lock();
+            let written = if args.verbose {
+                writeln!(out, "{} {text}", delivery.topic())
+            } else {
+                writeln!(out, "{text}")
+            };
+            // A closed pipe (`whispeer sub … | head`) ends the command quietly.
+            if written.and_then(|()| out.flush()).is_err() {
+                break;
+            }
+            seen += 1;
+        }
+        Ok(())
+    })
+}

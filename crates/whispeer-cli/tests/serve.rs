@@ -1,0 +1,206 @@
+//! The real `whispeer` binary: `serve` on an ephemeral port, driven by `pub`, `sub` and the SDK.
+
+#![expect(clippy::unwrap_used, reason = "test helpers fail loudly")]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use whispeer_client::engines::{Encryption, Keyring};
+use whispeer_client::{Client, ClientError, ClientOptions};
+
+const BIN: &str = env!("CARGO_BIN_EXE_whispeer");
+
+/// A `whispeer serve` child process, killed when dropped.
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Server {
+    fn start(envs: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(BIN);
+        command
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        // Keep the caller's environment from configuring the server under test.
+        for (name, _) in std::env::vars() {
+            if name.starts_with("WHISPEER_") {
+                command.env_remove(name);
+            }
+        }
+        command.envs(envs.iter().copied()).env("WHISPEER_HEARTBEAT_MS", "500");
+        let mut child = command.spawn().unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("whispeer: listening on ")
+            .unwrap_or_else(|| panic!("{line:?}"))
+            .to_string();
+        Self { child, addr }
+    }
+
+    /// Sends SIGTERM and returns the exit status.
+    fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        let status = self.child.wait().unwrap();
+        std::mem::forget(self);
+        status
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `whispeer sub` child; waits until it has subscribed.
+fn subscriber(args: &[&str], envs: &[(&str, &str)]) -> Child {
+    let mut child = Command::new(BIN)
+        .arg("sub")
+        .args(args)
+        .envs(envs.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stderr.as_mut().unwrap()).read_line(&mut line).unwrap();
+    assert!(line.starts_with("whispeer: subscribed"), "{line:?}");
+    child
+}
+
+fn publish(args: &[&str], stdin: Option<&str>) -> std::process::Output {
+    let mut child = Command::new(BIN)
+        .arg("pub")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(text) = stdin {
+        input.write_all(text.as_bytes()).unwrap();
+    }
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+fn output_of(mut child: Child) -> String {
+    let status = child.wait().unwrap();
+    let mut out = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    assert!(status.success(), "sub exited with {status}: {out}");
+    out
+}
+
+#[test]
+fn sub_prints_what_pub_sends_like_mosquitto_sub_v() {
+    let server = Server::start(&[]);
+    let sub = subscriber(&["sensor/#", "-v", "--count", "3", "--server", &server.addr], &[]);
+    let out = publish(&["sensor/k1/temperature", "21.5", "--server", &server.addr], None);
+    assert!(out.status.success(), "{out:?}");
+    let out = publish(
+        &["sensor/k2/log", "--ack", "--server", &server.addr],
+        Some("line one\nline two\n"),
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        output_of(sub),
+        "sensor/k1/temperature 21.5\nsensor/k2/log line one\nsensor/k2/log line two\n"
+    );
+}
+
+#[test]
+fn api_keys_from_the_environment_are_enforced() {
+    let server = Server::start(&[("WHISPEER_API_KEYS", r#"["cli-secret"]"#)]);
+    let refused = publish(&["t", "x", "--server", &server.addr], None);
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("API key"), "{stderr}");
+    let wrong = publish(&["t", "x", "--server", &server.addr, "--api-key", "nope"], None);
+    assert_eq!(wrong.status.code(), Some(1));
+    let sub = subscriber(
+        &["t", "--count", "1", "--server", &server.addr, "--api-key", "cli-secret"],
+        &[],
+    );
+    let still_refused = publish(&["t", "hello", "--server", &server.addr], None).status;
+    assert!(!still_refused.success(), "still refused without a key");
+    let ok = publish(&["t", "hello", "--server", &server.addr, "--api-key", "cli-secret"], None);
+    assert!(ok.status.success(), "{ok:?}");
+    assert_eq!(output_of(sub), "hello\n");
+}
+
+#[test]
+fn non_loopback_without_keys_is_refused() {
+    let out = Command::new(BIN).args(["serve", "--listen", "0.0.0.0:0"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("without api_keys"));
+}
+
+#[test]
+fn bad_configuration_names_the_key_and_exits_2() {
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("WHISPEER_MAX_CONNECTIONS", "many")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.to_lowercase().contains("max_connections"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_and_cli_share_sealed_messages_through_the_binary() {
+    let server = Server::start(&[]);
+    let keyring = Keyring::generate().unwrap();
+    let key_text = keyring.to_text().to_string();
+    let options = ClientOptions::new(server.addr.clone()).encryption(Encryption::new(keyring));
+    let client = Client::connect_with(options).await.unwrap();
+    let mut sealed = client.messages("secure/#").await.unwrap();
+
+    // The CLI seals with the key from WHISPEER_KEY; the SDK opens it.
+    let out = publish(&["secure/a", "for your eyes only", "--server", &server.addr], None);
+    assert!(out.status.success());
+    let env_key = [("WHISPEER_KEY", key_text.trim())];
+    let mut cli = Command::new(BIN)
+        .args(["pub", "secure/b", "sealed by the cli", "--server", &server.addr])
+        .envs(env_key)
+        .spawn()
+        .unwrap();
+    assert!(cli.wait().unwrap().success());
+    let first =
+        tokio::time::timeout(Duration::from_secs(10), sealed.recv()).await.unwrap().unwrap();
+    assert_eq!(&first.plaintext().unwrap()[..], b"for your eyes only");
+    let second =
+        tokio::time::timeout(Duration::from_secs(10), sealed.recv()).await.unwrap().unwrap();
+    assert!(!second.payload().windows(6).any(|w| w == b"sealed"), "travelled encrypted");
+    assert_eq!(&second.plaintext().unwrap()[..], b"sealed by the cli");
+
+    // The SDK seals; a CLI subscriber with the key prints the plaintext.
+    let sub = subscriber(&["secure/c", "--count", "1", "--server", &server.addr], &env_key);
+    client.publish_acked_bytes("secure/c", &b"from the sdk"[..]).await.unwrap();
+    assert_eq!(
+        tokio::task::spawn_blocking(move || output_of(sub)).await.unwrap(),
+        "from the sdk\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_shuts_down_cleanly_and_tells_clients() {
+    let server = Server::start(&[]);
+    let options = ClientOptions::new(server.addr.clone()).reconnect(false);
+    let client = Client::connect_with(options).await.unwrap();
+    let mut sub = client.subscribe::<String>("x").await.unwrap();
+    let status = tokio::task::spawn_blocking(move || server.terminate()).await.unwrap();
+    assert!(status.success(), "{status}");
+    assert_eq!(tokio::time::timeout(Duration::from_secs(10), sub.recv()).await.unwrap(), None);
+    let err = client.flush().await.unwrap_err();
+    assert!(matches!(err, ClientError::Closed | ClientError::Disconnected), "{err:?}");
+}

@@ -1,0 +1,128 @@
+//! Building a broker: [`BrokerOptions`], [`BrokerBuilder`] and the [`Extension`]s it takes.
+
+use std::sync::Arc;
+
+use tokio::runtime::Handle;
+use whispeer_engines::{Codec, Compression, Encryption, Engines, TopicRule};
+use whispeer_proto::Limits;
+
+use crate::broker::{Broker, Shared};
+use crate::plugin::Plugin;
+use crate::queue::SlowConsumer;
+use crate::runtime::Spawner;
+
+/// Settings of a broker. Every field has a safe default.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct BrokerOptions {
+    /// How typed values are encoded. Default: [`Codec::Postcard`].
+    pub codec: Codec,
+    /// Bounds on topics and messages.
+    pub limits: Limits,
+    /// Default queue capacity of a subscription, in messages. Default: 1024.
+    pub queue_capacity: usize,
+    /// Default policy when a subscription's queue is full. Default: [`SlowConsumer::DropOldest`].
+    pub slow_consumer: SlowConsumer,
+}
+
+impl Default for BrokerOptions {
+    fn default() -> Self {
+        Self {
+            codec: Codec::default(),
+            limits: Limits::default(),
+            queue_capacity: 1024,
+            slow_consumer: SlowConsumer::default(),
+        }
+    }
+}
+
+/// Anything that extends a broker at build time: plugins, [`Compression`], [`Encryption`] and
+/// [`TopicRule`]s today; transports and storage as they arrive. Passed to [`BrokerBuilder::with`].
+pub trait Extension {
+    /// Adds itself to the builder.
+    fn extend(self, builder: BrokerBuilder) -> BrokerBuilder;
+}
+
+impl<P: Plugin> Extension for P {
+    fn extend(self, builder: BrokerBuilder) -> BrokerBuilder {
+        builder.plugin(self)
+    }
+}
+
+impl Extension for Compression {
+    fn extend(self, mut builder: BrokerBuilder) -> BrokerBuilder {
+        builder.engines = std::mem::take(&mut builder.engines).with_compression(self);
+        builder
+    }
+}
+
+impl Extension for Encryption {
+    fn extend(self, mut builder: BrokerBuilder) -> BrokerBuilder {
+        builder.engines = std::mem::take(&mut builder.engines).with_encryption(self);
+        builder
+    }
+}
+
+impl Extension for TopicRule {
+    fn extend(self, mut builder: BrokerBuilder) -> BrokerBuilder {
+        builder.engines = std::mem::take(&mut builder.engines).with_rule(self);
+        builder
+    }
+}
+
+/// Builds a [`Broker`]. Start with [`Broker::builder`] or [`Broker::build_default`].
+#[must_use = "a builder does nothing until `build` is called"]
+pub struct BrokerBuilder {
+    options: BrokerOptions,
+    plugins: Vec<Arc<dyn Plugin>>,
+    engines: Engines,
+    runtime: Option<Handle>,
+}
+
+impl std::fmt::Debug for BrokerBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerBuilder")
+            .field("options", &self.options)
+            .field("plugins", &self.plugins.iter().map(|p| p.name()).collect::<Vec<_>>())
+            .field("engines", &self.engines)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BrokerBuilder {
+    /// Adds an extension: a plugin, and later an engine, transport or store.
+    pub fn with(self, extension: impl Extension) -> Self {
+        extension.extend(self)
+    }
+
+    /// Adds a plugin; plugins run in the order they were added.
+    pub fn plugin(mut self, plugin: impl Plugin) -> Self {
+        self.plugins.push(Arc::new(plugin));
+        self
+    }
+
+    /// Runs callback subscribers' delivery tasks on this runtime. Without it, they run on the
+    /// runtime that calls `subscribe`, or, outside any runtime, on a small one the broker starts.
+    pub fn runtime(mut self, handle: Handle) -> Self {
+        self.runtime = Some(handle);
+        self
+    }
+
+    /// The options, for extensions that adjust them.
+    pub fn options_mut(&mut self) -> &mut BrokerOptions {
+        &mut self.options
+    }
+
+    /// Builds the broker.
+    pub fn build(self) -> Broker {
+        let engines = self.engines.with_max_message_bytes(self.options.limits.max_message_bytes);
+        let engines = engines.is_active().then(|| Arc::new(engines));
+        let shared =
+            Shared::new(self.options, self.plugins.into(), engines, Spawner::new(self.runtime));
+        Broker { inner: Arc::new(shared) }
+    }
+
+    pub(crate) fn new(options: BrokerOptions) -> Self {
+        Self { options, plugins: Vec::new(), engines: Engines::new(), runtime: None }
+    }
+}
