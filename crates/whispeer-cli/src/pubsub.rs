@@ -41,7 +41,19 @@ pub(crate) struct SubArgs {
 }
 
 fn block_on(future: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    run_on(tokio::runtime::Builder::new_current_thread(), future)
+}
+
+/// Like `block_on`, on a multi-threaded runtime (for the benchmark's many connections).
+pub(crate) fn block_on_multi(future: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
+    run_on(tokio::runtime::Builder::new_multi_thread(), future)
+}
+
+fn run_on(
+    mut builder: tokio::runtime::Builder,
+    future: impl Future<Output = anyhow::Result<()>>,
+) -> ExitCode {
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("whispeer: cannot start the runtime: {err}");

@@ -18,7 +18,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep, sleep_until, timeout};
-use whispeer_proto::{Body, Envelope, ErrorCode, Filter, Frame, Limits, PROTOCOL_VERSION, Qos};
+use whispeer_proto::{
+    Body, Envelope, ErrorCode, Filter, Frame, Limits, PROTOCOL_VERSION, Qos, reserve_for_read,
+};
 
 use crate::{ClientError, ClientOptions};
 
@@ -148,6 +150,7 @@ async fn read_frame(
             Ok(None) => {}
             Err(err) => return Err(ClientError::Protocol(err.to_string())),
         }
+        reserve_for_read(buf);
         match stream.read_buf(buf).await {
             Ok(0) => return Err(ClientError::Disconnected),
             Ok(_) => {}
@@ -266,16 +269,15 @@ impl Actor {
                     return Ended::Lost(err);
                 }
             }
+            reserve_for_read(&mut inbound);
+            // Biased: take what is ready to read, then every queued command, and write only
+            // when no command is waiting, so one write carries as many frames as possible.
             tokio::select! {
+                biased;
                 read = reader.read_buf(&mut inbound) => match read {
                     Ok(0) | Err(_) => return Ended::Lost(ClientError::Disconnected),
                     Ok(_) => deadline = Instant::now() + silence,
                 },
-                written = writer.write_buf(&mut out), if !out.is_empty() => {
-                    if matches!(written, Ok(0) | Err(_)) {
-                        return Ended::Lost(ClientError::Disconnected);
-                    }
-                }
                 command = self.commands.recv(), if out.len() < HIGH_WATER => {
                     let Some(command) = command else { return self.finish(writer, out).await };
                     if self.command(command, &mut out, max_frame_bytes) {
@@ -293,6 +295,11 @@ impl Actor {
                             }
                             Err(_) => break,
                         }
+                    }
+                }
+                written = writer.write_buf(&mut out), if !out.is_empty() => {
+                    if matches!(written, Ok(0) | Err(_)) {
+                        return Ended::Lost(ClientError::Disconnected);
                     }
                 }
                 () = sleep_until(deadline) => {

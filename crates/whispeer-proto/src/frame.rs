@@ -387,6 +387,18 @@ impl Frame {
     }
 }
 
+/// Spare room a read buffer should have before each read: frames are split off the buffer
+/// without copying, so a buffer left to grow by the reader's default (64 bytes at a time) would
+/// be reallocated and copied on almost every read.
+pub const READ_CHUNK: usize = 64 * 1024;
+
+/// Makes sure `buf` has room for a large read, reallocating at most once per `READ_CHUNK`.
+pub fn reserve_for_read(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < READ_CHUNK / 8 {
+        buf.reserve(READ_CHUNK);
+    }
+}
+
 /// Writes the length prefix of the frame starting at `start`, or removes the frame on error.
 fn finish_frame(
     dst: &mut BytesMut,

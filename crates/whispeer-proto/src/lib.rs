@@ -25,6 +25,9 @@ pub use code::ErrorCode;
 pub use envelope::{
     CipherAlgorithm, CompressionAlgorithm, ContentType, Envelope, Flags, Headers, MessageId,
 };
-pub use frame::{Body, DecodeError, EncodeError, Frame, MAX_HEADERS, PROTOCOL_VERSION, Qos};
+pub use frame::{
+    Body, DecodeError, EncodeError, Frame, MAX_HEADERS, PROTOCOL_VERSION, Qos, READ_CHUNK,
+    reserve_for_read,
+};
 pub use limits::Limits;
 pub use topic::{Filter, FilterSegment, Topic, TopicError};

@@ -17,7 +17,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use whispeer_proto::{Body, ErrorCode, Frame, Limits, PROTOCOL_VERSION, Qos};
+use whispeer_proto::{Body, ErrorCode, Frame, Limits, PROTOCOL_VERSION, Qos, reserve_for_read};
 
 use super::ServerConfig;
 use crate::{Broker, Message, PublishError, SubscribeError, SubscribeOptions};
@@ -130,7 +130,7 @@ impl Connection {
         writer_gone: &CancellationToken,
     ) -> Result<(), Close> {
         let idle = self.config.idle_timeout();
-        let mut buf = BytesMut::with_capacity(8 * 1024);
+        let mut buf = BytesMut::new();
         let mut partial_since: Option<Instant> = None;
         loop {
             loop {
@@ -145,6 +145,7 @@ impl Connection {
             if partial_since.is_some_and(|since| since.elapsed() > idle) {
                 return Err(Close::new(ErrorCode::IDLE_TIMEOUT, "frame left incomplete"));
             }
+            reserve_for_read(&mut buf);
             tokio::select! {
                 () = stop.cancelled() => return Ok(()),
                 () = writer_gone.cancelled() => return Ok(()),

@@ -1,0 +1,340 @@
+//! `whispeer bench`: throughput and latency against a running server, and against nats-server
+//! with the same workloads in the same run (`--nats`, feature `nats`).
+//!
+//! Every system runs through one harness: each subscriber has its own connection; the publisher
+//! stays at most `WINDOW` messages ahead of the slowest subscriber, so no queue overflows and
+//! every message is delivered; throughput counts delivered messages. Latency publishes at a fixed
+//! rate (paced per millisecond) and measures publish-to-receive time inside this process.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+use clap::Args;
+use whispeer_client::{Client, ClientOptions, ClientSubscription, Delivery};
+
+/// Default publisher lead over the slowest subscriber, in messages: well under the server's
+/// default subscription queue (1 024), so no slow-consumer policy ever drops a message.
+const WINDOW: u64 = 512;
+/// A subscriber that receives nothing this long has lost messages.
+const STALL: Duration = Duration::from_secs(10);
+
+/// `whispeer bench`.
+#[derive(Debug, Args)]
+pub(crate) struct BenchArgs {
+    /// whispeer server address.
+    #[arg(long, default_value = crate::config::DEFAULT_LISTEN)]
+    server: String,
+    /// API key for the whispeer server.
+    #[arg(long, env = "WHISPEER_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// nats-server address, to measure it with the same workloads (needs feature `nats`).
+    #[arg(long)]
+    nats: Option<String>,
+    /// Messages per throughput run with 128-byte payloads.
+    #[arg(long, default_value_t = 200_000)]
+    messages: u64,
+    /// Seconds of the fixed-rate latency run.
+    #[arg(long, default_value_t = 3)]
+    latency_secs: u64,
+    /// Rate of the latency run, messages per second.
+    #[arg(long, default_value_t = 10_000)]
+    rate: u64,
+    /// Most messages the publisher may be ahead of the slowest subscriber. Keep it under the
+    /// server's `[queues] capacity`, or its slow-consumer policy drops messages.
+    #[arg(long, default_value_t = WINDOW)]
+    window: u64,
+}
+
+/// One system under test: how to connect.
+#[derive(Clone, Debug)]
+enum Target {
+    Whispeer {
+        addr: String,
+        api_key: Option<String>,
+    },
+    #[cfg(feature = "nats")]
+    Nats {
+        addr: String,
+    },
+}
+
+enum Conn {
+    Whispeer(Client),
+    #[cfg(feature = "nats")]
+    Nats(async_nats::Client),
+}
+
+enum Sub {
+    Whispeer(ClientSubscription<Delivery>),
+    #[cfg(feature = "nats")]
+    Nats(async_nats::Subscriber),
+}
+
+impl Target {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Whispeer { .. } => "whispeer",
+            #[cfg(feature = "nats")]
+            Self::Nats { .. } => "nats-server",
+        }
+    }
+
+    /// The same topic in each system's syntax.
+    fn subject(&self, name: &str) -> String {
+        match self {
+            Self::Whispeer { .. } => format!("bench/{name}"),
+            #[cfg(feature = "nats")]
+            Self::Nats { .. } => format!("bench.{name}"),
+        }
+    }
+
+    async fn connect(&self) -> anyhow::Result<Conn> {
+        Ok(match self {
+            Self::Whispeer { addr, api_key } => {
+                let mut options = ClientOptions::new(addr.clone());
+                options.subscription_capacity = 4096;
+                if let Some(key) = api_key {
+                    options = options.api_key(key.clone());
+                }
+                Conn::Whispeer(Client::connect_with(options).await?)
+            }
+            #[cfg(feature = "nats")]
+            Self::Nats { addr } => Conn::Nats(async_nats::connect(addr.as_str()).await?),
+        })
+    }
+}
+
+impl Conn {
+    async fn subscribe(&self, subject: &str) -> anyhow::Result<Sub> {
+        Ok(match self {
+            Self::Whispeer(client) => Sub::Whispeer(client.messages(subject).await?),
+            #[cfg(feature = "nats")]
+            Self::Nats(client) => {
+                let sub = client.subscribe(subject.to_string()).await?;
+                // NATS subscriptions are confirmed by a round trip.
+                client.flush().await?;
+                Sub::Nats(sub)
+            }
+        })
+    }
+
+    async fn publish(&self, subject: &str, payload: Bytes) -> anyhow::Result<()> {
+        match self {
+            Self::Whispeer(client) => {
+                client.publish_bytes(subject, payload).await?;
+            }
+            #[cfg(feature = "nats")]
+            Self::Nats(client) => client.publish(subject.to_string(), payload).await?,
+        }
+        Ok(())
+    }
+
+    async fn flush(&self) -> anyhow::Result<()> {
+        match self {
+            Self::Whispeer(client) => client.flush().await?,
+            #[cfg(feature = "nats")]
+            Self::Nats(client) => client.flush().await?,
+        }
+        Ok(())
+    }
+}
+
+impl Sub {
+    async fn next(&mut self) -> Option<Bytes> {
+        match self {
+            Self::Whispeer(sub) => sub.recv().await.map(|d| d.payload().clone()),
+            #[cfg(feature = "nats")]
+            Self::Nats(sub) => {
+                use futures_util::StreamExt;
+                sub.next().await.map(|m| m.payload)
+            }
+        }
+    }
+}
+
+/// Delivered messages per second with `subscribers` subscribers; returns (msgs/s, bytes/s).
+async fn throughput(
+    target: &Target,
+    subscribers: usize,
+    messages: u64,
+    size: usize,
+    window: u64,
+) -> anyhow::Result<(f64, f64)> {
+    let subject = target.subject(&format!("t{subscribers}x{size}"));
+    let progress: Arc<Vec<AtomicU64>> =
+        Arc::new((0..subscribers).map(|_| AtomicU64::new(0)).collect());
+    let mut readers = Vec::new();
+    for i in 0..subscribers {
+        let conn = target.connect().await?;
+        let mut sub = conn.subscribe(&subject).await?;
+        let progress = Arc::clone(&progress);
+        readers.push(tokio::spawn(async move {
+            let _conn = conn;
+            for n in 1..=messages {
+                match tokio::time::timeout(STALL, sub.next()).await {
+                    Ok(Some(_)) => progress[i].store(n, Ordering::Release),
+                    Ok(None) => anyhow::bail!("subscription ended after {} messages", n - 1),
+                    Err(_) => anyhow::bail!(
+                        "no message for {STALL:?} after {} of {messages}: messages lost",
+                        n - 1
+                    ),
+                }
+            }
+            Ok(())
+        }));
+    }
+    let publisher = target.connect().await?;
+    let payload = Bytes::from(vec![b'x'; size]);
+    let start = Instant::now();
+    for sent in 0..messages {
+        if sent % 64 == 0 {
+            while sent - progress.iter().map(|p| p.load(Ordering::Acquire)).min().unwrap_or(0)
+                >= window
+            {
+                tokio::task::yield_now().await;
+            }
+        }
+        publisher.publish(&subject, payload.clone()).await?;
+    }
+    publisher.flush().await?;
+    for reader in readers {
+        reader.await??;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let delivered = (messages * subscribers as u64) as f64;
+    Ok((delivered / seconds, delivered * size as f64 / seconds))
+}
+
+/// Publish-to-receive latency at a fixed rate; returns p50, p99 and p99.9 in microseconds.
+async fn latency(target: &Target, rate: u64, seconds: u64) -> anyhow::Result<[f64; 3]> {
+    let subject = target.subject("latency");
+    let total = rate * seconds;
+    let base = Instant::now();
+    let receiver = target.connect().await?;
+    let mut sub = receiver.subscribe(&subject).await?;
+    let reader = tokio::spawn(async move {
+        let _receiver = receiver;
+        let mut samples = Vec::with_capacity(total as usize);
+        while (samples.len() as u64) < total {
+            let Some(payload) = sub.next().await else { break };
+            let mut sent = [0u8; 8];
+            sent.copy_from_slice(&payload[..8]);
+            let now = base.elapsed().as_nanos() as u64;
+            samples.push(now.saturating_sub(u64::from_be_bytes(sent)));
+        }
+        samples
+    });
+    let publisher = target.connect().await?;
+    let period = Duration::from_secs(1).as_nanos() as u64 / rate.max(1);
+    let start = Instant::now();
+    let mut payload = vec![0u8; 128];
+    for i in 0..total {
+        let due = start + Duration::from_nanos(i * period);
+        if due > Instant::now() + Duration::from_millis(1) {
+            publisher.flush().await?;
+            tokio::time::sleep_until(due.into()).await;
+        }
+        payload[..8].copy_from_slice(&(base.elapsed().as_nanos() as u64).to_be_bytes());
+        publisher.publish(&subject, Bytes::copy_from_slice(&payload)).await?;
+    }
+    publisher.flush().await?;
+    let mut samples = tokio::time::timeout(Duration::from_secs(30), reader)
+        .await
+        .context("latency run stalled")??;
+    anyhow::ensure!(
+        samples.len() as u64 == total,
+        "received {} of {total} messages",
+        samples.len()
+    );
+    samples.sort_unstable();
+    let at = |q: f64| {
+        samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)] as f64 / 1000.0
+    };
+    Ok([at(0.50), at(0.99), at(0.999)])
+}
+
+/// The measurements of one system.
+struct Report {
+    one_to_one: f64,
+    one_to_eight: f64,
+    large_mb: f64,
+    latency: [f64; 3],
+}
+
+async fn measure(target: &Target, args: &BenchArgs) -> anyhow::Result<Report> {
+    let name = target.name();
+    eprintln!("{name}: 1→1, 128 B …");
+    let (one_to_one, _) = throughput(target, 1, args.messages, 128, args.window).await?;
+    eprintln!("{name}: 1→8, 128 B …");
+    let (one_to_eight, _) = throughput(target, 8, args.messages / 4, 128, args.window).await?;
+    eprintln!("{name}: 1→1, 64 KiB …");
+    let (_, large) =
+        throughput(target, 1, (args.messages / 40).max(100), 64 * 1024, args.window.min(64))
+            .await?;
+    eprintln!("{name}: latency at {} msgs/s for {} s …", args.rate, args.latency_secs);
+    let latency = latency(target, args.rate, args.latency_secs).await?;
+    Ok(Report { one_to_one, one_to_eight, large_mb: large / 1e6, latency })
+}
+
+pub(crate) fn run(args: BenchArgs) -> std::process::ExitCode {
+    crate::pubsub::block_on_multi(async move {
+        let whispeer =
+            Target::Whispeer { addr: args.server.clone(), api_key: args.api_key.clone() };
+        let targets: Vec<Target> = std::iter::once(whispeer).chain(nats_target(&args)?).collect();
+        let mut reports = Vec::new();
+        for target in &targets {
+            let report = measure(target, &args)
+                .await
+                .with_context(|| format!("benchmarking {}", target.name()))?;
+            reports.push((target.name(), report));
+        }
+        print_table(&reports);
+        Ok(())
+    })
+}
+
+/// The nats-server to compare with, if `--nats` was given.
+fn nats_target(args: &BenchArgs) -> anyhow::Result<Option<Target>> {
+    match &args.nats {
+        None => Ok(None),
+        #[cfg(feature = "nats")]
+        Some(addr) => Ok(Some(Target::Nats { addr: addr.clone() })),
+        #[cfg(not(feature = "nats"))]
+        Some(addr) => {
+            anyhow::bail!("--nats {addr}: this whispeer was built without the `nats` feature")
+        }
+    }
+}
+
+fn print_table(reports: &[(&str, Report)]) {
+    type Row = (&'static str, fn(&Report) -> f64);
+    let rows: [Row; 6] = [
+        ("1→1 128 B, delivered msgs/s", |r| r.one_to_one),
+        ("1→8 128 B, delivered msgs/s", |r| r.one_to_eight),
+        ("1→1 64 KiB, MB/s", |r| r.large_mb),
+        ("latency p50 µs (fixed rate)", |r| r.latency[0]),
+        ("latency p99 µs", |r| r.latency[1]),
+        ("latency p99.9 µs", |r| r.latency[2]),
+    ];
+    print!("{:<32}", "workload");
+    for (name, _) in reports {
+        print!("{name:>14}");
+    }
+    if reports.len() == 2 {
+        print!("{:>16}", "ratio w/n");
+    }
+    println!();
+    for (label, value) in rows {
+        print!("{label:<32}");
+        for (_, report) in reports {
+            print!("{:>14.1}", value(report));
+        }
+        if let [(_, w), (_, n)] = reports {
+            print!("{:>15.2}×", value(w) / value(n));
+        }
+        println!();
+    }
+}
