@@ -33,7 +33,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, oneshot};
 use whispeer_engines::{
-    Codec, CodecError, Compression, Encryption, Engines, OpenError, SealError, Sealing, TopicRule,
+    Codec, CodecError, Compression, Encryption, Engines, SealError, Sealing, TopicRule,
 };
 use whispeer_proto::{
     ContentType, Envelope, ErrorCode, Filter, Flags, Headers, Limits, MessageId, Qos, Topic,
@@ -42,6 +42,7 @@ use whispeer_proto::{
 
 pub use subscription::{ClientSubscription, Delivery, SubscriptionStats};
 pub use whispeer_engines as engines;
+pub use whispeer_engines::ReceiveError;
 pub use whispeer_proto as proto;
 
 use connection::Command;
@@ -97,18 +98,6 @@ pub enum ClientError {
         /// The limit.
         max: usize,
     },
-}
-
-/// Why a delivered message could not be turned into a value.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ReceiveError {
-    /// The payload did not open: wrong or unknown key, tampering, corruption.
-    #[error(transparent)]
-    Open(#[from] OpenError),
-    /// The plaintext is not a valid encoding of the requested type.
-    #[error(transparent)]
-    Decode(#[from] CodecError),
 }
 
 /// How to connect. Every field but the address has a default.
@@ -287,10 +276,11 @@ impl Client {
         value: &T,
     ) -> Result<MessageId, ClientError> {
         let codec = self.shared.codec;
-        let envelope = self.envelope(topic, codec.content_type(), codec.encode(value)?)?;
-        let id = envelope.id;
-        self.send(Command::Publish { qos: Qos::AtMostOnce, envelope, ack: None }).await?;
-        Ok(id)
+        self.publish_sealed(
+            Qos::AtMostOnce,
+            self.envelope(topic, codec.content_type(), codec.encode(value)?)?,
+        )
+        .await
     }
 
     /// Publishes raw bytes (QoS 0), for subscribers that read [`Delivery::plaintext`].
@@ -302,10 +292,11 @@ impl Client {
         topic: &str,
         payload: impl Into<Bytes>,
     ) -> Result<MessageId, ClientError> {
-        let envelope = self.envelope(topic, ContentType::Raw, payload.into())?;
-        let id = envelope.id;
-        self.send(Command::Publish { qos: Qos::AtMostOnce, envelope, ack: None }).await?;
-        Ok(id)
+        self.publish_sealed(
+            Qos::AtMostOnce,
+            self.envelope(topic, ContentType::Raw, payload.into())?,
+        )
+        .await
     }
 
     /// Publishes `value` with QoS 1 and waits for the server's acknowledgement.
@@ -318,12 +309,11 @@ impl Client {
         value: &T,
     ) -> Result<MessageId, ClientError> {
         let codec = self.shared.codec;
-        let envelope = self.envelope(topic, codec.content_type(), codec.encode(value)?)?;
-        let id = envelope.id;
-        let (ack, acked) = oneshot::channel();
-        self.send(Command::Publish { qos: Qos::AtLeastOnce, envelope, ack: Some(ack) }).await?;
-        acked.await.map_err(|_| ClientError::Closed)??;
-        Ok(id)
+        self.publish_sealed(
+            Qos::AtLeastOnce,
+            self.envelope(topic, codec.content_type(), codec.encode(value)?)?,
+        )
+        .await
     }
 
     /// Publishes raw bytes with QoS 1 and waits for the server's acknowledgement.
@@ -335,10 +325,22 @@ impl Client {
         topic: &str,
         payload: impl Into<Bytes>,
     ) -> Result<MessageId, ClientError> {
-        let envelope = self.envelope(topic, ContentType::Raw, payload.into())?;
+        self.publish_sealed(
+            Qos::AtLeastOnce,
+            self.envelope(topic, ContentType::Raw, payload.into())?,
+        )
+        .await
+    }
+
+    /// Queues a sealed envelope; for QoS 1, waits for the acknowledgement.
+    async fn publish_sealed(&self, qos: Qos, envelope: Envelope) -> Result<MessageId, ClientError> {
         let id = envelope.id;
+        if qos == Qos::AtMostOnce {
+            self.send(Command::Publish { qos, envelope, ack: None }).await?;
+            return Ok(id);
+        }
         let (ack, acked) = oneshot::channel();
-        self.send(Command::Publish { qos: Qos::AtLeastOnce, envelope, ack: Some(ack) }).await?;
+        self.send(Command::Publish { qos, envelope, ack: Some(ack) }).await?;
         acked.await.map_err(|_| ClientError::Closed)??;
         Ok(id)
     }

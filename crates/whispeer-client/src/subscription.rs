@@ -156,7 +156,7 @@ impl<T> ClientSubscription<T> {
                 Err(err) => {
                     match err {
                         ReceiveError::Open(_) => self.stats.open_errors += 1,
-                        ReceiveError::Decode(_) => self.stats.decode_errors += 1,
+                        _ => self.stats.decode_errors += 1,
                     }
                     tracing::debug!(topic = %delivery.topic(), id = %delivery.id(), %err, "message skipped");
                 }

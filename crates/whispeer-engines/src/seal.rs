@@ -92,6 +92,20 @@ pub enum OpenError {
     },
 }
 
+/// Why a received message could not be turned into a value: it did not open, or its plaintext is
+/// not the requested type. Receivers skip such a message and count it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReceiveError {
+    /// The payload could not be decrypted or decompressed: wrong or unknown key, tampering,
+    /// corruption, or a payload over the size limit.
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    /// The plaintext is not a valid encoding of the requested type.
+    #[error(transparent)]
+    Decode(#[from] crate::CodecError),
+}
+
 /// The encryption stage: a keyring and the default cipher.
 ///
 /// ```

@@ -1,6 +1,6 @@
 //! Errors, one enum per operation family, and the umbrella [`Error`] they convert into.
 
-use whispeer_engines::{CodecError, OpenError, SealError};
+use whispeer_engines::{CodecError, ReceiveError, SealError};
 use whispeer_proto::{Topic, TopicError};
 
 /// Why a message was not published.
@@ -111,20 +111,6 @@ pub enum BindError {
         /// The type that was asked for.
         requested: &'static str,
     },
-}
-
-/// Why a received message could not be turned into a value. The message is skipped and
-/// counted (`open_errors` or `decode_errors`); the subscriber goes on.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ReceiveError {
-    /// The payload could not be decrypted or decompressed: wrong or unknown key, tampering,
-    /// corruption, or a payload over the size limit.
-    #[error(transparent)]
-    Open(#[from] OpenError),
-    /// The plaintext is not a valid encoding of the subscriber's type.
-    #[error(transparent)]
-    Decode(#[from] CodecError),
 }
 
 /// Any whispeer error; each operation's own error converts into it.

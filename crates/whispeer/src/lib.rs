@@ -50,7 +50,7 @@ mod typed;
 
 pub use broker::{Broker, MAX_QUEUE_CAPACITY, PublishReceipt};
 pub use builder::{BrokerBuilder, BrokerOptions, Extension};
-pub use error::{BindError, Error, PublishError, ReceiveError, SubscribeError};
+pub use error::{BindError, Error, PublishError, SubscribeError};
 pub use message::Message;
 pub use plugin::{LoggingPlugin, Plugin, Rejection};
 pub use queue::SlowConsumer;
@@ -59,7 +59,7 @@ pub use subscription::{SubscribeOptions, Subscriber, Subscription};
 pub use typed::TypedTopic;
 pub use whispeer_engines::{
     CipherAlgorithm, Codec, CodecError, Compression, CompressionAlgorithm, Encryption, Key,
-    KeyError, KeyId, Keyring, OpenError, SealError, TopicRule,
+    KeyError, KeyId, Keyring, OpenError, ReceiveError, SealError, TopicRule,
 };
 pub use whispeer_proto::{Filter, Topic, TopicError};
 

@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 use whispeer_engines::{Codec, Engines, OpenError};
 use whispeer_proto::{CipherAlgorithm, CompressionAlgorithm, Envelope, Headers, MessageId, Topic};
 
-use crate::error::ReceiveError;
+use whispeer_engines::ReceiveError;
 
 /// A message as a subscriber receives it. Cloning is cheap.
 #[derive(Clone)]

@@ -23,11 +23,12 @@ use serde::de::DeserializeOwned;
 use whispeer_proto::Filter;
 
 use crate::broker::{Broker, Shared};
-use crate::error::{ReceiveError, SubscribeError};
+use crate::error::SubscribeError;
 use crate::message::Message;
 use crate::queue::{Queue, SlowConsumer};
 use crate::router::SubId;
 use crate::stats::{BrokerCounters, SubscriptionStats, bump};
+use whispeer_engines::ReceiveError;
 
 /// A delivery task yields to the runtime after this many messages in a row, so a busy
 /// subscriber cannot starve the other tasks of its worker thread.
