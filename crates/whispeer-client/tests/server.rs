@@ -50,6 +50,7 @@ impl Plugin for Spy {
 
 struct TestServer {
     addr: SocketAddr,
+    broker: Broker,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
 }
@@ -60,22 +61,33 @@ impl TestServer {
     }
 
     async fn start_on(addr: &str, config: ServerConfig, spy: Option<Spy>) -> Self {
+        Self::start_with(addr, BrokerOptions::default(), config, spy).await
+    }
+
+    async fn start_with(
+        addr: &str,
+        options: BrokerOptions,
+        config: ServerConfig,
+        spy: Option<Spy>,
+    ) -> Self {
         let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let mut builder = Broker::builder(BrokerOptions::default());
+        let mut builder = Broker::builder(options);
         if let Some(spy) = spy {
             builder = builder.with(spy);
         }
         let broker = builder.build();
+        let served = broker.clone();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
+            let broker = served;
             serve(listener, broker, config, async {
                 let _ = stopped.await;
             })
             .await
             .unwrap();
         });
-        Self { addr, stop: Some(stop), task }
+        Self { addr, broker, stop: Some(stop), task }
     }
 
     async fn stop(mut self) {
@@ -350,5 +362,65 @@ async fn oversized_publish_is_refused_with_too_large() {
     let err =
         client.publish_bytes("big", vec![0u8; limits.max_message_bytes + 1]).await.unwrap_err();
     assert!(matches!(err, ClientError::TooLarge { .. }), "{err:?}");
+    server.stop().await;
+}
+
+async fn until(mut condition: impl FnMut() -> bool) {
+    soon(async {
+        while !condition() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn dropping_a_client_subscription_removes_it_on_the_server() {
+    let server = TestServer::start(fast_config(), None).await;
+    let client = Client::connect(server.addr.to_string()).await.unwrap();
+    let sub = client.subscribe::<u8>("gone").await.unwrap();
+    let kept = client.subscribe::<u8>("kept").await.unwrap();
+    assert_eq!(server.broker.stats().subscriptions, 2);
+    drop(sub);
+    client.flush().await.unwrap();
+    until(|| server.broker.stats().subscriptions == 1).await;
+    drop(kept);
+    drop(client);
+    until(|| server.broker.stats().subscriptions == 0).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_is_cut_off_and_its_drops_counted() {
+    let mut options = BrokerOptions::default();
+    options.queue_capacity = 16;
+    let server = TestServer::start_with("127.0.0.1:0", options, fast_config(), None).await;
+    let mut deaf = RawClient::connect(server.addr).await;
+    deaf.hello().await;
+    deaf.send(Frame::new(
+        5,
+        Body::Subscribe {
+            sub: 1,
+            qos: whispeer_client::proto::Qos::AtMostOnce,
+            filter: whispeer_client::proto::Filter::parse("flood").unwrap(),
+        },
+    ))
+    .await;
+    let ok = deaf.next_frame().await.unwrap();
+    assert_eq!((ok.correlation, ok.body), (5, Body::Ok));
+
+    let publisher = Client::connect(server.addr.to_string()).await.unwrap();
+    let mut other = publisher.subscribe::<u32>("other").await.unwrap();
+    let big = vec![7u8; 64 * 1024];
+    for _ in 0..600 {
+        publisher.publish_bytes("flood", big.clone()).await.unwrap();
+    }
+    publisher.flush().await.unwrap();
+    // The deaf client's socket fills, its queue overflows (counted), and it is disconnected.
+    until(|| server.broker.stats().subscriptions == 1).await;
+    assert!(server.broker.stats().dropped_oldest > 0, "{:?}", server.broker.stats());
+    // Meanwhile everyone else is served.
+    publisher.publish("other", &1u32).await.unwrap();
+    assert_eq!(soon(other.recv()).await, Some(1));
     server.stop().await;
 }

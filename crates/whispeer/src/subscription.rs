@@ -209,7 +209,19 @@ impl<T> Subscription<T> {
     /// # Cancel safety
     /// Cancel-safe, as [`recv`](Self::recv).
     pub async fn recv_message(&mut self) -> Option<Message> {
-        poll_fn(|cx| self.registration.queue.poll_pop(cx)).await
+        poll_fn(|cx| self.poll_recv_message(cx)).await
+    }
+
+    /// Polls for the next message, undecoded: `Ready(Some)` takes it, `Ready(None)` means the
+    /// subscription is closed, `Pending` registers `cx`'s waker. For callers that wait on many
+    /// subscriptions at once (the server's connection writer).
+    pub fn poll_recv_message(&mut self, cx: &mut Context<'_>) -> Poll<Option<Message>> {
+        self.registration.queue.poll_pop(cx)
+    }
+
+    /// Takes the next message, undecoded, if one is queued.
+    pub fn try_recv_message(&mut self) -> Option<Message> {
+        self.registration.queue.try_pop()
     }
 
     /// The subscription's filter.

@@ -5,7 +5,7 @@
 //! fatal error (malformed frame, idle timeout, protocol violation) is reported with an `Error`
 //! frame before the connection closes.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -13,25 +13,17 @@ use std::time::Instant;
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use whispeer_proto::{Body, ErrorCode, Frame, Limits, PROTOCOL_VERSION, Qos, reserve_for_read};
 
 use super::ServerConfig;
-use crate::{Broker, Message, PublishError, SubscribeError, SubscribeOptions};
+use super::writer::{Outbound, write_loop};
+use crate::{Broker, PublishError, SubscribeError, SubscribeOptions};
 
-/// Bytes gathered before a write, so one syscall carries many frames.
-const WRITE_BATCH: usize = 64 * 1024;
 /// Capability bit in `Welcome`: the server requires `Auth`.
 const CAP_AUTH_REQUIRED: u32 = 1;
-
-/// What the writer sends.
-enum Outbound {
-    Frame(Frame),
-    Deliver { sub: u32, message: Message },
-}
 
 /// Why the connection ends, if not by the client's choice.
 struct Close {
@@ -85,15 +77,12 @@ pub(super) async fn run(
         authenticated: !config.api_keys.required(),
         greeted: false,
         auth_failures: 0,
-        subscriptions: HashMap::new(),
+        subscriptions: HashSet::new(),
         broker,
         config,
         tx,
     };
     let outcome = connection.read_loop(reader, &limits, &stop, &writer_gone).await;
-    for (_, forwarder) in connection.subscriptions.drain() {
-        forwarder.abort();
-    }
     let close = match outcome {
         Err(close) => Some(close),
         Ok(()) if stop.is_cancelled() => {
@@ -118,7 +107,8 @@ struct Connection {
     greeted: bool,
     authenticated: bool,
     auth_failures: u32,
-    subscriptions: HashMap<u32, JoinHandle<()>>,
+    /// Ids in use; the writer owns the subscriptions themselves.
+    subscriptions: HashSet<u32>,
 }
 
 impl Connection {
@@ -223,20 +213,15 @@ impl Connection {
             Body::Subscribe { sub, filter, .. } => {
                 self.subscribe(correlation, sub, filter.as_str()).await
             }
-            Body::Unsubscribe { sub } => match self.subscriptions.remove(&sub) {
-                Some(forwarder) => {
-                    forwarder.abort();
-                    self.send(Frame::new(correlation, Body::Ok)).await;
+            Body::Unsubscribe { sub } => {
+                if self.subscriptions.remove(&sub) {
+                    let reply = Frame::new(correlation, Body::Ok);
+                    let _ = self.tx.send(Outbound::Unsubscribed { sub, reply }).await;
+                } else {
+                    let message = format!("no subscription {sub}");
+                    self.reply_error(correlation, ErrorCode::UNKNOWN_SUBSCRIPTION, message).await;
                 }
-                None => {
-                    self.reply_error(
-                        correlation,
-                        ErrorCode::UNKNOWN_SUBSCRIPTION,
-                        format!("no subscription {sub}"),
-                    )
-                    .await
-                }
-            },
+            }
             Body::Publish { qos, envelope } => match self.broker.publish_envelope(envelope) {
                 Ok(_) if qos == Qos::AtLeastOnce => {
                     self.send(Frame::new(correlation, Body::PubAck)).await
@@ -272,7 +257,7 @@ impl Connection {
     }
 
     async fn subscribe(&mut self, correlation: u32, sub: u32, filter: &str) {
-        if self.subscriptions.contains_key(&sub) {
+        if self.subscriptions.contains(&sub) {
             return self
                 .reply_error(
                     correlation,
@@ -291,22 +276,15 @@ impl Connection {
                 )
                 .await;
         }
-        let mut subscription = match self.broker.messages(SubscribeOptions::new(filter)) {
+        let subscription = match self.broker.messages(SubscribeOptions::new(filter)) {
             Ok(subscription) => subscription,
             Err(err) => {
                 return self.reply_error(correlation, subscribe_code(&err), err.to_string()).await;
             }
         };
-        let tx = self.tx.clone();
-        let forwarder = tokio::spawn(async move {
-            while let Some(message) = subscription.recv_message().await {
-                if tx.send(Outbound::Deliver { sub, message }).await.is_err() {
-                    break;
-                }
-            }
-        });
-        self.subscriptions.insert(sub, forwarder);
-        self.send(Frame::new(correlation, Body::Ok)).await;
+        self.subscriptions.insert(sub);
+        let reply = Frame::new(correlation, Body::Ok);
+        let _ = self.tx.send(Outbound::Subscribed { sub, subscription, reply }).await;
     }
 }
 
@@ -336,57 +314,5 @@ fn frame_name(body: &Body) -> &'static str {
         Body::PubAck => "PUBACK",
         Body::Deliver { .. } => "DELIVER",
         _ => "this frame",
-    }
-}
-
-/// Drains the outbound queue into the socket, many frames per write; pings when idle. Ends when
-/// the queue closes (flushing what it holds) or the socket fails or stalls.
-async fn write_loop(
-    mut writer: OwnedWriteHalf,
-    mut rx: mpsc::Receiver<Outbound>,
-    config: Arc<ServerConfig>,
-    limits: Limits,
-    gone: CancellationToken,
-) {
-    let mut buf = BytesMut::with_capacity(WRITE_BATCH);
-    let stall = config.idle_timeout();
-    loop {
-        let first = match tokio::time::timeout(config.heartbeat, rx.recv()).await {
-            Ok(Some(outbound)) => outbound,
-            Ok(None) => break,
-            Err(_) => Outbound::Frame(Frame::new(0, Body::Ping)),
-        };
-        encode(first, &mut buf, &limits);
-        while buf.len() < WRITE_BATCH {
-            match rx.try_recv() {
-                Ok(outbound) => encode(outbound, &mut buf, &limits),
-                Err(_) => break,
-            }
-        }
-        match tokio::time::timeout(stall, writer.write_all(&buf)).await {
-            Ok(Ok(())) => buf.clear(),
-            Ok(Err(err)) => {
-                tracing::debug!(%err, "write failed");
-                break;
-            }
-            Err(_) => {
-                tracing::warn!("client stopped reading; disconnecting");
-                break;
-            }
-        }
-    }
-    gone.cancel();
-    let _ = writer.shutdown().await;
-}
-
-fn encode(outbound: Outbound, buf: &mut BytesMut, limits: &Limits) {
-    let encoded = match &outbound {
-        Outbound::Frame(frame) => frame.encode(buf, limits.max_frame_bytes),
-        Outbound::Deliver { sub, message } => {
-            Frame::encode_deliver(buf, *sub, message.envelope(), limits.max_frame_bytes)
-        }
-    };
-    if let Err(err) = encoded {
-        tracing::warn!(%err, "frame not sent");
     }
 }

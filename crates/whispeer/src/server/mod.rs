@@ -2,20 +2,21 @@
 //!
 //! ```text
 //! serve ─ accept loop ─┬─ connection task (reader: decode frames, act on the broker)
-//!                      │     ├─ writer task   (drains the outbound queue, many frames per write)
-//!                      │     └─ forwarder task per subscription (Subscription → outbound queue)
+//!                      │     └─ writer task (owns the subscriptions; replies + deliveries,
+//!                      │                     many frames per write)
 //!                      └─ … one per connection, tracked for shutdown
 //! ```
 //!
-//! Every queue is bounded: a client that reads slowly fills its outbound queue, its forwarders
-//! wait, and its subscriptions' broker queues meet their slow-consumer policy (counted). A client
-//! that stops reading altogether is disconnected when a write stalls past the idle timeout.
+//! Every queue is bounded: a client that reads slowly holds its writer up, and its subscriptions'
+//! broker queues meet their slow-consumer policy (counted). A client that stops reading
+//! altogether is disconnected when a write stalls past the idle timeout.
 //! The server never opens a payload; it holds no content key.
 //!
 //! The library takes its inputs: a bound listener, a broker, a config and a shutdown future.
 
 mod auth;
 mod connection;
+mod writer;
 
 use std::future::Future;
 use std::io;

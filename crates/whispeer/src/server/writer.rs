@@ -1,0 +1,209 @@
+//! A connection's writer: the one task that writes to the socket.
+//!
+//! It owns the connection's subscriptions and takes their messages straight off their broker
+//! queues, round robin, together with the replies the reader sends it through a bounded control
+//! queue, and writes them in batches: many frames per `write_all`. A reply to SUBSCRIBE travels
+//! on the same queue as the subscription itself, so OK always precedes the first DELIVER.
+//!
+//! When the client reads slowly, the writer waits on its socket, the subscriptions' queues fill
+//! and meet their slow-consumer policy (counted by the broker); when the socket accepts nothing
+//! for the stall timeout, the writer gives up and the connection closes.
+
+use std::future::poll_fn;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TryRecvError;
+use tokio_util::sync::CancellationToken;
+use whispeer_proto::{Body, ErrorCode, Frame, Limits};
+
+use super::ServerConfig;
+use crate::{Message, Subscription};
+
+/// Bytes gathered before a write, so one syscall carries many frames.
+const WRITE_BATCH: usize = 64 * 1024;
+/// Messages taken from one subscription before moving to the next, for fairness.
+const PER_SUBSCRIPTION: usize = 64;
+
+/// What the reader hands the writer.
+pub(super) enum Outbound {
+    /// A frame to send as it is.
+    Frame(Frame),
+    /// A new subscription: send `reply`, then its messages.
+    Subscribed { sub: u32, subscription: Subscription<Message>, reply: Frame },
+    /// Stop delivering `sub` (dropping it unsubscribes), then send `reply`.
+    Unsubscribed { sub: u32, reply: Frame },
+}
+
+/// Why the writer woke up.
+enum Wake {
+    /// Something was added to the buffer or the subscriptions changed.
+    Work,
+    /// The reader is gone: flush and stop.
+    Closed,
+}
+
+struct Writer {
+    subscriptions: Vec<(u32, Subscription<Message>)>,
+    next: usize,
+    buf: BytesMut,
+    limits: Limits,
+}
+
+impl Writer {
+    fn encode(&mut self, frame: &Frame) {
+        if let Err(err) = frame.encode(&mut self.buf, self.limits.max_frame_bytes) {
+            tracing::warn!(%err, "frame not sent");
+        }
+    }
+
+    fn deliver(&mut self, sub: u32, message: &Message) {
+        let encoded = Frame::encode_deliver(
+            &mut self.buf,
+            sub,
+            message.envelope(),
+            self.limits.max_frame_bytes,
+        );
+        if let Err(err) = encoded {
+            tracing::warn!(%err, sub, id = %message.id(), "delivery not sent");
+        }
+    }
+
+    fn apply(&mut self, outbound: Outbound) {
+        match outbound {
+            Outbound::Frame(frame) => self.encode(&frame),
+            Outbound::Subscribed { sub, subscription, reply } => {
+                self.encode(&reply);
+                self.subscriptions.push((sub, subscription));
+            }
+            Outbound::Unsubscribed { sub, reply } => {
+                self.subscriptions.retain(|(s, _)| *s != sub);
+                self.encode(&reply);
+            }
+        }
+    }
+
+    /// Takes whatever the subscriptions have ready, round robin, until the batch is full.
+    fn gather(&mut self) {
+        let count = self.subscriptions.len();
+        let mut taken = true;
+        while taken && self.buf.len() < WRITE_BATCH {
+            taken = false;
+            for k in 0..count {
+                let i = (self.next + k) % count;
+                for _ in 0..PER_SUBSCRIPTION {
+                    let (sub, subscription) = &mut self.subscriptions[i];
+                    let Some(message) = subscription.try_recv_message() else { break };
+                    let sub = *sub;
+                    self.deliver(sub, &message);
+                    taken = true;
+                    if self.buf.len() >= WRITE_BATCH {
+                        self.next = (i + 1) % count;
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits until the control queue or any subscription has something.
+    fn poll_wake(
+        &mut self,
+        control: &mut mpsc::Receiver<Outbound>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Wake> {
+        match control.poll_recv(cx) {
+            Poll::Ready(Some(outbound)) => {
+                self.apply(outbound);
+                return Poll::Ready(Wake::Work);
+            }
+            Poll::Ready(None) => return Poll::Ready(Wake::Closed),
+            Poll::Pending => {}
+        }
+        for i in 0..self.subscriptions.len() {
+            match self.subscriptions[i].1.poll_recv_message(cx) {
+                Poll::Ready(Some(message)) => {
+                    let sub = self.subscriptions[i].0;
+                    self.deliver(sub, &message);
+                    return Poll::Ready(Wake::Work);
+                }
+                Poll::Ready(None) => {
+                    // Closed by the broker's `Disconnect` policy: tell the client.
+                    let (sub, _) = self.subscriptions.swap_remove(i);
+                    let message = format!("subscription {sub} closed: its queue overflowed");
+                    self.encode(&Frame::new(
+                        0,
+                        Body::Error { code: ErrorCode::QUEUE_FULL, message },
+                    ));
+                    return Poll::Ready(Wake::Work);
+                }
+                Poll::Pending => {}
+            }
+        }
+        Poll::Pending
+    }
+}
+
+/// Writes replies and deliveries until the reader hangs up (then flushes) or the socket fails
+/// or stalls (then cancels `gone` so the reader stops too).
+pub(super) async fn write_loop(
+    mut socket: OwnedWriteHalf,
+    mut control: mpsc::Receiver<Outbound>,
+    config: Arc<ServerConfig>,
+    limits: Limits,
+    gone: CancellationToken,
+) {
+    let mut writer = Writer {
+        subscriptions: Vec::new(),
+        next: 0,
+        buf: BytesMut::with_capacity(WRITE_BATCH),
+        limits,
+    };
+    let stall = config.idle_timeout();
+    let mut open = true;
+    loop {
+        while open && writer.buf.len() < WRITE_BATCH {
+            match control.try_recv() {
+                Ok(outbound) => writer.apply(outbound),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => open = false,
+            }
+        }
+        if open {
+            writer.gather();
+        }
+        if writer.buf.is_empty() {
+            if !open {
+                break;
+            }
+            let woke = tokio::time::timeout(
+                config.heartbeat,
+                poll_fn(|cx| writer.poll_wake(&mut control, cx)),
+            )
+            .await;
+            match woke {
+                Ok(Wake::Work) => {}
+                Ok(Wake::Closed) => open = false,
+                Err(_) => writer.encode(&Frame::new(0, Body::Ping)),
+            }
+            continue;
+        }
+        match tokio::time::timeout(stall, socket.write_all(&writer.buf)).await {
+            Ok(Ok(())) => writer.buf.clear(),
+            Ok(Err(err)) => {
+                tracing::debug!(%err, "write failed");
+                break;
+            }
+            Err(_) => {
+                tracing::warn!("client stopped reading; disconnecting");
+                break;
+            }
+        }
+    }
+    gone.cancel();
+    let _ = socket.shutdown().await;
+}
