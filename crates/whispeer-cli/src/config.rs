@@ -21,6 +21,10 @@ pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:7450";
 pub(crate) struct Config {
     /// Address to listen on for the binary protocol over TCP.
     pub(crate) listen: String,
+    /// Address to listen on for WebSocket clients (binary frames); none by default.
+    pub(crate) ws_listen: Option<String>,
+    /// Path of the WebSocket endpoint.
+    pub(crate) ws_path: String,
     /// Name sent to clients.
     pub(crate) name: String,
     /// API keys: `sha256:<hex>` digests (preferred) or plain keys.
@@ -93,6 +97,8 @@ impl Default for Config {
         let server = ServerConfig::default();
         Self {
             listen: DEFAULT_LISTEN.into(),
+            ws_listen: None,
+            ws_path: server.websocket_path,
             name: server.name,
             api_keys: Vec::new(),
             heartbeat_ms: server.heartbeat.as_millis() as u64,

@@ -34,6 +34,9 @@ enum Command {
         /// Address to listen on, such as 127.0.0.1:7450 (port 0 picks a free port).
         #[arg(long)]
         listen: Option<String>,
+        /// Also accept WebSocket clients on this address (path `ws_path`, default /ws).
+        #[arg(long)]
+        ws_listen: Option<String>,
         /// Configuration file [default: whispeer.toml, if present].
         #[arg(long)]
         config: Option<PathBuf>,
@@ -98,7 +101,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Match { filter, topics } => match_topics(&filter, &topics),
         Command::Keygen { id } => keygen(id),
-        Command::Serve { listen, config } => serve::run(listen, config),
+        Command::Serve { listen, ws_listen, config } => serve::run(listen, ws_listen, config),
         Command::Pub(args) => pubsub::run_pub(args),
         Command::Sub(args) => pubsub::run_sub(args),
         Command::Bench(args) => bench::run(args),

@@ -12,7 +12,11 @@ use whispeer::Broker;
 
 use crate::config::{Config, LogFormat};
 
-pub(crate) fn run(listen: Option<String>, config_path: Option<PathBuf>) -> ExitCode {
+pub(crate) fn run(
+    listen: Option<String>,
+    ws_listen: Option<String>,
+    config_path: Option<PathBuf>,
+) -> ExitCode {
     let explicit = config_path.is_some();
     let path = config_path.unwrap_or_else(|| PathBuf::from("whispeer.toml"));
     let mut config = match Config::load(&path, explicit) {
@@ -24,6 +28,9 @@ pub(crate) fn run(listen: Option<String>, config_path: Option<PathBuf>) -> ExitC
     };
     if let Some(listen) = listen {
         config.listen = listen;
+    }
+    if ws_listen.is_some() {
+        config.ws_listen = ws_listen;
     }
     init_logging(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -67,33 +74,72 @@ fn init_logging(config: &Config) {
     };
 }
 
-async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
-    let server_config =
-        config.server_config().map_err(|e| ConfigError(format!("api_keys: {e}")))?;
-    let addr: SocketAddr = tokio::net::lookup_host(&config.listen)
+/// Resolves and binds a listen address, refusing non-loopback addresses when the server is open.
+async fn bind(address: &str, open: bool, path: &Path) -> anyhow::Result<TcpListener> {
+    let addr: SocketAddr = tokio::net::lookup_host(address)
         .await
-        .with_context(|| format!("cannot resolve listen address {:?}", config.listen))?
+        .with_context(|| format!("cannot resolve listen address {address:?}"))?
         .next()
-        .with_context(|| format!("listen address {:?} resolves to nothing", config.listen))?;
-    if !server_config.api_keys.required() && !addr.ip().is_loopback() {
+        .with_context(|| format!("listen address {address:?} resolves to nothing"))?;
+    if open && !addr.ip().is_loopback() {
         bail!(ConfigError(format!(
             "refusing to listen on {addr} without api_keys: anyone could connect. Set api_keys in {} \
              (or WHISPEER_API_KEYS), or listen on a loopback address",
             path.display()
         )));
     }
-    let listener =
-        TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+    TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))
+}
+
+async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
+    let mut server_config =
+        config.server_config().map_err(|e| ConfigError(format!("api_keys: {e}")))?;
+    let open = !server_config.api_keys.required();
+    let listener = bind(&config.listen, open, path).await?;
+    let ws_listener = match &config.ws_listen {
+        Some(address) => Some(bind(address, open, path).await?),
+        None => None,
+    };
+    server_config.websocket_path.clone_from(&config.ws_path);
     let local = listener.local_addr()?;
-    if !server_config.api_keys.required() {
+    if open {
         tracing::warn!(%local, "no api_keys configured: the server is OPEN to every local process");
     }
     tracing::info!(%local, name = %server_config.name, "listening");
-    // A plain line on stdout for scripts and tests that need the chosen port.
+    // Plain lines on stdout for scripts and tests that need the chosen ports.
     println!("whispeer: listening on {local}");
+    if let Some(ws) = &ws_listener {
+        let ws_local = ws.local_addr()?;
+        tracing::info!(%ws_local, path = %config.ws_path, "listening for WebSocket clients");
+        println!("whispeer: websocket listening on ws://{ws_local}{}", config.ws_path);
+    }
     let _ = std::io::stdout().flush();
     let broker = Broker::builder(config.broker_options()).build();
-    whispeer::server::serve(listener, broker, server_config, shutdown_signal()).await?;
+    // One signal stops both listeners.
+    let (trigger, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = trigger.send(true);
+    });
+    let stop = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stopped.wait_for(|stop| *stop).await;
+    };
+    let tcp = whispeer::server::serve(
+        listener,
+        broker.clone(),
+        server_config.clone(),
+        stop(stopped.clone()),
+    );
+    match ws_listener {
+        Some(ws) => {
+            let websocket =
+                whispeer::server::serve_websocket(ws, broker, server_config, stop(stopped));
+            let (tcp, websocket) = tokio::join!(tcp, websocket);
+            tcp?;
+            websocket?;
+        }
+        None => tcp.await?,
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -204,3 +204,43 @@ async fn sigterm_shuts_down_cleanly_and_tells_clients() {
     let err = client.flush().await.unwrap_err();
     assert!(matches!(err, ClientError::Closed | ClientError::Disconnected), "{err:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_accepts_websocket_clients_when_asked() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use whispeer_client::proto::{Body, Frame, Limits};
+
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--ws-listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let tcp = lines.next().unwrap().unwrap();
+    let ws = lines.next().unwrap().unwrap();
+    assert!(tcp.starts_with("whispeer: listening on 127.0.0.1:"), "{tcp}");
+    let url = ws
+        .strip_prefix("whispeer: websocket listening on ")
+        .unwrap_or_else(|| panic!("{ws}"))
+        .to_string();
+    assert!(url.starts_with("ws://127.0.0.1:") && url.ends_with("/ws"), "{url}");
+
+    let (mut socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let mut out = bytes::BytesMut::new();
+    Frame::new(1, Body::Hello { version: 1, capabilities: 0, name: "cli-test".into() })
+        .encode(&mut out, usize::MAX)
+        .unwrap();
+    socket.send(Message::Binary(out.freeze())).await.unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(10), socket.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let mut buf = bytes::BytesMut::from(&reply.into_data()[..]);
+    let welcome = Frame::decode(&mut buf, &Limits::default()).unwrap().unwrap();
+    assert!(matches!(welcome.body, Body::Welcome { .. }), "{welcome:?}");
+    let _ = child.kill();
+    let _ = child.wait();
+}

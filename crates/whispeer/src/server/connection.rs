@@ -11,9 +11,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use whispeer_proto::{Body, ErrorCode, Frame, Limits, PROTOCOL_VERSION, Qos, reserve_for_read};
@@ -53,7 +52,7 @@ fn error_frame(correlation: u32, code: ErrorCode, message: impl Into<String>) ->
 }
 
 /// Serves one connection until the client leaves, a fatal error, or shutdown.
-pub(super) async fn run(
+pub(super) async fn run_tcp(
     stream: TcpStream,
     peer: SocketAddr,
     broker: Broker,
@@ -62,6 +61,21 @@ pub(super) async fn run(
 ) {
     let _ = stream.set_nodelay(true);
     let (reader, writer) = stream.into_split();
+    run(reader, writer, peer, broker, config, stop).await;
+}
+
+/// Serves one connection over any byte stream (TCP, or WebSocket through its adapters).
+pub(super) async fn run<R, W>(
+    reader: R,
+    writer: W,
+    peer: SocketAddr,
+    broker: Broker,
+    config: Arc<ServerConfig>,
+    stop: CancellationToken,
+) where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let (tx, rx) = mpsc::channel(config.outbound_frames);
     let writer_gone = CancellationToken::new();
     let limits = broker.options().limits.clone();
@@ -114,7 +128,7 @@ struct Connection {
 impl Connection {
     async fn read_loop(
         &mut self,
-        mut reader: OwnedReadHalf,
+        mut reader: impl AsyncRead + Unpin,
         limits: &Limits,
         stop: &CancellationToken,
         writer_gone: &CancellationToken,

@@ -17,6 +17,8 @@
 mod auth;
 mod connection;
 mod writer;
+#[cfg(feature = "websocket")]
+mod ws;
 
 use std::future::Future;
 use std::io;
@@ -24,7 +26,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use std::net::SocketAddr;
+
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -53,6 +57,8 @@ pub struct ServerConfig {
     pub max_auth_failures: u32,
     /// How long shutdown waits for connections to flush. Default: 5 s.
     pub shutdown_grace: Duration,
+    /// The path WebSocket clients connect to. Default: `/ws`.
+    pub websocket_path: String,
 }
 
 impl Default for ServerConfig {
@@ -66,6 +72,7 @@ impl Default for ServerConfig {
             outbound_frames: 1024,
             max_auth_failures: 3,
             shutdown_grace: Duration::from_secs(5),
+            websocket_path: "/ws".into(),
         }
     }
 }
@@ -76,8 +83,8 @@ impl ServerConfig {
     }
 }
 
-/// Serves `broker` on `listener` until `shutdown` completes, then stops accepting, tells every
-/// client (`SHUTTING_DOWN`), lets writers flush for up to `shutdown_grace`, and returns.
+/// Serves `broker` on `listener` (TCP) until `shutdown` completes, then stops accepting, tells
+/// every client (`SHUTTING_DOWN`), lets writers flush for up to `shutdown_grace`, and returns.
 ///
 /// # Errors
 /// Only for failures of the listener itself; a connection's errors close that connection.
@@ -87,6 +94,35 @@ pub async fn serve(
     config: ServerConfig,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
+    accept_loop(listener, broker, config, shutdown, connection::run_tcp).await
+}
+
+/// Like [`serve`], for WebSocket clients: the same frames in binary WebSocket messages, on
+/// `config.websocket_path`. Run both on one broker to serve both kinds of client.
+///
+/// # Errors
+/// Only for failures of the listener itself.
+#[cfg(feature = "websocket")]
+pub async fn serve_websocket(
+    listener: TcpListener,
+    broker: Broker,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    accept_loop(listener, broker, config, shutdown, ws::run).await
+}
+
+async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    broker: Broker,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()>,
+    handle: F,
+) -> io::Result<()>
+where
+    F: Fn(TcpStream, SocketAddr, Broker, Arc<ServerConfig>, CancellationToken) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let config = Arc::new(config);
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
@@ -107,15 +143,17 @@ pub async fn serve(
             }
         };
         let guard = ConnectionCount::enter(&live);
-        let over_limit = guard.0 > config.max_connections;
-        let (broker, config, stop) = (broker.clone(), Arc::clone(&config), stop.child_token());
+        if guard.0 > config.max_connections {
+            tasks.spawn(async move {
+                let _guard = guard;
+                connection::refuse(stream, peer).await;
+            });
+            continue;
+        }
+        let served = handle(stream, peer, broker.clone(), Arc::clone(&config), stop.child_token());
         tasks.spawn(async move {
             let _guard = guard;
-            if over_limit {
-                connection::refuse(stream, peer).await;
-            } else {
-                connection::run(stream, peer, broker, config, stop).await;
-            }
+            served.await;
         });
     }
     tracing::info!(connections = live.load(Ordering::Relaxed), "shutting down");

@@ -14,8 +14,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio_util::sync::CancellationToken;
@@ -151,7 +150,7 @@ impl Writer {
 /// Writes replies and deliveries until the reader hangs up (then flushes) or the socket fails
 /// or stalls (then cancels `gone` so the reader stops too).
 pub(super) async fn write_loop(
-    mut socket: OwnedWriteHalf,
+    mut socket: impl AsyncWrite + Unpin,
     mut control: mpsc::Receiver<Outbound>,
     config: Arc<ServerConfig>,
     limits: Limits,
@@ -192,7 +191,12 @@ pub(super) async fn write_loop(
             }
             continue;
         }
-        match tokio::time::timeout(stall, socket.write_all(&writer.buf)).await {
+        // Flushing matters for message-based transports (WebSocket); on TCP it is free.
+        let written = async {
+            socket.write_all(&writer.buf).await?;
+            socket.flush().await
+        };
+        match tokio::time::timeout(stall, written).await {
             Ok(Ok(())) => writer.buf.clear(),
             Ok(Err(err)) => {
                 tracing::debug!(%err, "write failed");

@@ -1,0 +1,142 @@
+//! The server over WebSocket, driven by a real WebSocket client (tokio-tungstenite).
+
+#![expect(clippy::unwrap_used, reason = "test helpers fail loudly")]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
+use whispeer::proto::{
+    Body, ContentType, Envelope, ErrorCode, Filter, Flags, Frame, Limits, MessageId, Qos, Topic,
+};
+use whispeer::server::{ServerConfig, serve, serve_websocket};
+use whispeer::{Broker, BrokerOptions};
+
+type Client = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn soon<F: Future>(f: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(10), f).await.expect("timed out")
+}
+
+struct Servers {
+    broker: Broker,
+    ws: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+/// One broker behind a WebSocket listener and a TCP listener.
+async fn start() -> Servers {
+    let broker = Broker::builder(BrokerOptions::default()).build();
+    let ws_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tcp_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ws = ws_listener.local_addr().unwrap();
+    let mut config = ServerConfig::default();
+    config.heartbeat = Duration::from_millis(300);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let stopped = futures_util::future::FutureExt::shared(async {
+        let _ = stopped.await;
+    });
+    let (b1, b2, c1, c2, s1, s2) =
+        (broker.clone(), broker.clone(), config.clone(), config, stopped.clone(), stopped);
+    tokio::spawn(async move { serve_websocket(ws_listener, b1, c1, s1).await.unwrap() });
+    tokio::spawn(async move { serve(tcp_listener, b2, c2, s2).await.unwrap() });
+    Servers { broker, ws, stop: Some(stop) }
+}
+
+async fn send(client: &mut Client, frame: Frame) {
+    let mut buf = BytesMut::new();
+    frame.encode(&mut buf, usize::MAX).unwrap();
+    client.send(Message::Binary(buf.freeze())).await.unwrap();
+}
+
+/// Reads frames out of binary messages, skipping pings; `None` once the server closes.
+async fn next_frame(client: &mut Client, buf: &mut BytesMut) -> Option<Frame> {
+    loop {
+        if let Some(frame) = Frame::decode(buf, &Limits::default()).unwrap() {
+            if frame.body == Body::Ping {
+                continue;
+            }
+            return Some(frame);
+        }
+        match client.next().await {
+            Some(Ok(Message::Binary(bytes))) => buf.extend_from_slice(&bytes),
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
+            Some(Ok(_)) => {}
+        }
+    }
+}
+
+async fn hello(client: &mut Client, buf: &mut BytesMut) {
+    send(
+        client,
+        Frame::new(1, Body::Hello { version: 1, capabilities: 0, name: "ws-test".into() }),
+    )
+    .await;
+    let welcome = soon(next_frame(client, buf)).await.unwrap();
+    assert!(matches!(welcome.body, Body::Welcome { .. }), "{welcome:?}");
+}
+
+#[tokio::test]
+async fn websocket_clients_subscribe_and_publish_with_the_same_frames() {
+    let servers = start().await;
+    let (mut client, _) = connect_async(format!("ws://{}/ws", servers.ws)).await.unwrap();
+    let mut buf = BytesMut::new();
+    hello(&mut client, &mut buf).await;
+    let filter = Filter::parse("chat/#").unwrap();
+    send(&mut client, Frame::new(2, Body::Subscribe { sub: 7, qos: Qos::AtMostOnce, filter }))
+        .await;
+    assert_eq!(soon(next_frame(&mut client, &mut buf)).await.unwrap(), Frame::new(2, Body::Ok));
+
+    // Published in the broker (as a TCP client's message would be), delivered over WebSocket.
+    for i in 0..100u32 {
+        servers.broker.publish_bytes(&format!("chat/{i}"), i.to_be_bytes().to_vec()).unwrap();
+    }
+    for i in 0..100u32 {
+        let frame = soon(next_frame(&mut client, &mut buf)).await.unwrap();
+        let Body::Deliver { sub: 7, envelope } = frame.body else { panic!("{frame:?}") };
+        assert_eq!(envelope.topic.as_str(), format!("chat/{i}"));
+        assert_eq!(&envelope.payload[..], i.to_be_bytes());
+    }
+
+    // Published over WebSocket (QoS 1), received in the broker.
+    let mut inbox = servers.broker.messages("inbox").unwrap();
+    let envelope = Envelope::new(
+        MessageId(42),
+        Topic::parse("inbox").unwrap(),
+        1,
+        Flags::with_content(ContentType::Raw),
+        Bytes::from_static(b"from the browser"),
+    );
+    send(&mut client, Frame::new(3, Body::Publish { qos: Qos::AtLeastOnce, envelope })).await;
+    assert_eq!(soon(next_frame(&mut client, &mut buf)).await.unwrap(), Frame::new(3, Body::PubAck));
+    let message = soon(inbox.recv_message()).await.unwrap();
+    assert_eq!((message.id(), &message.payload()[..]), (MessageId(42), &b"from the browser"[..]));
+    drop(servers.stop);
+}
+
+#[tokio::test]
+async fn other_paths_are_refused_and_text_messages_close_the_connection() {
+    let servers = start().await;
+    let err = connect_async(format!("ws://{}/elsewhere", servers.ws)).await.unwrap_err();
+    assert!(err.to_string().contains("404"), "{err}");
+
+    let (mut client, _) = connect_async(format!("ws://{}/ws", servers.ws)).await.unwrap();
+    client.send(Message::text(r#"{"op":"subscribe","filter":"a"}"#)).await.unwrap();
+    let mut buf = BytesMut::new();
+    assert_eq!(soon(next_frame(&mut client, &mut buf)).await, None, "closed");
+
+    // Garbage in a binary message gets the same typed error as over TCP.
+    let (mut client, _) = connect_async(format!("ws://{}/ws", servers.ws)).await.unwrap();
+    client
+        .send(Message::Binary(Bytes::from_static(&[0, 0, 0, 5, 0x66, 0, 0, 0, 0])))
+        .await
+        .unwrap();
+    let frame = soon(next_frame(&mut client, &mut buf)).await.unwrap();
+    assert!(matches!(frame.body, Body::Error { code: ErrorCode::MALFORMED, .. }), "{frame:?}");
+    drop(servers.stop);
+}
