@@ -120,14 +120,18 @@ async fn websocket_clients_subscribe_and_publish_with_the_same_frames() {
 }
 
 #[tokio::test]
-async fn other_paths_are_refused_and_text_messages_close_the_connection() {
+async fn other_paths_are_refused_and_mixed_modes_close_the_connection() {
     let servers = start().await;
     let err = connect_async(format!("ws://{}/elsewhere", servers.ws)).await.unwrap_err();
     assert!(err.to_string().contains("404"), "{err}");
 
+    // Binary first, then a text message: refused.
     let (mut client, _) = connect_async(format!("ws://{}/ws", servers.ws)).await.unwrap();
-    client.send(Message::text(r#"{"op":"subscribe","filter":"a"}"#)).await.unwrap();
     let mut buf = BytesMut::new();
+    hello(&mut client, &mut buf).await;
+    client.send(Message::text(r#"{"op":"ping"}"#)).await.unwrap();
+    let frame = soon(next_frame(&mut client, &mut buf)).await.unwrap();
+    assert!(matches!(frame.body, Body::Error { code: ErrorCode::MALFORMED, .. }), "{frame:?}");
     assert_eq!(soon(next_frame(&mut client, &mut buf)).await, None, "closed");
 
     // Garbage in a binary message gets the same typed error as over TCP.
@@ -138,5 +142,96 @@ async fn other_paths_are_refused_and_text_messages_close_the_connection() {
         .unwrap();
     let frame = soon(next_frame(&mut client, &mut buf)).await.unwrap();
     assert!(matches!(frame.body, Body::Error { code: ErrorCode::MALFORMED, .. }), "{frame:?}");
+    drop(servers.stop);
+}
+
+/// The next JSON object from the server, skipping pings; `None` once it closes.
+async fn next_json(client: &mut Client) -> Option<serde_json::Value> {
+    loop {
+        match client.next().await {
+            Some(Ok(Message::Text(text))) => {
+                let value: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
+                if value["op"] != "ping" {
+                    return Some(value);
+                }
+            }
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
+            Some(Ok(_)) => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn json_clients_need_no_sdk() {
+    let servers = start().await;
+    let (mut client, _) = connect_async(format!("ws://{}/ws", servers.ws)).await.unwrap();
+    client
+        .send(Message::text(r#"{"op":"subscribe","id":1,"filter":"chat/#","ref":5}"#))
+        .await
+        .unwrap();
+    let welcome = soon(next_json(&mut client)).await.unwrap();
+    assert_eq!(
+        (welcome["op"].as_str(), welcome["auth_required"].as_bool()),
+        (Some("welcome"), Some(false))
+    );
+    assert_eq!(
+        soon(next_json(&mut client)).await.unwrap(),
+        serde_json::json!({"op": "ok", "ref": 5})
+    );
+
+    let mut binary_side = servers.broker.messages("chat/#").unwrap();
+    let publish =
+        r#"{"op":"publish","topic":"chat/rust","payload":{"text":"hi","n":1},"qos":1,"ref":6}"#;
+    client.send(Message::text(publish)).await.unwrap();
+    let mut saw_ack = false;
+    let mut saw_message = false;
+    while !(saw_ack && saw_message) {
+        let reply = soon(next_json(&mut client)).await.unwrap();
+        match reply["op"].as_str() {
+            Some("puback") => {
+                assert_eq!(reply["ref"], 6);
+                saw_ack = true;
+            }
+            Some("message") => {
+                assert_eq!(
+                    (reply["id"].as_u64(), reply["topic"].as_str()),
+                    (Some(1), Some("chat/rust"))
+                );
+                assert_eq!(reply["payload"], serde_json::json!({"text": "hi", "n": 1}));
+                assert_eq!(reply["message_id"].as_str().map(str::len), Some(32));
+                saw_message = true;
+            }
+            _ => panic!("{reply}"),
+        }
+    }
+    // Rust subscribers get the same message as JSON content.
+    let message = soon(binary_side.recv_message()).await.unwrap();
+    assert_eq!(
+        message.decode::<serde_json::Value>().unwrap(),
+        serde_json::json!({"text": "hi", "n": 1})
+    );
+
+    // Raw bytes from the broker arrive base64-encoded.
+    servers.broker.publish_bytes("chat/raw", vec![0u8, 1, 2]).unwrap();
+    let raw = soon(next_json(&mut client)).await.unwrap();
+    assert_eq!((raw["op"].as_str(), raw["data"].as_str()), (Some("message"), Some("AAEC")));
+    drop(servers.stop);
+}
+
+#[tokio::test]
+async fn bad_json_gets_a_clear_error_then_close() {
+    let servers = start().await;
+    for bad in ["not json", r#"{"op":"launch"}"#, r#"{"op":"subscribe","id":1,"filter":"a/#/b"}"#] {
+        let (mut client, _) = connect_async(format!("ws://{}/ws", servers.ws)).await.unwrap();
+        client.send(Message::text(bad)).await.unwrap();
+        let error = soon(next_json(&mut client)).await.unwrap();
+        assert_eq!(
+            (error["op"].as_str(), error["code"].as_u64()),
+            (Some("error"), Some(1)),
+            "{bad}: {error}"
+        );
+        assert!(error["message"].as_str().unwrap().contains("invalid"), "{error}");
+        assert_eq!(soon(next_json(&mut client)).await, None, "closed after {bad}");
+    }
     drop(servers.stop);
 }

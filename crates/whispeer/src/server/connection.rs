@@ -155,6 +155,11 @@ impl Connection {
                 () = writer_gone.cancelled() => return Ok(()),
                 read = tokio::time::timeout(idle, reader.read_buf(&mut buf)) => match read {
                     Err(_) => return Err(Close::new(ErrorCode::IDLE_TIMEOUT, "nothing received")),
+                    // An adapter's refusal of its input (a bad JSON request) is reported like a
+                    // malformed frame.
+                    Ok(Err(err)) if err.kind() == std::io::ErrorKind::InvalidData => {
+                        return Err(Close::new(ErrorCode::MALFORMED, err.to_string()));
+                    }
                     Ok(Ok(0) | Err(_)) => return Ok(()),
                     Ok(Ok(_)) => {}
                 },

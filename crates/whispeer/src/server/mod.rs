@@ -16,6 +16,8 @@
 
 mod auth;
 mod connection;
+#[cfg(feature = "websocket")]
+mod json;
 mod writer;
 #[cfg(feature = "websocket")]
 mod ws;

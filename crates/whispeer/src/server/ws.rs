@@ -1,18 +1,24 @@
 //! WebSocket transport: the binary protocol's frames carried in binary WebSocket messages.
 //!
 //! After the HTTP upgrade (only on the configured path), the connection is served by the same
-//! reader and writer as TCP, through two adapters: incoming binary messages are read as one
-//! byte stream, and each batch the writer writes goes out as one binary message. Frames may span
-//! messages and a message may hold many frames. Text messages (the JSON form for plain clients)
-//! are not supported yet: the connection is closed.
+//! reader and writer as TCP, through two adapters. The first message fixes the connection's
+//! mode:
+//! - binary: incoming messages are read as one byte stream (frames may span messages), and each
+//!   batch the writer writes goes out as one binary message;
+//! - text: each message is a JSON request (see `json.rs`) translated into its frame, and each
+//!   frame the writer writes goes out as one JSON text message. A JSON client need not say hello.
+//!
+//! Mixing modes on one connection, or a malformed JSON request, closes it with `MALFORMED`.
 
+use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::{Context, Poll, ready};
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{Sink, Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -24,8 +30,16 @@ use tokio_tungstenite::tungstenite::http::StatusCode;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 
+use whispeer_proto::{Body, Frame, Limits};
+
+use super::json::{JsonIds, frame_to_json, request_to_frame};
 use super::{ServerConfig, connection};
 use crate::Broker;
+
+/// The connection's mode, set by its first message.
+const UNKNOWN: u8 = 0;
+const BINARY: u8 = 1;
+const JSON: u8 = 2;
 
 type Ws = WebSocketStream<TcpStream>;
 
@@ -71,15 +85,66 @@ pub(super) async fn run(
         }
     };
     let (sink, stream) = ws.split();
-    let reader = WsReader { stream, pending: Bytes::new(), done: false };
-    connection::run(reader, WsWriter { sink }, peer, broker, config, stop).await;
+    let mode = Arc::new(AtomicU8::new(UNKNOWN));
+    let reader = WsReader {
+        stream,
+        pending: Bytes::new(),
+        done: false,
+        mode: Arc::clone(&mode),
+        limits: broker.options().limits.clone(),
+        ids: JsonIds::new(),
+    };
+    let writer = WsWriter { sink, queue: VecDeque::new(), mode };
+    connection::run(reader, writer, peer, broker, config, stop).await;
 }
 
-/// Reads incoming binary messages as one byte stream.
+fn invalid(message: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, message.into())
+}
+
+/// Reads incoming messages as one byte stream of frames.
 struct WsReader {
     stream: SplitStream<Ws>,
     pending: Bytes,
     done: bool,
+    mode: Arc<AtomicU8>,
+    limits: Limits,
+    ids: JsonIds,
+}
+
+impl WsReader {
+    /// Records the mode the first message sets; refuses a message of the other kind.
+    fn enter(&self, wanted: u8) -> io::Result<bool> {
+        match self.mode.compare_exchange(UNKNOWN, wanted, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => Ok(true),
+            Err(current) if current == wanted => Ok(false),
+            Err(_) => {
+                Err(invalid("binary and text (JSON) messages cannot be mixed on one connection"))
+            }
+        }
+    }
+
+    /// The frame bytes a JSON request stands for (after an implicit HELLO for the first one).
+    fn translate(&self, text: &str, first: bool) -> io::Result<Bytes> {
+        let frame =
+            request_to_frame(text, &self.limits, &self.ids).map_err(|e| invalid(e.to_string()))?;
+        let mut bytes = BytesMut::new();
+        if first && !matches!(frame.body, Body::Hello { .. }) {
+            let hello = Frame::new(
+                1,
+                Body::Hello {
+                    version: whispeer_proto::PROTOCOL_VERSION,
+                    capabilities: 0,
+                    name: "json".into(),
+                },
+            );
+            hello.encode(&mut bytes, usize::MAX).map_err(|e| invalid(e.to_string()))?;
+        }
+        frame
+            .encode(&mut bytes, self.limits.max_frame_bytes)
+            .map_err(|e| invalid(e.to_string()))?;
+        Ok(bytes.freeze())
+    }
 }
 
 impl AsyncRead for WsReader {
@@ -99,15 +164,16 @@ impl AsyncRead for WsReader {
                 return Poll::Ready(Ok(()));
             }
             match ready!(Pin::new(&mut self.stream).poll_next(cx)) {
-                Some(Ok(Message::Binary(bytes))) => self.pending = bytes,
+                Some(Ok(Message::Binary(bytes))) => {
+                    self.enter(BINARY)?;
+                    self.pending = bytes;
+                }
+                Some(Ok(Message::Text(text))) => {
+                    let first = self.enter(JSON)?;
+                    self.pending = self.translate(text.as_str(), first)?;
+                }
                 // tungstenite answers pings itself; pongs and raw frames carry nothing for us.
                 Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
-                Some(Ok(Message::Text(_))) => {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "text (JSON) WebSocket messages are not supported yet; send binary frames",
-                    )));
-                }
                 Some(Ok(Message::Close(_))) | None => self.done = true,
                 Some(Err(err)) => return Poll::Ready(Err(io::Error::other(err))),
             }
@@ -115,29 +181,46 @@ impl AsyncRead for WsReader {
     }
 }
 
-/// Sends each write as one binary message.
+/// Sends what the connection writes: each write as one binary message, or, for a JSON client,
+/// each frame in it as one JSON text message. Messages wait in `queue` until flushed.
 struct WsWriter {
     sink: SplitSink<Ws, Message>,
+    queue: VecDeque<Message>,
+    mode: Arc<AtomicU8>,
 }
 
 impl AsyncWrite for WsWriter {
     fn poll_write(
         mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
+        _cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        ready!(Pin::new(&mut self.sink).poll_ready(cx)).map_err(io::Error::other)?;
-        Pin::new(&mut self.sink)
-            .start_send(Message::Binary(Bytes::copy_from_slice(buf)))
-            .map_err(io::Error::other)?;
+        // The writer flushes after every batch, so the queue holds at most one batch.
+        if self.mode.load(Ordering::Acquire) == JSON {
+            let mut frames = BytesMut::from(buf);
+            let mut limits = Limits::default();
+            limits.max_frame_bytes = usize::MAX;
+            while let Ok(Some(frame)) = Frame::decode(&mut frames, &limits) {
+                self.queue.push_back(Message::text(frame_to_json(&frame).to_string()));
+            }
+        } else {
+            self.queue.push_back(Message::Binary(Bytes::copy_from_slice(buf)));
+        }
         Poll::Ready(Ok(buf.len()))
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.queue.is_empty() {
+            ready!(Pin::new(&mut self.sink).poll_ready(cx)).map_err(io::Error::other)?;
+            if let Some(message) = self.queue.pop_front() {
+                Pin::new(&mut self.sink).start_send(message).map_err(io::Error::other)?;
+            }
+        }
         Pin::new(&mut self.sink).poll_flush(cx).map_err(io::Error::other)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.as_mut().poll_flush(cx))?;
         Pin::new(&mut self.sink).poll_close(cx).map_err(io::Error::other)
     }
 }
