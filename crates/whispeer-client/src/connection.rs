@@ -15,13 +15,13 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 use whispeer_proto::{
     Body, Envelope, ErrorCode, Filter, Frame, Limits, PROTOCOL_VERSION, Qos, reserve_for_read,
 };
 
+use crate::transport::{self, Reader, Writer};
 use crate::{ClientError, ClientOptions};
 
 /// Bytes buffered for writing before the actor stops taking commands.
@@ -60,7 +60,8 @@ enum Pending {
 
 /// A connection after the handshake.
 pub(crate) struct Established {
-    stream: TcpStream,
+    reader: Reader,
+    writer: Writer,
     leftover: BytesMut,
     heartbeat: Duration,
     max_frame_bytes: usize,
@@ -75,8 +76,7 @@ pub(crate) async fn handshake(options: &ClientOptions) -> Result<Established, Cl
 
 async fn handshake_inner(options: &ClientOptions) -> Result<Established, ClientError> {
     let connect_error = |source| ClientError::Connect { addr: options.addr.clone(), source };
-    let mut stream = TcpStream::connect(&options.addr).await.map_err(connect_error)?;
-    let _ = stream.set_nodelay(true);
+    let (mut reader, mut writer) = transport::open(&options.addr).await.map_err(connect_error)?;
     let mut out = BytesMut::new();
     let hello =
         Body::Hello { version: PROTOCOL_VERSION, capabilities: 0, name: options.name.clone() };
@@ -88,13 +88,14 @@ async fn handshake_inner(options: &ClientOptions) -> Result<Established, ClientE
             usize::MAX,
         )?;
     }
-    stream.write_all(&out).await.map_err(connect_error)?;
+    writer.write_all(&out).await.map_err(connect_error)?;
+    writer.flush().await.map_err(connect_error)?;
 
     let mut buf = BytesMut::new();
     let mut welcome = None;
     let mut authed = options.api_key.is_none();
     while welcome.is_none() || !authed {
-        let frame = read_frame(&mut stream, &mut buf, &options.limits).await?;
+        let frame = read_frame(&mut reader, &mut buf, &options.limits).await?;
         match (frame.correlation, frame.body) {
             (
                 1,
@@ -131,7 +132,8 @@ async fn handshake_inner(options: &ClientOptions) -> Result<Established, ClientE
     }
     let (max_frame_bytes, max_message_bytes, heartbeat_ms) = welcome.unwrap_or((0, 0, 0));
     Ok(Established {
-        stream,
+        reader,
+        writer,
         leftover: buf,
         heartbeat: Duration::from_millis(u64::from(heartbeat_ms).max(100)),
         max_frame_bytes,
@@ -140,7 +142,7 @@ async fn handshake_inner(options: &ClientOptions) -> Result<Established, ClientE
 }
 
 async fn read_frame(
-    stream: &mut TcpStream,
+    stream: &mut Reader,
     buf: &mut BytesMut,
     limits: &Limits,
 ) -> Result<Frame, ClientError> {
@@ -157,6 +159,20 @@ async fn read_frame(
             Err(_) => return Err(ClientError::Disconnected),
         }
     }
+}
+
+/// Writes what is buffered and flushes; `unflushed` says whether a write awaits its flush, so a
+/// cancelled flush is retried even when nothing new is buffered.
+async fn write_and_flush(
+    writer: &mut Writer,
+    out: &mut BytesMut,
+    unflushed: &mut bool,
+) -> std::io::Result<usize> {
+    *unflushed = true;
+    let written = if out.is_empty() { 1 } else { writer.write_buf(out).await? };
+    writer.flush().await?;
+    *unflushed = false;
+    Ok(written)
 }
 
 fn encode(frame: &Frame, out: &mut BytesMut, max: usize) -> Result<(), ClientError> {
@@ -241,9 +257,14 @@ impl Actor {
     }
 
     async fn serve(&mut self, established: Established) -> Ended {
-        let Established { stream, leftover: mut inbound, heartbeat, max_frame_bytes, .. } =
-            established;
-        let (mut reader, mut writer) = stream.into_split();
+        let Established {
+            mut reader,
+            mut writer,
+            leftover: mut inbound,
+            heartbeat,
+            max_frame_bytes,
+            ..
+        } = established;
         let mut out = BytesMut::with_capacity(64 * 1024);
         let limits = self.options.limits.clone();
         let subs: Vec<(u32, Filter)> =
@@ -260,6 +281,7 @@ impl Actor {
         // The server pings every heartbeat: three silent periods mean the connection is dead.
         let silence = heartbeat * 3;
         let mut deadline = Instant::now() + silence;
+        let mut unflushed = false;
         loop {
             while let Some(frame) = match Frame::decode(&mut inbound, &limits) {
                 Ok(frame) => frame,
@@ -297,7 +319,9 @@ impl Actor {
                         }
                     }
                 }
-                written = writer.write_buf(&mut out), if !out.is_empty() => {
+                // Flushing sends what a message-based transport (WebSocket) has queued; the
+                // branch stays armed until a flush completes, even if one was cancelled.
+                written = write_and_flush(&mut writer, &mut out, &mut unflushed), if !out.is_empty() || unflushed => {
                     if matches!(written, Ok(0) | Err(_)) {
                         return Ended::Lost(ClientError::Disconnected);
                     }
@@ -310,12 +334,9 @@ impl Actor {
     }
 
     /// Writes what is buffered, then closes.
-    async fn finish(
-        &mut self,
-        mut writer: tokio::net::tcp::OwnedWriteHalf,
-        out: BytesMut,
-    ) -> Ended {
+    async fn finish(&mut self, mut writer: Writer, out: BytesMut) -> Ended {
         let _ = writer.write_all(&out).await;
+        let _ = writer.flush().await;
         let _ = writer.shutdown().await;
         self.subscriptions.clear();
         Ended::Closed

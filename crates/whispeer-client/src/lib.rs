@@ -23,6 +23,7 @@
 
 mod connection;
 mod subscription;
+mod transport;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -104,7 +105,7 @@ pub enum ClientError {
 #[derive(Debug)]
 #[non_exhaustive]
 pub struct ClientOptions {
-    /// `host:port` of the server.
+    /// The server: `host:port` or `tcp://host:port` for TCP, `ws://host:port/ws` for WebSocket.
     pub addr: String,
     /// API key, if the server requires one.
     pub api_key: Option<String>,

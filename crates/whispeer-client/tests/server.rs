@@ -424,3 +424,41 @@ async fn a_client_that_never_reads_is_cut_off_and_its_drops_counted() {
     assert_eq!(soon(other.recv()).await, Some(1));
     server.stop().await;
 }
+
+#[tokio::test]
+async fn the_sdk_works_over_websocket_beside_tcp() {
+    let broker = Broker::builder(BrokerOptions::default()).build();
+    let tcp_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ws_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (tcp, ws) = (tcp_listener.local_addr().unwrap(), ws_listener.local_addr().unwrap());
+    let (b1, b2) = (broker.clone(), broker);
+    tokio::spawn(
+        async move { serve(tcp_listener, b1, fast_config(), std::future::pending()).await },
+    );
+    tokio::spawn(async move {
+        whispeer::server::serve_websocket(ws_listener, b2, fast_config(), std::future::pending())
+            .await
+    });
+
+    let keys = Keyring::generate().unwrap();
+    let over_ws =
+        ClientOptions::new(format!("ws://{ws}/ws")).encryption(Encryption::new(keys.clone()));
+    let over_tcp = ClientOptions::new(tcp.to_string()).encryption(Encryption::new(keys));
+    let browserish = Client::connect_with(over_ws).await.unwrap();
+    let service = Client::connect_with(over_tcp).await.unwrap();
+    let mut at_ws = browserish.subscribe::<Reading>("sensor/#").await.unwrap();
+    let mut at_tcp = service.subscribe::<Reading>("cmd/#").await.unwrap();
+
+    for n in 0..200 {
+        service.publish(&format!("sensor/{n}"), &reading(n)).await.unwrap();
+    }
+    service.flush().await.unwrap();
+    for n in 0..200 {
+        assert_eq!(soon(at_ws.recv()).await, Some(reading(n)));
+    }
+    browserish.publish_acked("cmd/reset", &reading(7)).await.unwrap();
+    assert_eq!(soon(at_tcp.recv()).await, Some(reading(7)));
+
+    let err = Client::connect("wss://127.0.0.1:1/ws").await.unwrap_err();
+    assert!(matches!(err, ClientError::Connect { .. }), "{err:?}");
+}
