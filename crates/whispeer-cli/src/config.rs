@@ -41,6 +41,20 @@ pub(crate) struct Config {
     pub(crate) limits: Limits,
     /// Subscriber queues.
     pub(crate) queues: Queues,
+    /// TLS for every listener; off unless both `cert` and `key` are set.
+    pub(crate) tls: Tls,
+}
+
+/// `[tls]`: PEM files.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct Tls {
+    /// Certificate chain.
+    pub(crate) cert: Option<std::path::PathBuf>,
+    /// Private key.
+    pub(crate) key: Option<std::path::PathBuf>,
+    /// CA whose certificates clients must present; no client certificates if unset.
+    pub(crate) client_ca: Option<std::path::PathBuf>,
 }
 
 /// `[log]`.
@@ -107,6 +121,7 @@ impl Default for Config {
             log: Log::default(),
             limits: Limits::default(),
             queues: Queues::default(),
+            tls: Tls::default(),
         }
     }
 }
@@ -175,6 +190,18 @@ impl Config {
         server.heartbeat = Duration::from_millis(self.heartbeat_ms.max(10));
         server.max_connections = self.max_connections;
         server.max_subscriptions = self.max_subscriptions;
+        server.tls = match (&self.tls.cert, &self.tls.key) {
+            (Some(cert), Some(key)) => {
+                let read = |path: &std::path::PathBuf| {
+                    std::fs::read(path)
+                        .map_err(|e| anyhow::anyhow!("tls: cannot read {}: {e}", path.display()))
+                };
+                let client_ca = self.tls.client_ca.as_ref().map(read).transpose()?;
+                Some(whispeer::server::server_tls(&read(cert)?, &read(key)?, client_ca.as_deref())?)
+            }
+            (None, None) => None,
+            _ => anyhow::bail!("tls: set both cert and key"),
+        };
         Ok(server)
     }
 }

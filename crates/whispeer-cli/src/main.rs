@@ -94,6 +94,15 @@ pub(crate) struct ConnectArgs {
     /// Compress payloads (zstd) before sending.
     #[arg(long)]
     compress: bool,
+    /// CA certificate (PEM) to trust for tls:// and wss:// servers.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// Client certificate (PEM), for servers that require one; needs --key.
+    #[arg(long, requires = "key")]
+    cert: Option<PathBuf>,
+    /// Client private key (PEM) for --cert.
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {

@@ -71,6 +71,18 @@ fn run_on(
 
 async fn connect(args: &ConnectArgs) -> anyhow::Result<Client> {
     let mut options = ClientOptions::new(args.server.clone());
+    if let Some(ca) = &args.ca_file {
+        let read = |path: &std::path::PathBuf| {
+            std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+        };
+        let ca = read(ca)?;
+        let client = match (&args.cert, &args.key) {
+            (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+            _ => None,
+        };
+        let client = client.as_ref().map(|(c, k)| (c.as_slice(), k.as_slice()));
+        options = options.tls(whispeer_client::tls_config(&ca, client)?);
+    }
     if let Some(key) = &args.api_key {
         options = options.api_key(key.clone());
     }

@@ -92,8 +92,7 @@ async fn bind(address: &str, open: bool, path: &Path) -> anyhow::Result<TcpListe
 }
 
 async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
-    let mut server_config =
-        config.server_config().map_err(|e| ConfigError(format!("api_keys: {e}")))?;
+    let mut server_config = config.server_config().map_err(|e| ConfigError(format!("{e:#}")))?;
     let open = !server_config.api_keys.required();
     let listener = bind(&config.listen, open, path).await?;
     let ws_listener = match &config.ws_listen {
@@ -107,11 +106,13 @@ async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
     }
     tracing::info!(%local, name = %server_config.name, "listening");
     // Plain lines on stdout for scripts and tests that need the chosen ports.
-    println!("whispeer: listening on {local}");
+    let secure = server_config.tls.is_some();
+    println!("whispeer: listening on {}{local}", if secure { "tls://" } else { "" });
     if let Some(ws) = &ws_listener {
         let ws_local = ws.local_addr()?;
+        let scheme = if secure { "wss" } else { "ws" };
         tracing::info!(%ws_local, path = %config.ws_path, "listening for WebSocket clients");
-        println!("whispeer: websocket listening on ws://{ws_local}{}", config.ws_path);
+        println!("whispeer: websocket listening on {scheme}://{ws_local}{}", config.ws_path);
     }
     let _ = std::io::stdout().flush();
     let broker = Broker::builder(config.broker_options()).build();

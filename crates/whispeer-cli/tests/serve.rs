@@ -244,3 +244,51 @@ async fn serve_accepts_websocket_clients_when_asked() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn tls_from_the_config_file_with_pub_and_sub_over_tls() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let dir = std::env::temp_dir().join(format!("whispeer-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    std::fs::write(path("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(path("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(path("key.pem"), key.serialize_pem()).unwrap();
+    std::fs::write(
+        path("whispeer.toml"),
+        format!("[tls]\ncert = {:?}\nkey = {:?}\n", path("cert.pem"), path("key.pem")),
+    )
+    .unwrap();
+
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--config", &path("whispeer.toml")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.trim().strip_prefix("whispeer: listening on ").unwrap().to_string();
+    assert!(addr.starts_with("tls://"), "{addr}");
+    let ca = path("ca.pem");
+    let sub = subscriber(&["t", "--count", "1", "--server", &addr, "--ca-file", &ca], &[]);
+    let out = publish(&["t", "encrypted in transit", "--server", &addr, "--ca-file", &ca], None);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(output_of(sub), "encrypted in transit\n");
+    // Without the CA the client refuses to talk.
+    let refused = publish(&["t", "x", "--server", &addr], None);
+    assert_eq!(refused.status.code(), Some(1));
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}

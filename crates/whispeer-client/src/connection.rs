@@ -76,7 +76,8 @@ pub(crate) async fn handshake(options: &ClientOptions) -> Result<Established, Cl
 
 async fn handshake_inner(options: &ClientOptions) -> Result<Established, ClientError> {
     let connect_error = |source| ClientError::Connect { addr: options.addr.clone(), source };
-    let (mut reader, mut writer) = transport::open(&options.addr).await.map_err(connect_error)?;
+    let (mut reader, mut writer) =
+        transport::open(&options.addr, options.tls.as_ref()).await.map_err(connect_error)?;
     let mut out = BytesMut::new();
     let hello =
         Body::Hello { version: PROTOCOL_VERSION, capabilities: 0, name: options.name.clone() };

@@ -33,6 +33,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, oneshot};
+use tokio_rustls::rustls;
 use whispeer_engines::{
     Codec, CodecError, Compression, Encryption, Engines, SealError, Sealing, TopicRule,
 };
@@ -91,6 +92,9 @@ pub enum ClientError {
     /// The payload could not be sealed.
     #[error(transparent)]
     Seal(#[from] SealError),
+    /// The TLS configuration could not be built.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The message exceeds the server's limit.
     #[error("message of {len} bytes exceeds the server's limit of {max}")]
     TooLarge {
@@ -105,8 +109,11 @@ pub enum ClientError {
 #[derive(Debug)]
 #[non_exhaustive]
 pub struct ClientOptions {
-    /// The server: `host:port` or `tcp://host:port` for TCP, `ws://host:port/ws` for WebSocket.
+    /// The server: `host:port` or `tcp://host:port` for TCP, `tls://host:port` for TLS,
+    /// `ws://host:port/ws` for WebSocket, `wss://host:port/ws` for WebSocket over TLS.
     pub addr: String,
+    /// TLS settings for `tls://` and `wss://` (see [`tls_config`]).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
     /// API key, if the server requires one.
     pub api_key: Option<String>,
     /// Name sent in `Hello`, for the server's logs.
@@ -134,6 +141,7 @@ impl ClientOptions {
     pub fn new(addr: impl Into<String>) -> Self {
         Self {
             addr: addr.into(),
+            tls: None,
             api_key: None,
             name: format!("whispeer-client {}", env!("CARGO_PKG_VERSION")),
             codec: Codec::default(),
@@ -145,6 +153,12 @@ impl ClientOptions {
             command_queue: 4096,
             limits: Limits::default(),
         }
+    }
+
+    /// Uses this TLS configuration for `tls://` and `wss://` addresses.
+    pub fn tls(mut self, config: Arc<rustls::ClientConfig>) -> Self {
+        self.tls = Some(config);
+        self
     }
 
     /// Sets the API key.
@@ -176,6 +190,46 @@ impl ClientOptions {
         self.reconnect = reconnect;
         self
     }
+}
+
+/// A TLS configuration that trusts the CA certificates in `ca_pem` and, if given, presents a
+/// client certificate (`(cert_chain_pem, key_pem)`), built with the ring provider.
+///
+/// # Errors
+/// [`ClientError::Tls`] for unreadable PEM or a key that does not fit.
+pub fn tls_config(
+    ca_pem: &[u8],
+    client_cert: Option<(&[u8], &[u8])>,
+) -> Result<Arc<rustls::ClientConfig>, ClientError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let tls_error = |message: String| ClientError::Tls(message);
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem) {
+        roots
+            .add(cert.map_err(|e| tls_error(format!("CA PEM: {e}")))?)
+            .map_err(|e| tls_error(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(tls_error("no certificate in the CA PEM".into()));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls_error(e.to_string()))?
+        .with_root_certificates(roots);
+    let config = match client_cert {
+        Some((cert_pem, key_pem)) => {
+            let certs = CertificateDer::pem_slice_iter(cert_pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| tls_error(format!("client certificate PEM: {e}")))?;
+            let key = PrivateKeyDer::from_pem_slice(key_pem)
+                .map_err(|e| tls_error(format!("client key PEM: {e}")))?;
+            builder.with_client_auth_cert(certs, key).map_err(|e| tls_error(e.to_string()))?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(config))
 }
 
 /// What every handle shares.

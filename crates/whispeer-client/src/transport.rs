@@ -1,5 +1,6 @@
-//! Byte streams to a server: TCP (`host:port` or `tcp://host:port`) or WebSocket
-//! (`ws://host:port/ws`), behind one pair of `AsyncRead` / `AsyncWrite` halves.
+//! Byte streams to a server, behind one pair of `AsyncRead` / `AsyncWrite` halves: TCP
+//! (`host:port` or `tcp://host:port`), TLS over TCP (`tls://host:port`), WebSocket
+//! (`ws://host:port/ws`) and WebSocket over TLS (`wss://host:port/ws`).
 //!
 //! Over WebSocket the frames travel in binary messages: incoming messages are read as one byte
 //! stream, and each write goes out as one message when the writer is flushed.
@@ -12,55 +13,104 @@ use std::task::{Context, Poll, ready};
 use bytes::{Buf, Bytes};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{Sink, Stream, StreamExt};
+use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+
+use rustls_pki_types::ServerName;
+use tokio_rustls::{TlsConnector, rustls};
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::http::Uri;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub(crate) type Reader = Box<dyn AsyncRead + Send + Unpin>;
 pub(crate) type Writer = Box<dyn AsyncWrite + Send + Unpin>;
 
-/// Opens a connection to `addr`.
-pub(crate) async fn open(addr: &str) -> io::Result<(Reader, Writer)> {
-    if addr.starts_with("ws://") {
-        // Connect the socket ourselves: without TCP_NODELAY, small messages wait for Nagle's
-        // algorithm and delayed acknowledgements (about 40 ms each).
-        let invalid =
-            |message: &str| io::Error::new(io::ErrorKind::InvalidInput, message.to_string());
-        let uri: Uri = addr.parse().map_err(|_| invalid("invalid WebSocket URL"))?;
-        let host = uri.host().ok_or_else(|| invalid("no host in the WebSocket URL"))?;
-        let tcp = TcpStream::connect((host, uri.port_u16().unwrap_or(80))).await?;
-        tcp.set_nodelay(true)?;
-        let (ws, _response) = tokio_tungstenite::client_async(addr, MaybeTlsStream::Plain(tcp))
-            .await
-            .map_err(io::Error::other)?;
-        let (sink, stream) = ws.split();
-        let reader = WsReader { stream, pending: Bytes::new(), done: false };
-        return Ok((Box::new(reader), Box::new(WsWriter { sink, queue: VecDeque::new() })));
-    }
-    if addr.contains("://") && !addr.starts_with("tcp://") {
-        return Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            "use host:port, tcp://host:port or ws://host:port/path",
-        ));
-    }
-    let stream = TcpStream::connect(addr.trim_start_matches("tcp://")).await?;
-    let _ = stream.set_nodelay(true);
-    let (reader, writer) = stream.into_split();
-    Ok((Box::new(reader), Box::new(writer)))
+fn invalid(message: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, message.to_string())
 }
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+/// Connects TCP with `TCP_NODELAY`: small frames must not wait for Nagle's algorithm and
+/// delayed acknowledgements (about 40 ms each).
+async fn tcp(host: &str, port: u16) -> io::Result<TcpStream> {
+    let stream = TcpStream::connect((host, port)).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Wraps `stream` in TLS for `host`.
+async fn tls(
+    stream: TcpStream,
+    host: &str,
+    config: Option<&Arc<rustls::ClientConfig>>,
+) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let config = config.ok_or_else(|| invalid("tls:// and wss:// need ClientOptions::tls"))?;
+    let name =
+        ServerName::try_from(host.to_string()).map_err(|_| invalid("invalid server name"))?;
+    TlsConnector::from(Arc::clone(config)).connect(name, stream).await
+}
+
+fn split<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S) -> (Reader, Writer) {
+    let (reader, writer) = tokio::io::split(stream);
+    (Box::new(reader), Box::new(writer))
+}
+
+async fn websocket<S>(url: &str, stream: S) -> io::Result<(Reader, Writer)>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (ws, _response) =
+        tokio_tungstenite::client_async(url, stream).await.map_err(io::Error::other)?;
+    let (sink, stream) = ws.split();
+    let reader = WsReader { stream, pending: Bytes::new(), done: false };
+    Ok((Box::new(reader), Box::new(WsWriter { sink, queue: VecDeque::new() })))
+}
+
+/// Opens a connection to `addr`.
+pub(crate) async fn open(
+    addr: &str,
+    tls_config: Option<&Arc<rustls::ClientConfig>>,
+) -> io::Result<(Reader, Writer)> {
+    let (scheme, rest) = addr.split_once("://").unwrap_or(("tcp", addr));
+    match scheme {
+        "tcp" | "tls" => {
+            let (host, port) =
+                rest.rsplit_once(':').ok_or_else(|| invalid("expected host:port"))?;
+            let port = port.parse().map_err(|_| invalid("invalid port"))?;
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let stream = tcp(host, port).await?;
+            if scheme == "tls" {
+                return Ok(split(tls(stream, host, tls_config).await?));
+            }
+            let (reader, writer) = stream.into_split();
+            Ok((Box::new(reader), Box::new(writer)))
+        }
+        "ws" | "wss" => {
+            let uri: Uri = addr.parse().map_err(|_| invalid("invalid WebSocket URL"))?;
+            let host = uri.host().ok_or_else(|| invalid("no host in the WebSocket URL"))?;
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let default_port = if scheme == "wss" { 443 } else { 80 };
+            let stream = tcp(host, uri.port_u16().unwrap_or(default_port)).await?;
+            if scheme == "wss" {
+                return websocket(addr, tls(stream, host, tls_config).await?).await;
+            }
+            websocket(addr, stream).await
+        }
+        _ => Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "use host:port, tcp://, tls://, ws:// or wss://",
+        )),
+    }
+}
 
 /// Reads incoming binary messages as one byte stream.
-struct WsReader {
-    stream: SplitStream<Ws>,
+struct WsReader<S> {
+    stream: SplitStream<WebSocketStream<S>>,
     pending: Bytes,
     done: bool,
 }
 
-impl AsyncRead for WsReader {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsReader<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -93,12 +143,12 @@ impl AsyncRead for WsReader {
 }
 
 /// Queues each write as one binary message; sends them when flushed.
-struct WsWriter {
-    sink: SplitSink<Ws, Message>,
+struct WsWriter<S> {
+    sink: SplitSink<WebSocketStream<S>, Message>,
     queue: VecDeque<Message>,
 }
 
-impl AsyncWrite for WsWriter {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsWriter<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         _cx: &mut Context<'_>,

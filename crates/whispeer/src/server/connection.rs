@@ -60,6 +60,15 @@ pub(super) async fn run_tcp(
     stop: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
+    #[cfg(feature = "tls")]
+    if let Some(tls) = &config.tls {
+        let Some(stream) = super::tls::accept(tls, stream, peer, config.idle_timeout()).await
+        else {
+            return;
+        };
+        let (reader, writer) = tokio::io::split(stream);
+        return run(reader, writer, peer, broker, config, stop).await;
+    }
     let (reader, writer) = stream.into_split();
     run(reader, writer, peer, broker, config, stop).await;
 }

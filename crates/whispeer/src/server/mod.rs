@@ -18,6 +18,8 @@ mod auth;
 mod connection;
 #[cfg(feature = "websocket")]
 mod json;
+#[cfg(feature = "tls")]
+mod tls;
 mod writer;
 #[cfg(feature = "websocket")]
 mod ws;
@@ -35,6 +37,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use auth::{ApiKeyError, ApiKeys, digest_of};
+#[cfg(feature = "tls")]
+pub use tls::{TlsError, server_tls};
 
 use crate::Broker;
 
@@ -61,6 +65,9 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// The path WebSocket clients connect to. Default: `/ws`.
     pub websocket_path: String,
+    /// TLS for every listener this config serves (see [`server_tls`]). Default: none.
+    #[cfg(feature = "tls")]
+    pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 }
 
 impl Default for ServerConfig {
@@ -75,6 +82,8 @@ impl Default for ServerConfig {
             max_auth_failures: 3,
             shutdown_grace: Duration::from_secs(5),
             websocket_path: "/ws".into(),
+            #[cfg(feature = "tls")]
+            tls: None,
         }
     }
 }

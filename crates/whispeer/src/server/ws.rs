@@ -41,9 +41,8 @@ const UNKNOWN: u8 = 0;
 const BINARY: u8 = 1;
 const JSON: u8 = 2;
 
-type Ws = WebSocketStream<TcpStream>;
-
-/// Upgrades the connection (on `config.websocket_path` only) and serves it.
+/// Upgrades the connection (on `config.websocket_path` only), after TLS if configured, and
+/// serves it.
 pub(super) async fn run(
     stream: TcpStream,
     peer: SocketAddr,
@@ -52,6 +51,26 @@ pub(super) async fn run(
     stop: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
+    #[cfg(feature = "tls")]
+    if let Some(tls) = &config.tls {
+        let Some(stream) = super::tls::accept(tls, stream, peer, config.idle_timeout()).await
+        else {
+            return;
+        };
+        return upgrade_and_serve(stream, peer, broker, config, stop).await;
+    }
+    upgrade_and_serve(stream, peer, broker, config, stop).await;
+}
+
+async fn upgrade_and_serve<S>(
+    stream: S,
+    peer: SocketAddr,
+    broker: Broker,
+    config: Arc<ServerConfig>,
+    stop: CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let limits = &broker.options().limits;
     let mut ws_config = WebSocketConfig::default();
     // A message never needs to be larger than the largest frame plus its length prefix.
@@ -103,8 +122,8 @@ fn invalid(message: impl Into<String>) -> io::Error {
 }
 
 /// Reads incoming messages as one byte stream of frames.
-struct WsReader {
-    stream: SplitStream<Ws>,
+struct WsReader<S> {
+    stream: SplitStream<WebSocketStream<S>>,
     pending: Bytes,
     done: bool,
     mode: Arc<AtomicU8>,
@@ -112,7 +131,7 @@ struct WsReader {
     ids: JsonIds,
 }
 
-impl WsReader {
+impl<S> WsReader<S> {
     /// Records the mode the first message sets; refuses a message of the other kind.
     fn enter(&self, wanted: u8) -> io::Result<bool> {
         match self.mode.compare_exchange(UNKNOWN, wanted, Ordering::AcqRel, Ordering::Acquire) {
@@ -147,7 +166,7 @@ impl WsReader {
     }
 }
 
-impl AsyncRead for WsReader {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsReader<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -183,13 +202,13 @@ impl AsyncRead for WsReader {
 
 /// Sends what the connection writes: each write as one binary message, or, for a JSON client,
 /// each frame in it as one JSON text message. Messages wait in `queue` until flushed.
-struct WsWriter {
-    sink: SplitSink<Ws, Message>,
+struct WsWriter<S> {
+    sink: SplitSink<WebSocketStream<S>, Message>,
     queue: VecDeque<Message>,
     mode: Arc<AtomicU8>,
 }
 
-impl AsyncWrite for WsWriter {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsWriter<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         _cx: &mut Context<'_>,
