@@ -462,3 +462,41 @@ async fn the_sdk_works_over_websocket_beside_tcp() {
     let err = Client::connect("wss://127.0.0.1:1/ws").await.unwrap_err();
     assert!(matches!(err, ClientError::Connect { .. }), "{err:?}");
 }
+
+#[tokio::test]
+async fn a_busy_publisher_outlasting_the_idle_timeout_is_not_cut_off() {
+    // Reads that end mid-frame for longer than the idle timeout (3 × 100 ms here) while frames
+    // keep completing: see the partial-frame timer in the server's read loop.
+    let mut config = fast_config();
+    config.heartbeat = Duration::from_millis(100);
+    let server = TestServer::start(config, None).await;
+    let mut raw = RawClient::connect(server.addr).await;
+    raw.hello().await;
+    let mut sub = server.broker.messages("busy").unwrap();
+    let mut stream = BytesMut::new();
+    for i in 0..400u32 {
+        let envelope = Envelope::new(
+            whispeer_client::proto::MessageId(u128::from(i)),
+            whispeer_client::proto::Topic::parse("busy").unwrap(),
+            0,
+            whispeer_client::proto::Flags::default(),
+            bytes::Bytes::from(vec![0u8; 100]),
+        );
+        let qos = whispeer_client::proto::Qos::AtMostOnce;
+        Frame::new(0, Body::Publish { qos, envelope }).encode(&mut stream, usize::MAX).unwrap();
+    }
+    // Send it in pieces that never end on a frame boundary, for about a second.
+    let started = std::time::Instant::now();
+    for chunk in stream.chunks(97) {
+        raw.stream.write_all(chunk).await.unwrap();
+        tokio::time::sleep(Duration::from_micros(2500)).await;
+    }
+    assert!(
+        started.elapsed() > Duration::from_millis(300),
+        "the test must outlast the idle timeout"
+    );
+    for _ in 0..400 {
+        soon(sub.recv_message()).await.unwrap();
+    }
+    server.stop().await;
+}

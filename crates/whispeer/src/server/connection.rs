@@ -146,15 +146,24 @@ impl Connection {
         let mut buf = BytesMut::new();
         let mut partial_since: Option<Instant> = None;
         loop {
+            let mut progressed = false;
             loop {
                 match Frame::decode(&mut buf, limits) {
-                    Ok(Some(frame)) => self.handle(frame).await?,
+                    Ok(Some(frame)) => {
+                        progressed = true;
+                        self.handle(frame).await?;
+                    }
                     Ok(None) => break,
                     Err(err) => return Err(Close::new(err.code(), err.to_string())),
                 }
             }
-            partial_since =
-                if buf.is_empty() { None } else { partial_since.or_else(|| Some(Instant::now())) };
+            // How long a frame has been incomplete without any frame completing meanwhile: a
+            // busy publisher whose reads end mid-frame keeps making progress and is not cut off.
+            partial_since = match (buf.is_empty(), progressed) {
+                (true, _) => None,
+                (false, true) => Some(Instant::now()),
+                (false, false) => partial_since.or_else(|| Some(Instant::now())),
+            };
             if partial_since.is_some_and(|since| since.elapsed() > idle) {
                 return Err(Close::new(ErrorCode::IDLE_TIMEOUT, "frame left incomplete"));
             }
