@@ -1,0 +1,291 @@
+//! whispeer-wasm — the whispeer client for browsers and Node, through wasm-bindgen.
+//!
+//! It speaks the binary protocol over the platform's `WebSocket` (in Node, install the `ws`
+//! package and set `globalThis.WebSocket` to it) and seals and opens payloads with the same
+//! engines as the Rust SDK, so a message sealed by one opens in the other with the same key.
+//!
+//! ```js
+//! const client = await Client.connect("ws://127.0.0.1:7451/ws", keyText /* or null */, apiKey /* or null */);
+//! client.subscribe("chat/#", (topic, data, id) => console.log(topic, new TextDecoder().decode(data)));
+//! client.publishText("chat/web", "hello from the browser");
+//! client.close();
+//! ```
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use bytes::{Bytes, BytesMut};
+use js_sys::{Function, Promise, Uint8Array};
+use wasm_bindgen::prelude::*;
+use wasm_bindgen::{JsCast, JsValue};
+use wasm_bindgen_futures::JsFuture;
+use web_sys::{BinaryType, MessageEvent, WebSocket};
+use whispeer_engines::{Encryption, Engines, Keyring, Sealing};
+use whispeer_proto::{
+    Body, ContentType, Envelope, Filter, Flags, Frame, Headers, Limits, MessageId,
+    PROTOCOL_VERSION, Qos, Topic,
+};
+
+/// Connection state shared with the socket's callbacks.
+struct State {
+    socket: WebSocket,
+    inbound: BytesMut,
+    limits: Limits,
+    engines: Engines,
+    subscriptions: HashMap<u32, Function>,
+    next_sub: u32,
+    next_correlation: u32,
+    id_prefix: u64,
+    next_id: u64,
+    /// Resolves `connect` once the server's WELCOME (and the AUTH reply) arrive.
+    ready: Option<(Function, Function)>,
+    auth_pending: bool,
+    welcomed: bool,
+    max_frame_bytes: usize,
+}
+
+fn error(message: impl AsRef<str>) -> JsValue {
+    JsError::new(message.as_ref()).into()
+}
+
+impl State {
+    fn send(&mut self, frame: &Frame) -> Result<(), JsValue> {
+        let mut buf = BytesMut::new();
+        frame.encode(&mut buf, self.max_frame_bytes).map_err(|e| error(e.to_string()))?;
+        self.socket.send_with_u8_array(&buf)
+    }
+
+    fn correlation(&mut self) -> u32 {
+        self.next_correlation = self.next_correlation.wrapping_add(1).max(100);
+        self.next_correlation
+    }
+
+    fn settle_ready(&mut self, outcome: Result<(), JsValue>) {
+        if let Some((resolve, reject)) = self.ready.take() {
+            let _ = match outcome {
+                Ok(()) => resolve.call0(&JsValue::NULL),
+                Err(err) => reject.call1(&JsValue::NULL, &err),
+            };
+        }
+    }
+
+    /// Handles every complete frame in the inbound buffer.
+    fn receive(&mut self, bytes: &[u8]) {
+        self.inbound.extend_from_slice(bytes);
+        loop {
+            let frame = match Frame::decode(&mut self.inbound, &self.limits) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return,
+                Err(err) => {
+                    web_sys::console::error_1(
+                        &format!("whispeer: bad frame from the server: {err}").into(),
+                    );
+                    let _ = self.socket.close();
+                    return;
+                }
+            };
+            self.dispatch(frame);
+        }
+    }
+
+    fn dispatch(&mut self, frame: Frame) {
+        match frame.body {
+            Body::Welcome { max_frame_bytes, .. } => {
+                self.max_frame_bytes = max_frame_bytes as usize;
+                self.welcomed = true;
+                if !self.auth_pending {
+                    self.settle_ready(Ok(()));
+                }
+            }
+            Body::Ok if frame.correlation == 2 && self.auth_pending => {
+                self.auth_pending = false;
+                if self.welcomed {
+                    self.settle_ready(Ok(()));
+                }
+            }
+            Body::Ping => {
+                let _ = self.send(&Frame::new(frame.correlation, Body::Pong));
+            }
+            Body::Deliver { sub, envelope } => {
+                let Some(callback) = self.subscriptions.get(&sub) else { return };
+                match self.engines.open(&envelope) {
+                    Ok(plaintext) => {
+                        let data = Uint8Array::from(&plaintext[..]);
+                        let topic = JsValue::from_str(envelope.topic.as_str());
+                        let id = JsValue::from_str(&envelope.id.to_string());
+                        let _ = callback.call3(&JsValue::NULL, &topic, &data, &id);
+                    }
+                    Err(err) => web_sys::console::warn_1(
+                        &format!(
+                            "whispeer: message {} on {} skipped: {err}",
+                            envelope.id, envelope.topic
+                        )
+                        .into(),
+                    ),
+                }
+            }
+            Body::Error { code, message } => {
+                let text = format!("whispeer: server error {code}: {message}");
+                if self.ready.is_some() {
+                    self.settle_ready(Err(error(&text)));
+                } else {
+                    web_sys::console::error_1(&text.into());
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A connection to a whispeer server from JavaScript.
+#[wasm_bindgen]
+pub struct Client {
+    state: Rc<RefCell<State>>,
+    // Keeps the socket's callbacks alive as long as the client.
+    _on_message: Closure<dyn FnMut(MessageEvent)>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = self.state.borrow();
+        f.debug_struct("Client")
+            .field("subscriptions", &state.subscriptions.len())
+            .finish_non_exhaustive()
+    }
+}
+
+#[wasm_bindgen]
+impl Client {
+    /// Connects to `url` (`ws://…/ws` or `wss://…/ws`), says hello, authenticates with
+    /// `api_key` if given, and seals with the keys in `key_text` (the `whispeer keygen` format)
+    /// if given. Resolves once the server has welcomed the client.
+    pub async fn connect(
+        url: String,
+        key_text: Option<String>,
+        api_key: Option<String>,
+    ) -> Result<Self, JsValue> {
+        let mut engines = Engines::new();
+        if let Some(text) = key_text {
+            let keyring = Keyring::parse(&text).map_err(|e| error(format!("key: {e}")))?;
+            engines = engines.with_encryption(Encryption::new(keyring));
+        }
+        let socket = WebSocket::new(&url)?;
+        socket.set_binary_type(BinaryType::Arraybuffer);
+        let mut prefix = [0u8; 8];
+        getrandom::fill(&mut prefix).map_err(|e| error(e.to_string()))?;
+        let state = Rc::new(RefCell::new(State {
+            socket: socket.clone(),
+            inbound: BytesMut::new(),
+            limits: Limits::default(),
+            engines,
+            subscriptions: HashMap::new(),
+            next_sub: 1,
+            next_correlation: 100,
+            id_prefix: u64::from_le_bytes(prefix),
+            next_id: 1,
+            ready: None,
+            auth_pending: api_key.is_some(),
+            welcomed: false,
+            max_frame_bytes: Limits::default().max_frame_bytes,
+        }));
+
+        let receiver = Rc::clone(&state);
+        let on_message = Closure::<dyn FnMut(MessageEvent)>::new(move |event: MessageEvent| {
+            if let Ok(buffer) = event.data().dyn_into::<js_sys::ArrayBuffer>() {
+                let bytes = Uint8Array::new(&buffer).to_vec();
+                receiver.borrow_mut().receive(&bytes);
+            }
+        });
+        socket.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
+
+        // Wait for the socket to open, then for the server's welcome.
+        let opened = Promise::new(&mut |resolve, reject| {
+            socket.set_onopen(Some(&resolve));
+            socket.set_onerror(Some(&reject));
+        });
+        JsFuture::from(opened).await.map_err(|_| error(format!("cannot connect to {url}")))?;
+        let welcomed = Promise::new(&mut |resolve, reject| {
+            state.borrow_mut().ready = Some((resolve, reject));
+        });
+        {
+            let mut state = state.borrow_mut();
+            let hello = Body::Hello {
+                version: PROTOCOL_VERSION,
+                capabilities: 0,
+                name: "whispeer-wasm".into(),
+            };
+            state.send(&Frame::new(1, hello))?;
+            if let Some(key) = api_key {
+                state.send(&Frame::new(2, Body::Auth { key: Bytes::from(key.into_bytes()) }))?;
+            }
+        }
+        JsFuture::from(welcomed).await?;
+        Ok(Self { state, _on_message: on_message })
+    }
+
+    fn publish_payload(
+        &self,
+        topic: &str,
+        content: ContentType,
+        payload: Bytes,
+    ) -> Result<(), JsValue> {
+        let topic = Topic::parse(topic).map_err(|e| error(format!("invalid topic: {e}")))?;
+        let mut state = self.state.borrow_mut();
+        let id = MessageId(u128::from(state.id_prefix) << 64 | u128::from(state.next_id));
+        state.next_id += 1;
+        let timestamp_ms = js_sys::Date::now() as u64;
+        let headers = Headers::new();
+        let meta = Sealing { topic: topic.as_str(), id, timestamp_ms, headers: &headers };
+        let (flags, payload) = state
+            .engines
+            .seal(&meta, Flags::with_content(content), payload)
+            .map_err(|e| error(e.to_string()))?;
+        let envelope = Envelope::new(id, topic, timestamp_ms, flags, payload);
+        let correlation = state.correlation();
+        state.send(&Frame::new(correlation, Body::Publish { qos: Qos::AtMostOnce, envelope }))
+    }
+
+    /// Publishes bytes to `topic`.
+    pub fn publish(&self, topic: &str, data: &[u8]) -> Result<(), JsValue> {
+        self.publish_payload(topic, ContentType::Raw, Bytes::copy_from_slice(data))
+    }
+
+    /// Publishes a string (as UTF-8 bytes) to `topic`.
+    #[wasm_bindgen(js_name = publishText)]
+    pub fn publish_text(&self, topic: &str, text: &str) -> Result<(), JsValue> {
+        self.publish_payload(topic, ContentType::Raw, Bytes::copy_from_slice(text.as_bytes()))
+    }
+
+    /// Calls `callback(topic, data: Uint8Array, messageId: string)` for every message matching
+    /// `filter`, opened with this client's keys. Returns the subscription id.
+    pub fn subscribe(&self, filter: &str, callback: Function) -> Result<u32, JsValue> {
+        let filter = Filter::parse(filter).map_err(|e| error(format!("invalid filter: {e}")))?;
+        let mut state = self.state.borrow_mut();
+        let sub = state.next_sub;
+        state.next_sub += 1;
+        state.subscriptions.insert(sub, callback);
+        let correlation = state.correlation();
+        state.send(&Frame::new(
+            correlation,
+            Body::Subscribe { sub, qos: Qos::AtMostOnce, filter },
+        ))?;
+        Ok(sub)
+    }
+
+    /// Ends subscription `id`.
+    pub fn unsubscribe(&self, id: u32) -> Result<(), JsValue> {
+        let mut state = self.state.borrow_mut();
+        if state.subscriptions.remove(&id).is_some() {
+            let correlation = state.correlation();
+            state.send(&Frame::new(correlation, Body::Unsubscribe { sub: id }))?;
+        }
+        Ok(())
+    }
+
+    /// Closes the connection.
+    pub fn close(&self) {
+        let state = self.state.borrow();
+        let _ = state.socket.close();
+    }
+}

@@ -1,0 +1,66 @@
+// The WASM client in headless Chromium against a real server: the page receives a message sealed
+// by the Rust CLI and publishes a sealed reply that a Rust subscriber prints.
+// Usage: node browser.mjs <ws-url> <web-package-dir> <whispeer-binary> <key-file>
+import http from "node:http";
+import { spawn, spawnSync } from "node:child_process";
+import { readFile } from "node:fs/promises";
+import { readFileSync } from "node:fs";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { chromium } from "playwright-core";
+
+const [url, pkg, bin, keyFile] = process.argv.slice(2);
+const here = dirname(fileURLToPath(import.meta.url));
+const fail = (message) => { console.error(`FAIL: ${message}`); process.exit(1); };
+const timer = setTimeout(() => fail("timed out"), 60000);
+const key = readFileSync(keyFile, "utf8").trim();
+
+const types = { ".html": "text/html", ".js": "text/javascript", ".wasm": "application/wasm" };
+const server = http.createServer(async (request, response) => {
+  const path = new URL(request.url, "http://localhost").pathname;
+  if (path === "/favicon.ico") return response.writeHead(204).end();
+  const file = path === "/" || path === "/index.html" ? join(here, "index.html")
+    : path.startsWith("/pkg/") && !path.includes("..") ? join(pkg, path.slice(5)) : null;
+  try {
+    if (!file) throw new Error("not found");
+    const body = await readFile(file);
+    response.writeHead(200, { "content-type": types[file.slice(file.lastIndexOf("."))] ?? "application/octet-stream" });
+    response.end(body);
+  } catch {
+    response.writeHead(404).end();
+  }
+});
+await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
+const page_url = `http://127.0.0.1:${server.address().port}/index.html?ws=${encodeURIComponent(url)}&key=${encodeURIComponent(key)}`;
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
+  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync"],
+});
+const page = await browser.newPage();
+page.on("console", (message) => console.log(`[page] ${message.text()}`));
+await page.goto(page_url);
+await page.waitForFunction(() => window.ready || window.failure, null, { timeout: 20000 });
+const failure = await page.evaluate(() => window.failure);
+if (failure) fail(`page: ${failure}`);
+
+const rust = spawn(bin, ["sub", "rust/reply", "--count", "1", "--server", url, "--key-file", keyFile]);
+let rustOut = "";
+rust.stdout.on("data", (chunk) => { rustOut += chunk; });
+await new Promise((resolve) => rust.stderr.once("data", resolve));
+
+const pub = spawnSync(bin, ["pub", "web/greeting", "sealed by rust", "--server", url, "--key-file", keyFile]);
+if (pub.status !== 0) fail(`whispeer pub exited with ${pub.status}: ${pub.stderr}`);
+await page.waitForFunction(() => window.received, null, { timeout: 20000 });
+const received = await page.evaluate(() => window.received);
+if (received.topic !== "web/greeting" || received.text !== "sealed by rust") fail(JSON.stringify(received));
+
+await page.evaluate(() => window.client.publishText("rust/reply", "sealed by the browser"));
+const code = await new Promise((resolve) => rust.on("exit", resolve));
+if (code !== 0 || rustOut !== "sealed by the browser\n") fail(`rust sub got ${JSON.stringify(rustOut)} (exit ${code})`);
+
+await browser.close();
+server.close();
+clearTimeout(timer);
+console.log("ok: wasm client in chromium exchanged sealed messages with the rust cli");

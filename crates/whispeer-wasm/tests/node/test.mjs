@@ -1,0 +1,47 @@
+// The WASM client in Node against a real server: sealed messages both ways with the Rust CLI.
+// Usage: node test.mjs <ws-url> <package-dir> <whispeer-binary> <key-file>
+import { createRequire } from "node:module";
+import { spawn, spawnSync } from "node:child_process";
+import { readFileSync } from "node:fs";
+import WebSocket from "ws";
+
+const [url, pkg, bin, keyFile] = process.argv.slice(2);
+globalThis.WebSocket = WebSocket; // Node 20 has no global WebSocket
+const { Client } = createRequire(import.meta.url)(`${pkg}/whispeer_wasm.js`);
+const fail = (message) => { console.error(`FAIL: ${message}`); process.exit(1); };
+const timer = setTimeout(() => fail("timed out"), 20000);
+const key = readFileSync(keyFile, "utf8");
+
+const client = await Client.connect(url, key, null);
+const received = new Promise((resolve) => {
+  client.subscribe("web/#", (topic, data, id) => resolve({ topic, text: new TextDecoder().decode(data), id }));
+});
+// A Rust subscriber waits for the reply; it prints once it has subscribed.
+const rust = spawn(bin, ["sub", "rust/reply", "--count", "1", "--server", url, "--key-file", keyFile]);
+let rustOut = "";
+rust.stdout.on("data", (chunk) => { rustOut += chunk; });
+await new Promise((resolve) => rust.stderr.once("data", resolve));
+
+const pub = spawnSync(bin, ["pub", "web/greeting", "sealed by rust", "--server", url, "--key-file", keyFile]);
+if (pub.status !== 0) fail(`whispeer pub exited with ${pub.status}: ${pub.stderr}`);
+const message = await received;
+if (message.topic !== "web/greeting" || message.text !== "sealed by rust") fail(JSON.stringify(message));
+if (message.id.length !== 32) fail(`message id ${message.id}`);
+
+client.publishText("rust/reply", "sealed by wasm");
+const code = await new Promise((resolve) => rust.on("exit", resolve));
+if (code !== 0 || rustOut !== "sealed by wasm\n") fail(`rust sub got ${JSON.stringify(rustOut)} (exit ${code})`);
+
+// Without the key, the same message reaches a subscriber but does not open.
+const stranger = await Client.connect(url, null, null);
+let opened = false;
+stranger.subscribe("web/#", () => { opened = true; });
+const again = spawnSync(bin, ["pub", "web/greeting", "still sealed", "--server", url, "--key-file", keyFile]);
+if (again.status !== 0) fail("second pub failed");
+await new Promise((resolve) => setTimeout(resolve, 300));
+if (opened) fail("a client without the key opened a sealed message");
+
+client.close();
+stranger.close();
+clearTimeout(timer);
+console.log("ok: wasm client in node exchanged sealed messages with the rust cli");
