@@ -500,3 +500,42 @@ async fn a_busy_publisher_outlasting_the_idle_timeout_is_not_cut_off() {
     }
     server.stop().await;
 }
+
+#[tokio::test]
+async fn an_embedded_broker_serves_itself_over_tcp_and_websocket() {
+    use whispeer::server::{Tcp, WebSocket};
+    let broker = Broker::builder(BrokerOptions::default())
+        .with(Tcp::new("127.0.0.1:0").config(fast_config()))
+        .with(WebSocket::new("127.0.0.1:0").config(fast_config()))
+        .try_build()
+        .unwrap();
+    let addrs = broker.local_addrs();
+    assert_eq!(addrs.len(), 2);
+    let remote_tcp =
+        Client::connect_with(ClientOptions::new(addrs[0].to_string()).reconnect(false))
+            .await
+            .unwrap();
+    let remote_ws = Client::connect(format!("ws://{}/ws", addrs[1])).await.unwrap();
+
+    // Remote → in process.
+    let mut local = broker.subscription::<Reading>("from/remote").unwrap();
+    remote_tcp.publish_acked("from/remote", &reading(1)).await.unwrap();
+    assert_eq!(soon(local.recv()).await, Some(reading(1)));
+    // In process → remote, over both transports.
+    let mut at_tcp = remote_tcp.subscribe::<Reading>("from/local").await.unwrap();
+    let mut at_ws = remote_ws.subscribe::<Reading>("from/local").await.unwrap();
+    broker.publish("from/local", &reading(2)).unwrap();
+    assert_eq!(soon(at_tcp.recv()).await, Some(reading(2)));
+    assert_eq!(soon(at_ws.recv()).await, Some(reading(2)));
+
+    // A second broker on a taken port fails to build, with the address in the error.
+    let taken = addrs[0].to_string();
+    let err = Broker::builder(BrokerOptions::default())
+        .with(Tcp::new(taken.clone()))
+        .try_build()
+        .unwrap_err();
+    assert_eq!(err.addr, taken);
+
+    broker.close_transports();
+    assert_eq!(soon(at_tcp.recv()).await, None, "remote clients are told and disconnected");
+}

@@ -67,6 +67,9 @@ pub(crate) struct Shared {
     next_sub: AtomicU64,
     pub(crate) spawner: Spawner,
     pub(crate) counters: Arc<BrokerCounters>,
+    /// Network transports started with the broker (`server::Tcp`, `server::WebSocket`).
+    #[cfg(feature = "server")]
+    pub(crate) transports: std::sync::OnceLock<crate::server::embedded::Running>,
 }
 
 impl Shared {
@@ -96,6 +99,8 @@ impl Shared {
             next_sub: AtomicU64::new(1),
             spawner,
             counters: Arc::default(),
+            #[cfg(feature = "server")]
+            transports: std::sync::OnceLock::new(),
         }
     }
 

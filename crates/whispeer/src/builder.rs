@@ -77,6 +77,8 @@ pub struct BrokerBuilder {
     plugins: Vec<Arc<dyn Plugin>>,
     engines: Engines,
     runtime: Option<Handle>,
+    #[cfg(feature = "server")]
+    transports: Vec<crate::server::embedded::Transport>,
 }
 
 impl std::fmt::Debug for BrokerBuilder {
@@ -114,15 +116,53 @@ impl BrokerBuilder {
     }
 
     /// Builds the broker.
+    ///
+    /// # Panics
+    /// If a network transport (`server::Tcp`, `server::WebSocket`) cannot bind its address; use
+    /// [`try_build`](Self::try_build) to handle that.
     pub fn build(self) -> Broker {
+        match self.try_build() {
+            Ok(broker) => broker,
+            Err(err) => panic!("whispeer: {err}"),
+        }
+    }
+
+    /// Builds the broker, binding its network transports, if any.
+    ///
+    /// # Errors
+    /// The first transport that cannot bind.
+    #[cfg_attr(
+        not(feature = "server"),
+        expect(clippy::unnecessary_wraps, reason = "transports need the server feature")
+    )]
+    pub fn try_build(self) -> Result<Broker, crate::BuildError> {
         let engines = self.engines.with_max_message_bytes(self.options.limits.max_message_bytes);
         let engines = engines.is_active().then(|| Arc::new(engines));
         let shared =
             Shared::new(self.options, self.plugins.into(), engines, Spawner::new(self.runtime));
-        Broker { inner: Arc::new(shared) }
+        let broker = Broker { inner: Arc::new(shared) };
+        #[cfg(feature = "server")]
+        if !self.transports.is_empty() {
+            let running = crate::server::embedded::start(self.transports, &broker)?;
+            let _ = broker.inner.transports.set(running);
+        }
+        Ok(broker)
+    }
+
+    #[cfg(feature = "server")]
+    pub(crate) fn transport(mut self, transport: crate::server::embedded::Transport) -> Self {
+        self.transports.push(transport);
+        self
     }
 
     pub(crate) fn new(options: BrokerOptions) -> Self {
-        Self { options, plugins: Vec::new(), engines: Engines::new(), runtime: None }
+        Self {
+            options,
+            plugins: Vec::new(),
+            engines: Engines::new(),
+            runtime: None,
+            #[cfg(feature = "server")]
+            transports: Vec::new(),
+        }
     }
 }

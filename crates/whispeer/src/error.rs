@@ -113,6 +113,16 @@ pub enum BindError {
     },
 }
 
+/// Why a broker could not be built: a network transport could not bind.
+#[cfg(feature = "server")]
+pub type BuildError = crate::server::ListenError;
+
+/// Why a broker could not be built (never, without network transports).
+#[cfg(not(feature = "server"))]
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {}
+
 /// Any whispeer error; each operation's own error converts into it.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

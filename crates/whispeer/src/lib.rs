@@ -50,7 +50,7 @@ mod typed;
 
 pub use broker::{Broker, MAX_QUEUE_CAPACITY, PublishReceipt};
 pub use builder::{BrokerBuilder, BrokerOptions, Extension};
-pub use error::{BindError, Error, PublishError, SubscribeError};
+pub use error::{BindError, BuildError, Error, PublishError, SubscribeError};
 pub use message::Message;
 pub use plugin::{LoggingPlugin, Plugin, Rejection};
 pub use queue::SlowConsumer;

@@ -16,6 +16,7 @@
 
 mod auth;
 mod connection;
+pub(crate) mod embedded;
 #[cfg(feature = "websocket")]
 mod json;
 #[cfg(feature = "tls")]
@@ -37,6 +38,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use auth::{ApiKeyError, ApiKeys, digest_of};
+#[cfg(feature = "websocket")]
+pub use embedded::WebSocket;
+pub use embedded::{ListenError, Tcp};
 #[cfg(feature = "tls")]
 pub use tls::{TlsError, server_tls};
 
