@@ -6,7 +6,8 @@
 //!
 //! ```js
 //! const client = await Client.connect("ws://127.0.0.1:7451/ws", keyText /* or null */, apiKey /* or null */);
-//! client.subscribe("chat/#", (topic, data, id) => console.log(topic, new TextDecoder().decode(data)));
+//! const sub = client.subscribe("chat/#", (topic, data, id) => console.log(topic, new TextDecoder().decode(data)));
+//! client.ack(sub, messageId);
 //! client.publishText("chat/web", "hello from the browser");
 //! client.close();
 //! ```
@@ -281,6 +282,17 @@ impl Client {
             state.send(&Frame::new(correlation, Body::Unsubscribe { sub: id }))?;
         }
         Ok(())
+    }
+
+    /// Acknowledges message `message_id` (the 32-hex-digit id given to the callback) of
+    /// subscription `subscription`. Servers settle acknowledgements once QoS 1 delivery is
+    /// tracked; until then they accept and ignore them.
+    pub fn ack(&self, subscription: u32, message_id: &str) -> Result<(), JsValue> {
+        let id = u128::from_str_radix(message_id, 16)
+            .map_err(|_| error("message id must be 32 hex digits"))?;
+        self.state
+            .borrow_mut()
+            .send(&Frame::new(0, Body::Ack { sub: subscription, id: MessageId(id) }))
     }
 
     /// Closes the connection.

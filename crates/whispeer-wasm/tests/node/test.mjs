@@ -13,8 +13,9 @@ const timer = setTimeout(() => fail("timed out"), 20000);
 const key = readFileSync(keyFile, "utf8");
 
 const client = await Client.connect(url, key, null);
+let subscription;
 const received = new Promise((resolve) => {
-  client.subscribe("web/#", (topic, data, id) => resolve({ topic, text: new TextDecoder().decode(data), id }));
+  subscription = client.subscribe("web/#", (topic, data, id) => resolve({ topic, text: new TextDecoder().decode(data), id }));
 });
 // A Rust subscriber waits for the reply; it prints once it has subscribed.
 const rust = spawn(bin, ["sub", "rust/reply", "--count", "1", "--server", url, "--key-file", keyFile]);
@@ -27,6 +28,10 @@ if (pub.status !== 0) fail(`whispeer pub exited with ${pub.status}: ${pub.stderr
 const message = await received;
 if (message.topic !== "web/greeting" || message.text !== "sealed by rust") fail(JSON.stringify(message));
 if (message.id.length !== 32) fail(`message id ${message.id}`);
+client.ack(subscription, message.id);
+let refused = false;
+try { client.ack(subscription, "not hex"); } catch { refused = true; }
+if (!refused) fail("an invalid message id was accepted");
 
 client.publishText("rust/reply", "sealed by wasm");
 const code = await new Promise((resolve) => rust.on("exit", resolve));
