@@ -93,6 +93,8 @@ pub(crate) struct Limits {
 pub(crate) struct Queues {
     /// Messages buffered per subscription.
     pub(crate) capacity: usize,
+    /// Bytes buffered per subscription (payloads plus 256 per message).
+    pub(crate) max_bytes: usize,
     /// `drop-oldest`, `drop-newest` or `disconnect`.
     pub(crate) slow_consumer: Policy,
 }
@@ -146,8 +148,10 @@ impl Default for Limits {
 
 impl Default for Queues {
     fn default() -> Self {
+        let defaults = BrokerOptions::default();
         Self {
-            capacity: BrokerOptions::default().queue_capacity,
+            capacity: defaults.queue_capacity,
+            max_bytes: defaults.queue_max_bytes,
             slow_consumer: Policy::DropOldest,
         }
     }
@@ -174,6 +178,7 @@ impl Config {
         options.limits.max_topic_len = self.limits.max_topic_len;
         options.limits.max_topic_depth = self.limits.max_topic_depth;
         options.queue_capacity = self.queues.capacity;
+        options.queue_max_bytes = self.queues.max_bytes;
         options.slow_consumer = match self.queues.slow_consumer {
             Policy::DropOldest => SlowConsumer::DropOldest,
             Policy::DropNewest => SlowConsumer::DropNewest,

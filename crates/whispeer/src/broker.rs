@@ -236,7 +236,8 @@ impl Shared {
         }
         let policy = options.policy().unwrap_or(self.options.slow_consumer);
         let id = SubId(self.next_sub.fetch_add(1, Ordering::Relaxed));
-        let queue = Arc::new(Queue::new(filter, capacity, policy));
+        let max_bytes = options.queue_max_bytes().unwrap_or(self.options.queue_max_bytes);
+        let queue = Arc::new(Queue::new(filter, capacity, max_bytes, policy));
         self.router.insert(&queue.filter, Route { id, queue: Arc::clone(&queue) });
         Ok((id, queue))
     }

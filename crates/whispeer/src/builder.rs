@@ -23,6 +23,9 @@ pub struct BrokerOptions {
     pub queue_capacity: usize,
     /// Default policy when a subscription's queue is full. Default: [`SlowConsumer::DropOldest`].
     pub slow_consumer: SlowConsumer,
+    /// Default byte bound of a subscription's queue: payloads plus 256 bytes per message.
+    /// Default: 16 MiB.
+    pub queue_max_bytes: usize,
 }
 
 impl Default for BrokerOptions {
@@ -32,6 +35,7 @@ impl Default for BrokerOptions {
             limits: Limits::default(),
             queue_capacity: 1024,
             slow_consumer: SlowConsumer::default(),
+            queue_max_bytes: 16 * 1024 * 1024,
         }
     }
 }

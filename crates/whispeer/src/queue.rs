@@ -1,10 +1,14 @@
 //! The bounded per-subscriber delivery queue and its slow-consumer policy.
 //!
-//! Many publishers push, one consumer pops. The queue never grows past its capacity: when it is
-//! full, the subscriber's [`SlowConsumer`] policy decides what gives way, and every such event is
-//! counted. Pushing never blocks and never awaits, so it is safe under the router's read lock.
+//! Many publishers push, one consumer pops. The queue is bounded twice: by message count
+//! (`capacity`) and by bytes (`max_bytes`, payload bytes plus a fixed overhead per message). When
+//! either bound would be exceeded, the subscriber's [`SlowConsumer`] policy decides what gives
+//! way, and every such event is counted. A single message larger than `max_bytes` is still
+//! accepted into an empty queue, so it can be delivered at all. Concurrent publishers can
+//! overshoot the byte bound by at most one message each. Pushing never blocks and never awaits,
+//! so it is safe under the router's read lock.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use atomic_waker::AtomicWaker;
@@ -29,6 +33,12 @@ pub enum SlowConsumer {
     /// Close the subscription: its stream ends and its callback task stops; counted in
     /// `disconnected`.
     Disconnect,
+}
+
+/// What a queued message counts against the byte bound: its payload and a fixed allowance for
+/// the envelope and bookkeeping.
+fn weight(message: &Message) -> usize {
+    message.payload().len() + 256
 }
 
 /// The result of offering one message to one queue.
@@ -66,6 +76,9 @@ pub(crate) struct Queue {
     /// The subscription's filter, kept here so the queue alone can find its route.
     pub(crate) filter: Filter,
     items: ArrayQueue<Message>,
+    /// Bytes of the queued messages (see `weight`).
+    bytes: AtomicUsize,
+    max_bytes: usize,
     waker: AtomicWaker,
     closed: AtomicBool,
     policy: SlowConsumer,
@@ -74,10 +87,17 @@ pub(crate) struct Queue {
 
 impl Queue {
     /// Creates a queue; `capacity` has been checked to be at least one.
-    pub(crate) fn new(filter: Filter, capacity: usize, policy: SlowConsumer) -> Self {
+    pub(crate) fn new(
+        filter: Filter,
+        capacity: usize,
+        max_bytes: usize,
+        policy: SlowConsumer,
+    ) -> Self {
         Self {
             filter,
             items: ArrayQueue::new(capacity),
+            bytes: AtomicUsize::new(0),
+            max_bytes,
             waker: AtomicWaker::new(),
             closed: AtomicBool::new(false),
             policy,
@@ -90,17 +110,36 @@ impl Queue {
         if self.is_closed() {
             return Pushed::Closed;
         }
+        let weight = weight(&message);
         let outcome = match self.policy {
-            SlowConsumer::DropOldest => match self.items.force_push(message) {
-                None => Pushed::Queued,
-                Some(_oldest) => {
+            SlowConsumer::DropOldest => {
+                let mut dropped = false;
+                while self.over_bytes(weight) {
+                    let Some(oldest) = self.items.pop() else { break };
+                    self.release(&oldest);
+                    dropped = true;
                     self.counters.dropped_oldest.fetch_add(1, Ordering::Relaxed);
-                    Pushed::DroppedOldest
                 }
-            },
-            policy => match self.items.push(message) {
-                Ok(()) => Pushed::Queued,
-                Err(_rejected) => {
+                self.bytes.fetch_add(weight, Ordering::AcqRel);
+                if let Some(oldest) = self.items.force_push(message) {
+                    self.release(&oldest);
+                    dropped = true;
+                    self.counters.dropped_oldest.fetch_add(1, Ordering::Relaxed);
+                }
+                if dropped { Pushed::DroppedOldest } else { Pushed::Queued }
+            }
+            policy => {
+                let refused = if self.over_bytes(weight) {
+                    true
+                } else {
+                    self.bytes.fetch_add(weight, Ordering::AcqRel);
+                    let refused = self.items.push(message).is_err();
+                    if refused {
+                        self.bytes.fetch_sub(weight, Ordering::AcqRel);
+                    }
+                    refused
+                };
+                if refused {
                     return match policy {
                         SlowConsumer::DropNewest => {
                             self.counters.dropped_newest.fetch_add(1, Ordering::Relaxed);
@@ -116,10 +155,21 @@ impl Queue {
                         }
                     };
                 }
-            },
+                Pushed::Queued
+            }
         };
         self.waker.wake();
         outcome
+    }
+
+    /// Whether adding `weight` bytes would pass the byte bound (never for an empty queue).
+    fn over_bytes(&self, weight: usize) -> bool {
+        let queued = self.bytes.load(Ordering::Acquire);
+        queued > 0 && queued + weight > self.max_bytes
+    }
+
+    fn release(&self, message: &Message) {
+        self.bytes.fetch_sub(weight(message), Ordering::AcqRel);
     }
 
     /// Takes the next message, or learns that there is none yet (`Pending`, with the waker
@@ -149,6 +199,7 @@ impl Queue {
     }
 
     fn received(&self, message: Message) -> Message {
+        self.release(&message);
         self.counters.received.fetch_add(1, Ordering::Relaxed);
         message
     }

@@ -272,7 +272,12 @@ mod tests {
     fn route(id: u64) -> Route {
         Route {
             id: SubId(id),
-            queue: Arc::new(Queue::new(Filter::parse("#").unwrap(), 1, SlowConsumer::DropOldest)),
+            queue: Arc::new(Queue::new(
+                Filter::parse("#").unwrap(),
+                1,
+                1024,
+                SlowConsumer::DropOldest,
+            )),
         }
     }
 

@@ -46,19 +46,30 @@ const DELIVERY_BUDGET: u32 = 128;
 pub struct SubscribeOptions {
     filter: String,
     capacity: Option<usize>,
+    max_bytes: Option<usize>,
     policy: Option<SlowConsumer>,
 }
 
 impl SubscribeOptions {
     /// Options for `filter` with the broker's default capacity and policy.
     pub fn new(filter: impl Into<String>) -> Self {
-        Self { filter: filter.into(), capacity: None, policy: None }
+        Self { filter: filter.into(), capacity: None, max_bytes: None, policy: None }
     }
 
     /// Sets the queue capacity, in messages (1 to [`crate::MAX_QUEUE_CAPACITY`]).
     pub fn capacity(mut self, capacity: usize) -> Self {
         self.capacity = Some(capacity);
         self
+    }
+
+    /// Sets the queue's byte bound: payload bytes plus 256 per queued message.
+    pub fn max_bytes(mut self, bytes: usize) -> Self {
+        self.max_bytes = Some(bytes);
+        self
+    }
+
+    pub(crate) fn queue_max_bytes(&self) -> Option<usize> {
+        self.max_bytes
     }
 
     /// Sets what happens when the queue is full.

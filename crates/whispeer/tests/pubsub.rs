@@ -444,3 +444,51 @@ async fn many_publishers_and_subscribers_lose_nothing_and_keep_order() {
     until(|| async_count.load(Ordering::Relaxed) == TOTAL).await;
     assert_eq!(broker.stats().published, TOTAL as u64);
 }
+
+/// 1 KiB payloads weigh 1 024 + 256 bytes each, so a 6 400-byte bound holds five of them.
+fn byte_bounded(policy: SlowConsumer) -> SubscribeOptions {
+    SubscribeOptions::new("big").capacity(1000).max_bytes(6400).slow_consumer(policy)
+}
+
+fn kib(tag: u8) -> Vec<u8> {
+    vec![tag; 1024]
+}
+
+#[tokio::test]
+async fn the_byte_bound_drops_the_oldest_by_default() {
+    let broker = broker();
+    let mut s = broker.messages(byte_bounded(SlowConsumer::DropOldest)).unwrap();
+    for tag in 0..10 {
+        broker.publish_bytes("big", kib(tag)).unwrap();
+    }
+    let kept: Vec<u8> = std::iter::from_fn(|| s.try_recv().map(|m| m.payload()[0])).collect();
+    assert_eq!(kept, [5, 6, 7, 8, 9], "the newest five fit");
+    assert_eq!(s.stats().dropped_oldest, 5);
+}
+
+#[tokio::test]
+async fn the_byte_bound_drops_the_newest_when_asked() {
+    let broker = broker();
+    let mut s = broker.messages(byte_bounded(SlowConsumer::DropNewest)).unwrap();
+    for tag in 0..10 {
+        broker.publish_bytes("big", kib(tag)).unwrap();
+    }
+    let kept: Vec<u8> = std::iter::from_fn(|| s.try_recv().map(|m| m.payload()[0])).collect();
+    assert_eq!(kept, [0, 1, 2, 3, 4]);
+    assert_eq!(s.stats().dropped_newest, 5);
+    // Room again once the queue drained.
+    broker.publish_bytes("big", kib(42)).unwrap();
+    assert_eq!(s.try_recv().map(|m| m.payload()[0]), Some(42));
+}
+
+#[tokio::test]
+async fn a_message_over_the_byte_bound_still_reaches_an_empty_queue() {
+    let broker = broker();
+    let mut s = broker.messages(byte_bounded(SlowConsumer::DropNewest)).unwrap();
+    broker.publish_bytes("big", vec![1u8; 10_000]).unwrap();
+    assert_eq!(s.try_recv().map(|m| m.payload().len()), Some(10_000));
+    broker.publish_bytes("big", vec![2u8; 10_000]).unwrap();
+    broker.publish_bytes("big", vec![3u8; 10]).unwrap();
+    assert_eq!(s.try_recv().map(|m| m.payload()[0]), Some(2));
+    assert!(s.try_recv().is_none(), "the small one did not fit behind the big one");
+}
