@@ -4,6 +4,7 @@
 //! or configuration error; for `match`, 1 also means some topic did not match.
 
 mod bench;
+mod cert;
 mod config;
 mod pubsub;
 mod serve;
@@ -54,6 +55,11 @@ enum Command {
     /// Prints a table: delivered msgs/s for 1→1 and 1→8 subscribers with 128-byte payloads,
     /// MB/s with 64 KiB payloads, and p50/p99/p99.9 latency at a fixed rate.
     Bench(bench::BenchArgs),
+    /// Write a development CA and a server certificate (PEM) for trying TLS.
+    ///
+    /// Example: whispeer cert --out certs && whispeer serve --config whispeer.toml, with
+    /// [tls] cert = "certs/cert.pem", key = "certs/key.pem"; clients pass --ca-file certs/ca.pem.
+    Cert(cert::CertArgs),
     /// Check which topics a filter matches, the way the broker routes them.
     ///
     /// Prints one line per topic, `match` or `no match`, and exits with 0 if every topic
@@ -114,6 +120,7 @@ fn main() -> ExitCode {
         Command::Pub(args) => pubsub::run_pub(args),
         Command::Sub(args) => pubsub::run_sub(args),
         Command::Bench(args) => bench::run(args),
+        Command::Cert(args) => cert::run(args),
     }
 }
 

@@ -247,23 +247,17 @@ async fn serve_accepts_websocket_clients_when_asked() {
 
 #[test]
 fn tls_from_the_config_file_with_pub_and_sub_over_tls() {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
     let dir = std::env::temp_dir().join(format!("whispeer-tls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
     let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
-    std::fs::write(path("ca.pem"), ca.pem()).unwrap();
-    std::fs::write(path("cert.pem"), cert.pem()).unwrap();
-    std::fs::write(path("key.pem"), key.serialize_pem()).unwrap();
+    // The development CA helper writes what the server and the clients need.
+    let made = Command::new(BIN)
+        .args(["cert", "--out", &path(""), "--host", "127.0.0.1"])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    for file in ["ca.pem", "ca-key.pem", "cert.pem", "key.pem"] {
+        assert!(dir.join(file).exists(), "{file} missing");
+    }
     std::fs::write(
         path("whispeer.toml"),
         format!("[tls]\ncert = {:?}\nkey = {:?}\n", path("cert.pem"), path("key.pem")),

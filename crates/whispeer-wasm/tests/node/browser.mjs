@@ -11,7 +11,8 @@ import { chromium } from "playwright-core";
 
 const [url, pkg, bin, keyFile] = process.argv.slice(2);
 const here = dirname(fileURLToPath(import.meta.url));
-const fail = (message) => { console.error(`FAIL: ${message}`); process.exit(1); };
+let stage = "starting";
+const fail = (message) => { console.error(`FAIL: ${message} (at: ${stage})`); process.exit(1); };
 const timer = setTimeout(() => fail("timed out"), 60000);
 const key = readFileSync(keyFile, "utf8").trim();
 
@@ -33,6 +34,7 @@ const server = http.createServer(async (request, response) => {
 await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
 const page_url = `http://127.0.0.1:${server.address().port}/index.html?ws=${encodeURIComponent(url)}&key=${encodeURIComponent(key)}`;
 
+stage = "launching chromium";
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
   args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -40,26 +42,41 @@ const browser = await chromium.launch({
 });
 const page = await browser.newPage();
 page.on("console", (message) => console.log(`[page] ${message.text()}`));
+stage = "loading the page";
 await page.goto(page_url);
+stage = "waiting for the page to connect";
 await page.waitForFunction(() => window.ready || window.failure, null, { timeout: 20000 });
 const failure = await page.evaluate(() => window.failure);
 if (failure) fail(`page: ${failure}`);
 
+stage = "starting whispeer sub";
 const rust = spawn(bin, ["sub", "rust/reply", "--count", "1", "--server", url, "--key-file", keyFile]);
 let rustOut = "";
+let rustErr = "";
 rust.stdout.on("data", (chunk) => { rustOut += chunk; });
-await new Promise((resolve) => rust.stderr.once("data", resolve));
+// Listen for "close" now, not after publishing: the child may exit while we await anything.
+// "close" (not "exit") fires only after the child's output has been read.
+const rustClosed = new Promise((resolve) => rust.on("close", resolve));
+rust.stderr.on("data", (chunk) => { rustErr += chunk; if (process.env.DEBUG_RUST) process.stderr.write(`[rust] ${chunk}`); });
+await new Promise((resolve) => {
+  const check = () => (rustErr.includes("subscribed") ? resolve() : setTimeout(check, 10));
+  check();
+});
 
+stage = "publishing from rust";
 const pub = spawnSync(bin, ["pub", "web/greeting", "sealed by rust", "--server", url, "--key-file", keyFile]);
 if (pub.status !== 0) fail(`whispeer pub exited with ${pub.status}: ${pub.stderr}`);
+stage = "waiting for the page to receive";
 await page.waitForFunction(() => window.received, null, { timeout: 20000 });
 const received = await page.evaluate(() => window.received);
 if (received.topic !== "web/greeting" || received.text !== "sealed by rust") fail(JSON.stringify(received));
 
+stage = "waiting for rust to receive the reply";
 await page.evaluate(() => window.client.publishText("rust/reply", "sealed by the browser"));
-const code = await new Promise((resolve) => rust.on("exit", resolve));
+const code = await rustClosed;
 if (code !== 0 || rustOut !== "sealed by the browser\n") fail(`rust sub got ${JSON.stringify(rustOut)} (exit ${code})`);
 
+stage = "closing";
 await browser.close();
 server.close();
 clearTimeout(timer);

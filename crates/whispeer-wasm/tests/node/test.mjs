@@ -21,6 +21,9 @@ const received = new Promise((resolve) => {
 const rust = spawn(bin, ["sub", "rust/reply", "--count", "1", "--server", url, "--key-file", keyFile]);
 let rustOut = "";
 rust.stdout.on("data", (chunk) => { rustOut += chunk; });
+// Listen for "close" now, not after publishing: the child may exit while we await anything.
+// "close" (not "exit") fires only after the child's output has been read.
+const rustClosed = new Promise((resolve) => rust.on("close", resolve));
 await new Promise((resolve) => rust.stderr.once("data", resolve));
 
 const pub = spawnSync(bin, ["pub", "web/greeting", "sealed by rust", "--server", url, "--key-file", keyFile]);
@@ -34,7 +37,7 @@ try { client.ack(subscription, "not hex"); } catch { refused = true; }
 if (!refused) fail("an invalid message id was accepted");
 
 client.publishText("rust/reply", "sealed by wasm");
-const code = await new Promise((resolve) => rust.on("exit", resolve));
+const code = await rustClosed;
 if (code !== 0 || rustOut !== "sealed by wasm\n") fail(`rust sub got ${JSON.stringify(rustOut)} (exit ${code})`);
 
 // Without the key, the same message reaches a subscriber but does not open.
