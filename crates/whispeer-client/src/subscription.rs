@@ -11,7 +11,7 @@ use futures_core::Stream;
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use whispeer_engines::{Codec, Engines, OpenError};
-use whispeer_proto::{CipherAlgorithm, CompressionAlgorithm, Envelope, Headers, MessageId, Topic};
+use whispeer_proto::{Envelope, Headers, MessageId, Topic};
 
 use crate::ReceiveError;
 use crate::connection::Command;
@@ -70,12 +70,7 @@ impl Delivery {
     /// # Errors
     /// [`OpenError`] for a wrong or unknown key, tampering or corruption.
     pub fn plaintext(&self) -> Result<Bytes, OpenError> {
-        let flags = self.envelope.flags;
-        if flags.cipher() == Some(CipherAlgorithm::None)
-            && flags.compression() == Some(CompressionAlgorithm::None)
-        {
-            return Ok(self.envelope.payload.clone());
-        }
+        // `open` returns a plain payload as it is, without copying.
         self.engines.open(&self.envelope)
     }
 

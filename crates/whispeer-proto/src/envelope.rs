@@ -150,6 +150,12 @@ impl Flags {
         if derived { Self(self.0 | Self::DERIVED_KEY) } else { Self(self.0 & !Self::DERIVED_KEY) }
     }
 
+    /// Whether the payload is the plaintext itself: neither compressed nor encrypted.
+    pub fn is_plain(self) -> bool {
+        self.compression() == Some(CompressionAlgorithm::None)
+            && self.cipher() == Some(CipherAlgorithm::None)
+    }
+
     /// Whether every bit has a meaning this version knows.
     pub fn is_known(self) -> bool {
         self.0 & Self::RESERVED == 0
@@ -261,6 +267,9 @@ mod tests {
         assert_eq!(flags.cipher(), Some(CipherAlgorithm::Aes256Gcm));
         assert!(!flags.key_derived());
         assert!(!Flags(0x0100).is_known());
+        assert!(Flags::with_content(ContentType::Json).is_plain());
+        assert!(!flags.is_plain(), "still encrypted");
+        assert!(!Flags(0b11 << 3).is_plain(), "unknown compression is not plain");
         assert_eq!(Flags(0b11 << 3).compression(), None);
     }
 

@@ -15,7 +15,7 @@ use std::sync::{Arc, OnceLock};
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use whispeer_engines::{Codec, Engines, OpenError};
-use whispeer_proto::{CipherAlgorithm, CompressionAlgorithm, Envelope, Headers, MessageId, Topic};
+use whispeer_proto::{Envelope, Headers, MessageId, Topic};
 
 use whispeer_engines::ReceiveError;
 
@@ -130,9 +130,7 @@ impl Message {
 
     /// Whether the payload is neither compressed nor encrypted.
     fn is_plain(&self) -> bool {
-        let flags = self.inner.envelope.flags;
-        flags.cipher() == Some(CipherAlgorithm::None)
-            && flags.compression() == Some(CompressionAlgorithm::None)
+        self.inner.envelope.flags.is_plain()
     }
 
     /// Decodes like [`Message::decode`], but when the message has several subscribers, decodes

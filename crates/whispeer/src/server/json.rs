@@ -19,8 +19,8 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use whispeer_proto::{
-    Body, CipherAlgorithm, CompressionAlgorithm, ContentType, Envelope, Filter, Flags, Frame,
-    Limits, MessageId, PROTOCOL_VERSION, Qos, Topic,
+    Body, ContentType, Envelope, Filter, Flags, Frame, Limits, MessageId, PROTOCOL_VERSION, Qos,
+    Topic,
 };
 
 /// A client's request, as JSON.
@@ -207,8 +207,7 @@ pub(super) fn frame_to_json(frame: &Frame) -> Value {
 
 fn delivery_to_json(sub: u32, envelope: &Envelope) -> Value {
     let flags = envelope.flags;
-    let plain = flags.cipher() == Some(CipherAlgorithm::None)
-        && flags.compression() == Some(CompressionAlgorithm::None);
+    let plain = flags.is_plain();
     let headers: serde_json::Map<String, Value> = envelope
         .headers
         .iter()
@@ -237,6 +236,8 @@ fn delivery_to_json(sub: u32, envelope: &Envelope) -> Value {
 
 #[cfg(test)]
 mod tests {
+    use whispeer_proto::CipherAlgorithm;
+
     use super::*;
 
     fn frame(text: &str) -> Frame {
