@@ -8,9 +8,16 @@
 //! Writes are batched: the actor drains every waiting command into one buffer before writing.
 //! Replies are matched to requests by correlation id. When the socket fails, pending requests
 //! fail with `Disconnected`; with reconnection on, the actor connects again with exponential
-//! backoff and re-subscribes every live subscription under its old id.
+//! backoff and re-subscribes every live subscription under its old id (and group).
+//!
+//! QoS 1: acks and nacks come from deliveries through their own channel (unbounded, but holding
+//! at most what the server let this client have unacknowledged: its prefetch per
+//! subscription). Each subscription remembers the ids it acked lately; a redelivery of one of
+//! them (its ack was lost with a connection) is acked again and not handed over.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -18,7 +25,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 use whispeer_proto::{
-    Body, Envelope, ErrorCode, Filter, Frame, Limits, PROTOCOL_VERSION, Qos, reserve_for_read,
+    Body, Envelope, ErrorCode, Filter, Frame, Limits, MessageId, PROTOCOL_VERSION, Qos,
+    reserve_for_read,
 };
 
 use crate::transport::{self, Reader, Writer};
@@ -37,8 +45,9 @@ pub(crate) enum Command {
         ack: Option<oneshot::Sender<Result<(), ClientError>>>,
     },
     Subscribe {
-        filter: Filter,
-        deliver: mpsc::Sender<Envelope>,
+        spec: SubSpec,
+        deliver: mpsc::Sender<Incoming>,
+        duplicates: Arc<AtomicU64>,
         reply: oneshot::Sender<Result<u32, ClientError>>,
     },
     Unsubscribe {
@@ -48,6 +57,71 @@ pub(crate) enum Command {
         reply: oneshot::Sender<Result<(), ClientError>>,
     },
     Close,
+}
+
+/// What a subscription asks the server for; sent again on every reconnect.
+#[derive(Clone, Debug)]
+pub(crate) struct SubSpec {
+    pub(crate) filter: Filter,
+    pub(crate) qos: Qos,
+    pub(crate) prefetch: u32,
+    pub(crate) group: Option<String>,
+}
+
+impl SubSpec {
+    fn frame(&self, sub: u32) -> Body {
+        Body::Subscribe {
+            sub,
+            qos: self.qos,
+            filter: self.filter.clone(),
+            prefetch: self.prefetch,
+            group: self.group.clone(),
+        }
+    }
+}
+
+/// A delivery on its way to its subscription.
+#[derive(Debug)]
+pub(crate) struct Incoming {
+    pub(crate) envelope: Envelope,
+    pub(crate) attempt: u32,
+}
+
+/// A QoS 1 delivery's settlement: `requeue: None` acks, `Some(r)` nacks.
+#[derive(Debug)]
+pub(crate) struct Settle {
+    pub(crate) sub: u32,
+    pub(crate) id: MessageId,
+    pub(crate) requeue: Option<bool>,
+}
+
+/// Ids a subscription acked lately, oldest forgotten first.
+#[derive(Debug, Default)]
+struct RecentIds {
+    order: VecDeque<MessageId>,
+    set: HashSet<MessageId>,
+}
+
+impl RecentIds {
+    fn remember(&mut self, id: MessageId, capacity: usize) {
+        if capacity == 0 || !self.set.insert(id) {
+            return;
+        }
+        self.order.push_back(id);
+        while self.order.len() > capacity {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+    }
+}
+
+/// A live subscription as the connection task knows it.
+struct Sub {
+    spec: SubSpec,
+    deliver: mpsc::Sender<Incoming>,
+    acked: RecentIds,
+    duplicates: Arc<AtomicU64>,
 }
 
 /// A request waiting for its reply.
@@ -191,17 +265,23 @@ enum Ended {
 pub(crate) struct Actor {
     options: ClientOptions,
     commands: mpsc::Receiver<Command>,
-    subscriptions: HashMap<u32, (Filter, mpsc::Sender<Envelope>)>,
+    settles: mpsc::UnboundedReceiver<Settle>,
+    subscriptions: HashMap<u32, Sub>,
     pending: HashMap<u32, Pending>,
     next_sub: u32,
     next_correlation: u32,
 }
 
 impl Actor {
-    pub(crate) fn new(options: ClientOptions, commands: mpsc::Receiver<Command>) -> Self {
+    pub(crate) fn new(
+        options: ClientOptions,
+        commands: mpsc::Receiver<Command>,
+        settles: mpsc::UnboundedReceiver<Settle>,
+    ) -> Self {
         Self {
             options,
             commands,
+            settles,
             subscriptions: HashMap::new(),
             pending: HashMap::new(),
             next_sub: 1,
@@ -268,13 +348,12 @@ impl Actor {
         } = established;
         let mut out = BytesMut::with_capacity(64 * 1024);
         let limits = self.options.limits.clone();
-        let subs: Vec<(u32, Filter)> =
-            self.subscriptions.iter().map(|(s, (f, _))| (*s, f.clone())).collect();
-        for (sub, filter) in subs {
+        let subs: Vec<(u32, Body)> =
+            self.subscriptions.iter().map(|(s, sub)| (*s, sub.spec.frame(*s))).collect();
+        for (sub, body) in subs {
             let correlation = self.correlation();
             self.pending.insert(correlation, Pending::Resubscribed { sub });
-            let frame =
-                Frame::new(correlation, Body::Subscribe { sub, qos: Qos::AtMostOnce, filter });
+            let frame = Frame::new(correlation, body);
             if let Err(err) = encode(&frame, &mut out, max_frame_bytes) {
                 return Ended::Lost(err);
             }
@@ -301,6 +380,16 @@ impl Actor {
                     Ok(0) | Err(_) => return Ended::Lost(ClientError::Disconnected),
                     Ok(_) => deadline = Instant::now() + silence,
                 },
+                Some(settle) = self.settles.recv(), if out.len() < HIGH_WATER => {
+                    if let Err(err) = self.settle(settle, &mut out, max_frame_bytes) {
+                        return Ended::Lost(err);
+                    }
+                    while let Ok(settle) = self.settles.try_recv() {
+                        if let Err(err) = self.settle(settle, &mut out, max_frame_bytes) {
+                            return Ended::Lost(err);
+                        }
+                    }
+                }
                 command = self.commands.recv(), if out.len() < HIGH_WATER => {
                     let Some(command) = command else { return self.finish(writer, out).await };
                     if self.command(command, &mut out, max_frame_bytes) {
@@ -362,17 +451,15 @@ impl Actor {
                     }
                 }
             }
-            Command::Subscribe { filter, deliver, reply } => {
+            Command::Subscribe { spec, deliver, duplicates, reply } => {
                 let sub = self.next_sub;
                 self.next_sub = self.next_sub.wrapping_add(1);
                 let correlation = self.correlation();
-                let frame = Frame::new(
-                    correlation,
-                    Body::Subscribe { sub, qos: Qos::AtMostOnce, filter: filter.clone() },
-                );
+                let frame = Frame::new(correlation, spec.frame(sub));
                 match encode(&frame, out, max) {
                     Ok(()) => {
-                        self.subscriptions.insert(sub, (filter, deliver));
+                        let acked = RecentIds::default();
+                        self.subscriptions.insert(sub, Sub { spec, deliver, acked, duplicates });
                         self.pending.insert(correlation, Pending::Subscribed { sub, reply });
                     }
                     Err(err) => {
@@ -404,6 +491,26 @@ impl Actor {
         }
     }
 
+    /// Encodes an ack or nack; an ack is remembered so that a redelivery of the same message
+    /// is recognised.
+    fn settle(
+        &mut self,
+        settle: Settle,
+        out: &mut BytesMut,
+        max: usize,
+    ) -> Result<(), ClientError> {
+        let Settle { sub, id, requeue } = settle;
+        let Some(subscription) = self.subscriptions.get_mut(&sub) else { return Ok(()) };
+        let body = match requeue {
+            None => {
+                subscription.acked.remember(id, self.options.dedup_ids);
+                Body::Ack { sub, id }
+            }
+            Some(requeue) => Body::Nack { sub, id, requeue },
+        };
+        encode(&Frame::new(0, body), out, max)
+    }
+
     /// Acts on one frame from the server.
     fn dispatch(
         &mut self,
@@ -413,12 +520,19 @@ impl Actor {
     ) -> Result<(), ClientError> {
         let correlation = frame.correlation;
         match frame.body {
-            Body::Deliver { sub, envelope } => {
-                let Some((_, deliver)) = self.subscriptions.get(&sub) else { return Ok(()) };
-                match deliver.try_send(envelope) {
+            Body::Deliver { sub, attempt, envelope } => {
+                let Some(subscription) = self.subscriptions.get(&sub) else { return Ok(()) };
+                if subscription.acked.set.contains(&envelope.id) {
+                    // Acked already; the ack was lost with a connection. Ack again, drop it.
+                    subscription.duplicates.fetch_add(1, Ordering::Relaxed);
+                    return encode(&Frame::new(0, Body::Ack { sub, id: envelope.id }), out, max);
+                }
+                match subscription.deliver.try_send(Incoming { envelope, attempt }) {
                     Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(envelope)) => {
-                        tracing::warn!(sub, id = %envelope.id, "subscription buffer full; message dropped");
+                    Err(mpsc::error::TrySendError::Full(incoming)) => {
+                        // Under QoS 1 it stays unacknowledged and comes again after its timeout.
+                        let id = incoming.envelope.id;
+                        tracing::warn!(sub, %id, "subscription buffer full; message dropped");
                     }
                     Err(mpsc::error::TrySendError::Closed(_)) => self.unsubscribe(sub, out, max),
                 }

@@ -22,6 +22,7 @@
 //! (bounded) command queue.
 
 mod connection;
+mod options;
 mod subscription;
 mod transport;
 
@@ -38,16 +39,18 @@ use whispeer_engines::{
     Codec, CodecError, Compression, Encryption, Engines, SealError, Sealing, TopicRule,
 };
 use whispeer_proto::{
-    ContentType, Envelope, ErrorCode, Filter, Flags, Headers, Limits, MessageId, Qos, Topic,
-    TopicError,
+    ContentType, Envelope, ErrorCode, Filter, Flags, Headers, Limits, MessageId, Topic, TopicError,
 };
 
+pub use options::{PublishOptions, SubscribeOptions};
 pub use subscription::{ClientSubscription, Delivery, SubscriptionStats};
 pub use whispeer_engines as engines;
 pub use whispeer_engines::ReceiveError;
 pub use whispeer_proto as proto;
+pub use whispeer_proto::Qos;
 
-use connection::Command;
+use connection::{Command, SubSpec};
+use subscription::Parts;
 
 /// Why a client operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +135,9 @@ pub struct ClientOptions {
     pub subscription_capacity: usize,
     /// Commands (publishes, subscribes) queued for the connection task. Default: 4 096.
     pub command_queue: usize,
+    /// QoS 1: message ids each subscription remembers having acknowledged, so that a
+    /// redelivery of one (its ack lost with a connection) is dropped. Default: 4 096.
+    pub dedup_ids: usize,
     /// Bounds on what this client accepts from the server.
     pub limits: Limits,
 }
@@ -151,6 +157,7 @@ impl ClientOptions {
             backoff: (Duration::from_millis(100), Duration::from_secs(5)),
             subscription_capacity: 1024,
             command_queue: 4096,
+            dedup_ids: 4096,
             limits: Limits::default(),
         }
     }
@@ -248,6 +255,7 @@ struct Shared {
 #[derive(Clone, Debug)]
 pub struct Client {
     commands: mpsc::Sender<Command>,
+    settles: mpsc::UnboundedSender<connection::Settle>,
     shared: Arc<Shared>,
 }
 
@@ -282,8 +290,9 @@ impl Client {
             subscription_capacity: options.subscription_capacity,
         });
         let (commands, rx) = mpsc::channel(options.command_queue);
-        tokio::spawn(connection::Actor::new(options, rx).run(established));
-        Ok(Self { commands, shared })
+        let (settles, settled) = mpsc::unbounded_channel();
+        tokio::spawn(connection::Actor::new(options, rx, settled).run(established));
+        Ok(Self { commands, settles, shared })
     }
 
     fn next_id(&self) -> MessageId {
@@ -297,6 +306,16 @@ impl Client {
         content: ContentType,
         plaintext: Bytes,
     ) -> Result<Envelope, ClientError> {
+        self.envelope_with(topic, content, plaintext, Headers::new())
+    }
+
+    fn envelope_with(
+        &self,
+        topic: &str,
+        content: ContentType,
+        plaintext: Bytes,
+        headers: Headers,
+    ) -> Result<Envelope, ClientError> {
         let topic = Topic::parse(topic)?;
         if plaintext.len() > self.shared.max_message_bytes {
             return Err(ClientError::TooLarge {
@@ -307,11 +326,12 @@ impl Client {
         let id = self.next_id();
         let timestamp_ms =
             SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-        let headers = Headers::new();
         let meta = Sealing { topic: topic.as_str(), id, timestamp_ms, headers: &headers };
         let (flags, payload) =
             self.shared.engines.seal(&meta, Flags::with_content(content), plaintext)?;
-        Ok(Envelope::new(id, topic, timestamp_ms, flags, payload))
+        let mut envelope = Envelope::new(id, topic, timestamp_ms, flags, payload);
+        envelope.headers = headers;
+        Ok(envelope)
     }
 
     async fn send(&self, command: Command) -> Result<(), ClientError> {
@@ -387,6 +407,24 @@ impl Client {
         .await
     }
 
+    /// Publishes `value` with options: QoS (QoS 1 waits for the server's acknowledgement), time
+    /// to live, idempotency key, headers.
+    ///
+    /// # Errors
+    /// As [`Client::publish_acked`].
+    pub async fn publish_with<T: Serialize + ?Sized>(
+        &self,
+        topic: &str,
+        value: &T,
+        options: &PublishOptions,
+    ) -> Result<MessageId, ClientError> {
+        let codec = self.shared.codec;
+        let plaintext = codec.encode(value)?;
+        let headers = options.headers.clone();
+        let envelope = self.envelope_with(topic, codec.content_type(), plaintext, headers)?;
+        self.publish_sealed(options.qos, envelope).await
+    }
+
     /// Queues a sealed envelope; for QoS 1, waits for the acknowledgement.
     async fn publish_sealed(&self, qos: Qos, envelope: Envelope) -> Result<MessageId, ClientError> {
         let id = envelope.id;
@@ -400,53 +438,50 @@ impl Client {
         Ok(id)
     }
 
-    async fn open_subscription(
-        &self,
-        filter: &str,
-    ) -> Result<(u32, mpsc::Receiver<Envelope>), ClientError> {
-        let filter = Filter::parse(filter)?;
+    async fn open_subscription(&self, options: SubscribeOptions) -> Result<Parts, ClientError> {
+        let SubscribeOptions { filter, qos, prefetch, group } = options;
+        let spec = SubSpec { filter: Filter::parse(&filter)?, qos, prefetch, group };
         let (deliver, deliveries) = mpsc::channel(self.shared.subscription_capacity);
         let (reply, replied) = oneshot::channel();
-        self.send(Command::Subscribe { filter, deliver, reply }).await?;
+        let duplicates = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&duplicates);
+        self.send(Command::Subscribe { spec, deliver, duplicates: counter, reply }).await?;
         let sub = replied.await.map_err(|_| ClientError::Closed)??;
-        Ok((sub, deliveries))
+        Ok(Parts {
+            sub,
+            deliveries,
+            commands: self.commands.clone(),
+            settles: (qos == Qos::AtLeastOnce).then(|| self.settles.clone()),
+            engines: Arc::clone(&self.shared.engines),
+            duplicates,
+        })
     }
 
-    /// Subscribes to `filter`, decoding messages as `T`; messages that do not open or decode are
-    /// skipped and counted. Returns once the server has accepted the subscription.
+    /// Subscribes to a filter (or [`SubscribeOptions`]), decoding messages as `T`; messages that
+    /// do not open or decode are skipped and counted. Returns once the server has accepted the
+    /// subscription.
     ///
     /// # Errors
     /// An invalid filter, the server's refusal, or a lost connection.
     pub async fn subscribe<T: DeserializeOwned>(
         &self,
-        filter: &str,
+        options: impl Into<SubscribeOptions>,
     ) -> Result<ClientSubscription<T>, ClientError> {
-        let (sub, deliveries) = self.open_subscription(filter).await?;
-        Ok(ClientSubscription::new(
-            sub,
-            deliveries,
-            self.commands.clone(),
-            Arc::clone(&self.shared.engines),
-            |d| d.decode(),
-        ))
+        let parts = self.open_subscription(options.into()).await?;
+        Ok(ClientSubscription::new(parts, |d| d.decode()))
     }
 
-    /// Subscribes to `filter`, receiving [`Delivery`]s (topic, id, headers, payload).
+    /// Subscribes to a filter (or [`SubscribeOptions`]), receiving [`Delivery`]s (topic, id,
+    /// headers, payload).
     ///
     /// # Errors
     /// As [`Client::subscribe`].
     pub async fn messages(
         &self,
-        filter: &str,
+        options: impl Into<SubscribeOptions>,
     ) -> Result<ClientSubscription<Delivery>, ClientError> {
-        let (sub, deliveries) = self.open_subscription(filter).await?;
-        Ok(ClientSubscription::new(
-            sub,
-            deliveries,
-            self.commands.clone(),
-            Arc::clone(&self.shared.engines),
-            |d| Ok(d.clone()),
-        ))
+        let parts = self.open_subscription(options.into()).await?;
+        Ok(ClientSubscription::new(parts, |d| Ok(d.clone())))
     }
 
     /// Waits until everything sent before this call has reached the server and been handled.

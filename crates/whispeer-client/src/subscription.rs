@@ -4,6 +4,7 @@ use std::fmt;
 use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -14,14 +15,23 @@ use whispeer_engines::{Codec, Engines, OpenError};
 use whispeer_proto::{Envelope, Headers, MessageId, Topic};
 
 use crate::ReceiveError;
-use crate::connection::Command;
+use crate::connection::{Command, Incoming, Settle};
 
-/// A message delivered to this client: the envelope as the server forwarded it, and the keys
-/// to open it.
+/// Where a QoS 1 delivery sends its ack.
+#[derive(Clone, Debug)]
+struct AckTo {
+    sub: u32,
+    settles: mpsc::UnboundedSender<Settle>,
+}
+
+/// A message delivered to this client: the envelope as the server forwarded it, the keys to
+/// open it, and, for a QoS 1 subscription, the way to acknowledge it.
 #[derive(Clone)]
 pub struct Delivery {
     envelope: Envelope,
     engines: Arc<Engines>,
+    attempt: u32,
+    ack_to: Option<AckTo>,
 }
 
 impl fmt::Debug for Delivery {
@@ -29,12 +39,42 @@ impl fmt::Debug for Delivery {
         f.debug_struct("Delivery")
             .field("id", &self.envelope.id)
             .field("topic", &self.envelope.topic)
+            .field("attempt", &self.attempt)
             .field("payload_len", &self.envelope.payload.len())
             .finish_non_exhaustive()
     }
 }
 
 impl Delivery {
+    /// 1 for a first delivery; more for a redelivery of a QoS 1 message that was not
+    /// acknowledged in time (or whose subscriber went away).
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// Whether the message was delivered before.
+    pub fn is_redelivery(&self) -> bool {
+        self.attempt > 1
+    }
+
+    /// Acknowledges a QoS 1 message: the server will not deliver it again. Returns `false`
+    /// under QoS 0 (nothing to acknowledge) or once the client is closed.
+    pub fn ack(&self) -> bool {
+        self.settle(None)
+    }
+
+    /// Refuses a QoS 1 message: with `requeue` the server delivers it again at once (to this
+    /// subscription or another member of its group); without, it goes to the dead-letter topic.
+    pub fn nack(&self, requeue: bool) -> bool {
+        self.settle(Some(requeue))
+    }
+
+    fn settle(&self, requeue: Option<bool>) -> bool {
+        let Some(to) = &self.ack_to else { return false };
+        let settle = Settle { sub: to.sub, id: self.envelope.id, requeue };
+        to.settles.send(settle).is_ok()
+    }
+
     /// The topic it was published to.
     pub fn topic(&self) -> &Topic {
         &self.envelope.topic
@@ -92,6 +132,8 @@ pub struct SubscriptionStats {
     pub open_errors: u64,
     /// Messages that did not decode into the subscription's type.
     pub decode_errors: u64,
+    /// Redeliveries of messages already acknowledged here, dropped (and acknowledged again).
+    pub duplicates: u64,
 }
 
 /// A subscription on a client: `recv().await`, or use it as a [`Stream`]. Dropping it
@@ -99,11 +141,24 @@ pub struct SubscriptionStats {
 /// dropped by the connection task and logged.
 pub struct ClientSubscription<T> {
     sub: u32,
-    deliveries: mpsc::Receiver<Envelope>,
+    deliveries: mpsc::Receiver<Incoming>,
     commands: mpsc::Sender<Command>,
+    settles: Option<mpsc::UnboundedSender<Settle>>,
     engines: Arc<Engines>,
     decode: fn(&Delivery) -> Result<T, ReceiveError>,
     stats: SubscriptionStats,
+    duplicates: Arc<AtomicU64>,
+}
+
+/// What a client subscription is made of.
+pub(crate) struct Parts {
+    pub(crate) sub: u32,
+    pub(crate) deliveries: mpsc::Receiver<Incoming>,
+    pub(crate) commands: mpsc::Sender<Command>,
+    /// For QoS 1 subscriptions.
+    pub(crate) settles: Option<mpsc::UnboundedSender<Settle>>,
+    pub(crate) engines: Arc<Engines>,
+    pub(crate) duplicates: Arc<AtomicU64>,
 }
 
 impl<T> fmt::Debug for ClientSubscription<T> {
@@ -116,44 +171,68 @@ impl<T> fmt::Debug for ClientSubscription<T> {
 }
 
 impl<T> ClientSubscription<T> {
-    pub(crate) fn new(
-        sub: u32,
-        deliveries: mpsc::Receiver<Envelope>,
-        commands: mpsc::Sender<Command>,
-        engines: Arc<Engines>,
-        decode: fn(&Delivery) -> Result<T, ReceiveError>,
-    ) -> Self {
-        Self { sub, deliveries, commands, engines, decode, stats: SubscriptionStats::default() }
+    pub(crate) fn new(parts: Parts, decode: fn(&Delivery) -> Result<T, ReceiveError>) -> Self {
+        let Parts { sub, deliveries, commands, settles, engines, duplicates } = parts;
+        let stats = SubscriptionStats::default();
+        Self { sub, deliveries, commands, settles, engines, decode, stats, duplicates }
     }
 
     /// Waits for the next message; `None` once the client is closed (or, without reconnection,
-    /// the connection is lost).
+    /// the connection is lost). Under QoS 1 the message is acknowledged as it is returned; use
+    /// [`recv_delivery`](Self::recv_delivery) to acknowledge after processing.
     ///
     /// # Cancel safety
     /// Cancel-safe: a message is only taken when it is returned.
     pub async fn recv(&mut self) -> Option<T> {
+        poll_fn(|cx| self.poll_acked(cx)).await
+    }
+
+    /// Waits for the next message and its [`Delivery`] (attempt, id, and for QoS 1 the ack):
+    /// call [`Delivery::ack`] once the message is processed. Unacknowledged, it is delivered
+    /// again after the server's ack timeout.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe, as [`recv`](Self::recv).
+    pub async fn recv_delivery(&mut self) -> Option<(T, Delivery)> {
         poll_fn(|cx| self.poll_decoded(cx)).await
     }
 
     /// This subscription's counters.
     pub fn stats(&self) -> SubscriptionStats {
-        self.stats
+        SubscriptionStats { duplicates: self.duplicates.load(Ordering::Relaxed), ..self.stats }
     }
 
-    fn poll_decoded(&mut self, cx: &mut Context<'_>) -> Poll<Option<T>> {
+    fn poll_acked(&mut self, cx: &mut Context<'_>) -> Poll<Option<T>> {
+        self.poll_decoded(cx).map(|next| {
+            next.map(|(value, delivery)| {
+                delivery.ack();
+                value
+            })
+        })
+    }
+
+    fn poll_decoded(&mut self, cx: &mut Context<'_>) -> Poll<Option<(T, Delivery)>> {
         loop {
-            let Some(envelope) = std::task::ready!(self.deliveries.poll_recv(cx)) else {
+            let Some(incoming) = std::task::ready!(self.deliveries.poll_recv(cx)) else {
                 return Poll::Ready(None);
             };
-            let delivery = Delivery { envelope, engines: Arc::clone(&self.engines) };
+            let ack_to = self.settles.clone().map(|settles| AckTo { sub: self.sub, settles });
+            let delivery = Delivery {
+                envelope: incoming.envelope,
+                engines: Arc::clone(&self.engines),
+                attempt: incoming.attempt,
+                ack_to,
+            };
             match (self.decode)(&delivery) {
-                Ok(value) => return Poll::Ready(Some(value)),
+                Ok(value) => return Poll::Ready(Some((value, delivery))),
                 Err(err) => {
                     match err {
                         ReceiveError::Open(_) => self.stats.open_errors += 1,
                         _ => self.stats.decode_errors += 1,
                     }
                     tracing::debug!(topic = %delivery.topic(), id = %delivery.id(), %err, "message skipped");
+                    // It will not open or decode next time either: give it up.
+                    delivery.nack(false);
                 }
             }
         }
@@ -164,7 +243,7 @@ impl<T> Stream for ClientSubscription<T> {
     type Item = T;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
-        self.poll_decoded(cx)
+        self.poll_acked(cx)
     }
 }
 

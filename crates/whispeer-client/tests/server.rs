@@ -403,6 +403,8 @@ async fn a_client_that_never_reads_is_cut_off_and_its_drops_counted() {
             sub: 1,
             qos: whispeer_client::proto::Qos::AtMostOnce,
             filter: whispeer_client::proto::Filter::parse("flood").unwrap(),
+            prefetch: 0,
+            group: None,
         },
     ))
     .await;

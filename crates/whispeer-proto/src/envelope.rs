@@ -210,6 +210,36 @@ impl Headers {
     }
 }
 
+/// Header names the broker itself reads or writes. Like every header they travel in the clear
+/// and are authenticated by the seal, so they must be set before sealing.
+pub mod header {
+    /// Time to live in milliseconds, as ASCII decimal digits: the broker never delivers the
+    /// message once this long has passed since it accepted it.
+    pub const TTL_MS: &str = "ttl-ms";
+    /// A publisher's idempotency key: a second publish with the same key to the same topic
+    /// within the broker's de-duplication window is acknowledged but not delivered.
+    pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+    /// On a dead letter: why the message was given up (`max-attempts`, `rejected`,
+    /// `undecodable`).
+    pub const DEAD_LETTER_REASON: &str = "dead-letter-reason";
+    /// On a dead letter: how many times the message was delivered, as ASCII decimal digits.
+    pub const DEAD_LETTER_ATTEMPTS: &str = "dead-letter-attempts";
+}
+
+impl Headers {
+    /// Sets the `ttl-ms` header (whole milliseconds).
+    pub fn set_ttl(&mut self, ttl: std::time::Duration) {
+        let millis = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        self.insert(header::TTL_MS, millis.to_string());
+    }
+
+    /// The `ttl-ms` header, if present and a valid number of milliseconds.
+    pub fn ttl_ms(&self) -> Option<u64> {
+        let value = self.get(header::TTL_MS)?;
+        std::str::from_utf8(value).ok()?.parse().ok()
+    }
+}
+
 /// One message as the broker sees it: addressing and metadata in the clear, payload opaque.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Envelope {
@@ -282,6 +312,17 @@ mod tests {
         assert_eq!(h.get("a").map(|v| &v[..]), Some(&b"1"[..]));
         assert_eq!(h.iter().map(|(n, _)| n).collect::<Vec<_>>(), ["a", "b", "a"]);
         assert_eq!(h.len(), 3);
+    }
+
+    #[test]
+    fn ttl_header_is_read_only_when_it_is_a_number() {
+        let mut h = Headers::new();
+        assert_eq!(h.ttl_ms(), None);
+        h.set_ttl(std::time::Duration::from_millis(1500));
+        assert_eq!(h.ttl_ms(), Some(1500));
+        let mut bad = Headers::new();
+        bad.insert(header::TTL_MS, "soon");
+        assert_eq!(bad.ttl_ms(), None);
     }
 
     #[test]

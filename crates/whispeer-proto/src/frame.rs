@@ -14,7 +14,7 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use crate::{Envelope, ErrorCode, Filter, Flags, Headers, Limits, MessageId, Topic, TopicError};
+use crate::{Envelope, ErrorCode, Filter, Limits, MessageId, TopicError};
 
 /// The protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -104,6 +104,12 @@ pub enum Body {
         qos: Qos,
         /// What to match.
         filter: Filter,
+        /// QoS 1: at most this many delivered, unacknowledged messages at a time (the credit
+        /// window); 0 asks for the server's default.
+        prefetch: u32,
+        /// A queue group to join: members of one group share the filter's messages, each
+        /// message going to one member. `None`: a subscription of its own.
+        group: Option<String>,
     },
     /// `0x11` Client → server: end subscription `sub`.
     Unsubscribe {
@@ -124,6 +130,8 @@ pub enum Body {
     Deliver {
         /// The subscription.
         sub: u32,
+        /// 1 for a first delivery; more for a redelivery of an unacknowledged QoS 1 message.
+        attempt: u32,
         /// The message, as published.
         envelope: Envelope,
     },
@@ -289,6 +297,7 @@ impl Frame {
     pub fn encode_deliver(
         dst: &mut BytesMut,
         sub: u32,
+        attempt: u32,
         envelope: &Envelope,
         max_frame_bytes: usize,
     ) -> Result<(), EncodeError> {
@@ -297,6 +306,7 @@ impl Frame {
         dst.put_u8(0x30);
         dst.put_u32(0);
         dst.put_u32(sub);
+        dst.put_u32(attempt);
         let written = put_envelope(dst, envelope);
         finish_frame(dst, start, written, max_frame_bytes)
     }
@@ -325,18 +335,21 @@ impl Frame {
             }
             Body::Auth { key } => put_bytes32(dst, key),
             Body::Ok | Body::PubAck | Body::Ping | Body::Pong => {}
-            Body::Subscribe { sub, qos, filter } => {
+            Body::Subscribe { sub, qos, filter, prefetch, group } => {
                 dst.put_u32(*sub);
                 dst.put_u8(qos.to_byte());
                 put_str(dst, filter.as_str())?;
+                dst.put_u32(*prefetch);
+                put_str(dst, group.as_deref().unwrap_or(""))?;
             }
             Body::Unsubscribe { sub } => dst.put_u32(*sub),
             Body::Publish { qos, envelope } => {
                 dst.put_u8(qos.to_byte());
                 put_envelope(dst, envelope)?;
             }
-            Body::Deliver { sub, envelope } => {
+            Body::Deliver { sub, attempt, envelope } => {
                 dst.put_u32(*sub);
+                dst.put_u32(*attempt);
                 put_envelope(dst, envelope)?;
             }
             Body::Ack { sub, id } => {
@@ -455,129 +468,32 @@ fn put_envelope(dst: &mut BytesMut, envelope: &Envelope) -> Result<(), EncodeErr
     Ok(())
 }
 
-/// A bounds-checked cursor over one frame's body.
-struct Reader {
-    buf: Bytes,
-    frame_type: u8,
-}
-
-impl Reader {
-    fn need(&self, n: usize) -> Result<(), DecodeError> {
-        if self.buf.remaining() < n {
-            return Err(DecodeError::Truncated { frame_type: self.frame_type });
-        }
-        Ok(())
+impl Envelope {
+    /// Appends the envelope in its wire layout (the layout inside `PUBLISH` and `DELIVER`), for
+    /// carrying one envelope inside another's payload (dead letters) or storing it.
+    ///
+    /// # Errors
+    /// A text field over 65 535 bytes or more than [`MAX_HEADERS`] headers.
+    pub fn encode(&self, dst: &mut BytesMut) -> Result<(), EncodeError> {
+        let start = dst.len();
+        put_envelope(dst, self).inspect_err(|_| dst.truncate(start))
     }
 
-    fn u8(&mut self) -> Result<u8, DecodeError> {
-        self.need(1)?;
-        Ok(self.buf.get_u8())
-    }
-
-    fn u16(&mut self) -> Result<u16, DecodeError> {
-        self.need(2)?;
-        Ok(self.buf.get_u16())
-    }
-
-    fn u32(&mut self) -> Result<u32, DecodeError> {
-        self.need(4)?;
-        Ok(self.buf.get_u32())
-    }
-
-    fn u64(&mut self) -> Result<u64, DecodeError> {
-        self.need(8)?;
-        Ok(self.buf.get_u64())
-    }
-
-    fn u128(&mut self) -> Result<u128, DecodeError> {
-        self.need(16)?;
-        Ok(self.buf.get_u128())
-    }
-
-    fn bytes(&mut self, len: usize) -> Result<Bytes, DecodeError> {
-        self.need(len)?;
-        Ok(self.buf.split_to(len))
-    }
-
-    fn string(&mut self) -> Result<String, DecodeError> {
-        let len = usize::from(self.u16()?);
-        let bytes = self.bytes(len)?;
-        String::from_utf8(bytes.to_vec()).map_err(|_| DecodeError::InvalidUtf8)
-    }
-
-    fn bytes32(&mut self) -> Result<Bytes, DecodeError> {
-        let len = self.u32()? as usize;
-        self.bytes(len)
-    }
-
-    fn qos(&mut self) -> Result<Qos, DecodeError> {
-        Qos::from_byte(self.u8()?)
-    }
-
-    fn envelope(&mut self, limits: &Limits) -> Result<Envelope, DecodeError> {
-        let id = MessageId(self.u128()?);
-        let timestamp_ms = self.u64()?;
-        let flags = Flags(self.u16()?);
-        let topic = Topic::parse_with(&self.string()?, limits)?;
-        let count = self.u16()?;
-        if count > MAX_HEADERS {
-            return Err(DecodeError::TooManyHeaders { count, max: MAX_HEADERS });
-        }
-        let mut headers = Headers::new();
-        for _ in 0..count {
-            let name = self.string()?;
-            headers.insert(name, self.bytes32()?);
-        }
-        let payload = self.bytes32()?;
-        Ok(Envelope { id, topic, timestamp_ms, flags, headers, payload })
-    }
-
-    fn body(&mut self, limits: &Limits) -> Result<Body, DecodeError> {
-        Ok(match self.frame_type {
-            0x01 => Body::Hello {
-                version: self.u16()?,
-                capabilities: self.u32()?,
-                name: self.string()?,
-            },
-            0x02 => Body::Welcome {
-                version: self.u16()?,
-                capabilities: self.u32()?,
-                max_frame_bytes: self.u32()?,
-                max_message_bytes: self.u32()?,
-                heartbeat_ms: self.u32()?,
-                name: self.string()?,
-            },
-            0x03 => Body::Auth { key: self.bytes32()? },
-            0x04 => Body::Ok,
-            0x10 => Body::Subscribe {
-                sub: self.u32()?,
-                qos: self.qos()?,
-                filter: Filter::parse_with(&self.string()?, limits)?,
-            },
-            0x11 => Body::Unsubscribe { sub: self.u32()? },
-            0x20 => Body::Publish { qos: self.qos()?, envelope: self.envelope(limits)? },
-            0x21 => Body::PubAck,
-            0x30 => Body::Deliver { sub: self.u32()?, envelope: self.envelope(limits)? },
-            0x31 => Body::Ack { sub: self.u32()?, id: MessageId(self.u128()?) },
-            0x32 => Body::Nack {
-                sub: self.u32()?,
-                id: MessageId(self.u128()?),
-                requeue: self.u8()? != 0,
-            },
-            0x40 => Body::Ping,
-            0x41 => Body::Pong,
-            0x7f => Body::Error { code: ErrorCode(self.u16()?), message: self.string()? },
-            other => return Err(DecodeError::UnknownType(other)),
-        })
-    }
-
-    fn finish(self) -> Result<(), DecodeError> {
-        match self.buf.remaining() {
-            0 => Ok(()),
-            extra => Err(DecodeError::TrailingBytes { frame_type: self.frame_type, extra }),
-        }
+    /// Reads an envelope written by [`Envelope::encode`]; all of `bytes` must be used.
+    ///
+    /// # Errors
+    /// As for a frame: truncation, trailing bytes, invalid topics, too many headers.
+    pub fn decode(bytes: Bytes, limits: &Limits) -> Result<Self, DecodeError> {
+        let mut reader = Reader { buf: bytes, frame_type: 0 };
+        let envelope = reader.envelope(limits)?;
+        reader.finish()?;
+        Ok(envelope)
     }
 }
+
+mod reader;
+
+use reader::Reader;
 
 #[cfg(test)]
 mod tests;

@@ -23,7 +23,7 @@ mod topic;
 
 pub use code::ErrorCode;
 pub use envelope::{
-    CipherAlgorithm, CompressionAlgorithm, ContentType, Envelope, Flags, Headers, MessageId,
+    CipherAlgorithm, CompressionAlgorithm, ContentType, Envelope, Flags, Headers, MessageId, header,
 };
 pub use frame::{
     Body, DecodeError, EncodeError, Frame, MAX_HEADERS, PROTOCOL_VERSION, Qos, READ_CHUNK,

@@ -108,14 +108,17 @@ impl State {
             Body::Ping => {
                 let _ = self.send(&Frame::new(frame.correlation, Body::Pong));
             }
-            Body::Deliver { sub, envelope } => {
+            Body::Deliver { sub, attempt, envelope } => {
                 let Some(callback) = self.subscriptions.get(&sub) else { return };
                 match self.engines.open(&envelope) {
                     Ok(plaintext) => {
-                        let data = Uint8Array::from(&plaintext[..]);
-                        let topic = JsValue::from_str(envelope.topic.as_str());
-                        let id = JsValue::from_str(&envelope.id.to_string());
-                        let _ = callback.call3(&JsValue::NULL, &topic, &data, &id);
+                        let args = js_sys::Array::of4(
+                            &JsValue::from_str(envelope.topic.as_str()),
+                            &Uint8Array::from(&plaintext[..]),
+                            &JsValue::from_str(&envelope.id.to_string()),
+                            &JsValue::from(attempt),
+                        );
+                        let _ = callback.apply(&JsValue::NULL, &args);
                     }
                     Err(err) => web_sys::console::warn_1(
                         &format!(
@@ -258,10 +261,30 @@ impl Client {
         self.publish_payload(topic, ContentType::Raw, Bytes::copy_from_slice(text.as_bytes()))
     }
 
-    /// Calls `callback(topic, data: Uint8Array, messageId: string)` for every message matching
-    /// `filter`, opened with this client's keys. Returns the subscription id.
+    /// Calls `callback(topic, data: Uint8Array, messageId: string, attempt: number)` for every
+    /// message matching `filter`, opened with this client's keys (QoS 0). Returns the
+    /// subscription id.
     pub fn subscribe(&self, filter: &str, callback: Function) -> Result<u32, JsValue> {
+        self.subscribe_with(filter, callback, 0, None)
+    }
+
+    /// Like `subscribe`, with QoS (0 or 1) and an optional queue group. Under QoS 1 call
+    /// `ack(id, messageId)` once a message is processed; unacknowledged, it is delivered again
+    /// (`attempt` > 1) after the server's ack timeout.
+    #[wasm_bindgen(js_name = subscribeWith)]
+    pub fn subscribe_with(
+        &self,
+        filter: &str,
+        callback: Function,
+        qos: u8,
+        group: Option<String>,
+    ) -> Result<u32, JsValue> {
         let filter = Filter::parse(filter).map_err(|e| error(format!("invalid filter: {e}")))?;
+        let qos = match qos {
+            0 => Qos::AtMostOnce,
+            1 => Qos::AtLeastOnce,
+            _ => return Err(error("qos must be 0 or 1")),
+        };
         let mut state = self.state.borrow_mut();
         let sub = state.next_sub;
         state.next_sub += 1;
@@ -269,7 +292,7 @@ impl Client {
         let correlation = state.correlation();
         state.send(&Frame::new(
             correlation,
-            Body::Subscribe { sub, qos: Qos::AtMostOnce, filter },
+            Body::Subscribe { sub, qos, filter, prefetch: 0, group },
         ))?;
         Ok(sub)
     }
@@ -284,9 +307,8 @@ impl Client {
         Ok(())
     }
 
-    /// Acknowledges message `message_id` (the 32-hex-digit id given to the callback) of
-    /// subscription `subscription`. Servers settle acknowledgements once QoS 1 delivery is
-    /// tracked; until then they accept and ignore them.
+    /// Acknowledges message `message_id` (the 32-hex-digit id given to the callback) of the
+    /// QoS 1 subscription `subscription`: it will not be delivered again.
     pub fn ack(&self, subscription: u32, message_id: &str) -> Result<(), JsValue> {
         let id = u128::from_str_radix(message_id, 16)
             .map_err(|_| error("message id must be 32 hex digits"))?;

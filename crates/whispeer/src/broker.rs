@@ -8,20 +8,26 @@ use std::any::{TypeId, type_name};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio::time::Instant;
 use whispeer_engines::{Compression, Encryption, Engines, Sealing};
-use whispeer_proto::{ContentType, Envelope, Filter, Flags, Headers, MessageId, Topic};
+use whispeer_proto::{ContentType, Envelope, Flags, MessageId, Topic, header};
 
 use crate::builder::{BrokerBuilder, BrokerOptions};
+
+use crate::dedup::{Dedup, Seen};
+use crate::delivery::GivenUp;
 use crate::error::{BindError, PublishError, SubscribeError};
-use crate::message::Message;
+use crate::group::Groups;
+use crate::message::{DEAD_LETTER_PREFIX, Message};
 use crate::plugin::Plugin;
-use crate::queue::{Pushed, Queue};
-use crate::router::{Route, Router, SubId};
+use crate::publish::{NO_OPTIONS, PublishOptions, PublishReceipt};
+use crate::queue::{Counters, Pushed, Queue};
+use crate::router::{Router, SubId, no_limits};
 use crate::runtime::Spawner;
 use crate::stats::{BrokerCounters, BrokerStats, bump};
 use crate::subscription::{self, SubscribeOptions, Subscriber, Subscription};
@@ -33,21 +39,11 @@ pub(crate) const SEAL_OVERHEAD: usize = 64;
 /// Largest queue a subscription may ask for; queues allocate their capacity up front.
 pub const MAX_QUEUE_CAPACITY: usize = 1 << 20;
 
-/// What a successful publish did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct PublishReceipt {
-    /// The message's id.
-    pub id: MessageId,
-    /// How many subscriber queues took the message.
-    pub subscribers: usize,
-}
-
 /// A topic's bound type; see [`Broker::topic`].
 #[derive(Clone, Copy, Debug)]
-struct Binding {
-    type_id: TypeId,
-    type_name: &'static str,
+pub(crate) struct Binding {
+    pub(crate) type_id: TypeId,
+    pub(crate) type_name: &'static str,
 }
 
 /// Stands for "raw bytes" in type checks against bound topics.
@@ -64,7 +60,9 @@ pub(crate) struct Shared {
     has_bindings: AtomicBool,
     id_prefix: u64,
     next_id: AtomicU64,
-    next_sub: AtomicU64,
+    pub(crate) next_sub: AtomicU64,
+    pub(crate) groups: Groups,
+    dedup: Dedup,
     pub(crate) spawner: Spawner,
     pub(crate) counters: Arc<BrokerCounters>,
     /// Network transports started with the broker (`server::Tcp`, `server::WebSocket`).
@@ -87,9 +85,12 @@ impl Shared {
                 "no entropy for message id prefix; ids are unique only within this broker"
             );
         }
+        let dedup = Dedup::new(options.dedup_window, options.dedup_max_keys);
         Self {
             options,
             engines,
+            groups: Groups::default(),
+            dedup,
             router: Router::default(),
             plugins,
             bindings: RwLock::default(),
@@ -104,7 +105,7 @@ impl Shared {
         }
     }
 
-    fn binding(&self, topic: &str) -> Option<Binding> {
+    pub(crate) fn binding(&self, topic: &str) -> Option<Binding> {
         if !self.has_bindings.load(Ordering::Acquire) {
             return None;
         }
@@ -116,6 +117,7 @@ impl Shared {
         topic: &str,
         type_id: TypeId,
         found: &'static str,
+        options: &PublishOptions,
         payload: impl FnOnce() -> Result<(Flags, Bytes), PublishError>,
     ) -> Result<PublishReceipt, PublishError> {
         let limits = &self.options.limits;
@@ -136,29 +138,39 @@ impl Shared {
                 max: limits.max_message_bytes,
             });
         }
-        let id = MessageId(
-            u128::from(self.id_prefix) << 64
-                | u128::from(self.next_id.fetch_add(1, Ordering::Relaxed)),
-        );
+        let id = self.next_message_id();
         let timestamp_ms = now_ms();
+        let headers = options.headers();
         let (flags, payload) = match &self.engines {
             Some(engines) => {
-                let headers = Headers::new();
-                let meta = Sealing { topic, id, timestamp_ms, headers: &headers };
+                let meta = Sealing { topic, id, timestamp_ms, headers };
                 engines.seal(&meta, flags, payload)?
             }
             None => (flags, payload),
         };
-        if self.plugins.is_empty() {
+        if self.plugins.is_empty() && headers.is_empty() && self.options.topic_ttl.is_empty() {
             // The envelope shares the router's copy of the topic, and is only built if someone
             // subscribed.
             bump(&self.counters.published);
-            return self.route(id, topic, |topic| {
+            return self.route(id, topic, None, |topic| {
                 Envelope::new(id, topic.clone(), timestamp_ms, flags, payload)
             });
         }
         let topic = Topic::parse_with(topic, limits)?;
         let mut envelope = Envelope::new(id, topic, timestamp_ms, flags, payload);
+        envelope.headers = headers.clone();
+        self.accept(envelope)
+    }
+
+    fn next_message_id(&self) -> MessageId {
+        MessageId(
+            u128::from(self.id_prefix) << 64
+                | u128::from(self.next_id.fetch_add(1, Ordering::Relaxed)),
+        )
+    }
+
+    /// The rest of every publish but the fastest: plugins, idempotency, time to live, routing.
+    fn accept(&self, mut envelope: Envelope) -> Result<PublishReceipt, PublishError> {
         for plugin in self.plugins.iter() {
             if let Err(rejection) = plugin.on_publish(&mut envelope) {
                 bump(&self.counters.rejected_by_plugins);
@@ -166,10 +178,31 @@ impl Shared {
                 return Err(PublishError::Rejected { plugin, reason: rejection.reason });
             }
         }
-        bump(&self.counters.published);
+        let now = Instant::now();
         // A plugin may have moved the message to another (valid) topic.
         let topic = envelope.topic.clone();
-        self.route(id, topic.as_str(), |_| envelope)
+        let key = envelope.headers.get(header::IDEMPOTENCY_KEY).cloned();
+        if let Some(key) = &key {
+            let (seen, evicted) = self.dedup.check(topic.as_str(), key, now);
+            if evicted > 0 {
+                tracing::warn!(evicted, "de-duplication window full: oldest keys forgotten early");
+            }
+            if seen == Seen::Repeat {
+                bump(&self.counters.duplicates);
+                return Ok(PublishReceipt { id: envelope.id, subscribers: 0, duplicate: true });
+            }
+        }
+        let ttl = envelope.headers.ttl_ms().map(Duration::from_millis).or_else(|| {
+            let rules = &self.options.topic_ttl;
+            rules.iter().find(|(filter, _)| filter.matches(&topic)).map(|(_, ttl)| *ttl)
+        });
+        let expires_at = ttl.map(|ttl| now + ttl);
+        bump(&self.counters.published);
+        let routed = self.route(envelope.id, topic.as_str(), expires_at, |_| envelope);
+        if let (Err(_), Some(key)) = (&routed, &key) {
+            self.dedup.forget(topic.as_str(), key);
+        }
+        routed
     }
 
     /// Offers the envelope to every queue whose filter matches `topic`.
@@ -177,6 +210,7 @@ impl Shared {
         &self,
         id: MessageId,
         topic: &str,
+        expires_at: Option<Instant>,
         envelope: impl FnOnce(&Topic) -> Envelope,
     ) -> Result<PublishReceipt, PublishError> {
         let mut tally = Tally::default();
@@ -184,7 +218,8 @@ impl Shared {
         self.router.with_matches(topic, |matches| {
             let Some(matches) = matches else { return };
             let engines = self.engines.clone();
-            let mut message = Some(Message::new(envelope(matches.topic), matches.len(), engines));
+            let envelope = envelope(matches.topic);
+            let mut message = Some(Message::new(envelope, matches.len(), engines, expires_at));
             let mut routes = matches.iter().peekable();
             while let Some(route) = routes.next() {
                 // The last subscriber takes the publisher's reference instead of a clone.
@@ -206,40 +241,29 @@ impl Shared {
         if tally.full > 0 {
             return Err(PublishError::QueueFull { full: tally.full, delivered: tally.delivered });
         }
-        Ok(PublishReceipt { id, subscribers: tally.delivered })
+        Ok(PublishReceipt { id, subscribers: tally.delivered, duplicate: false })
     }
 
-    /// Creates and routes a subscription queue, after the checks every kind of subscription
-    /// shares. `type_check` is the subscriber's type, if it has one.
-    pub(crate) fn register(
-        &self,
-        options: &SubscribeOptions,
-        typed: Option<(TypeId, &'static str)>,
-    ) -> Result<(SubId, Arc<Queue>), SubscribeError> {
-        let filter = Filter::parse_with(options.filter(), &self.options.limits)?;
-        if let (true, Some((type_id, found))) = (filter.is_exact(), typed)
-            && let Some(bound) = self.binding(filter.as_str())
-            && bound.type_id != type_id
-        {
-            let topic = Topic::parse_with(filter.as_str(), &self.options.limits)?;
-            return Err(SubscribeError::WrongType { topic, expected: bound.type_name, found });
+    /// Publishes a message that was given up to `$dlq/<topic>`: the original envelope, whole
+    /// (so it still opens), as the payload, and why in the headers.
+    pub(crate) fn dead_letter(&self, letter: GivenUp, counters: &Counters) {
+        bump(&counters.dead_lettered);
+        bump(&self.counters.dead_lettered);
+        let original = letter.message.envelope();
+        tracing::warn!(topic = %original.topic, id = %original.id, attempts = letter.attempts, reason = letter.reason.as_str(), "message dead-lettered");
+        let topic = format!("{DEAD_LETTER_PREFIX}{}", original.topic);
+        let Ok(topic) = Topic::parse_with(&topic, &no_limits()) else { return };
+        let mut payload = BytesMut::new();
+        if let Err(err) = original.encode(&mut payload) {
+            tracing::warn!(%err, "dead letter not published");
+            return;
         }
-        let capacity = options.queue_capacity().unwrap_or(self.options.queue_capacity);
-        if !(1..=MAX_QUEUE_CAPACITY).contains(&capacity) {
-            return Err(SubscribeError::InvalidCapacity { capacity, max: MAX_QUEUE_CAPACITY });
-        }
-        for plugin in self.plugins.iter() {
-            plugin.on_subscribe(&filter).map_err(|rejection| SubscribeError::Rejected {
-                plugin: plugin.name(),
-                reason: rejection.reason,
-            })?;
-        }
-        let policy = options.policy().unwrap_or(self.options.slow_consumer);
-        let id = SubId(self.next_sub.fetch_add(1, Ordering::Relaxed));
-        let max_bytes = options.queue_max_bytes().unwrap_or(self.options.queue_max_bytes);
-        let queue = Arc::new(Queue::new(filter, capacity, max_bytes, policy));
-        self.router.insert(&queue.filter, Route { id, queue: Arc::clone(&queue) });
-        Ok((id, queue))
+        let id = self.next_message_id();
+        let flags = Flags::with_content(ContentType::Raw);
+        let mut envelope = Envelope::new(id, topic.clone(), now_ms(), flags, payload.freeze());
+        envelope.headers.insert(header::DEAD_LETTER_REASON, letter.reason.as_str());
+        envelope.headers.insert(header::DEAD_LETTER_ATTEMPTS, letter.attempts.to_string());
+        let _ = self.route(id, topic.as_str(), None, |_| envelope);
     }
 
     /// Ends a subscription: closes its queue and removes its route. Idempotent; plugins hear
@@ -346,9 +370,23 @@ impl Broker {
         topic: &str,
         value: &T,
     ) -> Result<PublishReceipt, PublishError> {
+        self.publish_with(topic, value, &NO_OPTIONS)
+    }
+
+    /// Publishes `value` like [`Broker::publish`], with headers, a time to live or an
+    /// idempotency key.
+    ///
+    /// # Errors
+    /// As [`Broker::publish`].
+    pub fn publish_with<T: Serialize + ?Sized + 'static>(
+        &self,
+        topic: &str,
+        value: &T,
+        options: &PublishOptions,
+    ) -> Result<PublishReceipt, PublishError> {
         let codec = self.inner.options.codec;
         let payload = || Ok((Flags::with_content(codec.content_type()), codec.encode(value)?));
-        self.inner.publish_payload(topic, TypeId::of::<T>(), type_name::<T>(), payload)
+        self.inner.publish_payload(topic, TypeId::of::<T>(), type_name::<T>(), options, payload)
     }
 
     /// Publishes raw bytes, for subscribers that read [`Message::payload`]. A topic bound to a
@@ -362,7 +400,8 @@ impl Broker {
         payload: impl Into<Bytes>,
     ) -> Result<PublishReceipt, PublishError> {
         let payload = || Ok((Flags::with_content(ContentType::Raw), payload.into()));
-        self.inner.publish_payload(topic, TypeId::of::<RawBytes>(), "raw bytes", payload)
+        let raw = TypeId::of::<RawBytes>();
+        self.inner.publish_payload(topic, raw, "raw bytes", &NO_OPTIONS, payload)
     }
 
     /// Publishes an envelope as it arrived from elsewhere, already encoded and sealed: the server
@@ -372,7 +411,7 @@ impl Broker {
     ///
     /// # Errors
     /// See [`PublishError`].
-    pub fn publish_envelope(&self, mut envelope: Envelope) -> Result<PublishReceipt, PublishError> {
+    pub fn publish_envelope(&self, envelope: Envelope) -> Result<PublishReceipt, PublishError> {
         let shared = &*self.inner;
         let limits = &shared.options.limits;
         Topic::validate(envelope.topic.as_str(), limits)?;
@@ -383,16 +422,7 @@ impl Broker {
         if envelope.payload.len() > max {
             return Err(PublishError::TooLarge { len: envelope.payload.len(), max });
         }
-        for plugin in shared.plugins.iter() {
-            if let Err(rejection) = plugin.on_publish(&mut envelope) {
-                bump(&shared.counters.rejected_by_plugins);
-                let plugin = plugin.name();
-                return Err(PublishError::Rejected { plugin, reason: rejection.reason });
-            }
-        }
-        bump(&shared.counters.published);
-        let (id, topic) = (envelope.id, envelope.topic.clone());
-        shared.route(id, topic.as_str(), |_| envelope)
+        shared.accept(envelope)
     }
 
     /// Calls `callback` with every message matching the filter, decoded as `T`, in order, on a

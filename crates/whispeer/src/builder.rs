@@ -1,12 +1,14 @@
 //! Building a broker: [`BrokerOptions`], [`BrokerBuilder`] and the [`Extension`]s it takes.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::runtime::Handle;
 use whispeer_engines::{Codec, Compression, Encryption, Engines, TopicRule};
-use whispeer_proto::Limits;
+use whispeer_proto::{Filter, Limits};
 
 use crate::broker::{Broker, Shared};
+use crate::delivery::Redelivery;
 use crate::plugin::Plugin;
 use crate::queue::SlowConsumer;
 use crate::runtime::Spawner;
@@ -26,6 +28,22 @@ pub struct BrokerOptions {
     /// Default byte bound of a subscription's queue: payloads plus 256 bytes per message.
     /// Default: 16 MiB.
     pub queue_max_bytes: usize,
+    /// QoS 1: default ack timeout, backoff and attempts before dead-lettering.
+    pub redelivery: Redelivery,
+    /// QoS 1: default credit window, in unacknowledged messages per subscriber. Default: 1024.
+    pub prefetch: usize,
+    /// How long a publish's idempotency key is remembered. Default: 2 minutes.
+    pub dedup_window: Duration,
+    /// Most idempotency keys remembered; beyond it the oldest are forgotten early (counted in
+    /// the logs). Default: 100 000.
+    pub dedup_max_keys: usize,
+    /// How long a QoS 1 queue group outlives its last member, still queueing, so a member that
+    /// comes back gets what it missed. Zero removes groups with their last member. Default:
+    /// 60 s.
+    pub group_linger: Duration,
+    /// Default time to live by topic: the first filter that matches applies to messages
+    /// without a `ttl-ms` header. Default: none.
+    pub topic_ttl: Vec<(Filter, Duration)>,
 }
 
 impl Default for BrokerOptions {
@@ -36,6 +54,12 @@ impl Default for BrokerOptions {
             queue_capacity: 1024,
             slow_consumer: SlowConsumer::default(),
             queue_max_bytes: 16 * 1024 * 1024,
+            redelivery: Redelivery::default(),
+            prefetch: 1024,
+            dedup_window: Duration::from_secs(120),
+            dedup_max_keys: 100_000,
+            group_linger: Duration::from_secs(60),
+            topic_ttl: Vec::new(),
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Errors, one enum per operation family, and the umbrella [`Error`] they convert into.
 
 use whispeer_engines::{CodecError, ReceiveError, SealError};
-use whispeer_proto::{Topic, TopicError};
+use whispeer_proto::{Qos, Topic, TopicError};
 
 /// Why a message was not published.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +88,30 @@ pub enum SubscribeError {
         capacity: usize,
         /// The largest capacity allowed.
         max: usize,
+    },
+    /// The prefetch (QoS 1 credit window) is zero or above the maximum.
+    #[error("prefetch {prefetch} is outside 1..={max}")]
+    InvalidPrefetch {
+        /// The requested prefetch.
+        prefetch: usize,
+        /// The largest prefetch allowed.
+        max: usize,
+    },
+    /// A group name is empty, longer than 255 bytes, or has control characters.
+    #[error("invalid group name {name:?}")]
+    InvalidGroup {
+        /// The name.
+        name: String,
+    },
+    /// The group exists with another QoS; all members must ask for the same.
+    #[error("group {group} delivers {existing:?}, not {requested:?}")]
+    GroupMismatch {
+        /// The group's name.
+        group: String,
+        /// The group's QoS.
+        existing: Qos,
+        /// The QoS asked for.
+        requested: Qos,
     },
     /// No tokio runtime was available and the broker could not start its own.
     #[error("cannot start the delivery runtime: {0}")]

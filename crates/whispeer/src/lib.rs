@@ -36,9 +36,14 @@
 
 mod broker;
 mod builder;
+mod consumer;
+mod dedup;
+mod delivery;
 mod error;
+mod group;
 mod message;
 mod plugin;
+mod publish;
 mod queue;
 mod router;
 mod runtime;
@@ -48,12 +53,15 @@ mod stats;
 mod subscription;
 mod typed;
 
-pub use broker::{Broker, MAX_QUEUE_CAPACITY, PublishReceipt};
+pub use broker::{Broker, MAX_QUEUE_CAPACITY};
 pub use builder::{BrokerBuilder, BrokerOptions, Extension};
+pub use consumer::{Acker, Delivery};
+pub use delivery::Redelivery;
 pub use error::{BindError, BuildError, Error, PublishError, SubscribeError};
-pub use message::Message;
+pub use message::{DeadLetter, Message};
 pub use plugin::{LoggingPlugin, Plugin, Rejection};
-pub use queue::SlowConsumer;
+pub use publish::{PublishOptions, PublishReceipt};
+pub use queue::{ByteBudget, SlowConsumer};
 pub use stats::{BrokerStats, SubscriptionStats};
 pub use subscription::{SubscribeOptions, Subscriber, Subscription};
 pub use typed::TypedTopic;
@@ -61,7 +69,7 @@ pub use whispeer_engines::{
     CipherAlgorithm, Codec, CodecError, Compression, CompressionAlgorithm, Encryption, Key,
     KeyError, KeyId, Keyring, OpenError, ReceiveError, SealError, TopicRule,
 };
-pub use whispeer_proto::{Filter, Topic, TopicError};
+pub use whispeer_proto::{Filter, MessageId, Qos, Topic, TopicError};
 
 /// The wire vocabulary: envelopes, flags, limits. Re-exported for plugin authors.
 pub mod proto {

@@ -14,8 +14,9 @@ use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
+use tokio::time::Instant;
 use whispeer_engines::{Codec, Engines, OpenError};
-use whispeer_proto::{Envelope, Headers, MessageId, Topic};
+use whispeer_proto::{Envelope, Headers, MessageId, Topic, header};
 
 use whispeer_engines::ReceiveError;
 
@@ -27,6 +28,8 @@ pub struct Message {
 
 struct Inner {
     envelope: Envelope,
+    /// When the message's time to live runs out, if it has one.
+    expires_at: Option<Instant>,
     /// The pipeline that sealed the payload, to open it; `None` when the broker has none.
     engines: Option<Arc<Engines>>,
     opened: OnceLock<Result<Bytes, OpenError>>,
@@ -46,10 +49,12 @@ impl Message {
         envelope: Envelope,
         subscribers: usize,
         engines: Option<Arc<Engines>>,
+        expires_at: Option<Instant>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 envelope,
+                expires_at,
                 engines,
                 opened: OnceLock::new(),
                 share_decoded: subscribers > 1,
@@ -87,6 +92,39 @@ impl Message {
     /// The whole envelope.
     pub fn envelope(&self) -> &Envelope {
         &self.inner.envelope
+    }
+
+    /// When the message's time to live runs out (`tokio::time` clock), if it has one.
+    pub fn expires_at(&self) -> Option<Instant> {
+        self.inner.expires_at
+    }
+
+    /// Whether the time to live has run out at `now`.
+    pub(crate) fn is_expired(&self, now: Instant) -> bool {
+        self.inner.expires_at.is_some_and(|at| at <= now)
+    }
+
+    /// Whether the time to live has run out (reads the clock only if there is one).
+    pub(crate) fn has_expired(&self) -> bool {
+        self.inner.expires_at.is_some_and(|at| at <= Instant::now())
+    }
+
+    /// For a message of a dead-letter topic (`$dlq/...`): why its original was given up, after
+    /// how many deliveries, and the original, which opens and decodes as before. `None` for
+    /// any other message.
+    pub fn dead_letter(&self) -> Option<DeadLetter> {
+        let envelope = &self.inner.envelope;
+        if !envelope.topic.as_str().starts_with(DEAD_LETTER_PREFIX) {
+            return None;
+        }
+        let reason = envelope.headers.get(header::DEAD_LETTER_REASON)?;
+        let reason = String::from_utf8(reason.to_vec()).ok()?;
+        let attempts = envelope.headers.get(header::DEAD_LETTER_ATTEMPTS)?;
+        let attempts = std::str::from_utf8(attempts).ok()?.parse().ok()?;
+        let original =
+            Envelope::decode(envelope.payload.clone(), &crate::router::no_limits()).ok()?;
+        let message = Self::new(original, 1, self.inner.engines.clone(), None);
+        Some(DeadLetter { reason, attempts, message })
     }
 
     /// The payload opened: decrypted and decompressed as the envelope's flags say, and
@@ -163,6 +201,22 @@ impl Message {
     }
 }
 
+/// Dead-letter topics are this prefix followed by the original topic.
+pub(crate) const DEAD_LETTER_PREFIX: &str = "$dlq/";
+
+/// What a dead letter says; see [`Message::dead_letter`].
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct DeadLetter {
+    /// Why the message was given up: `max-attempts`, `rejected` (nacked without requeue) or
+    /// `undecodable`.
+    pub reason: String,
+    /// How many times it was delivered.
+    pub attempts: u32,
+    /// The original message.
+    pub message: Message,
+}
+
 impl fmt::Debug for Message {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let e = &self.inner.envelope;
@@ -190,7 +244,7 @@ mod tests {
             Flags::with_content(ContentType::Postcard),
             payload,
         );
-        Message::new(envelope, subscribers, None)
+        Message::new(envelope, subscribers, None, None)
     }
 
     #[test]

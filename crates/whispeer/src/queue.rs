@@ -5,11 +5,16 @@
 //! either bound would be exceeded, the subscriber's [`SlowConsumer`] policy decides what gives
 //! way, and every such event is counted. A single message larger than `max_bytes` is still
 //! accepted into an empty queue, so it can be delivered at all. Concurrent publishers can
-//! overshoot the byte bound by at most one message each. Pushing never blocks and never awaits,
-//! so it is safe under the router's read lock.
+//! overshoot the byte bound by at most one message each. Several queues may also share a
+//! [`ByteBudget`] (the server gives each connection one), which bounds their bytes together.
+//! Pushing never blocks and never awaits, so it is safe under the router's read lock.
+//!
+//! A queue has one consumer, or, for a queue group, several: then every waiting member is woken
+//! by a push and the first to poll takes the message.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Waker};
 
 use atomic_waker::AtomicWaker;
 use crossbeam_queue::ArrayQueue;
@@ -41,6 +46,82 @@ fn weight(message: &Message) -> usize {
     message.payload().len() + 256
 }
 
+/// A byte budget shared by several queues: together they hold at most `max` bytes (payloads plus
+/// 256 per message), each queue still bounded by its own limits too. Cloning shares the budget.
+///
+/// ```
+/// use whispeer::{ByteBudget, SubscribeOptions};
+/// let connection = ByteBudget::new(8 << 20);
+/// let a = SubscribeOptions::new("a/#").budget(connection.clone());
+/// let b = SubscribeOptions::new("b/#").budget(connection);
+/// # let _ = (a, b);
+/// ```
+#[derive(Clone, Debug)]
+pub struct ByteBudget {
+    inner: Arc<BudgetInner>,
+}
+
+#[derive(Debug)]
+struct BudgetInner {
+    used: AtomicUsize,
+    max: usize,
+}
+
+impl ByteBudget {
+    /// A budget of `max` bytes.
+    pub fn new(max: usize) -> Self {
+        Self { inner: Arc::new(BudgetInner { used: AtomicUsize::new(0), max }) }
+    }
+
+    /// Bytes held now by the queues sharing it.
+    pub fn used(&self) -> usize {
+        self.inner.used.load(Ordering::Acquire)
+    }
+
+    /// The bound.
+    pub fn max(&self) -> usize {
+        self.inner.max
+    }
+
+    fn would_exceed(&self, weight: usize) -> bool {
+        self.used() + weight > self.inner.max
+    }
+}
+
+/// Who to wake when a message arrives.
+#[derive(Debug)]
+enum Wakers {
+    /// The queue's one consumer.
+    One(AtomicWaker),
+    /// The members of a queue group: all are woken, the first to poll takes the message.
+    Many(Mutex<Vec<Waker>>),
+}
+
+impl Wakers {
+    fn register(&self, waker: &Waker) {
+        match self {
+            Self::One(one) => one.register(waker),
+            Self::Many(many) => {
+                let mut many = many.lock().unwrap_or_else(PoisonError::into_inner);
+                if !many.iter().any(|w| w.will_wake(waker)) {
+                    many.push(waker.clone());
+                }
+            }
+        }
+    }
+
+    fn wake(&self) {
+        match self {
+            Self::One(one) => one.wake(),
+            Self::Many(many) => {
+                let woken =
+                    std::mem::take(&mut *many.lock().unwrap_or_else(PoisonError::into_inner));
+                woken.into_iter().for_each(Waker::wake);
+            }
+        }
+    }
+}
+
 /// The result of offering one message to one queue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Pushed {
@@ -68,9 +149,14 @@ pub(crate) struct Counters {
     pub(crate) decode_errors: AtomicU64,
     pub(crate) open_errors: AtomicU64,
     pub(crate) callback_panics: AtomicU64,
+    pub(crate) expired: AtomicU64,
+    pub(crate) acked: AtomicU64,
+    pub(crate) nacked: AtomicU64,
+    pub(crate) redelivered: AtomicU64,
+    pub(crate) dead_lettered: AtomicU64,
 }
 
-/// A bounded multi-producer, single-consumer queue of messages with a wake-up for its consumer.
+/// A bounded multi-producer queue of messages with wake-ups for its consumer(s).
 #[derive(Debug)]
 pub(crate) struct Queue {
     /// The subscription's filter, kept here so the queue alone can find its route.
@@ -79,7 +165,8 @@ pub(crate) struct Queue {
     /// Bytes of the queued messages (see `weight`).
     bytes: AtomicUsize,
     max_bytes: usize,
-    waker: AtomicWaker,
+    budget: Option<ByteBudget>,
+    waker: Wakers,
     closed: AtomicBool,
     policy: SlowConsumer,
     pub(crate) counters: Counters,
@@ -98,11 +185,24 @@ impl Queue {
             items: ArrayQueue::new(capacity),
             bytes: AtomicUsize::new(0),
             max_bytes,
-            waker: AtomicWaker::new(),
+            budget: None,
+            waker: Wakers::One(AtomicWaker::new()),
             closed: AtomicBool::new(false),
             policy,
             counters: Counters::default(),
         }
+    }
+
+    /// This queue sharing `budget` with others.
+    pub(crate) fn with_budget(mut self, budget: Option<ByteBudget>) -> Self {
+        self.budget = budget;
+        self
+    }
+
+    /// This queue with several consumers (a queue group's members).
+    pub(crate) fn shared_by_many(mut self) -> Self {
+        self.waker = Wakers::Many(Mutex::default());
+        self
     }
 
     /// Offers a message, applying the slow-consumer policy when full.
@@ -120,7 +220,7 @@ impl Queue {
                     dropped = true;
                     self.counters.dropped_oldest.fetch_add(1, Ordering::Relaxed);
                 }
-                self.bytes.fetch_add(weight, Ordering::AcqRel);
+                self.charge(weight);
                 if let Some(oldest) = self.items.force_push(message) {
                     self.release(&oldest);
                     dropped = true;
@@ -132,10 +232,10 @@ impl Queue {
                 let refused = if self.over_bytes(weight) {
                     true
                 } else {
-                    self.bytes.fetch_add(weight, Ordering::AcqRel);
+                    self.charge(weight);
                     let refused = self.items.push(message).is_err();
                     if refused {
-                        self.bytes.fetch_sub(weight, Ordering::AcqRel);
+                        self.uncharge(weight);
                     }
                     refused
                 };
@@ -162,14 +262,31 @@ impl Queue {
         outcome
     }
 
-    /// Whether adding `weight` bytes would pass the byte bound (never for an empty queue).
+    /// Whether adding `weight` bytes would pass the byte bound or the shared budget (never for
+    /// an empty queue).
     fn over_bytes(&self, weight: usize) -> bool {
         let queued = self.bytes.load(Ordering::Acquire);
-        queued > 0 && queued + weight > self.max_bytes
+        queued > 0
+            && (queued + weight > self.max_bytes
+                || self.budget.as_ref().is_some_and(|b| b.would_exceed(weight)))
+    }
+
+    fn charge(&self, weight: usize) {
+        self.bytes.fetch_add(weight, Ordering::AcqRel);
+        if let Some(budget) = &self.budget {
+            budget.inner.used.fetch_add(weight, Ordering::AcqRel);
+        }
+    }
+
+    fn uncharge(&self, weight: usize) {
+        self.bytes.fetch_sub(weight, Ordering::AcqRel);
+        if let Some(budget) = &self.budget {
+            budget.inner.used.fetch_sub(weight, Ordering::AcqRel);
+        }
     }
 
     fn release(&self, message: &Message) {
-        self.bytes.fetch_sub(weight(message), Ordering::AcqRel);
+        self.uncharge(weight(message));
     }
 
     /// Takes the next message, or learns that there is none yet (`Pending`, with the waker
@@ -214,7 +331,21 @@ impl Queue {
         self.closed.load(Ordering::Acquire)
     }
 
+    /// Wakes the consumer(s), so they look at their state again (a group member that left).
+    pub(crate) fn wake(&self) {
+        self.waker.wake();
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.items.len()
+    }
+}
+
+impl Drop for Queue {
+    fn drop(&mut self) {
+        // Messages still queued give their share of a shared budget back.
+        if let Some(budget) = &self.budget {
+            budget.inner.used.fetch_sub(*self.bytes.get_mut(), Ordering::AcqRel);
+        }
     }
 }

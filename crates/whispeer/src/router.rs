@@ -21,7 +21,7 @@ const MAX_CACHED_TOPICS: usize = 64 * 1024;
 
 /// Topics reach the router already validated under the broker's limits; re-parsing one to key
 /// the cache must not fail on a tighter default limit.
-fn no_limits() -> Limits {
+pub(crate) fn no_limits() -> Limits {
     let mut limits = Limits::DEFAULT;
     limits.max_topic_len = usize::MAX;
     limits.max_topic_depth = usize::MAX;

@@ -18,6 +18,12 @@ pub(crate) struct BrokerCounters {
     pub(crate) decode_errors: AtomicU64,
     pub(crate) open_errors: AtomicU64,
     pub(crate) callback_panics: AtomicU64,
+    pub(crate) expired: AtomicU64,
+    pub(crate) acked: AtomicU64,
+    pub(crate) nacked: AtomicU64,
+    pub(crate) redelivered: AtomicU64,
+    pub(crate) dead_lettered: AtomicU64,
+    pub(crate) duplicates: AtomicU64,
 }
 
 pub(crate) fn bump(counter: &AtomicU64) {
@@ -54,7 +60,20 @@ pub struct BrokerStats {
     pub open_errors: u64,
     /// Callback invocations that panicked (the subscriber goes on).
     pub callback_panics: u64,
-    /// Live subscriptions.
+    /// Messages dropped unseen because their time to live ran out.
+    pub expired: u64,
+    /// QoS 1 deliveries acknowledged.
+    pub acked: u64,
+    /// QoS 1 deliveries refused by their subscriber (with or without requeue).
+    pub nacked: u64,
+    /// QoS 1 redeliveries (after a timeout, a nack with requeue or a member leaving a group).
+    pub redelivered: u64,
+    /// Messages given up and published to `$dlq/<topic>`.
+    pub dead_lettered: u64,
+    /// Duplicates dropped: publishes with an idempotency key seen within the window, and
+    /// copies of a message whose id was already in flight to the same subscription.
+    pub duplicates: u64,
+    /// Live subscriptions (a queue group counts once).
     pub subscriptions: usize,
 }
 
@@ -72,6 +91,12 @@ impl BrokerCounters {
             decode_errors: get(&self.decode_errors),
             open_errors: get(&self.open_errors),
             callback_panics: get(&self.callback_panics),
+            expired: get(&self.expired),
+            acked: get(&self.acked),
+            nacked: get(&self.nacked),
+            redelivered: get(&self.redelivered),
+            dead_lettered: get(&self.dead_lettered),
+            duplicates: get(&self.duplicates),
             subscriptions,
         }
     }
@@ -97,10 +122,22 @@ pub struct SubscriptionStats {
     pub open_errors: u64,
     /// Callback invocations that panicked.
     pub callback_panics: u64,
+    /// Messages dropped unseen because their time to live ran out.
+    pub expired: u64,
+    /// QoS 1 deliveries acknowledged.
+    pub acked: u64,
+    /// QoS 1 deliveries refused (nack).
+    pub nacked: u64,
+    /// QoS 1 redeliveries.
+    pub redelivered: u64,
+    /// Messages of this subscription given up to `$dlq/<topic>`.
+    pub dead_lettered: u64,
+    /// QoS 1 messages delivered and not yet acknowledged, or waiting for redelivery.
+    pub unacked: usize,
 }
 
 impl Counters {
-    pub(crate) fn snapshot(&self, queued: usize) -> SubscriptionStats {
+    pub(crate) fn snapshot(&self, queued: usize, unacked: usize) -> SubscriptionStats {
         SubscriptionStats {
             received: get(&self.received),
             queued,
@@ -110,6 +147,12 @@ impl Counters {
             decode_errors: get(&self.decode_errors),
             open_errors: get(&self.open_errors),
             callback_panics: get(&self.callback_panics),
+            expired: get(&self.expired),
+            acked: get(&self.acked),
+            nacked: get(&self.nacked),
+            redelivered: get(&self.redelivered),
+            dead_lettered: get(&self.dead_lettered),
+            unacked,
         }
     }
 }

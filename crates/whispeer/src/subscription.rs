@@ -1,16 +1,16 @@
 //! Subscriptions: the pull [`Subscription`] and the callback [`Subscriber`], on one path.
 //!
-//! Both own a registration: a route in the router and a bounded queue. Dropping either ends the
-//! registration synchronously — no spawning, no awaiting — so it works outside a runtime. A
-//! callback subscriber's delivery task ends when it finds its queue closed.
+//! Both own a registration: a route in the router and a bounded queue, or membership of a
+//! queue group. Dropping either ends the registration synchronously — no spawning, no
+//! awaiting — so it works outside a runtime. A callback subscriber's delivery task ends when it
+//! finds its registration ended.
 //!
 //! ```text
-//! publish ──push──▶ Queue ──poll_pop──▶ Subscription::recv / Stream      (pull)
-//!                        └──poll_pop──▶ delivery task ──▶ callback(T)     (sync or async)
+//! publish ──push──▶ Queue ──Consumer──▶ Subscription::recv / Stream      (pull)
+//!                        └──Consumer──▶ delivery task ──▶ callback(T)     (sync or async)
 //! ```
 
 use std::any::{TypeId, type_name};
-use std::fmt;
 use std::future::{Future, poll_fn};
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
@@ -22,11 +22,14 @@ use futures_util::FutureExt;
 use serde::de::DeserializeOwned;
 use whispeer_proto::Filter;
 
+use whispeer_proto::Qos;
+
 use crate::broker::{Broker, Shared};
+use crate::consumer::{Acker, Consumer, Delivery, Registration};
+use crate::delivery::{GiveUp, Redelivery};
 use crate::error::SubscribeError;
 use crate::message::Message;
-use crate::queue::{Queue, SlowConsumer};
-use crate::router::SubId;
+use crate::queue::{ByteBudget, SlowConsumer};
 use crate::stats::{BrokerCounters, SubscriptionStats, bump};
 use whispeer_engines::ReceiveError;
 
@@ -38,9 +41,10 @@ const DELIVERY_BUDGET: u32 = 128;
 /// broker's defaults.
 ///
 /// ```
-/// use whispeer::{SlowConsumer, SubscribeOptions};
+/// use whispeer::{Qos, SlowConsumer, SubscribeOptions};
 /// let options = SubscribeOptions::new("orders/#").capacity(64).slow_consumer(SlowConsumer::DropNewest);
-/// # let _ = options;
+/// let workers = SubscribeOptions::new("jobs/+").qos(Qos::AtLeastOnce).group("workers").prefetch(8);
+/// # let _ = (options, workers);
 /// ```
 #[derive(Clone, Debug)]
 pub struct SubscribeOptions {
@@ -48,12 +52,27 @@ pub struct SubscribeOptions {
     capacity: Option<usize>,
     max_bytes: Option<usize>,
     policy: Option<SlowConsumer>,
+    pub(crate) qos: Qos,
+    pub(crate) prefetch: Option<usize>,
+    pub(crate) group: Option<String>,
+    pub(crate) redelivery: Option<Redelivery>,
+    pub(crate) budget: Option<ByteBudget>,
 }
 
 impl SubscribeOptions {
-    /// Options for `filter` with the broker's default capacity and policy.
+    /// Options for `filter` with the broker's defaults: QoS 0, no group.
     pub fn new(filter: impl Into<String>) -> Self {
-        Self { filter: filter.into(), capacity: None, max_bytes: None, policy: None }
+        Self {
+            filter: filter.into(),
+            capacity: None,
+            max_bytes: None,
+            policy: None,
+            qos: Qos::AtMostOnce,
+            prefetch: None,
+            group: None,
+            redelivery: None,
+            budget: None,
+        }
     }
 
     /// Sets the queue capacity, in messages (1 to [`crate::MAX_QUEUE_CAPACITY`]).
@@ -75,6 +94,42 @@ impl SubscribeOptions {
     /// Sets what happens when the queue is full.
     pub fn slow_consumer(mut self, policy: SlowConsumer) -> Self {
         self.policy = Some(policy);
+        self
+    }
+
+    /// Sets the delivery guarantee. Under [`Qos::AtLeastOnce`] every message is tracked until
+    /// acknowledged and delivered again after its ack timeout; see `DELIVERY.md`.
+    pub fn qos(mut self, qos: Qos) -> Self {
+        self.qos = qos;
+        self
+    }
+
+    /// QoS 1: at most this many delivered, unacknowledged messages at a time (the credit
+    /// window). Default: the broker's `prefetch`.
+    pub fn prefetch(mut self, messages: usize) -> Self {
+        self.prefetch = Some(messages);
+        self
+    }
+
+    /// Joins the queue group `name`: subscribers of the same filter and group share its
+    /// messages, each going to one member. For QoS 1, what a member leaves unacknowledged goes
+    /// to another, and the group outlives its last member for the broker's `group_linger`.
+    pub fn group(mut self, name: impl Into<String>) -> Self {
+        self.group = Some(name.into());
+        self
+    }
+
+    /// QoS 1: this subscription's ack timeout, backoff and attempts, instead of the broker's.
+    /// In a group, the member that creates the group sets them.
+    pub fn redelivery(mut self, redelivery: Redelivery) -> Self {
+        self.redelivery = Some(redelivery);
+        self
+    }
+
+    /// Counts this subscription's queued bytes against `budget`, shared with other
+    /// subscriptions (ignored for group members, whose queue is the group's).
+    pub fn budget(mut self, budget: ByteBudget) -> Self {
+        self.budget = Some(budget);
         self
     }
 
@@ -109,44 +164,6 @@ impl From<&String> for SubscribeOptions {
     }
 }
 
-/// A route plus its queue; dropping it unsubscribes.
-struct Registration {
-    shared: Arc<Shared>,
-    id: SubId,
-    queue: Arc<Queue>,
-}
-
-impl Registration {
-    fn new(
-        broker: &Broker,
-        options: &SubscribeOptions,
-        typed: Option<(TypeId, &'static str)>,
-    ) -> Result<Self, SubscribeError> {
-        let (id, queue) = broker.inner.register(options, typed)?;
-        Ok(Self { shared: Arc::clone(&broker.inner), id, queue })
-    }
-
-    fn stats(&self) -> SubscriptionStats {
-        self.queue.counters.snapshot(self.queue.len())
-    }
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        self.shared.unsubscribe(self.id, &self.queue);
-    }
-}
-
-impl fmt::Debug for Registration {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Registration")
-            .field("id", &self.id.0)
-            .field("filter", &self.queue.filter)
-            .field("closed", &self.queue.is_closed())
-            .finish()
-    }
-}
-
 type Decode<T> = fn(&Message) -> Result<T, ReceiveError>;
 
 fn typed_info<T: 'static>() -> Option<(TypeId, &'static str)> {
@@ -160,13 +177,16 @@ where
     message.decode_shared()
 }
 
-/// Counts a message the subscriber could not open or decode.
+/// Counts a message the subscriber could not open or decode; under QoS 1 it is given up to the
+/// dead-letter topic, since it would not decode the next time either.
 fn decode_failed(
-    queue: &Queue,
+    consumer: &Consumer,
+    acker: Option<&Acker>,
     counters: &BrokerCounters,
     message: &Message,
     error: &ReceiveError,
 ) {
+    let queue = &consumer.queue;
     let (mine, total) = match error {
         ReceiveError::Open(_) => (&queue.counters.open_errors, &counters.open_errors),
         _ => (&queue.counters.decode_errors, &counters.decode_errors),
@@ -174,65 +194,94 @@ fn decode_failed(
     bump(mine);
     bump(total);
     tracing::debug!(topic = %message.topic(), id = %message.id(), %error, "message skipped");
+    if let Some(acker) = acker {
+        acker.refuse(message.id(), false, GiveUp::Undecodable);
+    }
 }
 
 /// A pull subscription: take messages with [`recv`](Self::recv) or as a [`Stream`].
 /// Messages that do not decode as `T` are skipped and counted.
 ///
-/// Dropping it unsubscribes; messages still queued are discarded.
+/// Under QoS 1, [`recv`](Self::recv) (and the `Stream`) acknowledge each message as they return
+/// it; [`recv_delivery`](Self::recv_delivery) returns a [`Delivery`] to acknowledge after
+/// processing instead.
+///
+/// Dropping it unsubscribes; messages still queued are discarded (a group keeps them for its
+/// other members).
 #[derive(Debug)]
 pub struct Subscription<T> {
     registration: Registration,
+    consumer: Consumer,
+    acker: Option<Acker>,
     decode: Decode<T>,
 }
 
 impl<T> Subscription<T> {
+    fn with(registration: Registration, decode: Decode<T>) -> Self {
+        let consumer = registration.consumer();
+        let acker = consumer.acker();
+        Self { registration, consumer, acker, decode }
+    }
+
     pub(crate) fn typed(broker: &Broker, options: SubscribeOptions) -> Result<Self, SubscribeError>
     where
         T: DeserializeOwned + Clone + Send + Sync + 'static,
     {
-        let registration = Registration::new(broker, &options, typed_info::<T>())?;
-        Ok(Self { registration, decode: decode_typed::<T> })
+        let registration = Shared::register(&broker.inner, &options, typed_info::<T>())?;
+        Ok(Self::with(registration, decode_typed::<T>))
     }
 
     /// Waits for the next message. Returns `None` once the subscription is closed: unsubscribed,
-    /// or disconnected by the `Disconnect` slow-consumer policy.
+    /// or disconnected by the `Disconnect` slow-consumer policy. Under QoS 1 the message is
+    /// acknowledged as it is returned.
     ///
     /// # Cancel safety
     /// Cancel-safe: a message is only taken off the queue when it is returned.
     pub async fn recv(&mut self) -> Option<T> {
-        poll_fn(|cx| self.poll_decoded(cx)).await
+        poll_fn(|cx| self.poll_acked(cx)).await
     }
 
-    /// Takes the next message if one is queued, without waiting.
+    /// Takes the next message if one is queued, without waiting; acknowledged under QoS 1.
     pub fn try_recv(&mut self) -> Option<T> {
-        let queue = &self.registration.queue;
-        while let Some(message) = queue.try_pop() {
-            if let Some(value) = self.decoded(&message) {
-                return Some(value);
-            }
-        }
-        None
+        self.try_recv_delivery().map(Delivery::acked_value)
     }
 
-    /// Waits for the next message, undecoded.
+    /// Waits for the next message with its delivery details and, under QoS 1, the handle to
+    /// acknowledge it: call [`Delivery::ack`] once it is processed.
     ///
     /// # Cancel safety
     /// Cancel-safe, as [`recv`](Self::recv).
-    pub async fn recv_message(&mut self) -> Option<Message> {
-        poll_fn(|cx| self.poll_recv_message(cx)).await
+    pub async fn recv_delivery(&mut self) -> Option<Delivery<T>> {
+        poll_fn(|cx| self.poll_recv_delivery(cx)).await
     }
 
-    /// Polls for the next message, undecoded: `Ready(Some)` takes it, `Ready(None)` means the
-    /// subscription is closed, `Pending` registers `cx`'s waker. For callers that wait on many
-    /// subscriptions at once (the server's connection writer).
-    pub fn poll_recv_message(&mut self, cx: &mut Context<'_>) -> Poll<Option<Message>> {
-        self.registration.queue.poll_pop(cx)
+    /// Polls for the next message with its delivery details; see
+    /// [`recv_delivery`](Self::recv_delivery). For callers that wait on many subscriptions at
+    /// once (the server's connection writer).
+    pub fn poll_recv_delivery(&mut self, cx: &mut Context<'_>) -> Poll<Option<Delivery<T>>> {
+        loop {
+            let Some(taken) = std::task::ready!(self.consumer.poll_next(cx)) else {
+                return Poll::Ready(None);
+            };
+            if let Some(value) = self.decoded(&taken.message) {
+                return Poll::Ready(Some(Delivery::new(value, taken, self.acker.clone())));
+            }
+        }
     }
 
-    /// Takes the next message, undecoded, if one is queued.
-    pub fn try_recv_message(&mut self) -> Option<Message> {
-        self.registration.queue.try_pop()
+    /// Takes the next message with its delivery details, if one is ready.
+    pub fn try_recv_delivery(&mut self) -> Option<Delivery<T>> {
+        loop {
+            let taken = self.consumer.try_next()?;
+            if let Some(value) = self.decoded(&taken.message) {
+                return Some(Delivery::new(value, taken, self.acker.clone()));
+            }
+        }
+    }
+
+    /// A handle to settle this subscription's QoS 1 messages by id; `None` under QoS 0.
+    pub fn acker(&self) -> Option<Acker> {
+        self.acker.clone()
     }
 
     /// The subscription's filter.
@@ -240,14 +289,14 @@ impl<T> Subscription<T> {
         &self.registration.queue.filter
     }
 
-    /// A snapshot of this subscription's counters.
+    /// A snapshot of this subscription's counters (a group member sees the group's).
     pub fn stats(&self) -> SubscriptionStats {
         self.registration.stats()
     }
 
     /// Whether the subscription has been closed.
     pub fn is_closed(&self) -> bool {
-        self.registration.queue.is_closed()
+        self.registration.is_closed()
     }
 
     /// Unsubscribes now; the same as dropping the subscription.
@@ -257,31 +306,41 @@ impl<T> Subscription<T> {
         match (self.decode)(message) {
             Ok(value) => Some(value),
             Err(error) => {
-                let shared = &self.registration.shared;
-                decode_failed(&self.registration.queue, &shared.counters, message, &error);
+                let counters = &self.registration.shared.counters;
+                decode_failed(&self.consumer, self.acker.as_ref(), counters, message, &error);
                 None
             }
         }
     }
 
-    fn poll_decoded(&self, cx: &mut Context<'_>) -> Poll<Option<T>> {
-        loop {
-            match self.registration.queue.poll_pop(cx) {
-                Poll::Ready(Some(message)) => {
-                    if let Some(value) = self.decoded(&message) {
-                        return Poll::Ready(Some(value));
-                    }
-                }
-                other => return other.map(|_| None),
-            }
-        }
+    fn poll_acked(&mut self, cx: &mut Context<'_>) -> Poll<Option<T>> {
+        self.poll_recv_delivery(cx).map(|d| d.map(Delivery::acked_value))
     }
 }
 
 impl Subscription<Message> {
     pub(crate) fn raw(broker: &Broker, options: SubscribeOptions) -> Result<Self, SubscribeError> {
-        let registration = Registration::new(broker, &options, None)?;
-        Ok(Self { registration, decode: |message| Ok(message.clone()) })
+        let registration = Shared::register(&broker.inner, &options, None)?;
+        Ok(Self::with(registration, |message| Ok(message.clone())))
+    }
+
+    /// Waits for the next message, undecoded; acknowledged under QoS 1.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe, as [`recv`](Self::recv).
+    pub async fn recv_message(&mut self) -> Option<Message> {
+        self.recv().await
+    }
+
+    /// Polls for the next message, undecoded (acknowledged under QoS 1): `Ready(Some)` takes it,
+    /// `Ready(None)` means the subscription is closed, `Pending` registers `cx`'s waker.
+    pub fn poll_recv_message(&mut self, cx: &mut Context<'_>) -> Poll<Option<Message>> {
+        self.poll_acked(cx)
+    }
+
+    /// Takes the next message, undecoded, if one is queued; acknowledged under QoS 1.
+    pub fn try_recv_message(&mut self) -> Option<Message> {
+        self.try_recv()
     }
 }
 
@@ -289,9 +348,11 @@ impl<T> Stream for Subscription<T> {
     type Item = T;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
-        self.poll_decoded(cx)
+        self.get_mut().poll_acked(cx)
     }
 }
+
+impl<T> Unpin for Subscription<T> {}
 
 /// A running callback subscriber. Dropping it (or calling [`unsubscribe`](Self::unsubscribe))
 /// unsubscribes, and its delivery task ends.
@@ -314,7 +375,7 @@ impl Subscriber {
 
     /// Whether the subscription has been closed (unsubscribed or disconnected by policy).
     pub fn is_closed(&self) -> bool {
-        self.registration.queue.is_closed()
+        self.registration.is_closed()
     }
 
     /// Unsubscribes now; the same as dropping the handle.
@@ -322,6 +383,8 @@ impl Subscriber {
 }
 
 /// Starts a subscriber whose delivery task runs `handle` for each decoded message, in order.
+/// Under QoS 1 a message is acknowledged when `handle` completes, and refused with requeue when
+/// it panics.
 fn spawn_delivery<T, H, Fut>(
     broker: &Broker,
     options: SubscribeOptions,
@@ -332,21 +395,32 @@ where
     H: FnMut(T) -> Fut + Send + 'static,
     Fut: Future<Output = bool> + Send,
 {
-    let registration = Registration::new(broker, &options, typed_info::<T>())?;
-    let queue = Arc::clone(&registration.queue);
+    let registration = Shared::register(&broker.inner, &options, typed_info::<T>())?;
+    let mut consumer = registration.consumer();
+    let acker = consumer.acker();
     let counters = Arc::clone(&broker.inner.counters);
     let task = async move {
         let mut budget = DELIVERY_BUDGET;
-        while let Some(message) = poll_fn(|cx| queue.poll_pop(cx)).await {
+        while let Some(taken) = poll_fn(|cx| consumer.poll_next(cx)).await {
+            let message = &taken.message;
             match message.decode_shared::<T>() {
                 Ok(value) => {
-                    if !handle(value).await {
+                    let ok = handle(value).await;
+                    if let Some(acker) = &acker {
+                        if ok {
+                            acker.ack(message.id());
+                        } else {
+                            acker.nack(message.id(), true);
+                        }
+                    }
+                    if !ok {
+                        let queue = &consumer.queue;
                         bump(&queue.counters.callback_panics);
                         bump(&counters.callback_panics);
                         tracing::error!(filter = %queue.filter, id = %message.id(), "subscriber callback panicked");
                     }
                 }
-                Err(error) => decode_failed(&queue, &counters, &message, &error),
+                Err(error) => decode_failed(&consumer, acker.as_ref(), &counters, message, &error),
             }
             budget -= 1;
             if budget == 0 {
@@ -355,7 +429,7 @@ where
             }
         }
     };
-    // Dropping the task's JoinHandle detaches it; it ends by itself once its queue closes.
+    // Dropping the task's JoinHandle detaches it; it ends by itself once its registration ends.
     drop(broker.inner.spawner.spawn(task).map_err(SubscribeError::Runtime)?);
     Ok(Subscriber { registration })
 }

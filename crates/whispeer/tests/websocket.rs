@@ -88,8 +88,9 @@ async fn websocket_clients_subscribe_and_publish_with_the_same_frames() {
     let mut buf = BytesMut::new();
     hello(&mut client, &mut buf).await;
     let filter = Filter::parse("chat/#").unwrap();
-    send(&mut client, Frame::new(2, Body::Subscribe { sub: 7, qos: Qos::AtMostOnce, filter }))
-        .await;
+    let subscribe =
+        Body::Subscribe { sub: 7, qos: Qos::AtMostOnce, filter, prefetch: 0, group: None };
+    send(&mut client, Frame::new(2, subscribe)).await;
     assert_eq!(soon(next_frame(&mut client, &mut buf)).await.unwrap(), Frame::new(2, Body::Ok));
 
     // Published in the broker (as a TCP client's message would be), delivered over WebSocket.
@@ -98,7 +99,9 @@ async fn websocket_clients_subscribe_and_publish_with_the_same_frames() {
     }
     for i in 0..100u32 {
         let frame = soon(next_frame(&mut client, &mut buf)).await.unwrap();
-        let Body::Deliver { sub: 7, envelope } = frame.body else { panic!("{frame:?}") };
+        let Body::Deliver { sub: 7, attempt: 1, envelope } = frame.body else {
+            panic!("{frame:?}")
+        };
         assert_eq!(envelope.topic.as_str(), format!("chat/{i}"));
         assert_eq!(&envelope.payload[..], i.to_be_bytes());
     }

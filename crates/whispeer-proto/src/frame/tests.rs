@@ -3,7 +3,7 @@
 use proptest::prelude::*;
 
 use super::*;
-use crate::ContentType;
+use crate::{ContentType, Flags, Topic};
 
 fn limits() -> Limits {
     Limits::DEFAULT
@@ -44,11 +44,17 @@ fn all_bodies() -> Vec<Body> {
         },
         Body::Auth { key: Bytes::from_static(b"secret") },
         Body::Ok,
-        Body::Subscribe { sub: 7, qos: Qos::AtLeastOnce, filter: Filter::parse("a/+/#").unwrap() },
+        Body::Subscribe {
+            sub: 7,
+            qos: Qos::AtLeastOnce,
+            filter: Filter::parse("a/+/#").unwrap(),
+            prefetch: 32,
+            group: Some("workers".into()),
+        },
         Body::Unsubscribe { sub: 7 },
         Body::Publish { qos: Qos::AtMostOnce, envelope: envelope("a/b", b"hi", &[("k", b"v")]) },
         Body::PubAck,
-        Body::Deliver { sub: 9, envelope: envelope("x", b"", &[]) },
+        Body::Deliver { sub: 9, attempt: 3, envelope: envelope("x", b"", &[]) },
         Body::Ack { sub: 1, id: MessageId(u128::MAX) },
         Body::Nack { sub: 1, id: MessageId(3), requeue: true },
         Body::Ping,
@@ -69,9 +75,11 @@ fn every_body_round_trips() {
 fn encode_deliver_matches_the_general_encoder() {
     let envelope = envelope("a/b", b"payload", &[("h", b"1")]);
     let mut fast = BytesMut::new();
-    Frame::encode_deliver(&mut fast, 3, &envelope, usize::MAX).unwrap();
+    Frame::encode_deliver(&mut fast, 3, 2, &envelope, usize::MAX).unwrap();
     let mut general = BytesMut::new();
-    Frame::new(0, Body::Deliver { sub: 3, envelope }).encode(&mut general, usize::MAX).unwrap();
+    Frame::new(0, Body::Deliver { sub: 3, attempt: 2, envelope })
+        .encode(&mut general, usize::MAX)
+        .unwrap();
     assert_eq!(fast, general);
 }
 
@@ -123,20 +131,45 @@ fn invalid_topic_and_text_are_refused() {
     let mut buf = BytesMut::new();
     let frame = Frame::new(
         1,
-        Body::Subscribe { sub: 1, qos: Qos::AtMostOnce, filter: Filter::parse("a").unwrap() },
+        Body::Subscribe {
+            sub: 1,
+            qos: Qos::AtMostOnce,
+            filter: Filter::parse("a").unwrap(),
+            prefetch: 0,
+            group: None,
+        },
     );
     frame.encode(&mut buf, usize::MAX).unwrap();
-    // The filter "a" is the last byte: swap it for other one-byte filters.
+    // The filter "a" is followed by the prefetch (4 bytes) and an empty group (2 bytes): swap
+    // it for other one-byte filters.
     let mut bad = buf.to_vec();
-    *bad.last_mut().unwrap() = b'#';
+    let at = bad.len() - 7;
+    bad[at] = b'#';
     let mut ok = BytesMut::from(&bad[..]);
     assert!(Frame::decode(&mut ok, &limits()).is_ok());
-    *bad.last_mut().unwrap() = 0xff;
+    bad[at] = 0xff;
     let mut utf = BytesMut::from(&bad[..]);
     assert_eq!(Frame::decode(&mut utf, &limits()), Err(DecodeError::InvalidUtf8));
-    *bad.last_mut().unwrap() = b'/';
+    bad[at] = b'/';
     let mut topic = BytesMut::from(&bad[..]);
     assert!(matches!(Frame::decode(&mut topic, &limits()), Err(DecodeError::InvalidTopic(_))));
+}
+
+#[test]
+fn envelopes_round_trip_on_their_own_and_refuse_extra_bytes() {
+    let original = envelope("a/b", b"payload", &[("ttl-ms", b"100")]);
+    let mut buf = BytesMut::new();
+    original.encode(&mut buf).unwrap();
+    let bytes = buf.freeze();
+    assert_eq!(Envelope::decode(bytes.clone(), &limits()).unwrap(), original);
+    let mut longer = bytes.to_vec();
+    longer.push(0);
+    assert!(matches!(
+        Envelope::decode(Bytes::from(longer), &limits()),
+        Err(DecodeError::TrailingBytes { .. })
+    ));
+    let short = bytes.slice(..bytes.len() - 1);
+    assert!(matches!(Envelope::decode(short, &limits()), Err(DecodeError::Truncated { .. })));
 }
 
 #[test]

@@ -5,7 +5,7 @@
 //! fatal error (malformed frame, idle timeout, protocol violation) is reported with an `Error`
 //! frame before the connection closes.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -19,7 +19,7 @@ use whispeer_proto::{Body, ErrorCode, Frame, Limits, PROTOCOL_VERSION, Qos, rese
 
 use super::ServerConfig;
 use super::writer::{Outbound, write_loop};
-use crate::{Broker, PublishError, SubscribeError, SubscribeOptions};
+use crate::{Acker, Broker, ByteBudget, PublishError, SubscribeError, SubscribeOptions};
 
 /// Capability bit in `Welcome`: the server requires `Auth`.
 const CAP_AUTH_REQUIRED: u32 = 1;
@@ -100,7 +100,8 @@ pub(super) async fn run<R, W>(
         authenticated: !config.api_keys.required(),
         greeted: false,
         auth_failures: 0,
-        subscriptions: HashSet::new(),
+        subscriptions: HashMap::new(),
+        budget: ByteBudget::new(config.connection_max_bytes),
         broker,
         config,
         tx,
@@ -130,8 +131,10 @@ struct Connection {
     greeted: bool,
     authenticated: bool,
     auth_failures: u32,
-    /// Ids in use; the writer owns the subscriptions themselves.
-    subscriptions: HashSet<u32>,
+    /// Ids in use, with the QoS 1 ones' ackers; the writer owns the subscriptions themselves.
+    subscriptions: HashMap<u32, Option<Acker>>,
+    /// What the broker may hold queued for this connection.
+    budget: ByteBudget,
 }
 
 impl Connection {
@@ -247,11 +250,19 @@ impl Connection {
                 )
                 .await;
             }
-            Body::Subscribe { sub, filter, .. } => {
-                self.subscribe(correlation, sub, filter.as_str()).await
+            Body::Subscribe { sub, qos, filter, prefetch, group } => {
+                let mut options = SubscribeOptions::new(filter.as_str()).qos(qos);
+                if prefetch > 0 {
+                    options = options.prefetch(prefetch as usize);
+                }
+                options = match group {
+                    Some(group) => options.group(group),
+                    None => options.budget(self.budget.clone()),
+                };
+                self.subscribe(correlation, sub, options).await
             }
             Body::Unsubscribe { sub } => {
-                if self.subscriptions.remove(&sub) {
+                if self.subscriptions.remove(&sub).is_some() {
                     let reply = Frame::new(correlation, Body::Ok);
                     let _ = self.tx.send(Outbound::Unsubscribed { sub, reply }).await;
                 } else {
@@ -268,8 +279,18 @@ impl Connection {
                     self.reply_error(correlation, publish_code(&err), err.to_string()).await
                 }
             },
-            // Acknowledgements matter once QoS 1 delivery is tracked; until then there is nothing to settle.
-            Body::Ack { .. } | Body::Nack { .. } => {}
+            // An ack for a message no longer in flight (acked twice, or after it timed out and
+            // went to another member) settles nothing, and is not an error.
+            Body::Ack { sub, id } => {
+                if let Some(acker) = self.acker(correlation, sub).await {
+                    acker.ack(id);
+                }
+            }
+            Body::Nack { sub, id, requeue } => {
+                if let Some(acker) = self.acker(correlation, sub).await {
+                    acker.nack(id, requeue);
+                }
+            }
             other => {
                 return Err(Close::new(
                     ErrorCode::PROTOCOL_VIOLATION,
@@ -293,8 +314,21 @@ impl Connection {
         }
     }
 
-    async fn subscribe(&mut self, correlation: u32, sub: u32, filter: &str) {
-        if self.subscriptions.contains(&sub) {
+    /// The acker of subscription `sub`; an unknown subscription is answered with an error, a
+    /// QoS 0 one has nothing to settle.
+    async fn acker(&self, correlation: u32, sub: u32) -> Option<&Acker> {
+        match self.subscriptions.get(&sub) {
+            Some(acker) => acker.as_ref(),
+            None => {
+                let message = format!("no subscription {sub}");
+                self.reply_error(correlation, ErrorCode::UNKNOWN_SUBSCRIPTION, message).await;
+                None
+            }
+        }
+    }
+
+    async fn subscribe(&mut self, correlation: u32, sub: u32, options: SubscribeOptions) {
+        if self.subscriptions.contains_key(&sub) {
             return self
                 .reply_error(
                     correlation,
@@ -313,13 +347,13 @@ impl Connection {
                 )
                 .await;
         }
-        let subscription = match self.broker.messages(SubscribeOptions::new(filter)) {
+        let subscription = match self.broker.messages(options) {
             Ok(subscription) => subscription,
             Err(err) => {
                 return self.reply_error(correlation, subscribe_code(&err), err.to_string()).await;
             }
         };
-        self.subscriptions.insert(sub);
+        self.subscriptions.insert(sub, subscription.acker());
         let reply = Frame::new(correlation, Body::Ok);
         let _ = self.tx.send(Outbound::Subscribed { sub, subscription, reply }).await;
     }
@@ -339,7 +373,12 @@ fn subscribe_code(err: &SubscribeError) -> ErrorCode {
     match err {
         SubscribeError::InvalidFilter(_) => ErrorCode::INVALID_TOPIC,
         SubscribeError::Rejected { .. } => ErrorCode::REJECTED,
-        SubscribeError::InvalidCapacity { .. } => ErrorCode::LIMIT_REACHED,
+        SubscribeError::InvalidCapacity { .. } | SubscribeError::InvalidPrefetch { .. } => {
+            ErrorCode::LIMIT_REACHED
+        }
+        SubscribeError::InvalidGroup { .. } | SubscribeError::GroupMismatch { .. } => {
+            ErrorCode::REJECTED
+        }
         _ => ErrorCode::INTERNAL,
     }
 }

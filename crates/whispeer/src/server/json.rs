@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use whispeer_proto::{
     Body, ContentType, Envelope, Filter, Flags, Frame, Limits, MessageId, PROTOCOL_VERSION, Qos,
-    Topic,
+    Topic, header,
 };
 
 /// A client's request, as JSON.
@@ -39,6 +39,12 @@ enum Request {
     Subscribe {
         id: u32,
         filter: String,
+        #[serde(default)]
+        qos: u8,
+        #[serde(default)]
+        group: Option<String>,
+        #[serde(default)]
+        prefetch: u32,
         #[serde(default, rename = "ref")]
         reference: u32,
     },
@@ -55,12 +61,22 @@ enum Request {
         data: Option<String>,
         #[serde(default)]
         qos: u8,
+        #[serde(default)]
+        ttl_ms: Option<u64>,
+        #[serde(default)]
+        idempotency_key: Option<String>,
         #[serde(default, rename = "ref")]
         reference: u32,
     },
     Ack {
         id: u32,
         message_id: String,
+    },
+    Nack {
+        id: u32,
+        message_id: String,
+        #[serde(default)]
+        requeue: bool,
     },
     Ping {
         #[serde(default, rename = "ref")]
@@ -125,18 +141,20 @@ pub(super) fn request_to_frame(
         Request::Auth { key, reference } => {
             Frame::new(reference, Body::Auth { key: Bytes::from(key.into_bytes()) })
         }
-        Request::Subscribe { id, filter, reference } => Frame::new(
+        Request::Subscribe { id, filter, qos, group, prefetch, reference } => Frame::new(
             reference,
             Body::Subscribe {
                 sub: id,
-                qos: Qos::AtMostOnce,
+                qos: qos_from(qos)?,
                 filter: Filter::parse_with(&filter, limits)?,
+                prefetch,
+                group,
             },
         ),
         Request::Unsubscribe { id, reference } => {
             Frame::new(reference, Body::Unsubscribe { sub: id })
         }
-        Request::Publish { topic, payload, data, qos, reference } => {
+        Request::Publish { topic, payload, data, qos, ttl_ms, idempotency_key, reference } => {
             let (content, bytes) = match (payload, data) {
                 (Some(value), None) => {
                     (ContentType::Json, Bytes::from(serde_json::to_vec(&value)?))
@@ -147,26 +165,41 @@ pub(super) fn request_to_frame(
                 ),
                 _ => return Err(JsonError::Payload),
             };
-            let qos = match qos {
-                0 => Qos::AtMostOnce,
-                1 => Qos::AtLeastOnce,
-                _ => return Err(JsonError::Qos),
-            };
+            let qos = qos_from(qos)?;
             let timestamp_ms =
                 SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
             let topic = Topic::parse_with(&topic, limits)?;
-            let envelope =
+            let mut envelope =
                 Envelope::new(ids.next(), topic, timestamp_ms, Flags::with_content(content), bytes);
+            if let Some(ttl) = ttl_ms {
+                envelope.headers.insert(header::TTL_MS, ttl.to_string());
+            }
+            if let Some(key) = idempotency_key {
+                envelope.headers.insert(header::IDEMPOTENCY_KEY, key);
+            }
             Frame::new(reference, Body::Publish { qos, envelope })
         }
         Request::Ack { id, message_id } => {
-            let id_value =
-                u128::from_str_radix(&message_id, 16).map_err(|_| JsonError::MessageId)?;
-            Frame::new(0, Body::Ack { sub: id, id: MessageId(id_value) })
+            Frame::new(0, Body::Ack { sub: id, id: message_id_from(&message_id)? })
+        }
+        Request::Nack { id, message_id, requeue } => {
+            Frame::new(0, Body::Nack { sub: id, id: message_id_from(&message_id)?, requeue })
         }
         Request::Ping { reference } => Frame::new(reference, Body::Ping),
         Request::Pong { reference } => Frame::new(reference, Body::Pong),
     })
+}
+
+fn qos_from(qos: u8) -> Result<Qos, JsonError> {
+    match qos {
+        0 => Ok(Qos::AtMostOnce),
+        1 => Ok(Qos::AtLeastOnce),
+        _ => Err(JsonError::Qos),
+    }
+}
+
+fn message_id_from(text: &str) -> Result<MessageId, JsonError> {
+    u128::from_str_radix(text, 16).map(MessageId).map_err(|_| JsonError::MessageId)
 }
 
 /// Translates one frame the server sends into JSON.
@@ -199,13 +232,13 @@ pub(super) fn frame_to_json(frame: &Frame) -> Value {
             "code": code.0,
             "message": message,
         }),
-        Body::Deliver { sub, envelope } => delivery_to_json(*sub, envelope),
+        Body::Deliver { sub, attempt, envelope } => delivery_to_json(*sub, *attempt, envelope),
         // The server sends nothing else; a frame it might add later still reaches the client.
         other => json!({ "op": "unknown", "ref": reference, "frame": format!("{other:?}") }),
     }
 }
 
-fn delivery_to_json(sub: u32, envelope: &Envelope) -> Value {
+fn delivery_to_json(sub: u32, attempt: u32, envelope: &Envelope) -> Value {
     let flags = envelope.flags;
     let plain = flags.is_plain();
     let headers: serde_json::Map<String, Value> = envelope
@@ -220,6 +253,7 @@ fn delivery_to_json(sub: u32, envelope: &Envelope) -> Value {
         "message_id": envelope.id.to_string(),
         "timestamp_ms": envelope.timestamp_ms,
         "flags": flags.0,
+        "attempt": attempt,
     });
     if !headers.is_empty() {
         message["headers"] = Value::Object(headers);
@@ -257,6 +291,21 @@ mod tests {
         let Body::Publish { qos: Qos::AtLeastOnce, envelope } = publish.body else { panic!() };
         assert_eq!(&envelope.payload[..], br#"{"text":"hi"}"#);
         assert_eq!(envelope.flags.content(), Some(ContentType::Json));
+        let work = frame(
+            r#"{"op":"subscribe","id":4,"filter":"jobs/+","qos":1,"group":"w","prefetch":8}"#,
+        );
+        assert!(matches!(
+            work.body,
+            Body::Subscribe { qos: Qos::AtLeastOnce, prefetch: 8, group: Some(ref g), .. } if g == "w"
+        ));
+        let once = frame(
+            r#"{"op":"publish","topic":"t","payload":1,"qos":1,"ttl_ms":500,"idempotency_key":"k1"}"#,
+        );
+        let Body::Publish { envelope, .. } = once.body else { panic!() };
+        assert_eq!(envelope.headers.ttl_ms(), Some(500));
+        assert_eq!(envelope.headers.get(header::IDEMPOTENCY_KEY).map(|k| &k[..]), Some(&b"k1"[..]));
+        let nack = frame(r#"{"op":"nack","id":4,"message_id":"ff","requeue":true}"#);
+        assert_eq!(nack.body, Body::Nack { sub: 4, id: MessageId(255), requeue: true });
         let raw = frame(r#"{"op":"publish","topic":"t","data":"AAEC"}"#);
         let Body::Publish { envelope, .. } = raw.body else { panic!() };
         assert_eq!(
@@ -285,7 +334,7 @@ mod tests {
 
     proptest::proptest! {
         #[test]
-        fn arbitrary_text_never_panics(text in ".{0,200}", op in "(hello|auth|subscribe|unsubscribe|publish|ack|ping|pong)") {
+        fn arbitrary_text_never_panics(text in ".{0,200}", op in "(hello|auth|subscribe|unsubscribe|publish|ack|nack|ping|pong)") {
             let _ = request_to_frame(&text, &Limits::default(), &JsonIds::new());
             let shaped = format!(r#"{{"op":"{op}","id":1,"topic":{text:?},"filter":{text:?},"key":{text:?},"data":{text:?},"message_id":{text:?}}}"#);
             let _ = request_to_frame(&shaped, &Limits::default(), &JsonIds::new());
@@ -301,12 +350,14 @@ mod tests {
             Flags::with_content(ContentType::Json),
             Bytes::from_static(br#"{"a":1}"#),
         );
-        let shown =
-            frame_to_json(&Frame::new(0, Body::Deliver { sub: 2, envelope: envelope.clone() }));
+        let shown = frame_to_json(&Frame::new(
+            0,
+            Body::Deliver { sub: 2, attempt: 1, envelope: envelope.clone() },
+        ));
         assert_eq!(shown["payload"], json!({"a": 1}));
         assert_eq!(shown["id"], 2);
         envelope.flags = envelope.flags.with_cipher(CipherAlgorithm::XChaCha20Poly1305);
-        let sealed = frame_to_json(&Frame::new(0, Body::Deliver { sub: 2, envelope }));
+        let sealed = frame_to_json(&Frame::new(0, Body::Deliver { sub: 2, attempt: 1, envelope }));
         assert!(sealed.get("payload").is_none());
         assert_eq!(sealed["data"], BASE64.encode(br#"{"a":1}"#));
     }

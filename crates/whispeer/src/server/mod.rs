@@ -63,6 +63,10 @@ pub struct ServerConfig {
     pub max_subscriptions: usize,
     /// Frames waiting to be written per connection. Default: 1 024.
     pub outbound_frames: usize,
+    /// Bytes the broker holds queued for one connection, across its own subscriptions (payloads
+    /// plus 256 per message); beyond it each subscription's slow-consumer policy applies.
+    /// Default: 64 MiB.
+    pub connection_max_bytes: usize,
     /// Wrong API keys tolerated before the connection is closed. Default: 3.
     pub max_auth_failures: u32,
     /// How long shutdown waits for connections to flush. Default: 5 s.
@@ -83,6 +87,7 @@ impl Default for ServerConfig {
             max_connections: 10_000,
             max_subscriptions: 1024,
             outbound_frames: 1024,
+            connection_max_bytes: 64 * 1024 * 1024,
             max_auth_failures: 3,
             shutdown_grace: Duration::from_secs(5),
             websocket_path: "/ws".into(),

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use whispeer_proto::{Body, ErrorCode, Frame, Limits};
 
 use super::ServerConfig;
-use crate::{Message, Subscription};
+use crate::{Delivery, Message, Subscription};
 
 /// Bytes gathered before a write, so one syscall carries many frames.
 const WRITE_BATCH: usize = 64 * 1024;
@@ -60,10 +60,14 @@ impl Writer {
         }
     }
 
-    fn deliver(&mut self, sub: u32, message: &Message) {
+    /// Encodes a delivery. A QoS 1 delivery stays unacknowledged until the client's ACK
+    /// reaches the reader.
+    fn deliver(&mut self, sub: u32, delivery: &Delivery<Message>) {
+        let message = delivery.message();
         let encoded = Frame::encode_deliver(
             &mut self.buf,
             sub,
+            delivery.attempt(),
             message.envelope(),
             self.limits.max_frame_bytes,
         );
@@ -96,9 +100,9 @@ impl Writer {
                 let i = (self.next + k) % count;
                 for _ in 0..PER_SUBSCRIPTION {
                     let (sub, subscription) = &mut self.subscriptions[i];
-                    let Some(message) = subscription.try_recv_message() else { break };
+                    let Some(delivery) = subscription.try_recv_delivery() else { break };
                     let sub = *sub;
-                    self.deliver(sub, &message);
+                    self.deliver(sub, &delivery);
                     taken = true;
                     if self.buf.len() >= WRITE_BATCH {
                         self.next = (i + 1) % count;
@@ -124,10 +128,10 @@ impl Writer {
             Poll::Pending => {}
         }
         for i in 0..self.subscriptions.len() {
-            match self.subscriptions[i].1.poll_recv_message(cx) {
-                Poll::Ready(Some(message)) => {
+            match self.subscriptions[i].1.poll_recv_delivery(cx) {
+                Poll::Ready(Some(delivery)) => {
                     let sub = self.subscriptions[i].0;
-                    self.deliver(sub, &message);
+                    self.deliver(sub, &delivery);
                     return Poll::Ready(Wake::Work);
                 }
                 Poll::Ready(None) => {

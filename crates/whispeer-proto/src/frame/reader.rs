@@ -1,0 +1,138 @@
+//! The bounds-checked reader behind [`Frame::decode`](super::Frame::decode) and
+//! [`Envelope::decode`]: every read checks the bytes left first, so malformed input is a
+//! [`DecodeError`], never a panic.
+
+use bytes::{Buf, Bytes};
+
+use super::{Body, DecodeError, MAX_HEADERS, Qos};
+use crate::{Envelope, ErrorCode, Filter, Flags, Headers, Limits, MessageId, Topic};
+
+/// A bounds-checked cursor over one frame's body.
+pub(super) struct Reader {
+    pub(super) buf: Bytes,
+    pub(super) frame_type: u8,
+}
+
+impl Reader {
+    fn need(&self, n: usize) -> Result<(), DecodeError> {
+        if self.buf.remaining() < n {
+            return Err(DecodeError::Truncated { frame_type: self.frame_type });
+        }
+        Ok(())
+    }
+
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        self.need(1)?;
+        Ok(self.buf.get_u8())
+    }
+
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        self.need(2)?;
+        Ok(self.buf.get_u16())
+    }
+
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        self.need(4)?;
+        Ok(self.buf.get_u32())
+    }
+
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        self.need(8)?;
+        Ok(self.buf.get_u64())
+    }
+
+    fn u128(&mut self) -> Result<u128, DecodeError> {
+        self.need(16)?;
+        Ok(self.buf.get_u128())
+    }
+
+    fn bytes(&mut self, len: usize) -> Result<Bytes, DecodeError> {
+        self.need(len)?;
+        Ok(self.buf.split_to(len))
+    }
+
+    fn string(&mut self) -> Result<String, DecodeError> {
+        let len = usize::from(self.u16()?);
+        let bytes = self.bytes(len)?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| DecodeError::InvalidUtf8)
+    }
+
+    fn bytes32(&mut self) -> Result<Bytes, DecodeError> {
+        let len = self.u32()? as usize;
+        self.bytes(len)
+    }
+
+    fn qos(&mut self) -> Result<Qos, DecodeError> {
+        Qos::from_byte(self.u8()?)
+    }
+
+    pub(super) fn envelope(&mut self, limits: &Limits) -> Result<Envelope, DecodeError> {
+        let id = MessageId(self.u128()?);
+        let timestamp_ms = self.u64()?;
+        let flags = Flags(self.u16()?);
+        let topic = Topic::parse_with(&self.string()?, limits)?;
+        let count = self.u16()?;
+        if count > MAX_HEADERS {
+            return Err(DecodeError::TooManyHeaders { count, max: MAX_HEADERS });
+        }
+        let mut headers = Headers::new();
+        for _ in 0..count {
+            let name = self.string()?;
+            headers.insert(name, self.bytes32()?);
+        }
+        let payload = self.bytes32()?;
+        Ok(Envelope { id, topic, timestamp_ms, flags, headers, payload })
+    }
+
+    pub(super) fn body(&mut self, limits: &Limits) -> Result<Body, DecodeError> {
+        Ok(match self.frame_type {
+            0x01 => Body::Hello {
+                version: self.u16()?,
+                capabilities: self.u32()?,
+                name: self.string()?,
+            },
+            0x02 => Body::Welcome {
+                version: self.u16()?,
+                capabilities: self.u32()?,
+                max_frame_bytes: self.u32()?,
+                max_message_bytes: self.u32()?,
+                heartbeat_ms: self.u32()?,
+                name: self.string()?,
+            },
+            0x03 => Body::Auth { key: self.bytes32()? },
+            0x04 => Body::Ok,
+            0x10 => Body::Subscribe {
+                sub: self.u32()?,
+                qos: self.qos()?,
+                filter: Filter::parse_with(&self.string()?, limits)?,
+                prefetch: self.u32()?,
+                group: Some(self.string()?).filter(|g| !g.is_empty()),
+            },
+            0x11 => Body::Unsubscribe { sub: self.u32()? },
+            0x20 => Body::Publish { qos: self.qos()?, envelope: self.envelope(limits)? },
+            0x21 => Body::PubAck,
+            0x30 => Body::Deliver {
+                sub: self.u32()?,
+                attempt: self.u32()?,
+                envelope: self.envelope(limits)?,
+            },
+            0x31 => Body::Ack { sub: self.u32()?, id: MessageId(self.u128()?) },
+            0x32 => Body::Nack {
+                sub: self.u32()?,
+                id: MessageId(self.u128()?),
+                requeue: self.u8()? != 0,
+            },
+            0x40 => Body::Ping,
+            0x41 => Body::Pong,
+            0x7f => Body::Error { code: ErrorCode(self.u16()?), message: self.string()? },
+            other => return Err(DecodeError::UnknownType(other)),
+        })
+    }
+
+    pub(super) fn finish(self) -> Result<(), DecodeError> {
+        match self.buf.remaining() {
+            0 => Ok(()),
+            extra => Err(DecodeError::TrailingBytes { frame_type: self.frame_type, extra }),
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! Queue groups: subscribers that share one filter's messages, each message going to one member.
+//!
+//! A group is one route and one queue, keyed by filter and name; its members are consumers of
+//! that queue, and for QoS 1 they share one [`Tracker`], so a message a member leaves
+//! unacknowledged goes to another member. When the last member leaves, a QoS 1 group lingers
+//! for the broker's `group_linger`, still queueing (within its bounds), so a member that
+//! reconnects under the same name gets what it missed and what it left unacknowledged; after
+//! that the group is removed. A QoS 0 group is removed with its last member.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use whispeer_proto::Qos;
+
+use crate::delivery::Tracker;
+use crate::error::SubscribeError;
+use crate::queue::Queue;
+use crate::router::SubId;
+
+/// Longest group name, in bytes.
+pub(crate) const MAX_GROUP_NAME: usize = 255;
+
+/// A group's identity: its filter and its name.
+pub(crate) type GroupKey = (Box<str>, Box<str>);
+
+/// The shared parts of one group.
+#[derive(Debug)]
+pub(crate) struct Group {
+    /// The group's route.
+    pub(crate) id: SubId,
+    pub(crate) queue: Arc<Queue>,
+    pub(crate) tracker: Option<Arc<Tracker>>,
+    pub(crate) qos: Qos,
+}
+
+#[derive(Debug)]
+struct Slot {
+    group: Arc<Group>,
+    members: usize,
+    /// Raised by every join, so a linger timer knows whether the group was rejoined meanwhile.
+    generation: u64,
+}
+
+/// What the last member's departure means for the group.
+#[derive(Debug)]
+pub(crate) enum Left {
+    /// Other members remain.
+    Stays,
+    /// No member remains: remove the group now.
+    Remove(Arc<Group>),
+    /// No member remains: remove the group if nobody joins before the linger ends.
+    Linger(u64),
+}
+
+/// Every group of a broker.
+#[derive(Debug, Default)]
+pub(crate) struct Groups {
+    slots: Mutex<HashMap<GroupKey, Slot>>,
+}
+
+impl Groups {
+    fn lock(&self) -> MutexGuard<'_, HashMap<GroupKey, Slot>> {
+        self.slots.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Joins the group `key`, creating it with `create` if it does not exist. All members must
+    /// ask for the same QoS.
+    pub(crate) fn join(
+        &self,
+        key: GroupKey,
+        qos: Qos,
+        create: impl FnOnce() -> Arc<Group>,
+    ) -> Result<Arc<Group>, SubscribeError> {
+        let mut slots = self.lock();
+        if let Some(slot) = slots.get_mut(&key) {
+            if slot.group.qos != qos {
+                return Err(SubscribeError::GroupMismatch {
+                    group: key.1.into(),
+                    existing: slot.group.qos,
+                    requested: qos,
+                });
+            }
+            slot.members += 1;
+            slot.generation += 1;
+            return Ok(Arc::clone(&slot.group));
+        }
+        let group = create();
+        slots.insert(key, Slot { group: Arc::clone(&group), members: 1, generation: 0 });
+        Ok(group)
+    }
+
+    /// A member leaves the group `key`.
+    pub(crate) fn leave(&self, key: &GroupKey, linger: bool) -> Left {
+        let mut slots = self.lock();
+        let Some(slot) = slots.get_mut(key) else { return Left::Stays };
+        slot.members = slot.members.saturating_sub(1);
+        if slot.members > 0 {
+            return Left::Stays;
+        }
+        if linger && slot.group.qos == Qos::AtLeastOnce {
+            return Left::Linger(slot.generation);
+        }
+        slots.remove(key).map_or(Left::Stays, |slot| Left::Remove(slot.group))
+    }
+
+    /// Removes the group `key` if it is still empty and nobody joined since `generation`.
+    pub(crate) fn expire(&self, key: &GroupKey, generation: u64) -> Option<Arc<Group>> {
+        let mut slots = self.lock();
+        let slot = slots.get(key)?;
+        if slot.members > 0 || slot.generation != generation {
+            return None;
+        }
+        slots.remove(key).map(|slot| slot.group)
+    }
+}
