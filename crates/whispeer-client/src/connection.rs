@@ -580,3 +580,6 @@ fn fail(pending: Pending, err: ClientError) {
         Pending::Resubscribed { .. } => {}
     }
 }
+
+#[cfg(test)]
+mod tests;
