@@ -15,6 +15,8 @@ use bytes::Bytes;
 use clap::Args;
 use whispeer_client::{Client, ClientOptions, ClientSubscription, Delivery};
 
+mod qos1;
+
 /// Default publisher lead over the slowest subscriber, in messages: well under the server's
 /// default subscription queue (1 024), so no slow-consumer policy ever drops a message.
 const WINDOW: u64 = 512;
@@ -46,6 +48,9 @@ pub(crate) struct BenchArgs {
     /// server's `[queues] capacity`, or its slow-consumer policy drops messages.
     #[arg(long, default_value_t = WINDOW)]
     window: u64,
+    /// Also measure QoS 1 (publish, PUBACK, deliver, ACK) on the whispeer server.
+    #[arg(long)]
+    qos1: bool,
 }
 
 /// One system under test: how to connect.
@@ -241,7 +246,7 @@ async fn latency(target: &Target, rate: u64, seconds: u64) -> anyhow::Result<[f6
         publisher.publish(&subject, Bytes::copy_from_slice(&payload)).await?;
     }
     publisher.flush().await?;
-    let mut samples = tokio::time::timeout(Duration::from_secs(30), reader)
+    let samples = tokio::time::timeout(Duration::from_secs(30), reader)
         .await
         .context("latency run stalled")??;
     anyhow::ensure!(
@@ -249,11 +254,17 @@ async fn latency(target: &Target, rate: u64, seconds: u64) -> anyhow::Result<[f6
         "received {} of {total} messages",
         samples.len()
     );
+    Ok(percentiles(samples))
+}
+
+/// p50, p99 and p99.9 of nanosecond samples, in microseconds.
+fn percentiles(mut samples: Vec<u64>) -> [f64; 3] {
     samples.sort_unstable();
     let at = |q: f64| {
-        samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)] as f64 / 1000.0
+        let i = ((samples.len() as f64 * q) as usize).min(samples.len().saturating_sub(1));
+        samples.get(i).map_or(f64::NAN, |&ns| ns as f64 / 1000.0)
     };
-    Ok([at(0.50), at(0.99), at(0.999)])
+    [at(0.50), at(0.99), at(0.999)]
 }
 
 /// The measurements of one system.
@@ -292,6 +303,23 @@ pub(crate) fn run(args: BenchArgs) -> std::process::ExitCode {
             reports.push((target.name(), report));
         }
         print_table(&reports);
+        if args.qos1 {
+            let (addr, key) = (args.server.as_str(), args.api_key.as_deref());
+            eprintln!("whispeer: QoS 1 1→1, 128 B …");
+            let prefetch = u32::try_from(args.window).unwrap_or(u32::MAX);
+            let rate = qos1::throughput(addr, key, args.messages, prefetch).await?;
+            eprintln!("whispeer: QoS 1 latency at {} msgs/s …", args.rate);
+            let [p50, p99, p999] = qos1::latency(addr, key, args.rate, args.latency_secs).await?;
+            let qos0 = reports.first().map_or(f64::NAN, |(_, r)| r.one_to_one);
+            println!(
+                "{:<32}{rate:>14.1}{:>15.2}× QoS 0",
+                "QoS 1 1→1 128 B, acked msgs/s",
+                rate / qos0
+            );
+            println!("{:<32}{p50:>14.1}", "QoS 1 latency p50 µs");
+            println!("{:<32}{p99:>14.1}", "QoS 1 latency p99 µs");
+            println!("{:<32}{p999:>14.1}", "QoS 1 latency p99.9 µs");
+        }
         Ok(())
     })
 }

@@ -27,7 +27,7 @@ use crate::delivery::{GiveUp, Settled, Step, Tracker};
 use crate::error::SubscribeError;
 use crate::group::{Group, GroupKey, Left, MAX_GROUP_NAME};
 use crate::message::Message;
-use crate::queue::Queue;
+use crate::queue::{Queue, SlowConsumer};
 use crate::router::{Route, SubId};
 use crate::stats::{SubscriptionStats, bump};
 use crate::subscription::SubscribeOptions;
@@ -167,7 +167,14 @@ impl Shared {
                 reason: rejection.reason,
             })?;
         }
-        let policy = options.policy().unwrap_or(this.options.slow_consumer);
+        // A QoS 1 subscriber is not dropped messages silently: unless it chose otherwise, a full
+        // queue refuses the publish, so the publisher hears of it instead of getting an ack.
+        let default_policy = if is_qos1(options.qos) {
+            SlowConsumer::FailPublish
+        } else {
+            this.options.slow_consumer
+        };
+        let policy = options.policy().unwrap_or(default_policy);
         let max_bytes = options.queue_max_bytes().unwrap_or(this.options.queue_max_bytes);
         let redelivery = options.redelivery.unwrap_or(this.options.redelivery);
         let tracker = || is_qos1(options.qos).then(|| Arc::new(Tracker::new(redelivery)));

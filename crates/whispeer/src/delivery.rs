@@ -101,20 +101,31 @@ impl Redelivery {
             .map_or(cap, |wait| wait.min(cap))
     }
 
-    /// The wait after delivery `attempt`, with a random part of the jitter taken off.
-    fn jittered_wait(&self, attempt: u32) -> Duration {
+    /// The wait after delivery `attempt`, with part of the jitter taken off. `noise` is any
+    /// well-mixed number (the tracker's sequence number, scrambled): jitter only has to spread
+    /// redeliveries out, not be unpredictable, and a system call per delivery would cost more
+    /// than the delivery.
+    fn jittered_wait(&self, attempt: u32, noise: u64) -> Duration {
         let wait = self.wait(attempt);
         let jitter = self.jitter.clamp(0.0, 1.0);
         if jitter == 0.0 {
             return wait;
         }
-        let random = f64::from(getrandom::u32().unwrap_or(0)) / f64::from(u32::MAX);
-        wait.mul_f64(1.0 - jitter * random)
+        let fraction = (splitmix64(noise) >> 11) as f64 / (1u64 << 53) as f64;
+        wait.mul_f64(1.0 - jitter * fraction)
     }
 
     fn attempts(&self) -> u32 {
         self.max_attempts.max(1)
     }
+}
+
+/// SplitMix64's finaliser: spreads consecutive numbers over all 64 bits.
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// Why a message was given up.
@@ -240,6 +251,8 @@ impl State {
 /// The in-flight state of one QoS 1 subscription or queue group. See the module documentation.
 pub(crate) struct Tracker {
     policy: Redelivery,
+    /// Makes each tracker's jitter sequence different.
+    salt: u64,
     state: Mutex<State>,
 }
 
@@ -257,7 +270,8 @@ impl std::fmt::Debug for Tracker {
 
 impl Tracker {
     pub(crate) fn new(policy: Redelivery) -> Self {
-        Self { policy, state: Mutex::default() }
+        let salt = getrandom::u64().unwrap_or(0);
+        Self { policy, salt, state: Mutex::default() }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -382,7 +396,7 @@ impl Tracker {
             }
             let seq = state.next_seq;
             state.next_seq += 1;
-            let due = (now + self.policy.jittered_wait(attempt), seq);
+            let due = (now + self.policy.jittered_wait(attempt, seq ^ self.salt), seq);
             state.due.insert(due, id);
             if step.next_due.is_none_or(|at| due.0 < at) {
                 step.next_due = Some(due.0);
@@ -450,9 +464,10 @@ mod tests {
     #[test]
     fn jitter_only_shortens_the_wait_by_at_most_its_fraction() {
         let policy = Redelivery::new(Duration::from_secs(10)).jitter(0.25);
-        for _ in 0..200 {
-            let wait = policy.jittered_wait(1);
-            assert!(wait <= Duration::from_secs(10) && wait >= Duration::from_millis(7500));
-        }
+        let waits: Vec<Duration> = (0..1000).map(|n| policy.jittered_wait(1, n)).collect();
+        assert!(waits.iter().all(|w| *w <= Duration::from_secs(10)));
+        assert!(waits.iter().all(|w| *w >= Duration::from_millis(7500)));
+        let (shortest, longest) = (waits.iter().min().unwrap(), waits.iter().max().unwrap());
+        assert!(*longest - *shortest > Duration::from_secs(2), "spread over the jitter range");
     }
 }

@@ -1,0 +1,125 @@
+//! `whispeer bench --qos1`: the QoS 1 path end to end — publish, PUBACK, deliver, ACK — beside
+//! the QoS 0 figures of the same run.
+//!
+//! Throughput: `PUBLISHERS` tasks share one connection, each waiting for its PUBACK before its
+//! next publish, so at most that many publishes are unacknowledged; the subscriber acknowledges
+//! every delivery as it takes it, within its prefetch window. Latency: one publisher at a fixed
+//! rate, each publish waiting for its PUBACK; measured from before the publish to the delivery.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+use whispeer_client::proto::ErrorCode;
+use whispeer_client::{
+    Client, ClientError, ClientOptions, ClientSubscription, Delivery, Qos, SubscribeOptions,
+};
+
+/// Publisher tasks in the throughput run, so many publishes await their PUBACK at once.
+const PUBLISHERS: u64 = 64;
+
+async fn connect(addr: &str, api_key: Option<&str>) -> anyhow::Result<Client> {
+    let mut options = ClientOptions::new(addr);
+    options.subscription_capacity = 4096;
+    if let Some(key) = api_key {
+        options = options.api_key(key);
+    }
+    Ok(Client::connect_with(options).await?)
+}
+
+async fn subscriber(
+    addr: &str,
+    api_key: Option<&str>,
+    topic: &str,
+    prefetch: u32,
+) -> anyhow::Result<(Client, ClientSubscription<Delivery>)> {
+    let client = connect(addr, api_key).await?;
+    let options = SubscribeOptions::new(topic).qos(Qos::AtLeastOnce).prefetch(prefetch);
+    let sub = client.messages(options).await?;
+    Ok((client, sub))
+}
+
+/// Delivered (and acknowledged) messages per second, 1 → 1, 128-byte payloads.
+pub(super) async fn throughput(
+    addr: &str,
+    api_key: Option<&str>,
+    messages: u64,
+    prefetch: u32,
+) -> anyhow::Result<f64> {
+    let topic = "bench/qos1";
+    let (_receiver, mut sub) = subscriber(addr, api_key, topic, prefetch).await?;
+    let reader = tokio::spawn(async move {
+        for n in 0..messages {
+            let next = tokio::time::timeout(super::STALL, sub.recv()).await;
+            anyhow::ensure!(matches!(next, Ok(Some(_))), "stalled after {n} of {messages}");
+        }
+        Ok(())
+    });
+    let publisher = connect(addr, api_key).await?;
+    let payload = Bytes::from(vec![b'x'; 128]);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for p in 0..PUBLISHERS {
+        let (publisher, payload) = (publisher.clone(), payload.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in (p..messages).step_by(PUBLISHERS as usize) {
+                // A full QoS 1 queue refuses the publish instead of dropping: back off, retry.
+                while let Err(err) = publisher.publish_acked_bytes(topic, payload.clone()).await {
+                    match err {
+                        ClientError::Server { code: ErrorCode::QUEUE_FULL, .. } => {
+                            tokio::time::sleep(Duration::from_micros(200)).await;
+                        }
+                        other => return Err(other.into()),
+                    }
+                }
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    reader.await??;
+    Ok(messages as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Publish-to-delivery latency at a fixed rate with acknowledged publishes: p50, p99, p99.9 µs.
+pub(super) async fn latency(
+    addr: &str,
+    api_key: Option<&str>,
+    rate: u64,
+    seconds: u64,
+) -> anyhow::Result<[f64; 3]> {
+    let topic = "bench/qos1-latency";
+    let total = rate * seconds;
+    let base = Instant::now();
+    let (_receiver, mut sub) = subscriber(addr, api_key, topic, 1024).await?;
+    let reader = tokio::spawn(async move {
+        let mut samples = Vec::with_capacity(total as usize);
+        while (samples.len() as u64) < total {
+            let Some(delivery) = sub.recv().await else { break };
+            let mut sent = [0u8; 8];
+            sent.copy_from_slice(&delivery.payload()[..8]);
+            let now = base.elapsed().as_nanos() as u64;
+            samples.push(now.saturating_sub(u64::from_be_bytes(sent)));
+        }
+        samples
+    });
+    let publisher = connect(addr, api_key).await?;
+    let period = Duration::from_secs(1).as_nanos() as u64 / rate.max(1);
+    let start = Instant::now();
+    let mut payload = vec![0u8; 128];
+    for i in 0..total {
+        let due = start + Duration::from_nanos(i * period);
+        if due > Instant::now() {
+            tokio::time::sleep_until(due.into()).await;
+        }
+        payload[..8].copy_from_slice(&(base.elapsed().as_nanos() as u64).to_be_bytes());
+        publisher.publish_acked_bytes(topic, Bytes::copy_from_slice(&payload)).await?;
+    }
+    let samples = tokio::time::timeout(Duration::from_secs(30), reader)
+        .await
+        .context("QoS 1 latency run stalled")??;
+    anyhow::ensure!(samples.len() as u64 == total, "received {} of {total}", samples.len());
+    Ok(super::percentiles(samples))
+}
