@@ -10,7 +10,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 use whispeer::server::{ApiKeys, ServerConfig};
-use whispeer::{BrokerOptions, SlowConsumer};
+use whispeer::{BrokerOptions, Filter, Redelivery, SlowConsumer};
 
 /// The default address: loopback, so an unconfigured server is reachable only from this host.
 pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:7450";
@@ -41,6 +41,8 @@ pub(crate) struct Config {
     pub(crate) limits: Limits,
     /// Subscriber queues.
     pub(crate) queues: Queues,
+    /// QoS 1 redelivery, de-duplication, queue groups, time to live.
+    pub(crate) delivery: Delivery,
     /// TLS for every listener; off unless both `cert` and `key` are set.
     pub(crate) tls: Tls,
 }
@@ -99,6 +101,67 @@ pub(crate) struct Queues {
     pub(crate) slow_consumer: Policy,
 }
 
+/// `[delivery]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct Delivery {
+    /// How long the first delivery of a QoS 1 message waits for its ack.
+    pub(crate) ack_timeout_ms: u64,
+    /// Each further delivery waits this many times longer...
+    pub(crate) backoff_factor: f64,
+    /// ...up to this long.
+    pub(crate) max_delay_ms: u64,
+    /// Up to this fraction of each wait is taken off at random (0 to 1).
+    pub(crate) jitter: f64,
+    /// Deliveries before a message goes to `$dlq/<topic>`.
+    pub(crate) max_attempts: u32,
+    /// Default credit window: unacknowledged messages per QoS 1 subscriber.
+    pub(crate) prefetch: usize,
+    /// How long idempotency keys are remembered.
+    pub(crate) dedup_window_ms: u64,
+    /// Most idempotency keys remembered.
+    pub(crate) dedup_max_keys: usize,
+    /// How long a QoS 1 queue group outlives its last member.
+    pub(crate) group_linger_ms: u64,
+    /// Bytes queued per connection across its subscriptions.
+    pub(crate) connection_max_bytes: usize,
+    /// Default time to live by topic filter: `[[delivery.ttl]] filter = "quotes/#"`,
+    /// `ttl_ms = 5000`; the first match applies.
+    pub(crate) ttl: Vec<TopicTtl>,
+}
+
+/// `[[delivery.ttl]]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TopicTtl {
+    pub(crate) filter: String,
+    pub(crate) ttl_ms: u64,
+}
+
+impl Default for Delivery {
+    fn default() -> Self {
+        let broker = BrokerOptions::default();
+        let redelivery = broker.redelivery;
+        Self {
+            ack_timeout_ms: millis(redelivery.ack_timeout),
+            backoff_factor: redelivery.backoff_factor,
+            max_delay_ms: millis(redelivery.max_delay),
+            jitter: redelivery.jitter,
+            max_attempts: redelivery.max_attempts,
+            prefetch: broker.prefetch,
+            dedup_window_ms: millis(broker.dedup_window),
+            dedup_max_keys: broker.dedup_max_keys,
+            group_linger_ms: millis(broker.group_linger),
+            connection_max_bytes: ServerConfig::default().connection_max_bytes,
+            ttl: Vec::new(),
+        }
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Slow-consumer policy names in configuration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -123,6 +186,7 @@ impl Default for Config {
             log: Log::default(),
             limits: Limits::default(),
             queues: Queues::default(),
+            delivery: Delivery::default(),
             tls: Tls::default(),
         }
     }
@@ -171,7 +235,10 @@ impl Config {
     }
 
     /// The broker's options.
-    pub(crate) fn broker_options(&self) -> BrokerOptions {
+    ///
+    /// # Errors
+    /// A `[[delivery.ttl]]` filter that is not a valid filter, or a jitter outside 0 to 1.
+    pub(crate) fn broker_options(&self) -> anyhow::Result<BrokerOptions> {
         let mut options = BrokerOptions::default();
         options.limits.max_message_bytes = self.limits.max_message_bytes;
         options.limits.max_frame_bytes = self.limits.max_frame_bytes;
@@ -184,7 +251,22 @@ impl Config {
             Policy::DropNewest => SlowConsumer::DropNewest,
             Policy::Disconnect => SlowConsumer::Disconnect,
         };
-        options
+        let d = &self.delivery;
+        anyhow::ensure!((0.0..=1.0).contains(&d.jitter), "delivery.jitter must be within 0 and 1");
+        options.redelivery = Redelivery::new(Duration::from_millis(d.ack_timeout_ms))
+            .backoff(d.backoff_factor, Duration::from_millis(d.max_delay_ms))
+            .jitter(d.jitter)
+            .max_attempts(d.max_attempts);
+        options.prefetch = d.prefetch;
+        options.dedup_window = Duration::from_millis(d.dedup_window_ms);
+        options.dedup_max_keys = d.dedup_max_keys;
+        options.group_linger = Duration::from_millis(d.group_linger_ms);
+        for rule in &d.ttl {
+            let filter = Filter::parse(&rule.filter)
+                .map_err(|e| anyhow::anyhow!("delivery.ttl: filter {:?}: {e}", rule.filter))?;
+            options.topic_ttl.push((filter, Duration::from_millis(rule.ttl_ms)));
+        }
+        Ok(options)
     }
 
     /// The server's settings.
@@ -195,6 +277,7 @@ impl Config {
         server.heartbeat = Duration::from_millis(self.heartbeat_ms.max(10));
         server.max_connections = self.max_connections;
         server.max_subscriptions = self.max_subscriptions;
+        server.connection_max_bytes = self.delivery.connection_max_bytes;
         server.tls = match (&self.tls.cert, &self.tls.key) {
             (Some(cert), Some(key)) => {
                 let read = |path: &std::path::PathBuf| {
@@ -240,6 +323,12 @@ mod tests {
                 max_message_bytes = 4096
                 [queues]
                 slow_consumer = "drop-newest"
+                [delivery]
+                ack_timeout_ms = 500
+                max_attempts = 3
+                [[delivery.ttl]]
+                filter = "quotes/#"
+                ttl_ms = 2000
                 "#,
             )?;
             jail.set_env("WHISPEER_LISTEN", "127.0.0.1:9001");
@@ -250,7 +339,17 @@ mod tests {
             assert_eq!(config.api_keys, ["one"]);
             assert_eq!(config.limits.max_message_bytes, 4096);
             assert_eq!(config.limits.max_topic_depth, 8);
-            assert_eq!(config.broker_options().slow_consumer, SlowConsumer::DropNewest);
+            jail.set_env("WHISPEER_DELIVERY__GROUP_LINGER_MS", "0");
+            let config = Config::load(Path::new("whispeer.toml"), false).unwrap();
+            let options = config.broker_options().unwrap();
+            assert_eq!(options.slow_consumer, SlowConsumer::DropNewest);
+            assert_eq!(options.redelivery.ack_timeout, Duration::from_millis(500));
+            assert_eq!(options.redelivery.max_attempts, 3);
+            assert_eq!(options.group_linger, Duration::ZERO);
+            assert_eq!(options.topic_ttl[0].0.as_str(), "quotes/#");
+            jail.set_env("WHISPEER_DELIVERY__JITTER", "2");
+            let config = Config::load(Path::new("whispeer.toml"), false).unwrap();
+            assert!(config.broker_options().is_err(), "jitter above 1");
             Ok(())
         });
     }

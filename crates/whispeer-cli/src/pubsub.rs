@@ -5,9 +5,11 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
+use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use whispeer_client::engines::{Compression, Encryption, Keyring};
-use whispeer_client::{Client, ClientOptions};
+
+use whispeer_client::{Client, ClientOptions, PublishOptions, Qos, SubscribeOptions};
 
 use crate::ConnectArgs;
 
@@ -21,6 +23,12 @@ pub(crate) struct PubArgs {
     /// Wait for the server to acknowledge each message (QoS 1).
     #[arg(long)]
     ack: bool,
+    /// Never deliver the message once this many milliseconds have passed.
+    #[arg(long, value_name = "MS")]
+    ttl_ms: Option<u64>,
+    /// Idempotency key: a repeat with the same key within the server's window is dropped.
+    #[arg(long, value_name = "KEY")]
+    idempotency_key: Option<String>,
     #[command(flatten)]
     connect: ConnectArgs,
 }
@@ -36,6 +44,14 @@ pub(crate) struct SubArgs {
     /// Exit after this many messages.
     #[arg(long)]
     count: Option<u64>,
+    /// At least once: acknowledge each message after printing it (unacknowledged ones come
+    /// again).
+    #[arg(long)]
+    ack: bool,
+    /// Join this queue group: its members share the messages (with `--ack`, what one leaves
+    /// unacknowledged goes to another, or back to it when it returns).
+    #[arg(long, value_name = "NAME")]
+    group: Option<String>,
     #[command(flatten)]
     connect: ConnectArgs,
 }
@@ -107,12 +123,18 @@ async fn connect(args: &ConnectArgs) -> anyhow::Result<Client> {
 pub(crate) fn run_pub(args: PubArgs) -> ExitCode {
     block_on(async move {
         let client = connect(&args.connect).await?;
+        let mut options = PublishOptions::new();
+        if args.ack {
+            options = options.qos(Qos::AtLeastOnce);
+        }
+        if let Some(ttl) = args.ttl_ms {
+            options = options.ttl(Duration::from_millis(ttl));
+        }
+        if let Some(key) = &args.idempotency_key {
+            options = options.idempotency_key(key.clone());
+        }
         let publish = async |payload: String| -> anyhow::Result<()> {
-            if args.ack {
-                client.publish_acked_bytes(&args.topic, payload.into_bytes()).await?;
-            } else {
-                client.publish_bytes(&args.topic, payload.into_bytes()).await?;
-            }
+            client.publish_bytes_with(&args.topic, payload.into_bytes(), &options).await?;
             Ok(())
         };
         match &args.message {
@@ -132,12 +154,19 @@ pub(crate) fn run_pub(args: PubArgs) -> ExitCode {
 pub(crate) fn run_sub(args: SubArgs) -> ExitCode {
     block_on(async move {
         let client = connect(&args.connect).await?;
-        let mut messages = client.messages(&args.filter).await.context("subscribing")?;
+        let mut options = SubscribeOptions::new(&args.filter);
+        if args.ack {
+            options = options.qos(Qos::AtLeastOnce);
+        }
+        if let Some(group) = &args.group {
+            options = options.group(group);
+        }
+        let mut messages = client.messages(options).await.context("subscribing")?;
         eprintln!("whispeer: subscribed to {}", args.filter);
         let mut seen = 0u64;
         while args.count.is_none_or(|count| seen < count) {
             let received = tokio::select! {
-                received = messages.recv() => received,
+                received = messages.recv_delivery() => received.map(|(delivery, _)| delivery),
                 _ = tokio::signal::ctrl_c() => break,
             };
             let Some(delivery) = received else { anyhow::bail!("connection closed") };
@@ -149,6 +178,8 @@ pub(crate) fn run_sub(args: SubArgs) -> ExitCode {
                         delivery.id(),
                         delivery.topic()
                     );
+                    // It will not open next time either (under --ack: to the dead letters).
+                    delivery.nack(false);
                     continue;
                 }
             };
@@ -163,8 +194,11 @@ pub(crate) fn run_sub(args: SubArgs) -> ExitCode {
             if written.and_then(|()| out.flush()).is_err() {
                 break;
             }
+            delivery.ack();
             seen += 1;
         }
+        // Acks still queued must reach the server before the process ends.
+        client.flush().await.context("flushing acks to the server")?;
         Ok(())
     })
 }

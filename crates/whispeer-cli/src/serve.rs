@@ -93,6 +93,7 @@ async fn bind(address: &str, open: bool, path: &Path) -> anyhow::Result<TcpListe
 
 async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
     let mut server_config = config.server_config().map_err(|e| ConfigError(format!("{e:#}")))?;
+    let broker_options = config.broker_options().map_err(|e| ConfigError(format!("{e:#}")))?;
     let open = !server_config.api_keys.required();
     let listener = bind(&config.listen, open, path).await?;
     let ws_listener = match &config.ws_listen {
@@ -115,7 +116,7 @@ async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
         println!("whispeer: websocket listening on {scheme}://{ws_local}{}", config.ws_path);
     }
     let _ = std::io::stdout().flush();
-    let broker = Broker::builder(config.broker_options()).build();
+    let broker = Broker::builder(broker_options).build();
     // One signal stops both listeners.
     let (trigger, stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {

@@ -138,6 +138,25 @@ fn api_keys_from_the_environment_are_enforced() {
 }
 
 #[test]
+fn acked_group_subscribers_catch_up_and_idempotent_publishes_arrive_once() {
+    let server = Server::start(&[("WHISPEER_DELIVERY__GROUP_LINGER_MS", "60000")]);
+    let group = ["jobs", "--ack", "--group", "w", "--server", &server.addr];
+    let first = subscriber(&[&group[..], &["--count", "1"]].concat(), &[]);
+    let send = |args: &[&str]| {
+        let out = publish(&[&["jobs"], args, &["--ack", "--server", &server.addr]].concat(), None);
+        assert!(out.status.success(), "{out:?}");
+    };
+    send(&["one"]);
+    assert_eq!(output_of(first), "one\n");
+    // Nobody is subscribed now; the group keeps what comes meanwhile.
+    send(&["two", "--idempotency-key", "k2"]);
+    send(&["two again", "--idempotency-key", "k2"]);
+    send(&["three", "--ttl-ms", "60000"]);
+    let back = subscriber(&[&group[..], &["--count", "2"]].concat(), &[]);
+    assert_eq!(output_of(back), "two\nthree\n");
+}
+
+#[test]
 fn non_loopback_without_keys_is_refused() {
     let out = Command::new(BIN).args(["serve", "--listen", "0.0.0.0:0"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));

@@ -469,6 +469,12 @@ impl Actor {
             }
             Command::Unsubscribe { sub } => self.unsubscribe(sub, out, max),
             Command::Flush { reply } => {
+                // Acks given before the flush travel before its ping.
+                while let Ok(settle) = self.settles.try_recv() {
+                    if let Err(err) = self.settle(settle, out, max) {
+                        tracing::warn!(%err, "ack not sent");
+                    }
+                }
                 let correlation = self.correlation();
                 match encode(&Frame::new(correlation, Body::Ping), out, max) {
                     Ok(()) => {

@@ -425,6 +425,21 @@ impl Client {
         self.publish_sealed(options.qos, envelope).await
     }
 
+    /// Publishes raw bytes with options; see [`Client::publish_with`].
+    ///
+    /// # Errors
+    /// As [`Client::publish_acked`].
+    pub async fn publish_bytes_with(
+        &self,
+        topic: &str,
+        payload: impl Into<Bytes>,
+        options: &PublishOptions,
+    ) -> Result<MessageId, ClientError> {
+        let headers = options.headers.clone();
+        let envelope = self.envelope_with(topic, ContentType::Raw, payload.into(), headers)?;
+        self.publish_sealed(options.qos, envelope).await
+    }
+
     /// Queues a sealed envelope; for QoS 1, waits for the acknowledgement.
     async fn publish_sealed(&self, qos: Qos, envelope: Envelope) -> Result<MessageId, ClientError> {
         let id = envelope.id;
