@@ -71,26 +71,29 @@ impl State {
         }
     }
 
-    /// Handles every complete frame in the inbound buffer.
-    fn receive(&mut self, bytes: &[u8]) {
+    /// Handles every complete frame in the inbound buffer; returns the subscriber callbacks to
+    /// call, which the caller calls once it no longer holds the state (a callback may call
+    /// back into the client, to `ack` for instance).
+    fn receive(&mut self, bytes: &[u8]) -> Vec<(Function, js_sys::Array)> {
         self.inbound.extend_from_slice(bytes);
+        let mut calls = Vec::new();
         loop {
             let frame = match Frame::decode(&mut self.inbound, &self.limits) {
                 Ok(Some(frame)) => frame,
-                Ok(None) => return,
+                Ok(None) => return calls,
                 Err(err) => {
                     web_sys::console::error_1(
                         &format!("whispeer: bad frame from the server: {err}").into(),
                     );
                     let _ = self.socket.close();
-                    return;
+                    return calls;
                 }
             };
-            self.dispatch(frame);
+            calls.extend(self.dispatch(frame));
         }
     }
 
-    fn dispatch(&mut self, frame: Frame) {
+    fn dispatch(&mut self, frame: Frame) -> Option<(Function, js_sys::Array)> {
         match frame.body {
             Body::Welcome { max_frame_bytes, .. } => {
                 self.max_frame_bytes = max_frame_bytes as usize;
@@ -109,7 +112,7 @@ impl State {
                 let _ = self.send(&Frame::new(frame.correlation, Body::Pong));
             }
             Body::Deliver { sub, attempt, envelope } => {
-                let Some(callback) = self.subscriptions.get(&sub) else { return };
+                let callback = self.subscriptions.get(&sub)?;
                 match self.engines.open(&envelope) {
                     Ok(plaintext) => {
                         let args = js_sys::Array::of4(
@@ -118,7 +121,7 @@ impl State {
                             &JsValue::from_str(&envelope.id.to_string()),
                             &JsValue::from(attempt),
                         );
-                        let _ = callback.apply(&JsValue::NULL, &args);
+                        return Some((callback.clone(), args));
                     }
                     Err(err) => web_sys::console::warn_1(
                         &format!(
@@ -139,6 +142,7 @@ impl State {
             }
             _ => {}
         }
+        None
     }
 }
 
@@ -198,7 +202,10 @@ impl Client {
         let on_message = Closure::<dyn FnMut(MessageEvent)>::new(move |event: MessageEvent| {
             if let Ok(buffer) = event.data().dyn_into::<js_sys::ArrayBuffer>() {
                 let bytes = Uint8Array::new(&buffer).to_vec();
-                receiver.borrow_mut().receive(&bytes);
+                let calls = receiver.borrow_mut().receive(&bytes);
+                for (callback, args) in calls {
+                    let _ = callback.apply(&JsValue::NULL, &args);
+                }
             }
         });
         socket.set_onmessage(Some(on_message.as_ref().unchecked_ref()));

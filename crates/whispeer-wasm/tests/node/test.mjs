@@ -49,7 +49,22 @@ if (again.status !== 0) fail("second pub failed");
 await new Promise((resolve) => setTimeout(resolve, 300));
 if (opened) fail("a client without the key opened a sealed message");
 
+// QoS 1: a message left unacknowledged comes again, marked with its attempt; acked, it stops.
+const attempts = [];
+const redelivered = new Promise((resolve) => {
+  const jobs = client.subscribeWith("jobs/#", (topic, data, id, attempt) => {
+    attempts.push(attempt);
+    if (attempt > 1) { client.ack(jobs, id); resolve(); }
+  }, 1, "wasm-workers");
+});
+await new Promise((resolve) => setTimeout(resolve, 100));
+const job = spawnSync(bin, ["pub", "jobs/1", "build", "--ack", "--server", url, "--key-file", keyFile]);
+if (job.status !== 0) fail(`qos 1 pub failed: ${job.stderr}`);
+await redelivered;
+await new Promise((resolve) => setTimeout(resolve, 1000));
+if (JSON.stringify(attempts) !== "[1,2]") fail(`qos 1 attempts ${JSON.stringify(attempts)}`);
+
 client.close();
 stranger.close();
 clearTimeout(timer);
-console.log("ok: wasm client in node exchanged sealed messages with the rust cli");
+console.log("ok: wasm client in node exchanged sealed messages with the rust cli, and acked a qos 1 redelivery");
