@@ -10,7 +10,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 use whispeer::server::{ApiKeys, ServerConfig};
-use whispeer::{BrokerOptions, Filter, Redelivery, SlowConsumer};
+use whispeer::{BrokerOptions, Filter, Redelivery, Retention, SlowConsumer};
 
 /// The default address: loopback, so an unconfigured server is reachable only from this host.
 pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:7450";
@@ -43,6 +43,9 @@ pub(crate) struct Config {
     pub(crate) queues: Queues,
     /// QoS 1 redelivery, de-duplication, queue groups, time to live.
     pub(crate) delivery: Delivery,
+    /// Retained history: `[[retention]] filter = "log/#"`, `max_messages`, `max_bytes`,
+    /// `max_age_ms`; the first matching filter applies to a topic.
+    pub(crate) retention: Vec<RetentionRule>,
     /// TLS for every listener; off unless both `cert` and `key` are set.
     pub(crate) tls: Tls,
 }
@@ -130,6 +133,18 @@ pub(crate) struct Delivery {
     pub(crate) ttl: Vec<TopicTtl>,
 }
 
+/// `[[retention]]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RetentionRule {
+    pub(crate) filter: String,
+    pub(crate) max_messages: usize,
+    #[serde(default)]
+    pub(crate) max_bytes: Option<usize>,
+    #[serde(default)]
+    pub(crate) max_age_ms: Option<u64>,
+}
+
 /// `[[delivery.ttl]]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -187,6 +202,7 @@ impl Default for Config {
             limits: Limits::default(),
             queues: Queues::default(),
             delivery: Delivery::default(),
+            retention: Vec::new(),
             tls: Tls::default(),
         }
     }
@@ -266,6 +282,18 @@ impl Config {
                 .map_err(|e| anyhow::anyhow!("delivery.ttl: filter {:?}: {e}", rule.filter))?;
             options.topic_ttl.push((filter, Duration::from_millis(rule.ttl_ms)));
         }
+        for rule in &self.retention {
+            let filter = Filter::parse(&rule.filter)
+                .map_err(|e| anyhow::anyhow!("retention: filter {:?}: {e}", rule.filter))?;
+            let mut retention = Retention::messages(rule.max_messages);
+            if let Some(bytes) = rule.max_bytes {
+                retention = retention.max_bytes(bytes);
+            }
+            if let Some(age) = rule.max_age_ms {
+                retention = retention.max_age(Duration::from_millis(age));
+            }
+            options.retention.push((filter, retention));
+        }
         Ok(options)
     }
 
@@ -329,6 +357,10 @@ mod tests {
                 [[delivery.ttl]]
                 filter = "quotes/#"
                 ttl_ms = 2000
+                [[retention]]
+                filter = "log/#"
+                max_messages = 500
+                max_age_ms = 60000
                 "#,
             )?;
             jail.set_env("WHISPEER_LISTEN", "127.0.0.1:9001");
@@ -347,6 +379,9 @@ mod tests {
             assert_eq!(options.redelivery.max_attempts, 3);
             assert_eq!(options.group_linger, Duration::ZERO);
             assert_eq!(options.topic_ttl[0].0.as_str(), "quotes/#");
+            let retention = options.retention[0].1;
+            assert_eq!((retention.max_messages, retention.max_bytes), (500, usize::MAX));
+            assert_eq!(retention.max_age, Some(Duration::from_secs(60)));
             jail.set_env("WHISPEER_DELIVERY__JITTER", "2");
             let config = Config::load(Path::new("whispeer.toml"), false).unwrap();
             assert!(config.broker_options().is_err(), "jitter above 1");

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use whispeer_client::engines::{Compression, Encryption, Keyring};
 
-use whispeer_client::{Client, ClientOptions, PublishOptions, Qos, SubscribeOptions};
+use whispeer_client::{Client, ClientOptions, PublishOptions, Qos, StartAt, SubscribeOptions};
 
 use crate::ConnectArgs;
 
@@ -52,8 +52,32 @@ pub(crate) struct SubArgs {
     /// unacknowledged goes to another, or back to it when it returns).
     #[arg(long, value_name = "NAME")]
     group: Option<String>,
+    /// Start in the server's retained history: `earliest`, an offset (`42`, exact topics
+    /// only), or a time (`2026-11-23T09:00:00Z`, or milliseconds since the epoch as `time:<ms>`).
+    #[arg(long, value_name = "WHERE", value_parser = parse_start)]
+    from: Option<StartAt>,
     #[command(flatten)]
     connect: ConnectArgs,
+}
+
+/// `earliest`, `latest`, an offset, `time:<ms>`, or an RFC 3339 time.
+fn parse_start(text: &str) -> Result<StartAt, String> {
+    match text {
+        "earliest" => return Ok(StartAt::Earliest),
+        "latest" => return Ok(StartAt::Latest),
+        _ => {}
+    }
+    if let Ok(offset) = text.parse::<u64>() {
+        return Ok(StartAt::Offset(offset));
+    }
+    if let Some(ms) = text.strip_prefix("time:") {
+        return ms.parse().map(StartAt::Time).map_err(|e| format!("time:{ms}: {e}"));
+    }
+    let time = humantime::parse_rfc3339_weak(text).map_err(|_| {
+        format!("{text:?}: expected earliest, latest, an offset, time:<ms> or an RFC 3339 time")
+    })?;
+    let ms = time.duration_since(std::time::UNIX_EPOCH).map_err(|e| e.to_string())?.as_millis();
+    Ok(StartAt::Time(u64::try_from(ms).unwrap_or(u64::MAX)))
 }
 
 fn block_on(future: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
@@ -161,6 +185,9 @@ pub(crate) fn run_sub(args: SubArgs) -> ExitCode {
         if let Some(group) = &args.group {
             options = options.group(group);
         }
+        if let Some(start) = args.from {
+            options = options.start(start);
+        }
         let mut messages = client.messages(options).await.context("subscribing")?;
         eprintln!("whispeer: subscribed to {}", args.filter);
         let mut seen = 0u64;
@@ -201,4 +228,18 @@ pub(crate) fn run_sub(args: SubArgs) -> ExitCode {
         client.flush().await.context("flushing acks to the server")?;
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_positions_parse_from_words_numbers_and_times() {
+        assert_eq!(parse_start("earliest"), Ok(StartAt::Earliest));
+        assert_eq!(parse_start("42"), Ok(StartAt::Offset(42)));
+        assert_eq!(parse_start("time:1700000000000"), Ok(StartAt::Time(1_700_000_000_000)));
+        assert_eq!(parse_start("2023-11-14T22:13:20Z"), Ok(StartAt::Time(1_700_000_000_000)));
+        assert!(parse_start("yesterday").is_err());
+    }
 }

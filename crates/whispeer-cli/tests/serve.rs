@@ -157,6 +157,31 @@ fn acked_group_subscribers_catch_up_and_idempotent_publishes_arrive_once() {
 }
 
 #[test]
+fn sub_from_earliest_or_an_offset_replays_retained_history() {
+    let rules = r#"[{filter="log/#",max_messages=3}]"#;
+    let server = Server::start(&[("WHISPEER_RETENTION", rules)]);
+    for line in ["one", "two", "three", "four"] {
+        let out = publish(&["log/app", line, "--ack", "--server", &server.addr], None);
+        assert!(out.status.success(), "{out:?}");
+    }
+    let all = subscriber(
+        &["log/app", "--from", "earliest", "--count", "3", "--server", &server.addr],
+        &[],
+    );
+    assert_eq!(output_of(all), "two\nthree\nfour\n");
+    let tail =
+        subscriber(&["log/app", "--from", "4", "--count", "1", "--server", &server.addr], &[]);
+    assert_eq!(output_of(tail), "four\n");
+    let evicted = Command::new(BIN)
+        .args(["sub", "log/app", "--from", "1", "--server", &server.addr])
+        .output()
+        .unwrap();
+    assert_eq!(evicted.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&evicted.stderr);
+    assert!(stderr.contains("history begins at offset 2"), "{stderr}");
+}
+
+#[test]
 fn non_loopback_without_keys_is_refused() {
     let out = Command::new(BIN).args(["serve", "--listen", "0.0.0.0:0"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));

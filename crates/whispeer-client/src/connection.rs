@@ -15,7 +15,7 @@
 //! subscription). Each subscription remembers the ids it acked lately; a redelivery of one of
 //! them (its ack was lost with a connection) is acked again and not handed over.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -25,9 +25,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 use whispeer_proto::{
-    Body, Envelope, ErrorCode, Filter, Frame, Limits, MessageId, PROTOCOL_VERSION, Qos,
-    reserve_for_read,
+    Body, Envelope, ErrorCode, Frame, Limits, PROTOCOL_VERSION, Qos, StartAt, reserve_for_read,
 };
+
+pub(crate) use subs::{Incoming, Settle, SubSpec};
+use subs::{RecentIds, Sub};
 
 use crate::transport::{self, Reader, Writer};
 use crate::{ClientError, ClientOptions};
@@ -57,71 +59,6 @@ pub(crate) enum Command {
         reply: oneshot::Sender<Result<(), ClientError>>,
     },
     Close,
-}
-
-/// What a subscription asks the server for; sent again on every reconnect.
-#[derive(Clone, Debug)]
-pub(crate) struct SubSpec {
-    pub(crate) filter: Filter,
-    pub(crate) qos: Qos,
-    pub(crate) prefetch: u32,
-    pub(crate) group: Option<String>,
-}
-
-impl SubSpec {
-    fn frame(&self, sub: u32) -> Body {
-        Body::Subscribe {
-            sub,
-            qos: self.qos,
-            filter: self.filter.clone(),
-            prefetch: self.prefetch,
-            group: self.group.clone(),
-        }
-    }
-}
-
-/// A delivery on its way to its subscription.
-#[derive(Debug)]
-pub(crate) struct Incoming {
-    pub(crate) envelope: Envelope,
-    pub(crate) attempt: u32,
-}
-
-/// A QoS 1 delivery's settlement: `requeue: None` acks, `Some(r)` nacks.
-#[derive(Debug)]
-pub(crate) struct Settle {
-    pub(crate) sub: u32,
-    pub(crate) id: MessageId,
-    pub(crate) requeue: Option<bool>,
-}
-
-/// Ids a subscription acked lately, oldest forgotten first.
-#[derive(Debug, Default)]
-struct RecentIds {
-    order: VecDeque<MessageId>,
-    set: HashSet<MessageId>,
-}
-
-impl RecentIds {
-    fn remember(&mut self, id: MessageId, capacity: usize) {
-        if capacity == 0 || !self.set.insert(id) {
-            return;
-        }
-        self.order.push_back(id);
-        while self.order.len() > capacity {
-            if let Some(old) = self.order.pop_front() {
-                self.set.remove(&old);
-            }
-        }
-    }
-}
-
-/// A live subscription as the connection task knows it.
-struct Sub {
-    spec: SubSpec,
-    deliver: mpsc::Sender<Incoming>,
-    acked: RecentIds,
-    duplicates: Arc<AtomicU64>,
 }
 
 /// A request waiting for its reply.
@@ -348,8 +285,16 @@ impl Actor {
         } = established;
         let mut out = BytesMut::with_capacity(64 * 1024);
         let limits = self.options.limits.clone();
-        let subs: Vec<(u32, Body)> =
-            self.subscriptions.iter().map(|(s, sub)| (*s, sub.spec.frame(*s))).collect();
+        let subs: Vec<(u32, Body)> = self
+            .subscriptions
+            .iter_mut()
+            .map(|(s, sub)| {
+                if sub.spec.start != StartAt::Latest || sub.last_offset.is_some() {
+                    sub.spec.resume(sub.last_offset);
+                }
+                (*s, sub.spec.frame(*s))
+            })
+            .collect();
         for (sub, body) in subs {
             let correlation = self.correlation();
             self.pending.insert(correlation, Pending::Resubscribed { sub });
@@ -459,7 +404,9 @@ impl Actor {
                 match encode(&frame, out, max) {
                     Ok(()) => {
                         let acked = RecentIds::default();
-                        self.subscriptions.insert(sub, Sub { spec, deliver, acked, duplicates });
+                        let last_offset = None;
+                        let entry = Sub { spec, deliver, acked, duplicates, last_offset };
+                        self.subscriptions.insert(sub, entry);
                         self.pending.insert(correlation, Pending::Subscribed { sub, reply });
                     }
                     Err(err) => {
@@ -526,14 +473,17 @@ impl Actor {
     ) -> Result<(), ClientError> {
         let correlation = frame.correlation;
         match frame.body {
-            Body::Deliver { sub, attempt, envelope } => {
-                let Some(subscription) = self.subscriptions.get(&sub) else { return Ok(()) };
+            Body::Deliver { sub, attempt, offset, envelope } => {
+                let Some(subscription) = self.subscriptions.get_mut(&sub) else { return Ok(()) };
+                if offset > 0 {
+                    subscription.last_offset = Some(offset);
+                }
                 if subscription.acked.set.contains(&envelope.id) {
                     // Acked already; the ack was lost with a connection. Ack again, drop it.
                     subscription.duplicates.fetch_add(1, Ordering::Relaxed);
                     return encode(&Frame::new(0, Body::Ack { sub, id: envelope.id }), out, max);
                 }
-                match subscription.deliver.try_send(Incoming { envelope, attempt }) {
+                match subscription.deliver.try_send(Incoming { envelope, attempt, offset }) {
                     Ok(()) => {}
                     Err(mpsc::error::TrySendError::Full(incoming)) => {
                         // Under QoS 1 it stays unacknowledged and comes again after its timeout.
@@ -587,5 +537,6 @@ fn fail(pending: Pending, err: ClientError) {
     }
 }
 
+mod subs;
 #[cfg(test)]
 mod tests;

@@ -47,7 +47,7 @@ pub use subscription::{ClientSubscription, Delivery, SubscriptionStats};
 pub use whispeer_engines as engines;
 pub use whispeer_engines::ReceiveError;
 pub use whispeer_proto as proto;
-pub use whispeer_proto::Qos;
+pub use whispeer_proto::{Qos, StartAt};
 
 use connection::{Command, SubSpec};
 use subscription::Parts;
@@ -454,8 +454,8 @@ impl Client {
     }
 
     async fn open_subscription(&self, options: SubscribeOptions) -> Result<Parts, ClientError> {
-        let SubscribeOptions { filter, qos, prefetch, group } = options;
-        let spec = SubSpec { filter: Filter::parse(&filter)?, qos, prefetch, group };
+        let SubscribeOptions { filter, qos, prefetch, group, start } = options;
+        let spec = SubSpec { filter: Filter::parse(&filter)?, qos, prefetch, group, start };
         let (deliver, deliveries) = mpsc::channel(self.shared.subscription_capacity);
         let (reply, replied) = oneshot::channel();
         let duplicates = Arc::new(AtomicU64::new(0));

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use whispeer_proto::{Headers, Qos};
+use whispeer_proto::{Headers, Qos, StartAt};
 
 #[cfg(doc)]
 use crate::{ClientError, ClientSubscription};
@@ -21,12 +21,28 @@ pub struct SubscribeOptions {
     pub(crate) qos: Qos,
     pub(crate) prefetch: u32,
     pub(crate) group: Option<String>,
+    pub(crate) start: StartAt,
 }
 
 impl SubscribeOptions {
     /// QoS 0, the server's prefetch, no group.
     pub fn new(filter: impl Into<String>) -> Self {
-        Self { filter: filter.into(), qos: Qos::AtMostOnce, prefetch: 0, group: None }
+        Self {
+            filter: filter.into(),
+            qos: Qos::AtMostOnce,
+            prefetch: 0,
+            group: None,
+            start: StartAt::Latest,
+        }
+    }
+
+    /// Starts in the server's retained history: the earliest retained message, an offset of an
+    /// exact topic, or a time. An evicted offset is refused with `OFFSET_EVICTED`, whose message
+    /// says where history begins. After a reconnect, an exact topic resumes after the last
+    /// offset received.
+    pub fn start(mut self, start: StartAt) -> Self {
+        self.start = start;
+        self
     }
 
     /// The delivery guarantee; under QoS 1 every message is acknowledged (see

@@ -31,6 +31,7 @@ pub struct Delivery {
     envelope: Envelope,
     engines: Arc<Engines>,
     attempt: u32,
+    offset: u64,
     ack_to: Option<AckTo>,
 }
 
@@ -50,6 +51,11 @@ impl Delivery {
     /// acknowledged in time (or whose subscriber went away).
     pub fn attempt(&self) -> u32 {
         self.attempt
+    }
+
+    /// The message's offset in its topic's retained history, if the topic keeps one.
+    pub fn offset(&self) -> Option<u64> {
+        (self.offset > 0).then_some(self.offset)
     }
 
     /// Whether the message was delivered before.
@@ -221,6 +227,7 @@ impl<T> ClientSubscription<T> {
                 envelope: incoming.envelope,
                 engines: Arc::clone(&self.engines),
                 attempt: incoming.attempt,
+                offset: incoming.offset,
                 ack_to,
             };
             match (self.decode)(&delivery) {

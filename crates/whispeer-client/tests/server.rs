@@ -405,6 +405,7 @@ async fn a_client_that_never_reads_is_cut_off_and_its_drops_counted() {
             filter: whispeer_client::proto::Filter::parse("flood").unwrap(),
             prefetch: 0,
             group: None,
+            start: whispeer_client::StartAt::Latest,
         },
     ))
     .await;

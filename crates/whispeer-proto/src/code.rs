@@ -54,6 +54,8 @@ codes! {
     PROTOCOL_VIOLATION = 14, "protocol violation: frame out of order";
     /// A limit (connections, subscriptions, rate) was reached.
     LIMIT_REACHED = 15, "limit reached";
+    /// The requested history offset was evicted; the message says where history begins now.
+    OFFSET_EVICTED = 16, "history offset evicted: start where the message says history begins";
 }
 
 impl fmt::Display for ErrorCode {

@@ -51,6 +51,44 @@ impl Qos {
     }
 }
 
+/// Where a subscription starts in its topics' retained history.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum StartAt {
+    /// Only messages published from now on (no replay). The default.
+    #[default]
+    Latest,
+    /// The oldest message each matching topic still retains.
+    Earliest,
+    /// This offset of the (single, exact) topic; an evicted offset is refused with the offset
+    /// history now begins at.
+    Offset(u64),
+    /// The first retained messages the broker accepted at or after this time (milliseconds
+    /// since the Unix epoch).
+    Time(u64),
+}
+
+impl StartAt {
+    fn to_wire(self) -> (u8, u64) {
+        match self {
+            Self::Latest => (0, 0),
+            Self::Earliest => (1, 0),
+            Self::Offset(offset) => (2, offset),
+            Self::Time(ms) => (3, ms),
+        }
+    }
+
+    pub(super) fn from_wire(kind: u8, value: u64) -> Result<Self, DecodeError> {
+        match kind {
+            0 => Ok(Self::Latest),
+            1 => Ok(Self::Earliest),
+            2 => Ok(Self::Offset(value)),
+            3 => Ok(Self::Time(value)),
+            other => Err(DecodeError::InvalidStart(other)),
+        }
+    }
+}
+
 /// One frame: a correlation id chosen by the sender of a request (echoed by its reply; 0 when
 /// there is none) and a body.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -110,6 +148,8 @@ pub enum Body {
         /// A queue group to join: members of one group share the filter's messages, each
         /// message going to one member. `None`: a subscription of its own.
         group: Option<String>,
+        /// Where to start in the retained history.
+        start: StartAt,
     },
     /// `0x11` Client → server: end subscription `sub`.
     Unsubscribe {
@@ -132,6 +172,8 @@ pub enum Body {
         sub: u32,
         /// 1 for a first delivery; more for a redelivery of an unacknowledged QoS 1 message.
         attempt: u32,
+        /// The message's offset in its topic's retained history; 0 when the topic keeps none.
+        offset: u64,
         /// The message, as published.
         envelope: Envelope,
     },
@@ -223,6 +265,9 @@ pub enum DecodeError {
     /// The QoS byte is not 0 or 1.
     #[error("invalid QoS {0}")]
     InvalidQos(u8),
+    /// The start kind is not one this version knows.
+    #[error("invalid start position kind {0}")]
+    InvalidStart(u8),
     /// An envelope has more headers than allowed.
     #[error("{count} headers exceed the limit of {max}")]
     TooManyHeaders {
@@ -298,6 +343,7 @@ impl Frame {
         dst: &mut BytesMut,
         sub: u32,
         attempt: u32,
+        offset: u64,
         envelope: &Envelope,
         max_frame_bytes: usize,
     ) -> Result<(), EncodeError> {
@@ -307,6 +353,7 @@ impl Frame {
         dst.put_u32(0);
         dst.put_u32(sub);
         dst.put_u32(attempt);
+        dst.put_u64(offset);
         let written = put_envelope(dst, envelope);
         finish_frame(dst, start, written, max_frame_bytes)
     }
@@ -335,21 +382,25 @@ impl Frame {
             }
             Body::Auth { key } => put_bytes32(dst, key),
             Body::Ok | Body::PubAck | Body::Ping | Body::Pong => {}
-            Body::Subscribe { sub, qos, filter, prefetch, group } => {
+            Body::Subscribe { sub, qos, filter, prefetch, group, start } => {
                 dst.put_u32(*sub);
                 dst.put_u8(qos.to_byte());
                 put_str(dst, filter.as_str())?;
                 dst.put_u32(*prefetch);
                 put_str(dst, group.as_deref().unwrap_or(""))?;
+                let (kind, value) = start.to_wire();
+                dst.put_u8(kind);
+                dst.put_u64(value);
             }
             Body::Unsubscribe { sub } => dst.put_u32(*sub),
             Body::Publish { qos, envelope } => {
                 dst.put_u8(qos.to_byte());
                 put_envelope(dst, envelope)?;
             }
-            Body::Deliver { sub, attempt, envelope } => {
+            Body::Deliver { sub, attempt, offset, envelope } => {
                 dst.put_u32(*sub);
                 dst.put_u32(*attempt);
+                dst.put_u64(*offset);
                 put_envelope(dst, envelope)?;
             }
             Body::Ack { sub, id } => {

@@ -26,7 +26,7 @@ pub use envelope::{
     CipherAlgorithm, CompressionAlgorithm, ContentType, Envelope, Flags, Headers, MessageId, header,
 };
 pub use frame::{
-    Body, DecodeError, EncodeError, Frame, MAX_HEADERS, PROTOCOL_VERSION, Qos, READ_CHUNK,
+    Body, DecodeError, EncodeError, Frame, MAX_HEADERS, PROTOCOL_VERSION, Qos, READ_CHUNK, StartAt,
     reserve_for_read,
 };
 pub use limits::Limits;

@@ -25,7 +25,7 @@ use web_sys::{BinaryType, MessageEvent, WebSocket};
 use whispeer_engines::{Encryption, Engines, Keyring, Sealing};
 use whispeer_proto::{
     Body, ContentType, Envelope, Filter, Flags, Frame, Headers, Limits, MessageId,
-    PROTOCOL_VERSION, Qos, Topic,
+    PROTOCOL_VERSION, Qos, StartAt, Topic,
 };
 
 /// Connection state shared with the socket's callbacks.
@@ -111,7 +111,7 @@ impl State {
             Body::Ping => {
                 let _ = self.send(&Frame::new(frame.correlation, Body::Pong));
             }
-            Body::Deliver { sub, attempt, envelope } => {
+            Body::Deliver { sub, attempt, envelope, .. } => {
                 let callback = self.subscriptions.get(&sub)?;
                 match self.engines.open(&envelope) {
                     Ok(plaintext) => {
@@ -299,7 +299,7 @@ impl Client {
         let correlation = state.correlation();
         state.send(&Frame::new(
             correlation,
-            Body::Subscribe { sub, qos, filter, prefetch: 0, group },
+            Body::Subscribe { sub, qos, filter, prefetch: 0, group, start: StartAt::Latest },
         ))?;
         Ok(sub)
     }

@@ -27,7 +27,8 @@ use crate::message::{DEAD_LETTER_PREFIX, Message};
 use crate::plugin::Plugin;
 use crate::publish::{NO_OPTIONS, PublishOptions, PublishReceipt};
 use crate::queue::{Counters, Pushed, Queue};
-use crate::router::{Router, SubId, no_limits};
+use crate::retention::{self, History};
+use crate::router::{Matches, Router, SubId, no_limits};
 use crate::runtime::Spawner;
 use crate::stats::{BrokerCounters, BrokerStats, bump};
 use crate::subscription::{self, SubscribeOptions, Subscriber, Subscription};
@@ -62,6 +63,7 @@ pub(crate) struct Shared {
     next_id: AtomicU64,
     pub(crate) next_sub: AtomicU64,
     pub(crate) groups: Groups,
+    pub(crate) history: History,
     dedup: Dedup,
     pub(crate) spawner: Spawner,
     pub(crate) counters: Arc<BrokerCounters>,
@@ -86,10 +88,12 @@ impl Shared {
             );
         }
         let dedup = Dedup::new(options.dedup_window, options.dedup_max_keys);
+        let history = History::new(options.retention.clone());
         Self {
             options,
             engines,
             groups: Groups::default(),
+            history,
             dedup,
             router: Router::default(),
             plugins,
@@ -148,7 +152,8 @@ impl Shared {
             }
             None => (flags, payload),
         };
-        if self.plugins.is_empty() && headers.is_empty() && self.options.topic_ttl.is_empty() {
+        let fast = self.plugins.is_empty() && headers.is_empty();
+        if fast && self.options.topic_ttl.is_empty() && !self.history.is_active() {
             // The envelope shares the router's copy of the topic, and is only built if someone
             // subscribed.
             bump(&self.counters.published);
@@ -198,7 +203,19 @@ impl Shared {
         });
         let expires_at = ttl.map(|ttl| now + ttl);
         bump(&self.counters.published);
-        let routed = self.route(envelope.id, topic.as_str(), expires_at, |_| envelope);
+        let routed = match self.history.log(&topic) {
+            None => self.route(envelope.id, topic.as_str(), expires_at, |_| envelope),
+            Some(log) => {
+                // Routed under the topic's lock: see `retention` for why replay needs it.
+                let mut log = retention::lock(&log);
+                let (offset, seq) = (log.reserve(), self.history.next_seq());
+                let engines = self.engines.clone();
+                let message = Message::retained(envelope, true, engines, expires_at, offset);
+                let routed = self.fan_out(message.id(), topic.as_str(), |_| message.clone());
+                log.append(offset, seq, now_ms(), message);
+                routed
+            }
+        };
         if let (Err(_), Some(key)) = (&routed, &key) {
             self.dedup.forget(topic.as_str(), key);
         }
@@ -213,13 +230,25 @@ impl Shared {
         expires_at: Option<Instant>,
         envelope: impl FnOnce(&Topic) -> Envelope,
     ) -> Result<PublishReceipt, PublishError> {
+        self.fan_out(id, topic, |matches| {
+            let engines = self.engines.clone();
+            Message::new(envelope(matches.topic), matches.len(), engines, expires_at)
+        })
+    }
+
+    /// Offers the message `make` builds (only if the topic has subscribers) to every matching
+    /// queue.
+    fn fan_out(
+        &self,
+        id: MessageId,
+        topic: &str,
+        make: impl FnOnce(&Matches<'_>) -> Message,
+    ) -> Result<PublishReceipt, PublishError> {
         let mut tally = Tally::default();
         let mut disconnected: Vec<(SubId, Arc<Queue>)> = Vec::new();
         self.router.with_matches(topic, |matches| {
             let Some(matches) = matches else { return };
-            let engines = self.engines.clone();
-            let envelope = envelope(matches.topic);
-            let mut message = Some(Message::new(envelope, matches.len(), engines, expires_at));
+            let mut message = Some(make(&matches));
             let mut routes = matches.iter().peekable();
             while let Some(route) = routes.next() {
                 // The last subscriber takes the publisher's reference instead of a clone.

@@ -11,6 +11,7 @@ use crate::broker::{Broker, Shared};
 use crate::delivery::Redelivery;
 use crate::plugin::Plugin;
 use crate::queue::SlowConsumer;
+use crate::retention::{Retention, sweep_forever};
 use crate::runtime::Spawner;
 
 /// Settings of a broker. Every field has a safe default.
@@ -44,6 +45,9 @@ pub struct BrokerOptions {
     /// Default time to live by topic: the first filter that matches applies to messages
     /// without a `ttl-ms` header. Default: none.
     pub topic_ttl: Vec<(Filter, Duration)>,
+    /// Which topics keep a history to replay, and how much: the first filter that matches a
+    /// topic applies. Default: none (no topic keeps history; publishing takes no lock).
+    pub retention: Vec<(Filter, Retention)>,
 }
 
 impl Default for BrokerOptions {
@@ -60,6 +64,7 @@ impl Default for BrokerOptions {
             dedup_max_keys: 100_000,
             group_linger: Duration::from_secs(60),
             topic_ttl: Vec::new(),
+            retention: Vec::new(),
         }
     }
 }
@@ -169,6 +174,12 @@ impl BrokerBuilder {
         let shared =
             Shared::new(self.options, self.plugins.into(), engines, Spawner::new(self.runtime));
         let broker = Broker { inner: Arc::new(shared) };
+        if broker.inner.history.has_age_bounds() {
+            let sweep = sweep_forever(Arc::downgrade(&broker.inner));
+            if let Err(err) = broker.inner.spawner.spawn(sweep) {
+                tracing::warn!(%err, "no runtime for the history sweep: aged messages are evicted on publish only");
+            }
+        }
         #[cfg(feature = "server")]
         if !self.transports.is_empty() {
             let running = crate::server::embedded::start(self.transports, &broker)?;

@@ -9,18 +9,19 @@
 //! Acker ──▶ Tracker::ack / nack, dead letters published by the broker
 //! ```
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use std::any::TypeId;
 use std::sync::atomic::Ordering as AtomicOrdering;
 
 use tokio::time::{Instant, Sleep};
-use whispeer_proto::{Filter, MessageId, Qos, Topic};
+use whispeer_proto::{Filter, MessageId, Qos, StartAt, Topic};
 
 use crate::broker::{MAX_QUEUE_CAPACITY, Shared};
 use crate::delivery::{GiveUp, Settled, Step, Tracker};
@@ -50,6 +51,8 @@ pub(crate) struct Registration {
     owns: Owns,
     /// Set when this registration ends, for its consumer (the queue may live on in a group).
     left: Arc<AtomicBool>,
+    /// QoS 0: retained messages its consumer delivers before the queue's.
+    replay: Mutex<Vec<Message>>,
 }
 
 impl Registration {
@@ -61,8 +64,18 @@ impl Registration {
         prefetch: usize,
     ) -> Self {
         let member = tracker.as_ref().map_or(0, |t| t.join(prefetch));
-        let left = Arc::default();
-        Self { shared, queue, tracker, member, owns: Owns::Route(id), left }
+        let (left, replay) = (Arc::default(), Mutex::default());
+        Self { shared, queue, tracker, member, owns: Owns::Route(id), left, replay }
+    }
+
+    /// This registration delivering `history` before its queue: QoS 1 through its tracker (as
+    /// messages not yet delivered), QoS 0 through its consumer.
+    fn replaying(self, history: Vec<Message>) -> Self {
+        match &self.tracker {
+            Some(tracker) => tracker.preload(history),
+            None => *self.replay.lock().unwrap_or_else(PoisonError::into_inner) = history,
+        }
+        self
     }
 
     pub(crate) fn member(
@@ -74,15 +87,19 @@ impl Registration {
         let tracker = group.tracker.clone();
         let member = tracker.as_ref().map_or(0, |t| t.join(prefetch));
         let queue = Arc::clone(&group.queue);
-        Self { shared, queue, tracker, member, owns: Owns::Member(key), left: Arc::default() }
+        let (left, replay) = (Arc::default(), Mutex::default());
+        Self { shared, queue, tracker, member, owns: Owns::Member(key), left, replay }
     }
 
     /// The consumer of this registration's messages.
     pub(crate) fn consumer(&self) -> Consumer {
+        let replay =
+            std::mem::take(&mut *self.replay.lock().unwrap_or_else(PoisonError::into_inner));
         Consumer {
             shared: Arc::clone(&self.shared),
             queue: Arc::clone(&self.queue),
             left: Arc::clone(&self.left),
+            replay: replay.into(),
             qos1: self.tracker.as_ref().map(|tracker| Qos1 {
                 tracker: Arc::clone(tracker),
                 member: self.member,
@@ -178,12 +195,35 @@ impl Shared {
         let max_bytes = options.queue_max_bytes().unwrap_or(this.options.queue_max_bytes);
         let redelivery = options.redelivery.unwrap_or(this.options.redelivery);
         let tracker = || is_qos1(options.qos).then(|| Arc::new(Tracker::new(redelivery)));
+        if matches!(options.start, StartAt::Offset(_)) && !filter.is_exact() {
+            let reason = "an offset belongs to one topic: subscribe to an exact topic";
+            return Err(SubscribeError::InvalidStart { reason });
+        }
         let Some(name) = &options.group else {
             let queue = Queue::new(filter, capacity, max_bytes, policy);
             let queue = Arc::new(queue.with_budget(options.budget.clone()));
             let id = this.route_queue(&queue);
-            return Ok(Registration::solo(Arc::clone(this), id, queue, tracker(), prefetch));
+            // The route is in place before the history is read: see `retention`.
+            let replay = match options.start {
+                StartAt::Latest => Vec::new(),
+                start => match this.history.snapshot(&queue.filter, start) {
+                    Ok(snapshot) => {
+                        queue.set_replay_from(snapshot.live_from);
+                        snapshot.messages
+                    }
+                    Err(err) => {
+                        this.unsubscribe(id, &queue);
+                        return Err(err);
+                    }
+                },
+            };
+            let registration = Registration::solo(Arc::clone(this), id, queue, tracker(), prefetch);
+            return Ok(registration.replaying(replay));
         };
+        if options.start != StartAt::Latest {
+            let reason = "a queue group cannot replay history";
+            return Err(SubscribeError::InvalidStart { reason });
+        }
         let key: GroupKey = (filter.as_str().into(), name.as_str().into());
         let group = this.groups.join(key.clone(), options.qos, || {
             let queue = Arc::new(Queue::new(filter, capacity, max_bytes, policy).shared_by_many());
@@ -246,6 +286,8 @@ pub(crate) struct Consumer {
     shared: Arc<Shared>,
     pub(crate) queue: Arc<Queue>,
     left: Arc<AtomicBool>,
+    /// QoS 0: retained messages to deliver before the queue's.
+    replay: VecDeque<Message>,
     qos1: Option<Qos1>,
 }
 
@@ -277,6 +319,13 @@ impl Consumer {
         loop {
             if self.has_left() {
                 return Poll::Ready(None);
+            }
+            if let Some(message) = self.replay.pop_front() {
+                if message.has_expired() {
+                    self.count_expired(1);
+                    continue;
+                }
+                return Poll::Ready(Some(Taken { message, attempt: 1 }));
             }
             let Some(qos1) = &mut self.qos1 else {
                 return match self.queue.poll_pop(cx) {
@@ -315,7 +364,10 @@ impl Consumer {
                 return None;
             }
             let Some(qos1) = &self.qos1 else {
-                let message = self.queue.try_pop()?;
+                let message = match self.replay.pop_front() {
+                    Some(message) => message,
+                    None => self.queue.try_pop()?,
+                };
                 if message.has_expired() {
                     self.count_expired(1);
                     continue;

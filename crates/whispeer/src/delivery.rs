@@ -440,6 +440,13 @@ impl Tracker {
         Settled::Dead(GivenUp { message: entry.message, attempts: entry.attempt, reason })
     }
 
+    /// Queues retained messages for delivery before anything from the queue, as not yet
+    /// delivered (their first delivery is attempt 1).
+    pub(crate) fn preload(&self, history: Vec<Message>) {
+        let mut state = self.lock();
+        state.ready.extend(history.into_iter().map(|message| Ready { message, attempt: 0 }));
+    }
+
     /// Unacknowledged messages: in flight and waiting for redelivery.
     pub(crate) fn unacked(&self) -> usize {
         let state = self.lock();

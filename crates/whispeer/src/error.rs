@@ -113,6 +113,20 @@ pub enum SubscribeError {
         /// The QoS asked for.
         requested: Qos,
     },
+    /// The requested offset is no longer retained; history begins at `first`.
+    #[error("offset {requested} was evicted; history begins at offset {first}")]
+    OffsetEvicted {
+        /// The offset asked for.
+        requested: u64,
+        /// The oldest offset retained (the next offset when nothing is).
+        first: u64,
+    },
+    /// The start position does not fit the subscription.
+    #[error("cannot start there: {reason}")]
+    InvalidStart {
+        /// Why.
+        reason: &'static str,
+    },
     /// No tokio runtime was available and the broker could not start its own.
     #[error("cannot start the delivery runtime: {0}")]
     Runtime(#[source] std::io::Error),

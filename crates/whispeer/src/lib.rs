@@ -45,6 +45,7 @@ mod message;
 mod plugin;
 mod publish;
 mod queue;
+mod retention;
 mod router;
 mod runtime;
 #[cfg(feature = "server")]
@@ -62,6 +63,7 @@ pub use message::{DeadLetter, Message};
 pub use plugin::{LoggingPlugin, Plugin, Rejection};
 pub use publish::{PublishOptions, PublishReceipt};
 pub use queue::{ByteBudget, SlowConsumer};
+pub use retention::Retention;
 pub use stats::{BrokerStats, SubscriptionStats};
 pub use subscription::{SubscribeOptions, Subscriber, Subscription};
 pub use typed::TypedTopic;
@@ -69,7 +71,7 @@ pub use whispeer_engines::{
     CipherAlgorithm, Codec, CodecError, Compression, CompressionAlgorithm, Encryption, Key,
     KeyError, KeyId, Keyring, OpenError, ReceiveError, SealError, TopicRule,
 };
-pub use whispeer_proto::{Filter, MessageId, Qos, Topic, TopicError};
+pub use whispeer_proto::{Filter, MessageId, Qos, StartAt, Topic, TopicError};
 
 /// The wire vocabulary: envelopes, flags, limits. Re-exported for plugin authors.
 pub mod proto {

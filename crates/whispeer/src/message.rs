@@ -30,6 +30,8 @@ struct Inner {
     envelope: Envelope,
     /// When the message's time to live runs out, if it has one.
     expires_at: Option<Instant>,
+    /// Offset in the topic's retained history; 0 when the topic keeps none.
+    offset: u64,
     /// The pipeline that sealed the payload, to open it; `None` when the broker has none.
     engines: Option<Arc<Engines>>,
     opened: OnceLock<Result<Bytes, OpenError>>,
@@ -51,13 +53,26 @@ impl Message {
         engines: Option<Arc<Engines>>,
         expires_at: Option<Instant>,
     ) -> Self {
+        Self::retained(envelope, subscribers > 1, engines, expires_at, 0)
+    }
+
+    /// A message with its offset in its topic's history (0: none). `share_decoded` when it may
+    /// reach several subscribers.
+    pub(crate) fn retained(
+        envelope: Envelope,
+        share_decoded: bool,
+        engines: Option<Arc<Engines>>,
+        expires_at: Option<Instant>,
+        offset: u64,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 envelope,
                 expires_at,
+                offset,
                 engines,
                 opened: OnceLock::new(),
-                share_decoded: subscribers > 1,
+                share_decoded,
                 decoded: OnceLock::new(),
             }),
         }
@@ -92,6 +107,11 @@ impl Message {
     /// The whole envelope.
     pub fn envelope(&self) -> &Envelope {
         &self.inner.envelope
+    }
+
+    /// The message's offset in its topic's retained history (from 1), if the topic keeps one.
+    pub fn offset(&self) -> Option<u64> {
+        (self.inner.offset > 0).then_some(self.inner.offset)
     }
 
     /// When the message's time to live runs out (`tokio::time` clock), if it has one.

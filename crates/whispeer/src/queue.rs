@@ -12,14 +12,15 @@
 //! A queue has one consumer, or, for a queue group, several: then every waiting member is woken
 //! by a push and the first to poll takes the message.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::task::{Context, Poll, Waker};
 
 use atomic_waker::AtomicWaker;
 use crossbeam_queue::ArrayQueue;
 
-use whispeer_proto::Filter;
+use whispeer_proto::{Filter, Topic};
 
 use crate::Message;
 
@@ -166,6 +167,9 @@ pub(crate) struct Queue {
     bytes: AtomicUsize,
     max_bytes: usize,
     budget: Option<ByteBudget>,
+    /// For a replaying subscription: per retained topic, the first offset to take from the
+    /// queue; earlier ones were replayed from history.
+    replay_from: OnceLock<HashMap<Topic, u64>>,
     waker: Wakers,
     closed: AtomicBool,
     policy: SlowConsumer,
@@ -186,6 +190,7 @@ impl Queue {
             bytes: AtomicUsize::new(0),
             max_bytes,
             budget: None,
+            replay_from: OnceLock::new(),
             waker: Wakers::One(AtomicWaker::new()),
             closed: AtomicBool::new(false),
             policy,
@@ -197,6 +202,20 @@ impl Queue {
     pub(crate) fn with_budget(mut self, budget: Option<ByteBudget>) -> Self {
         self.budget = budget;
         self
+    }
+
+    /// Drops, from now on, queued messages of these topics below these offsets: the
+    /// subscription replays them from history instead.
+    pub(crate) fn set_replay_from(&self, live_from: HashMap<Topic, u64>) {
+        let _ = self.replay_from.set(live_from);
+    }
+
+    /// Whether `message` was replayed from history already.
+    fn replayed(&self, message: &Message) -> bool {
+        let (Some(live_from), Some(offset)) = (self.replay_from.get(), message.offset()) else {
+            return false;
+        };
+        live_from.get(message.topic()).is_some_and(|&from| offset < from)
     }
 
     /// This queue with several consumers (a queue group's members).
@@ -296,13 +315,13 @@ impl Queue {
         if self.is_closed() {
             return Poll::Ready(None);
         }
-        if let Some(message) = self.items.pop() {
-            return Poll::Ready(Some(self.received(message)));
+        if let Some(message) = self.pop() {
+            return Poll::Ready(Some(message));
         }
         self.waker.register(cx.waker());
         // A push between the first pop and the registration would otherwise go unnoticed.
-        if let Some(message) = self.items.pop() {
-            return Poll::Ready(Some(self.received(message)));
+        if let Some(message) = self.pop() {
+            return Poll::Ready(Some(message));
         }
         if self.is_closed() { Poll::Ready(None) } else { Poll::Pending }
     }
@@ -312,7 +331,18 @@ impl Queue {
         if self.is_closed() {
             return None;
         }
-        self.items.pop().map(|m| self.received(m))
+        self.pop()
+    }
+
+    /// Pops the next message not replayed already.
+    fn pop(&self) -> Option<Message> {
+        while let Some(message) = self.items.pop() {
+            let message = self.received(message);
+            if !self.replayed(&message) {
+                return Some(message);
+            }
+        }
+        None
     }
 
     fn received(&self, message: Message) -> Message {

@@ -22,7 +22,7 @@ use futures_util::FutureExt;
 use serde::de::DeserializeOwned;
 use whispeer_proto::Filter;
 
-use whispeer_proto::Qos;
+use whispeer_proto::{Qos, StartAt};
 
 use crate::broker::{Broker, Shared};
 use crate::consumer::{Acker, Consumer, Delivery, Registration};
@@ -57,6 +57,7 @@ pub struct SubscribeOptions {
     pub(crate) group: Option<String>,
     pub(crate) redelivery: Option<Redelivery>,
     pub(crate) budget: Option<ByteBudget>,
+    pub(crate) start: StartAt,
 }
 
 impl SubscribeOptions {
@@ -72,6 +73,7 @@ impl SubscribeOptions {
             group: None,
             redelivery: None,
             budget: None,
+            start: StartAt::Latest,
         }
     }
 
@@ -123,6 +125,15 @@ impl SubscribeOptions {
     /// In a group, the member that creates the group sets them.
     pub fn redelivery(mut self, redelivery: Redelivery) -> Self {
         self.redelivery = Some(redelivery);
+        self
+    }
+
+    /// Starts in the retained history of the matching topics (see `BrokerOptions::retention`)
+    /// instead of with the next message: the retained messages come first, then live ones, with
+    /// none missed or repeated in between. An offset needs an exact topic; an evicted offset is
+    /// refused with [`SubscribeError::OffsetEvicted`], which says where history begins.
+    pub fn start(mut self, start: StartAt) -> Self {
+        self.start = start;
         self
     }
 

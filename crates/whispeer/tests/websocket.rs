@@ -88,8 +88,14 @@ async fn websocket_clients_subscribe_and_publish_with_the_same_frames() {
     let mut buf = BytesMut::new();
     hello(&mut client, &mut buf).await;
     let filter = Filter::parse("chat/#").unwrap();
-    let subscribe =
-        Body::Subscribe { sub: 7, qos: Qos::AtMostOnce, filter, prefetch: 0, group: None };
+    let subscribe = Body::Subscribe {
+        sub: 7,
+        qos: Qos::AtMostOnce,
+        filter,
+        prefetch: 0,
+        group: None,
+        start: Default::default(),
+    };
     send(&mut client, Frame::new(2, subscribe)).await;
     assert_eq!(soon(next_frame(&mut client, &mut buf)).await.unwrap(), Frame::new(2, Body::Ok));
 
@@ -99,7 +105,7 @@ async fn websocket_clients_subscribe_and_publish_with_the_same_frames() {
     }
     for i in 0..100u32 {
         let frame = soon(next_frame(&mut client, &mut buf)).await.unwrap();
-        let Body::Deliver { sub: 7, attempt: 1, envelope } = frame.body else {
+        let Body::Deliver { sub: 7, attempt: 1, offset: 0, envelope } = frame.body else {
             panic!("{frame:?}")
         };
         assert_eq!(envelope.topic.as_str(), format!("chat/{i}"));

@@ -4,7 +4,7 @@
 
 use bytes::{Buf, Bytes};
 
-use super::{Body, DecodeError, MAX_HEADERS, Qos};
+use super::{Body, DecodeError, MAX_HEADERS, Qos, StartAt};
 use crate::{Envelope, ErrorCode, Filter, Flags, Headers, Limits, MessageId, Topic};
 
 /// A bounds-checked cursor over one frame's body.
@@ -107,6 +107,7 @@ impl Reader {
                 filter: Filter::parse_with(&self.string()?, limits)?,
                 prefetch: self.u32()?,
                 group: Some(self.string()?).filter(|g| !g.is_empty()),
+                start: StartAt::from_wire(self.u8()?, self.u64()?)?,
             },
             0x11 => Body::Unsubscribe { sub: self.u32()? },
             0x20 => Body::Publish { qos: self.qos()?, envelope: self.envelope(limits)? },
@@ -114,6 +115,7 @@ impl Reader {
             0x30 => Body::Deliver {
                 sub: self.u32()?,
                 attempt: self.u32()?,
+                offset: self.u64()?,
                 envelope: self.envelope(limits)?,
             },
             0x31 => Body::Ack { sub: self.u32()?, id: MessageId(self.u128()?) },

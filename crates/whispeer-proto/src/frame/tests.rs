@@ -50,11 +50,12 @@ fn all_bodies() -> Vec<Body> {
             filter: Filter::parse("a/+/#").unwrap(),
             prefetch: 32,
             group: Some("workers".into()),
+            start: StartAt::Offset(17),
         },
         Body::Unsubscribe { sub: 7 },
         Body::Publish { qos: Qos::AtMostOnce, envelope: envelope("a/b", b"hi", &[("k", b"v")]) },
         Body::PubAck,
-        Body::Deliver { sub: 9, attempt: 3, envelope: envelope("x", b"", &[]) },
+        Body::Deliver { sub: 9, attempt: 3, offset: 44, envelope: envelope("x", b"", &[]) },
         Body::Ack { sub: 1, id: MessageId(u128::MAX) },
         Body::Nack { sub: 1, id: MessageId(3), requeue: true },
         Body::Ping,
@@ -75,9 +76,9 @@ fn every_body_round_trips() {
 fn encode_deliver_matches_the_general_encoder() {
     let envelope = envelope("a/b", b"payload", &[("h", b"1")]);
     let mut fast = BytesMut::new();
-    Frame::encode_deliver(&mut fast, 3, 2, &envelope, usize::MAX).unwrap();
+    Frame::encode_deliver(&mut fast, 3, 2, 9, &envelope, usize::MAX).unwrap();
     let mut general = BytesMut::new();
-    Frame::new(0, Body::Deliver { sub: 3, attempt: 2, envelope })
+    Frame::new(0, Body::Deliver { sub: 3, attempt: 2, offset: 9, envelope })
         .encode(&mut general, usize::MAX)
         .unwrap();
     assert_eq!(fast, general);
@@ -137,13 +138,14 @@ fn invalid_topic_and_text_are_refused() {
             filter: Filter::parse("a").unwrap(),
             prefetch: 0,
             group: None,
+            start: StartAt::Latest,
         },
     );
     frame.encode(&mut buf, usize::MAX).unwrap();
-    // The filter "a" is followed by the prefetch (4 bytes) and an empty group (2 bytes): swap
-    // it for other one-byte filters.
+    // The filter "a" is followed by the prefetch (4 bytes), an empty group (2 bytes) and the
+    // start (9 bytes): swap it for other one-byte filters.
     let mut bad = buf.to_vec();
-    let at = bad.len() - 7;
+    let at = bad.len() - 16;
     bad[at] = b'#';
     let mut ok = BytesMut::from(&bad[..]);
     assert!(Frame::decode(&mut ok, &limits()).is_ok());

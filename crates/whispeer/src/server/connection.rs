@@ -250,8 +250,8 @@ impl Connection {
                 )
                 .await;
             }
-            Body::Subscribe { sub, qos, filter, prefetch, group } => {
-                let mut options = SubscribeOptions::new(filter.as_str()).qos(qos);
+            Body::Subscribe { sub, qos, filter, prefetch, group, start } => {
+                let mut options = SubscribeOptions::new(filter.as_str()).qos(qos).start(start);
                 if prefetch > 0 {
                     options = options.prefetch(prefetch as usize);
                 }
@@ -355,6 +355,7 @@ impl Connection {
         };
         self.subscriptions.insert(sub, subscription.acker());
         let reply = Frame::new(correlation, Body::Ok);
+        let subscription = Box::new(subscription);
         let _ = self.tx.send(Outbound::Subscribed { sub, subscription, reply }).await;
     }
 }
@@ -376,9 +377,10 @@ fn subscribe_code(err: &SubscribeError) -> ErrorCode {
         SubscribeError::InvalidCapacity { .. } | SubscribeError::InvalidPrefetch { .. } => {
             ErrorCode::LIMIT_REACHED
         }
-        SubscribeError::InvalidGroup { .. } | SubscribeError::GroupMismatch { .. } => {
-            ErrorCode::REJECTED
-        }
+        SubscribeError::InvalidGroup { .. }
+        | SubscribeError::GroupMismatch { .. }
+        | SubscribeError::InvalidStart { .. } => ErrorCode::REJECTED,
+        SubscribeError::OffsetEvicted { .. } => ErrorCode::OFFSET_EVICTED,
         _ => ErrorCode::INTERNAL,
     }
 }

@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use whispeer_proto::{
     Body, ContentType, Envelope, Filter, Flags, Frame, Limits, MessageId, PROTOCOL_VERSION, Qos,
-    Topic, header,
+    StartAt, Topic, header,
 };
 
 /// A client's request, as JSON.
@@ -45,6 +45,8 @@ enum Request {
         group: Option<String>,
         #[serde(default)]
         prefetch: u32,
+        #[serde(default)]
+        start: Option<String>,
         #[serde(default, rename = "ref")]
         reference: u32,
     },
@@ -104,6 +106,8 @@ pub(super) enum JsonError {
     Qos,
     #[error("message_id must be 32 hex digits")]
     MessageId,
+    #[error("start must be latest, earliest, offset:<n> or time:<ms>")]
+    Start,
 }
 
 /// Ids for messages JSON clients publish: they do not choose their own.
@@ -141,7 +145,7 @@ pub(super) fn request_to_frame(
         Request::Auth { key, reference } => {
             Frame::new(reference, Body::Auth { key: Bytes::from(key.into_bytes()) })
         }
-        Request::Subscribe { id, filter, qos, group, prefetch, reference } => Frame::new(
+        Request::Subscribe { id, filter, qos, group, prefetch, start, reference } => Frame::new(
             reference,
             Body::Subscribe {
                 sub: id,
@@ -149,6 +153,7 @@ pub(super) fn request_to_frame(
                 filter: Filter::parse_with(&filter, limits)?,
                 prefetch,
                 group,
+                start: start.as_deref().map_or(Ok(StartAt::Latest), start_from)?,
             },
         ),
         Request::Unsubscribe { id, reference } => {
@@ -188,6 +193,18 @@ pub(super) fn request_to_frame(
         Request::Ping { reference } => Frame::new(reference, Body::Ping),
         Request::Pong { reference } => Frame::new(reference, Body::Pong),
     })
+}
+
+/// `latest`, `earliest`, `offset:<n>` or `time:<ms since the epoch>`.
+pub(crate) fn start_from(text: &str) -> Result<StartAt, JsonError> {
+    let number = |n: &str| n.parse::<u64>().map_err(|_| JsonError::Start);
+    match text.split_once(':') {
+        None if text == "latest" => Ok(StartAt::Latest),
+        None if text == "earliest" => Ok(StartAt::Earliest),
+        Some(("offset", n)) => Ok(StartAt::Offset(number(n)?)),
+        Some(("time", n)) => Ok(StartAt::Time(number(n)?)),
+        _ => Err(JsonError::Start),
+    }
 }
 
 fn qos_from(qos: u8) -> Result<Qos, JsonError> {
@@ -232,7 +249,13 @@ pub(super) fn frame_to_json(frame: &Frame) -> Value {
             "code": code.0,
             "message": message,
         }),
-        Body::Deliver { sub, attempt, envelope } => delivery_to_json(*sub, *attempt, envelope),
+        Body::Deliver { sub, attempt, offset, envelope } => {
+            let mut message = delivery_to_json(*sub, *attempt, envelope);
+            if *offset > 0 {
+                message["offset"] = json!(offset);
+            }
+            message
+        }
         // The server sends nothing else; a frame it might add later still reaches the client.
         other => json!({ "op": "unknown", "ref": reference, "frame": format!("{other:?}") }),
     }
@@ -291,6 +314,8 @@ mod tests {
         let Body::Publish { qos: Qos::AtLeastOnce, envelope } = publish.body else { panic!() };
         assert_eq!(&envelope.payload[..], br#"{"text":"hi"}"#);
         assert_eq!(envelope.flags.content(), Some(ContentType::Json));
+        let replay = frame(r#"{"op":"subscribe","id":5,"filter":"log","start":"offset:42"}"#);
+        assert!(matches!(replay.body, Body::Subscribe { start: StartAt::Offset(42), .. }));
         let work = frame(
             r#"{"op":"subscribe","id":4,"filter":"jobs/+","qos":1,"group":"w","prefetch":8}"#,
         );
@@ -352,12 +377,15 @@ mod tests {
         );
         let shown = frame_to_json(&Frame::new(
             0,
-            Body::Deliver { sub: 2, attempt: 1, envelope: envelope.clone() },
+            Body::Deliver { sub: 2, attempt: 1, offset: 0, envelope: envelope.clone() },
         ));
         assert_eq!(shown["payload"], json!({"a": 1}));
         assert_eq!(shown["id"], 2);
         envelope.flags = envelope.flags.with_cipher(CipherAlgorithm::XChaCha20Poly1305);
-        let sealed = frame_to_json(&Frame::new(0, Body::Deliver { sub: 2, attempt: 1, envelope }));
+        let sealed = frame_to_json(&Frame::new(
+            0,
+            Body::Deliver { sub: 2, attempt: 1, offset: 0, envelope },
+        ));
         assert!(sealed.get("payload").is_none());
         assert_eq!(sealed["data"], BASE64.encode(br#"{"a":1}"#));
     }

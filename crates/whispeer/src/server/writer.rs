@@ -33,7 +33,7 @@ pub(super) enum Outbound {
     /// A frame to send as it is.
     Frame(Frame),
     /// A new subscription: send `reply`, then its messages.
-    Subscribed { sub: u32, subscription: Subscription<Message>, reply: Frame },
+    Subscribed { sub: u32, subscription: Box<Subscription<Message>>, reply: Frame },
     /// Stop delivering `sub` (dropping it unsubscribes), then send `reply`.
     Unsubscribed { sub: u32, reply: Frame },
 }
@@ -68,6 +68,7 @@ impl Writer {
             &mut self.buf,
             sub,
             delivery.attempt(),
+            message.offset().unwrap_or(0),
             message.envelope(),
             self.limits.max_frame_bytes,
         );
@@ -81,7 +82,7 @@ impl Writer {
             Outbound::Frame(frame) => self.encode(&frame),
             Outbound::Subscribed { sub, subscription, reply } => {
                 self.encode(&reply);
-                self.subscriptions.push((sub, subscription));
+                self.subscriptions.push((sub, *subscription));
             }
             Outbound::Unsubscribed { sub, reply } => {
                 self.subscriptions.retain(|(s, _)| *s != sub);

@@ -1,0 +1,270 @@
+//! Retained history: per-topic logs bounded by count, bytes and age, with monotonic offsets, and
+//! the snapshot a replaying subscription starts from.
+//!
+//! A topic keeps history when a retention rule's filter matches it (the first match wins).
+//! Publishing to such a topic takes the topic's lock, gives the message the next offset (from 1),
+//! routes it *while holding the lock*, and appends it. Holding the lock while routing is what
+//! makes replay exact: a subscription inserts its route first, then reads each topic's next
+//! offset under that topic's lock, so every message below that offset is in the history it
+//! replays, and every message from it on reaches its queue (which drops the copies below it, see
+//! `Queue::set_replay_from`). Nothing is delivered twice and nothing falls in between.
+//!
+//! Eviction: by count and bytes on every append; by age on append and by a background sweep that
+//! evicts at most `SWEEP_BUDGET` messages per tick.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, Weak};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use whispeer_proto::{Filter, StartAt, Topic};
+
+use crate::broker::Shared;
+use crate::error::SubscribeError;
+use crate::message::Message;
+
+/// Messages the background sweep evicts per tick at most, across all topics.
+const SWEEP_BUDGET: usize = 4096;
+/// How often the sweep runs, at most.
+const SWEEP_TICK: Duration = Duration::from_millis(250);
+
+/// How much history a topic keeps: at most `max_messages`, at most `max_bytes` (payloads plus
+/// 256 per message), and nothing older than `max_age`.
+///
+/// ```
+/// # use std::time::Duration;
+/// use whispeer::Retention;
+/// let last_hour = Retention::messages(10_000).max_bytes(64 << 20).max_age(Duration::from_secs(3600));
+/// # let _ = last_hour;
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Retention {
+    /// Most messages kept.
+    pub max_messages: usize,
+    /// Most bytes kept.
+    pub max_bytes: usize,
+    /// Oldest message kept; `None`: no age limit.
+    pub max_age: Option<Duration>,
+}
+
+impl Retention {
+    /// Keeps the last `count` messages, with no byte or age limit.
+    pub fn messages(count: usize) -> Self {
+        Self { max_messages: count, max_bytes: usize::MAX, max_age: None }
+    }
+
+    /// This retention, also bounded by bytes.
+    pub fn max_bytes(mut self, bytes: usize) -> Self {
+        self.max_bytes = bytes;
+        self
+    }
+
+    /// This retention, also bounded by age.
+    pub fn max_age(mut self, age: Duration) -> Self {
+        self.max_age = Some(age);
+        self
+    }
+}
+
+fn weight(message: &Message) -> usize {
+    message.payload().len() + 256
+}
+
+struct Entry {
+    offset: u64,
+    /// Broker-wide acceptance order, to merge topics in a wildcard replay.
+    seq: u64,
+    /// When the broker accepted it: wall clock for `StartAt::Time`, monotonic for the age bound.
+    time_ms: u64,
+    at: Instant,
+    message: Message,
+}
+
+/// One topic's history.
+pub(crate) struct TopicLog {
+    rule: Retention,
+    /// The offset the next message gets; offsets start at 1.
+    next: u64,
+    entries: VecDeque<Entry>,
+    bytes: usize,
+}
+
+impl TopicLog {
+    fn new(rule: Retention) -> Self {
+        Self { rule, next: 1, entries: VecDeque::new(), bytes: 0 }
+    }
+
+    /// Takes the next offset; the caller routes the message and then `append`s it.
+    pub(crate) fn reserve(&mut self) -> u64 {
+        let offset = self.next;
+        self.next += 1;
+        offset
+    }
+
+    pub(crate) fn append(&mut self, offset: u64, seq: u64, time_ms: u64, message: Message) {
+        // Never earlier than the message before, so sorting by time keeps a topic's order even
+        // if the wall clock steps back.
+        let time_ms = time_ms.max(self.entries.back().map_or(0, |e| e.time_ms));
+        self.bytes += weight(&message);
+        self.entries.push_back(Entry { offset, seq, time_ms, at: Instant::now(), message });
+        while self.entries.len() > self.rule.max_messages
+            || (self.bytes > self.rule.max_bytes && self.entries.len() > 1)
+        {
+            self.evict_one();
+        }
+        self.evict_aged(Instant::now(), usize::MAX);
+    }
+
+    fn evict_one(&mut self) {
+        if let Some(old) = self.entries.pop_front() {
+            self.bytes -= weight(&old.message);
+        }
+    }
+
+    /// Evicts messages older than the age bound, at most `budget`; returns how many.
+    fn evict_aged(&mut self, now: Instant, budget: usize) -> usize {
+        let Some(age) = self.rule.max_age else { return 0 };
+        let mut evicted = 0;
+        while evicted < budget && self.entries.front().is_some_and(|e| e.at + age <= now) {
+            self.evict_one();
+            evicted += 1;
+        }
+        evicted
+    }
+
+    /// The first offset still retained (the next offset when empty).
+    fn first_offset(&self) -> u64 {
+        self.entries.front().map_or(self.next, |e| e.offset)
+    }
+}
+
+/// What a replaying subscription starts from.
+#[derive(Debug, Default)]
+pub(crate) struct Snapshot {
+    /// Retained messages to deliver first, oldest first (by acceptance time across topics).
+    pub(crate) messages: Vec<Message>,
+    /// Per retained topic, the first offset the live queue delivers.
+    pub(crate) live_from: HashMap<Topic, u64>,
+}
+
+/// Every topic's history, and the rules that say which topics keep one.
+#[derive(Default)]
+pub(crate) struct History {
+    rules: Vec<(Filter, Retention)>,
+    logs: RwLock<HashMap<Topic, Arc<Mutex<TopicLog>>>>,
+    /// The next acceptance sequence number (taken under a topic's lock).
+    seq: AtomicU64,
+}
+
+impl std::fmt::Debug for History {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("History").field("rules", &self.rules).finish_non_exhaustive()
+    }
+}
+
+pub(crate) fn lock(log: &Mutex<TopicLog>) -> MutexGuard<'_, TopicLog> {
+    log.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl History {
+    pub(crate) fn new(rules: Vec<(Filter, Retention)>) -> Self {
+        Self { rules, logs: RwLock::default(), seq: AtomicU64::new(0) }
+    }
+
+    /// The next acceptance sequence number; take it under the topic's lock, with the offset.
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Whether any topic keeps history.
+    pub(crate) fn is_active(&self) -> bool {
+        !self.rules.is_empty()
+    }
+
+    /// Whether any rule bounds by age (the sweep is needed).
+    pub(crate) fn has_age_bounds(&self) -> bool {
+        self.rules.iter().any(|(_, rule)| rule.max_age.is_some())
+    }
+
+    /// The log of `topic`, created on first use, if a rule matches it.
+    pub(crate) fn log(&self, topic: &Topic) -> Option<Arc<Mutex<TopicLog>>> {
+        if let Some(log) = self.logs.read().unwrap_or_else(PoisonError::into_inner).get(topic) {
+            return Some(Arc::clone(log));
+        }
+        let rule = self.rules.iter().find(|(filter, _)| filter.matches(topic))?.1;
+        let mut logs = self.logs.write().unwrap_or_else(PoisonError::into_inner);
+        let log =
+            logs.entry(topic.clone()).or_insert_with(|| Arc::new(Mutex::new(TopicLog::new(rule))));
+        Some(Arc::clone(log))
+    }
+
+    /// The retained messages of the topics matching `filter` from `start`, and where live
+    /// delivery takes over. Call it after the subscription's route is in place.
+    pub(crate) fn snapshot(
+        &self,
+        filter: &Filter,
+        start: StartAt,
+    ) -> Result<Snapshot, SubscribeError> {
+        let logs: Vec<(Topic, Arc<Mutex<TopicLog>>)> = self
+            .logs
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|(topic, _)| filter.matches(topic))
+            .map(|(topic, log)| (topic.clone(), Arc::clone(log)))
+            .collect();
+        let mut snapshot = Snapshot::default();
+        let mut picked: Vec<(u64, Message)> = Vec::new();
+        for (topic, log) in logs {
+            let log = lock(&log);
+            snapshot.live_from.insert(topic, log.next);
+            let first = log.first_offset();
+            let from = match start {
+                StartAt::Latest => continue,
+                StartAt::Earliest => first,
+                StartAt::Offset(offset) if offset < first => {
+                    return Err(SubscribeError::OffsetEvicted { requested: offset, first });
+                }
+                StartAt::Offset(offset) => offset,
+                StartAt::Time(ms) => {
+                    log.entries.iter().find(|e| e.time_ms >= ms).map_or(log.next, |e| e.offset)
+                }
+                _ => continue,
+            };
+            let skip = usize::try_from(from.saturating_sub(first)).unwrap_or(usize::MAX);
+            picked.extend(log.entries.iter().skip(skip).map(|e| (e.seq, e.message.clone())));
+        }
+        // In the order the broker accepted them, across topics (by offset within one).
+        picked.sort_unstable_by_key(|(seq, _)| *seq);
+        snapshot.messages = picked.into_iter().map(|(_, message)| message).collect();
+        Ok(snapshot)
+    }
+
+    /// Evicts aged messages, at most `budget` in all; returns how many.
+    fn sweep(&self, now: Instant, budget: usize) -> usize {
+        let logs: Vec<Arc<Mutex<TopicLog>>> =
+            self.logs.read().unwrap_or_else(PoisonError::into_inner).values().cloned().collect();
+        let mut evicted = 0;
+        for log in logs {
+            if evicted >= budget {
+                break;
+            }
+            evicted += lock(&log).evict_aged(now, budget - evicted);
+        }
+        evicted
+    }
+}
+
+/// Runs the age sweep until the broker is gone.
+pub(crate) async fn sweep_forever(shared: Weak<Shared>) {
+    loop {
+        tokio::time::sleep(SWEEP_TICK).await;
+        let Some(shared) = shared.upgrade() else { return };
+        let evicted = shared.history.sweep(Instant::now(), SWEEP_BUDGET);
+        if evicted > 0 {
+            tracing::trace!(evicted, "aged history evicted");
+        }
+    }
+}

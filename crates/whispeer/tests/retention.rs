@@ -1,0 +1,178 @@
+//! Retained history and replay: bounds by count, bytes and age; starting at the earliest
+//! message, an offset or a time; evicted offsets refused with where history begins; and no gap
+//! or repeat between replayed and live messages while publishers keep going.
+
+#![expect(clippy::unwrap_used, reason = "test helpers fail loudly")]
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::time::timeout;
+use whispeer::{
+    Broker, BrokerOptions, Filter, Message, Qos, Retention, StartAt, SubscribeError,
+    SubscribeOptions, Subscription,
+};
+
+async fn soon<F: Future>(f: F) -> F::Output {
+    timeout(Duration::from_secs(30), f).await.expect("timed out waiting")
+}
+
+fn broker(rules: &[(&str, Retention)]) -> Broker {
+    let mut options = BrokerOptions::default();
+    options.retention = rules.iter().map(|(f, r)| (Filter::parse(f).unwrap(), *r)).collect();
+    Broker::builder(options).build()
+}
+
+fn from(filter: &str, start: StartAt) -> SubscribeOptions {
+    SubscribeOptions::new(filter).start(start)
+}
+
+/// (topic, value, offset) of the next `n` messages.
+async fn take(sub: &mut Subscription<Message>, n: usize) -> Vec<(String, u32, u64)> {
+    let mut got = Vec::new();
+    for _ in 0..n {
+        let m = soon(sub.recv_message()).await.unwrap();
+        got.push((m.topic().to_string(), m.decode::<u32>().unwrap(), m.offset().unwrap_or(0)));
+    }
+    got
+}
+
+fn values(got: &[(String, u32, u64)]) -> Vec<u32> {
+    got.iter().map(|(_, v, _)| *v).collect()
+}
+
+#[tokio::test]
+async fn history_is_bounded_by_count_and_replays_from_earliest_or_an_offset() {
+    let broker = broker(&[("log/#", Retention::messages(3))]);
+    for n in 1..=5u32 {
+        broker.publish("log/a", &n).unwrap();
+    }
+    let mut all = broker.messages(from("log/a", StartAt::Earliest)).unwrap();
+    let got = take(&mut all, 3).await;
+    assert_eq!(got.iter().map(|g| (g.1, g.2)).collect::<Vec<_>>(), [(3, 3), (4, 4), (5, 5)]);
+    let evicted = broker.messages(from("log/a", StartAt::Offset(1))).unwrap_err();
+    assert!(matches!(evicted, SubscribeError::OffsetEvicted { requested: 1, first: 3 }));
+    assert_eq!(broker.stats().subscriptions, 1, "the refused subscription left no route");
+    let mut tail = broker.messages(from("log/a", StartAt::Offset(4))).unwrap();
+    broker.publish("log/a", &6u32).unwrap();
+    assert_eq!(values(&take(&mut tail, 3).await), [4, 5, 6], "history, then live");
+    assert_eq!(values(&take(&mut all, 1).await), [6]);
+    let mut future = broker.messages(from("log/a", StartAt::Offset(100))).unwrap();
+    broker.publish("log/a", &7u32).unwrap();
+    assert_eq!(values(&take(&mut future, 1).await), [7], "past the end: live only");
+}
+
+#[tokio::test]
+async fn history_is_bounded_by_bytes_and_unretained_topics_keep_none() {
+    // Each 1 KiB message weighs 1024 + 256 bytes: room for two.
+    let broker = broker(&[("big", Retention::messages(100).max_bytes(2 * 1280))]);
+    for n in 0..5u8 {
+        broker.publish_bytes("big", vec![n; 1024]).unwrap();
+        broker.publish("other", &u32::from(n)).unwrap();
+    }
+    let mut big = broker.messages(from("big", StartAt::Earliest)).unwrap();
+    let first = soon(big.recv_message()).await.unwrap();
+    assert_eq!((first.payload()[0], first.offset()), (3, Some(4)));
+    let second = soon(big.recv_message()).await.unwrap();
+    assert_eq!(second.payload()[0], 4);
+    assert!(big.try_recv_message().is_none());
+    let mut other = broker.messages(from("other", StartAt::Earliest)).unwrap();
+    assert!(other.try_recv_message().is_none(), "no rule, no history");
+    broker.publish("other", &9u32).unwrap();
+    let live = soon(other.recv_message()).await.unwrap();
+    assert_eq!((live.decode::<u32>().unwrap(), live.offset()), (9, None));
+}
+
+#[tokio::test(start_paused = true)]
+async fn history_older_than_its_age_bound_is_swept_away() {
+    let broker = broker(&[("#", Retention::messages(100).max_age(Duration::from_secs(1)))]);
+    broker.publish("a", &1u32).unwrap();
+    broker.publish("b", &2u32).unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    broker.publish("a", &3u32).unwrap();
+    // The background sweep evicts the first two without any further publish.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let mut sub = broker.messages(from("#", StartAt::Earliest)).unwrap();
+    assert_eq!(values(&take(&mut sub, 1).await), [3]);
+    assert!(sub.try_recv_message().is_none());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut empty = broker.messages(from("#", StartAt::Earliest)).unwrap();
+    assert!(empty.try_recv_message().is_none(), "everything aged out");
+}
+
+#[tokio::test]
+async fn a_time_start_replays_what_was_accepted_since() {
+    let broker = broker(&[("t", Retention::messages(100))]);
+    broker.publish("t", &1u32).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
+    std::thread::sleep(Duration::from_millis(5));
+    broker.publish("t", &2u32).unwrap();
+    broker.publish("t", &3u32).unwrap();
+    let mut sub = broker.messages(from("t", StartAt::Time(since))).unwrap();
+    assert_eq!(values(&take(&mut sub, 2).await), [2, 3]);
+    assert!(sub.try_recv_message().is_none());
+}
+
+#[tokio::test]
+async fn a_wildcard_replay_merges_topics_in_acceptance_order() {
+    let broker = broker(&[("room/#", Retention::messages(10))]);
+    let order = [("room/b", 1u32), ("room/a", 2), ("room/b", 3), ("room/c", 4), ("room/a", 5)];
+    for (topic, value) in order {
+        broker.publish(topic, &value).unwrap();
+    }
+    let mut sub = broker.messages(from("room/#", StartAt::Earliest)).unwrap();
+    let got = take(&mut sub, 5).await;
+    assert_eq!(values(&got), [1, 2, 3, 4, 5]);
+    let offsets: Vec<(&str, u64)> = got.iter().map(|(t, _, o)| (t.as_str(), *o)).collect();
+    assert_eq!(
+        offsets,
+        [("room/b", 1), ("room/a", 1), ("room/b", 2), ("room/c", 1), ("room/a", 2)]
+    );
+    let wild_offset = broker.messages(from("room/#", StartAt::Offset(1))).unwrap_err();
+    assert!(matches!(wild_offset, SubscribeError::InvalidStart { .. }));
+    let grouped = broker.messages(from("room/a", StartAt::Earliest).group("g")).unwrap_err();
+    assert!(matches!(grouped, SubscribeError::InvalidStart { .. }));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joining_while_publishers_run_leaves_no_gap_and_no_repeat() {
+    const COUNT: u32 = 20_000;
+    let broker = broker(&[("seq", Retention::messages(COUNT as usize))]);
+    let publisher = broker.clone();
+    let writer = std::thread::spawn(move || {
+        for n in 0..COUNT {
+            publisher.publish("seq", &n).unwrap();
+        }
+    });
+    // Join partway through.
+    while broker.stats().published < u64::from(COUNT / 4) {
+        tokio::task::yield_now().await;
+    }
+    let options = from("seq", StartAt::Earliest).capacity(COUNT as usize);
+    let mut sub = broker.messages(options).unwrap();
+    let got = take(&mut sub, COUNT as usize).await;
+    writer.join().unwrap();
+    let expected: Vec<(u32, u64)> = (0..COUNT).map(|n| (n, u64::from(n) + 1)).collect();
+    assert_eq!(got.iter().map(|g| (g.1, g.2)).collect::<Vec<_>>(), expected);
+    assert!(sub.try_recv_message().is_none(), "nothing twice");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_qos1_replay_is_acknowledged_and_redelivered_like_live_messages() {
+    let mut options = BrokerOptions::default();
+    options.retention = vec![(Filter::parse("jobs").unwrap(), Retention::messages(10))];
+    options.redelivery = whispeer::Redelivery::new(Duration::from_secs(1)).jitter(0.0);
+    let broker = Broker::builder(options).build();
+    broker.publish("jobs", &1u32).unwrap();
+    broker.publish("jobs", &2u32).unwrap();
+    let acked = SubscribeOptions::new("jobs").qos(Qos::AtLeastOnce).start(StartAt::Earliest);
+    let mut sub = broker.subscription::<u32>(acked).unwrap();
+    let first = soon(sub.recv_delivery()).await.unwrap();
+    assert_eq!((*first.value(), first.attempt()), (1, 1));
+    assert!(first.ack());
+    let second = soon(sub.recv_delivery()).await.unwrap();
+    assert_eq!(*second.value(), 2);
+    drop(second);
+    let again = soon(sub.recv_delivery()).await.unwrap();
+    assert_eq!((*again.value(), again.attempt()), (2, 2));
+}
