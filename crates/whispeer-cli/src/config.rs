@@ -10,7 +10,9 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 use whispeer::server::{ApiKeys, ServerConfig};
-use whispeer::{BrokerOptions, Filter, Redelivery, Retention, SlowConsumer};
+use whispeer::{
+    BrokerOptions, Durability, Filter, FsyncPolicy, Redelivery, Retention, SlowConsumer, WalOptions,
+};
 
 /// The default address: loopback, so an unconfigured server is reachable only from this host.
 pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:7450";
@@ -46,6 +48,8 @@ pub(crate) struct Config {
     /// Retained history: `[[retention]] filter = "log/#"`, `max_messages`, `max_bytes`,
     /// `max_age_ms`; the first matching filter applies to a topic.
     pub(crate) retention: Vec<RetentionRule>,
+    /// Durable topics and their write-ahead log; off unless `dir` is set.
+    pub(crate) storage: Storage,
     /// TLS for every listener; off unless both `cert` and `key` are set.
     pub(crate) tls: Tls,
 }
@@ -133,6 +137,51 @@ pub(crate) struct Delivery {
     pub(crate) ttl: Vec<TopicTtl>,
 }
 
+/// `[storage]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct Storage {
+    /// Directory of the write-ahead log; no durability without it.
+    pub(crate) dir: Option<std::path::PathBuf>,
+    /// Filters of the durable topics.
+    pub(crate) durable: Vec<String>,
+    /// `always` (group commit), `every_n`, `interval` or `never`.
+    pub(crate) fsync: Fsync,
+    /// For `every_n`: records per fsync.
+    pub(crate) fsync_every_n: u32,
+    /// For `interval`: milliseconds between fsyncs.
+    pub(crate) fsync_interval_ms: u64,
+    /// A segment rolls over past this size.
+    pub(crate) segment_bytes: u64,
+    /// The oldest segments are deleted while the log is larger.
+    pub(crate) max_bytes: u64,
+}
+
+/// fsync policy names in configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Fsync {
+    Always,
+    EveryN,
+    Interval,
+    Never,
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        let wal = WalOptions::new("");
+        Self {
+            dir: None,
+            durable: Vec::new(),
+            fsync: Fsync::Always,
+            fsync_every_n: 100,
+            fsync_interval_ms: 10,
+            segment_bytes: wal.segment_bytes,
+            max_bytes: wal.max_bytes,
+        }
+    }
+}
+
 /// `[[retention]]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -203,6 +252,7 @@ impl Default for Config {
             queues: Queues::default(),
             delivery: Delivery::default(),
             retention: Vec::new(),
+            storage: Storage::default(),
             tls: Tls::default(),
         }
     }
@@ -293,6 +343,32 @@ impl Config {
                 retention = retention.max_age(Duration::from_millis(age));
             }
             options.retention.push((filter, retention));
+        }
+        let storage = &self.storage;
+        match &storage.dir {
+            Some(dir) => {
+                let fsync = match storage.fsync {
+                    Fsync::Always => FsyncPolicy::Always,
+                    Fsync::EveryN => FsyncPolicy::EveryN(storage.fsync_every_n.max(1)),
+                    Fsync::Interval => {
+                        FsyncPolicy::Interval(Duration::from_millis(storage.fsync_interval_ms))
+                    }
+                    Fsync::Never => FsyncPolicy::Never,
+                };
+                let mut wal =
+                    WalOptions::new(dir).fsync(fsync).segment_bytes(storage.segment_bytes);
+                wal.max_bytes = storage.max_bytes;
+                let mut durability = Durability::new(wal);
+                for filter in &storage.durable {
+                    let filter = Filter::parse(filter)
+                        .map_err(|e| anyhow::anyhow!("storage.durable: filter {filter:?}: {e}"))?;
+                    durability = durability.topic(filter);
+                }
+                options.durability = Some(durability);
+            }
+            None => {
+                anyhow::ensure!(storage.durable.is_empty(), "storage.durable needs storage.dir")
+            }
         }
         Ok(options)
     }

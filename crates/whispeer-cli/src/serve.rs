@@ -94,6 +94,12 @@ async fn bind(address: &str, open: bool, path: &Path) -> anyhow::Result<TcpListe
 async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
     let mut server_config = config.server_config().map_err(|e| ConfigError(format!("{e:#}")))?;
     let broker_options = config.broker_options().map_err(|e| ConfigError(format!("{e:#}")))?;
+    // Before listening: recovering the write-ahead log restores the durable history first.
+    let started = std::time::Instant::now();
+    let broker = Broker::builder(broker_options).try_build()?;
+    if config.storage.dir.is_some() {
+        tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "storage opened");
+    }
     let open = !server_config.api_keys.required();
     let listener = bind(&config.listen, open, path).await?;
     let ws_listener = match &config.ws_listen {
@@ -116,7 +122,6 @@ async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
         println!("whispeer: websocket listening on {scheme}://{ws_local}{}", config.ws_path);
     }
     let _ = std::io::stdout().flush();
-    let broker = Broker::builder(broker_options).build();
     // One signal stops both listeners.
     let (trigger, stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {

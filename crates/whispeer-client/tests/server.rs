@@ -537,6 +537,7 @@ async fn an_embedded_broker_serves_itself_over_tcp_and_websocket() {
         .with(Tcp::new(taken.clone()))
         .try_build()
         .unwrap_err();
+    let whispeer::BuildError::Listen(err) = err else { panic!("{err:?}") };
     assert_eq!(err.addr, taken);
 
     broker.close_transports();

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
@@ -20,19 +20,19 @@ use whispeer_proto::{ContentType, Envelope, Flags, MessageId, Topic, header};
 use crate::builder::{BrokerBuilder, BrokerOptions};
 
 use crate::dedup::{Dedup, Seen};
-use crate::delivery::GivenUp;
 use crate::error::{BindError, PublishError, SubscribeError};
 use crate::group::Groups;
-use crate::message::{DEAD_LETTER_PREFIX, Message};
+use crate::message::Message;
 use crate::plugin::Plugin;
 use crate::publish::{NO_OPTIONS, PublishOptions, PublishReceipt};
-use crate::queue::{Counters, Pushed, Queue};
+use crate::queue::{Pushed, Queue};
 use crate::retention::{self, History};
-use crate::router::{Matches, Router, SubId, no_limits};
+use crate::router::{Matches, Router, SubId};
 use crate::runtime::Spawner;
 use crate::stats::{BrokerCounters, BrokerStats, bump};
 use crate::subscription::{self, SubscribeOptions, Subscriber, Subscription};
 use crate::typed::TypedTopic;
+use crate::wal::{Wal, encode_record};
 
 /// Room above `max_message_bytes` for what sealing adds to a payload (key id, nonce, tag).
 pub(crate) const SEAL_OVERHEAD: usize = 64;
@@ -54,7 +54,7 @@ struct RawBytes;
 pub(crate) struct Shared {
     pub(crate) options: BrokerOptions,
     /// Compression and encryption; `None` when neither is configured.
-    engines: Option<Arc<Engines>>,
+    pub(crate) engines: Option<Arc<Engines>>,
     pub(crate) router: Router,
     pub(crate) plugins: Box<[Arc<dyn Plugin>]>,
     bindings: RwLock<HashMap<Box<str>, Binding>>,
@@ -64,6 +64,8 @@ pub(crate) struct Shared {
     pub(crate) next_sub: AtomicU64,
     pub(crate) groups: Groups,
     pub(crate) history: History,
+    /// The write-ahead log of durable topics.
+    pub(crate) wal: Option<Arc<Wal>>,
     dedup: Dedup,
     pub(crate) spawner: Spawner,
     pub(crate) counters: Arc<BrokerCounters>,
@@ -78,6 +80,7 @@ impl Shared {
         plugins: Box<[Arc<dyn Plugin>]>,
         engines: Option<Arc<Engines>>,
         spawner: Spawner,
+        wal: Option<Arc<Wal>>,
     ) -> Self {
         let mut prefix = [0u8; 8];
         // Only uniqueness across brokers depends on this; a fixed prefix still gives unique ids
@@ -88,12 +91,14 @@ impl Shared {
             );
         }
         let dedup = Dedup::new(options.dedup_window, options.dedup_max_keys);
-        let history = History::new(options.retention.clone());
+        let durable = options.durability.as_ref().map(|d| d.topics.clone()).unwrap_or_default();
+        let history = History::new(options.retention.clone(), durable);
         Self {
             options,
             engines,
             groups: Groups::default(),
             history,
+            wal,
             dedup,
             router: Router::default(),
             plugins,
@@ -167,7 +172,7 @@ impl Shared {
         self.accept(envelope)
     }
 
-    fn next_message_id(&self) -> MessageId {
+    pub(crate) fn next_message_id(&self) -> MessageId {
         MessageId(
             u128::from(self.id_prefix) << 64
                 | u128::from(self.next_id.fetch_add(1, Ordering::Relaxed)),
@@ -194,7 +199,12 @@ impl Shared {
             }
             if seen == Seen::Repeat {
                 bump(&self.counters.duplicates);
-                return Ok(PublishReceipt { id: envelope.id, subscribers: 0, duplicate: true });
+                return Ok(PublishReceipt {
+                    id: envelope.id,
+                    subscribers: 0,
+                    duplicate: true,
+                    ticket: None,
+                });
             }
         }
         let ttl = envelope.headers.ttl_ms().map(Duration::from_millis).or_else(|| {
@@ -206,14 +216,25 @@ impl Shared {
         let routed = match self.history.log(&topic) {
             None => self.route(envelope.id, topic.as_str(), expires_at, |_| envelope),
             Some(log) => {
-                // Routed under the topic's lock: see `retention` for why replay needs it.
+                // Routed under the topic's lock: see `retention` for why replay needs it. A
+                // durable message goes to the log first, so the log's order is the offsets'.
                 let mut log = retention::lock(&log);
+                let accepted_ms = now_ms();
+                let ticket = match (&self.wal, log.durable) {
+                    (Some(wal), true) => {
+                        let offset = log.next_offset();
+                        let record = encode_record(offset, accepted_ms, &envelope)
+                            .map_err(|err| PublishError::Storage(err.to_string()))?;
+                        Some(wal.append(record))
+                    }
+                    _ => None,
+                };
                 let (offset, seq) = (log.reserve(), self.history.next_seq());
                 let engines = self.engines.clone();
                 let message = Message::retained(envelope, true, engines, expires_at, offset);
                 let routed = self.fan_out(message.id(), topic.as_str(), |_| message.clone());
-                log.append(offset, seq, now_ms(), message);
-                routed
+                log.append(offset, seq, accepted_ms, message);
+                routed.map(|receipt| PublishReceipt { ticket, ..receipt })
             }
         };
         if let (Err(_), Some(key)) = (&routed, &key) {
@@ -223,7 +244,7 @@ impl Shared {
     }
 
     /// Offers the envelope to every queue whose filter matches `topic`.
-    fn route(
+    pub(crate) fn route(
         &self,
         id: MessageId,
         topic: &str,
@@ -270,29 +291,7 @@ impl Shared {
         if tally.full > 0 {
             return Err(PublishError::QueueFull { full: tally.full, delivered: tally.delivered });
         }
-        Ok(PublishReceipt { id, subscribers: tally.delivered, duplicate: false })
-    }
-
-    /// Publishes a message that was given up to `$dlq/<topic>`: the original envelope, whole
-    /// (so it still opens), as the payload, and why in the headers.
-    pub(crate) fn dead_letter(&self, letter: GivenUp, counters: &Counters) {
-        bump(&counters.dead_lettered);
-        bump(&self.counters.dead_lettered);
-        let original = letter.message.envelope();
-        tracing::warn!(topic = %original.topic, id = %original.id, attempts = letter.attempts, reason = letter.reason.as_str(), "message dead-lettered");
-        let topic = format!("{DEAD_LETTER_PREFIX}{}", original.topic);
-        let Ok(topic) = Topic::parse_with(&topic, &no_limits()) else { return };
-        let mut payload = BytesMut::new();
-        if let Err(err) = original.encode(&mut payload) {
-            tracing::warn!(%err, "dead letter not published");
-            return;
-        }
-        let id = self.next_message_id();
-        let flags = Flags::with_content(ContentType::Raw);
-        let mut envelope = Envelope::new(id, topic.clone(), now_ms(), flags, payload.freeze());
-        envelope.headers.insert(header::DEAD_LETTER_REASON, letter.reason.as_str());
-        envelope.headers.insert(header::DEAD_LETTER_ATTEMPTS, letter.attempts.to_string());
-        let _ = self.route(id, topic.as_str(), None, |_| envelope);
+        Ok(PublishReceipt { id, subscribers: tally.delivered, duplicate: false, ticket: None })
     }
 
     /// Ends a subscription: closes its queue and removes its route. Idempotent; plugins hear
@@ -338,7 +337,7 @@ impl Tally {
     }
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
@@ -550,6 +549,16 @@ impl Broker {
             });
         }
         Ok(TypedTopic::new(self.clone(), topic))
+    }
+
+    /// Waits until a published message is durable: for a durable topic, until its write-ahead
+    /// log record is stored under the fsync policy; for any other message at once. Returns
+    /// `false` if the log's writer stopped first (a failing disk).
+    pub async fn durable(&self, receipt: &PublishReceipt) -> bool {
+        match (receipt.ticket, &self.inner.wal) {
+            (Some(ticket), Some(wal)) => wal.durable(ticket).await,
+            _ => true,
+        }
     }
 
     /// A snapshot of the broker's counters.

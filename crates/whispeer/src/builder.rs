@@ -9,10 +9,12 @@ use whispeer_proto::{Filter, Limits};
 
 use crate::broker::{Broker, Shared};
 use crate::delivery::Redelivery;
+use crate::error::BuildError;
 use crate::plugin::Plugin;
 use crate::queue::SlowConsumer;
 use crate::retention::{Retention, sweep_forever};
 use crate::runtime::Spawner;
+use crate::wal::{Durability, Wal};
 
 /// Settings of a broker. Every field has a safe default.
 #[derive(Clone, Debug)]
@@ -48,6 +50,10 @@ pub struct BrokerOptions {
     /// Which topics keep a history to replay, and how much: the first filter that matches a
     /// topic applies. Default: none (no topic keeps history; publishing takes no lock).
     pub retention: Vec<(Filter, Retention)>,
+    /// Durable topics and their write-ahead log; their history survives a restart. A durable
+    /// topic without a retention rule keeps the last 10 000 messages (64 MiB) in memory.
+    /// Default: none.
+    pub durability: Option<Durability>,
 }
 
 impl Default for BrokerOptions {
@@ -65,6 +71,7 @@ impl Default for BrokerOptions {
             group_linger: Duration::from_secs(60),
             topic_ttl: Vec::new(),
             retention: Vec::new(),
+            durability: None,
         }
     }
 }
@@ -160,20 +167,29 @@ impl BrokerBuilder {
         }
     }
 
-    /// Builds the broker, binding its network transports, if any.
+    /// Builds the broker: opens (and repairs) its write-ahead log, if any, restoring the
+    /// history of durable topics, and binds its network transports, if any.
     ///
     /// # Errors
-    /// The first transport that cannot bind.
-    #[cfg_attr(
-        not(feature = "server"),
-        expect(clippy::unnecessary_wraps, reason = "transports need the server feature")
-    )]
-    pub fn try_build(self) -> Result<Broker, crate::BuildError> {
+    /// A write-ahead log that cannot be opened; the first transport that cannot bind.
+    pub fn try_build(self) -> Result<Broker, BuildError> {
         let engines = self.engines.with_max_message_bytes(self.options.limits.max_message_bytes);
         let engines = engines.is_active().then(|| Arc::new(engines));
-        let shared =
-            Shared::new(self.options, self.plugins.into(), engines, Spawner::new(self.runtime));
+        let opened = match &self.options.durability {
+            Some(durability) => {
+                let storage =
+                    |source| BuildError::Storage { dir: durability.wal.dir.clone(), source };
+                Some(Wal::open(&durability.wal).map_err(storage)?)
+            }
+            None => None,
+        };
+        let (wal, recovered) = opened.map_or((None, None), |(wal, r)| (Some(wal), Some(r)));
+        let spawner = Spawner::new(self.runtime);
+        let shared = Shared::new(self.options, self.plugins.into(), engines, spawner, wal);
         let broker = Broker { inner: Arc::new(shared) };
+        if let Some(recovered) = recovered {
+            broker.inner.restore(recovered.records);
+        }
         if broker.inner.history.has_age_bounds() {
             let sweep = sweep_forever(Arc::downgrade(&broker.inner));
             if let Err(err) = broker.inner.spawner.spawn(sweep) {

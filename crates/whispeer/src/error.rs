@@ -29,6 +29,10 @@ pub enum PublishError {
     /// The payload could not be sealed (no key for the topic, no randomness).
     #[error(transparent)]
     Seal(#[from] SealError),
+    /// The message could not be written to the write-ahead log (its writer has stopped, or the
+    /// envelope does not encode).
+    #[error("message not stored: {0}")]
+    Storage(String),
     /// The encoded message is larger than `Limits::max_message_bytes`.
     #[error("message of {len} bytes exceeds the limit of {max}")]
     TooLarge {
@@ -151,15 +155,24 @@ pub enum BindError {
     },
 }
 
-/// Why a broker could not be built: a network transport could not bind.
-#[cfg(feature = "server")]
-pub type BuildError = crate::server::ListenError;
-
-/// Why a broker could not be built (never, without network transports).
-#[cfg(not(feature = "server"))]
+/// Why a broker could not be built.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum BuildError {}
+pub enum BuildError {
+    /// A network transport could not bind its address.
+    #[cfg(feature = "server")]
+    #[error(transparent)]
+    Listen(#[from] crate::server::ListenError),
+    /// The write-ahead log could not be opened or repaired.
+    #[error("write-ahead log in {}: {source}", dir.display())]
+    Storage {
+        /// The log's directory.
+        dir: std::path::PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+}
 
 /// Any whispeer error; each operation's own error converts into it.
 #[derive(Debug, thiserror::Error)]

@@ -53,6 +53,7 @@ pub mod server;
 mod stats;
 mod subscription;
 mod typed;
+mod wal;
 
 pub use broker::{Broker, MAX_QUEUE_CAPACITY};
 pub use builder::{BrokerBuilder, BrokerOptions, Extension};
@@ -67,6 +68,7 @@ pub use retention::Retention;
 pub use stats::{BrokerStats, SubscriptionStats};
 pub use subscription::{SubscribeOptions, Subscriber, Subscription};
 pub use typed::TypedTopic;
+pub use wal::{Durability, FsyncPolicy, WalOptions};
 pub use whispeer_engines::{
     CipherAlgorithm, Codec, CodecError, Compression, CompressionAlgorithm, Encryption, Key,
     KeyError, KeyId, Keyring, OpenError, ReceiveError, SealError, TopicRule,

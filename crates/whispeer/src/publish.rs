@@ -17,6 +17,17 @@ pub struct PublishReceipt {
     /// The message repeated an idempotency key seen within the de-duplication window, and was
     /// dropped (the first publish with that key was routed).
     pub duplicate: bool,
+    /// For a durable topic: the message's number in the write-ahead log, to wait for with
+    /// [`Broker::durable`](crate::Broker::durable).
+    pub(crate) ticket: Option<u64>,
+}
+
+impl PublishReceipt {
+    /// Whether the message went to a write-ahead log, so that it is durable only once
+    /// [`Broker::durable`](crate::Broker::durable) says so.
+    pub fn is_durable_pending(&self) -> bool {
+        self.ticket.is_some()
+    }
 }
 
 /// How to publish one message: headers, time to live, idempotency key.

@@ -20,9 +20,10 @@ use std::time::Duration;
 use tokio::time::Instant;
 use whispeer_proto::{Filter, StartAt, Topic};
 
-use crate::broker::Shared;
+use crate::broker::{Shared, now_ms};
 use crate::error::SubscribeError;
 use crate::message::Message;
+use crate::wal::Record;
 
 /// Messages the background sweep evicts per tick at most, across all topics.
 const SWEEP_BUDGET: usize = 4096;
@@ -82,9 +83,15 @@ struct Entry {
     message: Message,
 }
 
+/// History a durable topic keeps in memory when no retention rule matches it.
+pub(crate) const DURABLE_DEFAULT: Retention =
+    Retention { max_messages: 10_000, max_bytes: 64 << 20, max_age: None };
+
 /// One topic's history.
 pub(crate) struct TopicLog {
     rule: Retention,
+    /// Whether its messages go through the write-ahead log.
+    pub(crate) durable: bool,
     /// The offset the next message gets; offsets start at 1.
     next: u64,
     entries: VecDeque<Entry>,
@@ -92,8 +99,13 @@ pub(crate) struct TopicLog {
 }
 
 impl TopicLog {
-    fn new(rule: Retention) -> Self {
-        Self { rule, next: 1, entries: VecDeque::new(), bytes: 0 }
+    fn new(rule: Retention, durable: bool) -> Self {
+        Self { rule, durable, next: 1, entries: VecDeque::new(), bytes: 0 }
+    }
+
+    /// The offset the next message will get.
+    pub(crate) fn next_offset(&self) -> u64 {
+        self.next
     }
 
     /// Takes the next offset; the caller routes the message and then `append`s it.
@@ -153,6 +165,8 @@ pub(crate) struct Snapshot {
 #[derive(Default)]
 pub(crate) struct History {
     rules: Vec<(Filter, Retention)>,
+    /// Topics written to the write-ahead log.
+    durable: Vec<Filter>,
     logs: RwLock<HashMap<Topic, Arc<Mutex<TopicLog>>>>,
     /// The next acceptance sequence number (taken under a topic's lock).
     seq: AtomicU64,
@@ -169,8 +183,19 @@ pub(crate) fn lock(log: &Mutex<TopicLog>) -> MutexGuard<'_, TopicLog> {
 }
 
 impl History {
-    pub(crate) fn new(rules: Vec<(Filter, Retention)>) -> Self {
-        Self { rules, logs: RwLock::default(), seq: AtomicU64::new(0) }
+    pub(crate) fn new(rules: Vec<(Filter, Retention)>, durable: Vec<Filter>) -> Self {
+        Self { rules, durable, logs: RwLock::default(), seq: AtomicU64::new(0) }
+    }
+
+    /// Puts messages read back from the write-ahead log into their topics' history, and
+    /// continues each topic's offsets after them.
+    pub(crate) fn restore(&self, messages: impl IntoIterator<Item = (u64, u64, Message)>) {
+        for (offset, accepted_ms, message) in messages {
+            let Some(log) = self.log(message.topic()) else { continue };
+            let mut log = lock(&log);
+            log.next = log.next.max(offset + 1);
+            log.append(offset, self.next_seq(), accepted_ms, message);
+        }
     }
 
     /// The next acceptance sequence number; take it under the topic's lock, with the offset.
@@ -180,7 +205,7 @@ impl History {
 
     /// Whether any topic keeps history.
     pub(crate) fn is_active(&self) -> bool {
-        !self.rules.is_empty()
+        !self.rules.is_empty() || !self.durable.is_empty()
     }
 
     /// Whether any rule bounds by age (the sweep is needed).
@@ -193,10 +218,13 @@ impl History {
         if let Some(log) = self.logs.read().unwrap_or_else(PoisonError::into_inner).get(topic) {
             return Some(Arc::clone(log));
         }
-        let rule = self.rules.iter().find(|(filter, _)| filter.matches(topic))?.1;
+        let durable = self.durable.iter().any(|filter| filter.matches(topic));
+        let rule = self.rules.iter().find(|(filter, _)| filter.matches(topic)).map(|(_, r)| *r);
+        let rule = rule.or(durable.then_some(DURABLE_DEFAULT))?;
         let mut logs = self.logs.write().unwrap_or_else(PoisonError::into_inner);
-        let log =
-            logs.entry(topic.clone()).or_insert_with(|| Arc::new(Mutex::new(TopicLog::new(rule))));
+        let log = logs
+            .entry(topic.clone())
+            .or_insert_with(|| Arc::new(Mutex::new(TopicLog::new(rule, durable))));
         Some(Arc::clone(log))
     }
 
@@ -254,6 +282,31 @@ impl History {
             evicted += lock(&log).evict_aged(now, budget - evicted);
         }
         evicted
+    }
+}
+
+impl Shared {
+    /// Puts the records of the write-ahead log back into their topics' history. A message whose
+    /// time to live ran out meanwhile is left out; others keep what is left of theirs.
+    pub(crate) fn restore(&self, records: Vec<Record>) {
+        let (now, now_wall) = (Instant::now(), now_ms());
+        let restored = records.len();
+        let messages = records.into_iter().filter_map(|record| {
+            let expires_at = match record.envelope.headers.ttl_ms() {
+                None => None,
+                Some(ttl) => {
+                    let left =
+                        (record.accepted_ms + ttl).checked_sub(now_wall).filter(|&l| l > 0)?;
+                    Some(now + Duration::from_millis(left))
+                }
+            };
+            let engines = self.engines.clone();
+            let message =
+                Message::retained(record.envelope, true, engines, expires_at, record.offset);
+            Some((record.offset, record.accepted_ms, message))
+        });
+        self.history.restore(messages);
+        tracing::info!(records = restored, "durable history restored from the write-ahead log");
     }
 }
 

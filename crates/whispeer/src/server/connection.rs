@@ -271,6 +271,20 @@ impl Connection {
                 }
             }
             Body::Publish { qos, envelope } => match self.broker.publish_envelope(envelope) {
+                Ok(receipt) if qos == Qos::AtLeastOnce && receipt.is_durable_pending() => {
+                    // PUBACK once the record is durable; meanwhile the connection goes on, so
+                    // concurrent publishes share one fsync (group commit).
+                    let (broker, tx) = (self.broker.clone(), self.tx.clone());
+                    tokio::spawn(async move {
+                        let reply = if broker.durable(&receipt).await {
+                            Body::PubAck
+                        } else {
+                            let message = "the write-ahead log failed: not stored".to_string();
+                            Body::Error { code: ErrorCode::INTERNAL, message }
+                        };
+                        let _ = tx.send(Outbound::Frame(Frame::new(correlation, reply))).await;
+                    });
+                }
                 Ok(_) if qos == Qos::AtLeastOnce => {
                     self.send(Frame::new(correlation, Body::PubAck)).await
                 }
