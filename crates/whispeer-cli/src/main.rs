@@ -7,6 +7,7 @@ mod bench;
 mod cert;
 mod config;
 mod pubsub;
+mod replay;
 mod serve;
 
 use std::path::PathBuf;
@@ -50,6 +51,10 @@ enum Command {
     ///
     /// Example: whispeer sub 'sensor/#' -v
     Sub(pubsub::SubArgs),
+    /// Print a topic's retained history from a start position, or publish it again elsewhere.
+    ///
+    /// Example: whispeer replay orders/eu --from 2026-11-23T09:00:00Z -v
+    Replay(replay::ReplayArgs),
     /// Measure throughput and latency of a running server (and of nats-server with --nats).
     ///
     /// Prints a table: delivered msgs/s for 1→1 and 1→8 subscribers with 128-byte payloads,
@@ -119,6 +124,7 @@ fn main() -> ExitCode {
         Command::Serve { listen, ws_listen, config } => serve::run(listen, ws_listen, config),
         Command::Pub(args) => pubsub::run_pub(args),
         Command::Sub(args) => pubsub::run_sub(args),
+        Command::Replay(args) => replay::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Cert(args) => cert::run(args),
     }

@@ -61,7 +61,7 @@ pub(crate) struct SubArgs {
 }
 
 /// `earliest`, `latest`, an offset, `time:<ms>`, or an RFC 3339 time.
-fn parse_start(text: &str) -> Result<StartAt, String> {
+pub(crate) fn parse_start(text: &str) -> Result<StartAt, String> {
     match text {
         "earliest" => return Ok(StartAt::Earliest),
         "latest" => return Ok(StartAt::Latest),
@@ -80,7 +80,7 @@ fn parse_start(text: &str) -> Result<StartAt, String> {
     Ok(StartAt::Time(u64::try_from(ms).unwrap_or(u64::MAX)))
 }
 
-fn block_on(future: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
+pub(crate) fn block_on(future: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
     run_on(tokio::runtime::Builder::new_current_thread(), future)
 }
 
@@ -109,7 +109,7 @@ fn run_on(
     }
 }
 
-async fn connect(args: &ConnectArgs) -> anyhow::Result<Client> {
+pub(crate) async fn connect(args: &ConnectArgs) -> anyhow::Result<Client> {
     let mut options = ClientOptions::new(args.server.clone());
     if let Some(ca) = &args.ca_file {
         let read = |path: &std::path::PathBuf| {

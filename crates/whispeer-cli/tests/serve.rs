@@ -181,6 +181,18 @@ fn sub_from_earliest_or_an_offset_replays_retained_history() {
     assert_eq!(evicted.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&evicted.stderr);
     assert!(stderr.contains("history begins at offset 2"), "{stderr}");
+
+    let replay = |extra: &[&str]| {
+        let base = ["replay", "log/app", "--idle-ms", "300", "--server", &server.addr];
+        Command::new(BIN).args(base).args(extra).output().unwrap()
+    };
+    let printed = replay(&["-v"]);
+    assert!(printed.status.success(), "{printed:?}");
+    let stdout = String::from_utf8_lossy(&printed.stdout);
+    assert_eq!(stdout, "2 log/app two\n3 log/app three\n4 log/app four\n");
+    let copy = subscriber(&["copy/app", "--count", "2", "--server", &server.addr], &[]);
+    assert!(replay(&["--from", "3", "--republish", "copy/app"]).status.success());
+    assert_eq!(output_of(copy), "three\nfour\n");
 }
 
 #[test]
