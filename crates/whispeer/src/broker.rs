@@ -19,6 +19,7 @@ use whispeer_proto::{ContentType, Envelope, Flags, MessageId, Topic, header};
 
 use crate::builder::{BrokerBuilder, BrokerOptions};
 
+use crate::commit::{CommitStore, Commits};
 use crate::dedup::{Dedup, Seen};
 use crate::error::{BindError, PublishError, SubscribeError};
 use crate::group::Groups;
@@ -32,7 +33,7 @@ use crate::runtime::Spawner;
 use crate::stats::{BrokerCounters, BrokerStats, bump};
 use crate::subscription::{self, SubscribeOptions, Subscriber, Subscription};
 use crate::typed::TypedTopic;
-use crate::wal::{Wal, encode_record};
+use crate::wal::{Wal, encode_commit, encode_record};
 
 /// Room above `max_message_bytes` for what sealing adds to a payload (key id, nonce, tag).
 pub(crate) const SEAL_OVERHEAD: usize = 64;
@@ -64,6 +65,8 @@ pub(crate) struct Shared {
     pub(crate) next_sub: AtomicU64,
     pub(crate) groups: Groups,
     pub(crate) history: History,
+    /// Durable subscriptions' committed offsets.
+    pub(crate) commits: CommitStore,
     /// The write-ahead log of durable topics.
     pub(crate) wal: Option<Arc<Wal>>,
     dedup: Dedup,
@@ -98,6 +101,7 @@ impl Shared {
             engines,
             groups: Groups::default(),
             history,
+            commits: CommitStore::default(),
             wal,
             dedup,
             router: Router::default(),
@@ -296,6 +300,22 @@ impl Shared {
 
     /// Ends a subscription: closes its queue and removes its route. Idempotent; plugins hear
     /// of each subscription's end once.
+    /// Records `message` as settled by the durable subscription `commits`; an advance of its
+    /// committed offset is remembered, and written to the log for a durable topic.
+    pub(crate) fn committed(&self, commits: &Commits, message: &Message) {
+        let Some((topic, offset)) = commits.settled(message) else { return };
+        let durable = self.history.log(&topic).is_some_and(|log| retention::lock(&log).durable);
+        if let (true, Some(wal)) = (durable, &self.wal) {
+            match encode_commit(&commits.key, topic.as_str(), offset) {
+                Ok(record) => {
+                    wal.append(record);
+                }
+                Err(err) => tracing::warn!(%err, "commit not logged"),
+            }
+        }
+        self.commits.set(&commits.key, topic, offset);
+    }
+
     pub(crate) fn unsubscribe(&self, id: SubId, queue: &Queue) {
         queue.close();
         if self.router.remove(&queue.filter, id) {

@@ -189,6 +189,9 @@ impl BrokerBuilder {
         let broker = Broker { inner: Arc::new(shared) };
         if let Some(recovered) = recovered {
             broker.inner.restore(recovered.records);
+            for commit in recovered.commits {
+                broker.inner.commits.set(&commit.key, commit.topic, commit.offset);
+            }
         }
         if broker.inner.history.has_age_bounds() {
             let sweep = sweep_forever(Arc::downgrade(&broker.inner));

@@ -24,6 +24,7 @@ use tokio::time::{Instant, Sleep};
 use whispeer_proto::{Filter, MessageId, Qos, StartAt, Topic};
 
 use crate::broker::{MAX_QUEUE_CAPACITY, Shared};
+use crate::commit::Commits;
 use crate::delivery::{GiveUp, Settled, Step, Tracker};
 use crate::error::SubscribeError;
 use crate::group::{Group, GroupKey, Left, MAX_GROUP_NAME};
@@ -53,6 +54,8 @@ pub(crate) struct Registration {
     left: Arc<AtomicBool>,
     /// QoS 0: retained messages its consumer delivers before the queue's.
     replay: Mutex<Vec<Message>>,
+    /// A durable subscription's committed offsets (its group's).
+    commits: Option<Arc<Commits>>,
 }
 
 impl Registration {
@@ -65,7 +68,8 @@ impl Registration {
     ) -> Self {
         let member = tracker.as_ref().map_or(0, |t| t.join(prefetch));
         let (left, replay) = (Arc::default(), Mutex::default());
-        Self { shared, queue, tracker, member, owns: Owns::Route(id), left, replay }
+        let owns = Owns::Route(id);
+        Self { shared, queue, tracker, member, owns, left, replay, commits: None }
     }
 
     /// This registration delivering `history` before its queue: QoS 1 through its tracker (as
@@ -87,8 +91,9 @@ impl Registration {
         let tracker = group.tracker.clone();
         let member = tracker.as_ref().map_or(0, |t| t.join(prefetch));
         let queue = Arc::clone(&group.queue);
-        let (left, replay) = (Arc::default(), Mutex::default());
-        Self { shared, queue, tracker, member, owns: Owns::Member(key), left, replay }
+        let (left, replay, commits) = (Arc::default(), Mutex::default(), group.commits.clone());
+        let owns = Owns::Member(key);
+        Self { shared, queue, tracker, member, owns, left, replay, commits }
     }
 
     /// The consumer of this registration's messages.
@@ -100,6 +105,7 @@ impl Registration {
             queue: Arc::clone(&self.queue),
             left: Arc::clone(&self.left),
             replay: replay.into(),
+            commits: self.commits.clone(),
             qos1: self.tracker.as_ref().map(|tracker| Qos1 {
                 tracker: Arc::clone(tracker),
                 member: self.member,
@@ -136,6 +142,9 @@ impl Drop for Registration {
             Owns::Member(key) => {
                 if let Some(tracker) = &self.tracker {
                     for letter in tracker.leave(self.member) {
+                        if let Some(commits) = &self.commits {
+                            self.shared.committed(commits, &letter.message);
+                        }
                         self.shared.dead_letter(letter, &self.queue.counters);
                     }
                 }
@@ -220,15 +229,36 @@ impl Shared {
             let registration = Registration::solo(Arc::clone(this), id, queue, tracker(), prefetch);
             return Ok(registration.replaying(replay));
         };
-        if options.start != StartAt::Latest {
-            let reason = "a queue group cannot replay history";
+        if options.start != StartAt::Latest && !is_qos1(options.qos) {
+            let reason = "a QoS 0 queue group cannot replay history";
             return Err(SubscribeError::InvalidStart { reason });
         }
         let key: GroupKey = (filter.as_str().into(), name.as_str().into());
         let group = this.groups.join(key.clone(), options.qos, || {
             let queue = Arc::new(Queue::new(filter, capacity, max_bytes, policy).shared_by_many());
             let id = this.route_queue(&queue);
-            Arc::new(Group { id, queue, tracker: tracker(), qos: options.qos })
+            let tracker = tracker();
+            let mut commits = None;
+            if tracker.is_some() && this.history.is_active() {
+                // A durable subscription: resume after its commits, if it has any.
+                let stored = this.commits.get(&key);
+                let snapshot =
+                    this.history.snapshot_resuming(&queue.filter, options.start, stored.as_ref());
+                let snapshot = match snapshot {
+                    Ok(snapshot) => snapshot,
+                    Err(err) => {
+                        this.unsubscribe(id, &queue);
+                        return Err(err);
+                    }
+                };
+                let committed = snapshot.starts.iter().map(|(t, from)| (t.clone(), from - 1));
+                commits = Some(Arc::new(Commits::new(key.clone(), committed.collect())));
+                queue.set_replay_from(snapshot.live_from);
+                if let Some(tracker) = &tracker {
+                    tracker.preload(snapshot.messages);
+                }
+            }
+            Ok(Arc::new(Group { id, queue, tracker, qos: options.qos, commits }))
         })?;
         Ok(Registration::member(Arc::clone(this), key, &group, prefetch))
     }
@@ -288,6 +318,7 @@ pub(crate) struct Consumer {
     left: Arc<AtomicBool>,
     /// QoS 0: retained messages to deliver before the queue's.
     replay: VecDeque<Message>,
+    commits: Option<Arc<Commits>>,
     qos1: Option<Qos1>,
 }
 
@@ -307,6 +338,7 @@ impl Consumer {
             shared: Arc::clone(&self.shared),
             queue: Arc::clone(&self.queue),
             tracker: Arc::clone(&q.tracker),
+            commits: self.commits.clone(),
         })
     }
 
@@ -390,6 +422,9 @@ impl Consumer {
             counters.duplicates.fetch_add(step.duplicates, Ordering::Relaxed);
         }
         for letter in step.dead {
+            if let Some(commits) = &self.commits {
+                self.shared.committed(commits, &letter.message);
+            }
             self.shared.dead_letter(letter, &self.queue.counters);
         }
         match step.next {
@@ -418,6 +453,7 @@ pub struct Acker {
     shared: Arc<Shared>,
     queue: Arc<Queue>,
     tracker: Arc<Tracker>,
+    commits: Option<Arc<Commits>>,
 }
 
 impl fmt::Debug for Acker {
@@ -430,14 +466,13 @@ impl Acker {
     /// Acknowledges message `id`: it will not be delivered again. Returns whether it was
     /// unacknowledged (a second ack, or one after the message went elsewhere, returns `false`).
     pub fn ack(&self, id: MessageId) -> bool {
-        match self.tracker.ack(id) {
-            Settled::Unknown => false,
-            _ => {
-                bump(&self.queue.counters.acked);
-                bump(&self.shared.counters.acked);
-                true
-            }
+        let Settled::Done(message) = self.tracker.ack(id) else { return false };
+        bump(&self.queue.counters.acked);
+        bump(&self.shared.counters.acked);
+        if let Some(commits) = &self.commits {
+            self.shared.committed(commits, &message);
         }
+        true
     }
 
     /// Refuses message `id`: with `requeue`, it is delivered again at once (to this subscriber
@@ -455,6 +490,9 @@ impl Acker {
         bump(&self.queue.counters.nacked);
         bump(&self.shared.counters.nacked);
         if let Settled::Dead(letter) = settled {
+            if let Some(commits) = &self.commits {
+                self.shared.committed(commits, &letter.message);
+            }
             self.shared.dead_letter(letter, &self.queue.counters);
         }
         true

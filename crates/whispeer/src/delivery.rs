@@ -182,7 +182,7 @@ pub(crate) struct Step {
 #[derive(Debug)]
 pub(crate) enum Settled {
     /// Removed from the in-flight table (or the ready list).
-    Done,
+    Done(Message),
     /// Nacked with requeue: ready for the next member.
     Requeued,
     /// Given up: publish this dead letter.
@@ -418,13 +418,16 @@ impl Tracker {
     /// Settles `id` as processed.
     pub(crate) fn ack(&self, id: MessageId) -> Settled {
         let mut state = self.lock();
-        if state.take(id).is_some() {
-            return Settled::Done;
+        if let Some(entry) = state.take(id) {
+            return Settled::Done(entry.message);
         }
         // Acked after its timeout, before anyone took it again.
-        let before = state.ready.len();
-        state.ready.retain(|ready| ready.message.id() != id);
-        if state.ready.len() == before { Settled::Unknown } else { Settled::Done }
+        match state.ready.iter().position(|ready| ready.message.id() == id) {
+            Some(at) => {
+                state.ready.remove(at).map_or(Settled::Unknown, |r| Settled::Done(r.message))
+            }
+            None => Settled::Unknown,
+        }
     }
 
     /// Settles `id` as not processed: ready again at once (counting an attempt), or given up

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use whispeer_proto::Qos;
 
+use crate::commit::Commits;
 use crate::delivery::Tracker;
 use crate::error::SubscribeError;
 use crate::queue::Queue;
@@ -31,6 +32,8 @@ pub(crate) struct Group {
     pub(crate) queue: Arc<Queue>,
     pub(crate) tracker: Option<Arc<Tracker>>,
     pub(crate) qos: Qos,
+    /// QoS 1 on retained topics: the committed offsets (a durable subscription).
+    pub(crate) commits: Option<Arc<Commits>>,
 }
 
 #[derive(Debug)]
@@ -69,7 +72,7 @@ impl Groups {
         &self,
         key: GroupKey,
         qos: Qos,
-        create: impl FnOnce() -> Arc<Group>,
+        create: impl FnOnce() -> Result<Arc<Group>, SubscribeError>,
     ) -> Result<Arc<Group>, SubscribeError> {
         let mut slots = self.lock();
         if let Some(slot) = slots.get_mut(&key) {
@@ -84,7 +87,7 @@ impl Groups {
             slot.generation += 1;
             return Ok(Arc::clone(&slot.group));
         }
-        let group = create();
+        let group = create()?;
         slots.insert(key, Slot { group: Arc::clone(&group), members: 1, generation: 0 });
         Ok(group)
     }

@@ -36,6 +36,7 @@
 
 mod broker;
 mod builder;
+mod commit;
 mod consumer;
 mod dedup;
 mod delivery;

@@ -159,6 +159,8 @@ pub(crate) struct Snapshot {
     pub(crate) messages: Vec<Message>,
     /// Per retained topic, the first offset the live queue delivers.
     pub(crate) live_from: HashMap<Topic, u64>,
+    /// Per retained topic, the first offset this subscription delivers (replayed or live).
+    pub(crate) starts: HashMap<Topic, u64>,
 }
 
 /// Every topic's history, and the rules that say which topics keep one.
@@ -235,6 +237,19 @@ impl History {
         filter: &Filter,
         start: StartAt,
     ) -> Result<Snapshot, SubscribeError> {
+        self.snapshot_resuming(filter, start, None)
+    }
+
+    /// Like `snapshot`; with `resume` (a durable subscription's commits), each topic starts
+    /// after its committed offset, and a topic without one from its earliest message (it came
+    /// after the subscription did). A commit whose next message was evicted starts at the
+    /// earliest retained one.
+    pub(crate) fn snapshot_resuming(
+        &self,
+        filter: &Filter,
+        start: StartAt,
+        resume: Option<&HashMap<Topic, u64>>,
+    ) -> Result<Snapshot, SubscribeError> {
         let logs: Vec<(Topic, Arc<Mutex<TopicLog>>)> = self
             .logs
             .read()
@@ -247,20 +262,30 @@ impl History {
         let mut picked: Vec<(u64, Message)> = Vec::new();
         for (topic, log) in logs {
             let log = lock(&log);
-            snapshot.live_from.insert(topic, log.next);
+            snapshot.live_from.insert(topic.clone(), log.next);
             let first = log.first_offset();
-            let from = match start {
-                StartAt::Latest => continue,
-                StartAt::Earliest => first,
-                StartAt::Offset(offset) if offset < first => {
-                    return Err(SubscribeError::OffsetEvicted { requested: offset, first });
+            let from = match (resume, start) {
+                (Some(commits), _) => {
+                    let after = commits.get(&topic).map_or(first, |committed| committed + 1);
+                    if after < first {
+                        tracing::warn!(%topic, committed = after - 1, first, "durable subscription resumes after evicted messages");
+                    }
+                    after.max(first)
                 }
-                StartAt::Offset(offset) => offset,
-                StartAt::Time(ms) => {
-                    log.entries.iter().find(|e| e.time_ms >= ms).map_or(log.next, |e| e.offset)
-                }
-                _ => continue,
+                (None, start) => match start {
+                    StartAt::Latest => log.next,
+                    StartAt::Earliest => first,
+                    StartAt::Offset(offset) if offset < first => {
+                        return Err(SubscribeError::OffsetEvicted { requested: offset, first });
+                    }
+                    StartAt::Offset(offset) => offset,
+                    StartAt::Time(ms) => {
+                        log.entries.iter().find(|e| e.time_ms >= ms).map_or(log.next, |e| e.offset)
+                    }
+                    _ => log.next,
+                },
             };
+            snapshot.starts.insert(topic, from);
             let skip = usize::try_from(from.saturating_sub(first)).unwrap_or(usize::MAX);
             picked.extend(log.entries.iter().skip(skip).map(|e| (e.seq, e.message.clone())));
         }

@@ -4,7 +4,9 @@
 //! ```text
 //! segment file <first record number, 20 digits>.wal:
 //!   record*: len u32 | crc32c(body) u32 | body
-//!   body:    kind u8 (1: message) | offset u64 | accepted_ms u64 | envelope (wire layout)
+//!   body:    kind u8 = 1 (message) | offset u64 | accepted_ms u64 | envelope (wire layout)
+//!         or kind u8 = 2 (a durable subscription's commit) | offset u64 | filter str |
+//!            group str | topic str                              (str: u16 length | UTF-8)
 //! ```
 //!
 //! Appending hands an encoded record to the writer thread and returns its number (a ticket).
@@ -27,12 +29,15 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::sync::watch;
-use whispeer_proto::{Envelope, Filter, Limits};
+use whispeer_proto::{Envelope, Filter, Limits, Topic};
+
+use crate::group::GroupKey;
 
 /// Largest record accepted when reading: a message at the largest frame size, and then some.
 const MAX_RECORD: usize = 64 << 20;
 const HEADER: usize = 8;
 const KIND_MESSAGE: u8 = 1;
+const KIND_COMMIT: u8 = 2;
 
 /// When appended records are forced to disk.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -116,6 +121,63 @@ pub(crate) fn encode_record(
     Ok(framed.freeze())
 }
 
+/// Frames the record of a durable subscription's commit: group `key` has settled everything up
+/// to `offset` of `topic`.
+pub(crate) fn encode_commit(key: &GroupKey, topic: &str, offset: u64) -> io::Result<Bytes> {
+    let mut framed = BytesMut::with_capacity(HEADER + 64);
+    framed.put_u64(0);
+    framed.put_u8(KIND_COMMIT);
+    framed.put_u64(offset);
+    for text in [&*key.0, &*key.1, topic] {
+        let len = u16::try_from(text.len()).map_err(io::Error::other)?;
+        framed.put_u16(len);
+        framed.put_slice(text.as_bytes());
+    }
+    let len = u32::try_from(framed.len() - HEADER).map_err(io::Error::other)?;
+    let crc = crc32c::crc32c(&framed[HEADER..]);
+    framed[..4].copy_from_slice(&len.to_be_bytes());
+    framed[4..HEADER].copy_from_slice(&crc.to_be_bytes());
+    Ok(framed.freeze())
+}
+
+/// A durable subscription's commit read back from the log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Commit {
+    pub(crate) key: GroupKey,
+    pub(crate) topic: Topic,
+    pub(crate) offset: u64,
+}
+
+impl Commit {
+    fn decode(mut body: &[u8]) -> Option<Self> {
+        let offset = u64::from_be_bytes(body.get(..8)?.try_into().ok()?);
+        body = &body[8..];
+        let mut text = || -> Option<String> {
+            let len = usize::from(u16::from_be_bytes(body.get(..2)?.try_into().ok()?));
+            let value = std::str::from_utf8(body.get(2..2 + len)?).ok()?.to_string();
+            body = &body[2 + len..];
+            Some(value)
+        };
+        let (filter, group, topic) = (text()?, text()?, text()?);
+        let topic = Topic::parse_with(&topic, &unlimited()).ok()?;
+        body.is_empty().then(|| Self { key: (filter.into(), group.into()), topic, offset })
+    }
+}
+
+/// One record of the log.
+enum Logged {
+    Message(Record),
+    Commit(Commit),
+}
+
+fn decode_logged(body: Bytes) -> Option<Logged> {
+    match *body.first()? {
+        KIND_MESSAGE => Record::decode(body).map(Logged::Message),
+        KIND_COMMIT => Commit::decode(&body[1..]).map(Logged::Commit),
+        _ => None,
+    }
+}
+
 /// Which topics are durable, and where their log is.
 ///
 /// ```no_run
@@ -178,8 +240,10 @@ fn unlimited() -> Limits {
 /// What recovery found.
 #[derive(Debug, Default)]
 pub(crate) struct Recovered {
-    /// Every valid record, in the order written.
+    /// Every valid message record, in the order written.
     pub(crate) records: Vec<Record>,
+    /// Every valid commit record, in the order written.
+    pub(crate) commits: Vec<Commit>,
     /// Bytes cut off a segment at the first bad record.
     pub(crate) truncated_bytes: u64,
     /// Segments after the damage, set aside as `.damaged`.
@@ -219,7 +283,7 @@ fn list_segments(dir: &Path) -> io::Result<Vec<Segment>> {
 
 /// Reads the valid records of one segment; returns them and the length of the valid prefix, or
 /// `None` for the length when the whole file was valid.
-fn scan(path: &Path) -> io::Result<(Vec<Record>, Option<u64>)> {
+fn scan(path: &Path) -> io::Result<(Vec<Logged>, Option<u64>)> {
     let mut reader = BufReader::new(File::open(path)?);
     let mut records = Vec::new();
     let mut good: u64 = 0;
@@ -239,7 +303,7 @@ fn scan(path: &Path) -> io::Result<(Vec<Record>, Option<u64>)> {
         if read_full(&mut reader, &mut body)? < len || crc32c::crc32c(&body) != crc {
             return Ok((records, Some(good)));
         }
-        let Some(record) = Record::decode(Bytes::from(body)) else {
+        let Some(record) = decode_logged(Bytes::from(body)) else {
             return Ok((records, Some(good)));
         };
         records.push(record);
@@ -275,7 +339,12 @@ fn recover(dir: &Path) -> io::Result<(Recovered, Vec<Segment>)> {
         }
         let (records, valid) = scan(&segment.path)?;
         recovered.last_record = (segment.first + records.len() as u64).saturating_sub(1);
-        recovered.records.extend(records);
+        for logged in records {
+            match logged {
+                Logged::Message(record) => recovered.records.push(record),
+                Logged::Commit(commit) => recovered.commits.push(commit),
+            }
+        }
         let len = match valid {
             None => segment.len,
             Some(valid) => {

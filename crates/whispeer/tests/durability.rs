@@ -110,3 +110,53 @@ async fn concurrent_durable_publishes_are_all_stored_once_in_offset_order() {
         assert_eq!(got, expected);
     }
 }
+
+fn durable_group() -> SubscribeOptions {
+    SubscribeOptions::new("orders/ada").qos(whispeer::Qos::AtLeastOnce).group("ada-phone")
+}
+
+/// Takes `n` deliveries and acknowledges those whose value `ack` picks.
+async fn settle(sub: &mut Subscription<u32>, n: usize, ack: impl Fn(u32) -> bool) -> Vec<u32> {
+    let mut got = Vec::new();
+    for _ in 0..n {
+        let delivery = soon(sub.recv_delivery()).await.unwrap();
+        got.push(*delivery.value());
+        if ack(*delivery.value()) {
+            assert!(delivery.ack());
+        }
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_subscription_resumes_after_its_last_contiguous_ack_across_a_restart() {
+    let dir = TempDir::new("durable-subscription");
+    let first = broker(&dir, FsyncPolicy::Always);
+    let mut phone = first.subscription::<u32>(durable_group()).unwrap();
+    for n in 1..=3u32 {
+        first.publish("orders/ada", &n).unwrap();
+    }
+    // 2 stays unacknowledged: the commit stops at 1; 3 waits above it.
+    assert_eq!(settle(&mut phone, 3, |n| n != 2).await, [1, 2, 3]);
+    drop(phone);
+    let last = first.publish("orders/ada", &4u32).unwrap();
+    assert!(first.durable(&last).await);
+    drop(first);
+
+    let second = broker(&dir, FsyncPolicy::Always);
+    let mut phone = second.subscription::<u32>(durable_group()).unwrap();
+    assert_eq!(settle(&mut phone, 3, |_| true).await, [2, 3, 4], "from the first unsettled one");
+    let fresh = SubscribeOptions::new("orders/ada").qos(whispeer::Qos::AtLeastOnce).group("tablet");
+    let mut tablet = second.subscription::<u32>(fresh).unwrap();
+    assert!(tablet.try_recv_delivery().is_none(), "a new name starts with new messages");
+    drop(phone);
+    let done = second.publish("orders/ada", &5u32).unwrap();
+    assert!(second.durable(&done).await);
+    // Commits are written to the log: after another restart only 5 is left for the phone.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    drop((tablet, second));
+    let third = broker(&dir, FsyncPolicy::Always);
+    let mut phone = third.subscription::<u32>(durable_group()).unwrap();
+    assert_eq!(settle(&mut phone, 1, |_| true).await, [5]);
+    assert!(phone.try_recv_delivery().is_none());
+}

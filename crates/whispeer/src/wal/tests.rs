@@ -162,6 +162,24 @@ fn the_oldest_segments_go_past_the_size_bound() {
 }
 
 #[test]
+fn commit_records_come_back_beside_the_messages() {
+    let dir = TempDir::new();
+    let options = WalOptions::new(&dir.0);
+    let (wal, _) = Wal::open(&options).unwrap();
+    wal.append(record(1).encode().unwrap());
+    let key: GroupKey = ("inbox/+".into(), "phone".into());
+    let last = wal.append(encode_commit(&key, "inbox/ada", 1).unwrap());
+    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    assert!(runtime.block_on(wal.durable(last)));
+    drop(wal);
+    let recovered = reopen(&options);
+    assert_eq!(offsets(&recovered), [1]);
+    let commit = Commit { key, topic: Topic::parse("inbox/ada").unwrap(), offset: 1 };
+    assert_eq!(recovered.commits, [commit]);
+    assert_eq!(recovered.last_record, 2);
+}
+
+#[test]
 fn a_log_in_use_is_refused() {
     let dir = TempDir::new();
     let options = WalOptions::new(&dir.0);

@@ -1,0 +1,103 @@
+//! Durable subscriptions: a QoS 1 queue group's committed offsets, per retained topic.
+//!
+//! A group's committed offset in a topic is the highest offset up to which every message has
+//! been settled (acknowledged, or given up to the dead-letter topic); messages settled out of
+//! order wait above it until the gap closes. Each advance is remembered by the broker — and, for
+//! a durable topic, written to the write-ahead log — so a group created again under the same
+//! filter and name, after its linger or after a restart, starts right after its commits.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Mutex, PoisonError};
+
+use whispeer_proto::Topic;
+
+use crate::group::GroupKey;
+use crate::message::Message;
+
+/// One topic's commit state.
+#[derive(Debug, Default)]
+struct Mark {
+    committed: u64,
+    above: BTreeSet<u64>,
+}
+
+/// The commit state of one group.
+#[derive(Debug)]
+pub(crate) struct Commits {
+    pub(crate) key: GroupKey,
+    marks: Mutex<HashMap<Topic, Mark>>,
+}
+
+impl Commits {
+    /// State starting at `start`: per topic, the offset committed so far (the offset before the
+    /// first one this group delivers). Topics not listed start at 0 (offsets start at 1).
+    pub(crate) fn new(key: GroupKey, start: HashMap<Topic, u64>) -> Self {
+        let marks = start
+            .into_iter()
+            .map(|(topic, committed)| (topic, Mark { committed, above: BTreeSet::new() }))
+            .collect();
+        Self { key, marks: Mutex::new(marks) }
+    }
+
+    /// Records `message` as settled; returns the topic's new committed offset if it advanced.
+    pub(crate) fn settled(&self, message: &Message) -> Option<(Topic, u64)> {
+        let offset = message.offset()?;
+        let mut marks = self.marks.lock().unwrap_or_else(PoisonError::into_inner);
+        let mark = marks.entry(message.topic().clone()).or_default();
+        if offset <= mark.committed {
+            return None;
+        }
+        mark.above.insert(offset);
+        let before = mark.committed;
+        while mark.above.remove(&(mark.committed + 1)) {
+            mark.committed += 1;
+        }
+        (mark.committed > before).then(|| (message.topic().clone(), mark.committed))
+    }
+}
+
+/// Every group's committed offsets, remembered by the broker (and restored from its log).
+#[derive(Debug, Default)]
+pub(crate) struct CommitStore {
+    groups: Mutex<HashMap<GroupKey, HashMap<Topic, u64>>>,
+}
+
+impl CommitStore {
+    pub(crate) fn set(&self, key: &GroupKey, topic: Topic, offset: u64) {
+        let mut groups = self.groups.lock().unwrap_or_else(PoisonError::into_inner);
+        let topics = groups.entry(key.clone()).or_default();
+        let committed = topics.entry(topic).or_default();
+        *committed = (*committed).max(offset);
+    }
+
+    /// The commits of group `key`, if it ever committed.
+    pub(crate) fn get(&self, key: &GroupKey) -> Option<HashMap<Topic, u64>> {
+        self.groups.lock().unwrap_or_else(PoisonError::into_inner).get(key).cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use whispeer_proto::{ContentType, Envelope, Flags, MessageId};
+
+    use super::*;
+
+    fn message(offset: u64) -> Message {
+        let topic = Topic::parse("t").unwrap();
+        let flags = Flags::with_content(ContentType::Raw);
+        let envelope = Envelope::new(MessageId(u128::from(offset)), topic, 0, flags, Bytes::new());
+        Message::retained(envelope, false, None, None, offset)
+    }
+
+    #[test]
+    fn the_commit_advances_only_over_a_contiguous_run() {
+        let key: GroupKey = ("t".into(), "g".into());
+        let commits = Commits::new(key, HashMap::from([(Topic::parse("t").unwrap(), 4)]));
+        assert_eq!(commits.settled(&message(6)), None, "5 is still open");
+        assert_eq!(commits.settled(&message(3)), None, "committed already");
+        let advanced = commits.settled(&message(5)).map(|(_, offset)| offset);
+        assert_eq!(advanced, Some(6), "5 closes the gap up to 6");
+        assert_eq!(commits.settled(&message(7)).map(|(_, offset)| offset), Some(7));
+    }
+}
