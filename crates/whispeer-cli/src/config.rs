@@ -11,7 +11,8 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 use whispeer::server::{ApiKeys, ServerConfig};
 use whispeer::{
-    BrokerOptions, Durability, Filter, FsyncPolicy, Redelivery, Retention, SlowConsumer, WalOptions,
+    BrokerOptions, Durability, Filter, FsyncPolicy, PersistenceType, Redelivery, Retention,
+    SlowConsumer, WalOptions,
 };
 
 /// The default address: loopback, so an unconfigured server is reachable only from this host.
@@ -141,8 +142,10 @@ pub(crate) struct Delivery {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct Storage {
-    /// Directory of the write-ahead log; no durability without it.
+    /// Directory of the store; no durability without it.
     pub(crate) dir: Option<std::path::PathBuf>,
+    /// `wal` (segment files in `dir`, the default) or `sqlite` (`dir/whispeer.db`).
+    pub(crate) kind: StoreKind,
     /// Filters of the durable topics.
     pub(crate) durable: Vec<String>,
     /// `always` (group commit), `every_n`, `interval` or `never`.
@@ -155,6 +158,14 @@ pub(crate) struct Storage {
     pub(crate) segment_bytes: u64,
     /// The oldest segments are deleted while the log is larger.
     pub(crate) max_bytes: u64,
+}
+
+/// Store names in configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum StoreKind {
+    Wal,
+    Sqlite,
 }
 
 /// fsync policy names in configuration.
@@ -172,6 +183,7 @@ impl Default for Storage {
         let wal = WalOptions::new("");
         Self {
             dir: None,
+            kind: StoreKind::Wal,
             durable: Vec::new(),
             fsync: Fsync::Always,
             fsync_every_n: 100,
@@ -358,7 +370,12 @@ impl Config {
                 let mut wal =
                     WalOptions::new(dir).fsync(fsync).segment_bytes(storage.segment_bytes);
                 wal.max_bytes = storage.max_bytes;
-                let mut durability = Durability::new(wal);
+                let mut durability = match storage.kind {
+                    StoreKind::Wal => Durability::new(wal),
+                    StoreKind::Sqlite => {
+                        Durability::in_store(PersistenceType::Sqlite(dir.join("whispeer.db")))
+                    }
+                };
                 for filter in &storage.durable {
                     let filter = Filter::parse(filter)
                         .map_err(|e| anyhow::anyhow!("storage.durable: filter {filter:?}: {e}"))?;

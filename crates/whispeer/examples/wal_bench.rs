@@ -1,7 +1,7 @@
 //! Durable publishing and recovery figures, printed (not asserted):
 //!
 //! ```sh
-//! cargo run --release -p whispeer --example wal_bench -- [messages] [recovery-bytes] [dir]
+//! cargo run --release -p whispeer --features sqlite --example wal_bench -- [messages] [recovery-bytes] [dir]
 //! ```
 //!
 //! - Durable publish throughput under each fsync policy: `TASKS` tasks each publish 128-byte
@@ -13,22 +13,28 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use whispeer::{Broker, BrokerOptions, Durability, Filter, FsyncPolicy, WalOptions};
+use whispeer::{
+    Broker, BrokerOptions, Durability, Filter, FsyncPolicy, PersistenceType, WalOptions,
+};
 
 const TASKS: usize = 16;
 
 fn options(dir: &PathBuf, fsync: FsyncPolicy) -> BrokerOptions {
-    let mut options = BrokerOptions::default();
     let mut wal = WalOptions::new(dir).fsync(fsync);
     wal.max_bytes = u64::MAX;
+    store_options(PersistenceType::Wal(wal))
+}
+
+fn store_options(store: PersistenceType) -> BrokerOptions {
+    let mut options = BrokerOptions::default();
     let topics = Filter::parse("bench/#").expect("a valid filter");
-    options.durability = Some(Durability::new(wal).topic(topics));
+    options.durability = Some(Durability::in_store(store).topic(topics));
     options
 }
 
-async fn publish_rate(dir: &PathBuf, fsync: FsyncPolicy, messages: usize) -> f64 {
+async fn publish_rate(dir: &PathBuf, options: BrokerOptions, messages: usize) -> f64 {
     let _ = std::fs::remove_dir_all(dir);
-    let broker = Broker::builder(options(dir, fsync)).try_build().expect("the log opens");
+    let broker = Broker::builder(options).try_build().expect("the store opens");
     let start = Instant::now();
     let tasks: Vec<_> = (0..TASKS)
         .map(|t| {
@@ -62,8 +68,14 @@ async fn main() {
         ("interval 10 ms", FsyncPolicy::Interval(Duration::from_millis(10))),
         ("never", FsyncPolicy::Never),
     ] {
-        let rate = publish_rate(&dir, fsync, messages).await;
+        let rate = publish_rate(&dir, options(&dir, fsync), messages).await;
         println!("  {name:<24} {rate:>12.0} msgs/s");
+    }
+    #[cfg(feature = "sqlite")]
+    {
+        let sqlite = store_options(PersistenceType::Sqlite(dir.join("whispeer.db")));
+        let rate = publish_rate(&dir, sqlite, messages).await;
+        println!("  {:<24} {rate:>12.0} msgs/s", "sqlite (synchronous)");
     }
 
     let _ = std::fs::remove_dir_all(&dir);

@@ -31,9 +31,9 @@ use crate::retention::{self, History};
 use crate::router::{Matches, Router, SubId};
 use crate::runtime::Spawner;
 use crate::stats::{BrokerCounters, BrokerStats, bump};
+use crate::store::Store;
 use crate::subscription::{self, SubscribeOptions, Subscriber, Subscription};
 use crate::typed::TypedTopic;
-use crate::wal::{Wal, encode_commit, encode_record};
 
 /// Room above `max_message_bytes` for what sealing adds to a payload (key id, nonce, tag).
 pub(crate) const SEAL_OVERHEAD: usize = 64;
@@ -68,7 +68,7 @@ pub(crate) struct Shared {
     /// Durable subscriptions' committed offsets.
     pub(crate) commits: CommitStore,
     /// The write-ahead log of durable topics.
-    pub(crate) wal: Option<Arc<Wal>>,
+    pub(crate) store: Option<Arc<dyn Store>>,
     dedup: Dedup,
     pub(crate) spawner: Spawner,
     pub(crate) counters: Arc<BrokerCounters>,
@@ -83,7 +83,7 @@ impl Shared {
         plugins: Box<[Arc<dyn Plugin>]>,
         engines: Option<Arc<Engines>>,
         spawner: Spawner,
-        wal: Option<Arc<Wal>>,
+        store: Option<Arc<dyn Store>>,
     ) -> Self {
         let mut prefix = [0u8; 8];
         // Only uniqueness across brokers depends on this; a fixed prefix still gives unique ids
@@ -102,7 +102,7 @@ impl Shared {
             groups: Groups::default(),
             history,
             commits: CommitStore::default(),
-            wal,
+            store,
             dedup,
             router: Router::default(),
             plugins,
@@ -224,13 +224,12 @@ impl Shared {
                 // durable message goes to the log first, so the log's order is the offsets'.
                 let mut log = retention::lock(&log);
                 let accepted_ms = now_ms();
-                let ticket = match (&self.wal, log.durable) {
-                    (Some(wal), true) => {
-                        let offset = log.next_offset();
-                        let record = encode_record(offset, accepted_ms, &envelope)
-                            .map_err(|err| PublishError::Storage(err.to_string()))?;
-                        Some(wal.append(record))
-                    }
+                let ticket = match (&self.store, log.durable) {
+                    (Some(store), true) => Some(
+                        store
+                            .append(log.next_offset(), accepted_ms, &envelope)
+                            .map_err(|err| PublishError::Storage(err.to_string()))?,
+                    ),
                     _ => None,
                 };
                 let (offset, seq) = (log.reserve(), self.history.next_seq());
@@ -305,13 +304,10 @@ impl Shared {
     pub(crate) fn committed(&self, commits: &Commits, message: &Message) {
         let Some((topic, offset)) = commits.settled(message) else { return };
         let durable = self.history.log(&topic).is_some_and(|log| retention::lock(&log).durable);
-        if let (true, Some(wal)) = (durable, &self.wal) {
-            match encode_commit(&commits.key, topic.as_str(), offset) {
-                Ok(record) => {
-                    wal.append(record);
-                }
-                Err(err) => tracing::warn!(%err, "commit not logged"),
-            }
+        if let (true, Some(store)) = (durable, &self.store)
+            && let Err(err) = store.commit(&commits.key, &topic, offset)
+        {
+            tracing::warn!(%err, "commit not stored");
         }
         self.commits.set(&commits.key, topic, offset);
     }
@@ -569,16 +565,6 @@ impl Broker {
             });
         }
         Ok(TypedTopic::new(self.clone(), topic))
-    }
-
-    /// Waits until a published message is durable: for a durable topic, until its write-ahead
-    /// log record is stored under the fsync policy; for any other message at once. Returns
-    /// `false` if the log's writer stopped first (a failing disk).
-    pub async fn durable(&self, receipt: &PublishReceipt) -> bool {
-        match (receipt.ticket, &self.inner.wal) {
-            (Some(ticket), Some(wal)) => wal.durable(ticket).await,
-            _ => true,
-        }
     }
 
     /// A snapshot of the broker's counters.

@@ -14,7 +14,7 @@ use crate::plugin::Plugin;
 use crate::queue::SlowConsumer;
 use crate::retention::{Retention, sweep_forever};
 use crate::runtime::Spawner;
-use crate::wal::{Durability, Wal};
+use crate::store::Durability;
 
 /// Settings of a broker. Every field has a safe default.
 #[derive(Clone, Debug)]
@@ -177,15 +177,15 @@ impl BrokerBuilder {
         let engines = engines.is_active().then(|| Arc::new(engines));
         let opened = match &self.options.durability {
             Some(durability) => {
-                let storage =
-                    |source| BuildError::Storage { dir: durability.wal.dir.clone(), source };
-                Some(Wal::open(&durability.wal).map_err(storage)?)
+                let location = durability.store.location();
+                let storage = |source| BuildError::Storage { dir: location, source };
+                Some(durability.store.open().map_err(storage)?)
             }
             None => None,
         };
-        let (wal, recovered) = opened.map_or((None, None), |(wal, r)| (Some(wal), Some(r)));
+        let (store, recovered) = opened.map_or((None, None), |(s, r)| (Some(s), Some(r)));
         let spawner = Spawner::new(self.runtime);
-        let shared = Shared::new(self.options, self.plugins.into(), engines, spawner, wal);
+        let shared = Shared::new(self.options, self.plugins.into(), engines, spawner, store);
         let broker = Broker { inner: Arc::new(shared) };
         if let Some(recovered) = recovered {
             broker.inner.restore(recovered.records);

@@ -163,10 +163,10 @@ pub enum BuildError {
     #[cfg(feature = "server")]
     #[error(transparent)]
     Listen(#[from] crate::server::ListenError),
-    /// The write-ahead log could not be opened or repaired.
-    #[error("write-ahead log in {}: {source}", dir.display())]
+    /// The store of durable topics could not be opened or repaired.
+    #[error("store at {}: {source}", dir.display())]
     Storage {
-        /// The log's directory.
+        /// The store's directory or file.
         dir: std::path::PathBuf,
         /// The I/O error.
         #[source]

@@ -51,7 +51,10 @@ mod router;
 mod runtime;
 #[cfg(feature = "server")]
 pub mod server;
+#[cfg(feature = "sqlite")]
+mod sqlite;
 mod stats;
+mod store;
 mod subscription;
 mod typed;
 mod wal;
@@ -67,9 +70,10 @@ pub use publish::{PublishOptions, PublishReceipt};
 pub use queue::{ByteBudget, SlowConsumer};
 pub use retention::Retention;
 pub use stats::{BrokerStats, SubscriptionStats};
+pub use store::{Durability, PersistenceType};
 pub use subscription::{SubscribeOptions, Subscriber, Subscription};
 pub use typed::TypedTopic;
-pub use wal::{Durability, FsyncPolicy, WalOptions};
+pub use wal::{FsyncPolicy, WalOptions};
 pub use whispeer_engines::{
     CipherAlgorithm, Codec, CodecError, Compression, CompressionAlgorithm, Encryption, Key,
     KeyError, KeyId, Keyring, OpenError, ReceiveError, SealError, TopicRule,

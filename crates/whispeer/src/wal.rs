@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::sync::watch;
-use whispeer_proto::{Envelope, Filter, Limits, Topic};
+use whispeer_proto::{Envelope, Limits, Topic};
 
 use crate::group::GroupKey;
 
@@ -175,38 +175,6 @@ fn decode_logged(body: Bytes) -> Option<Logged> {
         KIND_MESSAGE => Record::decode(body).map(Logged::Message),
         KIND_COMMIT => Commit::decode(&body[1..]).map(Logged::Commit),
         _ => None,
-    }
-}
-
-/// Which topics are durable, and where their log is.
-///
-/// ```no_run
-/// use whispeer::{Broker, BrokerOptions, Durability, Filter, FsyncPolicy, WalOptions};
-/// let mut options = BrokerOptions::default();
-/// let wal = WalOptions::new("data/wal").fsync(FsyncPolicy::Always);
-/// options.durability = Some(Durability::new(wal).topic(Filter::parse("orders/#")?));
-/// let broker = Broker::builder(options).try_build()?;
-/// # Ok::<(), Box<dyn std::error::Error>>(())
-/// ```
-#[derive(Clone, Debug)]
-#[non_exhaustive]
-pub struct Durability {
-    /// The log.
-    pub wal: WalOptions,
-    /// Topics matching any of these are written to the log before they are acknowledged.
-    pub topics: Vec<Filter>,
-}
-
-impl Durability {
-    /// Durability in this log, for no topic yet.
-    pub fn new(wal: WalOptions) -> Self {
-        Self { wal, topics: Vec::new() }
-    }
-
-    /// Makes the topics matching `filter` durable.
-    pub fn topic(mut self, filter: Filter) -> Self {
-        self.topics.push(filter);
-        self
     }
 }
 
@@ -366,6 +334,7 @@ enum Request {
 
 /// The write-ahead log: a handle on the writer thread.
 pub(crate) struct Wal {
+    dir: PathBuf,
     /// Holds the directory's lock: one broker per log.
     _lock: File,
     tx: Mutex<Sender<Request>>,
@@ -410,13 +379,14 @@ impl Wal {
             .spawn(move || writer.run(rx))?;
         let thread = Mutex::new(Some(thread));
         let next = Mutex::new(written + 1);
-        let wal = Self { _lock: lock, tx: Mutex::new(tx), thread, durable, next };
+        let dir = options.dir.clone();
+        let wal = Self { dir, _lock: lock, tx: Mutex::new(tx), thread, durable, next };
         Ok((Arc::new(wal), recovered))
     }
 
     /// Hands a framed record to the writer; returns its ticket. Call it in the order the
     /// records must be in the log (under the topic's lock).
-    pub(crate) fn append(&self, record: Bytes) -> u64 {
+    pub(crate) fn push(&self, record: Bytes) -> u64 {
         let mut next = self.next.lock().unwrap_or_else(PoisonError::into_inner);
         let ticket = *next;
         *next += 1;
@@ -427,9 +397,25 @@ impl Wal {
         ticket
     }
 
+    /// Reads every message record of the log as it is now (up to any incomplete tail).
+    pub(crate) fn scan_all(&self) -> io::Result<Vec<Record>> {
+        let mut records = Vec::new();
+        for segment in list_segments(&self.dir)? {
+            let (logged, damaged) = scan(&segment.path)?;
+            records.extend(logged.into_iter().filter_map(|l| match l {
+                Logged::Message(record) => Some(record),
+                Logged::Commit(_) => None,
+            }));
+            if damaged.is_some() {
+                break;
+            }
+        }
+        Ok(records)
+    }
+
     /// Waits until record `ticket` is durable under the fsync policy. Returns `false` if the
     /// writer stopped first (a failed disk): the record may not be durable.
-    pub(crate) async fn durable(&self, ticket: u64) -> bool {
+    pub(crate) async fn wait_durable(&self, ticket: u64) -> bool {
         let mut durable = self.durable.clone();
         durable.wait_for(|&done| done >= ticket).await.is_ok()
     }

@@ -160,3 +160,39 @@ async fn a_durable_subscription_resumes_after_its_last_contiguous_ack_across_a_r
     assert_eq!(settle(&mut phone, 1, |_| true).await, [5]);
     assert!(phone.try_recv_delivery().is_none());
 }
+
+#[cfg(feature = "sqlite")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_broker_with_sqlite_persistence_keeps_sealed_history_across_a_restart() {
+    use whispeer::{Encryption, Keyring, PersistenceType};
+    let dir = TempDir::new("sqlite-default");
+    let file = dir.0.join("whispeer.db");
+    let sqlite = || PersistenceType::Sqlite(file.clone());
+    // Without WHISPEER_KEY the key is this process's: the stored payload is sealed anyway.
+    let first = Broker::build_default_with_persistence(sqlite()).unwrap().try_build().unwrap();
+    let receipt = first.publish("notes/today", &"buy milk".to_string()).unwrap();
+    assert!(first.durable(&receipt).await);
+    drop(first);
+    let second = Broker::build_default_with_persistence(sqlite()).unwrap().try_build().unwrap();
+    let stored = second.stored(&whispeer::Topic::parse("notes/today").unwrap(), 1, 10).unwrap();
+    assert_eq!(stored.len(), 1);
+    assert!(stored[0].plaintext().is_err(), "another process's key: still sealed on disk");
+    drop(second);
+
+    // With one keyring across restarts, the history opens.
+    let keyring = Keyring::generate().unwrap();
+    let keyed = || {
+        let mut options = BrokerOptions::default();
+        let everything = Filter::parse("#").unwrap();
+        options.durability = Some(Durability::in_store(sqlite()).topic(everything));
+        Broker::builder(options).with(Encryption::new(keyring.clone())).try_build().unwrap()
+    };
+    let first = keyed();
+    let receipt = first.publish("notes/today", &"call Ada".to_string()).unwrap();
+    assert!(first.durable(&receipt).await);
+    drop(first);
+    let second = keyed();
+    let options = SubscribeOptions::new("notes/today").start(StartAt::Offset(2));
+    let mut notes = second.subscription::<String>(options).unwrap();
+    assert_eq!(soon(notes.recv()).await.as_deref(), Some("call Ada"));
+}

@@ -37,10 +37,10 @@ fn write(options: &WalOptions, range: std::ops::Range<u64>) -> Recovered {
     let (wal, recovered) = Wal::open(options).unwrap();
     let mut last = 0;
     for n in range {
-        last = wal.append(record(n).encode().unwrap());
+        last = wal.push(record(n).encode().unwrap());
     }
     let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
-    assert!(runtime.block_on(wal.durable(last)));
+    assert!(runtime.block_on(wal.wait_durable(last)));
     drop(wal);
     recovered
 }
@@ -166,11 +166,11 @@ fn commit_records_come_back_beside_the_messages() {
     let dir = TempDir::new();
     let options = WalOptions::new(&dir.0);
     let (wal, _) = Wal::open(&options).unwrap();
-    wal.append(record(1).encode().unwrap());
+    wal.push(record(1).encode().unwrap());
     let key: GroupKey = ("inbox/+".into(), "phone".into());
-    let last = wal.append(encode_commit(&key, "inbox/ada", 1).unwrap());
+    let last = wal.push(encode_commit(&key, "inbox/ada", 1).unwrap());
     let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
-    assert!(runtime.block_on(wal.durable(last)));
+    assert!(runtime.block_on(wal.wait_durable(last)));
     drop(wal);
     let recovered = reopen(&options);
     assert_eq!(offsets(&recovered), [1]);

@@ -1,0 +1,262 @@
+//! SQLite persistence (feature `sqlite`): durable topics in one database file.
+//!
+//! ```text
+//! messages (seq INTEGER PRIMARY KEY, topic TEXT, offset INTEGER, accepted_ms INTEGER,
+//!           envelope BLOB, UNIQUE (topic, offset))       -- envelope: the wire layout
+//! commits  (filter TEXT, grp TEXT, topic TEXT, offset INTEGER, PRIMARY KEY (filter, grp, topic))
+//! ```
+//!
+//! One writer thread owns the writing connection: it takes every waiting append and commit,
+//! runs them in one transaction (group commit; `synchronous = FULL` in WAL journal mode, so a
+//! committed transaction survives a crash of the machine), then raises the durable watermark.
+//! Reads use a second connection. Rows that do not decode are skipped and counted at start.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Mutex, PoisonError};
+
+use bytes::{Bytes, BytesMut};
+use rusqlite::{Connection, params};
+use tokio::sync::watch;
+use whispeer_proto::{Envelope, Limits, Topic};
+
+use crate::group::GroupKey;
+use crate::store::{Store, StoreFuture, Stored};
+use crate::wal::{Commit, Record};
+
+const SCHEMA: &str = "
+    PRAGMA journal_mode = WAL;
+    PRAGMA synchronous = FULL;
+    CREATE TABLE IF NOT EXISTS messages (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        topic TEXT NOT NULL,
+        offset INTEGER NOT NULL,
+        accepted_ms INTEGER NOT NULL,
+        envelope BLOB NOT NULL,
+        UNIQUE (topic, offset)
+    );
+    CREATE TABLE IF NOT EXISTS commits (
+        filter TEXT NOT NULL,
+        grp TEXT NOT NULL,
+        topic TEXT NOT NULL,
+        offset INTEGER NOT NULL,
+        PRIMARY KEY (filter, grp, topic)
+    );
+";
+
+fn sql(err: rusqlite::Error) -> io::Error {
+    io::Error::other(err)
+}
+
+fn to_i64(n: u64) -> io::Result<i64> {
+    i64::try_from(n).map_err(io::Error::other)
+}
+
+fn unlimited() -> Limits {
+    let mut limits = Limits::DEFAULT;
+    limits.max_topic_len = usize::MAX;
+    limits.max_topic_depth = usize::MAX;
+    limits
+}
+
+enum Write {
+    Message { offset: u64, accepted_ms: u64, topic: String, envelope: Bytes },
+    Commit { key: GroupKey, topic: String, offset: u64 },
+}
+
+/// The SQLite store.
+pub(crate) struct SqliteStore {
+    path: PathBuf,
+    tx: Mutex<Option<Sender<Write>>>,
+    /// The writer, joined on drop so a reopened store sees everything written.
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    reader: Mutex<Connection>,
+    durable: watch::Receiver<u64>,
+    next: Mutex<u64>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+fn decode_row(topic: &str, offset: i64, accepted_ms: i64, blob: Vec<u8>) -> Option<Record> {
+    let envelope = Envelope::decode(Bytes::from(blob), &unlimited()).ok()?;
+    (envelope.topic.as_str() == topic).then_some(())?;
+    let offset = u64::try_from(offset).ok()?;
+    let accepted_ms = u64::try_from(accepted_ms).ok()?;
+    Some(Record { offset, accepted_ms, envelope })
+}
+
+fn load(conn: &Connection) -> io::Result<Stored> {
+    let mut stored = Stored::default();
+    let mut skipped = 0usize;
+    let mut rows = conn
+        .prepare("SELECT topic, offset, accepted_ms, envelope FROM messages ORDER BY seq")
+        .map_err(sql)?;
+    let mut rows = rows.query([]).map_err(sql)?;
+    while let Some(row) = rows.next().map_err(sql)? {
+        let topic: String = row.get(0).map_err(sql)?;
+        let record = decode_row(
+            &topic,
+            row.get(1).map_err(sql)?,
+            row.get(2).map_err(sql)?,
+            row.get(3).map_err(sql)?,
+        );
+        match record {
+            Some(record) => stored.records.push(record),
+            None => skipped += 1,
+        }
+    }
+    let mut commits =
+        conn.prepare("SELECT filter, grp, topic, offset FROM commits").map_err(sql)?;
+    let mut rows = commits.query([]).map_err(sql)?;
+    while let Some(row) = rows.next().map_err(sql)? {
+        let (filter, group, topic): (String, String, String) =
+            (row.get(0).map_err(sql)?, row.get(1).map_err(sql)?, row.get(2).map_err(sql)?);
+        let offset: i64 = row.get(3).map_err(sql)?;
+        match (Topic::parse_with(&topic, &unlimited()), u64::try_from(offset)) {
+            (Ok(topic), Ok(offset)) => {
+                stored.commits.push(Commit { key: (filter.into(), group.into()), topic, offset });
+            }
+            _ => skipped += 1,
+        }
+    }
+    if skipped > 0 {
+        tracing::warn!(skipped, "SQLite store: rows that do not decode were skipped");
+    }
+    Ok(stored)
+}
+
+impl SqliteStore {
+    /// Opens (or creates) the database at `path`, reads back what it holds, and starts the
+    /// writer.
+    pub(crate) fn open(path: &Path) -> io::Result<(Self, Stored)> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let writer = Connection::open(path).map_err(sql)?;
+        writer.execute_batch(SCHEMA).map_err(sql)?;
+        let stored = load(&writer)?;
+        let reader = Connection::open(path).map_err(sql)?;
+        let (tx, rx) = mpsc::channel();
+        let (durable_tx, durable) = watch::channel(0);
+        let thread = std::thread::Builder::new()
+            .name("whispeer-sqlite".into())
+            .spawn(move || write_loop(writer, &rx, &durable_tx))?;
+        let store = Self {
+            path: path.to_path_buf(),
+            tx: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+            reader: Mutex::new(reader),
+            durable,
+            next: Mutex::new(1),
+        };
+        Ok((store, stored))
+    }
+
+    fn send(&self, write: Write) -> io::Result<u64> {
+        let mut next = self.next.lock().unwrap_or_else(PoisonError::into_inner);
+        let tx = self.tx.lock().unwrap_or_else(PoisonError::into_inner);
+        let stopped = || io::Error::other("the SQLite writer has stopped");
+        tx.as_ref().ok_or_else(stopped)?.send(write).map_err(|_| stopped())?;
+        let ticket = *next;
+        *next += 1;
+        Ok(ticket)
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        // Closing the channel lets the writer finish what is queued and stop.
+        drop(self.tx.lock().unwrap_or_else(PoisonError::into_inner).take());
+        let thread = self.thread.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Writes every waiting request in one transaction, then raises the watermark.
+fn write_loop(mut conn: Connection, rx: &Receiver<Write>, durable: &watch::Sender<u64>) {
+    let mut written = 0u64;
+    while let Ok(first) = rx.recv() {
+        let batch: Vec<Write> = std::iter::once(first).chain(rx.try_iter()).collect();
+        let count = batch.len() as u64;
+        if let Err(err) = write_batch(&mut conn, batch) {
+            tracing::error!(%err, "SQLite store write failed; durable publishing stops");
+            return;
+        }
+        written += count;
+        durable.send_replace(written);
+    }
+}
+
+fn write_batch(conn: &mut Connection, batch: Vec<Write>) -> io::Result<()> {
+    let tx = conn.transaction().map_err(sql)?;
+    for write in batch {
+        match write {
+            Write::Message { offset, accepted_ms, topic, envelope } => {
+                tx.prepare(
+                    "INSERT OR REPLACE INTO messages (topic, offset, accepted_ms, envelope) VALUES (?1, ?2, ?3, ?4)",
+                )
+                .map_err(sql)?
+                .execute(params![topic, to_i64(offset)?, to_i64(accepted_ms)?, &envelope[..]])
+                .map_err(sql)?;
+            }
+            Write::Commit { key, topic, offset } => {
+                tx.prepare(
+                    "INSERT INTO commits (filter, grp, topic, offset) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (filter, grp, topic) DO UPDATE SET offset = max(offset, excluded.offset)",
+                )
+                .map_err(sql)?
+                .execute(params![&*key.0, &*key.1, topic, to_i64(offset)?])
+                .map_err(sql)?;
+            }
+        }
+    }
+    tx.commit().map_err(sql)
+}
+
+impl Store for SqliteStore {
+    fn append(&self, offset: u64, accepted_ms: u64, envelope: &Envelope) -> io::Result<u64> {
+        let mut blob = BytesMut::new();
+        envelope.encode(&mut blob).map_err(io::Error::other)?;
+        let topic = envelope.topic.as_str().to_string();
+        self.send(Write::Message { offset, accepted_ms, topic, envelope: blob.freeze() })
+    }
+
+    fn durable(&self, ticket: u64) -> StoreFuture<'_, bool> {
+        let mut durable = self.durable.clone();
+        Box::pin(async move { durable.wait_for(|&done| done >= ticket).await.is_ok() })
+    }
+
+    fn commit(&self, key: &GroupKey, topic: &Topic, offset: u64) -> io::Result<()> {
+        let topic = topic.as_str().to_string();
+        self.send(Write::Commit { key: key.clone(), topic, offset }).map(drop)
+    }
+
+    fn read(&self, topic: &Topic, from: u64, max: usize) -> io::Result<Vec<Record>> {
+        let conn = self.reader.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut query = conn
+            .prepare(
+                "SELECT offset, accepted_ms, envelope FROM messages
+                 WHERE topic = ?1 AND offset >= ?2 ORDER BY offset LIMIT ?3",
+            )
+            .map_err(sql)?;
+        let limit = i64::try_from(max).unwrap_or(i64::MAX);
+        let mut rows = query.query(params![topic.as_str(), to_i64(from)?, limit]).map_err(sql)?;
+        let mut records = Vec::new();
+        while let Some(row) = rows.next().map_err(sql)? {
+            let blob: Vec<u8> = row.get(2).map_err(sql)?;
+            if let Some(record) =
+                decode_row(topic.as_str(), row.get(0).map_err(sql)?, row.get(1).map_err(sql)?, blob)
+            {
+                records.push(record);
+            }
+        }
+        Ok(records)
+    }
+}

@@ -1,0 +1,265 @@
+//! The storage contract of durable topics, and where it can be kept: a write-ahead log (the
+//! default), SQLite (feature `sqlite`), or memory (a reference for tests, durable only while the
+//! process lives).
+//!
+//! Every store does the same four things: append a message record (returning a ticket), wait
+//! until a ticket is durable, record a durable subscription's commit, and read back what it
+//! holds — everything at start (`Stored`), or one topic from an offset. One conformance suite
+//! (`store/conformance.rs`) runs against all of them.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use whispeer_engines::{Compression, Encryption, KeyError};
+use whispeer_proto::{Envelope, Filter, Topic};
+
+use crate::Broker;
+use crate::builder::{BrokerBuilder, BrokerOptions};
+use crate::group::GroupKey;
+use crate::message::Message;
+use crate::publish::PublishReceipt;
+use crate::wal::{Commit, Record, Wal, WalOptions, encode_commit, encode_record};
+
+/// Where durable topics are kept.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum PersistenceType {
+    /// A segmented write-ahead log in a directory.
+    Wal(WalOptions),
+    /// An SQLite database file (feature `sqlite`).
+    #[cfg(feature = "sqlite")]
+    Sqlite(PathBuf),
+    /// Memory: durable only while the process lives; the reference the other stores are
+    /// tested against.
+    Memory,
+}
+
+impl PersistenceType {
+    /// Where the store lives, for error messages.
+    pub(crate) fn location(&self) -> PathBuf {
+        match self {
+            Self::Wal(options) => options.dir.clone(),
+            #[cfg(feature = "sqlite")]
+            Self::Sqlite(path) => path.clone(),
+            Self::Memory => PathBuf::from("(memory)"),
+        }
+    }
+
+    /// Opens the store and reads back what it holds.
+    pub(crate) fn open(&self) -> io::Result<(Arc<dyn Store>, Stored)> {
+        match self {
+            Self::Wal(options) => {
+                let (wal, recovered) = Wal::open(options)?;
+                let stored = Stored { records: recovered.records, commits: recovered.commits };
+                Ok((wal, stored))
+            }
+            #[cfg(feature = "sqlite")]
+            Self::Sqlite(path) => {
+                let (store, stored) = crate::sqlite::SqliteStore::open(path)?;
+                Ok((Arc::new(store), stored))
+            }
+            Self::Memory => Ok((Arc::new(MemoryStore::default()), Stored::default())),
+        }
+    }
+}
+
+/// Which topics are durable, and where they are kept.
+///
+/// ```no_run
+/// use whispeer::{Broker, BrokerOptions, Durability, Filter, FsyncPolicy, WalOptions};
+/// let mut options = BrokerOptions::default();
+/// let wal = WalOptions::new("data/wal").fsync(FsyncPolicy::Always);
+/// options.durability = Some(Durability::new(wal).topic(Filter::parse("orders/#")?));
+/// let broker = Broker::builder(options).try_build()?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct Durability {
+    /// The store.
+    pub store: PersistenceType,
+    /// Topics matching any of these are stored before they are acknowledged.
+    pub topics: Vec<Filter>,
+}
+
+impl Durability {
+    /// Durability in a write-ahead log, for no topic yet.
+    pub fn new(wal: WalOptions) -> Self {
+        Self::in_store(PersistenceType::Wal(wal))
+    }
+
+    /// Durability in `store`, for no topic yet.
+    pub fn in_store(store: PersistenceType) -> Self {
+        Self { store, topics: Vec::new() }
+    }
+
+    /// Makes the topics matching `filter` durable.
+    pub fn topic(mut self, filter: Filter) -> Self {
+        self.topics.push(filter);
+        self
+    }
+}
+
+/// What a store holds, read back at start: messages in the order they were stored, and the
+/// commits (the last one per group and topic wins).
+#[derive(Debug, Default)]
+pub(crate) struct Stored {
+    pub(crate) records: Vec<Record>,
+    pub(crate) commits: Vec<Commit>,
+}
+
+/// A future of a store.
+pub(crate) type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The storage contract; see the module documentation.
+pub(crate) trait Store: Send + Sync + std::fmt::Debug {
+    /// Stores the message at `offset` of its topic; returns a ticket for [`Store::durable`].
+    /// Called in offset order per topic (under the topic's lock).
+    fn append(&self, offset: u64, accepted_ms: u64, envelope: &Envelope) -> io::Result<u64>;
+
+    /// Resolves once the ticket's record is durable under the store's policy; `false` if the
+    /// store failed first.
+    fn durable(&self, ticket: u64) -> StoreFuture<'_, bool>;
+
+    /// Records that group `key` settled everything up to `offset` of `topic`.
+    fn commit(&self, key: &GroupKey, topic: &Topic, offset: u64) -> io::Result<()>;
+
+    /// Up to `max` stored messages of `topic` from `from` on, in offset order.
+    fn read(&self, topic: &Topic, from: u64, max: usize) -> io::Result<Vec<Record>>;
+}
+
+impl Store for Wal {
+    fn append(&self, offset: u64, accepted_ms: u64, envelope: &Envelope) -> io::Result<u64> {
+        Ok(self.push(encode_record(offset, accepted_ms, envelope)?))
+    }
+
+    fn durable(&self, ticket: u64) -> StoreFuture<'_, bool> {
+        Box::pin(self.wait_durable(ticket))
+    }
+
+    fn commit(&self, key: &GroupKey, topic: &Topic, offset: u64) -> io::Result<()> {
+        self.push(encode_commit(key, topic.as_str(), offset)?);
+        Ok(())
+    }
+
+    fn read(&self, topic: &Topic, from: u64, max: usize) -> io::Result<Vec<Record>> {
+        // A scan of every segment: the broker serves replays from memory, so this is for
+        // tools and tests.
+        let records = self.scan_all()?;
+        Ok(records
+            .into_iter()
+            .filter(|r| r.envelope.topic == *topic && r.offset >= from)
+            .take(max)
+            .collect())
+    }
+}
+
+/// Memory: everything is durable at once, for as long as the process lives.
+#[derive(Debug, Default)]
+pub(crate) struct MemoryStore {
+    records: Mutex<Vec<Record>>,
+    commits: Mutex<HashMap<(GroupKey, Topic), u64>>,
+}
+
+impl Store for MemoryStore {
+    fn append(&self, offset: u64, accepted_ms: u64, envelope: &Envelope) -> io::Result<u64> {
+        let mut records = self.records.lock().unwrap_or_else(PoisonError::into_inner);
+        records.push(Record { offset, accepted_ms, envelope: envelope.clone() });
+        Ok(records.len() as u64)
+    }
+
+    fn durable(&self, _ticket: u64) -> StoreFuture<'_, bool> {
+        Box::pin(std::future::ready(true))
+    }
+
+    fn commit(&self, key: &GroupKey, topic: &Topic, offset: u64) -> io::Result<()> {
+        let mut commits = self.commits.lock().unwrap_or_else(PoisonError::into_inner);
+        let committed = commits.entry((key.clone(), topic.clone())).or_default();
+        *committed = (*committed).max(offset);
+        Ok(())
+    }
+
+    fn read(&self, topic: &Topic, from: u64, max: usize) -> io::Result<Vec<Record>> {
+        let records = self.records.lock().unwrap_or_else(PoisonError::into_inner);
+        Ok(records
+            .iter()
+            .filter(|r| r.envelope.topic == *topic && r.offset >= from)
+            .take(max)
+            .cloned()
+            .collect())
+    }
+}
+
+impl Broker {
+    /// [`Broker::build_default`] with every topic durable in `persistence` (topics starting with
+    /// `$` excepted): their history survives a restart, and a QoS 1 acknowledgement waits for
+    /// the store.
+    ///
+    /// Stored payloads are sealed, so they open after a restart only with the same key: the key
+    /// comes from `WHISPEER_KEY` when it is set (see `whispeer keygen`); otherwise a key is
+    /// generated for this process, a warning says so, and messages stored now will not open in
+    /// the next one. The key is never written next to the data.
+    ///
+    /// ```no_run
+    /// use whispeer::{Broker, PersistenceType};
+    /// let broker = Broker::build_default_with_persistence(PersistenceType::Memory)?.build();
+    /// # Ok::<(), whispeer::KeyError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// A `WHISPEER_KEY` that is not a keyring.
+    ///
+    /// # Panics
+    /// As [`Broker::build_default`], without `WHISPEER_KEY`.
+    pub fn build_default_with_persistence(
+        persistence: PersistenceType,
+    ) -> Result<BrokerBuilder, KeyError> {
+        let encryption = match std::env::var_os("WHISPEER_KEY") {
+            Some(_) => Encryption::from_env("WHISPEER_KEY")?,
+            None => {
+                tracing::warn!(
+                    "WHISPEER_KEY is not set: stored messages will not open after a restart"
+                );
+                Encryption::generated()
+                    .expect("the operating system's random number generator provides a key")
+            }
+        };
+        let mut options = BrokerOptions::default();
+        let everything = Filter::parse("#").expect("`#` is a valid filter");
+        options.durability = Some(Durability::in_store(persistence).topic(everything));
+        Ok(Self::builder(options).with(Compression::new()).with(encryption))
+    }
+
+    /// Waits until a published message is durable: for a durable topic, until its write-ahead
+    /// log record is stored under the fsync policy; for any other message at once. Returns
+    /// `false` if the log's writer stopped first (a failing disk).
+    pub async fn durable(&self, receipt: &PublishReceipt) -> bool {
+        match (receipt.ticket, &self.inner.store) {
+            (Some(ticket), Some(store)) => store.durable(ticket).await,
+            _ => true,
+        }
+    }
+
+    /// Reads up to `max` messages of a durable topic from its store, from offset `from` on —
+    /// beyond what its in-memory history still holds, as far back as the store goes. Empty
+    /// without durability.
+    ///
+    /// # Errors
+    /// The store's I/O error.
+    pub fn stored(&self, topic: &Topic, from: u64, max: usize) -> std::io::Result<Vec<Message>> {
+        let Some(store) = &self.inner.store else { return Ok(Vec::new()) };
+        let records = store.read(topic, from, max)?;
+        let engines = self.inner.engines.clone();
+        Ok(records
+            .into_iter()
+            .map(|r| Message::retained(r.envelope, true, engines.clone(), None, r.offset))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod conformance;
