@@ -70,7 +70,7 @@ pub use publish::{PublishOptions, PublishReceipt};
 pub use queue::{ByteBudget, SlowConsumer};
 pub use retention::Retention;
 pub use stats::{BrokerStats, SubscriptionStats};
-pub use store::{Durability, PersistenceType};
+pub use store::{Durability, Persistence, PersistenceType};
 pub use subscription::{SubscribeOptions, Subscriber, Subscription};
 pub use typed::TypedTopic;
 pub use wal::{FsyncPolicy, WalOptions};

@@ -18,7 +18,7 @@ use whispeer_engines::{Compression, Encryption, KeyError};
 use whispeer_proto::{Envelope, Filter, Topic};
 
 use crate::Broker;
-use crate::builder::{BrokerBuilder, BrokerOptions};
+use crate::builder::{BrokerBuilder, BrokerOptions, Extension};
 use crate::group::GroupKey;
 use crate::message::Message;
 use crate::publish::PublishReceipt;
@@ -97,10 +97,51 @@ impl Durability {
         Self { store, topics: Vec::new() }
     }
 
+    /// Every topic durable in `store` (topics starting with `$` excepted).
+    pub fn everything(store: PersistenceType) -> Self {
+        Self::in_store(store).topic(Filter::parse("#").expect("`#` is a valid filter"))
+    }
+
     /// Makes the topics matching `filter` durable.
     pub fn topic(mut self, filter: Filter) -> Self {
         self.topics.push(filter);
         self
+    }
+}
+
+/// Persistence as a builder extension: every topic (but `$` ones) durable in one store.
+///
+/// ```no_run
+/// # #[cfg(feature = "sqlite")] {
+/// use whispeer::{Broker, BrokerOptions, Persistence};
+/// let broker = Broker::builder(BrokerOptions::default()).with(Persistence::sqlite("data/whispeer.db")).build();
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct Persistence;
+
+impl Persistence {
+    /// Every topic durable in the SQLite database at `path`.
+    #[cfg(feature = "sqlite")]
+    pub fn sqlite(path: impl Into<PathBuf>) -> Durability {
+        Durability::everything(PersistenceType::Sqlite(path.into()))
+    }
+
+    /// Every topic durable in a write-ahead log in `dir`, with the default options.
+    pub fn wal(dir: impl Into<PathBuf>) -> Durability {
+        Durability::everything(PersistenceType::Wal(WalOptions::new(dir)))
+    }
+
+    /// Every topic "durable" in memory: the contract of a store, for tests.
+    pub fn memory() -> Durability {
+        Durability::everything(PersistenceType::Memory)
+    }
+}
+
+impl Extension for Durability {
+    fn extend(self, mut builder: BrokerBuilder) -> BrokerBuilder {
+        builder.options_mut().durability = Some(self);
+        builder
     }
 }
 
@@ -228,10 +269,11 @@ impl Broker {
                     .expect("the operating system's random number generator provides a key")
             }
         };
-        let mut options = BrokerOptions::default();
-        let everything = Filter::parse("#").expect("`#` is a valid filter");
-        options.durability = Some(Durability::in_store(persistence).topic(everything));
-        Ok(Self::builder(options).with(Compression::new()).with(encryption))
+        let builder = Self::builder(BrokerOptions::default());
+        Ok(builder
+            .with(Durability::everything(persistence))
+            .with(Compression::new())
+            .with(encryption))
     }
 
     /// Waits until a published message is durable: for a durable topic, until its write-ahead

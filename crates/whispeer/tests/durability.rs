@@ -182,10 +182,11 @@ async fn the_default_broker_with_sqlite_persistence_keeps_sealed_history_across_
     // With one keyring across restarts, the history opens.
     let keyring = Keyring::generate().unwrap();
     let keyed = || {
-        let mut options = BrokerOptions::default();
-        let everything = Filter::parse("#").unwrap();
-        options.durability = Some(Durability::in_store(sqlite()).topic(everything));
-        Broker::builder(options).with(Encryption::new(keyring.clone())).try_build().unwrap()
+        Broker::builder(BrokerOptions::default())
+            .with(whispeer::Persistence::sqlite(&file))
+            .with(Encryption::new(keyring.clone()))
+            .try_build()
+            .unwrap()
     };
     let first = keyed();
     let receipt = first.publish("notes/today", &"call Ada".to_string()).unwrap();
