@@ -9,7 +9,7 @@ use std::time::Duration;
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
-use whispeer::server::{ApiKeys, ServerConfig};
+use whispeer::server::{ApiKeys, Permissions, Principal, ServerConfig};
 use whispeer::{
     BrokerOptions, Durability, Filter, FsyncPolicy, PersistenceType, Redelivery, Retention,
     SlowConsumer, WalOptions,
@@ -30,8 +30,13 @@ pub(crate) struct Config {
     pub(crate) ws_path: String,
     /// Name sent to clients.
     pub(crate) name: String,
-    /// API keys: `sha256:<hex>` digests (preferred) or plain keys.
+    /// API keys: `sha256:<hex>` digests (preferred) or plain keys; each may use every ordinary
+    /// topic.
     pub(crate) api_keys: Vec<String>,
+    /// Principals with their own key and topic permissions: `[[users]] name = "alice"`,
+    /// `api_key = "sha256:…"`, `publish = ["chat/+"]`, `subscribe = [...]`,
+    /// `deny_publish = [...]`, `deny_subscribe = [...]`.
+    pub(crate) users: Vec<User>,
     /// Heartbeat period in milliseconds; idle connections close after three.
     pub(crate) heartbeat_ms: u64,
     /// Most simultaneous connections.
@@ -53,6 +58,42 @@ pub(crate) struct Config {
     pub(crate) storage: Storage,
     /// TLS for every listener; off unless both `cert` and `key` are set.
     pub(crate) tls: Tls,
+}
+
+/// `[[users]]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct User {
+    pub(crate) name: String,
+    pub(crate) api_key: String,
+    #[serde(default)]
+    pub(crate) publish: Vec<String>,
+    #[serde(default)]
+    pub(crate) subscribe: Vec<String>,
+    #[serde(default)]
+    pub(crate) deny_publish: Vec<String>,
+    #[serde(default)]
+    pub(crate) deny_subscribe: Vec<String>,
+}
+
+impl User {
+    fn permissions(&self) -> anyhow::Result<Permissions> {
+        let parse = |list: &[String], field: &str| -> anyhow::Result<Vec<Filter>> {
+            list.iter()
+                .map(|f| {
+                    Filter::parse(f).map_err(|e| {
+                        anyhow::anyhow!("users[{}].{field}: filter {f:?}: {e}", self.name)
+                    })
+                })
+                .collect()
+        };
+        let mut permissions = Permissions::none();
+        permissions.publish = parse(&self.publish, "publish")?;
+        permissions.subscribe = parse(&self.subscribe, "subscribe")?;
+        permissions.deny_publish = parse(&self.deny_publish, "deny_publish")?;
+        permissions.deny_subscribe = parse(&self.deny_subscribe, "deny_subscribe")?;
+        Ok(permissions)
+    }
 }
 
 /// `[tls]`: PEM files.
@@ -256,6 +297,7 @@ impl Default for Config {
             ws_path: server.websocket_path,
             name: server.name,
             api_keys: Vec::new(),
+            users: Vec::new(),
             heartbeat_ms: server.heartbeat.as_millis() as u64,
             max_connections: server.max_connections,
             max_subscriptions: server.max_subscriptions,
@@ -395,6 +437,10 @@ impl Config {
         let mut server = ServerConfig::default();
         server.name.clone_from(&self.name);
         server.api_keys = ApiKeys::parse(&self.api_keys)?;
+        for (index, user) in self.users.iter().enumerate() {
+            let principal = Principal::new(user.name.clone(), user.permissions()?);
+            server.api_keys.add(self.api_keys.len() + index, &user.api_key, principal)?;
+        }
         server.heartbeat = Duration::from_millis(self.heartbeat_ms.max(10));
         server.max_connections = self.max_connections;
         server.max_subscriptions = self.max_subscriptions;
@@ -478,6 +524,42 @@ mod tests {
             jail.set_env("WHISPEER_DELIVERY__JITTER", "2");
             let config = Config::load(Path::new("whispeer.toml"), false).unwrap();
             assert!(config.broker_options().is_err(), "jitter above 1");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn users_get_their_own_keys_and_permissions() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "whispeer.toml",
+                r#"
+                api_keys = ["ops"]
+                [[users]]
+                name = "alice"
+                api_key = "alice-secret"
+                publish = ["chat/+"]
+                subscribe = ["chat/#"]
+                deny_subscribe = ["chat/admin"]
+                "#,
+            )?;
+            let config = Config::load(Path::new("whispeer.toml"), false).unwrap();
+            let server = config.server_config().unwrap();
+            let alice = server.api_keys.principal(b"alice-secret").unwrap();
+            assert_eq!(alice.name, "alice");
+            assert!(alice.permissions.may_publish(&whispeer::Topic::parse("chat/x").unwrap()));
+            assert!(!alice.permissions.may_publish(&whispeer::Topic::parse("news").unwrap()));
+            assert_eq!(
+                server.api_keys.principal(b"ops").unwrap().permissions,
+                Permissions::everything()
+            );
+            jail.create_file(
+                "bad.toml",
+                "[[users]]\nname = \"bob\"\napi_key = \"k\"\npublish = [\"a/#/b\"]",
+            )?;
+            let bad = Config::load(Path::new("bad.toml"), true).unwrap();
+            let err = format!("{:#}", bad.server_config().unwrap_err());
+            assert!(err.contains("users[bob].publish"), "{err}");
             Ok(())
         });
     }

@@ -19,6 +19,7 @@ mod code;
 mod envelope;
 mod frame;
 mod limits;
+mod relation;
 mod topic;
 
 pub use code::ErrorCode;
@@ -30,4 +31,4 @@ pub use frame::{
     reserve_for_read,
 };
 pub use limits::Limits;
-pub use topic::{Filter, FilterSegment, Topic, TopicError};
+pub use topic::{Filter, FilterSegment, Topic, TopicError, hidden_from_wildcards};

@@ -155,6 +155,12 @@ impl Topic {
         self.0.split('/')
     }
 
+    /// Whether a leading wildcard skips this topic: its first segment starts with `$` (reserved
+    /// for the broker) or `@` (addressed to one party, like `@inbox/<id>`).
+    pub fn is_hidden(&self) -> bool {
+        hidden_from_wildcards(&self.0)
+    }
+
     /// Whether the topic is reserved for the broker (its first segment starts with `$`).
     pub fn is_reserved(&self) -> bool {
         self.0.starts_with('$')
@@ -288,15 +294,15 @@ impl Filter {
         }
         let mut filter = self.segments();
         let mut topic_segments = topic.split('/');
-        // A leading wildcard never matches a reserved (`$`) topic.
+        // A leading wildcard never matches a reserved (`$`) or addressed (`@`) topic.
         let mut first = true;
         loop {
             match (filter.next(), topic_segments.next()) {
                 (Some(FilterSegment::Rest), next) => {
-                    return !(first && next.is_some_and(|s| s.starts_with('$')));
+                    return !(first && next.is_some_and(hidden_from_wildcards));
                 }
                 (Some(FilterSegment::One), Some(segment)) => {
-                    if first && segment.starts_with('$') {
+                    if first && hidden_from_wildcards(segment) {
                         return false;
                     }
                 }
@@ -311,6 +317,13 @@ impl Filter {
             first = false;
         }
     }
+}
+
+/// Whether a topic whose first segment is `first` is skipped by filters that begin with a
+/// wildcard: `$` topics are reserved for the broker, `@` topics are addressed to one party
+/// (`@inbox/<id>`). Such topics are reached only by filters that name their first segment.
+pub fn hidden_from_wildcards(first: &str) -> bool {
+    first.starts_with('$') || first.starts_with('@')
 }
 
 impl fmt::Display for Filter {

@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
 
-use whispeer_proto::{Filter, FilterSegment, Limits, Topic};
+use whispeer_proto::{Filter, FilterSegment, Limits, Topic, hidden_from_wildcards};
 
 use crate::queue::Queue;
 
@@ -108,7 +108,7 @@ impl Node {
     /// Appends the routes of every filter below this node that matches `segments[depth..]`.
     fn collect(&self, segments: &[&str], depth: usize, out: &mut Vec<Route>) {
         // A leading wildcard never matches a reserved (`$`) topic.
-        let wildcards_allowed = depth > 0 || !segments[0].starts_with('$');
+        let wildcards_allowed = depth > 0 || !hidden_from_wildcards(segments[0]);
         if wildcards_allowed {
             out.extend_from_slice(&self.rest);
         }
@@ -291,7 +291,7 @@ mod tests {
     fn naive(filter: &str, topic: &str) -> bool {
         let f: Vec<&str> = filter.split('/').collect();
         let t: Vec<&str> = topic.split('/').collect();
-        if matches!(f[0], "+" | "*" | "#") && t[0].starts_with('$') {
+        if matches!(f[0], "+" | "*" | "#") && (t[0].starts_with('$') || t[0].starts_with('@')) {
             return false;
         }
         for (i, seg) in f.iter().enumerate() {
@@ -338,7 +338,12 @@ mod tests {
     }
 
     fn segment() -> impl Strategy<Value = String> {
-        prop_oneof![Just("a".to_string()), Just("b".to_string()), Just("$s".to_string())]
+        prop_oneof![
+            Just("a".to_string()),
+            Just("b".to_string()),
+            Just("$s".to_string()),
+            Just("@i".to_string())
+        ]
     }
 
     fn filter_segment() -> impl Strategy<Value = String> {

@@ -15,10 +15,14 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use whispeer_proto::{Body, ErrorCode, Frame, Limits, PROTOCOL_VERSION, Qos, reserve_for_read};
+use whispeer_proto::{
+    Body, ErrorCode, Filter, Frame, Limits, PROTOCOL_VERSION, Qos, Topic, reserve_for_read,
+};
 
 use super::ServerConfig;
+use super::acl::Principal;
 use super::writer::{Outbound, write_loop};
+use crate::stats::bump;
 use crate::{Acker, Broker, ByteBudget, PublishError, SubscribeError, SubscribeOptions};
 
 /// Capability bit in `Welcome`: the server requires `Auth`.
@@ -97,7 +101,7 @@ pub(super) async fn run<R, W>(
     ));
     tracing::debug!(%peer, "connected");
     let mut connection = Connection {
-        authenticated: !config.api_keys.required(),
+        principal: (!config.api_keys.required()).then(Principal::anonymous),
         greeted: false,
         auth_failures: 0,
         subscriptions: HashMap::new(),
@@ -129,7 +133,8 @@ struct Connection {
     config: Arc<ServerConfig>,
     tx: mpsc::Sender<Outbound>,
     greeted: bool,
-    authenticated: bool,
+    /// Who is connected, once authenticated (at once on a server without keys).
+    principal: Option<Arc<Principal>>,
     auth_failures: u32,
     /// Ids in use, with the QoS 1 ones' ackers; the writer owns the subscriptions themselves.
     subscriptions: HashMap<u32, Option<Acker>>,
@@ -222,10 +227,17 @@ impl Connection {
             Body::Ping => self.send(Frame::new(correlation, Body::Pong)).await,
             Body::Pong => {}
             Body::Auth { key } => {
-                if self.config.api_keys.accepts(&key) || !self.config.api_keys.required() {
-                    self.authenticated = true;
+                let principal = if self.config.api_keys.required() {
+                    self.config.api_keys.principal(&key)
+                } else {
+                    Some(Principal::anonymous())
+                };
+                if let Some(principal) = principal {
+                    tracing::debug!(principal = %principal.name, "authenticated");
+                    self.principal = Some(principal);
                     self.send(Frame::new(correlation, Body::Ok)).await;
                 } else {
+                    bump(&self.config.access.auth_failures);
                     self.auth_failures += 1;
                     if self.auth_failures >= self.config.max_auth_failures {
                         return Err(Close::new(ErrorCode::FORBIDDEN, "too many wrong API keys"));
@@ -241,7 +253,7 @@ impl Connection {
             | Body::Publish { .. }
             | Body::Ack { .. }
             | Body::Nack { .. }
-                if !self.authenticated =>
+                if self.principal.is_none() =>
             {
                 self.reply_error(
                     correlation,
@@ -249,6 +261,19 @@ impl Connection {
                     "send AUTH with an API key first",
                 )
                 .await;
+            }
+            Body::Subscribe { filter, .. } if !self.may_subscribe(&filter) => {
+                bump(&self.config.access.denied_subscribe);
+                let message = format!("not allowed to subscribe to {filter}");
+                self.reply_error(correlation, ErrorCode::FORBIDDEN, message).await;
+            }
+            // A reserved topic is refused as such by the broker, whoever publishes.
+            Body::Publish { envelope, .. }
+                if !envelope.topic.is_reserved() && !self.may_publish(&envelope.topic) =>
+            {
+                bump(&self.config.access.denied_publish);
+                let message = format!("not allowed to publish to {}", envelope.topic);
+                self.reply_error(correlation, ErrorCode::FORBIDDEN, message).await;
             }
             Body::Subscribe { sub, qos, filter, prefetch, group, start } => {
                 let mut options = SubscribeOptions::new(filter.as_str()).qos(qos).start(start);
@@ -313,6 +338,14 @@ impl Connection {
             }
         }
         Ok(())
+    }
+
+    fn may_subscribe(&self, filter: &Filter) -> bool {
+        self.principal.as_ref().is_some_and(|p| p.permissions.may_subscribe(&p.name, filter))
+    }
+
+    fn may_publish(&self, topic: &Topic) -> bool {
+        self.principal.as_ref().is_some_and(|p| p.permissions.may_publish(topic))
     }
 
     fn welcome(&self) -> Body {

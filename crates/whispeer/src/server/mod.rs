@@ -14,6 +14,7 @@
 //!
 //! The library takes its inputs: a bound listener, a broker, a config and a shutdown future.
 
+mod acl;
 mod auth;
 mod connection;
 pub(crate) mod embedded;
@@ -37,6 +38,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use acl::{AccessCounters, Permissions, Principal};
 pub use auth::{ApiKeyError, ApiKeys, digest_of};
 #[cfg(feature = "websocket")]
 pub use embedded::WebSocket;
@@ -52,8 +54,12 @@ use crate::Broker;
 pub struct ServerConfig {
     /// Name sent in `Welcome`, for clients' logs.
     pub name: String,
-    /// Keys that may connect; empty means anyone may (keep such a server on loopback).
+    /// Keys that may connect, each with its principal's permissions; empty means anyone may,
+    /// with every ordinary topic (keep such a server on loopback).
     pub api_keys: ApiKeys,
+    /// Refusals counted: wrong credentials, denied publishes and subscriptions. Clones of the
+    /// config share them.
+    pub access: Arc<AccessCounters>,
     /// An idle connection is pinged this often and closed after three silent periods; a write
     /// that stalls as long, or a frame left incomplete as long, also closes it. Default: 10 s.
     pub heartbeat: Duration,
@@ -83,6 +89,7 @@ impl Default for ServerConfig {
         Self {
             name: format!("whispeerd {}", env!("CARGO_PKG_VERSION")),
             api_keys: ApiKeys::default(),
+            access: Arc::default(),
             heartbeat: Duration::from_secs(10),
             max_connections: 10_000,
             max_subscriptions: 1024,

@@ -1,0 +1,151 @@
+//! Topic access control over the network: a matrix of bypass attempts — wildcards, reserved and
+//! addressed topics, unicode look-alikes, case, empty segments, long and deep topics, replay
+//! subscriptions, queue groups — each refused with a clear error and counted, beside the grants
+//! that must keep working.
+
+#![expect(clippy::unwrap_used, reason = "test helpers fail loudly")]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use whispeer::server::{AccessCounters, ApiKeys, Permissions, Principal, ServerConfig, Tcp};
+use whispeer::{Broker, BrokerOptions, Filter, Retention};
+use whispeer_client::proto::ErrorCode;
+use whispeer_client::{Client, ClientError, ClientOptions, Qos, StartAt, SubscribeOptions};
+
+fn filters(list: &[&str]) -> Vec<Filter> {
+    list.iter().map(|f| Filter::parse(f).unwrap()).collect()
+}
+
+/// A server where `alice` may publish to `chat/+` (not `chat/admin`) and subscribe to `chat/+`
+/// and `feeds/public/#` (not `feeds/public/admin/#`); `root` may do everything ordinary.
+fn server() -> (Broker, SocketAddr, Arc<AccessCounters>) {
+    let mut alice = Permissions::none();
+    alice.publish = filters(&["chat/+"]);
+    alice.deny_publish = filters(&["chat/admin"]);
+    alice.subscribe = filters(&["chat/+", "feeds/public/#"]);
+    alice.deny_subscribe = filters(&["feeds/public/admin/#"]);
+    let mut keys = ApiKeys::default();
+    keys.add(0, "alice-key", Principal::new("alice", alice)).unwrap();
+    keys.add(1, "root-key", Principal::new("root", Permissions::everything())).unwrap();
+    let mut config = ServerConfig::default();
+    config.api_keys = keys;
+    let access = Arc::clone(&config.access);
+    let mut options = BrokerOptions::default();
+    options.retention = vec![(Filter::parse("#").unwrap(), Retention::messages(10))];
+    let broker = Broker::builder(options).with(Tcp::new("127.0.0.1:0").config(config)).build();
+    let addr = broker.local_addrs()[0];
+    (broker, addr, access)
+}
+
+async fn client(addr: SocketAddr, key: &str) -> Client {
+    Client::connect_with(ClientOptions::new(addr.to_string()).api_key(key)).await.unwrap()
+}
+
+/// The server's error code, or `None` for a refusal before anything was sent (an invalid
+/// filter or topic, caught by the SDK with the same rules the server applies).
+fn refusal(err: &ClientError) -> Option<ErrorCode> {
+    match err {
+        ClientError::Server { code, .. } => Some(*code),
+        ClientError::InvalidTopic(_) => None,
+        other => panic!("unexpected error {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bypass_attempt_is_refused_and_counted() {
+    let (_broker, addr, access) = server();
+    let alice = client(addr, "alice-key").await;
+    let long = format!("chat/{}", "x".repeat(2000));
+    let deep = ["chat"; 100].join("/");
+    let subscribe_attempts: Vec<(&str, SubscribeOptions)> = vec![
+        ("a wider wildcard", SubscribeOptions::new("chat/#")),
+        ("everything", SubscribeOptions::new("#")),
+        ("one level everywhere", SubscribeOptions::new("+/+")),
+        ("deeper than granted", SubscribeOptions::new("chat/+/x")),
+        ("a wildcard first segment", SubscribeOptions::new("+/lobby")),
+        ("the parent topic", SubscribeOptions::new("chat")),
+        ("the broker's topics", SubscribeOptions::new("$sys/#")),
+        ("a broker topic", SubscribeOptions::new("$sys/+")),
+        ("another inbox", SubscribeOptions::new("@inbox/bob")),
+        ("every inbox", SubscribeOptions::new("@inbox/+")),
+        ("every inbox, deep", SubscribeOptions::new("@inbox/#")),
+        ("everything below one level", SubscribeOptions::new("+/#")),
+        ("the other single-level wildcard", SubscribeOptions::new("*")),
+        ("a cyrillic look-alike", SubscribeOptions::new("chаt/lobby")),
+        ("another case", SubscribeOptions::new("CHAT/lobby")),
+        ("an empty segment", SubscribeOptions::new("chat//lobby")),
+        ("a trailing slash", SubscribeOptions::new("chat/lobby/")),
+        ("a wildcard reaching a denied subtree", SubscribeOptions::new("feeds/public/+/x")),
+        ("the denied subtree itself", SubscribeOptions::new("feeds/public/admin")),
+        ("above the grant", SubscribeOptions::new("feeds/#")),
+        ("a long filter", SubscribeOptions::new(long.as_str())),
+        ("a deep filter", SubscribeOptions::new(deep.as_str())),
+        ("a replay of a wider filter", SubscribeOptions::new("chat/#").start(StartAt::Earliest)),
+        ("a replay of another inbox", SubscribeOptions::new("@inbox/bob").start(StartAt::Earliest)),
+        ("a queue group on everything", SubscribeOptions::new("#").group("g")),
+        (
+            "another's durable subscription",
+            SubscribeOptions::new("@inbox/bob").qos(Qos::AtLeastOnce).group("bob-phone"),
+        ),
+    ];
+    let mut forbidden = 0u64;
+    for (what, options) in subscribe_attempts {
+        let err = alice.subscribe::<u32>(options).await.expect_err(what);
+        match refusal(&err) {
+            Some(ErrorCode::FORBIDDEN) => forbidden += 1,
+            Some(ErrorCode::INVALID_TOPIC) | None => {}
+            Some(other) => panic!("{what}: refused with {other}"),
+        }
+    }
+    assert_eq!(access.denied_subscribe(), forbidden);
+    assert!(forbidden >= 20, "{forbidden} forbidden");
+
+    let publish_attempts = [
+        ("a deeper topic", "chat/a/b"),
+        ("the parent topic", "chat"),
+        ("an ungranted topic", "news/x"),
+        ("a denied topic", "chat/admin"),
+        ("another inbox", "@inbox/bob"),
+        ("a cyrillic look-alike", "chаt/x"),
+        ("a broker topic", "$sys/x"),
+        ("a wildcard as a topic", "chat/+"),
+    ];
+    let mut denied = 0u64;
+    for (what, topic) in publish_attempts {
+        let err = alice.publish_acked(topic, &1u32).await.expect_err(what);
+        match refusal(&err) {
+            Some(ErrorCode::FORBIDDEN) => denied += 1,
+            Some(ErrorCode::INVALID_TOPIC) | None => {}
+            Some(other) => panic!("{what}: refused with {other}"),
+        }
+    }
+    assert_eq!(access.denied_publish(), denied);
+    assert!(denied >= 5, "{denied} denied");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn granted_topics_and_the_own_inbox_keep_working() {
+    let (broker, addr, access) = server();
+    let alice = client(addr, "alice-key").await;
+    let root = client(addr, "root-key").await;
+    let mut lobby = alice.subscribe::<u32>("chat/lobby").await.unwrap();
+    let mut any_chat = alice.subscribe::<u32>("chat/*").await.unwrap();
+    let mut news = alice.subscribe::<u32>("feeds/public/news/#").await.unwrap();
+    let mut inbox = alice.subscribe::<u32>("@inbox/alice/#").await.unwrap();
+    alice.publish_acked("chat/lobby", &1u32).await.unwrap();
+    root.publish_acked("feeds/public/news/today", &2u32).await.unwrap();
+    // Root's grant of everything ordinary does not open anyone's inbox either.
+    let err = root.publish_acked("@inbox/alice/dm", &3u32).await.unwrap_err();
+    assert_eq!(refusal(&err), Some(ErrorCode::FORBIDDEN));
+    assert_eq!(lobby.recv().await, Some(1));
+    assert_eq!(any_chat.recv().await, Some(1));
+    assert_eq!(news.recv().await, Some(2));
+    // A direct message, sent by the broker's own application code, reaches her inbox.
+    broker.publish("@inbox/alice/dm", &4u32).unwrap();
+    assert_eq!(inbox.recv().await, Some(4));
+    let wrong = Client::connect_with(ClientOptions::new(addr.to_string()).api_key("guess")).await;
+    assert!(wrong.is_err());
+    assert_eq!(access.auth_failures(), 1);
+    assert_eq!(access.denied_subscribe(), 0);
+}

@@ -1,0 +1,150 @@
+//! Authorization: what each authenticated principal may publish and subscribe to.
+//!
+//! Grants and denials are topic filters, checked with the same relations the router matches
+//! with (`Filter::covers`, `Filter::overlaps`), so no wildcard widens a grant:
+//!
+//! - **publish** to a topic: some `publish` filter matches it and no `deny_publish` filter does;
+//! - **subscribe** with a filter: some `subscribe` filter *covers* it (every topic it could
+//!   match, the grant matches too — `a/+` covers `a/b` but not `a/#`) and no `deny_subscribe`
+//!   filter *overlaps* it (no topic it could match is denied).
+//!
+//! Topics whose first segment starts with `$` (the broker's) or `@` (addressed, `@inbox/<id>`)
+//! are skipped by leading wildcards, so a grant of `#` opens neither. A principal may always
+//! subscribe to its own inbox, `@inbox/<name>` and below; other inboxes, and publishing to any
+//! inbox, need an explicit grant that names `@inbox`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use whispeer_proto::{Filter, Topic};
+
+/// What one principal may do; see the module documentation.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Permissions {
+    /// Topics it may publish to.
+    pub publish: Vec<Filter>,
+    /// Filters it may subscribe with (and anything they cover).
+    pub subscribe: Vec<Filter>,
+    /// Topics it may not publish to, whatever `publish` says.
+    pub deny_publish: Vec<Filter>,
+    /// Topics it may not receive, whatever `subscribe` says.
+    pub deny_subscribe: Vec<Filter>,
+}
+
+fn all() -> Vec<Filter> {
+    vec![Filter::parse("#").expect("`#` is a valid filter")]
+}
+
+impl Permissions {
+    /// Nothing but its own inbox.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// Every topic not hidden from wildcards (`$…` and `@…` topics stay closed).
+    pub fn everything() -> Self {
+        Self { publish: all(), subscribe: all(), ..Self::default() }
+    }
+
+    /// Whether `principal` may publish to `topic`.
+    pub fn may_publish(&self, topic: &Topic) -> bool {
+        !self.deny_publish.iter().any(|f| f.matches(topic))
+            && self.publish.iter().any(|f| f.matches(topic))
+    }
+
+    /// Whether `principal` may subscribe with `filter`.
+    pub fn may_subscribe(&self, principal: &str, filter: &Filter) -> bool {
+        if self.deny_subscribe.iter().any(|denied| denied.overlaps(filter)) {
+            return false;
+        }
+        self.subscribe.iter().any(|grant| grant.covers(filter))
+            || own_inbox(principal).is_some_and(|inbox| inbox.covers(filter))
+    }
+}
+
+/// `@inbox/<principal>/#`, when the name is a valid single segment.
+fn own_inbox(principal: &str) -> Option<Filter> {
+    if principal.is_empty() || principal.contains(['/', '+', '*', '#']) {
+        return None;
+    }
+    Filter::parse(&format!("@inbox/{principal}/#")).ok()
+}
+
+/// An authenticated party: its name and what it may do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Principal {
+    /// Its name, for logs and its inbox.
+    pub name: String,
+    /// What it may do.
+    pub permissions: Permissions,
+}
+
+impl Principal {
+    /// A principal with these permissions.
+    pub fn new(name: impl Into<String>, permissions: Permissions) -> Self {
+        Self { name: name.into(), permissions }
+    }
+
+    /// The principal of a server without credentials: anyone, allowed every ordinary topic.
+    pub(crate) fn anonymous() -> Arc<Self> {
+        Arc::new(Self::new("anonymous", Permissions::everything()))
+    }
+}
+
+/// Counts of refusals, for operators.
+#[derive(Debug, Default)]
+pub struct AccessCounters {
+    pub(crate) auth_failures: AtomicU64,
+    pub(crate) denied_publish: AtomicU64,
+    pub(crate) denied_subscribe: AtomicU64,
+}
+
+impl AccessCounters {
+    /// Wrong API keys or invalid tokens.
+    pub fn auth_failures(&self) -> u64 {
+        self.auth_failures.load(Ordering::Relaxed)
+    }
+
+    /// Publishes refused by the permissions.
+    pub fn denied_publish(&self) -> u64 {
+        self.denied_publish.load(Ordering::Relaxed)
+    }
+
+    /// Subscriptions refused by the permissions.
+    pub fn denied_subscribe(&self) -> u64 {
+        self.denied_subscribe.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn filters(list: &[&str]) -> Vec<Filter> {
+        list.iter().map(|f| Filter::parse(f).unwrap()).collect()
+    }
+
+    #[test]
+    fn grants_cover_and_denials_overlap() {
+        let perms = Permissions {
+            publish: filters(&["chat/+"]),
+            subscribe: filters(&["chat/+", "news/#"]),
+            deny_publish: filters(&["chat/admin"]),
+            deny_subscribe: filters(&["news/secret/#"]),
+        };
+        let topic = |t: &str| Topic::parse(t).unwrap();
+        let filter = |f: &str| Filter::parse(f).unwrap();
+        assert!(perms.may_publish(&topic("chat/lobby")));
+        assert!(!perms.may_publish(&topic("chat/admin")));
+        assert!(!perms.may_publish(&topic("chat/a/b")));
+        assert!(perms.may_subscribe("ada", &filter("chat/lobby")));
+        assert!(!perms.may_subscribe("ada", &filter("chat/#")));
+        assert!(!perms.may_subscribe("ada", &filter("news/+/x")), "overlaps news/secret/x");
+        assert!(perms.may_subscribe("ada", &filter("news/public/#")));
+        assert!(perms.may_subscribe("ada", &filter("@inbox/ada")));
+        assert!(perms.may_subscribe("ada", &filter("@inbox/ada/#")));
+        assert!(!perms.may_subscribe("ada", &filter("@inbox/bob")));
+        assert!(!perms.may_subscribe("ada", &filter("@inbox/+")));
+    }
+}
