@@ -4,12 +4,16 @@
 //! sets `[limits] max_message_bytes`. A bad value's error names the key and where it came from.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
-use whispeer::server::{ApiKeys, Permissions, Principal, ServerConfig};
+use whispeer::server::{ApiKeys, Principal, ServerConfig};
+
+mod access;
+pub(crate) use access::{Jwt, User};
 use whispeer::{
     BrokerOptions, Durability, Filter, FsyncPolicy, PersistenceType, Redelivery, Retention,
     SlowConsumer, WalOptions,
@@ -37,6 +41,8 @@ pub(crate) struct Config {
     /// `api_key = "sha256:…"`, `publish = ["chat/+"]`, `subscribe = [...]`,
     /// `deny_publish = [...]`, `deny_subscribe = [...]`.
     pub(crate) users: Vec<User>,
+    /// JWT keys: tokens sent as the API key are verified with them (`[jwt]`).
+    pub(crate) jwt: Jwt,
     /// Heartbeat period in milliseconds; idle connections close after three.
     pub(crate) heartbeat_ms: u64,
     /// Most simultaneous connections.
@@ -58,42 +64,6 @@ pub(crate) struct Config {
     pub(crate) storage: Storage,
     /// TLS for every listener; off unless both `cert` and `key` are set.
     pub(crate) tls: Tls,
-}
-
-/// `[[users]]`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct User {
-    pub(crate) name: String,
-    pub(crate) api_key: String,
-    #[serde(default)]
-    pub(crate) publish: Vec<String>,
-    #[serde(default)]
-    pub(crate) subscribe: Vec<String>,
-    #[serde(default)]
-    pub(crate) deny_publish: Vec<String>,
-    #[serde(default)]
-    pub(crate) deny_subscribe: Vec<String>,
-}
-
-impl User {
-    fn permissions(&self) -> anyhow::Result<Permissions> {
-        let parse = |list: &[String], field: &str| -> anyhow::Result<Vec<Filter>> {
-            list.iter()
-                .map(|f| {
-                    Filter::parse(f).map_err(|e| {
-                        anyhow::anyhow!("users[{}].{field}: filter {f:?}: {e}", self.name)
-                    })
-                })
-                .collect()
-        };
-        let mut permissions = Permissions::none();
-        permissions.publish = parse(&self.publish, "publish")?;
-        permissions.subscribe = parse(&self.subscribe, "subscribe")?;
-        permissions.deny_publish = parse(&self.deny_publish, "deny_publish")?;
-        permissions.deny_subscribe = parse(&self.deny_subscribe, "deny_subscribe")?;
-        Ok(permissions)
-    }
 }
 
 /// `[tls]`: PEM files.
@@ -298,6 +268,7 @@ impl Default for Config {
             name: server.name,
             api_keys: Vec::new(),
             users: Vec::new(),
+            jwt: Jwt::default(),
             heartbeat_ms: server.heartbeat.as_millis() as u64,
             max_connections: server.max_connections,
             max_subscriptions: server.max_subscriptions,
@@ -437,6 +408,7 @@ impl Config {
         let mut server = ServerConfig::default();
         server.name.clone_from(&self.name);
         server.api_keys = ApiKeys::parse(&self.api_keys)?;
+        server.jwt = self.jwt.verifier()?.map(Arc::new);
         for (index, user) in self.users.iter().enumerate() {
             let principal = Principal::new(user.name.clone(), user.permissions()?);
             server.api_keys.add(self.api_keys.len() + index, &user.api_key, principal)?;
@@ -551,7 +523,7 @@ mod tests {
             assert!(!alice.permissions.may_publish(&whispeer::Topic::parse("news").unwrap()));
             assert_eq!(
                 server.api_keys.principal(b"ops").unwrap().permissions,
-                Permissions::everything()
+                whispeer::server::Permissions::everything()
             );
             jail.create_file(
                 "bad.toml",

@@ -100,7 +100,7 @@ async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
     if config.storage.dir.is_some() {
         tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "storage opened");
     }
-    let open = !server_config.api_keys.required();
+    let open = !server_config.auth_required();
     let listener = bind(&config.listen, open, path).await?;
     let ws_listener = match &config.ws_listen {
         Some(address) => Some(bind(address, open, path).await?),

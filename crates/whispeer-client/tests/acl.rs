@@ -149,3 +149,39 @@ async fn granted_topics_and_the_own_inbox_keep_working() {
     assert_eq!(access.auth_failures(), 1);
     assert_eq!(access.denied_subscribe(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jwt_in_auth_names_the_principal_and_its_permissions() {
+    use jsonwebtoken::{EncodingKey, Header, encode};
+    use whispeer::server::JwtVerifier;
+    let secret = b"shared secret for this test only!";
+    let mut config = ServerConfig::default();
+    config.jwt = Some(Arc::new(JwtVerifier::new().hs256(secret)));
+    let access = Arc::clone(&config.access);
+    let broker = Broker::builder(BrokerOptions::default())
+        .with(Tcp::new("127.0.0.1:0").config(config))
+        .build();
+    let addr = broker.local_addrs()[0];
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let token = |exp: u64, key: &[u8]| {
+        let claims = serde_json::json!({
+            "sub": "ada", "exp": exp,
+            "whispeer": { "publish": ["chat/+"], "subscribe": ["chat/+"] },
+        });
+        encode(&Header::default(), &claims, &EncodingKey::from_secret(key)).unwrap()
+    };
+    let ada = client(addr, &token(now + 300, secret)).await;
+    let mut lobby = ada.subscribe::<u32>("chat/lobby").await.unwrap();
+    ada.publish_acked("chat/lobby", &1u32).await.unwrap();
+    assert_eq!(lobby.recv().await, Some(1));
+    let err = ada.subscribe::<u32>("chat/#").await.unwrap_err();
+    assert_eq!(refusal(&err), Some(ErrorCode::FORBIDDEN));
+    let mut inbox = ada.subscribe::<u32>("@inbox/ada").await.unwrap();
+    broker.publish("@inbox/ada", &2u32).unwrap();
+    assert_eq!(inbox.recv().await, Some(2), "the subject's own inbox");
+    for bad in [token(now - 3600, secret), token(now + 300, b"not the server's secret")] {
+        let options = ClientOptions::new(addr.to_string()).api_key(bad);
+        assert!(Client::connect_with(options).await.is_err());
+    }
+    assert_eq!(access.auth_failures(), 2);
+}

@@ -21,6 +21,7 @@ use whispeer_proto::{
 
 use super::ServerConfig;
 use super::acl::Principal;
+use super::jwt::looks_like_jwt;
 use super::writer::{Outbound, write_loop};
 use crate::stats::bump;
 use crate::{Acker, Broker, ByteBudget, PublishError, SubscribeError, SubscribeOptions};
@@ -101,7 +102,7 @@ pub(super) async fn run<R, W>(
     ));
     tracing::debug!(%peer, "connected");
     let mut connection = Connection {
-        principal: (!config.api_keys.required()).then(Principal::anonymous),
+        principal: (!config.auth_required()).then(Principal::anonymous),
         greeted: false,
         auth_failures: 0,
         subscriptions: HashMap::new(),
@@ -227,8 +228,8 @@ impl Connection {
             Body::Ping => self.send(Frame::new(correlation, Body::Pong)).await,
             Body::Pong => {}
             Body::Auth { key } => {
-                let principal = if self.config.api_keys.required() {
-                    self.config.api_keys.principal(&key)
+                let principal = if self.config.auth_required() {
+                    self.authenticate(&key)
                 } else {
                     Some(Principal::anonymous())
                 };
@@ -340,6 +341,21 @@ impl Connection {
         Ok(())
     }
 
+    /// The principal of an API key, or of a JWT.
+    fn authenticate(&self, key: &[u8]) -> Option<Arc<Principal>> {
+        if let (Some(verifier), true) = (&self.config.jwt, looks_like_jwt(key)) {
+            let token = std::str::from_utf8(key).ok()?;
+            return match verifier.verify(token) {
+                Ok(principal) => Some(Arc::new(principal)),
+                Err(err) => {
+                    tracing::debug!(%err, "token refused");
+                    None
+                }
+            };
+        }
+        self.config.api_keys.principal(key)
+    }
+
     fn may_subscribe(&self, filter: &Filter) -> bool {
         self.principal.as_ref().is_some_and(|p| p.permissions.may_subscribe(&p.name, filter))
     }
@@ -350,7 +366,7 @@ impl Connection {
 
     fn welcome(&self) -> Body {
         let limits = &self.broker.options().limits;
-        let capabilities = if self.config.api_keys.required() { CAP_AUTH_REQUIRED } else { 0 };
+        let capabilities = if self.config.auth_required() { CAP_AUTH_REQUIRED } else { 0 };
         Body::Welcome {
             version: PROTOCOL_VERSION,
             capabilities,

@@ -20,6 +20,7 @@ mod connection;
 pub(crate) mod embedded;
 #[cfg(feature = "websocket")]
 mod json;
+mod jwt;
 #[cfg(feature = "tls")]
 mod tls;
 mod writer;
@@ -43,6 +44,7 @@ pub use auth::{ApiKeyError, ApiKeys, digest_of};
 #[cfg(feature = "websocket")]
 pub use embedded::WebSocket;
 pub use embedded::{ListenError, Tcp};
+pub use jwt::{JwtError, JwtVerifier};
 #[cfg(feature = "tls")]
 pub use tls::{TlsError, server_tls};
 
@@ -57,6 +59,9 @@ pub struct ServerConfig {
     /// Keys that may connect, each with its principal's permissions; empty means anyone may,
     /// with every ordinary topic (keep such a server on loopback).
     pub api_keys: ApiKeys,
+    /// Keys that verify JWTs sent in AUTH (their claims name the principal and its
+    /// permissions). Default: none.
+    pub jwt: Option<Arc<JwtVerifier>>,
     /// Refusals counted: wrong credentials, denied publishes and subscriptions. Clones of the
     /// config share them.
     pub access: Arc<AccessCounters>,
@@ -89,6 +94,7 @@ impl Default for ServerConfig {
         Self {
             name: format!("whispeerd {}", env!("CARGO_PKG_VERSION")),
             api_keys: ApiKeys::default(),
+            jwt: None,
             access: Arc::default(),
             heartbeat: Duration::from_secs(10),
             max_connections: 10_000,
@@ -105,6 +111,11 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
+    /// Whether clients must authenticate (API keys or JWTs are configured).
+    pub fn auth_required(&self) -> bool {
+        self.api_keys.required() || self.jwt.as_ref().is_some_and(|j| j.is_configured())
+    }
+
     pub(crate) fn idle_timeout(&self) -> Duration {
         self.heartbeat * 3
     }
