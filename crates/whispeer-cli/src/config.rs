@@ -49,6 +49,10 @@ pub(crate) struct Config {
     pub(crate) max_connections: usize,
     /// Most subscriptions per connection.
     pub(crate) max_subscriptions: usize,
+    /// Most publishes per second per connection (bursts of one second's worth); none if unset.
+    pub(crate) max_publish_rate: Option<u32>,
+    /// Most published payload bytes per second per connection; none if unset.
+    pub(crate) max_publish_bytes_per_sec: Option<u64>,
     /// Logging.
     pub(crate) log: Log,
     /// Size limits.
@@ -272,6 +276,8 @@ impl Default for Config {
             heartbeat_ms: server.heartbeat.as_millis() as u64,
             max_connections: server.max_connections,
             max_subscriptions: server.max_subscriptions,
+            max_publish_rate: None,
+            max_publish_bytes_per_sec: None,
             log: Log::default(),
             limits: Limits::default(),
             queues: Queues::default(),
@@ -416,6 +422,8 @@ impl Config {
         server.heartbeat = Duration::from_millis(self.heartbeat_ms.max(10));
         server.max_connections = self.max_connections;
         server.max_subscriptions = self.max_subscriptions;
+        server.max_publish_rate = self.max_publish_rate;
+        server.max_publish_bytes_rate = self.max_publish_bytes_per_sec;
         server.connection_max_bytes = self.delivery.connection_max_bytes;
         server.tls = match (&self.tls.cert, &self.tls.key) {
             (Some(cert), Some(key)) => {

@@ -185,3 +185,37 @@ async fn a_jwt_in_auth_names_the_principal_and_its_permissions() {
     }
     assert_eq!(access.auth_failures(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_publishing_past_its_rate_is_refused_then_recovers() {
+    let mut config = ServerConfig::default();
+    config.max_publish_rate = Some(50);
+    config.max_publish_bytes_rate = Some(10_000);
+    let access = Arc::clone(&config.access);
+    let broker = Broker::builder(BrokerOptions::default())
+        .with(Tcp::new("127.0.0.1:0").config(config))
+        .build();
+    let addr = broker.local_addrs()[0];
+    let publisher = Client::connect(addr.to_string()).await.unwrap();
+    let start = std::time::Instant::now();
+    let (mut accepted, mut refused) = (0u64, 0u64);
+    for n in 0..200u32 {
+        match publisher.publish_acked("t", &n).await {
+            Ok(_) => accepted += 1,
+            Err(err) => {
+                assert_eq!(refusal(&err), Some(ErrorCode::LIMIT_REACHED));
+                refused += 1;
+            }
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    // A burst of one second's worth, then the rate.
+    assert!(accepted as f64 <= 50.0 + 50.0 * elapsed + 1.0, "{accepted} in {elapsed:.3} s");
+    assert!(refused > 0 && access.rate_limited() == refused);
+    // Both budgets refill; then 4 KB payloads spend the 10 000 bytes per second after two.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    publisher.publish_acked_bytes("t", vec![0u8; 4000]).await.expect("within the byte budget");
+    publisher.publish_acked_bytes("t", vec![0u8; 4000]).await.expect("within the byte budget");
+    let third = publisher.publish_acked_bytes("t", vec![0u8; 4000]).await.unwrap_err();
+    assert_eq!(refusal(&third), Some(ErrorCode::LIMIT_REACHED));
+}

@@ -98,6 +98,7 @@ pub struct AccessCounters {
     pub(crate) auth_failures: AtomicU64,
     pub(crate) denied_publish: AtomicU64,
     pub(crate) denied_subscribe: AtomicU64,
+    pub(crate) rate_limited: AtomicU64,
 }
 
 impl AccessCounters {
@@ -114,6 +115,11 @@ impl AccessCounters {
     /// Subscriptions refused by the permissions.
     pub fn denied_subscribe(&self) -> u64 {
         self.denied_subscribe.load(Ordering::Relaxed)
+    }
+
+    /// Publishes refused by a connection's rate or byte limit.
+    pub fn rate_limited(&self) -> u64 {
+        self.rate_limited.load(Ordering::Relaxed)
     }
 }
 

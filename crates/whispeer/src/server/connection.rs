@@ -103,6 +103,7 @@ pub(super) async fn run<R, W>(
     tracing::debug!(%peer, "connected");
     let mut connection = Connection {
         principal: (!config.auth_required()).then(Principal::anonymous),
+        rate: RateLimit::new(&config),
         greeted: false,
         auth_failures: 0,
         subscriptions: HashMap::new(),
@@ -129,6 +130,47 @@ pub(super) async fn run<R, W>(
     tracing::debug!(%peer, "disconnected");
 }
 
+/// A connection's publish budget: token buckets refilled continuously, holding at most one
+/// second's worth, so a client may burst that much and then publish at the configured rate.
+struct RateLimit {
+    messages: Option<(f64, f64)>,
+    bytes: Option<(f64, f64)>,
+    last: Instant,
+}
+
+impl RateLimit {
+    fn new(config: &ServerConfig) -> Option<Self> {
+        let messages = config.max_publish_rate.map(|rate| (f64::from(rate), f64::from(rate)));
+        let bytes = config.max_publish_bytes_rate.map(|rate| (rate as f64, rate as f64));
+        (messages.is_some() || bytes.is_some()).then(|| Self {
+            messages,
+            bytes,
+            last: Instant::now(),
+        })
+    }
+
+    /// Takes one publish of `len` bytes from the budget; `false` if it does not fit.
+    fn admit(&mut self, len: usize) -> bool {
+        let elapsed = self.last.elapsed().as_secs_f64();
+        self.last = Instant::now();
+        let mut fits = true;
+        for (bucket, cost) in [(&mut self.messages, 1.0), (&mut self.bytes, len as f64)] {
+            if let Some((tokens, rate)) = bucket {
+                *tokens = (*tokens + *rate * elapsed).min(*rate);
+                fits &= *tokens >= cost;
+            }
+        }
+        if fits {
+            for (bucket, cost) in [(&mut self.messages, 1.0), (&mut self.bytes, len as f64)] {
+                if let Some((tokens, _)) = bucket {
+                    *tokens -= cost;
+                }
+            }
+        }
+        fits
+    }
+}
+
 struct Connection {
     broker: Broker,
     config: Arc<ServerConfig>,
@@ -136,6 +178,8 @@ struct Connection {
     greeted: bool,
     /// Who is connected, once authenticated (at once on a server without keys).
     principal: Option<Arc<Principal>>,
+    /// The publish budget, when the server limits publishing.
+    rate: Option<RateLimit>,
     auth_failures: u32,
     /// Ids in use, with the QoS 1 ones' ackers; the writer owns the subscriptions themselves.
     subscriptions: HashMap<u32, Option<Acker>>,
@@ -296,6 +340,13 @@ impl Connection {
                     self.reply_error(correlation, ErrorCode::UNKNOWN_SUBSCRIPTION, message).await;
                 }
             }
+            Body::Publish { envelope, .. } if !self.admit(envelope.payload.len()) => {
+                bump(&self.config.access.rate_limited);
+                let limits = (self.config.max_publish_rate, self.config.max_publish_bytes_rate);
+                let message =
+                    format!("publish rate limit (messages, bytes per second): {limits:?}");
+                self.reply_error(correlation, ErrorCode::LIMIT_REACHED, message).await;
+            }
             Body::Publish { qos, envelope } => match self.broker.publish_envelope(envelope) {
                 Ok(receipt) if qos == Qos::AtLeastOnce && receipt.is_durable_pending() => {
                     // PUBACK once the record is durable; meanwhile the connection goes on, so
@@ -339,6 +390,11 @@ impl Connection {
             }
         }
         Ok(())
+    }
+
+    /// Whether a publish of `len` bytes fits the connection's budget (and takes it).
+    fn admit(&mut self, len: usize) -> bool {
+        self.rate.as_mut().is_none_or(|rate| rate.admit(len))
     }
 
     /// The principal of an API key, or of a JWT.

@@ -72,6 +72,11 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Subscriptions per connection. Default: 1 024.
     pub max_subscriptions: usize,
+    /// Publishes per second per connection (bursts up to one second's worth); beyond it a
+    /// publish is refused with `LIMIT_REACHED`. Default: unlimited.
+    pub max_publish_rate: Option<u32>,
+    /// Published payload bytes per second per connection, the same way. Default: unlimited.
+    pub max_publish_bytes_rate: Option<u64>,
     /// Frames waiting to be written per connection. Default: 1 024.
     pub outbound_frames: usize,
     /// Bytes the broker holds queued for one connection, across its own subscriptions (payloads
@@ -99,6 +104,8 @@ impl Default for ServerConfig {
             heartbeat: Duration::from_secs(10),
             max_connections: 10_000,
             max_subscriptions: 1024,
+            max_publish_rate: None,
+            max_publish_bytes_rate: None,
             outbound_frames: 1024,
             connection_max_bytes: 64 * 1024 * 1024,
             max_auth_failures: 3,
