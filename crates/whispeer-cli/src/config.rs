@@ -30,6 +30,8 @@ pub(crate) struct Config {
     pub(crate) listen: String,
     /// Address to listen on for WebSocket clients (binary frames); none by default.
     pub(crate) ws_listen: Option<String>,
+    /// Address of the admin port (`/healthz`, `/readyz`, `/metrics`); none by default.
+    pub(crate) admin_listen: Option<String>,
     /// Path of the WebSocket endpoint.
     pub(crate) ws_path: String,
     /// Name sent to clients.
@@ -268,6 +270,7 @@ impl Default for Config {
         Self {
             listen: DEFAULT_LISTEN.into(),
             ws_listen: None,
+            admin_listen: None,
             ws_path: server.websocket_path,
             name: server.name,
             api_keys: Vec::new(),

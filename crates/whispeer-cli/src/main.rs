@@ -3,6 +3,7 @@
 //! Exit codes: 0 success; 1 a runtime failure (cannot connect, refused by the server); 2 a usage
 //! or configuration error; for `match`, 1 also means some topic did not match.
 
+mod admin;
 mod bench;
 mod cert;
 mod config;
@@ -39,6 +40,9 @@ enum Command {
         /// Also accept WebSocket clients on this address (path `ws_path`, default /ws).
         #[arg(long)]
         ws_listen: Option<String>,
+        /// Serve /healthz, /readyz and /metrics (Prometheus) on this address.
+        #[arg(long)]
+        admin_listen: Option<String>,
         /// Configuration file [default: whispeer.toml, if present].
         #[arg(long)]
         config: Option<PathBuf>,
@@ -121,7 +125,9 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Match { filter, topics } => match_topics(&filter, &topics),
         Command::Keygen { id } => keygen(id),
-        Command::Serve { listen, ws_listen, config } => serve::run(listen, ws_listen, config),
+        Command::Serve { listen, ws_listen, admin_listen, config } => {
+            serve::run(listen, ws_listen, admin_listen, config)
+        }
         Command::Pub(args) => pubsub::run_pub(args),
         Command::Sub(args) => pubsub::run_sub(args),
         Command::Replay(args) => replay::run(args),

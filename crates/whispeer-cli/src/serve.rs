@@ -4,17 +4,20 @@ use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 use whispeer::Broker;
 
+use crate::admin::Admin;
 use crate::config::{Config, LogFormat};
 
 pub(crate) fn run(
     listen: Option<String>,
     ws_listen: Option<String>,
+    admin_listen: Option<String>,
     config_path: Option<PathBuf>,
 ) -> ExitCode {
     let explicit = config_path.is_some();
@@ -31,6 +34,9 @@ pub(crate) fn run(
     }
     if ws_listen.is_some() {
         config.ws_listen = ws_listen;
+    }
+    if admin_listen.is_some() {
+        config.admin_listen = admin_listen;
     }
     init_logging(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -121,11 +127,31 @@ async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
         tracing::info!(%ws_local, path = %config.ws_path, "listening for WebSocket clients");
         println!("whispeer: websocket listening on {scheme}://{ws_local}{}", config.ws_path);
     }
+    let admin = match &config.admin_listen {
+        Some(address) => {
+            let admin_listener = TcpListener::bind(address.as_str())
+                .await
+                .with_context(|| format!("cannot listen on {address} (admin)"))?;
+            let admin_local = admin_listener.local_addr()?;
+            let admin = Admin::new(broker.clone(), Arc::clone(&server_config.access))?;
+            tokio::spawn(admin.clone().serve(admin_listener));
+            tracing::info!(%admin_local, "admin port: /healthz /readyz /metrics");
+            println!("whispeer: admin listening on http://{admin_local}");
+            Some(admin)
+        }
+        None => None,
+    };
     let _ = std::io::stdout().flush();
+    if let Some(admin) = &admin {
+        admin.set_ready(true);
+    }
     // One signal stops both listeners.
     let (trigger, stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown_signal().await;
+        if let Some(admin) = &admin {
+            admin.set_ready(false);
+        }
         let _ = trigger.send(true);
     });
     let stop = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {

@@ -434,3 +434,59 @@ async fn crash_rounds(kind: &str) {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `GET path` on the admin port: (status line, body).
+fn http_get(addr: &str, path: &str) -> (String, String) {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: whispeer\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_string(), body.to_string())
+}
+
+/// The value of a sample line `name value` in Prometheus text.
+fn sample(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{metrics}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_port_reports_health_and_metrics_that_match_the_workload() {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .env("WHISPEER_HEARTBEAT_MS", "500")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut next = |prefix: &str| {
+        let line = lines.next().unwrap().unwrap();
+        line.strip_prefix(prefix).unwrap_or_else(|| panic!("{line:?}")).to_string()
+    };
+    let addr = next("whispeer: listening on ");
+    let admin = next("whispeer: admin listening on http://");
+    assert_eq!(http_get(&admin, "/healthz").0, "HTTP/1.1 200 OK");
+    assert_eq!(http_get(&admin, "/readyz").0, "HTTP/1.1 200 OK");
+
+    let client = Client::connect(addr).await.unwrap();
+    let _a = client.subscribe::<u32>("work/+").await.unwrap();
+    let _b = client.subscribe::<u32>("work/#").await.unwrap();
+    for n in 0..10u32 {
+        client.publish_acked("work/x", &n).await.unwrap();
+    }
+    client.publish_acked("nobody/listens", &0u32).await.unwrap();
+    let (status, metrics) = http_get(&admin, "/metrics");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert_eq!(sample(&metrics, "whispeer_messages_published_total"), 11.0);
+    assert_eq!(sample(&metrics, "whispeer_deliveries_total"), 20.0);
+    assert_eq!(sample(&metrics, "whispeer_messages_unrouted_total"), 1.0);
+    assert_eq!(sample(&metrics, "whispeer_subscriptions"), 2.0);
+    assert_eq!(sample(&metrics, "whispeer_auth_failures_total"), 0.0);
+    assert!(metrics.contains(r#"whispeer_drops_total{reason="drop_oldest"} 0"#), "{metrics}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
