@@ -6,16 +6,24 @@
 //! - `GET /metrics`: the broker's and the server's counters in the Prometheus text format,
 //!   through the `metrics` facade and its Prometheus exporter (counters end in `_total`).
 //!
-//! Not yet: the authenticated JSON admin API and per-topic figures (see the README).
+//! - `GET /api/topics`, `/api/subscriptions`, `/api/durable`: JSON snapshots of the broker
+//!   (retained topics; subscriptions with their counters, groups counted once; durable
+//!   subscriptions with their lag), for `whispeer inspect`. They need
+//!   `Authorization: Bearer <admin_token>`; without an `admin_token` configured they answer 403.
+//!
+//! Not yet: the connection list, disconnecting a client, triggering a replay.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use axum::Router;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::header::AUTHORIZATION;
+use axum::http::{HeaderMap, StatusCode};
 use axum::routing::get;
+use axum::{Json, Router};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use whispeer::Broker;
 use whispeer::server::AccessCounters;
@@ -24,6 +32,8 @@ use whispeer::server::AccessCounters;
 #[derive(Clone)]
 pub(crate) struct Admin {
     broker: Broker,
+    /// SHA-256 digest of the admin token; `None`: the API is closed.
+    token: Option<[u8; 32]>,
     access: Arc<AccessCounters>,
     ready: Arc<AtomicBool>,
     prometheus: PrometheusHandle,
@@ -31,10 +41,31 @@ pub(crate) struct Admin {
 
 impl Admin {
     /// Installs the Prometheus recorder for this process.
-    pub(crate) fn new(broker: Broker, access: Arc<AccessCounters>) -> anyhow::Result<Self> {
+    pub(crate) fn new(
+        broker: Broker,
+        access: Arc<AccessCounters>,
+        token: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let prometheus = PrometheusBuilder::new().install_recorder()?;
         let ready = Arc::new(AtomicBool::new(false));
-        Ok(Self { broker, access, ready, prometheus })
+        let token = token.map(|t| Sha256::digest(t.as_bytes()).into());
+        Ok(Self { broker, token, access, ready, prometheus })
+    }
+
+    /// Whether the request carries the admin token (compared by digest).
+    fn authorized(&self, headers: &HeaderMap) -> Result<(), (StatusCode, &'static str)> {
+        let Some(expected) = &self.token else {
+            return Err((StatusCode::FORBIDDEN, "the admin API is closed: set admin_token\n"));
+        };
+        let given = headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(|t| -> [u8; 32] { Sha256::digest(t.as_bytes()).into() });
+        match given {
+            Some(digest) if digest == *expected => Ok(()),
+            _ => Err((StatusCode::UNAUTHORIZED, "missing or wrong admin token\n")),
+        }
     }
 
     /// Marks the server ready (or not).
@@ -48,6 +79,9 @@ impl Admin {
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/readyz", get(readyz))
             .route("/metrics", get(metrics))
+            .route("/api/topics", get(topics))
+            .route("/api/subscriptions", get(subscriptions))
+            .route("/api/durable", get(durable))
             .with_state(self);
         axum::serve(listener, routes).await
     }
@@ -99,4 +133,60 @@ async fn readyz(State(admin): State<Admin>) -> (StatusCode, &'static str) {
 async fn metrics(State(admin): State<Admin>) -> String {
     admin.record();
     admin.prometheus.render()
+}
+
+type ApiResult = Result<Json<Value>, (StatusCode, &'static str)>;
+
+async fn topics(State(admin): State<Admin>, headers: HeaderMap) -> ApiResult {
+    admin.authorized(&headers)?;
+    let topics: Vec<Value> = admin
+        .broker
+        .topics()
+        .into_iter()
+        .map(|t| {
+            json!({
+                "topic": t.topic.as_str(), "first_offset": t.first_offset,
+                "next_offset": t.next_offset, "messages": t.messages, "bytes": t.bytes,
+                "durable": t.durable,
+            })
+        })
+        .collect();
+    Ok(Json(Value::Array(topics)))
+}
+
+async fn subscriptions(State(admin): State<Admin>, headers: HeaderMap) -> ApiResult {
+    admin.authorized(&headers)?;
+    let subscriptions: Vec<Value> = admin
+        .broker
+        .subscriptions()
+        .into_iter()
+        .map(|s| {
+            let (group, members) =
+                s.group.map_or((None, 1), |(name, members)| (Some(name), members));
+            json!({
+                "filter": s.filter.as_str(), "group": group, "members": members,
+                "queued": s.stats.queued, "received": s.stats.received,
+                "unacked": s.stats.unacked,
+                "dropped": s.stats.dropped_oldest + s.stats.dropped_newest + s.stats.rejected_full,
+                "redelivered": s.stats.redelivered, "dead_lettered": s.stats.dead_lettered,
+            })
+        })
+        .collect();
+    Ok(Json(Value::Array(subscriptions)))
+}
+
+async fn durable(State(admin): State<Admin>, headers: HeaderMap) -> ApiResult {
+    admin.authorized(&headers)?;
+    let durable: Vec<Value> = admin
+        .broker
+        .durable_subscriptions()
+        .into_iter()
+        .map(|d| {
+            json!({
+                "filter": d.filter, "group": d.group, "topic": d.topic.as_str(),
+                "committed": d.committed, "lag": d.lag,
+            })
+        })
+        .collect();
+    Ok(Json(Value::Array(durable)))
 }

@@ -30,8 +30,10 @@ pub(crate) struct Config {
     pub(crate) listen: String,
     /// Address to listen on for WebSocket clients (binary frames); none by default.
     pub(crate) ws_listen: Option<String>,
-    /// Address of the admin port (`/healthz`, `/readyz`, `/metrics`); none by default.
+    /// Address of the admin port (`/healthz`, `/readyz`, `/metrics`, `/api/…`); none by default.
     pub(crate) admin_listen: Option<String>,
+    /// The bearer token of the admin API (`/api/…`); closed without one.
+    pub(crate) admin_token: Option<String>,
     /// Path of the WebSocket endpoint.
     pub(crate) ws_path: String,
     /// Name sent to clients.
@@ -271,6 +273,7 @@ impl Default for Config {
             listen: DEFAULT_LISTEN.into(),
             ws_listen: None,
             admin_listen: None,
+            admin_token: None,
             ws_path: server.websocket_path,
             name: server.name,
             api_keys: Vec::new(),

@@ -7,6 +7,7 @@ mod admin;
 mod bench;
 mod cert;
 mod config;
+mod inspect;
 mod pubsub;
 mod replay;
 mod serve;
@@ -59,6 +60,10 @@ enum Command {
     ///
     /// Example: whispeer replay orders/eu --from 2026-11-23T09:00:00Z -v
     Replay(replay::ReplayArgs),
+    /// Show a running server's topics, subscriptions or durable subscriptions (admin API).
+    ///
+    /// Example: whispeer inspect subscriptions --admin http://127.0.0.1:9090 --token …
+    Inspect(inspect::InspectArgs),
     /// Measure throughput and latency of a running server (and of nats-server with --nats).
     ///
     /// Prints a table: delivered msgs/s for 1→1 and 1→8 subscribers with 128-byte payloads,
@@ -131,6 +136,7 @@ fn main() -> ExitCode {
         Command::Pub(args) => pubsub::run_pub(args),
         Command::Sub(args) => pubsub::run_sub(args),
         Command::Replay(args) => replay::run(args),
+        Command::Inspect(args) => inspect::run(&args),
         Command::Bench(args) => bench::run(args),
         Command::Cert(args) => cert::run(args),
     }

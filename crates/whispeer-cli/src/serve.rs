@@ -133,7 +133,8 @@ async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("cannot listen on {address} (admin)"))?;
             let admin_local = admin_listener.local_addr()?;
-            let admin = Admin::new(broker.clone(), Arc::clone(&server_config.access))?;
+            let access = Arc::clone(&server_config.access);
+            let admin = Admin::new(broker.clone(), access, config.admin_token.as_deref())?;
             tokio::spawn(admin.clone().serve(admin_listener));
             tracing::info!(%admin_local, "admin port: /healthz /readyz /metrics");
             println!("whispeer: admin listening on http://{admin_local}");

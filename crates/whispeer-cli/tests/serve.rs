@@ -458,6 +458,7 @@ async fn the_admin_port_reports_health_and_metrics_that_match_the_workload() {
     let mut child = Command::new(BIN)
         .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
         .env("WHISPEER_HEARTBEAT_MS", "500")
+        .env("WHISPEER_ADMIN_TOKEN", "admin-t0ken")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -487,6 +488,28 @@ async fn the_admin_port_reports_health_and_metrics_that_match_the_workload() {
     assert_eq!(sample(&metrics, "whispeer_subscriptions"), 2.0);
     assert_eq!(sample(&metrics, "whispeer_auth_failures_total"), 0.0);
     assert!(metrics.contains(r#"whispeer_drops_total{reason="drop_oldest"} 0"#), "{metrics}");
+
+    // The admin API needs the token; `whispeer inspect` shows it as a table or JSON.
+    assert_eq!(http_get(&admin, "/api/subscriptions").0, "HTTP/1.1 401 Unauthorized");
+    let inspect = |extra: &[&str]| {
+        let base = ["inspect", "subscriptions", "--admin"];
+        let url = format!("http://{admin}");
+        let out = Command::new(BIN)
+            .args(base)
+            .arg(&url)
+            .args(["--token", "admin-t0ken"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let table = inspect(&[]);
+    let rows: Vec<&str> = table.lines().collect();
+    assert!(rows[0].starts_with("FILTER"), "{table}");
+    assert!(rows[1].starts_with("work/#") && rows[2].starts_with("work/+"), "{table}");
+    let json: serde_json::Value = serde_json::from_str(&inspect(&["--json"])).unwrap();
+    assert_eq!(json[0]["received"], 10, "{json}");
     let _ = child.kill();
     let _ = child.wait();
 }

@@ -70,6 +70,15 @@ impl CommitStore {
         *committed = (*committed).max(offset);
     }
 
+    /// Every commit: group, topic, offset.
+    pub(crate) fn all(&self) -> Vec<(GroupKey, Topic, u64)> {
+        let groups = self.groups.lock().unwrap_or_else(PoisonError::into_inner);
+        groups
+            .iter()
+            .flat_map(|(key, topics)| topics.iter().map(|(t, o)| (key.clone(), t.clone(), *o)))
+            .collect()
+    }
+
     /// The commits of group `key`, if it ever committed.
     pub(crate) fn get(&self, key: &GroupKey) -> Option<HashMap<Topic, u64>> {
         self.groups.lock().unwrap_or_else(PoisonError::into_inner).get(key).cloned()

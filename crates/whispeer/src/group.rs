@@ -106,6 +106,15 @@ impl Groups {
         slots.remove(key).map_or(Left::Stays, |slot| Left::Remove(slot.group))
     }
 
+    /// Every group with its member count.
+    pub(crate) fn list(&self) -> Vec<(GroupKey, usize, Arc<Group>)> {
+        let slots = self.lock();
+        slots
+            .iter()
+            .map(|(key, slot)| (key.clone(), slot.members, Arc::clone(&slot.group)))
+            .collect()
+    }
+
     /// Removes the group `key` if it is still empty and nobody joined since `generation`.
     pub(crate) fn expire(&self, key: &GroupKey, generation: u64) -> Option<Arc<Group>> {
         let mut slots = self.lock();

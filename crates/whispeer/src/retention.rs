@@ -295,6 +295,29 @@ impl History {
         Ok(snapshot)
     }
 
+    /// Every retained topic: (topic, first offset, next offset, messages, bytes, durable).
+    pub(crate) fn topics(&self) -> Vec<(Topic, u64, u64, usize, usize, bool)> {
+        let logs: Vec<(Topic, Arc<Mutex<TopicLog>>)> = self
+            .logs
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(topic, log)| (topic.clone(), Arc::clone(log)))
+            .collect();
+        logs.into_iter()
+            .map(|(topic, log)| {
+                let log = lock(&log);
+                (topic, log.first_offset(), log.next, log.entries.len(), log.bytes, log.durable)
+            })
+            .collect()
+    }
+
+    /// The next offset of `topic`, if it is retained.
+    pub(crate) fn next_offset(&self, topic: &Topic) -> Option<u64> {
+        let logs = self.logs.read().unwrap_or_else(PoisonError::into_inner);
+        logs.get(topic).map(|log| lock(log).next)
+    }
+
     /// Evicts aged messages, at most `budget` in all; returns how many.
     fn sweep(&self, now: Instant, budget: usize) -> usize {
         let logs: Vec<Arc<Mutex<TopicLog>>> =

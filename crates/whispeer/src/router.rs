@@ -105,6 +105,16 @@ impl Node {
         }
     }
 
+    /// Appends every route of this node and below.
+    fn all(&self, out: &mut Vec<Route>) {
+        out.extend_from_slice(&self.here);
+        out.extend_from_slice(&self.rest);
+        self.children.values().for_each(|child| child.all(out));
+        if let Some(one) = &self.one {
+            one.all(out);
+        }
+    }
+
     /// Appends the routes of every filter below this node that matches `segments[depth..]`.
     fn collect(&self, segments: &[&str], depth: usize, out: &mut Vec<Route>) {
         // A leading wildcard never matches a reserved (`$`) topic.
@@ -210,6 +220,14 @@ impl Router {
 
     fn clear_cache(&self) {
         self.cache.write().unwrap_or_else(PoisonError::into_inner).clear();
+    }
+
+    /// Every route, for introspection (takes the table's read lock once).
+    pub(crate) fn routes(&self) -> Vec<Route> {
+        let table = self.table.read().unwrap_or_else(PoisonError::into_inner);
+        let mut out: Vec<Route> = table.exact.values().flatten().cloned().collect();
+        table.wild.all(&mut out);
+        out
     }
 
     /// Number of subscriptions.
