@@ -11,22 +11,27 @@
 //!   subscriptions with their lag), for `whispeer inspect`. They need
 //!   `Authorization: Bearer <admin_token>`; without an `admin_token` configured they answer 403.
 //!
-//! Not yet: the connection list, disconnecting a client, triggering a replay.
+//! - `GET /api/connections`: the live connections (peer, principal, subscriptions, since);
+//!   `POST /api/connections/{id}/disconnect` disconnects one (it is told why).
+//!
+//! Not yet: triggering a replay through the API.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use axum::extract::State;
+use std::time::UNIX_EPOCH;
+
+use axum::extract::{Path, State};
 use axum::http::header::AUTHORIZATION;
 use axum::http::{HeaderMap, StatusCode};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use whispeer::Broker;
-use whispeer::server::AccessCounters;
+use whispeer::server::{AccessCounters, Connections, ServerConfig};
 
 /// What the admin handlers read.
 #[derive(Clone)]
@@ -35,6 +40,7 @@ pub(crate) struct Admin {
     /// SHA-256 digest of the admin token; `None`: the API is closed.
     token: Option<[u8; 32]>,
     access: Arc<AccessCounters>,
+    connections: Arc<Connections>,
     ready: Arc<AtomicBool>,
     prometheus: PrometheusHandle,
 }
@@ -43,13 +49,14 @@ impl Admin {
     /// Installs the Prometheus recorder for this process.
     pub(crate) fn new(
         broker: Broker,
-        access: Arc<AccessCounters>,
+        server: &ServerConfig,
         token: Option<&str>,
     ) -> anyhow::Result<Self> {
         let prometheus = PrometheusBuilder::new().install_recorder()?;
         let ready = Arc::new(AtomicBool::new(false));
         let token = token.map(|t| Sha256::digest(t.as_bytes()).into());
-        Ok(Self { broker, token, access, ready, prometheus })
+        let (access, connections) = (Arc::clone(&server.access), Arc::clone(&server.connections));
+        Ok(Self { broker, token, access, connections, ready, prometheus })
     }
 
     /// Whether the request carries the admin token (compared by digest).
@@ -82,6 +89,8 @@ impl Admin {
             .route("/api/topics", get(topics))
             .route("/api/subscriptions", get(subscriptions))
             .route("/api/durable", get(durable))
+            .route("/api/connections", get(connections))
+            .route("/api/connections/{id}/disconnect", post(disconnect))
             .with_state(self);
         axum::serve(listener, routes).await
     }
@@ -119,6 +128,7 @@ impl Admin {
             metrics::counter!("whispeer_drops_total", "reason" => reason).absolute(value);
         }
         metrics::gauge!("whispeer_subscriptions").set(stats.subscriptions as f64);
+        metrics::gauge!("whispeer_connections").set(self.connections.list().len() as f64);
     }
 }
 
@@ -173,6 +183,36 @@ async fn subscriptions(State(admin): State<Admin>, headers: HeaderMap) -> ApiRes
         })
         .collect();
     Ok(Json(Value::Array(subscriptions)))
+}
+
+async fn connections(State(admin): State<Admin>, headers: HeaderMap) -> ApiResult {
+    admin.authorized(&headers)?;
+    let connections: Vec<Value> = admin
+        .connections
+        .list()
+        .into_iter()
+        .map(|c| {
+            let since = c.since.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            json!({
+                "id": c.id, "peer": c.peer.to_string(), "principal": c.principal,
+                "subscriptions": c.subscriptions, "since": since,
+            })
+        })
+        .collect();
+    Ok(Json(Value::Array(connections)))
+}
+
+async fn disconnect(
+    State(admin): State<Admin>,
+    Path(id): Path<u64>,
+    headers: HeaderMap,
+) -> Result<&'static str, (StatusCode, &'static str)> {
+    admin.authorized(&headers)?;
+    if admin.connections.disconnect(id) {
+        Ok("disconnected\n")
+    } else {
+        Err((StatusCode::NOT_FOUND, "no such connection\n"))
+    }
 }
 
 async fn durable(State(admin): State<Admin>, headers: HeaderMap) -> ApiResult {

@@ -16,6 +16,8 @@ pub(crate) enum What {
     Subscriptions,
     /// Durable subscriptions: committed offsets and lag.
     Durable,
+    /// Live connections: peer, principal, subscriptions.
+    Connections,
 }
 
 /// `whispeer inspect`.
@@ -32,6 +34,9 @@ pub(crate) struct InspectArgs {
     /// Print the JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// With `connections`: disconnect the connection with this id instead.
+    #[arg(long, value_name = "ID")]
+    disconnect: Option<u64>,
 }
 
 /// The columns of each table: (header, JSON field).
@@ -60,6 +65,13 @@ fn columns(what: What) -> &'static [(&'static str, &'static str)] {
             ("TOPIC", "topic"),
             ("COMMITTED", "committed"),
             ("LAG", "lag"),
+        ],
+        What::Connections => &[
+            ("ID", "id"),
+            ("PEER", "peer"),
+            ("PRINCIPAL", "principal"),
+            ("SUBSCRIPTIONS", "subscriptions"),
+            ("SINCE", "since"),
         ],
     }
 }
@@ -105,10 +117,22 @@ pub(crate) fn run(args: &InspectArgs) -> ExitCode {
         What::Topics => "topics",
         What::Subscriptions => "subscriptions",
         What::Durable => "durable",
+        What::Connections => "connections",
     };
+    let auth = format!("Bearer {}", args.token);
+    if let Some(id) = args.disconnect {
+        let url = format!("{}/api/connections/{id}/disconnect", args.admin.trim_end_matches('/'));
+        return match ureq::post(&url).header("Authorization", &auth).send_empty() {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("whispeer: POST {url}: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let url = format!("{}/api/{path}", args.admin.trim_end_matches('/'));
     let fetched = ureq::get(&url)
-        .header("Authorization", &format!("Bearer {}", args.token))
+        .header("Authorization", &auth)
         .call()
         .with_context(|| format!("GET {url}"))
         .and_then(|mut response| Ok(response.body_mut().read_json::<Vec<Value>>()?));

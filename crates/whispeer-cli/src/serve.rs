@@ -4,7 +4,6 @@ use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use tokio::net::TcpListener;
@@ -133,8 +132,7 @@ async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("cannot listen on {address} (admin)"))?;
             let admin_local = admin_listener.local_addr()?;
-            let access = Arc::clone(&server_config.access);
-            let admin = Admin::new(broker.clone(), access, config.admin_token.as_deref())?;
+            let admin = Admin::new(broker.clone(), &server_config, config.admin_token.as_deref())?;
             tokio::spawn(admin.clone().serve(admin_listener));
             tracing::info!(%admin_local, "admin port: /healthz /readyz /metrics");
             println!("whispeer: admin listening on http://{admin_local}");

@@ -510,6 +510,41 @@ async fn the_admin_port_reports_health_and_metrics_that_match_the_workload() {
     assert!(rows[1].starts_with("work/#") && rows[2].starts_with("work/+"), "{table}");
     let json: serde_json::Value = serde_json::from_str(&inspect(&["--json"])).unwrap();
     assert_eq!(json[0]["received"], 10, "{json}");
+
+    // The connection list, and disconnecting the client: it reconnects as a new connection.
+    let list = |url: &str| -> serde_json::Value {
+        let out = Command::new(BIN)
+            .args(["inspect", "connections", "--admin", url, "--token", "admin-t0ken", "--json"])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let url = format!("http://{admin}");
+    let before = list(&url);
+    assert_eq!(before.as_array().unwrap().len(), 1, "{before}");
+    assert_eq!(
+        (before[0]["principal"].as_str(), before[0]["subscriptions"].as_u64()),
+        (Some("anonymous"), Some(2))
+    );
+    let id = before[0]["id"].as_u64().unwrap().to_string();
+    let kicked = Command::new(BIN)
+        .args([
+            "inspect",
+            "connections",
+            "--admin",
+            &url,
+            "--token",
+            "admin-t0ken",
+            "--disconnect",
+            &id,
+        ])
+        .status()
+        .unwrap();
+    assert!(kicked.success());
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    client.publish_acked("work/x", &99u32).await.expect("the client reconnected");
+    let after = list(&url);
+    assert_ne!(after[0]["id"].as_u64().unwrap().to_string(), id, "{after}");
     let _ = child.kill();
     let _ = child.wait();
 }

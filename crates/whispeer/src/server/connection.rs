@@ -22,6 +22,7 @@ use whispeer_proto::{
 use super::ServerConfig;
 use super::acl::Principal;
 use super::jwt::looks_like_jwt;
+use super::registry::{Connections, Registered};
 use super::writer::{Outbound, write_loop};
 use crate::stats::bump;
 use crate::{Acker, Broker, ByteBudget, PublishError, SubscribeError, SubscribeOptions};
@@ -101,7 +102,10 @@ pub(super) async fn run<R, W>(
         writer_gone.clone(),
     ));
     tracing::debug!(%peer, "connected");
+    let registered = Connections::register(&config.connections, peer, &stop);
+    let kick = registered.entry.kick.clone();
     let mut connection = Connection {
+        registered,
         principal: (!config.auth_required()).then(Principal::anonymous),
         rate: RateLimit::new(&config),
         greeted: false,
@@ -112,11 +116,17 @@ pub(super) async fn run<R, W>(
         config,
         tx,
     };
-    let outcome = connection.read_loop(reader, &limits, &stop, &writer_gone).await;
+    if let Some(principal) = &connection.principal {
+        connection.registered.entry.set_principal(&principal.name);
+    }
+    let outcome = connection.read_loop(reader, &limits, &kick, &writer_gone).await;
     let close = match outcome {
         Err(close) => Some(close),
         Ok(()) if stop.is_cancelled() => {
             Some(Close::new(ErrorCode::SHUTTING_DOWN, "server shutting down"))
+        }
+        Ok(()) if kick.is_cancelled() => {
+            Some(Close::new(ErrorCode::FORBIDDEN, "disconnected by an operator"))
         }
         Ok(()) => None,
     };
@@ -172,6 +182,8 @@ impl RateLimit {
 }
 
 struct Connection {
+    /// This connection's entry in the server's registry.
+    registered: Registered,
     broker: Broker,
     config: Arc<ServerConfig>,
     tx: mpsc::Sender<Outbound>,
@@ -279,6 +291,7 @@ impl Connection {
                 };
                 if let Some(principal) = principal {
                     tracing::debug!(principal = %principal.name, "authenticated");
+                    self.registered.entry.set_principal(&principal.name);
                     self.principal = Some(principal);
                     self.send(Frame::new(correlation, Body::Ok)).await;
                 } else {
@@ -333,6 +346,7 @@ impl Connection {
             }
             Body::Unsubscribe { sub } => {
                 if self.subscriptions.remove(&sub).is_some() {
+                    self.count_subscriptions();
                     let reply = Frame::new(correlation, Body::Ok);
                     let _ = self.tx.send(Outbound::Unsubscribed { sub, reply }).await;
                 } else {
@@ -390,6 +404,11 @@ impl Connection {
             }
         }
         Ok(())
+    }
+
+    fn count_subscriptions(&self) {
+        let count = self.subscriptions.len();
+        self.registered.entry.subscriptions.store(count, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether a publish of `len` bytes fits the connection's budget (and takes it).
@@ -473,6 +492,7 @@ impl Connection {
             }
         };
         self.subscriptions.insert(sub, subscription.acker());
+        self.count_subscriptions();
         let reply = Frame::new(correlation, Body::Ok);
         let subscription = Box::new(subscription);
         let _ = self.tx.send(Outbound::Subscribed { sub, subscription, reply }).await;

@@ -21,6 +21,7 @@ pub(crate) mod embedded;
 #[cfg(feature = "websocket")]
 mod json;
 mod jwt;
+mod registry;
 #[cfg(feature = "tls")]
 mod tls;
 mod writer;
@@ -45,6 +46,7 @@ pub use auth::{ApiKeyError, ApiKeys, digest_of};
 pub use embedded::WebSocket;
 pub use embedded::{ListenError, Tcp};
 pub use jwt::{JwtError, JwtVerifier};
+pub use registry::{ConnectionInfo, Connections};
 #[cfg(feature = "tls")]
 pub use tls::{TlsError, server_tls};
 
@@ -65,6 +67,8 @@ pub struct ServerConfig {
     /// Refusals counted: wrong credentials, denied publishes and subscriptions. Clones of the
     /// config share them.
     pub access: Arc<AccessCounters>,
+    /// The live connections (shared by clones of the config): list them, disconnect one.
+    pub connections: Arc<Connections>,
     /// An idle connection is pinged this often and closed after three silent periods; a write
     /// that stalls as long, or a frame left incomplete as long, also closes it. Default: 10 s.
     pub heartbeat: Duration,
@@ -101,6 +105,7 @@ impl Default for ServerConfig {
             api_keys: ApiKeys::default(),
             jwt: None,
             access: Arc::default(),
+            connections: Arc::default(),
             heartbeat: Duration::from_secs(10),
             max_connections: 10_000,
             max_subscriptions: 1024,
