@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use bytes::Bytes;
 use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
 use whispeer_client::{Client, ClientOptions, ClientSubscription, Delivery};
 
 mod qos1;
@@ -193,9 +194,13 @@ async fn throughput(
     }
     let publisher = target.connect().await?;
     let payload = Bytes::from(vec![b'x'; size]);
+    // Drawn on standard error only when it is a terminal.
+    let bar = ProgressBar::new(messages)
+        .with_style(ProgressStyle::with_template("{bar:40} {pos}/{len} ({per_sec})")?);
     let start = Instant::now();
     for sent in 0..messages {
         if sent % 64 == 0 {
+            bar.set_position(sent);
             while sent - progress.iter().map(|p| p.load(Ordering::Acquire)).min().unwrap_or(0)
                 >= window
             {
@@ -208,6 +213,7 @@ async fn throughput(
     for reader in readers {
         reader.await??;
     }
+    bar.finish_and_clear();
     let seconds = start.elapsed().as_secs_f64();
     let delivered = (messages * subscribers as u64) as f64;
     Ok((delivered / seconds, delivered * size as f64 / seconds))

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
 use whispeer_client::{PublishOptions, Qos, StartAt, SubscribeOptions};
 
 use crate::ConnectArgs;
@@ -46,6 +47,9 @@ pub(crate) fn run(args: ReplayArgs) -> ExitCode {
         let idle = Duration::from_millis(args.idle_ms);
         let acked = PublishOptions::new().qos(Qos::AtLeastOnce);
         let mut count = 0u64;
+        // A counter on standard error (drawn only on a terminal).
+        let progress = ProgressBar::new_spinner()
+            .with_style(ProgressStyle::with_template("{spinner} {pos} messages ({per_sec})")?);
         while let Ok(next) = tokio::time::timeout(idle, history.recv_delivery()).await {
             let Some((delivery, _)) = next else { anyhow::bail!("connection closed") };
             match &args.republish {
@@ -77,7 +81,9 @@ pub(crate) fn run(args: ReplayArgs) -> ExitCode {
             }
             delivery.ack();
             count += 1;
+            progress.inc(1);
         }
+        progress.finish_and_clear();
         client.flush().await.context("flushing acks to the server")?;
         eprintln!("whispeer: replayed {count} messages");
         Ok(())
