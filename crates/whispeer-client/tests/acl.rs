@@ -204,6 +204,8 @@ async fn a_connection_publishing_past_its_rate_is_refused_then_recovers() {
             Ok(_) => accepted += 1,
             Err(err) => {
                 assert_eq!(refusal(&err), Some(ErrorCode::LIMIT_REACHED));
+                let text = err.to_string();
+                assert!(text.contains("at most 50 publishes per second and 10000 bytes"), "{text}");
                 refused += 1;
             }
         }

@@ -41,8 +41,13 @@ impl Qos {
             Self::AtLeastOnce => 1,
         }
     }
+}
 
-    fn from_byte(byte: u8) -> Result<Self, DecodeError> {
+impl TryFrom<u8> for Qos {
+    type Error = DecodeError;
+
+    /// 0 or 1, as on the wire (and in the JSON form).
+    fn try_from(byte: u8) -> Result<Self, DecodeError> {
         match byte {
             0 => Ok(Self::AtMostOnce),
             1 => Ok(Self::AtLeastOnce),

@@ -19,9 +19,11 @@ use std::sync::{Mutex, PoisonError};
 use bytes::{Bytes, BytesMut};
 use rusqlite::{Connection, params};
 use tokio::sync::watch;
-use whispeer_proto::{Envelope, Limits, Topic};
+use whispeer_proto::{Envelope, Topic};
 
 use crate::group::GroupKey;
+// Topics stored were valid when written; limits may since have been lowered.
+use crate::router::no_limits as unlimited;
 use crate::store::{Store, StoreFuture, Stored};
 use crate::wal::{Commit, Record};
 
@@ -51,13 +53,6 @@ fn sql(err: rusqlite::Error) -> io::Error {
 
 fn to_i64(n: u64) -> io::Result<i64> {
     i64::try_from(n).map_err(io::Error::other)
-}
-
-fn unlimited() -> Limits {
-    let mut limits = Limits::DEFAULT;
-    limits.max_topic_len = usize::MAX;
-    limits.max_topic_depth = usize::MAX;
-    limits
 }
 
 enum Write {

@@ -29,9 +29,11 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::sync::watch;
-use whispeer_proto::{Envelope, Limits, Topic};
+use whispeer_proto::{Envelope, Topic};
 
 use crate::group::GroupKey;
+// Topics stored were valid when written; limits may since have been lowered.
+use crate::router::no_limits as unlimited;
 
 /// Largest record accepted when reading: a message at the largest frame size, and then some.
 const MAX_RECORD: usize = 64 << 20;
@@ -114,6 +116,11 @@ pub(crate) fn encode_record(
     framed.put_u64(offset);
     framed.put_u64(accepted_ms);
     envelope.encode(&mut framed).map_err(io::Error::other)?;
+    seal(framed)
+}
+
+/// Fills in the length and checksum of a record written after `HEADER` placeholder bytes.
+fn seal(mut framed: BytesMut) -> io::Result<Bytes> {
     let len = u32::try_from(framed.len() - HEADER).map_err(io::Error::other)?;
     let crc = crc32c::crc32c(&framed[HEADER..]);
     framed[..4].copy_from_slice(&len.to_be_bytes());
@@ -133,11 +140,7 @@ pub(crate) fn encode_commit(key: &GroupKey, topic: &str, offset: u64) -> io::Res
         framed.put_u16(len);
         framed.put_slice(text.as_bytes());
     }
-    let len = u32::try_from(framed.len() - HEADER).map_err(io::Error::other)?;
-    let crc = crc32c::crc32c(&framed[HEADER..]);
-    framed[..4].copy_from_slice(&len.to_be_bytes());
-    framed[4..HEADER].copy_from_slice(&crc.to_be_bytes());
-    Ok(framed.freeze())
+    seal(framed)
 }
 
 /// A durable subscription's commit read back from the log.
@@ -195,14 +198,6 @@ impl Record {
         let envelope = Envelope::decode(body.slice(17..), &unlimited()).ok()?;
         Some(Self { offset, accepted_ms, envelope })
     }
-}
-
-/// Topics in the log were valid when written; limits may since have been lowered.
-fn unlimited() -> Limits {
-    let mut limits = Limits::DEFAULT;
-    limits.max_topic_len = usize::MAX;
-    limits.max_topic_depth = usize::MAX;
-    limits
 }
 
 /// What recovery found.

@@ -63,7 +63,7 @@ impl Reader {
     }
 
     fn qos(&mut self) -> Result<Qos, DecodeError> {
-        Qos::from_byte(self.u8()?)
+        Qos::try_from(self.u8()?)
     }
 
     pub(super) fn envelope(&mut self, limits: &Limits) -> Result<Envelope, DecodeError> {

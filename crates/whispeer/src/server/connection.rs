@@ -356,9 +356,17 @@ impl Connection {
             }
             Body::Publish { envelope, .. } if !self.admit(envelope.payload.len()) => {
                 bump(&self.config.access.rate_limited);
-                let limits = (self.config.max_publish_rate, self.config.max_publish_bytes_rate);
-                let message =
-                    format!("publish rate limit (messages, bytes per second): {limits:?}");
+                let per_sec = |limit: Option<u64>, what: &str| {
+                    limit.map(|n| format!("{n} {what} per second"))
+                };
+                let limits: Vec<String> = [
+                    per_sec(self.config.max_publish_rate.map(u64::from), "publishes"),
+                    per_sec(self.config.max_publish_bytes_rate, "bytes"),
+                ]
+                .into_iter()
+                .flatten()
+                .collect();
+                let message = format!("publish refused: at most {}", limits.join(" and "));
                 self.reply_error(correlation, ErrorCode::LIMIT_REACHED, message).await;
             }
             Body::Publish { qos, envelope } => match self.broker.publish_envelope(envelope) {

@@ -208,11 +208,7 @@ pub(crate) fn start_from(text: &str) -> Result<StartAt, JsonError> {
 }
 
 fn qos_from(qos: u8) -> Result<Qos, JsonError> {
-    match qos {
-        0 => Ok(Qos::AtMostOnce),
-        1 => Ok(Qos::AtLeastOnce),
-        _ => Err(JsonError::Qos),
-    }
+    Qos::try_from(qos).map_err(|_| JsonError::Qos)
 }
 
 fn message_id_from(text: &str) -> Result<MessageId, JsonError> {
