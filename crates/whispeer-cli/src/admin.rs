@@ -4,11 +4,14 @@
 //! - `GET /readyz`: 200 once the store is recovered and the listeners accept, 503 once shutdown
 //!   has begun;
 //! - `GET /metrics`: the broker's and the server's counters in the Prometheus text format,
-//!   through the `metrics` facade and its Prometheus exporter (counters end in `_total`).
+//!   through the `metrics` facade and its Prometheus exporter (counters end in `_total`):
+//!   messages and bytes in and out per topic class, deliveries, acks, redeliveries, drops by
+//!   reason, queue depths, store write and fsync latency histograms, auth failures.
 //!
-//! - `GET /api/topics`, `/api/subscriptions`, `/api/durable`: JSON snapshots of the broker
-//!   (retained topics; subscriptions with their counters, groups counted once; durable
-//!   subscriptions with their lag), for `whispeer inspect`. They need
+//! - `GET /api/topics`, `/api/subscriptions`, `/api/durable`: JSON snapshots of the broker, for
+//!   `whispeer inspect`: topics retained or seen by the server (subscribers, messages and bytes
+//!   in and out, rates over the last 5 s, retained history); subscriptions with their counters,
+//!   groups counted once; durable subscriptions with their lag. They need
 //!   `Authorization: Bearer <admin_token>`; without an `admin_token` configured they answer 403.
 //!
 //! - `GET /api/connections`: the live connections (peer, principal, subscriptions, since);
@@ -16,22 +19,22 @@
 //!
 //! Not yet: triggering a replay through the API.
 
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
-
-use std::time::UNIX_EPOCH;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use axum::extract::{Path, State};
 use axum::http::header::AUTHORIZATION;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
-use whispeer::Broker;
-use whispeer::server::{AccessCounters, Connections, ServerConfig};
+use whispeer::server::{AccessCounters, Connections, FlowStats, ServerConfig, Traffic};
+use whispeer::{Broker, STORE_BATCH_RECORDS, Topic};
 
 /// What the admin handlers read.
 #[derive(Clone)]
@@ -41,8 +44,40 @@ pub(crate) struct Admin {
     token: Option<[u8; 32]>,
     access: Arc<AccessCounters>,
     connections: Arc<Connections>,
+    traffic: Arc<Traffic>,
+    rates: Arc<Mutex<Rates>>,
     ready: Arc<AtomicBool>,
     prometheus: PrometheusHandle,
+}
+
+/// How often topic rates are sampled: a rate is the average over the last window.
+const RATE_WINDOW: Duration = Duration::from_secs(5);
+
+/// Per-topic message rates (in, out per second) over the last sampling window.
+#[derive(Default)]
+struct Rates {
+    last: HashMap<Topic, FlowStats>,
+    per_sec: HashMap<Topic, (f64, f64)>,
+}
+
+impl Rates {
+    /// Takes a new sample, `elapsed` after the last one.
+    fn sample(&mut self, now: Vec<(Topic, FlowStats)>, elapsed: Duration) {
+        let secs = elapsed.as_secs_f64().max(f64::EPSILON);
+        let rate = |now: u64, before: u64| now.saturating_sub(before) as f64 / secs;
+        self.per_sec = now
+            .iter()
+            .map(|(topic, flow)| {
+                let before = self.last.get(topic).copied().unwrap_or_default();
+                let rates = (
+                    rate(flow.messages_in, before.messages_in),
+                    rate(flow.messages_out, before.messages_out),
+                );
+                (topic.clone(), rates)
+            })
+            .collect();
+        self.last = now.into_iter().collect();
+    }
 }
 
 impl Admin {
@@ -52,11 +87,21 @@ impl Admin {
         server: &ServerConfig,
         token: Option<&str>,
     ) -> anyhow::Result<Self> {
-        let prometheus = PrometheusBuilder::new().install_recorder()?;
+        // Explicit buckets, so the store's latencies are histograms (not summaries).
+        let seconds = [
+            0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
+            0.25, 0.5, 1.0,
+        ];
+        let records = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
+        let prometheus = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)?
+            .set_buckets_for_metric(Matcher::Full(STORE_BATCH_RECORDS.into()), &records)?
+            .install_recorder()?;
         let ready = Arc::new(AtomicBool::new(false));
         let token = token.map(|t| Sha256::digest(t.as_bytes()).into());
         let (access, connections) = (Arc::clone(&server.access), Arc::clone(&server.connections));
-        Ok(Self { broker, token, access, connections, ready, prometheus })
+        let (traffic, rates) = (Arc::clone(&server.traffic), Arc::default());
+        Ok(Self { broker, token, access, connections, traffic, rates, ready, prometheus })
     }
 
     /// Whether the request carries the admin token (compared by digest).
@@ -82,6 +127,17 @@ impl Admin {
 
     /// Serves the admin routes on `listener` until the process ends.
     pub(crate) async fn serve(self, listener: TcpListener) -> std::io::Result<()> {
+        let (traffic, rates) = (Arc::clone(&self.traffic), Arc::clone(&self.rates));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(RATE_WINDOW);
+            let mut last = Instant::now();
+            loop {
+                tick.tick().await;
+                let sample = traffic.topics();
+                lock(&rates).sample(sample, last.elapsed());
+                last = Instant::now();
+            }
+        });
         let routes = Router::new()
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/readyz", get(readyz))
@@ -127,6 +183,24 @@ impl Admin {
         for (reason, value) in drops {
             metrics::counter!("whispeer_drops_total", "reason" => reason).absolute(value);
         }
+        for (class, flow) in self.traffic.classes() {
+            let flows = [
+                ("whispeer_messages_in_total", flow.messages_in),
+                ("whispeer_bytes_in_total", flow.bytes_in),
+                ("whispeer_messages_out_total", flow.messages_out),
+                ("whispeer_bytes_out_total", flow.bytes_out),
+            ];
+            for (name, value) in flows {
+                metrics::counter!(name, "class" => class.clone()).absolute(value);
+            }
+        }
+        let subscriptions = self.broker.subscriptions();
+        let queued = subscriptions.iter().map(|s| s.stats.queued).sum::<usize>();
+        let deepest = subscriptions.iter().map(|s| s.stats.queued).max().unwrap_or(0);
+        let unacked = subscriptions.iter().map(|s| s.stats.unacked).sum::<usize>();
+        metrics::gauge!("whispeer_queued_messages").set(queued as f64);
+        metrics::gauge!("whispeer_queue_depth_max").set(deepest as f64);
+        metrics::gauge!("whispeer_unacked_messages").set(unacked as f64);
         metrics::gauge!("whispeer_subscriptions").set(stats.subscriptions as f64);
         metrics::gauge!("whispeer_connections").set(self.connections.list().len() as f64);
     }
@@ -149,19 +223,39 @@ type ApiResult = Result<Json<Value>, (StatusCode, &'static str)>;
 
 async fn topics(State(admin): State<Admin>, headers: HeaderMap) -> ApiResult {
     admin.authorized(&headers)?;
-    let topics: Vec<Value> = admin
-        .broker
-        .topics()
+    // Topics retained, or seen by the server: history, traffic, rates, subscribers.
+    let mut rows: BTreeMap<Topic, Value> = BTreeMap::new();
+    for t in admin.broker.topics() {
+        let row = json!({
+            "first_offset": t.first_offset, "next_offset": t.next_offset,
+            "messages": t.messages, "bytes": t.bytes, "durable": t.durable,
+        });
+        rows.insert(t.topic, row);
+    }
+    let rates = lock(&admin.rates).per_sec.clone();
+    for (topic, flow) in admin.traffic.topics() {
+        let (rate_in, rate_out) = rates.get(&topic).copied().unwrap_or_default();
+        let row = rows.entry(topic).or_insert_with(|| json!({}));
+        row["messages_in"] = json!(flow.messages_in);
+        row["bytes_in"] = json!(flow.bytes_in);
+        row["messages_out"] = json!(flow.messages_out);
+        row["bytes_out"] = json!(flow.bytes_out);
+        row["rate_in"] = json!((rate_in * 10.0).round() / 10.0);
+        row["rate_out"] = json!((rate_out * 10.0).round() / 10.0);
+    }
+    let topics = rows
         .into_iter()
-        .map(|t| {
-            json!({
-                "topic": t.topic.as_str(), "first_offset": t.first_offset,
-                "next_offset": t.next_offset, "messages": t.messages, "bytes": t.bytes,
-                "durable": t.durable,
-            })
+        .map(|(topic, mut row)| {
+            row["subscribers"] = json!(admin.broker.subscribers(&topic));
+            row["topic"] = json!(topic.as_str());
+            row
         })
         .collect();
     Ok(Json(Value::Array(topics)))
+}
+
+fn lock(rates: &Mutex<Rates>) -> MutexGuard<'_, Rates> {
+    rates.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 async fn subscriptions(State(admin): State<Admin>, headers: HeaderMap) -> ApiResult {
@@ -229,4 +323,24 @@ async fn durable(State(admin): State<Admin>, headers: HeaderMap) -> ApiResult {
         })
         .collect();
     Ok(Json(Value::Array(durable)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_are_the_increase_over_the_window() {
+        let topic = Topic::parse("a/b").unwrap();
+        let flow = |messages_in, messages_out| {
+            let mut flow = FlowStats::default();
+            (flow.messages_in, flow.messages_out) = (messages_in, messages_out);
+            flow
+        };
+        let mut rates = Rates::default();
+        rates.sample(vec![(topic.clone(), flow(100, 300))], Duration::from_secs(5));
+        assert_eq!(rates.per_sec[&topic], (20.0, 60.0), "a new topic: everything counted so far");
+        rates.sample(vec![(topic.clone(), flow(150, 300))], Duration::from_secs(5));
+        assert_eq!(rates.per_sec[&topic], (10.0, 0.0));
+    }
 }

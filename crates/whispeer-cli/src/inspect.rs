@@ -1,4 +1,4 @@
-//! `whispeer inspect topics|subscriptions|durable`: the admin API's snapshots as tables (or the
+//! `whispeer inspect topics|subscriptions|durable|connections`: the admin API's snapshots as tables (or the
 //! JSON itself with `--json`).
 
 use std::process::ExitCode;
@@ -10,9 +10,10 @@ use serde_json::Value;
 /// What to show.
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub(crate) enum What {
-    /// Retained topics: offsets, messages, bytes, durability.
+    /// Topics retained or seen: subscribers, rates, offsets, retained messages, durability.
     Topics,
     /// Subscriptions (a queue group once): queued, received, unacknowledged, drops.
+    #[value(alias = "subscribers")]
     Subscriptions,
     /// Durable subscriptions: committed offsets and lag.
     Durable,
@@ -44,9 +45,12 @@ fn columns(what: What) -> &'static [(&'static str, &'static str)] {
     match what {
         What::Topics => &[
             ("TOPIC", "topic"),
+            ("SUBSCRIBERS", "subscribers"),
+            ("IN/S", "rate_in"),
+            ("OUT/S", "rate_out"),
             ("FIRST", "first_offset"),
             ("NEXT", "next_offset"),
-            ("MESSAGES", "messages"),
+            ("RETAINED", "messages"),
             ("BYTES", "bytes"),
             ("DURABLE", "durable"),
         ],

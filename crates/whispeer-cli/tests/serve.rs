@@ -474,12 +474,15 @@ async fn the_admin_port_reports_health_and_metrics_that_match_the_workload() {
     assert_eq!(http_get(&admin, "/readyz").0, "HTTP/1.1 200 OK");
 
     let client = Client::connect(addr).await.unwrap();
-    let _a = client.subscribe::<u32>("work/+").await.unwrap();
-    let _b = client.subscribe::<u32>("work/#").await.unwrap();
+    let mut a = client.subscribe::<u32>("work/+").await.unwrap();
+    let mut b = client.subscribe::<u32>("work/#").await.unwrap();
     for n in 0..10u32 {
         client.publish_acked("work/x", &n).await.unwrap();
     }
     client.publish_acked("nobody/listens", &0u32).await.unwrap();
+    for n in 0..10u32 {
+        assert_eq!((a.recv().await, b.recv().await), (Some(n), Some(n)));
+    }
     let (status, metrics) = http_get(&admin, "/metrics");
     assert_eq!(status, "HTTP/1.1 200 OK");
     assert_eq!(sample(&metrics, "whispeer_messages_published_total"), 11.0);
@@ -488,28 +491,45 @@ async fn the_admin_port_reports_health_and_metrics_that_match_the_workload() {
     assert_eq!(sample(&metrics, "whispeer_subscriptions"), 2.0);
     assert_eq!(sample(&metrics, "whispeer_auth_failures_total"), 0.0);
     assert!(metrics.contains(r#"whispeer_drops_total{reason="drop_oldest"} 0"#), "{metrics}");
+    // Per topic class (the first segment): in as published, out as delivered, bytes alike.
+    assert_eq!(sample(&metrics, r#"whispeer_messages_in_total{class="work"}"#), 10.0);
+    assert_eq!(sample(&metrics, r#"whispeer_messages_out_total{class="work"}"#), 20.0);
+    assert_eq!(sample(&metrics, r#"whispeer_messages_in_total{class="nobody"}"#), 1.0);
+    let bytes_in = sample(&metrics, r#"whispeer_bytes_in_total{class="work"}"#);
+    assert_eq!(bytes_in, 10.0, "0..10 as postcard varints: a byte each");
+    assert_eq!(sample(&metrics, r#"whispeer_bytes_out_total{class="work"}"#), 2.0 * bytes_in);
+    assert_eq!(sample(&metrics, "whispeer_queued_messages"), 0.0);
+    assert_eq!(sample(&metrics, "whispeer_unacked_messages"), 0.0);
 
     // The admin API needs the token; `whispeer inspect` shows it as a table or JSON.
     assert_eq!(http_get(&admin, "/api/subscriptions").0, "HTTP/1.1 401 Unauthorized");
     let inspect = |extra: &[&str]| {
-        let base = ["inspect", "subscriptions", "--admin"];
+        let base = ["inspect", extra[0], "--admin"];
         let url = format!("http://{admin}");
         let out = Command::new(BIN)
             .args(base)
             .arg(&url)
             .args(["--token", "admin-t0ken"])
-            .args(extra)
+            .args(&extra[1..])
             .output()
             .unwrap();
         assert!(out.status.success(), "{out:?}");
         String::from_utf8(out.stdout).unwrap()
     };
-    let table = inspect(&[]);
+    let table = inspect(&["subscriptions"]);
     let rows: Vec<&str> = table.lines().collect();
     assert!(rows[0].starts_with("FILTER"), "{table}");
     assert!(rows[1].starts_with("work/#") && rows[2].starts_with("work/+"), "{table}");
-    let json: serde_json::Value = serde_json::from_str(&inspect(&["--json"])).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&inspect(&["subscribers", "--json"])).unwrap();
     assert_eq!(json[0]["received"], 10, "{json}");
+    let topics: serde_json::Value = serde_json::from_str(&inspect(&["topics", "--json"])).unwrap();
+    let work = topics.as_array().unwrap().iter().find(|t| t["topic"] == "work/x").unwrap();
+    let counts = ["subscribers", "messages_in", "messages_out"].map(|k| work[k].as_u64());
+    assert_eq!(counts, [Some(2), Some(10), Some(20)], "{topics}");
+    let table = inspect(&["topics"]);
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().take(3).collect();
+    assert_eq!(header, ["TOPIC", "SUBSCRIBERS", "IN/S"], "{table}");
 
     // The connection list, and disconnecting the client: it reconnects as a new connection.
     let list = |url: &str| -> serde_json::Value {

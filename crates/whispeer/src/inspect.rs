@@ -77,6 +77,11 @@ impl Broker {
         topics
     }
 
+    /// How many subscriptions (a queue group counting once) a message on `topic` reaches now.
+    pub fn subscribers(&self, topic: &Topic) -> usize {
+        self.inner.router.with_matches(topic.as_str(), |matches| matches.map_or(0, |m| m.len()))
+    }
+
     /// Every subscription, sorted by filter.
     pub fn subscriptions(&self) -> Vec<SubscriptionInfo> {
         let groups: HashMap<SubId, (String, usize, usize)> = self

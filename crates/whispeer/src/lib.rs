@@ -72,7 +72,10 @@ pub use publish::{PublishOptions, PublishReceipt};
 pub use queue::{ByteBudget, SlowConsumer};
 pub use retention::Retention;
 pub use stats::{BrokerStats, SubscriptionStats};
-pub use store::{Durability, Persistence, PersistenceType};
+pub use store::{
+    Durability, Persistence, PersistenceType, STORE_BATCH_RECORDS, STORE_FSYNC_SECONDS,
+    STORE_WRITE_SECONDS,
+};
 pub use subscription::{SubscribeOptions, Subscriber, Subscription};
 pub use typed::TypedTopic;
 pub use wal::{FsyncPolicy, WalOptions};

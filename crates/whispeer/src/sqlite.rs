@@ -15,6 +15,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Mutex, PoisonError};
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use rusqlite::{Connection, params};
@@ -24,7 +25,10 @@ use whispeer_proto::{Envelope, Topic};
 use crate::group::GroupKey;
 // Topics stored were valid when written; limits may since have been lowered.
 use crate::router::no_limits as unlimited;
-use crate::store::{Store, StoreFuture, Stored};
+use crate::store::{
+    STORE_BATCH_RECORDS as BATCH_RECORDS, STORE_FSYNC_SECONDS as FSYNC_SECONDS,
+    STORE_WRITE_SECONDS as WRITE_SECONDS, Store, StoreFuture, Stored,
+};
 use crate::wal::{Commit, Record};
 
 const SCHEMA: &str = "
@@ -180,7 +184,11 @@ fn write_loop(mut conn: Connection, rx: &Receiver<Write>, durable: &watch::Sende
     while let Ok(first) = rx.recv() {
         let batch: Vec<Write> = std::iter::once(first).chain(rx.try_iter()).collect();
         let count = batch.len() as u64;
-        if let Err(err) = write_batch(&mut conn, batch) {
+        let started = Instant::now();
+        let result = write_batch(&mut conn, batch);
+        metrics::histogram!(WRITE_SECONDS, "store" => "sqlite").record(started.elapsed());
+        metrics::histogram!(BATCH_RECORDS, "store" => "sqlite").record(count as f64);
+        if let Err(err) = result {
             tracing::error!(%err, "SQLite store write failed; durable publishing stops");
             return;
         }
@@ -212,7 +220,11 @@ fn write_batch(conn: &mut Connection, batch: Vec<Write>) -> io::Result<()> {
             }
         }
     }
-    tx.commit().map_err(sql)
+    // The commit is where SQLite syncs (`synchronous = FULL`).
+    let started = Instant::now();
+    tx.commit().map_err(sql)?;
+    metrics::histogram!(FSYNC_SECONDS, "store" => "sqlite").record(started.elapsed());
+    Ok(())
 }
 
 impl Store for SqliteStore {

@@ -24,6 +24,16 @@ use crate::message::Message;
 use crate::publish::PublishReceipt;
 use crate::wal::{Commit, Record, Wal, WalOptions, encode_commit, encode_record};
 
+/// Histogram of seconds per batch a store writes (its sync included), labelled `store` =
+/// `wal` or `sqlite`. The stores record through the `metrics` facade, a no-op unless the
+/// program installs a recorder (`whispeer serve --admin-listen` installs Prometheus).
+pub const STORE_WRITE_SECONDS: &str = "whispeer_store_write_seconds";
+/// Histogram of seconds per fsync of the write-ahead log, or per SQLite commit (where SQLite
+/// syncs), labelled `store`.
+pub const STORE_FSYNC_SECONDS: &str = "whispeer_store_fsync_seconds";
+/// Histogram of records per batch written (group commit at work), labelled `store`.
+pub const STORE_BATCH_RECORDS: &str = "whispeer_store_batch_records";
+
 /// Where durable topics are kept.
 #[derive(Clone, Debug)]
 #[non_exhaustive]

@@ -34,6 +34,10 @@ use whispeer_proto::{Envelope, Topic};
 use crate::group::GroupKey;
 // Topics stored were valid when written; limits may since have been lowered.
 use crate::router::no_limits as unlimited;
+use crate::store::{
+    STORE_BATCH_RECORDS as BATCH_RECORDS, STORE_FSYNC_SECONDS as FSYNC_SECONDS,
+    STORE_WRITE_SECONDS as WRITE_SECONDS,
+};
 
 /// Largest record accepted when reading: a message at the largest frame size, and then some.
 const MAX_RECORD: usize = 64 << 20;
@@ -475,7 +479,13 @@ impl Writer {
                     Request::Stop => stop = true,
                 }
             }
-            if let Err(err) = self.write(&batch, stop) {
+            let started = Instant::now();
+            let written = self.write(&batch, stop);
+            if !batch.is_empty() {
+                metrics::histogram!(WRITE_SECONDS, "store" => "wal").record(started.elapsed());
+                metrics::histogram!(BATCH_RECORDS, "store" => "wal").record(batch.len() as f64);
+            }
+            if let Err(err) = written {
                 tracing::error!(%err, "write-ahead log write failed; durable publishing stops");
                 return;
             }
@@ -508,7 +518,9 @@ impl Writer {
             FsyncPolicy::Never => false,
         } || (stopping && self.unsynced > 0);
         if sync {
+            let started = Instant::now();
             self.file.sync_data()?;
+            metrics::histogram!(FSYNC_SECONDS, "store" => "wal").record(started.elapsed());
             self.unsynced = 0;
             self.last_sync = Instant::now();
         }

@@ -25,7 +25,9 @@ use super::jwt::looks_like_jwt;
 use super::registry::{Connections, Registered};
 use super::writer::{Outbound, write_loop};
 use crate::stats::bump;
-use crate::{Acker, Broker, ByteBudget, PublishError, SubscribeError, SubscribeOptions};
+use crate::{
+    Acker, Broker, ByteBudget, PublishError, PublishReceipt, SubscribeError, SubscribeOptions,
+};
 
 /// Capability bit in `Welcome`: the server requires `Auth`.
 const CAP_AUTH_REQUIRED: u32 = 1;
@@ -369,29 +371,14 @@ impl Connection {
                 let message = format!("publish refused: at most {}", limits.join(" and "));
                 self.reply_error(correlation, ErrorCode::LIMIT_REACHED, message).await;
             }
-            Body::Publish { qos, envelope } => match self.broker.publish_envelope(envelope) {
-                Ok(receipt) if qos == Qos::AtLeastOnce && receipt.is_durable_pending() => {
-                    // PUBACK once the record is durable; meanwhile the connection goes on, so
-                    // concurrent publishes share one fsync (group commit).
-                    let (broker, tx) = (self.broker.clone(), self.tx.clone());
-                    tokio::spawn(async move {
-                        let reply = if broker.durable(&receipt).await {
-                            Body::PubAck
-                        } else {
-                            let message = "the write-ahead log failed: not stored".to_string();
-                            Body::Error { code: ErrorCode::INTERNAL, message }
-                        };
-                        let _ = tx.send(Outbound::Frame(Frame::new(correlation, reply))).await;
-                    });
+            Body::Publish { qos, envelope } => {
+                let (topic, bytes) = (envelope.topic.clone(), envelope.payload.len());
+                let published = self.broker.publish_envelope(envelope);
+                if published.is_ok() {
+                    self.config.traffic.inbound(&topic, bytes);
                 }
-                Ok(_) if qos == Qos::AtLeastOnce => {
-                    self.send(Frame::new(correlation, Body::PubAck)).await
-                }
-                Ok(_) => {}
-                Err(err) => {
-                    self.reply_error(correlation, publish_code(&err), err.to_string()).await
-                }
-            },
+                self.published(correlation, qos, published).await;
+            }
             // An ack for a message no longer in flight (acked twice, or after it timed out and
             // went to another member) settles nothing, and is not an error.
             Body::Ack { sub, id } => {
@@ -457,6 +444,36 @@ impl Connection {
             max_message_bytes: u32::try_from(limits.max_message_bytes).unwrap_or(u32::MAX),
             heartbeat_ms: u32::try_from(self.config.heartbeat.as_millis()).unwrap_or(u32::MAX),
             name: self.config.name.clone(),
+        }
+    }
+
+    /// Replies to a publish: PUBACK for QoS 1 (once durable, for a durable topic), or why not.
+    async fn published(
+        &mut self,
+        correlation: u32,
+        qos: Qos,
+        published: Result<PublishReceipt, PublishError>,
+    ) {
+        match published {
+            Ok(receipt) if qos == Qos::AtLeastOnce && receipt.is_durable_pending() => {
+                // PUBACK once the record is durable; meanwhile the connection goes on, so
+                // concurrent publishes share one fsync (group commit).
+                let (broker, tx) = (self.broker.clone(), self.tx.clone());
+                tokio::spawn(async move {
+                    let reply = if broker.durable(&receipt).await {
+                        Body::PubAck
+                    } else {
+                        let message = "the write-ahead log failed: not stored".to_string();
+                        Body::Error { code: ErrorCode::INTERNAL, message }
+                    };
+                    let _ = tx.send(Outbound::Frame(Frame::new(correlation, reply))).await;
+                });
+            }
+            Ok(_) if qos == Qos::AtLeastOnce => {
+                self.send(Frame::new(correlation, Body::PubAck)).await
+            }
+            Ok(_) => {}
+            Err(err) => self.reply_error(correlation, publish_code(&err), err.to_string()).await,
         }
     }
 

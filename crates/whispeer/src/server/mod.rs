@@ -24,6 +24,7 @@ mod jwt;
 mod registry;
 #[cfg(feature = "tls")]
 mod tls;
+mod traffic;
 mod writer;
 #[cfg(feature = "websocket")]
 mod ws;
@@ -49,6 +50,7 @@ pub use jwt::{JwtError, JwtVerifier};
 pub use registry::{ConnectionInfo, Connections};
 #[cfg(feature = "tls")]
 pub use tls::{TlsError, server_tls};
+pub use traffic::{FlowStats, MAX_CLASSES, Traffic, class_of};
 
 use crate::Broker;
 
@@ -69,6 +71,8 @@ pub struct ServerConfig {
     pub access: Arc<AccessCounters>,
     /// The live connections (shared by clones of the config): list them, disconnect one.
     pub connections: Arc<Connections>,
+    /// Messages and bytes in and out per topic and per topic class (shared by clones).
+    pub traffic: Arc<Traffic>,
     /// An idle connection is pinged this often and closed after three silent periods; a write
     /// that stalls as long, or a frame left incomplete as long, also closes it. Default: 10 s.
     pub heartbeat: Duration,
@@ -106,6 +110,7 @@ impl Default for ServerConfig {
             jwt: None,
             access: Arc::default(),
             connections: Arc::default(),
+            traffic: Arc::default(),
             heartbeat: Duration::from_secs(10),
             max_connections: 10_000,
             max_subscriptions: 1024,

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use whispeer_proto::{Body, ErrorCode, Frame, Limits};
 
 use super::ServerConfig;
+use super::traffic::Traffic;
 use crate::{Delivery, Message, Subscription};
 
 /// Bytes gathered before a write, so one syscall carries many frames.
@@ -51,6 +52,7 @@ struct Writer {
     next: usize,
     buf: BytesMut,
     limits: Limits,
+    traffic: Arc<Traffic>,
 }
 
 impl Writer {
@@ -72,8 +74,9 @@ impl Writer {
             message.envelope(),
             self.limits.max_frame_bytes,
         );
-        if let Err(err) = encoded {
-            tracing::warn!(%err, sub, id = %message.id(), "delivery not sent");
+        match encoded {
+            Ok(()) => self.traffic.outbound(message.topic(), message.envelope().payload.len()),
+            Err(err) => tracing::warn!(%err, sub, id = %message.id(), "delivery not sent"),
         }
     }
 
@@ -166,6 +169,7 @@ pub(super) async fn write_loop(
         next: 0,
         buf: BytesMut::with_capacity(WRITE_BATCH),
         limits,
+        traffic: Arc::clone(&config.traffic),
     };
     let stall = config.idle_timeout();
     let mut open = true;

@@ -1,0 +1,225 @@
+//! What the server's clients publish and receive, counted per topic and per topic class, for
+//! metrics and the admin API.
+//!
+//! A topic's class is its first segment (`sensor` for `sensor/7/temperature`, `$dlq` for a
+//! dead letter): few enough to be a metrics label. Both maps are bounded: past `MAX_CLASSES`
+//! new classes count as `other`, and past `max_topics` new topics count in their class only
+//! (and in `untracked`). Counted at the edge — a message in when a client's publish is accepted,
+//! a message out when a delivery is written to its connection — so embedded publishers and
+//! subscribers are not counted here (the broker's own `BrokerStats` counts everyone).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+
+use whispeer_proto::Topic;
+
+/// Distinct classes counted; the rest count as `other`.
+pub const MAX_CLASSES: usize = 64;
+
+/// One flow's counters.
+#[derive(Debug, Default)]
+struct Flow {
+    messages_in: AtomicU64,
+    bytes_in: AtomicU64,
+    messages_out: AtomicU64,
+    bytes_out: AtomicU64,
+}
+
+impl Flow {
+    fn add(&self, inbound: bool, bytes: usize) {
+        let (messages, total) = if inbound {
+            (&self.messages_in, &self.bytes_in)
+        } else {
+            (&self.messages_out, &self.bytes_out)
+        };
+        messages.fetch_add(1, Ordering::Relaxed);
+        total.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> FlowStats {
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        FlowStats {
+            messages_in: get(&self.messages_in),
+            bytes_in: get(&self.bytes_in),
+            messages_out: get(&self.messages_out),
+            bytes_out: get(&self.bytes_out),
+        }
+    }
+}
+
+/// Messages and payload bytes in (published by clients) and out (delivered to clients).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FlowStats {
+    /// Publishes accepted.
+    pub messages_in: u64,
+    /// Their payload bytes.
+    pub bytes_in: u64,
+    /// Deliveries written to connections.
+    pub messages_out: u64,
+    /// Their payload bytes.
+    pub bytes_out: u64,
+}
+
+#[derive(Debug)]
+struct TopicFlow {
+    flow: Flow,
+    class: Arc<Flow>,
+}
+
+/// Traffic per topic and per topic class. Clones of a [`ServerConfig`](super::ServerConfig)
+/// share one.
+#[derive(Debug)]
+pub struct Traffic {
+    topics: RwLock<HashMap<Topic, Arc<TopicFlow>>>,
+    classes: RwLock<HashMap<Box<str>, Arc<Flow>>>,
+    max_topics: usize,
+    untracked: AtomicU64,
+}
+
+impl Default for Traffic {
+    fn default() -> Self {
+        Self::new(10_000)
+    }
+}
+
+impl Traffic {
+    /// Counts at most `max_topics` distinct topics one by one.
+    pub fn new(max_topics: usize) -> Self {
+        Self {
+            topics: RwLock::default(),
+            classes: RwLock::default(),
+            max_topics,
+            untracked: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts a message a client published to `topic`.
+    pub(crate) fn inbound(&self, topic: &Topic, bytes: usize) {
+        self.count(topic, true, bytes);
+    }
+
+    /// Counts a message delivered to a client.
+    pub(crate) fn outbound(&self, topic: &Topic, bytes: usize) {
+        self.count(topic, false, bytes);
+    }
+
+    fn count(&self, topic: &Topic, inbound: bool, bytes: usize) {
+        let known = self.topics.read().unwrap_or_else(PoisonError::into_inner).get(topic).cloned();
+        let entry = known.or_else(|| self.track(topic));
+        match entry {
+            Some(entry) => {
+                entry.flow.add(inbound, bytes);
+                entry.class.add(inbound, bytes);
+            }
+            None => {
+                self.untracked.fetch_add(1, Ordering::Relaxed);
+                self.class(topic).add(inbound, bytes);
+            }
+        }
+    }
+
+    /// Starts counting `topic`, unless `max_topics` are counted already.
+    fn track(&self, topic: &Topic) -> Option<Arc<TopicFlow>> {
+        let class = self.class(topic);
+        let mut topics = self.topics.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(entry) = topics.get(topic) {
+            return Some(Arc::clone(entry));
+        }
+        if topics.len() >= self.max_topics {
+            return None;
+        }
+        let entry = Arc::new(TopicFlow { flow: Flow::default(), class });
+        topics.insert(topic.clone(), Arc::clone(&entry));
+        Some(entry)
+    }
+
+    fn class(&self, topic: &Topic) -> Arc<Flow> {
+        let name = class_of(topic);
+        if let Some(flow) = self.classes.read().unwrap_or_else(PoisonError::into_inner).get(name) {
+            return Arc::clone(flow);
+        }
+        let mut classes = self.classes.write().unwrap_or_else(PoisonError::into_inner);
+        let name = if classes.len() >= MAX_CLASSES && !classes.contains_key(name) {
+            "other"
+        } else {
+            name
+        };
+        Arc::clone(classes.entry(name.into()).or_default())
+    }
+
+    /// Every counted topic's traffic.
+    pub fn topics(&self) -> Vec<(Topic, FlowStats)> {
+        let topics = self.topics.read().unwrap_or_else(PoisonError::into_inner);
+        topics.iter().map(|(topic, entry)| (topic.clone(), entry.flow.snapshot())).collect()
+    }
+
+    /// Every class's traffic, sorted by name.
+    pub fn classes(&self) -> Vec<(String, FlowStats)> {
+        let classes = self.classes.read().unwrap_or_else(PoisonError::into_inner);
+        let mut all: Vec<(String, FlowStats)> =
+            classes.iter().map(|(name, flow)| (name.to_string(), flow.snapshot())).collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    /// Messages whose topic was not counted on its own (`max_topics` reached).
+    pub fn untracked(&self) -> u64 {
+        self.untracked.load(Ordering::Relaxed)
+    }
+}
+
+/// The class of `topic`: its first segment.
+pub fn class_of(topic: &Topic) -> &str {
+    topic.as_str().split('/').next().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topic(name: &str) -> Topic {
+        Topic::parse(name).unwrap()
+    }
+
+    #[test]
+    fn topics_and_classes_add_up() {
+        let traffic = Traffic::new(2);
+        traffic.inbound(&topic("sensor/1/t"), 10);
+        traffic.inbound(&topic("sensor/2/t"), 20);
+        traffic.outbound(&topic("sensor/1/t"), 10);
+        traffic.outbound(&topic("sensor/1/t"), 10);
+        traffic.inbound(&topic("chat/room"), 5);
+
+        let classes = traffic.classes();
+        let names: Vec<&str> = classes.iter().map(|(name, _)| name.as_str()).collect();
+        assert_eq!(names, ["chat", "sensor"]);
+        let sensor = classes[1].1;
+        assert_eq!((sensor.messages_in, sensor.bytes_in), (2, 30));
+        assert_eq!((sensor.messages_out, sensor.bytes_out), (2, 20));
+        assert_eq!(classes[0].1.bytes_in, 5, "counted in its class though not on its own");
+
+        let mut topics = traffic.topics();
+        topics.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+        assert_eq!(topics.len(), 2, "at most max_topics");
+        assert_eq!(topics[0].0.as_str(), "sensor/1/t");
+        assert_eq!((topics[0].1.messages_in, topics[0].1.messages_out), (1, 2));
+        assert_eq!(traffic.untracked(), 1);
+    }
+
+    #[test]
+    fn classes_past_the_bound_count_as_other() {
+        let traffic = Traffic::new(0);
+        for n in 0..MAX_CLASSES + 5 {
+            traffic.inbound(&topic(&format!("c{n}/x")), 1);
+        }
+        traffic.inbound(&topic("c0/y"), 1);
+        let classes = traffic.classes();
+        assert_eq!(classes.len(), MAX_CLASSES + 1);
+        let other = classes.iter().find(|(name, _)| name == "other").unwrap().1;
+        assert_eq!(other.messages_in, 5);
+        let c0 = classes.iter().find(|(name, _)| name == "c0").unwrap().1;
+        assert_eq!(c0.messages_in, 2, "a known class keeps counting past the bound");
+    }
+}
