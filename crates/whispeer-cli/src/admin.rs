@@ -17,24 +17,35 @@
 //! - `GET /api/connections`: the live connections (peer, principal, subscriptions, since);
 //!   `POST /api/connections/{id}/disconnect` disconnects one (it is told why).
 //!
-//! Not yet: triggering a replay through the API.
+//! - `GET /api/history?topic=T&from=WHERE&max=N`: a page of a topic's retained history (from
+//!   the store beyond memory, for a durable topic): sealed envelopes in base64, with
+//!   `next_from` to page on (null at the end). `whispeer replay --admin` reads it.
+//! - `POST /api/durable/rewind` `{"filter", "group", "from"}`: moves a durable subscription
+//!   without members to another position, so it delivers again from there (409 while it has
+//!   members). `whispeer replay --group` triggers it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::header::AUTHORIZATION;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use bytes::BytesMut;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use whispeer::server::{AccessCounters, Connections, FlowStats, ServerConfig, Traffic};
-use whispeer::{Broker, STORE_BATCH_RECORDS, Topic};
+use whispeer::{Broker, Filter, HistoryError, STORE_BATCH_RECORDS, StartAt, Topic};
+
+use crate::pubsub::parse_start;
 
 /// What the admin handlers read.
 #[derive(Clone)]
@@ -105,9 +116,9 @@ impl Admin {
     }
 
     /// Whether the request carries the admin token (compared by digest).
-    fn authorized(&self, headers: &HeaderMap) -> Result<(), (StatusCode, &'static str)> {
+    fn authorized(&self, headers: &HeaderMap) -> Result<(), ApiError> {
         let Some(expected) = &self.token else {
-            return Err((StatusCode::FORBIDDEN, "the admin API is closed: set admin_token\n"));
+            return Err(error(StatusCode::FORBIDDEN, "the admin API is closed: set admin_token"));
         };
         let given = headers
             .get(AUTHORIZATION)
@@ -116,7 +127,7 @@ impl Admin {
             .map(|t| -> [u8; 32] { Sha256::digest(t.as_bytes()).into() });
         match given {
             Some(digest) if digest == *expected => Ok(()),
-            _ => Err((StatusCode::UNAUTHORIZED, "missing or wrong admin token\n")),
+            _ => Err(error(StatusCode::UNAUTHORIZED, "missing or wrong admin token")),
         }
     }
 
@@ -145,6 +156,8 @@ impl Admin {
             .route("/api/topics", get(topics))
             .route("/api/subscriptions", get(subscriptions))
             .route("/api/durable", get(durable))
+            .route("/api/durable/rewind", post(rewind))
+            .route("/api/history", get(history))
             .route("/api/connections", get(connections))
             .route("/api/connections/{id}/disconnect", post(disconnect))
             .with_state(self);
@@ -219,7 +232,13 @@ async fn metrics(State(admin): State<Admin>) -> String {
     admin.prometheus.render()
 }
 
-type ApiResult = Result<Json<Value>, (StatusCode, &'static str)>;
+/// A refusal: its status, and why in a line of text.
+type ApiError = (StatusCode, String);
+type ApiResult = Result<Json<Value>, ApiError>;
+
+fn error(status: StatusCode, why: impl std::fmt::Display) -> ApiError {
+    (status, format!("{why}\n"))
+}
 
 async fn topics(State(admin): State<Admin>, headers: HeaderMap) -> ApiResult {
     admin.authorized(&headers)?;
@@ -300,12 +319,12 @@ async fn disconnect(
     State(admin): State<Admin>,
     Path(id): Path<u64>,
     headers: HeaderMap,
-) -> Result<&'static str, (StatusCode, &'static str)> {
+) -> Result<&'static str, ApiError> {
     admin.authorized(&headers)?;
     if admin.connections.disconnect(id) {
         Ok("disconnected\n")
     } else {
-        Err((StatusCode::NOT_FOUND, "no such connection\n"))
+        Err(error(StatusCode::NOT_FOUND, "no such connection"))
     }
 }
 
@@ -323,6 +342,83 @@ async fn durable(State(admin): State<Admin>, headers: HeaderMap) -> ApiResult {
         })
         .collect();
     Ok(Json(Value::Array(durable)))
+}
+
+/// Most messages one history page carries.
+const MAX_PAGE: usize = 10_000;
+
+#[derive(Deserialize)]
+struct HistoryQuery {
+    topic: String,
+    from: Option<String>,
+    max: Option<usize>,
+}
+
+/// A page of one topic's history: envelopes as stored (sealed), in base64, for a client that
+/// holds the key to open.
+async fn history(
+    State(admin): State<Admin>,
+    headers: HeaderMap,
+    Query(query): Query<HistoryQuery>,
+) -> ApiResult {
+    admin.authorized(&headers)?;
+    let bad = |why: String| error(StatusCode::BAD_REQUEST, why);
+    let topic = Topic::parse(&query.topic).map_err(|err| bad(err.to_string()))?;
+    let start = query.from.as_deref().map(parse_start).transpose().map_err(bad)?;
+    let max = query.max.unwrap_or(1000).clamp(1, MAX_PAGE);
+    let page = admin
+        .broker
+        .history(&topic, start.unwrap_or(StartAt::Earliest), max)
+        .map_err(history_error)?;
+    let mut messages = Vec::with_capacity(page.messages.len());
+    for message in &page.messages {
+        let mut encoded = BytesMut::new();
+        message.envelope().encode(&mut encoded).map_err(|err| bad(err.to_string()))?;
+        messages.push(json!({
+            "offset": message.offset(), "id": message.id().to_string(),
+            "envelope": BASE64.encode(&encoded),
+        }));
+    }
+    Ok(Json(json!({
+        "topic": topic.as_str(), "first_offset": page.first_offset,
+        "next_offset": page.next_offset, "next_from": page.next_from(), "messages": messages,
+    })))
+}
+
+#[derive(Deserialize)]
+struct RewindRequest {
+    filter: String,
+    group: String,
+    from: String,
+}
+
+/// Moves a durable subscription (a QoS 1 group on retained topics) to another position: it
+/// delivers again from there once a member joins.
+async fn rewind(
+    State(admin): State<Admin>,
+    headers: HeaderMap,
+    Json(request): Json<RewindRequest>,
+) -> ApiResult {
+    admin.authorized(&headers)?;
+    let bad = |why: String| error(StatusCode::BAD_REQUEST, why);
+    let filter = Filter::parse(&request.filter).map_err(|err| bad(err.to_string()))?;
+    let start = parse_start(&request.from).map_err(bad)?;
+    let moved = admin.broker.rewind(&filter, &request.group, start).map_err(history_error)?;
+    let topics: Vec<Value> = moved
+        .into_iter()
+        .map(|(topic, from)| json!({"topic": topic.as_str(), "from": from}))
+        .collect();
+    Ok(Json(json!({ "filter": filter.as_str(), "group": request.group, "topics": topics })))
+}
+
+fn history_error(err: HistoryError) -> ApiError {
+    let status = match &err {
+        HistoryError::NotRetained(_) | HistoryError::NoSuchGroup { .. } => StatusCode::NOT_FOUND,
+        HistoryError::Active { .. } => StatusCode::CONFLICT,
+        HistoryError::OffsetEvicted { .. } => StatusCode::GONE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(status, err)
 }
 
 #[cfg(test)]

@@ -109,6 +109,19 @@ fn run_on(
     }
 }
 
+/// The content key: `--key-file`, else `WHISPEER_KEY`, else none.
+pub(crate) fn keyring(args: &ConnectArgs) -> anyhow::Result<Option<Keyring>> {
+    Ok(match &args.key_file {
+        Some(path) => {
+            Some(Keyring::from_file(path).with_context(|| format!("key file {}", path.display()))?)
+        }
+        None if std::env::var_os("WHISPEER_KEY").is_some() => {
+            Some(Keyring::from_env("WHISPEER_KEY").context("WHISPEER_KEY")?)
+        }
+        None => None,
+    })
+}
+
 pub(crate) async fn connect(args: &ConnectArgs) -> anyhow::Result<Client> {
     let mut options = ClientOptions::new(args.server.clone());
     if let Some(ca) = &args.ca_file {
@@ -126,16 +139,7 @@ pub(crate) async fn connect(args: &ConnectArgs) -> anyhow::Result<Client> {
     if let Some(key) = &args.api_key {
         options = options.api_key(key.clone());
     }
-    let keyring = match &args.key_file {
-        Some(path) => {
-            Some(Keyring::from_file(path).with_context(|| format!("key file {}", path.display()))?)
-        }
-        None if std::env::var_os("WHISPEER_KEY").is_some() => {
-            Some(Keyring::from_env("WHISPEER_KEY").context("WHISPEER_KEY")?)
-        }
-        None => None,
-    };
-    if let Some(keyring) = keyring {
+    if let Some(keyring) = keyring(args)? {
         options = options.encryption(Encryption::new(keyring));
     }
     if args.compress {

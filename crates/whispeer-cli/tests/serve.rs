@@ -2,8 +2,8 @@
 
 #![expect(clippy::unwrap_used, reason = "test helpers fail loudly")]
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Child, Command, Stdio};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use std::sync::{Arc, Mutex};
@@ -11,96 +11,9 @@ use whispeer_client::engines::{Encryption, Keyring};
 
 use whispeer_client::{Client, ClientError, ClientOptions, StartAt, SubscribeOptions};
 
-const BIN: &str = env!("CARGO_BIN_EXE_whispeer");
+mod common;
 
-/// A `whispeer serve` child process, killed when dropped.
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Server {
-    fn start(envs: &[(&str, &str)]) -> Self {
-        let mut command = Command::new(BIN);
-        command
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
-        // Keep the caller's environment from configuring the server under test.
-        for (name, _) in std::env::vars() {
-            if name.starts_with("WHISPEER_") {
-                command.env_remove(name);
-            }
-        }
-        command.envs(envs.iter().copied()).env("WHISPEER_HEARTBEAT_MS", "500");
-        let mut child = command.spawn().unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("whispeer: listening on ")
-            .unwrap_or_else(|| panic!("{line:?}"))
-            .to_string();
-        Self { child, addr }
-    }
-
-    /// Sends SIGTERM and returns the exit status.
-    fn terminate(mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-        let status = self.child.wait().unwrap();
-        std::mem::forget(self);
-        status
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A `whispeer sub` child; waits until it has subscribed.
-fn subscriber(args: &[&str], envs: &[(&str, &str)]) -> Child {
-    let mut child = Command::new(BIN)
-        .arg("sub")
-        .args(args)
-        .envs(envs.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stderr.as_mut().unwrap()).read_line(&mut line).unwrap();
-    assert!(line.starts_with("whispeer: subscribed"), "{line:?}");
-    child
-}
-
-fn publish(args: &[&str], stdin: Option<&str>) -> std::process::Output {
-    let mut child = Command::new(BIN)
-        .arg("pub")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut input = child.stdin.take().unwrap();
-    if let Some(text) = stdin {
-        input.write_all(text.as_bytes()).unwrap();
-    }
-    drop(input);
-    child.wait_with_output().unwrap()
-}
-
-fn output_of(mut child: Child) -> String {
-    let status = child.wait().unwrap();
-    let mut out = String::new();
-    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
-    assert!(status.success(), "sub exited with {status}: {out}");
-    out
-}
+use common::{BIN, Server, http_get, output_of, publish, sample, subscriber};
 
 #[test]
 fn sub_prints_what_pub_sends_like_mosquitto_sub_v() {
@@ -435,24 +348,6 @@ async fn crash_rounds(kind: &str) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// `GET path` on the admin port: (status line, body).
-fn http_get(addr: &str, path: &str) -> (String, String) {
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: whispeer\r\nConnection: close\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    (head.lines().next().unwrap().to_string(), body.to_string())
-}
-
-/// The value of a sample line `name value` in Prometheus text.
-fn sample(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in:\n{metrics}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_port_reports_health_and_metrics_that_match_the_workload() {
     let mut child = Command::new(BIN)
@@ -471,7 +366,15 @@ async fn the_admin_port_reports_health_and_metrics_that_match_the_workload() {
     let addr = next("whispeer: listening on ");
     let admin = next("whispeer: admin listening on http://");
     assert_eq!(http_get(&admin, "/healthz").0, "HTTP/1.1 200 OK");
-    assert_eq!(http_get(&admin, "/readyz").0, "HTTP/1.1 200 OK");
+    // Ready once the store is open and the listeners accept: shortly after the port opens.
+    let ready = (0..100).any(|_| {
+        let ok = http_get(&admin, "/readyz").0 == "HTTP/1.1 200 OK";
+        if !ok {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        ok
+    });
+    assert!(ready, "/readyz never said ready");
 
     let client = Client::connect(addr).await.unwrap();
     let mut a = client.subscribe::<u32>("work/+").await.unwrap();

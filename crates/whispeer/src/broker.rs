@@ -22,7 +22,7 @@ use crate::builder::{BrokerBuilder, BrokerOptions};
 use crate::commit::{CommitStore, Commits};
 use crate::dedup::{Dedup, Seen};
 use crate::error::{BindError, PublishError, SubscribeError};
-use crate::group::Groups;
+use crate::group::{GroupKey, Groups};
 use crate::message::Message;
 use crate::plugin::Plugin;
 use crate::publish::{NO_OPTIONS, PublishOptions, PublishReceipt};
@@ -302,14 +302,21 @@ impl Shared {
     /// Records `message` as settled by the durable subscription `commits`; an advance of its
     /// committed offset is remembered, and written to the log for a durable topic.
     pub(crate) fn committed(&self, commits: &Commits, message: &Message) {
-        let Some((topic, offset)) = commits.settled(message) else { return };
-        let durable = self.history.log(&topic).is_some_and(|log| retention::lock(&log).durable);
+        let topic = message.topic();
+        let durable = self.history.log(topic).is_some_and(|log| retention::lock(&log).durable);
+        commits.settled_then(message, |topic, offset| {
+            self.record_commit(&commits.key, topic, offset, durable);
+        });
+    }
+
+    /// Remembers a commit, and writes it to the store for a durable topic.
+    pub(crate) fn record_commit(&self, key: &GroupKey, topic: &Topic, offset: u64, durable: bool) {
         if let (true, Some(store)) = (durable, &self.store)
-            && let Err(err) = store.commit(&commits.key, &topic, offset)
+            && let Err(err) = store.commit(key, topic, offset)
         {
             tracing::warn!(%err, "commit not stored");
         }
-        self.commits.set(&commits.key, topic, offset);
+        self.commits.set(key, topic.clone(), offset);
     }
 
     pub(crate) fn unsubscribe(&self, id: SubId, queue: &Queue) {

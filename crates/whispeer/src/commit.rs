@@ -39,10 +39,23 @@ impl Commits {
         Self { key, marks: Mutex::new(marks) }
     }
 
-    /// Records `message` as settled; returns the topic's new committed offset if it advanced.
-    pub(crate) fn settled(&self, message: &Message) -> Option<(Topic, u64)> {
-        let offset = message.offset()?;
+    /// Records `message` as settled; if the topic's committed offset advances, calls `record`
+    /// with it while still holding the state, so the group's commits are recorded in order.
+    pub(crate) fn settled_then(&self, message: &Message, record: impl FnOnce(&Topic, u64)) {
         let mut marks = self.marks.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((topic, offset)) = Self::settle(&mut marks, message) {
+            record(&topic, offset);
+        }
+    }
+
+    /// Records `message` as settled; returns the topic's new committed offset if it advanced.
+    #[cfg(test)]
+    fn settled(&self, message: &Message) -> Option<(Topic, u64)> {
+        Self::settle(&mut self.marks.lock().unwrap_or_else(PoisonError::into_inner), message)
+    }
+
+    fn settle(marks: &mut HashMap<Topic, Mark>, message: &Message) -> Option<(Topic, u64)> {
+        let offset = message.offset()?;
         let mark = marks.entry(message.topic().clone()).or_default();
         if offset <= mark.committed {
             return None;
@@ -63,11 +76,11 @@ pub(crate) struct CommitStore {
 }
 
 impl CommitStore {
+    /// Sets a commit. The latest wins: a group's commits are recorded in order, and a rewind
+    /// (`Broker::rewind`) moves them back.
     pub(crate) fn set(&self, key: &GroupKey, topic: Topic, offset: u64) {
         let mut groups = self.groups.lock().unwrap_or_else(PoisonError::into_inner);
-        let topics = groups.entry(key.clone()).or_default();
-        let committed = topics.entry(topic).or_default();
-        *committed = (*committed).max(offset);
+        groups.entry(key.clone()).or_default().insert(topic, offset);
     }
 
     /// Every commit: group, topic, offset.

@@ -106,6 +106,24 @@ impl Groups {
         slots.remove(key).map_or(Left::Stays, |slot| Left::Remove(slot.group))
     }
 
+    /// Runs `f` while group `key` has no members, holding the groups so nobody joins meanwhile.
+    /// A lingering group is removed first and returned, for the caller to unroute. `Err` with
+    /// the member count when the group has members.
+    pub(crate) fn while_idle<R>(
+        &self,
+        key: &GroupKey,
+        f: impl FnOnce() -> R,
+    ) -> Result<(R, Option<Arc<Group>>), usize> {
+        let mut slots = self.lock();
+        match slots.get(key) {
+            Some(slot) if slot.members > 0 => Err(slot.members),
+            _ => {
+                let removed = slots.remove(key).map(|slot| slot.group);
+                Ok((f(), removed))
+            }
+        }
+    }
+
     /// Every group with its member count.
     pub(crate) fn list(&self) -> Vec<(GroupKey, usize, Arc<Group>)> {
         let slots = self.lock();

@@ -108,6 +108,29 @@ impl TopicLog {
         self.next
     }
 
+    /// The first offset a reader starting at `start` gets.
+    pub(crate) fn start_offset(&self, start: StartAt) -> Result<u64, SubscribeError> {
+        let first = self.first_offset();
+        Ok(match start {
+            StartAt::Latest => self.next,
+            StartAt::Earliest => first,
+            StartAt::Offset(offset) if offset < first => {
+                return Err(SubscribeError::OffsetEvicted { requested: offset, first });
+            }
+            StartAt::Offset(offset) => offset,
+            StartAt::Time(ms) => {
+                self.entries.iter().find(|e| e.time_ms >= ms).map_or(self.next, |e| e.offset)
+            }
+            _ => self.next,
+        })
+    }
+
+    /// Up to `max` retained messages from offset `from` on.
+    pub(crate) fn read(&self, from: u64, max: usize) -> Vec<Message> {
+        let skip = usize::try_from(from.saturating_sub(self.first_offset())).unwrap_or(usize::MAX);
+        self.entries.iter().skip(skip).take(max).map(|e| e.message.clone()).collect()
+    }
+
     /// Takes the next offset; the caller routes the message and then `append`s it.
     pub(crate) fn reserve(&mut self) -> u64 {
         let offset = self.next;
@@ -147,7 +170,7 @@ impl TopicLog {
     }
 
     /// The first offset still retained (the next offset when empty).
-    fn first_offset(&self) -> u64 {
+    pub(crate) fn first_offset(&self) -> u64 {
         self.entries.front().map_or(self.next, |e| e.offset)
     }
 }
@@ -250,14 +273,7 @@ impl History {
         start: StartAt,
         resume: Option<&HashMap<Topic, u64>>,
     ) -> Result<Snapshot, SubscribeError> {
-        let logs: Vec<(Topic, Arc<Mutex<TopicLog>>)> = self
-            .logs
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .filter(|(topic, _)| filter.matches(topic))
-            .map(|(topic, log)| (topic.clone(), Arc::clone(log)))
-            .collect();
+        let logs = self.matching(filter);
         let mut snapshot = Snapshot::default();
         let mut picked: Vec<(u64, Message)> = Vec::new();
         for (topic, log) in logs {
@@ -272,18 +288,7 @@ impl History {
                     }
                     after.max(first)
                 }
-                (None, start) => match start {
-                    StartAt::Latest => log.next,
-                    StartAt::Earliest => first,
-                    StartAt::Offset(offset) if offset < first => {
-                        return Err(SubscribeError::OffsetEvicted { requested: offset, first });
-                    }
-                    StartAt::Offset(offset) => offset,
-                    StartAt::Time(ms) => {
-                        log.entries.iter().find(|e| e.time_ms >= ms).map_or(log.next, |e| e.offset)
-                    }
-                    _ => log.next,
-                },
+                (None, start) => log.start_offset(start)?,
             };
             snapshot.starts.insert(topic, from);
             let skip = usize::try_from(from.saturating_sub(first)).unwrap_or(usize::MAX);
@@ -293,6 +298,15 @@ impl History {
         picked.sort_unstable_by_key(|(seq, _)| *seq);
         snapshot.messages = picked.into_iter().map(|(_, message)| message).collect();
         Ok(snapshot)
+    }
+
+    /// The retained topics matching `filter`, with their logs.
+    pub(crate) fn matching(&self, filter: &Filter) -> Vec<(Topic, Arc<Mutex<TopicLog>>)> {
+        let logs = self.logs.read().unwrap_or_else(PoisonError::into_inner);
+        logs.iter()
+            .filter(|(topic, _)| filter.matches(topic))
+            .map(|(topic, log)| (topic.clone(), Arc::clone(log)))
+            .collect()
     }
 
     /// Every retained topic: (topic, first offset, next offset, messages, bytes, durable).

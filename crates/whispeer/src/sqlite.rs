@@ -212,7 +212,7 @@ fn write_batch(conn: &mut Connection, batch: Vec<Write>) -> io::Result<()> {
             Write::Commit { key, topic, offset } => {
                 tx.prepare(
                     "INSERT INTO commits (filter, grp, topic, offset) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT (filter, grp, topic) DO UPDATE SET offset = max(offset, excluded.offset)",
+                     ON CONFLICT (filter, grp, topic) DO UPDATE SET offset = excluded.offset",
                 )
                 .map_err(sql)?
                 .execute(params![&*key.0, &*key.1, topic, to_i64(offset)?])

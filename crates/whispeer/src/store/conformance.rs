@@ -8,10 +8,11 @@ use whispeer_proto::{ContentType, Flags, MessageId};
 
 use super::*;
 
-struct Scratch(PathBuf);
+/// A scratch directory, removed when dropped.
+pub(crate) struct Scratch(pub(crate) PathBuf);
 
 impl Scratch {
-    fn new(kind: &str) -> Self {
+    pub(crate) fn new(kind: &str) -> Self {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let dir =
@@ -97,6 +98,9 @@ fn every_persistent_store_gives_back_messages_and_latest_commits_after_reopening
             let topic = Topic::parse("a").unwrap();
             store.commit(&key, &topic, 2).unwrap();
             store.commit(&key, &topic, 3).unwrap();
+            let b = Topic::parse("b").unwrap();
+            store.commit(&key, &b, 2).unwrap();
+            store.commit(&key, &b, 1).unwrap(); // a rewind
             append(&*store, "a", 5..=5); // after the commits, so they are durable too
         }
         let (_, stored) = persistence.open().unwrap();
@@ -108,9 +112,17 @@ fn every_persistent_store_gives_back_messages_and_latest_commits_after_reopening
                 .map(|(t, o)| ((*t).to_string(), *o))
                 .collect();
         assert_eq!(order, expected, "{kind}: in the order stored");
-        let last =
-            stored.commits.iter().filter(|c| c.topic.as_str() == "a").map(|c| c.offset).max();
-        assert_eq!(last, Some(3), "{kind}: the latest commit wins");
+        // Applied in the order given back, the last of each topic wins, even when lower.
+        let last = |topic: &str| {
+            stored
+                .commits
+                .iter()
+                .filter(|c| c.topic.as_str() == topic)
+                .map(|c| c.offset)
+                .next_back()
+        };
+        assert_eq!(last("a"), Some(3), "{kind}: the latest commit wins");
+        assert_eq!(last("b"), Some(1), "{kind}: a rewind is a commit too");
     }
 }
 

@@ -1,0 +1,126 @@
+//! Helpers shared by the command-line tests: a `whispeer serve` child, `pub` and `sub` children,
+//! and the admin port.
+#![expect(clippy::unwrap_used, reason = "test helpers fail loudly")]
+#![allow(dead_code, reason = "each test file uses some of the helpers")]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, Command, Stdio};
+
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_whispeer");
+
+/// A `whispeer serve` child process, killed when dropped.
+pub(crate) struct Server {
+    pub(crate) child: Child,
+    pub(crate) addr: String,
+    /// The admin port's address, when started with one.
+    pub(crate) admin: Option<String>,
+}
+
+impl Server {
+    pub(crate) fn start(envs: &[(&str, &str)]) -> Self {
+        Self::start_with(&[], envs)
+    }
+
+    /// Starts with extra arguments; with `--admin-listen`, reads the admin port's address too.
+    pub(crate) fn start_with(args: &[&str], envs: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(BIN);
+        command
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        // Keep the caller's environment from configuring the server under test.
+        for (name, _) in std::env::vars() {
+            if name.starts_with("WHISPEER_") {
+                command.env_remove(name);
+            }
+        }
+        command.envs(envs.iter().copied()).env("WHISPEER_HEARTBEAT_MS", "500");
+        let mut child = command.spawn().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut next = |prefix: &str| {
+            let mut line = String::new();
+            stdout.read_line(&mut line).unwrap();
+            line.trim().strip_prefix(prefix).unwrap_or_else(|| panic!("{line:?}")).to_string()
+        };
+        let addr = next("whispeer: listening on ");
+        let admin =
+            args.contains(&"--admin-listen").then(|| next("whispeer: admin listening on http://"));
+        Self { child, addr, admin }
+    }
+
+    /// Sends SIGTERM and returns the exit status.
+    pub(crate) fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        let status = self.child.wait().unwrap();
+        std::mem::forget(self);
+        status
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `whispeer sub` child; waits until it has subscribed.
+pub(crate) fn subscriber(args: &[&str], envs: &[(&str, &str)]) -> Child {
+    let mut child = Command::new(BIN)
+        .arg("sub")
+        .args(args)
+        .envs(envs.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stderr.as_mut().unwrap()).read_line(&mut line).unwrap();
+    assert!(line.starts_with("whispeer: subscribed"), "{line:?}");
+    child
+}
+
+pub(crate) fn publish(args: &[&str], stdin: Option<&str>) -> std::process::Output {
+    let mut child = Command::new(BIN)
+        .arg("pub")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(text) = stdin {
+        input.write_all(text.as_bytes()).unwrap();
+    }
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+pub(crate) fn output_of(mut child: Child) -> String {
+    let status = child.wait().unwrap();
+    let mut out = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    assert!(status.success(), "sub exited with {status}: {out}");
+    out
+}
+
+/// `GET path` on the admin port: (status line, body).
+pub(crate) fn http_get(addr: &str, path: &str) -> (String, String) {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: whispeer\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_string(), body.to_string())
+}
+
+/// The value of a sample line `name value` in Prometheus text.
+pub(crate) fn sample(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{metrics}"))
+}
