@@ -43,7 +43,7 @@ pub(crate) struct Config {
     pub(crate) api_keys: Vec<String>,
     /// Principals with their own key and topic permissions: `[[users]] name = "alice"`,
     /// `api_key = "sha256:…"`, `publish = ["chat/+"]`, `subscribe = [...]`,
-    /// `deny_publish = [...]`, `deny_subscribe = [...]`.
+    /// `deny_publish = [...]`, `deny_subscribe = [...]`, `groups = ["billing", "jobs-*"]`.
     pub(crate) users: Vec<User>,
     /// JWT keys: tokens sent as the API key are verified with them (`[jwt]`).
     pub(crate) jwt: Jwt,
@@ -527,6 +527,7 @@ mod tests {
                 publish = ["chat/+"]
                 subscribe = ["chat/#"]
                 deny_subscribe = ["chat/admin"]
+                groups = ["chat-*"]
                 "#,
             )?;
             let config = Config::load(Path::new("whispeer.toml"), false).unwrap();
@@ -535,6 +536,8 @@ mod tests {
             assert_eq!(alice.name, "alice");
             assert!(alice.permissions.may_publish(&whispeer::Topic::parse("chat/x").unwrap()));
             assert!(!alice.permissions.may_publish(&whispeer::Topic::parse("news").unwrap()));
+            assert!(alice.permissions.may_join("alice", "chat-readers"));
+            assert!(!alice.permissions.may_join("alice", "billing"));
             assert_eq!(
                 server.api_keys.principal(b"ops").unwrap().permissions,
                 whispeer::server::Permissions::everything()

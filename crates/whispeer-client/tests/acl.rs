@@ -18,13 +18,15 @@ fn filters(list: &[&str]) -> Vec<Filter> {
 }
 
 /// A server where `alice` may publish to `chat/+` (not `chat/admin`) and subscribe to `chat/+`
-/// and `feeds/public/#` (not `feeds/public/admin/#`); `root` may do everything ordinary.
+/// and `feeds/public/#` (not `feeds/public/admin/#`), and join groups `chat-*` and her own;
+/// `root` may do everything ordinary.
 fn server() -> (Broker, SocketAddr, Arc<AccessCounters>) {
     let mut alice = Permissions::none();
     alice.publish = filters(&["chat/+"]);
     alice.deny_publish = filters(&["chat/admin"]);
     alice.subscribe = filters(&["chat/+", "feeds/public/#"]);
     alice.deny_subscribe = filters(&["feeds/public/admin/#"]);
+    alice.groups = vec!["chat-*".into()];
     let mut keys = ApiKeys::default();
     keys.add(0, "alice-key", Principal::new("alice", alice)).unwrap();
     keys.add(1, "root-key", Principal::new("root", Permissions::everything())).unwrap();
@@ -88,6 +90,10 @@ async fn every_bypass_attempt_is_refused_and_counted() {
             "another's durable subscription",
             SubscribeOptions::new("@inbox/bob").qos(Qos::AtLeastOnce).group("bob-phone"),
         ),
+        ("a group not granted", SubscribeOptions::new("chat/lobby").group("billing")),
+        ("another's group", SubscribeOptions::new("chat/lobby").group("bob-phone")),
+        ("a group that only starts like a grant", SubscribeOptions::new("chat/x").group("chat")),
+        ("a group named like her, not hers", SubscribeOptions::new("chat/x").group("alice2")),
     ];
     let mut forbidden = 0u64;
     for (what, options) in subscribe_attempts {
@@ -133,6 +139,11 @@ async fn granted_topics_and_the_own_inbox_keep_working() {
     let mut any_chat = alice.subscribe::<u32>("chat/*").await.unwrap();
     let mut news = alice.subscribe::<u32>("feeds/public/news/#").await.unwrap();
     let mut inbox = alice.subscribe::<u32>("@inbox/alice/#").await.unwrap();
+    // Granted groups, and her own: a durable subscription to her inbox for her phone.
+    let group = |name: &str| SubscribeOptions::new("chat/lobby").group(name);
+    let mut shared = alice.subscribe::<u32>(group("chat-readers")).await.unwrap();
+    let phone = SubscribeOptions::new("@inbox/alice/#").qos(Qos::AtLeastOnce).group("alice-phone");
+    let mut phone = alice.messages(phone).await.unwrap();
     alice.publish_acked("chat/lobby", &1u32).await.unwrap();
     root.publish_acked("feeds/public/news/today", &2u32).await.unwrap();
     // Root's grant of everything ordinary does not open anyone's inbox either.
@@ -144,6 +155,8 @@ async fn granted_topics_and_the_own_inbox_keep_working() {
     // A direct message, sent by the broker's own application code, reaches her inbox.
     broker.publish("@inbox/alice/dm", &4u32).unwrap();
     assert_eq!(inbox.recv().await, Some(4));
+    assert_eq!(shared.recv().await, Some(1));
+    assert_eq!(phone.recv().await.unwrap().decode::<u32>().unwrap(), 4);
     let wrong = Client::connect_with(ClientOptions::new(addr.to_string()).api_key("guess")).await;
     assert!(wrong.is_err());
     assert_eq!(access.auth_failures(), 1);

@@ -57,6 +57,9 @@ pub(crate) struct User {
     pub(crate) deny_publish: Vec<String>,
     #[serde(default)]
     pub(crate) deny_subscribe: Vec<String>,
+    /// Queue groups it may join besides its own (its name, `<name>-…`): names or `prefix*`.
+    #[serde(default)]
+    pub(crate) groups: Vec<String>,
 }
 
 impl User {
@@ -75,6 +78,7 @@ impl User {
         permissions.subscribe = parse(&self.subscribe, "subscribe")?;
         permissions.deny_publish = parse(&self.deny_publish, "deny_publish")?;
         permissions.deny_subscribe = parse(&self.deny_subscribe, "deny_subscribe")?;
+        permissions.groups.clone_from(&self.groups);
         Ok(permissions)
     }
 }

@@ -8,6 +8,11 @@
 //!   match, the grant matches too — `a/+` covers `a/b` but not `a/#`) and no `deny_subscribe`
 //!   filter *overlaps* it (no topic it could match is denied).
 //!
+//! - **join a queue group** (which shares, and for a durable subscription commits, the
+//!   group's messages with its other members): some `groups` pattern names it — a name, or a
+//!   prefix ending in `*` — or it is the principal's own: its name, or its name followed by
+//!   `-` (`alice-phone`).
+//!
 //! Topics whose first segment starts with `$` (the broker's) or `@` (addressed, `@inbox/<id>`)
 //! are skipped by leading wildcards, so a grant of `#` opens neither. A principal may always
 //! subscribe to its own inbox, `@inbox/<name>` and below; other inboxes, and publishing to any
@@ -30,6 +35,8 @@ pub struct Permissions {
     pub deny_publish: Vec<Filter>,
     /// Topics it may not receive, whatever `subscribe` says.
     pub deny_subscribe: Vec<Filter>,
+    /// Queue groups it may join besides its own: names, or prefixes ending in `*`.
+    pub groups: Vec<String>,
 }
 
 fn all() -> Vec<Filter> {
@@ -44,7 +51,17 @@ impl Permissions {
 
     /// Every topic not hidden from wildcards (`$…` and `@…` topics stay closed).
     pub fn everything() -> Self {
-        Self { publish: all(), subscribe: all(), ..Self::default() }
+        Self { publish: all(), subscribe: all(), groups: vec!["*".into()], ..Self::default() }
+    }
+
+    /// Whether `principal` may join the queue group `group`.
+    pub fn may_join(&self, principal: &str, group: &str) -> bool {
+        let own = group == principal
+            || group.strip_prefix(principal).is_some_and(|rest| rest.starts_with('-'));
+        own || self.groups.iter().any(|pattern| match pattern.strip_suffix('*') {
+            Some(prefix) => group.starts_with(prefix),
+            None => group == pattern,
+        })
     }
 
     /// Whether `principal` may publish to `topic`.
@@ -138,6 +155,7 @@ mod tests {
             subscribe: filters(&["chat/+", "news/#"]),
             deny_publish: filters(&["chat/admin"]),
             deny_subscribe: filters(&["news/secret/#"]),
+            groups: Vec::new(),
         };
         let topic = |t: &str| Topic::parse(t).unwrap();
         let filter = |f: &str| Filter::parse(f).unwrap();
@@ -152,5 +170,19 @@ mod tests {
         assert!(perms.may_subscribe("ada", &filter("@inbox/ada/#")));
         assert!(!perms.may_subscribe("ada", &filter("@inbox/bob")));
         assert!(!perms.may_subscribe("ada", &filter("@inbox/+")));
+    }
+
+    #[test]
+    fn groups_are_granted_by_name_or_prefix_besides_the_own() {
+        let perms =
+            Permissions { groups: vec!["billing".into(), "jobs-*".into()], ..Default::default() };
+        for granted in ["billing", "jobs-eu", "jobs-", "ada", "ada-phone"] {
+            assert!(perms.may_join("ada", granted), "{granted}");
+        }
+        for refused in ["billing2", "jobs", "bob-phone", "adam", "ada2", "Billing"] {
+            assert!(!perms.may_join("ada", refused), "{refused}");
+        }
+        assert!(Permissions::everything().may_join("ada", "anything"));
+        assert!(!Permissions::none().may_join("ada", "anything"));
     }
 }

@@ -327,6 +327,11 @@ impl Connection {
                 let message = format!("not allowed to subscribe to {filter}");
                 self.reply_error(correlation, ErrorCode::FORBIDDEN, message).await;
             }
+            Body::Subscribe { group: Some(group), .. } if !self.may_join(&group) => {
+                bump(&self.config.access.denied_subscribe);
+                let message = format!("not allowed to join queue group {group}");
+                self.reply_error(correlation, ErrorCode::FORBIDDEN, message).await;
+            }
             // A reserved topic is refused as such by the broker, whoever publishes.
             Body::Publish { envelope, .. }
                 if !envelope.topic.is_reserved() && !self.may_publish(&envelope.topic) =>
@@ -428,6 +433,10 @@ impl Connection {
 
     fn may_subscribe(&self, filter: &Filter) -> bool {
         self.principal.as_ref().is_some_and(|p| p.permissions.may_subscribe(&p.name, filter))
+    }
+
+    fn may_join(&self, group: &str) -> bool {
+        self.principal.as_ref().is_some_and(|p| p.permissions.may_join(&p.name, group))
     }
 
     fn may_publish(&self, topic: &Topic) -> bool {

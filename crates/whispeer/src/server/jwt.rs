@@ -7,7 +7,8 @@
 //!
 //! Claims: `sub` names the principal; the optional `whispeer` claim holds its permissions as
 //! filter lists — `{"publish": [...], "subscribe": [...], "deny_publish": [...],
-//! "deny_subscribe": [...]}`. Without it the principal may use only its own inbox.
+//! "deny_subscribe": [...], "groups": [...]}` (groups: queue group names or `prefix*`). Without
+//! it the principal may use only its own inbox and its own groups.
 
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
@@ -54,6 +55,7 @@ struct Grants {
     subscribe: Vec<String>,
     deny_publish: Vec<String>,
     deny_subscribe: Vec<String>,
+    groups: Vec<String>,
 }
 
 fn filters(list: Vec<String>, field: &'static str) -> Result<Vec<Filter>, JwtError> {
@@ -170,6 +172,7 @@ fn principal(claims: Claims) -> Result<Principal, JwtError> {
     permissions.subscribe = filters(grants.subscribe, "subscribe")?;
     permissions.deny_publish = filters(grants.deny_publish, "deny_publish")?;
     permissions.deny_subscribe = filters(grants.deny_subscribe, "deny_subscribe")?;
+    permissions.groups = grants.groups;
     Ok(Principal::new(claims.sub, permissions))
 }
 

@@ -25,7 +25,7 @@ fn claims(exp_in: i64) -> Value {
     json!({
         "sub": "ada",
         "exp": now() + exp_in,
-        "whispeer": { "publish": ["chat/+"], "subscribe": ["chat/#"] },
+        "whispeer": { "publish": ["chat/+"], "subscribe": ["chat/#"], "groups": ["jobs-*"] },
     })
 }
 
@@ -55,6 +55,7 @@ fn tokens_of_every_algorithm_become_principals_with_their_claims() {
         let perms = &principal.permissions;
         assert!(perms.may_publish(&Topic::parse("chat/x").unwrap()));
         assert!(!perms.may_publish(&Topic::parse("news").unwrap()));
+        assert!(perms.may_join("ada", "jobs-eu") && !perms.may_join("ada", "billing"));
     }
 }
 
