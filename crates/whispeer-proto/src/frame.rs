@@ -267,6 +267,15 @@ pub enum DecodeError {
     /// A topic or filter is invalid.
     #[error("invalid topic or filter: {0}")]
     InvalidTopic(#[from] TopicError),
+    /// A complete frame names an invalid topic or filter (too long, too deep, or malformed).
+    /// The frame was consumed whole, so a server can refuse this one request and go on.
+    #[error("invalid topic or filter: {error}")]
+    RequestTopic {
+        /// The request's correlation id.
+        correlation: u32,
+        /// What is wrong with the topic or filter.
+        error: TopicError,
+    },
     /// The QoS byte is not 0 or 1.
     #[error("invalid QoS {0}")]
     InvalidQos(u8),
@@ -288,8 +297,17 @@ impl DecodeError {
     pub fn code(&self) -> ErrorCode {
         match self {
             Self::FrameTooLarge { .. } => ErrorCode::TOO_LARGE,
-            Self::InvalidTopic(_) => ErrorCode::INVALID_TOPIC,
+            Self::InvalidTopic(_) | Self::RequestTopic { .. } => ErrorCode::INVALID_TOPIC,
             _ => ErrorCode::MALFORMED,
+        }
+    }
+
+    /// For an error confined to one complete request, that request's correlation id: the
+    /// stream is still in step, and the connection can answer it and go on.
+    pub fn correlation(&self) -> Option<u32> {
+        match self {
+            Self::RequestTopic { correlation, .. } => Some(*correlation),
+            _ => None,
         }
     }
 }
@@ -450,7 +468,10 @@ impl Frame {
         let frame_type = frame.get_u8();
         let correlation = frame.get_u32();
         let mut reader = Reader { buf: frame, frame_type };
-        let body = reader.body(limits)?;
+        let body = reader.body(limits).map_err(|err| match err {
+            DecodeError::InvalidTopic(error) => DecodeError::RequestTopic { correlation, error },
+            other => other,
+        })?;
         reader.finish()?;
         Ok(Some(Self { correlation, body }))
     }

@@ -130,8 +130,9 @@ fn malformed_frames_are_typed_errors() {
 #[test]
 fn invalid_topic_and_text_are_refused() {
     let mut buf = BytesMut::new();
+    let correlation = 77;
     let frame = Frame::new(
-        1,
+        correlation,
         Body::Subscribe {
             sub: 1,
             qos: Qos::AtMostOnce,
@@ -154,7 +155,10 @@ fn invalid_topic_and_text_are_refused() {
     assert_eq!(Frame::decode(&mut utf, &limits()), Err(DecodeError::InvalidUtf8));
     bad[at] = b'/';
     let mut topic = BytesMut::from(&bad[..]);
-    assert!(matches!(Frame::decode(&mut topic, &limits()), Err(DecodeError::InvalidTopic(_))));
+    let refused = Frame::decode(&mut topic, &limits()).unwrap_err();
+    assert!(matches!(refused, DecodeError::RequestTopic { .. }), "{refused:?}");
+    assert_eq!(refused.correlation(), Some(correlation), "the request can be answered alone");
+    assert!(topic.is_empty(), "the whole frame was consumed");
 }
 
 #[test]

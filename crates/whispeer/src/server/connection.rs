@@ -221,7 +221,14 @@ impl Connection {
                         self.handle(frame).await?;
                     }
                     Ok(None) => break,
-                    Err(err) => return Err(Close::new(err.code(), err.to_string())),
+                    // A request naming an invalid topic is refused alone; the stream is in step.
+                    Err(err) => match err.correlation() {
+                        Some(correlation) => {
+                            progressed = true;
+                            self.reply_error(correlation, err.code(), err.to_string()).await;
+                        }
+                        None => return Err(Close::new(err.code(), err.to_string())),
+                    },
                 }
             }
             // How long a frame has been incomplete without any frame completing meanwhile: a
