@@ -186,7 +186,8 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug {
 
 impl Store for Wal {
     fn append(&self, offset: u64, accepted_ms: u64, envelope: &Envelope) -> io::Result<u64> {
-        Ok(self.push(encode_record(offset, accepted_ms, envelope)?))
+        let record = encode_record(offset, accepted_ms, envelope)?;
+        Ok(self.push_message(&envelope.topic, offset, record))
     }
 
     fn durable(&self, ticket: u64) -> StoreFuture<'_, bool> {
@@ -199,14 +200,7 @@ impl Store for Wal {
     }
 
     fn read(&self, topic: &Topic, from: u64, max: usize) -> io::Result<Vec<Record>> {
-        // A scan of every segment: the broker serves replays from memory, so this is for
-        // tools and tests.
-        let records = self.scan_all()?;
-        Ok(records
-            .into_iter()
-            .filter(|r| r.envelope.topic == *topic && r.offset >= from)
-            .take(max)
-            .collect())
+        self.read_topic(topic, from, max)
     }
 }
 

@@ -21,7 +21,8 @@
 //! `.damaged`, and the counts are logged and returned. Every record before the damage is kept.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, Write};
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -248,84 +249,6 @@ fn list_segments(dir: &Path) -> io::Result<Vec<Segment>> {
     Ok(segments)
 }
 
-/// Reads the valid records of one segment; returns them and the length of the valid prefix, or
-/// `None` for the length when the whole file was valid.
-fn scan(path: &Path) -> io::Result<(Vec<Logged>, Option<u64>)> {
-    let mut reader = BufReader::new(File::open(path)?);
-    let mut records = Vec::new();
-    let mut good: u64 = 0;
-    loop {
-        let mut header = [0u8; HEADER];
-        match read_full(&mut reader, &mut header)? {
-            0 => return Ok((records, None)),
-            n if n < HEADER => return Ok((records, Some(good))),
-            _ => {}
-        }
-        let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
-        let crc = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
-        if len == 0 || len > MAX_RECORD {
-            return Ok((records, Some(good)));
-        }
-        let mut body = vec![0u8; len];
-        if read_full(&mut reader, &mut body)? < len || crc32c::crc32c(&body) != crc {
-            return Ok((records, Some(good)));
-        }
-        let Some(record) = decode_logged(Bytes::from(body)) else {
-            return Ok((records, Some(good)));
-        };
-        records.push(record);
-        good += (HEADER + len) as u64;
-    }
-}
-
-/// Reads until `buf` is full or the end; returns the bytes read.
-fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut read = 0;
-    while read < buf.len() {
-        match reader.read(&mut buf[read..]) {
-            Ok(0) => break,
-            Ok(n) => read += n,
-            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-            Err(err) => return Err(err),
-        }
-    }
-    Ok(read)
-}
-
-/// Scans the log in `dir`, repairs it, and returns what it holds.
-fn recover(dir: &Path) -> io::Result<(Recovered, Vec<Segment>)> {
-    let mut recovered = Recovered::default();
-    let mut kept = Vec::new();
-    let mut damaged = false;
-    for segment in list_segments(dir)? {
-        if damaged {
-            let aside = segment.path.with_extension("wal.damaged");
-            fs::rename(&segment.path, &aside)?;
-            recovered.damaged_segments += 1;
-            continue;
-        }
-        let (records, valid) = scan(&segment.path)?;
-        recovered.last_record = (segment.first + records.len() as u64).saturating_sub(1);
-        for logged in records {
-            match logged {
-                Logged::Message(record) => recovered.records.push(record),
-                Logged::Commit(commit) => recovered.commits.push(commit),
-            }
-        }
-        let len = match valid {
-            None => segment.len,
-            Some(valid) => {
-                damaged = true;
-                recovered.truncated_bytes += segment.len - valid;
-                OpenOptions::new().write(true).open(&segment.path)?.set_len(valid)?;
-                valid
-            }
-        };
-        kept.push(Segment { len, ..segment });
-    }
-    Ok((recovered, kept))
-}
-
 enum Request {
     Append(Bytes),
     Stop,
@@ -343,6 +266,8 @@ pub(crate) struct Wal {
     durable: watch::Receiver<u64>,
     /// The next ticket: records appended so far + 1.
     next: Mutex<u64>,
+    /// Where each topic's messages are, roughly.
+    index: TopicIndex,
 }
 
 impl std::fmt::Debug for Wal {
@@ -360,7 +285,8 @@ impl Wal {
             let message = format!("the log is in use by another broker ({err})");
             return Err(io::Error::new(io::ErrorKind::WouldBlock, message));
         }
-        let (recovered, segments) = recover(&options.dir)?;
+        let index = TopicIndex::default();
+        let (recovered, segments) = recover(&options.dir, &index)?;
         if recovered.truncated_bytes > 0 || recovered.damaged_segments > 0 {
             tracing::warn!(
                 kept = recovered.records.len(),
@@ -379,7 +305,7 @@ impl Wal {
         let thread = Mutex::new(Some(thread));
         let next = Mutex::new(written + 1);
         let dir = options.dir.clone();
-        let wal = Self { dir, _lock: lock, tx: Mutex::new(tx), thread, durable, next };
+        let wal = Self { dir, _lock: lock, tx: Mutex::new(tx), thread, durable, next, index };
         Ok((Arc::new(wal), recovered))
     }
 
@@ -396,16 +322,44 @@ impl Wal {
         ticket
     }
 
-    /// Reads every message record of the log as it is now (up to any incomplete tail).
-    pub(crate) fn scan_all(&self) -> io::Result<Vec<Record>> {
+    /// Appends the record of the message at `offset` of `topic`; returns its ticket.
+    pub(crate) fn push_message(&self, topic: &Topic, offset: u64, record: Bytes) -> u64 {
+        let ticket = self.push(record);
+        // The ticket is the record's number in the log.
+        self.index.note(topic, offset, ticket);
+        ticket
+    }
+
+    /// Up to `max` message records of `topic` from `offset` on, as the log holds them now (up
+    /// to any incomplete tail). Starts at the segment the index points to, streams, and stops
+    /// once it has `max`: memory stays at what it returns.
+    pub(crate) fn read_topic(
+        &self,
+        topic: &Topic,
+        from: u64,
+        max: usize,
+    ) -> io::Result<Vec<Record>> {
         let mut records = Vec::new();
-        for segment in list_segments(&self.dir)? {
-            let (logged, damaged) = scan(&segment.path)?;
-            records.extend(logged.into_iter().filter_map(|l| match l {
-                Logged::Message(record) => Some(record),
-                Logged::Commit(_) => None,
-            }));
-            if damaged.is_some() {
+        let Some(start) = self.index.start(topic, from) else { return Ok(records) };
+        if max == 0 {
+            return Ok(records);
+        }
+        let segments = list_segments(&self.dir)?;
+        let begin = segments.iter().rposition(|s| s.first <= start).unwrap_or(0);
+        for segment in &segments[begin..] {
+            let end = scan_each(&segment.path, |_, logged| {
+                if let Logged::Message(record) = logged
+                    && record.envelope.topic == *topic
+                    && record.offset >= from
+                {
+                    records.push(record);
+                    if records.len() >= max {
+                        return ControlFlow::Break(());
+                    }
+                }
+                ControlFlow::Continue(())
+            })?;
+            if end != ScanEnd::Whole {
                 break;
             }
         }
@@ -566,5 +520,10 @@ impl Writer {
     }
 }
 
+mod index;
+mod scan;
 #[cfg(test)]
 mod tests;
+
+use index::TopicIndex;
+use scan::{ScanEnd, recover, scan_each};
