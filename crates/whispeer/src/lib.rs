@@ -96,3 +96,27 @@ pub mod proto {
 pub mod engines {
     pub use whispeer_engines::*;
 }
+
+/// Entry points for the fuzz targets in `fuzz/` (feature `fuzzing`): the parsers of input from
+/// the disk and the network that live in this crate. Not for applications.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Reads `bytes` as a write-ahead log segment: the valid records' count, and the length of
+    /// the valid prefix when a bad record ended it.
+    pub fn wal_segment(bytes: &[u8]) -> (usize, Option<u64>) {
+        crate::wal::scan_bytes(bytes)
+    }
+
+    /// Parses one request of the WebSocket JSON form under `limits`: the frame it stands for,
+    /// or why not.
+    ///
+    /// # Errors
+    /// The parser's refusal, as text.
+    pub fn json_request(
+        text: &str,
+        limits: &whispeer_proto::Limits,
+    ) -> Result<whispeer_proto::Frame, String> {
+        crate::server::json_request(text, limits)
+    }
+}

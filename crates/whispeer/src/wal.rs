@@ -527,3 +527,18 @@ mod tests;
 
 use index::TopicIndex;
 use scan::{ScanEnd, recover, scan_each};
+
+/// Reads `bytes` as a segment file would be read: returns the valid records' (message and
+/// commit) count, and the length of the valid prefix if a bad record ended it.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn scan_bytes(bytes: &[u8]) -> (usize, Option<u64>) {
+    let mut count = 0;
+    let end = scan::scan_reader(bytes, |_, _| {
+        count += 1;
+        ControlFlow::Continue(())
+    });
+    match end {
+        Ok(ScanEnd::Damaged(good)) => (count, Some(good)),
+        _ => (count, None),
+    }
+}

@@ -54,6 +54,15 @@ pub use traffic::{FlowStats, MAX_CLASSES, Traffic, class_of};
 
 use crate::Broker;
 
+/// The JSON form's parser, for the fuzz targets.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn json_request(
+    text: &str,
+    limits: &whispeer_proto::Limits,
+) -> Result<whispeer_proto::Frame, String> {
+    json::request_to_frame(text, limits, &json::JsonIds::new()).map_err(|err| err.to_string())
+}
+
 /// Settings of a server. Every field has a safe default.
 #[derive(Clone, Debug)]
 #[non_exhaustive]

@@ -25,9 +25,16 @@ pub(super) enum ScanEnd {
 /// with its index in the segment, until the end, a bad record, or `visit` breaks.
 pub(super) fn scan_each(
     path: &Path,
+    visit: impl FnMut(u64, Logged) -> ControlFlow<()>,
+) -> io::Result<ScanEnd> {
+    scan_reader(BufReader::new(File::open(path)?), visit)
+}
+
+/// [`scan_each`] over any reader.
+pub(super) fn scan_reader(
+    mut reader: impl Read,
     mut visit: impl FnMut(u64, Logged) -> ControlFlow<()>,
 ) -> io::Result<ScanEnd> {
-    let mut reader = BufReader::new(File::open(path)?);
     let (mut good, mut index): (u64, u64) = (0, 0);
     loop {
         let mut header = [0u8; HEADER];
