@@ -1,8 +1,8 @@
 //! The admin port of `whispeer serve` (`--admin-listen` / `admin_listen`): health and metrics.
 //!
 //! - `GET /healthz`: 200 while the process answers;
-//! - `GET /readyz`: 200 once the store is recovered and the listeners accept, 503 once shutdown
-//!   has begun;
+//! - `GET /readyz`: 200 once the store is recovered and the listeners accept; 503 once shutdown
+//!   has begun, or once the store's writer has failed (`whispeer_store_healthy` 0);
 //! - `GET /metrics`: the broker's and the server's counters in the Prometheus text format,
 //!   through the `metrics` facade and its Prometheus exporter (counters end in `_total`):
 //!   messages and bytes in and out per topic class, deliveries, acks, redeliveries, drops by
@@ -215,12 +215,19 @@ impl Admin {
         metrics::gauge!("whispeer_queue_depth_max").set(deepest as f64);
         metrics::gauge!("whispeer_unacked_messages").set(unacked as f64);
         metrics::gauge!("whispeer_subscriptions").set(stats.subscriptions as f64);
+        metrics::gauge!("whispeer_store_healthy").set(if self.broker.store_healthy() {
+            1.0
+        } else {
+            0.0
+        });
         metrics::gauge!("whispeer_connections").set(self.connections.list().len() as f64);
     }
 }
 
 async fn readyz(State(admin): State<Admin>) -> (StatusCode, &'static str) {
-    if admin.ready.load(Ordering::Acquire) {
+    if !admin.broker.store_healthy() {
+        (StatusCode::SERVICE_UNAVAILABLE, "store failed: durable publishes are refused\n")
+    } else if admin.ready.load(Ordering::Acquire) {
         (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")

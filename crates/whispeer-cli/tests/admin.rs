@@ -26,6 +26,7 @@ fn replay_through_the_admin_api_reaches_into_the_store_and_rewinds_a_group() {
         &[
             ("WHISPEER_STORAGE__DIR", dir_text.as_str()),
             ("WHISPEER_STORAGE__DURABLE", r#"["orders/#"]"#),
+            ("WHISPEER_STORAGE__SEGMENT_BYTES", "4096"),
             // orders/eu keeps two messages in memory (the log has them all); the rest keep 100.
             (
                 "WHISPEER_RETENTION",
@@ -102,6 +103,23 @@ fn replay_through_the_admin_api_reaches_into_the_store_and_rewinds_a_group() {
         .find_map(|l| l.strip_prefix(r#"whispeer_store_batch_records_count{store="wal"} "#))
         .unwrap();
     assert!(count.trim().parse::<u64>().unwrap() >= 5, "five publishes stored: {count}");
+
+    // The log's directory is replaced by a file: at its next segment the writer fails, durable
+    // publishes are refused, and /readyz says so.
+    let admin_addr = server.admin.as_deref().unwrap();
+    assert_eq!(http_get(admin_addr, "/readyz").0, "HTTP/1.1 200 OK");
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::write(&dir, b"in the way").unwrap();
+    let payload = "x".repeat(1000);
+    let refused = (0..20).any(|_| {
+        !run(&["pub", "orders/eu", &payload, "--ack", "--server", addr], &[]).status.success()
+    });
+    assert!(refused, "a durable publish is refused once the log has failed");
+    let (status, body) = http_get(admin_addr, "/readyz");
+    assert_eq!(
+        (status.as_str(), body.trim()),
+        ("HTTP/1.1 503 Service Unavailable", "store failed: durable publishes are refused")
+    );
     drop(server);
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&dir);
 }

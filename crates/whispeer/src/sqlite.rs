@@ -228,6 +228,11 @@ fn write_batch(conn: &mut Connection, batch: Vec<Write>) -> io::Result<()> {
 }
 
 impl Store for SqliteStore {
+    fn healthy(&self) -> bool {
+        // The writer drops its end of the watermark when it stops.
+        self.durable.has_changed().is_ok()
+    }
+
     fn append(&self, offset: u64, accepted_ms: u64, envelope: &Envelope) -> io::Result<u64> {
         let mut blob = BytesMut::new();
         envelope.encode(&mut blob).map_err(io::Error::other)?;

@@ -182,6 +182,12 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug {
 
     /// Up to `max` stored messages of `topic` from `from` on, in offset order.
     fn read(&self, topic: &Topic, from: u64, max: usize) -> io::Result<Vec<Record>>;
+
+    /// Whether the store still writes: `false` once its writer has failed (a disk error),
+    /// after which nothing more becomes durable.
+    fn healthy(&self) -> bool {
+        true
+    }
 }
 
 impl Store for Wal {
@@ -201,6 +207,10 @@ impl Store for Wal {
 
     fn read(&self, topic: &Topic, from: u64, max: usize) -> io::Result<Vec<Record>> {
         self.read_topic(topic, from, max)
+    }
+
+    fn healthy(&self) -> bool {
+        self.writing()
     }
 }
 
@@ -288,6 +298,12 @@ impl Broker {
             (Some(ticket), Some(store)) => store.durable(ticket).await,
             _ => true,
         }
+    }
+
+    /// Whether the store (if any) still writes: `false` once its writer failed, after which
+    /// no durable publish is acknowledged. `/readyz` reports it.
+    pub fn store_healthy(&self) -> bool {
+        self.inner.store.as_ref().is_none_or(|store| store.healthy())
     }
 
     /// Reads up to `max` messages of a durable topic from its store, from offset `from` on —

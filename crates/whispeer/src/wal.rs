@@ -366,6 +366,11 @@ impl Wal {
         Ok(records)
     }
 
+    /// Whether the writer thread is still running: it stops at the first failed write.
+    pub(crate) fn writing(&self) -> bool {
+        self.durable.has_changed().is_ok()
+    }
+
     /// Waits until record `ticket` is durable under the fsync policy. Returns `false` if the
     /// writer stopped first (a failed disk): the record may not be durable.
     pub(crate) async fn wait_durable(&self, ticket: u64) -> bool {

@@ -197,3 +197,27 @@ async fn the_default_broker_with_sqlite_persistence_keeps_sealed_history_across_
     let mut notes = second.subscription::<String>(options).unwrap();
     assert_eq!(soon(notes.recv()).await.as_deref(), Some("call Ada"));
 }
+
+#[tokio::test]
+async fn a_failed_log_is_reported_and_acknowledges_nothing_more() {
+    let dir = TempDir::new("failing");
+    let mut options = BrokerOptions::default();
+    let wal = WalOptions::new(&dir.0).segment_bytes(1024);
+    options.durability = Some(Durability::new(wal).topic(Filter::parse("orders/#").unwrap()));
+    let broker = Broker::builder(options).try_build().unwrap();
+    let receipt = broker.publish("orders/a", &0u32).unwrap();
+    assert!(soon(broker.durable(&receipt)).await);
+    assert!(broker.store_healthy());
+    // The log's directory goes away and a file takes its name: the next segment cannot be
+    // created, the writer fails, and from then on nothing is acknowledged as durable.
+    std::fs::remove_dir_all(&dir.0).unwrap();
+    std::fs::write(&dir.0, b"in the way").unwrap();
+    let mut last = receipt;
+    for n in 1..200u32 {
+        last = broker.publish("orders/a", &n).unwrap();
+    }
+    assert!(!soon(broker.durable(&last)).await, "not durable: the writer failed");
+    assert!(!broker.store_healthy());
+    drop(broker);
+    let _ = std::fs::remove_file(&dir.0);
+}
