@@ -22,7 +22,7 @@ use crate::builder::{BrokerBuilder, BrokerOptions, Extension};
 use crate::group::GroupKey;
 use crate::message::Message;
 use crate::publish::PublishReceipt;
-use crate::wal::{Commit, Record, Wal, WalOptions, encode_commit, encode_record};
+use crate::wal::{Commit, Record, Wal, WalOptions, encode_record};
 
 /// Histogram of seconds per batch a store writes (its sync included), labelled `store` =
 /// `wal` or `sqlite`. The stores record through the `metrics` facade, a no-op unless the
@@ -201,8 +201,7 @@ impl Store for Wal {
     }
 
     fn commit(&self, key: &GroupKey, topic: &Topic, offset: u64) -> io::Result<()> {
-        self.push(encode_commit(key, topic.as_str(), offset)?);
-        Ok(())
+        self.push_commit(key, topic, offset)
     }
 
     fn read(&self, topic: &Topic, from: u64, max: usize) -> io::Result<Vec<Record>> {

@@ -7,19 +7,22 @@
 //!   body:    kind u8 = 1 (message) | offset u64 | accepted_ms u64 | envelope (wire layout)
 //!         or kind u8 = 2 (a durable subscription's commit) | offset u64 | filter str |
 //!            group str | topic str                              (str: u16 length | UTF-8)
+//!         or kind u8 = 3 (a checkpoint: a commit repeated at a segment's start; not numbered)
 //! ```
 //!
 //! Appending hands an encoded record to the writer thread and returns its number (a ticket).
 //! The writer takes every record waiting, writes them with one `write`, and syncs them to disk
 //! under the fsync policy — one `fsync` for all of them with `always` (group commit) — then
 //! raises the durable watermark, which PUBACKs wait for. A segment rolls over past
-//! `segment_bytes`; the oldest whole segments are deleted past `max_bytes`.
+//! `segment_bytes`, starting with a checkpoint of every latest commit, so the oldest whole
+//! segments can be deleted past `max_bytes` without losing a durable subscription's position.
 //!
 //! Recovery reads every segment in order and checks each record's length (against
 //! `MAX_RECORD` before allocating) and checksum. At the first bad record it stops: the rest of
 //! that segment is cut off (a torn tail after a crash), later segments are set aside as
 //! `.damaged`, and the counts are logged and returned. Every record before the damage is kept.
 
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::ops::ControlFlow;
@@ -28,9 +31,9 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use tokio::sync::watch;
-use whispeer_proto::{Envelope, Topic};
+use whispeer_proto::Topic;
 
 use crate::group::GroupKey;
 // Topics stored were valid when written; limits may since have been lowered.
@@ -45,6 +48,8 @@ const MAX_RECORD: usize = 64 << 20;
 const HEADER: usize = 8;
 const KIND_MESSAGE: u8 = 1;
 const KIND_COMMIT: u8 = 2;
+/// A commit repeated at the start of a segment (not numbered): see `Writer::roll`.
+const KIND_CHECKPOINT: u8 = 3;
 
 /// When appended records are forced to disk.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -98,110 +103,6 @@ impl WalOptions {
     pub fn segment_bytes(mut self, bytes: u64) -> Self {
         self.segment_bytes = bytes;
         self
-    }
-}
-
-/// One message as the log holds it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Record {
-    pub(crate) offset: u64,
-    pub(crate) accepted_ms: u64,
-    pub(crate) envelope: Envelope,
-}
-
-/// Frames the record of `envelope` at `offset`.
-pub(crate) fn encode_record(
-    offset: u64,
-    accepted_ms: u64,
-    envelope: &Envelope,
-) -> io::Result<Bytes> {
-    let mut framed = BytesMut::with_capacity(HEADER + 64 + envelope.payload.len());
-    framed.put_u64(0);
-    framed.put_u8(KIND_MESSAGE);
-    framed.put_u64(offset);
-    framed.put_u64(accepted_ms);
-    envelope.encode(&mut framed).map_err(io::Error::other)?;
-    seal(framed)
-}
-
-/// Fills in the length and checksum of a record written after `HEADER` placeholder bytes.
-fn seal(mut framed: BytesMut) -> io::Result<Bytes> {
-    let len = u32::try_from(framed.len() - HEADER).map_err(io::Error::other)?;
-    let crc = crc32c::crc32c(&framed[HEADER..]);
-    framed[..4].copy_from_slice(&len.to_be_bytes());
-    framed[4..HEADER].copy_from_slice(&crc.to_be_bytes());
-    Ok(framed.freeze())
-}
-
-/// Frames the record of a durable subscription's commit: group `key` has settled everything up
-/// to `offset` of `topic`.
-pub(crate) fn encode_commit(key: &GroupKey, topic: &str, offset: u64) -> io::Result<Bytes> {
-    let mut framed = BytesMut::with_capacity(HEADER + 64);
-    framed.put_u64(0);
-    framed.put_u8(KIND_COMMIT);
-    framed.put_u64(offset);
-    for text in [&*key.0, &*key.1, topic] {
-        let len = u16::try_from(text.len()).map_err(io::Error::other)?;
-        framed.put_u16(len);
-        framed.put_slice(text.as_bytes());
-    }
-    seal(framed)
-}
-
-/// A durable subscription's commit read back from the log.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Commit {
-    pub(crate) key: GroupKey,
-    pub(crate) topic: Topic,
-    pub(crate) offset: u64,
-}
-
-impl Commit {
-    fn decode(mut body: &[u8]) -> Option<Self> {
-        let offset = u64::from_be_bytes(body.get(..8)?.try_into().ok()?);
-        body = &body[8..];
-        let mut text = || -> Option<String> {
-            let len = usize::from(u16::from_be_bytes(body.get(..2)?.try_into().ok()?));
-            let value = std::str::from_utf8(body.get(2..2 + len)?).ok()?.to_string();
-            body = &body[2 + len..];
-            Some(value)
-        };
-        let (filter, group, topic) = (text()?, text()?, text()?);
-        let topic = Topic::parse_with(&topic, &unlimited()).ok()?;
-        body.is_empty().then(|| Self { key: (filter.into(), group.into()), topic, offset })
-    }
-}
-
-/// One record of the log.
-enum Logged {
-    Message(Record),
-    Commit(Commit),
-}
-
-fn decode_logged(body: Bytes) -> Option<Logged> {
-    match *body.first()? {
-        KIND_MESSAGE => Record::decode(body).map(Logged::Message),
-        KIND_COMMIT => Commit::decode(&body[1..]).map(Logged::Commit),
-        _ => None,
-    }
-}
-
-impl Record {
-    /// The framed record.
-    #[cfg(test)]
-    pub(crate) fn encode(&self) -> io::Result<Bytes> {
-        encode_record(self.offset, self.accepted_ms, &self.envelope)
-    }
-
-    fn decode(body: Bytes) -> Option<Self> {
-        let (&kind, rest) = body.split_first()?;
-        if kind != KIND_MESSAGE || rest.len() < 16 {
-            return None;
-        }
-        let offset = u64::from_be_bytes(rest[..8].try_into().ok()?);
-        let accepted_ms = u64::from_be_bytes(rest[8..16].try_into().ok()?);
-        let envelope = Envelope::decode(body.slice(17..), &unlimited()).ok()?;
-        Some(Self { offset, accepted_ms, envelope })
     }
 }
 
@@ -268,6 +169,8 @@ pub(crate) struct Wal {
     next: Mutex<u64>,
     /// Where each topic's messages are, roughly.
     index: TopicIndex,
+    /// The latest commits, shared with the writer for its checkpoints.
+    commits: Arc<Mutex<LatestCommits>>,
 }
 
 impl std::fmt::Debug for Wal {
@@ -298,14 +201,18 @@ impl Wal {
         let written = recovered.last_record;
         let (tx, rx) = mpsc::channel();
         let (durable_tx, durable) = watch::channel(written);
-        let writer = Writer::new(options.clone(), segments, written, durable_tx)?;
+        let latest = recovered.commits.iter().map(|c| ((c.key.clone(), c.topic.clone()), c.offset));
+        let commits = Arc::new(Mutex::new(latest.collect::<LatestCommits>()));
+        let writer =
+            Writer::new(options.clone(), segments, written, durable_tx, Arc::clone(&commits))?;
         let thread = std::thread::Builder::new()
             .name("whispeer-wal".into())
             .spawn(move || writer.run(rx))?;
         let thread = Mutex::new(Some(thread));
         let next = Mutex::new(written + 1);
         let dir = options.dir.clone();
-        let wal = Self { dir, _lock: lock, tx: Mutex::new(tx), thread, durable, next, index };
+        let tx = Mutex::new(tx);
+        let wal = Self { dir, _lock: lock, tx, thread, durable, next, index, commits };
         Ok((Arc::new(wal), recovered))
     }
 
@@ -328,6 +235,17 @@ impl Wal {
         // The ticket is the record's number in the log.
         self.index.note(topic, offset, ticket);
         ticket
+    }
+
+    /// Appends the commit of group `key` in `topic` at `offset`, and remembers it as the
+    /// latest for the writer's checkpoints.
+    pub(crate) fn push_commit(&self, key: &GroupKey, topic: &Topic, offset: u64) -> io::Result<()> {
+        let record = encode_commit(key, topic.as_str(), offset)?;
+        let mut commits = self.commits.lock().unwrap_or_else(PoisonError::into_inner);
+        commits.insert((key.clone(), topic.clone()), offset);
+        // Pushed under the same lock, so the map and the log agree on which commit is last.
+        self.push(record);
+        Ok(())
     }
 
     /// Up to `max` message records of `topic` from `offset` on, as the log holds them now (up
@@ -398,7 +316,12 @@ struct Writer {
     unsynced: u32,
     last_sync: Instant,
     durable: watch::Sender<u64>,
+    /// The latest commit of every group and topic, repeated at the start of each segment.
+    commits: Arc<Mutex<LatestCommits>>,
 }
+
+/// The latest commit of every durable subscription and topic.
+type LatestCommits = HashMap<(GroupKey, Topic), u64>;
 
 impl Writer {
     fn new(
@@ -406,6 +329,7 @@ impl Writer {
         mut segments: Vec<Segment>,
         written: u64,
         durable: watch::Sender<u64>,
+        commits: Arc<Mutex<LatestCommits>>,
     ) -> io::Result<Self> {
         if segments.is_empty() {
             let path = segment_path(&options.dir, written + 1);
@@ -415,7 +339,7 @@ impl Writer {
         let path = segments.last().map(|s| s.path.clone()).unwrap_or_default();
         let file = OpenOptions::new().append(true).open(path)?;
         let last_sync = Instant::now();
-        Ok(Self { options, segments, file, written, unsynced: 0, last_sync, durable })
+        Ok(Self { options, segments, file, written, unsynced: 0, last_sync, durable, commits })
     }
 
     fn run(mut self, rx: Receiver<Request>) {
@@ -508,12 +432,32 @@ impl Writer {
     }
 
     /// Starts a new segment and deletes the oldest ones past `max_bytes`.
+    ///
+    /// The new segment starts with a checkpoint: the latest commit of every durable
+    /// subscription and topic, synced before any old segment is deleted, so deleting segments
+    /// never loses a commit. (It may repeat commits still waiting to be written; the last
+    /// record of a group and topic is always its latest commit.)
     fn roll(&mut self) -> io::Result<()> {
         self.file.sync_data()?;
         let first = self.written + 1;
         let path = segment_path(&self.options.dir, first);
         self.file = OpenOptions::new().create(true).append(true).open(&path)?;
-        self.segments.push(Segment { first, path, len: 0 });
+        let mut checkpoint = BytesMut::new();
+        let commits = self.commits.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        for ((key, topic), offset) in &commits {
+            checkpoint.extend_from_slice(&encode_commit_as(
+                KIND_CHECKPOINT,
+                key,
+                topic.as_str(),
+                *offset,
+            )?);
+        }
+        if !checkpoint.is_empty() {
+            self.file.write_all(&checkpoint)?;
+            self.file.sync_data()?;
+        }
+        let len = checkpoint.len() as u64;
+        self.segments.push(Segment { first, path, len });
         let mut total: u64 = self.segments.iter().map(|s| s.len).sum();
         while total > self.options.max_bytes && self.segments.len() > 1 {
             let oldest = self.segments.remove(0);
@@ -526,11 +470,14 @@ impl Writer {
 }
 
 mod index;
+mod record;
 mod scan;
 #[cfg(test)]
 mod tests;
 
 use index::TopicIndex;
+pub(crate) use record::{Commit, Record, encode_commit, encode_record};
+use record::{Logged, decode_logged, encode_commit_as};
 use scan::{ScanEnd, recover, scan_each};
 
 /// Reads `bytes` as a segment file would be read: returns the valid records' (message and

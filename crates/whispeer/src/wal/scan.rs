@@ -56,10 +56,11 @@ pub(super) fn scan_reader(
             return Ok(ScanEnd::Damaged(good));
         };
         good += (HEADER + len) as u64;
+        let numbered = record.is_numbered();
         if visit(index, record).is_break() {
             return Ok(ScanEnd::Stopped);
         }
-        index += 1;
+        index += u64::from(numbered);
     }
 }
 
@@ -92,13 +93,15 @@ pub(super) fn recover(dir: &Path, index: &TopicIndex) -> io::Result<(Recovered, 
         }
         let mut count = 0;
         let end = scan_each(&segment.path, |i, logged| {
-            count += 1;
+            count += u64::from(logged.is_numbered());
             match logged {
                 Logged::Message(record) => {
                     index.note(&record.envelope.topic, record.offset, segment.first + i);
                     recovered.records.push(record);
                 }
-                Logged::Commit(commit) => recovered.commits.push(commit),
+                Logged::Commit(commit) | Logged::Checkpoint(commit) => {
+                    recovered.commits.push(commit);
+                }
             }
             ControlFlow::Continue(())
         })?;

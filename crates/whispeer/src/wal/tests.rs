@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use whispeer_proto::{ContentType, Flags, MessageId, Topic};
+use whispeer_proto::{ContentType, Envelope, Flags, MessageId, Topic};
 
 use super::*;
 
@@ -285,4 +285,37 @@ fn a_read_older_than_the_log_starts_at_its_oldest_segment() {
     let oldest = read(&wal, "a", 1, 1);
     assert!(oldest[0] > 1, "the first segments are gone: {oldest:?}");
     assert_eq!(read(&wal, "a", 2000, 1), [2000]);
+}
+
+#[test]
+fn commits_outlive_the_segments_that_held_them() {
+    let dir = TempDir::new();
+    let mut options = WalOptions::new(&dir.0).segment_bytes(2048);
+    options.max_bytes = 8 * 1024;
+    let (key, other): (GroupKey, GroupKey) = (("#".into(), "g".into()), ("#".into(), "h".into()));
+    let topic = Topic::parse("a").unwrap();
+    {
+        let (wal, _) = Wal::open(&options).unwrap();
+        wal.push_commit(&key, &topic, 7).unwrap();
+        wal.push_commit(&other, &topic, 9).unwrap();
+        wal.push_commit(&other, &topic, 3).unwrap(); // moved back: the latest wins
+        let mut last = 0;
+        for offset in 1..=500u64 {
+            let record = message("a", offset);
+            last = wal.push_message(&topic, offset, record.encode().unwrap());
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        assert!(runtime.block_on(wal.wait_durable(last)));
+    }
+    let segments = list_segments(&dir.0).unwrap();
+    assert!(segments[0].first > 4, "the segment with the commits is gone: {}", segments[0].first);
+    let recovered = reopen(&options);
+    let latest = |group: &GroupKey| {
+        recovered.commits.iter().filter(|c| c.key == *group).map(|c| c.offset).next_back()
+    };
+    assert_eq!((latest(&key), latest(&other)), (Some(7), Some(3)));
+    // Checkpoints are not numbered records: numbering goes on from the last message.
+    assert_eq!(recovered.last_record, 503);
+    let (wal, _) = Wal::open(&options).unwrap();
+    assert_eq!(read(&wal, "a", 500, 5), [500]);
 }

@@ -1,0 +1,132 @@
+//! The records of the log: a message at an offset, a durable subscription's commit, and a
+//! checkpoint (a commit repeated at a segment's start), each framed with its length and CRC32C.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use std::io;
+use whispeer_proto::{Envelope, Topic};
+
+use super::{HEADER, KIND_CHECKPOINT, KIND_COMMIT, KIND_MESSAGE, unlimited};
+use crate::group::GroupKey;
+
+/// One message as the log holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Record {
+    pub(crate) offset: u64,
+    pub(crate) accepted_ms: u64,
+    pub(crate) envelope: Envelope,
+}
+
+/// Frames the record of `envelope` at `offset`.
+pub(crate) fn encode_record(
+    offset: u64,
+    accepted_ms: u64,
+    envelope: &Envelope,
+) -> io::Result<Bytes> {
+    let mut framed = BytesMut::with_capacity(HEADER + 64 + envelope.payload.len());
+    framed.put_u64(0);
+    framed.put_u8(KIND_MESSAGE);
+    framed.put_u64(offset);
+    framed.put_u64(accepted_ms);
+    envelope.encode(&mut framed).map_err(io::Error::other)?;
+    seal(framed)
+}
+
+/// Fills in the length and checksum of a record written after `HEADER` placeholder bytes.
+fn seal(mut framed: BytesMut) -> io::Result<Bytes> {
+    let len = u32::try_from(framed.len() - HEADER).map_err(io::Error::other)?;
+    let crc = crc32c::crc32c(&framed[HEADER..]);
+    framed[..4].copy_from_slice(&len.to_be_bytes());
+    framed[4..HEADER].copy_from_slice(&crc.to_be_bytes());
+    Ok(framed.freeze())
+}
+
+/// Frames the record of a durable subscription's commit: group `key` has settled everything up
+/// to `offset` of `topic`.
+pub(crate) fn encode_commit(key: &GroupKey, topic: &str, offset: u64) -> io::Result<Bytes> {
+    encode_commit_as(KIND_COMMIT, key, topic, offset)
+}
+
+pub(super) fn encode_commit_as(
+    kind: u8,
+    key: &GroupKey,
+    topic: &str,
+    offset: u64,
+) -> io::Result<Bytes> {
+    let mut framed = BytesMut::with_capacity(HEADER + 64);
+    framed.put_u64(0);
+    framed.put_u8(kind);
+    framed.put_u64(offset);
+    for text in [&*key.0, &*key.1, topic] {
+        let len = u16::try_from(text.len()).map_err(io::Error::other)?;
+        framed.put_u16(len);
+        framed.put_slice(text.as_bytes());
+    }
+    seal(framed)
+}
+
+/// A durable subscription's commit read back from the log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Commit {
+    pub(crate) key: GroupKey,
+    pub(crate) topic: Topic,
+    pub(crate) offset: u64,
+}
+
+impl Commit {
+    fn decode(mut body: &[u8]) -> Option<Self> {
+        let offset = u64::from_be_bytes(body.get(..8)?.try_into().ok()?);
+        body = &body[8..];
+        let mut text = || -> Option<String> {
+            let len = usize::from(u16::from_be_bytes(body.get(..2)?.try_into().ok()?));
+            let value = std::str::from_utf8(body.get(2..2 + len)?).ok()?.to_string();
+            body = &body[2 + len..];
+            Some(value)
+        };
+        let (filter, group, topic) = (text()?, text()?, text()?);
+        let topic = Topic::parse_with(&topic, &unlimited()).ok()?;
+        body.is_empty().then(|| Self { key: (filter.into(), group.into()), topic, offset })
+    }
+}
+
+/// One record of the log.
+pub(super) enum Logged {
+    Message(Record),
+    Commit(Commit),
+    /// A commit repeated at the start of a segment; not a numbered record.
+    Checkpoint(Commit),
+}
+
+impl Logged {
+    /// Whether the record has a number (messages and commits do, checkpoints not).
+    pub(super) fn is_numbered(&self) -> bool {
+        !matches!(self, Self::Checkpoint(_))
+    }
+}
+
+pub(super) fn decode_logged(body: Bytes) -> Option<Logged> {
+    match *body.first()? {
+        KIND_MESSAGE => Record::decode(body).map(Logged::Message),
+        KIND_COMMIT => Commit::decode(&body[1..]).map(Logged::Commit),
+        KIND_CHECKPOINT => Commit::decode(&body[1..]).map(Logged::Checkpoint),
+        _ => None,
+    }
+}
+
+impl Record {
+    /// The framed record.
+    #[cfg(test)]
+    pub(crate) fn encode(&self) -> io::Result<Bytes> {
+        encode_record(self.offset, self.accepted_ms, &self.envelope)
+    }
+
+    fn decode(body: Bytes) -> Option<Self> {
+        let (&kind, rest) = body.split_first()?;
+        if kind != KIND_MESSAGE || rest.len() < 16 {
+            return None;
+        }
+        let offset = u64::from_be_bytes(rest[..8].try_into().ok()?);
+        let accepted_ms = u64::from_be_bytes(rest[8..16].try_into().ok()?);
+        let envelope = Envelope::decode(body.slice(17..), &unlimited()).ok()?;
+        Some(Self { offset, accepted_ms, envelope })
+    }
+}
