@@ -14,7 +14,8 @@
 //!   groups counted once; durable subscriptions with their lag. They need
 //!   `Authorization: Bearer <admin_token>`; without an `admin_token` configured they answer 403.
 //!
-//! - `GET /api/connections`: the live connections (peer, principal, subscriptions, since);
+//! - `GET /api/connections`: the live connections (peer, principal, subscriptions and their
+//!   filters, messages published and delivered, since);
 //!   `POST /api/connections/{id}/disconnect` disconnects one (it is told why).
 //!
 //! - `GET /api/history?topic=T&from=WHERE&max=N`: a page of a topic's retained history (from
@@ -315,7 +316,8 @@ async fn connections(State(admin): State<Admin>, headers: HeaderMap) -> ApiResul
             let since = c.since.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
             json!({
                 "id": c.id, "peer": c.peer.to_string(), "principal": c.principal,
-                "subscriptions": c.subscriptions, "since": since,
+                "subscriptions": c.subscriptions, "filters": c.filters,
+                "published": c.published, "delivered": c.delivered, "since": since,
             })
         })
         .collect();

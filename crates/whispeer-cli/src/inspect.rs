@@ -17,7 +17,7 @@ pub(crate) enum What {
     Subscriptions,
     /// Durable subscriptions: committed offsets and lag.
     Durable,
-    /// Live connections: peer, principal, subscriptions.
+    /// Live connections: peer, principal, subscriptions, messages published and delivered.
     Connections,
 }
 
@@ -75,6 +75,8 @@ fn columns(what: What) -> &'static [(&'static str, &'static str)] {
             ("PEER", "peer"),
             ("PRINCIPAL", "principal"),
             ("SUBSCRIPTIONS", "subscriptions"),
+            ("PUBLISHED", "published"),
+            ("DELIVERED", "delivered"),
             ("SINCE", "since"),
         ],
     }

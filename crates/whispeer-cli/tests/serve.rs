@@ -449,6 +449,9 @@ async fn the_admin_port_reports_health_and_metrics_that_match_the_workload() {
         (before[0]["principal"].as_str(), before[0]["subscriptions"].as_u64()),
         (Some("anonymous"), Some(2))
     );
+    assert_eq!(before[0]["filters"], serde_json::json!(["work/+", "work/#"]), "{before}");
+    let counts = ["published", "delivered"].map(|k| before[0][k].as_u64());
+    assert_eq!(counts, [Some(11), Some(20)], "{before}");
     let id = before[0]["id"].as_u64().unwrap().to_string();
     let kicked = Command::new(BIN)
         .args([

@@ -96,15 +96,16 @@ pub(super) async fn run<R, W>(
     let (tx, rx) = mpsc::channel(config.outbound_frames);
     let writer_gone = CancellationToken::new();
     let limits = broker.options().limits.clone();
+    let registered = Connections::register(&config.connections, peer, &stop);
     let write_task = tokio::spawn(write_loop(
         writer,
         rx,
         Arc::clone(&config),
         limits.clone(),
         writer_gone.clone(),
+        Arc::clone(&registered.entry),
     ));
     tracing::debug!(%peer, "connected");
-    let registered = Connections::register(&config.connections, peer, &stop);
     let kick = registered.entry.kick.clone();
     let mut connection = Connection {
         registered,
@@ -360,7 +361,7 @@ impl Connection {
             }
             Body::Unsubscribe { sub } => {
                 if self.subscriptions.remove(&sub).is_some() {
-                    self.count_subscriptions();
+                    self.registered.entry.unsubscribed(sub);
                     let reply = Frame::new(correlation, Body::Ok);
                     let _ = self.tx.send(Outbound::Unsubscribed { sub, reply }).await;
                 } else {
@@ -388,6 +389,7 @@ impl Connection {
                 let published = self.broker.publish_envelope(envelope);
                 if published.is_ok() {
                     self.config.traffic.inbound(&topic, bytes);
+                    bump(&self.registered.entry.published);
                 }
                 self.published(correlation, qos, published).await;
             }
@@ -411,11 +413,6 @@ impl Connection {
             }
         }
         Ok(())
-    }
-
-    fn count_subscriptions(&self) {
-        let count = self.subscriptions.len();
-        self.registered.entry.subscriptions.store(count, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether a publish of `len` bytes fits the connection's budget (and takes it).
@@ -533,7 +530,7 @@ impl Connection {
             }
         };
         self.subscriptions.insert(sub, subscription.acker());
-        self.count_subscriptions();
+        self.registered.entry.subscribed(sub, subscription.filter().as_str());
         let reply = Frame::new(correlation, Body::Ok);
         let subscription = Box::new(subscription);
         let _ = self.tx.send(Outbound::Subscribed { sub, subscription, reply }).await;

@@ -1,9 +1,9 @@
-//! The live connections of a server, for operators: who is connected, since when, with how many
-//! subscriptions — and a way to disconnect one.
+//! The live connections of a server, for operators: who is connected, since when, with which
+//! subscriptions, how much it published and received — and a way to disconnect one.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
@@ -21,6 +21,12 @@ pub struct ConnectionInfo {
     pub principal: Option<String>,
     /// Its live subscriptions.
     pub subscriptions: usize,
+    /// Their filters, by subscription id.
+    pub filters: Vec<String>,
+    /// Publishes it made that the broker accepted.
+    pub published: u64,
+    /// Messages delivered to it.
+    pub delivered: u64,
     /// When it connected.
     pub since: SystemTime,
 }
@@ -31,7 +37,10 @@ pub(crate) struct Entry {
     peer: SocketAddr,
     since: SystemTime,
     principal: Mutex<Option<String>>,
-    pub(crate) subscriptions: AtomicUsize,
+    /// Filters by subscription id.
+    filters: Mutex<BTreeMap<u32, String>>,
+    pub(crate) published: AtomicU64,
+    pub(crate) delivered: AtomicU64,
     /// Cancelled to disconnect it.
     pub(crate) kick: CancellationToken,
 }
@@ -39,6 +48,14 @@ pub(crate) struct Entry {
 impl Entry {
     pub(crate) fn set_principal(&self, name: &str) {
         *self.principal.lock().unwrap_or_else(PoisonError::into_inner) = Some(name.to_string());
+    }
+
+    pub(crate) fn subscribed(&self, sub: u32, filter: &str) {
+        self.filters.lock().unwrap_or_else(PoisonError::into_inner).insert(sub, filter.into());
+    }
+
+    pub(crate) fn unsubscribed(&self, sub: u32) {
+        self.filters.lock().unwrap_or_else(PoisonError::into_inner).remove(&sub);
     }
 }
 
@@ -74,7 +91,9 @@ impl Connections {
             peer,
             since: SystemTime::now(),
             principal: Mutex::new(None),
-            subscriptions: AtomicUsize::new(0),
+            filters: Mutex::default(),
+            published: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
             kick: stop.child_token(),
         });
         this.live.lock().unwrap_or_else(PoisonError::into_inner).insert(id, Arc::clone(&entry));
@@ -85,12 +104,28 @@ impl Connections {
     pub fn list(&self) -> Vec<ConnectionInfo> {
         let live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
         live.iter()
-            .map(|(id, entry)| ConnectionInfo {
-                id: *id,
-                peer: entry.peer,
-                principal: entry.principal.lock().unwrap_or_else(PoisonError::into_inner).clone(),
-                subscriptions: entry.subscriptions.load(Ordering::Relaxed),
-                since: entry.since,
+            .map(|(id, entry)| {
+                let filters: Vec<String> = entry
+                    .filters
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .values()
+                    .cloned()
+                    .collect();
+                ConnectionInfo {
+                    id: *id,
+                    peer: entry.peer,
+                    principal: entry
+                        .principal
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .clone(),
+                    subscriptions: filters.len(),
+                    filters,
+                    published: entry.published.load(Ordering::Relaxed),
+                    delivered: entry.delivered.load(Ordering::Relaxed),
+                    since: entry.since,
+                }
             })
             .collect()
     }

@@ -21,7 +21,9 @@ use tokio_util::sync::CancellationToken;
 use whispeer_proto::{Body, ErrorCode, Frame, Limits};
 
 use super::ServerConfig;
+use super::registry::Entry;
 use super::traffic::Traffic;
+use crate::stats::bump;
 use crate::{Delivery, Message, Subscription};
 
 /// Bytes gathered before a write, so one syscall carries many frames.
@@ -53,6 +55,8 @@ struct Writer {
     buf: BytesMut,
     limits: Limits,
     traffic: Arc<Traffic>,
+    /// The connection's registry entry, which counts its deliveries.
+    entry: Arc<Entry>,
 }
 
 impl Writer {
@@ -75,7 +79,10 @@ impl Writer {
             self.limits.max_frame_bytes,
         );
         match encoded {
-            Ok(()) => self.traffic.outbound(message.topic(), message.envelope().payload.len()),
+            Ok(()) => {
+                self.traffic.outbound(message.topic(), message.envelope().payload.len());
+                bump(&self.entry.delivered);
+            }
             Err(err) => tracing::warn!(%err, sub, id = %message.id(), "delivery not sent"),
         }
     }
@@ -163,6 +170,7 @@ pub(super) async fn write_loop(
     config: Arc<ServerConfig>,
     limits: Limits,
     gone: CancellationToken,
+    entry: Arc<Entry>,
 ) {
     let mut writer = Writer {
         subscriptions: Vec::new(),
@@ -170,6 +178,7 @@ pub(super) async fn write_loop(
         buf: BytesMut::with_capacity(WRITE_BATCH),
         limits,
         traffic: Arc::clone(&config.traffic),
+        entry,
     };
     let stall = config.idle_timeout();
     let mut open = true;
