@@ -69,7 +69,7 @@ pub(crate) struct Shared {
     pub(crate) commits: CommitStore,
     /// The write-ahead log of durable topics.
     pub(crate) store: Option<Arc<dyn Store>>,
-    dedup: Dedup,
+    pub(crate) dedup: Dedup,
     pub(crate) spawner: Spawner,
     pub(crate) counters: Arc<BrokerCounters>,
     /// Network transports started with the broker (`server::Tcp`, `server::WebSocket`).

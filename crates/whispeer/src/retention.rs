@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, Weak};
 use std::time::Duration;
 
 use tokio::time::Instant;
-use whispeer_proto::{Filter, StartAt, Topic};
+use whispeer_proto::{Filter, StartAt, Topic, header};
 
 use crate::broker::{Shared, now_ms};
 use crate::error::SubscribeError;
@@ -349,11 +349,19 @@ impl History {
 
 impl Shared {
     /// Puts the records of the write-ahead log back into their topics' history. A message whose
-    /// time to live ran out meanwhile is left out; others keep what is left of theirs.
+    /// time to live ran out meanwhile is left out; others keep what is left of theirs. The
+    /// idempotency keys of messages stored within the de-duplication window are remembered
+    /// again, so a publisher retrying across the restart still publishes once.
     pub(crate) fn restore(&self, records: Vec<Record>) {
         let (now, now_wall) = (Instant::now(), now_ms());
         let restored = records.len();
         let messages = records.into_iter().filter_map(|record| {
+            if let Some(key) = record.envelope.headers.get(header::IDEMPOTENCY_KEY) {
+                let age = Duration::from_millis(now_wall.saturating_sub(record.accepted_ms));
+                if let Some(at) = now.checked_sub(age) {
+                    self.dedup.check(record.envelope.topic.as_str(), key, at);
+                }
+            }
             let expires_at = match record.envelope.headers.ttl_ms() {
                 None => None,
                 Some(ttl) => {

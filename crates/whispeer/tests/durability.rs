@@ -221,3 +221,25 @@ async fn a_failed_log_is_reported_and_acknowledges_nothing_more() {
     drop(broker);
     let _ = std::fs::remove_file(&dir.0);
 }
+
+#[tokio::test]
+async fn idempotency_keys_of_stored_messages_hold_across_a_restart() {
+    let dir = TempDir::new("idempotent");
+    let keyed = |key: &str| whispeer::PublishOptions::new().idempotency_key(key.to_string());
+    {
+        let broker = broker(&dir, FsyncPolicy::Always);
+        let receipt = broker.publish_with("orders/a", &1u32, &keyed("order-1")).unwrap();
+        assert!(soon(broker.durable(&receipt)).await);
+    }
+    // The publisher never saw its acknowledgement and retries after the restart: once only.
+    let broker = broker(&dir, FsyncPolicy::Always);
+    let retry = broker.publish_with("orders/a", &1u32, &keyed("order-1")).unwrap();
+    assert!(retry.duplicate, "the key came back with the log");
+    let other = broker.publish_with("orders/a", &2u32, &keyed("order-2")).unwrap();
+    assert!(!other.duplicate);
+    assert!(soon(broker.durable(&other)).await);
+    let elsewhere = broker.publish_with("orders/b", &1u32, &keyed("order-1")).unwrap();
+    assert!(!elsewhere.duplicate, "keys are per topic");
+    let stored = broker.stored(&whispeer::Topic::parse("orders/a").unwrap(), 1, 10).unwrap();
+    assert_eq!(stored.len(), 2, "order-1 once, order-2");
+}
