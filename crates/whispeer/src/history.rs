@@ -9,6 +9,10 @@ use crate::error::SubscribeError;
 use crate::group::GroupKey;
 use crate::message::Message;
 use crate::retention::lock;
+use crate::store::PageBound;
+
+/// Payload bytes past which a page of history ends early (it always holds one message).
+pub const HISTORY_PAGE_BYTES: usize = 8 << 20;
 
 /// A page of one topic's history.
 #[derive(Clone, Debug)]
@@ -78,8 +82,9 @@ impl From<SubscribeError> for HistoryError {
 }
 
 impl Broker {
-    /// Reads up to `max` messages of `topic`'s history from `start`: from memory, and for a
-    /// durable topic from its store where memory no longer reaches (an offset, or
+    /// Reads up to `max` messages of `topic`'s history from `start` (ending early past
+    /// `HISTORY_PAGE_BYTES` of payloads, 8 MiB): from memory, and for a durable topic from its
+    /// store where memory no longer reaches (an offset, or
     /// `StartAt::Earliest`, which then means the oldest record stored). A time start is looked
     /// up in memory. Page on with [`HistoryPage::next_from`].
     ///
@@ -94,6 +99,7 @@ impl Broker {
     ) -> Result<HistoryPage, HistoryError> {
         let not_retained = || HistoryError::NotRetained(topic.to_string());
         let log = self.inner.history.log(topic).ok_or_else(not_retained)?;
+        let bound = PageBound::new(max, HISTORY_PAGE_BYTES);
         let (first_offset, next_offset, durable, from, in_memory) = {
             let log = lock(&log);
             let (first, next) = (log.first_offset(), log.next_offset());
@@ -102,15 +108,14 @@ impl Broker {
                 (StartAt::Offset(offset), true) => offset,
                 _ => log.start_offset(start)?,
             };
-            (first, next, log.durable, from, log.read(from, max))
+            let in_memory =
+                if log.durable && from < first { Vec::new() } else { log.read(from, bound) };
+            (first, next, log.durable, from, in_memory)
         };
         let messages = if durable && from < first_offset {
-            // Older than memory: the store, up to where memory starts, then memory.
-            let mut messages = self.stored(topic, from, max)?;
-            messages.retain(|m| m.offset().is_some_and(|o| o < first_offset));
-            let room = max.saturating_sub(messages.len());
-            messages.extend(lock(&log).read(first_offset, room));
-            messages
+            // Older than memory: the store holds every message of a durable topic, in order, so
+            // the page comes from it alone (the next page may come from memory).
+            self.stored_page(topic, from, bound)?
         } else {
             in_memory
         };

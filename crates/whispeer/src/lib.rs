@@ -66,7 +66,7 @@ pub use builder::{BrokerBuilder, BrokerOptions, Extension};
 pub use consumer::{Acker, Delivery};
 pub use delivery::Redelivery;
 pub use error::{BindError, BuildError, Error, PublishError, SubscribeError};
-pub use history::{HistoryError, HistoryPage};
+pub use history::{HISTORY_PAGE_BYTES, HistoryError, HistoryPage};
 pub use inspect::{DurableInfo, SubscriptionInfo, TopicInfo};
 pub use message::{DeadLetter, Message};
 pub use plugin::{LoggingPlugin, Plugin, Rejection};

@@ -23,6 +23,7 @@ use whispeer_proto::{Filter, StartAt, Topic, header};
 use crate::broker::{Shared, now_ms};
 use crate::error::SubscribeError;
 use crate::message::Message;
+use crate::store::PageBound;
 use crate::wal::Record;
 
 /// Messages the background sweep evicts per tick at most, across all topics.
@@ -125,10 +126,12 @@ impl TopicLog {
         })
     }
 
-    /// Up to `max` retained messages from offset `from` on.
-    pub(crate) fn read(&self, from: u64, max: usize) -> Vec<Message> {
+    /// The retained messages from offset `from` on, within `bound`.
+    pub(crate) fn read(&self, from: u64, mut bound: PageBound) -> Vec<Message> {
         let skip = usize::try_from(from.saturating_sub(self.first_offset())).unwrap_or(usize::MAX);
-        self.entries.iter().skip(skip).take(max).map(|e| e.message.clone()).collect()
+        let entries = self.entries.iter().skip(skip);
+        let page = entries.take_while(|e| bound.admit_len(e.message.payload().len()));
+        page.map(|e| e.message.clone()).collect()
     }
 
     /// Takes the next offset; the caller routes the message and then `append`s it.

@@ -26,7 +26,7 @@ use crate::group::GroupKey;
 // Topics stored were valid when written; limits may since have been lowered.
 use crate::router::no_limits as unlimited;
 use crate::store::{
-    STORE_BATCH_RECORDS as BATCH_RECORDS, STORE_FSYNC_SECONDS as FSYNC_SECONDS,
+    PageBound, STORE_BATCH_RECORDS as BATCH_RECORDS, STORE_FSYNC_SECONDS as FSYNC_SECONDS,
     STORE_WRITE_SECONDS as WRITE_SECONDS, Store, StoreFuture, Stored,
 };
 use crate::wal::{Commit, Record};
@@ -250,7 +250,14 @@ impl Store for SqliteStore {
         self.send(Write::Commit { key: key.clone(), topic, offset }).map(drop)
     }
 
-    fn read(&self, topic: &Topic, from: u64, max: usize) -> io::Result<Vec<Record>> {
+    fn read(
+        &self,
+        topic: &Topic,
+        from: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> io::Result<Vec<Record>> {
+        let mut bound = PageBound::new(max, max_bytes);
         let conn = self.reader.lock().unwrap_or_else(PoisonError::into_inner);
         let mut query = conn
             .prepare(
@@ -266,6 +273,9 @@ impl Store for SqliteStore {
             if let Some(record) =
                 decode_row(topic.as_str(), row.get(0).map_err(sql)?, row.get(1).map_err(sql)?, blob)
             {
+                if !bound.admit_len(record.envelope.payload.len()) {
+                    break;
+                }
                 records.push(record);
             }
         }

@@ -180,8 +180,15 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug {
     /// commit of a group and topic wins, also when it is lower (a rewind).
     fn commit(&self, key: &GroupKey, topic: &Topic, offset: u64) -> io::Result<()>;
 
-    /// Up to `max` stored messages of `topic` from `from` on, in offset order.
-    fn read(&self, topic: &Topic, from: u64, max: usize) -> io::Result<Vec<Record>>;
+    /// Up to `max` stored messages of `topic` from `from` on, in offset order, ending early
+    /// once their payloads reach `max_bytes` (with at least one message when there is any).
+    fn read(
+        &self,
+        topic: &Topic,
+        from: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> io::Result<Vec<Record>>;
 
     /// Whether the store still writes: `false` once its writer has failed (a disk error),
     /// after which nothing more becomes durable.
@@ -204,12 +211,48 @@ impl Store for Wal {
         self.push_commit(key, topic, offset)
     }
 
-    fn read(&self, topic: &Topic, from: u64, max: usize) -> io::Result<Vec<Record>> {
-        self.read_topic(topic, from, max)
+    fn read(
+        &self,
+        topic: &Topic,
+        from: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> io::Result<Vec<Record>> {
+        self.read_topic(topic, from, max, max_bytes)
     }
 
     fn healthy(&self) -> bool {
         self.writing()
+    }
+}
+
+/// The bounds of one page of history: at most `max` messages, ending early once their payloads
+/// reach `max_bytes` — but never empty for want of bytes.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PageBound {
+    pub(crate) max: usize,
+    pub(crate) max_bytes: usize,
+    count: usize,
+    bytes: usize,
+}
+
+impl PageBound {
+    pub(crate) fn new(max: usize, max_bytes: usize) -> Self {
+        Self { max, max_bytes, count: 0, bytes: 0 }
+    }
+
+    /// Takes a message of `len` payload bytes into the page, if it still fits.
+    pub(crate) fn admit_len(&mut self, len: usize) -> bool {
+        if self.count >= self.max || (self.count > 0 && self.bytes >= self.max_bytes) {
+            return false;
+        }
+        self.count += 1;
+        self.bytes = self.bytes.saturating_add(len);
+        true
+    }
+
+    fn admit(&mut self, record: &Record) -> bool {
+        self.admit_len(record.envelope.payload.len())
     }
 }
 
@@ -237,12 +280,19 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    fn read(&self, topic: &Topic, from: u64, max: usize) -> io::Result<Vec<Record>> {
+    fn read(
+        &self,
+        topic: &Topic,
+        from: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> io::Result<Vec<Record>> {
         let records = self.records.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut page = PageBound::new(max, max_bytes);
         Ok(records
             .iter()
             .filter(|r| r.envelope.topic == *topic && r.offset >= from)
-            .take(max)
+            .take_while(|r| page.admit(r))
             .cloned()
             .collect())
     }
@@ -312,8 +362,18 @@ impl Broker {
     /// # Errors
     /// The store's I/O error.
     pub fn stored(&self, topic: &Topic, from: u64, max: usize) -> std::io::Result<Vec<Message>> {
+        self.stored_page(topic, from, PageBound::new(max, usize::MAX))
+    }
+
+    /// [`Broker::stored`] within `bound`.
+    pub(crate) fn stored_page(
+        &self,
+        topic: &Topic,
+        from: u64,
+        bound: PageBound,
+    ) -> std::io::Result<Vec<Message>> {
         let Some(store) = &self.inner.store else { return Ok(Vec::new()) };
-        let records = store.read(topic, from, max)?;
+        let records = store.read(topic, from, bound.max, bound.max_bytes)?;
         let engines = self.inner.engines.clone();
         Ok(records
             .into_iter()

@@ -38,6 +38,7 @@ use whispeer_proto::Topic;
 use crate::group::GroupKey;
 // Topics stored were valid when written; limits may since have been lowered.
 use crate::router::no_limits as unlimited;
+use crate::store::PageBound;
 use crate::store::{
     STORE_BATCH_RECORDS as BATCH_RECORDS, STORE_FSYNC_SECONDS as FSYNC_SECONDS,
     STORE_WRITE_SECONDS as WRITE_SECONDS,
@@ -256,9 +257,11 @@ impl Wal {
         topic: &Topic,
         from: u64,
         max: usize,
+        max_bytes: usize,
     ) -> io::Result<Vec<Record>> {
         let mut records = Vec::new();
         let Some(start) = self.index.start(topic, from) else { return Ok(records) };
+        let mut bound = PageBound::new(max, max_bytes);
         if max == 0 {
             return Ok(records);
         }
@@ -270,10 +273,10 @@ impl Wal {
                     && record.envelope.topic == *topic
                     && record.offset >= from
                 {
-                    records.push(record);
-                    if records.len() >= max {
+                    if !bound.admit_len(record.envelope.payload.len()) {
                         return ControlFlow::Break(());
                     }
+                    records.push(record);
                 }
                 ControlFlow::Continue(())
             })?;

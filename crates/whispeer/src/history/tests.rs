@@ -122,3 +122,18 @@ async fn a_rewind_holds_across_a_restart() {
         assert_eq!(*next.unwrap().unwrap().value(), n, "the rewound position");
     }
 }
+
+#[tokio::test]
+async fn a_page_ends_early_past_its_byte_bound() {
+    let broker = Broker::builder(retaining("big", Retention::messages(20))).build();
+    let topic = Topic::parse("big").unwrap();
+    let megabyte = 1 << 20;
+    for _ in 0..10 {
+        broker.publish_bytes("big", vec![0u8; megabyte]).unwrap();
+    }
+    let page = broker.history(&topic, StartAt::Earliest, 100).unwrap();
+    assert_eq!(page.messages.len(), HISTORY_PAGE_BYTES / megabyte);
+    assert_eq!(page.next_from(), Some(9));
+    let rest = broker.history(&topic, StartAt::Offset(9), 100).unwrap();
+    assert_eq!((offsets(&rest), rest.next_from()), (vec![9, 10], None));
+}
