@@ -250,14 +250,7 @@ impl Store for SqliteStore {
         self.send(Write::Commit { key: key.clone(), topic, offset }).map(drop)
     }
 
-    fn read(
-        &self,
-        topic: &Topic,
-        from: u64,
-        max: usize,
-        max_bytes: usize,
-    ) -> io::Result<Vec<Record>> {
-        let mut bound = PageBound::new(max, max_bytes);
+    fn read(&self, topic: &Topic, from: u64, mut bound: PageBound) -> io::Result<Vec<Record>> {
         let conn = self.reader.lock().unwrap_or_else(PoisonError::into_inner);
         let mut query = conn
             .prepare(
@@ -265,7 +258,7 @@ impl Store for SqliteStore {
                  WHERE topic = ?1 AND offset >= ?2 ORDER BY offset LIMIT ?3",
             )
             .map_err(sql)?;
-        let limit = i64::try_from(max).unwrap_or(i64::MAX);
+        let limit = i64::try_from(bound.max).unwrap_or(i64::MAX);
         let mut rows = query.query(params![topic.as_str(), to_i64(from)?, limit]).map_err(sql)?;
         let mut records = Vec::new();
         while let Some(row) = rows.next().map_err(sql)? {

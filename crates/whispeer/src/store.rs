@@ -180,15 +180,8 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug {
     /// commit of a group and topic wins, also when it is lower (a rewind).
     fn commit(&self, key: &GroupKey, topic: &Topic, offset: u64) -> io::Result<()>;
 
-    /// Up to `max` stored messages of `topic` from `from` on, in offset order, ending early
-    /// once their payloads reach `max_bytes` (with at least one message when there is any).
-    fn read(
-        &self,
-        topic: &Topic,
-        from: u64,
-        max: usize,
-        max_bytes: usize,
-    ) -> io::Result<Vec<Record>>;
+    /// The stored messages of `topic` from `from` on, in offset order, within `bound`.
+    fn read(&self, topic: &Topic, from: u64, bound: PageBound) -> io::Result<Vec<Record>>;
 
     /// Whether the store still writes: `false` once its writer has failed (a disk error),
     /// after which nothing more becomes durable.
@@ -211,14 +204,8 @@ impl Store for Wal {
         self.push_commit(key, topic, offset)
     }
 
-    fn read(
-        &self,
-        topic: &Topic,
-        from: u64,
-        max: usize,
-        max_bytes: usize,
-    ) -> io::Result<Vec<Record>> {
-        self.read_topic(topic, from, max, max_bytes)
+    fn read(&self, topic: &Topic, from: u64, bound: PageBound) -> io::Result<Vec<Record>> {
+        self.read_topic(topic, from, bound)
     }
 
     fn healthy(&self) -> bool {
@@ -280,15 +267,8 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    fn read(
-        &self,
-        topic: &Topic,
-        from: u64,
-        max: usize,
-        max_bytes: usize,
-    ) -> io::Result<Vec<Record>> {
+    fn read(&self, topic: &Topic, from: u64, mut page: PageBound) -> io::Result<Vec<Record>> {
         let records = self.records.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut page = PageBound::new(max, max_bytes);
         Ok(records
             .iter()
             .filter(|r| r.envelope.topic == *topic && r.offset >= from)
@@ -373,7 +353,7 @@ impl Broker {
         bound: PageBound,
     ) -> std::io::Result<Vec<Message>> {
         let Some(store) = &self.inner.store else { return Ok(Vec::new()) };
-        let records = store.read(topic, from, bound.max, bound.max_bytes)?;
+        let records = store.read(topic, from, bound)?;
         let engines = self.inner.engines.clone();
         Ok(records
             .into_iter()

@@ -256,13 +256,11 @@ impl Wal {
         &self,
         topic: &Topic,
         from: u64,
-        max: usize,
-        max_bytes: usize,
+        mut bound: PageBound,
     ) -> io::Result<Vec<Record>> {
         let mut records = Vec::new();
         let Some(start) = self.index.start(topic, from) else { return Ok(records) };
-        let mut bound = PageBound::new(max, max_bytes);
-        if max == 0 {
+        if bound.max == 0 {
             return Ok(records);
         }
         let segments = list_segments(&self.dir)?;

@@ -73,19 +73,23 @@ fn every_store_reads_back_one_topic_from_an_offset_in_order() {
         append(&*store, "b", 1..=3);
         append(&*store, "a", 6..=7);
         let topic = Topic::parse("a").unwrap();
-        let read = store.read(&topic, 3, 3, usize::MAX).unwrap();
+        let read = store.read(&topic, 3, PageBound::new(3, usize::MAX)).unwrap();
         let offsets: Vec<u64> = read.iter().map(|r| r.offset).collect();
         assert_eq!(offsets, [3, 4, 5], "{kind}");
         assert_eq!(read[0].envelope, envelope("a", 3), "{kind}: the whole envelope");
         assert_eq!(read[0].accepted_ms, 1003, "{kind}");
         // Payloads are one byte each ("1" … "7"): a page ends once it holds `max_bytes`, and
         // holds one message even when that one alone is over.
-        let by_bytes = |max_bytes| store.read(&topic, 1, 100, max_bytes).unwrap().len();
+        let by_bytes =
+            |max_bytes| store.read(&topic, 1, PageBound::new(100, max_bytes)).unwrap().len();
         assert_eq!((by_bytes(2), by_bytes(0), by_bytes(100)), (2, 1, 7), "{kind}");
-        let tail = store.read(&topic, 6, 100, usize::MAX).unwrap();
+        let tail = store.read(&topic, 6, PageBound::new(100, usize::MAX)).unwrap();
         assert_eq!(tail.iter().map(|r| r.offset).collect::<Vec<_>>(), [6, 7], "{kind}");
         assert!(
-            store.read(&Topic::parse("c").unwrap(), 1, 10, usize::MAX).unwrap().is_empty(),
+            store
+                .read(&Topic::parse("c").unwrap(), 1, PageBound::new(10, usize::MAX))
+                .unwrap()
+                .is_empty(),
             "{kind}"
         );
     }

@@ -249,7 +249,9 @@ fn write_two_topics(options: &WalOptions) {
 }
 
 fn read(wal: &Wal, topic: &str, from: u64, max: usize) -> Vec<u64> {
-    let records = wal.read_topic(&Topic::parse(topic).unwrap(), from, max, usize::MAX).unwrap();
+    let records = wal
+        .read_topic(&Topic::parse(topic).unwrap(), from, PageBound::new(max, usize::MAX))
+        .unwrap();
     assert!(records.iter().all(|r| r.envelope.topic.as_str() == topic));
     records.iter().map(|r| r.offset).collect()
 }
