@@ -79,19 +79,18 @@ fn init_logging(config: &Config) {
     };
 }
 
-/// Resolves and binds a listen address, refusing non-loopback addresses when the server is open.
-async fn bind(address: &str, open: bool, path: &Path) -> anyhow::Result<TcpListener> {
+/// Resolves and binds a listen address. With `open_because`, a non-loopback address is refused
+/// with that reason: the listener would be open to anyone.
+async fn bind(address: &str, open_because: Option<String>) -> anyhow::Result<TcpListener> {
     let addr: SocketAddr = tokio::net::lookup_host(address)
         .await
         .with_context(|| format!("cannot resolve listen address {address:?}"))?
         .next()
         .with_context(|| format!("listen address {address:?} resolves to nothing"))?;
-    if open && !addr.ip().is_loopback() {
-        bail!(ConfigError(format!(
-            "refusing to listen on {addr} without api_keys: anyone could connect. Set api_keys in {} \
-             (or WHISPEER_API_KEYS), or listen on a loopback address",
-            path.display()
-        )));
+    if let Some(why) = open_because
+        && !addr.ip().is_loopback()
+    {
+        bail!(ConfigError(format!("refusing to listen on {addr} {why}")));
     }
     TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))
 }
@@ -106,9 +105,18 @@ async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
         tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "storage opened");
     }
     let open = !server_config.auth_required();
-    let listener = bind(&config.listen, open, path).await?;
+    let open_because = || {
+        open.then(|| {
+            format!(
+                "without api_keys: anyone could connect. Set api_keys in {} (or \
+                 WHISPEER_API_KEYS), or listen on a loopback address",
+                path.display()
+            )
+        })
+    };
+    let listener = bind(&config.listen, open_because()).await?;
     let ws_listener = match &config.ws_listen {
-        Some(address) => Some(bind(address, open, path).await?),
+        Some(address) => Some(bind(address, open_because()).await?),
         None => None,
     };
     server_config.websocket_path.clone_from(&config.ws_path);
@@ -128,9 +136,12 @@ async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
     }
     let admin = match &config.admin_listen {
         Some(address) => {
-            let admin_listener = TcpListener::bind(address.as_str())
-                .await
-                .with_context(|| format!("cannot listen on {address} (admin)"))?;
+            let admin_open = config.admin_token.is_none().then(|| {
+                "for the admin port without admin_token: anyone could read the metrics. Set \
+                 admin_token (or WHISPEER_ADMIN_TOKEN), or use a loopback address"
+                    .to_string()
+            });
+            let admin_listener = bind(address, admin_open).await?;
             let admin_local = admin_listener.local_addr()?;
             let admin = Admin::new(broker.clone(), &server_config, config.admin_token.as_deref())?;
             tokio::spawn(admin.clone().serve(admin_listener));

@@ -113,6 +113,14 @@ fn non_loopback_without_keys_is_refused() {
     let out = Command::new(BIN).args(["serve", "--listen", "0.0.0.0:0"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("without api_keys"));
+    // The admin port likewise, without an admin token.
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "0.0.0.0:0"])
+        .env_remove("WHISPEER_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("without admin_token"), "{out:?}");
 }
 
 #[test]
