@@ -20,7 +20,7 @@
 //!
 //! - `GET /api/history?topic=T&from=WHERE&max=N`: a page of a topic's retained history (from
 //!   the store beyond memory, for a durable topic): sealed envelopes in base64, with
-//!   `next_from` to page on (null at the end); a page ends early past 8 MiB of envelopes. `whispeer replay --admin` reads it.
+//!   `next_from` to page on (null at the end); a page ends early past 8 MiB of payloads. `whispeer replay --admin` reads it.
 //! - `POST /api/durable/rewind` `{"filter", "group", "from"}`: moves a durable subscription
 //!   without members to another position, so it delivers again from there (409 while it has
 //!   members). `whispeer replay --group` triggers it.
@@ -44,7 +44,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use whispeer::server::{AccessCounters, Connections, FlowStats, ServerConfig, Traffic};
-use whispeer::{Broker, Filter, HistoryError, HistoryPage, STORE_BATCH_RECORDS, StartAt, Topic};
+use whispeer::{Broker, Filter, HistoryError, STORE_BATCH_RECORDS, StartAt, Topic};
 
 use crate::pubsub::parse_start;
 
@@ -353,10 +353,8 @@ async fn durable(State(admin): State<Admin>, headers: HeaderMap) -> ApiResult {
     Ok(Json(Value::Array(durable)))
 }
 
-/// Most messages one history page carries.
+/// Most messages one history page carries (it also ends past `HISTORY_PAGE_BYTES`).
 const MAX_PAGE: usize = 10_000;
-/// Envelope bytes past which a history page ends early (it always carries one message).
-const MAX_PAGE_BYTES: usize = 8 << 20;
 
 #[derive(Deserialize)]
 struct HistoryQuery {
@@ -381,30 +379,19 @@ async fn history(
         .broker
         .history(&topic, start.unwrap_or(StartAt::Earliest), max)
         .map_err(history_error)?;
-    page_json(&topic, &page, MAX_PAGE_BYTES).map(Json).map_err(bad)
-}
-
-/// A history page as JSON, ending early once `max_bytes` of envelopes are in.
-fn page_json(topic: &Topic, page: &HistoryPage, max_bytes: usize) -> Result<Value, String> {
-    let (mut messages, mut bytes, mut next_from) = (Vec::new(), 0, page.next_from());
+    let mut messages = Vec::with_capacity(page.messages.len());
     for message in &page.messages {
-        if bytes >= max_bytes {
-            // The rest comes with the next page.
-            next_from = message.offset();
-            break;
-        }
         let mut encoded = BytesMut::new();
-        message.envelope().encode(&mut encoded).map_err(|err| err.to_string())?;
-        bytes += encoded.len();
+        message.envelope().encode(&mut encoded).map_err(|err| bad(err.to_string()))?;
         messages.push(json!({
             "offset": message.offset(), "id": message.id().to_string(),
             "envelope": BASE64.encode(&encoded),
         }));
     }
-    Ok(json!({
+    Ok(Json(json!({
         "topic": topic.as_str(), "first_offset": page.first_offset,
-        "next_offset": page.next_offset, "next_from": next_from, "messages": messages,
-    }))
+        "next_offset": page.next_offset, "next_from": page.next_from(), "messages": messages,
+    })))
 }
 
 #[derive(Deserialize)]
@@ -460,28 +447,5 @@ mod tests {
         assert_eq!(rates.per_sec[&topic], (20.0, 60.0), "a new topic: everything counted so far");
         rates.sample(vec![(topic.clone(), flow(150, 300))], Duration::from_secs(5));
         assert_eq!(rates.per_sec[&topic], (10.0, 0.0));
-    }
-
-    #[test]
-    fn a_history_page_ends_early_past_its_byte_bound() {
-        let rule = (Filter::parse("t").unwrap(), whispeer::Retention::messages(10));
-        let mut options = whispeer::BrokerOptions::default();
-        options.retention = vec![rule];
-        let broker = Broker::builder(options).build();
-        let topic = Topic::parse("t").unwrap();
-        for _ in 0..5 {
-            broker.publish_bytes("t", vec![7u8; 1000]).unwrap();
-        }
-        let page = broker.history(&topic, StartAt::Earliest, 100).unwrap();
-        let whole = page_json(&topic, &page, usize::MAX).unwrap();
-        assert_eq!(
-            (whole["messages"].as_array().unwrap().len(), &whole["next_from"]),
-            (5, &Value::Null)
-        );
-        let cut = page_json(&topic, &page, 2500).unwrap();
-        assert_eq!(cut["messages"].as_array().unwrap().len(), 3, "past 2500 bytes after the third");
-        assert_eq!(cut["next_from"], 4);
-        let envelope = BASE64.decode(cut["messages"][0]["envelope"].as_str().unwrap()).unwrap();
-        assert!(envelope.len() > 1000, "the whole envelope, payload and all");
     }
 }

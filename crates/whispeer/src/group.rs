@@ -124,6 +124,11 @@ impl Groups {
         }
     }
 
+    /// Whether group `key` exists (with members, or lingering).
+    pub(crate) fn contains(&self, key: &GroupKey) -> bool {
+        self.lock().contains_key(key)
+    }
+
     /// Every group with its member count.
     pub(crate) fn list(&self) -> Vec<(GroupKey, usize, Arc<Group>)> {
         let slots = self.lock();

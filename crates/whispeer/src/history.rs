@@ -141,8 +141,7 @@ impl Broker {
         start: StartAt,
     ) -> Result<Vec<(Topic, u64)>, HistoryError> {
         let key: GroupKey = (filter.as_str().into(), group.into());
-        let lingering = self.inner.groups.list().iter().any(|(k, _, _)| *k == key);
-        if self.inner.commits.get(&key).is_none() && !lingering {
+        if self.inner.commits.get(&key).is_none() && !self.inner.groups.contains(&key) {
             let (filter, group) = (filter.to_string(), group.to_string());
             return Err(HistoryError::NoSuchGroup { filter, group });
         }
