@@ -9,7 +9,6 @@
 //! Acker ──▶ Tracker::ack / nack, dead letters published by the broker
 //! ```
 
-use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -30,6 +29,7 @@ use crate::error::SubscribeError;
 use crate::group::{Group, GroupKey, Left, MAX_GROUP_NAME};
 use crate::message::Message;
 use crate::queue::{Queue, SlowConsumer};
+use crate::replay::{Replay, StoredRange};
 use crate::router::{Route, SubId};
 use crate::stats::{SubscriptionStats, bump};
 use crate::subscription::SubscribeOptions;
@@ -53,7 +53,7 @@ pub(crate) struct Registration {
     /// Set when this registration ends, for its consumer (the queue may live on in a group).
     left: Arc<AtomicBool>,
     /// QoS 0: retained messages its consumer delivers before the queue's.
-    replay: Mutex<Vec<Message>>,
+    replay: Mutex<Replay>,
     /// A durable subscription's committed offsets (its group's).
     commits: Option<Arc<Commits>>,
 }
@@ -74,7 +74,7 @@ impl Registration {
 
     /// This registration delivering `history` before its queue: QoS 1 through its tracker (as
     /// messages not yet delivered), QoS 0 through its consumer.
-    fn replaying(self, history: Vec<Message>) -> Self {
+    fn replaying(self, history: Replay) -> Self {
         match &self.tracker {
             Some(tracker) => tracker.preload(history),
             None => *self.replay.lock().unwrap_or_else(PoisonError::into_inner) = history,
@@ -104,7 +104,7 @@ impl Registration {
             shared: Arc::clone(&self.shared),
             queue: Arc::clone(&self.queue),
             left: Arc::clone(&self.left),
-            replay: replay.into(),
+            replay,
             commits: self.commits.clone(),
             qos1: self.tracker.as_ref().map(|tracker| Qos1 {
                 tracker: Arc::clone(tracker),
@@ -214,11 +214,11 @@ impl Shared {
             let id = this.route_queue(&queue);
             // The route is in place before the history is read: see `retention`.
             let replay = match options.start {
-                StartAt::Latest => Vec::new(),
+                StartAt::Latest => Replay::default(),
                 start => match this.history.snapshot(&queue.filter, start) {
                     Ok(snapshot) => {
                         queue.set_replay_from(snapshot.live_from);
-                        snapshot.messages
+                        this.replay(snapshot.stored, snapshot.messages)
                     }
                     Err(err) => {
                         this.unsubscribe(id, &queue);
@@ -255,12 +255,17 @@ impl Shared {
                 commits = Some(Arc::new(Commits::new(key.clone(), committed.collect())));
                 queue.set_replay_from(snapshot.live_from);
                 if let Some(tracker) = &tracker {
-                    tracker.preload(snapshot.messages);
+                    tracker.preload(this.replay(snapshot.stored, snapshot.messages));
                 }
             }
             Ok(Arc::new(Group { id, queue, tracker, qos: options.qos, commits }))
         })?;
         Ok(Registration::member(Arc::clone(this), key, &group, prefetch))
+    }
+
+    /// A replay of `stored` ranges from this broker's store, then `memory`.
+    fn replay(&self, stored: Vec<StoredRange>, memory: Vec<Message>) -> Replay {
+        Replay::new(self.store.clone(), self.engines.clone(), stored, memory)
     }
 
     fn route_queue(&self, queue: &Arc<Queue>) -> SubId {
@@ -317,7 +322,7 @@ pub(crate) struct Consumer {
     pub(crate) queue: Arc<Queue>,
     left: Arc<AtomicBool>,
     /// QoS 0: retained messages to deliver before the queue's.
-    replay: VecDeque<Message>,
+    replay: Replay,
     commits: Option<Arc<Commits>>,
     qos1: Option<Qos1>,
 }
@@ -352,7 +357,7 @@ impl Consumer {
             if self.has_left() {
                 return Poll::Ready(None);
             }
-            if let Some(message) = self.replay.pop_front() {
+            if let Some(message) = self.replay.pop() {
                 if message.has_expired() {
                     self.count_expired(1);
                     continue;
@@ -396,7 +401,7 @@ impl Consumer {
                 return None;
             }
             let Some(qos1) = &self.qos1 else {
-                let message = match self.replay.pop_front() {
+                let message = match self.replay.pop() {
                     Some(message) => message,
                     None => self.queue.try_pop()?,
                 };

@@ -31,6 +31,7 @@ use whispeer_proto::{ContentType, Envelope, Flags, MessageId, Topic, header};
 use crate::broker::{Shared, now_ms};
 use crate::message::{DEAD_LETTER_PREFIX, Message};
 use crate::queue::{Counters, Queue};
+use crate::replay::Replay;
 use crate::router::no_limits;
 use crate::stats::bump;
 
@@ -215,6 +216,8 @@ struct State {
     in_flight: HashMap<MessageId, Entry>,
     due: BTreeMap<(Instant, u64), MessageId>,
     ready: VecDeque<Ready>,
+    /// Retained history still to deliver, after `ready` and before the queue.
+    replay: Option<Replay>,
     members: HashMap<u64, Member>,
     next_seq: u64,
     next_member: u64,
@@ -368,8 +371,18 @@ impl Tracker {
             return step;
         }
         loop {
+            let fields = &mut *state;
+            let replayed = match &mut fields.replay {
+                Some(replay) if fields.ready.is_empty() => replay.pop(),
+                _ => None,
+            };
+            if replayed.is_none() && fields.ready.is_empty() {
+                fields.replay = None;
+            }
             let (message, attempt) = if let Some(ready) = state.ready.pop_front() {
                 (ready.message, ready.attempt + 1)
+            } else if let Some(message) = replayed {
+                (message, 1)
             } else {
                 let popped = match cx.as_deref_mut() {
                     Some(cx) => queue.poll_pop(cx),
@@ -447,11 +460,11 @@ impl Tracker {
         Settled::Dead(GivenUp { message: entry.message, attempts: entry.attempt, reason })
     }
 
-    /// Queues retained messages for delivery before anything from the queue, as not yet
-    /// delivered (their first delivery is attempt 1).
-    pub(crate) fn preload(&self, history: Vec<Message>) {
+    /// Delivers retained messages before anything from the queue, as not yet delivered (their
+    /// first delivery is attempt 1); they are taken from `history` as credit allows.
+    pub(crate) fn preload(&self, history: Replay) {
         let mut state = self.lock();
-        state.ready.extend(history.into_iter().map(|message| Ready { message, attempt: 0 }));
+        state.replay = (!history.is_empty()).then_some(history);
     }
 
     /// Unacknowledged messages: in flight and waiting for redelivery.

@@ -48,6 +48,7 @@ mod message;
 mod plugin;
 mod publish;
 mod queue;
+mod replay;
 mod retention;
 mod router;
 mod runtime;

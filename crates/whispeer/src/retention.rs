@@ -18,11 +18,12 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, Weak};
 use std::time::Duration;
 
 use tokio::time::Instant;
-use whispeer_proto::{Filter, StartAt, Topic, header};
+use whispeer_proto::{Filter, Headers, StartAt, Topic, header};
 
 use crate::broker::{Shared, now_ms};
 use crate::error::SubscribeError;
 use crate::message::Message;
+use crate::replay::StoredRange;
 use crate::store::PageBound;
 use crate::wal::Record;
 
@@ -126,6 +127,17 @@ impl TopicLog {
         })
     }
 
+    /// Where a subscription starting at `start` begins. For a durable topic that may be before
+    /// memory's first offset, since its store keeps what memory evicted: `Earliest` is the
+    /// store's oldest record, and an older offset is read from the store.
+    pub(crate) fn replay_offset(&self, start: StartAt) -> Result<u64, SubscribeError> {
+        match (start, self.durable) {
+            (StartAt::Earliest, true) => Ok(1),
+            (StartAt::Offset(offset), true) => Ok(offset.min(self.next)),
+            _ => self.start_offset(start),
+        }
+    }
+
     /// The retained messages from offset `from` on, within `bound`.
     pub(crate) fn read(&self, from: u64, mut bound: PageBound) -> Vec<Message> {
         let skip = usize::try_from(from.saturating_sub(self.first_offset())).unwrap_or(usize::MAX);
@@ -187,6 +199,8 @@ pub(crate) struct Snapshot {
     pub(crate) live_from: HashMap<Topic, u64>,
     /// Per retained topic, the first offset this subscription delivers (replayed or live).
     pub(crate) starts: HashMap<Topic, u64>,
+    /// Durable topics' history older than memory, to read from the store before `messages`.
+    pub(crate) stored: Vec<StoredRange>,
 }
 
 /// Every topic's history, and the rules that say which topics keep one.
@@ -285,15 +299,20 @@ impl History {
             let first = log.first_offset();
             let from = match (resume, start) {
                 (Some(commits), _) => {
-                    let after = commits.get(&topic).map_or(first, |committed| committed + 1);
-                    if after < first {
+                    let earliest = if log.durable { 1 } else { first };
+                    let after = commits.get(&topic).map_or(earliest, |committed| committed + 1);
+                    if after < first && !log.durable {
                         tracing::warn!(%topic, committed = after - 1, first, "durable subscription resumes after evicted messages");
                     }
-                    after.max(first)
+                    if log.durable { after.min(log.next) } else { after.max(first) }
                 }
-                (None, start) => log.start_offset(start)?,
+                (None, start) => log.replay_offset(start)?,
             };
-            snapshot.starts.insert(topic, from);
+            snapshot.starts.insert(topic.clone(), from);
+            if from < first {
+                // Only a durable topic starts before memory: the store has the rest.
+                snapshot.stored.push(StoredRange { topic, next: from, end: first });
+            }
             let skip = usize::try_from(from.saturating_sub(first)).unwrap_or(usize::MAX);
             picked.extend(log.entries.iter().skip(skip).map(|e| (e.seq, e.message.clone())));
         }
@@ -365,14 +384,8 @@ impl Shared {
                     self.dedup.check(record.envelope.topic.as_str(), key, at);
                 }
             }
-            let expires_at = match record.envelope.headers.ttl_ms() {
-                None => None,
-                Some(ttl) => {
-                    let left =
-                        (record.accepted_ms + ttl).checked_sub(now_wall).filter(|&l| l > 0)?;
-                    Some(now + Duration::from_millis(left))
-                }
-            };
+            let expires_at =
+                expiry_of_stored(&record.envelope.headers, record.accepted_ms, now, now_wall)?;
             let engines = self.engines.clone();
             let message =
                 Message::retained(record.envelope, true, engines, expires_at, record.offset);
@@ -380,6 +393,23 @@ impl Shared {
         });
         self.history.restore(messages);
         tracing::info!(records = restored, "durable history restored from the write-ahead log");
+    }
+}
+
+/// When a stored message accepted at `accepted_ms` expires (`Some(None)`: never), or `None`
+/// when its time to live ran out already; it keeps what is left of its time to live.
+pub(crate) fn expiry_of_stored(
+    headers: &Headers,
+    accepted_ms: u64,
+    now: Instant,
+    now_wall: u64,
+) -> Option<Option<Instant>> {
+    match headers.ttl_ms() {
+        None => Some(None),
+        Some(ttl) => {
+            let left = accepted_ms.saturating_add(ttl).checked_sub(now_wall).filter(|&l| l > 0)?;
+            Some(Some(now + Duration::from_millis(left)))
+        }
     }
 }
 

@@ -243,3 +243,84 @@ async fn idempotency_keys_of_stored_messages_hold_across_a_restart() {
     let stored = broker.stored(&whispeer::Topic::parse("orders/a").unwrap(), 1, 10).unwrap();
     assert_eq!(stored.len(), 2, "order-1 once, order-2");
 }
+
+/// A broker whose durable topics keep only `memory` messages in memory (the store has all).
+fn small_memory_broker(dir: &TempDir, memory: usize) -> Broker {
+    let mut options = BrokerOptions::default();
+    let wal = WalOptions::new(&dir.0).fsync(FsyncPolicy::Never);
+    options.durability = Some(Durability::new(wal).topic(Filter::parse("hist/#").unwrap()));
+    options.retention = vec![(Filter::parse("hist/#").unwrap(), Retention::messages(memory))];
+    Broker::builder(options).try_build().unwrap()
+}
+
+async fn publish_durably(broker: &Broker, topic: &str, values: std::ops::Range<u32>) {
+    let mut last = None;
+    for n in values {
+        last = Some(broker.publish(topic, &n).unwrap());
+    }
+    if let Some(last) = last {
+        assert!(broker.durable(&last).await);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_older_than_memory_is_replayed_from_the_store_never_skipped() {
+    let dir = TempDir::new("durable-beyond-memory");
+    let broker = small_memory_broker(&dir, 100);
+    publish_durably(&broker, "hist/a", 0..2500).await;
+    publish_durably(&broker, "hist/b", 0..300).await;
+
+    // QoS 0 from the earliest: all 2,500, in order, with their offsets, then live messages.
+    let (got, mut sub) = replay(&broker, "hist/a", 2500).await;
+    let expected: Vec<(u32, u64)> = (0..2500).map(|n| (n, u64::from(n) + 1)).collect();
+    assert_eq!(got, expected);
+    broker.publish("hist/a", &2500u32).unwrap();
+    let live = soon(sub.recv_message()).await.unwrap();
+    assert_eq!((live.decode::<u32>().unwrap(), live.offset()), (2500, Some(2501)));
+    assert!(sub.try_recv_message().is_none(), "nothing twice");
+
+    // An offset older than memory starts there.
+    let options = SubscribeOptions::new("hist/a").start(StartAt::Offset(1234)).capacity(4096);
+    let mut from = broker.subscription::<u32>(options).unwrap();
+    for n in 1233..=2500u32 {
+        assert_eq!(soon(from.recv()).await.unwrap(), n);
+    }
+
+    // QoS 1 through a credit window, and a wildcard: each topic's stored part in offset order.
+    let options = SubscribeOptions::new("hist/+")
+        .start(StartAt::Earliest)
+        .qos(whispeer::Qos::AtLeastOnce)
+        .prefetch(64);
+    let mut all = broker.subscription::<u32>(options).unwrap();
+    let mut per_topic: std::collections::HashMap<String, Vec<u32>> = Default::default();
+    for _ in 0..2501 + 300 {
+        let delivery = soon(all.recv_delivery()).await.unwrap();
+        let topic = delivery.message().topic().to_string();
+        per_topic.entry(topic).or_default().push(*delivery.value());
+        assert!(delivery.ack());
+    }
+    assert_eq!(per_topic["hist/a"], (0..=2500).collect::<Vec<_>>());
+    assert_eq!(per_topic["hist/b"], (0..300).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_subscription_resumes_from_the_store_after_a_commit_older_than_memory() {
+    let dir = TempDir::new("durable-resume-beyond-memory");
+    let group = || {
+        SubscribeOptions::new("hist/inbox").qos(whispeer::Qos::AtLeastOnce).group("offline-phone")
+    };
+    let first = small_memory_broker(&dir, 50);
+    let mut phone = first.subscription::<u32>(group()).unwrap();
+    publish_durably(&first, "hist/inbox", 0..10).await;
+    assert_eq!(settle(&mut phone, 10, |_| true).await, (0..10).collect::<Vec<_>>());
+    drop(phone);
+    // While the phone is away, far more than memory holds.
+    publish_durably(&first, "hist/inbox", 10..1000).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    drop(first);
+
+    let second = small_memory_broker(&dir, 50);
+    let mut phone = second.subscription::<u32>(group()).unwrap();
+    assert_eq!(settle(&mut phone, 990, |_| true).await, (10..1000).collect::<Vec<_>>());
+    assert!(phone.try_recv_delivery().is_none());
+}
