@@ -230,7 +230,9 @@ async fn json_clients_need_no_sdk() {
 #[tokio::test]
 async fn bad_json_gets_a_clear_error_then_close() {
     let servers = start().await;
-    for bad in ["not json", r#"{"op":"launch"}"#, r#"{"op":"subscribe","id":1,"filter":"a/#/b"}"#] {
+    for bad in
+        ["not json", r#"{"op":"launch"}"#, r#"{"op":"subscribe","id":1,"qos":7,"filter":"a"}"#]
+    {
         let (mut client, _) = connect_async(format!("ws://{}/ws", servers.ws)).await.unwrap();
         client.send(Message::text(bad)).await.unwrap();
         let error = soon(next_json(&mut client)).await.unwrap();
@@ -239,8 +241,114 @@ async fn bad_json_gets_a_clear_error_then_close() {
             (Some("error"), Some(1)),
             "{bad}: {error}"
         );
-        assert!(error["message"].as_str().unwrap().contains("invalid"), "{error}");
+        assert!(!error["message"].as_str().unwrap().is_empty(), "{error}");
         assert_eq!(soon(next_json(&mut client)).await, None, "closed after {bad}");
+    }
+    drop(servers.stop);
+}
+
+#[tokio::test]
+async fn json_requests_naming_invalid_topics_are_refused_alone_like_binary_frames() {
+    let servers = start().await;
+    let (mut client, _) = connect_async(format!("ws://{}/ws", servers.ws)).await.unwrap();
+    let deep = vec!["d"; 40].join("/");
+    let refused = [
+        r#"{"op":"subscribe","id":1,"filter":"wj/#/x","ref":3}"#.to_string(),
+        r#"{"op":"publish","topic":"wj/+/x","payload":1,"ref":4}"#.to_string(),
+        format!(r#"{{"op":"publish","topic":"{deep}","payload":1,"ref":5}}"#),
+        format!(r#"{{"op":"subscribe","id":2,"filter":"{}","ref":6}}"#, "x".repeat(2000)),
+    ];
+    for (request, reference) in refused.iter().zip(3..) {
+        client.send(Message::text(request.as_str())).await.unwrap();
+        let error = soon(next_json(&mut client)).await.unwrap();
+        assert_eq!(
+            (error["op"].as_str(), error["code"].as_u64(), error["ref"].as_u64()),
+            (Some("error"), Some(5), Some(reference)),
+            "{request}: {error}"
+        );
+        assert!(error["message"].as_str().unwrap().contains("invalid topic"), "{error}");
+    }
+    // The connection goes on: a valid request is served (after the implied HELLO's welcome).
+    client
+        .send(Message::text(r#"{"op":"subscribe","id":1,"filter":"wj/+/x","ref":7}"#))
+        .await
+        .unwrap();
+    assert_eq!(soon(next_json(&mut client)).await.unwrap()["op"], "welcome");
+    assert_eq!(
+        soon(next_json(&mut client)).await.unwrap(),
+        serde_json::json!({"op": "ok", "ref": 7})
+    );
+    client.send(Message::text(r#"{"op":"publish","topic":"wj/a/x","payload":42}"#)).await.unwrap();
+    let delivered = soon(next_json(&mut client)).await.unwrap();
+    assert_eq!(
+        (delivered["op"].as_str(), delivered["payload"].as_u64()),
+        (Some("message"), Some(42))
+    );
+    drop(servers.stop);
+}
+
+/// Everything the server sends until it closes: binary frames, JSON objects, and the close
+/// frame's code and reason.
+async fn until_close(
+    client: &mut Client,
+) -> (Vec<Frame>, Vec<serde_json::Value>, Option<(u16, String)>) {
+    let (mut frames, mut json, mut buf) = (Vec::new(), Vec::new(), BytesMut::new());
+    loop {
+        match soon(client.next()).await {
+            Some(Ok(Message::Binary(bytes))) => {
+                buf.extend_from_slice(&bytes);
+                while let Some(frame) = Frame::decode(&mut buf, &Limits::default()).unwrap() {
+                    if frame.body != Body::Ping {
+                        frames.push(frame);
+                    }
+                }
+            }
+            Some(Ok(Message::Text(text))) => {
+                json.push(serde_json::from_str(text.as_str()).unwrap())
+            }
+            Some(Ok(Message::Close(close))) => {
+                let close = close.map(|c| (u16::from(c.code), c.reason.to_string()));
+                return (frames, json, close);
+            }
+            Some(Ok(_)) => {}
+            None | Some(Err(_)) => return (frames, json, None),
+        }
+    }
+}
+
+#[tokio::test]
+async fn oversize_websocket_messages_get_too_large_and_close_1009() {
+    let servers = start().await;
+    let limit = Limits::default().max_frame_bytes + 4;
+    for size in [limit + 1, 1_100 * 1024 + limit / 10, 4 << 20] {
+        // A binary client after its HELLO.
+        let (mut client, _) = connect_async(format!("ws://{}/ws", servers.ws)).await.unwrap();
+        hello(&mut client, &mut BytesMut::new()).await;
+        client.send(Message::Binary(Bytes::from(vec![0u8; size]))).await.unwrap();
+        let (frames, _, close) = until_close(&mut client).await;
+        let codes: Vec<_> = frames
+            .iter()
+            .filter_map(|f| match &f.body {
+                Body::Error { code, message } => Some((*code, message.clone())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(codes.len(), 1, "{frames:?}");
+        assert_eq!(codes[0].0, ErrorCode::TOO_LARGE);
+        assert!(codes[0].1.contains(&format!("{size} bytes")), "{}", codes[0].1);
+        let (code, reason) = close.expect("a close frame with a code");
+        assert_eq!(code, 1009, "{reason}");
+        assert!(reason.contains(&limit.to_string()), "{reason}");
+
+        // A JSON client gets the error as JSON.
+        let (mut client, _) = connect_async(format!("ws://{}/ws", servers.ws)).await.unwrap();
+        client.send(Message::text(r#"{"op":"ping","ref":1}"#)).await.unwrap();
+        let text = format!(r#"{{"op":"publish","topic":"t","data":"{}"}}"#, "A".repeat(size));
+        client.send(Message::text(text)).await.unwrap();
+        let (_, json, close) = until_close(&mut client).await;
+        let error = json.iter().find(|v| v["op"] == "error").expect("an error");
+        assert_eq!(error["code"].as_u64(), Some(2), "{error}");
+        assert_eq!(close.map(|c| c.0), Some(1009));
     }
     drop(servers.stop);
 }

@@ -44,6 +44,33 @@ impl Close {
     }
 }
 
+/// What a transport adapter (WebSocket) reports through its reader's `io::Error`, beyond a
+/// plain refusal of its input (`InvalidData`, answered with `MALFORMED` and a close).
+#[derive(Debug)]
+pub(super) enum AdapterError {
+    /// One request refused alone (e.g. a JSON request naming an invalid topic); the connection
+    /// goes on.
+    Refused { correlation: u32, code: ErrorCode, message: String },
+    /// The connection ends with this error (e.g. a WebSocket message over the size limit).
+    Fatal { code: ErrorCode, message: String },
+}
+
+impl std::fmt::Display for AdapterError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Refused { message, .. } | Self::Fatal { message, .. } => f.write_str(message),
+        }
+    }
+}
+
+impl std::error::Error for AdapterError {}
+
+impl AdapterError {
+    pub(super) fn into_io(self) -> std::io::Error {
+        std::io::Error::other(self)
+    }
+}
+
 /// Answers a connection beyond the limit with an error and closes it.
 pub(super) async fn refuse(mut stream: TcpStream, peer: SocketAddr) {
     tracing::warn!(%peer, "connection refused: limit reached");
@@ -248,12 +275,21 @@ impl Connection {
                 () = writer_gone.cancelled() => return Ok(()),
                 read = tokio::time::timeout(idle, reader.read_buf(&mut buf)) => match read {
                     Err(_) => return Err(Close::new(ErrorCode::IDLE_TIMEOUT, "nothing received")),
-                    // An adapter's refusal of its input (a bad JSON request) is reported like a
-                    // malformed frame.
-                    Ok(Err(err)) if err.kind() == std::io::ErrorKind::InvalidData => {
-                        return Err(Close::new(ErrorCode::MALFORMED, err.to_string()));
-                    }
-                    Ok(Ok(0) | Err(_)) => return Ok(()),
+                    Ok(Err(err)) => match err.get_ref().and_then(|e| e.downcast_ref::<AdapterError>()) {
+                        Some(AdapterError::Refused { correlation, code, message }) => {
+                            self.reply_error(*correlation, *code, message.clone()).await;
+                        }
+                        Some(AdapterError::Fatal { code, message }) => {
+                            return Err(Close::new(*code, message.clone()));
+                        }
+                        // An adapter's refusal of its input (a bad JSON request) is reported
+                        // like a malformed frame.
+                        None if err.kind() == std::io::ErrorKind::InvalidData => {
+                            return Err(Close::new(ErrorCode::MALFORMED, err.to_string()));
+                        }
+                        None => return Ok(()),
+                    },
+                    Ok(Ok(0)) => return Ok(()),
                     Ok(Ok(_)) => {}
                 },
             }

@@ -90,14 +90,17 @@ enum Request {
     },
 }
 
-/// Why a JSON request could not become a frame; the connection answers with `MALFORMED`
-/// (or `INVALID_TOPIC`) and closes, as for a bad binary frame.
+/// Why a JSON request could not become a frame: `Topic` is answered with `INVALID_TOPIC` and
+/// the connection goes on; anything else with `MALFORMED` and a close, as for a bad binary
+/// frame.
 #[derive(Debug, thiserror::Error)]
 pub(super) enum JsonError {
     #[error("invalid JSON request: {0}")]
     Syntax(#[from] serde_json::Error),
-    #[error("invalid topic or filter: {0}")]
-    Topic(#[from] whispeer_proto::TopicError),
+    /// Refused alone with `INVALID_TOPIC` for the request's `ref` (the first field); the
+    /// connection goes on, as for a binary frame naming an invalid topic.
+    #[error("invalid topic or filter: {1}")]
+    Topic(u32, whispeer_proto::TopicError),
     #[error("publish needs exactly one of \"payload\" (JSON) and \"data\" (base64)")]
     Payload,
     #[error("\"data\" is not valid base64")]
@@ -150,7 +153,8 @@ pub(super) fn request_to_frame(
             Body::Subscribe {
                 sub: id,
                 qos: qos_from(qos)?,
-                filter: Filter::parse_with(&filter, limits)?,
+                filter: Filter::parse_with(&filter, limits)
+                    .map_err(|e| JsonError::Topic(reference, e))?,
                 prefetch,
                 group,
                 start: start.as_deref().map_or(Ok(StartAt::Latest), start_from)?,
@@ -173,7 +177,8 @@ pub(super) fn request_to_frame(
             let qos = qos_from(qos)?;
             let timestamp_ms =
                 SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-            let topic = Topic::parse_with(&topic, limits)?;
+            let topic =
+                Topic::parse_with(&topic, limits).map_err(|e| JsonError::Topic(reference, e))?;
             let mut envelope =
                 Envelope::new(ids.next(), topic, timestamp_ms, Flags::with_content(content), bytes);
             if let Some(ttl) = ttl_ms {
@@ -342,8 +347,8 @@ mod tests {
         assert!(matches!(bad("not json"), JsonError::Syntax(_)));
         assert!(matches!(bad(r#"{"op":"launch"}"#), JsonError::Syntax(_)));
         assert!(matches!(
-            bad(r#"{"op":"subscribe","id":1,"filter":"a/#/b"}"#),
-            JsonError::Topic(_)
+            bad(r#"{"op":"subscribe","id":1,"filter":"a/#/b","ref":7}"#),
+            JsonError::Topic(7, _)
         ));
         assert!(matches!(bad(r#"{"op":"publish","topic":"t"}"#), JsonError::Payload));
         assert!(matches!(bad(r#"{"op":"publish","topic":"t","data":"%%"}"#), JsonError::Base64));
