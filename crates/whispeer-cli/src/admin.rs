@@ -184,6 +184,7 @@ impl Admin {
             ("whispeer_denied_publishes_total", self.access.denied_publish()),
             ("whispeer_denied_subscriptions_total", self.access.denied_subscribe()),
             ("whispeer_rate_limited_publishes_total", self.access.rate_limited()),
+            ("whispeer_auth_timeouts_total", self.access.auth_timeouts()),
         ];
         for (name, value) in counters {
             metrics::counter!(name).absolute(value);

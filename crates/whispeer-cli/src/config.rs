@@ -19,6 +19,42 @@ use whispeer::{
     SlowConsumer, WalOptions,
 };
 
+/// Variables the commands read themselves (`WHISPEER_KEY`, `WHISPEER_SERVER`, `WHISPEER_LOG`,
+/// `WHISPEER_API_KEY`), lower-cased as figment gives them: never configuration.
+const CLI_VARIABLES: [&str; 4] = ["key", "server", "log", "api_key"];
+
+/// The key a `WHISPEER_*` variable sets, as figment reads it (`limits.max_message_bytes`).
+fn env_key(name: &str) -> Option<String> {
+    let rest = name.get(..9).filter(|p| p.eq_ignore_ascii_case("WHISPEER_")).map(|_| &name[9..])?;
+    Some(rest.to_ascii_lowercase().replace("__", "."))
+}
+
+/// Every key path of the configuration (`listen`, `storage`, `storage.dir`, ...), from its
+/// defaults: a key whose default is empty (`None`) is there too.
+fn key_paths(defaults: &Figment) -> std::collections::HashSet<String> {
+    use figment::Provider as _;
+    fn walk(
+        prefix: &str,
+        dict: &figment::value::Dict,
+        out: &mut std::collections::HashSet<String>,
+    ) {
+        for (key, value) in dict {
+            let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+            if let figment::value::Value::Dict(_, inner) = value {
+                walk(&path, inner, out);
+            }
+            out.insert(path);
+        }
+    }
+    let mut out = std::collections::HashSet::new();
+    if let Ok(data) = defaults.data() {
+        for dict in data.values() {
+            walk("", dict, &mut out);
+        }
+    }
+    out
+}
+
 /// The default address: loopback, so an unconfigured server is reachable only from this host.
 pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:7450";
 
@@ -49,6 +85,8 @@ pub(crate) struct Config {
     pub(crate) jwt: Jwt,
     /// Heartbeat period in milliseconds; idle connections close after three.
     pub(crate) heartbeat_ms: u64,
+    /// With authentication required: milliseconds a connection has to send HELLO and AUTH.
+    pub(crate) auth_timeout_ms: u64,
     /// Most simultaneous connections.
     pub(crate) max_connections: usize,
     /// Most subscriptions per connection.
@@ -280,6 +318,7 @@ impl Default for Config {
             users: Vec::new(),
             jwt: Jwt::default(),
             heartbeat_ms: server.heartbeat.as_millis() as u64,
+            auth_timeout_ms: millis(server.auth_timeout),
             max_connections: server.max_connections,
             max_subscriptions: server.max_subscriptions,
             max_publish_rate: None,
@@ -326,15 +365,33 @@ impl Default for Queues {
 
 impl Config {
     /// Loads defaults, then the file (required if `explicit`), then `WHISPEER_*` variables.
-    pub(crate) fn load(path: &Path, explicit: bool) -> Result<Self, Box<figment::Error>> {
-        let mut figment = Figment::from(Serialized::defaults(Self::default()));
+    ///
+    /// A key the file does not know is an error (a typo); a variable that names no key is left
+    /// out and returned, to be warned about: the environment is shared with other programs.
+    pub(crate) fn load(
+        path: &Path,
+        explicit: bool,
+    ) -> Result<(Self, Vec<String>), Box<figment::Error>> {
+        let defaults = Figment::from(Serialized::defaults(Self::default()));
+        let known = key_paths(&defaults);
+        let mut figment = defaults;
         if explicit || path.exists() {
             figment = figment.merge(Toml::file_exact(path));
         }
-        // WHISPEER_KEY, WHISPEER_SERVER and WHISPEER_LOG belong to other commands or to logging.
-        let env =
-            Env::prefixed("WHISPEER_").split("__").ignore(&["key", "server", "log", "api_key"]);
-        figment.merge(env).extract().map_err(Box::new)
+        let ignored: Vec<String> = std::env::vars_os()
+            .filter_map(|(name, _)| {
+                let name = name.into_string().ok()?;
+                let key = env_key(&name)?;
+                (!CLI_VARIABLES.contains(&key.as_str()) && !known.contains(&key)).then_some(name)
+            })
+            .collect();
+        let known = std::sync::Arc::new(known);
+        let env = Env::prefixed("WHISPEER_").split("__").filter(move |key| {
+            let key = key.as_str().to_ascii_lowercase();
+            !CLI_VARIABLES.contains(&key.as_str()) && known.contains(&key)
+        });
+        let config = figment.merge(env).extract().map_err(Box::new)?;
+        Ok((config, ignored))
     }
 
     /// The broker's options.
@@ -426,6 +483,7 @@ impl Config {
             server.api_keys.add(self.api_keys.len() + index, &user.api_key, principal)?;
         }
         server.heartbeat = Duration::from_millis(self.heartbeat_ms.max(10));
+        server.auth_timeout = Duration::from_millis(self.auth_timeout_ms.max(10));
         server.max_connections = self.max_connections;
         server.max_subscriptions = self.max_subscriptions;
         server.max_publish_rate = self.max_publish_rate;
@@ -457,7 +515,7 @@ mod tests {
     #[test]
     fn defaults_need_no_file() {
         Jail::expect_with(|_jail| {
-            let config = Config::load(Path::new("whispeer.toml"), false).unwrap();
+            let config = Config::load(Path::new("whispeer.toml"), false).unwrap().0;
             assert_eq!(config, Config::default());
             assert_eq!(config.listen, DEFAULT_LISTEN);
             Ok(())
@@ -491,13 +549,13 @@ mod tests {
             jail.set_env("WHISPEER_LISTEN", "127.0.0.1:9001");
             jail.set_env("WHISPEER_LIMITS__MAX_TOPIC_DEPTH", "8");
             jail.set_env("WHISPEER_KEY", "1:not-a-config-key");
-            let config = Config::load(Path::new("whispeer.toml"), false).unwrap();
+            let config = Config::load(Path::new("whispeer.toml"), false).unwrap().0;
             assert_eq!(config.listen, "127.0.0.1:9001");
             assert_eq!(config.api_keys, ["one"]);
             assert_eq!(config.limits.max_message_bytes, 4096);
             assert_eq!(config.limits.max_topic_depth, 8);
             jail.set_env("WHISPEER_DELIVERY__GROUP_LINGER_MS", "0");
-            let config = Config::load(Path::new("whispeer.toml"), false).unwrap();
+            let config = Config::load(Path::new("whispeer.toml"), false).unwrap().0;
             let options = config.broker_options().unwrap();
             assert_eq!(options.slow_consumer, SlowConsumer::DropNewest);
             assert_eq!(options.redelivery.ack_timeout, Duration::from_millis(500));
@@ -508,7 +566,7 @@ mod tests {
             assert_eq!((retention.max_messages, retention.max_bytes), (500, usize::MAX));
             assert_eq!(retention.max_age, Some(Duration::from_secs(60)));
             jail.set_env("WHISPEER_DELIVERY__JITTER", "2");
-            let config = Config::load(Path::new("whispeer.toml"), false).unwrap();
+            let config = Config::load(Path::new("whispeer.toml"), false).unwrap().0;
             assert!(config.broker_options().is_err(), "jitter above 1");
             Ok(())
         });
@@ -530,7 +588,7 @@ mod tests {
                 groups = ["chat-*"]
                 "#,
             )?;
-            let config = Config::load(Path::new("whispeer.toml"), false).unwrap();
+            let config = Config::load(Path::new("whispeer.toml"), false).unwrap().0;
             let server = config.server_config().unwrap();
             let alice = server.api_keys.principal(b"alice-secret").unwrap();
             assert_eq!(alice.name, "alice");
@@ -546,9 +604,58 @@ mod tests {
                 "bad.toml",
                 "[[users]]\nname = \"bob\"\napi_key = \"k\"\npublish = [\"a/#/b\"]",
             )?;
-            let bad = Config::load(Path::new("bad.toml"), true).unwrap();
+            let bad = Config::load(Path::new("bad.toml"), true).unwrap().0;
             let err = format!("{:#}", bad.server_config().unwrap_err());
             assert!(err.contains("users[bob].publish"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_variables_are_ignored_and_reported_but_file_typos_stay_errors() {
+        Jail::expect_with(|jail| {
+            jail.set_env("WHISPEER_BIN", "/opt/whispeer/bin/whispeer");
+            jail.set_env("WHISPEER_LIMITS__NOT_A_LIMIT", "1");
+            jail.set_env("WHISPEER_KEY", "1:not-a-config-key");
+            jail.set_env("WHISPEER_SERVER", "127.0.0.1:1");
+            // Keys whose default is empty are keys all the same.
+            jail.set_env("WHISPEER_STORAGE__DIR", "data");
+            jail.set_env("WHISPEER_TLS__CLIENT_CA", "ca.pem");
+            jail.set_env("WHISPEER_AUTH_TIMEOUT_MS", "750");
+            let (config, ignored) = Config::load(Path::new("whispeer.toml"), false).unwrap();
+            assert_eq!(ignored, ["WHISPEER_BIN", "WHISPEER_LIMITS__NOT_A_LIMIT"]);
+            assert_eq!(config.storage.dir, Some("data".into()));
+            assert_eq!(config.tls.client_ca, Some("ca.pem".into()));
+            assert_eq!(config.server_config().unwrap().auth_timeout, Duration::from_millis(750));
+            jail.create_file("typo.toml", "[storage]\ndirr = \"data\"")?;
+            let err = Config::load(Path::new("typo.toml"), true).unwrap_err().to_string();
+            assert!(err.contains("dirr"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_example_file_has_every_key_at_its_default() {
+        let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../../whispeer.example.toml");
+        let text = std::fs::read_to_string(example).unwrap();
+        Jail::expect_with(|jail| {
+            jail.create_file("example.toml", &text)?;
+            let (config, ignored) = Config::load(Path::new("example.toml"), true).unwrap();
+            assert!(ignored.is_empty());
+            assert_eq!(config, Config::default());
+            // Every key is in it, set or commented out with an example value.
+            let defaults = Figment::from(Serialized::defaults(Config::default()));
+            for path in key_paths(&defaults) {
+                let leaf = path.rsplit('.').next().unwrap();
+                let section = format!("[{path}]");
+                assert!(
+                    text.contains(&format!("{leaf} =")) || text.contains(&section),
+                    "{path} is not in the example"
+                );
+            }
+            for section in ["[[users]]", "[[retention]]", "[[delivery.ttl]]", "[jwt]", "[tls]"] {
+                assert!(text.contains(section), "{section} is not in the example");
+            }
             Ok(())
         });
     }

@@ -21,8 +21,8 @@ pub(crate) fn run(
 ) -> ExitCode {
     let explicit = config_path.is_some();
     let path = config_path.unwrap_or_else(|| PathBuf::from("whispeer.toml"));
-    let mut config = match Config::load(&path, explicit) {
-        Ok(config) => config,
+    let (mut config, ignored) = match Config::load(&path, explicit) {
+        Ok(loaded) => loaded,
         Err(err) => {
             eprintln!("whispeer: configuration error: {err}");
             return ExitCode::from(2);
@@ -38,6 +38,9 @@ pub(crate) fn run(
         config.admin_listen = admin_listen;
     }
     init_logging(&config);
+    for variable in ignored {
+        tracing::warn!(%variable, "ignored: no configuration key of this name (see whispeer.example.toml)");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {

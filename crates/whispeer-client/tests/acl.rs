@@ -234,3 +234,79 @@ async fn a_connection_publishing_past_its_rate_is_refused_then_recovers() {
     let third = publisher.publish_acked_bytes("t", vec![0u8; 4000]).await.unwrap_err();
     assert_eq!(refusal(&third), Some(ErrorCode::LIMIT_REACHED));
 }
+
+/// Reads frames from a raw socket until it closes; answers the server's pings when `pong`.
+async fn frames_until_closed(
+    stream: &mut tokio::net::TcpStream,
+    pong: bool,
+) -> Vec<whispeer_client::proto::Frame> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use whispeer_client::proto::{Body, Frame, Limits};
+    let (mut buf, mut frames) = (bytes::BytesMut::new(), Vec::new());
+    loop {
+        while let Some(frame) = Frame::decode(&mut buf, &Limits::default()).unwrap() {
+            if pong && frame.body == Body::Ping {
+                let mut out = bytes::BytesMut::new();
+                Frame::new(frame.correlation, Body::Pong).encode(&mut out, usize::MAX).unwrap();
+                let _ = stream.write_all(&out).await;
+            }
+            frames.push(frame);
+        }
+        match stream.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return frames,
+            Ok(_) => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_never_authenticate_are_closed_after_the_auth_timeout_and_counted() {
+    use std::time::{Duration, Instant};
+    use tokio::io::AsyncWriteExt;
+    use whispeer_client::proto::{Body, Frame};
+    let mut keys = ApiKeys::default();
+    keys.add(0, "root-key", Principal::new("root", Permissions::everything())).unwrap();
+    let mut config = ServerConfig::default();
+    config.api_keys = keys;
+    config.auth_timeout = Duration::from_millis(400);
+    // Pings come often enough that a client answering them would otherwise stay.
+    config.heartbeat = Duration::from_millis(200);
+    let access = Arc::clone(&config.access);
+    let broker = Broker::builder(BrokerOptions::default())
+        .with(Tcp::new("127.0.0.1:0").config(config))
+        .build();
+    let addr = broker.local_addrs()[0];
+    let authenticated = client(addr, "root-key").await;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for n in 0..60 {
+        tasks.push(tokio::spawn(async move {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            if n % 3 > 0 {
+                let mut hello = bytes::BytesMut::new();
+                let body = Body::Hello { version: 1, capabilities: 0, name: "idle".into() };
+                Frame::new(1, body).encode(&mut hello, usize::MAX).unwrap();
+                stream.write_all(&hello).await.unwrap();
+            }
+            // A third say nothing, a third only HELLO, a third HELLO and every PONG.
+            frames_until_closed(&mut stream, n % 3 == 2).await
+        }));
+    }
+    for task in tasks {
+        let frames = tokio::time::timeout(Duration::from_secs(10), task).await.unwrap().unwrap();
+        let last = frames.last().unwrap();
+        match &last.body {
+            Body::Error { code, message } => {
+                assert_eq!(*code, ErrorCode::UNAUTHENTICATED, "{message}");
+                assert!(message.contains("within 400 ms"), "{message}");
+            }
+            other => panic!("closed without an error: {other:?}"),
+        }
+    }
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    assert_eq!(access.auth_timeouts(), 60);
+    // The authenticated client is not affected.
+    authenticated.publish("chat/x", &1u32).await.unwrap();
+    authenticated.flush().await.unwrap();
+    assert_eq!(access.auth_timeouts(), 60);
+}

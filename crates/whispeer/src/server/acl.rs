@@ -116,6 +116,7 @@ pub struct AccessCounters {
     pub(crate) denied_publish: AtomicU64,
     pub(crate) denied_subscribe: AtomicU64,
     pub(crate) rate_limited: AtomicU64,
+    pub(crate) auth_timeouts: AtomicU64,
 }
 
 impl AccessCounters {
@@ -137,6 +138,11 @@ impl AccessCounters {
     /// Publishes refused by a connection's rate or byte limit.
     pub fn rate_limited(&self) -> u64 {
         self.rate_limited.load(Ordering::Relaxed)
+    }
+
+    /// Connections closed for not completing HELLO and authentication within the auth timeout.
+    pub fn auth_timeouts(&self) -> u64 {
+        self.auth_timeouts.load(Ordering::Relaxed)
     }
 }
 

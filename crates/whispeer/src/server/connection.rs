@@ -238,6 +238,7 @@ impl Connection {
         writer_gone: &CancellationToken,
     ) -> Result<(), Close> {
         let idle = self.config.idle_timeout();
+        let auth_deadline = tokio::time::Instant::now() + self.config.auth_timeout;
         let mut buf = BytesMut::new();
         let mut partial_since: Option<Instant> = None;
         loop {
@@ -270,8 +271,20 @@ impl Connection {
                 return Err(Close::new(ErrorCode::IDLE_TIMEOUT, "frame left incomplete"));
             }
             reserve_for_read(&mut buf);
+            // Without keys, a connection that says nothing meets the idle timeout, and any
+            // frame but HELLO first closes it; with keys, answering pings is not enough.
+            let logged_in =
+                !self.config.auth_required() || (self.greeted && self.principal.is_some());
             tokio::select! {
                 () = stop.cancelled() => return Ok(()),
+                () = tokio::time::sleep_until(auth_deadline), if !logged_in => {
+                    bump(&self.config.access.auth_timeouts);
+                    let within = self.config.auth_timeout.as_millis();
+                    return Err(Close::new(
+                        ErrorCode::UNAUTHENTICATED,
+                        format!("not authenticated within {within} ms of connecting"),
+                    ));
+                }
                 () = writer_gone.cancelled() => return Ok(()),
                 read = tokio::time::timeout(idle, reader.read_buf(&mut buf)) => match read {
                     Err(_) => return Err(Close::new(ErrorCode::IDLE_TIMEOUT, "nothing received")),

@@ -102,6 +102,11 @@ pub struct ServerConfig {
     pub connection_max_bytes: usize,
     /// Wrong API keys tolerated before the connection is closed. Default: 3.
     pub max_auth_failures: u32,
+    /// On a server that requires authentication, how long a new connection has to send HELLO
+    /// and authenticate; past it the connection is closed with `UNAUTHENTICATED` and counted
+    /// ([`AccessCounters::auth_timeouts`]), so connections that never log in cannot hold slots
+    /// (answering pings does not keep them). Default: 5 s.
+    pub auth_timeout: Duration,
     /// How long shutdown waits for connections to flush. Default: 5 s.
     pub shutdown_grace: Duration,
     /// The path WebSocket clients connect to. Default: `/ws`.
@@ -128,6 +133,7 @@ impl Default for ServerConfig {
             outbound_frames: 1024,
             connection_max_bytes: 64 * 1024 * 1024,
             max_auth_failures: 3,
+            auth_timeout: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(5),
             websocket_path: "/ws".into(),
             #[cfg(feature = "tls")]
