@@ -114,7 +114,8 @@ pub(crate) struct ConnectArgs {
     /// Compress payloads (zstd) before sending.
     #[arg(long)]
     compress: bool,
-    /// CA certificate (PEM) to trust for tls:// and wss:// servers.
+    /// CA certificate (PEM) to trust for tls:// and wss:// servers, for a private CA; without
+    /// it the platform's root certificates are trusted (SSL_CERT_FILE / SSL_CERT_DIR honoured).
     #[arg(long)]
     ca_file: Option<PathBuf>,
     /// Client certificate (PEM), for servers that require one; needs --key.

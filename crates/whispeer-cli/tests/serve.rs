@@ -13,7 +13,7 @@ use whispeer_client::{Client, ClientError, ClientOptions, StartAt, SubscribeOpti
 
 mod common;
 
-use common::{BIN, Server, http_get, output_of, publish, sample, subscriber};
+use common::{BIN, Server, http_get, output_of, publish, publish_with, sample, subscriber};
 
 #[test]
 fn sub_prints_what_pub_sends_like_mosquitto_sub_v() {
@@ -106,6 +106,54 @@ fn sub_from_earliest_or_an_offset_replays_retained_history() {
     let copy = subscriber(&["copy/app", "--count", "2", "--server", &server.addr], &[]);
     assert!(replay(&["--from", "3", "--republish", "copy/app"]).status.success());
     assert_eq!(output_of(copy), "three\nfour\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_topic_without_a_retention_rule_replays_everything_it_stored() {
+    let dir = std::env::temp_dir().join(format!("whispeer-durable-all-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let dir_text = dir.to_string_lossy().into_owned();
+    let server = Server::start(&[
+        ("WHISPEER_STORAGE__DIR", dir_text.as_str()),
+        ("WHISPEER_STORAGE__DURABLE", r#"["hist/#"]"#),
+        ("WHISPEER_STORAGE__FSYNC", "never"),
+    ]);
+    let client = Client::connect(server.addr.clone()).await.unwrap();
+    // More than the 10,000 messages a durable topic keeps in memory by default.
+    let total = 12_345u32;
+    for n in 0..total - 1 {
+        client.publish("hist/all", &n).await.unwrap();
+    }
+    client.publish_acked("hist/all", &(total - 1)).await.unwrap();
+    let options = SubscribeOptions::new("hist/all")
+        .start(StartAt::Earliest)
+        .qos(whispeer_client::Qos::AtLeastOnce)
+        .prefetch(512);
+    let mut all = client.subscribe::<u32>(options).await.unwrap();
+    for n in 0..total {
+        let got = tokio::time::timeout(Duration::from_secs(20), all.recv()).await.unwrap();
+        assert_eq!(got, Some(n), "a subscriber that asked for everything gets everything");
+    }
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn unknown_whispeer_variables_are_warned_about_not_fatal() {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("WHISPEER_BIN", "/usr/local/bin/whispeer")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert!(line.starts_with("whispeer: listening on"), "{line:?}");
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("WHISPEER_BIN") && stderr.contains("ignored"), "{stderr}");
 }
 
 #[test]
@@ -258,9 +306,20 @@ fn tls_from_the_config_file_with_pub_and_sub_over_tls() {
     let out = publish(&["t", "encrypted in transit", "--server", &addr, "--ca-file", &ca], None);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(output_of(sub), "encrypted in transit\n");
-    // Without the CA the client refuses to talk.
-    let refused = publish(&["t", "x", "--server", &addr], None);
+    // Without the CA (the platform's roots do not hold it) the client refuses to talk.
+    let refused = publish_with(&["t", "x", "--server", &addr], &[("SSL_CERT_FILE", "")]);
     assert_eq!(refused.status.code(), Some(1));
+    // The platform's roots are trusted with no flag: here SSL_CERT_FILE names the CA, as a
+    // system store holding a public CA would.
+    let sub = subscriber(&["t", "--count", "1", "--server", &addr], &[("SSL_CERT_FILE", &ca)]);
+    let out = publish_with(&["t", "platform roots", "--server", &addr], &[("SSL_CERT_FILE", &ca)]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(output_of(sub), "platform roots\n");
+    // A plain client at the TLS port is told what to do.
+    let plain = addr.replace("tls://", "tcp://");
+    let out = publish(&["t", "x", "--server", &plain], None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("this server speaks TLS: use tls://"), "{stderr}");
     let _ = child.kill();
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);

@@ -153,6 +153,12 @@ async fn handshake_inner(options: &ClientOptions) -> Result<Established, ClientE
     })
 }
 
+/// Whether `bytes` start like a TLS record (a handshake or an alert, TLS 1.0 to 1.3): what a
+/// TLS server answers a plain client with, read as a frame's length it is absurdly large.
+fn looks_like_tls(bytes: &[u8]) -> bool {
+    matches!(bytes, [0x15 | 0x16, 0x03, 0x00..=0x04, ..])
+}
+
 async fn read_frame(
     stream: &mut Reader,
     buf: &mut BytesMut,
@@ -162,6 +168,11 @@ async fn read_frame(
         match Frame::decode(buf, limits) {
             Ok(Some(frame)) => return Ok(frame),
             Ok(None) => {}
+            Err(_) if looks_like_tls(buf) => {
+                return Err(ClientError::Protocol(
+                    "this server speaks TLS: use tls:// (or wss:// for WebSocket)".into(),
+                ));
+            }
             Err(err) => return Err(ClientError::Protocol(err.to_string())),
         }
         reserve_for_read(buf);

@@ -115,7 +115,8 @@ pub struct ClientOptions {
     /// The server: `host:port` or `tcp://host:port` for TCP, `tls://host:port` for TLS,
     /// `ws://host:port/ws` for WebSocket, `wss://host:port/ws` for WebSocket over TLS.
     pub addr: String,
-    /// TLS settings for `tls://` and `wss://` (see [`tls_config`]).
+    /// TLS settings for `tls://` and `wss://` (see [`tls_config`]); without them, the
+    /// platform's root certificates are trusted ([`platform_tls_config`]).
     pub tls: Option<Arc<rustls::ClientConfig>>,
     /// API key, if the server requires one.
     pub api_key: Option<String>,
@@ -197,6 +198,37 @@ impl ClientOptions {
         self.reconnect = reconnect;
         self
     }
+}
+
+/// A TLS configuration that trusts the platform's root certificates (the system store, or
+/// `SSL_CERT_FILE` / `SSL_CERT_DIR` when set), built with the ring provider: what `tls://` and
+/// `wss://` use when [`ClientOptions::tls`] is not set. Loaded once per process.
+///
+/// # Errors
+/// [`ClientError::Tls`] when the platform has no usable root certificate.
+pub fn platform_tls_config() -> Result<Arc<rustls::ClientConfig>, ClientError> {
+    static PLATFORM: std::sync::OnceLock<Result<Arc<rustls::ClientConfig>, String>> =
+        std::sync::OnceLock::new();
+    let built = PLATFORM.get_or_init(|| {
+        let found = rustls_native_certs::load_native_certs();
+        let mut roots = rustls::RootCertStore::empty();
+        let (added, _ignored) = roots.add_parsable_certificates(found.certs);
+        if added == 0 {
+            let why = found.errors.first().map(|e| format!(" ({e})")).unwrap_or_default();
+            return Err(format!(
+                "no root certificate found on this system{why}: install the CA certificates \
+                 (ca-certificates), set SSL_CERT_FILE, or pass a CA file"
+            ));
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Arc::new(config))
+    });
+    built.clone().map_err(ClientError::Tls)
 }
 
 /// A TLS configuration that trusts the CA certificates in `ca_pem` and, if given, presents a

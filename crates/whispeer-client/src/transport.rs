@@ -44,7 +44,14 @@ async fn tls(
     host: &str,
     config: Option<&Arc<rustls::ClientConfig>>,
 ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    let config = config.ok_or_else(|| invalid("tls:// and wss:// need ClientOptions::tls"))?;
+    let platform;
+    let config = match config {
+        Some(config) => config,
+        None => {
+            platform = crate::platform_tls_config().map_err(|e| invalid(&e.to_string()))?;
+            &platform
+        }
+    };
     let name =
         ServerName::try_from(host.to_string()).map_err(|_| invalid("invalid server name"))?;
     TlsConnector::from(Arc::clone(config)).connect(name, stream).await

@@ -95,9 +95,18 @@ async fn a_certificate_from_another_ca_is_refused() {
             .unwrap_err();
         assert!(matches!(err, ClientError::Connect { .. }), "{addr}: {err:?}");
     }
-    // Without any TLS settings, a tls:// address is a clear error, not a plaintext attempt.
+    // Without TLS settings the platform's roots are trusted, and they do not hold this CA.
     let err = Client::connect(tls_addr).await.unwrap_err();
     assert!(matches!(err, ClientError::Connect { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn a_plain_client_at_a_tls_port_is_told_to_use_tls() {
+    let pki = pki("plain client CA");
+    let (tls_addr, _) = start(&pki, false).await;
+    let plain = tls_addr.replace("tls://", "tcp://");
+    let err = Client::connect_with(ClientOptions::new(plain).reconnect(false)).await.unwrap_err();
+    assert!(err.to_string().contains("this server speaks TLS: use tls://"), "{err}");
 }
 
 #[tokio::test]

@@ -82,6 +82,11 @@ pub(crate) fn subscriber(args: &[&str], envs: &[(&str, &str)]) -> Child {
     child
 }
 
+/// `whispeer pub` with `args` and extra environment variables.
+pub(crate) fn publish_with(args: &[&str], envs: &[(&str, &str)]) -> std::process::Output {
+    Command::new(BIN).arg("pub").args(args).envs(envs.iter().copied()).output().unwrap()
+}
+
 pub(crate) fn publish(args: &[&str], stdin: Option<&str>) -> std::process::Output {
     let mut child = Command::new(BIN)
         .arg("pub")
