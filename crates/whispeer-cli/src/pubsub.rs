@@ -140,7 +140,7 @@ pub(crate) async fn connect(args: &ConnectArgs) -> anyhow::Result<Client> {
         options = options.api_key(key.clone());
     }
     if let Some(keyring) = keyring(args)? {
-        options = options.encryption(Encryption::new(keyring));
+        options = options.encryption(Encryption::with_keyring(keyring));
     }
     if args.compress {
         options = options.compression(Compression::new());

@@ -166,7 +166,7 @@ async fn call(url: String, token: String, body: Option<Value>) -> anyhow::Result
 async fn through_admin(args: &ReplayArgs, admin: &str) -> anyhow::Result<()> {
     let token = args.token.clone().context("--admin needs --token (or WHISPEER_ADMIN_TOKEN)")?;
     let engines = match keyring(&args.connect)? {
-        Some(keyring) => Engines::new().with_encryption(Encryption::new(keyring)),
+        Some(keyring) => Engines::new().with_encryption(Encryption::with_keyring(keyring)),
         None => Engines::new(),
     };
     let client = match &args.republish {

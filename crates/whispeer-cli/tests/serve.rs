@@ -188,7 +188,8 @@ async fn sdk_and_cli_share_sealed_messages_through_the_binary() {
     let server = Server::start(&[]);
     let keyring = Keyring::generate().unwrap();
     let key_text = keyring.to_text().to_string();
-    let options = ClientOptions::new(server.addr.clone()).encryption(Encryption::new(keyring));
+    let options =
+        ClientOptions::new(server.addr.clone()).encryption(Encryption::with_keyring(keyring));
     let client = Client::connect_with(options).await.unwrap();
     let mut sealed = client.messages("secure/#").await.unwrap();
 

@@ -129,7 +129,7 @@ async fn server_sees_only_ciphertext_and_strangers_cannot_open() {
     let spy = Spy::default();
     let server = TestServer::start(fast_config(), Some(spy.clone())).await;
     let keys = Keyring::generate().unwrap();
-    let sealed = || server.options().encryption(Encryption::new(keys.clone()));
+    let sealed = || server.options().encryption(Encryption::with_keyring(keys.clone()));
     let alice = Client::connect_with(sealed()).await.unwrap();
     let bob = Client::connect_with(sealed()).await.unwrap();
     let eve = Client::connect(server.addr.to_string()).await.unwrap();
@@ -444,9 +444,9 @@ async fn the_sdk_works_over_websocket_beside_tcp() {
     });
 
     let keys = Keyring::generate().unwrap();
-    let over_ws =
-        ClientOptions::new(format!("ws://{ws}/ws")).encryption(Encryption::new(keys.clone()));
-    let over_tcp = ClientOptions::new(tcp.to_string()).encryption(Encryption::new(keys));
+    let over_ws = ClientOptions::new(format!("ws://{ws}/ws"))
+        .encryption(Encryption::with_keyring(keys.clone()));
+    let over_tcp = ClientOptions::new(tcp.to_string()).encryption(Encryption::with_keyring(keys));
     let browserish = Client::connect_with(over_ws).await.unwrap();
     let service = Client::connect_with(over_tcp).await.unwrap();
     let mut at_ws = browserish.subscribe::<Reading>("sensor/#").await.unwrap();

@@ -49,7 +49,8 @@ fn configurations() -> Vec<(String, Engines)> {
                 engines = engines.with_compression(c.threshold(0));
             }
             if let Some(c) = cipher {
-                engines = engines.with_encryption(Encryption::new(keyring.clone()).cipher(c));
+                engines =
+                    engines.with_encryption(Encryption::with_keyring(keyring.clone()).cipher(c));
             }
             out.push((format!("{cname}+{ename}"), engines));
         }

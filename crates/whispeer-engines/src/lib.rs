@@ -32,6 +32,7 @@ pub use codec::{Codec, CodecError};
 pub use compress::{Compression, DEFAULT_THRESHOLD, DEFAULT_ZSTD_LEVEL};
 pub use keyring::{Key, KeyError, KeyId, Keyring};
 pub use seal::{
-    Encryption, Engines, KeyChoice, OpenError, ReceiveError, SealError, Sealing, TopicRule,
+    Encryption, Engines, KEY_VARIABLE, KeyChoice, OpenError, ReceiveError, SealError, Sealing,
+    TopicRule,
 };
 pub use whispeer_proto::{CipherAlgorithm, CompressionAlgorithm};

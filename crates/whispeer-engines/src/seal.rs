@@ -110,7 +110,7 @@ pub enum ReceiveError {
 ///
 /// ```
 /// use whispeer_engines::{CipherAlgorithm, Encryption, Keyring};
-/// let encryption = Encryption::new(Keyring::generate()?).cipher(CipherAlgorithm::Aes256Gcm);
+/// let encryption = Encryption::with_keyring(Keyring::generate()?).cipher(CipherAlgorithm::Aes256Gcm);
 /// # let _ = encryption;
 /// # Ok::<(), whispeer_engines::KeyError>(())
 /// ```
@@ -120,9 +120,44 @@ pub struct Encryption {
     cipher: CipherAlgorithm,
 }
 
+/// The environment variable [`Encryption::new`] reads keys from, as the CLI does.
+pub const KEY_VARIABLE: &str = "WHISPEER_KEY";
+
+impl Default for Encryption {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Encryption {
+    /// XChaCha20-Poly1305 with the keys in `WHISPEER_KEY` when it is set (the text form of
+    /// [`Keyring::parse`], as `whispeer keygen` writes it), else with one new random key,
+    /// which [`Encryption::keyring`] (or `Broker::encryption_keys`) hands back for sharing.
+    ///
+    /// # Panics
+    /// If `WHISPEER_KEY` is set but holds no valid keyring, or the operating system's random
+    /// number generator fails; [`Encryption::try_new`] returns these as errors instead.
+    pub fn new() -> Self {
+        match Self::try_new() {
+            Ok(encryption) => encryption,
+            Err(err) => panic!("whispeer: Encryption::new: {err}"),
+        }
+    }
+
+    /// [`Encryption::new`], with its failures as errors.
+    ///
+    /// # Errors
+    /// As [`Keyring::from_env`] for a `WHISPEER_KEY` that is set; [`KeyError::Random`] if no
+    /// key can be generated.
+    pub fn try_new() -> Result<Self, KeyError> {
+        match std::env::var_os(KEY_VARIABLE) {
+            Some(_) => Self::from_env(KEY_VARIABLE),
+            None => Self::generated(),
+        }
+    }
+
     /// XChaCha20-Poly1305 with the keyring's current key.
-    pub fn new(keyring: Keyring) -> Self {
+    pub fn with_keyring(keyring: Keyring) -> Self {
         Self { keyring, cipher: CipherAlgorithm::XChaCha20Poly1305 }
     }
 
@@ -131,7 +166,7 @@ impl Encryption {
     /// # Errors
     /// [`KeyError::Random`] if the generator fails.
     pub fn generated() -> Result<Self, KeyError> {
-        Ok(Self::new(Keyring::generate()?))
+        Ok(Self::with_keyring(Keyring::generate()?))
     }
 
     /// Encryption with keys from the environment variable `name` (see [`Keyring::from_env`]).
@@ -139,7 +174,7 @@ impl Encryption {
     /// # Errors
     /// As [`Keyring::from_env`].
     pub fn from_env(name: &str) -> Result<Self, KeyError> {
-        Ok(Self::new(Keyring::from_env(name)?))
+        Ok(Self::with_keyring(Keyring::from_env(name)?))
     }
 
     /// Sets the default cipher.

@@ -46,7 +46,7 @@ fn engines(
         e = e.with_compression(c);
     }
     if let Some(c) = cipher {
-        e = e.with_encryption(Encryption::new(keyring.clone()).cipher(c));
+        e = e.with_encryption(Encryption::with_keyring(keyring.clone()).cipher(c));
     }
     e
 }

@@ -176,7 +176,7 @@ impl Client {
         let mut engines = Engines::new();
         if let Some(text) = key_text {
             let keyring = Keyring::parse(&text).map_err(|e| error(format!("key: {e}")))?;
-            engines = engines.with_encryption(Encryption::new(keyring));
+            engines = engines.with_encryption(Encryption::with_keyring(keyring));
         }
         let socket = WebSocket::new(&url)?;
         socket.set_binary_type(BinaryType::Arraybuffer);

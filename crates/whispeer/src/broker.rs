@@ -409,6 +409,14 @@ impl Broker {
         Self::builder(BrokerOptions::default()).with(Compression::new()).with(encryption)
     }
 
+    /// The keys this broker seals with, if it encrypts: share their text form
+    /// ([`Keyring::to_text`](whispeer_engines::Keyring::to_text)) with the parties that must
+    /// open its messages, e.g. as their `WHISPEER_KEY`, when [`Encryption::new`] generated them.
+    pub fn encryption_keys(&self) -> Option<&whispeer_engines::Keyring> {
+        let engines = self.inner.engines.as_deref()?;
+        engines.encryption().map(Encryption::keyring)
+    }
+
     /// Publishes `value` to `topic`, encoded once with the broker's codec and shared by every
     /// matching subscriber. Never blocks.
     ///

@@ -11,7 +11,7 @@
 //! - Every subscriber has a bounded queue and a [`SlowConsumer`] policy; drops are counted in
 //!   [`BrokerStats`] and [`SubscriptionStats`].
 //! - Bind a topic to one type with [`Broker::topic`]; extend the broker with [`Plugin`]s.
-//! - Compress and encrypt at the edges: `.with(Compression::new()).with(Encryption::new(keyring))`,
+//! - Compress and encrypt at the edges: `.with(Compression::new()).with(Encryption::with_keyring(keyring))`,
 //!   or [`Broker::build_default`] for both with a generated key. Plugins and everything between
 //!   publisher and subscriber see only ciphertext; see [`engines::security`].
 //!
@@ -87,6 +87,12 @@ pub use whispeer_engines::{
     KeyError, KeyId, Keyring, OpenError, ReceiveError, SealError, TopicRule,
 };
 pub use whispeer_proto::{Filter, MessageId, Qos, StartAt, Topic, TopicError};
+
+/// The embedded transports, also at the top for one-line imports (`whispeer::WebSocket`).
+#[cfg(feature = "server")]
+pub use server::Tcp;
+#[cfg(feature = "websocket")]
+pub use server::WebSocket;
 
 /// The wire vocabulary: envelopes, flags, limits. Re-exported for plugin authors.
 pub mod proto {

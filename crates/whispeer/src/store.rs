@@ -319,6 +319,19 @@ impl Broker {
             .with(encryption))
     }
 
+    /// [`Broker::build_default_with_persistence`], also serving WebSocket clients at `url`.
+    ///
+    /// # Errors
+    /// As [`Broker::build_default_with_persistence`].
+    #[cfg(feature = "websocket")]
+    pub fn build_default_with_persistence_ws(
+        url: &str,
+        persistence: PersistenceType,
+    ) -> Result<BrokerBuilder, KeyError> {
+        Ok(Self::build_default_with_persistence(persistence)?
+            .with(crate::server::WebSocket::new(url)))
+    }
+
     /// Waits until a published message is durable: for a durable topic, until its write-ahead
     /// log record is stored under the fsync policy; for any other message at once. Returns
     /// `false` if the log's writer stopped first (a failing disk).

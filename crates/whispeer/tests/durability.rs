@@ -184,7 +184,7 @@ async fn the_default_broker_with_sqlite_persistence_keeps_sealed_history_across_
     let keyed = || {
         Broker::builder(BrokerOptions::default())
             .with(whispeer::Persistence::sqlite(&file))
-            .with(Encryption::new(keyring.clone()))
+            .with(Encryption::with_keyring(keyring.clone()))
             .try_build()
             .unwrap()
     };

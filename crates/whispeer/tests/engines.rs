@@ -86,7 +86,7 @@ async fn topic_rules_opt_out_and_pick_keys_through_the_broker() {
     keyring.set_current(KeyId(1)).unwrap();
     let broker = Broker::builder(BrokerOptions::default())
         .with(Compression::lz4())
-        .with(Encryption::new(keyring).cipher(CipherAlgorithm::Aes256Gcm))
+        .with(Encryption::with_keyring(keyring).cipher(CipherAlgorithm::Aes256Gcm))
         .with(
             TopicRule::new(Filter::parse("public/#").unwrap())
                 .plaintext()
@@ -168,7 +168,7 @@ async fn compression_alone_round_trips_and_shrinks() {
 #[tokio::test]
 async fn sealing_without_a_usable_key_fails_the_publish() {
     let broker = Broker::builder(BrokerOptions::default())
-        .with(Encryption::new(Keyring::generate().unwrap()))
+        .with(Encryption::with_keyring(Keyring::generate().unwrap()))
         .with(TopicRule::new(Filter::parse("x/#").unwrap()).key(KeyId(42)))
         .build();
     let err = broker.publish("x/1", &1u8).unwrap_err();

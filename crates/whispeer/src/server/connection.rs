@@ -22,6 +22,7 @@ use whispeer_proto::{
 use super::ServerConfig;
 use super::acl::Principal;
 use super::jwt::looks_like_jwt;
+use super::rate::RateLimit;
 use super::registry::{Connections, Registered};
 use super::writer::{Outbound, write_loop};
 use crate::stats::bump;
@@ -168,47 +169,6 @@ pub(super) async fn run<R, W>(
     drop(connection);
     let _ = write_task.await;
     tracing::debug!(%peer, "disconnected");
-}
-
-/// A connection's publish budget: token buckets refilled continuously, holding at most one
-/// second's worth, so a client may burst that much and then publish at the configured rate.
-struct RateLimit {
-    messages: Option<(f64, f64)>,
-    bytes: Option<(f64, f64)>,
-    last: Instant,
-}
-
-impl RateLimit {
-    fn new(config: &ServerConfig) -> Option<Self> {
-        let messages = config.max_publish_rate.map(|rate| (f64::from(rate), f64::from(rate)));
-        let bytes = config.max_publish_bytes_rate.map(|rate| (rate as f64, rate as f64));
-        (messages.is_some() || bytes.is_some()).then(|| Self {
-            messages,
-            bytes,
-            last: Instant::now(),
-        })
-    }
-
-    /// Takes one publish of `len` bytes from the budget; `false` if it does not fit.
-    fn admit(&mut self, len: usize) -> bool {
-        let elapsed = self.last.elapsed().as_secs_f64();
-        self.last = Instant::now();
-        let mut fits = true;
-        for (bucket, cost) in [(&mut self.messages, 1.0), (&mut self.bytes, len as f64)] {
-            if let Some((tokens, rate)) = bucket {
-                *tokens = (*tokens + *rate * elapsed).min(*rate);
-                fits &= *tokens >= cost;
-            }
-        }
-        if fits {
-            for (bucket, cost) in [(&mut self.messages, 1.0), (&mut self.bytes, len as f64)] {
-                if let Some((tokens, _)) = bucket {
-                    *tokens -= cost;
-                }
-            }
-        }
-        fits
-    }
 }
 
 struct Connection {

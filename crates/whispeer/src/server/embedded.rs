@@ -26,6 +26,37 @@ pub(crate) struct Transport {
     kind: Kind,
     addr: String,
     config: ServerConfig,
+    /// The WebSocket path a URL named, applied over the config's.
+    path: Option<String>,
+    /// Why the address given cannot be served (found when the broker is built).
+    invalid: Option<String>,
+}
+
+impl Transport {
+    fn new(kind: Kind, addr: String) -> Self {
+        Self { kind, addr, config: ServerConfig::default(), path: None, invalid: None }
+    }
+}
+
+/// The listen address and path of a WebSocket URL: `http://host:port/path`,
+/// `ws://host:port/path` or `host:port`. `https://` and `wss://` need TLS in the config.
+fn websocket_url(url: &str) -> (String, Option<String>, bool) {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let secure = matches!(scheme.to_ascii_lowercase().as_str(), "https" | "wss");
+    let (authority, path) = match rest.find('/') {
+        Some(at) => (&rest[..at], Some(&rest[at..])),
+        None => (rest, None),
+    };
+    let default_port = if secure { 443 } else { 80 };
+    let addr = match authority.rsplit_once(':') {
+        Some((_, port)) if port.parse::<u16>().is_ok() && !authority.ends_with(']') => {
+            authority.to_string()
+        }
+        _ if scheme.is_empty() => authority.to_string(),
+        _ => format!("{authority}:{default_port}"),
+    };
+    let path = path.filter(|p| *p != "/").map(str::to_string);
+    (addr, path, secure)
 }
 
 /// Serves an embedded broker to TCP clients (the binary protocol) on `addr`.
@@ -41,7 +72,7 @@ pub struct Tcp(Transport);
 impl Tcp {
     /// TCP on `addr` (port 0 picks a free port; see `Broker::local_addrs`).
     pub fn new(addr: impl Into<String>) -> Self {
-        Self(Transport { kind: Kind::Tcp, addr: addr.into(), config: ServerConfig::default() })
+        Self(Transport::new(Kind::Tcp, addr.into()))
     }
 
     /// Uses these server settings (API keys, limits, TLS, …).
@@ -64,13 +95,26 @@ pub struct WebSocket(Transport);
 
 #[cfg(feature = "websocket")]
 impl WebSocket {
-    /// WebSocket on `addr`, path `/ws` unless the config says otherwise.
-    pub fn new(addr: impl Into<String>) -> Self {
-        Self(Transport {
-            kind: Kind::WebSocket,
-            addr: addr.into(),
-            config: ServerConfig::default(),
-        })
+    /// WebSocket on `url`: `host:port` (path `/ws` unless the config says otherwise), or a
+    /// URL such as `http://localhost:8080` or `ws://0.0.0.0:8080/events`, whose path, if
+    /// any, is the endpoint's. `https://` and `wss://` need a config with TLS.
+    ///
+    /// ```no_run
+    /// use whispeer::{Broker, BrokerOptions, WebSocket};
+    /// let broker = Broker::builder(BrokerOptions::default())
+    ///     .with(WebSocket::new("http://localhost:8080"))
+    ///     .build();
+    /// println!("WebSocket clients connect to ws://{}/ws", broker.local_addrs()[0]);
+    /// ```
+    pub fn new(url: impl Into<String>) -> Self {
+        let url = url.into();
+        let (addr, path, secure) = websocket_url(&url);
+        let mut transport = Transport::new(Kind::WebSocket, addr);
+        transport.path = path;
+        if secure {
+            transport.invalid = Some(format!("{url}: TLS needs WebSocket::config with tls set"));
+        }
+        Self(transport)
     }
 
     /// Uses these server settings.
@@ -109,8 +153,18 @@ pub struct ListenError {
 pub(crate) fn start(transports: Vec<Transport>, broker: &Broker) -> Result<Running, ListenError> {
     let stop = CancellationToken::new();
     let mut addrs = Vec::new();
-    for transport in transports {
+    for mut transport in transports {
         let listen_error = |source| ListenError { addr: transport.addr.clone(), source };
+        #[cfg(feature = "tls")]
+        let has_tls = transport.config.tls.is_some();
+        #[cfg(not(feature = "tls"))]
+        let has_tls = false;
+        if let Some(why) = transport.invalid.take().filter(|_| !has_tls) {
+            return Err(listen_error(io::Error::new(io::ErrorKind::InvalidInput, why)));
+        }
+        if let Some(path) = transport.path.take() {
+            transport.config.websocket_path = path;
+        }
         let listener = std::net::TcpListener::bind(&transport.addr).map_err(listen_error)?;
         listener.set_nonblocking(true).map_err(listen_error)?;
         addrs.push(listener.local_addr().map_err(listen_error)?);
@@ -144,6 +198,16 @@ pub(crate) fn start(transports: Vec<Transport>, broker: &Broker) -> Result<Runni
 }
 
 impl Broker {
+    /// [`Broker::build_default`], also serving WebSocket clients at `url` (see
+    /// [`WebSocket::new`]).
+    ///
+    /// # Panics
+    /// As [`Broker::build_default`].
+    #[cfg(feature = "websocket")]
+    pub fn build_default_with_ws(url: &str) -> BrokerBuilder {
+        Self::build_default().with(WebSocket::new(url))
+    }
+
     /// The addresses the broker's transports listen on (after binding, so port 0 is resolved).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.inner.transports.get().map(|running| running.addrs.clone()).unwrap_or_default()
@@ -154,5 +218,24 @@ impl Broker {
         if let Some(running) = self.inner.transports.get() {
             running.stop.cancel();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::websocket_url;
+
+    #[test]
+    fn websocket_urls_give_an_address_and_a_path() {
+        let url = |u: &str| websocket_url(u);
+        assert_eq!(url("http://localhost:8080"), ("localhost:8080".into(), None, false));
+        assert_eq!(
+            url("ws://0.0.0.0:8080/events"),
+            ("0.0.0.0:8080".into(), Some("/events".into()), false)
+        );
+        assert_eq!(url("127.0.0.1:0"), ("127.0.0.1:0".into(), None, false));
+        assert_eq!(url("http://localhost/"), ("localhost:80".into(), None, false));
+        assert_eq!(url("wss://[::1]:9443/ws"), ("[::1]:9443".into(), Some("/ws".into()), true));
+        assert_eq!(url("https://example.org"), ("example.org:443".into(), None, true));
     }
 }

@@ -21,6 +21,7 @@ pub(crate) mod embedded;
 #[cfg(feature = "websocket")]
 mod json;
 mod jwt;
+mod rate;
 mod registry;
 #[cfg(feature = "tls")]
 mod tls;
