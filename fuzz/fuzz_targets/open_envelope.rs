@@ -15,7 +15,7 @@ fn engines() -> Engines {
     keyring.insert(KeyId(1), Key::from_bytes([7; 32])).expect("fresh keyring");
     Engines::new()
         .with_compression(Compression::new().threshold(16))
-        .with_encryption(Encryption::new(keyring).cipher(CipherAlgorithm::XChaCha20Poly1305))
+        .with_encryption(Encryption::with_keyring(keyring).cipher(CipherAlgorithm::XChaCha20Poly1305))
         .with_max_message_bytes(MAX)
 }
 
