@@ -143,3 +143,29 @@ fn bad_pem_is_a_clear_error() {
 fn pki_key() -> String {
     KeyPair::generate().unwrap().serialize_pem()
 }
+
+#[tokio::test]
+async fn a_tls_hello_at_a_plain_port_is_answered_with_what_it_is() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use whispeer_client::proto::{Body, ErrorCode, Frame, Limits};
+    let broker = Broker::builder(BrokerOptions::default())
+        .with(whispeer::server::Tcp::new("127.0.0.1:0"))
+        .build();
+    let mut stream = tokio::net::TcpStream::connect(broker.local_addrs()[0]).await.unwrap();
+    // The start of a TLS 1.2 record carrying a ClientHello.
+    stream.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc]).await.unwrap();
+    let mut buf = bytes::BytesMut::new();
+    let frame = loop {
+        if let Some(frame) = Frame::decode(&mut buf, &Limits::default()).unwrap() {
+            break frame;
+        }
+        assert!(soon(stream.read_buf(&mut buf)).await.unwrap() > 0, "closed without a word");
+    };
+    match frame.body {
+        Body::Error { code, message } => {
+            assert_eq!(code, ErrorCode::TOO_LARGE);
+            assert!(message.contains("not TLS"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -216,6 +216,11 @@ impl Connection {
                             progressed = true;
                             self.reply_error(correlation, err.code(), err.to_string()).await;
                         }
+                        // A TLS ClientHello read as a frame is absurdly long: say what it was.
+                        None if matches!(buf[..], [0x16, 0x03, 0x00..=0x04, ..]) => {
+                            let message = "this port speaks plain whispeer, not TLS: use tcp://";
+                            return Err(Close::new(err.code(), message));
+                        }
                         None => return Err(Close::new(err.code(), err.to_string())),
                     },
                 }
