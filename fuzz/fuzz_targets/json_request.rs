@@ -4,7 +4,7 @@
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use whispeer::fuzzing::json_request;
+use whispeer_server::fuzzing::json_request;
 use whispeer_proto::{Frame, Limits};
 
 fuzz_target!(|data: &[u8]| {

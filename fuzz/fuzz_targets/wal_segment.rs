@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use whispeer::fuzzing::wal_segment;
+use whispeer_core::fuzzing::wal_segment;
 
 fuzz_target!(|data: &[u8]| {
     let (records, valid) = wal_segment(data);

@@ -3,7 +3,6 @@
 //! Exit codes: 0 success; 1 a runtime failure (cannot connect, refused by the server); 2 a usage
 //! or configuration error; for `match`, 1 also means some topic did not match.
 
-mod admin;
 mod bench;
 mod cert;
 mod config;

@@ -60,25 +60,7 @@ pub(crate) struct SubArgs {
     connect: ConnectArgs,
 }
 
-/// `earliest`, `latest`, an offset, `time:<ms>`, or an RFC 3339 time.
-pub(crate) fn parse_start(text: &str) -> Result<StartAt, String> {
-    match text {
-        "earliest" => return Ok(StartAt::Earliest),
-        "latest" => return Ok(StartAt::Latest),
-        _ => {}
-    }
-    if let Ok(offset) = text.parse::<u64>() {
-        return Ok(StartAt::Offset(offset));
-    }
-    if let Some(ms) = text.strip_prefix("time:") {
-        return ms.parse().map(StartAt::Time).map_err(|e| format!("time:{ms}: {e}"));
-    }
-    let time = humantime::parse_rfc3339_weak(text).map_err(|_| {
-        format!("{text:?}: expected earliest, latest, an offset, time:<ms> or an RFC 3339 time")
-    })?;
-    let ms = time.duration_since(std::time::UNIX_EPOCH).map_err(|e| e.to_string())?.as_millis();
-    Ok(StartAt::Time(u64::try_from(ms).unwrap_or(u64::MAX)))
-}
+pub(crate) use whispeer::server::parse_start;
 
 pub(crate) fn block_on(future: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
     run_on(tokio::runtime::Builder::new_current_thread(), future)

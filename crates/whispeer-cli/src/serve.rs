@@ -10,8 +10,8 @@ use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 use whispeer::Broker;
 
-use crate::admin::Admin;
 use crate::config::{Config, LogFormat};
+use whispeer::server::AdminServer;
 
 pub(crate) fn run(
     listen: Option<String>,
@@ -146,7 +146,8 @@ async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
             });
             let admin_listener = bind(address, admin_open).await?;
             let admin_local = admin_listener.local_addr()?;
-            let admin = Admin::new(broker.clone(), &server_config, config.admin_token.as_deref())?;
+            let admin =
+                AdminServer::new(broker.clone(), &server_config, config.admin_token.as_deref())?;
             tokio::spawn(admin.clone().serve(admin_listener));
             tracing::info!(%admin_local, "admin port: /healthz /readyz /metrics");
             println!("whispeer: admin listening on http://{admin_local}");

@@ -537,8 +537,9 @@ async fn an_embedded_broker_serves_itself_over_tcp_and_websocket() {
         .with(Tcp::new(taken.clone()))
         .try_build()
         .unwrap_err();
-    let whispeer::BuildError::Listen(err) = err else { panic!("{err:?}") };
-    assert_eq!(err.addr, taken);
+    let whispeer::BuildError::Service { service, source } = err else { panic!("{err:?}") };
+    assert!(service.contains(&taken), "{service}");
+    assert_eq!(source.kind(), std::io::ErrorKind::AddrInUse);
 
     broker.close_transports();
     assert_eq!(soon(at_tcp.recv()).await, None, "remote clients are told and disconnected");

@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use whispeer::{
-    Broker, BrokerOptions, Compression, Encryption, Persistence, PersistenceType, WebSocket,
+    Broker, BrokerOptions, BrokerWs, Compression, Encryption, Persistence, PersistenceType,
+    WebSocket,
 };
 
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]

@@ -80,7 +80,7 @@ impl PersistenceType {
 /// Which topics are durable, and where they are kept.
 ///
 /// ```no_run
-/// use whispeer::{Broker, BrokerOptions, Durability, Filter, FsyncPolicy, WalOptions};
+/// use whispeer_core::{Broker, BrokerOptions, Durability, Filter, FsyncPolicy, WalOptions};
 /// let mut options = BrokerOptions::default();
 /// let wal = WalOptions::new("data/wal").fsync(FsyncPolicy::Always);
 /// options.durability = Some(Durability::new(wal).topic(Filter::parse("orders/#")?));
@@ -123,7 +123,7 @@ impl Durability {
 ///
 /// ```no_run
 /// # #[cfg(feature = "sqlite")] {
-/// use whispeer::{Broker, BrokerOptions, Persistence};
+/// use whispeer_core::{Broker, BrokerOptions, Persistence};
 /// let broker = Broker::builder(BrokerOptions::default()).with(Persistence::sqlite("data/whispeer.db")).build();
 /// # }
 /// ```
@@ -289,9 +289,9 @@ impl Broker {
     /// the next one. The key is never written next to the data.
     ///
     /// ```no_run
-    /// use whispeer::{Broker, PersistenceType};
+    /// use whispeer_core::{Broker, PersistenceType};
     /// let broker = Broker::build_default_with_persistence(PersistenceType::Memory)?.build();
-    /// # Ok::<(), whispeer::KeyError>(())
+    /// # Ok::<(), whispeer_core::KeyError>(())
     /// ```
     ///
     /// # Errors
@@ -317,19 +317,6 @@ impl Broker {
             .with(Durability::everything(persistence))
             .with(Compression::new())
             .with(encryption))
-    }
-
-    /// [`Broker::build_default_with_persistence`], also serving WebSocket clients at `url`.
-    ///
-    /// # Errors
-    /// As [`Broker::build_default_with_persistence`].
-    #[cfg(feature = "websocket")]
-    pub fn build_default_with_persistence_ws(
-        url: &str,
-        persistence: PersistenceType,
-    ) -> Result<BrokerBuilder, KeyError> {
-        Ok(Self::build_default_with_persistence(persistence)?
-            .with(crate::server::WebSocket::new(url)))
     }
 
     /// Waits until a published message is durable: for a durable topic, until its write-ahead

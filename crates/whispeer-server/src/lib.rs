@@ -15,6 +15,8 @@
 //! The library takes its inputs: a bound listener, a broker, a config and a shutdown future.
 
 mod acl;
+#[cfg(feature = "admin")]
+mod admin;
 mod auth;
 mod connection;
 pub(crate) mod embedded;
@@ -43,25 +45,41 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use acl::{AccessCounters, Permissions, Principal};
+#[cfg(feature = "admin")]
+pub use admin::{Admin, AdminServer, parse_start};
 pub use auth::{ApiKeyError, ApiKeys, digest_of};
+pub use embedded::Tcp;
 #[cfg(feature = "websocket")]
-pub use embedded::WebSocket;
-pub use embedded::{ListenError, Tcp};
+pub use embedded::{BrokerWs, WebSocket};
 pub use jwt::{JwtError, JwtVerifier};
 pub use registry::{ConnectionInfo, Connections};
 #[cfg(feature = "tls")]
 pub use tls::{TlsError, server_tls};
 pub use traffic::{FlowStats, MAX_CLASSES, Traffic, class_of};
 
-use crate::Broker;
+use whispeer_core::Broker;
 
-/// The JSON form's parser, for the fuzz targets.
+/// Counts one event.
+pub(crate) fn bump(counter: &std::sync::atomic::AtomicU64) {
+    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Entry points for the fuzz targets in `fuzz/` (feature `fuzzing`). Not for applications.
 #[cfg(feature = "fuzzing")]
-pub(crate) fn json_request(
-    text: &str,
-    limits: &whispeer_proto::Limits,
-) -> Result<whispeer_proto::Frame, String> {
-    json::request_to_frame(text, limits, &json::JsonIds::new()).map_err(|err| err.to_string())
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Parses one request of the WebSocket JSON form under `limits`: the frame it stands for,
+    /// or why not.
+    ///
+    /// # Errors
+    /// The parser's refusal, as text.
+    pub fn json_request(
+        text: &str,
+        limits: &whispeer_proto::Limits,
+    ) -> Result<whispeer_proto::Frame, String> {
+        super::json::request_to_frame(text, limits, &super::json::JsonIds::new())
+            .map_err(|err| err.to_string())
+    }
 }
 
 /// Settings of a server. Every field has a safe default.

@@ -41,7 +41,7 @@ const DELIVERY_BUDGET: u32 = 128;
 /// broker's defaults.
 ///
 /// ```
-/// use whispeer::{Qos, SlowConsumer, SubscribeOptions};
+/// use whispeer_core::{Qos, SlowConsumer, SubscribeOptions};
 /// let options = SubscribeOptions::new("orders/#").capacity(64).slow_consumer(SlowConsumer::DropNewest);
 /// let workers = SubscribeOptions::new("jobs/+").qos(Qos::AtLeastOnce).group("workers").prefetch(8);
 /// # let _ = (options, workers);

@@ -51,7 +51,7 @@ fn weight(message: &Message) -> usize {
 /// 256 per message), each queue still bounded by its own limits too. Cloning shares the budget.
 ///
 /// ```
-/// use whispeer::{ByteBudget, SubscribeOptions};
+/// use whispeer_core::{ByteBudget, SubscribeOptions};
 /// let connection = ByteBudget::new(8 << 20);
 /// let a = SubscribeOptions::new("a/#").budget(connection.clone());
 /// let b = SubscribeOptions::new("b/#").budget(connection);

@@ -25,8 +25,8 @@ use super::jwt::looks_like_jwt;
 use super::rate::RateLimit;
 use super::registry::{Connections, Registered};
 use super::writer::{Outbound, write_loop};
-use crate::stats::bump;
-use crate::{
+use crate::bump;
+use whispeer_core::{
     Acker, Broker, ByteBudget, PublishError, PublishReceipt, SubscribeError, SubscribeOptions,
 };
 

@@ -23,8 +23,8 @@ use whispeer_proto::{Body, ErrorCode, Frame, Limits};
 use super::ServerConfig;
 use super::registry::Entry;
 use super::traffic::Traffic;
-use crate::stats::bump;
-use crate::{Delivery, Message, Subscription};
+use crate::bump;
+use whispeer_core::{Delivery, Message, Subscription};
 
 /// Bytes gathered before a write, so one syscall carries many frames.
 const WRITE_BATCH: usize = 64 * 1024;

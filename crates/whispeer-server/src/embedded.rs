@@ -1,17 +1,18 @@
 //! Network transports for an embedded broker: `Broker::builder(..).with(Tcp::new(addr))` and
 //! `.with(WebSocket::new(addr))` serve the broker itself to remote clients.
 //!
-//! Listeners are bound while the broker is built (so a bad address is an error of
-//! `try_build`), then served on the broker's runtime until `Broker::close_transports`.
+//! Each is a core `Service`: bound while the broker is built (so a bad address is an error of
+//! `try_build`), then served on the broker's runtime until `Broker::close_transports` or the
+//! broker's end.
 
 use std::io;
-use std::net::SocketAddr;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use whispeer_core::{Broker, BrokerBuilder, Extension, Running, Service};
+
 use super::ServerConfig;
-use crate::{Broker, BrokerBuilder, Extension};
 
 #[derive(Clone, Copy, Debug)]
 enum Kind {
@@ -62,7 +63,8 @@ fn websocket_url(url: &str) -> (String, Option<String>, bool) {
 /// Serves an embedded broker to TCP clients (the binary protocol) on `addr`.
 ///
 /// ```no_run
-/// use whispeer::{Broker, BrokerOptions, server::Tcp};
+/// use whispeer_core::{Broker, BrokerOptions};
+/// use whispeer_server::Tcp;
 /// let broker = Broker::builder(BrokerOptions::default()).with(Tcp::new("127.0.0.1:7450")).build();
 /// println!("serving on {:?}", broker.local_addrs());
 /// ```
@@ -84,7 +86,7 @@ impl Tcp {
 
 impl Extension for Tcp {
     fn extend(self, builder: BrokerBuilder) -> BrokerBuilder {
-        builder.transport(self.0)
+        builder.service(self.0)
     }
 }
 
@@ -100,7 +102,8 @@ impl WebSocket {
     /// any, is the endpoint's. `https://` and `wss://` need a config with TLS.
     ///
     /// ```no_run
-    /// use whispeer::{Broker, BrokerOptions, WebSocket};
+    /// use whispeer_core::{Broker, BrokerOptions};
+    /// use whispeer_server::WebSocket;
     /// let broker = Broker::builder(BrokerOptions::default())
     ///     .with(WebSocket::new("http://localhost:8080"))
     ///     .build();
@@ -127,97 +130,89 @@ impl WebSocket {
 #[cfg(feature = "websocket")]
 impl Extension for WebSocket {
     fn extend(self, builder: BrokerBuilder) -> BrokerBuilder {
-        builder.transport(self.0)
+        builder.service(self.0)
     }
 }
 
-/// The running transports of a broker.
-#[derive(Debug)]
-pub(crate) struct Running {
-    pub(crate) stop: CancellationToken,
-    pub(crate) addrs: Vec<SocketAddr>,
+/// The default brokers of `Broker::build_default` and `build_default_with_persistence`, also
+/// serving WebSocket clients (`use whispeer::BrokerWs`).
+#[cfg(feature = "websocket")]
+pub trait BrokerWs {
+    /// `Broker::build_default`, also serving WebSocket clients at `url` (see
+    /// [`WebSocket::new`]).
+    ///
+    /// # Panics
+    /// As `Broker::build_default`.
+    fn build_default_with_ws(url: &str) -> BrokerBuilder;
+
+    /// `Broker::build_default_with_persistence`, also serving WebSocket clients at `url`.
+    ///
+    /// # Errors
+    /// As `Broker::build_default_with_persistence`.
+    fn build_default_with_persistence_ws(
+        url: &str,
+        persistence: whispeer_core::PersistenceType,
+    ) -> Result<BrokerBuilder, whispeer_core::KeyError>;
 }
 
-/// Why a transport did not start.
-#[derive(Debug, thiserror::Error)]
-#[error("cannot listen on {addr}: {source}")]
-pub struct ListenError {
-    /// The address asked for.
-    pub addr: String,
-    /// Why.
-    #[source]
-    pub source: io::Error,
+#[cfg(feature = "websocket")]
+impl BrokerWs for Broker {
+    fn build_default_with_ws(url: &str) -> BrokerBuilder {
+        Self::build_default().with(WebSocket::new(url))
+    }
+
+    fn build_default_with_persistence_ws(
+        url: &str,
+        persistence: whispeer_core::PersistenceType,
+    ) -> Result<BrokerBuilder, whispeer_core::KeyError> {
+        Ok(Self::build_default_with_persistence(persistence)?.with(WebSocket::new(url)))
+    }
 }
 
-/// Binds every transport now and serves each on the broker's runtime.
-pub(crate) fn start(transports: Vec<Transport>, broker: &Broker) -> Result<Running, ListenError> {
-    let stop = CancellationToken::new();
-    let mut addrs = Vec::new();
-    for mut transport in transports {
-        let listen_error = |source| ListenError { addr: transport.addr.clone(), source };
+impl Service for Transport {
+    fn describe(&self) -> String {
+        match self.kind {
+            Kind::Tcp => format!("tcp listener on {}", self.addr),
+            #[cfg(feature = "websocket")]
+            Kind::WebSocket => format!("WebSocket listener on {}", self.addr),
+        }
+    }
+
+    fn start(mut self: Box<Self>, broker: &Broker) -> io::Result<Running> {
         #[cfg(feature = "tls")]
-        let has_tls = transport.config.tls.is_some();
+        let has_tls = self.config.tls.is_some();
         #[cfg(not(feature = "tls"))]
         let has_tls = false;
-        if let Some(why) = transport.invalid.take().filter(|_| !has_tls) {
-            return Err(listen_error(io::Error::new(io::ErrorKind::InvalidInput, why)));
+        if let Some(why) = self.invalid.take().filter(|_| !has_tls) {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, why));
         }
-        if let Some(path) = transport.path.take() {
-            transport.config.websocket_path = path;
+        if let Some(path) = self.path.take() {
+            self.config.websocket_path = path;
         }
-        let listener = std::net::TcpListener::bind(&transport.addr).map_err(listen_error)?;
-        listener.set_nonblocking(true).map_err(listen_error)?;
-        addrs.push(listener.local_addr().map_err(listen_error)?);
-        let (broker_for_task, stopped, config) = (broker.clone(), stop.clone(), transport.config);
-        let kind = transport.kind;
-        let served = async move {
+        let listener = std::net::TcpListener::bind(&self.addr)?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let stop = CancellationToken::new();
+        let (served_broker, stopped, config, kind) =
+            (broker.clone(), stop.clone(), self.config, self.kind);
+        broker.spawn(async move {
             let listener = match TcpListener::from_std(listener) {
                 Ok(listener) => listener,
                 Err(err) => return tracing::error!(%err, "transport could not start"),
             };
             let shutdown = stopped.cancelled_owned();
             let result = match kind {
-                Kind::Tcp => super::serve(listener, broker_for_task, config, shutdown).await,
+                Kind::Tcp => super::serve(listener, served_broker, config, shutdown).await,
                 #[cfg(feature = "websocket")]
                 Kind::WebSocket => {
-                    super::serve_websocket(listener, broker_for_task, config, shutdown).await
+                    super::serve_websocket(listener, served_broker, config, shutdown).await
                 }
             };
             if let Err(err) = result {
                 tracing::error!(%err, "transport stopped");
             }
-        };
-        let spawned = broker
-            .inner
-            .spawner
-            .spawn(served)
-            .map_err(|source| ListenError { addr: transport.addr, source })?;
-        drop(spawned);
-    }
-    Ok(Running { stop, addrs })
-}
-
-impl Broker {
-    /// [`Broker::build_default`], also serving WebSocket clients at `url` (see
-    /// [`WebSocket::new`]).
-    ///
-    /// # Panics
-    /// As [`Broker::build_default`].
-    #[cfg(feature = "websocket")]
-    pub fn build_default_with_ws(url: &str) -> BrokerBuilder {
-        Self::build_default().with(WebSocket::new(url))
-    }
-
-    /// The addresses the broker's transports listen on (after binding, so port 0 is resolved).
-    pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.inner.transports.get().map(|running| running.addrs.clone()).unwrap_or_default()
-    }
-
-    /// Stops the broker's transports: they stop accepting, tell their clients, and close.
-    pub fn close_transports(&self) {
-        if let Some(running) = self.inner.transports.get() {
-            running.stop.cancel();
-        }
+        })?;
+        Ok(Running::new(vec![addr], move || stop.cancel()))
     }
 }
 

@@ -30,8 +30,8 @@ impl Rejection {
 /// Every hook has a default that allows the operation, so a plugin implements only what it needs.
 ///
 /// ```
-/// use whispeer::{Broker, BrokerOptions, Plugin, Rejection};
-/// use whispeer::proto::Envelope;
+/// use whispeer_core::{Broker, BrokerOptions, Plugin, Rejection};
+/// use whispeer_core::proto::Envelope;
 ///
 /// /// Refuses messages larger than 1 KiB.
 /// struct SmallOnly;
@@ -79,7 +79,7 @@ pub trait Plugin: Send + Sync + 'static {
 }
 
 /// Logs every publish, subscribe and unsubscribe through `tracing` at `DEBUG` level, under the
-/// target `whispeer::plugin::logging`. It logs sizes and ids, never payloads.
+/// target `whispeer_core::plugin::logging`. It logs sizes and ids, never payloads.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LoggingPlugin;
 

@@ -159,10 +159,15 @@ pub enum BindError {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum BuildError {
-    /// A network transport could not bind its address.
-    #[cfg(feature = "server")]
-    #[error(transparent)]
-    Listen(#[from] crate::server::ListenError),
+    /// A service (a network listener, an admin port) could not start.
+    #[error("{service}: {source}")]
+    Service {
+        /// Which service (e.g. `tcp 127.0.0.1:7450`).
+        service: String,
+        /// Why it could not start.
+        #[source]
+        source: std::io::Error,
+    },
     /// The store of durable topics could not be opened or repaired.
     #[error("store at {}: {source}", dir.display())]
     Storage {

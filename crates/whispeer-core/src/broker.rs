@@ -30,6 +30,7 @@ use crate::queue::{Pushed, Queue};
 use crate::retention::{self, History};
 use crate::router::{Matches, Router, SubId};
 use crate::runtime::Spawner;
+use crate::service::Services;
 use crate::stats::{BrokerCounters, BrokerStats, bump};
 use crate::store::Store;
 use crate::subscription::{self, SubscribeOptions, Subscriber, Subscription};
@@ -72,9 +73,8 @@ pub(crate) struct Shared {
     pub(crate) dedup: Dedup,
     pub(crate) spawner: Spawner,
     pub(crate) counters: Arc<BrokerCounters>,
-    /// Network transports started with the broker (`server::Tcp`, `server::WebSocket`).
-    #[cfg(feature = "server")]
-    pub(crate) transports: std::sync::OnceLock<crate::server::embedded::Running>,
+    /// Services started with the broker (network listeners, an admin port).
+    pub(crate) services: Services,
 }
 
 impl Shared {
@@ -113,8 +113,7 @@ impl Shared {
             next_sub: AtomicU64::new(1),
             spawner,
             counters: Arc::default(),
-            #[cfg(feature = "server")]
-            transports: std::sync::OnceLock::new(),
+            services: Services::default(),
         }
     }
 
@@ -368,8 +367,8 @@ pub(crate) fn now_ms() -> u64 {
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), whispeer::Error> {
-/// use whispeer::{Broker, BrokerOptions};
+/// # async fn main() -> Result<(), whispeer_core::Error> {
+/// use whispeer_core::{Broker, BrokerOptions};
 /// let broker = Broker::builder(BrokerOptions::default()).build();
 /// let mut names = broker.subscription::<String>("greet/+")?;
 /// broker.publish("greet/en", &"Ada".to_string())?;
@@ -553,12 +552,12 @@ impl Broker {
     /// ```
     /// # use serde::{Deserialize, Serialize};
     /// # #[derive(Clone, Serialize, Deserialize)] struct Order { id: u32 }
-    /// use whispeer::{Broker, PublishError};
+    /// use whispeer_core::{Broker, PublishError};
     /// let broker = Broker::build_default().build();
     /// let orders = broker.topic::<Order>("orders")?;
     /// orders.publish(&Order { id: 1 })?;
     /// assert!(matches!(broker.publish("orders", &"oops"), Err(PublishError::WrongType { .. })));
-    /// # Ok::<(), whispeer::Error>(())
+    /// # Ok::<(), whispeer_core::Error>(())
     /// ```
     ///
     /// # Errors

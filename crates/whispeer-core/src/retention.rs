@@ -37,7 +37,7 @@ const SWEEP_TICK: Duration = Duration::from_millis(250);
 ///
 /// ```
 /// # use std::time::Duration;
-/// use whispeer::Retention;
+/// use whispeer_core::Retention;
 /// let last_hour = Retention::messages(10_000).max_bytes(64 << 20).max_age(Duration::from_secs(3600));
 /// # let _ = last_hour;
 /// ```

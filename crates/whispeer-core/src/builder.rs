@@ -117,8 +117,7 @@ pub struct BrokerBuilder {
     plugins: Vec<Arc<dyn Plugin>>,
     engines: Engines,
     runtime: Option<Handle>,
-    #[cfg(feature = "server")]
-    transports: Vec<crate::server::embedded::Transport>,
+    pub(crate) services: Vec<Box<dyn crate::service::Service>>,
 }
 
 impl std::fmt::Debug for BrokerBuilder {
@@ -199,18 +198,8 @@ impl BrokerBuilder {
                 tracing::warn!(%err, "no runtime for the history sweep: aged messages are evicted on publish only");
             }
         }
-        #[cfg(feature = "server")]
-        if !self.transports.is_empty() {
-            let running = crate::server::embedded::start(self.transports, &broker)?;
-            let _ = broker.inner.transports.set(running);
-        }
+        crate::service::start_all(self.services, &broker)?;
         Ok(broker)
-    }
-
-    #[cfg(feature = "server")]
-    pub(crate) fn transport(mut self, transport: crate::server::embedded::Transport) -> Self {
-        self.transports.push(transport);
-        self
     }
 
     pub(crate) fn new(options: BrokerOptions) -> Self {
@@ -219,8 +208,7 @@ impl BrokerBuilder {
             plugins: Vec::new(),
             engines: Engines::new(),
             runtime: None,
-            #[cfg(feature = "server")]
-            transports: Vec::new(),
+            services: Vec::new(),
         }
     }
 }

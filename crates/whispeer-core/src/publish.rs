@@ -34,7 +34,7 @@ impl PublishReceipt {
 ///
 /// ```
 /// # use std::time::Duration;
-/// use whispeer::PublishOptions;
+/// use whispeer_core::PublishOptions;
 /// let options = PublishOptions::new()
 ///     .ttl(Duration::from_secs(30))
 ///     .idempotency_key("order-42")

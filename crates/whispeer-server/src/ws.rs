@@ -42,7 +42,7 @@ use whispeer_proto::{Body, ErrorCode, Frame, Limits};
 use super::connection::AdapterError;
 use super::json::{JsonError, JsonIds, frame_to_json, request_to_frame};
 use super::{ServerConfig, connection};
-use crate::Broker;
+use whispeer_core::Broker;
 
 /// The connection's mode, set by its first message.
 const UNKNOWN: u8 = 0;

@@ -1,4 +1,5 @@
-//! The admin port of `whispeer serve` (`--admin-listen` / `admin_listen`): health and metrics.
+//! The admin port (`whispeer serve --admin-listen`, or `.with(Admin::new(addr))` in an embedding
+//! program): health, readiness, metrics and the admin API.
 //!
 //! - `GET /healthz`: 200 while the process answers;
 //! - `GET /readyz`: 200 once the store is recovered and the listeners accept; 503 once shutdown
@@ -43,14 +44,13 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
-use whispeer::server::{AccessCounters, Connections, FlowStats, ServerConfig, Traffic};
-use whispeer::{Broker, Filter, HistoryError, STORE_BATCH_RECORDS, StartAt, Topic};
+use whispeer_core::{Broker, Filter, HistoryError, STORE_BATCH_RECORDS, StartAt, Topic};
 
-use crate::pubsub::parse_start;
+use crate::{AccessCounters, Connections, FlowStats, ServerConfig, Traffic};
 
-/// What the admin handlers read.
+/// The admin port's routes and what they read; [`Admin`] starts one with the broker.
 #[derive(Clone)]
-pub(crate) struct Admin {
+pub struct AdminServer {
     broker: Broker,
     /// SHA-256 digest of the admin token; `None`: the API is closed.
     token: Option<[u8; 32]>,
@@ -92,13 +92,26 @@ impl Rates {
     }
 }
 
-impl Admin {
-    /// Installs the Prometheus recorder for this process.
-    pub(crate) fn new(
+impl std::fmt::Debug for AdminServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminServer")
+            .field("api_open", &self.token.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AdminServer {
+    /// The admin port of `broker`, reading the counters of the listeners configured with
+    /// `server`; its API needs `token` (closed without one). Installs the Prometheus recorder
+    /// of this process.
+    ///
+    /// # Errors
+    /// When the recorder cannot be installed (one per process).
+    pub fn new(
         broker: Broker,
         server: &ServerConfig,
         token: Option<&str>,
-    ) -> anyhow::Result<Self> {
+    ) -> std::io::Result<Self> {
         // Explicit buckets, so the store's latencies are histograms (not summaries).
         let seconds = [
             0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
@@ -106,9 +119,12 @@ impl Admin {
         ];
         let records = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
         let prometheus = PrometheusBuilder::new()
-            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)?
-            .set_buckets_for_metric(Matcher::Full(STORE_BATCH_RECORDS.into()), &records)?
-            .install_recorder()?;
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Full(STORE_BATCH_RECORDS.into()), &records)
+            })
+            .and_then(PrometheusBuilder::install_recorder)
+            .map_err(|e| std::io::Error::other(format!("metrics recorder: {e}")))?;
         let ready = Arc::new(AtomicBool::new(false));
         let token = token.map(|t| Sha256::digest(t.as_bytes()).into());
         let (access, connections) = (Arc::clone(&server.access), Arc::clone(&server.connections));
@@ -132,15 +148,19 @@ impl Admin {
         }
     }
 
-    /// Marks the server ready (or not).
-    pub(crate) fn set_ready(&self, ready: bool) {
+    /// Marks the server ready (or not): `/readyz` answers 200 only while ready.
+    pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Release);
     }
 
     /// Serves the admin routes on `listener` until the process ends.
-    pub(crate) async fn serve(self, listener: TcpListener) -> std::io::Result<()> {
+    ///
+    /// # Errors
+    /// The listener's I/O error.
+    pub async fn serve(self, listener: TcpListener) -> std::io::Result<()> {
         let (traffic, rates) = (Arc::clone(&self.traffic), Arc::clone(&self.rates));
-        tokio::spawn(async move {
+        // Sampled while the routes are served, and not after.
+        let sampler = async move {
             let mut tick = tokio::time::interval(RATE_WINDOW);
             let mut last = Instant::now();
             loop {
@@ -149,7 +169,7 @@ impl Admin {
                 lock(&rates).sample(sample, last.elapsed());
                 last = Instant::now();
             }
-        });
+        };
         let routes = Router::new()
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/readyz", get(readyz))
@@ -162,7 +182,10 @@ impl Admin {
             .route("/api/connections", get(connections))
             .route("/api/connections/{id}/disconnect", post(disconnect))
             .with_state(self);
-        axum::serve(listener, routes).await
+        tokio::select! {
+            served = axum::serve(listener, routes) => served,
+            () = sampler => Ok(()),
+        }
     }
 
     /// Copies the counters into the metrics recorder.
@@ -226,7 +249,7 @@ impl Admin {
     }
 }
 
-async fn readyz(State(admin): State<Admin>) -> (StatusCode, &'static str) {
+async fn readyz(State(admin): State<AdminServer>) -> (StatusCode, &'static str) {
     if !admin.broker.store_healthy() {
         (StatusCode::SERVICE_UNAVAILABLE, "store failed: durable publishes are refused\n")
     } else if admin.ready.load(Ordering::Acquire) {
@@ -236,7 +259,7 @@ async fn readyz(State(admin): State<Admin>) -> (StatusCode, &'static str) {
     }
 }
 
-async fn metrics(State(admin): State<Admin>) -> String {
+async fn metrics(State(admin): State<AdminServer>) -> String {
     admin.record();
     admin.prometheus.render()
 }
@@ -249,7 +272,7 @@ fn error(status: StatusCode, why: impl std::fmt::Display) -> ApiError {
     (status, format!("{why}\n"))
 }
 
-async fn topics(State(admin): State<Admin>, headers: HeaderMap) -> ApiResult {
+async fn topics(State(admin): State<AdminServer>, headers: HeaderMap) -> ApiResult {
     admin.authorized(&headers)?;
     // Topics retained, or seen by the server: history, traffic, rates, subscribers.
     let mut rows: BTreeMap<Topic, Value> = BTreeMap::new();
@@ -286,7 +309,7 @@ fn lock(rates: &Mutex<Rates>) -> MutexGuard<'_, Rates> {
     rates.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-async fn subscriptions(State(admin): State<Admin>, headers: HeaderMap) -> ApiResult {
+async fn subscriptions(State(admin): State<AdminServer>, headers: HeaderMap) -> ApiResult {
     admin.authorized(&headers)?;
     let subscriptions: Vec<Value> = admin
         .broker
@@ -307,7 +330,7 @@ async fn subscriptions(State(admin): State<Admin>, headers: HeaderMap) -> ApiRes
     Ok(Json(Value::Array(subscriptions)))
 }
 
-async fn connections(State(admin): State<Admin>, headers: HeaderMap) -> ApiResult {
+async fn connections(State(admin): State<AdminServer>, headers: HeaderMap) -> ApiResult {
     admin.authorized(&headers)?;
     let connections: Vec<Value> = admin
         .connections
@@ -326,7 +349,7 @@ async fn connections(State(admin): State<Admin>, headers: HeaderMap) -> ApiResul
 }
 
 async fn disconnect(
-    State(admin): State<Admin>,
+    State(admin): State<AdminServer>,
     Path(id): Path<u64>,
     headers: HeaderMap,
 ) -> Result<&'static str, ApiError> {
@@ -338,7 +361,7 @@ async fn disconnect(
     }
 }
 
-async fn durable(State(admin): State<Admin>, headers: HeaderMap) -> ApiResult {
+async fn durable(State(admin): State<AdminServer>, headers: HeaderMap) -> ApiResult {
     admin.authorized(&headers)?;
     let durable: Vec<Value> = admin
         .broker
@@ -367,7 +390,7 @@ struct HistoryQuery {
 /// A page of one topic's history: envelopes as stored (sealed), in base64, for a client that
 /// holds the key to open.
 async fn history(
-    State(admin): State<Admin>,
+    State(admin): State<AdminServer>,
     headers: HeaderMap,
     Query(query): Query<HistoryQuery>,
 ) -> ApiResult {
@@ -405,7 +428,7 @@ struct RewindRequest {
 /// Moves a durable subscription (a QoS 1 group on retained topics) to another position: it
 /// delivers again from there once a member joins.
 async fn rewind(
-    State(admin): State<Admin>,
+    State(admin): State<AdminServer>,
     headers: HeaderMap,
     Json(request): Json<RewindRequest>,
 ) -> ApiResult {
@@ -448,5 +471,108 @@ mod tests {
         assert_eq!(rates.per_sec[&topic], (20.0, 60.0), "a new topic: everything counted so far");
         rates.sample(vec![(topic.clone(), flow(150, 300))], Duration::from_secs(5));
         assert_eq!(rates.per_sec[&topic], (10.0, 0.0));
+    }
+}
+
+/// A start position as people write it: `earliest`, `latest`, an offset, `time:<ms>` or an
+/// RFC 3339 time (what `whispeer sub --from` and `/api/history?from=` take).
+///
+/// # Errors
+/// What was expected, when `text` is none of these.
+pub fn parse_start(text: &str) -> Result<StartAt, String> {
+    match text {
+        "earliest" => return Ok(StartAt::Earliest),
+        "latest" => return Ok(StartAt::Latest),
+        _ => {}
+    }
+    if let Ok(offset) = text.parse::<u64>() {
+        return Ok(StartAt::Offset(offset));
+    }
+    if let Some(ms) = text.strip_prefix("time:") {
+        return ms.parse().map(StartAt::Time).map_err(|e| format!("time:{ms}: {e}"));
+    }
+    let time = humantime::parse_rfc3339_weak(text).map_err(|_| {
+        format!("{text:?}: expected earliest, latest, an offset, time:<ms> or an RFC 3339 time")
+    })?;
+    let ms = time.duration_since(UNIX_EPOCH).map_err(|e| e.to_string())?.as_millis();
+    Ok(StartAt::Time(u64::try_from(ms).unwrap_or(u64::MAX)))
+}
+
+/// The admin port as an extension of an embedded broker:
+/// `.with(Admin::new("127.0.0.1:9090").token("secret"))` serves `/healthz`, `/readyz`,
+/// `/metrics` and (with a token) the admin API, ready once the broker is built.
+///
+/// ```no_run
+/// use whispeer_core::{Broker, BrokerOptions};
+/// use whispeer_server::{Admin, ServerConfig, Tcp};
+/// let config = ServerConfig::default();
+/// let broker = Broker::builder(BrokerOptions::default())
+///     .with(Tcp::new("127.0.0.1:7450").config(config.clone()))
+///     .with(Admin::new("127.0.0.1:9090").counters_of(&config))
+///     .build();
+/// ```
+#[derive(Debug)]
+pub struct Admin {
+    addr: String,
+    token: Option<String>,
+    server: ServerConfig,
+}
+
+impl Admin {
+    /// The admin port on `addr` (port 0 picks a free one; see `Broker::local_addrs`).
+    pub fn new(addr: impl Into<String>) -> Self {
+        Self { addr: addr.into(), token: None, server: ServerConfig::default() }
+    }
+
+    /// Opens the admin API (`/api/...`) to requests bearing `token`.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// Reports the connections and counters of the listeners configured with `config` (a clone
+    /// of the one given to `Tcp::config` / `WebSocket::config`: they share its counters).
+    pub fn counters_of(mut self, config: &ServerConfig) -> Self {
+        self.server = config.clone();
+        self
+    }
+}
+
+impl whispeer_core::Extension for Admin {
+    fn extend(self, builder: whispeer_core::BrokerBuilder) -> whispeer_core::BrokerBuilder {
+        builder.service(self)
+    }
+}
+
+impl whispeer_core::Service for Admin {
+    fn describe(&self) -> String {
+        format!("admin port on {}", self.addr)
+    }
+
+    fn start(self: Box<Self>, broker: &Broker) -> std::io::Result<whispeer_core::Running> {
+        let listener = std::net::TcpListener::bind(&self.addr)?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let admin = AdminServer::new(broker.clone(), &self.server, self.token.as_deref())?;
+        admin.set_ready(true);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let stopped = stop.clone();
+        let (served, on_stop) = (admin.clone(), admin);
+        broker.spawn(async move {
+            let listener = match TcpListener::from_std(listener) {
+                Ok(listener) => listener,
+                Err(err) => return tracing::error!(%err, "admin port could not start"),
+            };
+            tokio::select! {
+                result = served.serve(listener) => if let Err(err) = result {
+                    tracing::error!(%err, "admin port stopped");
+                },
+                () = stopped.cancelled() => {}
+            }
+        })?;
+        Ok(whispeer_core::Running::new(vec![addr], move || {
+            on_stop.set_ready(false);
+            stop.cancel();
+        }))
     }
 }

@@ -1,0 +1,111 @@
+//! whispeer — an embeddable publish/subscribe broker.
+//!
+//! Start with [`Broker::builder`] (or [`Broker::build_default`]). Messages are typed at the
+//! edges and bytes inside: a value is encoded once, and every subscriber shares the same bytes.
+//!
+//! - Publish any `serde` value with [`Broker::publish`]; raw bytes with [`Broker::publish_bytes`].
+//! - Subscribe with a callback ([`Broker::subscribe`]), an `async` callback
+//!   ([`Broker::subscribe_async`]), or pull messages from a [`Subscription`] (`recv().await`, or
+//!   as a `Stream`).
+//! - Filters: `+` or `*` match one segment, `#` any number of trailing segments (also none).
+//! - Every subscriber has a bounded queue and a [`SlowConsumer`] policy; drops are counted in
+//!   [`BrokerStats`] and [`SubscriptionStats`].
+//! - Bind a topic to one type with [`Broker::topic`]; extend the broker with [`Plugin`]s.
+//! - Compress and encrypt at the edges: `.with(Compression::new()).with(Encryption::with_keyring(keyring))`,
+//!   or [`Broker::build_default`] for both with a generated key. Plugins and everything between
+//!   publisher and subscriber see only ciphertext; see [`engines::security`].
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), whispeer_core::Error> {
+//! use serde::{Deserialize, Serialize};
+//! use whispeer_core::{Broker, BrokerOptions};
+//!
+//! #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+//! struct Reading { sensor: String, celsius: f32 }
+//!
+//! let broker = Broker::builder(BrokerOptions::default()).build();
+//! let mut readings = broker.subscription::<Reading>("sensor/+/temperature")?;
+//! let _log = broker.subscribe("sensor/#", |r: Reading| println!("{r:?}"));
+//!
+//! let reading = Reading { sensor: "kitchen".into(), celsius: 21.5 };
+//! broker.publish("sensor/kitchen/temperature", &reading)?;
+//! assert_eq!(readings.recv().await, Some(reading));
+//! # Ok(()) }
+//! ```
+
+mod broker;
+mod builder;
+mod commit;
+mod consumer;
+mod dedup;
+mod delivery;
+mod error;
+mod group;
+mod history;
+mod inspect;
+mod message;
+mod plugin;
+mod publish;
+mod queue;
+mod replay;
+mod retention;
+mod router;
+mod runtime;
+mod service;
+#[cfg(feature = "sqlite")]
+mod sqlite;
+mod stats;
+mod store;
+mod subscription;
+mod typed;
+mod wal;
+
+pub use broker::{Broker, MAX_QUEUE_CAPACITY};
+pub use builder::{BrokerBuilder, BrokerOptions, Extension};
+pub use consumer::{Acker, Delivery};
+pub use delivery::Redelivery;
+pub use error::{BindError, BuildError, Error, PublishError, SubscribeError};
+pub use history::{HISTORY_PAGE_BYTES, HistoryError, HistoryPage};
+pub use inspect::{DurableInfo, SubscriptionInfo, TopicInfo};
+pub use message::{DeadLetter, Message};
+pub use plugin::{LoggingPlugin, Plugin, Rejection};
+pub use publish::{PublishOptions, PublishReceipt};
+pub use queue::{ByteBudget, SlowConsumer};
+pub use retention::Retention;
+pub use service::{Running, Service};
+pub use stats::{BrokerStats, SubscriptionStats};
+pub use store::{
+    Durability, Persistence, PersistenceType, STORE_BATCH_RECORDS, STORE_FSYNC_SECONDS,
+    STORE_WRITE_SECONDS,
+};
+pub use subscription::{SubscribeOptions, Subscriber, Subscription};
+pub use typed::TypedTopic;
+pub use wal::{FsyncPolicy, WalOptions};
+pub use whispeer_engines::{
+    CipherAlgorithm, Codec, CodecError, Compression, CompressionAlgorithm, Encryption, Key,
+    KeyError, KeyId, Keyring, OpenError, ReceiveError, SealError, TopicRule,
+};
+pub use whispeer_proto::{Filter, MessageId, Qos, StartAt, Topic, TopicError};
+
+/// The wire vocabulary: envelopes, flags, limits. Re-exported for plugin authors.
+pub mod proto {
+    pub use whispeer_proto::*;
+}
+
+/// The edge pipeline (codecs, compression, encryption, keys), including its security model.
+pub mod engines {
+    pub use whispeer_engines::*;
+}
+
+/// Entry points for the fuzz targets in `fuzz/` (feature `fuzzing`): the parsers of input from
+/// the disk that live in this crate. Not for applications.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Reads `bytes` as a write-ahead log segment: the valid records' count, and the length of
+    /// the valid prefix when a bad record ended it.
+    pub fn wal_segment(bytes: &[u8]) -> (usize, Option<u64>) {
+        crate::wal::scan_bytes(bytes)
+    }
+}
