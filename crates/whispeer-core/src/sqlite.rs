@@ -14,7 +14,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
@@ -25,6 +25,7 @@ use whispeer_proto::{Envelope, Topic};
 use crate::group::GroupKey;
 // Topics stored were valid when written; limits may since have been lowered.
 use crate::router::no_limits as unlimited;
+use crate::store::backlog::{Backlog, CloseOnDrop};
 use crate::store::{
     PageBound, STORE_BATCH_RECORDS as BATCH_RECORDS, STORE_FSYNC_SECONDS as FSYNC_SECONDS,
     STORE_WRITE_SECONDS as WRITE_SECONDS, Store, StoreFuture, Stored,
@@ -64,6 +65,16 @@ enum Write {
     Commit { key: GroupKey, topic: String, offset: u64 },
 }
 
+impl Write {
+    /// What it weighs in the writer's backlog.
+    fn len(&self) -> usize {
+        match self {
+            Self::Message { topic, envelope, .. } => topic.len() + envelope.len() + 16,
+            Self::Commit { key, topic, .. } => key.0.len() + key.1.len() + topic.len() + 8,
+        }
+    }
+}
+
 /// The SQLite store.
 pub(crate) struct SqliteStore {
     path: PathBuf,
@@ -73,6 +84,8 @@ pub(crate) struct SqliteStore {
     reader: Mutex<Connection>,
     durable: watch::Receiver<u64>,
     next: Mutex<u64>,
+    /// What waits for the writer, bounded (back-pressure to publishers).
+    backlog: Arc<Backlog>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -142,9 +155,11 @@ impl SqliteStore {
         let reader = Connection::open(path).map_err(sql)?;
         let (tx, rx) = mpsc::channel();
         let (durable_tx, durable) = watch::channel(0);
+        let backlog = Arc::new(Backlog::default());
+        let writer_backlog = Arc::clone(&backlog);
         let thread = std::thread::Builder::new()
             .name("whispeer-sqlite".into())
-            .spawn(move || write_loop(writer, &rx, &durable_tx))?;
+            .spawn(move || write_loop(writer, &rx, &durable_tx, &writer_backlog))?;
         let store = Self {
             path: path.to_path_buf(),
             tx: Mutex::new(Some(tx)),
@@ -152,11 +167,14 @@ impl SqliteStore {
             reader: Mutex::new(reader),
             durable,
             next: Mutex::new(1),
+            backlog,
         };
         Ok((store, stored))
     }
 
+    /// Queues `write` for the writer (waiting while its backlog is full); returns its ticket.
     fn send(&self, write: Write) -> io::Result<u64> {
+        self.backlog.admit(write.len());
         let mut next = self.next.lock().unwrap_or_else(PoisonError::into_inner);
         let tx = self.tx.lock().unwrap_or_else(PoisonError::into_inner);
         let stopped = || io::Error::other("the SQLite writer has stopped");
@@ -179,11 +197,18 @@ impl Drop for SqliteStore {
 }
 
 /// Writes every waiting request in one transaction, then raises the watermark.
-fn write_loop(mut conn: Connection, rx: &Receiver<Write>, durable: &watch::Sender<u64>) {
+fn write_loop(
+    mut conn: Connection,
+    rx: &Receiver<Write>,
+    durable: &watch::Sender<u64>,
+    backlog: &Backlog,
+) {
+    let _close = CloseOnDrop(backlog);
     let mut written = 0u64;
     while let Ok(first) = rx.recv() {
         let batch: Vec<Write> = std::iter::once(first).chain(rx.try_iter()).collect();
         let count = batch.len() as u64;
+        let bytes = batch.iter().map(Write::len).sum();
         let started = Instant::now();
         let result = write_batch(&mut conn, batch);
         metrics::histogram!(WRITE_SECONDS, "store" => "sqlite").record(started.elapsed());
@@ -192,9 +217,14 @@ fn write_loop(mut conn: Connection, rx: &Receiver<Write>, durable: &watch::Sende
             tracing::error!(%err, "SQLite store write failed; durable publishing stops");
             return;
         }
+        backlog.release(batch_len(count), bytes);
         written += count;
         durable.send_replace(written);
     }
+}
+
+fn batch_len(count: u64) -> usize {
+    usize::try_from(count).unwrap_or(usize::MAX)
 }
 
 fn write_batch(conn: &mut Connection, batch: Vec<Write>) -> io::Result<()> {

@@ -362,5 +362,6 @@ impl Broker {
     }
 }
 
+pub(crate) mod backlog;
 #[cfg(test)]
 pub(crate) mod conformance;

@@ -39,6 +39,7 @@ use crate::group::GroupKey;
 // Topics stored were valid when written; limits may since have been lowered.
 use crate::router::no_limits as unlimited;
 use crate::store::PageBound;
+use crate::store::backlog::{Backlog, CloseOnDrop};
 use crate::store::{
     STORE_BATCH_RECORDS as BATCH_RECORDS, STORE_FSYNC_SECONDS as FSYNC_SECONDS,
     STORE_WRITE_SECONDS as WRITE_SECONDS,
@@ -172,6 +173,8 @@ pub(crate) struct Wal {
     index: TopicIndex,
     /// The latest commits, shared with the writer for its checkpoints.
     commits: Arc<Mutex<LatestCommits>>,
+    /// What waits for the writer, bounded (back-pressure to publishers).
+    backlog: Arc<Backlog>,
 }
 
 impl std::fmt::Debug for Wal {
@@ -206,20 +209,29 @@ impl Wal {
         let commits = Arc::new(Mutex::new(latest.collect::<LatestCommits>()));
         let writer =
             Writer::new(options.clone(), segments, written, durable_tx, Arc::clone(&commits))?;
+        let backlog = Arc::new(Backlog::default());
+        let writer_backlog = Arc::clone(&backlog);
         let thread = std::thread::Builder::new()
             .name("whispeer-wal".into())
-            .spawn(move || writer.run(rx))?;
+            .spawn(move || writer.run(rx, &writer_backlog))?;
         let thread = Mutex::new(Some(thread));
         let next = Mutex::new(written + 1);
         let dir = options.dir.clone();
         let tx = Mutex::new(tx);
-        let wal = Self { dir, _lock: lock, tx, thread, durable, next, index, commits };
+        let wal = Self { dir, _lock: lock, tx, thread, durable, next, index, commits, backlog };
         Ok((Arc::new(wal), recovered))
     }
 
     /// Hands a framed record to the writer; returns its ticket. Call it in the order the
-    /// records must be in the log (under the topic's lock).
+    /// records must be in the log (under the topic's lock). Waits while the writer's backlog
+    /// is full (back-pressure).
     pub(crate) fn push(&self, record: Bytes) -> u64 {
+        self.backlog.admit(record.len());
+        self.push_admitted(record)
+    }
+
+    /// `push` of a record the backlog has admitted already.
+    fn push_admitted(&self, record: Bytes) -> u64 {
         let mut next = self.next.lock().unwrap_or_else(PoisonError::into_inner);
         let ticket = *next;
         *next += 1;
@@ -242,10 +254,13 @@ impl Wal {
     /// latest for the writer's checkpoints.
     pub(crate) fn push_commit(&self, key: &GroupKey, topic: &Topic, offset: u64) -> io::Result<()> {
         let record = encode_commit(key, topic.as_str(), offset)?;
+        // Room first: the writer takes the commits' lock to write checkpoints, so nothing may
+        // wait for it while holding that lock.
+        self.backlog.admit(record.len());
         let mut commits = self.commits.lock().unwrap_or_else(PoisonError::into_inner);
         commits.insert((key.clone(), topic.clone()), offset);
         // Pushed under the same lock, so the map and the log agree on which commit is last.
-        self.push(record);
+        self.push_admitted(record);
         Ok(())
     }
 
@@ -343,7 +358,8 @@ impl Writer {
         Ok(Self { options, segments, file, written, unsynced: 0, last_sync, durable, commits })
     }
 
-    fn run(mut self, rx: Receiver<Request>) {
+    fn run(mut self, rx: Receiver<Request>, backlog: &Backlog) {
+        let _close = CloseOnDrop(backlog);
         let mut batch: Vec<Bytes> = Vec::new();
         loop {
             let first = match self.options.fsync {
@@ -373,6 +389,7 @@ impl Writer {
                 tracing::error!(%err, "write-ahead log write failed; durable publishing stops");
                 return;
             }
+            backlog.release(batch.len(), batch.iter().map(Bytes::len).sum());
             batch.clear();
             if stop {
                 return;
