@@ -16,11 +16,13 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use whispeer_proto::{
-    Body, ErrorCode, Filter, Frame, Limits, PROTOCOL_VERSION, Qos, Topic, reserve_for_read,
+    Body, Envelope, ErrorCode, Filter, Frame, Limits, PROTOCOL_VERSION, Qos, StartAt, Topic,
+    reserve_for_read,
 };
 
 use super::ServerConfig;
 use super::acl::Principal;
+use super::adapter::AdapterError;
 use super::jwt::looks_like_jwt;
 use super::rate::RateLimit;
 use super::registry::{Connections, Registered};
@@ -42,33 +44,6 @@ struct Close {
 impl Close {
     fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Self { code, message: message.into() }
-    }
-}
-
-/// What a transport adapter (WebSocket) reports through its reader's `io::Error`, beyond a
-/// plain refusal of its input (`InvalidData`, answered with `MALFORMED` and a close).
-#[derive(Debug)]
-pub(super) enum AdapterError {
-    /// One request refused alone (e.g. a JSON request naming an invalid topic); the connection
-    /// goes on.
-    Refused { correlation: u32, code: ErrorCode, message: String },
-    /// The connection ends with this error (e.g. a WebSocket message over the size limit).
-    Fatal { code: ErrorCode, message: String },
-}
-
-impl std::fmt::Display for AdapterError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Refused { message, .. } | Self::Fatal { message, .. } => f.write_str(message),
-        }
-    }
-}
-
-impl std::error::Error for AdapterError {}
-
-impl AdapterError {
-    pub(super) fn into_io(self) -> std::io::Error {
-        std::io::Error::other(self)
     }
 }
 
@@ -283,52 +258,21 @@ impl Connection {
         self.send(error_frame(correlation, code, message)).await;
     }
 
+    /// Acts on one frame: each kind has its own function below.
     async fn handle(&mut self, frame: Frame) -> Result<(), Close> {
         let correlation = frame.correlation;
+        if !self.greeted {
+            return self.on_first(correlation, frame.body).await;
+        }
         match frame.body {
-            Body::Hello { version, .. } if !self.greeted => {
-                if version != PROTOCOL_VERSION {
-                    return Err(Close::new(
-                        ErrorCode::UNSUPPORTED_VERSION,
-                        format!("client speaks version {version}, server {PROTOCOL_VERSION}"),
-                    ));
-                }
-                self.greeted = true;
-                self.send(Frame::new(correlation, self.welcome())).await;
-            }
-            _ if !self.greeted => {
-                return Err(Close::new(
-                    ErrorCode::PROTOCOL_VIOLATION,
-                    "the first frame must be HELLO",
-                ));
-            }
             Body::Hello { .. } => {
                 return Err(Close::new(ErrorCode::PROTOCOL_VIOLATION, "HELLO sent twice"));
             }
             Body::Ping => self.send(Frame::new(correlation, Body::Pong)).await,
             Body::Pong => {}
-            Body::Auth { key } => {
-                let principal = if self.config.auth_required() {
-                    self.authenticate(&key)
-                } else {
-                    Some(Principal::anonymous())
-                };
-                if let Some(principal) = principal {
-                    tracing::debug!(principal = %principal.name, "authenticated");
-                    self.registered.entry.set_principal(&principal.name);
-                    self.principal = Some(principal);
-                    self.send(Frame::new(correlation, Body::Ok)).await;
-                } else {
-                    bump(&self.config.access.auth_failures);
-                    self.auth_failures += 1;
-                    if self.auth_failures >= self.config.max_auth_failures {
-                        return Err(Close::new(ErrorCode::FORBIDDEN, "too many wrong API keys"));
-                    }
-                    self.reply_error(correlation, ErrorCode::FORBIDDEN, "wrong API key").await;
-                }
-            }
+            Body::Auth { key } => self.on_auth(correlation, &key).await?,
             Body::Error { code, message } => {
-                tracing::debug!(%code, %message, "client reported an error")
+                tracing::debug!(%code, %message, "client reported an error");
             }
             Body::Subscribe { .. }
             | Body::Unsubscribe { .. }
@@ -337,76 +281,14 @@ impl Connection {
             | Body::Nack { .. }
                 if self.principal.is_none() =>
             {
-                self.reply_error(
-                    correlation,
-                    ErrorCode::UNAUTHENTICATED,
-                    "send AUTH with an API key first",
-                )
-                .await;
-            }
-            Body::Subscribe { filter, .. } if !self.may_subscribe(&filter) => {
-                bump(&self.config.access.denied_subscribe);
-                let message = format!("not allowed to subscribe to {filter}");
-                self.reply_error(correlation, ErrorCode::FORBIDDEN, message).await;
-            }
-            Body::Subscribe { group: Some(group), .. } if !self.may_join(&group) => {
-                bump(&self.config.access.denied_subscribe);
-                let message = format!("not allowed to join queue group {group}");
-                self.reply_error(correlation, ErrorCode::FORBIDDEN, message).await;
-            }
-            // A reserved topic is refused as such by the broker, whoever publishes.
-            Body::Publish { envelope, .. }
-                if !envelope.topic.is_reserved() && !self.may_publish(&envelope.topic) =>
-            {
-                bump(&self.config.access.denied_publish);
-                let message = format!("not allowed to publish to {}", envelope.topic);
-                self.reply_error(correlation, ErrorCode::FORBIDDEN, message).await;
+                let message = "send AUTH with an API key first";
+                self.reply_error(correlation, ErrorCode::UNAUTHENTICATED, message).await;
             }
             Body::Subscribe { sub, qos, filter, prefetch, group, start } => {
-                let mut options = SubscribeOptions::new(filter.as_str()).qos(qos).start(start);
-                if prefetch > 0 {
-                    options = options.prefetch(prefetch as usize);
-                }
-                options = match group {
-                    Some(group) => options.group(group),
-                    None => options.budget(self.budget.clone()),
-                };
-                self.subscribe(correlation, sub, options).await
+                self.on_subscribe(correlation, sub, qos, filter, prefetch, group, start).await;
             }
-            Body::Unsubscribe { sub } => {
-                if self.subscriptions.remove(&sub).is_some() {
-                    self.registered.entry.unsubscribed(sub);
-                    let reply = Frame::new(correlation, Body::Ok);
-                    let _ = self.tx.send(Outbound::Unsubscribed { sub, reply }).await;
-                } else {
-                    let message = format!("no subscription {sub}");
-                    self.reply_error(correlation, ErrorCode::UNKNOWN_SUBSCRIPTION, message).await;
-                }
-            }
-            Body::Publish { envelope, .. } if !self.admit(envelope.payload.len()) => {
-                bump(&self.config.access.rate_limited);
-                let per_sec = |limit: Option<u64>, what: &str| {
-                    limit.map(|n| format!("{n} {what} per second"))
-                };
-                let limits: Vec<String> = [
-                    per_sec(self.config.max_publish_rate.map(u64::from), "publishes"),
-                    per_sec(self.config.max_publish_bytes_rate, "bytes"),
-                ]
-                .into_iter()
-                .flatten()
-                .collect();
-                let message = format!("publish refused: at most {}", limits.join(" and "));
-                self.reply_error(correlation, ErrorCode::LIMIT_REACHED, message).await;
-            }
-            Body::Publish { qos, envelope } => {
-                let (topic, bytes) = (envelope.topic.clone(), envelope.payload.len());
-                let published = self.broker.publish_envelope(envelope);
-                if published.is_ok() {
-                    self.config.traffic.inbound(&topic, bytes);
-                    bump(&self.registered.entry.published);
-                }
-                self.published(correlation, qos, published).await;
-            }
+            Body::Unsubscribe { sub } => self.on_unsubscribe(correlation, sub).await,
+            Body::Publish { qos, envelope } => self.on_publish(correlation, qos, envelope).await,
             // An ack for a message no longer in flight (acked twice, or after it timed out and
             // went to another member) settles nothing, and is not an error.
             Body::Ack { sub, id } => {
@@ -420,13 +302,128 @@ impl Connection {
                 }
             }
             other => {
-                return Err(Close::new(
-                    ErrorCode::PROTOCOL_VIOLATION,
-                    format!("clients do not send {}", frame_name(&other)),
-                ));
+                let message = format!("clients do not send {}", frame_name(&other));
+                return Err(Close::new(ErrorCode::PROTOCOL_VIOLATION, message));
             }
         }
         Ok(())
+    }
+
+    /// The first frame: HELLO in this protocol version, or the connection ends.
+    async fn on_first(&mut self, correlation: u32, body: Body) -> Result<(), Close> {
+        let Body::Hello { version, .. } = body else {
+            return Err(Close::new(ErrorCode::PROTOCOL_VIOLATION, "the first frame must be HELLO"));
+        };
+        if version != PROTOCOL_VERSION {
+            return Err(Close::new(
+                ErrorCode::UNSUPPORTED_VERSION,
+                format!("client speaks version {version}, server {PROTOCOL_VERSION}"),
+            ));
+        }
+        self.greeted = true;
+        self.send(Frame::new(correlation, self.welcome())).await;
+        Ok(())
+    }
+
+    /// AUTH: the principal of a key or token; too many wrong ones end the connection.
+    async fn on_auth(&mut self, correlation: u32, key: &[u8]) -> Result<(), Close> {
+        let principal = if self.config.auth_required() {
+            self.authenticate(key)
+        } else {
+            Some(Principal::anonymous())
+        };
+        if let Some(principal) = principal {
+            tracing::debug!(principal = %principal.name, "authenticated");
+            self.registered.entry.set_principal(&principal.name);
+            self.principal = Some(principal);
+            self.send(Frame::new(correlation, Body::Ok)).await;
+            return Ok(());
+        }
+        bump(&self.config.access.auth_failures);
+        self.auth_failures += 1;
+        if self.auth_failures >= self.config.max_auth_failures {
+            return Err(Close::new(ErrorCode::FORBIDDEN, "too many wrong API keys"));
+        }
+        self.reply_error(correlation, ErrorCode::FORBIDDEN, "wrong API key").await;
+        Ok(())
+    }
+
+    /// SUBSCRIBE, once the principal may read `filter` (and join `group`).
+    #[expect(clippy::too_many_arguments, reason = "the fields of one SUBSCRIBE frame")]
+    async fn on_subscribe(
+        &mut self,
+        correlation: u32,
+        sub: u32,
+        qos: Qos,
+        filter: Filter,
+        prefetch: u32,
+        group: Option<String>,
+        start: StartAt,
+    ) {
+        if !self.may_subscribe(&filter) {
+            bump(&self.config.access.denied_subscribe);
+            let message = format!("not allowed to subscribe to {filter}");
+            return self.reply_error(correlation, ErrorCode::FORBIDDEN, message).await;
+        }
+        if let Some(group) = &group
+            && !self.may_join(group)
+        {
+            bump(&self.config.access.denied_subscribe);
+            let message = format!("not allowed to join queue group {group}");
+            return self.reply_error(correlation, ErrorCode::FORBIDDEN, message).await;
+        }
+        let mut options = SubscribeOptions::new(filter.as_str()).qos(qos).start(start);
+        if prefetch > 0 {
+            options = options.prefetch(prefetch as usize);
+        }
+        options = match group {
+            Some(group) => options.group(group),
+            None => options.budget(self.budget.clone()),
+        };
+        self.subscribe(correlation, sub, options).await;
+    }
+
+    /// UNSUBSCRIBE: the writer drops the subscription, then replies.
+    async fn on_unsubscribe(&mut self, correlation: u32, sub: u32) {
+        if self.subscriptions.remove(&sub).is_some() {
+            self.registered.entry.unsubscribed(sub);
+            let reply = Frame::new(correlation, Body::Ok);
+            let _ = self.tx.send(Outbound::Unsubscribed { sub, reply }).await;
+        } else {
+            let message = format!("no subscription {sub}");
+            self.reply_error(correlation, ErrorCode::UNKNOWN_SUBSCRIPTION, message).await;
+        }
+    }
+
+    /// PUBLISH, once the principal may write the topic and the rate limit allows it.
+    async fn on_publish(&mut self, correlation: u32, qos: Qos, envelope: Envelope) {
+        // A reserved topic is refused as such by the broker, whoever publishes.
+        if !envelope.topic.is_reserved() && !self.may_publish(&envelope.topic) {
+            bump(&self.config.access.denied_publish);
+            let message = format!("not allowed to publish to {}", envelope.topic);
+            return self.reply_error(correlation, ErrorCode::FORBIDDEN, message).await;
+        }
+        if !self.admit(envelope.payload.len()) {
+            bump(&self.config.access.rate_limited);
+            let per_sec =
+                |limit: Option<u64>, what: &str| limit.map(|n| format!("{n} {what} per second"));
+            let limits: Vec<String> = [
+                per_sec(self.config.max_publish_rate.map(u64::from), "publishes"),
+                per_sec(self.config.max_publish_bytes_rate, "bytes"),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            let message = format!("publish refused: at most {}", limits.join(" and "));
+            return self.reply_error(correlation, ErrorCode::LIMIT_REACHED, message).await;
+        }
+        let (topic, bytes) = (envelope.topic.clone(), envelope.payload.len());
+        let published = self.broker.publish_envelope(envelope);
+        if published.is_ok() {
+            self.config.traffic.inbound(&topic, bytes);
+            bump(&self.registered.entry.published);
+        }
+        self.published(correlation, qos, published).await;
     }
 
     /// Whether a publish of `len` bytes fits the connection's budget (and takes it).

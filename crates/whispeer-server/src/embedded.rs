@@ -39,6 +39,7 @@ impl Transport {
     }
 }
 
+#[cfg(feature = "websocket")]
 /// The listen address and path of a WebSocket URL: `http://host:port/path`,
 /// `ws://host:port/path` or `host:port`. `https://` and `wss://` need TLS in the config.
 fn websocket_url(url: &str) -> (String, Option<String>, bool) {
@@ -216,7 +217,7 @@ impl Service for Transport {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "websocket"))]
 mod tests {
     use super::websocket_url;
 

@@ -15,6 +15,7 @@
 //! The library takes its inputs: a bound listener, a broker, a config and a shutdown future.
 
 mod acl;
+mod adapter;
 #[cfg(feature = "admin")]
 mod admin;
 mod auth;

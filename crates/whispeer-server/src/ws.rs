@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 use whispeer_proto::{Body, ErrorCode, Frame, Limits};
 
-use super::connection::AdapterError;
+use super::adapter::AdapterError;
 use super::json::{JsonError, JsonIds, frame_to_json, request_to_frame};
 use super::{ServerConfig, connection};
 use whispeer_core::Broker;
