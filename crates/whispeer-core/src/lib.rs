@@ -35,53 +35,41 @@
 //! ```
 
 mod broker;
-mod builder;
-mod commit;
-mod consumer;
-mod dedup;
 mod delivery;
 mod error;
-mod group;
-mod history;
-mod inspect;
 mod message;
+mod options;
 mod plugin;
 mod publish;
 mod queue;
-mod replay;
 mod retention;
 mod router;
 mod runtime;
-mod service;
-#[cfg(feature = "sqlite")]
-mod sqlite;
+mod shared;
 mod stats;
 mod store;
 mod subscription;
-mod typed;
-mod wal;
 
-pub use broker::{Broker, MAX_QUEUE_CAPACITY};
-pub use builder::{BrokerBuilder, BrokerOptions, Extension};
-pub use consumer::{Acker, Delivery};
+pub use broker::{
+    Broker, BrokerBuilder, DurableInfo, Extension, HISTORY_PAGE_BYTES, HistoryError, HistoryPage,
+    Persistence, Service, SubscriptionInfo, TopicInfo, TypedTopic,
+};
 pub use delivery::Redelivery;
 pub use error::{BindError, BuildError, Error, PublishError, SubscribeError};
-pub use history::{HISTORY_PAGE_BYTES, HistoryError, HistoryPage};
-pub use inspect::{DurableInfo, SubscriptionInfo, TopicInfo};
 pub use message::{DeadLetter, Message};
+pub use options::{BrokerOptions, SubscribeOptions};
 pub use plugin::{LoggingPlugin, Plugin, Rejection};
 pub use publish::{PublishOptions, PublishReceipt};
 pub use queue::{ByteBudget, SlowConsumer};
 pub use retention::Retention;
-pub use service::{Running, Service};
+pub use shared::{MAX_QUEUE_CAPACITY, Running};
 pub use stats::{BrokerStats, SubscriptionStats};
+pub use store::wal::{FsyncPolicy, WalOptions};
 pub use store::{
-    Durability, Persistence, PersistenceType, STORE_BATCH_RECORDS, STORE_FSYNC_SECONDS,
-    STORE_WRITE_SECONDS,
+    Durability, PersistenceType, STORE_BATCH_RECORDS, STORE_FSYNC_SECONDS, STORE_WRITE_SECONDS,
 };
-pub use subscription::{SubscribeOptions, Subscriber, Subscription};
-pub use typed::TypedTopic;
-pub use wal::{FsyncPolicy, WalOptions};
+pub use subscription::{Acker, Delivery};
+pub use subscription::{Subscriber, Subscription};
 pub use whispeer_engines::{
     CipherAlgorithm, Codec, CodecError, Compression, CompressionAlgorithm, Encryption, Key,
     KeyError, KeyId, Keyring, OpenError, ReceiveError, SealError, TopicRule,
@@ -106,6 +94,6 @@ pub mod fuzzing {
     /// Reads `bytes` as a write-ahead log segment: the valid records' count, and the length of
     /// the valid prefix when a bad record ended it.
     pub fn wal_segment(bytes: &[u8]) -> (usize, Option<u64>) {
-        crate::wal::scan_bytes(bytes)
+        crate::store::wal::scan_bytes(bytes)
     }
 }

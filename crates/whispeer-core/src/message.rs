@@ -141,8 +141,7 @@ impl Message {
         let reason = String::from_utf8(reason.to_vec()).ok()?;
         let attempts = envelope.headers.get(header::DEAD_LETTER_ATTEMPTS)?;
         let attempts = std::str::from_utf8(attempts).ok()?.parse().ok()?;
-        let original =
-            Envelope::decode(envelope.payload.clone(), &crate::router::no_limits()).ok()?;
+        let original = Envelope::decode(envelope.payload.clone(), &no_limits()).ok()?;
         let message = Self::new(original, 1, self.inner.engines.clone(), None);
         Some(DeadLetter { reason, attempts, message })
     }
@@ -247,6 +246,22 @@ impl fmt::Debug for Message {
             .field("payload_len", &e.payload.len())
             .finish_non_exhaustive()
     }
+}
+
+/// The wall clock in milliseconds since the epoch (0 before it).
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Limits that accept any topic: topics inside the broker (routed, stored) were validated
+/// under the broker's limits already; re-parsing one must not fail on a tighter default.
+pub(crate) fn no_limits() -> whispeer_proto::Limits {
+    let mut limits = whispeer_proto::Limits::DEFAULT;
+    limits.max_topic_len = usize::MAX;
+    limits.max_topic_depth = usize::MAX;
+    limits
 }
 
 #[cfg(test)]

@@ -12,21 +12,12 @@
 use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
 
-use whispeer_proto::{Filter, FilterSegment, Limits, Topic, hidden_from_wildcards};
+use whispeer_proto::{Filter, FilterSegment, Topic, hidden_from_wildcards};
 
 use crate::queue::Queue;
 
 /// Bound on the number of topics whose wildcard matches are cached.
 const MAX_CACHED_TOPICS: usize = 64 * 1024;
-
-/// Topics reach the router already validated under the broker's limits; re-parsing one to key
-/// the cache must not fail on a tighter default limit.
-pub(crate) fn no_limits() -> Limits {
-    let mut limits = Limits::DEFAULT;
-    limits.max_topic_len = usize::MAX;
-    limits.max_topic_depth = usize::MAX;
-    limits
-}
 
 /// Hash maps keyed by topic text. foldhash is fast on short strings and randomly seeded per
 /// map, which keeps collision floods from chosen topic names impractical.
@@ -263,7 +254,7 @@ impl Router {
     /// Matches `topic` against the trie and caches the result (also when empty, so that
     /// unmatched topics stay O(1)). `None` only if `topic` is not valid.
     fn match_wildcards(&self, table: &Table, topic: &str) -> Option<(Topic, Arc<[Route]>)> {
-        let key = Topic::parse_with(topic, &no_limits()).ok()?;
+        let key = Topic::parse_with(topic, &crate::message::no_limits()).ok()?;
         let segments: Vec<&str> = topic.split('/').collect();
         let mut found = Vec::new();
         table.wild.collect(&segments, 0, &mut found);

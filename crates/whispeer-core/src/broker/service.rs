@@ -5,8 +5,8 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::{Mutex, PoisonError};
 
+use crate::shared::Running;
 use crate::{Broker, BrokerBuilder};
 
 /// Something that starts with the broker: a type of another crate implements it, and
@@ -22,47 +22,6 @@ pub trait Service: Send + 'static {
     /// # Errors
     /// Why it could not start.
     fn start(self: Box<Self>, broker: &Broker) -> io::Result<Running>;
-}
-
-/// A started service: where it listens, and how to stop it.
-pub struct Running {
-    addrs: Vec<SocketAddr>,
-    stop: Box<dyn FnOnce() + Send>,
-}
-
-impl std::fmt::Debug for Running {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Running").field("addrs", &self.addrs).finish_non_exhaustive()
-    }
-}
-
-impl Running {
-    /// A service listening on `addrs`, stopped by calling `stop` (which must not block).
-    pub fn new(addrs: Vec<SocketAddr>, stop: impl FnOnce() + Send + 'static) -> Self {
-        Self { addrs, stop: Box::new(stop) }
-    }
-}
-
-/// The running services of a broker; stopped when the broker's last handle is dropped.
-#[derive(Debug, Default)]
-pub(crate) struct Services(Mutex<Vec<Running>>);
-
-impl Services {
-    fn add(&self, running: Running) {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).push(running);
-    }
-
-    fn addrs(&self) -> Vec<SocketAddr> {
-        let services = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        services.iter().flat_map(|s| s.addrs.iter().copied()).collect()
-    }
-
-    fn stop(&self) {
-        let services = std::mem::take(&mut *self.0.lock().unwrap_or_else(PoisonError::into_inner));
-        for service in services {
-            (service.stop)();
-        }
-    }
 }
 
 /// Starts `services` for `broker`, in order; the first that fails stops those started.
@@ -114,11 +73,5 @@ impl Broker {
         F: Future<Output = ()> + Send + 'static,
     {
         self.inner.spawner.spawn(task).map(drop)
-    }
-}
-
-impl Drop for Services {
-    fn drop(&mut self) {
-        self.stop();
     }
 }

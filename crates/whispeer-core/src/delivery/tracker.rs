@@ -24,16 +24,12 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::BytesMut;
 use tokio::time::Instant;
-use whispeer_proto::{ContentType, Envelope, Flags, MessageId, Topic, header};
+use whispeer_proto::MessageId;
 
-use crate::broker::{Shared, now_ms};
-use crate::message::{DEAD_LETTER_PREFIX, Message};
-use crate::queue::{Counters, Queue};
-use crate::replay::Replay;
-use crate::router::no_limits;
-use crate::stats::bump;
+use crate::message::Message;
+use crate::queue::Queue;
+use crate::retention::Replay;
 
 /// When to deliver an unacknowledged QoS 1 message again, and when to give it up.
 ///
@@ -471,30 +467,6 @@ impl Tracker {
     pub(crate) fn unacked(&self) -> usize {
         let state = self.lock();
         state.in_flight.len() + state.ready.len()
-    }
-}
-
-impl Shared {
-    /// Publishes a message that was given up to `$dlq/<topic>`: the original envelope, whole
-    /// (so it still opens), as the payload, and why in the headers.
-    pub(crate) fn dead_letter(&self, letter: GivenUp, counters: &Counters) {
-        bump(&counters.dead_lettered);
-        bump(&self.counters.dead_lettered);
-        let original = letter.message.envelope();
-        tracing::warn!(topic = %original.topic, id = %original.id, attempts = letter.attempts, reason = letter.reason.as_str(), "message dead-lettered");
-        let topic = format!("{DEAD_LETTER_PREFIX}{}", original.topic);
-        let Ok(topic) = Topic::parse_with(&topic, &no_limits()) else { return };
-        let mut payload = BytesMut::new();
-        if let Err(err) = original.encode(&mut payload) {
-            tracing::warn!(%err, "dead letter not published");
-            return;
-        }
-        let id = self.next_message_id();
-        let flags = Flags::with_content(ContentType::Raw);
-        let mut envelope = Envelope::new(id, topic.clone(), now_ms(), flags, payload.freeze());
-        envelope.headers.insert(header::DEAD_LETTER_REASON, letter.reason.as_str());
-        envelope.headers.insert(header::DEAD_LETTER_ATTEMPTS, letter.attempts.to_string());
-        let _ = self.route(id, topic.as_str(), None, |_| envelope);
     }
 }
 

@@ -11,7 +11,7 @@ use std::sync::{Mutex, PoisonError};
 
 use whispeer_proto::Topic;
 
-use crate::group::GroupKey;
+use crate::delivery::GroupKey;
 use crate::message::Message;
 
 /// One topic's commit state.

@@ -12,17 +12,16 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use whispeer_proto::Qos;
 
-use crate::commit::Commits;
+use crate::delivery::Commits;
 use crate::delivery::Tracker;
 use crate::error::SubscribeError;
 use crate::queue::Queue;
 use crate::router::SubId;
 
+pub(crate) use crate::store::GroupKey;
+
 /// Longest group name, in bytes.
 pub(crate) const MAX_GROUP_NAME: usize = 255;
-
-/// A group's identity: its filter and its name.
-pub(crate) type GroupKey = (Box<str>, Box<str>);
 
 /// The shared parts of one group.
 #[derive(Debug)]

@@ -1,80 +1,17 @@
 //! Building a broker: [`BrokerOptions`], [`BrokerBuilder`] and the [`Extension`]s it takes.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::runtime::Handle;
-use whispeer_engines::{Codec, Compression, Encryption, Engines, TopicRule};
-use whispeer_proto::{Filter, Limits};
+use whispeer_engines::{Compression, Encryption, Engines, TopicRule};
 
-use crate::broker::{Broker, Shared};
-use crate::delivery::Redelivery;
+use crate::Broker;
 use crate::error::BuildError;
+use crate::options::BrokerOptions;
 use crate::plugin::Plugin;
-use crate::queue::SlowConsumer;
-use crate::retention::{Retention, sweep_forever};
 use crate::runtime::Spawner;
-use crate::store::Durability;
-
-/// Settings of a broker. Every field has a safe default.
-#[derive(Clone, Debug)]
-#[non_exhaustive]
-pub struct BrokerOptions {
-    /// How typed values are encoded. Default: [`Codec::Postcard`].
-    pub codec: Codec,
-    /// Bounds on topics and messages.
-    pub limits: Limits,
-    /// Default queue capacity of a subscription, in messages. Default: 1024.
-    pub queue_capacity: usize,
-    /// Default policy when a subscription's queue is full. Default: [`SlowConsumer::DropOldest`].
-    pub slow_consumer: SlowConsumer,
-    /// Default byte bound of a subscription's queue: payloads plus 256 bytes per message.
-    /// Default: 16 MiB.
-    pub queue_max_bytes: usize,
-    /// QoS 1: default ack timeout, backoff and attempts before dead-lettering.
-    pub redelivery: Redelivery,
-    /// QoS 1: default credit window, in unacknowledged messages per subscriber. Default: 1024.
-    pub prefetch: usize,
-    /// How long a publish's idempotency key is remembered. Default: 2 minutes.
-    pub dedup_window: Duration,
-    /// Most idempotency keys remembered; beyond it the oldest are forgotten early (counted in
-    /// the logs). Default: 100 000.
-    pub dedup_max_keys: usize,
-    /// How long a QoS 1 queue group outlives its last member, still queueing, so a member that
-    /// comes back gets what it missed. Zero removes groups with their last member. Default:
-    /// 60 s.
-    pub group_linger: Duration,
-    /// Default time to live by topic: the first filter that matches applies to messages
-    /// without a `ttl-ms` header. Default: none.
-    pub topic_ttl: Vec<(Filter, Duration)>,
-    /// Which topics keep a history to replay, and how much: the first filter that matches a
-    /// topic applies. Default: none (no topic keeps history; publishing takes no lock).
-    pub retention: Vec<(Filter, Retention)>,
-    /// Durable topics and their write-ahead log; their history survives a restart. A durable
-    /// topic without a retention rule keeps the last 10 000 messages (64 MiB) in memory.
-    /// Default: none.
-    pub durability: Option<Durability>,
-}
-
-impl Default for BrokerOptions {
-    fn default() -> Self {
-        Self {
-            codec: Codec::default(),
-            limits: Limits::default(),
-            queue_capacity: 1024,
-            slow_consumer: SlowConsumer::default(),
-            queue_max_bytes: 16 * 1024 * 1024,
-            redelivery: Redelivery::default(),
-            prefetch: 1024,
-            dedup_window: Duration::from_secs(120),
-            dedup_max_keys: 100_000,
-            group_linger: Duration::from_secs(60),
-            topic_ttl: Vec::new(),
-            retention: Vec::new(),
-            durability: None,
-        }
-    }
-}
+use crate::shared::Shared;
+use crate::shared::sweep_forever;
 
 /// Anything that extends a broker at build time: plugins, [`Compression`], [`Encryption`] and
 /// [`TopicRule`]s today; transports and storage as they arrive. Passed to [`BrokerBuilder::with`].
@@ -117,7 +54,7 @@ pub struct BrokerBuilder {
     plugins: Vec<Arc<dyn Plugin>>,
     engines: Engines,
     runtime: Option<Handle>,
-    pub(crate) services: Vec<Box<dyn crate::service::Service>>,
+    pub(crate) services: Vec<Box<dyn crate::broker::Service>>,
 }
 
 impl std::fmt::Debug for BrokerBuilder {
@@ -198,7 +135,7 @@ impl BrokerBuilder {
                 tracing::warn!(%err, "no runtime for the history sweep: aged messages are evicted on publish only");
             }
         }
-        crate::service::start_all(self.services, &broker)?;
+        crate::broker::start_all(self.services, &broker)?;
         Ok(broker)
     }
 

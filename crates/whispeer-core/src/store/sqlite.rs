@@ -22,15 +22,15 @@ use rusqlite::{Connection, params};
 use tokio::sync::watch;
 use whispeer_proto::{Envelope, Topic};
 
-use crate::group::GroupKey;
+use crate::delivery::GroupKey;
 // Topics stored were valid when written; limits may since have been lowered.
-use crate::router::no_limits as unlimited;
+use crate::message::no_limits as unlimited;
 use crate::store::backlog::{Backlog, CloseOnDrop};
+use crate::store::{Commit, Record};
 use crate::store::{
     PageBound, STORE_BATCH_RECORDS as BATCH_RECORDS, STORE_FSYNC_SECONDS as FSYNC_SECONDS,
     STORE_WRITE_SECONDS as WRITE_SECONDS, Store, StoreFuture, Stored,
 };
-use crate::wal::{Commit, Record};
 
 const SCHEMA: &str = "
     PRAGMA journal_mode = WAL;

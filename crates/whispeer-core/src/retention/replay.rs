@@ -17,8 +17,8 @@ use tokio::time::Instant;
 use whispeer_engines::Engines;
 use whispeer_proto::Topic;
 
-use crate::broker::now_ms;
 use crate::message::Message;
+use crate::message::now_ms;
 use crate::retention::expiry_of_stored;
 use crate::store::{PageBound, Store};
 

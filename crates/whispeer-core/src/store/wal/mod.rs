@@ -35,9 +35,9 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::watch;
 use whispeer_proto::Topic;
 
-use crate::group::GroupKey;
+use crate::delivery::GroupKey;
 // Topics stored were valid when written; limits may since have been lowered.
-use crate::router::no_limits as unlimited;
+use crate::message::no_limits as unlimited;
 use crate::store::PageBound;
 use crate::store::backlog::{Backlog, CloseOnDrop};
 use crate::store::{
@@ -493,9 +493,10 @@ mod scan;
 #[cfg(test)]
 mod tests;
 
+use crate::store::{Commit, Record};
 use index::TopicIndex;
-pub(crate) use record::{Commit, Record, encode_commit, encode_record};
 use record::{Logged, decode_logged, encode_commit_as};
+pub(crate) use record::{encode_commit, encode_record};
 use scan::{ScanEnd, recover, scan_each};
 
 /// Reads `bytes` as a segment file would be read: returns the valid records' (message and

@@ -5,8 +5,8 @@
 use whispeer_proto::{Filter, StartAt, Topic};
 
 use crate::Broker;
+use crate::delivery::GroupKey;
 use crate::error::SubscribeError;
-use crate::group::GroupKey;
 use crate::message::Message;
 use crate::retention::lock;
 use crate::store::PageBound;

@@ -12,25 +12,26 @@
 //! Eviction: by count and bytes on every append; by age on append and by a background sweep that
 //! evicts at most `SWEEP_BUDGET` messages per tick.
 
+mod replay;
+
+pub(crate) use replay::{Replay, StoredRange};
+
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 
 use tokio::time::Instant;
-use whispeer_proto::{Filter, Headers, StartAt, Topic, header};
+use whispeer_proto::{Filter, Headers, StartAt, Topic};
 
-use crate::broker::{Shared, now_ms};
 use crate::error::SubscribeError;
 use crate::message::Message;
-use crate::replay::StoredRange;
 use crate::store::PageBound;
-use crate::wal::Record;
 
 /// Messages the background sweep evicts per tick at most, across all topics.
-const SWEEP_BUDGET: usize = 4096;
+pub(crate) const SWEEP_BUDGET: usize = 4096;
 /// How often the sweep runs, at most.
-const SWEEP_TICK: Duration = Duration::from_millis(250);
+pub(crate) const SWEEP_TICK: Duration = Duration::from_millis(250);
 
 /// How much history a topic keeps: at most `max_messages`, at most `max_bytes` (payloads plus
 /// 256 per message), and nothing older than `max_age`.
@@ -355,7 +356,7 @@ impl History {
     }
 
     /// Evicts aged messages, at most `budget` in all; returns how many.
-    fn sweep(&self, now: Instant, budget: usize) -> usize {
+    pub(crate) fn sweep(&self, now: Instant, budget: usize) -> usize {
         let logs: Vec<Arc<Mutex<TopicLog>>> =
             self.logs.read().unwrap_or_else(PoisonError::into_inner).values().cloned().collect();
         let mut evicted = 0;
@@ -366,33 +367,6 @@ impl History {
             evicted += lock(&log).evict_aged(now, budget - evicted);
         }
         evicted
-    }
-}
-
-impl Shared {
-    /// Puts the records of the write-ahead log back into their topics' history. A message whose
-    /// time to live ran out meanwhile is left out; others keep what is left of theirs. The
-    /// idempotency keys of messages stored within the de-duplication window are remembered
-    /// again, so a publisher retrying across the restart still publishes once.
-    pub(crate) fn restore(&self, records: Vec<Record>) {
-        let (now, now_wall) = (Instant::now(), now_ms());
-        let restored = records.len();
-        let messages = records.into_iter().filter_map(|record| {
-            if let Some(key) = record.envelope.headers.get(header::IDEMPOTENCY_KEY) {
-                let age = Duration::from_millis(now_wall.saturating_sub(record.accepted_ms));
-                if let Some(at) = now.checked_sub(age) {
-                    self.dedup.check(record.envelope.topic.as_str(), key, at);
-                }
-            }
-            let expires_at =
-                expiry_of_stored(&record.envelope.headers, record.accepted_ms, now, now_wall)?;
-            let engines = self.engines.clone();
-            let message =
-                Message::retained(record.envelope, true, engines, expires_at, record.offset);
-            Some((record.offset, record.accepted_ms, message))
-        });
-        self.history.restore(messages);
-        tracing::info!(records = restored, "durable history restored from the write-ahead log");
     }
 }
 
@@ -409,18 +383,6 @@ pub(crate) fn expiry_of_stored(
         Some(ttl) => {
             let left = accepted_ms.saturating_add(ttl).checked_sub(now_wall).filter(|&l| l > 0)?;
             Some(Some(now + Duration::from_millis(left)))
-        }
-    }
-}
-
-/// Runs the age sweep until the broker is gone.
-pub(crate) async fn sweep_forever(shared: Weak<Shared>) {
-    loop {
-        tokio::time::sleep(SWEEP_TICK).await;
-        let Some(shared) = shared.upgrade() else { return };
-        let evicted = shared.history.sweep(Instant::now(), SWEEP_BUDGET);
-        if evicted > 0 {
-            tracing::trace!(evicted, "aged history evicted");
         }
     }
 }

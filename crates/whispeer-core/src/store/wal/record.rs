@@ -6,15 +6,7 @@ use std::io;
 use whispeer_proto::{Envelope, Topic};
 
 use super::{HEADER, KIND_CHECKPOINT, KIND_COMMIT, KIND_MESSAGE, unlimited};
-use crate::group::GroupKey;
-
-/// One message as the log holds it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Record {
-    pub(crate) offset: u64,
-    pub(crate) accepted_ms: u64,
-    pub(crate) envelope: Envelope,
-}
+use crate::store::{Commit, GroupKey, Record};
 
 /// Frames the record of `envelope` at `offset`.
 pub(crate) fn encode_record(
@@ -62,14 +54,6 @@ pub(super) fn encode_commit_as(
         framed.put_slice(text.as_bytes());
     }
     seal(framed)
-}
-
-/// A durable subscription's commit read back from the log.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Commit {
-    pub(crate) key: GroupKey,
-    pub(crate) topic: Topic,
-    pub(crate) offset: u64,
 }
 
 impl Commit {

@@ -10,6 +10,11 @@
 //!                        └──Consumer──▶ delivery task ──▶ callback(T)     (sync or async)
 //! ```
 
+mod consumer;
+
+pub use consumer::{Acker, Delivery};
+pub(crate) use consumer::{Consumer, is_qos1};
+
 use std::any::{TypeId, type_name};
 use std::future::{Future, poll_fn};
 use std::panic::AssertUnwindSafe;
@@ -22,158 +27,19 @@ use futures_util::FutureExt;
 use serde::de::DeserializeOwned;
 use whispeer_proto::Filter;
 
-use whispeer_proto::{Qos, StartAt};
-
-use crate::broker::{Broker, Shared};
-use crate::consumer::{Acker, Consumer, Delivery, Registration};
-use crate::delivery::{GiveUp, Redelivery};
+use crate::broker::Broker;
+use crate::delivery::GiveUp;
 use crate::error::SubscribeError;
 use crate::message::Message;
-use crate::queue::{ByteBudget, SlowConsumer};
+use crate::options::SubscribeOptions;
+use crate::shared::Registration;
+use crate::shared::Shared;
 use crate::stats::{BrokerCounters, SubscriptionStats, bump};
 use whispeer_engines::ReceiveError;
 
 /// A delivery task yields to the runtime after this many messages in a row, so a busy
 /// subscriber cannot starve the other tasks of its worker thread.
 const DELIVERY_BUDGET: u32 = 128;
-
-/// What to subscribe to and how. A plain `&str` or `String` converts into options with the
-/// broker's defaults.
-///
-/// ```
-/// use whispeer_core::{Qos, SlowConsumer, SubscribeOptions};
-/// let options = SubscribeOptions::new("orders/#").capacity(64).slow_consumer(SlowConsumer::DropNewest);
-/// let workers = SubscribeOptions::new("jobs/+").qos(Qos::AtLeastOnce).group("workers").prefetch(8);
-/// # let _ = (options, workers);
-/// ```
-#[derive(Clone, Debug)]
-pub struct SubscribeOptions {
-    filter: String,
-    capacity: Option<usize>,
-    max_bytes: Option<usize>,
-    policy: Option<SlowConsumer>,
-    pub(crate) qos: Qos,
-    pub(crate) prefetch: Option<usize>,
-    pub(crate) group: Option<String>,
-    pub(crate) redelivery: Option<Redelivery>,
-    pub(crate) budget: Option<ByteBudget>,
-    pub(crate) start: StartAt,
-}
-
-impl SubscribeOptions {
-    /// Options for `filter` with the broker's defaults: QoS 0, no group.
-    pub fn new(filter: impl Into<String>) -> Self {
-        Self {
-            filter: filter.into(),
-            capacity: None,
-            max_bytes: None,
-            policy: None,
-            qos: Qos::AtMostOnce,
-            prefetch: None,
-            group: None,
-            redelivery: None,
-            budget: None,
-            start: StartAt::Latest,
-        }
-    }
-
-    /// Sets the queue capacity, in messages (1 to [`crate::MAX_QUEUE_CAPACITY`]).
-    pub fn capacity(mut self, capacity: usize) -> Self {
-        self.capacity = Some(capacity);
-        self
-    }
-
-    /// Sets the queue's byte bound: payload bytes plus 256 per queued message.
-    pub fn max_bytes(mut self, bytes: usize) -> Self {
-        self.max_bytes = Some(bytes);
-        self
-    }
-
-    pub(crate) fn queue_max_bytes(&self) -> Option<usize> {
-        self.max_bytes
-    }
-
-    /// Sets what happens when the queue is full.
-    pub fn slow_consumer(mut self, policy: SlowConsumer) -> Self {
-        self.policy = Some(policy);
-        self
-    }
-
-    /// Sets the delivery guarantee. Under [`Qos::AtLeastOnce`] every message is tracked until
-    /// acknowledged and delivered again after its ack timeout; see `DELIVERY.md`.
-    pub fn qos(mut self, qos: Qos) -> Self {
-        self.qos = qos;
-        self
-    }
-
-    /// QoS 1: at most this many delivered, unacknowledged messages at a time (the credit
-    /// window). Default: the broker's `prefetch`.
-    pub fn prefetch(mut self, messages: usize) -> Self {
-        self.prefetch = Some(messages);
-        self
-    }
-
-    /// Joins the queue group `name`: subscribers of the same filter and group share its
-    /// messages, each going to one member. For QoS 1, what a member leaves unacknowledged goes
-    /// to another, and the group outlives its last member for the broker's `group_linger`.
-    pub fn group(mut self, name: impl Into<String>) -> Self {
-        self.group = Some(name.into());
-        self
-    }
-
-    /// QoS 1: this subscription's ack timeout, backoff and attempts, instead of the broker's.
-    /// In a group, the member that creates the group sets them.
-    pub fn redelivery(mut self, redelivery: Redelivery) -> Self {
-        self.redelivery = Some(redelivery);
-        self
-    }
-
-    /// Starts in the retained history of the matching topics (see `BrokerOptions::retention`)
-    /// instead of with the next message: the retained messages come first, then live ones, with
-    /// none missed or repeated in between. An offset needs an exact topic; an evicted offset is
-    /// refused with [`SubscribeError::OffsetEvicted`], which says where history begins.
-    pub fn start(mut self, start: StartAt) -> Self {
-        self.start = start;
-        self
-    }
-
-    /// Counts this subscription's queued bytes against `budget`, shared with other
-    /// subscriptions (ignored for group members, whose queue is the group's).
-    pub fn budget(mut self, budget: ByteBudget) -> Self {
-        self.budget = Some(budget);
-        self
-    }
-
-    pub(crate) fn filter(&self) -> &str {
-        &self.filter
-    }
-
-    pub(crate) fn queue_capacity(&self) -> Option<usize> {
-        self.capacity
-    }
-
-    pub(crate) fn policy(&self) -> Option<SlowConsumer> {
-        self.policy
-    }
-}
-
-impl From<&str> for SubscribeOptions {
-    fn from(filter: &str) -> Self {
-        Self::new(filter)
-    }
-}
-
-impl From<String> for SubscribeOptions {
-    fn from(filter: String) -> Self {
-        Self::new(filter)
-    }
-}
-
-impl From<&String> for SubscribeOptions {
-    fn from(filter: &String) -> Self {
-        Self::new(filter.as_str())
-    }
-}
 
 type Decode<T> = fn(&Message) -> Result<T, ReceiveError>;
 
@@ -229,7 +95,7 @@ pub struct Subscription<T> {
 
 impl<T> Subscription<T> {
     fn with(registration: Registration, decode: Decode<T>) -> Self {
-        let consumer = registration.consumer();
+        let consumer = Consumer::of(&registration);
         let acker = consumer.acker();
         Self { registration, consumer, acker, decode }
     }
@@ -407,7 +273,7 @@ where
     Fut: Future<Output = bool> + Send,
 {
     let registration = Shared::register(&broker.inner, &options, typed_info::<T>())?;
-    let mut consumer = registration.consumer();
+    let mut consumer = Consumer::of(&registration);
     let acker = consumer.acker();
     let counters = Arc::clone(&broker.inner.counters);
     let task = async move {

@@ -1,0 +1,322 @@
+//! The consuming side of a subscription: the [`Consumer`] that takes messages off its
+//! registration's queue (see `shared::register`), under QoS 0 or QoS 1.
+//!
+//! ```text
+//! Registration ── owns ──▶ route (solo) or group membership; dropping it leaves
+//! Consumer ── QoS 0 ──▶ Queue::poll_pop, skipping expired messages
+//!          └─ QoS 1 ──▶ Tracker::next (credit, redeliveries first, timeouts) + a timer for the
+//!                       earliest timeout
+//! Acker ──▶ Tracker::ack / nack, dead letters published by the broker
+//! ```
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, PoisonError};
+use std::task::{Context, Poll};
+
+use tokio::time::{Instant, Sleep};
+use whispeer_proto::{MessageId, Qos};
+
+use crate::delivery::Commits;
+use crate::delivery::{GiveUp, Settled, Step, Tracker};
+use crate::message::Message;
+use crate::queue::Queue;
+use crate::retention::Replay;
+use crate::shared::{Registration, Shared};
+use crate::stats::bump;
+
+/// A message taken for delivery and its attempt number (1 for a first delivery).
+#[derive(Debug)]
+pub(crate) struct Taken {
+    pub(crate) message: Message,
+    pub(crate) attempt: u32,
+}
+
+struct Qos1 {
+    tracker: Arc<Tracker>,
+    member: u64,
+    /// Fires when the earliest in-flight message times out.
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+/// Takes a registration's messages off its queue.
+pub(crate) struct Consumer {
+    shared: Arc<Shared>,
+    pub(crate) queue: Arc<Queue>,
+    left: Arc<AtomicBool>,
+    /// QoS 0: retained messages to deliver before the queue's.
+    replay: Replay,
+    commits: Option<Arc<Commits>>,
+    qos1: Option<Qos1>,
+}
+
+impl fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Consumer")
+            .field("filter", &self.queue.filter)
+            .field("qos1", &self.qos1.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Consumer {
+    /// The consumer of this registration's messages.
+    pub(crate) fn of(registration: &Registration) -> Self {
+        let replay = std::mem::take(
+            &mut *registration.replay.lock().unwrap_or_else(PoisonError::into_inner),
+        );
+        Self {
+            shared: Arc::clone(&registration.shared),
+            queue: Arc::clone(&registration.queue),
+            left: Arc::clone(&registration.left),
+            replay,
+            commits: registration.commits.clone(),
+            qos1: registration.tracker.as_ref().map(|tracker| Qos1 {
+                tracker: Arc::clone(tracker),
+                member: registration.member,
+                timer: None,
+            }),
+        }
+    }
+
+    /// A handle to settle this consumer's QoS 1 messages; `None` under QoS 0.
+    pub(crate) fn acker(&self) -> Option<Acker> {
+        self.qos1.as_ref().map(|q| Acker {
+            shared: Arc::clone(&self.shared),
+            queue: Arc::clone(&self.queue),
+            tracker: Arc::clone(&q.tracker),
+            commits: self.commits.clone(),
+        })
+    }
+
+    fn has_left(&self) -> bool {
+        self.left.load(Ordering::Acquire)
+    }
+
+    /// Waits for the next message: `Ready(None)` once the subscription has ended.
+    pub(crate) fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Taken>> {
+        loop {
+            if self.has_left() {
+                return Poll::Ready(None);
+            }
+            if let Some(message) = self.replay.pop() {
+                if message.has_expired() {
+                    self.count_expired(1);
+                    continue;
+                }
+                return Poll::Ready(Some(Taken { message, attempt: 1 }));
+            }
+            let Some(qos1) = &mut self.qos1 else {
+                return match self.queue.poll_pop(cx) {
+                    Poll::Ready(Some(message)) if message.has_expired() => {
+                        self.count_expired(1);
+                        continue;
+                    }
+                    other => other.map(|m| m.map(|message| Taken { message, attempt: 1 })),
+                };
+            };
+            let step = qos1.tracker.next(qos1.member, &self.queue, Instant::now(), Some(cx));
+            let next_due = step.next_due;
+            if let Some(taken) = self.account(step) {
+                return Poll::Ready(taken);
+            }
+            let Some(qos1) = &mut self.qos1 else { return Poll::Pending };
+            let Some(at) = next_due else { return Poll::Pending };
+            if tokio::runtime::Handle::try_current().is_err() {
+                // No timer outside a runtime: timeouts are noticed at the next poll.
+                return Poll::Pending;
+            }
+            let timer = qos1.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+            if timer.deadline() != at {
+                timer.as_mut().reset(at);
+            }
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    /// Takes the next message if one is ready, without waiting.
+    pub(crate) fn try_next(&mut self) -> Option<Taken> {
+        loop {
+            if self.has_left() {
+                return None;
+            }
+            let Some(qos1) = &self.qos1 else {
+                let message = match self.replay.pop() {
+                    Some(message) => message,
+                    None => self.queue.try_pop()?,
+                };
+                if message.has_expired() {
+                    self.count_expired(1);
+                    continue;
+                }
+                return Some(Taken { message, attempt: 1 });
+            };
+            let step = qos1.tracker.next(qos1.member, &self.queue, Instant::now(), None);
+            return self.account(step).flatten();
+        }
+    }
+
+    /// Counts what a QoS 1 step dropped and publishes its dead letters. `Some` is the result to
+    /// return: a message, or `None` for the end.
+    fn account(&self, step: Step) -> Option<Option<Taken>> {
+        let counters = &self.shared.counters;
+        if step.expired > 0 {
+            self.count_expired(step.expired);
+        }
+        if step.duplicates > 0 {
+            counters.duplicates.fetch_add(step.duplicates, Ordering::Relaxed);
+        }
+        for letter in step.dead {
+            if let Some(commits) = &self.commits {
+                self.shared.committed(commits, &letter.message);
+            }
+            self.shared.dead_letter(letter, &self.queue.counters);
+        }
+        match step.next {
+            Some((message, attempt)) => {
+                if attempt > 1 {
+                    bump(&self.queue.counters.redelivered);
+                    bump(&counters.redelivered);
+                }
+                Some(Some(Taken { message, attempt }))
+            }
+            None if step.closed => Some(None),
+            None => None,
+        }
+    }
+
+    fn count_expired(&self, count: u64) {
+        self.queue.counters.expired.fetch_add(count, Ordering::Relaxed);
+        self.shared.counters.expired.fetch_add(count, Ordering::Relaxed);
+    }
+}
+
+/// Settles QoS 1 messages of one subscription by id: what a [`Delivery`] does, for callers that
+/// keep only the id (the server, whose acks arrive as frames).
+#[derive(Clone)]
+pub struct Acker {
+    shared: Arc<Shared>,
+    queue: Arc<Queue>,
+    tracker: Arc<Tracker>,
+    commits: Option<Arc<Commits>>,
+}
+
+impl fmt::Debug for Acker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Acker").field("filter", &self.queue.filter).finish_non_exhaustive()
+    }
+}
+
+impl Acker {
+    /// Acknowledges message `id`: it will not be delivered again. Returns whether it was
+    /// unacknowledged (a second ack, or one after the message went elsewhere, returns `false`).
+    pub fn ack(&self, id: MessageId) -> bool {
+        let Settled::Done(message) = self.tracker.ack(id) else { return false };
+        bump(&self.queue.counters.acked);
+        bump(&self.shared.counters.acked);
+        if let Some(commits) = &self.commits {
+            self.shared.committed(commits, &message);
+        }
+        true
+    }
+
+    /// Refuses message `id`: with `requeue`, it is delivered again at once (to this subscriber
+    /// or another member of its group), counting an attempt; without, it goes to the
+    /// dead-letter topic. Returns whether it was unacknowledged.
+    pub fn nack(&self, id: MessageId, requeue: bool) -> bool {
+        self.refuse(id, requeue, GiveUp::Rejected)
+    }
+
+    pub(crate) fn refuse(&self, id: MessageId, requeue: bool, reason: GiveUp) -> bool {
+        let settled = self.tracker.nack(id, requeue, reason);
+        if matches!(settled, Settled::Unknown) {
+            return false;
+        }
+        bump(&self.queue.counters.nacked);
+        bump(&self.shared.counters.nacked);
+        if let Settled::Dead(letter) = settled {
+            if let Some(commits) = &self.commits {
+                self.shared.committed(commits, &letter.message);
+            }
+            self.shared.dead_letter(letter, &self.queue.counters);
+        }
+        true
+    }
+}
+
+/// A message handed to a subscriber, with its QoS 1 handle: acknowledge it with
+/// [`ack`](Self::ack) once processed, or refuse it with [`nack`](Self::nack). Dropping it
+/// without either leaves it unacknowledged: it is delivered again after its ack timeout.
+#[derive(Debug)]
+pub struct Delivery<T> {
+    value: T,
+    message: Message,
+    attempt: u32,
+    acker: Option<Acker>,
+}
+
+impl<T> Delivery<T> {
+    pub(crate) fn new(value: T, taken: Taken, acker: Option<Acker>) -> Self {
+        Self { value, message: taken.message, attempt: taken.attempt, acker }
+    }
+
+    /// The decoded value.
+    pub fn value(&self) -> &T {
+        &self.value
+    }
+
+    /// The decoded value, leaving the message unacknowledged.
+    pub fn into_value(self) -> T {
+        self.value
+    }
+
+    /// The message: id, topic, headers, payload.
+    pub fn message(&self) -> &Message {
+        &self.message
+    }
+
+    /// 1 for a first delivery; more for a redelivery.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// Whether the message was delivered before (to this subscriber or another group member)
+    /// and not acknowledged.
+    pub fn is_redelivery(&self) -> bool {
+        self.attempt > 1
+    }
+
+    /// Acknowledges the message. Returns whether it was still unacknowledged (`false` under
+    /// QoS 0, or after its ack timeout handed it elsewhere and that copy was acknowledged).
+    pub fn ack(self) -> bool {
+        self.acker.as_ref().is_some_and(|a| a.ack(self.message.id()))
+    }
+
+    /// Refuses the message; see [`Acker::nack`].
+    pub fn nack(self, requeue: bool) -> bool {
+        self.acker.as_ref().is_some_and(|a| a.nack(self.message.id(), requeue))
+    }
+
+    /// Acknowledges the message and returns the value.
+    pub(crate) fn acked_value(self) -> T {
+        if let Some(acker) = &self.acker {
+            acker.ack(self.message.id());
+        }
+        self.value
+    }
+
+    /// Splits the delivery into its value and a handle that acknowledges it later.
+    pub fn into_parts(self) -> (T, Option<(Acker, MessageId)>) {
+        let id = self.message.id();
+        (self.value, self.acker.map(|a| (a, id)))
+    }
+}
+
+/// Whether a subscription asks for QoS 1.
+pub(crate) fn is_qos1(qos: Qos) -> bool {
+    qos == Qos::AtLeastOnce
+}
