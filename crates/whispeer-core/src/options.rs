@@ -208,3 +208,8 @@ impl From<&String> for SubscribeOptions {
         Self::new(filter.as_str())
     }
 }
+
+/// Whether a subscription asks for QoS 1.
+pub(crate) fn is_qos1(qos: Qos) -> bool {
+    qos == Qos::AtLeastOnce
+}

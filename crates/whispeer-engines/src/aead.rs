@@ -16,8 +16,6 @@ use std::sync::OnceLock;
 
 use whispeer_proto::CipherAlgorithm;
 
-use crate::keyring::Key;
-
 /// Authentication tag length of both ciphers.
 pub(crate) const TAG_LEN: usize = 16;
 
@@ -44,7 +42,7 @@ mod backend {
     fn aes<'a>(key: &Key, ciphers: &'a Ciphers) -> Option<&'a LessSafeKey> {
         let built = ciphers
             .aes
-            .get_or_init(|| UnboundKey::new(&AES_256_GCM, key.bytes()).ok().map(LessSafeKey::new));
+            .get_or_init(|| UnboundKey::new(&AES_256_GCM, key).ok().map(LessSafeKey::new));
         built.as_ref()
     }
 
@@ -52,7 +50,7 @@ mod backend {
     fn xchacha(key: &Key, nonce: &[u8]) -> Option<(LessSafeKey, Nonce)> {
         let (prefix, suffix) = nonce.split_at_checked(16)?;
         let prefix = <&chacha20::cipher::Array<u8, _>>::try_from(prefix).ok()?;
-        let mut raw: [u8; 32] = hchacha::<R20>(key.bytes().into(), prefix).into();
+        let mut raw: [u8; 32] = hchacha::<R20>(key.into(), prefix).into();
         let subkey = Zeroizing::new(raw);
         raw.zeroize();
         let unbound = UnboundKey::new(&CHACHA20_POLY1305, subkey.as_slice()).ok()?;
@@ -146,7 +144,7 @@ mod backend {
         aad: &[u8],
         buffer: &mut [u8],
     ) -> Option<[u8; TAG_LEN]> {
-        let cipher = ciphers.xchacha.get_or_init(|| XChaCha20Poly1305::new(key.bytes().into()));
+        let cipher = ciphers.xchacha.get_or_init(|| XChaCha20Poly1305::new(key.into()));
         let nonce = <&chacha20poly1305::XNonce>::try_from(nonce).ok()?;
         tag_array(&cipher.encrypt_inout_detached(nonce, aad, buffer.into()).ok()?)
     }
@@ -159,7 +157,7 @@ mod backend {
         buffer: &mut [u8],
         tag: &[u8],
     ) -> bool {
-        let cipher = ciphers.xchacha.get_or_init(|| XChaCha20Poly1305::new(key.bytes().into()));
+        let cipher = ciphers.xchacha.get_or_init(|| XChaCha20Poly1305::new(key.into()));
         let (Ok(nonce), Ok(tag)) =
             (<&chacha20poly1305::XNonce>::try_from(nonce), <&chacha20poly1305::Tag>::try_from(tag))
         else {
@@ -175,7 +173,7 @@ mod backend {
         aad: &[u8],
         buffer: &mut [u8],
     ) -> Option<[u8; TAG_LEN]> {
-        let cipher = ciphers.aes.get_or_init(|| Aes256Gcm::new(key.bytes().into()));
+        let cipher = ciphers.aes.get_or_init(|| Aes256Gcm::new(key.into()));
         let nonce = <&aes_gcm::Nonce<aes_gcm::aead::consts::U12>>::try_from(nonce).ok()?;
         tag_array(&cipher.encrypt_inout_detached(nonce, aad, buffer.into()).ok()?)
     }
@@ -188,7 +186,7 @@ mod backend {
         buffer: &mut [u8],
         tag: &[u8],
     ) -> bool {
-        let cipher = ciphers.aes.get_or_init(|| Aes256Gcm::new(key.bytes().into()));
+        let cipher = ciphers.aes.get_or_init(|| Aes256Gcm::new(key.into()));
         let (Ok(nonce), Ok(tag)) = (
             <&aes_gcm::Nonce<aes_gcm::aead::consts::U12>>::try_from(nonce),
             <&aes_gcm::Tag>::try_from(tag),
@@ -200,6 +198,9 @@ mod backend {
 }
 
 pub(crate) use backend::Ciphers;
+
+/// A 256-bit key's bytes (the keyring's `Key` hands them out; the ciphers need nothing else).
+pub(crate) type Key = [u8; 32];
 
 /// Encrypts `buffer` in place; returns the tag, or `None` if the cipher refused.
 pub(crate) fn encrypt(
@@ -255,7 +256,7 @@ mod tests {
             aad in prop::collection::vec(any::<u8>(), 0..64),
             plaintext in prop::collection::vec(any::<u8>(), 0..300),
         ) {
-            let ring_key = Key::from_bytes(key);
+            let ring_key: Key = key;
             let ciphers = Ciphers::default();
             for cipher in [CipherAlgorithm::XChaCha20Poly1305, CipherAlgorithm::Aes256Gcm] {
                 let nonce = &nonce[..nonce_len(cipher)];

@@ -503,7 +503,14 @@ impl Engines {
         out.extend_from_slice(&body);
         let sealed = with_aad(flags, key_id, meta, |aad| {
             let (key, ciphers) = (&material.key, &material.ciphers);
-            aead::encrypt(cipher, key, ciphers, &nonce[..nonce_len], aad, &mut out[header..])
+            aead::encrypt(
+                cipher,
+                key.bytes(),
+                ciphers,
+                &nonce[..nonce_len],
+                aad,
+                &mut out[header..],
+            )
         });
         let tag = sealed.ok_or(SealError::Encrypt { len: body.len() })?;
         out.extend_from_slice(&tag);
@@ -561,7 +568,15 @@ impl Engines {
         let mut buffer = ciphertext.to_vec();
         let meta = Sealing::from(envelope);
         let opened = with_aad(envelope.flags, key_id, &meta, |aad| {
-            aead::decrypt(cipher, &material.key, &material.ciphers, nonce, aad, &mut buffer, tag)
+            aead::decrypt(
+                cipher,
+                material.key.bytes(),
+                &material.ciphers,
+                nonce,
+                aad,
+                &mut buffer,
+                tag,
+            )
         });
         opened.then_some(buffer).ok_or(OpenError::Authentication)
     }

@@ -177,7 +177,7 @@ impl Broker {
     where
         T: DeserializeOwned + Clone + Send + Sync + 'static,
     {
-        subscription::spawn_sync(self, filter.into(), callback)
+        subscription::spawn_sync(&self.inner, filter.into(), callback)
     }
 
     /// Like [`Broker::subscribe`], with an `async` callback. Each call's future completes before
@@ -194,7 +194,7 @@ impl Broker {
         T: DeserializeOwned + Clone + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        subscription::spawn_async(self, filter.into(), callback)
+        subscription::spawn_async(&self.inner, filter.into(), callback)
     }
 
     /// A pull subscription: `recv().await` or use it as a `Stream` of `T`.
@@ -208,7 +208,7 @@ impl Broker {
     where
         T: DeserializeOwned + Clone + Send + Sync + 'static,
     {
-        Subscription::typed(self, filter.into())
+        Subscription::typed(&self.inner, filter.into())
     }
 
     /// A pull subscription of undecoded [`Message`]s: topic, id, headers and payload bytes.
@@ -219,7 +219,7 @@ impl Broker {
         &self,
         filter: impl Into<SubscribeOptions>,
     ) -> Result<Subscription<Message>, SubscribeError> {
-        Subscription::raw(self, filter.into())
+        Subscription::raw(&self.inner, filter.into())
     }
 
     /// Binds `topic` to the type `T`: publishing another type there, or subscribing to it

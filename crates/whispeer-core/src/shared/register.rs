@@ -15,11 +15,11 @@ use crate::delivery::{Commits, Group, GroupKey, Left, MAX_GROUP_NAME, Tracker};
 use crate::error::SubscribeError;
 use crate::message::Message;
 use crate::options::SubscribeOptions;
+use crate::options::is_qos1;
 use crate::queue::{Queue, SlowConsumer};
 use crate::retention::{Replay, StoredRange};
 use crate::router::{Route, SubId};
 use crate::stats::SubscriptionStats;
-use crate::subscription::is_qos1;
 
 /// What a registration owns in the router.
 #[derive(Debug)]

@@ -22,7 +22,7 @@ use rusqlite::{Connection, params};
 use tokio::sync::watch;
 use whispeer_proto::{Envelope, Topic};
 
-use crate::delivery::GroupKey;
+use crate::store::GroupKey;
 // Topics stored were valid when written; limits may since have been lowered.
 use crate::message::no_limits as unlimited;
 use crate::store::backlog::{Backlog, CloseOnDrop};

@@ -17,7 +17,7 @@ use std::sync::{Arc, PoisonError};
 use std::task::{Context, Poll};
 
 use tokio::time::{Instant, Sleep};
-use whispeer_proto::{MessageId, Qos};
+use whispeer_proto::MessageId;
 
 use crate::delivery::Commits;
 use crate::delivery::{GiveUp, Settled, Step, Tracker};
@@ -314,9 +314,4 @@ impl<T> Delivery<T> {
         let id = self.message.id();
         (self.value, self.acker.map(|a| (a, id)))
     }
-}
-
-/// Whether a subscription asks for QoS 1.
-pub(crate) fn is_qos1(qos: Qos) -> bool {
-    qos == Qos::AtLeastOnce
 }

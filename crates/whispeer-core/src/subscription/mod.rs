@@ -12,8 +12,8 @@
 
 mod consumer;
 
+pub(crate) use consumer::Consumer;
 pub use consumer::{Acker, Delivery};
-pub(crate) use consumer::{Consumer, is_qos1};
 
 use std::any::{TypeId, type_name};
 use std::future::{Future, poll_fn};
@@ -27,7 +27,6 @@ use futures_util::FutureExt;
 use serde::de::DeserializeOwned;
 use whispeer_proto::Filter;
 
-use crate::broker::Broker;
 use crate::delivery::GiveUp;
 use crate::error::SubscribeError;
 use crate::message::Message;
@@ -100,11 +99,14 @@ impl<T> Subscription<T> {
         Self { registration, consumer, acker, decode }
     }
 
-    pub(crate) fn typed(broker: &Broker, options: SubscribeOptions) -> Result<Self, SubscribeError>
+    pub(crate) fn typed(
+        shared: &Arc<Shared>,
+        options: SubscribeOptions,
+    ) -> Result<Self, SubscribeError>
     where
         T: DeserializeOwned + Clone + Send + Sync + 'static,
     {
-        let registration = Shared::register(&broker.inner, &options, typed_info::<T>())?;
+        let registration = Shared::register(shared, &options, typed_info::<T>())?;
         Ok(Self::with(registration, decode_typed::<T>))
     }
 
@@ -196,8 +198,11 @@ impl<T> Subscription<T> {
 }
 
 impl Subscription<Message> {
-    pub(crate) fn raw(broker: &Broker, options: SubscribeOptions) -> Result<Self, SubscribeError> {
-        let registration = Shared::register(&broker.inner, &options, None)?;
+    pub(crate) fn raw(
+        shared: &Arc<Shared>,
+        options: SubscribeOptions,
+    ) -> Result<Self, SubscribeError> {
+        let registration = Shared::register(shared, &options, None)?;
         Ok(Self::with(registration, |message| Ok(message.clone())))
     }
 
@@ -263,7 +268,7 @@ impl Subscriber {
 /// Under QoS 1 a message is acknowledged when `handle` completes, and refused with requeue when
 /// it panics.
 fn spawn_delivery<T, H, Fut>(
-    broker: &Broker,
+    shared: &Arc<Shared>,
     options: SubscribeOptions,
     mut handle: H,
 ) -> Result<Subscriber, SubscribeError>
@@ -272,10 +277,10 @@ where
     H: FnMut(T) -> Fut + Send + 'static,
     Fut: Future<Output = bool> + Send,
 {
-    let registration = Shared::register(&broker.inner, &options, typed_info::<T>())?;
+    let registration = Shared::register(shared, &options, typed_info::<T>())?;
     let mut consumer = Consumer::of(&registration);
     let acker = consumer.acker();
-    let counters = Arc::clone(&broker.inner.counters);
+    let counters = Arc::clone(&shared.counters);
     let task = async move {
         let mut budget = DELIVERY_BUDGET;
         while let Some(taken) = poll_fn(|cx| consumer.poll_next(cx)).await {
@@ -307,26 +312,26 @@ where
         }
     };
     // Dropping the task's JoinHandle detaches it; it ends by itself once its registration ends.
-    drop(broker.inner.spawner.spawn(task).map_err(SubscribeError::Runtime)?);
+    drop(shared.spawner.spawn(task).map_err(SubscribeError::Runtime)?);
     Ok(Subscriber { registration })
 }
 
 pub(crate) fn spawn_sync<T>(
-    broker: &Broker,
+    shared: &Arc<Shared>,
     options: SubscribeOptions,
     mut callback: impl FnMut(T) + Send + 'static,
 ) -> Result<Subscriber, SubscribeError>
 where
     T: DeserializeOwned + Clone + Send + Sync + 'static,
 {
-    spawn_delivery(broker, options, move |value: T| {
+    spawn_delivery(shared, options, move |value: T| {
         let ok = std::panic::catch_unwind(AssertUnwindSafe(|| callback(value))).is_ok();
         std::future::ready(ok)
     })
 }
 
 pub(crate) fn spawn_async<T, Fut>(
-    broker: &Broker,
+    shared: &Arc<Shared>,
     options: SubscribeOptions,
     mut callback: impl FnMut(T) -> Fut + Send + 'static,
 ) -> Result<Subscriber, SubscribeError>
@@ -334,7 +339,7 @@ where
     T: DeserializeOwned + Clone + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    spawn_delivery(broker, options, move |value: T| {
+    spawn_delivery(shared, options, move |value: T| {
         let started = std::panic::catch_unwind(AssertUnwindSafe(|| callback(value)));
         async move {
             match started {

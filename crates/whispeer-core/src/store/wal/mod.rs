@@ -35,7 +35,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::watch;
 use whispeer_proto::Topic;
 
-use crate::delivery::GroupKey;
+use crate::store::GroupKey;
 // Topics stored were valid when written; limits may since have been lowered.
 use crate::message::no_limits as unlimited;
 use crate::store::PageBound;
