@@ -12,7 +12,7 @@ use std::io::Read;
 
 use whispeer_proto::CompressionAlgorithm;
 
-use crate::OpenError;
+use crate::error::OpenError;
 
 /// Default zstd level: a good ratio at several hundred MB/s.
 pub const DEFAULT_ZSTD_LEVEL: i32 = 3;

@@ -22,6 +22,7 @@
 mod aead;
 mod codec;
 mod compress;
+mod error;
 mod keyring;
 mod seal;
 
@@ -30,9 +31,7 @@ pub mod security {}
 
 pub use codec::{Codec, CodecError};
 pub use compress::{Compression, DEFAULT_THRESHOLD, DEFAULT_ZSTD_LEVEL};
+pub use error::{OpenError, ReceiveError, SealError};
 pub use keyring::{Key, KeyError, KeyId, Keyring};
-pub use seal::{
-    Encryption, Engines, KEY_VARIABLE, KeyChoice, OpenError, ReceiveError, SealError, Sealing,
-    TopicRule,
-};
+pub use seal::{Encryption, Engines, KEY_VARIABLE, KeyChoice, Sealing, TopicRule};
 pub use whispeer_proto::{CipherAlgorithm, CompressionAlgorithm};
