@@ -2,7 +2,8 @@
 //!
 //! A [`Broker`] is a cheap handle on shared state. Publishing encodes the value once, runs the
 //! plugins, routes the envelope and offers one shared [`Message`] to every matching queue;
-//! it never blocks and never awaits.
+//! it never awaits, and blocks only for a durable topic while its store's writer backlog is
+//! full (back-pressure, see `store::backlog`).
 
 mod builder;
 mod history;

@@ -218,7 +218,7 @@ impl Shared {
         bump(&self.counters.published);
         let routed = match self.history.log(&topic) {
             None => self.route(envelope.id, topic.as_str(), expires_at, |_| envelope),
-            Some(log) => {
+            Some(log) => (|| {
                 // Routed under the topic's lock: see `retention` for why replay needs it. A
                 // durable message goes to the log first, so the log's order is the offsets'.
                 let mut log = retention::lock(&log);
@@ -237,8 +237,9 @@ impl Shared {
                 let routed = self.fan_out(message.id(), topic.as_str(), |_| message.clone());
                 log.append(offset, seq, accepted_ms, message);
                 routed.map(|receipt| PublishReceipt { ticket, ..receipt })
-            }
+            })(),
         };
+        // Not accepted (a full queue, a failed store): a retry with the same key must go through.
         if let (Err(_), Some(key)) = (&routed, &key) {
             self.dedup.forget(topic.as_str(), key);
         }
