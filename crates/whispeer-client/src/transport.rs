@@ -2,26 +2,18 @@
 //! (`host:port` or `tcp://host:port`), TLS over TCP (`tls://host:port`), WebSocket
 //! (`ws://host:port/ws`) and WebSocket over TLS (`wss://host:port/ws`).
 //!
-//! Over WebSocket the frames travel in binary messages: incoming messages are read as one byte
-//! stream, and each write goes out as one message when the writer is flushed.
+//! Over WebSocket the frames travel in binary messages, read and written as one byte stream by
+//! `whispeer-transport` (shared with the server).
 
-use std::collections::VecDeque;
 use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll, ready};
-
-use bytes::{Buf, Bytes};
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{Sink, Stream, StreamExt};
 use std::sync::Arc;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 
 use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 use tokio_rustls::{TlsConnector, rustls};
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::http::Uri;
+use whispeer_transport::Binary;
 
 pub(crate) type Reader = Box<dyn AsyncRead + Send + Unpin>;
 pub(crate) type Writer = Box<dyn AsyncWrite + Send + Unpin>;
@@ -68,9 +60,8 @@ where
 {
     let (ws, _response) =
         tokio_tungstenite::client_async(url, stream).await.map_err(io::Error::other)?;
-    let (sink, stream) = ws.split();
-    let reader = WsReader { stream, pending: Bytes::new(), done: false };
-    Ok((Box::new(reader), Box::new(WsWriter { sink, queue: VecDeque::new() })))
+    let (reader, writer) = whispeer_transport::split(ws, Binary, Binary);
+    Ok((Box::new(reader), Box::new(writer)))
 }
 
 /// Opens a connection to `addr`.
@@ -107,76 +98,5 @@ pub(crate) async fn open(
             io::ErrorKind::Unsupported,
             "use host:port, tcp://, tls://, ws:// or wss://",
         )),
-    }
-}
-
-/// Reads incoming binary messages as one byte stream.
-struct WsReader<S> {
-    stream: SplitStream<WebSocketStream<S>>,
-    pending: Bytes,
-    done: bool,
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsReader<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        loop {
-            if !self.pending.is_empty() {
-                let n = self.pending.len().min(buf.remaining());
-                buf.put_slice(&self.pending[..n]);
-                self.pending.advance(n);
-                return Poll::Ready(Ok(()));
-            }
-            if self.done {
-                return Poll::Ready(Ok(()));
-            }
-            match ready!(Pin::new(&mut self.stream).poll_next(cx)) {
-                Some(Ok(Message::Binary(bytes))) => self.pending = bytes,
-                Some(Ok(Message::Text(_))) => {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "unexpected text message",
-                    )));
-                }
-                Some(Ok(Message::Close(_))) | None => self.done = true,
-                Some(Ok(_)) => {}
-                Some(Err(err)) => return Poll::Ready(Err(io::Error::other(err))),
-            }
-        }
-    }
-}
-
-/// Queues each write as one binary message; sends them when flushed.
-struct WsWriter<S> {
-    sink: SplitSink<WebSocketStream<S>, Message>,
-    queue: VecDeque<Message>,
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsWriter<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.queue.push_back(Message::Binary(Bytes::copy_from_slice(buf)));
-        Poll::Ready(Ok(buf.len()))
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while !self.queue.is_empty() {
-            ready!(Pin::new(&mut self.sink).poll_ready(cx)).map_err(io::Error::other)?;
-            if let Some(message) = self.queue.pop_front() {
-                Pin::new(&mut self.sink).start_send(message).map_err(io::Error::other)?;
-            }
-        }
-        Pin::new(&mut self.sink).poll_flush(cx).map_err(io::Error::other)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        ready!(self.as_mut().poll_flush(cx))?;
-        Pin::new(&mut self.sink).poll_close(cx).map_err(io::Error::other)
     }
 }

@@ -165,7 +165,8 @@ impl SubscribeOptions {
     /// Starts in the retained history of the matching topics (see `BrokerOptions::retention`)
     /// instead of with the next message: the retained messages come first, then live ones, with
     /// none missed or repeated in between. An offset needs an exact topic; an evicted offset is
-    /// refused with [`SubscribeError::OffsetEvicted`], which says where history begins.
+    /// refused with [`SubscribeError::OffsetEvicted`](crate::SubscribeError::OffsetEvicted), which
+    /// says where history begins.
     pub fn start(mut self, start: StartAt) -> Self {
         self.start = start;
         self

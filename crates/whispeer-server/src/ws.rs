@@ -16,18 +16,13 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{Sink, Stream, StreamExt};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::StatusCode;
@@ -36,6 +31,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
+use whispeer_transport::{Incoming, Outgoing};
 
 use whispeer_proto::{Body, ErrorCode, Frame, Limits};
 
@@ -156,21 +152,17 @@ where
             return false;
         }
     };
-    let (sink, stream) = ws.split();
     let mode = Arc::new(AtomicU8::new(UNKNOWN));
     let close = Arc::new(OnceLock::new());
-    let reader = WsReader {
-        stream,
-        pending: Bytes::new(),
-        done: false,
+    let inbound = Inbound {
         mode: Arc::clone(&mode),
         limits: broker.options().limits.clone(),
         ids: JsonIds::new(),
         greeted: false,
         close: Arc::clone(&close),
     };
-    let writer =
-        WsWriter { sink, queue: VecDeque::new(), mode, close: Arc::clone(&close), closing: false };
+    let outbound = Outbound { mode, close: Arc::clone(&close) };
+    let (reader, writer) = whispeer_transport::split(ws, inbound, outbound);
     connection::run(reader, writer, peer, broker, config, stop).await;
     close.get().is_some()
 }
@@ -179,11 +171,9 @@ fn invalid(message: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, message.into())
 }
 
-/// Reads incoming messages as one byte stream of frames.
-struct WsReader<S> {
-    stream: SplitStream<WebSocketStream<S>>,
-    pending: Bytes,
-    done: bool,
+/// What arrives: binary messages carry frames; text messages are JSON requests, each
+/// translated into its frame. The first message fixes the mode.
+struct Inbound {
     mode: Arc<AtomicU8>,
     limits: Limits,
     ids: JsonIds,
@@ -194,7 +184,7 @@ struct WsReader<S> {
     close: Arc<OnceLock<CloseFrame>>,
 }
 
-impl<S> WsReader<S> {
+impl Inbound {
     /// Records the mode the first message sets; refuses a message of the other kind.
     fn enter(&self, wanted: u8) -> io::Result<bool> {
         match self.mode.compare_exchange(UNKNOWN, wanted, Ordering::AcqRel, Ordering::Acquire) {
@@ -236,103 +226,54 @@ impl<S> WsReader<S> {
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsReader<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        loop {
-            if !self.pending.is_empty() {
-                let n = self.pending.len().min(buf.remaining());
-                buf.put_slice(&self.pending[..n]);
-                self.pending.advance(n);
-                return Poll::Ready(Ok(()));
-            }
-            if self.done {
-                return Poll::Ready(Ok(()));
-            }
-            match ready!(Pin::new(&mut self.stream).poll_next(cx)) {
-                Some(Ok(Message::Binary(bytes))) => {
-                    self.enter(BINARY)?;
-                    self.pending = bytes;
-                }
-                Some(Ok(Message::Text(text))) => {
-                    self.enter(JSON)?;
-                    self.pending = self.translate(text.as_str())?;
-                }
-                // tungstenite answers pings itself; pongs and raw frames carry nothing for us.
-                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
-                Some(Ok(Message::Close(_))) | None => self.done = true,
-                Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size }))) => {
-                    // The rest of the message is still unread: nothing more can be read, but
-                    // the error and the close frame can still be written.
-                    self.done = true;
-                    let message = format!(
-                        "WebSocket message of {size} bytes exceeds the limit of {max_size} bytes"
-                    );
-                    let reason = format!("message too big: the limit is {max_size} bytes");
-                    let _ = self
-                        .close
-                        .set(CloseFrame { code: CloseCode::Size, reason: Utf8Bytes::from(reason) });
-                    let fatal = AdapterError::Fatal { code: ErrorCode::TOO_LARGE, message };
-                    return Poll::Ready(Err(fatal.into_io()));
-                }
-                Some(Err(err)) => return Poll::Ready(Err(io::Error::other(err))),
-            }
-        }
+impl Incoming for Inbound {
+    fn binary(&mut self, bytes: Bytes) -> io::Result<Bytes> {
+        self.enter(BINARY)?;
+        Ok(bytes)
+    }
+
+    fn text(&mut self, text: Utf8Bytes) -> io::Result<Bytes> {
+        self.enter(JSON)?;
+        self.translate(text.as_str())
+    }
+
+    fn error(&mut self, err: WsError) -> io::Error {
+        let WsError::Capacity(CapacityError::MessageTooLong { size, max_size }) = err else {
+            return io::Error::other(err);
+        };
+        // The rest of the message is still unread: nothing more can be read, but the error and
+        // the close frame can still be written.
+        let message =
+            format!("WebSocket message of {size} bytes exceeds the limit of {max_size} bytes");
+        let reason = format!("message too big: the limit is {max_size} bytes");
+        let _ =
+            self.close.set(CloseFrame { code: CloseCode::Size, reason: Utf8Bytes::from(reason) });
+        AdapterError::Fatal { code: ErrorCode::TOO_LARGE, message }.into_io()
     }
 }
 
-/// Sends what the connection writes: each write as one binary message, or, for a JSON client,
-/// each frame in it as one JSON text message. Messages wait in `queue` until flushed.
-struct WsWriter<S> {
-    sink: SplitSink<WebSocketStream<S>, Message>,
-    queue: VecDeque<Message>,
+/// What goes out: each write as one binary message, or, for a JSON client, each frame in it as
+/// one JSON text message; a close frame with a code last, when the reader set one.
+struct Outbound {
     mode: Arc<AtomicU8>,
-    /// A close frame with a code, sent last when set (otherwise closing sends a bare one).
     close: Arc<OnceLock<CloseFrame>>,
-    closing: bool,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsWriter<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        // The writer flushes after every batch, so the queue holds at most one batch.
-        if self.mode.load(Ordering::Acquire) == JSON {
-            let mut frames = BytesMut::from(buf);
-            let mut limits = Limits::default();
-            limits.max_frame_bytes = usize::MAX;
-            while let Ok(Some(frame)) = Frame::decode(&mut frames, &limits) {
-                self.queue.push_back(Message::text(frame_to_json(&frame).to_string()));
-            }
-        } else {
-            self.queue.push_back(Message::Binary(Bytes::copy_from_slice(buf)));
+impl Outgoing for Outbound {
+    fn write(&mut self, buf: &[u8], queue: &mut VecDeque<Message>) {
+        if self.mode.load(Ordering::Acquire) != JSON {
+            queue.push_back(Message::Binary(Bytes::copy_from_slice(buf)));
+            return;
         }
-        Poll::Ready(Ok(buf.len()))
+        let mut frames = BytesMut::from(buf);
+        let mut limits = Limits::default();
+        limits.max_frame_bytes = usize::MAX;
+        while let Ok(Some(frame)) = Frame::decode(&mut frames, &limits) {
+            queue.push_back(Message::text(frame_to_json(&frame).to_string()));
+        }
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while !self.queue.is_empty() {
-            ready!(Pin::new(&mut self.sink).poll_ready(cx)).map_err(io::Error::other)?;
-            if let Some(message) = self.queue.pop_front() {
-                Pin::new(&mut self.sink).start_send(message).map_err(io::Error::other)?;
-            }
-        }
-        Pin::new(&mut self.sink).poll_flush(cx).map_err(io::Error::other)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if !self.closing {
-            self.closing = true;
-            if let Some(frame) = self.close.get().cloned() {
-                self.queue.push_back(Message::Close(Some(frame)));
-            }
-        }
-        ready!(self.as_mut().poll_flush(cx))?;
-        Pin::new(&mut self.sink).poll_close(cx).map_err(io::Error::other)
+    fn closing(&mut self) -> Option<Message> {
+        self.close.get().cloned().map(|frame| Message::Close(Some(frame)))
     }
 }

@@ -206,9 +206,13 @@ fn crates_depend_only_in_the_allowed_directions() {
         ("whispeer-proto", &[][..]),
         ("whispeer-engines", &["whispeer-proto"][..]),
         ("whispeer-core", &["whispeer-proto", "whispeer-engines"][..]),
-        ("whispeer-server", &["whispeer-proto", "whispeer-engines", "whispeer-core"][..]),
+        ("whispeer-transport", &[][..]),
+        (
+            "whispeer-server",
+            &["whispeer-proto", "whispeer-engines", "whispeer-core", "whispeer-transport"][..],
+        ),
         ("whispeer", &["whispeer-core", "whispeer-server"][..]),
-        ("whispeer-client", &["whispeer-proto", "whispeer-engines"][..]),
+        ("whispeer-client", &["whispeer-proto", "whispeer-engines", "whispeer-transport"][..]),
         ("whispeer-wasm", &["whispeer-proto", "whispeer-engines"][..]),
         ("whispeer-cli", &["whispeer", "whispeer-client"][..]),
     ]);
