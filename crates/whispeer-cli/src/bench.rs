@@ -18,9 +18,10 @@ use whispeer_client::{Client, ClientOptions, ClientSubscription, Delivery};
 
 mod qos1;
 
-/// Default publisher lead over the slowest subscriber, in messages: well under the server's
-/// default subscription queue (1 024), so no slow-consumer policy ever drops a message.
-const WINDOW: u64 = 512;
+/// Default publisher lead over the slowest subscriber, in payload bytes: 8 MiB in flight, as a
+/// real burst has (65 536 messages of 128 bytes, 128 of 64 KiB). The defaults of the server
+/// and the SDK hold it without loss.
+const WINDOW_BYTES: u64 = 8 << 20;
 /// A subscriber that receives nothing this long has lost messages.
 const STALL: Duration = Duration::from_secs(10);
 
@@ -45,10 +46,10 @@ pub(crate) struct BenchArgs {
     /// Rate of the latency run, messages per second.
     #[arg(long, default_value_t = 10_000)]
     rate: u64,
-    /// Most messages the publisher may be ahead of the slowest subscriber. Keep it under the
-    /// server's `[queues] capacity`, or its slow-consumer policy drops messages.
-    #[arg(long, default_value_t = WINDOW)]
-    window: u64,
+    /// Most payload bytes the publisher may be ahead of the slowest subscriber (messages in
+    /// flight = this / payload size). Messages lost on the way are reported, not waited for.
+    #[arg(long, default_value_t = WINDOW_BYTES)]
+    window_bytes: u64,
     /// Also measure QoS 1 (publish, PUBACK, deliver, ACK) on the whispeer server.
     #[arg(long)]
     qos1: bool,
@@ -100,8 +101,8 @@ impl Target {
     async fn connect(&self) -> anyhow::Result<Conn> {
         Ok(match self {
             Self::Whispeer { addr, api_key } => {
+                // The SDK's defaults, as a user gets them.
                 let mut options = ClientOptions::new(addr.clone());
-                options.subscription_capacity = 4096;
                 if let Some(key) = api_key {
                     options = options.api_key(key.clone());
                 }
@@ -284,13 +285,13 @@ struct Report {
 async fn measure(target: &Target, args: &BenchArgs) -> anyhow::Result<Report> {
     let name = target.name();
     eprintln!("{name}: 1→1, 128 B …");
-    let (one_to_one, _) = throughput(target, 1, args.messages, 128, args.window).await?;
+    let window = |payload: u64| (args.window_bytes / payload).max(1);
+    let (one_to_one, _) = throughput(target, 1, args.messages, 128, window(128)).await?;
     eprintln!("{name}: 1→8, 128 B …");
-    let (one_to_eight, _) = throughput(target, 8, args.messages / 4, 128, args.window).await?;
+    let (one_to_eight, _) = throughput(target, 8, args.messages / 4, 128, window(128)).await?;
     eprintln!("{name}: 1→1, 64 KiB …");
     let (_, large) =
-        throughput(target, 1, (args.messages / 40).max(100), 64 * 1024, args.window.min(64))
-            .await?;
+        throughput(target, 1, (args.messages / 40).max(100), 64 * 1024, window(64 * 1024)).await?;
     eprintln!("{name}: latency at {} msgs/s for {} s …", args.rate, args.latency_secs);
     let latency = latency(target, args.rate, args.latency_secs).await?;
     Ok(Report { one_to_one, one_to_eight, large_mb: large / 1e6, latency })
@@ -312,7 +313,8 @@ pub(crate) fn run(args: BenchArgs) -> std::process::ExitCode {
         if args.qos1 {
             let (addr, key) = (args.server.as_str(), args.api_key.as_deref());
             eprintln!("whispeer: QoS 1 1→1, 128 B …");
-            let prefetch = u32::try_from(args.window).unwrap_or(u32::MAX);
+            let prefetch =
+                u32::try_from((args.window_bytes / 128).clamp(1, 1 << 20)).unwrap_or(u32::MAX);
             let rate = qos1::throughput(addr, key, args.messages, prefetch).await?;
             eprintln!("whispeer: QoS 1 latency at {} msgs/s …", args.rate);
             let [p50, p99, p999] = qos1::latency(addr, key, args.rate, args.latency_secs).await?;

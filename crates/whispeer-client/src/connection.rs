@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -28,7 +28,7 @@ use whispeer_proto::{
     Body, Envelope, ErrorCode, Frame, Limits, PROTOCOL_VERSION, Qos, StartAt, reserve_for_read,
 };
 
-pub(crate) use subs::{Incoming, Settle, SubSpec};
+pub(crate) use subs::{Buffer, Incoming, Settle, SubSpec};
 use subs::{RecentIds, Sub};
 
 use crate::transport::{self, Reader, Writer};
@@ -49,7 +49,7 @@ pub(crate) enum Command {
     Subscribe {
         spec: SubSpec,
         deliver: mpsc::Sender<Incoming>,
-        duplicates: Arc<AtomicU64>,
+        buffer: Arc<Buffer>,
         reply: oneshot::Sender<Result<u32, ClientError>>,
     },
     Unsubscribe {
@@ -407,7 +407,7 @@ impl Actor {
                     }
                 }
             }
-            Command::Subscribe { spec, deliver, duplicates, reply } => {
+            Command::Subscribe { spec, deliver, buffer, reply } => {
                 let sub = self.next_sub;
                 self.next_sub = self.next_sub.wrapping_add(1);
                 let correlation = self.correlation();
@@ -416,7 +416,7 @@ impl Actor {
                     Ok(()) => {
                         let acked = RecentIds::default();
                         let last_offset = None;
-                        let entry = Sub { spec, deliver, acked, duplicates, last_offset };
+                        let entry = Sub { spec, deliver, acked, buffer, last_offset };
                         self.subscriptions.insert(sub, entry);
                         self.pending.insert(correlation, Pending::Subscribed { sub, reply });
                     }
@@ -491,13 +491,23 @@ impl Actor {
                 }
                 if subscription.acked.set.contains(&envelope.id) {
                     // Acked already; the ack was lost with a connection. Ack again, drop it.
-                    subscription.duplicates.fetch_add(1, Ordering::Relaxed);
+                    subscription.buffer.duplicates.fetch_add(1, Ordering::Relaxed);
                     return encode(&Frame::new(0, Body::Ack { sub, id: envelope.id }), out, max);
                 }
-                match subscription.deliver.try_send(Incoming { envelope, attempt, offset }) {
+                let incoming = Incoming { envelope, attempt, offset };
+                let weight = Buffer::weight(&incoming);
+                // Under QoS 1 a dropped message stays unacknowledged and comes again after its
+                // timeout.
+                if !subscription.buffer.admit(weight) {
+                    let id = incoming.envelope.id;
+                    tracing::warn!(sub, %id, "subscription buffer full (bytes); message dropped");
+                    return Ok(());
+                }
+                match subscription.deliver.try_send(incoming) {
                     Ok(()) => {}
                     Err(mpsc::error::TrySendError::Full(incoming)) => {
-                        // Under QoS 1 it stays unacknowledged and comes again after its timeout.
+                        subscription.buffer.release(weight);
+                        subscription.buffer.count_drop();
                         let id = incoming.envelope.id;
                         tracing::warn!(sub, %id, "subscription buffer full; message dropped");
                     }

@@ -49,6 +49,7 @@ pub use whispeer_engines::ReceiveError;
 pub use whispeer_proto as proto;
 pub use whispeer_proto::{Qos, StartAt};
 
+use connection::Buffer;
 use connection::{Command, SubSpec};
 use subscription::Parts;
 
@@ -132,8 +133,14 @@ pub struct ClientOptions {
     pub connect_timeout: Duration,
     /// First and longest wait between reconnection attempts. Default: 100 ms and 5 s.
     pub backoff: (Duration, Duration),
-    /// Messages buffered per subscription; further ones are dropped and counted. Default: 1 024.
+    /// Messages buffered per subscription; further ones are dropped and counted. Default:
+    /// 131 072, a cap that does not bite before `subscription_max_bytes` (a message weighs its
+    /// payload plus 256 bytes); the buffer grows as messages arrive.
     pub subscription_capacity: usize,
+    /// Bytes buffered per subscription (payloads plus 256 a message) while the application has
+    /// not taken them; further messages are dropped and counted (`SubscriptionStats::dropped`).
+    /// Default: 32 MiB, which holds a burst of 8 MiB of 128-byte messages.
+    pub subscription_max_bytes: usize,
     /// Commands (publishes, subscribes) queued for the connection task. Default: 4 096.
     pub command_queue: usize,
     /// QoS 1: message ids each subscription remembers having acknowledged, so that a
@@ -156,7 +163,8 @@ impl ClientOptions {
             reconnect: true,
             connect_timeout: Duration::from_secs(5),
             backoff: (Duration::from_millis(100), Duration::from_secs(5)),
-            subscription_capacity: 1024,
+            subscription_capacity: 131_072,
+            subscription_max_bytes: 32 << 20,
             command_queue: 4096,
             dedup_ids: 4096,
             limits: Limits::default(),
@@ -280,6 +288,7 @@ struct Shared {
     id_prefix: u64,
     next_id: AtomicU64,
     subscription_capacity: usize,
+    subscription_max_bytes: usize,
 }
 
 /// A connection to a whispeer server. Cheap to clone; the connection closes when every clone
@@ -320,6 +329,7 @@ impl Client {
             id_prefix: u64::from_le_bytes(prefix),
             next_id: AtomicU64::new(1),
             subscription_capacity: options.subscription_capacity,
+            subscription_max_bytes: options.subscription_max_bytes,
         });
         let (commands, rx) = mpsc::channel(options.command_queue);
         let (settles, settled) = mpsc::unbounded_channel();
@@ -490,9 +500,9 @@ impl Client {
         let spec = SubSpec { filter: Filter::parse(&filter)?, qos, prefetch, group, start };
         let (deliver, deliveries) = mpsc::channel(self.shared.subscription_capacity);
         let (reply, replied) = oneshot::channel();
-        let duplicates = Arc::new(AtomicU64::new(0));
-        let counter = Arc::clone(&duplicates);
-        self.send(Command::Subscribe { spec, deliver, duplicates: counter, reply }).await?;
+        let buffer = Arc::new(Buffer::new(self.shared.subscription_max_bytes));
+        let shared_buffer = Arc::clone(&buffer);
+        self.send(Command::Subscribe { spec, deliver, buffer: shared_buffer, reply }).await?;
         let sub = replied.await.map_err(|_| ClientError::Closed)??;
         Ok(Parts {
             sub,
@@ -500,7 +510,7 @@ impl Client {
             commands: self.commands.clone(),
             settles: (qos == Qos::AtLeastOnce).then(|| self.settles.clone()),
             engines: Arc::clone(&self.shared.engines),
-            duplicates,
+            buffer,
         })
     }
 

@@ -4,7 +4,7 @@ use std::fmt;
 use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -15,7 +15,7 @@ use whispeer_engines::{Codec, Engines, OpenError};
 use whispeer_proto::{Envelope, Headers, MessageId, Topic};
 
 use crate::ReceiveError;
-use crate::connection::{Command, Incoming, Settle};
+use crate::connection::{Buffer, Command, Incoming, Settle};
 
 /// Where a QoS 1 delivery sends its ack.
 #[derive(Clone, Debug)]
@@ -140,11 +140,14 @@ pub struct SubscriptionStats {
     pub decode_errors: u64,
     /// Redeliveries of messages already acknowledged here, dropped (and acknowledged again).
     pub duplicates: u64,
+    /// Messages dropped because this subscription's buffer was full (the application did not
+    /// keep up); see `ClientOptions::subscription_max_bytes`.
+    pub dropped: u64,
 }
 
 /// A subscription on a client: `recv().await`, or use it as a [`Stream`]. Dropping it
-/// unsubscribes. Messages beyond its buffer (see `ClientOptions::subscription_capacity`) are
-/// dropped by the connection task and logged.
+/// unsubscribes. Messages beyond its buffer (`ClientOptions::subscription_max_bytes`, then
+/// `subscription_capacity`) are dropped by the connection task, counted and logged.
 pub struct ClientSubscription<T> {
     sub: u32,
     deliveries: mpsc::Receiver<Incoming>,
@@ -153,7 +156,7 @@ pub struct ClientSubscription<T> {
     engines: Arc<Engines>,
     decode: fn(&Delivery) -> Result<T, ReceiveError>,
     stats: SubscriptionStats,
-    duplicates: Arc<AtomicU64>,
+    buffer: Arc<Buffer>,
 }
 
 /// What a client subscription is made of.
@@ -164,7 +167,7 @@ pub(crate) struct Parts {
     /// For QoS 1 subscriptions.
     pub(crate) settles: Option<mpsc::UnboundedSender<Settle>>,
     pub(crate) engines: Arc<Engines>,
-    pub(crate) duplicates: Arc<AtomicU64>,
+    pub(crate) buffer: Arc<Buffer>,
 }
 
 impl<T> fmt::Debug for ClientSubscription<T> {
@@ -178,9 +181,9 @@ impl<T> fmt::Debug for ClientSubscription<T> {
 
 impl<T> ClientSubscription<T> {
     pub(crate) fn new(parts: Parts, decode: fn(&Delivery) -> Result<T, ReceiveError>) -> Self {
-        let Parts { sub, deliveries, commands, settles, engines, duplicates } = parts;
+        let Parts { sub, deliveries, commands, settles, engines, buffer } = parts;
         let stats = SubscriptionStats::default();
-        Self { sub, deliveries, commands, settles, engines, decode, stats, duplicates }
+        Self { sub, deliveries, commands, settles, engines, decode, stats, buffer }
     }
 
     /// Waits for the next message; `None` once the client is closed (or, without reconnection,
@@ -205,7 +208,11 @@ impl<T> ClientSubscription<T> {
 
     /// This subscription's counters.
     pub fn stats(&self) -> SubscriptionStats {
-        SubscriptionStats { duplicates: self.duplicates.load(Ordering::Relaxed), ..self.stats }
+        SubscriptionStats {
+            duplicates: self.buffer.duplicates.load(Ordering::Relaxed),
+            dropped: self.buffer.dropped(),
+            ..self.stats
+        }
     }
 
     fn poll_acked(&mut self, cx: &mut Context<'_>) -> Poll<Option<T>> {
@@ -222,6 +229,7 @@ impl<T> ClientSubscription<T> {
             let Some(incoming) = std::task::ready!(self.deliveries.poll_recv(cx)) else {
                 return Poll::Ready(None);
             };
+            self.buffer.release(Buffer::weight(&incoming));
             let ack_to = self.settles.clone().map(|settles| AckTo { sub: self.sub, settles });
             let delivery = Delivery {
                 envelope: incoming.envelope,

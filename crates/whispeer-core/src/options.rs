@@ -11,6 +11,9 @@ use crate::queue::{ByteBudget, SlowConsumer};
 use crate::retention::Retention;
 use crate::store::Durability;
 
+/// The default byte bound of a subscription's queue.
+const DEFAULT_QUEUE_BYTES: usize = 32 << 20;
+
 /// Settings of a broker. Every field has a safe default.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
@@ -19,12 +22,14 @@ pub struct BrokerOptions {
     pub codec: Codec,
     /// Bounds on topics and messages.
     pub limits: Limits,
-    /// Default queue capacity of a subscription, in messages. Default: 1024.
+    /// Default queue capacity of a subscription, in messages: a cap that does not bite before
+    /// the byte bound (every message weighs at least 256 bytes). Default: 131 072.
     pub queue_capacity: usize,
     /// Default policy when a subscription's queue is full. Default: [`SlowConsumer::DropOldest`].
     pub slow_consumer: SlowConsumer,
-    /// Default byte bound of a subscription's queue: payloads plus 256 bytes per message.
-    /// Default: 16 MiB.
+    /// Default byte bound of a subscription's queue: payloads plus 256 bytes per message. It
+    /// holds a burst of 8 MiB of small messages in flight (65 536 messages of 128 bytes weigh
+    /// 24 MiB). Default: 32 MiB.
     pub queue_max_bytes: usize,
     /// QoS 1: default ack timeout, backoff and attempts before dead-lettering.
     pub redelivery: Redelivery,
@@ -56,9 +61,9 @@ impl Default for BrokerOptions {
         Self {
             codec: Codec::default(),
             limits: Limits::default(),
-            queue_capacity: 1024,
+            queue_capacity: DEFAULT_QUEUE_BYTES / 256,
             slow_consumer: SlowConsumer::default(),
-            queue_max_bytes: 16 * 1024 * 1024,
+            queue_max_bytes: DEFAULT_QUEUE_BYTES,
             redelivery: Redelivery::default(),
             prefetch: 1024,
             dedup_window: Duration::from_secs(120),

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::task::{Context, Poll, Waker};
 
 use atomic_waker::AtomicWaker;
-use crossbeam_queue::ArrayQueue;
+use crossbeam_queue::SegQueue;
 
 use whispeer_proto::{Filter, Topic};
 
@@ -40,6 +40,12 @@ pub enum SlowConsumer {
     /// `disconnected`.
     Disconnect,
 }
+
+/// Where a queue's message count starts in its `load` word; the bytes below can reach 1 TiB,
+/// far past any byte bound, and the count above up to 2^24, past `MAX_QUEUE_CAPACITY`.
+const COUNT_SHIFT: u32 = 40;
+const COUNT_ONE: u64 = 1 << COUNT_SHIFT;
+const BYTES_MASK: u64 = COUNT_ONE - 1;
 
 /// What a queued message counts against the byte bound: its payload and a fixed allowance for
 /// the envelope and bookkeeping.
@@ -162,9 +168,13 @@ pub(crate) struct Counters {
 pub(crate) struct Queue {
     /// The subscription's filter, kept here so the queue alone can find its route.
     pub(crate) filter: Filter,
-    items: ArrayQueue<Message>,
-    /// Bytes of the queued messages (see `weight`).
-    bytes: AtomicUsize,
+    /// Grows and shrinks in blocks as messages come and go: an idle queue holds no slots.
+    items: SegQueue<Message>,
+    /// Most messages queued at once.
+    capacity: usize,
+    /// The queued messages: their count in the bits from `COUNT_SHIFT` up, their bytes (see
+    /// `weight`) below, so one atomic operation keeps both.
+    load: AtomicU64,
     max_bytes: usize,
     budget: Option<ByteBudget>,
     /// For a replaying subscription: per retained topic, the first offset to take from the
@@ -186,8 +196,9 @@ impl Queue {
     ) -> Self {
         Self {
             filter,
-            items: ArrayQueue::new(capacity),
-            bytes: AtomicUsize::new(0),
+            items: SegQueue::new(),
+            capacity,
+            load: AtomicU64::new(0),
             max_bytes,
             budget: None,
             replay_from: OnceLock::new(),
@@ -233,31 +244,22 @@ impl Queue {
         let outcome = match self.policy {
             SlowConsumer::DropOldest => {
                 let mut dropped = false;
-                while self.over_bytes(weight) {
+                while self.is_full(weight) {
                     let Some(oldest) = self.items.pop() else { break };
                     self.release(&oldest);
                     dropped = true;
                     self.counters.dropped_oldest.fetch_add(1, Ordering::Relaxed);
                 }
                 self.charge(weight);
-                if let Some(oldest) = self.items.force_push(message) {
-                    self.release(&oldest);
-                    dropped = true;
-                    self.counters.dropped_oldest.fetch_add(1, Ordering::Relaxed);
-                }
+                self.items.push(message);
                 if dropped { Pushed::DroppedOldest } else { Pushed::Queued }
             }
             policy => {
-                let refused = if self.over_bytes(weight) {
-                    true
-                } else {
+                let refused = self.is_full(weight);
+                if !refused {
                     self.charge(weight);
-                    let refused = self.items.push(message).is_err();
-                    if refused {
-                        self.uncharge(weight);
-                    }
-                    refused
-                };
+                    self.items.push(message);
+                }
                 if refused {
                     return match policy {
                         SlowConsumer::DropNewest => {
@@ -281,24 +283,26 @@ impl Queue {
         outcome
     }
 
-    /// Whether adding `weight` bytes would pass the byte bound or the shared budget (never for
-    /// an empty queue).
-    fn over_bytes(&self, weight: usize) -> bool {
-        let queued = self.bytes.load(Ordering::Acquire);
-        queued > 0
-            && (queued + weight > self.max_bytes
-                || self.budget.as_ref().is_some_and(|b| b.would_exceed(weight)))
+    /// Whether one more message of `weight` bytes would pass the count bound, the byte bound or
+    /// the shared budget (the byte bounds never refuse an empty queue).
+    fn is_full(&self, weight: usize) -> bool {
+        let load = self.load.load(Ordering::Acquire);
+        let (count, queued) = (load >> COUNT_SHIFT, (load & BYTES_MASK) as usize);
+        count >= self.capacity as u64
+            || (queued > 0
+                && (queued + weight > self.max_bytes
+                    || self.budget.as_ref().is_some_and(|b| b.would_exceed(weight))))
     }
 
     fn charge(&self, weight: usize) {
-        self.bytes.fetch_add(weight, Ordering::AcqRel);
+        self.load.fetch_add(COUNT_ONE + weight as u64, Ordering::AcqRel);
         if let Some(budget) = &self.budget {
             budget.inner.used.fetch_add(weight, Ordering::AcqRel);
         }
     }
 
     fn uncharge(&self, weight: usize) {
-        self.bytes.fetch_sub(weight, Ordering::AcqRel);
+        self.load.fetch_sub(COUNT_ONE + weight as u64, Ordering::AcqRel);
         if let Some(budget) = &self.budget {
             budget.inner.used.fetch_sub(weight, Ordering::AcqRel);
         }
@@ -367,7 +371,7 @@ impl Queue {
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.items.len()
+        usize::try_from(self.load.load(Ordering::Acquire) >> COUNT_SHIFT).unwrap_or(usize::MAX)
     }
 }
 
@@ -375,7 +379,8 @@ impl Drop for Queue {
     fn drop(&mut self) {
         // Messages still queued give their share of a shared budget back.
         if let Some(budget) = &self.budget {
-            budget.inner.used.fetch_sub(*self.bytes.get_mut(), Ordering::AcqRel);
+            let bytes = (*self.load.get_mut() & BYTES_MASK) as usize;
+            budget.inner.used.fetch_sub(bytes, Ordering::AcqRel);
         }
     }
 }

@@ -492,3 +492,22 @@ async fn a_message_over_the_byte_bound_still_reaches_an_empty_queue() {
     assert_eq!(s.try_recv().map(|m| m.payload()[0]), Some(2));
     assert!(s.try_recv().is_none(), "the small one did not fit behind the big one");
 }
+
+#[tokio::test]
+async fn the_default_queue_holds_an_8_mib_burst_of_small_messages() {
+    let broker = Broker::builder(BrokerOptions::default()).build();
+    let mut sub = broker.messages("burst").unwrap();
+    // 8 MiB of 128-byte payloads in flight before the subscriber reads anything.
+    let count = (8 << 20) / 128;
+    for n in 0..count {
+        let mut payload = vec![0u8; 128];
+        payload[..4].copy_from_slice(&u32::try_from(n).unwrap().to_be_bytes());
+        broker.publish_bytes("burst", payload).unwrap();
+    }
+    for n in 0..count {
+        let message = sub.try_recv_message().expect("every message of the burst is queued");
+        assert_eq!(message.payload()[..4], u32::try_from(n).unwrap().to_be_bytes());
+    }
+    let stats = broker.stats();
+    assert_eq!((stats.dropped_oldest, stats.dropped_newest), (0, 0));
+}

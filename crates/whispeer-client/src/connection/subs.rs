@@ -3,7 +3,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use tokio::sync::mpsc;
 use whispeer_proto::{Body, Envelope, Filter, MessageId, Qos, StartAt};
@@ -83,7 +83,62 @@ pub(super) struct Sub {
     pub(super) spec: SubSpec,
     pub(super) deliver: mpsc::Sender<Incoming>,
     pub(super) acked: RecentIds,
-    pub(super) duplicates: Arc<AtomicU64>,
+    pub(super) buffer: Arc<Buffer>,
     /// The last history offset received, to resume after a reconnect.
     pub(super) last_offset: Option<u64>,
+}
+
+/// What the connection task and a subscription share: its buffer's bytes (bounded, so a burst is
+/// held by bytes rather than by a small message count) and its counters.
+#[derive(Debug)]
+pub(crate) struct Buffer {
+    bytes: AtomicUsize,
+    max_bytes: usize,
+    pub(crate) duplicates: AtomicU64,
+    dropped: AtomicU64,
+}
+
+impl Buffer {
+    pub(crate) fn new(max_bytes: usize) -> Self {
+        let (bytes, duplicates, dropped) =
+            (AtomicUsize::new(0), AtomicU64::new(0), AtomicU64::new(0));
+        Self { bytes, max_bytes, duplicates, dropped }
+    }
+
+    /// What a buffered message weighs: its payload and an allowance for the envelope.
+    pub(crate) fn weight(incoming: &Incoming) -> usize {
+        Self::weight_of(incoming.envelope.payload.len())
+    }
+
+    /// What a message with a payload of `len` bytes weighs.
+    pub(crate) fn weight_of(len: usize) -> usize {
+        len + 256
+    }
+
+    /// Messages dropped so far.
+    pub(crate) fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Takes room for `weight` bytes; `false` (counted as dropped) when the buffer is full. A
+    /// message always fits an empty buffer.
+    pub(crate) fn admit(&self, weight: usize) -> bool {
+        let held = self.bytes.load(Ordering::Acquire);
+        if held > 0 && held + weight > self.max_bytes {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        self.bytes.fetch_add(weight, Ordering::AcqRel);
+        true
+    }
+
+    /// Gives back the room of a message taken off the buffer (or refused after all).
+    pub(crate) fn release(&self, weight: usize) {
+        self.bytes.fetch_sub(weight, Ordering::AcqRel);
+    }
+
+    /// Counts a message dropped for another reason (the count bound).
+    pub(crate) fn count_drop(&self) {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+    }
 }

@@ -5,19 +5,18 @@ use whispeer_proto::{ContentType, Filter, Flags, MessageId, Topic};
 
 use super::*;
 
-fn actor_with_sub(qos: Qos) -> (Actor, mpsc::Receiver<Incoming>, Arc<AtomicU64>) {
+fn actor_with_sub(qos: Qos) -> (Actor, mpsc::Receiver<Incoming>, Arc<Buffer>) {
     let (_commands, rx) = mpsc::channel(1);
     let (_settles, settled) = mpsc::unbounded_channel();
     let mut actor = Actor::new(ClientOptions::new("127.0.0.1:1"), rx, settled);
     let (deliver, deliveries) = mpsc::channel(8);
-    let duplicates = Arc::new(AtomicU64::new(0));
+    let buffer = Arc::new(Buffer::new(1 << 20));
     let filter = Filter::parse("t").unwrap();
     let spec = SubSpec { filter, qos, prefetch: 0, group: None, start: StartAt::Latest };
     let acked = RecentIds::default();
-    let counter = Arc::clone(&duplicates);
-    let sub = Sub { spec, deliver, acked, duplicates: counter, last_offset: None };
+    let sub = Sub { spec, deliver, acked, buffer: Arc::clone(&buffer), last_offset: None };
     actor.subscriptions.insert(1, sub);
-    (actor, deliveries, duplicates)
+    (actor, deliveries, buffer)
 }
 
 fn deliver(id: u128) -> Frame {
@@ -41,7 +40,7 @@ fn a_redelivery_of_an_acked_message_is_acked_again_and_dropped() {
     assert!(out.is_empty(), "nothing else was sent");
     assert_eq!(deliveries.try_recv().unwrap().envelope.id, MessageId(8), "7 was dropped");
     assert!(deliveries.try_recv().is_err());
-    assert_eq!(duplicates.load(Ordering::Relaxed), 1);
+    assert_eq!(duplicates.duplicates.load(Ordering::Relaxed), 1);
 }
 
 #[test]
@@ -74,4 +73,23 @@ fn recent_ids_forget_the_oldest_beyond_their_capacity() {
     let kept: Vec<u128> = recent.order.iter().map(|id| id.0).collect();
     assert_eq!(kept, [2, 3, 4]);
     assert!(!recent.set.contains(&MessageId(1)) && recent.set.len() == 3);
+}
+
+#[test]
+fn a_subscription_buffer_is_bounded_by_bytes_and_counts_what_it_drops() {
+    let (mut actor, mut deliveries, buffer) = actor_with_sub(Qos::AtMostOnce);
+    // Room for 1 MiB: each 1-byte message weighs 257, so 4080 fit and the rest are dropped.
+    let mut out = BytesMut::new();
+    for id in 0..4100 {
+        actor.dispatch(deliver(id), &mut out, usize::MAX).unwrap();
+        if let Ok(incoming) = deliveries.try_recv() {
+            // Keep the channel from filling: the bytes stay counted until the subscription
+            // takes the message, so hold on to it.
+            std::mem::forget(incoming);
+        }
+    }
+    assert_eq!(buffer.dropped(), 4100 - 4080);
+    buffer.release(Buffer::weight_of(1));
+    actor.dispatch(deliver(5000), &mut out, usize::MAX).unwrap();
+    assert_eq!(buffer.dropped(), 20, "room given back is used again");
 }

@@ -39,7 +39,8 @@ pub(crate) use services::Services;
 /// Room above `max_message_bytes` for what sealing adds to a payload (key id, nonce, tag).
 pub(crate) const SEAL_OVERHEAD: usize = 64;
 
-/// Largest queue a subscription may ask for; queues allocate their capacity up front.
+/// Largest queue capacity, in messages, a subscription may ask for (slots are allocated as
+/// messages arrive, not up front).
 pub const MAX_QUEUE_CAPACITY: usize = 1 << 20;
 
 /// A topic's bound type; see [`Broker::topic`].
