@@ -2,8 +2,10 @@
 //! with the same workloads in the same run (`--nats`, feature `nats`).
 //!
 //! Every system runs through one harness: each subscriber has its own connection; the publisher
-//! stays at most `WINDOW` messages ahead of the slowest subscriber, so no queue overflows and
-//! every message is delivered; throughput counts delivered messages. Latency publishes at a fixed
+//! stays at most `--window-bytes` (8 MiB) of payload ahead of the slowest subscriber, as a real
+//! burst would; throughput counts delivered messages, and a lost message stalls the run with an
+//! error. Baselines beside whispeer: nats-server through async-nats (`--nats`) and through its
+//! raw text protocol (`--nats-raw`), and a byte-copying forwarder (`--forwarder`), the limit. Latency publishes at a fixed
 //! rate (paced per millisecond) and measures publish-to-receive time inside this process.
 
 use std::sync::Arc;
@@ -17,6 +19,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use whispeer_client::{Client, ClientOptions, ClientSubscription, Delivery};
 
 mod qos1;
+mod raw;
+
+pub(crate) use raw::serve_forwarder;
 
 /// Default publisher lead over the slowest subscriber, in payload bytes: 8 MiB in flight, as a
 /// real burst has (65 536 messages of 128 bytes, 128 of 64 KiB). The defaults of the server
@@ -37,6 +42,17 @@ pub(crate) struct BenchArgs {
     /// nats-server address, to measure it with the same workloads (needs feature `nats`).
     #[arg(long)]
     nats: Option<String>,
+    /// nats-server address, measured through its text protocol written and parsed here (a
+    /// client that costs next to nothing): the server at its best.
+    #[arg(long)]
+    nats_raw: Option<String>,
+    /// Address of a forwarder (`whispeer bench --serve-forwarder ADDR`): a process that only
+    /// copies bytes between sockets, measured with the same workloads as this machine's limit.
+    #[arg(long)]
+    forwarder: Option<String>,
+    /// Serve the forwarder on this address instead of measuring (until killed).
+    #[arg(long, hide = true)]
+    serve_forwarder: Option<String>,
     /// Messages per throughput run with 128-byte payloads.
     #[arg(long, default_value_t = 200_000)]
     messages: u64,
@@ -67,18 +83,28 @@ enum Target {
     Nats {
         addr: String,
     },
+    /// nats-server through its text protocol, parsed here.
+    NatsRaw {
+        addr: String,
+    },
+    /// The byte-copying forwarder: the machine's limit.
+    Forwarder {
+        addr: String,
+    },
 }
 
 enum Conn {
     Whispeer(Client),
     #[cfg(feature = "nats")]
     Nats(async_nats::Client),
+    Raw(raw::RawConn),
 }
 
 enum Sub {
     Whispeer(ClientSubscription<Delivery>),
     #[cfg(feature = "nats")]
     Nats(async_nats::Subscriber),
+    Raw(raw::RawSub),
 }
 
 impl Target {
@@ -86,7 +112,9 @@ impl Target {
         match self {
             Self::Whispeer { .. } => "whispeer",
             #[cfg(feature = "nats")]
-            Self::Nats { .. } => "nats-server",
+            Self::Nats { .. } => "nats (async-nats)",
+            Self::NatsRaw { .. } => "nats (raw protocol)",
+            Self::Forwarder { .. } => "forwarder (limit)",
         }
     }
 
@@ -96,6 +124,7 @@ impl Target {
             Self::Whispeer { .. } => format!("bench/{name}"),
             #[cfg(feature = "nats")]
             Self::Nats { .. } => format!("bench.{name}"),
+            Self::NatsRaw { .. } | Self::Forwarder { .. } => format!("bench.{name}"),
         }
     }
 
@@ -111,6 +140,12 @@ impl Target {
             }
             #[cfg(feature = "nats")]
             Self::Nats { addr } => Conn::Nats(async_nats::connect(addr.as_str()).await?),
+            Self::NatsRaw { addr } => {
+                Conn::Raw(raw::RawConn::connect(raw::Kind::Nats, addr).await?)
+            }
+            Self::Forwarder { addr } => {
+                Conn::Raw(raw::RawConn::connect(raw::Kind::Forwarder, addr).await?)
+            }
         })
     }
 }
@@ -126,6 +161,7 @@ impl Conn {
                 client.flush().await?;
                 Sub::Nats(sub)
             }
+            Self::Raw(conn) => Sub::Raw(conn.subscribe(subject).await?),
         })
     }
 
@@ -136,6 +172,7 @@ impl Conn {
             }
             #[cfg(feature = "nats")]
             Self::Nats(client) => client.publish(subject.to_string(), payload).await?,
+            Self::Raw(conn) => conn.publish(subject, &payload).await?,
         }
         Ok(())
     }
@@ -145,6 +182,7 @@ impl Conn {
             Self::Whispeer(client) => client.flush().await?,
             #[cfg(feature = "nats")]
             Self::Nats(client) => client.flush().await?,
+            Self::Raw(conn) => conn.flush().await?,
         }
         Ok(())
     }
@@ -159,6 +197,7 @@ impl Sub {
                 use futures_util::StreamExt;
                 sub.next().await.map(|m| m.payload)
             }
+            Self::Raw(sub) => sub.next().await,
         }
     }
 }
@@ -302,7 +341,19 @@ pub(crate) fn run(args: BenchArgs) -> std::process::ExitCode {
     crate::pubsub::block_on_multi(async move {
         let whispeer =
             Target::Whispeer { addr: args.server.clone(), api_key: args.api_key.clone() };
-        let targets: Vec<Target> = std::iter::once(whispeer).chain(nats_target(&args)?).collect();
+        if let Some(addr) = &args.serve_forwarder {
+            let listener = tokio::net::TcpListener::bind(addr.as_str()).await?;
+            println!("whispeer: forwarder listening on {}", listener.local_addr()?);
+            return Ok(serve_forwarder(listener).await?);
+        }
+        let raw = [
+            args.nats_raw.clone().map(|addr| Target::NatsRaw { addr }),
+            args.forwarder.clone().map(|addr| Target::Forwarder { addr }),
+        ];
+        let targets: Vec<Target> = std::iter::once(whispeer)
+            .chain(nats_target(&args)?)
+            .chain(raw.into_iter().flatten())
+            .collect();
         let mut reports = Vec::new();
         for target in &targets {
             let report = measure(target, &args)
@@ -358,7 +409,7 @@ fn print_table(reports: &[(&str, Report)]) {
     ];
     print!("{:<32}", "workload");
     for (name, _) in reports {
-        print!("{name:>14}");
+        print!("{name:>22}");
     }
     if reports.len() == 2 {
         print!("{:>16}", "ratio w/n");
@@ -367,7 +418,7 @@ fn print_table(reports: &[(&str, Report)]) {
     for (label, value) in rows {
         print!("{label:<32}");
         for (_, report) in reports {
-            print!("{:>14.1}", value(report));
+            print!("{:>22.1}", value(report));
         }
         if let [(_, w), (_, n)] = reports {
             print!("{:>15.2}×", value(w) / value(n));

@@ -542,3 +542,36 @@ async fn the_admin_port_reports_health_and_metrics_that_match_the_workload() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn bench_measures_the_server_beside_the_forwarder_with_a_deep_window() {
+    let server = Server::start(&[]);
+    let mut forwarder = Command::new(BIN)
+        .args(["bench", "--serve-forwarder", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(forwarder.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let forwarder_addr =
+        line.trim().strip_prefix("whispeer: forwarder listening on ").unwrap().to_string();
+    // 20,000 messages with the default 8 MiB window: every one in flight at once, at defaults.
+    let out = Command::new(BIN)
+        .args(["bench", "--server", &server.addr, "--forwarder", &forwarder_addr])
+        .args(["--messages", "20000", "--latency-secs", "1", "--rate", "1000"])
+        .output()
+        .unwrap();
+    let _ = forwarder.kill();
+    let _ = forwarder.wait();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let table = String::from_utf8_lossy(&out.stdout);
+    let label = "1→1 128 B, delivered msgs/s";
+    let row = table.lines().find(|l| l.starts_with(label)).unwrap();
+    // Each system's figure, then their ratio (ending in ×).
+    let figures: Vec<f64> =
+        row[label.len()..].split_whitespace().filter_map(|w| w.parse().ok()).collect();
+    assert_eq!(figures.len(), 2, "whispeer and the forwarder: {table}");
+    assert!(figures.iter().all(|&f| f > 0.0), "{table}");
+    assert!(table.contains("forwarder (limit)"), "{table}");
+}

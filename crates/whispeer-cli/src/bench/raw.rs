@@ -1,0 +1,236 @@
+//! Two baselines for `whispeer bench`, each over a plain socket with buffered writes:
+//!
+//! - **NATS on its own text protocol** (`--nats-raw`): `PUB`/`SUB`/`MSG` written and parsed
+//!   here, so the client costs next to nothing and the figure is the server's.
+//! - **A forwarder** (`--forwarder`, served by `whispeer bench --serve-forwarder ADDR`): a
+//!   process that only copies bytes from a publisher's socket to its subscribers' sockets, with
+//!   4-byte length prefixes: what this machine can move through one process, the limit every
+//!   broker is measured against.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::Arc;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Mutex;
+
+/// Which raw protocol a connection speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Kind {
+    Nats,
+    Forwarder,
+}
+
+/// A raw connection: it becomes a publisher or a subscriber on first use.
+pub(super) struct RawConn {
+    kind: Kind,
+    stream: std::sync::Mutex<Option<TcpStream>>,
+    writer: Mutex<Option<BufWriter<OwnedWriteHalf>>>,
+}
+
+/// The subscribing side of a raw connection.
+pub(super) struct RawSub {
+    kind: Kind,
+    reader: OwnedReadHalf,
+    /// For answering the NATS server's PINGs.
+    writer: OwnedWriteHalf,
+    buf: BytesMut,
+}
+
+const NATS_CONNECT: &[u8] = b"CONNECT {\"verbose\":false,\"pedantic\":false,\"echo\":false}\r\n";
+
+impl RawConn {
+    pub(super) async fn connect(kind: Kind, addr: &str) -> io::Result<Self> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (stream, writer) = (std::sync::Mutex::new(Some(stream)), Mutex::new(None));
+        Ok(Self { kind, stream, writer })
+    }
+
+    fn take(&self) -> io::Result<TcpStream> {
+        let mut stream = self.stream.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        stream.take().ok_or_else(|| io::Error::other("the connection is in use already"))
+    }
+
+    pub(super) async fn subscribe(&self, subject: &str) -> io::Result<RawSub> {
+        let (reader, mut writer) = self.take()?.into_split();
+        let mut sub = match self.kind {
+            Kind::Nats => {
+                let request = format!("SUB {subject} 1\r\nPING\r\n");
+                writer.write_all(&[NATS_CONNECT, request.as_bytes()].concat()).await?;
+                RawSub { kind: self.kind, reader, writer, buf: BytesMut::new() }
+            }
+            Kind::Forwarder => {
+                writer.write_all(format!("S{subject}\n").as_bytes()).await?;
+                let mut reader = reader;
+                // The forwarder confirms once the subscriber is in place.
+                let mut ack = [0u8; 1];
+                reader.read_exact(&mut ack).await?;
+                RawSub { kind: self.kind, reader, writer, buf: BytesMut::new() }
+            }
+        };
+        if self.kind == Kind::Nats {
+            // The PONG confirms the subscription, as a client's flush does.
+            sub.until_line(|line| line.starts_with(b"PONG")).await?;
+        }
+        Ok(sub)
+    }
+
+    pub(super) async fn publish(&self, subject: &str, payload: &[u8]) -> io::Result<()> {
+        let mut writer = self.writer.lock().await;
+        if writer.is_none() {
+            let (_reader, mut half) = self.take()?.into_split();
+            match self.kind {
+                Kind::Nats => half.write_all(NATS_CONNECT).await?,
+                Kind::Forwarder => half.write_all(format!("P{subject}\n").as_bytes()).await?,
+            }
+            *writer = Some(BufWriter::with_capacity(64 * 1024, half));
+        }
+        let Some(writer) = writer.as_mut() else { return Ok(()) };
+        match self.kind {
+            Kind::Nats => {
+                let head = format!("PUB {subject} {}\r\n", payload.len());
+                writer.write_all(head.as_bytes()).await?;
+                writer.write_all(payload).await?;
+                writer.write_all(b"\r\n").await
+            }
+            Kind::Forwarder => {
+                let len = u32::try_from(payload.len()).map_err(io::Error::other)?;
+                writer.write_all(&len.to_be_bytes()).await?;
+                writer.write_all(payload).await
+            }
+        }
+    }
+
+    pub(super) async fn flush(&self) -> io::Result<()> {
+        match self.writer.lock().await.as_mut() {
+            Some(writer) => writer.flush().await,
+            None => Ok(()),
+        }
+    }
+}
+
+impl RawSub {
+    async fn fill(&mut self) -> io::Result<()> {
+        self.buf.reserve(64 * 1024);
+        if self.reader.read_buf(&mut self.buf).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(())
+    }
+
+    /// Reads lines until one matches `done` (answering PINGs on the way).
+    async fn until_line(&mut self, done: impl Fn(&[u8]) -> bool) -> io::Result<()> {
+        loop {
+            while let Some(end) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                let line = self.buf.split_to(end + 2);
+                if line.starts_with(b"PING") {
+                    self.writer.write_all(b"PONG\r\n").await?;
+                } else if done(&line) {
+                    return Ok(());
+                }
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// The next message's payload; `None` when the connection ends.
+    pub(super) async fn next(&mut self) -> Option<Bytes> {
+        loop {
+            match self.kind {
+                Kind::Forwarder => {
+                    if self.buf.len() >= 4 {
+                        let len = u32::from_be_bytes([
+                            self.buf[0],
+                            self.buf[1],
+                            self.buf[2],
+                            self.buf[3],
+                        ]);
+                        let len = usize::try_from(len).ok()?;
+                        if self.buf.len() >= 4 + len {
+                            self.buf.advance(4);
+                            return Some(self.buf.split_to(len).freeze());
+                        }
+                    }
+                }
+                Kind::Nats => {
+                    if let Some(end) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                        let line = &self.buf[..end];
+                        if line.starts_with(b"MSG ") {
+                            // MSG <subject> <sid> [reply-to] <#bytes>
+                            let len: usize =
+                                std::str::from_utf8(line).ok()?.rsplit(' ').next()?.parse().ok()?;
+                            if self.buf.len() >= end + 2 + len + 2 {
+                                self.buf.advance(end + 2);
+                                let payload = self.buf.split_to(len).freeze();
+                                self.buf.advance(2);
+                                return Some(payload);
+                            }
+                        } else {
+                            let ping = line.starts_with(b"PING");
+                            self.buf.advance(end + 2);
+                            if ping {
+                                self.writer.write_all(b"PONG\r\n").await.ok()?;
+                            }
+                            continue;
+                        }
+                    }
+                }
+            }
+            self.fill().await.ok()?;
+        }
+    }
+}
+
+/// Serves the forwarder on `listener` until the process ends: a connection names its role and
+/// subject (`S<subject>\n` or `P<subject>\n`); every byte a publisher sends after that is
+/// written, as it came, to each subscriber of its subject.
+pub(crate) async fn serve_forwarder(listener: TcpListener) -> io::Result<()> {
+    type Subscribers = Arc<Mutex<HashMap<String, Vec<OwnedWriteHalf>>>>;
+    let subscribers: Subscribers = Arc::default();
+    loop {
+        let (stream, _) = listener.accept().await?;
+        stream.set_nodelay(true)?;
+        let subscribers = Arc::clone(&subscribers);
+        tokio::spawn(async move {
+            let (mut reader, mut writer) = stream.into_split();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while reader.read_exact(&mut byte).await.is_ok() && byte[0] != b'\n' {
+                head.push(byte[0]);
+            }
+            let Some((&role, subject)) = head.split_first() else { return };
+            let subject = String::from_utf8_lossy(subject).into_owned();
+            if role == b'S' {
+                let mut map = subscribers.lock().await;
+                if writer.write_all(b"K").await.is_err() {
+                    return;
+                }
+                map.entry(subject).or_default().push(writer);
+                drop(map);
+                // Hold the read half until the subscriber leaves.
+                let _ = reader.read(&mut [0u8; 1]).await;
+                return;
+            }
+            let mut chunk = vec![0u8; 256 * 1024];
+            while let Ok(n) = reader.read(&mut chunk).await {
+                if n == 0 {
+                    break;
+                }
+                let mut map = subscribers.lock().await;
+                if let Some(list) = map.get_mut(&subject) {
+                    let mut alive = Vec::with_capacity(list.len());
+                    for mut sub in list.drain(..) {
+                        if sub.write_all(&chunk[..n]).await.is_ok() {
+                            alive.push(sub);
+                        }
+                    }
+                    *list = alive;
+                }
+            }
+        });
+    }
+}
