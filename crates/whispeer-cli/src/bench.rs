@@ -50,6 +50,15 @@ pub(crate) struct BenchArgs {
     /// copies bytes between sockets, measured with the same workloads as this machine's limit.
     #[arg(long)]
     forwarder: Option<String>,
+    /// Process id of the whispeer server, to report its CPU time per delivery.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Process id of nats-server, to report its CPU time per delivery.
+    #[arg(long)]
+    nats_pid: Option<u32>,
+    /// Process id of the forwarder, to report its CPU time per delivery.
+    #[arg(long)]
+    forwarder_pid: Option<u32>,
     /// Serve the forwarder on this address instead of measuring (until killed).
     #[arg(long, hide = true)]
     serve_forwarder: Option<String>,
@@ -320,13 +329,49 @@ struct Report {
     one_to_eight: f64,
     large_mb: f64,
     latency: [f64; 3],
+    /// CPU microseconds per delivery in the 1→1 run: the server's (NaN without its pid) and
+    /// this harness's (publisher and subscriber clients together).
+    cpu_us: [f64; 2],
+}
+
+/// CPU seconds (user + system) a process has used so far, from `/proc/<pid>/stat` (this
+/// process without a pid), at the usual 100 ticks a second; `None` where that cannot be read.
+fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
+    let path = pid.map_or_else(|| "/proc/self/stat".to_string(), |pid| format!("/proc/{pid}/stat"));
+    let stat = std::fs::read_to_string(path).ok()?;
+    // Fields after the command name (which may hold spaces): state is the 3rd field, utime
+    // and stime the 14th and 15th.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+    Some((ticks(11)? + ticks(12)?) / 100.0)
+}
+
+/// The pid of the process behind `target`, as given on the command line.
+fn pid_of(target: &Target, args: &BenchArgs) -> Option<u32> {
+    match target {
+        Target::Whispeer { .. } => args.server_pid,
+        #[cfg(feature = "nats")]
+        Target::Nats { .. } => args.nats_pid,
+        Target::NatsRaw { .. } => args.nats_pid,
+        Target::Forwarder { .. } => args.forwarder_pid,
+    }
 }
 
 async fn measure(target: &Target, args: &BenchArgs) -> anyhow::Result<Report> {
     let name = target.name();
     eprintln!("{name}: 1→1, 128 B …");
     let window = |payload: u64| (args.window_bytes / payload).max(1);
+    let pid = pid_of(target, args);
+    // A target without a pid has no server figure (`cpu_seconds(None)` would be this process).
+    let server_cpu = || pid.and_then(|pid| cpu_seconds(Some(pid)));
+    let before = (server_cpu(), cpu_seconds(None));
     let (one_to_one, _) = throughput(target, 1, args.messages, 128, window(128)).await?;
+    let per_delivery = |from: Option<f64>, to: Option<f64>| match (from, to) {
+        (Some(from), Some(to)) => (to - from) * 1e6 / args.messages as f64,
+        _ => f64::NAN,
+    };
+    let cpu_us = [per_delivery(before.0, server_cpu()), per_delivery(before.1, cpu_seconds(None))];
     eprintln!("{name}: 1→8, 128 B …");
     let (one_to_eight, _) = throughput(target, 8, args.messages / 4, 128, window(128)).await?;
     eprintln!("{name}: 1→1, 64 KiB …");
@@ -334,7 +379,7 @@ async fn measure(target: &Target, args: &BenchArgs) -> anyhow::Result<Report> {
         throughput(target, 1, (args.messages / 40).max(100), 64 * 1024, window(64 * 1024)).await?;
     eprintln!("{name}: latency at {} msgs/s for {} s …", args.rate, args.latency_secs);
     let latency = latency(target, args.rate, args.latency_secs).await?;
-    Ok(Report { one_to_one, one_to_eight, large_mb: large / 1e6, latency })
+    Ok(Report { one_to_one, one_to_eight, large_mb: large / 1e6, latency, cpu_us })
 }
 
 pub(crate) fn run(args: BenchArgs) -> std::process::ExitCode {
@@ -399,13 +444,15 @@ fn nats_target(args: &BenchArgs) -> anyhow::Result<Option<Target>> {
 
 fn print_table(reports: &[(&str, Report)]) {
     type Row = (&'static str, fn(&Report) -> f64);
-    let rows: [Row; 6] = [
+    let rows: [Row; 8] = [
         ("1→1 128 B, delivered msgs/s", |r| r.one_to_one),
         ("1→8 128 B, delivered msgs/s", |r| r.one_to_eight),
         ("1→1 64 KiB, MB/s", |r| r.large_mb),
         ("latency p50 µs (fixed rate)", |r| r.latency[0]),
         ("latency p99 µs", |r| r.latency[1]),
         ("latency p99.9 µs", |r| r.latency[2]),
+        ("server CPU µs/delivery (1→1)", |r| r.cpu_us[0]),
+        ("harness CPU µs/delivery (1→1)", |r| r.cpu_us[1]),
     ];
     print!("{:<32}", "workload");
     for (name, _) in reports {

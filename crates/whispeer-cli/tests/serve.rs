@@ -557,8 +557,10 @@ fn bench_measures_the_server_beside_the_forwarder_with_a_deep_window() {
     let forwarder_addr =
         line.trim().strip_prefix("whispeer: forwarder listening on ").unwrap().to_string();
     // 20,000 messages with the default 8 MiB window: every one in flight at once, at defaults.
+    let pid = server.child.id().to_string();
     let out = Command::new(BIN)
         .args(["bench", "--server", &server.addr, "--forwarder", &forwarder_addr])
+        .args(["--server-pid", &pid])
         .args(["--messages", "20000", "--latency-secs", "1", "--rate", "1000"])
         .output()
         .unwrap();
@@ -574,4 +576,11 @@ fn bench_measures_the_server_beside_the_forwarder_with_a_deep_window() {
     assert_eq!(figures.len(), 2, "whispeer and the forwarder: {table}");
     assert!(figures.iter().all(|&f| f > 0.0), "{table}");
     assert!(table.contains("forwarder (limit)"), "{table}");
+    // The server's CPU time per delivery is read from its pid; the forwarder's is not known.
+    let label = "server CPU µs/delivery (1→1)";
+    let row = table.lines().find(|l| l.starts_with(label)).unwrap();
+    let cpu: Vec<&str> = row[label.len()..].split_whitespace().collect();
+    let whispeer_cpu: f64 = cpu[0].parse().unwrap();
+    assert!(whispeer_cpu.is_finite() && whispeer_cpu >= 0.0, "{table}");
+    assert_eq!(cpu[1], "NaN", "{table}");
 }
