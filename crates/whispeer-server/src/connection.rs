@@ -26,6 +26,7 @@ use super::adapter::AdapterError;
 use super::jwt::looks_like_jwt;
 use super::rate::RateLimit;
 use super::registry::{Connections, Registered};
+use super::traffic::FlowCache;
 use super::writer::{Outbound, write_loop};
 use crate::bump;
 use whispeer_core::{
@@ -112,6 +113,7 @@ pub(super) async fn run<R, W>(
     let kick = registered.entry.kick.clone();
     let mut connection = Connection {
         registered,
+        flows: FlowCache::default(),
         principal: (!config.auth_required()).then(Principal::anonymous),
         rate: RateLimit::new(&config),
         greeted: false,
@@ -149,6 +151,8 @@ pub(super) async fn run<R, W>(
 struct Connection {
     /// This connection's entry in the server's registry.
     registered: Registered,
+    /// The last topic this connection's publishes were counted on.
+    flows: FlowCache,
     broker: Broker,
     config: Arc<ServerConfig>,
     tx: mpsc::Sender<Outbound>,
@@ -420,7 +424,7 @@ impl Connection {
         let (topic, bytes) = (envelope.topic.clone(), envelope.payload.len());
         let published = self.broker.publish_envelope(envelope);
         if published.is_ok() {
-            self.config.traffic.inbound(&topic, bytes);
+            self.config.traffic.inbound(&mut self.flows, &topic, bytes);
             bump(&self.registered.entry.published);
         }
         self.published(correlation, qos, published).await;

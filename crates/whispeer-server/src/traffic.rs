@@ -84,6 +84,12 @@ impl Default for Traffic {
     }
 }
 
+/// The last topic a connection counted, with its counters: consecutive messages on one topic
+/// (the usual case) skip the shared map's lock and hash. Topics are never removed from the map,
+/// so a cached entry stays the one the map holds.
+#[derive(Debug, Default)]
+pub(crate) struct FlowCache(Option<(Topic, Arc<TopicFlow>)>);
+
 impl Traffic {
     /// Counts at most `max_topics` distinct topics one by one.
     pub fn new(max_topics: usize) -> Self {
@@ -96,22 +102,30 @@ impl Traffic {
     }
 
     /// Counts a message a client published to `topic`.
-    pub(crate) fn inbound(&self, topic: &Topic, bytes: usize) {
-        self.count(topic, true, bytes);
+    pub(crate) fn inbound(&self, cache: &mut FlowCache, topic: &Topic, bytes: usize) {
+        self.count(cache, topic, true, bytes);
     }
 
     /// Counts a message delivered to a client.
-    pub(crate) fn outbound(&self, topic: &Topic, bytes: usize) {
-        self.count(topic, false, bytes);
+    pub(crate) fn outbound(&self, cache: &mut FlowCache, topic: &Topic, bytes: usize) {
+        self.count(cache, topic, false, bytes);
     }
 
-    fn count(&self, topic: &Topic, inbound: bool, bytes: usize) {
+    fn count(&self, cache: &mut FlowCache, topic: &Topic, inbound: bool, bytes: usize) {
+        if let Some((cached, entry)) = &cache.0
+            && cached == topic
+        {
+            entry.flow.add(inbound, bytes);
+            entry.class.add(inbound, bytes);
+            return;
+        }
         let known = self.topics.read().unwrap_or_else(PoisonError::into_inner).get(topic).cloned();
         let entry = known.or_else(|| self.track(topic));
         match entry {
             Some(entry) => {
                 entry.flow.add(inbound, bytes);
                 entry.class.add(inbound, bytes);
+                cache.0 = Some((topic.clone(), entry));
             }
             None => {
                 self.untracked.fetch_add(1, Ordering::Relaxed);
@@ -186,11 +200,12 @@ mod tests {
     #[test]
     fn topics_and_classes_add_up() {
         let traffic = Traffic::new(2);
-        traffic.inbound(&topic("sensor/1/t"), 10);
-        traffic.inbound(&topic("sensor/2/t"), 20);
-        traffic.outbound(&topic("sensor/1/t"), 10);
-        traffic.outbound(&topic("sensor/1/t"), 10);
-        traffic.inbound(&topic("chat/room"), 5);
+        let mut cache = FlowCache::default();
+        traffic.inbound(&mut cache, &topic("sensor/1/t"), 10);
+        traffic.inbound(&mut cache, &topic("sensor/2/t"), 20);
+        traffic.outbound(&mut cache, &topic("sensor/1/t"), 10);
+        traffic.outbound(&mut cache, &topic("sensor/1/t"), 10);
+        traffic.inbound(&mut cache, &topic("chat/room"), 5);
 
         let classes = traffic.classes();
         let names: Vec<&str> = classes.iter().map(|(name, _)| name.as_str()).collect();
@@ -206,15 +221,23 @@ mod tests {
         assert_eq!(topics[0].0.as_str(), "sensor/1/t");
         assert_eq!((topics[0].1.messages_in, topics[0].1.messages_out), (1, 2));
         assert_eq!(traffic.untracked(), 1);
+        // Each connection's cache remembers one topic; another connection's counts add up.
+        let mut other = FlowCache::default();
+        traffic.outbound(&mut other, &topic("sensor/1/t"), 1);
+        traffic.outbound(&mut cache, &topic("sensor/2/t"), 1);
+        let topics = traffic.topics();
+        let flow = |name: &str| topics.iter().find(|t| t.0.as_str() == name).unwrap().1;
+        assert_eq!((flow("sensor/1/t").messages_out, flow("sensor/2/t").messages_out), (3, 1));
     }
 
     #[test]
     fn classes_past_the_bound_count_as_other() {
         let traffic = Traffic::new(0);
+        let mut cache = FlowCache::default();
         for n in 0..MAX_CLASSES + 5 {
-            traffic.inbound(&topic(&format!("c{n}/x")), 1);
+            traffic.inbound(&mut cache, &topic(&format!("c{n}/x")), 1);
         }
-        traffic.inbound(&topic("c0/y"), 1);
+        traffic.inbound(&mut cache, &topic("c0/y"), 1);
         let classes = traffic.classes();
         assert_eq!(classes.len(), MAX_CLASSES + 1);
         let other = classes.iter().find(|(name, _)| name == "other").unwrap().1;

@@ -22,7 +22,7 @@ use whispeer_proto::{Body, ErrorCode, Frame, Limits};
 
 use super::ServerConfig;
 use super::registry::Entry;
-use super::traffic::Traffic;
+use super::traffic::{FlowCache, Traffic};
 use crate::bump;
 use whispeer_core::{Delivery, Message, Subscription};
 
@@ -55,6 +55,8 @@ struct Writer {
     buf: BytesMut,
     limits: Limits,
     traffic: Arc<Traffic>,
+    /// The last topic this writer counted.
+    flows: FlowCache,
     /// The connection's registry entry, which counts its deliveries.
     entry: Arc<Entry>,
 }
@@ -80,7 +82,8 @@ impl Writer {
         );
         match encoded {
             Ok(()) => {
-                self.traffic.outbound(message.topic(), message.envelope().payload.len());
+                let bytes = message.envelope().payload.len();
+                self.traffic.outbound(&mut self.flows, message.topic(), bytes);
                 bump(&self.entry.delivered);
             }
             Err(err) => tracing::warn!(%err, sub, id = %message.id(), "delivery not sent"),
@@ -178,6 +181,7 @@ pub(super) async fn write_loop(
         buf: BytesMut::with_capacity(WRITE_BATCH),
         limits,
         traffic: Arc::clone(&config.traffic),
+        flows: FlowCache::default(),
         entry,
     };
     let stall = config.idle_timeout();
