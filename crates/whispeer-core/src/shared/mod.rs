@@ -192,12 +192,13 @@ impl Shared {
                 return Err(PublishError::Rejected { plugin, reason: rejection.reason });
             }
         }
-        let now = Instant::now();
+        // The clock is read only where it is needed (idempotency keys, time to live): most
+        // publishes have neither.
         // A plugin may have moved the message to another (valid) topic.
         let topic = envelope.topic.clone();
         let key = envelope.headers.get(header::IDEMPOTENCY_KEY).cloned();
         if let Some(key) = &key {
-            let (seen, evicted) = self.dedup.check(topic.as_str(), key, now);
+            let (seen, evicted) = self.dedup.check(topic.as_str(), key, Instant::now());
             if evicted > 0 {
                 tracing::warn!(evicted, "de-duplication window full: oldest keys forgotten early");
             }
@@ -215,7 +216,7 @@ impl Shared {
             let rules = &self.options.topic_ttl;
             rules.iter().find(|(filter, _)| filter.matches(&topic)).map(|(_, ttl)| *ttl)
         });
-        let expires_at = ttl.map(|ttl| now + ttl);
+        let expires_at = ttl.map(|ttl| Instant::now() + ttl);
         bump(&self.counters.published);
         let routed = match self.history.log(&topic) {
             None => self.route(envelope.id, topic.as_str(), expires_at, |_| envelope),
