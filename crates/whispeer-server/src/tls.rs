@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
@@ -89,12 +89,12 @@ pub fn server_tls(
 }
 
 /// Runs the TLS handshake on an accepted connection, within `limit`; `None` (logged) if it fails.
-pub(super) async fn accept(
+pub(super) async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     config: &Arc<rustls::ServerConfig>,
-    stream: TcpStream,
+    stream: S,
     peer: SocketAddr,
     limit: Duration,
-) -> Option<TlsStream<TcpStream>> {
+) -> Option<TlsStream<S>> {
     let handshake = TlsAcceptor::from(Arc::clone(config)).accept(stream);
     match tokio::time::timeout(limit, handshake).await {
         Ok(Ok(stream)) => Some(stream),

@@ -16,13 +16,16 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::runtime::Handle;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::StatusCode;
@@ -55,52 +58,87 @@ pub(super) async fn run(
     stop: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
-    let (stream, spare) = match with_spare(stream) {
-        Ok(pair) => pair,
-        Err(err) => {
-            tracing::debug!(%peer, %err, "cannot take the socket's handle");
-            return;
-        }
-    };
+    // Set when an over-size message is refused: the socket then lingers as it closes.
+    let close = Arc::new(OnceLock::new());
+    let stream = Lingering { stream: Some(stream), close: Arc::clone(&close) };
     #[cfg(feature = "tls")]
     if let Some(tls) = &config.tls {
         let Some(stream) = super::tls::accept(tls, stream, peer, config.idle_timeout()).await
         else {
             return;
         };
-        if upgrade_and_serve(stream, peer, broker, config, stop).await {
-            linger(spare).await;
-        }
-        return;
+        return upgrade_and_serve(stream, peer, broker, config, stop, close).await;
     }
-    if upgrade_and_serve(stream, peer, broker, config, stop).await {
-        linger(spare).await;
-    }
+    upgrade_and_serve(stream, peer, broker, config, stop, close).await;
 }
 
 /// Most bytes read and dropped after refusing an over-size message, and for how long.
 const LINGER_BYTES: usize = 64 << 20;
 const LINGER: Duration = Duration::from_secs(2);
 
-/// The stream and a second handle on its socket, which keeps it open after the stream is gone.
-fn with_spare(stream: TcpStream) -> io::Result<(TcpStream, std::net::TcpStream)> {
-    let stream = stream.into_std()?;
-    let spare = stream.try_clone()?;
-    Ok((TcpStream::from_std(stream)?, spare))
+/// A connection's socket. Dropped after an over-size message was refused (its close frame is
+/// set), it is not closed at once but handed to `linger` on the runtime: closing with the rest
+/// of that message unread would reset the connection, and the peer would lose the error and
+/// the close frame written just before. Below TLS, so both paths share it.
+struct Lingering {
+    stream: Option<TcpStream>,
+    close: Arc<OnceLock<CloseFrame>>,
 }
 
-/// Closes a socket whose peer may still be sending (the rest of a refused over-size message):
-/// sends FIN, then reads and drops what arrives until the peer closes, for a bounded time and
-/// size. Closing with unread data would reset the connection, and the peer would lose the error
-/// and the close frame written just before.
-async fn linger(spare: std::net::TcpStream) {
-    let _ = spare.shutdown(std::net::Shutdown::Write);
-    let Ok(mut spare) = TcpStream::from_std(spare) else { return };
+impl Lingering {
+    fn stream(&mut self) -> io::Result<Pin<&mut TcpStream>> {
+        self.stream.as_mut().map(Pin::new).ok_or_else(|| io::ErrorKind::NotConnected.into())
+    }
+}
+
+impl AsyncRead for Lingering {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.stream()?.poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Lingering {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.stream()?.poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.stream()?.poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.stream()?.poll_shutdown(cx)
+    }
+}
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        if self.close.get().is_none() {
+            return;
+        }
+        if let (Some(stream), Ok(runtime)) = (self.stream.take(), Handle::try_current()) {
+            runtime.spawn(linger(stream));
+        }
+    }
+}
+
+/// Sends FIN, then reads and drops what arrives until the peer closes, for a bounded time and
+/// size.
+async fn linger(mut stream: TcpStream) {
+    let _ = stream.shutdown().await;
     let mut scratch = vec![0u8; 64 * 1024];
     let drain = async {
         let mut left = LINGER_BYTES;
         while left > 0 {
-            match spare.read(&mut scratch).await {
+            match stream.read(&mut scratch).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => left = left.saturating_sub(n),
             }
@@ -109,15 +147,15 @@ async fn linger(spare: std::net::TcpStream) {
     let _ = tokio::time::timeout(LINGER, drain).await;
 }
 
-/// Serves the connection; `true` when it ended by refusing an over-size message.
+/// Upgrades and serves the connection.
 async fn upgrade_and_serve<S>(
     stream: S,
     peer: SocketAddr,
     broker: Broker,
     config: Arc<ServerConfig>,
     stop: CancellationToken,
-) -> bool
-where
+    close: Arc<OnceLock<CloseFrame>>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let limits = &broker.options().limits;
@@ -145,15 +183,14 @@ where
         Ok(Ok(ws)) => ws,
         Ok(Err(err)) => {
             tracing::debug!(%peer, %err, "WebSocket upgrade refused");
-            return false;
+            return;
         }
         Err(_) => {
             tracing::debug!(%peer, "WebSocket upgrade timed out");
-            return false;
+            return;
         }
     };
     let mode = Arc::new(AtomicU8::new(UNKNOWN));
-    let close = Arc::new(OnceLock::new());
     let inbound = Inbound {
         mode: Arc::clone(&mode),
         limits: broker.options().limits.clone(),
@@ -164,7 +201,6 @@ where
     let outbound = Outbound { mode, close: Arc::clone(&close) };
     let (reader, writer) = whispeer_transport::split(ws, inbound, outbound);
     connection::run(reader, writer, peer, broker, config, stop).await;
-    close.get().is_some()
 }
 
 fn invalid(message: impl Into<String>) -> io::Error {

@@ -23,15 +23,28 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// The code of a file without comments and without its `#[cfg(test)]` tail (test modules may
-/// reach anywhere).
+/// The code of a file without comments and without its inline test module (`#[cfg(test)]`
+/// then `mod tests {`, by convention last: test modules may reach anywhere). A test-only item
+/// elsewhere in the file is still read.
 fn code_of(path: &Path) -> String {
     let text = fs::read_to_string(path).unwrap();
-    let text = text.split("#[cfg(test)]").next().unwrap_or_default();
-    text.lines()
-        .map(|line| line.split("//").next().unwrap_or_default())
-        .collect::<Vec<_>>()
-        .join("\n")
+    let mut lines = Vec::new();
+    let mut test_attribute = false;
+    for line in text.lines() {
+        let trimmed = line.trim_start();
+        if test_attribute && trimmed.starts_with("mod ") && trimmed.ends_with('{') {
+            lines.pop();
+            break;
+        }
+        if !trimmed.starts_with("#[") {
+            test_attribute = false;
+        }
+        if trimmed.starts_with("#[cfg(test)]") {
+            test_attribute = true;
+        }
+        lines.push(line.split("//").next().unwrap_or_default());
+    }
+    lines.join("\n")
 }
 
 /// What `crate::Name` stands for: the module a root re-export (`pub use module::...`) names.
