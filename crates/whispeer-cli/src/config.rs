@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use whispeer::server::{ApiKeys, Principal, ServerConfig};
 
 mod access;
+mod cluster;
 pub(crate) use access::{Jwt, User};
 use whispeer::{
     BrokerOptions, Durability, Filter, FsyncPolicy, PersistenceType, Redelivery, Retention,
@@ -110,6 +111,8 @@ pub(crate) struct Config {
     pub(crate) storage: Storage,
     /// TLS for every listener; off unless both `cert` and `key` are set.
     pub(crate) tls: Tls,
+    /// This node's cluster; off unless `urls` is set.
+    pub(crate) cluster: cluster::Cluster,
 }
 
 /// `[tls]`: PEM files.
@@ -330,6 +333,7 @@ impl Default for Config {
             retention: Vec::new(),
             storage: Storage::default(),
             tls: Tls::default(),
+            cluster: cluster::Cluster::default(),
         }
     }
 }

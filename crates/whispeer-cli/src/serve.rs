@@ -11,7 +11,8 @@ use tracing_subscriber::EnvFilter;
 use whispeer::Broker;
 
 use crate::config::{Config, LogFormat};
-use whispeer::server::AdminServer;
+use whispeer::server::cluster::ClusterStats;
+use whispeer::server::{AdminServer, Cluster, ClusterStatus};
 
 pub(crate) fn run(
     listen: Option<String>,
@@ -103,7 +104,16 @@ async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
     let broker_options = config.broker_options().map_err(|e| ConfigError(format!("{e:#}")))?;
     // Before listening: recovering the write-ahead log restores the durable history first.
     let started = std::time::Instant::now();
-    let broker = Broker::builder(broker_options).try_build()?;
+    let cluster =
+        config.cluster.settings(&config.listen).map_err(|e| ConfigError(format!("{e:#}")))?;
+    let mut builder = Broker::builder(broker_options);
+    let mut cluster_status = None;
+    if let Some(settings) = cluster {
+        let cluster = Cluster::new(settings).map_err(|e| ConfigError(e.to_string()))?;
+        cluster_status = Some(cluster.status());
+        builder = builder.with(cluster);
+    }
+    let broker = builder.try_build()?;
     if config.storage.dir.is_some() {
         tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "storage opened");
     }
@@ -148,6 +158,9 @@ async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
             let admin_local = admin_listener.local_addr()?;
             let admin =
                 AdminServer::new(broker.clone(), &server_config, config.admin_token.as_deref())?;
+            if let Some(status) = &cluster_status {
+                watch_cluster(&admin, status.clone());
+            }
             tokio::spawn(admin.clone().serve(admin_listener));
             tracing::info!(%admin_local, "admin port: /healthz /readyz /metrics");
             println!("whispeer: admin listening on http://{admin_local}");
@@ -189,6 +202,34 @@ async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Adds the cluster link to `/readyz` (not ready while the engine is unreachable) and its
+/// counters to `/metrics`.
+fn watch_cluster(admin: &AdminServer, status: ClusterStatus) {
+    let ready = status.clone();
+    admin.ready_when(move || {
+        if ready.connected() { Ok(()) } else { Err("cluster engine unreachable".into()) }
+    });
+    admin.on_scrape(move || {
+        let stats: ClusterStats = status.stats();
+        metrics::gauge!("whispeer_cluster_connected").set(f64::from(u8::from(stats.connected)));
+        let counters = [
+            ("whispeer_cluster_forwarded_total", stats.forwarded),
+            ("whispeer_cluster_received_total", stats.received),
+            ("whispeer_cluster_duplicates_total", stats.duplicates),
+            ("whispeer_cluster_malformed_total", stats.malformed),
+            ("whispeer_cluster_refused_here_total", stats.refused_here),
+        ];
+        for (name, value) in counters {
+            metrics::counter!(name).absolute(value);
+        }
+        let lost = [("unreachable", stats.lost_unreachable), ("full", stats.lost_full)];
+        for (reason, value) in lost {
+            metrics::counter!("whispeer_cluster_lost_total", "reason" => reason).absolute(value);
+        }
+        metrics::gauge!("whispeer_cluster_backlog").set(stats.backlog as f64);
+    });
 }
 
 /// Completes on SIGINT or SIGTERM.

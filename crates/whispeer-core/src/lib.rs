@@ -34,6 +34,7 @@
 //! # Ok(()) }
 //! ```
 
+mod bridge;
 mod broker;
 mod delivery;
 mod error;
@@ -50,9 +51,10 @@ mod stats;
 mod store;
 mod subscription;
 
+pub use bridge::{Bridge, BridgeFuture, Forwarded, Interest};
 pub use broker::{
     Broker, BrokerBuilder, DurableInfo, Extension, HISTORY_PAGE_BYTES, HistoryError, HistoryPage,
-    Persistence, Service, SubscriptionInfo, TopicInfo, TypedTopic,
+    Persistence, Service, SubscriptionInfo, TopicInfo, TypedTopic, Unconfirmed,
 };
 pub use delivery::Redelivery;
 pub use error::{BindError, BuildError, Error, PublishError, SubscribeError};

@@ -20,13 +20,16 @@ pub struct PublishReceipt {
     /// For a durable topic: the message's number in the write-ahead log, to wait for with
     /// [`Broker::durable`](crate::Broker::durable).
     pub(crate) ticket: Option<u64>,
+    /// With a cluster [`Bridge`](crate::Bridge): its ticket for the message, or why it did not
+    /// carry it.
+    pub(crate) bridged: Option<Result<u64, &'static str>>,
 }
 
 impl PublishReceipt {
     /// Whether the message went to a write-ahead log, so that it is durable only once
     /// [`Broker::durable`](crate::Broker::durable) says so.
     pub fn is_durable_pending(&self) -> bool {
-        self.ticket.is_some()
+        self.ticket.is_some() || self.bridged.is_some()
     }
 }
 

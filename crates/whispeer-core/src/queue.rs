@@ -168,6 +168,8 @@ pub(crate) struct Counters {
 pub(crate) struct Queue {
     /// The subscription's filter, kept here so the queue alone can find its route.
     pub(crate) filter: Filter,
+    /// The queue group's name, for a group's queue.
+    pub(crate) group: Option<Box<str>>,
     /// Grows and shrinks in blocks as messages come and go: an idle queue holds no slots.
     items: SegQueue<Message>,
     /// Most messages queued at once.
@@ -196,6 +198,7 @@ impl Queue {
     ) -> Self {
         Self {
             filter,
+            group: None,
             items: SegQueue::new(),
             capacity,
             load: AtomicU64::new(0),
@@ -229,9 +232,10 @@ impl Queue {
         live_from.get(message.topic()).is_some_and(|&from| offset < from)
     }
 
-    /// This queue with several consumers (a queue group's members).
-    pub(crate) fn shared_by_many(mut self) -> Self {
+    /// This queue as the group `name`'s, with several consumers (its members).
+    pub(crate) fn for_group(mut self, name: &str) -> Self {
         self.waker = Wakers::Many(Mutex::default());
+        self.group = Some(name.into());
         self
     }
 

@@ -56,6 +56,9 @@ codes! {
     LIMIT_REACHED = 15, "limit reached";
     /// The requested history offset was evicted; the message says where history begins now.
     OFFSET_EVICTED = 16, "history offset evicted: start where the message says history begins";
+    /// A cluster node could not hand the message to the other nodes (its engine is
+    /// unreachable or behind); local subscribers may have it. Retry, here or on another node.
+    CLUSTER_UNAVAILABLE = 17, "cluster unavailable: the message did not reach the other nodes; retry";
 }
 
 impl fmt::Display for ErrorCode {

@@ -31,6 +31,7 @@ use super::writer::{Outbound, write_loop};
 use crate::bump;
 use whispeer_core::{
     Acker, Broker, ByteBudget, PublishError, PublishReceipt, SubscribeError, SubscribeOptions,
+    Unconfirmed,
 };
 
 /// Capability bit in `Welcome`: the server requires `Auth`.
@@ -488,11 +489,15 @@ impl Connection {
                 // concurrent publishes share one fsync (group commit).
                 let (broker, tx) = (self.broker.clone(), self.tx.clone());
                 tokio::spawn(async move {
-                    let reply = if broker.durable(&receipt).await {
-                        Body::PubAck
-                    } else {
-                        let message = "the write-ahead log failed: not stored".to_string();
-                        Body::Error { code: ErrorCode::INTERNAL, message }
+                    let reply = match broker.confirmed(&receipt).await {
+                        Ok(()) => Body::PubAck,
+                        Err(err) => {
+                            let code = match err {
+                                Unconfirmed::Store => ErrorCode::INTERNAL,
+                                _ => ErrorCode::CLUSTER_UNAVAILABLE,
+                            };
+                            Body::Error { code, message: err.to_string() }
+                        }
                     };
                     let _ = tx.send(Outbound::Frame(Frame::new(correlation, reply))).await;
                 });

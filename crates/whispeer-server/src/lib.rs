@@ -19,6 +19,8 @@ mod adapter;
 #[cfg(feature = "admin")]
 mod admin;
 mod auth;
+#[cfg(feature = "cluster")]
+pub mod cluster;
 mod connection;
 pub(crate) mod embedded;
 #[cfg(feature = "websocket")]
@@ -49,6 +51,8 @@ pub use acl::{AccessCounters, Permissions, Principal};
 #[cfg(feature = "admin")]
 pub use admin::{Admin, AdminServer, parse_start};
 pub use auth::{ApiKeyError, ApiKeys, digest_of};
+#[cfg(feature = "cluster")]
+pub use cluster::{Cluster, ClusterConfig, ClusterStatus};
 pub use embedded::Tcp;
 #[cfg(feature = "websocket")]
 pub use embedded::{BrokerWs, WebSocket};

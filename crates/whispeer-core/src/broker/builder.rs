@@ -6,6 +6,7 @@ use tokio::runtime::Handle;
 use whispeer_engines::{Compression, Encryption, Engines, TopicRule};
 
 use crate::Broker;
+use crate::bridge::Bridge;
 use crate::error::BuildError;
 use crate::options::BrokerOptions;
 use crate::plugin::Plugin;
@@ -54,6 +55,7 @@ pub struct BrokerBuilder {
     plugins: Vec<Arc<dyn Plugin>>,
     engines: Engines,
     runtime: Option<Handle>,
+    bridge: Option<Arc<dyn Bridge>>,
     pub(crate) services: Vec<Box<dyn crate::broker::Service>>,
 }
 
@@ -83,6 +85,13 @@ impl BrokerBuilder {
     /// runtime that calls `subscribe`, or, outside any runtime, on a small one the broker starts.
     pub fn runtime(mut self, handle: Handle) -> Self {
         self.runtime = Some(handle);
+        self
+    }
+
+    /// Makes the broker one node of a cluster, through `bridge` (for the server's cluster
+    /// extension; see [`Bridge`]).
+    pub fn bridge(mut self, bridge: Arc<dyn Bridge>) -> Self {
+        self.bridge = Some(bridge);
         self
     }
 
@@ -121,7 +130,8 @@ impl BrokerBuilder {
         };
         let (store, recovered) = opened.map_or((None, None), |(s, r)| (Some(s), Some(r)));
         let spawner = Spawner::new(self.runtime);
-        let shared = Shared::new(self.options, self.plugins.into(), engines, spawner, store);
+        let mut shared = Shared::new(self.options, self.plugins.into(), engines, spawner, store);
+        shared.bridge = self.bridge;
         let broker = Broker { inner: Arc::new(shared) };
         if let Some(recovered) = recovered {
             broker.inner.restore(recovered.records);
@@ -145,6 +155,7 @@ impl BrokerBuilder {
             plugins: Vec::new(),
             engines: Engines::new(),
             runtime: None,
+            bridge: None,
             services: Vec::new(),
         }
     }

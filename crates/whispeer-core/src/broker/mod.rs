@@ -5,6 +5,7 @@
 //! it never awaits, and blocks only for a durable topic while its store's writer backlog is
 //! full (back-pressure, see `store::backlog`).
 
+mod bridged;
 mod builder;
 mod history;
 mod inspect;
@@ -12,6 +13,7 @@ mod persistence;
 mod service;
 mod typed;
 
+pub use bridged::Unconfirmed;
 pub use builder::{BrokerBuilder, Extension};
 pub use history::{HISTORY_PAGE_BYTES, HistoryError, HistoryPage};
 pub use inspect::{DurableInfo, SubscriptionInfo, TopicInfo};

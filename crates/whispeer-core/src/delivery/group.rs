@@ -123,6 +123,11 @@ impl Groups {
         }
     }
 
+    /// Group `key`, if it exists (with members, or lingering).
+    pub(crate) fn get(&self, key: &GroupKey) -> Option<Arc<Group>> {
+        self.lock().get(key).map(|slot| Arc::clone(&slot.group))
+    }
+
     /// Whether group `key` exists (with members, or lingering).
     pub(crate) fn contains(&self, key: &GroupKey) -> bool {
         self.lock().contains_key(key)

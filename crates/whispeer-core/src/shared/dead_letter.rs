@@ -29,6 +29,6 @@ impl Shared {
         let mut envelope = Envelope::new(id, topic.clone(), now_ms(), flags, payload.freeze());
         envelope.headers.insert(header::DEAD_LETTER_REASON, letter.reason.as_str());
         envelope.headers.insert(header::DEAD_LETTER_ATTEMPTS, letter.attempts.to_string());
-        let _ = self.route(id, topic.as_str(), None, |_| envelope);
+        let _ = self.route(id, topic.as_str(), None, super::Scope::All, |_| envelope);
     }
 }

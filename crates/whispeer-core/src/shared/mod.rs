@@ -11,8 +11,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::time::Instant;
 use whispeer_engines::{Engines, Sealing};
-use whispeer_proto::{Envelope, Flags, MessageId, Topic, header};
+use whispeer_proto::{Envelope, Filter, Flags, MessageId, Topic, header};
 
+use crate::bridge::{Bridge, Forwarded, Interest};
 use crate::delivery::{CommitStore, Commits, Dedup, GroupKey, Groups, Seen};
 use crate::error::PublishError;
 use crate::message::{Message, now_ms};
@@ -21,7 +22,7 @@ use crate::plugin::Plugin;
 use crate::publish::{PublishOptions, PublishReceipt};
 use crate::queue::{Pushed, Queue};
 use crate::retention::{self, History};
-use crate::router::{Matches, Router, SubId};
+use crate::router::{Matches, Route, Router, SubId};
 use crate::runtime::Spawner;
 use crate::stats::{BrokerCounters, bump};
 use crate::store::Store;
@@ -76,6 +77,8 @@ pub(crate) struct Shared {
     pub(crate) counters: Arc<BrokerCounters>,
     /// Services started with the broker (network listeners, an admin port).
     pub(crate) services: Services,
+    /// The cluster, for a broker that is one node of one.
+    pub(crate) bridge: Option<Arc<dyn Bridge>>,
 }
 
 impl Shared {
@@ -115,6 +118,7 @@ impl Shared {
             spawner,
             counters: Arc::default(),
             services: Services::default(),
+            bridge: None,
         }
     }
 
@@ -162,11 +166,15 @@ impl Shared {
             None => (flags, payload),
         };
         let fast = self.plugins.is_empty() && headers.is_empty();
-        if fast && self.options.topic_ttl.is_empty() && !self.history.is_active() {
+        if fast
+            && self.bridge.is_none()
+            && self.options.topic_ttl.is_empty()
+            && !self.history.is_active()
+        {
             // The envelope shares the router's copy of the topic, and is only built if someone
             // subscribed.
             bump(&self.counters.published);
-            return self.route(id, topic, None, |topic| {
+            return self.route(id, topic, None, Scope::All, |topic| {
                 Envelope::new(id, topic.clone(), timestamp_ms, flags, payload)
             });
         }
@@ -184,12 +192,24 @@ impl Shared {
     }
 
     /// The rest of every publish but the fastest: plugins, idempotency, time to live, routing.
-    pub(crate) fn accept(&self, mut envelope: Envelope) -> Result<PublishReceipt, PublishError> {
-        for plugin in self.plugins.iter() {
-            if let Err(rejection) = plugin.on_publish(&mut envelope) {
-                bump(&self.counters.rejected_by_plugins);
-                let plugin = plugin.name();
-                return Err(PublishError::Rejected { plugin, reason: rejection.reason });
+    pub(crate) fn accept(&self, envelope: Envelope) -> Result<PublishReceipt, PublishError> {
+        self.accept_from(envelope, None)
+    }
+
+    /// [`Shared::accept`] for a local publisher (`bridged` is `None`), or for a message another
+    /// node of the cluster published: plugins ran there, and it is not forwarded again.
+    pub(crate) fn accept_from(
+        &self,
+        mut envelope: Envelope,
+        bridged: Option<&Interest>,
+    ) -> Result<PublishReceipt, PublishError> {
+        if bridged.is_none() {
+            for plugin in self.plugins.iter() {
+                if let Err(rejection) = plugin.on_publish(&mut envelope) {
+                    bump(&self.counters.rejected_by_plugins);
+                    let plugin = plugin.name();
+                    return Err(PublishError::Rejected { plugin, reason: rejection.reason });
+                }
             }
         }
         // The clock is read only where it is needed (idempotency keys, time to live): most
@@ -209,6 +229,7 @@ impl Shared {
                     subscribers: 0,
                     duplicate: true,
                     ticket: None,
+                    bridged: None,
                 });
             }
         }
@@ -218,8 +239,22 @@ impl Shared {
         });
         let expires_at = ttl.map(|ttl| Instant::now() + ttl);
         bump(&self.counters.published);
+        // A local message goes to the cluster first; while the cluster carries it, queue groups
+        // get it from there (one member in the whole cluster).
+        let (scope, forwarded) = match (bridged, &self.bridge) {
+            (Some(Interest::Group { filter, name }), _) => {
+                let routed = self.to_group(filter, name, envelope, expires_at);
+                return self.forget_unless_routed(routed, &topic, key.as_ref());
+            }
+            (Some(Interest::Topics(_)), _) => (Scope::Solo, None),
+            (None, None) => (Scope::All, None),
+            (None, Some(bridge)) => match bridge.forward(&envelope) {
+                Forwarded::Queued(ticket) => (Scope::Solo, Some(Ok(ticket))),
+                Forwarded::Refused(why) => (Scope::All, Some(Err(why))),
+            },
+        };
         let routed = match self.history.log(&topic) {
-            None => self.route(envelope.id, topic.as_str(), expires_at, |_| envelope),
+            None => self.route(envelope.id, topic.as_str(), expires_at, scope, |_| envelope),
             Some(log) => (|| {
                 // Routed under the topic's lock: see `retention` for why replay needs it. A
                 // durable message goes to the log first, so the log's order is the offsets'.
@@ -236,16 +271,48 @@ impl Shared {
                 let (offset, seq) = (log.reserve(), self.history.next_seq());
                 let engines = self.engines.clone();
                 let message = Message::retained(envelope, true, engines, expires_at, offset);
-                let routed = self.fan_out(message.id(), topic.as_str(), |_| message.clone());
+                let routed = self.fan_out(message.id(), topic.as_str(), scope, |_| message.clone());
                 log.append(offset, seq, accepted_ms, message);
                 routed.map(|receipt| PublishReceipt { ticket, ..receipt })
             })(),
         };
-        // Not accepted (a full queue, a failed store): a retry with the same key must go through.
-        if let (Err(_), Some(key)) = (&routed, &key) {
+        let routed = routed.map(|receipt| PublishReceipt { bridged: forwarded, ..receipt });
+        self.forget_unless_routed(routed, &topic, key.as_ref())
+    }
+
+    /// Not accepted (a full queue, a failed store): a retry with the same key must go through.
+    fn forget_unless_routed(
+        &self,
+        routed: Result<PublishReceipt, PublishError>,
+        topic: &Topic,
+        key: Option<&Bytes>,
+    ) -> Result<PublishReceipt, PublishError> {
+        if let (Err(_), Some(key)) = (&routed, key) {
             self.dedup.forget(topic.as_str(), key);
         }
         routed
+    }
+
+    /// Offers a message another node published to the local queue group `filter` / `name`
+    /// alone (the cluster chose this node's group for it).
+    fn to_group(
+        &self,
+        filter: &Filter,
+        name: &str,
+        envelope: Envelope,
+        expires_at: Option<Instant>,
+    ) -> Result<PublishReceipt, PublishError> {
+        let id = envelope.id;
+        let key: GroupKey = (filter.as_str().into(), name.into());
+        let mut tally = Tally::default();
+        if let Some(group) = self.groups.get(&key) {
+            let message = Message::new(envelope, 1, self.engines.clone(), expires_at);
+            if tally.record(group.queue.push(message), &self.counters) {
+                tracing::warn!(%filter, group = name, "group disconnected: queue full");
+                self.unsubscribe(group.id, &group.queue);
+            }
+        }
+        self.tallied(id, &tally)
     }
 
     /// Offers the envelope to every queue whose filter matches `topic`.
@@ -254,9 +321,10 @@ impl Shared {
         id: MessageId,
         topic: &str,
         expires_at: Option<Instant>,
+        scope: Scope,
         envelope: impl FnOnce(&Topic) -> Envelope,
     ) -> Result<PublishReceipt, PublishError> {
-        self.fan_out(id, topic, |matches| {
+        self.fan_out(id, topic, scope, |matches| {
             let engines = self.engines.clone();
             Message::new(envelope(matches.topic), matches.len(), engines, expires_at)
         })
@@ -268,6 +336,7 @@ impl Shared {
         &self,
         id: MessageId,
         topic: &str,
+        scope: Scope,
         make: impl FnOnce(&Matches<'_>) -> Message,
     ) -> Result<PublishReceipt, PublishError> {
         let mut tally = Tally::default();
@@ -277,6 +346,9 @@ impl Shared {
             let mut message = Some(make(&matches));
             let mut routes = matches.iter().peekable();
             while let Some(route) = routes.next() {
+                if scope == Scope::Solo && route.queue.group.is_some() {
+                    continue;
+                }
                 // The last subscriber takes the publisher's reference instead of a clone.
                 let next = if routes.peek().is_some() { message.clone() } else { message.take() };
                 let Some(next) = next else { break };
@@ -289,6 +361,11 @@ impl Shared {
             tracing::warn!(filter = %queue.filter, "subscriber disconnected: queue full");
             self.unsubscribe(id, &queue);
         }
+        self.tallied(id, &tally)
+    }
+
+    /// Counts a fan-out's outcomes; a publish that found full queues is refused.
+    fn tallied(&self, id: MessageId, tally: &Tally) -> Result<PublishReceipt, PublishError> {
         if tally.delivered == 0 && tally.full == 0 {
             bump(&self.counters.unrouted);
         }
@@ -296,7 +373,8 @@ impl Shared {
         if tally.full > 0 {
             return Err(PublishError::QueueFull { full: tally.full, delivered: tally.delivered });
         }
-        Ok(PublishReceipt { id, subscribers: tally.delivered, duplicate: false, ticket: None })
+        let subscribers = tally.delivered;
+        Ok(PublishReceipt { id, subscribers, duplicate: false, ticket: None, bridged: None })
     }
 
     /// Ends a subscription: closes its queue and removes its route. Idempotent; plugins hear
@@ -324,11 +402,41 @@ impl Shared {
     pub(crate) fn unsubscribe(&self, id: SubId, queue: &Queue) {
         queue.close();
         if self.router.remove(&queue.filter, id) {
+            if let Some(bridge) = &self.bridge {
+                bridge.interest(&interest_of(queue), false);
+            }
             for plugin in self.plugins.iter() {
                 plugin.on_unsubscribe(&queue.filter);
             }
         }
     }
+
+    /// Routes `queue` under a new id, and tells the bridge of the interest.
+    pub(crate) fn route_queue(&self, queue: &Arc<Queue>) -> SubId {
+        let id = SubId(self.next_sub.fetch_add(1, Ordering::Relaxed));
+        self.router.insert(&queue.filter, Route { id, queue: Arc::clone(queue) });
+        if let Some(bridge) = &self.bridge {
+            bridge.interest(&interest_of(queue), true);
+        }
+        id
+    }
+}
+
+/// What a queue needs from the rest of a cluster.
+fn interest_of(queue: &Queue) -> Interest {
+    match &queue.group {
+        Some(name) => Interest::Group { filter: queue.filter.clone(), name: name.clone() },
+        None => Interest::Topics(queue.filter.clone()),
+    }
+}
+
+/// Which of a topic's routes a fan-out offers a message to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Scope {
+    /// Every route.
+    All,
+    /// Ordinary subscriptions only: queue groups get the message through the cluster.
+    Solo,
 }
 
 /// Outcomes of one fan-out.

@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use std::any::TypeId;
-use std::sync::atomic::Ordering as AtomicOrdering;
 
 use whispeer_proto::{Filter, StartAt, Topic};
 
@@ -18,7 +17,7 @@ use crate::options::SubscribeOptions;
 use crate::options::is_qos1;
 use crate::queue::{Queue, SlowConsumer};
 use crate::retention::{Replay, StoredRange};
-use crate::router::{Route, SubId};
+use crate::router::SubId;
 use crate::stats::SubscriptionStats;
 
 /// What a registration owns in the router.
@@ -204,7 +203,7 @@ impl Shared {
         }
         let key: GroupKey = (filter.as_str().into(), name.as_str().into());
         let group = this.groups.join(key.clone(), options.qos, || {
-            let queue = Arc::new(Queue::new(filter, capacity, max_bytes, policy).shared_by_many());
+            let queue = Arc::new(Queue::new(filter, capacity, max_bytes, policy).for_group(name));
             let id = this.route_queue(&queue);
             let tracker = tracker();
             let mut commits = None;
@@ -235,12 +234,6 @@ impl Shared {
     /// A replay of `stored` ranges from this broker's store, then `memory`.
     fn replay(&self, stored: Vec<StoredRange>, memory: Vec<Message>) -> Replay {
         Replay::new(self.store.clone(), self.engines.clone(), stored, memory)
-    }
-
-    fn route_queue(&self, queue: &Arc<Queue>) -> SubId {
-        let id = SubId(self.next_sub.fetch_add(1, AtomicOrdering::Relaxed));
-        self.router.insert(&queue.filter, Route { id, queue: Arc::clone(queue) });
-        id
     }
 
     /// A member left group `key`: removes the group when it was the last, at once or after the

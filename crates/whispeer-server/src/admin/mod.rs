@@ -48,6 +48,9 @@ use whispeer_core::{Broker, Filter, HistoryError, STORE_BATCH_RECORDS, StartAt, 
 
 use crate::{AccessCounters, Connections, FlowStats, ServerConfig, Traffic};
 
+mod extension;
+pub use extension::{Admin, parse_start};
+
 /// The admin port's routes and what they read; [`Admin`] starts one with the broker.
 #[derive(Clone)]
 pub struct AdminServer {
@@ -60,6 +63,14 @@ pub struct AdminServer {
     rates: Arc<Mutex<Rates>>,
     ready: Arc<AtomicBool>,
     prometheus: PrometheusHandle,
+    hooks: Arc<std::sync::RwLock<Hooks>>,
+}
+
+/// What other parts of the server (the cluster link) add to readiness and to each scrape.
+#[derive(Default)]
+struct Hooks {
+    ready: Vec<Box<dyn Fn() -> Result<(), String> + Send + Sync>>,
+    record: Vec<Box<dyn Fn() + Send + Sync>>,
 }
 
 /// How often topic rates are sampled: a rate is the average over the last window.
@@ -129,7 +140,20 @@ impl AdminServer {
         let token = token.map(|t| Sha256::digest(t.as_bytes()).into());
         let (access, connections) = (Arc::clone(&server.access), Arc::clone(&server.connections));
         let (traffic, rates) = (Arc::clone(&server.traffic), Arc::default());
-        Ok(Self { broker, token, access, connections, traffic, rates, ready, prometheus })
+        let hooks = Arc::default();
+        Ok(Self { broker, token, access, connections, traffic, rates, ready, prometheus, hooks })
+    }
+
+    /// Adds a readiness condition: `/readyz` answers 503 with its reason while it fails.
+    pub fn ready_when(&self, check: impl Fn() -> Result<(), String> + Send + Sync + 'static) {
+        let mut hooks = self.hooks.write().unwrap_or_else(PoisonError::into_inner);
+        hooks.ready.push(Box::new(check));
+    }
+
+    /// Adds `record` to every scrape of `/metrics` (it records through the `metrics` facade).
+    pub fn on_scrape(&self, record: impl Fn() + Send + Sync + 'static) {
+        let mut hooks = self.hooks.write().unwrap_or_else(PoisonError::into_inner);
+        hooks.record.push(Box::new(record));
     }
 
     /// Whether the request carries the admin token (compared by digest).
@@ -249,18 +273,27 @@ impl AdminServer {
     }
 }
 
-async fn readyz(State(admin): State<AdminServer>) -> (StatusCode, &'static str) {
+async fn readyz(State(admin): State<AdminServer>) -> (StatusCode, String) {
+    let unavailable = |why: &str| (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n"));
     if !admin.broker.store_healthy() {
-        (StatusCode::SERVICE_UNAVAILABLE, "store failed: durable publishes are refused\n")
-    } else if admin.ready.load(Ordering::Acquire) {
-        (StatusCode::OK, "ready\n")
+        return unavailable("store failed: durable publishes are refused");
+    }
+    let hooks = admin.hooks.read().unwrap_or_else(PoisonError::into_inner);
+    if let Some(Err(why)) = hooks.ready.iter().map(|check| check()).find(Result::is_err) {
+        return unavailable(&why);
+    }
+    if admin.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, "ready\n".into())
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+        unavailable("not ready")
     }
 }
 
 async fn metrics(State(admin): State<AdminServer>) -> String {
     admin.record();
+    for record in &admin.hooks.read().unwrap_or_else(PoisonError::into_inner).record {
+        record();
+    }
     admin.prometheus.render()
 }
 
@@ -471,108 +504,5 @@ mod tests {
         assert_eq!(rates.per_sec[&topic], (20.0, 60.0), "a new topic: everything counted so far");
         rates.sample(vec![(topic.clone(), flow(150, 300))], Duration::from_secs(5));
         assert_eq!(rates.per_sec[&topic], (10.0, 0.0));
-    }
-}
-
-/// A start position as people write it: `earliest`, `latest`, an offset, `time:<ms>` or an
-/// RFC 3339 time (what `whispeer sub --from` and `/api/history?from=` take).
-///
-/// # Errors
-/// What was expected, when `text` is none of these.
-pub fn parse_start(text: &str) -> Result<StartAt, String> {
-    match text {
-        "earliest" => return Ok(StartAt::Earliest),
-        "latest" => return Ok(StartAt::Latest),
-        _ => {}
-    }
-    if let Ok(offset) = text.parse::<u64>() {
-        return Ok(StartAt::Offset(offset));
-    }
-    if let Some(ms) = text.strip_prefix("time:") {
-        return ms.parse().map(StartAt::Time).map_err(|e| format!("time:{ms}: {e}"));
-    }
-    let time = humantime::parse_rfc3339_weak(text).map_err(|_| {
-        format!("{text:?}: expected earliest, latest, an offset, time:<ms> or an RFC 3339 time")
-    })?;
-    let ms = time.duration_since(UNIX_EPOCH).map_err(|e| e.to_string())?.as_millis();
-    Ok(StartAt::Time(u64::try_from(ms).unwrap_or(u64::MAX)))
-}
-
-/// The admin port as an extension of an embedded broker:
-/// `.with(Admin::new("127.0.0.1:9090").token("secret"))` serves `/healthz`, `/readyz`,
-/// `/metrics` and (with a token) the admin API, ready once the broker is built.
-///
-/// ```no_run
-/// use whispeer_core::{Broker, BrokerOptions};
-/// use whispeer_server::{Admin, ServerConfig, Tcp};
-/// let config = ServerConfig::default();
-/// let broker = Broker::builder(BrokerOptions::default())
-///     .with(Tcp::new("127.0.0.1:7450").config(config.clone()))
-///     .with(Admin::new("127.0.0.1:9090").counters_of(&config))
-///     .build();
-/// ```
-#[derive(Debug)]
-pub struct Admin {
-    addr: String,
-    token: Option<String>,
-    server: ServerConfig,
-}
-
-impl Admin {
-    /// The admin port on `addr` (port 0 picks a free one; see `Broker::local_addrs`).
-    pub fn new(addr: impl Into<String>) -> Self {
-        Self { addr: addr.into(), token: None, server: ServerConfig::default() }
-    }
-
-    /// Opens the admin API (`/api/...`) to requests bearing `token`.
-    pub fn token(mut self, token: impl Into<String>) -> Self {
-        self.token = Some(token.into());
-        self
-    }
-
-    /// Reports the connections and counters of the listeners configured with `config` (a clone
-    /// of the one given to `Tcp::config` / `WebSocket::config`: they share its counters).
-    pub fn counters_of(mut self, config: &ServerConfig) -> Self {
-        self.server = config.clone();
-        self
-    }
-}
-
-impl whispeer_core::Extension for Admin {
-    fn extend(self, builder: whispeer_core::BrokerBuilder) -> whispeer_core::BrokerBuilder {
-        builder.service(self)
-    }
-}
-
-impl whispeer_core::Service for Admin {
-    fn describe(&self) -> String {
-        format!("admin port on {}", self.addr)
-    }
-
-    fn start(self: Box<Self>, broker: &Broker) -> std::io::Result<whispeer_core::Running> {
-        let listener = std::net::TcpListener::bind(&self.addr)?;
-        listener.set_nonblocking(true)?;
-        let addr = listener.local_addr()?;
-        let admin = AdminServer::new(broker.clone(), &self.server, self.token.as_deref())?;
-        admin.set_ready(true);
-        let stop = tokio_util::sync::CancellationToken::new();
-        let stopped = stop.clone();
-        let (served, on_stop) = (admin.clone(), admin);
-        broker.spawn(async move {
-            let listener = match TcpListener::from_std(listener) {
-                Ok(listener) => listener,
-                Err(err) => return tracing::error!(%err, "admin port could not start"),
-            };
-            tokio::select! {
-                result = served.serve(listener) => if let Err(err) = result {
-                    tracing::error!(%err, "admin port stopped");
-                },
-                () = stopped.cancelled() => {}
-            }
-        })?;
-        Ok(whispeer_core::Running::new(vec![addr], move || {
-            on_stop.set_ready(false);
-            stop.cancel();
-        }))
     }
 }

@@ -1,0 +1,291 @@
+//! Three `whispeer serve` nodes on a real nats-server: messages, wildcards and queue groups
+//! across nodes, and what a node does while its engine is away.
+
+#![expect(clippy::unwrap_used, reason = "test helpers fail loudly")]
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use whispeer_client::proto::ErrorCode;
+use whispeer_client::{Client, ClientError, ClientSubscription, Qos, SubscribeOptions};
+
+mod common;
+
+use common::{Server, http_get};
+
+/// A nats-server child on loopback, killed when dropped.
+struct Nats {
+    child: Child,
+    url: String,
+}
+
+impl Nats {
+    /// Starts nats-server on `port` (0: any free port).
+    fn start(port: u16) -> Self {
+        let port = if port == 0 { "-1".to_string() } else { port.to_string() };
+        let mut child = Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("nats-server must be installed (scripts/cluster and .ci/run install it)");
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        let url = loop {
+            line.clear();
+            assert!(stderr.read_line(&mut line).unwrap() > 0, "nats-server exited");
+            if let Some((_, addr)) = line.split_once("Listening for client connections on ") {
+                break format!("nats://{}", addr.trim());
+            }
+        };
+        // Keep reading its log, so it never blocks on a full pipe.
+        std::thread::spawn(move || for _ in stderr.lines() {});
+        Self { child, url }
+    }
+
+    fn port(&self) -> u16 {
+        self.url.rsplit(':').next().unwrap().parse().unwrap()
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A node of the cluster on `nats`.
+fn node(nats: &Nats, name: &str, envs: &[(&str, &str)]) -> Server {
+    let urls = format!("[\"{}\"]", nats.url);
+    let mut all = vec![("WHISPEER_CLUSTER__URLS", urls.as_str()), ("WHISPEER_CLUSTER__NODE", name)];
+    all.extend_from_slice(envs);
+    Server::start_with(&["--admin-listen", "127.0.0.1:0"], &all)
+}
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn next<T: serde::de::DeserializeOwned + Send + 'static>(
+    sub: &mut ClientSubscription<T>,
+) -> Option<T> {
+    tokio::time::timeout(WAIT, sub.recv()).await.ok().flatten()
+}
+
+/// Publishes `topic` from `client` until every subscriber in `subs` has had one (the nodes'
+/// engine subscriptions are in place).
+async fn warm_up(client: &Client, topic: &str, subs: &mut [&mut ClientSubscription<u64>]) {
+    for sub in subs.iter_mut() {
+        let mut got = false;
+        for _ in 0..200 {
+            client.publish(topic, &u64::MAX).await.unwrap();
+            if tokio::time::timeout(Duration::from_millis(50), sub.recv()).await.is_ok() {
+                got = true;
+                break;
+            }
+        }
+        assert!(got, "a node never heard the warm-up on {topic}");
+    }
+}
+
+/// Drops what arrived so far (the warm-ups).
+async fn drain(subs: &mut [&mut ClientSubscription<u64>]) {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for sub in subs.iter_mut() {
+        while tokio::time::timeout(Duration::from_millis(50), sub.recv()).await.is_ok() {}
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_and_wildcards_cross_nodes_once_and_in_order() {
+    let nats = Nats::start(0);
+    let (a, b, c) = (node(&nats, "a", &[]), node(&nats, "b", &[]), node(&nats, "c", &[]));
+    let on_a = Client::connect(a.addr.clone()).await.unwrap();
+    let on_b = Client::connect(b.addr.clone()).await.unwrap();
+    let on_c = Client::connect(c.addr.clone()).await.unwrap();
+    // On b, `s/#` covers `s/+/t`: one engine subscription. On c, `s/+/t` and `s/k1/#` overlap
+    // without covering each other: two engine subscriptions, and each message once per
+    // local subscription all the same.
+    let mut b_all = on_b.subscribe::<u64>("s/#").await.unwrap();
+    let mut b_temp = on_b.subscribe::<u64>("s/+/t").await.unwrap();
+    let mut c_temp = on_c.subscribe::<u64>("s/+/t").await.unwrap();
+    let mut c_k1 = on_c.subscribe::<u64>("s/k1/#").await.unwrap();
+    let mut a_exact = on_a.subscribe::<u64>("s/k1/t").await.unwrap();
+    let mut c_parent = on_c.subscribe::<u64>("s/k2/#").await.unwrap();
+    warm_up(&on_a, "s/k1/t", &mut [&mut b_all, &mut b_temp, &mut c_temp, &mut c_k1, &mut a_exact])
+        .await;
+    warm_up(&on_b, "s/k2", &mut [&mut c_parent]).await;
+    drain(&mut [&mut b_all, &mut b_temp, &mut c_temp, &mut c_k1, &mut a_exact, &mut c_parent])
+        .await;
+    // From a and from b, interleaved topics; `s/k2` (zero levels under `s/k2/#`).
+    let topics = ["s/k1/t", "s/k2/t", "s/k1/x/y", "s/k2", "other/k1/t"];
+    for n in 0..1_000u64 {
+        let topic = topics[n as usize % topics.len()];
+        let from = if n % 2 == 0 { &on_a } else { &on_b };
+        from.publish(topic, &n).await.unwrap();
+    }
+    on_a.publish_acked("s/k1/t", &1_000u64).await.unwrap();
+    on_b.publish_acked("s/k1/t", &1_001u64).await.unwrap();
+    let expect = |filter: &str| -> Vec<u64> {
+        let filter = whispeer::Filter::parse(filter).unwrap();
+        (0..1_000u64)
+            .filter(|n| {
+                let topic = whispeer::Topic::parse(topics[*n as usize % topics.len()]).unwrap();
+                filter.matches(&topic)
+            })
+            .chain(if filter.matches_str("s/k1/t") { vec![1_000, 1_001] } else { vec![] })
+            .collect()
+    };
+    for (name, sub, filter) in [
+        ("b s/#", &mut b_all, "s/#"),
+        ("b s/+/t", &mut b_temp, "s/+/t"),
+        ("c s/+/t", &mut c_temp, "s/+/t"),
+        ("c s/k1/#", &mut c_k1, "s/k1/#"),
+        ("a s/k1/t", &mut a_exact, "s/k1/t"),
+        ("c s/k2/# (s/k2 too)", &mut c_parent, "s/k2/#"),
+    ] {
+        let wanted = expect(filter);
+        let mut got = Vec::with_capacity(wanted.len());
+        while got.len() < wanted.len() {
+            got.push(
+                next(sub)
+                    .await
+                    .unwrap_or_else(|| panic!("{name}: {} of {}", got.len(), wanted.len())),
+            );
+        }
+        // Once each, and in order per publisher and topic (a sent the even ones; the topic
+        // is n % 5, the acked ones were on `s/k1/t`).
+        let key = |n: &u64| (n % 2, if *n >= 1_000 { 0 } else { n % 5 });
+        let mut sorted = got.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, wanted, "{name}: every matching message once");
+        for stream in sorted.iter().map(key).collect::<HashSet<_>>() {
+            let got: Vec<u64> = got.iter().copied().filter(|n| key(n) == stream).collect();
+            let want: Vec<u64> = wanted.iter().copied().filter(|n| key(n) == stream).collect();
+            assert_eq!(got, want, "{name}: in order per publisher and topic");
+        }
+        let extra = tokio::time::timeout(Duration::from_millis(300), sub.recv()).await;
+        assert!(extra.is_err(), "{name}: nothing more");
+    }
+    let (_, metrics) = http_get(c.admin.as_deref().unwrap(), "/metrics");
+    assert!(metrics.contains("whispeer_cluster_connected 1"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_group_spread_over_three_nodes_gets_each_message_once() {
+    let nats = Nats::start(0);
+    let nodes = [node(&nats, "a", &[]), node(&nats, "b", &[]), node(&nats, "c", &[])];
+    let mut members = Vec::new();
+    let mut clients = Vec::new();
+    for server in &nodes {
+        let client = Client::connect(server.addr.clone()).await.unwrap();
+        let options = SubscribeOptions::new("jobs/+").group("workers").qos(Qos::AtLeastOnce);
+        members.push(client.subscribe::<u64>(options).await.unwrap());
+        clients.push(client);
+    }
+    // Every node's group subscription in place: wait until each member has had a message.
+    let publisher = &clients[0];
+    let mut seen = HashSet::new();
+    let mut warm = 0u64;
+    'warm: for _ in 0..100 {
+        for _ in 0..30 {
+            publisher.publish_acked("jobs/warm", &(1_000_000 + warm)).await.unwrap();
+            warm += 1;
+        }
+        for (index, member) in members.iter_mut().enumerate() {
+            while let Ok(Some(_)) =
+                tokio::time::timeout(Duration::from_millis(30), member.recv()).await
+            {
+                seen.insert(index);
+            }
+        }
+        if seen.len() == 3 {
+            break 'warm;
+        }
+    }
+    assert_eq!(seen.len(), 3, "every node's member got warm-up messages");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for member in members.iter_mut() {
+        while tokio::time::timeout(Duration::from_millis(50), member.recv()).await.is_ok() {}
+    }
+    let total = 3_000u64;
+    for n in 0..total {
+        clients[(n % 3) as usize].publish_acked("jobs/x", &n).await.unwrap();
+    }
+    let mut counts = BTreeMap::new();
+    let mut got = HashSet::new();
+    while got.len() < total as usize {
+        let mut progressed = false;
+        for (index, member) in members.iter_mut().enumerate() {
+            while let Ok(Some(n)) =
+                tokio::time::timeout(Duration::from_millis(20), member.recv()).await
+            {
+                assert!(got.insert(n), "{n} delivered twice");
+                *counts.entry(index).or_insert(0) += 1;
+                progressed = true;
+            }
+        }
+        if !progressed {
+            let late = tokio::time::timeout(WAIT, members[0].recv()).await;
+            assert!(late.is_ok() || got.len() == total as usize, "stalled at {}", got.len());
+            if let Ok(Some(n)) = late {
+                assert!(got.insert(n), "{n} delivered twice");
+                *counts.entry(0).or_insert(0) += 1;
+            }
+        }
+    }
+    assert_eq!(got.len(), total as usize);
+    assert_eq!(counts.len(), 3, "members on every node got work: {counts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_the_engine_is_away_qos1_is_refused_and_qos0_stays_local_then_it_heals() {
+    let nats = Nats::start(0);
+    let port = nats.port();
+    let (a, b) = (node(&nats, "a", &[]), node(&nats, "b", &[]));
+    let on_a = Client::connect(a.addr.clone()).await.unwrap();
+    let on_b = Client::connect(b.addr.clone()).await.unwrap();
+    let mut local = on_a.subscribe::<u64>("t").await.unwrap();
+    let mut remote = on_b.subscribe::<u64>("t").await.unwrap();
+    warm_up(&on_a, "t", &mut [&mut remote]).await;
+    drain(&mut [&mut local, &mut remote]).await;
+    drop(nats);
+    let admin = a.admin.clone().unwrap();
+    let mut refused = None;
+    for _ in 0..100 {
+        match on_a.publish_acked("t", &1u64).await {
+            Err(ClientError::Server { code, message }) => {
+                refused = Some((code, message));
+                break;
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(other) => panic!("{other}"),
+        }
+    }
+    let (code, message) = refused.expect("QoS 1 refused while the engine is away");
+    assert_eq!(code, ErrorCode::CLUSTER_UNAVAILABLE, "{message}");
+    let (status, body) = http_get(&admin, "/readyz");
+    assert!(status.contains("503") && body.contains("cluster"), "{status} {body}");
+    while tokio::time::timeout(Duration::from_millis(100), local.recv()).await.is_ok() {}
+    on_a.publish("t", &7u64).await.unwrap();
+    assert_eq!(next(&mut local).await, Some(7), "QoS 0 still reaches local subscribers");
+    let (_, metrics) = http_get(&admin, "/metrics");
+    assert!(metrics.contains("whispeer_cluster_lost_total{reason=\"unreachable\"}"), "{metrics}");
+    // The engine comes back on the same port: the nodes reconnect and subscribe again.
+    let _nats = Nats::start(port);
+    let mut healed = false;
+    for n in 100..400u64 {
+        if on_a.publish_acked("t", &n).await.is_ok()
+            && let Ok(Some(_)) =
+                tokio::time::timeout(Duration::from_millis(50), remote.recv()).await
+        {
+            healed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(healed, "messages cross again after the engine returns");
+    let (status, _) = http_get(&admin, "/readyz");
+    assert!(status.contains("200"), "{status}");
+}

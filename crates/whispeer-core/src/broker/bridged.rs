@@ -1,0 +1,66 @@
+//! A broker as one node of a cluster: what other nodes published comes in through
+//! [`Broker::publish_bridged`], and [`Broker::confirmed`] says when a publish is safe to
+//! acknowledge (stored, and taken by the cluster).
+
+use whispeer_proto::{Envelope, Topic};
+
+use crate::Broker;
+use crate::bridge::Interest;
+use crate::error::PublishError;
+use crate::publish::PublishReceipt;
+use crate::shared::SEAL_OVERHEAD;
+
+/// Why a publish cannot be acknowledged.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Unconfirmed {
+    /// The store failed before the message was durable.
+    #[error("the store failed: not stored")]
+    Store,
+    /// The cluster did not take the message (the reason says why); this node's subscribers
+    /// may have it.
+    #[error("not taken by the cluster: {0}")]
+    Cluster(String),
+}
+
+impl Broker {
+    /// Routes a message that another node of the cluster accepted, to the subscribers here
+    /// that `interest` stands for: the ordinary subscriptions matching its topic
+    /// ([`Interest::Topics`]), or the one queue group ([`Interest::Group`]). Plugins ran on the
+    /// node it came from; it is not forwarded again. Idempotency keys and time to live apply
+    /// as to a local publish, and a retained topic keeps it in its history.
+    ///
+    /// # Errors
+    /// An invalid or over-size envelope; full subscriber queues, as for a local publish.
+    pub fn publish_bridged(
+        &self,
+        envelope: Envelope,
+        interest: &Interest,
+    ) -> Result<PublishReceipt, PublishError> {
+        let limits = &self.inner.options.limits;
+        Topic::validate(envelope.topic.as_str(), limits)?;
+        let max = limits.max_message_bytes + SEAL_OVERHEAD;
+        if envelope.payload.len() > max {
+            return Err(PublishError::TooLarge { len: envelope.payload.len(), max });
+        }
+        self.inner.accept_from(envelope, Some(interest))
+    }
+
+    /// Waits until the publish of `receipt` may be acknowledged: durable under the store's
+    /// policy (for a durable topic), and taken by the cluster (for a node of one).
+    ///
+    /// # Errors
+    /// [`Unconfirmed`]: the store failed, or the cluster did not take the message.
+    pub async fn confirmed(&self, receipt: &PublishReceipt) -> Result<(), Unconfirmed> {
+        if !self.durable(receipt).await {
+            return Err(Unconfirmed::Store);
+        }
+        match (receipt.bridged, &self.inner.bridge) {
+            (Some(Err(why)), _) => Err(Unconfirmed::Cluster(why.into())),
+            (Some(Ok(ticket)), Some(bridge)) => {
+                bridge.confirm(ticket).await.map_err(Unconfirmed::Cluster)
+            }
+            _ => Ok(()),
+        }
+    }
+}

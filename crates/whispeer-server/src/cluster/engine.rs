@@ -1,0 +1,54 @@
+//! The `Engine` trait: what a cluster needs from the distributed system it runs on. One module
+//! per engine implements it (NATS today); the rest of the cluster code knows only the trait.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use bytes::Bytes;
+use futures_util::Stream;
+use whispeer_core::Interest;
+use whispeer_core::proto::Topic;
+
+/// A future of an engine.
+pub type EngineFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The messages one interest receives, as the engine carries them; dropping it ends the
+/// engine's subscription.
+pub type Inbox = Pin<Box<dyn Stream<Item = Bytes> + Send>>;
+
+/// Why an engine could not do something.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// The engine's servers cannot be reached now (the client keeps reconnecting).
+    #[error("the cluster engine is unreachable: {0}")]
+    Unreachable(String),
+    /// The engine refused or failed the operation.
+    #[error("the cluster engine failed: {0}")]
+    Failed(String),
+}
+
+/// A distributed engine that carries messages between the nodes of a cluster.
+///
+/// An engine connects when it is created and reconnects by itself, with backoff, re-creating
+/// its subscriptions; [`Engine::connected`] says how it stands. Messages cross it as opaque
+/// bytes: sealed envelopes, never opened.
+pub trait Engine: Send + Sync + 'static {
+    /// The engine's name, for logs and metrics (`nats`).
+    fn name(&self) -> &'static str;
+
+    /// Whether the engine is connected now.
+    fn connected(&self) -> bool;
+
+    /// Publishes `message` on `topic` to every node interested in it. Messages from one node
+    /// reach each other node in the order they were published.
+    fn publish(&self, topic: &Topic, message: Bytes) -> EngineFuture<'_, Result<(), EngineError>>;
+
+    /// Resolves once everything published before it reached the engine's server.
+    fn flush(&self) -> EngineFuture<'_, Result<(), EngineError>>;
+
+    /// Starts receiving what `interest` stands for: every message on its topics published by
+    /// *other* nodes ([`Interest::Topics`]), or — for a queue group — a share of every
+    /// node's messages (this one's included), each message going to one subscribed node.
+    fn subscribe(&self, interest: &Interest) -> EngineFuture<'_, Result<Inbox, EngineError>>;
+}

@@ -1,0 +1,242 @@
+//! Several `whispeer serve` nodes as one broker, on an existing distributed engine (NATS).
+//!
+//! Add [`Cluster`] to a broker's builder: it makes the broker one node (through the core's
+//! [`Bridge`](whispeer_core::Bridge)) and starts the link to the engine as a service. Each
+//! node subscribes on the engine only to what its own subscribers need (interest-based), so
+//! a message published on any node reaches every matching subscriber on every node once, and
+//! each message of a queue group reaches one member in the whole cluster. Envelopes cross the
+//! engine sealed. See `CLUSTER.md` for what is guaranteed, and what is not built yet.
+
+use std::hash::BuildHasher;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use whispeer_core::{Broker, BrokerBuilder, Extension, Interest, Running, Service};
+
+mod engine;
+mod links;
+mod nats;
+mod relay;
+mod subject;
+
+pub use engine::{Engine, EngineError, EngineFuture, Inbox};
+use relay::{Outgoing, Relay};
+
+/// Counter of reconnections to the engine.
+pub const RECONNECTS: &str = "whispeer_cluster_reconnects_total";
+/// Histogram of seconds per batch of messages published to the engine.
+pub const PUBLISH_SECONDS: &str = "whispeer_cluster_publish_seconds";
+
+/// The engines a cluster can run on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EngineKind {
+    /// NATS (core subjects and queue groups).
+    Nats,
+}
+
+/// How a node joins its cluster (`[cluster]` in `whispeer.toml`).
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ClusterConfig {
+    /// The engine.
+    pub engine: EngineKind,
+    /// The engine's servers (`nats://127.0.0.1:4222`); the client moves between them.
+    pub urls: Vec<String>,
+    /// This node's name, unique in the cluster (logs, metrics, `whispeer inspect nodes`).
+    pub node: String,
+    /// The first subject token of every whispeer subject: clusters that share an engine keep
+    /// apart by it.
+    pub prefix: String,
+    /// User name and password for the engine.
+    pub user: Option<String>,
+    /// See `user`.
+    pub password: Option<String>,
+    /// A token for the engine (when no user is set).
+    pub token: Option<String>,
+}
+
+impl ClusterConfig {
+    /// A NATS cluster at `urls`, with this node named `node`.
+    pub fn nats(urls: Vec<String>, node: impl Into<String>) -> Self {
+        Self {
+            engine: EngineKind::Nats,
+            urls,
+            node: node.into(),
+            prefix: "whispeer".into(),
+            user: None,
+            password: None,
+            token: None,
+        }
+    }
+}
+
+/// A configuration a cluster cannot start with.
+#[derive(Debug, thiserror::Error)]
+#[error("cluster: {0}")]
+pub struct ClusterError(String);
+
+/// The cluster extension: `Broker::builder(options).with(Cluster::new(config)?)`.
+pub struct Cluster {
+    config: ClusterConfig,
+    relay: Arc<Relay>,
+    outbound: mpsc::Receiver<Outgoing>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+impl Cluster {
+    /// A node of the cluster `config` describes.
+    ///
+    /// # Errors
+    /// No engine URL, an empty node name, or a prefix that is not one subject token.
+    pub fn new(config: ClusterConfig) -> Result<Self, ClusterError> {
+        if config.urls.is_empty() {
+            return Err(ClusterError("urls: at least one engine server is needed".into()));
+        }
+        if config.node.trim().is_empty() {
+            return Err(ClusterError("node: the node needs a name".into()));
+        }
+        let token = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+        if config.prefix.is_empty() || !config.prefix.chars().all(token) {
+            return Err(ClusterError(format!(
+                "prefix {:?}: use letters, digits, '-' and '_' only",
+                config.prefix
+            )));
+        }
+        // Unique per process, so two nodes given one name by mistake still hear each other.
+        let node = std::collections::hash_map::RandomState::new().hash_one(&config.node);
+        let (relay, outbound) = Relay::new(node);
+        Ok(Self { config, relay, outbound })
+    }
+
+    /// A handle on the node's link, for readiness and metrics.
+    pub fn status(&self) -> ClusterStatus {
+        ClusterStatus { relay: Arc::clone(&self.relay), node: self.config.node.clone().into() }
+    }
+}
+
+impl Extension for Cluster {
+    fn extend(self, builder: BrokerBuilder) -> BrokerBuilder {
+        builder.bridge(Arc::clone(&self.relay) as Arc<dyn whispeer_core::Bridge>).service(self)
+    }
+}
+
+impl Service for Cluster {
+    fn describe(&self) -> String {
+        format!("cluster {:?} on {}", self.config.node, self.config.urls.join(","))
+    }
+
+    fn start(self: Box<Self>, broker: &Broker) -> std::io::Result<Running> {
+        let stop = CancellationToken::new();
+        let Self { config, relay, outbound } = *self;
+        let (broker, stopped) = (broker.clone(), stop.clone());
+        broker.clone().spawn(async move {
+            let engine: Arc<dyn Engine> = match config.engine {
+                EngineKind::Nats => match nats::Nats::connect(&config, Arc::clone(&relay.up)).await
+                {
+                    Ok(engine) => Arc::new(engine),
+                    Err(err) => return tracing::error!(%err, "cluster engine not started"),
+                },
+            };
+            tracing::info!(node = %config.node, engine = engine.name(), "cluster link started");
+            let send = links::send(Arc::clone(&engine), Arc::clone(&relay), outbound);
+            let follow = links::follow_interests(engine, relay, broker);
+            tokio::select! {
+                () = stopped.cancelled() => {}
+                () = send => {}
+                () = follow => {}
+            }
+        })?;
+        Ok(Running::new(Vec::new(), move || stop.cancel()))
+    }
+}
+
+/// A node's view of its cluster link: for `/readyz`, `/metrics` and `whispeer inspect nodes`.
+#[derive(Clone)]
+pub struct ClusterStatus {
+    relay: Arc<Relay>,
+    node: Arc<str>,
+}
+
+impl std::fmt::Debug for ClusterStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterStatus").field("node", &self.node).finish_non_exhaustive()
+    }
+}
+
+/// A snapshot of a node's cluster counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct ClusterStats {
+    /// Whether the engine is connected.
+    pub connected: bool,
+    /// Local messages queued for the other nodes.
+    pub forwarded: u64,
+    /// Messages from other nodes routed here.
+    pub received: u64,
+    /// Local messages not carried to other nodes because the engine was unreachable.
+    pub lost_unreachable: u64,
+    /// Local messages not carried because the outbound queue was full.
+    pub lost_full: u64,
+    /// Messages from other nodes that this node's queues refused.
+    pub refused_here: u64,
+    /// Second copies (own echoes, overlapping subscriptions) dropped.
+    pub duplicates: u64,
+    /// Messages from the engine that did not decode.
+    pub malformed: u64,
+    /// Local messages waiting for the engine now.
+    pub backlog: usize,
+}
+
+impl ClusterStatus {
+    /// This node's name.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Whether the engine is connected now.
+    pub fn connected(&self) -> bool {
+        self.relay.up.load(Ordering::Acquire)
+    }
+
+    /// The counters now.
+    pub fn stats(&self) -> ClusterStats {
+        let c = &self.relay.counters;
+        let get = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+        ClusterStats {
+            connected: self.connected(),
+            forwarded: get(&c.forwarded),
+            received: get(&c.received),
+            lost_unreachable: get(&c.lost_unreachable),
+            lost_full: get(&c.lost_full),
+            refused_here: get(&c.refused_here),
+            duplicates: get(&c.duplicates),
+            malformed: get(&c.malformed),
+            backlog: self.relay.backlog(),
+        }
+    }
+}
+
+/// What `interest` means for the engine's subscription bookkeeping.
+fn topics_filter(interest: &Interest) -> Option<whispeer_core::Filter> {
+    match interest {
+        Interest::Topics(filter) => Some(filter.clone()),
+        Interest::Group { .. } => None,
+    }
+}
+
+/// How long a publish batch or a flush may take before the engine counts as unreachable.
+const ENGINE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Seconds since `started`, for histograms.
+fn seconds(started: Instant) -> f64 {
+    started.elapsed().as_secs_f64()
+}

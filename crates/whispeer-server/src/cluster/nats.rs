@@ -1,0 +1,162 @@
+//! The NATS engine: core NATS subjects for fan-out and queue groups.
+//!
+//! Two connections per node. The first publishes, and subscribes to ordinary interests with
+//! `no_echo`, so a node never hears its own messages back (its local subscribers got them
+//! directly). The second holds the queue-group subscriptions: there a node's own messages must
+//! come back, because the cluster picks one group member among every node, this one included.
+//! async-nats reconnects both with backoff and re-subscribes; its per-subscription buffer is
+//! bounded (messages beyond it are dropped and reported as a slow consumer).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use async_nats::{Client, ConnectOptions, Event};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use whispeer_core::Interest;
+use whispeer_core::proto::Topic;
+
+use super::engine::{Engine, EngineError, EngineFuture, Inbox};
+use super::subject::{filter_subjects, push_token, topic_subject};
+use super::{ClusterConfig, RECONNECTS};
+
+/// Messages one engine subscription may buffer before the node reads them.
+const SUBSCRIPTION_CAPACITY: usize = 65_536;
+
+/// NATS as a cluster engine.
+pub(crate) struct Nats {
+    prefix: String,
+    publisher: Client,
+    groups: Client,
+    connected: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Nats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Nats").field("prefix", &self.prefix).finish_non_exhaustive()
+    }
+}
+
+impl Nats {
+    /// Connects to `config.urls` (in the background: a server that is down now is retried);
+    /// `connected` follows the publishing connection's state.
+    pub(crate) async fn connect(
+        config: &ClusterConfig,
+        connected: Arc<AtomicBool>,
+    ) -> Result<Self, EngineError> {
+        let publisher = Self::client(config, "", true, Some(Arc::clone(&connected))).await?;
+        let groups = Self::client(config, " groups", false, None).await?;
+        Ok(Self { prefix: config.prefix.clone(), publisher, groups, connected })
+    }
+
+    async fn client(
+        config: &ClusterConfig,
+        role: &str,
+        no_echo: bool,
+        connected: Option<Arc<AtomicBool>>,
+    ) -> Result<Client, EngineError> {
+        let mut options = ConnectOptions::new()
+            .name(format!("whispeer {}{role}", config.node))
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .subscription_capacity(SUBSCRIPTION_CAPACITY);
+        if no_echo {
+            options = options.no_echo();
+        }
+        if let (Some(user), Some(password)) = (&config.user, &config.password) {
+            options = options.user_and_password(user.clone(), password.clone());
+        } else if let Some(token) = &config.token {
+            options = options.token(token.clone());
+        }
+        let reconnects = Arc::new(AtomicU64::new(0));
+        let node = config.node.clone();
+        options = options.event_callback(move |event| {
+            let (connected, reconnects, node) =
+                (connected.clone(), Arc::clone(&reconnects), node.clone());
+            async move {
+                match event {
+                    Event::Connected => {
+                        if reconnects.fetch_add(1, Ordering::Relaxed) > 0 {
+                            metrics::counter!(RECONNECTS).increment(1);
+                        }
+                        tracing::info!(%node, "cluster engine connected");
+                        if let Some(flag) = &connected {
+                            flag.store(true, Ordering::Release);
+                        }
+                    }
+                    Event::Disconnected => {
+                        tracing::warn!(%node, "cluster engine disconnected; reconnecting");
+                        if let Some(flag) = &connected {
+                            flag.store(false, Ordering::Release);
+                        }
+                    }
+                    Event::SlowConsumer(sid) => {
+                        tracing::warn!(sid, "cluster engine: a subscription fell behind; messages from other nodes dropped");
+                    }
+                    other => tracing::debug!(event = %other, "cluster engine event"),
+                }
+            }
+        });
+        let urls = config.urls.join(",");
+        options.connect(urls.as_str()).await.map_err(|err| EngineError::Failed(err.to_string()))
+    }
+}
+
+/// The NATS queue group of a whispeer group: its filter and name escaped, so groups of
+/// different filters never share one.
+fn queue_name(filter: &str, name: &str) -> String {
+    let mut out = String::with_capacity(filter.len() + name.len() + 4);
+    push_token(&mut out, filter);
+    out.push_str("~00");
+    push_token(&mut out, name);
+    out
+}
+
+impl Engine for Nats {
+    fn name(&self) -> &'static str {
+        "nats"
+    }
+
+    fn connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
+    fn publish(&self, topic: &Topic, message: Bytes) -> EngineFuture<'_, Result<(), EngineError>> {
+        let subject = topic_subject(&self.prefix, topic);
+        Box::pin(async move {
+            self.publisher
+                .publish(subject, message)
+                .await
+                .map_err(|err| EngineError::Unreachable(err.to_string()))
+        })
+    }
+
+    fn flush(&self) -> EngineFuture<'_, Result<(), EngineError>> {
+        Box::pin(async move {
+            self.publisher.flush().await.map_err(|err| EngineError::Unreachable(err.to_string()))
+        })
+    }
+
+    fn subscribe(&self, interest: &Interest) -> EngineFuture<'_, Result<Inbox, EngineError>> {
+        let interest = interest.clone();
+        Box::pin(async move {
+            let subjects = filter_subjects(&self.prefix, interest.filter());
+            let mut inboxes = Vec::with_capacity(subjects.len());
+            for subject in subjects {
+                let subscriber = match &interest {
+                    Interest::Topics(_) => self.publisher.subscribe(subject).await,
+                    Interest::Group { filter, name } => {
+                        let queue = queue_name(filter.as_str(), name);
+                        self.groups.queue_subscribe(subject, queue).await
+                    }
+                };
+                let subscriber =
+                    subscriber.map_err(|err| EngineError::Unreachable(err.to_string()))?;
+                inboxes.push(subscriber.map(|message| message.payload));
+            }
+            // The subjects of one filter never match the same message (see `subject`).
+            let inbox: Inbox = Box::pin(futures_util::stream::select_all(inboxes));
+            Ok(inbox)
+        })
+    }
+}

@@ -1,0 +1,324 @@
+//! The node's half of the cluster: the core's [`Bridge`], the bounded queue of messages on
+//! their way to the engine, the confirmations QoS 1 publishers wait for, and the de-duplication
+//! of messages that reach this node through two overlapping subscriptions.
+//!
+//! A message crosses the engine as one byte (the format), the origin node's id (8 bytes,
+//! little-endian), then the envelope in its wire layout — sealed, never opened here.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::sync::{Notify, mpsc, watch};
+use whispeer_core::proto::{Envelope, Filter, Limits, MessageId, Topic};
+use whispeer_core::{Bridge, BridgeFuture, Forwarded, Interest};
+
+/// Messages queued for the engine at most; beyond it a local publish is not carried (policy:
+/// refuse newest — QoS 0 counts the loss, QoS 1 publishers get an error).
+pub(crate) const OUTBOUND_CAPACITY: usize = 65_536;
+/// Message ids remembered to drop second copies from overlapping subscriptions.
+const DEDUP_CAPACITY: usize = 65_536;
+/// Failed ranges of tickets remembered for confirmations.
+const FAILED_CAPACITY: usize = 4_096;
+/// The first byte of every message this version sends.
+const FORMAT: u8 = 1;
+
+/// One message on its way to the engine.
+pub(crate) struct Outgoing {
+    pub(crate) topic: Topic,
+    pub(crate) bytes: Bytes,
+    pub(crate) ticket: u64,
+}
+
+/// Counters of the cluster, read by `/metrics` and `whispeer inspect nodes`.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) forwarded: AtomicU64,
+    pub(crate) received: AtomicU64,
+    /// Local messages not carried: the engine was unreachable.
+    pub(crate) lost_unreachable: AtomicU64,
+    /// Local messages not carried: the outbound queue was full.
+    pub(crate) lost_full: AtomicU64,
+    /// Messages from other nodes that local queues refused.
+    pub(crate) refused_here: AtomicU64,
+    /// Second copies dropped (overlapping subscriptions).
+    pub(crate) duplicates: AtomicU64,
+    /// Messages from the engine that did not decode.
+    pub(crate) malformed: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The node's side of the cluster; see the module documentation.
+pub(crate) struct Relay {
+    /// This node's id on the engine.
+    pub(crate) node: u64,
+    /// Whether the engine is connected (set by the engine).
+    pub(crate) up: Arc<AtomicBool>,
+    /// The next ticket, and the queue: one lock, so tickets enter the queue in order.
+    outbound: Mutex<(u64, mpsc::Sender<Outgoing>)>,
+    /// Every ticket up to this one has been published and flushed, or has failed.
+    settled: watch::Sender<u64>,
+    failed: Mutex<VecDeque<(u64, u64)>>,
+    /// Confirmations waiting; the sender flushes while there are any.
+    pub(crate) waiting: AtomicUsize,
+    pub(crate) flush_wanted: Notify,
+    /// Interest counts: what local subscriptions need.
+    interests: Mutex<HashMap<Interest, usize>>,
+    pub(crate) interests_changed: Notify,
+    /// The ordinary filters subscribed on the engine now, and whether two of them overlap.
+    active: RwLock<Vec<Filter>>,
+    overlapping: AtomicBool,
+    seen: Mutex<Seen>,
+    pub(crate) counters: Counters,
+}
+
+/// Ids of messages that will arrive again through another subscription, with how many more
+/// copies are due.
+#[derive(Default)]
+struct Seen {
+    due: HashMap<MessageId, usize>,
+    order: VecDeque<MessageId>,
+}
+
+impl Relay {
+    pub(crate) fn new(node: u64) -> (Arc<Self>, mpsc::Receiver<Outgoing>) {
+        let (tx, rx) = mpsc::channel(OUTBOUND_CAPACITY);
+        let relay = Self {
+            node,
+            up: Arc::default(),
+            outbound: Mutex::new((1, tx)),
+            settled: watch::Sender::new(0),
+            failed: Mutex::default(),
+            waiting: AtomicUsize::new(0),
+            flush_wanted: Notify::new(),
+            interests: Mutex::default(),
+            interests_changed: Notify::new(),
+            active: RwLock::default(),
+            overlapping: AtomicBool::new(false),
+            seen: Mutex::default(),
+            counters: Counters::default(),
+        };
+        (Arc::new(relay), rx)
+    }
+
+    /// Every ticket up to `through` is settled; those from `failed` on (if any) failed.
+    pub(crate) fn settle(&self, through: u64, failed: Option<u64>) {
+        if let Some(from) = failed {
+            let mut ranges = lock(&self.failed);
+            if ranges.len() == FAILED_CAPACITY {
+                ranges.pop_front();
+            }
+            ranges.push_back((from, through));
+        }
+        self.settled.send_if_modified(|settled| {
+            let advanced = through > *settled;
+            *settled = (*settled).max(through);
+            advanced
+        });
+    }
+
+    /// What the engine should be subscribed to: every group, and the ordinary filters that no
+    /// other ordinary filter covers.
+    pub(crate) fn wanted(&self) -> HashSet<Interest> {
+        let interests = lock(&self.interests);
+        let topics: Vec<&Filter> = interests
+            .keys()
+            .filter_map(|interest| match interest {
+                Interest::Topics(filter) => Some(filter),
+                Interest::Group { .. } => None,
+            })
+            .collect();
+        interests
+            .keys()
+            .filter(|interest| match interest {
+                Interest::Topics(filter) => !topics
+                    .iter()
+                    .any(|other| *other != filter && other.covers(filter) && !filter.covers(other)),
+                Interest::Group { .. } => true,
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Messages waiting in the outbound queue.
+    pub(crate) fn backlog(&self) -> usize {
+        OUTBOUND_CAPACITY - lock(&self.outbound).1.capacity()
+    }
+
+    /// Records the ordinary filters now subscribed on the engine.
+    pub(crate) fn set_active(&self, filters: Vec<Filter>) {
+        let overlapping = filters
+            .iter()
+            .enumerate()
+            .any(|(i, a)| filters.iter().skip(i + 1).any(|b| a.overlaps(b)));
+        *self.active.write().unwrap_or_else(PoisonError::into_inner) = filters;
+        self.overlapping.store(overlapping, Ordering::Release);
+    }
+
+    /// Routes `envelope`, which arrived through one ordinary subscription, unless it is a copy
+    /// of one that arrived (or will arrive) through another: the first copy is routed, under
+    /// the lock, so a later message on the same topic can never overtake it through the other
+    /// subscription. `false` for a copy.
+    fn route_first_copy(&self, envelope: Envelope, route: impl FnOnce(Envelope)) -> bool {
+        let copies = if self.overlapping.load(Ordering::Acquire) {
+            let active = self.active.read().unwrap_or_else(PoisonError::into_inner);
+            active.iter().filter(|filter| filter.matches(&envelope.topic)).count()
+        } else {
+            1
+        };
+        if copies < 2 {
+            route(envelope);
+            return true;
+        }
+        let mut seen = lock(&self.seen);
+        let id = envelope.id;
+        if let Some(due) = seen.due.get_mut(&id) {
+            *due -= 1;
+            if *due == 0 {
+                seen.due.remove(&id);
+            }
+            return false;
+        }
+        if seen.order.len() >= DEDUP_CAPACITY
+            && let Some(oldest) = seen.order.pop_front()
+        {
+            seen.due.remove(&oldest);
+        }
+        seen.due.insert(id, copies - 1);
+        seen.order.push_back(id);
+        route(envelope);
+        true
+    }
+
+    /// A message from the engine, for `interest`: decoded, checked, and routed here.
+    pub(crate) fn deliver(
+        &self,
+        broker: &whispeer_core::Broker,
+        interest: &Interest,
+        bytes: Bytes,
+        limits: &Limits,
+    ) {
+        let Some((origin, envelope)) = decode(bytes, limits) else {
+            bump(&self.counters.malformed);
+            tracing::debug!("cluster: a message from the engine did not decode; dropped");
+            return;
+        };
+        if origin == self.node && matches!(interest, Interest::Topics(_)) {
+            bump(&self.counters.duplicates);
+            return;
+        }
+        let route = |envelope| {
+            bump(&self.counters.received);
+            if let Err(err) = broker.publish_bridged(envelope, interest) {
+                bump(&self.counters.refused_here);
+                tracing::debug!(%err, "cluster: a message from another node was refused here");
+            }
+        };
+        match interest {
+            Interest::Topics(_) => {
+                if !self.route_first_copy(envelope, route) {
+                    bump(&self.counters.duplicates);
+                }
+            }
+            Interest::Group { .. } => route(envelope),
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The bytes that carry `envelope` from node `node`.
+fn encode(node: u64, envelope: &Envelope) -> Option<Bytes> {
+    let mut out = BytesMut::with_capacity(envelope.payload.len() + 96);
+    out.put_u8(FORMAT);
+    out.put_u64_le(node);
+    envelope.encode(&mut out).ok()?;
+    Some(out.freeze())
+}
+
+/// The origin and envelope of a message from the engine; `None` if it is not one.
+pub(crate) fn decode(mut bytes: Bytes, limits: &Limits) -> Option<(u64, Envelope)> {
+    if bytes.len() < 9 || bytes[0] != FORMAT {
+        return None;
+    }
+    let origin = u64::from_le_bytes(bytes[1..9].try_into().ok()?);
+    let envelope = Envelope::decode(bytes.split_off(9), limits).ok()?;
+    Some((origin, envelope))
+}
+
+impl Bridge for Relay {
+    fn forward(&self, envelope: &Envelope) -> Forwarded {
+        if !self.up.load(Ordering::Acquire) {
+            bump(&self.counters.lost_unreachable);
+            return Forwarded::Refused("the cluster engine is unreachable");
+        }
+        let Some(bytes) = encode(self.node, envelope) else {
+            return Forwarded::Refused("the message cannot be encoded for the cluster");
+        };
+        let mut outbound = lock(&self.outbound);
+        let ticket = outbound.0;
+        let outgoing = Outgoing { topic: envelope.topic.clone(), bytes, ticket };
+        match outbound.1.try_send(outgoing) {
+            Ok(()) => {
+                outbound.0 += 1;
+                bump(&self.counters.forwarded);
+                Forwarded::Queued(ticket)
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                bump(&self.counters.lost_full);
+                Forwarded::Refused("the cluster's outbound queue is full")
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                bump(&self.counters.lost_unreachable);
+                Forwarded::Refused("the cluster link has stopped")
+            }
+        }
+    }
+
+    fn interest(&self, interest: &Interest, present: bool) {
+        let mut interests = lock(&self.interests);
+        let changed = if present {
+            let count = interests.entry(interest.clone()).or_insert(0);
+            *count += 1;
+            *count == 1
+        } else {
+            match interests.get_mut(interest) {
+                Some(count) if *count > 1 => {
+                    *count -= 1;
+                    false
+                }
+                Some(_) => interests.remove(interest).is_some(),
+                None => false,
+            }
+        };
+        drop(interests);
+        if changed {
+            self.interests_changed.notify_one();
+        }
+    }
+
+    fn confirm(&self, ticket: u64) -> BridgeFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            self.waiting.fetch_add(1, Ordering::AcqRel);
+            self.flush_wanted.notify_one();
+            let mut settled = self.settled.subscribe();
+            let reached = settled.wait_for(|settled| *settled >= ticket).await.is_ok();
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            if !reached {
+                return Err("the cluster link has stopped".into());
+            }
+            let failed =
+                lock(&self.failed).iter().any(|(from, to)| (*from..=*to).contains(&ticket));
+            if failed {
+                return Err("the cluster engine did not take it (unreachable)".into());
+            }
+            Ok(())
+        })
+    }
+}
