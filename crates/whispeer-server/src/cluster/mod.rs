@@ -111,6 +111,12 @@ impl Cluster {
                 config.prefix
             )));
         }
+        match config.engine {
+            EngineKind::Nats => {
+                nats::server_addrs(&config.urls)
+                    .map_err(|err| ClusterError(format!("urls: {err}")))?;
+            }
+        }
         // Unique per process, so two nodes given one name by mistake still hear each other.
         let node = std::collections::hash_map::RandomState::new().hash_one(&config.node);
         let (relay, outbound) = Relay::new(node);

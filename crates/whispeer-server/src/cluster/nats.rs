@@ -97,9 +97,16 @@ impl Nats {
                 }
             }
         });
-        let urls = config.urls.join(",");
-        options.connect(urls.as_str()).await.map_err(|err| EngineError::Failed(err.to_string()))
+        let servers = server_addrs(&config.urls).map_err(EngineError::Failed)?;
+        options.connect(servers).await.map_err(|err| EngineError::Failed(err.to_string()))
     }
+}
+
+/// The engine's servers, parsed; the error names the URL that is not one.
+pub(crate) fn server_addrs(urls: &[String]) -> Result<Vec<async_nats::ServerAddr>, String> {
+    urls.iter()
+        .map(|url| url.parse().map_err(|err| format!("{url:?} is not a NATS server URL: {err}")))
+        .collect()
 }
 
 /// The NATS queue group of a whispeer group: its filter and name escaped, so groups of
