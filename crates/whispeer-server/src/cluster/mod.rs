@@ -246,3 +246,22 @@ const ENGINE_TIMEOUT: Duration = Duration::from_secs(5);
 fn seconds(started: Instant) -> f64 {
     started.elapsed().as_secs_f64()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(config: ClusterConfig) -> String {
+        Cluster::new(config).map(drop).expect_err("refused").to_string()
+    }
+
+    #[test]
+    fn configurations_a_cluster_cannot_run_with_are_refused_with_the_key() {
+        let ok = ClusterConfig::nats(vec!["nats://127.0.0.1:4222".into()], "n1");
+        assert!(Cluster::new(ok.clone()).is_ok());
+        assert!(refused(ClusterConfig::nats(Vec::new(), "n1")).contains("urls"));
+        assert!(refused(ClusterConfig::nats(vec!["nats://h:port".into()], "n1")).contains("urls"));
+        assert!(refused(ClusterConfig { node: " ".into(), ..ok.clone() }).contains("node"));
+        assert!(refused(ClusterConfig { prefix: "a.b".into(), ..ok }).contains("prefix"));
+    }
+}

@@ -229,6 +229,22 @@ impl Relay {
     }
 }
 
+/// One waiting confirmation, for as long as it lives.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Self(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -305,11 +321,12 @@ impl Bridge for Relay {
 
     fn confirm(&self, ticket: u64) -> BridgeFuture<'_, Result<(), String>> {
         Box::pin(async move {
-            self.waiting.fetch_add(1, Ordering::AcqRel);
+            // Counted while it waits, also when the caller drops it: a count left behind would
+            // make the sender flush after every batch for good.
+            let _waiting = Waiting::new(&self.waiting);
             self.flush_wanted.notify_one();
             let mut settled = self.settled.subscribe();
             let reached = settled.wait_for(|settled| *settled >= ticket).await.is_ok();
-            self.waiting.fetch_sub(1, Ordering::AcqRel);
             if !reached {
                 return Err("the cluster link has stopped".into());
             }
@@ -320,5 +337,42 @@ impl Bridge for Relay {
             }
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use whispeer_core::proto::{Flags, Topic};
+
+    fn envelope() -> Envelope {
+        let topic = Topic::parse("a/b").expect("valid topic");
+        Envelope::new(MessageId(7), topic, 1, Flags::default(), Bytes::from_static(b"sealed"))
+    }
+
+    #[test]
+    fn what_crosses_the_engine_decodes_back_and_anything_else_is_refused() {
+        let limits = Limits::default();
+        let bytes = encode(42, &envelope()).expect("encodes");
+        assert_eq!(decode(bytes.clone(), &limits), Some((42, envelope())));
+        assert_eq!(decode(Bytes::new(), &limits), None, "empty");
+        assert_eq!(decode(bytes.slice(..8), &limits), None, "shorter than its header");
+        assert_eq!(decode(bytes.slice(..bytes.len() - 1), &limits), None, "truncated envelope");
+        let mut other = bytes.to_vec();
+        other[0] = FORMAT + 1;
+        assert_eq!(decode(Bytes::from(other), &limits), None, "another format");
+    }
+
+    #[test]
+    fn a_dropped_confirmation_stops_counting_as_waiting() {
+        let (relay, _outbound) = Relay::new(1);
+        let pending = relay.confirm(6);
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+        let runtime = runtime.expect("a runtime");
+        runtime.block_on(async {
+            let poll = tokio::time::timeout(std::time::Duration::from_millis(10), pending).await;
+            assert!(poll.is_err(), "not settled yet: dropped while waiting");
+        });
+        assert_eq!(relay.waiting.load(Ordering::Acquire), 0);
     }
 }
