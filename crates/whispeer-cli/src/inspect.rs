@@ -1,5 +1,5 @@
-//! `whispeer inspect topics|subscriptions|durable|connections`: the admin API's snapshots as tables (or the
-//! JSON itself with `--json`).
+//! `whispeer inspect topics|subscriptions|durable|connections|nodes`: the admin API's snapshots
+//! as tables (or the JSON itself with `--json`).
 
 use std::process::ExitCode;
 
@@ -19,6 +19,8 @@ pub(crate) enum What {
     Durable,
     /// Live connections: peer, principal, subscriptions, messages published and delivered.
     Connections,
+    /// The nodes of the server's cluster: name, client addresses, engine server, last seen.
+    Nodes,
 }
 
 /// `whispeer inspect`.
@@ -79,6 +81,13 @@ fn columns(what: What) -> &'static [(&'static str, &'static str)] {
             ("DELIVERED", "delivered"),
             ("SINCE", "since"),
         ],
+        What::Nodes => &[
+            ("NODE", "node"),
+            ("ADDRESSES", "addrs"),
+            ("ENGINE SERVER", "engine_server"),
+            ("SEEN", "seen"),
+            ("VERSION", "version"),
+        ],
     }
 }
 
@@ -86,6 +95,9 @@ fn cell(value: Option<&Value>) -> String {
     match value {
         Some(Value::String(text)) => text.clone(),
         Some(Value::Null) | None => "-".into(),
+        Some(Value::Array(items)) => {
+            items.iter().map(|item| cell(Some(item))).collect::<Vec<_>>().join(",")
+        }
         Some(other) => other.to_string(),
     }
 }
@@ -124,6 +136,7 @@ pub(crate) fn run(args: &InspectArgs) -> ExitCode {
         What::Subscriptions => "subscriptions",
         What::Durable => "durable",
         What::Connections => "connections",
+        What::Nodes => "cluster",
     };
     let auth = format!("Bearer {}", args.token);
     if let Some(id) = args.disconnect {
@@ -141,7 +154,11 @@ pub(crate) fn run(args: &InspectArgs) -> ExitCode {
         .header("Authorization", &auth)
         .call()
         .with_context(|| format!("GET {url}"))
-        .and_then(|mut response| Ok(response.body_mut().read_json::<Vec<Value>>()?));
+        .and_then(|mut response| Ok(response.body_mut().read_json::<Value>()?))
+        .map(|body| match args.what {
+            What::Nodes => nodes(&body, now_ms()),
+            _ => body.as_array().cloned().unwrap_or_default(),
+        });
     match fetched {
         Ok(rows) if args.json => {
             println!("{}", Value::Array(rows));
@@ -156,6 +173,28 @@ pub(crate) fn run(args: &InspectArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn now_ms() -> u64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    now.map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The rows of `whispeer inspect nodes` from `/api/cluster`: each node, with how long ago it
+/// wrote its entry. Why the membership could not be read, if so, goes to standard error.
+fn nodes(cluster: &Value, now_ms: u64) -> Vec<Value> {
+    if let Some(why) = cluster.pointer("/membership/error").and_then(Value::as_str) {
+        eprintln!("whispeer: this node cannot hear the others now ({why}); the list may be stale");
+    }
+    let listed = cluster.pointer("/membership/nodes").and_then(Value::as_array);
+    let mut rows = listed.cloned().unwrap_or_default();
+    for row in &mut rows {
+        if let Some(seen) = row.get("seen_ms").and_then(Value::as_u64) {
+            let ago = now_ms.saturating_sub(seen) as f64 / 1000.0;
+            row["seen"] = Value::String(format!("{ago:.1}s ago"));
+        }
+    }
+    rows
 }
 
 #[cfg(test)]
@@ -176,6 +215,23 @@ mod tests {
             "GROUP    FILTER  TOPIC   COMMITTED  LAG\n\
              workers  jobs/#  jobs/x  2          3\n\
              w        a       a       10         0\n"
+        );
+    }
+
+    #[test]
+    fn the_cluster_view_becomes_one_row_per_node() {
+        let cluster = json!({"node": "a", "membership": {"error": null, "nodes": [
+            {"node": "a", "addrs": ["127.0.0.1:7461", "127.0.0.1:7471"], "engine_server": "127.0.0.1:4261",
+             "started_ms": 1_000, "seen_ms": 9_000, "version": "0.1.0"},
+            {"node": "b", "addrs": [], "engine_server": null, "started_ms": 1_000, "seen_ms": 10_000,
+             "version": "0.1.0"},
+        ]}});
+        let text = table(What::Nodes, &nodes(&cluster, 10_500));
+        assert_eq!(
+            text,
+            "NODE  ADDRESSES                      ENGINE SERVER   SEEN      VERSION\n\
+             a     127.0.0.1:7461,127.0.0.1:7471  127.0.0.1:4261  1.5s ago  0.1.0\n\
+             b                                    -               0.5s ago  0.1.0\n"
         );
     }
 }

@@ -101,7 +101,8 @@ enum Command {
 /// Connection settings shared by `pub` and `sub`.
 #[derive(Debug, Args)]
 pub(crate) struct ConnectArgs {
-    /// Server address.
+    /// Server address; several, separated by commas, are nodes of one cluster: the first that
+    /// answers is used, and the next ones take over when it goes away.
     #[arg(long, env = "WHISPEER_SERVER", default_value = config::DEFAULT_LISTEN)]
     server: String,
     /// API key, if the server requires one.

@@ -105,7 +105,9 @@ pub(crate) fn keyring(args: &ConnectArgs) -> anyhow::Result<Option<Keyring>> {
 }
 
 pub(crate) async fn connect(args: &ConnectArgs) -> anyhow::Result<Client> {
-    let mut options = ClientOptions::new(args.server.clone());
+    let mut servers = args.server.split(',').map(str::trim).filter(|s| !s.is_empty());
+    let first = servers.next().context("--server names no address")?;
+    let mut options = ClientOptions::new(first).failover(servers);
     if let Some(ca) = &args.ca_file {
         let read = |path: &std::path::PathBuf| {
             std::fs::read(path).with_context(|| format!("reading {}", path.display()))

@@ -141,11 +141,16 @@ async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
     // Plain lines on stdout for scripts and tests that need the chosen ports.
     let secure = server_config.tls.is_some();
     println!("whispeer: listening on {}{local}", if secure { "tls://" } else { "" });
+    let mut advertised = vec![format!("{}{local}", if secure { "tls://" } else { "" })];
     if let Some(ws) = &ws_listener {
         let ws_local = ws.local_addr()?;
         let scheme = if secure { "wss" } else { "ws" };
         tracing::info!(%ws_local, path = %config.ws_path, "listening for WebSocket clients");
         println!("whispeer: websocket listening on {scheme}://{ws_local}{}", config.ws_path);
+        advertised.push(format!("{scheme}://{ws_local}{}", config.ws_path));
+    }
+    if let Some(status) = &cluster_status {
+        status.advertise(advertised);
     }
     let admin = match &config.admin_listen {
         Some(address) => {
@@ -207,6 +212,8 @@ async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
 /// Adds the cluster link to `/readyz` (not ready while the engine is unreachable) and its
 /// counters to `/metrics`.
 fn watch_cluster(admin: &AdminServer, status: ClusterStatus) {
+    let view = status.clone();
+    admin.cluster_view(move || view.view());
     let ready = status.clone();
     admin.ready_when(move || {
         if ready.connected() { Ok(()) } else { Err("cluster engine unreachable".into()) }
@@ -229,6 +236,7 @@ fn watch_cluster(admin: &AdminServer, status: ClusterStatus) {
             metrics::counter!("whispeer_cluster_lost_total", "reason" => reason).absolute(value);
         }
         metrics::gauge!("whispeer_cluster_backlog").set(stats.backlog as f64);
+        metrics::gauge!("whispeer_cluster_nodes").set(status.membership().nodes.len() as f64);
     });
 }
 

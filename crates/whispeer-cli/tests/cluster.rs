@@ -4,8 +4,6 @@
 #![expect(clippy::unwrap_used, reason = "test helpers fail loudly")]
 
 use std::collections::{BTreeMap, HashSet};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use whispeer_client::proto::ErrorCode;
@@ -13,57 +11,13 @@ use whispeer_client::{Client, ClientError, ClientSubscription, Qos, SubscribeOpt
 
 mod common;
 
-use common::{Server, http_get};
+use common::http_get;
+use common::nats::{Nats, node};
 
-/// A nats-server child on loopback, killed when dropped.
-struct Nats {
-    child: Child,
-    url: String,
-}
-
-impl Nats {
-    /// Starts nats-server on `port` (0: any free port).
-    fn start(port: u16) -> Self {
-        let port = if port == 0 { "-1".to_string() } else { port.to_string() };
-        let mut child = Command::new("nats-server")
-            .args(["-a", "127.0.0.1", "-p", &port])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("nats-server must be installed (scripts/cluster and .ci/run install it)");
-        let mut stderr = BufReader::new(child.stderr.take().unwrap());
-        let mut line = String::new();
-        let url = loop {
-            line.clear();
-            assert!(stderr.read_line(&mut line).unwrap() > 0, "nats-server exited");
-            if let Some((_, addr)) = line.split_once("Listening for client connections on ") {
-                break format!("nats://{}", addr.trim());
-            }
-        };
-        // Keep reading its log, so it never blocks on a full pipe.
-        std::thread::spawn(move || for _ in stderr.lines() {});
-        Self { child, url }
-    }
-
-    fn port(&self) -> u16 {
-        self.url.rsplit(':').next().unwrap().parse().unwrap()
-    }
-}
-
-impl Drop for Nats {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A node of the cluster on `nats`. Its list also names a server that is not running, which
-/// the client skips.
-fn node(nats: &Nats, name: &str, envs: &[(&str, &str)]) -> Server {
-    let urls = format!("[\"{}\", \"nats://127.0.0.1:1\"]", nats.url);
-    let mut all = vec![("WHISPEER_CLUSTER__URLS", urls.as_str()), ("WHISPEER_CLUSTER__NODE", name)];
-    all.extend_from_slice(envs);
-    Server::start_with(&["--admin-listen", "127.0.0.1:0"], &all)
+/// The engine servers a node lists: `nats`, and a server that is not running, which the
+/// engine's client skips.
+fn on(nats: &Nats) -> [&str; 2] {
+    [nats.url.as_str(), "nats://127.0.0.1:1"]
 }
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -101,7 +55,8 @@ async fn drain(subs: &mut [&mut ClientSubscription<u64>]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_and_wildcards_cross_nodes_once_and_in_order() {
     let nats = Nats::start(0);
-    let (a, b, c) = (node(&nats, "a", &[]), node(&nats, "b", &[]), node(&nats, "c", &[]));
+    let (a, b, c) =
+        (node(&on(&nats), "a", &[]), node(&on(&nats), "b", &[]), node(&on(&nats), "c", &[]));
     let on_a = Client::connect(a.addr.clone()).await.unwrap();
     let on_b = Client::connect(b.addr.clone()).await.unwrap();
     let on_c = Client::connect(c.addr.clone()).await.unwrap();
@@ -176,7 +131,8 @@ async fn messages_and_wildcards_cross_nodes_once_and_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queue_group_spread_over_three_nodes_gets_each_message_once() {
     let nats = Nats::start(0);
-    let nodes = [node(&nats, "a", &[]), node(&nats, "b", &[]), node(&nats, "c", &[])];
+    let nodes =
+        [node(&on(&nats), "a", &[]), node(&on(&nats), "b", &[]), node(&on(&nats), "c", &[])];
     let mut members = Vec::new();
     let mut clients = Vec::new();
     for server in &nodes {
@@ -244,7 +200,7 @@ async fn a_queue_group_spread_over_three_nodes_gets_each_message_once() {
 async fn while_the_engine_is_away_qos1_is_refused_and_qos0_stays_local_then_it_heals() {
     let nats = Nats::start(0);
     let port = nats.port();
-    let (a, b) = (node(&nats, "a", &[]), node(&nats, "b", &[]));
+    let (a, b) = (node(&on(&nats), "a", &[]), node(&on(&nats), "b", &[]));
     let on_a = Client::connect(a.addr.clone()).await.unwrap();
     let on_b = Client::connect(b.addr.clone()).await.unwrap();
     let mut local = on_a.subscribe::<u64>("t").await.unwrap();

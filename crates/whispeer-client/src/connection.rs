@@ -8,7 +8,9 @@
 //! Writes are batched: the actor drains every waiting command into one buffer before writing.
 //! Replies are matched to requests by correlation id. When the socket fails, pending requests
 //! fail with `Disconnected`; with reconnection on, the actor connects again with exponential
-//! backoff and re-subscribes every live subscription under its old id (and group).
+//! backoff and re-subscribes every live subscription under its old id (and group). With
+//! failover nodes, the first retry goes to the same node and each next one to the next node in
+//! turn; the backoff grows after each round of them all.
 //!
 //! QoS 1: acks and nacks come from deliveries through their own channel (unbounded, but holding
 //! at most what the server let this client have unacknowledged: its prefetch per
@@ -18,20 +20,19 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::{Instant, sleep, sleep_until, timeout};
-use whispeer_proto::{
-    Body, Envelope, ErrorCode, Frame, Limits, PROTOCOL_VERSION, Qos, StartAt, reserve_for_read,
-};
+use tokio::time::{Instant, sleep, sleep_until};
+use whispeer_proto::{Body, Envelope, Frame, Qos, StartAt, reserve_for_read};
 
+use handshake::handshake;
+pub(crate) use handshake::{Established, connect_any};
 pub(crate) use subs::{Buffer, Incoming, Settle, SubSpec};
 use subs::{RecentIds, Sub};
 
-use crate::transport::{self, Reader, Writer};
+use crate::transport::Writer;
 use crate::{ClientError, ClientOptions};
 
 /// Bytes buffered for writing before the actor stops taking commands.
@@ -69,121 +70,6 @@ enum Pending {
     Flush(oneshot::Sender<Result<(), ClientError>>),
 }
 
-/// A connection after the handshake.
-pub(crate) struct Established {
-    reader: Reader,
-    writer: Writer,
-    leftover: BytesMut,
-    heartbeat: Duration,
-    max_frame_bytes: usize,
-    pub(crate) max_message_bytes: usize,
-}
-
-/// Connects, sends `Hello` (and `Auth`), and waits for `Welcome` (and the auth reply).
-pub(crate) async fn handshake(options: &ClientOptions) -> Result<Established, ClientError> {
-    let limit = options.connect_timeout;
-    timeout(limit, handshake_inner(options)).await.map_err(|_| ClientError::Timeout(limit))?
-}
-
-async fn handshake_inner(options: &ClientOptions) -> Result<Established, ClientError> {
-    let connect_error = |source| ClientError::Connect { addr: options.addr.clone(), source };
-    let (mut reader, mut writer) =
-        transport::open(&options.addr, options.tls.as_ref()).await.map_err(connect_error)?;
-    let mut out = BytesMut::new();
-    let hello =
-        Body::Hello { version: PROTOCOL_VERSION, capabilities: 0, name: options.name.clone() };
-    encode(&Frame::new(1, hello), &mut out, usize::MAX)?;
-    if let Some(key) = &options.api_key {
-        encode(
-            &Frame::new(2, Body::Auth { key: key.clone().into_bytes().into() }),
-            &mut out,
-            usize::MAX,
-        )?;
-    }
-    writer.write_all(&out).await.map_err(connect_error)?;
-    writer.flush().await.map_err(connect_error)?;
-
-    let mut buf = BytesMut::new();
-    let mut welcome = None;
-    let mut authed = options.api_key.is_none();
-    while welcome.is_none() || !authed {
-        let frame = read_frame(&mut reader, &mut buf, &options.limits).await?;
-        match (frame.correlation, frame.body) {
-            (
-                1,
-                Body::Welcome {
-                    version,
-                    capabilities,
-                    max_frame_bytes,
-                    max_message_bytes,
-                    heartbeat_ms,
-                    ..
-                },
-            ) => {
-                if version != PROTOCOL_VERSION {
-                    return Err(ClientError::Protocol(format!("server speaks version {version}")));
-                }
-                if capabilities & 1 != 0 && options.api_key.is_none() {
-                    let message = "the server requires an API key".to_string();
-                    return Err(ClientError::Server { code: ErrorCode::UNAUTHENTICATED, message });
-                }
-                welcome =
-                    Some((max_frame_bytes as usize, max_message_bytes as usize, heartbeat_ms));
-            }
-            (2, Body::Ok) => authed = true,
-            (_, Body::Error { code, message }) => {
-                return Err(ClientError::Server { code, message });
-            }
-            (_, Body::Ping) => {}
-            (_, other) => {
-                return Err(ClientError::Protocol(format!(
-                    "unexpected frame during handshake: {other:?}"
-                )));
-            }
-        }
-    }
-    let (max_frame_bytes, max_message_bytes, heartbeat_ms) = welcome.unwrap_or((0, 0, 0));
-    Ok(Established {
-        reader,
-        writer,
-        leftover: buf,
-        heartbeat: Duration::from_millis(u64::from(heartbeat_ms).max(100)),
-        max_frame_bytes,
-        max_message_bytes,
-    })
-}
-
-/// Whether `bytes` start like a TLS record (a handshake or an alert, TLS 1.0 to 1.3): what a
-/// TLS server answers a plain client with, read as a frame's length it is absurdly large.
-fn looks_like_tls(bytes: &[u8]) -> bool {
-    matches!(bytes, [0x15 | 0x16, 0x03, 0x00..=0x04, ..])
-}
-
-async fn read_frame(
-    stream: &mut Reader,
-    buf: &mut BytesMut,
-    limits: &Limits,
-) -> Result<Frame, ClientError> {
-    loop {
-        match Frame::decode(buf, limits) {
-            Ok(Some(frame)) => return Ok(frame),
-            Ok(None) => {}
-            Err(_) if looks_like_tls(buf) => {
-                return Err(ClientError::Protocol(
-                    "this server speaks TLS: use tls:// (or wss:// for WebSocket)".into(),
-                ));
-            }
-            Err(err) => return Err(ClientError::Protocol(err.to_string())),
-        }
-        reserve_for_read(buf);
-        match stream.read_buf(buf).await {
-            Ok(0) => return Err(ClientError::Disconnected),
-            Ok(_) => {}
-            Err(_) => return Err(ClientError::Disconnected),
-        }
-    }
-}
-
 /// Writes what is buffered and flushes; `unflushed` says whether a write awaits its flush, so a
 /// cancelled flush is retried even when nothing new is buffered.
 async fn write_and_flush(
@@ -218,6 +104,8 @@ pub(crate) struct Actor {
     pending: HashMap<u32, Pending>,
     next_sub: u32,
     next_correlation: u32,
+    /// The address index of the current (or last) connection.
+    node: usize,
 }
 
 impl Actor {
@@ -234,6 +122,7 @@ impl Actor {
             pending: HashMap::new(),
             next_sub: 1,
             next_correlation: 100,
+            node: 0,
         }
     }
 
@@ -243,6 +132,7 @@ impl Actor {
     }
 
     pub(crate) async fn run(mut self, first: Established) {
+        self.node = first.node;
         let mut connection = first;
         loop {
             let ended = self.serve(connection).await;
@@ -264,9 +154,12 @@ impl Actor {
         }
     }
 
-    /// Tries to connect until it works or every handle is gone.
+    /// Tries to connect until it works or every handle is gone: the same node first, then
+    /// each next node in turn, the wait doubling after every round.
     async fn reconnect(&mut self) -> Option<Established> {
         let (mut delay, max) = self.options.backoff;
+        let nodes = self.options.addresses().count().max(1);
+        let mut attempt = 0;
         loop {
             if self.commands.is_closed() {
                 return None;
@@ -274,19 +167,29 @@ impl Actor {
             // Up to a quarter of jitter, so many clients do not reconnect in lockstep.
             let jitter = delay.mul_f64(f64::from(getrandom::u32().unwrap_or(0) % 256) / 1024.0);
             sleep(delay + jitter).await;
-            match handshake(&self.options).await {
+            let node = (self.node + attempt) % nodes;
+            match handshake(&self.options, node).await {
                 Ok(established) => {
-                    tracing::info!(addr = %self.options.addr, "reconnected");
+                    let addr = self.options.addresses().nth(node).unwrap_or_default();
+                    tracing::info!(addr, "reconnected");
                     return Some(established);
                 }
                 Err(err) => tracing::debug!(%err, "reconnect failed"),
             }
-            delay = (delay * 2).min(max);
+            attempt += 1;
+            if attempt % nodes == 0 {
+                delay = (delay * 2).min(max);
+            }
         }
     }
 
     async fn serve(&mut self, established: Established) -> Ended {
+        // Offsets are counted per node: after moving to another one, subscriptions start with
+        // new messages rather than after an offset that means something else there.
+        let same_node = established.node == self.node;
+        self.node = established.node;
         let Established {
+            node: _,
             mut reader,
             mut writer,
             leftover: mut inbound,
@@ -301,7 +204,10 @@ impl Actor {
             .iter_mut()
             .map(|(s, sub)| {
                 if sub.spec.start != StartAt::Latest || sub.last_offset.is_some() {
-                    sub.spec.resume(sub.last_offset);
+                    sub.spec.resume(sub.last_offset.filter(|_| same_node));
+                    if !same_node {
+                        sub.last_offset = None;
+                    }
                 }
                 (*s, sub.spec.frame(*s))
             })
@@ -558,6 +464,7 @@ fn fail(pending: Pending, err: ClientError) {
     }
 }
 
+mod handshake;
 mod subs;
 #[cfg(test)]
 mod tests;

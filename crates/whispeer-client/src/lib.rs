@@ -116,6 +116,9 @@ pub struct ClientOptions {
     /// The server: `host:port` or `tcp://host:port` for TCP, `tls://host:port` for TLS,
     /// `ws://host:port/ws` for WebSocket, `wss://host:port/ws` for WebSocket over TLS.
     pub addr: String,
+    /// Other nodes of the same cluster, tried in turn after `addr` when connecting and when
+    /// the connection is lost (see [`ClientOptions::failover`]). Default: none.
+    pub failover: Vec<String>,
     /// TLS settings for `tls://` and `wss://` (see [`tls_config`]); without them, the
     /// platform's root certificates are trusted ([`platform_tls_config`]).
     pub tls: Option<Arc<rustls::ClientConfig>>,
@@ -155,6 +158,7 @@ impl ClientOptions {
     pub fn new(addr: impl Into<String>) -> Self {
         Self {
             addr: addr.into(),
+            failover: Vec::new(),
             tls: None,
             api_key: None,
             name: format!("whispeer-client {}", env!("CARGO_PKG_VERSION")),
@@ -169,6 +173,33 @@ impl ClientOptions {
             dedup_ids: 4096,
             limits: Limits::default(),
         }
+    }
+
+    /// Adds other nodes of the same cluster (same forms as `addr`). Connecting tries `addr`
+    /// first and then each of these; a lost connection is retried on the same node once, then
+    /// on the next one in turn, re-subscribing everything there.
+    ///
+    /// Offsets of history are still counted per node (durable topics do not yet live in the
+    /// cluster's engine), so after moving to another node a subscription resumes with new
+    /// messages rather than after its last offset; on the same node it resumes after it.
+    ///
+    /// ```
+    /// use whispeer_client::ClientOptions;
+    /// let options = ClientOptions::new("127.0.0.1:7461").failover(["127.0.0.1:7462", "127.0.0.1:7463"]);
+    /// assert_eq!(options.addresses().count(), 3);
+    /// ```
+    pub fn failover<I, S>(mut self, addrs: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.failover.extend(addrs.into_iter().map(Into::into));
+        self
+    }
+
+    /// Every address this client may connect to: `addr`, then the failover nodes.
+    pub fn addresses(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.addr.as_str()).chain(self.failover.iter().map(String::as_str))
     }
 
     /// Uses this TLS configuration for `tls://` and `wss://` addresses.
@@ -315,7 +346,7 @@ impl Client {
     /// [`ClientError::Connect`], [`ClientError::Timeout`], or the server's refusal (for example
     /// `FORBIDDEN` for a wrong key).
     pub async fn connect_with(mut options: ClientOptions) -> Result<Self, ClientError> {
-        let established = connection::handshake(&options).await?;
+        let established = connection::connect_any(&options).await?;
         let max_message_bytes = established.max_message_bytes;
         let engines = std::mem::take(&mut options.engines)
             .with_max_message_bytes(options.limits.max_message_bytes);

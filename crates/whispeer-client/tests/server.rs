@@ -230,6 +230,38 @@ async fn client_reconnects_and_resubscribes_after_a_server_restart() {
 }
 
 #[tokio::test]
+async fn a_client_skips_a_dead_node_and_moves_on_when_its_node_stops() {
+    let (first, second) = (
+        TestServer::start(fast_config(), None).await,
+        TestServer::start(fast_config(), None).await,
+    );
+    let dead = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let mut options = ClientOptions::new(dead.to_string())
+        .failover([first.addr.to_string(), second.addr.to_string()]);
+    options.backoff = (Duration::from_millis(20), Duration::from_millis(200));
+    let client = Client::connect_with(options).await.unwrap();
+    let mut sub = client.subscribe::<u32>("events/#").await.unwrap();
+    let on_first = Client::connect(first.addr.to_string()).await.unwrap();
+    on_first.publish("events/a", &1u32).await.unwrap();
+    assert_eq!(soon(sub.recv()).await, Some(1), "connected to the first live node");
+
+    first.stop().await;
+    let on_second = Client::connect(second.addr.to_string()).await.unwrap();
+    let got = soon(async {
+        for n in 2u32.. {
+            on_second.publish("events/b", &n).await.unwrap();
+            if let Ok(Some(v)) = timeout(Duration::from_millis(50), sub.recv()).await {
+                return v;
+            }
+        }
+        unreachable!()
+    })
+    .await;
+    assert!(got >= 2, "subscribed again on the next node");
+    second.stop().await;
+}
+
+#[tokio::test]
 async fn shutdown_tells_clients_and_ends_their_subscriptions() {
     let server = TestServer::start(fast_config(), None).await;
     let client = Client::connect_with(server.options().reconnect(false)).await.unwrap();

@@ -6,6 +6,8 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Stdio};
 
+pub(crate) mod nats;
+
 pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_whispeer");
 
 /// A `whispeer serve` child process, killed when dropped.

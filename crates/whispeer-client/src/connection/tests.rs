@@ -1,7 +1,7 @@
 //! The connection task's QoS 1 bookkeeping, without a socket.
 
 use bytes::Bytes;
-use whispeer_proto::{ContentType, Filter, Flags, MessageId, Topic};
+use whispeer_proto::{ContentType, Filter, Flags, Limits, MessageId, Topic};
 
 use super::*;
 

@@ -71,6 +71,7 @@ pub struct AdminServer {
 struct Hooks {
     ready: Vec<Box<dyn Fn() -> Result<(), String> + Send + Sync>>,
     record: Vec<Box<dyn Fn() + Send + Sync>>,
+    cluster: Option<Box<dyn Fn() -> Value + Send + Sync>>,
 }
 
 /// How often topic rates are sampled: a rate is the average over the last window.
@@ -156,6 +157,12 @@ impl AdminServer {
         hooks.record.push(Box::new(record));
     }
 
+    /// Serves `/api/cluster` with what `view` returns (the cluster link's view of its nodes).
+    pub fn cluster_view(&self, view: impl Fn() -> Value + Send + Sync + 'static) {
+        let mut hooks = self.hooks.write().unwrap_or_else(PoisonError::into_inner);
+        hooks.cluster = Some(Box::new(view));
+    }
+
     /// Whether the request carries the admin token (compared by digest).
     fn authorized(&self, headers: &HeaderMap) -> Result<(), ApiError> {
         let Some(expected) = &self.token else {
@@ -204,6 +211,7 @@ impl AdminServer {
             .route("/api/durable/rewind", post(rewind))
             .route("/api/history", get(history))
             .route("/api/connections", get(connections))
+            .route("/api/cluster", get(cluster))
             .route("/api/connections/{id}/disconnect", post(disconnect))
             .with_state(self);
         tokio::select! {
@@ -303,6 +311,15 @@ type ApiResult = Result<Json<Value>, ApiError>;
 
 fn error(status: StatusCode, why: impl std::fmt::Display) -> ApiError {
     (status, format!("{why}\n"))
+}
+
+async fn cluster(State(admin): State<AdminServer>, headers: HeaderMap) -> ApiResult {
+    admin.authorized(&headers)?;
+    let hooks = admin.hooks.read().unwrap_or_else(PoisonError::into_inner);
+    match &hooks.cluster {
+        Some(view) => Ok(Json(view())),
+        None => Err(error(StatusCode::NOT_FOUND, "this node is not part of a cluster")),
+    }
 }
 
 async fn topics(State(admin): State<AdminServer>, headers: HeaderMap) -> ApiResult {

@@ -51,4 +51,13 @@ pub trait Engine: Send + Sync + 'static {
     /// *other* nodes ([`Interest::Topics`]), or — for a queue group — a share of every
     /// node's messages (this one's included), each message going to one subscribed node.
     fn subscribe(&self, interest: &Interest) -> EngineFuture<'_, Result<Inbox, EngineError>>;
+
+    /// The address of the engine server this node is connected to now.
+    fn server(&self) -> Option<String>;
+
+    /// Sends this node's membership entry to every node (this one included).
+    fn announce(&self, entry: Bytes) -> EngineFuture<'_, Result<(), EngineError>>;
+
+    /// Every node's membership entries, as they are announced.
+    fn membership(&self) -> EngineFuture<'_, Result<Inbox, EngineError>>;
 }

@@ -18,11 +18,14 @@ use whispeer_core::{Broker, BrokerBuilder, Extension, Interest, Running, Service
 
 mod engine;
 mod links;
+mod members;
 mod nats;
 mod relay;
 mod subject;
 
 pub use engine::{Engine, EngineError, EngineFuture, Inbox};
+use members::Members;
+pub use members::{Membership, NodeInfo};
 use relay::{Outgoing, Relay};
 
 /// Counter of reconnections to the engine.
@@ -84,6 +87,8 @@ pub struct Cluster {
     config: ClusterConfig,
     relay: Arc<Relay>,
     outbound: mpsc::Receiver<Outgoing>,
+    members: Arc<Members>,
+    engine: Arc<std::sync::OnceLock<Arc<dyn Engine>>>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -120,12 +125,21 @@ impl Cluster {
         // Unique per process, so two nodes given one name by mistake still hear each other.
         let node = std::collections::hash_map::RandomState::new().hash_one(&config.node);
         let (relay, outbound) = Relay::new(node);
-        Ok(Self { config, relay, outbound })
+        let (members, engine) = (Arc::default(), Arc::default());
+        Ok(Self { config, relay, outbound, members, engine })
     }
 
     /// A handle on the node's link, for readiness and metrics.
     pub fn status(&self) -> ClusterStatus {
-        ClusterStatus { relay: Arc::clone(&self.relay), node: self.config.node.clone().into() }
+        ClusterStatus {
+            relay: Arc::clone(&self.relay),
+            node: self.config.node.clone().into(),
+            engine_name: match self.config.engine {
+                EngineKind::Nats => "nats",
+            },
+            members: Arc::clone(&self.members),
+            engine: Arc::clone(&self.engine),
+        }
     }
 }
 
@@ -142,7 +156,7 @@ impl Service for Cluster {
 
     fn start(self: Box<Self>, broker: &Broker) -> std::io::Result<Running> {
         let stop = CancellationToken::new();
-        let Self { config, relay, outbound } = *self;
+        let Self { config, relay, outbound, members, engine: slot } = *self;
         let (broker, stopped) = (broker.clone(), stop.clone());
         broker.clone().spawn(async move {
             let engine: Arc<dyn Engine> = match config.engine {
@@ -153,12 +167,19 @@ impl Service for Cluster {
                 },
             };
             tracing::info!(node = %config.node, engine = engine.name(), "cluster link started");
+            let _ = slot.set(Arc::clone(&engine));
             let send = links::send(Arc::clone(&engine), Arc::clone(&relay), outbound);
-            let follow = links::follow_interests(engine, relay, broker);
+            let follow = links::follow_interests(Arc::clone(&engine), relay, broker.clone());
+            let node = config.node.clone();
+            let announce = members::announce(Arc::clone(&engine), members, broker, node);
             tokio::select! {
-                () = stopped.cancelled() => {}
+                () = stopped.cancelled() => {
+                    // A clean stop leaves the membership at once (a dead node's entry expires).
+                    members::leave(&*engine, &config.node).await;
+                }
                 () = send => {}
                 () = follow => {}
+                () = announce => {}
             }
         })?;
         Ok(Running::new(Vec::new(), move || stop.cancel()))
@@ -170,6 +191,9 @@ impl Service for Cluster {
 pub struct ClusterStatus {
     relay: Arc<Relay>,
     node: Arc<str>,
+    engine_name: &'static str,
+    members: Arc<Members>,
+    engine: Arc<std::sync::OnceLock<Arc<dyn Engine>>>,
 }
 
 impl std::fmt::Debug for ClusterStatus {
@@ -211,6 +235,30 @@ impl ClusterStatus {
     /// Whether the engine is connected now.
     pub fn connected(&self) -> bool {
         self.relay.up.load(Ordering::Acquire)
+    }
+
+    /// The cluster's nodes, as this node last read them from the engine (at most
+    /// one announcement round, 2 s, old).
+    pub fn membership(&self) -> Membership {
+        self.members.get()
+    }
+
+    /// The addresses clients reach this node at (`127.0.0.1:7461`, `ws://…/ws`), listed in
+    /// its membership entry; without them, the broker's own listeners are listed.
+    pub fn advertise(&self, addrs: Vec<String>) {
+        self.members.advertise(addrs);
+    }
+
+    /// This node's view of the cluster, as `/api/cluster` and `whispeer inspect nodes` show
+    /// it: the node, its engine and the server it is on, its counters, and the membership.
+    pub fn view(&self) -> serde_json::Value {
+        serde_json::json!({
+            "node": &*self.node,
+            "engine": self.engine_name,
+            "engine_server": self.engine.get().and_then(|engine| engine.server()),
+            "stats": self.stats(),
+            "membership": self.membership(),
+        })
     }
 
     /// The counters now.

@@ -49,6 +49,12 @@ impl Nats {
         Ok(Self { prefix: config.prefix.clone(), publisher, groups, connected })
     }
 
+    /// The subject of membership entries: outside every topic subject (those start with the
+    /// prefix).
+    fn membership_subject(&self) -> String {
+        format!("_WHISPEER.{}.nodes", self.prefix)
+    }
+
     async fn client(
         config: &ClusterConfig,
         role: &str,
@@ -163,6 +169,38 @@ impl Engine for Nats {
             }
             // The subjects of one filter never match the same message (see `subject`).
             let inbox: Inbox = Box::pin(futures_util::stream::select_all(inboxes));
+            Ok(inbox)
+        })
+    }
+
+    fn server(&self) -> Option<String> {
+        if !self.connected() {
+            return None;
+        }
+        let info = self.publisher.server_info();
+        Some(format!("{}:{}", info.host, info.port))
+    }
+
+    fn announce(&self, entry: Bytes) -> EngineFuture<'_, Result<(), EngineError>> {
+        Box::pin(async move {
+            // On the connection with echo, so this node hears its own entry too.
+            let subject = self.membership_subject();
+            self.groups
+                .publish(subject, entry)
+                .await
+                .map_err(|err| EngineError::Unreachable(err.to_string()))
+        })
+    }
+
+    fn membership(&self) -> EngineFuture<'_, Result<Inbox, EngineError>> {
+        Box::pin(async move {
+            let subject = self.membership_subject();
+            let subscriber = self
+                .groups
+                .subscribe(subject)
+                .await
+                .map_err(|err| EngineError::Unreachable(err.to_string()))?;
+            let inbox: Inbox = Box::pin(subscriber.map(|message| message.payload));
             Ok(inbox)
         })
     }

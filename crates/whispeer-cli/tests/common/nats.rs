@@ -1,0 +1,99 @@
+//! nats-server children on loopback for the cluster tests, and `whispeer serve` nodes on them.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use super::Server;
+
+/// A nats-server child on loopback, killed (SIGKILL) when dropped.
+pub(crate) struct Nats {
+    child: Child,
+    pub(crate) url: String,
+    /// JetStream's directory, removed when dropped.
+    store: PathBuf,
+}
+
+impl Nats {
+    /// Starts nats-server on `port` (0: any free port), with JetStream.
+    pub(crate) fn start(port: u16) -> Self {
+        Self::start_with(port, &[])
+    }
+
+    fn start_with(port: u16, extra: &[String]) -> Self {
+        let port = if port == 0 { "-1".to_string() } else { port.to_string() };
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let store = std::env::temp_dir().join(format!("whispeer-nats-{}-{n}", std::process::id()));
+        let mut child = Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port, "-js", "-sd"])
+            .arg(&store)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("nats-server must be installed (scripts/install-servers installs it)");
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        let url = loop {
+            line.clear();
+            assert!(stderr.read_line(&mut line).unwrap() > 0, "nats-server exited");
+            if let Some((_, addr)) = line.split_once("Listening for client connections on ") {
+                break format!("nats://{}", addr.trim());
+            }
+        };
+        // Keep reading its log, so it never blocks on a full pipe.
+        std::thread::spawn(move || for _ in stderr.lines() {});
+        Self { child, url, store }
+    }
+
+    /// Three servers routed into one NATS cluster.
+    pub(crate) fn cluster() -> [Self; 3] {
+        let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let start = |i: usize| {
+            let others: Vec<String> = (0..3)
+                .filter(|&j| j != i)
+                .map(|j| format!("nats://127.0.0.1:{}", routes[j]))
+                .collect();
+            let args = [
+                "--cluster_name".to_string(),
+                "whispeer-test".to_string(),
+                "--name".to_string(),
+                format!("n{i}"),
+                "--cluster".to_string(),
+                format!("nats://127.0.0.1:{}", routes[i]),
+                "--routes".to_string(),
+                others.join(","),
+            ];
+            Self::start_with(0, &args)
+        };
+        [start(0), start(1), start(2)]
+    }
+
+    pub(crate) fn port(&self) -> u16 {
+        self.url.rsplit(':').next().unwrap().parse().unwrap()
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.store);
+    }
+}
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// A `whispeer serve` node named `name` on the engine servers `urls`, with an admin port.
+pub(crate) fn node(urls: &[&str], name: &str, envs: &[(&str, &str)]) -> Server {
+    let urls =
+        format!("[{}]", urls.iter().map(|u| format!("\"{u}\"")).collect::<Vec<_>>().join(", "));
+    let mut all = vec![("WHISPEER_CLUSTER__URLS", urls.as_str()), ("WHISPEER_CLUSTER__NODE", name)];
+    all.extend_from_slice(envs);
+    Server::start_with(&["--admin-listen", "127.0.0.1:0"], &all)
+}
