@@ -79,6 +79,15 @@ pub(crate) struct BenchArgs {
     /// Also measure QoS 1 (publish, PUBACK, deliver, ACK) on the whispeer server.
     #[arg(long)]
     qos1: bool,
+    /// Nodes of a whispeer cluster (comma-separated), measured with the same workloads: the
+    /// publisher on the first node, subscriber `i` on node `i + 1` (round robin), so every
+    /// delivery crosses the engine when there are several nodes.
+    #[arg(long, value_delimiter = ',', value_name = "ADDRS")]
+    cluster: Vec<String>,
+    /// Process ids of the cluster's processes (nodes and engine servers), to report their CPU
+    /// time per delivery together.
+    #[arg(long, value_delimiter = ',', value_name = "PIDS")]
+    cluster_pids: Vec<u32>,
 }
 
 /// One system under test: how to connect.
@@ -86,6 +95,11 @@ pub(crate) struct BenchArgs {
 enum Target {
     Whispeer {
         addr: String,
+        api_key: Option<String>,
+    },
+    /// whispeer nodes of one cluster: the publisher on the first, subscribers on the others.
+    Cluster {
+        addrs: Vec<String>,
         api_key: Option<String>,
     },
     #[cfg(feature = "nats")]
@@ -120,6 +134,7 @@ impl Target {
     fn name(&self) -> &'static str {
         match self {
             Self::Whispeer { .. } => "whispeer",
+            Self::Cluster { .. } => "whispeer cluster",
             #[cfg(feature = "nats")]
             Self::Nats { .. } => "nats (async-nats)",
             Self::NatsRaw { .. } => "nats (raw protocol)",
@@ -130,22 +145,30 @@ impl Target {
     /// The same topic in each system's syntax.
     fn subject(&self, name: &str) -> String {
         match self {
-            Self::Whispeer { .. } => format!("bench/{name}"),
+            Self::Whispeer { .. } | Self::Cluster { .. } => format!("bench/{name}"),
             #[cfg(feature = "nats")]
             Self::Nats { .. } => format!("bench.{name}"),
             Self::NatsRaw { .. } | Self::Forwarder { .. } => format!("bench.{name}"),
         }
     }
 
-    async fn connect(&self) -> anyhow::Result<Conn> {
+    /// A connection for `role`: 0 the publisher, `i` the `i`-th subscriber (only a cluster
+    /// tells them apart: they go to different nodes).
+    async fn connect(&self, role: usize) -> anyhow::Result<Conn> {
+        let whispeer = |addr: &str, api_key: &Option<String>| {
+            // The SDK's defaults, as a user gets them.
+            let mut options = ClientOptions::new(addr);
+            if let Some(key) = api_key {
+                options = options.api_key(key.clone());
+            }
+            Client::connect_with(options)
+        };
         Ok(match self {
-            Self::Whispeer { addr, api_key } => {
-                // The SDK's defaults, as a user gets them.
-                let mut options = ClientOptions::new(addr.clone());
-                if let Some(key) = api_key {
-                    options = options.api_key(key.clone());
-                }
-                Conn::Whispeer(Client::connect_with(options).await?)
+            Self::Whispeer { addr, api_key } => Conn::Whispeer(whispeer(addr, api_key).await?),
+            Self::Cluster { addrs, api_key } => {
+                let node = if addrs.len() < 2 { 0 } else { role % addrs.len() };
+                let addr = addrs.get(node).context("--cluster names no node")?;
+                Conn::Whispeer(whispeer(addr, api_key).await?)
             }
             #[cfg(feature = "nats")]
             Self::Nats { addr } => Conn::Nats(async_nats::connect(addr.as_str()).await?),
@@ -227,32 +250,41 @@ async fn throughput(
     let moved = Arc::new(tokio::sync::Notify::new());
     // Often enough that a small window never waits for a wake-up that does not come.
     let every = window.clamp(1, 64);
+    let ready: Arc<Vec<std::sync::atomic::AtomicBool>> =
+        Arc::new((0..subscribers).map(|_| std::sync::atomic::AtomicBool::default()).collect());
     let mut readers = Vec::new();
     for i in 0..subscribers {
-        let conn = target.connect().await?;
+        let conn = target.connect(i + 1).await?;
         let mut sub = conn.subscribe(&subject).await?;
-        let (progress, moved) = (Arc::clone(&progress), Arc::clone(&moved));
+        let (progress, moved, ready) =
+            (Arc::clone(&progress), Arc::clone(&moved), Arc::clone(&ready));
         readers.push(tokio::spawn(async move {
             let _conn = conn;
-            for n in 1..=messages {
+            let mut n = 0;
+            while n < messages {
                 match tokio::time::timeout(STALL, sub.next()).await {
+                    // An empty payload is a probe (see `probe`), not a message.
+                    Ok(Some(payload)) if payload.is_empty() => {
+                        ready[i].store(true, Ordering::Release);
+                    }
                     Ok(Some(_)) => {
+                        n += 1;
                         progress[i].store(n, Ordering::Release);
                         if n % every == 0 || n == messages {
                             moved.notify_waiters();
                         }
                     }
-                    Ok(None) => anyhow::bail!("subscription ended after {} messages", n - 1),
+                    Ok(None) => anyhow::bail!("subscription ended after {n} messages"),
                     Err(_) => anyhow::bail!(
-                        "no message for {STALL:?} after {} of {messages}: messages lost",
-                        n - 1
+                        "no message for {STALL:?} after {n} of {messages}: messages lost"
                     ),
                 }
             }
             Ok(())
         }));
     }
-    let publisher = target.connect().await?;
+    let publisher = target.connect(0).await?;
+    probe(target, &publisher, &subject, || ready.iter().all(|r| r.load(Ordering::Acquire))).await?;
     let payload = Bytes::from(vec![b'x'; size]);
     // Drawn on standard error only when it is a terminal.
     let bar = ProgressBar::new(messages)
@@ -287,13 +319,19 @@ async fn latency(target: &Target, rate: u64, seconds: u64) -> anyhow::Result<[f6
     let subject = target.subject("latency");
     let total = rate * seconds;
     let base = Instant::now();
-    let receiver = target.connect().await?;
+    let receiver = target.connect(1).await?;
     let mut sub = receiver.subscribe(&subject).await?;
+    let ready = Arc::new(std::sync::atomic::AtomicBool::default());
+    let heard = Arc::clone(&ready);
     let reader = tokio::spawn(async move {
         let _receiver = receiver;
         let mut samples = Vec::with_capacity(total as usize);
         while (samples.len() as u64) < total {
             let Some(payload) = sub.next().await else { break };
+            if payload.len() < 8 {
+                heard.store(true, Ordering::Release);
+                continue;
+            }
             let mut sent = [0u8; 8];
             sent.copy_from_slice(&payload[..8]);
             let now = base.elapsed().as_nanos() as u64;
@@ -301,7 +339,8 @@ async fn latency(target: &Target, rate: u64, seconds: u64) -> anyhow::Result<[f6
         }
         samples
     });
-    let publisher = target.connect().await?;
+    let publisher = target.connect(0).await?;
+    probe(target, &publisher, &subject, || ready.load(Ordering::Acquire)).await?;
     let period = Duration::from_secs(1).as_nanos() as u64 / rate.max(1);
     let start = Instant::now();
     let mut payload = vec![0u8; 128];
@@ -324,6 +363,28 @@ async fn latency(target: &Target, rate: u64, seconds: u64) -> anyhow::Result<[f6
         samples.len()
     );
     Ok(percentiles(samples))
+}
+
+/// For a cluster: publishes empty probes on `subject` until `heard` says every subscriber got
+/// one, so the run starts once the nodes' engine subscriptions are in place (messages sent
+/// before would reach no node). Subscribers skip probes.
+async fn probe(
+    target: &Target,
+    publisher: &Conn,
+    subject: &str,
+    heard: impl Fn() -> bool,
+) -> anyhow::Result<()> {
+    if !matches!(target, Target::Cluster { .. }) {
+        return Ok(());
+    }
+    let deadline = Instant::now() + STALL;
+    while !heard() {
+        anyhow::ensure!(Instant::now() < deadline, "the cluster's nodes never got a probe");
+        publisher.publish(subject, Bytes::new()).await?;
+        publisher.flush().await?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
 }
 
 /// p50, p99 and p99.9 of nanosecond samples, in microseconds.
@@ -364,6 +425,7 @@ fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
 fn pid_of(target: &Target, args: &BenchArgs) -> Option<u32> {
     match target {
         Target::Whispeer { .. } => args.server_pid,
+        Target::Cluster { .. } => None,
         #[cfg(feature = "nats")]
         Target::Nats { .. } => args.nats_pid,
         Target::NatsRaw { .. } => args.nats_pid,
@@ -376,8 +438,14 @@ async fn measure(target: &Target, args: &BenchArgs) -> anyhow::Result<Report> {
     eprintln!("{name}: 1→1, 128 B …");
     let window = |payload: u64| (args.window_bytes / payload).max(1);
     let pid = pid_of(target, args);
-    // A target without a pid has no server figure (`cpu_seconds(None)` would be this process).
-    let server_cpu = || pid.and_then(|pid| cpu_seconds(Some(pid)));
+    // A target without a pid has no server figure (`cpu_seconds(None)` would be this process);
+    // a cluster's figure is every process of it together.
+    let server_cpu = || match target {
+        Target::Cluster { .. } if !args.cluster_pids.is_empty() => {
+            args.cluster_pids.iter().map(|&pid| cpu_seconds(Some(pid))).sum::<Option<f64>>()
+        }
+        _ => pid.and_then(|pid| cpu_seconds(Some(pid))),
+    };
     let before = (server_cpu(), cpu_seconds(None));
     let (one_to_one, _) = throughput(target, 1, args.messages, 128, window(128)).await?;
     let per_delivery = |from: Option<f64>, to: Option<f64>| match (from, to) {
@@ -408,7 +476,12 @@ pub(crate) fn run(args: BenchArgs) -> std::process::ExitCode {
             args.nats_raw.clone().map(|addr| Target::NatsRaw { addr }),
             args.forwarder.clone().map(|addr| Target::Forwarder { addr }),
         ];
+        let cluster = (!args.cluster.is_empty()).then(|| Target::Cluster {
+            addrs: args.cluster.clone(),
+            api_key: args.api_key.clone(),
+        });
         let targets: Vec<Target> = std::iter::once(whispeer)
+            .chain(cluster)
             .chain(nats_target(&args)?)
             .chain(raw.into_iter().flatten())
             .collect();
@@ -472,7 +545,8 @@ fn print_table(reports: &[(&str, Report)]) {
         print!("{name:>22}");
     }
     if reports.len() == 2 {
-        print!("{:>16}", "ratio w/n");
+        // The first column over the second (whispeer over NATS, or one node over the cluster).
+        print!("{:>16}", "ratio 1st/2nd");
     }
     println!();
     for (label, value) in rows {
