@@ -443,6 +443,22 @@ impl Config {
             options.retention.push((filter, retention));
         }
         let storage = &self.storage;
+        if !self.cluster.urls.is_empty() && !storage.durable.is_empty() {
+            // In a cluster, durable topics live in the engine (its history, its offsets).
+            anyhow::ensure!(
+                storage.dir.is_none(),
+                "storage.dir: in a cluster, durable topics are kept by the engine (JetStream); \
+                 remove storage.dir (see CLUSTER.md)"
+            );
+            let mut durability = Durability::in_store(PersistenceType::Memory);
+            for filter in &storage.durable {
+                let filter = Filter::parse(filter)
+                    .map_err(|e| anyhow::anyhow!("storage.durable: filter {filter:?}: {e}"))?;
+                durability = durability.topic(filter);
+            }
+            options.durability = Some(durability);
+            return Ok(options);
+        }
         match &storage.dir {
             Some(dir) => {
                 let fsync = match storage.fsync {

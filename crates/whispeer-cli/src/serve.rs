@@ -216,7 +216,13 @@ fn watch_cluster(admin: &AdminServer, status: ClusterStatus) {
     admin.cluster_view(move || view.view());
     let ready = status.clone();
     admin.ready_when(move || {
-        if ready.connected() { Ok(()) } else { Err("cluster engine unreachable".into()) }
+        if !ready.connected() {
+            Err("cluster engine unreachable".into())
+        } else if !ready.history_loaded() {
+            Err("cluster history still loading".into())
+        } else {
+            Ok(())
+        }
     });
     admin.on_scrape(move || {
         let stats: ClusterStats = status.stats();

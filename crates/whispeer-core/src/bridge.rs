@@ -11,6 +11,12 @@
 //! ([`Interest::Group`]). When it cannot carry a message (its engine is unreachable, its queue is
 //! full) the broker serves its own groups, and a QoS 1 publisher is refused by
 //! [`Broker::confirmed`](crate::Broker::confirmed).
+//!
+//! Durable topics can live in the cluster instead ([`Bridge::sequence`]): a local publish to one
+//! is neither routed nor stored here; the cluster gives it an offset (the same on every node)
+//! and hands it back, to this node as to every other, through
+//! [`Broker::publish_sequenced`](crate::Broker::publish_sequenced), in offset order. Each node's
+//! history of such a topic is then what the cluster keeps, at the same offsets everywhere.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -70,4 +76,14 @@ pub trait Bridge: Send + Sync + 'static {
     /// Resolves once the message with `ticket` was taken by the cluster (as far as its engine
     /// says), or with why it may not have been.
     fn confirm(&self, ticket: u64) -> BridgeFuture<'_, Result<(), String>>;
+
+    /// A message a local publisher got accepted on a durable topic. A bridge that keeps such
+    /// topics answers [`Forwarded::Queued`] (its ticket confirms once the cluster stored it),
+    /// and later hands the message back through `Broker::publish_sequenced`; the broker does
+    /// not route it itself. The default keeps none: the broker stores the topic itself, and
+    /// the message goes through [`Bridge::forward`] like any other.
+    fn sequence(&self, envelope: &Envelope) -> Option<Forwarded> {
+        let _ = envelope;
+        None
+    }
 }

@@ -23,6 +23,13 @@ pub(crate) struct Cluster {
     pub(crate) password: Option<String>,
     /// The engine's token (instead of a user).
     pub(crate) token: Option<String>,
+    /// Messages the engine keeps per durable topic (`[storage] durable`).
+    pub(crate) history_messages: u64,
+    /// Milliseconds the engine keeps durable topics' messages; 0: no age limit.
+    pub(crate) history_max_age_ms: u64,
+    /// Copies of the history in the engine; 0: three when its cluster has three servers or
+    /// more, else one.
+    pub(crate) replicas: usize,
 }
 
 impl Default for Cluster {
@@ -35,6 +42,9 @@ impl Default for Cluster {
             user: None,
             password: None,
             token: None,
+            history_messages: 10_000,
+            history_max_age_ms: 0,
+            replicas: 0,
         }
     }
 }
@@ -63,6 +73,11 @@ impl Cluster {
         config.user.clone_from(&self.user);
         config.password.clone_from(&self.password);
         config.token.clone_from(&self.token);
+        anyhow::ensure!(self.history_messages > 0, "cluster.history_messages must be at least 1");
+        config.history_messages = self.history_messages;
+        config.history_max_age = (self.history_max_age_ms > 0)
+            .then(|| std::time::Duration::from_millis(self.history_max_age_ms));
+        config.replicas = (self.replicas > 0).then_some(self.replicas);
         Ok(Some(config))
     }
 }

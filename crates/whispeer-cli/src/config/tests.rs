@@ -176,3 +176,21 @@ fn bad_values_name_the_key_and_the_source() {
         Ok(())
     });
 }
+
+#[test]
+fn in_a_cluster_durable_topics_live_in_the_engine_and_a_local_store_is_refused() {
+    Jail::expect_with(|jail| {
+        jail.set_env("WHISPEER_CLUSTER__URLS", r#"["nats://127.0.0.1:4222"]"#);
+        jail.set_env("WHISPEER_STORAGE__DURABLE", r#"["orders/#"]"#);
+        let config = Config::load(Path::new("whispeer.toml"), false).unwrap().0;
+        let options = config.broker_options().unwrap();
+        let durability = options.durability.expect("durable topics");
+        assert!(matches!(durability.store, PersistenceType::Memory), "{durability:?}");
+        assert_eq!(durability.topics, [Filter::parse("orders/#").unwrap()]);
+        jail.set_env("WHISPEER_STORAGE__DIR", "data");
+        let config = Config::load(Path::new("whispeer.toml"), false).unwrap().0;
+        let err = config.broker_options().unwrap_err().to_string();
+        assert!(err.contains("storage.dir") && err.contains("engine"), "{err}");
+        Ok(())
+    });
+}

@@ -37,13 +37,40 @@ impl Broker {
         envelope: Envelope,
         interest: &Interest,
     ) -> Result<PublishReceipt, PublishError> {
+        self.check_bridged(&envelope)?;
+        self.inner.accept_from(envelope, Some(interest))
+    }
+
+    /// Routes a message of a durable topic that the cluster keeps, at the offset the cluster
+    /// gave it (the same on every node), accepted by the cluster at `accepted_ms` (milliseconds
+    /// since the epoch): to the ordinary subscriptions here (queue groups get theirs through
+    /// [`Broker::publish_bridged`]), and into the topic's history. The bridge hands every such
+    /// message to every node, its own included, in offset order; an offset already passed is
+    /// dropped as a repeat. On a node where the topic is not durable it is routed like
+    /// [`Broker::publish_bridged`] with the topic as interest.
+    ///
+    /// # Errors
+    /// An invalid or over-size envelope; full subscriber queues.
+    pub fn publish_sequenced(
+        &self,
+        envelope: Envelope,
+        offset: u64,
+        accepted_ms: u64,
+    ) -> Result<PublishReceipt, PublishError> {
+        self.check_bridged(&envelope)?;
+        self.inner.accept_sequenced(envelope, offset, accepted_ms)
+    }
+
+    /// What another node sent is checked like a local publish: a valid topic, a payload
+    /// within the limit (plus what sealing adds).
+    fn check_bridged(&self, envelope: &Envelope) -> Result<(), PublishError> {
         let limits = &self.inner.options.limits;
         Topic::validate(envelope.topic.as_str(), limits)?;
         let max = limits.max_message_bytes + SEAL_OVERHEAD;
         if envelope.payload.len() > max {
             return Err(PublishError::TooLarge { len: envelope.payload.len(), max });
         }
-        self.inner.accept_from(envelope, Some(interest))
+        Ok(())
     }
 
     /// Waits until the publish of `receipt` may be acknowledged: durable under the store's

@@ -108,14 +108,15 @@ impl Broker {
                 (StartAt::Offset(offset), true) => offset,
                 _ => log.start_offset(start)?,
             };
-            let in_memory =
-                if log.durable && from < first { Vec::new() } else { log.read(from, bound) };
-            (first, next, log.durable, from, in_memory)
+            (first, next, log.durable, from, log.read(from, bound))
         };
         let messages = if durable && from < first_offset {
             // Older than memory: the store holds every message of a durable topic, in order, so
-            // the page comes from it alone (the next page may come from memory).
-            self.stored_page(topic, from, bound)?
+            // the page comes from it alone (the next page may come from memory). A store with
+            // nothing there (segments removed, or a topic a cluster keeps, whose history is
+            // memory's) leaves memory's page.
+            let stored = self.stored_page(topic, from, bound)?;
+            if stored.is_empty() { in_memory } else { stored }
         } else {
             in_memory
         };

@@ -141,10 +141,20 @@ impl TopicLog {
 
     /// The retained messages from offset `from` on, within `bound`.
     pub(crate) fn read(&self, from: u64, mut bound: PageBound) -> Vec<Message> {
-        let skip = usize::try_from(from.saturating_sub(self.first_offset())).unwrap_or(usize::MAX);
-        let entries = self.entries.iter().skip(skip);
+        let entries = self.entries.iter().skip(self.before(from));
         let page = entries.take_while(|e| bound.admit_len(e.message.payload().len()));
         page.map(|e| e.message.clone()).collect()
+    }
+
+    /// Moves the next offset up to `next` (never down): offsets the cluster gave skip those of
+    /// other topics.
+    pub(crate) fn advance_to(&mut self, next: u64) {
+        self.next = self.next.max(next);
+    }
+
+    /// How many retained entries come before offset `from` (offsets may have gaps).
+    fn before(&self, from: u64) -> usize {
+        self.entries.partition_point(|e| e.offset < from)
     }
 
     /// Takes the next offset; the caller routes the message and then `append`s it.
@@ -314,8 +324,9 @@ impl History {
                 // Only a durable topic starts before memory: the store has the rest.
                 snapshot.stored.push(StoredRange { topic, next: from, end: first });
             }
-            let skip = usize::try_from(from.saturating_sub(first)).unwrap_or(usize::MAX);
-            picked.extend(log.entries.iter().skip(skip).map(|e| (e.seq, e.message.clone())));
+            picked.extend(
+                log.entries.iter().skip(log.before(from)).map(|e| (e.seq, e.message.clone())),
+            );
         }
         // In the order the broker accepted them, across topics (by offset within one).
         picked.sort_unstable_by_key(|(seq, _)| *seq);

@@ -238,6 +238,30 @@ impl Shared {
             rules.iter().find(|(filter, _)| filter.matches(&topic)).map(|(_, ttl)| *ttl)
         });
         let expires_at = ttl.map(|ttl| Instant::now() + ttl);
+        if let (None, Some(bridge)) = (bridged, &self.bridge)
+            && self.history.log(&topic).is_some_and(|log| retention::lock(&log).durable)
+            && let Some(forwarded) = bridge.sequence(&envelope)
+        {
+            // Kept by the cluster, which hands it back with its offset to every node.
+            bump(&self.counters.published);
+            let bridged = match forwarded {
+                Forwarded::Queued(ticket) => Ok(ticket),
+                Forwarded::Refused(why) => {
+                    if let Some(key) = &key {
+                        self.dedup.forget(topic.as_str(), key);
+                    }
+                    Err(why)
+                }
+            };
+            let (id, bridged) = (envelope.id, Some(bridged));
+            return Ok(PublishReceipt {
+                id,
+                subscribers: 0,
+                duplicate: false,
+                ticket: None,
+                bridged,
+            });
+        }
         bump(&self.counters.published);
         // A local message goes to the cluster first; while the cluster carries it, queue groups
         // get it from there (one member in the whole cluster).
@@ -278,6 +302,49 @@ impl Shared {
         };
         let routed = routed.map(|receipt| PublishReceipt { bridged: forwarded, ..receipt });
         self.forget_unless_routed(routed, &topic, key.as_ref())
+    }
+
+    /// Routes a message of a durable topic the cluster keeps, at `offset` (see
+    /// [`Bridge::sequence`]): to the ordinary subscriptions here, and into the topic's history.
+    /// An offset this node has already passed is a repeat, and dropped.
+    pub(crate) fn accept_sequenced(
+        &self,
+        envelope: Envelope,
+        offset: u64,
+        accepted_ms: u64,
+    ) -> Result<PublishReceipt, PublishError> {
+        let topic = envelope.topic.clone();
+        let id = envelope.id;
+        let nothing =
+            PublishReceipt { id, subscribers: 0, duplicate: true, ticket: None, bridged: None };
+        let Some(log) = self.history.log(&topic).filter(|log| retention::lock(log).durable) else {
+            // Durable on the node it came from, not here: an ordinary message.
+            return self.accept_from(envelope, Some(&Interest::Topics(Filter::from(topic))));
+        };
+        let (now, now_wall) = (Instant::now(), now_ms());
+        let Some(mut expires_at) =
+            retention::expiry_of_stored(&envelope.headers, accepted_ms, now, now_wall)
+        else {
+            return Ok(nothing);
+        };
+        if envelope.headers.ttl_ms().is_none()
+            && let Some((_, ttl)) = self.options.topic_ttl.iter().find(|(f, _)| f.matches(&topic))
+        {
+            let left = accepted_ms.saturating_add(ttl.as_millis() as u64).saturating_sub(now_wall);
+            expires_at = Some(now + Duration::from_millis(left));
+        }
+        let mut log = retention::lock(&log);
+        if offset < log.next_offset() {
+            bump(&self.counters.duplicates);
+            return Ok(nothing);
+        }
+        log.advance_to(offset + 1);
+        bump(&self.counters.published);
+        let seq = self.history.next_seq();
+        let message = Message::retained(envelope, true, self.engines.clone(), expires_at, offset);
+        let routed = self.fan_out(id, topic.as_str(), Scope::Solo, |_| message.clone());
+        log.append(offset, seq, accepted_ms, message);
+        routed
     }
 
     /// Not accepted (a full queue, a failed store): a retry with the same key must go through.

@@ -16,6 +16,33 @@ pub type EngineFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// engine's subscription.
 pub type Inbox = Pin<Box<dyn Stream<Item = Bytes> + Send>>;
 
+/// A message appended to the history: resolves with its offset once the engine stored it.
+pub type Appended = Pin<Box<dyn Future<Output = Result<u64, EngineError>> + Send>>;
+
+/// One message of the history, as the engine hands it back.
+#[derive(Clone, Debug)]
+pub struct Sequenced {
+    /// Its offset: the same on every node.
+    pub offset: u64,
+    /// When the engine stored it, in milliseconds since the epoch.
+    pub stored_ms: u64,
+    /// The message as it was appended.
+    pub bytes: Bytes,
+}
+
+/// The history from some offset on, in offset order, as the engine hands it out.
+pub type History = Pin<Box<dyn Stream<Item = Result<Sequenced, EngineError>> + Send>>;
+
+/// How a channel of [`Engine::publish`] reaches the nodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Channel {
+    /// Every node with a matching interest, queue groups included.
+    Everyone,
+    /// Queue groups only (a durable topic's message: the other nodes' ordinary subscribers
+    /// get it from the history).
+    Groups,
+}
+
 /// Why an engine could not do something.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -40,9 +67,31 @@ pub trait Engine: Send + Sync + 'static {
     /// Whether the engine is connected now.
     fn connected(&self) -> bool;
 
-    /// Publishes `message` on `topic` to every node interested in it. Messages from one node
-    /// reach each other node in the order they were published.
-    fn publish(&self, topic: &Topic, message: Bytes) -> EngineFuture<'_, Result<(), EngineError>>;
+    /// Publishes `message` on `topic` to every node interested in it (or to queue groups
+    /// only). Messages from one node reach each other node in the order they were published.
+    fn publish(
+        &self,
+        channel: Channel,
+        topic: &Topic,
+        message: Bytes,
+    ) -> EngineFuture<'_, Result<(), EngineError>>;
+
+    /// Appends `message` to the history of durable topics under `topic`; `id` lets the engine
+    /// drop a repeat within its de-duplication window. Resolves once it is on its way, with a
+    /// future of its offset.
+    fn append(
+        &self,
+        topic: &Topic,
+        message: Bytes,
+        id: String,
+    ) -> EngineFuture<'_, Result<Appended, EngineError>>;
+
+    /// Every message of the history from offset `from` on (1: from its beginning), in order,
+    /// then each new one as it is appended. The history is created if there is none.
+    fn history(&self, from: u64) -> EngineFuture<'_, Result<History, EngineError>>;
+
+    /// The offset of the history's last message now (0 while it is empty).
+    fn history_end(&self) -> EngineFuture<'_, Result<u64, EngineError>>;
 
     /// Resolves once everything published before it reached the engine's server.
     fn flush(&self) -> EngineFuture<'_, Result<(), EngineError>>;

@@ -1,6 +1,8 @@
-//! The two tasks of a node's link to its engine: `send` (the outbound queue to the engine,
-//! flushing for QoS 1 confirmations) and `follow_interests` (engine subscriptions following
-//! what local subscribers need, one reader task per subscription).
+//! The tasks of a node's link to its engine: `send` (the outbound queue to the engine,
+//! flushing for QoS 1 confirmations, with `acknowledge` settling durable topics' tickets in
+//! order as the engine stores them), `follow_interests` (engine subscriptions following what
+//! local subscribers need, one reader task per subscription) and `follow_history` (every
+//! durable topic's message from the engine's history, at its offset).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,7 +14,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use whispeer_core::{Broker, Interest};
 
-use super::relay::{Outgoing, Relay};
+use super::engine::{Appended, Channel};
+use super::relay::{Kind, OUTBOUND_CAPACITY, Outgoing, Relay};
 use super::{ENGINE_TIMEOUT, Engine, PUBLISH_SECONDS, seconds, topics_filter};
 
 /// Messages taken from the outbound queue at once.
@@ -20,13 +23,19 @@ const SEND_BATCH: usize = 256;
 /// Wait before retrying a subscription the engine refused.
 const RETRY: Duration = Duration::from_secs(1);
 
+/// A durable ticket and what will say whether the engine stored its message.
+type Pending = (u64, Appended);
+
 /// Publishes the outbound queue to the engine, in order; flushes while QoS 1 publishers wait,
-/// and settles their tickets.
+/// and settles their tickets. Durable topics' acknowledgements go to `acknowledge`.
 pub(super) async fn send(
     engine: Arc<dyn Engine>,
     relay: Arc<Relay>,
     mut outbound: mpsc::Receiver<Outgoing>,
 ) {
+    let (acks, pending) = mpsc::channel(OUTBOUND_CAPACITY);
+    let acknowledging = tokio::spawn(acknowledge(Arc::clone(&relay), pending));
+    let _stop_acknowledging = Stop(acknowledging);
     let mut batch = Vec::with_capacity(SEND_BATCH);
     let (mut sent, mut settled) = (0u64, 0u64);
     loop {
@@ -36,7 +45,7 @@ pub(super) async fn send(
                     break;
                 }
                 let last = batch.last().map_or(sent, |out| out.ticket);
-                if !publish(&*engine, &relay, &mut batch).await {
+                if !publish(&*engine, &relay, &mut batch, &acks).await {
                     // Unflushed earlier tickets may be lost with the connection too.
                     relay.settle(last, Some(settled + 1));
                     settled = last;
@@ -54,23 +63,77 @@ pub(super) async fn send(
     }
 }
 
+/// Settles durable tickets in the order they were appended, as the engine acknowledges them.
+async fn acknowledge(relay: Arc<Relay>, mut pending: mpsc::Receiver<Pending>) {
+    while let Some((ticket, appended)) = pending.recv().await {
+        let stored = tokio::time::timeout(ENGINE_TIMEOUT, appended).await;
+        if let Ok(Err(err)) = &stored {
+            tracing::warn!(%err, "cluster: the engine did not store a durable topic's message");
+        }
+        relay.settle_durable(ticket, matches!(stored, Ok(Ok(_))));
+    }
+}
+
+/// A task aborted when dropped.
+struct Stop(JoinHandle<()>);
+
+impl Drop for Stop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A durable ticket that failed before reaching the engine: settled through the same ordered
+/// queue, so it never settles ahead of earlier ones.
+fn failed(why: &str) -> Appended {
+    let why = super::EngineError::Unreachable(why.to_string());
+    Box::pin(std::future::ready(Err(why)))
+}
+
 /// Publishes one batch; `false` (and the batch counted lost) when the engine did not take it.
-async fn publish(engine: &dyn Engine, relay: &Relay, batch: &mut Vec<Outgoing>) -> bool {
+async fn publish(
+    engine: &dyn Engine,
+    relay: &Relay,
+    batch: &mut Vec<Outgoing>,
+    acks: &mpsc::Sender<Pending>,
+) -> bool {
     let count = batch.len() as u64;
     if !engine.connected() {
-        batch.clear();
+        for out in batch.drain(..) {
+            if let Kind::Append { ticket, .. } = out.kind {
+                let _ = acks.send((ticket, failed("the cluster engine is unreachable"))).await;
+            }
+        }
         relay.counters.lost_unreachable.fetch_add(count, Ordering::Relaxed);
         return false;
     }
     let started = Instant::now();
+    let mut unsettled: Vec<u64> = Vec::new();
     let published = tokio::time::timeout(ENGINE_TIMEOUT, async {
         for out in batch.drain(..) {
-            engine.publish(&out.topic, out.bytes).await?;
+            match out.kind {
+                Kind::Live => engine.publish(Channel::Everyone, &out.topic, out.bytes).await?,
+                Kind::Groups => engine.publish(Channel::Groups, &out.topic, out.bytes).await?,
+                Kind::Append { ticket, id } => {
+                    unsettled.push(ticket);
+                    let appended = engine.append(&out.topic, out.bytes, id).await?;
+                    unsettled.pop();
+                    let _ = acks.send((ticket, appended)).await;
+                }
+            }
         }
         Ok::<(), super::EngineError>(())
     })
     .await;
-    batch.clear();
+    // What the batch still held, or an append the engine refused, failed.
+    for out in batch.drain(..) {
+        if let Kind::Append { ticket, .. } = out.kind {
+            unsettled.push(ticket);
+        }
+    }
+    for ticket in unsettled {
+        let _ = acks.send((ticket, failed("the cluster engine did not take it"))).await;
+    }
     metrics::histogram!(PUBLISH_SECONDS).record(seconds(started));
     match published {
         Ok(Ok(())) => true,
@@ -84,6 +147,48 @@ async fn publish(engine: &dyn Engine, relay: &Relay, batch: &mut Vec<Outgoing>) 
             relay.counters.lost_unreachable.fetch_add(count, Ordering::Relaxed);
             false
         }
+    }
+}
+
+/// Routes every durable topic's message of the engine's history here, at its offset: from the
+/// beginning of what the engine keeps when the node starts (so every node's history of a
+/// durable topic is the same), then each new one; after an error, from where it stopped.
+pub(super) async fn follow_history(engine: Arc<dyn Engine>, relay: Arc<Relay>, broker: Broker) {
+    let limits = broker.options().limits.clone();
+    let mut next = 1;
+    // Loaded once it read as far as the history reached now.
+    let mut end = None;
+    loop {
+        if end.is_none() {
+            match engine.history_end().await {
+                Ok(last) => end = Some(last),
+                Err(err) => tracing::warn!(%err, "cluster: cannot read the history; retrying"),
+            }
+        }
+        if end.is_some_and(|end| next > end) {
+            relay.history_loaded.store(true, Ordering::Release);
+        }
+        match engine.history(next).await {
+            Ok(mut history) => {
+                while let Some(item) = history.next().await {
+                    match item {
+                        Ok(sequenced) => {
+                            next = sequenced.offset + 1;
+                            relay.deliver_sequenced(&broker, sequenced, &limits);
+                            if end.is_some_and(|end| next > end) {
+                                relay.history_loaded.store(true, Ordering::Release);
+                            }
+                        }
+                        Err(err) => {
+                            tracing::warn!(%err, "cluster: reading the history failed; resuming");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(err) => tracing::warn!(%err, "cluster: cannot read the history; retrying"),
+        }
+        tokio::time::sleep(RETRY).await;
     }
 }
 

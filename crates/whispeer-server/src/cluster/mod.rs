@@ -23,7 +23,7 @@ mod nats;
 mod relay;
 mod subject;
 
-pub use engine::{Engine, EngineError, EngineFuture, Inbox};
+pub use engine::{Appended, Channel, Engine, EngineError, EngineFuture, History, Inbox, Sequenced};
 use members::Members;
 pub use members::{Membership, NodeInfo};
 use relay::{Outgoing, Relay};
@@ -60,6 +60,14 @@ pub struct ClusterConfig {
     pub password: Option<String>,
     /// A token for the engine (when no user is set).
     pub token: Option<String>,
+    /// Messages the engine keeps per durable topic (its history; offsets are the engine's).
+    /// Default: 10 000, what a node keeps of a durable topic in memory.
+    pub history_messages: u64,
+    /// How long the engine keeps a durable topic's messages; `None`: no age limit.
+    pub history_max_age: Option<Duration>,
+    /// Copies of the history the engine keeps; `None`: three when the engine's cluster has
+    /// three servers or more, else one.
+    pub replicas: Option<usize>,
 }
 
 impl ClusterConfig {
@@ -73,6 +81,9 @@ impl ClusterConfig {
             user: None,
             password: None,
             token: None,
+            history_messages: 10_000,
+            history_max_age: None,
+            replicas: None,
         }
     }
 }
@@ -157,6 +168,8 @@ impl Service for Cluster {
     fn start(self: Box<Self>, broker: &Broker) -> std::io::Result<Running> {
         let stop = CancellationToken::new();
         let Self { config, relay, outbound, members, engine: slot } = *self;
+        let durable = broker.options().durability.as_ref().is_some_and(|d| !d.topics.is_empty());
+        relay.history_loaded.store(!durable, Ordering::Release);
         let (broker, stopped) = (broker.clone(), stop.clone());
         broker.clone().spawn(async move {
             let engine: Arc<dyn Engine> = match config.engine {
@@ -169,10 +182,22 @@ impl Service for Cluster {
             tracing::info!(node = %config.node, engine = engine.name(), "cluster link started");
             let _ = slot.set(Arc::clone(&engine));
             let send = links::send(Arc::clone(&engine), Arc::clone(&relay), outbound);
-            let follow = links::follow_interests(Arc::clone(&engine), relay, broker.clone());
+            let follow =
+                links::follow_interests(Arc::clone(&engine), Arc::clone(&relay), broker.clone());
             let node = config.node.clone();
-            let announce = members::announce(Arc::clone(&engine), members, broker, node);
+            let durable =
+                broker.options().durability.as_ref().is_some_and(|d| !d.topics.is_empty());
+            let history = async {
+                if durable {
+                    links::follow_history(Arc::clone(&engine), Arc::clone(&relay), broker.clone())
+                        .await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            };
+            let announce = members::announce(Arc::clone(&engine), members, broker.clone(), node);
             tokio::select! {
+                () = history => {}
                 () = stopped.cancelled() => {
                     // A clean stop leaves the membership at once (a dead node's entry expires).
                     members::leave(&*engine, &config.node).await;
@@ -235,6 +260,13 @@ impl ClusterStatus {
     /// Whether the engine is connected now.
     pub fn connected(&self) -> bool {
         self.relay.up.load(Ordering::Acquire)
+    }
+
+    /// Whether this node has read the durable topics' history as far as it reached when the
+    /// node started (always, without durable topics); until then replay here may miss the
+    /// newest part, and `/readyz` says so.
+    pub fn history_loaded(&self) -> bool {
+        self.relay.history_loaded.load(Ordering::Acquire)
     }
 
     /// The cluster's nodes, as this node last read them from the engine (at most

@@ -10,13 +10,16 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use async_nats::{Client, ConnectOptions, Event};
+use async_nats::jetstream::{self, consumer, stream};
+use async_nats::{Client, ConnectOptions, Event, HeaderMap};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use whispeer_core::Interest;
 use whispeer_core::proto::Topic;
 
-use super::engine::{Engine, EngineError, EngineFuture, Inbox};
+use super::engine::{
+    Appended, Channel, Engine, EngineError, EngineFuture, History, Inbox, Sequenced,
+};
 use super::subject::{filter_subjects, push_token, topic_subject};
 use super::{ClusterConfig, RECONNECTS};
 
@@ -29,6 +32,11 @@ pub(crate) struct Nats {
     publisher: Client,
     groups: Client,
     connected: Arc<AtomicBool>,
+    /// JetStream on the publishing connection: the history of durable topics.
+    js: jetstream::Context,
+    history_messages: u64,
+    history_max_age: Option<std::time::Duration>,
+    replicas: Option<usize>,
 }
 
 impl std::fmt::Debug for Nats {
@@ -46,13 +54,53 @@ impl Nats {
     ) -> Result<Self, EngineError> {
         let publisher = Self::client(config, "", true, Some(Arc::clone(&connected))).await?;
         let groups = Self::client(config, " groups", false, None).await?;
-        Ok(Self { prefix: config.prefix.clone(), publisher, groups, connected })
+        let js = jetstream::new(publisher.clone());
+        Ok(Self {
+            prefix: config.prefix.clone(),
+            publisher,
+            groups,
+            connected,
+            js,
+            history_messages: config.history_messages,
+            history_max_age: config.history_max_age,
+            replicas: config.replicas,
+        })
     }
 
     /// The subject of membership entries: outside every topic subject (those start with the
     /// prefix).
     fn membership_subject(&self) -> String {
         format!("_WHISPEER.{}.nodes", self.prefix)
+    }
+
+    /// The subjects' prefix of durable topics' history.
+    fn log_prefix(&self) -> String {
+        format!("_WHISPEER.{}.log", self.prefix)
+    }
+
+    /// The subjects' prefix of durable topics' messages for queue groups.
+    fn group_prefix(&self) -> String {
+        format!("_WHISPEER.{}.group", self.prefix)
+    }
+
+    /// The stream holding durable topics' history, created with this node's limits if there
+    /// is none (an existing one keeps its own).
+    async fn history_stream(&self) -> Result<stream::Stream, EngineError> {
+        let servers = self.publisher.server_info().connect_urls.len();
+        let replicas = self.replicas.unwrap_or(if servers >= 3 { 3 } else { 1 });
+        let config = stream::Config {
+            name: format!("{}_history", self.prefix),
+            description: Some("whispeer: durable topics' history".into()),
+            subjects: vec![format!("{}.>", self.log_prefix())],
+            max_messages_per_subject: i64::try_from(self.history_messages).unwrap_or(i64::MAX),
+            max_age: self.history_max_age.unwrap_or_default(),
+            storage: stream::StorageType::File,
+            num_replicas: replicas,
+            ..Default::default()
+        };
+        self.js.get_or_create_stream(config).await.map_err(|err| {
+            EngineError::Failed(format!("history stream (is JetStream enabled?): {err}"))
+        })
     }
 
     async fn client(
@@ -108,6 +156,11 @@ impl Nats {
     }
 }
 
+/// A NATS message's payload (one function, so every inbox has one type).
+fn payload(message: async_nats::Message) -> Bytes {
+    message.payload
+}
+
 /// The engine's servers, parsed; the error names the URL that is not one.
 pub(crate) fn server_addrs(urls: &[String]) -> Result<Vec<async_nats::ServerAddr>, String> {
     urls.iter()
@@ -134,8 +187,16 @@ impl Engine for Nats {
         self.connected.load(Ordering::Acquire)
     }
 
-    fn publish(&self, topic: &Topic, message: Bytes) -> EngineFuture<'_, Result<(), EngineError>> {
-        let subject = topic_subject(&self.prefix, topic);
+    fn publish(
+        &self,
+        channel: Channel,
+        topic: &Topic,
+        message: Bytes,
+    ) -> EngineFuture<'_, Result<(), EngineError>> {
+        let subject = match channel {
+            Channel::Everyone => topic_subject(&self.prefix, topic),
+            Channel::Groups => topic_subject(&self.group_prefix(), topic),
+        };
         Box::pin(async move {
             self.publisher
                 .publish(subject, message)
@@ -165,11 +226,85 @@ impl Engine for Nats {
                 };
                 let subscriber =
                     subscriber.map_err(|err| EngineError::Unreachable(err.to_string()))?;
-                inboxes.push(subscriber.map(|message| message.payload));
+                inboxes.push(subscriber.map(payload));
+            }
+            if let Interest::Group { filter, name } = &interest {
+                // Durable topics' messages reach groups on their own subjects.
+                for subject in filter_subjects(&self.group_prefix(), filter) {
+                    let queue = queue_name(filter.as_str(), name);
+                    let subscriber = self.groups.queue_subscribe(subject, queue).await;
+                    let subscriber =
+                        subscriber.map_err(|err| EngineError::Unreachable(err.to_string()))?;
+                    inboxes.push(subscriber.map(payload));
+                }
             }
             // The subjects of one filter never match the same message (see `subject`).
             let inbox: Inbox = Box::pin(futures_util::stream::select_all(inboxes));
             Ok(inbox)
+        })
+    }
+
+    fn append(
+        &self,
+        topic: &Topic,
+        message: Bytes,
+        id: String,
+    ) -> EngineFuture<'_, Result<Appended, EngineError>> {
+        let subject = topic_subject(&self.log_prefix(), topic);
+        Box::pin(async move {
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-Msg-Id", id.as_str());
+            let ack = self
+                .js
+                .publish_with_headers(subject, headers, message)
+                .await
+                .map_err(|err| EngineError::Unreachable(err.to_string()))?;
+            let appended: Appended = Box::pin(async move {
+                let ack = ack.await.map_err(|err| EngineError::Failed(err.to_string()))?;
+                Ok(ack.sequence)
+            });
+            Ok(appended)
+        })
+    }
+
+    fn history(&self, from: u64) -> EngineFuture<'_, Result<History, EngineError>> {
+        Box::pin(async move {
+            let stream = self.history_stream().await?;
+            let deliver_policy = if from <= 1 {
+                consumer::DeliverPolicy::All
+            } else {
+                consumer::DeliverPolicy::ByStartSequence { start_sequence: from }
+            };
+            let config = consumer::pull::OrderedConfig {
+                filter_subject: format!("{}.>", self.log_prefix()),
+                deliver_policy,
+                ..Default::default()
+            };
+            let failed =
+                |err: &dyn std::fmt::Display| EngineError::Failed(format!("history: {err}"));
+            let ordered = stream.create_consumer(config).await.map_err(|e| failed(&e))?;
+            let messages = ordered.messages().await.map_err(|e| failed(&e))?;
+            let history: History = Box::pin(messages.map(move |message| {
+                let message = message.map_err(|e| EngineError::Failed(format!("history: {e}")))?;
+                let info =
+                    message.info().map_err(|e| EngineError::Failed(format!("history: {e}")))?;
+                let stored_ms =
+                    u64::try_from(info.published.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+                let offset = info.stream_sequence;
+                Ok(Sequenced { offset, stored_ms, bytes: message.payload.clone() })
+            }));
+            Ok(history)
+        })
+    }
+
+    fn history_end(&self) -> EngineFuture<'_, Result<u64, EngineError>> {
+        Box::pin(async move {
+            let mut stream = self.history_stream().await?;
+            let info = stream
+                .info()
+                .await
+                .map_err(|err| EngineError::Failed(format!("history: {err}")))?;
+            Ok(info.state.last_sequence)
         })
     }
 

@@ -4,6 +4,11 @@
 //!
 //! A message crosses the engine as one byte (the format), the origin node's id (8 bytes,
 //! little-endian), then the envelope in its wire layout — sealed, never opened here.
+//!
+//! A durable topic's message goes twice into the outbound queue: appended to the engine's
+//! history (its confirmation waits for the engine's acknowledgement, in order, on a ticket of
+//! its own) and published for queue groups; every node's ordinary subscribers get it from the
+//! history, with the engine's offset.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -11,7 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::sync::{Notify, mpsc, watch};
-use whispeer_core::proto::{Envelope, Filter, Limits, MessageId, Topic};
+use whispeer_core::proto::{Envelope, Filter, Limits, MessageId, Topic, header};
 use whispeer_core::{Bridge, BridgeFuture, Forwarded, Interest};
 
 /// Messages queued for the engine at most; beyond it a local publish is not carried (policy:
@@ -24,11 +29,26 @@ const FAILED_CAPACITY: usize = 4_096;
 /// The first byte of every message this version sends.
 const FORMAT: u8 = 1;
 
+/// Marks a durable topic's ticket (confirmed by the engine's acknowledgement).
+const DURABLE_TICKET: u64 = 1 << 63;
+
 /// One message on its way to the engine.
 pub(crate) struct Outgoing {
     pub(crate) topic: Topic,
     pub(crate) bytes: Bytes,
+    /// Every live message queued before this one has a ticket up to this one.
     pub(crate) ticket: u64,
+    pub(crate) kind: Kind,
+}
+
+/// Where an outgoing message goes.
+pub(crate) enum Kind {
+    /// To every interested node.
+    Live,
+    /// To queue groups only.
+    Groups,
+    /// Into the history, with its durable ticket and the engine's de-duplication id.
+    Append { ticket: u64, id: String },
 }
 
 /// Counters of the cluster, read by `/metrics` and `whispeer inspect nodes`.
@@ -63,6 +83,14 @@ pub(crate) struct Relay {
     /// Every ticket up to this one has been published and flushed, or has failed.
     settled: watch::Sender<u64>,
     failed: Mutex<VecDeque<(u64, u64)>>,
+    /// The next durable ticket (taken under `outbound`'s lock).
+    next_durable: AtomicU64,
+    /// Every durable ticket up to this one has been acknowledged by the engine, or has failed.
+    durable_settled: watch::Sender<u64>,
+    durable_failed: Mutex<VecDeque<u64>>,
+    /// Whether this node has read the history as far as it reached when the node started
+    /// (until then replay here may miss the newest part).
+    pub(crate) history_loaded: AtomicBool,
     /// Confirmations waiting; the sender flushes while there are any.
     pub(crate) waiting: AtomicUsize,
     pub(crate) flush_wanted: Notify,
@@ -93,6 +121,10 @@ impl Relay {
             outbound: Mutex::new((1, tx)),
             settled: watch::Sender::new(0),
             failed: Mutex::default(),
+            next_durable: AtomicU64::new(1),
+            durable_settled: watch::Sender::new(0),
+            durable_failed: Mutex::default(),
+            history_loaded: AtomicBool::new(true),
             waiting: AtomicUsize::new(0),
             flush_wanted: Notify::new(),
             interests: Mutex::default(),
@@ -119,6 +151,44 @@ impl Relay {
             *settled = (*settled).max(through);
             advanced
         });
+    }
+
+    /// Durable ticket `ticket` is settled: acknowledged by the engine (`ok`) or not. Called in
+    /// ticket order.
+    pub(crate) fn settle_durable(&self, ticket: u64, ok: bool) {
+        if !ok {
+            let mut failed = lock(&self.durable_failed);
+            if failed.len() == FAILED_CAPACITY {
+                failed.pop_front();
+            }
+            failed.push_back(ticket);
+        }
+        self.durable_settled.send_if_modified(|settled| {
+            let advanced = ticket > *settled;
+            *settled = (*settled).max(ticket);
+            advanced
+        });
+    }
+
+    /// A durable topic's message from the history, at its offset: routed to the ordinary
+    /// subscribers here (this node's own messages too: the history is where they come from).
+    pub(crate) fn deliver_sequenced(
+        &self,
+        broker: &whispeer_core::Broker,
+        sequenced: super::engine::Sequenced,
+        limits: &Limits,
+    ) {
+        let Some((_, envelope)) = decode(sequenced.bytes, limits) else {
+            bump(&self.counters.malformed);
+            tracing::debug!(offset = sequenced.offset, "cluster: a history message did not decode");
+            return;
+        };
+        bump(&self.counters.received);
+        if let Err(err) = broker.publish_sequenced(envelope, sequenced.offset, sequenced.stored_ms)
+        {
+            bump(&self.counters.refused_here);
+            tracing::debug!(%err, "cluster: a history message was refused here");
+        }
     }
 
     /// What the engine should be subscribed to: every group, and the ordinary filters that no
@@ -249,6 +319,10 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// The bytes that carry `envelope` from node `node`.
 fn encode(node: u64, envelope: &Envelope) -> Option<Bytes> {
     let mut out = BytesMut::with_capacity(envelope.payload.len() + 96);
@@ -279,7 +353,7 @@ impl Bridge for Relay {
         };
         let mut outbound = lock(&self.outbound);
         let ticket = outbound.0;
-        let outgoing = Outgoing { topic: envelope.topic.clone(), bytes, ticket };
+        let outgoing = Outgoing { topic: envelope.topic.clone(), bytes, ticket, kind: Kind::Live };
         match outbound.1.try_send(outgoing) {
             Ok(()) => {
                 outbound.0 += 1;
@@ -319,7 +393,58 @@ impl Bridge for Relay {
         }
     }
 
+    fn sequence(&self, envelope: &Envelope) -> Option<Forwarded> {
+        if !self.up.load(Ordering::Acquire) {
+            bump(&self.counters.lost_unreachable);
+            return Some(Forwarded::Refused("the cluster engine is unreachable"));
+        }
+        let Some(bytes) = encode(self.node, envelope) else {
+            return Some(Forwarded::Refused("the message cannot be encoded for the cluster"));
+        };
+        // The engine drops a repeat of the same idempotency key (or id) in its window.
+        let id = match envelope.headers.get(header::IDEMPOTENCY_KEY) {
+            Some(key) => format!("k{}.{}", hex(envelope.topic.as_str().as_bytes()), hex(key)),
+            None => format!("i{:032x}", envelope.id.0),
+        };
+        let outbound = lock(&self.outbound);
+        if outbound.1.capacity() < 2 {
+            bump(&self.counters.lost_full);
+            return Some(Forwarded::Refused("the cluster's outbound queue is full"));
+        }
+        let durable = self.next_durable.fetch_add(1, Ordering::Relaxed);
+        let (topic, last) = (envelope.topic.clone(), outbound.0.saturating_sub(1));
+        let append = Kind::Append { ticket: durable, id };
+        let groups = Outgoing {
+            topic: topic.clone(),
+            bytes: bytes.clone(),
+            ticket: last,
+            kind: Kind::Groups,
+        };
+        let sent = outbound.1.try_send(Outgoing { topic, bytes, ticket: last, kind: append });
+        if sent.is_err() {
+            bump(&self.counters.lost_unreachable);
+            return Some(Forwarded::Refused("the cluster link has stopped"));
+        }
+        // Room was checked under the lock: the second one fits too.
+        let _ = outbound.1.try_send(groups);
+        bump(&self.counters.forwarded);
+        Some(Forwarded::Queued(durable | DURABLE_TICKET))
+    }
+
     fn confirm(&self, ticket: u64) -> BridgeFuture<'_, Result<(), String>> {
+        if ticket & DURABLE_TICKET != 0 {
+            let ticket = ticket & !DURABLE_TICKET;
+            return Box::pin(async move {
+                let mut settled = self.durable_settled.subscribe();
+                if settled.wait_for(|settled| *settled >= ticket).await.is_err() {
+                    return Err("the cluster link has stopped".into());
+                }
+                if lock(&self.durable_failed).contains(&ticket) {
+                    return Err("the cluster engine did not store it".into());
+                }
+                Ok(())
+            });
+        }
         Box::pin(async move {
             // Counted while it waits, also when the caller drops it: a count left behind would
             // make the sender flush after every batch for good.
