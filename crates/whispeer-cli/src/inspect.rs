@@ -21,6 +21,9 @@ pub(crate) enum What {
     Connections,
     /// The nodes of the server's cluster: name, client addresses, engine server, last seen.
     Nodes,
+    /// The principals connected anywhere in the cluster (this server's, without one), and
+    /// where.
+    Presence,
 }
 
 /// `whispeer inspect`.
@@ -88,6 +91,9 @@ fn columns(what: What) -> &'static [(&'static str, &'static str)] {
             ("SEEN", "seen"),
             ("VERSION", "version"),
         ],
+        What::Presence => {
+            &[("PRINCIPAL", "principal"), ("NODES", "nodes"), ("CONNECTIONS", "connections")]
+        }
     }
 }
 
@@ -137,6 +143,7 @@ pub(crate) fn run(args: &InspectArgs) -> ExitCode {
         What::Durable => "durable",
         What::Connections => "connections",
         What::Nodes => "cluster",
+        What::Presence => "presence",
     };
     let auth = format!("Bearer {}", args.token);
     if let Some(id) = args.disconnect {
@@ -157,6 +164,7 @@ pub(crate) fn run(args: &InspectArgs) -> ExitCode {
         .and_then(|mut response| Ok(response.body_mut().read_json::<Value>()?))
         .map(|body| match args.what {
             What::Nodes => nodes(&body, now_ms()),
+            What::Presence => body["principals"].as_array().cloned().unwrap_or_default(),
             _ => body.as_array().cloned().unwrap_or_default(),
         });
     match fetched {

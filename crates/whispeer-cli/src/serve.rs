@@ -151,6 +151,7 @@ async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
     }
     if let Some(status) = &cluster_status {
         status.advertise(advertised);
+        status.watch_connections(std::sync::Arc::clone(&server_config.connections));
     }
     let admin = match &config.admin_listen {
         Some(address) => {
@@ -214,6 +215,8 @@ async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
 fn watch_cluster(admin: &AdminServer, status: ClusterStatus) {
     let view = status.clone();
     admin.cluster_view(move || view.view());
+    let presence = status.clone();
+    admin.presence_view(move || presence.presence());
     let ready = status.clone();
     admin.ready_when(move || {
         if !ready.connected() {

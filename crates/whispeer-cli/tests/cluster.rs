@@ -7,12 +7,14 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use whispeer_client::proto::ErrorCode;
-use whispeer_client::{Client, ClientError, ClientSubscription, Qos, SubscribeOptions};
+use whispeer_client::{
+    Client, ClientError, ClientOptions, ClientSubscription, Qos, SubscribeOptions,
+};
 
 mod common;
 
 use common::http_get;
-use common::nats::{Nats, node};
+use common::nats::{Nats, node, node_with};
 
 /// The engine servers a node lists: `nats`, and a server that is not running, which the
 /// engine's client skips.
@@ -245,4 +247,84 @@ async fn while_the_engine_is_away_qos1_is_refused_and_qos0_stays_local_then_it_h
     assert!(healed, "messages cross again after the engine returns");
     let (status, _) = http_get(&admin, "/readyz");
     assert!(status.contains("200"), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_acls_refuse_the_same_things_on_every_node_and_presence_follows_principals() {
+    let nats = Nats::start(0);
+    let file =
+        std::env::temp_dir().join(format!("whispeer-cluster-acl-{}.toml", std::process::id()));
+    std::fs::write(
+        &file,
+        r#"
+        [[users]]
+        name = "alice"
+        api_key = "alice-key"
+        publish = ["chat/+"]
+        subscribe = ["chat/#"]
+        deny_publish = ["chat/admin"]
+        "#,
+    )
+    .unwrap();
+    let config = file.to_str().unwrap();
+    let nodes: Vec<_> = ["a", "b", "c"]
+        .iter()
+        .map(|name| {
+            let token = [("WHISPEER_ADMIN_TOKEN", "t0ken")];
+            node_with(&on(&nats), name, &["--config", config], &token)
+        })
+        .collect();
+    let alice = |addr: &str| ClientOptions::new(addr).api_key("alice-key");
+    let mut clients = Vec::new();
+    for server in &nodes {
+        let client = Client::connect_with(alice(&server.addr)).await.unwrap();
+        let code = |result: Result<(), ClientError>| match result {
+            Err(ClientError::Server { code, .. }) => Some(code),
+            _ => None,
+        };
+        assert_eq!(
+            code(client.publish_acked("chat/admin", &1u64).await.map(drop)),
+            Some(ErrorCode::FORBIDDEN)
+        );
+        assert_eq!(
+            code(client.publish_acked("news/x", &1u64).await.map(drop)),
+            Some(ErrorCode::FORBIDDEN)
+        );
+        let refused = client.subscribe::<u64>("news/#").await.map(drop);
+        assert_eq!(code(refused), Some(ErrorCode::FORBIDDEN), "{}", server.addr);
+        assert!(Client::connect(server.addr.clone()).await.is_err(), "no key, no entry");
+        clients.push(client);
+    }
+    // What is allowed crosses nodes as usual.
+    let mut sub = clients[2].subscribe::<u64>("chat/#").await.unwrap();
+    warm_up(&clients[0], "chat/room", &mut [&mut sub]).await;
+    drain(&mut [&mut sub]).await;
+    clients[0].publish_acked("chat/room", &7u64).await.unwrap();
+    assert_eq!(next(&mut sub).await, Some(7));
+    let _ = std::fs::remove_file(&file);
+
+    // Presence: alice is connected to every node; once she leaves b, b drops out of her list.
+    let admin = format!("http://{}", nodes[0].admin.as_deref().unwrap());
+    let nodes_of_alice = || {
+        let out = std::process::Command::new(common::BIN)
+            .args(["inspect", "presence", "--json", "--admin", &admin, "--token", "t0ken"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        let alice = rows.iter().find(|row| row["principal"] == "alice");
+        alice.map(|row| row["nodes"].clone()).unwrap_or_default()
+    };
+    let wait_for = |want: serde_json::Value| async move {
+        for _ in 0..100 {
+            if nodes_of_alice() == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("alice's nodes never became {want}: {}", nodes_of_alice());
+    };
+    wait_for(serde_json::json!(["a", "b", "c"])).await;
+    drop(clients.remove(1));
+    wait_for(serde_json::json!(["a", "c"])).await;
 }

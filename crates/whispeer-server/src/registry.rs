@@ -130,6 +130,18 @@ impl Connections {
             .collect()
     }
 
+    /// The authenticated principals connected now, with how many connections each has.
+    pub fn principals(&self) -> BTreeMap<String, u32> {
+        let live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut principals = BTreeMap::new();
+        for entry in live.values() {
+            if let Some(name) = &*entry.principal.lock().unwrap_or_else(PoisonError::into_inner) {
+                *principals.entry(name.clone()).or_insert(0u32) += 1;
+            }
+        }
+        principals
+    }
+
     /// Disconnects connection `id` (it is told why); returns whether it was live.
     pub fn disconnect(&self, id: u64) -> bool {
         let live = self.live.lock().unwrap_or_else(PoisonError::into_inner);

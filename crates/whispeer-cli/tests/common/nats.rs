@@ -91,9 +91,16 @@ fn free_port() -> u16 {
 
 /// A `whispeer serve` node named `name` on the engine servers `urls`, with an admin port.
 pub(crate) fn node(urls: &[&str], name: &str, envs: &[(&str, &str)]) -> Server {
+    node_with(urls, name, &[], envs)
+}
+
+/// [`node`] with more arguments for `whispeer serve`.
+pub(crate) fn node_with(urls: &[&str], name: &str, args: &[&str], envs: &[(&str, &str)]) -> Server {
     let urls =
         format!("[{}]", urls.iter().map(|u| format!("\"{u}\"")).collect::<Vec<_>>().join(", "));
     let mut all = vec![("WHISPEER_CLUSTER__URLS", urls.as_str()), ("WHISPEER_CLUSTER__NODE", name)];
     all.extend_from_slice(envs);
-    Server::start_with(&["--admin-listen", "127.0.0.1:0"], &all)
+    let mut all_args = vec!["--admin-listen", "127.0.0.1:0"];
+    all_args.extend_from_slice(args);
+    Server::start_with(&all_args, &all)
 }

@@ -72,6 +72,7 @@ struct Hooks {
     ready: Vec<Box<dyn Fn() -> Result<(), String> + Send + Sync>>,
     record: Vec<Box<dyn Fn() + Send + Sync>>,
     cluster: Option<Box<dyn Fn() -> Value + Send + Sync>>,
+    presence: Option<Box<dyn Fn() -> Value + Send + Sync>>,
 }
 
 /// How often topic rates are sampled: a rate is the average over the last window.
@@ -163,6 +164,13 @@ impl AdminServer {
         hooks.cluster = Some(Box::new(view));
     }
 
+    /// Serves `/api/presence` with what `view` returns (the cluster's principals); without it,
+    /// this node's principals.
+    pub fn presence_view(&self, view: impl Fn() -> Value + Send + Sync + 'static) {
+        let mut hooks = self.hooks.write().unwrap_or_else(PoisonError::into_inner);
+        hooks.presence = Some(Box::new(view));
+    }
+
     /// Whether the request carries the admin token (compared by digest).
     fn authorized(&self, headers: &HeaderMap) -> Result<(), ApiError> {
         let Some(expected) = &self.token else {
@@ -212,6 +220,7 @@ impl AdminServer {
             .route("/api/history", get(history))
             .route("/api/connections", get(connections))
             .route("/api/cluster", get(cluster))
+            .route("/api/presence", get(presence))
             .route("/api/connections/{id}/disconnect", post(disconnect))
             .with_state(self);
         tokio::select! {
@@ -320,6 +329,23 @@ async fn cluster(State(admin): State<AdminServer>, headers: HeaderMap) -> ApiRes
         Some(view) => Ok(Json(view())),
         None => Err(error(StatusCode::NOT_FOUND, "this node is not part of a cluster")),
     }
+}
+
+async fn presence(State(admin): State<AdminServer>, headers: HeaderMap) -> ApiResult {
+    admin.authorized(&headers)?;
+    let hooks = admin.hooks.read().unwrap_or_else(PoisonError::into_inner);
+    if let Some(view) = &hooks.presence {
+        return Ok(Json(view()));
+    }
+    let principals: Vec<Value> = admin
+        .connections
+        .principals()
+        .into_iter()
+        .map(|(principal, connections)| {
+            json!({"principal": principal, "nodes": ["this"], "connections": connections})
+        })
+        .collect();
+    Ok(Json(json!({"principals": principals, "cut": []})))
 }
 
 async fn topics(State(admin): State<AdminServer>, headers: HeaderMap) -> ApiResult {

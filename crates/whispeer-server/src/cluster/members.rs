@@ -14,6 +14,8 @@ use futures_util::StreamExt;
 use whispeer_core::Broker;
 
 use super::Engine;
+use super::presence::{self, Chunk, Presence};
+use crate::registry::Connections;
 
 /// How often a node writes its entry and reads everyone's.
 pub(crate) const ANNOUNCE_EVERY: Duration = Duration::from_secs(2);
@@ -61,6 +63,10 @@ pub struct Membership {
 pub(crate) struct Members {
     membership: Mutex<Membership>,
     advertised: Mutex<Vec<String>>,
+    /// Every node's principals (see `presence`).
+    pub(crate) presence: Presence,
+    /// This node's connections, whose principals it announces.
+    connections: Mutex<Option<Arc<Connections>>>,
 }
 
 impl Members {
@@ -70,6 +76,15 @@ impl Members {
 
     fn set(&self, membership: Membership) {
         *self.membership.lock().unwrap_or_else(PoisonError::into_inner) = membership;
+    }
+
+    pub(crate) fn watch(&self, connections: Arc<Connections>) {
+        *self.connections.lock().unwrap_or_else(PoisonError::into_inner) = Some(connections);
+    }
+
+    fn principals(&self) -> Option<std::collections::BTreeMap<String, u32>> {
+        let connections = self.connections.lock().unwrap_or_else(PoisonError::into_inner);
+        connections.as_ref().map(|connections| connections.principals())
     }
 
     pub(crate) fn advertise(&self, addrs: Vec<String>) {
@@ -98,18 +113,27 @@ struct Heard {
 }
 
 impl Heard {
-    /// Takes in an entry from the engine; `false` if it is not one.
-    fn take(&mut self, bytes: &[u8], now: Instant) -> bool {
-        if bytes.len() > MAX_ENTRY_BYTES {
-            return false;
+    /// Takes in what came from the engine: a node's entry here, a chunk of its principals into
+    /// `presence`; `false` if it is neither.
+    fn take(&mut self, bytes: &[u8], now: Instant, presence: &Presence) -> bool {
+        if bytes.len() <= MAX_ENTRY_BYTES
+            && let Ok(entry) = serde_json::from_slice::<NodeInfo>(bytes)
+        {
+            if entry.leaving {
+                self.entries.remove(&entry.node);
+                presence.expire(now, Some(&entry.node));
+            } else if self.entries.len() < MAX_NODES || self.entries.contains_key(&entry.node) {
+                self.entries.insert(entry.node.clone(), (entry, now));
+            }
+            return true;
         }
-        let Ok(entry) = serde_json::from_slice::<NodeInfo>(bytes) else { return false };
-        if entry.leaving {
-            self.entries.remove(&entry.node);
-        } else if self.entries.len() < MAX_NODES || self.entries.contains_key(&entry.node) {
-            self.entries.insert(entry.node.clone(), (entry, now));
+        if bytes.len() <= presence::MAX_CHUNK_BYTES
+            && let Ok(chunk) = serde_json::from_slice::<Chunk>(bytes)
+        {
+            presence.take(chunk, now);
+            return true;
         }
-        true
+        false
     }
 
     /// The nodes heard within `EXPIRES_AFTER` of `now`, by name; older entries are forgotten.
@@ -154,6 +178,7 @@ pub(super) async fn announce(
     node: String,
 ) {
     let started_ms = now_ms();
+    let mut round = 0u64;
     let mut heard = Heard::default();
     let mut inbox = None;
     let mut tick = tokio::time::interval(ANNOUNCE_EVERY);
@@ -176,8 +201,18 @@ pub(super) async fn announce(
         tokio::select! {
             _ = tick.tick() => {
                 let me = entry(&*engine, &members, &broker, &node, started_ms);
-                let sent = engine.announce(encode(&me)).await;
+                let mut sent = engine.announce(encode(&me)).await;
+                if let (Ok(()), Some(principals)) = (&sent, members.principals()) {
+                    round += 1;
+                    for chunk in presence::chunks(&node, round, &principals) {
+                        sent = engine.announce(chunk).await;
+                        if sent.is_err() {
+                            break;
+                        }
+                    }
+                }
                 let now = Instant::now();
+                members.presence.expire(now, None);
                 let mut nodes = heard.live(now);
                 let error = match (sent, engine.connected()) {
                     (Ok(()), true) => None,
@@ -192,7 +227,7 @@ pub(super) async fn announce(
             }
             received = heard_one => match received {
                 Some(bytes) => {
-                    if !heard.take(&bytes, Instant::now()) {
+                    if !heard.take(&bytes, Instant::now(), &members.presence) {
                         tracing::debug!("cluster: a membership entry did not decode");
                     }
                 }
@@ -239,16 +274,18 @@ mod tests {
     #[test]
     fn entries_expire_a_goodbye_removes_at_once_and_garbage_is_refused() {
         let mut heard = Heard::default();
+        let presence = Presence::default();
         let start = Instant::now();
-        assert!(heard.take(&encode(&info("b")), start));
-        assert!(heard.take(&encode(&info("a")), start + Duration::from_secs(5)));
+        assert!(heard.take(&encode(&info("b")), start, &presence));
+        assert!(heard.take(&encode(&info("a")), start + Duration::from_secs(5), &presence));
         let names = |nodes: Vec<NodeInfo>| nodes.into_iter().map(|n| n.node).collect::<Vec<_>>();
         assert_eq!(names(heard.live(start + Duration::from_secs(6))), ["a", "b"]);
         assert_eq!(names(heard.live(start + EXPIRES_AFTER)), ["a"], "b was not heard again");
         let goodbye = NodeInfo { leaving: true, ..info("a") };
-        assert!(heard.take(&encode(&goodbye), start + EXPIRES_AFTER));
+        assert!(heard.take(&encode(&goodbye), start + EXPIRES_AFTER, &presence));
         assert!(heard.live(start + EXPIRES_AFTER).is_empty(), "a said goodbye");
-        assert!(!heard.take(b"{not json", start));
-        assert!(!heard.take(&vec![b' '; MAX_ENTRY_BYTES + 1], start));
+        assert!(!heard.take(b"{not json", start, &presence));
+        let huge = vec![b' '; presence::MAX_CHUNK_BYTES + 1];
+        assert!(!heard.take(&huge, start, &presence));
     }
 }

@@ -20,12 +20,14 @@ mod engine;
 mod links;
 mod members;
 mod nats;
+mod presence;
 mod relay;
 mod subject;
 
 pub use engine::{Appended, Channel, Engine, EngineError, EngineFuture, History, Inbox, Sequenced};
 use members::Members;
 pub use members::{Membership, NodeInfo};
+pub use presence::Whereabouts;
 use relay::{Outgoing, Relay};
 
 /// Counter of reconnections to the engine.
@@ -279,6 +281,32 @@ impl ClusterStatus {
     /// its membership entry; without them, the broker's own listeners are listed.
     pub fn advertise(&self, addrs: Vec<String>) {
         self.members.advertise(addrs);
+    }
+
+    /// Announces the principals of `connections` (this node's server) to the cluster, for
+    /// [`ClusterStatus::presence`] on every node.
+    pub fn watch_connections(&self, connections: Arc<crate::Connections>) {
+        self.members.watch(connections);
+    }
+
+    /// Where `principal` is connected in the whole cluster: each node and its connection count
+    /// there, as last announced (at most one round, 2 s, old).
+    pub fn whereabouts(&self, principal: &str) -> Whereabouts {
+        self.members.presence.of(principal)
+    }
+
+    /// Every principal connected anywhere in the cluster, with its nodes: `/api/presence`.
+    pub fn presence(&self) -> serde_json::Value {
+        let all = self.members.presence.all();
+        let principals: Vec<serde_json::Value> = all
+            .into_iter()
+            .map(|(principal, nodes)| {
+                let connections: u32 = nodes.iter().map(|(_, n)| n).sum();
+                let nodes: Vec<_> = nodes.into_iter().map(|(node, _)| node).collect();
+                serde_json::json!({"principal": principal, "nodes": nodes, "connections": connections})
+            })
+            .collect();
+        serde_json::json!({"principals": principals, "cut": self.members.presence.cut()})
     }
 
     /// This node's view of the cluster, as `/api/cluster` and `whispeer inspect nodes` show
