@@ -108,6 +108,10 @@ pub(crate) struct ConnectArgs {
     /// API key, if the server requires one.
     #[arg(long, env = "WHISPEER_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// With several --server nodes of a cluster and durable topics (whose offsets the cluster
+    /// shares): a subscription that moves to another node resumes after its last offset.
+    #[arg(long)]
+    shared_offsets: bool,
     /// Key file for end-to-end encryption (see `whispeer keygen`); WHISPEER_KEY also works.
     #[arg(long)]
     key_file: Option<PathBuf>,

@@ -107,7 +107,8 @@ pub(crate) fn keyring(args: &ConnectArgs) -> anyhow::Result<Option<Keyring>> {
 pub(crate) async fn connect(args: &ConnectArgs) -> anyhow::Result<Client> {
     let mut servers = args.server.split(',').map(str::trim).filter(|s| !s.is_empty());
     let first = servers.next().context("--server names no address")?;
-    let mut options = ClientOptions::new(first).failover(servers);
+    let mut options =
+        ClientOptions::new(first).failover(servers).shared_offsets(args.shared_offsets);
     if let Some(ca) = &args.ca_file {
         let read = |path: &std::path::PathBuf| {
             std::fs::read(path).with_context(|| format!("reading {}", path.display()))

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use whispeer_client::{Client, ClientOptions, ClientSubscription, Qos, StartAt, SubscribeOptions};
+use whispeer_client::{
+    Client, ClientOptions, ClientSubscription, PublishOptions, Qos, StartAt, SubscribeOptions,
+};
 
 mod common;
 
@@ -367,4 +369,66 @@ async fn durable_topics_live_in_the_engine_with_the_same_offsets_on_every_node()
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(refused, "QoS 1 on a durable topic is refused while the engine is away");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_s_clients_resume_a_durable_topic_elsewhere_and_read_each_message_once() {
+    let nats = Nats::start(0);
+    let urls = [nats.url.as_str()];
+    let durable = [("WHISPEER_STORAGE__DURABLE", r#"["orders/#"]"#)];
+    let (a, b) = (node(&urls, "a", &durable), node(&urls, "b", &durable));
+    // Everyone on a, with b to move to; the subscriber resumes after its last offset there.
+    let options = || ClientOptions::new(a.addr.clone()).failover([b.addr.clone()]);
+    let reader = Client::connect_with(options().shared_offsets(true)).await.unwrap();
+    let mut sub = reader.subscribe::<(u32, u64)>("orders/x").await.unwrap();
+    let mut publishers = Vec::new();
+    for _ in 0..2 {
+        publishers.push(Client::connect_with(options()).await.unwrap());
+    }
+    let count = 1_000u64;
+    let acked = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = publishers
+        .into_iter()
+        .enumerate()
+        .map(|(p, client)| {
+            let acked = Arc::clone(&acked);
+            tokio::spawn(async move {
+                let mut retried = 0;
+                for n in 0..count {
+                    // A retry carries the same idempotency key: the engine keeps one copy.
+                    let key = format!("{p}-{n}");
+                    let once = PublishOptions::new().qos(Qos::AtLeastOnce).idempotency_key(key);
+                    while client.publish_with("orders/x", &(p as u32, n), &once).await.is_err() {
+                        retried += 1;
+                        assert!(retried < 500, "{n} never acknowledged");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    acked.fetch_add(1, Ordering::Relaxed);
+                }
+                retried
+            })
+        })
+        .collect();
+    while acked.load(Ordering::Relaxed) < 500 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(a); // SIGKILL, in the middle of the publishing and the reading
+    let mut retried = 0;
+    for task in tasks {
+        retried += task.await.unwrap();
+    }
+    assert!(retried > 0, "the kill happened while the publishers were on the node");
+
+    // Every acknowledged message is read, each once, in the order the engine keeps.
+    let mut seen = BTreeSet::new();
+    let mut last: BTreeMap<u32, u64> = BTreeMap::new();
+    while seen.len() < 2 * count as usize {
+        let next = tokio::time::timeout(Duration::from_secs(10), sub.recv()).await;
+        let Ok(Some((p, n))) = next else { break };
+        assert!(seen.insert((p, n)), "({p}, {n}) read twice");
+        if let Some(before) = last.insert(p, n) {
+            assert!(before < n, "publisher {p}: {n} after {before}");
+        }
+    }
+    assert_eq!(seen.len(), 2 * count as usize, "every acknowledged message read once");
 }

@@ -184,9 +184,10 @@ impl Actor {
     }
 
     async fn serve(&mut self, established: Established) -> Ended {
-        // Offsets are counted per node: after moving to another one, subscriptions start with
-        // new messages rather than after an offset that means something else there.
-        let same_node = established.node == self.node;
+        // Offsets may be counted per node: after moving to another one, subscriptions start
+        // with new messages rather than after an offset that means something else there —
+        // unless the nodes share offsets.
+        let same_node = established.node == self.node || self.options.shared_offsets;
         self.node = established.node;
         let Established {
             node: _,

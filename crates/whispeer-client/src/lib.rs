@@ -35,14 +35,12 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::rustls;
-use whispeer_engines::{
-    Codec, CodecError, Compression, Encryption, Engines, SealError, Sealing, TopicRule,
-};
+use whispeer_engines::{Codec, CodecError, Engines, SealError, Sealing};
 use whispeer_proto::{
-    ContentType, Envelope, ErrorCode, Filter, Flags, Headers, Limits, MessageId, Topic, TopicError,
+    ContentType, Envelope, ErrorCode, Filter, Flags, Headers, MessageId, Topic, TopicError,
 };
 
-pub use options::{PublishOptions, SubscribeOptions};
+pub use options::{ClientOptions, PublishOptions, SubscribeOptions};
 pub use subscription::{ClientSubscription, Delivery, SubscriptionStats};
 pub use whispeer_engines as engines;
 pub use whispeer_engines::ReceiveError;
@@ -107,136 +105,6 @@ pub enum ClientError {
         /// The limit.
         max: usize,
     },
-}
-
-/// How to connect. Every field but the address has a default.
-#[derive(Debug)]
-#[non_exhaustive]
-pub struct ClientOptions {
-    /// The server: `host:port` or `tcp://host:port` for TCP, `tls://host:port` for TLS,
-    /// `ws://host:port/ws` for WebSocket, `wss://host:port/ws` for WebSocket over TLS.
-    pub addr: String,
-    /// Other nodes of the same cluster, tried in turn after `addr` when connecting and when
-    /// the connection is lost (see [`ClientOptions::failover`]). Default: none.
-    pub failover: Vec<String>,
-    /// TLS settings for `tls://` and `wss://` (see [`tls_config`]); without them, the
-    /// platform's root certificates are trusted ([`platform_tls_config`]).
-    pub tls: Option<Arc<rustls::ClientConfig>>,
-    /// API key, if the server requires one.
-    pub api_key: Option<String>,
-    /// Name sent in `Hello`, for the server's logs.
-    pub name: String,
-    /// Codec for typed publishes. Default: postcard.
-    pub codec: Codec,
-    /// Compression and encryption applied here, before anything leaves the process.
-    pub engines: Engines,
-    /// Reconnect (and re-subscribe) after the connection drops. Default: yes.
-    pub reconnect: bool,
-    /// Limit for connecting and for the handshake. Default: 5 s.
-    pub connect_timeout: Duration,
-    /// First and longest wait between reconnection attempts. Default: 100 ms and 5 s.
-    pub backoff: (Duration, Duration),
-    /// Messages buffered per subscription; further ones are dropped and counted. Default:
-    /// 131 072, a cap that does not bite before `subscription_max_bytes` (a message weighs its
-    /// payload plus 256 bytes); the buffer grows as messages arrive.
-    pub subscription_capacity: usize,
-    /// Bytes buffered per subscription (payloads plus 256 a message) while the application has
-    /// not taken them; further messages are dropped and counted (`SubscriptionStats::dropped`).
-    /// Default: 32 MiB, which holds a burst of 8 MiB of 128-byte messages.
-    pub subscription_max_bytes: usize,
-    /// Commands (publishes, subscribes) queued for the connection task. Default: 4 096.
-    pub command_queue: usize,
-    /// QoS 1: message ids each subscription remembers having acknowledged, so that a
-    /// redelivery of one (its ack lost with a connection) is dropped. Default: 4 096.
-    pub dedup_ids: usize,
-    /// Bounds on what this client accepts from the server.
-    pub limits: Limits,
-}
-
-impl ClientOptions {
-    /// Options for the server at `addr` with every default.
-    pub fn new(addr: impl Into<String>) -> Self {
-        Self {
-            addr: addr.into(),
-            failover: Vec::new(),
-            tls: None,
-            api_key: None,
-            name: format!("whispeer-client {}", env!("CARGO_PKG_VERSION")),
-            codec: Codec::default(),
-            engines: Engines::new(),
-            reconnect: true,
-            connect_timeout: Duration::from_secs(5),
-            backoff: (Duration::from_millis(100), Duration::from_secs(5)),
-            subscription_capacity: 131_072,
-            subscription_max_bytes: 32 << 20,
-            command_queue: 4096,
-            dedup_ids: 4096,
-            limits: Limits::default(),
-        }
-    }
-
-    /// Adds other nodes of the same cluster (same forms as `addr`). Connecting tries `addr`
-    /// first and then each of these; a lost connection is retried on the same node once, then
-    /// on the next one in turn, re-subscribing everything there.
-    ///
-    /// Offsets of history are still counted per node (durable topics do not yet live in the
-    /// cluster's engine), so after moving to another node a subscription resumes with new
-    /// messages rather than after its last offset; on the same node it resumes after it.
-    ///
-    /// ```
-    /// use whispeer_client::ClientOptions;
-    /// let options = ClientOptions::new("127.0.0.1:7461").failover(["127.0.0.1:7462", "127.0.0.1:7463"]);
-    /// assert_eq!(options.addresses().count(), 3);
-    /// ```
-    pub fn failover<I, S>(mut self, addrs: I) -> Self
-    where
-        I: IntoIterator<Item = S>,
-        S: Into<String>,
-    {
-        self.failover.extend(addrs.into_iter().map(Into::into));
-        self
-    }
-
-    /// Every address this client may connect to: `addr`, then the failover nodes.
-    pub fn addresses(&self) -> impl Iterator<Item = &str> {
-        std::iter::once(self.addr.as_str()).chain(self.failover.iter().map(String::as_str))
-    }
-
-    /// Uses this TLS configuration for `tls://` and `wss://` addresses.
-    pub fn tls(mut self, config: Arc<rustls::ClientConfig>) -> Self {
-        self.tls = Some(config);
-        self
-    }
-
-    /// Sets the API key.
-    pub fn api_key(mut self, key: impl Into<String>) -> Self {
-        self.api_key = Some(key.into());
-        self
-    }
-
-    /// Compresses payloads before sending.
-    pub fn compression(mut self, compression: Compression) -> Self {
-        self.engines = std::mem::take(&mut self.engines).with_compression(compression);
-        self
-    }
-
-    /// Encrypts payloads before sending and opens deliveries with these keys.
-    pub fn encryption(mut self, encryption: Encryption) -> Self {
-        self.engines = std::mem::take(&mut self.engines).with_encryption(encryption);
-        self
-    }
-
-    /// Adds a per-topic rule for the engines.
-    pub fn rule(mut self, rule: TopicRule) -> Self {
-        self.engines = std::mem::take(&mut self.engines).with_rule(rule);
-        self
-    }
-
-    /// Turns reconnection on or off.
-    pub fn reconnect(mut self, reconnect: bool) -> Self {
-        self.reconnect = reconnect;
-        self
-    }
 }
 
 /// A TLS configuration that trusts the platform's root certificates (the system store, or
