@@ -4,6 +4,10 @@
 //! package and set `globalThis.WebSocket` to it) and seals and opens payloads with the same
 //! engines as the Rust SDK, so a message sealed by one opens in the other with the same key.
 //!
+//! Several URLs, separated by commas, are nodes of one cluster: `connect` uses the first that
+//! answers, and when the connection drops the client connects again — the same node first, then
+//! each next one in turn, waiting longer after each round — and subscribes again there.
+//!
 //! ```js
 //! const client = await Client.connect("ws://127.0.0.1:7451/ws", keyText /* or null */, apiKey /* or null */);
 //! const sub = client.subscribe("chat/#", (topic, data, id) => console.log(topic, new TextDecoder().decode(data)));
@@ -21,20 +25,45 @@ use js_sys::{Function, Promise, Uint8Array};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::{JsCast, JsValue};
 use wasm_bindgen_futures::JsFuture;
-use web_sys::{BinaryType, MessageEvent, WebSocket};
+use web_sys::{BinaryType, CloseEvent, MessageEvent, WebSocket};
 use whispeer_engines::{Encryption, Engines, Keyring, Sealing};
 use whispeer_proto::{
     Body, ContentType, Envelope, Filter, Flags, Frame, Headers, Limits, MessageId,
     PROTOCOL_VERSION, Qos, StartAt, Topic,
 };
 
+/// What a subscription asked for, to ask again after a reconnect.
+struct SubSpec {
+    filter: Filter,
+    qos: Qos,
+    group: Option<String>,
+    callback: Function,
+}
+
+/// A socket's `message` and `close` callbacks.
+type Handlers = (Closure<dyn FnMut(MessageEvent)>, Closure<dyn FnMut(CloseEvent)>);
+
+/// First and longest wait between reconnection attempts, in milliseconds.
+const BACKOFF_MS: (u32, u32) = (100, 5_000);
+
 /// Connection state shared with the socket's callbacks.
 struct State {
-    socket: WebSocket,
+    /// The current socket (none before the first one opened).
+    socket: Option<WebSocket>,
+    /// The nodes, and which one the socket is connected to.
+    urls: Vec<String>,
+    current: usize,
+    api_key: Option<String>,
+    /// Counts the sockets opened: a socket's close matters only while it is the current one.
+    generation: u64,
+    /// Set by `close`: no reconnecting after it.
+    closing: bool,
+    /// The current socket's callbacks, kept alive with it.
+    handlers: Option<Handlers>,
     inbound: BytesMut,
     limits: Limits,
     engines: Engines,
-    subscriptions: HashMap<u32, Function>,
+    subscriptions: HashMap<u32, SubSpec>,
     next_sub: u32,
     next_correlation: u32,
     id_prefix: u64,
@@ -54,7 +83,10 @@ impl State {
     fn send(&mut self, frame: &Frame) -> Result<(), JsValue> {
         let mut buf = BytesMut::new();
         frame.encode(&mut buf, self.max_frame_bytes).map_err(|e| error(e.to_string()))?;
-        self.socket.send_with_u8_array(&buf)
+        // A closed socket would drop the frame without a word: say so instead.
+        let socket = self.socket.as_ref().filter(|s| s.ready_state() == WebSocket::OPEN);
+        let socket = socket.ok_or_else(|| error("not connected (reconnecting)"))?;
+        socket.send_with_u8_array(&buf)
     }
 
     fn correlation(&mut self) -> u32 {
@@ -85,7 +117,9 @@ impl State {
                     web_sys::console::error_1(
                         &format!("whispeer: bad frame from the server: {err}").into(),
                     );
-                    let _ = self.socket.close();
+                    if let Some(socket) = &self.socket {
+                        let _ = socket.close();
+                    }
                     return calls;
                 }
             };
@@ -112,7 +146,7 @@ impl State {
                 let _ = self.send(&Frame::new(frame.correlation, Body::Pong));
             }
             Body::Deliver { sub, attempt, envelope, .. } => {
-                let callback = self.subscriptions.get(&sub)?;
+                let callback = &self.subscriptions.get(&sub)?.callback;
                 match self.engines.open(&envelope) {
                     Ok(plaintext) => {
                         let args = js_sys::Array::of4(
@@ -150,8 +184,6 @@ impl State {
 #[wasm_bindgen]
 pub struct Client {
     state: Rc<RefCell<State>>,
-    // Keeps the socket's callbacks alive as long as the client.
-    _on_message: Closure<dyn FnMut(MessageEvent)>,
 }
 
 impl std::fmt::Debug for Client {
@@ -163,11 +195,133 @@ impl std::fmt::Debug for Client {
     }
 }
 
+/// Waits `ms` milliseconds (the platform's `setTimeout`, in browsers and in Node).
+async fn sleep(ms: u32) {
+    let wait = Promise::new(&mut |resolve, _| {
+        let set_timeout = js_sys::Reflect::get(&js_sys::global(), &"setTimeout".into())
+            .ok()
+            .and_then(|f| f.dyn_into::<Function>().ok());
+        if let Some(set_timeout) = set_timeout {
+            let _ = set_timeout.call2(&JsValue::NULL, &resolve, &JsValue::from(ms));
+        }
+    });
+    let _ = JsFuture::from(wait).await;
+}
+
+/// Opens node `index`: the socket, its callbacks, `Hello` (and `Auth`); resolves once the
+/// server welcomed it, and makes it the client's socket.
+async fn open(state: &Rc<RefCell<State>>, index: usize) -> Result<(), JsValue> {
+    let url = state.borrow().urls.get(index).cloned().ok_or_else(|| error("no such node"))?;
+    let socket = WebSocket::new(&url)?;
+    socket.set_binary_type(BinaryType::Arraybuffer);
+    let opened = Promise::new(&mut |resolve, reject| {
+        socket.set_onopen(Some(&resolve));
+        socket.set_onerror(Some(&reject));
+    });
+    JsFuture::from(opened).await.map_err(|_| error(format!("cannot connect to {url}")))?;
+    let generation = {
+        let mut state = state.borrow_mut();
+        state.generation += 1;
+        state.socket = Some(socket.clone());
+        state.current = index;
+        state.inbound.clear();
+        state.welcomed = false;
+        state.auth_pending = state.api_key.is_some();
+        state.max_frame_bytes = Limits::default().max_frame_bytes;
+        state.generation
+    };
+    let receiver = Rc::clone(state);
+    let on_message = Closure::<dyn FnMut(MessageEvent)>::new(move |event: MessageEvent| {
+        if let Ok(buffer) = event.data().dyn_into::<js_sys::ArrayBuffer>() {
+            let bytes = Uint8Array::new(&buffer).to_vec();
+            let calls = receiver.borrow_mut().receive(&bytes);
+            for (callback, args) in calls {
+                let _ = callback.apply(&JsValue::NULL, &args);
+            }
+        }
+    });
+    socket.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
+    let closer = Rc::downgrade(state);
+    let on_close = Closure::<dyn FnMut(CloseEvent)>::new(move |_: CloseEvent| {
+        if let Some(state) = closer.upgrade() {
+            let current = {
+                let mut state = state.borrow_mut();
+                state.settle_ready(Err(error("the connection closed")));
+                state.generation == generation && !state.closing
+            };
+            if current {
+                wasm_bindgen_futures::spawn_local(reconnect(state));
+            }
+        }
+    });
+    socket.set_onclose(Some(on_close.as_ref().unchecked_ref()));
+    let welcomed = Promise::new(&mut |resolve, reject| {
+        state.borrow_mut().ready = Some((resolve, reject));
+    });
+    {
+        let mut state = state.borrow_mut();
+        state.handlers = Some((on_message, on_close));
+        let hello = Body::Hello {
+            version: PROTOCOL_VERSION,
+            capabilities: 0,
+            name: "whispeer-wasm".into(),
+        };
+        state.send(&Frame::new(1, hello))?;
+        if let Some(key) = state.api_key.clone() {
+            state.send(&Frame::new(2, Body::Auth { key: Bytes::from(key.into_bytes()) }))?;
+        }
+    }
+    JsFuture::from(welcomed).await?;
+    Ok(())
+}
+
+/// Connects again after the socket closed: the same node, then each next one in turn, the
+/// wait doubling after each round; then subscribes again to everything, under the same ids.
+async fn reconnect(state: Rc<RefCell<State>>) {
+    let (start, nodes) = {
+        let state = state.borrow();
+        (state.current, state.urls.len().max(1))
+    };
+    let mut delay = BACKOFF_MS.0;
+    for attempt in 0.. {
+        sleep(delay).await;
+        if state.borrow().closing {
+            return;
+        }
+        let index = (start + attempt) % nodes;
+        if open(&state, index).await.is_ok() {
+            let mut state = state.borrow_mut();
+            let subs: Vec<(u32, Filter, Qos, Option<String>)> = state
+                .subscriptions
+                .iter()
+                .map(|(id, spec)| (*id, spec.filter.clone(), spec.qos, spec.group.clone()))
+                .collect();
+            for (sub, filter, qos, group) in subs {
+                let correlation = state.correlation();
+                let body = Body::Subscribe {
+                    sub,
+                    qos,
+                    filter,
+                    prefetch: 0,
+                    group,
+                    start: StartAt::Latest,
+                };
+                let _ = state.send(&Frame::new(correlation, body));
+            }
+            return;
+        }
+        if (attempt + 1) % nodes == 0 {
+            delay = (delay * 2).min(BACKOFF_MS.1);
+        }
+    }
+}
+
 #[wasm_bindgen]
 impl Client {
-    /// Connects to `url` (`ws://…/ws` or `wss://…/ws`), says hello, authenticates with
-    /// `api_key` if given, and seals with the keys in `key_text` (the `whispeer keygen` format)
-    /// if given. Resolves once the server has welcomed the client.
+    /// Connects to `url` (`ws://…/ws` or `wss://…/ws`; several, separated by commas, are nodes
+    /// of one cluster, tried in order), says hello, authenticates with `api_key` if given, and
+    /// seals with the keys in `key_text` (the `whispeer keygen` format) if given. Resolves once
+    /// a server has welcomed the client; rejects with the last node's error if none did.
     pub async fn connect(
         url: String,
         key_text: Option<String>,
@@ -178,12 +332,19 @@ impl Client {
             let keyring = Keyring::parse(&text).map_err(|e| error(format!("key: {e}")))?;
             engines = engines.with_encryption(Encryption::with_keyring(keyring));
         }
-        let socket = WebSocket::new(&url)?;
-        socket.set_binary_type(BinaryType::Arraybuffer);
+        let urls: Vec<String> =
+            url.split(',').map(str::trim).filter(|u| !u.is_empty()).map(String::from).collect();
         let mut prefix = [0u8; 8];
         getrandom::fill(&mut prefix).map_err(|e| error(e.to_string()))?;
+        let nodes = urls.len();
         let state = Rc::new(RefCell::new(State {
-            socket: socket.clone(),
+            socket: None,
+            urls,
+            current: 0,
+            api_key,
+            generation: 0,
+            closing: false,
+            handlers: None,
             inbound: BytesMut::new(),
             limits: Limits::default(),
             engines,
@@ -193,46 +354,18 @@ impl Client {
             id_prefix: u64::from_le_bytes(prefix),
             next_id: 1,
             ready: None,
-            auth_pending: api_key.is_some(),
+            auth_pending: false,
             welcomed: false,
             max_frame_bytes: Limits::default().max_frame_bytes,
         }));
-
-        let receiver = Rc::clone(&state);
-        let on_message = Closure::<dyn FnMut(MessageEvent)>::new(move |event: MessageEvent| {
-            if let Ok(buffer) = event.data().dyn_into::<js_sys::ArrayBuffer>() {
-                let bytes = Uint8Array::new(&buffer).to_vec();
-                let calls = receiver.borrow_mut().receive(&bytes);
-                for (callback, args) in calls {
-                    let _ = callback.apply(&JsValue::NULL, &args);
-                }
-            }
-        });
-        socket.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
-
-        // Wait for the socket to open, then for the server's welcome.
-        let opened = Promise::new(&mut |resolve, reject| {
-            socket.set_onopen(Some(&resolve));
-            socket.set_onerror(Some(&reject));
-        });
-        JsFuture::from(opened).await.map_err(|_| error(format!("cannot connect to {url}")))?;
-        let welcomed = Promise::new(&mut |resolve, reject| {
-            state.borrow_mut().ready = Some((resolve, reject));
-        });
-        {
-            let mut state = state.borrow_mut();
-            let hello = Body::Hello {
-                version: PROTOCOL_VERSION,
-                capabilities: 0,
-                name: "whispeer-wasm".into(),
-            };
-            state.send(&Frame::new(1, hello))?;
-            if let Some(key) = api_key {
-                state.send(&Frame::new(2, Body::Auth { key: Bytes::from(key.into_bytes()) }))?;
+        let mut failed = error("no server URL");
+        for index in 0..nodes {
+            match open(&state, index).await {
+                Ok(()) => return Ok(Self { state }),
+                Err(err) => failed = err,
             }
         }
-        JsFuture::from(welcomed).await?;
-        Ok(Self { state, _on_message: on_message })
+        Err(failed)
     }
 
     fn publish_payload(
@@ -295,12 +428,14 @@ impl Client {
         let mut state = self.state.borrow_mut();
         let sub = state.next_sub;
         state.next_sub += 1;
-        state.subscriptions.insert(sub, callback);
+        let spec = SubSpec { filter: filter.clone(), qos, group: group.clone(), callback };
         let correlation = state.correlation();
         state.send(&Frame::new(
             correlation,
             Body::Subscribe { sub, qos, filter, prefetch: 0, group, start: StartAt::Latest },
         ))?;
+        // Kept (and made again after a reconnect) only once it was sent.
+        state.subscriptions.insert(sub, spec);
         Ok(sub)
     }
 
@@ -324,9 +459,12 @@ impl Client {
             .send(&Frame::new(0, Body::Ack { sub: subscription, id: MessageId(id) }))
     }
 
-    /// Closes the connection.
+    /// Closes the connection (for good: no reconnecting).
     pub fn close(&self) {
-        let state = self.state.borrow();
-        let _ = state.socket.close();
+        let mut state = self.state.borrow_mut();
+        state.closing = true;
+        if let Some(socket) = &state.socket {
+            let _ = socket.close();
+        }
     }
 }

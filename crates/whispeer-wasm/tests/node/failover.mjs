@@ -1,0 +1,70 @@
+// The WASM client in Node with several nodes: it skips a node that does not answer, and when its
+// node dies (SIGKILL) it connects to the next one and subscribes there again.
+// Usage: node failover.mjs <package-dir> <whispeer-binary>
+import { createRequire } from "node:module";
+import { spawn } from "node:child_process";
+import WebSocket from "ws";
+
+const [pkg, bin] = process.argv.slice(2);
+globalThis.WebSocket = WebSocket; // Node 20 has no global WebSocket
+const { Client } = createRequire(import.meta.url)(`${pkg}/whispeer_wasm.js`);
+const children = [];
+const fail = (message) => {
+  console.error(`FAIL: ${message}`);
+  for (const child of children) child.kill("SIGKILL");
+  process.exit(1);
+};
+const timer = setTimeout(() => fail("timed out"), 30000);
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+// A `whispeer serve` with a WebSocket listener; resolves with its child and URL.
+const serve = () => new Promise((resolve, reject) => {
+  const child = spawn(bin, ["serve", "--listen", "127.0.0.1:0", "--ws-listen", "127.0.0.1:0"], {
+    stdio: ["ignore", "pipe", "ignore"],
+  });
+  children.push(child);
+  let out = "";
+  child.stdout.on("data", (chunk) => {
+    out += chunk;
+    const found = out.match(/websocket listening on (\S+)/);
+    if (found) resolve({ child, url: found[1] });
+  });
+  child.on("exit", (code) => reject(new Error(`whispeer serve exited with ${code}`)));
+});
+
+// Does `act` every 50 ms until `done` holds.
+const until = async (what, done, act) => {
+  for (let i = 0; i < 200; i++) {
+    act();
+    await sleep(50);
+    if (done()) return;
+  }
+  fail(what);
+};
+
+const a = await serve();
+const b = await serve();
+const client = await Client.connect(`ws://127.0.0.1:1/ws,${a.url},${b.url}`, null, null);
+const got = [];
+client.subscribe("f/#", (topic, data) => got.push(new TextDecoder().decode(data)));
+
+const onA = await Client.connect(a.url, null, null);
+await until("a message through the first live node", () => got.includes("on a"), () => onA.publishText("f/x", "on a"));
+onA.close();
+a.child.kill("SIGKILL");
+const onB = await Client.connect(b.url, null, null);
+await until("a message after moving to the next node", () => got.includes("on b"), () => {
+  try { onB.publishText("f/x", "on b"); } catch (err) { fail(`publishing on b: ${err}`); }
+});
+// While it is away, a publish fails loudly instead of vanishing.
+b.child.kill("SIGKILL");
+await until("a publish refused while no node answers", () => {
+  try { client.publishText("f/x", "nowhere"); return false; } catch { return true; }
+}, () => {});
+
+client.close();
+onB.close();
+clearTimeout(timer);
+for (const child of children) child.kill("SIGKILL");
+console.log("ok: wasm client skipped a dead node, moved to the next when its node died, and subscribed there again");
+process.exit(0);
