@@ -13,8 +13,8 @@ use whispeer_client::{
 
 mod common;
 
+use common::engines::{Nats, node, node_with};
 use common::http_get;
-use common::nats::{Nats, node, node_with};
 
 /// The engine servers a node lists: `nats`, and a server that is not running, which the
 /// engine's client skips.

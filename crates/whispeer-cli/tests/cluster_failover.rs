@@ -16,7 +16,7 @@ use whispeer_client::{
 
 mod common;
 
-use common::nats::{Nats, node};
+use common::engines::{Nats, node};
 
 /// Publishes `(0, 0)` on `topic` from `client` until `sub` has had one: the nodes' engine
 /// subscriptions are in place.

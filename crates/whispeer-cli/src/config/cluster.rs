@@ -8,7 +8,7 @@ use whispeer::server::ClusterConfig;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct Cluster {
-    /// The engine the nodes share: `nats`.
+    /// The engine the nodes share: `nats` or `redis`.
     pub(crate) engine: String,
     /// The engine's servers, e.g. `["nats://10.0.0.1:4222", "nats://10.0.0.2:4222"]`; the
     /// cluster is off while this is empty.
@@ -59,8 +59,8 @@ impl Cluster {
             return Ok(None);
         }
         anyhow::ensure!(
-            self.engine == "nats",
-            "cluster.engine {:?}: the engines are \"nats\" (Redis is not built yet)",
+            self.engine == "nats" || self.engine == "redis",
+            "cluster.engine {:?}: the engines are \"nats\" and \"redis\"",
             self.engine
         );
         anyhow::ensure!(
@@ -68,7 +68,12 @@ impl Cluster {
             "cluster: set both user and password, or neither"
         );
         let node = self.node.clone().unwrap_or_else(|| default_node(listen));
-        let mut config = ClusterConfig::nats(self.urls.clone(), node);
+        let mut config = if self.engine == "redis" {
+            anyhow::ensure!(self.urls.len() == 1, "cluster.urls: Redis takes one server");
+            ClusterConfig::redis(self.urls[0].clone(), node)
+        } else {
+            ClusterConfig::nats(self.urls.clone(), node)
+        };
         config.prefix.clone_from(&self.prefix);
         config.user.clone_from(&self.user);
         config.password.clone_from(&self.password);

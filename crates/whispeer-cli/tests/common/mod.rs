@@ -6,7 +6,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Stdio};
 
-pub(crate) mod nats;
+pub(crate) mod engines;
 
 pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_whispeer");
 

@@ -16,11 +16,14 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use whispeer_core::{Broker, BrokerBuilder, Extension, Interest, Running, Service};
 
+#[cfg(test)]
+mod conformance;
 mod engine;
 mod links;
 mod members;
 mod nats;
 mod presence;
+mod redis;
 mod relay;
 mod subject;
 
@@ -39,8 +42,10 @@ pub const PUBLISH_SECONDS: &str = "whispeer_cluster_publish_seconds";
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum EngineKind {
-    /// NATS (core subjects and queue groups).
+    /// NATS (core subjects and queue groups; JetStream for durable topics).
     Nats,
+    /// Redis (pub/sub; Streams for queue groups and durable topics).
+    Redis,
 }
 
 /// How a node joins its cluster (`[cluster]` in `whispeer.toml`).
@@ -88,6 +93,11 @@ impl ClusterConfig {
             replicas: None,
         }
     }
+
+    /// A Redis server at `url` (`redis://host:port`), with this node named `node`.
+    pub fn redis(url: impl Into<String>, node: impl Into<String>) -> Self {
+        Self { engine: EngineKind::Redis, ..Self::nats(vec![url.into()], node) }
+    }
 }
 
 /// A configuration a cluster cannot start with.
@@ -134,6 +144,15 @@ impl Cluster {
                 nats::server_addrs(&config.urls)
                     .map_err(|err| ClusterError(format!("urls: {err}")))?;
             }
+            EngineKind::Redis => {
+                if config.urls.len() > 1 {
+                    return Err(ClusterError("urls: Redis takes one server".into()));
+                }
+                for url in &config.urls {
+                    ::redis::Client::open(url.as_str())
+                        .map_err(|err| ClusterError(format!("urls: {url:?}: {err}")))?;
+                }
+            }
         }
         // Unique per process, so two nodes given one name by mistake still hear each other.
         let node = std::collections::hash_map::RandomState::new().hash_one(&config.node);
@@ -149,6 +168,7 @@ impl Cluster {
             node: self.config.node.clone().into(),
             engine_name: match self.config.engine {
                 EngineKind::Nats => "nats",
+                EngineKind::Redis => "redis",
             },
             members: Arc::clone(&self.members),
             engine: Arc::clone(&self.engine),
@@ -179,6 +199,14 @@ impl Service for Cluster {
                 {
                     Ok(engine) => Arc::new(engine),
                     Err(err) => return tracing::error!(%err, "cluster engine not started"),
+                },
+                EngineKind::Redis => loop {
+                    // A server that is down now is retried, as NATS's client does.
+                    match redis::Redis::connect(&config, Arc::clone(&relay.up)).await {
+                        Ok(engine) => break Arc::new(engine),
+                        Err(err) => tracing::warn!(%err, "cluster engine unreachable; retrying"),
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                 },
             };
             tracing::info!(node = %config.node, engine = engine.name(), "cluster link started");

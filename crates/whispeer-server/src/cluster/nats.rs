@@ -37,6 +37,8 @@ pub(crate) struct Nats {
     history_messages: u64,
     history_max_age: Option<std::time::Duration>,
     replicas: Option<usize>,
+    /// Whether the history stream is known to exist (appends create it first otherwise).
+    stream_ready: AtomicBool,
 }
 
 impl std::fmt::Debug for Nats {
@@ -64,6 +66,7 @@ impl Nats {
             history_messages: config.history_messages,
             history_max_age: config.history_max_age,
             replicas: config.replicas,
+            stream_ready: AtomicBool::new(false),
         })
     }
 
@@ -98,9 +101,11 @@ impl Nats {
             num_replicas: replicas,
             ..Default::default()
         };
-        self.js.get_or_create_stream(config).await.map_err(|err| {
+        let stream = self.js.get_or_create_stream(config).await.map_err(|err| {
             EngineError::Failed(format!("history stream (is JetStream enabled?): {err}"))
-        })
+        })?;
+        self.stream_ready.store(true, Ordering::Release);
+        Ok(stream)
     }
 
     async fn client(
@@ -252,6 +257,9 @@ impl Engine for Nats {
     ) -> EngineFuture<'_, Result<Appended, EngineError>> {
         let subject = topic_subject(&self.log_prefix(), topic);
         Box::pin(async move {
+            if !self.stream_ready.load(Ordering::Acquire) {
+                self.history_stream().await?;
+            }
             let mut headers = HeaderMap::new();
             headers.insert("Nats-Msg-Id", id.as_str());
             let ack = self

@@ -277,6 +277,10 @@ impl Relay {
             tracing::debug!("cluster: a message from the engine did not decode; dropped");
             return;
         };
+        if !interest.filter().matches(&envelope.topic) {
+            // An engine whose patterns are wider than filters (Redis globs): not for this one.
+            return;
+        }
         if origin == self.node && matches!(interest, Interest::Topics(_)) {
             bump(&self.counters.duplicates);
             return;

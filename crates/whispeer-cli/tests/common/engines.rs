@@ -1,4 +1,5 @@
-//! nats-server children on loopback for the cluster tests, and `whispeer serve` nodes on them.
+//! Engine servers on loopback for the cluster tests (nats-server, alone or a routed cluster of
+//! three; redis-server), and `whispeer serve` nodes on them.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -103,4 +104,45 @@ pub(crate) fn node_with(urls: &[&str], name: &str, args: &[&str], envs: &[(&str,
     let mut all_args = vec!["--admin-listen", "127.0.0.1:0"];
     all_args.extend_from_slice(args);
     Server::start_with(&all_args, &all)
+}
+
+/// A redis-server child on loopback (no persistence), killed (SIGKILL) when dropped.
+pub(crate) struct Redis {
+    child: Child,
+    pub(crate) url: String,
+}
+
+impl Redis {
+    pub(crate) fn start() -> Self {
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (scripts/install-servers installs it)");
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        Self { child, url: format!("redis://127.0.0.1:{port}") }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
