@@ -16,6 +16,8 @@ use whispeer_client::{
 
 mod common;
 
+const WAIT: Duration = Duration::from_secs(10);
+
 use common::engines::{Nats, node};
 
 /// Publishes `(0, 0)` on `topic` from `client` until `sub` has had one: the nodes' engine
@@ -431,4 +433,60 @@ async fn a_killed_node_s_clients_resume_a_durable_topic_elsewhere_and_read_each_
         }
     }
     assert_eq!(seen.len(), 2 * count as usize, "every acknowledged message read once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_group_resumes_on_another_node_where_it_stopped() {
+    let nats = Nats::start(0);
+    let urls = [nats.url.as_str()];
+    let envs = [
+        ("WHISPEER_STORAGE__DURABLE", r#"["orders/#"]"#),
+        ("WHISPEER_DELIVERY__GROUP_LINGER_MS", "200"),
+    ];
+    let (a, b) = (node(&urls, "a", &envs), node(&urls, "b", &envs));
+    let publisher = Client::connect(b.addr.clone()).await.unwrap();
+    let billing = || SubscribeOptions::new("orders/+").group("billing").qos(Qos::AtLeastOnce);
+
+    // A member on a takes the first ten (and acknowledges each: recv does).
+    let first = Client::connect(a.addr.clone()).await.unwrap();
+    let mut member = first.subscribe::<u64>(billing()).await.unwrap();
+    let mut probe = 1_000_000u64;
+    loop {
+        publisher.publish_acked("orders/x", &probe).await.unwrap();
+        probe += 1;
+        if let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(100), member.recv()).await {
+            break;
+        }
+        assert!(probe < 1_000_100, "the group never got a message");
+    }
+    while tokio::time::timeout(Duration::from_millis(300), member.recv()).await.is_ok() {}
+    for n in 0..10u64 {
+        publisher.publish_acked("orders/x", &n).await.unwrap();
+    }
+    let mut got = Vec::new();
+    while got.len() < 10 {
+        let Ok(Some(n)) = tokio::time::timeout(WAIT, member.recv()).await else { break };
+        got.push(n);
+    }
+    assert_eq!(got, (0..10).collect::<Vec<_>>());
+    tokio::time::sleep(Duration::from_millis(300)).await; // the acknowledgements reach the engine
+    drop(member);
+    first.close().await;
+    // The group's linger ends on a, and its last pull request to the engine lapses (2 s).
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+
+    // Published while the group has no member anywhere: kept for it by the engine.
+    for n in 10..20u64 {
+        publisher.publish_acked("orders/x", &n).await.unwrap();
+    }
+    let second = Client::connect(b.addr.clone()).await.unwrap();
+    let mut member = second.subscribe::<u64>(billing()).await.unwrap();
+    let mut resumed = Vec::new();
+    while resumed.len() < 10 {
+        let Ok(Some(n)) = tokio::time::timeout(WAIT, member.recv()).await else { break };
+        resumed.push(n);
+    }
+    assert_eq!(resumed, (10..20).collect::<Vec<_>>(), "resumed on b where the group stopped");
+    let extra = tokio::time::timeout(Duration::from_millis(500), member.recv()).await;
+    assert!(extra.is_err(), "nothing settled came again: {extra:?}");
 }

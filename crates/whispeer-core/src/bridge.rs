@@ -86,4 +86,12 @@ pub trait Bridge: Send + Sync + 'static {
         let _ = envelope;
         None
     }
+
+    /// A message the bridge handed to the QoS 1 queue group (`filter`, `name`) through
+    /// `Broker::publish_sequenced_to_group` at `offset` was settled here (acknowledged, or
+    /// given up to the dead-letter topic): the cluster may forget it. The group's position is
+    /// the cluster's to keep.
+    fn group_settled(&self, filter: &str, name: &str, offset: u64) {
+        let _ = (filter, name, offset);
+    }
 }

@@ -2,7 +2,7 @@
 //! [`Broker::publish_bridged`], and [`Broker::confirmed`] says when a publish is safe to
 //! acknowledge (stored, and taken by the cluster).
 
-use whispeer_proto::{Envelope, Topic};
+use whispeer_proto::{Envelope, Filter, Topic};
 
 use crate::Broker;
 use crate::bridge::Interest;
@@ -71,6 +71,27 @@ impl Broker {
             return Err(PublishError::TooLarge { len: envelope.payload.len(), max });
         }
         Ok(())
+    }
+
+    /// Offers a durable topic's message that the cluster keeps, at its offset, to the local
+    /// queue group `filter` / `name` (the cluster picked this node for it: a durable group's
+    /// position lives in the cluster). `Ok(None)`: no such group here (the cluster should give
+    /// it to another node); `Ok(Some(true))`: a QoS 1 group took it, and
+    /// [`Bridge::group_settled`](crate::Bridge::group_settled) hears when it is settled;
+    /// `Ok(Some(false))`: delivered, nothing to wait for.
+    ///
+    /// # Errors
+    /// An invalid or over-size envelope; the group's queue is full.
+    pub fn publish_sequenced_to_group(
+        &self,
+        envelope: Envelope,
+        offset: u64,
+        accepted_ms: u64,
+        filter: &Filter,
+        name: &str,
+    ) -> Result<Option<bool>, PublishError> {
+        self.check_bridged(&envelope)?;
+        self.inner.to_group_sequenced(filter, name, envelope, offset, accepted_ms)
     }
 
     /// Waits until the publish of `receipt` may be acknowledged: durable under the store's

@@ -95,6 +95,9 @@ pub(crate) struct TopicLog {
     rule: Retention,
     /// Whether its messages go through the write-ahead log.
     pub(crate) durable: bool,
+    /// Whether a cluster keeps it (offsets and group positions are the cluster's; see
+    /// `Bridge::sequence`).
+    pub(crate) sequenced: bool,
     /// The offset the next message gets; offsets start at 1.
     next: u64,
     entries: VecDeque<Entry>,
@@ -103,7 +106,7 @@ pub(crate) struct TopicLog {
 
 impl TopicLog {
     fn new(rule: Retention, durable: bool) -> Self {
-        Self { rule, durable, next: 1, entries: VecDeque::new(), bytes: 0 }
+        Self { rule, durable, sequenced: false, next: 1, entries: VecDeque::new(), bytes: 0 }
     }
 
     /// The offset the next message will get.
@@ -288,24 +291,31 @@ impl History {
         filter: &Filter,
         start: StartAt,
     ) -> Result<Snapshot, SubscribeError> {
-        self.snapshot_resuming(filter, start, None)
+        self.snapshot_resuming(filter, start, None, false)
     }
 
     /// Like `snapshot`; with `resume` (a durable subscription's commits), each topic starts
     /// after its committed offset, and a topic without one from its earliest message (it came
     /// after the subscription did). A commit whose next message was evicted starts at the
-    /// earliest retained one.
+    /// earliest retained one. For a queue `group`, topics a cluster keeps are left out: the
+    /// cluster keeps the group's position.
     pub(crate) fn snapshot_resuming(
         &self,
         filter: &Filter,
         start: StartAt,
         resume: Option<&HashMap<Topic, u64>>,
+        group: bool,
     ) -> Result<Snapshot, SubscribeError> {
         let logs = self.matching(filter);
         let mut snapshot = Snapshot::default();
         let mut picked: Vec<(u64, Message)> = Vec::new();
         for (topic, log) in logs {
             let log = lock(&log);
+            if group && log.sequenced {
+                // A queue group on a topic a cluster keeps: the cluster keeps its position
+                // and hands it its messages, older ones included.
+                continue;
+            }
             snapshot.live_from.insert(topic.clone(), log.next);
             let first = log.first_offset();
             let from = match (resume, start) {

@@ -334,6 +334,7 @@ impl Shared {
             expires_at = Some(now + Duration::from_millis(left));
         }
         let mut log = retention::lock(&log);
+        log.sequenced = true;
         if offset < log.next_offset() {
             bump(&self.counters.duplicates);
             return Ok(nothing);
@@ -345,6 +346,41 @@ impl Shared {
         let routed = self.fan_out(id, topic.as_str(), Scope::Solo, |_| message.clone());
         log.append(offset, seq, accepted_ms, message);
         routed
+    }
+
+    /// Offers a durable topic's message the cluster keeps, at `offset`, to the local queue
+    /// group `filter` / `name` alone (the cluster chose this node for it). `None`: no such group
+    /// here; `Some(true)`: a QoS 1 group, whose settling reaches `Bridge::group_settled`;
+    /// `Some(false)`: delivered and done with (QoS 0).
+    pub(crate) fn to_group_sequenced(
+        &self,
+        filter: &Filter,
+        name: &str,
+        envelope: Envelope,
+        offset: u64,
+        accepted_ms: u64,
+    ) -> Result<Option<bool>, PublishError> {
+        let key: GroupKey = (filter.as_str().into(), name.into());
+        let Some(group) = self.groups.get(&key) else { return Ok(None) };
+        if let Some(log) = self.history.log(&envelope.topic) {
+            retention::lock(&log).sequenced = true;
+        }
+        let (now, now_wall) = (Instant::now(), now_ms());
+        let Some(expires_at) =
+            retention::expiry_of_stored(&envelope.headers, accepted_ms, now, now_wall)
+        else {
+            return Ok(Some(false));
+        };
+        let id = envelope.id;
+        let message = Message::retained(envelope, true, self.engines.clone(), expires_at, offset);
+        let mut tally = Tally::default();
+        if tally.record(group.queue.push(message), &self.counters) {
+            tracing::warn!(%filter, group = name, "group disconnected: queue full");
+            self.unsubscribe(group.id, &group.queue);
+        }
+        bump(&self.counters.published);
+        self.tallied(id, &tally)?;
+        Ok(Some(group.tracker.is_some()))
     }
 
     /// Not accepted (a full queue, a failed store): a retry with the same key must go through.
@@ -450,7 +486,17 @@ impl Shared {
     /// committed offset is remembered, and written to the log for a durable topic.
     pub(crate) fn committed(&self, commits: &Commits, message: &Message) {
         let topic = message.topic();
-        let durable = self.history.log(topic).is_some_and(|log| retention::lock(&log).durable);
+        let (durable, sequenced) = self.history.log(topic).map_or((false, false), |log| {
+            let log = retention::lock(&log);
+            (log.durable, log.sequenced)
+        });
+        if sequenced {
+            // The cluster keeps this group's position (offsets there have gaps: no commits).
+            if let (Some(bridge), Some(offset)) = (&self.bridge, message.offset()) {
+                bridge.group_settled(&commits.key.0, &commits.key.1, offset);
+            }
+            return;
+        }
         commits.settled_then(message, |topic, offset| {
             self.record_commit(&commits.key, topic, offset, durable);
         });

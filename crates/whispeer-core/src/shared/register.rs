@@ -210,8 +210,12 @@ impl Shared {
             if tracker.is_some() && this.history.is_active() {
                 // A durable subscription: resume after its commits, if it has any.
                 let stored = this.commits.get(&key);
-                let snapshot =
-                    this.history.snapshot_resuming(&queue.filter, options.start, stored.as_ref());
+                let snapshot = this.history.snapshot_resuming(
+                    &queue.filter,
+                    options.start,
+                    stored.as_ref(),
+                    true,
+                );
                 let snapshot = match snapshot {
                     Ok(snapshot) => snapshot,
                     Err(err) => {

@@ -15,7 +15,7 @@ use futures_util::StreamExt;
 use whispeer_core::Interest;
 use whispeer_core::proto::{Filter, Topic};
 
-use super::engine::{Channel, Engine, Inbox};
+use super::engine::{Engine, Inbox};
 use super::{ClusterConfig, nats, redis};
 
 /// A server child, killed when dropped.
@@ -108,7 +108,7 @@ async fn drain(inbox: &mut Inbox, wait: Duration) -> Vec<Bytes> {
 /// Publishes `probe` from `engine` on `on` until `inbox` has one: the subscription is in place.
 async fn settled(engine: &dyn Engine, on: &str, inbox: &mut Inbox) {
     for _ in 0..100 {
-        engine.publish(Channel::Everyone, &topic(on), Bytes::from_static(b"probe")).await.unwrap();
+        engine.publish(&topic(on), Bytes::from_static(b"probe")).await.unwrap();
         engine.flush().await.unwrap();
         if let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(100), inbox.next()).await {
             drain(inbox, Duration::from_millis(200)).await;
@@ -135,7 +135,7 @@ async fn conforms(a: Arc<dyn Engine>, b: Arc<dyn Engine>) {
     settled(&*a, "s/probe/t", &mut one).await;
     settled(&*a, "x/probe", &mut rest).await;
     for (on, body) in [("s/k/t", "1"), ("s/k/u", "2"), ("x", "3"), ("x/y/z", "4"), ("s/k/t", "5")] {
-        a.publish(Channel::Everyone, &topic(on), Bytes::from(body)).await.unwrap();
+        a.publish(&topic(on), Bytes::from(body)).await.unwrap();
     }
     a.flush().await.unwrap();
     let one = drain(&mut one, Duration::from_millis(300)).await;
@@ -143,14 +143,13 @@ async fn conforms(a: Arc<dyn Engine>, b: Arc<dyn Engine>) {
     let rest = drain(&mut rest, Duration::from_millis(300)).await;
     assert_eq!(rest, [Bytes::from("3"), Bytes::from("4")], "{name}: x/# also matches x");
 
-    // Queue groups: each message to one subscriber, none lost (the groups' copies too).
+    // Queue groups: each message to one subscriber, none lost.
     let group = Interest::Group { filter: Filter::parse("jobs/+").unwrap(), name: "w".into() };
     let mut members = [a.subscribe(&group).await.unwrap(), b.subscribe(&group).await.unwrap()];
     // Until publishers know of the group (Redis lists groups each second).
     tokio::time::sleep(Duration::from_millis(1500)).await;
     for n in 0..100u32 {
-        let channel = if n % 2 == 0 { Channel::Everyone } else { Channel::Groups };
-        a.publish(channel, &topic("jobs/x"), Bytes::from(n.to_string())).await.unwrap();
+        a.publish(&topic("jobs/x"), Bytes::from(n.to_string())).await.unwrap();
     }
     a.flush().await.unwrap();
     let mut seen = BTreeSet::new();
@@ -186,6 +185,62 @@ async fn conforms(a: Arc<dyn Engine>, b: Arc<dyn Engine>) {
     let mut from = b.history(offsets[1]).await.unwrap();
     let first = tokio::time::timeout(Duration::from_secs(5), from.next()).await.unwrap();
     assert_eq!(first.unwrap().unwrap().offset, offsets[1], "{name}: reading from an offset");
+
+    // A group's share of the history: each message to one reader, from the position the
+    // engine keeps for the group (a group that comes back resumes there).
+    let filter = Filter::parse("d/#").unwrap();
+    let mut readers = [
+        a.group_history(&filter, "g").await.unwrap(),
+        b.group_history(&filter, "g").await.unwrap(),
+    ];
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut appended = BTreeSet::new();
+    for n in 0..20u32 {
+        let id = format!("g{n}");
+        let offset =
+            a.append(&topic("d/a"), Bytes::from(n.to_string()), id).await.unwrap().await.unwrap();
+        appended.insert(offset);
+    }
+    let mut handed = BTreeSet::new();
+    let mut quiet = 0;
+    while handed.len() < 20 && quiet < 50 {
+        quiet += 1;
+        for reader in &mut readers {
+            while let Ok(Some(delivery)) =
+                tokio::time::timeout(Duration::from_millis(50), reader.next()).await
+            {
+                let delivery = delivery.unwrap();
+                assert!(handed.insert(delivery.sequenced.offset), "{name}: handed out twice");
+                (delivery.settle)(true).await;
+                quiet = 0;
+            }
+        }
+    }
+    assert_eq!(handed, appended, "{name}: every message to the group once");
+    drop(readers);
+    // Until the readers' last pull requests lapse (NATS: 2 s; what reaches them meanwhile
+    // comes back after the ack wait).
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    for n in 20..25u32 {
+        a.append(&topic("d/a"), Bytes::from(n.to_string()), format!("g{n}"))
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let mut back = b.group_history(&filter, "g").await.unwrap();
+    let mut resumed = Vec::new();
+    while resumed.len() < 5 {
+        let next = tokio::time::timeout(Duration::from_secs(5), back.next()).await;
+        let delivery = next.unwrap().unwrap().unwrap();
+        resumed.push(String::from_utf8(delivery.sequenced.bytes.to_vec()).unwrap());
+        (delivery.settle)(true).await;
+    }
+    assert_eq!(
+        resumed,
+        ["20", "21", "22", "23", "24"],
+        "{name}: the group resumes where it stopped"
+    );
 
     // Membership entries reach every node, the sender's included.
     let mut heard = b.membership().await.unwrap();

@@ -33,15 +33,32 @@ pub struct Sequenced {
 /// The history from some offset on, in offset order, as the engine hands it out.
 pub type History = Pin<Box<dyn Stream<Item = Result<Sequenced, EngineError>> + Send>>;
 
-/// How a channel of [`Engine::publish`] reaches the nodes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Channel {
-    /// Every node with a matching interest, queue groups included.
-    Everyone,
-    /// Queue groups only (a durable topic's message: the other nodes' ordinary subscribers
-    /// get it from the history).
-    Groups,
+/// Settles a group's message in the engine: `true` acknowledges it (the group's position moves
+/// past it), `false` gives it back (delivered again at once, to any node).
+pub type Settle = Box<dyn FnOnce(bool) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+
+/// A durable topic's message for a queue group, and how to settle it in the engine.
+pub struct GroupDelivery {
+    /// The message and its offset.
+    pub sequenced: Sequenced,
+    /// Acknowledges it, or gives it back.
+    pub settle: Settle,
 }
+
+impl std::fmt::Debug for GroupDelivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupDelivery")
+            .field("offset", &self.sequenced.offset)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A queue group's share of the durable topics' messages, as the engine hands them out.
+pub type GroupHistory = Pin<Box<dyn Stream<Item = Result<GroupDelivery, EngineError>> + Send>>;
+
+/// How long the engine waits for a group's message to be settled before it gives it to
+/// another node (the node that had it died, or lost the engine).
+pub const GROUP_ACK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Why an engine could not do something.
 #[derive(Debug, thiserror::Error)]
@@ -67,14 +84,10 @@ pub trait Engine: Send + Sync + 'static {
     /// Whether the engine is connected now.
     fn connected(&self) -> bool;
 
-    /// Publishes `message` on `topic` to every node interested in it (or to queue groups
-    /// only). Messages from one node reach each other node in the order they were published.
-    fn publish(
-        &self,
-        channel: Channel,
-        topic: &Topic,
-        message: Bytes,
-    ) -> EngineFuture<'_, Result<(), EngineError>>;
+    /// Publishes `message` on `topic` to every node interested in it, and to one node of each
+    /// queue group matching it. Messages from one node reach each other node in the order they
+    /// were published.
+    fn publish(&self, topic: &Topic, message: Bytes) -> EngineFuture<'_, Result<(), EngineError>>;
 
     /// Appends `message` to the history of durable topics under `topic`; `id` lets the engine
     /// drop a repeat within its de-duplication window. Resolves once it is on its way, with a
@@ -92,6 +105,17 @@ pub trait Engine: Send + Sync + 'static {
 
     /// The offset of the history's last message now (0 while it is empty).
     fn history_end(&self) -> EngineFuture<'_, Result<u64, EngineError>>;
+
+    /// The durable topics' messages for queue group `name` on `filter` (perhaps more: the
+    /// caller drops, and acknowledges, what its filter does not match), from the position the
+    /// engine keeps for the group — new messages when the group is new — each to one of the
+    /// nodes reading it. A message not settled within [`GROUP_ACK_WAIT`] (or given back) is
+    /// handed out again, to any node.
+    fn group_history(
+        &self,
+        filter: &whispeer_core::Filter,
+        name: &str,
+    ) -> EngineFuture<'_, Result<GroupHistory, EngineError>>;
 
     /// Resolves once everything published before it reached the engine's server.
     fn flush(&self) -> EngineFuture<'_, Result<(), EngineError>>;

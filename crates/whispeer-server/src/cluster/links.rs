@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use whispeer_core::{Broker, Interest};
 
-use super::engine::{Appended, Channel};
+use super::engine::Appended;
 use super::relay::{Kind, OUTBOUND_CAPACITY, Outgoing, Relay};
 use super::{ENGINE_TIMEOUT, Engine, PUBLISH_SECONDS, seconds, topics_filter};
 
@@ -112,8 +112,7 @@ async fn publish(
     let published = tokio::time::timeout(ENGINE_TIMEOUT, async {
         for out in batch.drain(..) {
             match out.kind {
-                Kind::Live => engine.publish(Channel::Everyone, &out.topic, out.bytes).await?,
-                Kind::Groups => engine.publish(Channel::Groups, &out.topic, out.bytes).await?,
+                Kind::Live => engine.publish(&out.topic, out.bytes).await?,
                 Kind::Append { ticket, id } => {
                     unsettled.push(ticket);
                     let appended = engine.append(&out.topic, out.bytes, id).await?;
@@ -192,18 +191,60 @@ pub(super) async fn follow_history(engine: Arc<dyn Engine>, relay: Arc<Relay>, b
     }
 }
 
-/// A reader task, stopped when dropped (which ends its engine subscription).
-struct Reader(JoinHandle<()>);
+/// A reader task, stopped when dropped (which ends its engine subscription); a group's also
+/// gives back to the engine what its group had not settled.
+struct Reader {
+    task: JoinHandle<()>,
+    group: Option<(Arc<Relay>, whispeer_core::Filter, Box<str>)>,
+}
 
 impl Drop for Reader {
     fn drop(&mut self) {
-        self.0.abort();
+        self.task.abort();
+        if let Some((relay, filter, name)) = &self.group {
+            relay.release_group(filter, name);
+        }
+    }
+}
+
+/// Hands a queue group its share of the durable topics' messages from the engine's group
+/// consumer (which keeps the group's position), starting it again after an error.
+async fn follow_group_history(
+    engine: Arc<dyn Engine>,
+    relay: Arc<Relay>,
+    broker: Broker,
+    filter: whispeer_core::Filter,
+    name: Box<str>,
+) {
+    let limits = broker.options().limits.clone();
+    loop {
+        match engine.group_history(&filter, &name).await {
+            Ok(mut deliveries) => {
+                while let Some(delivery) = deliveries.next().await {
+                    match delivery {
+                        Ok(delivery) => {
+                            relay.deliver_to_group(&broker, &filter, &name, delivery, &limits);
+                        }
+                        Err(err) => {
+                            tracing::warn!(%err, "cluster: a group's history read failed; resuming");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(err) => {
+                tracing::warn!(%err, %filter, "cluster: cannot read a group's history; retrying")
+            }
+        }
+        tokio::time::sleep(RETRY).await;
     }
 }
 
 /// Keeps the engine's subscriptions equal to what local subscribers need.
 pub(super) async fn follow_interests(engine: Arc<dyn Engine>, relay: Arc<Relay>, broker: Broker) {
     let limits = broker.options().limits.clone();
+    let durable: Vec<whispeer_core::Filter> =
+        broker.options().durability.as_ref().map(|d| d.topics.clone()).unwrap_or_default();
     let mut active: HashMap<Interest, Reader> = HashMap::new();
     loop {
         let wanted = relay.wanted();
@@ -218,12 +259,37 @@ pub(super) async fn follow_interests(engine: Arc<dyn Engine>, relay: Arc<Relay>,
                     let (relay, broker, limits) =
                         (Arc::clone(&relay), broker.clone(), limits.clone());
                     let key = interest.clone();
+                    // A group whose filter reaches durable topics also reads the engine's
+                    // group consumer for them.
+                    let group = match &interest {
+                        Interest::Group { filter, name }
+                            if durable.iter().any(|d| d.overlaps(filter)) =>
+                        {
+                            Some((filter.clone(), name.clone()))
+                        }
+                        _ => None,
+                    };
+                    let history = group.clone().map(|(filter, name)| {
+                        let (engine, relay, broker) =
+                            (Arc::clone(&engine), Arc::clone(&relay), broker.clone());
+                        follow_group_history(engine, relay, broker, filter, name)
+                    });
+                    let live_relay = Arc::clone(&relay);
                     let task = tokio::spawn(async move {
-                        while let Some(bytes) = inbox.next().await {
-                            relay.deliver(&broker, &key, bytes, &limits);
+                        let live = async {
+                            while let Some(bytes) = inbox.next().await {
+                                live_relay.deliver(&broker, &key, bytes, &limits);
+                            }
+                        };
+                        match history {
+                            Some(history) => {
+                                tokio::join!(live, history);
+                            }
+                            None => live.await,
                         }
                     });
-                    active.insert(interest, Reader(task));
+                    let group = group.map(|(filter, name)| (Arc::clone(&relay), filter, name));
+                    active.insert(interest, Reader { task, group });
                 }
                 Err(err) => {
                     tracing::warn!(%err, filter = %interest.filter(), "cluster: engine subscription failed; retrying");

@@ -27,7 +27,10 @@ mod redis;
 mod relay;
 mod subject;
 
-pub use engine::{Appended, Channel, Engine, EngineError, EngineFuture, History, Inbox, Sequenced};
+pub use engine::{
+    Appended, Engine, EngineError, EngineFuture, GROUP_ACK_WAIT, GroupDelivery, GroupHistory,
+    History, Inbox, Sequenced, Settle,
+};
 use members::Members;
 pub use members::{Membership, NodeInfo};
 pub use presence::Whereabouts;
@@ -377,6 +380,16 @@ fn topics_filter(interest: &Interest) -> Option<whispeer_core::Filter> {
 
 /// How long a publish batch or a flush may take before the engine counts as unreachable.
 const ENGINE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A stable short name for queue group (`filter`, `name`) in the engine (consumer and group
+/// names take few characters).
+fn group_id(filter: &str, name: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    // SipHash with fixed keys: the same on every node and every run.
+    let mut hasher = std::hash::DefaultHasher::new();
+    (filter, name).hash(&mut hasher);
+    format!("g{:016x}", hasher.finish())
+}
 
 /// Seconds since `started`, for histograms.
 fn seconds(started: Instant) -> f64 {

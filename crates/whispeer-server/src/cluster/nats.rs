@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
 use async_nats::{Client, ConnectOptions, Event, HeaderMap};
@@ -18,7 +19,8 @@ use whispeer_core::Interest;
 use whispeer_core::proto::Topic;
 
 use super::engine::{
-    Appended, Channel, Engine, EngineError, EngineFuture, History, Inbox, Sequenced,
+    Appended, Engine, EngineError, EngineFuture, GROUP_ACK_WAIT, GroupDelivery, GroupHistory,
+    History, Inbox, Sequenced, Settle,
 };
 use super::subject::{filter_subjects, push_token, topic_subject};
 use super::{ClusterConfig, RECONNECTS};
@@ -79,11 +81,6 @@ impl Nats {
     /// The subjects' prefix of durable topics' history.
     fn log_prefix(&self) -> String {
         format!("_WHISPEER.{}.log", self.prefix)
-    }
-
-    /// The subjects' prefix of durable topics' messages for queue groups.
-    fn group_prefix(&self) -> String {
-        format!("_WHISPEER.{}.group", self.prefix)
     }
 
     /// The stream holding durable topics' history, created with this node's limits if there
@@ -192,16 +189,8 @@ impl Engine for Nats {
         self.connected.load(Ordering::Acquire)
     }
 
-    fn publish(
-        &self,
-        channel: Channel,
-        topic: &Topic,
-        message: Bytes,
-    ) -> EngineFuture<'_, Result<(), EngineError>> {
-        let subject = match channel {
-            Channel::Everyone => topic_subject(&self.prefix, topic),
-            Channel::Groups => topic_subject(&self.group_prefix(), topic),
-        };
+    fn publish(&self, topic: &Topic, message: Bytes) -> EngineFuture<'_, Result<(), EngineError>> {
+        let subject = topic_subject(&self.prefix, topic);
         Box::pin(async move {
             self.publisher
                 .publish(subject, message)
@@ -232,16 +221,6 @@ impl Engine for Nats {
                 let subscriber =
                     subscriber.map_err(|err| EngineError::Unreachable(err.to_string()))?;
                 inboxes.push(subscriber.map(payload));
-            }
-            if let Interest::Group { filter, name } = &interest {
-                // Durable topics' messages reach groups on their own subjects.
-                for subject in filter_subjects(&self.group_prefix(), filter) {
-                    let queue = queue_name(filter.as_str(), name);
-                    let subscriber = self.groups.queue_subscribe(subject, queue).await;
-                    let subscriber =
-                        subscriber.map_err(|err| EngineError::Unreachable(err.to_string()))?;
-                    inboxes.push(subscriber.map(payload));
-                }
             }
             // The subjects of one filter never match the same message (see `subject`).
             let inbox: Inbox = Box::pin(futures_util::stream::select_all(inboxes));
@@ -302,6 +281,71 @@ impl Engine for Nats {
                 Ok(Sequenced { offset, stored_ms, bytes: message.payload.clone() })
             }));
             Ok(history)
+        })
+    }
+
+    fn group_history(
+        &self,
+        filter: &whispeer_core::Filter,
+        name: &str,
+    ) -> EngineFuture<'_, Result<GroupHistory, EngineError>> {
+        let durable = format!("{}_{}", self.prefix, super::group_id(filter.as_str(), name));
+        let subjects = filter_subjects(&self.log_prefix(), filter);
+        // One filter subject (NATS 2.9): a filter that needs two reads them all instead.
+        let filter_subject = match subjects.as_slice() {
+            [one] => one.clone(),
+            _ => format!("{}.>", self.log_prefix()),
+        };
+        Box::pin(async move {
+            let failed = |err: &dyn std::fmt::Display| EngineError::Failed(format!("group: {err}"));
+            let stream = self.history_stream().await?;
+            let config = consumer::pull::Config {
+                durable_name: Some(durable.clone()),
+                filter_subject,
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: GROUP_ACK_WAIT,
+                max_ack_pending: 65_536,
+                deliver_policy: consumer::DeliverPolicy::New,
+                ..Default::default()
+            };
+            let consumer =
+                stream.get_or_create_consumer(&durable, config).await.map_err(|e| failed(&e))?;
+            // Short pull requests: one left by a node that stopped reading lapses within two
+            // seconds (what the server sends it meanwhile comes back after the ack wait).
+            let messages = consumer
+                .stream()
+                .max_messages_per_batch(256)
+                .expires(Duration::from_secs(2))
+                .heartbeat(Duration::from_millis(500))
+                .messages()
+                .await
+                .map_err(|e| failed(&e))?;
+            let deliveries: GroupHistory = Box::pin(messages.map(move |message| {
+                let message = message.map_err(|e| EngineError::Failed(format!("group: {e}")))?;
+                let info =
+                    message.info().map_err(|e| EngineError::Failed(format!("group: {e}")))?;
+                let stored_ms =
+                    u64::try_from(info.published.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+                let sequenced = Sequenced {
+                    offset: info.stream_sequence,
+                    stored_ms,
+                    bytes: message.payload.clone(),
+                };
+                let settle: Settle = Box::new(move |done| {
+                    Box::pin(async move {
+                        let kind = if done {
+                            jetstream::AckKind::Ack
+                        } else {
+                            jetstream::AckKind::Nak(None)
+                        };
+                        if let Err(err) = message.ack_with(kind).await {
+                            tracing::debug!(%err, "cluster: a group message could not be settled");
+                        }
+                    })
+                });
+                Ok(GroupDelivery { sequenced, settle })
+            }));
+            Ok(deliveries)
         })
     }
 

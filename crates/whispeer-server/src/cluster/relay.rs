@@ -5,10 +5,12 @@
 //! A message crosses the engine as one byte (the format), the origin node's id (8 bytes,
 //! little-endian), then the envelope in its wire layout — sealed, never opened here.
 //!
-//! A durable topic's message goes twice into the outbound queue: appended to the engine's
-//! history (its confirmation waits for the engine's acknowledgement, in order, on a ticket of
-//! its own) and published for queue groups; every node's ordinary subscribers get it from the
-//! history, with the engine's offset.
+//! A durable topic's message is appended to the engine's history (its confirmation waits for
+//! the engine's acknowledgement, in order, on a ticket of its own); every node's ordinary
+//! subscribers get it from the history, with the engine's offset, and queue groups from the
+//! engine's group consumers, whose positions the engine keeps: a message handed to a local
+//! QoS 1 group waits here until the group settles it, and is then acknowledged in the engine
+//! (or given back, when the group goes away first).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -29,6 +31,9 @@ const FAILED_CAPACITY: usize = 4_096;
 /// The first byte of every message this version sends.
 const FORMAT: u8 = 1;
 
+/// A group's message waiting here: its filter, its group's name, its offset.
+type PendingKey = (Box<str>, Box<str>, u64);
+
 /// Marks a durable topic's ticket (confirmed by the engine's acknowledgement).
 const DURABLE_TICKET: u64 = 1 << 63;
 
@@ -45,8 +50,6 @@ pub(crate) struct Outgoing {
 pub(crate) enum Kind {
     /// To every interested node.
     Live,
-    /// To queue groups only.
-    Groups,
     /// Into the history, with its durable ticket and the engine's de-duplication id.
     Append { ticket: u64, id: String },
 }
@@ -88,6 +91,9 @@ pub(crate) struct Relay {
     /// Every durable ticket up to this one has been acknowledged by the engine, or has failed.
     durable_settled: watch::Sender<u64>,
     durable_failed: Mutex<VecDeque<u64>>,
+    /// Durable topics' messages handed to a local QoS 1 group, by (filter, group, offset),
+    /// waiting for the group to settle them.
+    pending: Mutex<HashMap<PendingKey, super::engine::Settle>>,
     /// Whether this node has read the history as far as it reached when the node started
     /// (until then replay here may miss the newest part).
     pub(crate) history_loaded: AtomicBool,
@@ -125,6 +131,7 @@ impl Relay {
             durable_settled: watch::Sender::new(0),
             durable_failed: Mutex::default(),
             history_loaded: AtomicBool::new(true),
+            pending: Mutex::default(),
             waiting: AtomicUsize::new(0),
             flush_wanted: Notify::new(),
             interests: Mutex::default(),
@@ -188,6 +195,65 @@ impl Relay {
         {
             bump(&self.counters.refused_here);
             tracing::debug!(%err, "cluster: a history message was refused here");
+        }
+    }
+
+    /// A durable topic's message for the local queue group `filter` / `name`: handed to it at
+    /// its offset; a QoS 1 group's is settled in the engine once the group settled it here.
+    /// One that is not for this node (no such group now, a full queue) is given back, so the
+    /// engine hands it to another node.
+    pub(crate) fn deliver_to_group(
+        &self,
+        broker: &whispeer_core::Broker,
+        filter: &Filter,
+        name: &str,
+        delivery: super::engine::GroupDelivery,
+        limits: &Limits,
+    ) {
+        let super::engine::GroupDelivery { sequenced, settle } = delivery;
+        let offset = sequenced.offset;
+        let Some((_, envelope)) = decode(sequenced.bytes, limits) else {
+            bump(&self.counters.malformed);
+            spawn_settle(settle(true));
+            return;
+        };
+        if !filter.matches(&envelope.topic) {
+            // The engine's filter was wider than the group's.
+            spawn_settle(settle(true));
+            return;
+        }
+        bump(&self.counters.received);
+        let key: PendingKey = (filter.as_str().into(), name.into(), offset);
+        // Waiting before the group has it: its member may settle it at once.
+        lock(&self.pending).insert(key.clone(), settle);
+        let handed =
+            broker.publish_sequenced_to_group(envelope, offset, sequenced.stored_ms, filter, name);
+        let done = match handed {
+            Ok(Some(true)) => return,
+            Ok(Some(false)) => true,
+            Ok(None) | Err(_) => {
+                bump(&self.counters.refused_here);
+                false
+            }
+        };
+        if let Some(settle) = lock(&self.pending).remove(&key) {
+            spawn_settle(settle(done));
+        }
+    }
+
+    /// The local group `filter` / `name` is gone: what it had not settled goes back to the
+    /// engine, for another node.
+    pub(crate) fn release_group(&self, filter: &Filter, name: &str) {
+        let mut pending = lock(&self.pending);
+        let keys: Vec<_> = pending
+            .keys()
+            .filter(|(f, n, _)| **f == *filter.as_str() && **n == *name)
+            .cloned()
+            .collect();
+        for key in keys {
+            if let Some(settle) = pending.remove(&key) {
+                spawn_settle(settle(false));
+            }
         }
     }
 
@@ -323,6 +389,13 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Runs a settlement on the current runtime (the core calls in from its tasks).
+fn spawn_settle(settle: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) {
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(settle);
+    }
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -411,28 +484,26 @@ impl Bridge for Relay {
             None => format!("i{:032x}", envelope.id.0),
         };
         let outbound = lock(&self.outbound);
-        if outbound.1.capacity() < 2 {
+        if outbound.1.capacity() == 0 {
             bump(&self.counters.lost_full);
             return Some(Forwarded::Refused("the cluster's outbound queue is full"));
         }
         let durable = self.next_durable.fetch_add(1, Ordering::Relaxed);
         let (topic, last) = (envelope.topic.clone(), outbound.0.saturating_sub(1));
         let append = Kind::Append { ticket: durable, id };
-        let groups = Outgoing {
-            topic: topic.clone(),
-            bytes: bytes.clone(),
-            ticket: last,
-            kind: Kind::Groups,
-        };
-        let sent = outbound.1.try_send(Outgoing { topic, bytes, ticket: last, kind: append });
-        if sent.is_err() {
+        if outbound.1.try_send(Outgoing { topic, bytes, ticket: last, kind: append }).is_err() {
             bump(&self.counters.lost_unreachable);
             return Some(Forwarded::Refused("the cluster link has stopped"));
         }
-        // Room was checked under the lock: the second one fits too.
-        let _ = outbound.1.try_send(groups);
         bump(&self.counters.forwarded);
         Some(Forwarded::Queued(durable | DURABLE_TICKET))
+    }
+
+    fn group_settled(&self, filter: &str, name: &str, offset: u64) {
+        let key: PendingKey = (filter.into(), name.into(), offset);
+        if let Some(settle) = lock(&self.pending).remove(&key) {
+            spawn_settle(settle(true));
+        }
     }
 
     fn confirm(&self, ticket: u64) -> BridgeFuture<'_, Result<(), String>> {

@@ -32,7 +32,8 @@ use whispeer_core::proto::{Filter, Topic};
 
 use super::ClusterConfig;
 use super::engine::{
-    Appended, Channel, Engine, EngineError, EngineFuture, History, Inbox, Sequenced,
+    Appended, Engine, EngineError, EngineFuture, GROUP_ACK_WAIT, GroupDelivery, GroupHistory,
+    History, Inbox, Sequenced, Settle,
 };
 use super::subject::filter_subjects;
 
@@ -230,6 +231,29 @@ impl Redis {
     }
 }
 
+/// Makes group entry `id` claimable by every reader at once (its idle time set to the ack
+/// wait), for a reader that gives it back.
+async fn give_back(
+    conn: &mut ConnectionManager,
+    key: &str,
+    group: &str,
+    node: &str,
+    id: &str,
+) -> redis::RedisResult<()> {
+    let idle = GROUP_ACK_WAIT.as_millis() as u64;
+    redis::cmd("XCLAIM")
+        .arg(key)
+        .arg(group)
+        .arg(node)
+        .arg(0)
+        .arg(id)
+        .arg("IDLE")
+        .arg(idle)
+        .arg("JUSTID")
+        .query_async::<()>(conn)
+        .await
+}
+
 /// An mpsc receiver as a stream.
 fn tokio_stream_from<T: Send + 'static>(
     mut rx: mpsc::Receiver<T>,
@@ -301,14 +325,9 @@ impl Engine for Redis {
         self.connected.load(Ordering::Acquire)
     }
 
-    fn publish(
-        &self,
-        channel: Channel,
-        topic: &Topic,
-        message: Bytes,
-    ) -> EngineFuture<'_, Result<(), EngineError>> {
+    fn publish(&self, topic: &Topic, message: Bytes) -> EngineFuture<'_, Result<(), EngineError>> {
         let topic = topic.clone();
-        Box::pin(self.send(Write::Publish { channel, topic, message }))
+        Box::pin(self.send(Write::Publish { topic, message }))
     }
 
     fn flush(&self) -> EngineFuture<'_, Result<(), EngineError>> {
@@ -389,6 +408,121 @@ impl Engine for Redis {
             });
             let history: History = Box::pin(tokio_stream_from(rx));
             Ok(history)
+        })
+    }
+
+    fn group_history(
+        &self,
+        filter: &Filter,
+        name: &str,
+    ) -> EngineFuture<'_, Result<GroupHistory, EngineError>> {
+        let group = super::group_id(filter.as_str(), name);
+        let (client, commands, key, node) =
+            (self.client.clone(), self.commands.clone(), self.history_key(), self.node.clone());
+        Box::pin(async move {
+            let mut conn =
+                client.get_multiplexed_async_connection().await.map_err(|e| unreachable(&e))?;
+            let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(&key)
+                .arg(&group)
+                .arg("$")
+                .arg("MKSTREAM")
+                .query_async(&mut conn)
+                .await;
+            if let Err(err) = created
+                && !err.to_string().contains("BUSYGROUP")
+            {
+                return Err(unreachable(&err));
+            }
+            let (tx, rx) = mpsc::channel::<Result<GroupDelivery, EngineError>>(1024);
+            tokio::spawn(async move {
+                let idle = GROUP_ACK_WAIT.as_millis() as u64;
+                let mut claimed_at = tokio::time::Instant::now() - Duration::from_secs(60);
+                while !tx.is_closed() {
+                    let mut entries = Vec::new();
+                    if claimed_at.elapsed() >= Duration::from_secs(5) {
+                        // What a node took and never settled (it died): taken over here.
+                        claimed_at = tokio::time::Instant::now();
+                        let claimed: redis::RedisResult<Value> = redis::cmd("XAUTOCLAIM")
+                            .arg(&key)
+                            .arg(&group)
+                            .arg(&node)
+                            .arg(idle)
+                            .arg("0-0")
+                            .arg("COUNT")
+                            .arg(256)
+                            .query_async(&mut conn)
+                            .await;
+                        if let Ok(Value::Array(mut parts)) = claimed
+                            && parts.len() >= 2
+                        {
+                            let list = parts.swap_remove(1);
+                            entries.extend(stream_entries(Value::Array(vec![Value::Array(vec![
+                                Value::Nil,
+                                list,
+                            ])])));
+                        }
+                    }
+                    let read: redis::RedisResult<Value> = redis::cmd("XREADGROUP")
+                        .arg("GROUP")
+                        .arg(&group)
+                        .arg(&node)
+                        .arg("COUNT")
+                        .arg(256)
+                        .arg("BLOCK")
+                        .arg(1000)
+                        .arg("STREAMS")
+                        .arg(&key)
+                        .arg(">")
+                        .query_async(&mut conn)
+                        .await;
+                    match read {
+                        Ok(reply) => entries.extend(stream_entries(reply)),
+                        Err(err) => {
+                            let _ = tx.send(Err(unreachable(&err))).await;
+                            return;
+                        }
+                    }
+                    for (id, fields) in entries {
+                        let (Some(offset), Some(bytes)) = (id_to_offset(&id), field(&fields, "m"))
+                        else {
+                            continue;
+                        };
+                        let (mut commands, key, group, node) =
+                            (commands.clone(), key.clone(), group.clone(), node.clone());
+                        // Given back, it is marked idle for the ack wait at once, so the next
+                        // claim by any reader (every 5 s) takes it.
+                        let settle: Settle = Box::new(move |done| {
+                            Box::pin(async move {
+                                let settled: redis::RedisResult<()> = if done {
+                                    redis::cmd("XACK")
+                                        .arg(&key)
+                                        .arg(&group)
+                                        .arg(&id)
+                                        .query_async(&mut commands)
+                                        .await
+                                } else {
+                                    give_back(&mut commands, &key, &group, &node, &id).await
+                                };
+                                if let Err(err) = settled {
+                                    tracing::debug!(%err, "cluster: a group message could not be settled");
+                                }
+                            })
+                        });
+                        let sequenced = Sequenced { offset, stored_ms: offset >> 20, bytes };
+                        if let Err(unsent) = tx.send(Ok(GroupDelivery { sequenced, settle })).await
+                        {
+                            // The reader went away with this one in hand: give it back.
+                            if let Ok(delivery) = unsent.0 {
+                                (delivery.settle)(false).await;
+                            }
+                        }
+                    }
+                }
+            });
+            let deliveries: GroupHistory = Box::pin(tokio_stream_from(rx));
+            Ok(deliveries)
         })
     }
 

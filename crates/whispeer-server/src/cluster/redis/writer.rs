@@ -11,7 +11,7 @@ use whispeer_core::proto::{Filter, Topic};
 
 use super::streams::{id_to_offset, text};
 use super::{GROUP_STREAM_MAX, PIPELINE, unreachable};
-use crate::cluster::engine::{Channel, EngineError};
+use crate::cluster::engine::EngineError;
 use crate::cluster::subject::topic_subject;
 
 /// Appends a durable topic's message unless its id was appended within two minutes; returns
@@ -27,7 +27,6 @@ return id
 /// Work for the writer task.
 pub(super) enum Write {
     Publish {
-        channel: Channel,
         topic: Topic,
         message: Bytes,
     },
@@ -60,14 +59,12 @@ pub(super) async fn write(
         let mut flushes = Vec::new();
         for write in batch.drain(..) {
             match write {
-                Write::Publish { channel, topic, message } => {
-                    if channel == Channel::Everyone {
-                        pipe.cmd("PUBLISH")
-                            .arg(topic_subject(&prefix, &topic))
-                            .arg(message.as_ref())
-                            .ignore();
-                        commands += 1;
-                    }
+                Write::Publish { topic, message } => {
+                    pipe.cmd("PUBLISH")
+                        .arg(topic_subject(&prefix, &topic))
+                        .arg(message.as_ref())
+                        .ignore();
+                    commands += 1;
                     for (_, key) in groups.iter().filter(|(f, _)| f.matches(&topic)) {
                         pipe.cmd("XADD")
                             .arg(key)
