@@ -40,7 +40,7 @@ use super::subject::filter_subjects;
 mod streams;
 mod writer;
 
-use streams::{field, id_to_offset, offset_to_id, read_group, stream_entries, text};
+use streams::{create_group, field, id_to_offset, offset_to_id, read_group, stream_entries, text};
 use writer::{Write, write};
 
 /// Messages one subscription may buffer before the node reads them.
@@ -422,19 +422,7 @@ impl Engine for Redis {
         Box::pin(async move {
             let mut conn =
                 client.get_multiplexed_async_connection().await.map_err(|e| unreachable(&e))?;
-            let created: redis::RedisResult<()> = redis::cmd("XGROUP")
-                .arg("CREATE")
-                .arg(&key)
-                .arg(&group)
-                .arg("$")
-                .arg("MKSTREAM")
-                .query_async(&mut conn)
-                .await;
-            if let Err(err) = created
-                && !err.to_string().contains("BUSYGROUP")
-            {
-                return Err(unreachable(&err));
-            }
+            create_group(&mut conn, &key, &group).await.map_err(|e| unreachable(&e))?;
             let (tx, rx) = mpsc::channel::<Result<GroupDelivery, EngineError>>(1024);
             tokio::spawn(async move {
                 let idle = GROUP_ACK_WAIT.as_millis() as u64;

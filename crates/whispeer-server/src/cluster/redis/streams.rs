@@ -18,6 +18,27 @@ pub(super) fn offset_to_id(offset: u64) -> String {
     format!("{}-{}", offset >> 20, offset & ((1 << 20) - 1))
 }
 
+/// Creates consumer group `group` of stream `key` (and the stream), starting with new entries;
+/// one that exists already is left as it is.
+pub(super) async fn create_group(
+    conn: &mut MultiplexedConnection,
+    key: &str,
+    group: &str,
+) -> redis::RedisResult<()> {
+    let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(key)
+        .arg(group)
+        .arg("$")
+        .arg("MKSTREAM")
+        .query_async(conn)
+        .await;
+    match created {
+        Err(err) if !err.to_string().contains("BUSYGROUP") => Err(err),
+        _ => Ok(()),
+    }
+}
+
 /// Reads group stream `key` as consumer `node` of group `name` until an error or until the
 /// inbox is gone; each entry is acknowledged once handed over.
 pub(super) async fn read_group(
@@ -28,19 +49,7 @@ pub(super) async fn read_group(
     tx: &mpsc::Sender<Bytes>,
 ) -> redis::RedisResult<()> {
     let mut conn: MultiplexedConnection = client.get_multiplexed_async_connection().await?;
-    let created: redis::RedisResult<()> = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(key)
-        .arg(name)
-        .arg("$")
-        .arg("MKSTREAM")
-        .query_async(&mut conn)
-        .await;
-    if let Err(err) = created
-        && !err.to_string().contains("BUSYGROUP")
-    {
-        return Err(err);
-    }
+    create_group(&mut conn, key, name).await?;
     while !tx.is_closed() {
         let reply: Value = redis::cmd("XREADGROUP")
             .arg("GROUP")
