@@ -6,7 +6,10 @@
 //!
 //! Several URLs, separated by commas, are nodes of one cluster: `connect` uses the first that
 //! answers, and when the connection drops the client connects again — the same node first, then
-//! each next one in turn, waiting longer after each round — and subscribes again there.
+//! each next one in turn, waiting longer after each round — and subscribes again there. A
+//! subscription to an exact topic resumes after the last offset it received on the same node,
+//! and on another node too after `setSharedOffsets(true)` (durable topics a cluster keeps have
+//! the same offsets on every node).
 //!
 //! ```js
 //! const client = await Client.connect("ws://127.0.0.1:7451/ws", keyText /* or null */, apiKey /* or null */);
@@ -38,6 +41,8 @@ struct SubSpec {
     qos: Qos,
     group: Option<String>,
     callback: Function,
+    /// The last offset received (exact topics), to resume after.
+    last_offset: Option<u64>,
 }
 
 /// A socket's `message` and `close` callbacks.
@@ -58,6 +63,8 @@ struct State {
     generation: u64,
     /// Set by `close`: no reconnecting after it.
     closing: bool,
+    /// Whether the nodes share offsets (`setSharedOffsets`).
+    shared_offsets: bool,
     /// The current socket's callbacks, kept alive with it.
     handlers: Option<Handlers>,
     inbound: BytesMut,
@@ -145,8 +152,12 @@ impl State {
             Body::Ping => {
                 let _ = self.send(&Frame::new(frame.correlation, Body::Pong));
             }
-            Body::Deliver { sub, attempt, envelope, .. } => {
-                let callback = &self.subscriptions.get(&sub)?.callback;
+            Body::Deliver { sub, attempt, envelope, offset } => {
+                let spec = self.subscriptions.get_mut(&sub)?;
+                if offset > 0 && spec.filter.is_exact() {
+                    spec.last_offset = Some(offset);
+                }
+                let callback = &spec.callback;
                 match self.engines.open(&envelope) {
                     Ok(plaintext) => {
                         let args = js_sys::Array::of4(
@@ -291,21 +302,22 @@ async fn reconnect(state: Rc<RefCell<State>>) {
         let index = (start + attempt) % nodes;
         if open(&state, index).await.is_ok() {
             let mut state = state.borrow_mut();
-            let subs: Vec<(u32, Filter, Qos, Option<String>)> = state
+            // Offsets mean the same on the same node, or on nodes that share them.
+            let resume = index == start || state.shared_offsets;
+            let subs: Vec<(u32, Filter, Qos, Option<String>, StartAt)> = state
                 .subscriptions
                 .iter()
-                .map(|(id, spec)| (*id, spec.filter.clone(), spec.qos, spec.group.clone()))
+                .map(|(id, spec)| {
+                    let at = match spec.last_offset {
+                        Some(last) if resume => StartAt::Offset(last + 1),
+                        _ => StartAt::Latest,
+                    };
+                    (*id, spec.filter.clone(), spec.qos, spec.group.clone(), at)
+                })
                 .collect();
-            for (sub, filter, qos, group) in subs {
+            for (sub, filter, qos, group, start) in subs {
                 let correlation = state.correlation();
-                let body = Body::Subscribe {
-                    sub,
-                    qos,
-                    filter,
-                    prefetch: 0,
-                    group,
-                    start: StartAt::Latest,
-                };
+                let body = Body::Subscribe { sub, qos, filter, prefetch: 0, group, start };
                 let _ = state.send(&Frame::new(correlation, body));
             }
             return;
@@ -344,6 +356,7 @@ impl Client {
             api_key,
             generation: 0,
             closing: false,
+            shared_offsets: false,
             handlers: None,
             inbound: BytesMut::new(),
             limits: Limits::default(),
@@ -428,7 +441,13 @@ impl Client {
         let mut state = self.state.borrow_mut();
         let sub = state.next_sub;
         state.next_sub += 1;
-        let spec = SubSpec { filter: filter.clone(), qos, group: group.clone(), callback };
+        let spec = SubSpec {
+            filter: filter.clone(),
+            qos,
+            group: group.clone(),
+            callback,
+            last_offset: None,
+        };
         let correlation = state.correlation();
         state.send(&Frame::new(
             correlation,
@@ -457,6 +476,14 @@ impl Client {
         self.state
             .borrow_mut()
             .send(&Frame::new(0, Body::Ack { sub: subscription, id: MessageId(id) }))
+    }
+
+    /// Says whether the nodes share offsets (durable topics a cluster keeps): then a
+    /// subscription to an exact topic that moves to another node resumes after the last offset
+    /// it received, as it does on the same node. Default: no.
+    #[wasm_bindgen(js_name = setSharedOffsets)]
+    pub fn set_shared_offsets(&self, shared: bool) {
+        self.state.borrow_mut().shared_offsets = shared;
     }
 
     /// Closes the connection (for good: no reconnecting).
