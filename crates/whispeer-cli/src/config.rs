@@ -10,6 +10,7 @@ use std::time::Duration;
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
+use whispeer::server::cluster::ClusterConfig;
 use whispeer::server::{ApiKeys, Principal, ServerConfig};
 
 mod access;
@@ -490,6 +491,35 @@ impl Config {
             }
         }
         Ok(options)
+    }
+
+    /// The cluster's settings, with the engine keeping as much durable history as memory does:
+    /// `history_messages` grows to the largest `max_messages` of the `[[retention]]` rules that
+    /// reach durable topics, and without `history_max_age_ms` the engine's age limit is the
+    /// longest `max_age_ms` when aged rules cover every durable filter.
+    pub(crate) fn cluster_settings(&self) -> anyhow::Result<Option<ClusterConfig>> {
+        let Some(mut settings) = self.cluster.settings(&self.listen)? else { return Ok(None) };
+        let durable: Vec<Filter> =
+            self.storage.durable.iter().filter_map(|f| Filter::parse(f).ok()).collect();
+        let rules: Vec<(Filter, &RetentionRule)> = self
+            .retention
+            .iter()
+            .filter_map(|rule| Filter::parse(&rule.filter).ok().map(|f| (f, rule)))
+            .filter(|(filter, _)| durable.iter().any(|d| d.overlaps(filter)))
+            .collect();
+        if let Some(most) = rules.iter().map(|(_, rule)| rule.max_messages as u64).max() {
+            settings.history_messages = settings.history_messages.max(most);
+        }
+        let aged = |d: &Filter| {
+            rules.iter().filter(|(f, _)| f.covers(d)).find_map(|(_, rule)| rule.max_age_ms)
+        };
+        if settings.history_max_age.is_none() && !durable.is_empty() {
+            let ages: Option<Vec<u64>> = durable.iter().map(aged).collect();
+            if let Some(longest) = ages.and_then(|ages| ages.into_iter().max()) {
+                settings.history_max_age = Some(Duration::from_millis(longest));
+            }
+        }
+        Ok(Some(settings))
     }
 
     /// The server's settings.

@@ -104,8 +104,7 @@ async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
     let broker_options = config.broker_options().map_err(|e| ConfigError(format!("{e:#}")))?;
     // Before listening: recovering the write-ahead log restores the durable history first.
     let started = std::time::Instant::now();
-    let cluster =
-        config.cluster.settings(&config.listen).map_err(|e| ConfigError(format!("{e:#}")))?;
+    let cluster = config.cluster_settings().map_err(|e| ConfigError(format!("{e:#}")))?;
     let mut builder = Broker::builder(broker_options);
     let mut cluster_status = None;
     if let Some(settings) = cluster {

@@ -6,7 +6,8 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use whispeer_client::{Client, ClientSubscription, Qos, StartAt, SubscribeOptions};
+use whispeer_client::proto::ErrorCode;
+use whispeer_client::{Client, ClientError, ClientSubscription, Qos, StartAt, SubscribeOptions};
 
 mod common;
 
@@ -98,4 +99,58 @@ async fn nodes_on_redis_share_topics_groups_and_durable_history() {
         (0..10).collect::<Vec<_>>()
     );
     assert_eq!(histories[0], histories[1], "the same history at the same offsets");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_redis_is_away_qos1_is_refused_then_it_heals() {
+    let redis = Redis::start();
+    let port = redis.port();
+    let envs = [("WHISPEER_CLUSTER__ENGINE", "redis")];
+    let urls = [redis.url.as_str()];
+    let (a, b) = (node(&urls, "a", &envs), node(&urls, "b", &envs));
+    let on_a = Client::connect(a.addr.clone()).await.unwrap();
+    let on_b = Client::connect(b.addr.clone()).await.unwrap();
+    let mut remote = on_b.subscribe::<u64>("t").await.unwrap();
+    warm_up(&on_a, "t", &mut remote).await;
+
+    drop(redis);
+    let mut refused = None;
+    for _ in 0..100 {
+        match on_a.publish_acked("t", &1u64).await {
+            Err(ClientError::Server { code, message }) => {
+                refused = Some((code, message));
+                break;
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(other) => panic!("{other}"),
+        }
+    }
+    let (code, message) = refused.expect("QoS 1 refused while Redis is away");
+    assert_eq!(code, ErrorCode::CLUSTER_UNAVAILABLE, "{message}");
+    // The health check notices within a second or two.
+    let mut unready = String::new();
+    for _ in 0..60 {
+        let (status, body) = common::http_get(a.admin.as_deref().unwrap(), "/readyz");
+        if status.contains("503") && body.contains("cluster") {
+            unready = body;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!unready.is_empty(), "/readyz says the engine is unreachable");
+
+    // Redis comes back on the same port: the nodes reconnect and subscribe again.
+    let _redis = Redis::start_on(port);
+    let mut healed = false;
+    for n in 0..200u64 {
+        if on_a.publish_acked("t", &n).await.is_ok()
+            && let Ok(Some(_)) =
+                tokio::time::timeout(Duration::from_millis(50), remote.recv()).await
+        {
+            healed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(healed, "messages cross again after Redis returns");
 }

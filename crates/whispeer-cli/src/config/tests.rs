@@ -194,3 +194,34 @@ fn in_a_cluster_durable_topics_live_in_the_engine_and_a_local_store_is_refused()
         Ok(())
     });
 }
+
+#[test]
+fn in_a_cluster_the_engine_keeps_as_much_durable_history_as_the_retention_rules() {
+    Jail::expect_with(|jail| {
+        jail.create_file(
+            "whispeer.toml",
+            r#"
+            [storage]
+            durable = ["orders/#"]
+            [cluster]
+            urls = ["nats://127.0.0.1:4222"]
+            [[retention]]
+            filter = "orders/#"
+            max_messages = 50000
+            max_age_ms = 3600000
+            [[retention]]
+            filter = "logs/#"
+            max_messages = 900000
+            "#,
+        )?;
+        let config = Config::load(Path::new("whispeer.toml"), true).unwrap().0;
+        let settings = config.cluster_settings().unwrap().expect("a cluster");
+        assert_eq!(settings.history_messages, 50_000, "the rule reaching durable topics");
+        assert_eq!(settings.history_max_age, Some(Duration::from_secs(3600)));
+        jail.set_env("WHISPEER_STORAGE__DURABLE", r#"["orders/#", "audit/#"]"#);
+        let config = Config::load(Path::new("whispeer.toml"), true).unwrap().0;
+        let settings = config.cluster_settings().unwrap().expect("a cluster");
+        assert_eq!(settings.history_max_age, None, "audit/# has no age limit");
+        Ok(())
+    });
+}

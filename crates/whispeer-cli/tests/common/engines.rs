@@ -114,7 +114,11 @@ pub(crate) struct Redis {
 
 impl Redis {
     pub(crate) fn start() -> Self {
-        let port = free_port();
+        Self::start_on(free_port())
+    }
+
+    /// Starts redis-server on `port`.
+    pub(crate) fn start_on(port: u16) -> Self {
         let child = Command::new("redis-server")
             .args([
                 "--bind",
@@ -137,6 +141,10 @@ impl Redis {
             std::thread::sleep(std::time::Duration::from_millis(25));
         }
         Self { child, url: format!("redis://127.0.0.1:{port}") }
+    }
+
+    pub(crate) fn port(&self) -> u16 {
+        self.url.rsplit(':').next().unwrap().parse().unwrap()
     }
 }
 

@@ -67,6 +67,8 @@ pub(crate) struct Redis {
     commands: ConnectionManager,
     writer: mpsc::Sender<Write>,
     connected: Arc<AtomicBool>,
+    /// Counts the returns of Redis after an outage: subscriptions connect again on each.
+    returns: tokio::sync::watch::Receiver<u64>,
 }
 
 impl std::fmt::Debug for Redis {
@@ -121,9 +123,11 @@ impl Redis {
             history,
             config.history_messages,
         ));
-        tokio::spawn(health(commands.clone(), Arc::clone(&connected)));
+        let (returned, returns) = tokio::sync::watch::channel(0);
+        tokio::spawn(health(commands.clone(), Arc::clone(&connected), returned));
         tokio::spawn(read_groups(commands.clone(), groups, prefix.clone()));
-        Ok(Self { prefix, node: config.node.clone(), addr, client, commands, writer, connected })
+        let node = config.node.clone();
+        Ok(Self { prefix, node, addr, client, commands, writer, connected, returns })
     }
 
     fn history_key(&self) -> String {
@@ -141,9 +145,10 @@ impl Redis {
     /// error; it ends when the inbox is dropped.
     fn pubsub(&self, channels: Vec<String>, patterns: bool) -> Inbox {
         let (tx, rx) = mpsc::channel::<Bytes>(SUBSCRIPTION_CAPACITY);
-        let client = self.client.clone();
+        let (client, mut returns) = (self.client.clone(), self.returns.clone());
         tokio::spawn(async move {
             while !tx.is_closed() {
+                returns.borrow_and_update();
                 let subscribed = async {
                     let mut pubsub = client.get_async_pubsub().await?;
                     for channel in &channels {
@@ -161,6 +166,8 @@ impl Redis {
                         loop {
                             tokio::select! {
                                 () = tx.closed() => return,
+                                // Redis came back: this connection may be dead without a word.
+                                _ = returns.changed() => break,
                                 message = messages.next() => match message {
                                     Some(message) => {
                                         let payload = Bytes::copy_from_slice(message.get_payload_bytes());
@@ -262,7 +269,11 @@ fn tokio_stream_from<T: Send + 'static>(
 }
 
 /// Pings Redis every half second; `connected` follows.
-async fn health(mut conn: ConnectionManager, connected: Arc<AtomicBool>) {
+async fn health(
+    mut conn: ConnectionManager,
+    connected: Arc<AtomicBool>,
+    returned: tokio::sync::watch::Sender<u64>,
+) {
     loop {
         let ping = redis::cmd("PING");
         let pinged = ping.query_async::<()>(&mut conn);
@@ -270,6 +281,7 @@ async fn health(mut conn: ConnectionManager, connected: Arc<AtomicBool>) {
         if connected.swap(up, Ordering::AcqRel) != up {
             if up {
                 tracing::info!("cluster engine connected");
+                returned.send_modify(|returns| *returns += 1);
             } else {
                 tracing::warn!("cluster engine disconnected; reconnecting");
             }
