@@ -13,7 +13,7 @@ use whispeer_client::{
 
 mod common;
 
-use common::engines::{Nats, node, node_with};
+use common::engines::{Nats, node, node_with, refused_while_away};
 use common::http_get;
 
 /// The engine servers a node lists: `nats`, and a server that is not running, which the
@@ -211,19 +211,7 @@ async fn while_the_engine_is_away_qos1_is_refused_and_qos0_stays_local_then_it_h
     drain(&mut [&mut local, &mut remote]).await;
     drop(nats);
     let admin = a.admin.clone().unwrap();
-    let mut refused = None;
-    for _ in 0..100 {
-        match on_a.publish_acked("t", &1u64).await {
-            Err(ClientError::Server { code, message }) => {
-                refused = Some((code, message));
-                break;
-            }
-            Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            Err(other) => panic!("{other}"),
-        }
-    }
-    let (code, message) = refused.expect("QoS 1 refused while the engine is away");
-    assert_eq!(code, ErrorCode::CLUSTER_UNAVAILABLE, "{message}");
+    refused_while_away(&on_a, "t").await;
     let (status, body) = http_get(&admin, "/readyz");
     assert!(status.contains("503") && body.contains("cluster"), "{status} {body}");
     while tokio::time::timeout(Duration::from_millis(100), local.recv()).await.is_ok() {}

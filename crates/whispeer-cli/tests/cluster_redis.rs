@@ -6,12 +6,11 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use whispeer_client::proto::ErrorCode;
-use whispeer_client::{Client, ClientError, ClientSubscription, Qos, StartAt, SubscribeOptions};
+use whispeer_client::{Client, ClientSubscription, Qos, StartAt, SubscribeOptions};
 
 mod common;
 
-use common::engines::{Redis, node};
+use common::engines::{Redis, node, refused_while_away};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -114,19 +113,7 @@ async fn while_redis_is_away_qos1_is_refused_then_it_heals() {
     warm_up(&on_a, "t", &mut remote).await;
 
     drop(redis);
-    let mut refused = None;
-    for _ in 0..100 {
-        match on_a.publish_acked("t", &1u64).await {
-            Err(ClientError::Server { code, message }) => {
-                refused = Some((code, message));
-                break;
-            }
-            Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            Err(other) => panic!("{other}"),
-        }
-    }
-    let (code, message) = refused.expect("QoS 1 refused while Redis is away");
-    assert_eq!(code, ErrorCode::CLUSTER_UNAVAILABLE, "{message}");
+    refused_while_away(&on_a, "t").await;
     // The health check notices within a second or two.
     let mut unready = String::new();
     for _ in 0..60 {

@@ -154,3 +154,21 @@ impl Drop for Redis {
         let _ = self.child.wait();
     }
 }
+
+/// Publishes QoS 1 on `topic` from `client` until it is refused (the node's engine is away);
+/// asserts the refusal is `CLUSTER_UNAVAILABLE`.
+pub(crate) async fn refused_while_away(client: &whispeer_client::Client, topic: &str) {
+    use whispeer_client::ClientError;
+    use whispeer_client::proto::ErrorCode;
+    for _ in 0..100 {
+        match client.publish_acked(topic, &1u64).await {
+            Err(ClientError::Server { code, message }) => {
+                assert_eq!(code, ErrorCode::CLUSTER_UNAVAILABLE, "{message}");
+                return;
+            }
+            Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+            Err(other) => panic!("{other}"),
+        }
+    }
+    panic!("QoS 1 was never refused while the engine was away");
+}
