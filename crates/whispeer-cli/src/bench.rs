@@ -46,6 +46,13 @@ pub(crate) struct BenchArgs {
     /// client that costs next to nothing): the server at its best.
     #[arg(long)]
     nats_raw: Option<String>,
+    /// redis-server address, measured through RESP written and parsed here (`PUBLISH`,
+    /// `SUBSCRIBE`): Redis pub/sub at its best.
+    #[arg(long)]
+    redis_raw: Option<String>,
+    /// Process id of redis-server, to report its CPU time per delivery.
+    #[arg(long)]
+    redis_pid: Option<u32>,
     /// Address of a forwarder (`whispeer bench --serve-forwarder ADDR`): a process that only
     /// copies bytes between sockets, measured with the same workloads as this machine's limit.
     #[arg(long)]
@@ -110,6 +117,10 @@ enum Target {
     NatsRaw {
         addr: String,
     },
+    /// redis-server through RESP, parsed here.
+    RedisRaw {
+        addr: String,
+    },
     /// The byte-copying forwarder: the machine's limit.
     Forwarder {
         addr: String,
@@ -138,6 +149,7 @@ impl Target {
             #[cfg(feature = "nats")]
             Self::Nats { .. } => "nats (async-nats)",
             Self::NatsRaw { .. } => "nats (raw protocol)",
+            Self::RedisRaw { .. } => "redis (raw protocol)",
             Self::Forwarder { .. } => "forwarder (limit)",
         }
     }
@@ -148,7 +160,9 @@ impl Target {
             Self::Whispeer { .. } | Self::Cluster { .. } => format!("bench/{name}"),
             #[cfg(feature = "nats")]
             Self::Nats { .. } => format!("bench.{name}"),
-            Self::NatsRaw { .. } | Self::Forwarder { .. } => format!("bench.{name}"),
+            Self::NatsRaw { .. } | Self::RedisRaw { .. } | Self::Forwarder { .. } => {
+                format!("bench.{name}")
+            }
         }
     }
 
@@ -174,6 +188,9 @@ impl Target {
             Self::Nats { addr } => Conn::Nats(async_nats::connect(addr.as_str()).await?),
             Self::NatsRaw { addr } => {
                 Conn::Raw(raw::RawConn::connect(raw::Kind::Nats, addr).await?)
+            }
+            Self::RedisRaw { addr } => {
+                Conn::Raw(raw::RawConn::connect(raw::Kind::Redis, addr).await?)
             }
             Self::Forwarder { addr } => {
                 Conn::Raw(raw::RawConn::connect(raw::Kind::Forwarder, addr).await?)
@@ -255,7 +272,8 @@ async fn throughput(
     let mut readers = Vec::new();
     for i in 0..subscribers {
         let conn = target.connect(i + 1).await?;
-        let mut sub = conn.subscribe(&subject).await?;
+        let subscribed = tokio::time::timeout(STALL, conn.subscribe(&subject)).await;
+        let mut sub = subscribed.context("subscribing took too long")??;
         let (progress, moved, ready) =
             (Arc::clone(&progress), Arc::clone(&moved), Arc::clone(&ready));
         readers.push(tokio::spawn(async move {
@@ -320,7 +338,8 @@ async fn latency(target: &Target, rate: u64, seconds: u64) -> anyhow::Result<[f6
     let total = rate * seconds;
     let base = Instant::now();
     let receiver = target.connect(1).await?;
-    let mut sub = receiver.subscribe(&subject).await?;
+    let subscribed = tokio::time::timeout(STALL, receiver.subscribe(&subject)).await;
+    let mut sub = subscribed.context("subscribing took too long")??;
     let ready = Arc::new(std::sync::atomic::AtomicBool::default());
     let heard = Arc::clone(&ready);
     let reader = tokio::spawn(async move {
@@ -429,6 +448,7 @@ fn pid_of(target: &Target, args: &BenchArgs) -> Option<u32> {
         #[cfg(feature = "nats")]
         Target::Nats { .. } => args.nats_pid,
         Target::NatsRaw { .. } => args.nats_pid,
+        Target::RedisRaw { .. } => args.redis_pid,
         Target::Forwarder { .. } => args.forwarder_pid,
     }
 }
@@ -474,6 +494,7 @@ pub(crate) fn run(args: BenchArgs) -> std::process::ExitCode {
         }
         let raw = [
             args.nats_raw.clone().map(|addr| Target::NatsRaw { addr }),
+            args.redis_raw.clone().map(|addr| Target::RedisRaw { addr }),
             args.forwarder.clone().map(|addr| Target::Forwarder { addr }),
         ];
         let cluster = (!args.cluster.is_empty()).then(|| Target::Cluster {

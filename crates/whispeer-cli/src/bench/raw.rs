@@ -1,7 +1,10 @@
-//! Two baselines for `whispeer bench`, each over a plain socket with buffered writes:
+//! Three baselines for `whispeer bench`, each over a plain socket with buffered writes:
 //!
 //! - **NATS on its own text protocol** (`--nats-raw`): `PUB`/`SUB`/`MSG` written and parsed
 //!   here, so the client costs next to nothing and the figure is the server's.
+//! - **Redis pub/sub on RESP** (`--redis-raw`): `PUBLISH`/`SUBSCRIBE` and the `message` pushes
+//!   written and parsed here likewise (the publisher's integer replies are read and dropped by a
+//!   task of their own).
 //! - **A forwarder** (`--forwarder`, served by `whispeer bench --serve-forwarder ADDR`): a
 //!   process that only copies bytes from a publisher's socket to its subscribers' sockets, with
 //!   4-byte length prefixes: what this machine can move through one process, the limit every
@@ -21,6 +24,7 @@ use tokio::sync::Mutex;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Kind {
     Nats,
+    Redis,
     Forwarder,
 }
 
@@ -63,6 +67,13 @@ impl RawConn {
                 writer.write_all(&[NATS_CONNECT, request.as_bytes()].concat()).await?;
                 RawSub { kind: self.kind, reader, writer, buf: BytesMut::new() }
             }
+            Kind::Redis => {
+                writer.write_all(&resp(&[b"SUBSCRIBE", subject.as_bytes()])).await?;
+                let mut sub = RawSub { kind: self.kind, reader, writer, buf: BytesMut::new() };
+                // The confirmation is the first push: [subscribe, subject, 1].
+                sub.redis_push().await?;
+                return Ok(sub);
+            }
             Kind::Forwarder => {
                 writer.write_all(format!("S{subject}\n").as_bytes()).await?;
                 let mut reader = reader;
@@ -82,9 +93,16 @@ impl RawConn {
     pub(super) async fn publish(&self, subject: &str, payload: &[u8]) -> io::Result<()> {
         let mut writer = self.writer.lock().await;
         if writer.is_none() {
-            let (_reader, mut half) = self.take()?.into_split();
+            let (mut reader, mut half) = self.take()?.into_split();
             match self.kind {
                 Kind::Nats => half.write_all(NATS_CONNECT).await?,
+                Kind::Redis => {
+                    // Redis answers every PUBLISH: read the answers, and drop them.
+                    tokio::spawn(async move {
+                        let mut sink = vec![0u8; 64 * 1024];
+                        while matches!(reader.read(&mut sink).await, Ok(n) if n > 0) {}
+                    });
+                }
                 Kind::Forwarder => half.write_all(format!("P{subject}\n").as_bytes()).await?,
             }
             *writer = Some(BufWriter::with_capacity(64 * 1024, half));
@@ -96,6 +114,9 @@ impl RawConn {
                 writer.write_all(head.as_bytes()).await?;
                 writer.write_all(payload).await?;
                 writer.write_all(b"\r\n").await
+            }
+            Kind::Redis => {
+                writer.write_all(&resp(&[b"PUBLISH", subject.as_bytes(), payload])).await
             }
             Kind::Forwarder => {
                 let len = u32::try_from(payload.len()).map_err(io::Error::other)?;
@@ -113,7 +134,67 @@ impl RawConn {
     }
 }
 
+/// A RESP command: an array of bulk strings.
+fn resp(parts: &[&[u8]]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", parts.len()).into_bytes();
+    for part in parts {
+        out.extend_from_slice(format!("${}\r\n", part.len()).as_bytes());
+        out.extend_from_slice(part);
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+/// The elements (bulk strings or integers) of the RESP array at the start of `buf`, as
+/// (start, length) in `buf`, with the bytes it takes; `None` while it is incomplete (or not
+/// such an array).
+fn resp_array(buf: &[u8]) -> Option<(Vec<(usize, usize)>, usize)> {
+    let line = |at: usize| -> Option<(&[u8], usize)> {
+        let end = buf.get(at..)?.windows(2).position(|w| w == b"\r\n")?;
+        Some((&buf[at..at + end], at + end + 2))
+    };
+    let (head, mut at) = line(0)?;
+    let count: usize = std::str::from_utf8(head.strip_prefix(b"*")?).ok()?.parse().ok()?;
+    let mut parts = Vec::with_capacity(count);
+    for _ in 0..count {
+        let (head, start) = line(at)?;
+        if let Some(number) = head.strip_prefix(b":") {
+            // An integer (the subscription count in a confirmation).
+            parts.push((at + 1, number.len()));
+            at = start;
+            continue;
+        }
+        let len: usize = std::str::from_utf8(head.strip_prefix(b"$")?).ok()?.parse().ok()?;
+        if buf.len() < start + len + 2 {
+            return None;
+        }
+        parts.push((start, len));
+        at = start + len + 2;
+    }
+    Some((parts, at))
+}
+
 impl RawSub {
+    /// The payload of the next Redis `message` push; `Ok(None)` for another push (the
+    /// subscription's confirmation).
+    async fn redis_push(&mut self) -> io::Result<Option<Bytes>> {
+        loop {
+            if let Some((parts, used)) = resp_array(&self.buf) {
+                let is_message = parts.len() == 3
+                    && &self.buf[parts[0].0..parts[0].0 + parts[0].1] == b"message";
+                let (start, len) = parts[parts.len() - 1];
+                let mut taken = self.buf.split_to(used);
+                if !is_message {
+                    return Ok(None);
+                }
+                taken.advance(start);
+                taken.truncate(len);
+                return Ok(Some(taken.freeze()));
+            }
+            self.fill().await?;
+        }
+    }
+
     async fn fill(&mut self) -> io::Result<()> {
         self.buf.reserve(64 * 1024);
         if self.reader.read_buf(&mut self.buf).await? == 0 {
@@ -141,6 +222,11 @@ impl RawSub {
     pub(super) async fn next(&mut self) -> Option<Bytes> {
         loop {
             match self.kind {
+                Kind::Redis => match self.redis_push().await {
+                    Ok(Some(payload)) => return Some(payload),
+                    Ok(None) => continue,
+                    Err(_) => return None,
+                },
                 Kind::Forwarder => {
                     if self.buf.len() >= 4 {
                         let len = u32::from_be_bytes([
@@ -232,5 +318,28 @@ pub(crate) async fn serve_forwarder(listener: TcpListener) -> io::Result<()> {
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resp_arrays_are_read_only_when_whole() {
+        let push = b"*3\r\n$7\r\nmessage\r\n$7\r\nbench.x\r\n$5\r\nhello\r\n";
+        let (parts, used) = resp_array(push).expect("a whole push");
+        assert_eq!(used, push.len());
+        let text: Vec<&[u8]> = parts.iter().map(|(at, len)| &push[*at..*at + *len]).collect();
+        assert_eq!(text, [&b"message"[..], b"bench.x", b"hello"]);
+        assert!(resp_array(&push[..push.len() - 3]).is_none(), "incomplete");
+        assert!(resp_array(b":1\r\n").is_none(), "not an array");
+        let confirmed = b"*3\r\n$9\r\nsubscribe\r\n$1\r\nt\r\n:1\r\n";
+        let (parts, used) = resp_array(confirmed).expect("a confirmation");
+        assert_eq!((parts.len(), used), (3, confirmed.len()));
+        assert_eq!(
+            resp(&[b"PUBLISH", b"t", b"x"]),
+            b"*3\r\n$7\r\nPUBLISH\r\n$1\r\nt\r\n$1\r\nx\r\n"
+        );
     }
 }

@@ -109,7 +109,16 @@ impl Redis {
         let client =
             Client::open(url.as_str()).map_err(|err| EngineError::Failed(err.to_string()))?;
         let addr = client.get_connection_info().addr.to_string();
-        let commands = ConnectionManager::new(client.clone()).await.map_err(|e| unreachable(&e))?;
+        // Short reconnection rounds: a failed round ends soon, and the next command (the health
+        // check's, every half second) starts another, so the node is back soon after Redis.
+        let manager = redis::aio::ConnectionManagerConfig::new()
+            .set_number_of_retries(2)
+            .set_max_delay(500)
+            .set_connection_timeout(Duration::from_secs(1))
+            .set_response_timeout(Duration::from_secs(5));
+        let commands = ConnectionManager::new_with_config(client.clone(), manager)
+            .await
+            .map_err(|e| unreachable(&e))?;
         connected.store(true, Ordering::Release);
         let prefix = config.prefix.clone();
         let groups: Arc<RwLock<Vec<(Filter, String)>>> = Arc::default();
