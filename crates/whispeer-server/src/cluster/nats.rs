@@ -25,6 +25,9 @@ use super::engine::{
 use super::subject::{filter_subjects, push_token, topic_subject};
 use super::{ClusterConfig, RECONNECTS};
 
+/// How long a durable group's engine consumer outlives its last reader.
+const GROUP_FORGOTTEN_AFTER: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
 /// Messages one engine subscription may buffer before the node reads them.
 const SUBSCRIPTION_CAPACITY: usize = 65_536;
 
@@ -306,6 +309,8 @@ impl Engine for Nats {
                 ack_wait: GROUP_ACK_WAIT,
                 max_ack_pending: 65_536,
                 deliver_policy: consumer::DeliverPolicy::New,
+                // A group nobody reads for this long is forgotten (its position with it).
+                inactive_threshold: GROUP_FORGOTTEN_AFTER,
                 ..Default::default()
             };
             let consumer =
