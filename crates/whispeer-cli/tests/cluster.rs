@@ -13,7 +13,7 @@ use whispeer_client::{
 
 mod common;
 
-use common::engines::{Nats, node, node_with, refused_while_away};
+use common::engines::{Nats, heals, node, node_with, refused_while_away};
 use common::http_get;
 
 /// The engine servers a node lists: `nats`, and a server that is not running, which the
@@ -221,18 +221,7 @@ async fn while_the_engine_is_away_qos1_is_refused_and_qos0_stays_local_then_it_h
     assert!(metrics.contains("whispeer_cluster_lost_total{reason=\"unreachable\"}"), "{metrics}");
     // The engine comes back on the same port: the nodes reconnect and subscribe again.
     let _nats = Nats::start(port);
-    let mut healed = false;
-    for n in 100..400u64 {
-        if on_a.publish_acked("t", &n).await.is_ok()
-            && let Ok(Some(_)) =
-                tokio::time::timeout(Duration::from_millis(50), remote.recv()).await
-        {
-            healed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(healed, "messages cross again after the engine returns");
+    heals(&on_a, "t", &mut remote).await;
     let (status, _) = http_get(&admin, "/readyz");
     assert!(status.contains("200"), "{status}");
 }

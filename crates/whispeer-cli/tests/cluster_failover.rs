@@ -18,7 +18,7 @@ mod common;
 
 const WAIT: Duration = Duration::from_secs(10);
 
-use common::engines::{Nats, node};
+use common::engines::{Nats, group_once, node};
 
 /// Publishes `(0, 0)` on `topic` from `client` until `sub` has had one: the nodes' engine
 /// subscriptions are in place.
@@ -345,19 +345,7 @@ async fn durable_topics_live_in_the_engine_with_the_same_offsets_on_every_node()
     for n in 0..200u64 {
         on_c.publish_acked("orders/z", &n).await.unwrap();
     }
-    let mut once = BTreeSet::new();
-    let mut quiet = 0;
-    while once.len() < 200 && quiet < 250 {
-        quiet += 1;
-        for member in &mut members {
-            while let Ok(Some(n)) =
-                tokio::time::timeout(Duration::from_millis(20), member.recv()).await
-            {
-                assert!(once.insert(n), "{n} reached the group twice");
-                quiet = 0;
-            }
-        }
-    }
+    let once = group_once(&mut members, 200).await;
     assert_eq!(once.len(), 200, "each durable message reached the group once");
 
     // Without the engine, a durable topic's publish is refused (never acknowledged).

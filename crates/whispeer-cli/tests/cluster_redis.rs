@@ -3,14 +3,13 @@
 
 #![expect(clippy::unwrap_used, reason = "test helpers fail loudly")]
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use whispeer_client::{Client, ClientSubscription, Qos, StartAt, SubscribeOptions};
 
 mod common;
 
-use common::engines::{Redis, node, refused_while_away};
+use common::engines::{Redis, group_once, heals, node, refused_while_away};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -59,19 +58,7 @@ async fn nodes_on_redis_share_topics_groups_and_durable_history() {
     for n in 0..200u64 {
         on_a.publish_acked("jobs/x", &n).await.unwrap();
     }
-    let mut once = BTreeSet::new();
-    let mut quiet = 0;
-    while once.len() < 200 && quiet < 250 {
-        quiet += 1;
-        for member in &mut members {
-            while let Ok(Some(n)) =
-                tokio::time::timeout(Duration::from_millis(20), member.recv()).await
-            {
-                assert!(once.insert(n), "{n} reached the group twice");
-                quiet = 0;
-            }
-        }
-    }
+    let once = group_once(&mut members, 200).await;
     assert_eq!(once.len(), 200, "each message reached the group once");
 
     // Durable topics: acknowledged once Redis stored them, the same offsets on both nodes.
@@ -128,16 +115,5 @@ async fn while_redis_is_away_qos1_is_refused_then_it_heals() {
 
     // Redis comes back on the same port: the nodes reconnect and subscribe again.
     let _redis = Redis::start_on(port);
-    let mut healed = false;
-    for n in 0..200u64 {
-        if on_a.publish_acked("t", &n).await.is_ok()
-            && let Ok(Some(_)) =
-                tokio::time::timeout(Duration::from_millis(50), remote.recv()).await
-        {
-            healed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(healed, "messages cross again after Redis returns");
+    heals(&on_a, "t", &mut remote).await;
 }

@@ -172,3 +172,45 @@ pub(crate) async fn refused_while_away(client: &whispeer_client::Client, topic: 
     }
     panic!("QoS 1 was never refused while the engine was away");
 }
+
+/// Publishes QoS 1 on `topic` from `client` until one reaches `sub` (the engine is back and the
+/// nodes subscribed again); asserts it happens within about 30 s.
+pub(crate) async fn heals(
+    client: &whispeer_client::Client,
+    topic: &str,
+    sub: &mut whispeer_client::ClientSubscription<u64>,
+) {
+    use std::time::Duration;
+    for n in 0..300u64 {
+        if client.publish_acked(topic, &n).await.is_ok()
+            && let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(50), sub.recv()).await
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("messages never crossed again after the engine returned");
+}
+
+/// Takes what `members` of one queue group receive until `count` distinct values came (or
+/// nothing came for 5 s); asserts none came twice. Returns the values.
+pub(crate) async fn group_once(
+    members: &mut [whispeer_client::ClientSubscription<u64>],
+    count: usize,
+) -> std::collections::BTreeSet<u64> {
+    use std::time::Duration;
+    let mut once = std::collections::BTreeSet::new();
+    let mut quiet = 0;
+    while once.len() < count && quiet < 250 {
+        quiet += 1;
+        for member in members.iter_mut() {
+            while let Ok(Some(n)) =
+                tokio::time::timeout(Duration::from_millis(20), member.recv()).await
+            {
+                assert!(once.insert(n), "{n} reached the group twice");
+                quiet = 0;
+            }
+        }
+    }
+    once
+}

@@ -238,8 +238,10 @@ impl Shared {
             rules.iter().find(|(filter, _)| filter.matches(&topic)).map(|(_, ttl)| *ttl)
         });
         let expires_at = ttl.map(|ttl| Instant::now() + ttl);
+        // Looked up once: whether the cluster keeps the topic, then where it is routed.
+        let history = self.history.log(&topic);
         if let (None, Some(bridge)) = (bridged, &self.bridge)
-            && self.history.log(&topic).is_some_and(|log| retention::lock(&log).durable)
+            && history.as_ref().is_some_and(|log| retention::lock(log).durable)
             && let Some(forwarded) = bridge.sequence(&envelope)
         {
             // Kept by the cluster, which hands it back with its offset to every node.
@@ -277,7 +279,7 @@ impl Shared {
                 Forwarded::Refused(why) => (Scope::All, Some(Err(why))),
             },
         };
-        let routed = match self.history.log(&topic) {
+        let routed = match history {
             None => self.route(envelope.id, topic.as_str(), expires_at, scope, |_| envelope),
             Some(log) => (|| {
                 // Routed under the topic's lock: see `retention` for why replay needs it. A

@@ -40,7 +40,9 @@ use super::subject::filter_subjects;
 mod streams;
 mod writer;
 
-use streams::{create_group, field, id_to_offset, offset_to_id, read_group, stream_entries, text};
+use streams::{
+    create_group, id_to_offset, message_of, offset_to_id, read_group, stream_entries, text,
+};
 use writer::{Write, write};
 
 /// Messages one subscription may buffer before the node reads them.
@@ -415,10 +417,7 @@ impl Engine for Redis {
                         }
                     };
                     for (id, fields) in entries {
-                        let (Some(offset), Some(bytes)) = (id_to_offset(&id), field(&fields, "m"))
-                        else {
-                            continue;
-                        };
+                        let Some((offset, bytes)) = message_of(&id, &fields) else { continue };
                         last = id;
                         let sequenced = Sequenced { offset, stored_ms: offset >> 20, bytes };
                         if tx.send(Ok(sequenced)).await.is_err() {
@@ -494,10 +493,7 @@ impl Engine for Redis {
                         }
                     }
                     for (id, fields) in entries {
-                        let (Some(offset), Some(bytes)) = (id_to_offset(&id), field(&fields, "m"))
-                        else {
-                            continue;
-                        };
+                        let Some((offset, bytes)) = message_of(&id, &fields) else { continue };
                         let (mut commands, key, group, node) =
                             (commands.clone(), key.clone(), group.clone(), node.clone());
                         // Given back, it is marked idle for the ack wait at once, so the next

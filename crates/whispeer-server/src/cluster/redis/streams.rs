@@ -130,6 +130,11 @@ pub(super) fn text(value: &Value) -> Option<String> {
     }
 }
 
+/// An entry's offset and message (field `m`), if it has both.
+pub(super) fn message_of(id: &str, fields: &[(String, Bytes)]) -> Option<(u64, Bytes)> {
+    Some((id_to_offset(id)?, field(fields, "m")?))
+}
+
 pub(super) fn field(fields: &[(String, Bytes)], name: &str) -> Option<Bytes> {
     fields.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone())
 }
