@@ -14,6 +14,7 @@ use whispeer::server::cluster::ClusterConfig;
 use whispeer::server::{ApiKeys, Principal, ServerConfig};
 
 mod access;
+mod chat;
 mod cluster;
 pub(crate) use access::{Jwt, User};
 use whispeer::{
@@ -114,6 +115,8 @@ pub(crate) struct Config {
     pub(crate) tls: Tls,
     /// This node's cluster; off unless `urls` is set.
     pub(crate) cluster: cluster::Cluster,
+    /// The chat listener; off unless `listen` is set.
+    pub(crate) chat: chat::Chat,
 }
 
 /// `[tls]`: PEM files.
@@ -335,6 +338,7 @@ impl Default for Config {
             storage: Storage::default(),
             tls: Tls::default(),
             cluster: cluster::Cluster::default(),
+            chat: chat::Chat::default(),
         }
     }
 }
@@ -497,6 +501,25 @@ impl Config {
     /// `history_messages` grows to the largest `max_messages` of the `[[retention]]` rules that
     /// reach durable topics, and without `history_max_age_ms` the engine's age limit is the
     /// longest `max_age_ms` when aged rules cover every durable filter.
+    /// The chat listener's settings, or `None` when it is off.
+    ///
+    /// # Errors
+    /// A bad `[chat]` value; chat on a cluster node (not built yet).
+    pub(crate) fn chat_settings(
+        &self,
+        server: ServerConfig,
+    ) -> anyhow::Result<Option<whispeer::server::ChatConfig>> {
+        if self.chat.listen.is_none() {
+            return Ok(None);
+        }
+        anyhow::ensure!(
+            self.cluster.urls.is_empty(),
+            "chat.listen: chat does not run on a cluster node yet (its groups and device \
+             cursors are kept per node); run it on a single node"
+        );
+        self.chat.settings(server, self.storage.dir.as_deref()).map(Some)
+    }
+
     pub(crate) fn cluster_settings(&self) -> anyhow::Result<Option<ClusterConfig>> {
         let Some(mut settings) = self.cluster.settings(&self.listen)? else { return Ok(None) };
         let durable: Vec<Filter> =

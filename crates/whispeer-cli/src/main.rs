@@ -40,6 +40,10 @@ enum Command {
         /// Also accept WebSocket clients on this address (path `ws_path`, default /ws).
         #[arg(long)]
         ws_listen: Option<String>,
+        /// Serve chat (WebSocket, one JSON object per message; see CHAT.md) on this address,
+        /// e.g. 127.0.0.1:3030 for ws://127.0.0.1:3030/ws.
+        #[arg(long)]
+        chat_listen: Option<String>,
         /// Serve /healthz, /readyz and /metrics (Prometheus) on this address.
         #[arg(long)]
         admin_listen: Option<String>,
@@ -135,8 +139,9 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Match { filter, topics } => match_topics(&filter, &topics),
         Command::Keygen { id } => keygen(id),
-        Command::Serve { listen, ws_listen, admin_listen, config } => {
-            serve::run(listen, ws_listen, admin_listen, config)
+        Command::Serve { listen, ws_listen, chat_listen, admin_listen, config } => {
+            let addresses = serve::Listen { listen, ws_listen, admin_listen, chat_listen };
+            serve::run(addresses, config)
         }
         Command::Pub(args) => pubsub::run_pub(args),
         Command::Sub(args) => pubsub::run_sub(args),

@@ -12,14 +12,18 @@ use whispeer::Broker;
 
 use crate::config::{Config, LogFormat};
 use whispeer::server::cluster::ClusterStats;
-use whispeer::server::{AdminServer, Cluster, ClusterStatus};
+use whispeer::server::{AdminServer, Chat, Cluster, ClusterStatus};
 
-pub(crate) fn run(
-    listen: Option<String>,
-    ws_listen: Option<String>,
-    admin_listen: Option<String>,
-    config_path: Option<PathBuf>,
-) -> ExitCode {
+/// The listen addresses given on the command line, over the configuration's.
+pub(crate) struct Listen {
+    pub(crate) listen: Option<String>,
+    pub(crate) ws_listen: Option<String>,
+    pub(crate) admin_listen: Option<String>,
+    pub(crate) chat_listen: Option<String>,
+}
+
+pub(crate) fn run(addresses: Listen, config_path: Option<PathBuf>) -> ExitCode {
+    let Listen { listen, ws_listen, admin_listen, chat_listen } = addresses;
     let explicit = config_path.is_some();
     let path = config_path.unwrap_or_else(|| PathBuf::from("whispeer.toml"));
     let (mut config, ignored) = match Config::load(&path, explicit) {
@@ -37,6 +41,9 @@ pub(crate) fn run(
     }
     if admin_listen.is_some() {
         config.admin_listen = admin_listen;
+    }
+    if chat_listen.is_some() {
+        config.chat.listen = chat_listen;
     }
     init_logging(&config);
     for variable in ignored {
@@ -99,6 +106,20 @@ async fn bind(address: &str, open_because: Option<String>) -> anyhow::Result<Tcp
     TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))
 }
 
+/// Refuses a non-loopback `address` with `open_because` (a listener that binds itself).
+async fn refuse_open(address: &str, open_because: Option<String>) -> anyhow::Result<()> {
+    let Some(why) = open_because else { return Ok(()) };
+    let addr: SocketAddr = tokio::net::lookup_host(address)
+        .await
+        .with_context(|| format!("cannot resolve listen address {address:?}"))?
+        .next()
+        .with_context(|| format!("listen address {address:?} resolves to nothing"))?;
+    if !addr.ip().is_loopback() {
+        bail!(ConfigError(format!("refusing to listen on {addr} {why}")));
+    }
+    Ok(())
+}
+
 async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
     let mut server_config = config.server_config().map_err(|e| ConfigError(format!("{e:#}")))?;
     let broker_options = config.broker_options().map_err(|e| ConfigError(format!("{e:#}")))?;
@@ -106,16 +127,6 @@ async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let cluster = config.cluster_settings().map_err(|e| ConfigError(format!("{e:#}")))?;
     let mut builder = Broker::builder(broker_options);
-    let mut cluster_status = None;
-    if let Some(settings) = cluster {
-        let cluster = Cluster::new(settings).map_err(|e| ConfigError(e.to_string()))?;
-        cluster_status = Some(cluster.status());
-        builder = builder.with(cluster);
-    }
-    let broker = builder.try_build()?;
-    if config.storage.dir.is_some() {
-        tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "storage opened");
-    }
     let open = !server_config.auth_required();
     let open_because = || {
         open.then(|| {
@@ -126,6 +137,30 @@ async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
             )
         })
     };
+    let chat_settings =
+        config.chat_settings(server_config.clone()).map_err(|e| ConfigError(format!("{e:#}")))?;
+    let mut chat_status = None;
+    if let (Some(settings), Some(address)) = (chat_settings, &config.chat.listen) {
+        refuse_open(address, open_because()).await?;
+        if settings.dir.is_none() {
+            tracing::warn!(
+                "chat keeps its groups and offline messages in memory: set storage.dir to keep them across restarts"
+            );
+        }
+        let chat = Chat::new(address.clone()).config(settings);
+        chat_status = Some(chat.status());
+        builder = builder.with(chat);
+    }
+    let mut cluster_status = None;
+    if let Some(settings) = cluster {
+        let cluster = Cluster::new(settings).map_err(|e| ConfigError(e.to_string()))?;
+        cluster_status = Some(cluster.status());
+        builder = builder.with(cluster);
+    }
+    let broker = builder.try_build()?;
+    if config.storage.dir.is_some() {
+        tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "storage opened");
+    }
     let listener = bind(&config.listen, open_because()).await?;
     let ws_listener = match &config.ws_listen {
         Some(address) => Some(bind(address, open_because()).await?),
@@ -147,6 +182,11 @@ async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
         tracing::info!(%ws_local, path = %config.ws_path, "listening for WebSocket clients");
         println!("whispeer: websocket listening on {scheme}://{ws_local}{}", config.ws_path);
         advertised.push(format!("{scheme}://{ws_local}{}", config.ws_path));
+    }
+    if let Some(chat) = chat_status.as_ref().and_then(whispeer::server::ChatStatus::local_addr) {
+        let scheme = if secure { "wss" } else { "ws" };
+        tracing::info!(%chat, path = %config.chat.path, "listening for chat clients");
+        println!("whispeer: chat listening on {scheme}://{chat}{}", config.chat.path);
     }
     if let Some(status) = &cluster_status {
         status.advertise(advertised);
@@ -198,13 +238,14 @@ async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
     match ws_listener {
         Some(ws) => {
             let websocket =
-                whispeer::server::serve_websocket(ws, broker, server_config, stop(stopped));
+                whispeer::server::serve_websocket(ws, broker.clone(), server_config, stop(stopped));
             let (tcp, websocket) = tokio::join!(tcp, websocket);
             tcp?;
             websocket?;
         }
         None => tcp.await?,
     }
+    broker.close_transports();
     tracing::info!("stopped");
     Ok(())
 }

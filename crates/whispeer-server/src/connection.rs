@@ -23,7 +23,6 @@ use whispeer_proto::{
 use super::ServerConfig;
 use super::acl::Principal;
 use super::adapter::AdapterError;
-use super::jwt::looks_like_jwt;
 use super::rate::RateLimit;
 use super::registry::{Connections, Registered};
 use super::traffic::FlowCache;
@@ -333,7 +332,7 @@ impl Connection {
     /// AUTH: the principal of a key or token; too many wrong ones end the connection.
     async fn on_auth(&mut self, correlation: u32, key: &[u8]) -> Result<(), Close> {
         let principal = if self.config.auth_required() {
-            self.authenticate(key)
+            self.config.principal_of(key)
         } else {
             Some(Principal::anonymous())
         };
@@ -434,21 +433,6 @@ impl Connection {
     /// Whether a publish of `len` bytes fits the connection's budget (and takes it).
     fn admit(&mut self, len: usize) -> bool {
         self.rate.as_mut().is_none_or(|rate| rate.admit(len))
-    }
-
-    /// The principal of an API key, or of a JWT.
-    fn authenticate(&self, key: &[u8]) -> Option<Arc<Principal>> {
-        if let (Some(verifier), true) = (&self.config.jwt, looks_like_jwt(key)) {
-            let token = std::str::from_utf8(key).ok()?;
-            return match verifier.verify(token) {
-                Ok(principal) => Some(Arc::new(principal)),
-                Err(err) => {
-                    tracing::debug!(%err, "token refused");
-                    None
-                }
-            };
-        }
-        self.config.api_keys.principal(key)
     }
 
     fn may_subscribe(&self, filter: &Filter) -> bool {

@@ -19,6 +19,8 @@ mod adapter;
 #[cfg(feature = "admin")]
 mod admin;
 mod auth;
+#[cfg(feature = "chat")]
+mod chat;
 #[cfg(feature = "cluster")]
 pub mod cluster;
 mod connection;
@@ -51,6 +53,8 @@ pub use acl::{AccessCounters, Permissions, Principal};
 #[cfg(feature = "admin")]
 pub use admin::{Admin, AdminServer, parse_start};
 pub use auth::{ApiKeyError, ApiKeys, digest_of};
+#[cfg(feature = "chat")]
+pub use chat::{Chat, ChatConfig, ChatStatus};
 #[cfg(feature = "cluster")]
 pub use cluster::{Cluster, ClusterConfig, ClusterStatus};
 pub use embedded::Tcp;
@@ -84,6 +88,15 @@ pub mod fuzzing {
     ) -> Result<whispeer_proto::Frame, String> {
         super::json::request_to_frame(text, limits, &super::json::JsonIds::new())
             .map_err(|err| err.to_string())
+    }
+
+    /// Parses one chat request (the chat listener's JSON): a description of the action, or
+    /// the refusal's code.
+    ///
+    /// # Errors
+    /// The refusal's code.
+    pub fn chat_request(text: &str) -> Result<String, &'static str> {
+        super::chat::fuzz_parse(text)
     }
 }
 
@@ -170,6 +183,21 @@ impl ServerConfig {
     /// Whether clients must authenticate (API keys or JWTs are configured).
     pub fn auth_required(&self) -> bool {
         self.api_keys.required() || self.jwt.as_ref().is_some_and(|j| j.is_configured())
+    }
+
+    /// The principal of an API key, or of a JWT when verifiers are configured.
+    pub(crate) fn principal_of(&self, key: &[u8]) -> Option<Arc<Principal>> {
+        if let (Some(verifier), true) = (&self.jwt, jwt::looks_like_jwt(key)) {
+            let token = std::str::from_utf8(key).ok()?;
+            return match verifier.verify(token) {
+                Ok(principal) => Some(Arc::new(principal)),
+                Err(err) => {
+                    tracing::debug!(%err, "token refused");
+                    None
+                }
+            };
+        }
+        self.api_keys.principal(key)
     }
 
     pub(crate) fn idle_timeout(&self) -> Duration {

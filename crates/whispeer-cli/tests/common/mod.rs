@@ -6,9 +6,34 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Stdio};
 
+pub(crate) mod chat;
 pub(crate) mod engines;
 
 pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_whispeer");
+
+/// `whispeer serve --listen 127.0.0.1:0` with `args`, configured by `envs` only (the caller's
+/// `WHISPEER_*` variables removed) and a 500 ms heartbeat; stdout piped, stderr shown when
+/// `WHISPEER_TEST_LOG` is set.
+pub(crate) fn serve_command(args: &[&str], envs: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(BIN);
+    let stderr = if std::env::var_os("WHISPEER_TEST_LOG").is_some() {
+        Stdio::inherit()
+    } else {
+        Stdio::null()
+    };
+    command
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(stderr);
+    for (name, _) in std::env::vars() {
+        if name.starts_with("WHISPEER_") {
+            command.env_remove(name);
+        }
+    }
+    command.envs(envs.iter().copied()).env("WHISPEER_HEARTBEAT_MS", "500");
+    command
+}
 
 /// A `whispeer serve` child process, killed when dropped.
 pub(crate) struct Server {
@@ -25,20 +50,7 @@ impl Server {
 
     /// Starts with extra arguments; with `--admin-listen`, reads the admin port's address too.
     pub(crate) fn start_with(args: &[&str], envs: &[(&str, &str)]) -> Self {
-        let mut command = Command::new(BIN);
-        command
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
-        // Keep the caller's environment from configuring the server under test.
-        for (name, _) in std::env::vars() {
-            if name.starts_with("WHISPEER_") {
-                command.env_remove(name);
-            }
-        }
-        command.envs(envs.iter().copied()).env("WHISPEER_HEARTBEAT_MS", "500");
-        let mut child = command.spawn().unwrap();
+        let mut child = serve_command(args, envs).spawn().unwrap();
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut next = |prefix: &str| {
             let mut line = String::new();

@@ -136,9 +136,23 @@ impl Broker {
         topic: &str,
         payload: impl Into<Bytes>,
     ) -> Result<PublishReceipt, PublishError> {
+        self.publish_bytes_with(topic, payload, &NO_OPTIONS)
+    }
+
+    /// Publishes raw bytes like [`Broker::publish_bytes`], with headers, a time to live or an
+    /// idempotency key.
+    ///
+    /// # Errors
+    /// As [`Broker::publish_bytes`].
+    pub fn publish_bytes_with(
+        &self,
+        topic: &str,
+        payload: impl Into<Bytes>,
+        options: &PublishOptions,
+    ) -> Result<PublishReceipt, PublishError> {
         let payload = || Ok((Flags::with_content(ContentType::Raw), payload.into()));
         let raw = TypeId::of::<RawBytes>();
-        self.inner.publish_payload(topic, raw, "raw bytes", &NO_OPTIONS, payload)
+        self.inner.publish_payload(topic, raw, "raw bytes", options, payload)
     }
 
     /// Publishes an envelope as it arrived from elsewhere, already encoded and sealed: the server

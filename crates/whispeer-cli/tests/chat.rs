@@ -1,0 +1,248 @@
+//! Chat end to end: a real `whispeer serve --chat-listen` and real WebSocket clients speaking the
+//! chat's JSON — the seed's session, refusals, groups, offline delivery to two devices across a
+//! SIGKILL, history and presence.
+#![expect(clippy::unwrap_used, reason = "tests fail loudly")]
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::chat::{ChatClient, ChatServer};
+use serde_json::{Value, json};
+
+fn temp_dir(name: &str) -> (std::path::PathBuf, String) {
+    let dir = std::env::temp_dir().join(format!("whispeer-chat-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let text = dir.to_string_lossy().into_owned();
+    (dir, text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seed_session_works_as_written() {
+    let server = ChatServer::start(&[]);
+    // client-b names itself with its first message, as the seed's clients do.
+    let mut b = ChatClient::connect(&server.url).await;
+    b.send(&json!({"from": "client-b"})).await;
+    assert_eq!(b.next().await["type"], "welcome");
+    let mut a = ChatClient::connect(&server.url).await;
+    a.send_text(r#"{"from":"client-a","to":"client-b","msg":"Hello from A!"}"#).await;
+    assert_eq!(a.next().await["type"], "welcome");
+    let sent = a.reply().await;
+    assert_eq!(sent["type"], "sent", "{sent}");
+    let got = b.next_where(|v| v.get("msg").is_some()).await;
+    assert_eq!(got["from"], "client-a");
+    assert_eq!(got["to"], "client-b");
+    assert_eq!(got["msg"], "Hello from A!");
+    assert_eq!(got["id"], sent["id"], "the receiver sees the id the sender was given");
+    // A user named on the URL is welcomed at once, and gets what was sent before it came.
+    a.send(&json!({"from": "client-a", "to": "client-c", "msg": "before you came"})).await;
+    assert_eq!(a.reply().await["type"], "sent");
+    let mut c = ChatClient::connect(&format!("{}?id=client-c", server.url)).await;
+    assert_eq!(c.next().await["user"], "client-c");
+    assert_eq!(c.next_where(|v| v.get("msg").is_some()).await["msg"], "before you came");
+    // The sender's own device does not get its message back.
+    a.no_message_within(Duration::from_millis(300)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spoofed_malformed_oversize_and_unnamed_requests_are_refused_alone() {
+    let server = ChatServer::start(&[("WHISPEER_CHAT__MAX_MESSAGE_BYTES", "1024")]);
+    let mut alice = ChatClient::join(&server.url, "alice", "laptop").await;
+    let mut bob = ChatClient::join(&server.url, "bob", "phone").await;
+    let mut anon = ChatClient::connect(&server.url).await;
+    let refusals = [
+        (json!({"from": "bob", "to": "alice", "msg": "it is me, bob"}), "spoofed_sender"),
+        (json!({"to": "bob", "msg": "x".repeat(2000)}), "too_large"),
+        (json!({"to": "bob/../x", "msg": "hi"}), "invalid_name"),
+        (json!({"type": "teleport"}), "unknown_type"),
+        (json!({"group": "nowhere", "msg": "hi"}), "not_member"),
+        (json!({"to": "bob", "group": "g", "msg": "two targets"}), "malformed"),
+    ];
+    for (request, code) in refusals {
+        let reply = alice.ask(request).await;
+        assert_eq!(reply["code"], code, "{reply}");
+        assert!(reply["error"].as_str().unwrap().len() > 10, "a sentence for people: {reply}");
+    }
+    alice.send_text("{not json").await;
+    assert_eq!(alice.reply().await["code"], "malformed");
+    anon.send(&json!({"to": "bob", "msg": "who am I"})).await;
+    assert_eq!(anon.next().await["code"], "unidentified");
+    // Nothing of that reached bob; alice's connection still works.
+    bob.no_message_within(Duration::from_millis(300)).await;
+    assert_eq!(alice.ask(json!({"to": "bob", "msg": "real", "ref": 9})).await["ref"], 9);
+    assert_eq!(bob.next_where(|v| v.get("msg").is_some()).await["from"], "alice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_keep_their_members_across_a_restart_and_removed_members_hear_nothing() {
+    let (dir, dir_text) = temp_dir("groups");
+    let envs = [("WHISPEER_STORAGE__DIR", dir_text.as_str())];
+    let server = ChatServer::start(&envs);
+    let mut alice = ChatClient::join(&server.url, "alice", "laptop").await;
+    let mut bob = ChatClient::join(&server.url, "bob", "phone").await;
+    let mut carol = ChatClient::join(&server.url, "carol", "phone").await;
+    assert_eq!(alice.ask(json!({"type": "create", "group": "team"})).await["type"], "ok");
+    let refused = bob.ask(json!({"type": "join", "group": "team"})).await;
+    assert_eq!(refused["code"], "invite_only", "{refused}");
+    alice.ask(json!({"type": "invite", "group": "team", "user": "bob"})).await;
+    assert_eq!(bob.ask(json!({"type": "join", "group": "team"})).await["type"], "ok");
+    let posted = carol.ask(json!({"group": "team", "msg": "let me in"})).await;
+    assert_eq!(posted["code"], "not_member");
+    assert_eq!(alice.ask(json!({"group": "team", "msg": "hello team"})).await["type"], "sent");
+    let got = bob.next_where(|v| v.get("msg").is_some()).await;
+    assert_eq!((got["group"].as_str(), got["msg"].as_str()), (Some("team"), Some("hello team")));
+    carol.no_message_within(Duration::from_millis(200)).await;
+    drop((alice, bob, carol));
+    server.kill();
+
+    let server = ChatServer::start(&envs);
+    let mut alice = ChatClient::join(&server.url, "alice", "laptop").await;
+    let mut bob = ChatClient::join(&server.url, "bob", "phone").await;
+    let members = alice.ask(json!({"type": "members", "group": "team"})).await;
+    let names: Vec<&str> = members["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["user"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec!["alice", "bob"], "{members}");
+    assert_eq!(members["members"][0]["role"], "owner");
+    let removed = alice.ask(json!({"type": "remove", "group": "team", "user": "bob"})).await;
+    assert_eq!(removed["type"], "ok", "{removed}");
+    let notice = bob.next_where(|v| v["event"] == "removed").await;
+    assert_eq!(notice["group"], "team");
+    alice.ask(json!({"group": "team", "msg": "after bob left"})).await;
+    bob.no_message_within(Duration::from_millis(300)).await;
+    let history = bob.ask(json!({"type": "history", "group": "team"})).await;
+    assert_eq!(history["code"], "not_member", "a removed member cannot read on");
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Sends `count` messages from alice, alternately to bob and to the group `team`, pipelined;
+/// returns the numbers whose `sent` came back before the connection ended.
+async fn send_numbered(alice: &mut ChatClient, from: usize, count: usize) -> Vec<usize> {
+    for n in from..from + count {
+        let request = if n % 2 == 0 {
+            json!({"to": "bob", "msg": format!("m{n}"), "ref": n})
+        } else {
+            json!({"group": "team", "msg": format!("m{n}"), "ref": n})
+        };
+        if !alice.try_send(&request).await {
+            break;
+        }
+    }
+    let mut acked = Vec::new();
+    while acked.len() < count {
+        let Some(reply) = alice.try_next(Duration::from_secs(30)).await else { break };
+        if reply["type"] == "sent" {
+            acked.push(reply["ref"].as_u64().unwrap() as usize);
+        }
+    }
+    acked
+}
+
+/// The numbers of the messages a device gets until `last` arrives, in order.
+async fn numbers_until(device: &mut ChatClient, last: usize) -> Vec<usize> {
+    let mut seen = Vec::new();
+    loop {
+        let value = device.next_where(|v| v.get("msg").is_some()).await;
+        let n: usize = value["msg"].as_str().unwrap()[1..].parse().unwrap();
+        seen.push(n);
+        if n == last {
+            return seen;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_offline_devices_each_get_every_acknowledged_message_once_in_order_across_a_sigkill() {
+    let (dir, dir_text) = temp_dir("offline");
+    let envs = [
+        ("WHISPEER_STORAGE__DIR", dir_text.as_str()),
+        ("WHISPEER_CHAT__MAX_MESSAGES_PER_SEC", "100000"),
+    ];
+    let server = ChatServer::start(&envs);
+    let mut alice = ChatClient::join(&server.url, "alice", "laptop").await;
+    alice.ask(json!({"type": "create", "group": "team", "open": true})).await;
+    for device in ["phone", "laptop"] {
+        let mut bob = ChatClient::join(&server.url, "bob", device).await;
+        bob.ask(json!({"type": "join", "group": "team"})).await;
+    }
+    // Both of bob's devices are known and offline; their cursors reach chat.db within a second
+    // (alice reads meanwhile, so she answers the server's pings).
+    alice.no_message_within(Duration::from_millis(1500)).await;
+    let mut acked = send_numbered(&mut alice, 0, 500).await;
+    assert_eq!(acked.len(), 500);
+    // Killed while alice's next burst is in flight: what was acknowledged must survive.
+    let burst = tokio::spawn(async move {
+        let acked = send_numbered(&mut alice, 500, 300).await;
+        (alice, acked)
+    });
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    server.kill();
+    let (_, during) = burst.await.unwrap();
+    acked.extend(during.iter().copied());
+    let server = ChatServer::start(&envs);
+    let mut alice = ChatClient::join(&server.url, "alice", "laptop").await;
+    let unacked: Vec<usize> = (500..800).filter(|n| !during.contains(n)).collect();
+    let resent = send_numbered(&mut alice, 800, 200).await;
+    assert_eq!(resent.len(), 200);
+    acked.extend(resent);
+    for device in ["phone", "laptop"] {
+        let mut bob = ChatClient::join(&server.url, "bob", device).await;
+        let seen = numbers_until(&mut bob, 999).await;
+        let unique: HashSet<usize> = seen.iter().copied().collect();
+        assert_eq!(unique.len(), seen.len(), "{device}: duplicates in {seen:?}");
+        assert!(seen.windows(2).all(|w| w[0] < w[1]), "{device}: out of order: {seen:?}");
+        let lost: Vec<&usize> = acked.iter().filter(|n| !unique.contains(n)).collect();
+        assert!(lost.is_empty(), "{device}: acknowledged and lost: {lost:?}");
+        assert!(seen.iter().all(|n| acked.contains(n) || unacked.contains(n)));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_pages_back_by_seq_and_id_and_presence_follows_devices() {
+    let server = ChatServer::start(&[("WHISPEER_CHAT__MAX_MESSAGES_PER_SEC", "1000")]);
+    let mut alice = ChatClient::join(&server.url, "alice", "laptop").await;
+    let mut ids = Vec::new();
+    for n in 0..30 {
+        let sent = alice.ask(json!({"to": "bob", "msg": format!("m{n}")})).await;
+        ids.push(sent["id"].as_str().unwrap().to_string());
+    }
+    let page = alice.ask(json!({"type": "history", "with": "bob", "limit": 10})).await;
+    let texts = |page: &Value| -> Vec<String> {
+        page["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["msg"].as_str().unwrap().into())
+            .collect()
+    };
+    assert_eq!(texts(&page), (20..30).map(|n| format!("m{n}")).collect::<Vec<_>>());
+    let oldest = page["messages"][0]["seq"].as_u64().unwrap();
+    let before =
+        alice.ask(json!({"type": "history", "with": "bob", "before": oldest, "limit": 5})).await;
+    assert_eq!(texts(&before), (15..20).map(|n| format!("m{n}")).collect::<Vec<_>>());
+    let after_id =
+        alice.ask(json!({"type": "history", "with": "bob", "after": ids[3], "limit": 2})).await;
+    assert_eq!(texts(&after_id), vec!["m4", "m5"]);
+    // Bob sees the same conversation from his side.
+    let mut phone = ChatClient::join(&server.url, "bob", "phone").await;
+    let theirs = phone.ask(json!({"type": "history", "with": "alice", "limit": 1})).await;
+    assert_eq!(texts(&theirs), vec!["m29"]);
+    // Presence: alice hears bob come online on a second device, and go offline after the last.
+    let laptop = ChatClient::join(&server.url, "bob", "laptop").await;
+    alice.send(&json!({"type": "who"})).await;
+    let who = alice.next_where(|v| v["type"] == "presence" && v.get("users").is_some()).await;
+    assert_eq!(who["users"][0]["user"], "bob");
+    assert_eq!(who["users"][0]["devices"], json!(["laptop", "phone"]), "{who}");
+    phone.send(&json!({"type": "typing", "to": "alice"})).await;
+    assert_eq!(alice.next_where(|v| v["type"] == "typing").await["from"], "bob");
+    drop((phone, laptop));
+    let offline = alice.next_where(|v| v["type"] == "presence" && v["status"] == "offline").await;
+    assert_eq!(offline["user"], "bob");
+    assert!(offline["last_seen"].as_u64().unwrap() > 0);
+}

@@ -1,0 +1,350 @@
+//! What the hub does for a request: sending (a conversation's log, then every recipient's
+//! inbox, acknowledged once stored), group changes (planned, stored in `chat.db`, applied, then
+//! told to the members through their inboxes), history pages, typing and presence.
+
+use bytes::Bytes;
+use serde_json::{Value, json};
+use whispeer_core::{HistoryError, PublishError, PublishOptions, PublishReceipt, StartAt, Topic};
+
+use super::groups::Change;
+use super::hub::{Hub, broadcast, inbox, lock, now_ms};
+use super::wire::{Action, ChatError, Delivered, Position, Target};
+
+/// The header that names the session a message came from, so that session skips its own copy.
+pub(crate) const ORIGIN: &str = "chat-origin";
+
+/// A direct conversation's log: the two names in order, so both sides read the same one.
+fn direct_log(a: &str, b: &str) -> String {
+    let (low, high) = if a <= b { (a, b) } else { (b, a) };
+    format!("@chat/log/d/{low}/{high}")
+}
+
+fn group_log(group: &str) -> String {
+    format!("@chat/log/g/{group}")
+}
+
+/// A new message id: the time in milliseconds, then 80 random bits; 32 hex digits that sort by
+/// time.
+pub(crate) fn new_id(time_ms: u64) -> String {
+    let mut random = [0u8; 10];
+    if getrandom::fill(&mut random).is_err() {
+        // No entropy source: the session counter and the time keep ids apart on this node.
+        random = [0x5a; 10];
+    }
+    let tail: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{:012x}{tail}", time_ms & 0xffff_ffff_ffff)
+}
+
+fn unavailable(err: &PublishError) -> ChatError {
+    ChatError::new("unavailable", format!("the message could not be stored: {err}"))
+}
+
+impl Hub {
+    /// Publishes `payload` to each of `topics`, then waits until the store has every copy.
+    async fn publish_all(
+        &self,
+        topics: &[String],
+        payload: &Bytes,
+        origin: u64,
+    ) -> Result<(), ChatError> {
+        let options = PublishOptions::new().header(ORIGIN, origin.to_string());
+        let mut receipts: Vec<PublishReceipt> = Vec::with_capacity(topics.len());
+        for topic in topics {
+            let receipt = self
+                .broker
+                .publish_bytes_with(topic, payload.clone(), &options)
+                .map_err(|e| unavailable(&e))?;
+            receipts.push(receipt);
+        }
+        for receipt in receipts.iter().filter(|r| r.is_durable_pending()) {
+            if !self.broker.durable(receipt).await {
+                let message = "the store failed: the message may not have been kept";
+                return Err(ChatError::new("store_failed", message));
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends `msg` from `from`: to a user (both sides' inboxes), a group (every member's), or a
+    /// topic (its live subscribers). Returns the message's id and time once stored.
+    pub(crate) async fn send(
+        &self,
+        from: &str,
+        origin: u64,
+        target: &Target,
+        msg: &Value,
+    ) -> Result<(String, u64), ChatError> {
+        let time = now_ms();
+        let id = new_id(time);
+        let mut delivered =
+            Delivered { from, to: None, group: None, topic: None, msg, id: &id, time };
+        let topics = match target {
+            Target::User(to) => {
+                delivered.to = Some(to);
+                self.remember_contact(from, to).await;
+                let mut topics = vec![direct_log(from, to), inbox(to)];
+                if to != from {
+                    topics.push(inbox(from));
+                }
+                topics
+            }
+            Target::Group(group) => {
+                delivered.group = Some(group);
+                let groups = self.groups();
+                if !groups.is_member(group, from) {
+                    let message = format!("you are not a member of group {group:?}");
+                    return Err(ChatError::new("not_member", message));
+                }
+                let members = groups.members(group);
+                drop(groups);
+                let mut topics = vec![group_log(group)];
+                topics.extend(members.iter().map(|m| inbox(m)));
+                topics
+            }
+            Target::Topic(topic) => {
+                delivered.topic = Some(topic);
+                vec![broadcast(topic)]
+            }
+        };
+        let payload = serde_json::to_vec(&delivered)
+            .map_err(|e| ChatError::new("malformed", format!("message not encodable: {e}")))?;
+        self.publish_all(&topics, &Bytes::from(payload), origin).await?;
+        Ok((id, time))
+    }
+
+    async fn remember_contact(&self, a: &str, b: &str) {
+        let known = lock(&self.contacts).get(a).is_some_and(|peers| peers.contains(b));
+        if known || a == b {
+            return;
+        }
+        let store = std::sync::Arc::clone(&self.store);
+        let (x, y) = (a.to_string(), b.to_string());
+        match tokio::task::spawn_blocking(move || store.add_contact(&x, &y)).await {
+            Ok(Ok(())) => {
+                let mut contacts = lock(&self.contacts);
+                contacts.entry(a.to_string()).or_default().insert(b.to_string());
+                contacts.entry(b.to_string()).or_default().insert(a.to_string());
+            }
+            Ok(Err(err)) => tracing::warn!(%err, "chat.db: contact not saved"),
+            Err(err) => tracing::warn!(%err, "chat.db: contact not saved"),
+        }
+    }
+
+    /// A group request by `user`: create, join, invite, leave, remove, admin.
+    pub(crate) async fn change_group(&self, user: &str, action: &Action) -> Result<(), ChatError> {
+        let _one_at_a_time = self.changes.lock().await;
+        let limits = self.limits();
+        let (group, event, subject, planned) = {
+            let groups = self.groups();
+            match action {
+                Action::Create { group, open } => {
+                    (group, "created", user, groups.plan_create(group, user, *open, limits))
+                }
+                Action::Join { group } => {
+                    (group, "joined", user, groups.plan_join(group, user, limits))
+                }
+                Action::Invite { group, user: invitee } => {
+                    (group, "invited", invitee.as_str(), groups.plan_invite(group, user, invitee))
+                }
+                Action::Leave { group } => (group, "left", user, groups.plan_leave(group, user)),
+                Action::Remove { group, user: removed } => {
+                    (group, "removed", removed.as_str(), groups.plan_remove(group, user, removed))
+                }
+                Action::Admin { group, user: named } => {
+                    (group, "admin", named.as_str(), groups.plan_admin(group, user, named))
+                }
+                _ => return Err(ChatError::new("malformed", "not a group request")),
+            }
+        };
+        let changes = planned?;
+        if changes.is_empty() {
+            return Ok(());
+        }
+        // Told before the change (a member who leaves hears of it), and after (who joins).
+        let before = self.groups().members(group);
+        self.store_changes(changes).await?;
+        let mut told = before;
+        told.extend(self.groups().members(group));
+        told.push(subject.to_string());
+        told.sort();
+        told.dedup();
+        let time = now_ms();
+        let id = new_id(time);
+        let notice = json!({
+            "type": "group", "group": group, "event": event, "user": subject, "by": user,
+            "id": id, "time": time,
+        });
+        let mut topics = vec![group_log(group)];
+        topics.extend(told.iter().map(|u| inbox(u)));
+        self.publish_all(&topics, &Bytes::from(notice.to_string()), 0).await
+    }
+
+    async fn store_changes(&self, changes: Vec<Change>) -> Result<(), ChatError> {
+        let store = std::sync::Arc::clone(&self.store);
+        let now = now_ms();
+        let to_store = changes.clone();
+        let stored = tokio::task::spawn_blocking(move || {
+            for change in &to_store {
+                match change {
+                    Change::Create { group, owner, open } => {
+                        store.create_group(group, owner, *open, now)?;
+                    }
+                    Change::Set { group, user, role } => store.set_member(group, user, *role)?,
+                    Change::Remove { group, user } => store.remove_member(group, user)?,
+                }
+            }
+            Ok::<(), rusqlite::Error>(())
+        })
+        .await;
+        let failed = |err: String| ChatError::new("store_failed", format!("chat.db: {err}"));
+        stored.map_err(|e| failed(e.to_string()))?.map_err(|e| failed(e.to_string()))?;
+        let mut groups = self.groups.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        changes.iter().for_each(|change| groups.apply(change));
+        Ok(())
+    }
+
+    /// A page of a conversation's history, oldest first, each message with its `seq`.
+    pub(crate) fn history(
+        &self,
+        user: &str,
+        with: &Target,
+        before: Option<&Position>,
+        after: Option<&Position>,
+        limit: usize,
+    ) -> Result<Value, ChatError> {
+        let (topic, mut reply) = match with {
+            Target::User(peer) => {
+                (direct_log(user, peer), json!({ "type": "history", "with": peer }))
+            }
+            Target::Group(group) => {
+                if !self.groups().is_member(group, user) {
+                    let message = format!("you are not a member of group {group:?}");
+                    return Err(ChatError::new("not_member", message));
+                }
+                (group_log(group), json!({ "type": "history", "group": group }))
+            }
+            Target::Topic(_) => return Err(ChatError::new("malformed", "topics keep no history")),
+        };
+        let topic =
+            Topic::parse(&topic).map_err(|e| ChatError::new("invalid_name", e.to_string()))?;
+        let (first, next) = match self.broker.history(&topic, StartAt::Latest, 0) {
+            Ok(page) => (page.first_offset, page.next_offset),
+            Err(HistoryError::NotRetained(_)) => (1, 1),
+            Err(err) => return Err(ChatError::new("unavailable", err.to_string())),
+        };
+        let seq = |position: &Position| self.seq_of(&topic, position, first, next);
+        let (start, end) = match (before, after) {
+            (_, Some(after)) => {
+                let start = (seq(after)? + 1).max(first);
+                (start, (start + limit as u64).min(next))
+            }
+            (Some(before), None) => {
+                let end = seq(before)?.min(next);
+                (end.saturating_sub(limit as u64).max(first), end)
+            }
+            (None, None) => (next.saturating_sub(limit as u64).max(first), next),
+        };
+        let mut messages = Vec::new();
+        if start < end {
+            let page = self
+                .broker
+                .history(&topic, StartAt::Offset(start), (end - start) as usize)
+                .map_err(|e| ChatError::new("unavailable", e.to_string()))?;
+            for message in page.messages {
+                let Ok(mut value) = serde_json::from_slice::<Value>(message.payload()) else {
+                    continue;
+                };
+                if let (Some(object), Some(offset)) = (value.as_object_mut(), message.offset()) {
+                    object.insert("seq".into(), offset.into());
+                }
+                messages.push(value);
+            }
+        }
+        if let Some(object) = reply.as_object_mut() {
+            object.insert("messages".into(), messages.into());
+            object.insert("first".into(), first.into());
+            object.insert("next".into(), next.into());
+        }
+        Ok(reply)
+    }
+
+    /// The `seq` a position names: itself, or the message with that id (looked for through
+    /// the retained history, which `history_max_messages` bounds).
+    fn seq_of(
+        &self,
+        topic: &Topic,
+        position: &Position,
+        first: u64,
+        next: u64,
+    ) -> Result<u64, ChatError> {
+        let id = match position {
+            Position::Seq(seq) => return Ok(*seq),
+            Position::Id(id) => id,
+        };
+        let needle = format!("\"id\":\"{id}\"");
+        let mut from = first;
+        while from < next {
+            let page = self
+                .broker
+                .history(topic, StartAt::Offset(from), 1024)
+                .map_err(|e| ChatError::new("unavailable", e.to_string()))?;
+            for message in &page.messages {
+                let text = std::str::from_utf8(message.payload()).unwrap_or_default();
+                if text.contains(&needle) {
+                    return message
+                        .offset()
+                        .ok_or_else(|| ChatError::new("unavailable", "no offset"));
+                }
+            }
+            match page.next_from() {
+                Some(more) => from = more,
+                None => break,
+            }
+        }
+        Err(ChatError::new("no_such_message", format!("no message {id:?} in this conversation")))
+    }
+
+    /// Tells a user, or the other members of a group, that `user` is typing. Never stored.
+    pub(crate) fn typing(&self, user: &str, target: &Target) -> Result<(), ChatError> {
+        match target {
+            Target::User(peer) => {
+                self.tell(peer, Bytes::from(json!({ "type": "typing", "from": user }).to_string()));
+            }
+            Target::Group(group) => {
+                let members = {
+                    let groups = self.groups();
+                    if !groups.is_member(group, user) {
+                        let message = format!("you are not a member of group {group:?}");
+                        return Err(ChatError::new("not_member", message));
+                    }
+                    groups.members(group)
+                };
+                let event = json!({ "type": "typing", "from": user, "group": group }).to_string();
+                let event = Bytes::from(event);
+                for member in members.iter().filter(|m| *m != user) {
+                    self.tell(member, event.clone());
+                }
+            }
+            Target::Topic(_) => {
+                return Err(ChatError::new("malformed", "typing is to a user or a group"));
+            }
+        }
+        Ok(())
+    }
+
+    /// A group's members with their roles and presence.
+    pub(crate) fn members(&self, user: &str, group: &str) -> Result<Value, ChatError> {
+        let roster = self.groups().roster(group, user)?;
+        let members: Vec<Value> = roster
+            .into_iter()
+            .map(|(member, role)| {
+                let mut presence = self.presence(&member);
+                if let Some(object) = presence.as_object_mut() {
+                    object.insert("role".into(), role.name().into());
+                }
+                presence
+            })
+            .collect();
+        Ok(json!({ "type": "members", "group": group, "members": members }))
+    }
+}
