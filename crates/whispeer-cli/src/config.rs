@@ -23,8 +23,9 @@ use whispeer::{
 };
 
 /// Variables the commands read themselves (`WHISPEER_KEY`, `WHISPEER_SERVER`, `WHISPEER_LOG`,
-/// `WHISPEER_API_KEY`), lower-cased as figment gives them: never configuration.
-const CLI_VARIABLES: [&str; 4] = ["key", "server", "log", "api_key"];
+/// `WHISPEER_API_KEY`, `WHISPEER_CHAT_SERVER`), lower-cased as figment gives them: never
+/// configuration.
+const CLI_VARIABLES: [&str; 5] = ["key", "server", "log", "api_key", "chat_server"];
 
 /// The key a `WHISPEER_*` variable sets, as figment reads it (`limits.max_message_bytes`).
 fn env_key(name: &str) -> Option<String> {

@@ -5,6 +5,7 @@
 
 mod bench;
 mod cert;
+mod chat;
 mod config;
 mod inspect;
 mod pubsub;
@@ -55,6 +56,10 @@ enum Command {
     ///
     /// Example: whispeer pub sensor/k1/temperature 21.5
     Pub(pubsub::PubArgs),
+    /// Chat in the terminal on a server's chat listener (`whispeer serve --chat-listen`).
+    ///
+    /// Example: whispeer chat --as alice, then /msg bob hi, /join team, /history bob, /who
+    Chat(chat::ChatArgs),
     /// Subscribe and print each message (with -v, its topic first, like mosquitto_sub -v).
     ///
     /// Example: whispeer sub 'sensor/#' -v
@@ -144,6 +149,7 @@ fn main() -> ExitCode {
             serve::run(addresses, config)
         }
         Command::Pub(args) => pubsub::run_pub(args),
+        Command::Chat(args) => chat::run(args),
         Command::Sub(args) => pubsub::run_sub(args),
         Command::Replay(args) => replay::run(args),
         Command::Inspect(args) => inspect::run(&args),

@@ -246,3 +246,36 @@ async fn history_pages_back_by_seq_and_id_and_presence_follows_devices() {
     assert_eq!(offline["user"], "bob");
     assert!(offline["last_seen"].as_u64().unwrap() > 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_terminal_chat_sends_lists_and_pages_history() {
+    use std::io::Write;
+    let server = ChatServer::start(&[]);
+    let mut bob = ChatClient::join(&server.url, "bob", "phone").await;
+    let mut child = std::process::Command::new(common::BIN)
+        .args(["chat", "--as", "alice", "--server", &server.url])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let script = "/msg bob hi from the terminal\nand a plain line\n/create team open\n\
+                  /msg #team to the team\n/members team\n/history bob\n/who\n/frobnicate\n";
+    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+    let first = bob.next_where(|v| v.get("msg").is_some()).await;
+    assert_eq!(
+        (first["from"].as_str(), first["msg"].as_str()),
+        (Some("alice"), Some("hi from the terminal"))
+    );
+    let second = bob.next_where(|v| v.get("msg").is_some()).await;
+    assert_eq!(second["msg"], "and a plain line", "plain lines go where the last /msg went");
+    let output =
+        tokio::task::spawn_blocking(move || child.wait_with_output()).await.unwrap().unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(stdout.contains("  alice (owner, online)"), "{stdout}");
+    assert!(stdout.contains("→bob alice: hi from the terminal"), "{stdout}");
+    assert!(stdout.contains("→bob alice: and a plain line"), "{stdout}");
+    assert!(stdout.contains("  bob online (phone)"), "{stdout}");
+    assert!(stdout.contains("! unknown or incomplete command \"/frobnicate\""), "{stdout}");
+}

@@ -21,6 +21,7 @@
 //! [`ClientError::Disconnected`]; QoS 0 messages published while disconnected wait in the
 //! (bounded) command queue.
 
+mod chat;
 mod connection;
 mod options;
 mod subscription;
@@ -40,6 +41,9 @@ use whispeer_proto::{
     ContentType, Envelope, ErrorCode, Filter, Flags, Headers, MessageId, Topic, TopicError,
 };
 
+pub use chat::{
+    Chat, ChatError, ChatEvent, ChatEvents, ChatMessage, ChatOptions, Conversation, Presence,
+};
 pub use options::{ClientOptions, PublishOptions, SubscribeOptions};
 pub use subscription::{ClientSubscription, Delivery, SubscriptionStats};
 pub use whispeer_engines as engines;

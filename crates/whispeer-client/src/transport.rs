@@ -64,6 +64,34 @@ where
     Ok((Box::new(reader), Box::new(writer)))
 }
 
+/// A stream a WebSocket runs on: TCP, or TLS over TCP.
+pub(crate) trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// A WebSocket whose messages the caller reads and writes itself (the chat's JSON texts).
+pub(crate) type TextSocket = tokio_tungstenite::WebSocketStream<Box<dyn Io>>;
+
+/// Opens a WebSocket to `url` (`ws://` or `wss://`).
+pub(crate) async fn websocket_text(
+    url: &str,
+    tls_config: Option<&Arc<rustls::ClientConfig>>,
+) -> io::Result<TextSocket> {
+    let uri: Uri = url.parse().map_err(|_| invalid("invalid WebSocket URL"))?;
+    let secure = match uri.scheme_str() {
+        Some("ws") => false,
+        Some("wss") => true,
+        _ => return Err(invalid("chat URLs are ws:// or wss://")),
+    };
+    let host = uri.host().ok_or_else(|| invalid("no host in the WebSocket URL"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let stream = tcp(host, uri.port_u16().unwrap_or(if secure { 443 } else { 80 })).await?;
+    let stream: Box<dyn Io> =
+        if secure { Box::new(tls(stream, host, tls_config).await?) } else { Box::new(stream) };
+    let (ws, _response) =
+        tokio_tungstenite::client_async(url, stream).await.map_err(io::Error::other)?;
+    Ok(ws)
+}
+
 /// Opens a connection to `addr`.
 pub(crate) async fn open(
     addr: &str,

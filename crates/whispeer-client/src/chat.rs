@@ -1,0 +1,544 @@
+//! Chat for people from Rust: a client of the server's chat listener (`whispeer serve
+//! --chat-listen`, `CHAT.md`), which speaks one JSON object per WebSocket text message.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), whispeer_client::ChatError> {
+//! use futures_util::StreamExt;
+//! use whispeer_client::{Chat, ChatEvent, ChatOptions};
+//! let (chat, mut events) = Chat::connect(ChatOptions::new("ws://127.0.0.1:3030/ws").user("alice")).await?;
+//! chat.send_to("bob", "hi").await?;
+//! while let Some(event) = events.next().await {
+//!     if let ChatEvent::Message(message) = event {
+//!         println!("{}: {}", message.from, message.msg);
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! One task owns the socket: requests carry a `ref` and wait for the reply with that `ref`;
+//! everything else (messages, group events, presence, typing, notices) comes out of
+//! [`ChatEvents`] in order. The events queue holds 1 024; while it is full the task stops
+//! reading the socket (the server keeps the rest), so read the events.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures_util::{SinkExt, Stream, StreamExt};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot};
+use tokio_rustls::rustls;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+/// Where and as whom to connect.
+#[derive(Clone, Debug)]
+pub struct ChatOptions {
+    url: String,
+    user: Option<String>,
+    device: Option<String>,
+    token: Option<String>,
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl ChatOptions {
+    /// The chat listener's URL, e.g. `ws://127.0.0.1:3030/ws` (`wss://` for TLS).
+    pub fn new(url: impl Into<String>) -> Self {
+        Self { url: url.into(), user: None, device: None, token: None, tls: None }
+    }
+
+    /// The user to be, on a server without keys (with keys, the token's principal).
+    pub fn user(mut self, user: impl Into<String>) -> Self {
+        self.user = Some(user.into());
+        self
+    }
+
+    /// This device's name (default `default`); each device has its own place in the inbox.
+    pub fn device(mut self, device: impl Into<String>) -> Self {
+        self.device = Some(device.into());
+        self
+    }
+
+    /// An API key or JWT, on a server that requires one.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// TLS settings for `wss://` (the platform's roots without them).
+    pub fn tls(mut self, config: Arc<rustls::ClientConfig>) -> Self {
+        self.tls = Some(config);
+        self
+    }
+
+    fn url_with_query(&self) -> String {
+        let mut query = Vec::new();
+        for (key, value) in [("id", &self.user), ("device", &self.device), ("token", &self.token)] {
+            if let Some(value) = value {
+                query.push(format!("{key}={}", encode(value)));
+            }
+        }
+        let joiner = if self.url.contains('?') { '&' } else { '?' };
+        if query.is_empty() {
+            self.url.clone()
+        } else {
+            format!("{}{joiner}{}", self.url, query.join("&"))
+        }
+    }
+}
+
+/// `%xx` for everything but unreserved characters.
+fn encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
+/// Why a chat call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ChatError {
+    /// The server refused the request: its code (`not_member`, `rate_limited`, …) and why.
+    #[error("{code}: {message}")]
+    Refused {
+        /// The stable code.
+        code: String,
+        /// The server's sentence.
+        message: String,
+    },
+    /// The connection could not be opened.
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    /// The connection ended.
+    #[error("the chat connection is closed")]
+    Closed,
+}
+
+/// A chat message as received, or as read from history.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[non_exhaustive]
+pub struct ChatMessage {
+    /// Its id: 32 hex digits that sort by time.
+    pub id: String,
+    /// Its sender.
+    pub from: String,
+    /// The user it was sent to (a direct message).
+    pub to: Option<String>,
+    /// The group it was sent to.
+    pub group: Option<String>,
+    /// The topic it was broadcast on.
+    pub topic: Option<String>,
+    /// What was sent.
+    pub msg: Value,
+    /// When the server took it, in milliseconds since the epoch.
+    pub time: u64,
+    /// Its number in its conversation (in history pages).
+    pub seq: Option<u64>,
+}
+
+/// What the server tells a connection without being asked.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum ChatEvent {
+    /// A message: direct, group or topic.
+    Message(ChatMessage),
+    /// A group changed: `event` is `created`, `joined`, `invited`, `left`, `removed` or `admin`.
+    Group {
+        /// The group.
+        group: String,
+        /// What happened.
+        event: String,
+        /// To whom.
+        user: String,
+        /// Who did it.
+        by: String,
+    },
+    /// A contact or group member came online or went offline.
+    Presence {
+        /// Who.
+        user: String,
+        /// Whether it is online now.
+        online: bool,
+        /// When it was last seen, when offline.
+        last_seen: Option<u64>,
+    },
+    /// Someone is typing to this user (or in `group`).
+    Typing {
+        /// Who.
+        from: String,
+        /// Where, for a group.
+        group: Option<String>,
+    },
+    /// Messages for this device that the inbox bound dropped while it was away.
+    Missed(u64),
+    /// Anything else the server said (an error without a request, say).
+    Other(Value),
+}
+
+fn event_of(value: Value) -> ChatEvent {
+    let text = |key: &str| value.get(key).and_then(Value::as_str).map(str::to_string);
+    match value.get("type").and_then(Value::as_str) {
+        None if value.get("msg").is_some() => match serde_json::from_value(value.clone()) {
+            Ok(message) => ChatEvent::Message(message),
+            Err(_) => ChatEvent::Other(value),
+        },
+        Some("group") => ChatEvent::Group {
+            group: text("group").unwrap_or_default(),
+            event: text("event").unwrap_or_default(),
+            user: text("user").unwrap_or_default(),
+            by: text("by").unwrap_or_default(),
+        },
+        Some("presence") => ChatEvent::Presence {
+            user: text("user").unwrap_or_default(),
+            online: text("status").as_deref() == Some("online"),
+            last_seen: value.get("last_seen").and_then(Value::as_u64),
+        },
+        Some("typing") => {
+            ChatEvent::Typing { from: text("from").unwrap_or_default(), group: text("group") }
+        }
+        Some("notice") if text("code").as_deref() == Some("missed") => {
+            ChatEvent::Missed(value.get("missed").and_then(Value::as_u64).unwrap_or(0))
+        }
+        _ => ChatEvent::Other(value),
+    }
+}
+
+/// A user's presence, as `who` and `members` give it.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[non_exhaustive]
+pub struct Presence {
+    /// Who.
+    pub user: String,
+    /// Whether a device of it is connected.
+    pub online: bool,
+    /// Its connected devices.
+    #[serde(default)]
+    pub devices: Vec<String>,
+    /// When it was last seen, once it has been.
+    pub last_seen: Option<u64>,
+    /// Its role, in a group's member list.
+    pub role: Option<String>,
+}
+
+/// Whom a conversation is with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Conversation {
+    /// A direct conversation with this user.
+    User(String),
+    /// A group's.
+    Group(String),
+}
+
+impl Conversation {
+    fn key(&self) -> (&'static str, &str) {
+        match self {
+            Self::User(user) => ("to", user),
+            Self::Group(group) => ("group", group),
+        }
+    }
+}
+
+/// The events of a chat connection, in order; ends when the connection does.
+#[derive(Debug)]
+pub struct ChatEvents(mpsc::Receiver<ChatEvent>);
+
+impl Stream for ChatEvents {
+    type Item = ChatEvent;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<ChatEvent>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+type Reply = oneshot::Sender<Result<Value, ChatError>>;
+
+/// A chat connection; cheap to clone. Dropping every clone closes it.
+#[derive(Clone, Debug)]
+pub struct Chat {
+    requests: mpsc::Sender<(Value, Option<Reply>)>,
+    user: String,
+    device: String,
+}
+
+impl Chat {
+    /// Connects and waits for the server's welcome.
+    ///
+    /// # Errors
+    /// [`ChatError::Connect`] when the socket or the upgrade fails (a wrong token is refused
+    /// there); [`ChatError::Refused`] when the server refuses the user.
+    pub async fn connect(options: ChatOptions) -> Result<(Self, ChatEvents), ChatError> {
+        let url = options.url_with_query();
+        let mut ws = crate::transport::websocket_text(&url, options.tls.as_ref())
+            .await
+            .map_err(|e| ChatError::Connect(e.to_string()))?;
+        let welcome = loop {
+            let Some(message) = ws.next().await else { return Err(ChatError::Closed) };
+            let message = message.map_err(|e| ChatError::Connect(e.to_string()))?;
+            if let WsMessage::Text(text) = message {
+                let value: Value =
+                    serde_json::from_str(&text).map_err(|e| ChatError::Connect(e.to_string()))?;
+                break value;
+            }
+        };
+        if welcome["type"] == "error" {
+            return Err(refusal(&welcome));
+        }
+        let user = welcome["user"].as_str().unwrap_or_default().to_string();
+        let device = welcome["device"].as_str().unwrap_or_default().to_string();
+        let (requests, commands) = mpsc::channel(256);
+        let (events, receiver) = mpsc::channel(1024);
+        tokio::spawn(run(ws, commands, events));
+        Ok((Self { requests, user, device }, ChatEvents(receiver)))
+    }
+
+    /// The user this connection is.
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    /// This connection's device.
+    pub fn device(&self) -> &str {
+        &self.device
+    }
+
+    /// Sends a request and waits for its reply.
+    ///
+    /// # Errors
+    /// The server's refusal, or [`ChatError::Closed`].
+    pub async fn request(&self, request: Value) -> Result<Value, ChatError> {
+        let (reply, answer) = oneshot::channel();
+        self.requests.send((request, Some(reply))).await.map_err(|_| ChatError::Closed)?;
+        answer.await.map_err(|_| ChatError::Closed)?
+    }
+
+    async fn fire(&self, request: Value) -> Result<(), ChatError> {
+        self.requests.send((request, None)).await.map_err(|_| ChatError::Closed)
+    }
+
+    async fn send(&self, to: Conversation, msg: Value) -> Result<ChatMessage, ChatError> {
+        let (key, name) = to.key();
+        let sent = self.request(json!({ key: name, "msg": msg.clone() })).await?;
+        let (to, group) = match to {
+            Conversation::User(user) => (Some(user), None),
+            Conversation::Group(group) => (None, Some(group)),
+        };
+        Ok(ChatMessage {
+            id: sent["id"].as_str().unwrap_or_default().to_string(),
+            from: self.user.clone(),
+            to,
+            group,
+            topic: None,
+            msg,
+            time: sent["time"].as_u64().unwrap_or_default(),
+            seq: None,
+        })
+    }
+
+    /// Sends `msg` to `user`; returns the message once the server stored it.
+    ///
+    /// # Errors
+    /// The server's refusal (`rate_limited`, `too_large`, …), or [`ChatError::Closed`].
+    pub async fn send_to(
+        &self,
+        user: &str,
+        msg: impl Into<Value>,
+    ) -> Result<ChatMessage, ChatError> {
+        self.send(Conversation::User(user.into()), msg.into()).await
+    }
+
+    /// Sends `msg` to every member of `group`.
+    ///
+    /// # Errors
+    /// As [`send_to`](Self::send_to); `not_member` when this user is not in the group.
+    pub async fn send_group(
+        &self,
+        group: &str,
+        msg: impl Into<Value>,
+    ) -> Result<ChatMessage, ChatError> {
+        self.send(Conversation::Group(group.into()), msg.into()).await
+    }
+
+    /// Broadcasts `msg` on `topic` to the connections subscribed to it now.
+    ///
+    /// # Errors
+    /// As [`send_to`](Self::send_to).
+    pub async fn broadcast(&self, topic: &str, msg: impl Into<Value>) -> Result<(), ChatError> {
+        self.request(json!({ "topic": topic, "msg": msg.into() })).await.map(drop)
+    }
+
+    /// A group request: `create` (with `open`), `join`, `invite`, `leave`, `remove`, `admin`.
+    async fn group(
+        &self,
+        kind: &str,
+        group: &str,
+        user: Option<&str>,
+        open: bool,
+    ) -> Result<(), ChatError> {
+        let mut request = json!({ "type": kind, "group": group });
+        if let Some(user) = user {
+            request["user"] = user.into();
+        }
+        if open {
+            request["open"] = true.into();
+        }
+        self.request(request).await.map(drop)
+    }
+
+    /// Creates a group owned by this user; `open` lets anyone join, else members are invited.
+    ///
+    /// # Errors
+    /// `group_exists`, `too_many_groups`, or [`ChatError::Closed`].
+    pub async fn create_group(&self, group: &str, open: bool) -> Result<(), ChatError> {
+        self.group("create", group, None, open).await
+    }
+
+    /// Joins an open group, or accepts an invitation.
+    ///
+    /// # Errors
+    /// `invite_only`, `group_full`, `no_such_group`, …
+    pub async fn join(&self, group: &str) -> Result<(), ChatError> {
+        self.group("join", group, None, false).await
+    }
+
+    /// Invites `user` to `group`.
+    ///
+    /// # Errors
+    /// `forbidden`, `not_member`, …
+    pub async fn invite(&self, group: &str, user: &str) -> Result<(), ChatError> {
+        self.group("invite", group, Some(user), false).await
+    }
+
+    /// Leaves `group`.
+    ///
+    /// # Errors
+    /// `not_member`, …
+    pub async fn leave(&self, group: &str) -> Result<(), ChatError> {
+        self.group("leave", group, None, false).await
+    }
+
+    /// Removes `user` from `group` (owner and admins).
+    ///
+    /// # Errors
+    /// `forbidden`, `not_member`, …
+    pub async fn remove(&self, group: &str, user: &str) -> Result<(), ChatError> {
+        self.group("remove", group, Some(user), false).await
+    }
+
+    /// `group`'s members, their roles and presence.
+    ///
+    /// # Errors
+    /// `not_member`, `no_such_group`, …
+    pub async fn members(&self, group: &str) -> Result<Vec<Presence>, ChatError> {
+        let reply = self.request(json!({ "type": "members", "group": group })).await?;
+        Ok(serde_json::from_value(reply["members"].clone()).unwrap_or_default())
+    }
+
+    /// The presence of this user's contacts and group members.
+    ///
+    /// # Errors
+    /// [`ChatError::Closed`].
+    pub async fn who(&self) -> Result<Vec<Presence>, ChatError> {
+        let reply = self.request(json!({ "type": "who" })).await?;
+        Ok(serde_json::from_value(reply["users"].clone()).unwrap_or_default())
+    }
+
+    /// A page of history, oldest first: the latest `limit` (1–200) entries, or those before
+    /// `before` (a `seq`); the messages among them (a group's log also holds its events).
+    ///
+    /// # Errors
+    /// `not_member`, or [`ChatError::Closed`].
+    pub async fn history(
+        &self,
+        with: &Conversation,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<ChatMessage>, ChatError> {
+        let (key, name) = with.key();
+        let key = if key == "to" { "with" } else { key };
+        let mut request = json!({ "type": "history", key: name, "limit": limit });
+        if let Some(before) = before {
+            request["before"] = before.into();
+        }
+        let reply = self.request(request).await?;
+        let entries = reply["messages"].as_array().cloned().unwrap_or_default();
+        // Group events share the log; this gives the messages.
+        Ok(entries.into_iter().filter_map(|entry| serde_json::from_value(entry).ok()).collect())
+    }
+
+    /// Tells `to` this user is typing (not stored, not acknowledged).
+    ///
+    /// # Errors
+    /// [`ChatError::Closed`].
+    pub async fn typing(&self, to: &Conversation) -> Result<(), ChatError> {
+        let (key, name) = to.key();
+        self.fire(json!({ "type": "typing", key: name })).await
+    }
+
+    /// Receives the broadcasts of `topic` on this connection.
+    ///
+    /// # Errors
+    /// `too_many_topics`, or [`ChatError::Closed`].
+    pub async fn subscribe(&self, topic: &str) -> Result<(), ChatError> {
+        self.request(json!({ "type": "subscribe", "topic": topic })).await.map(drop)
+    }
+}
+
+fn refusal(value: &Value) -> ChatError {
+    ChatError::Refused {
+        code: value["code"].as_str().unwrap_or("error").to_string(),
+        message: value["error"].as_str().unwrap_or_default().to_string(),
+    }
+}
+
+/// The connection task: writes requests with a `ref`, routes replies by it, and everything
+/// else to the events.
+async fn run(
+    mut ws: crate::transport::TextSocket,
+    mut requests: mpsc::Receiver<(Value, Option<Reply>)>,
+    events: mpsc::Sender<ChatEvent>,
+) {
+    let mut pending: HashMap<u64, Reply> = HashMap::new();
+    let mut next_ref = 1u64;
+    loop {
+        tokio::select! {
+            request = requests.recv() => {
+                let Some((mut request, reply)) = request else { break };
+                if let Some(reply) = reply {
+                    request["ref"] = next_ref.into();
+                    pending.insert(next_ref, reply);
+                    next_ref += 1;
+                }
+                if ws.send(WsMessage::Text(request.to_string().into())).await.is_err() {
+                    break;
+                }
+            }
+            incoming = ws.next() => {
+                let text = match incoming {
+                    Some(Ok(WsMessage::Text(text))) => text,
+                    Some(Ok(WsMessage::Close(_)) | Err(_)) | None => break,
+                    Some(Ok(_)) => continue,
+                };
+                let Ok(value) = serde_json::from_str::<Value>(&text) else { continue };
+                if let Some(reply) = value.get("ref").and_then(Value::as_u64).and_then(|r| pending.remove(&r)) {
+                    let answer = if value["type"] == "error" { Err(refusal(&value)) } else { Ok(value) };
+                    let _ = reply.send(answer);
+                    continue;
+                }
+                // A full queue holds the socket up (back-pressure); a dropped stream discards.
+                if events.send(event_of(value)).await.is_err() && requests.is_closed() {
+                    break;
+                }
+            }
+        }
+    }
+    for (_, reply) in pending {
+        let _ = reply.send(Err(ChatError::Closed));
+    }
+    let _ = ws.close(None).await;
+}

@@ -1,0 +1,94 @@
+//! The SDK's chat against a real chat listener: messages as events, groups, history, presence
+//! and refusals by code.
+
+#![expect(clippy::unwrap_used, reason = "tests fail loudly")]
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::time::timeout;
+use whispeer::server::Chat as ChatListener;
+use whispeer::{Broker, BrokerOptions};
+use whispeer_client::{Chat, ChatError, ChatEvent, ChatEvents, ChatOptions, Conversation};
+
+fn listener() -> (Broker, String) {
+    let chat = ChatListener::new("127.0.0.1:0");
+    let status = chat.status();
+    let broker = Broker::builder(BrokerOptions::default()).with(chat).build();
+    (broker, format!("ws://{}/ws", status.local_addr().unwrap()))
+}
+
+async fn as_user(url: &str, user: &str, device: &str) -> (Chat, ChatEvents) {
+    Chat::connect(ChatOptions::new(url).user(user).device(device)).await.unwrap()
+}
+
+/// The next event for which `wanted` gives something.
+async fn next<T>(events: &mut ChatEvents, wanted: impl Fn(ChatEvent) -> Option<T>) -> T {
+    loop {
+        let event = timeout(Duration::from_secs(10), events.next()).await.unwrap().unwrap();
+        if let Some(found) = wanted(event) {
+            return found;
+        }
+    }
+}
+
+fn message(event: ChatEvent) -> Option<whispeer_client::ChatMessage> {
+    match event {
+        ChatEvent::Message(message) => Some(message),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_and_group_messages_history_presence_and_refusals() {
+    let (_broker, url) = listener();
+    let (alice, mut alice_events) = as_user(&url, "alice", "laptop").await;
+    let (bob, mut bob_events) = as_user(&url, "bob", "phone").await;
+    assert_eq!((alice.user(), alice.device()), ("alice", "laptop"));
+
+    let sent = alice.send_to("bob", "hi bob").await.unwrap();
+    let got = next(&mut bob_events, message).await;
+    assert_eq!(
+        (got.id.as_str(), got.from.as_str(), got.msg.as_str()),
+        (sent.id.as_str(), "alice", Some("hi bob"))
+    );
+
+    alice.create_group("team", false).await.unwrap();
+    let refused = bob.join("team").await.unwrap_err();
+    assert!(
+        matches!(&refused, ChatError::Refused { code, .. } if code == "invite_only"),
+        "{refused}"
+    );
+    alice.invite("team", "bob").await.unwrap();
+    bob.join("team").await.unwrap();
+    alice.send_group("team", serde_json::json!({"text": "standup"})).await.unwrap();
+    let group = next(&mut bob_events, |e| message(e).filter(|m| m.group.is_some())).await;
+    assert_eq!(group.msg["text"], "standup");
+    let members = bob.members("team").await.unwrap();
+    assert_eq!(members.iter().map(|m| m.user.as_str()).collect::<Vec<_>>(), ["alice", "bob"]);
+    assert_eq!(members[0].role.as_deref(), Some("owner"));
+
+    let history = bob.history(&Conversation::User("alice".into()), None, 10).await.unwrap();
+    assert_eq!(history.len(), 1);
+    assert_eq!(history[0].seq, Some(1));
+    let team = alice.history(&Conversation::Group("team".into()), None, 10).await.unwrap();
+    assert!(team.iter().any(|m| m.msg["text"] == "standup"), "{team:?}");
+
+    bob.typing(&Conversation::User("alice".into())).await.unwrap();
+    let typing = next(&mut alice_events, |e| match e {
+        ChatEvent::Typing { from, .. } => Some(from),
+        _ => None,
+    })
+    .await;
+    assert_eq!(typing, "bob");
+    let who = alice.who().await.unwrap();
+    assert!(who.iter().any(|p| p.user == "bob" && p.online), "{who:?}");
+    drop((bob, bob_events));
+    let offline = next(&mut alice_events, |e| match e {
+        ChatEvent::Presence { user, online: false, last_seen } => Some((user, last_seen)),
+        _ => None,
+    })
+    .await;
+    assert_eq!(offline.0, "bob");
+    assert!(offline.1.is_some());
+}
