@@ -18,6 +18,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use whispeer_client::{Client, ClientOptions, ClientSubscription, Delivery};
 
+mod chat;
 mod qos1;
 mod raw;
 
@@ -95,6 +96,8 @@ pub(crate) struct BenchArgs {
     /// time per delivery together.
     #[arg(long, value_delimiter = ',', value_name = "PIDS")]
     cluster_pids: Vec<u32>,
+    #[command(flatten)]
+    chat: chat::ChatBenchArgs,
 }
 
 /// One system under test: how to connect.
@@ -487,6 +490,9 @@ pub(crate) fn run(args: BenchArgs) -> std::process::ExitCode {
     crate::pubsub::block_on_multi(async move {
         let whispeer =
             Target::Whispeer { addr: args.server.clone(), api_key: args.api_key.clone() };
+        if let Some(url) = &args.chat.chat {
+            return chat::run(url, &args.chat, args.server_pid).await;
+        }
         if let Some(addr) = &args.serve_forwarder {
             let listener = tokio::net::TcpListener::bind(addr.as_str()).await?;
             println!("whispeer: forwarder listening on {}", listener.local_addr()?);

@@ -279,3 +279,18 @@ async fn the_terminal_chat_sends_lists_and_pages_history() {
     assert!(stdout.contains("  bob online (phone)"), "{stdout}");
     assert!(stdout.contains("! unknown or incomplete command \"/frobnicate\""), "{stdout}");
 }
+
+#[test]
+fn the_chat_benchmark_runs_its_three_workloads() {
+    let server = ChatServer::start(&[("WHISPEER_CHAT__MAX_MESSAGES_PER_SEC", "100000")]);
+    let output = std::process::Command::new(common::BIN)
+        .args(["bench", "--chat", &server.url, "--chat-idle", "20", "--chat-pairs", "2"])
+        .args(["--chat-group", "3", "--chat-messages", "40", "--chat-window", "4"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout} {}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("chat idle: 20 users connected"), "{stdout}");
+    assert!(stdout.contains("chat 1:1: 2 pairs, 40 messages"), "{stdout}");
+    assert!(stdout.contains("chat group: 3 members, 13 messages"), "{stdout}");
+}

@@ -258,7 +258,8 @@ impl Stream for ChatEvents {
 
 type Reply = oneshot::Sender<Result<Value, ChatError>>;
 
-/// A chat connection; cheap to clone. Dropping every clone closes it.
+/// A chat connection; cheap to clone. It closes once every clone and its [`ChatEvents`] are
+/// dropped.
 #[derive(Clone, Debug)]
 pub struct Chat {
     requests: mpsc::Sender<(Value, Option<Reply>)>,
@@ -505,10 +506,18 @@ async fn run(
 ) {
     let mut pending: HashMap<u64, Reply> = HashMap::new();
     let mut next_ref = 1u64;
+    // The connection lives while a `Chat` handle or the events stream does.
+    let mut handles = true;
     loop {
         tokio::select! {
-            request = requests.recv() => {
-                let Some((mut request, reply)) = request else { break };
+            request = requests.recv(), if handles => {
+                let Some((mut request, reply)) = request else {
+                    handles = false;
+                    if events.is_closed() {
+                        break;
+                    }
+                    continue;
+                };
                 if let Some(reply) = reply {
                     request["ref"] = next_ref.into();
                     pending.insert(next_ref, reply);
@@ -531,7 +540,7 @@ async fn run(
                     continue;
                 }
                 // A full queue holds the socket up (back-pressure); a dropped stream discards.
-                if events.send(event_of(value)).await.is_err() && requests.is_closed() {
+                if events.send(event_of(value)).await.is_err() && !handles {
                     break;
                 }
             }

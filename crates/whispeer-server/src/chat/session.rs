@@ -167,6 +167,9 @@ async fn upgrade<S>(
     let cap = (hub.config.max_message_bytes * 4).max(64 * 1024);
     ws_config.max_message_size = Some(cap);
     ws_config.max_frame_size = Some(cap);
+    // Requests are small: a 4 KiB read buffer (not tungstenite's 128 KiB) keeps an idle
+    // connection cheap; larger messages grow it while they last.
+    ws_config.read_buffer_size = 4096;
     let mut found = None;
     #[expect(
         clippy::result_large_err,
