@@ -45,6 +45,10 @@ enum Command {
         /// e.g. 127.0.0.1:3030 for ws://127.0.0.1:3030/ws.
         #[arg(long)]
         chat_listen: Option<String>,
+        /// Serve the chat page at http://<chat-listen>/ with the WASM client's web package from
+        /// this directory (wasm-bindgen --target web output).
+        #[arg(long, value_name = "DIR")]
+        chat_page: Option<PathBuf>,
         /// Serve /healthz, /readyz and /metrics (Prometheus) on this address.
         #[arg(long)]
         admin_listen: Option<String>,
@@ -144,8 +148,9 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Match { filter, topics } => match_topics(&filter, &topics),
         Command::Keygen { id } => keygen(id),
-        Command::Serve { listen, ws_listen, chat_listen, admin_listen, config } => {
-            let addresses = serve::Listen { listen, ws_listen, admin_listen, chat_listen };
+        Command::Serve { listen, ws_listen, chat_listen, chat_page, admin_listen, config } => {
+            let addresses =
+                serve::Listen { listen, ws_listen, admin_listen, chat_listen, chat_page };
             serve::run(addresses, config)
         }
         Command::Pub(args) => pubsub::run_pub(args),

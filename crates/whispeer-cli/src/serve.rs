@@ -20,10 +20,11 @@ pub(crate) struct Listen {
     pub(crate) ws_listen: Option<String>,
     pub(crate) admin_listen: Option<String>,
     pub(crate) chat_listen: Option<String>,
+    pub(crate) chat_page: Option<PathBuf>,
 }
 
 pub(crate) fn run(addresses: Listen, config_path: Option<PathBuf>) -> ExitCode {
-    let Listen { listen, ws_listen, admin_listen, chat_listen } = addresses;
+    let Listen { listen, ws_listen, admin_listen, chat_listen, chat_page } = addresses;
     let explicit = config_path.is_some();
     let path = config_path.unwrap_or_else(|| PathBuf::from("whispeer.toml"));
     let (mut config, ignored) = match Config::load(&path, explicit) {
@@ -44,6 +45,9 @@ pub(crate) fn run(addresses: Listen, config_path: Option<PathBuf>) -> ExitCode {
     }
     if chat_listen.is_some() {
         config.chat.listen = chat_listen;
+    }
+    if chat_page.is_some() {
+        config.chat.page_dir = chat_page;
     }
     init_logging(&config);
     for variable in ignored {
@@ -187,6 +191,9 @@ async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
         let scheme = if secure { "wss" } else { "ws" };
         tracing::info!(%chat, path = %config.chat.path, "listening for chat clients");
         println!("whispeer: chat listening on {scheme}://{chat}{}", config.chat.path);
+        if config.chat.page_dir.is_some() && !secure {
+            println!("whispeer: chat page on http://{chat}/");
+        }
     }
     if let Some(status) = &cluster_status {
         status.advertise(advertised);

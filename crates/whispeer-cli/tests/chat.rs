@@ -294,3 +294,71 @@ fn the_chat_benchmark_runs_its_three_workloads() {
     assert!(stdout.contains("chat 1:1: 2 pairs, 40 messages"), "{stdout}");
     assert!(stdout.contains("chat group: 3 members, 13 messages"), "{stdout}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_and_unread_counts_follow_delivery_and_reading() {
+    let server = ChatServer::start(&[]);
+    let mut alice = ChatClient::join(&server.url, "alice", "laptop").await;
+    let mut ids = Vec::new();
+    for (n, text) in ["one", "two", "three"].iter().enumerate() {
+        let sent = alice.ask(json!({"to": "bob", "msg": text})).await;
+        assert_eq!(sent["seq"], n as u64 + 1, "{sent}");
+        ids.push(sent["id"].clone());
+    }
+    // Bob's phone comes online: the messages arrive with their seq, and alice hears of each.
+    let mut phone = ChatClient::join(&server.url, "bob", "phone").await;
+    let first = phone.next_where(|v| v.get("msg").is_some()).await;
+    assert_eq!((first["msg"].as_str(), first["seq"].as_u64()), (Some("one"), Some(1)));
+    for id in &ids {
+        let receipt = alice.next_where(|v| v["status"] == "delivered").await;
+        assert_eq!(
+            (&receipt["id"], &receipt["by"], &receipt["device"]),
+            (id, &json!("bob"), &json!("phone"))
+        );
+    }
+    alice.ask(json!({"type": "create", "group": "team", "open": true})).await;
+    phone.ask(json!({"type": "join", "group": "team"})).await;
+    alice.ask(json!({"group": "team", "msg": "g1"})).await;
+    alice.ask(json!({"group": "team", "msg": "g2"})).await;
+    phone.send(&json!({"type": "unread"})).await;
+    let unread = phone.next_where(|v| v["type"] == "unread").await;
+    let count = |unread: &Value, key: &str, name: &str| {
+        unread["conversations"].as_array().unwrap().iter().find(|c| c[key] == name).unwrap()["unread"].clone()
+    };
+    assert_eq!(count(&unread, "with", "alice"), 3, "{unread}");
+    assert_eq!(count(&unread, "group", "team"), 2, "{unread}");
+    // Reading up to "two" (by id) tells alice, and leaves one unread.
+    let read = phone.ask(json!({"type": "read", "with": "alice", "id": ids[1]})).await;
+    assert_eq!(read["seq"], 2, "{read}");
+    let receipt = alice.next_where(|v| v["status"] == "read").await;
+    assert_eq!((receipt["by"].as_str(), receipt["seq"].as_u64()), (Some("bob"), Some(2)));
+    phone.send(&json!({"type": "unread"})).await;
+    let unread = phone.next_where(|v| v["type"] == "unread").await;
+    assert_eq!(count(&unread, "with", "alice"), 1, "{unread}");
+    // Bob's laptop learns where he read up to.
+    let mut laptop = ChatClient::join(&server.url, "bob", "laptop").await;
+    let synced = laptop.next_where(|v| v["status"] == "read").await;
+    assert_eq!((synced["with"].as_str(), synced["seq"].as_u64()), (Some("alice"), Some(2)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_back_after_the_inbox_bound_is_told_how_many_it_missed() {
+    let server = ChatServer::start(&[
+        ("WHISPEER_CHAT__INBOX_MAX_MESSAGES", "5"),
+        ("WHISPEER_CHAT__MAX_MESSAGES_PER_SEC", "1000"),
+    ]);
+    drop(ChatClient::join(&server.url, "bob", "phone").await);
+    let mut alice = ChatClient::join(&server.url, "alice", "laptop").await;
+    for n in 0..8 {
+        assert_eq!(alice.ask(json!({"to": "bob", "msg": format!("m{n}")})).await["type"], "sent");
+    }
+    let mut phone = ChatClient::join(&server.url, "bob", "phone").await;
+    let notice = phone.next_where(|v| v["type"] == "notice").await;
+    assert_eq!((notice["code"].as_str(), notice["missed"].as_u64()), (Some("missed"), Some(3)));
+    let kept = numbers_until(&mut phone, 7).await;
+    assert_eq!(kept, vec![3, 4, 5, 6, 7]);
+    // A device seen for the first time gets what the inbox keeps, without a notice.
+    let mut tablet = ChatClient::join(&server.url, "bob", "tablet").await;
+    let first = tablet.next_where(|v| v.get("msg").is_some() || v["type"] == "notice").await;
+    assert_eq!(first["msg"], "m3", "{first}");
+}

@@ -74,6 +74,15 @@ async fn direct_and_group_messages_history_presence_and_refusals() {
     let team = alice.history(&Conversation::Group("team".into()), None, 10).await.unwrap();
     assert!(team.iter().any(|m| m.msg["text"] == "standup"), "{team:?}");
 
+    let unread = bob.unread().await.unwrap();
+    assert!(unread.contains(&(Conversation::User("alice".into()), 1, 1)), "{unread:?}");
+    bob.read(&Conversation::User("alice".into()), 1).await.unwrap();
+    let read = next(&mut alice_events, |e| match e {
+        ChatEvent::Receipt { status, by, seq, .. } if status == "read" => Some((by, seq)),
+        _ => None,
+    })
+    .await;
+    assert_eq!(read, ("bob".to_string(), Some(1)));
     bob.typing(&Conversation::User("alice".into())).await.unwrap();
     let typing = next(&mut alice_events, |e| match e {
         ChatEvent::Typing { from, .. } => Some(from),

@@ -19,6 +19,10 @@
 //! client.close();
 //! ```
 
+mod chat;
+
+pub use chat::Chat;
+
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;

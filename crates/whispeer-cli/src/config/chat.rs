@@ -19,10 +19,14 @@ pub(crate) struct Chat {
     pub(crate) dir: Option<PathBuf>,
     /// Messages kept per user for devices that are away.
     pub(crate) inbox_max_messages: usize,
+    /// Bytes kept per user for devices that are away.
+    pub(crate) inbox_max_bytes: usize,
     /// Milliseconds a message waits for a device that is away.
     pub(crate) inbox_max_age_ms: u64,
     /// Messages kept per conversation for `history`.
     pub(crate) history_max_messages: usize,
+    /// Bytes kept per conversation for `history`.
+    pub(crate) history_max_bytes: usize,
     /// Largest request, in bytes of JSON.
     pub(crate) max_message_bytes: usize,
     /// Messages per second per user, across its devices.
@@ -33,6 +37,8 @@ pub(crate) struct Chat {
     pub(crate) max_members_per_group: usize,
     /// Connections per user at once.
     pub(crate) max_connections_per_user: usize,
+    /// Directory of the WASM client's web package: serves the chat page at `/`; off if unset.
+    pub(crate) page_dir: Option<PathBuf>,
 }
 
 impl Default for Chat {
@@ -43,13 +49,16 @@ impl Default for Chat {
             path: chat.path,
             dir: None,
             inbox_max_messages: chat.inbox_max_messages,
+            inbox_max_bytes: chat.inbox_max_bytes,
             inbox_max_age_ms: chat.inbox_max_age.as_millis() as u64,
             history_max_messages: chat.history_max_messages,
+            history_max_bytes: chat.history_max_bytes,
             max_message_bytes: chat.max_message_bytes,
             max_messages_per_sec: chat.max_messages_per_sec,
             max_groups_per_user: chat.max_groups_per_user,
             max_members_per_group: chat.max_members_per_group,
             max_connections_per_user: chat.max_connections_per_user,
+            page_dir: None,
         }
     }
 }
@@ -68,6 +77,8 @@ impl Chat {
         anyhow::ensure!(self.path.starts_with('/'), "chat.path {:?} must start with /", self.path);
         let positive = [
             ("inbox_max_messages", self.inbox_max_messages),
+            ("inbox_max_bytes", self.inbox_max_bytes),
+            ("history_max_bytes", self.history_max_bytes),
             ("history_max_messages", self.history_max_messages),
             ("max_message_bytes", self.max_message_bytes),
             ("max_messages_per_sec", self.max_messages_per_sec as usize),
@@ -83,6 +94,8 @@ impl Chat {
         chat.path.clone_from(&self.path);
         chat.dir = self.dir.clone().or_else(|| storage_dir.map(std::path::Path::to_path_buf));
         chat.inbox_max_messages = self.inbox_max_messages;
+        chat.inbox_max_bytes = self.inbox_max_bytes;
+        chat.history_max_bytes = self.history_max_bytes;
         chat.inbox_max_age = Duration::from_millis(self.inbox_max_age_ms);
         chat.history_max_messages = self.history_max_messages;
         chat.max_message_bytes = self.max_message_bytes;
@@ -90,6 +103,7 @@ impl Chat {
         chat.max_groups_per_user = self.max_groups_per_user;
         chat.max_members_per_group = self.max_members_per_group;
         chat.max_connections_per_user = self.max_connections_per_user;
+        chat.page_dir.clone_from(&self.page_dir);
         chat.server = server;
         Ok(chat)
     }

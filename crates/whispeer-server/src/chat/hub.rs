@@ -82,6 +82,10 @@ pub(crate) struct Hub {
     pub(crate) contacts: Mutex<HashMap<String, BTreeSet<String>>>,
     /// Numbers each session, so a sender's own devices skip the copy it sent.
     sessions: AtomicU64,
+    /// Locks by hash of a conversation's log: its seq is read and its entry written under one.
+    stripes: Vec<Mutex<()>>,
+    /// How far each user has read each conversation (its log's topic): a seq.
+    pub(crate) reads: Mutex<HashMap<(String, String), u64>>,
 }
 
 impl Hub {
@@ -102,6 +106,12 @@ impl Hub {
             };
             cursors.insert((device.user, device.device), Arc::new(cursor));
         }
+        let reads: HashMap<(String, String), u64> = store
+            .reads()
+            .map_err(io)?
+            .into_iter()
+            .map(|(user, log, seq)| ((user, log), seq))
+            .collect();
         let mut contacts: HashMap<String, BTreeSet<String>> = HashMap::new();
         for (user, peer) in store.contacts().map_err(io)? {
             contacts.entry(user).or_default().insert(peer);
@@ -117,6 +127,8 @@ impl Hub {
             online: Mutex::new(HashMap::new()),
             contacts: Mutex::new(contacts),
             sessions: AtomicU64::new(1),
+            stripes: (0..super::messaging::STRIPES).map(|_| Mutex::new(())).collect(),
+            reads: Mutex::new(reads),
         });
         let weak = Arc::downgrade(&hub);
         broker.spawn(async move {
@@ -139,6 +151,13 @@ impl Hub {
 
     pub(crate) fn groups(&self) -> std::sync::RwLockReadGuard<'_, Groups> {
         self.groups.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The lock that orders `log`'s entries.
+    pub(crate) fn stripe(&self, log: &str) -> &Mutex<()> {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(log);
+        &self.stripes[(hash as usize) % self.stripes.len()]
     }
 
     /// A new session's number.

@@ -12,14 +12,22 @@ use super::wire::{Action, ChatError, Delivered, Position, Target};
 
 /// The header that names the session a message came from, so that session skips its own copy.
 pub(crate) const ORIGIN: &str = "chat-origin";
+/// Headers of a message's inbox copies: its sender, its id, and for a direct message its
+/// recipient (what a delivery receipt needs without parsing the payload).
+pub(crate) const FROM: &str = "chat-from";
+pub(crate) const ID: &str = "chat-id";
+pub(crate) const DIRECT: &str = "chat-to";
+
+/// Stripes of locks that keep each log's writes in seq order.
+pub(crate) const STRIPES: usize = 64;
 
 /// A direct conversation's log: the two names in order, so both sides read the same one.
-fn direct_log(a: &str, b: &str) -> String {
+pub(crate) fn direct_log(a: &str, b: &str) -> String {
     let (low, high) = if a <= b { (a, b) } else { (b, a) };
     format!("@chat/log/d/{low}/{high}")
 }
 
-fn group_log(group: &str) -> String {
+pub(crate) fn group_log(group: &str) -> String {
     format!("@chat/log/g/{group}")
 }
 
@@ -40,19 +48,35 @@ fn unavailable(err: &PublishError) -> ChatError {
 }
 
 impl Hub {
-    /// Publishes `payload` to each of `topics`, then waits until the store has every copy.
-    async fn publish_all(
+    /// Writes one entry to its conversation's `log` (if any) at the next `seq`, then to each of
+    /// `inboxes`, and waits until the store has every copy. `build` makes the payload for its
+    /// seq; the log's stripe lock holds while the seq is read and the log written, so the seq
+    /// is the log offset the entry gets.
+    async fn post(
         &self,
-        topics: &[String],
-        payload: &Bytes,
-        origin: u64,
+        log: Option<&str>,
+        inboxes: &[String],
+        headers: &PublishOptions,
+        build: impl FnOnce(Option<u64>) -> Result<Bytes, ChatError>,
     ) -> Result<(), ChatError> {
-        let options = PublishOptions::new().header(ORIGIN, origin.to_string());
-        let mut receipts: Vec<PublishReceipt> = Vec::with_capacity(topics.len());
-        for topic in topics {
+        let mut receipts: Vec<PublishReceipt> = Vec::with_capacity(inboxes.len() + 1);
+        let payload = match log {
+            Some(log) => {
+                let _in_order = lock(self.stripe(log));
+                let payload = build(Some(self.next_seq(log)))?;
+                let receipt = self
+                    .broker
+                    .publish_bytes_with(log, payload.clone(), headers)
+                    .map_err(|e| unavailable(&e))?;
+                receipts.push(receipt);
+                payload
+            }
+            None => build(None)?,
+        };
+        for topic in inboxes {
             let receipt = self
                 .broker
-                .publish_bytes_with(topic, payload.clone(), &options)
+                .publish_bytes_with(topic, payload.clone(), headers)
                 .map_err(|e| unavailable(&e))?;
             receipts.push(receipt);
         }
@@ -65,28 +89,34 @@ impl Hub {
         Ok(())
     }
 
+    /// The offset the next entry of `log` gets.
+    fn next_seq(&self, log: &str) -> u64 {
+        let Ok(topic) = Topic::parse(log) else { return 1 };
+        self.broker.history(&topic, StartAt::Latest, 0).map_or(1, |page| page.next_offset)
+    }
+
     /// Sends `msg` from `from`: to a user (both sides' inboxes), a group (every member's), or a
-    /// topic (its live subscribers). Returns the message's id and time once stored.
+    /// topic (its live subscribers). Returns the message's id, time and seq once stored.
     pub(crate) async fn send(
         &self,
         from: &str,
         origin: u64,
         target: &Target,
         msg: &Value,
-    ) -> Result<(String, u64), ChatError> {
+    ) -> Result<(String, u64, Option<u64>), ChatError> {
         let time = now_ms();
         let id = new_id(time);
         let mut delivered =
-            Delivered { from, to: None, group: None, topic: None, msg, id: &id, time };
-        let topics = match target {
+            Delivered { from, to: None, group: None, topic: None, msg, id: &id, time, seq: None };
+        let (log, inboxes) = match target {
             Target::User(to) => {
                 delivered.to = Some(to);
                 self.remember_contact(from, to).await;
-                let mut topics = vec![direct_log(from, to), inbox(to)];
+                let mut inboxes = vec![inbox(to)];
                 if to != from {
-                    topics.push(inbox(from));
+                    inboxes.push(inbox(from));
                 }
-                topics
+                (Some(direct_log(from, to)), inboxes)
             }
             Target::Group(group) => {
                 delivered.group = Some(group);
@@ -97,19 +127,29 @@ impl Hub {
                 }
                 let members = groups.members(group);
                 drop(groups);
-                let mut topics = vec![group_log(group)];
-                topics.extend(members.iter().map(|m| inbox(m)));
-                topics
+                (Some(group_log(group)), members.iter().map(|m| inbox(m)).collect())
             }
             Target::Topic(topic) => {
                 delivered.topic = Some(topic);
-                vec![broadcast(topic)]
+                (None, vec![broadcast(topic)])
             }
         };
-        let payload = serde_json::to_vec(&delivered)
-            .map_err(|e| ChatError::new("malformed", format!("message not encodable: {e}")))?;
-        self.publish_all(&topics, &Bytes::from(payload), origin).await?;
-        Ok((id, time))
+        let mut headers = PublishOptions::new()
+            .header(ORIGIN, origin.to_string())
+            .header(FROM, from.to_string())
+            .header(ID, id.clone());
+        if let Target::User(to) = target {
+            headers = headers.header(DIRECT, to.clone());
+        }
+        let mut seq = None;
+        self.post(log.as_deref(), &inboxes, &headers, |at| {
+            (delivered.seq, seq) = (at, at);
+            serde_json::to_vec(&delivered)
+                .map(Bytes::from)
+                .map_err(|e| ChatError::new("malformed", format!("message not encodable: {e}")))
+        })
+        .await?;
+        Ok((id, time, seq))
     }
 
     async fn remember_contact(&self, a: &str, b: &str) {
@@ -170,13 +210,15 @@ impl Hub {
         told.dedup();
         let time = now_ms();
         let id = new_id(time);
-        let notice = json!({
-            "type": "group", "group": group, "event": event, "user": subject, "by": user,
-            "id": id, "time": time,
-        });
-        let mut topics = vec![group_log(group)];
-        topics.extend(told.iter().map(|u| inbox(u)));
-        self.publish_all(&topics, &Bytes::from(notice.to_string()), 0).await
+        let inboxes: Vec<String> = told.iter().map(|u| inbox(u)).collect();
+        let build = |seq: Option<u64>| {
+            let notice = json!({
+                "type": "group", "group": group, "event": event, "user": subject, "by": user,
+                "id": id, "time": time, "seq": seq,
+            });
+            Ok(Bytes::from(notice.to_string()))
+        };
+        self.post(Some(&group_log(group)), &inboxes, &PublishOptions::new(), build).await
     }
 
     async fn store_changes(&self, changes: Vec<Change>) -> Result<(), ChatError> {
@@ -270,7 +312,7 @@ impl Hub {
 
     /// The `seq` a position names: itself, or the message with that id (looked for through
     /// the retained history, which `history_max_messages` bounds).
-    fn seq_of(
+    pub(crate) fn seq_of(
         &self,
         topic: &Topic,
         position: &Position,

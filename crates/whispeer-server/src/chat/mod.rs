@@ -21,6 +21,8 @@
 mod groups;
 mod hub;
 mod messaging;
+mod page;
+mod receipts;
 mod session;
 mod store;
 mod wire;
@@ -50,11 +52,16 @@ pub struct ChatConfig {
     /// Messages kept per user for devices that are away; older ones are dropped, and a device
     /// that missed some is told how many. Default: 10 000.
     pub inbox_max_messages: usize,
+    /// Bytes of messages kept per user (payloads plus 256 a message), the same way.
+    /// Default: 16 MiB.
+    pub inbox_max_bytes: usize,
     /// How long a message waits for a device that is away. Default: 30 days.
     pub inbox_max_age: Duration,
     /// Messages kept per conversation (a pair of users, or a group) for `history`.
     /// Default: 10 000.
     pub history_max_messages: usize,
+    /// Bytes kept per conversation for `history`. Default: 16 MiB.
+    pub history_max_bytes: usize,
     /// Largest request, in bytes of JSON. Default: 16 KiB.
     pub max_message_bytes: usize,
     /// Messages per second one user may send, across its devices (bursts of one second's
@@ -66,6 +73,10 @@ pub struct ChatConfig {
     pub max_members_per_group: usize,
     /// Connections of one user at once (its devices). Default: 16.
     pub max_connections_per_user: usize,
+    /// Serve the chat page at `/` of the listener, with the WASM client's web package
+    /// (`wasm-bindgen --target web` output: `whispeer_wasm.js`, `whispeer_wasm_bg.wasm`) from
+    /// this directory. Plain HTTP only (not with TLS). Default: off.
+    pub page_dir: Option<PathBuf>,
     /// Authentication, TLS, heartbeat and the connection limit, shared with the other
     /// listeners.
     pub server: ServerConfig,
@@ -77,13 +88,16 @@ impl Default for ChatConfig {
             path: "/ws".into(),
             dir: None,
             inbox_max_messages: 10_000,
+            inbox_max_bytes: 16 << 20,
             inbox_max_age: Duration::from_secs(30 * 24 * 3600),
             history_max_messages: 10_000,
+            history_max_bytes: 16 << 20,
             max_message_bytes: 16 * 1024,
             max_messages_per_sec: 20,
             max_groups_per_user: 100,
             max_members_per_group: 1000,
             max_connections_per_user: 16,
+            page_dir: None,
             server: ServerConfig::default(),
         }
     }
@@ -157,8 +171,10 @@ impl Extension for Chat {
     fn extend(self, mut builder: BrokerBuilder) -> BrokerBuilder {
         let options = builder.options_mut();
         let inbox = Retention::messages(self.config.inbox_max_messages.max(1))
+            .max_bytes(self.config.inbox_max_bytes.max(1))
             .max_age(self.config.inbox_max_age);
-        let log = Retention::messages(self.config.history_max_messages.max(1));
+        let log = Retention::messages(self.config.history_max_messages.max(1))
+            .max_bytes(self.config.history_max_bytes.max(1));
         // First, so that no broader rule of the operator's shadows them.
         options.retention.insert(0, (filter(INBOXES), inbox));
         options.retention.insert(1, (filter(LOGS), log));

@@ -30,7 +30,7 @@ use whispeer_core::{
 };
 
 use super::hub::{Cursor, Hub, broadcast, inbox, live};
-use super::messaging::ORIGIN;
+use super::messaging::{DIRECT, FROM, ID, ORIGIN};
 use super::wire::{self, Action, ChatError, Request as ChatRequest, valid_name};
 use crate::ServerConfig;
 
@@ -135,13 +135,25 @@ fn admit(
 
 /// Serves one connection, after TLS if configured.
 pub(super) async fn run(
-    stream: TcpStream,
+    mut stream: TcpStream,
     peer: SocketAddr,
     hub: Arc<Hub>,
     config: Arc<ServerConfig>,
     stop: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
+    #[cfg(feature = "tls")]
+    let plain = config.tls.is_none();
+    #[cfg(not(feature = "tls"))]
+    let plain = true;
+    if let Some(dir) = hub.config.page_dir.as_deref().filter(|_| plain) {
+        let path = &hub.config.path;
+        let peeked =
+            super::page::serve_if_page(&mut stream, dir, path, config.idle_timeout()).await;
+        if matches!(peeked, super::page::Peeked::Served) {
+            return;
+        }
+    }
     #[cfg(feature = "tls")]
     if let Some(tls) = &config.tls {
         let Some(stream) = crate::tls::accept(tls, stream, peer, config.idle_timeout()).await
@@ -195,6 +207,7 @@ async fn upgrade<S>(
         user: None,
         device,
         cursor: None,
+        known: false,
         inbox: None,
         live: None,
         topics: HashMap::new(),
@@ -219,6 +232,8 @@ struct Session<S> {
     user: Option<String>,
     device: String,
     cursor: Option<Arc<Cursor>>,
+    /// Whether the device was known before this connection (a new one has missed nothing).
+    known: bool,
     inbox: Option<Subscription<Message>>,
     live: Option<Subscription<Message>>,
     topics: HashMap<String, Subscription<Message>>,
@@ -327,9 +342,20 @@ where
             last = next.offset().or(last);
             batch.push(next);
         }
+        let mut direct = Vec::new();
         for message in batch {
-            if message.headers().get(ORIGIN) == Some(&self.origin) {
+            let headers = message.headers();
+            if headers.get(ORIGIN) == Some(&self.origin) {
                 continue;
+            }
+            let mine = self.user.as_deref().map(str::as_bytes);
+            if let (Some(to), Some(from), Some(id)) =
+                (headers.get(DIRECT), headers.get(FROM), headers.get(ID))
+                && Some(to.as_ref()) == mine
+                && Some(from.as_ref()) != mine
+            {
+                let text = |b: &Bytes| String::from_utf8_lossy(b).into_owned();
+                direct.push((text(from), text(id)));
             }
             let Ok(text) = Utf8Bytes::try_from(message.payload().clone()) else { continue };
             if self.ws.feed(WsMessage::Text(text)).await.is_err() {
@@ -341,6 +367,11 @@ where
         }
         if let (Some(cursor), Some(last)) = (&self.cursor, last) {
             cursor.advance(last);
+        }
+        if let Some(user) = &self.user
+            && !direct.is_empty()
+        {
+            self.hub.delivered(user, &self.device, &direct);
         }
         true
     }
@@ -371,8 +402,9 @@ where
             self.refuse(&err, reference).await;
             return false;
         }
-        let (cursor, _) = self.hub.cursor(&user, &self.device);
+        let (cursor, new) = self.hub.cursor(&user, &self.device);
         self.cursor = Some(cursor);
+        self.known = !new;
         self.user = Some(user.clone());
         match self.hub.broker.messages(SubscribeOptions::new(live(&user))) {
             Ok(live) => self.live = Some(live),
@@ -402,7 +434,7 @@ where
             None => (StartAt::Earliest, 0),
             // Past the end: the inbox was lost (a store removed); start again from its start.
             Some((first, next)) if read + 1 > next => (StartAt::Offset(first), 0),
-            Some((first, _)) if read + 1 < first && read > 0 => {
+            Some((first, _)) if read + 1 < first && self.known => {
                 (StartAt::Offset(first), first - read - 1)
             }
             Some((first, _)) => (StartAt::Offset((read + 1).max(first)), 0),
@@ -493,8 +525,8 @@ where
             Action::Hello => return Ok(None),
             Action::Send { target, msg } => {
                 hub.admit(user)?;
-                let (id, time) = hub.send(user, self.id, &target, &msg).await?;
-                json!({ "type": "sent", "id": id, "time": time })
+                let (id, time, seq) = hub.send(user, self.id, &target, &msg).await?;
+                json!({ "type": "sent", "id": id, "time": time, "seq": seq })
             }
             action @ (Action::Create { .. }
             | Action::Join { .. }
@@ -540,6 +572,11 @@ where
                 hub.typing(user, &target)?;
                 return Ok(None);
             }
+            Action::Read { with, upto } => {
+                let seq = hub.read(user, self.id, &with, &upto).await?;
+                json!({ "type": "ok", "seq": seq })
+            }
+            Action::Unread => hub.unread(user),
             Action::Who => {
                 let users: Vec<Value> = hub.watched(user).iter().map(|u| hub.presence(u)).collect();
                 json!({ "type": "presence", "users": users })

@@ -44,6 +44,8 @@ const SCHEMA: &str = "
         last_seen_ms INTEGER NOT NULL, PRIMARY KEY (user, device));
     CREATE TABLE IF NOT EXISTS contacts (
         user TEXT NOT NULL, peer TEXT NOT NULL, PRIMARY KEY (user, peer));
+    CREATE TABLE IF NOT EXISTS reads (
+        user TEXT NOT NULL, log TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (user, log));
 ";
 
 fn to_io(err: rusqlite::Error) -> std::io::Error {
@@ -172,6 +174,26 @@ impl ChatStore {
         tx.commit()
     }
 
+    /// How far each user read each conversation: (user, log topic, seq).
+    pub(crate) fn reads(&self) -> rusqlite::Result<Vec<(String, String, u64)>> {
+        let db = self.db();
+        let mut statement = db.prepare("SELECT user, log, seq FROM reads")?;
+        let rows = statement.query_map([], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get::<_, i64>(2)?.max(0) as u64))
+        })?;
+        rows.collect()
+    }
+
+    /// Records that `user` read `log` up to `seq` (never moving back).
+    pub(crate) fn save_read(&self, user: &str, log: &str, seq: u64) -> rusqlite::Result<()> {
+        self.db().execute(
+            "INSERT INTO reads (user, log, seq) VALUES (?1, ?2, ?3)
+             ON CONFLICT (user, log) DO UPDATE SET seq = MAX(seq, excluded.seq)",
+            params![user, log, seq as i64],
+        )?;
+        Ok(())
+    }
+
     /// Every pair of users that exchanged a direct message.
     pub(crate) fn contacts(&self) -> rusqlite::Result<Vec<(String, String)>> {
         let db = self.db();
@@ -215,6 +237,8 @@ mod tests {
             // A cursor never moves back, whatever order the flushes land in.
             store.save_devices(&[device(3)]).unwrap();
             store.add_contact("alice", "bob").unwrap();
+            store.save_read("bob", "@chat/log/d/alice/bob", 4).unwrap();
+            store.save_read("bob", "@chat/log/d/alice/bob", 2).unwrap();
         }
         let store = ChatStore::open(Some(&dir)).unwrap();
         let groups = store.groups().unwrap();
@@ -228,6 +252,8 @@ mod tests {
         assert!(!groups[0].open);
         assert_eq!(store.devices().unwrap()[0].cursor, 5);
         assert_eq!(store.contacts().unwrap().len(), 2);
+        let reads = store.reads().unwrap();
+        assert_eq!(reads, vec![("bob".into(), "@chat/log/d/alice/bob".into(), 4)], "never back");
         store.remove_member("team", "alice").unwrap();
         store.remove_member("team", "bob").unwrap();
         assert!(store.groups().unwrap().is_empty(), "the last member took the group along");

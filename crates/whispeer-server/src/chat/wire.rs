@@ -85,6 +85,12 @@ pub(crate) enum Action {
         target: Target,
     },
     Who,
+    /// Read up to a message of a conversation.
+    Read {
+        with: Target,
+        upto: Position,
+    },
+    Unread,
 }
 
 /// A parsed request: its action, the `from` it claims, and the `ref` to echo.
@@ -110,6 +116,8 @@ struct Raw {
     before: Option<Position>,
     after: Option<Position>,
     limit: Option<usize>,
+    seq: Option<u64>,
+    id: Option<String>,
     #[serde(rename = "ref")]
     reference: Option<Value>,
 }
@@ -197,6 +205,19 @@ fn action(raw: &mut Raw, has_from: bool) -> Result<Action, ChatError> {
             Action::History { with, before: raw.before.take(), after: raw.after.take(), limit }
         }
         Some("typing") => Action::Typing { target: target(raw, "to")? },
+        Some("read") => {
+            raw.to = raw.to.take().or_else(|| raw.with.take());
+            let with = target(raw, "with")?;
+            let upto = match (raw.seq.take(), raw.id.take()) {
+                (Some(seq), _) => Position::Seq(seq),
+                (None, Some(id)) => Position::Id(id),
+                (None, None) => {
+                    return Err(ChatError::new("malformed", "read needs \"seq\" or \"id\""));
+                }
+            };
+            Action::Read { with, upto }
+        }
+        Some("unread") => Action::Unread,
         Some("who" | "presence") => Action::Who,
         Some(other) => {
             return Err(ChatError::new("unknown_type", format!("no request type {other:?}")));
@@ -217,6 +238,9 @@ pub(crate) struct Delivered<'a> {
     pub(crate) msg: &'a Value,
     pub(crate) id: &'a str,
     pub(crate) time: u64,
+    /// Its number in its conversation (none for a topic broadcast).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) seq: Option<u64>,
 }
 
 /// An error for the client.

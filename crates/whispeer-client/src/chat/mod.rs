@@ -26,11 +26,15 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures_util::{SinkExt, Stream, StreamExt};
-use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::rustls;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+mod events;
+
+use events::event_of;
+pub use events::{ChatEvent, ChatMessage, Presence};
 
 /// Where and as whom to connect.
 #[derive(Clone, Debug)]
@@ -118,112 +122,6 @@ pub enum ChatError {
     /// The connection ended.
     #[error("the chat connection is closed")]
     Closed,
-}
-
-/// A chat message as received, or as read from history.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
-#[non_exhaustive]
-pub struct ChatMessage {
-    /// Its id: 32 hex digits that sort by time.
-    pub id: String,
-    /// Its sender.
-    pub from: String,
-    /// The user it was sent to (a direct message).
-    pub to: Option<String>,
-    /// The group it was sent to.
-    pub group: Option<String>,
-    /// The topic it was broadcast on.
-    pub topic: Option<String>,
-    /// What was sent.
-    pub msg: Value,
-    /// When the server took it, in milliseconds since the epoch.
-    pub time: u64,
-    /// Its number in its conversation (in history pages).
-    pub seq: Option<u64>,
-}
-
-/// What the server tells a connection without being asked.
-#[derive(Clone, Debug, PartialEq)]
-#[non_exhaustive]
-pub enum ChatEvent {
-    /// A message: direct, group or topic.
-    Message(ChatMessage),
-    /// A group changed: `event` is `created`, `joined`, `invited`, `left`, `removed` or `admin`.
-    Group {
-        /// The group.
-        group: String,
-        /// What happened.
-        event: String,
-        /// To whom.
-        user: String,
-        /// Who did it.
-        by: String,
-    },
-    /// A contact or group member came online or went offline.
-    Presence {
-        /// Who.
-        user: String,
-        /// Whether it is online now.
-        online: bool,
-        /// When it was last seen, when offline.
-        last_seen: Option<u64>,
-    },
-    /// Someone is typing to this user (or in `group`).
-    Typing {
-        /// Who.
-        from: String,
-        /// Where, for a group.
-        group: Option<String>,
-    },
-    /// Messages for this device that the inbox bound dropped while it was away.
-    Missed(u64),
-    /// Anything else the server said (an error without a request, say).
-    Other(Value),
-}
-
-fn event_of(value: Value) -> ChatEvent {
-    let text = |key: &str| value.get(key).and_then(Value::as_str).map(str::to_string);
-    match value.get("type").and_then(Value::as_str) {
-        None if value.get("msg").is_some() => match serde_json::from_value(value.clone()) {
-            Ok(message) => ChatEvent::Message(message),
-            Err(_) => ChatEvent::Other(value),
-        },
-        Some("group") => ChatEvent::Group {
-            group: text("group").unwrap_or_default(),
-            event: text("event").unwrap_or_default(),
-            user: text("user").unwrap_or_default(),
-            by: text("by").unwrap_or_default(),
-        },
-        Some("presence") => ChatEvent::Presence {
-            user: text("user").unwrap_or_default(),
-            online: text("status").as_deref() == Some("online"),
-            last_seen: value.get("last_seen").and_then(Value::as_u64),
-        },
-        Some("typing") => {
-            ChatEvent::Typing { from: text("from").unwrap_or_default(), group: text("group") }
-        }
-        Some("notice") if text("code").as_deref() == Some("missed") => {
-            ChatEvent::Missed(value.get("missed").and_then(Value::as_u64).unwrap_or(0))
-        }
-        _ => ChatEvent::Other(value),
-    }
-}
-
-/// A user's presence, as `who` and `members` give it.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[non_exhaustive]
-pub struct Presence {
-    /// Who.
-    pub user: String,
-    /// Whether a device of it is connected.
-    pub online: bool,
-    /// Its connected devices.
-    #[serde(default)]
-    pub devices: Vec<String>,
-    /// When it was last seen, once it has been.
-    pub last_seen: Option<u64>,
-    /// Its role, in a group's member list.
-    pub role: Option<String>,
 }
 
 /// Whom a conversation is with.
@@ -337,7 +235,7 @@ impl Chat {
             topic: None,
             msg,
             time: sent["time"].as_u64().unwrap_or_default(),
-            seq: None,
+            seq: sent["seq"].as_u64(),
         })
     }
 
@@ -472,6 +370,36 @@ impl Chat {
         Ok(entries.into_iter().filter_map(|entry| serde_json::from_value(entry).ok()).collect())
     }
 
+    /// Marks `with` read up to `seq` (the other side of a direct conversation, and this user's
+    /// other devices, get a `read` receipt).
+    ///
+    /// # Errors
+    /// `not_member`, `no_such_message`, or [`ChatError::Closed`].
+    pub async fn read(&self, with: &Conversation, seq: u64) -> Result<(), ChatError> {
+        let (key, name) = with.key();
+        self.request(json!({ "type": "read", key: name, "seq": seq })).await.map(drop)
+    }
+
+    /// Unread messages per conversation: `(conversation, unread, last seq)`.
+    ///
+    /// # Errors
+    /// [`ChatError::Closed`].
+    pub async fn unread(&self) -> Result<Vec<(Conversation, u64, u64)>, ChatError> {
+        let reply = self.request(json!({ "type": "unread" })).await?;
+        let list = reply["conversations"].as_array().cloned().unwrap_or_default();
+        Ok(list
+            .iter()
+            .filter_map(|c| {
+                let conversation = match (c["with"].as_str(), c["group"].as_str()) {
+                    (Some(user), _) => Conversation::User(user.into()),
+                    (None, Some(group)) => Conversation::Group(group.into()),
+                    _ => return None,
+                };
+                Some((conversation, c["unread"].as_u64()?, c["last"].as_u64()?))
+            })
+            .collect())
+    }
+
     /// Tells `to` this user is typing (not stored, not acknowledged).
     ///
     /// # Errors
@@ -527,6 +455,7 @@ async fn run(
                     break;
                 }
             }
+            () = events.closed(), if !handles => break,
             incoming = ws.next() => {
                 let text = match incoming {
                     Some(Ok(WsMessage::Text(text))) => text,

@@ -1,0 +1,138 @@
+//! What a chat connection receives: messages, events and presence, from the server's JSON.
+
+use serde::Deserialize;
+use serde_json::Value;
+
+/// A chat message as received, or as read from history.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[non_exhaustive]
+pub struct ChatMessage {
+    /// Its id: 32 hex digits that sort by time.
+    pub id: String,
+    /// Its sender.
+    pub from: String,
+    /// The user it was sent to (a direct message).
+    pub to: Option<String>,
+    /// The group it was sent to.
+    pub group: Option<String>,
+    /// The topic it was broadcast on.
+    pub topic: Option<String>,
+    /// What was sent.
+    pub msg: Value,
+    /// When the server took it, in milliseconds since the epoch.
+    pub time: u64,
+    /// Its number in its conversation (none for a topic broadcast).
+    pub seq: Option<u64>,
+}
+
+/// What the server tells a connection without being asked.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum ChatEvent {
+    /// A message: direct, group or topic.
+    Message(ChatMessage),
+    /// A group changed: `event` is `created`, `joined`, `invited`, `left`, `removed` or `admin`.
+    Group {
+        /// The group.
+        group: String,
+        /// What happened.
+        event: String,
+        /// To whom.
+        user: String,
+        /// Who did it.
+        by: String,
+    },
+    /// A contact or group member came online or went offline.
+    Presence {
+        /// Who.
+        user: String,
+        /// Whether it is online now.
+        online: bool,
+        /// When it was last seen, when offline.
+        last_seen: Option<u64>,
+    },
+    /// Someone is typing to this user (or in `group`).
+    Typing {
+        /// Who.
+        from: String,
+        /// Where, for a group.
+        group: Option<String>,
+    },
+    /// A receipt: `status` is `delivered` (to `by`'s `device`; `id` is the message's) or `read`
+    /// (`by` read the conversation up to `seq`; `with` or `group` names it for this user's own
+    /// reads on another device).
+    Receipt {
+        /// `delivered` or `read`.
+        status: String,
+        /// Who received or read.
+        by: String,
+        /// The message delivered.
+        id: Option<String>,
+        /// The device it was delivered to.
+        device: Option<String>,
+        /// How far `by` read.
+        seq: Option<u64>,
+        /// The direct conversation, for this user's own reads.
+        with: Option<String>,
+        /// The group, for this user's own reads.
+        group: Option<String>,
+    },
+    /// Messages for this device that the inbox bound dropped while it was away.
+    Missed(u64),
+    /// Anything else the server said (an error without a request, say).
+    Other(Value),
+}
+
+pub(super) fn event_of(value: Value) -> ChatEvent {
+    let text = |key: &str| value.get(key).and_then(Value::as_str).map(str::to_string);
+    match value.get("type").and_then(Value::as_str) {
+        None if value.get("msg").is_some() => match serde_json::from_value(value.clone()) {
+            Ok(message) => ChatEvent::Message(message),
+            Err(_) => ChatEvent::Other(value),
+        },
+        Some("group") => ChatEvent::Group {
+            group: text("group").unwrap_or_default(),
+            event: text("event").unwrap_or_default(),
+            user: text("user").unwrap_or_default(),
+            by: text("by").unwrap_or_default(),
+        },
+        Some("presence") => ChatEvent::Presence {
+            user: text("user").unwrap_or_default(),
+            online: text("status").as_deref() == Some("online"),
+            last_seen: value.get("last_seen").and_then(Value::as_u64),
+        },
+        Some("receipt") => ChatEvent::Receipt {
+            status: text("status").unwrap_or_default(),
+            by: text("by").unwrap_or_default(),
+            id: text("id"),
+            device: text("device"),
+            seq: value.get("seq").and_then(Value::as_u64),
+            with: text("with"),
+            group: text("group"),
+        },
+        Some("typing") => {
+            ChatEvent::Typing { from: text("from").unwrap_or_default(), group: text("group") }
+        }
+        Some("notice") if text("code").as_deref() == Some("missed") => {
+            ChatEvent::Missed(value.get("missed").and_then(Value::as_u64).unwrap_or(0))
+        }
+        _ => ChatEvent::Other(value),
+    }
+}
+
+/// A user's presence, as `who` and `members` give it.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[non_exhaustive]
+pub struct Presence {
+    /// Who.
+    pub user: String,
+    /// Whether a device of it is connected.
+    pub online: bool,
+    /// Its connected devices.
+    #[serde(default)]
+    pub devices: Vec<String>,
+    /// When it was last seen, once it has been.
+    pub last_seen: Option<u64>,
+    /// Its role, in a group's member list.
+    pub role: Option<String>,
+}

@@ -1,0 +1,145 @@
+//! Receipts and unread counts. A direct message written to a recipient's device sends the
+//! sender a `delivered` receipt through its inbox (stored like a message, so an offline sender
+//! gets it later); a `read` request moves the reader's read position in a conversation (kept in
+//! `chat.db`), tells the other side of a direct conversation, and the reader's other devices.
+//! Unread counts are the messages of others after the read position.
+
+use bytes::Bytes;
+use serde_json::{Value, json};
+use whispeer_core::{PublishOptions, StartAt, Topic};
+
+use super::hub::{Hub, inbox, lock, now_ms};
+use super::messaging::{ORIGIN, direct_log, group_log};
+use super::wire::{ChatError, Position, Target};
+
+impl Hub {
+    /// `user`'s device `device` was written direct messages: (sender, id) of each.
+    pub(crate) fn delivered(&self, user: &str, device: &str, messages: &[(String, String)]) {
+        let time = now_ms();
+        for (from, id) in messages {
+            let receipt = json!({
+                "type": "receipt", "status": "delivered", "id": id, "by": user,
+                "device": device, "time": time,
+            });
+            let sent = self.broker.publish_bytes_with(
+                &inbox(from),
+                Bytes::from(receipt.to_string()),
+                &PublishOptions::new(),
+            );
+            if let Err(err) = sent {
+                tracing::debug!(%err, "delivery receipt not stored");
+            }
+        }
+    }
+
+    /// The log of a conversation `user` takes part in.
+    fn log_of(&self, user: &str, with: &Target) -> Result<String, ChatError> {
+        match with {
+            Target::User(peer) => Ok(direct_log(user, peer)),
+            Target::Group(group) if self.groups().is_member(group, user) => Ok(group_log(group)),
+            Target::Group(group) => Err(ChatError::new(
+                "not_member",
+                format!("you are not a member of group {group:?}"),
+            )),
+            Target::Topic(_) => Err(ChatError::new("malformed", "topics keep no read position")),
+        }
+    }
+
+    /// `user` read `with` up to `upto` (a seq or an id): stored, and told.
+    pub(crate) async fn read(
+        &self,
+        user: &str,
+        origin: u64,
+        with: &Target,
+        upto: &Position,
+    ) -> Result<u64, ChatError> {
+        let log = self.log_of(user, with)?;
+        let topic =
+            Topic::parse(&log).map_err(|e| ChatError::new("invalid_name", e.to_string()))?;
+        let (first, next) = self
+            .broker
+            .history(&topic, StartAt::Latest, 0)
+            .map_or((1, 1), |page| (page.first_offset, page.next_offset));
+        let seq = self.seq_of(&topic, upto, first, next)?.min(next.saturating_sub(1));
+        let store = std::sync::Arc::clone(&self.store);
+        let (who, at) = (user.to_string(), log.clone());
+        let saved = tokio::task::spawn_blocking(move || store.save_read(&who, &at, seq)).await;
+        let failed = |e: String| ChatError::new("store_failed", format!("chat.db: {e}"));
+        saved.map_err(|e| failed(e.to_string()))?.map_err(|e| failed(e.to_string()))?;
+        {
+            let mut reads = lock(&self.reads);
+            let read = reads.entry((user.to_string(), log)).or_default();
+            *read = (*read).max(seq);
+        }
+        let time = now_ms();
+        let mut mine =
+            json!({ "type": "receipt", "status": "read", "by": user, "seq": seq, "time": time });
+        match with {
+            Target::User(peer) if peer != user => {
+                let theirs = Bytes::from(mine.to_string());
+                mine["with"] = peer.as_str().into();
+                let _ =
+                    self.broker.publish_bytes_with(&inbox(peer), theirs, &PublishOptions::new());
+            }
+            Target::Group(group) => mine["group"] = group.as_str().into(),
+            _ => mine["with"] = user.into(),
+        }
+        // The reader's other devices learn it too; this one knows.
+        let own = PublishOptions::new().header(ORIGIN, origin.to_string());
+        let _ = self.broker.publish_bytes_with(&inbox(user), Bytes::from(mine.to_string()), &own);
+        Ok(seq)
+    }
+
+    /// Unread messages per conversation of `user`: others' messages after its read position.
+    pub(crate) fn unread(&self, user: &str) -> Value {
+        let mut conversations: Vec<(Value, String)> = lock(&self.contacts)
+            .get(user)
+            .map(|peers| {
+                peers.iter().map(|p| (json!({ "with": p }), direct_log(user, p))).collect()
+            })
+            .unwrap_or_default();
+        for (group, _) in self.groups().of(user) {
+            if self.groups().is_member(&group, user) {
+                let log = group_log(&group);
+                conversations.push((json!({ "group": group }), log));
+            }
+        }
+        let mine = format!("{{\"from\":\"{user}\"");
+        let list: Vec<Value> = conversations
+            .into_iter()
+            .map(|(mut entry, log)| {
+                let read =
+                    lock(&self.reads).get(&(user.to_string(), log.clone())).copied().unwrap_or(0);
+                let (unread, last) = self.count_after(&log, read, &mine);
+                entry["unread"] = unread.into();
+                entry["read"] = read.into();
+                entry["last"] = last.into();
+                entry
+            })
+            .collect();
+        json!({ "type": "unread", "conversations": list })
+    }
+
+    /// Messages of `log` after `read` whose payload does not start with `mine`, and the last
+    /// seq.
+    fn count_after(&self, log: &str, read: u64, mine: &str) -> (u64, u64) {
+        let Ok(topic) = Topic::parse(log) else { return (0, 0) };
+        let Ok(bounds) = self.broker.history(&topic, StartAt::Latest, 0) else { return (0, 0) };
+        let (mut from, next) = ((read + 1).max(bounds.first_offset), bounds.next_offset);
+        let mut unread = 0;
+        while from < next {
+            let Ok(page) = self.broker.history(&topic, StartAt::Offset(from), 1024) else { break };
+            for message in &page.messages {
+                let payload = message.payload();
+                if payload.starts_with(b"{\"from\":") && !payload.starts_with(mine.as_bytes()) {
+                    unread += 1;
+                }
+            }
+            match page.next_from() {
+                Some(more) => from = more,
+                None => break,
+            }
+        }
+        (unread, next.saturating_sub(1))
+    }
+}
