@@ -362,3 +362,36 @@ async fn a_device_back_after_the_inbox_bound_is_told_how_many_it_missed() {
     let first = tablet.next_where(|v| v.get("msg").is_some() || v["type"] == "notice").await;
     assert_eq!(first["msg"], "m3", "{first}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_limit_is_refused_by_name_while_others_are_served() {
+    let server = ChatServer::start(&[
+        ("WHISPEER_CHAT__MAX_MESSAGES_PER_SEC", "5"),
+        ("WHISPEER_CHAT__MAX_GROUPS_PER_USER", "1"),
+        ("WHISPEER_CHAT__MAX_MEMBERS_PER_GROUP", "2"),
+        ("WHISPEER_CHAT__MAX_CONNECTIONS_PER_USER", "2"),
+    ]);
+    let mut alice = ChatClient::join(&server.url, "alice", "laptop").await;
+    let mut codes = Vec::new();
+    for n in 0..8 {
+        let reply = alice.ask(json!({"to": "bob", "msg": format!("m{n}")})).await;
+        codes.push(reply["code"].as_str().unwrap_or("sent").to_string());
+    }
+    assert_eq!(codes.iter().filter(|c| *c == "sent").count(), 5, "a second's worth: {codes:?}");
+    assert!(codes[5..].iter().all(|c| c == "rate_limited"), "{codes:?}");
+    assert_eq!(
+        alice.ask(json!({"type": "create", "group": "one", "open": true})).await["type"],
+        "ok"
+    );
+    let second = alice.ask(json!({"type": "create", "group": "two"})).await;
+    assert_eq!(second["code"], "too_many_groups", "{second}");
+    let mut bob = ChatClient::join(&server.url, "bob", "phone").await;
+    assert_eq!(bob.ask(json!({"type": "join", "group": "one"})).await["type"], "ok");
+    let mut carol = ChatClient::join(&server.url, "carol", "phone").await;
+    assert_eq!(carol.ask(json!({"type": "join", "group": "one"})).await["code"], "group_full");
+    // A third connection of bob's is refused; his two others stay.
+    let _tablet = ChatClient::join(&server.url, "bob", "tablet").await;
+    let mut third = ChatClient::connect(&format!("{}?id=bob&device=watch", server.url)).await;
+    assert_eq!(third.next().await["code"], "too_many_connections");
+    assert_eq!(bob.ask(json!({"type": "members", "group": "one"})).await["type"], "members");
+}

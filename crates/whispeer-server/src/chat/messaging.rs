@@ -43,22 +43,41 @@ pub(crate) fn new_id(time_ms: u64) -> String {
     format!("{:012x}{tail}", time_ms & 0xffff_ffff_ffff)
 }
 
+/// Copies published and not yet stored: settles once the store has each.
+pub(crate) struct Stored {
+    broker: whispeer_core::Broker,
+    receipts: Vec<PublishReceipt>,
+}
+
+impl Stored {
+    /// Waits until the store has every copy.
+    pub(crate) async fn settled(self) -> Result<(), ChatError> {
+        for receipt in &self.receipts {
+            if !self.broker.durable(receipt).await {
+                let message = "the store failed: the message may not have been kept";
+                return Err(ChatError::new("store_failed", message));
+            }
+        }
+        Ok(())
+    }
+}
+
 fn unavailable(err: &PublishError) -> ChatError {
     ChatError::new("unavailable", format!("the message could not be stored: {err}"))
 }
 
 impl Hub {
     /// Writes one entry to its conversation's `log` (if any) at the next `seq`, then to each of
-    /// `inboxes`, and waits until the store has every copy. `build` makes the payload for its
-    /// seq; the log's stripe lock holds while the seq is read and the log written, so the seq
-    /// is the log offset the entry gets.
-    async fn post(
+    /// `inboxes`; what it gives settles once the store has every copy. `build` makes the
+    /// payload for its seq; the log's stripe lock holds while the seq is read and the log
+    /// written, so the seq is the log offset the entry gets.
+    fn publish(
         &self,
         log: Option<&str>,
         inboxes: &[String],
         headers: &PublishOptions,
         build: impl FnOnce(Option<u64>) -> Result<Bytes, ChatError>,
-    ) -> Result<(), ChatError> {
+    ) -> Result<Stored, ChatError> {
         let mut receipts: Vec<PublishReceipt> = Vec::with_capacity(inboxes.len() + 1);
         let payload = match log {
             Some(log) => {
@@ -80,13 +99,19 @@ impl Hub {
                 .map_err(|e| unavailable(&e))?;
             receipts.push(receipt);
         }
-        for receipt in receipts.iter().filter(|r| r.is_durable_pending()) {
-            if !self.broker.durable(receipt).await {
-                let message = "the store failed: the message may not have been kept";
-                return Err(ChatError::new("store_failed", message));
-            }
-        }
-        Ok(())
+        receipts.retain(PublishReceipt::is_durable_pending);
+        Ok(Stored { broker: self.broker.clone(), receipts })
+    }
+
+    /// [`publish`](Self::publish), then waits until the store has every copy.
+    async fn post(
+        &self,
+        log: Option<&str>,
+        inboxes: &[String],
+        headers: &PublishOptions,
+        build: impl FnOnce(Option<u64>) -> Result<Bytes, ChatError>,
+    ) -> Result<(), ChatError> {
+        self.publish(log, inboxes, headers, build)?.settled().await
     }
 
     /// The offset the next entry of `log` gets.
@@ -96,14 +121,15 @@ impl Hub {
     }
 
     /// Sends `msg` from `from`: to a user (both sides' inboxes), a group (every member's), or a
-    /// topic (its live subscribers). Returns the message's id, time and seq once stored.
-    pub(crate) async fn send(
+    /// topic (its live subscribers). Gives the message's id, time and seq, published; the
+    /// [`Stored`] settles once the store has it.
+    pub(crate) fn send(
         &self,
         from: &str,
         origin: u64,
         target: &Target,
         msg: &Value,
-    ) -> Result<(String, u64, Option<u64>), ChatError> {
+    ) -> Result<(String, u64, Option<u64>, Stored), ChatError> {
         let time = now_ms();
         let id = new_id(time);
         let mut delivered =
@@ -111,7 +137,7 @@ impl Hub {
         let (log, inboxes) = match target {
             Target::User(to) => {
                 delivered.to = Some(to);
-                self.remember_contact(from, to).await;
+                self.remember_contact(from, to);
                 let mut inboxes = vec![inbox(to)];
                 if to != from {
                     inboxes.push(inbox(from));
@@ -142,32 +168,32 @@ impl Hub {
             headers = headers.header(DIRECT, to.clone());
         }
         let mut seq = None;
-        self.post(log.as_deref(), &inboxes, &headers, |at| {
+        let stored = self.publish(log.as_deref(), &inboxes, &headers, |at| {
             (delivered.seq, seq) = (at, at);
             serde_json::to_vec(&delivered)
                 .map(Bytes::from)
                 .map_err(|e| ChatError::new("malformed", format!("message not encodable: {e}")))
-        })
-        .await?;
-        Ok((id, time, seq))
+        })?;
+        Ok((id, time, seq, stored))
     }
 
-    async fn remember_contact(&self, a: &str, b: &str) {
-        let known = lock(&self.contacts).get(a).is_some_and(|peers| peers.contains(b));
-        if known || a == b {
-            return;
+    /// Records that `a` and `b` talk (for presence): at once in memory, in `chat.db` behind.
+    fn remember_contact(&self, a: &str, b: &str) {
+        {
+            let mut contacts = lock(&self.contacts);
+            if a == b || contacts.get(a).is_some_and(|peers| peers.contains(b)) {
+                return;
+            }
+            contacts.entry(a.to_string()).or_default().insert(b.to_string());
+            contacts.entry(b.to_string()).or_default().insert(a.to_string());
         }
         let store = std::sync::Arc::clone(&self.store);
         let (x, y) = (a.to_string(), b.to_string());
-        match tokio::task::spawn_blocking(move || store.add_contact(&x, &y)).await {
-            Ok(Ok(())) => {
-                let mut contacts = lock(&self.contacts);
-                contacts.entry(a.to_string()).or_default().insert(b.to_string());
-                contacts.entry(b.to_string()).or_default().insert(a.to_string());
+        tokio::task::spawn_blocking(move || {
+            if let Err(err) = store.add_contact(&x, &y) {
+                tracing::warn!(%err, "chat.db: contact not saved");
             }
-            Ok(Err(err)) => tracing::warn!(%err, "chat.db: contact not saved"),
-            Err(err) => tracing::warn!(%err, "chat.db: contact not saved"),
-        }
+        });
     }
 
     /// A group request by `user`: create, join, invite, leave, remove, admin.

@@ -25,6 +25,7 @@ mod page;
 mod receipts;
 mod session;
 mod store;
+mod upgrade;
 mod wire;
 
 use std::io;
@@ -206,7 +207,7 @@ impl Service for Chat {
             };
             let server = hub.config.server.clone();
             let serve = move |stream, peer, _broker, config, stop| {
-                session::run(stream, peer, Arc::clone(&hub), config, stop)
+                upgrade::run(stream, peer, Arc::clone(&hub), config, stop)
             };
             let shutdown = stopped.cancelled_owned();
             if let Err(err) = super::accept_loop(listener, served, server, shutdown, serve).await {

@@ -1,27 +1,22 @@
-//! One chat connection: the upgrade (path, `?id=`, `?device=`, `?token=` or a bearer header),
-//! who the user is, then one loop that reads requests and writes the user's inbox (from the
-//! device's cursor), its live events and its broadcast topics.
+//! One chat connection, once upgraded: who the user is, then one loop that reads requests and
+//! writes the user's inbox (from the device's cursor), its live events, its broadcast topics and
+//! the replies (in request order; a send's once the store has it).
 //!
-//! A user is the principal of the connection's API key or JWT; on a server without keys it is
-//! `?id=` or the `from` of the first message. A `from` naming anyone else is refused and
-//! nothing is sent.
+//! A `from` naming anyone but the connection's user is refused and nothing is sent.
 
 use std::collections::HashMap;
 use std::future::poll_fn;
-use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Instant;
 
 use bytes::Bytes;
+use futures_util::stream::FuturesOrdered;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
-use tokio_tungstenite::tungstenite::http::StatusCode;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Message as WsMessage, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 use whispeer_core::{
@@ -30,173 +25,21 @@ use whispeer_core::{
 };
 
 use super::hub::{Cursor, Hub, broadcast, inbox, live};
-use super::messaging::{DIRECT, FROM, ID, ORIGIN};
+use super::messaging::{DIRECT, FROM, ID, ORIGIN, Stored};
 use super::wire::{self, Action, ChatError, Request as ChatRequest, valid_name};
 use crate::ServerConfig;
 
-/// What the upgrade request said.
-#[derive(Debug, Default)]
-struct Hello {
-    id: Option<String>,
-    device: Option<String>,
-    token: Option<String>,
-}
-
-/// `%xx` and `+` decoded.
-fn decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let hex = |at: usize| bytes.get(at).and_then(|b| (*b as char).to_digit(16));
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match (bytes[i], hex(i + 1), hex(i + 2)) {
-            (b'%', Some(high), Some(low)) => {
-                out.push((high * 16 + low) as u8);
-                i += 3;
-                continue;
-            }
-            (b'+', _, _) => out.push(b' '),
-            (byte, _, _) => out.push(byte),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-impl Hello {
-    fn read(request: &Request) -> Self {
-        let mut hello = Self::default();
-        for pair in request.uri().query().unwrap_or_default().split('&') {
-            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let value = Some(decode(value));
-            match key {
-                "id" | "user" => hello.id = value,
-                "device" => hello.device = value,
-                "token" => hello.token = value,
-                _ => {}
-            }
-        }
-        let bearer = request.headers().get("authorization").and_then(|v| v.to_str().ok());
-        if let Some(token) = bearer.and_then(|v| v.strip_prefix("Bearer ")) {
-            hello.token = Some(token.trim().to_string());
-        }
-        hello
-    }
-}
-
-#[expect(clippy::result_large_err, reason = "tungstenite's handshake callback returns this type")]
-fn refusal(status: StatusCode, reason: String) -> Result<Response, ErrorResponse> {
-    let mut refusal = ErrorResponse::new(Some(reason));
-    *refusal.status_mut() = status;
-    Err(refusal)
-}
-
-/// Checks the upgrade: the path, then who connects. Gives the user when it is known already.
-#[expect(clippy::result_large_err, reason = "tungstenite's handshake callback returns this type")]
-fn admit(
-    request: &Request,
-    response: Response,
-    hub: &Hub,
-    config: &ServerConfig,
-    found: &mut Option<(Option<String>, String)>,
-) -> Result<Response, ErrorResponse> {
-    if request.uri().path() != hub.config.path {
-        let reason = format!("no chat endpoint at {}", request.uri().path());
-        return refusal(StatusCode::NOT_FOUND, reason);
-    }
-    let hello = Hello::read(request);
-    let device = hello.device.unwrap_or_else(|| "default".into());
-    if !valid_name(&device) {
-        let reason = "device must be 1 to 64 letters, digits or -_.@".to_string();
-        return refusal(StatusCode::BAD_REQUEST, reason);
-    }
-    let user = if config.auth_required() {
-        let Some(principal) = hello.token.and_then(|token| config.principal_of(token.as_bytes()))
-        else {
-            crate::bump(&config.access.auth_failures);
-            let reason = "chat needs ?token=<API key or JWT> or an Authorization: Bearer header";
-            return refusal(StatusCode::UNAUTHORIZED, reason.into());
-        };
-        if hello.id.as_ref().is_some_and(|id| *id != principal.name) {
-            let reason = format!("?id= must be your own name, {}", principal.name);
-            return refusal(StatusCode::FORBIDDEN, reason);
-        }
-        Some(principal.name.clone())
-    } else {
-        hello.id
-    };
-    if let Some(user) = user.as_ref().filter(|u| !valid_name(u)) {
-        let reason = format!("{user:?} cannot be a chat user: 1 to 64 letters, digits or -_.@");
-        return refusal(StatusCode::BAD_REQUEST, reason);
-    }
-    *found = Some((user, device));
-    Ok(response)
-}
-
-/// Serves one connection, after TLS if configured.
-pub(super) async fn run(
-    mut stream: TcpStream,
-    peer: SocketAddr,
+/// Serves an upgraded connection of `device` (and `user`, when the upgrade named it).
+pub(super) async fn serve<S>(
+    ws: WebSocketStream<S>,
     hub: Arc<Hub>,
     config: Arc<ServerConfig>,
-    stop: CancellationToken,
-) {
-    let _ = stream.set_nodelay(true);
-    #[cfg(feature = "tls")]
-    let plain = config.tls.is_none();
-    #[cfg(not(feature = "tls"))]
-    let plain = true;
-    if let Some(dir) = hub.config.page_dir.as_deref().filter(|_| plain) {
-        let path = &hub.config.path;
-        let peeked =
-            super::page::serve_if_page(&mut stream, dir, path, config.idle_timeout()).await;
-        if matches!(peeked, super::page::Peeked::Served) {
-            return;
-        }
-    }
-    #[cfg(feature = "tls")]
-    if let Some(tls) = &config.tls {
-        let Some(stream) = crate::tls::accept(tls, stream, peer, config.idle_timeout()).await
-        else {
-            return;
-        };
-        return upgrade(stream, peer, hub, config, stop).await;
-    }
-    upgrade(stream, peer, hub, config, stop).await;
-}
-
-async fn upgrade<S>(
-    stream: S,
-    peer: SocketAddr,
-    hub: Arc<Hub>,
-    config: Arc<ServerConfig>,
+    user: Option<String>,
+    device: String,
     stop: CancellationToken,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let mut ws_config = WebSocketConfig::default();
-    // Over-size requests get an error and the connection stays; far larger ones close it.
-    let cap = (hub.config.max_message_bytes * 4).max(64 * 1024);
-    ws_config.max_message_size = Some(cap);
-    ws_config.max_frame_size = Some(cap);
-    // Requests are small: a 4 KiB read buffer (not tungstenite's 128 KiB) keeps an idle
-    // connection cheap; larger messages grow it while they last.
-    ws_config.read_buffer_size = 4096;
-    let mut found = None;
-    #[expect(
-        clippy::result_large_err,
-        reason = "tungstenite's handshake callback returns this type"
-    )]
-    let callback =
-        |request: &Request, response: Response| admit(request, response, &hub, &config, &mut found);
-    let handshake =
-        tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_config));
-    let ws = match tokio::time::timeout(config.idle_timeout(), handshake).await {
-        Ok(Ok(ws)) => ws,
-        Ok(Err(err)) => return tracing::debug!(%peer, %err, "chat upgrade refused"),
-        Err(_) => return tracing::debug!(%peer, "chat upgrade timed out"),
-    };
-    let Some((user, device)) = found else { return };
     let id = hub.session_id();
     let mut session = Session {
         origin: Bytes::from(id.to_string()),
@@ -212,6 +55,7 @@ async fn upgrade<S>(
         live: None,
         topics: HashMap::new(),
         heard: Instant::now(),
+        pending: FuturesOrdered::new(),
     };
     if let Some(user) = user
         && !session.identify(user, None).await
@@ -239,6 +83,23 @@ struct Session<S> {
     topics: HashMap<String, Subscription<Message>>,
     /// When the client was last heard from.
     heard: Instant,
+    /// Replies in the order of their requests; a send's waits until the store has it.
+    pending: FuturesOrdered<PendingReply>,
+}
+
+/// A reply not written yet.
+type PendingReply = Pin<Box<dyn Future<Output = String> + Send>>;
+
+/// Requests whose replies may wait at once (sends waiting for the store); past it the
+/// connection's requests are not read until replies go out.
+const MAX_PENDING: usize = 256;
+
+/// What a request comes to.
+enum Outcome {
+    /// A reply now, or none.
+    Now(Option<Value>),
+    /// A reply once the store has the message.
+    Stored(Stored, Value),
 }
 
 /// Waits for the next message of an optional subscription (forever without one); `None` when
@@ -273,11 +134,26 @@ where
         loop {
             tokio::select! {
                 () = stop.cancelled() => {
+                    // Replies the store is about to settle still go out.
+                    let grace = self.config.shutdown_grace;
+                    let _ = tokio::time::timeout(grace, async {
+                        while let Some(reply) = self.pending.next().await {
+                            if !self.send_text(reply).await {
+                                break;
+                            }
+                        }
+                    })
+                    .await;
                     let _ = self.send_json(json!({"type": "error", "code": "shutting_down",
                         "error": "the server is shutting down"})).await;
                     return;
                 }
-                incoming = self.ws.next() => {
+                Some(reply) = self.pending.next(), if !self.pending.is_empty() => {
+                    if !self.send_text(reply).await {
+                        return;
+                    }
+                }
+                incoming = self.ws.next(), if self.pending.len() < MAX_PENDING => {
                     self.heard = Instant::now();
                     let keep_on = match incoming {
                         Some(Ok(WsMessage::Text(text))) => self.request(text.as_str()).await,
@@ -478,11 +354,15 @@ where
                 self.hub.config.max_message_bytes,
                 text.len()
             );
-            return self.refuse(&ChatError::new("too_large", message), None).await;
+            self.later(wire::error(&ChatError::new("too_large", message), None));
+            return true;
         }
         let request = match wire::parse(text) {
             Ok(request) => request,
-            Err((err, reference)) => return self.refuse(&err, reference.as_ref()).await,
+            Err((err, reference)) => {
+                self.later(wire::error(&err, reference.as_ref()));
+                return true;
+            }
         };
         let reference = request.reference.clone();
         let user = match (&self.user, &request.from) {
@@ -491,7 +371,8 @@ where
                     "spoofed_sender",
                     format!("this connection is {user}: it cannot send as {from}"),
                 );
-                return self.refuse(&err, reference.as_ref()).await;
+                self.later(wire::error(&err, reference.as_ref()));
+                return true;
             }
             (Some(user), _) => user.clone(),
             (None, Some(from)) if !self.config.auth_required() && valid_name(from) => {
@@ -505,28 +386,45 @@ where
                     "unidentified",
                     "name yourself first: ?id=<name> on the URL, or \"from\" in your first message",
                 );
-                return self.refuse(&err, reference.as_ref()).await;
+                self.later(wire::error(&err, reference.as_ref()));
+                return true;
             }
         };
         match self.act(&user, request).await {
-            Ok(Some(mut reply)) => {
+            Ok(Outcome::Now(Some(mut reply))) => {
                 wire::with_ref(&mut reply, reference.as_ref());
-                self.send_json(reply).await
+                self.later(reply.to_string());
             }
-            Ok(None) => true,
-            Err(err) => self.refuse(&err, reference.as_ref()).await,
+            Ok(Outcome::Now(None)) => {}
+            Ok(Outcome::Stored(stored, mut reply)) => {
+                wire::with_ref(&mut reply, reference.as_ref());
+                self.pending.push_back(Box::pin(async move {
+                    match stored.settled().await {
+                        Ok(()) => reply.to_string(),
+                        Err(err) => wire::error(&err, reference.as_ref()),
+                    }
+                }));
+            }
+            Err(err) => self.later(wire::error(&err, reference.as_ref())),
         }
+        true
     }
 
-    /// Carries out a request of `user`; the reply to write, if any.
-    async fn act(&mut self, user: &str, request: ChatRequest) -> Result<Option<Value>, ChatError> {
+    /// A reply to write after those before it.
+    fn later(&mut self, text: String) {
+        self.pending.push_back(Box::pin(std::future::ready(text)));
+    }
+
+    /// Carries out a request of `user`: the reply to write, if any, now or once stored.
+    async fn act(&mut self, user: &str, request: ChatRequest) -> Result<Outcome, ChatError> {
         let hub = Arc::clone(&self.hub);
-        Ok(Some(match request.action {
-            Action::Hello => return Ok(None),
+        Ok(Outcome::Now(Some(match request.action {
+            Action::Hello => return Ok(Outcome::Now(None)),
             Action::Send { target, msg } => {
                 hub.admit(user)?;
-                let (id, time, seq) = hub.send(user, self.id, &target, &msg).await?;
-                json!({ "type": "sent", "id": id, "time": time, "seq": seq })
+                let (id, time, seq, stored) = hub.send(user, self.id, &target, &msg)?;
+                let sent = json!({ "type": "sent", "id": id, "time": time, "seq": seq });
+                return Ok(Outcome::Stored(stored, sent));
             }
             action @ (Action::Create { .. }
             | Action::Join { .. }
@@ -570,7 +468,7 @@ where
             }
             Action::Typing { target } => {
                 hub.typing(user, &target)?;
-                return Ok(None);
+                return Ok(Outcome::Now(None));
             }
             Action::Read { with, upto } => {
                 let seq = hub.read(user, self.id, &with, &upto).await?;
@@ -581,7 +479,7 @@ where
                 let users: Vec<Value> = hub.watched(user).iter().map(|u| hub.presence(u)).collect();
                 json!({ "type": "presence", "users": users })
             }
-        }))
+        })))
     }
 
     async fn close(mut self) {
