@@ -23,6 +23,7 @@ mod aead;
 mod codec;
 mod compress;
 mod error;
+mod identity;
 mod keyring;
 mod seal;
 
@@ -32,6 +33,10 @@ pub mod security {}
 pub use codec::{Codec, CodecError};
 pub use compress::{Compression, DEFAULT_THRESHOLD, DEFAULT_ZSTD_LEVEL};
 pub use error::{OpenError, ReceiveError, SealError};
+pub use identity::{
+    Identity, IdentityError, MAX_RECIPIENTS, PublicIdentity, fingerprint_of, open_sealed, seal_for,
+    sealed_sender,
+};
 pub use keyring::{Key, KeyError, KeyId, Keyring};
 pub use seal::{Encryption, Engines, KEY_VARIABLE, KeyChoice, Sealing, TopicRule};
 pub use whispeer_proto::{CipherAlgorithm, CompressionAlgorithm};

@@ -1,0 +1,80 @@
+//! Sealed boxes: every recipient device opens, nobody else does, and nothing moved or altered
+//! opens.
+
+use super::*;
+
+fn device(name: &str) -> (Identity, PublicIdentity) {
+    let identity = Identity::generate().unwrap();
+    let public = identity.public(name);
+    (identity, public)
+}
+
+#[test]
+fn every_recipient_device_opens_and_no_one_else() {
+    let (alice, alice_laptop) = device("laptop");
+    let (bob_phone, bob_phone_pub) = device("phone");
+    let (bob_laptop, bob_laptop_pub) = device("laptop");
+    let (carol, _) = device("phone");
+    let context = b"chat|from:alice|to:bob";
+    let recipients = [bob_phone_pub, bob_laptop_pub, alice_laptop.clone()];
+    let sealed = seal_for(&alice, &recipients, context, b"hello bob").unwrap();
+    for me in [&bob_phone, &bob_laptop, &alice] {
+        assert_eq!(
+            open_sealed(me, &sealed, context, Some(&alice_laptop.ed25519)).unwrap(),
+            b"hello bob"
+        );
+    }
+    assert_eq!(open_sealed(&carol, &sealed, context, None), Err(IdentityError::NotForMe));
+    assert_eq!(sealed_sender(&sealed).unwrap(), alice_laptop.ed25519);
+}
+
+#[test]
+fn a_box_moved_altered_or_from_another_signer_does_not_open() {
+    let (alice, alice_pub) = device("laptop");
+    let (bob, bob_pub) = device("phone");
+    let (mallory, _) = device("phone");
+    let sealed =
+        seal_for(&alice, std::slice::from_ref(&bob_pub), b"to:bob|from:alice", b"x").unwrap();
+    assert_eq!(
+        open_sealed(&bob, &sealed, b"to:bob|from:carol", None),
+        Err(IdentityError::BadSignature)
+    );
+    let mut flipped = sealed.clone();
+    let at = flipped.len() - 70;
+    flipped[at] ^= 1;
+    assert_eq!(
+        open_sealed(&bob, &flipped, b"to:bob|from:alice", None),
+        Err(IdentityError::BadSignature)
+    );
+    // Mallory re-seals to bob claiming alice's context: it verifies only as mallory's box.
+    let forged = seal_for(&mallory, &[bob_pub], b"to:bob|from:alice", b"y").unwrap();
+    assert_eq!(
+        open_sealed(&bob, &forged, b"to:bob|from:alice", Some(&alice_pub.ed25519)),
+        Err(IdentityError::WrongSender)
+    );
+    for cut in 0..sealed.len() {
+        assert!(
+            open_sealed(&bob, &sealed[..cut], b"to:bob|from:alice", None).is_err(),
+            "cut at {cut}"
+        );
+    }
+}
+
+#[test]
+fn identities_and_public_identities_round_trip_and_a_swapped_key_is_caught() {
+    let (alice, public) = device("laptop");
+    let again = Identity::from_text(&alice.to_text()).unwrap();
+    assert_eq!(again.public("laptop"), public);
+    let parsed = PublicIdentity::from_text(&public.to_text()).unwrap();
+    assert_eq!(parsed, public);
+    assert_eq!(parsed.fingerprint(), public.fingerprint());
+    assert_eq!(public.fingerprint().split(' ').count(), 12);
+    // A directory that swaps in another X25519 key under alice's signing key is caught.
+    let (_, other) = device("laptop");
+    let swapped = PublicIdentity { x25519: other.x25519, ..public.clone() };
+    assert_eq!(swapped.verify(), Err(IdentityError::BadIdentity));
+    assert!(PublicIdentity::from_text(&swapped.to_text()).is_err());
+    // Another device's whole entry has another fingerprint.
+    assert_ne!(other.fingerprint(), public.fingerprint());
+    assert!(Identity::from_text("whispeer-identity-v1:short").is_err());
+}
