@@ -101,3 +101,52 @@ async fn direct_and_group_messages_history_presence_and_refusals() {
     assert_eq!(offline.0, "bob");
     assert!(offline.1.is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sealed_message_opens_on_both_recipient_devices_and_nowhere_else() {
+    use whispeer_client::KnownKeys;
+    use whispeer_client::engines::Identity;
+    let (_broker, url) = listener();
+    let ids: Vec<Identity> = (0..4).map(|_| Identity::generate().unwrap()).collect();
+    let (alice, _alice_events) = as_user(&url, "alice", "laptop").await;
+    let (phone, mut phone_events) = as_user(&url, "bob", "phone").await;
+    let (laptop, mut laptop_events) = as_user(&url, "bob", "laptop").await;
+    let (carol, _carol_events) = as_user(&url, "carol", "phone").await;
+    for (chat, id) in [(&alice, &ids[0]), (&phone, &ids[1]), (&laptop, &ids[2]), (&carol, &ids[3])]
+    {
+        chat.publish_identity(id).await.unwrap();
+    }
+    let mut known = KnownKeys::default();
+    let bob_keys = alice.keys("bob").await.unwrap();
+    assert_eq!(bob_keys.len(), 2);
+    assert!(known.check("bob", &bob_keys).is_empty(), "first sight is remembered");
+
+    alice
+        .send_sealed_to(&ids[0], "bob", serde_json::json!({"text": "for bob only"}))
+        .await
+        .unwrap();
+    let alice_keys = phone.keys("alice").await.unwrap();
+    for (chat, events, id) in
+        [(&phone, &mut phone_events, &ids[1]), (&laptop, &mut laptop_events, &ids[2])]
+    {
+        let sealed = next(events, message).await;
+        assert!(sealed.msg["sealed"].is_string(), "the server saw only a box: {:?}", sealed.msg);
+        let opened = chat.open(id, &sealed, &alice_keys).unwrap();
+        assert_eq!(opened["text"], "for bob only");
+    }
+    // What the server keeps is the box: carol cannot open it even with the stored copy, and
+    // bob cannot open it as coming from carol.
+    let stored = phone.history(&Conversation::User("alice".into()), None, 1).await.unwrap();
+    assert!(!stored[0].msg.to_string().contains("for bob only"));
+    assert!(carol.open(&ids[3], &stored[0], &alice_keys).is_err());
+    let carol_keys = phone.keys("carol").await.unwrap();
+    assert!(phone.open(&ids[1], &stored[0], &carol_keys).is_err());
+
+    // Bob's phone gets a new key: alice is told, not silently moved to it.
+    let renewed = Identity::generate().unwrap();
+    phone.publish_identity(&renewed).await.unwrap();
+    let changes = known.check("bob", &alice.keys("bob").await.unwrap());
+    assert_eq!(changes.len(), 1);
+    assert_eq!(changes[0].device, "phone");
+    assert_eq!(changes[0].now, renewed.public("phone").fingerprint());
+}

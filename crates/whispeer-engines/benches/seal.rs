@@ -2,7 +2,8 @@
 //! 128 B, 4 KiB and 64 KiB.
 //!
 //! The payload is JSON-like text with varying numbers (compresses about 3–5×), closer to real
-//! traffic than zeros or noise. Run with `cargo bench -p whispeer-engines --bench seal`.
+//! traffic than zeros or noise. Also boxes sealed per recipient device (`seal_for`) for 1 to 100
+//! devices. Run with `cargo bench -p whispeer-engines --bench seal`.
 
 #![expect(clippy::unwrap_used, reason = "a benchmark fails loudly on any error")]
 #![expect(missing_docs, reason = "criterion_group! generates an undocumented function")]
@@ -11,7 +12,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use whispeer_engines::{CipherAlgorithm, Compression, Encryption, Engines, Keyring, Sealing};
+use whispeer_engines::{
+    CipherAlgorithm, Compression, Encryption, Engines, Identity, Keyring, Sealing, open_sealed,
+    seal_for,
+};
 use whispeer_proto::{ContentType, Envelope, Flags, Headers, MessageId, Topic};
 
 fn payload(len: usize) -> Vec<u8> {
@@ -90,5 +94,30 @@ fn seal_open(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, seal_open);
+/// Boxes sealed per recipient device (`seal_for`): the cost per message for 1, 2, 8 and 100
+/// devices, and of opening one, beside the shared-key seal above (`engines-128B`).
+fn sealed_boxes(c: &mut Criterion) {
+    let plaintext = payload(128);
+    let sender = Identity::generate().unwrap();
+    let mut group = c.benchmark_group("sealed-box-128B");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(1))
+        .warm_up_time(Duration::from_millis(300));
+    for devices in [1usize, 2, 8, 100] {
+        let identities: Vec<Identity> =
+            (0..devices).map(|_| Identity::generate().unwrap()).collect();
+        let publics: Vec<_> = identities.iter().map(|i| i.public("d")).collect();
+        group.bench_function(BenchmarkId::new("seal", devices), |b| {
+            b.iter(|| seal_for(&sender, &publics, b"bench", &plaintext).unwrap())
+        });
+        let sealed = seal_for(&sender, &publics, b"bench", &plaintext).unwrap();
+        group.bench_function(BenchmarkId::new("open", devices), |b| {
+            b.iter(|| open_sealed(&identities[0], &sealed, b"bench", None).unwrap())
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, seal_open, sealed_boxes);
 criterion_main!(benches);

@@ -32,9 +32,11 @@ use tokio_rustls::rustls;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 mod events;
+mod sealed;
 
 use events::event_of;
 pub use events::{ChatEvent, ChatMessage, Presence};
+pub use sealed::{KeyChange, KnownKeys};
 
 /// Where and as whom to connect.
 #[derive(Clone, Debug)]
@@ -122,6 +124,10 @@ pub enum ChatError {
     /// The connection ended.
     #[error("the chat connection is closed")]
     Closed,
+    /// End-to-end keys: a directory entry that does not verify, a user without keys, a box that
+    /// does not open.
+    #[error("end-to-end keys: {0}")]
+    Keys(String),
 }
 
 /// Whom a conversation is with.

@@ -90,6 +90,36 @@ impl Hub {
         Ok(seq)
     }
 
+    /// Stores the public identity of `user`'s `device`; its text must name that device.
+    pub(crate) async fn publish_key(
+        &self,
+        user: &str,
+        device: &str,
+        identity: &str,
+    ) -> Result<(), ChatError> {
+        if identity.split_once(':').map(|(named, _)| named) != Some(device) {
+            let message = format!("the identity must be this device's: \"{device}:…\"");
+            return Err(ChatError::new("malformed", message));
+        }
+        let store = std::sync::Arc::clone(&self.store);
+        let (who, which, text) = (user.to_string(), device.to_string(), identity.to_string());
+        let saved =
+            tokio::task::spawn_blocking(move || store.set_key(&who, &which, &text, now_ms())).await;
+        let failed = |e: String| ChatError::new("store_failed", format!("chat.db: {e}"));
+        saved.map_err(|e| failed(e.to_string()))?.map_err(|e| failed(e.to_string()))
+    }
+
+    /// The public identities of `user`'s devices.
+    pub(crate) async fn keys(&self, user: &str) -> Result<Value, ChatError> {
+        let store = std::sync::Arc::clone(&self.store);
+        let who = user.to_string();
+        let found = tokio::task::spawn_blocking(move || store.keys(&who)).await;
+        let failed = |e: String| ChatError::new("store_failed", format!("chat.db: {e}"));
+        let devices =
+            found.map_err(|e| failed(e.to_string()))?.map_err(|e| failed(e.to_string()))?;
+        Ok(json!({ "type": "keys", "user": user, "devices": devices }))
+    }
+
     /// Unread messages per conversation of `user`: others' messages after its read position.
     pub(crate) fn unread(&self, user: &str) -> Value {
         let mut conversations: Vec<(Value, String)> = lock(&self.contacts)

@@ -475,6 +475,11 @@ where
                 json!({ "type": "ok", "seq": seq })
             }
             Action::Unread => hub.unread(user),
+            Action::PublishKey { identity } => {
+                hub.publish_key(user, &self.device, &identity).await?;
+                json!({ "type": "ok" })
+            }
+            Action::Keys { user: whose } => hub.keys(&whose).await?,
             Action::Who => {
                 let users: Vec<Value> = hub.watched(user).iter().map(|u| hub.presence(u)).collect();
                 json!({ "type": "presence", "users": users })

@@ -44,6 +44,9 @@ const SCHEMA: &str = "
         last_seen_ms INTEGER NOT NULL, PRIMARY KEY (user, device));
     CREATE TABLE IF NOT EXISTS contacts (
         user TEXT NOT NULL, peer TEXT NOT NULL, PRIMARY KEY (user, peer));
+    CREATE TABLE IF NOT EXISTS keys (
+        user TEXT NOT NULL, device TEXT NOT NULL, identity TEXT NOT NULL,
+        updated_ms INTEGER NOT NULL, PRIMARY KEY (user, device));
     CREATE TABLE IF NOT EXISTS reads (
         user TEXT NOT NULL, log TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (user, log));
 ";
@@ -192,6 +195,30 @@ impl ChatStore {
             params![user, log, seq as i64],
         )?;
         Ok(())
+    }
+
+    /// Sets a device's public identity (a new one replaces the old: clients report the change).
+    pub(crate) fn set_key(
+        &self,
+        user: &str,
+        device: &str,
+        identity: &str,
+        now_ms: u64,
+    ) -> rusqlite::Result<()> {
+        self.db().execute(
+            "INSERT OR REPLACE INTO keys (user, device, identity, updated_ms) VALUES (?1, ?2, ?3, ?4)",
+            params![user, device, identity, now_ms as i64],
+        )?;
+        Ok(())
+    }
+
+    /// A user's devices' public identities, by device name.
+    pub(crate) fn keys(&self, user: &str) -> rusqlite::Result<Vec<String>> {
+        let db = self.db();
+        let mut statement =
+            db.prepare("SELECT identity FROM keys WHERE user = ?1 ORDER BY device")?;
+        let rows = statement.query_map([user], |row| row.get(0))?;
+        rows.collect()
     }
 
     /// Every pair of users that exchanged a direct message.

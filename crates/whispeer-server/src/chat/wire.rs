@@ -91,6 +91,14 @@ pub(crate) enum Action {
         upto: Position,
     },
     Unread,
+    /// Publishes this device's public identity (the engines' `PublicIdentity` text).
+    PublishKey {
+        identity: String,
+    },
+    /// A user's devices' public identities.
+    Keys {
+        user: String,
+    },
 }
 
 /// A parsed request: its action, the `from` it claims, and the `ref` to echo.
@@ -118,6 +126,7 @@ struct Raw {
     limit: Option<usize>,
     seq: Option<u64>,
     id: Option<String>,
+    publish: Option<String>,
     #[serde(rename = "ref")]
     reference: Option<Value>,
 }
@@ -218,6 +227,13 @@ fn action(raw: &mut Raw, has_from: bool) -> Result<Action, ChatError> {
             Action::Read { with, upto }
         }
         Some("unread") => Action::Unread,
+        Some("keys") => match raw.publish.take() {
+            Some(identity) if identity.len() <= 512 => Action::PublishKey { identity },
+            Some(_) => {
+                return Err(ChatError::new("malformed", "a public identity is at most 512 bytes"));
+            }
+            None => Action::Keys { user: user(raw)? },
+        },
         Some("who" | "presence") => Action::Who,
         Some(other) => {
             return Err(ChatError::new("unknown_type", format!("no request type {other:?}")));
