@@ -11,6 +11,10 @@ use tokio::io::AsyncBufReadExt;
 use tokio::sync::mpsc;
 use whispeer_client::{Chat, ChatEvent, ChatMessage, ChatOptions, Conversation};
 
+mod sealing;
+
+use sealing::Sealing;
+
 /// `whispeer chat`.
 #[derive(Debug, Args)]
 pub(crate) struct ChatArgs {
@@ -26,6 +30,10 @@ pub(crate) struct ChatArgs {
     /// API key or JWT, if the server requires one.
     #[arg(long, env = "WHISPEER_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// This device's identity file (made on first use): direct messages are then sealed end to
+    /// end for the recipient's devices, and sealed ones opened as they arrive.
+    #[arg(long, value_name = "FILE")]
+    identity: Option<std::path::PathBuf>,
 }
 
 const HELP: &str = "\
@@ -36,6 +44,7 @@ commands:
   /create team [open] /join team  /invite team bob  /leave team  /remove team bob
   /members team       /groups     /who     /history bob|#team [count]
   /sub news           /say news hello (topic broadcast)
+  with --identity:    direct messages are sealed; /fingerprint [user]  /trust bob
   /help  /quit";
 
 /// Where a name like `bob` or `#team` points.
@@ -53,6 +62,23 @@ fn clock(time_ms: u64) -> String {
 
 fn text_of(message: &ChatMessage) -> String {
     message.msg.as_str().map_or_else(|| message.msg.to_string(), str::to_string)
+}
+
+/// The user a line goes to sealed: `/msg bob text`, or a plain line while talking to a user.
+fn direct_to(
+    head: &str,
+    first: &str,
+    rest: &str,
+    current: &Option<Conversation>,
+) -> Option<String> {
+    match head {
+        "/msg" if !rest.is_empty() && !first.starts_with('#') => Some(first.to_string()),
+        _ if head.starts_with('/') => None,
+        _ => match current {
+            Some(Conversation::User(user)) => Some(user.clone()),
+            _ => None,
+        },
+    }
 }
 
 /// One line for a message.
@@ -88,6 +114,7 @@ fn describe(event: &ChatEvent) -> Option<String> {
 async fn command(
     chat: &Chat,
     current: &mut Option<Conversation>,
+    sealing: &mut Option<Sealing>,
     line: &str,
 ) -> Option<Vec<String>> {
     let line = line.trim();
@@ -101,6 +128,14 @@ async fn command(
         Ok(()) => Vec::new(),
         Err(err) => vec![format!("! {err}")],
     };
+    if let (Some(keys), Some(to)) = (sealing.as_mut(), direct_to(head, first, rest, current)) {
+        // With an identity, direct messages go sealed.
+        let text = if head == "/msg" { rest.to_string() } else { line.to_string() };
+        if head == "/msg" {
+            *current = Some(Conversation::User(to.clone()));
+        }
+        return Some(keys.send(chat, &to, &text).await);
+    }
     let send = |to: Conversation, text: String| async move {
         match &to {
             Conversation::User(user) => chat.send_to(user, text).await.map(drop),
@@ -109,6 +144,14 @@ async fn command(
     };
     Some(match head {
         "/quit" | "/exit" => return None,
+        "/fingerprint" | "/trust" if sealing.is_none() => {
+            vec!["! start with --identity FILE for end-to-end keys".to_string()]
+        }
+        "/fingerprint" => {
+            let whose = if first.is_empty() { chat.user() } else { first };
+            sealing.as_mut()?.fingerprints(chat, whose).await
+        }
+        "/trust" if !first.is_empty() => sealing.as_mut()?.trust(first),
         "/help" => HELP.lines().map(str::to_string).collect(),
         "/msg" if !first.is_empty() && !rest.is_empty() => {
             *current = Some(conversation(first));
@@ -211,6 +254,26 @@ async fn session(args: ChatArgs) -> ExitCode {
         }
     };
     eprintln!("whispeer: chat as {} on {} (/help for commands)", chat.user(), chat.device());
+    let mut sealing = match &args.identity {
+        Some(path) => match Sealing::load(path) {
+            Ok((sealing, made)) => match sealing.publish(&chat).await {
+                Ok(fingerprint) => {
+                    let new = if made { " (new)" } else { "" };
+                    eprintln!("whispeer: identity{new} {fingerprint}; direct messages are sealed");
+                    Some(sealing)
+                }
+                Err(err) => {
+                    eprintln!("whispeer: chat: publishing the identity: {err}");
+                    return ExitCode::FAILURE;
+                }
+            },
+            Err(err) => {
+                eprintln!("whispeer: chat: {err:#}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stdin());
     let (lines, mut input) = mpsc::channel::<String>(16);
     let mut printer: Box<dyn FnMut(String) + Send> = if terminal {
@@ -237,7 +300,7 @@ async fn session(args: ChatArgs) -> ExitCode {
         tokio::select! {
             line = input.recv() => {
                 let Some(line) = line else { break };
-                match command(&chat, &mut current, &line).await {
+                match command(&chat, &mut current, &mut sealing, &line).await {
                     Some(out) => out.into_iter().for_each(&mut printer),
                     None => break,
                 }
@@ -246,6 +309,17 @@ async fn session(args: ChatArgs) -> ExitCode {
                 let Some(event) = event else {
                     eprintln!("whispeer: chat: the connection closed");
                     return ExitCode::FAILURE;
+                };
+                let event = match (event, sealing.as_mut()) {
+                    (ChatEvent::Message(mut message), Some(keys))
+                        if message.msg.get("sealed").is_some() =>
+                    {
+                        let (text, lines) = keys.open_message(&chat, &message).await;
+                        lines.into_iter().for_each(&mut printer);
+                        message.msg = format!("[sealed] {text}").into();
+                        ChatEvent::Message(message)
+                    }
+                    (event, _) => event,
                 };
                 if let Some(line) = describe(&event) {
                     printer(line);

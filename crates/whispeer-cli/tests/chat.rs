@@ -395,3 +395,63 @@ async fn each_limit_is_refused_by_name_while_others_are_served() {
     assert_eq!(third.next().await["code"], "too_many_connections");
     assert_eq!(bob.ask(json!({"type": "members", "group": "one"})).await["type"], "members");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_terminal_chat_seals_direct_messages_with_an_identity() {
+    use std::io::{BufRead, Write};
+    use std::process::{Command, Stdio};
+    let (dir, _) = temp_dir("identities");
+    std::fs::create_dir_all(&dir).unwrap();
+    let server = ChatServer::start(&[]);
+    let chat = |user: &str| {
+        let identity = dir.join(format!("{user}.id"));
+        Command::new(common::BIN)
+            .args(["chat", "--as", user, "--server", &server.url, "--identity"])
+            .arg(identity)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut bob = chat("bob");
+    let mut bob_err = std::io::BufReader::new(bob.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("whispeer: identity (new)") {
+        line.clear();
+        assert!(bob_err.read_line(&mut line).unwrap() > 0, "bob's chat ended");
+    }
+    let (lines, received) = std::sync::mpsc::channel();
+    let bob_out = std::io::BufReader::new(bob.stdout.take().unwrap());
+    std::thread::spawn(move || {
+        bob_out.lines().map_while(Result::ok).for_each(|l| drop(lines.send(l)))
+    });
+    let mut alice = chat("alice");
+    alice.stdin.take().unwrap().write_all(b"/msg bob a sealed hello\n/fingerprint bob\n").unwrap();
+    let output =
+        tokio::task::spawn_blocking(move || alice.wait_with_output()).await.unwrap().unwrap();
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(output.status.success(), "{stdout} {}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("  bob cli: "), "the fingerprint of bob's device: {stdout}");
+    let shown = loop {
+        let line = received.recv_timeout(Duration::from_secs(15)).unwrap();
+        if line.contains("alice:") {
+            break line;
+        }
+    };
+    assert!(shown.ends_with("alice: [sealed] a sealed hello"), "{shown}");
+    // The server kept only the box: a new device of bob's without the identity sees no text.
+    let mut raw = ChatClient::join(&server.url, "bob", "raw").await;
+    let stored = raw.next_where(|v| v.get("msg").is_some()).await;
+    assert!(stored["msg"]["sealed"].is_string() && !stored.to_string().contains("sealed hello"));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join("bob.id")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "the identity file is its owner's only");
+    }
+    drop(bob.stdin.take());
+    let _ = bob.kill();
+    let _ = bob.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}

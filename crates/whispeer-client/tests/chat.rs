@@ -150,3 +150,55 @@ async fn a_sealed_message_opens_on_both_recipient_devices_and_nowhere_else() {
     assert_eq!(changes[0].device, "phone");
     assert_eq!(changes[0].now, renewed.public("phone").fingerprint());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_removal_the_group_key_rotates_and_the_removed_member_cannot_open_what_follows() {
+    use whispeer_client::GroupKeys;
+    use whispeer_client::engines::Identity;
+    let (_broker, url) = listener();
+    let names = ["alice", "bob", "carol"];
+    let mut members = Vec::new();
+    for name in names {
+        let (chat, events) = as_user(&url, name, "phone").await;
+        let identity = Identity::generate().unwrap();
+        chat.publish_identity(&identity).await.unwrap();
+        members.push((chat, events, identity, GroupKeys::default()));
+    }
+    members[0].0.create_group("team", true).await.unwrap();
+    for member in &members[1..] {
+        member.0.join("team").await.unwrap();
+    }
+    let alice_keys = members[1].0.keys("alice").await.unwrap();
+    let (alice, _, alice_id, alice_group) = &mut members[0];
+    assert_eq!(alice.rotate_group_key(alice_id, alice_group, "team").await.unwrap(), 1);
+    alice.send_sealed_group(alice_id, alice_group, "team", "before").await.unwrap();
+    // Bob and carol learn epoch 1 and open the first message.
+    let mut first_copy = None;
+    for (chat, events, identity, keys) in &mut members[1..] {
+        let key_message =
+            next(events, |e| message(e).filter(|m| m.msg.get("group_key").is_some())).await;
+        assert_eq!(keys.learn(identity, &key_message, &alice_keys).unwrap(), 1);
+        let sealed =
+            next(events, |e| message(e).filter(|m| m.msg.get("sealed_group").is_some())).await;
+        assert_eq!(chat.open_group(keys, &sealed, &alice_keys).unwrap(), "before");
+        first_copy = Some(sealed);
+    }
+    let (alice, _, alice_id, alice_group) = &mut members[0];
+    alice.remove("team", "carol").await.unwrap();
+    assert_eq!(alice.rotate_group_key(alice_id, alice_group, "team").await.unwrap(), 2);
+    alice.send_sealed_group(alice_id, alice_group, "team", "after").await.unwrap();
+    let (bob, bob_events, bob_id, bob_keys) = &mut members[1];
+    let key_message =
+        next(bob_events, |e| message(e).filter(|m| m.msg.get("group_key").is_some())).await;
+    assert_eq!(bob_keys.learn(bob_id, &key_message, &alice_keys).unwrap(), 2);
+    let after =
+        next(bob_events, |e| message(e).filter(|m| m.msg.get("sealed_group").is_some())).await;
+    assert_eq!(bob.open_group(bob_keys, &after, &alice_keys).unwrap(), "after");
+    // Carol, removed, cannot learn epoch 2 even from bob's copy, nor open what followed; what
+    // she had stays readable to her.
+    let (carol, _, carol_id, carol_keys) = &mut members[2];
+    assert!(carol_keys.learn(carol_id, &key_message, &alice_keys).is_err());
+    let refused = carol.open_group(carol_keys, &after, &alice_keys).unwrap_err();
+    assert!(refused.to_string().contains("no key of epoch 2"), "{refused}");
+    assert_eq!(carol.open_group(carol_keys, &first_copy.unwrap(), &alice_keys).unwrap(), "before");
+}

@@ -13,8 +13,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use whispeer_engines::{
-    CipherAlgorithm, Compression, Encryption, Engines, Identity, Keyring, Sealing, open_sealed,
-    seal_for,
+    CipherAlgorithm, Compression, Encryption, Engines, GroupKey, Identity, Keyring, Sealing,
+    open_group, open_sealed, seal_for, seal_group,
 };
 use whispeer_proto::{ContentType, Envelope, Flags, Headers, MessageId, Topic};
 
@@ -116,6 +116,14 @@ fn sealed_boxes(c: &mut Criterion) {
             b.iter(|| open_sealed(&identities[0], &sealed, b"bench", None).unwrap())
         });
     }
+    let key = GroupKey::generate(1).unwrap();
+    group.bench_function("seal-group-message", |b| {
+        b.iter(|| seal_group(&sender, &key, b"bench", &plaintext).unwrap())
+    });
+    let sealed = seal_group(&sender, &key, b"bench", &plaintext).unwrap();
+    group.bench_function("open-group-message", |b| {
+        b.iter(|| open_group(&key, &sealed, b"bench", None).unwrap())
+    });
     group.finish();
 }
 

@@ -422,5 +422,9 @@ pub fn open_sealed(
     decrypt(&message_key, nonce, context, ciphertext)
 }
 
+mod group;
+
+pub use group::{GroupKey, group_sealed_by, open_group, seal_group};
+
 #[cfg(test)]
 mod tests;

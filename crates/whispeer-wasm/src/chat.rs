@@ -225,7 +225,7 @@ impl Chat {
     }
 
     /// A request from key/value pairs.
-    async fn ask(&self, pairs: &[(&str, JsValue)]) -> Result<JsValue, JsValue> {
+    pub(crate) async fn ask(&self, pairs: &[(&str, JsValue)]) -> Result<JsValue, JsValue> {
         let object = Object::new();
         for (key, value) in pairs {
             Reflect::set(&object, &(*key).into(), value)?;

@@ -20,8 +20,10 @@
 //! ```
 
 mod chat;
+mod sealing;
 
 pub use chat::Chat;
+pub use sealing::Identity;
 
 use std::cell::RefCell;
 use std::collections::HashMap;

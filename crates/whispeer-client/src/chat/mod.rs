@@ -32,10 +32,12 @@ use tokio_rustls::rustls;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 mod events;
+mod group_keys;
 mod sealed;
 
 use events::event_of;
 pub use events::{ChatEvent, ChatMessage, Presence};
+pub use group_keys::GroupKeys;
 pub use sealed::{KeyChange, KnownKeys};
 
 /// Where and as whom to connect.

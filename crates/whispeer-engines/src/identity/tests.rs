@@ -78,3 +78,32 @@ fn identities_and_public_identities_round_trip_and_a_swapped_key_is_caught() {
     assert_ne!(other.fingerprint(), public.fingerprint());
     assert!(Identity::from_text("whispeer-identity-v1:short").is_err());
 }
+
+#[test]
+fn a_group_message_opens_with_its_epoch_key_only_and_names_its_signer() {
+    let (alice, alice_pub) = device("laptop");
+    let (mallory, _) = device("phone");
+    let first = GroupKey::generate(1).unwrap();
+    let second = GroupKey::generate(2).unwrap();
+    let sealed = seal_group(&alice, &second, b"group team", b"after the rotation").unwrap();
+    assert_eq!(group_sealed_by(&sealed).unwrap(), (2, alice_pub.ed25519));
+    assert_eq!(
+        open_group(&second, &sealed, b"group team", Some(&alice_pub.ed25519)).unwrap(),
+        b"after the rotation"
+    );
+    assert_eq!(open_group(&first, &sealed, b"group team", None), Err(IdentityError::NotForMe));
+    assert_eq!(
+        open_group(&second, &sealed, b"group other", None),
+        Err(IdentityError::BadSignature)
+    );
+    let forged = seal_group(&mallory, &second, b"group team", b"as alice").unwrap();
+    assert_eq!(
+        open_group(&second, &forged, b"group team", Some(&alice_pub.ed25519)),
+        Err(IdentityError::WrongSender)
+    );
+    let copied = GroupKey::from_bytes(&second.to_bytes()).unwrap();
+    assert_eq!(open_group(&copied, &sealed, b"group team", None).unwrap(), b"after the rotation");
+    for cut in 0..sealed.len() {
+        assert!(open_group(&second, &sealed[..cut], b"group team", None).is_err());
+    }
+}

@@ -1,8 +1,12 @@
 // The chat page in headless Chromium: `whispeer serve --chat-listen --chat-page` serves it with
 // the WASM client; alice and bob open it side by side, alice sends, bob's page shows it, and a
-// screenshot of both is saved.
+// screenshot of both is saved; then a message sealed by the Rust CLI opens in the page, and one
+// sealed in the page opens in the CLI.
 // Usage: node chat_page.mjs <whispeer-binary> <web-package-dir> <screenshot.png>
 import { spawn } from "node:child_process";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { chromium } from "playwright-core";
 
 const [bin, web, screenshot] = process.argv.slice(2);
@@ -69,6 +73,35 @@ const refusal = await bob.evaluate(() => window.chat.sendGroup("nowhere", "hi").
 if (!refusal.includes("not_member")) fail(`a post to a group bob is not in: ${refusal}`);
 await alice.waitForFunction(() => document.getElementById("log").textContent.includes("delivered by bob"),
   null, { timeout: 20000 });
+
+stage = "sealed between the Rust CLI and the page";
+const work = mkdtempSync(join(tmpdir(), "whispeer-page-"));
+await bob.evaluate(async () => {
+  const { Identity } = await import("./pkg/whispeer_wasm.js");
+  window.me = Identity.generate();
+  await window.chat.publishIdentity(window.me);
+  window.sealedSeen = [];
+  window.chat.onEvent((event) => { if (event.msg?.sealed) window.sealedSeen.push(event); });
+});
+const carol = spawn(bin, ["chat", "--as", "carol", "--server", pageUrl.replace(/^http/, "ws").replace(/\/$/, "/ws"),
+  "--identity", join(work, "carol.id")]);
+const carolOut = { text: "" };
+carol.stdout.on("data", (chunk) => { carolOut.text += chunk; });
+await new Promise((resolve) => {
+  let err = "";
+  carol.stderr.on("data", (chunk) => { err += chunk; if (err.includes("whispeer: identity (new)")) resolve(); });
+});
+carol.stdin.write("/msg bob sealed by rust\n");
+await bob.waitForFunction(() => window.sealedSeen.length > 0, null, { timeout: 20000 });
+const openedInPage = await bob.evaluate(() => window.chat.openSealed(window.me, window.sealedSeen[0]));
+if (openedInPage !== "sealed by rust") fail(`the page opened ${JSON.stringify(openedInPage)}`);
+await bob.evaluate(() => window.chat.sendSealedTo(window.me, "carol", "sealed in chromium"));
+for (let i = 0; i < 200 && !carolOut.text.includes("bob: [sealed] sealed in chromium"); i++) {
+  await new Promise((resolve) => setTimeout(resolve, 50));
+}
+if (!carolOut.text.includes("bob: [sealed] sealed in chromium")) fail(`the CLI showed ${JSON.stringify(carolOut.text)}`);
+carol.kill("SIGTERM");
+rmSync(work, { recursive: true, force: true });
 
 stage = "the screenshot";
 const both = await context.newPage();
