@@ -54,6 +54,7 @@ pub enum IdentityError {
 /// Most recipient devices of one box.
 pub const MAX_RECIPIENTS: usize = 1024;
 const MAGIC: &[u8; 4] = b"WSB1";
+const BOX_LABEL: &[u8] = b"whispeer sealed box v1\0";
 const IDENTITY_PREFIX: &str = "whispeer-identity-v1:";
 const NONCE: usize = 24;
 const TAG: usize = 16;
@@ -244,9 +245,10 @@ fn wrap_key(shared: &[u8; 32], ephemeral: &[u8; 32], recipient: &[u8; 32]) -> Ze
     key
 }
 
-/// What the sender signs: the context, then the box up to its signature.
-fn signed_message(context: &[u8], body: &[u8]) -> Vec<u8> {
-    let mut message = b"whispeer sealed box v1\0".to_vec();
+/// What the sender signs: a label naming the kind of box, the context, then the box up to its
+/// signature.
+fn signed_with(label: &[u8], context: &[u8], body: &[u8]) -> Vec<u8> {
+    let mut message = label.to_vec();
     message.extend_from_slice(&(context.len() as u64).to_be_bytes());
     message.extend_from_slice(context);
     message.extend_from_slice(body);
@@ -322,7 +324,7 @@ pub fn seal_for(
     body.extend_from_slice(nonce.as_ref());
     body.extend_from_slice(&(ciphertext.len() as u32).to_be_bytes());
     body.extend_from_slice(&ciphertext);
-    let signature = sender.signing.sign(&signed_message(context, &body));
+    let signature = sender.signing.sign(&signed_with(BOX_LABEL, context, &body));
     body.extend_from_slice(&signature.to_bytes());
     Ok(body)
 }
@@ -384,7 +386,7 @@ pub fn open_sealed(
     }
     let key = VerifyingKey::from_bytes(&signer).map_err(|_| IdentityError::BadSignature)?;
     let signature = Signature::from_slice(signature).map_err(|_| IdentityError::BadSignature)?;
-    key.verify(&signed_message(context, body), &signature)
+    key.verify(&signed_with(BOX_LABEL, context, body), &signature)
         .map_err(|_| IdentityError::BadSignature)?;
     let ephemeral = reader.array::<32>()?;
     let count = usize::from(u16::from_be_bytes(reader.array::<2>()?));

@@ -8,7 +8,7 @@
 use ed25519_dalek::{Signature, Signer, Verifier, VerifyingKey};
 use zeroize::Zeroizing;
 
-use super::{Identity, IdentityError, NONCE, Reader, decrypt, encrypt, random};
+use super::{Identity, IdentityError, NONCE, Reader, decrypt, encrypt, random, signed_with};
 
 const MAGIC: &[u8; 4] = b"WSG1";
 
@@ -58,13 +58,7 @@ impl GroupKey {
     }
 }
 
-fn signed(context: &[u8], body: &[u8]) -> Vec<u8> {
-    let mut message = b"whispeer group message v1\0".to_vec();
-    message.extend_from_slice(&(context.len() as u64).to_be_bytes());
-    message.extend_from_slice(context);
-    message.extend_from_slice(body);
-    message
-}
+const LABEL: &[u8] = b"whispeer group message v1\0";
 
 /// Seals `plain` with the group `key` for `context`, signed by `sender`.
 ///
@@ -84,7 +78,7 @@ pub fn seal_group(
     body.extend_from_slice(&sender.signing.verifying_key().to_bytes());
     body.extend_from_slice(nonce.as_ref());
     body.extend_from_slice(&ciphertext);
-    let signature = sender.signing.sign(&signed(context, &body));
+    let signature = sender.signing.sign(&signed_with(LABEL, context, &body));
     body.extend_from_slice(&signature.to_bytes());
     Ok(body)
 }
@@ -127,7 +121,7 @@ pub fn open_group(
     let verifying = VerifyingKey::from_bytes(&signer).map_err(|_| IdentityError::BadSignature)?;
     let signature = Signature::from_slice(signature).map_err(|_| IdentityError::BadSignature)?;
     verifying
-        .verify(&signed(context, body), &signature)
+        .verify(&signed_with(LABEL, context, body), &signature)
         .map_err(|_| IdentityError::BadSignature)?;
     let mut reader = Reader(&body[4 + 4 + 32..]);
     let nonce = reader.take(NONCE)?;
