@@ -44,7 +44,8 @@ commands:
   /create team [open] /join team  /invite team bob  /leave team  /remove team bob
   /members team       /groups     /who     /history bob|#team [count]
   /sub news           /say news hello (topic broadcast)
-  with --identity:    direct messages are sealed; /fingerprint [user]  /trust bob
+  with --identity:    messages are sealed; /fingerprint [user]  /trust bob
+                      /rotate team (a new group key for its members' devices)
   /help  /quit";
 
 /// Where a name like `bob` or `#team` points.
@@ -76,6 +77,18 @@ fn direct_to(
         _ if head.starts_with('/') => None,
         _ => match current {
             Some(Conversation::User(user)) => Some(user.clone()),
+            _ => None,
+        },
+    }
+}
+
+/// The group a line goes to sealed: `/msg #team text`, or a plain line while in a group.
+fn group_to(head: &str, first: &str, rest: &str, current: &Option<Conversation>) -> Option<String> {
+    match head {
+        "/msg" if !rest.is_empty() => first.strip_prefix('#').map(str::to_string),
+        _ if head.starts_with('/') => None,
+        _ => match current {
+            Some(Conversation::Group(group)) => Some(group.clone()),
             _ => None,
         },
     }
@@ -128,6 +141,14 @@ async fn command(
         Ok(()) => Vec::new(),
         Err(err) => vec![format!("! {err}")],
     };
+    if let (Some(keys), Some(group)) = (sealing.as_mut(), group_to(head, first, rest, current)) {
+        // With an identity, group messages go sealed with the group's key.
+        let text = if head == "/msg" { rest.to_string() } else { line.to_string() };
+        if head == "/msg" {
+            *current = Some(Conversation::Group(group.clone()));
+        }
+        return Some(keys.send_group(chat, &group, &text).await);
+    }
     if let (Some(keys), Some(to)) = (sealing.as_mut(), direct_to(head, first, rest, current)) {
         // With an identity, direct messages go sealed.
         let text = if head == "/msg" { rest.to_string() } else { line.to_string() };
@@ -144,7 +165,7 @@ async fn command(
     };
     Some(match head {
         "/quit" | "/exit" => return None,
-        "/fingerprint" | "/trust" if sealing.is_none() => {
+        "/fingerprint" | "/trust" | "/rotate" if sealing.is_none() => {
             vec!["! start with --identity FILE for end-to-end keys".to_string()]
         }
         "/fingerprint" => {
@@ -152,6 +173,9 @@ async fn command(
             sealing.as_mut()?.fingerprints(chat, whose).await
         }
         "/trust" if !first.is_empty() => sealing.as_mut()?.trust(first),
+        "/rotate" if !first.is_empty() => {
+            sealing.as_mut()?.rotate(chat, first.trim_start_matches('#')).await
+        }
         "/help" => HELP.lines().map(str::to_string).collect(),
         "/msg" if !first.is_empty() && !rest.is_empty() => {
             *current = Some(conversation(first));
@@ -318,6 +342,20 @@ async fn session(args: ChatArgs) -> ExitCode {
                         lines.into_iter().for_each(&mut printer);
                         message.msg = format!("[sealed] {text}").into();
                         ChatEvent::Message(message)
+                    }
+                    (ChatEvent::Message(mut message), Some(keys))
+                        if message.msg.get("sealed_group").is_some() =>
+                    {
+                        let (text, lines) = keys.open_group(&chat, &message).await;
+                        lines.into_iter().for_each(&mut printer);
+                        message.msg = format!("[sealed] {text}").into();
+                        ChatEvent::Message(message)
+                    }
+                    (ChatEvent::Message(message), Some(keys))
+                        if message.msg.get("group_key").is_some() =>
+                    {
+                        keys.learn(&chat, &message).await.into_iter().for_each(&mut printer);
+                        continue;
                     }
                     (event, _) => event,
                 };

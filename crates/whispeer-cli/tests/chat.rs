@@ -455,3 +455,66 @@ async fn the_terminal_chat_seals_direct_messages_with_an_identity() {
     let _ = bob.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_terminal_chat_seals_group_messages_with_a_rotated_group_key() {
+    use std::io::{BufRead, Write};
+    use std::process::{Command, Stdio};
+    let (dir, _) = temp_dir("group-identities");
+    std::fs::create_dir_all(&dir).unwrap();
+    let server = ChatServer::start(&[]);
+    // The group exists beforehand, made from other devices of the same users.
+    let mut setup = ChatClient::join(&server.url, "alice", "setup").await;
+    assert_eq!(
+        setup.ask(json!({"type": "create", "group": "team", "open": true})).await["type"],
+        "ok"
+    );
+    let mut bob_setup = ChatClient::join(&server.url, "bob", "setup").await;
+    assert_eq!(bob_setup.ask(json!({"type": "join", "group": "team"})).await["type"], "ok");
+    let start = |user: &str| {
+        let mut child = Command::new(common::BIN)
+            .args(["chat", "--as", user, "--server", &server.url, "--identity"])
+            .arg(dir.join(format!("{user}.id")))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        while !line.contains("whispeer: identity (new)") {
+            line.clear();
+            assert!(err.read_line(&mut line).unwrap() > 0, "{user}'s chat ended");
+        }
+        let (lines, received) = std::sync::mpsc::channel();
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        std::thread::spawn(move || {
+            out.lines().map_while(Result::ok).for_each(|l| drop(lines.send(l)))
+        });
+        (child, received)
+    };
+    let (mut bob, bob_lines) = start("bob");
+    let (mut alice, alice_lines) = start("alice");
+    let mut alice_in = alice.stdin.take().unwrap();
+    let wait_for = |lines: &std::sync::mpsc::Receiver<String>, text: &str| loop {
+        let line = lines.recv_timeout(Duration::from_secs(15)).unwrap();
+        if line.contains(text) {
+            return line;
+        }
+    };
+    alice_in.write_all(b"/msg #team before any key\n").unwrap();
+    assert!(wait_for(&alice_lines, "not sent").contains("#team has no group key yet"));
+    alice_in.write_all(b"/rotate team\n/msg #team the sealed plan\n").unwrap();
+    assert!(wait_for(&alice_lines, "key epoch 1").contains("#team"));
+    assert!(wait_for(&bob_lines, "key epoch 1 from alice").starts_with("* #team"));
+    let shown = wait_for(&bob_lines, "the sealed plan");
+    assert!(shown.ends_with("#team alice: [sealed] the sealed plan"), "{shown}");
+    // Bob's device without the identity sees only the box.
+    let stored = bob_setup.next_where(|v| v["msg"].get("sealed_group").is_some()).await;
+    assert!(!stored.to_string().contains("sealed plan"));
+    for child in [&mut alice, &mut bob] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

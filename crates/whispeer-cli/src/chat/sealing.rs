@@ -8,7 +8,7 @@ use std::path::Path;
 
 use anyhow::Context as _;
 use whispeer_client::engines::{Identity, PublicIdentity};
-use whispeer_client::{Chat, ChatMessage, KeyChange, KnownKeys};
+use whispeer_client::{Chat, ChatMessage, GroupKeys, KeyChange, KnownKeys};
 
 /// This device's keys and what it knows of others'.
 pub(super) struct Sealing {
@@ -16,6 +16,8 @@ pub(super) struct Sealing {
     known: KnownKeys,
     /// Changes not yet accepted, by user: sealing to them waits for `/trust`.
     pending: HashMap<String, Vec<KeyChange>>,
+    /// The group keys learned or made.
+    groups: GroupKeys,
 }
 
 fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
@@ -48,7 +50,8 @@ impl Sealing {
             }
             Err(err) => return Err(err).with_context(|| format!("reading {}", path.display())),
         };
-        Ok((Self { identity, known: KnownKeys::default(), pending: HashMap::new() }, made))
+        let (known, pending, groups) = (KnownKeys::default(), HashMap::new(), GroupKeys::default());
+        Ok((Self { identity, known, pending, groups }, made))
     }
 
     /// Publishes this device's public identity.
@@ -94,6 +97,60 @@ impl Sealing {
             lines.push(format!("! {err}"));
         }
         lines
+    }
+
+    /// Makes `group`'s next key and sends it sealed to its members' devices.
+    pub(super) async fn rotate(&mut self, chat: &Chat, group: &str) -> Vec<String> {
+        match chat.rotate_group_key(&self.identity, &mut self.groups, group).await {
+            Ok(epoch) => {
+                vec![format!("  #{group}: key epoch {epoch} sealed to its members' devices")]
+            }
+            Err(err) => vec![format!("! {err}")],
+        }
+    }
+
+    /// Sends `text` to `group` sealed with its current key; refused without one.
+    pub(super) async fn send_group(&mut self, chat: &Chat, group: &str, text: &str) -> Vec<String> {
+        if self.groups.current(group).is_none() {
+            return vec![format!(
+                "! not sent: #{group} has no group key yet; /rotate {group} makes one"
+            )];
+        }
+        match chat.send_sealed_group(&self.identity, &self.groups, group, text).await {
+            Ok(_) => Vec::new(),
+            Err(err) => vec![format!("! {err}")],
+        }
+    }
+
+    /// A group key message: learned (its sender's keys checked); what to show.
+    pub(super) async fn learn(&mut self, chat: &Chat, message: &ChatMessage) -> Vec<String> {
+        let (keys, mut lines) = match self.keys(chat, &message.from).await {
+            Ok(found) => found,
+            Err(line) => return vec![line],
+        };
+        let group = message.group.clone().unwrap_or_default();
+        lines.push(match self.groups.learn(&self.identity, message, &keys) {
+            Ok(epoch) => format!("* #{group}: key epoch {epoch} from {}", message.from),
+            Err(err) => format!("! #{group}: a key from {} not taken: {err}", message.from),
+        });
+        lines
+    }
+
+    /// Opens a sealed group message, for showing.
+    pub(super) async fn open_group(
+        &mut self,
+        chat: &Chat,
+        message: &ChatMessage,
+    ) -> (String, Vec<String>) {
+        let (keys, lines) = match self.keys(chat, &message.from).await {
+            Ok(found) => found,
+            Err(line) => return ("(sealed; the sender's keys are unavailable)".into(), vec![line]),
+        };
+        let text = match chat.open_group(&self.groups, message, &keys) {
+            Ok(value) => value.as_str().map_or_else(|| value.to_string(), str::to_string),
+            Err(err) => format!("(sealed; does not open: {err})"),
+        };
+        (text, lines)
     }
 
     /// Accepts `user`'s changed keys.
