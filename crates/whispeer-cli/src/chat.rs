@@ -336,19 +336,12 @@ async fn session(args: ChatArgs) -> ExitCode {
                 };
                 let event = match (event, sealing.as_mut()) {
                     (ChatEvent::Message(mut message), Some(keys))
-                        if message.msg.get("sealed").is_some() =>
+                        if message.msg.get("group_key").is_none() =>
                     {
-                        let (text, lines) = keys.open_message(&chat, &message).await;
-                        lines.into_iter().for_each(&mut printer);
-                        message.msg = format!("[sealed] {text}").into();
-                        ChatEvent::Message(message)
-                    }
-                    (ChatEvent::Message(mut message), Some(keys))
-                        if message.msg.get("sealed_group").is_some() =>
-                    {
-                        let (text, lines) = keys.open_group(&chat, &message).await;
-                        lines.into_iter().for_each(&mut printer);
-                        message.msg = format!("[sealed] {text}").into();
+                        if let Some((text, lines)) = keys.open_message(&chat, &message).await {
+                            lines.into_iter().for_each(&mut printer);
+                            message.msg = format!("[sealed] {text}").into();
+                        }
                         ChatEvent::Message(message)
                     }
                     (ChatEvent::Message(message), Some(keys))

@@ -8,7 +8,7 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::chat::{ChatClient, ChatServer};
+use common::chat::{ChatClient, ChatServer, TerminalChat};
 use serde_json::{Value, json};
 
 fn temp_dir(name: &str) -> (std::path::PathBuf, String) {
@@ -398,47 +398,14 @@ async fn each_limit_is_refused_by_name_while_others_are_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_terminal_chat_seals_direct_messages_with_an_identity() {
-    use std::io::{BufRead, Write};
-    use std::process::{Command, Stdio};
     let (dir, _) = temp_dir("identities");
     std::fs::create_dir_all(&dir).unwrap();
     let server = ChatServer::start(&[]);
-    let chat = |user: &str| {
-        let identity = dir.join(format!("{user}.id"));
-        Command::new(common::BIN)
-            .args(["chat", "--as", user, "--server", &server.url, "--identity"])
-            .arg(identity)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
-    let mut bob = chat("bob");
-    let mut bob_err = std::io::BufReader::new(bob.stderr.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("whispeer: identity (new)") {
-        line.clear();
-        assert!(bob_err.read_line(&mut line).unwrap() > 0, "bob's chat ended");
-    }
-    let (lines, received) = std::sync::mpsc::channel();
-    let bob_out = std::io::BufReader::new(bob.stdout.take().unwrap());
-    std::thread::spawn(move || {
-        bob_out.lines().map_while(Result::ok).for_each(|l| drop(lines.send(l)))
-    });
-    let mut alice = chat("alice");
-    alice.stdin.take().unwrap().write_all(b"/msg bob a sealed hello\n/fingerprint bob\n").unwrap();
-    let output =
-        tokio::task::spawn_blocking(move || alice.wait_with_output()).await.unwrap().unwrap();
-    let stdout = String::from_utf8(output.stdout).unwrap();
-    assert!(output.status.success(), "{stdout} {}", String::from_utf8_lossy(&output.stderr));
-    assert!(stdout.contains("  bob cli: "), "the fingerprint of bob's device: {stdout}");
-    let shown = loop {
-        let line = received.recv_timeout(Duration::from_secs(15)).unwrap();
-        if line.contains("alice:") {
-            break line;
-        }
-    };
+    let bob = TerminalChat::start(&server.url, "bob", &dir.join("bob.id"));
+    let mut alice = TerminalChat::start(&server.url, "alice", &dir.join("alice.id"));
+    alice.type_in("/msg bob a sealed hello\n/fingerprint bob\n");
+    assert!(alice.wait_for("  bob cli: ").split(": ").nth(1).is_some_and(|f| f.len() == 71));
+    let shown = bob.wait_for("alice:");
     assert!(shown.ends_with("alice: [sealed] a sealed hello"), "{shown}");
     // The server kept only the box: a new device of bob's without the identity sees no text.
     let mut raw = ChatClient::join(&server.url, "bob", "raw").await;
@@ -450,16 +417,12 @@ async fn the_terminal_chat_seals_direct_messages_with_an_identity() {
         let mode = std::fs::metadata(dir.join("bob.id")).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "the identity file is its owner's only");
     }
-    drop(bob.stdin.take());
-    let _ = bob.kill();
-    let _ = bob.wait();
+    drop((alice, bob));
     let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_terminal_chat_seals_group_messages_with_a_rotated_group_key() {
-    use std::io::{BufRead, Write};
-    use std::process::{Command, Stdio};
     let (dir, _) = temp_dir("group-identities");
     std::fs::create_dir_all(&dir).unwrap();
     let server = ChatServer::start(&[]);
@@ -471,50 +434,18 @@ async fn the_terminal_chat_seals_group_messages_with_a_rotated_group_key() {
     );
     let mut bob_setup = ChatClient::join(&server.url, "bob", "setup").await;
     assert_eq!(bob_setup.ask(json!({"type": "join", "group": "team"})).await["type"], "ok");
-    let start = |user: &str| {
-        let mut child = Command::new(common::BIN)
-            .args(["chat", "--as", user, "--server", &server.url, "--identity"])
-            .arg(dir.join(format!("{user}.id")))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
-        let mut line = String::new();
-        while !line.contains("whispeer: identity (new)") {
-            line.clear();
-            assert!(err.read_line(&mut line).unwrap() > 0, "{user}'s chat ended");
-        }
-        let (lines, received) = std::sync::mpsc::channel();
-        let out = std::io::BufReader::new(child.stdout.take().unwrap());
-        std::thread::spawn(move || {
-            out.lines().map_while(Result::ok).for_each(|l| drop(lines.send(l)))
-        });
-        (child, received)
-    };
-    let (mut bob, bob_lines) = start("bob");
-    let (mut alice, alice_lines) = start("alice");
-    let mut alice_in = alice.stdin.take().unwrap();
-    let wait_for = |lines: &std::sync::mpsc::Receiver<String>, text: &str| loop {
-        let line = lines.recv_timeout(Duration::from_secs(15)).unwrap();
-        if line.contains(text) {
-            return line;
-        }
-    };
-    alice_in.write_all(b"/msg #team before any key\n").unwrap();
-    assert!(wait_for(&alice_lines, "not sent").contains("#team has no group key yet"));
-    alice_in.write_all(b"/rotate team\n/msg #team the sealed plan\n").unwrap();
-    assert!(wait_for(&alice_lines, "key epoch 1").contains("#team"));
-    assert!(wait_for(&bob_lines, "key epoch 1 from alice").starts_with("* #team"));
-    let shown = wait_for(&bob_lines, "the sealed plan");
+    let bob = TerminalChat::start(&server.url, "bob", &dir.join("bob.id"));
+    let mut alice = TerminalChat::start(&server.url, "alice", &dir.join("alice.id"));
+    alice.type_in("/msg #team before any key\n");
+    assert!(alice.wait_for("not sent").contains("#team has no group key yet"));
+    alice.type_in("/rotate team\n/msg #team the sealed plan\n");
+    assert!(alice.wait_for("key epoch 1").contains("#team"));
+    assert!(bob.wait_for("key epoch 1 from alice").starts_with("* #team"));
+    let shown = bob.wait_for("the sealed plan");
     assert!(shown.ends_with("#team alice: [sealed] the sealed plan"), "{shown}");
     // Bob's device without the identity sees only the box.
     let stored = bob_setup.next_where(|v| v["msg"].get("sealed_group").is_some()).await;
     assert!(!stored.to_string().contains("sealed plan"));
-    for child in [&mut alice, &mut bob] {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
+    drop((alice, bob));
     let _ = std::fs::remove_dir_all(&dir);
 }

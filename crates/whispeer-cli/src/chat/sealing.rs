@@ -136,23 +136,6 @@ impl Sealing {
         lines
     }
 
-    /// Opens a sealed group message, for showing.
-    pub(super) async fn open_group(
-        &mut self,
-        chat: &Chat,
-        message: &ChatMessage,
-    ) -> (String, Vec<String>) {
-        let (keys, lines) = match self.keys(chat, &message.from).await {
-            Ok(found) => found,
-            Err(line) => return ("(sealed; the sender's keys are unavailable)".into(), vec![line]),
-        };
-        let text = match chat.open_group(&self.groups, message, &keys) {
-            Ok(value) => value.as_str().map_or_else(|| value.to_string(), str::to_string),
-            Err(err) => format!("(sealed; does not open: {err})"),
-        };
-        (text, lines)
-    }
-
     /// Accepts `user`'s changed keys.
     pub(super) fn trust(&mut self, user: &str) -> Vec<String> {
         let changes = self.pending.remove(user).unwrap_or_default();
@@ -176,20 +159,32 @@ impl Sealing {
         }
     }
 
-    /// Opens a sealed direct message, for showing: its text, or why not.
+    /// Opens a sealed message, direct (`sealed`) or group (`sealed_group`), for showing: its
+    /// text, or why not; `None` for a message that is not sealed.
     pub(super) async fn open_message(
         &mut self,
         chat: &Chat,
         message: &ChatMessage,
-    ) -> (String, Vec<String>) {
+    ) -> Option<(String, Vec<String>)> {
+        let group = message.msg.get("sealed_group").is_some();
+        if !group && message.msg.get("sealed").is_none() {
+            return None;
+        }
         let (keys, lines) = match self.keys(chat, &message.from).await {
             Ok(found) => found,
-            Err(line) => return ("(sealed; the sender's keys are unavailable)".into(), vec![line]),
+            Err(line) => {
+                return Some(("(sealed; the sender's keys are unavailable)".into(), vec![line]));
+            }
         };
-        let text = match chat.open(&self.identity, message, &keys) {
+        let opened = if group {
+            chat.open_group(&self.groups, message, &keys)
+        } else {
+            chat.open(&self.identity, message, &keys)
+        };
+        let text = match opened {
             Ok(value) => value.as_str().map_or_else(|| value.to_string(), str::to_string),
             Err(err) => format!("(sealed; does not open: {err})"),
         };
-        (text, lines)
+        Some((text, lines))
     }
 }

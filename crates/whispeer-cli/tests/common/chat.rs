@@ -142,3 +142,62 @@ impl ChatClient {
         }
     }
 }
+
+/// A `whispeer chat --identity` child whose identity is published; its output lines come
+/// through a channel. Killed when dropped.
+pub(crate) struct TerminalChat {
+    child: Child,
+    input: std::process::ChildStdin,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl TerminalChat {
+    /// `whispeer chat --as <user> --identity <identity>` on `url`.
+    pub(crate) fn start(url: &str, user: &str, identity: &std::path::Path) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(super::BIN)
+            .args(["chat", "--as", user, "--server", url, "--identity"])
+            .arg(identity)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        while !line.contains("whispeer: identity") {
+            line.clear();
+            assert!(err.read_line(&mut line).unwrap() > 0, "{user}'s chat ended");
+        }
+        let (sender, lines) = std::sync::mpsc::channel();
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        std::thread::spawn(move || {
+            out.lines().map_while(Result::ok).for_each(|l| drop(sender.send(l)));
+        });
+        let input = child.stdin.take().unwrap();
+        Self { child, input, lines }
+    }
+
+    /// Types `text` (lines).
+    pub(crate) fn type_in(&mut self, text: &str) {
+        use std::io::Write;
+        self.input.write_all(text.as_bytes()).unwrap();
+    }
+
+    /// The next output line containing `text`; fails after a while.
+    pub(crate) fn wait_for(&self, text: &str) -> String {
+        loop {
+            let line = self.lines.recv_timeout(PATIENCE).unwrap();
+            if line.contains(text) {
+                return line;
+            }
+        }
+    }
+}
+
+impl Drop for TerminalChat {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
