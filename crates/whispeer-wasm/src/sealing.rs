@@ -45,6 +45,12 @@ impl std::fmt::Debug for Identity {
     }
 }
 
+impl Identity {
+    pub(crate) fn keys(&self) -> &Keys {
+        &self.keys
+    }
+}
+
 #[wasm_bindgen]
 impl Identity {
     /// A new identity.
@@ -70,7 +76,7 @@ impl Identity {
     }
 }
 
-fn public_identities(list: &JsValue) -> Result<Vec<PublicIdentity>, JsValue> {
+pub(crate) fn public_identities(list: &JsValue) -> Result<Vec<PublicIdentity>, JsValue> {
     Array::from(list)
         .iter()
         .map(|entry| {
