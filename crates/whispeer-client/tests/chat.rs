@@ -202,3 +202,33 @@ async fn after_a_removal_the_group_key_rotates_and_the_removed_member_cannot_ope
     assert!(refused.to_string().contains("no key of epoch 2"), "{refused}");
     assert_eq!(carol.open_group(carol_keys, &first_copy.unwrap(), &alice_keys).unwrap(), "before");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_device_is_left_out_of_the_next_group_key() {
+    use whispeer_client::GroupKeys;
+    use whispeer_client::engines::Identity;
+    let (_broker, url) = listener();
+    let (alice, _alice_events) = as_user(&url, "alice", "laptop").await;
+    let (phone, mut phone_events) = as_user(&url, "bob", "phone").await;
+    let (lost, mut lost_events) = as_user(&url, "bob", "lost").await;
+    let ids: Vec<Identity> = (0..3).map(|_| Identity::generate().unwrap()).collect();
+    for (chat, id) in [(&alice, &ids[0]), (&phone, &ids[1]), (&lost, &ids[2])] {
+        chat.publish_identity(id).await.unwrap();
+    }
+    alice.create_group("team", true).await.unwrap();
+    phone.join("team").await.unwrap();
+    let mut alice_group = GroupKeys::default();
+    let alice_keys = phone.keys("alice").await.unwrap();
+    // Bob revokes the device he lost; the next key leaves it out.
+    phone.revoke_device("lost").await.unwrap();
+    assert_eq!(phone.keys("bob").await.unwrap().len(), 1);
+    let refused = phone.revoke_device("lost").await.unwrap_err();
+    assert!(refused.to_string().contains("no_such_device"), "{refused}");
+    assert_eq!(alice.rotate_group_key(&ids[0], &mut alice_group, "team").await.unwrap(), 1);
+    let is_key = |e| message(e).filter(|m| m.msg.get("group_key").is_some());
+    let for_phone = next(&mut phone_events, is_key).await;
+    assert_eq!(GroupKeys::default().learn(&ids[1], &for_phone, &alice_keys).unwrap(), 1);
+    // The lost device still reads bob's inbox (until its session ends), but cannot learn it.
+    let for_lost = next(&mut lost_events, is_key).await;
+    assert!(GroupKeys::default().learn(&ids[2], &for_lost, &alice_keys).is_err());
+}

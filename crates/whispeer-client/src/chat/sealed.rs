@@ -33,6 +33,15 @@ impl Chat {
         self.request(json!({ "type": "keys", "publish": public.to_text() })).await.map(drop)
     }
 
+    /// Removes one of this user's devices from the directory (lost or retired): nothing is
+    /// sealed to it afterwards; rotate the keys of its groups so it cannot open what follows.
+    ///
+    /// # Errors
+    /// `no_such_device`, or [`ChatError::Closed`].
+    pub async fn revoke_device(&self, device: &str) -> Result<(), ChatError> {
+        self.request(json!({ "type": "keys", "revoke": device })).await.map(drop)
+    }
+
     /// The public identities of `user`'s devices, each checked (its X25519 key signed by its
     /// Ed25519 key).
     ///

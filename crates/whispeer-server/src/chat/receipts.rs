@@ -109,6 +109,22 @@ impl Hub {
         saved.map_err(|e| failed(e.to_string()))?.map_err(|e| failed(e.to_string()))
     }
 
+    /// Removes `user`'s `device` from the directory: nothing is sealed to it from now on (group
+    /// keys rotated afterwards leave it out).
+    pub(crate) async fn revoke_key(&self, user: &str, device: &str) -> Result<(), ChatError> {
+        let store = std::sync::Arc::clone(&self.store);
+        let (who, which) = (user.to_string(), device.to_string());
+        let removed = tokio::task::spawn_blocking(move || store.remove_key(&who, &which)).await;
+        let failed = |e: String| ChatError::new("store_failed", format!("chat.db: {e}"));
+        match removed.map_err(|e| failed(e.to_string()))?.map_err(|e| failed(e.to_string()))? {
+            true => Ok(()),
+            false => Err(ChatError::new(
+                "no_such_device",
+                format!("{user} has no device {device:?} in the directory"),
+            )),
+        }
+    }
+
     /// The public identities of `user`'s devices.
     pub(crate) async fn keys(&self, user: &str) -> Result<Value, ChatError> {
         let store = std::sync::Arc::clone(&self.store);

@@ -480,6 +480,10 @@ where
                 json!({ "type": "ok" })
             }
             Action::Keys { user: whose } => hub.keys(&whose).await?,
+            Action::RevokeKey { device } => {
+                hub.revoke_key(user, &device).await?;
+                json!({ "type": "ok" })
+            }
             Action::Who => {
                 let users: Vec<Value> = hub.watched(user).iter().map(|u| hub.presence(u)).collect();
                 json!({ "type": "presence", "users": users })

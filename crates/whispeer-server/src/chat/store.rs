@@ -212,6 +212,14 @@ impl ChatStore {
         Ok(())
     }
 
+    /// Removes a device's public identity; whether there was one.
+    pub(crate) fn remove_key(&self, user: &str, device: &str) -> rusqlite::Result<bool> {
+        let removed = self
+            .db()
+            .execute("DELETE FROM keys WHERE user = ?1 AND device = ?2", params![user, device])?;
+        Ok(removed > 0)
+    }
+
     /// A user's devices' public identities, by device name.
     pub(crate) fn keys(&self, user: &str) -> rusqlite::Result<Vec<String>> {
         let db = self.db();

@@ -99,6 +99,10 @@ pub(crate) enum Action {
     Keys {
         user: String,
     },
+    /// Removes one of this user's devices from the directory (a lost or retired device).
+    RevokeKey {
+        device: String,
+    },
 }
 
 /// A parsed request: its action, the `from` it claims, and the `ref` to echo.
@@ -127,6 +131,7 @@ struct Raw {
     seq: Option<u64>,
     id: Option<String>,
     publish: Option<String>,
+    revoke: Option<String>,
     #[serde(rename = "ref")]
     reference: Option<Value>,
 }
@@ -231,6 +236,9 @@ fn action(raw: &mut Raw, has_from: bool) -> Result<Action, ChatError> {
             Some(identity) if identity.len() <= 512 => Action::PublishKey { identity },
             Some(_) => {
                 return Err(ChatError::new("malformed", "a public identity is at most 512 bytes"));
+            }
+            None if raw.revoke.is_some() => {
+                Action::RevokeKey { device: name("revoke", raw.revoke.take())? }
             }
             None => Action::Keys { user: user(raw)? },
         },
