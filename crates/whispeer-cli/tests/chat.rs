@@ -229,6 +229,19 @@ async fn history_pages_back_by_seq_and_id_and_presence_follows_devices() {
     let after_id =
         alice.ask(json!({"type": "history", "with": "bob", "after": ids[3], "limit": 2})).await;
     assert_eq!(texts(&after_id), vec!["m4", "m5"]);
+    // Positions past either end give empty pages, never a failure.
+    for edge in [json!({"after": u64::MAX}), json!({"before": 0}), json!({"after": 0, "limit": 1})]
+    {
+        let mut request = json!({"type": "history", "with": "bob"});
+        request.as_object_mut().unwrap().extend(edge.as_object().unwrap().clone());
+        let page = alice.ask(request.clone()).await;
+        assert_eq!(page["type"], "history", "{request} -> {page}");
+    }
+    assert_eq!(
+        alice.ask(json!({"type": "history", "with": "bob", "after": 0, "limit": 1})).await["messages"]
+            [0]["msg"],
+        "m0"
+    );
     // Bob sees the same conversation from his side.
     let mut phone = ChatClient::join(&server.url, "bob", "phone").await;
     let theirs = phone.ask(json!({"type": "history", "with": "alice", "limit": 1})).await;

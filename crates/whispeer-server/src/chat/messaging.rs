@@ -303,8 +303,8 @@ impl Hub {
         let seq = |position: &Position| self.seq_of(&topic, position, first, next);
         let (start, end) = match (before, after) {
             (_, Some(after)) => {
-                let start = (seq(after)? + 1).max(first);
-                (start, (start + limit as u64).min(next))
+                let start = seq(after)?.saturating_add(1).max(first);
+                (start, start.saturating_add(limit as u64).min(next))
             }
             (Some(before), None) => {
                 let end = seq(before)?.min(next);

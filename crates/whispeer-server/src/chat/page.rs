@@ -1,12 +1,17 @@
 //! The chat page (`[chat] page_dir`, `--chat-page`): on the chat listener, a plain HTTP `GET`
 //! that is not a WebSocket upgrade gets the page (`/`), or the WASM client's web package from
 //! the directory (`/pkg/whispeer_wasm.js`, `/pkg/whispeer_wasm_bg.wasm`; nothing else). The
-//! request is peeked, so an upgrade reaches the WebSocket handshake untouched. Not over TLS.
+//! request head is read once; an upgrade reaches the WebSocket handshake with those bytes
+//! replayed (`Prefixed`). Not over TLS.
 
 use std::path::Path;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 const PAGE: &str = include_str!("page.html");
@@ -14,39 +19,80 @@ const PAGE: &str = include_str!("page.html");
 const HEAD_BYTES: usize = 8 * 1024;
 
 /// What the connection is.
-pub(super) enum Peeked {
-    /// A WebSocket upgrade (or something else for the handshake to refuse).
-    Upgrade,
-    /// A page request, answered and closed.
-    Served,
+pub(super) enum Head {
+    /// A WebSocket upgrade (or something else for the handshake to refuse): the connection,
+    /// replaying the bytes read so far.
+    Upgrade(Prefixed),
+    /// A page request, answered and closed; or a connection that ended or stalled.
+    Done,
 }
 
-/// Peeks at the request head; answers a plain `GET` from the page or `dir`.
+/// A socket whose first bytes were already read: they are read again first.
+pub(super) struct Prefixed {
+    head: Bytes,
+    stream: TcpStream,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.head.is_empty() {
+            return Pin::new(&mut self.stream).poll_read(cx, buf);
+        }
+        let n = self.head.len().min(buf.remaining());
+        buf.put_slice(&self.head.split_to(n));
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// Reads the request head (up to 8 KiB, within `patience`); answers a plain `GET` from the page
+/// or `dir`, and hands anything else on with the bytes read.
 pub(super) async fn serve_if_page(
-    stream: &mut TcpStream,
+    mut stream: TcpStream,
     dir: &Path,
     chat_path: &str,
     patience: Duration,
-) -> Peeked {
-    let mut head = vec![0u8; HEAD_BYTES];
-    let peeked = tokio::time::timeout(patience, async {
-        loop {
-            let n = stream.peek(&mut head).await.ok()?;
-            let seen = &head[..n];
-            if seen.windows(4).any(|w| w == b"\r\n\r\n") || n == HEAD_BYTES {
-                return Some(n);
-            }
+) -> Head {
+    let mut head = BytesMut::with_capacity(1024);
+    let read = tokio::time::timeout(patience, async {
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < HEAD_BYTES {
+            let mut chunk = [0u8; 1024];
+            let n = stream.read(&mut chunk).await?;
             if n == 0 {
-                return None;
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            head.extend_from_slice(&chunk[..n]);
         }
+        Ok::<(), std::io::Error>(())
     })
     .await;
-    let Ok(Some(n)) = peeked else { return Peeked::Upgrade };
-    let text = String::from_utf8_lossy(&head[..n]).to_ascii_lowercase();
+    if !matches!(read, Ok(Ok(()))) {
+        return Head::Done;
+    }
+    let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
     if text.contains("\r\nupgrade: websocket") || !text.starts_with("get ") {
-        return Peeked::Upgrade;
+        return Head::Upgrade(Prefixed { head: head.freeze(), stream });
     }
     let path = text.split_whitespace().nth(1).unwrap_or("/").split('?').next().unwrap_or("/");
     let (status, kind, body): (&str, &str, Vec<u8>) = match path {
@@ -64,9 +110,6 @@ pub(super) async fn serve_if_page(
         "/favicon.ico" => ("204 No Content", "text/plain", Vec::new()),
         _ => ("404 Not Found", "text/plain", b"not found".to_vec()),
     };
-    // The request head is consumed before answering, so closing does not reset the answer.
-    let mut consumed = vec![0u8; n];
-    let _ = stream.read_exact(&mut consumed).await;
     let response = format!(
         "HTTP/1.1 {status}\r\ncontent-type: {kind}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
         body.len()
@@ -74,5 +117,5 @@ pub(super) async fn serve_if_page(
     let _ = stream.write_all(response.as_bytes()).await;
     let _ = stream.write_all(&body).await;
     let _ = stream.shutdown().await;
-    Peeked::Served
+    Head::Done
 }

@@ -117,7 +117,7 @@ fn admit(
 
 /// Serves one connection, after TLS if configured.
 pub(super) async fn run(
-    mut stream: TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
     hub: Arc<Hub>,
     config: Arc<ServerConfig>,
@@ -128,13 +128,13 @@ pub(super) async fn run(
     let plain = config.tls.is_none();
     #[cfg(not(feature = "tls"))]
     let plain = true;
-    if let Some(dir) = hub.config.page_dir.as_deref().filter(|_| plain) {
-        let path = &hub.config.path;
-        let peeked =
-            super::page::serve_if_page(&mut stream, dir, path, config.idle_timeout()).await;
-        if matches!(peeked, super::page::Peeked::Served) {
-            return;
+    if let Some(dir) = hub.config.page_dir.clone().filter(|_| plain) {
+        let path = hub.config.path.clone();
+        match super::page::serve_if_page(stream, &dir, &path, config.idle_timeout()).await {
+            super::page::Head::Upgrade(stream) => upgrade(stream, peer, hub, config, stop).await,
+            super::page::Head::Done => {}
         }
+        return;
     }
     #[cfg(feature = "tls")]
     if let Some(tls) = &config.tls {
