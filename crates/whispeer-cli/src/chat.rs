@@ -1,7 +1,8 @@
 //! `whispeer chat --as alice`: a terminal chat on the server's chat listener, through the SDK's
-//! `Chat`. On a terminal, lines are edited with rustyline and incoming messages print above the
-//! prompt; otherwise each line of standard input is one command (for scripts), and the command
-//! ends with the input.
+//! `Chat`, sealed end to end by default (`--plain` to talk with clients that do not seal). On a
+//! terminal, lines are edited with rustyline and incoming messages print above the prompt;
+//! otherwise each line of standard input is one command (for scripts), and the command ends
+//! with the input.
 
 use std::process::ExitCode;
 
@@ -12,8 +13,6 @@ use tokio::sync::mpsc;
 use whispeer_client::{Chat, ChatEvent, ChatMessage, ChatOptions, Conversation};
 
 mod sealing;
-
-use sealing::Sealing;
 
 /// `whispeer chat`.
 #[derive(Debug, Args)]
@@ -30,10 +29,18 @@ pub(crate) struct ChatArgs {
     /// API key or JWT, if the server requires one.
     #[arg(long, env = "WHISPEER_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
-    /// This device's identity file (made on first use): direct messages are then sealed end to
-    /// end for the recipient's devices, and sealed ones opened as they arrive.
+    /// This device's identity file (made on first use, readable by its owner only; the keys
+    /// seen and group keys are kept beside it). Default: `<user>.<device>.identity` in the
+    /// keys folder.
     #[arg(long, value_name = "FILE")]
     identity: Option<std::path::PathBuf>,
+    /// The keys folder [default: $XDG_CONFIG_HOME/whispeer/chat, else ~/.config/whispeer/chat].
+    #[arg(long, env = "WHISPEER_CHAT_KEYS", value_name = "DIR")]
+    keys_dir: Option<std::path::PathBuf>,
+    /// Do not seal: messages go as plain JSON, which the server and its store can read (to
+    /// talk with clients that do not seal, such as websocat).
+    #[arg(long, conflicts_with = "identity")]
+    plain: bool,
 }
 
 const HELP: &str = "\
@@ -44,8 +51,10 @@ commands:
   /create team [open] /join team  /invite team bob  /leave team  /remove team bob
   /members team       /groups     /who     /history bob|#team [count]
   /sub news           /say news hello (topic broadcast)
-  with --identity:    messages are sealed; /fingerprint [user]  /trust bob
-                      /rotate team (a new group key for its members' devices)
+  keys:               messages are sealed end to end unless started with --plain
+  /fingerprint [user] the fingerprints to compare with them
+  /trust bob          accept bob's changed key (after comparing)
+  /rotate team        a new group key for its members' devices now
   /help  /quit";
 
 /// Where a name like `bob` or `#team` points.
@@ -62,53 +71,31 @@ fn clock(time_ms: u64) -> String {
 }
 
 fn text_of(message: &ChatMessage) -> String {
+    if let Some(why) = &message.unreadable {
+        return format!("(sealed; does not open here: {why})");
+    }
     message.msg.as_str().map_or_else(|| message.msg.to_string(), str::to_string)
 }
 
-/// The user a line goes to sealed: `/msg bob text`, or a plain line while talking to a user.
-fn direct_to(
-    head: &str,
-    first: &str,
-    rest: &str,
-    current: &Option<Conversation>,
-) -> Option<String> {
-    match head {
-        "/msg" if !rest.is_empty() && !first.starts_with('#') => Some(first.to_string()),
-        _ if head.starts_with('/') => None,
-        _ => match current {
-            Some(Conversation::User(user)) => Some(user.clone()),
-            _ => None,
-        },
-    }
-}
-
-/// The group a line goes to sealed: `/msg #team text`, or a plain line while in a group.
-fn group_to(head: &str, first: &str, rest: &str, current: &Option<Conversation>) -> Option<String> {
-    match head {
-        "/msg" if !rest.is_empty() => first.strip_prefix('#').map(str::to_string),
-        _ if head.starts_with('/') => None,
-        _ => match current {
-            Some(Conversation::Group(group)) => Some(group.clone()),
-            _ => None,
-        },
-    }
-}
-
-/// One line for a message.
-fn show(message: &ChatMessage) -> String {
+/// One line for a message; in a sealing session, one that came unsealed says so.
+fn show(message: &ChatMessage, sealing: bool) -> String {
     let place = match (&message.to, &message.group, &message.topic) {
         (_, Some(group), _) => format!("#{group} "),
         (_, _, Some(topic)) => format!("+{topic} "),
         (Some(to), _, _) => format!("→{to} "),
         _ => String::new(),
     };
-    format!("[{}] {place}{}: {}", clock(message.time), message.from, text_of(message))
+    let plain = if sealing && !message.sealed { "[plain] " } else { "" };
+    format!("[{}] {place}{}: {plain}{}", clock(message.time), message.from, text_of(message))
 }
 
 /// One line for an event, if it is worth one.
-fn describe(event: &ChatEvent) -> Option<String> {
+fn describe(event: &ChatEvent, sealing: bool) -> Option<String> {
+    if let Some(line) = sealing::describe(event) {
+        return Some(line);
+    }
     Some(match event {
-        ChatEvent::Message(message) => show(message),
+        ChatEvent::Message(message) => show(message, sealing),
         ChatEvent::Group { group, event, user, by } => {
             format!("* #{group}: {user} {event} (by {by})")
         }
@@ -127,7 +114,6 @@ fn describe(event: &ChatEvent) -> Option<String> {
 async fn command(
     chat: &Chat,
     current: &mut Option<Conversation>,
-    sealing: &mut Option<Sealing>,
     line: &str,
 ) -> Option<Vec<String>> {
     let line = line.trim();
@@ -141,45 +127,31 @@ async fn command(
         Ok(()) => Vec::new(),
         Err(err) => vec![format!("! {err}")],
     };
-    if let (Some(keys), Some(group)) = (sealing.as_mut(), group_to(head, first, rest, current)) {
-        // With an identity, group messages go sealed with the group's key.
-        let text = if head == "/msg" { rest.to_string() } else { line.to_string() };
-        if head == "/msg" {
-            *current = Some(Conversation::Group(group.clone()));
-        }
-        return Some(keys.send_group(chat, &group, &text).await);
-    }
-    if let (Some(keys), Some(to)) = (sealing.as_mut(), direct_to(head, first, rest, current)) {
-        // With an identity, direct messages go sealed.
-        let text = if head == "/msg" { rest.to_string() } else { line.to_string() };
-        if head == "/msg" {
-            *current = Some(Conversation::User(to.clone()));
-        }
-        return Some(keys.send(chat, &to, &text).await);
-    }
     let send = |to: Conversation, text: String| async move {
-        match &to {
+        let sent = match &to {
             Conversation::User(user) => chat.send_to(user, text).await.map(drop),
             Conversation::Group(group) => chat.send_group(group, text).await.map(drop),
-        }
+        };
+        sent.err().map_or_else(Vec::new, |err| sealing::refused(&err))
     };
+    let sealing = chat.fingerprint().is_some();
     Some(match head {
         "/quit" | "/exit" => return None,
-        "/fingerprint" | "/trust" | "/rotate" if sealing.is_none() => {
-            vec!["! start with --identity FILE for end-to-end keys".to_string()]
+        "/fingerprint" | "/trust" | "/rotate" if !sealing => {
+            vec!["! this session does not seal (--plain)".to_string()]
         }
         "/fingerprint" => {
             let whose = if first.is_empty() { chat.user() } else { first };
-            sealing.as_mut()?.fingerprints(chat, whose).await
+            sealing::fingerprints(chat, whose).await
         }
-        "/trust" if !first.is_empty() => sealing.as_mut()?.trust(first),
+        "/trust" if !first.is_empty() => sealing::trust(chat, first),
         "/rotate" if !first.is_empty() => {
-            sealing.as_mut()?.rotate(chat, first.trim_start_matches('#')).await
+            sealing::rotate(chat, first.trim_start_matches('#')).await
         }
         "/help" => HELP.lines().map(str::to_string).collect(),
         "/msg" if !first.is_empty() && !rest.is_empty() => {
             *current = Some(conversation(first));
-            done(send(conversation(first), rest.to_string()).await)
+            send(conversation(first), rest.to_string()).await
         }
         "/to" if !first.is_empty() => {
             *current = Some(conversation(first));
@@ -236,7 +208,7 @@ async fn command(
         "/history" if !first.is_empty() => {
             let count = rest.parse().unwrap_or(20);
             match chat.history(&conversation(first), None, count).await {
-                Ok(messages) => messages.iter().map(show).collect(),
+                Ok(messages) => messages.iter().map(|m| show(m, sealing)).collect(),
                 Err(err) => vec![format!("! {err}")],
             }
         }
@@ -244,7 +216,7 @@ async fn command(
             vec![format!("! unknown or incomplete command {head:?}; /help lists them")]
         }
         _ => match current.clone() {
-            Some(to) => done(send(to, line.to_string()).await),
+            Some(to) => send(to, line.to_string()).await,
             None => vec!["! say whom to: /msg bob hi, or /to bob".to_string()],
         },
     })
@@ -270,6 +242,8 @@ async fn session(args: ChatArgs) -> ExitCode {
     if let Some(key) = &args.api_key {
         options = options.token(key);
     }
+    let dir = args.keys_dir.clone().or_else(sealing::default_dir);
+    let options = sealing::options(options, args.plain, args.identity.as_ref(), dir.as_ref());
     let (chat, mut events) = match Chat::connect(options).await {
         Ok(pair) => pair,
         Err(err) => {
@@ -278,25 +252,15 @@ async fn session(args: ChatArgs) -> ExitCode {
         }
     };
     eprintln!("whispeer: chat as {} on {} (/help for commands)", chat.user(), chat.device());
-    let mut sealing = match &args.identity {
-        Some(path) => match Sealing::load(path) {
-            Ok((sealing, made)) => match sealing.publish(&chat).await {
-                Ok(fingerprint) => {
-                    let new = if made { " (new)" } else { "" };
-                    eprintln!("whispeer: identity{new} {fingerprint}; direct messages are sealed");
-                    Some(sealing)
-                }
-                Err(err) => {
-                    eprintln!("whispeer: chat: publishing the identity: {err}");
-                    return ExitCode::FAILURE;
-                }
-            },
-            Err(err) => {
-                eprintln!("whispeer: chat: {err:#}");
-                return ExitCode::FAILURE;
-            }
-        },
-        None => None,
+    let sealing = match chat.fingerprint() {
+        Some(fingerprint) => {
+            eprintln!("whispeer: identity {fingerprint}; messages are sealed end to end");
+            true
+        }
+        None => {
+            eprintln!("whispeer: plain: messages are not sealed (the server can read them)");
+            false
+        }
     };
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stdin());
     let (lines, mut input) = mpsc::channel::<String>(16);
@@ -324,7 +288,7 @@ async fn session(args: ChatArgs) -> ExitCode {
         tokio::select! {
             line = input.recv() => {
                 let Some(line) = line else { break };
-                match command(&chat, &mut current, &mut sealing, &line).await {
+                match command(&chat, &mut current, &line).await {
                     Some(out) => out.into_iter().for_each(&mut printer),
                     None => break,
                 }
@@ -334,25 +298,7 @@ async fn session(args: ChatArgs) -> ExitCode {
                     eprintln!("whispeer: chat: the connection closed");
                     return ExitCode::FAILURE;
                 };
-                let event = match (event, sealing.as_mut()) {
-                    (ChatEvent::Message(mut message), Some(keys))
-                        if message.msg.get("group_key").is_none() =>
-                    {
-                        if let Some((text, lines)) = keys.open_message(&chat, &message).await {
-                            lines.into_iter().for_each(&mut printer);
-                            message.msg = format!("[sealed] {text}").into();
-                        }
-                        ChatEvent::Message(message)
-                    }
-                    (ChatEvent::Message(message), Some(keys))
-                        if message.msg.get("group_key").is_some() =>
-                    {
-                        keys.learn(&chat, &message).await.into_iter().for_each(&mut printer);
-                        continue;
-                    }
-                    (event, _) => event,
-                };
-                if let Some(line) = describe(&event) {
+                if let Some(line) = describe(&event, sealing) {
                     printer(line);
                 }
             }

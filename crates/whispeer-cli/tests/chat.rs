@@ -264,9 +264,10 @@ async fn history_pages_back_by_seq_and_id_and_presence_follows_devices() {
 async fn the_terminal_chat_sends_lists_and_pages_history() {
     use std::io::Write;
     let server = ChatServer::start(&[]);
+    // Bob speaks plain JSON (as websocat does), so alice's terminal runs `--plain`.
     let mut bob = ChatClient::join(&server.url, "bob", "phone").await;
     let mut child = std::process::Command::new(common::BIN)
-        .args(["chat", "--as", "alice", "--server", &server.url])
+        .args(["chat", "--as", "alice", "--plain", "--server", &server.url])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -415,36 +416,44 @@ async fn each_limit_is_refused_by_name_while_others_are_served() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_terminal_chat_seals_direct_messages_with_an_identity() {
+async fn the_terminal_chat_seals_direct_messages_by_default() {
     let (dir, _) = temp_dir("identities");
-    std::fs::create_dir_all(&dir).unwrap();
     let server = ChatServer::start(&[]);
-    let bob = TerminalChat::start(&server.url, "bob", &dir.join("bob.id"));
-    let mut alice = TerminalChat::start(&server.url, "alice", &dir.join("alice.id"));
+    let bob = TerminalChat::start(&server.url, "bob", &dir);
+    let mut alice = TerminalChat::start(&server.url, "alice", &dir);
     alice.type_in("/msg bob a sealed hello\n/fingerprint bob\n");
     assert!(alice.wait_for("  bob cli: ").split(": ").nth(1).is_some_and(|f| f.len() == 71));
     let shown = bob.wait_for("alice:");
-    assert!(shown.ends_with("alice: [sealed] a sealed hello"), "{shown}");
-    // The server kept only the box: a new device of bob's without the identity sees no text.
+    assert!(shown.ends_with("alice: a sealed hello"), "opened, not marked plain: {shown}");
+    // The server kept only the box: a plain device of bob's sees no text.
     let mut raw = ChatClient::join(&server.url, "bob", "raw").await;
     let stored = raw.next_where(|v| v.get("msg").is_some()).await;
     assert!(stored["msg"]["sealed"].is_string() && !stored.to_string().contains("sealed hello"));
+    // A plain message (from a client that does not seal) is shown as such.
+    raw.send(&json!({"from": "bob", "to": "alice", "msg": "unsealed"})).await;
+    assert!(alice.wait_for("unsealed").ends_with("bob: [plain] unsealed"));
+    // Each identity is a file of its own in the keys folder, readable by its owner only.
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.join("bob.id")).unwrap().permissions().mode();
+        let file = dir.join("bob.cli.identity");
+        let mode = std::fs::metadata(file).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "the identity file is its owner's only");
     }
+    // Bob's terminal restarts with the same file: alice sees no key change and can send.
+    drop(bob);
+    let bob = TerminalChat::start(&server.url, "bob", &dir);
+    alice.type_in("/msg bob after the restart\n");
+    assert!(bob.wait_for("after the restart").ends_with("alice: after the restart"));
     drop((alice, bob));
     let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_terminal_chat_seals_group_messages_with_a_rotated_group_key() {
+async fn the_terminal_chat_seals_group_messages_and_reports_a_changed_key() {
     let (dir, _) = temp_dir("group-identities");
-    std::fs::create_dir_all(&dir).unwrap();
     let server = ChatServer::start(&[]);
-    // The group exists beforehand, made from other devices of the same users.
+    // The group exists beforehand, made from plain devices of the same users.
     let mut setup = ChatClient::join(&server.url, "alice", "setup").await;
     assert_eq!(
         setup.ask(json!({"type": "create", "group": "team", "open": true})).await["type"],
@@ -452,18 +461,26 @@ async fn the_terminal_chat_seals_group_messages_with_a_rotated_group_key() {
     );
     let mut bob_setup = ChatClient::join(&server.url, "bob", "setup").await;
     assert_eq!(bob_setup.ask(json!({"type": "join", "group": "team"})).await["type"], "ok");
-    let bob = TerminalChat::start(&server.url, "bob", &dir.join("bob.id"));
-    let mut alice = TerminalChat::start(&server.url, "alice", &dir.join("alice.id"));
-    alice.type_in("/msg #team before any key\n");
-    assert!(alice.wait_for("not sent").contains("#team has no group key yet"));
-    alice.type_in("/rotate team\n/msg #team the sealed plan\n");
-    assert!(alice.wait_for("key epoch 1").contains("#team"));
+    let bob = TerminalChat::start(&server.url, "bob", &dir);
+    let mut alice = TerminalChat::start(&server.url, "alice", &dir);
+    alice.type_in("/msg #team the sealed plan\n");
     assert!(bob.wait_for("key epoch 1 from alice").starts_with("* #team"));
     let shown = bob.wait_for("the sealed plan");
-    assert!(shown.ends_with("#team alice: [sealed] the sealed plan"), "{shown}");
-    // Bob's device without the identity sees only the box.
+    assert!(shown.ends_with("#team alice: the sealed plan"), "{shown}");
+    // Bob's plain device sees only the box.
     let stored = bob_setup.next_where(|v| v["msg"].get("sealed_group").is_some()).await;
     assert!(!stored.to_string().contains("sealed plan"));
+    // Bob's identity is replaced (a new phone, or a swapped directory entry): alice's terminal
+    // refuses to send until she trusts it.
+    drop(bob);
+    std::fs::remove_file(dir.join("bob.cli.identity")).unwrap();
+    let bob = TerminalChat::start(&server.url, "bob", &dir);
+    alice.type_in("/msg bob are you new?\n");
+    assert!(alice.wait_for("CHANGED").contains("bob's key for cli CHANGED"));
+    assert!(alice.wait_for("not sent").contains("a key changed"));
+    alice.type_in("/trust bob\n/msg bob welcome back\n");
+    assert!(alice.wait_for("accepted").contains("1 change(s) of bob's keys accepted"));
+    assert!(bob.wait_for("welcome back").ends_with("alice: welcome back"));
     drop((alice, bob));
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -42,8 +42,8 @@ use whispeer_proto::{
 };
 
 pub use chat::{
-    Chat, ChatError, ChatEvent, ChatEvents, ChatMessage, ChatOptions, Conversation, GroupKeys,
-    KeyChange, KnownKeys, Presence,
+    Chat, ChatError, ChatEvent, ChatEvents, ChatMessage, ChatOptions, Conversation, KeyChange,
+    Presence,
 };
 pub use options::{ClientOptions, PublishOptions, SubscribeOptions};
 pub use subscription::{ClientSubscription, Delivery, SubscriptionStats};

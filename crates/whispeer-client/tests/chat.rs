@@ -102,133 +102,182 @@ async fn direct_and_group_messages_history_presence_and_refusals() {
     assert!(offline.1.is_some());
 }
 
+/// A connection that does not seal: it sees what the server holds.
+async fn plain(url: &str, user: &str, device: &str) -> (Chat, ChatEvents) {
+    Chat::connect(ChatOptions::new(url).user(user).device(device).plain()).await.unwrap()
+}
+
+fn opened(event: ChatEvent) -> Option<whispeer_client::ChatMessage> {
+    message(event).filter(|m| m.sealed && m.unreadable.is_none())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sealed_message_opens_on_both_recipient_devices_and_nowhere_else() {
-    use whispeer_client::KnownKeys;
-    use whispeer_client::engines::Identity;
+async fn by_default_a_direct_message_is_sealed_and_opens_on_both_recipient_devices_only() {
     let (_broker, url) = listener();
-    let ids: Vec<Identity> = (0..4).map(|_| Identity::generate().unwrap()).collect();
-    let (alice, _alice_events) = as_user(&url, "alice", "laptop").await;
-    let (phone, mut phone_events) = as_user(&url, "bob", "phone").await;
-    let (laptop, mut laptop_events) = as_user(&url, "bob", "laptop").await;
-    let (carol, _carol_events) = as_user(&url, "carol", "phone").await;
-    for (chat, id) in [(&alice, &ids[0]), (&phone, &ids[1]), (&laptop, &ids[2]), (&carol, &ids[3])]
-    {
-        chat.publish_identity(id).await.unwrap();
+    let (alice, mut alice_events) = as_user(&url, "alice", "laptop").await;
+    let (_phone, mut phone_events) = as_user(&url, "bob", "phone").await;
+    let (_laptop, mut laptop_events) = as_user(&url, "bob", "laptop").await;
+    let sent = alice.send_to("bob", serde_json::json!({"text": "for bob only"})).await.unwrap();
+    assert!(sent.sealed);
+    for events in [&mut phone_events, &mut laptop_events] {
+        let got = next(events, message).await;
+        assert!(got.sealed && got.unreadable.is_none(), "{got:?}");
+        assert_eq!((got.from.as_str(), &got.msg["text"]), ("alice", &"for bob only".into()));
     }
-    let mut known = KnownKeys::default();
-    let bob_keys = alice.keys("bob").await.unwrap();
-    assert_eq!(bob_keys.len(), 2);
-    assert!(known.check("bob", &bob_keys).is_empty(), "first sight is remembered");
-
-    alice
-        .send_sealed_to(&ids[0], "bob", serde_json::json!({"text": "for bob only"}))
-        .await
-        .unwrap();
-    let alice_keys = phone.keys("alice").await.unwrap();
-    for (chat, events, id) in
-        [(&phone, &mut phone_events, &ids[1]), (&laptop, &mut laptop_events, &ids[2])]
-    {
-        let sealed = next(events, message).await;
-        assert!(sealed.msg["sealed"].is_string(), "the server saw only a box: {:?}", sealed.msg);
-        let opened = chat.open(id, &sealed, &alice_keys).unwrap();
-        assert_eq!(opened["text"], "for bob only");
-    }
-    // What the server keeps is the box: carol cannot open it even with the stored copy, and
-    // bob cannot open it as coming from carol.
-    let stored = phone.history(&Conversation::User("alice".into()), None, 1).await.unwrap();
+    // The server holds a box: a connection that does not seal gets only that, and carol
+    // (neither party) cannot open the copy.
+    let (raw, _raw_events) = plain(&url, "bob", "raw").await;
+    let stored = raw.history(&Conversation::User("alice".into()), None, 10).await.unwrap();
+    assert!(stored[0].msg["sealed"].is_string(), "{:?}", stored[0].msg);
     assert!(!stored[0].msg.to_string().contains("for bob only"));
-    assert!(carol.open(&ids[3], &stored[0], &alice_keys).is_err());
-    let carol_keys = phone.keys("carol").await.unwrap();
-    assert!(phone.open(&ids[1], &stored[0], &carol_keys).is_err());
+    let (carol, _carol_events) = as_user(&url, "carol", "phone").await;
+    let Some(copy) = message(carol.open(stored[0].clone())) else { panic!("not a message") };
+    assert!(copy.unreadable.is_some(), "{copy:?}");
+    // Bob's own history opens.
+    let mine = _phone.history(&Conversation::User("alice".into()), None, 10).await.unwrap();
+    assert_eq!(mine[0].msg["text"], "for bob only");
 
-    // Bob's phone gets a new key: alice is told, not silently moved to it.
-    let renewed = Identity::generate().unwrap();
-    phone.publish_identity(&renewed).await.unwrap();
-    let changes = known.check("bob", &alice.keys("bob").await.unwrap());
-    assert_eq!(changes.len(), 1);
+    // Bob's phone comes back with another key: alice is told and sends nothing until she
+    // trusts it; a message signed by the new key is reported, not opened.
+    let (renewed, mut renewed_events) = as_user(&url, "bob", "phone").await;
+    let refused = alice.send_to("bob", "still there?").await.unwrap_err();
+    let ChatError::KeyChanged(changes) = refused else { panic!("{refused}") };
     assert_eq!(changes[0].device, "phone");
-    assert_eq!(changes[0].now, renewed.public("phone").fingerprint());
+    assert_eq!(Some(changes[0].now.clone()), renewed.fingerprint());
+    renewed.send_to("alice", "new phone").await.unwrap();
+    let change = next(&mut alice_events, |e| match e {
+        ChatEvent::KeyChanged { change, message } => Some((change, message)),
+        _ => None,
+    })
+    .await;
+    assert_eq!((change.0.user.as_str(), change.1.msg.get("sealed").is_some()), ("bob", true));
+    assert_eq!(alice.trust("bob"), 1);
+    alice.send_to("bob", "welcome back").await.unwrap();
+    let got = next(&mut renewed_events, opened).await;
+    assert_eq!(got.msg, "welcome back");
+    // Sending to a client that publishes no keys is refused, and plain reaches it.
+    let refused = alice.send_to("dave", "hi").await.unwrap_err();
+    assert!(matches!(refused, ChatError::Keys(_)), "{refused}");
+    alice.send_plain_to("dave", "hi").await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_removal_the_group_key_rotates_and_the_removed_member_cannot_open_what_follows() {
-    use whispeer_client::GroupKeys;
-    use whispeer_client::engines::Identity;
     let (_broker, url) = listener();
-    let names = ["alice", "bob", "carol"];
-    let mut members = Vec::new();
-    for name in names {
-        let (chat, events) = as_user(&url, name, "phone").await;
-        let identity = Identity::generate().unwrap();
-        chat.publish_identity(&identity).await.unwrap();
-        members.push((chat, events, identity, GroupKeys::default()));
+    let (alice, mut alice_events) = as_user(&url, "alice", "phone").await;
+    let (bob, mut bob_events) = as_user(&url, "bob", "phone").await;
+    let (carol, mut carol_events) = as_user(&url, "carol", "phone").await;
+    alice.create_group("team", true).await.unwrap();
+    bob.join("team").await.unwrap();
+    carol.join("team").await.unwrap();
+    next(&mut alice_events, |e| {
+        matches!(e, ChatEvent::Group { user, .. } if user == "carol").then_some(())
+    })
+    .await;
+    alice.send_group("team", "before").await.unwrap();
+    for events in [&mut bob_events, &mut carol_events] {
+        let key = next(events, |e| match e {
+            ChatEvent::GroupKey { epoch, from, .. } => Some((epoch, from)),
+            _ => None,
+        })
+        .await;
+        assert_eq!(key, (1, "alice".to_string()));
+        assert_eq!(next(events, opened).await.msg, "before");
     }
-    members[0].0.create_group("team", true).await.unwrap();
-    for member in &members[1..] {
-        member.0.join("team").await.unwrap();
-    }
-    let alice_keys = members[1].0.keys("alice").await.unwrap();
-    let (alice, _, alice_id, alice_group) = &mut members[0];
-    assert_eq!(alice.rotate_group_key(alice_id, alice_group, "team").await.unwrap(), 1);
-    alice.send_sealed_group(alice_id, alice_group, "team", "before").await.unwrap();
-    // Bob and carol learn epoch 1 and open the first message.
-    let mut first_copy = None;
-    for (chat, events, identity, keys) in &mut members[1..] {
-        let key_message =
-            next(events, |e| message(e).filter(|m| m.msg.get("group_key").is_some())).await;
-        assert_eq!(keys.learn(identity, &key_message, &alice_keys).unwrap(), 1);
-        let sealed =
-            next(events, |e| message(e).filter(|m| m.msg.get("sealed_group").is_some())).await;
-        assert_eq!(chat.open_group(keys, &sealed, &alice_keys).unwrap(), "before");
-        first_copy = Some(sealed);
-    }
-    let (alice, _, alice_id, alice_group) = &mut members[0];
+    // Bob sends under the same key (no new one); the others open it.
+    bob.send_group("team", "from bob").await.unwrap();
+    assert_eq!(next(&mut alice_events, opened).await.msg, "from bob");
+
     alice.remove("team", "carol").await.unwrap();
-    assert_eq!(alice.rotate_group_key(alice_id, alice_group, "team").await.unwrap(), 2);
-    alice.send_sealed_group(alice_id, alice_group, "team", "after").await.unwrap();
-    let (bob, bob_events, bob_id, bob_keys) = &mut members[1];
-    let key_message =
-        next(bob_events, |e| message(e).filter(|m| m.msg.get("group_key").is_some())).await;
-    assert_eq!(bob_keys.learn(bob_id, &key_message, &alice_keys).unwrap(), 2);
-    let after =
-        next(bob_events, |e| message(e).filter(|m| m.msg.get("sealed_group").is_some())).await;
-    assert_eq!(bob.open_group(bob_keys, &after, &alice_keys).unwrap(), "after");
-    // Carol, removed, cannot learn epoch 2 even from bob's copy, nor open what followed; what
-    // she had stays readable to her.
-    let (carol, _, carol_id, carol_keys) = &mut members[2];
-    assert!(carol_keys.learn(carol_id, &key_message, &alice_keys).is_err());
-    let refused = carol.open_group(carol_keys, &after, &alice_keys).unwrap_err();
-    assert!(refused.to_string().contains("no key of epoch 2"), "{refused}");
-    assert_eq!(carol.open_group(carol_keys, &first_copy.unwrap(), &alice_keys).unwrap(), "before");
+    alice.send_group("team", "after").await.unwrap();
+    let epoch = next(&mut bob_events, |e| match e {
+        ChatEvent::GroupKey { epoch, .. } => Some(epoch),
+        _ => None,
+    })
+    .await;
+    assert_eq!(epoch, 2);
+    assert_eq!(next(&mut bob_events, opened).await.msg, "after");
+    // Carol, removed, gets nothing more; given the stored copies she opens what she had and
+    // neither the new key nor what followed.
+    let (raw, _raw_events) = plain(&url, "bob", "raw").await;
+    let log = raw.history(&Conversation::Group("team".into()), None, 50).await.unwrap();
+    let sealed: Vec<_> = log.into_iter().filter(|m| m.msg.get("group_key").is_none()).collect();
+    assert_eq!(sealed.len(), 3, "{sealed:?}");
+    let Some(before) = message(carol.open(sealed[0].clone())) else { panic!() };
+    assert_eq!(before.msg, "before");
+    let Some(after) = message(carol.open(sealed[2].clone())) else { panic!() };
+    let reason = after.unreadable.unwrap_or_default();
+    assert!(reason.contains("no key of epoch 2"), "{reason}");
+    assert!(!after.msg.to_string().contains("after"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_device_is_left_out_of_the_next_group_key() {
-    use whispeer_client::GroupKeys;
-    use whispeer_client::engines::Identity;
     let (_broker, url) = listener();
-    let (alice, _alice_events) = as_user(&url, "alice", "laptop").await;
+    let (alice, mut alice_events) = as_user(&url, "alice", "laptop").await;
     let (phone, mut phone_events) = as_user(&url, "bob", "phone").await;
-    let (lost, mut lost_events) = as_user(&url, "bob", "lost").await;
-    let ids: Vec<Identity> = (0..3).map(|_| Identity::generate().unwrap()).collect();
-    for (chat, id) in [(&alice, &ids[0]), (&phone, &ids[1]), (&lost, &ids[2])] {
-        chat.publish_identity(id).await.unwrap();
-    }
+    let (_lost, mut lost_events) = as_user(&url, "bob", "lost").await;
     alice.create_group("team", true).await.unwrap();
     phone.join("team").await.unwrap();
-    let mut alice_group = GroupKeys::default();
-    let alice_keys = phone.keys("alice").await.unwrap();
-    // Bob revokes the device he lost; the next key leaves it out.
+    next(&mut alice_events, |e| {
+        matches!(e, ChatEvent::Group { user, .. } if user == "bob").then_some(())
+    })
+    .await;
+    alice.send_group("team", "one").await.unwrap();
+    assert_eq!(next(&mut lost_events, opened).await.msg, "one");
+    // Bob revokes the device he lost: the members are told, and the next key leaves it out.
     phone.revoke_device("lost").await.unwrap();
     assert_eq!(phone.keys("bob").await.unwrap().len(), 1);
     let refused = phone.revoke_device("lost").await.unwrap_err();
     assert!(refused.to_string().contains("no_such_device"), "{refused}");
-    assert_eq!(alice.rotate_group_key(&ids[0], &mut alice_group, "team").await.unwrap(), 1);
-    let is_key = |e| message(e).filter(|m| m.msg.get("group_key").is_some());
-    let for_phone = next(&mut phone_events, is_key).await;
-    assert_eq!(GroupKeys::default().learn(&ids[1], &for_phone, &alice_keys).unwrap(), 1);
-    // The lost device still reads bob's inbox (until its session ends), but cannot learn it.
-    let for_lost = next(&mut lost_events, is_key).await;
-    assert!(GroupKeys::default().learn(&ids[2], &for_lost, &alice_keys).is_err());
+    next(&mut alice_events, |e| {
+        matches!(e, ChatEvent::Group { event, .. } if event == "keys").then_some(())
+    })
+    .await;
+    alice.send_group("team", "two").await.unwrap();
+    for expected in ["one", "two"] {
+        assert_eq!(next(&mut phone_events, opened).await.msg, expected);
+    }
+    // The lost device still reads bob's inbox (until its session ends), but cannot open it.
+    let unread = next(&mut lost_events, |e| message(e).filter(|m| m.unreadable.is_some())).await;
+    assert!(!unread.msg.to_string().contains("two"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_file_keeps_the_device_key_and_its_group_keys_across_restarts() {
+    let (_broker, url) = listener();
+    let dir = std::env::temp_dir().join(format!("whispeer-chat-keys-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let file = dir.join("alice.identity");
+    let connect = || {
+        Chat::connect(ChatOptions::new(&url).user("alice").device("laptop").identity_file(&file))
+    };
+    let (alice, mut alice_events) = connect().await.unwrap();
+    let fingerprint = alice.fingerprint();
+    let (bob, mut bob_events) = as_user(&url, "bob", "phone").await;
+    alice.create_group("team", true).await.unwrap();
+    bob.join("team").await.unwrap();
+    bob.send_group("team", "first").await.unwrap();
+    assert_eq!(next(&mut alice_events, opened).await.msg, "first");
+    drop((alice, alice_events));
+    // Back with the same file: same fingerprint (bob's client sees no change), bob's group key
+    // still opens, and alice seals under it without making a new one.
+    let (alice, mut alice_events) = connect().await.unwrap();
+    assert_eq!(alice.fingerprint(), fingerprint);
+    bob.send_to("alice", "direct").await.unwrap();
+    alice.send_group("team", "still epoch 1").await.unwrap();
+    let got = next(&mut bob_events, |e| match e {
+        ChatEvent::GroupKey { .. } => Some(None),
+        ChatEvent::Message(m) if m.group.is_some() => Some(Some(m)),
+        _ => None,
+    })
+    .await;
+    assert_eq!(got.map(|m| m.msg), Some("still epoch 1".into()), "no new key was made");
+    bob.send_group("team", "second").await.unwrap();
+    assert_eq!(next(&mut alice_events, opened).await.msg, "direct");
+    assert_eq!(next(&mut alice_events, opened).await.msg, "second");
+    let mode = std::fs::metadata(&file).unwrap();
+    #[cfg(unix)]
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777, 0o600);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -424,9 +424,13 @@ pub fn open_sealed(
     decrypt(&message_key, nonce, context, ciphertext)
 }
 
+mod chat;
 mod group;
 
+pub use chat::{ChatKeys, ChatKeysError, KeyChange, Opened, is_sealed};
 pub use group::{GroupKey, group_sealed_by, open_group, seal_group};
 
+#[cfg(test)]
+mod chat_tests;
 #[cfg(test)]
 mod tests;

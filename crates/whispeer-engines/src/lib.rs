@@ -34,8 +34,9 @@ pub use codec::{Codec, CodecError};
 pub use compress::{Compression, DEFAULT_THRESHOLD, DEFAULT_ZSTD_LEVEL};
 pub use error::{OpenError, ReceiveError, SealError};
 pub use identity::{
-    GroupKey, Identity, IdentityError, MAX_RECIPIENTS, PublicIdentity, fingerprint_of,
-    group_sealed_by, open_group, open_sealed, seal_for, seal_group, sealed_sender,
+    ChatKeys, ChatKeysError, GroupKey, Identity, IdentityError, KeyChange, MAX_RECIPIENTS, Opened,
+    PublicIdentity, fingerprint_of, group_sealed_by, is_sealed, open_group, open_sealed, seal_for,
+    seal_group, sealed_sender,
 };
 pub use keyring::{Key, KeyError, KeyId, Keyring};
 pub use seal::{Encryption, Engines, KEY_VARIABLE, KeyChoice, Sealing, TopicRule};

@@ -143,7 +143,7 @@ impl ChatClient {
     }
 }
 
-/// A `whispeer chat --identity` child whose identity is published; its output lines come
+/// A `whispeer chat` child, sealing with its identity in a keys folder; its output lines come
 /// through a channel. Killed when dropped.
 pub(crate) struct TerminalChat {
     child: Child,
@@ -152,12 +152,12 @@ pub(crate) struct TerminalChat {
 }
 
 impl TerminalChat {
-    /// `whispeer chat --as <user> --identity <identity>` on `url`.
-    pub(crate) fn start(url: &str, user: &str, identity: &std::path::Path) -> Self {
+    /// `whispeer chat --as <user> --keys-dir <dir>` on `url`.
+    pub(crate) fn start(url: &str, user: &str, keys: &std::path::Path) -> Self {
         use std::io::BufRead;
         let mut child = std::process::Command::new(super::BIN)
-            .args(["chat", "--as", user, "--server", url, "--identity"])
-            .arg(identity)
+            .args(["chat", "--as", user, "--server", url, "--keys-dir"])
+            .arg(keys)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())

@@ -23,6 +23,14 @@ pub struct ChatMessage {
     pub time: u64,
     /// Its number in its conversation (none for a topic broadcast).
     pub seq: Option<u64>,
+    /// Whether it came sealed end to end: then `msg` is what it opened to (or, with
+    /// `unreadable`, the sealed form).
+    #[serde(default)]
+    pub sealed: bool,
+    /// Why a sealed message does not open on this device: sent before this device had the
+    /// group's key, after this user left, altered, or moved to another conversation.
+    #[serde(default)]
+    pub unreadable: Option<String>,
 }
 
 /// What the server tells a connection without being asked.
@@ -76,6 +84,23 @@ pub enum ChatEvent {
         with: Option<String>,
         /// The group, for this user's own reads.
         group: Option<String>,
+    },
+    /// A group's key, sealed to this device by a member, learned: messages sealed with it open.
+    GroupKey {
+        /// The group.
+        group: String,
+        /// The key's epoch.
+        epoch: u32,
+        /// Who made it.
+        from: String,
+    },
+    /// A message signed by a key other than the one seen before for its sender's device: not
+    /// opened. Compare fingerprints with the sender, then `Chat::trust`.
+    KeyChanged {
+        /// The change.
+        change: whispeer_engines::KeyChange,
+        /// The message, still sealed.
+        message: ChatMessage,
     },
     /// Messages for this device that the inbox bound dropped while it was away.
     Missed(u64),

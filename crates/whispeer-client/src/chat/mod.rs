@@ -31,14 +31,13 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::rustls;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
+mod e2e;
 mod events;
-mod group_keys;
-mod sealed;
 
+use e2e::{E2e, KeySource};
 use events::event_of;
 pub use events::{ChatEvent, ChatMessage, Presence};
-pub use group_keys::GroupKeys;
-pub use sealed::{KeyChange, KnownKeys};
+pub use whispeer_engines::KeyChange;
 
 /// Where and as whom to connect.
 #[derive(Clone, Debug)]
@@ -48,12 +47,14 @@ pub struct ChatOptions {
     device: Option<String>,
     token: Option<String>,
     tls: Option<Arc<rustls::ClientConfig>>,
+    keys: KeySource,
 }
 
 impl ChatOptions {
     /// The chat listener's URL, e.g. `ws://127.0.0.1:3030/ws` (`wss://` for TLS).
     pub fn new(url: impl Into<String>) -> Self {
-        Self { url: url.into(), user: None, device: None, token: None, tls: None }
+        let keys = KeySource::default();
+        Self { url: url.into(), user: None, device: None, token: None, tls: None, keys }
     }
 
     /// The user to be, on a server without keys (with keys, the token's principal).
@@ -127,9 +128,13 @@ pub enum ChatError {
     #[error("the chat connection is closed")]
     Closed,
     /// End-to-end keys: a directory entry that does not verify, a user without keys, a box that
-    /// does not open.
+    /// does not open, an identity file that cannot be read.
     #[error("end-to-end keys: {0}")]
     Keys(String),
+    /// A contact's key changed and the change is not trusted yet: nothing was sent. Compare the
+    /// fingerprints with them, then [`Chat::trust`].
+    #[error("{} changed key(s) of {}: compare fingerprints, then trust", .0.len(), .0.first().map_or("", |c| c.user.as_str()))]
+    KeyChanged(Vec<KeyChange>),
 }
 
 /// Whom a conversation is with.
@@ -171,6 +176,7 @@ pub struct Chat {
     requests: mpsc::Sender<(Value, Option<Reply>)>,
     user: String,
     device: String,
+    e2e: Option<Arc<E2e>>,
 }
 
 impl Chat {
@@ -198,10 +204,21 @@ impl Chat {
         }
         let user = welcome["user"].as_str().unwrap_or_default().to_string();
         let device = welcome["device"].as_str().unwrap_or_default().to_string();
+        let e2e = match E2e::open(&options.keys, &user, &device) {
+            Ok(e2e) => e2e.map(Arc::new),
+            Err(err) => {
+                let _ = ws.close(None).await;
+                return Err(err);
+            }
+        };
         let (requests, commands) = mpsc::channel(256);
         let (events, receiver) = mpsc::channel(1024);
-        tokio::spawn(run(ws, commands, events));
-        Ok((Self { requests, user, device }, ChatEvents(receiver)))
+        tokio::spawn(run(ws, commands, events, e2e.clone()));
+        let chat = Self { requests, user, device, e2e };
+        if chat.e2e.is_some() {
+            chat.publish_identity().await?;
+        }
+        Ok((chat, ChatEvents(receiver)))
     }
 
     /// The user this connection is.
@@ -244,31 +261,9 @@ impl Chat {
             msg,
             time: sent["time"].as_u64().unwrap_or_default(),
             seq: sent["seq"].as_u64(),
+            sealed: false,
+            unreadable: None,
         })
-    }
-
-    /// Sends `msg` to `user`; returns the message once the server stored it.
-    ///
-    /// # Errors
-    /// The server's refusal (`rate_limited`, `too_large`, …), or [`ChatError::Closed`].
-    pub async fn send_to(
-        &self,
-        user: &str,
-        msg: impl Into<Value>,
-    ) -> Result<ChatMessage, ChatError> {
-        self.send(Conversation::User(user.into()), msg.into()).await
-    }
-
-    /// Sends `msg` to every member of `group`.
-    ///
-    /// # Errors
-    /// As [`send_to`](Self::send_to); `not_member` when this user is not in the group.
-    pub async fn send_group(
-        &self,
-        group: &str,
-        msg: impl Into<Value>,
-    ) -> Result<ChatMessage, ChatError> {
-        self.send(Conversation::Group(group.into()), msg.into()).await
     }
 
     /// Broadcasts `msg` on `topic` to the connections subscribed to it now.
@@ -326,15 +321,20 @@ impl Chat {
     /// # Errors
     /// `not_member`, …
     pub async fn leave(&self, group: &str) -> Result<(), ChatError> {
-        self.group("leave", group, None, false).await
+        self.group("leave", group, None, false).await?;
+        self.group_changed(group);
+        Ok(())
     }
 
-    /// Removes `user` from `group` (owner and admins).
+    /// Removes `user` from `group` (owner and admins); the next sealed message to the group
+    /// goes under a new key that `user`'s devices do not get.
     ///
     /// # Errors
     /// `forbidden`, `not_member`, …
     pub async fn remove(&self, group: &str, user: &str) -> Result<(), ChatError> {
-        self.group("remove", group, Some(user), false).await
+        self.group("remove", group, Some(user), false).await?;
+        self.group_changed(group);
+        Ok(())
     }
 
     /// `group`'s members, their roles and presence.
@@ -356,7 +356,8 @@ impl Chat {
     }
 
     /// A page of history, oldest first: the latest `limit` (1–200) entries, or those before
-    /// `before` (a `seq`); the messages among them (a group's log also holds its events).
+    /// `before` (a `seq`); the messages among them (a group's log also holds its events and
+    /// keys), sealed ones opened.
     ///
     /// # Errors
     /// `not_member`, or [`ChatError::Closed`].
@@ -375,7 +376,11 @@ impl Chat {
         let reply = self.request(request).await?;
         let entries = reply["messages"].as_array().cloned().unwrap_or_default();
         // Group events share the log; this gives the messages.
-        Ok(entries.into_iter().filter_map(|entry| serde_json::from_value(entry).ok()).collect())
+        let messages = entries.into_iter().filter_map(|entry| serde_json::from_value(entry).ok());
+        Ok(match &self.e2e {
+            Some(e2e) => e2e.open_history(messages.collect()),
+            None => messages.collect(),
+        })
     }
 
     /// Marks `with` read up to `seq` (the other side of a direct conversation, and this user's
@@ -439,6 +444,7 @@ async fn run(
     mut ws: crate::transport::TextSocket,
     mut requests: mpsc::Receiver<(Value, Option<Reply>)>,
     events: mpsc::Sender<ChatEvent>,
+    e2e: Option<Arc<E2e>>,
 ) {
     let mut pending: HashMap<u64, Reply> = HashMap::new();
     let mut next_ref = 1u64;
@@ -477,7 +483,11 @@ async fn run(
                     continue;
                 }
                 // A full queue holds the socket up (back-pressure); a dropped stream discards.
-                if events.send(event_of(value)).await.is_err() && !handles {
+                let event = match &e2e {
+                    Some(e2e) => e2e.process(event_of(value)),
+                    None => event_of(value),
+                };
+                if events.send(event).await.is_err() && !handles {
                     break;
                 }
             }

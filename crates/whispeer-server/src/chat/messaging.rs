@@ -232,6 +232,29 @@ impl Hub {
         let mut told = before;
         told.extend(self.groups().members(group));
         told.push(subject.to_string());
+        self.tell_group(group, event, subject, user, told).await
+    }
+
+    /// Tells the members of each of `user`'s groups that its devices changed (`"event":"keys"`):
+    /// their clients make the group a new key before sealing to it again.
+    pub(crate) async fn devices_changed(&self, user: &str) -> Result<(), ChatError> {
+        let groups = self.groups().of(user);
+        for (group, _) in groups {
+            let members = self.groups().members(&group);
+            self.tell_group(&group, "keys", user, user, members).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes a group event to the group's log and the inboxes of `told`.
+    async fn tell_group(
+        &self,
+        group: &str,
+        event: &str,
+        subject: &str,
+        user: &str,
+        mut told: Vec<String>,
+    ) -> Result<(), ChatError> {
         told.sort();
         told.dedup();
         let time = now_ms();

@@ -90,7 +90,8 @@ impl Hub {
         Ok(seq)
     }
 
-    /// Stores the public identity of `user`'s `device`; its text must name that device.
+    /// Stores the public identity of `user`'s `device`; its text must name that device. A new
+    /// or changed key is told to the members of `user`'s groups (`"event":"keys"`).
     pub(crate) async fn publish_key(
         &self,
         user: &str,
@@ -106,7 +107,10 @@ impl Hub {
         let saved =
             tokio::task::spawn_blocking(move || store.set_key(&who, &which, &text, now_ms())).await;
         let failed = |e: String| ChatError::new("store_failed", format!("chat.db: {e}"));
-        saved.map_err(|e| failed(e.to_string()))?.map_err(|e| failed(e.to_string()))
+        if saved.map_err(|e| failed(e.to_string()))?.map_err(|e| failed(e.to_string()))? {
+            self.devices_changed(user).await?;
+        }
+        Ok(())
     }
 
     /// Removes `user`'s `device` from the directory: nothing is sealed to it from now on (group
@@ -117,7 +121,7 @@ impl Hub {
         let removed = tokio::task::spawn_blocking(move || store.remove_key(&who, &which)).await;
         let failed = |e: String| ChatError::new("store_failed", format!("chat.db: {e}"));
         match removed.map_err(|e| failed(e.to_string()))?.map_err(|e| failed(e.to_string()))? {
-            true => Ok(()),
+            true => self.devices_changed(user).await,
             false => Err(ChatError::new(
                 "no_such_device",
                 format!("{user} has no device {device:?} in the directory"),

@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension as _, params};
 
 use super::groups::Role;
 
@@ -204,12 +204,23 @@ impl ChatStore {
         device: &str,
         identity: &str,
         now_ms: u64,
-    ) -> rusqlite::Result<()> {
-        self.db().execute(
+    ) -> rusqlite::Result<bool> {
+        let db = self.db();
+        let before: Option<String> = db
+            .query_row(
+                "SELECT identity FROM keys WHERE user = ?1 AND device = ?2",
+                params![user, device],
+                |row| row.get(0),
+            )
+            .optional()?;
+        if before.as_deref() == Some(identity) {
+            return Ok(false);
+        }
+        db.execute(
             "INSERT OR REPLACE INTO keys (user, device, identity, updated_ms) VALUES (?1, ?2, ?3, ?4)",
             params![user, device, identity, now_ms as i64],
         )?;
-        Ok(())
+        Ok(true)
     }
 
     /// Removes a device's public identity; whether there was one.
