@@ -475,6 +475,7 @@ async fn the_terminal_chat_seals_group_messages_and_reports_a_changed_key() {
     drop(bob);
     std::fs::remove_file(dir.join("bob.cli.identity")).unwrap();
     let bob = TerminalChat::start(&server.url, "bob", &dir);
+    alice.wait_for("* bob's devices changed");
     alice.type_in("/msg bob are you new?\n");
     assert!(alice.wait_for("CHANGED").contains("bob's key for cli CHANGED"));
     assert!(alice.wait_for("not sent").contains("a key changed"));

@@ -140,6 +140,11 @@ async fn by_default_a_direct_message_is_sealed_and_opens_on_both_recipient_devic
     // Bob's phone comes back with another key: alice is told and sends nothing until she
     // trusts it; a message signed by the new key is reported, not opened.
     let (renewed, mut renewed_events) = as_user(&url, "bob", "phone").await;
+    // Contacts are told when a user's devices change (alice heard of her own device too).
+    next(&mut alice_events, |e| {
+        matches!(e, ChatEvent::KeysChanged { user } if user == "bob").then_some(())
+    })
+    .await;
     let refused = alice.send_to("bob", "still there?").await.unwrap_err();
     let ChatError::KeyChanged(changes) = refused else { panic!("{refused}") };
     assert_eq!(changes[0].device, "phone");

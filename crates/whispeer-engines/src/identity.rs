@@ -297,6 +297,20 @@ pub fn seal_for(
     context: &[u8],
     plain: &[u8],
 ) -> Result<Vec<u8>, IdentityError> {
+    for recipient in recipients {
+        recipient.verify()?;
+    }
+    seal_for_verified(sender, recipients, context, plain)
+}
+
+/// [`seal_for`] to recipients whose signatures were checked already (an Ed25519 verification
+/// each: the larger part of sealing's cost per device).
+pub(crate) fn seal_for_verified(
+    sender: &Identity,
+    recipients: &[PublicIdentity],
+    context: &[u8],
+    plain: &[u8],
+) -> Result<Vec<u8>, IdentityError> {
     if recipients.len() > MAX_RECIPIENTS {
         return Err(IdentityError::TooManyRecipients(recipients.len()));
     }
@@ -310,7 +324,6 @@ pub fn seal_for(
     body.extend_from_slice(&ephemeral_public);
     body.extend_from_slice(&(recipients.len() as u16).to_be_bytes());
     for recipient in recipients {
-        recipient.verify()?;
         let shared =
             Zeroizing::new(ephemeral.diffie_hellman(&PublicKey::from(recipient.x25519)).to_bytes());
         let wrap = wrap_key(&shared, &ephemeral_public, &recipient.x25519);

@@ -4,6 +4,9 @@
 //! goes to the `onEvent` callback, in order. Events that arrive before a callback is set are
 //! kept (up to 10 000; beyond that the oldest are dropped and counted in `droppedEvents`).
 //!
+//! Messages are sealed end to end by default (`sealing.rs`); pass `{plain: true}` as the
+//! options to talk with clients that do not seal.
+//!
 //! ```js
 //! const chat = await Chat.connect("ws://127.0.0.1:3030/ws", "alice", "browser", null);
 //! chat.onEvent((event) => { if (event.msg !== undefined) console.log(event.from, event.msg); });
@@ -26,7 +29,7 @@ use super::error;
 /// Events kept while no callback is set.
 const KEPT_EVENTS: usize = 10_000;
 
-struct ChatState {
+pub(crate) struct ChatState {
     socket: WebSocket,
     next_ref: u32,
     pending: HashMap<u32, (Function, Function)>,
@@ -39,6 +42,8 @@ struct ChatState {
     device: String,
     /// The socket's callbacks, kept alive with it.
     handlers: Option<super::Handlers>,
+    /// End-to-end sealing, unless plain.
+    pub(crate) e2e: Option<super::sealing::E2e>,
 }
 
 fn get(value: &JsValue, key: &str) -> JsValue {
@@ -66,6 +71,10 @@ impl ChatState {
             let refused = text(&value, "type").as_deref() == Some("error");
             return Some(if refused { (reject, refusal(&value)) } else { (resolve, value) });
         }
+        let value = match self.e2e.as_mut() {
+            Some(e2e) => e2e.process(value),
+            None => value,
+        };
         match &self.on_event {
             Some(callback) => Some((callback.clone(), value)),
             None => {
@@ -97,7 +106,7 @@ fn refusal(value: &JsValue) -> JsValue {
 /// A chat connection from JavaScript.
 #[wasm_bindgen]
 pub struct Chat {
-    state: Rc<RefCell<ChatState>>,
+    pub(crate) state: Rc<RefCell<ChatState>>,
 }
 
 impl std::fmt::Debug for Chat {
@@ -125,12 +134,16 @@ fn with_query(url: &str, pairs: &[(&str, Option<String>)]) -> String {
 #[wasm_bindgen]
 impl Chat {
     /// Connects to a chat listener as `user` on `device` (with `token`, an API key or JWT, on
-    /// a server that requires one); resolves once the server welcomed it.
+    /// a server that requires one); resolves once the server welcomed it and this device's
+    /// identity is published. `options`: `{plain: true}` not to seal; `{identity: text}` (an
+    /// `Identity`'s `toText()`), or `{storage}` (an object with `getItem`/`setItem`; default
+    /// `localStorage` where there is one) to keep it in.
     pub async fn connect(
         url: String,
         user: Option<String>,
         device: Option<String>,
         token: Option<String>,
+        options: Option<Object>,
     ) -> Result<Self, JsValue> {
         let url = with_query(&url, &[("id", user), ("device", device), ("token", token)]);
         let socket = WebSocket::new(&url)?;
@@ -147,6 +160,7 @@ impl Chat {
             user: String::new(),
             device: String::new(),
             handlers: None,
+            e2e: None,
         }));
         let receiver = Rc::clone(&state);
         let on_message = Closure::<dyn FnMut(MessageEvent)>::new(move |event: MessageEvent| {
@@ -169,7 +183,24 @@ impl Chat {
         socket.set_onclose(Some(on_close.as_ref().unchecked_ref()));
         state.borrow_mut().handlers = Some((on_message, on_close));
         JsFuture::from(welcomed).await?;
-        Ok(Self { state })
+        let options: JsValue = options.map_or(JsValue::UNDEFINED, Into::into);
+        let e2e = {
+            let state = state.borrow();
+            super::sealing::E2e::open(&options, &state.user, &state.device)
+        };
+        let chat = Self { state };
+        match e2e {
+            Ok(Some(e2e)) => {
+                chat.state.borrow_mut().e2e = Some(e2e);
+                chat.publish_identity().await?;
+            }
+            Ok(None) => {}
+            Err(err) => {
+                chat.close();
+                return Err(err);
+            }
+        }
+        Ok(chat)
     }
 
     /// The user this connection is.
@@ -233,18 +264,6 @@ impl Chat {
         self.request(object.into()).await
     }
 
-    /// Sends `msg` (any JSON value) to `user`; resolves with `{type: "sent", id, time, seq}`.
-    #[wasm_bindgen(js_name = sendTo)]
-    pub async fn send_to(&self, user: String, msg: JsValue) -> Result<JsValue, JsValue> {
-        self.ask(&[("to", user.into()), ("msg", msg)]).await
-    }
-
-    /// Sends `msg` to every member of `group`.
-    #[wasm_bindgen(js_name = sendGroup)]
-    pub async fn send_group(&self, group: String, msg: JsValue) -> Result<JsValue, JsValue> {
-        self.ask(&[("group", group.into()), ("msg", msg)]).await
-    }
-
     /// Creates a group; `open` lets anyone join.
     #[wasm_bindgen(js_name = createGroup)]
     pub async fn create_group(&self, group: String, open: bool) -> Result<JsValue, JsValue> {
@@ -263,13 +282,27 @@ impl Chat {
 
     /// Leaves `group`.
     pub async fn leave(&self, group: String) -> Result<JsValue, JsValue> {
-        self.ask(&[("type", "leave".into()), ("group", group.into())]).await
+        let reply = self.ask(&[("type", "leave".into()), ("group", group.as_str().into())]).await?;
+        self.group_changed(&group);
+        Ok(reply)
+    }
+
+    /// Removes `user` from `group` (owner and admins); the next sealed message to the group
+    /// goes under a new key that `user`'s devices do not get.
+    pub async fn remove(&self, group: String, user: String) -> Result<JsValue, JsValue> {
+        let request =
+            [("type", "remove".into()), ("group", group.as_str().into()), ("user", user.into())];
+        let reply = self.ask(&request).await?;
+        self.group_changed(&group);
+        Ok(reply)
     }
 
     /// The latest `limit` entries of a conversation: `"bob"`, or `"#team"` for a group.
     pub async fn history(&self, with: String, limit: u32) -> Result<JsValue, JsValue> {
         let key = conversation(&with);
-        self.ask(&[("type", "history".into()), key, ("limit", limit.into())]).await
+        let reply = self.ask(&[("type", "history".into()), key, ("limit", limit.into())]).await?;
+        self.open_history(&reply);
+        Ok(reply)
     }
 
     /// Marks a conversation (`"bob"` or `"#team"`) read up to `seq`.

@@ -20,11 +20,9 @@
 //! ```
 
 mod chat;
-mod group_keys;
 mod sealing;
 
 pub use chat::Chat;
-pub use group_keys::GroupKeys;
 pub use sealing::Identity;
 
 use std::cell::RefCell;

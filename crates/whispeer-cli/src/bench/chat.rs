@@ -2,8 +2,10 @@
 //! idle users (the server's memory per connection, with `--server-pid`), direct messages
 //! between pairs of users (delivered msgs/s, p50/p99 from send to delivery), and one group's
 //! fan-out (deliveries/s). Senders keep `--chat-window` sends in flight each, so the figures
-//! are the server's, not round trips'. Run it against a server whose `max_messages_per_sec` is
-//! raised: the default (20 a user) is an anti-abuse limit, and would be measured instead.
+//! are the server's, not round trips'. Messages are sealed end to end, as the SDK does by
+//! default (`--chat-plain` measures without sealing: the server alone). Run it against a
+//! server whose `max_messages_per_sec` is raised: the default (20 a user) is an anti-abuse
+//! limit, and would be measured instead.
 
 use std::time::{Duration, Instant};
 
@@ -36,6 +38,9 @@ pub(crate) struct ChatBenchArgs {
     /// Chat: sends in flight per sender.
     #[arg(long, default_value_t = 64)]
     pub(super) chat_window: usize,
+    /// Chat: send plain messages (the default seals them end to end, as the SDK does).
+    #[arg(long)]
+    pub(super) chat_plain: bool,
 }
 
 /// Resident memory of a process, from `/proc/<pid>/status`, in bytes.
@@ -46,10 +51,10 @@ fn rss_bytes(pid: u32) -> Option<u64> {
     Some(kib * 1024)
 }
 
-async fn connect(url: &str, user: &str) -> anyhow::Result<(Chat, ChatEvents)> {
-    Chat::connect(ChatOptions::new(url).user(user).device("bench"))
-        .await
-        .with_context(|| format!("connecting {user}"))
+async fn connect(url: &str, user: &str, plain: bool) -> anyhow::Result<(Chat, ChatEvents)> {
+    let options = ChatOptions::new(url).user(user).device("bench");
+    let options = if plain { options.plain() } else { options };
+    Chat::connect(options).await.with_context(|| format!("connecting {user}"))
 }
 
 /// The time a message carries: nanoseconds since `start`.
@@ -106,11 +111,13 @@ async fn send(
 
 /// Runs the three chat workloads and prints their figures.
 pub(super) async fn run(url: &str, args: &ChatBenchArgs, pid: Option<u32>) -> anyhow::Result<()> {
+    let plain = args.chat_plain;
+    println!("chat: messages {}", if plain { "plain" } else { "sealed end to end (the default)" });
     let before = pid.and_then(rss_bytes);
     let idle_start = Instant::now();
     let mut idle = Vec::with_capacity(args.chat_idle);
     for i in 0..args.chat_idle {
-        idle.push(connect(url, &format!("idle{i}")).await?);
+        idle.push(connect(url, &format!("idle{i}"), plain).await?);
     }
     let opened = idle_start.elapsed();
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -141,8 +148,8 @@ pub(super) async fn run(url: &str, args: &ChatBenchArgs, pid: Option<u32>) -> an
     let mut receivers = JoinSet::new();
     let mut senders = Vec::new();
     for i in 0..pairs {
-        let (_, events) = connect(url, &format!("r{i}")).await?;
-        let (chat, _) = connect(url, &format!("s{i}")).await?;
+        let (_, events) = connect(url, &format!("r{i}"), plain).await?;
+        let (chat, _) = connect(url, &format!("s{i}"), plain).await?;
         receivers.spawn(receive(events, per_pair, start));
         senders.push(chat);
     }
@@ -171,14 +178,14 @@ pub(super) async fn run(url: &str, args: &ChatBenchArgs, pid: Option<u32>) -> an
 
     // A group of `chat_group` members, one of them sending.
     let members = args.chat_group.max(2);
-    let (owner, _) = connect(url, "g0").await?;
+    let (owner, _) = connect(url, "g0", plain).await?;
     let group = format!("bench{}", std::process::id());
     owner.create_group(&group, true).await?;
     let count = (args.chat_messages / members).max(10);
     let start = Instant::now();
     let mut receivers = JoinSet::new();
     for i in 1..members {
-        let (chat, events) = connect(url, &format!("g{i}")).await?;
+        let (chat, events) = connect(url, &format!("g{i}"), plain).await?;
         chat.join(&group).await?;
         receivers.spawn(async move {
             let _chat = chat;

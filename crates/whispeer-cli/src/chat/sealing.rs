@@ -63,6 +63,7 @@ pub(super) fn describe(event: &ChatEvent) -> Option<String> {
         ChatEvent::KeyChanged { change, .. } => {
             format!("{} (a message from it was not opened)", change_line(change))
         }
+        ChatEvent::KeysChanged { user } => format!("* {user}'s devices changed"),
         _ => return None,
     })
 }

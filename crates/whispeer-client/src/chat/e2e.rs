@@ -7,8 +7,10 @@
 //! contacts' keys seen (a changed one is refused until [`Chat::trust`]) and group keys — is
 //! `whispeer_engines::ChatKeys`, kept beside the identity file.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use whispeer_engines::{
@@ -74,7 +76,19 @@ pub(super) struct E2e {
     keys: Mutex<ChatKeys>,
     saved_in: Option<PathBuf>,
     rotating: tokio::sync::Mutex<()>,
+    /// Users' device keys as the directory gave them lately: dropped when the server says
+    /// their devices changed, and after `DEVICES_FOR` in any case; at most `DEVICES_KEPT`
+    /// users (emptied when full).
+    devices: Mutex<HashMap<String, Fetched>>,
 }
+
+/// A user's device keys and when they were fetched.
+type Fetched = (Instant, Arc<Vec<PublicIdentity>>);
+
+/// How long fetched device keys are used without asking the directory again.
+const DEVICES_FOR: Duration = Duration::from_secs(60);
+/// Most users whose device keys a connection keeps.
+const DEVICES_KEPT: usize = 4096;
 
 fn keys_error(err: impl std::fmt::Display) -> ChatError {
     ChatError::Keys(err.to_string())
@@ -163,7 +177,12 @@ impl E2e {
         };
         let keys = ChatKeys::new(identity, user, device, saved.as_deref().map(String::as_str))
             .map_err(|e| keys_error(format!("the saved keys: {e}")))?;
-        Ok(Some(Self { keys: Mutex::new(keys), saved_in, rotating: tokio::sync::Mutex::new(()) }))
+        Ok(Some(Self {
+            keys: Mutex::new(keys),
+            saved_in,
+            rotating: tokio::sync::Mutex::new(()),
+            devices: Mutex::new(HashMap::new()),
+        }))
     }
 
     /// The identity in `path` and where its state is kept.
@@ -221,10 +240,37 @@ impl E2e {
                 if matches!(event.as_str(), "joined" | "left" | "removed" | "keys") {
                     self.with(|keys| keys.group_changed(&group));
                 }
+                if event == "keys" {
+                    self.forget_devices(&user);
+                }
                 ChatEvent::Group { group, event, user, by }
+            }
+            ChatEvent::KeysChanged { user } => {
+                self.forget_devices(&user);
+                ChatEvent::KeysChanged { user }
             }
             other => other,
         }
+    }
+
+    fn forget_devices(&self, user: &str) {
+        self.devices.lock().unwrap_or_else(PoisonError::into_inner).remove(user);
+    }
+
+    fn known_devices(&self, user: &str) -> Option<Arc<Vec<PublicIdentity>>> {
+        let devices = self.devices.lock().unwrap_or_else(PoisonError::into_inner);
+        let (fetched, keys) = devices.get(user)?;
+        (fetched.elapsed() < DEVICES_FOR).then(|| Arc::clone(keys))
+    }
+
+    fn remember_devices(&self, user: &str, keys: Vec<PublicIdentity>) -> Arc<Vec<PublicIdentity>> {
+        let keys = Arc::new(keys);
+        let mut devices = self.devices.lock().unwrap_or_else(PoisonError::into_inner);
+        if devices.len() >= DEVICES_KEPT {
+            devices.clear();
+        }
+        devices.insert(user.to_string(), (Instant::now(), Arc::clone(&keys)));
+        keys
     }
 
     /// History entries, opened; group keys among them are learned and left out.
@@ -267,7 +313,8 @@ impl Chat {
     ) -> Result<ChatMessage, ChatError> {
         let msg = msg.into();
         let Some(e2e) = self.e2e.as_deref() else { return self.send_plain_to(user, msg).await };
-        let (theirs, ours) = tokio::try_join!(self.keys(user), self.keys(self.user()))?;
+        let (theirs, ours) =
+            tokio::try_join!(self.devices(e2e, user), self.devices(e2e, self.user()))?;
         let sealed = e2e.with(|keys| keys.seal_direct(user, &theirs, &ours, &msg));
         let mut sent =
             self.send(Conversation::User(user.into()), sealed.map_err(sealing_error)?).await?;
@@ -319,13 +366,22 @@ impl Chat {
         let members = self.members(group).await?;
         let joined = members.iter().filter(|m| m.role.as_deref() != Some("invited"));
         let lookups = joined.map(|member| async move {
-            Ok::<_, ChatError>((member.user.clone(), self.keys(&member.user).await?))
+            let devices = self.devices(e2e, &member.user).await?;
+            Ok::<_, ChatError>((member.user.clone(), devices.to_vec()))
         });
         let devices = futures_util::future::try_join_all(lookups).await?;
         let (message, epoch) =
             e2e.with(|keys| keys.new_group_key(group, &devices)).map_err(sealing_error)?;
         self.send(Conversation::Group(group.into()), message).await?;
         Ok(epoch)
+    }
+
+    /// `user`'s device keys: those fetched lately, else from the directory.
+    async fn devices(&self, e2e: &E2e, user: &str) -> Result<Arc<Vec<PublicIdentity>>, ChatError> {
+        match e2e.known_devices(user) {
+            Some(keys) => Ok(keys),
+            None => Ok(e2e.remember_devices(user, self.keys(user).await?)),
+        }
     }
 
     /// Sends `msg` to `user` unsealed: the server and its store see it.
@@ -385,6 +441,7 @@ impl Chat {
         let e2e = self.e2e()?;
         let keys = self.keys(user).await?;
         let changes = e2e.with(|known| known.check(user, &keys));
+        e2e.remember_devices(user, keys.clone());
         Ok((keys, changes))
     }
 

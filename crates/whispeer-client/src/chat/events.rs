@@ -102,6 +102,12 @@ pub enum ChatEvent {
         /// The message, still sealed.
         message: ChatMessage,
     },
+    /// A contact's (or this user's) devices changed: a device published a new key or was
+    /// revoked. The SDK fetches that user's keys again before sealing to it.
+    KeysChanged {
+        /// Whose.
+        user: String,
+    },
     /// Messages for this device that the inbox bound dropped while it was away.
     Missed(u64),
     /// Anything else the server said (an error without a request, say).
@@ -137,6 +143,9 @@ pub(super) fn event_of(value: Value) -> ChatEvent {
         },
         Some("typing") => {
             ChatEvent::Typing { from: text("from").unwrap_or_default(), group: text("group") }
+        }
+        Some("keys") if value.get("ref").is_none() => {
+            ChatEvent::KeysChanged { user: text("user").unwrap_or_default() }
         }
         Some("notice") if text("code").as_deref() == Some("missed") => {
             ChatEvent::Missed(value.get("missed").and_then(Value::as_u64).unwrap_or(0))

@@ -19,7 +19,7 @@ use zeroize::Zeroizing;
 
 use super::{
     GroupKey, Identity, IdentityError, PublicIdentity, group_sealed_by, open_group, open_sealed,
-    seal_for, seal_group,
+    seal_for_verified, seal_group,
 };
 
 /// A key a contact had before and has no more: its device, and the fingerprints before and now.
@@ -184,7 +184,9 @@ impl ChatKeys {
     fn check_one(&mut self, user: &str, key: &PublicIdentity) -> Option<KeyChange> {
         let slot = (user.to_string(), key.device.clone());
         match self.known.get(&slot) {
-            Some(seen) if seen.ed25519 == key.ed25519 && seen.x25519 == key.x25519 => None,
+            // Verified when first seen.
+            Some(seen) if seen == key => None,
+            Some(_) if key.verify().is_err() => None,
             Some(seen) => {
                 let change = KeyChange {
                     user: user.to_string(),
@@ -199,8 +201,11 @@ impl ChatKeys {
                 Some(change)
             }
             None => {
-                self.known.insert(slot, key.clone());
-                self.changed = true;
+                // A key that does not verify is not remembered, so nothing is sealed to it.
+                if key.verify().is_ok() {
+                    self.known.insert(slot, key.clone());
+                    self.changed = true;
+                }
                 None
             }
         }
@@ -227,6 +232,14 @@ impl ChatKeys {
         if changes.is_empty() { Ok(()) } else { Err(ChatKeysError::KeyChanged(changes)) }
     }
 
+    /// Those of `user`'s `keys` that are the ones remembered (checked when first seen).
+    fn trusted(&self, user: &str, keys: &[PublicIdentity]) -> Vec<PublicIdentity> {
+        let known = |k: &&PublicIdentity| {
+            self.known.get(&(user.to_string(), k.device.clone())).is_some_and(|seen| seen == *k)
+        };
+        keys.iter().filter(known).cloned().collect()
+    }
+
     fn with_key(&self, name: &str, sealed: &[u8]) -> Value {
         json!({ name: B64.encode(sealed), "key": self.me.to_text() })
     }
@@ -243,22 +256,25 @@ impl ChatKeys {
         own_keys: &[PublicIdentity],
         plain: &Value,
     ) -> Result<Value, ChatKeysError> {
-        if to_keys.is_empty() {
+        let user = self.user.clone();
+        self.check(to, to_keys);
+        if to != user {
+            self.check(&user, own_keys);
+        }
+        self.refuse_pending(&[to, &user])?;
+        let mut devices = self.trusted(to, to_keys);
+        if devices.is_empty() {
             return Err(ChatKeysError::NoKeys(to.to_string()));
         }
-        let mut devices = Vec::new();
-        self.check(to, to_keys);
-        devices.extend_from_slice(to_keys);
-        if to != self.user {
-            self.check(&self.user.clone(), own_keys);
-            devices.extend_from_slice(own_keys);
+        if to != user {
+            devices.extend(self.trusted(&user, own_keys));
         }
-        self.refuse_pending(&[to, &self.user.clone()])?;
         let me = self.me.clone();
         devices.retain(|d| d.x25519 != me.x25519);
         devices.push(me);
         let bytes = serde_json::to_vec(plain).map_err(|_| IdentityError::Malformed("message"))?;
-        let sealed = seal_for(&self.identity, &devices, &direct_context(&self.user, to), &bytes)?;
+        let context = direct_context(&self.user, to);
+        let sealed = seal_for_verified(&self.identity, &devices, &context, &bytes)?;
         Ok(self.with_key("sealed", &sealed))
     }
 
@@ -288,16 +304,19 @@ impl ChatKeys {
         group: &str,
         members: &[(String, Vec<PublicIdentity>)],
     ) -> Result<(Value, u32), ChatKeysError> {
-        let mut devices = Vec::new();
         for (user, keys) in members {
-            if keys.is_empty() {
-                return Err(ChatKeysError::NoKeys(user.clone()));
-            }
             self.check(user, keys);
-            devices.extend_from_slice(keys);
         }
         let users: Vec<&str> = members.iter().map(|(user, _)| user.as_str()).collect();
         self.refuse_pending(&users)?;
+        let mut devices = Vec::new();
+        for (user, keys) in members {
+            let trusted = self.trusted(user, keys);
+            if trusted.is_empty() {
+                return Err(ChatKeysError::NoKeys(user.clone()));
+            }
+            devices.extend(trusted);
+        }
         let me = self.me.clone();
         devices.retain(|d| d.x25519 != me.x25519);
         devices.push(me);
@@ -305,7 +324,7 @@ impl ChatKeys {
         let epoch = state.epochs.keys().next_back().map_or(1, |e| e.saturating_add(1));
         let key = GroupKey::generate(epoch)?;
         let context = key_context(group, &self.user);
-        let sealed = seal_for(&self.identity, &devices, &context, &key.to_bytes())?;
+        let sealed = seal_for_verified(&self.identity, &devices, &context, &key.to_bytes())?;
         state.epochs.entry(epoch).or_default().push(key);
         state.stale = false;
         self.changed = true;
@@ -379,6 +398,13 @@ impl ChatKeys {
     /// The sending device's signing key, from the message's `key`, checked as seen before.
     fn sender(&mut self, from: &str, msg: &Value) -> Result<[u8; 32], Opened> {
         let text = msg.get("key").and_then(Value::as_str).unwrap_or_default();
+        // The key seen before, as it was sent before: no need to check its signature again.
+        let device = text.rsplit_once(':').map_or("", |(device, _)| device);
+        if let Some(seen) = self.known.get(&(from.to_string(), device.to_string()))
+            && seen.to_text() == text
+        {
+            return Ok(seen.ed25519);
+        }
         let key = PublicIdentity::from_text(text)
             .map_err(|e| Opened::Unreadable(format!("the sender's key: {e}")))?;
         if from == self.user && key.device == self.me.device && key != self.me {

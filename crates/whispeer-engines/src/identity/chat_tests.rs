@@ -123,3 +123,20 @@ fn the_state_survives_a_save_and_a_restore() {
     ));
     assert!(ChatKeys::new(Identity::generate().unwrap(), "a", "b", Some("{")).is_err());
 }
+
+#[test]
+fn a_directory_entry_whose_signature_does_not_verify_is_never_sealed_to() {
+    let mut alice = device("alice", "laptop");
+    let bob = device("bob", "phone");
+    let mut forged = bob.public().clone();
+    forged.x25519 = device("mallory", "phone").public().x25519;
+    let own = [alice.public().clone()];
+    assert!(matches!(
+        alice.seal_direct("bob", &[forged], &own, &json!("x")),
+        Err(ChatKeysError::NoKeys(_))
+    ));
+    // The real entry, seen afterwards, is taken on first sight and used.
+    let sealed = alice.seal_direct("bob", &[bob.public().clone()], &own, &json!("y")).unwrap();
+    let mut bob = bob;
+    assert_eq!(message(bob.open("alice", Some("bob"), None, &sealed)), json!("y"));
+}

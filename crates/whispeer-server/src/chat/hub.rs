@@ -86,7 +86,14 @@ pub(crate) struct Hub {
     stripes: Vec<Mutex<()>>,
     /// How far each user has read each conversation (its log's topic): a seq.
     pub(crate) reads: Mutex<HashMap<(String, String), u64>>,
+    /// The key directory's entries read lately, by user (`chat.db` is the truth): at most
+    /// `DIRECTORY_CACHE` users, emptied when full; an entry goes when its user's keys change,
+    /// and the generation (first) moves on, so a read begun before is not kept.
+    pub(crate) directory: Mutex<(u64, HashMap<String, Devices>)>,
 }
+
+/// A user's devices' public identities, as the directory holds them.
+pub(crate) type Devices = Arc<Vec<String>>;
 
 impl Hub {
     /// Opens `chat.db`, loads it, and starts the task that saves cursors.
@@ -129,6 +136,7 @@ impl Hub {
             sessions: AtomicU64::new(1),
             stripes: (0..super::messaging::STRIPES).map(|_| Mutex::new(())).collect(),
             reads: Mutex::new(reads),
+            directory: Mutex::new((0, HashMap::new())),
         });
         let weak = Arc::downgrade(&hub);
         broker.spawn(async move {

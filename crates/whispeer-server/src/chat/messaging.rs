@@ -235,9 +235,22 @@ impl Hub {
         self.tell_group(group, event, subject, user, told).await
     }
 
-    /// Tells the members of each of `user`'s groups that its devices changed (`"event":"keys"`):
-    /// their clients make the group a new key before sealing to it again.
+    /// Tells the members of each of `user`'s groups that its devices changed (`"event":"keys"`,
+    /// stored in the group's log): their clients make the group a new key before sealing to it
+    /// again; and tells `user`'s contacts and own devices now (`{"type":"keys","user"}`, live
+    /// only), so clients that keep its keys fetch them again.
     pub(crate) async fn devices_changed(&self, user: &str) -> Result<(), ChatError> {
+        {
+            let mut directory = lock(&self.directory);
+            directory.0 += 1;
+            directory.1.remove(user);
+        }
+        let notice = Bytes::from(json!({ "type": "keys", "user": user }).to_string());
+        let mut told = self.watched(user);
+        told.insert(user.to_string());
+        for peer in told {
+            self.tell(&peer, notice.clone());
+        }
         let groups = self.groups().of(user);
         for (group, _) in groups {
             let members = self.groups().members(&group);

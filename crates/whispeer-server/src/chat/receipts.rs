@@ -12,6 +12,9 @@ use super::hub::{Hub, inbox, lock, now_ms};
 use super::messaging::{ORIGIN, direct_log, group_log};
 use super::wire::{ChatError, Position, Target};
 
+/// Most users whose directory entries the server keeps in memory (emptied when full).
+const DIRECTORY_CACHE: usize = 65_536;
+
 impl Hub {
     /// `user`'s device `device` was written direct messages: (sender, id) of each.
     pub(crate) fn delivered(&self, user: &str, device: &str, messages: &[(String, String)]) {
@@ -129,15 +132,33 @@ impl Hub {
         }
     }
 
-    /// The public identities of `user`'s devices.
+    /// The public identities of `user`'s devices (from the directory cache, else `chat.db`).
     pub(crate) async fn keys(&self, user: &str) -> Result<Value, ChatError> {
-        let store = std::sync::Arc::clone(&self.store);
-        let who = user.to_string();
-        let found = tokio::task::spawn_blocking(move || store.keys(&who)).await;
-        let failed = |e: String| ChatError::new("store_failed", format!("chat.db: {e}"));
-        let devices =
-            found.map_err(|e| failed(e.to_string()))?.map_err(|e| failed(e.to_string()))?;
-        Ok(json!({ "type": "keys", "user": user, "devices": devices }))
+        let (generation, cached) = {
+            let directory = lock(&self.directory);
+            (directory.0, directory.1.get(user).cloned())
+        };
+        let devices = match cached {
+            Some(devices) => devices,
+            None => {
+                let store = std::sync::Arc::clone(&self.store);
+                let who = user.to_string();
+                let found = tokio::task::spawn_blocking(move || store.keys(&who)).await;
+                let failed = |e: String| ChatError::new("store_failed", format!("chat.db: {e}"));
+                let devices = std::sync::Arc::new(
+                    found.map_err(|e| failed(e.to_string()))?.map_err(|e| failed(e.to_string()))?,
+                );
+                let mut directory = lock(&self.directory);
+                if directory.0 == generation {
+                    if directory.1.len() >= DIRECTORY_CACHE {
+                        directory.1.clear();
+                    }
+                    directory.1.insert(user.to_string(), std::sync::Arc::clone(&devices));
+                }
+                devices
+            }
+        };
+        Ok(json!({ "type": "keys", "user": user, "devices": *devices }))
     }
 
     /// Unread messages per conversation of `user`: others' messages after its read position.

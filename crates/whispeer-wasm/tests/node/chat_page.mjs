@@ -1,7 +1,8 @@
 // The chat page in headless Chromium: `whispeer serve --chat-listen --chat-page` serves it with
-// the WASM client; alice and bob open it side by side, alice sends, bob's page shows it, and a
-// screenshot of both is saved; then a message sealed by the Rust CLI opens in the page, and one
-// sealed in the page opens in the CLI.
+// the WASM client; alice and bob open it side by side, alice sends (sealed by default, the
+// identity kept in the browser's localStorage), bob's page shows it opened while the server
+// holds only a box, and a screenshot of both is saved; then a message sealed by the Rust CLI
+// (sealing by default too) opens in the page, and one sealed in the page opens in the CLI.
 // Usage: node chat_page.mjs <whispeer-binary> <web-package-dir> <screenshot.png>
 import { spawn } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
@@ -64,42 +65,46 @@ if (!shown.includes("alice: hello from alice's browser")) fail(`bob's page shows
 
 stage = "the page's Chat: history, unread, a refusal";
 const history = await bob.evaluate(() => window.chat.history("alice", 10));
-if (history.messages.length !== 1 || history.messages[0].msg !== "hello from alice's browser") {
+if (history.messages.length !== 1 || history.messages[0].msg !== "hello from alice's browser" || !history.messages[0].sealed) {
   fail(`history ${JSON.stringify(history)}`);
 }
+stage = "the server holds a box, and the identity stays in localStorage";
+const raw = await bob.evaluate(async () => {
+  const { Chat } = await import("./pkg/whispeer_wasm.js");
+  const endpoint = `ws://${location.host}/ws`;
+  const plain = await Chat.connect(endpoint, "bob", "raw", null, { plain: true });
+  const page = await plain.history("alice", 10);
+  plain.close();
+  return { page, stored: localStorage.getItem("whispeer.chat.bob.browser.identity") !== null };
+});
+const box = raw.page.messages[0]?.msg;
+if (typeof box?.sealed !== "string" || JSON.stringify(raw.page).includes("hello from alice")) fail(`stored ${JSON.stringify(raw.page)}`);
+if (!raw.stored) fail("no identity in localStorage");
 const unread = await bob.evaluate(() => window.chat.unread());
 if (unread.conversations[0]?.unread !== 1) fail(`unread ${JSON.stringify(unread)}`);
 const refusal = await bob.evaluate(() => window.chat.sendGroup("nowhere", "hi").then(() => "sent", (e) => String(e)));
-if (!refusal.includes("not_member")) fail(`a post to a group bob is not in: ${refusal}`);
+if (!refusal.includes("no_such_group")) fail(`a post to a group that does not exist: ${refusal}`);
 await alice.waitForFunction(() => document.getElementById("log").textContent.includes("delivered by bob"),
   null, { timeout: 20000 });
 
 stage = "sealed between the Rust CLI and the page";
 const work = mkdtempSync(join(tmpdir(), "whispeer-page-"));
-await bob.evaluate(async () => {
-  const { Identity } = await import("./pkg/whispeer_wasm.js");
-  window.me = Identity.generate();
-  await window.chat.publishIdentity(window.me);
-  window.sealedSeen = [];
-  window.chat.onEvent((event) => { if (event.msg?.sealed) window.sealedSeen.push(event); });
-});
 const carol = spawn(bin, ["chat", "--as", "carol", "--server", pageUrl.replace(/^http/, "ws").replace(/\/$/, "/ws"),
-  "--identity", join(work, "carol.id")]);
+  "--keys-dir", work]);
 const carolOut = { text: "" };
 carol.stdout.on("data", (chunk) => { carolOut.text += chunk; });
 await new Promise((resolve) => {
   let err = "";
-  carol.stderr.on("data", (chunk) => { err += chunk; if (err.includes("whispeer: identity (new)")) resolve(); });
+  carol.stderr.on("data", (chunk) => { err += chunk; if (err.includes("messages are sealed end to end")) resolve(); });
 });
 carol.stdin.write("/msg bob sealed by rust\n");
-await bob.waitForFunction(() => window.sealedSeen.length > 0, null, { timeout: 20000 });
-const openedInPage = await bob.evaluate(() => window.chat.openSealed(window.me, window.sealedSeen[0]));
-if (openedInPage !== "sealed by rust") fail(`the page opened ${JSON.stringify(openedInPage)}`);
-await bob.evaluate(() => window.chat.sendSealedTo(window.me, "carol", "sealed in chromium"));
-for (let i = 0; i < 200 && !carolOut.text.includes("bob: [sealed] sealed in chromium"); i++) {
+await bob.waitForFunction(() => document.getElementById("log").textContent.includes("carol: sealed by rust"),
+  null, { timeout: 20000 });
+await bob.evaluate(() => window.chat.sendTo("carol", "sealed in chromium"));
+for (let i = 0; i < 200 && !carolOut.text.includes("bob: sealed in chromium"); i++) {
   await new Promise((resolve) => setTimeout(resolve, 50));
 }
-if (!carolOut.text.includes("bob: [sealed] sealed in chromium")) fail(`the CLI showed ${JSON.stringify(carolOut.text)}`);
+if (!carolOut.text.includes("bob: sealed in chromium")) fail(`the CLI showed ${JSON.stringify(carolOut.text)}`);
 carol.kill("SIGTERM");
 rmSync(work, { recursive: true, force: true });
 

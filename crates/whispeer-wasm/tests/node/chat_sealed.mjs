@@ -1,7 +1,8 @@
-// End-to-end keys between the Rust CLI and the WASM client in Node, through a real chat server:
-// a message sealed by `whispeer chat --identity` opens in the WASM client, and one sealed by the
-// WASM client opens in the CLI, direct and in a group (a key rotated by the CLI, learned by the
-// WASM client); the server keeps only boxes.
+// End-to-end keys between the Rust CLI and the WASM client in Node, through a real chat server,
+// both sealing by default: a message sealed by `whispeer chat` opens in the WASM client, and one
+// sealed by the WASM client opens in the CLI, direct and in a group (a key made by the CLI as
+// it first sends, learned by the WASM client); the server keeps only boxes; the WASM client
+// keeps its identity in the storage it is given.
 // Usage: node chat_sealed.mjs <node-package-dir> <whispeer-binary>
 import { createRequire } from "node:module";
 import { spawn } from "node:child_process";
@@ -12,7 +13,7 @@ import WebSocket from "ws";
 
 const [pkg, bin] = process.argv.slice(2);
 globalThis.WebSocket = WebSocket;
-const { Chat, GroupKeys, Identity } = createRequire(import.meta.url)(`${pkg}/whispeer_wasm.js`);
+const { Chat } = createRequire(import.meta.url)(`${pkg}/whispeer_wasm.js`);
 let stage = "starting the server";
 const children = [];
 const work = mkdtempSync(join(tmpdir(), "whispeer-sealed-"));
@@ -43,67 +44,65 @@ const server = spawn(bin, ["serve", "--listen", "127.0.0.1:0", "--chat-listen", 
 children.push(server);
 const url = (await waitFor(server.stdout, /whispeer: chat listening on (\S+)/))[1];
 
-stage = "the WASM client publishes its identity";
-const me = Identity.generate();
-const chat = await Chat.connect(url, "wasmbob", "node", null);
+stage = "the WASM client connects, sealing by default";
+const saved = new Map();
+const storage = { getItem: (key) => saved.get(key) ?? null, setItem: (key, value) => saved.set(key, value) };
+const chat = await Chat.connect(url, "wasmbob", "node", null, { storage });
+if (!chat.fingerprint || !saved.has("whispeer.chat.wasmbob.node.identity")) fail("no identity kept in the storage");
 const events = [];
 let wake = () => {};
 chat.onEvent((event) => { events.push(event); wake(); });
-await chat.publishIdentity(me);
-const nextSealed = async () => {
+const nextWhere = async (wanted) => {
   for (;;) {
-    const found = events.findIndex((e) => e.msg?.sealed);
+    const found = events.findIndex(wanted);
     if (found >= 0) return events.splice(found, 1)[0];
     await new Promise((resolve) => { wake = resolve; });
   }
 };
 
-stage = "the Rust CLI starts with its identity";
-const alice = spawn(bin, ["chat", "--as", "alice", "--server", url, "--identity", join(work, "alice.id")]);
+stage = "the Rust CLI starts, sealing by default";
+const alice = spawn(bin, ["chat", "--as", "alice", "--server", url, "--keys-dir", work]);
 children.push(alice);
-await waitFor(alice.stderr, /whispeer: identity \(new\)/);
-const aliceSaw = waitFor(alice.stdout, /wasmbob: \[sealed\] (.*)$/);
+await waitFor(alice.stderr, /messages are sealed end to end/);
+const aliceSaw = waitFor(alice.stdout, /→alice wasmbob: (.*)$/);
 
 stage = "rust seals, wasm opens";
 alice.stdin.write("/msg wasmbob hi from rust\n");
-const sealed = await nextSealed();
-if (JSON.stringify(sealed.msg).includes("hi from rust")) fail("the server carried plaintext");
-const opened = await chat.openSealed(me, sealed);
-if (opened !== "hi from rust") fail(`opened ${JSON.stringify(opened)}`);
+const opened = await nextWhere((e) => e.msg !== undefined);
+if (opened.msg !== "hi from rust" || !opened.sealed || opened.unreadable) fail(`opened ${JSON.stringify(opened)}`);
+
+stage = "the server holds only the box";
+const raw = await Chat.connect(url, "wasmbob", "raw", null, { plain: true });
+const stored = (await raw.history("alice", 10)).messages[0];
+raw.close();
+if (typeof stored?.msg?.sealed !== "string" || JSON.stringify(stored).includes("hi from rust")) fail(`stored ${JSON.stringify(stored)}`);
 
 stage = "wasm seals, rust opens";
-await chat.sendSealedTo(me, "alice", "hi from wasm");
+await chat.sendTo("alice", "hi from wasm");
 const shown = (await aliceSaw)[1];
 if (shown !== "hi from wasm") fail(`the CLI showed ${JSON.stringify(shown)}`);
 
-stage = "group: rust rotates the key and seals, wasm learns and opens";
-const groupKeys = new GroupKeys();
+stage = "group: rust makes the key as it sends, wasm learns and opens";
 await chat.createGroup("team", true);
-const aliceSawGroup = waitFor(alice.stdout, /#team wasmbob: \[sealed\] (.*)$/);
-alice.stdin.write("/join team\n/rotate team\n/msg #team group hi from rust\n");
-const nextWith = async (field) => {
-  for (;;) {
-    const found = events.findIndex((e) => e.msg?.[field]);
-    if (found >= 0) return events.splice(found, 1)[0];
-    await new Promise((resolve) => { wake = resolve; });
-  }
-};
-const keyEvent = await nextWith("group_key");
-if (groupKeys.learn(me, keyEvent, await chat.keys("alice")) !== 1) fail("the group key's epoch");
-const groupSealed = await nextWith("sealed_group");
-const groupOpened = await chat.openGroup(groupKeys, groupSealed);
-if (groupOpened !== "group hi from rust") fail(`opened ${JSON.stringify(groupOpened)}`);
-stage = "group: wasm seals, rust opens";
-await chat.sendSealedGroup(me, groupKeys, "team", "group hi from wasm");
+const aliceSawGroup = waitFor(alice.stdout, /#team wasmbob: (.*)$/);
+alice.stdin.write("/join team\n/msg #team group hi from rust\n");
+const keyEvent = await nextWhere((e) => e.type === "group_key");
+if (keyEvent.group !== "team" || keyEvent.from !== "alice") fail(`key event ${JSON.stringify(keyEvent)}`);
+const groupOpened = await nextWhere((e) => e.group === "team" && e.msg !== undefined);
+if (groupOpened.msg !== "group hi from rust" || !groupOpened.sealed) fail(`opened ${JSON.stringify(groupOpened)}`);
+stage = "group: wasm seals under the learned key, rust opens";
+await chat.sendGroup("team", "group hi from wasm");
 const groupShown = (await aliceSawGroup)[1];
 if (groupShown !== "group hi from wasm") fail(`the CLI showed ${JSON.stringify(groupShown)}`);
+if (!saved.has("whispeer.chat.wasmbob.node.keys")) fail("the group key was not kept in the storage");
 
 stage = "a box for someone else does not open";
-const other = Identity.generate();
-const refused = await chat.openSealed(other, sealed).then(() => "opened", (e) => String(e));
-if (!refused.includes("not for this device")) fail(`another identity: ${refused}`);
+const eve = await Chat.connect(url, "eve", "node", null);
+const refused = eve.open(stored);
+eve.close();
+if (!String(refused.unreadable).includes("not for this device")) fail(`eve: ${JSON.stringify(refused)}`);
 
-console.log("ok: sealed direct and group messages between the Rust CLI and the WASM client in Node, both ways");
+console.log("ok: sealed direct and group messages between the Rust CLI and the WASM client in Node, both ways, by default");
 chat.close();
 clearTimeout(timer);
 children.forEach((child) => child.kill("SIGTERM"));
