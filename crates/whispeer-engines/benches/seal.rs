@@ -13,8 +13,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use whispeer_engines::{
-    CipherAlgorithm, Compression, Encryption, Engines, GroupKey, Identity, Keyring, Sealing,
-    open_group, open_sealed, seal_for, seal_group,
+    CipherAlgorithm, Compression, Encryption, Engines, GroupKey, Identity, Keyring, PairKeys,
+    Sealing, open_group, open_pairwise, open_sealed, seal_for, seal_group, seal_pairwise,
 };
 use whispeer_proto::{ContentType, Envelope, Flags, Headers, MessageId, Topic};
 
@@ -114,6 +114,16 @@ fn sealed_boxes(c: &mut Criterion) {
         let sealed = seal_for(&sender, &publics, b"bench", &plaintext).unwrap();
         group.bench_function(BenchmarkId::new("open", devices), |b| {
             b.iter(|| open_sealed(&identities[0], &sealed, b"bench", None).unwrap())
+        });
+        // The chat's direct messages: pair keys derived once per peer device, then kept.
+        let mut pairs = PairKeys::default();
+        group.bench_function(BenchmarkId::new("seal-pairwise", devices), |b| {
+            b.iter(|| seal_pairwise(&sender, &mut pairs, &publics, b"bench", &plaintext).unwrap())
+        });
+        let sealed = seal_pairwise(&sender, &mut pairs, &publics, b"bench", &plaintext).unwrap();
+        let mut theirs = PairKeys::default();
+        group.bench_function(BenchmarkId::new("open-pairwise", devices), |b| {
+            b.iter(|| open_pairwise(&identities[0], &mut theirs, &sealed, b"bench").unwrap())
         });
     }
     let key = GroupKey::generate(1).unwrap();

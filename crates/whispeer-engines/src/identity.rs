@@ -7,8 +7,12 @@
 //! context it was sealed for (who sends, to whom, on which topic), so a box moved to another
 //! context or another sender does not open.
 //!
+//! Between devices that know each other, [`seal_pairwise`] seals without an ephemeral key or a
+//! signature (pair keys derived once; the chat's direct messages); [`ChatKeys`] is one chat
+//! device's state over both.
+//!
 //! Out of scope here: forward secrecy per message (a stolen device key opens what was sealed to
-//! it), and deniability (boxes are signed).
+//! it), and deniability of signed boxes.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
@@ -72,6 +76,8 @@ fn random<const N: usize>() -> Result<Zeroizing<[u8; N]>, IdentityError> {
 /// for the WASM client); the crates zeroize them when dropped.
 pub struct Identity {
     agreement: StaticSecret,
+    /// `agreement`'s public key, derived once (a scalar multiplication).
+    agreement_public: [u8; 32],
     signing: SigningKey,
 }
 
@@ -88,10 +94,7 @@ impl Identity {
     /// [`IdentityError::Random`] without entropy.
     pub fn generate() -> Result<Self, IdentityError> {
         let (agreement, signing) = (random::<32>()?, random::<32>()?);
-        Ok(Self {
-            agreement: StaticSecret::from(*agreement),
-            signing: SigningKey::from_bytes(&signing),
-        })
+        Ok(Self::from_secrets(StaticSecret::from(*agreement), SigningKey::from_bytes(&signing)))
     }
 
     /// The identity's text form (a secret: store it like a password).
@@ -120,15 +123,17 @@ impl Identity {
         let mut signing = Zeroizing::new([0u8; 32]);
         agreement.copy_from_slice(&bytes[..32]);
         signing.copy_from_slice(&bytes[32..]);
-        Ok(Self {
-            agreement: StaticSecret::from(*agreement),
-            signing: SigningKey::from_bytes(&signing),
-        })
+        Ok(Self::from_secrets(StaticSecret::from(*agreement), SigningKey::from_bytes(&signing)))
+    }
+
+    fn from_secrets(agreement: StaticSecret, signing: SigningKey) -> Self {
+        let agreement_public = PublicKey::from(&agreement).to_bytes();
+        Self { agreement, agreement_public, signing }
     }
 
     /// The public identity of this device, named `device`, signed.
     pub fn public(&self, device: &str) -> PublicIdentity {
-        let x25519 = PublicKey::from(&self.agreement).to_bytes();
+        let x25519 = self.agreement_public;
         let ed25519 = self.signing.verifying_key().to_bytes();
         let signature = self.signing.sign(&identity_statement(device, &x25519)).to_bytes();
         PublicIdentity { device: device.to_string(), x25519, ed25519, signature }
@@ -368,11 +373,20 @@ impl<'a> Reader<'a> {
 /// # Errors
 /// [`IdentityError::Malformed`].
 pub fn sealed_sender(sealed: &[u8]) -> Result<[u8; 32], IdentityError> {
+    after_magic(sealed, MAGIC, "sealed box")?.array::<32>()
+}
+
+/// A reader past the four bytes that name the kind of box (`what`, in errors).
+fn after_magic<'a>(
+    sealed: &'a [u8],
+    magic: &[u8; 4],
+    what: &'static str,
+) -> Result<Reader<'a>, IdentityError> {
     let mut reader = Reader(sealed);
-    if reader.take(4)? != MAGIC {
-        return Err(IdentityError::Malformed("sealed box"));
+    if reader.take(4).map_err(|_| IdentityError::Malformed(what))? != magic {
+        return Err(IdentityError::Malformed(what));
     }
-    reader.array::<32>()
+    Ok(reader)
 }
 
 /// Opens a box sealed by [`seal_for`] for `context`, on device `me`. With `sender`, the box
@@ -406,7 +420,7 @@ pub fn open_sealed(
     if count > MAX_RECIPIENTS {
         return Err(IdentityError::TooManyRecipients(count));
     }
-    let mine = PublicKey::from(&me.agreement).to_bytes();
+    let mine = me.agreement_public;
     let my_id = key_id(&mine);
     let mut message_key = None;
     for _ in 0..count {
@@ -439,9 +453,11 @@ pub fn open_sealed(
 
 mod chat;
 mod group;
+mod pairwise;
 
 pub use chat::{ChatKeys, ChatKeysError, KeyChange, Opened, is_sealed};
 pub use group::{GroupKey, group_sealed_by, open_group, seal_group};
+pub use pairwise::{PairKeys, open_pairwise, pairwise_sender, seal_pairwise};
 
 #[cfg(test)]
 mod chat_tests;

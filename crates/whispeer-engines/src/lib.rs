@@ -35,8 +35,9 @@ pub use compress::{Compression, DEFAULT_THRESHOLD, DEFAULT_ZSTD_LEVEL};
 pub use error::{OpenError, ReceiveError, SealError};
 pub use identity::{
     ChatKeys, ChatKeysError, GroupKey, Identity, IdentityError, KeyChange, MAX_RECIPIENTS, Opened,
-    PublicIdentity, fingerprint_of, group_sealed_by, is_sealed, open_group, open_sealed, seal_for,
-    seal_group, sealed_sender,
+    PairKeys, PublicIdentity, fingerprint_of, group_sealed_by, is_sealed, open_group,
+    open_pairwise, open_sealed, pairwise_sender, seal_for, seal_group, seal_pairwise,
+    sealed_sender,
 };
 pub use keyring::{Key, KeyError, KeyId, Keyring};
 pub use seal::{Encryption, Engines, KEY_VARIABLE, KeyChoice, Sealing, TopicRule};

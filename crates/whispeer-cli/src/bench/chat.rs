@@ -192,6 +192,7 @@ pub(super) async fn run(url: &str, args: &ChatBenchArgs, pid: Option<u32>) -> an
             receive(events, count, start).await
         });
     }
+    let cpu = cpu_seconds(pid);
     let began = Instant::now();
     send(owner, format!("#{group}"), count, window, start).await?;
     let mut latencies = Vec::new();
@@ -199,11 +200,14 @@ pub(super) async fn run(url: &str, args: &ChatBenchArgs, pid: Option<u32>) -> an
         latencies.extend(done??);
     }
     let elapsed = began.elapsed().as_secs_f64();
-    let [p50, p99, _] = percentiles(latencies.clone());
+    let delivered = latencies.len();
+    let [p50, p99, _] = percentiles(latencies);
+    let server_cpu = cpu.zip(cpu_seconds(pid)).map(|(a, b)| (b - a) * 1e6 / delivered as f64);
     println!(
-        "chat group: {members} members, {count} messages, {:.0} messages/s, {:.0} deliveries/s, p50 {p50:.0} µs, p99 {p99:.0} µs",
+        "chat group: {members} members, {count} messages, {:.0} messages/s, {:.0} deliveries/s, p50 {p50:.0} µs, p99 {p99:.0} µs{}",
         count as f64 / elapsed,
-        latencies.len() as f64 / elapsed
+        delivered as f64 / elapsed,
+        server_cpu.map_or(String::new(), |us| format!(", server CPU {us:.1} µs per delivery"))
     );
     Ok(())
 }

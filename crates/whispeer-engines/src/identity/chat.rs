@@ -18,8 +18,8 @@ use serde_json::{Map, Value, json};
 use zeroize::Zeroizing;
 
 use super::{
-    GroupKey, Identity, IdentityError, PublicIdentity, group_sealed_by, open_group, open_sealed,
-    seal_for_verified, seal_group,
+    GroupKey, Identity, IdentityError, PairKeys, PublicIdentity, group_sealed_by, open_group,
+    open_pairwise, open_sealed, pairwise_sender, seal_for_verified, seal_group, seal_pairwise,
 };
 
 /// A key a contact had before and has no more: its device, and the fingerprints before and now.
@@ -91,6 +91,7 @@ pub struct ChatKeys {
     known: BTreeMap<(String, String), PublicIdentity>,
     pending: BTreeMap<String, Vec<(KeyChange, PublicIdentity)>>,
     groups: BTreeMap<String, GroupState>,
+    pairs: PairKeys,
     changed: bool,
 }
 
@@ -140,6 +141,7 @@ impl ChatKeys {
             known: BTreeMap::new(),
             pending: BTreeMap::new(),
             groups: BTreeMap::new(),
+            pairs: PairKeys::default(),
             changed: false,
         };
         if let Some(text) = saved {
@@ -274,7 +276,7 @@ impl ChatKeys {
         devices.push(me);
         let bytes = serde_json::to_vec(plain).map_err(|_| IdentityError::Malformed("message"))?;
         let context = direct_context(&self.user, to);
-        let sealed = seal_for_verified(&self.identity, &devices, &context, &bytes)?;
+        let sealed = seal_pairwise(&self.identity, &mut self.pairs, &devices, &context, &bytes)?;
         Ok(self.with_key("sealed", &sealed))
     }
 
@@ -363,8 +365,12 @@ impl ChatKeys {
         let decode = |text: &str| B64.decode(text).map_err(|_| IdentityError::Malformed("box"));
         match (field("sealed"), field("group_key"), field("sealed_group"), to, group) {
             (Some(text), _, _, Some(to), None) => {
+                let context = direct_context(from, to);
                 let opened = decode(text).and_then(|sealed| {
-                    open_sealed(&self.identity, &sealed, &direct_context(from, to), Some(&sender))
+                    if pairwise_sender(&sealed)? != sender.x25519 {
+                        return Err(IdentityError::WrongSender);
+                    }
+                    open_pairwise(&self.identity, &mut self.pairs, &sealed, &context)
                 });
                 match opened {
                     Ok(bytes) => content(&bytes),
@@ -374,12 +380,8 @@ impl ChatKeys {
             (_, Some(text), _, None, Some(group)) => {
                 let learned = decode(text)
                     .and_then(|sealed| {
-                        open_sealed(
-                            &self.identity,
-                            &sealed,
-                            &key_context(group, from),
-                            Some(&sender),
-                        )
+                        let context = key_context(group, from);
+                        open_sealed(&self.identity, &sealed, &context, Some(&sender.ed25519))
                     })
                     .and_then(|bytes| GroupKey::from_bytes(&bytes));
                 match learned {
@@ -388,22 +390,22 @@ impl ChatKeys {
                 }
             }
             (_, _, Some(text), None, Some(group)) => match decode(text) {
-                Ok(sealed) => self.open_in_group(group, from, &sender, &sealed),
+                Ok(sealed) => self.open_in_group(group, from, &sender.ed25519, &sealed),
                 Err(err) => unreadable(err),
             },
             _ => Opened::Unreadable("a sealed form in the wrong kind of conversation".into()),
         }
     }
 
-    /// The sending device's signing key, from the message's `key`, checked as seen before.
-    fn sender(&mut self, from: &str, msg: &Value) -> Result<[u8; 32], Opened> {
+    /// The sending device's public identity, from the message's `key`, checked as seen before.
+    fn sender(&mut self, from: &str, msg: &Value) -> Result<PublicIdentity, Opened> {
         let text = msg.get("key").and_then(Value::as_str).unwrap_or_default();
         // The key seen before, as it was sent before: no need to check its signature again.
         let device = text.rsplit_once(':').map_or("", |(device, _)| device);
         if let Some(seen) = self.known.get(&(from.to_string(), device.to_string()))
             && seen.to_text() == text
         {
-            return Ok(seen.ed25519);
+            return Ok(seen.clone());
         }
         let key = PublicIdentity::from_text(text)
             .map_err(|e| Opened::Unreadable(format!("the sender's key: {e}")))?;
@@ -413,7 +415,7 @@ impl ChatKeys {
         if let Some(change) = self.check_one(from, &key) {
             return Err(Opened::KeyChanged(change));
         }
-        Ok(key.ed25519)
+        Ok(key)
     }
 
     fn learn(&mut self, group: &str, key: GroupKey) -> Opened {

@@ -3,7 +3,7 @@
 
 use super::*;
 
-fn device(name: &str) -> (Identity, PublicIdentity) {
+pub(super) fn device(name: &str) -> (Identity, PublicIdentity) {
     let identity = Identity::generate().unwrap();
     let public = identity.public(name);
     (identity, public)
