@@ -118,6 +118,16 @@ pub(crate) struct Config {
     pub(crate) cluster: cluster::Cluster,
     /// The chat listener; off unless `listen` is set.
     pub(crate) chat: chat::Chat,
+    /// The MQTT listener; off unless `listen` is set.
+    pub(crate) mqtt: Mqtt,
+}
+
+/// `[mqtt]`: the MQTT listener (off unless `listen` is set, or `--mqtt-listen` is given).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct Mqtt {
+    /// Address of the MQTT listener (3.1.1 and 5; `mqtts://` with `[tls]`); off while unset.
+    pub(crate) listen: Option<String>,
 }
 
 /// `[tls]`: PEM files.
@@ -340,6 +350,7 @@ impl Default for Config {
             tls: Tls::default(),
             cluster: cluster::Cluster::default(),
             chat: chat::Chat::default(),
+            mqtt: Mqtt::default(),
         }
     }
 }

@@ -52,6 +52,10 @@ enum Command {
         /// Serve /healthz, /readyz and /metrics (Prometheus) on this address.
         #[arg(long)]
         admin_listen: Option<String>,
+        /// Also accept MQTT 3.1.1 and 5 clients on this address, e.g. 127.0.0.1:1883 (the
+        /// CONNECT password is an API key or a JWT; see MQTT.md).
+        #[arg(long)]
+        mqtt_listen: Option<String>,
         /// Configuration file [default: whispeer.toml, if present].
         #[arg(long)]
         config: Option<PathBuf>,
@@ -148,9 +152,23 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Match { filter, topics } => match_topics(&filter, &topics),
         Command::Keygen { id } => keygen(id),
-        Command::Serve { listen, ws_listen, chat_listen, chat_page, admin_listen, config } => {
-            let addresses =
-                serve::Listen { listen, ws_listen, admin_listen, chat_listen, chat_page };
+        Command::Serve {
+            listen,
+            ws_listen,
+            chat_listen,
+            chat_page,
+            admin_listen,
+            mqtt_listen,
+            config,
+        } => {
+            let addresses = serve::Listen {
+                listen,
+                ws_listen,
+                admin_listen,
+                chat_listen,
+                chat_page,
+                mqtt_listen,
+            };
             serve::run(addresses, config)
         }
         Command::Pub(args) => pubsub::run_pub(args),

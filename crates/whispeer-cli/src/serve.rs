@@ -21,10 +21,11 @@ pub(crate) struct Listen {
     pub(crate) admin_listen: Option<String>,
     pub(crate) chat_listen: Option<String>,
     pub(crate) chat_page: Option<PathBuf>,
+    pub(crate) mqtt_listen: Option<String>,
 }
 
 pub(crate) fn run(addresses: Listen, config_path: Option<PathBuf>) -> ExitCode {
-    let Listen { listen, ws_listen, admin_listen, chat_listen, chat_page } = addresses;
+    let Listen { listen, ws_listen, admin_listen, chat_listen, chat_page, mqtt_listen } = addresses;
     let explicit = config_path.is_some();
     let path = config_path.unwrap_or_else(|| PathBuf::from("whispeer.toml"));
     let (mut config, ignored) = match Config::load(&path, explicit) {
@@ -48,6 +49,9 @@ pub(crate) fn run(addresses: Listen, config_path: Option<PathBuf>) -> ExitCode {
     }
     if chat_page.is_some() {
         config.chat.page_dir = chat_page;
+    }
+    if mqtt_listen.is_some() {
+        config.mqtt.listen = mqtt_listen;
     }
     init_logging(&config);
     for variable in ignored {
@@ -170,6 +174,10 @@ async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
         Some(address) => Some(bind(address, open_because()).await?),
         None => None,
     };
+    let mqtt_listener = match &config.mqtt.listen {
+        Some(address) => Some(bind(address, open_because()).await?),
+        None => None,
+    };
     server_config.websocket_path.clone_from(&config.ws_path);
     let local = listener.local_addr()?;
     if open {
@@ -186,6 +194,12 @@ async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
         tracing::info!(%ws_local, path = %config.ws_path, "listening for WebSocket clients");
         println!("whispeer: websocket listening on {scheme}://{ws_local}{}", config.ws_path);
         advertised.push(format!("{scheme}://{ws_local}{}", config.ws_path));
+    }
+    if let Some(mqtt) = &mqtt_listener {
+        let mqtt_local = mqtt.local_addr()?;
+        let scheme = if secure { "mqtts" } else { "mqtt" };
+        tracing::info!(%mqtt_local, "listening for MQTT clients");
+        println!("whispeer: mqtt listening on {scheme}://{mqtt_local}");
     }
     if let Some(chat) = chat_status.as_ref().and_then(whispeer::server::ChatStatus::local_addr) {
         let scheme = if secure { "wss" } else { "ws" };
@@ -236,6 +250,15 @@ async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
     let stop = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
         let _ = stopped.wait_for(|stop| *stop).await;
     };
+    // The MQTT listener stops on the same signal; it is waited for with the others.
+    let mqtt_task = mqtt_listener.map(|mqtt| {
+        tokio::spawn(whispeer::server::serve_mqtt(
+            mqtt,
+            broker.clone(),
+            server_config.clone(),
+            stop(stopped.clone()),
+        ))
+    });
     let tcp = whispeer::server::serve(
         listener,
         broker.clone(),
@@ -251,6 +274,9 @@ async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
             websocket?;
         }
         None => tcp.await?,
+    }
+    if let Some(task) = mqtt_task {
+        task.await.map_err(std::io::Error::other)??;
     }
     broker.close_transports();
     tracing::info!("stopped");

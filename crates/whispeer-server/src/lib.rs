@@ -28,6 +28,8 @@ pub(crate) mod embedded;
 #[cfg(feature = "websocket")]
 mod json;
 mod jwt;
+#[cfg(feature = "mqtt")]
+mod mqtt;
 mod rate;
 mod registry;
 #[cfg(feature = "tls")]
@@ -97,6 +99,12 @@ pub mod fuzzing {
     /// The refusal's code.
     pub fn chat_request(text: &str) -> Result<String, &'static str> {
         super::chat::fuzz_parse(text)
+    }
+
+    /// Decodes `data` as MQTT packets from a client (3.1.1, or 5 when `v5`) and translates
+    /// each into native frames, until the first that does not decode or is refused.
+    pub fn mqtt_packets(data: &[u8], v5: bool) {
+        super::mqtt::fuzz_packets(data, v5);
     }
 }
 
@@ -232,6 +240,21 @@ pub async fn serve_websocket(
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     accept_loop(listener, broker, config, shutdown, ws::run).await
+}
+
+/// Like [`serve`], for MQTT 3.1.1 and 5 clients (`mqtt://`, or `mqtts://` with TLS): the
+/// CONNECT password is an API key or a JWT, and the same ACLs, limits and queues apply.
+///
+/// # Errors
+/// Only for failures of the listener itself.
+#[cfg(feature = "mqtt")]
+pub async fn serve_mqtt(
+    listener: TcpListener,
+    broker: Broker,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    accept_loop(listener, broker, config, shutdown, mqtt::run).await
 }
 
 async fn accept_loop<F, Fut>(

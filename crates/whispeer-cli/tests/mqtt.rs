@@ -1,0 +1,234 @@
+//! The MQTT listener with clients no one here wrote: Debian's `mosquitto_pub` / `mosquitto_sub`
+//! and Paho for Python (`tests/mqtt/paho_check.py`), against `whispeer serve --mqtt-listen`:
+//! QoS 0, 1 and 2, wills, credentials and ACLs, shared subscriptions, MQTT 5 properties and
+//! request/response, messages crossing to and from native clients, and bad input.
+//! `scripts/install-servers` installs the clients.
+
+#![expect(clippy::unwrap_used, reason = "tests fail loudly")]
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, ChildStdout, Command, Output, Stdio};
+use std::time::Duration;
+
+/// A server with an MQTT listener; killed when dropped.
+struct MqttServer {
+    child: Child,
+    addr: String,
+    port: String,
+}
+
+impl MqttServer {
+    fn start(args: &[&str]) -> Self {
+        let mut all = vec!["--mqtt-listen", "127.0.0.1:0"];
+        all.extend_from_slice(args);
+        let mut child = common::serve_command(&all, &[]).spawn().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let (mut addr, mut port) = (String::new(), String::new());
+        while port.is_empty() {
+            let mut line = String::new();
+            assert!(stdout.read_line(&mut line).unwrap() > 0, "the server ended");
+            if let Some(rest) = line.trim().strip_prefix("whispeer: listening on ") {
+                addr = rest.to_string();
+            }
+            if let Some(rest) = line.trim().strip_prefix("whispeer: mqtt listening on mqtt://") {
+                port = rest.rsplit(':').next().unwrap().to_string();
+            }
+        }
+        Self { child, addr, port }
+    }
+}
+
+impl Drop for MqttServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tool(name: &str) -> Command {
+    let found = Command::new("sh").args(["-c", &format!("command -v {name}")]).output().unwrap();
+    assert!(found.status.success(), "{name} is missing: run scripts/install-servers");
+    Command::new(name)
+}
+
+/// A `mosquitto_sub` child and its output.
+struct MosquittoSub {
+    child: Child,
+    out: BufReader<ChildStdout>,
+}
+
+/// `mosquitto_sub` on `port` with `args`, printing `-v` lines (line-buffered through
+/// `stdbuf`: it does not flush a pipe itself); waits until it subscribed.
+fn mosquitto_sub(port: &str, args: &[&str]) -> MosquittoSub {
+    tool("mosquitto_sub");
+    let mut child = tool("stdbuf")
+        .args(["-oL", "mosquitto_sub", "-h", "127.0.0.1", "-p", port, "-v", "-d", "-W", "30"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("received SUBACK") {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0, "mosquitto_sub ended before SUBACK");
+    }
+    MosquittoSub { child, out }
+}
+
+/// What a `mosquitto_sub` child printed until it ended, its `-d` chatter left out.
+fn received(mut sub: MosquittoSub) -> Vec<String> {
+    let mut text = String::new();
+    sub.out.read_to_string(&mut text).unwrap();
+    let _ = sub.child.wait();
+    text.lines()
+        .filter(|l| !l.starts_with("Client ") && !l.starts_with("Subscribed"))
+        .map(str::to_string)
+        .collect()
+}
+
+fn mosquitto_pub(port: &str, args: &[&str]) -> Output {
+    tool("mosquitto_pub").args(["-h", "127.0.0.1", "-p", port, "-d"]).args(args).output().unwrap()
+}
+
+fn paho(port: &str, scenario: &str) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mqtt/paho_check.py");
+    let output = tool("python3").args([script, port, scenario]).output().unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let errors = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success() && text.starts_with("ok:"), "{scenario}: {text}{errors}");
+}
+
+#[test]
+fn mosquitto_clients_exchange_messages_at_every_qos_with_native_clients_too() {
+    let server = MqttServer::start(&[]);
+    let sub = mosquitto_sub(&server.port, &["-t", "m/#", "-q", "2", "-C", "4"]);
+    let native = common::subscriber(&["--server", &server.addr, "--count", "4", "m/#"], &[]);
+    for (qos, text) in [("0", "at most once"), ("1", "at least once"), ("2", "exactly once")] {
+        let out = mosquitto_pub(&server.port, &["-t", &format!("m/q{qos}"), "-m", text, "-q", qos]);
+        assert!(out.status.success(), "{out:?}");
+        let chatter = String::from_utf8_lossy(&out.stdout);
+        if qos == "2" {
+            assert!(chatter.contains("received PUBREC") && chatter.contains("received PUBCOMP"));
+        }
+    }
+    let sent = common::publish_with(&["--server", &server.addr, "m/native", "from native"], &[]);
+    assert!(sent.status.success(), "{sent:?}");
+    assert_eq!(
+        received(sub),
+        ["m/q0 at most once", "m/q1 at least once", "m/q2 exactly once", "m/native from native"]
+    );
+    let native = common::output_of(native);
+    for text in ["at most once", "at least once", "exactly once"] {
+        assert!(native.contains(text), "the native subscriber got MQTT's messages: {native}");
+    }
+}
+
+#[test]
+fn a_will_is_published_when_a_client_vanishes_or_goes_silent_but_not_after_disconnect() {
+    let server = MqttServer::start(&[]);
+    let watcher = mosquitto_sub(&server.port, &["-t", "status/#", "-C", "2"]);
+    // A client that says DISCONNECT: its will is dropped.
+    let clean =
+        &["-t", "x/y", "-m", "bye", "--will-topic", "status/clean", "--will-payload", "gone"];
+    assert!(mosquitto_pub(&server.port, clean).status.success());
+    // A client that vanishes: its will goes out.
+    let will = |device: &'static str| {
+        ["-t", "x/never", "--will-topic", device, "--will-payload", "offline", "--will-qos", "1"]
+    };
+    let mut vanishing = mosquitto_sub(&server.port, &will("status/dev1"));
+    vanishing.child.kill().unwrap();
+    let _ = vanishing.child.wait();
+    // A client that stops (its socket open, no PINGREQ): its will goes out after 1.5 × its
+    // keep-alive of 5 s (mosquitto's shortest).
+    let silent =
+        mosquitto_sub(&server.port, &[&will("status/dev2")[..], &["-k", "5"][..]].concat());
+    let pid = silent.child.id().to_string();
+    assert!(Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    assert_eq!(received(watcher), ["status/dev1 offline", "status/dev2 offline"]);
+    let _ = Command::new("kill").args(["-KILL", &pid]).status();
+    let mut silent = silent;
+    let _ = silent.child.wait();
+}
+
+#[test]
+fn credentials_and_acls_apply_to_mqtt_clients() {
+    let file = std::env::temp_dir().join(format!("whispeer-mqtt-acl-{}.toml", std::process::id()));
+    let users = "[[users]]\nname = \"alice\"\napi_key = \"alice-key\"\n\
+                 publish = [\"allowed/#\"]\nsubscribe = [\"allowed/#\"]\n";
+    std::fs::write(&file, users).unwrap();
+    let server = MqttServer::start(&["--config", file.to_str().unwrap()]);
+    let port = &server.port;
+    // No password, or a wrong one: refused at CONNECT.
+    let none = mosquitto_pub(port, &["-t", "allowed/a", "-m", "x"]);
+    assert!(!none.status.success());
+    assert!(String::from_utf8_lossy(&none.stderr).contains("not authorised"), "{none:?}");
+    let wrong = mosquitto_pub(port, &["-t", "allowed/a", "-m", "x", "-u", "alice", "-P", "nope"]);
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("bad user name or password"));
+    paho(port, "wrong-password");
+    let alice = ["-u", "alice", "-P", "alice-key"];
+    // A denied filter fails in SUBACK; a denied publish is refused (MQTT 5: reason 135).
+    let denied = tool("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", port, "-t", "secret/#", "-W", "5"])
+        .args(alice)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&denied.stderr).contains("denied"), "{denied:?}");
+    let sub = mosquitto_sub(port, &[&["-t", "allowed/#", "-C", "1"][..], &alice[..]].concat());
+    let refused = mosquitto_pub(
+        port,
+        &[&["-V", "mqttv5", "-q", "1", "-t", "secret/x", "-m", "no"][..], &alice[..]].concat(),
+    );
+    assert!(String::from_utf8_lossy(&refused.stdout).contains("RC:135"), "{refused:?}");
+    let allowed = mosquitto_pub(
+        port,
+        &[&["-q", "1", "-t", "allowed/x", "-m", "yes"][..], &alice[..]].concat(),
+    );
+    assert!(allowed.status.success(), "{allowed:?}");
+    assert_eq!(received(sub), ["allowed/x yes"]);
+    let _ = std::fs::remove_file(file);
+}
+
+#[test]
+fn paho_shares_subscriptions_and_carries_mqtt5_properties_and_request_response() {
+    let server = MqttServer::start(&[]);
+    for scenario in ["shared", "request", "properties"] {
+        paho(&server.port, scenario);
+    }
+}
+
+#[test]
+fn malformed_and_oversized_packets_end_only_their_own_connection() {
+    let server = MqttServer::start(&[]);
+    let address = format!("127.0.0.1:{}", server.port);
+    let closed = |stream: &mut TcpStream| {
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut rest = Vec::new();
+        let _ = stream.read_to_end(&mut rest);
+        rest
+    };
+    // Not MQTT at all.
+    let mut garbage = TcpStream::connect(&address).unwrap();
+    garbage.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    assert!(closed(&mut garbage).is_empty());
+    // A CONNECT (3.1.1, clean, keep-alive 60, no client id), then a PUBLISH announcing 256 MiB:
+    // the CONNACK comes, then the connection ends before a byte of the body is read.
+    let mut big = TcpStream::connect(&address).unwrap();
+    let connect = [0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, 0];
+    big.write_all(&connect).unwrap();
+    big.write_all(&[0x30, 0xff, 0xff, 0xff, 0x7f]).unwrap();
+    assert_eq!(closed(&mut big), [0x20, 2, 0, 0], "CONNACK, then the end");
+    // A malformed remaining length (five continuation bytes).
+    let mut bad = TcpStream::connect(&address).unwrap();
+    bad.write_all(&connect).unwrap();
+    bad.write_all(&[0x30, 0x80, 0x80, 0x80, 0x80, 0x01]).unwrap();
+    assert_eq!(closed(&mut bad), [0x20, 2, 0, 0]);
+    // The server goes on serving others.
+    let sub = mosquitto_sub(&server.port, &["-t", "still/#", "-C", "1"]);
+    assert!(mosquitto_pub(&server.port, &["-t", "still/here", "-m", "yes"]).status.success());
+    assert_eq!(received(sub), ["still/here yes"]);
+}

@@ -1,0 +1,176 @@
+"""Paho (Python) against whispeer's MQTT listener: one scenario per run, "ok: ..." on success,
+"FAIL: ..." and exit 1 otherwise. Works with paho-mqtt 1.6 (Debian) and 2.x (PyPI).
+
+Usage: python3 paho_check.py <port> shared|request|properties|wrong-password|persistent
+"""
+
+import queue
+import sys
+import time
+import uuid
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+PORT = int(sys.argv[1])
+SCENARIO = sys.argv[2]
+PATIENCE = 10
+
+
+def fail(message):
+    print(f"FAIL: {message}")
+    sys.exit(1)
+
+
+def client(name, v5=True, password=None, clean=True):
+    protocol = mqtt.MQTTv5 if v5 else mqtt.MQTTv311
+    cid = f"{name}-{uuid.uuid4().hex[:8]}"
+    if hasattr(mqtt, "CallbackAPIVersion"):
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, protocol=protocol)
+    elif v5:
+        c = mqtt.Client(client_id=cid, protocol=protocol)
+    else:
+        c = mqtt.Client(client_id=cid, protocol=protocol, clean_session=clean)
+    if password is not None:
+        c.username_pw_set("user", password)
+    c.inbox = queue.Queue()
+    c.on_message = lambda _c, _u, message: c.inbox.put(message)
+    return c
+
+
+def connect(c, v5=True):
+    result = {}
+
+    def on_connect(_c, _u, _flags, rc, properties=None):
+        result["rc"] = rc
+
+    c.on_connect = on_connect
+    if v5:
+        c.connect("127.0.0.1", PORT, keepalive=30, clean_start=True)
+    else:
+        c.connect("127.0.0.1", PORT, keepalive=30)
+    c.loop_start()
+    deadline = time.time() + PATIENCE
+    while "rc" not in result and time.time() < deadline:
+        time.sleep(0.02)
+    if "rc" not in result:
+        fail("no CONNACK")
+    rc = result["rc"]
+    return rc if isinstance(rc, int) else rc.value
+
+
+def subscribe(c, topic, qos=1):
+    done = queue.Queue()
+    c.on_subscribe = lambda *args: done.put(args)
+    c.subscribe(topic, qos)
+    done.get(timeout=PATIENCE)
+
+
+def take(c, timeout=PATIENCE):
+    try:
+        return c.inbox.get(timeout=timeout)
+    except queue.Empty:
+        return None
+
+
+def shared():
+    members = [client(f"worker{i}") for i in range(2)]
+    for m in members:
+        if connect(m) != 0:
+            fail("worker refused")
+        subscribe(m, "$share/workers/jobs/#")
+    pub = client("boss")
+    connect(pub)
+    for i in range(40):
+        pub.publish(f"jobs/{i % 4}", str(i), qos=1).wait_for_publish()
+    got = [[], []]
+    deadline = time.time() + PATIENCE
+    while sum(len(g) for g in got) < 40 and time.time() < deadline:
+        for index, m in enumerate(members):
+            message = take(m, 0.05)
+            if message is not None:
+                got[index].append(int(message.payload))
+    every = sorted(got[0] + got[1])
+    if every != list(range(40)):
+        fail(f"each job once to one worker: {every}")
+    if not got[0] or not got[1]:
+        fail(f"both workers share the jobs: {len(got[0])} and {len(got[1])}")
+    print(f"ok: 40 jobs shared by a $share group, {len(got[0])} and {len(got[1])}, each once")
+
+
+def request():
+    responder = client("responder")
+    connect(responder)
+    subscribe(responder, "svc/echo")
+    requester = client("requester")
+    connect(requester)
+    inbox = f"reply/{uuid.uuid4().hex[:8]}"
+    subscribe(requester, inbox)
+    props = Properties(PacketTypes.PUBLISH)
+    props.ResponseTopic = inbox
+    props.CorrelationData = b"corr-42"
+    requester.publish("svc/echo", b"ping", qos=1, properties=props).wait_for_publish()
+    asked = take(responder)
+    if asked is None:
+        fail("the request did not arrive")
+    if getattr(asked.properties, "ResponseTopic", None) != inbox:
+        fail(f"response topic lost: {asked.properties}")
+    reply = Properties(PacketTypes.PUBLISH)
+    reply.CorrelationData = asked.properties.CorrelationData
+    responder.publish(inbox, b"pong:" + asked.payload, qos=1, properties=reply).wait_for_publish()
+    answer = take(requester)
+    if answer is None or answer.payload != b"pong:ping":
+        fail(f"no answer: {answer and answer.payload}")
+    if getattr(answer.properties, "CorrelationData", None) != b"corr-42":
+        fail(f"correlation data lost: {answer.properties}")
+    print("ok: MQTT 5 request/response through response topic and correlation data")
+
+
+def properties():
+    sub = client("props-sub")
+    connect(sub)
+    subscribe(sub, "props/#")
+    pub = client("props-pub")
+    connect(pub)
+    props = Properties(PacketTypes.PUBLISH)
+    props.UserProperty = ("source", "paho")
+    props.MessageExpiryInterval = 60
+    props.ContentType = "text/plain"
+    pub.publish("props/a", b"with properties", qos=1, properties=props).wait_for_publish()
+    message = take(sub)
+    if message is None:
+        fail("nothing arrived")
+    user = dict(getattr(message.properties, "UserProperty", []) or [])
+    if user.get("source") != "paho":
+        fail(f"user property lost: {message.properties}")
+    if getattr(message.properties, "ContentType", None) != "text/plain":
+        fail(f"content type lost: {message.properties}")
+    expiry = getattr(message.properties, "MessageExpiryInterval", None)
+    if expiry is None or not 0 < expiry <= 60:
+        fail(f"message expiry lost: {message.properties}")
+    print("ok: user properties, content type and message expiry carried through")
+
+
+def wrong_password():
+    # Paho 2 reports 3.1.1's return code 4 as reason code 134 too.
+    for v5, refused in ((True, (134,)), (False, (4, 134))):
+        c = client("intruder", v5=v5, password="wrong")
+        rc = connect(c, v5=v5)
+        c.loop_stop()
+        if rc not in refused:
+            fail(f"{'v5' if v5 else 'v3.1.1'} wrong password: return code {rc}, wanted {refused}")
+    print("ok: a wrong password is refused (3.1.1: 4, 5: 134)")
+
+
+SCENARIOS = {
+    "shared": shared,
+    "request": request,
+    "properties": properties,
+    "wrong-password": wrong_password,
+}
+
+if __name__ == "__main__":
+    if SCENARIO not in SCENARIOS:
+        fail(f"unknown scenario {SCENARIO}")
+    SCENARIOS[SCENARIO]()

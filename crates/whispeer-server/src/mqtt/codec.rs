@@ -1,0 +1,510 @@
+//! MQTT packets in and out, for both protocol levels: 3.1.1 (level 4) and 5. The bytes are
+//! rumqttc's `mqttbytes` codecs (its v4 and v5 modules, which read and write every packet
+//! type with a size limit checked before the packet is buffered); this module maps them to one
+//! small vocabulary the session speaks, so the session logic is written once.
+
+use bytes::{Bytes, BytesMut};
+use rumqttc::mqttbytes::{self as m4, v4};
+use rumqttc::v5::mqttbytes::{self as m5, v5};
+
+/// The protocol level a client connected with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Version {
+    /// MQTT 3.1.1.
+    V4,
+    /// MQTT 5.
+    V5,
+}
+
+/// MQTT 5 properties carried with a message (none in 3.1.1).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct Props {
+    pub(crate) user: Vec<(String, String)>,
+    pub(crate) expiry_secs: Option<u32>,
+    pub(crate) content_type: Option<String>,
+    pub(crate) response_topic: Option<String>,
+    pub(crate) correlation: Option<Bytes>,
+    pub(crate) format: Option<u8>,
+    pub(crate) topic_alias: Option<u16>,
+    pub(crate) subscription_ids: Vec<usize>,
+}
+
+/// A will: published when the connection ends without DISCONNECT.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Will {
+    pub(crate) topic: String,
+    pub(crate) payload: Bytes,
+    pub(crate) qos: u8,
+    pub(crate) retain: bool,
+    pub(crate) props: Props,
+}
+
+/// What a client sends.
+#[derive(Debug, PartialEq)]
+pub(crate) enum In {
+    Connect {
+        version: Version,
+        client_id: String,
+        clean: bool,
+        keep_alive: u16,
+        will: Option<Will>,
+        username: Option<String>,
+        password: Option<String>,
+        receive_max: Option<u16>,
+        max_packet: Option<u32>,
+    },
+    Publish {
+        topic: String,
+        qos: u8,
+        retain: bool,
+        dup: bool,
+        pkid: u16,
+        payload: Bytes,
+        props: Props,
+    },
+    PubAck(u16),
+    PubRec(u16),
+    PubRel(u16),
+    PubComp(u16),
+    Subscribe {
+        pkid: u16,
+        filters: Vec<(String, u8)>,
+        id: Option<usize>,
+    },
+    Unsubscribe {
+        pkid: u16,
+        filters: Vec<String>,
+    },
+    PingReq,
+    Disconnect {
+        with_will: bool,
+    },
+    /// A packet a client may not send (CONNACK, SUBACK, …) or one not supported (AUTH).
+    Unexpected(&'static str),
+}
+
+/// Why a CONNECT is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    BadCredentials,
+    NotAuthorized,
+    Unavailable,
+}
+
+/// How a SUBSCRIBE's filter fared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Granted {
+    Qos(u8),
+    NotAuthorized,
+    Invalid,
+    Quota,
+    Failed,
+}
+
+/// How a publish fared, for PUBACK and PUBREC (3.1.1 has no reason codes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    Success,
+    NotAuthorized,
+    TopicInvalid,
+    Quota,
+    Failed,
+}
+
+/// Why the server ends the connection (MQTT 5 sends it in DISCONNECT).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Goodbye {
+    Malformed,
+    Protocol,
+    TooLarge,
+    KeepAlive,
+    ShuttingDown,
+    NotAuthorized,
+    Unspecified,
+}
+
+/// What the server sends.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Out {
+    ConnAck { refused: Option<Refusal>, max_packet: u32, receive_max: u16 },
+    Publish { topic: String, qos: u8, dup: bool, pkid: u16, payload: Bytes, props: Props },
+    PubAck { pkid: u16, outcome: Outcome },
+    PubRec { pkid: u16, outcome: Outcome },
+    PubComp(u16),
+    SubAck { pkid: u16, granted: Vec<Granted> },
+    UnsubAck { pkid: u16, count: usize },
+    PingResp,
+    Disconnect(Goodbye),
+}
+
+/// Why bytes are not a packet.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CodecError {
+    #[error("packet of {0} bytes over the limit")]
+    TooLarge(usize),
+    #[error("malformed packet: {0}")]
+    Malformed(String),
+    #[error("the first packet must be CONNECT, of protocol level 4 (3.1.1) or 5")]
+    NotConnect,
+}
+
+fn qos(level: u8) -> m4::QoS {
+    match level {
+        0 => m4::QoS::AtMostOnce,
+        1 => m4::QoS::AtLeastOnce,
+        _ => m4::QoS::ExactlyOnce,
+    }
+}
+
+fn qos5(level: u8) -> m5::QoS {
+    match level {
+        0 => m5::QoS::AtMostOnce,
+        1 => m5::QoS::AtLeastOnce,
+        _ => m5::QoS::ExactlyOnce,
+    }
+}
+
+/// The protocol level of the CONNECT at the start of `buf`: `None` until enough bytes came.
+///
+/// # Errors
+/// [`CodecError::NotConnect`] for anything else.
+pub(crate) fn connect_version(buf: &[u8]) -> Result<Option<Version>, CodecError> {
+    let Some(&first) = buf.first() else { return Ok(None) };
+    if first >> 4 != 1 {
+        return Err(CodecError::NotConnect);
+    }
+    // Remaining length: 1 to 4 bytes; then the protocol name (2 + 4 bytes) and the level.
+    let mut at = 1;
+    while at < buf.len().min(5) && buf[at] & 0x80 != 0 {
+        at += 1;
+    }
+    if at >= 5 {
+        return Err(CodecError::NotConnect);
+    }
+    let level_at = at + 1 + 6;
+    let Some(&level) = buf.get(level_at) else { return Ok(None) };
+    if buf.get(at + 1..at + 7) != Some(&[0, 4, b'M', b'Q', b'T', b'T'][..]) {
+        return Err(CodecError::NotConnect);
+    }
+    match level {
+        4 => Ok(Some(Version::V4)),
+        5 => Ok(Some(Version::V5)),
+        _ => Err(CodecError::NotConnect),
+    }
+}
+
+fn malformed(err: impl std::fmt::Display) -> CodecError {
+    CodecError::Malformed(err.to_string())
+}
+
+/// Takes the next packet off `buf`: `Ok(None)` until a whole one is there. Packets over
+/// `max` bytes are refused before they are buffered in full.
+///
+/// # Errors
+/// [`CodecError::TooLarge`], [`CodecError::Malformed`].
+pub(crate) fn decode(
+    version: Version,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<Option<In>, CodecError> {
+    match version {
+        Version::V4 => match v4::Packet::read(buf, max) {
+            Ok(packet) => Ok(Some(from_v4(packet))),
+            Err(m4::Error::InsufficientBytes(_)) => Ok(None),
+            Err(m4::Error::PayloadSizeLimitExceeded(size)) => Err(CodecError::TooLarge(size)),
+            Err(err) => Err(malformed(err)),
+        },
+        Version::V5 => match v5::Packet::read(buf, Some(u32::try_from(max).unwrap_or(u32::MAX))) {
+            Ok(packet) => Ok(Some(from_v5(packet))),
+            Err(m5::Error::InsufficientBytes(_)) => Ok(None),
+            Err(m5::Error::PayloadSizeLimitExceeded { pkt_size, .. }) => {
+                Err(CodecError::TooLarge(pkt_size))
+            }
+            Err(err) => Err(malformed(err)),
+        },
+    }
+}
+
+fn from_v4(packet: v4::Packet) -> In {
+    match packet {
+        v4::Packet::Connect(c) => In::Connect {
+            version: Version::V4,
+            client_id: c.client_id,
+            clean: c.clean_session,
+            keep_alive: c.keep_alive,
+            will: c.last_will.map(|w| Will {
+                topic: w.topic,
+                payload: w.message,
+                qos: w.qos as u8,
+                retain: w.retain,
+                props: Props::default(),
+            }),
+            username: c.login.as_ref().map(|l| l.username.clone()).filter(|u| !u.is_empty()),
+            password: c.login.map(|l| l.password).filter(|p| !p.is_empty()),
+            receive_max: None,
+            max_packet: None,
+        },
+        v4::Packet::Publish(p) => In::Publish {
+            topic: p.topic,
+            qos: p.qos as u8,
+            retain: p.retain,
+            dup: p.dup,
+            pkid: p.pkid,
+            payload: p.payload,
+            props: Props::default(),
+        },
+        v4::Packet::PubAck(a) => In::PubAck(a.pkid),
+        v4::Packet::PubRec(a) => In::PubRec(a.pkid),
+        v4::Packet::PubRel(a) => In::PubRel(a.pkid),
+        v4::Packet::PubComp(a) => In::PubComp(a.pkid),
+        v4::Packet::Subscribe(s) => In::Subscribe {
+            pkid: s.pkid,
+            filters: s.filters.into_iter().map(|f| (f.path, f.qos as u8)).collect(),
+            id: None,
+        },
+        v4::Packet::Unsubscribe(u) => In::Unsubscribe { pkid: u.pkid, filters: u.topics },
+        v4::Packet::PingReq => In::PingReq,
+        v4::Packet::Disconnect => In::Disconnect { with_will: false },
+        _ => In::Unexpected("a packet only a server sends"),
+    }
+}
+
+fn text(bytes: &Bytes) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn from_v5(packet: v5::Packet) -> In {
+    match packet {
+        v5::Packet::Connect(c, will, login) => {
+            let props = c.properties;
+            In::Connect {
+                version: Version::V5,
+                client_id: c.client_id,
+                clean: c.clean_start,
+                keep_alive: c.keep_alive,
+                will: will.map(|w| Will {
+                    topic: text(&w.topic),
+                    payload: w.message,
+                    qos: w.qos as u8,
+                    retain: w.retain,
+                    props: w.properties.map_or_else(Props::default, |p| Props {
+                        user: p.user_properties,
+                        expiry_secs: p.message_expiry_interval,
+                        content_type: p.content_type,
+                        response_topic: p.response_topic,
+                        correlation: p.correlation_data,
+                        format: p.payload_format_indicator,
+                        ..Props::default()
+                    }),
+                }),
+                username: login.as_ref().map(|l| l.username.clone()).filter(|u| !u.is_empty()),
+                password: login.map(|l| l.password).filter(|p| !p.is_empty()),
+                receive_max: props.as_ref().and_then(|p| p.receive_maximum),
+                max_packet: props.as_ref().and_then(|p| p.max_packet_size),
+            }
+        }
+        v5::Packet::Publish(p) => In::Publish {
+            topic: text(&p.topic),
+            qos: p.qos as u8,
+            retain: p.retain,
+            dup: p.dup,
+            pkid: p.pkid,
+            payload: p.payload,
+            props: p.properties.map_or_else(Props::default, |props| Props {
+                user: props.user_properties,
+                expiry_secs: props.message_expiry_interval,
+                content_type: props.content_type,
+                response_topic: props.response_topic,
+                correlation: props.correlation_data,
+                format: props.payload_format_indicator,
+                topic_alias: props.topic_alias,
+                subscription_ids: Vec::new(),
+            }),
+        },
+        v5::Packet::PubAck(a) => In::PubAck(a.pkid),
+        v5::Packet::PubRec(a) => In::PubRec(a.pkid),
+        v5::Packet::PubRel(a) => In::PubRel(a.pkid),
+        v5::Packet::PubComp(a) => In::PubComp(a.pkid),
+        v5::Packet::Subscribe(s) => In::Subscribe {
+            pkid: s.pkid,
+            filters: s.filters.into_iter().map(|f| (f.path, f.qos as u8)).collect(),
+            id: s.properties.and_then(|p| p.id),
+        },
+        v5::Packet::Unsubscribe(u) => In::Unsubscribe { pkid: u.pkid, filters: u.filters },
+        v5::Packet::PingReq(_) => In::PingReq,
+        v5::Packet::Disconnect(d) => In::Disconnect {
+            with_will: d.reason_code == v5::DisconnectReasonCode::DisconnectWithWillMessage,
+        },
+        v5::Packet::Auth(_) => In::Unexpected("AUTH (enhanced authentication is not supported)"),
+        _ => In::Unexpected("a packet only a server sends"),
+    }
+}
+
+/// Appends `packet` to `buf` in `version`'s form; a publish over the client's `max` is
+/// skipped (MQTT 5: the server must not send it), as is any packet that fails to encode.
+pub(crate) fn encode(version: Version, packet: Out, buf: &mut BytesMut, max: usize) {
+    let written = match version {
+        Version::V4 => to_v4(packet).map(|p| p.write(buf, max).map(drop).map_err(malformed)),
+        Version::V5 => {
+            let max = Some(u32::try_from(max).unwrap_or(u32::MAX));
+            to_v5(packet).map(|p| p.write(buf, max).map(drop).map_err(malformed))
+        }
+    };
+    if let Some(Err(err)) = written {
+        tracing::debug!(%err, "mqtt packet not sent");
+    }
+}
+
+fn to_v4(packet: Out) -> Option<v4::Packet> {
+    Some(match packet {
+        Out::ConnAck { refused, .. } => v4::Packet::ConnAck(v4::ConnAck::new(
+            match refused {
+                None => v4::ConnectReturnCode::Success,
+                Some(Refusal::BadCredentials) => v4::ConnectReturnCode::BadUserNamePassword,
+                Some(Refusal::NotAuthorized) => v4::ConnectReturnCode::NotAuthorized,
+                Some(Refusal::Unavailable) => v4::ConnectReturnCode::ServiceUnavailable,
+            },
+            false,
+        )),
+        Out::Publish { topic, qos: level, dup, pkid, payload, .. } => {
+            let mut publish = v4::Publish::from_bytes(topic, qos(level), payload);
+            publish.dup = dup;
+            publish.pkid = pkid;
+            v4::Packet::Publish(publish)
+        }
+        // 3.1.1 has no reason codes: the acknowledgement says only that it was handled.
+        Out::PubAck { pkid, .. } => v4::Packet::PubAck(v4::PubAck::new(pkid)),
+        Out::PubRec { pkid, .. } => v4::Packet::PubRec(v4::PubRec::new(pkid)),
+        Out::PubComp(pkid) => v4::Packet::PubComp(v4::PubComp::new(pkid)),
+        Out::SubAck { pkid, granted } => {
+            let codes = granted
+                .iter()
+                .map(|g| match g {
+                    Granted::Qos(level) => v4::SubscribeReasonCode::Success(qos(*level)),
+                    _ => v4::SubscribeReasonCode::Failure,
+                })
+                .collect();
+            v4::Packet::SubAck(v4::SubAck::new(pkid, codes))
+        }
+        Out::UnsubAck { pkid, .. } => v4::Packet::UnsubAck(v4::UnsubAck::new(pkid)),
+        Out::PingResp => v4::Packet::PingResp,
+        // 3.1.1: the server just closes the connection.
+        Out::Disconnect(_) => return None,
+    })
+}
+
+fn props5(props: Props) -> Option<v5::PublishProperties> {
+    let empty = props == Props::default();
+    (!empty).then(|| v5::PublishProperties {
+        payload_format_indicator: props.format,
+        message_expiry_interval: props.expiry_secs,
+        topic_alias: None,
+        response_topic: props.response_topic,
+        correlation_data: props.correlation,
+        user_properties: props.user,
+        subscription_identifiers: props.subscription_ids,
+        content_type: props.content_type,
+    })
+}
+
+fn outcome5(outcome: Outcome) -> v5::PubAckReason {
+    match outcome {
+        Outcome::Success => v5::PubAckReason::Success,
+        Outcome::NotAuthorized => v5::PubAckReason::NotAuthorized,
+        Outcome::TopicInvalid => v5::PubAckReason::TopicNameInvalid,
+        Outcome::Quota => v5::PubAckReason::QuotaExceeded,
+        Outcome::Failed => v5::PubAckReason::UnspecifiedError,
+    }
+}
+
+fn rec5(outcome: Outcome) -> v5::PubRecReason {
+    match outcome {
+        Outcome::Success => v5::PubRecReason::Success,
+        Outcome::NotAuthorized => v5::PubRecReason::NotAuthorized,
+        Outcome::TopicInvalid => v5::PubRecReason::TopicNameInvalid,
+        Outcome::Quota => v5::PubRecReason::QuotaExceeded,
+        Outcome::Failed => v5::PubRecReason::UnspecifiedError,
+    }
+}
+
+fn to_v5(packet: Out) -> Option<v5::Packet> {
+    Some(match packet {
+        Out::ConnAck { refused, max_packet, receive_max } => v5::Packet::ConnAck(v5::ConnAck {
+            session_present: false,
+            code: match refused {
+                None => v5::ConnectReturnCode::Success,
+                Some(Refusal::BadCredentials) => v5::ConnectReturnCode::BadUserNamePassword,
+                Some(Refusal::NotAuthorized) => v5::ConnectReturnCode::NotAuthorized,
+                Some(Refusal::Unavailable) => v5::ConnectReturnCode::ServerUnavailable,
+            },
+            properties: refused.is_none().then(|| v5::ConnAckProperties {
+                session_expiry_interval: Some(0),
+                receive_max: Some(receive_max),
+                max_qos: None,
+                retain_available: Some(0),
+                max_packet_size: Some(max_packet),
+                assigned_client_identifier: None,
+                topic_alias_max: Some(0),
+                reason_string: None,
+                user_properties: Vec::new(),
+                wildcard_subscription_available: Some(1),
+                subscription_identifiers_available: Some(1),
+                shared_subscription_available: Some(1),
+                server_keep_alive: None,
+                response_information: None,
+                server_reference: None,
+                authentication_method: None,
+                authentication_data: None,
+            }),
+        }),
+        Out::Publish { topic, qos: level, dup, pkid, payload, props } => {
+            let mut publish = v5::Publish::new(topic, qos5(level), payload, props5(props));
+            publish.dup = dup;
+            publish.pkid = pkid;
+            v5::Packet::Publish(publish)
+        }
+        Out::PubAck { pkid, outcome } => {
+            v5::Packet::PubAck(v5::PubAck { pkid, reason: outcome5(outcome), properties: None })
+        }
+        Out::PubRec { pkid, outcome } => {
+            v5::Packet::PubRec(v5::PubRec { pkid, reason: rec5(outcome), properties: None })
+        }
+        Out::PubComp(pkid) => v5::Packet::PubComp(v5::PubComp {
+            pkid,
+            reason: v5::PubCompReason::Success,
+            properties: None,
+        }),
+        Out::SubAck { pkid, granted } => v5::Packet::SubAck(v5::SubAck {
+            pkid,
+            return_codes: granted
+                .iter()
+                .map(|g| match g {
+                    Granted::Qos(level) => v5::SubscribeReasonCode::Success(qos5(*level)),
+                    Granted::NotAuthorized => v5::SubscribeReasonCode::NotAuthorized,
+                    Granted::Invalid => v5::SubscribeReasonCode::TopicFilterInvalid,
+                    Granted::Quota => v5::SubscribeReasonCode::QuotaExceeded,
+                    Granted::Failed => v5::SubscribeReasonCode::Unspecified,
+                })
+                .collect(),
+            properties: None,
+        }),
+        Out::UnsubAck { pkid, count } => v5::Packet::UnsubAck(v5::UnsubAck {
+            pkid,
+            reasons: vec![v5::UnsubAckReason::Success; count],
+            properties: None,
+        }),
+        Out::PingResp => v5::Packet::PingResp(v5::PingResp),
+        Out::Disconnect(goodbye) => v5::Packet::Disconnect(v5::Disconnect {
+            reason_code: match goodbye {
+                Goodbye::Malformed => v5::DisconnectReasonCode::MalformedPacket,
+                Goodbye::Protocol => v5::DisconnectReasonCode::ProtocolError,
+                Goodbye::TooLarge => v5::DisconnectReasonCode::PacketTooLarge,
+                Goodbye::KeepAlive => v5::DisconnectReasonCode::KeepAliveTimeout,
+                Goodbye::ShuttingDown => v5::DisconnectReasonCode::ServerShuttingDown,
+                Goodbye::NotAuthorized => v5::DisconnectReasonCode::NotAuthorized,
+                Goodbye::Unspecified => v5::DisconnectReasonCode::UnspecifiedError,
+            },
+            properties: None,
+        }),
+    })
+}

@@ -1,0 +1,546 @@
+//! One MQTT connection's translation to and from the native protocol, without I/O: each MQTT
+//! packet becomes the frames it stands for (CONNECT → HELLO and AUTH, SUBSCRIBE → one
+//! SUBSCRIBE per filter, PUBLISH → PUBLISH, PUBACK → ACK), and each frame the connection sends
+//! back becomes MQTT packets (OK / ERROR / PUBACK by correlation id → CONNACK, SUBACK, PUBACK,
+//! PUBREC; DELIVER → PUBLISH with a packet id). What MQTT answers that the native protocol does
+//! not (PINGRESP, PUBCOMP, a SUBACK entry for an invalid filter) rides on a native PING, so
+//! every answer leaves in the order its request came. The connection behind it — auth, ACLs,
+//! limits, queues, QoS 1 credit and redelivery, metrics — is the native one.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use whispeer_proto::{
+    Body, ContentType, Envelope, ErrorCode, Filter, Flags, Frame, Limits, MessageId,
+    PROTOCOL_VERSION, Qos, StartAt, Topic, header,
+};
+
+use super::codec::{Goodbye, Granted, In, Out, Outcome, Props, Refusal, Version, Will};
+
+/// Headers that carry MQTT 5 properties through the broker.
+const CONTENT_TYPE: &str = "content-type";
+const RESPONSE_TOPIC: &str = "response-topic";
+const CORRELATION: &str = "correlation-data";
+const PAYLOAD_FORMAT: &str = "payload-format";
+
+/// What a correlation id's reply answers.
+enum Pending {
+    Auth,
+    Subscribe { pkid: u16, index: usize, granted: u8, sub: u32 },
+    SubscribeInvalid { pkid: u16, index: usize },
+    Unsubscribe { pkid: u16 },
+    Publish { pkid: u16, exactly_once: bool },
+    PublishInvalid { pkid: u16, exactly_once: bool },
+    Release { pkid: u16 },
+    PingReq,
+    Ignore,
+}
+
+struct SubAckBuild {
+    granted: Vec<Option<Granted>>,
+}
+
+struct SubInfo {
+    qos: u8,
+    id: Option<usize>,
+}
+
+/// Where the connection stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Stage {
+    AwaitConnect,
+    Connecting {
+        auth_sent: bool,
+    },
+    Connected,
+    /// Refused or told to go: nothing more is read.
+    Closing,
+}
+
+/// One connection's state.
+pub(crate) struct Session {
+    pub(crate) version: Version,
+    pub(crate) stage: Stage,
+    pub(crate) keep_alive: u16,
+    limits: Limits,
+    client_id: String,
+    will: Option<Will>,
+    /// Set by DISCONNECT: the connection ends cleanly, and the will is dropped (unless asked).
+    pub(crate) disconnected: bool,
+    client_max_packet: usize,
+    receive_max: Option<u16>,
+    next_correlation: u32,
+    pending: HashMap<u32, Pending>,
+    subacks: HashMap<u16, SubAckBuild>,
+    unsubacks: HashMap<u16, (usize, usize)>,
+    subs: HashMap<String, u32>,
+    sub_info: HashMap<u32, SubInfo>,
+    next_sub: u32,
+    /// QoS 2 packet ids received and not yet released: a resend is not published again.
+    exactly_once: HashSet<u16>,
+    /// QoS 1 deliveries awaiting PUBACK: packet id → (subscription, message).
+    outgoing: HashMap<u16, (u32, MessageId)>,
+    next_pkid: u16,
+    id_prefix: u64,
+    next_id: u64,
+    /// Frames for the connection's reader that no MQTT packet asked for (PONG to its PING).
+    pub(crate) inject: VecDeque<Frame>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// `$share/<group>/<filter>` → the group and the filter.
+fn shared(filter: &str) -> (Option<String>, &str) {
+    match filter.strip_prefix("$share/").and_then(|rest| rest.split_once('/')) {
+        Some((group, filter)) if !group.is_empty() => (Some(group.to_string()), filter),
+        _ => (None, filter),
+    }
+}
+
+fn outcome_of(code: ErrorCode) -> Outcome {
+    match code {
+        ErrorCode::FORBIDDEN | ErrorCode::UNAUTHENTICATED => Outcome::NotAuthorized,
+        ErrorCode::INVALID_TOPIC => Outcome::TopicInvalid,
+        ErrorCode::QUEUE_FULL | ErrorCode::LIMIT_REACHED | ErrorCode::TOO_LARGE => Outcome::Quota,
+        _ => Outcome::Failed,
+    }
+}
+
+fn goodbye_of(code: ErrorCode) -> Goodbye {
+    match code {
+        ErrorCode::MALFORMED => Goodbye::Malformed,
+        ErrorCode::TOO_LARGE => Goodbye::TooLarge,
+        ErrorCode::IDLE_TIMEOUT => Goodbye::KeepAlive,
+        ErrorCode::SHUTTING_DOWN => Goodbye::ShuttingDown,
+        ErrorCode::FORBIDDEN | ErrorCode::UNAUTHENTICATED => Goodbye::NotAuthorized,
+        ErrorCode::PROTOCOL_VIOLATION => Goodbye::Protocol,
+        _ => Goodbye::Unspecified,
+    }
+}
+
+impl Session {
+    pub(crate) fn new(limits: Limits) -> Self {
+        let mut prefix = [0u8; 8];
+        let _ = getrandom::fill(&mut prefix);
+        Self {
+            version: Version::V4,
+            stage: Stage::AwaitConnect,
+            keep_alive: 0,
+            client_max_packet: limits.max_frame_bytes,
+            limits,
+            client_id: String::new(),
+            will: None,
+            disconnected: false,
+            receive_max: None,
+            next_correlation: 2,
+            pending: HashMap::new(),
+            subacks: HashMap::new(),
+            unsubacks: HashMap::new(),
+            subs: HashMap::new(),
+            sub_info: HashMap::new(),
+            next_sub: 1,
+            exactly_once: HashSet::new(),
+            outgoing: HashMap::new(),
+            next_pkid: 1,
+            id_prefix: u64::from_le_bytes(prefix),
+            next_id: 1,
+            inject: VecDeque::new(),
+        }
+    }
+
+    /// The largest packet a client may send.
+    pub(crate) fn max_packet(&self) -> usize {
+        self.limits.max_frame_bytes
+    }
+
+    /// The largest packet the client accepts.
+    pub(crate) fn client_max_packet(&self) -> usize {
+        self.client_max_packet
+    }
+
+    fn ask(&mut self, pending: Pending, body: Body) -> Frame {
+        let correlation = self.next_correlation;
+        self.next_correlation = self.next_correlation.wrapping_add(1).max(2);
+        self.pending.insert(correlation, pending);
+        Frame::new(correlation, body)
+    }
+
+    fn envelope(&mut self, topic: Topic, payload: Bytes, props: Props) -> Envelope {
+        let id = MessageId(u128::from(self.id_prefix) << 64 | u128::from(self.next_id));
+        self.next_id += 1;
+        let mut envelope =
+            Envelope::new(id, topic, now_ms(), Flags::with_content(ContentType::Raw), payload);
+        let headers = &mut envelope.headers;
+        for (name, value) in props.user {
+            headers.insert(name, value);
+        }
+        if let Some(secs) = props.expiry_secs {
+            headers.insert(header::TTL_MS, (u64::from(secs) * 1000).to_string());
+        }
+        if let Some(kind) = props.content_type {
+            headers.insert(CONTENT_TYPE, kind);
+        }
+        if let Some(topic) = props.response_topic {
+            headers.insert(RESPONSE_TOPIC, topic);
+        }
+        if let Some(data) = props.correlation {
+            headers.insert(CORRELATION, data);
+        }
+        if let Some(format) = props.format {
+            headers.insert(PAYLOAD_FORMAT, format.to_string());
+        }
+        envelope
+    }
+
+    /// The will as a publish, when the connection ends without DISCONNECT.
+    pub(crate) fn will_frame(&mut self) -> Option<Frame> {
+        if self.disconnected || self.stage != Stage::Connected {
+            return None;
+        }
+        let will = self.will.take()?;
+        let topic = Topic::parse_with(&will.topic, &self.limits).ok()?;
+        let envelope = self.envelope(topic, will.payload, will.props);
+        let qos = if will.qos == 0 { Qos::AtMostOnce } else { Qos::AtLeastOnce };
+        Some(Frame::new(1, Body::Publish { qos, envelope }))
+    }
+
+    /// The frames an MQTT packet from the client stands for.
+    ///
+    /// # Errors
+    /// Why the connection must end: a packet out of place or not allowed.
+    pub(crate) fn inbound(&mut self, packet: In) -> Result<Vec<Frame>, Goodbye> {
+        if let In::Connect { .. } = packet {
+            return self.connect(packet);
+        }
+        if self.stage == Stage::AwaitConnect {
+            return Err(Goodbye::Protocol);
+        }
+        Ok(match packet {
+            In::Publish { topic, qos, retain, pkid, payload, props, .. } => {
+                if props.topic_alias.is_some() || (retain && self.version == Version::V5) {
+                    // CONNACK said: no topic aliases, no retained messages (yet).
+                    return Err(Goodbye::Protocol);
+                }
+                self.publish(&topic, qos, pkid, payload, props)
+            }
+            In::PubAck(pkid) => match self.outgoing.remove(&pkid) {
+                Some((sub, id)) => vec![Frame::new(0, Body::Ack { sub, id })],
+                None => Vec::new(),
+            },
+            // Deliveries go out at QoS 0 or 1: nothing to complete for these.
+            In::PubRec(_) | In::PubComp(_) => Vec::new(),
+            In::PubRel(pkid) => {
+                self.exactly_once.remove(&pkid);
+                vec![self.ask(Pending::Release { pkid }, Body::Ping)]
+            }
+            In::Subscribe { pkid, filters, id } => self.subscribe(pkid, &filters, id),
+            In::Unsubscribe { pkid, filters } => {
+                self.unsubacks.insert(pkid, (filters.len(), 0));
+                let mut frames = Vec::new();
+                for filter in filters {
+                    let body = match self.subs.remove(&filter) {
+                        Some(sub) => {
+                            self.sub_info.remove(&sub);
+                            Body::Unsubscribe { sub }
+                        }
+                        None => Body::Ping,
+                    };
+                    frames.push(self.ask(Pending::Unsubscribe { pkid }, body));
+                }
+                frames
+            }
+            In::PingReq => vec![self.ask(Pending::PingReq, Body::Ping)],
+            In::Disconnect { with_will } => {
+                self.disconnected = !with_will;
+                Vec::new()
+            }
+            In::Connect { .. } | In::Unexpected(_) => return Err(Goodbye::Protocol),
+        })
+    }
+
+    fn connect(&mut self, packet: In) -> Result<Vec<Frame>, Goodbye> {
+        let In::Connect {
+            version,
+            client_id,
+            keep_alive,
+            will,
+            password,
+            receive_max,
+            max_packet,
+            ..
+        } = packet
+        else {
+            return Err(Goodbye::Protocol);
+        };
+        if self.stage != Stage::AwaitConnect {
+            return Err(Goodbye::Protocol);
+        }
+        self.version = version;
+        self.keep_alive = keep_alive;
+        self.client_id = client_id;
+        self.will = will;
+        self.receive_max = receive_max;
+        if let Some(max) = max_packet {
+            self.client_max_packet = max as usize;
+        }
+        let name = format!("mqtt:{}", self.client_id);
+        let mut frames =
+            vec![Frame::new(1, Body::Hello { version: PROTOCOL_VERSION, capabilities: 0, name })];
+        let auth_sent = password.is_some();
+        if let Some(key) = password {
+            frames.push(self.ask(Pending::Auth, Body::Auth { key: Bytes::from(key) }));
+        }
+        self.stage = Stage::Connecting { auth_sent };
+        Ok(frames)
+    }
+
+    fn publish(
+        &mut self,
+        topic: &str,
+        qos: u8,
+        pkid: u16,
+        payload: Bytes,
+        props: Props,
+    ) -> Vec<Frame> {
+        let exactly_once = qos == 2;
+        if exactly_once && !self.exactly_once.insert(pkid) {
+            // A resend before PUBREL: received already, answer again without publishing.
+            return vec![self.ask(Pending::Publish { pkid, exactly_once: true }, Body::Ping)];
+        }
+        let Ok(topic) = Topic::parse_with(topic, &self.limits) else {
+            if qos == 0 {
+                tracing::debug!(client = %self.client_id, topic, "mqtt publish to an invalid topic dropped");
+                return Vec::new();
+            }
+            if exactly_once {
+                self.exactly_once.remove(&pkid);
+            }
+            return vec![self.ask(Pending::PublishInvalid { pkid, exactly_once }, Body::Ping)];
+        };
+        let envelope = self.envelope(topic, payload, props);
+        if qos == 0 {
+            return vec![Frame::new(0, Body::Publish { qos: Qos::AtMostOnce, envelope })];
+        }
+        let body = Body::Publish { qos: Qos::AtLeastOnce, envelope };
+        vec![self.ask(Pending::Publish { pkid, exactly_once }, body)]
+    }
+
+    fn subscribe(&mut self, pkid: u16, filters: &[(String, u8)], id: Option<usize>) -> Vec<Frame> {
+        self.subacks.insert(pkid, SubAckBuild { granted: vec![None; filters.len()] });
+        let mut frames = Vec::new();
+        for (index, (text, qos)) in filters.iter().enumerate() {
+            let (group, filter) = shared(text);
+            let Ok(filter) = Filter::parse_with(filter, &self.limits) else {
+                frames.push(self.ask(Pending::SubscribeInvalid { pkid, index }, Body::Ping));
+                continue;
+            };
+            // A filter subscribed again replaces the subscription it had.
+            if let Some(old) = self.subs.remove(text) {
+                self.sub_info.remove(&old);
+                frames.push(self.ask(Pending::Ignore, Body::Unsubscribe { sub: old }));
+            }
+            let sub = self.next_sub;
+            self.next_sub += 1;
+            let granted = (*qos).min(1);
+            self.subs.insert(text.clone(), sub);
+            self.sub_info.insert(sub, SubInfo { qos: granted, id });
+            let body = Body::Subscribe {
+                sub,
+                qos: if granted == 0 { Qos::AtMostOnce } else { Qos::AtLeastOnce },
+                filter,
+                prefetch: self.receive_max.map_or(0, u32::from),
+                group,
+                start: StartAt::Latest,
+            };
+            frames.push(self.ask(Pending::Subscribe { pkid, index, granted, sub }, body));
+        }
+        frames
+    }
+
+    fn resolve_subscribe(&mut self, pkid: u16, index: usize, granted: Granted) -> Vec<Out> {
+        let Some(build) = self.subacks.get_mut(&pkid) else { return Vec::new() };
+        if let Some(slot) = build.granted.get_mut(index) {
+            *slot = Some(granted);
+        }
+        if build.granted.iter().any(Option::is_none) {
+            return Vec::new();
+        }
+        let Some(build) = self.subacks.remove(&pkid) else { return Vec::new() };
+        let granted = build.granted.into_iter().map(|g| g.unwrap_or(Granted::Failed)).collect();
+        vec![Out::SubAck { pkid, granted }]
+    }
+
+    fn resolve_unsubscribe(&mut self, pkid: u16) -> Vec<Out> {
+        let Some((count, done)) = self.unsubacks.get_mut(&pkid) else { return Vec::new() };
+        *done += 1;
+        if done < count {
+            return Vec::new();
+        }
+        let count = *count;
+        self.unsubacks.remove(&pkid);
+        vec![Out::UnsubAck { pkid, count }]
+    }
+
+    fn publish_answer(&mut self, pkid: u16, exactly_once: bool, outcome: Outcome) -> Vec<Out> {
+        if exactly_once {
+            if outcome != Outcome::Success {
+                self.exactly_once.remove(&pkid);
+            }
+            vec![Out::PubRec { pkid, outcome }]
+        } else {
+            vec![Out::PubAck { pkid, outcome }]
+        }
+    }
+
+    /// The MQTT packets a frame from the connection stands for.
+    pub(crate) fn outbound(&mut self, frame: Frame) -> Vec<Out> {
+        let correlation = frame.correlation;
+        match frame.body {
+            Body::Welcome { capabilities, .. } => match self.stage {
+                Stage::Connecting { auth_sent: false } if capabilities & 1 != 0 => {
+                    self.refuse(Refusal::NotAuthorized)
+                }
+                Stage::Connecting { auth_sent: false } => self.accept(),
+                _ => Vec::new(),
+            },
+            Body::Ok | Body::PubAck | Body::Pong => {
+                let Some(pending) = self.pending.remove(&correlation) else { return Vec::new() };
+                match pending {
+                    Pending::Auth => self.accept(),
+                    Pending::Subscribe { pkid, index, granted, .. } => {
+                        self.resolve_subscribe(pkid, index, Granted::Qos(granted))
+                    }
+                    Pending::SubscribeInvalid { pkid, index } => {
+                        self.resolve_subscribe(pkid, index, Granted::Invalid)
+                    }
+                    Pending::Unsubscribe { pkid } => self.resolve_unsubscribe(pkid),
+                    Pending::Publish { pkid, exactly_once } => {
+                        self.publish_answer(pkid, exactly_once, Outcome::Success)
+                    }
+                    Pending::PublishInvalid { pkid, exactly_once } => {
+                        self.publish_answer(pkid, exactly_once, Outcome::TopicInvalid)
+                    }
+                    Pending::Release { pkid } => vec![Out::PubComp(pkid)],
+                    Pending::PingReq => vec![Out::PingResp],
+                    Pending::Ignore => Vec::new(),
+                }
+            }
+            Body::Error { code, message } => {
+                let Some(pending) = self.pending.remove(&correlation) else {
+                    tracing::debug!(client = %self.client_id, %code, message, "mqtt connection ends");
+                    return self.goodbye(goodbye_of(code));
+                };
+                match pending {
+                    Pending::Auth => self.refuse(Refusal::BadCredentials),
+                    Pending::Subscribe { pkid, index, sub, .. } => {
+                        // The subscription was not made: forget its id.
+                        self.sub_info.remove(&sub);
+                        self.subs.retain(|_, s| *s != sub);
+                        let granted = match outcome_of(code) {
+                            Outcome::NotAuthorized => Granted::NotAuthorized,
+                            Outcome::TopicInvalid => Granted::Invalid,
+                            Outcome::Quota => Granted::Quota,
+                            _ => Granted::Failed,
+                        };
+                        self.resolve_subscribe(pkid, index, granted)
+                    }
+                    Pending::SubscribeInvalid { pkid, index } => {
+                        self.resolve_subscribe(pkid, index, Granted::Invalid)
+                    }
+                    Pending::Unsubscribe { pkid } => self.resolve_unsubscribe(pkid),
+                    Pending::Publish { pkid, exactly_once }
+                    | Pending::PublishInvalid { pkid, exactly_once } => {
+                        tracing::debug!(client = %self.client_id, %code, message, "mqtt publish refused");
+                        self.publish_answer(pkid, exactly_once, outcome_of(code))
+                    }
+                    Pending::Release { pkid } => vec![Out::PubComp(pkid)],
+                    Pending::PingReq => vec![Out::PingResp],
+                    Pending::Ignore => Vec::new(),
+                }
+            }
+            Body::Ping => {
+                // The server's probe of an idle connection: answered here, MQTT has no such thing.
+                self.inject.push_back(Frame::new(correlation, Body::Pong));
+                Vec::new()
+            }
+            Body::Deliver { sub, attempt, envelope, .. } => self.deliver(sub, attempt, envelope),
+            _ => Vec::new(),
+        }
+    }
+
+    fn accept(&mut self) -> Vec<Out> {
+        self.stage = Stage::Connected;
+        vec![Out::ConnAck {
+            refused: None,
+            max_packet: u32::try_from(self.limits.max_frame_bytes).unwrap_or(u32::MAX),
+            receive_max: u16::MAX,
+        }]
+    }
+
+    fn refuse(&mut self, why: Refusal) -> Vec<Out> {
+        self.stage = Stage::Closing;
+        vec![Out::ConnAck { refused: Some(why), max_packet: 0, receive_max: 0 }]
+    }
+
+    fn goodbye(&mut self, why: Goodbye) -> Vec<Out> {
+        let stage = std::mem::replace(&mut self.stage, Stage::Closing);
+        match stage {
+            Stage::Connected => vec![Out::Disconnect(why)],
+            Stage::Connecting { .. } => {
+                let refused = match why {
+                    Goodbye::NotAuthorized => Refusal::NotAuthorized,
+                    _ => Refusal::Unavailable,
+                };
+                vec![Out::ConnAck { refused: Some(refused), max_packet: 0, receive_max: 0 }]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    fn next_pkid(&mut self) -> Option<u16> {
+        for _ in 0..u16::MAX {
+            let pkid = self.next_pkid;
+            self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
+            if !self.outgoing.contains_key(&pkid) {
+                return Some(pkid);
+            }
+        }
+        None
+    }
+
+    fn deliver(&mut self, sub: u32, attempt: u32, envelope: Envelope) -> Vec<Out> {
+        let Some(info) = self.sub_info.get(&sub) else { return Vec::new() };
+        let (qos, subscription_id) = (info.qos, info.id);
+        let mut props = Props::default();
+        for (name, value) in envelope.headers.iter() {
+            let text = || String::from_utf8_lossy(value).into_owned();
+            match name {
+                header::TTL_MS => {
+                    props.expiry_secs =
+                        text().parse::<u64>().ok().map(|ms| ms.div_ceil(1000) as u32);
+                }
+                CONTENT_TYPE => props.content_type = Some(text()),
+                RESPONSE_TOPIC => props.response_topic = Some(text()),
+                CORRELATION => props.correlation = Some(value.clone()),
+                PAYLOAD_FORMAT => props.format = text().parse().ok(),
+                header::IDEMPOTENCY_KEY => {}
+                _ => props.user.push((name.to_string(), text())),
+            }
+        }
+        props.subscription_ids.extend(subscription_id);
+        let topic = envelope.topic.as_str().to_string();
+        let payload = envelope.payload;
+        if qos == 0 {
+            return vec![Out::Publish { topic, qos: 0, dup: false, pkid: 0, payload, props }];
+        }
+        let Some(pkid) = self.next_pkid() else {
+            // 65,535 unacknowledged: the credit window keeps this from happening.
+            return Vec::new();
+        };
+        self.outgoing.insert(pkid, (sub, envelope.id));
+        vec![Out::Publish { topic, qos: 1, dup: attempt > 1, pkid, payload, props }]
+    }
+}
