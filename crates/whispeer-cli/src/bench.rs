@@ -54,6 +54,16 @@ pub(crate) struct BenchArgs {
     /// Process id of redis-server, to report its CPU time per delivery.
     #[arg(long)]
     redis_pid: Option<u32>,
+    /// The whispeer server's MQTT listener, measured through MQTT 3.1.1 QoS 0 packets written
+    /// and parsed here (its CPU time is `--server-pid`'s).
+    #[arg(long)]
+    mqtt: Option<String>,
+    /// A Mosquitto broker, measured through the same MQTT packets.
+    #[arg(long)]
+    mosquitto: Option<String>,
+    /// Process id of Mosquitto, to report its CPU time per delivery.
+    #[arg(long)]
+    mosquitto_pid: Option<u32>,
     /// Address of a forwarder (`whispeer bench --serve-forwarder ADDR`): a process that only
     /// copies bytes between sockets, measured with the same workloads as this machine's limit.
     #[arg(long)]
@@ -124,6 +134,12 @@ enum Target {
     RedisRaw {
         addr: String,
     },
+    /// An MQTT broker through MQTT 3.1.1 at QoS 0, parsed here: whispeer's listener or
+    /// Mosquitto.
+    Mqtt {
+        addr: String,
+        mosquitto: bool,
+    },
     /// The byte-copying forwarder: the machine's limit.
     Forwarder {
         addr: String,
@@ -153,6 +169,8 @@ impl Target {
             Self::Nats { .. } => "nats (async-nats)",
             Self::NatsRaw { .. } => "nats (raw protocol)",
             Self::RedisRaw { .. } => "redis (raw protocol)",
+            Self::Mqtt { mosquitto: false, .. } => "whispeer (MQTT)",
+            Self::Mqtt { mosquitto: true, .. } => "mosquitto (MQTT)",
             Self::Forwarder { .. } => "forwarder (limit)",
         }
     }
@@ -160,7 +178,9 @@ impl Target {
     /// The same topic in each system's syntax.
     fn subject(&self, name: &str) -> String {
         match self {
-            Self::Whispeer { .. } | Self::Cluster { .. } => format!("bench/{name}"),
+            Self::Whispeer { .. } | Self::Cluster { .. } | Self::Mqtt { .. } => {
+                format!("bench/{name}")
+            }
             #[cfg(feature = "nats")]
             Self::Nats { .. } => format!("bench.{name}"),
             Self::NatsRaw { .. } | Self::RedisRaw { .. } | Self::Forwarder { .. } => {
@@ -197,6 +217,9 @@ impl Target {
             }
             Self::Forwarder { addr } => {
                 Conn::Raw(raw::RawConn::connect(raw::Kind::Forwarder, addr).await?)
+            }
+            Self::Mqtt { addr, .. } => {
+                Conn::Raw(raw::RawConn::connect(raw::Kind::Mqtt, addr).await?)
             }
         })
     }
@@ -453,6 +476,8 @@ fn pid_of(target: &Target, args: &BenchArgs) -> Option<u32> {
         Target::NatsRaw { .. } => args.nats_pid,
         Target::RedisRaw { .. } => args.redis_pid,
         Target::Forwarder { .. } => args.forwarder_pid,
+        Target::Mqtt { mosquitto: false, .. } => args.server_pid,
+        Target::Mqtt { mosquitto: true, .. } => args.mosquitto_pid,
     }
 }
 
@@ -501,6 +526,8 @@ pub(crate) fn run(args: BenchArgs) -> std::process::ExitCode {
         let raw = [
             args.nats_raw.clone().map(|addr| Target::NatsRaw { addr }),
             args.redis_raw.clone().map(|addr| Target::RedisRaw { addr }),
+            args.mqtt.clone().map(|addr| Target::Mqtt { addr, mosquitto: false }),
+            args.mosquitto.clone().map(|addr| Target::Mqtt { addr, mosquitto: true }),
             args.forwarder.clone().map(|addr| Target::Forwarder { addr }),
         ];
         let cluster = (!args.cluster.is_empty()).then(|| Target::Cluster {

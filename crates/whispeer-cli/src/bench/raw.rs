@@ -5,6 +5,9 @@
 //! - **Redis pub/sub on RESP** (`--redis-raw`): `PUBLISH`/`SUBSCRIBE` and the `message` pushes
 //!   written and parsed here likewise (the publisher's integer replies are read and dropped by a
 //!   task of their own).
+//! - **MQTT 3.1.1 at QoS 0** (`--mqtt`, `--mosquitto`): CONNECT, SUBSCRIBE and PUBLISH packets
+//!   written and parsed here likewise, against any MQTT broker (whispeer's MQTT listener,
+//!   Mosquitto, rumqttd).
 //! - **A forwarder** (`--forwarder`, served by `whispeer bench --serve-forwarder ADDR`): a
 //!   process that only copies bytes from a publisher's socket to its subscribers' sockets, with
 //!   4-byte length prefixes: what this machine can move through one process, the limit every
@@ -25,6 +28,7 @@ use tokio::sync::Mutex;
 pub(super) enum Kind {
     Nats,
     Redis,
+    Mqtt,
     Forwarder,
 }
 
@@ -46,6 +50,64 @@ pub(super) struct RawSub {
 
 const NATS_CONNECT: &[u8] = b"CONNECT {\"verbose\":false,\"pedantic\":false,\"echo\":false}\r\n";
 
+/// MQTT's remaining length: 7 bits a byte, high bit for "more".
+fn mqtt_length(out: &mut Vec<u8>, mut len: usize) {
+    loop {
+        let byte = (len % 128) as u8;
+        len /= 128;
+        out.push(if len > 0 { byte | 0x80 } else { byte });
+        if len == 0 {
+            return;
+        }
+    }
+}
+
+/// An MQTT 3.1.1 packet: `first` byte, then the remaining length, then `body`.
+fn mqtt_packet(first: u8, body: &[&[u8]]) -> Vec<u8> {
+    let len = body.iter().map(|part| part.len()).sum();
+    let mut out = vec![first];
+    mqtt_length(&mut out, len);
+    body.iter().for_each(|part| out.extend_from_slice(part));
+    out
+}
+
+fn mqtt_string(text: &[u8]) -> Vec<u8> {
+    let mut out = (text.len() as u16).to_be_bytes().to_vec();
+    out.extend_from_slice(text);
+    out
+}
+
+/// CONNECT: 3.1.1, clean session, no keep-alive, a client id of its own.
+fn mqtt_connect() -> Vec<u8> {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+    let id = format!(
+        "bench-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let header = [&b"\x00\x04MQTT\x04\x02\x00\x00"[..], &mqtt_string(id.as_bytes())].concat();
+    mqtt_packet(0x10, &[&header])
+}
+
+/// The whole MQTT packet at the start of `buf`: (its first byte, where its body starts, its
+/// length); `None` while incomplete.
+fn mqtt_frame(buf: &[u8]) -> Option<(u8, usize, usize)> {
+    let (mut len, mut shift, mut at) = (0usize, 0, 1);
+    loop {
+        let byte = *buf.get(at)?;
+        len |= usize::from(byte & 0x7f) << shift;
+        at += 1;
+        if byte & 0x80 == 0 {
+            break;
+        }
+        shift += 7;
+        if shift > 21 {
+            return None;
+        }
+    }
+    (buf.len() >= at + len).then_some((buf[0], at, len))
+}
+
 impl RawConn {
     pub(super) async fn connect(kind: Kind, addr: &str) -> io::Result<Self> {
         let stream = TcpStream::connect(addr).await?;
@@ -62,6 +124,14 @@ impl RawConn {
     pub(super) async fn subscribe(&self, subject: &str) -> io::Result<RawSub> {
         let (reader, mut writer) = self.take()?.into_split();
         let mut sub = match self.kind {
+            Kind::Mqtt => {
+                let filter = [&[0, 1][..], &mqtt_string(subject.as_bytes()), &[0]].concat();
+                writer.write_all(&[mqtt_connect(), mqtt_packet(0x82, &[&filter])].concat()).await?;
+                let mut sub = RawSub { kind: self.kind, reader, writer, buf: BytesMut::new() };
+                // CONNACK, then SUBACK: the subscription is in place.
+                sub.mqtt_until(0x90).await?;
+                return Ok(sub);
+            }
             Kind::Nats => {
                 let request = format!("SUB {subject} 1\r\nPING\r\n");
                 writer.write_all(&[NATS_CONNECT, request.as_bytes()].concat()).await?;
@@ -104,6 +174,14 @@ impl RawConn {
                     });
                 }
                 Kind::Forwarder => half.write_all(format!("P{subject}\n").as_bytes()).await?,
+                Kind::Mqtt => {
+                    half.write_all(&mqtt_connect()).await?;
+                    // The CONNACK, then nothing (QoS 0): read and drop.
+                    tokio::spawn(async move {
+                        let mut sink = vec![0u8; 4096];
+                        while matches!(reader.read(&mut sink).await, Ok(n) if n > 0) {}
+                    });
+                }
             }
             *writer = Some(BufWriter::with_capacity(64 * 1024, half));
         }
@@ -121,6 +199,14 @@ impl RawConn {
             Kind::Forwarder => {
                 let len = u32::try_from(payload.len()).map_err(io::Error::other)?;
                 writer.write_all(&len.to_be_bytes()).await?;
+                writer.write_all(payload).await
+            }
+            Kind::Mqtt => {
+                let topic = mqtt_string(subject.as_bytes());
+                let mut head = vec![0x30];
+                mqtt_length(&mut head, topic.len() + payload.len());
+                writer.write_all(&head).await?;
+                writer.write_all(&topic).await?;
                 writer.write_all(payload).await
             }
         }
@@ -175,6 +261,19 @@ fn resp_array(buf: &[u8]) -> Option<(Vec<(usize, usize)>, usize)> {
 }
 
 impl RawSub {
+    /// Reads MQTT packets until one whose type is `first`'s.
+    async fn mqtt_until(&mut self, first: u8) -> io::Result<()> {
+        loop {
+            while let Some((kind, body, len)) = mqtt_frame(&self.buf) {
+                self.buf.advance(body + len);
+                if kind & 0xf0 == first {
+                    return Ok(());
+                }
+            }
+            self.fill().await?;
+        }
+    }
+
     /// The payload of the next Redis `message` push; `Ok(None)` for another push (the
     /// subscription's confirmation).
     async fn redis_push(&mut self) -> io::Result<Option<Bytes>> {
@@ -240,6 +339,23 @@ impl RawSub {
                             self.buf.advance(4);
                             return Some(self.buf.split_to(len).freeze());
                         }
+                    }
+                }
+                Kind::Mqtt => {
+                    if let Some((kind, body, len)) = mqtt_frame(&self.buf) {
+                        let mut packet = self.buf.split_to(body + len);
+                        if kind & 0xf0 != 0x30 || len < 2 {
+                            continue;
+                        }
+                        packet.advance(body);
+                        let topic = usize::from(u16::from_be_bytes([packet[0], packet[1]]));
+                        // QoS 1 and 2 carry a packet id after the topic.
+                        let id = if kind & 0x06 == 0 { 0 } else { 2 };
+                        if packet.len() < 2 + topic + id {
+                            continue;
+                        }
+                        packet.advance(2 + topic + id);
+                        return Some(packet.freeze());
                     }
                 }
                 Kind::Nats => {
@@ -324,6 +440,20 @@ pub(crate) async fn serve_forwarder(listener: TcpListener) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mqtt_packets_are_framed_only_when_whole() {
+        let topic = mqtt_string(b"bench/x");
+        let payload = vec![7u8; 300];
+        let packet = mqtt_packet(0x30, &[&topic, &payload]);
+        // 309 bytes of body: two bytes of remaining length.
+        assert_eq!(&packet[..3], &[0x30, 0xb5, 0x02]);
+        assert_eq!(mqtt_frame(&packet), Some((0x30, 3, 309)));
+        assert_eq!(mqtt_frame(&packet[..packet.len() - 1]), None);
+        assert_eq!(mqtt_frame(&[0x30]), None);
+        let connect = mqtt_connect();
+        assert_eq!(&connect[2..10], b"\x00\x04MQTT\x04\x02");
+    }
 
     #[test]
     fn resp_arrays_are_read_only_when_whole() {
