@@ -18,6 +18,8 @@ struct MqttServer {
     child: Child,
     addr: String,
     port: String,
+    /// The WebSocket listener's port, when started with one.
+    ws_port: Option<String>,
 }
 
 impl MqttServer {
@@ -26,8 +28,9 @@ impl MqttServer {
         all.extend_from_slice(args);
         let mut child = common::serve_command(&all, &[]).spawn().unwrap();
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let (mut addr, mut port) = (String::new(), String::new());
-        while port.is_empty() {
+        let (mut addr, mut port, mut ws_port) = (String::new(), String::new(), None);
+        let wants_ws = args.contains(&"--ws-listen");
+        while port.is_empty() || (wants_ws && ws_port.is_none()) {
             let mut line = String::new();
             assert!(stdout.read_line(&mut line).unwrap() > 0, "the server ended");
             if let Some(rest) = line.trim().strip_prefix("whispeer: listening on ") {
@@ -36,8 +39,12 @@ impl MqttServer {
             if let Some(rest) = line.trim().strip_prefix("whispeer: mqtt listening on mqtt://") {
                 port = rest.rsplit(':').next().unwrap().to_string();
             }
+            if let Some(rest) = line.trim().strip_prefix("whispeer: websocket listening on ws://") {
+                let host = rest.split('/').next().unwrap();
+                ws_port = Some(host.rsplit(':').next().unwrap().to_string());
+            }
         }
-        Self { child, addr, port }
+        Self { child, addr, port, ws_port }
     }
 }
 
@@ -195,10 +202,12 @@ fn credentials_and_acls_apply_to_mqtt_clients() {
 
 #[test]
 fn paho_shares_subscriptions_and_carries_mqtt5_properties_and_request_response() {
-    let server = MqttServer::start(&[]);
+    let server = MqttServer::start(&["--ws-listen", "127.0.0.1:0"]);
     for scenario in ["shared", "request", "properties"] {
         paho(&server.port, scenario);
     }
+    // MQTT over WebSocket, on the WebSocket listener at /mqtt.
+    paho(server.ws_port.as_deref().unwrap(), "websocket");
 }
 
 #[test]

@@ -43,6 +43,10 @@ use super::json::{JsonError, JsonIds, frame_to_json, request_to_frame};
 use super::{ServerConfig, connection};
 use whispeer_core::Broker;
 
+/// Where MQTT clients connect on the WebSocket listener (subprotocol `mqtt`).
+#[cfg(feature = "mqtt")]
+pub(crate) const MQTT_PATH: &str = "/mqtt";
+
 /// The connection's mode, set by its first message.
 const UNKNOWN: u8 = 0;
 const BINARY: u8 = 1;
@@ -164,12 +168,34 @@ async fn upgrade_and_serve<S>(
     ws_config.max_message_size = Some(limits.max_frame_bytes + 4);
     ws_config.max_frame_size = Some(limits.max_frame_bytes + 4);
     let path = config.websocket_path.clone();
+    #[cfg(feature = "mqtt")]
+    let mqtt = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    #[cfg(feature = "mqtt")]
+    let is_mqtt = Arc::clone(&mqtt);
     #[expect(
         clippy::result_large_err,
         reason = "tungstenite's handshake callback returns this type"
     )]
-    let check_path = |request: &Request, response: Response| -> Result<Response, ErrorResponse> {
+    let check_path = move |request: &Request,
+                           response: Response|
+          -> Result<Response, ErrorResponse> {
         if request.uri().path() == path {
+            return Ok(response);
+        }
+        #[cfg(feature = "mqtt")]
+        if request.uri().path() == MQTT_PATH {
+            // MQTT over WebSocket: the subprotocol is `mqtt`, echoed when the client offers it.
+            let offered = request.headers().get_all("sec-websocket-protocol").iter().any(|value| {
+                value
+                    .to_str()
+                    .is_ok_and(|v| v.split(',').any(|p| p.trim().eq_ignore_ascii_case("mqtt")))
+            });
+            let mut response = response;
+            if offered {
+                let mqtt = tokio_tungstenite::tungstenite::http::HeaderValue::from_static("mqtt");
+                response.headers_mut().insert("sec-websocket-protocol", mqtt);
+            }
+            is_mqtt.store(true, Ordering::Release);
             return Ok(response);
         }
         let mut refusal =
@@ -190,6 +216,12 @@ async fn upgrade_and_serve<S>(
             return;
         }
     };
+    #[cfg(feature = "mqtt")]
+    if mqtt.load(Ordering::Acquire) {
+        let (reader, writer) =
+            whispeer_transport::split(ws, whispeer_transport::Binary, whispeer_transport::Binary);
+        return super::mqtt::serve_halves(reader, writer, peer, broker, config, stop).await;
+    }
     let mode = Arc::new(AtomicU8::new(UNKNOWN));
     let inbound = Inbound {
         mode: Arc::clone(&mode),

@@ -23,15 +23,19 @@ def fail(message):
     sys.exit(1)
 
 
-def client(name, v5=True, password=None, clean=True):
+def client(name, v5=True, password=None, clean=True, transport="tcp"):
     protocol = mqtt.MQTTv5 if v5 else mqtt.MQTTv311
     cid = f"{name}-{uuid.uuid4().hex[:8]}"
     if hasattr(mqtt, "CallbackAPIVersion"):
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, protocol=protocol)
+        c = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=cid, protocol=protocol, transport=transport
+        )
     elif v5:
-        c = mqtt.Client(client_id=cid, protocol=protocol)
+        c = mqtt.Client(client_id=cid, protocol=protocol, transport=transport)
     else:
-        c = mqtt.Client(client_id=cid, protocol=protocol, clean_session=clean)
+        c = mqtt.Client(client_id=cid, protocol=protocol, clean_session=clean, transport=transport)
+    if transport == "websockets":
+        c.ws_set_options(path="/mqtt")
     if password is not None:
         c.username_pw_set("user", password)
     c.inbox = queue.Queue()
@@ -163,7 +167,24 @@ def wrong_password():
     print("ok: a wrong password is refused (3.1.1: 4, 5: 134)")
 
 
+def websocket():
+    # PORT is the WebSocket listener's here: MQTT at /mqtt, subprotocol mqtt.
+    for v5 in (True, False):
+        sub = client("ws-sub", v5=v5, transport="websockets")
+        if connect(sub, v5=v5) != 0:
+            fail("refused over WebSocket")
+        subscribe(sub, "web/#")
+        pub = client("ws-pub", v5=v5, transport="websockets")
+        connect(pub, v5=v5)
+        pub.publish("web/x", b"over websocket", qos=1).wait_for_publish()
+        message = take(sub)
+        if message is None or message.payload != b"over websocket":
+            fail(f"{'v5' if v5 else 'v3.1.1'} over WebSocket: {message and message.payload}")
+    print("ok: MQTT 3.1.1 and 5 over WebSocket at /mqtt")
+
+
 SCENARIOS = {
+    "websocket": websocket,
     "shared": shared,
     "request": request,
     "properties": properties,

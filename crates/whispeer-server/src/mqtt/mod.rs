@@ -84,10 +84,26 @@ async fn serve<S>(
 ) where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
+    let (read, write) = tokio::io::split(stream);
+    serve_halves(read, write, peer, broker, config, stop).await;
+}
+
+/// Serves one MQTT connection over a byte stream's halves (a socket's, or a WebSocket's binary
+/// messages at `/mqtt`).
+pub(super) async fn serve_halves<R, W>(
+    read: R,
+    write: W,
+    peer: SocketAddr,
+    broker: Broker,
+    config: Arc<ServerConfig>,
+    stop: CancellationToken,
+) where
+    R: AsyncRead + Send + Unpin,
+    W: AsyncWrite + Send + Unpin + 'static,
+{
     let limits = broker.options().limits.clone();
     let shared =
         Arc::new(Mutex::new(Shared { session: Session::new(limits.clone()), reader: None }));
-    let (read, write) = tokio::io::split(stream);
     let reader = MqttReader {
         inner: read,
         shared: Arc::clone(&shared),
