@@ -95,6 +95,10 @@ pub(crate) struct Config {
     pub(crate) max_connections: usize,
     /// Most subscriptions per connection.
     pub(crate) max_subscriptions: usize,
+    /// Most topics with a retained message.
+    pub(crate) max_retained: usize,
+    /// Most payload bytes of retained messages in all.
+    pub(crate) max_retained_bytes: usize,
     /// Most publishes per second per connection (bursts of one second's worth); none if unset.
     pub(crate) max_publish_rate: Option<u32>,
     /// Most published payload bytes per second per connection; none if unset.
@@ -339,6 +343,8 @@ impl Default for Config {
             auth_timeout_ms: millis(server.auth_timeout),
             max_connections: server.max_connections,
             max_subscriptions: server.max_subscriptions,
+            max_retained: server.max_retained,
+            max_retained_bytes: server.max_retained_bytes,
             max_publish_rate: None,
             max_publish_bytes_per_sec: None,
             log: Log::default(),
@@ -571,6 +577,8 @@ impl Config {
         server.auth_timeout = Duration::from_millis(self.auth_timeout_ms.max(10));
         server.max_connections = self.max_connections;
         server.max_subscriptions = self.max_subscriptions;
+        server.max_retained = self.max_retained;
+        server.max_retained_bytes = self.max_retained_bytes;
         server.max_publish_rate = self.max_publish_rate;
         server.max_publish_bytes_rate = self.max_publish_bytes_per_sec;
         server.connection_max_bytes = self.delivery.connection_max_bytes;

@@ -29,6 +29,10 @@ pub(crate) struct PubArgs {
     /// Idempotency key: a repeat with the same key within the server's window is dropped.
     #[arg(long, value_name = "KEY")]
     idempotency_key: Option<String>,
+    /// Retained: the server keeps it as the topic's last message and gives it first to every
+    /// new subscriber (an empty message clears it).
+    #[arg(long)]
+    retain: bool,
     #[command(flatten)]
     connect: ConnectArgs,
 }
@@ -145,6 +149,9 @@ pub(crate) fn run_pub(args: PubArgs) -> ExitCode {
         }
         if let Some(key) = &args.idempotency_key {
             options = options.idempotency_key(key.clone());
+        }
+        if args.retain {
+            options = options.retain();
         }
         let publish = async |payload: String| -> anyhow::Result<()> {
             client.publish_bytes_with(&args.topic, payload.into_bytes(), &options).await?;

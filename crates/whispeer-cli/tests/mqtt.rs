@@ -241,3 +241,34 @@ fn malformed_and_oversized_packets_end_only_their_own_connection() {
     assert!(mosquitto_pub(&server.port, &["-t", "still/here", "-m", "yes"]).status.success());
     assert_eq!(received(sub), ["still/here yes"]);
 }
+
+#[test]
+fn retained_messages_reach_new_subscribers_of_every_protocol_and_an_empty_one_clears() {
+    let server = MqttServer::start(&[]);
+    let port = &server.port;
+    assert!(
+        mosquitto_pub(port, &["-t", "home/lamp", "-m", "on", "-r", "-q", "1"]).status.success()
+    );
+    let native =
+        common::publish_with(&["--server", &server.addr, "--retain", "home/door", "shut"], &[]);
+    assert!(native.status.success(), "{native:?}");
+    // A new MQTT subscriber gets both first, flagged retained (r1).
+    let mut sub = tool("stdbuf")
+        .args(["-oL", "mosquitto_sub", "-h", "127.0.0.1", "-p", port, "-v", "-d", "-t", "home/#"])
+        .args(["-C", "2", "-W", "20"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&sub.stdout).into_owned();
+    assert!(text.contains("home/lamp on") && text.contains("home/door shut"), "{text}");
+    assert_eq!(text.matches(", r1, ").count(), 2, "{text}");
+    // A new native subscriber too.
+    let got = common::subscriber(&["--server", &server.addr, "--count", "1", "home/lamp"], &[]);
+    assert!(common::output_of(got).contains("on"));
+    // An empty retained message clears the topic's: a later subscriber gets only the door.
+    assert!(mosquitto_pub(port, &["-t", "home/lamp", "-n", "-r"]).status.success());
+    sub = tool("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", port, "-v", "-t", "home/#", "-W", "2"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&sub.stdout).trim(), "home/door shut");
+}

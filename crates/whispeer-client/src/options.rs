@@ -277,4 +277,10 @@ impl PublishOptions {
         self.headers.insert(name, value);
         self
     }
+
+    /// The server keeps the message as its topic's retained message and gives it first to
+    /// every new subscription that matches (an empty payload clears it).
+    pub fn retain(self) -> Self {
+        self.header(whispeer_proto::header::RETAIN, "1")
+    }
 }

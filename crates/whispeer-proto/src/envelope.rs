@@ -224,6 +224,11 @@ pub mod header {
     pub const DEAD_LETTER_REASON: &str = "dead-letter-reason";
     /// On a dead letter: how many times the message was delivered, as ASCII decimal digits.
     pub const DEAD_LETTER_ATTEMPTS: &str = "dead-letter-attempts";
+    /// `1` on a publish: the server keeps the message as its topic's retained message (an
+    /// empty payload clears it) and gives it first to each new subscription that matches.
+    pub const RETAIN: &str = "retain";
+    /// `1` on a delivery: a retained message, given to a new subscription.
+    pub const RETAINED: &str = "retained";
 }
 
 impl Headers {

@@ -25,6 +25,7 @@ use super::acl::Principal;
 use super::adapter::AdapterError;
 use super::rate::RateLimit;
 use super::registry::{Connections, Registered};
+use super::retained::{Full, Retained};
 use super::traffic::FlowCache;
 use super::writer::{Outbound, write_loop};
 use crate::bump;
@@ -376,6 +377,15 @@ impl Connection {
             let message = format!("not allowed to join queue group {group}");
             return self.reply_error(correlation, ErrorCode::FORBIDDEN, message).await;
         }
+        // Retained messages go first to a subscription of its own (not to a queue group).
+        let retained = match &group {
+            None => self.config.retained.matching(&filter),
+            Some(_) => Vec::new(),
+        };
+        let retained = retained
+            .into_iter()
+            .map(|envelope| Frame::new(0, Body::Deliver { sub, attempt: 1, offset: 0, envelope }))
+            .collect();
         let mut options = SubscribeOptions::new(filter.as_str()).qos(qos).start(start);
         if prefetch > 0 {
             options = options.prefetch(prefetch as usize);
@@ -384,7 +394,7 @@ impl Connection {
             Some(group) => options.group(group),
             None => options.budget(self.budget.clone()),
         };
-        self.subscribe(correlation, sub, options).await;
+        self.subscribe(correlation, sub, options, retained).await;
     }
 
     /// UNSUBSCRIBE: the writer drops the subscription, then replies.
@@ -421,11 +431,21 @@ impl Connection {
             let message = format!("publish refused: at most {}", limits.join(" and "));
             return self.reply_error(correlation, ErrorCode::LIMIT_REACHED, message).await;
         }
+        let retain = Retained::wanted(&envelope).then(|| envelope.clone());
+        if let Some(kept) = &retain {
+            let (max, bytes) = (self.config.max_retained, self.config.max_retained_bytes);
+            if let Err(Full(message)) = self.config.retained.admit(kept, max, bytes) {
+                return self.reply_error(correlation, ErrorCode::LIMIT_REACHED, message).await;
+            }
+        }
         let (topic, bytes) = (envelope.topic.clone(), envelope.payload.len());
         let published = self.broker.publish_envelope(envelope);
         if published.is_ok() {
             self.config.traffic.inbound(&mut self.flows, &topic, bytes);
             bump(&self.registered.entry.published);
+            if let Some(kept) = retain {
+                self.config.retained.keep(&kept);
+            }
         }
         self.published(correlation, qos, published).await;
     }
@@ -507,7 +527,13 @@ impl Connection {
         }
     }
 
-    async fn subscribe(&mut self, correlation: u32, sub: u32, options: SubscribeOptions) {
+    async fn subscribe(
+        &mut self,
+        correlation: u32,
+        sub: u32,
+        options: SubscribeOptions,
+        retained: Vec<Frame>,
+    ) {
         if self.subscriptions.contains_key(&sub) {
             return self
                 .reply_error(
@@ -537,7 +563,8 @@ impl Connection {
         self.registered.entry.subscribed(sub, subscription.filter().as_str());
         let reply = Frame::new(correlation, Body::Ok);
         let subscription = Box::new(subscription);
-        let _ = self.tx.send(Outbound::Subscribed { sub, subscription, reply }).await;
+        let subscribed = Outbound::Subscribed { sub, subscription, reply, retained };
+        let _ = self.tx.send(subscribed).await;
     }
 }
 

@@ -67,6 +67,8 @@ enum Request {
         ttl_ms: Option<u64>,
         #[serde(default)]
         idempotency_key: Option<String>,
+        #[serde(default)]
+        retain: bool,
         #[serde(default, rename = "ref")]
         reference: u32,
     },
@@ -163,7 +165,16 @@ pub(super) fn request_to_frame(
         Request::Unsubscribe { id, reference } => {
             Frame::new(reference, Body::Unsubscribe { sub: id })
         }
-        Request::Publish { topic, payload, data, qos, ttl_ms, idempotency_key, reference } => {
+        Request::Publish {
+            topic,
+            payload,
+            data,
+            qos,
+            ttl_ms,
+            idempotency_key,
+            retain,
+            reference,
+        } => {
             let (content, bytes) = match (payload, data) {
                 (Some(value), None) => {
                     (ContentType::Json, Bytes::from(serde_json::to_vec(&value)?))
@@ -186,6 +197,9 @@ pub(super) fn request_to_frame(
             }
             if let Some(key) = idempotency_key {
                 envelope.headers.insert(header::IDEMPOTENCY_KEY, key);
+            }
+            if retain {
+                envelope.headers.insert(header::RETAIN, "1");
             }
             Frame::new(reference, Body::Publish { qos, envelope })
         }
@@ -281,6 +295,9 @@ fn delivery_to_json(sub: u32, attempt: u32, envelope: &Envelope) -> Value {
     });
     if !headers.is_empty() {
         message["headers"] = Value::Object(headers);
+    }
+    if envelope.headers.get(header::RETAINED).is_some() {
+        message["retained"] = Value::Bool(true);
     }
     let json_payload = (plain && flags.content() == Some(ContentType::Json))
         .then(|| serde_json::from_slice::<Value>(&envelope.payload).ok())

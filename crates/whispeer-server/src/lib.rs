@@ -32,6 +32,7 @@ mod jwt;
 mod mqtt;
 mod rate;
 mod registry;
+mod retained;
 #[cfg(feature = "tls")]
 mod tls;
 mod traffic;
@@ -64,6 +65,7 @@ pub use embedded::Tcp;
 pub use embedded::{BrokerWs, WebSocket};
 pub use jwt::{JwtError, JwtVerifier};
 pub use registry::{ConnectionInfo, Connections};
+pub use retained::Retained;
 #[cfg(feature = "tls")]
 pub use tls::{TlsError, server_tls};
 pub use traffic::{FlowStats, MAX_CLASSES, Traffic, class_of};
@@ -159,6 +161,12 @@ pub struct ServerConfig {
     /// TLS for every listener this config serves (see [`server_tls`]). Default: none.
     #[cfg(feature = "tls")]
     pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    /// Retained messages, shared by every listener of this server.
+    pub retained: Arc<Retained>,
+    /// Most topics with a retained message (a retained publish for another is refused).
+    pub max_retained: usize,
+    /// Most payload bytes of retained messages in all.
+    pub max_retained_bytes: usize,
 }
 
 impl Default for ServerConfig {
@@ -183,6 +191,9 @@ impl Default for ServerConfig {
             websocket_path: "/ws".into(),
             #[cfg(feature = "tls")]
             tls: None,
+            retained: Arc::default(),
+            max_retained: 100_000,
+            max_retained_bytes: 64 * 1024 * 1024,
         }
     }
 }

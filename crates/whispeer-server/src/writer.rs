@@ -35,8 +35,14 @@ const PER_SUBSCRIPTION: usize = 64;
 pub(super) enum Outbound {
     /// A frame to send as it is.
     Frame(Frame),
-    /// A new subscription: send `reply`, then its messages.
-    Subscribed { sub: u32, subscription: Box<Subscription<Message>>, reply: Frame },
+    /// A new subscription: send `reply`, then the retained messages it matches, then its
+    /// messages.
+    Subscribed {
+        sub: u32,
+        subscription: Box<Subscription<Message>>,
+        reply: Frame,
+        retained: Vec<Frame>,
+    },
     /// Stop delivering `sub` (dropping it unsubscribes), then send `reply`.
     Unsubscribed { sub: u32, reply: Frame },
 }
@@ -93,8 +99,9 @@ impl Writer {
     fn apply(&mut self, outbound: Outbound) {
         match outbound {
             Outbound::Frame(frame) => self.encode(&frame),
-            Outbound::Subscribed { sub, subscription, reply } => {
+            Outbound::Subscribed { sub, subscription, reply, retained } => {
                 self.encode(&reply);
+                retained.iter().for_each(|frame| self.encode(frame));
                 self.subscriptions.push((sub, *subscription));
             }
             Outbound::Unsubscribed { sub, reply } => {

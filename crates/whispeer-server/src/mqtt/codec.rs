@@ -126,13 +126,37 @@ pub(crate) enum Goodbye {
 /// What the server sends.
 #[derive(Debug, PartialEq)]
 pub(crate) enum Out {
-    ConnAck { refused: Option<Refusal>, max_packet: u32, receive_max: u16 },
-    Publish { topic: String, qos: u8, dup: bool, pkid: u16, payload: Bytes, props: Props },
-    PubAck { pkid: u16, outcome: Outcome },
-    PubRec { pkid: u16, outcome: Outcome },
+    ConnAck {
+        refused: Option<Refusal>,
+        max_packet: u32,
+        receive_max: u16,
+    },
+    Publish {
+        topic: String,
+        qos: u8,
+        dup: bool,
+        retain: bool,
+        pkid: u16,
+        payload: Bytes,
+        props: Props,
+    },
+    PubAck {
+        pkid: u16,
+        outcome: Outcome,
+    },
+    PubRec {
+        pkid: u16,
+        outcome: Outcome,
+    },
     PubComp(u16),
-    SubAck { pkid: u16, granted: Vec<Granted> },
-    UnsubAck { pkid: u16, count: usize },
+    SubAck {
+        pkid: u16,
+        granted: Vec<Granted>,
+    },
+    UnsubAck {
+        pkid: u16,
+        count: usize,
+    },
     PingResp,
     Disconnect(Goodbye),
 }
@@ -366,9 +390,10 @@ fn to_v4(packet: Out) -> Option<v4::Packet> {
             },
             false,
         )),
-        Out::Publish { topic, qos: level, dup, pkid, payload, .. } => {
+        Out::Publish { topic, qos: level, dup, retain, pkid, payload, .. } => {
             let mut publish = v4::Publish::from_bytes(topic, qos(level), payload);
             publish.dup = dup;
+            publish.retain = retain;
             publish.pkid = pkid;
             v4::Packet::Publish(publish)
         }
@@ -441,7 +466,7 @@ fn to_v5(packet: Out) -> Option<v5::Packet> {
                 session_expiry_interval: Some(0),
                 receive_max: Some(receive_max),
                 max_qos: None,
-                retain_available: Some(0),
+                retain_available: Some(1),
                 max_packet_size: Some(max_packet),
                 assigned_client_identifier: None,
                 topic_alias_max: Some(0),
@@ -457,9 +482,10 @@ fn to_v5(packet: Out) -> Option<v5::Packet> {
                 authentication_data: None,
             }),
         }),
-        Out::Publish { topic, qos: level, dup, pkid, payload, props } => {
+        Out::Publish { topic, qos: level, dup, retain, pkid, payload, props } => {
             let mut publish = v5::Publish::new(topic, qos5(level), payload, props5(props));
             publish.dup = dup;
+            publish.retain = retain;
             publish.pkid = pkid;
             v5::Packet::Publish(publish)
         }

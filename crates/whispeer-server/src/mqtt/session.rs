@@ -202,7 +202,10 @@ impl Session {
         }
         let will = self.will.take()?;
         let topic = Topic::parse_with(&will.topic, &self.limits).ok()?;
-        let envelope = self.envelope(topic, will.payload, will.props);
+        let mut envelope = self.envelope(topic, will.payload, will.props);
+        if will.retain {
+            envelope.headers.insert(header::RETAIN, "1");
+        }
         let qos = if will.qos == 0 { Qos::AtMostOnce } else { Qos::AtLeastOnce };
         Some(Frame::new(1, Body::Publish { qos, envelope }))
     }
@@ -220,11 +223,11 @@ impl Session {
         }
         Ok(match packet {
             In::Publish { topic, qos, retain, pkid, payload, props, .. } => {
-                if props.topic_alias.is_some() || (retain && self.version == Version::V5) {
-                    // CONNACK said: no topic aliases, no retained messages (yet).
+                if props.topic_alias.is_some() {
+                    // CONNACK said: no topic aliases.
                     return Err(Goodbye::Protocol);
                 }
-                self.publish(&topic, qos, pkid, payload, props)
+                self.publish(&topic, qos, retain, pkid, payload, props)
             }
             In::PubAck(pkid) => match self.outgoing.remove(&pkid) {
                 Some((sub, id)) => vec![Frame::new(0, Body::Ack { sub, id })],
@@ -301,6 +304,7 @@ impl Session {
         &mut self,
         topic: &str,
         qos: u8,
+        retain: bool,
         pkid: u16,
         payload: Bytes,
         props: Props,
@@ -320,7 +324,10 @@ impl Session {
             }
             return vec![self.ask(Pending::PublishInvalid { pkid, exactly_once }, Body::Ping)];
         };
-        let envelope = self.envelope(topic, payload, props);
+        let mut envelope = self.envelope(topic, payload, props);
+        if retain {
+            envelope.headers.insert(header::RETAIN, "1");
+        }
         if qos == 0 {
             return vec![Frame::new(0, Body::Publish { qos: Qos::AtMostOnce, envelope })];
         }
@@ -514,6 +521,7 @@ impl Session {
     fn deliver(&mut self, sub: u32, attempt: u32, envelope: Envelope) -> Vec<Out> {
         let Some(info) = self.sub_info.get(&sub) else { return Vec::new() };
         let (qos, subscription_id) = (info.qos, info.id);
+        let retain = envelope.headers.get(header::RETAINED).is_some();
         let mut props = Props::default();
         for (name, value) in envelope.headers.iter() {
             let text = || String::from_utf8_lossy(value).into_owned();
@@ -526,7 +534,7 @@ impl Session {
                 RESPONSE_TOPIC => props.response_topic = Some(text()),
                 CORRELATION => props.correlation = Some(value.clone()),
                 PAYLOAD_FORMAT => props.format = text().parse().ok(),
-                header::IDEMPOTENCY_KEY => {}
+                header::IDEMPOTENCY_KEY | header::RETAIN | header::RETAINED => {}
                 _ => props.user.push((name.to_string(), text())),
             }
         }
@@ -534,13 +542,14 @@ impl Session {
         let topic = envelope.topic.as_str().to_string();
         let payload = envelope.payload;
         if qos == 0 {
-            return vec![Out::Publish { topic, qos: 0, dup: false, pkid: 0, payload, props }];
+            let (dup, pkid) = (false, 0);
+            return vec![Out::Publish { topic, qos: 0, dup, retain, pkid, payload, props }];
         }
         let Some(pkid) = self.next_pkid() else {
             // 65,535 unacknowledged: the credit window keeps this from happening.
             return Vec::new();
         };
         self.outgoing.insert(pkid, (sub, envelope.id));
-        vec![Out::Publish { topic, qos: 1, dup: attempt > 1, pkid, payload, props }]
+        vec![Out::Publish { topic, qos: 1, dup: attempt > 1, retain, pkid, payload, props }]
     }
 }
