@@ -21,6 +21,9 @@ use whispeer_client::{Client, ClientOptions, ClientSubscription, Delivery};
 mod chat;
 mod qos1;
 mod raw;
+mod table;
+
+use table::print_table;
 
 pub(crate) use raw::serve_forwarder;
 
@@ -579,38 +582,5 @@ fn nats_target(args: &BenchArgs) -> anyhow::Result<Option<Target>> {
         Some(addr) => {
             anyhow::bail!("--nats {addr}: this whispeer was built without the `nats` feature")
         }
-    }
-}
-
-fn print_table(reports: &[(&str, Report)]) {
-    type Row = (&'static str, fn(&Report) -> f64);
-    let rows: [Row; 8] = [
-        ("1→1 128 B, delivered msgs/s", |r| r.one_to_one),
-        ("1→8 128 B, delivered msgs/s", |r| r.one_to_eight),
-        ("1→1 64 KiB, MB/s", |r| r.large_mb),
-        ("latency p50 µs (fixed rate)", |r| r.latency[0]),
-        ("latency p99 µs", |r| r.latency[1]),
-        ("latency p99.9 µs", |r| r.latency[2]),
-        ("server CPU µs/delivery (1→1)", |r| r.cpu_us[0]),
-        ("harness CPU µs/delivery (1→1)", |r| r.cpu_us[1]),
-    ];
-    print!("{:<32}", "workload");
-    for (name, _) in reports {
-        print!("{name:>22}");
-    }
-    if reports.len() == 2 {
-        // The first column over the second (whispeer over NATS, or one node over the cluster).
-        print!("{:>16}", "ratio 1st/2nd");
-    }
-    println!();
-    for (label, value) in rows {
-        print!("{label:<32}");
-        for (_, report) in reports {
-            print!("{:>22.1}", value(report));
-        }
-        if let [(_, w), (_, n)] = reports {
-            print!("{:>15.2}×", value(w) / value(n));
-        }
-        println!();
     }
 }

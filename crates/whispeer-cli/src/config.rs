@@ -16,6 +16,7 @@ use whispeer::server::{ApiKeys, Principal, ServerConfig};
 mod access;
 mod chat;
 mod cluster;
+mod mqtt;
 pub(crate) use access::{Jwt, User};
 use whispeer::{
     BrokerOptions, Durability, Filter, FsyncPolicy, PersistenceType, Redelivery, Retention,
@@ -123,15 +124,7 @@ pub(crate) struct Config {
     /// The chat listener; off unless `listen` is set.
     pub(crate) chat: chat::Chat,
     /// The MQTT listener; off unless `listen` is set.
-    pub(crate) mqtt: Mqtt,
-}
-
-/// `[mqtt]`: the MQTT listener (off unless `listen` is set, or `--mqtt-listen` is given).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub(crate) struct Mqtt {
-    /// Address of the MQTT listener (3.1.1 and 5; `mqtts://` with `[tls]`); off while unset.
-    pub(crate) listen: Option<String>,
+    pub(crate) mqtt: mqtt::Mqtt,
 }
 
 /// `[tls]`: PEM files.
@@ -356,7 +349,7 @@ impl Default for Config {
             tls: Tls::default(),
             cluster: cluster::Cluster::default(),
             chat: chat::Chat::default(),
-            mqtt: Mqtt::default(),
+            mqtt: mqtt::Mqtt::default(),
         }
     }
 }

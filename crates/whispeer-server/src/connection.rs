@@ -377,15 +377,7 @@ impl Connection {
             let message = format!("not allowed to join queue group {group}");
             return self.reply_error(correlation, ErrorCode::FORBIDDEN, message).await;
         }
-        // Retained messages go first to a subscription of its own (not to a queue group).
-        let retained = match &group {
-            None => self.config.retained.matching(&filter),
-            Some(_) => Vec::new(),
-        };
-        let retained = retained
-            .into_iter()
-            .map(|envelope| Frame::new(0, Body::Deliver { sub, attempt: 1, offset: 0, envelope }))
-            .collect();
+        let retained = self.config.retained.deliveries(sub, &filter, group.is_some());
         let mut options = SubscribeOptions::new(filter.as_str()).qos(qos).start(start);
         if prefetch > 0 {
             options = options.prefetch(prefetch as usize);

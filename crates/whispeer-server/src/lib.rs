@@ -167,6 +167,9 @@ pub struct ServerConfig {
     pub max_retained: usize,
     /// Most payload bytes of retained messages in all.
     pub max_retained_bytes: usize,
+    /// MQTT sessions, shared by the MQTT and WebSocket listeners.
+    #[cfg(feature = "mqtt")]
+    pub(crate) mqtt_sessions: Arc<mqtt::MqttSessions>,
 }
 
 impl Default for ServerConfig {
@@ -194,6 +197,8 @@ impl Default for ServerConfig {
             retained: Arc::default(),
             max_retained: 100_000,
             max_retained_bytes: 64 * 1024 * 1024,
+            #[cfg(feature = "mqtt")]
+            mqtt_sessions: Arc::default(),
         }
     }
 }

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 
 use whispeer_proto::header::{RETAIN, RETAINED};
-use whispeer_proto::{Envelope, Filter};
+use whispeer_proto::{Body, Envelope, Filter, Frame};
 
 /// The retained messages of one server.
 #[derive(Debug, Default)]
@@ -96,6 +96,18 @@ impl Retained {
             envelope.headers.insert(RETAINED, "1");
         }
         found
+    }
+
+    /// The deliveries of the retained messages a new subscription `sub` of `filter` gets first:
+    /// none for a queue group's member.
+    pub(crate) fn deliveries(&self, sub: u32, filter: &Filter, group: bool) -> Vec<Frame> {
+        if group {
+            return Vec::new();
+        }
+        self.matching(filter)
+            .into_iter()
+            .map(|envelope| Frame::new(0, Body::Deliver { sub, attempt: 1, offset: 0, envelope }))
+            .collect()
     }
 
     /// How many topics have a retained message, and their payload bytes.

@@ -23,12 +23,17 @@ def fail(message):
     sys.exit(1)
 
 
-def client(name, v5=True, password=None, clean=True, transport="tcp"):
+def client(name, v5=True, password=None, clean=True, transport="tcp", cid=None):
     protocol = mqtt.MQTTv5 if v5 else mqtt.MQTTv311
-    cid = f"{name}-{uuid.uuid4().hex[:8]}"
+    cid = cid or f"{name}-{uuid.uuid4().hex[:8]}"
     if hasattr(mqtt, "CallbackAPIVersion"):
+        extra = {} if v5 else {"clean_session": clean}
         c = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=cid, protocol=protocol, transport=transport
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=cid,
+            protocol=protocol,
+            transport=transport,
+            **extra,
         )
     elif v5:
         c = mqtt.Client(client_id=cid, protocol=protocol, transport=transport)
@@ -43,14 +48,22 @@ def client(name, v5=True, password=None, clean=True, transport="tcp"):
     return c
 
 
-def connect(c, v5=True):
-    result = {}
+def connect(c, v5=True, persistent=False, result=None):
+    result = {} if result is None else result
 
-    def on_connect(_c, _u, _flags, rc, properties=None):
+    def on_connect(_c, _u, flags, rc, properties=None):
+        present = getattr(flags, "session_present", None)
+        if present is None and isinstance(flags, dict):
+            present = flags.get("session present")
+        result["present"] = bool(present)
         result["rc"] = rc
 
     c.on_connect = on_connect
-    if v5:
+    if v5 and persistent:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 300
+        c.connect("127.0.0.1", PORT, keepalive=30, clean_start=False, properties=props)
+    elif v5:
         c.connect("127.0.0.1", PORT, keepalive=30, clean_start=True)
     else:
         c.connect("127.0.0.1", PORT, keepalive=30)
@@ -183,7 +196,41 @@ def websocket():
     print("ok: MQTT 3.1.1 and 5 over WebSocket at /mqtt")
 
 
+def persistent():
+    for v5 in (False, True):
+        version = "v5" if v5 else "v3.1.1"
+        cid = f"keeper-{uuid.uuid4().hex[:8]}"
+        first = client("keeper", v5=v5, clean=False, cid=cid)
+        state = {}
+        if connect(first, v5=v5, persistent=True, result=state) != 0 or state["present"]:
+            fail(f"{version}: the first connection has no session to resume: {state}")
+        subscribe(first, "keep/#")
+        first.disconnect()
+        first.loop_stop()
+        pub = client("keeper-pub")
+        connect(pub)
+        for i in range(5):
+            pub.publish(f"keep/{i}", str(i), qos=1).wait_for_publish()
+        again = client("keeper", v5=v5, clean=False, cid=cid)
+        state = {}
+        connect(again, v5=v5, persistent=True, result=state)
+        if not state["present"]:
+            fail(f"{version}: the session was not resumed")
+        got = []
+        while len(got) < 5:
+            message = take(again)
+            if message is None:
+                fail(f"{version}: missed messages, got {got}")
+            got.append(int(message.payload))
+        if sorted(got) != list(range(5)):
+            fail(f"{version}: {got}")
+        again.disconnect()
+        again.loop_stop()
+    print("ok: persistent sessions (3.1.1 and 5) resumed with what arrived while away")
+
+
 SCENARIOS = {
+    "persistent": persistent,
     "websocket": websocket,
     "shared": shared,
     "request": request,

@@ -52,6 +52,8 @@ pub(crate) enum In {
         password: Option<String>,
         receive_max: Option<u16>,
         max_packet: Option<u32>,
+        /// MQTT 5's session expiry interval, in seconds.
+        session_expiry: Option<u32>,
     },
     Publish {
         topic: String,
@@ -89,6 +91,7 @@ pub(crate) enum Refusal {
     BadCredentials,
     NotAuthorized,
     Unavailable,
+    BadClientId,
 }
 
 /// How a SUBSCRIBE's filter fared.
@@ -128,6 +131,8 @@ pub(crate) enum Goodbye {
 pub(crate) enum Out {
     ConnAck {
         refused: Option<Refusal>,
+        present: bool,
+        session_expiry: u32,
         max_packet: u32,
         receive_max: u16,
     },
@@ -267,6 +272,7 @@ fn from_v4(packet: v4::Packet) -> In {
             password: c.login.map(|l| l.password).filter(|p| !p.is_empty()),
             receive_max: None,
             max_packet: None,
+            session_expiry: None,
         },
         v4::Packet::Publish(p) => In::Publish {
             topic: p.topic,
@@ -325,6 +331,7 @@ fn from_v5(packet: v5::Packet) -> In {
                 password: login.map(|l| l.password).filter(|p| !p.is_empty()),
                 receive_max: props.as_ref().and_then(|p| p.receive_maximum),
                 max_packet: props.as_ref().and_then(|p| p.max_packet_size),
+                session_expiry: props.as_ref().and_then(|p| p.session_expiry_interval),
             }
         }
         v5::Packet::Publish(p) => In::Publish {
@@ -381,14 +388,15 @@ pub(crate) fn encode(version: Version, packet: Out, buf: &mut BytesMut, max: usi
 
 fn to_v4(packet: Out) -> Option<v4::Packet> {
     Some(match packet {
-        Out::ConnAck { refused, .. } => v4::Packet::ConnAck(v4::ConnAck::new(
+        Out::ConnAck { refused, present, .. } => v4::Packet::ConnAck(v4::ConnAck::new(
             match refused {
                 None => v4::ConnectReturnCode::Success,
                 Some(Refusal::BadCredentials) => v4::ConnectReturnCode::BadUserNamePassword,
                 Some(Refusal::NotAuthorized) => v4::ConnectReturnCode::NotAuthorized,
                 Some(Refusal::Unavailable) => v4::ConnectReturnCode::ServiceUnavailable,
+                Some(Refusal::BadClientId) => v4::ConnectReturnCode::BadClientId,
             },
-            false,
+            present,
         )),
         Out::Publish { topic, qos: level, dup, retain, pkid, payload, .. } => {
             let mut publish = v4::Publish::from_bytes(topic, qos(level), payload);
@@ -454,34 +462,37 @@ fn rec5(outcome: Outcome) -> v5::PubRecReason {
 
 fn to_v5(packet: Out) -> Option<v5::Packet> {
     Some(match packet {
-        Out::ConnAck { refused, max_packet, receive_max } => v5::Packet::ConnAck(v5::ConnAck {
-            session_present: false,
-            code: match refused {
-                None => v5::ConnectReturnCode::Success,
-                Some(Refusal::BadCredentials) => v5::ConnectReturnCode::BadUserNamePassword,
-                Some(Refusal::NotAuthorized) => v5::ConnectReturnCode::NotAuthorized,
-                Some(Refusal::Unavailable) => v5::ConnectReturnCode::ServerUnavailable,
-            },
-            properties: refused.is_none().then(|| v5::ConnAckProperties {
-                session_expiry_interval: Some(0),
-                receive_max: Some(receive_max),
-                max_qos: None,
-                retain_available: Some(1),
-                max_packet_size: Some(max_packet),
-                assigned_client_identifier: None,
-                topic_alias_max: Some(0),
-                reason_string: None,
-                user_properties: Vec::new(),
-                wildcard_subscription_available: Some(1),
-                subscription_identifiers_available: Some(1),
-                shared_subscription_available: Some(1),
-                server_keep_alive: None,
-                response_information: None,
-                server_reference: None,
-                authentication_method: None,
-                authentication_data: None,
-            }),
-        }),
+        Out::ConnAck { refused, present, session_expiry, max_packet, receive_max } => {
+            v5::Packet::ConnAck(v5::ConnAck {
+                session_present: present,
+                code: match refused {
+                    None => v5::ConnectReturnCode::Success,
+                    Some(Refusal::BadCredentials) => v5::ConnectReturnCode::BadUserNamePassword,
+                    Some(Refusal::NotAuthorized) => v5::ConnectReturnCode::NotAuthorized,
+                    Some(Refusal::Unavailable) => v5::ConnectReturnCode::ServerUnavailable,
+                    Some(Refusal::BadClientId) => v5::ConnectReturnCode::ClientIdentifierNotValid,
+                },
+                properties: refused.is_none().then(|| v5::ConnAckProperties {
+                    session_expiry_interval: Some(session_expiry),
+                    receive_max: Some(receive_max),
+                    max_qos: None,
+                    retain_available: Some(1),
+                    max_packet_size: Some(max_packet),
+                    assigned_client_identifier: None,
+                    topic_alias_max: Some(0),
+                    reason_string: None,
+                    user_properties: Vec::new(),
+                    wildcard_subscription_available: Some(1),
+                    subscription_identifiers_available: Some(1),
+                    shared_subscription_available: Some(1),
+                    server_keep_alive: None,
+                    response_information: None,
+                    server_reference: None,
+                    authentication_method: None,
+                    authentication_data: None,
+                }),
+            })
+        }
         Out::Publish { topic, qos: level, dup, retain, pkid, payload, props } => {
             let mut publish = v5::Publish::new(topic, qos5(level), payload, props5(props));
             publish.dup = dup;

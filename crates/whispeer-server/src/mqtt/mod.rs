@@ -14,6 +14,9 @@
 
 mod codec;
 mod session;
+mod sessions;
+
+pub(crate) use sessions::MqttSessions;
 
 use std::future::Future;
 use std::io;
@@ -34,7 +37,7 @@ use whispeer_proto::{ErrorCode, Frame, Limits};
 #[cfg(feature = "fuzzing")]
 use self::codec::Version;
 use self::codec::{CodecError, connect_version, decode, encode};
-use self::session::{Session, Stage};
+use self::session::{Registry, Session, Stage};
 use super::adapter::AdapterError;
 use super::{ServerConfig, connection};
 
@@ -102,8 +105,15 @@ pub(super) async fn serve_halves<R, W>(
     W: AsyncWrite + Send + Unpin + 'static,
 {
     let limits = broker.options().limits.clone();
-    let shared =
-        Arc::new(Mutex::new(Shared { session: Session::new(limits.clone()), reader: None }));
+    // Its own stop: a second connection with the same client id takes the session over.
+    let stop = stop.child_token();
+    let sessions = Arc::clone(&config.mqtt_sessions);
+    let connection = sessions.connection();
+    let mut session = Session::new(limits.clone());
+    session.registry =
+        Some(Registry { sessions: Arc::clone(&sessions), connection, stop: stop.clone() });
+    let shared = Arc::new(Mutex::new(Shared { session, reader: None }));
+    let on_end = Arc::clone(&shared);
     let reader = MqttReader {
         inner: read,
         shared: Arc::clone(&shared),
@@ -125,6 +135,10 @@ pub(super) async fn serve_halves<R, W>(
         limits: frame_limits,
     };
     connection::run(reader, writer, peer, broker, config, stop).await;
+    let client_id = lock(&on_end).session.client_id().to_string();
+    if !client_id.is_empty() {
+        sessions.detach(&client_id, connection);
+    }
 }
 
 /// Reads MQTT packets off the socket and yields the native frames they stand for.

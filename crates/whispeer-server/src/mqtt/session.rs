@@ -8,7 +8,10 @@
 //! limits, queues, QoS 1 credit and redelivery, metrics — is the native one.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio_util::sync::CancellationToken;
 
 use bytes::Bytes;
 use whispeer_proto::{
@@ -16,7 +19,13 @@ use whispeer_proto::{
     PROTOCOL_VERSION, Qos, StartAt, Topic, header,
 };
 
-use super::codec::{Goodbye, Granted, In, Out, Outcome, Props, Refusal, Version, Will};
+use super::codec::{Goodbye, Granted, In, Outcome, Props, Refusal, Version, Will};
+use super::sessions::{MqttSessions, StoredSub};
+
+/// The queue group of a persistent session's subscriptions: `mqtt-session:<client id>`.
+const SESSION_GROUP: &str = "mqtt-session:";
+/// The longest group name the broker takes.
+const MAX_GROUP_NAME: usize = 255;
 
 /// Headers that carry MQTT 5 properties through the broker.
 const CONTENT_TYPE: &str = "content-type";
@@ -24,17 +33,39 @@ const RESPONSE_TOPIC: &str = "response-topic";
 const CORRELATION: &str = "correlation-data";
 const PAYLOAD_FORMAT: &str = "payload-format";
 
+mod outbound;
+
 /// What a correlation id's reply answers.
 enum Pending {
     Auth,
-    Subscribe { pkid: u16, index: usize, granted: u8, sub: u32 },
-    SubscribeInvalid { pkid: u16, index: usize },
-    Unsubscribe { pkid: u16 },
-    Publish { pkid: u16, exactly_once: bool },
-    PublishInvalid { pkid: u16, exactly_once: bool },
-    Release { pkid: u16 },
+    Subscribe {
+        pkid: u16,
+        index: usize,
+        granted: u8,
+        sub: u32,
+    },
+    SubscribeInvalid {
+        pkid: u16,
+        index: usize,
+    },
+    Unsubscribe {
+        pkid: u16,
+    },
+    Publish {
+        pkid: u16,
+        exactly_once: bool,
+    },
+    PublishInvalid {
+        pkid: u16,
+        exactly_once: bool,
+    },
+    Release {
+        pkid: u16,
+    },
     PingReq,
     Ignore,
+    /// A CONNECT refused once the connection said hello.
+    Refuse(Refusal),
 }
 
 struct SubAckBuild {
@@ -44,6 +75,16 @@ struct SubAckBuild {
 struct SubInfo {
     qos: u8,
     id: Option<usize>,
+    /// A QoS 0 subscription of a persistent session: the native subscription is QoS 1 (a
+    /// lingering group), acknowledged here as each message goes out.
+    acks_itself: bool,
+}
+
+/// The server's session registry, as this connection sees it.
+pub(crate) struct Registry {
+    pub(crate) sessions: Arc<MqttSessions>,
+    pub(crate) connection: u64,
+    pub(crate) stop: CancellationToken,
 }
 
 /// Where the connection stands.
@@ -86,6 +127,12 @@ pub(crate) struct Session {
     next_id: u64,
     /// Frames for the connection's reader that no MQTT packet asked for (PONG to its PING).
     pub(crate) inject: VecDeque<Frame>,
+    pub(crate) registry: Option<Registry>,
+    /// Whether the session outlives the connection.
+    persistent: bool,
+    /// Whether a stored session was resumed (CONNACK's session present).
+    present: bool,
+    expiry_secs: u32,
 }
 
 fn now_ms() -> u64 {
@@ -148,7 +195,16 @@ impl Session {
             id_prefix: u64::from_le_bytes(prefix),
             next_id: 1,
             inject: VecDeque::new(),
+            registry: None,
+            persistent: false,
+            present: false,
+            expiry_secs: 0,
         }
+    }
+
+    /// The client id, once CONNECT came.
+    pub(crate) fn client_id(&self) -> &str {
+        &self.client_id
     }
 
     /// The largest packet a client may send.
@@ -244,6 +300,9 @@ impl Session {
                 self.unsubacks.insert(pkid, (filters.len(), 0));
                 let mut frames = Vec::new();
                 for filter in filters {
+                    if let Some(r) = &self.registry {
+                        r.sessions.unsubscribed(&self.client_id, r.connection, &filter);
+                    }
                     let body = match self.subs.remove(&filter) {
                         Some(sub) => {
                             self.sub_info.remove(&sub);
@@ -268,11 +327,13 @@ impl Session {
         let In::Connect {
             version,
             client_id,
+            clean,
             keep_alive,
             will,
             password,
             receive_max,
             max_packet,
+            session_expiry,
             ..
         } = packet
         else {
@@ -289,15 +350,103 @@ impl Session {
         if let Some(max) = max_packet {
             self.client_max_packet = max as usize;
         }
+        // 3.1.1: a session outlives its connection without clean session; 5: with an expiry.
+        self.expiry_secs = match version {
+            Version::V4 if !clean => u32::MAX,
+            Version::V4 => 0,
+            Version::V5 => session_expiry.unwrap_or(0),
+        };
+        self.persistent = self.expiry_secs > 0;
         let name = format!("mqtt:{}", self.client_id);
         let mut frames =
             vec![Frame::new(1, Body::Hello { version: PROTOCOL_VERSION, capabilities: 0, name })];
+        if self.client_id.is_empty() {
+            if self.persistent && version == Version::V4 {
+                // 3.1.1: a persistent session needs a client id to find it again.
+                self.stage = Stage::Connecting { auth_sent: true };
+                frames.push(self.ask(Pending::Refuse(Refusal::BadClientId), Body::Ping));
+                return Ok(frames);
+            }
+            self.client_id = format!("auto-{:016x}", self.id_prefix ^ self.next_id);
+            self.persistent = false;
+        }
+        if SESSION_GROUP.len() + self.client_id.len() > MAX_GROUP_NAME {
+            self.persistent = false;
+        }
         let auth_sent = password.is_some();
         if let Some(key) = password {
             frames.push(self.ask(Pending::Auth, Body::Auth { key: Bytes::from(key) }));
         }
         self.stage = Stage::Connecting { auth_sent };
+        let expiry =
+            Duration::from_secs(if self.persistent { u64::from(self.expiry_secs) } else { 0 });
+        let resumed = self.registry.as_ref().and_then(|r| {
+            r.sessions.attach(&self.client_id, r.connection, r.stop.clone(), clean, expiry)
+        });
+        self.present = resumed.is_some();
+        for stored in resumed.unwrap_or_default() {
+            frames.extend(self.session_subscribe(&stored.filter, stored.qos, stored.id, None));
+        }
         Ok(frames)
+    }
+
+    /// A persistent session's subscription: a native QoS 1 queue group of the session's own,
+    /// remembered by the registry. With `pkid`, the SUBACK entry it answers.
+    fn session_subscribe(
+        &mut self,
+        text: &str,
+        qos: u8,
+        id: Option<usize>,
+        answer: Option<(u16, usize)>,
+    ) -> Vec<Frame> {
+        let granted = qos.min(1);
+        if let Some(&sub) = self.subs.get(text) {
+            // Resumed already: kept (its queue holds what came while away), its QoS updated.
+            if let Some(info) = self.sub_info.get_mut(&sub) {
+                info.qos = granted;
+                info.acks_itself = granted == 0;
+            }
+            self.remember(text, granted, id);
+            return match answer {
+                Some((pkid, index)) => {
+                    vec![self.ask(Pending::Subscribe { pkid, index, granted, sub }, Body::Ping)]
+                }
+                None => Vec::new(),
+            };
+        }
+        let Ok(filter) = Filter::parse_with(text, &self.limits) else {
+            return match answer {
+                Some((pkid, index)) => {
+                    vec![self.ask(Pending::SubscribeInvalid { pkid, index }, Body::Ping)]
+                }
+                None => Vec::new(),
+            };
+        };
+        let sub = self.next_sub;
+        self.next_sub += 1;
+        self.subs.insert(text.to_string(), sub);
+        self.sub_info.insert(sub, SubInfo { qos: granted, id, acks_itself: granted == 0 });
+        self.remember(text, granted, id);
+        let body = Body::Subscribe {
+            sub,
+            qos: Qos::AtLeastOnce,
+            filter,
+            prefetch: self.receive_max.map_or(0, u32::from),
+            group: Some(format!("{SESSION_GROUP}{}", self.client_id)),
+            start: StartAt::Latest,
+        };
+        let pending = match answer {
+            Some((pkid, index)) => Pending::Subscribe { pkid, index, granted, sub },
+            None => Pending::Ignore,
+        };
+        vec![self.ask(pending, body)]
+    }
+
+    fn remember(&self, filter: &str, qos: u8, id: Option<usize>) {
+        if let Some(r) = &self.registry {
+            let stored = StoredSub { filter: filter.to_string(), qos, id };
+            r.sessions.subscribed(&self.client_id, r.connection, stored);
+        }
     }
 
     fn publish(
@@ -340,6 +489,10 @@ impl Session {
         let mut frames = Vec::new();
         for (index, (text, qos)) in filters.iter().enumerate() {
             let (group, filter) = shared(text);
+            if self.persistent && group.is_none() {
+                frames.extend(self.session_subscribe(text, *qos, id, Some((pkid, index))));
+                continue;
+            }
             let Ok(filter) = Filter::parse_with(filter, &self.limits) else {
                 frames.push(self.ask(Pending::SubscribeInvalid { pkid, index }, Body::Ping));
                 continue;
@@ -353,7 +506,7 @@ impl Session {
             self.next_sub += 1;
             let granted = (*qos).min(1);
             self.subs.insert(text.clone(), sub);
-            self.sub_info.insert(sub, SubInfo { qos: granted, id });
+            self.sub_info.insert(sub, SubInfo { qos: granted, id, acks_itself: false });
             let body = Body::Subscribe {
                 sub,
                 qos: if granted == 0 { Qos::AtMostOnce } else { Qos::AtLeastOnce },
@@ -365,191 +518,5 @@ impl Session {
             frames.push(self.ask(Pending::Subscribe { pkid, index, granted, sub }, body));
         }
         frames
-    }
-
-    fn resolve_subscribe(&mut self, pkid: u16, index: usize, granted: Granted) -> Vec<Out> {
-        let Some(build) = self.subacks.get_mut(&pkid) else { return Vec::new() };
-        if let Some(slot) = build.granted.get_mut(index) {
-            *slot = Some(granted);
-        }
-        if build.granted.iter().any(Option::is_none) {
-            return Vec::new();
-        }
-        let Some(build) = self.subacks.remove(&pkid) else { return Vec::new() };
-        let granted = build.granted.into_iter().map(|g| g.unwrap_or(Granted::Failed)).collect();
-        vec![Out::SubAck { pkid, granted }]
-    }
-
-    fn resolve_unsubscribe(&mut self, pkid: u16) -> Vec<Out> {
-        let Some((count, done)) = self.unsubacks.get_mut(&pkid) else { return Vec::new() };
-        *done += 1;
-        if done < count {
-            return Vec::new();
-        }
-        let count = *count;
-        self.unsubacks.remove(&pkid);
-        vec![Out::UnsubAck { pkid, count }]
-    }
-
-    fn publish_answer(&mut self, pkid: u16, exactly_once: bool, outcome: Outcome) -> Vec<Out> {
-        if exactly_once {
-            if outcome != Outcome::Success {
-                self.exactly_once.remove(&pkid);
-            }
-            vec![Out::PubRec { pkid, outcome }]
-        } else {
-            vec![Out::PubAck { pkid, outcome }]
-        }
-    }
-
-    /// The MQTT packets a frame from the connection stands for.
-    pub(crate) fn outbound(&mut self, frame: Frame) -> Vec<Out> {
-        let correlation = frame.correlation;
-        match frame.body {
-            Body::Welcome { capabilities, .. } => match self.stage {
-                Stage::Connecting { auth_sent: false } if capabilities & 1 != 0 => {
-                    self.refuse(Refusal::NotAuthorized)
-                }
-                Stage::Connecting { auth_sent: false } => self.accept(),
-                _ => Vec::new(),
-            },
-            Body::Ok | Body::PubAck | Body::Pong => {
-                let Some(pending) = self.pending.remove(&correlation) else { return Vec::new() };
-                match pending {
-                    Pending::Auth => self.accept(),
-                    Pending::Subscribe { pkid, index, granted, .. } => {
-                        self.resolve_subscribe(pkid, index, Granted::Qos(granted))
-                    }
-                    Pending::SubscribeInvalid { pkid, index } => {
-                        self.resolve_subscribe(pkid, index, Granted::Invalid)
-                    }
-                    Pending::Unsubscribe { pkid } => self.resolve_unsubscribe(pkid),
-                    Pending::Publish { pkid, exactly_once } => {
-                        self.publish_answer(pkid, exactly_once, Outcome::Success)
-                    }
-                    Pending::PublishInvalid { pkid, exactly_once } => {
-                        self.publish_answer(pkid, exactly_once, Outcome::TopicInvalid)
-                    }
-                    Pending::Release { pkid } => vec![Out::PubComp(pkid)],
-                    Pending::PingReq => vec![Out::PingResp],
-                    Pending::Ignore => Vec::new(),
-                }
-            }
-            Body::Error { code, message } => {
-                let Some(pending) = self.pending.remove(&correlation) else {
-                    tracing::debug!(client = %self.client_id, %code, message, "mqtt connection ends");
-                    return self.goodbye(goodbye_of(code));
-                };
-                match pending {
-                    Pending::Auth => self.refuse(Refusal::BadCredentials),
-                    Pending::Subscribe { pkid, index, sub, .. } => {
-                        // The subscription was not made: forget its id.
-                        self.sub_info.remove(&sub);
-                        self.subs.retain(|_, s| *s != sub);
-                        let granted = match outcome_of(code) {
-                            Outcome::NotAuthorized => Granted::NotAuthorized,
-                            Outcome::TopicInvalid => Granted::Invalid,
-                            Outcome::Quota => Granted::Quota,
-                            _ => Granted::Failed,
-                        };
-                        self.resolve_subscribe(pkid, index, granted)
-                    }
-                    Pending::SubscribeInvalid { pkid, index } => {
-                        self.resolve_subscribe(pkid, index, Granted::Invalid)
-                    }
-                    Pending::Unsubscribe { pkid } => self.resolve_unsubscribe(pkid),
-                    Pending::Publish { pkid, exactly_once }
-                    | Pending::PublishInvalid { pkid, exactly_once } => {
-                        tracing::debug!(client = %self.client_id, %code, message, "mqtt publish refused");
-                        self.publish_answer(pkid, exactly_once, outcome_of(code))
-                    }
-                    Pending::Release { pkid } => vec![Out::PubComp(pkid)],
-                    Pending::PingReq => vec![Out::PingResp],
-                    Pending::Ignore => Vec::new(),
-                }
-            }
-            Body::Ping => {
-                // The server's probe of an idle connection: answered here, MQTT has no such thing.
-                self.inject.push_back(Frame::new(correlation, Body::Pong));
-                Vec::new()
-            }
-            Body::Deliver { sub, attempt, envelope, .. } => self.deliver(sub, attempt, envelope),
-            _ => Vec::new(),
-        }
-    }
-
-    fn accept(&mut self) -> Vec<Out> {
-        self.stage = Stage::Connected;
-        vec![Out::ConnAck {
-            refused: None,
-            max_packet: u32::try_from(self.limits.max_frame_bytes).unwrap_or(u32::MAX),
-            receive_max: u16::MAX,
-        }]
-    }
-
-    fn refuse(&mut self, why: Refusal) -> Vec<Out> {
-        self.stage = Stage::Closing;
-        vec![Out::ConnAck { refused: Some(why), max_packet: 0, receive_max: 0 }]
-    }
-
-    fn goodbye(&mut self, why: Goodbye) -> Vec<Out> {
-        let stage = std::mem::replace(&mut self.stage, Stage::Closing);
-        match stage {
-            Stage::Connected => vec![Out::Disconnect(why)],
-            Stage::Connecting { .. } => {
-                let refused = match why {
-                    Goodbye::NotAuthorized => Refusal::NotAuthorized,
-                    _ => Refusal::Unavailable,
-                };
-                vec![Out::ConnAck { refused: Some(refused), max_packet: 0, receive_max: 0 }]
-            }
-            _ => Vec::new(),
-        }
-    }
-
-    fn next_pkid(&mut self) -> Option<u16> {
-        for _ in 0..u16::MAX {
-            let pkid = self.next_pkid;
-            self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
-            if !self.outgoing.contains_key(&pkid) {
-                return Some(pkid);
-            }
-        }
-        None
-    }
-
-    fn deliver(&mut self, sub: u32, attempt: u32, envelope: Envelope) -> Vec<Out> {
-        let Some(info) = self.sub_info.get(&sub) else { return Vec::new() };
-        let (qos, subscription_id) = (info.qos, info.id);
-        let retain = envelope.headers.get(header::RETAINED).is_some();
-        let mut props = Props::default();
-        for (name, value) in envelope.headers.iter() {
-            let text = || String::from_utf8_lossy(value).into_owned();
-            match name {
-                header::TTL_MS => {
-                    props.expiry_secs =
-                        text().parse::<u64>().ok().map(|ms| ms.div_ceil(1000) as u32);
-                }
-                CONTENT_TYPE => props.content_type = Some(text()),
-                RESPONSE_TOPIC => props.response_topic = Some(text()),
-                CORRELATION => props.correlation = Some(value.clone()),
-                PAYLOAD_FORMAT => props.format = text().parse().ok(),
-                header::IDEMPOTENCY_KEY | header::RETAIN | header::RETAINED => {}
-                _ => props.user.push((name.to_string(), text())),
-            }
-        }
-        props.subscription_ids.extend(subscription_id);
-        let topic = envelope.topic.as_str().to_string();
-        let payload = envelope.payload;
-        if qos == 0 {
-            let (dup, pkid) = (false, 0);
-            return vec![Out::Publish { topic, qos: 0, dup, retain, pkid, payload, props }];
-        }
-        let Some(pkid) = self.next_pkid() else {
-            // 65,535 unacknowledged: the credit window keeps this from happening.
-            return Vec::new();
-        };
-        self.outgoing.insert(pkid, (sub, envelope.id));
-        vec![Out::Publish { topic, qos: 1, dup: attempt > 1, retain, pkid, payload, props }]
     }
 }
