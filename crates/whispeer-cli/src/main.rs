@@ -10,6 +10,7 @@ mod config;
 mod inspect;
 mod pubsub;
 mod replay;
+mod request;
 mod serve;
 
 use std::path::PathBuf;
@@ -68,6 +69,14 @@ enum Command {
     ///
     /// Example: whispeer chat --as alice, then /msg bob hi, /join team, /history bob, /who
     Chat(chat::ChatArgs),
+    /// Send a request and print its reply (request/reply; MQTT 5 responders answer it too).
+    ///
+    /// Example: whispeer req svc/time now
+    Req(request::ReqArgs),
+    /// Answer requests: with --message, or by echoing each request.
+    ///
+    /// Example: whispeer reply svc/time --message 12:00
+    Reply(request::ReplyArgs),
     /// Subscribe and print each message (with -v, its topic first, like mosquitto_sub -v).
     ///
     /// Example: whispeer sub 'sensor/#' -v
@@ -174,6 +183,8 @@ fn main() -> ExitCode {
         Command::Pub(args) => pubsub::run_pub(args),
         Command::Chat(args) => chat::run(args),
         Command::Sub(args) => pubsub::run_sub(args),
+        Command::Req(args) => request::run_req(args),
+        Command::Reply(args) => request::run_reply(args),
         Command::Replay(args) => replay::run(args),
         Command::Inspect(args) => inspect::run(&args),
         Command::Bench(args) => bench::run(args),

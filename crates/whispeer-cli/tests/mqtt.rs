@@ -272,3 +272,44 @@ fn retained_messages_reach_new_subscribers_of_every_protocol_and_an_empty_one_cl
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&sub.stdout).trim(), "home/door shut");
 }
+
+#[test]
+fn request_reply_works_between_native_and_mqtt5_clients_with_clear_errors() {
+    let server = MqttServer::start(&[]);
+    let addr = server.addr.as_str();
+    let bin = |args: &[&str]| Command::new(common::BIN).args(args).output().unwrap();
+    // A native responder answers an MQTT 5 requester.
+    let mut responder = Command::new(common::BIN)
+        .args(["reply", "--server", addr, "svc/native", "--message", "pong", "--count", "1"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    BufReader::new(responder.stderr.take().unwrap()).read_line(&mut ready).unwrap();
+    assert!(ready.contains("answering requests"), "{ready}");
+    paho(&server.port, "ask-native");
+    assert!(responder.wait().unwrap().success());
+    // An MQTT 5 responder answers a native request.
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mqtt/paho_check.py");
+    let mut answering = tool("python3")
+        .args([script, &server.port, "answer-native"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(answering.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    let asked = bin(&["req", "--server", addr, "svc/paho", "hello"]);
+    assert_eq!(String::from_utf8_lossy(&asked.stdout).trim(), "paho says hello", "{asked:?}");
+    assert!(answering.wait().unwrap().success());
+    // Nothing subscribes: refused at once; something takes it and never answers: no reply.
+    let nobody = bin(&["req", "--server", addr, "svc/nobody", "x"]);
+    assert!(String::from_utf8_lossy(&nobody.stderr).contains("no responders"), "{nobody:?}");
+    let silent = common::subscriber(&["--server", addr, "svc/silent"], &[]);
+    let waited = bin(&["req", "--server", addr, "--timeout-ms", "300", "svc/silent", "x"]);
+    assert!(String::from_utf8_lossy(&waited.stderr).contains("no reply"), "{waited:?}");
+    let mut silent = silent;
+    let _ = silent.kill();
+    let _ = silent.wait();
+}

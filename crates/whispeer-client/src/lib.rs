@@ -24,6 +24,7 @@
 mod chat;
 mod connection;
 mod options;
+mod request;
 mod subscription;
 mod transport;
 
@@ -46,6 +47,7 @@ pub use chat::{
     Presence,
 };
 pub use options::{ClientOptions, PublishOptions, SubscribeOptions};
+pub use request::Responder;
 pub use subscription::{ClientSubscription, Delivery, SubscriptionStats};
 pub use whispeer_engines as engines;
 pub use whispeer_engines::ReceiveError;
@@ -87,6 +89,17 @@ pub enum ClientError {
     /// effect.
     #[error("connection lost before the server answered")]
     Disconnected,
+    /// A request that nothing subscribes to.
+    #[error("no responders: nothing subscribes to {0}")]
+    NoResponders(String),
+    /// A request that got no reply in time.
+    #[error("no reply to the request on {topic} within {timeout:?}")]
+    NoReply {
+        /// The request's topic.
+        topic: String,
+        /// How long the request waited.
+        timeout: Duration,
+    },
     /// The client has been closed.
     #[error("client closed")]
     Closed,
@@ -193,6 +206,8 @@ struct Shared {
     next_id: AtomicU64,
     subscription_capacity: usize,
     subscription_max_bytes: usize,
+    /// Where replies to this client's requests arrive (made on the first request).
+    inbox: tokio::sync::OnceCell<Arc<request::Inbox>>,
 }
 
 /// A connection to a whispeer server. Cheap to clone; the connection closes when every clone
@@ -234,6 +249,7 @@ impl Client {
             next_id: AtomicU64::new(1),
             subscription_capacity: options.subscription_capacity,
             subscription_max_bytes: options.subscription_max_bytes,
+            inbox: tokio::sync::OnceCell::new(),
         });
         let (commands, rx) = mpsc::channel(options.command_queue);
         let (settles, settled) = mpsc::unbounded_channel();

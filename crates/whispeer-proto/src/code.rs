@@ -59,6 +59,8 @@ codes! {
     /// A cluster node could not hand the message to the other nodes (its engine is
     /// unreachable or behind); local subscribers may have it. Retry, here or on another node.
     CLUSTER_UNAVAILABLE = 17, "cluster unavailable: the message did not reach the other nodes; retry";
+    /// A QoS 1 request (a publish with `response-topic`) that no subscriber took.
+    NO_RESPONDERS = 18, "no responders: nothing subscribes to the request's topic";
 }
 
 impl fmt::Display for ErrorCode {

@@ -229,6 +229,11 @@ pub mod header {
     pub const RETAIN: &str = "retain";
     /// `1` on a delivery: a retained message, given to a new subscription.
     pub const RETAINED: &str = "retained";
+    /// On a request: the topic to publish the reply to (MQTT 5's response topic). A QoS 1
+    /// request that no subscriber takes is refused with `NO_RESPONDERS`.
+    pub const RESPONSE_TOPIC: &str = "response-topic";
+    /// On a request and its reply: what ties them together (MQTT 5's correlation data).
+    pub const CORRELATION_DATA: &str = "correlation-data";
 }
 
 impl Headers {

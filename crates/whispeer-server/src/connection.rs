@@ -33,6 +33,7 @@ use whispeer_core::{
     Acker, Broker, ByteBudget, PublishError, PublishReceipt, SubscribeError, SubscribeOptions,
     Unconfirmed,
 };
+use whispeer_proto::header::RESPONSE_TOPIC;
 
 /// Capability bit in `Welcome`: the server requires `Auth`.
 const CAP_AUTH_REQUIRED: u32 = 1;
@@ -431,7 +432,17 @@ impl Connection {
             }
         }
         let (topic, bytes) = (envelope.topic.clone(), envelope.payload.len());
+        let request = qos == Qos::AtLeastOnce && envelope.headers.get(RESPONSE_TOPIC).is_some();
         let published = self.broker.publish_envelope(envelope);
+        // A request nothing took (known here only when no other node or store is involved).
+        if let Ok(receipt) = &published
+            && request
+            && receipt.subscribers == 0
+            && !receipt.is_durable_pending()
+        {
+            let message = format!("nothing subscribes to {topic}");
+            return self.reply_error(correlation, ErrorCode::NO_RESPONDERS, message).await;
+        }
         if published.is_ok() {
             self.config.traffic.inbound(&mut self.flows, &topic, bytes);
             bump(&self.registered.entry.published);
@@ -527,23 +538,12 @@ impl Connection {
         retained: Vec<Frame>,
     ) {
         if self.subscriptions.contains_key(&sub) {
-            return self
-                .reply_error(
-                    correlation,
-                    ErrorCode::DUPLICATE_SUBSCRIPTION,
-                    format!("subscription {sub} exists"),
-                )
-                .await;
+            let message = format!("subscription {sub} exists");
+            return self.reply_error(correlation, ErrorCode::DUPLICATE_SUBSCRIPTION, message).await;
         }
         if self.subscriptions.len() >= self.config.max_subscriptions {
-            let max = self.config.max_subscriptions;
-            return self
-                .reply_error(
-                    correlation,
-                    ErrorCode::LIMIT_REACHED,
-                    format!("at most {max} subscriptions"),
-                )
-                .await;
+            let message = format!("at most {} subscriptions", self.config.max_subscriptions);
+            return self.reply_error(correlation, ErrorCode::LIMIT_REACHED, message).await;
         }
         let subscription = match self.broker.messages(options) {
             Ok(subscription) => subscription,

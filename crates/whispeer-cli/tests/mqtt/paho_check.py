@@ -116,18 +116,32 @@ def shared():
     print(f"ok: 40 jobs shared by a $share group, {len(got[0])} and {len(got[1])}, each once")
 
 
-def request():
-    responder = client("responder")
-    connect(responder)
-    subscribe(responder, "svc/echo")
+def ask(topic, payload, correlation):
+    """A requester that published `payload` to `topic` with its reply topic and correlation."""
     requester = client("requester")
     connect(requester)
     inbox = f"reply/{uuid.uuid4().hex[:8]}"
     subscribe(requester, inbox)
     props = Properties(PacketTypes.PUBLISH)
     props.ResponseTopic = inbox
-    props.CorrelationData = b"corr-42"
-    requester.publish("svc/echo", b"ping", qos=1, properties=props).wait_for_publish()
+    props.CorrelationData = correlation
+    requester.publish(topic, payload, qos=1, properties=props).wait_for_publish()
+    return requester, inbox
+
+
+def expect_answer(requester, payload, correlation):
+    answer = take(requester)
+    if answer is None or answer.payload != payload:
+        fail(f"no answer {payload}: {answer and answer.payload}")
+    if getattr(answer.properties, "CorrelationData", None) != correlation:
+        fail(f"correlation data lost: {answer.properties}")
+
+
+def request():
+    responder = client("responder")
+    connect(responder)
+    subscribe(responder, "svc/echo")
+    requester, inbox = ask("svc/echo", b"ping", b"corr-42")
     asked = take(responder)
     if asked is None:
         fail("the request did not arrive")
@@ -136,11 +150,7 @@ def request():
     reply = Properties(PacketTypes.PUBLISH)
     reply.CorrelationData = asked.properties.CorrelationData
     responder.publish(inbox, b"pong:" + asked.payload, qos=1, properties=reply).wait_for_publish()
-    answer = take(requester)
-    if answer is None or answer.payload != b"pong:ping":
-        fail(f"no answer: {answer and answer.payload}")
-    if getattr(answer.properties, "CorrelationData", None) != b"corr-42":
-        fail(f"correlation data lost: {answer.properties}")
+    expect_answer(requester, b"pong:ping", b"corr-42")
     print("ok: MQTT 5 request/response through response topic and correlation data")
 
 
@@ -229,7 +239,32 @@ def persistent():
     print("ok: persistent sessions (3.1.1 and 5) resumed with what arrived while away")
 
 
+def ask_native():
+    # A native `whispeer reply svc/native --message pong` answers an MQTT 5 request.
+    requester, _ = ask("svc/native", b"ping", b"c-7")
+    expect_answer(requester, b"pong", b"c-7")
+    print("ok: a native responder answered an MQTT 5 request")
+
+
+def answer_native():
+    # Answers one request on svc/paho (from `whispeer req`) through its response topic.
+    responder = client("answerer")
+    connect(responder)
+    subscribe(responder, "svc/paho")
+    print("ready", flush=True)
+    asked = take(responder, 20)
+    if asked is None:
+        fail("no request came")
+    reply = Properties(PacketTypes.PUBLISH)
+    reply.CorrelationData = asked.properties.CorrelationData
+    topic = asked.properties.ResponseTopic
+    responder.publish(topic, b"paho says " + asked.payload, qos=1, properties=reply).wait_for_publish()
+    print("ok: answered a native request")
+
+
 SCENARIOS = {
+    "ask-native": ask_native,
+    "answer-native": answer_native,
     "persistent": persistent,
     "websocket": websocket,
     "shared": shared,

@@ -29,8 +29,8 @@ const MAX_GROUP_NAME: usize = 255;
 
 /// Headers that carry MQTT 5 properties through the broker.
 const CONTENT_TYPE: &str = "content-type";
-const RESPONSE_TOPIC: &str = "response-topic";
-const CORRELATION: &str = "correlation-data";
+const RESPONSE_TOPIC: &str = header::RESPONSE_TOPIC;
+const CORRELATION: &str = header::CORRELATION_DATA;
 const PAYLOAD_FORMAT: &str = "payload-format";
 
 mod outbound;

@@ -1,0 +1,168 @@
+//! Request/reply, as NATS has it: [`Client::request`] publishes at QoS 1 with a reply topic and a
+//! correlation id (the `response-topic` and `correlation-data` headers, which are MQTT 5's
+//! response topic and correlation data too) and waits for the one reply on the client's own
+//! inbox; [`Client::respond`] answers the requests on a filter, responders sharing them as a
+//! queue group. A request nothing subscribes to fails at once ([`ClientError::NoResponders`]),
+//! one without an answer in time with [`ClientError::NoReply`]. Responders are a QoS 1 queue
+//! group: when the last one leaves, the group lingers (the broker's `group_linger`) and keeps
+//! the requests that come for a responder that returns; meanwhile a request waits for its
+//! timeout rather than failing with `NoResponders`.
+//!
+//! The inbox is `_inbox/<16 hex digits>/<n>` (one subscription per client, made on the first
+//! request): on a server with ACLs, grant requesters `subscribe = ["_inbox/#"]` and responders
+//! `publish = ["_inbox/#"]`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{oneshot, watch};
+use whispeer_proto::header::{CORRELATION_DATA, RESPONSE_TOPIC};
+use whispeer_proto::{ErrorCode, Qos};
+
+use super::{Client, ClientError, Delivery, PublishOptions, SubscribeOptions};
+
+/// Requests a responder holds at once before acknowledging them.
+const RESPONDER_WINDOW: u32 = 8;
+
+/// A client's inbox: its replies' topics and who waits for each.
+#[derive(Debug)]
+pub(crate) struct Inbox {
+    prefix: String,
+    next: AtomicU64,
+    waiting: Arc<Mutex<HashMap<u64, oneshot::Sender<Delivery>>>>,
+    /// Dropped with the inbox: its task ends.
+    _stop: watch::Sender<()>,
+}
+
+/// Answers requests until dropped.
+#[derive(Debug)]
+pub struct Responder {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Client {
+    async fn inbox(&self) -> Result<&Arc<Inbox>, ClientError> {
+        self.shared
+            .inbox
+            .get_or_try_init(|| async {
+                let mut id = [0u8; 8];
+                let _ = getrandom::fill(&mut id);
+                let prefix = format!("_inbox/{:016x}", u64::from_le_bytes(id));
+                let mut replies = self.messages(format!("{prefix}/#")).await?;
+                let waiting: Arc<Mutex<HashMap<u64, oneshot::Sender<Delivery>>>> = Arc::default();
+                let (stop, mut stopped) = watch::channel(());
+                let routes = Arc::clone(&waiting);
+                tokio::spawn(async move {
+                    loop {
+                        let reply = tokio::select! {
+                            reply = replies.recv() => reply,
+                            _ = stopped.changed() => None,
+                        };
+                        let Some(reply) = reply else { break };
+                        let correlation = reply.headers().get(CORRELATION_DATA);
+                        let n = correlation.and_then(|c| std::str::from_utf8(c).ok()?.parse().ok());
+                        let waiter = n.and_then(|n: u64| {
+                            routes.lock().unwrap_or_else(PoisonError::into_inner).remove(&n)
+                        });
+                        if let Some(waiter) = waiter {
+                            let _ = waiter.send(reply);
+                        }
+                    }
+                });
+                Ok(Arc::new(Inbox { prefix, next: AtomicU64::new(1), waiting, _stop: stop }))
+            })
+            .await
+    }
+
+    /// Publishes `payload` to `topic` as a request and waits up to `timeout` for its reply.
+    ///
+    /// # Errors
+    /// [`ClientError::NoResponders`] when nothing subscribes to `topic`,
+    /// [`ClientError::NoReply`] without a reply in time, or as [`Client::publish_acked`].
+    pub async fn request(
+        &self,
+        topic: &str,
+        payload: impl Into<Bytes>,
+        timeout: Duration,
+    ) -> Result<Delivery, ClientError> {
+        let inbox = self.inbox().await?;
+        let n = inbox.next.fetch_add(1, Ordering::Relaxed);
+        let (answer, answered) = oneshot::channel();
+        let forget = || inbox.waiting.lock().unwrap_or_else(PoisonError::into_inner).remove(&n);
+        inbox.waiting.lock().unwrap_or_else(PoisonError::into_inner).insert(n, answer);
+        let options = PublishOptions::new()
+            .qos(Qos::AtLeastOnce)
+            .header(RESPONSE_TOPIC, format!("{}/{n}", inbox.prefix))
+            .header(CORRELATION_DATA, n.to_string());
+        match self.publish_bytes_with(topic, payload, &options).await {
+            Ok(_) => {}
+            Err(ClientError::Server { code, .. }) if code == ErrorCode::NO_RESPONDERS => {
+                forget();
+                return Err(ClientError::NoResponders(topic.to_string()));
+            }
+            Err(err) => {
+                forget();
+                return Err(err);
+            }
+        }
+        match tokio::time::timeout(timeout, answered).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(_)) => Err(ClientError::Closed),
+            Err(_) => {
+                forget();
+                Err(ClientError::NoReply { topic: topic.to_string(), timeout })
+            }
+        }
+    }
+
+    /// Answers the requests on `filter` with what `handler` returns (`None`: no answer),
+    /// sharing them with the other responders of queue group `group`; until the [`Responder`]
+    /// is dropped. A message without a reply topic is passed over.
+    ///
+    /// # Errors
+    /// As [`Client::messages`].
+    pub async fn respond<F>(
+        &self,
+        filter: &str,
+        group: &str,
+        mut handler: F,
+    ) -> Result<Responder, ClientError>
+    where
+        F: FnMut(&Delivery) -> Option<Bytes> + Send + 'static,
+    {
+        // QoS 1 with a small window: requests are spread over the group's responders, and one
+        // taken by a responder that goes away is given to another.
+        let options = SubscribeOptions::new(filter)
+            .group(group)
+            .qos(Qos::AtLeastOnce)
+            .prefetch(RESPONDER_WINDOW);
+        let mut requests = self.messages(options).await?;
+        let client = self.clone();
+        let task = tokio::spawn(async move {
+            while let Some(request) = requests.recv().await {
+                let reply_to = request.headers().get(RESPONSE_TOPIC);
+                let Some(reply_to) = reply_to.and_then(|t| std::str::from_utf8(t).ok()) else {
+                    continue;
+                };
+                let Some(body) = handler(&request) else { continue };
+                let mut options = PublishOptions::new();
+                if let Some(correlation) = request.headers().get(CORRELATION_DATA) {
+                    options = options.header(CORRELATION_DATA, correlation.clone());
+                }
+                if let Err(err) = client.publish_bytes_with(reply_to, body, &options).await {
+                    tracing::debug!(%err, "reply not sent");
+                }
+            }
+        });
+        Ok(Responder { task })
+    }
+}
