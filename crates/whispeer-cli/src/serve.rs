@@ -205,8 +205,8 @@ async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
         let scheme = if secure { "wss" } else { "ws" };
         tracing::info!(%chat, path = %config.chat.path, "listening for chat clients");
         println!("whispeer: chat listening on {scheme}://{chat}{}", config.chat.path);
-        if config.chat.page_dir.is_some() && !secure {
-            println!("whispeer: chat page on http://{chat}/");
+        if config.chat.page_dir.is_some() {
+            println!("whispeer: chat page on {}://{chat}/", if secure { "https" } else { "http" });
         }
     }
     if let Some(status) = &cluster_status {

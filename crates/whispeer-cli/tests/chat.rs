@@ -485,3 +485,52 @@ async fn the_terminal_chat_seals_group_messages_and_reports_a_changed_key() {
     drop((alice, bob));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_chat_page_is_served_over_tls_too() {
+    use std::io::BufRead;
+    let (dir, _) = temp_dir("tls-page");
+    let web = dir.join("web");
+    std::fs::create_dir_all(&web).unwrap();
+    std::fs::write(web.join("whispeer_wasm.js"), "export default 42;").unwrap();
+    let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    let made = std::process::Command::new(common::BIN)
+        .args(["cert", "--out", &path(""), "--host", "127.0.0.1"])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let tls = format!("[tls]\ncert = {:?}\nkey = {:?}\n", path("cert.pem"), path("key.pem"));
+    std::fs::write(path("whispeer.toml"), tls).unwrap();
+    let web_dir = web.to_string_lossy().into_owned();
+    let args = ["--chat-listen", "127.0.0.1:0", "--chat-page", &web_dir, "--config"];
+    let mut server =
+        common::serve_command(&[&args[..], &[path("whispeer.toml").as_str()]].concat(), &[])
+            .spawn()
+            .unwrap();
+    let mut out = std::io::BufReader::new(server.stdout.take().unwrap());
+    let mut page = String::new();
+    while page.is_empty() {
+        let mut line = String::new();
+        assert!(out.read_line(&mut line).unwrap() > 0, "the server ended");
+        if let Some(url) = line.trim().strip_prefix("whispeer: chat page on ") {
+            page = url.to_string();
+        }
+    }
+    assert!(page.starts_with("https://127.0.0.1:"), "{page}");
+    let curl = |url: &str| {
+        let got = std::process::Command::new("curl")
+            .args(["-s", "--fail", "--cacert", &path("ca.pem"), url])
+            .output()
+            .expect("curl: run scripts/install-servers");
+        (got.status.success(), String::from_utf8_lossy(&got.stdout).into_owned())
+    };
+    let (ok, html) = curl(&page);
+    assert!(ok && html.contains("whispeer_wasm.js"), "{html}");
+    assert_eq!(curl(&format!("{page}pkg/whispeer_wasm.js")), (true, "export default 42;".into()));
+    // Plain HTTP on the TLS port gets nothing.
+    let (ok, _) = curl(&page.replace("https://", "http://"));
+    assert!(!ok);
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -2,7 +2,7 @@
 //! that is not a WebSocket upgrade gets the page (`/`), or the WASM client's web package from
 //! the directory (`/pkg/whispeer_wasm.js`, `/pkg/whispeer_wasm_bg.wasm`; nothing else). The
 //! request head is read once; an upgrade reaches the WebSocket handshake with those bytes
-//! replayed (`Prefixed`). Not over TLS.
+//! replayed (`Prefixed`). With `[tls]`, after the TLS handshake: the page is `https://`.
 
 use std::path::Path;
 use std::time::Duration;
@@ -12,28 +12,27 @@ use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
 
 const PAGE: &str = include_str!("page.html");
 /// The most of a request head looked at.
 const HEAD_BYTES: usize = 8 * 1024;
 
 /// What the connection is.
-pub(super) enum Head {
+pub(super) enum Head<S> {
     /// A WebSocket upgrade (or something else for the handshake to refuse): the connection,
     /// replaying the bytes read so far.
-    Upgrade(Prefixed),
+    Upgrade(Prefixed<S>),
     /// A page request, answered and closed; or a connection that ended or stalled.
     Done,
 }
 
 /// A socket whose first bytes were already read: they are read again first.
-pub(super) struct Prefixed {
+pub(super) struct Prefixed<S> {
     head: Bytes,
-    stream: TcpStream,
+    stream: S,
 }
 
-impl AsyncRead for Prefixed {
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -48,7 +47,7 @@ impl AsyncRead for Prefixed {
     }
 }
 
-impl AsyncWrite for Prefixed {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -68,12 +67,12 @@ impl AsyncWrite for Prefixed {
 
 /// Reads the request head (up to 8 KiB, within `patience`); answers a plain `GET` from the page
 /// or `dir`, and hands anything else on with the bytes read.
-pub(super) async fn serve_if_page(
-    mut stream: TcpStream,
+pub(super) async fn serve_if_page<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
     dir: &Path,
     chat_path: &str,
     patience: Duration,
-) -> Head {
+) -> Head<S> {
     let mut head = BytesMut::with_capacity(1024);
     let read = tokio::time::timeout(patience, async {
         while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < HEAD_BYTES {

@@ -125,26 +125,34 @@ pub(super) async fn run(
 ) {
     let _ = stream.set_nodelay(true);
     #[cfg(feature = "tls")]
-    let plain = config.tls.is_none();
-    #[cfg(not(feature = "tls"))]
-    let plain = true;
-    if let Some(dir) = hub.config.page_dir.clone().filter(|_| plain) {
-        let path = hub.config.path.clone();
-        match super::page::serve_if_page(stream, &dir, &path, config.idle_timeout()).await {
-            super::page::Head::Upgrade(stream) => upgrade(stream, peer, hub, config, stop).await,
-            super::page::Head::Done => {}
-        }
-        return;
-    }
-    #[cfg(feature = "tls")]
     if let Some(tls) = &config.tls {
         let Some(stream) = crate::tls::accept(tls, stream, peer, config.idle_timeout()).await
         else {
             return;
         };
-        return upgrade(stream, peer, hub, config, stop).await;
+        return page_or_upgrade(stream, peer, hub, config, stop).await;
     }
-    upgrade(stream, peer, hub, config, stop).await;
+    page_or_upgrade(stream, peer, hub, config, stop).await;
+}
+
+/// Serves the page to a plain `GET` when it is configured, or upgrades.
+async fn page_or_upgrade<S>(
+    stream: S,
+    peer: SocketAddr,
+    hub: Arc<Hub>,
+    config: Arc<ServerConfig>,
+    stop: CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Some(dir) = hub.config.page_dir.clone() else {
+        return upgrade(stream, peer, hub, config, stop).await;
+    };
+    let path = hub.config.path.clone();
+    match super::page::serve_if_page(stream, &dir, &path, config.idle_timeout()).await {
+        super::page::Head::Upgrade(stream) => upgrade(stream, peer, hub, config, stop).await,
+        super::page::Head::Done => {}
+    }
 }
 
 async fn upgrade<S>(
