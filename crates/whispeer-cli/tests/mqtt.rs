@@ -261,6 +261,13 @@ fn retained_messages_reach_new_subscribers_of_every_protocol_and_an_empty_one_cl
     let text = String::from_utf8_lossy(&sub.stdout).into_owned();
     assert!(text.contains("home/lamp on") && text.contains("home/door shut"), "{text}");
     assert_eq!(text.matches(", r1, ").count(), 2, "{text}");
+    // A client with a persistent session too (its subscription is a queue group of its own).
+    let persistent = tool("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", port, "-v", "-c", "-i", "keeper", "-q", "1"])
+        .args(["-t", "home/door", "-C", "1", "-W", "20"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&persistent.stdout).trim(), "home/door shut");
     // A new native subscriber too.
     let got = common::subscriber(&["--server", &server.addr, "--count", "1", "home/lamp"], &[]);
     assert!(common::output_of(got).contains("on"));

@@ -378,7 +378,7 @@ impl Connection {
             let message = format!("not allowed to join queue group {group}");
             return self.reply_error(correlation, ErrorCode::FORBIDDEN, message).await;
         }
-        let retained = self.config.retained.deliveries(sub, &filter, group.is_some());
+        let retained = self.config.retained.deliveries(sub, &filter, group.as_deref());
         let mut options = SubscribeOptions::new(filter.as_str()).qos(qos).start(start);
         if prefetch > 0 {
             options = options.prefetch(prefetch as usize);

@@ -99,9 +99,10 @@ impl Retained {
     }
 
     /// The deliveries of the retained messages a new subscription `sub` of `filter` gets first:
-    /// none for a queue group's member.
-    pub(crate) fn deliveries(&self, sub: u32, filter: &Filter, group: bool) -> Vec<Frame> {
-        if group {
+    /// none for a shared queue group's member (an MQTT persistent session's own group,
+    /// `mqtt-session:<client id>`, is one client's: it gets them).
+    pub(crate) fn deliveries(&self, sub: u32, filter: &Filter, group: Option<&str>) -> Vec<Frame> {
+        if group.is_some_and(|name| !name.starts_with("mqtt-session:")) {
             return Vec::new();
         }
         self.matching(filter)
