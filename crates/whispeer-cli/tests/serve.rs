@@ -359,9 +359,9 @@ async fn acknowledged_messages_in_sqlite_survive_sigkill_once_and_in_order() {
     crash_rounds("sqlite").await;
 }
 
-/// Kills `whispeer serve` (store `kind`, fsync always) 20 times at random moments while a client
-/// publishes QoS 1, and checks after each restart that every acknowledged message is stored,
-/// once and in order.
+/// Kills `whispeer serve` (store `kind`, fsync always) 20 times (`WHISPEER_TEST_CRASH_ROUNDS`;
+/// `scripts/crash-rounds` runs 1,000) at random moments while a client publishes QoS 1, and
+/// checks after each restart that every acknowledged message is stored, once and in order.
 async fn crash_rounds(kind: &str) {
     let dir = std::env::temp_dir().join(format!("whispeer-crash-{kind}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -381,7 +381,9 @@ async fn crash_rounds(kind: &str) {
     let events = Arc::new(Mutex::new((Vec::<u32>::new(), Vec::<u32>::new())));
     let mut next = 0u32;
     let mut verdict = String::new();
-    for round in 0..20 {
+    let rounds: usize =
+        std::env::var("WHISPEER_TEST_CRASH_ROUNDS").ok().and_then(|n| n.parse().ok()).unwrap_or(20);
+    for round in 0..rounds {
         let server = Server::start(&envs);
         let client = Client::connect(server.addr.clone()).await.unwrap();
         let log = read_log(&client, round + 1).await;
@@ -414,9 +416,10 @@ async fn crash_rounds(kind: &str) {
         drop(client);
     }
     let total = events.lock().unwrap().1.len();
-    assert!(total > 20, "seed {seed}: only {total} messages acknowledged in 20 rounds");
+    assert!(total > rounds, "seed {seed}: only {total} messages acknowledged in {rounds} rounds");
     println!(
-        "crash test ({kind}): 20 SIGKILLs, {total} acknowledged messages; last check: {verdict}"
+        "crash test ({kind}): {rounds} SIGKILLs, {total} acknowledged messages, seed {seed}; \
+         last check: {verdict}"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
