@@ -262,7 +262,29 @@ def answer_native():
     print("ok: answered a native request")
 
 
+def aliases():
+    sub = client("alias-sub")
+    connect(sub)
+    subscribe(sub, "alias/#")
+    pub = client("alias-pub")
+    connect(pub)
+    first = Properties(PacketTypes.PUBLISH)
+    first.TopicAlias = 3
+    pub.publish("alias/long/topic", b"one", qos=1, properties=first).wait_for_publish()
+    again = Properties(PacketTypes.PUBLISH)
+    again.TopicAlias = 3
+    pub.publish("", b"two", qos=1, properties=again).wait_for_publish()
+    got = [take(sub), take(sub)]
+    if any(m is None for m in got):
+        fail(f"aliased publishes lost: {got}")
+    seen = [(m.topic, m.payload) for m in got]
+    if seen != [("alias/long/topic", b"one"), ("alias/long/topic", b"two")]:
+        fail(f"topic aliases: {seen}")
+    print("ok: MQTT 5 topic aliases set and used")
+
+
 SCENARIOS = {
+    "aliases": aliases,
     "ask-native": ask_native,
     "answer-native": answer_native,
     "persistent": persistent,

@@ -479,7 +479,7 @@ fn to_v5(packet: Out) -> Option<v5::Packet> {
                     retain_available: Some(1),
                     max_packet_size: Some(max_packet),
                     assigned_client_identifier: None,
-                    topic_alias_max: Some(0),
+                    topic_alias_max: Some(super::session::TOPIC_ALIASES),
                     reason_string: None,
                     user_properties: Vec::new(),
                     wildcard_subscription_available: Some(1),

@@ -22,6 +22,9 @@ use whispeer_proto::{
 use super::codec::{Goodbye, Granted, In, Outcome, Props, Refusal, Version, Will};
 use super::sessions::{MqttSessions, StoredSub};
 
+/// Topic aliases a client may set (MQTT 5), each at most one topic.
+pub(crate) const TOPIC_ALIASES: u16 = 64;
+
 /// The queue group of a persistent session's subscriptions: `mqtt-session:<client id>`.
 const SESSION_GROUP: &str = "mqtt-session:";
 /// The longest group name the broker takes.
@@ -128,6 +131,8 @@ pub(crate) struct Session {
     /// Frames for the connection's reader that no MQTT packet asked for (PONG to its PING).
     pub(crate) inject: VecDeque<Frame>,
     pub(crate) registry: Option<Registry>,
+    /// The client's topic aliases (MQTT 5).
+    aliases: HashMap<u16, String>,
     /// Whether the session outlives the connection.
     persistent: bool,
     /// Whether a stored session was resumed (CONNACK's session present).
@@ -196,10 +201,25 @@ impl Session {
             next_id: 1,
             inject: VecDeque::new(),
             registry: None,
+            aliases: HashMap::new(),
             persistent: false,
             present: false,
             expiry_secs: 0,
         }
+    }
+
+    /// A PUBLISH's topic through MQTT 5 topic aliases (1 to `TOPIC_ALIASES`, as CONNACK
+    /// says): a topic with an alias sets it, an empty topic uses it.
+    fn resolve_alias(&mut self, topic: String, alias: Option<u16>) -> Result<String, Goodbye> {
+        let Some(alias) = alias else { return Ok(topic) };
+        if alias == 0 || alias > TOPIC_ALIASES {
+            return Err(Goodbye::Protocol);
+        }
+        if topic.is_empty() {
+            return self.aliases.get(&alias).cloned().ok_or(Goodbye::Protocol);
+        }
+        self.aliases.insert(alias, topic.clone());
+        Ok(topic)
     }
 
     /// The client id, once CONNECT came.
@@ -279,10 +299,7 @@ impl Session {
         }
         Ok(match packet {
             In::Publish { topic, qos, retain, pkid, payload, props, .. } => {
-                if props.topic_alias.is_some() {
-                    // CONNACK said: no topic aliases.
-                    return Err(Goodbye::Protocol);
-                }
+                let topic = self.resolve_alias(topic, props.topic_alias)?;
                 self.publish(&topic, qos, retain, pkid, payload, props)
             }
             In::PubAck(pkid) => match self.outgoing.remove(&pkid) {
