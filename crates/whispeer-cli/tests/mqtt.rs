@@ -203,7 +203,7 @@ fn credentials_and_acls_apply_to_mqtt_clients() {
 #[test]
 fn paho_shares_subscriptions_resumes_sessions_and_carries_mqtt5_properties_and_request_response() {
     let server = MqttServer::start(&["--ws-listen", "127.0.0.1:0"]);
-    for scenario in ["shared", "request", "properties", "persistent", "aliases"] {
+    for scenario in ["shared", "request", "properties", "persistent", "aliases", "takeover"] {
         paho(&server.port, scenario);
     }
     // MQTT over WebSocket, on the WebSocket listener at /mqtt.

@@ -283,7 +283,32 @@ def aliases():
     print("ok: MQTT 5 topic aliases set and used")
 
 
+def takeover():
+    cid = f"twin-{uuid.uuid4().hex[:8]}"
+    first = client("twin", cid=cid)
+    gone = {}
+
+    def on_disconnect(_c, _u, *rest):
+        for item in rest:
+            value = getattr(item, "value", item)
+            if isinstance(value, int) and value >= 128:
+                gone["reason"] = value
+
+    first.on_disconnect = on_disconnect
+    connect(first)
+    second = client("twin", cid=cid)
+    connect(second)
+    deadline = time.time() + PATIENCE
+    while "reason" not in gone and time.time() < deadline:
+        time.sleep(0.02)
+    first.loop_stop()
+    if gone.get("reason") != 142:
+        fail(f"the first connection of a client id taken over: {gone}")
+    print("ok: a second connection with the client id takes the session over (0x8E)")
+
+
 SCENARIOS = {
+    "takeover": takeover,
     "aliases": aliases,
     "ask-native": ask_native,
     "answer-native": answer_native,

@@ -122,6 +122,7 @@ pub(crate) enum Goodbye {
     TooLarge,
     KeepAlive,
     ShuttingDown,
+    TakenOver,
     NotAuthorized,
     Unspecified,
 }
@@ -531,17 +532,29 @@ fn to_v5(packet: Out) -> Option<v5::Packet> {
             properties: None,
         }),
         Out::PingResp => v5::Packet::PingResp(v5::PingResp),
-        Out::Disconnect(goodbye) => v5::Packet::Disconnect(v5::Disconnect {
-            reason_code: match goodbye {
-                Goodbye::Malformed => v5::DisconnectReasonCode::MalformedPacket,
-                Goodbye::Protocol => v5::DisconnectReasonCode::ProtocolError,
-                Goodbye::TooLarge => v5::DisconnectReasonCode::PacketTooLarge,
-                Goodbye::KeepAlive => v5::DisconnectReasonCode::KeepAliveTimeout,
-                Goodbye::ShuttingDown => v5::DisconnectReasonCode::ServerShuttingDown,
-                Goodbye::NotAuthorized => v5::DisconnectReasonCode::NotAuthorized,
-                Goodbye::Unspecified => v5::DisconnectReasonCode::UnspecifiedError,
-            },
-            properties: None,
-        }),
+        Out::Disconnect(goodbye) => {
+            use v5::DisconnectReasonCode as Code;
+            let (reason_code, why) = match goodbye {
+                Goodbye::Malformed => (Code::MalformedPacket, "a malformed packet"),
+                Goodbye::Protocol => (Code::ProtocolError, "a packet out of place"),
+                Goodbye::TooLarge => (Code::PacketTooLarge, "a packet over the size limit"),
+                Goodbye::KeepAlive => (Code::KeepAliveTimeout, "nothing within the keep-alive"),
+                Goodbye::ShuttingDown => (Code::ServerShuttingDown, "the server is shutting down"),
+                Goodbye::TakenOver => {
+                    (Code::SessionTakenOver, "another connection took this client id")
+                }
+                Goodbye::NotAuthorized => (Code::NotAuthorized, "not authorized"),
+                Goodbye::Unspecified => (Code::UnspecifiedError, "the connection failed"),
+            };
+            // A reason string too: the client learns why (and Paho 1.6 reads the code only
+            // when the packet carries more than the code and an empty property length).
+            let properties = Some(v5::DisconnectProperties {
+                session_expiry_interval: None,
+                reason_string: Some(why.to_string()),
+                user_properties: Vec::new(),
+                server_reference: None,
+            });
+            v5::Packet::Disconnect(v5::Disconnect { reason_code, properties })
+        }
     })
 }

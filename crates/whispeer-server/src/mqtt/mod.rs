@@ -110,8 +110,9 @@ pub(super) async fn serve_halves<R, W>(
     let sessions = Arc::clone(&config.mqtt_sessions);
     let connection = sessions.connection();
     let mut session = Session::new(limits.clone());
+    let taken = CancellationToken::new();
     session.registry =
-        Some(Registry { sessions: Arc::clone(&sessions), connection, stop: stop.clone() });
+        Some(Registry { sessions: Arc::clone(&sessions), connection, stop: stop.clone(), taken });
     let shared = Arc::new(Mutex::new(Shared { session, reader: None }));
     let on_end = Arc::clone(&shared);
     let reader = MqttReader {

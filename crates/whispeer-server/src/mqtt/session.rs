@@ -88,6 +88,8 @@ pub(crate) struct Registry {
     pub(crate) sessions: Arc<MqttSessions>,
     pub(crate) connection: u64,
     pub(crate) stop: CancellationToken,
+    /// Cancelled when another connection took the session over.
+    pub(crate) taken: CancellationToken,
 }
 
 /// Where the connection stands.
@@ -398,7 +400,8 @@ impl Session {
         let expiry =
             Duration::from_secs(if self.persistent { u64::from(self.expiry_secs) } else { 0 });
         let resumed = self.registry.as_ref().and_then(|r| {
-            r.sessions.attach(&self.client_id, r.connection, r.stop.clone(), clean, expiry)
+            let tokens = (r.stop.clone(), r.taken.clone());
+            r.sessions.attach(&self.client_id, r.connection, tokens, clean, expiry)
         });
         self.present = resumed.is_some();
         for stored in resumed.unwrap_or_default() {

@@ -30,7 +30,8 @@ struct Stored {
     subs: Vec<StoredSub>,
     /// The connection holding the session now.
     owner: u64,
-    live: Option<CancellationToken>,
+    /// The holder's stop, and the mark that says why it stops.
+    live: Option<(CancellationToken, CancellationToken)>,
     /// How long the session outlives its connection (zero: not at all).
     expiry: Duration,
     ended: Option<Instant>,
@@ -49,14 +50,14 @@ impl MqttSessions {
         self.next.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// Connection `connection` (ended by `stop`) takes `client_id`: a live holder is closed;
-    /// with `clean`, a stored session is dropped. Gives the subscriptions to resume, when a
-    /// session was there to resume.
+    /// Connection `connection` (ended by `stop`) takes `client_id`: a live holder is closed
+    /// (its `taken` cancelled first, so it says why); with `clean`, a stored session is
+    /// dropped. Gives the subscriptions to resume, when a session was there to resume.
     pub(crate) fn attach(
         &self,
         client_id: &str,
         connection: u64,
-        stop: CancellationToken,
+        (stop, taken): (CancellationToken, CancellationToken),
         clean: bool,
         expiry: Duration,
     ) -> Option<Vec<StoredSub>> {
@@ -73,13 +74,15 @@ impl MqttSessions {
             sessions.remove(&oldest);
         }
         let previous = sessions.remove(client_id);
-        if let Some(live) = previous.as_ref().and_then(|p| p.live.as_ref()) {
+        if let Some((live, marked)) = previous.as_ref().and_then(|p| p.live.as_ref()) {
             tracing::debug!(client = client_id, "mqtt session taken over");
+            marked.cancel();
             live.cancel();
         }
         let resumed = previous.filter(|_| !clean).map(|p| p.subs);
         let subs = resumed.clone().unwrap_or_default();
-        let stored = Stored { subs, owner: connection, live: Some(stop), expiry, ended: None };
+        let live = Some((stop, taken));
+        let stored = Stored { subs, owner: connection, live, expiry, ended: None };
         sessions.insert(client_id.to_string(), stored);
         resumed
     }
@@ -128,25 +131,22 @@ mod tests {
     fn a_persistent_session_is_resumed_a_clean_one_is_not_and_a_takeover_closes_the_holder() {
         let sessions = MqttSessions::default();
         let day = Duration::from_secs(86_400);
-        let first = CancellationToken::new();
+        let tokens = || (CancellationToken::new(), CancellationToken::new());
+        let first = tokens();
         assert_eq!(sessions.attach("dev", 1, first.clone(), false, day), None);
         let sub = StoredSub { filter: "a/#".into(), qos: 1, id: None };
         sessions.subscribed("dev", 1, sub.clone());
         // The same client id again, while the first connection lives: it is closed.
-        let second = CancellationToken::new();
-        assert_eq!(sessions.attach("dev", 2, second, false, day), Some(vec![sub.clone()]));
-        assert!(first.is_cancelled());
+        assert_eq!(sessions.attach("dev", 2, tokens(), false, day), Some(vec![sub.clone()]));
+        assert!(first.0.is_cancelled() && first.1.is_cancelled(), "closed, marked taken over");
         // The first connection's end changes nothing now; the second's keeps the session.
         sessions.detach("dev", 1);
         sessions.detach("dev", 2);
-        assert_eq!(
-            sessions.attach("dev", 3, CancellationToken::new(), false, day),
-            Some(vec![sub])
-        );
+        assert_eq!(sessions.attach("dev", 3, tokens(), false, day), Some(vec![sub]));
         sessions.detach("dev", 3);
         // A clean start drops it; a session with no expiry goes with its connection.
-        assert_eq!(sessions.attach("dev", 4, CancellationToken::new(), true, Duration::ZERO), None);
+        assert_eq!(sessions.attach("dev", 4, tokens(), true, Duration::ZERO), None);
         sessions.detach("dev", 4);
-        assert_eq!(sessions.attach("dev", 5, CancellationToken::new(), false, day), None);
+        assert_eq!(sessions.attach("dev", 5, tokens(), false, day), None);
     }
 }

@@ -141,6 +141,9 @@ impl Session {
     }
 
     fn goodbye(&mut self, why: Goodbye) -> Vec<Out> {
+        // Closed because another connection took the client id: MQTT 5 says so (0x8E).
+        let taken = self.registry.as_ref().is_some_and(|r| r.taken.is_cancelled());
+        let why = if taken { Goodbye::TakenOver } else { why };
         let stage = std::mem::replace(&mut self.stage, Stage::Closing);
         match stage {
             Stage::Connected => vec![Out::Disconnect(why)],
