@@ -103,7 +103,19 @@ pub(crate) fn node_with(urls: &[&str], name: &str, args: &[&str], envs: &[(&str,
     all.extend_from_slice(envs);
     let mut all_args = vec!["--admin-listen", "127.0.0.1:0"];
     all_args.extend_from_slice(args);
-    Server::start_with(&all_args, &all)
+    let server = Server::start_with(&all_args, &all);
+    // A node accepts clients before its engine link is up (publishes meanwhile are refused
+    // with CLUSTER_UNAVAILABLE, as documented): wait for /readyz, which says when it is, for a
+    // while (a test may start a node whose engine is down on purpose).
+    if let Some(admin) = &server.admin {
+        for _ in 0..100 {
+            if super::http_get(admin, "/readyz").0.contains("200") {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+    server
 }
 
 /// A redis-server child on loopback (no persistence), killed (SIGKILL) when dropped.
