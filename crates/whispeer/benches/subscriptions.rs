@@ -1,0 +1,78 @@
+//! What a subscription costs as their number grows, in process: resident memory per idle
+//! subscription, and publish → deliver throughput with 1,000 and 100,000 exact-topic
+//! subscriptions (sync callbacks counting deliveries; 1,000,000 messages to topics drawn among
+//! the subscribed ones). Prints figures; asserts nothing about them.
+//!
+//! Run with `cargo bench -p whispeer --bench subscriptions` (a fresh process gives the cleanest
+//! memory figure).
+
+#![expect(clippy::unwrap_used, reason = "a benchmark fails loudly on any error")]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use whispeer::{Broker, BrokerOptions};
+
+fn rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
+/// Subscribes `count` callbacks to `w/<i>`, then publishes `messages` to random ones; gives
+/// the KiB per subscription and delivered messages per second.
+fn case(count: usize, messages: u64) -> (f64, f64) {
+    let broker = Broker::builder(BrokerOptions::default()).build();
+    let delivered = Arc::new(AtomicU64::new(0));
+    let before = rss_bytes().unwrap_or(0);
+    let subscriptions: Vec<_> = (0..count)
+        .map(|i| {
+            let delivered = Arc::clone(&delivered);
+            broker
+                .subscribe(format!("w/{i}").as_str(), move |_: Bytes| {
+                    delivered.fetch_add(1, Ordering::Relaxed);
+                })
+                .unwrap()
+        })
+        .collect();
+    let per = rss_bytes().unwrap_or(0).saturating_sub(before) as f64 / count as f64 / 1024.0;
+    let topics: Vec<String> = (0..count).map(|i| format!("w/{i}")).collect();
+    let payload = Bytes::from(vec![7u8; 128]);
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let start = Instant::now();
+    for _ in 0..messages {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let topic = &topics[(state % count as u64) as usize];
+        while broker.publish(topic, &payload).is_err() {
+            std::thread::yield_now();
+        }
+    }
+    while delivered.load(Ordering::Relaxed) < messages && start.elapsed() < Duration::from_secs(60)
+    {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let rate = delivered.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
+    drop(subscriptions);
+    (per, rate)
+}
+
+fn main() {
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
+    let runtime = runtime.unwrap();
+    let _entered = runtime.enter();
+    let messages = 1_000_000;
+    let (large_per, large_rate) = case(100_000, messages);
+    let (_, small_rate) = case(1_000, messages);
+    println!("idle subscription, 100,000 of them: {large_per:.2} KiB each");
+    println!("publish -> deliver, 1,000 subscriptions: {:.0} k msgs/s", small_rate / 1e3);
+    println!(
+        "publish -> deliver, 100,000 subscriptions: {:.0} k msgs/s ({:.2}x the 1,000 case)",
+        large_rate / 1e3,
+        large_rate / small_rate
+    );
+}
