@@ -320,3 +320,18 @@ fn request_reply_works_between_native_and_mqtt5_clients_with_clear_errors() {
     let _ = silent.kill();
     let _ = silent.wait();
 }
+
+#[test]
+fn a_retained_publish_past_the_bound_is_refused_not_dropped() {
+    let server = common::Server::start(&[("WHISPEER_MAX_RETAINED", "1")]);
+    let publish = |topic: &str| {
+        common::publish_with(&["--server", &server.addr, "--ack", "--retain", topic, "on"], &[])
+    };
+    assert!(publish("lamps/a").status.success());
+    // Replacing the topic's retained message is within the bound; another topic is not.
+    assert!(publish("lamps/a").status.success());
+    let refused = publish("lamps/b");
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("max_retained"), "{said}");
+}

@@ -29,6 +29,10 @@ struct Inner {
     bytes: usize,
 }
 
+/// Queue groups whose name starts with this belong to one client (an MQTT persistent session's
+/// subscriptions): they get retained messages as subscriptions of their own do.
+pub(crate) const ONE_CLIENT_GROUP: &str = "mqtt-session:";
+
 /// Why a retained publish is refused.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Full(pub(crate) String);
@@ -99,10 +103,9 @@ impl Retained {
     }
 
     /// The deliveries of the retained messages a new subscription `sub` of `filter` gets first:
-    /// none for a shared queue group's member (an MQTT persistent session's own group,
-    /// `mqtt-session:<client id>`, is one client's: it gets them).
+    /// none for a shared queue group's member (a group of [`ONE_CLIENT_GROUP`] gets them).
     pub(crate) fn deliveries(&self, sub: u32, filter: &Filter, group: Option<&str>) -> Vec<Frame> {
-        if group.is_some_and(|name| !name.starts_with("mqtt-session:")) {
+        if group.is_some_and(|name| !name.starts_with(ONE_CLIENT_GROUP)) {
             return Vec::new();
         }
         self.matching(filter)

@@ -26,7 +26,7 @@ use super::sessions::{MqttSessions, StoredSub};
 pub(crate) const TOPIC_ALIASES: u16 = 64;
 
 /// The queue group of a persistent session's subscriptions: `mqtt-session:<client id>`.
-const SESSION_GROUP: &str = "mqtt-session:";
+const SESSION_GROUP: &str = crate::retained::ONE_CLIENT_GROUP;
 /// The longest group name the broker takes.
 const MAX_GROUP_NAME: usize = 255;
 
