@@ -17,6 +17,7 @@ mod access;
 mod chat;
 mod cluster;
 mod mqtt;
+mod relay;
 pub(crate) use access::{Jwt, User};
 use whispeer::{
     BrokerOptions, Durability, Filter, FsyncPolicy, PersistenceType, Redelivery, Retention,
@@ -125,6 +126,8 @@ pub(crate) struct Config {
     pub(crate) chat: chat::Chat,
     /// The MQTT listener; off unless `listen` is set.
     pub(crate) mqtt: mqtt::Mqtt,
+    /// The P2P relay on the WebSocket listener; off unless `enabled`.
+    pub(crate) relay: relay::Relay,
 }
 
 /// `[tls]`: PEM files.
@@ -350,6 +353,7 @@ impl Default for Config {
             cluster: cluster::Cluster::default(),
             chat: chat::Chat::default(),
             mqtt: mqtt::Mqtt::default(),
+            relay: relay::Relay::default(),
         }
     }
 }

@@ -57,6 +57,10 @@ enum Command {
         /// CONNECT password is an API key or a JWT; see MQTT.md).
         #[arg(long)]
         mqtt_listen: Option<String>,
+        /// Serve the P2P relay at /relay on the WebSocket listener (needs --ws-listen): peers
+        /// of `whispeer sync` and whispeer-sync's relay transport meet there.
+        #[arg(long)]
+        relay: bool,
         /// Configuration file [default: whispeer.toml, if present].
         #[arg(long)]
         config: Option<PathBuf>,
@@ -168,6 +172,7 @@ fn main() -> ExitCode {
             chat_page,
             admin_listen,
             mqtt_listen,
+            relay,
             config,
         } => {
             let addresses = serve::Listen {
@@ -177,6 +182,7 @@ fn main() -> ExitCode {
                 chat_listen,
                 chat_page,
                 mqtt_listen,
+                relay,
             };
             serve::run(addresses, config)
         }

@@ -22,10 +22,12 @@ pub(crate) struct Listen {
     pub(crate) chat_listen: Option<String>,
     pub(crate) chat_page: Option<PathBuf>,
     pub(crate) mqtt_listen: Option<String>,
+    pub(crate) relay: bool,
 }
 
 pub(crate) fn run(addresses: Listen, config_path: Option<PathBuf>) -> ExitCode {
-    let Listen { listen, ws_listen, admin_listen, chat_listen, chat_page, mqtt_listen } = addresses;
+    let Listen { listen, ws_listen, admin_listen, chat_listen, chat_page, mqtt_listen, relay } =
+        addresses;
     let explicit = config_path.is_some();
     let path = config_path.unwrap_or_else(|| PathBuf::from("whispeer.toml"));
     let (mut config, ignored) = match Config::load(&path, explicit) {
@@ -52,6 +54,9 @@ pub(crate) fn run(addresses: Listen, config_path: Option<PathBuf>) -> ExitCode {
     }
     if mqtt_listen.is_some() {
         config.mqtt.listen = mqtt_listen;
+    }
+    if relay {
+        config.relay.enabled = true;
     }
     init_logging(&config);
     for variable in ignored {
@@ -179,6 +184,14 @@ async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
         None => None,
     };
     server_config.websocket_path.clone_from(&config.ws_path);
+    if let Some(relay) = config.relay.settings() {
+        if ws_listener.is_none() {
+            bail!(ConfigError(
+                "the relay is served on the WebSocket listener: set ws_listen (--ws-listen)".into()
+            ));
+        }
+        server_config.relay = Some(std::sync::Arc::new(whispeer::server::Relay::new(relay)));
+    }
     let local = listener.local_addr()?;
     if open {
         tracing::warn!(%local, "no api_keys configured: the server is OPEN to every local process");
@@ -193,6 +206,9 @@ async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
         let scheme = if secure { "wss" } else { "ws" };
         tracing::info!(%ws_local, path = %config.ws_path, "listening for WebSocket clients");
         println!("whispeer: websocket listening on {scheme}://{ws_local}{}", config.ws_path);
+        if server_config.relay.is_some() {
+            println!("whispeer: relay listening on {scheme}://{ws_local}/relay");
+        }
         advertised.push(format!("{scheme}://{ws_local}{}", config.ws_path));
     }
     if let Some(mqtt) = &mqtt_listener {

@@ -55,6 +55,10 @@ pub enum Forwarded {
     /// Not carried, for the reason given: only this broker's subscribers (its groups
     /// included) get the message.
     Refused(&'static str),
+    /// Carried as a copy (or not wanted elsewhere), with nothing to confirm: this broker's
+    /// subscribers, its groups included, get the message as without a bridge (a mesh of
+    /// independent brokers, where each node's groups get each message).
+    Alongside,
 }
 
 /// A future of a bridge.
@@ -94,4 +98,15 @@ pub trait Bridge: Send + Sync + 'static {
     fn group_settled(&self, filter: &str, name: &str, offset: u64) {
         let _ = (filter, name, offset);
     }
+}
+
+/// Where a message being accepted comes from.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Origin<'a> {
+    /// A local publisher: plugins run, and the bridge hears of it.
+    Local,
+    /// Another node of a cluster, for the subscribers `interest` stands for.
+    Bridged(&'a Interest),
+    /// A peer of a mesh: every subscriber here, queue groups included; not forwarded again.
+    Peer,
 }

@@ -20,6 +20,7 @@ mod envelope;
 mod frame;
 mod limits;
 mod relation;
+pub mod relay;
 mod topic;
 
 pub use code::ErrorCode;

@@ -32,6 +32,8 @@ mod jwt;
 mod mqtt;
 mod rate;
 mod registry;
+#[cfg(feature = "relay")]
+mod relay;
 mod retained;
 #[cfg(feature = "tls")]
 mod tls;
@@ -65,6 +67,8 @@ pub use embedded::Tcp;
 pub use embedded::{BrokerWs, WebSocket};
 pub use jwt::{JwtError, JwtVerifier};
 pub use registry::{ConnectionInfo, Connections};
+#[cfg(feature = "relay")]
+pub use relay::{Relay, RelayConfig, RelayStats};
 pub use retained::Retained;
 #[cfg(feature = "tls")]
 pub use tls::{TlsError, server_tls};
@@ -170,6 +174,9 @@ pub struct ServerConfig {
     /// MQTT sessions, shared by the MQTT and WebSocket listeners.
     #[cfg(feature = "mqtt")]
     pub(crate) mqtt_sessions: Arc<mqtt::MqttSessions>,
+    /// The P2P relay at `/relay` on the WebSocket listener; none by default.
+    #[cfg(feature = "relay")]
+    pub relay: Option<Arc<Relay>>,
 }
 
 impl Default for ServerConfig {
@@ -199,6 +206,8 @@ impl Default for ServerConfig {
             max_retained_bytes: 64 * 1024 * 1024,
             #[cfg(feature = "mqtt")]
             mqtt_sessions: Arc::default(),
+            #[cfg(feature = "relay")]
+            relay: None,
         }
     }
 }

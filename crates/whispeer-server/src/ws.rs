@@ -168,6 +168,10 @@ async fn upgrade_and_serve<S>(
     ws_config.max_message_size = Some(limits.max_frame_bytes + 4);
     ws_config.max_frame_size = Some(limits.max_frame_bytes + 4);
     let path = config.websocket_path.clone();
+    #[cfg(feature = "relay")]
+    let relay = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    #[cfg(feature = "relay")]
+    let (is_relay, relay_auth) = (Arc::clone(&relay), Arc::clone(&config));
     #[cfg(feature = "mqtt")]
     let mqtt = Arc::new(std::sync::atomic::AtomicBool::new(false));
     #[cfg(feature = "mqtt")]
@@ -180,6 +184,12 @@ async fn upgrade_and_serve<S>(
                            response: Response|
           -> Result<Response, ErrorResponse> {
         if request.uri().path() == path {
+            return Ok(response);
+        }
+        #[cfg(feature = "relay")]
+        if request.uri().path() == super::relay::RELAY_PATH && relay_auth.relay.is_some() {
+            super::relay::admit(request, &relay_auth)?;
+            is_relay.store(true, Ordering::Release);
             return Ok(response);
         }
         #[cfg(feature = "mqtt")]
@@ -216,6 +226,10 @@ async fn upgrade_and_serve<S>(
             return;
         }
     };
+    #[cfg(feature = "relay")]
+    if let (true, Some(hub)) = (relay.load(Ordering::Acquire), &config.relay) {
+        return super::relay::serve(ws, peer, Arc::clone(hub), stop).await;
+    }
     #[cfg(feature = "mqtt")]
     if mqtt.load(Ordering::Acquire) {
         let (reader, writer) =

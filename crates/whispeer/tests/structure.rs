@@ -224,10 +224,11 @@ fn crates_depend_only_in_the_allowed_directions() {
             "whispeer-server",
             &["whispeer-proto", "whispeer-engines", "whispeer-core", "whispeer-transport"][..],
         ),
-        ("whispeer", &["whispeer-core", "whispeer-server"][..]),
+        ("whispeer-sync", &["whispeer-proto", "whispeer-engines", "whispeer-core"][..]),
+        ("whispeer", &["whispeer-core", "whispeer-server", "whispeer-sync"][..]),
         ("whispeer-client", &["whispeer-proto", "whispeer-engines", "whispeer-transport"][..]),
         ("whispeer-wasm", &["whispeer-proto", "whispeer-engines"][..]),
-        ("whispeer-cli", &["whispeer", "whispeer-client"][..]),
+        ("whispeer-cli", &["whispeer", "whispeer-client", "whispeer-sync"][..]),
     ]);
     for krate in crates() {
         let name = krate.file_name().unwrap().to_string_lossy().to_string();

@@ -38,7 +38,19 @@ impl Broker {
         interest: &Interest,
     ) -> Result<PublishReceipt, PublishError> {
         self.check_bridged(&envelope)?;
-        self.inner.accept_from(envelope, Some(interest))
+        self.inner.accept_from(envelope, crate::shared::Origin::Bridged(interest))
+    }
+
+    /// Routes a message that a peer of a mesh published (`whispeer-sync`): to every
+    /// subscriber here, queue groups included (each node's groups get each message once).
+    /// Plugins ran where it was published; it is not handed to the bridge again. Idempotency
+    /// keys and time to live apply as to a local publish, and a retained topic keeps it.
+    ///
+    /// # Errors
+    /// An invalid or over-size envelope; full subscriber queues, as for a local publish.
+    pub fn publish_from_peer(&self, envelope: Envelope) -> Result<PublishReceipt, PublishError> {
+        self.check_bridged(&envelope)?;
+        self.inner.accept_from(envelope, crate::shared::Origin::Peer)
     }
 
     /// Routes a message of a durable topic that the cluster keeps, at the offset the cluster

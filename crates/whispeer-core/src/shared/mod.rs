@@ -13,6 +13,7 @@ use tokio::time::Instant;
 use whispeer_engines::{Engines, Sealing};
 use whispeer_proto::{Envelope, Filter, Flags, MessageId, Topic, header};
 
+pub(crate) use crate::bridge::Origin;
 use crate::bridge::{Bridge, Forwarded, Interest};
 use crate::delivery::{CommitStore, Commits, Dedup, GroupKey, Groups, Seen};
 use crate::error::PublishError;
@@ -193,7 +194,7 @@ impl Shared {
 
     /// The rest of every publish but the fastest: plugins, idempotency, time to live, routing.
     pub(crate) fn accept(&self, envelope: Envelope) -> Result<PublishReceipt, PublishError> {
-        self.accept_from(envelope, None)
+        self.accept_from(envelope, Origin::Local)
     }
 
     /// [`Shared::accept`] for a local publisher (`bridged` is `None`), or for a message another
@@ -201,9 +202,14 @@ impl Shared {
     pub(crate) fn accept_from(
         &self,
         mut envelope: Envelope,
-        bridged: Option<&Interest>,
+        origin: Origin<'_>,
     ) -> Result<PublishReceipt, PublishError> {
-        if bridged.is_none() {
+        let bridged = match origin {
+            Origin::Bridged(interest) => Some(interest),
+            Origin::Local | Origin::Peer => None,
+        };
+        let local = matches!(origin, Origin::Local);
+        if local {
             for plugin in self.plugins.iter() {
                 if let Err(rejection) = plugin.on_publish(&mut envelope) {
                     bump(&self.counters.rejected_by_plugins);
@@ -240,21 +246,20 @@ impl Shared {
         let expires_at = ttl.map(|ttl| Instant::now() + ttl);
         // Looked up once: whether the cluster keeps the topic, then where it is routed.
         let history = self.history.log(&topic);
-        if let (None, Some(bridge)) = (bridged, &self.bridge)
+        if let (true, Some(bridge)) = (local, &self.bridge)
             && history.as_ref().is_some_and(|log| retention::lock(log).durable)
-            && let Some(forwarded) = bridge.sequence(&envelope)
+            && let Some(bridged) = match bridge.sequence(&envelope) {
+                Some(Forwarded::Queued(ticket)) => Some(Ok(ticket)),
+                Some(Forwarded::Refused(why)) => Some(Err(why)),
+                // Not kept by the bridge: stored and routed here as without one.
+                Some(Forwarded::Alongside) | None => None,
+            }
         {
             // Kept by the cluster, which hands it back with its offset to every node.
             bump(&self.counters.published);
-            let bridged = match forwarded {
-                Forwarded::Queued(ticket) => Ok(ticket),
-                Forwarded::Refused(why) => {
-                    if let Some(key) = &key {
-                        self.dedup.forget(topic.as_str(), key);
-                    }
-                    Err(why)
-                }
-            };
+            if let (Err(_), Some(key)) = (&bridged, &key) {
+                self.dedup.forget(topic.as_str(), key);
+            }
             let (id, bridged) = (envelope.id, Some(bridged));
             return Ok(PublishReceipt {
                 id,
@@ -273,10 +278,13 @@ impl Shared {
                 return self.forget_unless_routed(routed, &topic, key.as_ref());
             }
             (Some(Interest::Topics(_)), _) => (Scope::Solo, None),
+            // A peer's message: every subscriber here, groups included; not forwarded again.
+            (None, _) if !local => (Scope::All, None),
             (None, None) => (Scope::All, None),
             (None, Some(bridge)) => match bridge.forward(&envelope) {
                 Forwarded::Queued(ticket) => (Scope::Solo, Some(Ok(ticket))),
                 Forwarded::Refused(why) => (Scope::All, Some(Err(why))),
+                Forwarded::Alongside => (Scope::All, None),
             },
         };
         let routed = match history {
@@ -321,7 +329,8 @@ impl Shared {
             PublishReceipt { id, subscribers: 0, duplicate: true, ticket: None, bridged: None };
         let Some(log) = self.history.log(&topic).filter(|log| retention::lock(log).durable) else {
             // Durable on the node it came from, not here: an ordinary message.
-            return self.accept_from(envelope, Some(&Interest::Topics(Filter::from(topic))));
+            let interest = Interest::Topics(Filter::from(topic));
+            return self.accept_from(envelope, Origin::Bridged(&interest));
         };
         let (now, now_wall) = (Instant::now(), now_ms());
         let Some(mut expires_at) =
