@@ -12,6 +12,7 @@ mod pubsub;
 mod replay;
 mod request;
 mod serve;
+mod sync;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -81,6 +82,11 @@ enum Command {
     ///
     /// Example: whispeer reply svc/time --message 12:00
     Reply(request::ReplyArgs),
+    /// Join a mesh of brokers through a relay: print what arrives on the shared filters, and
+    /// publish each line of standard input with --pub.
+    ///
+    /// Example: whispeer sync --topic team-docs --share 'docs/#' --relay ws://127.0.0.1:7451
+    Sync(sync::SyncArgs),
     /// Subscribe and print each message (with -v, its topic first, like mosquitto_sub -v).
     ///
     /// Example: whispeer sub 'sensor/#' -v
@@ -189,6 +195,7 @@ fn main() -> ExitCode {
         Command::Pub(args) => pubsub::run_pub(args),
         Command::Chat(args) => chat::run(args),
         Command::Sub(args) => pubsub::run_sub(args),
+        Command::Sync(args) => sync::run(args),
         Command::Req(args) => request::run_req(args),
         Command::Reply(args) => request::run_reply(args),
         Command::Replay(args) => replay::run(args),

@@ -89,6 +89,25 @@ pub struct RelayStats {
     pub bad_messages: AtomicU64,
 }
 
+/// Copies the counters into the metrics recorder (the admin port's scrape).
+#[cfg(feature = "admin")]
+pub(crate) fn record(stats: &RelayStats) {
+    let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+    metrics::gauge!("whispeer_relay_connections").set(load(&stats.connections) as f64);
+    metrics::gauge!("whispeer_relay_links").set(load(&stats.links) as f64);
+    let counters = [
+        ("whispeer_relay_messages_total", &stats.messages),
+        ("whispeer_relay_bytes_total", &stats.bytes),
+        ("whispeer_relay_refused_total", &stats.refused),
+        ("whispeer_relay_throttled_total", &stats.throttled),
+        ("whispeer_relay_idle_closed_total", &stats.idle_closed),
+        ("whispeer_relay_bad_messages_total", &stats.bad_messages),
+    ];
+    for (name, counter) in counters {
+        metrics::counter!(name).absolute(load(counter));
+    }
+}
+
 /// A relay: its bounds, its live connections and links, its counters.
 #[derive(Debug, Default)]
 pub struct Relay {

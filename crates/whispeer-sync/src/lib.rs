@@ -44,3 +44,10 @@ pub use topic::{TopicHash, derive_topic};
 pub use transport::{
     Connection, DisabledTransport, PeerInfo, PeerOptions, Transport, TransportConfig, TransportMode,
 };
+
+/// Parses one mesh message (for the fuzz targets; not for applications).
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub fn fuzz_mesh_message(bytes: &[u8]) {
+    mesh::fuzz(bytes);
+}

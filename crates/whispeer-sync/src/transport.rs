@@ -84,7 +84,7 @@ pub trait Transport: Send + Sync {
     fn name(&self) -> &str;
 }
 
-/// Which transport [`create_transport`] makes.
+/// Which transport [`create_transport`](crate::create_transport) makes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum TransportMode {
     /// Direct connections found through a Kademlia DHT (on libp2p; not the Hyperswarm wire
@@ -97,7 +97,7 @@ pub enum TransportMode {
     Disabled,
 }
 
-/// What [`create_transport`] needs; [`PeerOptions`] holds the rest.
+/// What [`create_transport`](crate::create_transport) needs; [`PeerOptions`] holds the rest.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TransportConfig {
     /// The transport. Default: [`TransportMode::Hyperswarm`].
@@ -130,7 +130,7 @@ impl TransportConfig {
     }
 }
 
-/// Settings beyond [`TransportConfig`], for [`create_transport_with`].
+/// Settings beyond [`TransportConfig`], for [`create_transport_with`](crate::create_transport_with).
 #[derive(Clone, Debug, Default)]
 pub struct PeerOptions {
     /// Where the peer's key is kept, so it keeps its id across restarts (made on first use).

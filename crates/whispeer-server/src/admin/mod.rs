@@ -143,7 +143,14 @@ impl AdminServer {
         let (access, connections) = (Arc::clone(&server.access), Arc::clone(&server.connections));
         let (traffic, rates) = (Arc::clone(&server.traffic), Arc::default());
         let hooks = Arc::default();
-        Ok(Self { broker, token, access, connections, traffic, rates, ready, prometheus, hooks })
+        let admin =
+            Self { broker, token, access, connections, traffic, rates, ready, prometheus, hooks };
+        #[cfg(feature = "relay")]
+        if let Some(relay) = &server.relay {
+            let relay = Arc::clone(relay);
+            admin.on_scrape(move || crate::relay::record(&relay.stats));
+        }
+        Ok(admin)
     }
 
     /// Adds a readiness condition: `/readyz` answers 503 with its reason while it fails.

@@ -40,6 +40,15 @@ use crate::{SyncEvent, derive_topic};
 use log::MeshLog;
 use wire::MeshMessage;
 
+/// Parses `bytes` as a mesh message; one that parses encodes again (fuzzing).
+#[cfg(feature = "fuzzing")]
+pub(crate) fn fuzz(bytes: &[u8]) {
+    if let Ok(message) = MeshMessage::decode(bytes, &Limits::default()) {
+        let again = message.encode().unwrap_or_else(|_| unreachable!("a parsed message encodes"));
+        assert!(MeshMessage::decode(&again, &Limits::default()).is_ok());
+    }
+}
+
 /// The mesh extension; see the module documentation.
 #[derive(Debug)]
 pub struct Sync {
