@@ -22,9 +22,21 @@ pub(crate) struct SyncArgs {
     /// A filter whose messages this node shares and takes; repeat for several.
     #[arg(long = "share", required = true, value_name = "FILTER")]
     shares: Vec<String>,
-    /// The relay (`whispeer serve --ws-listen ADDR --relay`), e.g. ws://127.0.0.1:7451.
+    /// Meet through this relay (`whispeer serve --ws-listen ADDR --relay`), e.g.
+    /// ws://127.0.0.1:7451; without it, through the DHT (Kademlia on libp2p).
     #[arg(long, env = "WHISPEER_RELAY")]
-    relay: String,
+    relay: Option<String>,
+    /// DHT mode: a node to join the DHT through (a multiaddr ending with /p2p/<peer id>, as
+    /// another `whispeer sync` prints it); repeat for several.
+    #[arg(long, value_name = "MULTIADDR")]
+    bootstrap: Vec<String>,
+    /// DHT mode: an address to listen on [default: /ip4/0.0.0.0/tcp/0 and
+    /// /ip4/0.0.0.0/udp/0/quic-v1]; repeat for several.
+    #[arg(long, value_name = "MULTIADDR")]
+    listen: Vec<String>,
+    /// DHT mode: also relay connections for peers behind NATs.
+    #[arg(long)]
+    relay_server: bool,
     /// An API key or JWT for a relay on a server that requires one.
     #[arg(long, env = "WHISPEER_RELAY_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -43,13 +55,21 @@ pub(crate) struct SyncArgs {
 
 pub(crate) fn run(args: SyncArgs) -> ExitCode {
     block_on_multi(async move {
+        let mode =
+            if args.relay.is_some() { TransportMode::Relay } else { TransportMode::Hyperswarm };
         let config = TransportConfig {
-            mode: TransportMode::Relay,
-            relay_url: Some(args.relay.clone()),
+            mode,
+            relay_url: args.relay.clone(),
             timeout_ms: args.timeout_ms,
             encryption: true,
         };
-        let options = PeerOptions { key_file: args.key_file.clone(), relay_token: args.token };
+        let options = PeerOptions {
+            key_file: args.key_file.clone(),
+            relay_token: args.token,
+            bootstrap: args.bootstrap.clone(),
+            listen: args.listen.clone(),
+            relay_server: args.relay_server,
+        };
         let mut sync = Sync::new(config).topic(&args.topic).options(options);
         for share in &args.shares {
             sync = sync.share(share);
@@ -60,10 +80,10 @@ pub(crate) fn run(args: SyncArgs) -> ExitCode {
         for share in &args.shares {
             arrivals.push(broker.messages(SubscribeOptions::from(share.as_str()))?);
         }
+        let through = args.relay.as_deref().unwrap_or("the DHT");
         eprintln!(
-            "whispeer: sync on {:?} through {}, sharing {}",
+            "whispeer: sync on {:?} through {through}, sharing {}",
             args.topic,
-            args.relay,
             args.shares.join(" ")
         );
         let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
@@ -91,6 +111,11 @@ pub(crate) fn run(args: SyncArgs) -> ExitCode {
                     Ok(SyncEvent::PeerConnected { peer_id }) => eprintln!("whispeer: peer {peer_id} connected"),
                     Ok(SyncEvent::PeerDisconnected { peer_id }) => eprintln!("whispeer: peer {peer_id} left"),
                     Ok(SyncEvent::Error { message }) => eprintln!("whispeer: {message}"),
+                    Ok(SyncEvent::Listening { addresses }) => {
+                        for address in addresses {
+                            eprintln!("whispeer: sync listening on {address}");
+                        }
+                    }
                     Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
                 },

@@ -62,18 +62,13 @@ fn lines(read: impl Read + Send + 'static) -> Receiver<String> {
 }
 
 fn node(relay: &str, publish: &str) -> Node {
+    node_with(&["--relay", relay], publish)
+}
+
+fn node_with(args: &[&str], publish: &str) -> Node {
     let mut child = Command::new(common::BIN)
-        .args([
-            "sync",
-            "--topic",
-            "team docs",
-            "--share",
-            "docs/#",
-            "--relay",
-            relay,
-            "--pub",
-            publish,
-        ])
+        .args(["sync", "--topic", "team docs", "--share", "docs/#", "--pub", publish])
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -86,12 +81,13 @@ fn node(relay: &str, publish: &str) -> Node {
 }
 
 impl Node {
-    fn wait_err(&self, needle: &str) {
+    /// The first stderr line that contains `needle`.
+    fn wait_err(&self, needle: &str) -> String {
         loop {
             let line =
                 self.err.recv_timeout(WAIT).unwrap_or_else(|_| panic!("no {needle:?} in time"));
             if line.contains(needle) {
-                return;
+                return line;
             }
         }
     }
@@ -186,4 +182,24 @@ fn the_relay_needs_a_websocket_listener() {
     let output = common::serve_command(&["--relay"], &[]).stderr(Stdio::piped()).output().unwrap();
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("ws_listen"));
+}
+
+#[test]
+fn two_nodes_sync_through_the_dht_one_bootstrapping_from_the_other() {
+    let listen = ["--listen", "/ip4/127.0.0.1/tcp/0"];
+    let mut a = node_with(&listen, "docs/from-a");
+    let line = a.wait_err("sync listening on");
+    let address = line.rsplit(' ').next().unwrap().to_string();
+    assert!(address.contains("/p2p/12D3KooW"), "{address}");
+    let mut b = node_with(
+        &["--listen", "/ip4/127.0.0.1/udp/0/quic-v1", "--bootstrap", &address],
+        "docs/from-b",
+    );
+    a.wait_err("connected");
+    b.wait_err("connected");
+    a.say("over the DHT");
+    assert_eq!(b.hear(), "docs/from-a over the DHT");
+    b.say("and back");
+    assert_eq!(a.hear(), "docs/from-a over the DHT");
+    assert_eq!(a.hear(), "docs/from-b and back");
 }

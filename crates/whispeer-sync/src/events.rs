@@ -26,6 +26,12 @@ pub enum SyncEvent {
         /// The node's id.
         id: String,
     },
+    /// The node is reachable at these addresses (for the DHT mode: bootstrap addresses others
+    /// can use).
+    Listening {
+        /// The addresses.
+        addresses: Vec<String>,
+    },
     /// Something went wrong that the application may want to show.
     Error {
         /// What.

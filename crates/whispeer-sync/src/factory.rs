@@ -41,9 +41,13 @@ pub(crate) fn build(
     Ok(match config.mode {
         TransportMode::Disabled => Box::new(DisabledTransport::new()),
         TransportMode::Relay => Box::new(crate::relay::RelayTransport::new(config, key, options)?),
+        #[cfg(feature = "dht")]
+        TransportMode::Hyperswarm => {
+            Box::new(crate::dht::DhtTransport::new(config, &key, &options)?)
+        }
+        #[cfg(not(feature = "dht"))]
         TransportMode::Hyperswarm => Box::new(Unavailable {
-            reason: "the DHT mode (TransportMode::Hyperswarm) is not built yet; use \
-                     TransportMode::Relay"
+            reason: "the DHT mode (TransportMode::Hyperswarm) needs whispeer-sync's feature `dht`"
                 .into(),
         }),
     })

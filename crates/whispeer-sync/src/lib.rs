@@ -3,15 +3,15 @@
 //!
 //! - [`Transport`]: announce on a topic, look peers up, and get a stream of [`Connection`]s to
 //!   the peers of a topic. [`create_transport`] picks one from a [`TransportConfig`]:
-//!   [`TransportMode::Relay`] (a `whispeer serve --relay` pairs peers over WebSocket and
-//!   forwards bytes it cannot read: the peers run Noise XX end to end through it) or
+//!   [`TransportMode::Hyperswarm`] (the DHT mode: a Kademlia DHT on libp2p — not the Hyperswarm
+//!   wire protocol — over TCP and QUIC with Noise, AutoNAT, relays and DCUtR hole punching; see
+//!   [`dht`]), [`TransportMode::Relay`] (a `whispeer serve --relay` pairs peers over WebSocket
+//!   and forwards bytes it cannot read: the peers run Noise XX end to end through it) or
 //!   [`TransportMode::Disabled`] (local only).
+//! - [`Sync`]: brokers that mesh over any transport (`Broker::builder(..).with(Sync::new(config)
+//!   .share("docs/#"))`).
 //! - [`derive_topic`]: a topic's 32-byte hash (BLAKE2b-256 of its name), what peers meet on.
 //! - [`SyncBroadcaster`] / [`SyncEvent`]: peers connected and gone, nodes changed.
-//!
-//! **Not built yet**: [`TransportMode::Hyperswarm`] (the DHT mode, a Kademlia DHT on libp2p —
-//! not the Hyperswarm wire protocol): its transport answers every call with an error saying
-//! so. The broker mesh (`Sync` as a broker extension) is not built either.
 //!
 //! ```
 //! use whispeer_sync::{DisabledTransport, Transport, derive_topic};
@@ -25,6 +25,8 @@
 //! # anyhow::Ok(())
 //! ```
 
+#[cfg(feature = "dht")]
+pub mod dht;
 mod events;
 mod factory;
 mod key;

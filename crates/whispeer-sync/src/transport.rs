@@ -82,13 +82,22 @@ pub trait Transport: Send + Sync {
 
     /// The transport's name (`relay`, `disabled`, …).
     fn name(&self) -> &str;
+
+    /// Where other peers can reach this one (for the DHT mode, its listen addresses ending with
+    /// `/p2p/<peer id>`, which others can take as bootstrap addresses). Default: none.
+    ///
+    /// # Errors
+    /// The transport could not start.
+    async fn local_addrs(&self) -> anyhow::Result<Vec<String>> {
+        Ok(Vec::new())
+    }
 }
 
 /// Which transport [`create_transport`](crate::create_transport) makes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum TransportMode {
     /// Direct connections found through a Kademlia DHT (on libp2p; not the Hyperswarm wire
-    /// protocol). **Not built yet**: its transport answers every call with an error.
+    /// protocol; see [`crate::dht`]). Needs the feature `dht` (on by default).
     #[default]
     Hyperswarm,
     /// Through a relay (`whispeer serve --relay`), over WebSocket, end to end encrypted.
@@ -138,6 +147,16 @@ pub struct PeerOptions {
     pub key_file: Option<PathBuf>,
     /// A token for a relay on a server that requires one (an API key or a JWT). Default: none.
     pub relay_token: Option<String>,
+    /// DHT mode: peers to join the DHT through, as multiaddrs ending with `/p2p/<peer id>`
+    /// (e.g. `/ip4/203.0.113.7/tcp/4001/p2p/12D3KooW…`). Default: none (this node is alone
+    /// until others bootstrap from it).
+    pub bootstrap: Vec<String>,
+    /// DHT mode: addresses to listen on. Default: `/ip4/0.0.0.0/tcp/0` and
+    /// `/ip4/0.0.0.0/udp/0/quic-v1`.
+    pub listen: Vec<String>,
+    /// DHT mode: also relay other peers' connections (libp2p circuit relay v2), for peers
+    /// behind NATs. Default: off.
+    pub relay_server: bool,
 }
 
 /// Local only: announcing does nothing, lookups find no one, connecting yields no connection.

@@ -278,6 +278,11 @@ impl Service for MeshService {
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             };
+            if let Ok(addresses) = transport.local_addrs().await
+                && !addresses.is_empty()
+            {
+                let _ = node.events.publish(SyncEvent::Listening { addresses });
+            }
             let saver = Arc::clone(&node);
             tokio::spawn(async move {
                 let mut stop = saver.stop.subscribe();
