@@ -54,6 +54,16 @@ pub(crate) struct SyncArgs {
 }
 
 pub(crate) fn run(args: SyncArgs) -> ExitCode {
+    // Logs on stderr: WHISPEER_LOG=whispeer_sync=info shows connections, relay reservations
+    // and hole punches.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WHISPEER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .try_init();
     block_on_multi(async move {
         let mode =
             if args.relay.is_some() { TransportMode::Relay } else { TransportMode::Hyperswarm };

@@ -146,6 +146,9 @@ pub(super) fn start(settings: Settings) -> anyhow::Result<Started> {
         announces: HashMap::new(),
         lookups: HashMap::new(),
         bootstrap_errors: HashMap::new(),
+        announced: HashSet::new(),
+        reserved: HashSet::new(),
+        remote: HashMap::new(),
     };
     tokio::spawn(task.run(stopped));
     Ok(Started { commands, control, status: status_rx, stop })
@@ -165,6 +168,12 @@ struct Task {
     announces: HashMap<kad::QueryId, oneshot::Sender<anyhow::Result<()>>>,
     lookups: HashMap<kad::QueryId, Lookup>,
     bootstrap_errors: HashMap<PeerId, String>,
+    /// Topics announced, provided again when this node's addresses change.
+    announced: HashSet<RecordKey>,
+    /// Bootstrap peers that relay, on which this node holds a reservation.
+    reserved: HashSet<PeerId>,
+    /// The address each peer was dialled at.
+    remote: HashMap<PeerId, Multiaddr>,
 }
 
 /// The peer id at the end of `address` (`/p2p/<id>`).
@@ -221,8 +230,11 @@ impl Task {
     fn command(&mut self, command: Command) {
         let kad = &mut self.swarm.behaviour_mut().kademlia;
         match command {
-            Command::Announce { key, done } => match kad.start_providing(key) {
-                Ok(id) => drop(self.announces.insert(id, done)),
+            Command::Announce { key, done } => match kad.start_providing(key.clone()) {
+                Ok(id) => {
+                    self.announced.insert(key);
+                    self.announces.insert(id, done);
+                }
                 Err(err) => drop(done.send(Err(anyhow::anyhow!("announce: {err}")))),
             },
             Command::Lookup { key, dial, done } => {
@@ -240,7 +252,12 @@ impl Task {
                 self.swarm.add_external_address(address.clone());
                 self.status.send_modify(|s| s.listening.push(address));
             }
-            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+            SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
+                let relayed = endpoint.is_relayed();
+                tracing::info!(peer = %peer_id, relayed, address = %endpoint.get_remote_address(), "connected");
+                if endpoint.is_dialer() && !relayed {
+                    self.remote.insert(peer_id, endpoint.get_remote_address().clone());
+                }
                 self.bootstrap_errors.remove(&peer_id);
                 let peers = self.swarm.connected_peers().count();
                 self.status.send_modify(|s| {
@@ -262,14 +279,34 @@ impl Task {
                 peer_id,
                 info,
                 ..
-            })) if info.protocols.contains(&KAD_PROTOCOL) => {
-                for address in info.listen_addrs {
-                    self.swarm.behaviour_mut().kademlia.add_address(&peer_id, address);
+            })) => {
+                if info.protocols.contains(&KAD_PROTOCOL) {
+                    for address in info.listen_addrs {
+                        self.swarm.behaviour_mut().kademlia.add_address(&peer_id, address);
+                    }
+                }
+                self.reserve(peer_id, &info.protocols);
+            }
+            SwarmEvent::ExternalAddrConfirmed { address } => {
+                tracing::info!(%address, "reachable at");
+                // Provider records carry the addresses of when they were made: make them again.
+                for key in self.announced.clone() {
+                    let _ = self.swarm.behaviour_mut().kademlia.start_providing(key);
                 }
             }
+            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(
+                relay::client::Event::ReservationReqAccepted { relay_peer_id, .. },
+            )) => tracing::info!(relay = %relay_peer_id, "reachable through the relay"),
             SwarmEvent::Behaviour(BehaviourEvent::Dcutr(event)) => {
                 let ok = event.result.is_ok();
-                tracing::debug!(peer = %event.remote_peer_id, ok, "hole punch");
+                match &event.result {
+                    Ok(_) => {
+                        tracing::info!(peer = %event.remote_peer_id, "hole punched: direct connection")
+                    }
+                    Err(err) => {
+                        tracing::info!(peer = %event.remote_peer_id, %err, "hole punch failed: staying relayed")
+                    }
+                }
                 self.status.send_modify(|s| {
                     if ok {
                         s.direct_upgrades += 1;
@@ -336,6 +373,25 @@ impl Task {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// Holds a reservation on a bootstrap peer that relays, so peers behind NATs reach this
+    /// one through it (and DCUtR can then try a direct connection).
+    fn reserve(&mut self, peer: PeerId, protocols: &[StreamProtocol]) {
+        let relays = protocols.contains(&relay::HOP_PROTOCOL_NAME);
+        let bootstrap = self.bootstrap.iter().any(|a| peer_of(a) == Some(peer));
+        if !relays || !bootstrap || self.reserved.contains(&peer) {
+            return;
+        }
+        let Some(address) = self.remote.get(&peer).cloned() else { return };
+        let address = match peer_of(&address) {
+            Some(_) => address,
+            None => address.with(Protocol::P2p(peer)),
+        };
+        match self.swarm.listen_on(address.with(Protocol::P2pCircuit)) {
+            Ok(_) => drop(self.reserved.insert(peer)),
+            Err(err) => tracing::warn!(relay = %peer, %err, "no reservation on the relay"),
         }
     }
 
