@@ -203,6 +203,23 @@ impl Task {
                 }
             }
         }
+        self.close().await;
+    }
+
+    /// Closes every connection and waits (up to a second) until they are closed, so peers
+    /// learn at once that this node left — a QUIC connection dropped without its close would
+    /// only time out on their side.
+    async fn close(&mut self) {
+        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        for peer in peers {
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+        let drained = async {
+            while self.swarm.connected_peers().next().is_some() {
+                self.swarm.select_next_some().await;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), drained).await;
     }
 
     fn dial_bootstrap(&mut self) {
