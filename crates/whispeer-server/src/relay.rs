@@ -355,7 +355,11 @@ pub(crate) async fn serve<S>(
     let writer = tokio::spawn(async move {
         while let Some(message) = rx.recv().await {
             let close = matches!(message, Message::Close(_));
-            if sink.send(message).await.is_err() || close {
+            // Written without a flush while more wait; flushed once the queue is empty.
+            if sink.feed(message).await.is_err() || close {
+                break;
+            }
+            if rx.is_empty() && sink.flush().await.is_err() {
                 break;
             }
         }

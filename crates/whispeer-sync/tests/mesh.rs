@@ -5,7 +5,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use whispeer::{Broker, BrokerOptions, Filter, Retention, StartAt, SubscribeOptions, Subscription};
+use whispeer::{
+    Broker, BrokerOptions, Encryption, Filter, Keyring, Retention, StartAt, SubscribeOptions,
+    Subscription,
+};
 use whispeer_server::{Relay, RelayConfig, ServerConfig, WebSocket};
 use whispeer_sync::{PeerOptions, Sync, SyncEvent, TransportConfig, TransportMode};
 
@@ -129,4 +132,36 @@ async fn three_brokers_share_once_each_and_a_restarted_one_catches_up() {
     assert!(got.contains(&"missed from b".to_string()));
     quiet(&mut c).await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A broker meshed on `url` with `encryption`, sharing `docs/#`.
+fn sealed_node(url: &str, encryption: Encryption) -> Broker {
+    let config = TransportConfig {
+        mode: TransportMode::Relay,
+        relay_url: Some(url.into()),
+        timeout_ms: 5_000,
+        encryption: true,
+    };
+    let sync = Sync::new(config).topic("sealed mesh").share("docs/#");
+    Broker::builder(BrokerOptions::default()).with(encryption).with(sync).build()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sealed_envelopes_cross_the_mesh_as_they_are() {
+    let (_relay, url) = relay_server();
+    let keyring = Keyring::generate().expect("key");
+    let a = sealed_node(&url, Encryption::with_keyring(keyring.clone()));
+    let b = sealed_node(&url, Encryption::with_keyring(keyring));
+    let c = sealed_node(&url, Encryption::generated().expect("another key"));
+    let mut at_b = b.subscription::<String>("docs/#").expect("subscribe");
+    let mut raw_at_c = c.messages("docs/#").expect("subscribe");
+    // Published before the mesh has formed: it arrives with the catch-up.
+    let secret = "only holders of the key read this".to_string();
+    a.publish("docs/secret", &secret).expect("publish");
+    let got = tokio::time::timeout(WAIT, at_b.recv()).await.expect("in time").expect("open");
+    assert_eq!(got, secret, "a node with the key opens it");
+    let raw =
+        tokio::time::timeout(WAIT, raw_at_c.recv_message()).await.expect("in time").expect("open");
+    assert!(!raw.payload().windows(8).any(|w| w == &secret.as_bytes()[..8]), "sealed on the way");
+    assert!(raw.plaintext().is_err(), "a node without the key cannot open it");
 }

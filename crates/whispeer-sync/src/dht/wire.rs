@@ -1,30 +1,49 @@
 //! One libp2p stream as a [`Wire`]: each message a 4-byte big-endian length and its bytes. The
 //! libp2p connection under it is already encrypted and authenticated (Noise XX, the peer's
 //! ed25519 key is its id), so the connection on top needs no second handshake.
+//!
+//! A writer task owns the stream's writing half: `send` queues (64 messages, then it waits),
+//! and the task writes without flushing while more wait, flushing once the queue is empty —
+//! one yamux frame and syscall per burst rather than per message.
 
 use async_trait::async_trait;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf};
+use tokio::sync::mpsc;
 use tokio_util::compat::Compat;
 
 use crate::noise::Wire;
 
 /// Largest message on a stream: a chunk of a connection (64 KiB) and its flag.
 const MAX_FRAME: usize = 80 << 10;
+/// Messages queued for the writer task.
+const QUEUE: usize = 64;
 
 type Io = Compat<libp2p::Stream>;
 
-/// A stream's two halves, and what to run when it closes.
+/// A stream's reading half, its writer task's queue, and what to run when it closes.
 pub(super) struct StreamWire {
     reader: ReadHalf<Io>,
-    writer: WriteHalf<Io>,
+    out: Option<mpsc::Sender<Vec<u8>>>,
     on_close: Option<Box<dyn FnOnce() + Send>>,
 }
 
 impl StreamWire {
     pub(super) fn new(stream: libp2p::Stream, on_close: impl FnOnce() + Send + 'static) -> Self {
         use tokio_util::compat::FuturesAsyncReadCompatExt;
-        let (reader, writer) = tokio::io::split(stream.compat());
-        Self { reader, writer, on_close: Some(Box::new(on_close)) }
+        let (reader, mut writer) = tokio::io::split(stream.compat());
+        let (out, mut rx) = mpsc::channel::<Vec<u8>>(QUEUE);
+        tokio::spawn(async move {
+            while let Some(frame) = rx.recv().await {
+                if writer.write_all(&frame).await.is_err() {
+                    break;
+                }
+                if rx.is_empty() && writer.flush().await.is_err() {
+                    break;
+                }
+            }
+            let _ = writer.shutdown().await;
+        });
+        Self { reader, out: Some(out), on_close: Some(Box::new(on_close)) }
     }
 }
 
@@ -32,10 +51,11 @@ impl StreamWire {
 impl Wire for StreamWire {
     async fn send(&mut self, bytes: Vec<u8>) -> anyhow::Result<()> {
         let len = u32::try_from(bytes.len())?;
-        self.writer.write_all(&len.to_be_bytes()).await?;
-        self.writer.write_all(&bytes).await?;
-        self.writer.flush().await?;
-        Ok(())
+        let mut frame = Vec::with_capacity(4 + bytes.len());
+        frame.extend_from_slice(&len.to_be_bytes());
+        frame.extend_from_slice(&bytes);
+        let out = self.out.as_ref().ok_or_else(|| anyhow::anyhow!("the connection is closed"))?;
+        out.send(frame).await.map_err(|_| anyhow::anyhow!("the connection is closed"))
     }
 
     async fn recv(&mut self) -> anyhow::Result<Option<Vec<u8>>> {
@@ -54,6 +74,8 @@ impl Wire for StreamWire {
     }
 
     fn close(&mut self) {
+        // The writer task flushes what is queued, then closes the stream.
+        self.out = None;
         if let Some(on_close) = self.on_close.take() {
             on_close();
         }

@@ -270,7 +270,8 @@ impl Session {
             let value = format!("Bearer {token}").parse()?;
             request.headers_mut().insert("authorization", value);
         }
-        let (ws, _) = tokio_tungstenite::connect_async(request).await?;
+        // Nagle off: a small message must not wait for the previous one's acknowledgement.
+        let (ws, _) = tokio_tungstenite::connect_async_with_config(request, None, true).await?;
         Ok(ws)
     }
 
@@ -286,7 +287,11 @@ impl Session {
                     m = rx.recv() => match m { Some(m) => m, None => break },
                     _ = ping.tick() => Message::Ping(Default::default()),
                 };
-                if sink.send(message).await.is_err() {
+                // Written without a flush while more wait; flushed once the queue is empty.
+                if sink.feed(message).await.is_err() {
+                    break;
+                }
+                if rx.is_empty() && sink.flush().await.is_err() {
                     break;
                 }
             }
