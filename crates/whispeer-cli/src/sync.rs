@@ -37,6 +37,9 @@ pub(crate) struct SyncArgs {
     /// DHT mode: also relay connections for peers behind NATs.
     #[arg(long)]
     relay_server: bool,
+    /// For a wss:// relay: a PEM file of CA certificates to trust besides the platform's.
+    #[arg(long, value_name = "FILE")]
+    relay_ca: Option<PathBuf>,
     /// An API key or JWT for a relay on a server that requires one.
     #[arg(long, env = "WHISPEER_RELAY_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -76,6 +79,7 @@ pub(crate) fn run(args: SyncArgs) -> ExitCode {
         let options = PeerOptions {
             key_file: args.key_file.clone(),
             relay_token: args.token,
+            relay_ca: args.relay_ca.clone(),
             bootstrap: args.bootstrap.clone(),
             listen: args.listen.clone(),
             relay_server: args.relay_server,

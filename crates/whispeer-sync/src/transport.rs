@@ -111,8 +111,8 @@ pub enum TransportMode {
 pub struct TransportConfig {
     /// The transport. Default: [`TransportMode::Hyperswarm`].
     pub mode: TransportMode,
-    /// The relay, for [`TransportMode::Relay`]: `ws://host:port` or `wss://…` (the path
-    /// defaults to `/relay`). Default: none.
+    /// The relay, for [`TransportMode::Relay`]: `ws://host:port`, or `wss://host:port` for a
+    /// relay behind TLS (the path defaults to `/relay`). Default: none.
     pub relay_url: Option<String>,
     /// How long to wait for the network (relay connection, a lookup's answer, a peer's
     /// handshake) before an error. Default: 30 000.
@@ -147,6 +147,9 @@ pub struct PeerOptions {
     pub key_file: Option<PathBuf>,
     /// A token for a relay on a server that requires one (an API key or a JWT). Default: none.
     pub relay_token: Option<String>,
+    /// For a `wss://` relay: a PEM file of CA certificates to trust besides the platform's
+    /// (which honour `SSL_CERT_FILE` and `SSL_CERT_DIR`). Default: none.
+    pub relay_ca: Option<PathBuf>,
     /// DHT mode: peers to join the DHT through, as multiaddrs ending with `/p2p/<peer id>`
     /// (e.g. `/ip4/203.0.113.7/tcp/4001/p2p/12D3KooW…`). Default: none (this node is alone
     /// until others bootstrap from it).

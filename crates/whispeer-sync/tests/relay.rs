@@ -201,3 +201,55 @@ async fn a_peer_keeps_its_id_across_restarts_with_a_key_file() {
     assert!(whispeer_sync::PeerKey::load_or_create(&file).is_err());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A CA and a certificate for 127.0.0.1 signed by it: (CA PEM, certificate PEM, key PEM).
+fn pki() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().expect("key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).expect("CA").pem();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().expect("key");
+    let params = CertificateParams::new(vec!["127.0.0.1".to_string()]).expect("params");
+    (ca, params.signed_by(&key, &issuer).expect("certificate").pem(), key.serialize_pem())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_behind_tls_is_reached_with_wss() {
+    let (ca, cert, key) = pki();
+    let relay = Arc::new(Relay::new(RelayConfig::default()));
+    let mut server = ServerConfig::default();
+    server.relay = Some(relay);
+    server.tls =
+        Some(whispeer_server::server_tls(cert.as_bytes(), key.as_bytes(), None).expect("tls"));
+    let broker = Broker::builder(BrokerOptions::default())
+        .with(WebSocket::new("127.0.0.1:0").config(server))
+        .build();
+    let url = format!("wss://{}", broker.local_addrs()[0]);
+    let dir = std::env::temp_dir().join(format!("whispeer-relay-ca-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let ca_file = dir.join("ca.pem");
+    std::fs::write(&ca_file, ca).expect("write");
+    let wss = |relay_ca: Option<std::path::PathBuf>| {
+        let config = TransportConfig {
+            mode: TransportMode::Relay,
+            relay_url: Some(url.clone()),
+            timeout_ms: 3_000,
+            encryption: true,
+        };
+        create_transport_with(config, PeerOptions { relay_ca, ..PeerOptions::default() })
+            .expect("transport")
+    };
+    let topic = derive_topic("over tls");
+    let (mut a, mut b) = (wss(Some(ca_file.clone())), wss(Some(ca_file.clone())));
+    let mut a_in = a.connect(topic).await.expect("a connects over wss");
+    let mut b_in = b.connect(topic).await.expect("b connects over wss");
+    let (mut ab, mut ba) = (next(&mut a_in).await, next(&mut b_in).await);
+    ab.send(b"through TLS and Noise").await.expect("send");
+    assert_eq!(receive(&mut ba).await.as_deref(), Some(&b"through TLS and Noise"[..]));
+    // Without the CA the relay's certificate is not trusted: a clear error, in time.
+    let err = wss(None).announce(topic).await.expect_err("untrusted");
+    assert!(err.to_string().contains("not reachable"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -45,7 +45,12 @@ impl RelayTransport {
             anyhow::bail!("relay mode needs a relay_url (ws://host:port)");
         };
         let url = relay_url(&url)?;
-        Ok(Self { session: Session::new(config, key, url, options.relay_token) })
+        let tls = if url.starts_with("wss://") {
+            Some(session::tls_connector(options.relay_ca.as_deref())?)
+        } else {
+            None
+        };
+        Ok(Self { session: Session::new(config, key, url, options.relay_token, tls) })
     }
 
     /// This peer's id (its Noise static key in hex).
@@ -60,9 +65,6 @@ fn relay_url(url: &str) -> anyhow::Result<String> {
         .strip_prefix("ws://")
         .or_else(|| url.strip_prefix("wss://"))
         .ok_or_else(|| anyhow::anyhow!("relay URL {url:?}: must start with ws:// or wss://"))?;
-    if url.starts_with("wss://") {
-        anyhow::bail!("relay URL {url:?}: wss:// is not supported yet; use ws:// (or a TLS proxy)");
-    }
     Ok(match rest.find('/') {
         None => format!("{url}/relay"),
         Some(at) if rest[at..] == *"/" => format!("{}relay", url),

@@ -59,6 +59,8 @@ pub(super) struct Session {
     peer_id: String,
     url: String,
     token: Option<String>,
+    /// For `wss://`.
+    tls: Option<tokio_tungstenite::Connector>,
     state: Mutex<State>,
     link: watch::Sender<Link>,
     stop: tokio_util_stop::Stop,
@@ -103,6 +105,7 @@ impl Session {
         key: PeerKey,
         url: String,
         token: Option<String>,
+        tls: Option<tokio_tungstenite::Connector>,
     ) -> Arc<Self> {
         let peer_id = key.id();
         Arc::new(Self {
@@ -111,6 +114,7 @@ impl Session {
             peer_id,
             url,
             token,
+            tls,
             state: Mutex::default(),
             link: watch::channel(Link::default()).0,
             stop: tokio_util_stop::Stop::new(),
@@ -271,7 +275,10 @@ impl Session {
             request.headers_mut().insert("authorization", value);
         }
         // Nagle off: a small message must not wait for the previous one's acknowledgement.
-        let (ws, _) = tokio_tungstenite::connect_async_with_config(request, None, true).await?;
+        let connector = self.tls.clone();
+        let (ws, _) =
+            tokio_tungstenite::connect_async_tls_with_config(request, None, true, connector)
+                .await?;
         Ok(ws)
     }
 
@@ -472,4 +479,29 @@ impl Drop for LinkWire {
     fn drop(&mut self) {
         self.close();
     }
+}
+
+/// TLS for `wss://` relays: rustls with ring, the platform's roots, and `extra_ca` if given.
+pub(super) fn tls_connector(
+    extra_ca: Option<&std::path::Path>,
+) -> anyhow::Result<tokio_tungstenite::Connector> {
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    roots.add_parsable_certificates(native.certs);
+    if let Some(path) = extra_ca {
+        let pem = std::fs::read(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(&pem) {
+            let cert: rustls::pki_types::CertificateDer<'static> =
+                cert.map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            roots.add(cert)?;
+        }
+    }
+    anyhow::ensure!(!roots.is_empty(), "no CA certificates to trust a wss:// relay with");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_tungstenite::Connector::Rustls(Arc::new(config)))
 }
