@@ -9,8 +9,9 @@
 //! whether it is reachable.
 //!
 //! Of two peers on a topic, the one with the smaller id opens the connection (one stream per
-//! pair and topic); the other accepts it. Connecting looks providers up every second for the
-//! first ten seconds, then every five.
+//! pair and topic); the other accepts it. Connecting looks providers up every 250 ms for the
+//! first 2.5 seconds, then every second for half a minute, then every five — and at once when
+//! another peer stores a provider record here.
 
 mod node;
 mod wire;
@@ -285,6 +286,8 @@ impl Inner {
     /// Finds the topic's providers and connects to those this side should dial, for ever.
     async fn follow(self: Arc<Self>, topic: TopicHash, tx: mpsc::Sender<Box<dyn Connection>>) {
         let me = self.peer_id.to_bytes();
+        let Some(mut status) = self.running.get().map(|r| r.status.clone()) else { return };
+        let mut seen = status.borrow_and_update().providers_added;
         for round in 0u32.. {
             match self.providers(topic, true).await {
                 Ok(found) => {
@@ -300,8 +303,16 @@ impl Inner {
             if tx.is_closed() {
                 break;
             }
-            let pause = if round < 10 { Duration::from_secs(1) } else { Duration::from_secs(5) };
-            tokio::time::sleep(pause).await;
+            let pause = match round {
+                0..10 => Duration::from_millis(250),
+                10..40 => Duration::from_secs(1),
+                _ => Duration::from_secs(5),
+            };
+            // Until the next round, or until a peer stores a provider record here.
+            let added = status.wait_for(|s| s.providers_added != seen);
+            if let Ok(Ok(now)) = tokio::time::timeout(pause, added).await {
+                seen = now.providers_added;
+            }
         }
     }
 

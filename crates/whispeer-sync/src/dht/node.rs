@@ -73,6 +73,8 @@ pub(super) struct Status {
     pub(super) direct_upgrades: u64,
     /// Hole punches that failed.
     pub(super) punch_failures: u64,
+    /// Provider records other peers stored here: a peer may just have joined a topic.
+    pub(super) providers_added: u64,
 }
 
 /// Settings of the node.
@@ -332,6 +334,9 @@ impl Task {
                     }
                 });
             }
+            SwarmEvent::Behaviour(BehaviourEvent::Kademlia(kad::Event::InboundRequest {
+                request: kad::InboundRequest::AddProvider { .. },
+            })) => self.status.send_modify(|s| s.providers_added += 1),
             SwarmEvent::Behaviour(BehaviourEvent::Kademlia(
                 kad::Event::OutboundQueryProgressed { id, result, step, .. },
             )) => self.progress(id, result, step.last),

@@ -3,8 +3,8 @@
 //! ed25519 key is its id), so the connection on top needs no second handshake.
 //!
 //! A writer task owns the stream's writing half: `send` queues (64 messages, then it waits),
-//! and the task writes without flushing while more wait, flushing once the queue is empty —
-//! one yamux frame and syscall per burst rather than per message.
+//! and the task writes into a 64 KiB buffer while more wait, flushing once the queue is empty —
+//! one yamux frame, Noise message and syscall per burst rather than per message.
 
 use async_trait::async_trait;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf};
@@ -30,7 +30,10 @@ pub(super) struct StreamWire {
 impl StreamWire {
     pub(super) fn new(stream: libp2p::Stream, on_close: impl FnOnce() + Send + 'static) -> Self {
         use tokio_util::compat::FuturesAsyncReadCompatExt;
-        let (reader, mut writer) = tokio::io::split(stream.compat());
+        let (reader, writer) = tokio::io::split(stream.compat());
+        // Buffered: a burst becomes one yamux frame (and one Noise message) per 64 KiB, not
+        // one per message.
+        let mut writer = tokio::io::BufWriter::with_capacity(64 << 10, writer);
         let (out, mut rx) = mpsc::channel::<Vec<u8>>(QUEUE);
         tokio::spawn(async move {
             while let Some(frame) = rx.recv().await {
