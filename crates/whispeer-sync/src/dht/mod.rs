@@ -28,6 +28,7 @@ use libp2p::kad::RecordKey;
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::TopicHash;
 use crate::key::PeerKey;
@@ -66,6 +67,8 @@ struct Inner {
     /// (topic, peer) pairs with a connection (or one being made).
     connected: Arc<Mutex<HashSet<(TopicHash, PeerId)>>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Per peer, what ends its streams when a hole punch gives a direct connection.
+    endings: Mutex<HashMap<PeerId, CancellationToken>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -125,6 +128,7 @@ impl DhtTransport {
                 topics: Mutex::default(),
                 connected: Arc::default(),
                 tasks: Mutex::default(),
+                endings: Mutex::default(),
             }),
         })
     }
@@ -174,7 +178,8 @@ impl Inner {
                 let _ = tokio::time::timeout(self.config.timeout(), ready).await;
                 let running = Running { commands, control, status, stop };
                 let accept = tokio::spawn(Arc::clone(self).accept(running.control.clone()));
-                lock(&self.tasks).push(accept);
+                let upgrades = tokio::spawn(Arc::clone(self).upgrades(running.status.clone()));
+                lock(&self.tasks).extend([accept, upgrades]);
                 anyhow::Ok(running)
             })
             .await?;
@@ -218,6 +223,34 @@ impl Inner {
         self.ask(|done| Command::Lookup { key, dial, done }).await
     }
 
+    /// What ends `peer`'s streams (see [`Inner::upgrades`]).
+    fn ending(&self, peer: PeerId) -> CancellationToken {
+        lock(&self.endings).entry(peer).or_default().clone()
+    }
+
+    /// Ends the streams to each peer a hole punch gave a direct connection to: they ran over the
+    /// relay, and the next connection (the follow loop makes it) takes the direct one.
+    async fn upgrades(self: Arc<Self>, mut status: watch::Receiver<Status>) {
+        // Hole punches are counted by the status (`direct_upgrades`); the newest are listed.
+        let mut done = 0;
+        loop {
+            let upgraded: Vec<PeerId> = {
+                let status = status.borrow_and_update();
+                let new = (status.direct_upgrades - done) as usize;
+                done = status.direct_upgrades;
+                status.upgraded.iter().rev().take(new).copied().collect()
+            };
+            for peer in upgraded {
+                if let Some(ending) = lock(&self.endings).remove(&peer) {
+                    ending.cancel();
+                }
+            }
+            if status.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// Accepts other peers' connections, each on the topic its first message names.
     async fn accept(self: Arc<Self>, mut control: libp2p_stream::Control) {
         let Ok(mut incoming) = control.accept(SYNC_PROTOCOL) else { return };
@@ -227,7 +260,7 @@ impl Inner {
                 let connected = Arc::clone(&inner.connected);
                 let topic_of = Arc::new(Mutex::new(None::<TopicHash>));
                 let forget = Arc::clone(&topic_of);
-                let mut wire = StreamWire::new(stream, move || {
+                let mut wire = StreamWire::new(stream, inner.ending(peer), move || {
                     if let Some(topic) = *lock(&forget) {
                         lock(&connected).remove(&(topic, peer));
                     }
@@ -274,7 +307,7 @@ impl Inner {
                 return;
             }
         };
-        let mut wire = StreamWire::new(stream, move || {
+        let mut wire = StreamWire::new(stream, self.ending(peer), move || {
             lock(&connected).remove(&(topic, peer));
         });
         if crate::noise::Wire::send(&mut wire, topic.to_vec()).await.is_err() {

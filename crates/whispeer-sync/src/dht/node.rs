@@ -75,6 +75,9 @@ pub(super) struct Status {
     pub(super) punch_failures: u64,
     /// Provider records other peers stored here: a peer may just have joined a topic.
     pub(super) providers_added: u64,
+    /// The last (up to 256) peers a hole punch gave a direct connection to, in order (the
+    /// transport moves its connections to them off the relay).
+    pub(super) upgraded: std::collections::VecDeque<PeerId>,
 }
 
 /// Settings of the node.
@@ -151,6 +154,7 @@ pub(super) fn start(settings: Settings) -> anyhow::Result<Started> {
         announced: HashSet::new(),
         reserved: HashSet::new(),
         remote: HashMap::new(),
+        relayed: HashMap::new(),
     };
     tokio::spawn(task.run(stopped));
     Ok(Started { commands, control, status: status_rx, stop })
@@ -176,6 +180,8 @@ struct Task {
     reserved: HashSet<PeerId>,
     /// The address each peer was dialled at.
     remote: HashMap<PeerId, Multiaddr>,
+    /// Relayed connections per peer, closed once a hole punch gives a direct one.
+    relayed: HashMap<PeerId, Vec<libp2p::swarm::ConnectionId>>,
 }
 
 /// The peer id at the end of `address` (`/p2p/<id>`).
@@ -271,8 +277,11 @@ impl Task {
                 self.swarm.add_external_address(address.clone());
                 self.status.send_modify(|s| s.listening.push(address));
             }
-            SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
+            SwarmEvent::ConnectionEstablished { peer_id, endpoint, connection_id, .. } => {
                 let relayed = endpoint.is_relayed();
+                if relayed {
+                    self.relayed.entry(peer_id).or_default().push(connection_id);
+                }
                 tracing::info!(peer = %peer_id, relayed, address = %endpoint.get_remote_address(), "connected");
                 if endpoint.is_dialer() && !relayed {
                     self.remote.insert(peer_id, endpoint.get_remote_address().clone());
@@ -284,7 +293,10 @@ impl Task {
                     s.bootstrap_error = None;
                 });
             }
-            SwarmEvent::ConnectionClosed { .. } => {
+            SwarmEvent::ConnectionClosed { peer_id, connection_id, .. } => {
+                if let Some(relayed) = self.relayed.get_mut(&peer_id) {
+                    relayed.retain(|c| *c != connection_id);
+                }
                 let peers = self.swarm.connected_peers().count();
                 self.status.send_modify(|s| s.peers = peers);
             }
@@ -320,15 +332,25 @@ impl Task {
                 let ok = event.result.is_ok();
                 match &event.result {
                     Ok(_) => {
-                        tracing::info!(peer = %event.remote_peer_id, "hole punched: direct connection")
+                        tracing::info!(peer = %event.remote_peer_id, "hole punched: direct connection");
+                        // The relayed connection goes once its streams have: the transport ends
+                        // them, and its next connection to the peer takes the direct one.
+                        for id in self.relayed.remove(&event.remote_peer_id).unwrap_or_default() {
+                            self.swarm.close_connection(id);
+                        }
                     }
                     Err(err) => {
                         tracing::info!(peer = %event.remote_peer_id, %err, "hole punch failed: staying relayed")
                     }
                 }
+                let peer = event.remote_peer_id;
                 self.status.send_modify(|s| {
                     if ok {
                         s.direct_upgrades += 1;
+                        if s.upgraded.len() == 256 {
+                            s.upgraded.pop_front();
+                        }
+                        s.upgraded.push_back(peer);
                     } else {
                         s.punch_failures += 1;
                     }

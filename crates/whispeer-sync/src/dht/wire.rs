@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf};
 use tokio::sync::mpsc;
 use tokio_util::compat::Compat;
+use tokio_util::sync::CancellationToken;
 
 use crate::noise::Wire;
 
@@ -23,12 +24,18 @@ type Io = Compat<libp2p::Stream>;
 /// A stream's reading half, its writer task's queue, and what to run when it closes.
 pub(super) struct StreamWire {
     reader: ReadHalf<Io>,
+    /// Cancelled when the stream should end (its connection was upgraded to a direct one).
+    ended: CancellationToken,
     out: Option<mpsc::Sender<Vec<u8>>>,
     on_close: Option<Box<dyn FnOnce() + Send>>,
 }
 
 impl StreamWire {
-    pub(super) fn new(stream: libp2p::Stream, on_close: impl FnOnce() + Send + 'static) -> Self {
+    pub(super) fn new(
+        stream: libp2p::Stream,
+        ended: CancellationToken,
+        on_close: impl FnOnce() + Send + 'static,
+    ) -> Self {
         use tokio_util::compat::FuturesAsyncReadCompatExt;
         let (reader, writer) = tokio::io::split(stream.compat());
         // Buffered: a burst becomes one yamux frame (and one Noise message) per 64 KiB, not
@@ -46,7 +53,7 @@ impl StreamWire {
             }
             let _ = writer.shutdown().await;
         });
-        Self { reader, out: Some(out), on_close: Some(Box::new(on_close)) }
+        Self { reader, ended, out: Some(out), on_close: Some(Box::new(on_close)) }
     }
 }
 
@@ -62,6 +69,27 @@ impl Wire for StreamWire {
     }
 
     async fn recv(&mut self) -> anyhow::Result<Option<Vec<u8>>> {
+        let ended = self.ended.clone();
+        tokio::select! {
+            () = ended.cancelled() => {
+                self.close();
+                Ok(None)
+            }
+            frame = self.frame() => frame,
+        }
+    }
+
+    fn close(&mut self) {
+        // The writer task flushes what is queued, then closes the stream.
+        self.out = None;
+        if let Some(on_close) = self.on_close.take() {
+            on_close();
+        }
+    }
+}
+
+impl StreamWire {
+    async fn frame(&mut self) -> anyhow::Result<Option<Vec<u8>>> {
         let mut len = [0u8; 4];
         match self.reader.read_exact(&mut len).await {
             Ok(_) => {}
@@ -74,13 +102,5 @@ impl Wire for StreamWire {
         let mut bytes = vec![0u8; len];
         self.reader.read_exact(&mut bytes).await?;
         Ok(Some(bytes))
-    }
-
-    fn close(&mut self) {
-        // The writer task flushes what is queued, then closes the stream.
-        self.out = None;
-        if let Some(on_close) = self.on_close.take() {
-            on_close();
-        }
     }
 }
