@@ -253,3 +253,44 @@ async fn a_relay_behind_tls_is_reached_with_wss() {
     assert!(err.to_string().contains("not reachable"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_closes_only_the_connection_that_sent_it() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let (_broker, relay, url) =
+        relay_server(RelayConfig { max_message_bytes: 1024, ..RelayConfig::default() });
+    let topic = derive_topic("bystanders");
+    let (mut a, mut b) = (transport(&url, true), transport(&url, true));
+    let mut a_in = a.connect(topic).await.expect("a connects");
+    let mut b_in = b.connect(topic).await.expect("b connects");
+    let (mut ab, mut ba) = (next(&mut a_in).await, next(&mut b_in).await);
+    let bad = |stats: &whispeer_server::RelayStats| {
+        stats.bad_messages.load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let cases: [(&str, Vec<u8>); 3] = [
+        ("an unknown kind", vec![99, 1, 2]),
+        ("a cut-short join", vec![1, 0, 0]),
+        ("a message over max_message_bytes", vec![7; 2048]),
+    ];
+    for (i, (what, bytes)) in cases.into_iter().enumerate() {
+        let (mut ws, _) =
+            tokio_tungstenite::connect_async(format!("{url}/relay")).await.expect("ws");
+        // Data on a link this connection is not on is ignored, not forwarded.
+        let foreign = whispeer_proto::relay::RelayMessage::Data { link: 1, bytes: b"x".to_vec() };
+        ws.send(Message::Binary(foreign.encode().into())).await.expect("send");
+        ws.send(Message::Binary(bytes.into())).await.expect("send");
+        let ended = tokio::time::timeout(WAIT, async {
+            while let Some(Ok(message)) = ws.next().await {
+                if message.is_close() {
+                    break;
+                }
+            }
+        });
+        assert!(ended.await.is_ok(), "{what}: the relay closes the connection");
+        assert_eq!(bad(&relay.stats), i as u64 + 1, "{what}: counted");
+    }
+    // The others' link is untouched.
+    ab.send(b"still here").await.expect("send");
+    assert_eq!(receive(&mut ba).await.as_deref(), Some(&b"still here"[..]));
+}
