@@ -184,7 +184,8 @@ async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
         None => None,
     };
     server_config.websocket_path.clone_from(&config.ws_path);
-    if let Some(relay) = config.relay.settings() {
+    let relay = config.relay.settings().map_err(|e| ConfigError(format!("{e:#}")))?;
+    if let Some(relay) = relay {
         if ws_listener.is_none() {
             bail!(ConfigError(
                 "the relay is served on the WebSocket listener: set ws_listen (--ws-listen)".into()

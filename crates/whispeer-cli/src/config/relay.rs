@@ -43,14 +43,32 @@ impl Default for Relay {
 
 impl Relay {
     /// The relay's bounds, or `None` when it is off.
-    pub(crate) fn settings(&self) -> Option<RelayConfig> {
-        self.enabled.then(|| RelayConfig {
-            max_peers_per_topic: self.max_peers_per_topic.max(2),
-            max_topics_per_connection: self.max_topics_per_connection.max(1),
-            max_links_per_connection: self.max_links_per_connection.max(1),
-            bytes_per_second: self.bytes_per_second.max(1),
-            idle_timeout: Duration::from_millis(self.idle_timeout_ms.max(1_000)),
-            max_message_bytes: self.max_message_bytes.max(1 << 10),
-        })
+    ///
+    /// # Errors
+    /// A bound too small for the relay to work, naming the key and its least value.
+    pub(crate) fn settings(&self) -> anyhow::Result<Option<RelayConfig>> {
+        if !self.enabled {
+            return Ok(None);
+        }
+        let least: [(&str, u64, u64); 6] = [
+            ("max_peers_per_topic", self.max_peers_per_topic as u64, 2),
+            ("max_topics_per_connection", self.max_topics_per_connection as u64, 1),
+            ("max_links_per_connection", self.max_links_per_connection as u64, 1),
+            ("bytes_per_second", self.bytes_per_second, 1),
+            ("idle_timeout_ms", self.idle_timeout_ms, 1_000),
+            // A Noise message (64 KiB) and the link header must fit.
+            ("max_message_bytes", self.max_message_bytes as u64, 65_535 + 9),
+        ];
+        if let Some((key, value, min)) = least.iter().find(|(_, value, min)| value < min) {
+            anyhow::bail!("relay.{key} = {value}: it must be at least {min}");
+        }
+        Ok(Some(RelayConfig {
+            max_peers_per_topic: self.max_peers_per_topic,
+            max_topics_per_connection: self.max_topics_per_connection,
+            max_links_per_connection: self.max_links_per_connection,
+            bytes_per_second: self.bytes_per_second,
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            max_message_bytes: self.max_message_bytes,
+        }))
     }
 }

@@ -225,3 +225,17 @@ fn in_a_cluster_the_engine_keeps_as_much_durable_history_as_the_retention_rules(
         Ok(())
     });
 }
+
+#[test]
+fn relay_bounds_too_small_to_work_are_refused_by_name() {
+    let mut relay = super::relay::Relay::default();
+    assert!(relay.settings().unwrap().is_none(), "off by default");
+    relay.enabled = true;
+    assert!(relay.settings().unwrap().is_some(), "the defaults work");
+    relay.max_message_bytes = 1000;
+    let err = relay.settings().unwrap_err().to_string();
+    assert!(err.contains("relay.max_message_bytes = 1000") && err.contains("65544"), "{err}");
+    relay.max_message_bytes = 81920;
+    relay.max_peers_per_topic = 1;
+    assert!(relay.settings().unwrap_err().to_string().contains("relay.max_peers_per_topic"));
+}
