@@ -135,6 +135,8 @@ impl BrokerBuilder {
         let broker = Broker { inner: Arc::new(shared) };
         if let Some(recovered) = recovered {
             broker.inner.restore(recovered.records);
+            let history = &broker.inner.history;
+            history.continue_after(recovered.marks, recovered.gap, recovered.floor);
             for commit in recovered.commits {
                 broker.inner.commits.set(&commit.key, commit.topic, commit.offset);
             }

@@ -226,6 +226,8 @@ pub(crate) struct History {
     logs: RwLock<HashMap<Topic, Arc<Mutex<TopicLog>>>>,
     /// The next acceptance sequence number (taken under a topic's lock).
     seq: AtomicU64,
+    /// Offsets of durable topics new to this process start after this (see `continue_after`).
+    floor: AtomicU64,
 }
 
 impl std::fmt::Debug for History {
@@ -240,7 +242,8 @@ pub(crate) fn lock(log: &Mutex<TopicLog>) -> MutexGuard<'_, TopicLog> {
 
 impl History {
     pub(crate) fn new(rules: Vec<(Filter, Retention)>, durable: Vec<Filter>) -> Self {
-        Self { rules, durable, logs: RwLock::default(), seq: AtomicU64::new(0) }
+        let (logs, seq, floor) = (RwLock::default(), AtomicU64::new(0), AtomicU64::new(0));
+        Self { rules, durable, logs, seq, floor }
     }
 
     /// Puts messages read back from the write-ahead log into their topics' history, and
@@ -251,6 +254,18 @@ impl History {
             let mut log = lock(&log);
             log.next = log.next.max(offset + 1);
             log.append(offset, self.next_seq(), accepted_ms, message);
+        }
+    }
+
+    /// Continues the offsets of each marked durable topic after its mark and `gap` more, also
+    /// when its messages are gone, and starts those of every other durable topic after
+    /// `floor`: offsets given before a restart are never given again.
+    pub(crate) fn continue_after(&self, marks: Vec<(Topic, u64)>, gap: u64, floor: u64) {
+        self.floor.store(floor, Ordering::Relaxed);
+        for (topic, last) in marks {
+            let Some(log) = self.log(&topic) else { continue };
+            let mut log = lock(&log);
+            log.next = log.next.max(last.saturating_add(1).saturating_add(gap));
         }
     }
 
@@ -278,9 +293,12 @@ impl History {
         let rule = self.rules.iter().find(|(filter, _)| filter.matches(topic)).map(|(_, r)| *r);
         let rule = rule.or(durable.then_some(DURABLE_DEFAULT))?;
         let mut logs = self.logs.write().unwrap_or_else(PoisonError::into_inner);
-        let log = logs
-            .entry(topic.clone())
-            .or_insert_with(|| Arc::new(Mutex::new(TopicLog::new(rule, durable))));
+        let floor = if durable { self.floor.load(Ordering::Relaxed) } else { 0 };
+        let log = logs.entry(topic.clone()).or_insert_with(|| {
+            let mut log = TopicLog::new(rule, durable);
+            log.next = floor + 1;
+            Arc::new(Mutex::new(log))
+        });
         Some(Arc::clone(log))
     }
 

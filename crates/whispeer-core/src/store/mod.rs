@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use whispeer_proto::{Envelope, Filter, Topic};
 
 pub(crate) use wal::WalOptions;
-use wal::{Wal, encode_record};
+use wal::{Recovered, Wal, encode_record};
 
 /// Histogram of seconds per batch a store writes (its sync included), labelled `store` =
 /// `wal` or `sqlite`. The stores record through the `metrics` facade, a no-op unless the
@@ -59,7 +59,9 @@ impl PersistenceType {
         match self {
             Self::Wal(options) => {
                 let (wal, recovered) = Wal::open(options)?;
-                let stored = Stored { records: recovered.records, commits: recovered.commits };
+                let gap = recovered.offsets_maybe_lost();
+                let Recovered { records, commits, marks, floor, .. } = recovered;
+                let stored = Stored { records, commits, marks, gap, floor };
                 Ok((wal, stored))
             }
             #[cfg(feature = "sqlite")]
@@ -139,6 +141,14 @@ pub(crate) struct Commit {
 pub(crate) struct Stored {
     pub(crate) records: Vec<Record>,
     pub(crate) commits: Vec<Commit>,
+    /// Topics' latest offsets, also of messages no longer stored: offsets continue after them.
+    pub(crate) marks: Vec<(Topic, u64)>,
+    /// How many messages damage may have taken per topic: every topic's offsets continue this
+    /// far past its latest, so no offset a subscriber may have seen is given again.
+    pub(crate) gap: u64,
+    /// Offsets of topics the store knows nothing of start after this: a topic whose every
+    /// message was lost in flight may have given offsets up to it.
+    pub(crate) floor: u64,
 }
 
 /// A future of a store.

@@ -1,5 +1,6 @@
 //! A sparse index of the write-ahead log: per topic, the record number of its first message and
-//! of every `EVERY`-th after it. A read of one topic from an offset starts scanning at the
+//! of every `EVERY`-th after it, and the topic's latest offset (for the marks at the start of
+//! each segment). A read of one topic from an offset starts scanning at the
 //! segment holding the nearest sample at or before that offset, instead of at the first
 //! segment; memory stays at one entry per `EVERY` messages (and one per topic).
 //!
@@ -19,6 +20,8 @@ struct Samples {
     entries: Vec<(u64, u64)>,
     /// Messages of the topic noted so far.
     seen: u64,
+    /// The latest offset noted or marked.
+    last: u64,
 }
 
 /// See the module documentation.
@@ -40,6 +43,20 @@ impl TopicIndex {
             samples.entries.push((offset, record));
         }
         samples.seen += 1;
+        samples.last = samples.last.max(offset);
+    }
+
+    /// Notes that `topic`'s offsets reached `offset` (a mark read back), without a message.
+    pub(crate) fn mark(&self, topic: &Topic, offset: u64) {
+        let mut topics = self.topics.lock().unwrap_or_else(PoisonError::into_inner);
+        let samples = topics.entry(topic.clone()).or_default();
+        samples.last = samples.last.max(offset);
+    }
+
+    /// Every topic's latest offset.
+    pub(crate) fn marks(&self) -> Vec<(Topic, u64)> {
+        let topics = self.topics.lock().unwrap_or_else(PoisonError::into_inner);
+        topics.iter().map(|(topic, samples)| (topic.clone(), samples.last)).collect()
     }
 
     /// The record number to start scanning from for `topic`'s messages from `from` on, or

@@ -8,30 +8,38 @@
 //!         or kind u8 = 2 (a durable subscription's commit) | offset u64 | filter str |
 //!            group str | topic str                              (str: u16 length | UTF-8)
 //!         or kind u8 = 3 (a checkpoint: a commit repeated at a segment's start; not numbered)
+//!         or kind u8 = 4 (a mark: a topic's latest offset at a segment's start; not numbered) |
+//!            offset u64 | topic str
+//!         or kind u8 = 5 (the log was closed cleanly; not numbered)
 //! ```
 //!
 //! Appending hands an encoded record to the writer thread and returns its number (a ticket).
 //! The writer takes every record waiting, writes them with one `write`, and syncs them to disk
 //! under the fsync policy — one `fsync` for all of them with `always` (group commit) — then
 //! raises the durable watermark, which PUBACKs wait for. A segment rolls over past
-//! `segment_bytes`, starting with a checkpoint of every latest commit, so the oldest whole
-//! segments can be deleted past `max_bytes` without losing a durable subscription's position.
+//! `segment_bytes`, starting with a checkpoint of every latest commit and a mark of every topic's
+//! latest offset, so the oldest whole segments can be deleted past `max_bytes` without losing a
+//! durable subscription's position or starting a topic's offsets again. A new segment's
+//! directory entry is synced before anything in it is acknowledged. All file operations go
+//! through the [`Disk`] seam (`disk.rs`), which the tests replace with a disk that loses power.
 //!
 //! Recovery reads every segment in order and checks each record's length (against
-//! `MAX_RECORD` before allocating) and checksum. At the first bad record it stops: the rest of
-//! that segment is cut off (a torn tail after a crash), later segments are set aside as
-//! `.damaged`, and the counts are logged and returned. Every record before the damage is kept.
+//! `MAX_RECORD` before allocating) and checksum (`scan.rs`). A header with one flipped bit is
+//! repaired (the checksum says which length is right); a damaged record followed by a valid one
+//! is skipped; otherwise the rest of the segment is cut off (a torn tail after a crash). Later
+//! segments are kept. What was repaired, skipped and cut is logged and returned, and the broker
+//! continues every topic's offsets past anything that may have been lost, so no offset is
+//! given twice.
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::sync::watch;
 use whispeer_proto::Topic;
 
@@ -39,7 +47,7 @@ use crate::store::GroupKey;
 // Topics stored were valid when written; limits may since have been lowered.
 use crate::message::no_limits as unlimited;
 use crate::store::PageBound;
-use crate::store::backlog::{Backlog, CloseOnDrop};
+use crate::store::backlog::{BACKLOG_RECORDS, Backlog};
 use crate::store::{
     STORE_BATCH_RECORDS as BATCH_RECORDS, STORE_FSYNC_SECONDS as FSYNC_SECONDS,
     STORE_WRITE_SECONDS as WRITE_SECONDS,
@@ -52,6 +60,10 @@ const KIND_MESSAGE: u8 = 1;
 const KIND_COMMIT: u8 = 2;
 /// A commit repeated at the start of a segment (not numbered): see `Writer::roll`.
 const KIND_CHECKPOINT: u8 = 3;
+/// A topic's latest offset at the start of a segment (not numbered): see `Writer::roll`.
+const KIND_MARK: u8 = 4;
+/// The log was closed cleanly: the last record when nothing was in flight (not numbered).
+const KIND_CLOSE: u8 = 5;
 
 /// When appended records are forced to disk.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -74,6 +86,8 @@ pub enum FsyncPolicy {
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct WalOptions {
+    /// The file system the log is on: the operating system's, or a simulated one in tests.
+    pub(crate) disk: Arc<dyn Disk>,
     /// The directory of the segment files; created if missing.
     pub dir: PathBuf,
     /// A segment rolls over past this size. Default: 64 MiB.
@@ -88,6 +102,7 @@ impl WalOptions {
     /// A log in `dir` with the defaults.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Self {
+            disk: Arc::new(OsDisk),
             dir: dir.into(),
             segment_bytes: 64 << 20,
             max_bytes: 1 << 30,
@@ -117,12 +132,40 @@ pub(crate) struct Recovered {
     pub(crate) commits: Vec<Commit>,
     /// Bytes cut off a segment at the first bad record.
     pub(crate) truncated_bytes: u64,
-    /// Segments after the damage, set aside as `.damaged`.
-    pub(crate) damaged_segments: usize,
+    /// Records skipped because they were damaged, with valid records after them.
+    pub(crate) skipped_records: u64,
+    /// Records whose damaged header was repaired (a single flipped bit); none of them lost.
+    pub(crate) repaired_records: u64,
+    /// The latest offset of every topic the log has held, from the segments' marks and the
+    /// records: offsets continue after these even when the messages are gone.
+    pub(crate) marks: Vec<(Topic, u64)>,
+    /// The log was new, or ended with a close mark (its writer stopped cleanly).
+    pub(crate) clean: bool,
+    /// Offsets of topics the log knows nothing of start after this: raised by what may have
+    /// been lost at each start after damage or a stop that was not clean, and kept in the log
+    /// (a mark of `FLOOR_TOPIC`).
+    pub(crate) floor: u64,
     /// The number of the last record kept (records are numbered from 1 across segments, and
     /// keep their numbers when older segments are deleted).
     pub(crate) last_record: u64,
 }
+
+impl Recovered {
+    /// At most how many messages of a topic may have been given an offset (and delivered
+    /// live) without being found here: each skipped record, as many as the smallest record fits
+    /// into the bytes cut off, and after a stop that was not clean everything the writer's
+    /// backlog can hold (with `FsyncPolicy::Always`, nothing else can be in flight).
+    pub(crate) fn offsets_maybe_lost(&self) -> u64 {
+        let in_flight = if self.clean { 0 } else { BACKLOG_RECORDS as u64 };
+        in_flight + self.skipped_records + self.truncated_bytes.div_ceil(MIN_RECORD)
+    }
+}
+
+/// The topic whose mark keeps the floor of offsets (reserved: no client can publish to it).
+const FLOOR_TOPIC: &str = "$wal/floor";
+
+/// The smallest record: a header and a body's kind, offset and time (an envelope adds more).
+const MIN_RECORD: u64 = (HEADER + 17) as u64;
 
 struct Segment {
     first: u64,
@@ -134,17 +177,15 @@ fn segment_path(dir: &Path, first: u64) -> PathBuf {
     dir.join(format!("{first:020}.wal"))
 }
 
-fn list_segments(dir: &Path) -> io::Result<Vec<Segment>> {
+fn list_segments(disk: &dyn Disk, dir: &Path) -> io::Result<Vec<Segment>> {
     let mut segments = Vec::new();
-    for entry in fs::read_dir(dir)? {
-        let path = entry?.path();
+    for (path, len) in disk.list(dir)? {
         let first = path
             .file_name()
             .and_then(|n| n.to_str())
             .and_then(|n| n.strip_suffix(".wal"))
             .and_then(|n| n.parse::<u64>().ok());
         if let Some(first) = first {
-            let len = fs::metadata(&path)?.len();
             segments.push(Segment { first, path, len });
         }
     }
@@ -157,11 +198,15 @@ enum Request {
     Stop,
 }
 
+/// The latest commit of every durable subscription and topic.
+type LatestCommits = HashMap<(GroupKey, Topic), u64>;
+
 /// The write-ahead log: a handle on the writer thread.
 pub(crate) struct Wal {
     dir: PathBuf,
+    disk: Arc<dyn Disk>,
     /// Holds the directory's lock: one broker per log.
-    _lock: File,
+    _lock: Box<dyn Send + Sync>,
     tx: Mutex<Sender<Request>>,
     /// The writer thread, joined on drop so a reopened log sees everything written.
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -169,8 +214,8 @@ pub(crate) struct Wal {
     durable: watch::Receiver<u64>,
     /// The next ticket: records appended so far + 1.
     next: Mutex<u64>,
-    /// Where each topic's messages are, roughly.
-    index: TopicIndex,
+    /// Where each topic's messages are, roughly, and each topic's latest offset.
+    index: Arc<TopicIndex>,
     /// The latest commits, shared with the writer for its checkpoints.
     commits: Arc<Mutex<LatestCommits>>,
     /// What waits for the writer, bounded (back-pressure to publishers).
@@ -186,29 +231,43 @@ impl std::fmt::Debug for Wal {
 impl Wal {
     /// Opens (and repairs) the log in `options.dir` and starts its writer.
     pub(crate) fn open(options: &WalOptions) -> io::Result<(Arc<Self>, Recovered)> {
-        fs::create_dir_all(&options.dir)?;
-        let lock = File::create(options.dir.join("LOCK"))?;
-        if let Err(err) = lock.try_lock() {
-            let message = format!("the log is in use by another broker ({err})");
-            return Err(io::Error::new(io::ErrorKind::WouldBlock, message));
-        }
-        let index = TopicIndex::default();
-        let (recovered, segments) = recover(&options.dir, &index)?;
-        if recovered.truncated_bytes > 0 || recovered.damaged_segments > 0 {
+        let disk = Arc::clone(&options.disk);
+        disk.create_dir_all(&options.dir)?;
+        let lock = disk.lock(&options.dir)?;
+        let index = Arc::new(TopicIndex::default());
+        let (mut recovered, segments) = recover(&*disk, &options.dir, &index)?;
+        if recovered.truncated_bytes > 0 || recovered.skipped_records > 0 {
             tracing::warn!(
                 kept = recovered.records.len(),
                 truncated_bytes = recovered.truncated_bytes,
-                damaged_segments = recovered.damaged_segments,
-                "write-ahead log repaired: records after the first bad one were dropped"
+                skipped_records = recovered.skipped_records,
+                "write-ahead log repaired: damaged records were dropped"
             );
         }
+        if recovered.repaired_records > 0 {
+            tracing::warn!(
+                repaired = recovered.repaired_records,
+                "write-ahead log: records with a flipped bit in their header were read whole"
+            );
+        }
+        let floor_topic = Topic::parse(FLOOR_TOPIC).map_err(io::Error::other)?;
+        let old_floor = recovered.marks.iter().find(|(t, _)| *t == floor_topic).map_or(0, |m| m.1);
+        recovered.marks.retain(|(topic, _)| *topic != floor_topic);
+        recovered.floor = old_floor + recovered.offsets_maybe_lost();
+        let floor = (recovered.floor > old_floor).then(|| {
+            index.mark(&floor_topic, recovered.floor);
+            (floor_topic, recovered.floor)
+        });
         let written = recovered.last_record;
         let (tx, rx) = mpsc::channel();
         let (durable_tx, durable) = watch::channel(written);
         let latest = recovered.commits.iter().map(|c| ((c.key.clone(), c.topic.clone()), c.offset));
         let commits = Arc::new(Mutex::new(latest.collect::<LatestCommits>()));
-        let writer =
-            Writer::new(options.clone(), segments, written, durable_tx, Arc::clone(&commits))?;
+        let shared = (Arc::clone(&commits), Arc::clone(&index));
+        let mut writer = Writer::new(options.clone(), segments, written, durable_tx, shared)?;
+        if let Some((topic, offset)) = floor {
+            writer.append_synced(&encode_mark(&topic, offset)?)?;
+        }
         let backlog = Arc::new(Backlog::default());
         let writer_backlog = Arc::clone(&backlog);
         let thread = std::thread::Builder::new()
@@ -218,7 +277,8 @@ impl Wal {
         let next = Mutex::new(written + 1);
         let dir = options.dir.clone();
         let tx = Mutex::new(tx);
-        let wal = Self { dir, _lock: lock, tx, thread, durable, next, index, commits, backlog };
+        let _lock = lock;
+        let wal = Self { dir, disk, _lock, tx, thread, durable, next, index, commits, backlog };
         Ok((Arc::new(wal), recovered))
     }
 
@@ -278,10 +338,10 @@ impl Wal {
         if bound.max == 0 {
             return Ok(records);
         }
-        let segments = list_segments(&self.dir)?;
+        let segments = list_segments(&*self.disk, &self.dir)?;
         let begin = segments.iter().rposition(|s| s.first <= start).unwrap_or(0);
         for segment in &segments[begin..] {
-            let end = scan_each(&segment.path, |_, logged| {
+            let scanned = scan_each(&*self.disk, &segment.path, |_, logged| {
                 if let Logged::Message(record) = logged
                     && record.envelope.topic == *topic
                     && record.offset >= from
@@ -293,7 +353,7 @@ impl Wal {
                 }
                 ControlFlow::Continue(())
             })?;
-            if end != ScanEnd::Whole {
+            if scanned.end == ScanEnd::Stopped {
                 break;
             }
         }
@@ -323,179 +383,25 @@ impl Drop for Wal {
     }
 }
 
-/// The writer thread's state.
-struct Writer {
-    options: WalOptions,
-    segments: Vec<Segment>,
-    file: File,
-    written: u64,
-    unsynced: u32,
-    last_sync: Instant,
-    durable: watch::Sender<u64>,
-    /// The latest commit of every group and topic, repeated at the start of each segment.
-    commits: Arc<Mutex<LatestCommits>>,
-}
-
-/// The latest commit of every durable subscription and topic.
-type LatestCommits = HashMap<(GroupKey, Topic), u64>;
-
-impl Writer {
-    fn new(
-        options: WalOptions,
-        mut segments: Vec<Segment>,
-        written: u64,
-        durable: watch::Sender<u64>,
-        commits: Arc<Mutex<LatestCommits>>,
-    ) -> io::Result<Self> {
-        if segments.is_empty() {
-            let path = segment_path(&options.dir, written + 1);
-            File::create(&path)?;
-            segments.push(Segment { first: written + 1, path, len: 0 });
-        }
-        let path = segments.last().map(|s| s.path.clone()).unwrap_or_default();
-        let file = OpenOptions::new().append(true).open(path)?;
-        let last_sync = Instant::now();
-        Ok(Self { options, segments, file, written, unsynced: 0, last_sync, durable, commits })
-    }
-
-    fn run(mut self, rx: Receiver<Request>, backlog: &Backlog) {
-        let _close = CloseOnDrop(backlog);
-        let mut batch: Vec<Bytes> = Vec::new();
-        loop {
-            let first = match self.options.fsync {
-                FsyncPolicy::Interval(every) if self.unsynced > 0 => {
-                    match rx.recv_timeout(every.saturating_sub(self.last_sync.elapsed())) {
-                        Ok(request) => Some(request),
-                        Err(RecvTimeoutError::Timeout) => None,
-                        Err(RecvTimeoutError::Disconnected) => Some(Request::Stop),
-                    }
-                }
-                _ => Some(rx.recv().unwrap_or(Request::Stop)),
-            };
-            let mut stop = false;
-            for request in first.into_iter().chain(rx.try_iter()) {
-                match request {
-                    Request::Append(record) => batch.push(record),
-                    Request::Stop => stop = true,
-                }
-            }
-            let started = Instant::now();
-            let written = self.write(&batch, stop);
-            if !batch.is_empty() {
-                metrics::histogram!(WRITE_SECONDS, "store" => "wal").record(started.elapsed());
-                metrics::histogram!(BATCH_RECORDS, "store" => "wal").record(batch.len() as f64);
-            }
-            if let Err(err) = written {
-                tracing::error!(%err, "write-ahead log write failed; durable publishing stops");
-                return;
-            }
-            backlog.release(batch.len(), batch.iter().map(Bytes::len).sum());
-            batch.clear();
-            if stop {
-                return;
-            }
-        }
-    }
-
-    /// Writes a batch of records, as few writes as segment boundaries allow, and syncs under
-    /// the policy.
-    fn write(&mut self, batch: &[Bytes], stopping: bool) -> io::Result<()> {
-        let mut pending = BytesMut::new();
-        let mut count = 0u64;
-        for record in batch {
-            let len = self.segments.last().map_or(0, |s| s.len) + pending.len() as u64;
-            if len > 0 && len + record.len() as u64 > self.options.segment_bytes {
-                self.flush(&mut pending, &mut count)?;
-                self.roll()?;
-            }
-            pending.extend_from_slice(record);
-            count += 1;
-        }
-        self.flush(&mut pending, &mut count)?;
-        let sync = match self.options.fsync {
-            FsyncPolicy::Always => self.unsynced > 0,
-            FsyncPolicy::EveryN(n) => self.unsynced >= n.max(1),
-            FsyncPolicy::Interval(every) => self.unsynced > 0 && self.last_sync.elapsed() >= every,
-            FsyncPolicy::Never => false,
-        } || (stopping && self.unsynced > 0);
-        if sync {
-            let started = Instant::now();
-            self.file.sync_data()?;
-            metrics::histogram!(FSYNC_SECONDS, "store" => "wal").record(started.elapsed());
-            self.unsynced = 0;
-            self.last_sync = Instant::now();
-        }
-        // What is durable under the policy: everything synced, or everything written when the
-        // policy accepts the risk.
-        if self.unsynced == 0 || self.options.fsync != FsyncPolicy::Always {
-            self.durable.send_replace(self.written);
-        }
-        Ok(())
-    }
-
-    /// Writes `pending` (`count` records) to the current segment.
-    fn flush(&mut self, pending: &mut BytesMut, count: &mut u64) -> io::Result<()> {
-        if pending.is_empty() {
-            return Ok(());
-        }
-        self.file.write_all(pending)?;
-        self.written += *count;
-        self.unsynced = self.unsynced.saturating_add(u32::try_from(*count).unwrap_or(u32::MAX));
-        if let Some(segment) = self.segments.last_mut() {
-            segment.len += pending.len() as u64;
-        }
-        pending.clear();
-        *count = 0;
-        Ok(())
-    }
-
-    /// Starts a new segment and deletes the oldest ones past `max_bytes`.
-    ///
-    /// The new segment starts with a checkpoint: the latest commit of every durable
-    /// subscription and topic, synced before any old segment is deleted, so deleting segments
-    /// never loses a commit. (It may repeat commits still waiting to be written; the last
-    /// record of a group and topic is always its latest commit.)
-    fn roll(&mut self) -> io::Result<()> {
-        self.file.sync_data()?;
-        let first = self.written + 1;
-        let path = segment_path(&self.options.dir, first);
-        self.file = OpenOptions::new().create(true).append(true).open(&path)?;
-        let mut checkpoint = BytesMut::new();
-        let commits = self.commits.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        for ((key, topic), offset) in &commits {
-            checkpoint.extend_from_slice(&encode_commit_as(
-                KIND_CHECKPOINT,
-                key,
-                topic.as_str(),
-                *offset,
-            )?);
-        }
-        if !checkpoint.is_empty() {
-            self.file.write_all(&checkpoint)?;
-            self.file.sync_data()?;
-        }
-        let len = checkpoint.len() as u64;
-        self.segments.push(Segment { first, path, len });
-        let mut total: u64 = self.segments.iter().map(|s| s.len).sum();
-        while total > self.options.max_bytes && self.segments.len() > 1 {
-            let oldest = self.segments.remove(0);
-            total -= oldest.len;
-            fs::remove_file(&oldest.path)?;
-            tracing::info!(segment = %oldest.path.display(), "oldest log segment deleted");
-        }
-        Ok(())
-    }
-}
-
+mod disk;
+mod writer;
+use writer::Writer;
+#[cfg(test)]
+mod damage;
 mod index;
+#[cfg(test)]
+mod power;
 mod record;
 mod scan;
+#[cfg(test)]
+pub(crate) mod sim;
 #[cfg(test)]
 mod tests;
 
 use crate::store::{Commit, Record};
+pub(crate) use disk::{Disk, OsDisk};
 use index::TopicIndex;
-use record::{Logged, decode_logged, encode_commit_as};
+use record::{Logged, decode_logged, encode_mark};
 pub(crate) use record::{encode_commit, encode_record};
 use scan::{ScanEnd, recover, scan_each};
 
@@ -504,11 +410,11 @@ use scan::{ScanEnd, recover, scan_each};
 #[cfg(feature = "fuzzing")]
 pub(crate) fn scan_bytes(bytes: &[u8]) -> (usize, Option<u64>) {
     let mut count = 0;
-    let end = scan::scan_reader(bytes, |_, _| {
+    let scanned = scan::scan_reader(bytes, |_, _| {
         count += 1;
         ControlFlow::Continue(())
     });
-    match end {
+    match scanned.map(|s| s.end) {
         Ok(ScanEnd::Damaged(good)) => (count, Some(good)),
         _ => (count, None),
     }

@@ -5,7 +5,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use std::io;
 use whispeer_proto::{Envelope, Topic};
 
-use super::{HEADER, KIND_CHECKPOINT, KIND_COMMIT, KIND_MESSAGE, unlimited};
+use super::{HEADER, KIND_CHECKPOINT, KIND_CLOSE, KIND_COMMIT, KIND_MARK, KIND_MESSAGE, unlimited};
 use crate::store::{Commit, GroupKey, Record};
 
 /// Frames the record of `envelope` at `offset`.
@@ -56,6 +56,37 @@ pub(super) fn encode_commit_as(
     seal(framed)
 }
 
+/// Frames the mark of `topic`'s latest offset.
+pub(super) fn encode_mark(topic: &Topic, offset: u64) -> io::Result<Bytes> {
+    let mut framed = BytesMut::with_capacity(HEADER + 32);
+    framed.put_u64(0);
+    framed.put_u8(KIND_MARK);
+    framed.put_u64(offset);
+    let len = u16::try_from(topic.as_str().len()).map_err(io::Error::other)?;
+    framed.put_u16(len);
+    framed.put_slice(topic.as_str().as_bytes());
+    seal(framed)
+}
+
+/// Frames the close mark.
+pub(super) fn encode_close() -> io::Result<Bytes> {
+    let mut framed = BytesMut::with_capacity(HEADER + 1);
+    framed.put_u64(0);
+    framed.put_u8(KIND_CLOSE);
+    seal(framed)
+}
+
+fn decode_mark(body: &[u8]) -> Option<(Topic, u64)> {
+    let offset = u64::from_be_bytes(body.get(..8)?.try_into().ok()?);
+    let len = usize::from(u16::from_be_bytes(body.get(8..10)?.try_into().ok()?));
+    let text = body.get(10..)?;
+    if text.len() != len {
+        return None;
+    }
+    let topic = Topic::parse_with(std::str::from_utf8(text).ok()?, &unlimited()).ok()?;
+    Some((topic, offset))
+}
+
 impl Commit {
     fn decode(mut body: &[u8]) -> Option<Self> {
         let offset = u64::from_be_bytes(body.get(..8)?.try_into().ok()?);
@@ -78,12 +109,16 @@ pub(super) enum Logged {
     Commit(Commit),
     /// A commit repeated at the start of a segment; not a numbered record.
     Checkpoint(Commit),
+    /// A topic's latest offset at the start of a segment; not a numbered record.
+    Mark(Topic, u64),
+    /// The log was closed cleanly; not a numbered record.
+    Close,
 }
 
 impl Logged {
     /// Whether the record has a number (messages and commits do, checkpoints not).
     pub(super) fn is_numbered(&self) -> bool {
-        !matches!(self, Self::Checkpoint(_))
+        !matches!(self, Self::Checkpoint(_) | Self::Mark(..) | Self::Close)
     }
 }
 
@@ -92,6 +127,8 @@ pub(super) fn decode_logged(body: Bytes) -> Option<Logged> {
         KIND_MESSAGE => Record::decode(body).map(Logged::Message),
         KIND_COMMIT => Commit::decode(&body[1..]).map(Logged::Commit),
         KIND_CHECKPOINT => Commit::decode(&body[1..]).map(Logged::Checkpoint),
+        KIND_CLOSE => (body.len() == 1).then_some(Logged::Close),
+        KIND_MARK => decode_mark(&body[1..]).map(|(topic, offset)| Logged::Mark(topic, offset)),
         _ => None,
     }
 }

@@ -1,67 +1,219 @@
-//! Reading segments back: record by record with their checks, and the repair at start.
+//! Reading segments back: record by record with their checks, the repair of damage, and the
+//! recovery at start.
+//!
+//! Records are read as a stream while they are whole. At the first anomaly the rest of the
+//! segment is read into memory and scanned with repair:
+//! - a header with one flipped bit is read whole: a length one bit away from the stored one
+//!   whose body matches the checksum, or a checksum one bit away from the body's;
+//! - a damaged record whose length leads to a valid record is skipped (that record is lost,
+//!   nothing after it);
+//! - otherwise the segment ends there (a torn tail after a crash, zeroes, garbage).
+//!
+//! A forged record inside a payload is never read as a record: repair only follows lengths
+//! stored in headers, never searches for the next header.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufReader, Read};
+use std::io::{self, Read};
 use std::ops::ControlFlow;
 use std::path::Path;
 
 use bytes::Bytes;
 
+use super::disk::Disk;
 use super::index::TopicIndex;
 use super::{HEADER, Logged, MAX_RECORD, Recovered, Segment, decode_logged, list_segments};
+
+/// The most of a damaged segment read into memory for repair; past it the segment ends at the
+/// damage.
+const MAX_REPAIR: u64 = 1 << 30;
 
 /// How a scan of one segment ended.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum ScanEnd {
-    /// Every record was valid.
+    /// Every record was read (damaged ones repaired or skipped).
     Whole,
     /// The visitor asked to stop.
     Stopped,
-    /// A bad record: the valid prefix is this long.
+    /// Damage that could not be passed: the segment's valid part is this long.
     Damaged(u64),
 }
 
+/// What a scan of one segment found.
+#[derive(Debug)]
+pub(super) struct Scanned {
+    pub(super) end: ScanEnd,
+    /// Damaged records skipped, with valid records after them.
+    pub(super) skipped: u64,
+    /// Records whose header had one flipped bit, read whole.
+    pub(super) repaired: u64,
+}
+
 /// Reads the valid records of one segment in order, one at a time, handing each to `visit`
-/// with its index in the segment, until the end, a bad record, or `visit` breaks.
+/// with its index in the segment, until the end, damage that cannot be passed, or `visit`
+/// breaks.
 pub(super) fn scan_each(
+    disk: &dyn Disk,
     path: &Path,
     visit: impl FnMut(u64, Logged) -> ControlFlow<()>,
-) -> io::Result<ScanEnd> {
-    scan_reader(BufReader::new(File::open(path)?), visit)
+) -> io::Result<Scanned> {
+    scan_reader(disk.read(path)?, visit)
+}
+
+/// The scan's position and visitor.
+struct Cursor<V> {
+    /// Bytes of the segment read and accounted for.
+    good: u64,
+    /// Numbered records visited.
+    index: u64,
+    visit: V,
+    skipped: u64,
+    repaired: u64,
+}
+
+impl<V: FnMut(u64, Logged) -> ControlFlow<()>> Cursor<V> {
+    /// Hands a record to the visitor; `true` if it asked to stop.
+    fn take(&mut self, logged: Logged, len: usize) -> bool {
+        self.good += len as u64;
+        let numbered = logged.is_numbered();
+        if (self.visit)(self.index, logged).is_break() {
+            return true;
+        }
+        self.index += u64::from(numbered);
+        false
+    }
+
+    fn end(self, end: ScanEnd) -> Scanned {
+        Scanned { end, skipped: self.skipped, repaired: self.repaired }
+    }
 }
 
 /// [`scan_each`] over any reader.
 pub(super) fn scan_reader(
     mut reader: impl Read,
-    mut visit: impl FnMut(u64, Logged) -> ControlFlow<()>,
-) -> io::Result<ScanEnd> {
-    let (mut good, mut index): (u64, u64) = (0, 0);
+    visit: impl FnMut(u64, Logged) -> ControlFlow<()>,
+) -> io::Result<Scanned> {
+    let mut cursor = Cursor { good: 0, index: 0, visit, skipped: 0, repaired: 0 };
     loop {
         let mut header = [0u8; HEADER];
-        match read_full(&mut reader, &mut header)? {
-            0 => return Ok(ScanEnd::Whole),
-            n if n < HEADER => return Ok(ScanEnd::Damaged(good)),
-            _ => {}
+        let read = read_full(&mut reader, &mut header)?;
+        if read == 0 {
+            return Ok(cursor.end(ScanEnd::Whole));
         }
-        let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
-        let crc = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
-        if len == 0 || len > MAX_RECORD {
-            return Ok(ScanEnd::Damaged(good));
+        let mut rest = header[..read].to_vec();
+        if read == HEADER {
+            let (len, crc) = split_header(&header);
+            if len > 0 && len <= MAX_RECORD {
+                let mut body = vec![0u8; len];
+                let got = read_full(&mut reader, &mut body)?;
+                if got == len && crc32c::crc32c(&body) == crc {
+                    let body = Bytes::from(body);
+                    // A valid checksum over a body that does not decode is treated as damage.
+                    if let Some(logged) = decode_logged(body.clone()) {
+                        if cursor.take(logged, HEADER + len) {
+                            return Ok(cursor.end(ScanEnd::Stopped));
+                        }
+                        continue;
+                    }
+                    rest.extend_from_slice(&body);
+                } else {
+                    rest.extend_from_slice(&body[..got]);
+                }
+            }
         }
-        let mut body = vec![0u8; len];
-        if read_full(&mut reader, &mut body)? < len || crc32c::crc32c(&body) != crc {
-            return Ok(ScanEnd::Damaged(good));
-        }
-        let Some(record) = decode_logged(Bytes::from(body)) else {
-            return Ok(ScanEnd::Damaged(good));
-        };
-        good += (HEADER + len) as u64;
-        let numbered = record.is_numbered();
-        if visit(index, record).is_break() {
-            return Ok(ScanEnd::Stopped);
-        }
-        index += u64::from(numbered);
+        return repair(rest, reader, cursor);
     }
+}
+
+/// Reads the rest of a damaged segment (after `read`) and scans it with repair.
+fn repair<V: FnMut(u64, Logged) -> ControlFlow<()>>(
+    mut read: Vec<u8>,
+    reader: impl Read,
+    mut cursor: Cursor<V>,
+) -> io::Result<Scanned> {
+    let limit = MAX_REPAIR.saturating_sub(read.len() as u64);
+    let mut reader = reader.take(limit.saturating_add(1));
+    reader.read_to_end(&mut read)?;
+    if read.len() as u64 > MAX_REPAIR {
+        tracing::warn!("a damaged log segment is too large to repair: it ends at the damage");
+        let good = cursor.good;
+        return Ok(cursor.end(ScanEnd::Damaged(good)));
+    }
+    let rest = Bytes::from(read);
+    let mut pos = 0;
+    while pos < rest.len() {
+        if let Some((logged, len)) = parse_at(&rest, pos) {
+            if cursor.take(logged, len) {
+                return Ok(cursor.end(ScanEnd::Stopped));
+            }
+            pos += len;
+        } else if let Some((logged, len)) = repair_header(&rest, pos) {
+            cursor.repaired += 1;
+            if cursor.take(logged, len) {
+                return Ok(cursor.end(ScanEnd::Stopped));
+            }
+            pos += len;
+        } else if let Some(next) = skip(&rest, pos) {
+            cursor.skipped += 1;
+            cursor.good += (next - pos) as u64;
+            pos = next;
+        } else {
+            let good = cursor.good;
+            return Ok(cursor.end(ScanEnd::Damaged(good)));
+        }
+    }
+    Ok(cursor.end(ScanEnd::Whole))
+}
+
+fn split_header(header: &[u8]) -> (usize, u32) {
+    let word = |at: usize| {
+        u32::from_be_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
+    };
+    (word(0) as usize, word(4))
+}
+
+/// The body of `len` bytes after the header at `pos`, if `len` is allowed and there.
+fn body(bytes: &Bytes, pos: usize, len: usize) -> Option<Bytes> {
+    if len == 0 || len > MAX_RECORD {
+        return None;
+    }
+    let start = pos + HEADER;
+    (start + len <= bytes.len()).then(|| bytes.slice(start..start + len))
+}
+
+/// The valid record at `pos` and its length.
+fn parse_at(bytes: &Bytes, pos: usize) -> Option<(Logged, usize)> {
+    let (len, crc) = split_header(bytes.get(pos..pos + HEADER)?);
+    let body = body(bytes, pos, len)?;
+    if crc32c::crc32c(&body) != crc {
+        return None;
+    }
+    Some((decode_logged(body)?, HEADER + len))
+}
+
+/// The record at `pos` read whole although one bit of its header is flipped.
+fn repair_header(bytes: &Bytes, pos: usize) -> Option<(Logged, usize)> {
+    let (len, crc) = split_header(bytes.get(pos..pos + HEADER)?);
+    // The checksum's bit: the body matches a checksum one bit away.
+    if let Some(body) = body(bytes, pos, len)
+        && (crc32c::crc32c(&body) ^ crc).count_ones() == 1
+        && let Some(logged) = decode_logged(body)
+    {
+        return Some((logged, HEADER + len));
+    }
+    // The length's bit: a length one bit away whose body matches the checksum.
+    (0..32).find_map(|bit| {
+        let len = len ^ (1 << bit);
+        let body = body(bytes, pos, len)?;
+        (crc32c::crc32c(&body) == crc).then_some(())?;
+        Some((decode_logged(body)?, HEADER + len))
+    })
+}
+
+/// Where the record after the damaged one at `pos` starts, if its stored length leads to a
+/// valid record.
+fn skip(bytes: &Bytes, pos: usize) -> Option<usize> {
+    let (len, _) = split_header(bytes.get(pos..pos + HEADER)?);
+    let next = pos.checked_add(HEADER)?.checked_add(len)?;
+    (len > 0 && len <= MAX_RECORD && parse_at(bytes, next).is_some()).then_some(next)
 }
 
 /// Reads until `buf` is full or the end; returns the bytes read.
@@ -78,22 +230,24 @@ fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     Ok(read)
 }
 
-/// Scans the log in `dir`, repairs it, and returns what it holds; notes every message in
-/// `index`.
-pub(super) fn recover(dir: &Path, index: &TopicIndex) -> io::Result<(Recovered, Vec<Segment>)> {
+/// Scans the log in `dir`, repairs it, and returns what it holds; notes every message and mark
+/// in `index`.
+pub(super) fn recover(
+    disk: &dyn Disk,
+    dir: &Path,
+    index: &TopicIndex,
+) -> io::Result<(Recovered, Vec<Segment>)> {
     let mut recovered = Recovered::default();
     let mut kept = Vec::new();
-    let mut damaged = false;
-    for segment in list_segments(dir)? {
-        if damaged {
-            let aside = segment.path.with_extension("wal.damaged");
-            fs::rename(&segment.path, &aside)?;
-            recovered.damaged_segments += 1;
-            continue;
-        }
+    let segments = list_segments(disk, dir)?;
+    // A new log is clean; one that exists is clean if its last record is a close mark.
+    recovered.clean = segments.is_empty();
+    for segment in segments {
         let mut count = 0;
-        let end = scan_each(&segment.path, |i, logged| {
+        let mut closed = false;
+        let scanned = scan_each(disk, &segment.path, |i, logged| {
             count += u64::from(logged.is_numbered());
+            closed = matches!(logged, Logged::Close);
             match logged {
                 Logged::Message(record) => {
                     index.note(&record.envelope.topic, record.offset, segment.first + i);
@@ -102,20 +256,25 @@ pub(super) fn recover(dir: &Path, index: &TopicIndex) -> io::Result<(Recovered, 
                 Logged::Commit(commit) | Logged::Checkpoint(commit) => {
                     recovered.commits.push(commit);
                 }
+                Logged::Mark(topic, offset) => index.mark(&topic, offset),
+                Logged::Close => {}
             }
             ControlFlow::Continue(())
         })?;
+        recovered.clean = closed && scanned.end == ScanEnd::Whole;
+        recovered.skipped_records += scanned.skipped;
+        recovered.repaired_records += scanned.repaired;
         recovered.last_record = (segment.first + count).saturating_sub(1);
-        let len = match end {
+        let len = match scanned.end {
             ScanEnd::Whole | ScanEnd::Stopped => segment.len,
             ScanEnd::Damaged(valid) => {
-                damaged = true;
-                recovered.truncated_bytes += segment.len - valid;
-                OpenOptions::new().write(true).open(&segment.path)?.set_len(valid)?;
+                recovered.truncated_bytes += segment.len.saturating_sub(valid);
+                disk.truncate(&segment.path, valid)?;
                 valid
             }
         };
         kept.push(Segment { len, ..segment });
     }
+    recovered.marks = index.marks();
     Ok((recovered, kept))
 }

@@ -1,5 +1,7 @@
 //! The log on a real file system: round trips, torn tails, flipped bytes, segment roll-over.
 
+use std::fs::{self, OpenOptions};
+use std::io::Write;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use whispeer_proto::{ContentType, Envelope, Flags, MessageId, Topic};
@@ -56,7 +58,7 @@ fn offsets(recovered: &Recovered) -> Vec<u64> {
 }
 
 fn only_segment(dir: &Path) -> PathBuf {
-    let segments = list_segments(dir).unwrap();
+    let segments = list_segments(&OsDisk, dir).unwrap();
     assert_eq!(segments.len(), 1);
     segments[0].path.clone()
 }
@@ -71,7 +73,7 @@ fn records_survive_a_restart_whole_and_in_order() {
     let recovered = reopen(&options);
     assert_eq!(recovered.records.len(), 150);
     assert_eq!(recovered.records[41], record(42), "every field comes back");
-    assert_eq!((recovered.truncated_bytes, recovered.damaged_segments), (0, 0));
+    assert_eq!((recovered.truncated_bytes, recovered.skipped_records), (0, 0));
 }
 
 #[test]
@@ -91,7 +93,7 @@ fn a_torn_tail_is_cut_off_and_the_log_goes_on() {
 }
 
 #[test]
-fn a_flipped_byte_keeps_every_record_before_it() {
+fn a_flipped_byte_in_a_body_loses_that_record_only() {
     let dir = TempDir::new();
     let options = WalOptions::new(&dir.0);
     write(&options, 1..21);
@@ -103,8 +105,11 @@ fn a_flipped_byte_keeps_every_record_before_it() {
     bytes[at] ^= 0x40;
     fs::write(&path, &bytes).unwrap();
     let recovered = reopen(&options);
-    assert_eq!(offsets(&recovered), (1..8).collect::<Vec<_>>());
-    assert_eq!(recovered.truncated_bytes, (bytes.len() - 7 * record_len) as u64);
+    let mut expected: Vec<u64> = (1..21).collect();
+    expected.remove(7);
+    assert_eq!(offsets(&recovered), expected);
+    assert_eq!((recovered.skipped_records, recovered.truncated_bytes), (1, 0));
+    assert_eq!(offsets(&reopen(&options)), expected, "the same on every read");
 }
 
 #[test]
@@ -121,21 +126,23 @@ fn a_length_prefix_beyond_the_limit_is_not_allocated() {
 }
 
 #[test]
-fn segments_roll_over_and_damage_sets_later_ones_aside() {
+fn segments_roll_over_and_damage_in_one_keeps_the_later_ones() {
     let dir = TempDir::new();
     let options = WalOptions::new(&dir.0).segment_bytes(1024);
     write(&options, 1..101);
-    let segments = list_segments(&dir.0).unwrap();
+    let segments = list_segments(&OsDisk, &dir.0).unwrap();
     assert!(segments.len() > 3, "{} segments", segments.len());
     assert_eq!(offsets(&reopen(&options)), (1..101).collect::<Vec<_>>());
-    // Damage the second segment's first record: the first segment is kept, the rest set aside.
+    // Cut the second segment inside its last record: that record is lost, nothing else.
     let second = &segments[1];
-    let mut bytes = fs::read(&second.path).unwrap();
-    bytes[HEADER + 2] ^= 1;
-    fs::write(&second.path, &bytes).unwrap();
+    let bytes = fs::read(&second.path).unwrap();
+    let lost = segments[2].first - 1;
+    let record_len = record(lost).encode().unwrap().len();
+    fs::write(&second.path, &bytes[..bytes.len() - record_len / 2]).unwrap();
     let recovered = reopen(&options);
-    assert_eq!(offsets(&recovered), (1..second.first).collect::<Vec<_>>());
-    assert_eq!(recovered.damaged_segments, segments.len() - 2);
+    let expected: Vec<u64> = (1..101).filter(|&n| n != lost).collect();
+    assert_eq!(offsets(&recovered), expected);
+    assert_eq!(recovered.truncated_bytes, (record_len - record_len / 2) as u64);
 }
 
 #[test]
@@ -144,7 +151,7 @@ fn the_oldest_segments_go_past_the_size_bound() {
     let mut options = WalOptions::new(&dir.0).segment_bytes(1024);
     options.max_bytes = 4096;
     write(&options, 1..201);
-    let total: u64 = list_segments(&dir.0).unwrap().iter().map(|s| s.len).sum();
+    let total: u64 = list_segments(&OsDisk, &dir.0).unwrap().iter().map(|s| s.len).sum();
     assert!(total <= 4096 + 1024, "{total} bytes kept");
     let recovered = reopen(&options);
     assert_eq!(recovered.records.last().map(|r| r.offset), Some(200));
@@ -261,7 +268,7 @@ fn one_topic_reads_from_an_offset_across_segments_and_after_a_restart() {
     let dir = TempDir::new();
     let options = WalOptions::new(&dir.0).segment_bytes(16 * 1024);
     write_two_topics(&options);
-    assert!(list_segments(&dir.0).unwrap().len() > 20, "many segments");
+    assert!(list_segments(&OsDisk, &dir.0).unwrap().len() > 20, "many segments");
     // Reopened: recovery rebuilds the index.
     let (wal, _) = Wal::open(&options).unwrap();
     assert_eq!(read(&wal, "a", 1500, 3), [1500, 1501, 1502]);
@@ -309,7 +316,7 @@ fn commits_outlive_the_segments_that_held_them() {
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
         assert!(runtime.block_on(wal.wait_durable(last)));
     }
-    let segments = list_segments(&dir.0).unwrap();
+    let segments = list_segments(&OsDisk, &dir.0).unwrap();
     assert!(segments[0].first > 4, "the segment with the commits is gone: {}", segments[0].first);
     let recovered = reopen(&options);
     let latest = |group: &GroupKey| {

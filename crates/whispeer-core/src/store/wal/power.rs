@@ -1,0 +1,321 @@
+//! Power loss, simulated: the real broker and its log on [`SimDisk`], the power lost at a
+//! random operation while publishers wait for their acknowledgements (seeded rounds), and at
+//! every operation of a scripted run of the log (appends, group commits, commits, segment
+//! roll-over, deletion, the close mark), and every operation failing once with an I/O error or
+//! a full disk. Every failure prints its seed or operation.
+//!
+//! `WHISPEER_POWER_LOSS_ROUNDS` sets the rounds with `fsync = always` (1,000 by default;
+//! `scripts/reliability` runs 10,000).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use whispeer_proto::{ContentType, Envelope, Filter, Flags, MessageId, StartAt, Topic};
+
+use super::damage::options_on;
+use super::sim::SimDisk;
+use super::*;
+use crate::store::Durability;
+use crate::{Broker, BrokerOptions};
+
+const PUBLISHERS: u32 = 4;
+const EACH: u32 = 40;
+const TOPICS: [&str; 2] = ["t/0", "t/1"];
+
+fn broker_on(disk: &Arc<SimDisk>, fsync: FsyncPolicy) -> Broker {
+    let wal = options_on(disk).fsync(fsync).segment_bytes(2048);
+    let durability = Durability::new(wal).topic(Filter::parse("t/#").unwrap());
+    let options = BrokerOptions { durability: Some(durability), ..BrokerOptions::default() };
+    Broker::builder(options).try_build().expect("the log recovers")
+}
+
+/// What one round saw.
+struct Round {
+    /// (publisher, sequence, when acknowledged).
+    acked: Vec<(u32, u32, Instant)>,
+    /// When the power went.
+    off: Instant,
+    /// Per topic, the offset the next message would have had before the power went.
+    next_before: HashMap<&'static str, u64>,
+    /// Per topic, the same after the restart.
+    next_after: HashMap<&'static str, u64>,
+    /// Per topic, (offset, publisher, sequence) read back after the restart.
+    read: HashMap<&'static str, Vec<(u64, u32, u32)>>,
+}
+
+fn next_offsets(broker: &Broker) -> HashMap<&'static str, u64> {
+    let next = |topic| broker.history(&Topic::parse(topic).unwrap(), StartAt::Earliest, 1);
+    TOPICS.iter().map(|&topic| (topic, next(topic).map_or(1, |page| page.next_offset))).collect()
+}
+
+fn read_back(broker: &Broker, topic: &str) -> Vec<(u64, u32, u32)> {
+    let topic = Topic::parse(topic).unwrap();
+    let page = broker.history(&topic, StartAt::Earliest, 100_000).unwrap();
+    let parse = |message: &crate::Message| {
+        let text = std::str::from_utf8(message.payload()).unwrap().to_string();
+        let (p, s) = text.split_once(' ').unwrap();
+        (message.offset().unwrap(), p.parse().unwrap(), s.parse().unwrap())
+    };
+    page.messages.iter().map(parse).collect()
+}
+
+/// Publishers wait for each acknowledgement; the power goes at a random operation of the disk
+/// (or after the last acknowledgement); the broker is started again on what the disk kept.
+fn round(runtime: &tokio::runtime::Runtime, seed: u64, fsync: FsyncPolicy) -> Round {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let disk = SimDisk::new();
+    let broker = broker_on(&disk, fsync);
+    disk.stop_at(disk.ops() + rng.random_range(0..400));
+    let acked = runtime.block_on(async {
+        let publishers = (0..PUBLISHERS).map(|p| {
+            let broker = broker.clone();
+            tokio::spawn(async move {
+                let mut acked = Vec::new();
+                for s in 1..=EACH {
+                    let topic = TOPICS[(p % 2) as usize];
+                    let Ok(receipt) = broker.publish_bytes(topic, format!("{p} {s}")) else {
+                        break;
+                    };
+                    if !broker.durable(&receipt).await {
+                        break;
+                    }
+                    acked.push((p, s, Instant::now()));
+                }
+                acked
+            })
+        });
+        let mut acked = Vec::new();
+        for publisher in publishers.collect::<Vec<_>>() {
+            acked.extend(publisher.await.unwrap());
+        }
+        acked
+    });
+    let next_before = next_offsets(&broker);
+    let restored = disk.power_loss(seed);
+    let off = disk.off_since().unwrap_or_else(Instant::now);
+    drop(broker);
+    let broker = broker_on(&restored, fsync);
+    let read = TOPICS.iter().map(|&topic| (topic, read_back(&broker, topic))).collect();
+    let next_after = next_offsets(&broker);
+    // The restarted broker takes and acknowledges new messages.
+    let receipt = broker.publish_bytes(TOPICS[0], "9 1").unwrap();
+    assert!(runtime.block_on(broker.durable(&receipt)), "seed {seed}: durable after a restart");
+    Round { acked, off, next_before, next_after, read }
+}
+
+impl Round {
+    /// Offsets rise, each publisher's messages are in order and once each, and what each
+    /// publisher has in the log is a run without holes (the log is a clean prefix).
+    fn check_order(&self, seed: u64) {
+        for (topic, read) in &self.read {
+            assert!(read.windows(2).all(|w| w[0].0 < w[1].0), "seed {seed}: {topic} offsets");
+            for p in 0..PUBLISHERS {
+                let sequence: Vec<u32> = read.iter().filter(|m| m.1 == p).map(|m| m.2).collect();
+                let run = (1..=sequence.len() as u32).collect::<Vec<_>>();
+                assert_eq!(sequence, run, "seed {seed}: publisher {p} in {topic}");
+            }
+        }
+    }
+
+    /// The acknowledged messages that were not read back.
+    fn lost(&self) -> Vec<(u32, u32, Instant)> {
+        let read =
+            |p: u32, s: u32| self.read.values().flatten().any(|&(_, rp, rs)| (rp, rs) == (p, s));
+        self.acked.iter().filter(|(p, s, _)| !read(*p, *s)).copied().collect()
+    }
+}
+
+fn rounds() -> u64 {
+    std::env::var("WHISPEER_POWER_LOSS_ROUNDS").ok().and_then(|n| n.parse().ok()).unwrap_or(1_000)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+#[test]
+fn with_fsync_always_power_loss_loses_no_acknowledged_message_and_reuses_no_offset() {
+    let runtime = runtime();
+    let base = 0xa1_0000;
+    let (mut acked, mut crashes_mid_run) = (0, 0);
+    for seed in base..base + rounds() {
+        let round = round(&runtime, seed, FsyncPolicy::Always);
+        round.check_order(seed);
+        let lost = round.lost();
+        assert!(lost.is_empty(), "seed {seed}: acknowledged and lost: {:?}", &lost[..1]);
+        for topic in TOPICS {
+            let (before, after) = (round.next_before[topic], round.next_after[topic]);
+            assert!(
+                after >= before,
+                "seed {seed}: {topic} offsets from {after}, given to {before}"
+            );
+        }
+        acked += round.acked.len();
+        crashes_mid_run += usize::from(round.acked.len() < (PUBLISHERS * EACH) as usize);
+    }
+    println!(
+        "power loss, fsync always: {} rounds, {crashes_mid_run} mid-run, {acked} acknowledged, 0 lost",
+        rounds()
+    );
+    assert!(crashes_mid_run > 0, "the power went while publishers were waiting");
+}
+
+#[test]
+fn with_fsync_interval_power_loss_loses_only_the_last_interval() {
+    let runtime = runtime();
+    let interval = Duration::from_millis(5);
+    let mut widest = Duration::ZERO;
+    let mut lost_total = 0;
+    for seed in 0xb2_0000..0xb2_0000 + 200 {
+        let round = round(&runtime, seed, FsyncPolicy::Interval(interval));
+        round.check_order(seed);
+        for (_, _, at) in round.lost() {
+            widest = widest.max(round.off.saturating_duration_since(at));
+            lost_total += 1;
+        }
+    }
+    println!(
+        "power loss, fsync interval 5 ms: 200 rounds, {lost_total} acknowledged lost, \
+         the oldest acknowledged {} µs before the power went",
+        widest.as_micros()
+    );
+}
+
+#[test]
+fn with_fsync_never_the_log_is_still_a_clean_prefix() {
+    let runtime = runtime();
+    for seed in 0xc3_0000..0xc3_0000 + 200 {
+        round(&runtime, seed, FsyncPolicy::Never).check_order(seed);
+    }
+}
+
+fn record(n: u64) -> Record {
+    let topic = Topic::parse("a").unwrap();
+    let flags = Flags::with_content(ContentType::Raw);
+    let payload = Bytes::from(format!("message {n}"));
+    let envelope = Envelope::new(MessageId(u128::from(n)), topic, n, flags, payload);
+    Record { offset: n, accepted_ms: n, envelope }
+}
+
+const GROUP: (&str, &str) = ("a", "g");
+
+/// A scripted run of the log: 30 messages waited for one by one, a commit after every tenth,
+/// small segments that roll over and are deleted. Returns the acknowledged offsets.
+fn scripted(options: &WalOptions) -> Vec<u64> {
+    let Ok((wal, _)) = Wal::open(options) else { return Vec::new() };
+    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let topic = Topic::parse("a").unwrap();
+    let key: GroupKey = (GROUP.0.into(), GROUP.1.into());
+    let mut acked = Vec::new();
+    for n in 1..=30 {
+        let ticket = wal.push_message(&topic, n, record(n).encode().unwrap());
+        if n % 10 == 0 && wal.push_commit(&key, &topic, n).is_err() {
+            break;
+        }
+        if !runtime.block_on(wal.wait_durable(ticket)) {
+            break;
+        }
+        acked.push(n);
+    }
+    acked
+}
+
+fn scripted_options(disk: &Arc<SimDisk>) -> WalOptions {
+    let mut options = options_on(disk).segment_bytes(400);
+    options.max_bytes = 1600;
+    options
+}
+
+/// What the log holds after `acked` were acknowledged: each of them not deleted by the size
+/// bound, in a run without holes, and the latest commit before the last acknowledgement.
+fn check_recovered(recovered: &Recovered, acked: &[u64], what: &str) {
+    let offsets: Vec<u64> = recovered.records.iter().map(|r| r.offset).collect();
+    assert!(offsets.windows(2).all(|w| w[1] == w[0] + 1), "{what}: holes in {offsets:?}");
+    let oldest = offsets.first().copied().unwrap_or(u64::MAX);
+    let missing = acked.iter().find(|&&n| n >= oldest && !offsets.contains(&n));
+    assert_eq!(missing, None, "{what}: acknowledged and lost ({offsets:?})");
+    if let (Some(&last), false) = (acked.last(), acked.is_empty()) {
+        assert!(offsets.last().is_some_and(|&l| l >= last), "{what}: {last} lost");
+        // A commit pushed before an acknowledged message is durable with it.
+        let committed = (last - 1) / 10 * 10;
+        let latest = recovered.commits.iter().map(|c| c.offset).next_back().unwrap_or(0);
+        assert!(latest >= committed, "{what}: commit {committed} lost (latest {latest})");
+    }
+}
+
+#[test]
+fn power_lost_at_every_operation_of_the_log_loses_nothing_acknowledged() {
+    let whole = SimDisk::new();
+    assert_eq!(scripted(&scripted_options(&whole)).len(), 30);
+    let operations = whole.ops();
+    assert!(operations > 60, "{operations} operations");
+    for at in 0..=operations {
+        let disk = SimDisk::new();
+        disk.stop_at(at);
+        let acked = scripted(&scripted_options(&disk));
+        for seed in 0..4 {
+            let restored = disk.power_loss(at * 4 + seed);
+            let what = format!("power lost at operation {at} of {operations}, seed {seed}");
+            let (wal, recovered) = Wal::open(&scripted_options(&restored)).expect(&what);
+            check_recovered(&recovered, &acked, &what);
+            drop(wal);
+        }
+    }
+}
+
+#[test]
+fn an_operation_failing_at_every_step_stops_acknowledgements_and_loses_nothing() {
+    let whole = SimDisk::new();
+    scripted(&scripted_options(&whole));
+    let operations = whole.ops();
+    for kind in [io::ErrorKind::Other, io::ErrorKind::StorageFull] {
+        for at in 0..operations {
+            let disk = SimDisk::new();
+            disk.fail_at(at, kind);
+            let acked = scripted(&scripted_options(&disk));
+            disk.fail_at(u64::MAX, kind);
+            let what = format!("{kind:?} at operation {at} of {operations}");
+            // The process starts again on the same disk (nothing lost from the page cache),
+            // then the machine loses power too.
+            let (wal, recovered) = Wal::open(&scripted_options(&disk)).expect(&what);
+            check_recovered(&recovered, &acked, &what);
+            drop(wal);
+            let restored = disk.power_loss(at);
+            let (_, recovered) = Wal::open(&scripted_options(&restored)).expect(&what);
+            check_recovered(&recovered, &acked, &format!("{what}, then power lost"));
+        }
+    }
+}
+
+#[test]
+fn a_failed_sync_or_a_full_disk_is_never_acknowledged_and_the_broker_says_so() {
+    let runtime = runtime();
+    for full in [false, true] {
+        let disk = SimDisk::new();
+        let broker = broker_on(&disk, FsyncPolicy::Always);
+        let receipt = broker.publish_bytes("t/0", "0 1").unwrap();
+        assert!(runtime.block_on(broker.durable(&receipt)));
+        assert!(broker.store_healthy());
+        if full {
+            disk.capacity(Some(0));
+        } else {
+            disk.fail_syncs(true);
+        }
+        let receipt = broker.publish_bytes("t/0", "0 2").unwrap();
+        assert!(!runtime.block_on(broker.durable(&receipt)), "not acknowledged (full: {full})");
+        assert!(!broker.store_healthy(), "readiness and publishers learn it (full: {full})");
+        let refused = broker.publish_bytes("t/0", "0 3");
+        let acked = refused.map(|receipt| runtime.block_on(broker.durable(&receipt)));
+        assert!(!matches!(acked, Ok(true)), "nothing after it is acknowledged (full: {full})");
+        // Started again with room: the acknowledged message is there.
+        drop(broker);
+        disk.capacity(None);
+        disk.fail_syncs(false);
+        let broker = broker_on(&disk, FsyncPolicy::Always);
+        let read = read_back(&broker, "t/0");
+        assert_eq!(read.first().map(|m| (m.1, m.2)), Some((0, 1)), "full: {full}");
+    }
+}
