@@ -1,0 +1,211 @@
+//! Floods and slow consumers against `whispeer serve`: a subscriber that stops reading while
+//! 1 GiB is published (the server's memory stays within its connection budget, every drop is
+//! counted by its policy, a healthy subscriber beside it gets everything), and 5,000 idle plus
+//! 500 slowloris connections that never log in (memory per connection, a normal client's
+//! latency beside them). Figures are printed; `scripts/reliability` puts them in RELIABILITY.md.
+
+#![expect(clippy::unwrap_used, reason = "test helpers fail loudly")]
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::Child;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use whispeer_client::Client;
+
+/// `whispeer serve` with an MQTT listener and the admin port: (child, native, mqtt, admin).
+fn serve() -> (Child, String, String, String) {
+    let args = ["--mqtt-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"];
+    let mut child = common::serve_command(&args, &[]).spawn().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let (mut native, mut mqtt, mut admin) = (String::new(), String::new(), String::new());
+    while native.is_empty() || mqtt.is_empty() || admin.is_empty() {
+        let mut line = String::new();
+        assert!(stdout.read_line(&mut line).unwrap() > 0, "the server ended");
+        let line = line.trim();
+        if let Some(rest) = line.strip_prefix("whispeer: listening on ") {
+            native = rest.to_string();
+        } else if let Some(rest) = line.strip_prefix("whispeer: mqtt listening on mqtt://") {
+            mqtt = rest.to_string();
+        } else if let Some(rest) = line.strip_prefix("whispeer: admin listening on http://") {
+            admin = rest.to_string();
+        }
+    }
+    (child, native, mqtt, admin)
+}
+
+/// The resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Samples `pid`'s resident memory every 20 ms until stopped; returns the peak.
+fn watch_rss(pid: u32) -> (Arc<AtomicBool>, std::thread::JoinHandle<u64>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopped = Arc::clone(&stop);
+    let peak = std::thread::spawn(move || {
+        let mut peak = 0;
+        while !stopped.load(Ordering::Relaxed) {
+            peak = peak.max(rss_kib(pid));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        peak
+    });
+    (stop, peak)
+}
+
+/// An MQTT 3.1.1 client that connects, subscribes to `filter` at QoS 0 and never reads again.
+fn stalled_mqtt_subscriber(addr: &str, filter: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    let id = b"stalled";
+    let mut connect = vec![0x10, 12 + id.len() as u8, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 0];
+    connect.extend_from_slice(&[0, id.len() as u8]);
+    connect.extend_from_slice(id);
+    stream.write_all(&connect).unwrap();
+    let mut connack = [0u8; 4];
+    stream.read_exact(&mut connack).unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0], "CONNACK accepted");
+    let mut subscribe = vec![0x82, (5 + filter.len()) as u8, 0, 1, 0, filter.len() as u8];
+    subscribe.extend_from_slice(filter.as_bytes());
+    subscribe.push(0);
+    stream.write_all(&subscribe).unwrap();
+    let mut suback = [0u8; 5];
+    stream.read_exact(&mut suback).unwrap();
+    assert_eq!(suback, [0x90, 3, 0, 1, 0], "SUBACK granted QoS 0");
+    stream
+}
+
+fn metric(admin: &str, name: &str) -> f64 {
+    common::sample(&common::http_get(admin, "/metrics").1, name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_stops_reading_while_1_gib_is_published_holds_memory_within_its_budget() {
+    const PAYLOAD: usize = 64 << 10;
+    const MESSAGES: u64 = 16_384; // 1 GiB
+    let (mut server, native, mqtt, admin) = serve();
+    let pid = server.id();
+    let healthy = Client::connect(&native).await.unwrap();
+    let mut reader = healthy.messages("flood").await.unwrap();
+    let stalled = stalled_mqtt_subscriber(&mqtt, "flood");
+    let before = rss_kib(pid);
+    let (stop, peak) = watch_rss(pid);
+
+    let received = Arc::new(AtomicU64::new(0));
+    let counted = Arc::clone(&received);
+    let reading = tokio::spawn(async move {
+        // Until everything came, or nothing more for two seconds.
+        while counted.load(Ordering::Relaxed) < MESSAGES {
+            match tokio::time::timeout(Duration::from_secs(2), reader.recv()).await {
+                Ok(Some(_)) => counted.fetch_add(1, Ordering::Relaxed),
+                _ => break,
+            };
+        }
+    });
+    let publisher = Client::connect(&native).await.unwrap();
+    let payload = Bytes::from(vec![7u8; PAYLOAD]);
+    let started = Instant::now();
+    for _ in 0..MESSAGES {
+        publisher.publish_bytes("flood", payload.clone()).await.unwrap();
+    }
+    publisher.flush().await.unwrap();
+    reading.await.unwrap();
+    let elapsed = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let peak = peak.join().unwrap();
+    let growth_mib = peak.saturating_sub(before) as f64 / 1024.0;
+
+    let drops: f64 = ["drop_oldest", "drop_newest", "queue_full", "disconnect"]
+        .iter()
+        .map(|reason| metric(&admin, &format!("whispeer_drops_total{{reason=\"{reason}\"}}")))
+        .sum();
+    let got = received.load(Ordering::Relaxed);
+    println!(
+        "stalled subscriber: 1 GiB published in {:.1} s; server RSS {} MiB before, peak {} MiB \
+         (+{growth_mib:.0} MiB, connection budget 64 MiB); {drops} dropped by policy (both \
+         subscribers); the healthy one got {got} of {MESSAGES}",
+        elapsed.as_secs_f64(),
+        before / 1024,
+        peak / 1024,
+    );
+    assert!(drops > 0.0, "the stalled subscriber's policy dropped messages, and counted them");
+    assert!(
+        growth_mib < 64.0 * 2.0 + 32.0,
+        "memory within the connection budget and the buffers around it: +{growth_mib:.0} MiB"
+    );
+    drop(stalled);
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+/// Round trips of one small message through the server: (p50, p99) in µs.
+async fn round_trips(addr: &str, count: usize) -> (u128, u128) {
+    let client = Client::connect(addr).await.unwrap();
+    let mut echo = client.messages("ping").await.unwrap();
+    let mut times = Vec::with_capacity(count);
+    for _ in 0..count {
+        let sent = Instant::now();
+        client.publish_bytes("ping", Bytes::from_static(b"x")).await.unwrap();
+        echo.recv().await.unwrap();
+        times.push(sent.elapsed().as_micros());
+    }
+    times.sort_unstable();
+    (times[count / 2], times[count * 99 / 100])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_slowloris_connections_cost_little_memory_and_latency() {
+    const IDLE: usize = 5_000;
+    const SLOW: usize = 500;
+    let (mut server, native, _, _) = serve();
+    let pid = server.id();
+    let (p50_quiet, p99_quiet) = round_trips(&native, 2_000).await;
+    let before = rss_kib(pid);
+    let mut idle = Vec::with_capacity(IDLE);
+    for _ in 0..IDLE {
+        idle.push(TcpStream::connect(&native).unwrap());
+    }
+    // Slowloris: a frame's length prefix, then one byte of it every 100 ms.
+    let mut slow = Vec::with_capacity(SLOW);
+    for _ in 0..SLOW {
+        let mut stream = TcpStream::connect(&native).unwrap();
+        stream.write_all(&[0, 0, 0, 64]).unwrap();
+        slow.push(stream);
+    }
+    let dripping = Arc::new(AtomicBool::new(true));
+    let drip = Arc::clone(&dripping);
+    let dripper = std::thread::spawn(move || {
+        while drip.load(Ordering::Relaxed) {
+            for stream in &mut slow {
+                let _ = stream.write_all(&[1]);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_kib(pid);
+    let per_connection = (after.saturating_sub(before) * 1024) as f64 / (IDLE + SLOW) as f64;
+    let (p50_loaded, p99_loaded) = round_trips(&native, 2_000).await;
+    dripping.store(false, Ordering::Relaxed);
+    dripper.join().unwrap();
+    println!(
+        "idle and slowloris: {IDLE} idle + {SLOW} slowloris connections, \
+         server RSS +{} KiB = {per_connection:.0} bytes a connection; a normal client's round \
+         trip p50/p99 {p50_quiet}/{p99_quiet} µs alone, {p50_loaded}/{p99_loaded} µs beside them",
+        after.saturating_sub(before)
+    );
+    assert!(
+        per_connection <= 16.0 * 1024.0,
+        "an unauthenticated connection costs {per_connection:.0} bytes (bar: 16 KiB)"
+    );
+    drop(idle);
+    let _ = server.kill();
+    let _ = server.wait();
+}

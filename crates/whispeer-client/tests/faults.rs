@@ -1,0 +1,282 @@
+//! Network faults between the SDK and the server, through a proxy in the test that delays,
+//! slices into small pieces, pauses, resets (RST) and black-holes connections: QoS 1 loses
+//! nothing, clients reconnect and resume, and a black-holed connection is given up after three
+//! silent heartbeats, as documented.
+
+#![expect(clippy::unwrap_used, reason = "test helpers fail loudly")]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep, timeout};
+use whispeer::server::{ServerConfig, Tcp};
+use whispeer::{Broker, BrokerOptions, Redelivery, SlowConsumer};
+use whispeer_client::{Client, ClientOptions, PublishOptions, Qos, SubscribeOptions};
+
+/// What the proxy does to the bytes it carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    /// Carries them as they come.
+    Pass,
+    /// Holds each piece this long first.
+    Delay(Duration),
+    /// Writes them a few bytes at a time.
+    Slice,
+    /// Holds them until the fault changes (the peers see silence, then everything).
+    Pause,
+}
+
+/// One carried connection: its two pumps, and whether its route is dead (everything dropped).
+struct Link {
+    pumps: [JoinHandle<()>; 2],
+    holed: Arc<AtomicBool>,
+}
+
+/// A TCP proxy in front of the server, with a fault that applies to every connection.
+struct Proxy {
+    addr: SocketAddr,
+    fault: Arc<Mutex<Fault>>,
+    /// Every connection, to reset or black-hole them.
+    links: Arc<Mutex<Vec<Link>>>,
+    accepted: Arc<AtomicU64>,
+    _accept: JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(server: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let fault = Arc::new(Mutex::new(Fault::Pass));
+        let links: Arc<Mutex<Vec<Link>>> = Arc::default();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let (f, l, a) = (Arc::clone(&fault), Arc::clone(&links), Arc::clone(&accepted));
+        let accept = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(outbound) = TcpStream::connect(server).await else { continue };
+                let n = a.fetch_add(1, Ordering::Relaxed);
+                for stream in [&inbound, &outbound] {
+                    // Dropped sockets reset (RST) rather than close.
+                    #[expect(deprecated, reason = "a zero linger resets at once, never blocks")]
+                    stream.set_linger(Some(Duration::ZERO)).unwrap();
+                    stream.set_nodelay(true).unwrap();
+                }
+                let (in_read, in_write) = inbound.into_split();
+                let (out_read, out_write) = outbound.into_split();
+                let holed = Arc::new(AtomicBool::new(false));
+                let carry = |n| (Arc::clone(&f), Arc::clone(&holed), n);
+                let up = tokio::spawn(pump(in_read, out_write, carry(n * 2)));
+                let down = tokio::spawn(pump(out_read, in_write, carry(n * 2 + 1)));
+                let mut links = l.lock().unwrap();
+                links.retain(|link| link.pumps.iter().any(|pump| !pump.is_finished()));
+                links.push(Link { pumps: [up, down], holed });
+            }
+        });
+        Self { addr, fault, links, accepted, _accept: accept }
+    }
+
+    fn set(&self, fault: Fault) {
+        *self.fault.lock().unwrap() = fault;
+    }
+
+    /// Resets every connection it carries (both sides get an RST).
+    fn reset_all(&self) {
+        for link in self.links.lock().unwrap().drain(..) {
+            link.pumps.iter().for_each(JoinHandle::abort);
+        }
+    }
+
+    /// Every connection it carries now drops all it gets from then on, without a word to
+    /// either side (a dead route); new connections pass.
+    fn black_hole_all(&self) {
+        for link in self.links.lock().unwrap().iter() {
+            link.holed.store(true, Ordering::Relaxed);
+        }
+    }
+
+    fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+}
+
+type Carry = (Arc<Mutex<Fault>>, Arc<AtomicBool>, u64);
+
+async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, (fault, holed, seed): Carry) {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut rng = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let current = loop {
+            let current = *fault.lock().unwrap();
+            if current != Fault::Pause {
+                break current;
+            }
+            sleep(Duration::from_millis(5)).await;
+        };
+        if holed.load(Ordering::Relaxed) {
+            continue;
+        }
+        let written = match current {
+            Fault::Delay(by) => {
+                sleep(by).await;
+                to.write_all(&buf[..n]).await
+            }
+            Fault::Slice => {
+                let mut at = 0;
+                let mut result = Ok(());
+                while at < n && result.is_ok() {
+                    rng = rng.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                    let piece = 1 + (rng >> 61) as usize;
+                    let end = (at + piece).min(n);
+                    result = to.write_all(&buf[at..end]).await;
+                    at = end;
+                }
+                result
+            }
+            _ => to.write_all(&buf[..n]).await,
+        };
+        if written.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
+}
+
+const HEARTBEAT: Duration = Duration::from_millis(200);
+
+fn server() -> (Broker, SocketAddr) {
+    let mut options = BrokerOptions::default();
+    let ack_timeout = Duration::from_millis(300);
+    options.redelivery =
+        Redelivery::new(ack_timeout).backoff(1.5, ack_timeout * 4).max_attempts(1000);
+    options.group_linger = Duration::from_secs(60);
+    options.slow_consumer = SlowConsumer::FailPublish;
+    let mut config = ServerConfig::default();
+    config.heartbeat = HEARTBEAT;
+    let broker = Broker::builder(options).with(Tcp::new("127.0.0.1:0").config(config)).build();
+    let addr = broker.local_addrs()[0];
+    (broker, addr)
+}
+
+fn options(addr: SocketAddr) -> ClientOptions {
+    let mut options = ClientOptions::new(addr.to_string());
+    options.backoff = (Duration::from_millis(20), Duration::from_millis(200));
+    options.connect_timeout = Duration::from_secs(2);
+    options
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos1_through_delays_slices_pauses_resets_and_black_holes_loses_nothing() {
+    const MESSAGES: u32 = 4_000;
+    let (broker, server_addr) = server();
+    let proxy = Proxy::start(server_addr).await;
+    let seen: Arc<Mutex<HashMap<u32, u32>>> = Arc::default();
+
+    let reader = Client::connect_with(options(proxy.addr)).await.unwrap();
+    let group = SubscribeOptions::new("faults/+").qos(Qos::AtLeastOnce).group("w").prefetch(64);
+    let mut work = reader.subscribe::<u32>(group).await.unwrap();
+    let record = Arc::clone(&seen);
+    let subscriber = tokio::spawn(async move {
+        while let Some((n, delivery)) = work.recv_delivery().await {
+            *record.lock().unwrap().entry(n).or_default() += 1;
+            delivery.ack();
+        }
+    });
+
+    let publish_addr = proxy.addr;
+    let publisher = tokio::spawn(async move {
+        let client = Client::connect_with(options(publish_addr)).await.unwrap();
+        let mut retries = 0u32;
+        for n in 0..MESSAGES {
+            let key = PublishOptions::new().qos(Qos::AtLeastOnce).idempotency_key(n.to_string());
+            let topic = format!("faults/{}", n % 4);
+            while client.publish_with(&topic, &n, &key).await.is_err() {
+                retries += 1;
+                sleep(Duration::from_millis(20)).await;
+            }
+            // About a thousand a second, so the faults meet traffic.
+            sleep(Duration::from_millis(1)).await;
+        }
+        retries
+    });
+
+    // Faults in turn until everything was seen.
+    let script = [
+        (Fault::Pass, 200),
+        (Fault::Delay(Duration::from_millis(15)), 300),
+        (Fault::Slice, 300),
+        (Fault::Pause, 300),
+        (Fault::Pass, 200),
+        (Fault::Pause, 1_000),
+        (Fault::Pass, 300),
+        (Fault::Pass, 1_200),
+    ];
+    let started = Instant::now();
+    let (mut resets, mut holes) = (0, 0);
+    let mut step = 0;
+    while seen.lock().unwrap().len() < MESSAGES as usize {
+        assert!(
+            started.elapsed() < Duration::from_secs(180),
+            "stalled: {} seen",
+            seen.lock().unwrap().len()
+        );
+        let (fault, millis) = script[step % script.len()];
+        proxy.set(fault);
+        sleep(Duration::from_millis(millis)).await;
+        match step % script.len() {
+            4 => {
+                proxy.reset_all();
+                resets += 1;
+            }
+            7 => {
+                proxy.black_hole_all();
+                holes += 1;
+            }
+            _ => {}
+        }
+        step += 1;
+    }
+    proxy.set(Fault::Pass);
+    let retries = timeout(Duration::from_secs(60), publisher).await.unwrap().unwrap();
+    let seen = seen.lock().unwrap();
+    let missing: Vec<u32> = (0..MESSAGES).filter(|n| !seen.contains_key(n)).collect();
+    assert!(missing.is_empty(), "lost: {missing:?}");
+    let again: u32 = seen.values().map(|times| times - 1).sum();
+    println!(
+        "network faults: {MESSAGES} messages, {} connections, {resets} resets, {holes} black holes, {retries} publish retries, {again} deliveries again, {} redelivered by the server",
+        proxy.accepted(),
+        broker.stats().redelivered
+    );
+    assert!(resets > 0 && holes > 0, "the faults met the traffic");
+    assert!(proxy.accepted() > 4, "clients reconnected after each reset and black hole");
+    subscriber.abort();
+}
+
+#[tokio::test]
+async fn a_black_holed_connection_is_given_up_after_three_silent_heartbeats() {
+    let (_broker, server_addr) = server();
+    let proxy = Proxy::start(server_addr).await;
+    let client = Client::connect_with(options(proxy.addr)).await.unwrap();
+    client.publish_acked("x", &1u32).await.unwrap();
+    assert_eq!(proxy.accepted(), 1);
+    proxy.black_hole_all();
+    let holed = Instant::now();
+    // The old connection stays dead; the client notices the silence and connects again.
+    while proxy.accepted() < 2 {
+        assert!(holed.elapsed() < Duration::from_secs(20), "the client never gave up");
+        sleep(Duration::from_millis(10)).await;
+    }
+    let gave_up = holed.elapsed();
+    assert!(gave_up >= HEARTBEAT * 2, "not before the heartbeats went silent ({gave_up:?})");
+    timeout(Duration::from_secs(10), client.publish_acked("x", &2u32)).await.unwrap().unwrap();
+    println!("black hole: the client connected again after {} ms", gave_up.as_millis());
+}
