@@ -16,12 +16,14 @@ use whispeer::server::{ApiKeys, Principal, ServerConfig};
 mod access;
 mod chat;
 mod cluster;
+mod delivery;
 mod mqtt;
 mod relay;
 pub(crate) use access::{Jwt, User};
+pub(crate) use delivery::Delivery;
 use whispeer::{
-    BrokerOptions, Durability, Filter, FsyncPolicy, PersistenceType, Redelivery, Retention,
-    SlowConsumer, WalOptions,
+    BrokerOptions, ByteBudget, Durability, Filter, FsyncPolicy, PersistenceType, Redelivery,
+    Retention, SlowConsumer, WalOptions,
 };
 
 /// Variables the commands read themselves (`WHISPEER_KEY`, `WHISPEER_SERVER`, `WHISPEER_LOG`,
@@ -184,35 +186,6 @@ pub(crate) struct Queues {
     pub(crate) slow_consumer: Policy,
 }
 
-/// `[delivery]`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub(crate) struct Delivery {
-    /// How long the first delivery of a QoS 1 message waits for its ack.
-    pub(crate) ack_timeout_ms: u64,
-    /// Each further delivery waits this many times longer...
-    pub(crate) backoff_factor: f64,
-    /// ...up to this long.
-    pub(crate) max_delay_ms: u64,
-    /// Up to this fraction of each wait is taken off at random (0 to 1).
-    pub(crate) jitter: f64,
-    /// Deliveries before a message goes to `$dlq/<topic>`.
-    pub(crate) max_attempts: u32,
-    /// Default credit window: unacknowledged messages per QoS 1 subscriber.
-    pub(crate) prefetch: usize,
-    /// How long idempotency keys are remembered.
-    pub(crate) dedup_window_ms: u64,
-    /// Most idempotency keys remembered.
-    pub(crate) dedup_max_keys: usize,
-    /// How long a QoS 1 queue group outlives its last member.
-    pub(crate) group_linger_ms: u64,
-    /// Bytes queued per connection across its subscriptions.
-    pub(crate) connection_max_bytes: usize,
-    /// Default time to live by topic filter: `[[delivery.ttl]] filter = "quotes/#"`,
-    /// `ttl_ms = 5000`; the first match applies.
-    pub(crate) ttl: Vec<TopicTtl>,
-}
-
 /// `[storage]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -281,35 +254,7 @@ pub(crate) struct RetentionRule {
     pub(crate) max_age_ms: Option<u64>,
 }
 
-/// `[[delivery.ttl]]`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct TopicTtl {
-    pub(crate) filter: String,
-    pub(crate) ttl_ms: u64,
-}
-
-impl Default for Delivery {
-    fn default() -> Self {
-        let broker = BrokerOptions::default();
-        let redelivery = broker.redelivery;
-        Self {
-            ack_timeout_ms: millis(redelivery.ack_timeout),
-            backoff_factor: redelivery.backoff_factor,
-            max_delay_ms: millis(redelivery.max_delay),
-            jitter: redelivery.jitter,
-            max_attempts: redelivery.max_attempts,
-            prefetch: broker.prefetch,
-            dedup_window_ms: millis(broker.dedup_window),
-            dedup_max_keys: broker.dedup_max_keys,
-            group_linger_ms: millis(broker.group_linger),
-            connection_max_bytes: ServerConfig::default().connection_max_bytes,
-            ttl: Vec::new(),
-        }
-    }
-}
-
-fn millis(duration: Duration) -> u64 {
+pub(super) fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
@@ -579,6 +524,7 @@ impl Config {
         server.max_publish_rate = self.max_publish_rate;
         server.max_publish_bytes_rate = self.max_publish_bytes_per_sec;
         server.connection_max_bytes = self.delivery.connection_max_bytes;
+        server.queued = ByteBudget::new(self.delivery.max_queued_bytes);
         server.tls = match (&self.tls.cert, &self.tls.key) {
             (Some(cert), Some(key)) => {
                 let read = |path: &std::path::PathBuf| {

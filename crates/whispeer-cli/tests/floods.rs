@@ -1,6 +1,7 @@
 //! Floods and slow consumers against `whispeer serve`: a subscriber that stops reading while
 //! 1 GiB is published (the server's memory stays within its connection budget, every drop is
-//! counted by its policy, a healthy subscriber beside it gets everything), and 5,000 idle plus
+//! counted by its policy, a healthy subscriber beside it is served), eight of them under a
+//! server-wide cap (`max_queued_bytes`) smaller than their budgets together, and 5,000 idle plus
 //! 500 slowloris connections that never log in (memory per connection, a normal client's
 //! latency beside them). Figures are printed; `scripts/reliability` puts them in RELIABILITY.md.
 
@@ -18,10 +19,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use whispeer_client::Client;
 
-/// `whispeer serve` with an MQTT listener and the admin port: (child, native, mqtt, admin).
-fn serve() -> (Child, String, String, String) {
+/// `whispeer serve` with an MQTT listener and the admin port, configured by `envs`: (child,
+/// native, mqtt, admin).
+fn serve(envs: &[(&str, &str)]) -> (Child, String, String, String) {
     let args = ["--mqtt-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"];
-    let mut child = common::serve_command(&args, &[]).spawn().unwrap();
+    let mut child = common::serve_command(&args, envs).spawn().unwrap();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let (mut native, mut mqtt, mut admin) = (String::new(), String::new(), String::new());
     while native.is_empty() || mqtt.is_empty() || admin.is_empty() {
@@ -62,9 +64,10 @@ fn watch_rss(pid: u32) -> (Arc<AtomicBool>, std::thread::JoinHandle<u64>) {
 }
 
 /// An MQTT 3.1.1 client that connects, subscribes to `filter` at QoS 0 and never reads again.
-fn stalled_mqtt_subscriber(addr: &str, filter: &str) -> TcpStream {
+fn stalled_mqtt_subscriber(addr: &str, filter: &str, n: usize) -> TcpStream {
     let mut stream = TcpStream::connect(addr).unwrap();
-    let id = b"stalled";
+    let id = format!("stalled-{n:02}");
+    let id = id.as_bytes();
     let mut connect = vec![0x10, 12 + id.len() as u8, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 0];
     connect.extend_from_slice(&[0, id.len() as u8]);
     connect.extend_from_slice(id);
@@ -86,15 +89,16 @@ fn metric(admin: &str, name: &str) -> f64 {
     common::sample(&common::http_get(admin, "/metrics").1, name)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_subscriber_that_stops_reading_while_1_gib_is_published_holds_memory_within_its_budget() {
+/// Publishes `messages` of 64 KiB to `flood` while `stalled` MQTT subscribers stop reading
+/// and a healthy one reads, on a server started with `envs`; prints and checks the figures.
+async fn flood(stalled: usize, messages: u64, envs: &[(&str, &str)], cap_mib: f64) {
     const PAYLOAD: usize = 64 << 10;
-    const MESSAGES: u64 = 16_384; // 1 GiB
-    let (mut server, native, mqtt, admin) = serve();
+    let (mut server, native, mqtt, admin) = serve(envs);
     let pid = server.id();
     let healthy = Client::connect(&native).await.unwrap();
     let mut reader = healthy.messages("flood").await.unwrap();
-    let stalled = stalled_mqtt_subscriber(&mqtt, "flood");
+    let stalled: Vec<TcpStream> =
+        (0..stalled).map(|n| stalled_mqtt_subscriber(&mqtt, "flood", n)).collect();
     let before = rss_kib(pid);
     let (stop, peak) = watch_rss(pid);
 
@@ -102,7 +106,7 @@ async fn a_subscriber_that_stops_reading_while_1_gib_is_published_holds_memory_w
     let counted = Arc::clone(&received);
     let reading = tokio::spawn(async move {
         // Until everything came, or nothing more for two seconds.
-        while counted.load(Ordering::Relaxed) < MESSAGES {
+        while counted.load(Ordering::Relaxed) < messages {
             match tokio::time::timeout(Duration::from_secs(2), reader.recv()).await {
                 Ok(Some(_)) => counted.fetch_add(1, Ordering::Relaxed),
                 _ => break,
@@ -112,7 +116,7 @@ async fn a_subscriber_that_stops_reading_while_1_gib_is_published_holds_memory_w
     let publisher = Client::connect(&native).await.unwrap();
     let payload = Bytes::from(vec![7u8; PAYLOAD]);
     let started = Instant::now();
-    for _ in 0..MESSAGES {
+    for _ in 0..messages {
         publisher.publish_bytes("flood", payload.clone()).await.unwrap();
     }
     publisher.flush().await.unwrap();
@@ -128,21 +132,37 @@ async fn a_subscriber_that_stops_reading_while_1_gib_is_published_holds_memory_w
         .sum();
     let got = received.load(Ordering::Relaxed);
     println!(
-        "stalled subscriber: 1 GiB published in {:.1} s; server RSS {} MiB before, peak {} MiB \
-         (+{growth_mib:.0} MiB, connection budget 64 MiB); {drops} dropped by policy (both \
-         subscribers); the healthy one got {got} of {MESSAGES}",
+        "stalled subscribers: {} MiB published in {:.1} s to {} stalled and one healthy \
+         subscriber; server RSS {} MiB before, peak {} MiB (+{growth_mib:.0} MiB, cap \
+         {cap_mib} MiB); {drops} dropped by policy (all subscribers); the healthy one got {got} \
+         of {messages}",
+        (messages * PAYLOAD as u64) >> 20,
         elapsed.as_secs_f64(),
+        stalled.len(),
         before / 1024,
         peak / 1024,
     );
-    assert!(drops > 0.0, "the stalled subscriber's policy dropped messages, and counted them");
+    assert!(drops > 0.0, "the stalled subscribers' policy dropped messages, and counted them");
     assert!(
-        growth_mib < 64.0 * 2.0 + 32.0,
-        "memory within the connection budget and the buffers around it: +{growth_mib:.0} MiB"
+        growth_mib < cap_mib * 2.0 + 32.0,
+        "memory within the cap and the buffers around it: +{growth_mib:.0} MiB"
     );
     drop(stalled);
     let _ = server.kill();
     let _ = server.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_stops_reading_while_1_gib_is_published_holds_memory_within_its_budget() {
+    // The connection budget (64 MiB) bounds it.
+    flood(1, 16_384, &[], 64.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_stalled_subscribers_hold_no_more_than_the_server_wide_cap() {
+    // Eight connection budgets would be 512 MiB; the server's cap is set to 64 MiB.
+    let cap = [("WHISPEER_DELIVERY__MAX_QUEUED_BYTES", "67108864")];
+    flood(8, 8_192, &cap, 64.0).await;
 }
 
 /// Round trips of one small message through the server: (p50, p99) in µs.
@@ -164,7 +184,7 @@ async fn round_trips(addr: &str, count: usize) -> (u128, u128) {
 async fn idle_and_slowloris_connections_cost_little_memory_and_latency() {
     const IDLE: usize = 5_000;
     const SLOW: usize = 500;
-    let (mut server, native, _, _) = serve();
+    let (mut server, native, _, _) = serve(&[]);
     let pid = server.id();
     let (p50_quiet, p99_quiet) = round_trips(&native, 2_000).await;
     let before = rss_kib(pid);

@@ -72,12 +72,36 @@ pub struct ByteBudget {
 struct BudgetInner {
     used: AtomicUsize,
     max: usize,
+    /// A larger budget this one draws on too (a server's, for each connection's).
+    parent: Option<ByteBudget>,
 }
 
 impl ByteBudget {
     /// A budget of `max` bytes.
     pub fn new(max: usize) -> Self {
-        Self { inner: Arc::new(BudgetInner { used: AtomicUsize::new(0), max }) }
+        Self { inner: Arc::new(BudgetInner { used: AtomicUsize::new(0), max, parent: None }) }
+    }
+
+    /// A budget of `max` bytes that also draws on `parent`: what its queues hold counts in
+    /// both, and a message that would pass either bound meets the queue's policy. A server
+    /// gives each connection one within the budget of all its connections.
+    pub fn within(max: usize, parent: &Self) -> Self {
+        let parent = Some(parent.clone());
+        Self { inner: Arc::new(BudgetInner { used: AtomicUsize::new(0), max, parent }) }
+    }
+
+    fn add(&self, weight: usize) {
+        self.inner.used.fetch_add(weight, Ordering::AcqRel);
+        if let Some(parent) = &self.inner.parent {
+            parent.add(weight);
+        }
+    }
+
+    fn sub(&self, weight: usize) {
+        self.inner.used.fetch_sub(weight, Ordering::AcqRel);
+        if let Some(parent) = &self.inner.parent {
+            parent.sub(weight);
+        }
     }
 
     /// Bytes held now by the queues sharing it.
@@ -92,6 +116,7 @@ impl ByteBudget {
 
     fn would_exceed(&self, weight: usize) -> bool {
         self.used() + weight > self.inner.max
+            || self.inner.parent.as_ref().is_some_and(|parent| parent.would_exceed(weight))
     }
 }
 
@@ -301,14 +326,14 @@ impl Queue {
     fn charge(&self, weight: usize) {
         self.load.fetch_add(COUNT_ONE + weight as u64, Ordering::AcqRel);
         if let Some(budget) = &self.budget {
-            budget.inner.used.fetch_add(weight, Ordering::AcqRel);
+            budget.add(weight);
         }
     }
 
     fn uncharge(&self, weight: usize) {
         self.load.fetch_sub(COUNT_ONE + weight as u64, Ordering::AcqRel);
         if let Some(budget) = &self.budget {
-            budget.inner.used.fetch_sub(weight, Ordering::AcqRel);
+            budget.sub(weight);
         }
     }
 
@@ -384,7 +409,7 @@ impl Drop for Queue {
         // Messages still queued give their share of a shared budget back.
         if let Some(budget) = &self.budget {
             let bytes = (*self.load.get_mut() & BYTES_MASK) as usize;
-            budget.inner.used.fetch_sub(bytes, Ordering::AcqRel);
+            budget.sub(bytes);
         }
     }
 }

@@ -121,7 +121,7 @@ pub(super) async fn run<R, W>(
         greeted: false,
         auth_failures: 0,
         subscriptions: HashMap::new(),
-        budget: ByteBudget::new(config.connection_max_bytes),
+        budget: ByteBudget::within(config.connection_max_bytes, &config.queued),
         broker,
         config,
         tx,

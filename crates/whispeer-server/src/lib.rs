@@ -74,7 +74,7 @@ pub use retained::Retained;
 pub use tls::{TlsError, server_tls};
 pub use traffic::{FlowStats, MAX_CLASSES, Traffic, class_of};
 
-use whispeer_core::Broker;
+use whispeer_core::{Broker, ByteBudget};
 
 /// Counts one event.
 pub(crate) fn bump(counter: &std::sync::atomic::AtomicU64) {
@@ -151,6 +151,11 @@ pub struct ServerConfig {
     /// plus 256 per message); beyond it each subscription's slow-consumer policy applies.
     /// Default: 64 MiB.
     pub connection_max_bytes: usize,
+    /// Bytes the broker holds queued for all connections of this server together (shared by
+    /// clones of the config): each connection's budget draws on it, so many slow consumers
+    /// cannot hold more than this between them; beyond it each subscription's slow-consumer
+    /// policy applies. Default: 1 GiB.
+    pub queued: ByteBudget,
     /// Wrong API keys tolerated before the connection is closed. Default: 3.
     pub max_auth_failures: u32,
     /// On a server that requires authentication, how long a new connection has to send HELLO
@@ -195,6 +200,7 @@ impl Default for ServerConfig {
             max_publish_bytes_rate: None,
             outbound_frames: 1024,
             connection_max_bytes: 64 * 1024 * 1024,
+            queued: ByteBudget::new(1 << 30),
             max_auth_failures: 3,
             auth_timeout: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(5),

@@ -369,3 +369,32 @@ async fn subscriptions_sharing_a_budget_hold_at_most_its_bytes_together() {
     drop((a, b));
     assert_eq!(budget.used(), 0, "dropped queues give their bytes back");
 }
+
+#[tokio::test]
+async fn budgets_within_a_server_wide_one_hold_at_most_its_bytes_together() {
+    let broker = Broker::builder(BrokerOptions::default()).build();
+    // Two connections of room for four 1 KiB messages each, within a server's room for five.
+    let server = ByteBudget::new(5 * 1280);
+    let connections =
+        [ByteBudget::within(4 * 1280, &server), ByteBudget::within(4 * 1280, &server)];
+    let options = |filter: &str, budget: &ByteBudget| {
+        SubscribeOptions::new(filter).budget(budget.clone()).slow_consumer(SlowConsumer::DropNewest)
+    };
+    let a: Subscription<Message> = broker.messages(options("a", &connections[0])).unwrap();
+    let b: Subscription<Message> = broker.messages(options("b", &connections[1])).unwrap();
+    for _ in 0..10 {
+        broker.publish_bytes("a", vec![0u8; 1024]).unwrap();
+    }
+    assert_eq!(a.stats().queued, 4, "its own budget bounds the first");
+    for _ in 0..10 {
+        broker.publish_bytes("b", vec![0u8; 1024]).unwrap();
+    }
+    assert_eq!(b.stats().queued, 1, "the server's bounds the second");
+    assert_eq!((server.used(), connections[1].used()), (5 * 1280, 1280));
+    drop(a);
+    assert_eq!(server.used(), 1280, "a dropped queue gives its bytes back to both");
+    for _ in 0..10 {
+        broker.publish_bytes("b", vec![0u8; 1024]).unwrap();
+    }
+    assert_eq!(b.stats().queued, 4, "room again, up to its own budget");
+}
