@@ -180,6 +180,7 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug {
 
 impl Store for Wal {
     fn append(&self, offset: u64, accepted_ms: u64, envelope: &Envelope) -> io::Result<u64> {
+        self.check_writing()?;
         let record = encode_record(offset, accepted_ms, envelope)?;
         Ok(self.push_message(&envelope.topic, offset, record))
     }

@@ -35,6 +35,7 @@ use std::collections::HashMap;
 use std::io;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -220,6 +221,28 @@ pub(crate) struct Wal {
     commits: Arc<Mutex<LatestCommits>>,
     /// What waits for the writer, bounded (back-pressure to publishers).
     backlog: Arc<Backlog>,
+    /// Whether the writer writes, waits for room on a full disk, or has failed.
+    health: Arc<Health>,
+}
+
+/// Whether the writer writes: shared by the log's handle and its writer thread.
+#[derive(Debug, Default)]
+pub(super) struct Health(AtomicU8);
+
+impl Health {
+    const WRITING: u8 = 0;
+    /// The disk is full: the writer waits for room and tries again.
+    const FULL: u8 = 1;
+    /// A write or a sync failed otherwise: nothing more is written.
+    const FAILED: u8 = 2;
+
+    fn set(&self, state: u8) {
+        self.0.store(state, Ordering::Release);
+    }
+
+    fn get(&self) -> u8 {
+        self.0.load(Ordering::Acquire)
+    }
 }
 
 impl std::fmt::Debug for Wal {
@@ -263,7 +286,8 @@ impl Wal {
         let (durable_tx, durable) = watch::channel(written);
         let latest = recovered.commits.iter().map(|c| ((c.key.clone(), c.topic.clone()), c.offset));
         let commits = Arc::new(Mutex::new(latest.collect::<LatestCommits>()));
-        let shared = (Arc::clone(&commits), Arc::clone(&index));
+        let health = Arc::new(Health::default());
+        let shared = (Arc::clone(&commits), Arc::clone(&index), Arc::clone(&health));
         let mut writer = Writer::new(options.clone(), segments, written, durable_tx, shared)?;
         if let Some((topic, offset)) = floor {
             writer.append_synced(&encode_mark(&topic, offset)?)?;
@@ -278,7 +302,8 @@ impl Wal {
         let dir = options.dir.clone();
         let tx = Mutex::new(tx);
         let _lock = lock;
-        let wal = Self { dir, disk, _lock, tx, thread, durable, next, index, commits, backlog };
+        let wal =
+            Self { dir, disk, _lock, tx, thread, durable, next, index, commits, backlog, health };
         Ok((Arc::new(wal), recovered))
     }
 
@@ -362,7 +387,21 @@ impl Wal {
 
     /// Whether the writer thread is still running: it stops at the first failed write.
     pub(crate) fn writing(&self) -> bool {
-        self.durable.has_changed().is_ok()
+        self.health.get() == Health::WRITING && self.durable.has_changed().is_ok()
+    }
+
+    /// `Ok` while the writer writes; otherwise why a durable publish is refused now.
+    pub(crate) fn check_writing(&self) -> io::Result<()> {
+        match self.health.get() {
+            Health::FULL => Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                "the write-ahead log's disk is full: durable publishes are refused until it has room",
+            )),
+            _ if !self.writing() => Err(io::Error::other(
+                "the write-ahead log failed to write (a disk error): durable publishes are refused until the broker is restarted",
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Waits until record `ticket` is durable under the fsync policy. Returns `false` if the

@@ -2,7 +2,8 @@
 //! random operation while publishers wait for their acknowledgements (seeded rounds), and at
 //! every operation of a scripted run of the log (appends, group commits, commits, segment
 //! roll-over, deletion, the close mark), and every operation failing once with an I/O error or
-//! a full disk. Every failure prints its seed or operation.
+//! a full disk; a failed sync and a full disk at the broker. Every failure prints its seed or
+//! operation.
 //!
 //! `WHISPEER_POWER_LOSS_ROUNDS` sets the rounds with `fsync = always` (1,000 by default;
 //! `scripts/reliability` runs 10,000).
@@ -267,7 +268,7 @@ fn power_lost_at_every_operation_of_the_log_loses_nothing_acknowledged() {
 }
 
 #[test]
-fn an_operation_failing_at_every_step_stops_acknowledgements_and_loses_nothing() {
+fn an_operation_failing_at_every_step_loses_nothing_acknowledged() {
     let whole = SimDisk::new();
     scripted(&scripted_options(&whole));
     let operations = whole.ops();
@@ -291,31 +292,55 @@ fn an_operation_failing_at_every_step_stops_acknowledgements_and_loses_nothing()
 }
 
 #[test]
-fn a_failed_sync_or_a_full_disk_is_never_acknowledged_and_the_broker_says_so() {
+fn a_failed_sync_is_never_acknowledged_and_the_broker_says_so() {
     let runtime = runtime();
-    for full in [false, true] {
-        let disk = SimDisk::new();
-        let broker = broker_on(&disk, FsyncPolicy::Always);
-        let receipt = broker.publish_bytes("t/0", "0 1").unwrap();
-        assert!(runtime.block_on(broker.durable(&receipt)));
-        assert!(broker.store_healthy());
-        if full {
-            disk.capacity(Some(0));
-        } else {
-            disk.fail_syncs(true);
-        }
-        let receipt = broker.publish_bytes("t/0", "0 2").unwrap();
-        assert!(!runtime.block_on(broker.durable(&receipt)), "not acknowledged (full: {full})");
-        assert!(!broker.store_healthy(), "readiness and publishers learn it (full: {full})");
-        let refused = broker.publish_bytes("t/0", "0 3");
-        let acked = refused.map(|receipt| runtime.block_on(broker.durable(&receipt)));
-        assert!(!matches!(acked, Ok(true)), "nothing after it is acknowledged (full: {full})");
-        // Started again with room: the acknowledged message is there.
-        drop(broker);
-        disk.capacity(None);
-        disk.fail_syncs(false);
-        let broker = broker_on(&disk, FsyncPolicy::Always);
-        let read = read_back(&broker, "t/0");
-        assert_eq!(read.first().map(|m| (m.1, m.2)), Some((0, 1)), "full: {full}");
+    let disk = SimDisk::new();
+    let broker = broker_on(&disk, FsyncPolicy::Always);
+    let receipt = broker.publish_bytes("t/0", "0 1").unwrap();
+    assert!(runtime.block_on(broker.durable(&receipt)));
+    assert!(broker.store_healthy());
+    disk.fail_syncs(true);
+    let receipt = broker.publish_bytes("t/0", "0 2").unwrap();
+    assert!(!runtime.block_on(broker.durable(&receipt)), "not acknowledged");
+    assert!(!broker.store_healthy(), "readiness learns it");
+    let refused = broker.publish_bytes("t/0", "0 3").unwrap_err().to_string();
+    assert!(refused.contains("restarted"), "publishers learn it: {refused}");
+    // Started again on a disk that syncs: the acknowledged message is there.
+    drop(broker);
+    disk.fail_syncs(false);
+    let broker = broker_on(&disk, FsyncPolicy::Always);
+    assert_eq!(read_back(&broker, "t/0").first().map(|m| (m.1, m.2)), Some((0, 1)));
+}
+
+#[test]
+fn a_full_disk_holds_acknowledgements_refuses_publishes_and_recovers_when_it_has_room() {
+    let runtime = runtime();
+    let disk = SimDisk::new();
+    let broker = broker_on(&disk, FsyncPolicy::Always);
+    let receipt = broker.publish_bytes("t/0", "0 1").unwrap();
+    assert!(runtime.block_on(broker.durable(&receipt)));
+    disk.capacity(Some(0));
+    let waiting = broker.publish_bytes("t/0", "0 2").unwrap();
+    let full = Instant::now();
+    while broker.store_healthy() {
+        assert!(full.elapsed() < Duration::from_secs(10), "the full disk was noticed");
+        std::thread::sleep(Duration::from_millis(5));
     }
+    let refused = broker.publish_bytes("t/0", "0 3").unwrap_err().to_string();
+    assert!(refused.contains("full"), "publishers learn it: {refused}");
+    let pending = runtime.block_on(async {
+        tokio::time::timeout(Duration::from_millis(300), broker.durable(&waiting)).await
+    });
+    assert!(pending.is_err(), "not acknowledged while the disk is full");
+    disk.capacity(None);
+    assert!(runtime.block_on(broker.durable(&waiting)), "acknowledged once there is room");
+    assert!(broker.store_healthy(), "writing again");
+    let receipt = broker.publish_bytes("t/0", "0 4").unwrap();
+    assert!(runtime.block_on(broker.durable(&receipt)));
+    // What a full disk cut off was written again whole: after a power cut, 1, 2 and 4.
+    let restored = disk.power_loss(7);
+    drop(broker);
+    let broker = broker_on(&restored, FsyncPolicy::Always);
+    let read: Vec<u32> = read_back(&broker, "t/0").iter().map(|m| m.2).collect();
+    assert_eq!(read, [1, 2, 4]);
 }

@@ -4,7 +4,7 @@
 use std::io;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::watch;
@@ -13,8 +13,8 @@ use super::disk::DiskFile;
 use super::index::TopicIndex;
 use super::record::{encode_close, encode_commit_as, encode_mark};
 use super::{
-    BATCH_RECORDS, FSYNC_SECONDS, FsyncPolicy, KIND_CHECKPOINT, LatestCommits, Request, Segment,
-    WRITE_SECONDS, WalOptions, segment_path,
+    BATCH_RECORDS, FSYNC_SECONDS, FsyncPolicy, Health, KIND_CHECKPOINT, LatestCommits, Request,
+    Segment, WRITE_SECONDS, WalOptions, segment_path,
 };
 use crate::store::backlog::{Backlog, CloseOnDrop};
 
@@ -31,6 +31,17 @@ pub(super) struct Writer {
     commits: Arc<Mutex<LatestCommits>>,
     /// Every topic's latest offset, marked at the start of each segment.
     index: Arc<TopicIndex>,
+    health: Arc<Health>,
+}
+
+/// How long a writer waits for room on a full disk before it tries again (shorter in the
+/// crate's tests, which fill the simulated disk at every operation).
+const RETRY: Duration = Duration::from_millis(if cfg!(test) { 5 } else { 200 });
+
+/// A failed sync is never "no room, try again" (even `ENOSPC`): after it, nothing says what
+/// reached the disk, so writing stops.
+fn sync_failed(synced: io::Result<()>) -> io::Result<()> {
+    synced.map_err(|err| io::Error::other(format!("sync failed: {err}")))
 }
 
 impl Writer {
@@ -39,7 +50,7 @@ impl Writer {
         mut segments: Vec<Segment>,
         written: u64,
         durable: watch::Sender<u64>,
-        (commits, index): (Arc<Mutex<LatestCommits>>, Arc<TopicIndex>),
+        (commits, index, health): (Arc<Mutex<LatestCommits>>, Arc<TopicIndex>, Arc<Health>),
     ) -> io::Result<Self> {
         let disk = &options.disk;
         let file = match segments.last() {
@@ -55,7 +66,18 @@ impl Writer {
         };
         let last_sync = Instant::now();
         let unsynced = 0;
-        Ok(Self { options, segments, file, written, unsynced, last_sync, durable, commits, index })
+        Ok(Self {
+            options,
+            segments,
+            file,
+            written,
+            unsynced,
+            last_sync,
+            durable,
+            commits,
+            index,
+            health,
+        })
     }
 
     pub(super) fn run(mut self, rx: Receiver<Request>, backlog: &Backlog) {
@@ -80,14 +102,38 @@ impl Writer {
                 }
             }
             let started = Instant::now();
-            let written = self.write(&batch, stop);
+            let first = self.written;
+            let mut written = self.write(&batch, stop);
+            let mut stopping_tries = 0;
+            while let Err(err) = &written {
+                // A full disk: what did not fit is cut off and written again once there is
+                // room. Anything else (and a sync that failed) ends writing: after a failed
+                // fsync nothing says what reached the disk.
+                if err.kind() != io::ErrorKind::StorageFull || stopping_tries > 1 {
+                    tracing::error!(%err, "write-ahead log write failed; durable publishing stops");
+                    self.health.set(Health::FAILED);
+                    return;
+                }
+                if self.health.get() != Health::FULL {
+                    tracing::error!(%err, "write-ahead log: the disk is full; durable publishes are refused until it has room");
+                    self.health.set(Health::FULL);
+                }
+                if let Err(err) = self.wait_for_room(&rx, &mut batch, &mut stop) {
+                    tracing::error!(%err, "write-ahead log: repair after a full disk failed");
+                    self.health.set(Health::FAILED);
+                    return;
+                }
+                stopping_tries += u32::from(stop);
+                let done = usize::try_from(self.written - first).unwrap_or(usize::MAX);
+                written = self.write(batch.get(done..).unwrap_or_default(), stop);
+            }
+            if self.health.get() == Health::FULL {
+                tracing::info!("write-ahead log: the disk has room again; writing resumes");
+                self.health.set(Health::WRITING);
+            }
             if !batch.is_empty() {
                 metrics::histogram!(WRITE_SECONDS, "store" => "wal").record(started.elapsed());
                 metrics::histogram!(BATCH_RECORDS, "store" => "wal").record(batch.len() as f64);
-            }
-            if let Err(err) = written {
-                tracing::error!(%err, "write-ahead log write failed; durable publishing stops");
-                return;
             }
             backlog.release(batch.len(), batch.iter().map(Bytes::len).sum());
             batch.clear();
@@ -123,7 +169,7 @@ impl Writer {
         } || (stopping && self.unsynced > 0);
         if sync {
             let started = Instant::now();
-            self.file.sync_data()?;
+            sync_failed(self.file.sync_data())?;
             metrics::histogram!(FSYNC_SECONDS, "store" => "wal").record(started.elapsed());
             self.unsynced = 0;
             self.last_sync = Instant::now();
@@ -136,6 +182,31 @@ impl Writer {
         Ok(())
     }
 
+    /// After a write failed for want of room: cuts off whatever part of it reached the current
+    /// segment, then waits `RETRY`, taking in what is sent meanwhile.
+    fn wait_for_room(
+        &mut self,
+        rx: &Receiver<Request>,
+        batch: &mut Vec<Bytes>,
+        stop: &mut bool,
+    ) -> io::Result<()> {
+        if let Some(segment) = self.segments.last() {
+            self.options.disk.truncate(&segment.path, segment.len)?;
+        }
+        let first = match rx.recv_timeout(RETRY) {
+            Ok(request) => Some(request),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => Some(Request::Stop),
+        };
+        for request in first.into_iter().chain(rx.try_iter()) {
+            match request {
+                Request::Append(record) => batch.push(record),
+                Request::Stop => *stop = true,
+            }
+        }
+        Ok(())
+    }
+
     /// Ends the log with a close mark: the next start knows nothing was in flight.
     fn close(&mut self) -> io::Result<()> {
         self.append_synced(&encode_close()?)
@@ -144,7 +215,7 @@ impl Writer {
     /// Appends a record that is not numbered (a mark), and syncs it.
     pub(super) fn append_synced(&mut self, record: &[u8]) -> io::Result<()> {
         self.file.append(record)?;
-        self.file.sync_data()?;
+        sync_failed(self.file.sync_data())?;
         if let Some(segment) = self.segments.last_mut() {
             segment.len += record.len() as u64;
         }
@@ -176,7 +247,7 @@ impl Writer {
     /// waiting to be written; the last record of a group and topic is always its latest
     /// commit.)
     fn roll(&mut self) -> io::Result<()> {
-        self.file.sync_data()?;
+        sync_failed(self.file.sync_data())?;
         // Named after its first record; past the current segment's name even when damage
         // left that one without records.
         let after = self.segments.last().map_or(0, |s| s.first + 1);
@@ -184,6 +255,8 @@ impl Writer {
         let path = segment_path(&self.options.dir, first);
         let disk = Arc::clone(&self.options.disk);
         self.file = disk.append(&path, true)?;
+        // Empty, also when an earlier try at this roll failed half-way (a full disk).
+        disk.truncate(&path, 0)?;
         let mut checkpoint = BytesMut::new();
         for (topic, offset) in self.index.marks() {
             checkpoint.extend_from_slice(&encode_mark(&topic, offset)?);
@@ -199,16 +272,18 @@ impl Writer {
         }
         if !checkpoint.is_empty() {
             self.file.append(&checkpoint)?;
-            self.file.sync_data()?;
+            sync_failed(self.file.sync_data())?;
         }
-        disk.sync_dir(&self.options.dir)?;
+        sync_failed(disk.sync_dir(&self.options.dir))?;
         let len = checkpoint.len() as u64;
         self.segments.push(Segment { first, path, len });
         let mut total: u64 = self.segments.iter().map(|s| s.len).sum();
         while total > self.options.max_bytes && self.segments.len() > 1 {
+            // Forgotten only once removed: a failed removal is tried again at the next roll,
+            // before any newer segment goes.
+            disk.remove(&self.segments[0].path)?;
             let oldest = self.segments.remove(0);
             total -= oldest.len;
-            disk.remove(&oldest.path)?;
             tracing::info!(segment = %oldest.path.display(), "oldest log segment deleted");
         }
         Ok(())
