@@ -9,44 +9,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::Child;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use whispeer_client::Client;
-
-/// `whispeer serve` with an MQTT listener and the admin port, configured by `envs`: (child,
-/// native, mqtt, admin).
-fn serve(envs: &[(&str, &str)]) -> (Child, String, String, String) {
-    let args = ["--mqtt-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"];
-    let mut child = common::serve_command(&args, envs).spawn().unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let (mut native, mut mqtt, mut admin) = (String::new(), String::new(), String::new());
-    while native.is_empty() || mqtt.is_empty() || admin.is_empty() {
-        let mut line = String::new();
-        assert!(stdout.read_line(&mut line).unwrap() > 0, "the server ended");
-        let line = line.trim();
-        if let Some(rest) = line.strip_prefix("whispeer: listening on ") {
-            native = rest.to_string();
-        } else if let Some(rest) = line.strip_prefix("whispeer: mqtt listening on mqtt://") {
-            mqtt = rest.to_string();
-        } else if let Some(rest) = line.strip_prefix("whispeer: admin listening on http://") {
-            admin = rest.to_string();
-        }
-    }
-    (child, native, mqtt, admin)
-}
-
-/// The resident memory of process `pid`, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
 
 /// Samples `pid`'s resident memory every 20 ms until stopped; returns the peak.
 fn watch_rss(pid: u32) -> (Arc<AtomicBool>, std::thread::JoinHandle<u64>) {
@@ -55,7 +25,7 @@ fn watch_rss(pid: u32) -> (Arc<AtomicBool>, std::thread::JoinHandle<u64>) {
     let peak = std::thread::spawn(move || {
         let mut peak = 0;
         while !stopped.load(Ordering::Relaxed) {
-            peak = peak.max(rss_kib(pid));
+            peak = peak.max(common::rss_kib(pid));
             std::thread::sleep(Duration::from_millis(20));
         }
         peak
@@ -65,20 +35,10 @@ fn watch_rss(pid: u32) -> (Arc<AtomicBool>, std::thread::JoinHandle<u64>) {
 
 /// An MQTT 3.1.1 client that connects, subscribes to `filter` at QoS 0 and never reads again.
 fn stalled_mqtt_subscriber(addr: &str, filter: &str, n: usize) -> TcpStream {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    let id = format!("stalled-{n:02}");
-    let id = id.as_bytes();
-    let mut connect = vec![0x10, 12 + id.len() as u8, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 0];
-    connect.extend_from_slice(&[0, id.len() as u8]);
-    connect.extend_from_slice(id);
-    stream.write_all(&connect).unwrap();
+    let mut stream = common::mqtt_subscribe(addr, &format!("stalled-{n:02}"), filter);
     let mut connack = [0u8; 4];
     stream.read_exact(&mut connack).unwrap();
     assert_eq!(connack, [0x20, 2, 0, 0], "CONNACK accepted");
-    let mut subscribe = vec![0x82, (5 + filter.len()) as u8, 0, 1, 0, filter.len() as u8];
-    subscribe.extend_from_slice(filter.as_bytes());
-    subscribe.push(0);
-    stream.write_all(&subscribe).unwrap();
     let mut suback = [0u8; 5];
     stream.read_exact(&mut suback).unwrap();
     assert_eq!(suback, [0x90, 3, 0, 1, 0], "SUBACK granted QoS 0");
@@ -93,13 +53,13 @@ fn metric(admin: &str, name: &str) -> f64 {
 /// and a healthy one reads, on a server started with `envs`; prints and checks the figures.
 async fn flood(stalled: usize, messages: u64, envs: &[(&str, &str)], cap_mib: f64) {
     const PAYLOAD: usize = 64 << 10;
-    let (mut server, native, mqtt, admin) = serve(envs);
+    let (mut server, native, mqtt, admin) = common::serve_mqtt_admin(envs);
     let pid = server.id();
     let healthy = Client::connect(&native).await.unwrap();
     let mut reader = healthy.messages("flood").await.unwrap();
     let stalled: Vec<TcpStream> =
         (0..stalled).map(|n| stalled_mqtt_subscriber(&mqtt, "flood", n)).collect();
-    let before = rss_kib(pid);
+    let before = common::rss_kib(pid);
     let (stop, peak) = watch_rss(pid);
 
     let received = Arc::new(AtomicU64::new(0));
@@ -184,10 +144,10 @@ async fn round_trips(addr: &str, count: usize) -> (u128, u128) {
 async fn idle_and_slowloris_connections_cost_little_memory_and_latency() {
     const IDLE: usize = 5_000;
     const SLOW: usize = 500;
-    let (mut server, native, _, _) = serve(&[]);
+    let (mut server, native, _, _) = common::serve_mqtt_admin(&[]);
     let pid = server.id();
     let (p50_quiet, p99_quiet) = round_trips(&native, 2_000).await;
-    let before = rss_kib(pid);
+    let before = common::rss_kib(pid);
     let mut idle = Vec::with_capacity(IDLE);
     for _ in 0..IDLE {
         idle.push(TcpStream::connect(&native).unwrap());
@@ -210,7 +170,7 @@ async fn idle_and_slowloris_connections_cost_little_memory_and_latency() {
         }
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let after = rss_kib(pid);
+    let after = common::rss_kib(pid);
     let per_connection = (after.saturating_sub(before) * 1024) as f64 / (IDLE + SLOW) as f64;
     let (p50_loaded, p99_loaded) = round_trips(&native, 2_000).await;
     dripping.store(false, Ordering::Relaxed);

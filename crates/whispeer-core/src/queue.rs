@@ -160,7 +160,7 @@ pub(crate) enum Pushed {
     /// Queued without loss.
     Queued,
     /// Queued after dropping the oldest message.
-    DroppedOldest,
+    DroppedOldest(u64),
     /// Not queued; dropped by policy.
     DroppedNewest,
     /// Not queued; the publish must report it.
@@ -272,16 +272,16 @@ impl Queue {
         let weight = weight(&message);
         let outcome = match self.policy {
             SlowConsumer::DropOldest => {
-                let mut dropped = false;
+                let mut dropped = 0;
                 while self.is_full(weight) {
                     let Some(oldest) = self.items.pop() else { break };
                     self.release(&oldest);
-                    dropped = true;
-                    self.counters.dropped_oldest.fetch_add(1, Ordering::Relaxed);
+                    dropped += 1;
                 }
+                self.counters.dropped_oldest.fetch_add(dropped, Ordering::Relaxed);
                 self.charge(weight);
                 self.items.push(message);
-                if dropped { Pushed::DroppedOldest } else { Pushed::Queued }
+                if dropped > 0 { Pushed::DroppedOldest(dropped) } else { Pushed::Queued }
             }
             policy => {
                 let refused = self.is_full(weight);
@@ -384,10 +384,12 @@ impl Queue {
         message
     }
 
-    /// Closes the queue and wakes the consumer so it can see the end.
-    pub(crate) fn close(&self) {
-        self.closed.store(true, Ordering::Release);
+    /// Closes the queue and wakes the consumer so it can see the end. Returns whether this
+    /// call closed it (not an earlier one).
+    pub(crate) fn close(&self) -> bool {
+        let first = !self.closed.swap(true, Ordering::AcqRel);
         self.waker.wake();
+        first
     }
 
     pub(crate) fn is_closed(&self) -> bool {

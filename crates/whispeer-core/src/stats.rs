@@ -14,6 +14,7 @@ pub(crate) struct BrokerCounters {
     pub(crate) dropped_newest: AtomicU64,
     pub(crate) rejected_full: AtomicU64,
     pub(crate) disconnected: AtomicU64,
+    pub(crate) discarded: AtomicU64,
     pub(crate) rejected_by_plugins: AtomicU64,
     pub(crate) decode_errors: AtomicU64,
     pub(crate) open_errors: AtomicU64,
@@ -52,6 +53,11 @@ pub struct BrokerStats {
     pub rejected_full: u64,
     /// Subscriptions closed at a full queue (`SlowConsumer::Disconnect`).
     pub disconnected: u64,
+    /// Messages still queued when their subscription closed (unsubscribed, its connection
+    /// gone, disconnected as a slow consumer, or a lingering group removed): queued, never
+    /// taken. With the other counters, every queued message is accounted for:
+    /// `deliveries = taken + dropped_oldest + expired + discarded + still queued`.
+    pub discarded: u64,
     /// Publishes refused by a plugin.
     pub rejected_by_plugins: u64,
     /// Messages a subscriber could not decode into its type.
@@ -87,6 +93,7 @@ impl BrokerCounters {
             dropped_newest: get(&self.dropped_newest),
             rejected_full: get(&self.rejected_full),
             disconnected: get(&self.disconnected),
+            discarded: get(&self.discarded),
             rejected_by_plugins: get(&self.rejected_by_plugins),
             decode_errors: get(&self.decode_errors),
             open_errors: get(&self.open_errors),

@@ -371,6 +371,35 @@ async fn subscriptions_sharing_a_budget_hold_at_most_its_bytes_together() {
 }
 
 #[tokio::test]
+async fn every_message_dropped_to_make_room_is_counted_once() {
+    let broker = Broker::builder(BrokerOptions::default()).build();
+    // Room for four small messages (each weighs its payload + 256 bytes).
+    let options =
+        SubscribeOptions::new("t").max_bytes(4 * 266).slow_consumer(SlowConsumer::DropOldest);
+    let sub: Subscription<Message> = broker.messages(options).unwrap();
+    for _ in 0..4 {
+        broker.publish_bytes("t", vec![0u8; 10]).unwrap();
+    }
+    // A large one makes room by dropping three of the small ones at once.
+    broker.publish_bytes("t", vec![0u8; 3 * 266 - 256]).unwrap();
+    assert_eq!(sub.stats().dropped_oldest, 3);
+    assert_eq!(broker.stats().dropped_oldest, 3, "the broker counts each, not one per publish");
+    assert_eq!(sub.stats().queued, 2);
+}
+
+#[tokio::test]
+async fn messages_still_queued_when_a_subscription_closes_are_counted_as_discarded() {
+    let broker = Broker::builder(BrokerOptions::default()).build();
+    let sub: Subscription<Message> = broker.messages("t").unwrap();
+    for _ in 0..5 {
+        broker.publish_bytes("t", vec![0u8; 10]).unwrap();
+    }
+    drop(sub);
+    let stats = broker.stats();
+    assert_eq!((stats.deliveries, stats.discarded), (5, 5), "queued, never taken");
+}
+
+#[tokio::test]
 async fn budgets_within_a_server_wide_one_hold_at_most_its_bytes_together() {
     let broker = Broker::builder(BrokerOptions::default()).build();
     // Two connections of room for four 1 KiB messages each, within a server's room for five.

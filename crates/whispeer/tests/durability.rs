@@ -213,11 +213,22 @@ async fn a_failed_log_is_reported_and_acknowledges_nothing_more() {
     std::fs::remove_dir_all(&dir.0).unwrap();
     std::fs::write(&dir.0, b"in the way").unwrap();
     let mut last = receipt;
+    let mut refused = None;
     for n in 1..200u32 {
-        last = broker.publish("orders/a", &n).unwrap();
+        match broker.publish("orders/a", &n) {
+            Ok(receipt) => last = receipt,
+            Err(err) => {
+                refused = Some(err.to_string());
+                break;
+            }
+        }
     }
     assert!(!soon(broker.durable(&last)).await, "not durable: the writer failed");
     assert!(!broker.store_healthy());
+    // Once the writer has failed, durable publishes are refused, saying why.
+    let refused =
+        refused.unwrap_or_else(|| broker.publish("orders/a", &0u32).unwrap_err().to_string());
+    assert!(refused.contains("failed to write"), "{refused}");
     drop(broker);
     let _ = std::fs::remove_file(&dir.0);
 }

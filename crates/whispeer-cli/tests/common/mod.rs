@@ -144,3 +144,48 @@ pub(crate) fn sample(metrics: &str, name: &str) -> f64 {
         .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
         .unwrap_or_else(|| panic!("no {name} in:\n{metrics}"))
 }
+
+/// `whispeer serve` with an MQTT listener and the admin port, configured by `envs`: (child,
+/// native address, MQTT address, admin address).
+pub(crate) fn serve_mqtt_admin(envs: &[(&str, &str)]) -> (Child, String, String, String) {
+    let args = ["--mqtt-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"];
+    let mut child = serve_command(&args, envs).spawn().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let (mut native, mut mqtt, mut admin) = (String::new(), String::new(), String::new());
+    while native.is_empty() || mqtt.is_empty() || admin.is_empty() {
+        let mut line = String::new();
+        assert!(stdout.read_line(&mut line).unwrap() > 0, "the server ended");
+        let line = line.trim();
+        if let Some(rest) = line.strip_prefix("whispeer: listening on ") {
+            native = rest.to_string();
+        } else if let Some(rest) = line.strip_prefix("whispeer: mqtt listening on mqtt://") {
+            mqtt = rest.to_string();
+        } else if let Some(rest) = line.strip_prefix("whispeer: admin listening on http://") {
+            admin = rest.to_string();
+        }
+    }
+    (child, native, mqtt, admin)
+}
+
+/// The resident memory of process `pid`, in KiB.
+pub(crate) fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Sends an MQTT 3.1.1 CONNECT (clean session, client `id`) and a QoS 0 SUBSCRIBE to `filter`,
+/// written by hand, and returns the stream (the replies are left unread).
+pub(crate) fn mqtt_subscribe(addr: &str, id: &str, filter: &str) -> std::net::TcpStream {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    let id = id.as_bytes();
+    let mut connect = vec![0x10, 12 + id.len() as u8, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 0];
+    connect.extend_from_slice(&[0, id.len() as u8]);
+    connect.extend_from_slice(id);
+    stream.write_all(&connect).unwrap();
+    let mut subscribe = vec![0x82, (5 + filter.len()) as u8, 0, 1, 0, filter.len() as u8];
+    subscribe.extend_from_slice(filter.as_bytes());
+    subscribe.push(0);
+    stream.write_all(&subscribe).unwrap();
+    stream
+}

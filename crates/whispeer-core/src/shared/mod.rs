@@ -524,7 +524,10 @@ impl Shared {
     }
 
     pub(crate) fn unsubscribe(&self, id: SubId, queue: &Queue) {
-        queue.close();
+        if queue.close() {
+            // What it still holds is never taken.
+            self.counters.discarded.fetch_add(queue.len() as u64, Ordering::Relaxed);
+        }
         if self.router.remove(&queue.filter, id) {
             if let Some(bridge) = &self.bridge {
                 bridge.interest(&interest_of(queue), false);
@@ -575,9 +578,9 @@ impl Tally {
     fn record(&mut self, pushed: Pushed, counters: &BrokerCounters) -> bool {
         match pushed {
             Pushed::Queued => self.delivered += 1,
-            Pushed::DroppedOldest => {
+            Pushed::DroppedOldest(evicted) => {
                 self.delivered += 1;
-                bump(&counters.dropped_oldest);
+                counters.dropped_oldest.fetch_add(evicted, Ordering::Relaxed);
             }
             Pushed::DroppedNewest => bump(&counters.dropped_newest),
             Pushed::Full => {

@@ -265,6 +265,7 @@ impl AdminServer {
             ("drop_newest", stats.dropped_newest),
             ("queue_full", stats.rejected_full),
             ("disconnect", stats.disconnected),
+            ("closed", stats.discarded),
         ];
         for (reason, value) in drops {
             metrics::counter!("whispeer_drops_total", "reason" => reason).absolute(value);
