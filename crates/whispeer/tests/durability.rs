@@ -335,3 +335,47 @@ async fn a_durable_subscription_resumes_from_the_store_after_a_commit_older_than
     assert_eq!(settle(&mut phone, 990, |_| true).await, (10..1000).collect::<Vec<_>>());
     assert!(phone.try_recv_delivery().is_none());
 }
+
+/// The offset the next message of `topic` gets.
+fn next_offset(broker: &Broker, topic: &str) -> u64 {
+    let topic = whispeer::Topic::parse(topic).unwrap();
+    broker.history(&topic, StartAt::Earliest, 1).unwrap().next_offset
+}
+
+#[cfg(feature = "sqlite")]
+#[tokio::test]
+async fn after_sqlite_stops_uncleanly_no_offset_is_given_twice() {
+    let dir = TempDir::new("sqlite-offsets");
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let file = dir.0.join("whispeer.db");
+    let open = |file: &std::path::Path| {
+        Broker::builder(BrokerOptions::default())
+            .with(whispeer::Persistence::sqlite(file))
+            .try_build()
+            .unwrap()
+    };
+    let broker = open(&file);
+    for n in 0..3u32 {
+        let receipt = broker.publish("orders/a", &n).unwrap();
+        assert!(soon(broker.durable(&receipt)).await);
+    }
+    // A copy taken while the broker runs is what a crash leaves: the store is marked in use.
+    let crashed = dir.0.join("crashed.db");
+    std::fs::copy(&file, &crashed).unwrap();
+    let _ = std::fs::copy(dir.0.join("whispeer.db-wal"), dir.0.join("crashed.db-wal"));
+    drop(broker);
+    // A clean stop: offsets go on from the next one.
+    let broker = open(&file);
+    assert_eq!(next_offset(&broker, "orders/a"), 4, "after a clean stop, no gap");
+    drop(broker);
+    // After the crash, the offsets in flight may have been seen: they are not given again.
+    let broker = open(&crashed);
+    assert!(next_offset(&broker, "orders/a") > 4 + 65_000, "past what may have been in flight");
+    assert!(next_offset(&broker, "orders/new") > 65_000, "new topics start past the floor");
+    let receipt = broker.publish("orders/a", &9u32).unwrap();
+    assert!(soon(broker.durable(&receipt)).await);
+    drop(broker);
+    // The floor is kept: a clean restart does not lower it.
+    let broker = open(&crashed);
+    assert!(next_offset(&broker, "orders/other") > 65_000, "the floor holds");
+}

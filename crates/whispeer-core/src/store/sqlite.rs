@@ -4,12 +4,20 @@
 //! messages (seq INTEGER PRIMARY KEY, topic TEXT, offset INTEGER, accepted_ms INTEGER,
 //!           envelope BLOB, UNIQUE (topic, offset))       -- envelope: the wire layout
 //! commits  (filter TEXT, grp TEXT, topic TEXT, offset INTEGER, PRIMARY KEY (filter, grp, topic))
+//! state    (key TEXT PRIMARY KEY, value INTEGER)  -- `clean`: 1 after a clean stop;
+//!                                                  -- `floor`: offsets of new topics start past it
 //! ```
 //!
 //! One writer thread owns the writing connection: it takes every waiting append and commit,
 //! runs them in one transaction (group commit; `synchronous = FULL` in WAL journal mode, so a
 //! committed transaction survives a crash of the machine), then raises the durable watermark.
 //! Reads use a second connection. Rows that do not decode are skipped and counted at start.
+//!
+//! Messages are delivered live before they are committed, so a crash may lose offsets a
+//! subscriber saw. `clean` is set to 0 at start and to 1 by a clean stop; after a start that
+//! finds 0, every topic's offsets continue past the writer's backlog bound, and the `floor` for
+//! topics the store does not know is raised as far, so no offset is given twice (as the
+//! write-ahead log does).
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -25,7 +33,7 @@ use whispeer_proto::{Envelope, Topic};
 use crate::store::GroupKey;
 // Topics stored were valid when written; limits may since have been lowered.
 use crate::message::no_limits as unlimited;
-use crate::store::backlog::{Backlog, CloseOnDrop};
+use crate::store::backlog::{BACKLOG_RECORDS, Backlog, CloseOnDrop};
 use crate::store::{Commit, Record};
 use crate::store::{
     PageBound, STORE_BATCH_RECORDS as BATCH_RECORDS, STORE_FSYNC_SECONDS as FSYNC_SECONDS,
@@ -50,7 +58,58 @@ const SCHEMA: &str = "
         offset INTEGER NOT NULL,
         PRIMARY KEY (filter, grp, topic)
     );
+    CREATE TABLE IF NOT EXISTS state (
+        key TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    );
 ";
+
+fn state(conn: &Connection, key: &str) -> io::Result<Option<u64>> {
+    let mut query = conn.prepare("SELECT value FROM state WHERE key = ?1").map_err(sql)?;
+    let mut rows = query.query(params![key]).map_err(sql)?;
+    let Some(row) = rows.next().map_err(sql)? else { return Ok(None) };
+    let value: i64 = row.get(0).map_err(sql)?;
+    Ok(u64::try_from(value).ok())
+}
+
+fn set_state(conn: &Connection, key: &str, value: u64) -> io::Result<()> {
+    conn.execute(
+        "INSERT INTO state (key, value) VALUES (?1, ?2)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        params![key, to_i64(value)?],
+    )
+    .map_err(sql)
+    .map(drop)
+}
+
+/// After a stop that was not clean: each topic's offsets continue past its latest stored one
+/// by the most records that can wait for the writer, and so does the floor of new topics.
+/// Marks the store as in use (not clean) until the writer stops cleanly.
+fn continue_offsets(conn: &Connection, stored: &mut Stored) -> io::Result<()> {
+    let mut latest =
+        conn.prepare("SELECT topic, MAX(offset) FROM messages GROUP BY topic").map_err(sql)?;
+    let mut rows = latest.query([]).map_err(sql)?;
+    while let Some(row) = rows.next().map_err(sql)? {
+        let (topic, offset): (String, i64) = (row.get(0).map_err(sql)?, row.get(1).map_err(sql)?);
+        if let (Ok(topic), Ok(offset)) =
+            (Topic::parse_with(&topic, &unlimited()), u64::try_from(offset))
+        {
+            stored.marks.push((topic, offset));
+        }
+    }
+    // A store without the row is new (clean), or from before the row existed (not known).
+    let clean = state(conn, "clean")?.map_or(stored.marks.is_empty(), |value| value == 1);
+    stored.gap = if clean { 0 } else { BACKLOG_RECORDS as u64 };
+    stored.floor = state(conn, "floor")?.unwrap_or(0) + stored.gap;
+    if !clean {
+        tracing::warn!(
+            gap = stored.gap,
+            "SQLite store: the last stop was not clean; offsets continue past what may have been in flight"
+        );
+    }
+    set_state(conn, "floor", stored.floor)?;
+    set_state(conn, "clean", 0)
+}
 
 fn sql(err: rusqlite::Error) -> io::Error {
     io::Error::other(err)
@@ -151,7 +210,8 @@ impl SqliteStore {
         }
         let writer = Connection::open(path).map_err(sql)?;
         writer.execute_batch(SCHEMA).map_err(sql)?;
-        let stored = load(&writer)?;
+        let mut stored = load(&writer)?;
+        continue_offsets(&writer, &mut stored)?;
         let reader = Connection::open(path).map_err(sql)?;
         let (tx, rx) = mpsc::channel();
         let (durable_tx, durable) = watch::channel(0);
@@ -220,6 +280,10 @@ fn write_loop(
         backlog.release(batch_len(count), bytes);
         written += count;
         durable.send_replace(written);
+    }
+    // Everything queued is written: the next start knows nothing was in flight.
+    if let Err(err) = set_state(&conn, "clean", 1) {
+        tracing::warn!(%err, "SQLite store: the clean stop was not recorded");
     }
 }
 

@@ -127,10 +127,6 @@ impl Writer {
                 let done = usize::try_from(self.written - first).unwrap_or(usize::MAX);
                 written = self.write(batch.get(done..).unwrap_or_default(), stop);
             }
-            if self.health.get() == Health::FULL {
-                tracing::info!("write-ahead log: the disk has room again; writing resumes");
-                self.health.set(Health::WRITING);
-            }
             if !batch.is_empty() {
                 metrics::histogram!(WRITE_SECONDS, "store" => "wal").record(started.elapsed());
                 metrics::histogram!(BATCH_RECORDS, "store" => "wal").record(batch.len() as f64);
@@ -173,6 +169,11 @@ impl Writer {
             metrics::histogram!(FSYNC_SECONDS, "store" => "wal").record(started.elapsed());
             self.unsynced = 0;
             self.last_sync = Instant::now();
+        }
+        if self.health.get() == Health::FULL {
+            // Healthy again before anything waiting is acknowledged.
+            tracing::info!("write-ahead log: the disk has room again; writing resumes");
+            self.health.set(Health::WRITING);
         }
         // What is durable under the policy: everything synced, or everything written when the
         // policy accepts the risk.
