@@ -211,6 +211,8 @@ pub(crate) struct Queue {
     closed: AtomicBool,
     policy: SlowConsumer,
     pub(crate) counters: Counters,
+    /// The broker's count of messages discarded with their queue (set once routed).
+    discarded: OnceLock<Arc<AtomicU64>>,
 }
 
 impl Queue {
@@ -234,6 +236,7 @@ impl Queue {
             closed: AtomicBool::new(false),
             policy,
             counters: Counters::default(),
+            discarded: OnceLock::new(),
         }
     }
 
@@ -384,12 +387,15 @@ impl Queue {
         message
     }
 
-    /// Closes the queue and wakes the consumer so it can see the end. Returns whether this
-    /// call closed it (not an earlier one).
-    pub(crate) fn close(&self) -> bool {
-        let first = !self.closed.swap(true, Ordering::AcqRel);
+    /// Closes the queue and wakes the consumer so it can see the end.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
         self.waker.wake();
-        first
+    }
+
+    /// Counts the messages this queue still holds when it is dropped into `discarded`.
+    pub(crate) fn count_discarded_in(&self, discarded: &Arc<AtomicU64>) {
+        let _ = self.discarded.set(Arc::clone(discarded));
     }
 
     pub(crate) fn is_closed(&self) -> bool {
@@ -408,6 +414,10 @@ impl Queue {
 
 impl Drop for Queue {
     fn drop(&mut self) {
+        // What it still holds is never taken: counted once, here, when nothing can push more.
+        if let Some(discarded) = self.discarded.get() {
+            discarded.fetch_add(*self.load.get_mut() >> COUNT_SHIFT, Ordering::Relaxed);
+        }
         // Messages still queued give their share of a shared budget back.
         if let Some(budget) = &self.budget {
             let bytes = (*self.load.get_mut() & BYTES_MASK) as usize;

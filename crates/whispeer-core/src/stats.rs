@@ -1,5 +1,6 @@
 //! Counters of the broker and of each subscription, and their snapshots.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::queue::Counters;
@@ -14,7 +15,8 @@ pub(crate) struct BrokerCounters {
     pub(crate) dropped_newest: AtomicU64,
     pub(crate) rejected_full: AtomicU64,
     pub(crate) disconnected: AtomicU64,
-    pub(crate) discarded: AtomicU64,
+    /// Shared with every routed queue, which adds what it still holds when it is dropped.
+    pub(crate) discarded: Arc<AtomicU64>,
     pub(crate) rejected_by_plugins: AtomicU64,
     pub(crate) decode_errors: AtomicU64,
     pub(crate) open_errors: AtomicU64,

@@ -524,10 +524,7 @@ impl Shared {
     }
 
     pub(crate) fn unsubscribe(&self, id: SubId, queue: &Queue) {
-        if queue.close() {
-            // What it still holds is never taken.
-            self.counters.discarded.fetch_add(queue.len() as u64, Ordering::Relaxed);
-        }
+        queue.close();
         if self.router.remove(&queue.filter, id) {
             if let Some(bridge) = &self.bridge {
                 bridge.interest(&interest_of(queue), false);
@@ -541,6 +538,7 @@ impl Shared {
     /// Routes `queue` under a new id, and tells the bridge of the interest.
     pub(crate) fn route_queue(&self, queue: &Arc<Queue>) -> SubId {
         let id = SubId(self.next_sub.fetch_add(1, Ordering::Relaxed));
+        queue.count_discarded_in(&self.counters.discarded);
         self.router.insert(&queue.filter, Route { id, queue: Arc::clone(queue) });
         if let Some(bridge) = &self.bridge {
             bridge.interest(&interest_of(queue), true);
