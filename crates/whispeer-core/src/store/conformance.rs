@@ -42,7 +42,7 @@ fn stores() -> Vec<(&'static str, PersistenceType, Scratch)> {
     kinds
 }
 
-fn envelope(topic: &str, n: u64) -> Envelope {
+pub(crate) fn envelope(topic: &str, n: u64) -> Envelope {
     let topic = Topic::parse(topic).unwrap();
     let flags = Flags::with_content(ContentType::Raw);
     let mut envelope =

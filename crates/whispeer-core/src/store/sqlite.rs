@@ -111,6 +111,20 @@ fn continue_offsets(conn: &Connection, stored: &mut Stored) -> io::Result<()> {
     set_state(conn, "clean", 0)
 }
 
+/// A fail point of the writer (feature `failpoints`, tests only): configured with `return` the
+/// step fails with an I/O error, with `panic` the writer dies there, with `sleep(ms)` it is late.
+macro_rules! fail_point {
+    ($name:literal) => {
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!($name, |_| Err(io::Error::other(concat!("fail point ", $name))));
+    };
+}
+
+/// Every fail point, in the order a write passes them.
+#[cfg(all(test, feature = "failpoints"))]
+const FAIL_POINTS: [&str; 4] =
+    ["sqlite::begin", "sqlite::insert", "sqlite::commit", "sqlite::committed"];
+
 fn sql(err: rusqlite::Error) -> io::Error {
     io::Error::other(err)
 }
@@ -292,8 +306,10 @@ fn batch_len(count: u64) -> usize {
 }
 
 fn write_batch(conn: &mut Connection, batch: Vec<Write>) -> io::Result<()> {
+    fail_point!("sqlite::begin");
     let tx = conn.transaction().map_err(sql)?;
     for write in batch {
+        fail_point!("sqlite::insert");
         match write {
             Write::Message { offset, accepted_ms, topic, envelope } => {
                 tx.prepare(
@@ -316,8 +332,10 @@ fn write_batch(conn: &mut Connection, batch: Vec<Write>) -> io::Result<()> {
     }
     // The commit is where SQLite syncs (`synchronous = FULL`).
     let started = Instant::now();
+    fail_point!("sqlite::commit");
     tx.commit().map_err(sql)?;
     metrics::histogram!(FSYNC_SECONDS, "store" => "sqlite").record(started.elapsed());
+    fail_point!("sqlite::committed");
     Ok(())
 }
 
@@ -369,3 +387,6 @@ impl Store for SqliteStore {
         Ok(records)
     }
 }
+
+#[cfg(all(test, feature = "failpoints"))]
+mod failpoints;
