@@ -158,7 +158,9 @@ pub(super) fn request_to_frame(
                 filter: Filter::parse_with(&filter, limits)
                     .map_err(|e| JsonError::Topic(reference, e))?,
                 prefetch,
-                group,
+                // Empty is none, as in the binary form (found by the `json_request` fuzz target:
+                // `"group":""` made a group the binary protocol cannot name).
+                group: group.filter(|group| !group.is_empty()),
                 start: start.as_deref().map_or(Ok(StartAt::Latest), start_from)?,
             },
         ),
@@ -341,6 +343,8 @@ mod tests {
             work.body,
             Body::Subscribe { qos: Qos::AtLeastOnce, prefetch: 8, group: Some(ref g), .. } if g == "w"
         ));
+        let ungrouped = frame(r#"{"op":"subscribe","id":6,"filter":"jobs/+","group":""}"#);
+        assert!(matches!(ungrouped.body, Body::Subscribe { group: None, .. }), "empty is none");
         let once = frame(
             r#"{"op":"publish","topic":"t","payload":1,"qos":1,"ttl_ms":500,"idempotency_key":"k1"}"#,
         );
