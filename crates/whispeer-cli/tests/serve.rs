@@ -359,16 +359,28 @@ async fn acknowledged_messages_in_sqlite_survive_sigkill_once_and_in_order() {
     crash_rounds("sqlite").await;
 }
 
-/// Kills `whispeer serve` (store `kind`, fsync always) 20 times (`WHISPEER_TEST_CRASH_ROUNDS`;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_messages_survive_sigkill_while_segments_roll_over() {
+    // 2 KiB segments: a roll-over every few dozen messages, so kills land in and around them.
+    crash_rounds("wal-rolling").await;
+}
+
+/// Kills `whispeer serve` (store `kind`: `wal`, `sqlite`, or `wal-rolling` with 2 KiB segments;
+/// fsync always) 20 times (`WHISPEER_TEST_CRASH_ROUNDS`;
 /// `scripts/crash-rounds` runs 1,000) at random moments while a client publishes QoS 1, and
 /// checks after each restart that every acknowledged message is stored, once and in order.
 async fn crash_rounds(kind: &str) {
     let dir = std::env::temp_dir().join(format!("whispeer-crash-{kind}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let dir_text = dir.to_string_lossy().to_string();
+    let (store, segment_bytes) = match kind {
+        "wal-rolling" => ("wal", "2048"),
+        kind => (kind, "67108864"),
+    };
     let envs = [
         ("WHISPEER_STORAGE__DIR", dir_text.as_str()),
-        ("WHISPEER_STORAGE__KIND", kind),
+        ("WHISPEER_STORAGE__KIND", store),
+        ("WHISPEER_STORAGE__SEGMENT_BYTES", segment_bytes),
         ("WHISPEER_STORAGE__DURABLE", r#"["orders/#"]"#),
         ("WHISPEER_STORAGE__FSYNC", "always"),
         ("WHISPEER_RETENTION", r#"[{filter="orders/#",max_messages=1000000}]"#),
