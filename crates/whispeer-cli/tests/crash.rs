@@ -1,0 +1,122 @@
+//! SIGKILL of `whispeer serve` at random moments while a client publishes QoS 1 to a durable
+//! topic: after each restart every acknowledged message is stored, once and in order (the shared
+//! history checker), for the write-ahead log, the log with 2 KiB segments (kills in and around
+//! roll-over) and SQLite. `scripts/crash-rounds` runs 1,000 rounds of each.
+
+#![expect(clippy::unwrap_used, reason = "test helpers fail loudly")]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use whispeer_client::{Client, StartAt, SubscribeOptions};
+
+mod common;
+
+use common::Server;
+
+/// The messages of `orders/x` the log holds, read from the earliest, up to the `markers`-th
+/// marker (`u32::MAX`, published by each round to know where the history ends).
+async fn read_log(client: &Client, markers: usize) -> Vec<u32> {
+    // QoS 1 with a credit window, so a long replay cannot overrun the client's buffer.
+    let options = SubscribeOptions::new("orders/x")
+        .start(StartAt::Earliest)
+        .qos(whispeer_client::Qos::AtLeastOnce)
+        .prefetch(256);
+    let mut log = client.subscribe::<u32>(options).await.unwrap();
+    client.publish_acked("orders/x", &u32::MAX).await.unwrap();
+    let (mut values, mut seen) = (Vec::new(), 0);
+    while seen < markers {
+        let value =
+            tokio::time::timeout(Duration::from_secs(20), log.recv()).await.unwrap().unwrap();
+        if value == u32::MAX {
+            seen += 1;
+        } else {
+            values.push(value);
+        }
+    }
+    values
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_durable_messages_survive_sigkill_once_and_in_order() {
+    crash_rounds("wal").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_messages_in_sqlite_survive_sigkill_once_and_in_order() {
+    crash_rounds("sqlite").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_messages_survive_sigkill_while_segments_roll_over() {
+    crash_rounds("wal-rolling").await;
+}
+
+/// Kills `whispeer serve` (`wal`, `sqlite`, `wal-rolling`: 2 KiB segments; fsync always) 20
+/// times (`WHISPEER_TEST_CRASH_ROUNDS`; `scripts/crash-rounds`: 1,000) at random moments while a
+/// client publishes QoS 1; after each restart every acknowledged message is there, once, in order.
+async fn crash_rounds(kind: &str) {
+    let dir = std::env::temp_dir().join(format!("whispeer-crash-{kind}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let dir_text = dir.to_string_lossy().to_string();
+    let envs = [
+        ("WHISPEER_STORAGE__DIR", dir_text.as_str()),
+        ("WHISPEER_STORAGE__KIND", kind.trim_end_matches("-rolling")),
+        (
+            "WHISPEER_STORAGE__SEGMENT_BYTES",
+            if kind == "wal-rolling" { "2048" } else { "67108864" },
+        ),
+        ("WHISPEER_STORAGE__DURABLE", r#"["orders/#"]"#),
+        ("WHISPEER_STORAGE__FSYNC", "always"),
+        ("WHISPEER_RETENTION", r#"[{filter="orders/#",max_messages=1000000}]"#),
+    ];
+    let seed =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+            as u64;
+    let mut rng = seed | 1;
+    // What was sent and what was acknowledged, in order, across rounds.
+    let events = Arc::new(Mutex::new((Vec::<u32>::new(), Vec::<u32>::new())));
+    let mut next = 0u32;
+    let mut verdict = String::new();
+    let rounds: usize =
+        std::env::var("WHISPEER_TEST_CRASH_ROUNDS").ok().and_then(|n| n.parse().ok()).unwrap_or(20);
+    for round in 0..rounds {
+        let server = Server::start(&envs);
+        let client = Client::connect(server.addr.clone()).await.unwrap();
+        let log = read_log(&client, round + 1).await;
+        let mut history = common::history::History::default();
+        {
+            let (sent, acked) = &*events.lock().unwrap();
+            sent.iter().for_each(|&n| history.sent(n.into()));
+            acked.iter().for_each(|&n| history.acked(n.into()));
+        }
+        log.iter().for_each(|&n| history.read(n.into(), false));
+        let checked = history.verdict();
+        verdict = checked.line();
+        assert!(checked.is_clean(), "seed {seed}, round {round}: {verdict}: {checked:?}");
+        next = log.last().map_or(next, |last| last + 1);
+        // Publish until killed at a random moment.
+        let (publisher, record) = (client.clone(), Arc::clone(&events));
+        let publishing = tokio::spawn(async move {
+            for n in next.. {
+                record.lock().unwrap().0.push(n);
+                if publisher.publish_acked("orders/x", &n).await.is_err() {
+                    return;
+                }
+                record.lock().unwrap().1.push(n);
+            }
+        });
+        rng = rng.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        tokio::time::sleep(Duration::from_millis(10 + (rng >> 33) % 150)).await;
+        drop(server); // SIGKILL
+        let _ = tokio::time::timeout(Duration::from_secs(10), publishing).await;
+        drop(client);
+    }
+    let total = events.lock().unwrap().1.len();
+    assert!(total > rounds, "seed {seed}: only {total} messages acknowledged in {rounds} rounds");
+    println!(
+        "crash test ({kind}): {rounds} SIGKILLs, {total} acknowledged messages, seed {seed}; \
+         last check: {verdict}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
