@@ -281,7 +281,9 @@ impl Queue {
                     self.release(&oldest);
                     dropped += 1;
                 }
-                self.counters.dropped_oldest.fetch_add(dropped, Ordering::Relaxed);
+                if dropped > 0 {
+                    self.counters.dropped_oldest.fetch_add(dropped, Ordering::Relaxed);
+                }
                 self.charge(weight);
                 self.items.push(message);
                 if dropped > 0 { Pushed::DroppedOldest(dropped) } else { Pushed::Queued }
