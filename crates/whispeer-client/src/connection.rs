@@ -5,7 +5,9 @@
 //!                                   ◀─frames── socket ──Deliver──▶ subscription channels
 //! ```
 //!
-//! Writes are batched: the actor drains every waiting command into one buffer before writing.
+//! Publishes skip the command queue: publishing tasks encode them into a shared outbox
+//! ([`outbox`]), which the actor takes whole before a write. Other writes are batched too: the
+//! actor drains every waiting command into the same buffer before writing.
 //! Replies are matched to requests by correlation id. When the socket fails, pending requests
 //! fail with `Disconnected`; with reconnection on, the actor connects again with exponential
 //! backoff and re-subscribes every live subscription under its old id (and group). With
@@ -25,10 +27,11 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep, sleep_until};
-use whispeer_proto::{Body, Envelope, Frame, Qos, StartAt, reserve_for_read};
+use whispeer_proto::{Body, Frame, StartAt, TopicCache, reserve_for_read};
 
 use handshake::handshake;
 pub(crate) use handshake::{Established, connect_any};
+pub(crate) use outbox::Outbox;
 pub(crate) use subs::{Buffer, Incoming, Settle, SubSpec};
 use subs::{RecentIds, Sub};
 
@@ -42,11 +45,6 @@ const BATCH: usize = 256;
 
 /// What a client handle asks of the connection task.
 pub(crate) enum Command {
-    Publish {
-        qos: Qos,
-        envelope: Envelope,
-        ack: Option<oneshot::Sender<Result<(), ClientError>>>,
-    },
     Subscribe {
         spec: SubSpec,
         deliver: mpsc::Sender<Incoming>,
@@ -100,6 +98,7 @@ pub(crate) struct Actor {
     options: ClientOptions,
     commands: mpsc::Receiver<Command>,
     settles: mpsc::UnboundedReceiver<Settle>,
+    outbox: Arc<Outbox>,
     subscriptions: HashMap<u32, Sub>,
     pending: HashMap<u32, Pending>,
     next_sub: u32,
@@ -113,11 +112,13 @@ impl Actor {
         options: ClientOptions,
         commands: mpsc::Receiver<Command>,
         settles: mpsc::UnboundedReceiver<Settle>,
+        outbox: Arc<Outbox>,
     ) -> Self {
         Self {
             options,
             commands,
             settles,
+            outbox,
             subscriptions: HashMap::new(),
             pending: HashMap::new(),
             next_sub: 1,
@@ -126,12 +127,29 @@ impl Actor {
         }
     }
 
+    /// A correlation id for the actor's own requests: from 100 up, below the publishes' ids.
     fn correlation(&mut self) -> u32 {
-        self.next_correlation = self.next_correlation.wrapping_add(1).max(100);
+        self.next_correlation = self.next_correlation.wrapping_add(1);
+        if self.next_correlation < 100 || outbox::is_publish(self.next_correlation) {
+            self.next_correlation = 100;
+        }
         self.next_correlation
     }
 
+    /// Moves the outbox's publishes to `out`, taking over their acknowledgement waiters.
+    fn take_publishes(&mut self, out: &mut BytesMut) {
+        let pending = &mut self.pending;
+        self.outbox.take_into(out, |correlation, ack| {
+            pending.insert(correlation, Pending::Ack(ack));
+        });
+    }
+
     pub(crate) async fn run(mut self, first: Established) {
+        self.serve_all(first).await;
+        self.outbox.close();
+    }
+
+    async fn serve_all(&mut self, first: Established) {
         self.node = first.node;
         let mut connection = first;
         loop {
@@ -198,6 +216,7 @@ impl Actor {
             max_frame_bytes,
             ..
         } = established;
+        self.outbox.set_max_frame_bytes(max_frame_bytes);
         let mut out = BytesMut::with_capacity(64 * 1024);
         let limits = self.options.limits.clone();
         let subs: Vec<(u32, Body)> = self
@@ -225,8 +244,9 @@ impl Actor {
         let silence = heartbeat * 3;
         let mut deadline = Instant::now() + silence;
         let mut unflushed = false;
+        let mut topics = TopicCache::default();
         loop {
-            while let Some(frame) = match Frame::decode(&mut inbound, &limits) {
+            while let Some(frame) = match Frame::decode_cached(&mut inbound, &limits, &mut topics) {
                 Ok(frame) => frame,
                 Err(err) => return Ended::Lost(ClientError::Protocol(err.to_string())),
             } {
@@ -253,6 +273,7 @@ impl Actor {
                         }
                     }
                 }
+                () = self.outbox.ready(), if out.len() < HIGH_WATER => self.take_publishes(&mut out),
                 command = self.commands.recv(), if out.len() < HIGH_WATER => {
                     let Some(command) = command else { return self.finish(writer, out).await };
                     if self.command(command, &mut out, max_frame_bytes) {
@@ -287,7 +308,8 @@ impl Actor {
     }
 
     /// Writes what is buffered, then closes.
-    async fn finish(&mut self, mut writer: Writer, out: BytesMut) -> Ended {
+    async fn finish(&mut self, mut writer: Writer, mut out: BytesMut) -> Ended {
+        self.take_publishes(&mut out);
         let _ = writer.write_all(&out).await;
         let _ = writer.flush().await;
         let _ = writer.shutdown().await;
@@ -298,22 +320,6 @@ impl Actor {
     /// Encodes a command; returns whether it asks to close.
     fn command(&mut self, command: Command, out: &mut BytesMut, max: usize) -> bool {
         match command {
-            Command::Publish { qos, envelope, ack } => {
-                let correlation = self.correlation();
-                match encode(&Frame::new(correlation, Body::Publish { qos, envelope }), out, max) {
-                    Ok(()) => {
-                        if let Some(ack) = ack {
-                            self.pending.insert(correlation, Pending::Ack(ack));
-                        }
-                    }
-                    Err(err) => {
-                        tracing::warn!(%err, "publish not sent");
-                        if let Some(ack) = ack {
-                            let _ = ack.send(Err(err));
-                        }
-                    }
-                }
-            }
             Command::Subscribe { spec, deliver, buffer, reply } => {
                 let sub = self.next_sub;
                 self.next_sub = self.next_sub.wrapping_add(1);
@@ -334,7 +340,8 @@ impl Actor {
             }
             Command::Unsubscribe { sub } => self.unsubscribe(sub, out, max),
             Command::Flush { reply } => {
-                // Acks given before the flush travel before its ping.
+                // Publishes and acks given before the flush travel before its ping.
+                self.take_publishes(out);
                 while let Ok(settle) = self.settles.try_recv() {
                     if let Err(err) = self.settle(settle, out, max) {
                         tracing::warn!(%err, "ack not sent");
@@ -466,6 +473,7 @@ fn fail(pending: Pending, err: ClientError) {
 }
 
 mod handshake;
+mod outbox;
 mod subs;
 #[cfg(test)]
 mod tests;

@@ -215,6 +215,7 @@ struct Shared {
 #[derive(Clone, Debug)]
 pub struct Client {
     commands: mpsc::Sender<Command>,
+    outbox: Arc<connection::Outbox>,
     settles: mpsc::UnboundedSender<connection::Settle>,
     shared: Arc<Shared>,
 }
@@ -253,8 +254,13 @@ impl Client {
         });
         let (commands, rx) = mpsc::channel(options.command_queue);
         let (settles, settled) = mpsc::unbounded_channel();
-        tokio::spawn(connection::Actor::new(options, rx, settled).run(established));
-        Ok(Self { commands, settles, shared })
+        let outbox = Arc::new(connection::Outbox::new(
+            options.publish_buffer_bytes,
+            established.max_frame_bytes,
+        ));
+        let actor = connection::Actor::new(options, rx, settled, Arc::clone(&outbox));
+        tokio::spawn(actor.run(established));
+        Ok(Self { commands, outbox, settles, shared })
     }
 
     fn next_id(&self) -> MessageId {
@@ -406,11 +412,11 @@ impl Client {
     async fn publish_sealed(&self, qos: Qos, envelope: Envelope) -> Result<MessageId, ClientError> {
         let id = envelope.id;
         if qos == Qos::AtMostOnce {
-            self.send(Command::Publish { qos, envelope, ack: None }).await?;
+            self.outbox.publish(qos, envelope, None).await?;
             return Ok(id);
         }
         let (ack, acked) = oneshot::channel();
-        self.send(Command::Publish { qos, envelope, ack: Some(ack) }).await?;
+        self.outbox.publish(qos, envelope, Some(ack)).await?;
         acked.await.map_err(|_| ClientError::Closed)??;
         Ok(id)
     }

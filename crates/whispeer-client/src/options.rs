@@ -51,8 +51,12 @@ pub struct ClientOptions {
     /// not taken them; further messages are dropped and counted (`SubscriptionStats::dropped`).
     /// Default: 32 MiB, which holds a burst of 8 MiB of 128-byte messages.
     pub subscription_max_bytes: usize,
-    /// Commands (publishes, subscribes) queued for the connection task. Default: 4 096.
+    /// Commands (subscribes, flushes) queued for the connection task. Default: 4 096.
     pub command_queue: usize,
+    /// Bytes of encoded publishes waiting for the connection task to write them; a publish
+    /// waits while more are waiting (and while the connection is being re-established).
+    /// Default: 1 MiB.
+    pub publish_buffer_bytes: usize,
     /// QoS 1: message ids each subscription remembers having acknowledged, so that a
     /// redelivery of one (its ack lost with a connection) is dropped. Default: 4 096.
     pub dedup_ids: usize,
@@ -78,6 +82,7 @@ impl ClientOptions {
             subscription_capacity: 131_072,
             subscription_max_bytes: 32 << 20,
             command_queue: 4096,
+            publish_buffer_bytes: 1 << 20,
             dedup_ids: 4096,
             limits: Limits::default(),
         }

@@ -450,6 +450,21 @@ impl Frame {
     /// [`DecodeError`] for malformed input; the buffer is then in an unspecified state and the
     /// connection should be closed.
     pub fn decode(buf: &mut BytesMut, limits: &Limits) -> Result<Option<Self>, DecodeError> {
+        Self::decode_cached(buf, limits, &mut TopicCache::default())
+    }
+
+    /// As [`Frame::decode`], sharing the topic of an envelope with the one decoded before it
+    /// through the same `topics` when their text is the same (a connection's publisher or
+    /// subscription sees one topic over and over): no parse, no allocation. One cache belongs
+    /// to one stream decoded under one set of limits.
+    ///
+    /// # Errors
+    /// As [`Frame::decode`].
+    pub fn decode_cached(
+        buf: &mut BytesMut,
+        limits: &Limits,
+        topics: &mut TopicCache,
+    ) -> Result<Option<Self>, DecodeError> {
         let Some(prefix) = buf.first_chunk::<4>() else { return Ok(None) };
         let len = u32::from_be_bytes(*prefix);
         let body_len = len as usize;
@@ -467,7 +482,7 @@ impl Frame {
         frame.advance(4);
         let frame_type = frame.get_u8();
         let correlation = frame.get_u32();
-        let mut reader = Reader { buf: frame, frame_type };
+        let mut reader = Reader { buf: frame, frame_type, topics };
         let body = reader.body(limits).map_err(|err| match err {
             DecodeError::InvalidTopic(error) => DecodeError::RequestTopic { correlation, error },
             other => other,
@@ -561,7 +576,7 @@ impl Envelope {
     /// # Errors
     /// As for a frame: truncation, trailing bytes, invalid topics, too many headers.
     pub fn decode(bytes: Bytes, limits: &Limits) -> Result<Self, DecodeError> {
-        let mut reader = Reader { buf: bytes, frame_type: 0 };
+        let mut reader = Reader { buf: bytes, frame_type: 0, topics: &mut TopicCache::default() };
         let envelope = reader.envelope(limits)?;
         reader.finish()?;
         Ok(envelope)
@@ -571,6 +586,7 @@ impl Envelope {
 mod reader;
 
 use reader::Reader;
+pub use reader::TopicCache;
 
 #[cfg(test)]
 mod tests;

@@ -29,7 +29,7 @@ pub use envelope::{
 };
 pub use frame::{
     Body, DecodeError, EncodeError, Frame, MAX_HEADERS, PROTOCOL_VERSION, Qos, READ_CHUNK, StartAt,
-    reserve_for_read,
+    TopicCache, reserve_for_read,
 };
 pub use limits::Limits;
 pub use topic::{Filter, FilterSegment, Topic, TopicError, hidden_from_wildcards};

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use whispeer_proto::{
     Body, Envelope, ErrorCode, Filter, Frame, Limits, PROTOCOL_VERSION, Qos, StartAt, Topic,
-    reserve_for_read,
+    TopicCache, reserve_for_read,
 };
 
 use super::ServerConfig;
@@ -181,11 +181,12 @@ impl Connection {
         let idle = self.config.idle_timeout();
         let auth_deadline = tokio::time::Instant::now() + self.config.auth_timeout;
         let mut buf = BytesMut::new();
+        let mut topics = TopicCache::default();
         let mut partial_since: Option<Instant> = None;
         loop {
             let mut progressed = false;
             loop {
-                match Frame::decode(&mut buf, limits) {
+                match Frame::decode_cached(&mut buf, limits, &mut topics) {
                     Ok(Some(frame)) => {
                         progressed = true;
                         self.handle(frame).await?;

@@ -20,7 +20,7 @@ pub(crate) struct Established {
     pub(super) writer: Writer,
     pub(super) leftover: BytesMut,
     pub(super) heartbeat: Duration,
-    pub(super) max_frame_bytes: usize,
+    pub(crate) max_frame_bytes: usize,
     pub(crate) max_message_bytes: usize,
 }
 

@@ -1,14 +1,15 @@
 //! The connection task's QoS 1 bookkeeping, without a socket.
 
 use bytes::Bytes;
-use whispeer_proto::{ContentType, Filter, Flags, Limits, MessageId, Topic};
+use whispeer_proto::{ContentType, Envelope, Filter, Flags, Limits, MessageId, Qos, Topic};
 
 use super::*;
 
 fn actor_with_sub(qos: Qos) -> (Actor, mpsc::Receiver<Incoming>, Arc<Buffer>) {
     let (_commands, rx) = mpsc::channel(1);
     let (_settles, settled) = mpsc::unbounded_channel();
-    let mut actor = Actor::new(ClientOptions::new("127.0.0.1:1"), rx, settled);
+    let outbox = Arc::new(Outbox::new(1 << 20, usize::MAX));
+    let mut actor = Actor::new(ClientOptions::new("127.0.0.1:1"), rx, settled, outbox);
     let (deliver, deliveries) = mpsc::channel(8);
     let buffer = Arc::new(Buffer::new(1 << 20));
     let filter = Filter::parse("t").unwrap();

@@ -7,13 +7,18 @@ use bytes::{Buf, Bytes};
 use super::{Body, DecodeError, MAX_HEADERS, Qos, StartAt};
 use crate::{Envelope, ErrorCode, Filter, Flags, Headers, Limits, MessageId, Topic};
 
+/// The last topic a stream decoded (see [`Frame::decode_cached`](super::Frame::decode_cached)).
+#[derive(Clone, Debug, Default)]
+pub struct TopicCache(Option<Topic>);
+
 /// A bounds-checked cursor over one frame's body.
-pub(super) struct Reader {
+pub(super) struct Reader<'a> {
     pub(super) buf: Bytes,
     pub(super) frame_type: u8,
+    pub(super) topics: &'a mut TopicCache,
 }
 
-impl Reader {
+impl Reader<'_> {
     fn need(&self, n: usize) -> Result<(), DecodeError> {
         if self.buf.remaining() < n {
             return Err(DecodeError::Truncated { frame_type: self.frame_type });
@@ -51,10 +56,46 @@ impl Reader {
         Ok(self.buf.split_to(len))
     }
 
-    fn string(&mut self) -> Result<String, DecodeError> {
+    /// The length of a u16-prefixed text, checked to be in the buffer; the caller reads it
+    /// as `self.buf[..len]` and advances past it.
+    fn text(&mut self) -> Result<usize, DecodeError> {
         let len = usize::from(self.u16()?);
-        let bytes = self.bytes(len)?;
-        String::from_utf8(bytes.to_vec()).map_err(|_| DecodeError::InvalidUtf8)
+        self.need(len)?;
+        Ok(len)
+    }
+
+    fn string(&mut self) -> Result<String, DecodeError> {
+        let len = self.text()?;
+        let text = std::str::from_utf8(&self.buf[..len]).map_err(|_| DecodeError::InvalidUtf8)?;
+        let string = text.to_owned();
+        self.buf.advance(len);
+        Ok(string)
+    }
+
+    /// A topic: the cached one when the text is the same, else parsed (and cached).
+    fn topic(&mut self, limits: &Limits) -> Result<Topic, DecodeError> {
+        let len = self.text()?;
+        let text = &self.buf[..len];
+        let topic = match &self.topics.0 {
+            Some(topic) if topic.as_str().as_bytes() == text => topic.clone(),
+            _ => {
+                let text = std::str::from_utf8(text).map_err(|_| DecodeError::InvalidUtf8)?;
+                let topic = Topic::parse_with(text, limits)?;
+                self.topics.0 = Some(topic.clone());
+                topic
+            }
+        };
+        self.buf.advance(len);
+        Ok(topic)
+    }
+
+    /// A filter, parsed straight from the buffer.
+    fn filter(&mut self, limits: &Limits) -> Result<Filter, DecodeError> {
+        let len = self.text()?;
+        let text = std::str::from_utf8(&self.buf[..len]).map_err(|_| DecodeError::InvalidUtf8)?;
+        let filter = Filter::parse_with(text, limits)?;
+        self.buf.advance(len);
+        Ok(filter)
     }
 
     fn bytes32(&mut self) -> Result<Bytes, DecodeError> {
@@ -70,7 +111,7 @@ impl Reader {
         let id = MessageId(self.u128()?);
         let timestamp_ms = self.u64()?;
         let flags = Flags(self.u16()?);
-        let topic = Topic::parse_with(&self.string()?, limits)?;
+        let topic = self.topic(limits)?;
         let count = self.u16()?;
         if count > MAX_HEADERS {
             return Err(DecodeError::TooManyHeaders { count, max: MAX_HEADERS });
@@ -104,7 +145,7 @@ impl Reader {
             0x10 => Body::Subscribe {
                 sub: self.u32()?,
                 qos: self.qos()?,
-                filter: Filter::parse_with(&self.string()?, limits)?,
+                filter: self.filter(limits)?,
                 prefetch: self.u32()?,
                 group: Some(self.string()?).filter(|g| !g.is_empty()),
                 start: StartAt::from_wire(self.u8()?, self.u64()?)?,

@@ -162,6 +162,35 @@ fn invalid_topic_and_text_are_refused() {
 }
 
 #[test]
+fn a_topic_cache_shares_a_repeated_topic_and_still_checks_new_ones() {
+    let publish = |topic: &str| {
+        let body = Body::Publish { qos: Qos::AtMostOnce, envelope: envelope(topic, b"x", &[]) };
+        let mut buf = BytesMut::new();
+        Frame::new(1, body).encode(&mut buf, usize::MAX).unwrap();
+        buf
+    };
+    let topic_of = |frame: Frame| match frame.body {
+        Body::Publish { envelope, .. } => envelope.topic,
+        other => panic!("not a publish: {other:?}"),
+    };
+    let mut cache = TopicCache::default();
+    let mut decode = |mut buf: BytesMut| Frame::decode_cached(&mut buf, &limits(), &mut cache);
+    let first = topic_of(decode(publish("a/b")).unwrap().unwrap());
+    let second = topic_of(decode(publish("a/b")).unwrap().unwrap());
+    assert_eq!(first.as_str().as_ptr(), second.as_str().as_ptr(), "the text is shared");
+    let other = topic_of(decode(publish("a/c")).unwrap().unwrap());
+    assert_eq!(other.as_str(), "a/c");
+    // A topic the cache has not seen is parsed: "a/b" with its `/` made a control character.
+    let mut bad = publish("a/b");
+    let at = bad.iter().position(|&b| b == b'/').unwrap();
+    bad[at] = 0x01;
+    let refused = decode(bad).unwrap_err();
+    assert!(matches!(refused, DecodeError::RequestTopic { .. }), "{refused:?}");
+    let again = topic_of(decode(publish("a/c")).unwrap().unwrap());
+    assert_eq!(again.as_str().as_ptr(), other.as_str().as_ptr(), "kept across a refusal");
+}
+
+#[test]
 fn envelopes_round_trip_on_their_own_and_refuse_extra_bytes() {
     let original = envelope("a/b", b"payload", &[("ttl-ms", b"100")]);
     let mut buf = BytesMut::new();

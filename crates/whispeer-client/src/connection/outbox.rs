@@ -1,0 +1,238 @@
+//! Publishes on their way to the connection task: each publishing task encodes its frame
+//! straight into one shared buffer, and the connection task takes the whole buffer before a
+//! write. No channel hop and no wake-up per message: the task is woken when the buffer stops
+//! being empty.
+//!
+//! Bounded by bytes ([`ClientOptions::publish_buffer_bytes`](crate::ClientOptions)): a publish
+//! waits while the buffer holds more. A QoS 1 publish's acknowledgement waiter travels with its
+//! frame: the outbox owns it while the frame is buffered, the connection task from the moment
+//! it takes the buffer. What is buffered survives a lost connection and is sent on the next
+//! one; when the connection task ends for good, the outbox closes and its waiters fail.
+//!
+//! Correlation ids of publishes have the top bit set; the connection task's own requests
+//! (subscribe, flush) use ids below it, so the two never meet.
+
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use bytes::BytesMut;
+use tokio::sync::{Notify, oneshot};
+use whispeer_proto::{Body, Envelope, Frame, Qos};
+
+use crate::ClientError;
+
+/// Where a QoS 1 publish's acknowledgement goes.
+pub(crate) type AckWaiter = oneshot::Sender<Result<(), ClientError>>;
+
+/// The top bit marks a publish's correlation id.
+const PUBLISH_BIT: u32 = 1 << 31;
+
+#[derive(Debug)]
+pub(crate) struct Outbox {
+    state: Mutex<State>,
+    /// Wakes the connection task: the buffer is no longer empty.
+    ready: Notify,
+    /// Wakes publishers waiting for room.
+    room: Notify,
+    max_bytes: usize,
+}
+
+#[derive(Debug)]
+struct State {
+    buf: BytesMut,
+    /// QoS 1 publishes in `buf`, by correlation id.
+    acks: Vec<(u32, AckWaiter)>,
+    next_correlation: u32,
+    /// The peer's frame limit, from the current (or last) connection.
+    max_frame_bytes: usize,
+    closed: bool,
+}
+
+impl Outbox {
+    pub(crate) fn new(max_bytes: usize, max_frame_bytes: usize) -> Self {
+        let state = State {
+            buf: BytesMut::new(),
+            acks: Vec::new(),
+            next_correlation: 0,
+            max_frame_bytes,
+            closed: false,
+        };
+        Self { state: Mutex::new(state), ready: Notify::new(), room: Notify::new(), max_bytes }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Encodes a publish into the buffer, waiting while it is full.
+    ///
+    /// # Errors
+    /// [`ClientError::Closed`] once the connection task has ended; an envelope the peer's
+    /// frame limit refuses.
+    pub(crate) async fn publish(
+        &self,
+        qos: Qos,
+        envelope: Envelope,
+        ack: Option<AckWaiter>,
+    ) -> Result<(), ClientError> {
+        let mut frame = Frame::new(0, Body::Publish { qos, envelope });
+        loop {
+            let room = self.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            {
+                let mut state = self.lock();
+                if state.closed {
+                    return Err(ClientError::Closed);
+                }
+                if state.buf.len() < self.max_bytes {
+                    let was_empty = state.buf.is_empty();
+                    frame.correlation = PUBLISH_BIT | state.next_correlation;
+                    let State { buf, max_frame_bytes, .. } = &mut *state;
+                    frame
+                        .encode(buf, *max_frame_bytes)
+                        .map_err(|err| ClientError::Protocol(err.to_string()))?;
+                    state.next_correlation = (state.next_correlation + 1) & !PUBLISH_BIT;
+                    if let Some(ack) = ack {
+                        state.acks.push((frame.correlation, ack));
+                    }
+                    drop(state);
+                    if was_empty {
+                        self.ready.notify_one();
+                    }
+                    return Ok(());
+                }
+            }
+            room.await;
+        }
+    }
+
+    /// Waits until the buffer may hold something (a spurious wake finds it empty).
+    pub(crate) async fn ready(&self) {
+        self.ready.notified().await;
+    }
+
+    /// Moves what is buffered to the end of `out`, and its acknowledgement waiters to
+    /// `pending`.
+    pub(crate) fn take_into(&self, out: &mut BytesMut, mut pending: impl FnMut(u32, AckWaiter)) {
+        let mut state = self.lock();
+        if state.buf.is_empty() {
+            return;
+        }
+        if out.is_empty() {
+            // Trade buffers: no copy, and each side keeps a buffer that has grown already.
+            std::mem::swap(out, &mut state.buf);
+        } else {
+            out.extend_from_slice(&state.buf);
+            state.buf.clear();
+        }
+        for (correlation, ack) in state.acks.drain(..) {
+            pending(correlation, ack);
+        }
+        drop(state);
+        self.room.notify_waiters();
+    }
+
+    /// The frame limit of a new connection.
+    pub(crate) fn set_max_frame_bytes(&self, max: usize) {
+        self.lock().max_frame_bytes = max;
+    }
+
+    /// The connection task has ended: what is buffered is never sent; waiters fail.
+    pub(crate) fn close(&self) {
+        let mut state = self.lock();
+        state.closed = true;
+        state.buf = BytesMut::new();
+        for (_, ack) in state.acks.drain(..) {
+            let _ = ack.send(Err(ClientError::Closed));
+        }
+        drop(state);
+        self.room.notify_waiters();
+    }
+}
+
+/// Whether a correlation id is a publish's.
+pub(crate) fn is_publish(correlation: u32) -> bool {
+    correlation & PUBLISH_BIT != 0
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use whispeer_proto::{ContentType, Flags, Limits, MessageId, Topic};
+
+    use super::*;
+
+    fn envelope(n: u128, size: usize) -> Envelope {
+        let topic = Topic::parse("t").unwrap();
+        let flags = Flags::with_content(ContentType::Raw);
+        Envelope::new(MessageId(n), topic, 0, flags, Bytes::from(vec![b'x'; size]))
+    }
+
+    fn ids(out: &mut BytesMut) -> Vec<u128> {
+        std::iter::from_fn(|| Frame::decode(out, &Limits::default()).unwrap())
+            .map(|frame| match frame.body {
+                Body::Publish { envelope, .. } => envelope.id.0,
+                other => panic!("not a publish: {other:?}"),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn publishes_are_taken_in_order_with_their_waiters() {
+        let outbox = Outbox::new(1 << 20, usize::MAX);
+        outbox.publish(Qos::AtMostOnce, envelope(1, 8), None).await.unwrap();
+        let (ack, _acked) = oneshot::channel();
+        outbox.publish(Qos::AtLeastOnce, envelope(2, 8), Some(ack)).await.unwrap();
+        let mut out = BytesMut::new();
+        let mut waiters = Vec::new();
+        outbox.take_into(&mut out, |correlation, _| waiters.push(correlation));
+        // Appended after what `out` holds already.
+        outbox.publish(Qos::AtMostOnce, envelope(3, 8), None).await.unwrap();
+        outbox.take_into(&mut out, |_, _| panic!("no waiter"));
+        assert_eq!(ids(&mut out), [1, 2, 3]);
+        assert_eq!(waiters.len(), 1);
+        assert!(is_publish(waiters[0]));
+    }
+
+    #[tokio::test]
+    async fn a_full_outbox_makes_publishers_wait_until_it_is_taken() {
+        let outbox = Arc::new(Outbox::new(1000, usize::MAX));
+        outbox.publish(Qos::AtMostOnce, envelope(1, 2000), None).await.unwrap();
+        let waiting = tokio::spawn({
+            let outbox = Arc::clone(&outbox);
+            async move { outbox.publish(Qos::AtMostOnce, envelope(2, 8), None).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "over the bound, a publish waits");
+        let mut out = BytesMut::new();
+        outbox.take_into(&mut out, |_, _| {});
+        waiting.await.unwrap().unwrap();
+        outbox.take_into(&mut out, |_, _| {});
+        assert_eq!(ids(&mut out), [1, 2]);
+    }
+
+    #[tokio::test]
+    async fn closing_fails_waiters_and_later_publishes() {
+        let outbox = Outbox::new(1 << 20, usize::MAX);
+        let (ack, acked) = oneshot::channel();
+        outbox.publish(Qos::AtLeastOnce, envelope(1, 8), Some(ack)).await.unwrap();
+        outbox.close();
+        assert!(matches!(acked.await.unwrap(), Err(ClientError::Closed)));
+        let refused = outbox.publish(Qos::AtMostOnce, envelope(2, 8), None).await;
+        assert!(matches!(refused, Err(ClientError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn a_frame_over_the_peer_limit_is_refused_to_its_publisher() {
+        let outbox = Outbox::new(1 << 20, 100);
+        let refused = outbox.publish(Qos::AtMostOnce, envelope(1, 200), None).await;
+        assert!(matches!(refused, Err(ClientError::Protocol(_))), "{refused:?}");
+        outbox.publish(Qos::AtMostOnce, envelope(2, 8), None).await.unwrap();
+        let mut out = BytesMut::new();
+        outbox.take_into(&mut out, |_, _| {});
+        assert_eq!(ids(&mut out), [2], "nothing of the refused frame is left");
+    }
+}
