@@ -308,23 +308,22 @@ async fn throughput(
         readers.push(tokio::spawn(async move {
             let _conn = conn;
             let mut n = 0;
+            // No timer per message (it would cost as much as a cheap client): the publisher
+            // watches the progress counters for a stall instead.
             while n < messages {
-                match tokio::time::timeout(STALL, sub.next()).await {
+                match sub.next().await {
                     // An empty payload is a probe (see `probe`), not a message.
-                    Ok(Some(payload)) if payload.is_empty() => {
+                    Some(payload) if payload.is_empty() => {
                         ready[i].store(true, Ordering::Release);
                     }
-                    Ok(Some(_)) => {
+                    Some(_) => {
                         n += 1;
                         progress[i].store(n, Ordering::Release);
                         if n % every == 0 || n == messages {
                             moved.notify_waiters();
                         }
                     }
-                    Ok(None) => anyhow::bail!("subscription ended after {n} messages"),
-                    Err(_) => anyhow::bail!(
-                        "no message for {STALL:?} after {n} of {messages}: messages lost"
-                    ),
+                    None => anyhow::bail!("subscription ended after {n} messages"),
                 }
             }
             Ok(())
@@ -336,24 +335,41 @@ async fn throughput(
     // Drawn on standard error only when it is a terminal.
     let bar = ProgressBar::new(messages)
         .with_style(ProgressStyle::with_template("{bar:40} {pos}/{len} ({per_sec})")?);
+    let slowest = || progress.iter().map(|p| p.load(Ordering::Acquire)).min().unwrap_or(0);
+    let stalled = |readers: &[tokio::task::JoinHandle<anyhow::Result<()>>], at: u64, sent: u64| {
+        readers.iter().for_each(tokio::task::JoinHandle::abort);
+        anyhow::anyhow!(
+            "no progress for {STALL:?}: the slowest subscriber has {at} of the {sent} messages \
+             sent: messages lost"
+        )
+    };
     let start = Instant::now();
     for sent in 0..messages {
         if sent % 64 == 0 {
             bar.set_position(sent);
             loop {
                 let notified = moved.notified();
-                let slowest = progress.iter().map(|p| p.load(Ordering::Acquire)).min().unwrap_or(0);
-                if sent - slowest < window {
+                let at = slowest();
+                if sent - at < window {
                     break;
                 }
-                notified.await;
+                if tokio::time::timeout(STALL, notified).await.is_err() && slowest() == at {
+                    return Err(stalled(&readers, at, sent));
+                }
             }
         }
         publisher.publish(&subject, payload.clone()).await?;
     }
     publisher.flush().await?;
-    for reader in readers {
-        reader.await??;
+    let mut at = slowest();
+    for i in 0..readers.len() {
+        loop {
+            match tokio::time::timeout(STALL, &mut readers[i]).await {
+                Ok(done) => break done??,
+                Err(_) if slowest() == at => return Err(stalled(&readers, at, messages)),
+                Err(_) => at = slowest(),
+            }
+        }
     }
     bar.finish_and_clear();
     let seconds = start.elapsed().as_secs_f64();

@@ -76,9 +76,6 @@ impl Outbox {
     ) -> Result<(), ClientError> {
         let mut frame = Frame::new(0, Body::Publish { qos, envelope });
         loop {
-            let room = self.room.notified();
-            tokio::pin!(room);
-            room.as_mut().enable();
             {
                 let mut state = self.lock();
                 if state.closed {
@@ -102,7 +99,18 @@ impl Outbox {
                     return Ok(());
                 }
             }
-            room.await;
+            // Full: wait for room, registered before looking again so no wake-up is missed
+            // (and only here: registering costs more than encoding a small frame).
+            let room = self.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            let full = {
+                let state = self.lock();
+                !state.closed && state.buf.len() >= self.max_bytes
+            };
+            if full {
+                room.await;
+            }
         }
     }
 
