@@ -42,6 +42,29 @@ fn group(filter: &str, name: &str) -> SubscribeOptions {
     SubscribeOptions::new(filter).qos(Qos::AtLeastOnce).group(name)
 }
 
+/// A payload whose bytes say which message and which offset they are.
+fn patterned(n: usize) -> Vec<u8> {
+    // Sizes on both sides of the server's by-reference threshold (16 KiB), large and small.
+    const SIZES: [usize; 7] = [0, 100, 16 * 1024 - 1, 16 * 1024, 40, 200_000, 70_000];
+    (0..SIZES[n % SIZES.len()]).map(|i| ((n * 31 + i) % 251) as u8).collect()
+}
+
+#[tokio::test]
+async fn large_and_small_payloads_interleaved_arrive_whole_and_in_order() {
+    let (_broker, addr) = server(Duration::from_secs(60), 5);
+    let publisher = client(addr).await;
+    let subscriber = client(addr).await;
+    let mut deliveries = subscriber.messages("mixed").await.unwrap();
+    for n in 0..350 {
+        publisher.publish_bytes("mixed", patterned(n)).await.unwrap();
+    }
+    publisher.flush().await.unwrap();
+    for n in 0..350 {
+        let delivery = soon(deliveries.recv()).await.unwrap();
+        assert_eq!(&delivery.plaintext().unwrap()[..], &patterned(n)[..], "message {n}");
+    }
+}
+
 #[tokio::test]
 async fn a_killed_subscriber_sees_its_unacked_messages_again_when_it_comes_back() {
     let (broker, addr) = server(Duration::from_secs(60), 5);

@@ -12,7 +12,7 @@
 //! every field is bounds-checked, and malformed input is a [`DecodeError`], never a panic.
 //! Payloads are slices of the received buffer, not copies. `PROTOCOL.md` documents each body.
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 
 use crate::{Envelope, ErrorCode, Filter, Limits, MessageId, TopicError};
 
@@ -344,105 +344,6 @@ impl Frame {
         Self { correlation, body }
     }
 
-    /// Appends the encoded frame to `dst`, refusing frames over `max_frame_bytes` (the peer's
-    /// limit, as its `Welcome` said). On error nothing is appended.
-    ///
-    /// # Errors
-    /// See [`EncodeError`].
-    pub fn encode(&self, dst: &mut BytesMut, max_frame_bytes: usize) -> Result<(), EncodeError> {
-        let start = dst.len();
-        dst.put_u32(0);
-        dst.put_u8(self.body.type_byte());
-        dst.put_u32(self.correlation);
-        let written = self.encode_body(dst);
-        finish_frame(dst, start, written, max_frame_bytes)
-    }
-
-    /// Appends a `Deliver` frame for `envelope` without cloning it (the server's hot path).
-    ///
-    /// # Errors
-    /// As [`Frame::encode`].
-    pub fn encode_deliver(
-        dst: &mut BytesMut,
-        sub: u32,
-        attempt: u32,
-        offset: u64,
-        envelope: &Envelope,
-        max_frame_bytes: usize,
-    ) -> Result<(), EncodeError> {
-        let start = dst.len();
-        dst.put_u32(0);
-        dst.put_u8(0x30);
-        dst.put_u32(0);
-        dst.put_u32(sub);
-        dst.put_u32(attempt);
-        dst.put_u64(offset);
-        let written = put_envelope(dst, envelope);
-        finish_frame(dst, start, written, max_frame_bytes)
-    }
-
-    fn encode_body(&self, dst: &mut BytesMut) -> Result<(), EncodeError> {
-        match &self.body {
-            Body::Hello { version, capabilities, name } => {
-                dst.put_u16(*version);
-                dst.put_u32(*capabilities);
-                put_str(dst, name)?;
-            }
-            Body::Welcome {
-                version,
-                capabilities,
-                max_frame_bytes,
-                max_message_bytes,
-                heartbeat_ms,
-                name,
-            } => {
-                dst.put_u16(*version);
-                dst.put_u32(*capabilities);
-                dst.put_u32(*max_frame_bytes);
-                dst.put_u32(*max_message_bytes);
-                dst.put_u32(*heartbeat_ms);
-                put_str(dst, name)?;
-            }
-            Body::Auth { key } => put_bytes32(dst, key),
-            Body::Ok | Body::PubAck | Body::Ping | Body::Pong => {}
-            Body::Subscribe { sub, qos, filter, prefetch, group, start } => {
-                dst.put_u32(*sub);
-                dst.put_u8(qos.to_byte());
-                put_str(dst, filter.as_str())?;
-                dst.put_u32(*prefetch);
-                put_str(dst, group.as_deref().unwrap_or(""))?;
-                let (kind, value) = start.to_wire();
-                dst.put_u8(kind);
-                dst.put_u64(value);
-            }
-            Body::Unsubscribe { sub } => dst.put_u32(*sub),
-            Body::Publish { qos, envelope } => {
-                dst.put_u8(qos.to_byte());
-                put_envelope(dst, envelope)?;
-            }
-            Body::Deliver { sub, attempt, offset, envelope } => {
-                dst.put_u32(*sub);
-                dst.put_u32(*attempt);
-                dst.put_u64(*offset);
-                put_envelope(dst, envelope)?;
-            }
-            Body::Ack { sub, id } => {
-                dst.put_u32(*sub);
-                dst.put_u128(id.0);
-            }
-            Body::Nack { sub, id, requeue } => {
-                dst.put_u32(*sub);
-                dst.put_u128(id.0);
-                dst.put_u8(u8::from(*requeue));
-            }
-            Body::Error { code, message } => {
-                dst.put_u16(code.0);
-                put_str(dst, message)?;
-            }
-        }
-        Ok(())
-    }
-
     /// Takes one frame off the front of `buf`; `Ok(None)` means "need more bytes" (and room for
     /// the rest of the frame has been reserved, up to the limit).
     ///
@@ -504,73 +405,7 @@ pub fn reserve_for_read(buf: &mut BytesMut) {
     }
 }
 
-/// Writes the length prefix of the frame starting at `start`, or removes the frame on error.
-fn finish_frame(
-    dst: &mut BytesMut,
-    start: usize,
-    written: Result<(), EncodeError>,
-    max_frame_bytes: usize,
-) -> Result<(), EncodeError> {
-    let len = dst.len() - start - 4;
-    let checked = written.and_then(|()| {
-        u32::try_from(len)
-            .ok()
-            .filter(|_| len <= max_frame_bytes)
-            .ok_or(EncodeError::FrameTooLarge { len, max: max_frame_bytes })
-    });
-    match checked {
-        Ok(len) => {
-            dst[start..start + 4].copy_from_slice(&len.to_be_bytes());
-            Ok(())
-        }
-        Err(err) => {
-            dst.truncate(start);
-            Err(err)
-        }
-    }
-}
-
-fn put_str(dst: &mut BytesMut, text: &str) -> Result<(), EncodeError> {
-    let len =
-        u16::try_from(text.len()).map_err(|_| EncodeError::TextTooLong { len: text.len() })?;
-    dst.put_u16(len);
-    dst.put_slice(text.as_bytes());
-    Ok(())
-}
-
-fn put_bytes32(dst: &mut BytesMut, bytes: &[u8]) {
-    // Frames are limited far below 4 GiB, so a longer field fails the frame length check.
-    dst.put_u32(u32::try_from(bytes.len()).unwrap_or(u32::MAX));
-    dst.put_slice(bytes);
-}
-
-fn put_envelope(dst: &mut BytesMut, envelope: &Envelope) -> Result<(), EncodeError> {
-    dst.put_u128(envelope.id.0);
-    dst.put_u64(envelope.timestamp_ms);
-    dst.put_u16(envelope.flags.0);
-    put_str(dst, envelope.topic.as_str())?;
-    let count = envelope.headers.len();
-    let count16 = u16::try_from(count).ok().filter(|c| *c <= MAX_HEADERS);
-    dst.put_u16(count16.ok_or(EncodeError::TooManyHeaders { count })?);
-    for (name, value) in envelope.headers.iter() {
-        put_str(dst, name)?;
-        put_bytes32(dst, value);
-    }
-    put_bytes32(dst, &envelope.payload);
-    Ok(())
-}
-
 impl Envelope {
-    /// Appends the envelope in its wire layout (the layout inside `PUBLISH` and `DELIVER`), for
-    /// carrying one envelope inside another's payload (dead letters) or storing it.
-    ///
-    /// # Errors
-    /// A text field over 65 535 bytes or more than [`MAX_HEADERS`] headers.
-    pub fn encode(&self, dst: &mut BytesMut) -> Result<(), EncodeError> {
-        let start = dst.len();
-        put_envelope(dst, self).inspect_err(|_| dst.truncate(start))
-    }
-
     /// Reads an envelope written by [`Envelope::encode`]; all of `bytes` must be used.
     ///
     /// # Errors
@@ -584,6 +419,7 @@ impl Envelope {
 }
 
 mod reader;
+mod writer;
 
 use reader::Reader;
 pub use reader::TopicCache;

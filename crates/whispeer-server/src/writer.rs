@@ -5,15 +5,19 @@
 //! queue, and writes them in batches: many frames per `write_all`. A reply to SUBSCRIBE travels
 //! on the same queue as the subscription itself, so OK always precedes the first DELIVER.
 //!
+//! A large payload is not copied into the batch: on a socket that writes vectored (TCP), the
+//! batch is cut before it and the payload's shared bytes go out in the same `writev`.
+//!
 //! When the client reads slowly, the writer waits on its socket, the subscriptions' queues fill
 //! and meet their slow-consumer policy (counted by the broker); when the socket accepts nothing
 //! for the stall timeout, the writer gives up and the connection closes.
 
 use std::future::poll_fn;
+use std::io::{self, IoSlice};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TryRecvError;
@@ -30,6 +34,10 @@ use whispeer_core::{Delivery, Message, Subscription};
 const WRITE_BATCH: usize = 64 * 1024;
 /// Messages taken from one subscription before moving to the next, for fairness.
 const PER_SUBSCRIPTION: usize = 64;
+/// Payloads from this size on go out by reference (vectored writes), not copied.
+const BY_REFERENCE: usize = 16 * 1024;
+/// Buffers handed to one `writev`.
+const MAX_SLICES: usize = 64;
 
 /// What the reader hands the writer.
 pub(super) enum Outbound {
@@ -59,6 +67,13 @@ struct Writer {
     subscriptions: Vec<(u32, Subscription<Message>)>,
     next: usize,
     buf: BytesMut,
+    /// What goes out before `buf` when large payloads travel by reference: the batch up to
+    /// each one, then the payload itself. Empty otherwise.
+    chunks: Vec<Bytes>,
+    /// Bytes in `chunks`.
+    chunked: usize,
+    /// Whether the socket writes vectored (else every payload is copied into `buf`).
+    vectored: bool,
     limits: Limits,
     traffic: Arc<Traffic>,
     /// The last topic this writer counted.
@@ -68,6 +83,11 @@ struct Writer {
 }
 
 impl Writer {
+    /// Bytes waiting to be written.
+    fn pending(&self) -> usize {
+        self.buf.len() + self.chunked
+    }
+
     fn encode(&mut self, frame: &Frame) {
         if let Err(err) = frame.encode(&mut self.buf, self.limits.max_frame_bytes) {
             tracing::warn!(%err, "frame not sent");
@@ -78,14 +98,20 @@ impl Writer {
     /// reaches the reader.
     fn deliver(&mut self, sub: u32, delivery: &Delivery<Message>) {
         let message = delivery.message();
-        let encoded = Frame::encode_deliver(
-            &mut self.buf,
-            sub,
-            delivery.attempt(),
-            message.offset().unwrap_or(0),
-            message.envelope(),
-            self.limits.max_frame_bytes,
-        );
+        let (attempt, offset) = (delivery.attempt(), message.offset().unwrap_or(0));
+        let (envelope, max) = (message.envelope(), self.limits.max_frame_bytes);
+        let encoded = if self.vectored && envelope.payload.len() >= BY_REFERENCE {
+            Frame::encode_deliver_head(&mut self.buf, sub, attempt, offset, envelope, max).map(
+                |()| {
+                    let head = self.buf.split().freeze();
+                    self.chunked += head.len() + envelope.payload.len();
+                    self.chunks.push(head);
+                    self.chunks.push(envelope.payload.clone());
+                },
+            )
+        } else {
+            Frame::encode_deliver(&mut self.buf, sub, attempt, offset, envelope, max)
+        };
         match encoded {
             Ok(()) => {
                 let bytes = message.envelope().payload.len();
@@ -115,7 +141,7 @@ impl Writer {
     fn gather(&mut self) {
         let count = self.subscriptions.len();
         let mut taken = true;
-        while taken && self.buf.len() < WRITE_BATCH {
+        while taken && self.pending() < WRITE_BATCH {
             taken = false;
             for k in 0..count {
                 let i = (self.next + k) % count;
@@ -125,13 +151,32 @@ impl Writer {
                     let sub = *sub;
                     self.deliver(sub, &delivery);
                     taken = true;
-                    if self.buf.len() >= WRITE_BATCH {
+                    if self.pending() >= WRITE_BATCH {
                         self.next = (i + 1) % count;
                         return;
                     }
                 }
             }
         }
+    }
+
+    /// Writes everything pending and flushes (which matters for message-based transports,
+    /// WebSocket; on TCP it is free).
+    async fn write(&mut self, socket: &mut (impl AsyncWrite + Unpin)) -> io::Result<()> {
+        if self.chunks.is_empty() {
+            socket.write_all(&self.buf).await?;
+        } else {
+            if !self.buf.is_empty() {
+                self.chunked += self.buf.len();
+                self.chunks.push(self.buf.split().freeze());
+            }
+            write_chunks(socket, &self.chunks).await?;
+        }
+        socket.flush().await?;
+        self.buf.clear();
+        self.chunks.clear();
+        self.chunked = 0;
+        Ok(())
     }
 
     /// Waits until the control queue or any subscription has something.
@@ -186,6 +231,9 @@ pub(super) async fn write_loop(
         subscriptions: Vec::new(),
         next: 0,
         buf: BytesMut::with_capacity(WRITE_BATCH),
+        chunks: Vec::new(),
+        chunked: 0,
+        vectored: socket.is_write_vectored(),
         limits,
         traffic: Arc::clone(&config.traffic),
         flows: FlowCache::default(),
@@ -194,7 +242,7 @@ pub(super) async fn write_loop(
     let stall = config.idle_timeout();
     let mut open = true;
     loop {
-        while open && writer.buf.len() < WRITE_BATCH {
+        while open && writer.pending() < WRITE_BATCH {
             match control.try_recv() {
                 Ok(outbound) => writer.apply(outbound),
                 Err(TryRecvError::Empty) => break,
@@ -204,7 +252,7 @@ pub(super) async fn write_loop(
         if open {
             writer.gather();
         }
-        if writer.buf.is_empty() {
+        if writer.pending() == 0 {
             if !open {
                 break;
             }
@@ -220,13 +268,8 @@ pub(super) async fn write_loop(
             }
             continue;
         }
-        // Flushing matters for message-based transports (WebSocket); on TCP it is free.
-        let written = async {
-            socket.write_all(&writer.buf).await?;
-            socket.flush().await
-        };
-        match tokio::time::timeout(stall, written).await {
-            Ok(Ok(())) => writer.buf.clear(),
+        match tokio::time::timeout(stall, writer.write(&mut socket)).await {
+            Ok(Ok(())) => {}
             Ok(Err(err)) => {
                 tracing::debug!(%err, "write failed");
                 break;
@@ -239,4 +282,28 @@ pub(super) async fn write_loop(
     }
     gone.cancel();
     let _ = socket.shutdown().await;
+}
+
+/// Writes `chunks` in order, many to a `writev`, whatever each call takes.
+async fn write_chunks(socket: &mut (impl AsyncWrite + Unpin), chunks: &[Bytes]) -> io::Result<()> {
+    // The first chunk not wholly written, and how much of it was.
+    let (mut first, mut done) = (0, 0);
+    while first < chunks.len() {
+        let rest = chunks[first + 1..].iter().map(|chunk| &chunk[..]);
+        let slices: Vec<IoSlice<'_>> = std::iter::once(&chunks[first][done..])
+            .chain(rest)
+            .take(MAX_SLICES)
+            .map(IoSlice::new)
+            .collect();
+        let mut written = socket.write_vectored(&slices).await?;
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        while first < chunks.len() && written >= chunks[first].len() - done {
+            written -= chunks[first].len() - done;
+            (first, done) = (first + 1, 0);
+        }
+        done += written;
+    }
+    Ok(())
 }

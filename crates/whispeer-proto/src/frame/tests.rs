@@ -1,5 +1,6 @@
 //! Frame encoding and decoding: round trips, partial input, limits, malformed input.
 
+use bytes::BufMut;
 use proptest::prelude::*;
 
 use super::*;
@@ -82,6 +83,21 @@ fn encode_deliver_matches_the_general_encoder() {
         .encode(&mut general, usize::MAX)
         .unwrap();
     assert_eq!(fast, general);
+}
+
+#[test]
+fn a_deliver_head_and_its_payload_make_the_whole_frame() {
+    let envelope = envelope("a/b", &[7; 300], &[("k", b"v")]);
+    let mut whole = BytesMut::new();
+    Frame::encode_deliver(&mut whole, 3, 2, 9, &envelope, usize::MAX).unwrap();
+    let mut split = BytesMut::new();
+    Frame::encode_deliver_head(&mut split, 3, 2, 9, &envelope, usize::MAX).unwrap();
+    split.extend_from_slice(&envelope.payload);
+    assert_eq!(split, whole);
+    let mut over = BytesMut::from(&b"kept"[..]);
+    let refused = Frame::encode_deliver_head(&mut over, 3, 2, 9, &envelope, 300);
+    assert!(matches!(refused, Err(EncodeError::FrameTooLarge { .. })), "{refused:?}");
+    assert_eq!(&over[..], b"kept", "the payload counts against the limit");
 }
 
 #[test]

@@ -1,0 +1,216 @@
+//! The encoder behind [`Frame::encode`](super::Frame::encode): frames are appended to a
+//! buffer with their length prefix filled in last, and a frame over the peer's limit (or with a
+//! field too long for its length prefix) is removed again, so nothing partial is ever sent.
+
+use bytes::{BufMut, BytesMut};
+
+use super::{Body, EncodeError, Frame, MAX_HEADERS};
+use crate::Envelope;
+
+impl Frame {
+    /// Appends the encoded frame to `dst`, refusing frames over `max_frame_bytes` (the peer's
+    /// limit, as its `Welcome` said). On error nothing is appended.
+    ///
+    /// # Errors
+    /// See [`EncodeError`].
+    pub fn encode(&self, dst: &mut BytesMut, max_frame_bytes: usize) -> Result<(), EncodeError> {
+        let start = dst.len();
+        dst.put_u32(0);
+        dst.put_u8(self.body.type_byte());
+        dst.put_u32(self.correlation);
+        let written = self.encode_body(dst);
+        finish_frame(dst, start, written, max_frame_bytes)
+    }
+
+    /// Appends a `Deliver` frame for `envelope` without cloning it (the server's hot path).
+    ///
+    /// # Errors
+    /// As [`Frame::encode`].
+    pub fn encode_deliver(
+        dst: &mut BytesMut,
+        sub: u32,
+        attempt: u32,
+        offset: u64,
+        envelope: &Envelope,
+        max_frame_bytes: usize,
+    ) -> Result<(), EncodeError> {
+        Self::encode_deliver_head(dst, sub, attempt, offset, envelope, max_frame_bytes)?;
+        dst.put_slice(&envelope.payload);
+        Ok(())
+    }
+
+    /// As [`Frame::encode_deliver`] without the payload's bytes, which the caller sends right
+    /// after what this appended (a large payload then goes out by a vectored write instead of
+    /// being copied). The frame's length and the payload's length prefix count them.
+    ///
+    /// # Errors
+    /// As [`Frame::encode`].
+    pub fn encode_deliver_head(
+        dst: &mut BytesMut,
+        sub: u32,
+        attempt: u32,
+        offset: u64,
+        envelope: &Envelope,
+        max_frame_bytes: usize,
+    ) -> Result<(), EncodeError> {
+        let start = dst.len();
+        dst.put_u32(0);
+        dst.put_u8(0x30);
+        dst.put_u32(0);
+        dst.put_u32(sub);
+        dst.put_u32(attempt);
+        dst.put_u64(offset);
+        let written = put_envelope_head(dst, envelope);
+        let tail = envelope.payload.len();
+        finish_frame_with_tail(dst, start, written, tail, max_frame_bytes)
+    }
+
+    fn encode_body(&self, dst: &mut BytesMut) -> Result<(), EncodeError> {
+        match &self.body {
+            Body::Hello { version, capabilities, name } => {
+                dst.put_u16(*version);
+                dst.put_u32(*capabilities);
+                put_str(dst, name)?;
+            }
+            Body::Welcome {
+                version,
+                capabilities,
+                max_frame_bytes,
+                max_message_bytes,
+                heartbeat_ms,
+                name,
+            } => {
+                dst.put_u16(*version);
+                dst.put_u32(*capabilities);
+                dst.put_u32(*max_frame_bytes);
+                dst.put_u32(*max_message_bytes);
+                dst.put_u32(*heartbeat_ms);
+                put_str(dst, name)?;
+            }
+            Body::Auth { key } => put_bytes32(dst, key),
+            Body::Ok | Body::PubAck | Body::Ping | Body::Pong => {}
+            Body::Subscribe { sub, qos, filter, prefetch, group, start } => {
+                dst.put_u32(*sub);
+                dst.put_u8(qos.to_byte());
+                put_str(dst, filter.as_str())?;
+                dst.put_u32(*prefetch);
+                put_str(dst, group.as_deref().unwrap_or(""))?;
+                let (kind, value) = start.to_wire();
+                dst.put_u8(kind);
+                dst.put_u64(value);
+            }
+            Body::Unsubscribe { sub } => dst.put_u32(*sub),
+            Body::Publish { qos, envelope } => {
+                dst.put_u8(qos.to_byte());
+                put_envelope(dst, envelope)?;
+            }
+            Body::Deliver { sub, attempt, offset, envelope } => {
+                dst.put_u32(*sub);
+                dst.put_u32(*attempt);
+                dst.put_u64(*offset);
+                put_envelope(dst, envelope)?;
+            }
+            Body::Ack { sub, id } => {
+                dst.put_u32(*sub);
+                dst.put_u128(id.0);
+            }
+            Body::Nack { sub, id, requeue } => {
+                dst.put_u32(*sub);
+                dst.put_u128(id.0);
+                dst.put_u8(u8::from(*requeue));
+            }
+            Body::Error { code, message } => {
+                dst.put_u16(code.0);
+                put_str(dst, message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes the length prefix of the frame starting at `start`, or removes the frame on error.
+fn finish_frame(
+    dst: &mut BytesMut,
+    start: usize,
+    written: Result<(), EncodeError>,
+    max_frame_bytes: usize,
+) -> Result<(), EncodeError> {
+    finish_frame_with_tail(dst, start, written, 0, max_frame_bytes)
+}
+
+/// As [`finish_frame`] for a frame whose last `tail` bytes are sent separately.
+fn finish_frame_with_tail(
+    dst: &mut BytesMut,
+    start: usize,
+    written: Result<(), EncodeError>,
+    tail: usize,
+    max_frame_bytes: usize,
+) -> Result<(), EncodeError> {
+    let len = dst.len() - start - 4 + tail;
+    let checked = written.and_then(|()| {
+        u32::try_from(len)
+            .ok()
+            .filter(|_| len <= max_frame_bytes)
+            .ok_or(EncodeError::FrameTooLarge { len, max: max_frame_bytes })
+    });
+    match checked {
+        Ok(len) => {
+            dst[start..start + 4].copy_from_slice(&len.to_be_bytes());
+            Ok(())
+        }
+        Err(err) => {
+            dst.truncate(start);
+            Err(err)
+        }
+    }
+}
+
+fn put_str(dst: &mut BytesMut, text: &str) -> Result<(), EncodeError> {
+    let len =
+        u16::try_from(text.len()).map_err(|_| EncodeError::TextTooLong { len: text.len() })?;
+    dst.put_u16(len);
+    dst.put_slice(text.as_bytes());
+    Ok(())
+}
+
+fn put_bytes32(dst: &mut BytesMut, bytes: &[u8]) {
+    // Frames are limited far below 4 GiB, so a longer field fails the frame length check.
+    dst.put_u32(u32::try_from(bytes.len()).unwrap_or(u32::MAX));
+    dst.put_slice(bytes);
+}
+
+fn put_envelope(dst: &mut BytesMut, envelope: &Envelope) -> Result<(), EncodeError> {
+    put_envelope_head(dst, envelope)?;
+    dst.put_slice(&envelope.payload);
+    Ok(())
+}
+
+/// The envelope up to its payload's length prefix.
+fn put_envelope_head(dst: &mut BytesMut, envelope: &Envelope) -> Result<(), EncodeError> {
+    dst.put_u128(envelope.id.0);
+    dst.put_u64(envelope.timestamp_ms);
+    dst.put_u16(envelope.flags.0);
+    put_str(dst, envelope.topic.as_str())?;
+    let count = envelope.headers.len();
+    let count16 = u16::try_from(count).ok().filter(|c| *c <= MAX_HEADERS);
+    dst.put_u16(count16.ok_or(EncodeError::TooManyHeaders { count })?);
+    for (name, value) in envelope.headers.iter() {
+        put_str(dst, name)?;
+        put_bytes32(dst, value);
+    }
+    // Frames are limited far below 4 GiB, so a longer payload fails the frame length check.
+    dst.put_u32(u32::try_from(envelope.payload.len()).unwrap_or(u32::MAX));
+    Ok(())
+}
+
+impl Envelope {
+    /// Appends the envelope in its wire layout (the layout inside `PUBLISH` and `DELIVER`), for
+    /// carrying one envelope inside another's payload (dead letters) or storing it.
+    ///
+    /// # Errors
+    /// A text field over 65 535 bytes or more than [`MAX_HEADERS`] headers.
+    pub fn encode(&self, dst: &mut BytesMut) -> Result<(), EncodeError> {
+        let start = dst.len();
+        put_envelope(dst, self).inspect_err(|_| dst.truncate(start))
+    }
+}
