@@ -30,8 +30,7 @@ use super::traffic::FlowCache;
 use super::writer::{Outbound, write_loop};
 use crate::bump;
 use whispeer_core::{
-    Acker, Broker, ByteBudget, PublishError, PublishReceipt, SubscribeError, SubscribeOptions,
-    Unconfirmed,
+    Acker, Broker, ByteBudget, PublishError, PublishReceipt, SubscribeOptions, Unconfirmed,
 };
 use whispeer_proto::header::RESPONSE_TOPIC;
 
@@ -117,6 +116,7 @@ pub(super) async fn run<R, W>(
         registered,
         flows: FlowCache::default(),
         principal: (!config.auth_required()).then(Principal::anonymous),
+        allowed: None,
         rate: RateLimit::new(&config),
         greeted: false,
         auth_failures: 0,
@@ -161,6 +161,8 @@ struct Connection {
     greeted: bool,
     /// Who is connected, once authenticated (at once on a server without keys).
     principal: Option<Arc<Principal>>,
+    /// The last topic the principal was allowed to publish to (publishers repeat topics).
+    allowed: Option<Topic>,
     /// The publish budget, when the server limits publishing.
     rate: Option<RateLimit>,
     auth_failures: u32,
@@ -217,6 +219,7 @@ impl Connection {
             if partial_since.is_some_and(|since| since.elapsed() > idle) {
                 return Err(Close::new(ErrorCode::IDLE_TIMEOUT, "frame left incomplete"));
             }
+            self.flows.settle();
             reserve_for_read(&mut buf);
             // Without keys, a connection that says nothing meets the idle timeout, and any
             // frame but HELLO first closes it; with keys, answering pings is not enough.
@@ -275,7 +278,11 @@ impl Connection {
             Body::Hello { .. } => {
                 return Err(Close::new(ErrorCode::PROTOCOL_VIOLATION, "HELLO sent twice"));
             }
-            Body::Ping => self.send(Frame::new(correlation, Body::Pong)).await,
+            Body::Ping => {
+                // Everything before a ping is handled, and counted.
+                self.flows.settle();
+                self.send(Frame::new(correlation, Body::Pong)).await;
+            }
             Body::Pong => {}
             Body::Auth { key } => self.on_auth(correlation, &key).await?,
             Body::Error { code, message } => {
@@ -343,6 +350,7 @@ impl Connection {
             tracing::debug!(principal = %principal.name, "authenticated");
             self.registered.entry.set_principal(&principal.name);
             self.principal = Some(principal);
+            self.allowed = None;
             self.send(Frame::new(correlation, Body::Ok)).await;
             return Ok(());
         }
@@ -413,16 +421,7 @@ impl Connection {
         }
         if !self.admit(envelope.payload.len()) {
             bump(&self.config.access.rate_limited);
-            let per_sec =
-                |limit: Option<u64>, what: &str| limit.map(|n| format!("{n} {what} per second"));
-            let limits: Vec<String> = [
-                per_sec(self.config.max_publish_rate.map(u64::from), "publishes"),
-                per_sec(self.config.max_publish_bytes_rate, "bytes"),
-            ]
-            .into_iter()
-            .flatten()
-            .collect();
-            let message = format!("publish refused: at most {}", limits.join(" and "));
+            let message = RateLimit::refusal(&self.config);
             return self.reply_error(correlation, ErrorCode::LIMIT_REACHED, message).await;
         }
         let retain = Retained::wanted(&envelope).then(|| envelope.clone());
@@ -446,6 +445,9 @@ impl Connection {
         }
         if published.is_ok() {
             self.config.traffic.inbound(&mut self.flows, &topic, bytes);
+            if qos == Qos::AtLeastOnce {
+                self.flows.settle();
+            }
             bump(&self.registered.entry.published);
             if let Some(kept) = retain {
                 self.config.retained.keep(&kept);
@@ -467,8 +469,16 @@ impl Connection {
         self.principal.as_ref().is_some_and(|p| p.permissions.may_join(&p.name, group))
     }
 
-    fn may_publish(&self, topic: &Topic) -> bool {
-        self.principal.as_ref().is_some_and(|p| p.permissions.may_publish(topic))
+    /// Whether the principal may publish to `topic` (the last topic allowed is remembered).
+    fn may_publish(&mut self, topic: &Topic) -> bool {
+        if self.allowed.as_ref() == Some(topic) {
+            return true;
+        }
+        let allowed = self.principal.as_ref().is_some_and(|p| p.permissions.may_publish(topic));
+        if allowed {
+            self.allowed = Some(topic.clone());
+        }
+        allowed
     }
 
     fn welcome(&self) -> Body {
@@ -561,37 +571,6 @@ impl Connection {
     }
 }
 
-fn publish_code(err: &PublishError) -> ErrorCode {
-    match err {
-        PublishError::InvalidTopic(_) | PublishError::ReservedTopic(_) => ErrorCode::INVALID_TOPIC,
-        PublishError::TooLarge { .. } => ErrorCode::TOO_LARGE,
-        PublishError::Rejected { .. } => ErrorCode::REJECTED,
-        PublishError::QueueFull { .. } => ErrorCode::QUEUE_FULL,
-        _ => ErrorCode::INTERNAL,
-    }
-}
+mod codes;
 
-fn subscribe_code(err: &SubscribeError) -> ErrorCode {
-    match err {
-        SubscribeError::InvalidFilter(_) => ErrorCode::INVALID_TOPIC,
-        SubscribeError::Rejected { .. } => ErrorCode::REJECTED,
-        SubscribeError::InvalidCapacity { .. } | SubscribeError::InvalidPrefetch { .. } => {
-            ErrorCode::LIMIT_REACHED
-        }
-        SubscribeError::InvalidGroup { .. }
-        | SubscribeError::GroupMismatch { .. }
-        | SubscribeError::InvalidStart { .. } => ErrorCode::REJECTED,
-        SubscribeError::OffsetEvicted { .. } => ErrorCode::OFFSET_EVICTED,
-        _ => ErrorCode::INTERNAL,
-    }
-}
-
-fn frame_name(body: &Body) -> &'static str {
-    match body {
-        Body::Welcome { .. } => "WELCOME",
-        Body::Ok => "OK",
-        Body::PubAck => "PUBACK",
-        Body::Deliver { .. } => "DELIVER",
-        _ => "this frame",
-    }
-}
+use codes::{frame_name, publish_code, subscribe_code};

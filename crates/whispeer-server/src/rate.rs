@@ -23,6 +23,20 @@ impl RateLimit {
         })
     }
 
+    /// What a publisher over its budget is told.
+    pub(super) fn refusal(config: &ServerConfig) -> String {
+        let per_sec =
+            |limit: Option<u64>, what: &str| limit.map(|n| format!("{n} {what} per second"));
+        let limits: Vec<String> = [
+            per_sec(config.max_publish_rate.map(u64::from), "publishes"),
+            per_sec(config.max_publish_bytes_rate, "bytes"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        format!("publish refused: at most {}", limits.join(" and "))
+    }
+
     /// Takes one publish of `len` bytes from the budget; `false` if it does not fit.
     pub(super) fn admit(&mut self, len: usize) -> bool {
         let elapsed = self.last.elapsed().as_secs_f64();

@@ -27,14 +27,14 @@ struct Flow {
 }
 
 impl Flow {
-    fn add(&self, inbound: bool, bytes: usize) {
+    fn add(&self, inbound: bool, count: u64, bytes: u64) {
         let (messages, total) = if inbound {
             (&self.messages_in, &self.bytes_in)
         } else {
             (&self.messages_out, &self.bytes_out)
         };
-        messages.fetch_add(1, Ordering::Relaxed);
-        total.fetch_add(bytes as u64, Ordering::Relaxed);
+        messages.fetch_add(count, Ordering::Relaxed);
+        total.fetch_add(bytes, Ordering::Relaxed);
     }
 
     fn snapshot(&self) -> FlowStats {
@@ -84,11 +84,38 @@ impl Default for Traffic {
     }
 }
 
-/// The last topic a connection counted, with its counters: consecutive messages on one topic
-/// (the usual case) skip the shared map's lock and hash. Topics are never removed from the map,
-/// so a cached entry stays the one the map holds.
+/// The last topic one side of a connection (its reader or its writer) counted, with its
+/// counters: consecutive messages on one topic (the usual case) skip the shared map's lock and
+/// hash, and are added up here until [`FlowCache::settle`] (after each read or write, on a
+/// flush, when the topic changes, when dropped), so the shared counters are touched once a
+/// batch rather than once a message. Topics are never removed from the map, so a cached entry
+/// stays the one the map holds.
 #[derive(Debug, Default)]
-pub(crate) struct FlowCache(Option<(Topic, Arc<TopicFlow>)>);
+pub(crate) struct FlowCache {
+    entry: Option<(Topic, Arc<TopicFlow>)>,
+    inbound: bool,
+    messages: u64,
+    bytes: u64,
+}
+
+impl FlowCache {
+    /// Adds what was counted since the last settle to the shared counters.
+    pub(crate) fn settle(&mut self) {
+        if let Some((_, entry)) = &self.entry
+            && self.messages > 0
+        {
+            entry.flow.add(self.inbound, self.messages, self.bytes);
+            entry.class.add(self.inbound, self.messages, self.bytes);
+        }
+        (self.messages, self.bytes) = (0, 0);
+    }
+}
+
+impl Drop for FlowCache {
+    fn drop(&mut self) {
+        self.settle();
+    }
+}
 
 impl Traffic {
     /// Counts at most `max_topics` distinct topics one by one.
@@ -112,24 +139,26 @@ impl Traffic {
     }
 
     fn count(&self, cache: &mut FlowCache, topic: &Topic, inbound: bool, bytes: usize) {
-        if let Some((cached, entry)) = &cache.0
+        let bytes = bytes as u64;
+        if let Some((cached, _)) = &cache.entry
             && cached == topic
+            && cache.inbound == inbound
         {
-            entry.flow.add(inbound, bytes);
-            entry.class.add(inbound, bytes);
+            cache.messages += 1;
+            cache.bytes += bytes;
             return;
         }
+        cache.settle();
         let known = self.topics.read().unwrap_or_else(PoisonError::into_inner).get(topic).cloned();
         let entry = known.or_else(|| self.track(topic));
         match entry {
             Some(entry) => {
-                entry.flow.add(inbound, bytes);
-                entry.class.add(inbound, bytes);
-                cache.0 = Some((topic.clone(), entry));
+                cache.entry = Some((topic.clone(), entry));
+                (cache.inbound, cache.messages, cache.bytes) = (inbound, 1, bytes);
             }
             None => {
                 self.untracked.fetch_add(1, Ordering::Relaxed);
-                self.class(topic).add(inbound, bytes);
+                self.class(topic).add(inbound, 1, bytes);
             }
         }
     }
@@ -225,6 +254,13 @@ mod tests {
         let mut other = FlowCache::default();
         traffic.outbound(&mut other, &topic("sensor/1/t"), 1);
         traffic.outbound(&mut cache, &topic("sensor/2/t"), 1);
+        // Counts wait in the cache until settled (or dropped).
+        let out = |name: &str| {
+            traffic.topics().iter().find(|t| t.0.as_str() == name).map(|t| t.1.messages_out)
+        };
+        assert_eq!(out("sensor/2/t"), Some(0));
+        cache.settle();
+        drop(other);
         let topics = traffic.topics();
         let flow = |name: &str| topics.iter().find(|t| t.0.as_str() == name).unwrap().1;
         assert_eq!((flow("sensor/1/t").messages_out, flow("sensor/2/t").messages_out), (3, 1));

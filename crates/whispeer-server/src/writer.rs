@@ -163,6 +163,8 @@ impl Writer {
     /// Writes everything pending and flushes (which matters for message-based transports,
     /// WebSocket; on TCP it is free).
     async fn write(&mut self, socket: &mut (impl AsyncWrite + Unpin)) -> io::Result<()> {
+        // Counted before the client can have it, so whoever it tells finds it counted.
+        self.flows.settle();
         if self.chunks.is_empty() {
             socket.write_all(&self.buf).await?;
         } else {
