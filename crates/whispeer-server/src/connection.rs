@@ -189,6 +189,15 @@ impl Connection {
             let mut progressed = false;
             loop {
                 match Frame::decode_cached(&mut buf, limits, &mut topics) {
+                    // The common case without a trip through `handle`.
+                    Ok(Some(Frame { correlation, body: Body::Publish { qos, envelope } }))
+                        if self.greeted && self.principal.is_some() =>
+                    {
+                        progressed = true;
+                        if let Some(reply) = self.publish(correlation, qos, envelope) {
+                            self.send(reply).await;
+                        }
+                    }
                     Ok(Some(frame)) => {
                         progressed = true;
                         self.handle(frame).await?;
@@ -302,7 +311,11 @@ impl Connection {
                 self.on_subscribe(correlation, sub, qos, filter, prefetch, group, start).await;
             }
             Body::Unsubscribe { sub } => self.on_unsubscribe(correlation, sub).await,
-            Body::Publish { qos, envelope } => self.on_publish(correlation, qos, envelope).await,
+            Body::Publish { qos, envelope } => {
+                if let Some(reply) = self.publish(correlation, qos, envelope) {
+                    self.send(reply).await;
+                }
+            }
             // An ack for a message no longer in flight (acked twice, or after it timed out and
             // went to another member) settles nothing, and is not an error.
             Body::Ack { sub, id } => {
@@ -412,23 +425,25 @@ impl Connection {
     }
 
     /// PUBLISH, once the principal may write the topic and the rate limit allows it.
-    async fn on_publish(&mut self, correlation: u32, qos: Qos, envelope: Envelope) {
+    /// Publishes; returns the reply to send now, if any. Not `async`: a publish is the
+    /// frame a connection sees most, and an `async fn` this size costs a copy of its state.
+    fn publish(&mut self, correlation: u32, qos: Qos, envelope: Envelope) -> Option<Frame> {
         // A reserved topic is refused as such by the broker, whoever publishes.
         if !envelope.topic.is_reserved() && !self.may_publish(&envelope.topic) {
             bump(&self.config.access.denied_publish);
             let message = format!("not allowed to publish to {}", envelope.topic);
-            return self.reply_error(correlation, ErrorCode::FORBIDDEN, message).await;
+            return Some(error_frame(correlation, ErrorCode::FORBIDDEN, message));
         }
         if !self.admit(envelope.payload.len()) {
             bump(&self.config.access.rate_limited);
             let message = RateLimit::refusal(&self.config);
-            return self.reply_error(correlation, ErrorCode::LIMIT_REACHED, message).await;
+            return Some(error_frame(correlation, ErrorCode::LIMIT_REACHED, message));
         }
         let retain = Retained::wanted(&envelope).then(|| envelope.clone());
         if let Some(kept) = &retain {
             let (max, bytes) = (self.config.max_retained, self.config.max_retained_bytes);
             if let Err(Full(message)) = self.config.retained.admit(kept, max, bytes) {
-                return self.reply_error(correlation, ErrorCode::LIMIT_REACHED, message).await;
+                return Some(error_frame(correlation, ErrorCode::LIMIT_REACHED, message));
             }
         }
         let (topic, bytes) = (envelope.topic.clone(), envelope.payload.len());
@@ -441,7 +456,7 @@ impl Connection {
             && !receipt.is_durable_pending()
         {
             let message = format!("nothing subscribes to {topic}");
-            return self.reply_error(correlation, ErrorCode::NO_RESPONDERS, message).await;
+            return Some(error_frame(correlation, ErrorCode::NO_RESPONDERS, message));
         }
         if published.is_ok() {
             self.config.traffic.inbound(&mut self.flows, &topic, bytes);
@@ -453,7 +468,7 @@ impl Connection {
                 self.config.retained.keep(&kept);
             }
         }
-        self.published(correlation, qos, published).await;
+        self.published(correlation, qos, published)
     }
 
     /// Whether a publish of `len` bytes fits the connection's budget (and takes it).
@@ -495,12 +510,12 @@ impl Connection {
     }
 
     /// Replies to a publish: PUBACK for QoS 1 (once durable, for a durable topic), or why not.
-    async fn published(
+    fn published(
         &mut self,
         correlation: u32,
         qos: Qos,
         published: Result<PublishReceipt, PublishError>,
-    ) {
+    ) -> Option<Frame> {
         match published {
             Ok(receipt) if qos == Qos::AtLeastOnce && receipt.is_durable_pending() => {
                 // PUBACK once the record is durable; meanwhile the connection goes on, so
@@ -519,12 +534,11 @@ impl Connection {
                     };
                     let _ = tx.send(Outbound::Frame(Frame::new(correlation, reply))).await;
                 });
+                None
             }
-            Ok(_) if qos == Qos::AtLeastOnce => {
-                self.send(Frame::new(correlation, Body::PubAck)).await
-            }
-            Ok(_) => {}
-            Err(err) => self.reply_error(correlation, publish_code(&err), err.to_string()).await,
+            Ok(_) if qos == Qos::AtLeastOnce => Some(Frame::new(correlation, Body::PubAck)),
+            Ok(_) => None,
+            Err(err) => Some(error_frame(correlation, publish_code(&err), err.to_string())),
         }
     }
 
