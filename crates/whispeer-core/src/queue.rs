@@ -195,8 +195,9 @@ pub(crate) struct Queue {
     pub(crate) filter: Filter,
     /// The queue group's name, for a group's queue.
     pub(crate) group: Option<Box<str>>,
-    /// Grows and shrinks in blocks as messages come and go: an idle queue holds no slots.
-    items: SegQueue<Message>,
+    /// Grows and shrinks in blocks as messages come and go, made at the first message: a queue
+    /// that never held one holds no slots (and not the queue's two cache-line-padded ends).
+    items: OnceLock<Box<SegQueue<Message>>>,
     /// Most messages queued at once.
     capacity: usize,
     /// The queued messages: their count in the bits from `COUNT_SHIFT` up, their bytes (see
@@ -206,7 +207,8 @@ pub(crate) struct Queue {
     budget: Option<ByteBudget>,
     /// For a replaying subscription: per retained topic, the first offset to take from the
     /// queue; earlier ones were replayed from history.
-    replay_from: OnceLock<HashMap<Topic, u64>>,
+    #[expect(clippy::box_collection, reason = "one pointer where most queues have none")]
+    replay_from: OnceLock<Box<HashMap<Topic, u64>>>,
     waker: Wakers,
     closed: AtomicBool,
     policy: SlowConsumer,
@@ -226,7 +228,7 @@ impl Queue {
         Self {
             filter,
             group: None,
-            items: SegQueue::new(),
+            items: OnceLock::new(),
             capacity,
             load: AtomicU64::new(0),
             max_bytes,
@@ -249,7 +251,7 @@ impl Queue {
     /// Drops, from now on, queued messages of these topics below these offsets: the
     /// subscription replays them from history instead.
     pub(crate) fn set_replay_from(&self, live_from: HashMap<Topic, u64>) {
-        let _ = self.replay_from.set(live_from);
+        let _ = self.replay_from.set(Box::new(live_from));
     }
 
     /// Whether `message` was replayed from history already.
@@ -277,7 +279,7 @@ impl Queue {
             SlowConsumer::DropOldest => {
                 let mut dropped = 0;
                 while self.is_full(weight) {
-                    let Some(oldest) = self.items.pop() else { break };
+                    let Some(oldest) = self.take() else { break };
                     self.release(&oldest);
                     dropped += 1;
                 }
@@ -285,14 +287,14 @@ impl Queue {
                     self.counters.dropped_oldest.fetch_add(dropped, Ordering::Relaxed);
                 }
                 self.charge(weight);
-                self.items.push(message);
+                self.put(message);
                 if dropped > 0 { Pushed::DroppedOldest(dropped) } else { Pushed::Queued }
             }
             policy => {
                 let refused = self.is_full(weight);
                 if !refused {
                     self.charge(weight);
-                    self.items.push(message);
+                    self.put(message);
                 }
                 if refused {
                     return match policy {
@@ -374,13 +376,21 @@ impl Queue {
 
     /// Pops the next message not replayed already.
     fn pop(&self) -> Option<Message> {
-        while let Some(message) = self.items.pop() {
+        while let Some(message) = self.take() {
             let message = self.received(message);
             if !self.replayed(&message) {
                 return Some(message);
             }
         }
         None
+    }
+
+    fn put(&self, message: Message) {
+        self.items.get_or_init(|| Box::new(SegQueue::new())).push(message);
+    }
+
+    fn take(&self) -> Option<Message> {
+        self.items.get()?.pop()
     }
 
     fn received(&self, message: Message) -> Message {

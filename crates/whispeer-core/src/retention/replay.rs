@@ -35,9 +35,12 @@ pub(crate) struct StoredRange {
     pub(crate) end: u64,
 }
 
-/// The history a subscription delivers before its queue; see the module documentation.
-#[derive(Default)]
-pub(crate) struct Replay {
+/// The history a subscription delivers before its queue; see the module documentation. Most
+/// subscriptions have none: then this is one empty pointer.
+#[derive(Debug, Default)]
+pub(crate) struct Replay(Option<Box<Pending>>);
+
+struct Pending {
     store: Option<Arc<dyn Store>>,
     engines: Option<Arc<Engines>>,
     ranges: VecDeque<StoredRange>,
@@ -47,7 +50,7 @@ pub(crate) struct Replay {
     tail: Vec<Message>,
 }
 
-impl std::fmt::Debug for Replay {
+impl std::fmt::Debug for Pending {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Replay")
             .field("ranges", &self.ranges)
@@ -64,17 +67,36 @@ impl Replay {
         ranges: Vec<StoredRange>,
         tail: Vec<Message>,
     ) -> Self {
-        let ranges = ranges.into_iter().filter(|r| r.next < r.end).collect();
-        Self { store, engines, ranges, page: VecDeque::new(), tail }
+        let ranges: VecDeque<StoredRange> = ranges.into_iter().filter(|r| r.next < r.end).collect();
+        if ranges.is_empty() && tail.is_empty() {
+            return Self::default();
+        }
+        Self(Some(Box::new(Pending { store, engines, ranges, page: VecDeque::new(), tail })))
     }
 
     /// Whether nothing is left to deliver.
     pub(crate) fn is_empty(&self) -> bool {
+        self.0.as_ref().is_none_or(|pending| pending.is_empty())
+    }
+
+    /// The next message, reading the next page from the store when the last one is delivered;
+    /// the history is let go once delivered.
+    pub(crate) fn pop(&mut self) -> Option<Message> {
+        let pending = self.0.as_mut()?;
+        let next = pending.pop();
+        if next.is_none() {
+            self.0 = None;
+        }
+        next
+    }
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
         self.page.is_empty() && self.ranges.is_empty() && self.tail.is_empty()
     }
 
-    /// The next message, reading the next page from the store when the last one is delivered.
-    pub(crate) fn pop(&mut self) -> Option<Message> {
+    fn pop(&mut self) -> Option<Message> {
         loop {
             if let Some(message) = self.page.pop_front() {
                 return Some(message);
