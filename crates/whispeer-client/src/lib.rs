@@ -28,8 +28,8 @@ mod request;
 mod subscription;
 mod transport;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -56,7 +56,7 @@ pub use whispeer_proto::{Qos, StartAt};
 
 use connection::Buffer;
 use connection::{Command, SubSpec};
-use subscription::Parts;
+use subscription::{Decode, Parts};
 
 /// Why a client operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -208,6 +208,9 @@ struct Shared {
     subscription_max_bytes: usize,
     /// Where replies to this client's requests arrive (made on the first request).
     inbox: tokio::sync::OnceCell<Arc<request::Inbox>>,
+    /// The topic published to last: publishers repeat topics, and a repeated one is shared
+    /// rather than checked and allocated again.
+    last_topic: std::sync::Mutex<Option<Topic>>,
 }
 
 /// A connection to a whispeer server. Cheap to clone; the connection closes when every clone
@@ -251,6 +254,7 @@ impl Client {
             subscription_capacity: options.subscription_capacity,
             subscription_max_bytes: options.subscription_max_bytes,
             inbox: tokio::sync::OnceCell::new(),
+            last_topic: std::sync::Mutex::new(None),
         });
         let (commands, rx) = mpsc::channel(options.command_queue);
         let (settles, settled) = mpsc::unbounded_channel();
@@ -284,7 +288,7 @@ impl Client {
         plaintext: Bytes,
         headers: Headers,
     ) -> Result<Envelope, ClientError> {
-        let topic = Topic::parse(topic)?;
+        let topic = self.topic(topic)?;
         if plaintext.len() > self.shared.max_message_bytes {
             return Err(ClientError::TooLarge {
                 len: plaintext.len(),
@@ -300,6 +304,19 @@ impl Client {
         let mut envelope = Envelope::new(id, topic, timestamp_ms, flags, payload);
         envelope.headers = headers;
         Ok(envelope)
+    }
+
+    /// `text` as a topic: the last one when it is the same, else parsed (and remembered).
+    fn topic(&self, text: &str) -> Result<Topic, ClientError> {
+        let mut last = self.shared.last_topic.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(topic) = &*last
+            && topic.as_str() == text
+        {
+            return Ok(topic.clone());
+        }
+        let topic = Topic::parse(text)?;
+        *last = Some(topic.clone());
+        Ok(topic)
     }
 
     async fn send(&self, command: Command) -> Result<(), ClientError> {
@@ -451,7 +468,7 @@ impl Client {
         options: impl Into<SubscribeOptions>,
     ) -> Result<ClientSubscription<T>, ClientError> {
         let parts = self.open_subscription(options.into()).await?;
-        Ok(ClientSubscription::new(parts, |d| d.decode()))
+        Ok(ClientSubscription::new(parts, Decode::Value(|d| d.decode())))
     }
 
     /// Subscribes to a filter (or [`SubscribeOptions`]), receiving [`Delivery`]s (topic, id,
@@ -464,7 +481,7 @@ impl Client {
         options: impl Into<SubscribeOptions>,
     ) -> Result<ClientSubscription<Delivery>, ClientError> {
         let parts = self.open_subscription(options.into()).await?;
-        Ok(ClientSubscription::new(parts, |d| Ok(d.clone())))
+        Ok(ClientSubscription::new(parts, Decode::Itself(|d| d)))
     }
 
     /// Waits until everything sent before this call has reached the server and been handled.

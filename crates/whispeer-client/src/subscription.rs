@@ -154,12 +154,20 @@ pub struct ClientSubscription<T> {
     commands: mpsc::Sender<Command>,
     settles: Option<mpsc::UnboundedSender<Settle>>,
     engines: Arc<Engines>,
-    decode: fn(&Delivery) -> Result<T, ReceiveError>,
+    decode: Decode<T>,
     stats: SubscriptionStats,
     buffer: Arc<Buffer>,
 }
 
 /// What a client subscription is made of.
+/// How a subscription makes its items from deliveries.
+pub(crate) enum Decode<T> {
+    /// Decoded (or opened) from the delivery, which stays for acknowledging.
+    Value(fn(&Delivery) -> Result<T, ReceiveError>),
+    /// The delivery itself (`T` is [`Delivery`]).
+    Itself(fn(Delivery) -> T),
+}
+
 pub(crate) struct Parts {
     pub(crate) sub: u32,
     pub(crate) deliveries: mpsc::Receiver<Incoming>,
@@ -180,7 +188,7 @@ impl<T> fmt::Debug for ClientSubscription<T> {
 }
 
 impl<T> ClientSubscription<T> {
-    pub(crate) fn new(parts: Parts, decode: fn(&Delivery) -> Result<T, ReceiveError>) -> Self {
+    pub(crate) fn new(parts: Parts, decode: Decode<T>) -> Self {
         let Parts { sub, deliveries, commands, settles, engines, buffer } = parts;
         let stats = SubscriptionStats::default();
         Self { sub, deliveries, commands, settles, engines, decode, stats, buffer }
@@ -216,6 +224,15 @@ impl<T> ClientSubscription<T> {
     }
 
     fn poll_acked(&mut self, cx: &mut Context<'_>) -> Poll<Option<T>> {
+        if let Decode::Itself(itself) = self.decode {
+            // The delivery is the item: acked and handed over, not copied.
+            return self.poll_delivery(cx).map(|next| {
+                next.map(|delivery| {
+                    delivery.ack();
+                    itself(delivery)
+                })
+            });
+        }
         self.poll_decoded(cx).map(|next| {
             next.map(|(value, delivery)| {
                 delivery.ack();
@@ -224,21 +241,32 @@ impl<T> ClientSubscription<T> {
         })
     }
 
+    /// The next delivery as it came.
+    fn poll_delivery(&mut self, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
+        let Some(incoming) = std::task::ready!(self.deliveries.poll_recv(cx)) else {
+            return Poll::Ready(None);
+        };
+        self.buffer.release(Buffer::weight(&incoming));
+        let ack_to = self.settles.clone().map(|settles| AckTo { sub: self.sub, settles });
+        Poll::Ready(Some(Delivery {
+            envelope: incoming.envelope,
+            engines: Arc::clone(&self.engines),
+            attempt: incoming.attempt,
+            offset: incoming.offset,
+            ack_to,
+        }))
+    }
+
     fn poll_decoded(&mut self, cx: &mut Context<'_>) -> Poll<Option<(T, Delivery)>> {
         loop {
-            let Some(incoming) = std::task::ready!(self.deliveries.poll_recv(cx)) else {
+            let Some(delivery) = std::task::ready!(self.poll_delivery(cx)) else {
                 return Poll::Ready(None);
             };
-            self.buffer.release(Buffer::weight(&incoming));
-            let ack_to = self.settles.clone().map(|settles| AckTo { sub: self.sub, settles });
-            let delivery = Delivery {
-                envelope: incoming.envelope,
-                engines: Arc::clone(&self.engines),
-                attempt: incoming.attempt,
-                offset: incoming.offset,
-                ack_to,
+            let decoded = match self.decode {
+                Decode::Value(decode) => decode(&delivery),
+                Decode::Itself(itself) => Ok(itself(delivery.clone())),
             };
-            match (self.decode)(&delivery) {
+            match decoded {
                 Ok(value) => return Poll::Ready(Some((value, delivery))),
                 Err(err) => {
                     match err {
