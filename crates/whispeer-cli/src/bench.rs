@@ -19,6 +19,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use whispeer_client::{Client, ClientOptions, ClientSubscription, Delivery};
 
 mod chat;
+mod durable;
 mod qos1;
 mod raw;
 mod stats;
@@ -113,6 +114,8 @@ pub(crate) struct BenchArgs {
     cluster_pids: Vec<u32>,
     #[command(flatten)]
     chat: chat::ChatBenchArgs,
+    #[command(flatten)]
+    durable: durable::DurableBenchArgs,
 }
 
 /// One system under test: how to connect.
@@ -515,6 +518,9 @@ pub(crate) fn run(args: BenchArgs) -> std::process::ExitCode {
             Target::Whispeer { addr: args.server.clone(), api_key: args.api_key.clone() };
         if let Some(url) = &args.chat.chat {
             return chat::run(url, &args.chat, args.server_pid).await;
+        }
+        if !args.durable.durable.is_empty() || args.durable.durable_redis.is_some() {
+            return durable::run(&args.durable, args.api_key.as_deref()).await;
         }
         if let Some(addr) = &args.serve_forwarder {
             let listener = tokio::net::TcpListener::bind(addr.as_str()).await?;

@@ -29,9 +29,7 @@ use super::retained::{Full, Retained};
 use super::traffic::FlowCache;
 use super::writer::{Outbound, write_loop};
 use crate::bump;
-use whispeer_core::{
-    Acker, Broker, ByteBudget, PublishError, PublishReceipt, SubscribeOptions, Unconfirmed,
-};
+use whispeer_core::{Acker, Broker, ByteBudget, PublishError, PublishReceipt, SubscribeOptions};
 use whispeer_proto::header::RESPONSE_TOPIC;
 
 /// Capability bit in `Welcome`: the server requires `Auth`.
@@ -125,6 +123,7 @@ pub(super) async fn run<R, W>(
         broker,
         config,
         tx,
+        confirmations: Confirmations::default(),
     };
     if let Some(principal) = &connection.principal {
         connection.registered.entry.set_principal(&principal.name);
@@ -158,6 +157,8 @@ struct Connection {
     broker: Broker,
     config: Arc<ServerConfig>,
     tx: mpsc::Sender<Outbound>,
+    /// Publishes waiting to be durable (or taken by the cluster) before their PUBACK.
+    confirmations: Confirmations,
     greeted: bool,
     /// Who is connected, once authenticated (at once on a server without keys).
     principal: Option<Arc<Principal>>,
@@ -520,20 +521,7 @@ impl Connection {
             Ok(receipt) if qos == Qos::AtLeastOnce && receipt.is_durable_pending() => {
                 // PUBACK once the record is durable; meanwhile the connection goes on, so
                 // concurrent publishes share one fsync (group commit).
-                let (broker, tx) = (self.broker.clone(), self.tx.clone());
-                tokio::spawn(async move {
-                    let reply = match broker.confirmed(&receipt).await {
-                        Ok(()) => Body::PubAck,
-                        Err(err) => {
-                            let code = match err {
-                                Unconfirmed::Store => ErrorCode::INTERNAL,
-                                _ => ErrorCode::CLUSTER_UNAVAILABLE,
-                            };
-                            Body::Error { code, message: err.to_string() }
-                        }
-                    };
-                    let _ = tx.send(Outbound::Frame(Frame::new(correlation, reply))).await;
-                });
+                self.confirmations.push(&self.broker, &self.tx, correlation, receipt);
                 None
             }
             Ok(_) if qos == Qos::AtLeastOnce => Some(Frame::new(correlation, Body::PubAck)),
@@ -586,5 +574,7 @@ impl Connection {
 }
 
 mod codes;
+mod confirm;
 
 use codes::{frame_name, publish_code, subscribe_code};
+use confirm::Confirmations;

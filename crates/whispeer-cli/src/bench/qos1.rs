@@ -18,7 +18,7 @@ use whispeer_client::{
 /// Publisher tasks in the throughput run, so many publishes await their PUBACK at once.
 const PUBLISHERS: u64 = 64;
 
-async fn connect(addr: &str, api_key: Option<&str>) -> anyhow::Result<Client> {
+pub(super) async fn connect(addr: &str, api_key: Option<&str>) -> anyhow::Result<Client> {
     let mut options = ClientOptions::new(addr);
     options.subscription_capacity = 4096;
     if let Some(key) = api_key {
@@ -58,11 +58,25 @@ pub(super) async fn throughput(
     let publisher = connect(addr, api_key).await?;
     let payload = Bytes::from(vec![b'x'; 128]);
     let start = Instant::now();
+    publish_acked_all(&publisher, topic, &payload, messages, PUBLISHERS).await?;
+    reader.await??;
+    Ok(messages as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Publishes `messages` copies of `payload` at QoS 1 from `in_flight` tasks, each waiting for
+/// its acknowledgement before its next publish.
+pub(super) async fn publish_acked_all(
+    publisher: &Client,
+    topic: &'static str,
+    payload: &Bytes,
+    messages: u64,
+    in_flight: u64,
+) -> anyhow::Result<()> {
     let mut tasks = Vec::new();
-    for p in 0..PUBLISHERS {
+    for p in 0..in_flight {
         let (publisher, payload) = (publisher.clone(), payload.clone());
         tasks.push(tokio::spawn(async move {
-            for _ in (p..messages).step_by(PUBLISHERS as usize) {
+            for _ in (p..messages).step_by(in_flight as usize) {
                 // A full QoS 1 queue refuses the publish instead of dropping: back off, retry.
                 while let Err(err) = publisher.publish_acked_bytes(topic, payload.clone()).await {
                     match err {
@@ -79,8 +93,7 @@ pub(super) async fn throughput(
     for task in tasks {
         task.await??;
     }
-    reader.await??;
-    Ok(messages as f64 / start.elapsed().as_secs_f64())
+    Ok(())
 }
 
 /// Publish-to-delivery latency at a fixed rate with acknowledged publishes: p50, p99, p99.9 µs.

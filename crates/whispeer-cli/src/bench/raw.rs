@@ -221,7 +221,7 @@ impl RawConn {
 }
 
 /// A RESP command: an array of bulk strings.
-fn resp(parts: &[&[u8]]) -> Vec<u8> {
+pub(super) fn resp(parts: &[&[u8]]) -> Vec<u8> {
     let mut out = format!("*{}\r\n", parts.len()).into_bytes();
     for part in parts {
         out.extend_from_slice(format!("${}\r\n", part.len()).as_bytes());

@@ -1,0 +1,178 @@
+//! `whispeer bench --durable LABEL=ADDR`: acknowledged durable publishing beside Redis with
+//! `appendfsync always` and the disk's own group-commit ceiling, in the same run.
+//!
+//! Each figure keeps `IN_FLIGHT` 128-byte publishes unacknowledged from one publisher:
+//! whispeer through the SDK (QoS 1 to `bench/durable`, which the server must make durable with
+//! `fsync = "always"`: `scripts/bench-durable` starts it so), Redis through `XADD` pipelined on
+//! one connection (under `appendfsync always` Redis replies after its fsync), and the disk
+//! through a file this process writes: `IN_FLIGHT` records, one `fdatasync`, and again. Then
+//! the same with one publish in flight: the time of one acknowledged publish beside one
+//! record's write and `fdatasync`.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::Context;
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// `whispeer bench --durable` and its settings.
+#[derive(Debug, clap::Args)]
+pub(crate) struct DurableBenchArgs {
+    /// Measure acknowledged durable publishing instead, on each whispeer server named
+    /// `LABEL=ADDR` (its `bench/#` topics durable, `fsync = "always"`), beside the other
+    /// `--durable-*` systems given.
+    #[arg(long, value_name = "LABEL=ADDR")]
+    pub(super) durable: Vec<String>,
+    /// Durable: a redis-server with `appendonly yes` and `appendfsync always`, through XADD.
+    #[arg(long, value_name = "ADDR")]
+    pub(super) durable_redis: Option<String>,
+    /// Durable: a directory on the same disk, for the disk's own ceiling (records written and
+    /// `fdatasync`ed by this process).
+    #[arg(long, value_name = "DIR")]
+    pub(super) durable_disk: Option<std::path::PathBuf>,
+    /// Durable: acknowledged publishes per system with 64 in flight (and a tenth of them with
+    /// one in flight).
+    #[arg(long, default_value_t = 100_000)]
+    pub(super) durable_messages: u64,
+}
+
+/// Measures every system given and prints one line each: acknowledged publishes per second
+/// with 64 in flight, and microseconds per publish with one in flight.
+pub(super) async fn run(args: &DurableBenchArgs, api_key: Option<&str>) -> anyhow::Result<()> {
+    let (messages, single) = (args.durable_messages, (args.durable_messages / 10).max(100));
+    let mut rows: Vec<(String, f64, f64)> = Vec::new();
+    for named in &args.durable {
+        let (label, addr) = named.split_once('=').context("--durable takes LABEL=ADDR")?;
+        eprintln!("whispeer ({label}): durable publishing …");
+        let many = whispeer(addr, api_key, messages, IN_FLIGHT).await?;
+        let one = whispeer(addr, api_key, single, 1).await?;
+        rows.push((format!("whispeer ({label})"), many, 1e6 / one));
+    }
+    if let Some(addr) = &args.durable_redis {
+        eprintln!("redis (XADD, appendfsync always): durable publishing …");
+        let many = redis(addr, messages, IN_FLIGHT).await?;
+        let one = redis(addr, single, 1).await?;
+        rows.push(("redis (XADD, appendfsync always)".into(), many, 1e6 / one));
+    }
+    if let Some(dir) = &args.durable_disk {
+        eprintln!("disk: records and fdatasync …");
+        let (dir, per) = (dir.clone(), IN_FLIGHT);
+        let many = tokio::task::spawn_blocking({
+            let dir = dir.clone();
+            move || disk(&dir, messages, per)
+        })
+        .await??;
+        let one = tokio::task::spawn_blocking(move || disk(&dir, single, 1)).await??;
+        rows.push((format!("disk ({IN_FLIGHT} records per fdatasync)"), many, 1e6 / one));
+    }
+    println!(
+        "{:<40}{:>22}{:>26}",
+        "128 B durable publish", "acked/s, 64 in flight", "µs each, 1 in flight"
+    );
+    for (name, many, one) in rows {
+        println!("{name:<40}{many:>22.0}{one:>26.1}");
+    }
+    Ok(())
+}
+
+/// Publishes awaiting their acknowledgement at once.
+pub(super) const IN_FLIGHT: u64 = 64;
+const PAYLOAD: usize = 128;
+const TOPIC: &str = "bench/durable";
+
+/// Acknowledged publishes per second with `in_flight` at once, through the SDK.
+pub(super) async fn whispeer(
+    addr: &str,
+    api_key: Option<&str>,
+    messages: u64,
+    in_flight: u64,
+) -> anyhow::Result<f64> {
+    let publisher = super::qos1::connect(addr, api_key).await?;
+    // The topic must be durable, or this measures memory: a subscriber-less QoS 1 publish to a
+    // durable topic is acknowledged once it is on disk.
+    let payload = Bytes::from(vec![b'x'; PAYLOAD]);
+    let start = Instant::now();
+    super::qos1::publish_acked_all(&publisher, TOPIC, &payload, messages, in_flight).await?;
+    Ok(messages as f64 / start.elapsed().as_secs_f64())
+}
+
+/// `XADD`s acknowledged per second with `in_flight` pipelined on one connection.
+pub(super) async fn redis(addr: &str, messages: u64, in_flight: u64) -> anyhow::Result<f64> {
+    let mut stream = TcpStream::connect(addr).await.context("connecting to redis-server")?;
+    stream.set_nodelay(true)?;
+    let payload = vec![b'x'; PAYLOAD];
+    let command = super::raw::resp(&[b"XADD", b"bench:durable", b"*", b"data", &payload]);
+    let start = Instant::now();
+    let (mut sent, mut acked) = (0u64, 0u64);
+    let mut buf = Vec::with_capacity(64 * 1024);
+    let mut chunk = vec![0u8; 64 * 1024];
+    while acked < messages {
+        let room = (in_flight - (sent - acked)).min(messages - sent);
+        if room > 0 {
+            stream.write_all(&command.repeat(room as usize)).await?;
+            sent += room;
+        }
+        let n = stream.read(&mut chunk).await?;
+        anyhow::ensure!(n > 0, "redis-server closed the connection after {acked} replies");
+        buf.extend_from_slice(&chunk[..n]);
+        let (replies, used) = bulk_replies(&buf)?;
+        buf.drain(..used);
+        acked += replies;
+    }
+    Ok(messages as f64 / start.elapsed().as_secs_f64())
+}
+
+/// How many whole bulk-string replies `buf` starts with, and their bytes; an error reply is
+/// an error.
+fn bulk_replies(buf: &[u8]) -> anyhow::Result<(u64, usize)> {
+    let (mut count, mut at) = (0, 0);
+    while let Some(line) = buf[at..].windows(2).position(|w| w == b"\r\n") {
+        let header = &buf[at..at + line];
+        match header.first() {
+            Some(b'$') => {
+                let len: usize = std::str::from_utf8(&header[1..])?.parse()?;
+                let end = at + line + 2 + len + 2;
+                if buf.len() < end {
+                    break;
+                }
+                (count, at) = (count + 1, end);
+            }
+            _ => anyhow::bail!("redis-server replied {}", String::from_utf8_lossy(header)),
+        }
+    }
+    Ok((count, at))
+}
+
+/// Records per second the disk takes when `per_sync` 128-byte records share an `fdatasync`,
+/// written to a file in `dir` (removed afterwards).
+pub(super) fn disk(dir: &Path, records: u64, per_sync: u64) -> anyhow::Result<f64> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join("bench-disk.log");
+    let mut file = std::fs::File::create(&path).context("creating the disk probe's file")?;
+    let batch = vec![b'x'; PAYLOAD * per_sync as usize];
+    let start = Instant::now();
+    for _ in 0..records / per_sync {
+        file.write_all(&batch)?;
+        file.sync_data()?;
+    }
+    let rate = (records / per_sync * per_sync) as f64 / start.elapsed().as_secs_f64();
+    drop(file);
+    std::fs::remove_file(&path)?;
+    Ok(rate)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bulk_replies_are_counted_only_when_whole() {
+        let two = b"$15\r\n1700000000000-0\r\n$15\r\n1700000000000-1\r\n$15\r\n17";
+        assert_eq!(bulk_replies(two).unwrap(), (2, 44));
+        assert_eq!(bulk_replies(b"$15\r\n17000").unwrap(), (0, 0));
+        assert!(bulk_replies(b"-ERR wrong\r\n").is_err());
+    }
+}

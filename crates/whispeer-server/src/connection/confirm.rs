@@ -1,0 +1,80 @@
+//! PUBACKs for publishes that wait on the store (or the cluster): one task per connection takes
+//! them in the order they were published, so a group commit that makes many of them durable
+//! wakes one task, which sends all their PUBACKs, instead of one task per publish.
+//!
+//! The queue is bounded (`PENDING`); past it, a publish gets a task of its own, as before.
+
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
+use whispeer_core::{Broker, PublishReceipt, Unconfirmed};
+use whispeer_proto::{Body, ErrorCode, Frame};
+
+use crate::writer::Outbound;
+
+/// Publishes a connection may have waiting in its confirmation queue.
+const PENDING: usize = 16 * 1024;
+
+type Waiting = (u32, PublishReceipt);
+
+/// A connection's confirmation queue; its task starts with the first publish that waits.
+#[derive(Default)]
+pub(super) struct Confirmations(Option<mpsc::Sender<Waiting>>);
+
+impl Confirmations {
+    /// Sends the PUBACK for `correlation` (or why not) through `out` once `receipt` is
+    /// confirmed, after those queued before it.
+    pub(super) fn push(
+        &mut self,
+        broker: &Broker,
+        out: &mpsc::Sender<Outbound>,
+        correlation: u32,
+        receipt: PublishReceipt,
+    ) {
+        let queue = self.0.get_or_insert_with(|| {
+            let (queue, waiting) = mpsc::channel(PENDING);
+            tokio::spawn(confirm_in_order(broker.clone(), waiting, out.clone()));
+            queue
+        });
+        match queue.try_send((correlation, receipt)) {
+            Ok(()) => {}
+            Err(
+                TrySendError::Full((correlation, receipt))
+                | TrySendError::Closed((correlation, receipt)),
+            ) => {
+                let (broker, out) = (broker.clone(), out.clone());
+                tokio::spawn(async move {
+                    let reply = reply(&broker, correlation, &receipt).await;
+                    let _ = out.send(Outbound::Frame(reply)).await;
+                });
+            }
+        }
+    }
+}
+
+async fn confirm_in_order(
+    broker: Broker,
+    mut waiting: mpsc::Receiver<Waiting>,
+    out: mpsc::Sender<Outbound>,
+) {
+    while let Some((correlation, receipt)) = waiting.recv().await {
+        let reply = reply(&broker, correlation, &receipt).await;
+        if out.send(Outbound::Frame(reply)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// PUBACK once `receipt` is confirmed, or the error that says why it was not.
+async fn reply(broker: &Broker, correlation: u32, receipt: &PublishReceipt) -> Frame {
+    let body = match broker.confirmed(receipt).await {
+        Ok(()) => Body::PubAck,
+        Err(err) => {
+            let code = match err {
+                Unconfirmed::Store => ErrorCode::INTERNAL,
+                _ => ErrorCode::CLUSTER_UNAVAILABLE,
+            };
+            Body::Error { code, message: err.to_string() }
+        }
+    };
+    Frame::new(correlation, body)
+}
