@@ -1,5 +1,7 @@
 //! The figures `whispeer bench` derives: latency percentiles and processes' CPU time.
 
+use super::{BenchArgs, Target};
+
 /// p50, p99 and p99.9 of nanosecond samples, in microseconds.
 pub(super) fn percentiles(mut samples: Vec<u64>) -> [f64; 3] {
     samples.sort_unstable();
@@ -21,4 +23,19 @@ pub(super) fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
     Some((ticks(11)? + ticks(12)?) / 100.0)
+}
+
+/// The pid of the process behind `target`, as given on the command line.
+pub(super) fn pid_of(target: &Target, args: &BenchArgs) -> Option<u32> {
+    match target {
+        Target::Whispeer { .. } => args.server_pid,
+        Target::Cluster { .. } => None,
+        #[cfg(feature = "nats")]
+        Target::Nats { .. } => args.nats_pid,
+        Target::NatsRaw { .. } => args.nats_pid,
+        Target::RedisRaw { .. } => args.redis_pid,
+        Target::Forwarder { .. } => args.forwarder_pid,
+        Target::Mqtt { mosquitto: false, .. } => args.server_pid,
+        Target::Mqtt { mosquitto: true, .. } => args.mosquitto_pid,
+    }
 }
