@@ -32,8 +32,8 @@ use whispeer_proto::{Body, Frame, StartAt, TopicCache, reserve_for_read};
 use handshake::handshake;
 pub(crate) use handshake::{Established, connect_any};
 pub(crate) use outbox::Outbox;
+use subs::Sub;
 pub(crate) use subs::{Buffer, Incoming, Settle, SubSpec};
-use subs::{RecentIds, Sub};
 
 use crate::transport::Writer;
 use crate::{ClientError, ClientOptions};
@@ -47,7 +47,6 @@ const BATCH: usize = 256;
 pub(crate) enum Command {
     Subscribe {
         spec: SubSpec,
-        deliver: mpsc::Sender<Incoming>,
         buffer: Arc<Buffer>,
         reply: oneshot::Sender<Result<u32, ClientError>>,
     },
@@ -100,6 +99,8 @@ pub(crate) struct Actor {
     settles: mpsc::UnboundedReceiver<Settle>,
     outbox: Arc<Outbox>,
     subscriptions: HashMap<u32, Sub>,
+    /// Subscriptions with deliveries staged in the current read.
+    staged: Vec<u32>,
     pending: HashMap<u32, Pending>,
     next_sub: u32,
     next_correlation: u32,
@@ -120,6 +121,7 @@ impl Actor {
             settles,
             outbox,
             subscriptions: HashMap::new(),
+            staged: Vec::new(),
             pending: HashMap::new(),
             next_sub: 1,
             next_correlation: 100,
@@ -254,6 +256,7 @@ impl Actor {
                     return Ended::Lost(err);
                 }
             }
+            self.hand_over(&mut out, max_frame_bytes);
             reserve_for_read(&mut inbound);
             // Biased: take what is ready to read, then every queued command, and write only
             // when no command is waiting, so one write carries as many frames as possible.
@@ -320,17 +323,14 @@ impl Actor {
     /// Encodes a command; returns whether it asks to close.
     fn command(&mut self, command: Command, out: &mut BytesMut, max: usize) -> bool {
         match command {
-            Command::Subscribe { spec, deliver, buffer, reply } => {
+            Command::Subscribe { spec, buffer, reply } => {
                 let sub = self.next_sub;
                 self.next_sub = self.next_sub.wrapping_add(1);
                 let correlation = self.correlation();
                 let frame = Frame::new(correlation, spec.frame(sub));
                 match encode(&frame, out, max) {
                     Ok(()) => {
-                        let acked = RecentIds::default();
-                        let last_offset = None;
-                        let entry = Sub { spec, deliver, acked, buffer, last_offset };
-                        self.subscriptions.insert(sub, entry);
+                        self.subscriptions.insert(sub, Sub::new(spec, buffer));
                         self.pending.insert(correlation, Pending::Subscribed { sub, reply });
                     }
                     Err(err) => {
@@ -360,6 +360,23 @@ impl Actor {
             Command::Close => return true,
         }
         false
+    }
+
+    /// Hands the deliveries of the last read to their subscriptions, one hand-over (and one
+    /// wake-up) each; a subscription that was dropped is unsubscribed.
+    fn hand_over(&mut self, out: &mut BytesMut, max: usize) {
+        let mut gone = Vec::new();
+        for sub in self.staged.drain(..) {
+            let Some(subscription) = self.subscriptions.get_mut(&sub) else { continue };
+            if subscription.buffer.receiver_gone.load(Ordering::Acquire) {
+                gone.push(sub);
+                continue;
+            }
+            subscription.buffer.put_all(&mut subscription.staged);
+        }
+        for sub in gone {
+            self.unsubscribe(sub, out, max);
+        }
     }
 
     fn unsubscribe(&mut self, sub: u32, out: &mut BytesMut, max: usize) {
@@ -409,24 +426,17 @@ impl Actor {
                     return encode(&Frame::new(0, Body::Ack { sub, id: envelope.id }), out, max);
                 }
                 let incoming = Incoming { envelope, attempt, offset };
-                let weight = Buffer::weight(&incoming);
                 // Under QoS 1 a dropped message stays unacknowledged and comes again after its
                 // timeout.
-                if !subscription.buffer.admit(weight) {
+                if !subscription.buffer.admit(Buffer::weight(&incoming)) {
                     let id = incoming.envelope.id;
-                    tracing::warn!(sub, %id, "subscription buffer full (bytes); message dropped");
+                    tracing::warn!(sub, %id, "subscription buffer full; message dropped");
                     return Ok(());
                 }
-                match subscription.deliver.try_send(incoming) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(incoming)) => {
-                        subscription.buffer.release(weight);
-                        subscription.buffer.count_drop();
-                        let id = incoming.envelope.id;
-                        tracing::warn!(sub, %id, "subscription buffer full; message dropped");
-                    }
-                    Err(mpsc::error::TrySendError::Closed(_)) => self.unsubscribe(sub, out, max),
+                if subscription.staged.is_empty() {
+                    self.staged.push(sub);
                 }
+                subscription.staged.push(incoming);
             }
             Body::Ping => encode(&Frame::new(correlation, Body::Pong), out, max)?,
             Body::Ok | Body::PubAck | Body::Pong => match self.pending.remove(&correlation) {

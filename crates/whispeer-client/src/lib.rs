@@ -441,15 +441,15 @@ impl Client {
     async fn open_subscription(&self, options: SubscribeOptions) -> Result<Parts, ClientError> {
         let SubscribeOptions { filter, qos, prefetch, group, start } = options;
         let spec = SubSpec { filter: Filter::parse(&filter)?, qos, prefetch, group, start };
-        let (deliver, deliveries) = mpsc::channel(self.shared.subscription_capacity);
         let (reply, replied) = oneshot::channel();
-        let buffer = Arc::new(Buffer::new(self.shared.subscription_max_bytes));
+        let (max_bytes, max_count) =
+            (self.shared.subscription_max_bytes, self.shared.subscription_capacity);
+        let buffer = Arc::new(Buffer::new(max_bytes, max_count));
         let shared_buffer = Arc::clone(&buffer);
-        self.send(Command::Subscribe { spec, deliver, buffer: shared_buffer, reply }).await?;
+        self.send(Command::Subscribe { spec, buffer: shared_buffer, reply }).await?;
         let sub = replied.await.map_err(|_| ClientError::Closed)??;
         Ok(Parts {
             sub,
-            deliveries,
             commands: self.commands.clone(),
             settles: (qos == Qos::AtLeastOnce).then(|| self.settles.clone()),
             engines: Arc::clone(&self.shared.engines),

@@ -1,5 +1,6 @@
 //! Subscriptions on a client connection, and the messages they deliver.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::future::poll_fn;
 use std::pin::Pin;
@@ -150,7 +151,8 @@ pub struct SubscriptionStats {
 /// `subscription_capacity`) are dropped by the connection task, counted and logged.
 pub struct ClientSubscription<T> {
     sub: u32,
-    deliveries: mpsc::Receiver<Incoming>,
+    /// Deliveries taken from the buffer and not yet handed out.
+    local: VecDeque<Incoming>,
     commands: mpsc::Sender<Command>,
     settles: Option<mpsc::UnboundedSender<Settle>>,
     engines: Arc<Engines>,
@@ -170,7 +172,6 @@ pub(crate) enum Decode<T> {
 
 pub(crate) struct Parts {
     pub(crate) sub: u32,
-    pub(crate) deliveries: mpsc::Receiver<Incoming>,
     pub(crate) commands: mpsc::Sender<Command>,
     /// For QoS 1 subscriptions.
     pub(crate) settles: Option<mpsc::UnboundedSender<Settle>>,
@@ -189,9 +190,9 @@ impl<T> fmt::Debug for ClientSubscription<T> {
 
 impl<T> ClientSubscription<T> {
     pub(crate) fn new(parts: Parts, decode: Decode<T>) -> Self {
-        let Parts { sub, deliveries, commands, settles, engines, buffer } = parts;
-        let stats = SubscriptionStats::default();
-        Self { sub, deliveries, commands, settles, engines, decode, stats, buffer }
+        let Parts { sub, commands, settles, engines, buffer } = parts;
+        let (stats, local) = (SubscriptionStats::default(), VecDeque::new());
+        Self { sub, local, commands, settles, engines, decode, stats, buffer }
     }
 
     /// Waits for the next message; `None` once the client is closed (or, without reconnection,
@@ -243,9 +244,10 @@ impl<T> ClientSubscription<T> {
 
     /// The next delivery as it came.
     fn poll_delivery(&mut self, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
-        let Some(incoming) = std::task::ready!(self.deliveries.poll_recv(cx)) else {
+        if self.local.is_empty() && !std::task::ready!(self.buffer.poll_take(&mut self.local, cx)) {
             return Poll::Ready(None);
-        };
+        }
+        let Some(incoming) = self.local.pop_front() else { return Poll::Ready(None) };
         self.buffer.release(Buffer::weight(&incoming));
         let ack_to = self.settles.clone().map(|settles| AckTo { sub: self.sub, settles });
         Poll::Ready(Some(Delivery {
@@ -296,6 +298,7 @@ impl<T> Drop for ClientSubscription<T> {
     fn drop(&mut self) {
         // If the queue is full, the connection task still notices: its next delivery to this
         // subscription finds the receiver gone and unsubscribes then.
+        self.buffer.receiver_gone.store(true, Ordering::Release);
         let _ = self.commands.try_send(Command::Unsubscribe { sub: self.sub });
     }
 }

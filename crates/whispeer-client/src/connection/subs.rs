@@ -1,11 +1,17 @@
 //! What the connection task keeps per subscription: what to send again on reconnect, the ids
 //! acknowledged lately, and the shapes of deliveries and acks on their way.
+//!
+//! Deliveries reach their subscription through its [`Buffer`]: the connection task stages the
+//! deliveries of one read and adds them under one lock with one wake-up, and the subscription
+//! takes everything waiting under one lock too, rather than a channel operation and a wake-up
+//! per message.
 
 use std::collections::{HashSet, VecDeque};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 
-use tokio::sync::mpsc;
+use futures_util::task::AtomicWaker;
 use whispeer_proto::{Body, Envelope, Filter, MessageId, Qos, StartAt};
 
 /// What a subscription asks the server for; sent again on every reconnect.
@@ -81,28 +87,97 @@ impl RecentIds {
 /// A live subscription as the connection task knows it.
 pub(super) struct Sub {
     pub(super) spec: SubSpec,
-    pub(super) deliver: mpsc::Sender<Incoming>,
     pub(super) acked: RecentIds,
     pub(super) buffer: Arc<Buffer>,
+    /// Deliveries of the current read, not yet handed over.
+    pub(super) staged: Vec<Incoming>,
     /// The last history offset received, to resume after a reconnect.
     pub(super) last_offset: Option<u64>,
 }
 
-/// What the connection task and a subscription share: its buffer's bytes (bounded, so a burst is
-/// held by bytes rather than by a small message count) and its counters.
+impl Sub {
+    pub(super) fn new(spec: SubSpec, buffer: Arc<Buffer>) -> Self {
+        let (acked, staged) = (RecentIds::default(), Vec::new());
+        Self { spec, acked, buffer, staged, last_offset: None }
+    }
+}
+
+impl Drop for Sub {
+    /// The connection task lets go of the subscription: it ends once it has taken what waits.
+    fn drop(&mut self) {
+        self.buffer.sender_gone.store(true, Ordering::Release);
+        self.buffer.waker.wake();
+    }
+}
+
+/// What the connection task and a subscription share: the deliveries waiting to be taken,
+/// bounded by bytes (so a burst is held by bytes rather than by a small message count) and by
+/// count, and its counters.
 #[derive(Debug)]
 pub(crate) struct Buffer {
+    waiting: Mutex<VecDeque<Incoming>>,
+    waker: AtomicWaker,
+    /// The subscription was dropped: the connection task unsubscribes.
+    pub(crate) receiver_gone: AtomicBool,
+    /// The connection task let go of it: nothing more comes.
+    sender_gone: AtomicBool,
     bytes: AtomicUsize,
     max_bytes: usize,
+    count: AtomicUsize,
+    max_count: usize,
     pub(crate) duplicates: AtomicU64,
     dropped: AtomicU64,
 }
 
 impl Buffer {
-    pub(crate) fn new(max_bytes: usize) -> Self {
-        let (bytes, duplicates, dropped) =
-            (AtomicUsize::new(0), AtomicU64::new(0), AtomicU64::new(0));
-        Self { bytes, max_bytes, duplicates, dropped }
+    pub(crate) fn new(max_bytes: usize, max_count: usize) -> Self {
+        Self {
+            waiting: Mutex::new(VecDeque::new()),
+            waker: AtomicWaker::new(),
+            receiver_gone: AtomicBool::new(false),
+            sender_gone: AtomicBool::new(false),
+            bytes: AtomicUsize::new(0),
+            max_bytes,
+            count: AtomicUsize::new(0),
+            max_count: max_count.max(1),
+            duplicates: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    /// Hands `staged` over (leaving it empty) and wakes the subscription.
+    pub(super) fn put_all(&self, staged: &mut Vec<Incoming>) {
+        self.waiting.lock().unwrap_or_else(PoisonError::into_inner).extend(staged.drain(..));
+        self.waker.wake();
+    }
+
+    /// Moves everything waiting to `into` (which the caller has emptied), or learns that
+    /// nothing is waiting (`Pending`, waker registered) or will ever come (`Ready(false)`).
+    pub(crate) fn poll_take(
+        &self,
+        into: &mut VecDeque<Incoming>,
+        cx: &mut Context<'_>,
+    ) -> Poll<bool> {
+        if self.take(into) {
+            return Poll::Ready(true);
+        }
+        self.waker.register(cx.waker());
+        // Something added (or the end) between the first look and the registration.
+        if self.take(into) {
+            return Poll::Ready(true);
+        }
+        if self.sender_gone.load(Ordering::Acquire) {
+            // Added before the end was said.
+            return Poll::Ready(self.take(into));
+        }
+        Poll::Pending
+    }
+
+    fn take(&self, into: &mut VecDeque<Incoming>) -> bool {
+        let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+        // Trading the two queues keeps each one's capacity and copies nothing.
+        std::mem::swap(&mut *waiting, into);
+        !into.is_empty()
     }
 
     /// What a buffered message weighs: its payload and an allowance for the envelope.
@@ -120,25 +195,24 @@ impl Buffer {
         self.dropped.load(Ordering::Relaxed)
     }
 
-    /// Takes room for `weight` bytes; `false` (counted as dropped) when the buffer is full. A
-    /// message always fits an empty buffer.
+    /// Takes room for a message of `weight` bytes; `false` (counted as dropped) when the
+    /// buffer is full by bytes or by count. A message always fits an empty buffer.
     pub(crate) fn admit(&self, weight: usize) -> bool {
         let held = self.bytes.load(Ordering::Acquire);
-        if held > 0 && held + weight > self.max_bytes {
+        if (held > 0 && held + weight > self.max_bytes)
+            || self.count.load(Ordering::Acquire) >= self.max_count
+        {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return false;
         }
         self.bytes.fetch_add(weight, Ordering::AcqRel);
+        self.count.fetch_add(1, Ordering::AcqRel);
         true
     }
 
-    /// Gives back the room of a message taken off the buffer (or refused after all).
+    /// Gives back the room of a message taken off the buffer.
     pub(crate) fn release(&self, weight: usize) {
         self.bytes.fetch_sub(weight, Ordering::AcqRel);
-    }
-
-    /// Counts a message dropped for another reason (the count bound).
-    pub(crate) fn count_drop(&self) {
-        self.dropped.fetch_add(1, Ordering::Relaxed);
+        self.count.fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -3,21 +3,29 @@
 use bytes::Bytes;
 use whispeer_proto::{ContentType, Envelope, Filter, Flags, Limits, MessageId, Qos, Topic};
 
+use super::subs::RecentIds;
 use super::*;
 
-fn actor_with_sub(qos: Qos) -> (Actor, mpsc::Receiver<Incoming>, Arc<Buffer>) {
+fn actor_with_sub(qos: Qos, max_count: usize) -> (Actor, Arc<Buffer>) {
     let (_commands, rx) = mpsc::channel(1);
     let (_settles, settled) = mpsc::unbounded_channel();
     let outbox = Arc::new(Outbox::new(1 << 20, usize::MAX));
     let mut actor = Actor::new(ClientOptions::new("127.0.0.1:1"), rx, settled, outbox);
-    let (deliver, deliveries) = mpsc::channel(8);
-    let buffer = Arc::new(Buffer::new(1 << 20));
+    let buffer = Arc::new(Buffer::new(1 << 20, max_count));
     let filter = Filter::parse("t").unwrap();
     let spec = SubSpec { filter, qos, prefetch: 0, group: None, start: StartAt::Latest };
-    let acked = RecentIds::default();
-    let sub = Sub { spec, deliver, acked, buffer: Arc::clone(&buffer), last_offset: None };
-    actor.subscriptions.insert(1, sub);
-    (actor, deliveries, buffer)
+    actor.subscriptions.insert(1, Sub::new(spec, Arc::clone(&buffer)));
+    (actor, buffer)
+}
+
+/// What the subscription can take now: `Some` ids, or `None` once nothing more will come.
+fn take(buffer: &Buffer) -> Option<Vec<u128>> {
+    let mut taken = std::collections::VecDeque::new();
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match buffer.poll_take(&mut taken, &mut cx) {
+        std::task::Poll::Ready(false) => None,
+        _ => Some(taken.iter().map(|incoming| incoming.envelope.id.0).collect()),
+    }
 }
 
 fn deliver(id: u128) -> Frame {
@@ -29,7 +37,7 @@ fn deliver(id: u128) -> Frame {
 
 #[test]
 fn a_redelivery_of_an_acked_message_is_acked_again_and_dropped() {
-    let (mut actor, mut deliveries, duplicates) = actor_with_sub(Qos::AtLeastOnce);
+    let (mut actor, buffer) = actor_with_sub(Qos::AtLeastOnce, 8);
     let mut out = BytesMut::new();
     // The ack is encoded (and remembered), then the connection is lost before it is sent.
     actor.settle(Settle { sub: 1, id: MessageId(7), requeue: None }, &mut out, usize::MAX).unwrap();
@@ -39,9 +47,10 @@ fn a_redelivery_of_an_acked_message_is_acked_again_and_dropped() {
     let frame = Frame::decode(&mut out, &Limits::default()).unwrap().unwrap();
     assert_eq!(frame.body, Body::Ack { sub: 1, id: MessageId(7) });
     assert!(out.is_empty(), "nothing else was sent");
-    assert_eq!(deliveries.try_recv().unwrap().envelope.id, MessageId(8), "7 was dropped");
-    assert!(deliveries.try_recv().is_err());
-    assert_eq!(duplicates.duplicates.load(Ordering::Relaxed), 1);
+    assert_eq!(take(&buffer), Some(vec![]), "nothing is handed over before the read ends");
+    actor.hand_over(&mut out, usize::MAX);
+    assert_eq!(take(&buffer), Some(vec![8]), "7 was dropped");
+    assert_eq!(buffer.duplicates.load(Ordering::Relaxed), 1);
 }
 
 #[test]
@@ -78,19 +87,49 @@ fn recent_ids_forget_the_oldest_beyond_their_capacity() {
 
 #[test]
 fn a_subscription_buffer_is_bounded_by_bytes_and_counts_what_it_drops() {
-    let (mut actor, mut deliveries, buffer) = actor_with_sub(Qos::AtMostOnce);
+    let (mut actor, buffer) = actor_with_sub(Qos::AtMostOnce, usize::MAX);
     // Room for 1 MiB: each 1-byte message weighs 257, so 4080 fit and the rest are dropped.
+    // The bytes stay counted until the subscription takes a message off the buffer.
     let mut out = BytesMut::new();
     for id in 0..4100 {
         actor.dispatch(deliver(id), &mut out, usize::MAX).unwrap();
-        if let Ok(incoming) = deliveries.try_recv() {
-            // Keep the channel from filling: the bytes stay counted until the subscription
-            // takes the message, so hold on to it.
-            std::mem::forget(incoming);
-        }
+        actor.hand_over(&mut out, usize::MAX);
     }
     assert_eq!(buffer.dropped(), 4100 - 4080);
     buffer.release(Buffer::weight_of(1));
     actor.dispatch(deliver(5000), &mut out, usize::MAX).unwrap();
     assert_eq!(buffer.dropped(), 20, "room given back is used again");
+}
+
+#[test]
+fn a_subscription_buffer_is_bounded_by_count_too() {
+    let (mut actor, buffer) = actor_with_sub(Qos::AtMostOnce, 3);
+    let mut out = BytesMut::new();
+    for id in 0..5 {
+        actor.dispatch(deliver(id), &mut out, usize::MAX).unwrap();
+    }
+    actor.hand_over(&mut out, usize::MAX);
+    assert_eq!((take(&buffer), buffer.dropped()), (Some(vec![0, 1, 2]), 2));
+}
+
+#[test]
+fn a_dropped_subscription_is_unsubscribed_and_a_dropped_connection_ends_the_subscription() {
+    let (mut actor, buffer) = actor_with_sub(Qos::AtMostOnce, 8);
+    let mut out = BytesMut::new();
+    actor.dispatch(deliver(1), &mut out, usize::MAX).unwrap();
+    actor.hand_over(&mut out, usize::MAX);
+    actor.dispatch(deliver(2), &mut out, usize::MAX).unwrap();
+    // The connection task lets go (the client closed): what was handed over is still taken,
+    // then the subscription ends.
+    drop(actor);
+    assert_eq!(take(&buffer), Some(vec![1]));
+    assert_eq!(take(&buffer), None);
+
+    let (mut actor, buffer) = actor_with_sub(Qos::AtMostOnce, 8);
+    buffer.receiver_gone.store(true, Ordering::Release);
+    actor.dispatch(deliver(3), &mut out, usize::MAX).unwrap();
+    actor.hand_over(&mut out, usize::MAX);
+    assert!(actor.subscriptions.is_empty());
+    let frame = Frame::decode(&mut out, &Limits::default()).unwrap().unwrap();
+    assert_eq!(frame.body, Body::Unsubscribe { sub: 1 });
 }
