@@ -38,6 +38,10 @@ pub(crate) use subs::{Buffer, Incoming, Settle, SubSpec};
 use crate::transport::Writer;
 use crate::{ClientError, ClientOptions};
 
+/// Maps keyed by the ids this client chose (subscriptions, correlations), looked up for every
+/// delivery and reply: foldhash rather than SipHash.
+type Map<V> = HashMap<u32, V, foldhash::fast::RandomState>;
+
 /// Bytes buffered for writing before the actor stops taking commands.
 const HIGH_WATER: usize = 256 * 1024;
 /// Commands taken per wake-up before writing.
@@ -98,10 +102,10 @@ pub(crate) struct Actor {
     commands: mpsc::Receiver<Command>,
     settles: mpsc::UnboundedReceiver<Settle>,
     outbox: Arc<Outbox>,
-    subscriptions: HashMap<u32, Sub>,
+    subscriptions: Map<Sub>,
     /// Subscriptions with deliveries staged in the current read.
     staged: Vec<u32>,
-    pending: HashMap<u32, Pending>,
+    pending: Map<Pending>,
     next_sub: u32,
     next_correlation: u32,
     /// The address index of the current (or last) connection.
@@ -120,9 +124,9 @@ impl Actor {
             commands,
             settles,
             outbox,
-            subscriptions: HashMap::new(),
+            subscriptions: Map::default(),
             staged: Vec::new(),
-            pending: HashMap::new(),
+            pending: Map::default(),
             next_sub: 1,
             next_correlation: 100,
             node: 0,
