@@ -18,8 +18,8 @@
 //! A connection task, spawned on the caller's tokio runtime, owns the socket: it batches
 //! outgoing frames, hands deliveries to subscriptions, and on failure reconnects with
 //! exponential backoff and re-subscribes. Requests in flight when a connection drops fail with
-//! [`ClientError::Disconnected`]; QoS 0 messages published while disconnected wait in the
-//! (bounded) command queue.
+//! [`ClientError::Disconnected`]; messages published while disconnected wait in the outbox
+//! (bounded by [`ClientOptions::publish_buffer_bytes`]) and go out on the next connection.
 
 mod chat;
 mod connection;
