@@ -1,0 +1,76 @@
+//! The SDK's outbox across a lost connection: what is published while the client reconnects
+//! waits (bounded) and goes out on the next connection, QoS 0 and QoS 1 alike, each task's
+//! publishes in order.
+
+#![expect(clippy::unwrap_used, reason = "test helpers fail loudly")]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
+use whispeer::server::{ServerConfig, serve};
+use whispeer::{Broker, BrokerOptions, Message, Subscription};
+use whispeer_client::{Client, ClientOptions};
+
+async fn soon<F: Future>(f: F) -> F::Output {
+    timeout(Duration::from_secs(20), f).await.expect("timed out")
+}
+
+/// A server on `addr` until `stop` is sent, with an embedded subscription to `t` made before
+/// it accepts anyone.
+async fn server(
+    addr: &str,
+) -> (SocketAddr, Subscription<Message>, oneshot::Sender<()>, JoinHandle<()>) {
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let broker = Broker::builder(BrokerOptions::default()).build();
+    let seen = broker.messages("t").unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let mut config = ServerConfig::default();
+    config.shutdown_grace = Duration::from_millis(200);
+    let task = tokio::spawn(async move {
+        serve(listener, broker, config, async {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+    });
+    (addr, seen, stop, task)
+}
+
+#[tokio::test]
+async fn what_is_published_while_disconnected_goes_out_on_the_next_connection() {
+    let (addr, _first_seen, stop, task) = server("127.0.0.1:0").await;
+    let mut options = ClientOptions::new(addr.to_string());
+    options.backoff = (Duration::from_millis(50), Duration::from_millis(50));
+    let client = Client::connect_with(options).await.unwrap();
+    client.flush().await.unwrap();
+    let _ = stop.send(());
+    soon(task).await.unwrap();
+    // The client sees the connection go, and tries again every 50 ms against a closed port.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    client.publish_bytes("t", &b"one"[..]).await.unwrap();
+    let acked = tokio::spawn({
+        let client = client.clone();
+        async move { client.publish_acked_bytes("t", &b"two"[..]).await }
+    });
+    client.publish_bytes("t", &b"three"[..]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!acked.is_finished(), "no PUBACK without a server");
+
+    let (_, mut seen, stop, task) = server(&addr.to_string()).await;
+    soon(acked).await.unwrap().unwrap();
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(soon(seen.recv()).await.unwrap().payload().to_vec());
+    }
+    // One task's publishes keep their order; the other task's may come anywhere among them.
+    let at = |text: &[u8]| got.iter().position(|p| p == text).unwrap();
+    assert!(at(b"one") < at(b"three"), "{got:?}");
+    assert_eq!(at(b"two") + at(b"one") + at(b"three"), 3, "each once: {got:?}");
+    let _ = stop.send(());
+    soon(task).await.unwrap();
+}
