@@ -54,8 +54,8 @@ pub struct ClientOptions {
     /// Commands (subscribes, flushes) queued for the connection task. Default: 4 096.
     pub command_queue: usize,
     /// Bytes of encoded publishes waiting for the connection task to write them; a publish
-    /// waits while more are waiting (and while the connection is being re-established).
-    /// Default: 1 MiB.
+    /// waits while more are waiting (and while the connection is being re-established); 0
+    /// means one frame at a time. Default: 1 MiB.
     pub publish_buffer_bytes: usize,
     /// QoS 1: message ids each subscription remembers having acknowledged, so that a
     /// redelivery of one (its ack lost with a connection) is dropped. Default: 4 096.

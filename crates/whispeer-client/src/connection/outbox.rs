@@ -56,6 +56,8 @@ impl Outbox {
             max_frame_bytes,
             closed: false,
         };
+        // At least one frame at a time, whatever the option says.
+        let max_bytes = max_bytes.max(1);
         Self { state: Mutex::new(state), ready: Notify::new(), room: Notify::new(), max_bytes }
     }
 
@@ -220,6 +222,18 @@ mod tests {
         waiting.await.unwrap().unwrap();
         outbox.take_into(&mut out, |_, _| {});
         assert_eq!(ids(&mut out), [1, 2]);
+    }
+
+    #[tokio::test]
+    async fn a_zero_bound_still_takes_one_frame_at_a_time() {
+        let outbox = Outbox::new(0, usize::MAX);
+        outbox.publish(Qos::AtMostOnce, envelope(1, 8), None).await.unwrap();
+        let second = outbox.publish(Qos::AtMostOnce, envelope(2, 8), None);
+        let waited = tokio::time::timeout(Duration::from_millis(50), second).await;
+        assert!(waited.is_err(), "the second waits for the first to be taken");
+        let mut out = BytesMut::new();
+        outbox.take_into(&mut out, |_, _| {});
+        assert_eq!(ids(&mut out), [1]);
     }
 
     #[tokio::test]
