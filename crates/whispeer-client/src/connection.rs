@@ -160,6 +160,9 @@ impl Actor {
         let mut connection = first;
         loop {
             let ended = self.serve(connection).await;
+            // Deliveries read before the connection failed (a bad frame after them, say) still
+            // reach their subscriptions; unsubscribes for gone ones have no connection to go to.
+            self.hand_over(&mut BytesMut::new(), usize::MAX);
             for (_, pending) in self.pending.drain() {
                 fail(pending, ClientError::Disconnected);
             }

@@ -161,7 +161,6 @@ pub struct ClientSubscription<T> {
     buffer: Arc<Buffer>,
 }
 
-/// What a client subscription is made of.
 /// How a subscription makes its items from deliveries.
 pub(crate) enum Decode<T> {
     /// Decoded (or opened) from the delivery, which stays for acknowledging.
@@ -170,6 +169,7 @@ pub(crate) enum Decode<T> {
     Itself(fn(Delivery) -> T),
 }
 
+/// What a client subscription is made of.
 pub(crate) struct Parts {
     pub(crate) sub: u32,
     pub(crate) commands: mpsc::Sender<Command>,

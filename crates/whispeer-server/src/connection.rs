@@ -425,9 +425,9 @@ impl Connection {
         }
     }
 
-    /// PUBLISH, once the principal may write the topic and the rate limit allows it.
-    /// Publishes; returns the reply to send now, if any. Not `async`: a publish is the
-    /// frame a connection sees most, and an `async fn` this size costs a copy of its state.
+    /// PUBLISH, once the principal may write the topic and the rate limit allows it; returns
+    /// the reply to send now, if any. Not `async`: a publish is the frame a connection sees
+    /// most, and an `async fn` this size costs a copy of its state.
     fn publish(&mut self, correlation: u32, qos: Qos, envelope: Envelope) -> Option<Frame> {
         // A reserved topic is refused as such by the broker, whoever publishes.
         if !envelope.topic.is_reserved() && !self.may_publish(&envelope.topic) {
