@@ -97,6 +97,7 @@ pub struct SubscribeOptions {
     pub(crate) redelivery: Option<Redelivery>,
     pub(crate) budget: Option<ByteBudget>,
     pub(crate) start: StartAt,
+    pub(crate) linger: Option<Duration>,
 }
 
 impl SubscribeOptions {
@@ -113,6 +114,7 @@ impl SubscribeOptions {
             redelivery: None,
             budget: None,
             start: StartAt::Latest,
+            linger: None,
         }
     }
 
@@ -160,6 +162,15 @@ impl SubscribeOptions {
         self
     }
 
+    /// QoS 1 group: how long the group outlives its last member, still queueing, instead of
+    /// the broker's `group_linger` (zero: it goes with its last member). The member that
+    /// creates the group sets it. An MQTT persistent session's groups linger for the session's
+    /// expiry this way.
+    pub fn linger(mut self, linger: Duration) -> Self {
+        self.linger = Some(linger);
+        self
+    }
+
     /// QoS 1: this subscription's ack timeout, backoff and attempts, instead of the broker's.
     /// In a group, the member that creates the group sets them.
     pub fn redelivery(mut self, redelivery: Redelivery) -> Self {
@@ -178,7 +189,8 @@ impl SubscribeOptions {
     }
 
     /// Counts this subscription's queued bytes against `budget`, shared with other
-    /// subscriptions (ignored for group members, whose queue is the group's).
+    /// subscriptions (in a group, the member that creates the group sets it for the group's
+    /// queue).
     pub fn budget(mut self, budget: ByteBudget) -> Self {
         self.budget = Some(budget);
         self

@@ -1,6 +1,7 @@
 //! Operators' access to retained history: read a page of one topic's history
 //! ([`Broker::history`]), and move a durable subscription to another position so it delivers
-//! again from there ([`Broker::rewind`]). The admin API serves both.
+//! again from there ([`Broker::rewind`]), or end one that has no members
+//! ([`Broker::end_group`]). The admin API serves the first two.
 
 use whispeer_proto::{Filter, StartAt, Topic};
 
@@ -168,6 +169,33 @@ impl Broker {
         }
         tracing::info!(%filter, group, ?start, "durable subscription moved");
         Ok(positions.into_iter().map(|(topic, from, _)| (topic, from)).collect())
+    }
+
+    /// Ends the queue group (`filter`, `group`) while it has no members: a lingering group is
+    /// removed with what it queued, and a durable subscription's position moves to the end of
+    /// its topics, so the next member to join starts with the next message (an MQTT clean
+    /// start does this to the session it replaces). Returns whether there was a group to end.
+    ///
+    /// # Errors
+    /// `Active` while the group has members.
+    pub fn end_group(&self, filter: &Filter, group: &str) -> Result<bool, HistoryError> {
+        let key: GroupKey = (filter.as_str().into(), group.into());
+        if self.inner.commits.get(&key).is_some() {
+            match self.rewind(filter, group, StartAt::Latest) {
+                Ok(_) => return Ok(true),
+                // Its topics keep no history now: what remains is the group itself.
+                Err(HistoryError::NotRetained(_)) => {}
+                Err(err) => return Err(err),
+            }
+        }
+        let idle = self.inner.groups.while_idle(&key, || ());
+        let ((), removed) =
+            idle.map_err(|members| HistoryError::Active { group: group.to_string(), members })?;
+        if let Some(removed) = &removed {
+            self.inner.unsubscribe(removed.id, &removed.queue);
+            tracing::debug!(%filter, group, "idle group ended");
+        }
+        Ok(removed.is_some())
     }
 }
 

@@ -3,12 +3,13 @@
 //! A group is one route and one queue, keyed by filter and name; its members are consumers of
 //! that queue, and for QoS 1 they share one [`Tracker`], so a message a member leaves
 //! unacknowledged goes to another member. When the last member leaves, a QoS 1 group lingers
-//! for the broker's `group_linger`, still queueing (within its bounds), so a member that
+//! for the broker's `group_linger` (or its own, `SubscribeOptions::linger`), still queueing (within its bounds), so a member that
 //! reconnects under the same name gets what it missed and what it left unacknowledged; after
 //! that the group is removed. A QoS 0 group is removed with its last member.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use whispeer_proto::Qos;
 
@@ -33,6 +34,8 @@ pub(crate) struct Group {
     pub(crate) qos: Qos,
     /// QoS 1 on retained topics: the committed offsets (a durable subscription).
     pub(crate) commits: Option<Arc<Commits>>,
+    /// How long the group outlives its last member (QoS 1 only; zero: not at all).
+    pub(crate) linger: Duration,
 }
 
 #[derive(Debug)]
@@ -50,8 +53,9 @@ pub(crate) enum Left {
     Stays,
     /// No member remains: remove the group now.
     Remove(Arc<Group>),
-    /// No member remains: remove the group if nobody joins before the linger ends.
-    Linger(u64),
+    /// No member remains: remove the group if nobody joins before the linger (the group's
+    /// generation, and the linger) ends.
+    Linger(u64, Duration),
 }
 
 /// Every group of a broker.
@@ -91,16 +95,16 @@ impl Groups {
         Ok(group)
     }
 
-    /// A member leaves the group `key`.
-    pub(crate) fn leave(&self, key: &GroupKey, linger: bool) -> Left {
+    /// A member leaves the group `key`; the last one starts its linger, if it has one.
+    pub(crate) fn leave(&self, key: &GroupKey) -> Left {
         let mut slots = self.lock();
         let Some(slot) = slots.get_mut(key) else { return Left::Stays };
         slot.members = slot.members.saturating_sub(1);
         if slot.members > 0 {
             return Left::Stays;
         }
-        if linger && slot.group.qos == Qos::AtLeastOnce {
-            return Left::Linger(slot.generation);
+        if !slot.group.linger.is_zero() && slot.group.qos == Qos::AtLeastOnce {
+            return Left::Linger(slot.generation, slot.group.linger);
         }
         slots.remove(key).map_or(Left::Stays, |slot| Left::Remove(slot.group))
     }

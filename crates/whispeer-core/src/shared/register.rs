@@ -203,7 +203,8 @@ impl Shared {
         }
         let key: GroupKey = (filter.as_str().into(), name.as_str().into());
         let group = this.groups.join(key.clone(), options.qos, || {
-            let queue = Arc::new(Queue::new(filter, capacity, max_bytes, policy).for_group(name));
+            let queue = Queue::new(filter, capacity, max_bytes, policy).for_group(name);
+            let queue = Arc::new(queue.with_budget(options.budget.clone()));
             let id = this.route_queue(&queue);
             let tracker = tracker();
             let mut commits = None;
@@ -230,7 +231,8 @@ impl Shared {
                     tracker.preload(this.replay(snapshot.stored, snapshot.messages));
                 }
             }
-            Ok(Arc::new(Group { id, queue, tracker, qos: options.qos, commits }))
+            let linger = options.linger.unwrap_or(this.options.group_linger);
+            Ok(Arc::new(Group { id, queue, tracker, qos: options.qos, commits, linger }))
         })?;
         Ok(Registration::member(Arc::clone(this), key, &group, prefetch))
     }
@@ -243,11 +245,10 @@ impl Shared {
     /// A member left group `key`: removes the group when it was the last, at once or after the
     /// linger.
     pub(crate) fn leave_group(this: &Arc<Self>, key: &GroupKey) {
-        let linger = this.options.group_linger;
-        match this.groups.leave(key, !linger.is_zero()) {
+        match this.groups.leave(key) {
             Left::Stays => {}
             Left::Remove(group) => this.unsubscribe(group.id, &group.queue),
-            Left::Linger(generation) => {
+            Left::Linger(generation, linger) => {
                 let shared = Arc::downgrade(this);
                 let owned = key.clone();
                 let expire = async move {

@@ -137,3 +137,37 @@ async fn a_page_ends_early_past_its_byte_bound() {
     let rest = broker.history(&topic, StartAt::Offset(9), 100).unwrap();
     assert_eq!((offsets(&rest), rest.next_from()), (vec![9, 10], None));
 }
+
+#[tokio::test]
+async fn a_group_lingers_for_its_own_time_and_ending_it_drops_what_it_queued() {
+    // The broker's linger is zero: only the group's own keeps it.
+    let options = BrokerOptions { group_linger: Duration::ZERO, ..BrokerOptions::default() };
+    let broker = Broker::builder(options).build();
+    let filter = Filter::parse("dev/#").unwrap();
+    let group = SubscribeOptions::new("dev/#")
+        .qos(Qos::AtLeastOnce)
+        .group("session")
+        .linger(Duration::from_secs(3600));
+    let member = broker.subscription::<u32>(group.clone()).unwrap();
+    drop(member);
+    broker.publish("dev/a", &1u32).unwrap();
+    let mut member = broker.subscription::<u32>(group.clone()).unwrap();
+    let kept = tokio::time::timeout(Duration::from_secs(5), member.recv_delivery()).await;
+    assert_eq!(*kept.unwrap().unwrap().value(), 1, "queued while the group lingered");
+
+    let active = broker.end_group(&filter, "session").unwrap_err();
+    assert!(matches!(active, HistoryError::Active { members: 1, .. }), "{active}");
+    drop(member);
+    broker.publish("dev/a", &2u32).unwrap();
+    assert!(broker.end_group(&filter, "session").unwrap(), "the lingering group ended");
+    assert!(!broker.end_group(&filter, "session").unwrap(), "nothing left to end");
+    let mut member = broker.subscription::<u32>(group).unwrap();
+    broker.publish("dev/a", &3u32).unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(5), member.recv_delivery()).await;
+    assert_eq!(*next.unwrap().unwrap().value(), 3, "what the ended group queued is gone");
+
+    // Without a linger of its own, the broker's (zero) removes the group with its member.
+    let plain = SubscribeOptions::new("dev/#").qos(Qos::AtLeastOnce).group("plain");
+    drop(broker.subscription::<u32>(plain).unwrap());
+    assert!(!broker.end_group(&filter, "plain").unwrap());
+}
