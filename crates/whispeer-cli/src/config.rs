@@ -521,6 +521,17 @@ impl Config {
         server.max_subscriptions = self.max_subscriptions;
         server.max_retained = self.max_retained;
         server.max_retained_bytes = self.max_retained_bytes;
+        server.mqtt_max_session_expiry = Duration::from_secs(self.mqtt.max_session_expiry_secs);
+        if let Some(dir) = &self.storage.dir {
+            // Retained messages of durable topics are kept beside the store.
+            let durable = self.storage.durable.iter().filter_map(|f| Filter::parse(f).ok());
+            let limits = self.broker_options()?.limits;
+            server.retained = Arc::new(
+                whispeer::server::Retained::open(dir, durable.collect(), limits).map_err(|e| {
+                    anyhow::anyhow!("storage.dir: retained messages in {}: {e}", dir.display())
+                })?,
+            );
+        }
         server.max_publish_rate = self.max_publish_rate;
         server.max_publish_bytes_rate = self.max_publish_bytes_per_sec;
         server.connection_max_bytes = self.delivery.connection_max_bytes;

@@ -167,6 +167,7 @@ async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
     let mut cluster_status = None;
     if let Some(settings) = cluster {
         let cluster = Cluster::new(settings).map_err(|e| ConfigError(e.to_string()))?;
+        let cluster = cluster.share_retained(&server_config);
         cluster_status = Some(cluster.status());
         builder = builder.with(cluster);
     }

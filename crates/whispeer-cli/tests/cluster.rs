@@ -305,3 +305,48 @@ async fn the_same_acls_refuse_the_same_things_on_every_node_and_presence_follows
     drop(clients.remove(1));
     wait_for(serde_json::json!(["a", "c"])).await;
 }
+
+/// The retained messages a new subscription to `filter` on `client` gets first.
+async fn retained_on(client: &Client, filter: &str) -> Vec<String> {
+    let mut sub = client.subscribe::<String>(filter).await.unwrap();
+    let mut got = Vec::new();
+    while let Ok(Some(text)) = tokio::time::timeout(Duration::from_millis(300), sub.recv()).await {
+        got.push(text);
+    }
+    got.sort();
+    got
+}
+
+/// Asks `retained_on` until it says `want` (the nodes share retained messages as they come).
+async fn until_retained(client: &Client, filter: &str, want: &[&str]) {
+    let mut seen = Vec::new();
+    for _ in 0..30 {
+        seen = retained_on(client, filter).await;
+        if seen == want {
+            return;
+        }
+    }
+    panic!("retained on {filter}: {seen:?}, wanted {want:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_messages_reach_every_node_and_a_node_that_starts_later() {
+    let nats = Nats::start(0);
+    let (a, b) = (node(&on(&nats), "a", &[]), node(&on(&nats), "b", &[]));
+    let on_a = Client::connect(a.addr.clone()).await.unwrap();
+    let on_b = Client::connect(b.addr.clone()).await.unwrap();
+    let retain = whispeer_client::PublishOptions::new().qos(Qos::AtLeastOnce).retain();
+    on_a.publish_with("home/lamp", "on", &retain).await.unwrap();
+    on_b.publish_with("home/door", "shut", &retain).await.unwrap();
+    until_retained(&on_b, "home/#", &["on", "shut"]).await;
+    until_retained(&on_a, "home/#", &["on", "shut"]).await;
+    // Replaced on one node, cleared on the other: the same on both.
+    on_b.publish_with("home/lamp", "dim", &retain).await.unwrap();
+    on_a.publish_bytes_with("home/door", Vec::new(), &retain).await.unwrap();
+    until_retained(&on_a, "home/#", &["dim"]).await;
+    until_retained(&on_b, "home/#", &["dim"]).await;
+    // A node that starts now gets them from the engine.
+    let c = node(&on(&nats), "c", &[]);
+    let on_c = Client::connect(c.addr.clone()).await.unwrap();
+    until_retained(&on_c, "home/#", &["dim"]).await;
+}

@@ -1,7 +1,10 @@
 //! The MQTT listener with clients no one here wrote: Debian's `mosquitto_pub` / `mosquitto_sub`
 //! and Paho for Python (`tests/mqtt/paho_check.py`), against `whispeer serve --mqtt-listen`:
-//! QoS 0, 1 and 2, wills, credentials and ACLs, shared subscriptions, MQTT 5 properties and
-//! request/response, messages crossing to and from native clients, and bad input.
+//! QoS 0, 1 and 2, wills (with a delay too), credentials and ACLs, client ids bound to their
+//! principal, shared subscriptions, persistent sessions, MQTT 5 properties, subscription
+//! options and request/response, retained messages (kept across a restart for durable topics,
+//! listed and cleared by the admin API), messages crossing to and from native clients, and bad
+//! input (`tests/mqtt/paho_sessions.py` has the sessions' and options' scenarios).
 //! `scripts/install-servers` installs the clients.
 
 #![expect(clippy::unwrap_used, reason = "tests fail loudly")]
@@ -103,8 +106,13 @@ fn mosquitto_pub(port: &str, args: &[&str]) -> Output {
 }
 
 fn paho(port: &str, scenario: &str) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mqtt/paho_check.py");
-    let output = tool("python3").args([script, port, scenario]).output().unwrap();
+    paho_script("paho_check.py", port, scenario);
+}
+
+/// Runs one scenario of a Paho script in `tests/mqtt/`.
+fn paho_script(script: &str, port: &str, scenario: &str) {
+    let script = format!("{}/tests/mqtt/{script}", env!("CARGO_MANIFEST_DIR"));
+    let output = tool("python3").args([&script, port, scenario]).output().unwrap();
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
     let errors = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success() && text.starts_with("ok:"), "{scenario}: {text}{errors}");
@@ -334,4 +342,106 @@ fn a_retained_publish_past_the_bound_is_refused_not_dropped() {
     assert!(!refused.status.success());
     let said = String::from_utf8_lossy(&refused.stderr);
     assert!(said.contains("max_retained"), "{said}");
+}
+
+#[test]
+fn mqtt5_subscription_options_delayed_wills_and_sessions_that_outlive_the_group_linger() {
+    // The broker's group linger is short: a persistent session keeps its messages for its
+    // own expiry regardless.
+    let file =
+        std::env::temp_dir().join(format!("whispeer-mqtt-linger-{}.toml", std::process::id()));
+    std::fs::write(&file, "[delivery]\ngroup_linger_ms = 200\n").unwrap();
+    let server = MqttServer::start(&["--config", file.to_str().unwrap()]);
+    for scenario in ["options", "will-delay", "expiry", "auth-method"] {
+        paho_script("paho_sessions.py", &server.port, scenario);
+    }
+    let _ = std::fs::remove_file(file);
+}
+
+#[test]
+fn a_client_id_belongs_to_its_principal_and_a_wrong_password_takes_nothing_over() {
+    let file =
+        std::env::temp_dir().join(format!("whispeer-mqtt-bound-{}.toml", std::process::id()));
+    let users = "[[users]]\nname = \"alice\"\napi_key = \"alice-key\"\n\
+                 publish = [\"#\"]\nsubscribe = [\"#\"]\n\
+                 [[users]]\nname = \"bob\"\napi_key = \"bob-key\"\n\
+                 publish = [\"#\"]\nsubscribe = [\"#\"]\n";
+    std::fs::write(&file, users).unwrap();
+    let server = MqttServer::start(&["--config", file.to_str().unwrap()]);
+    paho_script("paho_sessions.py", &server.port, "bound");
+    let _ = std::fs::remove_file(file);
+}
+
+/// `method path` on the admin port with the token: (status code, body).
+fn admin_call(admin: &str, method: &str, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(admin).unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: whispeer\r\nAuthorization: Bearer t0ken\r\n\
+         Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (code, body.to_string())
+}
+
+#[test]
+fn retained_messages_of_durable_topics_survive_a_kill_and_the_admin_api_lists_and_clears_them() {
+    let dir = std::env::temp_dir().join(format!("whispeer-mqtt-retained-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let dir_text = dir.to_string_lossy().to_string();
+    let envs = [
+        ("WHISPEER_STORAGE__DIR", dir_text.as_str()),
+        ("WHISPEER_STORAGE__DURABLE", r#"["home/#"]"#),
+        ("WHISPEER_ADMIN_TOKEN", "t0ken"),
+    ];
+    let retained_now = |port: &str| {
+        let out = tool("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", port, "-v", "-t", "#", "-W", "2"])
+            .output()
+            .unwrap();
+        let mut lines: Vec<String> =
+            String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
+        lines.sort();
+        lines
+    };
+    let (mut child, _, mqtt, _) = common::serve_mqtt_admin(&envs);
+    let port = mqtt.rsplit(':').next().unwrap().to_string();
+    for (topic, text) in [("home/lamp", "on"), ("home/door", "shut"), ("mem/x", "fleeting")] {
+        let out = mosquitto_pub(&port, &["-t", topic, "-m", text, "-r", "-q", "1"]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    // Replaced, then a durable topic cleared: the last word of each stays.
+    assert!(
+        mosquitto_pub(&port, &["-t", "home/lamp", "-m", "dim", "-r", "-q", "1"]).status.success()
+    );
+    assert!(mosquitto_pub(&port, &["-t", "home/door", "-n", "-r", "-q", "1"]).status.success());
+    assert_eq!(retained_now(&port), ["home/lamp dim", "mem/x fleeting"]);
+    // Killed: the durable topic's retained message comes back, the other does not.
+    child.kill().unwrap();
+    let _ = child.wait();
+    let (mut child, _, mqtt, admin) = common::serve_mqtt_admin(&envs);
+    let port = mqtt.rsplit(':').next().unwrap().to_string();
+    assert_eq!(retained_now(&port), ["home/lamp dim"]);
+    // The admin API lists it, and clears it (on disk too).
+    let (code, body) = admin_call(&admin, "GET", "/api/retained?filter=home/%23");
+    assert_eq!(code, 200, "{body}");
+    let listed: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(listed["messages"][0]["topic"], "home/lamp", "{body}");
+    assert_eq!(listed["messages"].as_array().unwrap().len(), 1, "{body}");
+    let (code, body) = admin_call(&admin, "DELETE", "/api/retained?topic=home/lamp");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(admin_call(&admin, "DELETE", "/api/retained?topic=home/lamp").0, 404);
+    assert!(retained_now(&port).is_empty());
+    child.kill().unwrap();
+    let _ = child.wait();
+    let (mut child, _, mqtt, _) = common::serve_mqtt_admin(&envs);
+    let port = mqtt.rsplit(':').next().unwrap().to_string();
+    assert!(retained_now(&port).is_empty(), "cleared for good");
+    child.kill().unwrap();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -25,10 +25,14 @@ use super::acl::Principal;
 use super::adapter::AdapterError;
 use super::rate::RateLimit;
 use super::registry::{Connections, Registered};
+#[cfg(feature = "mqtt")]
+use super::retained::ONE_CLIENT_GROUP;
 use super::retained::{Full, Retained};
 use super::traffic::FlowCache;
 use super::writer::{Outbound, write_loop};
 use crate::bump;
+#[cfg(feature = "mqtt")]
+use whispeer_core::SlowConsumer;
 use whispeer_core::{Acker, Broker, ByteBudget, PublishError, PublishReceipt, SubscribeOptions};
 use whispeer_proto::header::RESPONSE_TOPIC;
 
@@ -406,6 +410,17 @@ impl Connection {
         if prefetch > 0 {
             options = options.prefetch(prefetch as usize);
         }
+        // An MQTT persistent session's group lingers for the session's expiry, within the queue's
+        // bounds and the server's budget, dropping its oldest past them (as MQTT brokers do).
+        #[cfg(feature = "mqtt")]
+        if let Some(client) = group.as_deref().and_then(|g| g.strip_prefix(ONE_CLIENT_GROUP))
+            && let Some(expiry) = self.config.mqtt_sessions.expiry(client)
+        {
+            options = options
+                .linger(expiry)
+                .slow_consumer(SlowConsumer::DropOldest)
+                .budget(self.config.queued.clone());
+        }
         options = match group {
             Some(group) => options.group(group),
             None => options.budget(self.budget.clone()),
@@ -465,8 +480,12 @@ impl Connection {
                 self.flows.settle();
             }
             bump(&self.registered.entry.published);
-            if let Some(kept) = retain {
-                self.config.retained.keep(&kept);
+            if let Some(kept) = retain
+                && let Err(err) = self.config.retained.keep(&kept)
+            {
+                tracing::error!(%err, topic = %kept.topic, "retained message not stored");
+                let message = format!("published, but its retained copy was not stored: {err}");
+                return Some(error_frame(correlation, ErrorCode::INTERNAL, message));
             }
         }
         self.published(correlation, qos, published)

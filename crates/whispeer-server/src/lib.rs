@@ -179,6 +179,10 @@ pub struct ServerConfig {
     /// MQTT sessions, shared by the MQTT and WebSocket listeners.
     #[cfg(feature = "mqtt")]
     pub(crate) mqtt_sessions: Arc<mqtt::MqttSessions>,
+    /// The longest an MQTT persistent session outlives its connection (a longer session
+    /// expiry is cut to it; a 3.1.1 session without clean session gets it). Default: 1 day.
+    #[cfg(feature = "mqtt")]
+    pub mqtt_max_session_expiry: Duration,
     /// The P2P relay at `/relay` on the WebSocket listener; none by default.
     #[cfg(feature = "relay")]
     pub relay: Option<Arc<Relay>>,
@@ -212,6 +216,8 @@ impl Default for ServerConfig {
             max_retained_bytes: 64 * 1024 * 1024,
             #[cfg(feature = "mqtt")]
             mqtt_sessions: Arc::default(),
+            #[cfg(feature = "mqtt")]
+            mqtt_max_session_expiry: Duration::from_secs(86_400),
             #[cfg(feature = "relay")]
             relay: None,
         }

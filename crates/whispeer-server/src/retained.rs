@@ -8,25 +8,45 @@
 //!
 //! Bounded by `max_retained` topics and `max_retained_bytes` of payload: a retained publish for
 //! a new topic past either bound is refused (`LIMIT_REACHED`, MQTT 5: quota exceeded), never
-//! dropped silently. Kept in memory by each server: a restart forgets them, and the nodes of a
-//! cluster keep their own.
+//! dropped silently. Kept in memory by each server; with [`Retained::open`], those of durable
+//! topics are also kept in the store's directory (`retained.log`, see `file.rs`) and survive a
+//! restart. A cluster's nodes share them through the engine (`cluster/retained.rs`).
+
+mod file;
 
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
+use std::io;
+use std::path::Path;
+use std::sync::{Mutex, OnceLock, PoisonError};
 
 use whispeer_proto::header::{RETAIN, RETAINED};
-use whispeer_proto::{Body, Envelope, Filter, Frame};
+use whispeer_proto::{Body, Envelope, Filter, Frame, Limits};
+
+use self::file::RetainedFile;
 
 /// The retained messages of one server.
 #[derive(Debug, Default)]
 pub struct Retained {
     inner: Mutex<Inner>,
+    forward: OnceLock<Forward>,
+}
+
+/// Where the retained messages kept here go as well: a cluster's other nodes.
+struct Forward(Box<dyn Fn(&Envelope) + Send + Sync>);
+
+impl std::fmt::Debug for Forward {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Forward")
+    }
 }
 
 #[derive(Debug, Default)]
 struct Inner {
     topics: HashMap<String, Envelope>,
     bytes: usize,
+    /// Where the retained messages of `durable` topics are kept across restarts.
+    file: Option<RetainedFile>,
+    durable: Vec<Filter>,
 }
 
 /// Queue groups whose name starts with this belong to one client (an MQTT persistent session's
@@ -38,6 +58,40 @@ pub(crate) const ONE_CLIENT_GROUP: &str = "mqtt-session:";
 pub(crate) struct Full(pub(crate) String);
 
 impl Retained {
+    /// Retained messages whose topics match a `durable` filter are also kept in
+    /// `dir/retained.log`, synced before each retained publish is acknowledged; those kept
+    /// there before are loaded (`limits` bound what is read).
+    ///
+    /// # Errors
+    /// The directory or the file cannot be read or written.
+    pub fn open(dir: &Path, durable: Vec<Filter>, limits: Limits) -> io::Result<Self> {
+        let (file, topics) = RetainedFile::open(dir, limits)?;
+        let bytes = topics.values().map(|e| e.payload.len()).sum();
+        let inner = Inner { topics, bytes, file: Some(file), durable };
+        Ok(Self { inner: Mutex::new(inner), forward: OnceLock::new() })
+    }
+
+    /// Hands every retained message kept from now on (cleared ones too) to `forward` as well,
+    /// once kept here: a cluster shares them with its other nodes. Set once.
+    pub(crate) fn forward_to(&self, forward: impl Fn(&Envelope) + Send + Sync + 'static) {
+        let _ = self.forward.set(Forward(Box::new(forward)));
+    }
+
+    /// Keeps a retained message another node shared (or this one's, come back), here only,
+    /// within the bounds.
+    ///
+    /// # Errors
+    /// Past a bound, or the durable copy could not be written: nothing changed.
+    pub(crate) fn keep_shared(
+        &self,
+        envelope: &Envelope,
+        max_topics: usize,
+        max_bytes: usize,
+    ) -> io::Result<()> {
+        self.admit(envelope, max_topics, max_bytes).map_err(|Full(why)| io::Error::other(why))?;
+        self.keep_here(envelope)
+    }
+
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -71,9 +125,27 @@ impl Retained {
         Ok(())
     }
 
-    /// Keeps `envelope` as its topic's retained message, or clears the topic's when empty.
-    pub(crate) fn keep(&self, envelope: &Envelope) {
+    /// Keeps `envelope` as its topic's retained message, or clears the topic's when empty;
+    /// on disk first for a durable topic; then hands it on (see [`Retained::forward_to`]).
+    ///
+    /// # Errors
+    /// The durable copy could not be written: nothing changed.
+    pub(crate) fn keep(&self, envelope: &Envelope) -> io::Result<()> {
+        self.keep_here(envelope)?;
+        if let Some(Forward(forward)) = self.forward.get() {
+            forward(envelope);
+        }
+        Ok(())
+    }
+
+    fn keep_here(&self, envelope: &Envelope) -> io::Result<()> {
         let mut inner = self.inner();
+        let Inner { file, durable, .. } = &mut *inner;
+        if let Some(file) = file
+            && durable.iter().any(|filter| filter.matches(&envelope.topic))
+        {
+            file.append(envelope)?;
+        }
         let topic = envelope.topic.as_str().to_string();
         let old = if envelope.payload.is_empty() {
             inner.topics.remove(&topic)
@@ -84,6 +156,41 @@ impl Retained {
         if let Some(old) = old {
             inner.bytes -= old.payload.len();
         }
+        let Inner { file, topics, bytes, durable } = &mut *inner;
+        if let Some(file) = file
+            && file.bloated(*bytes)
+        {
+            let live = topics.values().filter(|e| durable.iter().any(|f| f.matches(&e.topic)));
+            file.rewrite(live)?;
+        }
+        Ok(())
+    }
+
+    /// Clears `topic`'s retained message; whether it had one.
+    ///
+    /// # Errors
+    /// The durable copy could not be written: nothing changed.
+    pub fn clear(&self, topic: &whispeer_proto::Topic) -> io::Result<bool> {
+        let Some(mut empty) = self.inner().topics.get(topic.as_str()).cloned() else {
+            return Ok(false);
+        };
+        empty.payload = bytes::Bytes::new();
+        self.keep(&empty)?;
+        Ok(true)
+    }
+
+    /// Every retained message whose topic `filter` matches (all with `None`), oldest first,
+    /// without the `retained` mark: for the admin API.
+    pub fn list(&self, filter: Option<&Filter>) -> Vec<Envelope> {
+        let inner = self.inner();
+        let mut found: Vec<Envelope> = inner
+            .topics
+            .values()
+            .filter(|e| filter.is_none_or(|f| f.matches(&e.topic)))
+            .cloned()
+            .collect();
+        found.sort_by_key(|e| e.timestamp_ms);
+        found
     }
 
     /// The retained messages `filter` matches, oldest first, each marked `retained`.
@@ -137,15 +244,15 @@ mod tests {
     #[test]
     fn the_last_message_of_each_topic_is_kept_an_empty_one_clears_it_and_bounds_hold() {
         let retained = Retained::default();
-        retained.keep(&message("home/a", "on", 1));
-        retained.keep(&message("home/b", "off", 2));
-        retained.keep(&message("home/a", "dim", 3));
+        retained.keep(&message("home/a", "on", 1)).unwrap();
+        retained.keep(&message("home/b", "off", 2)).unwrap();
+        retained.keep(&message("home/a", "dim", 3)).unwrap();
         let all = retained.matching(&Filter::parse("home/#").unwrap());
         let payloads: Vec<&[u8]> = all.iter().map(|e| &e.payload[..]).collect();
         assert_eq!(payloads, [&b"off"[..], b"dim"]);
         assert!(all.iter().all(|e| e.headers.get(RETAINED).is_some()));
         assert_eq!(retained.size(), (2, 6));
-        retained.keep(&message("home/a", "", 4));
+        retained.keep(&message("home/a", "", 4)).unwrap();
         assert_eq!(retained.size(), (1, 3));
         assert!(retained.matching(&Filter::parse("home/a").unwrap()).is_empty());
         // Bounds: a new topic past the count, or bytes past the budget, is refused; replacing

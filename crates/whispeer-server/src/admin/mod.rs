@@ -22,6 +22,9 @@
 //! - `GET /api/history?topic=T&from=WHERE&max=N`: a page of a topic's retained history (from
 //!   the store beyond memory, for a durable topic): sealed envelopes in base64, with
 //!   `next_from` to page on (null at the end); a page ends early past 8 MiB of payloads. `whispeer replay --admin` reads it.
+//! - `GET /api/retained?filter=F`: the retained messages (all, or those `filter` matches),
+//!   each with its topic, id, time, size and sealed envelope in base64;
+//!   `DELETE /api/retained?topic=T` clears one topic's, on disk too (404 if it had none).
 //! - `POST /api/durable/rewind` `{"filter", "group", "from"}`: moves a durable subscription
 //!   without members to another position, so it delivers again from there (409 while it has
 //!   members). `whispeer replay --group` triggers it.
@@ -46,9 +49,10 @@ use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use whispeer_core::{Broker, Filter, HistoryError, STORE_BATCH_RECORDS, StartAt, Topic};
 
-use crate::{AccessCounters, Connections, FlowStats, ServerConfig, Traffic};
+use crate::{AccessCounters, Connections, FlowStats, Retained, ServerConfig, Traffic};
 
 mod extension;
+mod retained;
 pub use extension::{Admin, parse_start};
 
 /// The admin port's routes and what they read; [`Admin`] starts one with the broker.
@@ -64,6 +68,7 @@ pub struct AdminServer {
     ready: Arc<AtomicBool>,
     prometheus: PrometheusHandle,
     hooks: Arc<std::sync::RwLock<Hooks>>,
+    retained: Arc<Retained>,
 }
 
 /// What other parts of the server (the cluster link) add to readiness and to each scrape.
@@ -142,9 +147,19 @@ impl AdminServer {
         let token = token.map(|t| Sha256::digest(t.as_bytes()).into());
         let (access, connections) = (Arc::clone(&server.access), Arc::clone(&server.connections));
         let (traffic, rates) = (Arc::clone(&server.traffic), Arc::default());
-        let hooks = Arc::default();
-        let admin =
-            Self { broker, token, access, connections, traffic, rates, ready, prometheus, hooks };
+        let (hooks, retained) = (Arc::default(), Arc::clone(&server.retained));
+        let admin = Self {
+            broker,
+            token,
+            access,
+            connections,
+            traffic,
+            rates,
+            ready,
+            prometheus,
+            hooks,
+            retained,
+        };
         #[cfg(feature = "relay")]
         if let Some(relay) = &server.relay {
             let relay = Arc::clone(relay);
@@ -225,6 +240,7 @@ impl AdminServer {
             .route("/api/durable", get(durable))
             .route("/api/durable/rewind", post(rewind))
             .route("/api/history", get(history))
+            .route("/api/retained", get(retained::list).delete(retained::clear))
             .route("/api/connections", get(connections))
             .route("/api/cluster", get(cluster))
             .route("/api/presence", get(presence))

@@ -2,7 +2,8 @@
 //! server it starts on loopback (nats-server with JetStream, redis-server): fan-out by interest
 //! (wildcards, `#` also matching zero levels, order per publisher), queue groups (each message
 //! to one subscriber), flush, the durable topics' history (offsets in order, the same read by
-//! another node, a repeat id kept once, reading from an offset), and membership entries.
+//! another node, a repeat id kept once, reading from an offset), membership entries, and
+//! retained messages (the last of each topic for every node, then each new one in order).
 
 use std::collections::BTreeSet;
 use std::process::{Child, Command, Stdio};
@@ -252,6 +253,23 @@ async fn conforms(a: Arc<dyn Engine>, b: Arc<dyn Engine>) {
     let got = tokio::time::timeout(Duration::from_secs(5), own.next()).await.unwrap();
     assert!(got.is_some(), "{name}: the sender hears itself");
     assert!(a.server().is_some(), "{name}: names its server");
+
+    // Retained messages: the last of each topic, for every node, then each new one in order.
+    a.retain(&topic("r/a"), Bytes::from_static(b"a1")).await.unwrap();
+    a.retain(&topic("r/b"), Bytes::from_static(b"b1")).await.unwrap();
+    b.retain(&topic("r/a"), Bytes::from_static(b"a2")).await.unwrap();
+    let mut watching = b.retained().await.unwrap();
+    let mut kept: Vec<Bytes> = drain(&mut watching, Duration::from_millis(500)).await;
+    kept.sort();
+    assert_eq!(kept, [Bytes::from_static(b"a2"), Bytes::from_static(b"b1")], "{name}: retained");
+    let mut own = a.retained().await.unwrap();
+    drain(&mut own, Duration::from_millis(500)).await;
+    a.retain(&topic("r/b"), Bytes::from_static(b"b2")).await.unwrap();
+    a.retain(&topic("r/b"), Bytes::from_static(b"b3")).await.unwrap();
+    let later = drain(&mut watching, Duration::from_millis(500)).await;
+    assert_eq!(later, [Bytes::from_static(b"b2"), Bytes::from_static(b"b3")], "{name}: in order");
+    let mine = drain(&mut own, Duration::from_millis(500)).await;
+    assert_eq!(mine.len(), 2, "{name}: the node that kept them hears them too");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

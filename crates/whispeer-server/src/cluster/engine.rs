@@ -133,4 +133,14 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Every node's membership entries, as they are announced.
     fn membership(&self) -> EngineFuture<'_, Result<Inbox, EngineError>>;
+
+    /// Keeps `message` as the retained message of `topic` in the engine (the last one kept
+    /// wins; the caller's empty envelope stands for a cleared topic) and hands it to every
+    /// node's [`Engine::retained`]. Resolves once the engine stored it.
+    fn retain(&self, topic: &Topic, message: Bytes) -> EngineFuture<'_, Result<(), EngineError>>;
+
+    /// The retained message of every topic the engine keeps, then each one kept afterwards by
+    /// any node (this one included), in the order the engine kept them; after a reconnection,
+    /// every topic's again.
+    fn retained(&self) -> EngineFuture<'_, Result<Inbox, EngineError>>;
 }

@@ -25,6 +25,7 @@ mod nats;
 mod presence;
 mod redis;
 mod relay;
+mod retained;
 mod subject;
 
 pub use engine::{
@@ -115,6 +116,7 @@ pub struct Cluster {
     outbound: mpsc::Receiver<Outgoing>,
     members: Arc<Members>,
     engine: Arc<std::sync::OnceLock<Arc<dyn Engine>>>,
+    retained: Option<retained::Shared>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -161,7 +163,15 @@ impl Cluster {
         let node = std::collections::hash_map::RandomState::new().hash_one(&config.node);
         let (relay, outbound) = Relay::new(node);
         let (members, engine) = (Arc::default(), Arc::default());
-        Ok(Self { config, relay, outbound, members, engine })
+        Ok(Self { config, relay, outbound, members, engine, retained: None })
+    }
+
+    /// Shares the retained messages of `server` with the other nodes (through the engine),
+    /// so each node's subscribers get every topic's, whichever node took it.
+    #[must_use]
+    pub fn share_retained(mut self, server: &crate::ServerConfig) -> Self {
+        self.retained = Some(retained::Shared::of(server));
+        self
     }
 
     /// A handle on the node's link, for readiness and metrics.
@@ -192,7 +202,7 @@ impl Service for Cluster {
 
     fn start(self: Box<Self>, broker: &Broker) -> std::io::Result<Running> {
         let stop = CancellationToken::new();
-        let Self { config, relay, outbound, members, engine: slot } = *self;
+        let Self { config, relay, outbound, members, engine: slot, retained } = *self;
         let durable = broker.options().durability.as_ref().is_some_and(|d| !d.topics.is_empty());
         relay.history_loaded.store(!durable, Ordering::Release);
         let (broker, stopped) = (broker.clone(), stop.clone());
@@ -229,7 +239,15 @@ impl Service for Cluster {
                 }
             };
             let announce = members::announce(Arc::clone(&engine), members, broker.clone(), node);
+            let limits = broker.options().limits.clone();
+            let retained = async {
+                match retained {
+                    Some(shared) => retained::share(Arc::clone(&engine), shared, limits).await,
+                    None => std::future::pending::<()>().await,
+                }
+            };
             tokio::select! {
+                () = retained => {}
                 () = history => {}
                 () = stopped.cancelled() => {
                     // A clean stop leaves the membership at once (a dead node's entry expires).

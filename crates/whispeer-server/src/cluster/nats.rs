@@ -44,6 +44,8 @@ pub(crate) struct Nats {
     replicas: Option<usize>,
     /// Whether the history stream is known to exist (appends create it first otherwise).
     stream_ready: AtomicBool,
+    /// Whether the retained messages' stream is known to exist.
+    retained_ready: AtomicBool,
 }
 
 impl std::fmt::Debug for Nats {
@@ -72,6 +74,7 @@ impl Nats {
             history_max_age: config.history_max_age,
             replicas: config.replicas,
             stream_ready: AtomicBool::new(false),
+            retained_ready: AtomicBool::new(false),
         })
     }
 
@@ -86,11 +89,39 @@ impl Nats {
         format!("_WHISPEER.{}.log", self.prefix)
     }
 
+    /// The subjects' prefix of retained messages.
+    fn retained_prefix(&self) -> String {
+        format!("_WHISPEER.{}.retained", self.prefix)
+    }
+
+    fn replicas(&self) -> usize {
+        let servers = self.publisher.server_info().connect_urls.len();
+        self.replicas.unwrap_or(if servers >= 3 { 3 } else { 1 })
+    }
+
+    /// The stream holding each topic's retained message (the last per subject), on disk and
+    /// replicated as the history is.
+    async fn retained_stream(&self) -> Result<stream::Stream, EngineError> {
+        let config = stream::Config {
+            name: format!("{}_retained", self.prefix),
+            description: Some("whispeer: retained messages, the last of each topic".into()),
+            subjects: vec![format!("{}.>", self.retained_prefix())],
+            max_messages_per_subject: 1,
+            storage: stream::StorageType::File,
+            num_replicas: self.replicas(),
+            ..Default::default()
+        };
+        let stream = self.js.get_or_create_stream(config).await.map_err(|err| {
+            EngineError::Failed(format!("retained stream (is JetStream enabled?): {err}"))
+        })?;
+        self.retained_ready.store(true, Ordering::Release);
+        Ok(stream)
+    }
+
     /// The stream holding durable topics' history, created with this node's limits if there
     /// is none (an existing one keeps its own).
     async fn history_stream(&self) -> Result<stream::Stream, EngineError> {
-        let servers = self.publisher.server_info().connect_urls.len();
-        let replicas = self.replicas.unwrap_or(if servers >= 3 { 3 } else { 1 });
+        let replicas = self.replicas();
         let config = stream::Config {
             name: format!("{}_history", self.prefix),
             description: Some("whispeer: durable topics' history".into()),
@@ -381,6 +412,48 @@ impl Engine for Nats {
                 .publish(subject, entry)
                 .await
                 .map_err(|err| EngineError::Unreachable(err.to_string()))
+        })
+    }
+
+    fn retain(&self, topic: &Topic, message: Bytes) -> EngineFuture<'_, Result<(), EngineError>> {
+        let subject = topic_subject(&self.retained_prefix(), topic);
+        Box::pin(async move {
+            if !self.retained_ready.load(Ordering::Acquire) {
+                self.retained_stream().await?;
+            }
+            let ack = self
+                .js
+                .publish(subject, message)
+                .await
+                .map_err(|err| EngineError::Unreachable(err.to_string()))?;
+            ack.await.map_err(|err| EngineError::Failed(format!("retain: {err}")))?;
+            Ok(())
+        })
+    }
+
+    fn retained(&self) -> EngineFuture<'_, Result<Inbox, EngineError>> {
+        Box::pin(async move {
+            let stream = self.retained_stream().await?;
+            // The last message of each subject, then each new one: JetStream's key-value watch.
+            let config = consumer::pull::OrderedConfig {
+                filter_subject: format!("{}.>", self.retained_prefix()),
+                deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+                ..Default::default()
+            };
+            let failed =
+                |err: &dyn std::fmt::Display| EngineError::Failed(format!("retained: {err}"));
+            let ordered = stream.create_consumer(config).await.map_err(|e| failed(&e))?;
+            let messages = ordered.messages().await.map_err(|e| failed(&e))?;
+            let inbox: Inbox = Box::pin(messages.filter_map(|message| async move {
+                match message {
+                    Ok(message) => Some(message.payload.clone()),
+                    Err(err) => {
+                        tracing::warn!(%err, "cluster: reading retained messages");
+                        None
+                    }
+                }
+            }));
+            Ok(inbox)
         })
     }
 

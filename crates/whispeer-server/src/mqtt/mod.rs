@@ -111,8 +111,14 @@ pub(super) async fn serve_halves<R, W>(
     let connection = sessions.connection();
     let mut session = Session::new(limits.clone());
     let taken = CancellationToken::new();
-    session.registry =
-        Some(Registry { sessions: Arc::clone(&sessions), connection, stop: stop.clone(), taken });
+    session.registry = Some(Registry {
+        sessions: Arc::clone(&sessions),
+        connection,
+        stop: stop.clone(),
+        taken,
+        broker: broker.clone(),
+        config: Arc::clone(&config),
+    });
     let shared = Arc::new(Mutex::new(Shared { session, reader: None }));
     let on_end = Arc::clone(&shared);
     let reader = MqttReader {
@@ -136,10 +142,16 @@ pub(super) async fn serve_halves<R, W>(
         limits: frame_limits,
     };
     connection::run(reader, writer, peer, broker, config, stop).await;
-    let client_id = lock(&on_end).session.client_id().to_string();
-    if !client_id.is_empty() {
-        sessions.detach(&client_id, connection);
+    let mut shared = lock(&on_end);
+    let client_id = shared.session.client_id().to_string();
+    // A session over (not persistent, or its expiry set to zero): its groups go now.
+    if !client_id.is_empty()
+        && sessions.detach(&client_id, connection)
+        && let Some(registry) = &shared.session.registry
+    {
+        registry.end_groups(&client_id, shared.session.session_filters());
     }
+    shared.session.registry = None;
 }
 
 /// Reads MQTT packets off the socket and yields the native frames they stand for.

@@ -11,16 +11,18 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio_util::sync::CancellationToken;
-
 use bytes::Bytes;
 use whispeer_proto::{
-    Body, ContentType, Envelope, ErrorCode, Filter, Flags, Frame, Limits, MessageId,
-    PROTOCOL_VERSION, Qos, StartAt, Topic, header,
+    Body, ContentType, Envelope, ErrorCode, Flags, Frame, Limits, MessageId, PROTOCOL_VERSION, Qos,
+    Topic, header,
 };
 
-use super::codec::{Goodbye, Granted, In, Outcome, Props, Refusal, Version, Will};
-use super::sessions::{MqttSessions, StoredSub};
+use super::codec::{
+    Goodbye, Granted, In, Outcome, Props, Refusal, RetainHandling, SubFilter, Version, Will,
+};
+use super::sessions::Foreign;
+use crate::Principal;
+use crate::retained::Retained;
 
 /// Topic aliases a client may set (MQTT 5), each at most one topic.
 pub(crate) const TOPIC_ALIASES: u16 = 64;
@@ -37,6 +39,10 @@ const CORRELATION: &str = header::CORRELATION_DATA;
 const PAYLOAD_FORMAT: &str = "payload-format";
 
 mod outbound;
+mod registry;
+mod subscribe;
+
+pub(crate) use registry::Registry;
 
 /// What a correlation id's reply answers.
 enum Pending {
@@ -81,15 +87,15 @@ struct SubInfo {
     /// A QoS 0 subscription of a persistent session: the native subscription is QoS 1 (a
     /// lingering group), acknowledged here as each message goes out.
     acks_itself: bool,
-}
-
-/// The server's session registry, as this connection sees it.
-pub(crate) struct Registry {
-    pub(crate) sessions: Arc<MqttSessions>,
-    pub(crate) connection: u64,
-    pub(crate) stop: CancellationToken,
-    /// Cancelled when another connection took the session over.
-    pub(crate) taken: CancellationToken,
+    /// A persistent session's subscription (a queue group of the session's own).
+    session: bool,
+    /// MQTT 5 no local: the messages this connection published are not sent.
+    no_local: bool,
+    /// MQTT 5 retain as published: live messages keep their publisher's retain flag.
+    keep_retain: bool,
+    /// The retained messages given at subscription are not sent (retain handling, or a
+    /// subscription resumed rather than made).
+    skip_retained: bool,
 }
 
 /// Where the connection stands.
@@ -140,6 +146,8 @@ pub(crate) struct Session {
     /// Whether a stored session was resumed (CONNACK's session present).
     present: bool,
     expiry_secs: u32,
+    /// Who the CONNECT's credentials say the client is (with a registry).
+    principal: Option<Arc<Principal>>,
 }
 
 fn now_ms() -> u64 {
@@ -207,7 +215,22 @@ impl Session {
             persistent: false,
             present: false,
             expiry_secs: 0,
+            principal: None,
         }
+    }
+
+    /// The filters of the session's own groups, for ending them when the session is over.
+    pub(crate) fn session_filters(&self) -> Vec<String> {
+        let session = |sub: &u32| self.sub_info.get(sub).is_some_and(|info| info.session);
+        self.subs.iter().filter(|(_, sub)| session(sub)).map(|(text, _)| text.clone()).collect()
+    }
+
+    /// A session expiry within the server's bound.
+    fn bounded(&self, secs: u32) -> u32 {
+        let max = self.registry.as_ref().map_or(u32::MAX, |r| {
+            u32::try_from(r.config.mqtt_max_session_expiry.as_secs()).unwrap_or(u32::MAX)
+        });
+        secs.min(max)
     }
 
     /// A PUBLISH's topic through MQTT 5 topic aliases (1 to `TOPIC_ALIASES`, as CONNACK
@@ -285,6 +308,15 @@ impl Session {
             envelope.headers.insert(header::RETAIN, "1");
         }
         let qos = if will.qos == 0 { Qos::AtMostOnce } else { Qos::AtLeastOnce };
+        // MQTT 5: after the will delay, or when the session ends if that is sooner.
+        let delay = will.delay_secs.min(if self.persistent { self.expiry_secs } else { 0 });
+        if delay > 0
+            && let (Some(registry), Some(principal)) = (&self.registry, &self.principal)
+        {
+            let delay = Duration::from_secs(u64::from(delay));
+            registry.publish_later(&self.client_id, envelope, delay, Arc::clone(principal));
+            return None;
+        }
         Some(Frame::new(1, Body::Publish { qos, envelope }))
     }
 
@@ -334,8 +366,19 @@ impl Session {
                 frames
             }
             In::PingReq => vec![self.ask(Pending::PingReq, Body::Ping)],
-            In::Disconnect { with_will } => {
+            In::Disconnect { with_will, session_expiry } => {
                 self.disconnected = !with_will;
+                // A new expiry (MQTT 5); a session that had none cannot be given one here.
+                if let Some(secs) = session_expiry
+                    && (self.persistent || secs == 0)
+                {
+                    self.expiry_secs = self.bounded(secs);
+                    self.persistent = self.expiry_secs > 0;
+                    if let Some(r) = &self.registry {
+                        let expiry = Duration::from_secs(u64::from(self.expiry_secs));
+                        r.sessions.set_expiry(&self.client_id, r.connection, expiry);
+                    }
+                }
                 Vec::new()
             }
             In::Connect { .. } | In::Unexpected(_) => return Err(Goodbye::Protocol),
@@ -353,6 +396,7 @@ impl Session {
             receive_max,
             max_packet,
             session_expiry,
+            auth_method,
             ..
         } = packet
         else {
@@ -370,15 +414,22 @@ impl Session {
             self.client_max_packet = max as usize;
         }
         // 3.1.1: a session outlives its connection without clean session; 5: with an expiry.
-        self.expiry_secs = match version {
+        self.expiry_secs = self.bounded(match version {
             Version::V4 if !clean => u32::MAX,
             Version::V4 => 0,
             Version::V5 => session_expiry.unwrap_or(0),
-        };
+        });
         self.persistent = self.expiry_secs > 0;
         let name = format!("mqtt:{}", self.client_id);
         let mut frames =
             vec![Frame::new(1, Body::Hello { version: PROTOCOL_VERSION, capabilities: 0, name })];
+        if let Some(method) = auth_method {
+            // Enhanced authentication (AUTH exchanges): no method is offered.
+            tracing::debug!(client = %self.client_id, method, "mqtt authentication method refused");
+            self.stage = Stage::Connecting { auth_sent: true };
+            frames.push(self.ask(Pending::Refuse(Refusal::BadAuthMethod), Body::Ping));
+            return Ok(frames);
+        }
         if self.client_id.is_empty() {
             if self.persistent && version == Version::V4 {
                 // 3.1.1: a persistent session needs a client id to find it again.
@@ -392,81 +443,48 @@ impl Session {
         if SESSION_GROUP.len() + self.client_id.len() > MAX_GROUP_NAME {
             self.persistent = false;
         }
+        let expiry =
+            Duration::from_secs(if self.persistent { u64::from(self.expiry_secs) } else { 0 });
+        // The credentials first: a client that cannot log in takes no session over (the
+        // connection's AUTH refuses it), and a client id is bound to its principal.
+        let principal = self.registry.as_ref().and_then(|r| r.principal(password.as_deref()));
+        let mut resumed = None;
+        if let (Some(r), Some(who)) = (&self.registry, &principal) {
+            let tokens = (r.stop.clone(), r.taken.clone());
+            match r.sessions.attach(&self.client_id, &who.name, r.connection, tokens, clean, expiry)
+            {
+                Ok(attached) => {
+                    let ended = attached.discarded.into_iter().map(|s| s.filter).collect();
+                    r.end_groups(&self.client_id, ended);
+                    resumed = attached.resumed;
+                }
+                Err(Foreign) => {
+                    tracing::debug!(client = %self.client_id, "mqtt client id of another principal");
+                    self.stage = Stage::Connecting { auth_sent: true };
+                    frames.push(self.ask(Pending::Refuse(Refusal::NotAuthorized), Body::Ping));
+                    return Ok(frames);
+                }
+            }
+        }
+        self.principal = principal;
         let auth_sent = password.is_some();
         if let Some(key) = password {
             frames.push(self.ask(Pending::Auth, Body::Auth { key: Bytes::from(key) }));
         }
         self.stage = Stage::Connecting { auth_sent };
-        let expiry =
-            Duration::from_secs(if self.persistent { u64::from(self.expiry_secs) } else { 0 });
-        let resumed = self.registry.as_ref().and_then(|r| {
-            let tokens = (r.stop.clone(), r.taken.clone());
-            r.sessions.attach(&self.client_id, r.connection, tokens, clean, expiry)
-        });
         self.present = resumed.is_some();
         for stored in resumed.unwrap_or_default() {
-            frames.extend(self.session_subscribe(&stored.filter, stored.qos, stored.id, None));
+            let options = SubFilter {
+                path: stored.filter,
+                qos: stored.qos,
+                no_local: stored.no_local,
+                keep_retain: stored.keep_retain,
+                // Resumed, not subscribed: MQTT gives retained messages on SUBSCRIBE only.
+                retained: RetainHandling::Never,
+            };
+            frames.extend(self.session_subscribe(&options, stored.id, None));
         }
         Ok(frames)
-    }
-
-    /// A persistent session's subscription: a native QoS 1 queue group of the session's own,
-    /// remembered by the registry. With `pkid`, the SUBACK entry it answers.
-    fn session_subscribe(
-        &mut self,
-        text: &str,
-        qos: u8,
-        id: Option<usize>,
-        answer: Option<(u16, usize)>,
-    ) -> Vec<Frame> {
-        let granted = qos.min(1);
-        if let Some(&sub) = self.subs.get(text) {
-            // Resumed already: kept (its queue holds what came while away), its QoS updated.
-            if let Some(info) = self.sub_info.get_mut(&sub) {
-                info.qos = granted;
-                info.acks_itself = granted == 0;
-            }
-            self.remember(text, granted, id);
-            return match answer {
-                Some((pkid, index)) => {
-                    vec![self.ask(Pending::Subscribe { pkid, index, granted, sub }, Body::Ping)]
-                }
-                None => Vec::new(),
-            };
-        }
-        let Ok(filter) = Filter::parse_with(text, &self.limits) else {
-            return match answer {
-                Some((pkid, index)) => {
-                    vec![self.ask(Pending::SubscribeInvalid { pkid, index }, Body::Ping)]
-                }
-                None => Vec::new(),
-            };
-        };
-        let sub = self.next_sub;
-        self.next_sub += 1;
-        self.subs.insert(text.to_string(), sub);
-        self.sub_info.insert(sub, SubInfo { qos: granted, id, acks_itself: granted == 0 });
-        self.remember(text, granted, id);
-        let body = Body::Subscribe {
-            sub,
-            qos: Qos::AtLeastOnce,
-            filter,
-            prefetch: self.receive_max.map_or(0, u32::from),
-            group: Some(format!("{SESSION_GROUP}{}", self.client_id)),
-            start: StartAt::Latest,
-        };
-        let pending = match answer {
-            Some((pkid, index)) => Pending::Subscribe { pkid, index, granted, sub },
-            None => Pending::Ignore,
-        };
-        vec![self.ask(pending, body)]
-    }
-
-    fn remember(&self, filter: &str, qos: u8, id: Option<usize>) {
-        if let Some(r) = &self.registry {
-            let stored = StoredSub { filter: filter.to_string(), qos, id };
-            r.sessions.subscribed(&self.client_id, r.connection, stored);
-        }
     }
 
     fn publish(
@@ -502,41 +520,5 @@ impl Session {
         }
         let body = Body::Publish { qos: Qos::AtLeastOnce, envelope };
         vec![self.ask(Pending::Publish { pkid, exactly_once }, body)]
-    }
-
-    fn subscribe(&mut self, pkid: u16, filters: &[(String, u8)], id: Option<usize>) -> Vec<Frame> {
-        self.subacks.insert(pkid, SubAckBuild { granted: vec![None; filters.len()] });
-        let mut frames = Vec::new();
-        for (index, (text, qos)) in filters.iter().enumerate() {
-            let (group, filter) = shared(text);
-            if self.persistent && group.is_none() {
-                frames.extend(self.session_subscribe(text, *qos, id, Some((pkid, index))));
-                continue;
-            }
-            let Ok(filter) = Filter::parse_with(filter, &self.limits) else {
-                frames.push(self.ask(Pending::SubscribeInvalid { pkid, index }, Body::Ping));
-                continue;
-            };
-            // A filter subscribed again replaces the subscription it had.
-            if let Some(old) = self.subs.remove(text) {
-                self.sub_info.remove(&old);
-                frames.push(self.ask(Pending::Ignore, Body::Unsubscribe { sub: old }));
-            }
-            let sub = self.next_sub;
-            self.next_sub += 1;
-            let granted = (*qos).min(1);
-            self.subs.insert(text.clone(), sub);
-            self.sub_info.insert(sub, SubInfo { qos: granted, id, acks_itself: false });
-            let body = Body::Subscribe {
-                sub,
-                qos: if granted == 0 { Qos::AtMostOnce } else { Qos::AtLeastOnce },
-                filter,
-                prefetch: self.receive_max.map_or(0, u32::from),
-                group,
-                start: StartAt::Latest,
-            };
-            frames.push(self.ask(Pending::Subscribe { pkid, index, granted, sub }, body));
-        }
-        frames
     }
 }

@@ -37,6 +37,7 @@ use super::engine::{
 };
 use super::subject::filter_subjects;
 
+mod retained;
 mod streams;
 mod writer;
 
@@ -573,21 +574,18 @@ impl Engine for Redis {
         let inbox = self.pubsub(vec![format!("_WHISPEER.{}.nodes", self.prefix)], false);
         Box::pin(std::future::ready(Ok(inbox)))
     }
+
+    fn retain(&self, topic: &Topic, message: Bytes) -> EngineFuture<'_, Result<(), EngineError>> {
+        let (mut conn, topic) = (self.commands.clone(), topic.clone());
+        Box::pin(async move { retained::retain(&mut conn, &self.prefix, &topic, &message).await })
+    }
+
+    fn retained(&self) -> EngineFuture<'_, Result<Inbox, EngineError>> {
+        let (client, conn) = (self.client.clone(), self.commands.clone());
+        let inbox = retained::watch(client, conn, self.prefix.clone(), self.returns.clone());
+        Box::pin(std::future::ready(Ok(inbox)))
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn entry_ids_and_offsets_map_both_ways_in_order() {
-        let a = id_to_offset("1796054870877-0").unwrap();
-        let b = id_to_offset("1796054870877-1").unwrap();
-        let c = id_to_offset("1796054870878-0").unwrap();
-        assert!(a < b && b < c);
-        assert_eq!(offset_to_id(b), "1796054870877-1");
-        assert_eq!(id_to_offset("x-1"), None);
-        assert_eq!(id_to_offset(&format!("1-{}", 1u64 << 20)), None, "too many in one millisecond");
-        assert_eq!(glob("w.a.*.>"), "w.a.*.*");
-    }
-}
+mod tests;

@@ -5,8 +5,8 @@ use whispeer_proto::{Body, Envelope, Frame, header};
 
 use super::super::codec::{Goodbye, Granted, Out, Outcome, Props, Refusal};
 use super::{
-    CONTENT_TYPE, CORRELATION, PAYLOAD_FORMAT, Pending, RESPONSE_TOPIC, Session, Stage, goodbye_of,
-    outcome_of,
+    CONTENT_TYPE, CORRELATION, PAYLOAD_FORMAT, Pending, RESPONSE_TOPIC, Retained, Session, Stage,
+    goodbye_of, outcome_of,
 };
 
 impl Session {
@@ -172,11 +172,19 @@ impl Session {
     fn deliver(&mut self, sub: u32, attempt: u32, envelope: Envelope) -> Vec<Out> {
         let Some(info) = self.sub_info.get(&sub) else { return Vec::new() };
         let (qos, subscription_id, acks_itself) = (info.qos, info.id, info.acks_itself);
-        if acks_itself {
-            // Out at QoS 0: settled as it goes.
+        // Given at subscription (not tracked: nothing to acknowledge), or live.
+        let given = envelope.headers.get(header::RETAINED).is_some();
+        // MQTT 5 no local: this connection's own publishes carry its id prefix.
+        let own = info.no_local && (envelope.id.0 >> 64) as u64 == self.id_prefix;
+        let skip = own || (given && info.skip_retained);
+        if acks_itself || (skip && qos == 1 && !given) {
+            // Out at QoS 0, or not out at all: settled here.
             self.inject.push_back(Frame::new(0, Body::Ack { sub, id: envelope.id }));
         }
-        let retain = envelope.headers.get(header::RETAINED).is_some();
+        if skip {
+            return Vec::new();
+        }
+        let retain = given || (info.keep_retain && Retained::wanted(&envelope));
         let mut props = Props::default();
         for (name, value) in envelope.headers.iter() {
             let text = || String::from_utf8_lossy(value).into_owned();
