@@ -70,6 +70,11 @@ pub(crate) struct BenchArgs {
     /// Process id of Mosquitto, to report its CPU time per delivery.
     #[arg(long)]
     mosquitto_pid: Option<u32>,
+    /// An rumqttd broker, measured through the same MQTT packets (`--rumqttd-pid`: its pid).
+    #[arg(long)]
+    rumqttd: Option<String>,
+    #[arg(long, hide = true)]
+    rumqttd_pid: Option<u32>,
     /// Address of a forwarder (`whispeer bench --serve-forwarder ADDR`): a process that only
     /// copies bytes between sockets, measured with the same workloads as this machine's limit.
     #[arg(long)]
@@ -146,7 +151,7 @@ enum Target {
     /// Mosquitto.
     Mqtt {
         addr: String,
-        mosquitto: bool,
+        broker: raw::MqttBroker,
     },
     /// The byte-copying forwarder: the machine's limit.
     Forwarder {
@@ -177,8 +182,7 @@ impl Target {
             Self::Nats { .. } => "nats (async-nats)",
             Self::NatsRaw { .. } => "nats (raw protocol)",
             Self::RedisRaw { .. } => "redis (raw protocol)",
-            Self::Mqtt { mosquitto: false, .. } => "whispeer (MQTT)",
-            Self::Mqtt { mosquitto: true, .. } => "mosquitto (MQTT)",
+            Self::Mqtt { broker, .. } => broker.name(),
             Self::Forwarder { .. } => "forwarder (limit)",
         }
     }
@@ -534,8 +538,13 @@ pub(crate) fn run(args: BenchArgs) -> std::process::ExitCode {
         let raw = [
             args.nats_raw.clone().map(|addr| Target::NatsRaw { addr }),
             args.redis_raw.clone().map(|addr| Target::RedisRaw { addr }),
-            args.mqtt.clone().map(|addr| Target::Mqtt { addr, mosquitto: false }),
-            args.mosquitto.clone().map(|addr| Target::Mqtt { addr, mosquitto: true }),
+            args.mqtt.clone().map(|addr| Target::Mqtt { addr, broker: raw::MqttBroker::Whispeer }),
+            args.mosquitto
+                .clone()
+                .map(|addr| Target::Mqtt { addr, broker: raw::MqttBroker::Mosquitto }),
+            args.rumqttd
+                .clone()
+                .map(|addr| Target::Mqtt { addr, broker: raw::MqttBroker::Rumqttd }),
             args.forwarder.clone().map(|addr| Target::Forwarder { addr }),
         ];
         let cluster = (!args.cluster.is_empty()).then(|| Target::Cluster {

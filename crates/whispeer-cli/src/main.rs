@@ -103,7 +103,7 @@ enum Command {
     ///
     /// Prints a table: delivered msgs/s for 1→1 and 1→8 subscribers with 128-byte payloads,
     /// MB/s with 64 KiB payloads, and p50/p99/p99.9 latency at a fixed rate.
-    Bench(bench::BenchArgs),
+    Bench(Box<bench::BenchArgs>),
     /// Write a development CA and a server certificate (PEM) for trying TLS.
     ///
     /// Example: whispeer cert --out certs && whispeer serve --config whispeer.toml, with
@@ -200,7 +200,7 @@ fn main() -> ExitCode {
         Command::Reply(args) => request::run_reply(args),
         Command::Replay(args) => replay::run(args),
         Command::Inspect(args) => inspect::run(&args),
-        Command::Bench(args) => bench::run(args),
+        Command::Bench(args) => bench::run(*args),
         Command::Cert(args) => cert::run(args),
     }
 }

@@ -5,7 +5,7 @@
 //! - **Redis pub/sub on RESP** (`--redis-raw`): `PUBLISH`/`SUBSCRIBE` and the `message` pushes
 //!   written and parsed here likewise (the publisher's integer replies are read and dropped by a
 //!   task of their own).
-//! - **MQTT 3.1.1 at QoS 0** (`--mqtt`, `--mosquitto`): CONNECT, SUBSCRIBE and PUBLISH packets
+//! - **MQTT 3.1.1 at QoS 0** (`--mqtt`, `--mosquitto`, `--rumqttd`): CONNECT, SUBSCRIBE and PUBLISH packets
 //!   written and parsed here likewise, against any MQTT broker (whispeer's MQTT listener,
 //!   Mosquitto, rumqttd).
 //! - **A forwarder** (`--forwarder`, served by `whispeer bench --serve-forwarder ADDR`): a
@@ -22,6 +22,25 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
+
+/// The MQTT broker behind an MQTT target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum MqttBroker {
+    /// whispeer's MQTT listener.
+    Whispeer,
+    Mosquitto,
+    Rumqttd,
+}
+
+impl MqttBroker {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::Whispeer => "whispeer (MQTT)",
+            Self::Mosquitto => "mosquitto (MQTT)",
+            Self::Rumqttd => "rumqttd (MQTT)",
+        }
+    }
+}
 
 /// Which raw protocol a connection speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,7 +96,8 @@ fn mqtt_string(text: &[u8]) -> Vec<u8> {
     out
 }
 
-/// CONNECT: 3.1.1, clean session, no keep-alive, a client id of its own.
+/// CONNECT: 3.1.1, clean session, a keep-alive of 60 s (longer than a run; rumqttd refuses
+/// none), a client id of its own.
 fn mqtt_connect() -> Vec<u8> {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
     let id = format!(
@@ -85,7 +105,7 @@ fn mqtt_connect() -> Vec<u8> {
         std::process::id(),
         NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     );
-    let header = [&b"\x00\x04MQTT\x04\x02\x00\x00"[..], &mqtt_string(id.as_bytes())].concat();
+    let header = [&b"\x00\x04MQTT\x04\x02\x00\x3c"[..], &mqtt_string(id.as_bytes())].concat();
     mqtt_packet(0x10, &[&header])
 }
 

@@ -1,5 +1,6 @@
 //! The figures `whispeer bench` derives: latency percentiles and processes' CPU time.
 
+use super::raw::MqttBroker;
 use super::{BenchArgs, Target};
 
 /// p50, p99 and p99.9 of nanosecond samples, in microseconds.
@@ -35,7 +36,8 @@ pub(super) fn pid_of(target: &Target, args: &BenchArgs) -> Option<u32> {
         Target::NatsRaw { .. } => args.nats_pid,
         Target::RedisRaw { .. } => args.redis_pid,
         Target::Forwarder { .. } => args.forwarder_pid,
-        Target::Mqtt { mosquitto: false, .. } => args.server_pid,
-        Target::Mqtt { mosquitto: true, .. } => args.mosquitto_pid,
+        Target::Mqtt { broker: MqttBroker::Whispeer, .. } => args.server_pid,
+        Target::Mqtt { broker: MqttBroker::Mosquitto, .. } => args.mosquitto_pid,
+        Target::Mqtt { broker: MqttBroker::Rumqttd, .. } => args.rumqttd_pid,
     }
 }
