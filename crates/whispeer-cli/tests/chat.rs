@@ -332,8 +332,12 @@ async fn receipts_and_unread_counts_follow_delivery_and_reading() {
     }
     alice.ask(json!({"type": "create", "group": "team", "open": true})).await;
     phone.ask(json!({"type": "join", "group": "team"})).await;
-    alice.ask(json!({"group": "team", "msg": "g1"})).await;
-    alice.ask(json!({"group": "team", "msg": "g2"})).await;
+    // Every other member (bob) has them: one receipt each, for the group.
+    alice.send(&json!({"group": "team", "msg": "g1"})).await;
+    alice.send(&json!({"group": "team", "msg": "g2"})).await;
+    let (sent, receipts) = sent_and_group_receipts(&mut alice, 2, 2).await;
+    assert_eq!(sent, receipts.iter().map(|r| r["id"].clone()).collect::<Vec<_>>());
+    assert!(receipts.iter().all(|r| r["members"] == 1), "{receipts:?}");
     phone.send(&json!({"type": "unread"})).await;
     let unread = phone.next_where(|v| v["type"] == "unread").await;
     let count = |unread: &Value, key: &str, name: &str| {
@@ -353,6 +357,47 @@ async fn receipts_and_unread_counts_follow_delivery_and_reading() {
     let mut laptop = ChatClient::join(&server.url, "bob", "laptop").await;
     let synced = laptop.next_where(|v| v["status"] == "read").await;
     assert_eq!((synced["with"].as_str(), synced["seq"].as_u64()), (Some("alice"), Some(2)));
+
+    // A group receipt waits for every member: carol is away; it comes when she is back, and
+    // for a message she never gets, when she is removed.
+    let mut carol = ChatClient::join(&server.url, "carol", "phone").await;
+    carol.ask(json!({"type": "join", "group": "team"})).await;
+    drop(carol);
+    let waits = alice.ask(json!({"group": "team", "msg": "g3"})).await["id"].clone();
+    phone.next_where(|v| v["msg"] == "g3").await;
+    alice.no_message_within(Duration::from_millis(300)).await;
+    let mut carol = ChatClient::join(&server.url, "carol", "phone").await;
+    carol.next_where(|v| v["msg"] == "g3").await;
+    let receipt = alice.next_where(|v| v["status"] == "delivered" && v["group"] == "team").await;
+    assert_eq!((&receipt["id"], receipt["members"].as_u64()), (&waits, Some(2)), "{receipt}");
+    drop(carol);
+    let last = alice.ask(json!({"group": "team", "msg": "g4"})).await["id"].clone();
+    phone.next_where(|v| v["msg"] == "g4").await;
+    alice.no_message_within(Duration::from_millis(300)).await;
+    alice.send(&json!({"type": "remove", "group": "team", "user": "carol"})).await;
+    let (_, receipts) = sent_and_group_receipts(&mut alice, 0, 1).await;
+    assert_eq!(receipts[0]["id"], last, "{receipts:?}");
+}
+
+/// Reads `client`'s events until `sent` replies and `receipts` group delivery receipts came
+/// (in any order): the ids of each, sorted (replies to other requests are skipped).
+async fn sent_and_group_receipts(
+    client: &mut ChatClient,
+    sent: usize,
+    receipts: usize,
+) -> (Vec<Value>, Vec<Value>) {
+    let (mut replies, mut got) = (Vec::new(), Vec::new());
+    while replies.len() < sent || got.len() < receipts {
+        let event = client.next().await;
+        if event["type"] == "sent" {
+            replies.push(event["id"].clone());
+        } else if event["status"] == "delivered" && event.get("group").is_some() {
+            got.push(event);
+        }
+    }
+    replies.sort_by_key(Value::to_string);
+    got.sort_by_key(|r| r["id"].to_string());
+    (replies, got)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -66,9 +66,10 @@ pub enum ChatEvent {
         /// Where, for a group.
         group: Option<String>,
     },
-    /// A receipt: `status` is `delivered` (to `by`'s `device`; `id` is the message's) or `read`
-    /// (`by` read the conversation up to `seq`; `with` or `group` names it for this user's own
-    /// reads on another device).
+    /// A receipt: `status` is `delivered` (to `by`'s `device`; `id` is the message's; for a
+    /// group message, once to `members` members — every one but the sender — with `group` set
+    /// and `by` empty) or `read` (`by` read the conversation up to `seq`; `with` or `group`
+    /// names it for this user's own reads on another device).
     Receipt {
         /// `delivered` or `read`.
         status: String,
@@ -82,8 +83,10 @@ pub enum ChatEvent {
         seq: Option<u64>,
         /// The direct conversation, for this user's own reads.
         with: Option<String>,
-        /// The group, for this user's own reads.
+        /// The group: of a group message delivered, or of this user's own reads.
         group: Option<String>,
+        /// A group message delivered: to how many members (all but its sender).
+        members: Option<u64>,
     },
     /// A group's key, sealed to this device by a member, learned: messages sealed with it open.
     GroupKey {
@@ -140,6 +143,7 @@ pub(super) fn event_of(value: Value) -> ChatEvent {
             seq: value.get("seq").and_then(Value::as_u64),
             with: text("with"),
             group: text("group"),
+            members: value.get("members").and_then(Value::as_u64),
         },
         Some("typing") => {
             ChatEvent::Typing { from: text("from").unwrap_or_default(), group: text("group") }

@@ -90,6 +90,8 @@ pub(crate) struct Hub {
     /// `DIRECTORY_CACHE` users, emptied when full; an entry goes when its user's keys change,
     /// and the generation (first) moves on, so a read begun before is not kept.
     pub(crate) directory: Mutex<(u64, HashMap<String, Devices>)>,
+    /// Group messages waiting to reach every member, for their senders' receipts.
+    pub(crate) group_receipts: Mutex<super::receipts::GroupReceipts>,
 }
 
 /// A user's devices' public identities, as the directory holds them.
@@ -137,6 +139,7 @@ impl Hub {
             stripes: (0..super::messaging::STRIPES).map(|_| Mutex::new(())).collect(),
             reads: Mutex::new(reads),
             directory: Mutex::new((0, HashMap::new())),
+            group_receipts: Mutex::default(),
         });
         let weak = Arc::downgrade(&hub);
         broker.spawn(async move {

@@ -17,6 +17,8 @@ pub(crate) const ORIGIN: &str = "chat-origin";
 pub(crate) const FROM: &str = "chat-from";
 pub(crate) const ID: &str = "chat-id";
 pub(crate) const DIRECT: &str = "chat-to";
+/// The group of a group message.
+pub(crate) const GROUP: &str = "chat-group";
 
 /// Stripes of locks that keep each log's writes in seq order.
 pub(crate) const STRIPES: usize = 64;
@@ -153,6 +155,7 @@ impl Hub {
                 }
                 let members = groups.members(group);
                 drop(groups);
+                self.expect_group_receipt(&id, from, group, &members);
                 (Some(group_log(group)), members.iter().map(|m| inbox(m)).collect())
             }
             Target::Topic(topic) => {
@@ -164,8 +167,10 @@ impl Hub {
             .header(ORIGIN, origin.to_string())
             .header(FROM, from.to_string())
             .header(ID, id.clone());
-        if let Target::User(to) = target {
-            headers = headers.header(DIRECT, to.clone());
+        match target {
+            Target::User(to) => headers = headers.header(DIRECT, to.clone()),
+            Target::Group(group) => headers = headers.header(GROUP, group.clone()),
+            Target::Topic(_) => {}
         }
         let mut seq = None;
         let stored = self.publish(log.as_deref(), &inboxes, &headers, |at| {
@@ -173,7 +178,8 @@ impl Hub {
             serde_json::to_vec(&delivered)
                 .map(Bytes::from)
                 .map_err(|e| ChatError::new("malformed", format!("message not encodable: {e}")))
-        })?;
+        });
+        let stored = stored.inspect_err(|_| self.forget_group_receipt(&id))?;
         Ok((id, time, seq, stored))
     }
 
@@ -302,8 +308,15 @@ impl Hub {
         .await;
         let failed = |err: String| ChatError::new("store_failed", format!("chat.db: {err}"));
         stored.map_err(|e| failed(e.to_string()))?.map_err(|e| failed(e.to_string()))?;
-        let mut groups = self.groups.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        changes.iter().for_each(|change| groups.apply(change));
+        {
+            let mut groups = self.groups.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            changes.iter().for_each(|change| groups.apply(change));
+        }
+        for change in &changes {
+            if let Change::Remove { group, user } = change {
+                self.left_group(group, user);
+            }
+        }
         Ok(())
     }
 

@@ -1,8 +1,12 @@
 //! Receipts and unread counts. A direct message written to a recipient's device sends the
 //! sender a `delivered` receipt through its inbox (stored like a message, so an offline sender
-//! gets it later); a `read` request moves the reader's read position in a conversation (kept in
-//! `chat.db`), tells the other side of a direct conversation, and the reader's other devices.
-//! Unread counts are the messages of others after the read position.
+//! gets it later); a group message sends its sender one `delivered` receipt once it was written
+//! to a device of every other member (members who leave before are not waited for); a `read`
+//! request moves the reader's read position in a conversation (kept in `chat.db`), tells the
+//! other side of a direct conversation, and the reader's other devices. Unread counts are the
+//! messages of others after the read position.
+
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use bytes::Bytes;
 use serde_json::{Value, json};
@@ -14,6 +18,78 @@ use super::wire::{ChatError, Position, Target};
 
 /// Most users whose directory entries the server keeps in memory (emptied when full).
 const DIRECTORY_CACHE: usize = 65_536;
+
+/// Most group messages followed until every member has them; past it the oldest are forgotten
+/// (their senders get no receipt for them).
+const GROUP_RECEIPTS: usize = 100_000;
+
+/// Group messages not yet written to a device of every member, in memory (a restart forgets
+/// them).
+#[derive(Debug, Default)]
+pub(crate) struct GroupReceipts {
+    waiting: HashMap<String, Waiting>,
+    order: VecDeque<String>,
+}
+
+/// One group message's wait: its sender, its group, the members it still waits for, how many
+/// it was sent to.
+#[derive(Debug)]
+struct Waiting {
+    from: String,
+    group: String,
+    members: HashSet<String>,
+    total: usize,
+}
+
+impl GroupReceipts {
+    /// Follows message `id` of `from` to `group`, sent to `members` (the sender's own left out).
+    fn expect(&mut self, id: &str, from: &str, group: &str, members: &[String]) {
+        let members: HashSet<String> = members.iter().filter(|m| *m != from).cloned().collect();
+        if members.is_empty() {
+            return;
+        }
+        while self.order.len() >= GROUP_RECEIPTS {
+            if let Some(oldest) = self.order.pop_front() {
+                self.waiting.remove(&oldest);
+            }
+        }
+        let (from, group, total) = (from.to_string(), group.to_string(), members.len());
+        self.waiting.insert(id.to_string(), Waiting { from, group, members, total });
+        self.order.push_back(id.to_string());
+    }
+
+    /// `user` has message `id`: the wait, when it was the last one waited for.
+    fn delivered(&mut self, id: &str, user: &str) -> Option<(String, Waiting)> {
+        let waiting = self.waiting.get_mut(id)?;
+        waiting.members.remove(user);
+        if !waiting.members.is_empty() {
+            return None;
+        }
+        self.order.retain(|other| other != id);
+        self.waiting.remove(id).map(|done| (id.to_string(), done))
+    }
+
+    /// `user` left `group`: no longer waited for; the waits that ends.
+    fn gone(&mut self, group: &str, user: &str) -> Vec<(String, Waiting)> {
+        let ended: Vec<String> = self
+            .waiting
+            .iter_mut()
+            .filter_map(|(id, w)| {
+                let done = w.group == group && w.members.remove(user) && w.members.is_empty();
+                done.then(|| id.clone())
+            })
+            .collect();
+        self.order.retain(|id| !ended.contains(id));
+        ended.into_iter().filter_map(|id| self.waiting.remove(&id).map(|w| (id, w))).collect()
+    }
+
+    /// Forgets message `id` (it was not sent after all).
+    fn forget(&mut self, id: &str) {
+        if self.waiting.remove(id).is_some() {
+            self.order.retain(|other| other != id);
+        }
+    }
+}
 
 impl Hub {
     /// `user`'s device `device` was written direct messages: (sender, id) of each.
@@ -31,6 +107,51 @@ impl Hub {
             );
             if let Err(err) = sent {
                 tracing::debug!(%err, "delivery receipt not stored");
+            }
+        }
+    }
+
+    /// Follows group message `id` until every member of `group` but `from` has it.
+    pub(crate) fn expect_group_receipt(&self, id: &str, from: &str, group: &str, to: &[String]) {
+        lock(&self.group_receipts).expect(id, from, group, to);
+    }
+
+    /// Group message `id` was not sent: not followed.
+    pub(crate) fn forget_group_receipt(&self, id: &str) {
+        lock(&self.group_receipts).forget(id);
+    }
+
+    /// `user`'s device was written group messages: (group, sender, id) of each; a sender
+    /// whose message every member now has gets its receipt.
+    pub(crate) fn delivered_group(&self, user: &str, messages: &[(String, String, String)]) {
+        let done: Vec<(String, Waiting)> = {
+            let mut receipts = lock(&self.group_receipts);
+            messages.iter().filter_map(|(_, _, id)| receipts.delivered(id, user)).collect()
+        };
+        self.group_receipts_done(done);
+    }
+
+    /// `user` left `group` (or was removed): messages that waited only for it are delivered.
+    pub(crate) fn left_group(&self, group: &str, user: &str) {
+        let done = lock(&self.group_receipts).gone(group, user);
+        self.group_receipts_done(done);
+    }
+
+    fn group_receipts_done(&self, done: Vec<(String, Waiting)>) {
+        let time = now_ms();
+        for (id, waiting) in done {
+            let receipt = json!({
+                "type": "receipt", "status": "delivered", "id": id, "group": waiting.group,
+                "members": waiting.total, "time": time,
+            });
+            let receipt = Bytes::from(receipt.to_string());
+            let sent = self.broker.publish_bytes_with(
+                &inbox(&waiting.from),
+                receipt,
+                &PublishOptions::new(),
+            );
+            if let Err(err) = sent {
+                tracing::debug!(%err, "group delivery receipt not stored");
             }
         }
     }

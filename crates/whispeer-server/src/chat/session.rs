@@ -25,7 +25,7 @@ use whispeer_core::{
 };
 
 use super::hub::{Cursor, Hub, broadcast, inbox, live};
-use super::messaging::{DIRECT, FROM, ID, ORIGIN, Stored};
+use super::messaging::{DIRECT, FROM, GROUP, ID, ORIGIN, Stored};
 use super::wire::{self, Action, ChatError, Request as ChatRequest, valid_name};
 use crate::ServerConfig;
 
@@ -218,7 +218,7 @@ where
             last = next.offset().or(last);
             batch.push(next);
         }
-        let mut direct = Vec::new();
+        let (mut direct, mut grouped) = (Vec::new(), Vec::new());
         for message in batch {
             let headers = message.headers();
             if headers.get(ORIGIN) == Some(&self.origin) {
@@ -232,6 +232,12 @@ where
             {
                 let text = |b: &Bytes| String::from_utf8_lossy(b).into_owned();
                 direct.push((text(from), text(id)));
+            } else if let (Some(group), Some(from), Some(id)) =
+                (headers.get(GROUP), headers.get(FROM), headers.get(ID))
+                && Some(from.as_ref()) != mine
+            {
+                let text = |b: &Bytes| String::from_utf8_lossy(b).into_owned();
+                grouped.push((text(group), text(from), text(id)));
             }
             let Ok(text) = Utf8Bytes::try_from(message.payload().clone()) else { continue };
             if self.ws.feed(WsMessage::Text(text)).await.is_err() {
@@ -244,10 +250,13 @@ where
         if let (Some(cursor), Some(last)) = (&self.cursor, last) {
             cursor.advance(last);
         }
-        if let Some(user) = &self.user
-            && !direct.is_empty()
-        {
-            self.hub.delivered(user, &self.device, &direct);
+        if let Some(user) = &self.user {
+            if !direct.is_empty() {
+                self.hub.delivered(user, &self.device, &direct);
+            }
+            if !grouped.is_empty() {
+                self.hub.delivered_group(user, &grouped);
+            }
         }
         true
     }
