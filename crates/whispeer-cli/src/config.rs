@@ -523,8 +523,10 @@ impl Config {
         server.max_retained_bytes = self.max_retained_bytes;
         server.mqtt_max_session_expiry = Duration::from_secs(self.mqtt.max_session_expiry_secs);
         if let Some(dir) = &self.storage.dir {
-            // Retained messages of durable topics are kept beside the store.
-            let durable = self.storage.durable.iter().filter_map(|f| Filter::parse(f).ok());
+            // Retained messages of durable topics are kept beside the store, and the key
+            // directory's (`@keys/…`: device identities and key policies).
+            let durable = self.storage.durable.iter().map(String::as_str).chain(["@keys/#"]);
+            let durable = durable.filter_map(|f| Filter::parse(f).ok());
             let limits = self.broker_options()?.limits;
             server.retained = Arc::new(
                 whispeer::server::Retained::open(dir, durable.collect(), limits).map_err(|e| {

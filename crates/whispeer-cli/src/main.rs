@@ -8,6 +8,7 @@ mod cert;
 mod chat;
 mod config;
 mod inspect;
+mod keys;
 mod pubsub;
 mod replay;
 mod request;
@@ -91,6 +92,11 @@ enum Command {
     ///
     /// Example: whispeer sub 'sensor/#' -v
     Sub(pubsub::SubArgs),
+    /// End-to-end keys for pub/sub without a shared secret: publish this device's identity,
+    /// show a principal's devices, make a key policy, publish and read under one.
+    ///
+    /// Example: whispeer keys policy ops --filter 'ops/#' --member bob --as alice --identity alice.id
+    Keys(keys::KeysArgs),
     /// Print a topic's retained history from a start position, or publish it again elsewhere.
     ///
     /// Example: whispeer replay orders/eu --from 2026-11-23T09:00:00Z -v
@@ -195,6 +201,7 @@ fn main() -> ExitCode {
         Command::Pub(args) => pubsub::run_pub(args),
         Command::Chat(args) => chat::run(args),
         Command::Sub(args) => pubsub::run_sub(args),
+        Command::Keys(args) => keys::run(args),
         Command::Sync(args) => sync::run(args),
         Command::Req(args) => request::run_req(args),
         Command::Reply(args) => request::run_reply(args),

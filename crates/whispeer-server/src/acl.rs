@@ -17,6 +17,10 @@
 //! are skipped by leading wildcards, so a grant of `#` opens neither. A principal may always
 //! subscribe to its own inbox, `@inbox/<name>` and below; other inboxes, and publishing to any
 //! inbox, need an explicit grant that names `@inbox`.
+//!
+//! The key directory, `@keys/<principal>/…` (device identities and key policies, as retained
+//! messages), is open to read for every principal; each writes its own entries only (the
+//! anonymous principal of a server without keys, anyone's).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -70,6 +74,12 @@ impl Permissions {
             && self.publish.iter().any(|f| f.matches(topic))
     }
 
+    /// Whether `principal` may publish to `topic`: as [`Permissions::may_publish`], or its own
+    /// entries in the key directory.
+    pub fn may_publish_as(&self, principal: &str, topic: &Topic) -> bool {
+        self.may_publish(topic) || own_keys(principal).is_some_and(|own| own.matches(topic))
+    }
+
     /// Whether `principal` may subscribe with `filter`.
     pub fn may_subscribe(&self, principal: &str, filter: &Filter) -> bool {
         if self.deny_subscribe.iter().any(|denied| denied.overlaps(filter)) {
@@ -77,7 +87,19 @@ impl Permissions {
         }
         self.subscribe.iter().any(|grant| grant.covers(filter))
             || own_inbox(principal).is_some_and(|inbox| inbox.covers(filter))
+            || Filter::parse(KEYS_ALL).is_ok_and(|directory| directory.covers(filter))
     }
+}
+
+/// The key directory: every principal's entries.
+const KEYS_ALL: &str = "@keys/#";
+
+/// `@keys/<principal>/#`, when the name is a valid single segment.
+fn own_keys(principal: &str) -> Option<Filter> {
+    if principal.is_empty() || principal.contains(['/', '+', '*', '#']) {
+        return None;
+    }
+    Filter::parse(&format!("@keys/{principal}/#")).ok()
 }
 
 /// `@inbox/<principal>/#`, when the name is a valid single segment.
@@ -105,7 +127,11 @@ impl Principal {
 
     /// The principal of a server without credentials: anyone, allowed every ordinary topic.
     pub(crate) fn anonymous() -> Arc<Self> {
-        Arc::new(Self::new("anonymous", Permissions::everything()))
+        let mut permissions = Permissions::everything();
+        // Without keys nobody is anybody: every entry of the key directory is open (clients
+        // check the fingerprints).
+        permissions.publish.extend(Filter::parse(KEYS_ALL));
+        Arc::new(Self::new("anonymous", permissions))
     }
 }
 
@@ -176,6 +202,22 @@ mod tests {
         assert!(perms.may_subscribe("ada", &filter("@inbox/ada/#")));
         assert!(!perms.may_subscribe("ada", &filter("@inbox/bob")));
         assert!(!perms.may_subscribe("ada", &filter("@inbox/+")));
+    }
+
+    #[test]
+    fn the_key_directory_is_read_by_all_and_written_by_each_for_itself() {
+        let none = Permissions::none();
+        let topic = |t: &str| Topic::parse(t).unwrap();
+        let filter = |f: &str| Filter::parse(f).unwrap();
+        assert!(none.may_publish_as("ada", &topic("@keys/ada/phone")));
+        assert!(none.may_publish_as("ada", &topic("@keys/ada/policy/ops")));
+        assert!(!none.may_publish_as("ada", &topic("@keys/bob/phone")));
+        assert!(!none.may_publish_as("ada", &topic("@inbox/ada")));
+        assert!(none.may_subscribe("ada", &filter("@keys/bob/+")));
+        assert!(none.may_subscribe("ada", &filter("@keys/#")));
+        assert!(!Permissions::everything().may_publish(&topic("@keys/bob/phone")));
+        let anonymous = Principal::anonymous();
+        assert!(anonymous.permissions.may_publish_as("anonymous", &topic("@keys/bob/phone")));
     }
 
     #[test]

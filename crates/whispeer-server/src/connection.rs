@@ -509,7 +509,8 @@ impl Connection {
         if self.allowed.as_ref() == Some(topic) {
             return true;
         }
-        let allowed = self.principal.as_ref().is_some_and(|p| p.permissions.may_publish(topic));
+        let allowed =
+            self.principal.as_ref().is_some_and(|p| p.permissions.may_publish_as(&p.name, topic));
         if allowed {
             self.allowed = Some(topic.clone());
         }

@@ -73,6 +73,7 @@ impl Retained {
 
     /// Hands every retained message kept from now on (cleared ones too) to `forward` as well,
     /// once kept here: a cluster shares them with its other nodes. Set once.
+    #[cfg(feature = "cluster")]
     pub(crate) fn forward_to(&self, forward: impl Fn(&Envelope) + Send + Sync + 'static) {
         let _ = self.forward.set(Forward(Box::new(forward)));
     }
@@ -82,6 +83,7 @@ impl Retained {
     ///
     /// # Errors
     /// Past a bound, or the durable copy could not be written: nothing changed.
+    #[cfg(feature = "cluster")]
     pub(crate) fn keep_shared(
         &self,
         envelope: &Envelope,

@@ -103,7 +103,7 @@ impl Registry {
 /// the retained messages' bounds apply.
 fn publish_will(broker: &Broker, config: &ServerConfig, principal: &Principal, envelope: Envelope) {
     let topic = envelope.topic.clone();
-    if !topic.is_reserved() && !principal.permissions.may_publish(&topic) {
+    if !topic.is_reserved() && !principal.permissions.may_publish_as(&principal.name, &topic) {
         tracing::debug!(%topic, principal = %principal.name, "mqtt delayed will not allowed");
         return;
     }

@@ -1,0 +1,137 @@
+//! End-to-end keys for pub/sub through a real server with API keys: the directory of device
+//! identities (each principal writes only its own entries), a key policy whose messages only
+//! its members' devices open, rotation when a member is removed, and messages that do not open
+//! once re-addressed or altered.
+
+#![expect(clippy::unwrap_used, reason = "tests fail loudly")]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use whispeer::server::{ApiKeys, Permissions, Principal, ServerConfig, Tcp};
+use whispeer::{Broker, BrokerOptions};
+use whispeer_client::engines::Identity;
+use whispeer_client::proto::ErrorCode;
+use whispeer_client::{Client, ClientError, ClientOptions, ClientSubscription, Delivery};
+use whispeer_client::{KeyPolicy, PolicyError};
+
+fn server() -> (Broker, SocketAddr) {
+    let mut keys = ApiKeys::default();
+    for (index, name) in ["alice", "bob", "carol", "mallory"].iter().enumerate() {
+        let principal = Principal::new(*name, Permissions::everything());
+        keys.add(index, &format!("{name}-key"), principal).unwrap();
+    }
+    let mut config = ServerConfig::default();
+    config.api_keys = keys;
+    let broker = Broker::builder(BrokerOptions::default())
+        .with(Tcp::new("127.0.0.1:0").config(config))
+        .build();
+    let addr = broker.local_addrs()[0];
+    (broker, addr)
+}
+
+async fn client(addr: SocketAddr, name: &str) -> Client {
+    let options = ClientOptions::new(addr.to_string()).api_key(format!("{name}-key"));
+    Client::connect_with(options).await.unwrap()
+}
+
+/// A device of `name`: connected, its identity published as `device`.
+async fn device(addr: SocketAddr, name: &str, device: &str) -> (Client, Arc<Identity>) {
+    let client = client(addr, name).await;
+    let identity = Arc::new(Identity::generate().unwrap());
+    client.publish_identity(name, device, &identity).await.unwrap();
+    (client, identity)
+}
+
+async fn next(sub: &mut ClientSubscription<Delivery>) -> Delivery {
+    tokio::time::timeout(Duration::from_secs(10), sub.recv()).await.unwrap().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_members_devices_open_a_policys_messages_and_a_removed_member_opens_nothing_new() {
+    let (_broker, addr) = server();
+    let (alice, alice_id) = device(addr, "alice", "laptop").await;
+    let (bob, bob_id) = device(addr, "bob", "phone").await;
+    let (bob_laptop, bob_laptop_id) = device(addr, "bob", "laptop").await;
+    let (carol, carol_id) = device(addr, "carol", "phone").await;
+    let (mallory, mallory_id) = device(addr, "mallory", "phone").await;
+
+    // The directory: each principal's devices, signed; nobody writes another's entries.
+    let bobs = alice.identities("bob").await.unwrap();
+    let mut names: Vec<&str> = bobs.iter().map(|p| p.device.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["laptop", "phone"]);
+    let forged = mallory.publish_identity("bob", "phone", &mallory_id).await.unwrap_err();
+    assert!(
+        matches!(&forged, ClientError::Server { code, .. } if *code == ErrorCode::FORBIDDEN),
+        "{forged:?}"
+    );
+    assert_eq!(alice.identities("bob").await.unwrap().len(), 2, "bob's entries unchanged");
+
+    let policy = KeyPolicy::create(&alice, alice_id, "alice", "ops", "ops/#", &["bob", "carol"])
+        .await
+        .unwrap();
+    assert_eq!(policy.state().unwrap().1, ["alice", "bob", "carol"]);
+    let at_bob = KeyPolicy::follow(&bob, Arc::clone(&bob_id), "alice", "ops").await.unwrap();
+    let at_bob_laptop =
+        KeyPolicy::follow(&bob_laptop, bob_laptop_id, "alice", "ops").await.unwrap();
+    let at_carol = KeyPolicy::follow(&carol, carol_id, "alice", "ops").await.unwrap();
+    let at_mallory =
+        KeyPolicy::follow(&mallory, Arc::clone(&mallory_id), "alice", "ops").await.unwrap();
+
+    let mut bob_sub = bob.messages("ops/#").await.unwrap();
+    let mut bob_laptop_sub = bob_laptop.messages("ops/#").await.unwrap();
+    let mut carol_sub = carol.messages("ops/#").await.unwrap();
+    let mut mallory_sub = mallory.messages("ops/#").await.unwrap();
+    policy.publish("ops/deploy", "release 1.2").await.unwrap();
+    let first = next(&mut bob_sub).await;
+    assert_eq!(at_bob.open_value::<String>(&first).await.unwrap(), "release 1.2");
+    let on_laptop = next(&mut bob_laptop_sub).await;
+    assert_eq!(at_bob_laptop.open_value::<String>(&on_laptop).await.unwrap(), "release 1.2");
+    let at_carols = next(&mut carol_sub).await;
+    assert_eq!(at_carol.open_value::<String>(&at_carols).await.unwrap(), "release 1.2");
+    // A principal outside the policy receives the bytes (its ACLs allow the topic) and opens
+    // nothing; it cannot publish under the policy either.
+    let seen = next(&mut mallory_sub).await;
+    assert!(at_mallory.open(&seen).await.is_err());
+    assert!(!seen.payload().windows(11).any(|w| w == b"release 1.2"), "ciphertext only");
+    let refused = at_mallory.publish("ops/x", "let me in").await.unwrap_err();
+    assert!(matches!(refused, PolicyError::NotMember(_)), "{refused:?}");
+
+    // Members publish too, only inside the filter.
+    at_carol.publish("ops/status", "green").await.unwrap();
+    let green = next(&mut bob_sub).await;
+    assert_eq!(at_bob.open_value::<String>(&green).await.unwrap(), "green");
+    let _ = next(&mut bob_laptop_sub).await;
+    let _ = next(&mut carol_sub).await;
+    let _ = next(&mut mallory_sub).await;
+    let outside = at_carol.publish("elsewhere/x", "no").await.unwrap_err();
+    assert!(matches!(outside, PolicyError::Outside { .. }), "{outside:?}");
+
+    // A message re-addressed to another topic does not open.
+    let mut watch = bob.messages("moved/deploy").await.unwrap();
+    let relay = client(addr, "mallory").await;
+    let options = whispeer_client::PublishOptions::new();
+    relay.publish_bytes_with("moved/deploy", first.payload().clone(), &options).await.unwrap();
+    let moved = next(&mut watch).await;
+    assert!(at_bob.open(&moved).await.is_err(), "bound to its topic");
+
+    // Carol is removed: a new epoch, sealed to alice and bob only.
+    policy.set_members(&["bob"]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    policy.publish("ops/deploy", "release 1.3").await.unwrap();
+    let after = next(&mut bob_sub).await;
+    assert_eq!(at_bob.open_value::<String>(&after).await.unwrap(), "release 1.3");
+    let carols = next(&mut carol_sub).await;
+    let shut = at_carol.open(&carols).await.unwrap_err();
+    assert!(matches!(shut, PolicyError::NoKey(2)), "{shut:?}");
+    // What she had still opens for her; she may no longer publish under the policy.
+    assert_eq!(at_carol.open_value::<String>(&at_carols).await.unwrap(), "release 1.2");
+    let removed = at_carol.publish("ops/status", "still here").await.unwrap_err();
+    assert!(matches!(removed, PolicyError::NotMember(_)), "{removed:?}");
+    // A device that follows later gets the current epoch only.
+    let late = KeyPolicy::follow(&bob, Arc::clone(&bob_id), "alice", "ops").await.unwrap();
+    assert_eq!(late.state().unwrap().2, 2);
+    assert!(late.open(&first).await.is_err(), "epoch 1 was not sealed in the current bundle");
+}
