@@ -366,9 +366,14 @@ impl Transport for DhtTransport {
         &mut self,
         topic: TopicHash,
     ) -> anyhow::Result<mpsc::Receiver<Box<dyn Connection>>> {
-        self.announce(topic).await?;
+        // Ready to accept the topic's connections before anyone can find this node on it:
+        // peers that see the provider record dial at once, before `announce` returns here.
         let (tx, rx) = mpsc::channel(INCOMING_QUEUE);
         lock(&self.inner.topics).insert(topic, tx.clone());
+        if let Err(err) = self.announce(topic).await {
+            lock(&self.inner.topics).remove(&topic);
+            return Err(err);
+        }
         let follow = tokio::spawn(Arc::clone(&self.inner).follow(topic, tx));
         lock(&self.inner.tasks).push(follow);
         Ok(rx)
