@@ -82,7 +82,8 @@ enum KeysCommand {
         connect: ConnectArgs,
     },
     /// Print the messages on FILTER sealed under policy OWNER/NAME, opened (one per line;
-    /// `!` and why for one that does not open on this device).
+    /// `!` and why for one that does not open on this device). The policy's keys this device
+    /// opens are kept beside the identity file (`<identity>.<owner>.<name>.keys`).
     Sub {
         /// The policy, as `owner/name`.
         policy: String,
@@ -132,6 +133,11 @@ fn split_policy(policy: &str) -> anyhow::Result<(&str, &str)> {
     policy.split_once('/').with_context(|| format!("policy {policy:?}: give it as owner/name"))
 }
 
+/// Where a device keeps the keys of policy `owner/name`: beside its identity file.
+fn keys_file(me: &Me, owner: &str, name: &str) -> PathBuf {
+    PathBuf::from(format!("{}.{owner}.{name}.keys", me.identity.display()))
+}
+
 /// A connected device: publishes its identity first, so members can seal to it.
 async fn device(client: &Client, me: &Me) -> anyhow::Result<Arc<Identity>> {
     let identity = identity(&me.identity)?;
@@ -158,6 +164,7 @@ pub(crate) fn run(args: KeysArgs) -> ExitCode {
                 let policy =
                     KeyPolicy::create(&client, identity, &me.principal, &name, &filter, &members)
                         .await?;
+                policy.save_keys_in(keys_file(&me, &me.principal, &name))?;
                 if let Some((filter, members, epoch)) = policy.state() {
                     println!(
                         "{}/{name} {filter} epoch {epoch}: {}",
@@ -170,12 +177,14 @@ pub(crate) fn run(args: KeysArgs) -> ExitCode {
                 let (owner, name) = split_policy(&policy)?;
                 let identity = device(&client, &me).await?;
                 let policy = KeyPolicy::follow(&client, identity, owner, name).await?;
+                policy.save_keys_in(keys_file(&me, owner, name))?;
                 policy.publish_bytes(&topic, message.as_bytes()).await?;
             }
             KeysCommand::Sub { policy, filter, count, me, .. } => {
                 let (owner, name) = split_policy(&policy)?;
                 let identity = device(&client, &me).await?;
                 let policy = KeyPolicy::follow(&client, identity, owner, name).await?;
+                policy.save_keys_in(keys_file(&me, owner, name))?;
                 let mut sub = client.messages(filter.as_str()).await?;
                 eprintln!("whispeer: reading {filter} under {owner}/{name}");
                 let mut seen = 0;

@@ -87,6 +87,12 @@ fn members_read_a_policys_messages_and_a_removed_member_opens_nothing_new() {
     let lines: Vec<&str> = carol.lines().collect();
     assert_eq!(lines[0], "release 1.2");
     assert!(lines[1].starts_with("! ops/deploy: no key for epoch 2"), "{carol}");
+    // Each device kept the keys it opened beside its identity: carol only epoch 1's.
+    let kept = |name: &str| {
+        let file = dir.join(format!("{name}.identity.alice.ops.keys"));
+        std::fs::read_to_string(file).unwrap().lines().count()
+    };
+    assert_eq!((kept("alice"), kept("bob"), kept("carol")), (2, 2, 1));
     let seen = common::output_of(plain);
     assert!(!seen.contains("release"), "the server carried ciphertext only: {seen}");
     let _ = std::fs::remove_dir_all(&dir);

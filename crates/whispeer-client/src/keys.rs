@@ -23,6 +23,7 @@
 //! directory that lies.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -180,6 +181,57 @@ struct Known {
     keys: HashMap<u32, GroupKey>,
     /// The newest epoch seen (opened or not).
     epoch: u32,
+    /// Where the keys are kept across restarts, if anywhere.
+    saved_in: Option<PathBuf>,
+}
+
+/// Reads the keys kept in `path` (one epoch's key a line, base64), if the file exists.
+fn read_keys(path: &Path) -> Result<Vec<GroupKey>, PolicyError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(err) => return Err(PolicyError::Malformed(format!("{}: {err}", path.display()))),
+    };
+    let bad = |why: String| PolicyError::Malformed(format!("{}: {why}", path.display()));
+    text.lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| {
+            let bytes = zeroize::Zeroizing::new(
+                BASE64.decode(line.trim()).map_err(|e| bad(e.to_string()))?,
+            );
+            GroupKey::from_bytes(&bytes).map_err(|e| bad(e.to_string()))
+        })
+        .collect()
+}
+
+/// Writes `keys` to `path`, readable by its owner only: a new file, then renamed over it.
+fn write_keys<'a>(path: &Path, keys: impl Iterator<Item = &'a GroupKey>) -> std::io::Result<()> {
+    let mut text = zeroize::Zeroizing::new(String::new());
+    for key in keys {
+        text.push_str(&BASE64.encode(key.to_bytes().as_slice()));
+        text.push('\n');
+    }
+    let next = path.with_extension("keys-new");
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(&next)?;
+    std::io::Write::write_all(&mut file, text.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&next, path)
+}
+
+impl Known {
+    /// Keeps the keys in their file, when they have one (a failure is logged: the keys stay
+    /// in memory).
+    fn save(&self) {
+        if let Some(path) = &self.saved_in
+            && let Err(err) = write_keys(path, self.keys.values())
+        {
+            tracing::warn!(%err, path = %path.display(), "policy keys not saved");
+        }
+    }
 }
 
 /// A key policy, as one device uses it: its owner's to change, every member's to publish and
@@ -339,6 +391,25 @@ impl KeyPolicy {
         PolicyError::NotMember(format!("{}/{}", self.owner, self.name))
     }
 
+    /// Keeps the epochs' keys this device opens in `path` (readable by its owner only; keep it
+    /// like the identity file), and takes those kept there before: messages of epochs this
+    /// device opened once still open after a restart.
+    ///
+    /// # Errors
+    /// The file cannot be read or written.
+    pub fn save_keys_in(&self, path: impl Into<PathBuf>) -> Result<(), PolicyError> {
+        let path = path.into();
+        let kept = read_keys(&path)?;
+        let mut known = self.lock();
+        for key in kept {
+            known.keys.entry(key.epoch).or_insert(key);
+        }
+        write_keys(&path, known.keys.values())
+            .map_err(|e| PolicyError::Malformed(format!("{}: {e}", path.display())))?;
+        known.saved_in = Some(path);
+        Ok(())
+    }
+
     /// The policy's filter and members, and its newest epoch, as this device read them.
     pub fn state(&self) -> Option<(String, Vec<String>, u32)> {
         let known = self.lock();
@@ -472,7 +543,9 @@ fn learn(known: &Mutex<Known>, opened: Result<OpenedBundle, (u32, PolicyError)>)
             known.epoch = known.epoch.max(key.epoch);
             known.filter = Some(filter);
             known.members = members;
-            known.keys.insert(key.epoch, key);
+            if known.keys.insert(key.epoch, key).is_none() {
+                known.save();
+            }
         }
         Err((epoch, err)) => {
             known.epoch = known.epoch.max(epoch);

@@ -117,6 +117,10 @@ async fn only_members_devices_open_a_policys_messages_and_a_removed_member_opens
     let moved = next(&mut watch).await;
     assert!(at_bob.open(&moved).await.is_err(), "bound to its topic");
 
+    // Bob's phone keeps its keys in a file from now on.
+    let saved = std::env::temp_dir().join(format!("whispeer-policy-{}.keys", std::process::id()));
+    let _ = std::fs::remove_file(&saved);
+    at_bob.save_keys_in(&saved).unwrap();
     // Carol is removed: a new epoch, sealed to alice and bob only.
     policy.set_members(&["bob"]).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -130,8 +134,18 @@ async fn only_members_devices_open_a_policys_messages_and_a_removed_member_opens
     assert_eq!(at_carol.open_value::<String>(&at_carols).await.unwrap(), "release 1.2");
     let removed = at_carol.publish("ops/status", "still here").await.unwrap_err();
     assert!(matches!(removed, PolicyError::NotMember(_)), "{removed:?}");
-    // A device that follows later gets the current epoch only.
+    // A device that follows later gets the current epoch only, and what it kept.
     let late = KeyPolicy::follow(&bob, Arc::clone(&bob_id), "alice", "ops").await.unwrap();
     assert_eq!(late.state().unwrap().2, 2);
     assert!(late.open(&first).await.is_err(), "epoch 1 was not sealed in the current bundle");
+    late.save_keys_in(&saved).unwrap();
+    assert_eq!(late.open_value::<String>(&first).await.unwrap(), "release 1.2");
+    assert_eq!(late.open_value::<String>(&after).await.unwrap(), "release 1.3");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&saved).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "the keys file is its owner's only");
+    }
+    let _ = std::fs::remove_file(&saved);
 }
