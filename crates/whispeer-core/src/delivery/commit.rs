@@ -2,7 +2,9 @@
 //!
 //! A group's committed offset in a topic is the highest offset up to which every message has
 //! been settled (acknowledged, or given up to the dead-letter topic); messages settled out of
-//! order wait above it until the gap closes. Each advance is remembered by the broker — and, for
+//! order wait above it until the gap closes. Offsets that no message has (a durable topic's
+//! log skips past the offsets a crash may have handed out unsynced) do not hold it back: the
+//! topic's history says they are empty. Each advance is remembered by the broker — and, for
 //! a durable topic, written to the write-ahead log — so a group created again under the same
 //! filter and name, after its linger or after a restart, starts right after its commits.
 
@@ -41,20 +43,31 @@ impl Commits {
 
     /// Records `message` as settled; if the topic's committed offset advances, calls `record`
     /// with it while still holding the state, so the group's commits are recorded in order.
-    pub(crate) fn settled_then(&self, message: &Message, record: impl FnOnce(&Topic, u64)) {
+    /// `empty(from, to)` says whether the topic has no message at offsets `from..to` (asked
+    /// only when a settled message waits above offsets that were never settled).
+    pub(crate) fn settled_then(
+        &self,
+        message: &Message,
+        empty: impl Fn(u64, u64) -> bool,
+        record: impl FnOnce(&Topic, u64),
+    ) {
         let mut marks = self.marks.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((topic, offset)) = Self::settle(&mut marks, message) {
+        if let Some((topic, offset)) = Self::settle(&mut marks, message, empty) {
             record(&topic, offset);
         }
     }
 
     /// Records `message` as settled; returns the topic's new committed offset if it advanced.
     #[cfg(test)]
-    fn settled(&self, message: &Message) -> Option<(Topic, u64)> {
-        Self::settle(&mut self.marks.lock().unwrap_or_else(PoisonError::into_inner), message)
+    fn settled(&self, message: &Message, empty: impl Fn(u64, u64) -> bool) -> Option<(Topic, u64)> {
+        Self::settle(&mut self.marks.lock().unwrap_or_else(PoisonError::into_inner), message, empty)
     }
 
-    fn settle(marks: &mut HashMap<Topic, Mark>, message: &Message) -> Option<(Topic, u64)> {
+    fn settle(
+        marks: &mut HashMap<Topic, Mark>,
+        message: &Message,
+        empty: impl Fn(u64, u64) -> bool,
+    ) -> Option<(Topic, u64)> {
         let offset = message.offset()?;
         let mark = marks.entry(message.topic().clone()).or_default();
         if offset <= mark.committed {
@@ -62,8 +75,16 @@ impl Commits {
         }
         mark.above.insert(offset);
         let before = mark.committed;
-        while mark.above.remove(&(mark.committed + 1)) {
-            mark.committed += 1;
+        loop {
+            if mark.above.remove(&(mark.committed + 1)) {
+                mark.committed += 1;
+                continue;
+            }
+            // Offsets below the lowest settled one that no message has: past them.
+            match mark.above.first() {
+                Some(&lowest) if empty(mark.committed + 1, lowest) => mark.committed = lowest - 1,
+                _ => break,
+            }
         }
         (mark.committed > before).then(|| (message.topic().clone(), mark.committed))
     }
@@ -116,10 +137,22 @@ mod tests {
     fn the_commit_advances_only_over_a_contiguous_run() {
         let key: GroupKey = ("t".into(), "g".into());
         let commits = Commits::new(key, HashMap::from([(Topic::parse("t").unwrap(), 4)]));
-        assert_eq!(commits.settled(&message(6)), None, "5 is still open");
-        assert_eq!(commits.settled(&message(3)), None, "committed already");
-        let advanced = commits.settled(&message(5)).map(|(_, offset)| offset);
+        let full = |_, _| false;
+        assert_eq!(commits.settled(&message(6), full), None, "5 is still open");
+        assert_eq!(commits.settled(&message(3), full), None, "committed already");
+        let advanced = commits.settled(&message(5), full).map(|(_, offset)| offset);
         assert_eq!(advanced, Some(6), "5 closes the gap up to 6");
-        assert_eq!(commits.settled(&message(7)).map(|(_, offset)| offset), Some(7));
+        assert_eq!(commits.settled(&message(7), full).map(|(_, offset)| offset), Some(7));
+    }
+
+    #[test]
+    fn offsets_no_message_has_do_not_hold_the_commit_back() {
+        let key: GroupKey = ("t".into(), "g".into());
+        let commits = Commits::new(key, HashMap::from([(Topic::parse("t").unwrap(), 10)]));
+        // After a crash the log went on at 51: 11 to 50 hold nothing; 52 is still out.
+        let hole = |from: u64, to: u64| from >= 11 && to <= 51;
+        assert_eq!(commits.settled(&message(51), hole).map(|(_, o)| o), Some(51));
+        assert_eq!(commits.settled(&message(53), hole), None, "52 exists and is not settled");
+        assert_eq!(commits.settled(&message(52), hole).map(|(_, o)| o), Some(53));
     }
 }

@@ -202,6 +202,14 @@ impl TopicLog {
     pub(crate) fn first_offset(&self) -> u64 {
         self.entries.front().map_or(self.next, |e| e.offset)
     }
+
+    /// Whether no message has an offset in `from..to`, as far as memory knows: only offsets
+    /// from the first one held in memory on are known (below it, the store's, they may exist).
+    pub(crate) fn holds_none(&self, from: u64, to: u64) -> bool {
+        from >= self.first_offset()
+            && to <= self.next
+            && self.entries.get(self.before(from)).is_none_or(|e| e.offset >= to)
+    }
 }
 
 /// What a replaying subscription starts from.

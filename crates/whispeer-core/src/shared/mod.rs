@@ -508,7 +508,10 @@ impl Shared {
             }
             return;
         }
-        commits.settled_then(message, |topic, offset| {
+        let empty = |from: u64, to: u64| {
+            self.history.log(topic).is_some_and(|log| retention::lock(&log).holds_none(from, to))
+        };
+        commits.settled_then(message, empty, |topic, offset| {
             self.record_commit(&commits.key, topic, offset, durable);
         });
     }
