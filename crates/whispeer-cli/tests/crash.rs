@@ -197,7 +197,8 @@ async fn acknowledged_messages_reach_a_durable_group_acknowledging_across_sigkil
         tokio::time::sleep(random_pause(&mut rng)).await;
         drop(server); // SIGKILL
         // The publish in flight waits for a connection that never comes back (a new server
-        // listens elsewhere): what was not acknowledged is not counted.
+        // listens elsewhere): it is not counted, and its number is not used again (the log may
+        // hold it).
         publishing.abort();
         let _ = publishing.await;
         next = acked.lock().unwrap().last().map_or(next, |last| last + 1) + 1;

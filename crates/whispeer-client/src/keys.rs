@@ -359,9 +359,11 @@ impl KeyPolicy {
         }
         members.sort();
         members.dedup();
+        // Every member's devices, read at once (each read waits for the directory to settle).
+        let reads = members.iter().map(|member| self.client.identities(member));
+        let found = futures_util::future::try_join_all(reads).await?;
         let mut devices = Vec::new();
-        for member in &members {
-            let found = self.client.identities(member).await?;
+        for (member, found) in members.iter().zip(found) {
             if found.is_empty() {
                 return Err(PolicyError::NoDevices(member.clone()));
             }

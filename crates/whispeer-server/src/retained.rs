@@ -79,7 +79,8 @@ impl Retained {
     }
 
     /// Keeps a retained message another node shared (or this one's, come back), here only,
-    /// within the bounds.
+    /// within the bounds; one kept already (this node's own, or read again after a
+    /// reconnection) changes nothing and writes nothing.
     ///
     /// # Errors
     /// Past a bound, or the durable copy could not be written: nothing changed.
@@ -90,6 +91,14 @@ impl Retained {
         max_topics: usize,
         max_bytes: usize,
     ) -> io::Result<()> {
+        let kept = self.inner().topics.get(envelope.topic.as_str()).map(|e| e.id);
+        let known = match kept {
+            Some(id) => id == envelope.id,
+            None => envelope.payload.is_empty(),
+        };
+        if known {
+            return Ok(());
+        }
         self.admit(envelope, max_topics, max_bytes).map_err(|Full(why)| io::Error::other(why))?;
         self.keep_here(envelope)
     }
@@ -263,5 +272,31 @@ mod tests {
         assert!(retained.admit(&message("home/b", "xyz", 5), 1, 100).is_ok());
         assert!(retained.admit(&message("home/b", "", 5), 1, 0).is_ok());
         assert!(retained.admit(&message("home/b", "0123456789", 5), 10, 5).is_err());
+    }
+
+    #[cfg(feature = "cluster")]
+    #[test]
+    fn only_durable_topics_are_written_and_a_message_kept_already_writes_nothing() {
+        let dir =
+            std::env::temp_dir().join(format!("whispeer-retained-kept-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let durable = vec![Filter::parse("d/#").unwrap()];
+        let retained = Retained::open(&dir, durable, whispeer_proto::Limits::DEFAULT).unwrap();
+        let size = || std::fs::metadata(dir.join("retained.log")).unwrap().len();
+        retained.keep(&message("d/a", "on", 1)).unwrap();
+        let written = size();
+        assert!(written > 0);
+        retained.keep(&message("m/x", "memory only", 2)).unwrap();
+        assert_eq!(size(), written, "not a durable topic");
+        // This node's own, come back from the cluster, or read again: nothing written.
+        retained.keep_shared(&message("d/a", "on", 1), 10, 1 << 20).unwrap();
+        retained.keep_shared(&message("d/gone", "", 3), 10, 1 << 20).unwrap();
+        assert_eq!(size(), written);
+        // Another node's newer one is kept, on disk too.
+        retained.keep_shared(&message("d/a", "off", 4), 10, 1 << 20).unwrap();
+        assert!(size() > written);
+        let payload = retained.matching(&Filter::parse("d/a").unwrap())[0].payload.clone();
+        assert_eq!(&payload[..], b"off");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -19,8 +19,8 @@ use super::wire::{ChatError, Position, Target};
 /// Most users whose directory entries the server keeps in memory (emptied when full).
 const DIRECTORY_CACHE: usize = 65_536;
 
-/// Most group messages followed until every member has them; past it the oldest are forgotten
-/// (their senders get no receipt for them).
+/// How many of the latest group messages are followed until every member has them; an older
+/// one still waiting is forgotten (its sender gets no receipt for it).
 const GROUP_RECEIPTS: usize = 100_000;
 
 /// Group messages not yet written to a device of every member, in memory (a restart forgets
@@ -28,6 +28,8 @@ const GROUP_RECEIPTS: usize = 100_000;
 #[derive(Debug, Default)]
 pub(crate) struct GroupReceipts {
     waiting: HashMap<String, Waiting>,
+    /// The ids followed, oldest first; those done are left here until they come off the front
+    /// (no search on the delivery path).
     order: VecDeque<String>,
 }
 
@@ -48,10 +50,10 @@ impl GroupReceipts {
         if members.is_empty() {
             return;
         }
-        while self.order.len() >= GROUP_RECEIPTS {
-            if let Some(oldest) = self.order.pop_front() {
-                self.waiting.remove(&oldest);
-            }
+        while self.order.len() >= GROUP_RECEIPTS
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.waiting.remove(&oldest);
         }
         let (from, group, total) = (from.to_string(), group.to_string(), members.len());
         self.waiting.insert(id.to_string(), Waiting { from, group, members, total });
@@ -65,7 +67,6 @@ impl GroupReceipts {
         if !waiting.members.is_empty() {
             return None;
         }
-        self.order.retain(|other| other != id);
         self.waiting.remove(id).map(|done| (id.to_string(), done))
     }
 
@@ -79,15 +80,12 @@ impl GroupReceipts {
                 done.then(|| id.clone())
             })
             .collect();
-        self.order.retain(|id| !ended.contains(id));
         ended.into_iter().filter_map(|id| self.waiting.remove(&id).map(|w| (id, w))).collect()
     }
 
     /// Forgets message `id` (it was not sent after all).
     fn forget(&mut self, id: &str) {
-        if self.waiting.remove(id).is_some() {
-            self.order.retain(|other| other != id);
-        }
+        self.waiting.remove(id);
     }
 }
 
