@@ -97,6 +97,17 @@ enum KeysCommand {
         #[command(flatten)]
         connect: ConnectArgs,
     },
+    /// Trust the changed device keys of policy OWNER/NAME's owner, after comparing their
+    /// fingerprints with the owner (`whispeer keys show OWNER`): the changes `pub` and `sub`
+    /// report.
+    Trust {
+        /// The policy, as `owner/name`.
+        policy: String,
+        #[command(flatten)]
+        me: Me,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
 }
 
 impl KeysCommand {
@@ -106,7 +117,8 @@ impl KeysCommand {
             | Self::Show { connect, .. }
             | Self::Policy { connect, .. }
             | Self::Pub { connect, .. }
-            | Self::Sub { connect, .. } => connect,
+            | Self::Sub { connect, .. }
+            | Self::Trust { connect, .. } => connect,
         }
     }
 }
@@ -136,6 +148,31 @@ fn split_policy(policy: &str) -> anyhow::Result<(&str, &str)> {
 /// Where a device keeps the keys of policy `owner/name`: beside its identity file.
 fn keys_file(me: &Me, owner: &str, name: &str) -> PathBuf {
     PathBuf::from(format!("{}.{owner}.{name}.keys", me.identity.display()))
+}
+
+/// Follows policy `owner/name` with the keys and the owner's device keys kept beside the
+/// identity file; says on standard error which of the owner's keys changed.
+async fn follow(
+    client: &Client,
+    identity: Arc<Identity>,
+    me: &Me,
+    owner: &str,
+    name: &str,
+) -> anyhow::Result<KeyPolicy> {
+    let policy =
+        KeyPolicy::follow_kept(client, identity, owner, name, keys_file(me, owner, name)).await?;
+    report_changes(&policy, owner, name);
+    Ok(policy)
+}
+
+fn report_changes(policy: &KeyPolicy, owner: &str, name: &str) {
+    for change in policy.changes() {
+        eprintln!(
+            "whispeer: {owner}'s key for device {} changed: was {}, now {}. Compare the \
+             fingerprint with {owner}, then `whispeer keys trust {owner}/{name}`",
+            change.device, change.was, change.now
+        );
+    }
 }
 
 /// A connected device: publishes its identity first, so members can seal to it.
@@ -176,15 +213,13 @@ pub(crate) fn run(args: KeysArgs) -> ExitCode {
             KeysCommand::Pub { policy, topic, message, me, .. } => {
                 let (owner, name) = split_policy(&policy)?;
                 let identity = device(&client, &me).await?;
-                let policy = KeyPolicy::follow(&client, identity, owner, name).await?;
-                policy.save_keys_in(keys_file(&me, owner, name))?;
+                let policy = follow(&client, identity, &me, owner, name).await?;
                 policy.publish_bytes(&topic, message.as_bytes()).await?;
             }
             KeysCommand::Sub { policy, filter, count, me, .. } => {
                 let (owner, name) = split_policy(&policy)?;
                 let identity = device(&client, &me).await?;
-                let policy = KeyPolicy::follow(&client, identity, owner, name).await?;
-                policy.save_keys_in(keys_file(&me, owner, name))?;
+                let policy = follow(&client, identity, &me, owner, name).await?;
                 let mut sub = client.messages(filter.as_str()).await?;
                 eprintln!("whispeer: reading {filter} under {owner}/{name}");
                 let mut seen = 0;
@@ -196,6 +231,13 @@ pub(crate) fn run(args: KeysArgs) -> ExitCode {
                         Err(err) => println!("! {}: {err}", delivery.topic()),
                     }
                 }
+            }
+            KeysCommand::Trust { policy, me, .. } => {
+                let (owner, name) = split_policy(&policy)?;
+                let identity = device(&client, &me).await?;
+                let policy = follow(&client, identity, &me, owner, name).await?;
+                let trusted = policy.trust_owner();
+                println!("{trusted} changed key(s) of {owner} trusted");
             }
         }
         client.close().await;

@@ -1,6 +1,7 @@
 //! `whispeer keys` against `whispeer serve` with API keys: devices publish their identities,
 //! an owner makes a key policy, members read what is sealed under it and a removed member no
-//! longer opens what comes after; a plain subscriber sees ciphertext only.
+//! longer opens what comes after; a plain subscriber sees ciphertext only; an owner's device key
+//! swapped in the directory is reported and trusted only when told.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -87,13 +88,46 @@ fn members_read_a_policys_messages_and_a_removed_member_opens_nothing_new() {
     let lines: Vec<&str> = carol.lines().collect();
     assert_eq!(lines[0], "release 1.2");
     assert!(lines[1].starts_with("! ops/deploy: no key for epoch 2"), "{carol}");
-    // Each device kept the keys it opened beside its identity: carol only epoch 1's.
+    // Each device kept the keys it opened beside its identity (carol only epoch 1's), and the
+    // owner's device key it trusts.
     let kept = |name: &str| {
         let file = dir.join(format!("{name}.identity.alice.ops.keys"));
-        std::fs::read_to_string(file).unwrap().lines().count()
+        let text = std::fs::read_to_string(file).unwrap();
+        let owners = text.lines().filter(|l| l.starts_with("owner ")).count();
+        (text.lines().count() - owners, owners)
     };
-    assert_eq!((kept("alice"), kept("bob"), kept("carol")), (2, 2, 1));
+    assert_eq!((kept("alice"), kept("bob"), kept("carol")), ((2, 1), (2, 1), (1, 1)));
     let seen = common::output_of(plain);
     assert!(!seen.contains("release"), "the server carried ciphertext only: {seen}");
+
+    // Someone with alice's API key but not her device puts another key in the directory for
+    // it and makes an epoch that lets eve in: bob's device reports the change and seals
+    // nothing under the policy until told to trust it.
+    let thief = |args: &[&str]| {
+        let mut command = Command::new(BIN);
+        command.arg("keys").args(args).args(["--as", "alice", "--identity"]);
+        command.arg(dir.join("thief.identity"));
+        command.args(["--server", &server.addr, "--api-key", "alice-key"]);
+        command.output().unwrap()
+    };
+    assert!(thief(&["publish"]).status.success());
+    assert!(keys("eve", &["publish"]).output().unwrap().status.success());
+    let forged =
+        thief(&["policy", "ops", "--filter", "ops/#", "--member", "bob", "--member", "eve"]);
+    assert!(forged.status.success(), "{forged:?}");
+    let bob_pub =
+        || keys("bob", &["pub", "alice/ops", "ops/x", "hi", "--device", "phone"]).output();
+    let refused = bob_pub().unwrap();
+    assert!(!refused.status.success(), "{refused:?}");
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("alice's key for device default changed"), "{said}");
+    let trusted = keys("bob", &["trust", "alice/ops", "--device", "phone"]).output().unwrap();
+    assert!(trusted.status.success(), "{trusted:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&trusted.stdout).trim(),
+        "1 changed key(s) of alice trusted"
+    );
+    let sent = bob_pub().unwrap();
+    assert!(sent.status.success(), "{sent:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -18,68 +18,39 @@
 //!   the associated data binds the policy and the topic, so a message re-addressed to another
 //!   topic does not open. The server, its store, plugins and the cluster's engine see ciphertext.
 //!
-//! A policy is trusted on first sight of its owner's device keys in the directory, as chat
-//! contacts are: compare fingerprints ([`PublicIdentity::fingerprint`]) out of band to rule out a
-//! directory that lies.
+//! A policy trusts its owner's devices as the directory first lists them, per device, as chat
+//! contacts are (compare fingerprints, [`PublicIdentity::fingerprint`], out of band to rule out
+//! a directory that lies). A device of the owner whose key changes afterwards is reported
+//! ([`KeyPolicy::changes`], [`PolicyError::OwnerKeyChanged`]) and nothing it signs is opened
+//! until [`KeyPolicy::trust_owner`]; kept in a file ([`KeyPolicy::follow_kept`]), the trusted
+//! keys also catch a directory entry swapped while the device was away. The format and the
+//! checks are [`PolicyKeys`]', shared with the WASM client.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::{Value, json};
 use whispeer_engines::{
-    Codec, GroupKey, Identity, IdentityError, PublicIdentity, group_sealed_by, open_group,
-    open_sealed, seal_for, seal_group, sealed_sender,
+    BundleRead, Codec, Identity, KeyChange, PolicyKeys, PublicIdentity, directory_filter,
+    directory_topic, policy_topic,
 };
-use whispeer_proto::{Filter, Qos, Topic};
+use whispeer_proto::{Filter, Qos};
 
 use crate::{Client, ClientError, ClientSubscription, Delivery, PublishOptions};
 
-/// The first segment of the directory's topics.
-pub const DIRECTORY: &str = "@keys";
+pub use whispeer_engines::{DIRECTORY, PolicyError};
 /// The header naming the policy (`<owner>/<name>`) a message is sealed under.
 pub const POLICY_HEADER: &str = "e2e-policy";
 /// How long a read of retained messages waits for more once the server has answered.
 const SETTLE: Duration = Duration::from_millis(100);
 
-/// Why a key operation failed.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum PolicyError {
-    /// The connection or the server.
-    #[error(transparent)]
-    Client(#[from] ClientError),
-    /// Sealing or opening.
-    #[error(transparent)]
-    Identity(#[from] IdentityError),
-    /// A principal with no device in the directory.
-    #[error("{0} has no device keys in the directory")]
-    NoDevices(String),
-    /// This device holds no key of the policy (not a member, or not yet).
-    #[error("no key of policy {0} opens for this device: not a member (yet)")]
-    NotMember(String),
-    /// A message sealed with an epoch whose key this device does not have.
-    #[error(
-        "no key for epoch {0} of this policy (sealed before this device was a member, or after it was removed)"
-    )]
-    NoKey(u32),
-    /// A topic the policy does not cover.
-    #[error("{topic} is outside the policy's filter {filter}")]
-    Outside {
-        /// The topic.
-        topic: String,
-        /// The policy's filter.
-        filter: String,
-    },
-    /// A directory entry, bundle or message that does not read.
-    #[error("malformed: {0}")]
-    Malformed(String),
+impl From<ClientError> for PolicyError {
+    fn from(err: ClientError) -> Self {
+        Self::Connection(Box::new(err))
+    }
 }
 
 impl Client {
@@ -94,7 +65,7 @@ impl Client {
         device: &str,
         identity: &Identity,
     ) -> Result<(), ClientError> {
-        let topic = format!("{DIRECTORY}/{principal}/{device}");
+        let topic = directory_topic(principal, device);
         let text = identity.public(device).to_text();
         let options = PublishOptions::new().qos(Qos::AtLeastOnce).retain();
         self.publish_bytes_with(&topic, Bytes::from(text), &options).await.map(drop)
@@ -105,7 +76,7 @@ impl Client {
     /// # Errors
     /// The connection, or the server's refusal.
     pub async fn identities(&self, principal: &str) -> Result<Vec<PublicIdentity>, ClientError> {
-        let texts = self.retained(&format!("{DIRECTORY}/{principal}/+")).await?;
+        let texts = self.retained(&directory_filter(principal)).await?;
         let mut found = Vec::new();
         for delivery in texts {
             let text = String::from_utf8_lossy(delivery.payload());
@@ -136,81 +107,8 @@ async fn drain(sub: &mut ClientSubscription<Delivery>, quiet: Duration) -> Vec<D
     got
 }
 
-/// The topic of a policy's bundle.
-fn bundle_topic(owner: &str, name: &str) -> String {
-    format!("{DIRECTORY}/{owner}/policy/{name}")
-}
-
-/// What a bundle's box is bound to.
-fn bundle_context(
-    owner: &str,
-    name: &str,
-    filter: &str,
-    members: &[String],
-    epoch: u32,
-) -> Vec<u8> {
-    let mut context = b"whispeer key policy v1\0".to_vec();
-    for part in [owner, name, filter] {
-        context.extend_from_slice(part.as_bytes());
-        context.push(0);
-    }
-    for member in members {
-        context.extend_from_slice(member.as_bytes());
-        context.push(0);
-    }
-    context.extend_from_slice(&epoch.to_be_bytes());
-    context
-}
-
-/// What a message's seal is bound to: the policy and the topic.
-fn message_context(owner: &str, name: &str, topic: &str) -> Vec<u8> {
-    let mut context = b"whispeer policy message v1\0".to_vec();
-    for part in [owner, name, topic] {
-        context.extend_from_slice(part.as_bytes());
-        context.push(0);
-    }
-    context
-}
-
-/// One policy as a device knows it.
-#[derive(Debug, Default)]
-struct Known {
-    filter: Option<Filter>,
-    members: Vec<String>,
-    /// The epochs' keys this device opened.
-    keys: HashMap<u32, GroupKey>,
-    /// The newest epoch seen (opened or not).
-    epoch: u32,
-    /// Where the keys are kept across restarts, if anywhere.
-    saved_in: Option<PathBuf>,
-}
-
-/// Reads the keys kept in `path` (one epoch's key a line, base64), if the file exists.
-fn read_keys(path: &Path) -> Result<Vec<GroupKey>, PolicyError> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(text) => text,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(err) => return Err(PolicyError::Malformed(format!("{}: {err}", path.display()))),
-    };
-    let bad = |why: String| PolicyError::Malformed(format!("{}: {why}", path.display()));
-    text.lines()
-        .filter(|line| !line.trim().is_empty())
-        .map(|line| {
-            let bytes = zeroize::Zeroizing::new(
-                BASE64.decode(line.trim()).map_err(|e| bad(e.to_string()))?,
-            );
-            GroupKey::from_bytes(&bytes).map_err(|e| bad(e.to_string()))
-        })
-        .collect()
-}
-
-/// Writes `keys` to `path`, readable by its owner only: a new file, then renamed over it.
-fn write_keys<'a>(path: &Path, keys: impl Iterator<Item = &'a GroupKey>) -> std::io::Result<()> {
-    let mut text = zeroize::Zeroizing::new(String::new());
-    for key in keys {
-        text.push_str(&BASE64.encode(key.to_bytes().as_slice()));
-        text.push('\n');
-    }
+/// Writes `text` to `path`, readable by its owner only: a new file, then renamed over it.
+fn write_kept(path: &Path, text: &str) -> std::io::Result<()> {
     let next = path.with_extension("keys-new");
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
@@ -222,14 +120,42 @@ fn write_keys<'a>(path: &Path, keys: impl Iterator<Item = &'a GroupKey>) -> std:
     std::fs::rename(&next, path)
 }
 
-impl Known {
-    /// Keeps the keys in their file, when they have one (a failure is logged: the keys stay
-    /// in memory).
-    fn save(&self) {
+/// Reads the file `path`, empty if it does not exist.
+fn read_kept(path: &Path) -> Result<zeroize::Zeroizing<String>, PolicyError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(zeroize::Zeroizing::new(text)),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(Default::default()),
+        Err(err) => Err(PolicyError::Malformed(format!("{}: {err}", path.display()))),
+    }
+}
+
+/// What a device knows of a policy, and where it keeps it.
+#[derive(Debug)]
+struct State {
+    keys: PolicyKeys,
+    saved_in: Option<PathBuf>,
+}
+
+impl State {
+    /// Keeps keys and trusted devices in their file, when they have one and changed (a
+    /// failure is logged: they stay in memory).
+    fn save(&mut self) {
+        if !self.keys.take_changed() {
+            return;
+        }
         if let Some(path) = &self.saved_in
-            && let Err(err) = write_keys(path, self.keys.values())
+            && let Err(err) = write_kept(path, &self.keys.to_kept())
         {
             tracing::warn!(%err, path = %path.display(), "policy keys not saved");
+        }
+    }
+
+    fn report(&self, changes: &[KeyChange]) {
+        for change in changes {
+            tracing::warn!(
+                policy = %self.keys.label(), device = %change.device, was = %change.was,
+                now = %change.now, "the policy owner's device key changed: not trusted"
+            );
         }
     }
 }
@@ -242,7 +168,7 @@ pub struct KeyPolicy {
     identity: Arc<Identity>,
     owner: String,
     name: String,
-    known: Arc<Mutex<Known>>,
+    state: Arc<Mutex<State>>,
     _follow: Arc<Following>,
 }
 
@@ -265,10 +191,44 @@ impl std::fmt::Debug for KeyPolicy {
     }
 }
 
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Reads one bundle; one signed by a key the owner's trusted devices lack sends the device to
+/// the directory again (the owner may have a new device, or a changed key, which is reported).
+async fn read_bundle(client: &Client, identity: &Identity, state: &Mutex<State>, payload: &[u8]) {
+    let read = lock(state).keys.read_bundle(identity, payload);
+    match read {
+        Ok(BundleRead::UnknownSigner(epoch)) => {
+            let owner = lock(state).keys.owner().to_string();
+            match client.identities(&owner).await {
+                Ok(devices) => {
+                    let mut state = lock(state);
+                    let changes = state.keys.check_owner(identity, &devices);
+                    state.report(&changes);
+                    if state.keys.epoch() < epoch && changes.is_empty() {
+                        tracing::warn!(epoch, policy = %state.keys.label(),
+                            "policy bundle signed by no device of its owner: not opened");
+                    }
+                }
+                Err(err) => tracing::warn!(%err, "directory not read: policy bundle not opened"),
+            }
+        }
+        Ok(BundleRead::NotForMe(epoch)) => {
+            tracing::debug!(epoch, "policy bundle not sealed to this device");
+        }
+        Ok(_) => {}
+        Err(err) => tracing::warn!(%err, "policy bundle not read"),
+    }
+    lock(state).save();
+}
+
 impl KeyPolicy {
     /// Follows the policy `name` of `owner` with this device's `identity`: every bundle the
     /// owner publishes (the current one first) is opened, and its epoch's key kept. Returns
-    /// once the current bundle, if any, was read.
+    /// once the current bundle, if any, was read. The owner's devices are trusted as the
+    /// directory lists them now; see [`KeyPolicy::follow_kept`] to keep them.
     ///
     /// # Errors
     /// The connection, the server's refusal, or the owner's devices missing from the directory.
@@ -278,33 +238,57 @@ impl KeyPolicy {
         owner: &str,
         name: &str,
     ) -> Result<Self, PolicyError> {
-        let owner_keys: Vec<[u8; 32]> =
-            client.identities(owner).await?.iter().map(|p| p.ed25519).collect();
-        if owner_keys.is_empty() {
+        Self::start(client, identity, owner, name, None).await
+    }
+
+    /// [`KeyPolicy::follow`], keeping the epochs' keys this device opens and the owner's device
+    /// keys it trusts in `path` (readable by its owner only; keep it like the identity file),
+    /// read first: messages of epochs opened once still open after a restart, and an owner's
+    /// device whose key in the directory is not the one kept is reported
+    /// ([`KeyPolicy::changes`]) rather than trusted.
+    ///
+    /// # Errors
+    /// As [`KeyPolicy::follow`], or the file cannot be read.
+    pub async fn follow_kept(
+        client: &Client,
+        identity: Arc<Identity>,
+        owner: &str,
+        name: &str,
+        path: impl Into<PathBuf>,
+    ) -> Result<Self, PolicyError> {
+        Self::start(client, identity, owner, name, Some(path.into())).await
+    }
+
+    async fn start(
+        client: &Client,
+        identity: Arc<Identity>,
+        owner: &str,
+        name: &str,
+        kept: Option<PathBuf>,
+    ) -> Result<Self, PolicyError> {
+        let mut keys = PolicyKeys::new(owner, name);
+        if let Some(path) = &kept {
+            keys.read_kept(&read_kept(path)?)?;
+        }
+        let directory = client.identities(owner).await?;
+        let changes = keys.check_owner(&identity, &directory);
+        if !keys.knows_owner() {
             return Err(PolicyError::NoDevices(owner.to_string()));
         }
-        let mut bundles = client.messages(bundle_topic(owner, name).as_str()).await?;
+        let state = State { keys, saved_in: kept };
+        state.report(&changes);
+        let state = Arc::new(Mutex::new(state));
+        let mut bundles = client.messages(policy_topic(owner, name).as_str()).await?;
         client.flush().await?;
-        let known = Arc::new(Mutex::new(Known::default()));
-        let read = |delivery: &Delivery| {
-            let opened = open_bundle(&identity, owner, name, &owner_keys, delivery.payload());
-            learn(&known, opened);
-        };
         for delivery in drain(&mut bundles, SETTLE).await {
-            read(&delivery);
+            read_bundle(client, &identity, &state, delivery.payload()).await;
         }
-        let (known_later, identity_later) = (Arc::clone(&known), Arc::clone(&identity));
-        let (owner_later, name_later) = (owner.to_string(), name.to_string());
+        lock(&state).save();
+        let (client_later, state_later, identity_later) =
+            (client.clone(), Arc::clone(&state), Arc::clone(&identity));
         let follow = tokio::spawn(async move {
             while let Some(delivery) = bundles.recv().await {
-                let opened = open_bundle(
-                    &identity_later,
-                    &owner_later,
-                    &name_later,
-                    &owner_keys,
-                    delivery.payload(),
-                );
-                learn(&known_later, opened);
+                read_bundle(&client_later, &identity_later, &state_later, delivery.payload()).await;
             }
         });
         Ok(Self {
@@ -312,7 +296,7 @@ impl KeyPolicy {
             identity,
             owner: owner.to_string(),
             name: name.to_string(),
-            known,
+            state,
             _follow: Arc::new(Following(follow)),
         })
     }
@@ -344,7 +328,7 @@ impl KeyPolicy {
     /// # Errors
     /// As [`KeyPolicy::create`]; [`PolicyError::NotMember`] before the policy was read.
     pub async fn set_members(&self, members: &[&str]) -> Result<(), PolicyError> {
-        let filter = self.lock().filter.clone().ok_or_else(|| self.not_member())?;
+        let filter = self.lock().keys.filter().cloned().ok_or_else(|| self.not_member())?;
         let members: Vec<String> = members.iter().map(|m| (*m).to_string()).collect();
         self.publish_epoch(&filter, members).await
     }
@@ -354,9 +338,7 @@ impl KeyPolicy {
         filter: &Filter,
         mut members: Vec<String>,
     ) -> Result<(), PolicyError> {
-        if !members.contains(&self.owner) {
-            members.push(self.owner.clone());
-        }
+        members.push(self.owner.clone());
         members.sort();
         members.dedup();
         // Every member's devices, read at once (each read waits for the directory to settle).
@@ -369,60 +351,71 @@ impl KeyPolicy {
             }
             devices.extend(found);
         }
-        let epoch = self.lock().epoch + 1;
-        let key = GroupKey::generate(epoch)?;
-        let context = bundle_context(&self.owner, &self.name, filter.as_str(), &members, epoch);
-        let sealed = seal_for(&self.identity, &devices, &context, &key.to_bytes())?;
-        let bundle = json!({
-            "filter": filter.as_str(), "members": members, "epoch": epoch,
-            "sealed": BASE64.encode(sealed),
-        });
+        let bundle = {
+            let mut state = self.lock();
+            let bundle = state.keys.make_bundle(&self.identity, filter, members, &devices)?;
+            state.save();
+            bundle
+        };
         let options = PublishOptions::new().qos(Qos::AtLeastOnce).retain();
-        let topic = bundle_topic(&self.owner, &self.name);
-        self.client.publish_bytes_with(&topic, Bytes::from(bundle.to_string()), &options).await?;
-        // This device is among the recipients: keep the key now rather than when it echoes.
-        learn(&self.known, Ok(OpenedBundle { filter: filter.clone(), members, key }));
+        let topic = policy_topic(&self.owner, &self.name);
+        self.client.publish_bytes_with(&topic, Bytes::from(bundle), &options).await?;
         Ok(())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Known> {
-        self.known.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
     }
 
     fn not_member(&self) -> PolicyError {
         PolicyError::NotMember(format!("{}/{}", self.owner, self.name))
     }
 
-    /// Keeps the epochs' keys this device opens in `path` (readable by its owner only; keep it
-    /// like the identity file), and takes those kept there before: messages of epochs this
-    /// device opened once still open after a restart.
+    /// Keeps the epochs' keys this device opens, and the owner's device keys it trusts, in
+    /// `path` (readable by its owner only), and takes those kept there before: messages of
+    /// epochs this device opened once still open after a restart. (To check the owner's keys
+    /// against the file before trusting the directory, follow with
+    /// [`KeyPolicy::follow_kept`].)
     ///
     /// # Errors
     /// The file cannot be read or written.
     pub fn save_keys_in(&self, path: impl Into<PathBuf>) -> Result<(), PolicyError> {
         let path = path.into();
-        let kept = read_keys(&path)?;
-        let mut known = self.lock();
-        for key in kept {
-            known.keys.entry(key.epoch).or_insert(key);
-        }
-        write_keys(&path, known.keys.values())
+        let kept = read_kept(&path)?;
+        let mut state = self.lock();
+        let changes = state.keys.read_kept(&kept)?;
+        state.report(&changes);
+        write_kept(&path, &state.keys.to_kept())
             .map_err(|e| PolicyError::Malformed(format!("{}: {e}", path.display())))?;
-        known.saved_in = Some(path);
+        state.saved_in = Some(path);
         Ok(())
+    }
+
+    /// The owner's device key changes seen and not trusted yet.
+    pub fn changes(&self) -> Vec<KeyChange> {
+        self.lock().keys.changes()
+    }
+
+    /// Trusts the owner's changed device keys (after comparing fingerprints), and opens the
+    /// bundle that waited for them. Returns how many changes were accepted.
+    pub fn trust_owner(&self) -> usize {
+        let mut state = self.lock();
+        let accepted = state.keys.trust_owner(&self.identity);
+        state.save();
+        accepted
     }
 
     /// The policy's filter and members, and its newest epoch, as this device read them.
     pub fn state(&self) -> Option<(String, Vec<String>, u32)> {
-        let known = self.lock();
-        known.filter.as_ref().map(|f| (f.to_string(), known.members.clone(), known.epoch))
+        self.lock().keys.state()
     }
 
     /// Publishes `value` on `topic` (inside the policy's filter) sealed with the newest epoch's
     /// key this device holds, at QoS 1.
     ///
     /// # Errors
-    /// [`PolicyError::Outside`], [`PolicyError::NotMember`], encoding, or the connection.
+    /// [`PolicyError::Outside`], [`PolicyError::NotMember`], [`PolicyError::OwnerKeyChanged`],
+    /// encoding, or the connection.
     pub async fn publish<T: Serialize + ?Sized>(
         &self,
         topic: &str,
@@ -434,23 +427,14 @@ impl KeyPolicy {
     }
 
     /// Publishes `plain` bytes on `topic` sealed under the policy; see [`KeyPolicy::publish`].
+    /// While the newest epoch's key may still come (its signer looked up in the directory), it
+    /// waits up to 2 s for it.
     ///
     /// # Errors
     /// As [`KeyPolicy::publish`].
     pub async fn publish_bytes(&self, topic: &str, plain: &[u8]) -> Result<(), PolicyError> {
-        let parsed = Topic::parse(topic).map_err(|e| PolicyError::Malformed(e.to_string()))?;
-        let key = {
-            let known = self.lock();
-            let filter = known.filter.as_ref().ok_or_else(|| self.not_member())?;
-            if !filter.matches(&parsed) {
-                let filter = filter.to_string();
-                return Err(PolicyError::Outside { topic: topic.to_string(), filter });
-            }
-            // The newest epoch's key: a device that could not open it was removed.
-            known.keys.get(&known.epoch).cloned().ok_or_else(|| self.not_member())?
-        };
-        let context = message_context(&self.owner, &self.name, topic);
-        let sealed = seal_group(&self.identity, &key, &context, plain)?;
+        self.settle(None).await;
+        let sealed = self.lock().keys.seal(&self.identity, topic, plain)?;
         let options = PublishOptions::new()
             .qos(Qos::AtLeastOnce)
             .header(POLICY_HEADER, format!("{}/{}", self.owner, self.name));
@@ -459,25 +443,33 @@ impl KeyPolicy {
     }
 
     /// Opens a message sealed under this policy: its plaintext, and the Ed25519 key of the
-    /// device that sealed it. A message of an epoch newer than any this device has read waits
-    /// (up to 2 s) for that epoch's bundle, which may still be on its way.
+    /// device that sealed it. A message of an epoch whose key this device may still get waits
+    /// (up to 2 s) for it: the bundle may be on its way, or its signer looked up.
     ///
     /// # Errors
-    /// [`PolicyError::NoKey`] for an epoch this device has no key of, or the seal's failure (a
-    /// message altered, or re-addressed to another topic).
+    /// [`PolicyError::NoKey`] for an epoch this device has no key of
+    /// ([`PolicyError::OwnerKeyChanged`] when a change waits to be trusted), or the seal's
+    /// failure (a message altered, or re-addressed to another topic).
     pub async fn open(&self, delivery: &Delivery) -> Result<(Vec<u8>, [u8; 32]), PolicyError> {
         let sealed = delivery.payload();
-        let (epoch, signer) = group_sealed_by(sealed)?;
+        self.settle(Some(PolicyKeys::epoch_of(sealed)?)).await;
+        self.lock().keys.open(delivery.topic().as_str(), sealed)
+    }
+
+    /// Waits (up to 2 s) while the key of `epoch` (the newest seen when `None`) may still come:
+    /// its bundle on its way, or a bundle whose signer is being looked up in the directory.
+    async fn settle(&self, epoch: Option<u32>) {
         for _ in 0..100 {
-            if self.lock().epoch >= epoch {
-                break;
+            {
+                let state = self.lock();
+                let keys = &state.keys;
+                let epoch = epoch.unwrap_or(keys.epoch());
+                if keys.has_key(epoch) || (keys.epoch() >= epoch && !keys.waiting()) {
+                    return;
+                }
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let key = self.lock().keys.get(&epoch).cloned().ok_or(PolicyError::NoKey(epoch))?;
-        let context = message_context(&self.owner, &self.name, delivery.topic().as_str());
-        let plain = open_group(&key, sealed, &context, None)?;
-        Ok((plain, signer))
     }
 
     /// Opens and decodes a message published with [`KeyPolicy::publish`].
@@ -490,68 +482,5 @@ impl KeyPolicy {
     ) -> Result<T, PolicyError> {
         let (plain, _) = self.open(delivery).await?;
         Codec::Postcard.decode(&plain).map_err(|e| PolicyError::Malformed(e.to_string()))
-    }
-}
-
-/// A bundle this device opened.
-struct OpenedBundle {
-    filter: Filter,
-    members: Vec<String>,
-    key: GroupKey,
-}
-
-/// Reads a bundle of policy (`owner`, `name`) and opens its key with `me`; it must be signed
-/// by one of the owner's devices. `Err(epoch)`-like outcomes are reported as errors.
-fn open_bundle(
-    me: &Identity,
-    owner: &str,
-    name: &str,
-    owner_keys: &[[u8; 32]],
-    payload: &[u8],
-) -> Result<OpenedBundle, (u32, PolicyError)> {
-    let malformed = |why: &str| (0, PolicyError::Malformed(format!("policy bundle: {why}")));
-    let bundle: Value = serde_json::from_slice(payload).map_err(|_| malformed("not JSON"))?;
-    let filter = bundle["filter"].as_str().ok_or_else(|| malformed("no filter"))?;
-    let filter = Filter::parse(filter).map_err(|_| malformed("bad filter"))?;
-    let epoch = bundle["epoch"].as_u64().and_then(|e| u32::try_from(e).ok());
-    let epoch = epoch.ok_or_else(|| malformed("no epoch"))?;
-    let members: Vec<String> = bundle["members"]
-        .as_array()
-        .ok_or_else(|| malformed("no members"))?
-        .iter()
-        .filter_map(|m| m.as_str().map(str::to_string))
-        .collect();
-    let sealed = bundle["sealed"].as_str().ok_or_else(|| malformed("no key"))?;
-    let sealed = BASE64.decode(sealed).map_err(|_| malformed("bad key"))?;
-    let signer = sealed_sender(&sealed).map_err(|e| (epoch, e.into()))?;
-    if !owner_keys.contains(&signer) {
-        let why = format!("policy bundle of {owner}/{name} not signed by a device of {owner}");
-        return Err((epoch, PolicyError::Malformed(why)));
-    }
-    let context = bundle_context(owner, name, filter.as_str(), &members, epoch);
-    let bytes = open_sealed(me, &sealed, &context, Some(&signer)).map_err(|e| (epoch, e.into()))?;
-    let key = GroupKey::from_bytes(&bytes).map_err(|e| (epoch, e.into()))?;
-    if key.epoch != epoch {
-        return Err(malformed("the key's epoch is not the bundle's"));
-    }
-    Ok(OpenedBundle { filter, members, key })
-}
-
-/// Keeps what a bundle gave (or notes its epoch when it did not open for this device).
-fn learn(known: &Mutex<Known>, opened: Result<OpenedBundle, (u32, PolicyError)>) {
-    let mut known = known.lock().unwrap_or_else(PoisonError::into_inner);
-    match opened {
-        Ok(OpenedBundle { filter, members, key }) => {
-            known.epoch = known.epoch.max(key.epoch);
-            known.filter = Some(filter);
-            known.members = members;
-            if known.keys.insert(key.epoch, key).is_none() {
-                known.save();
-            }
-        }
-        Err((epoch, err)) => {
-            known.epoch = known.epoch.max(epoch);
-            tracing::debug!(%err, epoch, "policy bundle not opened on this device");
-        }
     }
 }

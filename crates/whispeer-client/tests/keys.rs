@@ -149,3 +149,79 @@ async fn only_members_devices_open_a_policys_messages_and_a_removed_member_opens
     }
     let _ = std::fs::remove_file(&saved);
 }
+
+/// Waits (up to 5 s) until `done` holds.
+async fn eventually(done: impl Fn() -> bool) {
+    for _ in 0..100 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(done(), "not within 5 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_key_changed_in_the_directory_is_reported_and_not_trusted_until_told() {
+    let (_broker, addr) = server();
+    let (alice, alice_laptop) = device(addr, "alice", "laptop").await;
+    let (bob, bob_id) = device(addr, "bob", "phone").await;
+    let kept = std::env::temp_dir().join(format!("whispeer-owner-{}.keys", std::process::id()));
+    let _ = std::fs::remove_file(&kept);
+    let policy =
+        KeyPolicy::create(&alice, alice_laptop, "alice", "ops", "ops/#", &["bob"]).await.unwrap();
+    let at_bob =
+        KeyPolicy::follow_kept(&bob, Arc::clone(&bob_id), "alice", "ops", &kept).await.unwrap();
+    assert_eq!(at_bob.state().unwrap().2, 1);
+    assert!(at_bob.changes().is_empty());
+
+    // A new device of alice's publishes the next epoch: trusted on first sight.
+    let (alice_phone, alice_phone_id) = device(addr, "alice", "phone").await;
+    // (Not sealed to the phone yet, it knows the policy's epoch but not its filter: it makes
+    // the policy again.)
+    KeyPolicy::create(&alice_phone, alice_phone_id, "alice", "ops", "ops/#", &["bob"])
+        .await
+        .unwrap();
+    eventually(|| at_bob.state().unwrap().2 == 2).await;
+    assert!(at_bob.changes().is_empty(), "a new device is not a change");
+    let mut bob_sub = bob.messages("ops/#").await.unwrap();
+    eventually(|| policy.state().unwrap().2 == 2).await;
+    policy.publish("ops/deploy", "from the laptop").await.unwrap();
+    let first = next(&mut bob_sub).await;
+    assert_eq!(at_bob.open_value::<String>(&first).await.unwrap(), "from the laptop");
+
+    // Someone with alice's API key but not her laptop puts another key in the directory for
+    // the laptop, and publishes an epoch that lets mallory in.
+    let (_mallory, _) = device(addr, "mallory", "phone").await;
+    let thief = client(addr, "alice").await;
+    let stolen = Arc::new(Identity::generate().unwrap());
+    thief.publish_identity("alice", "laptop", &stolen).await.unwrap();
+    // Its epoch 3 names mallory.
+    let members = ["bob", "mallory"];
+    let forged =
+        KeyPolicy::create(&thief, stolen.clone(), "alice", "ops", "ops/#", &members).await.unwrap();
+    eventually(|| !at_bob.changes().is_empty()).await;
+    let changes = at_bob.changes();
+    assert_eq!(changes.len(), 1, "the laptop's new key is reported");
+    assert_eq!(changes[0].device, "laptop");
+    assert_eq!(changes[0].now, stolen.public("laptop").fingerprint());
+    assert_eq!(at_bob.state().unwrap().2, 3, "epoch 3 seen, not opened");
+    let refused = at_bob.publish("ops/status", "hello?").await.unwrap_err();
+    assert!(matches!(refused, PolicyError::OwnerKeyChanged(_)), "{refused:?}");
+    forged.publish("ops/deploy", "from the thief").await.unwrap();
+    let sneaky = next(&mut bob_sub).await;
+    let unopened = at_bob.open(&sneaky).await.unwrap_err();
+    assert!(matches!(unopened, PolicyError::OwnerKeyChanged(_)), "{unopened:?}");
+
+    // After a restart the kept file still says which key the laptop had: reported at once.
+    drop(at_bob);
+    let again =
+        KeyPolicy::follow_kept(&bob, Arc::clone(&bob_id), "alice", "ops", &kept).await.unwrap();
+    assert_eq!(again.changes().len(), 1);
+    assert!(again.open(&sneaky).await.is_err());
+    assert_eq!(again.open_value::<String>(&first).await.unwrap(), "from the laptop");
+    // Told to trust it (say, after comparing fingerprints), bob opens the new epoch.
+    assert_eq!(again.trust_owner(), 1);
+    assert_eq!(again.open_value::<String>(&sneaky).await.unwrap(), "from the thief");
+    let _ = std::fs::remove_file(&kept);
+}

@@ -454,10 +454,14 @@ pub fn open_sealed(
 mod chat;
 mod group;
 mod pairwise;
+mod policy;
 
 pub use chat::{ChatKeys, ChatKeysError, KeyChange, Opened, is_sealed};
 pub use group::{GroupKey, group_sealed_by, open_group, seal_group};
 pub use pairwise::{PairKeys, open_pairwise, pairwise_sender, seal_pairwise};
+pub use policy::{
+    BundleRead, DIRECTORY, PolicyError, PolicyKeys, directory_filter, directory_topic, policy_topic,
+};
 
 #[cfg(test)]
 mod chat_tests;

@@ -34,10 +34,10 @@ pub use codec::{Codec, CodecError};
 pub use compress::{Compression, DEFAULT_THRESHOLD, DEFAULT_ZSTD_LEVEL};
 pub use error::{OpenError, ReceiveError, SealError};
 pub use identity::{
-    ChatKeys, ChatKeysError, GroupKey, Identity, IdentityError, KeyChange, MAX_RECIPIENTS, Opened,
-    PairKeys, PublicIdentity, fingerprint_of, group_sealed_by, is_sealed, open_group,
-    open_pairwise, open_sealed, pairwise_sender, seal_for, seal_group, seal_pairwise,
-    sealed_sender,
+    BundleRead, ChatKeys, ChatKeysError, DIRECTORY, GroupKey, Identity, IdentityError, KeyChange,
+    MAX_RECIPIENTS, Opened, PairKeys, PolicyError, PolicyKeys, PublicIdentity, directory_filter,
+    directory_topic, fingerprint_of, group_sealed_by, is_sealed, open_group, open_pairwise,
+    open_sealed, pairwise_sender, policy_topic, seal_for, seal_group, seal_pairwise, sealed_sender,
 };
 pub use keyring::{Key, KeyError, KeyId, Keyring};
 pub use seal::{Encryption, Engines, KEY_VARIABLE, KeyChoice, Sealing, TopicRule};
