@@ -11,6 +11,9 @@
 //! and on another node too after `setSharedOffsets(true)` (durable topics a cluster keeps have
 //! the same offsets on every node).
 //!
+//! Without a shared key, `KeyPolicy` seals pub/sub messages so that only a policy's members'
+//! devices open them, as the Rust SDK's `KeyPolicy` does (`policy.rs`).
+//!
 //! ```js
 //! const client = await Client.connect("ws://127.0.0.1:7451/ws", keyText /* or null */, apiKey /* or null */);
 //! const sub = client.subscribe("chat/#", (topic, data, id) => console.log(topic, new TextDecoder().decode(data)));
@@ -20,9 +23,11 @@
 //! ```
 
 mod chat;
+mod policy;
 mod sealing;
 
 pub use chat::Chat;
+pub use policy::KeyPolicy;
 pub use sealing::Identity;
 
 use std::cell::RefCell;
@@ -86,6 +91,11 @@ struct State {
     auth_pending: bool,
     welcomed: bool,
     max_frame_bytes: usize,
+    /// Round trips waiting for the server's `Pong`, by the ping's correlation: resolve and
+    /// reject.
+    flushes: HashMap<u32, (Function, Function)>,
+    /// Publishes whose refusal fails a round trip: the publish's correlation, the ping's.
+    watched: HashMap<u32, u32>,
 }
 
 fn error(message: impl AsRef<str>) -> JsValue {
@@ -183,9 +193,17 @@ impl State {
                     ),
                 }
             }
+            Body::Pong => {
+                if let Some((resolve, _)) = self.flushes.remove(&frame.correlation) {
+                    let _ = resolve.call0(&JsValue::NULL);
+                }
+            }
             Body::Error { code, message } => {
                 let text = format!("whispeer: server error {code}: {message}");
-                if self.ready.is_some() {
+                let failed = self.watched.remove(&frame.correlation);
+                if let Some((_, reject)) = failed.and_then(|ping| self.flushes.remove(&ping)) {
+                    let _ = reject.call1(&JsValue::NULL, &error(&text));
+                } else if self.ready.is_some() {
                     self.settle_ready(Err(error(&text)));
                 } else {
                     web_sys::console::error_1(&text.into());
@@ -213,7 +231,7 @@ impl std::fmt::Debug for Client {
 }
 
 /// Waits `ms` milliseconds (the platform's `setTimeout`, in browsers and in Node).
-async fn sleep(ms: u32) {
+pub(crate) async fn sleep(ms: u32) {
     let wait = Promise::new(&mut |resolve, _| {
         let set_timeout = js_sys::Reflect::get(&js_sys::global(), &"setTimeout".into())
             .ok()
@@ -264,6 +282,10 @@ async fn open(state: &Rc<RefCell<State>>, index: usize) -> Result<(), JsValue> {
             let current = {
                 let mut state = state.borrow_mut();
                 state.settle_ready(Err(error("the connection closed")));
+                state.watched.clear();
+                for (_, (_, reject)) in state.flushes.drain() {
+                    let _ = reject.call1(&JsValue::NULL, &error("the connection closed"));
+                }
                 state.generation == generation && !state.closing
             };
             if current {
@@ -334,6 +356,93 @@ async fn reconnect(state: Rc<RefCell<State>>) {
     }
 }
 
+/// Publishes `payload` with `headers` at QoS 0, sealed with the client's engines; gives the
+/// publish's correlation (a refusal names it).
+pub(crate) fn publish(
+    state: &RefCell<State>,
+    topic: &str,
+    content: ContentType,
+    payload: Bytes,
+    headers: Headers,
+) -> Result<u32, JsValue> {
+    let topic = Topic::parse(topic).map_err(|e| error(format!("invalid topic: {e}")))?;
+    let mut state = state.borrow_mut();
+    let id = MessageId(u128::from(state.id_prefix) << 64 | u128::from(state.next_id));
+    state.next_id += 1;
+    let timestamp_ms = js_sys::Date::now() as u64;
+    let meta = Sealing { topic: topic.as_str(), id, timestamp_ms, headers: &headers };
+    let (flags, payload) = state
+        .engines
+        .seal(&meta, Flags::with_content(content), payload)
+        .map_err(|e| error(e.to_string()))?;
+    let mut envelope = Envelope::new(id, topic, timestamp_ms, flags, payload);
+    envelope.headers = headers;
+    let correlation = state.correlation();
+    state.send(&Frame::new(correlation, Body::Publish { qos: Qos::AtMostOnce, envelope }))?;
+    Ok(correlation)
+}
+
+/// A round trip to the server: resolves once it has handled everything sent before; fails
+/// with the server's refusal of the publish `watch` names, if it refused it, or when the
+/// connection closes.
+pub(crate) async fn round_trip(state: &RefCell<State>, watch: Option<u32>) -> Result<(), JsValue> {
+    let answered = {
+        let mut state = state.borrow_mut();
+        let ping = state.correlation();
+        let answered = Promise::new(&mut |resolve, reject| {
+            state.flushes.insert(ping, (resolve, reject));
+        });
+        if let Some(publish) = watch {
+            state.watched.insert(publish, ping);
+        }
+        if let Err(err) = state.send(&Frame::new(ping, Body::Ping)) {
+            state.flushes.remove(&ping);
+            watch.map(|publish| state.watched.remove(&publish));
+            return Err(err);
+        }
+        answered
+    };
+    let outcome = JsFuture::from(answered).await.map(drop);
+    if let Some(publish) = watch {
+        state.borrow_mut().watched.remove(&publish);
+    }
+    outcome
+}
+
+/// Subscribes `callback(topic, data, messageId, attempt)` to `filter`; gives the
+/// subscription's id.
+pub(crate) fn subscribe(
+    state: &RefCell<State>,
+    filter: Filter,
+    callback: Function,
+    qos: Qos,
+    group: Option<String>,
+) -> Result<u32, JsValue> {
+    let mut state = state.borrow_mut();
+    let sub = state.next_sub;
+    state.next_sub += 1;
+    let spec =
+        SubSpec { filter: filter.clone(), qos, group: group.clone(), callback, last_offset: None };
+    let correlation = state.correlation();
+    state.send(&Frame::new(
+        correlation,
+        Body::Subscribe { sub, qos, filter, prefetch: 0, group, start: StartAt::Latest },
+    ))?;
+    // Kept (and made again after a reconnect) only once it was sent.
+    state.subscriptions.insert(sub, spec);
+    Ok(sub)
+}
+
+/// Ends subscription `id`.
+pub(crate) fn unsubscribe(state: &RefCell<State>, id: u32) -> Result<(), JsValue> {
+    let mut state = state.borrow_mut();
+    if state.subscriptions.remove(&id).is_some() {
+        let correlation = state.correlation();
+        state.send(&Frame::new(correlation, Body::Unsubscribe { sub: id }))?;
+    }
+    Ok(())
+}
+
 #[wasm_bindgen]
 impl Client {
     /// Connects to `url` (`ws://…/ws` or `wss://…/ws`; several, separated by commas, are nodes
@@ -376,6 +485,8 @@ impl Client {
             auth_pending: false,
             welcomed: false,
             max_frame_bytes: Limits::default().max_frame_bytes,
+            flushes: HashMap::new(),
+            watched: HashMap::new(),
         }));
         let mut failed = error("no server URL");
         for index in 0..nodes {
@@ -393,20 +504,7 @@ impl Client {
         content: ContentType,
         payload: Bytes,
     ) -> Result<(), JsValue> {
-        let topic = Topic::parse(topic).map_err(|e| error(format!("invalid topic: {e}")))?;
-        let mut state = self.state.borrow_mut();
-        let id = MessageId(u128::from(state.id_prefix) << 64 | u128::from(state.next_id));
-        state.next_id += 1;
-        let timestamp_ms = js_sys::Date::now() as u64;
-        let headers = Headers::new();
-        let meta = Sealing { topic: topic.as_str(), id, timestamp_ms, headers: &headers };
-        let (flags, payload) = state
-            .engines
-            .seal(&meta, Flags::with_content(content), payload)
-            .map_err(|e| error(e.to_string()))?;
-        let envelope = Envelope::new(id, topic, timestamp_ms, flags, payload);
-        let correlation = state.correlation();
-        state.send(&Frame::new(correlation, Body::Publish { qos: Qos::AtMostOnce, envelope }))
+        publish(&self.state, topic, content, payload, Headers::new()).map(drop)
     }
 
     /// Publishes bytes to `topic`.
@@ -444,34 +542,12 @@ impl Client {
             1 => Qos::AtLeastOnce,
             _ => return Err(error("qos must be 0 or 1")),
         };
-        let mut state = self.state.borrow_mut();
-        let sub = state.next_sub;
-        state.next_sub += 1;
-        let spec = SubSpec {
-            filter: filter.clone(),
-            qos,
-            group: group.clone(),
-            callback,
-            last_offset: None,
-        };
-        let correlation = state.correlation();
-        state.send(&Frame::new(
-            correlation,
-            Body::Subscribe { sub, qos, filter, prefetch: 0, group, start: StartAt::Latest },
-        ))?;
-        // Kept (and made again after a reconnect) only once it was sent.
-        state.subscriptions.insert(sub, spec);
-        Ok(sub)
+        subscribe(&self.state, filter, callback, qos, group)
     }
 
     /// Ends subscription `id`.
     pub fn unsubscribe(&self, id: u32) -> Result<(), JsValue> {
-        let mut state = self.state.borrow_mut();
-        if state.subscriptions.remove(&id).is_some() {
-            let correlation = state.correlation();
-            state.send(&Frame::new(correlation, Body::Unsubscribe { sub: id }))?;
-        }
-        Ok(())
+        unsubscribe(&self.state, id)
     }
 
     /// Acknowledges message `message_id` (the 32-hex-digit id given to the callback) of the
@@ -490,6 +566,11 @@ impl Client {
     #[wasm_bindgen(js_name = setSharedOffsets)]
     pub fn set_shared_offsets(&self, shared: bool) {
         self.state.borrow_mut().shared_offsets = shared;
+    }
+
+    /// Resolves once the server has handled everything sent before (a round trip).
+    pub async fn flush(&self) -> Result<(), JsValue> {
+        round_trip(&self.state, None).await
     }
 
     /// Closes the connection (for good: no reconnecting).

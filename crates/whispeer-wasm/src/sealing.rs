@@ -39,6 +39,17 @@ impl std::fmt::Debug for Identity {
     }
 }
 
+impl Identity {
+    pub(crate) fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// A copy of the keys, for a handle that outlives this object.
+    pub(crate) fn owned(&self) -> Result<Keys, JsValue> {
+        Keys::from_text(&self.keys.to_text()).map_err(|e| error(e.to_string()))
+    }
+}
+
 #[wasm_bindgen]
 impl Identity {
     /// A new identity.
@@ -84,10 +95,21 @@ fn get(value: &JsValue, key: &str) -> JsValue {
     Reflect::get(value, &key.into()).unwrap_or(JsValue::UNDEFINED)
 }
 
-fn call(storage: &JsValue, method: &str, args: &[JsValue]) -> Result<JsValue, JsValue> {
+pub(crate) fn call(storage: &JsValue, method: &str, args: &[JsValue]) -> Result<JsValue, JsValue> {
     let function: Function = get(storage, method).dyn_into().map_err(|_| error("not a storage"))?;
     let list: Array = args.iter().collect();
     function.apply(storage, &list)
+}
+
+/// The `storage` in `options` (`{getItem, setItem}`), else the platform's `localStorage` if
+/// there is one.
+pub(crate) fn storage_of(options: &JsValue) -> Option<JsValue> {
+    let given = get(options, "storage");
+    if given.is_object() {
+        return Some(given);
+    }
+    let global = get(&js_sys::global(), "localStorage");
+    global.is_object().then_some(global)
 }
 
 impl E2e {
@@ -101,13 +123,7 @@ impl E2e {
         if get(options, "plain").is_truthy() {
             return Ok(None);
         }
-        let given = get(options, "storage");
-        let storage = if given.is_object() {
-            Some(given)
-        } else {
-            let global = get(&js_sys::global(), "localStorage");
-            global.is_object().then_some(global)
-        };
+        let storage = storage_of(options);
         let prefix = format!("whispeer.chat.{user}.{device}");
         let stored = |suffix: &str| -> Option<String> {
             let storage = storage.as_ref()?;
@@ -208,7 +224,7 @@ fn to_js(value: &Value) -> JsValue {
     JSON::parse(&value.to_string()).unwrap_or(JsValue::NULL)
 }
 
-fn object(pairs: &[(&str, JsValue)]) -> JsValue {
+pub(crate) fn object(pairs: &[(&str, JsValue)]) -> JsValue {
     let object = Object::new();
     for (key, value) in pairs {
         let _ = Reflect::set(&object, &(*key).into(), value);
@@ -216,7 +232,7 @@ fn object(pairs: &[(&str, JsValue)]) -> JsValue {
     object.into()
 }
 
-fn change_object(change: &KeyChange) -> JsValue {
+pub(crate) fn change_object(change: &KeyChange) -> JsValue {
     object(&[
         ("type", "key_changed".into()),
         ("user", change.user.as_str().into()),

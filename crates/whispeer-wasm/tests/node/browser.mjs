@@ -1,10 +1,13 @@
 // The WASM client in headless Chromium against a real server: the page receives a message sealed
-// by the Rust CLI and publishes a sealed reply that a Rust subscriber prints.
+// by the Rust CLI and publishes a sealed reply that a Rust subscriber prints; then, under a key
+// policy made by the CLI (no shared key), the page opens what the CLI seals and the CLI what the
+// page seals, and the page keeps the policy's keys in localStorage.
 // Usage: node browser.mjs <ws-url> <web-package-dir> <whispeer-binary> <key-file>
 import http from "node:http";
 import { spawn, spawnSync } from "node:child_process";
 import { readFile } from "node:fs/promises";
-import { readFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
@@ -76,8 +79,52 @@ await page.evaluate(() => window.client.publishText("rust/reply", "sealed by the
 const code = await rustClosed;
 if (code !== 0 || rustOut !== "sealed by the browser\n") fail(`rust sub got ${JSON.stringify(rustOut)} (exit ${code})`);
 
+stage = "a key policy made by the rust cli, followed in the browser";
+const work = mkdtempSync(join(tmpdir(), "whispeer-browser-policy-"));
+const keysArgs = (args) => ["keys", ...args, "--as", "rustdave", "--identity", join(work, "dave.identity"), "--server", url];
+const keys = (args) => {
+  const run = spawnSync(bin, keysArgs(args), { encoding: "utf8" });
+  if (run.status !== 0) fail(`whispeer keys ${args.join(" ")}: ${run.stderr}`);
+  return run.stdout;
+};
+await page.evaluate(async (ws) => {
+  const { Client, Identity } = window.whispeer;
+  window.plainClient = await Client.connect(ws, null, null);
+  window.me = Identity.generate();
+  await window.plainClient.publishIdentity("webcarol", "chromium", window.me);
+}, url);
+keys(["publish"]);
+keys(["policy", "web", "--filter", "webp/#", "--member", "webcarol"]);
+await page.evaluate(async () => {
+  const { KeyPolicy } = window.whispeer;
+  window.policy = await KeyPolicy.follow(window.plainClient, window.me, "rustdave", "web");
+  window.policy.subscribe("webp/#", (topic, data, id, attempt, error) => {
+    window.policyGot = error ? `error: ${error}` : new TextDecoder().decode(data);
+  });
+});
+keys(["pub", "rustdave/web", "webp/x", "sealed for the browser"]);
+await page.waitForFunction(() => window.policyGot, null, { timeout: 20000 });
+const policyGot = await page.evaluate(() => window.policyGot);
+if (policyGot !== "sealed for the browser") fail(`the page opened ${JSON.stringify(policyGot)}`);
+
+stage = "the browser seals under the policy, the rust cli opens";
+const daveReads = spawn(bin, keysArgs(["sub", "rustdave/web", "webp/#", "--count", "1"]));
+let daveOut = "";
+daveReads.stdout.on("data", (chunk) => { daveOut += chunk; });
+const daveClosed = new Promise((resolve) => daveReads.on("close", resolve));
+await new Promise((resolve) => {
+  let err = "";
+  daveReads.stderr.on("data", (chunk) => { err += chunk; if (err.includes("reading")) resolve(); });
+});
+await page.evaluate(() => window.policy.publishText("webp/y", "sealed by the browser"));
+const daveCode = await daveClosed;
+if (daveCode !== 0 || daveOut !== "sealed by the browser\n") fail(`keys sub got ${JSON.stringify(daveOut)} (exit ${daveCode})`);
+const stored = await page.evaluate(() => Object.keys(localStorage).filter((k) => k.startsWith("whispeer.policy.rustdave.web.")).length);
+if (stored !== 1) fail(`the policy's keys are not in localStorage (${stored})`);
+rmSync(work, { recursive: true, force: true });
+
 stage = "closing";
 await browser.close();
 server.close();
 clearTimeout(timer);
-console.log("ok: wasm client in chromium exchanged sealed messages with the rust cli");
+console.log("ok: wasm client in chromium exchanged sealed messages with the rust cli, with a shared key and under a key policy");
