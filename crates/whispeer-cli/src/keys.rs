@@ -97,6 +97,18 @@ enum KeysCommand {
         #[command(flatten)]
         connect: ConnectArgs,
     },
+    /// Remove one of this principal's devices from the directory (a lost or retired one):
+    /// policies changed afterwards leave it out. Change each policy it was in (`policy` again)
+    /// to make a key it does not get.
+    Revoke {
+        /// The device.
+        device: String,
+        /// The principal it belongs to.
+        #[arg(long = "as", value_name = "PRINCIPAL")]
+        principal: String,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
     /// Trust the changed device keys of policy OWNER/NAME's owner, after comparing their
     /// fingerprints with the owner (`whispeer keys show OWNER`): the changes `pub` and `sub`
     /// report.
@@ -118,6 +130,7 @@ impl KeysCommand {
             | Self::Policy { connect, .. }
             | Self::Pub { connect, .. }
             | Self::Sub { connect, .. }
+            | Self::Revoke { connect, .. }
             | Self::Trust { connect, .. } => connect,
         }
     }
@@ -231,6 +244,10 @@ pub(crate) fn run(args: KeysArgs) -> ExitCode {
                         Err(err) => println!("! {}: {err}", delivery.topic()),
                     }
                 }
+            }
+            KeysCommand::Revoke { device, principal, .. } => {
+                client.revoke_identity(&principal, &device).await?;
+                println!("{principal}/{device} removed from the directory");
             }
             KeysCommand::Trust { policy, me, .. } => {
                 let (owner, name) = split_policy(&policy)?;

@@ -129,5 +129,22 @@ fn members_read_a_policys_messages_and_a_removed_member_opens_nothing_new() {
     );
     let sent = bob_pub().unwrap();
     assert!(sent.status.success(), "{sent:?}");
+
+    // Carol retires her phone: the directory no longer lists it.
+    let revoke = |key: &str| {
+        Command::new(BIN)
+            .args(["keys", "revoke", "phone", "--as", "carol", "--server", &server.addr])
+            .args(["--api-key", key])
+            .output()
+            .unwrap()
+    };
+    assert!(!revoke("eve-key").status.success(), "eve may not revoke carol's device");
+    let revoked = revoke("carol-key");
+    assert!(revoked.status.success(), "{revoked:?}");
+    let shown = Command::new(BIN)
+        .args(["keys", "show", "carol", "--server", &server.addr, "--api-key", "bob-key"])
+        .output()
+        .unwrap();
+    assert!(shown.status.success() && shown.stdout.is_empty(), "{shown:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -71,6 +71,19 @@ impl Client {
         self.publish_bytes_with(&topic, Bytes::from(text), &options).await.map(drop)
     }
 
+    /// Removes `principal`'s `device` from the directory (clears its retained entry): key
+    /// policies made or changed afterwards do not seal to it. It does not rotate existing
+    /// policies by itself: their owners change them (`KeyPolicy::set_members`) to leave the
+    /// device out of the next epoch.
+    ///
+    /// # Errors
+    /// The server's refusal (another principal's entry), or the connection.
+    pub async fn revoke_identity(&self, principal: &str, device: &str) -> Result<(), ClientError> {
+        let topic = directory_topic(principal, device);
+        let options = PublishOptions::new().qos(Qos::AtLeastOnce).retain();
+        self.publish_bytes_with(&topic, Bytes::new(), &options).await.map(drop)
+    }
+
     /// The devices of `principal` in the directory, each one's signature checked.
     ///
     /// # Errors

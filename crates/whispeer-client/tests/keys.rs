@@ -225,3 +225,34 @@ async fn an_owner_key_changed_in_the_directory_is_reported_and_not_trusted_until
     assert_eq!(again.open_value::<String>(&sneaky).await.unwrap(), "from the thief");
     let _ = std::fs::remove_file(&kept);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_device_leaves_the_directory_and_opens_nothing_of_the_next_epoch() {
+    let (_broker, addr) = server();
+    let (alice, alice_id) = device(addr, "alice", "laptop").await;
+    let (bob, bob_id) = device(addr, "bob", "phone").await;
+    let (lost, lost_id) = device(addr, "bob", "lost").await;
+    let policy =
+        KeyPolicy::create(&alice, alice_id, "alice", "ops", "ops/#", &["bob"]).await.unwrap();
+    let at_bob = KeyPolicy::follow(&bob, bob_id, "alice", "ops").await.unwrap();
+    let at_lost = KeyPolicy::follow(&lost, lost_id, "alice", "ops").await.unwrap();
+    let mut lost_sub = lost.messages("ops/#").await.unwrap();
+    let mut bob_sub = bob.messages("ops/#").await.unwrap();
+    policy.publish("ops/a", "before").await.unwrap();
+    assert_eq!(at_lost.open_value::<String>(&next(&mut lost_sub).await).await.unwrap(), "before");
+    let _ = next(&mut bob_sub).await;
+
+    // Only bob may take his device out of the directory.
+    let refused = alice.revoke_identity("bob", "lost").await.unwrap_err();
+    assert!(matches!(&refused, ClientError::Server { code, .. } if *code == ErrorCode::FORBIDDEN));
+    bob.revoke_identity("bob", "lost").await.unwrap();
+    let left: Vec<String> =
+        alice.identities("bob").await.unwrap().into_iter().map(|p| p.device).collect();
+    assert_eq!(left, ["phone"]);
+    policy.set_members(&["bob"]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    policy.publish("ops/a", "after").await.unwrap();
+    assert_eq!(at_bob.open_value::<String>(&next(&mut bob_sub).await).await.unwrap(), "after");
+    let shut = at_lost.open(&next(&mut lost_sub).await).await.unwrap_err();
+    assert!(matches!(shut, PolicyError::NoKey(2)), "{shut:?}");
+}

@@ -7,7 +7,7 @@
 //! without storage, for the connection only.
 //!
 //! ```js
-//! const me = Identity.fromText(localStorage.getItem("me"));
+//! const me = Identity.stored("bob.browser");  // kept in localStorage, made on first use
 //! await client.publishIdentity("bob", "browser", me);
 //! const policy = await KeyPolicy.follow(client, me, "alice", "telemetry");
 //! policy.subscribe("sensors/#", (topic, data, id, attempt, error) => show(topic, data, error));

@@ -57,6 +57,24 @@ impl Identity {
         Ok(Self { keys: Keys::generate().map_err(|e| error(e.to_string()))? })
     }
 
+    /// The identity kept under `whispeer.identity.<name>` in `options.storage`
+    /// (`{getItem, setItem}`; default: `localStorage`), made and kept there on first use; made
+    /// for this call only where there is no storage (Node without one).
+    pub fn stored(name: &str, options: JsValue) -> Result<Self, JsValue> {
+        let item = JsValue::from(format!("whispeer.identity.{name}"));
+        let storage = storage_of(&options);
+        if let Some(storage) = &storage
+            && let Some(text) = call(storage, "getItem", std::slice::from_ref(&item))?.as_string()
+        {
+            return Self::from_text(&text);
+        }
+        let made = Self::generate()?;
+        if let Some(storage) = &storage {
+            call(storage, "setItem", &[item, made.keys.to_text().as_str().into()])?;
+        }
+        Ok(made)
+    }
+
     /// Reads `toText()`'s form.
     #[wasm_bindgen(js_name = fromText)]
     pub fn from_text(text: &str) -> Result<Self, JsValue> {

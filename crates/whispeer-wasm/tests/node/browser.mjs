@@ -90,7 +90,8 @@ const keys = (args) => {
 await page.evaluate(async (ws) => {
   const { Client, Identity } = window.whispeer;
   window.plainClient = await Client.connect(ws, null, null);
-  window.me = Identity.generate();
+  window.me = Identity.stored("webcarol.chromium");
+  if (Identity.stored("webcarol.chromium").fingerprint() !== window.me.fingerprint()) throw new Error("identity not kept");
   await window.plainClient.publishIdentity("webcarol", "chromium", window.me);
 }, url);
 keys(["publish"]);
@@ -119,8 +120,8 @@ await new Promise((resolve) => {
 await page.evaluate(() => window.policy.publishText("webp/y", "sealed by the browser"));
 const daveCode = await daveClosed;
 if (daveCode !== 0 || daveOut !== "sealed by the browser\n") fail(`keys sub got ${JSON.stringify(daveOut)} (exit ${daveCode})`);
-const stored = await page.evaluate(() => Object.keys(localStorage).filter((k) => k.startsWith("whispeer.policy.rustdave.web.")).length);
-if (stored !== 1) fail(`the policy's keys are not in localStorage (${stored})`);
+const stored = await page.evaluate(() => Object.keys(localStorage).filter((k) => k.startsWith("whispeer.policy.rustdave.web.") || k === "whispeer.identity.webcarol.chromium").length);
+if (stored !== 2) fail(`the identity and the policy's keys are not in localStorage (${stored})`);
 rmSync(work, { recursive: true, force: true });
 
 stage = "closing";
