@@ -13,7 +13,7 @@
 //! by a push and the first to poll takes the message.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::task::{Context, Poll, Waker};
 
@@ -46,6 +46,10 @@ pub enum SlowConsumer {
 const COUNT_SHIFT: u32 = 40;
 const COUNT_ONE: u64 = 1 << COUNT_SHIFT;
 const BYTES_MASK: u64 = COUNT_ONE - 1;
+/// Where a budget's count of queues holding bytes starts in its `load` word (the bytes below, as
+/// in a queue's); up to 2^24 queues.
+const HOLDER_SHIFT: u32 = COUNT_SHIFT;
+const HOLDER_ONE: u64 = 1 << HOLDER_SHIFT;
 
 /// What a queued message counts against the byte bound: its payload and a fixed allowance for
 /// the envelope and bookkeeping.
@@ -55,6 +59,9 @@ fn weight(message: &Message) -> usize {
 
 /// A byte budget shared by several queues: together they hold at most `max` bytes (payloads plus
 /// 256 per message), each queue still bounded by its own limits too. Cloning shares the budget.
+/// It is shared fairly: a queue holding more than its share (`max` over the queues holding
+/// bytes) meets its policy once the budget is seven-eighths full, so queues that are read keep
+/// the last eighth.
 ///
 /// ```
 /// use whispeer_core::{ByteBudget, SubscribeOptions};
@@ -70,7 +77,10 @@ pub struct ByteBudget {
 
 #[derive(Debug)]
 struct BudgetInner {
-    used: AtomicUsize,
+    /// The bytes charged to it (below `HOLDER_SHIFT`) and the queues holding some of them
+    /// (from `HOLDER_SHIFT` up; directly or through a budget within it): one atomic operation
+    /// a push or a pop.
+    load: AtomicU64,
     max: usize,
     /// A larger budget this one draws on too (a server's, for each connection's).
     parent: Option<ByteBudget>,
@@ -79,34 +89,45 @@ struct BudgetInner {
 impl ByteBudget {
     /// A budget of `max` bytes.
     pub fn new(max: usize) -> Self {
-        Self { inner: Arc::new(BudgetInner { used: AtomicUsize::new(0), max, parent: None }) }
+        Self::with_parent(max, None)
     }
 
     /// A budget of `max` bytes that also draws on `parent`: what its queues hold counts in
     /// both, and a message that would pass either bound meets the queue's policy. A server
     /// gives each connection one within the budget of all its connections.
     pub fn within(max: usize, parent: &Self) -> Self {
-        let parent = Some(parent.clone());
-        Self { inner: Arc::new(BudgetInner { used: AtomicUsize::new(0), max, parent }) }
+        Self::with_parent(max, Some(parent.clone()))
     }
 
-    fn add(&self, weight: usize) {
-        self.inner.used.fetch_add(weight, Ordering::AcqRel);
+    fn with_parent(max: usize, parent: Option<Self>) -> Self {
+        Self { inner: Arc::new(BudgetInner { load: AtomicU64::new(0), max, parent }) }
+    }
+
+    /// Charges `weight` bytes of a queue that held none before when `first`.
+    fn add(&self, weight: usize, first: bool) {
+        let holder = if first { HOLDER_ONE } else { 0 };
+        self.inner.load.fetch_add(weight as u64 + holder, Ordering::AcqRel);
         if let Some(parent) = &self.inner.parent {
-            parent.add(weight);
+            parent.add(weight, first);
         }
     }
 
-    fn sub(&self, weight: usize) {
-        self.inner.used.fetch_sub(weight, Ordering::AcqRel);
+    /// Gives back `weight` bytes of a queue that holds none after when `last`.
+    fn sub(&self, weight: usize, last: bool) {
+        let holder = if last { HOLDER_ONE } else { 0 };
+        self.inner.load.fetch_sub(weight as u64 + holder, Ordering::AcqRel);
         if let Some(parent) = &self.inner.parent {
-            parent.sub(weight);
+            parent.sub(weight, last);
         }
     }
 
     /// Bytes held now by the queues sharing it.
     pub fn used(&self) -> usize {
-        self.inner.used.load(Ordering::Acquire)
+        (self.inner.load.load(Ordering::Acquire) & BYTES_MASK) as usize
+    }
+
+    fn holders(&self) -> usize {
+        (self.inner.load.load(Ordering::Acquire) >> HOLDER_SHIFT) as usize
     }
 
     /// The bound.
@@ -114,9 +135,16 @@ impl ByteBudget {
         self.inner.max
     }
 
-    fn would_exceed(&self, weight: usize) -> bool {
-        self.used() + weight > self.inner.max
-            || self.inner.parent.as_ref().is_some_and(|parent| parent.would_exceed(weight))
+    /// Whether a queue holding `queued` bytes may not take `weight` more. Shared fairly: a
+    /// queue past its share (the bound over the queues holding bytes) may fill the budget to
+    /// seven eighths only, so the last eighth stays for queues under their share — subscribers
+    /// that read keep getting messages while stalled ones hold the rest.
+    fn would_exceed(&self, queued: usize, weight: usize) -> bool {
+        let inner = &self.inner;
+        let share = inner.max / self.holders().max(1);
+        let bound = if queued + weight > share { inner.max - inner.max / 8 } else { inner.max };
+        self.used() + weight > bound
+            || inner.parent.as_ref().is_some_and(|parent| parent.would_exceed(queued, weight))
     }
 }
 
@@ -327,20 +355,20 @@ impl Queue {
         count >= self.capacity as u64
             || (queued > 0
                 && (queued + weight > self.max_bytes
-                    || self.budget.as_ref().is_some_and(|b| b.would_exceed(weight))))
+                    || self.budget.as_ref().is_some_and(|b| b.would_exceed(queued, weight))))
     }
 
     fn charge(&self, weight: usize) {
-        self.load.fetch_add(COUNT_ONE + weight as u64, Ordering::AcqRel);
+        let before = self.load.fetch_add(COUNT_ONE + weight as u64, Ordering::AcqRel);
         if let Some(budget) = &self.budget {
-            budget.add(weight);
+            budget.add(weight, before & BYTES_MASK == 0);
         }
     }
 
     fn uncharge(&self, weight: usize) {
-        self.load.fetch_sub(COUNT_ONE + weight as u64, Ordering::AcqRel);
+        let before = self.load.fetch_sub(COUNT_ONE + weight as u64, Ordering::AcqRel);
         if let Some(budget) = &self.budget {
-            budget.sub(weight);
+            budget.sub(weight, before & BYTES_MASK == weight as u64);
         }
     }
 
@@ -433,7 +461,11 @@ impl Drop for Queue {
         // Messages still queued give their share of a shared budget back.
         if let Some(budget) = &self.budget {
             let bytes = (*self.load.get_mut() & BYTES_MASK) as usize;
-            budget.sub(bytes);
+            budget.sub(bytes, bytes > 0);
         }
     }
 }
+
+#[cfg(test)]
+#[path = "queue_tests.rs"]
+mod tests;
