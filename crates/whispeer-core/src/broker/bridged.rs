@@ -107,20 +107,30 @@ impl Broker {
     }
 
     /// Waits until the publish of `receipt` may be acknowledged: durable under the store's
-    /// policy (for a durable topic), and taken by the cluster (for a node of one).
+    /// policy (for a durable topic), and taken by the cluster (for a node of one). When it is
+    /// not, the publish's idempotency key is forgotten, so a retry with it goes through.
     ///
     /// # Errors
     /// [`Unconfirmed`]: the store failed, or the cluster did not take the message.
     pub async fn confirmed(&self, receipt: &PublishReceipt) -> Result<(), Unconfirmed> {
-        if !self.durable(receipt).await {
-            return Err(Unconfirmed::Store);
-        }
-        match (receipt.bridged, &self.inner.bridge) {
-            (Some(Err(why)), _) => Err(Unconfirmed::Cluster(why.into())),
-            (Some(Ok(ticket)), Some(bridge)) => {
-                bridge.confirm(ticket).await.map_err(Unconfirmed::Cluster)
+        let confirmed = async {
+            if !self.durable(receipt).await {
+                return Err(Unconfirmed::Store);
             }
-            _ => Ok(()),
+            match (receipt.bridged, &self.inner.bridge) {
+                (Some(Err(why)), _) => Err(Unconfirmed::Cluster(why.into())),
+                (Some(Ok(ticket)), Some(bridge)) => {
+                    bridge.confirm(ticket).await.map_err(Unconfirmed::Cluster)
+                }
+                _ => Ok(()),
+            }
         }
+        .await;
+        // A message not confirmed may not have been kept: its idempotency key must let the
+        // publisher's retry through.
+        if receipt.is_durable_pending() {
+            self.inner.dedup.confirmed(receipt.id, confirmed.is_ok());
+        }
+        confirmed
     }
 }

@@ -11,6 +11,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::time::Instant;
+use whispeer_proto::MessageId;
 
 /// What one key check found.
 #[derive(Debug, PartialEq, Eq)]
@@ -25,6 +26,11 @@ pub(crate) enum Seen {
 struct State {
     seen: HashMap<Box<[u8]>, Instant>,
     order: VecDeque<(Instant, Box<[u8]>)>,
+    /// Keys of publishes accepted but not yet confirmed (a store's sync, a cluster engine's
+    /// answer), by message id: a failed confirmation forgets the key, so the retry goes
+    /// through. Dropped with the window if nobody asks.
+    pending: HashMap<MessageId, Box<[u8]>>,
+    pending_order: VecDeque<(Instant, MessageId)>,
 }
 
 /// Keys are per topic: the topic, a zero byte (never part of a topic), the key.
@@ -84,6 +90,33 @@ impl Dedup {
         (Seen::New, evicted)
     }
 
+    /// Notes that the publish `id` with `key` for `topic` waits for a confirmation: see
+    /// [`Dedup::confirmed`].
+    pub(crate) fn pending(&self, id: MessageId, topic: &str, key: &[u8], now: Instant) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let state = &mut *state;
+        while let Some((at, old)) = state.pending_order.front() {
+            if *at + self.window > now && state.pending_order.len() < self.max_keys {
+                break;
+            }
+            state.pending.remove(old);
+            state.pending_order.pop_front();
+        }
+        state.pending.insert(id, full_key(topic, key).into());
+        state.pending_order.push_back((now, id));
+    }
+
+    /// The publish `id` was confirmed (`kept`), or not: then its key is forgotten, so that a
+    /// retry with it is not taken for a repeat of a message that was never kept.
+    pub(crate) fn confirmed(&self, id: MessageId, kept: bool) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(full) = state.pending.remove(&id)
+            && !kept
+        {
+            state.seen.remove(&full);
+        }
+    }
+
     /// Forgets `key` for `topic`: its publish failed, so a retry must go through.
     pub(crate) fn forget(&self, topic: &str, key: &[u8]) {
         let full = full_key(topic, key);
@@ -106,6 +139,24 @@ mod tests {
         assert_eq!(dedup.check("a", b"k", t0 + Duration::from_secs(10)).0, Seen::New);
         dedup.forget("a", b"k");
         assert_eq!(dedup.check("a", b"k", t0 + Duration::from_secs(11)).0, Seen::New);
+    }
+
+    #[test]
+    fn a_key_whose_publish_was_not_confirmed_is_forgotten() {
+        let dedup = Dedup::new(Duration::from_secs(10), 100);
+        let now = Instant::now();
+        for (n, key) in [b"kept", b"lost"].iter().enumerate() {
+            assert_eq!(dedup.check("t", *key, now).0, Seen::New);
+            dedup.pending(MessageId(n as u128), "t", *key, now);
+        }
+        dedup.confirmed(MessageId(0), true);
+        dedup.confirmed(MessageId(1), false);
+        assert_eq!(dedup.check("t", b"kept", now).0, Seen::Repeat);
+        assert_eq!(dedup.check("t", b"lost", now).0, Seen::New, "the retry goes through");
+        // Nobody asked: the pending entry goes with the window.
+        dedup.pending(MessageId(2), "t", b"late", now);
+        dedup.pending(MessageId(3), "t", b"later", now + Duration::from_secs(10));
+        assert!(!dedup.state.lock().unwrap().pending.contains_key(&MessageId(2)));
     }
 
     #[test]

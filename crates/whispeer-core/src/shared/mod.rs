@@ -257,8 +257,12 @@ impl Shared {
         {
             // Kept by the cluster, which hands it back with its offset to every node.
             bump(&self.counters.published);
-            if let (Err(_), Some(key)) = (&bridged, &key) {
-                self.dedup.forget(topic.as_str(), key);
+            match (&bridged, &key) {
+                (Err(_), Some(key)) => self.dedup.forget(topic.as_str(), key),
+                (Ok(_), Some(key)) => {
+                    self.dedup.pending(envelope.id, topic.as_str(), key, Instant::now());
+                }
+                _ => {}
             }
             let (id, bridged) = (envelope.id, Some(bridged));
             return Ok(PublishReceipt {
@@ -401,8 +405,13 @@ impl Shared {
         topic: &Topic,
         key: Option<&Bytes>,
     ) -> Result<PublishReceipt, PublishError> {
-        if let (Err(_), Some(key)) = (&routed, key) {
-            self.dedup.forget(topic.as_str(), key);
+        match (&routed, key) {
+            (Err(_), Some(key)) => self.dedup.forget(topic.as_str(), key),
+            // To be confirmed (synced, or taken by the cluster): forgotten if it is not.
+            (Ok(receipt), Some(key)) if receipt.is_durable_pending() => {
+                self.dedup.pending(receipt.id, topic.as_str(), key, Instant::now());
+            }
+            _ => {}
         }
         routed
     }

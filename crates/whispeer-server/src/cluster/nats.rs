@@ -149,6 +149,7 @@ impl Nats {
             .name(format!("whispeer {}{role}", config.node))
             .retry_on_initial_connect()
             .max_reconnects(None)
+            .ping_interval(ENGINE_PING)
             .subscription_capacity(SUBSCRIPTION_CAPACITY);
         if no_echo {
             options = options.no_echo();
@@ -213,6 +214,11 @@ fn queue_name(filter: &str, name: &str) -> String {
     push_token(&mut out, name);
     out
 }
+
+/// How often a node pings its NATS server: a connection with more than two pings unanswered is
+/// given up and made again, so a dead route (a black hole, which no TCP error reports) is
+/// noticed within about three seconds rather than the client's default two to three minutes.
+const ENGINE_PING: Duration = Duration::from_secs(1);
 
 impl Engine for Nats {
     fn name(&self) -> &'static str {
