@@ -20,7 +20,7 @@ mod proxy;
 
 use common::engines::{Nats, node};
 use common::http_get;
-use proxy::{Fault, Proxy};
+use proxy::{Fault, Proxy, Script};
 
 const MESSAGES: u64 = 1_000;
 
@@ -72,7 +72,7 @@ async fn acknowledged_messages_cross_nodes_through_engine_link_faults() {
         (refused, longest, retried)
     });
 
-    let script = [
+    let steps = vec![
         (Fault::Pass, 300),
         (Fault::Delay(Duration::from_millis(15)), 400),
         (Fault::Slice, 400),
@@ -80,27 +80,14 @@ async fn acknowledged_messages_cross_nodes_through_engine_link_faults() {
         (Fault::Pass, 300),
         (Fault::Pass, 1_000),
     ];
+    let mut script = Script::new(steps, 4, 5);
     let started = Instant::now();
-    let (mut resets, mut holes, mut step) = (0, 0, 0);
     while !publishing.is_finished() {
         let published = done.load(std::sync::atomic::Ordering::Relaxed);
         assert!(started.elapsed() < Duration::from_secs(240), "publishing stalled at {published}");
-        let (fault, millis) = script[step % script.len()];
-        proxy.set(fault);
-        sleep(Duration::from_millis(millis)).await;
-        match step % script.len() {
-            4 => {
-                proxy.reset_all();
-                resets += 1;
-            }
-            5 => {
-                proxy.black_hole_all();
-                holes += 1;
-            }
-            _ => {}
-        }
-        step += 1;
+        script.step(&proxy).await;
     }
+    let (resets, holes) = (script.resets, script.holes);
     proxy.set(Fault::Pass);
     let (refused, longest, retried) = publishing.await.unwrap();
     let waited = Instant::now();

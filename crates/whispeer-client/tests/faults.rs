@@ -18,7 +18,7 @@ use whispeer_client::{Client, ClientOptions, PublishOptions, Qos, SubscribeOptio
 #[path = "support/proxy.rs"]
 mod proxy;
 
-use proxy::{Fault, Proxy};
+use proxy::{Fault, Proxy, Script};
 
 const HEARTBEAT: Duration = Duration::from_millis(200);
 
@@ -79,7 +79,7 @@ async fn qos1_through_delays_slices_pauses_resets_and_black_holes_loses_nothing(
     });
 
     // Faults in turn until everything was seen.
-    let script = [
+    let steps = vec![
         (Fault::Pass, 200),
         (Fault::Delay(Duration::from_millis(15)), 300),
         (Fault::Slice, 300),
@@ -89,31 +89,17 @@ async fn qos1_through_delays_slices_pauses_resets_and_black_holes_loses_nothing(
         (Fault::Pass, 300),
         (Fault::Pass, 1_200),
     ];
+    let mut script = Script::new(steps, 4, 7);
     let started = Instant::now();
-    let (mut resets, mut holes) = (0, 0);
-    let mut step = 0;
     while seen.lock().unwrap().len() < MESSAGES as usize {
         assert!(
             started.elapsed() < Duration::from_secs(180),
             "stalled: {} seen",
             seen.lock().unwrap().len()
         );
-        let (fault, millis) = script[step % script.len()];
-        proxy.set(fault);
-        sleep(Duration::from_millis(millis)).await;
-        match step % script.len() {
-            4 => {
-                proxy.reset_all();
-                resets += 1;
-            }
-            7 => {
-                proxy.black_hole_all();
-                holes += 1;
-            }
-            _ => {}
-        }
-        step += 1;
+        script.step(&proxy).await;
     }
+    let (resets, holes) = (script.resets, script.holes);
     proxy.set(Fault::Pass);
     let retries = timeout(Duration::from_secs(60), publisher).await.unwrap().unwrap();
     let seen = seen.lock().unwrap();

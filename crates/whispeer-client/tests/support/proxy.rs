@@ -145,3 +145,40 @@ async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, (fault, holed, se
     }
     let _ = to.shutdown().await;
 }
+
+/// A round of faults played in turn, each for its milliseconds; after some steps every
+/// connection is reset or black-holed.
+pub(crate) struct Script {
+    pub(crate) steps: Vec<(Fault, u64)>,
+    /// After which step every connection is reset.
+    pub(crate) reset_after: usize,
+    /// After which step every connection is black-holed.
+    pub(crate) hole_after: usize,
+    next: usize,
+    /// Resets and black holes done so far.
+    pub(crate) resets: u32,
+    pub(crate) holes: u32,
+}
+
+impl Script {
+    pub(crate) fn new(steps: Vec<(Fault, u64)>, reset_after: usize, hole_after: usize) -> Self {
+        Self { steps, reset_after, hole_after, next: 0, resets: 0, holes: 0 }
+    }
+
+    /// Plays the next step on `proxy`.
+    pub(crate) async fn step(&mut self, proxy: &Proxy) {
+        let at = self.next % self.steps.len();
+        let (fault, millis) = self.steps[at];
+        proxy.set(fault);
+        sleep(Duration::from_millis(millis)).await;
+        if at == self.reset_after {
+            proxy.reset_all();
+            self.resets += 1;
+        }
+        if at == self.hole_after {
+            proxy.black_hole_all();
+            self.holes += 1;
+        }
+        self.next += 1;
+    }
+}
