@@ -21,7 +21,7 @@ use crate::message::{Message, now_ms};
 use crate::options::BrokerOptions;
 use crate::plugin::Plugin;
 use crate::publish::{PublishOptions, PublishReceipt};
-use crate::queue::{Pushed, Queue};
+use crate::queue::Queue;
 use crate::retention::{self, History};
 use crate::router::{Matches, Route, Router, SubId};
 use crate::runtime::Spawner;
@@ -32,11 +32,13 @@ mod dead_letter;
 mod register;
 mod restore;
 mod services;
+mod tally;
 
 pub(crate) use register::Registration;
 pub(crate) use restore::sweep_forever;
 pub use services::Running;
 pub(crate) use services::Services;
+use tally::Tally;
 
 /// Room above `max_message_bytes` for what sealing adds to a payload (key id, nonce, tag).
 pub(crate) const SEAL_OVERHEAD: usize = 64;
@@ -574,35 +576,4 @@ pub(crate) enum Scope {
     All,
     /// Ordinary subscriptions only: queue groups get the message through the cluster.
     Solo,
-}
-
-/// Outcomes of one fan-out.
-#[derive(Default)]
-struct Tally {
-    delivered: usize,
-    full: usize,
-}
-
-impl Tally {
-    /// Records one push; returns whether the subscriber must now be disconnected.
-    fn record(&mut self, pushed: Pushed, counters: &BrokerCounters) -> bool {
-        match pushed {
-            Pushed::Queued => self.delivered += 1,
-            Pushed::DroppedOldest(evicted) => {
-                self.delivered += 1;
-                counters.dropped_oldest.fetch_add(evicted, Ordering::Relaxed);
-            }
-            Pushed::DroppedNewest => bump(&counters.dropped_newest),
-            Pushed::Full => {
-                self.full += 1;
-                bump(&counters.rejected_full);
-            }
-            Pushed::Disconnected => {
-                bump(&counters.disconnected);
-                return true;
-            }
-            Pushed::Closed => {}
-        }
-        false
-    }
 }

@@ -1,0 +1,37 @@
+//! What one fan-out did, counted as it goes.
+
+use std::sync::atomic::Ordering;
+
+use crate::queue::Pushed;
+use crate::stats::{BrokerCounters, bump};
+
+/// Outcomes of one fan-out.
+#[derive(Default)]
+pub(super) struct Tally {
+    pub(super) delivered: usize,
+    pub(super) full: usize,
+}
+
+impl Tally {
+    /// Records one push; returns whether the subscriber must now be disconnected.
+    pub(super) fn record(&mut self, pushed: Pushed, counters: &BrokerCounters) -> bool {
+        match pushed {
+            Pushed::Queued => self.delivered += 1,
+            Pushed::DroppedOldest(evicted) => {
+                self.delivered += 1;
+                counters.dropped_oldest.fetch_add(evicted, Ordering::Relaxed);
+            }
+            Pushed::DroppedNewest => bump(&counters.dropped_newest),
+            Pushed::Full => {
+                self.full += 1;
+                bump(&counters.rejected_full);
+            }
+            Pushed::Disconnected => {
+                bump(&counters.disconnected);
+                return true;
+            }
+            Pushed::Closed => {}
+        }
+        false
+    }
+}
