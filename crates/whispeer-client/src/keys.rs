@@ -26,6 +26,7 @@
 //! keys also catch a directory entry swapped while the device was away. The format and the
 //! checks are [`PolicyKeys`]', shared with the WASM client.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -189,6 +190,13 @@ pub struct KeyPolicy {
 #[derive(Debug)]
 struct Following(tokio::task::JoinHandle<()>);
 
+/// An owner's watch on its members' devices ([`KeyPolicy::renew_on_device_changes`]): it stops
+/// when dropped.
+#[derive(Debug)]
+pub struct Renewal {
+    _watch: Following,
+}
+
 impl Drop for Following {
     fn drop(&mut self) {
         self.0.abort();
@@ -333,6 +341,47 @@ impl KeyPolicy {
         let members: Vec<String> = members.iter().map(|m| (*m).to_string()).collect();
         policy.publish_epoch(&filter, members).await?;
         Ok(policy)
+    }
+
+    /// Owner: renews the policy's key whenever a member's devices change in the directory — a
+    /// device revoked ([`Client::revoke_identity`]), added, or given another key — so a revoked
+    /// device opens nothing sealed afterwards and a new one opens what follows; for as long as
+    /// the returned [`Renewal`] lives (and this process runs: a policy changed while no owner
+    /// device watches is renewed at its next change).
+    ///
+    /// # Errors
+    /// The connection, or the server's refusal.
+    pub async fn renew_on_device_changes(&self) -> Result<Renewal, PolicyError> {
+        let mut directory = self.client.messages(format!("{DIRECTORY}/+/+").as_str()).await?;
+        self.client.flush().await?;
+        let mut seen: HashMap<String, Bytes> = HashMap::new();
+        for entry in drain(&mut directory, SETTLE).await {
+            seen.insert(entry.topic().to_string(), entry.payload().clone());
+        }
+        let policy = self.clone();
+        let task = tokio::spawn(async move {
+            while let Some(entry) = directory.recv().await {
+                let topic = entry.topic().to_string();
+                let changed = match seen.get(&topic) {
+                    Some(before) => before != entry.payload(),
+                    None => !entry.payload().is_empty(),
+                };
+                seen.insert(topic.clone(), entry.payload().clone());
+                let principal = topic.split('/').nth(1).unwrap_or_default();
+                let Some((_, members, _)) = policy.state() else { continue };
+                if !changed || !members.iter().any(|m| m == principal) {
+                    continue;
+                }
+                let members: Vec<&str> = members.iter().map(String::as_str).collect();
+                match policy.set_members(&members).await {
+                    Ok(()) => {
+                        tracing::info!(%topic, "policy key renewed: a member's devices changed")
+                    }
+                    Err(err) => tracing::warn!(%err, %topic, "policy key not renewed"),
+                }
+            }
+        });
+        Ok(Renewal { _watch: Following(task) })
     }
 
     /// Owner: the members become `members` (the owner always belongs): a new epoch sealed to

@@ -47,7 +47,7 @@ pub use chat::{
     Chat, ChatError, ChatEvent, ChatEvents, ChatMessage, ChatOptions, Conversation, KeyChange,
     Presence,
 };
-pub use keys::{DIRECTORY as KEY_DIRECTORY, KeyPolicy, POLICY_HEADER, PolicyError};
+pub use keys::{DIRECTORY as KEY_DIRECTORY, KeyPolicy, POLICY_HEADER, PolicyError, Renewal};
 pub use options::{ClientOptions, PublishOptions, SubscribeOptions};
 pub use request::Responder;
 pub use subscription::{ClientSubscription, Delivery, SubscriptionStats};
