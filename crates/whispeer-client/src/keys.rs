@@ -522,13 +522,8 @@ impl KeyPolicy {
     /// its bundle on its way, or a bundle whose signer is being looked up in the directory.
     async fn settle(&self, epoch: Option<u32>) {
         for _ in 0..100 {
-            {
-                let state = self.lock();
-                let keys = &state.keys;
-                let epoch = epoch.unwrap_or(keys.epoch());
-                if keys.has_key(epoch) || (keys.epoch() >= epoch && !keys.waiting()) {
-                    return;
-                }
+            if !self.lock().keys.awaits_key(epoch) {
+                return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

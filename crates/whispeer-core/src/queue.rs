@@ -47,7 +47,7 @@ const COUNT_SHIFT: u32 = 40;
 const COUNT_ONE: u64 = 1 << COUNT_SHIFT;
 const BYTES_MASK: u64 = COUNT_ONE - 1;
 /// Where a budget's count of queues holding bytes starts in its `load` word (the bytes below, as
-/// in a queue's); up to 2^24 queues.
+/// in a queue's, up to 1 TiB held); up to 2^24 queues.
 const HOLDER_SHIFT: u32 = COUNT_SHIFT;
 const HOLDER_ONE: u64 = 1 << HOLDER_SHIFT;
 
@@ -126,6 +126,7 @@ impl ByteBudget {
         (self.inner.load.load(Ordering::Acquire) & BYTES_MASK) as usize
     }
 
+    #[cfg(test)]
     fn holders(&self) -> usize {
         (self.inner.load.load(Ordering::Acquire) >> HOLDER_SHIFT) as usize
     }
@@ -141,9 +142,12 @@ impl ByteBudget {
     /// that read keep getting messages while stalled ones hold the rest.
     fn would_exceed(&self, queued: usize, weight: usize) -> bool {
         let inner = &self.inner;
-        let share = inner.max / self.holders().max(1);
+        // One read of the word gives both the bytes and the holders.
+        let load = inner.load.load(Ordering::Acquire);
+        let (used, holders) = ((load & BYTES_MASK) as usize, (load >> HOLDER_SHIFT) as usize);
+        let share = inner.max / holders.max(1);
         let bound = if queued + weight > share { inner.max - inner.max / 8 } else { inner.max };
-        self.used() + weight > bound
+        used + weight > bound
             || inner.parent.as_ref().is_some_and(|parent| parent.would_exceed(queued, weight))
     }
 }

@@ -189,12 +189,8 @@ impl Shared {
     /// Waits (up to 2 s) while `epoch`'s key (the newest seen when `None`) may still come.
     async fn settle(&self, epoch: Option<u32>) {
         for _ in 0..100 {
-            {
-                let keys = self.keys.borrow();
-                let epoch = epoch.unwrap_or(keys.epoch());
-                if keys.has_key(epoch) || (keys.epoch() >= epoch && !keys.waiting()) {
-                    return;
-                }
+            if !self.keys.borrow().awaits_key(epoch) {
+                return;
             }
             sleep(20).await;
         }

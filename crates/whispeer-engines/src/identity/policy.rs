@@ -425,10 +425,13 @@ impl PolicyKeys {
         self.keys.contains_key(&epoch)
     }
 
-    /// Whether a bundle waits for its signer to be found among the owner's devices (and no
-    /// key change is pending): the caller is reading the directory again.
-    pub fn waiting(&self) -> bool {
-        self.unverified.is_some() && self.pending.is_empty()
+    /// Whether the key of `epoch` (the newest seen when `None`) is missing but may still come:
+    /// its bundle not read yet, or one waiting while its signer is looked up in the directory
+    /// (no key change pending). A caller about to seal or open waits a little while it is.
+    pub fn awaits_key(&self, epoch: Option<u32>) -> bool {
+        let epoch = epoch.unwrap_or(self.epoch);
+        let waiting = self.unverified.is_some() && self.pending.is_empty();
+        !self.has_key(epoch) && (self.epoch < epoch || waiting)
     }
 
     /// The filter of the newest epoch opened.

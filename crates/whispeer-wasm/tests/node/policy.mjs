@@ -2,7 +2,8 @@
 // server: a policy made by the CLI is followed by the WASM client, which opens what the CLI
 // seals and seals what the CLI opens; a policy made by the WASM client is opened by the CLI; a
 // member the WASM owner removes opens nothing sealed afterwards; a plain subscriber sees
-// ciphertext only; the WASM client keeps its keys in the storage it is given.
+// ciphertext only; the WASM client keeps its keys in the storage it is given; a publish the
+// server refuses rejects its promise.
 // Usage: node policy.mjs <ws-url> <package-dir> <whispeer-binary>
 import { createRequire } from "node:module";
 import { spawn, spawnSync } from "node:child_process";
@@ -106,6 +107,13 @@ await lab.publishText("lab/a", "after the removal");
 const labRead = await labReads.closed;
 const lines = labRead.out.trim().split("\n");
 if (lines[0] !== "from the wasm owner" || !lines[1]?.startsWith("! lab/a: no key for epoch 2")) fail(labRead.out);
+
+stage = "a publish the server refuses rejects its promise";
+// A client of a server without keys may not publish to an inbox (@inbox/…): refused.
+const mail = await KeyPolicy.create(ownerClient, owner, "wasmcarol", "mail", "@inbox/#", [], {});
+let refusal = "";
+try { await mail.publishText("@inbox/someone", "x"); } catch (e) { refusal = String(e); }
+if (!refusal.includes("server error")) fail(`a refused publish resolved: ${JSON.stringify(refusal)}`);
 
 stage = "closing";
 policy.close();
