@@ -270,6 +270,8 @@ impl Store for MemoryStore {
 pub(crate) mod backlog;
 #[cfg(test)]
 pub(crate) mod conformance;
+#[cfg(test)]
+pub(crate) mod power_loss;
 #[cfg(feature = "sqlite")]
 pub(crate) mod sqlite;
 pub(crate) mod wal;

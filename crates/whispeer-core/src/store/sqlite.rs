@@ -40,7 +40,12 @@ use crate::store::{
     STORE_WRITE_SECONDS as WRITE_SECONDS, Store, StoreFuture, Stored,
 };
 
+/// `synchronous = EXTRA` while the journal mode changes: a new database starts in rollback
+/// mode, and EXTRA syncs the directory after that journal is deleted (under FULL a power cut
+/// can bring the journal back, and SQLite would roll the switch to WAL back, and the WAL's
+/// commits with it). Then FULL: in WAL mode every commit syncs the log.
 const SCHEMA: &str = "
+    PRAGMA synchronous = EXTRA;
     PRAGMA journal_mode = WAL;
     PRAGMA synchronous = FULL;
     CREATE TABLE IF NOT EXISTS messages (
@@ -215,6 +220,16 @@ fn load(conn: &Connection) -> io::Result<Stored> {
     Ok(stored)
 }
 
+/// A connection to `path`; in tests, through the power-cut VFS where its directory is watched.
+fn connect(path: &Path) -> rusqlite::Result<Connection> {
+    #[cfg(test)]
+    if powercut::is_watched(path) {
+        let flags = rusqlite::OpenFlags::default();
+        return Connection::open_with_flags_and_vfs(path, flags, powercut::NAME);
+    }
+    Connection::open(path)
+}
+
 impl SqliteStore {
     /// Opens (or creates) the database at `path`, reads back what it holds, and starts the
     /// writer.
@@ -222,11 +237,11 @@ impl SqliteStore {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
-        let writer = Connection::open(path).map_err(sql)?;
+        let writer = connect(path).map_err(sql)?;
         writer.execute_batch(SCHEMA).map_err(sql)?;
         let mut stored = load(&writer)?;
         continue_offsets(&writer, &mut stored)?;
-        let reader = Connection::open(path).map_err(sql)?;
+        let reader = connect(path).map_err(sql)?;
         let (tx, rx) = mpsc::channel();
         let (durable_tx, durable) = watch::channel(0);
         let backlog = Arc::new(Backlog::default());
@@ -390,3 +405,8 @@ impl Store for SqliteStore {
 
 #[cfg(all(test, feature = "failpoints"))]
 mod failpoints;
+
+#[cfg(test)]
+mod power;
+#[cfg(test)]
+mod powercut;

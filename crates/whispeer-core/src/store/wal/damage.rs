@@ -46,7 +46,12 @@ fn one_segment(count: u64) -> (Arc<SimDisk>, PathBuf, Vec<u8>, Vec<usize>) {
     drop(wal);
     let segments = list_segments(&*options.disk, &options.dir).unwrap();
     let path = segments[0].path.clone();
-    let bytes = disk.contents(&path).unwrap();
+    let mut bytes = disk.contents(&path).unwrap();
+    // The segment's records, without the zeroes laid after them (the close mark ends in its
+    // kind, never a zero).
+    while bytes.last() == Some(&0) {
+        bytes.pop();
+    }
     (disk, path, bytes, ends)
 }
 
@@ -84,7 +89,10 @@ fn a_segment_cut_at_every_length_keeps_every_whole_record() {
             0 => 0,
             whole => ends[whole as usize - 1],
         };
-        assert_eq!(recovered.truncated_bytes, (cut - kept) as u64, "cut at {cut}");
+        // Zeroes after the last whole record are where the records end, not damage (the
+        // first bytes of a header, a short length's, may be zeroes).
+        let cut_off = if bytes[kept..cut].iter().all(|&b| b == 0) { 0 } else { cut - kept };
+        assert_eq!(recovered.truncated_bytes, cut_off as u64, "cut at {cut}");
         assert_eq!(recovered.clean, cut == bytes.len(), "clean only when whole, at {cut}");
         // A cut log numbers on from its last whole record: no number is given twice.
         assert_eq!(recovered.last_record, whole, "cut at {cut}");
@@ -154,8 +162,8 @@ fn a_resurrected_old_segment_neither_repeats_nor_reuses_numbers() {
     let segments = list_segments(&*options.disk, &options.dir).unwrap();
     assert!(segments[0].first > first.first, "the first segment was deleted");
     // Its removal was never synced: the power goes and it comes back.
-    let mut file = options.disk.append(&first.path, true).unwrap();
-    file.append(&old).unwrap();
+    let mut file = options.disk.open(&first.path, true).unwrap();
+    file.write_at(&old, 0).unwrap();
     file.sync_data().unwrap();
     let recovered = recover_now(&disk);
     let offsets: Vec<u64> = recovered.records.iter().map(|r| r.offset).collect();

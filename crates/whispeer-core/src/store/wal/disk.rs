@@ -9,7 +9,7 @@
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufReader, Read};
 use std::path::{Path, PathBuf};
 
 /// What the log needs of a file system; see the module documentation.
@@ -24,8 +24,8 @@ pub(crate) trait Disk: Send + Sync + fmt::Debug {
     /// The files in `dir`, with their lengths.
     fn list(&self, dir: &Path) -> io::Result<Vec<(PathBuf, u64)>>;
 
-    /// Opens `path` for appending; creates it first if `create`.
-    fn append(&self, path: &Path, create: bool) -> io::Result<Box<dyn DiskFile>>;
+    /// Opens `path` for writing; creates it first if `create`.
+    fn open(&self, path: &Path, create: bool) -> io::Result<Box<dyn DiskFile>>;
 
     /// Reads `path` from its start.
     fn read(&self, path: &Path) -> io::Result<Box<dyn Read + Send>>;
@@ -40,12 +40,12 @@ pub(crate) trait Disk: Send + Sync + fmt::Debug {
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
 }
 
-/// A file open for appending.
+/// A file open for writing.
 pub(crate) trait DiskFile: Send {
-    /// Appends all of `bytes`.
-    fn append(&mut self, bytes: &[u8]) -> io::Result<()>;
+    /// Writes all of `bytes` at `at`; a file shorter than `at` is first extended with zeroes.
+    fn write_at(&mut self, bytes: &[u8], at: u64) -> io::Result<()>;
 
-    /// Forces what was appended to disk (`fdatasync`).
+    /// Forces what was written to disk (`fdatasync`).
     fn sync_data(&mut self) -> io::Result<()>;
 }
 
@@ -77,8 +77,8 @@ impl Disk for OsDisk {
         Ok(files)
     }
 
-    fn append(&self, path: &Path, create: bool) -> io::Result<Box<dyn DiskFile>> {
-        Ok(Box::new(OpenOptions::new().create(create).append(true).open(path)?))
+    fn open(&self, path: &Path, create: bool) -> io::Result<Box<dyn DiskFile>> {
+        Ok(Box::new(OpenOptions::new().create(create).write(true).truncate(false).open(path)?))
     }
 
     fn read(&self, path: &Path) -> io::Result<Box<dyn Read + Send>> {
@@ -101,7 +101,15 @@ impl Disk for OsDisk {
 }
 
 impl DiskFile for File {
-    fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+    #[cfg(unix)]
+    fn write_at(&mut self, bytes: &[u8], at: u64) -> io::Result<()> {
+        std::os::unix::fs::FileExt::write_all_at(self, bytes, at)
+    }
+
+    #[cfg(not(unix))]
+    fn write_at(&mut self, bytes: &[u8], at: u64) -> io::Result<()> {
+        use std::io::{Seek, SeekFrom, Write};
+        self.seek(SeekFrom::Start(at))?;
         self.write_all(bytes)
     }
 

@@ -8,59 +8,27 @@
 //! `WHISPEER_POWER_LOSS_ROUNDS` sets the rounds with `fsync = always` (1,000 by default;
 //! `scripts/reliability` runs 10,000).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use whispeer_proto::{ContentType, Envelope, Filter, Flags, MessageId, StartAt, Topic};
+use whispeer_proto::{ContentType, Envelope, Filter, Flags, MessageId, Topic};
 
 use super::damage::options_on;
 use super::sim::SimDisk;
 use super::*;
 use crate::store::Durability;
+use crate::store::power_loss::{self, PUBLISHERS, Round, read_back};
 use crate::{Broker, BrokerOptions};
 
-const PUBLISHERS: u32 = 4;
 const EACH: u32 = 40;
-const TOPICS: [&str; 2] = ["t/0", "t/1"];
 
 fn broker_on(disk: &Arc<SimDisk>, fsync: FsyncPolicy) -> Broker {
     let wal = options_on(disk).fsync(fsync).segment_bytes(2048);
     let durability = Durability::new(wal).topic(Filter::parse("t/#").unwrap());
     let options = BrokerOptions { durability: Some(durability), ..BrokerOptions::default() };
     Broker::builder(options).try_build().expect("the log recovers")
-}
-
-/// What one round saw.
-struct Round {
-    /// (publisher, sequence, when acknowledged).
-    acked: Vec<(u32, u32, Instant)>,
-    /// When the power went.
-    off: Instant,
-    /// Per topic, the offset the next message would have had before the power went.
-    next_before: HashMap<&'static str, u64>,
-    /// Per topic, the same after the restart.
-    next_after: HashMap<&'static str, u64>,
-    /// Per topic, (offset, publisher, sequence) read back after the restart.
-    read: HashMap<&'static str, Vec<(u64, u32, u32)>>,
-}
-
-fn next_offsets(broker: &Broker) -> HashMap<&'static str, u64> {
-    let next = |topic| broker.history(&Topic::parse(topic).unwrap(), StartAt::Earliest, 1);
-    TOPICS.iter().map(|&topic| (topic, next(topic).map_or(1, |page| page.next_offset))).collect()
-}
-
-fn read_back(broker: &Broker, topic: &str) -> Vec<(u64, u32, u32)> {
-    let topic = Topic::parse(topic).unwrap();
-    let page = broker.history(&topic, StartAt::Earliest, 100_000).unwrap();
-    let parse = |message: &crate::Message| {
-        let text = std::str::from_utf8(message.payload()).unwrap().to_string();
-        let (p, s) = text.split_once(' ').unwrap();
-        (message.offset().unwrap(), p.parse().unwrap(), s.parse().unwrap())
-    };
-    page.messages.iter().map(parse).collect()
 }
 
 /// Publishers wait for each acknowledgement; the power goes at a random operation of the disk
@@ -70,63 +38,12 @@ fn round(runtime: &tokio::runtime::Runtime, seed: u64, fsync: FsyncPolicy) -> Ro
     let disk = SimDisk::new();
     let broker = broker_on(&disk, fsync);
     disk.stop_at(disk.ops() + rng.random_range(0..400));
-    let acked = runtime.block_on(async {
-        let publishers = (0..PUBLISHERS).map(|p| {
-            let broker = broker.clone();
-            tokio::spawn(async move {
-                let mut acked = Vec::new();
-                for s in 1..=EACH {
-                    let topic = TOPICS[(p % 2) as usize];
-                    let Ok(receipt) = broker.publish_bytes(topic, format!("{p} {s}")) else {
-                        break;
-                    };
-                    if !broker.durable(&receipt).await {
-                        break;
-                    }
-                    acked.push((p, s, Instant::now()));
-                }
-                acked
-            })
-        });
-        let mut acked = Vec::new();
-        for publisher in publishers.collect::<Vec<_>>() {
-            acked.extend(publisher.await.unwrap());
-        }
-        acked
-    });
-    let next_before = next_offsets(&broker);
-    let restored = disk.power_loss(seed);
-    let off = disk.off_since().unwrap_or_else(Instant::now);
-    drop(broker);
-    let broker = broker_on(&restored, fsync);
-    let read = TOPICS.iter().map(|&topic| (topic, read_back(&broker, topic))).collect();
-    let next_after = next_offsets(&broker);
-    // The restarted broker takes and acknowledges new messages.
-    let receipt = broker.publish_bytes(TOPICS[0], "9 1").unwrap();
-    assert!(runtime.block_on(broker.durable(&receipt)), "seed {seed}: durable after a restart");
-    Round { acked, off, next_before, next_after, read }
-}
-
-impl Round {
-    /// Offsets rise, each publisher's messages are in order and once each, and what each
-    /// publisher has in the log is a run without holes (the log is a clean prefix).
-    fn check_order(&self, seed: u64) {
-        for (topic, read) in &self.read {
-            assert!(read.windows(2).all(|w| w[0].0 < w[1].0), "seed {seed}: {topic} offsets");
-            for p in 0..PUBLISHERS {
-                let sequence: Vec<u32> = read.iter().filter(|m| m.1 == p).map(|m| m.2).collect();
-                let run = (1..=sequence.len() as u32).collect::<Vec<_>>();
-                assert_eq!(sequence, run, "seed {seed}: publisher {p} in {topic}");
-            }
-        }
-    }
-
-    /// The acknowledged messages that were not read back.
-    fn lost(&self) -> Vec<(u32, u32, Instant)> {
-        let read =
-            |p: u32, s: u32| self.read.values().flatten().any(|&(_, rp, rs)| (rp, rs) == (p, s));
-        self.acked.iter().filter(|(p, s, _)| !read(*p, *s)).copied().collect()
-    }
+    power_loss::round(runtime, seed, EACH, broker, |broker| {
+        let restored = disk.power_loss(seed);
+        let off = disk.off_since().unwrap_or_else(Instant::now);
+        drop(broker);
+        (broker_on(&restored, fsync), off)
+    })
 }
 
 fn rounds() -> u64 {
@@ -145,15 +62,7 @@ fn with_fsync_always_power_loss_loses_no_acknowledged_message_and_reuses_no_offs
     for seed in base..base + rounds() {
         let round = round(&runtime, seed, FsyncPolicy::Always);
         round.check_order(seed);
-        let lost = round.lost();
-        assert!(lost.is_empty(), "seed {seed}: acknowledged and lost: {:?}", &lost[..1]);
-        for topic in TOPICS {
-            let (before, after) = (round.next_before[topic], round.next_after[topic]);
-            assert!(
-                after >= before,
-                "seed {seed}: {topic} offsets from {after}, given to {before}"
-            );
-        }
+        round.check_kept(seed);
         acked += round.acked.len();
         crashes_mid_run += usize::from(round.acked.len() < (PUBLISHERS * EACH) as usize);
     }

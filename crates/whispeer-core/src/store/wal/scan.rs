@@ -7,7 +7,12 @@
 //!   whose body matches the checksum, or a checksum one bit away from the body's;
 //! - a damaged record whose length leads to a valid record is skipped (that record is lost,
 //!   nothing after it);
-//! - otherwise the segment ends there (a torn tail after a crash, zeroes, garbage).
+//! - otherwise the segment ends there (a torn tail after a crash, garbage).
+//!
+//! A header of zeroes ends a segment's records: the writer lays zeroes ahead of what it writes
+//! (`writer.rs`), so a segment's file is longer than its records. Recovery reads those zeroes
+//! to the end of the file, and anything else there is damage (cut off with the rest); a read of
+//! the live log stops at them.
 //!
 //! A forged record inside a payload is never read as a record: repair only follows lengths
 //! stored in headers, never searches for the next header.
@@ -37,10 +42,22 @@ pub(super) enum ScanEnd {
     Damaged(u64),
 }
 
+/// What a scan does at a header of zeroes, where a segment's records end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Zeroes {
+    /// Reads on to the end of the file: anything but zeroes there is damage (recovery).
+    Check,
+    /// Stops there (reads of the live log, which the writer extends meanwhile).
+    Stop,
+}
+
 /// What a scan of one segment found.
 #[derive(Debug)]
 pub(super) struct Scanned {
     pub(super) end: ScanEnd,
+    /// The length of the segment's records, up to the end or the damage (the zeroes after
+    /// them not counted).
+    pub(super) valid: u64,
     /// Damaged records skipped, with valid records after them.
     pub(super) skipped: u64,
     /// Records whose header had one flipped bit, read whole.
@@ -53,9 +70,10 @@ pub(super) struct Scanned {
 pub(super) fn scan_each(
     disk: &dyn Disk,
     path: &Path,
+    zeroes: Zeroes,
     visit: impl FnMut(u64, Logged) -> ControlFlow<()>,
 ) -> io::Result<Scanned> {
-    scan_reader(disk.read(path)?, visit)
+    scan_reader(disk.read(path)?, zeroes, visit)
 }
 
 /// The scan's position and visitor.
@@ -82,13 +100,14 @@ impl<V: FnMut(u64, Logged) -> ControlFlow<()>> Cursor<V> {
     }
 
     fn end(self, end: ScanEnd) -> Scanned {
-        Scanned { end, skipped: self.skipped, repaired: self.repaired }
+        Scanned { end, valid: self.good, skipped: self.skipped, repaired: self.repaired }
     }
 }
 
 /// [`scan_each`] over any reader.
 pub(super) fn scan_reader(
     mut reader: impl Read,
+    zeroes: Zeroes,
     visit: impl FnMut(u64, Logged) -> ControlFlow<()>,
 ) -> io::Result<Scanned> {
     let mut cursor = Cursor { good: 0, index: 0, visit, skipped: 0, repaired: 0 };
@@ -97,6 +116,12 @@ pub(super) fn scan_reader(
         let read = read_full(&mut reader, &mut header)?;
         if read == 0 {
             return Ok(cursor.end(ScanEnd::Whole));
+        }
+        if header.iter().all(|&byte| byte == 0) {
+            let only_zeroes = zeroes == Zeroes::Stop || only_zeroes(reader)?;
+            let good = cursor.good;
+            let end = if only_zeroes { ScanEnd::Whole } else { ScanEnd::Damaged(good) };
+            return Ok(cursor.end(end));
         }
         let mut rest = header[..read].to_vec();
         if read == HEADER {
@@ -140,6 +165,12 @@ fn repair<V: FnMut(u64, Logged) -> ControlFlow<()>>(
     let rest = Bytes::from(read);
     let mut pos = 0;
     while pos < rest.len() {
+        if rest[pos..].iter().take(HEADER).all(|&byte| byte == 0) {
+            // The records end here, if only zeroes follow.
+            let good = cursor.good;
+            let whole = rest[pos..].iter().all(|&byte| byte == 0);
+            return Ok(cursor.end(if whole { ScanEnd::Whole } else { ScanEnd::Damaged(good) }));
+        }
         if let Some((logged, len)) = parse_at(&rest, pos) {
             if cursor.take(logged, len) {
                 return Ok(cursor.end(ScanEnd::Stopped));
@@ -216,6 +247,20 @@ fn skip(bytes: &Bytes, pos: usize) -> Option<usize> {
     (len > 0 && len <= MAX_RECORD && parse_at(bytes, next).is_some()).then_some(next)
 }
 
+/// Whether the rest of `reader` is zeroes.
+fn only_zeroes(mut reader: impl Read) -> io::Result<bool> {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let read = read_full(&mut reader, &mut buf)?;
+        if buf[..read].iter().any(|&byte| byte != 0) {
+            return Ok(false);
+        }
+        if read < buf.len() {
+            return Ok(true);
+        }
+    }
+}
+
 /// Reads until `buf` is full or the end; returns the bytes read.
 fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     let mut read = 0;
@@ -245,7 +290,7 @@ pub(super) fn recover(
     for segment in segments {
         let mut count = 0;
         let mut closed = false;
-        let scanned = scan_each(disk, &segment.path, |i, logged| {
+        let scanned = scan_each(disk, &segment.path, Zeroes::Check, |i, logged| {
             count += u64::from(logged.is_numbered());
             closed = matches!(logged, Logged::Close);
             match logged {
@@ -265,15 +310,15 @@ pub(super) fn recover(
         recovered.skipped_records += scanned.skipped;
         recovered.repaired_records += scanned.repaired;
         recovered.last_record = (segment.first + count).saturating_sub(1);
-        let len = match scanned.end {
-            ScanEnd::Whole | ScanEnd::Stopped => segment.len,
+        let size = match scanned.end {
+            ScanEnd::Whole | ScanEnd::Stopped => segment.size,
             ScanEnd::Damaged(valid) => {
-                recovered.truncated_bytes += segment.len.saturating_sub(valid);
+                recovered.truncated_bytes += segment.size.saturating_sub(valid);
                 disk.truncate(&segment.path, valid)?;
                 valid
             }
         };
-        kept.push(Segment { len, ..segment });
+        kept.push(Segment { len: scanned.valid, size, ..segment });
     }
     recovered.marks = index.marks();
     Ok((recovered, kept))

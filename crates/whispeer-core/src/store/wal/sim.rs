@@ -2,16 +2,17 @@
 //! image) apart from what the running system sees, and can lose power, fail a sync, fill up,
 //! or stop at its n-th operation.
 //!
-//! - Data appended to a file is durable after `sync_data` of that file; directory entries
+//! - Data written to a file is durable after `sync_data` of that file; directory entries
 //!   (files created or removed) after `sync_dir`.
 //! - [`SimDisk::power_loss`] returns the disk as it comes back: the durable image plus a random
 //!   part of what was pending — for each file a prefix of its unsynced writes, the last one torn
-//!   at a 512-byte sector boundary (and with a random choice, the file's length covers the lost
-//!   part, which reads as zeroes); for the directory a prefix of its unsynced changes, in order
-//!   (a journaling file system commits them so). The old disk fails every later operation.
+//!   at a 512-byte sector boundary (and with a random choice, a file's length that grew covers
+//!   the lost part, which reads as zeroes; an overwrite keeps the old bytes there); for the
+//!   directory a prefix of its unsynced changes, in order (a journaling file system commits them
+//!   so). The old disk fails every later operation.
 //! - [`SimDisk::stop_at`] makes the n-th operation and all after it fail, as if the power went
 //!   there; [`SimDisk::fail_syncs`] makes syncs fail with `EIO`; [`SimDisk::capacity`] makes
-//!   appends past a size fail with "no space".
+//!   writes that grow the files past a size fail with "no space".
 
 use std::collections::BTreeMap;
 use std::io::{self, Cursor, Read};
@@ -36,7 +37,8 @@ enum DirOp {
 /// An unsynced change of a file's data.
 #[derive(Clone, Debug)]
 enum FileOp {
-    Append(Vec<u8>),
+    /// Bytes written at a position.
+    Write(usize, Vec<u8>),
     Truncate(usize),
 }
 
@@ -88,9 +90,18 @@ fn apply(names: &mut BTreeMap<PathBuf, u64>, op: &DirOp) {
 
 fn apply_file(data: &mut Vec<u8>, op: &FileOp) {
     match op {
-        FileOp::Append(bytes) => data.extend_from_slice(bytes),
+        FileOp::Write(at, bytes) => write_at(data, *at, bytes),
         FileOp::Truncate(len) => data.truncate(*len),
     }
+}
+
+/// `bytes` written at `at` of `data`, which grows (with zeroes up to `at`) as needed.
+fn write_at(data: &mut Vec<u8>, at: usize, bytes: &[u8]) {
+    let end = at + bytes.len();
+    if data.len() < end {
+        data.resize(end, 0);
+    }
+    data[at..end].copy_from_slice(bytes);
 }
 
 impl SimDisk {
@@ -176,15 +187,15 @@ impl SimDisk {
             for op in &file.pending[..landed] {
                 apply_file(&mut data, op);
             }
-            if let Some(FileOp::Append(bytes)) = file.pending.get(landed) {
+            if let Some(FileOp::Write(at, bytes)) = file.pending.get(landed) {
                 // The next write, torn at a sector boundary of the file.
-                let end = data.len() + bytes.len();
-                let boundaries = (data.len() / SECTOR + 1..=end / SECTOR).map(|s| s * SECTOR);
-                let cuts: Vec<usize> = boundaries.filter(|&at| at < end).collect();
+                let end = at + bytes.len();
+                let boundaries = (at / SECTOR + 1..=end / SECTOR).map(|s| s * SECTOR);
+                let cuts: Vec<usize> = boundaries.filter(|&cut| cut < end).collect();
                 if !cuts.is_empty() && rng.random_bool(0.5) {
                     let cut = cuts[rng.random_range(0..cuts.len())];
-                    data.extend_from_slice(&bytes[..cut - data.len()]);
-                    if rng.random_bool(0.5) {
+                    write_at(&mut data, *at, &bytes[..cut - at]);
+                    if rng.random_bool(0.5) && data.len() < end {
                         data.resize(end, 0);
                     }
                 }
@@ -237,7 +248,7 @@ impl Disk for Arc<SimDisk> {
         Ok(in_dir.map(|(path, inode)| (path.clone(), len(inode))).collect())
     }
 
-    fn append(&self, path: &Path, create: bool) -> io::Result<Box<dyn DiskFile>> {
+    fn open(&self, path: &Path, create: bool) -> io::Result<Box<dyn DiskFile>> {
         let mut state = self.op()?;
         let inode = match state.names.get(path) {
             Some(inode) => *inode,
@@ -316,15 +327,18 @@ struct SimFile {
 }
 
 impl DiskFile for SimFile {
-    fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+    fn write_at(&mut self, bytes: &[u8], at: u64) -> io::Result<()> {
         let mut state = self.disk.op()?;
+        let at = usize::try_from(at).map_err(io::Error::other)?;
         let used: usize = state.files.values().map(|f| f.current.len()).sum();
-        if state.capacity.is_some_and(|cap| used + bytes.len() > cap) {
+        let len = state.files.get(&self.inode).map_or(0, |f| f.current.len());
+        let grows = (at + bytes.len()).saturating_sub(len);
+        if state.capacity.is_some_and(|cap| used + grows > cap) {
             return Err(error(io::ErrorKind::StorageFull, "no space left"));
         }
         let file = state.files.entry(self.inode).or_default();
-        file.current.extend_from_slice(bytes);
-        file.pending.push(FileOp::Append(bytes.to_vec()));
+        write_at(&mut file.current, at, bytes);
+        file.pending.push(FileOp::Write(at, bytes.to_vec()));
         Ok(())
     }
 

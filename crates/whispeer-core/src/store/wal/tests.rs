@@ -1,7 +1,6 @@
 //! The log on a real file system: round trips, torn tails, flipped bytes, segment roll-over.
 
 use std::fs::{self, OpenOptions};
-use std::io::Write;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use whispeer_proto::{ContentType, Envelope, Flags, MessageId, Topic};
@@ -57,6 +56,35 @@ fn offsets(recovered: &Recovered) -> Vec<u64> {
     recovered.records.iter().map(|r| r.offset).collect()
 }
 
+/// A segment file's records: its bytes without the zeroes laid after them.
+fn records_of(path: &Path) -> Vec<u8> {
+    let mut bytes = fs::read(path).unwrap();
+    // A record never ends with a zero here: the close mark's kind, a payload's text.
+    while bytes.last() == Some(&0) {
+        bytes.pop();
+    }
+    bytes
+}
+
+/// Writes `bytes` right after a segment's records, as the writer would have.
+fn write_after_records(path: &Path, bytes: &[u8]) {
+    let end = records_of(path).len() as u64;
+    let file = OpenOptions::new().write(true).open(path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, bytes, end).unwrap();
+}
+
+/// A log of `range` in one segment on a real disk: its directory, options and segment, and
+/// the segment file's size and its records' length.
+fn one_segment(range: std::ops::Range<u64>) -> (TempDir, WalOptions, PathBuf, u64, u64) {
+    let dir = TempDir::new();
+    let options = WalOptions::new(&dir.0);
+    write(&options, range);
+    let path = only_segment(&dir.0);
+    let size = fs::metadata(&path).unwrap().len();
+    let valid = records_of(&path).len() as u64;
+    (dir, options, path, size, valid)
+}
+
 fn only_segment(dir: &Path) -> PathBuf {
     let segments = list_segments(&OsDisk, dir).unwrap();
     assert_eq!(segments.len(), 1);
@@ -78,17 +106,13 @@ fn records_survive_a_restart_whole_and_in_order() {
 
 #[test]
 fn a_torn_tail_is_cut_off_and_the_log_goes_on() {
-    let dir = TempDir::new();
-    let options = WalOptions::new(&dir.0);
-    write(&options, 1..11);
-    let path = only_segment(&dir.0);
+    let (_dir, options, path, size, valid) = one_segment(1..11);
     let torn = record(11).encode().unwrap();
-    let mut file = OpenOptions::new().append(true).open(&path).unwrap();
-    file.write_all(&torn[..torn.len() / 2]).unwrap();
-    drop(file);
+    write_after_records(&path, &torn[..torn.len() / 2]);
     let recovered = write(&options, 11..13);
     assert_eq!(offsets(&recovered), (1..11).collect::<Vec<_>>());
-    assert_eq!(recovered.truncated_bytes, (torn.len() / 2) as u64);
+    // Cut at the last whole record: the torn one and the zeroes after it.
+    assert_eq!(recovered.truncated_bytes, size - valid);
     assert_eq!(offsets(&reopen(&options)), (1..13).collect::<Vec<_>>(), "appends after the repair");
 }
 
@@ -114,15 +138,10 @@ fn a_flipped_byte_in_a_body_loses_that_record_only() {
 
 #[test]
 fn a_length_prefix_beyond_the_limit_is_not_allocated() {
-    let dir = TempDir::new();
-    let options = WalOptions::new(&dir.0);
-    write(&options, 1..3);
-    let path = only_segment(&dir.0);
-    let mut file = OpenOptions::new().append(true).open(&path).unwrap();
-    file.write_all(&[0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0, 1, 2, 3]).unwrap();
-    drop(file);
+    let (_dir, options, path, size, valid) = one_segment(1..3);
+    write_after_records(&path, &[0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0, 1, 2, 3]);
     let recovered = reopen(&options);
-    assert_eq!((offsets(&recovered), recovered.truncated_bytes), (vec![1, 2], 11));
+    assert_eq!((offsets(&recovered), recovered.truncated_bytes), (vec![1, 2], size - valid));
 }
 
 #[test]
@@ -135,7 +154,7 @@ fn segments_roll_over_and_damage_in_one_keeps_the_later_ones() {
     assert_eq!(offsets(&reopen(&options)), (1..101).collect::<Vec<_>>());
     // Cut the second segment inside its last record: that record is lost, nothing else.
     let second = &segments[1];
-    let bytes = fs::read(&second.path).unwrap();
+    let bytes = records_of(&second.path);
     let lost = segments[2].first - 1;
     let record_len = record(lost).encode().unwrap().len();
     fs::write(&second.path, &bytes[..bytes.len() - record_len / 2]).unwrap();
@@ -222,9 +241,7 @@ proptest::proptest! {
         let options = WalOptions::new(&dir.0);
         write(&options, 1..4);
         let path = only_segment(&dir.0);
-        let mut file = OpenOptions::new().append(true).open(&path).unwrap();
-        file.write_all(&garbage).unwrap();
-        drop(file);
+        write_after_records(&path, &garbage);
         let recovered = reopen(&options);
         // Garbage cannot carry a valid checksum by chance often enough to matter; when it is
         // cut, the records before it stay.
@@ -327,4 +344,32 @@ fn commits_outlive_the_segments_that_held_them() {
     assert_eq!(recovered.last_record, 503);
     let (wal, _) = Wal::open(&options).unwrap();
     assert_eq!(read(&wal, "a", 500, 5), [500]);
+}
+
+#[test]
+fn zeroes_laid_ahead_end_the_records_and_writing_goes_on_after_them() {
+    let (dir, options, path, size, valid) = one_segment(1..11);
+    assert!(size >= valid + writer::ZERO_AHEAD / 2, "{size} bytes for {valid} of records");
+    let recovered = write(&options, 11..21);
+    assert!(recovered.clean && recovered.truncated_bytes == 0, "zeroes are no damage");
+    let recovered = reopen(&options);
+    assert_eq!(offsets(&recovered), (1..21).collect::<Vec<_>>(), "written after the records");
+    assert!(recovered.clean);
+    assert_eq!(only_segment(&dir.0), path, "the same segment");
+}
+
+#[test]
+fn bytes_past_the_zeroes_are_damage_and_cut_off() {
+    let (_dir, options, path, size, valid) = one_segment(1..11);
+    // A record of an earlier write that landed past a torn one: never read after the zeroes,
+    // and gone before new records could reach it.
+    let stray = record(12).encode().unwrap();
+    let file = OpenOptions::new().write(true).open(&path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &stray, size - stray.len() as u64).unwrap();
+    drop(file);
+    let recovered = write(&options, 11..12);
+    assert_eq!(offsets(&recovered), (1..11).collect::<Vec<_>>());
+    assert_eq!(recovered.truncated_bytes, size - valid);
+    assert!(!recovered.clean);
+    assert_eq!(offsets(&reopen(&options)), (1..12).collect::<Vec<_>>());
 }
