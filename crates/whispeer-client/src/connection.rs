@@ -252,6 +252,10 @@ impl Actor {
         // The server pings every heartbeat: three silent periods mean the connection is dead.
         let silence = heartbeat * 3;
         let mut deadline = Instant::now() + silence;
+        // A PING of its own after a heartbeat without writing: a server that pings only while
+        // its side is idle (whispeer's own did) hears from a client that only receives, and
+        // does not cut it off after three heartbeats.
+        let mut next_ping = Instant::now() + heartbeat;
         let mut unflushed = false;
         let mut topics = TopicCache::default();
         loop {
@@ -309,9 +313,18 @@ impl Actor {
                     if matches!(written, Ok(0) | Err(_)) {
                         return Ended::Lost(ClientError::Disconnected);
                     }
+                    next_ping = Instant::now() + heartbeat;
                 }
-                () = sleep_until(deadline) => {
-                    return Ended::Lost(ClientError::Timeout(silence));
+                // One timer for both: the server's silence, and this client's.
+                () = sleep_until(deadline.min(next_ping)) => {
+                    if Instant::now() >= deadline {
+                        return Ended::Lost(ClientError::Timeout(silence));
+                    }
+                    // Correlation 0: no request of this client's; the PONG is ignored.
+                    if let Err(err) = encode(&Frame::new(0, Body::Ping), &mut out, max_frame_bytes) {
+                        return Ended::Lost(err);
+                    }
+                    next_ping = Instant::now() + heartbeat;
                 }
             }
         }

@@ -1,7 +1,8 @@
 //! The SDK's connection task when a connection ends: what is published while the client
 //! reconnects waits (bounded) in the outbox and goes out on the next connection, QoS 0 and
 //! QoS 1 alike, each task's publishes in order; deliveries read before a bad frame still reach
-//! their subscription.
+//! their subscription; a client that only receives pings a server that never does; one
+//! connection's many subscriptions each get their messages.
 
 #![expect(clippy::unwrap_used, reason = "test helpers fail loudly")]
 
@@ -89,6 +90,34 @@ async fn frame(stream: &mut tokio::net::TcpStream, buf: &mut BytesMut) -> Frame 
     }
 }
 
+/// Accepts a client, greets it with `heartbeat_ms`, and accepts its one subscription (OK is
+/// written); returns the stream, what was read past the SUBSCRIBE, and the subscription's id.
+async fn greet_and_subscribe(
+    listener: &TcpListener,
+    heartbeat_ms: u32,
+) -> (tokio::net::TcpStream, BytesMut, u32) {
+    let (mut stream, _) = listener.accept().await.unwrap();
+    let mut buf = BytesMut::new();
+    let hello = frame(&mut stream, &mut buf).await;
+    let welcome = Body::Welcome {
+        version: 1,
+        capabilities: 0,
+        max_frame_bytes: 1 << 20,
+        max_message_bytes: 1 << 16,
+        heartbeat_ms,
+        name: "fake".into(),
+    };
+    let mut out = BytesMut::new();
+    Frame::new(hello.correlation, welcome).encode(&mut out, usize::MAX).unwrap();
+    stream.write_all(&out).await.unwrap();
+    let subscribe = frame(&mut stream, &mut buf).await;
+    let Body::Subscribe { sub, .. } = subscribe.body else { panic!("{subscribe:?}") };
+    out.clear();
+    Frame::new(subscribe.correlation, Body::Ok).encode(&mut out, usize::MAX).unwrap();
+    stream.write_all(&out).await.unwrap();
+    (stream, buf, sub)
+}
+
 #[tokio::test]
 async fn deliveries_read_before_a_bad_frame_still_reach_their_subscription() {
     // A server written here: it greets, accepts the subscription, then sends two deliveries
@@ -96,24 +125,8 @@ async fn deliveries_read_before_a_bad_frame_still_reach_their_subscription() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(async move {
-        let (mut stream, _) = listener.accept().await.unwrap();
-        let mut buf = BytesMut::new();
-        let hello = frame(&mut stream, &mut buf).await;
-        let welcome = Body::Welcome {
-            version: 1,
-            capabilities: 0,
-            max_frame_bytes: 1 << 20,
-            max_message_bytes: 1 << 16,
-            heartbeat_ms: 10_000,
-            name: "fake".into(),
-        };
+        let (mut stream, _, sub) = greet_and_subscribe(&listener, 10_000).await;
         let mut out = BytesMut::new();
-        Frame::new(hello.correlation, welcome).encode(&mut out, usize::MAX).unwrap();
-        stream.write_all(&out).await.unwrap();
-        let subscribe = frame(&mut stream, &mut buf).await;
-        let Body::Subscribe { sub, .. } = subscribe.body else { panic!("{subscribe:?}") };
-        out.clear();
-        Frame::new(subscribe.correlation, Body::Ok).encode(&mut out, usize::MAX).unwrap();
         for (id, payload) in [(1, "first"), (2, "second")] {
             let topic = Topic::parse("t").unwrap();
             let flags = Flags::with_content(ContentType::Raw);
@@ -134,4 +147,103 @@ async fn deliveries_read_before_a_bad_frame_still_reach_their_subscription() {
     }
     assert!(soon(deliveries.recv()).await.is_none(), "then the subscription ends");
     server.abort();
+}
+
+#[tokio::test]
+async fn a_client_that_only_receives_pings_a_server_that_never_does() {
+    // A server written here: heartbeat 100 ms, a delivery every 10 ms, never a PING of its own.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (mut stream, mut buf, sub) = greet_and_subscribe(&listener, 100).await;
+        let mut out = BytesMut::new();
+        let (mut pings, mut n) = (0, 0u128);
+        let until = tokio::time::Instant::now() + Duration::from_millis(600);
+        while tokio::time::Instant::now() < until {
+            out.clear();
+            let topic = Topic::parse("t").unwrap();
+            let flags = Flags::with_content(ContentType::Raw);
+            let envelope = Envelope::new(MessageId(n), topic, 0, flags, Bytes::from("tick"));
+            let deliver = Body::Deliver { sub, attempt: 1, offset: 0, envelope };
+            Frame::new(0, deliver).encode(&mut out, usize::MAX).unwrap();
+            stream.write_all(&out).await.unwrap();
+            n += 1;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            // Whatever the client sent meanwhile.
+            while let Ok(Ok(read)) =
+                tokio::time::timeout(Duration::from_micros(100), stream.read_buf(&mut buf)).await
+            {
+                assert!(read > 0, "the client hung up");
+            }
+            while let Some(frame) = Frame::decode(&mut buf, &Limits::default()).unwrap() {
+                assert_eq!(frame.body, Body::Ping, "only pings: {frame:?}");
+                pings += 1;
+            }
+        }
+        pings
+    });
+    let client =
+        Client::connect_with(ClientOptions::new(addr.to_string()).reconnect(false)).await.unwrap();
+    let mut deliveries = client.messages("t").await.unwrap();
+    let pings = server.await.unwrap();
+    assert!(pings >= 3, "a ping about every 100 ms of the 600, got {pings}");
+    assert!(soon(deliveries.recv()).await.is_some());
+}
+
+#[tokio::test]
+async fn one_connection_with_many_subscriptions_gets_each_its_messages() {
+    // The server's writer keeps a connection's subscriptions with a ready list and reuses the
+    // slots of those that end: every subscription gets its own messages, in order, also one
+    // made in a slot another left.
+    let (addr, _seen, stop, task) = server("127.0.0.1:0").await;
+    let client = Client::connect(addr.to_string()).await.unwrap();
+    let publisher = Client::connect(addr.to_string()).await.unwrap();
+    let mut subs = Vec::new();
+    for i in 0..200 {
+        subs.push(Some(client.subscribe::<u32>(format!("many/{i}")).await.unwrap()));
+    }
+    let publish_all = |round: u32| {
+        let publisher = publisher.clone();
+        async move {
+            for n in 0..5 {
+                for i in (0..200).rev() {
+                    publisher.publish(&format!("many/{i}"), &(round * 10 + n)).await.unwrap();
+                }
+            }
+            publisher.flush().await.unwrap();
+        }
+    };
+    publish_all(0).await;
+    for sub in subs.iter_mut().flatten() {
+        for n in 0..5 {
+            assert_eq!(soon(sub.recv()).await, Some(n));
+        }
+    }
+    // Every other one dropped; new ones take their slots on the server.
+    for sub in subs.iter_mut().step_by(2) {
+        *sub = None;
+    }
+    let mut fresh = Vec::new();
+    for i in 200..300 {
+        fresh.push(client.subscribe::<u32>(format!("many/{i}")).await.unwrap());
+    }
+    publish_all(1).await;
+    for n in 0..5 {
+        for i in 200..300 {
+            publisher.publish(&format!("many/{i}"), &(20u32 + n)).await.unwrap();
+        }
+    }
+    publisher.flush().await.unwrap();
+    for sub in subs.iter_mut().flatten() {
+        for n in 10..15 {
+            assert_eq!(soon(sub.recv()).await, Some(n), "a kept subscription, in order");
+        }
+    }
+    for sub in &mut fresh {
+        for n in 20..25 {
+            assert_eq!(soon(sub.recv()).await, Some(n), "a new subscription in a reused slot");
+        }
+    }
+    let _ = stop.send(());
+    task.await.unwrap();
 }

@@ -537,6 +537,28 @@ async fn a_busy_publisher_outlasting_the_idle_timeout_is_not_cut_off() {
 }
 
 #[tokio::test]
+async fn a_client_that_only_receives_a_steady_stream_is_not_cut_off() {
+    // A message every 10 ms: never a heartbeat (100 ms) idle, yet pinged, so the client answers.
+    let mut config = fast_config();
+    config.heartbeat = Duration::from_millis(100);
+    let server = TestServer::start(config, None).await;
+    let client = Client::connect_with(server.options().reconnect(false)).await.unwrap();
+    let mut steady = client.subscribe::<Reading>("steady").await.unwrap();
+    let broker = server.broker.clone();
+    let publishing = tokio::spawn(async move {
+        for n in 0..100 {
+            broker.publish("steady", &reading(n)).unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    for n in 0..100 {
+        assert_eq!(soon(steady.recv()).await, Some(reading(n)), "connected, in order");
+    }
+    publishing.await.unwrap();
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn an_embedded_broker_serves_itself_over_tcp_and_websocket() {
     use whispeer::server::{Tcp, WebSocket};
     let broker = Broker::builder(BrokerOptions::default())

@@ -8,6 +8,9 @@
 //! A large payload is not copied into the batch: on a socket that writes vectored (TCP), the
 //! batch is cut before it and the payload's shared bytes go out in the same `writev`.
 //!
+//! It sends a PING every heartbeat, also while it is busy: the client's answer is what the
+//! reader's idle timeout hears from a client that only receives.
+//!
 //! When the client reads slowly, the writer waits on its socket, the subscriptions' queues fill
 //! and meet their slow-consumer policy (counted by the broker); when the socket accepts nothing
 //! for the stall timeout, the writer gives up and the connection closes.
@@ -29,6 +32,9 @@ use super::registry::Entry;
 use super::traffic::{FlowCache, Traffic};
 use crate::bump;
 use whispeer_core::{Delivery, Message, Subscription};
+
+mod ready;
+use ready::{Held, Slots};
 
 /// Bytes gathered before a write, so one syscall carries many frames.
 const WRITE_BATCH: usize = 64 * 1024;
@@ -64,8 +70,7 @@ enum Wake {
 }
 
 struct Writer {
-    subscriptions: Vec<(u32, Subscription<Message>)>,
-    next: usize,
+    subscriptions: Slots,
     buf: BytesMut,
     /// What goes out before `buf` when large payloads travel by reference: the batch up to
     /// each one, then the payload itself. Empty otherwise.
@@ -128,34 +133,70 @@ impl Writer {
             Outbound::Subscribed { sub, subscription, reply, retained } => {
                 self.encode(&reply);
                 retained.iter().for_each(|frame| self.encode(frame));
-                self.subscriptions.push((sub, *subscription));
+                self.subscriptions.add(sub, *subscription);
             }
             Outbound::Unsubscribed { sub, reply } => {
-                self.subscriptions.retain(|(s, _)| *s != sub);
+                self.subscriptions.remove(sub);
                 self.encode(&reply);
             }
         }
     }
 
-    /// Takes whatever the subscriptions have ready, round robin, until the batch is full.
+    /// Takes what the ready subscriptions have, in the order they became ready and at most
+    /// `PER_SUBSCRIPTION` from one before the next, until the batch is full or none is ready;
+    /// first arms the subscriptions the last pass drained (see `ready.rs`).
     fn gather(&mut self) {
-        let count = self.subscriptions.len();
-        let mut taken = true;
-        while taken && self.pending() < WRITE_BATCH {
-            taken = false;
-            for k in 0..count {
-                let i = (self.next + k) % count;
-                for _ in 0..PER_SUBSCRIPTION {
-                    let (sub, subscription) = &mut self.subscriptions[i];
-                    let Some(delivery) = subscription.try_recv_delivery() else { break };
-                    let sub = *sub;
-                    self.deliver(sub, &delivery);
-                    taken = true;
-                    if self.pending() >= WRITE_BATCH {
-                        self.next = (i + 1) % count;
-                        return;
+        self.arm();
+        while self.pending() < WRITE_BATCH {
+            let Some((slot, held)) = self.subscriptions.next_ready() else { return };
+            self.take_from(slot, held, false);
+        }
+    }
+
+    /// Polls the subscriptions drained since the last pass (registering their wakers), taking
+    /// what they have meanwhile.
+    fn arm(&mut self) {
+        // Arming never puts a subscription back as unarmed: this ends.
+        while let Some((slot, held)) = self.subscriptions.next_unarmed() {
+            self.take_from(slot, held, true);
+        }
+    }
+
+    /// Takes up to `PER_SUBSCRIPTION` deliveries from the subscription in `slot`, then gives it
+    /// back: on the ready list if it may have more; armed if `arm` (polled with its waker, which
+    /// the poll that found it empty registered); else taken without a waker, to be armed at
+    /// the next pass.
+    fn take_from(&mut self, slot: usize, mut held: Held, arm: bool) {
+        let waker = held.waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut taken = 0;
+        loop {
+            let next = if arm {
+                held.subscription.poll_recv_delivery(&mut cx)
+            } else {
+                held.subscription
+                    .try_recv_delivery()
+                    .map_or(Poll::Pending, |d| Poll::Ready(Some(d)))
+            };
+            match next {
+                Poll::Ready(Some(delivery)) => {
+                    self.deliver(held.sub, &delivery);
+                    taken += 1;
+                    if taken == PER_SUBSCRIPTION || self.pending() >= WRITE_BATCH {
+                        // More may wait: after the others that are ready.
+                        held.again();
+                        return self.subscriptions.put(slot, held);
                     }
                 }
+                Poll::Ready(None) => {
+                    // Closed by the broker's `Disconnect` policy: tell the client.
+                    let message = format!("subscription {} closed: its queue overflowed", held.sub);
+                    let error = Body::Error { code: ErrorCode::QUEUE_FULL, message };
+                    self.encode(&Frame::new(0, error));
+                    return self.subscriptions.drop_slot(slot);
+                }
+                Poll::Pending if arm => return self.subscriptions.put(slot, held),
+                Poll::Pending => return self.subscriptions.put_unarmed(slot, held),
             }
         }
     }
@@ -195,25 +236,10 @@ impl Writer {
             Poll::Ready(None) => return Poll::Ready(Wake::Closed),
             Poll::Pending => {}
         }
-        for i in 0..self.subscriptions.len() {
-            match self.subscriptions[i].1.poll_recv_delivery(cx) {
-                Poll::Ready(Some(delivery)) => {
-                    let sub = self.subscriptions[i].0;
-                    self.deliver(sub, &delivery);
-                    return Poll::Ready(Wake::Work);
-                }
-                Poll::Ready(None) => {
-                    // Closed by the broker's `Disconnect` policy: tell the client.
-                    let (sub, _) = self.subscriptions.swap_remove(i);
-                    let message = format!("subscription {sub} closed: its queue overflowed");
-                    self.encode(&Frame::new(
-                        0,
-                        Body::Error { code: ErrorCode::QUEUE_FULL, message },
-                    ));
-                    return Poll::Ready(Wake::Work);
-                }
-                Poll::Pending => {}
-            }
+        let before = self.pending();
+        self.arm();
+        if self.pending() > before || self.subscriptions.poll_ready(cx) {
+            return Poll::Ready(Wake::Work);
         }
         Poll::Pending
     }
@@ -230,8 +256,7 @@ pub(super) async fn write_loop(
     entry: Arc<Entry>,
 ) {
     let mut writer = Writer {
-        subscriptions: Vec::new(),
-        next: 0,
+        subscriptions: Slots::default(),
         buf: BytesMut::with_capacity(WRITE_BATCH),
         chunks: Vec::new(),
         chunked: 0,
@@ -243,6 +268,9 @@ pub(super) async fn write_loop(
     };
     let stall = config.idle_timeout();
     let mut open = true;
+    // A PING every heartbeat, also while deliveries flow: a client that only receives answers
+    // it, and its answer is what keeps the reader's idle timeout away.
+    let mut next_ping = tokio::time::Instant::now() + config.heartbeat;
     loop {
         while open && writer.pending() < WRITE_BATCH {
             match control.try_recv() {
@@ -254,19 +282,21 @@ pub(super) async fn write_loop(
         if open {
             writer.gather();
         }
+        if open && tokio::time::Instant::now() >= next_ping {
+            writer.encode(&Frame::new(0, Body::Ping));
+            next_ping = tokio::time::Instant::now() + config.heartbeat;
+        }
         if writer.pending() == 0 {
             if !open {
                 break;
             }
-            let woke = tokio::time::timeout(
-                config.heartbeat,
+            let woke = tokio::time::timeout_at(
+                next_ping,
                 poll_fn(|cx| writer.poll_wake(&mut control, cx)),
             )
             .await;
-            match woke {
-                Ok(Wake::Work) => {}
-                Ok(Wake::Closed) => open = false,
-                Err(_) => writer.encode(&Frame::new(0, Body::Ping)),
+            if let Ok(Wake::Closed) = woke {
+                open = false;
             }
             continue;
         }
