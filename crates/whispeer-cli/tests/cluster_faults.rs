@@ -7,12 +7,11 @@
 
 #![expect(clippy::unwrap_used, reason = "test helpers fail loudly")]
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::{Instant, sleep};
-use whispeer_client::{Client, PublishOptions, Qos, StartAt, SubscribeOptions};
+use whispeer_client::{Client, StartAt, SubscribeOptions};
 
 mod common;
 #[path = "../../whispeer-client/tests/support/proxy.rs"]
@@ -20,6 +19,7 @@ mod proxy;
 
 use common::engines::{Nats, node};
 use common::http_get;
+use common::traffic::{count_reads, missing_and_repeats, publish_acked};
 use proxy::{Fault, Proxy, Script};
 
 const MESSAGES: u64 = 1_000;
@@ -34,20 +34,9 @@ async fn acknowledged_messages_cross_nodes_through_engine_link_faults() {
     let a = node(&[proxied.as_str()], "a", &durable);
     let b = node(&[nats.url.as_str()], "b", &durable);
 
-    let seen: Arc<Mutex<BTreeMap<u64, u32>>> = Arc::default();
-    // One subscription per exact topic: were the reader's connection to drop, each resumes
-    // after the last offset it received.
-    let reader = Client::connect(&b.addr).await.unwrap();
-    let mut readers = Vec::new();
-    for topic in 0..4 {
-        let mut orders = reader.subscribe::<u64>(format!("orders/{topic}")).await.unwrap();
-        let counted = Arc::clone(&seen);
-        readers.push(tokio::spawn(async move {
-            while let Some(n) = orders.recv().await {
-                *counted.lock().unwrap().entry(n).or_default() += 1;
-            }
-        }));
-    }
+    // One QoS 0 wildcard subscription: it gets everything only if its connection to b stays
+    // up (a receive-only client answers the server's pings; see `RELIABILITY.md`).
+    let (seen, reading) = count_reads(&b.addr, "orders/#").await;
 
     let publisher = Client::connect(&a.addr).await.unwrap();
     let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -56,16 +45,11 @@ async fn acknowledged_messages_cross_nodes_through_engine_link_faults() {
         let (mut refused, mut longest) = (0u32, Duration::ZERO);
         let mut retried = std::collections::BTreeSet::new();
         for n in 0..MESSAGES {
-            let options =
-                PublishOptions::new().qos(Qos::AtLeastOnce).idempotency_key(format!("o{n}"));
-            let topic = format!("orders/{}", n % 4);
-            let started = Instant::now();
-            while publisher.publish_with(&topic, &n, &options).await.is_err() {
-                refused += 1;
+            let (times, took) = publish_acked(&publisher, n, Duration::from_millis(20)).await;
+            if times > 0 {
                 retried.insert(n);
-                sleep(Duration::from_millis(20)).await;
             }
-            longest = longest.max(started.elapsed());
+            (refused, longest) = (refused + times, longest.max(took));
             progress.store(n + 1, std::sync::atomic::Ordering::Relaxed);
             sleep(Duration::from_millis(1)).await;
         }
@@ -90,15 +74,8 @@ async fn acknowledged_messages_cross_nodes_through_engine_link_faults() {
     let (resets, holes) = (script.resets, script.holes);
     proxy.set(Fault::Pass);
     let (refused, longest, retried) = publishing.await.unwrap();
-    let waited = Instant::now();
-    while seen.lock().unwrap().len() < MESSAGES as usize
-        && waited.elapsed() < Duration::from_secs(30)
-    {
-        sleep(Duration::from_millis(50)).await;
-    }
-    readers.iter().for_each(tokio::task::JoinHandle::abort);
-    let seen = seen.lock().unwrap().clone();
-    let missing: Vec<u64> = (0..MESSAGES).filter(|n| !seen.contains_key(n)).collect();
+    let (missing, again) = missing_and_repeats(&seen, MESSAGES).await;
+    reading.abort();
     if !missing.is_empty() {
         let were_retried = missing.iter().filter(|n| retried.contains(n)).count();
         eprintln!(
@@ -141,7 +118,6 @@ async fn acknowledged_messages_cross_nodes_through_engine_link_faults() {
         missing.len(),
         missing.first()
     );
-    let again: u32 = seen.values().map(|times| times - 1).sum();
     let metrics = http_get(a.admin.as_deref().unwrap(), "/metrics").1;
     let reconnects = common::sample(&metrics, "whispeer_cluster_reconnects_total");
     println!(

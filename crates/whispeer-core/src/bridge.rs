@@ -81,6 +81,13 @@ pub trait Bridge: Send + Sync + 'static {
     /// says), or with why it may not have been.
     fn confirm(&self, ticket: u64) -> BridgeFuture<'_, Result<(), String>>;
 
+    /// [`confirm`](Self::confirm), with the offset the cluster gave the message when it keeps
+    /// the topic ([`Bridge::sequence`]); `None` when it does not, or no longer knows it. The
+    /// default knows none.
+    fn confirm_offset(&self, ticket: u64) -> BridgeFuture<'_, Result<Option<u64>, String>> {
+        Box::pin(async move { self.confirm(ticket).await.map(|()| None) })
+    }
+
     /// A message a local publisher got accepted on a durable topic. A bridge that keeps such
     /// topics answers [`Forwarded::Queued`] (its ticket confirms once the cluster stored it),
     /// and later hands the message back through `Broker::publish_sequenced`; the broker does

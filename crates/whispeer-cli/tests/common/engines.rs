@@ -14,6 +14,8 @@ pub(crate) struct Nats {
     pub(crate) url: String,
     /// JetStream's directory, removed when dropped.
     store: PathBuf,
+    /// Its arguments past the port and the directory (a cluster's routes), to start it again.
+    extra: Vec<String>,
 }
 
 impl Nats {
@@ -22,14 +24,19 @@ impl Nats {
         Self::start_with(port, &[])
     }
 
-    fn start_with(port: u16, extra: &[String]) -> Self {
-        let port = if port == 0 { "-1".to_string() } else { port.to_string() };
+    pub(crate) fn start_with(port: u16, extra: &[String]) -> Self {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let store = std::env::temp_dir().join(format!("whispeer-nats-{}-{n}", std::process::id()));
+        let (child, url) = Self::spawn(port, &store, extra);
+        Self { child, url, store, extra: extra.to_vec() }
+    }
+
+    fn spawn(port: u16, store: &std::path::Path, extra: &[String]) -> (Child, String) {
+        let port = if port == 0 { "-1".to_string() } else { port.to_string() };
         let mut child = Command::new("nats-server")
             .args(["-a", "127.0.0.1", "-p", &port, "-js", "-sd"])
-            .arg(&store)
+            .arg(store)
             .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -46,7 +53,7 @@ impl Nats {
         };
         // Keep reading its log, so it never blocks on a full pipe.
         std::thread::spawn(move || for _ in stderr.lines() {});
-        Self { child, url, store }
+        (child, url)
     }
 
     /// Three servers routed into one NATS cluster.
@@ -75,6 +82,41 @@ impl Nats {
     pub(crate) fn port(&self) -> u16 {
         self.url.rsplit(':').next().unwrap().parse().unwrap()
     }
+
+    /// Kills the server (SIGKILL), keeping its JetStream directory.
+    pub(crate) fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the server again on its port, directory and routes.
+    pub(crate) fn restart(&mut self) {
+        let (child, url) = Self::spawn(self.port(), &self.store, &self.extra);
+        assert_eq!(url, self.url, "the same address again");
+        self.child = child;
+    }
+}
+
+/// An engine server the fault tests freeze and crash.
+pub(crate) trait EngineServer {
+    /// Freezes the server (SIGSTOP; to its peers and clients, a black hole) or lets it go on
+    /// (SIGCONT).
+    fn freeze(&self, frozen: bool);
+
+    /// Kills the server (SIGKILL) and starts it again on its port, with what it keeps on disk.
+    fn crash_and_restart(&mut self);
+}
+
+impl EngineServer for Nats {
+    fn freeze(&self, frozen: bool) {
+        freeze(&self.child, frozen);
+    }
+
+    /// Starts it with its JetStream directory and routes.
+    fn crash_and_restart(&mut self) {
+        self.kill();
+        self.restart();
+    }
 }
 
 impl Drop for Nats {
@@ -85,7 +127,14 @@ impl Drop for Nats {
     }
 }
 
-fn free_port() -> u16 {
+/// Stops `child` (SIGSTOP) or lets it go on (SIGCONT).
+fn freeze(child: &Child, frozen: bool) {
+    let signal = if frozen { "-STOP" } else { "-CONT" };
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args([signal, &pid]).status().unwrap().success());
+}
+
+pub(crate) fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap().port()
 }
@@ -118,10 +167,13 @@ pub(crate) fn node_with(urls: &[&str], name: &str, args: &[&str], envs: &[(&str,
     server
 }
 
-/// A redis-server child on loopback (no persistence), killed (SIGKILL) when dropped.
+/// A redis-server child on loopback, killed (SIGKILL) when dropped: without persistence, or
+/// with an append-only file synced before each reply in a directory of its own.
 pub(crate) struct Redis {
     child: Child,
     pub(crate) url: String,
+    /// The append-only file's directory (removed when dropped), if it keeps one.
+    dir: Option<PathBuf>,
 }
 
 impl Redis {
@@ -129,30 +181,45 @@ impl Redis {
         Self::start_on(free_port())
     }
 
-    /// Starts redis-server on `port`.
+    /// Starts redis-server on `port`, keeping nothing.
     pub(crate) fn start_on(port: u16) -> Self {
+        Self { child: Self::spawn(port, None), url: format!("redis://127.0.0.1:{port}"), dir: None }
+    }
+
+    /// Starts redis-server on a free port with `appendonly yes` and `appendfsync always`:
+    /// what it answered survives a crash of the server.
+    pub(crate) fn start_persistent() -> Self {
+        let port = free_port();
+        let dir =
+            std::env::temp_dir().join(format!("whispeer-redis-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = Self::spawn(port, Some(&dir));
+        Self { child, url: format!("redis://127.0.0.1:{port}"), dir: Some(dir) }
+    }
+
+    fn spawn(port: u16, dir: Option<&std::path::Path>) -> Child {
+        let port = port.to_string();
+        let mut args = vec!["--bind", "127.0.0.1", "--port", &port, "--save", ""];
+        let dir = dir.map(|d| d.to_string_lossy().into_owned());
+        match &dir {
+            Some(dir) => {
+                args.extend(["--appendonly", "yes", "--appendfsync", "always", "--dir", dir])
+            }
+            None => args.extend(["--appendonly", "no"]),
+        }
         let child = Command::new("redis-server")
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(&args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server must be installed (scripts/install-servers installs it)");
         for _ in 0..200 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            if std::net::TcpStream::connect(("127.0.0.1", port.parse::<u16>().unwrap())).is_ok() {
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(25));
         }
-        Self { child, url: format!("redis://127.0.0.1:{port}") }
+        child
     }
 
     pub(crate) fn port(&self) -> u16 {
@@ -160,10 +227,26 @@ impl Redis {
     }
 }
 
+impl EngineServer for Redis {
+    fn freeze(&self, frozen: bool) {
+        freeze(&self.child, frozen);
+    }
+
+    /// Starts it with its append-only file, if it keeps one.
+    fn crash_and_restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Self::spawn(self.port(), self.dir.as_deref());
+    }
+}
+
 impl Drop for Redis {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 

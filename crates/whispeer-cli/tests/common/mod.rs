@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 pub(crate) mod chat;
 pub(crate) mod engines;
 pub(crate) mod history;
+pub(crate) mod traffic;
 
 pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_whispeer");
 

@@ -113,6 +113,15 @@ impl Broker {
     /// # Errors
     /// [`Unconfirmed`]: the store failed, or the cluster did not take the message.
     pub async fn confirmed(&self, receipt: &PublishReceipt) -> Result<(), Unconfirmed> {
+        self.confirmed_at(receipt).await.map(drop)
+    }
+
+    /// [`confirmed`](Self::confirmed), with the offset the cluster gave the message when it
+    /// keeps the topic (a durable topic on a node of a cluster); `None` otherwise.
+    ///
+    /// # Errors
+    /// [`Unconfirmed`]: the store failed, or the cluster did not take the message.
+    pub async fn confirmed_at(&self, receipt: &PublishReceipt) -> Result<Option<u64>, Unconfirmed> {
         let confirmed = async {
             if !self.durable(receipt).await {
                 return Err(Unconfirmed::Store);
@@ -120,9 +129,9 @@ impl Broker {
             match (receipt.bridged, &self.inner.bridge) {
                 (Some(Err(why)), _) => Err(Unconfirmed::Cluster(why.into())),
                 (Some(Ok(ticket)), Some(bridge)) => {
-                    bridge.confirm(ticket).await.map_err(Unconfirmed::Cluster)
+                    bridge.confirm_offset(ticket).await.map_err(Unconfirmed::Cluster)
                 }
-                _ => Ok(()),
+                _ => Ok(None),
             }
         }
         .await;

@@ -139,8 +139,11 @@ pub trait Engine: Send + Sync + 'static {
     /// node's [`Engine::retained`]. Resolves once the engine stored it.
     fn retain(&self, topic: &Topic, message: Bytes) -> EngineFuture<'_, Result<(), EngineError>>;
 
-    /// The retained message of every topic the engine keeps, then each one kept afterwards by
-    /// any node (this one included), in the order the engine kept them; after a reconnection,
-    /// every topic's again.
+    /// The retained message of every topic the engine keeps, then an empty message (the
+    /// watch has caught up), then each one kept afterwards by any node (this one included), in
+    /// the order the engine kept them; after a reconnection, every topic's again (and the
+    /// empty marker after them). A message replaced before this node read it may be skipped (the
+    /// engine keeps only the last of each topic): the node still ends with the newest, never an
+    /// older one after it.
     fn retained(&self) -> EngineFuture<'_, Result<Inbox, EngineError>>;
 }

@@ -70,7 +70,7 @@ async fn acknowledge(relay: Arc<Relay>, mut pending: mpsc::Receiver<Pending>) {
         if let Ok(Err(err)) = &stored {
             tracing::warn!(%err, "cluster: the engine did not store a durable topic's message");
         }
-        relay.settle_durable(ticket, matches!(stored, Ok(Ok(_))));
+        relay.settle_durable(ticket, stored.ok().and_then(Result::ok));
     }
 }
 

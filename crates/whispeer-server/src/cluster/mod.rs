@@ -36,6 +36,7 @@ use members::Members;
 pub use members::{Membership, NodeInfo};
 pub use presence::Whereabouts;
 use relay::{Outgoing, Relay};
+pub(crate) use retained::STATE_PREFIX;
 
 /// Counter of reconnections to the engine.
 pub const RECONNECTS: &str = "whispeer_cluster_reconnects_total";
@@ -303,6 +304,11 @@ pub struct ClusterStats {
 }
 
 impl ClusterStatus {
+    /// The engine, once the link started.
+    pub(crate) fn engine(&self) -> Option<Arc<dyn Engine>> {
+        self.engine.get().cloned()
+    }
+
     /// This node's name.
     pub fn node(&self) -> &str {
         &self.node

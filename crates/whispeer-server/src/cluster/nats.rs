@@ -448,17 +448,27 @@ impl Engine for Nats {
             };
             let failed =
                 |err: &dyn std::fmt::Display| EngineError::Failed(format!("retained: {err}"));
-            let ordered = stream.create_consumer(config).await.map_err(|e| failed(&e))?;
+            let mut ordered = stream.create_consumer(config).await.map_err(|e| failed(&e))?;
+            let mut caught_up = ordered.info().await.map_err(|e| failed(&e))?.num_pending == 0;
             let messages = ordered.messages().await.map_err(|e| failed(&e))?;
-            let inbox: Inbox = Box::pin(messages.filter_map(|message| async move {
+            // The empty marker once every subject's last message was handed.
+            let marker = futures_util::stream::iter(caught_up.then(Bytes::new));
+            let messages = messages.flat_map(move |message| {
+                let mut out = Vec::with_capacity(2);
                 match message {
-                    Ok(message) => Some(message.payload.clone()),
-                    Err(err) => {
-                        tracing::warn!(%err, "cluster: reading retained messages");
-                        None
+                    Ok(message) => {
+                        out.push(message.payload.clone());
+                        let last = message.info().is_ok_and(|info| info.pending == 0);
+                        if last && !caught_up {
+                            caught_up = true;
+                            out.push(Bytes::new());
+                        }
                     }
+                    Err(err) => tracing::warn!(%err, "cluster: reading retained messages"),
                 }
-            }));
+                futures_util::stream::iter(out)
+            });
+            let inbox: Inbox = Box::pin(marker.chain(messages));
             Ok(inbox)
         })
     }

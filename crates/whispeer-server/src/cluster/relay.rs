@@ -28,6 +28,15 @@ pub(crate) const OUTBOUND_CAPACITY: usize = 65_536;
 const DEDUP_CAPACITY: usize = 65_536;
 /// Failed ranges of tickets remembered for confirmations.
 const FAILED_CAPACITY: usize = 4_096;
+
+/// Appends to a queue of the latest `FAILED_CAPACITY` entries.
+fn push_bounded<T>(queue: &Mutex<VecDeque<T>>, entry: T) {
+    let mut queue = lock(queue);
+    if queue.len() == FAILED_CAPACITY {
+        queue.pop_front();
+    }
+    queue.push_back(entry);
+}
 /// The first byte of every message this version sends.
 const FORMAT: u8 = 1;
 
@@ -91,6 +100,8 @@ pub(crate) struct Relay {
     /// Every durable ticket up to this one has been acknowledged by the engine, or has failed.
     durable_settled: watch::Sender<u64>,
     durable_failed: Mutex<VecDeque<u64>>,
+    /// The offsets of the latest durable tickets the engine took, for `confirm_offset`.
+    durable_offsets: Mutex<VecDeque<(u64, u64)>>,
     /// Durable topics' messages handed to a local QoS 1 group, by (filter, group, offset),
     /// waiting for the group to settle them.
     pending: Mutex<HashMap<PendingKey, super::engine::Settle>>,
@@ -130,6 +141,7 @@ impl Relay {
             next_durable: AtomicU64::new(1),
             durable_settled: watch::Sender::new(0),
             durable_failed: Mutex::default(),
+            durable_offsets: Mutex::default(),
             history_loaded: AtomicBool::new(true),
             pending: Mutex::default(),
             waiting: AtomicUsize::new(0),
@@ -147,11 +159,7 @@ impl Relay {
     /// Every ticket up to `through` is settled; those from `failed` on (if any) failed.
     pub(crate) fn settle(&self, through: u64, failed: Option<u64>) {
         if let Some(from) = failed {
-            let mut ranges = lock(&self.failed);
-            if ranges.len() == FAILED_CAPACITY {
-                ranges.pop_front();
-            }
-            ranges.push_back((from, through));
+            push_bounded(&self.failed, (from, through));
         }
         self.settled.send_if_modified(|settled| {
             let advanced = through > *settled;
@@ -160,15 +168,12 @@ impl Relay {
         });
     }
 
-    /// Durable ticket `ticket` is settled: acknowledged by the engine (`ok`) or not. Called in
-    /// ticket order.
-    pub(crate) fn settle_durable(&self, ticket: u64, ok: bool) {
-        if !ok {
-            let mut failed = lock(&self.durable_failed);
-            if failed.len() == FAILED_CAPACITY {
-                failed.pop_front();
-            }
-            failed.push_back(ticket);
+    /// Durable ticket `ticket` is settled: acknowledged by the engine at its offset, or not
+    /// (`None`). Called in ticket order.
+    pub(crate) fn settle_durable(&self, ticket: u64, offset: Option<u64>) {
+        match offset {
+            Some(offset) => push_bounded(&self.durable_offsets, (ticket, offset)),
+            None => push_bounded(&self.durable_failed, ticket),
         }
         self.durable_settled.send_if_modified(|settled| {
             let advanced = ticket > *settled;
@@ -504,6 +509,18 @@ impl Bridge for Relay {
         if let Some(settle) = lock(&self.pending).remove(&key) {
             spawn_settle(settle(true));
         }
+    }
+
+    fn confirm_offset(&self, ticket: u64) -> BridgeFuture<'_, Result<Option<u64>, String>> {
+        Box::pin(async move {
+            self.confirm(ticket).await?;
+            if ticket & DURABLE_TICKET == 0 {
+                return Ok(None);
+            }
+            let ticket = ticket & !DURABLE_TICKET;
+            let offsets = lock(&self.durable_offsets);
+            Ok(offsets.iter().rev().find(|(t, _)| *t == ticket).map(|(_, offset)| *offset))
+        })
     }
 
     fn confirm(&self, ticket: u64) -> BridgeFuture<'_, Result<(), String>> {

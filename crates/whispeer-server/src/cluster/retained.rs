@@ -17,6 +17,11 @@ use whispeer_core::proto::{Envelope, Limits};
 use super::engine::Engine;
 use crate::{Retained, ServerConfig};
 
+/// Topics under this prefix are the server's own state that the engine keeps like retained
+/// messages (chat's groups, members, cursors, …): never handed to subscribers. Reserved (`$`):
+/// the broker refuses a client's publish there, so no client can write that state.
+pub(crate) const STATE_PREFIX: &str = "$state/";
+
 /// Retained messages waiting for the engine before more are refused (and logged).
 const QUEUE: usize = 4096;
 /// The longest wait between two tries while the engine fails (it doubles up to this).
@@ -73,6 +78,11 @@ pub(super) async fn share(engine: Arc<dyn Engine>, shared: Shared, limits: Limit
                 Ok(mut inbox) => {
                     wait = Duration::from_secs(1);
                     while let Some(bytes) = inbox.next().await {
+                        // The caught-up marker, and the server's own state (chat's), are not
+                        // retained messages for subscribers.
+                        if bytes.is_empty() {
+                            continue;
+                        }
                         let envelope = match Envelope::decode(bytes, &limits) {
                             Ok(envelope) => envelope,
                             Err(err) => {
@@ -80,6 +90,9 @@ pub(super) async fn share(engine: Arc<dyn Engine>, shared: Shared, limits: Limit
                                 continue;
                             }
                         };
+                        if envelope.topic.as_str().starts_with(STATE_PREFIX) {
+                            continue;
+                        }
                         let (max, max_bytes) = (shared.max_topics, shared.max_bytes);
                         if let Err(err) = shared.retained.keep_shared(&envelope, max, max_bytes) {
                             tracing::warn!(%err, topic = %envelope.topic, "cluster: a shared retained message not kept");

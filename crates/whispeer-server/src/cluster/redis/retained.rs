@@ -67,6 +67,10 @@ pub(super) fn watch(
                             return;
                         }
                     }
+                    // Every topic's was handed: the empty marker.
+                    if tx.send(Bytes::new()).await.is_err() {
+                        return;
+                    }
                     let mut messages = pubsub.into_on_message();
                     loop {
                         tokio::select! {
