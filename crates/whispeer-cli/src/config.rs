@@ -457,14 +457,11 @@ impl Config {
         Ok(options)
     }
 
-    /// The cluster's settings, with the engine keeping as much durable history as memory does:
-    /// `history_messages` grows to the largest `max_messages` of the `[[retention]]` rules that
-    /// reach durable topics, and without `history_max_age_ms` the engine's age limit is the
-    /// longest `max_age_ms` when aged rules cover every durable filter.
-    /// The chat listener's settings, or `None` when it is off.
+    /// The chat listener's settings, or `None` when it is off. On a cluster node chat's state
+    /// is the engine's: `chat.dir` is refused there.
     ///
     /// # Errors
-    /// A bad `[chat]` value; chat on a cluster node (not built yet).
+    /// A bad `[chat]` value.
     pub(crate) fn chat_settings(
         &self,
         server: ServerConfig,
@@ -472,14 +469,28 @@ impl Config {
         if self.chat.listen.is_none() {
             return Ok(None);
         }
-        anyhow::ensure!(
-            self.cluster.urls.is_empty(),
-            "chat.listen: chat does not run on a cluster node yet (its groups and device \
-             cursors are kept per node); run it on a single node"
-        );
+        if !self.cluster.urls.is_empty() {
+            anyhow::ensure!(
+                self.chat.dir.is_none(),
+                "chat.dir: on a cluster node chat's groups, cursors and keys are kept by the \
+                 cluster's engine; remove chat.dir (see CHAT.md)"
+            );
+            // Chat's inboxes and logs are durable topics there: the engine keeps them, as it
+            // keeps every durable topic of a cluster (a store beside it would be a second history).
+            anyhow::ensure!(
+                self.storage.dir.is_none(),
+                "storage.dir: on a cluster node chat's inboxes and logs are kept by the \
+                 cluster's engine; remove storage.dir (see CHAT.md)"
+            );
+            return self.chat.settings(server, None).map(Some);
+        }
         self.chat.settings(server, self.storage.dir.as_deref()).map(Some)
     }
 
+    /// The cluster's settings, with the engine keeping as much durable history as memory does:
+    /// `history_messages` grows to the largest `max_messages` of the `[[retention]]` rules that
+    /// reach durable topics, and without `history_max_age_ms` the engine's age limit is the
+    /// longest `max_age_ms` when aged rules cover every durable filter.
     pub(crate) fn cluster_settings(&self) -> anyhow::Result<Option<ClusterConfig>> {
         let Some(mut settings) = self.cluster.settings(&self.listen)? else { return Ok(None) };
         let durable: Vec<Filter> =

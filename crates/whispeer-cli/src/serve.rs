@@ -150,25 +150,33 @@ async fn serve(config: Config, path: &Path) -> anyhow::Result<()> {
             )
         })
     };
+    let cluster = match cluster {
+        Some(settings) => {
+            let cluster = Cluster::new(settings).map_err(|e| ConfigError(e.to_string()))?;
+            Some(cluster.share_retained(&server_config))
+        }
+        None => None,
+    };
+    let cluster_status = cluster.as_ref().map(Cluster::status);
     let chat_settings =
         config.chat_settings(server_config.clone()).map_err(|e| ConfigError(format!("{e:#}")))?;
     let mut chat_status = None;
     if let (Some(settings), Some(address)) = (chat_settings, &config.chat.listen) {
         refuse_open(address, open_because()).await?;
-        if settings.dir.is_none() {
-            tracing::warn!(
+        let mut chat = Chat::new(address.clone());
+        match &cluster_status {
+            // Its state and its topics are the cluster engine's.
+            Some(status) => chat = chat.on_cluster(status.clone()),
+            None if settings.dir.is_none() => tracing::warn!(
                 "chat keeps its groups and offline messages in memory: set storage.dir to keep them across restarts"
-            );
+            ),
+            None => {}
         }
-        let chat = Chat::new(address.clone()).config(settings);
+        let chat = chat.config(settings);
         chat_status = Some(chat.status());
         builder = builder.with(chat);
     }
-    let mut cluster_status = None;
-    if let Some(settings) = cluster {
-        let cluster = Cluster::new(settings).map_err(|e| ConfigError(e.to_string()))?;
-        let cluster = cluster.share_retained(&server_config);
-        cluster_status = Some(cluster.status());
+    if let Some(cluster) = cluster {
         builder = builder.with(cluster);
     }
     let broker = builder.try_build()?;

@@ -406,7 +406,7 @@ async fn a_device_back_after_the_inbox_bound_is_told_how_many_it_missed() {
         ("WHISPEER_CHAT__INBOX_MAX_MESSAGES", "5"),
         ("WHISPEER_CHAT__MAX_MESSAGES_PER_SEC", "1000"),
     ]);
-    drop(ChatClient::join(&server.url, "bob", "phone").await);
+    ChatClient::join(&server.url, "bob", "phone").await.leave().await;
     let mut alice = ChatClient::join(&server.url, "alice", "laptop").await;
     for n in 0..8 {
         assert_eq!(alice.ask(json!({"to": "bob", "msg": format!("m{n}")})).await["type"], "sent");

@@ -7,6 +7,11 @@
 //! Messages are sealed end to end by default (`sealing.rs`); pass `{plain: true}` as the
 //! options to talk with clients that do not seal.
 //!
+//! The connection acknowledges its inbox (`?ack=1`): an event is acknowledged once it was
+//! handed to the `onEvent` callback (at most one acknowledgement each 50 ms, and on `close`),
+//! and the device's cursor moves only so; what was not acknowledged when the page went comes
+//! again on the device's next connection (with the same `id`).
+//!
 //! ```js
 //! const chat = await Chat.connect("ws://127.0.0.1:3030/ws", "alice", "browser", null);
 //! chat.onEvent((event) => { if (event.msg !== undefined) console.log(event.from, event.msg); });
@@ -44,7 +49,16 @@ pub(crate) struct ChatState {
     handlers: Option<super::Handlers>,
     /// End-to-end sealing, unless plain.
     pub(crate) e2e: Option<super::sealing::E2e>,
+    /// The last inbox position acknowledged, the last one handed to the page, and when the
+    /// last acknowledgement went (ms): one a batch, not one a message.
+    acknowledged: f64,
+    handed: f64,
+    acked_at: f64,
 }
+
+/// The least time between two acknowledgements; what is handed meanwhile goes with the next
+/// one (or when the connection is closed).
+const ACK_EVERY_MS: f64 = 50.0;
 
 fn get(value: &JsValue, key: &str) -> JsValue {
     Reflect::get(value, &key.into()).unwrap_or(JsValue::UNDEFINED)
@@ -55,6 +69,28 @@ fn text(value: &JsValue, key: &str) -> Option<String> {
 }
 
 impl ChatState {
+    /// `event` was handed to the page: its inbox position is acknowledged now, or with the
+    /// next acknowledgement if one went less than `ACK_EVERY_MS` ago.
+    fn acknowledge(&mut self, event: &JsValue) {
+        if let Some(at) = get(event, "at").as_f64() {
+            self.handed = self.handed.max(at);
+        }
+        if js_sys::Date::now() - self.acked_at >= ACK_EVERY_MS {
+            self.flush_ack();
+        }
+    }
+
+    /// Acknowledges everything handed to the page so far.
+    fn flush_ack(&mut self) {
+        if self.handed <= self.acknowledged {
+            return;
+        }
+        self.acknowledged = self.handed;
+        self.acked_at = js_sys::Date::now();
+        let at = self.handed;
+        let _ = self.socket.send_with_str(&format!("{{\"type\":\"ack\",\"at\":{at}}}"));
+    }
+
     /// One text message from the server: a reply, the welcome, or an event. What to call.
     fn receive(&mut self, data: &str) -> Option<(Function, JsValue)> {
         let value = JSON::parse(data).ok()?;
@@ -115,7 +151,7 @@ impl std::fmt::Debug for Chat {
     }
 }
 
-/// `?id=…&device=…&token=…` appended to `url`.
+/// `?id=…&device=…&token=…&ack=1` appended to `url`.
 fn with_query(url: &str, pairs: &[(&str, Option<String>)]) -> String {
     let query: Vec<String> = pairs
         .iter()
@@ -145,7 +181,8 @@ impl Chat {
         token: Option<String>,
         options: Option<Object>,
     ) -> Result<Self, JsValue> {
-        let url = with_query(&url, &[("id", user), ("device", device), ("token", token)]);
+        let pairs = [("id", user), ("device", device), ("token", token), ("ack", Some("1".into()))];
+        let url = with_query(&url, &pairs);
         let socket = WebSocket::new(&url)?;
         let mut welcome = None;
         let welcomed = Promise::new(&mut |resolve, reject| welcome = Some((resolve, reject)));
@@ -161,6 +198,9 @@ impl Chat {
             device: String::new(),
             handlers: None,
             e2e: None,
+            acknowledged: 0.0,
+            handed: 0.0,
+            acked_at: 0.0,
         }));
         let receiver = Rc::clone(&state);
         let on_message = Closure::<dyn FnMut(MessageEvent)>::new(move |event: MessageEvent| {
@@ -168,6 +208,8 @@ impl Chat {
             let call = receiver.borrow_mut().receive(&data);
             if let Some((callback, value)) = call {
                 let _ = callback.call1(&JsValue::NULL, &value);
+                // Replies and the welcome have no position: only events are acknowledged.
+                receiver.borrow_mut().acknowledge(&value);
             }
         });
         let closer = Rc::downgrade(&state);
@@ -232,6 +274,7 @@ impl Chat {
         };
         for event in kept {
             let _ = callback.call1(&JsValue::NULL, &event);
+            self.state.borrow_mut().acknowledge(&event);
         }
     }
 
@@ -331,9 +374,11 @@ impl Chat {
         self.state.borrow().socket.send_with_str(&text)
     }
 
-    /// Closes the connection.
+    /// Closes the connection, acknowledging first what was handed to the page.
     pub fn close(&self) {
-        let _ = self.state.borrow().socket.close();
+        let mut state = self.state.borrow_mut();
+        state.flush_ack();
+        let _ = state.socket.close();
     }
 }
 

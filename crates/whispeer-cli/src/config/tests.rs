@@ -196,6 +196,29 @@ fn in_a_cluster_durable_topics_live_in_the_engine_and_a_local_store_is_refused()
 }
 
 #[test]
+fn chat_runs_on_a_cluster_node_without_a_directory_of_its_own() {
+    Jail::expect_with(|jail| {
+        jail.set_env("WHISPEER_CLUSTER__URLS", r#"["nats://127.0.0.1:4222"]"#);
+        jail.set_env("WHISPEER_CHAT__LISTEN", "127.0.0.1:3030");
+        let config = Config::load(Path::new("whispeer.toml"), false).unwrap().0;
+        let chat = config.chat_settings(config.server_config().unwrap()).unwrap().unwrap();
+        assert_eq!(chat.dir, None, "the engine keeps chat's state");
+        for (key, name) in
+            [("WHISPEER_CHAT__DIR", "chat.dir"), ("WHISPEER_STORAGE__DIR", "storage.dir")]
+        {
+            jail.clear_env();
+            jail.set_env("WHISPEER_CLUSTER__URLS", r#"["nats://127.0.0.1:4222"]"#);
+            jail.set_env("WHISPEER_CHAT__LISTEN", "127.0.0.1:3030");
+            jail.set_env(key, "data");
+            let config = Config::load(Path::new("whispeer.toml"), false).unwrap().0;
+            let err = config.chat_settings(config.server_config().unwrap()).unwrap_err();
+            assert!(err.to_string().contains(name), "{err}");
+        }
+        Ok(())
+    });
+}
+
+#[test]
 fn in_a_cluster_the_engine_keeps_as_much_durable_history_as_the_retention_rules() {
     Jail::expect_with(|jail| {
         jail.create_file(

@@ -65,12 +65,21 @@ impl ChatClient {
         Self { ws }
     }
 
-    /// Connects as `user` on `device` and waits for the welcome.
+    /// Connects as `user` on `device` and waits for the welcome (`base` may have a query).
     pub(crate) async fn join(base: &str, user: &str, device: &str) -> Self {
-        let mut client = Self::connect(&format!("{base}?id={user}&device={device}")).await;
+        let joiner = if base.contains('?') { '&' } else { '?' };
+        let mut client = Self::connect(&format!("{base}{joiner}id={user}&device={device}")).await;
         let welcome = client.next().await;
         assert_eq!(welcome["type"], "welcome", "{welcome}");
         client
+    }
+
+    /// Closes the connection and waits for the server's close: its session has ended, so
+    /// nothing sent afterwards is delivered to this device (dropping the client instead races
+    /// the server noticing the closed socket).
+    pub(crate) async fn leave(mut self) {
+        let _ = self.ws.close(None).await;
+        while let Ok(Some(Ok(_))) = tokio::time::timeout(PATIENCE, self.ws.next()).await {}
     }
 
     /// Sends one JSON text message.

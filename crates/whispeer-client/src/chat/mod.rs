@@ -19,15 +19,21 @@
 //! everything else (messages, group events, presence, typing, notices) comes out of
 //! [`ChatEvents`] in order. The events queue holds 1 024; while it is full the task stops
 //! reading the socket (the server keeps the rest), so read the events.
+//!
+//! The connection acknowledges its inbox (`?ack=1`): what the application took from
+//! [`ChatEvents`] is acknowledged to the server, and the device's cursor moves only so. A
+//! message the program never took — the connection died, or the program did — comes again on
+//! the device's next connection (with the same `id`).
 
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use futures_util::{SinkExt, Stream, StreamExt};
 use serde_json::{Value, json};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_rustls::rustls;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
@@ -82,18 +88,14 @@ impl ChatOptions {
     }
 
     fn url_with_query(&self) -> String {
-        let mut query = Vec::new();
+        let mut query = vec!["ack=1".to_string()];
         for (key, value) in [("id", &self.user), ("device", &self.device), ("token", &self.token)] {
             if let Some(value) = value {
                 query.push(format!("{key}={}", encode(value)));
             }
         }
         let joiner = if self.url.contains('?') { '&' } else { '?' };
-        if query.is_empty() {
-            self.url.clone()
-        } else {
-            format!("{}{joiner}{}", self.url, query.join("&"))
-        }
+        format!("{}{joiner}{}", self.url, query.join("&"))
     }
 }
 
@@ -157,13 +159,28 @@ impl Conversation {
 
 /// The events of a chat connection, in order; ends when the connection does.
 #[derive(Debug)]
-pub struct ChatEvents(mpsc::Receiver<ChatEvent>);
+pub struct ChatEvents {
+    events: mpsc::Receiver<(ChatEvent, Option<u64>)>,
+    taken: Arc<Taken>,
+}
+
+/// How far into its inbox the application took events: the connection task acknowledges it.
+#[derive(Debug, Default)]
+struct Taken {
+    at: AtomicU64,
+    moved: Notify,
+}
 
 impl Stream for ChatEvents {
     type Item = ChatEvent;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<ChatEvent>> {
-        self.0.poll_recv(cx)
+        let item = self.events.poll_recv(cx);
+        if let Poll::Ready(Some((_, Some(at)))) = &item {
+            self.taken.at.fetch_max(*at, Ordering::AcqRel);
+            self.taken.moved.notify_one();
+        }
+        item.map(|item| item.map(|(event, _)| event))
     }
 }
 
@@ -213,12 +230,13 @@ impl Chat {
         };
         let (requests, commands) = mpsc::channel(256);
         let (events, receiver) = mpsc::channel(1024);
-        tokio::spawn(run(ws, commands, events, e2e.clone()));
+        let taken = Arc::new(Taken::default());
+        tokio::spawn(run(ws, commands, (events, Arc::clone(&taken)), e2e.clone()));
         let chat = Self { requests, user, device, e2e };
         if chat.e2e.is_some() {
             chat.publish_identity().await?;
         }
-        Ok((chat, ChatEvents(receiver)))
+        Ok((chat, ChatEvents { events: receiver, taken }))
     }
 
     /// The user this connection is.
@@ -438,16 +456,31 @@ fn refusal(value: &Value) -> ChatError {
     }
 }
 
-/// The connection task: writes requests with a `ref`, routes replies by it, and everything
-/// else to the events.
+/// How long what the application took waits before it is acknowledged (with what it takes
+/// meanwhile): one acknowledgement a batch, not one a message.
+const ACK_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Resolves when `sleep` is set and over; never without one.
+async fn due(sleep: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
+    match sleep {
+        Some(sleep) => sleep.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The connection task: writes requests with a `ref`, routes replies by it, everything else
+/// to the events (with its inbox position), and acknowledges what the application took.
 async fn run(
     mut ws: crate::transport::TextSocket,
     mut requests: mpsc::Receiver<(Value, Option<Reply>)>,
-    events: mpsc::Sender<ChatEvent>,
+    (events, taken): (mpsc::Sender<(ChatEvent, Option<u64>)>, Arc<Taken>),
     e2e: Option<Arc<E2e>>,
 ) {
     let mut pending: HashMap<u64, Reply> = HashMap::new();
     let mut next_ref = 1u64;
+    let mut acknowledged = 0u64;
+    // One acknowledgement per `ACK_EVERY` at most, for everything taken by then.
+    let mut ack_due: Option<Pin<Box<tokio::time::Sleep>>> = None;
     // The connection lives while a `Chat` handle or the events stream does.
     let mut handles = true;
     loop {
@@ -470,6 +503,20 @@ async fn run(
                 }
             }
             () = events.closed(), if !handles => break,
+            () = taken.moved.notified(), if ack_due.is_none() => {
+                ack_due = Some(Box::pin(tokio::time::sleep(ACK_EVERY)));
+            }
+            () = due(&mut ack_due) => {
+                ack_due = None;
+                let at = taken.at.load(Ordering::Acquire);
+                if at > acknowledged {
+                    acknowledged = at;
+                    let ack = json!({ "type": "ack", "at": at }).to_string();
+                    if ws.send(WsMessage::Text(ack.into())).await.is_err() {
+                        break;
+                    }
+                }
+            }
             incoming = ws.next() => {
                 let text = match incoming {
                     Some(Ok(WsMessage::Text(text))) => text,
@@ -483,11 +530,12 @@ async fn run(
                     continue;
                 }
                 // A full queue holds the socket up (back-pressure); a dropped stream discards.
+                let at = value.get("at").and_then(Value::as_u64);
                 let event = match &e2e {
                     Some(e2e) => e2e.process(event_of(value)),
                     None => event_of(value),
                 };
-                if events.send(event).await.is_err() && !handles {
+                if events.send((event, at)).await.is_err() && !handles {
                     break;
                 }
             }
@@ -495,6 +543,12 @@ async fn run(
     }
     for (_, reply) in pending {
         let _ = reply.send(Err(ChatError::Closed));
+    }
+    // What the application took last, before the connection goes.
+    let at = taken.at.load(Ordering::Acquire);
+    if at > acknowledged {
+        let _ =
+            ws.send(WsMessage::Text(json!({ "type": "ack", "at": at }).to_string().into())).await;
     }
     let _ = ws.close(None).await;
 }

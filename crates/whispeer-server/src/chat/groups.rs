@@ -320,6 +320,24 @@ impl Groups {
         }
     }
 
+    /// Sets whether `group` is open, making it (without members) if it is not there: a
+    /// cluster's nodes hand a group's entry and its members' separately, in any order.
+    pub(crate) fn set_open(&mut self, group: &str, open: bool) {
+        self.groups.entry(group.into()).or_default().open = open;
+    }
+
+    /// Forgets `group` if it has no members (its entry was removed in the cluster).
+    pub(crate) fn drop_if_empty(&mut self, group: &str) {
+        if self.groups.get(group).is_some_and(|found| found.members.is_empty()) {
+            self.groups.remove(group);
+        }
+    }
+
+    /// Whether `group` is there.
+    pub(crate) fn exists(&self, group: &str) -> bool {
+        self.groups.contains_key(group)
+    }
+
     fn set(&mut self, group: &str, user: &str, role: Role) {
         let found = self.groups.entry(group.into()).or_default();
         let before = found.members.insert(user.into(), role);

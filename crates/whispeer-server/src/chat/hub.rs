@@ -13,8 +13,12 @@ use whispeer_core::{Broker, PublishOptions};
 
 use super::ChatConfig;
 use super::groups::{GroupLimits, Groups};
+use super::shared::{Entry, Shared};
 use super::store::{ChatStore, StoredDevice};
 use super::wire::ChatError;
+
+/// How long another node's presence entry counts before that node is in the membership.
+const FRESH: Duration = Duration::from_secs(10);
 
 /// How often device cursors and last-seen times go to `chat.db`.
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
@@ -46,7 +50,7 @@ pub(crate) fn broadcast(topic: &str) -> String {
 #[derive(Debug, Default)]
 pub(crate) struct Cursor {
     pub(crate) offset: AtomicU64,
-    saved: AtomicU64,
+    pub(crate) saved: AtomicU64,
     /// Whether the device was seen since the last flush (its last-seen time moves).
     seen: AtomicU64,
 }
@@ -77,7 +81,7 @@ pub(crate) struct Hub {
     /// Group changes, one at a time: planned, stored, then applied.
     pub(crate) changes: tokio::sync::Mutex<()>,
     cursors: Mutex<HashMap<(String, String), Arc<Cursor>>>,
-    last_seen: Mutex<HashMap<String, u64>>,
+    pub(crate) last_seen: Mutex<HashMap<String, u64>>,
     online: Mutex<HashMap<String, Online>>,
     pub(crate) contacts: Mutex<HashMap<String, BTreeSet<String>>>,
     /// Numbers each session, so a sender's own devices skip the copy it sent.
@@ -92,15 +96,41 @@ pub(crate) struct Hub {
     pub(crate) directory: Mutex<(u64, HashMap<String, Devices>)>,
     /// Group messages waiting to reach every member, for their senders' receipts.
     pub(crate) group_receipts: Mutex<super::receipts::GroupReceipts>,
+    /// On a node of a cluster: the state the engine keeps for every node (`chat.db` is then
+    /// this node's copy, in memory).
+    pub(crate) shared: Option<Arc<Shared>>,
+    /// On a node of a cluster: each user's devices online on the other nodes, by node, and
+    /// when this node learned it.
+    pub(crate) remote_online: Mutex<HashMap<String, RemoteDevices>>,
 }
+
+/// The first session number: random, so that sessions of different nodes of a cluster (whose
+/// copies of a message reach each other) do not share numbers.
+fn first_session() -> u64 {
+    let mut bytes = [0u8; 8];
+    if getrandom::fill(&mut bytes).is_err() {
+        return 1;
+    }
+    // Half the range: the counter never wraps.
+    u64::from_le_bytes(bytes) >> 1
+}
+
+/// A user's devices on other nodes: by node, the devices and when this node learned them.
+pub(crate) type RemoteDevices = HashMap<String, (Vec<String>, Instant)>;
 
 /// A user's devices' public identities, as the directory holds them.
 pub(crate) type Devices = Arc<Vec<String>>;
 
 impl Hub {
-    /// Opens `chat.db`, loads it, and starts the task that saves cursors.
-    pub(crate) fn start(broker: Broker, config: ChatConfig) -> std::io::Result<Arc<Self>> {
-        let store = ChatStore::open(config.dir.as_deref())?;
+    /// Opens `chat.db`, loads it, and starts the task that saves cursors; on a node of a
+    /// cluster (`shared`), the one that follows the engine's entries too.
+    pub(crate) fn start(
+        broker: Broker,
+        config: ChatConfig,
+        shared: Option<Arc<Shared>>,
+    ) -> std::io::Result<Arc<Self>> {
+        let dir = if shared.is_some() { None } else { config.dir.as_deref() };
+        let store = ChatStore::open(dir)?;
         let io = |err: rusqlite::Error| std::io::Error::other(format!("chat.db: {err}"));
         let groups = Groups::load(store.groups().map_err(io)?);
         let mut cursors = HashMap::new();
@@ -135,12 +165,15 @@ impl Hub {
             last_seen: Mutex::new(last_seen),
             online: Mutex::new(HashMap::new()),
             contacts: Mutex::new(contacts),
-            sessions: AtomicU64::new(1),
+            sessions: AtomicU64::new(first_session()),
             stripes: (0..super::messaging::STRIPES).map(|_| Mutex::new(())).collect(),
             reads: Mutex::new(reads),
             directory: Mutex::new((0, HashMap::new())),
             group_receipts: Mutex::default(),
+            shared,
+            remote_online: Mutex::default(),
         });
+        hub.follow_cluster()?;
         let weak = Arc::downgrade(&hub);
         broker.spawn(async move {
             let mut tick = tokio::time::interval(FLUSH_EVERY);
@@ -200,6 +233,24 @@ impl Hub {
         if moved.is_empty() {
             return;
         }
+        if let Some(shared) = &self.shared {
+            let entries: Vec<Entry> = moved
+                .iter()
+                .map(|(_, d)| Entry::Device {
+                    user: d.user.clone(),
+                    device: d.device.clone(),
+                    cursor: d.cursor,
+                    last_seen_ms: d.last_seen_ms,
+                })
+                .collect();
+            match shared.put(&entries).await {
+                Ok(()) => moved.iter().for_each(|(c, d)| {
+                    c.saved.fetch_max(d.cursor, Ordering::AcqRel);
+                }),
+                Err(err) => tracing::warn!(err = err.message, "chat: cursors not shared; retrying"),
+            }
+            return;
+        }
         let store = Arc::clone(&self.store);
         let rows: Vec<StoredDevice> = moved.iter().map(|(_, d)| d.clone()).collect();
         let saved = tokio::task::spawn_blocking(move || store.save_devices(&rows)).await;
@@ -245,10 +296,61 @@ impl Hub {
             *entry.devices.entry(device.to_string()).or_default() += 1;
             connections == 0
         };
-        if first {
+        self.share_online(user);
+        if first && !self.online_elsewhere(user) {
             self.announce(user, true, None);
         }
         Ok(())
+    }
+
+    /// `user`'s devices connected here, by name.
+    pub(crate) fn local_devices(&self, user: &str) -> Vec<String> {
+        lock(&self.online)
+            .get(user)
+            .map(|o| o.devices.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// `user`'s devices connected to other nodes alive now (on a node of a cluster).
+    fn remote_devices(&self, user: &str) -> Vec<String> {
+        let Some(shared) = &self.shared else { return Vec::new() };
+        let remote = lock(&self.remote_online);
+        let Some(nodes) = remote.get(user) else { return Vec::new() };
+        // A node's entry counts while the node is in the membership, or was written lately (a
+        // node that just started may not be in this node's view of the membership yet); a
+        // dead node's entry stays behind, and is left out.
+        let alive = shared.alive();
+        let mut devices: Vec<String> = nodes
+            .iter()
+            .filter(|(node, (_, learned))| alive.contains(node) || learned.elapsed() < FRESH)
+            .flat_map(|(_, (devices, _))| devices.iter().cloned())
+            .collect();
+        devices.sort();
+        devices.dedup();
+        devices
+    }
+
+    pub(crate) fn online_elsewhere(&self, user: &str) -> bool {
+        !self.remote_devices(user).is_empty()
+    }
+
+    /// Tells the other nodes which of `user`'s devices are connected here (on a cluster).
+    fn share_online(&self, user: &str) {
+        let Some(shared) = &self.shared else { return };
+        let entry = Entry::Online {
+            user: user.to_string(),
+            node: shared.node().to_string(),
+            devices: self.local_devices(user),
+        };
+        let shared = Arc::clone(shared);
+        let spawned = self.broker.spawn(async move {
+            if let Err(err) = shared.put(&[entry]).await {
+                tracing::debug!(err = err.message, "chat: presence not shared");
+            }
+        });
+        if let Err(err) = spawned {
+            tracing::debug!(%err, "chat: presence not shared");
+        }
     }
 
     /// A connection ends; the last one tells the contacts the user is offline.
@@ -271,7 +373,8 @@ impl Hub {
             }
             last
         };
-        if last {
+        self.share_online(user);
+        if last && !self.online_elsewhere(user) {
             self.announce(user, false, Some(now));
         }
     }
@@ -302,10 +405,10 @@ impl Hub {
 
     /// `user`'s presence: online devices, or when it was last seen.
     pub(crate) fn presence(&self, user: &str) -> serde_json::Value {
-        let devices: Vec<String> = lock(&self.online)
-            .get(user)
-            .map(|o| o.devices.keys().cloned().collect())
-            .unwrap_or_default();
+        let mut devices = self.local_devices(user);
+        devices.extend(self.remote_devices(user));
+        devices.sort();
+        devices.dedup();
         let last_seen = lock(&self.last_seen).get(user).copied();
         json!({
             "user": user,
@@ -316,7 +419,7 @@ impl Hub {
     }
 
     /// Tells everyone who follows `user` that it came online or went offline.
-    fn announce(&self, user: &str, online: bool, last_seen: Option<u64>) {
+    pub(crate) fn announce(&self, user: &str, online: bool, last_seen: Option<u64>) {
         let event = json!({
             "type": "presence",
             "user": user,

@@ -6,8 +6,9 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 use whispeer_core::{HistoryError, PublishError, PublishOptions, PublishReceipt, StartAt, Topic};
 
-use super::groups::Change;
+use super::groups::{Change, Role};
 use super::hub::{Hub, broadcast, inbox, lock, now_ms};
+use super::shared::Entry;
 use super::wire::{Action, ChatError, Delivered, Position, Target};
 
 /// The header that names the session a message came from, so that session skips its own copy.
@@ -52,11 +53,11 @@ pub(crate) struct Stored {
 }
 
 impl Stored {
-    /// Waits until the store has every copy.
+    /// Waits until the store (or, on a cluster, the engine) has every copy.
     pub(crate) async fn settled(self) -> Result<(), ChatError> {
         for receipt in &self.receipts {
-            if !self.broker.durable(receipt).await {
-                let message = "the store failed: the message may not have been kept";
+            if let Err(err) = self.broker.confirmed(receipt).await {
+                let message = format!("the message may not have been kept: {err}");
                 return Err(ChatError::new("store_failed", message));
             }
         }
@@ -70,29 +71,42 @@ fn unavailable(err: &PublishError) -> ChatError {
 
 impl Hub {
     /// Writes one entry to its conversation's `log` (if any) at the next `seq`, then to each of
-    /// `inboxes`; what it gives settles once the store has every copy. `build` makes the
-    /// payload for its seq; the log's stripe lock holds while the seq is read and the log
-    /// written, so the seq is the log offset the entry gets.
-    fn publish(
+    /// `inboxes`; gives the seq, and what settles once the store has every copy. `build` makes
+    /// the payload for its seq. On one node the log's stripe lock holds while the seq is read
+    /// and the log written, so the seq is the log offset the entry gets; on a cluster the
+    /// engine gives the offset: the log's entry goes first (without its seq, which history
+    /// adds), and the inboxes' once the engine kept it.
+    async fn publish(
         &self,
         log: Option<&str>,
         inboxes: &[String],
         headers: &PublishOptions,
-        build: impl FnOnce(Option<u64>) -> Result<Bytes, ChatError>,
-    ) -> Result<Stored, ChatError> {
+        build: impl Fn(Option<u64>) -> Result<Bytes, ChatError>,
+    ) -> Result<(Option<u64>, Stored), ChatError> {
         let mut receipts: Vec<PublishReceipt> = Vec::with_capacity(inboxes.len() + 1);
-        let payload = match log {
+        let (seq, payload) = match log {
+            Some(log) if self.shared.is_some() => {
+                let receipt = self
+                    .broker
+                    .publish_bytes_with(log, build(None)?, headers)
+                    .map_err(|e| unavailable(&e))?;
+                let seq = self.broker.confirmed_at(&receipt).await.map_err(|err| {
+                    ChatError::new("store_failed", format!("the cluster did not keep it: {err}"))
+                })?;
+                (seq, build(seq)?)
+            }
             Some(log) => {
                 let _in_order = lock(self.stripe(log));
-                let payload = build(Some(self.next_seq(log)))?;
+                let seq = Some(self.next_seq(log));
+                let payload = build(seq)?;
                 let receipt = self
                     .broker
                     .publish_bytes_with(log, payload.clone(), headers)
                     .map_err(|e| unavailable(&e))?;
                 receipts.push(receipt);
-                payload
+                (seq, payload)
             }
-            None => build(None)?,
+            None => (None, build(None)?),
         };
         for topic in inboxes {
             let receipt = self
@@ -102,7 +116,7 @@ impl Hub {
             receipts.push(receipt);
         }
         receipts.retain(PublishReceipt::is_durable_pending);
-        Ok(Stored { broker: self.broker.clone(), receipts })
+        Ok((seq, Stored { broker: self.broker.clone(), receipts }))
     }
 
     /// [`publish`](Self::publish), then waits until the store has every copy.
@@ -111,9 +125,9 @@ impl Hub {
         log: Option<&str>,
         inboxes: &[String],
         headers: &PublishOptions,
-        build: impl FnOnce(Option<u64>) -> Result<Bytes, ChatError>,
+        build: impl Fn(Option<u64>) -> Result<Bytes, ChatError>,
     ) -> Result<(), ChatError> {
-        self.publish(log, inboxes, headers, build)?.settled().await
+        self.publish(log, inboxes, headers, build).await?.1.settled().await
     }
 
     /// The offset the next entry of `log` gets.
@@ -125,7 +139,7 @@ impl Hub {
     /// Sends `msg` from `from`: to a user (both sides' inboxes), a group (every member's), or a
     /// topic (its live subscribers). Gives the message's id, time and seq, published; the
     /// [`Stored`] settles once the store has it.
-    pub(crate) fn send(
+    pub(crate) async fn send(
         &self,
         from: &str,
         origin: u64,
@@ -172,14 +186,13 @@ impl Hub {
             Target::Group(group) => headers = headers.header(GROUP, group.clone()),
             Target::Topic(_) => {}
         }
-        let mut seq = None;
-        let stored = self.publish(log.as_deref(), &inboxes, &headers, |at| {
-            (delivered.seq, seq) = (at, at);
-            serde_json::to_vec(&delivered)
+        let build = |seq| {
+            serde_json::to_vec(&Delivered { seq, ..delivered })
                 .map(Bytes::from)
                 .map_err(|e| ChatError::new("malformed", format!("message not encodable: {e}")))
-        });
-        let stored = stored.inspect_err(|_| self.forget_group_receipt(&id))?;
+        };
+        let published = self.publish(log.as_deref(), &inboxes, &headers, build).await;
+        let (seq, stored) = published.inspect_err(|_| self.forget_group_receipt(&id))?;
         Ok((id, time, seq, stored))
     }
 
@@ -192,6 +205,19 @@ impl Hub {
             }
             contacts.entry(a.to_string()).or_default().insert(b.to_string());
             contacts.entry(b.to_string()).or_default().insert(a.to_string());
+        }
+        if let Some(shared) = &self.shared {
+            let shared = std::sync::Arc::clone(shared);
+            let entry = Entry::Contact { a: a.to_string(), b: b.to_string() };
+            let spawned = self.broker.spawn(async move {
+                if let Err(err) = shared.put(&[entry]).await {
+                    tracing::warn!(err = err.message, "chat: contact not shared");
+                }
+            });
+            if let Err(err) = spawned {
+                tracing::warn!(%err, "chat: contact not shared");
+            }
+            return;
         }
         let store = std::sync::Arc::clone(&self.store);
         let (x, y) = (a.to_string(), b.to_string());
@@ -290,6 +316,46 @@ impl Hub {
     }
 
     async fn store_changes(&self, changes: Vec<Change>) -> Result<(), ChatError> {
+        if let Some(shared) = &self.shared {
+            let entries: Vec<Entry> = changes
+                .iter()
+                .flat_map(|change| match change {
+                    Change::Create { group, owner, open } => vec![
+                        Entry::Group { group: group.clone(), open: Some(*open) },
+                        Entry::Member {
+                            group: group.clone(),
+                            user: owner.clone(),
+                            role: Some(Role::Owner),
+                        },
+                    ],
+                    Change::Set { group, user, role } => {
+                        vec![Entry::Member {
+                            group: group.clone(),
+                            user: user.clone(),
+                            role: Some(*role),
+                        }]
+                    }
+                    Change::Remove { group, user } => {
+                        vec![Entry::Member { group: group.clone(), user: user.clone(), role: None }]
+                    }
+                })
+                .collect();
+            shared.put(&entries).await?;
+            let mut gone = Vec::new();
+            for entry in entries {
+                if let Entry::Member { group, role: None, .. } = &entry {
+                    gone.push(group.clone());
+                }
+                self.apply_shared(entry);
+            }
+            // A group goes with its last member: its entry too.
+            let emptied: Vec<Entry> = gone
+                .into_iter()
+                .filter(|group| !self.groups().exists(group))
+                .map(|group| Entry::Group { group, open: None })
+                .collect();
+            return shared.put(&emptied).await;
+        }
         let store = std::sync::Arc::clone(&self.store);
         let now = now_ms();
         let to_store = changes.clone();
@@ -350,32 +416,25 @@ impl Hub {
             Err(err) => return Err(ChatError::new("unavailable", err.to_string())),
         };
         let seq = |position: &Position| self.seq_of(&topic, position, first, next);
-        let (start, end) = match (before, after) {
+        let page = match (before, after) {
             (_, Some(after)) => {
                 let start = seq(after)?.saturating_add(1).max(first);
-                (start, start.saturating_add(limit as u64).min(next))
+                self.page_from(&topic, start, next, limit)?
             }
             (Some(before), None) => {
-                let end = seq(before)?.min(next);
-                (end.saturating_sub(limit as u64).max(first), end)
+                self.page_before(&topic, first, seq(before)?.min(next), limit)?
             }
-            (None, None) => (next.saturating_sub(limit as u64).max(first), next),
+            (None, None) => self.page_before(&topic, first, next, limit)?,
         };
         let mut messages = Vec::new();
-        if start < end {
-            let page = self
-                .broker
-                .history(&topic, StartAt::Offset(start), (end - start) as usize)
-                .map_err(|e| ChatError::new("unavailable", e.to_string()))?;
-            for message in page.messages {
-                let Ok(mut value) = serde_json::from_slice::<Value>(message.payload()) else {
-                    continue;
-                };
-                if let (Some(object), Some(offset)) = (value.as_object_mut(), message.offset()) {
-                    object.insert("seq".into(), offset.into());
-                }
-                messages.push(value);
+        for message in page {
+            let Ok(mut value) = serde_json::from_slice::<Value>(message.payload()) else {
+                continue;
+            };
+            if let (Some(object), Some(offset)) = (value.as_object_mut(), message.offset()) {
+                object.insert("seq".into(), offset.into());
             }
+            messages.push(value);
         }
         if let Some(object) = reply.as_object_mut() {
             object.insert("messages".into(), messages.into());
@@ -383,6 +442,66 @@ impl Hub {
             object.insert("next".into(), next.into());
         }
         Ok(reply)
+    }
+
+    /// Up to `limit` entries of `topic` from offset `start`, before `end`. In a cluster a
+    /// conversation's offsets have gaps (one sequence across topics): a count of entries, not
+    /// of offsets.
+    fn page_from(
+        &self,
+        topic: &Topic,
+        start: u64,
+        end: u64,
+        limit: usize,
+    ) -> Result<Vec<whispeer_core::Message>, ChatError> {
+        if start >= end {
+            return Ok(Vec::new());
+        }
+        let page = self
+            .broker
+            .history(topic, StartAt::Offset(start), limit)
+            .map_err(|e| ChatError::new("unavailable", e.to_string()))?;
+        Ok(page.messages.into_iter().filter(|m| m.offset().is_some_and(|o| o < end)).collect())
+    }
+
+    /// The last `limit` entries of `topic` before offset `end`: read at once where offsets
+    /// are dense (one node), else found by reading from `first` (a cluster's gaps; bounded by
+    /// `history_max_messages`).
+    fn page_before(
+        &self,
+        topic: &Topic,
+        first: u64,
+        end: u64,
+        limit: usize,
+    ) -> Result<Vec<whispeer_core::Message>, ChatError> {
+        let guess = end.saturating_sub(limit as u64).max(first);
+        let page = self.page_from(topic, guess, end, limit)?;
+        if page.len() >= limit || guess <= first {
+            return Ok(page);
+        }
+        let mut last = std::collections::VecDeque::with_capacity(limit);
+        let mut from = first;
+        while from < end {
+            let page = self
+                .broker
+                .history(topic, StartAt::Offset(from), 1024)
+                .map_err(|e| ChatError::new("unavailable", e.to_string()))?;
+            let next_from = page.next_from();
+            for message in page.messages {
+                if message.offset().is_none_or(|o| o >= end) {
+                    return Ok(last.into());
+                }
+                if last.len() == limit {
+                    last.pop_front();
+                }
+                last.push_back(message);
+            }
+            match next_from {
+                Some(more) if more > from => from = more,
+                _ => break,
+            }
+        }
+        Ok(last.into())
     }
 
     /// The `seq` a position names: itself, or the message with that id (looked for through

@@ -16,14 +16,19 @@
 //! conversation's log; a device reads its user's inbox from its own cursor, so each device gets
 //! everything once, in order, whether it was online or not. What the broker does not keep —
 //! groups, members, device cursors, last-seen times — lives in `chat.db` (SQLite), owned by
-//! [`store::ChatStore`]. The server sees message text: end-to-end keys are not built yet.
+//! [`store::ChatStore`]; on a node of a cluster the engine keeps it for every node
+//! (`shared.rs`, `replica.rs`) and `chat.db` is this node's copy in memory. Clients seal
+//! messages end to end by default; the server sees only what plain clients send.
 
 mod groups;
 mod hub;
 mod messaging;
 mod page;
+mod position;
 mod receipts;
+mod replica;
 mod session;
+mod shared;
 mod store;
 mod upgrade;
 mod wire;
@@ -121,12 +126,31 @@ pub struct Chat {
     addr: String,
     config: ChatConfig,
     status: ChatStatus,
+    /// The cluster this node is in: chat's state is then the engine's (`shared.rs`).
+    #[cfg(feature = "cluster")]
+    cluster: Option<crate::cluster::ClusterStatus>,
 }
 
 impl Chat {
     /// Chat on `addr` (`host:port`; port 0 picks a free one).
     pub fn new(addr: impl Into<String>) -> Self {
-        Self { addr: addr.into(), config: ChatConfig::default(), status: ChatStatus::default() }
+        Self {
+            addr: addr.into(),
+            config: ChatConfig::default(),
+            status: ChatStatus::default(),
+            #[cfg(feature = "cluster")]
+            cluster: None,
+        }
+    }
+
+    /// Runs chat on a node of `cluster` (the status of the node's `Cluster`): groups, members,
+    /// device cursors, reads, contacts, device keys and presence are kept by the cluster's
+    /// engine for every node, and the inboxes and conversation logs are durable topics the
+    /// engine keeps (see `CHAT.md`). `ChatConfig::dir` is not used then.
+    #[cfg(feature = "cluster")]
+    pub fn on_cluster(mut self, cluster: crate::cluster::ClusterStatus) -> Self {
+        self.cluster = Some(cluster);
+        self
     }
 
     /// Uses these settings.
@@ -179,6 +203,12 @@ impl Extension for Chat {
         // First, so that no broader rule of the operator's shadows them.
         options.retention.insert(0, (filter(INBOXES), inbox));
         options.retention.insert(1, (filter(LOGS), log));
+        // On a cluster the engine keeps durable topics: inboxes and logs are, on every node.
+        #[cfg(feature = "cluster")]
+        if self.cluster.is_some() && options.durability.is_none() {
+            let memory = whispeer_core::PersistenceType::Memory;
+            options.durability = Some(whispeer_core::Durability::in_store(memory));
+        }
         if let Some(durability) = &mut options.durability {
             durability.topics.push(filter(INBOXES));
             durability.topics.push(filter(LOGS));
@@ -197,7 +227,11 @@ impl Service for Chat {
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let _ = self.status.addr.set(addr);
-        let hub = Hub::start(broker.clone(), self.config)?;
+        #[cfg(feature = "cluster")]
+        let shared = self.cluster.map(|status| Arc::new(shared::Shared::new(status)));
+        #[cfg(not(feature = "cluster"))]
+        let shared = None;
+        let hub = Hub::start(broker.clone(), self.config, shared)?;
         let stop = CancellationToken::new();
         let (stopped, served) = (stop.clone(), broker.clone());
         broker.spawn(async move {

@@ -14,6 +14,7 @@ use whispeer_core::{PublishOptions, StartAt, Topic};
 
 use super::hub::{Hub, inbox, lock, now_ms};
 use super::messaging::{ORIGIN, direct_log, group_log};
+use super::shared::Entry;
 use super::wire::{ChatError, Position, Target};
 
 /// Most users whose directory entries the server keeps in memory (emptied when full).
@@ -122,9 +123,20 @@ impl Hub {
     /// `user`'s device was written group messages: (group, sender, id) of each; a sender
     /// whose message every member now has gets its receipt.
     pub(crate) fn delivered_group(&self, user: &str, messages: &[(String, String, String)]) {
+        let ids: Vec<String> = messages.iter().map(|(_, _, id)| id.clone()).collect();
+        if self.shared.is_some() {
+            // The receipt waits on the node the message was sent from.
+            return self.share_group_delivery(user, ids);
+        }
+        self.delivered_group_here(user, &ids);
+    }
+
+    /// Group messages `ids` reached a device of `user`: those sent from here that every member
+    /// now has get their receipts.
+    pub(crate) fn delivered_group_here(&self, user: &str, ids: &[String]) {
         let done: Vec<(String, Waiting)> = {
             let mut receipts = lock(&self.group_receipts);
-            messages.iter().filter_map(|(_, _, id)| receipts.delivered(id, user)).collect()
+            ids.iter().filter_map(|id| receipts.delivered(id, user)).collect()
         };
         self.group_receipts_done(done);
     }
@@ -183,11 +195,15 @@ impl Hub {
             .history(&topic, StartAt::Latest, 0)
             .map_or((1, 1), |page| (page.first_offset, page.next_offset));
         let seq = self.seq_of(&topic, upto, first, next)?.min(next.saturating_sub(1));
-        let store = std::sync::Arc::clone(&self.store);
-        let (who, at) = (user.to_string(), log.clone());
-        let saved = tokio::task::spawn_blocking(move || store.save_read(&who, &at, seq)).await;
-        let failed = |e: String| ChatError::new("store_failed", format!("chat.db: {e}"));
-        saved.map_err(|e| failed(e.to_string()))?.map_err(|e| failed(e.to_string()))?;
+        if let Some(shared) = &self.shared {
+            shared.put(&[Entry::Read { user: user.into(), log: log.clone(), seq }]).await?;
+        } else {
+            let store = std::sync::Arc::clone(&self.store);
+            let (who, at) = (user.to_string(), log.clone());
+            let saved = tokio::task::spawn_blocking(move || store.save_read(&who, &at, seq)).await;
+            let failed = |e: String| ChatError::new("store_failed", format!("chat.db: {e}"));
+            saved.map_err(|e| failed(e.to_string()))?.map_err(|e| failed(e.to_string()))?;
+        }
         {
             let mut reads = lock(&self.reads);
             let read = reads.entry((user.to_string(), log)).or_default();
@@ -224,6 +240,17 @@ impl Hub {
             let message = format!("the identity must be this device's: \"{device}:…\"");
             return Err(ChatError::new("malformed", message));
         }
+        if let Some(shared) = &self.shared {
+            let known = self.store.keys(user).is_ok_and(|keys| keys.iter().any(|k| k == identity));
+            if !known {
+                let identity = Some(identity.to_string());
+                let entry = Entry::Key { user: user.into(), device: device.into(), identity };
+                shared.put(std::slice::from_ref(&entry)).await?;
+                self.apply_shared(entry);
+                self.devices_changed(user).await?;
+            }
+            return Ok(());
+        }
         let store = std::sync::Arc::clone(&self.store);
         let (who, which, text) = (user.to_string(), device.to_string(), identity.to_string());
         let saved =
@@ -238,6 +265,19 @@ impl Hub {
     /// Removes `user`'s `device` from the directory: nothing is sealed to it from now on (group
     /// keys rotated afterwards leave it out).
     pub(crate) async fn revoke_key(&self, user: &str, device: &str) -> Result<(), ChatError> {
+        if let Some(shared) = &self.shared {
+            let named = format!("{device}:");
+            let known =
+                self.store.keys(user).is_ok_and(|k| k.iter().any(|k| k.starts_with(&named)));
+            if !known {
+                let message = format!("{user} has no device {device:?} in the directory");
+                return Err(ChatError::new("no_such_device", message));
+            }
+            let entry = Entry::Key { user: user.into(), device: device.into(), identity: None };
+            shared.put(std::slice::from_ref(&entry)).await?;
+            self.apply_shared(entry);
+            return self.devices_changed(user).await;
+        }
         let store = std::sync::Arc::clone(&self.store);
         let (who, which) = (user.to_string(), device.to_string());
         let removed = tokio::task::spawn_blocking(move || store.remove_key(&who, &which)).await;

@@ -26,16 +26,17 @@ use whispeer_core::{
 
 use super::hub::{Cursor, Hub, broadcast, inbox, live};
 use super::messaging::{DIRECT, FROM, GROUP, ID, ORIGIN, Stored};
+use super::position::{InboxPosition, with_position};
 use super::wire::{self, Action, ChatError, Request as ChatRequest, valid_name};
 use crate::ServerConfig;
 
-/// Serves an upgraded connection of `device` (and `user`, when the upgrade named it).
+/// Serves an upgraded connection of `device` (and `user`, when the upgrade named it);
+/// `acking`: the client acknowledges what it receives (`?ack=1`).
 pub(super) async fn serve<S>(
     ws: WebSocketStream<S>,
     hub: Arc<Hub>,
     config: Arc<ServerConfig>,
-    user: Option<String>,
-    device: String,
+    (user, device, acking): (Option<String>, String, bool),
     stop: CancellationToken,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -50,6 +51,7 @@ pub(super) async fn serve<S>(
         user: None,
         device,
         cursor: None,
+        position: InboxPosition::new(acking),
         known: false,
         inbox: None,
         live: None,
@@ -57,6 +59,14 @@ pub(super) async fn serve<S>(
         heard: Instant::now(),
         pending: FuturesOrdered::new(),
     };
+    // On a cluster, not before this node has read chat's state from the engine.
+    if let Some(shared) = &session.hub.shared
+        && !shared.ready(std::time::Duration::from_secs(10)).await
+    {
+        let message = "chat's state is still loading from the cluster: try again";
+        let _ = session.refuse(&ChatError::new("unavailable", message), None).await;
+        return session.close().await;
+    }
     if let Some(user) = user
         && !session.identify(user, None).await
     {
@@ -76,6 +86,8 @@ struct Session<S> {
     user: Option<String>,
     device: String,
     cursor: Option<Arc<Cursor>>,
+    /// Where this connection is in the inbox: written, and acknowledged.
+    position: InboxPosition,
     /// Whether the device was known before this connection (a new one has missed nothing).
     known: bool,
     inbox: Option<Subscription<Message>>,
@@ -172,7 +184,7 @@ where
                         return;
                     }
                 }
-                message = next_of(&mut self.inbox) => {
+                message = next_of(&mut self.inbox), if self.position.has_room() => {
                     if !self.deliver_inbox(message).await {
                         return;
                     }
@@ -201,9 +213,10 @@ where
         }
     }
 
-    /// Writes an inbox message (and those queued behind it) unless this session sent it, then
-    /// moves the device's cursor. A closed inbox (it fell behind its queue) is opened again
-    /// from the cursor.
+    /// Writes an inbox message (and those queued behind it) unless this session sent it, each
+    /// with its position (`"at"`), then moves the device's cursor (or, for a client that
+    /// acks, waits for its acknowledgement). A closed inbox (it fell behind its queue) is
+    /// opened again after what was written.
     async fn deliver_inbox(&mut self, message: Option<Message>) -> bool {
         let Some(message) = message else {
             tracing::debug!(user = ?self.user, "inbox queue overflowed: reading from the cursor");
@@ -218,7 +231,7 @@ where
             last = next.offset().or(last);
             batch.push(next);
         }
-        let (mut direct, mut grouped) = (Vec::new(), Vec::new());
+        let (mut direct, mut grouped, mut written) = (Vec::new(), Vec::new(), Vec::new());
         for message in batch {
             let headers = message.headers();
             if headers.get(ORIGIN) == Some(&self.origin) {
@@ -239,7 +252,19 @@ where
                 let text = |b: &Bytes| String::from_utf8_lossy(b).into_owned();
                 grouped.push((text(group), text(from), text(id)));
             }
-            let Ok(text) = Utf8Bytes::try_from(message.payload().clone()) else { continue };
+            let text = match message.offset() {
+                Some(at) => match with_position(message.payload(), at) {
+                    Some(text) => {
+                        written.push(at);
+                        Utf8Bytes::from(text)
+                    }
+                    None => continue,
+                },
+                None => match Utf8Bytes::try_from(message.payload().clone()) {
+                    Ok(text) => text,
+                    Err(_) => continue,
+                },
+            };
             if self.ws.feed(WsMessage::Text(text)).await.is_err() {
                 return false;
             }
@@ -247,8 +272,8 @@ where
         if self.ws.flush().await.is_err() {
             return false;
         }
-        if let (Some(cursor), Some(last)) = (&self.cursor, last) {
-            cursor.advance(last);
+        if let Some(cursor) = &self.cursor {
+            self.position.written(written, last, cursor);
         }
         if let Some(user) = &self.user {
             if !direct.is_empty() {
@@ -306,7 +331,7 @@ where
         let (Some(user), Some(cursor)) = (&self.user, &self.cursor) else { return true };
         let topic = inbox(user);
         let Ok(parsed) = Topic::parse(&topic) else { return false };
-        let read = cursor.offset.load(std::sync::atomic::Ordering::Acquire);
+        let read = self.position.resume_after(cursor);
         let bounds = match self.hub.broker.history(&parsed, StartAt::Latest, 0) {
             Ok(page) => Some((page.first_offset, page.next_offset)),
             Err(HistoryError::NotRetained(_)) => None,
@@ -431,7 +456,7 @@ where
             Action::Hello => return Ok(Outcome::Now(None)),
             Action::Send { target, msg } => {
                 hub.admit(user)?;
-                let (id, time, seq, stored) = hub.send(user, self.id, &target, &msg)?;
+                let (id, time, seq, stored) = hub.send(user, self.id, &target, &msg).await?;
                 let sent = json!({ "type": "sent", "id": id, "time": time, "seq": seq });
                 return Ok(Outcome::Stored(stored, sent));
             }
@@ -492,6 +517,12 @@ where
             Action::RevokeKey { device } => {
                 hub.revoke_key(user, &device).await?;
                 json!({ "type": "ok" })
+            }
+            Action::Ack { at } => {
+                if let Some(cursor) = &self.cursor {
+                    self.position.acked(at, cursor);
+                }
+                return Ok(Outcome::Now(None));
             }
             Action::Who => {
                 let users: Vec<Value> = hub.watched(user).iter().map(|u| hub.presence(u)).collect();

@@ -62,6 +62,9 @@ impl ChatStore {
             Some(dir) => {
                 std::fs::create_dir_all(dir)?;
                 let db = Connection::open(dir.join("chat.db")).map_err(to_io)?;
+                // EXTRA while a new file switches to WAL: the rollback journal's deletion is
+                // synced, so a power cut cannot roll the switch (and the WAL's commits) back.
+                db.pragma_update(None, "synchronous", "EXTRA").map_err(to_io)?;
                 db.pragma_update(None, "journal_mode", "WAL").map_err(to_io)?;
                 db.pragma_update(None, "synchronous", "FULL").map_err(to_io)?;
                 db

@@ -22,6 +22,8 @@ struct Hello {
     id: Option<String>,
     device: Option<String>,
     token: Option<String>,
+    /// `?ack=1`: the client acknowledges what it receives.
+    acking: bool,
 }
 
 /// `%xx` and `+` decoded.
@@ -55,6 +57,7 @@ impl Hello {
                 "id" | "user" => hello.id = value,
                 "device" => hello.device = value,
                 "token" => hello.token = value,
+                "ack" => hello.acking = matches!(value.as_deref(), Some("1" | "true" | "yes")),
                 _ => {}
             }
         }
@@ -80,7 +83,7 @@ fn admit(
     response: Response,
     hub: &Hub,
     config: &ServerConfig,
-    found: &mut Option<(Option<String>, String)>,
+    found: &mut Option<(Option<String>, String, bool)>,
 ) -> Result<Response, ErrorResponse> {
     if request.uri().path() != hub.config.path {
         let reason = format!("no chat endpoint at {}", request.uri().path());
@@ -111,7 +114,7 @@ fn admit(
         let reason = format!("{user:?} cannot be a chat user: 1 to 64 letters, digits or -_.@");
         return refusal(StatusCode::BAD_REQUEST, reason);
     }
-    *found = Some((user, device));
+    *found = Some((user, device, hello.acking));
     Ok(response)
 }
 
@@ -186,6 +189,6 @@ async fn upgrade<S>(
         Ok(Err(err)) => return tracing::debug!(%peer, %err, "chat upgrade refused"),
         Err(_) => return tracing::debug!(%peer, "chat upgrade timed out"),
     };
-    let Some((user, device)) = found else { return };
-    super::session::serve(ws, hub, config, user, device, stop).await;
+    let Some(who) = found else { return };
+    super::session::serve(ws, hub, config, who, stop).await;
 }

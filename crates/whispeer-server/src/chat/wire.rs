@@ -103,6 +103,11 @@ pub(crate) enum Action {
     RevokeKey {
         device: String,
     },
+    /// The client has everything of its inbox through position `at` (the `at` of what it
+    /// received): on a connection opened with `?ack=1` the device's cursor moves only so.
+    Ack {
+        at: u64,
+    },
 }
 
 /// A parsed request: its action, the `from` it claims, and the `ref` to echo.
@@ -132,6 +137,7 @@ struct Raw {
     id: Option<String>,
     publish: Option<String>,
     revoke: Option<String>,
+    at: Option<u64>,
     #[serde(rename = "ref")]
     reference: Option<Value>,
 }
@@ -243,6 +249,10 @@ fn action(raw: &mut Raw, has_from: bool) -> Result<Action, ChatError> {
             None => Action::Keys { user: user(raw)? },
         },
         Some("who" | "presence") => Action::Who,
+        Some("ack") => match raw.at.take() {
+            Some(at) => Action::Ack { at },
+            None => return Err(ChatError::new("malformed", "ack needs \"at\"")),
+        },
         Some(other) => {
             return Err(ChatError::new("unknown_type", format!("no request type {other:?}")));
         }
@@ -250,7 +260,7 @@ fn action(raw: &mut Raw, has_from: bool) -> Result<Action, ChatError> {
 }
 
 /// A message as every device receives it: the seed's fields first, then whispeer's.
-#[derive(Serialize)]
+#[derive(Clone, Copy, Serialize)]
 pub(crate) struct Delivered<'a> {
     pub(crate) from: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -320,5 +330,8 @@ mod tests {
         assert_eq!(code(r#"{"type":"fly"}"#), "unknown_type");
         assert_eq!(code(r#"{"type":"history","topic":"news"}"#), "malformed");
         assert_eq!(parse(r#"{"type":"join","ref":"r1"}"#).unwrap_err().1, Some(json!("r1")));
+        assert_eq!(code(r#"{"type":"ack"}"#), "malformed");
+        assert_eq!(code(r#"{"type":"ack","at":-1}"#), "malformed");
+        assert_eq!(parse(r#"{"type":"ack","at":9}"#).unwrap().action, Action::Ack { at: 9 });
     }
 }

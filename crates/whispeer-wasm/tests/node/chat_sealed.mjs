@@ -2,7 +2,8 @@
 // both sealing by default: a message sealed by `whispeer chat` opens in the WASM client, and one
 // sealed by the WASM client opens in the CLI, direct and in a group (a key made by the CLI as
 // it first sends, learned by the WASM client); the server keeps only boxes; the WASM client
-// keeps its identity in the storage it is given.
+// keeps its identity in the storage it is given; and its inbox acknowledgements: what was never
+// handed to the page comes again on the device's next connection, what was does not.
 // Usage: node chat_sealed.mjs <node-package-dir> <whispeer-binary>
 import { createRequire } from "node:module";
 import { spawn } from "node:child_process";
@@ -102,7 +103,35 @@ const refused = eve.open(stored);
 eve.close();
 if (!String(refused.unreadable).includes("not for this device")) fail(`eve: ${JSON.stringify(refused)}`);
 
-console.log("ok: sealed direct and group messages between the Rust CLI and the WASM client in Node, both ways, by default");
+stage = "what was never handed to onEvent comes again on the device's next connection";
+const pause = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+const carol = await Chat.connect(url, "carol", "node", null, { plain: true });
+const tab = await Chat.connect(url, "dave", "tab", null, { plain: true });
+await carol.sendTo("dave", "one");
+await carol.sendTo("dave", "two");
+await pause(300); // both reach the tab, kept: no callback yet
+tab.close();
+await pause(300);
+const messagesOf = (connection) => {
+  const got = [];
+  connection.onEvent((event) => { if (event.msg !== undefined) got.push(event.msg); });
+  return got;
+};
+const again = await Chat.connect(url, "dave", "tab", null, { plain: true });
+const gotAgain = messagesOf(again);
+for (let waited = 0; gotAgain.length < 2 && waited < 5000; waited += 50) await pause(50);
+if (JSON.stringify(gotAgain) !== JSON.stringify(["one", "two"])) fail(`again: ${JSON.stringify(gotAgain)}`);
+stage = "what was handed to onEvent is acknowledged: not again";
+again.close();
+await pause(300);
+const third = await Chat.connect(url, "dave", "tab", null, { plain: true });
+const gotThird = messagesOf(third);
+await pause(500);
+if (gotThird.length !== 0) fail(`came again: ${JSON.stringify(gotThird)}`);
+third.close();
+carol.close();
+
+console.log("ok: sealed direct and group messages between the Rust CLI and the WASM client in Node, both ways, by default; what the page never took comes again, what it took does not");
 chat.close();
 clearTimeout(timer);
 children.forEach((child) => child.kill("SIGTERM"));
