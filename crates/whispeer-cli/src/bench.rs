@@ -23,6 +23,7 @@ mod durable;
 mod qos1;
 mod raw;
 mod stats;
+mod subscriptions;
 mod table;
 
 use stats::{cpu_seconds, percentiles, pid_of};
@@ -121,6 +122,8 @@ pub(crate) struct BenchArgs {
     chat: chat::ChatBenchArgs,
     #[command(flatten)]
     durable: durable::DurableBenchArgs,
+    #[command(flatten)]
+    subscriptions: subscriptions::SubscriptionsBenchArgs,
 }
 
 /// One system under test: how to connect.
@@ -530,6 +533,9 @@ pub(crate) fn run(args: BenchArgs) -> std::process::ExitCode {
         if !args.durable.durable.is_empty() || args.durable.durable_redis.is_some() {
             return durable::run(&args.durable, args.api_key.as_deref()).await;
         }
+        if let Some(count) = args.subscriptions.subscriptions {
+            return subscriptions::run(&args.subscriptions, count, &args).await;
+        }
         if let Some(addr) = &args.serve_forwarder {
             let listener = tokio::net::TcpListener::bind(addr.as_str()).await?;
             println!("whispeer: forwarder listening on {}", listener.local_addr()?);
@@ -565,22 +571,7 @@ pub(crate) fn run(args: BenchArgs) -> std::process::ExitCode {
         }
         print_table(&reports);
         if args.qos1 {
-            let (addr, key) = (args.server.as_str(), args.api_key.as_deref());
-            eprintln!("whispeer: QoS 1 1→1, 128 B …");
-            let prefetch =
-                u32::try_from((args.window_bytes / 128).clamp(1, 1 << 20)).unwrap_or(u32::MAX);
-            let rate = qos1::throughput(addr, key, args.messages, prefetch).await?;
-            eprintln!("whispeer: QoS 1 latency at {} msgs/s …", args.rate);
-            let [p50, p99, p999] = qos1::latency(addr, key, args.rate, args.latency_secs).await?;
-            let qos0 = reports.first().map_or(f64::NAN, |(_, r)| r.one_to_one);
-            println!(
-                "{:<32}{rate:>14.1}{:>15.2}× QoS 0",
-                "QoS 1 1→1 128 B, acked msgs/s",
-                rate / qos0
-            );
-            println!("{:<32}{p50:>14.1}", "QoS 1 latency p50 µs");
-            println!("{:<32}{p99:>14.1}", "QoS 1 latency p99 µs");
-            println!("{:<32}{p999:>14.1}", "QoS 1 latency p99.9 µs");
+            qos1::report(&args, reports.first().map_or(f64::NAN, |(_, r)| r.one_to_one)).await?;
         }
         Ok(())
     })

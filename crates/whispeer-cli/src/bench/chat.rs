@@ -44,7 +44,7 @@ pub(crate) struct ChatBenchArgs {
 }
 
 /// Resident memory of a process, from `/proc/<pid>/status`, in bytes.
-fn rss_bytes(pid: u32) -> Option<u64> {
+pub(super) fn rss_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;

@@ -136,3 +136,19 @@ pub(super) async fn latency(
     anyhow::ensure!(samples.len() as u64 == total, "received {} of {total}", samples.len());
     Ok(super::percentiles(samples))
 }
+
+/// `--qos1`: QoS 1 throughput and latency on the whispeer server, printed beside QoS 0's 1→1
+/// figure (`qos0`).
+pub(super) async fn report(args: &super::BenchArgs, qos0: f64) -> anyhow::Result<()> {
+    let (addr, key) = (args.server.as_str(), args.api_key.as_deref());
+    eprintln!("whispeer: QoS 1 1→1, 128 B …");
+    let prefetch = u32::try_from((args.window_bytes / 128).clamp(1, 1 << 20)).unwrap_or(u32::MAX);
+    let rate = throughput(addr, key, args.messages, prefetch).await?;
+    eprintln!("whispeer: QoS 1 latency at {} msgs/s …", args.rate);
+    let [p50, p99, p999] = latency(addr, key, args.rate, args.latency_secs).await?;
+    println!("{:<32}{rate:>14.1}{:>15.2}× QoS 0", "QoS 1 1→1 128 B, acked msgs/s", rate / qos0);
+    println!("{:<32}{p50:>14.1}", "QoS 1 latency p50 µs");
+    println!("{:<32}{p99:>14.1}", "QoS 1 latency p99 µs");
+    println!("{:<32}{p999:>14.1}", "QoS 1 latency p99.9 µs");
+    Ok(())
+}

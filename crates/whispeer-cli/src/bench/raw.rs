@@ -180,6 +180,24 @@ impl RawConn {
         Ok(sub)
     }
 
+    /// NATS only: one connection subscribed to every subject of `subjects` (sids from 1),
+    /// confirmed by the PONG after them.
+    pub(super) async fn subscribe_nats(&self, subjects: &[String]) -> io::Result<RawSub> {
+        if self.kind != Kind::Nats {
+            return Err(io::Error::other("many subscriptions on one connection: NATS only"));
+        }
+        let (reader, mut writer) = self.take()?.into_split();
+        let mut request = NATS_CONNECT.to_vec();
+        for (sid, subject) in subjects.iter().enumerate() {
+            request.extend_from_slice(format!("SUB {subject} {}\r\n", sid + 1).as_bytes());
+        }
+        request.extend_from_slice(b"PING\r\n");
+        writer.write_all(&request).await?;
+        let mut sub = RawSub { kind: self.kind, reader, writer, buf: BytesMut::new() };
+        sub.until_line(|line| line.starts_with(b"PONG")).await?;
+        Ok(sub)
+    }
+
     pub(super) async fn publish(&self, subject: &str, payload: &[u8]) -> io::Result<()> {
         let mut writer = self.writer.lock().await;
         if writer.is_none() {
