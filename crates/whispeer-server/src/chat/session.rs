@@ -183,6 +183,10 @@ where
                     if !keep_on {
                         return;
                     }
+                    // A request may wait for the cluster's engine (a direct message's seq, up
+                    // to the engine's timeout): the client was not silent meanwhile, this
+                    // session was not reading.
+                    self.heard = Instant::now();
                 }
                 message = next_of(&mut self.inbox), if self.position.has_room() => {
                     if !self.deliver_inbox(message).await {
