@@ -4,7 +4,7 @@
 //! the subscribed ones). Prints figures; asserts nothing about them.
 //!
 //! Run with `cargo bench -p whispeer --bench subscriptions` (a fresh process gives the cleanest
-//! memory figure).
+//! memory figure), or `… -- 100000` for one case alone.
 
 #![expect(clippy::unwrap_used, reason = "a benchmark fails loudly on any error")]
 
@@ -66,6 +66,12 @@ fn main() {
     let runtime = runtime.unwrap();
     let _entered = runtime.enter();
     let messages = 1_000_000;
+    // `-- N`: only the case with N subscriptions (a fresh process each, for a profiler).
+    if let Some(count) = std::env::args().skip(1).find_map(|a| a.parse::<usize>().ok()) {
+        let (per, rate) = case(count, messages);
+        println!("{count} subscriptions: {per:.2} KiB each, {:.0} k msgs/s", rate / 1e3);
+        return;
+    }
     let (large_per, large_rate) = case(100_000, messages);
     let (_, small_rate) = case(1_000, messages);
     println!("idle subscription, 100,000 of them: {large_per:.2} KiB each");
