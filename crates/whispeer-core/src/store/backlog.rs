@@ -6,6 +6,7 @@
 //! on a publisher. When the writer stops (a failed disk), the backlog closes and nobody waits:
 //! what is pushed after that is never acknowledged as durable.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
 /// Records waiting for a writer, at most.
@@ -13,17 +14,22 @@ pub(crate) const BACKLOG_RECORDS: usize = 65_536;
 /// Bytes of records waiting for a writer, at most.
 pub(crate) const BACKLOG_BYTES: usize = 64 << 20;
 
-#[derive(Debug, Default)]
-struct State {
-    records: usize,
-    bytes: usize,
-    closed: bool,
-}
+/// Where the record count starts in the `load` word; the bytes below can reach 1 TiB.
+const RECORD_SHIFT: u32 = 40;
+const RECORD_ONE: u64 = 1 << RECORD_SHIFT;
+const BYTES_MASK: u64 = RECORD_ONE - 1;
 
-/// See the module documentation.
+/// See the module documentation. Admitting and releasing are one atomic operation each while
+/// there is room: the lock and the condition variable are for publishers that wait, and a
+/// release takes the lock only when one does (a durable publish costs no system call here).
 #[derive(Debug)]
 pub(crate) struct Backlog {
-    state: Mutex<State>,
+    /// The records (from `RECORD_SHIFT` up) and bytes (below) waiting for the writer.
+    load: AtomicU64,
+    closed: AtomicBool,
+    /// Publishers waiting for room (counted under `lock`).
+    waiters: AtomicUsize,
+    lock: Mutex<()>,
     room: Condvar,
     max_records: usize,
     max_bytes: usize,
@@ -37,37 +43,75 @@ impl Default for Backlog {
 
 impl Backlog {
     pub(crate) fn new(max_records: usize, max_bytes: usize) -> Self {
-        Self { state: Mutex::default(), room: Condvar::new(), max_records, max_bytes }
+        Self {
+            load: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+            waiters: AtomicUsize::new(0),
+            lock: Mutex::new(()),
+            room: Condvar::new(),
+            max_records,
+            max_bytes,
+        }
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> MutexGuard<'_, ()> {
+        self.lock.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether a record of `len` bytes fits beside `load` (a record always fits an empty
+    /// backlog, and anything fits a closed one).
+    fn fits(&self, load: u64, len: u64) -> bool {
+        let (records, bytes) = (load >> RECORD_SHIFT, load & BYTES_MASK);
+        records == 0
+            || (records < self.max_records as u64 && bytes + len <= self.max_bytes as u64)
+            || self.closed.load(Ordering::SeqCst)
     }
 
     /// Waits until a record of `len` bytes fits, then counts it in.
     pub(crate) fn admit(&self, len: usize) {
-        let mut state = self.lock();
-        while !state.closed
-            && state.records > 0
-            && (state.records >= self.max_records || state.bytes + len > self.max_bytes)
-        {
-            state = self.room.wait(state).unwrap_or_else(PoisonError::into_inner);
+        let len = (len as u64).min(BYTES_MASK);
+        loop {
+            let load = self.load.load(Ordering::SeqCst);
+            if self.fits(load, len) {
+                let counted = load.saturating_add(RECORD_ONE + len);
+                if self
+                    .load
+                    .compare_exchange_weak(load, counted, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+                {
+                    return;
+                }
+                continue;
+            }
+            // Counted as waiting before the last look: a release after that look sees the
+            // count and notifies under the lock, which this waiter holds until it waits.
+            let guard = self.lock();
+            self.waiters.fetch_add(1, Ordering::SeqCst);
+            if !self.fits(self.load.load(Ordering::SeqCst), len) {
+                drop(self.room.wait(guard).unwrap_or_else(PoisonError::into_inner));
+            }
+            self.waiters.fetch_sub(1, Ordering::SeqCst);
         }
-        state.records += 1;
-        state.bytes += len;
     }
 
     /// The writer has written `records` records of `bytes` bytes.
     pub(crate) fn release(&self, records: usize, bytes: usize) {
-        let mut state = self.lock();
-        state.records = state.records.saturating_sub(records);
-        state.bytes = state.bytes.saturating_sub(bytes);
-        self.room.notify_all();
+        let (records, bytes) = (records as u64, (bytes as u64).min(BYTES_MASK));
+        let _ = self.load.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |load| {
+            let left_records = (load >> RECORD_SHIFT).saturating_sub(records);
+            let left_bytes = (load & BYTES_MASK).saturating_sub(bytes);
+            Some((left_records << RECORD_SHIFT) | left_bytes)
+        });
+        if self.waiters.load(Ordering::SeqCst) > 0 {
+            let _guard = self.lock();
+            self.room.notify_all();
+        }
     }
 
     /// The writer has stopped: nobody waits from now on.
     pub(crate) fn close(&self) {
-        self.lock().closed = true;
+        self.closed.store(true, Ordering::SeqCst);
+        let _guard = self.lock();
         self.room.notify_all();
     }
 }
@@ -106,6 +150,43 @@ mod tests {
         backlog.release(1, 10);
         publisher.join().unwrap_or_else(|_| panic!("publisher panicked"));
         assert_eq!(admitted.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn publishers_and_a_writer_racing_never_pass_the_bound_nor_lose_a_wake_up() {
+        let backlog = Arc::new(Backlog::new(8, 1_000));
+        let (tx, rx) = std::sync::mpsc::channel::<usize>();
+        let publishers: Vec<_> = (0..4)
+            .map(|_| {
+                let (backlog, tx) = (Arc::clone(&backlog), tx.clone());
+                std::thread::spawn(move || {
+                    for i in 0..20_000 {
+                        let len = 10 + i % 90;
+                        backlog.admit(len);
+                        tx.send(len).unwrap_or_else(|_| panic!("the writer left"));
+                    }
+                })
+            })
+            .collect();
+        drop(tx);
+        let (mut held, mut bytes, mut taken) = (0, 0, 0);
+        for len in rx {
+            let load = backlog.load.load(Ordering::SeqCst);
+            assert!(load >> RECORD_SHIFT <= 8, "past the record bound: {}", load >> RECORD_SHIFT);
+            assert!(load & BYTES_MASK <= 1_000, "past the byte bound: {}", load & BYTES_MASK);
+            (held, bytes, taken) = (held + 1, bytes + len, taken + 1);
+            // The writer releases in batches of one to three, as a group commit does.
+            if held == 3 || len % 2 == 0 {
+                backlog.release(held, bytes);
+                (held, bytes) = (0, 0);
+            }
+        }
+        backlog.release(held, bytes);
+        assert_eq!(taken, 80_000);
+        for publisher in publishers {
+            publisher.join().unwrap_or_else(|_| panic!("publisher panicked"));
+        }
+        assert_eq!(backlog.load.load(Ordering::SeqCst) >> RECORD_SHIFT, 0);
     }
 
     #[test]
