@@ -113,6 +113,24 @@ async fn a_time_start_replays_what_was_accepted_since() {
     assert!(sub.try_recv_message().is_none());
 }
 
+/// A time read from the wall clock just before publishing replays what was published after it,
+/// with no margin: the broker stamps with the precise clock (a coarse one, a timer tick old,
+/// would stamp some of them before the time that was read).
+#[tokio::test]
+async fn a_time_read_just_before_publishing_replays_every_message_published_after() {
+    let broker = broker(&[("t", Retention::messages(10_000))]);
+    let mut times = Vec::new();
+    for n in 0..2_000u32 {
+        times.push(SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64);
+        broker.publish("t", &n).unwrap();
+    }
+    for n in [0usize, 500, 1_999] {
+        let mut sub = broker.messages(from("t", StartAt::Time(times[n]))).unwrap();
+        let first = values(&take(&mut sub, 1).await)[0] as usize;
+        assert!(first <= n, "replay from the time read before message {n} began at {first}");
+    }
+}
+
 #[tokio::test]
 async fn a_wildcard_replay_merges_topics_in_acceptance_order() {
     let broker = broker(&[("room/#", Retention::messages(10))]);
