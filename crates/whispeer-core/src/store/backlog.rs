@@ -130,6 +130,7 @@ impl Drop for CloseOnDrop<'_> {
 mod tests {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::mpsc::RecvTimeoutError;
     use std::time::Duration;
 
     use super::*;
@@ -170,7 +171,14 @@ mod tests {
             .collect();
         drop(tx);
         let (mut held, mut bytes, mut taken) = (0, 0, 0);
-        for len in rx {
+        loop {
+            let len = match rx.recv_timeout(Duration::from_secs(30)) {
+                Ok(len) => len,
+                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!("a publisher waits for ever: lost wake-up")
+                }
+            };
             let load = backlog.load.load(Ordering::SeqCst);
             assert!(load >> RECORD_SHIFT <= 8, "past the record bound: {}", load >> RECORD_SHIFT);
             assert!(load & BYTES_MASK <= 1_000, "past the byte bound: {}", load & BYTES_MASK);
