@@ -73,6 +73,7 @@ impl Reader<'_> {
     }
 
     /// A topic: the cached one when the text is the same, else parsed (and cached).
+    #[inline]
     fn topic(&mut self, limits: &Limits) -> Result<Topic, DecodeError> {
         let len = self.text()?;
         let text = &self.buf[..len];
@@ -98,6 +99,7 @@ impl Reader<'_> {
         Ok(filter)
     }
 
+    #[inline]
     fn bytes32(&mut self) -> Result<Bytes, DecodeError> {
         let len = self.u32()? as usize;
         self.bytes(len)
@@ -107,6 +109,7 @@ impl Reader<'_> {
         Qos::try_from(self.u8()?)
     }
 
+    #[inline]
     pub(super) fn envelope(&mut self, limits: &Limits) -> Result<Envelope, DecodeError> {
         let id = MessageId(self.u128()?);
         let timestamp_ms = self.u64()?;
@@ -125,6 +128,7 @@ impl Reader<'_> {
         Ok(Envelope { id, topic, timestamp_ms, flags, headers, payload })
     }
 
+    #[inline]
     pub(super) fn body(&mut self, limits: &Limits) -> Result<Body, DecodeError> {
         Ok(match self.frame_type {
             0x01 => Body::Hello {

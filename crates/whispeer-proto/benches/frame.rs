@@ -1,0 +1,79 @@
+//! The codec's cost per frame on the hot paths: a stream of 128-byte `Deliver` frames decoded
+//! as a client reads them (`Frame::decode_cached` over one read buffer), `Publish` frames
+//! encoded as the SDK's outbox writes them, and `Deliver` heads as the server writes them. Run
+//! with `cargo bench -p whispeer-proto --bench frame`.
+
+#![expect(clippy::unwrap_used, reason = "a benchmark fails loudly on any error")]
+#![expect(missing_docs, reason = "criterion_group! generates an undocumented function")]
+
+use bytes::{Bytes, BytesMut};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use whispeer_proto::{Body, Envelope, Flags, Frame, Limits, MessageId, Qos, Topic, TopicCache};
+
+/// Frames in one simulated read.
+const BATCH: u64 = 256;
+
+fn envelope(n: u64) -> Envelope {
+    let topic = Topic::parse("bench.t1x128").unwrap();
+    let payload = Bytes::from(vec![b'x'; 128]);
+    Envelope::new(MessageId(u128::from(n) << 64 | 7), topic, 1_764_000_000_000, Flags(0), payload)
+}
+
+fn codec(c: &mut Criterion) {
+    let limits = Limits::default();
+    let max = limits.max_frame_bytes;
+    let mut group = c.benchmark_group("frame");
+    group.throughput(Throughput::Elements(BATCH));
+
+    // One read's worth of deliveries, decoded as the SDK's connection task does.
+    let mut stream = BytesMut::new();
+    for n in 0..BATCH {
+        Frame::encode_deliver(&mut stream, 1, 1, 0, &envelope(n), max).unwrap();
+    }
+    let stream = stream.freeze();
+    group.bench_function("decode_deliver_128", |b| {
+        let mut topics = TopicCache::default();
+        b.iter(|| {
+            let mut buf = BytesMut::from(&stream[..]);
+            let mut frames = Vec::with_capacity(BATCH as usize);
+            while let Some(frame) = Frame::decode_cached(&mut buf, &limits, &mut topics).unwrap() {
+                frames.push(frame);
+            }
+            assert_eq!(frames.len() as u64, BATCH);
+            frames
+        });
+    });
+
+    // Publishes encoded into one outbox buffer.
+    let envelopes: Vec<Envelope> = (0..BATCH).map(envelope).collect();
+    group.bench_function("encode_publish_128", |b| {
+        let mut buf = BytesMut::with_capacity(64 * 1024);
+        b.iter(|| {
+            buf.clear();
+            for envelope in &envelopes {
+                let frame = Frame::new(
+                    1,
+                    Body::Publish { qos: Qos::AtMostOnce, envelope: envelope.clone() },
+                );
+                frame.encode(&mut buf, max).unwrap();
+            }
+            buf.len()
+        });
+    });
+
+    // Deliveries written by the server.
+    group.bench_function("encode_deliver_128", |b| {
+        let mut buf = BytesMut::with_capacity(64 * 1024);
+        b.iter(|| {
+            buf.clear();
+            for envelope in &envelopes {
+                Frame::encode_deliver(&mut buf, 1, 1, 0, envelope, max).unwrap();
+            }
+            buf.len()
+        });
+    });
+    group.finish();
+}
+
+criterion_group!(benches, codec);
+criterion_main!(benches);
