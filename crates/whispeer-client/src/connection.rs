@@ -445,18 +445,20 @@ impl Actor {
                     subscription.buffer.duplicates.fetch_add(1, Ordering::Relaxed);
                     return encode(&Frame::new(0, Body::Ack { sub, id: envelope.id }), out, max);
                 }
-                let incoming = Incoming { envelope, attempt, offset };
+                let id = envelope.id;
+                let first = subscription.staged.is_empty();
                 // Under QoS 1 a dropped message stays unacknowledged and comes again after its
                 // timeout.
-                if !subscription.buffer.admit(Buffer::weight(&incoming)) {
-                    let id = incoming.envelope.id;
+                if !subscription
+                    .buffer
+                    .stage(&mut subscription.staged, Incoming { envelope, attempt, offset })
+                {
                     tracing::warn!(sub, %id, "subscription buffer full; message dropped");
                     return Ok(());
                 }
-                if subscription.staged.is_empty() {
+                if first {
                     self.staged.push(sub);
                 }
-                subscription.staged.push(incoming);
             }
             Body::Ping => encode(&Frame::new(correlation, Body::Pong), out, max)?,
             Body::Ok | Body::PubAck | Body::Pong => match self.pending.remove(&correlation) {

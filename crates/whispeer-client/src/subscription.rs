@@ -159,7 +159,13 @@ pub struct ClientSubscription<T> {
     decode: Decode<T>,
     stats: SubscriptionStats,
     buffer: Arc<Buffer>,
+    /// Room of the messages taken from `local` and not yet given back to the buffer (bytes,
+    /// messages): given back when `local` runs empty or every `RELEASE_EVERY` messages.
+    unreleased: (usize, usize),
 }
+
+/// Most messages taken before their room is given back to the buffer.
+const RELEASE_EVERY: usize = 256;
 
 /// How a subscription makes its items from deliveries.
 pub(crate) enum Decode<T> {
@@ -192,7 +198,8 @@ impl<T> ClientSubscription<T> {
     pub(crate) fn new(parts: Parts, decode: Decode<T>) -> Self {
         let Parts { sub, commands, settles, engines, buffer } = parts;
         let (stats, local) = (SubscriptionStats::default(), VecDeque::new());
-        Self { sub, local, commands, settles, engines, decode, stats, buffer }
+        let unreleased = (0, 0);
+        Self { sub, local, commands, settles, engines, decode, stats, buffer, unreleased }
     }
 
     /// Waits for the next message; `None` once the client is closed (or, without reconnection,
@@ -248,7 +255,12 @@ impl<T> ClientSubscription<T> {
             return Poll::Ready(None);
         }
         let Some(incoming) = self.local.pop_front() else { return Poll::Ready(None) };
-        self.buffer.release(Buffer::weight(&incoming));
+        self.unreleased.0 += Buffer::weight(&incoming);
+        self.unreleased.1 += 1;
+        if self.local.is_empty() || self.unreleased.1 >= RELEASE_EVERY {
+            let (bytes, count) = std::mem::take(&mut self.unreleased);
+            self.buffer.release(bytes, count);
+        }
         let ack_to = self.settles.clone().map(|settles| AckTo { sub: self.sub, settles });
         Poll::Ready(Some(Delivery {
             envelope: incoming.envelope,

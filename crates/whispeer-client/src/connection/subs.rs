@@ -90,14 +90,14 @@ pub(super) struct Sub {
     pub(super) acked: RecentIds,
     pub(super) buffer: Arc<Buffer>,
     /// Deliveries of the current read, not yet handed over.
-    pub(super) staged: Vec<Incoming>,
+    pub(super) staged: Staged,
     /// The last history offset received, to resume after a reconnect.
     pub(super) last_offset: Option<u64>,
 }
 
 impl Sub {
     pub(super) fn new(spec: SubSpec, buffer: Arc<Buffer>) -> Self {
-        let (acked, staged) = (RecentIds::default(), Vec::new());
+        let (acked, staged) = (RecentIds::default(), Staged::default());
         Self { spec, acked, buffer, staged, last_offset: None }
     }
 }
@@ -107,6 +107,24 @@ impl Drop for Sub {
     fn drop(&mut self) {
         self.buffer.sender_gone.store(true, Ordering::Release);
         self.buffer.waker.wake();
+    }
+}
+
+/// One subscription's deliveries of the current read and the room they take. The buffer's
+/// counts are read once a read and added to once at the hand-over, not touched per message by
+/// both threads (each touch moves their cache line between the cores).
+#[derive(Debug, Default)]
+pub(crate) struct Staged {
+    items: Vec<Incoming>,
+    /// What `items` weigh.
+    bytes: usize,
+    /// The buffer's counts (bytes, messages) when this read first looked.
+    seen: Option<(usize, usize)>,
+}
+
+impl Staged {
+    pub(super) fn is_empty(&self) -> bool {
+        self.items.is_empty()
     }
 }
 
@@ -145,10 +163,49 @@ impl Buffer {
         }
     }
 
-    /// Hands `staged` over (leaving it empty) and wakes the subscription.
-    pub(super) fn put_all(&self, staged: &mut Vec<Incoming>) {
-        self.waiting.lock().unwrap_or_else(PoisonError::into_inner).extend(staged.drain(..));
+    /// Hands `staged` over (leaving it empty) and wakes the subscription. The room is counted
+    /// before the deliveries can be taken, so it is never given back before it was counted.
+    pub(super) fn put_all(&self, staged: &mut Staged) {
+        staged.seen = None;
+        if staged.items.is_empty() {
+            return;
+        }
+        self.bytes.fetch_add(std::mem::take(&mut staged.bytes), Ordering::AcqRel);
+        self.count.fetch_add(staged.items.len(), Ordering::AcqRel);
+        self.waiting.lock().unwrap_or_else(PoisonError::into_inner).extend(staged.items.drain(..));
         self.waker.wake();
+    }
+
+    /// Stages `incoming` for the next hand-over if the buffer has room for it; `false`
+    /// (counted as dropped) when it is full by bytes or by count. A message always fits an
+    /// empty buffer. The buffer's counts are read once a read, and again before a message is
+    /// refused (the subscription may have taken messages meanwhile).
+    pub(super) fn stage(&self, staged: &mut Staged, incoming: Incoming) -> bool {
+        let weight = Self::weight(&incoming);
+        let looked = staged.seen.is_some();
+        let fits = self.fits(staged, weight, false) || (looked && self.fits(staged, weight, true));
+        if !fits {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        staged.bytes += weight;
+        staged.items.push(incoming);
+        true
+    }
+
+    /// Whether a message of `weight` fits beside what is held and staged; `fresh` reads the
+    /// buffer's counts again.
+    fn fits(&self, staged: &mut Staged, weight: usize, fresh: bool) -> bool {
+        let (bytes, count) = match staged.seen {
+            Some(seen) if !fresh => seen,
+            _ => {
+                let seen = (self.bytes.load(Ordering::Acquire), self.count.load(Ordering::Acquire));
+                staged.seen = Some(seen);
+                seen
+            }
+        };
+        let (held, count) = (bytes + staged.bytes, count + staged.items.len());
+        !((held > 0 && held + weight > self.max_bytes) || count >= self.max_count)
     }
 
     /// Moves everything waiting to `into` (which the caller has emptied), or learns that
@@ -195,24 +252,9 @@ impl Buffer {
         self.dropped.load(Ordering::Relaxed)
     }
 
-    /// Takes room for a message of `weight` bytes; `false` (counted as dropped) when the
-    /// buffer is full by bytes or by count. A message always fits an empty buffer.
-    pub(crate) fn admit(&self, weight: usize) -> bool {
-        let held = self.bytes.load(Ordering::Acquire);
-        if (held > 0 && held + weight > self.max_bytes)
-            || self.count.load(Ordering::Acquire) >= self.max_count
-        {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-            return false;
-        }
-        self.bytes.fetch_add(weight, Ordering::AcqRel);
-        self.count.fetch_add(1, Ordering::AcqRel);
-        true
-    }
-
-    /// Gives back the room of a message taken off the buffer.
-    pub(crate) fn release(&self, weight: usize) {
-        self.bytes.fetch_sub(weight, Ordering::AcqRel);
-        self.count.fetch_sub(1, Ordering::AcqRel);
+    /// Gives back the room of `count` messages weighing `bytes`, taken off the buffer.
+    pub(crate) fn release(&self, bytes: usize, count: usize) {
+        self.bytes.fetch_sub(bytes, Ordering::AcqRel);
+        self.count.fetch_sub(count, Ordering::AcqRel);
     }
 }

@@ -96,7 +96,7 @@ fn a_subscription_buffer_is_bounded_by_bytes_and_counts_what_it_drops() {
         actor.hand_over(&mut out, usize::MAX);
     }
     assert_eq!(buffer.dropped(), 4100 - 4080);
-    buffer.release(Buffer::weight_of(1));
+    buffer.release(Buffer::weight_of(1), 1);
     actor.dispatch(deliver(5000), &mut out, usize::MAX).unwrap();
     assert_eq!(buffer.dropped(), 20, "room given back is used again");
 }
@@ -110,6 +110,29 @@ fn a_subscription_buffer_is_bounded_by_count_too() {
     }
     actor.hand_over(&mut out, usize::MAX);
     assert_eq!((take(&buffer), buffer.dropped()), (Some(vec![0, 1, 2]), 2));
+}
+
+#[test]
+fn room_given_back_during_a_read_is_seen_before_a_message_is_dropped() {
+    let (mut actor, buffer) = actor_with_sub(Qos::AtMostOnce, 3);
+    let mut out = BytesMut::new();
+    for id in 0..3 {
+        actor.dispatch(deliver(id), &mut out, usize::MAX).unwrap();
+    }
+    actor.hand_over(&mut out, usize::MAX);
+    // Full: the next read looks at the buffer's counts once and refuses message 3.
+    actor.dispatch(deliver(3), &mut out, usize::MAX).unwrap();
+    assert_eq!(buffer.dropped(), 1);
+    // The subscription takes all three and gives their room back in the same read.
+    assert_eq!(take(&buffer), Some(vec![0, 1, 2]));
+    buffer.release(3 * Buffer::weight_of(1), 3);
+    actor.dispatch(deliver(4), &mut out, usize::MAX).unwrap();
+    actor.hand_over(&mut out, usize::MAX);
+    assert_eq!(
+        (take(&buffer), buffer.dropped()),
+        (Some(vec![4]), 1),
+        "not refused on stale counts"
+    );
 }
 
 #[test]
