@@ -22,6 +22,8 @@ use super::{ENGINE_TIMEOUT, Engine, PUBLISH_SECONDS, seconds, topics_filter};
 const SEND_BATCH: usize = 256;
 /// Wait before retrying a subscription the engine refused.
 const RETRY: Duration = Duration::from_secs(1);
+/// How long the history may stay silent before the node asks the engine how far it reaches.
+const SILENCE: Duration = Duration::from_secs(2);
 
 /// A durable ticket and what will say whether the engine stored its message.
 type Pending = (u64, Appended);
@@ -157,6 +159,10 @@ pub(super) async fn follow_history(engine: Arc<dyn Engine>, relay: Arc<Relay>, b
     let mut next = 1;
     // Loaded once it read as far as the history reached now.
     let mut end = None;
+    // The history's end when it was last read again for being stuck (see `stuck`), and the
+    // offset awaited when it was first found stuck (it is read again when it still is one
+    // silence later, so a message on its way at the first look is not taken for a stall).
+    let (mut read_again_at, mut suspected) = (None, None);
     loop {
         if end.is_none() {
             match engine.history_end().await {
@@ -168,27 +174,55 @@ pub(super) async fn follow_history(engine: Arc<dyn Engine>, relay: Arc<Relay>, b
             relay.history_loaded.store(true, Ordering::Release);
         }
         match engine.history(next).await {
-            Ok(mut history) => {
-                while let Some(item) = history.next().await {
-                    match item {
-                        Ok(sequenced) => {
-                            next = sequenced.offset + 1;
-                            relay.deliver_sequenced(&broker, sequenced, &limits);
-                            if end.is_some_and(|end| next > end) {
-                                relay.history_loaded.store(true, Ordering::Release);
+            Ok(mut history) => loop {
+                let item = match tokio::time::timeout(SILENCE, history.next()).await {
+                    Ok(Some(item)) => item,
+                    Ok(None) => break,
+                    // Silent: either nothing new, or an engine consumer that stopped delivering
+                    // (JetStream's can, after a change of leader) while the history goes on.
+                    Err(_) => match engine.history_end().await {
+                        Ok(last) if stuck(next, last, read_again_at) => {
+                            if suspected != Some(next) {
+                                suspected = Some(next);
+                                continue;
                             }
-                        }
-                        Err(err) => {
-                            tracing::warn!(%err, "cluster: reading the history failed; resuming");
+                            tracing::warn!(
+                                next,
+                                last,
+                                "cluster: the history stopped coming; reading it again from where it stopped"
+                            );
+                            read_again_at = Some(last);
                             break;
                         }
+                        _ => continue,
+                    },
+                };
+                match item {
+                    Ok(sequenced) => {
+                        next = sequenced.offset + 1;
+                        relay.deliver_sequenced(&broker, sequenced, &limits);
+                        if end.is_some_and(|end| next > end) {
+                            relay.history_loaded.store(true, Ordering::Release);
+                        }
+                    }
+                    Err(err) => {
+                        tracing::warn!(%err, "cluster: reading the history failed; resuming");
+                        break;
                     }
                 }
-            }
+            },
             Err(err) => tracing::warn!(%err, "cluster: cannot read the history; retrying"),
         }
         tokio::time::sleep(RETRY).await;
     }
+}
+
+/// Whether a history that stayed silent is stuck: the engine holds messages from `next` on
+/// (its last offset reaches `next`) that did not come, and it was not read again already at
+/// this same end (messages that aged out of the engine never come, and reading again at every
+/// silence would not bring them).
+fn stuck(next: u64, last: u64, read_again_at: Option<u64>) -> bool {
+    last >= next && read_again_at != Some(last)
 }
 
 /// A reader task, stopped when dropped (which ends its engine subscription); a group's also
@@ -306,5 +340,19 @@ pub(super) async fn follow_interests(engine: Arc<dyn Engine>, relay: Arc<Relay>,
         } else {
             relay.interests_changed.notified().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stuck;
+
+    #[test]
+    fn a_silent_history_is_read_again_only_when_the_engine_holds_more() {
+        assert!(!stuck(11, 10, None), "everything up to the end came: nothing new, not stuck");
+        assert!(stuck(11, 11, None), "the engine holds offset 11, which did not come");
+        assert!(stuck(5, 40, None));
+        assert!(!stuck(5, 40, Some(40)), "read again at this end already: not again");
+        assert!(stuck(5, 41, Some(40)), "more appended since: read again");
     }
 }
