@@ -159,10 +159,7 @@ pub(super) async fn follow_history(engine: Arc<dyn Engine>, relay: Arc<Relay>, b
     let mut next = 1;
     // Loaded once it read as far as the history reached now.
     let mut end = None;
-    // The history's end when it was last read again for being stuck (see `stuck`), and the
-    // offset awaited when it was first found stuck (it is read again when it still is one
-    // silence later, so a message on its way at the first look is not taken for a stall).
-    let (mut read_again_at, mut suspected) = (None, None);
+    let mut silence = Silence::default();
     loop {
         if end.is_none() {
             match engine.history_end().await {
@@ -181,17 +178,12 @@ pub(super) async fn follow_history(engine: Arc<dyn Engine>, relay: Arc<Relay>, b
                     // Silent: either nothing new, or an engine consumer that stopped delivering
                     // (JetStream's can, after a change of leader) while the history goes on.
                     Err(_) => match engine.history_end().await {
-                        Ok(last) if stuck(next, last, read_again_at) => {
-                            if suspected != Some(next) {
-                                suspected = Some(next);
-                                continue;
-                            }
+                        Ok(last) if silence.stuck(next, last) => {
                             tracing::warn!(
                                 next,
                                 last,
                                 "cluster: the history stopped coming; reading it again from where it stopped"
                             );
-                            read_again_at = Some(last);
                             break;
                         }
                         _ => continue,
@@ -217,12 +209,33 @@ pub(super) async fn follow_history(engine: Arc<dyn Engine>, relay: Arc<Relay>, b
     }
 }
 
-/// Whether a history that stayed silent is stuck: the engine holds messages from `next` on
-/// (its last offset reaches `next`) that did not come, and it was not read again already at
-/// this same end (messages that aged out of the engine never come, and reading again at every
-/// silence would not bring them).
-fn stuck(next: u64, last: u64, read_again_at: Option<u64>) -> bool {
-    last >= next && read_again_at != Some(last)
+/// What the history follower remembers of the silences of the engine's history.
+#[derive(Debug, Default)]
+struct Silence {
+    /// The offset awaited when a silence first found the engine holding it.
+    suspected: Option<u64>,
+    /// The engine's last offset when the history was last read again.
+    read_again_at: Option<u64>,
+}
+
+impl Silence {
+    /// After a silence, with `next` awaited and `last` the engine's last offset: whether the
+    /// history is stuck and is to be read again. It is when the engine holds messages from
+    /// `next` on (`last` reaches it) on two looks in a row with nothing delivered between
+    /// (a message on its way at the first look is not a stall), and it was not read again at
+    /// this same end already (messages that aged out of the engine never come, and reading
+    /// again at every silence would not bring them).
+    fn stuck(&mut self, next: u64, last: u64) -> bool {
+        if last < next || self.read_again_at == Some(last) {
+            return false;
+        }
+        if self.suspected != Some(next) {
+            self.suspected = Some(next);
+            return false;
+        }
+        (self.suspected, self.read_again_at) = (None, Some(last));
+        true
+    }
 }
 
 /// A reader task, stopped when dropped (which ends its engine subscription); a group's also
@@ -345,14 +358,19 @@ pub(super) async fn follow_interests(engine: Arc<dyn Engine>, relay: Arc<Relay>,
 
 #[cfg(test)]
 mod tests {
-    use super::stuck;
+    use super::Silence;
 
     #[test]
-    fn a_silent_history_is_read_again_only_when_the_engine_holds_more() {
-        assert!(!stuck(11, 10, None), "everything up to the end came: nothing new, not stuck");
-        assert!(stuck(11, 11, None), "the engine holds offset 11, which did not come");
-        assert!(stuck(5, 40, None));
-        assert!(!stuck(5, 40, Some(40)), "read again at this end already: not again");
-        assert!(stuck(5, 41, Some(40)), "more appended since: read again");
+    fn a_silent_history_is_read_again_only_when_the_engine_holds_more_on_two_looks() {
+        let mut silence = Silence::default();
+        assert!(!silence.stuck(11, 10), "everything up to the end came: not stuck");
+        assert!(!silence.stuck(11, 10));
+        assert!(!silence.stuck(11, 11), "offset 11 is held: suspected at the first look");
+        assert!(!silence.stuck(12, 12), "11 came between the looks: suspected afresh");
+        assert!(silence.stuck(12, 12), "12 still missing one silence later: read again");
+        assert!(!silence.stuck(12, 12), "read again at this end already: not again");
+        assert!(!silence.stuck(12, 12));
+        assert!(!silence.stuck(12, 13), "more appended since: suspected again");
+        assert!(silence.stuck(12, 13));
     }
 }
