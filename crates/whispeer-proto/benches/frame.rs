@@ -1,21 +1,32 @@
 //! The codec's cost per frame on the hot paths: a stream of 128-byte `Deliver` frames decoded
 //! as a client reads them (`Frame::decode_cached` over one read buffer), `Publish` frames
-//! encoded as the SDK's outbox writes them, and `Deliver` heads as the server writes them. Run
-//! with `cargo bench -p whispeer-proto --bench frame`.
+//! encoded as the SDK's outbox writes them, `Deliver` heads as the server writes them, and a
+//! stream of 64 KiB `Deliver` frames read as a connection reads them (room reserved, each read
+//! filling it, the frames kept meanwhile). Run with `cargo bench -p whispeer-proto --bench
+//! frame`.
 
 #![expect(clippy::unwrap_used, reason = "a benchmark fails loudly on any error")]
 #![expect(missing_docs, reason = "criterion_group! generates an undocumented function")]
 
 use bytes::{Bytes, BytesMut};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use whispeer_proto::{Body, Envelope, Flags, Frame, Limits, MessageId, Qos, Topic, TopicCache};
+use whispeer_proto::{
+    Body, Envelope, Flags, Frame, Limits, MessageId, Qos, Topic, TopicCache, reserve_for_read,
+};
 
 /// Frames in one simulated read.
 const BATCH: u64 = 256;
 
+/// 64 KiB frames in one simulated stream.
+const LARGE: u64 = 32;
+
 fn envelope(n: u64) -> Envelope {
+    sized(n, 128)
+}
+
+fn sized(n: u64, len: usize) -> Envelope {
     let topic = Topic::parse("bench.t1x128").unwrap();
-    let payload = Bytes::from(vec![b'x'; 128]);
+    let payload = Bytes::from(vec![b'x'; len]);
     Envelope::new(MessageId(u128::from(n) << 64 | 7), topic, 1_764_000_000_000, Flags(0), payload)
 }
 
@@ -70,6 +81,33 @@ fn codec(c: &mut Criterion) {
                 Frame::encode_deliver(&mut buf, 1, 1, 0, envelope, max).unwrap();
             }
             buf.len()
+        });
+    });
+
+    // 64 KiB deliveries read from a socket: each read fills the room the buffer has.
+    let mut large = BytesMut::new();
+    for n in 0..LARGE {
+        Frame::encode_deliver(&mut large, 1, 1, 0, &sized(n, 64 * 1024), max).unwrap();
+    }
+    let large = large.freeze();
+    group.throughput(Throughput::Bytes(large.len() as u64));
+    group.bench_function("read_deliver_64k", |b| {
+        let mut topics = TopicCache::default();
+        b.iter(|| {
+            let (mut buf, mut frames, mut at) = (BytesMut::new(), Vec::new(), 0);
+            while at < large.len() {
+                reserve_for_read(&mut buf);
+                let take = (buf.capacity() - buf.len()).min(large.len() - at);
+                buf.extend_from_slice(&large[at..at + take]);
+                at += take;
+                while let Some(frame) =
+                    Frame::decode_cached(&mut buf, &limits, &mut topics).unwrap()
+                {
+                    frames.push(frame);
+                }
+            }
+            assert_eq!(frames.len() as u64, LARGE);
+            frames
         });
     });
     group.finish();

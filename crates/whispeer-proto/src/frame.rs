@@ -376,7 +376,7 @@ impl Frame {
             return Err(DecodeError::Truncated { frame_type: buf.get(4).copied().unwrap_or(0) });
         }
         if buf.len() < 4 + body_len {
-            buf.reserve(4 + body_len - buf.len());
+            buf.reserve(room_for(4 + body_len, buf.len()));
             return Ok(None);
         }
         let mut frame = buf.split_to(4 + body_len).freeze();
@@ -397,6 +397,20 @@ impl Frame {
 /// without copying, so a buffer left to grow by the reader's default (64 bytes at a time) would
 /// be reallocated and copied on almost every read.
 pub const READ_CHUNK: usize = 64 * 1024;
+
+/// The most a read buffer reserves past a large frame it is completing: see [`room_for`].
+const LARGE_AHEAD: usize = 1 << 20;
+
+/// Room to reserve when `have` bytes of a `frame_len`-byte frame are buffered: the rest of it,
+/// and, for a frame larger than half a read, room for three more like it (up to
+/// `LARGE_AHEAD`). The frames that follow a large one are then read into the same allocation,
+/// and the part of a frame read before its buffer runs out is copied to a new one once every
+/// few frames instead of for nearly every one (with room for the rest alone, the next read
+/// ends inside the next frame, and completing that one copies what came).
+fn room_for(frame_len: usize, have: usize) -> usize {
+    let rest = frame_len.saturating_sub(have);
+    if frame_len <= READ_CHUNK / 2 { rest } else { rest + (3 * frame_len).min(LARGE_AHEAD) }
+}
 
 /// Makes sure `buf` has room for a large read, reallocating at most once per `READ_CHUNK`.
 pub fn reserve_for_read(buf: &mut BytesMut) {

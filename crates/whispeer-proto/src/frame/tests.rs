@@ -259,3 +259,65 @@ proptest! {
         prop_assert_eq!(round_trip(&frame), frame);
     }
 }
+
+/// Reads `stream` as a connection does: room reserved before each read, a read filling it,
+/// frames decoded and kept (as subscribers keep payloads, so the buffer stays shared). Returns
+/// the frames and how many times bytes already buffered moved to another allocation.
+fn read_as_a_connection(stream: &[u8]) -> (Vec<Frame>, usize) {
+    let (mut buf, mut frames, mut moved, mut at) = (BytesMut::new(), Vec::new(), 0, 0);
+    let mut count_move = |buf: &BytesMut, before: Option<*const u8>| {
+        moved += usize::from(before.is_some_and(|p| p != buf.as_ptr()));
+    };
+    while at < stream.len() {
+        let before = (!buf.is_empty()).then(|| buf.as_ptr());
+        reserve_for_read(&mut buf);
+        count_move(&buf, before);
+        let take = (buf.capacity() - buf.len()).min(stream.len() - at);
+        buf.extend_from_slice(&stream[at..at + take]);
+        at += take;
+        loop {
+            let before = (!buf.is_empty()).then(|| buf.as_ptr());
+            match Frame::decode(&mut buf, &limits()).unwrap() {
+                Some(frame) => frames.push(frame),
+                None => {
+                    count_move(&buf, before);
+                    break;
+                }
+            }
+        }
+    }
+    (frames, moved)
+}
+
+/// `count` publishes of `len`-byte payloads, and the stream they make.
+fn publishes(count: u32, len: usize) -> (Vec<Frame>, BytesMut) {
+    let frames: Vec<Frame> = (0..count)
+        .map(|n| {
+            let envelope = envelope("t", &vec![n as u8; len], &[]);
+            Frame::new(n, Body::Publish { qos: Qos::AtMostOnce, envelope })
+        })
+        .collect();
+    let mut stream = BytesMut::new();
+    for frame in &frames {
+        frame.encode(&mut stream, usize::MAX).unwrap();
+    }
+    (frames, stream)
+}
+
+#[test]
+fn large_frames_in_a_row_are_copied_once_every_few_frames_at_most() {
+    let (frames, stream) = publishes(24, 64 * 1024);
+    let (read, moved) = read_as_a_connection(&stream);
+    assert_eq!(read, frames);
+    // Room for the rest of a frame alone made the next read end inside the next frame, whose
+    // start was then copied: once a frame.
+    assert!(moved <= frames.len() / 3, "buffered bytes moved {moved} times for 24 frames");
+}
+
+#[test]
+fn small_frames_are_read_without_moving_what_is_buffered_more_than_once_a_read_chunk() {
+    let (frames, stream) = publishes(4096, 128);
+    let (read, moved) = read_as_a_connection(&stream);
+    assert_eq!(read, frames);
+    assert!(moved <= stream.len() / (READ_CHUNK / 2) + 1, "moved {moved} times");
+}
