@@ -31,7 +31,7 @@ use super::ServerConfig;
 use super::registry::Entry;
 use super::traffic::{FlowCache, Traffic};
 use crate::bump;
-use whispeer_core::{Delivery, Message, Subscription};
+use whispeer_core::{Message, Subscription};
 
 mod ready;
 use ready::{Held, Slots};
@@ -101,9 +101,8 @@ impl Writer {
 
     /// Encodes a delivery. A QoS 1 delivery stays unacknowledged until the client's ACK
     /// reaches the reader.
-    fn deliver(&mut self, sub: u32, delivery: &Delivery<Message>) {
-        let message = delivery.message();
-        let (attempt, offset) = (delivery.attempt(), message.offset().unwrap_or(0));
+    fn deliver(&mut self, sub: u32, message: &Message, attempt: u32) {
+        let offset = message.offset().unwrap_or(0);
         let (envelope, max) = (message.envelope(), self.limits.max_frame_bytes);
         let encoded = if self.vectored && envelope.payload.len() >= BY_REFERENCE {
             Frame::encode_deliver_head(&mut self.buf, sub, attempt, offset, envelope, max).map(
@@ -172,15 +171,15 @@ impl Writer {
         let mut taken = 0;
         loop {
             let next = if arm {
-                held.subscription.poll_recv_delivery(&mut cx)
+                held.subscription.poll_recv_unsettled(&mut cx)
             } else {
                 held.subscription
-                    .try_recv_delivery()
+                    .try_recv_unsettled()
                     .map_or(Poll::Pending, |d| Poll::Ready(Some(d)))
             };
             match next {
-                Poll::Ready(Some(delivery)) => {
-                    self.deliver(held.sub, &delivery);
+                Poll::Ready(Some((message, attempt))) => {
+                    self.deliver(held.sub, &message, attempt);
                     taken += 1;
                     if taken == PER_SUBSCRIPTION || self.pending() >= WRITE_BATCH {
                         // More may wait: after the others that are ready.

@@ -94,6 +94,28 @@ async fn an_ack_settles_the_message_and_a_late_ack_settles_nothing() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn raw_messages_are_acknowledged_when_taken_and_unsettled_ones_are_not() {
+    let broker = broker_with(exact(1000));
+    let mut acked = broker.messages(qos1("a")).unwrap();
+    let mut unsettled = broker.messages(qos1("u")).unwrap();
+    broker.publish("a", &1u32).unwrap();
+    broker.publish("u", &2u32).unwrap();
+    assert_eq!(soon(acked.recv_message()).await.unwrap().decode::<u32>().unwrap(), 1);
+    let (message, attempt) = unsettled.try_recv_unsettled().expect("queued");
+    assert_eq!((message.decode::<u32>().unwrap(), attempt), (2, 1));
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(acked.try_recv_message().is_none(), "taken with recv_message: acknowledged");
+    // Left unacknowledged: back after its ack timeout, as its second attempt, until settled.
+    let (again, attempt) =
+        soon(std::future::poll_fn(|cx| unsettled.poll_recv_unsettled(cx))).await.unwrap();
+    assert_eq!((again.id(), attempt), (message.id(), 2));
+    assert!(unsettled.acker().unwrap().ack(again.id()));
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(unsettled.try_recv_unsettled().is_none());
+    assert_eq!(broker.stats().acked, 2);
+}
+
+#[tokio::test(start_paused = true)]
 async fn prefetch_bounds_the_unacknowledged_messages_of_a_subscriber() {
     let broker = broker_with(exact(60_000));
     let mut sub = broker.subscription::<u32>(qos1("t").prefetch(2)).unwrap();

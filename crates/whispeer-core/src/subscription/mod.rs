@@ -12,8 +12,8 @@
 
 mod consumer;
 
-pub(crate) use consumer::Consumer;
 pub use consumer::{Acker, Delivery};
+pub(crate) use consumer::{Consumer, Taken};
 
 use std::any::{TypeId, type_name};
 use std::future::{Future, poll_fn};
@@ -211,18 +211,41 @@ impl Subscription<Message> {
     /// # Cancel safety
     /// Cancel-safe, as [`recv`](Self::recv).
     pub async fn recv_message(&mut self) -> Option<Message> {
-        self.recv().await
+        poll_fn(|cx| self.poll_recv_message(cx)).await
     }
 
     /// Polls for the next message, undecoded (acknowledged under QoS 1): `Ready(Some)` takes it,
     /// `Ready(None)` means the subscription is closed, `Pending` registers `cx`'s waker.
     pub fn poll_recv_message(&mut self, cx: &mut Context<'_>) -> Poll<Option<Message>> {
-        self.poll_acked(cx)
+        self.consumer.poll_next(cx).map(|taken| taken.map(|taken| self.acked(taken)))
     }
 
     /// Takes the next message, undecoded, if one is queued; acknowledged under QoS 1.
     pub fn try_recv_message(&mut self) -> Option<Message> {
-        self.try_recv()
+        self.consumer.try_next().map(|taken| self.acked(taken))
+    }
+
+    /// Polls for the next message and its attempt number (1 for a first delivery), left
+    /// unacknowledged under QoS 1 — settle it by id through [`acker`](Self::acker). What
+    /// [`poll_recv_delivery`](Self::poll_recv_delivery) gives, for a caller that needs no
+    /// more (the server, whose clients acknowledge by frame): the message is handed over
+    /// without a second reference to it for the delivery's value.
+    pub fn poll_recv_unsettled(&mut self, cx: &mut Context<'_>) -> Poll<Option<(Message, u32)>> {
+        self.consumer.poll_next(cx).map(|taken| taken.map(|t| (t.message, t.attempt)))
+    }
+
+    /// Takes the next message and its attempt number if one is queued, left unacknowledged
+    /// under QoS 1; see [`poll_recv_unsettled`](Self::poll_recv_unsettled).
+    pub fn try_recv_unsettled(&mut self) -> Option<(Message, u32)> {
+        self.consumer.try_next().map(|t| (t.message, t.attempt))
+    }
+
+    /// A taken message, acknowledged under QoS 1.
+    fn acked(&self, taken: Taken) -> Message {
+        if let Some(acker) = &self.acker {
+            acker.ack(taken.message.id());
+        }
+        taken.message
     }
 }
 
