@@ -301,14 +301,6 @@ impl<T> Delivery<T> {
         self.acker.as_ref().is_some_and(|a| a.nack(self.message.id(), requeue))
     }
 
-    /// Acknowledges the message and returns the value.
-    pub(crate) fn acked_value(self) -> T {
-        if let Some(acker) = &self.acker {
-            acker.ack(self.message.id());
-        }
-        self.value
-    }
-
     /// Splits the delivery into its value and a handle that acknowledges it later.
     pub fn into_parts(self) -> (T, Option<(Acker, MessageId)>) {
         let id = self.message.id();

@@ -40,7 +40,20 @@ use whispeer_engines::ReceiveError;
 /// subscriber cannot starve the other tasks of its worker thread.
 const DELIVERY_BUDGET: u32 = 128;
 
-type Decode<T> = fn(&Message) -> Result<T, ReceiveError>;
+/// How a subscription makes a `T` of a message: from a borrowed message, for a [`Delivery`]
+/// that keeps it beside the value, or from the message itself when it is not kept (`recv`),
+/// which spares a raw subscription a second reference to it. `owned` gives the message back
+/// when it fails.
+struct Decode<T> {
+    borrowed: fn(&Message) -> Result<T, ReceiveError>,
+    owned: fn(Message) -> Result<T, (ReceiveError, Message)>,
+}
+
+impl<T> std::fmt::Debug for Decode<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Decode")
+    }
+}
 
 fn typed_info<T: 'static>() -> Option<(TypeId, &'static str)> {
     Some((TypeId::of::<T>(), type_name::<T>()))
@@ -51,6 +64,13 @@ where
     T: DeserializeOwned + Clone + Send + Sync + 'static,
 {
     message.decode_shared()
+}
+
+fn decode_typed_owned<T>(message: Message) -> Result<T, (ReceiveError, Message)>
+where
+    T: DeserializeOwned + Clone + Send + Sync + 'static,
+{
+    decode_typed(&message).map_err(|error| (error, message))
 }
 
 /// Counts a message the subscriber could not open or decode; under QoS 1 it is given up to the
@@ -107,7 +127,8 @@ impl<T> Subscription<T> {
         T: DeserializeOwned + Clone + Send + Sync + 'static,
     {
         let registration = Shared::register(shared, &options, typed_info::<T>())?;
-        Ok(Self::with(registration, decode_typed::<T>))
+        let decode = Decode { borrowed: decode_typed::<T>, owned: decode_typed_owned::<T> };
+        Ok(Self::with(registration, decode))
     }
 
     /// Waits for the next message. Returns `None` once the subscription is closed: unsubscribed,
@@ -122,7 +143,12 @@ impl<T> Subscription<T> {
 
     /// Takes the next message if one is queued, without waiting; acknowledged under QoS 1.
     pub fn try_recv(&mut self) -> Option<T> {
-        self.try_recv_delivery().map(Delivery::acked_value)
+        loop {
+            let taken = self.consumer.try_next()?;
+            if let Some(value) = self.acked(taken) {
+                return Some(value);
+            }
+        }
     }
 
     /// Waits for the next message with its delivery details and, under QoS 1, the handle to
@@ -182,18 +208,46 @@ impl<T> Subscription<T> {
     pub fn unsubscribe(self) {}
 
     fn decoded(&self, message: &Message) -> Option<T> {
-        match (self.decode)(message) {
+        match (self.decode.borrowed)(message) {
             Ok(value) => Some(value),
             Err(error) => {
-                let counters = &self.registration.shared.counters;
-                decode_failed(&self.consumer, self.acker.as_ref(), counters, message, &error);
+                self.failed(message, &error);
+                None
+            }
+        }
+    }
+
+    fn failed(&self, message: &Message, error: &ReceiveError) {
+        let counters = &self.registration.shared.counters;
+        decode_failed(&self.consumer, self.acker.as_ref(), counters, message, error);
+    }
+
+    /// The value of a taken message, acknowledged under QoS 1; `None` if it does not decode.
+    fn acked(&self, taken: Taken) -> Option<T> {
+        let id = taken.message.id();
+        match (self.decode.owned)(taken.message) {
+            Ok(value) => {
+                if let Some(acker) = &self.acker {
+                    acker.ack(id);
+                }
+                Some(value)
+            }
+            Err((error, message)) => {
+                self.failed(&message, &error);
                 None
             }
         }
     }
 
     fn poll_acked(&mut self, cx: &mut Context<'_>) -> Poll<Option<T>> {
-        self.poll_recv_delivery(cx).map(|d| d.map(Delivery::acked_value))
+        loop {
+            let Some(taken) = std::task::ready!(self.consumer.poll_next(cx)) else {
+                return Poll::Ready(None);
+            };
+            if let Some(value) = self.acked(taken) {
+                return Poll::Ready(Some(value));
+            }
+        }
     }
 }
 
@@ -203,7 +257,7 @@ impl Subscription<Message> {
         options: SubscribeOptions,
     ) -> Result<Self, SubscribeError> {
         let registration = Shared::register(shared, &options, None)?;
-        Ok(Self::with(registration, |message| Ok(message.clone())))
+        Ok(Self::with(registration, Decode { borrowed: |m| Ok(m.clone()), owned: Ok }))
     }
 
     /// Waits for the next message, undecoded; acknowledged under QoS 1.
@@ -211,18 +265,18 @@ impl Subscription<Message> {
     /// # Cancel safety
     /// Cancel-safe, as [`recv`](Self::recv).
     pub async fn recv_message(&mut self) -> Option<Message> {
-        poll_fn(|cx| self.poll_recv_message(cx)).await
+        self.recv().await
     }
 
     /// Polls for the next message, undecoded (acknowledged under QoS 1): `Ready(Some)` takes it,
     /// `Ready(None)` means the subscription is closed, `Pending` registers `cx`'s waker.
     pub fn poll_recv_message(&mut self, cx: &mut Context<'_>) -> Poll<Option<Message>> {
-        self.consumer.poll_next(cx).map(|taken| taken.map(|taken| self.acked(taken)))
+        self.poll_acked(cx)
     }
 
     /// Takes the next message, undecoded, if one is queued; acknowledged under QoS 1.
     pub fn try_recv_message(&mut self) -> Option<Message> {
-        self.consumer.try_next().map(|taken| self.acked(taken))
+        self.try_recv()
     }
 
     /// Polls for the next message and its attempt number (1 for a first delivery), left
@@ -238,14 +292,6 @@ impl Subscription<Message> {
     /// under QoS 1; see [`poll_recv_unsettled`](Self::poll_recv_unsettled).
     pub fn try_recv_unsettled(&mut self) -> Option<(Message, u32)> {
         self.consumer.try_next().map(|t| (t.message, t.attempt))
-    }
-
-    /// A taken message, acknowledged under QoS 1.
-    fn acked(&self, taken: Taken) -> Message {
-        if let Some(acker) = &self.acker {
-            acker.ack(taken.message.id());
-        }
-        taken.message
     }
 }
 
