@@ -230,6 +230,10 @@ async fn conforms(a: Arc<dyn Engine>, b: Arc<dyn Engine>) {
             .await
             .unwrap();
     }
+    // What waits for the group, as the engine says (NATS counts it; Redis's readers poll and
+    // keep the default, 0).
+    let pending = b.group_pending(&filter, "g").await.unwrap();
+    assert_eq!(pending, if name == "nats" { 5 } else { 0 }, "{name}: pending for the group");
     let mut back = b.group_history(&filter, "g").await.unwrap();
     let mut resumed = Vec::new();
     while resumed.len() < 5 {
@@ -243,6 +247,7 @@ async fn conforms(a: Arc<dyn Engine>, b: Arc<dyn Engine>) {
         ["20", "21", "22", "23", "24"],
         "{name}: the group resumes where it stopped"
     );
+    assert_eq!(a.group_pending(&filter, "g").await.unwrap(), 0, "{name}: none left");
 
     // Membership entries reach every node, the sender's included.
     let mut heard = b.membership().await.unwrap();

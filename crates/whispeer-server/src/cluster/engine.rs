@@ -117,6 +117,19 @@ pub trait Engine: Send + Sync + 'static {
         name: &str,
     ) -> EngineFuture<'_, Result<GroupHistory, EngineError>>;
 
+    /// How many of the durable topics' messages for queue group `name` on `filter` the engine
+    /// holds and has not handed to any reader yet. A group's reader that stays silent while
+    /// this says more wait reads again (a consumer can stop delivering after the engine's
+    /// leader changes). The default, 0, never reads again: for an engine whose reads cannot
+    /// stall that way (Redis's readers poll).
+    fn group_pending(
+        &self,
+        _filter: &whispeer_core::Filter,
+        _name: &str,
+    ) -> EngineFuture<'_, Result<u64, EngineError>> {
+        Box::pin(async { Ok(0) })
+    }
+
     /// Resolves once everything published before it reached the engine's server.
     fn flush(&self) -> EngineFuture<'_, Result<(), EngineError>>;
 

@@ -255,7 +255,9 @@ impl Drop for Reader {
 }
 
 /// Hands a queue group its share of the durable topics' messages from the engine's group
-/// consumer (which keeps the group's position), starting it again after an error.
+/// consumer (which keeps the group's position), starting it again after an error, and when it
+/// stays silent for two checks while the engine says more wait for the group (the rules of
+/// [`Silence`]).
 async fn follow_group_history(
     engine: Arc<dyn Engine>,
     relay: Arc<Relay>,
@@ -264,21 +266,38 @@ async fn follow_group_history(
     name: Box<str>,
 ) {
     let limits = broker.options().limits.clone();
+    // What this node was handed, counted: the offsets the silence rules see (the engine's
+    // pending count is how far the group's end is past them).
+    let mut handed = 0;
+    let mut silence = Silence::default();
     loop {
         match engine.group_history(&filter, &name).await {
-            Ok(mut deliveries) => {
-                while let Some(delivery) = deliveries.next().await {
-                    match delivery {
-                        Ok(delivery) => {
-                            relay.deliver_to_group(&broker, &filter, &name, delivery, &limits);
-                        }
-                        Err(err) => {
-                            tracing::warn!(%err, "cluster: a group's history read failed; resuming");
+            Ok(mut deliveries) => loop {
+                let delivery = match tokio::time::timeout(SILENCE, deliveries.next()).await {
+                    Ok(Some(delivery)) => delivery,
+                    Ok(None) => break,
+                    // Silent while the engine holds more for the group: perhaps a consumer that
+                    // stopped delivering (the position is the engine's: reading again loses
+                    // nothing, and what is out unsettled comes back after the ack wait).
+                    Err(_) => match engine.group_pending(&filter, &name).await {
+                        Ok(pending) if silence.stuck(handed + 1, handed + pending) => {
+                            tracing::warn!(%filter, pending, "cluster: a group's history stopped coming; reading it again");
                             break;
                         }
+                        _ => continue,
+                    },
+                };
+                match delivery {
+                    Ok(delivery) => {
+                        handed += 1;
+                        relay.deliver_to_group(&broker, &filter, &name, delivery, &limits);
+                    }
+                    Err(err) => {
+                        tracing::warn!(%err, "cluster: a group's history read failed; resuming");
+                        break;
                     }
                 }
-            }
+            },
             Err(err) => {
                 tracing::warn!(%err, %filter, "cluster: cannot read a group's history; retrying")
             }

@@ -391,6 +391,22 @@ impl Engine for Nats {
         })
     }
 
+    fn group_pending(
+        &self,
+        filter: &whispeer_core::Filter,
+        name: &str,
+    ) -> EngineFuture<'_, Result<u64, EngineError>> {
+        let durable = format!("{}_{}", self.prefix, super::group_id(filter.as_str(), name));
+        Box::pin(async move {
+            let stream = self.history_stream().await?;
+            let info = stream
+                .consumer_info(&durable)
+                .await
+                .map_err(|err| EngineError::Failed(format!("group: {err}")))?;
+            Ok(info.num_pending)
+        })
+    }
+
     fn history_end(&self) -> EngineFuture<'_, Result<u64, EngineError>> {
         Box::pin(async move {
             let mut stream = self.history_stream().await?;
