@@ -89,6 +89,11 @@ impl Nats {
         format!("_WHISPEER.{}.log", self.prefix)
     }
 
+    /// The durable consumer that keeps queue group `name`'s position on `filter`.
+    fn group_consumer(&self, filter: &whispeer_core::Filter, name: &str) -> String {
+        format!("{}_{}", self.prefix, super::group_id(filter.as_str(), name))
+    }
+
     /// The subjects' prefix of retained messages.
     fn retained_prefix(&self) -> String {
         format!("_WHISPEER.{}.retained", self.prefix)
@@ -329,7 +334,7 @@ impl Engine for Nats {
         filter: &whispeer_core::Filter,
         name: &str,
     ) -> EngineFuture<'_, Result<GroupHistory, EngineError>> {
-        let durable = format!("{}_{}", self.prefix, super::group_id(filter.as_str(), name));
+        let durable = self.group_consumer(filter, name);
         let subjects = filter_subjects(&self.log_prefix(), filter);
         // One filter subject (NATS 2.9): a filter that needs two reads them all instead.
         let filter_subject = match subjects.as_slice() {
@@ -396,7 +401,7 @@ impl Engine for Nats {
         filter: &whispeer_core::Filter,
         name: &str,
     ) -> EngineFuture<'_, Result<u64, EngineError>> {
-        let durable = format!("{}_{}", self.prefix, super::group_id(filter.as_str(), name));
+        let durable = self.group_consumer(filter, name);
         Box::pin(async move {
             let stream = self.history_stream().await?;
             let info = stream
