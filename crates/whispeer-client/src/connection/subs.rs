@@ -115,7 +115,7 @@ impl Drop for Sub {
 /// both threads (each touch moves their cache line between the cores).
 #[derive(Debug, Default)]
 pub(crate) struct Staged {
-    items: Vec<Incoming>,
+    items: VecDeque<Incoming>,
     /// What `items` weigh.
     bytes: usize,
     /// The buffer's counts (bytes, messages) when this read first looked.
@@ -172,7 +172,14 @@ impl Buffer {
         }
         self.bytes.fetch_add(std::mem::take(&mut staged.bytes), Ordering::AcqRel);
         self.count.fetch_add(staged.items.len(), Ordering::AcqRel);
-        self.waiting.lock().unwrap_or_else(PoisonError::into_inner).extend(staged.items.drain(..));
+        let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+        if waiting.is_empty() {
+            // The subscription took everything: trade queues rather than move each message.
+            std::mem::swap(&mut *waiting, &mut staged.items);
+        } else {
+            waiting.extend(staged.items.drain(..));
+        }
+        drop(waiting);
         self.waker.wake();
     }
 
@@ -189,7 +196,7 @@ impl Buffer {
             return false;
         }
         staged.bytes += weight;
-        staged.items.push(incoming);
+        staged.items.push_back(incoming);
         true
     }
 
