@@ -31,6 +31,7 @@ use whispeer_proto::{Body, Frame, StartAt, TopicCache, reserve_for_read};
 
 use handshake::handshake;
 pub(crate) use handshake::{Established, connect_any};
+use out::OutBuf;
 pub(crate) use outbox::Outbox;
 use subs::Sub;
 pub(crate) use subs::{Buffer, Incoming, Settle, SubSpec};
@@ -75,7 +76,7 @@ enum Pending {
 /// cancelled flush is retried even when nothing new is buffered.
 async fn write_and_flush(
     writer: &mut Writer,
-    out: &mut BytesMut,
+    out: &mut OutBuf,
     unflushed: &mut bool,
 ) -> std::io::Result<usize> {
     *unflushed = true;
@@ -143,7 +144,7 @@ impl Actor {
     }
 
     /// Moves the outbox's publishes to `out`, taking over their acknowledgement waiters.
-    fn take_publishes(&mut self, out: &mut BytesMut) {
+    fn take_publishes(&mut self, out: &mut OutBuf) {
         let pending = &mut self.pending;
         self.outbox.take_into(out, |correlation, ack| {
             pending.insert(correlation, Pending::Ack(ack));
@@ -162,7 +163,7 @@ impl Actor {
             let ended = self.serve(connection).await;
             // Deliveries read before the connection failed (a bad frame after them, say) still
             // reach their subscriptions; unsubscribes for gone ones have no connection to go to.
-            self.hand_over(&mut BytesMut::new(), usize::MAX);
+            self.hand_over(&mut OutBuf::default(), usize::MAX);
             for (_, pending) in self.pending.drain() {
                 fail(pending, ClientError::Disconnected);
             }
@@ -225,8 +226,8 @@ impl Actor {
             max_frame_bytes,
             ..
         } = established;
-        self.outbox.set_max_frame_bytes(max_frame_bytes);
-        let mut out = BytesMut::with_capacity(64 * 1024);
+        self.outbox.set_connection(max_frame_bytes, writer.is_write_vectored());
+        let mut out = OutBuf::with_capacity(64 * 1024);
         let limits = self.options.limits.clone();
         let subs: Vec<(u32, Body)> = self
             .subscriptions
@@ -245,7 +246,7 @@ impl Actor {
             let correlation = self.correlation();
             self.pending.insert(correlation, Pending::Resubscribed { sub });
             let frame = Frame::new(correlation, body);
-            if let Err(err) = encode(&frame, &mut out, max_frame_bytes) {
+            if let Err(err) = encode(&frame, out.frames(), max_frame_bytes) {
                 return Ended::Lost(err);
             }
         }
@@ -321,7 +322,7 @@ impl Actor {
                         return Ended::Lost(ClientError::Timeout(silence));
                     }
                     // Correlation 0: no request of this client's; the PONG is ignored.
-                    if let Err(err) = encode(&Frame::new(0, Body::Ping), &mut out, max_frame_bytes) {
+                    if let Err(err) = encode(&Frame::new(0, Body::Ping), out.frames(), max_frame_bytes) {
                         return Ended::Lost(err);
                     }
                     next_ping = Instant::now() + heartbeat;
@@ -331,9 +332,9 @@ impl Actor {
     }
 
     /// Writes what is buffered, then closes.
-    async fn finish(&mut self, mut writer: Writer, mut out: BytesMut) -> Ended {
+    async fn finish(&mut self, mut writer: Writer, mut out: OutBuf) -> Ended {
         self.take_publishes(&mut out);
-        let _ = writer.write_all(&out).await;
+        let _ = writer.write_all_buf(&mut out).await;
         let _ = writer.flush().await;
         let _ = writer.shutdown().await;
         self.subscriptions.clear();
@@ -341,14 +342,14 @@ impl Actor {
     }
 
     /// Encodes a command; returns whether it asks to close.
-    fn command(&mut self, command: Command, out: &mut BytesMut, max: usize) -> bool {
+    fn command(&mut self, command: Command, out: &mut OutBuf, max: usize) -> bool {
         match command {
             Command::Subscribe { spec, buffer, reply } => {
                 let sub = self.next_sub;
                 self.next_sub = self.next_sub.wrapping_add(1);
                 let correlation = self.correlation();
                 let frame = Frame::new(correlation, spec.frame(sub));
-                match encode(&frame, out, max) {
+                match encode(&frame, out.frames(), max) {
                     Ok(()) => {
                         self.subscriptions.insert(sub, Sub::new(spec, buffer));
                         self.pending.insert(correlation, Pending::Subscribed { sub, reply });
@@ -368,7 +369,7 @@ impl Actor {
                     }
                 }
                 let correlation = self.correlation();
-                match encode(&Frame::new(correlation, Body::Ping), out, max) {
+                match encode(&Frame::new(correlation, Body::Ping), out.frames(), max) {
                     Ok(()) => {
                         self.pending.insert(correlation, Pending::Flush(reply));
                     }
@@ -384,7 +385,7 @@ impl Actor {
 
     /// Hands the deliveries of the last read to their subscriptions, one hand-over (and one
     /// wake-up) each; a subscription that was dropped is unsubscribed.
-    fn hand_over(&mut self, out: &mut BytesMut, max: usize) {
+    fn hand_over(&mut self, out: &mut OutBuf, max: usize) {
         let mut gone = Vec::new();
         for sub in self.staged.drain(..) {
             let Some(subscription) = self.subscriptions.get_mut(&sub) else { continue };
@@ -399,21 +400,16 @@ impl Actor {
         }
     }
 
-    fn unsubscribe(&mut self, sub: u32, out: &mut BytesMut, max: usize) {
+    fn unsubscribe(&mut self, sub: u32, out: &mut OutBuf, max: usize) {
         if self.subscriptions.remove(&sub).is_some() {
             let correlation = self.correlation();
-            let _ = encode(&Frame::new(correlation, Body::Unsubscribe { sub }), out, max);
+            let _ = encode(&Frame::new(correlation, Body::Unsubscribe { sub }), out.frames(), max);
         }
     }
 
     /// Encodes an ack or nack; an ack is remembered so that a redelivery of the same message
     /// is recognised.
-    fn settle(
-        &mut self,
-        settle: Settle,
-        out: &mut BytesMut,
-        max: usize,
-    ) -> Result<(), ClientError> {
+    fn settle(&mut self, settle: Settle, out: &mut OutBuf, max: usize) -> Result<(), ClientError> {
         let Settle { sub, id, requeue } = settle;
         let Some(subscription) = self.subscriptions.get_mut(&sub) else { return Ok(()) };
         let body = match requeue {
@@ -423,16 +419,11 @@ impl Actor {
             }
             Some(requeue) => Body::Nack { sub, id, requeue },
         };
-        encode(&Frame::new(0, body), out, max)
+        encode(&Frame::new(0, body), out.frames(), max)
     }
 
     /// Acts on one frame from the server.
-    fn dispatch(
-        &mut self,
-        frame: Frame,
-        out: &mut BytesMut,
-        max: usize,
-    ) -> Result<(), ClientError> {
+    fn dispatch(&mut self, frame: Frame, out: &mut OutBuf, max: usize) -> Result<(), ClientError> {
         let correlation = frame.correlation;
         match frame.body {
             Body::Deliver { sub, attempt, offset, envelope } => {
@@ -443,7 +434,11 @@ impl Actor {
                 if subscription.acked.set.contains(&envelope.id) {
                     // Acked already; the ack was lost with a connection. Ack again, drop it.
                     subscription.buffer.duplicates.fetch_add(1, Ordering::Relaxed);
-                    return encode(&Frame::new(0, Body::Ack { sub, id: envelope.id }), out, max);
+                    return encode(
+                        &Frame::new(0, Body::Ack { sub, id: envelope.id }),
+                        out.frames(),
+                        max,
+                    );
                 }
                 let id = envelope.id;
                 let first = subscription.staged.is_empty();
@@ -460,7 +455,7 @@ impl Actor {
                     self.staged.push(sub);
                 }
             }
-            Body::Ping => encode(&Frame::new(correlation, Body::Pong), out, max)?,
+            Body::Ping => encode(&Frame::new(correlation, Body::Pong), out.frames(), max)?,
             Body::Ok | Body::PubAck | Body::Pong => match self.pending.remove(&correlation) {
                 Some(Pending::Ack(ack)) | Some(Pending::Flush(ack)) => {
                     let _ = ack.send(Ok(()));
@@ -505,6 +500,7 @@ fn fail(pending: Pending, err: ClientError) {
 }
 
 mod handshake;
+mod out;
 mod outbox;
 mod subs;
 #[cfg(test)]

@@ -44,7 +44,8 @@ fn group(filter: &str, name: &str) -> SubscribeOptions {
 
 /// A payload whose bytes say which message and which offset they are.
 fn patterned(n: usize) -> Vec<u8> {
-    // Sizes on both sides of the server's by-reference threshold (16 KiB), large and small.
+    // Sizes on both sides of the by-reference threshold (16 KiB) of the server's deliveries
+    // and the SDK's publishes, large and small.
     const SIZES: [usize; 7] = [0, 100, 16 * 1024 - 1, 16 * 1024, 40, 200_000, 70_000];
     (0..SIZES[n % SIZES.len()]).map(|i| ((n * 31 + i) % 251) as u8).collect()
 }

@@ -3,6 +3,9 @@
 //! write. No channel hop and no wake-up per message: the task is woken when the buffer stops
 //! being empty.
 //!
+//! A large payload is not copied into the buffer on a transport that writes vectored: see
+//! [`out`](super::out).
+//!
 //! Bounded by bytes ([`ClientOptions::publish_buffer_bytes`](crate::ClientOptions)): a publish
 //! waits while the buffer holds more. A QoS 1 publish's acknowledgement waiter travels with its
 //! frame: the outbox owns it while the frame is buffered, the connection task from the moment
@@ -14,10 +17,10 @@
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use bytes::BytesMut;
 use tokio::sync::{Notify, oneshot};
 use whispeer_proto::{Body, Envelope, Frame, Qos};
 
+use super::out::{BY_REFERENCE, OutBuf};
 use crate::ClientError;
 
 /// Where a QoS 1 publish's acknowledgement goes.
@@ -38,22 +41,25 @@ pub(crate) struct Outbox {
 
 #[derive(Debug)]
 struct State {
-    buf: BytesMut,
+    buf: OutBuf,
     /// QoS 1 publishes in `buf`, by correlation id.
     acks: Vec<(u32, AckWaiter)>,
     next_correlation: u32,
     /// The peer's frame limit, from the current (or last) connection.
     max_frame_bytes: usize,
+    /// Whether the connection writes vectored: large payloads then travel by reference.
+    vectored: bool,
     closed: bool,
 }
 
 impl Outbox {
     pub(crate) fn new(max_bytes: usize, max_frame_bytes: usize) -> Self {
         let state = State {
-            buf: BytesMut::new(),
+            buf: OutBuf::default(),
             acks: Vec::new(),
             next_correlation: 0,
             max_frame_bytes,
+            vectored: false,
             closed: false,
         };
         // At least one frame at a time, whatever the option says.
@@ -76,7 +82,6 @@ impl Outbox {
         envelope: Envelope,
         ack: Option<AckWaiter>,
     ) -> Result<(), ClientError> {
-        let mut frame = Frame::new(0, Body::Publish { qos, envelope });
         loop {
             {
                 let mut state = self.lock();
@@ -85,14 +90,20 @@ impl Outbox {
                 }
                 if state.buf.len() < self.max_bytes {
                     let was_empty = state.buf.is_empty();
-                    frame.correlation = PUBLISH_BIT | state.next_correlation;
-                    let State { buf, max_frame_bytes, .. } = &mut *state;
-                    frame
-                        .encode(buf, *max_frame_bytes)
-                        .map_err(|err| ClientError::Protocol(err.to_string()))?;
+                    let correlation = PUBLISH_BIT | state.next_correlation;
+                    let State { buf, max_frame_bytes, vectored, .. } = &mut *state;
+                    let max = *max_frame_bytes;
+                    let encoded = if *vectored && envelope.payload.len() >= BY_REFERENCE {
+                        Frame::encode_publish_head(buf.frames(), correlation, qos, &envelope, max)
+                            .map(|()| buf.push_payload(envelope.payload))
+                    } else {
+                        Frame::new(correlation, Body::Publish { qos, envelope })
+                            .encode(buf.frames(), max)
+                    };
+                    encoded.map_err(|err| ClientError::Protocol(err.to_string()))?;
                     state.next_correlation = (state.next_correlation + 1) & !PUBLISH_BIT;
                     if let Some(ack) = ack {
-                        state.acks.push((frame.correlation, ack));
+                        state.acks.push((correlation, ack));
                     }
                     drop(state);
                     if was_empty {
@@ -123,18 +134,12 @@ impl Outbox {
 
     /// Moves what is buffered to the end of `out`, and its acknowledgement waiters to
     /// `pending`.
-    pub(crate) fn take_into(&self, out: &mut BytesMut, mut pending: impl FnMut(u32, AckWaiter)) {
+    pub(crate) fn take_into(&self, out: &mut OutBuf, mut pending: impl FnMut(u32, AckWaiter)) {
         let mut state = self.lock();
         if state.buf.is_empty() {
             return;
         }
-        if out.is_empty() {
-            // Trade buffers: no copy, and each side keeps a buffer that has grown already.
-            std::mem::swap(out, &mut state.buf);
-        } else {
-            out.extend_from_slice(&state.buf);
-            state.buf.clear();
-        }
+        out.append(&mut state.buf);
         for (correlation, ack) in state.acks.drain(..) {
             pending(correlation, ack);
         }
@@ -142,16 +147,17 @@ impl Outbox {
         self.room.notify_waiters();
     }
 
-    /// The frame limit of a new connection.
-    pub(crate) fn set_max_frame_bytes(&self, max: usize) {
-        self.lock().max_frame_bytes = max;
+    /// A new connection's frame limit, and whether it writes vectored.
+    pub(crate) fn set_connection(&self, max_frame_bytes: usize, vectored: bool) {
+        let mut state = self.lock();
+        (state.max_frame_bytes, state.vectored) = (max_frame_bytes, vectored);
     }
 
     /// The connection task has ended: what is buffered is never sent; waiters fail.
     pub(crate) fn close(&self) {
         let mut state = self.lock();
         state.closed = true;
-        state.buf = BytesMut::new();
+        state.buf = OutBuf::default();
         for (_, ack) in state.acks.drain(..) {
             let _ = ack.send(Err(ClientError::Closed));
         }
@@ -170,7 +176,7 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use bytes::Bytes;
+    use bytes::{Buf, Bytes, BytesMut};
     use whispeer_proto::{ContentType, Flags, Limits, MessageId, Topic};
 
     use super::*;
@@ -181,8 +187,9 @@ mod tests {
         Envelope::new(MessageId(n), topic, 0, flags, Bytes::from(vec![b'x'; size]))
     }
 
-    fn ids(out: &mut BytesMut) -> Vec<u128> {
-        std::iter::from_fn(|| Frame::decode(out, &Limits::default()).unwrap())
+    fn ids(out: &mut OutBuf) -> Vec<u128> {
+        let mut bytes = BytesMut::from(&out.copy_to_bytes(out.remaining())[..]);
+        std::iter::from_fn(|| Frame::decode(&mut bytes, &Limits::default()).unwrap())
             .map(|frame| match frame.body {
                 Body::Publish { envelope, .. } => envelope.id.0,
                 other => panic!("not a publish: {other:?}"),
@@ -196,7 +203,7 @@ mod tests {
         outbox.publish(Qos::AtMostOnce, envelope(1, 8), None).await.unwrap();
         let (ack, _acked) = oneshot::channel();
         outbox.publish(Qos::AtLeastOnce, envelope(2, 8), Some(ack)).await.unwrap();
-        let mut out = BytesMut::new();
+        let mut out = OutBuf::default();
         let mut waiters = Vec::new();
         outbox.take_into(&mut out, |correlation, _| waiters.push(correlation));
         // Appended after what `out` holds already.
@@ -217,7 +224,7 @@ mod tests {
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!waiting.is_finished(), "over the bound, a publish waits");
-        let mut out = BytesMut::new();
+        let mut out = OutBuf::default();
         outbox.take_into(&mut out, |_, _| {});
         waiting.await.unwrap().unwrap();
         outbox.take_into(&mut out, |_, _| {});
@@ -231,7 +238,7 @@ mod tests {
         let second = outbox.publish(Qos::AtMostOnce, envelope(2, 8), None);
         let waited = tokio::time::timeout(Duration::from_millis(50), second).await;
         assert!(waited.is_err(), "the second waits for the first to be taken");
-        let mut out = BytesMut::new();
+        let mut out = OutBuf::default();
         outbox.take_into(&mut out, |_, _| {});
         assert_eq!(ids(&mut out), [1]);
     }
@@ -253,8 +260,32 @@ mod tests {
         let refused = outbox.publish(Qos::AtMostOnce, envelope(1, 200), None).await;
         assert!(matches!(refused, Err(ClientError::Protocol(_))), "{refused:?}");
         outbox.publish(Qos::AtMostOnce, envelope(2, 8), None).await.unwrap();
-        let mut out = BytesMut::new();
+        let mut out = OutBuf::default();
         outbox.take_into(&mut out, |_, _| {});
         assert_eq!(ids(&mut out), [2], "nothing of the refused frame is left");
+    }
+
+    /// Whether a chunk `out` would write starts where `payload`'s bytes are.
+    fn shares(out: &OutBuf, payload: &Bytes) -> bool {
+        let mut slices = [std::io::IoSlice::new(&[]); 8];
+        let n = out.chunks_vectored(&mut slices);
+        slices[..n].iter().any(|s| s.as_ptr() == payload.as_ptr())
+    }
+
+    #[tokio::test]
+    async fn large_payloads_travel_by_reference_on_a_vectored_connection_only() {
+        let outbox = Outbox::new(1 << 20, usize::MAX);
+        let (small, large) = (envelope(1, 8), envelope(2, BY_REFERENCE));
+        let payload = large.payload.clone();
+        for vectored in [false, true] {
+            outbox.set_connection(usize::MAX, vectored);
+            outbox.publish(Qos::AtMostOnce, small.clone(), None).await.unwrap();
+            outbox.publish(Qos::AtMostOnce, large.clone(), None).await.unwrap();
+            outbox.publish(Qos::AtMostOnce, envelope(3, 8), None).await.unwrap();
+            let mut out = OutBuf::default();
+            outbox.take_into(&mut out, |_, _| {});
+            assert_eq!(shares(&out, &payload), vectored, "by reference when vectored");
+            assert_eq!(ids(&mut out), [1, 2, 3]);
+        }
     }
 }

@@ -38,13 +38,13 @@ fn deliver(id: u128) -> Frame {
 #[test]
 fn a_redelivery_of_an_acked_message_is_acked_again_and_dropped() {
     let (mut actor, buffer) = actor_with_sub(Qos::AtLeastOnce, 8);
-    let mut out = BytesMut::new();
+    let mut out = OutBuf::default();
     // The ack is encoded (and remembered), then the connection is lost before it is sent.
     actor.settle(Settle { sub: 1, id: MessageId(7), requeue: None }, &mut out, usize::MAX).unwrap();
-    out.clear();
+    out.frames().clear();
     actor.dispatch(deliver(7), &mut out, usize::MAX).unwrap();
     actor.dispatch(deliver(8), &mut out, usize::MAX).unwrap();
-    let frame = Frame::decode(&mut out, &Limits::default()).unwrap().unwrap();
+    let frame = Frame::decode(out.frames(), &Limits::default()).unwrap().unwrap();
     assert_eq!(frame.body, Body::Ack { sub: 1, id: MessageId(7) });
     assert!(out.is_empty(), "nothing else was sent");
     assert_eq!(take(&buffer), Some(vec![]), "nothing is handed over before the read ends");
@@ -90,7 +90,7 @@ fn a_subscription_buffer_is_bounded_by_bytes_and_counts_what_it_drops() {
     let (mut actor, buffer) = actor_with_sub(Qos::AtMostOnce, usize::MAX);
     // Room for 1 MiB: each 1-byte message weighs 257, so 4080 fit and the rest are dropped.
     // The bytes stay counted until the subscription takes a message off the buffer.
-    let mut out = BytesMut::new();
+    let mut out = OutBuf::default();
     for id in 0..4100 {
         actor.dispatch(deliver(id), &mut out, usize::MAX).unwrap();
         actor.hand_over(&mut out, usize::MAX);
@@ -104,7 +104,7 @@ fn a_subscription_buffer_is_bounded_by_bytes_and_counts_what_it_drops() {
 #[test]
 fn a_subscription_buffer_is_bounded_by_count_too() {
     let (mut actor, buffer) = actor_with_sub(Qos::AtMostOnce, 3);
-    let mut out = BytesMut::new();
+    let mut out = OutBuf::default();
     for id in 0..5 {
         actor.dispatch(deliver(id), &mut out, usize::MAX).unwrap();
     }
@@ -115,7 +115,7 @@ fn a_subscription_buffer_is_bounded_by_count_too() {
 #[test]
 fn room_given_back_during_a_read_is_seen_before_a_message_is_dropped() {
     let (mut actor, buffer) = actor_with_sub(Qos::AtMostOnce, 3);
-    let mut out = BytesMut::new();
+    let mut out = OutBuf::default();
     for id in 0..3 {
         actor.dispatch(deliver(id), &mut out, usize::MAX).unwrap();
     }
@@ -138,7 +138,7 @@ fn room_given_back_during_a_read_is_seen_before_a_message_is_dropped() {
 #[test]
 fn a_dropped_subscription_is_unsubscribed_and_a_dropped_connection_ends_the_subscription() {
     let (mut actor, buffer) = actor_with_sub(Qos::AtMostOnce, 8);
-    let mut out = BytesMut::new();
+    let mut out = OutBuf::default();
     actor.dispatch(deliver(1), &mut out, usize::MAX).unwrap();
     actor.hand_over(&mut out, usize::MAX);
     actor.dispatch(deliver(2), &mut out, usize::MAX).unwrap();
@@ -153,6 +153,6 @@ fn a_dropped_subscription_is_unsubscribed_and_a_dropped_connection_ends_the_subs
     actor.dispatch(deliver(3), &mut out, usize::MAX).unwrap();
     actor.hand_over(&mut out, usize::MAX);
     assert!(actor.subscriptions.is_empty());
-    let frame = Frame::decode(&mut out, &Limits::default()).unwrap().unwrap();
+    let frame = Frame::decode(out.frames(), &Limits::default()).unwrap().unwrap();
     assert_eq!(frame.body, Body::Unsubscribe { sub: 1 });
 }

@@ -86,6 +86,24 @@ fn encode_deliver_matches_the_general_encoder() {
 }
 
 #[test]
+fn a_publish_head_and_its_payload_make_the_whole_frame() {
+    let envelope = envelope("a/b", &[7; 300], &[("k", b"v")]);
+    let mut whole = BytesMut::new();
+    let qos = Qos::AtLeastOnce;
+    Frame::new(5, Body::Publish { qos, envelope: envelope.clone() })
+        .encode(&mut whole, usize::MAX)
+        .unwrap();
+    let mut split = BytesMut::new();
+    Frame::encode_publish_head(&mut split, 5, qos, &envelope, usize::MAX).unwrap();
+    split.extend_from_slice(&envelope.payload);
+    assert_eq!(split, whole);
+    let mut over = BytesMut::from(&b"kept"[..]);
+    let refused = Frame::encode_publish_head(&mut over, 5, qos, &envelope, 300);
+    assert!(matches!(refused, Err(EncodeError::FrameTooLarge { .. })), "{refused:?}");
+    assert_eq!(&over[..], b"kept", "the payload counts against the limit");
+}
+
+#[test]
 fn a_deliver_head_and_its_payload_make_the_whole_frame() {
     let envelope = envelope("a/b", &[7; 300], &[("k", b"v")]);
     let mut whole = BytesMut::new();

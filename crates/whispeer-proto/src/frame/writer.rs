@@ -5,7 +5,7 @@
 use bytes::{BufMut, BytesMut};
 
 use super::{Body, EncodeError, Frame, MAX_HEADERS};
-use crate::Envelope;
+use crate::{Envelope, Qos};
 
 impl Frame {
     /// Appends the encoded frame to `dst`, refusing frames over `max_frame_bytes` (the peer's
@@ -14,10 +14,7 @@ impl Frame {
     /// # Errors
     /// See [`EncodeError`].
     pub fn encode(&self, dst: &mut BytesMut, max_frame_bytes: usize) -> Result<(), EncodeError> {
-        let start = dst.len();
-        dst.put_u32(0);
-        dst.put_u8(self.body.type_byte());
-        dst.put_u32(self.correlation);
+        let start = begin_frame(dst, self.body.type_byte(), self.correlation);
         let written = self.encode_body(dst);
         finish_frame(dst, start, written, max_frame_bytes)
     }
@@ -53,16 +50,33 @@ impl Frame {
         envelope: &Envelope,
         max_frame_bytes: usize,
     ) -> Result<(), EncodeError> {
-        let start = dst.len();
-        dst.put_u32(0);
-        dst.put_u8(0x30);
-        dst.put_u32(0);
+        let start = begin_frame(dst, 0x30, 0);
         dst.put_u32(sub);
         dst.put_u32(attempt);
         dst.put_u64(offset);
         let written = put_envelope_head(dst, envelope);
         let tail = envelope.payload.len();
         finish_frame_with_tail(dst, start, written, tail, max_frame_bytes)
+    }
+
+    /// As [`Frame::encode`] for a `Publish` of `envelope`, without the payload's bytes, which
+    /// the caller sends right after what this appended (the SDK sends a large payload by a
+    /// vectored write instead of copying it). The frame's length and the payload's length
+    /// prefix count them.
+    ///
+    /// # Errors
+    /// As [`Frame::encode`].
+    pub fn encode_publish_head(
+        dst: &mut BytesMut,
+        correlation: u32,
+        qos: Qos,
+        envelope: &Envelope,
+        max_frame_bytes: usize,
+    ) -> Result<(), EncodeError> {
+        let start = begin_frame(dst, 0x20, correlation);
+        dst.put_u8(qos.to_byte());
+        let written = put_envelope_head(dst, envelope);
+        finish_frame_with_tail(dst, start, written, envelope.payload.len(), max_frame_bytes)
     }
 
     fn encode_body(&self, dst: &mut BytesMut) -> Result<(), EncodeError> {
@@ -129,6 +143,16 @@ impl Frame {
 }
 
 /// Writes the length prefix of the frame starting at `start`, or removes the frame on error.
+/// Appends a frame's header with its length left at 0 (see `finish_frame`); returns where the
+/// frame starts.
+fn begin_frame(dst: &mut BytesMut, frame_type: u8, correlation: u32) -> usize {
+    let start = dst.len();
+    dst.put_u32(0);
+    dst.put_u8(frame_type);
+    dst.put_u32(correlation);
+    start
+}
+
 fn finish_frame(
     dst: &mut BytesMut,
     start: usize,

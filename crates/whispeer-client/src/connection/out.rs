@@ -1,0 +1,175 @@
+//! What goes out next on a connection: frames encoded into one buffer, and large payloads that
+//! travel by reference. A publish of `BY_REFERENCE` bytes or more is not copied into the
+//! buffer: its frame's head is, and the payload's shared bytes follow it in the same vectored
+//! write (`writev`), as the server does with the deliveries it writes. On a transport that
+//! does not write vectored (WebSocket, which copies into its messages anyway) everything is
+//! encoded into the buffer, as before.
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+
+use bytes::{Buf, Bytes, BytesMut};
+
+/// Payloads at least this large travel by reference on a vectored transport.
+pub(crate) const BY_REFERENCE: usize = 16 * 1024;
+
+/// Bytes to write, in order: `queue` (frames cut off before a large payload, and the
+/// payloads), then `frames`.
+#[derive(Debug, Default)]
+pub(crate) struct OutBuf {
+    queue: VecDeque<Bytes>,
+    /// Bytes in `queue`.
+    queued: usize,
+    frames: BytesMut,
+}
+
+impl OutBuf {
+    pub(crate) fn with_capacity(capacity: usize) -> Self {
+        Self { queue: VecDeque::new(), queued: 0, frames: BytesMut::with_capacity(capacity) }
+    }
+
+    /// Where the next frame is encoded: after everything held.
+    pub(crate) fn frames(&mut self) -> &mut BytesMut {
+        &mut self.frames
+    }
+
+    /// Sends `payload` right after what is encoded so far (a frame head that counted it).
+    pub(crate) fn push_payload(&mut self, payload: Bytes) {
+        self.cut();
+        self.queued += payload.len();
+        self.queue.push_back(payload);
+    }
+
+    /// Moves the encoded frames to the queue.
+    fn cut(&mut self) {
+        if !self.frames.is_empty() {
+            let frames = self.frames.split().freeze();
+            self.queued += frames.len();
+            self.queue.push_back(frames);
+        }
+    }
+
+    /// Bytes held.
+    pub(crate) fn len(&self) -> usize {
+        self.queued + self.frames.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Moves everything `other` holds after what this holds, copying no payload (and nothing
+    /// at all when this holds nothing).
+    pub(crate) fn append(&mut self, other: &mut Self) {
+        if self.is_empty() {
+            // Trade: no copy, and each side keeps a buffer that has grown already.
+            std::mem::swap(self, other);
+            return;
+        }
+        if other.queue.is_empty() {
+            self.frames.extend_from_slice(&other.frames);
+            other.frames.clear();
+            return;
+        }
+        self.cut();
+        self.queue.append(&mut other.queue);
+        self.queued += std::mem::take(&mut other.queued);
+        std::mem::swap(&mut self.frames, &mut other.frames);
+    }
+}
+
+impl Buf for OutBuf {
+    fn remaining(&self) -> usize {
+        self.len()
+    }
+
+    fn chunk(&self) -> &[u8] {
+        self.queue.front().map_or(&self.frames[..], |first| &first[..])
+    }
+
+    fn advance(&mut self, mut cnt: usize) {
+        while cnt > 0 {
+            let Some(first) = self.queue.front_mut() else {
+                self.frames.advance(cnt);
+                return;
+            };
+            let n = cnt.min(first.len());
+            first.advance(n);
+            self.queued -= n;
+            cnt -= n;
+            if first.is_empty() {
+                self.queue.pop_front();
+            }
+        }
+    }
+
+    fn chunks_vectored<'a>(&'a self, dst: &mut [IoSlice<'a>]) -> usize {
+        let chunks = self.queue.iter().map(|b| &b[..]).chain(std::iter::once(&self.frames[..]));
+        let mut filled = 0;
+        for chunk in chunks.filter(|c| !c.is_empty()) {
+            let Some(slot) = dst.get_mut(filled) else { break };
+            *slot = IoSlice::new(chunk);
+            filled += 1;
+        }
+        filled
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Frames and payloads in two buffers, the second appended to the first.
+    fn sample() -> OutBuf {
+        let mut out = OutBuf::default();
+        out.frames().extend_from_slice(b"head1");
+        out.push_payload(Bytes::from_static(b"PAYLOAD1"));
+        out.frames().extend_from_slice(b"head2");
+        out.push_payload(Bytes::from_static(b"PAYLOAD2"));
+        out.frames().extend_from_slice(b"tail");
+        let mut other = OutBuf::default();
+        other.frames().extend_from_slice(b"more");
+        other.push_payload(Bytes::from_static(b"P3"));
+        other.frames().extend_from_slice(b"end");
+        out.append(&mut other);
+        assert!(other.is_empty());
+        out
+    }
+
+    /// Writes `out` as `writev` calls that each take at most `step` bytes of three slices.
+    fn written(mut out: OutBuf, step: usize) -> Vec<u8> {
+        let mut all = Vec::new();
+        while out.has_remaining() {
+            let mut slices = [IoSlice::new(&[]); 3];
+            let n = out.chunks_vectored(&mut slices);
+            assert!(n > 0, "a chunk while bytes remain");
+            assert_eq!(&*slices[0], out.chunk(), "the first slice is the chunk");
+            let took: Vec<u8> =
+                slices[..n].iter().flat_map(|s| s.iter().copied()).take(step).collect();
+            all.extend_from_slice(&took);
+            out.advance(took.len());
+        }
+        assert_eq!(out.len(), 0);
+        all
+    }
+
+    #[test]
+    fn payloads_go_out_in_place_between_the_frames_around_them() {
+        assert_eq!(sample().len(), 39);
+        for step in [1, 3, 7, 100] {
+            assert_eq!(written(sample(), step), b"head1PAYLOAD1head2PAYLOAD2tailmoreP3end");
+        }
+    }
+
+    #[test]
+    fn appending_to_nothing_trades_and_frames_alone_are_copied() {
+        let mut out = OutBuf::default();
+        let mut other = OutBuf::with_capacity(1024);
+        other.frames().extend_from_slice(b"abc");
+        out.append(&mut other);
+        assert_eq!((out.chunk(), other.len()), (&b"abc"[..], 0));
+        other.frames().extend_from_slice(b"def");
+        out.append(&mut other);
+        assert_eq!(out.chunk(), b"abcdef", "frames alone are appended to the frames");
+    }
+}
