@@ -8,17 +8,20 @@ use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep};
-use whispeer_client::{Client, PublishOptions, Qos};
+use whispeer_client::{Client, PublishOptions, Qos, SubscribeOptions};
 
 use super::engines::EngineServer;
 
 /// Every number read, with how many times.
 pub(crate) type Seen = Arc<Mutex<BTreeMap<u64, u32>>>;
 
-/// Reads numbers from `filter` on the server at `addr` with one QoS 0 subscription (which
-/// does not resume after a reconnection: it gets everything only if its connection stays up),
-/// counting each.
-pub(crate) async fn count_reads(addr: &str, filter: &str) -> (Seen, JoinHandle<()>) {
+/// Reads numbers on the server at `addr` with one subscription (a filter alone: QoS 0, which
+/// does not resume after a reconnection, so it gets everything only if its connection stays
+/// up), counting each.
+pub(crate) async fn count_reads(
+    addr: &str,
+    filter: impl Into<SubscribeOptions>,
+) -> (Seen, JoinHandle<()>) {
     let seen: Seen = Arc::default();
     let reader = Client::connect(addr).await.unwrap();
     let mut numbers = reader.subscribe::<u64>(filter).await.unwrap();
