@@ -27,11 +27,10 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep, sleep_until};
-use whispeer_proto::{Body, Frame, StartAt, TopicCache, reserve_for_read};
+use whispeer_proto::{Body, Frame, OutBuf, StartAt, TopicCache, reserve_for_read};
 
 use handshake::handshake;
 pub(crate) use handshake::{Established, connect_any};
-use out::OutBuf;
 pub(crate) use outbox::Outbox;
 use subs::Sub;
 pub(crate) use subs::{Buffer, Incoming, Settle, SubSpec};
@@ -500,7 +499,6 @@ fn fail(pending: Pending, err: ClientError) {
 }
 
 mod handshake;
-mod out;
 mod outbox;
 mod subs;
 #[cfg(test)]

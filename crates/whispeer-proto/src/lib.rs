@@ -19,6 +19,7 @@ mod code;
 mod envelope;
 mod frame;
 mod limits;
+mod out;
 mod relation;
 pub mod relay;
 mod topic;
@@ -32,4 +33,5 @@ pub use frame::{
     TopicCache, reserve_for_read,
 };
 pub use limits::Limits;
+pub use out::{BY_REFERENCE, OutBuf};
 pub use topic::{Filter, FilterSegment, Topic, TopicError, hidden_from_wildcards};

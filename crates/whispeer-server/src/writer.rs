@@ -16,16 +16,15 @@
 //! for the stall timeout, the writer gives up and the connection closes.
 
 use std::future::poll_fn;
-use std::io::{self, IoSlice};
+use std::io;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio_util::sync::CancellationToken;
-use whispeer_proto::{Body, ErrorCode, Frame, Limits};
+use whispeer_proto::{BY_REFERENCE, Body, ErrorCode, Frame, Limits, OutBuf};
 
 use super::ServerConfig;
 use super::registry::Entry;
@@ -40,10 +39,6 @@ use ready::{Held, Slots};
 const WRITE_BATCH: usize = 64 * 1024;
 /// Messages taken from one subscription before moving to the next, for fairness.
 const PER_SUBSCRIPTION: usize = 64;
-/// Payloads from this size on go out by reference (vectored writes), not copied.
-const BY_REFERENCE: usize = 16 * 1024;
-/// Buffers handed to one `writev`.
-const MAX_SLICES: usize = 64;
 
 /// What the reader hands the writer.
 pub(super) enum Outbound {
@@ -71,13 +66,9 @@ enum Wake {
 
 struct Writer {
     subscriptions: Slots,
-    buf: BytesMut,
-    /// What goes out before `buf` when large payloads travel by reference: the batch up to
-    /// each one, then the payload itself. Empty otherwise.
-    chunks: Vec<Bytes>,
-    /// Bytes in `chunks`.
-    chunked: usize,
-    /// Whether the socket writes vectored (else every payload is copied into `buf`).
+    /// The batch: frames, and large payloads by reference.
+    out: OutBuf,
+    /// Whether the socket writes vectored (else every payload is copied into the batch).
     vectored: bool,
     limits: Limits,
     traffic: Arc<Traffic>,
@@ -90,11 +81,11 @@ struct Writer {
 impl Writer {
     /// Bytes waiting to be written.
     fn pending(&self) -> usize {
-        self.buf.len() + self.chunked
+        self.out.len()
     }
 
     fn encode(&mut self, frame: &Frame) {
-        if let Err(err) = frame.encode(&mut self.buf, self.limits.max_frame_bytes) {
+        if let Err(err) = frame.encode(self.out.frames(), self.limits.max_frame_bytes) {
             tracing::warn!(%err, "frame not sent");
         }
     }
@@ -105,16 +96,10 @@ impl Writer {
         let offset = message.offset().unwrap_or(0);
         let (envelope, max) = (message.envelope(), self.limits.max_frame_bytes);
         let encoded = if self.vectored && envelope.payload.len() >= BY_REFERENCE {
-            Frame::encode_deliver_head(&mut self.buf, sub, attempt, offset, envelope, max).map(
-                |()| {
-                    let head = self.buf.split().freeze();
-                    self.chunked += head.len() + envelope.payload.len();
-                    self.chunks.push(head);
-                    self.chunks.push(envelope.payload.clone());
-                },
-            )
+            Frame::encode_deliver_head(self.out.frames(), sub, attempt, offset, envelope, max)
+                .map(|()| self.out.push_payload(envelope.payload.clone()))
         } else {
-            Frame::encode_deliver(&mut self.buf, sub, attempt, offset, envelope, max)
+            Frame::encode_deliver(self.out.frames(), sub, attempt, offset, envelope, max)
         };
         match encoded {
             Ok(()) => {
@@ -205,20 +190,9 @@ impl Writer {
     async fn write(&mut self, socket: &mut (impl AsyncWrite + Unpin)) -> io::Result<()> {
         // Counted before the client can have it, so whoever it tells finds it counted.
         self.flows.settle();
-        if self.chunks.is_empty() {
-            socket.write_all(&self.buf).await?;
-        } else {
-            if !self.buf.is_empty() {
-                self.chunked += self.buf.len();
-                self.chunks.push(self.buf.split().freeze());
-            }
-            write_chunks(socket, &self.chunks).await?;
-        }
-        socket.flush().await?;
-        self.buf.clear();
-        self.chunks.clear();
-        self.chunked = 0;
-        Ok(())
+        // Vectored where the socket is: the payloads by reference go in the same `writev`.
+        socket.write_all_buf(&mut self.out).await?;
+        socket.flush().await
     }
 
     /// Waits until the control queue or any subscription has something.
@@ -256,9 +230,7 @@ pub(super) async fn write_loop(
 ) {
     let mut writer = Writer {
         subscriptions: Slots::default(),
-        buf: BytesMut::with_capacity(WRITE_BATCH),
-        chunks: Vec::new(),
-        chunked: 0,
+        out: OutBuf::with_capacity(WRITE_BATCH),
         vectored: socket.is_write_vectored(),
         limits,
         traffic: Arc::clone(&config.traffic),
@@ -313,28 +285,4 @@ pub(super) async fn write_loop(
     }
     gone.cancel();
     let _ = socket.shutdown().await;
-}
-
-/// Writes `chunks` in order, many to a `writev`, whatever each call takes.
-async fn write_chunks(socket: &mut (impl AsyncWrite + Unpin), chunks: &[Bytes]) -> io::Result<()> {
-    // The first chunk not wholly written, and how much of it was.
-    let (mut first, mut done) = (0, 0);
-    while first < chunks.len() {
-        let rest = chunks[first + 1..].iter().map(|chunk| &chunk[..]);
-        let slices: Vec<IoSlice<'_>> = std::iter::once(&chunks[first][done..])
-            .chain(rest)
-            .take(MAX_SLICES)
-            .map(IoSlice::new)
-            .collect();
-        let mut written = socket.write_vectored(&slices).await?;
-        if written == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        while first < chunks.len() && written >= chunks[first].len() - done {
-            written -= chunks[first].len() - done;
-            (first, done) = (first + 1, 0);
-        }
-        done += written;
-    }
-    Ok(())
 }

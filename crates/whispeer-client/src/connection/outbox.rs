@@ -4,7 +4,7 @@
 //! being empty.
 //!
 //! A large payload is not copied into the buffer on a transport that writes vectored: see
-//! [`out`](super::out).
+//! [`OutBuf`].
 //!
 //! Bounded by bytes ([`ClientOptions::publish_buffer_bytes`](crate::ClientOptions)): a publish
 //! waits while the buffer holds more. A QoS 1 publish's acknowledgement waiter travels with its
@@ -18,9 +18,8 @@
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::{Notify, oneshot};
-use whispeer_proto::{Body, Envelope, Frame, Qos};
+use whispeer_proto::{BY_REFERENCE, Body, Envelope, Frame, OutBuf, Qos};
 
-use super::out::{BY_REFERENCE, OutBuf};
 use crate::ClientError;
 
 /// Where a QoS 1 publish's acknowledgement goes.

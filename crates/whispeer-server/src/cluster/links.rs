@@ -9,12 +9,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
+use futures_util::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use whispeer_core::{Broker, Interest};
 
-use super::engine::Appended;
+use super::engine::{Appended, EngineError};
 use super::relay::{Kind, OUTBOUND_CAPACITY, Outgoing, Relay};
 use super::{ENGINE_TIMEOUT, Engine, PUBLISH_SECONDS, seconds, topics_filter};
 
@@ -172,22 +172,17 @@ pub(super) async fn follow_history(engine: Arc<dyn Engine>, relay: Arc<Relay>, b
         }
         match engine.history(next).await {
             Ok(mut history) => loop {
-                let item = match tokio::time::timeout(SILENCE, history.next()).await {
-                    Ok(Some(item)) => item,
-                    Ok(None) => break,
-                    // Silent: either nothing new, or an engine consumer that stopped delivering
-                    // (JetStream's can, after a change of leader) while the history goes on.
-                    Err(_) => match engine.history_end().await {
-                        Ok(last) if silence.stuck(next, last) => {
-                            tracing::warn!(
-                                next,
-                                last,
-                                "cluster: the history stopped coming; reading it again from where it stopped"
-                            );
-                            break;
-                        }
-                        _ => continue,
-                    },
+                let item = match silence.next(&mut history, next, || engine.history_end()).await {
+                    Next::Item(item) => item,
+                    Next::Ended => break,
+                    Next::Stuck(last) => {
+                        tracing::warn!(
+                            next,
+                            last,
+                            "cluster: the history stopped coming; reading it again from where it stopped"
+                        );
+                        break;
+                    }
                 };
                 match item {
                     Ok(sequenced) => {
@@ -209,7 +204,17 @@ pub(super) async fn follow_history(engine: Arc<dyn Engine>, relay: Arc<Relay>, b
     }
 }
 
-/// What the history follower remembers of the silences of the engine's history.
+/// What waiting for the next item of a history came to.
+enum Next<T> {
+    Item(T),
+    /// The stream ended.
+    Ended,
+    /// Silent while the engine holds more, up to this end: to be read again.
+    Stuck(u64),
+}
+
+/// What a history follower remembers of the silences of the engine's history (the durable
+/// topics' own, or a queue group's share of it).
 #[derive(Debug, Default)]
 struct Silence {
     /// The offset awaited when a silence first found the engine holding it.
@@ -219,6 +224,30 @@ struct Silence {
 }
 
 impl Silence {
+    /// The next item of `stream`, `next` being the offset awaited. After each `SILENCE` without
+    /// one — nothing new, or an engine consumer that stopped delivering (JetStream's can after
+    /// a change of leader) while the history goes on — `end` gives the offset the engine's end
+    /// is at now, and [`Silence::stuck`] decides.
+    async fn next<S, F>(&mut self, stream: &mut S, next: u64, end: impl Fn() -> F) -> Next<S::Item>
+    where
+        S: Stream + Unpin,
+        F: Future<Output = Result<u64, EngineError>>,
+    {
+        loop {
+            match tokio::time::timeout(SILENCE, stream.next()).await {
+                Ok(Some(item)) => return Next::Item(item),
+                Ok(None) => return Next::Ended,
+                Err(_) => {
+                    if let Ok(last) = end().await
+                        && self.stuck(next, last)
+                    {
+                        return Next::Stuck(last);
+                    }
+                }
+            }
+        }
+    }
+
     /// After a silence, with `next` awaited and `last` the engine's last offset: whether the
     /// history is stuck and is to be read again. It is when the engine holds messages from
     /// `next` on (`last` reaches it) on two looks in a row with nothing delivered between
@@ -273,19 +302,19 @@ async fn follow_group_history(
     loop {
         match engine.group_history(&filter, &name).await {
             Ok(mut deliveries) => loop {
-                let delivery = match tokio::time::timeout(SILENCE, deliveries.next()).await {
-                    Ok(Some(delivery)) => delivery,
-                    Ok(None) => break,
-                    // Silent while the engine holds more for the group: perhaps a consumer that
-                    // stopped delivering (the position is the engine's: reading again loses
-                    // nothing, and what is out unsettled comes back after the ack wait).
-                    Err(_) => match engine.group_pending(&filter, &name).await {
-                        Ok(pending) if silence.stuck(handed + 1, handed + pending) => {
-                            tracing::warn!(%filter, pending, "cluster: a group's history stopped coming; reading it again");
-                            break;
-                        }
-                        _ => continue,
-                    },
+                // The group's end, counted as `handed` is: what this node had and what waits.
+                let end =
+                    || async { engine.group_pending(&filter, &name).await.map(|p| handed + p) };
+                let delivery = match silence.next(&mut deliveries, handed + 1, end).await {
+                    Next::Item(delivery) => delivery,
+                    Next::Ended => break,
+                    // The position is the engine's: reading again loses nothing, and what is out
+                    // unsettled comes back after the ack wait.
+                    Next::Stuck(last) => {
+                        let pending = last - handed;
+                        tracing::warn!(%filter, pending, "cluster: a group's history stopped coming; reading it again");
+                        break;
+                    }
                 };
                 match delivery {
                     Ok(delivery) => {
@@ -377,7 +406,26 @@ pub(super) async fn follow_interests(engine: Arc<dyn Engine>, relay: Arc<Relay>,
 
 #[cfg(test)]
 mod tests {
-    use super::Silence;
+    use futures_util::stream;
+
+    use super::{EngineError, Next, SILENCE, Silence};
+
+    #[tokio::test(start_paused = true)]
+    async fn a_history_silent_while_the_engine_holds_more_is_stuck_after_two_silences() {
+        let end = |last: u64| move || async move { Ok::<_, EngineError>(last) };
+        let mut silence = Silence::default();
+        let started = tokio::time::Instant::now();
+        let silent = silence.next(&mut stream::pending::<u32>(), 5, end(5)).await;
+        assert!(matches!(silent, Next::Stuck(5)));
+        assert_eq!(started.elapsed(), SILENCE * 2, "two silences, not one");
+        // Nothing held past what came: it keeps waiting.
+        let mut silence = Silence::default();
+        let mut quiet = stream::pending::<u32>();
+        let waiting = silence.next(&mut quiet, 6, end(5));
+        assert!(tokio::time::timeout(SILENCE * 10, waiting).await.is_err());
+        assert!(matches!(silence.next(&mut stream::iter([7]), 1, end(9)).await, Next::Item(7)));
+        assert!(matches!(silence.next(&mut stream::empty::<u32>(), 1, end(9)).await, Next::Ended));
+    }
 
     #[test]
     fn a_silent_history_is_read_again_only_when_the_engine_holds_more_on_two_looks() {

@@ -1,22 +1,25 @@
-//! What goes out next on a connection: frames encoded into one buffer, and large payloads that
-//! travel by reference. A publish of `BY_REFERENCE` bytes or more is not copied into the
-//! buffer: its frame's head is, and the payload's shared bytes follow it in the same vectored
-//! write (`writev`), as the server does with the deliveries it writes. On a transport that
-//! does not write vectored (WebSocket, which copies into its messages anyway) everything is
-//! encoded into the buffer, as before.
+//! What goes out next on a connection, for the server's writers and the SDK's alike: frames
+//! encoded into one buffer, and large payloads that travel by reference. A payload of
+//! [`BY_REFERENCE`] bytes or more need not be copied into the buffer: its frame's head is
+//! ([`Frame::encode_publish_head`](crate::Frame::encode_publish_head),
+//! [`Frame::encode_deliver_head`](crate::Frame::encode_deliver_head)) and the payload's shared
+//! bytes follow it in the same vectored write, as `OutBuf` is a [`Buf`] whose
+//! [`chunks_vectored`](Buf::chunks_vectored) gives them all (tokio's `write_all_buf` hands
+//! them to one `writev`). On a transport that does not write vectored (WebSocket, which copies
+//! into its messages anyway) the callers encode everything into the buffer.
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
 
 use bytes::{Buf, Bytes, BytesMut};
 
-/// Payloads at least this large travel by reference on a vectored transport.
-pub(crate) const BY_REFERENCE: usize = 16 * 1024;
+/// Payloads at least this large travel by reference on a transport that writes vectored.
+pub const BY_REFERENCE: usize = 16 * 1024;
 
 /// Bytes to write, in order: `queue` (frames cut off before a large payload, and the
 /// payloads), then `frames`.
 #[derive(Debug, Default)]
-pub(crate) struct OutBuf {
+pub struct OutBuf {
     queue: VecDeque<Bytes>,
     /// Bytes in `queue`.
     queued: usize,
@@ -24,17 +27,18 @@ pub(crate) struct OutBuf {
 }
 
 impl OutBuf {
-    pub(crate) fn with_capacity(capacity: usize) -> Self {
+    /// An empty buffer with room for `capacity` bytes of frames.
+    pub fn with_capacity(capacity: usize) -> Self {
         Self { queue: VecDeque::new(), queued: 0, frames: BytesMut::with_capacity(capacity) }
     }
 
     /// Where the next frame is encoded: after everything held.
-    pub(crate) fn frames(&mut self) -> &mut BytesMut {
+    pub fn frames(&mut self) -> &mut BytesMut {
         &mut self.frames
     }
 
     /// Sends `payload` right after what is encoded so far (a frame head that counted it).
-    pub(crate) fn push_payload(&mut self, payload: Bytes) {
+    pub fn push_payload(&mut self, payload: Bytes) {
         self.cut();
         self.queued += payload.len();
         self.queue.push_back(payload);
@@ -50,17 +54,18 @@ impl OutBuf {
     }
 
     /// Bytes held.
-    pub(crate) fn len(&self) -> usize {
+    pub fn len(&self) -> usize {
         self.queued + self.frames.len()
     }
 
-    pub(crate) fn is_empty(&self) -> bool {
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
     /// Moves everything `other` holds after what this holds, copying no payload (and nothing
     /// at all when this holds nothing).
-    pub(crate) fn append(&mut self, other: &mut Self) {
+    pub fn append(&mut self, other: &mut Self) {
         if self.is_empty() {
             // Trade: no copy, and each side keeps a buffer that has grown already.
             std::mem::swap(self, other);
