@@ -27,7 +27,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep, sleep_until};
-use whispeer_proto::{Body, Frame, OutBuf, StartAt, TopicCache, reserve_for_read};
+use whispeer_proto::{Body, Frame, OutBuf, ReadPool, StartAt, TopicCache};
 
 use handshake::handshake;
 pub(crate) use handshake::{Established, connect_any};
@@ -257,7 +257,9 @@ impl Actor {
         // does not cut it off after three heartbeats.
         let mut next_ping = Instant::now() + heartbeat;
         let mut unflushed = false;
-        let mut topics = TopicCache::default();
+        // Deliveries wait in their subscriptions' buffers before they are dropped: up to
+        // eight read chunks of them can be in use while the reader goes on.
+        let (mut topics, mut pool) = (TopicCache::default(), ReadPool::with_spares(8));
         loop {
             while let Some(frame) = match Frame::decode_cached(&mut inbound, &limits, &mut topics) {
                 Ok(frame) => frame,
@@ -268,7 +270,7 @@ impl Actor {
                 }
             }
             self.hand_over(&mut out, max_frame_bytes);
-            reserve_for_read(&mut inbound);
+            pool.reserve(&mut inbound);
             // Biased: take what is ready to read, then every queued command, and write only
             // when no command is waiting, so one write carries as many frames as possible.
             tokio::select! {

@@ -344,8 +344,9 @@ impl Frame {
         Self { correlation, body }
     }
 
-    /// Takes one frame off the front of `buf`; `Ok(None)` means "need more bytes" (and room for
-    /// the rest of the frame has been reserved, up to the limit).
+    /// Takes one frame off the front of `buf`; `Ok(None)` means "need more bytes" (and, for a
+    /// frame over `READ_CHUNK / 8` bytes, room for the rest of it has been reserved; a smaller
+    /// one fits in the room [`reserve_for_read`] or a [`ReadPool`] makes before a read).
     ///
     /// # Errors
     /// [`DecodeError`] for malformed input; the buffer is then in an unspecified state and the
@@ -376,7 +377,11 @@ impl Frame {
             return Err(DecodeError::Truncated { frame_type: buf.get(4).copied().unwrap_or(0) });
         }
         if buf.len() < 4 + body_len {
-            buf.reserve(room_for(4 + body_len, buf.len()));
+            // A small frame fits in the room a reader makes before each read
+            // (`reserve_for_read`, `ReadPool`), which may read into an earlier allocation.
+            if 4 + body_len > READ_CHUNK / 8 {
+                buf.reserve(room_for(4 + body_len, buf.len()));
+            }
             return Ok(None);
         }
         let mut frame = buf.split_to(4 + body_len).freeze();
@@ -413,6 +418,8 @@ fn room_for(frame_len: usize, have: usize) -> usize {
 }
 
 /// Makes sure `buf` has room for a large read, reallocating at most once per `READ_CHUNK`.
+/// A connection that reads on and on uses a [`ReadPool`] instead, which reads into earlier
+/// allocations again.
 pub fn reserve_for_read(buf: &mut BytesMut) {
     if buf.capacity() - buf.len() < READ_CHUNK / 8 {
         buf.reserve(READ_CHUNK);
@@ -432,9 +439,11 @@ impl Envelope {
     }
 }
 
+mod pool;
 mod reader;
 mod writer;
 
+pub use pool::ReadPool;
 use reader::Reader;
 pub use reader::TopicCache;
 

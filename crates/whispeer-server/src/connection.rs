@@ -16,8 +16,8 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use whispeer_proto::{
-    Body, Envelope, ErrorCode, Filter, Frame, Limits, PROTOCOL_VERSION, Qos, StartAt, Topic,
-    TopicCache, reserve_for_read,
+    Body, Envelope, ErrorCode, Filter, Frame, Limits, PROTOCOL_VERSION, Qos, ReadPool, StartAt,
+    Topic, TopicCache,
 };
 
 use super::ServerConfig;
@@ -187,7 +187,7 @@ impl Connection {
     ) -> Result<(), Close> {
         let idle = self.config.idle_timeout();
         let auth_deadline = tokio::time::Instant::now() + self.config.auth_timeout;
-        let mut buf = BytesMut::new();
+        let (mut buf, mut pool) = (BytesMut::new(), ReadPool::default());
         let mut topics = TopicCache::default();
         let mut partial_since: Option<Instant> = None;
         loop {
@@ -234,7 +234,7 @@ impl Connection {
                 return Err(Close::new(ErrorCode::IDLE_TIMEOUT, "frame left incomplete"));
             }
             self.flows.settle();
-            reserve_for_read(&mut buf);
+            pool.reserve(&mut buf);
             // Without keys, a connection that says nothing meets the idle timeout, and any
             // frame but HELLO first closes it; with keys, answering pings is not enough.
             let logged_in =
