@@ -1,10 +1,12 @@
 //! The frame decoder on arbitrary bytes: never panics, never reserves past the limit, and every
-//! frame it accepts encodes back to bytes that decode to the same frame.
+//! frame it accepts encodes back to bytes that decode to the same frame. The SDK's path for
+//! deliveries (a frame split off undecoded, then its envelope decoded on its own) accepts and
+//! refuses the same DELIVERs as the whole-frame decoder, with the same result.
 #![no_main]
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use whispeer_proto::{Frame, Limits};
+use whispeer_proto::{Body, Frame, Limits, TopicCache};
 
 fuzz_target!(|data: &[u8]| {
     let mut limits = Limits::default();
@@ -16,5 +18,21 @@ fuzz_target!(|data: &[u8]| {
         frame.encode(&mut again, usize::MAX).expect("a decoded frame encodes");
         let decoded = Frame::decode(&mut again, &limits).expect("re-decodes").expect("whole frame");
         assert_eq!(decoded, frame);
+    }
+    let (mut whole, mut split) = (BytesMut::from(data), BytesMut::from(data));
+    let mut topics = TopicCache::default();
+    while let Ok(Some(raw)) = Frame::split(&mut split, &limits) {
+        // The same frame, consumed whole whether its body decodes or not.
+        let full = Frame::decode(&mut whole, &limits);
+        let Ok(deliver) = raw.deliver() else { continue };
+        let (sub, attempt, offset, id) = (deliver.sub, deliver.attempt, deliver.offset, deliver.id);
+        match (deliver.decode(&limits, &mut topics), full) {
+            (Ok(envelope), Ok(Some(frame))) => {
+                assert_eq!(envelope.id, id);
+                assert_eq!(frame.body, Body::Deliver { sub, attempt, offset, envelope });
+            }
+            (Err(_), Err(_)) => {}
+            (split, full) => panic!("the two paths disagree: {split:?} against {full:?}"),
+        }
     }
 });

@@ -261,11 +261,19 @@ impl Actor {
         // eight read chunks of them can be in use while the reader goes on.
         let (mut topics, mut pool) = (TopicCache::default(), ReadPool::with_spares(8));
         loop {
-            while let Some(frame) = match Frame::decode_cached(&mut inbound, &limits, &mut topics) {
-                Ok(frame) => frame,
+            while let Some(raw) = match Frame::split(&mut inbound, &limits) {
+                Ok(raw) => raw,
                 Err(err) => return Ended::Lost(ClientError::Protocol(err.to_string())),
             } {
-                if let Err(err) = self.dispatch(frame, &mut out, max_frame_bytes) {
+                // A delivery's envelope is decoded by its subscription; other frames here.
+                let done = match raw.deliver() {
+                    Ok(deliver) => self.deliver(deliver, &mut out, max_frame_bytes),
+                    Err(raw) => match raw.decode(&limits, &mut topics) {
+                        Ok(frame) => self.dispatch(frame, &mut out, max_frame_bytes),
+                        Err(err) => Err(ClientError::Protocol(err.to_string())),
+                    },
+                };
+                if let Err(err) = done {
                     return Ended::Lost(err);
                 }
             }
@@ -423,39 +431,40 @@ impl Actor {
         encode(&Frame::new(0, body), out.frames(), max)
     }
 
-    /// Acts on one frame from the server.
+    /// Stages a delivery for its subscription; a redelivery of a message acked already is
+    /// acked again instead.
+    fn deliver(
+        &mut self,
+        deliver: Incoming,
+        out: &mut OutBuf,
+        max: usize,
+    ) -> Result<(), ClientError> {
+        let (sub, id) = (deliver.sub, deliver.id);
+        let Some(subscription) = self.subscriptions.get_mut(&sub) else { return Ok(()) };
+        if deliver.offset > 0 {
+            subscription.last_offset = Some(deliver.offset);
+        }
+        if subscription.acked.set.contains(&id) {
+            // Acked already; the ack was lost with a connection. Ack again, drop it.
+            subscription.buffer.duplicates.fetch_add(1, Ordering::Relaxed);
+            return encode(&Frame::new(0, Body::Ack { sub, id }), out.frames(), max);
+        }
+        let first = subscription.staged.is_empty();
+        // Under QoS 1 a dropped message stays unacknowledged and comes again after its timeout.
+        if !subscription.buffer.stage(&mut subscription.staged, deliver) {
+            tracing::warn!(sub, %id, "subscription buffer full; message dropped");
+            return Ok(());
+        }
+        if first {
+            self.staged.push(sub);
+        }
+        Ok(())
+    }
+
+    /// Acts on one frame from the server other than a delivery.
     fn dispatch(&mut self, frame: Frame, out: &mut OutBuf, max: usize) -> Result<(), ClientError> {
         let correlation = frame.correlation;
         match frame.body {
-            Body::Deliver { sub, attempt, offset, envelope } => {
-                let Some(subscription) = self.subscriptions.get_mut(&sub) else { return Ok(()) };
-                if offset > 0 {
-                    subscription.last_offset = Some(offset);
-                }
-                if subscription.acked.set.contains(&envelope.id) {
-                    // Acked already; the ack was lost with a connection. Ack again, drop it.
-                    subscription.buffer.duplicates.fetch_add(1, Ordering::Relaxed);
-                    return encode(
-                        &Frame::new(0, Body::Ack { sub, id: envelope.id }),
-                        out.frames(),
-                        max,
-                    );
-                }
-                let id = envelope.id;
-                let first = subscription.staged.is_empty();
-                // Under QoS 1 a dropped message stays unacknowledged and comes again after its
-                // timeout.
-                if !subscription
-                    .buffer
-                    .stage(&mut subscription.staged, Incoming { envelope, attempt, offset })
-                {
-                    tracing::warn!(sub, %id, "subscription buffer full; message dropped");
-                    return Ok(());
-                }
-                if first {
-                    self.staged.push(sub);
-                }
-            }
             Body::Ping => encode(&Frame::new(correlation, Body::Pong), out.frames(), max)?,
             Body::Ok | Body::PubAck | Body::Pong => match self.pending.remove(&correlation) {
                 Some(Pending::Ack(ack)) | Some(Pending::Flush(ack)) => {

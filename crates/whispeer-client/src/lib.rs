@@ -40,7 +40,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::rustls;
 use whispeer_engines::{Codec, CodecError, Engines, SealError, Sealing};
 use whispeer_proto::{
-    ContentType, Envelope, ErrorCode, Filter, Flags, Headers, MessageId, Topic, TopicError,
+    ContentType, Envelope, ErrorCode, Filter, Flags, Headers, Limits, MessageId, Topic, TopicError,
 };
 
 pub use chat::{
@@ -208,6 +208,8 @@ struct Shared {
     next_id: AtomicU64,
     subscription_capacity: usize,
     subscription_max_bytes: usize,
+    /// The bounds deliveries are decoded under (by their subscriptions).
+    limits: Limits,
     /// Where replies to this client's requests arrive (made on the first request).
     inbox: tokio::sync::OnceCell<Arc<request::Inbox>>,
     /// The topic published to last: publishers repeat topics, and a repeated one is shared
@@ -255,6 +257,7 @@ impl Client {
             next_id: AtomicU64::new(1),
             subscription_capacity: options.subscription_capacity,
             subscription_max_bytes: options.subscription_max_bytes,
+            limits: options.limits.clone(),
             inbox: tokio::sync::OnceCell::new(),
             last_topic: std::sync::Mutex::new(None),
         });
@@ -456,6 +459,7 @@ impl Client {
             settles: (qos == Qos::AtLeastOnce).then(|| self.settles.clone()),
             engines: Arc::clone(&self.shared.engines),
             buffer,
+            limits: self.shared.limits.clone(),
         })
     }
 

@@ -13,7 +13,7 @@ use futures_core::Stream;
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use whispeer_engines::{Codec, Engines, OpenError};
-use whispeer_proto::{Envelope, Headers, MessageId, Topic};
+use whispeer_proto::{Envelope, Headers, Limits, MessageId, Topic, TopicCache};
 
 use crate::ReceiveError;
 use crate::connection::{Buffer, Command, Incoming, Settle};
@@ -137,7 +137,8 @@ impl Delivery {
 pub struct SubscriptionStats {
     /// Messages that did not open (wrong key, tampering).
     pub open_errors: u64,
-    /// Messages that did not decode into the subscription's type.
+    /// Messages that did not decode into the subscription's type, or arrived malformed (given
+    /// up: under QoS 1 refused without requeue, so they go to the dead-letter topic).
     pub decode_errors: u64,
     /// Redeliveries of messages already acknowledged here, dropped (and acknowledged again).
     pub duplicates: u64,
@@ -162,6 +163,9 @@ pub struct ClientSubscription<T> {
     /// Room of the messages taken from `local` and not yet given back to the buffer (bytes,
     /// messages): given back when `local` runs empty or every `RELEASE_EVERY` messages.
     unreleased: (usize, usize),
+    /// What envelopes are decoded under, and the topic this subscription decoded last.
+    limits: Limits,
+    topics: TopicCache,
 }
 
 /// Most messages taken before their room is given back to the buffer.
@@ -183,6 +187,7 @@ pub(crate) struct Parts {
     pub(crate) settles: Option<mpsc::UnboundedSender<Settle>>,
     pub(crate) engines: Arc<Engines>,
     pub(crate) buffer: Arc<Buffer>,
+    pub(crate) limits: Limits,
 }
 
 impl<T> fmt::Debug for ClientSubscription<T> {
@@ -196,10 +201,22 @@ impl<T> fmt::Debug for ClientSubscription<T> {
 
 impl<T> ClientSubscription<T> {
     pub(crate) fn new(parts: Parts, decode: Decode<T>) -> Self {
-        let Parts { sub, commands, settles, engines, buffer } = parts;
+        let Parts { sub, commands, settles, engines, buffer, limits } = parts;
         let (stats, local) = (SubscriptionStats::default(), VecDeque::new());
-        let unreleased = (0, 0);
-        Self { sub, local, commands, settles, engines, decode, stats, buffer, unreleased }
+        let (unreleased, topics) = ((0, 0), TopicCache::default());
+        Self {
+            sub,
+            local,
+            commands,
+            settles,
+            engines,
+            decode,
+            stats,
+            buffer,
+            unreleased,
+            limits,
+            topics,
+        }
     }
 
     /// Waits for the next message; `None` once the client is closed (or, without reconnection,
@@ -249,26 +266,44 @@ impl<T> ClientSubscription<T> {
         })
     }
 
-    /// The next delivery as it came.
+    /// The next delivery as it came. One whose envelope does not decode (the server sent it
+    /// malformed) is skipped and counted, and under QoS 1 refused without requeue.
     fn poll_delivery(&mut self, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
-        if self.local.is_empty() && !std::task::ready!(self.buffer.poll_take(&mut self.local, cx)) {
-            return Poll::Ready(None);
+        loop {
+            if self.local.is_empty()
+                && !std::task::ready!(self.buffer.poll_take(&mut self.local, cx))
+            {
+                return Poll::Ready(None);
+            }
+            let Some(incoming) = self.local.pop_front() else { return Poll::Ready(None) };
+            self.unreleased.0 += Buffer::weight(&incoming);
+            self.unreleased.1 += 1;
+            if self.local.is_empty() || self.unreleased.1 >= RELEASE_EVERY {
+                let (bytes, count) = std::mem::take(&mut self.unreleased);
+                self.buffer.release(bytes, count);
+            }
+            let (id, attempt, offset) = (incoming.id, incoming.attempt, incoming.offset);
+            let ack_to = self.settles.clone().map(|settles| AckTo { sub: self.sub, settles });
+            match incoming.decode(&self.limits, &mut self.topics) {
+                Ok(envelope) => {
+                    let engines = Arc::clone(&self.engines);
+                    return Poll::Ready(Some(Delivery {
+                        envelope,
+                        engines,
+                        attempt,
+                        offset,
+                        ack_to,
+                    }));
+                }
+                Err(err) => {
+                    self.stats.decode_errors += 1;
+                    tracing::warn!(sub = self.sub, %id, %err, "malformed delivery skipped");
+                    if let Some(to) = ack_to {
+                        let _ = to.settles.send(Settle { sub: to.sub, id, requeue: Some(false) });
+                    }
+                }
+            }
         }
-        let Some(incoming) = self.local.pop_front() else { return Poll::Ready(None) };
-        self.unreleased.0 += Buffer::weight(&incoming);
-        self.unreleased.1 += 1;
-        if self.local.is_empty() || self.unreleased.1 >= RELEASE_EVERY {
-            let (bytes, count) = std::mem::take(&mut self.unreleased);
-            self.buffer.release(bytes, count);
-        }
-        let ack_to = self.settles.clone().map(|settles| AckTo { sub: self.sub, settles });
-        Poll::Ready(Some(Delivery {
-            envelope: incoming.envelope,
-            engines: Arc::clone(&self.engines),
-            attempt: incoming.attempt,
-            offset: incoming.offset,
-            ack_to,
-        }))
     }
 
     fn poll_decoded(&mut self, cx: &mut Context<'_>) -> Poll<Option<(T, Delivery)>> {

@@ -18,7 +18,7 @@ use tokio::time::timeout;
 use whispeer::server::{ServerConfig, serve};
 use whispeer::{Broker, BrokerOptions, Message, Subscription};
 use whispeer_client::proto::{Body, ContentType, Envelope, Flags, Frame, Limits, MessageId, Topic};
-use whispeer_client::{Client, ClientOptions};
+use whispeer_client::{Client, ClientOptions, Qos, SubscribeOptions};
 
 async fn soon<F: Future>(f: F) -> F::Output {
     timeout(Duration::from_secs(20), f).await.expect("timed out")
@@ -118,6 +118,14 @@ async fn greet_and_subscribe(
     (stream, buf, sub)
 }
 
+/// A DELIVER of message `id` on topic `t` to subscription `sub`.
+fn deliver(sub: u32, id: u128, payload: &'static str) -> Frame {
+    let topic = Topic::parse("t").unwrap();
+    let flags = Flags::with_content(ContentType::Raw);
+    let envelope = Envelope::new(MessageId(id), topic, 0, flags, Bytes::from(payload));
+    Frame::new(0, Body::Deliver { sub, attempt: 1, offset: 0, envelope })
+}
+
 #[tokio::test]
 async fn deliveries_read_before_a_bad_frame_still_reach_their_subscription() {
     // A server written here: it greets, accepts the subscription, then sends two deliveries
@@ -128,11 +136,7 @@ async fn deliveries_read_before_a_bad_frame_still_reach_their_subscription() {
         let (mut stream, _, sub) = greet_and_subscribe(&listener, 10_000).await;
         let mut out = BytesMut::new();
         for (id, payload) in [(1, "first"), (2, "second")] {
-            let topic = Topic::parse("t").unwrap();
-            let flags = Flags::with_content(ContentType::Raw);
-            let envelope = Envelope::new(MessageId(id), topic, 0, flags, Bytes::from(payload));
-            let deliver = Body::Deliver { sub, attempt: 1, offset: 0, envelope };
-            Frame::new(0, deliver).encode(&mut out, usize::MAX).unwrap();
+            deliver(sub, id, payload).encode(&mut out, usize::MAX).unwrap();
         }
         out.extend_from_slice(&[0, 0, 0, 5, 0x7e, 0, 0, 0, 0]);
         stream.write_all(&out).await.unwrap();
@@ -150,6 +154,47 @@ async fn deliveries_read_before_a_bad_frame_still_reach_their_subscription() {
 }
 
 #[tokio::test]
+async fn a_malformed_delivery_is_skipped_counted_and_refused_and_the_connection_goes_on() {
+    // A server written here: three QoS 1 deliveries in one write, the second with a topic that
+    // is not UTF-8; then it reads what the client settles.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (mut stream, mut buf, sub) = greet_and_subscribe(&listener, 10_000).await;
+        let mut out = BytesMut::new();
+        for id in 1..=3 {
+            let at = out.len();
+            deliver(sub, id, "m").encode(&mut out, usize::MAX).unwrap();
+            if id == 2 {
+                // Length, type, correlation, sub, attempt, offset, id, time, flags, topic length.
+                out[at + 4 + 1 + 4 + 4 + 4 + 8 + 16 + 8 + 2 + 2] = 0xff;
+            }
+        }
+        stream.write_all(&out).await.unwrap();
+        let mut settled = Vec::new();
+        while settled.len() < 3 {
+            match frame(&mut stream, &mut buf).await.body {
+                Body::Ack { id, .. } => settled.push((id.0, "ack")),
+                Body::Nack { id, requeue: false, .. } => settled.push((id.0, "dead-letter")),
+                Body::Ping => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        settled.sort_unstable();
+        settled
+    });
+    let client =
+        Client::connect_with(ClientOptions::new(addr.to_string()).reconnect(false)).await.unwrap();
+    let options = SubscribeOptions::new("t").qos(Qos::AtLeastOnce);
+    let mut deliveries = client.messages(options).await.unwrap();
+    assert_eq!(soon(deliveries.recv()).await.unwrap().id(), MessageId(1));
+    assert_eq!(soon(deliveries.recv()).await.unwrap().id(), MessageId(3), "the second skipped");
+    assert_eq!(deliveries.stats().decode_errors, 1);
+    let settled = soon(server).await.unwrap();
+    assert_eq!(settled, [(1, "ack"), (2, "dead-letter"), (3, "ack")]);
+}
+
+#[tokio::test]
 async fn a_client_that_only_receives_pings_a_server_that_never_does() {
     // A server written here: heartbeat 100 ms, a delivery every 10 ms, never a PING of its own.
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -161,11 +206,7 @@ async fn a_client_that_only_receives_pings_a_server_that_never_does() {
         let until = tokio::time::Instant::now() + Duration::from_millis(600);
         while tokio::time::Instant::now() < until {
             out.clear();
-            let topic = Topic::parse("t").unwrap();
-            let flags = Flags::with_content(ContentType::Raw);
-            let envelope = Envelope::new(MessageId(n), topic, 0, flags, Bytes::from("tick"));
-            let deliver = Body::Deliver { sub, attempt: 1, offset: 0, envelope };
-            Frame::new(0, deliver).encode(&mut out, usize::MAX).unwrap();
+            deliver(sub, n, "tick").encode(&mut out, usize::MAX).unwrap();
             stream.write_all(&out).await.unwrap();
             n += 1;
             tokio::time::sleep(Duration::from_millis(10)).await;

@@ -12,7 +12,7 @@
 //! every field is bounds-checked, and malformed input is a [`DecodeError`], never a panic.
 //! Payloads are slices of the received buffer, not copies. `PROTOCOL.md` documents each body.
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 
 use crate::{Envelope, ErrorCode, Filter, Limits, MessageId, TopicError};
 
@@ -367,34 +367,10 @@ impl Frame {
         limits: &Limits,
         topics: &mut TopicCache,
     ) -> Result<Option<Self>, DecodeError> {
-        let Some(prefix) = buf.first_chunk::<4>() else { return Ok(None) };
-        let len = u32::from_be_bytes(*prefix);
-        let body_len = len as usize;
-        if body_len > limits.max_frame_bytes {
-            return Err(DecodeError::FrameTooLarge { len, max: limits.max_frame_bytes });
+        match Self::split(buf, limits)? {
+            Some(raw) => raw.decode(limits, topics).map(Some),
+            None => Ok(None),
         }
-        if body_len < HEADER_LEN - 4 {
-            return Err(DecodeError::Truncated { frame_type: buf.get(4).copied().unwrap_or(0) });
-        }
-        if buf.len() < 4 + body_len {
-            // A small frame fits in the room a reader makes before each read
-            // (`reserve_for_read`, `ReadPool`), which may read into an earlier allocation.
-            if 4 + body_len > READ_CHUNK / 8 {
-                buf.reserve(room_for(4 + body_len, buf.len()));
-            }
-            return Ok(None);
-        }
-        let mut frame = buf.split_to(4 + body_len).freeze();
-        frame.advance(4);
-        let frame_type = frame.get_u8();
-        let correlation = frame.get_u32();
-        let mut reader = Reader { buf: frame, frame_type, topics };
-        let body = reader.body(limits).map_err(|err| match err {
-            DecodeError::InvalidTopic(error) => DecodeError::RequestTopic { correlation, error },
-            other => other,
-        })?;
-        reader.finish()?;
-        Ok(Some(Self { correlation, body }))
     }
 }
 
@@ -440,10 +416,12 @@ impl Envelope {
 }
 
 mod pool;
+mod raw;
 mod reader;
 mod writer;
 
 pub use pool::ReadPool;
+pub use raw::{RawDeliver, RawFrame};
 use reader::Reader;
 pub use reader::TopicCache;
 

@@ -30,7 +30,7 @@ pub use envelope::{
 };
 pub use frame::{
     Body, DecodeError, EncodeError, Frame, MAX_HEADERS, PROTOCOL_VERSION, Qos, READ_CHUNK,
-    ReadPool, StartAt, TopicCache, reserve_for_read,
+    RawDeliver, RawFrame, ReadPool, StartAt, TopicCache, reserve_for_read,
 };
 pub use limits::Limits;
 pub use out::{BY_REFERENCE, OutBuf};

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use futures_util::task::AtomicWaker;
-use whispeer_proto::{Body, Envelope, Filter, MessageId, Qos, StartAt};
+use whispeer_proto::{Body, Filter, MessageId, Qos, RawDeliver, StartAt};
 
 /// What a subscription asks the server for; sent again on every reconnect.
 #[derive(Clone, Debug)]
@@ -47,13 +47,8 @@ impl SubSpec {
     }
 }
 
-/// A delivery on its way to its subscription.
-#[derive(Debug)]
-pub(crate) struct Incoming {
-    pub(crate) envelope: Envelope,
-    pub(crate) attempt: u32,
-    pub(crate) offset: u64,
-}
+/// A delivery on its way to its subscription: its envelope is decoded there.
+pub(crate) type Incoming = RawDeliver;
 
 /// A QoS 1 delivery's settlement: `requeue: None` acks, `Some(r)` nacks.
 #[derive(Debug)]
@@ -246,10 +241,10 @@ impl Buffer {
 
     /// What a buffered message weighs: its payload and an allowance for the envelope.
     pub(crate) fn weight(incoming: &Incoming) -> usize {
-        Self::weight_of(incoming.envelope.payload.len())
+        Self::weight_of(incoming.len())
     }
 
-    /// What a message with a payload of `len` bytes weighs.
+    /// What a message whose envelope came as `len` bytes weighs.
     pub(crate) fn weight_of(len: usize) -> usize {
         len + 256
     }

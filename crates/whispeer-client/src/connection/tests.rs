@@ -24,15 +24,19 @@ fn take(buffer: &Buffer) -> Option<Vec<u128>> {
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
     match buffer.poll_take(&mut taken, &mut cx) {
         std::task::Poll::Ready(false) => None,
-        _ => Some(taken.iter().map(|incoming| incoming.envelope.id.0).collect()),
+        _ => Some(taken.iter().map(|incoming| incoming.id.0).collect()),
     }
 }
 
-fn deliver(id: u128) -> Frame {
+/// A DELIVER of message `id` to subscription 1, as the connection task reads it.
+fn deliver(id: u128) -> Incoming {
     let topic = Topic::parse("t").unwrap();
     let flags = Flags::with_content(ContentType::Raw);
     let envelope = Envelope::new(MessageId(id), topic, 0, flags, Bytes::from_static(b"x"));
-    Frame::new(0, Body::Deliver { sub: 1, attempt: 2, offset: 0, envelope })
+    let frame = Frame::new(0, Body::Deliver { sub: 1, attempt: 2, offset: 0, envelope });
+    let mut bytes = BytesMut::new();
+    frame.encode(&mut bytes, usize::MAX).unwrap();
+    Frame::split(&mut bytes, &Limits::default()).unwrap().unwrap().deliver().unwrap()
 }
 
 #[test]
@@ -42,8 +46,8 @@ fn a_redelivery_of_an_acked_message_is_acked_again_and_dropped() {
     // The ack is encoded (and remembered), then the connection is lost before it is sent.
     actor.settle(Settle { sub: 1, id: MessageId(7), requeue: None }, &mut out, usize::MAX).unwrap();
     out.frames().clear();
-    actor.dispatch(deliver(7), &mut out, usize::MAX).unwrap();
-    actor.dispatch(deliver(8), &mut out, usize::MAX).unwrap();
+    actor.deliver(deliver(7), &mut out, usize::MAX).unwrap();
+    actor.deliver(deliver(8), &mut out, usize::MAX).unwrap();
     let frame = Frame::decode(out.frames(), &Limits::default()).unwrap().unwrap();
     assert_eq!(frame.body, Body::Ack { sub: 1, id: MessageId(7) });
     assert!(out.is_empty(), "nothing else was sent");
@@ -88,16 +92,19 @@ fn recent_ids_forget_the_oldest_beyond_their_capacity() {
 #[test]
 fn a_subscription_buffer_is_bounded_by_bytes_and_counts_what_it_drops() {
     let (mut actor, buffer) = actor_with_sub(Qos::AtMostOnce, usize::MAX);
-    // Room for 1 MiB: each 1-byte message weighs 257, so 4080 fit and the rest are dropped.
-    // The bytes stay counted until the subscription takes a message off the buffer.
+    // Room for 1 MiB: each message weighs its 36 bytes as sent and 256 more, so 3591 fit and
+    // the rest are dropped. The bytes stay counted until the subscription takes a message off
+    // the buffer.
+    let weight = Buffer::weight(&deliver(0));
+    assert_eq!((weight, (1 << 20) / weight), (292, 3591));
     let mut out = OutBuf::default();
-    for id in 0..4100 {
-        actor.dispatch(deliver(id), &mut out, usize::MAX).unwrap();
+    for id in 0..3611 {
+        actor.deliver(deliver(id), &mut out, usize::MAX).unwrap();
         actor.hand_over(&mut out, usize::MAX);
     }
-    assert_eq!(buffer.dropped(), 4100 - 4080);
-    buffer.release(Buffer::weight_of(1), 1);
-    actor.dispatch(deliver(5000), &mut out, usize::MAX).unwrap();
+    assert_eq!(buffer.dropped(), 20);
+    buffer.release(weight, 1);
+    actor.deliver(deliver(5000), &mut out, usize::MAX).unwrap();
     assert_eq!(buffer.dropped(), 20, "room given back is used again");
 }
 
@@ -106,7 +113,7 @@ fn a_subscription_buffer_is_bounded_by_count_too() {
     let (mut actor, buffer) = actor_with_sub(Qos::AtMostOnce, 3);
     let mut out = OutBuf::default();
     for id in 0..5 {
-        actor.dispatch(deliver(id), &mut out, usize::MAX).unwrap();
+        actor.deliver(deliver(id), &mut out, usize::MAX).unwrap();
     }
     actor.hand_over(&mut out, usize::MAX);
     assert_eq!((take(&buffer), buffer.dropped()), (Some(vec![0, 1, 2]), 2));
@@ -117,16 +124,16 @@ fn room_given_back_during_a_read_is_seen_before_a_message_is_dropped() {
     let (mut actor, buffer) = actor_with_sub(Qos::AtMostOnce, 3);
     let mut out = OutBuf::default();
     for id in 0..3 {
-        actor.dispatch(deliver(id), &mut out, usize::MAX).unwrap();
+        actor.deliver(deliver(id), &mut out, usize::MAX).unwrap();
     }
     actor.hand_over(&mut out, usize::MAX);
     // Full: the next read looks at the buffer's counts once and refuses message 3.
-    actor.dispatch(deliver(3), &mut out, usize::MAX).unwrap();
+    actor.deliver(deliver(3), &mut out, usize::MAX).unwrap();
     assert_eq!(buffer.dropped(), 1);
     // The subscription takes all three and gives their room back in the same read.
     assert_eq!(take(&buffer), Some(vec![0, 1, 2]));
-    buffer.release(3 * Buffer::weight_of(1), 3);
-    actor.dispatch(deliver(4), &mut out, usize::MAX).unwrap();
+    buffer.release(3 * Buffer::weight(&deliver(0)), 3);
+    actor.deliver(deliver(4), &mut out, usize::MAX).unwrap();
     actor.hand_over(&mut out, usize::MAX);
     assert_eq!(
         (take(&buffer), buffer.dropped()),
@@ -139,9 +146,9 @@ fn room_given_back_during_a_read_is_seen_before_a_message_is_dropped() {
 fn a_dropped_subscription_is_unsubscribed_and_a_dropped_connection_ends_the_subscription() {
     let (mut actor, buffer) = actor_with_sub(Qos::AtMostOnce, 8);
     let mut out = OutBuf::default();
-    actor.dispatch(deliver(1), &mut out, usize::MAX).unwrap();
+    actor.deliver(deliver(1), &mut out, usize::MAX).unwrap();
     actor.hand_over(&mut out, usize::MAX);
-    actor.dispatch(deliver(2), &mut out, usize::MAX).unwrap();
+    actor.deliver(deliver(2), &mut out, usize::MAX).unwrap();
     // The connection task lets go (the client closed): what was handed over is still taken,
     // then the subscription ends.
     drop(actor);
@@ -150,7 +157,7 @@ fn a_dropped_subscription_is_unsubscribed_and_a_dropped_connection_ends_the_subs
 
     let (mut actor, buffer) = actor_with_sub(Qos::AtMostOnce, 8);
     buffer.receiver_gone.store(true, Ordering::Release);
-    actor.dispatch(deliver(3), &mut out, usize::MAX).unwrap();
+    actor.deliver(deliver(3), &mut out, usize::MAX).unwrap();
     actor.hand_over(&mut out, usize::MAX);
     assert!(actor.subscriptions.is_empty());
     let frame = Frame::decode(out.frames(), &Limits::default()).unwrap().unwrap();

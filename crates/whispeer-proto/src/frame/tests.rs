@@ -253,6 +253,41 @@ fn encode_refuses_frames_over_the_peer_limit() {
 }
 
 proptest! {
+    /// The SDK's path for deliveries (split off, then the envelope decoded on its own) and the
+    /// whole-frame decoder agree on every DELIVER, a damaged one included.
+    #[test]
+    fn a_deliver_decodes_the_same_split_or_whole(
+        topic in "[a-z]{1,5}(/[a-z]{1,5}){0,3}",
+        payload in prop::collection::vec(any::<u8>(), 0..100),
+        header in prop::option::of(("[a-z]{1,8}", prop::collection::vec(any::<u8>(), 0..20))),
+        damage in prop::option::of((any::<prop::sample::Index>(), 1..=255u8)),
+    ) {
+        let mut sent = envelope(&topic, &payload, &[]);
+        if let Some((name, value)) = header {
+            sent.headers.insert(name, value);
+        }
+        let mut stream = BytesMut::new();
+        let deliver = Body::Deliver { sub: 3, attempt: 1, offset: 9, envelope: sent };
+        Frame::new(0, deliver).encode(&mut stream, usize::MAX).unwrap();
+        if let Some((at, xor)) = damage {
+            // Anything but the length prefix and the type.
+            let at = 5 + at.index(stream.len() - 5);
+            stream[at] ^= xor;
+        }
+        let mut whole = stream.clone();
+        let raw = Frame::split(&mut stream, &limits()).unwrap().unwrap();
+        let full = Frame::decode(&mut whole, &limits());
+        let deliver = raw.deliver().unwrap();
+        let (sub, attempt, offset) = (deliver.sub, deliver.attempt, deliver.offset);
+        match (deliver.decode(&limits(), &mut TopicCache::default()), full) {
+            (Ok(envelope), Ok(Some(frame))) => {
+                prop_assert_eq!(frame.body, Body::Deliver { sub, attempt, offset, envelope });
+            }
+            (Err(_), Err(_)) => {}
+            (split, full) => prop_assert!(false, "split {:?}, whole {:?}", split, full),
+        }
+    }
+
     #[test]
     fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
         let mut buf = BytesMut::from(&bytes[..]);
@@ -338,4 +373,29 @@ fn small_frames_are_read_without_moving_what_is_buffered_more_than_once_a_read_c
     let (read, moved) = read_as_a_connection(&stream);
     assert_eq!(read, frames);
     assert!(moved <= stream.len() / (READ_CHUNK / 2) + 1, "moved {moved} times");
+}
+
+#[test]
+fn a_deliver_split_raw_gives_its_fixed_fields_and_then_its_envelope() {
+    let sent = envelope("a/b", b"payload", &[("k", b"v")]);
+    let mut stream = BytesMut::new();
+    let deliver = Body::Deliver { sub: 7, attempt: 2, offset: 41, envelope: sent.clone() };
+    Frame::new(0, deliver).encode(&mut stream, usize::MAX).unwrap();
+    Frame::new(9, Body::Ping).encode(&mut stream, usize::MAX).unwrap();
+    // A DELIVER too short for its fixed fields and an id.
+    stream.extend_from_slice(&[0, 0, 0, 9, 0x30, 0, 0, 0, 0, 0, 0, 0, 1]);
+    let raw = Frame::split(&mut stream, &limits()).unwrap().unwrap();
+    let deliver = raw.deliver().unwrap();
+    assert_eq!((deliver.sub, deliver.attempt, deliver.offset), (7, 2, 41));
+    let mut alone = BytesMut::new();
+    sent.encode(&mut alone).unwrap();
+    assert_eq!((deliver.id, deliver.len()), (sent.id, alone.len()));
+    assert_eq!(deliver.decode(&limits(), &mut TopicCache::default()).unwrap(), sent);
+    let ping = Frame::split(&mut stream, &limits()).unwrap().unwrap().deliver().unwrap_err();
+    let ping = ping.decode(&limits(), &mut TopicCache::default()).unwrap();
+    assert_eq!(ping, Frame::new(9, Body::Ping));
+    let short = Frame::split(&mut stream, &limits()).unwrap().unwrap().deliver().unwrap_err();
+    let err = short.decode(&limits(), &mut TopicCache::default()).unwrap_err();
+    assert!(matches!(err, DecodeError::Truncated { frame_type: 0x30 }), "{err:?}");
+    assert!(Frame::split(&mut stream, &limits()).unwrap().is_none() && stream.is_empty());
 }

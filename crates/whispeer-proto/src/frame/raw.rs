@@ -1,0 +1,142 @@
+//! Frames cut off a stream before their bodies are decoded.
+//!
+//! A client's connection task reads every delivery of every subscription; what it needs of a
+//! DELIVER is where it goes, its id and its size. [`Frame::split`] cuts a whole frame off the
+//! buffer (the length checked against the limit, as [`Frame::decode`] does) and
+//! [`RawFrame::deliver`] reads a DELIVER's fixed fields, leaving its envelope as bytes for the
+//! subscription to decode in its own task ([`RawDeliver::decode`]): the decoding is spread
+//! over the tasks that consume, and what moves between them is a few words instead of a
+//! decoded envelope. Any other frame is decoded whole ([`RawFrame::decode`]).
+
+use bytes::{Buf, Bytes, BytesMut};
+
+use super::reader::Reader;
+use super::{DecodeError, Frame, HEADER_LEN, READ_CHUNK, room_for};
+use crate::{Envelope, Limits, MessageId, TopicCache};
+
+/// The type byte of a DELIVER.
+const DELIVER: u8 = 0x30;
+/// A DELIVER's fixed fields before its envelope: subscription, attempt, offset.
+const DELIVER_HEAD: usize = 4 + 4 + 8;
+
+/// A complete frame whose type and correlation id are read and whose body is not decoded yet.
+#[derive(Clone, Debug)]
+pub struct RawFrame {
+    frame_type: u8,
+    correlation: u32,
+    body: Bytes,
+}
+
+/// A DELIVER whose envelope is not decoded yet: its subscription, attempt, offset and message
+/// id, and the envelope's bytes (see the module's documentation).
+#[derive(Clone, Debug)]
+pub struct RawDeliver {
+    /// The subscription.
+    pub sub: u32,
+    /// 1 for a first delivery; more for a redelivery.
+    pub attempt: u32,
+    /// The message's offset in its topic's retained history; 0 when the topic keeps none.
+    pub offset: u64,
+    /// The message's id, the envelope's first field.
+    pub id: MessageId,
+    envelope: Bytes,
+}
+
+impl Frame {
+    /// Cuts the next whole frame off the front of `buf` without decoding its body; `Ok(None)`
+    /// means "need more bytes" (and, for a frame over `READ_CHUNK / 8` bytes, room for the
+    /// rest of it has been reserved).
+    ///
+    /// # Errors
+    /// A length prefix over the limit or too short for a frame's head; the connection should
+    /// be closed.
+    pub fn split(buf: &mut BytesMut, limits: &Limits) -> Result<Option<RawFrame>, DecodeError> {
+        let Some(prefix) = buf.first_chunk::<4>() else { return Ok(None) };
+        let len = u32::from_be_bytes(*prefix);
+        let body_len = len as usize;
+        if body_len > limits.max_frame_bytes {
+            return Err(DecodeError::FrameTooLarge { len, max: limits.max_frame_bytes });
+        }
+        if body_len < HEADER_LEN - 4 {
+            return Err(DecodeError::Truncated { frame_type: buf.get(4).copied().unwrap_or(0) });
+        }
+        if buf.len() < 4 + body_len {
+            // A small frame fits in the room a reader makes before each read
+            // (`reserve_for_read`, `ReadPool`), which may read into an earlier allocation.
+            if 4 + body_len > READ_CHUNK / 8 {
+                buf.reserve(room_for(4 + body_len, buf.len()));
+            }
+            return Ok(None);
+        }
+        let mut body = buf.split_to(4 + body_len).freeze();
+        body.advance(4);
+        let frame_type = body.get_u8();
+        let correlation = body.get_u32();
+        Ok(Some(RawFrame { frame_type, correlation, body }))
+    }
+}
+
+impl RawFrame {
+    /// The frame's type byte.
+    pub fn frame_type(&self) -> u8 {
+        self.frame_type
+    }
+
+    /// The frame as a DELIVER with its envelope left undecoded; the frame itself when it is
+    /// another type, or a DELIVER too short to hold its fixed fields and an id (decoding it
+    /// then says what is wrong).
+    ///
+    /// # Errors
+    /// The frame, unchanged, when it is not such a DELIVER.
+    #[inline]
+    pub fn deliver(self) -> Result<RawDeliver, Self> {
+        if self.frame_type != DELIVER || self.body.len() < DELIVER_HEAD + 16 {
+            return Err(self);
+        }
+        let mut body = self.body;
+        let (sub, attempt, offset) = (body.get_u32(), body.get_u32(), body.get_u64());
+        let id = MessageId(u128::from_be_bytes(*body.first_chunk::<16>().unwrap_or(&[0; 16])));
+        Ok(RawDeliver { sub, attempt, offset, id, envelope: body })
+    }
+
+    /// Decodes the body, sharing a repeated topic through `topics` as
+    /// [`Frame::decode_cached`] does.
+    ///
+    /// # Errors
+    /// As [`Frame::decode`].
+    pub fn decode(self, limits: &Limits, topics: &mut TopicCache) -> Result<Frame, DecodeError> {
+        let Self { frame_type, correlation, body } = self;
+        let mut reader = Reader { buf: body, frame_type, topics };
+        let body = reader.body(limits).map_err(|err| match err {
+            DecodeError::InvalidTopic(error) => DecodeError::RequestTopic { correlation, error },
+            other => other,
+        })?;
+        reader.finish()?;
+        Ok(Frame { correlation, body })
+    }
+}
+
+impl RawDeliver {
+    /// The envelope's size in bytes as it came (its payload and the fields around it).
+    pub fn len(&self) -> usize {
+        self.envelope.len()
+    }
+
+    /// Whether the envelope has no bytes (never, for one [`RawFrame::deliver`] gave).
+    pub fn is_empty(&self) -> bool {
+        self.envelope.is_empty()
+    }
+
+    /// Decodes the envelope, sharing a repeated topic through `topics`; its payload is a slice
+    /// of the bytes read, not a copy.
+    ///
+    /// # Errors
+    /// As for a frame: truncation, trailing bytes, invalid topics, too many headers.
+    #[inline]
+    pub fn decode(self, limits: &Limits, topics: &mut TopicCache) -> Result<Envelope, DecodeError> {
+        let mut reader = Reader { buf: self.envelope, frame_type: DELIVER, topics };
+        let envelope = reader.envelope(limits)?;
+        reader.finish()?;
+        Ok(envelope)
+    }
+}
