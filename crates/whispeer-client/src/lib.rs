@@ -487,7 +487,8 @@ impl Client {
         options: impl Into<SubscribeOptions>,
     ) -> Result<ClientSubscription<Delivery>, ClientError> {
         let parts = self.open_subscription(options.into()).await?;
-        Ok(ClientSubscription::new(parts, Decode::Itself(|d| d)))
+        let decode = Decode::Itself { poll: ClientSubscription::poll_itself, of: |d| d };
+        Ok(ClientSubscription::new(parts, decode))
     }
 
     /// Waits until everything sent before this call has reached the server and been handled.

@@ -175,8 +175,13 @@ const RELEASE_EVERY: usize = 256;
 pub(crate) enum Decode<T> {
     /// Decoded (or opened) from the delivery, which stays for acknowledging.
     Value(fn(&Delivery) -> Result<T, ReceiveError>),
-    /// The delivery itself (`T` is [`Delivery`]).
-    Itself(fn(Delivery) -> T),
+    /// The delivery itself (`T` is [`Delivery`]): `poll` is `ClientSubscription::<Delivery>::
+    /// poll_itself`, which hands the delivery over where the caller wants it instead of
+    /// through a call by pointer that takes and gives back its 160 bytes; `of` converts one.
+    Itself {
+        poll: fn(&mut ClientSubscription<T>, &mut Context<'_>) -> Poll<Option<T>>,
+        of: fn(Delivery) -> T,
+    },
 }
 
 /// What a client subscription is made of.
@@ -249,14 +254,9 @@ impl<T> ClientSubscription<T> {
     }
 
     fn poll_acked(&mut self, cx: &mut Context<'_>) -> Poll<Option<T>> {
-        if let Decode::Itself(itself) = self.decode {
+        if let Decode::Itself { poll, .. } = self.decode {
             // The delivery is the item: acked and handed over, not copied.
-            return self.poll_delivery(cx).map(|next| {
-                next.map(|delivery| {
-                    delivery.ack();
-                    itself(delivery)
-                })
-            });
+            return poll(self, cx);
         }
         self.poll_decoded(cx).map(|next| {
             next.map(|(value, delivery)| {
@@ -268,6 +268,7 @@ impl<T> ClientSubscription<T> {
 
     /// The next delivery as it came. One whose envelope does not decode (the server sent it
     /// malformed) is skipped and counted, and under QoS 1 refused without requeue.
+    #[inline]
     fn poll_delivery(&mut self, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
         loop {
             if self.local.is_empty()
@@ -313,7 +314,7 @@ impl<T> ClientSubscription<T> {
             };
             let decoded = match self.decode {
                 Decode::Value(decode) => decode(&delivery),
-                Decode::Itself(itself) => Ok(itself(delivery.clone())),
+                Decode::Itself { of, .. } => Ok(of(delivery.clone())),
             };
             match decoded {
                 Ok(value) => return Poll::Ready(Some((value, delivery))),
@@ -328,6 +329,17 @@ impl<T> ClientSubscription<T> {
                 }
             }
         }
+    }
+}
+
+impl ClientSubscription<Delivery> {
+    /// The next delivery, acknowledged (see [`Decode::Itself`]).
+    pub(crate) fn poll_itself(&mut self, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
+        let next = std::task::ready!(self.poll_delivery(cx));
+        if let Some(delivery) = &next {
+            delivery.ack();
+        }
+        Poll::Ready(next)
     }
 }
 
