@@ -434,7 +434,10 @@ impl Client {
     async fn publish_sealed(&self, qos: Qos, envelope: Envelope) -> Result<MessageId, ClientError> {
         let id = envelope.id;
         if qos == Qos::AtMostOnce {
-            self.outbox.publish(qos, envelope, None).await?;
+            // Encoded at once while the outbox has room, as it mostly has.
+            if !self.outbox.try_publish(&envelope)? {
+                self.outbox.publish(qos, envelope, None).await?;
+            }
             return Ok(id);
         }
         let (ack, acked) = oneshot::channel();

@@ -18,7 +18,7 @@
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::{Notify, oneshot};
-use whispeer_proto::{BY_REFERENCE, Body, Envelope, Frame, OutBuf, Qos};
+use whispeer_proto::{BY_REFERENCE, Envelope, Frame, OutBuf, Qos};
 
 use crate::ClientError;
 
@@ -79,37 +79,11 @@ impl Outbox {
         &self,
         qos: Qos,
         envelope: Envelope,
-        ack: Option<AckWaiter>,
+        mut ack: Option<AckWaiter>,
     ) -> Result<(), ClientError> {
         loop {
-            {
-                let mut state = self.lock();
-                if state.closed {
-                    return Err(ClientError::Closed);
-                }
-                if state.buf.len() < self.max_bytes {
-                    let was_empty = state.buf.is_empty();
-                    let correlation = PUBLISH_BIT | state.next_correlation;
-                    let State { buf, max_frame_bytes, vectored, .. } = &mut *state;
-                    let max = *max_frame_bytes;
-                    let encoded = if *vectored && envelope.payload.len() >= BY_REFERENCE {
-                        Frame::encode_publish_head(buf.frames(), correlation, qos, &envelope, max)
-                            .map(|()| buf.push_payload(envelope.payload))
-                    } else {
-                        Frame::new(correlation, Body::Publish { qos, envelope })
-                            .encode(buf.frames(), max)
-                    };
-                    encoded.map_err(|err| ClientError::Protocol(err.to_string()))?;
-                    state.next_correlation = (state.next_correlation + 1) & !PUBLISH_BIT;
-                    if let Some(ack) = ack {
-                        state.acks.push((correlation, ack));
-                    }
-                    drop(state);
-                    if was_empty {
-                        self.ready.notify_one();
-                    }
-                    return Ok(());
-                }
+            if self.try_put(qos, &envelope, &mut ack)? {
+                return Ok(());
             }
             // Full: wait for room, registered before looking again so no wake-up is missed
             // (and only here: registering costs more than encoding a small frame).
@@ -124,6 +98,53 @@ impl Outbox {
                 room.await;
             }
         }
+    }
+
+    /// Encodes a QoS 0 publish into the buffer if it has room, without waiting: `Ok(false)`
+    /// when it is full (then [`Outbox::publish`] waits for room).
+    ///
+    /// # Errors
+    /// As [`Outbox::publish`].
+    pub(crate) fn try_publish(&self, envelope: &Envelope) -> Result<bool, ClientError> {
+        self.try_put(Qos::AtMostOnce, envelope, &mut None)
+    }
+
+    /// Encodes the publish if the buffer has room (taking `ack` along), straight from the
+    /// envelope: its head, then its payload copied or, from `BY_REFERENCE` on a vectored
+    /// transport, by reference.
+    fn try_put(
+        &self,
+        qos: Qos,
+        envelope: &Envelope,
+        ack: &mut Option<AckWaiter>,
+    ) -> Result<bool, ClientError> {
+        let mut state = self.lock();
+        if state.closed {
+            return Err(ClientError::Closed);
+        }
+        if state.buf.len() >= self.max_bytes {
+            return Ok(false);
+        }
+        let was_empty = state.buf.is_empty();
+        let correlation = PUBLISH_BIT | state.next_correlation;
+        let State { buf, max_frame_bytes, vectored, .. } = &mut *state;
+        let payload = &envelope.payload;
+        Frame::encode_publish_head(buf.frames(), correlation, qos, envelope, *max_frame_bytes)
+            .map_err(|err| ClientError::Protocol(err.to_string()))?;
+        if *vectored && payload.len() >= BY_REFERENCE {
+            buf.push_payload(payload.clone());
+        } else {
+            buf.frames().extend_from_slice(payload);
+        }
+        state.next_correlation = (state.next_correlation + 1) & !PUBLISH_BIT;
+        if let Some(ack) = ack.take() {
+            state.acks.push((correlation, ack));
+        }
+        drop(state);
+        if was_empty {
+            self.ready.notify_one();
+        }
+        Ok(true)
     }
 
     /// Waits until the buffer may hold something (a spurious wake finds it empty).
@@ -176,7 +197,7 @@ mod tests {
     use std::time::Duration;
 
     use bytes::{Buf, Bytes, BytesMut};
-    use whispeer_proto::{ContentType, Flags, Limits, MessageId, Topic};
+    use whispeer_proto::{Body, ContentType, Flags, Limits, MessageId, Topic};
 
     use super::*;
 
