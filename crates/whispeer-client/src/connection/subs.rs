@@ -172,7 +172,7 @@ impl Buffer {
             // The subscription took everything: trade queues rather than move each message.
             std::mem::swap(&mut *waiting, &mut staged.items);
         } else {
-            waiting.extend(staged.items.drain(..));
+            waiting.append(&mut staged.items);
         }
         drop(waiting);
         self.waker.wake();
