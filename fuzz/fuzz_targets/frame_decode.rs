@@ -26,9 +26,10 @@ fuzz_target!(|data: &[u8]| {
         let full = Frame::decode(&mut whole, &limits);
         let Ok(deliver) = raw.deliver() else { continue };
         let (sub, attempt, offset, id) = (deliver.sub, deliver.attempt, deliver.offset, deliver.id);
+        let payload_len = deliver.payload_len();
         match (deliver.decode(&limits, &mut topics), full) {
             (Ok(envelope), Ok(Some(frame))) => {
-                assert_eq!(envelope.id, id);
+                assert_eq!((envelope.id, envelope.payload.len()), (id, payload_len));
                 assert_eq!(frame.body, Body::Deliver { sub, attempt, offset, envelope });
             }
             (Err(_), Err(_)) => {}

@@ -45,13 +45,11 @@ pub struct ClientOptions {
     pub backoff: (Duration, Duration),
     /// Messages buffered per subscription; further ones are dropped and counted. Default:
     /// 131 072, a cap that does not bite before `subscription_max_bytes` (a message weighs its
-    /// envelope as it came, payload and metadata, plus 256 bytes); the buffer grows as
-    /// messages arrive.
+    /// payload plus 256 bytes); the buffer grows as messages arrive.
     pub subscription_capacity: usize,
-    /// Bytes buffered per subscription (each message's envelope as it came plus 256) while the
-    /// application has not taken them; further messages are dropped and counted
-    /// (`SubscriptionStats::dropped`). Default: 32 MiB, which holds a burst of 8 MiB of 128-byte
-    /// messages (65,536 of them weigh about 28 MiB with a short topic).
+    /// Bytes buffered per subscription (payloads plus 256 a message) while the application has
+    /// not taken them; further messages are dropped and counted (`SubscriptionStats::dropped`).
+    /// Default: 32 MiB, which holds a burst of 8 MiB of 128-byte messages.
     pub subscription_max_bytes: usize,
     /// Commands (subscribes, flushes) queued for the connection task. Default: 4 096.
     pub command_queue: usize,

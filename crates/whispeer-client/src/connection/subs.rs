@@ -241,10 +241,10 @@ impl Buffer {
 
     /// What a buffered message weighs: its payload and an allowance for the envelope.
     pub(crate) fn weight(incoming: &Incoming) -> usize {
-        Self::weight_of(incoming.len())
+        Self::weight_of(incoming.payload_len())
     }
 
-    /// What a message whose envelope came as `len` bytes weighs.
+    /// What a message with a payload of `len` bytes weighs.
     pub(crate) fn weight_of(len: usize) -> usize {
         len + 256
     }

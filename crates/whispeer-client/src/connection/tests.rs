@@ -92,13 +92,12 @@ fn recent_ids_forget_the_oldest_beyond_their_capacity() {
 #[test]
 fn a_subscription_buffer_is_bounded_by_bytes_and_counts_what_it_drops() {
     let (mut actor, buffer) = actor_with_sub(Qos::AtMostOnce, usize::MAX);
-    // Room for 1 MiB: each message weighs its 36 bytes as sent and 256 more, so 3591 fit and
-    // the rest are dropped. The bytes stay counted until the subscription takes a message off
-    // the buffer.
+    // Room for 1 MiB: each 1-byte message weighs 257, so 4080 fit and the rest are dropped.
+    // The bytes stay counted until the subscription takes a message off the buffer.
     let weight = Buffer::weight(&deliver(0));
-    assert_eq!((weight, (1 << 20) / weight), (292, 3591));
+    assert_eq!((weight, (1 << 20) / weight), (257, 4080));
     let mut out = OutBuf::default();
-    for id in 0..3611 {
+    for id in 0..4100 {
         actor.deliver(deliver(id), &mut out, usize::MAX).unwrap();
         actor.hand_over(&mut out, usize::MAX);
     }

@@ -279,8 +279,10 @@ proptest! {
         let full = Frame::decode(&mut whole, &limits());
         let deliver = raw.deliver().unwrap();
         let (sub, attempt, offset) = (deliver.sub, deliver.attempt, deliver.offset);
+        let payload_len = deliver.payload_len();
         match (deliver.decode(&limits(), &mut TopicCache::default()), full) {
             (Ok(envelope), Ok(Some(frame))) => {
+                prop_assert_eq!(payload_len, envelope.payload.len());
                 prop_assert_eq!(frame.body, Body::Deliver { sub, attempt, offset, envelope });
             }
             (Err(_), Err(_)) => {}
@@ -390,6 +392,7 @@ fn a_deliver_split_raw_gives_its_fixed_fields_and_then_its_envelope() {
     let mut alone = BytesMut::new();
     sent.encode(&mut alone).unwrap();
     assert_eq!((deliver.id, deliver.len()), (sent.id, alone.len()));
+    assert_eq!(deliver.payload_len(), b"payload".len());
     assert_eq!(deliver.decode(&limits(), &mut TopicCache::default()).unwrap(), sent);
     let ping = Frame::split(&mut stream, &limits()).unwrap().unwrap().deliver().unwrap_err();
     let ping = ping.decode(&limits(), &mut TopicCache::default()).unwrap();
