@@ -37,8 +37,19 @@ impl OutBuf {
         &mut self.frames
     }
 
-    /// Sends `payload` right after what is encoded so far (a frame head that counted it).
-    pub fn push_payload(&mut self, payload: Bytes) {
+    /// Sends `payload` right after what is encoded so far (a frame head that counted it): by
+    /// reference when the connection writes `vectored` and it has [`BY_REFERENCE`] bytes or
+    /// more, else copied after the head.
+    pub fn put_payload(&mut self, payload: &Bytes, vectored: bool) {
+        if !vectored || payload.len() < BY_REFERENCE {
+            self.frames.extend_from_slice(payload);
+            return;
+        }
+        self.push_payload(payload.clone());
+    }
+
+    /// Queues `payload` by reference after what is encoded so far.
+    fn push_payload(&mut self, payload: Bytes) {
         self.cut();
         self.queued += payload.len();
         self.queue.push_back(payload);
@@ -163,6 +174,23 @@ mod tests {
         assert_eq!(sample().len(), 39);
         for step in [1, 3, 7, 100] {
             assert_eq!(written(sample(), step), b"head1PAYLOAD1head2PAYLOAD2tailmoreP3end");
+        }
+    }
+
+    #[test]
+    fn a_payload_goes_by_reference_only_when_large_on_a_vectored_connection() {
+        let (small, large) = (Bytes::from(vec![1; 8]), Bytes::from(vec![2; BY_REFERENCE]));
+        for (payload, vectored, by_reference) in
+            [(&small, true, false), (&large, false, false), (&large, true, true)]
+        {
+            let mut out = OutBuf::default();
+            out.frames().extend_from_slice(b"head");
+            out.put_payload(payload, vectored);
+            let mut slices = [IoSlice::new(&[]); 4];
+            let n = out.chunks_vectored(&mut slices);
+            let shared = slices[..n].iter().any(|s| s.as_ptr() == payload.as_ptr());
+            assert_eq!(shared, by_reference, "{} bytes, vectored {vectored}", payload.len());
+            assert_eq!(out.len(), 4 + payload.len());
         }
     }
 

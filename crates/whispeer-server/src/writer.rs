@@ -24,7 +24,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio_util::sync::CancellationToken;
-use whispeer_proto::{BY_REFERENCE, Body, ErrorCode, Frame, Limits, OutBuf};
+use whispeer_proto::{Body, ErrorCode, Frame, Limits, OutBuf};
 
 use super::ServerConfig;
 use super::registry::Entry;
@@ -95,12 +95,9 @@ impl Writer {
     fn deliver(&mut self, sub: u32, message: &Message, attempt: u32) {
         let offset = message.offset().unwrap_or(0);
         let (envelope, max) = (message.envelope(), self.limits.max_frame_bytes);
-        let encoded = if self.vectored && envelope.payload.len() >= BY_REFERENCE {
+        let encoded =
             Frame::encode_deliver_head(self.out.frames(), sub, attempt, offset, envelope, max)
-                .map(|()| self.out.push_payload(envelope.payload.clone()))
-        } else {
-            Frame::encode_deliver(self.out.frames(), sub, attempt, offset, envelope, max)
-        };
+                .map(|()| self.out.put_payload(&envelope.payload, self.vectored));
         match encoded {
             Ok(()) => {
                 let bytes = message.envelope().payload.len();

@@ -18,7 +18,7 @@
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::{Notify, oneshot};
-use whispeer_proto::{BY_REFERENCE, Envelope, Frame, OutBuf, Qos};
+use whispeer_proto::{Envelope, Frame, OutBuf, Qos};
 
 use crate::ClientError;
 
@@ -110,8 +110,7 @@ impl Outbox {
     }
 
     /// Encodes the publish if the buffer has room (taking `ack` along), straight from the
-    /// envelope: its head, then its payload copied or, from `BY_REFERENCE` on a vectored
-    /// transport, by reference.
+    /// envelope: its head, then its payload (see `OutBuf::put_payload`).
     fn try_put(
         &self,
         qos: Qos,
@@ -128,14 +127,9 @@ impl Outbox {
         let was_empty = state.buf.is_empty();
         let correlation = PUBLISH_BIT | state.next_correlation;
         let State { buf, max_frame_bytes, vectored, .. } = &mut *state;
-        let payload = &envelope.payload;
         Frame::encode_publish_head(buf.frames(), correlation, qos, envelope, *max_frame_bytes)
             .map_err(|err| ClientError::Protocol(err.to_string()))?;
-        if *vectored && payload.len() >= BY_REFERENCE {
-            buf.push_payload(payload.clone());
-        } else {
-            buf.frames().extend_from_slice(payload);
-        }
+        buf.put_payload(&envelope.payload, *vectored);
         state.next_correlation = (state.next_correlation + 1) & !PUBLISH_BIT;
         if let Some(ack) = ack.take() {
             state.acks.push((correlation, ack));
@@ -197,7 +191,7 @@ mod tests {
     use std::time::Duration;
 
     use bytes::{Buf, Bytes, BytesMut};
-    use whispeer_proto::{Body, ContentType, Flags, Limits, MessageId, Topic};
+    use whispeer_proto::{BY_REFERENCE, Body, ContentType, Flags, Limits, MessageId, Topic};
 
     use super::*;
 

@@ -241,12 +241,7 @@ impl Buffer {
 
     /// What a buffered message weighs: its payload and an allowance for the envelope.
     pub(crate) fn weight(incoming: &Incoming) -> usize {
-        Self::weight_of(incoming.payload_len())
-    }
-
-    /// What a message with a payload of `len` bytes weighs.
-    pub(crate) fn weight_of(len: usize) -> usize {
-        len + 256
+        incoming.payload_len() + 256
     }
 
     /// Messages dropped so far.

@@ -77,11 +77,6 @@ impl Frame {
 }
 
 impl RawFrame {
-    /// The frame's type byte.
-    pub fn frame_type(&self) -> u8 {
-        self.frame_type
-    }
-
     /// The frame as a DELIVER with its envelope left undecoded; the frame itself when it is
     /// another type, or a DELIVER too short to hold its fixed fields and an id (decoding it
     /// then says what is wrong).
@@ -117,16 +112,6 @@ impl RawFrame {
 }
 
 impl RawDeliver {
-    /// The envelope's size in bytes as it came (its payload and the fields around it).
-    pub fn len(&self) -> usize {
-        self.envelope.len()
-    }
-
-    /// Whether the envelope has no bytes (never, for one [`RawFrame::deliver`] gave).
-    pub fn is_empty(&self) -> bool {
-        self.envelope.is_empty()
-    }
-
     /// The payload's length as its prefix gives it, found by stepping over the fields before
     /// it without checking them (decoding does); the envelope's whole length when they do not
     /// add up. What a client's buffer counts a delivery by, before decoding it.

@@ -142,7 +142,6 @@ impl Frame {
     }
 }
 
-/// Writes the length prefix of the frame starting at `start`, or removes the frame on error.
 /// Appends a frame's header with its length left at 0 (see `finish_frame`); returns where the
 /// frame starts.
 fn begin_frame(dst: &mut BytesMut, frame_type: u8, correlation: u32) -> usize {
@@ -153,6 +152,7 @@ fn begin_frame(dst: &mut BytesMut, frame_type: u8, correlation: u32) -> usize {
     start
 }
 
+/// Writes the length prefix of the frame starting at `start`, or removes the frame on error.
 fn finish_frame(
     dst: &mut BytesMut,
     start: usize,
