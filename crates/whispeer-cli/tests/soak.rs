@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use whispeer_client::{Client, PublishOptions, Qos, SubscribeOptions};
+use whispeer_client::{Client, ClientStats, PublishOptions, Qos, SubscribeOptions};
 
 /// The server's open descriptors, by what they point to.
 fn open_fds(pid: u32) -> Vec<String> {
@@ -68,8 +68,8 @@ fn slow_mqtt_reader(
 }
 
 /// Publishes `rate` messages a second (in steps of 10 ms) to `soak/<n % 8>` until `stop`;
-/// returns how many.
-async fn publish_at(addr: String, rate: u64, stop: Arc<AtomicBool>) -> u64 {
+/// returns how many, and what its client counted (reconnections, refusals).
+async fn publish_at(addr: String, rate: u64, stop: Arc<AtomicBool>) -> (u64, ClientStats) {
     let client = Client::connect(&addr).await.unwrap();
     let payload = Bytes::from(vec![1u8; 128]);
     let per_step = (rate / 100).max(1);
@@ -85,7 +85,7 @@ async fn publish_at(addr: String, rate: u64, stop: Arc<AtomicBool>) -> u64 {
         tokio::time::sleep_until(due.into()).await;
     }
     client.flush().await.unwrap();
-    sent
+    (sent, client.stats())
 }
 
 /// The most messages a second one publisher gets through to one subscriber, over `for`.
@@ -117,7 +117,9 @@ async fn burst_rate(addr: &str, over: Duration) -> u64 {
 async fn a_soak_run_keeps_memory_level_and_its_counters_reconcile_exactly() {
     let seconds: u64 =
         std::env::var("WHISPEER_SOAK_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(120);
-    let (mut server, native, mqtt, admin) = common::serve_mqtt_admin(&[]);
+    // At the default heartbeat (10 s): a connection is given up after three silent ones.
+    let (mut server, native, mqtt, admin) =
+        common::serve_mqtt_admin(&[("WHISPEER_HEARTBEAT_MS", "10000")]);
     let pid = server.id();
     let fds_before = open_fds(pid);
     let rate = burst_rate(&native, Duration::from_secs(2)).await / 2;
@@ -185,9 +187,12 @@ async fn a_soak_run_keeps_memory_level_and_its_counters_reconcile_exactly() {
         samples.push((started.elapsed().as_secs_f64(), common::rss_kib(pid) as f64 / 1024.0));
     }
     stop.store(true, Ordering::Relaxed);
-    let mut sent = 0;
+    let (mut sent, mut reconnects, mut refused) = (0, 0, 0);
     for publisher in publishers {
-        sent += publisher.await.unwrap();
+        let (published, stats) = publisher.await.unwrap();
+        sent += published;
+        reconnects += stats.reconnects;
+        refused += stats.refused_publishes;
     }
     sent += jobs_publisher.await.unwrap();
     let churned = churn.await.unwrap();
@@ -222,16 +227,19 @@ async fn a_soak_run_keeps_memory_level_and_its_counters_reconcile_exactly() {
     let var: f64 = late.iter().map(|s| (s.0 - mx).powi(2)).sum();
     let slope_mib_per_hour = if var > 0.0 { cov / var * 3600.0 } else { 0.0 };
     println!(
-        "soak: {seconds} s at {rate} msgs/s (half a burst), {sent} published, {churned} \
-         subscribers came and went; RSS {:.0} → {:.0} MiB, slope over the second half \
-         {slope_mib_per_hour:.1} MiB/h; descriptors {} → {}; queued \
-         {queued} = written {written} + dropped {dropped} + expired {expired} + discarded \
+        "soak: {seconds} s at {rate} msgs/s (half a burst), {sent} published ({reconnects} \
+         publisher reconnections, {refused} refused), {churned} subscribers came and went; \
+         RSS {:.0} → {:.0} MiB, slope over the second half {slope_mib_per_hour:.1} MiB/h; \
+         descriptors {} → {}; queued {queued} = written {written} + dropped {dropped} + \
+         expired {expired} + discarded \
          {discarded}",
         samples.first().map_or(0.0, |s| s.1),
         samples.last().map_or(0.0, |s| s.1),
         fds_before.len(),
         fds_after.len(),
     );
+    // A QoS 0 publisher whose connection is lost loses what that connection had taken.
+    assert_eq!((reconnects, refused), (0, 0), "no publisher's connection lost, no publish refused");
     assert_eq!(published, sent, "every publish counted once");
     assert_eq!(
         queued,

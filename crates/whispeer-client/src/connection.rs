@@ -21,7 +21,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -89,6 +89,15 @@ fn encode(frame: &Frame, out: &mut BytesMut, max: usize) -> Result<(), ClientErr
     frame.encode(out, max).map_err(|err| ClientError::Protocol(err.to_string()))
 }
 
+/// What the connection task counts, read through `Client::stats`.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    /// Connections established after the first.
+    pub(crate) reconnects: AtomicU64,
+    /// QoS 0 publishes the server answered with an error (nothing waits for their answer).
+    pub(crate) refused_publishes: AtomicU64,
+}
+
 /// Why serving one connection stopped.
 enum Ended {
     /// Every handle is gone, or `close` was called.
@@ -102,6 +111,7 @@ pub(crate) struct Actor {
     commands: mpsc::Receiver<Command>,
     settles: mpsc::UnboundedReceiver<Settle>,
     outbox: Arc<Outbox>,
+    counters: Arc<Counters>,
     subscriptions: Map<Sub>,
     /// Subscriptions with deliveries staged in the current read.
     staged: Vec<u32>,
@@ -118,12 +128,14 @@ impl Actor {
         commands: mpsc::Receiver<Command>,
         settles: mpsc::UnboundedReceiver<Settle>,
         outbox: Arc<Outbox>,
+        counters: Arc<Counters>,
     ) -> Self {
         Self {
             options,
             commands,
             settles,
             outbox,
+            counters,
             subscriptions: Map::default(),
             staged: Vec::new(),
             pending: Map::default(),
@@ -175,7 +187,10 @@ impl Actor {
                 Ended::Lost(err) => tracing::warn!(%err, "connection lost; reconnecting"),
             }
             match self.reconnect().await {
-                Some(established) => connection = established,
+                Some(established) => {
+                    self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                    connection = established;
+                }
                 None => return,
             }
         }
@@ -485,6 +500,11 @@ impl Actor {
                     self.subscriptions.remove(&sub);
                 }
                 Some(pending) => fail(pending, ClientError::Server { code, message }),
+                // A QoS 0 publish's refusal: its publisher has moved on; counted.
+                None if outbox::is_publish(correlation) => {
+                    self.counters.refused_publishes.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%code, %message, "publish refused");
+                }
                 None => tracing::warn!(%code, %message, "server reported an error"),
             },
             other => {

@@ -225,6 +225,20 @@ pub struct Client {
     outbox: Arc<connection::Outbox>,
     settles: mpsc::UnboundedSender<connection::Settle>,
     shared: Arc<Shared>,
+    counters: Arc<connection::Counters>,
+}
+
+/// What a [`Client`]'s connection has counted since it was made ([`Client::stats`]).
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClientStats {
+    /// Connections established again after one was lost. QoS 0 publishes the lost connection
+    /// had taken but not yet written went with it (at most once); what was still waiting in
+    /// the outbox went out on the next connection.
+    pub reconnects: u64,
+    /// QoS 0 publishes the server refused (not allowed, over a limit): nothing waits for their
+    /// answer, so they are counted here and logged.
+    pub refused_publishes: u64,
 }
 
 impl Client {
@@ -267,9 +281,26 @@ impl Client {
             options.publish_buffer_bytes,
             established.max_frame_bytes,
         ));
-        let actor = connection::Actor::new(options, rx, settled, Arc::clone(&outbox));
+        let counters = Arc::new(connection::Counters::default());
+        let actor = connection::Actor::new(
+            options,
+            rx,
+            settled,
+            Arc::clone(&outbox),
+            Arc::clone(&counters),
+        );
         tokio::spawn(actor.run(established));
-        Ok(Self { commands, outbox, settles, shared })
+        Ok(Self { commands, outbox, settles, shared, counters })
+    }
+
+    /// What this client's connection has counted: reconnections, refused QoS 0 publishes.
+    #[must_use]
+    pub fn stats(&self) -> ClientStats {
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        ClientStats {
+            reconnects: get(&self.counters.reconnects),
+            refused_publishes: get(&self.counters.refused_publishes),
+        }
     }
 
     fn next_id(&self) -> MessageId {

@@ -128,6 +128,13 @@ async fn every_bypass_attempt_is_refused_and_counted() {
     }
     assert_eq!(access.denied_publish(), denied);
     assert!(denied >= 5, "{denied} denied");
+    // At QoS 0 nothing waits for the answer: the refusal is counted by the client.
+    let before = alice.stats().refused_publishes;
+    alice.publish("chat/admin", &1u32).await.unwrap();
+    alice.publish("chat/lobby", &2u32).await.unwrap();
+    alice.flush().await.unwrap();
+    assert_eq!(alice.stats().refused_publishes, before + 1, "one of the two refused");
+    assert_eq!(access.denied_publish(), denied + 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -53,6 +53,7 @@ async fn what_is_published_while_disconnected_goes_out_on_the_next_connection() 
     options.backoff = (Duration::from_millis(50), Duration::from_millis(50));
     let client = Client::connect_with(options).await.unwrap();
     client.flush().await.unwrap();
+    assert_eq!(client.stats().reconnects, 0);
     let _ = stop.send(());
     soon(task).await.unwrap();
     // The client sees the connection go, and tries again every 50 ms against a closed port.
@@ -76,6 +77,7 @@ async fn what_is_published_while_disconnected_goes_out_on_the_next_connection() 
     let at = |text: &[u8]| got.iter().position(|p| p == text).unwrap();
     assert!(at(b"one") < at(b"three"), "{got:?}");
     assert_eq!(at(b"two") + at(b"one") + at(b"three"), 3, "each once: {got:?}");
+    assert_eq!(client.stats().reconnects, 1, "counted once, not per failed attempt");
     let _ = stop.send(());
     soon(task).await.unwrap();
 }

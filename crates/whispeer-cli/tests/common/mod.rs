@@ -33,7 +33,9 @@ pub(crate) fn serve_command(args: &[&str], envs: &[(&str, &str)]) -> Command {
             command.env_remove(name);
         }
     }
-    command.envs(envs.iter().copied()).env("WHISPEER_HEARTBEAT_MS", "500");
+    // A short heartbeat so that dead connections are noticed within a test, unless `envs`
+    // sets another.
+    command.env("WHISPEER_HEARTBEAT_MS", "500").envs(envs.iter().copied());
     command
 }
 

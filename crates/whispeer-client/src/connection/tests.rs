@@ -10,7 +10,8 @@ fn actor_with_sub(qos: Qos, max_count: usize) -> (Actor, Arc<Buffer>) {
     let (_commands, rx) = mpsc::channel(1);
     let (_settles, settled) = mpsc::unbounded_channel();
     let outbox = Arc::new(Outbox::new(1 << 20, usize::MAX));
-    let mut actor = Actor::new(ClientOptions::new("127.0.0.1:1"), rx, settled, outbox);
+    let options = ClientOptions::new("127.0.0.1:1");
+    let mut actor = Actor::new(options, rx, settled, outbox, Arc::default());
     let buffer = Arc::new(Buffer::new(1 << 20, max_count));
     let filter = Filter::parse("t").unwrap();
     let spec = SubSpec { filter, qos, prefetch: 0, group: None, start: StartAt::Latest };
