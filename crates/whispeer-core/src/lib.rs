@@ -37,6 +37,7 @@
 mod bridge;
 mod broker;
 mod delivery;
+mod dispatch;
 mod error;
 mod message;
 mod options;

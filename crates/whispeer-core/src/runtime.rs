@@ -1,4 +1,4 @@
-//! Where delivery tasks run.
+//! Where delivery tasks and dispatchers run.
 //!
 //! In order of preference: the runtime handle given to the builder; the tokio runtime the
 //! caller is in; a small runtime the broker starts on first need and owns. The last makes

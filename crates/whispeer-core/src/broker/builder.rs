@@ -81,8 +81,10 @@ impl BrokerBuilder {
         self
     }
 
-    /// Runs callback subscribers' delivery tasks on this runtime. Without it, they run on the
-    /// runtime that calls `subscribe`, or, outside any runtime, on a small one the broker starts.
+    /// Runs callback subscribers (their dispatchers and delivery tasks) on this runtime.
+    /// Without it, they run on the runtime that calls `subscribe` (the dispatchers on the one
+    /// of the first sync subscription), or, outside any runtime, on a small one the broker
+    /// starts.
     pub fn runtime(mut self, handle: Handle) -> Self {
         self.runtime = Some(handle);
         self

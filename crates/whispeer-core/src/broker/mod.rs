@@ -176,9 +176,12 @@ impl Broker {
         shared.accept(envelope)
     }
 
-    /// Calls `callback` with every message matching the filter, decoded as `T`, in order, on a
-    /// delivery task. The callback should return quickly: a slow one fills its queue and meets
-    /// the slow-consumer policy. Messages that do not decode as `T` are skipped and counted.
+    /// Calls `callback` with every message matching the filter, decoded as `T`, in order, on
+    /// one of the broker's dispatchers (a task per core, each running many subscriptions in
+    /// turn). The callback should return quickly: a slow one fills its queue and meets the
+    /// slow-consumer policy, and one that blocks delays the other subscriptions of its
+    /// dispatcher — use [`Broker::subscribe_async`] or a stream for work that waits. Messages
+    /// that do not decode as `T` are skipped and counted.
     /// A panic in the callback is caught, counted and logged; the subscriber goes on.
     ///
     /// `filter` is a filter string or a [`SubscribeOptions`]. Dropping the returned

@@ -16,6 +16,7 @@ use whispeer_proto::{Envelope, Filter, Flags, MessageId, Topic, header};
 pub(crate) use crate::bridge::Origin;
 use crate::bridge::{Bridge, Forwarded, Interest};
 use crate::delivery::{CommitStore, Commits, Dedup, GroupKey, Groups, Seen};
+use crate::dispatch::Dispatchers;
 use crate::error::PublishError;
 use crate::message::{Message, now_ms};
 use crate::options::BrokerOptions;
@@ -76,6 +77,9 @@ pub(crate) struct Shared {
     /// The write-ahead log of durable topics.
     pub(crate) store: Option<Arc<dyn Store>>,
     pub(crate) dedup: Dedup,
+    /// The tasks that run sync callback subscribers (before the spawner, whose runtime they
+    /// may run on).
+    pub(crate) dispatchers: Dispatchers,
     pub(crate) spawner: Spawner,
     pub(crate) counters: Arc<BrokerCounters>,
     /// Services started with the broker (network listeners, an admin port).
@@ -118,6 +122,7 @@ impl Shared {
             id_prefix: u64::from_le_bytes(prefix),
             next_id: AtomicU64::new(1),
             next_sub: AtomicU64::new(1),
+            dispatchers: Dispatchers::default(),
             spawner,
             counters: Arc::default(),
             services: Services::default(),

@@ -2,12 +2,13 @@
 //!
 //! Both own a registration: a route in the router and a bounded queue, or membership of a
 //! queue group. Dropping either ends the registration synchronously — no spawning, no
-//! awaiting — so it works outside a runtime. A callback subscriber's delivery task ends when it
-//! finds its registration ended.
+//! awaiting — so it works outside a runtime. An async callback subscriber's delivery task ends
+//! when it finds its registration ended; a sync one leaves its dispatcher (`crate::dispatch`).
 //!
 //! ```text
 //! publish ──push──▶ Queue ──Consumer──▶ Subscription::recv / Stream      (pull)
-//!                        └──Consumer──▶ delivery task ──▶ callback(T)     (sync or async)
+//!                        ├──Consumer──▶ delivery task ──▶ callback(T)     (async)
+//!                        └──Consumer──▶ dispatcher ──▶ callback(T)        (sync, many a task)
 //! ```
 
 mod consumer;
@@ -28,6 +29,7 @@ use serde::de::DeserializeOwned;
 use whispeer_proto::Filter;
 
 use crate::delivery::GiveUp;
+use crate::dispatch;
 use crate::error::SubscribeError;
 use crate::message::Message;
 use crate::options::SubscribeOptions;
@@ -306,7 +308,7 @@ impl<T> Stream for Subscription<T> {
 impl<T> Unpin for Subscription<T> {}
 
 /// A running callback subscriber. Dropping it (or calling [`unsubscribe`](Self::unsubscribe))
-/// unsubscribes, and its delivery task ends.
+/// unsubscribes, and its delivery ends.
 #[derive(Debug)]
 #[must_use = "dropping a Subscriber unsubscribes it at once"]
 pub struct Subscriber {
@@ -333,6 +335,30 @@ impl Subscriber {
     pub fn unsubscribe(self) {}
 }
 
+/// After a callback returned (`ok`) or panicked: under QoS 1 the message is acknowledged, or
+/// refused with requeue; a panic is counted and logged.
+fn settle(
+    consumer: &Consumer,
+    acker: Option<&Acker>,
+    counters: &BrokerCounters,
+    message: &Message,
+    ok: bool,
+) {
+    if let Some(acker) = acker {
+        if ok {
+            acker.ack(message.id());
+        } else {
+            acker.nack(message.id(), true);
+        }
+    }
+    if !ok {
+        let queue = &consumer.queue;
+        bump(&queue.counters.callback_panics);
+        bump(&counters.callback_panics);
+        tracing::error!(filter = %queue.filter, id = %message.id(), "subscriber callback panicked");
+    }
+}
+
 /// Starts a subscriber whose delivery task runs `handle` for each decoded message, in order.
 /// Under QoS 1 a message is acknowledged when `handle` completes, and refused with requeue when
 /// it panics.
@@ -357,19 +383,7 @@ where
             match message.decode_shared::<T>() {
                 Ok(value) => {
                     let ok = handle(value).await;
-                    if let Some(acker) = &acker {
-                        if ok {
-                            acker.ack(message.id());
-                        } else {
-                            acker.nack(message.id(), true);
-                        }
-                    }
-                    if !ok {
-                        let queue = &consumer.queue;
-                        bump(&queue.counters.callback_panics);
-                        bump(&counters.callback_panics);
-                        tracing::error!(filter = %queue.filter, id = %message.id(), "subscriber callback panicked");
-                    }
+                    settle(&consumer, acker.as_ref(), &counters, message, ok);
                 }
                 Err(error) => decode_failed(&consumer, acker.as_ref(), &counters, message, &error),
             }
@@ -385,18 +399,58 @@ where
     Ok(Subscriber { registration })
 }
 
+/// A sync callback subscriber, run by one of the broker's dispatchers.
+struct Callback<T, F> {
+    consumer: Consumer,
+    acker: Option<Acker>,
+    counters: Arc<BrokerCounters>,
+    callback: F,
+    value: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<T, F> dispatch::Drain for Callback<T, F>
+where
+    T: DeserializeOwned + Clone + Send + Sync + 'static,
+    F: FnMut(T) + Send + 'static,
+{
+    fn drain(&mut self, cx: &mut Context<'_>, allowance: &mut usize) -> dispatch::Drained {
+        while *allowance > 0 {
+            let taken = match self.consumer.poll_next(cx) {
+                Poll::Ready(Some(taken)) => taken,
+                Poll::Ready(None) => return dispatch::Drained::Ended,
+                Poll::Pending => return dispatch::Drained::Empty,
+            };
+            *allowance -= 1;
+            let (message, acker) = (&taken.message, self.acker.as_ref());
+            match message.decode_shared::<T>() {
+                Ok(value) => {
+                    let callback = &mut self.callback;
+                    let ok = std::panic::catch_unwind(AssertUnwindSafe(|| callback(value))).is_ok();
+                    settle(&self.consumer, acker, &self.counters, message, ok);
+                }
+                Err(error) => decode_failed(&self.consumer, acker, &self.counters, message, &error),
+            }
+        }
+        dispatch::Drained::More
+    }
+}
+
 pub(crate) fn spawn_sync<T>(
     shared: &Arc<Shared>,
     options: SubscribeOptions,
-    mut callback: impl FnMut(T) + Send + 'static,
+    callback: impl FnMut(T) + Send + 'static,
 ) -> Result<Subscriber, SubscribeError>
 where
     T: DeserializeOwned + Clone + Send + Sync + 'static,
 {
-    spawn_delivery(shared, options, move |value: T| {
-        let ok = std::panic::catch_unwind(AssertUnwindSafe(|| callback(value))).is_ok();
-        std::future::ready(ok)
-    })
+    let registration = Shared::register(shared, &options, typed_info::<T>())?;
+    let consumer = Consumer::of(&registration);
+    let acker = consumer.acker();
+    let counters = Arc::clone(&shared.counters);
+    let value = std::marker::PhantomData;
+    let drain = Box::new(Callback { consumer, acker, counters, callback, value });
+    shared.dispatchers.add(&shared.spawner, drain).map_err(SubscribeError::Runtime)?;
+    Ok(Subscriber { registration })
 }
 
 pub(crate) fn spawn_async<T, Fut>(
