@@ -53,6 +53,11 @@ impl Reader<'_> {
 
     fn bytes(&mut self, len: usize) -> Result<Bytes, DecodeError> {
         self.need(len)?;
+        // The frame's last field (a payload) is the rest of the buffer: moved out whole, it
+        // takes no reference on the bytes read (which another thread drops) and gives none back.
+        if self.buf.len() == len {
+            return Ok(std::mem::take(&mut self.buf));
+        }
         Ok(self.buf.split_to(len))
     }
 
