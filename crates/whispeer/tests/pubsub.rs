@@ -301,6 +301,61 @@ async fn panicking_callback_is_counted_and_keeps_going() {
     assert_eq!(broker.stats().callback_panics, 1);
 }
 
+/// A value whose `Deserialize` panics on 1: user code that runs before the callback does.
+#[derive(Clone, Debug, Serialize)]
+struct Touchy(i32);
+
+impl<'de> Deserialize<'de> for Touchy {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let n = i32::deserialize(deserializer)?;
+        assert!(n != 1, "deliberate panic decoding 1");
+        Ok(Self(n))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_decoding_a_value_costs_that_message_not_the_subscribers_sharing_its_dispatcher() {
+    let broker = broker();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    // More subscribers than dispatchers, so some share one with the touchy subscriber.
+    let touchy = {
+        let tx = tx.clone();
+        broker.subscribe("p", move |t: Touchy| tx.send(("touchy", t.0)).unwrap()).unwrap()
+    };
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let others: Vec<_> = (0..cores * 2)
+        .map(|_| {
+            let tx = tx.clone();
+            broker.subscribe("p", move |n: i32| tx.send(("plain", n)).unwrap()).unwrap()
+        })
+        .collect();
+    broker.publish("p", &1).unwrap();
+    broker.publish("p", &2).unwrap();
+    let mut got = Vec::new();
+    while got.len() < 1 + others.len() * 2 {
+        got.push(soon(rx.recv()).await.unwrap());
+    }
+    got.sort_unstable();
+    let mut want = vec![("plain", 1); others.len()];
+    want.extend(vec![("plain", 2); others.len()]);
+    want.push(("touchy", 2));
+    want.sort_unstable();
+    assert_eq!(got, want);
+    assert_eq!(touchy.stats().callback_panics, 1, "counted as a panic of that subscriber");
+    assert_eq!(broker.stats().callback_panics, 1);
+    // An async subscriber, on a task of its own, goes on as well.
+    let touchy_async = broker
+        .subscribe_async("q", move |t: Touchy| {
+            let tx = tx.clone();
+            async move { tx.send(("async", t.0)).unwrap() }
+        })
+        .unwrap();
+    broker.publish("q", &1).unwrap();
+    broker.publish("q", &2).unwrap();
+    assert_eq!(soon(rx.recv()).await, Some(("async", 2)));
+    assert_eq!(touchy_async.stats().callback_panics, 1);
+}
+
 #[test]
 fn callbacks_work_without_a_runtime() {
     let broker = broker();

@@ -182,7 +182,9 @@ impl Broker {
     /// slow-consumer policy, and one that blocks delays the other subscriptions of its
     /// dispatcher — use [`Broker::subscribe_async`] or a stream for work that waits. Messages
     /// that do not decode as `T` are skipped and counted.
-    /// A panic in the callback is caught, counted and logged; the subscriber goes on.
+    /// A panic in the callback (or in `T`'s `Deserialize`) is caught, counted in
+    /// `callback_panics` and logged; the subscriber goes on, and so do the others of its
+    /// dispatcher.
     ///
     /// `filter` is a filter string or a [`SubscribeOptions`]. Dropping the returned
     /// [`Subscriber`] unsubscribes.

@@ -380,12 +380,16 @@ where
         let mut budget = DELIVERY_BUDGET;
         while let Some(taken) = poll_fn(|cx| consumer.poll_next(cx)).await {
             let message = &taken.message;
-            match message.decode_shared::<T>() {
-                Ok(value) => {
+            // A panic in the value's `Deserialize` is caught as one in the callback is.
+            match std::panic::catch_unwind(AssertUnwindSafe(|| message.decode_shared::<T>())) {
+                Ok(Ok(value)) => {
                     let ok = handle(value).await;
                     settle(&consumer, acker.as_ref(), &counters, message, ok);
                 }
-                Err(error) => decode_failed(&consumer, acker.as_ref(), &counters, message, &error),
+                Ok(Err(error)) => {
+                    decode_failed(&consumer, acker.as_ref(), &counters, message, &error);
+                }
+                Err(_) => settle(&consumer, acker.as_ref(), &counters, message, false),
             }
             budget -= 1;
             if budget == 0 {
@@ -422,13 +426,18 @@ where
             };
             *allowance -= 1;
             let (message, acker) = (&taken.message, self.acker.as_ref());
-            match message.decode_shared::<T>() {
-                Ok(value) => {
-                    let callback = &mut self.callback;
-                    let ok = std::panic::catch_unwind(AssertUnwindSafe(|| callback(value))).is_ok();
-                    settle(&self.consumer, acker, &self.counters, message, ok);
+            // A panic in the value's `Deserialize` as well as in the callback is caught: the
+            // dispatcher runs other subscriptions too.
+            let callback = &mut self.callback;
+            let handled = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                message.decode_shared::<T>().map(callback)
+            }));
+            match handled {
+                Ok(Ok(())) => settle(&self.consumer, acker, &self.counters, message, true),
+                Ok(Err(error)) => {
+                    decode_failed(&self.consumer, acker, &self.counters, message, &error);
                 }
-                Err(error) => decode_failed(&self.consumer, acker, &self.counters, message, &error),
+                Err(_) => settle(&self.consumer, acker, &self.counters, message, false),
             }
         }
         dispatch::Drained::More
