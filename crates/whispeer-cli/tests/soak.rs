@@ -231,8 +231,7 @@ async fn a_soak_run_keeps_memory_level_and_its_counters_reconcile_exactly() {
          publisher reconnections, {refused} refused), {churned} subscribers came and went; \
          RSS {:.0} → {:.0} MiB, slope over the second half {slope_mib_per_hour:.1} MiB/h; \
          descriptors {} → {}; queued {queued} = written {written} + dropped {dropped} + \
-         expired {expired} + discarded \
-         {discarded}",
+         expired {expired} + discarded {discarded}",
         samples.first().map_or(0.0, |s| s.1),
         samples.last().map_or(0.0, |s| s.1),
         fds_before.len(),
