@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::time::Instant;
 use whispeer_engines::{Engines, Sealing};
-use whispeer_proto::{Envelope, Filter, Flags, MessageId, Topic, header};
+use whispeer_proto::{Envelope, Filter, Flags, Headers, MessageId, Topic, header};
 
 pub(crate) use crate::bridge::Origin;
 use crate::bridge::{Bridge, Forwarded, Interest};
@@ -173,12 +173,7 @@ impl Shared {
             }
             None => (flags, payload),
         };
-        let fast = self.plugins.is_empty() && headers.is_empty();
-        if fast
-            && self.bridge.is_none()
-            && self.options.topic_ttl.is_empty()
-            && !self.history.is_active()
-        {
+        if self.routes_plainly(headers) {
             // The envelope shares the router's copy of the topic, and is only built if someone
             // subscribed.
             bump(&self.counters.published);
@@ -190,6 +185,17 @@ impl Shared {
         let mut envelope = Envelope::new(id, topic, timestamp_ms, flags, payload);
         envelope.headers = headers.clone();
         self.accept(envelope)
+    }
+
+    /// Whether a message with these headers needs nothing of [`Shared::accept`]'s beyond
+    /// routing: no plugins, no headers (idempotency key, time to live), no cluster, no time to
+    /// live by topic, no retention.
+    pub(crate) fn routes_plainly(&self, headers: &Headers) -> bool {
+        self.plugins.is_empty()
+            && headers.is_empty()
+            && self.bridge.is_none()
+            && self.options.topic_ttl.is_empty()
+            && !self.history.is_active()
     }
 
     pub(crate) fn next_message_id(&self) -> MessageId {
