@@ -32,12 +32,13 @@ const PER_SUBSCRIPTION: usize = 64;
 /// serves other tasks too.
 const PER_TURN: usize = 1024;
 
-/// What a subscription's turn came to.
+/// What a subscription's turn came to: a dispatcher's, or a
+/// [`Subscription::drain_unsettled`](crate::Subscription::drain_unsettled).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Drained {
-    /// Nothing more now; its waker is registered.
+pub enum Drained {
+    /// Nothing more now (with a context, its waker is registered).
     Empty,
-    /// Its allowance ran out with more to deliver.
+    /// Stopped with more, maybe, to take: its allowance ran out.
     More,
     /// The subscription ended.
     Ended,

@@ -58,6 +58,7 @@ pub use broker::{
     Persistence, Service, SubscriptionInfo, TopicInfo, TypedTopic, Unconfirmed,
 };
 pub use delivery::Redelivery;
+pub use dispatch::Drained;
 pub use error::{BindError, BuildError, Error, PublishError, SubscribeError};
 pub use message::{DeadLetter, Message};
 pub use options::{BrokerOptions, SubscribeOptions};

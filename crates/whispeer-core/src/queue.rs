@@ -186,6 +186,16 @@ impl Wakers {
     }
 }
 
+/// Messages a consumer took off a queue whose room in the queue's bounds it has not given back
+/// yet ([`Queue::give_back`]): a consumer that takes many in a row gives their room back at
+/// once, so the count that publishers add to moves between cores once a batch, not once a
+/// message.
+#[derive(Debug, Default)]
+pub(crate) struct Unreleased {
+    count: u64,
+    weight: u64,
+}
+
 /// The result of offering one message to one queue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Pushed {
@@ -384,15 +394,28 @@ impl Queue {
     /// registered) or ever again (`Ready(None)`, once closed). Messages queued before the
     /// close are discarded: closing means the subscriber is gone.
     pub(crate) fn poll_pop(&self, cx: &mut Context<'_>) -> Poll<Option<Message>> {
+        let mut taken = Unreleased::default();
+        let popped = self.poll_pop_taking(cx, &mut taken);
+        self.give_back(&mut taken);
+        popped
+    }
+
+    /// [`Queue::poll_pop`], leaving the message's room in the bounds to [`Queue::give_back`]
+    /// with `taken`.
+    pub(crate) fn poll_pop_taking(
+        &self,
+        cx: &mut Context<'_>,
+        taken: &mut Unreleased,
+    ) -> Poll<Option<Message>> {
         if self.is_closed() {
             return Poll::Ready(None);
         }
-        if let Some(message) = self.pop() {
+        if let Some(message) = self.pop_taking(taken) {
             return Poll::Ready(Some(message));
         }
         self.waker.register(cx.waker());
         // A push between the first pop and the registration would otherwise go unnoticed.
-        if let Some(message) = self.pop() {
+        if let Some(message) = self.pop_taking(taken) {
             return Poll::Ready(Some(message));
         }
         if self.is_closed() { Poll::Ready(None) } else { Poll::Pending }
@@ -400,21 +423,45 @@ impl Queue {
 
     /// Takes the next message without waiting.
     pub(crate) fn try_pop(&self) -> Option<Message> {
+        let mut taken = Unreleased::default();
+        let popped = self.try_pop_taking(&mut taken);
+        self.give_back(&mut taken);
+        popped
+    }
+
+    /// [`Queue::try_pop`], leaving the message's room in the bounds to [`Queue::give_back`]
+    /// with `taken`.
+    pub(crate) fn try_pop_taking(&self, taken: &mut Unreleased) -> Option<Message> {
         if self.is_closed() {
             return None;
         }
-        self.pop()
+        self.pop_taking(taken)
     }
 
-    /// Pops the next message not replayed already.
-    fn pop(&self) -> Option<Message> {
+    /// Pops the next message not replayed already, counting what it takes in `taken`.
+    fn pop_taking(&self, taken: &mut Unreleased) -> Option<Message> {
         while let Some(message) = self.take() {
-            let message = self.received(message);
+            taken.count += 1;
+            taken.weight += weight(&message) as u64;
             if !self.replayed(&message) {
                 return Some(message);
             }
         }
         None
+    }
+
+    /// Gives back the room in the bounds of the messages counted in `taken`, and counts them
+    /// received: one atomic operation on each bound for all of them.
+    pub(crate) fn give_back(&self, taken: &mut Unreleased) {
+        let Unreleased { count, weight } = std::mem::take(taken);
+        if count == 0 {
+            return;
+        }
+        let before = self.load.fetch_sub(count * COUNT_ONE + weight, Ordering::AcqRel);
+        if let Some(budget) = &self.budget {
+            budget.sub(weight as usize, before & BYTES_MASK == weight);
+        }
+        self.counters.received.fetch_add(count, Ordering::Relaxed);
     }
 
     fn put(&self, message: Message) {
@@ -423,12 +470,6 @@ impl Queue {
 
     fn take(&self) -> Option<Message> {
         self.items.get()?.pop()
-    }
-
-    fn received(&self, message: Message) -> Message {
-        self.release(&message);
-        self.counters.received.fetch_add(1, Ordering::Relaxed);
-        message
     }
 
     /// Closes the queue and wakes the consumer so it can see the end.

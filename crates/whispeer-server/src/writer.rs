@@ -30,7 +30,7 @@ use super::ServerConfig;
 use super::registry::Entry;
 use super::traffic::{FlowCache, Traffic};
 use crate::bump;
-use whispeer_core::{Message, Subscription};
+use whispeer_core::{Drained, Message, Subscription};
 
 mod ready;
 use ready::{Held, Slots};
@@ -150,35 +150,29 @@ impl Writer {
     fn take_from(&mut self, slot: usize, mut held: Held, arm: bool) {
         let waker = held.waker();
         let mut cx = Context::from_waker(&waker);
-        let mut taken = 0;
-        loop {
-            let next = if arm {
-                held.subscription.poll_recv_unsettled(&mut cx)
-            } else {
-                held.subscription
-                    .try_recv_unsettled()
-                    .map_or(Poll::Pending, |d| Poll::Ready(Some(d)))
-            };
-            match next {
-                Poll::Ready(Some((message, attempt))) => {
-                    self.deliver(held.sub, &message, attempt);
-                    taken += 1;
-                    if taken == PER_SUBSCRIPTION || self.pending() >= WRITE_BATCH {
-                        // More may wait: after the others that are ready.
-                        held.again();
-                        return self.subscriptions.put(slot, held);
-                    }
-                }
-                Poll::Ready(None) => {
-                    // Closed by the broker's `Disconnect` policy: tell the client.
-                    let message = format!("subscription {} closed: its queue overflowed", held.sub);
-                    let error = Body::Error { code: ErrorCode::QUEUE_FULL, message };
-                    self.encode(&Frame::new(0, error));
-                    return self.subscriptions.drop_slot(slot);
-                }
-                Poll::Pending if arm => return self.subscriptions.put(slot, held),
-                Poll::Pending => return self.subscriptions.put_unarmed(slot, held),
+        let (sub, mut taken) = (held.sub, 0);
+        // Taken in one drain: the queue's bounds are given back once for all of them.
+        let drained =
+            held.subscription.drain_unsettled(arm.then_some(&mut cx), |message, attempt| {
+                self.deliver(sub, &message, attempt);
+                taken += 1;
+                taken < PER_SUBSCRIPTION && self.pending() < WRITE_BATCH
+            });
+        match drained {
+            Drained::More => {
+                // More may wait: after the others that are ready.
+                held.again();
+                self.subscriptions.put(slot, held);
             }
+            Drained::Ended => {
+                // Closed by the broker's `Disconnect` policy: tell the client.
+                let message = format!("subscription {} closed: its queue overflowed", held.sub);
+                let error = Body::Error { code: ErrorCode::QUEUE_FULL, message };
+                self.encode(&Frame::new(0, error));
+                self.subscriptions.drop_slot(slot);
+            }
+            Drained::Empty if arm => self.subscriptions.put(slot, held),
+            Drained::Empty => self.subscriptions.put_unarmed(slot, held),
         }
     }
 

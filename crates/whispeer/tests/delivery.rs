@@ -3,13 +3,14 @@
 //! clock, so they measure the broker's own schedule exactly, not the machine's speed.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::{Instant, timeout};
 use whispeer::{
-    Broker, BrokerOptions, ByteBudget, Delivery, Filter, Message, PublishOptions, Qos, Redelivery,
-    SlowConsumer, SubscribeError, SubscribeOptions, Subscription,
+    Broker, BrokerOptions, ByteBudget, Delivery, Drained, Filter, Message, PublishOptions, Qos,
+    Redelivery, SlowConsumer, SubscribeError, SubscribeOptions, Subscription,
 };
 
 /// Fails a test that would otherwise hang. On the paused clock this is virtual time.
@@ -448,4 +449,70 @@ async fn budgets_within_a_server_wide_one_hold_at_most_its_bytes_together() {
         broker.publish_bytes("b", vec![0u8; 1024]).unwrap();
     }
     assert_eq!(b.stats().queued, 4, "room again, up to its own budget");
+}
+
+#[tokio::test]
+async fn a_drain_takes_in_order_until_told_to_stop_and_gives_the_room_back_once() {
+    let broker = Broker::builder(BrokerOptions::default()).build();
+    let budget = ByteBudget::new(1 << 20);
+    let options = SubscribeOptions::new("t").budget(budget.clone());
+    let mut sub: Subscription<Message> = broker.messages(options).unwrap();
+    // What one 1 KiB message counts against a budget: its payload and 256 bytes.
+    let weight = 1024 + 256;
+    for n in 0..10u8 {
+        broker.publish_bytes("t", vec![n; 1024]).unwrap();
+    }
+    let (mut seen, mut used_while_taking) = (Vec::new(), Vec::new());
+    let drained = sub.drain_unsettled(None, |message, attempt| {
+        assert_eq!(attempt, 1);
+        seen.push(message.payload()[0]);
+        used_while_taking.push(budget.used());
+        seen.len() < 4
+    });
+    assert_eq!((drained, seen.clone()), (Drained::More, vec![0, 1, 2, 3]));
+    // Given back at the end, for all four at once: until then the budget still held them.
+    assert_eq!(used_while_taking, vec![10 * weight; 4]);
+    assert_eq!((budget.used(), sub.stats().queued, sub.stats().received), (6 * weight, 6, 4));
+
+    // A panic while it takes gives back what it took all the same.
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        sub.drain_unsettled(None, |message, _| {
+            assert_ne!(message.payload()[0], 5, "the second one taken");
+            true
+        })
+    }));
+    assert!(panicked.is_err());
+    assert_eq!((budget.used(), sub.stats().queued, sub.stats().received), (4 * weight, 4, 6));
+
+    // With a context, running out registers its waker: a publish wakes it.
+    let woken = Arc::new(Flag::default());
+    let waker = std::task::Waker::from(Arc::clone(&woken));
+    let mut cx = std::task::Context::from_waker(&waker);
+    seen.clear();
+    let drained = sub.drain_unsettled(Some(&mut cx), |message, _| {
+        seen.push(message.payload()[0]);
+        true
+    });
+    assert_eq!((drained, seen.clone()), (Drained::Empty, vec![6, 7, 8, 9]));
+    assert_eq!((budget.used(), sub.stats().received), (0, 10));
+    assert!(!woken.0.load(Ordering::Acquire));
+    broker.publish_bytes("t", vec![10; 1024]).unwrap();
+    assert!(woken.0.load(Ordering::Acquire), "woken by the next publish");
+
+    // A subscription its policy closed ends the drain.
+    let options = SubscribeOptions::new("d").capacity(1).slow_consumer(SlowConsumer::Disconnect);
+    let mut closed: Subscription<Message> = broker.messages(options).unwrap();
+    broker.publish_bytes("d", vec![0; 8]).unwrap();
+    broker.publish_bytes("d", vec![1; 8]).unwrap();
+    assert_eq!(closed.drain_unsettled(Some(&mut cx), |_, _| true), Drained::Ended);
+}
+
+/// A waker that records that it was woken.
+#[derive(Default)]
+struct Flag(std::sync::atomic::AtomicBool);
+
+impl std::task::Wake for Flag {
+    fn wake(self: Arc<Self>) {
+        self.0.store(true, Ordering::Release);
+    }
 }

@@ -21,8 +21,9 @@ use whispeer_proto::MessageId;
 
 use crate::delivery::Commits;
 use crate::delivery::{GiveUp, Settled, Step, Tracker};
+use crate::dispatch::Drained;
 use crate::message::Message;
-use crate::queue::Queue;
+use crate::queue::{Queue, Unreleased};
 use crate::retention::Replay;
 use crate::shared::{Registration, Shared};
 use crate::stats::bump;
@@ -160,6 +161,59 @@ impl Consumer {
         }
     }
 
+    /// Hands the messages ready now to `each`, in order, while it returns `true`: for a caller
+    /// that takes many in a row (a dispatcher's turn, a connection's writer). Under QoS 0 their
+    /// room in the queue's bounds is given back once, when it returns, rather than message by
+    /// message. With `cx`, running out registers its waker, as [`Consumer::poll_next`] does;
+    /// without, an ended subscription reads as empty, as in [`Consumer::try_next`].
+    pub(crate) fn drain(
+        &mut self,
+        mut cx: Option<&mut Context<'_>>,
+        mut each: impl FnMut(&Queue, Taken) -> bool,
+    ) -> Drained {
+        if self.qos1.is_some() || !self.replay.is_empty() {
+            // Message by message: the tracker, or the replay before the queue, decides.
+            loop {
+                let next = match cx.as_deref_mut() {
+                    Some(cx) => self.poll_next(cx),
+                    None => self.try_next().map_or(Poll::Pending, |taken| Poll::Ready(Some(taken))),
+                };
+                match next {
+                    Poll::Ready(Some(taken)) => {
+                        if !each(&self.queue, taken) {
+                            return Drained::More;
+                        }
+                    }
+                    Poll::Ready(None) => return Drained::Ended,
+                    Poll::Pending => return Drained::Empty,
+                }
+            }
+        }
+        let queue = &*self.queue;
+        // Given back when this returns, or if `each` panics.
+        let mut unreleased = GiveBack { queue, taken: Unreleased::default() };
+        loop {
+            if self.has_left() {
+                return if cx.is_some() { Drained::Ended } else { Drained::Empty };
+            }
+            let taken = &mut unreleased.taken;
+            let next = match cx.as_deref_mut() {
+                Some(cx) => queue.poll_pop_taking(cx, taken),
+                None => queue.try_pop_taking(taken).map_or(Poll::Pending, |m| Poll::Ready(Some(m))),
+            };
+            match next {
+                Poll::Ready(Some(message)) if message.has_expired() => self.count_expired(1),
+                Poll::Ready(Some(message)) => {
+                    if !each(queue, Taken { message, attempt: 1 }) {
+                        return Drained::More;
+                    }
+                }
+                Poll::Ready(None) => return Drained::Ended,
+                Poll::Pending => return Drained::Empty,
+            }
+        }
+    }
+
     /// Counts what a QoS 1 step dropped and publishes its dead letters. `Some` is the result to
     /// return: a message, or `None` for the end.
     fn account(&self, step: Step) -> Option<Option<Taken>> {
@@ -192,6 +246,18 @@ impl Consumer {
     fn count_expired(&self, count: u64) {
         self.queue.counters.expired.fetch_add(count, Ordering::Relaxed);
         self.shared.counters.expired.fetch_add(count, Ordering::Relaxed);
+    }
+}
+
+/// Gives back the room of the messages a drain took when it goes, however it goes.
+struct GiveBack<'q> {
+    queue: &'q Queue,
+    taken: Unreleased,
+}
+
+impl Drop for GiveBack<'_> {
+    fn drop(&mut self) {
+        self.queue.give_back(&mut self.taken);
     }
 }
 

@@ -29,10 +29,11 @@ use serde::de::DeserializeOwned;
 use whispeer_proto::Filter;
 
 use crate::delivery::GiveUp;
-use crate::dispatch;
+use crate::dispatch::{self, Drained};
 use crate::error::SubscribeError;
 use crate::message::Message;
 use crate::options::SubscribeOptions;
+use crate::queue::Queue;
 use crate::shared::Registration;
 use crate::shared::Shared;
 use crate::stats::{BrokerCounters, SubscriptionStats, bump};
@@ -78,13 +79,12 @@ where
 /// Counts a message the subscriber could not open or decode; under QoS 1 it is given up to the
 /// dead-letter topic, since it would not decode the next time either.
 fn decode_failed(
-    consumer: &Consumer,
+    queue: &Queue,
     acker: Option<&Acker>,
     counters: &BrokerCounters,
     message: &Message,
     error: &ReceiveError,
 ) {
-    let queue = &consumer.queue;
     let (mine, total) = match error {
         ReceiveError::Open(_) => (&queue.counters.open_errors, &counters.open_errors),
         _ => (&queue.counters.decode_errors, &counters.decode_errors),
@@ -221,7 +221,7 @@ impl<T> Subscription<T> {
 
     fn failed(&self, message: &Message, error: &ReceiveError) {
         let counters = &self.registration.shared.counters;
-        decode_failed(&self.consumer, self.acker.as_ref(), counters, message, error);
+        decode_failed(&self.consumer.queue, self.acker.as_ref(), counters, message, error);
     }
 
     /// The value of a taken message, acknowledged under QoS 1; `None` if it does not decode.
@@ -295,6 +295,21 @@ impl Subscription<Message> {
     pub fn try_recv_unsettled(&mut self) -> Option<(Message, u32)> {
         self.consumer.try_next().map(|t| (t.message, t.attempt))
     }
+
+    /// Takes the messages queued now, in order, as
+    /// [`try_recv_unsettled`](Self::try_recv_unsettled) does, handing each to `each` until it
+    /// returns `false` — for a caller that forwards many in a row (the server's connection
+    /// writer). Under QoS 0 their room in the queue's bounds is given back once, when this
+    /// returns, not message by message: publishers on other threads meet the queue's count
+    /// once a batch. With `cx`, running out registers its waker, as
+    /// [`poll_recv_unsettled`](Self::poll_recv_unsettled) does.
+    pub fn drain_unsettled(
+        &mut self,
+        cx: Option<&mut Context<'_>>,
+        mut each: impl FnMut(Message, u32) -> bool,
+    ) -> Drained {
+        self.consumer.drain(cx, |_, taken| each(taken.message, taken.attempt))
+    }
 }
 
 impl<T> Stream for Subscription<T> {
@@ -338,7 +353,7 @@ impl Subscriber {
 /// After a callback returned (`ok`) or panicked: under QoS 1 the message is acknowledged, or
 /// refused with requeue; a panic is counted and logged.
 fn settle(
-    consumer: &Consumer,
+    queue: &Queue,
     acker: Option<&Acker>,
     counters: &BrokerCounters,
     message: &Message,
@@ -352,7 +367,6 @@ fn settle(
         }
     }
     if !ok {
-        let queue = &consumer.queue;
         bump(&queue.counters.callback_panics);
         bump(&counters.callback_panics);
         tracing::error!(filter = %queue.filter, id = %message.id(), "subscriber callback panicked");
@@ -384,12 +398,12 @@ where
             match std::panic::catch_unwind(AssertUnwindSafe(|| message.decode_shared::<T>())) {
                 Ok(Ok(value)) => {
                     let ok = handle(value).await;
-                    settle(&consumer, acker.as_ref(), &counters, message, ok);
+                    settle(&consumer.queue, acker.as_ref(), &counters, message, ok);
                 }
                 Ok(Err(error)) => {
-                    decode_failed(&consumer, acker.as_ref(), &counters, message, &error);
+                    decode_failed(&consumer.queue, acker.as_ref(), &counters, message, &error);
                 }
-                Err(_) => settle(&consumer, acker.as_ref(), &counters, message, false),
+                Err(_) => settle(&consumer.queue, acker.as_ref(), &counters, message, false),
             }
             budget -= 1;
             if budget == 0 {
@@ -417,30 +431,26 @@ where
     T: DeserializeOwned + Clone + Send + Sync + 'static,
     F: FnMut(T) + Send + 'static,
 {
-    fn drain(&mut self, cx: &mut Context<'_>, allowance: &mut usize) -> dispatch::Drained {
-        while *allowance > 0 {
-            let taken = match self.consumer.poll_next(cx) {
-                Poll::Ready(Some(taken)) => taken,
-                Poll::Ready(None) => return dispatch::Drained::Ended,
-                Poll::Pending => return dispatch::Drained::Empty,
-            };
+    fn drain(&mut self, cx: &mut Context<'_>, allowance: &mut usize) -> Drained {
+        if *allowance == 0 {
+            return Drained::More;
+        }
+        let Self { consumer, acker, counters, callback, .. } = self;
+        consumer.drain(Some(cx), |queue, taken| {
             *allowance -= 1;
-            let (message, acker) = (&taken.message, self.acker.as_ref());
+            let message = &taken.message;
             // A panic in the value's `Deserialize` as well as in the callback is caught: the
             // dispatcher runs other subscriptions too.
-            let callback = &mut self.callback;
             let handled = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                message.decode_shared::<T>().map(callback)
+                message.decode_shared::<T>().map(&mut *callback)
             }));
             match handled {
-                Ok(Ok(())) => settle(&self.consumer, acker, &self.counters, message, true),
-                Ok(Err(error)) => {
-                    decode_failed(&self.consumer, acker, &self.counters, message, &error);
-                }
-                Err(_) => settle(&self.consumer, acker, &self.counters, message, false),
+                Ok(Ok(())) => settle(queue, acker.as_ref(), counters, message, true),
+                Ok(Err(error)) => decode_failed(queue, acker.as_ref(), counters, message, &error),
+                Err(_) => settle(queue, acker.as_ref(), counters, message, false),
             }
-        }
-        dispatch::Drained::More
+            *allowance > 0
+        })
     }
 }
 
