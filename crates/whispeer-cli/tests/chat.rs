@@ -363,6 +363,8 @@ async fn receipts_and_unread_counts_follow_delivery_and_reading() {
     let mut carol = ChatClient::join(&server.url, "carol", "phone").await;
     carol.ask(json!({"type": "join", "group": "team"})).await;
     drop(carol);
+    // Sent only once the server has seen her go: before, it may still write to her socket.
+    carol_went_offline(&mut alice).await;
     let waits = alice.ask(json!({"group": "team", "msg": "g3"})).await["id"].clone();
     phone.next_where(|v| v["msg"] == "g3").await;
     alice.no_message_within(Duration::from_millis(300)).await;
@@ -371,12 +373,26 @@ async fn receipts_and_unread_counts_follow_delivery_and_reading() {
     let receipt = alice.next_where(|v| v["status"] == "delivered" && v["group"] == "team").await;
     assert_eq!((&receipt["id"], receipt["members"].as_u64()), (&waits, Some(2)), "{receipt}");
     drop(carol);
+    carol_went_offline(&mut alice).await;
     let last = alice.ask(json!({"group": "team", "msg": "g4"})).await["id"].clone();
     phone.next_where(|v| v["msg"] == "g4").await;
     alice.no_message_within(Duration::from_millis(300)).await;
     alice.send(&json!({"type": "remove", "group": "team", "user": "carol"})).await;
     let (_, receipts) = sent_and_group_receipts(&mut alice, 0, 1).await;
     assert_eq!(receipts[0]["id"], last, "{receipts:?}");
+}
+
+/// Waits until `client` hears that carol's last device went: a group receipt that came before
+/// it is not skipped unseen.
+async fn carol_went_offline(client: &mut ChatClient) {
+    let offline = client
+        .next_where(|v| {
+            let receipt = v["type"] == "receipt" && v.get("group").is_some();
+            assert!(!receipt, "a group receipt while carol was leaving: {v}");
+            v["type"] == "presence" && v["status"] == "offline" && v["user"] == "carol"
+        })
+        .await;
+    assert!(offline["last_seen"].as_u64().is_some(), "{offline}");
 }
 
 /// Reads `client`'s events until `sent` replies and `receipts` group delivery receipts came
