@@ -38,7 +38,8 @@ const PER_TURN: usize = 1024;
 pub enum Drained {
     /// Nothing more now (with a context, its waker is registered).
     Empty,
-    /// Stopped with more, maybe, to take: its allowance ran out.
+    /// Stopped before running out (the dispatcher's allowance, or the caller's `false`):
+    /// there may be more to take.
     More,
     /// The subscription ended.
     Ended,
