@@ -38,9 +38,8 @@ use crate::error::{BindError, PublishError, SubscribeError};
 use crate::message::Message;
 use crate::options::SubscribeOptions;
 use crate::publish::{NO_OPTIONS, PublishOptions, PublishReceipt};
-use crate::shared::{Binding, RawBytes, SEAL_OVERHEAD, Scope, Shared};
+use crate::shared::{Binding, RawBytes, SEAL_OVERHEAD, Shared};
 use crate::stats::BrokerStats;
-use crate::stats::bump;
 use crate::subscription::{self, Subscriber, Subscription};
 
 /// A handle to a running broker. Cloning is cheap; all clones share one broker.
@@ -173,11 +172,6 @@ impl Broker {
         let max = limits.max_message_bytes + SEAL_OVERHEAD;
         if envelope.payload.len() > max {
             return Err(PublishError::TooLarge { len: envelope.payload.len(), max });
-        }
-        if shared.routes_plainly(&envelope.headers) {
-            bump(&shared.counters.published);
-            let (id, topic) = (envelope.id, envelope.topic.clone());
-            return shared.route(id, topic.as_str(), None, Scope::All, |_| envelope);
         }
         shared.accept(envelope)
     }

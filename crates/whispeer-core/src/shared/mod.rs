@@ -205,8 +205,14 @@ impl Shared {
         )
     }
 
-    /// The rest of every publish but the fastest: plugins, idempotency, time to live, routing.
+    /// The rest of every local publish but the fastest: plugins, idempotency, time to live,
+    /// routing — or straight to routing when none of it applies (an envelope from a client).
     pub(crate) fn accept(&self, envelope: Envelope) -> Result<PublishReceipt, PublishError> {
+        if self.routes_plainly(&envelope.headers) {
+            bump(&self.counters.published);
+            let (id, topic) = (envelope.id, envelope.topic.clone());
+            return self.route(id, topic.as_str(), None, Scope::All, |_| envelope);
+        }
         self.accept_from(envelope, Origin::Local)
     }
 
