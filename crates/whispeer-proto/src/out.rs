@@ -20,16 +20,20 @@ pub const BY_REFERENCE: usize = 16 * 1024;
 /// payloads), then `frames`.
 #[derive(Debug, Default)]
 pub struct OutBuf {
-    queue: VecDeque<Bytes>,
+    /// Each with whether it is a payload held by reference.
+    queue: VecDeque<(Bytes, bool)>,
     /// Bytes in `queue`.
     queued: usize,
+    /// Bytes of the payloads in `queue` held by reference.
+    referenced: usize,
     frames: BytesMut,
 }
 
 impl OutBuf {
     /// An empty buffer with room for `capacity` bytes of frames.
     pub fn with_capacity(capacity: usize) -> Self {
-        Self { queue: VecDeque::new(), queued: 0, frames: BytesMut::with_capacity(capacity) }
+        let frames = BytesMut::with_capacity(capacity);
+        Self { queue: VecDeque::new(), queued: 0, referenced: 0, frames }
     }
 
     /// Where the next frame is encoded: after everything held.
@@ -52,7 +56,8 @@ impl OutBuf {
     fn push_payload(&mut self, payload: Bytes) {
         self.cut();
         self.queued += payload.len();
-        self.queue.push_back(payload);
+        self.referenced += payload.len();
+        self.queue.push_back((payload, true));
     }
 
     /// Moves the encoded frames to the queue.
@@ -60,13 +65,19 @@ impl OutBuf {
         if !self.frames.is_empty() {
             let frames = self.frames.split().freeze();
             self.queued += frames.len();
-            self.queue.push_back(frames);
+            self.queue.push_back((frames, false));
         }
     }
 
     /// Bytes held.
     pub fn len(&self) -> usize {
         self.queued + self.frames.len()
+    }
+
+    /// Bytes held in copies: all but the payloads held by reference (what a batch's memory
+    /// and the copying into it grow with).
+    pub fn copied(&self) -> usize {
+        self.len() - self.referenced
     }
 
     /// Whether nothing is held.
@@ -90,6 +101,7 @@ impl OutBuf {
         self.cut();
         self.queue.append(&mut other.queue);
         self.queued += std::mem::take(&mut other.queued);
+        self.referenced += std::mem::take(&mut other.referenced);
         std::mem::swap(&mut self.frames, &mut other.frames);
     }
 }
@@ -100,18 +112,21 @@ impl Buf for OutBuf {
     }
 
     fn chunk(&self) -> &[u8] {
-        self.queue.front().map_or(&self.frames[..], |first| &first[..])
+        self.queue.front().map_or(&self.frames[..], |(first, _)| &first[..])
     }
 
     fn advance(&mut self, mut cnt: usize) {
         while cnt > 0 {
-            let Some(first) = self.queue.front_mut() else {
+            let Some((first, referenced)) = self.queue.front_mut() else {
                 self.frames.advance(cnt);
                 return;
             };
             let n = cnt.min(first.len());
             first.advance(n);
             self.queued -= n;
+            if *referenced {
+                self.referenced -= n;
+            }
             cnt -= n;
             if first.is_empty() {
                 self.queue.pop_front();
@@ -120,7 +135,8 @@ impl Buf for OutBuf {
     }
 
     fn chunks_vectored<'a>(&'a self, dst: &mut [IoSlice<'a>]) -> usize {
-        let chunks = self.queue.iter().map(|b| &b[..]).chain(std::iter::once(&self.frames[..]));
+        let chunks =
+            self.queue.iter().map(|(b, _)| &b[..]).chain(std::iter::once(&self.frames[..]));
         let mut filled = 0;
         for chunk in chunks.filter(|c| !c.is_empty()) {
             let Some(slot) = dst.get_mut(filled) else { break };
@@ -192,6 +208,26 @@ mod tests {
             assert_eq!(shared, by_reference, "{} bytes, vectored {vectored}", payload.len());
             assert_eq!(out.len(), 4 + payload.len());
         }
+    }
+
+    #[test]
+    fn copied_counts_all_but_the_payloads_held_by_reference_as_they_go_out() {
+        let mut out = sample();
+        // head1 head2 tail more end are copied; PAYLOAD1 PAYLOAD2 P3 are held by reference.
+        assert_eq!((out.len(), out.copied()), (39, 21));
+        let mut copied = vec![out.copied()];
+        while out.has_remaining() {
+            out.advance(3);
+            copied.push(out.copied());
+        }
+        // Written three bytes at a time: what is left of the copies after each step.
+        assert_eq!(copied, [21, 18, 16, 16, 16, 14, 11, 11, 11, 10, 7, 4, 3, 0]);
+        let (small, large) = (Bytes::from(vec![1; 8]), Bytes::from(vec![2; BY_REFERENCE]));
+        out.put_payload(&small, true);
+        out.put_payload(&large, false);
+        assert_eq!(out.copied(), 8 + BY_REFERENCE, "copied when small or not vectored");
+        out.put_payload(&large, true);
+        assert_eq!((out.len(), out.copied()), (8 + 2 * BY_REFERENCE, 8 + BY_REFERENCE));
     }
 
     #[test]

@@ -35,8 +35,11 @@ use whispeer_core::{Drained, Message, Subscription};
 mod ready;
 use ready::{Held, Slots};
 
-/// Bytes gathered before a write, so one syscall carries many frames.
+/// Bytes of frames gathered before a write, so one syscall carries many frames.
 const WRITE_BATCH: usize = 64 * 1024;
+/// Most bytes gathered before a write with the large payloads that go by reference (not
+/// copied into the batch): several of them to one `writev`, not one each.
+const WRITE_MOST: usize = 512 * 1024;
 /// Messages taken from one subscription before moving to the next, for fairness.
 const PER_SUBSCRIPTION: usize = 64;
 
@@ -84,6 +87,12 @@ impl Writer {
         self.out.len()
     }
 
+    /// Whether the batch is full: `WRITE_BATCH` bytes of frames, or `WRITE_MOST` with the
+    /// payloads by reference.
+    fn full(&self) -> bool {
+        self.out.copied() >= WRITE_BATCH || self.out.len() >= WRITE_MOST
+    }
+
     fn encode(&mut self, frame: &Frame) {
         if let Err(err) = frame.encode(self.out.frames(), self.limits.max_frame_bytes) {
             tracing::warn!(%err, "frame not sent");
@@ -128,7 +137,7 @@ impl Writer {
     /// first arms the subscriptions the last pass drained (see `ready.rs`).
     fn gather(&mut self) {
         self.arm();
-        while self.pending() < WRITE_BATCH {
+        while !self.full() {
             let Some((slot, held)) = self.subscriptions.next_ready() else { return };
             self.take_from(slot, held, false);
         }
@@ -156,7 +165,7 @@ impl Writer {
             held.subscription.drain_unsettled(arm.then_some(&mut cx), |message, attempt| {
                 self.deliver(sub, &message, attempt);
                 taken += 1;
-                taken < PER_SUBSCRIPTION && self.pending() < WRITE_BATCH
+                taken < PER_SUBSCRIPTION && !self.full()
             });
         match drained {
             Drained::More => {
@@ -234,7 +243,7 @@ pub(super) async fn write_loop(
     // it, and its answer is what keeps the reader's idle timeout away.
     let mut next_ping = tokio::time::Instant::now() + config.heartbeat;
     loop {
-        while open && writer.pending() < WRITE_BATCH {
+        while open && !writer.full() {
             match control.try_recv() {
                 Ok(outbound) => writer.apply(outbound),
                 Err(TryRecvError::Empty) => break,
