@@ -286,3 +286,6 @@ pub(super) async fn write_loop(
     gone.cancel();
     let _ = socket.shutdown().await;
 }
+
+#[cfg(test)]
+mod tests;
