@@ -31,7 +31,7 @@ mod transport;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use serde::Serialize;
@@ -332,8 +332,7 @@ impl Client {
             });
         }
         let id = self.next_id();
-        let timestamp_ms =
-            SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let timestamp_ms = whispeer_proto::clock::now_ms();
         let meta = Sealing { topic: topic.as_str(), id, timestamp_ms, headers: &headers };
         let (flags, payload) =
             self.shared.engines.seal(&meta, Flags::with_content(content), plaintext)?;

@@ -248,12 +248,7 @@ impl fmt::Debug for Message {
     }
 }
 
-/// The wall clock in milliseconds since the epoch (0 before it).
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub(crate) use whispeer_proto::clock::now_ms;
 
 /// Limits that accept any topic: topics inside the broker (routed, stored) were validated
 /// under the broker's limits already; re-parsing one must not fail on a tighter default.

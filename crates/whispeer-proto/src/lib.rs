@@ -15,6 +15,8 @@
 //! # Ok::<(), whispeer_proto::TopicError>(())
 //! ```
 
+#[cfg(not(target_family = "wasm"))]
+pub mod clock;
 mod code;
 mod envelope;
 mod frame;

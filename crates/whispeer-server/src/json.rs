@@ -11,7 +11,6 @@
 //! message stays opaque to a client without its keys.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -188,8 +187,7 @@ pub(super) fn request_to_frame(
                 _ => return Err(JsonError::Payload),
             };
             let qos = qos_from(qos)?;
-            let timestamp_ms =
-                SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+            let timestamp_ms = whispeer_proto::clock::now_ms();
             let topic =
                 Topic::parse_with(&topic, limits).map_err(|e| JsonError::Topic(reference, e))?;
             let mut envelope =

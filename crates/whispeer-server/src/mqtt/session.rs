@@ -9,9 +9,10 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
+use whispeer_proto::clock::now_ms;
 use whispeer_proto::{
     Body, ContentType, Envelope, ErrorCode, Flags, Frame, Limits, MessageId, PROTOCOL_VERSION, Qos,
     Topic, header,
@@ -148,10 +149,6 @@ pub(crate) struct Session {
     expiry_secs: u32,
     /// Who the CONNECT's credentials say the client is (with a registry).
     principal: Option<Arc<Principal>>,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// `$share/<group>/<filter>` → the group and the filter.
