@@ -256,6 +256,7 @@ impl Client {
     /// [`ClientError::Connect`], [`ClientError::Timeout`], or the server's refusal (for example
     /// `FORBIDDEN` for a wrong key).
     pub async fn connect_with(mut options: ClientOptions) -> Result<Self, ClientError> {
+        whispeer_proto::clock::calibrate();
         let established = connection::connect_any(&options).await?;
         let max_message_bytes = established.max_message_bytes;
         let engines = std::mem::take(&mut options.engines)

@@ -17,8 +17,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub const ANCHOR_FOR_NS: u64 = 100_000_000;
 
 /// The counter, calibrated on first use (a busy loop of about a millisecond, 200 ms at most).
+static COUNTER: OnceLock<quanta::Clock> = OnceLock::new();
+
 fn counter() -> &'static quanta::Clock {
-    static COUNTER: OnceLock<quanta::Clock> = OnceLock::new();
     COUNTER.get_or_init(quanta::Clock::new)
 }
 
@@ -26,6 +27,12 @@ thread_local! {
     /// This thread's anchor: the counter's raw value and the wall clock in nanoseconds since
     /// the epoch, read together; `None` until the thread's first time stamp.
     static ANCHOR: Cell<Option<(u64, u64)>> = const { Cell::new(None) };
+}
+
+/// Calibrates the counter now, if it was not yet (once a process), so that the first time
+/// stamp does not pay for it: brokers and clients call it when they are built.
+pub fn calibrate() {
+    counter();
 }
 
 /// The system's wall clock in nanoseconds since the epoch (0 before it).
@@ -75,6 +82,13 @@ mod tests {
         let now = now_ms();
         let after = system_ms();
         assert!(before <= now + 1 && now <= after + 1, "{before} <= {now} <= {after}");
+    }
+
+    #[test]
+    fn calibrating_leaves_the_counter_ready_for_the_first_stamp() {
+        calibrate();
+        assert!(COUNTER.get().is_some(), "calibrated before any stamp");
+        within_system_clock();
     }
 
     #[test]

@@ -120,6 +120,7 @@ impl BrokerBuilder {
     /// # Errors
     /// A write-ahead log that cannot be opened; the first transport that cannot bind.
     pub fn try_build(self) -> Result<Broker, BuildError> {
+        whispeer_proto::clock::calibrate();
         let engines = self.engines.with_max_message_bytes(self.options.limits.max_message_bytes);
         let engines = engines.is_active().then(|| Arc::new(engines));
         let opened = match &self.options.durability {
