@@ -45,22 +45,17 @@ fn system_ns() -> u64 {
 pub fn now_ms() -> u64 {
     let counter = counter();
     let raw = counter.raw();
-    let ns = ANCHOR.with(|anchor| match anchor.get() {
-        Some((at, wall)) => {
+    let ns = ANCHOR.with(|anchor| {
+        if let Some((at, wall)) = anchor.get() {
             // A counter read behind the anchor (another core's counter) counts as no time.
             let since = counter.delta_as_nanos(at, raw);
             if since < ANCHOR_FOR_NS {
                 return wall + since;
             }
-            let wall = system_ns();
-            anchor.set(Some((raw, wall)));
-            wall
         }
-        None => {
-            let wall = system_ns();
-            anchor.set(Some((raw, wall)));
-            wall
-        }
+        let wall = system_ns();
+        anchor.set(Some((raw, wall)));
+        wall
     });
     ns / 1_000_000
 }
