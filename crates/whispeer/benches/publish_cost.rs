@@ -1,0 +1,62 @@
+//! What one publish and one take cost on one thread, without the scheduler: `publish_bytes` to
+//! a topic with one raw subscription (or eight), the subscription(s) emptied with
+//! `try_recv_message` every 64 messages. No other thread, no wake-up of a parked one: the
+//! figure is the work per message itself, which a multi-threaded run (`--bench fanout`) mixes
+//! with where its tasks ran and how often they parked.
+//!
+//! Prints nanoseconds a message; run under `valgrind --tool=callgrind` for instructions, a
+//! count that does not move with the machine's load:
+//!
+//! ```text
+//! cargo bench -p whispeer --bench publish_cost --no-run
+//! valgrind --tool=callgrind <the bench binary> 200000 1
+//! ```
+//!
+//! Arguments: messages (2,000,000), then the subscriber counts to run (1 and 8).
+
+#![expect(clippy::unwrap_used, reason = "a benchmark fails loudly on any error")]
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use whispeer::{Broker, BrokerOptions, SubscribeOptions};
+
+const BATCH: u64 = 64;
+
+/// Publishes `messages` to `subscribers` subscriptions of one topic; gives ns per message.
+fn case(subscribers: usize, messages: u64) -> f64 {
+    let broker = Broker::builder(BrokerOptions::default()).build();
+    let topic = "bench/publish-cost";
+    let mut subs: Vec<_> = (0..subscribers)
+        .map(|_| broker.messages(SubscribeOptions::new(topic).capacity(1024)).unwrap())
+        .collect();
+    let payload = Bytes::from(vec![7u8; 128]);
+    let start = Instant::now();
+    let mut taken = 0u64;
+    for sent in 1..=messages {
+        broker.publish_bytes(topic, payload.clone()).unwrap();
+        if sent % BATCH == 0 {
+            for sub in &mut subs {
+                while let Some(message) = sub.try_recv_message() {
+                    taken += message.payload().len() as u64 / 128;
+                }
+            }
+        }
+    }
+    assert_eq!(taken, messages / BATCH * BATCH * subscribers as u64);
+    start.elapsed().as_nanos() as f64 / messages as f64
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let _entered = runtime.enter();
+    let mut args = std::env::args().skip(1).filter_map(|a| a.parse::<u64>().ok());
+    let messages = args.next().unwrap_or(2_000_000);
+    let counts: Vec<u64> = args.collect();
+    let counts = if counts.is_empty() { vec![1, 8] } else { counts };
+    for subscribers in counts {
+        let subscribers = subscribers as usize;
+        let ns = case(subscribers, messages);
+        println!("publish + take, 1 → {subscribers}: {ns:.1} ns a message");
+    }
+}
