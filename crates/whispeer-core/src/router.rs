@@ -10,6 +10,7 @@
 //! cache insert (under a table read lock) can never race a clear (under the table write lock).
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::sync::{Arc, PoisonError, RwLock};
 
 use whispeer_proto::{Filter, FilterSegment, Topic, hidden_from_wildcards};
@@ -234,21 +235,39 @@ impl Router {
         topic: &str,
         deliver: impl FnOnce(Option<Matches<'_>>) -> R,
     ) -> R {
+        match self.with_matches_admitted(topic, |_| Ok::<(), Infallible>(()), deliver) {
+            Ok(delivered) => delivered,
+            Err(never) => match never {},
+        }
+    }
+
+    /// [`Router::with_matches`] for a topic that may not be valid yet: `admit` is told first
+    /// whether an exact subscription's filter is this very text — a filter the broker checked
+    /// against the same limits when it was subscribed, so the topic needs no second check —
+    /// and may refuse it, in which case nothing is matched or delivered. A topic refused
+    /// never reaches the wildcard cache.
+    pub(crate) fn with_matches_admitted<R, E>(
+        &self,
+        topic: &str,
+        admit: impl FnOnce(bool) -> Result<(), E>,
+        deliver: impl FnOnce(Option<Matches<'_>>) -> R,
+    ) -> Result<R, E> {
         let table = self.table.read().unwrap_or_else(PoisonError::into_inner);
         let exact = table.exact.get_key_value(topic);
+        admit(exact.is_some())?;
         if table.wild_count == 0 {
-            return deliver(exact.map(|(topic, exact)| Matches { topic, exact, wild: &[] }));
+            return Ok(deliver(exact.map(|(topic, exact)| Matches { topic, exact, wild: &[] })));
         }
         let exact_routes = exact.map_or(&[][..], |(_, routes)| routes.as_slice());
         let cache = self.cache.read().unwrap_or_else(PoisonError::into_inner);
         if let Some((topic, wild)) = cache.get_key_value(topic) {
-            return deliver(Matches::some(topic, exact_routes, wild));
+            return Ok(deliver(Matches::some(topic, exact_routes, wild)));
         }
         drop(cache);
-        match self.match_wildcards(&table, topic) {
+        Ok(match self.match_wildcards(&table, topic) {
             Some((topic, wild)) => deliver(Matches::some(&topic, exact_routes, &wild)),
             None => deliver(None),
-        }
+        })
     }
 
     /// Matches `topic` against the trie and caches the result (also when empty, so that

@@ -38,7 +38,7 @@ use crate::error::{BindError, PublishError, SubscribeError};
 use crate::message::Message;
 use crate::options::SubscribeOptions;
 use crate::publish::{NO_OPTIONS, PublishOptions, PublishReceipt};
-use crate::shared::{Binding, RawBytes, SEAL_OVERHEAD, Shared};
+use crate::shared::{Binding, Check, RawBytes, SEAL_OVERHEAD, Shared};
 use crate::stats::BrokerStats;
 use crate::subscription::{self, Subscriber, Subscription};
 
@@ -165,7 +165,6 @@ impl Broker {
     pub fn publish_envelope(&self, envelope: Envelope) -> Result<PublishReceipt, PublishError> {
         let shared = &*self.inner;
         let limits = &shared.options.limits;
-        Topic::validate(envelope.topic.as_str(), limits)?;
         if envelope.topic.is_reserved() {
             return Err(PublishError::ReservedTopic(envelope.topic));
         }
@@ -173,7 +172,9 @@ impl Broker {
         if envelope.payload.len() > max {
             return Err(PublishError::TooLarge { len: envelope.payload.len(), max });
         }
-        shared.accept(envelope)
+        // The topic is checked against this broker's limits on the way (a `Topic` is well
+        // formed, but may have been parsed under other limits).
+        shared.accept(envelope, Check::UnlessSubscribed)
     }
 
     /// Calls `callback` with every message matching the filter, decoded as `T`, in order, on

@@ -29,6 +29,7 @@ impl Shared {
         let mut envelope = Envelope::new(id, topic.clone(), now_ms(), flags, payload.freeze());
         envelope.headers.insert(header::DEAD_LETTER_REASON, letter.reason.as_str());
         envelope.headers.insert(header::DEAD_LETTER_ATTEMPTS, letter.attempts.to_string());
-        let _ = self.route(id, topic.as_str(), None, super::Scope::All, |_| envelope);
+        let (scope, admit) = (super::Scope::All, super::known_valid);
+        let _ = self.route(id, topic.as_str(), None, scope, admit, |_| envelope);
     }
 }

@@ -146,7 +146,8 @@ impl Shared {
         payload: impl FnOnce() -> Result<(Flags, Bytes), PublishError>,
     ) -> Result<PublishReceipt, PublishError> {
         let limits = &self.options.limits;
-        Topic::validate(topic, limits)?;
+        // The topic's text is checked at routing, and only if no exact subscription holds it
+        // (see `Shared::admit`), or below when it is parsed for the longer way.
         if topic.starts_with('$') {
             return Err(PublishError::ReservedTopic(Topic::parse_with(topic, limits)?));
         }
@@ -176,15 +177,26 @@ impl Shared {
         if self.routes_plainly(headers) {
             // The envelope shares the router's copy of the topic, and is only built if someone
             // subscribed.
-            bump(&self.counters.published);
-            return self.route(id, topic, None, Scope::All, |topic| {
+            let admit = |subscribed| self.admit(topic, Check::UnlessSubscribed, subscribed);
+            return self.route(id, topic, None, Scope::All, admit, |topic| {
                 Envelope::new(id, topic.clone(), timestamp_ms, flags, payload)
             });
         }
         let topic = Topic::parse_with(topic, limits)?;
         let mut envelope = Envelope::new(id, topic, timestamp_ms, flags, payload);
         envelope.headers = headers.clone();
-        self.accept(envelope)
+        self.accept(envelope, Check::Done)
+    }
+
+    /// Lets a publish through routing: checks its topic against the broker's limits unless
+    /// `check` says it was, or an exact subscription's filter is the same text (`subscribed`:
+    /// that filter was checked against the same limits), and counts it as published.
+    fn admit(&self, topic: &str, check: Check, subscribed: bool) -> Result<(), PublishError> {
+        if check == Check::UnlessSubscribed && !subscribed {
+            Topic::validate(topic, &self.options.limits)?;
+        }
+        bump(&self.counters.published);
+        Ok(())
     }
 
     /// Whether a message with these headers needs nothing of [`Shared::accept`]'s beyond
@@ -207,11 +219,20 @@ impl Shared {
 
     /// The rest of every local publish but the fastest: plugins, idempotency, time to live,
     /// routing — or straight to routing when none of it applies (an envelope from a client).
-    pub(crate) fn accept(&self, envelope: Envelope) -> Result<PublishReceipt, PublishError> {
+    /// `check`: whether the envelope's topic is still to be checked against the broker's
+    /// limits.
+    pub(crate) fn accept(
+        &self,
+        envelope: Envelope,
+        check: Check,
+    ) -> Result<PublishReceipt, PublishError> {
         if self.routes_plainly(&envelope.headers) {
-            bump(&self.counters.published);
             let (id, topic) = (envelope.id, envelope.topic.clone());
-            return self.route(id, topic.as_str(), None, Scope::All, |_| envelope);
+            let admit = |subscribed| self.admit(topic.as_str(), check, subscribed);
+            return self.route(id, topic.as_str(), None, Scope::All, admit, |_| envelope);
+        }
+        if check == Check::UnlessSubscribed {
+            Topic::validate(envelope.topic.as_str(), &self.options.limits)?;
         }
         self.accept_from(envelope, Origin::Local)
     }
@@ -311,7 +332,10 @@ impl Shared {
             },
         };
         let routed = match history {
-            None => self.route(envelope.id, topic.as_str(), expires_at, scope, |_| envelope),
+            None => {
+                let (id, topic) = (envelope.id, topic.as_str());
+                self.route(id, topic, expires_at, scope, known_valid, |_| envelope)
+            }
             Some(log) => (|| {
                 // Routed under the topic's lock: see `retention` for why replay needs it. A
                 // durable message goes to the log first, so the log's order is the offsets'.
@@ -328,7 +352,8 @@ impl Shared {
                 let (offset, seq) = (log.reserve(), self.history.next_seq());
                 let engines = self.engines.clone();
                 let message = Message::retained(envelope, true, engines, expires_at, offset);
-                let routed = self.fan_out(message.id(), topic.as_str(), scope, |_| message.clone());
+                let (id, make) = (message.id(), |_: &Matches<'_>| message.clone());
+                let routed = self.fan_out(id, topic.as_str(), scope, known_valid, make);
                 log.append(offset, seq, accepted_ms, message);
                 routed.map(|receipt| PublishReceipt { ticket, ..receipt })
             })(),
@@ -377,7 +402,8 @@ impl Shared {
         bump(&self.counters.published);
         let seq = self.history.next_seq();
         let message = Message::retained(envelope, true, self.engines.clone(), expires_at, offset);
-        let routed = self.fan_out(id, topic.as_str(), Scope::Solo, |_| message.clone());
+        let make = |_: &Matches<'_>| message.clone();
+        let routed = self.fan_out(id, topic.as_str(), Scope::Solo, known_valid, make);
         log.append(offset, seq, accepted_ms, message);
         routed
     }
@@ -457,16 +483,18 @@ impl Shared {
         self.tallied(id, &tally)
     }
 
-    /// Offers the envelope to every queue whose filter matches `topic`.
+    /// Offers the envelope to every queue whose filter matches `topic`, once `admit` lets it
+    /// through (see [`Router::with_matches_admitted`]).
     pub(crate) fn route(
         &self,
         id: MessageId,
         topic: &str,
         expires_at: Option<Instant>,
         scope: Scope,
+        admit: impl FnOnce(bool) -> Result<(), PublishError>,
         envelope: impl FnOnce(&Topic) -> Envelope,
     ) -> Result<PublishReceipt, PublishError> {
-        self.fan_out(id, topic, scope, |matches| {
+        self.fan_out(id, topic, scope, admit, |matches| {
             let engines = self.engines.clone();
             Message::new(envelope(matches.topic), matches.len(), engines, expires_at)
         })
@@ -479,11 +507,12 @@ impl Shared {
         id: MessageId,
         topic: &str,
         scope: Scope,
+        admit: impl FnOnce(bool) -> Result<(), PublishError>,
         make: impl FnOnce(&Matches<'_>) -> Message,
     ) -> Result<PublishReceipt, PublishError> {
         let mut tally = Tally::default();
         let mut disconnected: Vec<(SubId, Arc<Queue>)> = Vec::new();
-        self.router.with_matches(topic, |matches| {
+        self.router.with_matches_admitted(topic, admit, |matches| {
             let Some(matches) = matches else { return };
             let mut message = Some(make(&matches));
             let mut routes = matches.iter().peekable();
@@ -498,7 +527,7 @@ impl Shared {
                     disconnected.push((route.id, Arc::clone(&route.queue)));
                 }
             }
-        });
+        })?;
         for (id, queue) in disconnected {
             tracing::warn!(filter = %queue.filter, "subscriber disconnected: queue full");
             self.unsubscribe(id, &queue);
@@ -584,6 +613,22 @@ fn interest_of(queue: &Queue) -> Interest {
         Some(name) => Interest::Group { filter: queue.filter.clone(), name: name.clone() },
         None => Interest::Topics(queue.filter.clone()),
     }
+}
+
+/// Whether a publish's topic is still to be checked against the broker's limits when it
+/// reaches routing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Check {
+    /// Checked already (parsed under the broker's limits, or made by the broker itself).
+    Done,
+    /// To be checked, unless an exact subscription's filter is the same text.
+    UnlessSubscribed,
+}
+
+/// An `admit` for [`Shared::route`] when the topic is known valid and the publish was
+/// counted already.
+pub(crate) fn known_valid(_subscribed: bool) -> Result<(), PublishError> {
+    Ok(())
 }
 
 /// Which of a topic's routes a fan-out offers a message to.
