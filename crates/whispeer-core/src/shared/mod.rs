@@ -32,11 +32,13 @@ use crate::store::Store;
 mod dead_letter;
 mod register;
 mod restore;
+mod route;
 mod services;
 mod tally;
 
 pub(crate) use register::Registration;
 pub(crate) use restore::sweep_forever;
+pub(crate) use route::{Check, Scope, known_valid};
 pub use services::Running;
 pub(crate) use services::Services;
 use tally::Tally;
@@ -186,17 +188,6 @@ impl Shared {
         let mut envelope = Envelope::new(id, topic, timestamp_ms, flags, payload);
         envelope.headers = headers.clone();
         self.accept(envelope, Check::Done)
-    }
-
-    /// Lets a publish through routing: checks its topic against the broker's limits unless
-    /// `check` says it was, or an exact subscription's filter is the same text (`subscribed`:
-    /// that filter was checked against the same limits), and counts it as published.
-    fn admit(&self, topic: &str, check: Check, subscribed: bool) -> Result<(), PublishError> {
-        if check == Check::UnlessSubscribed && !subscribed {
-            Topic::validate(topic, &self.options.limits)?;
-        }
-        bump(&self.counters.published);
-        Ok(())
     }
 
     /// Whether a message with these headers needs nothing of [`Shared::accept`]'s beyond
@@ -483,71 +474,6 @@ impl Shared {
         self.tallied(id, &tally)
     }
 
-    /// Offers the envelope to every queue whose filter matches `topic`, once `admit` lets it
-    /// through (see [`Router::with_matches_admitted`]).
-    pub(crate) fn route(
-        &self,
-        id: MessageId,
-        topic: &str,
-        expires_at: Option<Instant>,
-        scope: Scope,
-        admit: impl FnOnce(bool) -> Result<(), PublishError>,
-        envelope: impl FnOnce(&Topic) -> Envelope,
-    ) -> Result<PublishReceipt, PublishError> {
-        self.fan_out(id, topic, scope, admit, |matches| {
-            let engines = self.engines.clone();
-            Message::new(envelope(matches.topic), matches.len(), engines, expires_at)
-        })
-    }
-
-    /// Offers the message `make` builds (only if the topic has subscribers) to every matching
-    /// queue.
-    fn fan_out(
-        &self,
-        id: MessageId,
-        topic: &str,
-        scope: Scope,
-        admit: impl FnOnce(bool) -> Result<(), PublishError>,
-        make: impl FnOnce(&Matches<'_>) -> Message,
-    ) -> Result<PublishReceipt, PublishError> {
-        let mut tally = Tally::default();
-        let mut disconnected: Vec<(SubId, Arc<Queue>)> = Vec::new();
-        self.router.with_matches_admitted(topic, admit, |matches| {
-            let Some(matches) = matches else { return };
-            let mut message = Some(make(&matches));
-            let mut routes = matches.iter().peekable();
-            while let Some(route) = routes.next() {
-                if scope == Scope::Solo && route.queue.group.is_some() {
-                    continue;
-                }
-                // The last subscriber takes the publisher's reference instead of a clone.
-                let next = if routes.peek().is_some() { message.clone() } else { message.take() };
-                let Some(next) = next else { break };
-                if tally.record(route.queue.push(next), &self.counters) {
-                    disconnected.push((route.id, Arc::clone(&route.queue)));
-                }
-            }
-        })?;
-        for (id, queue) in disconnected {
-            tracing::warn!(filter = %queue.filter, "subscriber disconnected: queue full");
-            self.unsubscribe(id, &queue);
-        }
-        self.tallied(id, &tally)
-    }
-
-    /// Counts a fan-out's outcomes; a publish that found full queues is refused.
-    fn tallied(&self, id: MessageId, tally: &Tally) -> Result<PublishReceipt, PublishError> {
-        if tally.delivered == 0 && tally.full == 0 {
-            bump(&self.counters.unrouted);
-        }
-        self.counters.deliveries.fetch_add(tally.delivered as u64, Ordering::Relaxed);
-        if tally.full > 0 {
-            return Err(PublishError::QueueFull { full: tally.full, delivered: tally.delivered });
-        }
-        let subscribers = tally.delivered;
-        Ok(PublishReceipt { id, subscribers, duplicate: false, ticket: None, bridged: None })
-    }
-
     /// Ends a subscription: closes its queue and removes its route. Idempotent; plugins hear
     /// of each subscription's end once.
     /// Records `message` as settled by the durable subscription `commits`; an advance of its
@@ -613,29 +539,4 @@ fn interest_of(queue: &Queue) -> Interest {
         Some(name) => Interest::Group { filter: queue.filter.clone(), name: name.clone() },
         None => Interest::Topics(queue.filter.clone()),
     }
-}
-
-/// Whether a publish's topic is still to be checked against the broker's limits when it
-/// reaches routing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Check {
-    /// Checked already (parsed under the broker's limits, or made by the broker itself).
-    Done,
-    /// To be checked, unless an exact subscription's filter is the same text.
-    UnlessSubscribed,
-}
-
-/// An `admit` for [`Shared::route`] when the topic is known valid and the publish was
-/// counted already.
-pub(crate) fn known_valid(_subscribed: bool) -> Result<(), PublishError> {
-    Ok(())
-}
-
-/// Which of a topic's routes a fan-out offers a message to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Scope {
-    /// Every route.
-    All,
-    /// Ordinary subscriptions only: queue groups get the message through the cluster.
-    Solo,
 }
