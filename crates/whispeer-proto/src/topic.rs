@@ -143,8 +143,25 @@ fn scan(s: &str, limits: &Limits) -> Result<(usize, Option<(usize, char)>), Topi
 /// A validated topic: the concrete name a message is published to, such as `sensor/k1/temperature`.
 ///
 /// Cloning is cheap (the text is shared).
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, PartialOrd, Ord)]
 pub struct Topic(Arc<str>);
+
+impl PartialEq for Topic {
+    /// Equal texts. Two clones of one topic (a connection's cached topic, the router's copy a
+    /// message shares) are equal without comparing the text.
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || *self.0 == *other.0
+    }
+}
+
+impl Eq for Topic {}
+
+impl std::hash::Hash for Topic {
+    /// Hashes as its text, as `str` does (so maps keyed by `Topic` are searched with a `&str`).
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
 
 impl Topic {
     /// Parses a topic under the default [`Limits`].
@@ -512,6 +529,22 @@ mod tests {
                 proptest::prop_assert_eq!(scan(&text, limits), scan_byte_by_byte(&text, limits));
             }
         }
+    }
+
+    #[test]
+    fn topics_are_equal_by_text_whether_shared_or_not() {
+        use std::hash::BuildHasher;
+        let a = Topic::parse("a/b").unwrap();
+        let shared = a.clone();
+        let separate = Topic::parse("a/b").unwrap();
+        let other = Topic::parse("a/c").unwrap();
+        assert!(Arc::ptr_eq(&a.0, &shared.0) && !Arc::ptr_eq(&a.0, &separate.0));
+        assert_eq!(a, shared);
+        assert_eq!(a, separate);
+        assert_ne!(a, other);
+        let hasher = std::collections::hash_map::RandomState::new();
+        assert_eq!(hasher.hash_one(&a), hasher.hash_one("a/b"));
+        assert_eq!(hasher.hash_one(&a), hasher.hash_one(&separate));
     }
 
     #[test]
