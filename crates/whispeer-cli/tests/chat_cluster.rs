@@ -158,8 +158,11 @@ async fn while_the_engine_is_away_sends_are_refused_and_none_is_delivered_later(
     let mut nats = Nats::start(0);
     let (a, b) = (node("nats", &nats.url, "a"), node("nats", &nats.url, "b"));
     let mut alice = ChatClient::join(&a.url, "alice", "laptop").await;
-    let bob = ChatClient::join(&b.url, "bob", "phone").await;
+    let mut bob = ChatClient::join(&b.url, "bob", "phone").await;
     assert_eq!(alice.ask(json!({"to": "bob", "msg": "before"})).await["type"], "sent");
+    // Delivered before bob leaves: "sent" means the engine has it, and bob's node may take a
+    // moment more to hand it over (a leave before that would rightly leave it in his inbox).
+    assert_eq!(message(&mut bob).await["msg"], "before");
     bob.leave().await;
 
     nats.kill();
