@@ -20,28 +20,10 @@ use whispeer_proto::{Envelope, Headers, MessageId, Topic, header};
 
 use whispeer_engines::ReceiveError;
 
-mod spare;
-
 /// A message as a subscriber receives it. Cloning is cheap.
 #[derive(Clone)]
 pub struct Message {
     inner: Arc<Inner>,
-}
-
-impl Drop for Message {
-    /// The last holder keeps the allocation for the thread's next message (see `spare`),
-    /// with what the message held dropped now.
-    fn drop(&mut self) {
-        if Arc::strong_count(&self.inner) != 1 {
-            return;
-        }
-        let Some(stand_in) = spare::stand_in() else { return };
-        let mut last = std::mem::replace(&mut self.inner, stand_in);
-        if let Some(inner) = Arc::get_mut(&mut last) {
-            inner.empty();
-            spare::keep(last);
-        }
-    }
 }
 
 struct Inner {
@@ -56,36 +38,6 @@ struct Inner {
     /// Whether decoding should go through `decoded` (the message has several subscribers).
     share_decoded: bool,
     decoded: OnceLock<Decoded>,
-}
-
-impl Inner {
-    fn new(
-        envelope: Envelope,
-        share_decoded: bool,
-        engines: Option<Arc<Engines>>,
-        expires_at: Option<Instant>,
-        offset: u64,
-    ) -> Self {
-        Self {
-            envelope,
-            expires_at,
-            offset,
-            engines,
-            opened: OnceLock::new(),
-            share_decoded,
-            decoded: OnceLock::new(),
-        }
-    }
-
-    /// Drops what the message holds but its topic: payload, headers, engines, the opened and
-    /// decoded values.
-    fn empty(&mut self) {
-        self.envelope.payload = Bytes::new();
-        self.envelope.headers = Headers::new();
-        self.engines = None;
-        self.opened.take();
-        self.decoded.take();
-    }
 }
 
 /// The first decoding of the payload: the type asked for and, if it decoded, the value.
@@ -113,19 +65,17 @@ impl Message {
         expires_at: Option<Instant>,
         offset: u64,
     ) -> Self {
-        let inner = Inner::new(envelope, share_decoded, engines, expires_at, offset);
-        let inner = match spare::take() {
-            Some(mut spare) => match Arc::get_mut(&mut spare) {
-                Some(slot) => {
-                    *slot = inner;
-                    spare
-                }
-                // Spares are kept as the only reference; should one not be, it is left.
-                None => Arc::new(inner),
-            },
-            None => Arc::new(inner),
-        };
-        Self { inner }
+        Self {
+            inner: Arc::new(Inner {
+                envelope,
+                expires_at,
+                offset,
+                engines,
+                opened: OnceLock::new(),
+                share_decoded,
+                decoded: OnceLock::new(),
+            }),
+        }
     }
 
     /// The topic the message was published to.
@@ -336,97 +286,6 @@ mod tests {
         // A different type still decodes independently (here: the same bytes read as u8s).
         let raw: (u8, String) = m.decode_shared().unwrap();
         assert_eq!(raw, (7, "x".to_string()));
-    }
-
-    /// A payload that says when it is dropped (its `Weak` no longer upgrades).
-    struct Watched(#[expect(dead_code, reason = "held to be dropped with the payload")] Arc<()>);
-
-    impl AsRef<[u8]> for Watched {
-        fn as_ref(&self) -> &[u8] {
-            b"watched"
-        }
-    }
-
-    /// Decoded values alive now (of `Counted`, which only the spare test decodes).
-    static COUNTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-    /// A decoded value that counts itself in `COUNTED`.
-    #[derive(serde::Deserialize)]
-    #[serde(from = "u8")]
-    struct Counted;
-
-    impl From<u8> for Counted {
-        fn from(_: u8) -> Self {
-            COUNTED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            Self
-        }
-    }
-
-    impl Clone for Counted {
-        fn clone(&self) -> Self {
-            Self::from(0)
-        }
-    }
-
-    impl Drop for Counted {
-        fn drop(&mut self) {
-            COUNTED.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-        }
-    }
-
-    fn watched_message(subscribers: usize) -> (Message, std::sync::Weak<()>) {
-        let alive = Arc::new(());
-        let weak = Arc::downgrade(&alive);
-        let envelope = Envelope::new(
-            MessageId(2),
-            Topic::parse("t").unwrap(),
-            0,
-            Flags::with_content(ContentType::Postcard),
-            Bytes::from_owner(Watched(alive)),
-        );
-        (Message::new(envelope, subscribers, None, None), weak)
-    }
-
-    #[test]
-    fn the_last_holder_keeps_the_allocation_for_the_next_message_and_drops_what_it_held() {
-        // A thread of its own: its spares are this test's alone.
-        std::thread::spawn(|| {
-            let (first, payload) = watched_message(2);
-            let copy = first.clone();
-            // The shared slot keeps a decoded value for the other subscriber.
-            drop(first.decode_shared::<Counted>().unwrap());
-            assert_eq!(COUNTED.load(std::sync::atomic::Ordering::SeqCst), 1);
-            let allocation = Arc::as_ptr(&first.inner);
-            drop(first);
-            // Another holder: nothing is kept, and what it holds is whole.
-            assert_eq!(spare::kept(), 0);
-            assert_eq!(copy.payload().as_ref(), b"watched");
-            assert_eq!(COUNTED.load(std::sync::atomic::Ordering::SeqCst), 1);
-            drop(copy);
-            // The last holder: the allocation is kept, neither the payload nor the value.
-            assert_eq!(spare::kept(), 1);
-            assert!(payload.upgrade().is_none(), "a spare kept its message's payload");
-            let decoded = COUNTED.load(std::sync::atomic::Ordering::SeqCst);
-            assert_eq!(decoded, 0, "a spare kept its message's decoded value");
-            let next = message(&5u8, 1);
-            assert_eq!(Arc::as_ptr(&next.inner), allocation, "the spare was not reused");
-            assert_eq!(spare::kept(), 0);
-            assert_eq!(next.decode::<u8>().unwrap(), 5);
-            assert_eq!(next.id(), MessageId(1));
-        })
-        .join()
-        .unwrap();
-    }
-
-    #[test]
-    fn a_thread_keeps_at_most_its_bound_of_spares() {
-        std::thread::spawn(|| {
-            let many: Vec<Message> = (0..spare::KEPT + 10).map(|_| message(&1u8, 1)).collect();
-            drop(many);
-            assert_eq!(spare::kept(), spare::KEPT);
-        })
-        .join()
-        .unwrap();
     }
 
     #[test]
