@@ -7,7 +7,9 @@
 //!
 //! Publishes skip the command queue: publishing tasks encode them into a shared outbox
 //! ([`outbox`]), which the actor takes whole before a write. Other writes are batched too: the
-//! actor drains every waiting command into the same buffer before writing.
+//! actor drains every waiting command into the same buffer before writing, and before writing
+//! publishes or acks it lets the other ready tasks run once, so that publishers woken together
+//! share one write ([`Gather`]).
 //! Replies are matched to requests by correlation id. When the socket fails, pending requests
 //! fail with `Disconnected`; with reconnection on, the actor connects again with exponential
 //! backoff and re-subscribes every live subscription under its old id (and group). With
@@ -73,16 +75,50 @@ enum Pending {
 
 /// Writes what is buffered and flushes; `unflushed` says whether a write awaits its flush, so a
 /// cancelled flush is retried even when nothing new is buffered.
+///
+/// When `gather` is due, the task first lets every other task ready on its worker run (see
+/// [`Gather`]).
 async fn write_and_flush(
     writer: &mut Writer,
     out: &mut OutBuf,
     unflushed: &mut bool,
+    gather: &mut Gather,
 ) -> std::io::Result<usize> {
+    if *gather == Gather::Due {
+        tokio::task::yield_now().await;
+        *gather = Gather::Done;
+    }
     *unflushed = true;
     let written = if out.is_empty() { 1 } else { writer.write_buf(out).await? };
     writer.flush().await?;
     *unflushed = false;
     Ok(written)
+}
+
+/// Whether the next write waits for other ready tasks first. Publishing tasks woken together —
+/// those whose acknowledgements one read brought, say — each wake the connection task as they
+/// publish, and the runtime runs a task woken from a worker right after the task that woke it:
+/// without waiting, each of them would get a write (a system call and a segment) of its own.
+/// So once publishes or acks were taken for a write, the task yields before writing, once:
+/// the others run and add to the outbox, which then wins the next `select!` over the write,
+/// and the write goes out with them all, without yielding again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Gather {
+    /// Nothing taken since the last write asks to wait.
+    No,
+    /// Publishes or acks were taken: yield before writing.
+    Due,
+    /// Yielded since the last write: write without waiting again.
+    Done,
+}
+
+impl Gather {
+    /// Publishes or acks were taken for the next write.
+    fn took(&mut self) {
+        if *self == Self::No {
+            *self = Self::Due;
+        }
+    }
 }
 
 fn encode(frame: &Frame, out: &mut BytesMut, max: usize) -> Result<(), ClientError> {
@@ -271,7 +307,7 @@ impl Actor {
         // its side is idle (whispeer's own did) hears from a client that only receives, and
         // does not cut it off after three heartbeats.
         let mut next_ping = Instant::now() + heartbeat;
-        let mut unflushed = false;
+        let (mut unflushed, mut gather) = (false, Gather::No);
         // Deliveries wait in their subscriptions' buffers before they are dropped: up to
         // eight read chunks of them can be in use while the reader goes on.
         let (mut topics, mut pool) = (TopicCache::default(), ReadPool::with_spares(8));
@@ -311,8 +347,12 @@ impl Actor {
                             return Ended::Lost(err);
                         }
                     }
+                    gather.took();
                 }
-                () = self.outbox.ready(), if out.len() < HIGH_WATER => self.take_publishes(&mut out),
+                () = self.outbox.ready(), if out.len() < HIGH_WATER => {
+                    self.take_publishes(&mut out);
+                    gather.took();
+                }
                 command = self.commands.recv(), if out.len() < HIGH_WATER => {
                     let Some(command) = command else { return self.finish(writer, out).await };
                     if self.command(command, &mut out, max_frame_bytes) {
@@ -334,10 +374,11 @@ impl Actor {
                 }
                 // Flushing sends what a message-based transport (WebSocket) has queued; the
                 // branch stays armed until a flush completes, even if one was cancelled.
-                written = write_and_flush(&mut writer, &mut out, &mut unflushed), if !out.is_empty() || unflushed => {
+                written = write_and_flush(&mut writer, &mut out, &mut unflushed, &mut gather), if !out.is_empty() || unflushed => {
                     if matches!(written, Ok(0) | Err(_)) {
                         return Ended::Lost(ClientError::Disconnected);
                     }
+                    gather = Gather::No;
                     next_ping = Instant::now() + heartbeat;
                 }
                 // One timer for both: the server's silence, and this client's.
