@@ -60,6 +60,9 @@ use connection::Buffer;
 use connection::{Command, SubSpec};
 use subscription::{Decode, Parts};
 
+/// The server's default QoS 1 prefetch (`[delivery] prefetch`), for a subscription asking for 0.
+const DEFAULT_PREFETCH: usize = 1024;
+
 /// Why a client operation failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -481,8 +484,18 @@ impl Client {
         let SubscribeOptions { filter, qos, prefetch, group, start } = options;
         let spec = SubSpec { filter: Filter::parse(&filter)?, qos, prefetch, group, start };
         let (reply, replied) = oneshot::channel();
-        let (max_bytes, max_count) =
-            (self.shared.subscription_max_bytes, self.shared.subscription_capacity);
+        let (max_bytes, max_count) = match qos {
+            Qos::AtMostOnce => {
+                (self.shared.subscription_max_bytes, self.shared.subscription_capacity)
+            }
+            // The server's prefetch bounds what it delivers unacknowledged: every delivery within
+            // it is held, since one dropped here would wait for its ack timeout to come again.
+            // A prefetch of 0 asks for the server's default (1 024 unless configured).
+            _ => {
+                let prefetch = if prefetch == 0 { DEFAULT_PREFETCH } else { prefetch as usize };
+                (usize::MAX, self.shared.subscription_capacity.max(prefetch))
+            }
+        };
         let buffer = Arc::new(Buffer::new(max_bytes, max_count));
         let shared_buffer = Arc::clone(&buffer);
         self.send(Command::Subscribe { spec, buffer: shared_buffer, reply }).await?;

@@ -1,5 +1,5 @@
 //! QoS 1 over the network: acks, redelivery to a reconnecting subscriber or a group peer, SDK
-//! de-duplication, idempotent publishing, and a randomized run of 100 000 messages through
+//! de-duplication, a prefetch held whole past a small buffer, idempotent publishing, and a randomized run of 100 000 messages through
 //! subscribers that keep being killed.
 
 #![expect(clippy::unwrap_used, reason = "test helpers fail loudly")]
@@ -145,6 +145,32 @@ async fn a_timeout_redelivers_marked_and_a_late_ack_is_harmless() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(broker.stats().redelivered, 1);
     assert_eq!(jobs.stats().duplicates, 0);
+}
+
+#[tokio::test]
+async fn a_qos1_subscription_holds_its_whole_prefetch_past_a_small_buffer() {
+    let (_broker, addr) = server(Duration::from_secs(60), 5);
+    let publisher = client(addr).await;
+    let mut options = ClientOptions::new(addr.to_string());
+    (options.subscription_capacity, options.subscription_max_bytes) = (4, 1024);
+    let reader = Client::connect_with(options).await.unwrap();
+    let at_most_once = reader.subscribe::<u32>("burst").await.unwrap();
+    let options = SubscribeOptions::new("burst").qos(Qos::AtLeastOnce).prefetch(64);
+    let mut at_least_once = reader.subscribe::<u32>(options).await.unwrap();
+    for n in 0..64u32 {
+        publisher.publish_acked("burst", &n).await.unwrap();
+    }
+    // Everything reaches the reader before either subscription takes a message.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for n in 0..64 {
+        // Well within the 60 s ack timeout: nothing waits to be delivered again.
+        let next = timeout(Duration::from_secs(10), at_least_once.recv_delivery()).await;
+        let (value, delivery) = next.expect("held, not dropped").unwrap();
+        assert_eq!((value, delivery.attempt()), (n, 1));
+        assert!(delivery.ack());
+    }
+    assert_eq!(at_least_once.stats().dropped, 0);
+    assert!(at_most_once.stats().dropped > 0, "the QoS 0 buffer's bounds still apply");
 }
 
 #[tokio::test]

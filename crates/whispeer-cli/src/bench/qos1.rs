@@ -20,7 +20,6 @@ const PUBLISHERS: u64 = 64;
 
 pub(super) async fn connect(addr: &str, api_key: Option<&str>) -> anyhow::Result<Client> {
     let mut options = ClientOptions::new(addr);
-    options.subscription_capacity = 4096;
     if let Some(key) = api_key {
         options = options.api_key(key);
     }
