@@ -7,7 +7,9 @@
 //!
 //! Publishes skip the command queue: publishing tasks encode them into a shared outbox
 //! ([`outbox`]), which the actor takes whole before a write. Other writes are batched too: the
-//! actor drains every waiting command into the same buffer before writing.
+//! actor drains every waiting command into the same buffer before writing, and before writing
+//! publishes or acks it lets the other ready tasks run once, so that publishers woken together
+//! share one write (`Actor::gather`).
 //! Replies are matched to requests by correlation id. When the socket fails, pending requests
 //! fail with `Disconnected`; with reconnection on, the actor connects again with exponential
 //! backoff and re-subscribes every live subscription under its old id (and group). With
@@ -271,7 +273,7 @@ impl Actor {
         // its side is idle (whispeer's own did) hears from a client that only receives, and
         // does not cut it off after three heartbeats.
         let mut next_ping = Instant::now() + heartbeat;
-        let mut unflushed = false;
+        let (mut unflushed, mut gathered) = (false, false);
         // Deliveries wait in their subscriptions' buffers before they are dropped: up to
         // eight read chunks of them can be in use while the reader goes on.
         let (mut topics, mut pool) = (TopicCache::default(), ReadPool::with_spares(8));
@@ -306,13 +308,19 @@ impl Actor {
                     if let Err(err) = self.settle(settle, &mut out, max_frame_bytes) {
                         return Ended::Lost(err);
                     }
-                    while let Ok(settle) = self.settles.try_recv() {
-                        if let Err(err) = self.settle(settle, &mut out, max_frame_bytes) {
-                            return Ended::Lost(err);
-                        }
+                    if let Err(err) = self.drain_settles(&mut out, max_frame_bytes) {
+                        return Ended::Lost(err);
+                    }
+                    if let Err(err) = self.gather(&mut gathered, &mut out, max_frame_bytes).await {
+                        return Ended::Lost(err);
                     }
                 }
-                () = self.outbox.ready(), if out.len() < HIGH_WATER => self.take_publishes(&mut out),
+                () = self.outbox.ready(), if out.len() < HIGH_WATER => {
+                    self.take_publishes(&mut out);
+                    if let Err(err) = self.gather(&mut gathered, &mut out, max_frame_bytes).await {
+                        return Ended::Lost(err);
+                    }
+                }
                 command = self.commands.recv(), if out.len() < HIGH_WATER => {
                     let Some(command) = command else { return self.finish(writer, out).await };
                     if self.command(command, &mut out, max_frame_bytes) {
@@ -338,6 +346,7 @@ impl Actor {
                     if matches!(written, Ok(0) | Err(_)) {
                         return Ended::Lost(ClientError::Disconnected);
                     }
+                    gathered = false;
                     next_ping = Instant::now() + heartbeat;
                 }
                 // One timer for both: the server's silence, and this client's.
@@ -446,6 +455,36 @@ impl Actor {
         encode(&Frame::new(0, body), out.frames(), max)
     }
 
+    /// Called after taking publishes or acks for the next write. Publishing tasks woken
+    /// together — those whose acknowledgements one read brought, say — each wake the connection
+    /// task as they publish, and the runtime runs a task woken from a worker right after the
+    /// task that woke it: without waiting, each of them would get a write (a system call and a
+    /// segment) of its own. So once per write (`gathered` says whether it has since the last
+    /// one) the task yields here, where no other branch can interrupt it, lets every other task
+    /// ready on its worker run, and takes what they added: the write carries them all.
+    async fn gather(
+        &mut self,
+        gathered: &mut bool,
+        out: &mut OutBuf,
+        max: usize,
+    ) -> Result<(), ClientError> {
+        if std::mem::replace(gathered, true) {
+            return Ok(());
+        }
+        tokio::task::yield_now().await;
+        self.drain_settles(out, max)?;
+        self.take_publishes(out);
+        Ok(())
+    }
+
+    /// Encodes every ack or nack waiting in the channel.
+    fn drain_settles(&mut self, out: &mut OutBuf, max: usize) -> Result<(), ClientError> {
+        while let Ok(settle) = self.settles.try_recv() {
+            self.settle(settle, out, max)?;
+        }
+        Ok(())
+    }
+
     /// Stages a delivery for its subscription; a redelivery of a message acked already is
     /// acked again instead.
     fn deliver(
@@ -465,7 +504,9 @@ impl Actor {
             return encode(&Frame::new(0, Body::Ack { sub, id }), out.frames(), max);
         }
         let first = subscription.staged.is_empty();
-        // Under QoS 1 a dropped message stays unacknowledged and comes again after its timeout.
+        // Under QoS 1 the buffer holds the prefetch, so only a redelivery of a message still
+        // waiting in it (its ack timeout passed) can be dropped; it stays unacknowledged and
+        // comes again after its timeout.
         if !subscription.buffer.stage(&mut subscription.staged, deliver) {
             tracing::warn!(sub, %id, "subscription buffer full; message dropped");
             return Ok(());

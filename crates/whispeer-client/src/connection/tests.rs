@@ -163,3 +163,104 @@ fn a_dropped_subscription_is_unsubscribed_and_a_dropped_connection_ends_the_subs
     let frame = Frame::decode(out.frames(), &Limits::default()).unwrap().unwrap();
     assert_eq!(frame.body, Body::Unsubscribe { sub: 1 });
 }
+
+/// A writer that counts the writes that carried bytes.
+struct CountingWriter {
+    inner: tokio::io::WriteHalf<tokio::io::DuplexStream>,
+    writes: Arc<AtomicU64>,
+}
+
+impl tokio::io::AsyncWrite for CountingWriter {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(polled, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.writes.fetch_add(1, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Answers every PUBLISH with its PUBACK, all those of one read in one write.
+async fn acknowledge_all(mut server: tokio::io::DuplexStream) {
+    let (mut buf, mut replies) = (BytesMut::new(), BytesMut::new());
+    while server.read_buf(&mut buf).await.is_ok_and(|n| n > 0) {
+        while let Ok(Some(frame)) = Frame::decode(&mut buf, &Limits::default()) {
+            if let Body::Publish { .. } = frame.body {
+                let puback = Frame::new(frame.correlation, Body::PubAck);
+                puback.encode(&mut replies, usize::MAX).unwrap();
+            }
+        }
+        if server.write_all_buf(&mut replies).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Publishing tasks woken together by one read of acknowledgements publish again in one write,
+/// not one write each (on one worker, where the runtime runs a task woken from it right after
+/// the task that woke it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn publishers_woken_together_share_a_write() {
+    const TASKS: usize = 64;
+    const ROUNDS: usize = 20;
+    let (client, server) = tokio::io::duplex(1 << 20);
+    tokio::spawn(acknowledge_all(server));
+    let (reader, writer) = tokio::io::split(client);
+    let writes = Arc::new(AtomicU64::new(0));
+    let writer = CountingWriter { inner: writer, writes: Arc::clone(&writes) };
+    let established = Established {
+        node: 0,
+        reader: Box::new(reader),
+        writer: Box::new(writer),
+        leftover: BytesMut::new(),
+        heartbeat: std::time::Duration::from_secs(60),
+        max_frame_bytes: 1 << 20,
+        max_message_bytes: 1 << 20,
+    };
+    let (_commands, rx) = mpsc::channel(1);
+    let (_settles, settled) = mpsc::unbounded_channel();
+    let outbox = Arc::new(Outbox::new(1 << 20, 1 << 20));
+    let options = ClientOptions::new("127.0.0.1:1");
+    let actor = Actor::new(options, rx, settled, Arc::clone(&outbox), Arc::default());
+    tokio::spawn(actor.run(established));
+    let topic = Topic::parse("t").unwrap();
+    let publishers: Vec<_> = (0..TASKS)
+        .map(|_| {
+            let (outbox, topic) = (Arc::clone(&outbox), topic.clone());
+            tokio::spawn(async move {
+                for _ in 0..ROUNDS {
+                    let flags = Flags::with_content(ContentType::Raw);
+                    let payload = Bytes::from_static(b"x");
+                    let envelope = Envelope::new(MessageId(1), topic.clone(), 0, flags, payload);
+                    let (ack, acked) = oneshot::channel();
+                    outbox.publish(Qos::AtLeastOnce, envelope, Some(ack)).await.unwrap();
+                    acked.await.unwrap().unwrap();
+                }
+            })
+        })
+        .collect();
+    for publisher in publishers {
+        publisher.await.unwrap();
+    }
+    let writes = writes.load(Ordering::Relaxed);
+    // One write a publish without gathering; a few a round with it.
+    assert!(writes <= (ROUNDS * 4) as u64, "{writes} writes for {ROUNDS} rounds of {TASKS}");
+}
