@@ -39,6 +39,7 @@ mod broker;
 mod delivery;
 mod dispatch;
 mod error;
+mod hash;
 mod message;
 mod options;
 mod plugin;

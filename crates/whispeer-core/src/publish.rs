@@ -23,6 +23,9 @@ pub struct PublishReceipt {
     /// With a cluster [`Bridge`](crate::Bridge): its ticket for the message, or why it did not
     /// carry it.
     pub(crate) bridged: Option<Result<u64, &'static str>>,
+    /// Its idempotency key waits for the confirmation (see `Dedup::pending`): only then does
+    /// confirming it touch the de-duplication window.
+    pub(crate) keyed: bool,
 }
 
 impl PublishReceipt {

@@ -9,20 +9,19 @@
 //! never held across `.await`. The cache has its own lock, always taken *after* `table`, so a
 //! cache insert (under a table read lock) can never race a clear (under the table write lock).
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::{Arc, PoisonError, RwLock};
 
 use whispeer_proto::{Filter, FilterSegment, Topic, hidden_from_wildcards};
 
+use crate::hash::FastMap;
 use crate::queue::Queue;
 
 /// Bound on the number of topics whose wildcard matches are cached.
 const MAX_CACHED_TOPICS: usize = 64 * 1024;
 
-/// Hash maps keyed by topic text. foldhash is fast on short strings and randomly seeded per
-/// map, which keeps collision floods from chosen topic names impractical.
-type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+/// Hash maps keyed by topic text.
+type Map<K, V> = FastMap<K, V>;
 
 /// Identifies one subscription for its lifetime in a broker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -255,6 +255,33 @@ async fn idempotency_keys_of_stored_messages_hold_across_a_restart() {
     assert_eq!(stored.len(), 2, "order-1 once, order-2");
 }
 
+#[tokio::test]
+async fn a_key_whose_message_was_never_stored_lets_its_retry_through() {
+    let dir = TempDir::new("unkept-key");
+    let keyed = |n: u32| whispeer::PublishOptions::new().idempotency_key(format!("order-{n}"));
+    let mut options = BrokerOptions::default();
+    let wal = WalOptions::new(&dir.0).segment_bytes(1024);
+    options.durability = Some(Durability::new(wal).topic(Filter::parse("orders/#").unwrap()));
+    let broker = Broker::builder(options).try_build().unwrap();
+    // As above: the next segment cannot be created, so what is accepted now is never stored.
+    std::fs::remove_dir_all(&dir.0).unwrap();
+    std::fs::write(&dir.0, b"in the way").unwrap();
+    let mut accepted = Vec::new();
+    for n in 0..200u32 {
+        match broker.publish_with("orders/a", &n, &keyed(n)) {
+            Ok(receipt) => accepted.push((n, receipt)),
+            Err(_) => break,
+        }
+    }
+    let (n, receipt) = accepted.pop().expect("accepted before the writer failed");
+    assert!(soon(broker.confirmed(&receipt)).await.is_err(), "never stored");
+    // The publisher retries with the same key: not taken for a repeat of what was kept.
+    let retry = broker.publish_with("orders/a", &n, &keyed(n));
+    assert!(!matches!(retry, Ok(receipt) if receipt.duplicate), "{retry:?}");
+    drop(broker);
+    let _ = std::fs::remove_file(&dir.0);
+}
+
 /// A broker whose durable topics keep only `memory` messages in memory (the store has all).
 fn small_memory_broker(dir: &TempDir, memory: usize) -> Broker {
     let mut options = BrokerOptions::default();

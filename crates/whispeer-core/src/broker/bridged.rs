@@ -137,7 +137,7 @@ impl Broker {
         .await;
         // A message not confirmed may not have been kept: its idempotency key must let the
         // publisher's retry through.
-        if receipt.is_durable_pending() {
+        if receipt.keyed {
             self.inner.dedup.confirmed(receipt.id, confirmed.is_ok());
         }
         confirmed

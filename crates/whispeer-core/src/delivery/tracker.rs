@@ -19,7 +19,7 @@
 //! `.await`; publishers never touch it. Times come from `tokio::time`, so tests can pause the
 //! clock.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -27,6 +27,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use whispeer_proto::MessageId;
 
+use crate::hash::FastMap;
 use crate::message::Message;
 use crate::queue::Queue;
 use crate::retention::Replay;
@@ -208,9 +209,7 @@ struct Member {
 }
 
 /// Hash maps looked up several times per delivery and ack (keyed by message id and member).
-/// foldhash rather than SipHash: a tenth of the cost on these keys, and randomly seeded per
-/// map, so publishers choosing message ids cannot aim collisions at it.
-type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+type Map<K, V> = FastMap<K, V>;
 
 #[derive(Default)]
 struct State {

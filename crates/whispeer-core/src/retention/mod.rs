@@ -25,6 +25,7 @@ use tokio::time::Instant;
 use whispeer_proto::{Filter, Headers, StartAt, Topic};
 
 use crate::error::SubscribeError;
+use crate::hash::FastMap;
 use crate::message::Message;
 use crate::store::PageBound;
 
@@ -231,7 +232,7 @@ pub(crate) struct History {
     rules: Vec<(Filter, Retention)>,
     /// Topics written to the write-ahead log.
     durable: Vec<Filter>,
-    logs: RwLock<HashMap<Topic, Arc<Mutex<TopicLog>>>>,
+    logs: RwLock<FastMap<Topic, Arc<Mutex<TopicLog>>>>,
     /// The next acceptance sequence number (taken under a topic's lock).
     seq: AtomicU64,
     /// Offsets of durable topics new to this process start after this (see `continue_after`).

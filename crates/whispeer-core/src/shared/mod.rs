@@ -267,6 +267,7 @@ impl Shared {
                     duplicate: true,
                     ticket: None,
                     bridged: None,
+                    keyed: false,
                 });
             }
         }
@@ -295,6 +296,7 @@ impl Shared {
                 }
                 _ => {}
             }
+            let keyed = key.is_some() && bridged.is_ok();
             let (id, bridged) = (envelope.id, Some(bridged));
             return Ok(PublishReceipt {
                 id,
@@ -302,6 +304,7 @@ impl Shared {
                 duplicate: false,
                 ticket: None,
                 bridged,
+                keyed,
             });
         }
         bump(&self.counters.published);
@@ -364,8 +367,14 @@ impl Shared {
     ) -> Result<PublishReceipt, PublishError> {
         let topic = envelope.topic.clone();
         let id = envelope.id;
-        let nothing =
-            PublishReceipt { id, subscribers: 0, duplicate: true, ticket: None, bridged: None };
+        let nothing = PublishReceipt {
+            id,
+            subscribers: 0,
+            duplicate: true,
+            ticket: None,
+            bridged: None,
+            keyed: false,
+        };
         let Some(log) = self.history.log(&topic).filter(|log| retention::lock(log).durable) else {
             // Durable on the node it came from, not here: an ordinary message.
             let interest = Interest::Topics(Filter::from(topic));
@@ -441,15 +450,18 @@ impl Shared {
         topic: &Topic,
         key: Option<&Bytes>,
     ) -> Result<PublishReceipt, PublishError> {
-        match (&routed, key) {
-            (Err(_), Some(key)) => self.dedup.forget(topic.as_str(), key),
+        match (routed, key) {
+            (Err(err), Some(key)) => {
+                self.dedup.forget(topic.as_str(), key);
+                Err(err)
+            }
             // To be confirmed (synced, or taken by the cluster): forgotten if it is not.
             (Ok(receipt), Some(key)) if receipt.is_durable_pending() => {
                 self.dedup.pending(receipt.id, topic.as_str(), key, Instant::now());
+                Ok(PublishReceipt { keyed: true, ..receipt })
             }
-            _ => {}
+            (routed, _) => routed,
         }
-        routed
     }
 
     /// Offers a message another node published to the local queue group `filter` / `name`

@@ -98,7 +98,14 @@ impl Shared {
             return Err(PublishError::QueueFull { full: tally.full, delivered: tally.delivered });
         }
         let subscribers = tally.delivered;
-        Ok(PublishReceipt { id, subscribers, duplicate: false, ticket: None, bridged: None })
+        Ok(PublishReceipt {
+            id,
+            subscribers,
+            duplicate: false,
+            ticket: None,
+            bridged: None,
+            keyed: false,
+        })
     }
 }
 

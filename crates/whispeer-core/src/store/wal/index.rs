@@ -6,10 +6,11 @@
 //!
 //! Built while recovery scans the log, and kept up as records are appended.
 
-use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 
 use whispeer_proto::Topic;
+
+use crate::hash::FastMap;
 
 /// Messages of one topic between two samples.
 const EVERY: u64 = 256;
@@ -27,7 +28,7 @@ struct Samples {
 /// See the module documentation.
 #[derive(Debug, Default)]
 pub(crate) struct TopicIndex {
-    topics: Mutex<HashMap<Topic, Samples>>,
+    topics: Mutex<FastMap<Topic, Samples>>,
 }
 
 impl TopicIndex {
