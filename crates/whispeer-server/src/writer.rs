@@ -47,6 +47,8 @@ const PER_SUBSCRIPTION: usize = 64;
 pub(super) enum Outbound {
     /// A frame to send as it is.
     Frame(Frame),
+    /// Frames to send as they are, in order (PUBACKs that one sync confirmed).
+    Frames(Vec<Frame>),
     /// A new subscription: send `reply`, then the retained messages it matches, then its
     /// messages.
     Subscribed {
@@ -120,6 +122,7 @@ impl Writer {
     fn apply(&mut self, outbound: Outbound) {
         match outbound {
             Outbound::Frame(frame) => self.encode(&frame),
+            Outbound::Frames(frames) => frames.iter().for_each(|frame| self.encode(frame)),
             Outbound::Subscribed { sub, subscription, reply, retained } => {
                 self.encode(&reply);
                 retained.iter().for_each(|frame| self.encode(frame));

@@ -4,6 +4,9 @@
 //!
 //! The queue is bounded (`PENDING`); past it, a publish gets a task of its own, as before.
 
+use std::pin::{Pin, pin};
+use std::task::{Context, Poll, Waker};
+
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 use whispeer_core::{Broker, PublishReceipt, Unconfirmed};
@@ -51,16 +54,48 @@ impl Confirmations {
     }
 }
 
+/// Sends the replies in order. A sync confirms many publishes at once: those already
+/// confirmed when the first is go to the writer together, one message and one wake-up.
 async fn confirm_in_order(
     broker: Broker,
     mut waiting: mpsc::Receiver<Waiting>,
     out: mpsc::Sender<Outbound>,
 ) {
+    let mut replies = Vec::new();
     while let Some((correlation, receipt)) = waiting.recv().await {
-        let reply = reply(&broker, correlation, &receipt).await;
-        if out.send(Outbound::Frame(reply)).await.is_err() {
+        replies.push(reply(&broker, correlation, &receipt).await);
+        while let Ok((correlation, receipt)) = waiting.try_recv() {
+            let mut next = pin!(reply(&broker, correlation, &receipt));
+            let frame = match ready_now(next.as_mut()) {
+                Some(frame) => frame,
+                None => {
+                    // Not confirmed yet: what is ready goes first.
+                    let ready = Outbound::Frames(std::mem::take(&mut replies));
+                    if out.send(ready).await.is_err() {
+                        return;
+                    }
+                    next.await
+                }
+            };
+            replies.push(frame);
+        }
+        let ready = match replies.len() {
+            1 => replies.pop().map(Outbound::Frame),
+            _ => Some(Outbound::Frames(std::mem::take(&mut replies))),
+        };
+        if let Some(ready) = ready
+            && out.send(ready).await.is_err()
+        {
             return;
         }
+    }
+}
+
+/// `future`'s output if it is ready without waiting.
+fn ready_now<F: Future>(future: Pin<&mut F>) -> Option<F::Output> {
+    match future.poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(output) => Some(output),
+        Poll::Pending => None,
     }
 }
 
