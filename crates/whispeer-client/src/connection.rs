@@ -504,9 +504,9 @@ impl Actor {
             return encode(&Frame::new(0, Body::Ack { sub, id }), out.frames(), max);
         }
         let first = subscription.staged.is_empty();
-        // Under QoS 1 the buffer holds the prefetch, so only a redelivery of a message still
-        // waiting in it (its ack timeout passed) can be dropped; it stays unacknowledged and
-        // comes again after its timeout.
+        // Under QoS 1 the buffer holds the prefetch, so only what comes beyond it (redeliveries
+        // of messages still waiting there) can be dropped; unacknowledged, it comes again after
+        // its timeout.
         if !subscription.buffer.stage(&mut subscription.staged, deliver) {
             tracing::warn!(sub, %id, "subscription buffer full; message dropped");
             return Ok(());

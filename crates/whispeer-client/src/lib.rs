@@ -484,19 +484,16 @@ impl Client {
         let SubscribeOptions { filter, qos, prefetch, group, start } = options;
         let spec = SubSpec { filter: Filter::parse(&filter)?, qos, prefetch, group, start };
         let (reply, replied) = oneshot::channel();
-        let (max_bytes, max_count) = match qos {
-            Qos::AtMostOnce => {
-                (self.shared.subscription_max_bytes, self.shared.subscription_capacity)
-            }
+        let (max_bytes, max_count) =
+            (self.shared.subscription_max_bytes, self.shared.subscription_capacity);
+        let mut buffer = Buffer::new(max_bytes, max_count);
+        if qos == Qos::AtLeastOnce {
             // The server's prefetch bounds what it delivers unacknowledged: every delivery within
-            // it is held, since one dropped here would wait for its ack timeout to come again.
-            // A prefetch of 0 asks for the server's default (1 024 unless configured).
-            _ => {
-                let prefetch = if prefetch == 0 { DEFAULT_PREFETCH } else { prefetch as usize };
-                (usize::MAX, self.shared.subscription_capacity.max(prefetch))
-            }
-        };
-        let buffer = Arc::new(Buffer::new(max_bytes, max_count));
+            // it is held. A prefetch of 0 asks for the server's default (1 024 unless configured).
+            buffer =
+                buffer.holding(if prefetch == 0 { DEFAULT_PREFETCH } else { prefetch as usize });
+        }
+        let buffer = Arc::new(buffer);
         let shared_buffer = Arc::clone(&buffer);
         self.send(Command::Subscribe { spec, buffer: shared_buffer, reply }).await?;
         let sub = replied.await.map_err(|_| ClientError::Closed)??;

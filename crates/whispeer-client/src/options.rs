@@ -45,15 +45,15 @@ pub struct ClientOptions {
     pub backoff: (Duration, Duration),
     /// Messages buffered per subscription; further ones are dropped and counted. Default:
     /// 131 072, a cap that does not bite before `subscription_max_bytes` (a message weighs its
-    /// payload plus 256 bytes); the buffer grows as messages arrive. A QoS 1 subscription holds
-    /// at least its prefetch.
+    /// payload plus 256 bytes); the buffer grows as messages arrive. A QoS 1 subscription always
+    /// holds its prefetch, beyond both bounds.
     pub subscription_capacity: usize,
-    /// Bytes buffered per QoS 0 subscription (payloads plus 256 a message) while the
-    /// application has not taken them; further messages are dropped and counted
-    /// (`SubscriptionStats::dropped`). Default: 32 MiB, which holds a burst of 8 MiB of
-    /// 128-byte messages. A QoS 1 subscription is bounded by its prefetch instead (the server
-    /// delivers no more unacknowledged), so none of its deliveries is dropped for want of room
-    /// and left to come again after its ack timeout.
+    /// Bytes buffered per subscription (payloads plus 256 a message) while the application has
+    /// not taken them; further messages are dropped and counted (`SubscriptionStats::dropped`).
+    /// Default: 32 MiB, which holds a burst of 8 MiB of 128-byte messages. A QoS 1
+    /// subscription always has room for its prefetch (the server delivers no more
+    /// unacknowledged), so none of those deliveries is dropped and left to come again after its
+    /// ack timeout; the bounds apply beyond it (to redeliveries of messages still waiting).
     pub subscription_max_bytes: usize,
     /// Commands (subscribes, flushes) queued for the connection task. Default: 4 096.
     pub command_queue: usize,

@@ -149,8 +149,8 @@ pub struct SubscriptionStats {
 
 /// A subscription on a client: `recv().await`, or use it as a [`Stream`]. Dropping it
 /// unsubscribes. Messages beyond its buffer (`ClientOptions::subscription_max_bytes`, then
-/// `subscription_capacity`; under QoS 1 the prefetch) are dropped by the connection task,
-/// counted and logged.
+/// `subscription_capacity`; under QoS 1 only past the prefetch) are dropped by the connection
+/// task, counted and logged.
 pub struct ClientSubscription<T> {
     sub: u32,
     /// Deliveries taken from the buffer and not yet handed out.

@@ -138,6 +138,8 @@ pub(crate) struct Buffer {
     max_bytes: usize,
     count: AtomicUsize,
     max_count: usize,
+    /// Messages always taken in, whatever the bounds: a QoS 1 subscription's prefetch.
+    holds: usize,
     pub(crate) duplicates: AtomicU64,
     dropped: AtomicU64,
 }
@@ -153,9 +155,18 @@ impl Buffer {
             max_bytes,
             count: AtomicUsize::new(0),
             max_count: max_count.max(1),
+            holds: 0,
             duplicates: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
         }
+    }
+
+    /// Always takes in `messages` (a QoS 1 subscription's prefetch: the server sends no more
+    /// unacknowledged, and one dropped here would come again only after its ack timeout); the
+    /// bounds apply beyond them (to redeliveries of messages still waiting here).
+    pub(crate) fn holding(mut self, messages: usize) -> Self {
+        self.holds = messages;
+        self
     }
 
     /// Hands `staged` over (leaving it empty) and wakes the subscription. The room is counted
@@ -207,7 +218,8 @@ impl Buffer {
             }
         };
         let (held, count) = (bytes + staged.bytes, count + staged.items.len());
-        !((held > 0 && held + weight > self.max_bytes) || count >= self.max_count)
+        count < self.holds
+            || !((held > 0 && held + weight > self.max_bytes) || count >= self.max_count)
     }
 
     /// Moves everything waiting to `into` (which the caller has emptied), or learns that

@@ -120,6 +120,23 @@ fn a_subscription_buffer_is_bounded_by_count_too() {
 }
 
 #[test]
+fn a_qos1_buffer_holds_its_prefetch_past_its_bounds_and_bounds_what_comes_beyond() {
+    let (mut actor, _) = actor_with_sub(Qos::AtLeastOnce, 2);
+    // Bounds of 2 messages and 1 KiB (four 257-byte messages), holding a prefetch of 6.
+    let buffer = Arc::new(Buffer::new(1024, 2).holding(6));
+    if let Some(sub) = actor.subscriptions.get_mut(&1) {
+        sub.buffer = Arc::clone(&buffer);
+    }
+    let mut out = OutBuf::default();
+    for id in 0..8 {
+        actor.deliver(deliver(id), &mut out, usize::MAX).unwrap();
+    }
+    actor.hand_over(&mut out, usize::MAX);
+    // Past the prefetch (redeliveries of what still waits here), the bounds apply again.
+    assert_eq!((take(&buffer), buffer.dropped()), (Some((0..6).collect()), 2));
+}
+
+#[test]
 fn room_given_back_during_a_read_is_seen_before_a_message_is_dropped() {
     let (mut actor, buffer) = actor_with_sub(Qos::AtMostOnce, 3);
     let mut out = OutBuf::default();
