@@ -20,9 +20,6 @@ use crate::queue::Queue;
 /// Bound on the number of topics whose wildcard matches are cached.
 const MAX_CACHED_TOPICS: usize = 64 * 1024;
 
-/// Hash maps keyed by topic text.
-type Map<K, V> = FastMap<K, V>;
-
 /// Identifies one subscription for its lifetime in a broker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) struct SubId(pub(crate) u64);
@@ -36,7 +33,7 @@ pub(crate) struct Route {
 
 #[derive(Debug, Default)]
 struct Node {
-    children: Map<Box<str>, Self>,
+    children: FastMap<Box<str>, Self>,
     /// Filters continuing with `+` / `*` here.
     one: Option<Box<Self>>,
     /// Filters ending in `#` here.
@@ -134,7 +131,7 @@ fn remove_route(routes: &mut Vec<Route>, id: SubId) -> bool {
 
 #[derive(Debug, Default)]
 struct Table {
-    exact: Map<Topic, Vec<Route>>,
+    exact: FastMap<Topic, Vec<Route>>,
     wild: Node,
     wild_count: usize,
     total: usize,
@@ -144,7 +141,7 @@ struct Table {
 #[derive(Debug, Default)]
 pub(crate) struct Router {
     table: RwLock<Table>,
-    cache: RwLock<Map<Topic, Arc<[Route]>>>,
+    cache: RwLock<FastMap<Topic, Arc<[Route]>>>,
 }
 
 /// The subscriptions one topic matches, and the topic as the router holds it, so a publisher can

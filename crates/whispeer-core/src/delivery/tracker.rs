@@ -208,17 +208,14 @@ struct Member {
     waker: Option<Waker>,
 }
 
-/// Hash maps looked up several times per delivery and ack (keyed by message id and member).
-type Map<K, V> = FastMap<K, V>;
-
 #[derive(Default)]
 struct State {
-    in_flight: Map<MessageId, Entry>,
+    in_flight: FastMap<MessageId, Entry>,
     due: BTreeMap<(Instant, u64), MessageId>,
     ready: VecDeque<Ready>,
     /// Retained history still to deliver, after `ready` and before the queue.
     replay: Option<Replay>,
-    members: Map<u64, Member>,
+    members: FastMap<u64, Member>,
     next_seq: u64,
     next_member: u64,
 }

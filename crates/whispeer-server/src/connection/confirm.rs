@@ -17,6 +17,10 @@ use crate::writer::Outbound;
 /// Publishes a connection may have waiting in its confirmation queue.
 const PENDING: usize = 16 * 1024;
 
+/// Most PUBACKs handed to the writer in one message: while a connection's publishes keep being
+/// confirmed, they go in turns of this many rather than in one batch that grows as they come.
+const BATCH: usize = 1024;
+
 type Waiting = (u32, PublishReceipt);
 
 /// A connection's confirmation queue; its task starts with the first publish that waits.
@@ -55,7 +59,8 @@ impl Confirmations {
 }
 
 /// Sends the replies in order. A sync confirms many publishes at once: those already
-/// confirmed when the first is go to the writer together, one message and one wake-up.
+/// confirmed when the first is go to the writer together (up to `BATCH`), one message and one
+/// wake-up.
 async fn confirm_in_order(
     broker: Broker,
     mut waiting: mpsc::Receiver<Waiting>,
@@ -64,7 +69,9 @@ async fn confirm_in_order(
     let mut replies = Vec::new();
     while let Some((correlation, receipt)) = waiting.recv().await {
         replies.push(reply(&broker, correlation, &receipt).await);
-        while let Ok((correlation, receipt)) = waiting.try_recv() {
+        while replies.len() < BATCH
+            && let Ok((correlation, receipt)) = waiting.try_recv()
+        {
             let mut next = pin!(reply(&broker, correlation, &receipt));
             let frame = match ready_now(next.as_mut()) {
                 Some(frame) => frame,
