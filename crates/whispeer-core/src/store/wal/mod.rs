@@ -25,7 +25,8 @@
 //! latest offset, so the oldest whole segments can be deleted past `max_bytes` without losing a
 //! durable subscription's position or starting a topic's offsets again. A new segment's
 //! directory entry is synced before anything in it is acknowledged. All file operations go
-//! through the [`Disk`] seam (`disk.rs`), which the tests replace with a disk that loses power.
+//! through the [`Disk`] seam (`disk.rs`), which the tests replace with a disk that loses power;
+//! on Linux the segments are written around the page cache (`direct.rs`).
 //!
 //! Recovery reads every segment in order and checks each record's length (against
 //! `MAX_RECORD` before allocating) and checksum (`scan.rs`). A header with one flipped bit is
@@ -430,6 +431,8 @@ impl Drop for Wal {
     }
 }
 
+#[cfg(target_os = "linux")]
+mod direct;
 mod disk;
 mod writer;
 use writer::Writer;

@@ -170,8 +170,11 @@ fn the_oldest_segments_go_past_the_size_bound() {
     let mut options = WalOptions::new(&dir.0).segment_bytes(1024);
     options.max_bytes = 4096;
     write(&options, 1..201);
-    let total: u64 = list_segments(&OsDisk, &dir.0).unwrap().iter().map(|s| s.len).sum();
-    assert!(total <= 4096 + 1024, "{total} bytes kept");
+    // At most the bound and one segment more; a file written directly ends on a 4 KiB block.
+    let segments = list_segments(&OsDisk, &dir.0).unwrap();
+    assert!(segments.len() <= 4096 / 1024 + 1, "{} segments kept", segments.len());
+    let lens: Vec<u64> = segments.iter().map(|s| s.len).collect();
+    assert!(lens.iter().all(|&len| len <= 4096), "{lens:?}");
     let recovered = reopen(&options);
     assert_eq!(recovered.records.last().map(|r| r.offset), Some(200));
     assert!(recovered.records.len() < 200, "the oldest were deleted");
