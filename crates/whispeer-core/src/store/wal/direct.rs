@@ -4,7 +4,7 @@
 //! A group commit through the page cache copies the records into it, marks the pages dirty,
 //! and `fdatasync` then writes them back and flushes the disk's cache. Written directly, the
 //! records go to the disk in the `write` itself and the sync only flushes the cache: on this
-//! project's virtual disk, a batch of 6.4 KB took 129–145 µs this way against 174–230 µs
+//! project's virtual disk, a batch of 6.4 KB took 135–143 µs this way against 174–230 µs
 //! through the page cache (write and sync together, medians of runs of 1,500). Nothing else
 //! reads a segment while it is written (recovery reads it at the next start), so no reader
 //! loses the cache.
