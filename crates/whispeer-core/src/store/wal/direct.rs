@@ -43,6 +43,10 @@ pub(super) struct DirectFile {
     /// The offset of the last block written, and its bytes as they are in the file.
     last: Option<u64>,
     last_block: Vec<u8>,
+    /// Tests: the scratch memory one byte off its alignment, so the kernel refuses a direct
+    /// write.
+    #[cfg(test)]
+    misaligned: bool,
 }
 
 fn open(path: &Path, create: bool, direct: bool) -> io::Result<File> {
@@ -75,6 +79,8 @@ impl DirectFile {
             start: 0,
             last: None,
             last_block: vec![0; BLOCK],
+            #[cfg(test)]
+            misaligned: false,
         })
     }
 
@@ -84,20 +90,28 @@ impl DirectFile {
         self.direct
     }
 
-    /// `len` bytes of aligned scratch memory.
-    fn scratch(&mut self, len: usize) -> &mut [u8] {
-        if self.scratch.len() < self.start + len {
+    /// Makes room for `len` bytes of aligned scratch memory, from `start()`.
+    fn scratch(&mut self, len: usize) {
+        if self.scratch.len() < self.start + len + 1 {
             self.scratch = vec![0; len + BLOCK];
-            self.start = self.scratch.as_ptr().align_offset(BLOCK);
+            self.start = (BLOCK - self.scratch.as_ptr().addr() % BLOCK) % BLOCK;
         }
-        &mut self.scratch[self.start..self.start + len]
+    }
+
+    /// Where the aligned scratch memory starts.
+    fn start(&self) -> usize {
+        #[cfg(test)]
+        if self.misaligned {
+            return self.start + 1;
+        }
+        self.start
     }
 
     /// Reads the block at `at` (aligned) into the first `BLOCK` bytes of the scratch memory;
     /// what lies past the end of the file reads as zeroes. (A direct read is short only at the
     /// end of the file, and a second one would start off the alignment.)
     fn read_block(&mut self, at: u64) -> io::Result<()> {
-        let start = self.start;
+        let start = self.start();
         let block = &mut self.scratch[start..start + BLOCK];
         let read = loop {
             match self.file.read_at(block, at) {
@@ -122,7 +136,7 @@ impl DirectFile {
         if head > 0 && !known {
             self.read_block(first)?;
         }
-        let start = self.start;
+        let start = self.start();
         let buf = &mut self.scratch[start..start + len];
         if head > 0 && known {
             buf[..head].copy_from_slice(&self.last_block[..head]);
@@ -240,6 +254,25 @@ mod tests {
             prop_assert_eq!(&on_disk[..records.len()], &records[..]);
             prop_assert!(on_disk[records.len()..].iter().all(|&b| b == 0), "zeroes after the records");
         }
+    }
+
+    #[test]
+    fn a_refused_direct_write_goes_through_the_page_cache() {
+        let dir = scratch_dir();
+        let path = dir.join("segment.wal");
+        let mut file = DirectFile::open(&path, true).unwrap();
+        file.write_at(b"first", 0).unwrap();
+        assert!(file.is_direct());
+        // The kernel refuses a direct write from memory off the alignment (EINVAL).
+        file.misaligned = true;
+        file.write_at(b" second", 5).unwrap();
+        assert!(!file.is_direct(), "through the page cache from the refused write on");
+        file.write_at(b" third", 12).unwrap();
+        file.sync_data().unwrap();
+        let on_disk = std::fs::read(&path).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(&on_disk[..18], b"first second third");
+        assert!(on_disk[18..].iter().all(|&b| b == 0), "zeroes after");
     }
 
     #[test]
