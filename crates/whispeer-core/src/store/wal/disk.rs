@@ -43,6 +43,9 @@ pub(crate) trait Disk: Send + Sync + fmt::Debug {
 /// A file open for writing.
 pub(crate) trait DiskFile: Send {
     /// Writes all of `bytes` at `at`; a file shorter than `at` is first extended with zeroes.
+    /// What follows `bytes` up to the next 4 KiB boundary may be written with zeroes too (the
+    /// file then grows to that boundary): direct writes go in whole blocks (`direct.rs`), and
+    /// the log never writes in front of bytes it still needs.
     fn write_at(&mut self, bytes: &[u8], at: u64) -> io::Result<()>;
 
     /// Forces what was written to disk (`fdatasync`).
