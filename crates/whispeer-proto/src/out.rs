@@ -119,6 +119,12 @@ impl Buf for OutBuf {
         while cnt > 0 {
             let Some((first, referenced)) = self.queue.front_mut() else {
                 self.frames.advance(cnt);
+                if self.frames.is_empty() {
+                    // Start the next batch at the allocation's start again (moving nothing):
+                    // else it begins where this one ended, and once it reaches the end of the
+                    // allocation `bytes` moves everything not yet written back to the front.
+                    let _ = self.frames.try_reclaim(self.frames.capacity() + 1);
+                }
                 return;
             };
             let n = cnt.min(first.len());
@@ -228,6 +234,19 @@ mod tests {
         assert_eq!(out.copied(), 8 + BY_REFERENCE, "copied when small or not vectored");
         out.put_payload(&large, true);
         assert_eq!((out.len(), out.copied()), (8 + 2 * BY_REFERENCE, 8 + BY_REFERENCE));
+    }
+
+    #[test]
+    fn a_batch_written_out_leaves_its_whole_allocation_to_the_next() {
+        let mut out = OutBuf::with_capacity(1024);
+        for written in [1000, 600, 1024] {
+            let start = out.frames().as_ptr();
+            out.frames().extend_from_slice(&vec![5; written]);
+            assert_eq!(out.frames().as_ptr(), start, "{written} bytes fit where the last began");
+            out.advance(written / 2);
+            out.advance(written - written / 2);
+            assert_eq!(out.frames().capacity(), 1024, "all of it free after {written} bytes");
+        }
     }
 
     #[test]
