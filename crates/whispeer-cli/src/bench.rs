@@ -27,7 +27,7 @@ mod subscriptions;
 mod table;
 
 use stats::{cpu_seconds, percentiles, pid_of};
-use table::print_table;
+use table::Report;
 
 pub(crate) use raw::serve_forwarder;
 
@@ -106,6 +106,10 @@ pub(crate) struct BenchArgs {
     /// with an error saying how many of the messages arrived.
     #[arg(long, default_value_t = WINDOW_BYTES)]
     window_bytes: u64,
+    /// Rounds of the workloads: each measures every system in turn, each round's table goes
+    /// to standard error, and the table printed is each figure's median over the rounds.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    rounds: u64,
     /// Also measure QoS 1 (publish, PUBACK, deliver, ACK) on the whispeer server.
     #[arg(long)]
     qos1: bool,
@@ -473,17 +477,6 @@ async fn probe(
     Ok(())
 }
 
-/// The measurements of one system.
-struct Report {
-    one_to_one: f64,
-    one_to_eight: f64,
-    large_mb: f64,
-    latency: [f64; 3],
-    /// CPU microseconds per delivery in the 1→1 run: the server's (NaN without its pid) and
-    /// this harness's (publisher and subscriber clients together).
-    cpu_us: [f64; 2],
-}
-
 async fn measure(target: &Target, args: &BenchArgs, strict: bool) -> anyhow::Result<Report> {
     let name = target.name();
     eprintln!("{name}: 1→1, 128 B …");
@@ -565,14 +558,23 @@ pub(crate) fn run(args: BenchArgs) -> std::process::ExitCode {
             .chain(nats_target(&args)?)
             .chain(raw.into_iter().flatten())
             .collect();
-        let mut reports = Vec::new();
-        for (i, target) in targets.iter().enumerate() {
-            let report = measure(target, &args, i == 0)
-                .await
-                .with_context(|| format!("benchmarking {}", target.name()))?;
-            reports.push((target.name(), report));
+        // Rounds, each measuring every system in turn: a slow spell of the machine falls on
+        // all of them, and the medians leave it out.
+        let mut rounds = Vec::new();
+        for round in 1..=args.rounds {
+            let mut reports = Vec::new();
+            for (i, target) in targets.iter().enumerate() {
+                let report = measure(target, &args, i == 0)
+                    .await
+                    .with_context(|| format!("benchmarking {}", target.name()))?;
+                reports.push((target.name(), report));
+            }
+            eprint!("round {round} of {}:\n{}", args.rounds, table::table(&reports));
+            rounds.push(reports);
         }
-        print_table(&reports);
+        let reports = table::medians(&rounds);
+        println!("medians of {} rounds (each measured every system in turn):", args.rounds);
+        print!("{}", table::table(&reports));
         if args.qos1 {
             qos1::report(&args, reports.first().map_or(f64::NAN, |(_, r)| r.one_to_one)).await?;
         }

@@ -467,13 +467,17 @@ fn bench_measures_the_server_beside_the_forwarder_with_a_deep_window() {
     let out = Command::new(BIN)
         .args(["bench", "--server", &server.addr, "--forwarder", &forwarder_addr])
         .args(["--server-pid", &pid])
-        .args(["--messages", "20000", "--latency-secs", "1", "--rate", "1000"])
+        .args(["--messages", "20000", "--latency-secs", "1", "--rate", "1000", "--rounds", "2"])
         .output()
         .unwrap();
     let _ = forwarder.kill();
     let _ = forwarder.wait();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let progress = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{progress}");
+    // Each round's table as it ends, then the medians.
+    assert!(progress.contains("round 1 of 2:") && progress.contains("round 2 of 2:"), "{progress}");
     let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.starts_with("medians of 2 rounds"), "{table}");
     let label = "1→1 128 B, delivered msgs/s";
     let row = table.lines().find(|l| l.starts_with(label)).unwrap();
     // Each system's figure, then their ratio (ending in ×).
