@@ -528,7 +528,7 @@ pub(crate) fn run(args: BenchArgs) -> std::process::ExitCode {
             return chat::run(url, &args.chat, args.server_pid).await;
         }
         if !args.durable.durable.is_empty() || args.durable.durable_redis.is_some() {
-            return durable::run(&args.durable, args.api_key.as_deref()).await;
+            return durable::run(&args.durable, args.api_key.as_deref(), args.rounds).await;
         }
         if let Some(count) = args.subscriptions.subscriptions {
             return subscriptions::run(&args.subscriptions, count, &args).await;

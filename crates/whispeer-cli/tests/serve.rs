@@ -494,3 +494,37 @@ fn bench_measures_the_server_beside_the_forwarder_with_a_deep_window() {
     assert!(whispeer_cpu.is_finite() && whispeer_cpu >= 0.0, "{table}");
     assert_eq!(cpu[1], "NaN", "{table}");
 }
+
+#[test]
+fn the_durable_bench_gives_the_medians_of_its_rounds_beside_the_disk() {
+    let dir = std::env::temp_dir().join(format!("whispeer-bench-durable-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (log, disk) = (dir.join("log"), dir.join("disk"));
+    std::fs::create_dir_all(&disk).unwrap();
+    let log_text = log.to_string_lossy().to_string();
+    let server = Server::start(&[
+        ("WHISPEER_STORAGE__DIR", log_text.as_str()),
+        ("WHISPEER_STORAGE__DURABLE", r#"["bench/#"]"#),
+    ]);
+    let wal = format!("wal={}", server.addr);
+    let out = Command::new(BIN)
+        .args(["bench", "--durable", &wal, "--durable-disk", &disk.to_string_lossy()])
+        .args(["--durable-messages", "300", "--rounds", "2"])
+        .output()
+        .unwrap();
+    let progress = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{progress}");
+    assert!(progress.contains("round 1 of 2:") && progress.contains("round 2 of 2:"), "{progress}");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.starts_with("medians of 2 rounds"), "{table}");
+    // One line each for the log and the disk's two files: two positive figures.
+    for name in ["whispeer (wal)", "disk (64 per fdatasync, appended)", "over zeroes laid first)"] {
+        let line = table.lines().find(|l| l.contains(name)).unwrap_or_else(|| panic!("{table}"));
+        let figures: Vec<f64> =
+            line.split_whitespace().rev().take(2).filter_map(|w| w.parse().ok()).collect();
+        assert_eq!(figures.len(), 2, "{table}");
+        assert!(figures.iter().all(|&f| f > 0.0), "{table}");
+    }
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -39,9 +39,44 @@ pub(crate) struct DurableBenchArgs {
     pub(super) durable_messages: u64,
 }
 
-/// Measures every system given and prints one line each: acknowledged publishes per second
-/// with 64 in flight, and microseconds per publish with one in flight.
-pub(super) async fn run(args: &DurableBenchArgs, api_key: Option<&str>) -> anyhow::Result<()> {
+/// Measures every system given, `rounds` times in turn, and prints one line each: the medians
+/// over the rounds of acknowledged publishes per second with 64 in flight, and of microseconds
+/// per publish with one in flight (each round's lines go to standard error).
+pub(super) async fn run(
+    args: &DurableBenchArgs,
+    api_key: Option<&str>,
+    rounds: u64,
+) -> anyhow::Result<()> {
+    let mut each = Vec::new();
+    for round in 1..=rounds {
+        let rows = measure(args, api_key).await?;
+        eprint!("round {round} of {rounds}:\n{}", table(&rows));
+        each.push(rows);
+    }
+    let medians = medians(&each);
+    println!("medians of {rounds} rounds (each measured every system in turn):");
+    print!("{}", table(&medians));
+    Ok(())
+}
+
+/// Each system's line as the medians of its figures over the rounds (every round measured the
+/// same systems in the same order).
+fn medians(each: &[Vec<(String, f64, f64)>]) -> Vec<(String, f64, f64)> {
+    let first = each.first().map(Vec::as_slice).unwrap_or_default();
+    let line = |i: usize, (name, _, _): &(String, f64, f64)| {
+        let of = |value: fn(&(String, f64, f64)) -> f64| {
+            super::table::median(each.iter().filter_map(|rows| rows.get(i)).map(value))
+        };
+        (name.clone(), of(|row| row.1), of(|row| row.2))
+    };
+    first.iter().enumerate().map(|(i, row)| line(i, row)).collect()
+}
+
+/// One round: every system given, in turn.
+async fn measure(
+    args: &DurableBenchArgs,
+    api_key: Option<&str>,
+) -> anyhow::Result<Vec<(String, f64, f64)>> {
     let (messages, single) = (args.durable_messages, (args.durable_messages / 10).max(100));
     let mut rows: Vec<(String, f64, f64)> = Vec::new();
     for named in &args.durable {
@@ -70,14 +105,19 @@ pub(super) async fn run(args: &DurableBenchArgs, api_key: Option<&str>) -> anyho
             rows.push((format!("disk ({IN_FLIGHT} per fdatasync, {file})"), many, 1e6 / one));
         }
     }
-    println!(
-        "{:<50}{:>22}{:>26}",
+    Ok(rows)
+}
+
+/// The lines for `rows`, under their heading.
+fn table(rows: &[(String, f64, f64)]) -> String {
+    let mut out = format!(
+        "{:<50}{:>22}{:>26}\n",
         "128 B durable publish", "acked/s, 64 in flight", "µs each, 1 in flight"
     );
     for (name, many, one) in rows {
-        println!("{name:<50}{many:>22.0}{one:>26.1}");
+        out.push_str(&format!("{name:<50}{many:>22.0}{one:>26.1}\n"));
     }
-    Ok(())
+    out
 }
 
 /// Publishes awaiting their acknowledgement at once.
@@ -189,5 +229,17 @@ mod tests {
         assert_eq!(bulk_replies(two).unwrap(), (2, 44));
         assert_eq!(bulk_replies(b"$15\r\n17000").unwrap(), (0, 0));
         assert!(bulk_replies(b"-ERR wrong\r\n").is_err());
+    }
+
+    #[test]
+    fn each_line_is_the_medians_of_its_system_over_the_rounds() {
+        let round = |wal: f64, disk: f64| {
+            vec![("wal".to_string(), wal, wal / 100.0), ("disk".to_string(), disk, disk / 10.0)]
+        };
+        let each = [round(300.0, 10.0), round(100.0, f64::NAN), round(200.0, 30.0)];
+        let lines = medians(&each);
+        assert_eq!(lines[0], ("wal".to_string(), 200.0, 2.0));
+        assert_eq!(lines[1], ("disk".to_string(), 20.0, 2.0), "a missing figure left out");
+        assert!(medians(&[]).is_empty());
     }
 }

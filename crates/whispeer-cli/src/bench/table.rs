@@ -76,7 +76,7 @@ pub(super) fn medians<'a>(rounds: &[Vec<(&'a str, Report)>]) -> Vec<(&'a str, Re
 
 /// The middle of the finite `values` (the mean of the two middle ones for an even count);
 /// NaN when there is none.
-fn median(values: impl Iterator<Item = f64>) -> f64 {
+pub(super) fn median(values: impl Iterator<Item = f64>) -> f64 {
     let mut values: Vec<f64> = values.filter(|v| v.is_finite()).collect();
     values.sort_by(f64::total_cmp);
     match values.len() {
