@@ -107,8 +107,9 @@ pub(crate) struct BenchArgs {
     /// with an error saying how many of the messages arrived.
     #[arg(long, default_value_t = WINDOW_BYTES)]
     window_bytes: u64,
-    /// Rounds of the workloads: each measures every system in turn, each round's table goes
-    /// to standard error, and the table printed is each figure's median over the rounds.
+    /// Rounds of the comparison (and of `--durable`): each measures every system in turn,
+    /// each round's table goes to standard error, and the table printed is each figure's
+    /// median over the rounds.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
     rounds: u64,
     /// Also measure QoS 1 (publish, PUBACK, deliver, ACK) on the whispeer server.
