@@ -12,6 +12,7 @@
 use std::convert::Infallible;
 use std::sync::{Arc, PoisonError, RwLock};
 
+use smallvec::SmallVec;
 use whispeer_proto::{Filter, FilterSegment, Topic, hidden_from_wildcards};
 
 use crate::hash::FastMap;
@@ -31,15 +32,20 @@ pub(crate) struct Route {
     pub(crate) queue: Arc<Queue>,
 }
 
+/// The routes of one filter. The first is held in place (most filters have one subscriber):
+/// a look-up finds it in the table's entry (or the trie's node) without following a pointer
+/// to another allocation, and a filter with one subscriber allocates nothing for its list.
+type Routes = SmallVec<[Route; 1]>;
+
 #[derive(Debug, Default)]
 struct Node {
     children: FastMap<Box<str>, Self>,
     /// Filters continuing with `+` / `*` here.
     one: Option<Box<Self>>,
     /// Filters ending in `#` here.
-    rest: Vec<Route>,
+    rest: Routes,
     /// Filters ending exactly here.
-    here: Vec<Route>,
+    here: Routes,
 }
 
 impl Node {
@@ -123,7 +129,7 @@ impl Node {
     }
 }
 
-fn remove_route(routes: &mut Vec<Route>, id: SubId) -> bool {
+fn remove_route(routes: &mut Routes, id: SubId) -> bool {
     let before = routes.len();
     routes.retain(|r| r.id != id);
     routes.len() != before
@@ -131,7 +137,7 @@ fn remove_route(routes: &mut Vec<Route>, id: SubId) -> bool {
 
 #[derive(Debug, Default)]
 struct Table {
-    exact: FastMap<Topic, Vec<Route>>,
+    exact: FastMap<Topic, Routes>,
     wild: Node,
     wild_count: usize,
     total: usize,
@@ -188,7 +194,7 @@ impl Router {
         let found = if filter.is_exact() {
             let key = filter.as_str();
             let found = table.exact.get_mut(key).is_some_and(|routes| remove_route(routes, id));
-            if table.exact.get(key).is_some_and(Vec::is_empty) {
+            if table.exact.get(key).is_some_and(|routes| routes.is_empty()) {
                 table.exact.remove(key);
             }
             found
