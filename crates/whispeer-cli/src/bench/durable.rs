@@ -9,6 +9,7 @@
 //! the same with one publish in flight: the time of one acknowledged publish beside one
 //! record's write and `fdatasync`.
 
+use std::fmt::Write as _;
 use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
@@ -61,24 +62,21 @@ pub(super) async fn run(
 
 /// Each system's line as the medians of its figures over the rounds (every round measured the
 /// same systems in the same order).
-fn medians(each: &[Vec<(String, f64, f64)>]) -> Vec<(String, f64, f64)> {
+fn medians(each: &[Vec<Line>]) -> Vec<Line> {
     let first = each.first().map(Vec::as_slice).unwrap_or_default();
-    let line = |i: usize, (name, _, _): &(String, f64, f64)| {
-        let of = |value: fn(&(String, f64, f64)) -> f64| {
+    let line = |(i, (name, _, _)): (usize, &Line)| {
+        let of = |value: fn(&Line) -> f64| {
             super::table::median(each.iter().filter_map(|rows| rows.get(i)).map(value))
         };
         (name.clone(), of(|row| row.1), of(|row| row.2))
     };
-    first.iter().enumerate().map(|(i, row)| line(i, row)).collect()
+    first.iter().enumerate().map(line).collect()
 }
 
 /// One round: every system given, in turn.
-async fn measure(
-    args: &DurableBenchArgs,
-    api_key: Option<&str>,
-) -> anyhow::Result<Vec<(String, f64, f64)>> {
+async fn measure(args: &DurableBenchArgs, api_key: Option<&str>) -> anyhow::Result<Vec<Line>> {
     let (messages, single) = (args.durable_messages, (args.durable_messages / 10).max(100));
-    let mut rows: Vec<(String, f64, f64)> = Vec::new();
+    let mut rows: Vec<Line> = Vec::new();
     for named in &args.durable {
         let (label, addr) = named.split_once('=').context("--durable takes LABEL=ADDR")?;
         eprintln!("whispeer ({label}): durable publishing …");
@@ -109,16 +107,20 @@ async fn measure(
 }
 
 /// The lines for `rows`, under their heading.
-fn table(rows: &[(String, f64, f64)]) -> String {
+fn table(rows: &[Line]) -> String {
     let mut out = format!(
         "{:<50}{:>22}{:>26}\n",
         "128 B durable publish", "acked/s, 64 in flight", "µs each, 1 in flight"
     );
     for (name, many, one) in rows {
-        out.push_str(&format!("{name:<50}{many:>22.0}{one:>26.1}\n"));
+        let _ = writeln!(out, "{name:<50}{many:>22.0}{one:>26.1}");
     }
     out
 }
+
+/// One system's figures: its name, acknowledged publishes per second with `IN_FLIGHT` in
+/// flight, and microseconds per publish with one.
+type Line = (String, f64, f64);
 
 /// Publishes awaiting their acknowledgement at once.
 pub(super) const IN_FLIGHT: u64 = 64;
