@@ -34,7 +34,8 @@ const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// How long mimalloc keeps freed memory before giving it back to the system: a second rather
 /// than its 10 ms. Under steady traffic its pages empty and fill again all the time; given back
 /// after 10 ms, they are faulted in again, and `whispeer bench`'s p99 latency read 2.3–3.4 ms
-/// instead of 0.4–0.9 (three rounds each). `MIMALLOC_PURGE_DELAY` still overrides it.
+/// against glibc's 1.0–1.5 in three interleaved pairs; with a second, level with glibc's.
+/// `MIMALLOC_PURGE_DELAY` still overrides it.
 const PURGE_DELAY_MS: std::ffi::c_long = 1000;
 
 /// whispeer — an embeddable, end-to-end encrypted publish/subscribe broker.
