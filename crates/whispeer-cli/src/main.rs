@@ -21,23 +21,6 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use whispeer::{Filter, Key, KeyId, Keyring, Topic};
 
-/// Messages are allocated by the worker that reads them and freed, often many at a time, by the
-/// one that writes them out. glibc's allocator keeps seven blocks of a size per thread, so most
-/// of those frees and allocations take its arena's lock; mimalloc frees into the block's own
-/// page (see ARCHITECTURE.md for the figures).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// mimalloc's `mi_option_purge_delay` (its position in `mi_option_t`, `mimalloc.h`).
-const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-
-/// How long mimalloc keeps freed memory before giving it back to the system: a second rather
-/// than its 10 ms. Under steady traffic its pages empty and fill again all the time; given back
-/// after 10 ms, they are faulted in again, and `whispeer bench`'s p99 latency read 2.3–3.4 ms
-/// against glibc's 1.0–1.5 in three interleaved pairs; with a second, level with glibc's.
-/// `MIMALLOC_PURGE_DELAY` still overrides it.
-const PURGE_DELAY_MS: std::ffi::c_long = 1000;
-
 /// whispeer — an embeddable, end-to-end encrypted publish/subscribe broker.
 #[derive(Debug, Parser)]
 #[command(name = "whispeer", version, about, long_about = None)]
@@ -190,11 +173,6 @@ pub(crate) struct ConnectArgs {
 }
 
 fn main() -> ExitCode {
-    #[allow(unsafe_code)]
-    // SAFETY: a plain setter; called before any other thread exists, as mimalloc asks.
-    unsafe {
-        libmimalloc_sys::mi_option_set_default(PURGE_DELAY, PURGE_DELAY_MS);
-    }
     let cli = Cli::parse();
     match cli.command {
         Command::Match { filter, topics } => match_topics(&filter, &topics),
