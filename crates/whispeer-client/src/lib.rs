@@ -25,6 +25,7 @@ mod chat;
 mod connection;
 mod keys;
 mod options;
+mod pending;
 mod request;
 mod subscription;
 mod transport;
@@ -49,6 +50,7 @@ pub use chat::{
 };
 pub use keys::{DIRECTORY as KEY_DIRECTORY, KeyPolicy, POLICY_HEADER, PolicyError, Renewal};
 pub use options::{ClientOptions, PublishOptions, SubscribeOptions};
+pub use pending::PendingAck;
 pub use request::Responder;
 pub use subscription::{ClientSubscription, Delivery, SubscriptionStats};
 pub use whispeer_engines as engines;
@@ -474,10 +476,7 @@ impl Client {
             }
             return Ok(id);
         }
-        let (ack, acked) = oneshot::channel();
-        self.outbox.publish(qos, envelope, Some(ack)).await?;
-        acked.await.map_err(|_| ClientError::Closed)??;
-        Ok(id)
+        self.queue_acked(qos, envelope).await?.await
     }
 
     async fn open_subscription(&self, options: SubscribeOptions) -> Result<Parts, ClientError> {

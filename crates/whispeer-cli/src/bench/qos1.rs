@@ -1,11 +1,12 @@
 //! `whispeer bench --qos1`: the QoS 1 path end to end — publish, PUBACK, deliver, ACK — beside
 //! the QoS 0 figures of the same run.
 //!
-//! Throughput: `PUBLISHERS` tasks share one connection, each waiting for its PUBACK before its
-//! next publish, so at most that many publishes are unacknowledged; the subscriber acknowledges
+//! Throughput: one publisher keeps `IN_FLIGHT` publishes unacknowledged on its connection
+//! (awaiting the oldest PUBACK before each publish past them); the subscriber acknowledges
 //! every delivery as it takes it, within its prefetch window. Latency: one publisher at a fixed
 //! rate, each publish waiting for its PUBACK; measured from before the publish to the delivery.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -15,8 +16,8 @@ use whispeer_client::{
     Client, ClientError, ClientOptions, ClientSubscription, Delivery, Qos, SubscribeOptions,
 };
 
-/// Publisher tasks in the throughput run, so many publishes await their PUBACK at once.
-const PUBLISHERS: u64 = 64;
+/// Publishes awaiting their PUBACK at once in the throughput run.
+const IN_FLIGHT: u64 = 64;
 
 pub(super) async fn connect(addr: &str, api_key: Option<&str>) -> anyhow::Result<Client> {
     let mut options = ClientOptions::new(addr);
@@ -57,13 +58,17 @@ pub(super) async fn throughput(
     let publisher = connect(addr, api_key).await?;
     let payload = Bytes::from(vec![b'x'; 128]);
     let start = Instant::now();
-    publish_acked_all(&publisher, topic, &payload, messages, PUBLISHERS).await?;
+    publish_acked_all(&publisher, topic, &payload, messages, IN_FLIGHT).await?;
     reader.await??;
     Ok(messages as f64 / start.elapsed().as_secs_f64())
 }
 
-/// Publishes `messages` copies of `payload` at QoS 1 from `in_flight` tasks, each waiting for
-/// its acknowledgement before its next publish.
+/// Publishes `messages` copies of `payload` at QoS 1 from one task that keeps `in_flight`
+/// unacknowledged, as a user's pipelined publisher does
+/// ([`Client::publish_acked_bytes_deferred`]): past the window, each publish first awaits the
+/// oldest acknowledgement. A publish refused because a QoS 1 queue is full (refused, not
+/// dropped) is made again after a pause. The task runs on the runtime's workers, where the
+/// connection's task wakes it without a thread of its own to wake.
 pub(super) async fn publish_acked_all(
     publisher: &Client,
     topic: &'static str,
@@ -71,28 +76,34 @@ pub(super) async fn publish_acked_all(
     messages: u64,
     in_flight: u64,
 ) -> anyhow::Result<()> {
-    let mut tasks = Vec::new();
-    for p in 0..in_flight {
-        let (publisher, payload) = (publisher.clone(), payload.clone());
-        tasks.push(tokio::spawn(async move {
-            for _ in (p..messages).step_by(in_flight as usize) {
-                // A full QoS 1 queue refuses the publish instead of dropping: back off, retry.
-                while let Err(err) = publisher.publish_acked_bytes(topic, payload.clone()).await {
-                    match err {
-                        ClientError::Server { code: ErrorCode::QUEUE_FULL, .. } => {
-                            tokio::time::sleep(Duration::from_micros(200)).await;
-                        }
-                        other => return Err(other.into()),
-                    }
-                }
+    let (publisher, payload) = (publisher.clone(), payload.clone());
+    tokio::spawn(async move {
+        let window_len = usize::try_from(in_flight.max(1)).unwrap_or(usize::MAX);
+        let mut window = VecDeque::with_capacity(window_len.min(1 << 16));
+        let (mut acked, mut sent) = (0u64, 0u64);
+        while acked < messages {
+            if sent < messages && window.len() < window_len {
+                let pending = publisher.publish_acked_bytes_deferred(topic, payload.clone());
+                window.push_back(pending.await?);
+                sent += 1;
+                continue;
             }
-            anyhow::Ok(())
-        }));
-    }
-    for task in tasks {
-        task.await??;
-    }
-    Ok(())
+            let Some(oldest) = window.pop_front() else {
+                anyhow::bail!("{acked} of {messages} acknowledged and nothing in flight");
+            };
+            match oldest.await {
+                Ok(_) => acked += 1,
+                Err(ClientError::Server { code: ErrorCode::QUEUE_FULL, .. }) => {
+                    tokio::time::sleep(Duration::from_micros(200)).await;
+                    // Made again.
+                    sent -= 1;
+                }
+                Err(other) => return Err(other.into()),
+            }
+        }
+        Ok(())
+    })
+    .await?
 }
 
 /// Publish-to-delivery latency at a fixed rate with acknowledged publishes: p50, p99, p99.9 µs.
