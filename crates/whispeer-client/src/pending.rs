@@ -49,7 +49,9 @@ impl Future for PendingAck {
 impl Client {
     /// Publishes `value` with QoS 1 and returns once it is queued for the connection (waiting
     /// only while the outbox is full), with the acknowledgement to await later. Publishes go
-    /// out, and are acknowledged, in the order they were queued.
+    /// out, and are acknowledged, in the order they were queued. Run such a loop in a spawned
+    /// task rather than in `main`'s own future: that one runs on a thread outside the runtime's
+    /// workers, which every acknowledgement then has to wake.
     ///
     /// ```no_run
     /// # async fn run(client: whispeer_client::Client) -> Result<(), whispeer_client::ClientError> {
