@@ -506,10 +506,10 @@ fn the_durable_bench_gives_the_medians_of_its_rounds_beside_the_disk() {
         ("WHISPEER_STORAGE__DIR", log_text.as_str()),
         ("WHISPEER_STORAGE__DURABLE", r#"["bench/#"]"#),
     ]);
-    let wal = format!("wal={}", server.addr);
+    let (wal, pid) = (format!("wal={}", server.addr), format!("wal={}", server.child.id()));
     let out = Command::new(BIN)
         .args(["bench", "--durable", &wal, "--durable-disk", &disk.to_string_lossy()])
-        .args(["--durable-messages", "300", "--rounds", "2"])
+        .args(["--durable-pid", &pid, "--durable-messages", "300", "--rounds", "2"])
         .output()
         .unwrap();
     let progress = String::from_utf8_lossy(&out.stderr);
@@ -517,13 +517,23 @@ fn the_durable_bench_gives_the_medians_of_its_rounds_beside_the_disk() {
     assert!(progress.contains("round 1 of 2:") && progress.contains("round 2 of 2:"), "{progress}");
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.starts_with("medians of 2 rounds"), "{table}");
-    // One line each for the log and the disk's two files: two positive figures.
-    for name in ["whispeer (wal)", "disk (64 per fdatasync, appended)", "over zeroes laid first)"] {
+    // One line each for the log and the disk's two files: rates and times, and for the log the
+    // CPU time per acknowledged publish of the server (its pid given) and of the client, which
+    // the disk's lines have not (NaN).
+    let figures = |name: &str| -> Vec<f64> {
         let line = table.lines().find(|l| l.contains(name)).unwrap_or_else(|| panic!("{table}"));
-        let figures: Vec<f64> =
-            line.split_whitespace().rev().take(2).filter_map(|w| w.parse().ok()).collect();
-        assert_eq!(figures.len(), 2, "{table}");
-        assert!(figures.iter().all(|&f| f > 0.0), "{table}");
+        let words: Vec<&str> = line.split_whitespace().collect();
+        words[words.len() - 4..].iter().map(|w| w.parse().unwrap()).collect()
+    };
+    // (CPU time is counted in ticks of 10 ms: a short run's may be 0, never NaN with a pid.)
+    let wal = figures("whispeer (wal)");
+    assert!(wal[..2].iter().all(|&f| f > 0.0) && wal[2..].iter().all(|&f| f >= 0.0), "{table}");
+    for name in ["disk (64 per fdatasync, appended)", "over zeroes laid first)"] {
+        let disk = figures(name);
+        assert!(
+            disk[..2].iter().all(|&f| f > 0.0) && disk[2..].iter().all(|f| f.is_nan()),
+            "{table}"
+        );
     }
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);

@@ -38,6 +38,13 @@ pub(crate) struct DurableBenchArgs {
     /// one in flight).
     #[arg(long, default_value_t = 100_000)]
     pub(super) durable_messages: u64,
+    /// Durable: the process id of the whispeer server `LABEL`, to report its CPU time per
+    /// acknowledged publish (64 in flight).
+    #[arg(long, value_name = "LABEL=PID")]
+    pub(super) durable_pid: Vec<String>,
+    /// Durable: the process id of the redis-server, to report its CPU time per `XADD`.
+    #[arg(long, value_name = "PID")]
+    pub(super) durable_redis_pid: Option<u32>,
 }
 
 /// Measures every system given, `rounds` times in turn, and prints one line each: the medians
@@ -64,11 +71,17 @@ pub(super) async fn run(
 /// same systems in the same order).
 fn medians(each: &[Vec<Line>]) -> Vec<Line> {
     let first = each.first().map(Vec::as_slice).unwrap_or_default();
-    let line = |(i, (name, _, _)): (usize, &Line)| {
+    let line = |(i, first): (usize, &Line)| {
         let of = |value: fn(&Line) -> f64| {
             super::table::median(each.iter().filter_map(|rows| rows.get(i)).map(value))
         };
-        (name.clone(), of(|row| row.1), of(|row| row.2))
+        Line {
+            name: first.name.clone(),
+            many: of(|row| row.many),
+            one_us: of(|row| row.one_us),
+            server_cpu_us: of(|row| row.server_cpu_us),
+            client_cpu_us: of(|row| row.client_cpu_us),
+        }
     };
     first.iter().enumerate().map(line).collect()
 }
@@ -80,15 +93,22 @@ async fn measure(args: &DurableBenchArgs, api_key: Option<&str>) -> anyhow::Resu
     for named in &args.durable {
         let (label, addr) = named.split_once('=').context("--durable takes LABEL=ADDR")?;
         eprintln!("whispeer ({label}): durable publishing …");
+        let pid = pid_of(&args.durable_pid, label)?;
+        let cpu = Cpu::start(pid);
         let many = whispeer(addr, api_key, messages, IN_FLIGHT).await?;
+        let (server_cpu_us, client_cpu_us) = cpu.per(messages);
         let one = whispeer(addr, api_key, single, 1).await?;
-        rows.push((format!("whispeer ({label})"), many, 1e6 / one));
+        let name = format!("whispeer ({label})");
+        rows.push(Line { name, many, one_us: 1e6 / one, server_cpu_us, client_cpu_us });
     }
     if let Some(addr) = &args.durable_redis {
         eprintln!("redis (XADD, appendfsync always): durable publishing …");
+        let cpu = Cpu::start(args.durable_redis_pid);
         let many = redis(addr, messages, IN_FLIGHT).await?;
+        let (server_cpu_us, client_cpu_us) = cpu.per(messages);
         let one = redis(addr, single, 1).await?;
-        rows.push(("redis (XADD, appendfsync always)".into(), many, 1e6 / one));
+        let name = "redis (XADD, appendfsync always)".into();
+        rows.push(Line { name, many, one_us: 1e6 / one, server_cpu_us, client_cpu_us });
     }
     if let Some(dir) = &args.durable_disk {
         eprintln!("disk: records and fdatasync …");
@@ -100,7 +120,9 @@ async fn measure(args: &DurableBenchArgs, api_key: Option<&str>) -> anyhow::Resu
             })
             .await??;
             let one = tokio::task::spawn_blocking(move || disk(&dir, single, 1, laid)).await??;
-            rows.push((format!("disk ({IN_FLIGHT} per fdatasync, {file})"), many, 1e6 / one));
+            let name = format!("disk ({IN_FLIGHT} per fdatasync, {file})");
+            let (server_cpu_us, client_cpu_us) = (f64::NAN, f64::NAN);
+            rows.push(Line { name, many, one_us: 1e6 / one, server_cpu_us, client_cpu_us });
         }
     }
     Ok(rows)
@@ -109,18 +131,69 @@ async fn measure(args: &DurableBenchArgs, api_key: Option<&str>) -> anyhow::Resu
 /// The lines for `rows`, under their heading.
 fn table(rows: &[Line]) -> String {
     let mut out = format!(
-        "{:<50}{:>22}{:>26}\n",
-        "128 B durable publish", "acked/s, 64 in flight", "µs each, 1 in flight"
+        "{:<50}{:>22}{:>22}{:>20}{:>20}\n",
+        "128 B durable publish",
+        "acked/s, 64 in flight",
+        "µs each, 1 in flight",
+        "server CPU µs/ack",
+        "client CPU µs/ack"
     );
-    for (name, many, one) in rows {
-        let _ = writeln!(out, "{name:<50}{many:>22.0}{one:>26.1}");
+    for Line { name, many, one_us, server_cpu_us, client_cpu_us } in rows {
+        let _ = writeln!(
+            out,
+            "{name:<50}{many:>22.0}{one_us:>22.1}{server_cpu_us:>20.2}{client_cpu_us:>20.2}"
+        );
     }
     out
 }
 
-/// One system's figures: its name, acknowledged publishes per second with `IN_FLIGHT` in
-/// flight, and microseconds per publish with one.
-type Line = (String, f64, f64);
+/// One system's figures: acknowledged publishes per second with `IN_FLIGHT` in flight,
+/// microseconds per publish with one, and with `IN_FLIGHT` the CPU time per acknowledged
+/// publish of the server (NaN without its pid) and of this process, the client (the SDK for
+/// whispeer, RESP written and parsed here for Redis).
+struct Line {
+    name: String,
+    many: f64,
+    one_us: f64,
+    server_cpu_us: f64,
+    client_cpu_us: f64,
+}
+
+/// The pid `--durable-pid` gives for `label`, if any.
+fn pid_of(pids: &[String], label: &str) -> anyhow::Result<Option<u32>> {
+    for named in pids {
+        let (name, pid) = named.split_once('=').context("--durable-pid takes LABEL=PID")?;
+        if name == label {
+            return Ok(Some(pid.parse().context("--durable-pid: a process id")?));
+        }
+    }
+    Ok(None)
+}
+
+/// CPU seconds of the server (given its pid) and of this process when a phase started.
+struct Cpu {
+    pid: Option<u32>,
+    server: Option<f64>,
+    client: Option<f64>,
+}
+
+impl Cpu {
+    fn start(pid: Option<u32>) -> Self {
+        let server = pid.and_then(|pid| super::stats::cpu_seconds(Some(pid)));
+        Self { pid, server, client: super::stats::cpu_seconds(None) }
+    }
+
+    /// Microseconds of CPU a publish since the start, of the server and of this process
+    /// (NaN where not known).
+    fn per(&self, publishes: u64) -> (f64, f64) {
+        let since = |before: Option<f64>, pid: Option<u32>| match before {
+            Some(before) => super::stats::cpu_seconds(pid)
+                .map_or(f64::NAN, |now| (now - before) * 1e6 / publishes.max(1) as f64),
+            None => f64::NAN,
+        };
+        (since(self.server, self.pid), since(self.client, None))
+    }
+}
 
 /// Publishes awaiting their acknowledgement at once.
 pub(super) const IN_FLIGHT: u64 = 64;
@@ -235,13 +308,25 @@ mod tests {
 
     #[test]
     fn each_line_is_the_medians_of_its_system_over_the_rounds() {
-        let round = |wal: f64, disk: f64| {
-            vec![("wal".to_string(), wal, wal / 100.0), ("disk".to_string(), disk, disk / 10.0)]
+        let line = |name: &str, many: f64, one_us: f64, server_cpu_us: f64| Line {
+            name: name.to_string(),
+            many,
+            one_us,
+            server_cpu_us,
+            client_cpu_us: many / 1000.0,
         };
-        let each = [round(300.0, 10.0), round(100.0, f64::NAN), round(200.0, 30.0)];
+        let round = |wal: f64, disk: f64, cpu: f64| {
+            vec![line("wal", wal, wal / 100.0, cpu), line("disk", disk, disk / 10.0, f64::NAN)]
+        };
+        let each =
+            [round(300.0, 10.0, 4.0), round(100.0, f64::NAN, f64::NAN), round(200.0, 30.0, 6.0)];
         let lines = medians(&each);
-        assert_eq!(lines[0], ("wal".to_string(), 200.0, 2.0));
-        assert_eq!(lines[1], ("disk".to_string(), 20.0, 2.0), "a missing figure left out");
+        let figures =
+            |l: &Line| (l.name.clone(), l.many, l.one_us, l.server_cpu_us, l.client_cpu_us);
+        assert_eq!(figures(&lines[0]), ("wal".to_string(), 200.0, 2.0, 5.0, 0.2));
+        let disk = figures(&lines[1]);
+        assert_eq!((disk.1, disk.2), (20.0, 2.0), "a missing figure left out");
+        assert!(disk.3.is_nan(), "none known in any round: NaN");
         assert!(medians(&[]).is_empty());
     }
 }
