@@ -400,7 +400,8 @@ impl Client {
         .await
     }
 
-    /// Publishes `value` with QoS 1 and waits for the server's acknowledgement.
+    /// Publishes `value` with QoS 1 and waits for the server's acknowledgement
+    /// ([`Client::publish_acked_deferred`], awaited at once).
     ///
     /// # Errors
     /// As [`Client::publish`], plus the server's refusal or [`ClientError::Disconnected`].
@@ -409,12 +410,7 @@ impl Client {
         topic: &str,
         value: &T,
     ) -> Result<MessageId, ClientError> {
-        let codec = self.shared.codec;
-        self.publish_sealed(
-            Qos::AtLeastOnce,
-            self.envelope(topic, codec.content_type(), codec.encode(value)?)?,
-        )
-        .await
+        self.publish_acked_deferred(topic, value).await?.await
     }
 
     /// Publishes raw bytes with QoS 1 and waits for the server's acknowledgement.
@@ -426,11 +422,7 @@ impl Client {
         topic: &str,
         payload: impl Into<Bytes>,
     ) -> Result<MessageId, ClientError> {
-        self.publish_sealed(
-            Qos::AtLeastOnce,
-            self.envelope(topic, ContentType::Raw, payload.into())?,
-        )
-        .await
+        self.publish_acked_bytes_deferred(topic, payload).await?.await
     }
 
     /// Publishes `value` with options: QoS (QoS 1 waits for the server's acknowledgement), time
