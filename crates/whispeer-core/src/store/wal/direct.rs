@@ -24,8 +24,9 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use super::disk::DiskFile;
+use super::disk::{DiskFile, SyncFile};
 
 /// The alignment of direct writes: the largest logical block size of common disks.
 const BLOCK: usize = 4096;
@@ -172,6 +173,13 @@ impl DiskFile for DirectFile {
 
     fn sync_data(&mut self) -> io::Result<()> {
         self.file.sync_data()
+    }
+
+    /// Another descriptor of the same file. Should the file be opened again through the page
+    /// cache, a sync on it still writes the file's pages back: `fdatasync` syncs the file, not
+    /// the descriptor.
+    fn syncer(&self) -> io::Result<Arc<dyn SyncFile>> {
+        Ok(Arc::new(self.file.try_clone()?))
     }
 }
 

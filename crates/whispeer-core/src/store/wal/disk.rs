@@ -11,6 +11,7 @@ use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// What the log needs of a file system; see the module documentation.
 pub(crate) trait Disk: Send + Sync + fmt::Debug {
@@ -50,6 +51,22 @@ pub(crate) trait DiskFile: Send {
 
     /// Forces what was written to disk (`fdatasync`).
     fn sync_data(&mut self) -> io::Result<()>;
+
+    /// A handle that syncs this file from another thread while this one writes it: it
+    /// forces to disk every write that returned before its sync began.
+    fn syncer(&self) -> io::Result<Arc<dyn SyncFile>>;
+}
+
+/// Syncs a file that another thread writes ([`DiskFile::syncer`]).
+pub(crate) trait SyncFile: Send + Sync {
+    /// Forces what was written to disk (`fdatasync`).
+    fn sync_data(&self) -> io::Result<()>;
+}
+
+impl SyncFile for File {
+    fn sync_data(&self) -> io::Result<()> {
+        Self::sync_data(self)
+    }
 }
 
 /// The operating system's file system.
@@ -125,5 +142,9 @@ impl DiskFile for File {
 
     fn sync_data(&mut self) -> io::Result<()> {
         Self::sync_data(self)
+    }
+
+    fn syncer(&self) -> io::Result<Arc<dyn SyncFile>> {
+        Ok(Arc::new(self.try_clone()?))
     }
 }

@@ -1,5 +1,5 @@
-//! The write-ahead log of durable topics: segment files of CRC32C-framed records, written by one
-//! thread with group commit, scanned and repaired at start.
+//! The write-ahead log of durable topics: segment files of CRC32C-framed records, written with
+//! group commit, scanned and repaired at start.
 //!
 //! ```text
 //! segment file <first record number, 20 digits>.wal:
@@ -16,7 +16,9 @@
 //! Appending hands an encoded record to the writer thread and returns its number (a ticket).
 //! The writer takes every record waiting, writes them with one `write`, and syncs them to disk
 //! under the fsync policy — one `fsync` for all of them with `always` (group commit) — then
-//! raises the durable watermark, which PUBACKs wait for. It lays zeroes ahead of its records
+//! raises the durable watermark, which PUBACKs wait for. With `always` a second thread shares
+//! the work: while one syncs a batch, the other writes the next, which the following sync
+//! covers (`sync.rs`). It lays zeroes ahead of its records
 //! (up to `ZERO_AHEAD`, synced with them), so most syncs write over blocks the file already
 //! has and the file system has no size or allocation to commit with them: about half the
 //! cost of a sync that grows the file, on ext4 here. A header of zeroes ends a segment's
@@ -434,6 +436,7 @@ impl Drop for Wal {
 #[cfg(target_os = "linux")]
 mod direct;
 mod disk;
+mod sync;
 mod writer;
 use writer::Writer;
 #[cfg(test)]

@@ -17,13 +17,13 @@
 use std::collections::BTreeMap;
 use std::io::{self, Cursor, Read};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::disk::{Disk, DiskFile};
+use super::disk::{Disk, DiskFile, SyncFile};
 
 const SECTOR: usize = 512;
 
@@ -64,6 +64,8 @@ struct State {
     off_since: Option<Instant>,
     fail_syncs: bool,
     capacity: Option<usize>,
+    /// Writes to files so far.
+    writes: u64,
     locked: bool,
 }
 
@@ -71,6 +73,15 @@ struct State {
 #[derive(Debug, Default)]
 pub(crate) struct SimDisk {
     state: Mutex<State>,
+    /// Syncs held back (a slow disk), and how many wait.
+    gate: Mutex<Gate>,
+    opened: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Gate {
+    held: bool,
+    waiting: usize,
 }
 
 fn error(kind: io::ErrorKind, what: &str) -> io::Error {
@@ -156,6 +167,32 @@ impl SimDisk {
         self.state().off_since
     }
 
+    /// Holds every sync back until `hold_syncs(false)`: a disk whose cache takes its time.
+    pub(crate) fn hold_syncs(&self, held: bool) {
+        self.gate.lock().unwrap_or_else(PoisonError::into_inner).held = held;
+        self.opened.notify_all();
+    }
+
+    /// Syncs waiting behind `hold_syncs`.
+    pub(crate) fn syncs_waiting(&self) -> usize {
+        self.gate.lock().unwrap_or_else(PoisonError::into_inner).waiting
+    }
+
+    /// Writes to files so far.
+    pub(crate) fn writes(&self) -> u64 {
+        self.state().writes
+    }
+
+    /// Waits while syncs are held.
+    fn pass_gate(&self) {
+        let mut gate = self.gate.lock().unwrap_or_else(PoisonError::into_inner);
+        gate.waiting += 1;
+        while gate.held {
+            gate = self.opened.wait(gate).unwrap_or_else(PoisonError::into_inner);
+        }
+        gate.waiting -= 1;
+    }
+
     /// Whether syncs fail with `EIO` (what they had pending stays pending).
     pub(crate) fn fail_syncs(&self, fail: bool) {
         self.state().fail_syncs = fail;
@@ -206,7 +243,7 @@ impl SimDisk {
         let next_inode = state.next_inode;
         let state =
             State { files, durable_names: names.clone(), names, next_inode, ..State::default() };
-        Arc::new(Self { state: Mutex::new(state) })
+        Arc::new(Self { state: Mutex::new(state), ..Self::default() })
     }
 
     /// The file at `path` as the running system sees it.
@@ -321,9 +358,24 @@ impl Drop for Unlock {
     }
 }
 
+#[derive(Clone)]
 struct SimFile {
     disk: Arc<SimDisk>,
     inode: u64,
+}
+
+impl SyncFile for SimFile {
+    fn sync_data(&self) -> io::Result<()> {
+        self.disk.pass_gate();
+        let mut state = self.disk.op()?;
+        if state.fail_syncs {
+            return Err(error(io::ErrorKind::Other, "sync failed (EIO)"));
+        }
+        let file = state.files.entry(self.inode).or_default();
+        file.durable = file.current.clone();
+        file.pending.clear();
+        Ok(())
+    }
 }
 
 impl DiskFile for SimFile {
@@ -336,6 +388,7 @@ impl DiskFile for SimFile {
         if state.capacity.is_some_and(|cap| used + grows > cap) {
             return Err(error(io::ErrorKind::StorageFull, "no space left"));
         }
+        state.writes += 1;
         let file = state.files.entry(self.inode).or_default();
         write_at(&mut file.current, at, bytes);
         file.pending.push(FileOp::Write(at, bytes.to_vec()));
@@ -343,13 +396,10 @@ impl DiskFile for SimFile {
     }
 
     fn sync_data(&mut self) -> io::Result<()> {
-        let mut state = self.disk.op()?;
-        if state.fail_syncs {
-            return Err(error(io::ErrorKind::Other, "sync failed (EIO)"));
-        }
-        let file = state.files.entry(self.inode).or_default();
-        file.durable = file.current.clone();
-        file.pending.clear();
-        Ok(())
+        SyncFile::sync_data(self)
+    }
+
+    fn syncer(&self) -> io::Result<Arc<dyn SyncFile>> {
+        Ok(Arc::new(self.clone()))
     }
 }

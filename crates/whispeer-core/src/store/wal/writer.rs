@@ -1,6 +1,7 @@
-//! The writer thread of the log: group commit under the fsync policy, zeroes laid ahead of the
+//! The writer of the log: group commit under the fsync policy, zeroes laid ahead of the
 //! records, segment roll-over with its checkpoint and marks, deletion past the size bound, and
-//! the close mark.
+//! the close mark. One thread holds it at a time; under fsync `always` two take turns, the
+//! other one syncing (`sync.rs`).
 
 use std::io;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -10,9 +11,10 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use tokio::sync::watch;
 
-use super::disk::DiskFile;
+use super::disk::{DiskFile, SyncFile};
 use super::index::TopicIndex;
 use super::record::{encode_close, encode_commit_as, encode_mark};
+use super::sync::Syncs;
 use super::{
     BATCH_RECORDS, FSYNC_SECONDS, FsyncPolicy, Health, KIND_CHECKPOINT, LatestCommits, Request,
     Segment, WRITE_SECONDS, WalOptions, segment_path,
@@ -29,12 +31,49 @@ pub(super) struct Writer {
     written: u64,
     unsynced: u32,
     last_sync: Instant,
-    durable: watch::Sender<u64>,
+    /// Syncs `file` from the thread not writing; keeps the durable watermark.
+    sync_file: Arc<dyn SyncFile>,
+    syncs: Arc<Syncs>,
     /// The latest commit of every group and topic, repeated at the start of each segment.
     commits: Arc<Mutex<LatestCommits>>,
     /// Every topic's latest offset, marked at the start of each segment.
     index: Arc<TopicIndex>,
     health: Arc<Health>,
+}
+
+/// What a turn of the writer came to.
+enum Turn {
+    /// Take the next batch.
+    Next,
+    /// Records up to this one were written, and await a sync (fsync `always`).
+    Sync(u64),
+    /// Stopped, or writing failed.
+    End,
+}
+
+/// The writer, its requests and its batch: held by whichever thread writes.
+type Role = Mutex<Option<(Writer, Receiver<Request>, Vec<Bytes>)>>;
+
+/// One thread's share of the log's work: write while holding the writer, and sync what was
+/// written when no other thread is syncing (`sync.rs`).
+fn work(role: &Role, syncs: &Syncs, backlog: &Backlog) {
+    loop {
+        let mut held = role.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some((writer, rx, batch)) = held.as_mut() else { return };
+        match writer.turn(rx, batch, backlog) {
+            Turn::Next => {}
+            Turn::Sync(written) => {
+                if syncs.note(written, Arc::clone(&writer.sync_file)) {
+                    drop(held);
+                    syncs.run();
+                }
+            }
+            Turn::End => {
+                *held = None;
+                return;
+            }
+        }
+    }
 }
 
 /// How long a writer waits for room on a full disk before it tries again (shorter in the
@@ -80,6 +119,8 @@ impl Writer {
         };
         let last_sync = Instant::now();
         let unsynced = 0;
+        let sync_file = file.syncer()?;
+        let syncs = Arc::new(Syncs::new(durable, Arc::clone(&health)));
         Ok(Self {
             options,
             segments,
@@ -88,73 +129,101 @@ impl Writer {
             written,
             unsynced,
             last_sync,
-            durable,
+            sync_file,
+            syncs,
             commits,
             index,
             health,
         })
     }
 
-    pub(super) fn run(mut self, rx: Receiver<Request>, backlog: &Backlog) {
+    /// Writes until the log stops or fails. Under fsync `always` a second thread shares the
+    /// work, syncing beside the writer (`sync.rs`).
+    pub(super) fn run(self, rx: Receiver<Request>, backlog: &Backlog) {
         let _close = CloseOnDrop(backlog);
-        let mut batch: Vec<Bytes> = Vec::new();
-        loop {
-            let first = match self.options.fsync {
-                FsyncPolicy::Interval(every) if self.unsynced > 0 => {
-                    match rx.recv_timeout(every.saturating_sub(self.last_sync.elapsed())) {
-                        Ok(request) => Some(request),
-                        Err(RecvTimeoutError::Timeout) => None,
-                        Err(RecvTimeoutError::Disconnected) => Some(Request::Stop),
-                    }
-                }
-                _ => Some(rx.recv().unwrap_or(Request::Stop)),
-            };
-            let mut stop = false;
-            for request in first.into_iter().chain(rx.try_iter()) {
-                match request {
-                    Request::Append(record) => batch.push(record),
-                    Request::Stop => stop = true,
+        let beside = self.options.fsync == FsyncPolicy::Always;
+        let syncs = Arc::clone(&self.syncs);
+        let role = Mutex::new(Some((self, rx, Vec::new())));
+        std::thread::scope(|scope| {
+            if beside {
+                let second = std::thread::Builder::new()
+                    .name("whispeer-wal".into())
+                    .spawn_scoped(scope, || work(&role, &syncs, backlog));
+                if let Err(err) = second {
+                    // One thread does it all, syncing in line.
+                    tracing::warn!(%err, "write-ahead log: no second thread; syncing in line");
                 }
             }
-            let started = Instant::now();
-            let first = self.written;
-            let mut written = self.write(&batch, stop);
-            let mut stopping_tries = 0;
-            while let Err(err) = &written {
-                // A full disk: what did not fit is cut off and written again once there is
-                // room. Anything else (and a sync that failed) ends writing: after a failed
-                // fsync nothing says what reached the disk.
-                if err.kind() != io::ErrorKind::StorageFull || stopping_tries > 1 {
-                    tracing::error!(%err, "write-ahead log write failed; durable publishing stops");
-                    self.health.set(Health::FAILED);
-                    return;
+            work(&role, &syncs, backlog);
+        });
+        // Whoever still waits for a record hears now that the writer is gone.
+        syncs.fail();
+    }
+
+    /// Takes a batch and writes it: one turn of the writer.
+    fn turn(&mut self, rx: &Receiver<Request>, batch: &mut Vec<Bytes>, backlog: &Backlog) -> Turn {
+        if self.health.get() == Health::FAILED {
+            return Turn::End;
+        }
+        let first = match self.options.fsync {
+            FsyncPolicy::Interval(every) if self.unsynced > 0 => {
+                match rx.recv_timeout(every.saturating_sub(self.last_sync.elapsed())) {
+                    Ok(request) => Some(request),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => Some(Request::Stop),
                 }
-                if self.health.get() != Health::FULL {
-                    tracing::error!(%err, "write-ahead log: the disk is full; durable publishes are refused until it has room");
-                    self.health.set(Health::FULL);
-                }
-                if let Err(err) = self.wait_for_room(&rx, &mut batch, &mut stop) {
-                    tracing::error!(%err, "write-ahead log: repair after a full disk failed");
-                    self.health.set(Health::FAILED);
-                    return;
-                }
-                stopping_tries += u32::from(stop);
-                let done = usize::try_from(self.written - first).unwrap_or(usize::MAX);
-                written = self.write(batch.get(done..).unwrap_or_default(), stop);
             }
-            if !batch.is_empty() {
-                metrics::histogram!(WRITE_SECONDS, "store" => "wal").record(started.elapsed());
-                metrics::histogram!(BATCH_RECORDS, "store" => "wal").record(batch.len() as f64);
-            }
-            backlog.release(batch.len(), batch.iter().map(Bytes::len).sum());
-            batch.clear();
-            if stop {
-                if let Err(err) = self.close() {
-                    tracing::warn!(%err, "write-ahead log: the close mark was not written");
-                }
-                return;
+            _ => Some(rx.recv().unwrap_or(Request::Stop)),
+        };
+        let mut stop = false;
+        for request in first.into_iter().chain(rx.try_iter()) {
+            match request {
+                Request::Append(record) => batch.push(record),
+                Request::Stop => stop = true,
             }
         }
+        let started = Instant::now();
+        let first = self.written;
+        let mut written = self.write(batch, stop);
+        let mut stopping_tries = 0;
+        while let Err(err) = &written {
+            // A full disk: what did not fit is cut off and written again once there is
+            // room. Anything else (and a sync that failed) ends writing: after a failed
+            // fsync nothing says what reached the disk.
+            if err.kind() != io::ErrorKind::StorageFull || stopping_tries > 1 {
+                tracing::error!(%err, "write-ahead log write failed; durable publishing stops");
+                self.health.set(Health::FAILED);
+                return Turn::End;
+            }
+            if self.health.get() != Health::FULL {
+                tracing::error!(%err, "write-ahead log: the disk is full; durable publishes are refused until it has room");
+                self.health.set(Health::FULL);
+            }
+            if let Err(err) = self.wait_for_room(rx, batch, &mut stop) {
+                tracing::error!(%err, "write-ahead log: repair after a full disk failed");
+                self.health.set(Health::FAILED);
+                return Turn::End;
+            }
+            stopping_tries += u32::from(stop);
+            let done = usize::try_from(self.written - first).unwrap_or(usize::MAX);
+            written = self.write(batch.get(done..).unwrap_or_default(), stop);
+        }
+        if !batch.is_empty() {
+            metrics::histogram!(WRITE_SECONDS, "store" => "wal").record(started.elapsed());
+            metrics::histogram!(BATCH_RECORDS, "store" => "wal").record(batch.len() as f64);
+        }
+        backlog.release(batch.len(), batch.iter().map(Bytes::len).sum());
+        batch.clear();
+        if stop {
+            if let Err(err) = self.close() {
+                tracing::warn!(%err, "write-ahead log: the close mark was not written");
+            }
+            return Turn::End;
+        }
+        if self.options.fsync == FsyncPolicy::Always && self.written > first {
+            return Turn::Sync(self.written);
+        }
+        Turn::Next
     }
 
     /// Writes a batch of records, as few writes as segment boundaries allow, and syncs under
@@ -173,7 +242,8 @@ impl Writer {
         }
         self.flush(&mut pending, &mut count)?;
         let sync = match self.options.fsync {
-            FsyncPolicy::Always => self.unsynced > 0,
+            // Synced beside the next write (`Turn::Sync`), unless stopping.
+            FsyncPolicy::Always => false,
             FsyncPolicy::EveryN(n) => self.unsynced >= n.max(1),
             FsyncPolicy::Interval(every) => self.unsynced > 0 && self.last_sync.elapsed() >= every,
             FsyncPolicy::Never => false,
@@ -191,9 +261,9 @@ impl Writer {
             self.health.set(Health::WRITING);
         }
         // What is durable under the policy: everything synced, or everything written when the
-        // policy accepts the risk.
+        // policy accepts the risk. (A sync beside the writer raises it for `always`.)
         if self.unsynced == 0 || self.options.fsync != FsyncPolicy::Always {
-            self.durable.send_replace(self.written);
+            self.syncs.raise(self.written);
         }
         Ok(())
     }
@@ -296,6 +366,7 @@ impl Writer {
         let path = segment_path(&self.options.dir, first);
         let disk = Arc::clone(&self.options.disk);
         self.file = disk.open(&path, true)?;
+        self.sync_file = self.file.syncer()?;
         // Empty, also when an earlier try at this roll failed half-way (a full disk).
         disk.truncate(&path, 0)?;
         self.zeroed = 0;
