@@ -19,7 +19,8 @@ use whispeer_proto::{Envelope, Filter, Topic};
 pub(crate) use wal::WalOptions;
 use wal::{Recovered, Wal, encode_record};
 
-/// Histogram of seconds per batch a store writes (its sync included), labelled `store` =
+/// Histogram of seconds per batch a store writes (its sync included, except the write-ahead
+/// log's under fsync `always`, which runs beside the next write), labelled `store` =
 /// `wal` or `sqlite`. The stores record through the `metrics` facade, a no-op unless the
 /// program installs a recorder (`whispeer serve --admin-listen` installs Prometheus).
 pub const STORE_WRITE_SECONDS: &str = "whispeer_store_write_seconds";
