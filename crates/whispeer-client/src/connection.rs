@@ -273,6 +273,11 @@ impl Actor {
         // its side is idle (whispeer's own did) hears from a client that only receives, and
         // does not cut it off after three heartbeats.
         let mut next_ping = Instant::now() + heartbeat;
+        // One timer for both, armed at the earlier and moved only when it fires: a timer made
+        // (or moved earlier) each turn makes tokio wake the thread that waits for I/O, to
+        // learn when to wake, about once a round trip.
+        let timer = sleep_until(deadline.min(next_ping));
+        tokio::pin!(timer);
         let (mut unflushed, mut gathered) = (false, false);
         // Deliveries wait in their subscriptions' buffers before they are dropped: up to
         // eight read chunks of them can be in use while the reader goes on.
@@ -349,16 +354,21 @@ impl Actor {
                     gathered = false;
                     next_ping = Instant::now() + heartbeat;
                 }
-                // One timer for both: the server's silence, and this client's.
-                () = sleep_until(deadline.min(next_ping)) => {
-                    if Instant::now() >= deadline {
+                // The server's silence, and this client's: each may have moved since the timer
+                // was armed.
+                () = &mut timer => {
+                    let now = Instant::now();
+                    if now >= deadline {
                         return Ended::Lost(ClientError::Timeout(silence));
                     }
-                    // Correlation 0: no request of this client's; the PONG is ignored.
-                    if let Err(err) = encode(&Frame::new(0, Body::Ping), out.frames(), max_frame_bytes) {
-                        return Ended::Lost(err);
+                    if now >= next_ping {
+                        // Correlation 0: no request of this client's; the PONG is ignored.
+                        if let Err(err) = encode(&Frame::new(0, Body::Ping), out.frames(), max_frame_bytes) {
+                            return Ended::Lost(err);
+                        }
+                        next_ping = now + heartbeat;
                     }
-                    next_ping = Instant::now() + heartbeat;
+                    timer.as_mut().reset(deadline.min(next_ping));
                 }
             }
         }

@@ -190,6 +190,10 @@ impl Connection {
         let (mut buf, mut pool) = (BytesMut::new(), ReadPool::default());
         let mut topics = TopicCache::default();
         let mut partial_since: Option<Instant> = None;
+        // The idle timeout as one timer, moved only when it fires: one made each turn makes
+        // tokio wake the thread that waits for I/O, to learn when to wake, most round trips.
+        let idle_timer = tokio::time::sleep(idle);
+        tokio::pin!(idle_timer);
         loop {
             let mut progressed = false;
             loop {
@@ -239,6 +243,7 @@ impl Connection {
             // frame but HELLO first closes it; with keys, answering pings is not enough.
             let logged_in =
                 !self.config.auth_required() || (self.greeted && self.principal.is_some());
+            let waiting_since = tokio::time::Instant::now();
             tokio::select! {
                 () = stop.cancelled() => return Ok(()),
                 () = tokio::time::sleep_until(auth_deadline), if !logged_in => {
@@ -250,9 +255,14 @@ impl Connection {
                     ));
                 }
                 () = writer_gone.cancelled() => return Ok(()),
-                read = tokio::time::timeout(idle, reader.read_buf(&mut buf)) => match read {
-                    Err(_) => return Err(Close::new(ErrorCode::IDLE_TIMEOUT, "nothing received")),
-                    Ok(Err(err)) => match err.get_ref().and_then(|e| e.downcast_ref::<AdapterError>()) {
+                () = &mut idle_timer => {
+                    if waiting_since.elapsed() >= idle {
+                        return Err(Close::new(ErrorCode::IDLE_TIMEOUT, "nothing received"));
+                    }
+                    idle_timer.as_mut().reset(waiting_since + idle);
+                }
+                read = reader.read_buf(&mut buf) => match read {
+                    Err(err) => match err.get_ref().and_then(|e| e.downcast_ref::<AdapterError>()) {
                         Some(AdapterError::Refused { correlation, code, message }) => {
                             self.reply_error(*correlation, *code, message.clone()).await;
                         }
@@ -266,8 +276,8 @@ impl Connection {
                         }
                         None => return Ok(()),
                     },
-                    Ok(Ok(0)) => return Ok(()),
-                    Ok(Ok(_)) => {}
+                    Ok(0) => return Ok(()),
+                    Ok(_) => {}
                 },
             }
         }
@@ -491,45 +501,6 @@ impl Connection {
         self.published(correlation, qos, published)
     }
 
-    /// Whether a publish of `len` bytes fits the connection's budget (and takes it).
-    fn admit(&mut self, len: usize) -> bool {
-        self.rate.as_mut().is_none_or(|rate| rate.admit(len))
-    }
-
-    fn may_subscribe(&self, filter: &Filter) -> bool {
-        self.principal.as_ref().is_some_and(|p| p.permissions.may_subscribe(&p.name, filter))
-    }
-
-    fn may_join(&self, group: &str) -> bool {
-        self.principal.as_ref().is_some_and(|p| p.permissions.may_join(&p.name, group))
-    }
-
-    /// Whether the principal may publish to `topic` (the last topic allowed is remembered).
-    fn may_publish(&mut self, topic: &Topic) -> bool {
-        if self.allowed.as_ref() == Some(topic) {
-            return true;
-        }
-        let allowed =
-            self.principal.as_ref().is_some_and(|p| p.permissions.may_publish_as(&p.name, topic));
-        if allowed {
-            self.allowed = Some(topic.clone());
-        }
-        allowed
-    }
-
-    fn welcome(&self) -> Body {
-        let limits = &self.broker.options().limits;
-        let capabilities = if self.config.auth_required() { CAP_AUTH_REQUIRED } else { 0 };
-        Body::Welcome {
-            version: PROTOCOL_VERSION,
-            capabilities,
-            max_frame_bytes: u32::try_from(limits.max_frame_bytes).unwrap_or(u32::MAX),
-            max_message_bytes: u32::try_from(limits.max_message_bytes).unwrap_or(u32::MAX),
-            heartbeat_ms: u32::try_from(self.config.heartbeat.as_millis()).unwrap_or(u32::MAX),
-            name: self.config.name.clone(),
-        }
-    }
-
     /// Replies to a publish: PUBACK for QoS 1 (once durable, for a durable topic), or why not.
     fn published(
         &mut self,
@@ -593,6 +564,7 @@ impl Connection {
     }
 }
 
+mod access;
 mod codes;
 mod confirm;
 

@@ -245,6 +245,10 @@ pub(super) async fn write_loop(
     // A PING every heartbeat, also while deliveries flow: a client that only receives answers
     // it, and its answer is what keeps the reader's idle timeout away.
     let mut next_ping = tokio::time::Instant::now() + config.heartbeat;
+    // Armed once a heartbeat: a timer made each time the writer waits makes tokio wake the
+    // thread that waits for I/O, to learn when to wake, most round trips.
+    let ping_timer = tokio::time::sleep_until(next_ping);
+    tokio::pin!(ping_timer);
     loop {
         while open && !writer.full() {
             match control.try_recv() {
@@ -259,17 +263,18 @@ pub(super) async fn write_loop(
         if open && tokio::time::Instant::now() >= next_ping {
             writer.encode(&Frame::new(0, Body::Ping));
             next_ping = tokio::time::Instant::now() + config.heartbeat;
+            ping_timer.as_mut().reset(next_ping);
         }
         if writer.pending() == 0 {
             if !open {
                 break;
             }
-            let woke = tokio::time::timeout_at(
-                next_ping,
-                poll_fn(|cx| writer.poll_wake(&mut control, cx)),
-            )
-            .await;
-            if let Ok(Wake::Closed) = woke {
+            let woke = tokio::select! {
+                biased;
+                woke = poll_fn(|cx| writer.poll_wake(&mut control, cx)) => Some(woke),
+                () = &mut ping_timer => None,
+            };
+            if let Some(Wake::Closed) = woke {
                 open = false;
             }
             continue;
