@@ -1,4 +1,5 @@
-//! The writer's batches, seen from the socket: what each write carries.
+//! The writer's batches, seen from the socket: what each write carries; and a socket that
+//! stops taking writes.
 
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
@@ -124,4 +125,48 @@ async fn small_payloads_are_copied_into_batches_of_at_most_the_frames_bound() {
     let writes = writes_for(256, 1024).await;
     assert!(writes.len() >= 4, "256 KiB of copies in batches of 64 KiB: {writes:?}");
     assert!(writes.iter().all(|&n| n < WRITE_BATCH + 1200), "{writes:?}");
+}
+
+/// A client that stopped reading: the socket takes nothing and never says it has room.
+struct Stalled;
+
+impl AsyncWrite for Stalled {
+    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, _: &[u8]) -> Poll<io::Result<usize>> {
+        Poll::Pending
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[tokio::test]
+async fn a_write_that_stalls_past_the_idle_timeout_ends_the_connection() {
+    let heartbeat = Duration::from_millis(100);
+    let config = Arc::new(ServerConfig { heartbeat, ..ServerConfig::default() });
+    let connections = Arc::new(Connections::default());
+    let registered = Connections::register(
+        &connections,
+        SocketAddr::from(([127, 0, 0, 1], 1)),
+        &CancellationToken::new(),
+    );
+    let (control, outbound) = mpsc::channel(4);
+    control.send(Outbound::Frame(Frame::new(1, Body::Ok))).await.expect("the writer listens");
+    let gone = CancellationToken::new();
+    let entry = Arc::clone(&registered.entry);
+    let started = std::time::Instant::now();
+    let writer =
+        tokio::spawn(write_loop(Stalled, outbound, config, Limits::default(), gone.clone(), entry));
+    tokio::time::timeout(Duration::from_secs(5), writer)
+        .await
+        .expect("the writer gives up on the stalled client")
+        .expect("no panic");
+    assert!(gone.is_cancelled(), "the reader is told");
+    // The idle timeout is three heartbeats; the control queue is still open.
+    assert!(started.elapsed() >= heartbeat * 3, "not before the idle timeout");
+    drop(control);
 }
