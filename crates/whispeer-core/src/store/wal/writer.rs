@@ -120,7 +120,7 @@ impl Writer {
         let last_sync = Instant::now();
         let unsynced = 0;
         let sync_file = file.syncer()?;
-        let syncs = Arc::new(Syncs::new(durable, Arc::clone(&health)));
+        let syncs = Arc::new(Syncs::new(durable, Arc::clone(&sync_file), Arc::clone(&health)));
         Ok(Self {
             options,
             segments,
