@@ -7,18 +7,24 @@
 //! accepted into an empty queue, so it can be delivered at all. Concurrent publishers can
 //! overshoot the byte bound by at most one message each. Several queues may also share a
 //! [`ByteBudget`] (the server gives each connection one), which bounds their bytes together.
-//! Pushing never blocks and never awaits, so it is safe under the router's read lock.
+//! Pushing never awaits and holds the queue's lock only to append, so it is safe under the
+//! router's read lock.
+//!
+//! Two lists, each behind its own lock: producers append to the inbox; a consumer that runs out
+//! of its batch swaps the whole inbox for it (its empty buffer going back as the new inbox) and
+//! hands the batch out one by one. So a message costs a producer one uncontended lock and the
+//! consumer none of the producers' cache lines but the batch's, where a lock-free list costs
+//! both sides atomic operations on shared slots per message. A consumer parks by leaving its
+//! waker in the inbox under the same lock, so no push can slip between its last look and its
+//! registration, and a push wakes only a consumer that parked.
 //!
 //! A queue has one consumer, or, for a queue group, several: then every waiting member is woken
 //! by a push and the first to poll takes the message.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::task::{Context, Poll, Waker};
-
-use atomic_waker::AtomicWaker;
-use crossbeam_queue::SegQueue;
 
 use whispeer_proto::{Filter, Topic};
 
@@ -152,21 +158,24 @@ impl ByteBudget {
     }
 }
 
-/// Who to wake when a message arrives.
+/// Who waits for the next message.
 #[derive(Debug)]
-enum Wakers {
-    /// The queue's one consumer.
-    One(AtomicWaker),
-    /// The members of a queue group: all are woken, the first to poll takes the message.
-    Many(Mutex<Vec<Waker>>),
+enum Waiting {
+    /// The queue's one consumer, once it parked.
+    One(Option<Waker>),
+    /// The members of a queue group that parked: all are woken, the first to poll takes the
+    /// message.
+    Many(Vec<Waker>),
 }
 
-impl Wakers {
-    fn register(&self, waker: &Waker) {
+impl Waiting {
+    fn register(&mut self, waker: &Waker) {
         match self {
-            Self::One(one) => one.register(waker),
+            Self::One(one) => match one {
+                Some(parked) if parked.will_wake(waker) => {}
+                _ => *one = Some(waker.clone()),
+            },
             Self::Many(many) => {
-                let mut many = many.lock().unwrap_or_else(PoisonError::into_inner);
                 if !many.iter().any(|w| w.will_wake(waker)) {
                     many.push(waker.clone());
                 }
@@ -174,17 +183,45 @@ impl Wakers {
         }
     }
 
-    fn wake(&self) {
+    /// Takes the parked consumers out, to wake once the lock is let go.
+    fn take(&mut self) -> Woken {
         match self {
-            Self::One(one) => one.wake(),
-            Self::Many(many) => {
-                let woken =
-                    std::mem::take(&mut *many.lock().unwrap_or_else(PoisonError::into_inner));
-                woken.into_iter().for_each(Waker::wake);
-            }
+            Self::One(one) => one.take().map_or(Woken::None, Woken::One),
+            Self::Many(many) if many.is_empty() => Woken::None,
+            Self::Many(many) => Woken::Many(std::mem::take(many)),
         }
     }
 }
+
+/// Consumers taken out of [`Waiting`], woken outside the queue's lock.
+#[must_use = "a consumer taken out of the queue's waiting list must be woken"]
+enum Woken {
+    None,
+    One(Waker),
+    Many(Vec<Waker>),
+}
+
+impl Woken {
+    fn wake(self) {
+        match self {
+            Self::None => {}
+            Self::One(one) => one.wake(),
+            Self::Many(many) => many.into_iter().for_each(Waker::wake),
+        }
+    }
+}
+
+/// What producers share with the consumer(s), behind the queue's lock.
+#[derive(Debug)]
+struct Inbox {
+    /// Messages pushed since a consumer last took the list, oldest first.
+    items: VecDeque<Message>,
+    waiting: Waiting,
+}
+
+/// Past this many slots, a consumer's emptied buffer is freed rather than kept for the next
+/// batch, unless batches that large still arrive (see `Queue::refill`).
+const KEEP_SLOTS: usize = 256;
 
 /// Messages a consumer took off a queue whose room in the queue's bounds it has not given back
 /// yet ([`Queue::give_back`]): a consumer that takes many in a row gives their room back at
@@ -237,9 +274,14 @@ pub(crate) struct Queue {
     pub(crate) filter: Filter,
     /// The queue group's name, for a group's queue.
     pub(crate) group: Option<Box<str>>,
-    /// Grows and shrinks in blocks as messages come and go, made at the first message: a queue
-    /// that never held one holds no slots (and not the queue's two cache-line-padded ends).
-    items: OnceLock<Box<SegQueue<Message>>>,
+    /// Messages pushed and not yet taken over by a consumer, and who waits for them. A queue
+    /// that never held a message holds no slots.
+    inbox: Mutex<Inbox>,
+    /// The messages a consumer took over from the inbox in one go, oldest first (all older than
+    /// the inbox's), handed out one by one. Locked by consumers, and by a producer dropping the
+    /// oldest message only if it is free (`try_lock`): the inbox's lock is never held while
+    /// waiting for this one.
+    batch: Mutex<VecDeque<Message>>,
     /// Most messages queued at once.
     capacity: usize,
     /// The queued messages: their count in the bits from `COUNT_SHIFT` up, their bytes (see
@@ -251,7 +293,6 @@ pub(crate) struct Queue {
     /// queue; earlier ones were replayed from history.
     #[expect(clippy::box_collection, reason = "one pointer where most queues have none")]
     replay_from: OnceLock<Box<HashMap<Topic, u64>>>,
-    waker: Wakers,
     closed: AtomicBool,
     policy: SlowConsumer,
     pub(crate) counters: Counters,
@@ -270,13 +311,13 @@ impl Queue {
         Self {
             filter,
             group: None,
-            items: OnceLock::new(),
+            inbox: Mutex::new(Inbox { items: VecDeque::new(), waiting: Waiting::One(None) }),
+            batch: Mutex::new(VecDeque::new()),
             capacity,
             load: AtomicU64::new(0),
             max_bytes,
             budget: None,
             replay_from: OnceLock::new(),
-            waker: Wakers::One(AtomicWaker::new()),
             closed: AtomicBool::new(false),
             policy,
             counters: Counters::default(),
@@ -306,9 +347,14 @@ impl Queue {
 
     /// This queue as the group `name`'s, with several consumers (its members).
     pub(crate) fn for_group(mut self, name: &str) -> Self {
-        self.waker = Wakers::Many(Mutex::default());
+        self.inbox.get_mut().unwrap_or_else(PoisonError::into_inner).waiting =
+            Waiting::Many(Vec::new());
         self.group = Some(name.into());
         self
+    }
+
+    fn inbox(&self) -> MutexGuard<'_, Inbox> {
+        self.inbox.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Offers a message, applying the slow-consumer policy when full.
@@ -317,48 +363,56 @@ impl Queue {
             return Pushed::Closed;
         }
         let weight = weight(&message);
-        let outcome = match self.policy {
-            SlowConsumer::DropOldest => {
-                let mut dropped = 0;
-                while self.is_full(weight) {
-                    let Some(oldest) = self.take() else { break };
-                    self.release(&oldest);
-                    dropped += 1;
-                }
-                if dropped > 0 {
-                    self.counters.dropped_oldest.fetch_add(dropped, Ordering::Relaxed);
-                }
-                self.charge(weight);
-                self.put(message);
-                if dropped > 0 { Pushed::DroppedOldest(dropped) } else { Pushed::Queued }
+        let mut inbox = self.inbox();
+        let mut dropped = 0;
+        if self.policy == SlowConsumer::DropOldest {
+            while self.is_full(weight) {
+                let Some(oldest) = self.take_oldest(&mut inbox) else { break };
+                self.release(&oldest);
+                dropped += 1;
             }
-            policy => {
-                let refused = self.is_full(weight);
-                if !refused {
-                    self.charge(weight);
-                    self.put(message);
-                }
-                if refused {
-                    return match policy {
-                        SlowConsumer::DropNewest => {
-                            self.counters.dropped_newest.fetch_add(1, Ordering::Relaxed);
-                            Pushed::DroppedNewest
-                        }
-                        SlowConsumer::FailPublish => {
-                            self.counters.rejected_full.fetch_add(1, Ordering::Relaxed);
-                            Pushed::Full
-                        }
-                        _ => {
-                            self.close();
-                            Pushed::Disconnected
-                        }
-                    };
-                }
-                Pushed::Queued
+            if dropped > 0 {
+                self.counters.dropped_oldest.fetch_add(dropped, Ordering::Relaxed);
             }
+        } else if self.is_full(weight) {
+            drop(inbox);
+            return self.refuse();
+        }
+        self.charge(weight);
+        inbox.items.push_back(message);
+        let woken = inbox.waiting.take();
+        drop(inbox);
+        woken.wake();
+        if dropped > 0 { Pushed::DroppedOldest(dropped) } else { Pushed::Queued }
+    }
+
+    /// A message refused by a full queue, under a policy other than `DropOldest`.
+    fn refuse(&self) -> Pushed {
+        match self.policy {
+            SlowConsumer::DropNewest => {
+                self.counters.dropped_newest.fetch_add(1, Ordering::Relaxed);
+                Pushed::DroppedNewest
+            }
+            SlowConsumer::FailPublish => {
+                self.counters.rejected_full.fetch_add(1, Ordering::Relaxed);
+                Pushed::Full
+            }
+            _ => {
+                self.close();
+                Pushed::Disconnected
+            }
+        }
+    }
+
+    /// The oldest message, for a push that must make room: the consumer's batch's first if no
+    /// consumer is taking from it this moment, else the inbox's.
+    fn take_oldest(&self, inbox: &mut Inbox) -> Option<Message> {
+        let from_batch = match self.batch.try_lock() {
+            Ok(mut batch) => batch.pop_front(),
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner().pop_front(),
+            Err(std::sync::TryLockError::WouldBlock) => None,
         };
-        self.waker.wake();
-        outcome
+        from_batch.or_else(|| inbox.items.pop_front())
     }
 
     /// Whether one more message of `weight` bytes would pass the count bound, the byte bound or
@@ -410,14 +464,11 @@ impl Queue {
         if self.is_closed() {
             return Poll::Ready(None);
         }
-        if let Some(message) = self.pop_taking(taken) {
+        if let Some(message) = self.pop_taking(taken, Some(cx.waker())) {
             return Poll::Ready(Some(message));
         }
-        self.waker.register(cx.waker());
-        // A push between the first pop and the registration would otherwise go unnoticed.
-        if let Some(message) = self.pop_taking(taken) {
-            return Poll::Ready(Some(message));
-        }
+        // Parked under the inbox's lock, which `close` takes too: a close before it is seen
+        // here, one after it wakes the waker.
         if self.is_closed() { Poll::Ready(None) } else { Poll::Pending }
     }
 
@@ -435,19 +486,51 @@ impl Queue {
         if self.is_closed() {
             return None;
         }
-        self.pop_taking(taken)
+        self.pop_taking(taken, None)
     }
 
-    /// Pops the next message not replayed already, counting what it takes in `taken`.
-    fn pop_taking(&self, taken: &mut Unreleased) -> Option<Message> {
-        while let Some(message) = self.take() {
-            taken.count += 1;
-            taken.weight += weight(&message) as u64;
-            if !self.replayed(&message) {
-                return Some(message);
+    /// Pops the next message not replayed already, counting what it takes in `taken`; with
+    /// `park`, finding none leaves that waker for the next push.
+    fn pop_taking(&self, taken: &mut Unreleased, park: Option<&Waker>) -> Option<Message> {
+        let mut batch = self.batch.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            while let Some(message) = batch.pop_front() {
+                taken.count += 1;
+                taken.weight += weight(&message) as u64;
+                if !self.replayed(&message) {
+                    return Some(message);
+                }
+            }
+            if !self.refill(&mut batch, park) {
+                return None;
             }
         }
-        None
+    }
+
+    /// Takes the inbox's messages over into the (empty) `batch`, whose buffer becomes the
+    /// inbox's; `false`, with `park` left to be woken, when there are none. A buffer grown by a
+    /// burst is freed once batches are small again, so an idle queue holds no slots.
+    fn refill(&self, batch: &mut VecDeque<Message>, park: Option<&Waker>) -> bool {
+        let mut inbox = self.inbox();
+        if inbox.items.is_empty() {
+            if let Some(waker) = park {
+                inbox.waiting.register(waker);
+            }
+            drop(inbox);
+            if batch.capacity() > KEEP_SLOTS {
+                *batch = VecDeque::new();
+            }
+            return false;
+        }
+        std::mem::swap(batch, &mut inbox.items);
+        let spare = if inbox.items.capacity() > KEEP_SLOTS.max(4 * batch.len()) {
+            std::mem::take(&mut inbox.items)
+        } else {
+            VecDeque::new()
+        };
+        drop(inbox);
+        drop(spare);
+        true
     }
 
     /// Gives back the room in the bounds of the messages counted in `taken`, and counts them
@@ -464,18 +547,13 @@ impl Queue {
         self.counters.received.fetch_add(count, Ordering::Relaxed);
     }
 
-    fn put(&self, message: Message) {
-        self.items.get_or_init(|| Box::new(SegQueue::new())).push(message);
-    }
-
-    fn take(&self) -> Option<Message> {
-        self.items.get()?.pop()
-    }
-
     /// Closes the queue and wakes the consumer so it can see the end.
     pub(crate) fn close(&self) {
+        let mut inbox = self.inbox();
         self.closed.store(true, Ordering::Release);
-        self.waker.wake();
+        let woken = inbox.waiting.take();
+        drop(inbox);
+        woken.wake();
     }
 
     /// Counts the messages this queue still holds when it is dropped into `discarded`.
@@ -489,7 +567,8 @@ impl Queue {
 
     /// Wakes the consumer(s), so they look at their state again (a group member that left).
     pub(crate) fn wake(&self) {
-        self.waker.wake();
+        let woken = self.inbox().waiting.take();
+        woken.wake();
     }
 
     pub(crate) fn len(&self) -> usize {

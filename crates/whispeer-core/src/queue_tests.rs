@@ -50,3 +50,111 @@ fn a_reader_keeps_its_messages_while_stalled_queues_hold_the_shared_budget() {
     assert_eq!(server.used(), 0);
     assert_eq!(server.holders(), 0, "every holder gone");
 }
+
+fn plain(capacity: usize) -> Queue {
+    Queue::new(Filter::parse("t").unwrap(), capacity, usize::MAX, SlowConsumer::DropOldest)
+}
+
+fn id(message: &Message) -> u128 {
+    message.id().0
+}
+
+#[test]
+fn messages_keep_their_order_across_a_consumers_batches() {
+    let queue = plain(1024);
+    (0..10).for_each(|n| assert_eq!(queue.push(message(n, 8)), Pushed::Queued));
+    let first: Vec<u128> = (0..3).filter_map(|_| queue.try_pop()).map(|m| id(&m)).collect();
+    // Pushed while the consumer holds the rest of the first batch.
+    (10..15).for_each(|n| assert_eq!(queue.push(message(n, 8)), Pushed::Queued));
+    let rest: Vec<u128> = std::iter::from_fn(|| queue.try_pop()).map(|m| id(&m)).collect();
+    assert_eq!(first, vec![0, 1, 2]);
+    assert_eq!(rest, (3..15).collect::<Vec<u128>>());
+    assert_eq!(queue.len(), 0);
+}
+
+#[test]
+fn dropping_the_oldest_takes_from_the_consumers_batch_before_the_inbox() {
+    let queue = plain(4);
+    (0..4).for_each(|n| assert_eq!(queue.push(message(n, 8)), Pushed::Queued));
+    // The consumer takes 0; 1, 2 and 3 wait in its batch, older than anything pushed next.
+    assert_eq!(queue.try_pop().map(|m| id(&m)), Some(0));
+    assert_eq!(queue.push(message(4, 8)), Pushed::Queued);
+    assert_eq!(queue.push(message(5, 8)), Pushed::DroppedOldest(1));
+    let left: Vec<u128> = std::iter::from_fn(|| queue.try_pop()).map(|m| id(&m)).collect();
+    assert_eq!(left, vec![2, 3, 4, 5]);
+    assert_eq!(queue.counters.dropped_oldest.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn a_queue_emptied_after_a_burst_keeps_no_slots() {
+    let queue = plain(1 << 20);
+    (0..10_000).for_each(|n| assert_eq!(queue.push(message(n, 8)), Pushed::Queued));
+    assert_eq!(std::iter::from_fn(|| queue.try_pop()).count(), 10_000);
+    let batch = queue.batch.lock().unwrap().capacity();
+    let inbox = queue.inbox().items.capacity();
+    assert!(batch <= KEEP_SLOTS && inbox <= KEEP_SLOTS, "batch {batch}, inbox {inbox}");
+}
+
+/// Producers on threads of their own and a consumer that parks whenever it runs dry: every
+/// message arrives, each producer's in order — a push that slipped past a parking consumer
+/// would leave it asleep and end the test at its deadline.
+#[test]
+fn a_parked_consumer_misses_no_push() {
+    const PRODUCERS: u64 = 4;
+    const EACH: u64 = 50_000;
+    let queue = Arc::new(plain(1 << 24));
+    let producers: Vec<_> = (0..PRODUCERS)
+        .map(|p| {
+            let queue = Arc::clone(&queue);
+            std::thread::spawn(move || {
+                for n in 0..EACH {
+                    assert_eq!(queue.push(message(p << 32 | n, 8)), Pushed::Queued);
+                    if n % 1000 == 0 {
+                        std::thread::yield_now();
+                    }
+                }
+            })
+        })
+        .collect();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    let next = runtime.block_on(async {
+        tokio::time::timeout(std::time::Duration::from_secs(30), drain(&queue, PRODUCERS * EACH))
+            .await
+    });
+    producers.into_iter().for_each(|p| p.join().unwrap());
+    assert_eq!(next.expect("every message arrived"), [EACH; PRODUCERS as usize]);
+    assert_eq!(queue.len(), 0);
+}
+
+/// Pops `count` messages, parking whenever the queue runs dry; how many came from each
+/// producer, checking that each one's arrive in order.
+async fn drain(queue: &Queue, count: u64) -> [u64; 4] {
+    let mut next = [0u64; 4];
+    for _ in 0..count {
+        let message = std::future::poll_fn(|cx| queue.poll_pop(cx)).await.unwrap();
+        let (p, n) = ((id(&message) >> 32) as usize, id(&message) as u64 & 0xffff_ffff);
+        assert_eq!(n, next[p], "producer {p}'s messages in order");
+        next[p] += 1;
+    }
+    next
+}
+
+#[test]
+fn closing_wakes_a_parked_consumer() {
+    let queue = Arc::new(plain(16));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_time()
+        .build()
+        .unwrap();
+    let consumer = {
+        let queue = Arc::clone(&queue);
+        runtime.spawn(async move { std::future::poll_fn(|cx| queue.poll_pop(cx)).await })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    queue.close();
+    let popped = runtime.block_on(async {
+        tokio::time::timeout(std::time::Duration::from_secs(10), consumer).await
+    });
+    assert!(popped.expect("woken by the close").unwrap().is_none());
+}
