@@ -4,9 +4,11 @@
 //! (`capacity`) and by bytes (`max_bytes`, payload bytes plus a fixed overhead per message). When
 //! either bound would be exceeded, the subscriber's [`SlowConsumer`] policy decides what gives
 //! way, and every such event is counted. A single message larger than `max_bytes` is still
-//! accepted into an empty queue, so it can be delivered at all. Concurrent publishers can
-//! overshoot the byte bound by at most one message each. Several queues may also share a
-//! [`ByteBudget`] (the server gives each connection one), which bounds their bytes together.
+//! accepted into an empty queue, so it can be delivered at all. The queue's own bounds are
+//! checked and charged under its lock; a message whose room a consumer has taken but not given
+//! back yet still counts (see [`Queue::give_back`]). Several queues may also share a
+//! [`ByteBudget`] (the server gives each connection one), which bounds their bytes together;
+//! concurrent publishers to different queues can overshoot it by at most one message each.
 //! Pushing never awaits and holds the queue's lock only to append, so it is safe under the
 //! router's read lock.
 //!
