@@ -139,22 +139,47 @@ async fn drain(queue: &Queue, count: u64) -> [u64; 4] {
     next
 }
 
+/// A waker that counts its wake-ups.
+#[derive(Default)]
+struct Count(std::sync::atomic::AtomicUsize);
+
+impl std::task::Wake for Count {
+    fn wake(self: Arc<Self>) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+fn counting() -> (Arc<Count>, Waker) {
+    let count = Arc::new(Count::default());
+    (Arc::clone(&count), Waker::from(count))
+}
+
+fn woken(count: &Count) -> usize {
+    count.0.load(Ordering::SeqCst)
+}
+
+#[test]
+fn a_push_wakes_the_consumer_once_it_parked_and_only_then() {
+    let (queue, (count, waker)) = (plain(16), counting());
+    let mut cx = Context::from_waker(&waker);
+    assert_eq!(queue.push(message(0, 8)), Pushed::Queued);
+    assert!(queue.poll_pop(&mut cx).is_ready());
+    // It found a message: not parked, so the next push wakes no one.
+    assert_eq!(queue.push(message(1, 8)), Pushed::Queued);
+    assert_eq!(woken(&count), 0);
+    assert!(queue.poll_pop(&mut cx).is_ready());
+    assert!(queue.poll_pop(&mut cx).is_pending());
+    // Parked: the first push wakes it, once; the next ones find no one waiting.
+    (2..5).for_each(|n| assert_eq!(queue.push(message(n, 8)), Pushed::Queued));
+    assert_eq!(woken(&count), 1);
+}
+
 #[test]
 fn closing_wakes_a_parked_consumer() {
-    let queue = Arc::new(plain(16));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_time()
-        .build()
-        .unwrap();
-    let consumer = {
-        let queue = Arc::clone(&queue);
-        runtime.spawn(async move { std::future::poll_fn(|cx| queue.poll_pop(cx)).await })
-    };
-    std::thread::sleep(std::time::Duration::from_millis(50));
+    let (queue, (count, waker)) = (plain(16), counting());
+    let mut cx = Context::from_waker(&waker);
+    assert!(queue.poll_pop(&mut cx).is_pending());
     queue.close();
-    let popped = runtime.block_on(async {
-        tokio::time::timeout(std::time::Duration::from_secs(10), consumer).await
-    });
-    assert!(popped.expect("woken by the close").unwrap().is_none());
+    assert_eq!(woken(&count), 1);
+    assert!(matches!(queue.poll_pop(&mut cx), Poll::Ready(None)));
 }
