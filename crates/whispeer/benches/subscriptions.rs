@@ -3,8 +3,10 @@
 //! subscriptions (sync callbacks counting deliveries; 1,000,000 messages to topics drawn among
 //! the subscribed ones). Prints figures; asserts nothing about them.
 //!
-//! Run with `cargo bench -p whispeer --bench subscriptions` (a fresh process gives the cleanest
-//! memory figure), or `… -- 100000` for one case alone.
+//! Run with `cargo bench -p whispeer --bench subscriptions`: each case runs in a process of its
+//! own (run after the other in one process, the 1,000 case inherited the 100,000 case's heap and
+//! ran at 0.6–0.8× its rate alone, which flattered the ratio). `… -- 100000` runs one case in
+//! this process.
 
 #![expect(clippy::unwrap_used, reason = "a benchmark fails loudly on any error")]
 
@@ -60,20 +62,35 @@ fn case(count: usize, messages: u64) -> (f64, f64) {
     (per, rate)
 }
 
+/// Runs one case in a process of its own (this benchmark again, with `-- N`), so that neither
+/// case inherits the other's heap, and reads its figures back.
+fn case_alone(count: usize) -> (f64, f64) {
+    let exe = std::env::current_exe().unwrap();
+    let out = std::process::Command::new(exe).arg("--").arg(count.to_string()).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let figures =
+        text.lines().find_map(|line| line.strip_prefix(&format!("{count} subscriptions: ")));
+    let figures = figures.unwrap_or_else(|| panic!("the case of {count} said: {text}"));
+    let numbers: Vec<f64> = figures
+        .split(|c: char| !c.is_ascii_digit() && c != '.')
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    (numbers[0], numbers[1] * 1e3)
+}
+
 fn main() {
-    let runtime =
-        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
-    let runtime = runtime.unwrap();
-    let _entered = runtime.enter();
-    let messages = 1_000_000;
-    // `-- N`: only the case with N subscriptions (a fresh process each, for a profiler).
+    // `-- N`: only the case with N subscriptions, in this process (also for a profiler).
     if let Some(count) = std::env::args().skip(1).find_map(|a| a.parse::<usize>().ok()) {
-        let (per, rate) = case(count, messages);
+        let runtime =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
+        let runtime = runtime.unwrap();
+        let _entered = runtime.enter();
+        let (per, rate) = case(count, 1_000_000);
         println!("{count} subscriptions: {per:.2} KiB each, {:.0} k msgs/s", rate / 1e3);
         return;
     }
-    let (large_per, large_rate) = case(100_000, messages);
-    let (_, small_rate) = case(1_000, messages);
+    let (large_per, large_rate) = case_alone(100_000);
+    let (_, small_rate) = case_alone(1_000);
     println!("idle subscription, 100,000 of them: {large_per:.2} KiB each");
     println!("publish -> deliver, 1,000 subscriptions: {:.0} k msgs/s", small_rate / 1e3);
     println!(
