@@ -221,11 +221,10 @@ struct Inbox {
     waiting: Waiting,
 }
 
-/// Past this many slots (8 KiB), a consumer's emptied buffer is freed rather than kept for the
-/// next batch, unless batches that large still arrive (see `Queue::refill`). At 256, a stream
-/// whose bursts were a few hundred messages freed and grew its buffers every time it caught up,
-/// and the allocator gave the memory back to the system each time: 7,000–27,000 `madvise`
-/// calls (each interrupting the other cores) in a 4 s in-process 1 → 1 run, 27 at 1,024.
+/// Past this many slots (8 KiB), an emptied buffer is freed rather than kept for the next batch,
+/// unless batches that large still arrive (see `Queue::refill`); a queue has two. Smaller, a
+/// stream's buffers were freed and grown at every catch-up, and the allocator handed the
+/// memory back each time (thousands of `madvise` calls a second: ARCHITECTURE.md).
 const KEEP_SLOTS: usize = 1024;
 
 /// Messages a consumer took off a queue whose room in the queue's bounds it has not given back
@@ -514,7 +513,8 @@ impl Queue {
 
     /// Takes the inbox's messages over into the (empty) `batch`, whose buffer becomes the
     /// inbox's; `false`, with `park` left to be woken, when there are none. A buffer grown by a
-    /// burst is freed once batches are small again, so an idle queue holds no slots.
+    /// burst past `KEEP_SLOTS` is freed once batches are small again, so an idle queue holds at
+    /// most two buffers of `KEEP_SLOTS` (none before its first message).
     fn refill(&self, batch: &mut VecDeque<Message>, park: Option<&Waker>) -> bool {
         let mut inbox = self.inbox();
         if inbox.items.is_empty() {

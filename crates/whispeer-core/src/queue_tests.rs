@@ -95,6 +95,19 @@ fn a_queue_emptied_after_a_burst_keeps_no_slots() {
     assert!(batch <= KEEP_SLOTS && inbox <= KEEP_SLOTS, "batch {batch}, inbox {inbox}");
 }
 
+#[test]
+fn a_queue_emptied_after_a_small_burst_keeps_its_buffers_for_the_next() {
+    let queue = plain(1 << 20);
+    for round in 0..3 {
+        (0..500).for_each(|n| assert_eq!(queue.push(message(n, 8)), Pushed::Queued));
+        assert_eq!(std::iter::from_fn(|| queue.try_pop()).count(), 500, "round {round}");
+    }
+    // Freed at every catch-up, the next burst would grow a buffer from nothing again.
+    let batch = queue.batch.lock().unwrap().capacity();
+    let inbox = queue.inbox().items.capacity();
+    assert!(batch >= 500 && inbox >= 500, "batch {batch}, inbox {inbox}");
+}
+
 /// Producers on threads of their own and a consumer that parks whenever it runs dry: every
 /// message arrives, each producer's in order — a push that slipped past a parking consumer
 /// would leave it asleep and end the test at its deadline.
