@@ -13,7 +13,7 @@ use std::convert::Infallible;
 use std::sync::{Arc, PoisonError, RwLock};
 
 use smallvec::SmallVec;
-use whispeer_proto::{Filter, FilterSegment, Topic, hidden_from_wildcards};
+use whispeer_proto::{Envelope, Filter, FilterSegment, Topic, hidden_from_wildcards};
 
 use crate::hash::FastMap;
 use crate::queue::Queue;
@@ -143,6 +143,23 @@ struct Table {
     total: usize,
 }
 
+/// What a publish is routed by: a topic's text, or the envelope that carries it.
+pub(crate) trait Routed {
+    fn topic_text(&self) -> &str;
+}
+
+impl Routed for &str {
+    fn topic_text(&self) -> &str {
+        self
+    }
+}
+
+impl Routed for Envelope {
+    fn topic_text(&self) -> &str {
+        self.topic.as_str()
+    }
+}
+
 /// The routing table. See the module documentation for its locking.
 #[derive(Debug, Default)]
 pub(crate) struct Router {
@@ -237,7 +254,8 @@ impl Router {
         topic: &str,
         deliver: impl FnOnce(Option<Matches<'_>>) -> R,
     ) -> R {
-        match self.with_matches_admitted(topic, |_| Ok::<(), Infallible>(()), deliver) {
+        let deliver = |_: &str, matches: Option<Matches<'_>>| deliver(matches);
+        match self.with_matches_admitted(topic, |_, _| Ok::<(), Infallible>(()), deliver) {
             Ok(delivered) => delivered,
             Err(never) => match never {},
         }
@@ -248,27 +266,32 @@ impl Router {
     /// against the same limits when it was subscribed, so the topic needs no second check —
     /// and may refuse it, in which case nothing is matched or delivered. A topic refused
     /// never reaches the wildcard cache.
-    pub(crate) fn with_matches_admitted<R, E>(
+    ///
+    /// `routed` (the topic's text, or the envelope that carries it) is handed on to `deliver`:
+    /// an envelope is routed by its own topic, without a copy of it that the lookup would need
+    /// while `deliver` takes the envelope (two atomic operations a publish).
+    pub(crate) fn with_matches_admitted<T: Routed, R, E>(
         &self,
-        topic: &str,
-        admit: impl FnOnce(bool) -> Result<(), E>,
-        deliver: impl FnOnce(Option<Matches<'_>>) -> R,
+        routed: T,
+        admit: impl FnOnce(&str, bool) -> Result<(), E>,
+        deliver: impl FnOnce(T, Option<Matches<'_>>) -> R,
     ) -> Result<R, E> {
         let table = self.table.read().unwrap_or_else(PoisonError::into_inner);
-        let exact = table.exact.get_key_value(topic);
-        admit(exact.is_some())?;
+        let exact = table.exact.get_key_value(routed.topic_text());
+        admit(routed.topic_text(), exact.is_some())?;
         if table.wild_count == 0 {
-            return Ok(deliver(exact.map(|(topic, exact)| Matches { topic, exact, wild: &[] })));
+            let matches = exact.map(|(topic, exact)| Matches { topic, exact, wild: &[] });
+            return Ok(deliver(routed, matches));
         }
         let exact_routes = exact.map_or(&[][..], |(_, routes)| routes.as_slice());
         let cache = self.cache.read().unwrap_or_else(PoisonError::into_inner);
-        if let Some((topic, wild)) = cache.get_key_value(topic) {
-            return Ok(deliver(Matches::some(topic, exact_routes, wild)));
+        if let Some((topic, wild)) = cache.get_key_value(routed.topic_text()) {
+            return Ok(deliver(routed, Matches::some(topic, exact_routes, wild)));
         }
         drop(cache);
-        Ok(match self.match_wildcards(&table, topic) {
-            Some((topic, wild)) => deliver(Matches::some(&topic, exact_routes, &wild)),
-            None => deliver(None),
+        Ok(match self.match_wildcards(&table, routed.topic_text()) {
+            Some((topic, wild)) => deliver(routed, Matches::some(&topic, exact_routes, &wild)),
+            None => deliver(routed, None),
         })
     }
 

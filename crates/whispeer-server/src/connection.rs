@@ -472,12 +472,16 @@ impl Connection {
                 return Some(error_frame(correlation, ErrorCode::LIMIT_REACHED, message));
             }
         }
-        let (topic, bytes) = (envelope.topic.clone(), envelope.payload.len());
+        let bytes = envelope.payload.len();
         let request = qos == Qos::AtLeastOnce && envelope.headers.get(RESPONSE_TOPIC).is_some();
+        // A copy of the topic only where the traffic counter does not hold it already (it
+        // mostly does: the connection's last topic), or a request may need it to refuse.
+        let counted = self.flows.holds(&envelope.topic, true);
+        let topic = (!counted || request).then(|| envelope.topic.clone());
         let published = self.broker.publish_envelope(envelope);
         // A request nothing took (known here only when no other node or store is involved).
         if let Ok(receipt) = &published
-            && request
+            && let Some(topic) = topic.as_ref().filter(|_| request)
             && receipt.subscribers == 0
             && !receipt.is_durable_pending()
         {
@@ -485,7 +489,10 @@ impl Connection {
             return Some(error_frame(correlation, ErrorCode::NO_RESPONDERS, message));
         }
         if published.is_ok() {
-            self.config.traffic.inbound(&mut self.flows, &topic, bytes);
+            match &topic {
+                Some(topic) => self.config.traffic.inbound(&mut self.flows, topic, bytes),
+                None => self.flows.add(bytes),
+            }
             if qos == Qos::AtLeastOnce {
                 self.flows.settle();
             }

@@ -99,6 +99,19 @@ pub(crate) struct FlowCache {
 }
 
 impl FlowCache {
+    /// Whether the cache counts `topic`'s traffic in this direction: then [`FlowCache::add`]
+    /// counts a message of it without the topic at hand.
+    pub(crate) fn holds(&self, topic: &Topic, inbound: bool) -> bool {
+        matches!(&self.entry, Some((cached, _)) if cached == topic) && self.inbound == inbound
+    }
+
+    /// Counts one more message of `bytes` to the topic and direction the cache holds (see
+    /// [`FlowCache::holds`]).
+    pub(crate) fn add(&mut self, bytes: usize) {
+        self.messages += 1;
+        self.bytes += bytes as u64;
+    }
+
     /// Adds what was counted since the last settle to the shared counters.
     pub(crate) fn settle(&mut self) {
         if let Some((_, entry)) = &self.entry

@@ -26,10 +26,10 @@ impl Shared {
         }
         let id = self.next_message_id();
         let flags = Flags::with_content(ContentType::Raw);
-        let mut envelope = Envelope::new(id, topic.clone(), now_ms(), flags, payload.freeze());
+        let mut envelope = Envelope::new(id, topic, now_ms(), flags, payload.freeze());
         envelope.headers.insert(header::DEAD_LETTER_REASON, letter.reason.as_str());
         envelope.headers.insert(header::DEAD_LETTER_ATTEMPTS, letter.attempts.to_string());
         let (scope, admit) = (super::Scope::All, super::known_valid);
-        let _ = self.route(id, topic.as_str(), None, scope, admit, |_| envelope);
+        let _ = self.route(id, envelope, None, scope, admit, |envelope, _| envelope);
     }
 }

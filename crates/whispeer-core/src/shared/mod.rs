@@ -179,8 +179,9 @@ impl Shared {
         if self.routes_plainly(headers) {
             // The envelope shares the router's copy of the topic, and is only built if someone
             // subscribed.
-            let admit = |subscribed| self.admit(topic, Check::UnlessSubscribed, subscribed);
-            return self.route(id, topic, None, Scope::All, admit, |topic| {
+            let admit =
+                |topic: &str, subscribed| self.admit(topic, Check::UnlessSubscribed, subscribed);
+            return self.route(id, topic, None, Scope::All, admit, |_, topic| {
                 Envelope::new(id, topic.clone(), timestamp_ms, flags, payload)
             });
         }
@@ -218,9 +219,10 @@ impl Shared {
         check: Check,
     ) -> Result<PublishReceipt, PublishError> {
         if self.routes_plainly(&envelope.headers) {
-            let (id, topic) = (envelope.id, envelope.topic.clone());
-            let admit = |subscribed| self.admit(topic.as_str(), check, subscribed);
-            return self.route(id, topic.as_str(), None, Scope::All, admit, |_| envelope);
+            // Routed by the envelope's own topic, which the message then takes along.
+            let id = envelope.id;
+            let admit = |topic: &str, subscribed| self.admit(topic, check, subscribed);
+            return self.route(id, envelope, None, Scope::All, admit, |envelope, _| envelope);
         }
         if check == Check::UnlessSubscribed {
             Topic::validate(envelope.topic.as_str(), &self.options.limits)?;
@@ -328,7 +330,7 @@ impl Shared {
         let routed = match history {
             None => {
                 let (id, topic) = (envelope.id, topic.as_str());
-                self.route(id, topic, expires_at, scope, known_valid, |_| envelope)
+                self.route(id, topic, expires_at, scope, known_valid, |_, _| envelope)
             }
             Some(log) => (|| {
                 // Routed under the topic's lock: see `retention` for why replay needs it. A
@@ -346,7 +348,7 @@ impl Shared {
                 let (offset, seq) = (log.reserve(), self.history.next_seq());
                 let engines = self.engines.clone();
                 let message = Message::retained(envelope, true, engines, expires_at, offset);
-                let (id, make) = (message.id(), |_: &Matches<'_>| message.clone());
+                let (id, make) = (message.id(), |_, _: &Matches<'_>| message.clone());
                 let routed = self.fan_out(id, topic.as_str(), scope, known_valid, make);
                 log.append(offset, seq, accepted_ms, message);
                 routed.map(|receipt| PublishReceipt { ticket, ..receipt })
@@ -402,7 +404,7 @@ impl Shared {
         bump(&self.counters.published);
         let seq = self.history.next_seq();
         let message = Message::retained(envelope, true, self.engines.clone(), expires_at, offset);
-        let make = |_: &Matches<'_>| message.clone();
+        let make = |_, _: &Matches<'_>| message.clone();
         let routed = self.fan_out(id, topic.as_str(), Scope::Solo, known_valid, make);
         log.append(offset, seq, accepted_ms, message);
         routed

@@ -12,7 +12,7 @@ use crate::error::PublishError;
 use crate::message::Message;
 use crate::publish::PublishReceipt;
 use crate::queue::Queue;
-use crate::router::{Matches, SubId};
+use crate::router::{Matches, Routed, SubId};
 use crate::stats::bump;
 
 impl Shared {
@@ -34,36 +34,37 @@ impl Shared {
 
     /// Offers the envelope to every queue whose filter matches `topic`, once `admit` lets it
     /// through (see [`Router::with_matches_admitted`]).
-    pub(crate) fn route(
+    /// `routed` is the topic's text, or the envelope itself, which `envelope` then takes.
+    pub(crate) fn route<T: Routed>(
         &self,
         id: MessageId,
-        topic: &str,
+        routed: T,
         expires_at: Option<Instant>,
         scope: Scope,
-        admit: impl FnOnce(bool) -> Result<(), PublishError>,
-        envelope: impl FnOnce(&Topic) -> Envelope,
+        admit: impl FnOnce(&str, bool) -> Result<(), PublishError>,
+        envelope: impl FnOnce(T, &Topic) -> Envelope,
     ) -> Result<PublishReceipt, PublishError> {
-        self.fan_out(id, topic, scope, admit, |matches| {
+        self.fan_out(id, routed, scope, admit, |routed, matches| {
             let engines = self.engines.clone();
-            Message::new(envelope(matches.topic), matches.len(), engines, expires_at)
+            Message::new(envelope(routed, matches.topic), matches.len(), engines, expires_at)
         })
     }
 
     /// Offers the message `make` builds (only if the topic has subscribers) to every matching
     /// queue.
-    pub(super) fn fan_out(
+    pub(super) fn fan_out<T: Routed>(
         &self,
         id: MessageId,
-        topic: &str,
+        routed: T,
         scope: Scope,
-        admit: impl FnOnce(bool) -> Result<(), PublishError>,
-        make: impl FnOnce(&Matches<'_>) -> Message,
+        admit: impl FnOnce(&str, bool) -> Result<(), PublishError>,
+        make: impl FnOnce(T, &Matches<'_>) -> Message,
     ) -> Result<PublishReceipt, PublishError> {
         let mut tally = Tally::default();
         let mut disconnected: Vec<(SubId, Arc<Queue>)> = Vec::new();
-        self.router.with_matches_admitted(topic, admit, |matches| {
+        self.router.with_matches_admitted(routed, admit, |routed, matches| {
             let Some(matches) = matches else { return };
-            let mut message = Some(make(&matches));
+            let mut message = Some(make(routed, &matches));
             let mut routes = matches.iter().peekable();
             while let Some(route) = routes.next() {
                 if scope == Scope::Solo && route.queue.group.is_some() {
@@ -121,7 +122,7 @@ pub(crate) enum Check {
 
 /// An `admit` for [`Shared::route`] when the topic is known valid and the publish was
 /// counted already.
-pub(crate) fn known_valid(_subscribed: bool) -> Result<(), PublishError> {
+pub(crate) fn known_valid(_topic: &str, _subscribed: bool) -> Result<(), PublishError> {
     Ok(())
 }
 
