@@ -30,8 +30,9 @@ mod request;
 mod subscription;
 mod transport;
 
+use std::cell::RefCell;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -217,9 +218,25 @@ struct Shared {
     limits: Limits,
     /// Where replies to this client's requests arrive (made on the first request).
     inbox: tokio::sync::OnceCell<Arc<request::Inbox>>,
-    /// The topic published to last: publishers repeat topics, and a repeated one is shared
-    /// rather than checked and allocated again.
-    last_topic: std::sync::Mutex<Option<Topic>>,
+}
+
+thread_local! {
+    /// The topic this thread published to last, through any client: publishers repeat
+    /// topics, and a repeated one is shared rather than checked and allocated again. Kept per
+    /// thread, it costs a publish no lock (a topic parses the same for every client).
+    static LAST_TOPIC: RefCell<Option<Topic>> = const { RefCell::new(None) };
+}
+
+/// `text` as a topic: this thread's last one when it is the same, else parsed (and kept).
+fn parse_topic(text: &str) -> Result<Topic, ClientError> {
+    LAST_TOPIC.with_borrow_mut(|last| {
+        if let Some(topic) = last.as_ref().filter(|topic| topic.as_str() == text) {
+            return Ok(topic.clone());
+        }
+        let topic = Topic::parse(text)?;
+        *last = Some(topic.clone());
+        Ok(topic)
+    })
 }
 
 /// A connection to a whispeer server. Cheap to clone; the connection closes when every clone
@@ -279,7 +296,6 @@ impl Client {
             subscription_max_bytes: options.subscription_max_bytes,
             limits: options.limits.clone(),
             inbox: tokio::sync::OnceCell::new(),
-            last_topic: std::sync::Mutex::new(None),
         });
         let (commands, rx) = mpsc::channel(options.command_queue);
         let (settles, settled) = mpsc::unbounded_channel();
@@ -330,7 +346,7 @@ impl Client {
         plaintext: Bytes,
         headers: Headers,
     ) -> Result<Envelope, ClientError> {
-        let topic = self.topic(topic)?;
+        let topic = parse_topic(topic)?;
         if plaintext.len() > self.shared.max_message_bytes {
             return Err(ClientError::TooLarge {
                 len: plaintext.len(),
@@ -345,19 +361,6 @@ impl Client {
         let mut envelope = Envelope::new(id, topic, timestamp_ms, flags, payload);
         envelope.headers = headers;
         Ok(envelope)
-    }
-
-    /// `text` as a topic: the last one when it is the same, else parsed (and remembered).
-    fn topic(&self, text: &str) -> Result<Topic, ClientError> {
-        let mut last = self.shared.last_topic.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(topic) = &*last
-            && topic.as_str() == text
-        {
-            return Ok(topic.clone());
-        }
-        let topic = Topic::parse(text)?;
-        *last = Some(topic.clone());
-        Ok(topic)
     }
 
     async fn send(&self, command: Command) -> Result<(), ClientError> {

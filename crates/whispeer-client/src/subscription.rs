@@ -30,7 +30,11 @@ struct AckTo {
 #[derive(Clone)]
 pub struct Delivery {
     envelope: Envelope,
-    engines: Arc<Engines>,
+    /// The client's engines where they can change a payload; `None` where they cannot (no
+    /// compression, encryption or rule): a delivery then takes no reference on them.
+    engines: Option<Arc<Engines>>,
+    /// The largest payload opening may produce (the client's limit).
+    max_message_bytes: u32,
     attempt: u32,
     offset: u64,
     ack_to: Option<AckTo>,
@@ -118,7 +122,13 @@ impl Delivery {
     /// [`OpenError`] for a wrong or unknown key, tampering or corruption.
     pub fn plaintext(&self) -> Result<Bytes, OpenError> {
         // `open` returns a plain payload as it is, without copying.
-        self.engines.open(&self.envelope)
+        match &self.engines {
+            Some(engines) => engines.open(&self.envelope),
+            // No keys: what a publisher compressed still opens, within the client's limit.
+            None => Engines::new()
+                .with_max_message_bytes(self.max_message_bytes as usize)
+                .open(&self.envelope),
+        }
     }
 
     /// Opens the payload and decodes it as a `T`.
@@ -158,6 +168,8 @@ pub struct ClientSubscription<T> {
     commands: mpsc::Sender<Command>,
     settles: Option<mpsc::UnboundedSender<Settle>>,
     engines: Arc<Engines>,
+    /// `limits.max_message_bytes`, as deliveries carry it.
+    max_message_bytes: u32,
     decode: Decode<T>,
     stats: SubscriptionStats,
     buffer: Arc<Buffer>,
@@ -210,12 +222,14 @@ impl<T> ClientSubscription<T> {
         let Parts { sub, commands, settles, engines, buffer, limits } = parts;
         let (stats, local) = (SubscriptionStats::default(), VecDeque::new());
         let (unreleased, topics) = ((0, 0), TopicCache::default());
+        let max_message_bytes = u32::try_from(limits.max_message_bytes).unwrap_or(u32::MAX);
         Self {
             sub,
             local,
             commands,
             settles,
             engines,
+            max_message_bytes,
             decode,
             stats,
             buffer,
@@ -288,10 +302,11 @@ impl<T> ClientSubscription<T> {
             let ack_to = self.settles.clone().map(|settles| AckTo { sub: self.sub, settles });
             match incoming.decode(&self.limits, &mut self.topics) {
                 Ok(envelope) => {
-                    let engines = Arc::clone(&self.engines);
+                    let engines = self.engines.is_active().then(|| Arc::clone(&self.engines));
                     return Poll::Ready(Some(Delivery {
                         envelope,
                         engines,
+                        max_message_bytes: self.max_message_bytes,
                         attempt,
                         offset,
                         ack_to,

@@ -1,6 +1,7 @@
 //! QoS 1 over the network: acks, redelivery to a reconnecting subscriber or a group peer, SDK
-//! de-duplication, a prefetch held whole past a small buffer, idempotent publishing, and a randomized run of 100 000 messages through
-//! subscribers that keep being killed.
+//! de-duplication, a prefetch held whole past a small buffer, idempotent publishing, a
+//! compressed payload opened by a client without keys, and a randomized run of 100 000
+//! messages through subscribers that keep being killed.
 
 #![expect(clippy::unwrap_used, reason = "test helpers fail loudly")]
 
@@ -13,6 +14,7 @@ use tokio::task::JoinHandle;
 use tokio::time::timeout;
 use whispeer::server::Tcp;
 use whispeer::{Broker, BrokerOptions, Redelivery, SlowConsumer};
+use whispeer_client::engines::{Compression, OpenError};
 use whispeer_client::{
     Client, ClientOptions, ClientSubscription, PublishOptions, Qos, SubscribeOptions,
 };
@@ -64,6 +66,27 @@ async fn large_and_small_payloads_interleaved_arrive_whole_and_in_order() {
         let delivery = soon(deliveries.recv()).await.unwrap();
         assert_eq!(&delivery.plaintext().unwrap()[..], &patterned(n)[..], "message {n}");
     }
+}
+
+#[tokio::test]
+async fn a_compressed_payload_opens_for_a_client_without_engines_within_its_limit() {
+    let (_broker, addr) = server(Duration::from_secs(60), 5);
+    let compressing = ClientOptions::new(addr.to_string()).compression(Compression::new());
+    let publisher = Client::connect_with(compressing).await.unwrap();
+    let plain = client(addr).await;
+    let mut small_limit = ClientOptions::new(addr.to_string());
+    small_limit.limits.max_message_bytes = 10_000;
+    let small = Client::connect_with(small_limit).await.unwrap();
+    let (mut opened, mut refused) =
+        (plain.messages("zipped").await.unwrap(), small.messages("zipped").await.unwrap());
+    let text = vec![b'a'; 50_000];
+    publisher.publish_bytes("zipped", text.clone()).await.unwrap();
+    publisher.flush().await.unwrap();
+    let delivery = soon(opened.recv()).await.unwrap();
+    assert!(delivery.payload().len() < text.len(), "it travelled compressed");
+    assert_eq!(&delivery.plaintext().unwrap()[..], &text[..]);
+    let over = soon(refused.recv()).await.unwrap();
+    assert!(matches!(over.plaintext(), Err(OpenError::TooLarge { max: 10_000 })), "{over:?}");
 }
 
 #[tokio::test]

@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use bytes::BytesMut;
@@ -117,6 +118,7 @@ pub(super) async fn run<R, W>(
     let mut connection = Connection {
         registered,
         flows: FlowCache::default(),
+        published: 0,
         principal: (!config.auth_required()).then(Principal::anonymous),
         allowed: None,
         rate: RateLimit::new(&config),
@@ -133,6 +135,7 @@ pub(super) async fn run<R, W>(
         connection.registered.entry.set_principal(&principal.name);
     }
     let outcome = connection.read_loop(reader, &limits, &kick, &writer_gone).await;
+    connection.settle();
     let close = match outcome {
         Err(close) => Some(close),
         Ok(()) if stop.is_cancelled() => {
@@ -158,6 +161,10 @@ struct Connection {
     registered: Registered,
     /// The last topic this connection's publishes were counted on.
     flows: FlowCache,
+    /// Publishes counted here and not yet in the registry entry's count: added with the
+    /// traffic counts (`settle`), at the end of each read and at each QoS 1 publish, so a
+    /// connection's publishes cost its entry one atomic operation a read, not one each.
+    published: u64,
     broker: Broker,
     config: Arc<ServerConfig>,
     tx: mpsc::Sender<Outbound>,
@@ -237,7 +244,7 @@ impl Connection {
             if partial_since.is_some_and(|since| since.elapsed() > idle) {
                 return Err(Close::new(ErrorCode::IDLE_TIMEOUT, "frame left incomplete"));
             }
-            self.flows.settle();
+            self.settle();
             pool.reserve(&mut buf);
             // Without keys, a connection that says nothing meets the idle timeout, and any
             // frame but HELLO first closes it; with keys, answering pings is not enough.
@@ -283,6 +290,15 @@ impl Connection {
         }
     }
 
+    /// Adds what this connection counted since the last settle to the shared counters.
+    fn settle(&mut self) {
+        self.flows.settle();
+        let published = std::mem::take(&mut self.published);
+        if published > 0 {
+            self.registered.entry.published.fetch_add(published, Ordering::Relaxed);
+        }
+    }
+
     async fn send(&self, frame: Frame) {
         // A failed send means the writer has gone; the read loop notices on its next turn.
         let _ = self.tx.send(Outbound::Frame(frame)).await;
@@ -304,7 +320,7 @@ impl Connection {
             }
             Body::Ping => {
                 // Everything before a ping is handled, and counted.
-                self.flows.settle();
+                self.settle();
                 self.send(Frame::new(correlation, Body::Pong)).await;
             }
             Body::Pong => {}
@@ -493,10 +509,10 @@ impl Connection {
                 Some(topic) => self.config.traffic.inbound(&mut self.flows, topic, bytes),
                 None => self.flows.add(bytes),
             }
+            self.published += 1;
             if qos == Qos::AtLeastOnce {
-                self.flows.settle();
+                self.settle();
             }
-            bump(&self.registered.entry.published);
             if let Some(kept) = retain
                 && let Err(err) = self.config.retained.keep(&kept)
             {

@@ -18,6 +18,7 @@
 use std::future::poll_fn;
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncWrite, AsyncWriteExt};
@@ -29,7 +30,6 @@ use whispeer_proto::{Body, ErrorCode, Frame, Limits, OutBuf};
 use super::ServerConfig;
 use super::registry::Entry;
 use super::traffic::{FlowCache, Traffic};
-use crate::bump;
 use whispeer_core::{Drained, Message, Subscription};
 
 mod ready;
@@ -81,6 +81,9 @@ struct Writer {
     flows: FlowCache,
     /// The connection's registry entry, which counts its deliveries.
     entry: Arc<Entry>,
+    /// Deliveries in the batch, not yet in the entry's count (added before the batch is
+    /// written: one atomic operation a write, not one a delivery).
+    delivered: u64,
 }
 
 impl Writer {
@@ -113,7 +116,7 @@ impl Writer {
             Ok(()) => {
                 let bytes = message.envelope().payload.len();
                 self.traffic.outbound(&mut self.flows, message.topic(), bytes);
-                bump(&self.entry.delivered);
+                self.delivered += 1;
             }
             Err(err) => tracing::warn!(%err, sub, id = %message.id(), "delivery not sent"),
         }
@@ -193,6 +196,10 @@ impl Writer {
     async fn write(&mut self, socket: &mut (impl AsyncWrite + Unpin)) -> io::Result<()> {
         // Counted before the client can have it, so whoever it tells finds it counted.
         self.flows.settle();
+        let delivered = std::mem::take(&mut self.delivered);
+        if delivered > 0 {
+            self.entry.delivered.fetch_add(delivered, Ordering::Relaxed);
+        }
         // Vectored where the socket is: the payloads by reference go in the same `writev`.
         socket.write_all_buf(&mut self.out).await?;
         socket.flush().await
@@ -239,6 +246,7 @@ pub(super) async fn write_loop(
         traffic: Arc::clone(&config.traffic),
         flows: FlowCache::default(),
         entry,
+        delivered: 0,
     };
     let stall = config.idle_timeout();
     let mut open = true;
