@@ -1,8 +1,9 @@
 //! The SDK's connection task when a connection ends: what is published while the client
 //! reconnects waits (bounded) in the outbox and goes out on the next connection, QoS 0 and
-//! QoS 1 alike, each task's publishes in order; deliveries read before a bad frame still reach
-//! their subscription; a client that only receives pings a server that never does; one
-//! connection's many subscriptions each get their messages.
+//! QoS 1 alike, each task's publishes in order; publishes past a full outbox wait for room and
+//! arrive whole, in order; deliveries read before a bad frame still reach their subscription;
+//! a client that only receives pings a server that never does; one connection's many
+//! subscriptions each get their messages.
 
 #![expect(clippy::unwrap_used, reason = "test helpers fail loudly")]
 
@@ -78,6 +79,34 @@ async fn what_is_published_while_disconnected_goes_out_on_the_next_connection() 
     assert!(at(b"one") < at(b"three"), "{got:?}");
     assert_eq!(at(b"two") + at(b"one") + at(b"three"), 3, "each once: {got:?}");
     assert_eq!(client.stats().reconnects, 1, "counted once, not per failed attempt");
+    let _ = stop.send(());
+    soon(task).await.unwrap();
+}
+
+#[tokio::test]
+async fn publishes_past_a_full_outbox_wait_for_room_and_arrive_whole_in_order() {
+    let (addr, mut seen, stop, task) = server("127.0.0.1:0").await;
+    let mut options = ClientOptions::new(addr.to_string());
+    // Room for one frame at a time: every publish after the first waits for the last to go.
+    options.publish_buffer_bytes = 1;
+    let client = Client::connect_with(options).await.unwrap();
+    for n in 0..300u32 {
+        if n % 2 == 0 {
+            client.publish_bytes("t", n.to_be_bytes().to_vec()).await.unwrap();
+        } else {
+            client.publish("t", &n).await.unwrap();
+        }
+    }
+    client.flush().await.unwrap();
+    for n in 0..300u32 {
+        let message = soon(seen.recv()).await.unwrap();
+        let got = if n % 2 == 0 {
+            u32::from_be_bytes(message.payload()[..].try_into().unwrap())
+        } else {
+            message.decode::<u32>().unwrap()
+        };
+        assert_eq!(got, n, "in order, whole");
+    }
     let _ = stop.send(());
     soon(task).await.unwrap();
 }
