@@ -167,7 +167,9 @@ pub struct ClientSubscription<T> {
     local: VecDeque<Incoming>,
     commands: mpsc::Sender<Command>,
     settles: Option<mpsc::UnboundedSender<Settle>>,
-    engines: Arc<Engines>,
+    /// The client's engines where they can change a payload, as deliveries carry them (decided
+    /// once here, not per delivery).
+    engines: Option<Arc<Engines>>,
     /// `limits.max_message_bytes`, as deliveries carry it.
     max_message_bytes: u32,
     decode: Decode<T>,
@@ -223,6 +225,7 @@ impl<T> ClientSubscription<T> {
         let (stats, local) = (SubscriptionStats::default(), VecDeque::new());
         let (unreleased, topics) = ((0, 0), TopicCache::default());
         let max_message_bytes = u32::try_from(limits.max_message_bytes).unwrap_or(u32::MAX);
+        let engines = engines.is_active().then_some(engines);
         Self {
             sub,
             local,
@@ -302,7 +305,7 @@ impl<T> ClientSubscription<T> {
             let ack_to = self.settles.clone().map(|settles| AckTo { sub: self.sub, settles });
             match incoming.decode(&self.limits, &mut self.topics) {
                 Ok(envelope) => {
-                    let engines = self.engines.is_active().then(|| Arc::clone(&self.engines));
+                    let engines = self.engines.clone();
                     return Poll::Ready(Some(Delivery {
                         envelope,
                         engines,
