@@ -181,8 +181,10 @@ impl Shared {
             // subscribed.
             let admit =
                 |topic: &str, subscribed| self.admit(topic, Check::UnlessSubscribed, subscribed);
-            return self.route(id, topic, None, Scope::All, admit, |_, topic| {
-                Envelope::new(id, topic.clone(), timestamp_ms, flags, payload)
+            return self.fan_out(id, topic, Scope::All, admit, |_, matches| {
+                let envelope =
+                    Envelope::new(id, matches.topic.clone(), timestamp_ms, flags, payload);
+                Message::from_spare(envelope, matches.len(), self.engines.clone(), None)
             });
         }
         let topic = Topic::parse_with(topic, limits)?;
