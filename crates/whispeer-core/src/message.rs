@@ -98,7 +98,8 @@ impl Message {
         Self { inner: Arc::new(inner) }
     }
 
-    /// Like [`Message::new`], for a publish in this process: made in a spare allocation if
+    /// Like [`Message::new`], for a publish in this process on the plain path (see
+    /// `Shared::routes_plainly`): made in a spare allocation if
     /// [`SPARES`] has one, and put back there when let go on another thread. A publisher
     /// thread that only allocates and subscriber workers that only free is the pattern spares
     /// serve; an envelope from elsewhere (a server connection decodes it on one runtime worker
