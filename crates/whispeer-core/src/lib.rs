@@ -36,6 +36,7 @@
 
 mod bridge;
 mod broker;
+mod budget;
 mod delivery;
 mod dispatch;
 mod error;
@@ -58,6 +59,7 @@ pub use broker::{
     Broker, BrokerBuilder, DurableInfo, Extension, HISTORY_PAGE_BYTES, HistoryError, HistoryPage,
     Persistence, Service, SubscriptionInfo, TopicInfo, TypedTopic, Unconfirmed,
 };
+pub use budget::ByteBudget;
 pub use delivery::Redelivery;
 pub use dispatch::Drained;
 pub use error::{BindError, BuildError, Error, PublishError, SubscribeError};
@@ -65,7 +67,7 @@ pub use message::{DeadLetter, Message};
 pub use options::{BrokerOptions, SubscribeOptions};
 pub use plugin::{LoggingPlugin, Plugin, Rejection};
 pub use publish::{PublishOptions, PublishReceipt};
-pub use queue::{ByteBudget, SlowConsumer};
+pub use queue::SlowConsumer;
 pub use retention::Retention;
 pub use shared::{MAX_QUEUE_CAPACITY, Running};
 pub use stats::{BrokerStats, SubscriptionStats};

@@ -6,8 +6,9 @@ use std::time::Duration;
 use whispeer_engines::Codec;
 use whispeer_proto::{Filter, Limits, Qos, StartAt};
 
+use crate::budget::ByteBudget;
 use crate::delivery::Redelivery;
-use crate::queue::{ByteBudget, SlowConsumer};
+use crate::queue::SlowConsumer;
 use crate::retention::Retention;
 use crate::store::Durability;
 

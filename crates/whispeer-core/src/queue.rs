@@ -31,6 +31,7 @@ use std::task::{Context, Poll, Waker};
 use whispeer_proto::{Filter, Topic};
 
 use crate::Message;
+use crate::budget::ByteBudget;
 
 /// What happens when a message arrives for a subscriber whose queue is full.
 #[non_exhaustive]
@@ -54,110 +55,11 @@ pub enum SlowConsumer {
 const COUNT_SHIFT: u32 = 40;
 const COUNT_ONE: u64 = 1 << COUNT_SHIFT;
 const BYTES_MASK: u64 = COUNT_ONE - 1;
-/// Where a budget's count of queues holding bytes starts in its `load` word (the bytes below, as
-/// in a queue's, up to 1 TiB held); up to 2^24 queues.
-const HOLDER_SHIFT: u32 = COUNT_SHIFT;
-const HOLDER_ONE: u64 = 1 << HOLDER_SHIFT;
 
 /// What a queued message counts against the byte bound: its payload and a fixed allowance for
 /// the envelope and bookkeeping.
 fn weight(message: &Message) -> usize {
     message.payload().len() + 256
-}
-
-/// A byte budget shared by several queues: together they hold at most `max` bytes (payloads plus
-/// 256 per message), each queue still bounded by its own limits too. Cloning shares the budget.
-/// It is shared fairly: a queue holding more than its share (`max` over the queues holding
-/// bytes) meets its policy once the budget is seven-eighths full, so queues that are read keep
-/// the last eighth.
-///
-/// ```
-/// use whispeer_core::{ByteBudget, SubscribeOptions};
-/// let connection = ByteBudget::new(8 << 20);
-/// let a = SubscribeOptions::new("a/#").budget(connection.clone());
-/// let b = SubscribeOptions::new("b/#").budget(connection);
-/// # let _ = (a, b);
-/// ```
-#[derive(Clone, Debug)]
-pub struct ByteBudget {
-    inner: Arc<BudgetInner>,
-}
-
-#[derive(Debug)]
-struct BudgetInner {
-    /// The bytes charged to it (below `HOLDER_SHIFT`) and the queues holding some of them
-    /// (from `HOLDER_SHIFT` up; directly or through a budget within it): one atomic operation
-    /// a push or a pop.
-    load: AtomicU64,
-    max: usize,
-    /// A larger budget this one draws on too (a server's, for each connection's).
-    parent: Option<ByteBudget>,
-}
-
-impl ByteBudget {
-    /// A budget of `max` bytes.
-    pub fn new(max: usize) -> Self {
-        Self::with_parent(max, None)
-    }
-
-    /// A budget of `max` bytes that also draws on `parent`: what its queues hold counts in
-    /// both, and a message that would pass either bound meets the queue's policy. A server
-    /// gives each connection one within the budget of all its connections.
-    pub fn within(max: usize, parent: &Self) -> Self {
-        Self::with_parent(max, Some(parent.clone()))
-    }
-
-    fn with_parent(max: usize, parent: Option<Self>) -> Self {
-        Self { inner: Arc::new(BudgetInner { load: AtomicU64::new(0), max, parent }) }
-    }
-
-    /// Charges `weight` bytes of a queue that held none before when `first`.
-    fn add(&self, weight: usize, first: bool) {
-        let holder = if first { HOLDER_ONE } else { 0 };
-        self.inner.load.fetch_add(weight as u64 + holder, Ordering::AcqRel);
-        if let Some(parent) = &self.inner.parent {
-            parent.add(weight, first);
-        }
-    }
-
-    /// Gives back `weight` bytes of a queue that holds none after when `last`.
-    fn sub(&self, weight: usize, last: bool) {
-        let holder = if last { HOLDER_ONE } else { 0 };
-        self.inner.load.fetch_sub(weight as u64 + holder, Ordering::AcqRel);
-        if let Some(parent) = &self.inner.parent {
-            parent.sub(weight, last);
-        }
-    }
-
-    /// Bytes held now by the queues sharing it.
-    pub fn used(&self) -> usize {
-        (self.inner.load.load(Ordering::Acquire) & BYTES_MASK) as usize
-    }
-
-    #[cfg(test)]
-    fn holders(&self) -> usize {
-        (self.inner.load.load(Ordering::Acquire) >> HOLDER_SHIFT) as usize
-    }
-
-    /// The bound.
-    pub fn max(&self) -> usize {
-        self.inner.max
-    }
-
-    /// Whether a queue holding `queued` bytes may not take `weight` more. Shared fairly: a
-    /// queue past its share (the bound over the queues holding bytes) may fill the budget to
-    /// seven eighths only, so the last eighth stays for queues under their share — subscribers
-    /// that read keep getting messages while stalled ones hold the rest.
-    fn would_exceed(&self, queued: usize, weight: usize) -> bool {
-        let inner = &self.inner;
-        // One read of the word gives both the bytes and the holders.
-        let load = inner.load.load(Ordering::Acquire);
-        let (used, holders) = ((load & BYTES_MASK) as usize, (load >> HOLDER_SHIFT) as usize);
-        let share = inner.max / holders.max(1);
-        let bound = if queued + weight > share { inner.max - inner.max / 8 } else { inner.max };
-        used + weight > bound
-            || inner.parent.as_ref().is_some_and(|parent| parent.would_exceed(queued, weight))
-    }
 }
 
 /// Who waits for the next message.
@@ -437,20 +339,22 @@ impl Queue {
         }
     }
 
-    fn uncharge(&self, weight: usize) {
-        let before = self.load.fetch_sub(COUNT_ONE + weight as u64, Ordering::AcqRel);
-        if let Some(budget) = &self.budget {
-            budget.sub(weight, before & BYTES_MASK == weight as u64);
-        }
+    fn release(&self, message: &Message) {
+        self.uncharge(1, weight(message) as u64);
     }
 
-    fn release(&self, message: &Message) {
-        self.uncharge(weight(message));
+    /// Gives back the room of `count` messages of `weight` bytes in all.
+    fn uncharge(&self, count: u64, weight: u64) {
+        let before = self.load.fetch_sub(count * COUNT_ONE + weight, Ordering::AcqRel);
+        if let Some(budget) = &self.budget {
+            budget.sub(weight as usize, before & BYTES_MASK == weight);
+        }
     }
 
     /// Takes the next message, or learns that there is none yet (`Pending`, with the waker
     /// registered) or ever again (`Ready(None)`, once closed). Messages queued before the
     /// close are discarded: closing means the subscriber is gone.
+    #[inline]
     pub(crate) fn poll_pop(&self, cx: &mut Context<'_>) -> Poll<Option<Message>> {
         let mut taken = Unreleased::default();
         let popped = self.poll_pop_taking(cx, &mut taken);
@@ -511,6 +415,39 @@ impl Queue {
         }
     }
 
+    /// Hands `each` the messages there are, in order and not replayed already, until it
+    /// returns `false` or `stop` says so before the next (then `true`) or there are none (then
+    /// `false`, with `park` left to be woken), counting what it takes in `taken`: under one
+    /// take of the batch's lock, where
+    /// [`Queue::try_pop_taking`] takes it for every message. Only for a queue of one consumer
+    /// (a group's members would wait on each other's `each`); while `each` runs, a push that
+    /// must drop the oldest message drops the inbox's oldest instead (see `take_oldest`).
+    pub(crate) fn pop_each(
+        &self,
+        taken: &mut Unreleased,
+        park: Option<&Waker>,
+        stop: impl Fn() -> bool,
+        mut each: impl FnMut(Message) -> bool,
+    ) -> bool {
+        let mut batch = self.batch.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            while !batch.is_empty() {
+                if stop() {
+                    return true;
+                }
+                let Some(message) = batch.pop_front() else { break };
+                taken.count += 1;
+                taken.weight += weight(&message) as u64;
+                if !self.replayed(&message) && !each(message) {
+                    return true;
+                }
+            }
+            if !self.refill(&mut batch, park) {
+                return false;
+            }
+        }
+    }
+
     /// Takes the inbox's messages over into the (empty) `batch`, whose buffer becomes the
     /// inbox's; `false`, with `park` left to be woken, when there are none. A buffer grown by a
     /// burst past `KEEP_SLOTS` is freed once batches are small again, so an idle queue holds at
@@ -545,10 +482,7 @@ impl Queue {
         if count == 0 {
             return;
         }
-        let before = self.load.fetch_sub(count * COUNT_ONE + weight, Ordering::AcqRel);
-        if let Some(budget) = &self.budget {
-            budget.sub(weight as usize, before & BYTES_MASK == weight);
-        }
+        self.uncharge(count, weight);
         self.counters.received.fetch_add(count, Ordering::Relaxed);
     }
 

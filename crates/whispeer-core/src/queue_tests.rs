@@ -51,6 +51,72 @@ fn a_reader_keeps_its_messages_while_stalled_queues_hold_the_shared_budget() {
     assert_eq!(server.holders(), 0, "every holder gone");
 }
 
+#[test]
+fn a_connections_budget_draws_on_the_servers_in_chunks_and_gives_all_back() {
+    // A server's budget large enough for chunks: 4 MiB over one connection drawing on it is
+    // 64 KiB ahead at most.
+    let server = ByteBudget::new(4 << 20);
+    let connection = ByteBudget::within(1 << 20, &server);
+    let q = queue(&connection);
+    let weight = 1024 + 256;
+    let mut draws = 0;
+    for n in 0..100 {
+        let before = server.used();
+        q.push(message(n, 1024));
+        let (held, drawn) = (connection.used(), server.used());
+        assert_eq!(held, (n as usize + 1) * weight);
+        assert!(drawn >= held && drawn <= held + 2 * 64 * 1024, "{drawn} drawn for {held}");
+        draws += usize::from(drawn != before);
+    }
+    // The server's word moved a few times for the hundred charges, not a hundred.
+    assert!(draws <= 3, "{draws} draws");
+    let mut taken = Unreleased::default();
+    for _ in 0..60 {
+        assert!(q.try_pop_taking(&mut taken).is_some());
+    }
+    q.give_back(&mut taken);
+    let (held, drawn) = (connection.used(), server.used());
+    assert_eq!(held, 40 * weight);
+    assert!(drawn >= held && drawn <= held + 2 * 64 * 1024, "{drawn} drawn for {held}");
+    while q.try_pop().is_some() {}
+    assert_eq!((connection.used(), server.used(), server.holders()), (0, 0, 0), "all given back");
+}
+
+#[test]
+fn budgets_drawing_in_chunks_from_many_threads_end_with_nothing_drawn() {
+    // Room for all: nothing is dropped, so each consumer gets every message.
+    let server = ByteBudget::new(1 << 30);
+    let connections: Vec<ByteBudget> =
+        (0..4).map(|_| ByteBudget::within(256 << 20, &server)).collect();
+    let queues: Vec<Arc<Queue>> =
+        connections.iter().flat_map(|c| [Arc::new(queue(c)), Arc::new(queue(c))]).collect();
+    std::thread::scope(|scope| {
+        for (i, q) in queues.iter().enumerate() {
+            // A producer and a consumer a queue: charges and releases on one connection's
+            // budget race from four threads.
+            scope.spawn(move || {
+                for n in 0..20_000 {
+                    q.push(message(n, 16 * (i + 1)));
+                }
+            });
+            scope.spawn(move || {
+                let mut got = 0;
+                while got < 20_000 {
+                    match q.try_pop() {
+                        Some(_) => got += 1,
+                        None => std::thread::yield_now(),
+                    }
+                }
+            });
+        }
+    });
+    assert!(connections.iter().all(|c| c.used() == 0));
+    // A race may leave a chunk drawn until the next charge; a budget gone gives it back.
+    drop(queues);
+    drop(connections);
+    assert_eq!((server.used(), server.holders()), (0, 0));
+}
+
 fn plain(capacity: usize) -> Queue {
     Queue::new(Filter::parse("t").unwrap(), capacity, usize::MAX, SlowConsumer::DropOldest)
 }
@@ -195,4 +261,49 @@ fn closing_wakes_a_parked_consumer() {
     queue.close();
     assert_eq!(woken(&count), 1);
     assert!(matches!(queue.poll_pop(&mut cx), Poll::Ready(None)));
+}
+
+#[test]
+fn handing_out_in_one_take_keeps_order_stops_when_told_and_parks_when_dry() {
+    let queue = plain(1024);
+    for n in 0..10 {
+        queue.push(message(n, 8));
+    }
+    let (mut taken, mut seen) = (Unreleased::default(), Vec::new());
+    // Stopped by `each` after four: their room is still held until given back.
+    let stopped = queue.pop_each(
+        &mut taken,
+        None,
+        || false,
+        |m| {
+            seen.push(id(&m));
+            seen.len() < 4
+        },
+    );
+    assert!(stopped);
+    assert_eq!((seen.as_slice(), queue.len()), (&[0, 1, 2, 3][..], 10));
+    queue.give_back(&mut taken);
+    assert_eq!(queue.len(), 6);
+    // Stopped by `stop` before the next: nothing more taken.
+    assert!(queue.pop_each(&mut taken, None, || true, |_| panic!("none to take")));
+    assert_eq!(queue.len(), 6);
+    // Run dry with a waker: everything in order, and the next push wakes it.
+    let (count, waker) = counting();
+    seen.clear();
+    let stopped = queue.pop_each(
+        &mut taken,
+        Some(&waker),
+        || false,
+        |m| {
+            seen.push(id(&m));
+            true
+        },
+    );
+    assert!(!stopped);
+    assert_eq!((seen, taken.count), (vec![4, 5, 6, 7, 8, 9], 6));
+    queue.give_back(&mut taken);
+    assert_eq!(queue.len(), 0);
+    assert_eq!(woken(&count), 0);
+    queue.push(message(10, 8));
+    assert_eq!(woken(&count), 1);
 }

@@ -192,6 +192,9 @@ impl Consumer {
         let queue = &*self.queue;
         // Given back when this returns, or if `each` panics.
         let mut unreleased = GiveBack { queue, taken: Unreleased::default() };
+        if queue.group.is_none() {
+            return self.drain_one_consumer(cx, &mut unreleased.taken, each);
+        }
         loop {
             if self.has_left() {
                 return if cx.is_some() { Drained::Ended } else { Drained::Empty };
@@ -211,6 +214,46 @@ impl Consumer {
                 Poll::Ready(None) => return Drained::Ended,
                 Poll::Pending => return Drained::Empty,
             }
+        }
+    }
+
+    /// [`Consumer::drain`] of a queue with one consumer under QoS 0: the messages handed out
+    /// under one take of the queue's batch (see [`Queue::pop_each`]).
+    fn drain_one_consumer(
+        &self,
+        mut cx: Option<&mut Context<'_>>,
+        taken: &mut Unreleased,
+        mut each: impl FnMut(&Queue, Taken) -> bool,
+    ) -> Drained {
+        let queue = &*self.queue;
+        if self.has_left() || queue.is_closed() {
+            return if cx.is_some() { Drained::Ended } else { Drained::Empty };
+        }
+        let mut expired = 0;
+        let park = cx.as_deref_mut().map(|cx| cx.waker());
+        let stopped = queue.pop_each(
+            taken,
+            park,
+            || self.has_left(),
+            |message| {
+                if message.has_expired() {
+                    expired += 1;
+                    return true;
+                }
+                each(queue, Taken { message, attempt: 1 })
+            },
+        );
+        if expired > 0 {
+            self.count_expired(expired);
+        }
+        match (stopped, self.has_left()) {
+            (_, true) if cx.is_some() => Drained::Ended,
+            (_, true) => Drained::Empty,
+            (true, false) => Drained::More,
+            // Parked under the inbox's lock, as `poll_pop_taking` does: a close before it is
+            // seen here, one after it wakes the waker.
+            (false, false) if cx.is_some() && queue.is_closed() => Drained::Ended,
+            (false, false) => Drained::Empty,
         }
     }
 
