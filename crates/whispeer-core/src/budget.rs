@@ -20,8 +20,9 @@ const BYTES_MASK: u64 = HOLDER_ONE - 1;
 /// at most 64 KiB and a sixty-fourth of the larger budget over the budgets drawing on it (none
 /// below 4 KiB: then exactly what it holds), and gives back what it drew past two chunks: most
 /// charges then leave the larger budget's word alone, where every core's queues would meet. So
-/// what the larger one counts is what the budgets within it drew, which is at most a
-/// thirty-second of it past what they hold.
+/// what the larger one counts is what the budgets within it drew, which is about a
+/// thirty-second of it at most past what they hold (a chunk is sized when it is drawn, by the
+/// budgets drawing then).
 ///
 /// ```
 /// use whispeer_core::{ByteBudget, SubscribeOptions};
