@@ -418,10 +418,10 @@ impl Queue {
     /// Hands `each` the messages there are, in order and not replayed already, until it
     /// returns `false` or `stop` says so before the next (then `true`) or there are none (then
     /// `false`, with `park` left to be woken), counting what it takes in `taken`: under one
-    /// take of the batch's lock, where
-    /// [`Queue::try_pop_taking`] takes it for every message. Only for a queue of one consumer
-    /// (a group's members would wait on each other's `each`); while `each` runs, a push that
-    /// must drop the oldest message drops the inbox's oldest instead (see `take_oldest`).
+    /// take of the batch's lock, where [`Queue::try_pop_taking`] takes it for every message.
+    /// Only for a queue of one consumer (a group's members would wait on each other's `each`);
+    /// while `each` runs, a push that must drop the oldest message drops the inbox's oldest
+    /// instead (see `take_oldest`).
     pub(crate) fn pop_each(
         &self,
         taken: &mut Unreleased,
