@@ -50,6 +50,7 @@ mod retention;
 mod router;
 mod runtime;
 mod shared;
+mod staging;
 mod stats;
 mod store;
 mod subscription;
@@ -70,6 +71,7 @@ pub use publish::{PublishOptions, PublishReceipt};
 pub use queue::SlowConsumer;
 pub use retention::Retention;
 pub use shared::{MAX_QUEUE_CAPACITY, Running};
+pub use staging::PushBatch;
 pub use stats::{BrokerStats, SubscriptionStats};
 pub use store::wal::{FsyncPolicy, WalOptions};
 pub use store::{

@@ -292,6 +292,61 @@ impl Queue {
         if dropped > 0 { Pushed::DroppedOldest(dropped) } else { Pushed::Queued }
     }
 
+    /// Whether pushes to this queue may be held back and made together ([`crate::PushBatch`]):
+    /// under `DropOldest` a push always queues, so its publisher needs no answer from it.
+    pub(crate) fn takes_batches(&self) -> bool {
+        self.policy == SlowConsumer::DropOldest
+    }
+
+    /// [`Queue::push`] of each of `messages` in order (leaving it empty), for a queue that
+    /// [takes batches](Self::takes_batches), under one take of the inbox's lock and with one
+    /// wake-up; when they all fit, charged at once. Returns how many messages were dropped to
+    /// make room (counted in the queue's own counters too). The fan-out counted them as
+    /// delivered: a queue closed meanwhile counts them as discarded with it.
+    pub(crate) fn push_all(&self, messages: &mut Vec<Message>) -> u64 {
+        if self.is_closed() {
+            if let Some(discarded) = self.discarded.get() {
+                discarded.fetch_add(messages.len() as u64, Ordering::Relaxed);
+            }
+            messages.clear();
+            return 0;
+        }
+        let weights: usize = messages.iter().map(weight).sum();
+        let mut inbox = self.inbox();
+        let mut dropped = 0;
+        if self.fit(messages.len(), weights) {
+            self.charge_all(messages.len() as u64, weights);
+            inbox.items.extend(messages.drain(..));
+        } else {
+            for message in messages.drain(..) {
+                let weight = weight(&message);
+                while self.is_full(weight) {
+                    let Some(oldest) = self.take_oldest(&mut inbox) else { break };
+                    self.release(&oldest);
+                    dropped += 1;
+                }
+                self.charge(weight);
+                inbox.items.push_back(message);
+            }
+        }
+        if dropped > 0 {
+            self.counters.dropped_oldest.fetch_add(dropped, Ordering::Relaxed);
+        }
+        let woken = inbox.waiting.take();
+        drop(inbox);
+        woken.wake();
+        dropped
+    }
+
+    /// Whether `count` more messages weighing `weights` together pass every bound as they are.
+    fn fit(&self, count: usize, weights: usize) -> bool {
+        let load = self.load.load(Ordering::Acquire);
+        let (queued, held) = (load >> COUNT_SHIFT, (load & BYTES_MASK) as usize);
+        queued + count as u64 <= self.capacity as u64
+            && held + weights <= self.max_bytes
+            && !self.budget.as_ref().is_some_and(|b| b.would_exceed(held, weights))
+    }
+
     /// A message refused by a full queue, under a policy other than `DropOldest`.
     fn refuse(&self) -> Pushed {
         match self.policy {
@@ -333,9 +388,14 @@ impl Queue {
     }
 
     fn charge(&self, weight: usize) {
-        let before = self.load.fetch_add(COUNT_ONE + weight as u64, Ordering::AcqRel);
+        self.charge_all(1, weight);
+    }
+
+    /// Charges `count` messages weighing `weights` together.
+    fn charge_all(&self, count: u64, weights: usize) {
+        let before = self.load.fetch_add(count * COUNT_ONE + weights as u64, Ordering::AcqRel);
         if let Some(budget) = &self.budget {
-            budget.add(weight, before & BYTES_MASK == 0);
+            budget.add(weights, before & BYTES_MASK == 0);
         }
     }
 

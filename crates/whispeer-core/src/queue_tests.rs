@@ -307,3 +307,38 @@ fn handing_out_in_one_take_keeps_order_stops_when_told_and_parks_when_dry() {
     queue.push(message(10, 8));
     assert_eq!(woken(&count), 1);
 }
+
+#[test]
+fn a_pushed_batch_keeps_its_order_wakes_once_and_drops_the_oldest_past_the_bound() {
+    let (queue, (count, waker)) = (plain(4), counting());
+    let mut cx = Context::from_waker(&waker);
+    assert!(queue.poll_pop(&mut cx).is_pending());
+    // Fits: charged together, one wake-up.
+    let mut batch: Vec<Message> = (0..3).map(|n| message(n, 8)).collect();
+    assert_eq!(queue.push_all(&mut batch), 0);
+    assert!(batch.is_empty());
+    assert_eq!((queue.len(), woken(&count)), (3, 1));
+    // Past the bound of 4: the oldest give way one by one, as single pushes would.
+    let mut batch: Vec<Message> = (3..9).map(|n| message(n, 8)).collect();
+    assert_eq!(queue.push_all(&mut batch), 5);
+    let left: Vec<u128> = std::iter::from_fn(|| queue.try_pop()).map(|m| id(&m)).collect();
+    assert_eq!(left, vec![5, 6, 7, 8]);
+    assert_eq!(queue.counters.dropped_oldest.load(Ordering::Relaxed), 5);
+    assert_eq!(queue.len(), 0);
+    // A closed queue takes nothing.
+    queue.close();
+    let mut batch = vec![message(9, 8)];
+    assert_eq!(queue.push_all(&mut batch), 0);
+    assert!(batch.is_empty() && queue.try_pop().is_none());
+}
+
+#[test]
+fn a_pushed_batch_within_a_shared_budget_charges_it_and_gives_it_back() {
+    let budget = ByteBudget::new(1 << 20);
+    let queue = queue(&budget);
+    let mut batch: Vec<Message> = (0..10).map(|n| message(n, 100)).collect();
+    assert_eq!(queue.push_all(&mut batch), 0);
+    assert_eq!(budget.used(), 10 * (100 + 256));
+    assert_eq!(std::iter::from_fn(|| queue.try_pop()).count(), 10);
+    assert_eq!(budget.used(), 0);
+}

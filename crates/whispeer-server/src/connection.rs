@@ -17,8 +17,8 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use whispeer_proto::{
-    Body, Envelope, ErrorCode, Filter, Frame, Limits, PROTOCOL_VERSION, Qos, ReadPool, StartAt,
-    Topic, TopicCache,
+    Body, ErrorCode, Filter, Frame, Limits, PROTOCOL_VERSION, Qos, ReadPool, StartAt, Topic,
+    TopicCache,
 };
 
 use super::ServerConfig;
@@ -28,14 +28,12 @@ use super::rate::RateLimit;
 use super::registry::{Connections, Registered};
 #[cfg(feature = "mqtt")]
 use super::retained::ONE_CLIENT_GROUP;
-use super::retained::{Full, Retained};
 use super::traffic::FlowCache;
 use super::writer::{Outbound, write_loop};
 use crate::bump;
 #[cfg(feature = "mqtt")]
 use whispeer_core::SlowConsumer;
-use whispeer_core::{Acker, Broker, ByteBudget, PublishError, PublishReceipt, SubscribeOptions};
-use whispeer_proto::header::RESPONSE_TOPIC;
+use whispeer_core::{Acker, Broker, ByteBudget, SubscribeOptions};
 
 /// Capability bit in `Welcome`: the server requires `Auth`.
 const CAP_AUTH_REQUIRED: u32 = 1;
@@ -204,17 +202,9 @@ impl Connection {
         loop {
             let mut progressed = false;
             loop {
-                match Frame::decode_cached(&mut buf, limits, &mut topics) {
-                    // The common case without a trip through `handle`.
-                    Ok(Some(Frame { correlation, body: Body::Publish { qos, envelope } }))
-                        if self.greeted && self.principal.is_some() =>
-                    {
-                        progressed = true;
-                        if let Some(reply) = self.publish(correlation, qos, envelope) {
-                            self.send(reply).await;
-                        }
-                    }
-                    Ok(Some(frame)) => {
+                match self.publish_read(&mut buf, limits, &mut topics, &mut progressed) {
+                    Ok(Some(Next::Reply(reply))) => self.send(reply).await,
+                    Ok(Some(Next::Frame(frame))) => {
                         progressed = true;
                         self.handle(frame).await?;
                     }
@@ -466,84 +456,6 @@ impl Connection {
         }
     }
 
-    /// PUBLISH, once the principal may write the topic and the rate limit allows it; returns
-    /// the reply to send now, if any. Not `async`: a publish is the frame a connection sees
-    /// most, and an `async fn` this size costs a copy of its state.
-    fn publish(&mut self, correlation: u32, qos: Qos, envelope: Envelope) -> Option<Frame> {
-        // A reserved topic is refused as such by the broker, whoever publishes.
-        if !envelope.topic.is_reserved() && !self.may_publish(&envelope.topic) {
-            bump(&self.config.access.denied_publish);
-            let message = format!("not allowed to publish to {}", envelope.topic);
-            return Some(error_frame(correlation, ErrorCode::FORBIDDEN, message));
-        }
-        if !self.admit(envelope.payload.len()) {
-            bump(&self.config.access.rate_limited);
-            let message = RateLimit::refusal(&self.config);
-            return Some(error_frame(correlation, ErrorCode::LIMIT_REACHED, message));
-        }
-        let retain = Retained::wanted(&envelope).then(|| envelope.clone());
-        if let Some(kept) = &retain {
-            let (max, bytes) = (self.config.max_retained, self.config.max_retained_bytes);
-            if let Err(Full(message)) = self.config.retained.admit(kept, max, bytes) {
-                return Some(error_frame(correlation, ErrorCode::LIMIT_REACHED, message));
-            }
-        }
-        let bytes = envelope.payload.len();
-        let request = qos == Qos::AtLeastOnce && envelope.headers.get(RESPONSE_TOPIC).is_some();
-        // A copy of the topic only where the traffic counter does not hold it already (it
-        // mostly does: the connection's last topic), or a request may need it to refuse.
-        let counted = self.flows.holds(&envelope.topic, true);
-        let topic = (!counted || request).then(|| envelope.topic.clone());
-        let published = self.broker.publish_envelope(envelope);
-        // A request nothing took (known here only when no other node or store is involved).
-        if let Ok(receipt) = &published
-            && let Some(topic) = topic.as_ref().filter(|_| request)
-            && receipt.subscribers == 0
-            && !receipt.is_durable_pending()
-        {
-            let message = format!("nothing subscribes to {topic}");
-            return Some(error_frame(correlation, ErrorCode::NO_RESPONDERS, message));
-        }
-        if published.is_ok() {
-            match &topic {
-                Some(topic) => self.config.traffic.inbound(&mut self.flows, topic, bytes),
-                None => self.flows.add(bytes),
-            }
-            self.published += 1;
-            if qos == Qos::AtLeastOnce {
-                self.settle();
-            }
-            if let Some(kept) = retain
-                && let Err(err) = self.config.retained.keep(&kept)
-            {
-                tracing::error!(%err, topic = %kept.topic, "retained message not stored");
-                let message = format!("published, but its retained copy was not stored: {err}");
-                return Some(error_frame(correlation, ErrorCode::INTERNAL, message));
-            }
-        }
-        self.published(correlation, qos, published)
-    }
-
-    /// Replies to a publish: PUBACK for QoS 1 (once durable, for a durable topic), or why not.
-    fn published(
-        &mut self,
-        correlation: u32,
-        qos: Qos,
-        published: Result<PublishReceipt, PublishError>,
-    ) -> Option<Frame> {
-        match published {
-            Ok(receipt) if qos == Qos::AtLeastOnce && receipt.is_durable_pending() => {
-                // PUBACK once the record is durable; meanwhile the connection goes on, so
-                // concurrent publishes share one fsync (group commit).
-                self.confirmations.push(&self.broker, &self.tx, correlation, receipt);
-                None
-            }
-            Ok(_) if qos == Qos::AtLeastOnce => Some(Frame::new(correlation, Body::PubAck)),
-            Ok(_) => None,
-            Err(err) => Some(error_frame(correlation, publish_code(&err), err.to_string())),
-        }
-    }
-
     /// The acker of subscription `sub`; an unknown subscription is answered with an error, a
     /// QoS 0 one has nothing to settle.
     async fn acker(&self, correlation: u32, sub: u32) -> Option<&Acker> {
@@ -590,6 +502,8 @@ impl Connection {
 mod access;
 mod codes;
 mod confirm;
+mod publish;
 
-use codes::{frame_name, publish_code, subscribe_code};
+use codes::{frame_name, subscribe_code};
 use confirm::Confirmations;
+use publish::Next;

@@ -13,6 +13,7 @@ use crate::message::Message;
 use crate::publish::PublishReceipt;
 use crate::queue::Queue;
 use crate::router::{Matches, Routed, SubId};
+use crate::staging;
 use crate::stats::bump;
 
 impl Shared {
@@ -73,6 +74,11 @@ impl Shared {
                 // The last subscriber takes the publisher's reference instead of a clone.
                 let next = if routes.peek().is_some() { message.clone() } else { message.take() };
                 let Some(next) = next else { break };
+                // Within a `PushBatch`, left with it for the queue (it always queues).
+                let Err(next) = staging::hold(&route.queue, &self.counters, next) else {
+                    tally.delivered += 1;
+                    continue;
+                };
                 if tally.record(route.queue.push(next), &self.counters) {
                     disconnected.push((route.id, Arc::clone(&route.queue)));
                 }

@@ -1,0 +1,237 @@
+//! Pushes held back while a thread publishes a batch, then made queue by queue.
+//!
+//! A server connection's reader publishes every message one read brought in, one after the
+//! other, before it waits for the socket again. Each publish offered its message to each
+//! matching queue at once: one take of that queue's lock, one charge of its bounds and one
+//! look for a parked consumer a message and a queue. While a [`PushBatch`] lives on the
+//! thread, a fan-out leaves the message with the batch instead (for a queue under
+//! `DropOldest`, where a push always queues), and the batch pushes each queue's messages
+//! together when it ends: in the order they were published, under one lock, with one charge
+//! when they fit, and one wake-up. So a consumer also finds them together.
+//!
+//! The batch is bounded: past [`MOST_MESSAGES`] messages or [`MOST_QUEUES`] queues it pushes
+//! what it holds and starts again, so a read that fans out widely neither holds much nor
+//! searches long. It cannot outlive an `.await` in a task that may move between threads (it
+//! is not `Send`), so held-back messages never wait on anything but the publishes of the
+//! same synchronous stretch.
+
+use std::cell::RefCell;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use crate::Message;
+use crate::queue::Queue;
+use crate::stats::BrokerCounters;
+
+/// Most messages a batch holds back before it pushes them.
+pub(crate) const MOST_MESSAGES: usize = 4096;
+/// Most queues a batch holds messages for before it pushes them.
+pub(crate) const MOST_QUEUES: usize = 64;
+
+thread_local! {
+    static STAGED: RefCell<Staged> = const { RefCell::new(Staged::new()) };
+}
+
+/// One queue's held-back messages, and the broker counters its evictions count in.
+struct Held {
+    queue: Arc<Queue>,
+    counters: Arc<BrokerCounters>,
+    messages: Vec<Message>,
+}
+
+/// The thread's batch.
+struct Staged {
+    /// Batches begun and not ended on this thread (the outermost ends it).
+    depth: usize,
+    held: Vec<Held>,
+    messages: usize,
+    /// Emptied message lists kept for the next queues.
+    spare: Vec<Vec<Message>>,
+}
+
+impl Staged {
+    const fn new() -> Self {
+        Self { depth: 0, held: Vec::new(), messages: 0, spare: Vec::new() }
+    }
+
+    fn hold(&mut self, queue: &Arc<Queue>, counters: &Arc<BrokerCounters>, message: Message) {
+        self.messages += 1;
+        if let Some(held) = self.held.iter_mut().find(|held| Arc::ptr_eq(&held.queue, queue)) {
+            held.messages.push(message);
+            return;
+        }
+        let mut messages = self.spare.pop().unwrap_or_default();
+        messages.push(message);
+        let (queue, counters) = (Arc::clone(queue), Arc::clone(counters));
+        self.held.push(Held { queue, counters, messages });
+    }
+
+    fn full(&self) -> bool {
+        self.messages >= MOST_MESSAGES || self.held.len() >= MOST_QUEUES
+    }
+}
+
+/// Leaves `message` for `queue` with the thread's batch, if one is begun and the queue takes
+/// batches; otherwise hands it back to be pushed now.
+pub(crate) fn hold(
+    queue: &Arc<Queue>,
+    counters: &Arc<BrokerCounters>,
+    message: Message,
+) -> Result<(), Message> {
+    if !queue.takes_batches() {
+        return Err(message);
+    }
+    let full = STAGED.with(|staged| {
+        let Ok(mut staged) = staged.try_borrow_mut() else { return Err(message) };
+        if staged.depth == 0 {
+            return Err(message);
+        }
+        staged.hold(queue, counters, message);
+        Ok(staged.full())
+    })?;
+    if full {
+        push_held();
+    }
+    Ok(())
+}
+
+/// Pushes everything the thread's batch holds, queue by queue. The lists are taken out first:
+/// a wake-up runs outside the batch's borrow.
+fn push_held() {
+    let mut held = STAGED.with(|staged| {
+        let mut staged = staged.borrow_mut();
+        staged.messages = 0;
+        std::mem::take(&mut staged.held)
+    });
+    if held.is_empty() {
+        return;
+    }
+    let mut spare = Vec::with_capacity(held.len());
+    for Held { queue, counters, mut messages } in held.drain(..) {
+        let dropped = queue.push_all(&mut messages);
+        if dropped > 0 {
+            counters.dropped_oldest.fetch_add(dropped, Ordering::Relaxed);
+        }
+        spare.push(messages);
+    }
+    STAGED.with(|staged| {
+        let mut staged = staged.borrow_mut();
+        // The list of queues keeps its room for the next batch.
+        if staged.held.is_empty() {
+            staged.held = held;
+        }
+        staged.spare.extend(spare.into_iter().filter(|m| m.capacity() <= MOST_MESSAGES));
+        staged.spare.truncate(MOST_QUEUES);
+    });
+}
+
+/// While it lives, publishes made on this thread leave their messages for queues under
+/// `SlowConsumer::DropOldest` with it, and it pushes them when dropped, each queue's
+/// together (see the module documentation). A publish's receipt counts such a message as
+/// delivered, as a push to such a queue always is.
+///
+/// For a loop that publishes many messages before it waits: a server connection's reader
+/// holds one for each read. Not `Send`: it ends before its task awaits. Batches nest (the
+/// outermost pushes).
+#[derive(Debug)]
+pub struct PushBatch {
+    _not_send: PhantomData<*const ()>,
+}
+
+impl PushBatch {
+    /// Begins holding back this thread's pushes.
+    #[must_use = "the batch pushes what it holds when it is dropped"]
+    pub fn begin() -> Self {
+        STAGED.with(|staged| staged.borrow_mut().depth += 1);
+        Self { _not_send: PhantomData }
+    }
+}
+
+impl Drop for PushBatch {
+    fn drop(&mut self) {
+        let outermost = STAGED.with(|staged| {
+            let mut staged = staged.borrow_mut();
+            staged.depth -= 1;
+            staged.depth == 0
+        });
+        if outermost {
+            push_held();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::{Broker, BrokerOptions, SlowConsumer, SubscribeOptions};
+
+    fn ids(sub: &mut crate::Subscription<Message>) -> Vec<u8> {
+        std::iter::from_fn(|| sub.try_recv()).map(|m| m.payload()[0]).collect()
+    }
+
+    #[test]
+    fn a_batch_holds_pushes_to_drop_oldest_queues_until_it_ends() {
+        let broker = Broker::builder(BrokerOptions::default()).build();
+        let mut held = broker.messages(SubscribeOptions::new("t")).unwrap();
+        let mut failing = broker
+            .messages(SubscribeOptions::new("t").slow_consumer(SlowConsumer::FailPublish))
+            .unwrap();
+        let batch = PushBatch::begin();
+        for n in 0..5u8 {
+            let receipt = broker.publish_bytes("t", Bytes::from(vec![n])).unwrap();
+            assert_eq!(receipt.subscribers, 2, "a held push counts as delivered");
+        }
+        // Nested: only the outermost batch pushes.
+        drop(PushBatch::begin());
+        assert_eq!(ids(&mut held), Vec::<u8>::new(), "held until the batch ends");
+        // A queue whose policy must answer the publisher is pushed at once.
+        assert_eq!(ids(&mut failing), vec![0, 1, 2, 3, 4]);
+        drop(batch);
+        assert_eq!(ids(&mut held), vec![0, 1, 2, 3, 4]);
+        // Without a batch, pushes are made at once again.
+        broker.publish_bytes("t", Bytes::from(vec![5])).unwrap();
+        assert_eq!(ids(&mut held), vec![5]);
+        assert_eq!(broker.stats().deliveries, 12);
+    }
+
+    #[test]
+    fn messages_held_for_a_subscription_gone_before_the_push_count_as_discarded() {
+        let broker = Broker::builder(BrokerOptions::default()).build();
+        let gone = broker.messages(SubscribeOptions::new("t")).unwrap();
+        let batch = PushBatch::begin();
+        for n in 0..3u8 {
+            broker.publish_bytes("t", Bytes::from(vec![n])).unwrap();
+        }
+        drop(gone);
+        drop(batch);
+        let stats = broker.stats();
+        assert_eq!((stats.deliveries, stats.discarded), (3, 3), "every delivery accounted for");
+    }
+
+    #[test]
+    fn a_full_batch_pushes_what_it_holds_and_counts_what_the_bound_drops() {
+        let broker = Broker::builder(BrokerOptions::default()).build();
+        let mut small = broker.messages(SubscribeOptions::new("t").capacity(2)).unwrap();
+        let mut large =
+            broker.messages(SubscribeOptions::new("t").capacity(2 * MOST_MESSAGES)).unwrap();
+        let batch = PushBatch::begin();
+        // Two queues: the batch is full after half as many publishes as it holds messages.
+        for n in 0..MOST_MESSAGES / 2 {
+            broker.publish_bytes("t", Bytes::from(vec![(n % 251) as u8])).unwrap();
+        }
+        assert_eq!(ids(&mut large).len(), MOST_MESSAGES / 2, "pushed once full");
+        broker.publish_bytes("t", Bytes::from(vec![0xFE])).unwrap();
+        assert_eq!(ids(&mut large), Vec::<u8>::new());
+        drop(batch);
+        assert_eq!(ids(&mut large), vec![0xFE]);
+        // Its bound of two kept the latest, the oldest dropped and counted.
+        let last = ((MOST_MESSAGES / 2 - 1) % 251) as u8;
+        assert_eq!(ids(&mut small), vec![last, 0xFE]);
+        let dropped = (MOST_MESSAGES / 2 + 1 - 2) as u64;
+        assert_eq!(broker.stats().dropped_oldest, dropped);
+        assert_eq!(small.stats().dropped_oldest, dropped);
+    }
+}

@@ -1,0 +1,134 @@
+//! PUBLISH, the frame a connection sees most: the publishes of one read go to the broker
+//! together, and each gets its reply (PUBACK, or why not).
+
+use bytes::BytesMut;
+use whispeer_core::{PublishError, PublishReceipt, PushBatch};
+use whispeer_proto::header::RESPONSE_TOPIC;
+use whispeer_proto::{Body, DecodeError, Envelope, ErrorCode, Frame, Limits, Qos, TopicCache};
+
+use super::codes::publish_code;
+use super::{Connection, error_frame};
+use crate::bump;
+use crate::rate::RateLimit;
+use crate::retained::{Full, Retained};
+
+/// What stopped [`Connection::publish_read`]: something to await.
+pub(super) enum Next {
+    /// A publish's reply to send.
+    Reply(Frame),
+    /// A frame other than a publish, to handle.
+    Frame(Frame),
+}
+
+impl Connection {
+    /// Publishes the frames of `buf` that are publishes, the common case, without a trip
+    /// through `handle`, until one needs an answer sent or is another frame (returned, to be
+    /// awaited), or `buf` holds no whole frame (`None`). Their messages reach their queues
+    /// together when it returns ([`PushBatch`]), before anything awaits.
+    pub(super) fn publish_read(
+        &mut self,
+        buf: &mut BytesMut,
+        limits: &Limits,
+        topics: &mut TopicCache,
+        progressed: &mut bool,
+    ) -> Result<Option<Next>, DecodeError> {
+        let _batch = PushBatch::begin();
+        loop {
+            match Frame::decode_cached(buf, limits, topics)? {
+                Some(Frame { correlation, body: Body::Publish { qos, envelope } })
+                    if self.greeted && self.principal.is_some() =>
+                {
+                    *progressed = true;
+                    if let Some(reply) = self.publish(correlation, qos, envelope) {
+                        return Ok(Some(Next::Reply(reply)));
+                    }
+                }
+                Some(frame) => return Ok(Some(Next::Frame(frame))),
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// PUBLISH, once the principal may write the topic and the rate limit allows it; returns
+    /// the reply to send now, if any. Not `async`: a publish is the frame a connection sees
+    /// most, and an `async fn` this size costs a copy of its state.
+    pub(super) fn publish(
+        &mut self,
+        correlation: u32,
+        qos: Qos,
+        envelope: Envelope,
+    ) -> Option<Frame> {
+        // A reserved topic is refused as such by the broker, whoever publishes.
+        if !envelope.topic.is_reserved() && !self.may_publish(&envelope.topic) {
+            bump(&self.config.access.denied_publish);
+            let message = format!("not allowed to publish to {}", envelope.topic);
+            return Some(error_frame(correlation, ErrorCode::FORBIDDEN, message));
+        }
+        if !self.admit(envelope.payload.len()) {
+            bump(&self.config.access.rate_limited);
+            let message = RateLimit::refusal(&self.config);
+            return Some(error_frame(correlation, ErrorCode::LIMIT_REACHED, message));
+        }
+        let retain = Retained::wanted(&envelope).then(|| envelope.clone());
+        if let Some(kept) = &retain {
+            let (max, bytes) = (self.config.max_retained, self.config.max_retained_bytes);
+            if let Err(Full(message)) = self.config.retained.admit(kept, max, bytes) {
+                return Some(error_frame(correlation, ErrorCode::LIMIT_REACHED, message));
+            }
+        }
+        let bytes = envelope.payload.len();
+        let request = qos == Qos::AtLeastOnce && envelope.headers.get(RESPONSE_TOPIC).is_some();
+        // A copy of the topic only where the traffic counter does not hold it already (it
+        // mostly does: the connection's last topic), or a request may need it to refuse.
+        let counted = self.flows.holds(&envelope.topic, true);
+        let topic = (!counted || request).then(|| envelope.topic.clone());
+        let published = self.broker.publish_envelope(envelope);
+        // A request nothing took (known here only when no other node or store is involved).
+        if let Ok(receipt) = &published
+            && let Some(topic) = topic.as_ref().filter(|_| request)
+            && receipt.subscribers == 0
+            && !receipt.is_durable_pending()
+        {
+            let message = format!("nothing subscribes to {topic}");
+            return Some(error_frame(correlation, ErrorCode::NO_RESPONDERS, message));
+        }
+        if published.is_ok() {
+            match &topic {
+                Some(topic) => self.config.traffic.inbound(&mut self.flows, topic, bytes),
+                None => self.flows.add(bytes),
+            }
+            self.published += 1;
+            if qos == Qos::AtLeastOnce {
+                self.settle();
+            }
+            if let Some(kept) = retain
+                && let Err(err) = self.config.retained.keep(&kept)
+            {
+                tracing::error!(%err, topic = %kept.topic, "retained message not stored");
+                let message = format!("published, but its retained copy was not stored: {err}");
+                return Some(error_frame(correlation, ErrorCode::INTERNAL, message));
+            }
+        }
+        self.published(correlation, qos, published)
+    }
+
+    /// Replies to a publish: PUBACK for QoS 1 (once durable, for a durable topic), or why not.
+    fn published(
+        &mut self,
+        correlation: u32,
+        qos: Qos,
+        published: Result<PublishReceipt, PublishError>,
+    ) -> Option<Frame> {
+        match published {
+            Ok(receipt) if qos == Qos::AtLeastOnce && receipt.is_durable_pending() => {
+                // PUBACK once the record is durable; meanwhile the connection goes on, so
+                // concurrent publishes share one fsync (group commit).
+                self.confirmations.push(&self.broker, &self.tx, correlation, receipt);
+                None
+            }
+            Ok(_) if qos == Qos::AtLeastOnce => Some(Frame::new(correlation, Body::PubAck)),
+            Ok(_) => None,
+            Err(err) => Some(error_frame(correlation, publish_code(&err), err.to_string())),
+        }
+    }
+}
