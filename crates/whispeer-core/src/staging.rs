@@ -9,9 +9,10 @@
 //! together when it ends: in the order they were published, under one lock, with one charge
 //! when they fit, and one wake-up. So a consumer also finds them together.
 //!
-//! The batch is bounded: past [`MOST_MESSAGES`] messages or [`MOST_QUEUES`] queues it pushes
-//! what it holds and starts again, so a read that fans out widely neither holds much nor
-//! searches long. It cannot outlive an `.await` in a task that may move between threads (it
+//! The batch is bounded: past [`MOST_MESSAGES`] messages it pushes what it holds and starts
+//! again; past [`MOST_QUEUES`] queues it pushes what it holds and holds nothing more until it
+//! ends (a fan-out that wide gains nothing from it, and would only search). A message's queue
+//! is looked for first after the last one found, where a topic's next publish finds it. It cannot outlive an `.await` in a task that may move between threads (it
 //! is not `Send`), so held-back messages never wait on anything but the publishes of the
 //! same synchronous stretch.
 
@@ -46,29 +47,43 @@ struct Staged {
     depth: usize,
     held: Vec<Held>,
     messages: usize,
+    /// Where in `held` the next message's queue is looked for first: the queue after the last
+    /// one found (publishes to one topic reach its queues in the same order each time).
+    next: usize,
+    /// The batch met [`MOST_QUEUES`] queues: a wide fan-out, whose pushes it no longer holds
+    /// (it would only search) until it ends.
+    wide: bool,
     /// Emptied message lists kept for the next queues.
     spare: Vec<Vec<Message>>,
 }
 
 impl Staged {
     const fn new() -> Self {
-        Self { depth: 0, held: Vec::new(), messages: 0, spare: Vec::new() }
+        Self { depth: 0, held: Vec::new(), messages: 0, next: 0, wide: false, spare: Vec::new() }
     }
 
     fn hold(&mut self, queue: &Arc<Queue>, counters: &Arc<BrokerCounters>, message: Message) {
         self.messages += 1;
-        if let Some(held) = self.held.iter_mut().find(|held| Arc::ptr_eq(&held.queue, queue)) {
-            held.messages.push(message);
+        let at = match self.held.get(self.next) {
+            Some(held) if Arc::ptr_eq(&held.queue, queue) => Some(self.next),
+            _ => self.held.iter().position(|held| Arc::ptr_eq(&held.queue, queue)),
+        };
+        if let Some(at) = at {
+            self.held[at].messages.push(message);
+            self.next = if at + 1 == self.held.len() { 0 } else { at + 1 };
             return;
         }
         let mut messages = self.spare.pop().unwrap_or_default();
         messages.push(message);
         let (queue, counters) = (Arc::clone(queue), Arc::clone(counters));
         self.held.push(Held { queue, counters, messages });
+        self.next = 0;
     }
 
-    fn full(&self) -> bool {
-        self.messages >= MOST_MESSAGES || self.held.len() >= MOST_QUEUES
+    /// Whether to push what it holds now; past [`MOST_QUEUES`], the batch turns wide.
+    fn full(&mut self) -> bool {
+        self.wide = self.held.len() >= MOST_QUEUES;
+        self.wide || self.messages >= MOST_MESSAGES
     }
 }
 
@@ -84,7 +99,7 @@ pub(crate) fn hold(
     }
     let full = STAGED.with(|staged| {
         let Ok(mut staged) = staged.try_borrow_mut() else { return Err(message) };
-        if staged.depth == 0 {
+        if staged.depth == 0 || staged.wide {
             return Err(message);
         }
         staged.hold(queue, counters, message);
@@ -101,7 +116,7 @@ pub(crate) fn hold(
 fn push_held() {
     let mut held = STAGED.with(|staged| {
         let mut staged = staged.borrow_mut();
-        staged.messages = 0;
+        (staged.messages, staged.next) = (0, 0);
         std::mem::take(&mut staged.held)
     });
     if held.is_empty() {
@@ -153,6 +168,9 @@ impl Drop for PushBatch {
         let outermost = STAGED.with(|staged| {
             let mut staged = staged.borrow_mut();
             staged.depth -= 1;
+            if staged.depth == 0 {
+                staged.wide = false;
+            }
             staged.depth == 0
         });
         if outermost {
@@ -195,6 +213,33 @@ mod tests {
         broker.publish_bytes("t", Bytes::from(vec![5])).unwrap();
         assert_eq!(ids(&mut held), vec![5]);
         assert_eq!(broker.stats().deliveries, 12);
+    }
+
+    #[test]
+    fn a_batch_that_meets_many_queues_pushes_and_holds_no_more_until_it_ends() {
+        let broker = Broker::builder(BrokerOptions::default()).build();
+        let mut subs: Vec<_> = (0..MOST_QUEUES + 6)
+            .map(|_| broker.messages(SubscribeOptions::new("t")).unwrap())
+            .collect();
+        let mut few = broker.messages(SubscribeOptions::new("u")).unwrap();
+        let batch = PushBatch::begin();
+        for n in 0..2u8 {
+            broker.publish_bytes("t", Bytes::from(vec![n])).unwrap();
+        }
+        broker.publish_bytes("u", Bytes::from(vec![9])).unwrap();
+        // Wide: every subscriber has both, in order, before the batch ends; so has one of
+        // another topic published after.
+        for sub in &mut subs {
+            assert_eq!(ids(sub), vec![0, 1]);
+        }
+        assert_eq!(ids(&mut few), vec![9]);
+        drop(batch);
+        // The next batch holds again.
+        let batch = PushBatch::begin();
+        broker.publish_bytes("u", Bytes::from(vec![10])).unwrap();
+        assert_eq!(ids(&mut few), Vec::<u8>::new());
+        drop(batch);
+        assert_eq!(ids(&mut few), vec![10]);
     }
 
     #[test]
