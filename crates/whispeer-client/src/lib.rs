@@ -42,7 +42,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::rustls;
 use whispeer_engines::{Codec, CodecError, Engines, SealError, Sealing};
 use whispeer_proto::{
-    ContentType, Envelope, ErrorCode, Filter, Flags, Headers, Limits, MessageId, Topic, TopicError,
+    ContentType, Envelope, ErrorCode, Filter, Flags, Headers, Limits, MessageId, PlainHead, Topic,
+    TopicError,
 };
 
 pub use chat::{
@@ -209,6 +210,9 @@ pub fn tls_config(
 struct Shared {
     codec: Codec,
     engines: Arc<Engines>,
+    /// Whether `engines` can change a payload (compression, encryption, rules); if not, a raw
+    /// publish is encoded from its parts (`Client::publish_plain`).
+    sealing: bool,
     max_message_bytes: usize,
     id_prefix: u64,
     next_id: AtomicU64,
@@ -225,6 +229,12 @@ thread_local! {
     /// topics, and a repeated one is shared rather than checked and allocated again. Kept per
     /// thread, it costs a publish no lock (a topic parses the same for every client).
     static LAST_TOPIC: RefCell<Option<Topic>> = const { RefCell::new(None) };
+}
+
+/// Checks that `text` is a topic: this thread's last one, or parsed (and kept).
+fn check_topic(text: &str) -> Result<(), ClientError> {
+    let known = LAST_TOPIC.with_borrow(|last| last.as_ref().is_some_and(|t| t.as_str() == text));
+    if known { Ok(()) } else { parse_topic(text).map(drop) }
 }
 
 /// `text` as a topic: this thread's last one when it is the same, else parsed (and kept).
@@ -286,9 +296,11 @@ impl Client {
         let mut prefix = [0u8; 8];
         // Only uniqueness across publishers depends on this; see the broker's identical choice.
         let _ = getrandom::fill(&mut prefix);
+        let sealing = engines.is_active();
         let shared = Arc::new(Shared {
             codec: options.codec,
             engines: Arc::new(engines),
+            sealing,
             max_message_bytes,
             id_prefix: u64::from_le_bytes(prefix),
             next_id: AtomicU64::new(1),
@@ -396,11 +408,30 @@ impl Client {
         topic: &str,
         payload: impl Into<Bytes>,
     ) -> Result<MessageId, ClientError> {
-        self.publish_sealed(
-            Qos::AtMostOnce,
-            self.envelope(topic, ContentType::Raw, payload.into())?,
-        )
-        .await
+        let payload = payload.into();
+        if !self.shared.sealing {
+            return self.publish_plain(topic, payload).await;
+        }
+        self.publish_sealed(Qos::AtMostOnce, self.envelope(topic, ContentType::Raw, payload)?).await
+    }
+
+    /// [`Client::publish_bytes`] where nothing seals a payload: encoded from its parts while
+    /// the outbox has room (the topic checked, not copied), as an envelope when it is full.
+    async fn publish_plain(&self, topic: &str, payload: Bytes) -> Result<MessageId, ClientError> {
+        check_topic(topic)?;
+        let max = self.shared.max_message_bytes;
+        if payload.len() > max {
+            return Err(ClientError::TooLarge { len: payload.len(), max });
+        }
+        let (id, timestamp_ms) = (self.next_id(), whispeer_proto::clock::now_ms());
+        let flags = Flags::with_content(ContentType::Raw);
+        let payload_len = payload.len();
+        let head = PlainHead { id, timestamp_ms, flags, topic, payload_len };
+        if !self.outbox.try_publish_plain(&head, &payload)? {
+            let envelope = Envelope::new(id, parse_topic(topic)?, timestamp_ms, flags, payload);
+            self.outbox.publish(Qos::AtMostOnce, envelope, None).await?;
+        }
+        Ok(id)
     }
 
     /// Publishes `value` with QoS 1 and waits for the server's acknowledgement

@@ -319,3 +319,28 @@ async fn one_connection_with_many_subscriptions_gets_each_its_messages() {
     let _ = stop.send(());
     task.await.unwrap();
 }
+
+#[tokio::test]
+async fn a_raw_publish_without_engines_arrives_as_its_envelope_would() {
+    let (addr, mut seen, stop, task) = server("127.0.0.1:0").await;
+    let client = Client::connect(addr.to_string()).await.unwrap();
+    let before = whispeer_client::proto::clock::now_ms();
+    let id = client.publish_bytes("t", &b"plain"[..]).await.unwrap();
+    let message = soon(seen.recv()).await.unwrap();
+    assert_eq!((message.id(), message.topic().as_str()), (id, "t"));
+    assert_eq!(&message.payload()[..], b"plain");
+    let stamped = message.envelope().timestamp_ms;
+    assert!(stamped >= before && stamped <= whispeer_client::proto::clock::now_ms());
+    assert_eq!(message.envelope().flags, Flags::with_content(ContentType::Raw));
+    // Refused before anything is encoded: the connection goes on.
+    let bad = client.publish_bytes("t/+", &b"x"[..]).await.unwrap_err();
+    assert!(matches!(bad, whispeer_client::ClientError::InvalidTopic(_)), "{bad:?}");
+    let max = Limits::default().max_message_bytes;
+    let big = client.publish_bytes("t", vec![0u8; max + 1]).await.unwrap_err();
+    assert!(matches!(big, whispeer_client::ClientError::TooLarge { .. }), "{big:?}");
+    let next = client.publish_bytes("t", &b"after"[..]).await.unwrap();
+    assert_ne!(next, id);
+    assert_eq!(&soon(seen.recv()).await.unwrap().payload()[..], b"after");
+    let _ = stop.send(());
+    soon(task).await.unwrap();
+}

@@ -424,6 +424,7 @@ pub use pool::ReadPool;
 pub use raw::{RawDeliver, RawFrame};
 use reader::Reader;
 pub use reader::TopicCache;
+pub use writer::PlainHead;
 
 #[cfg(test)]
 mod tests;

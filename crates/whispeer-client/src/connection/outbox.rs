@@ -17,8 +17,9 @@
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
+use bytes::{Bytes, BytesMut};
 use tokio::sync::{Notify, oneshot};
-use whispeer_proto::{Envelope, Frame, OutBuf, Qos};
+use whispeer_proto::{EncodeError, Envelope, Frame, OutBuf, PlainHead, Qos};
 
 use crate::ClientError;
 
@@ -109,12 +110,42 @@ impl Outbox {
         self.try_put(Qos::AtMostOnce, envelope, &mut None)
     }
 
+    /// [`Outbox::try_publish`] of a message without headers given by its parts, where the
+    /// publisher built no envelope (nothing seals its payload).
+    ///
+    /// # Errors
+    /// As [`Outbox::publish`].
+    pub(crate) fn try_publish_plain(
+        &self,
+        head: &PlainHead<'_>,
+        payload: &Bytes,
+    ) -> Result<bool, ClientError> {
+        let encode = |buf: &mut BytesMut, correlation, max| {
+            Frame::encode_plain_publish_head(buf, correlation, head, max)
+        };
+        self.try_encode(encode, payload, &mut None)
+    }
+
     /// Encodes the publish if the buffer has room (taking `ack` along), straight from the
     /// envelope: its head, then its payload (see `OutBuf::put_payload`).
     fn try_put(
         &self,
         qos: Qos,
         envelope: &Envelope,
+        ack: &mut Option<AckWaiter>,
+    ) -> Result<bool, ClientError> {
+        let encode = |buf: &mut BytesMut, correlation, max| {
+            Frame::encode_publish_head(buf, correlation, qos, envelope, max)
+        };
+        self.try_encode(encode, &envelope.payload, ack)
+    }
+
+    /// Encodes a publish's head with `encode` (given the buffer, the correlation id and the
+    /// peer's frame limit), then its payload, if the buffer has room.
+    fn try_encode(
+        &self,
+        encode: impl FnOnce(&mut BytesMut, u32, usize) -> Result<(), EncodeError>,
+        payload: &Bytes,
         ack: &mut Option<AckWaiter>,
     ) -> Result<bool, ClientError> {
         let mut state = self.lock();
@@ -127,9 +158,9 @@ impl Outbox {
         let was_empty = state.buf.is_empty();
         let correlation = PUBLISH_BIT | state.next_correlation;
         let State { buf, max_frame_bytes, vectored, .. } = &mut *state;
-        Frame::encode_publish_head(buf.frames(), correlation, qos, envelope, *max_frame_bytes)
+        encode(buf.frames(), correlation, *max_frame_bytes)
             .map_err(|err| ClientError::Protocol(err.to_string()))?;
-        buf.put_payload(&envelope.payload, *vectored);
+        buf.put_payload(payload, *vectored);
         state.next_correlation = (state.next_correlation + 1) & !PUBLISH_BIT;
         if let Some(ack) = ack.take() {
             state.acks.push((correlation, ack));

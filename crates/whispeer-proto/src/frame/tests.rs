@@ -104,6 +104,25 @@ fn a_publish_head_and_its_payload_make_the_whole_frame() {
 }
 
 #[test]
+fn a_plain_publish_from_its_parts_is_the_frame_of_its_envelope() {
+    let envelope = envelope("a/b", &[7; 300], &[]);
+    let mut whole = BytesMut::new();
+    let qos = Qos::AtMostOnce;
+    Frame::new(5, Body::Publish { qos, envelope: envelope.clone() })
+        .encode(&mut whole, usize::MAX)
+        .unwrap();
+    let head = PlainHead::of(&envelope);
+    let mut parts = BytesMut::new();
+    Frame::encode_plain_publish_head(&mut parts, 5, &head, usize::MAX).unwrap();
+    parts.extend_from_slice(&envelope.payload);
+    assert_eq!(parts, whole);
+    let mut over = BytesMut::from(&b"kept"[..]);
+    let refused = Frame::encode_plain_publish_head(&mut over, 5, &head, 300);
+    assert!(matches!(refused, Err(EncodeError::FrameTooLarge { .. })), "{refused:?}");
+    assert_eq!(&over[..], b"kept", "the payload counts against the limit");
+}
+
+#[test]
 fn a_deliver_head_and_its_payload_make_the_whole_frame() {
     let envelope = envelope("a/b", &[7; 300], &[("k", b"v")]);
     let mut whole = BytesMut::new();

@@ -5,7 +5,7 @@
 use bytes::{BufMut, BytesMut};
 
 use super::{Body, EncodeError, Frame, MAX_HEADERS};
-use crate::{Envelope, Qos};
+use crate::{Envelope, Flags, Headers, MessageId, Qos};
 
 impl Frame {
     /// Appends the encoded frame to `dst`, refusing frames over `max_frame_bytes` (the peer's
@@ -77,6 +77,23 @@ impl Frame {
         dst.put_u8(qos.to_byte());
         let written = put_envelope_head(dst, envelope);
         finish_frame_with_tail(dst, start, written, envelope.payload.len(), max_frame_bytes)
+    }
+
+    /// As [`Frame::encode_publish_head`] for a message without headers given by its parts,
+    /// where a publisher has built no [`Envelope`] (the SDK's plain QoS 0 publish).
+    ///
+    /// # Errors
+    /// As [`Frame::encode`].
+    pub fn encode_plain_publish_head(
+        dst: &mut BytesMut,
+        correlation: u32,
+        head: &PlainHead<'_>,
+        max_frame_bytes: usize,
+    ) -> Result<(), EncodeError> {
+        let start = begin_frame(dst, 0x20, correlation);
+        dst.put_u8(Qos::AtMostOnce.to_byte());
+        let written = put_head_parts(dst, head, &Headers::new());
+        finish_frame_with_tail(dst, start, written, head.payload_len, max_frame_bytes)
     }
 
     fn encode_body(&self, dst: &mut BytesMut) -> Result<(), EncodeError> {
@@ -209,21 +226,59 @@ fn put_envelope(dst: &mut BytesMut, envelope: &Envelope) -> Result<(), EncodeErr
     Ok(())
 }
 
+/// An envelope's fields before its headers, and its payload's length: what
+/// [`Frame::encode_plain_publish_head`] encodes where no [`Envelope`] was built.
+#[derive(Clone, Copy, Debug)]
+pub struct PlainHead<'a> {
+    /// The message's id.
+    pub id: MessageId,
+    /// Publish time, milliseconds since the Unix epoch.
+    pub timestamp_ms: u64,
+    /// Content type and engine bits.
+    pub flags: Flags,
+    /// The topic, already checked to be one.
+    pub topic: &'a str,
+    /// The payload's length (its bytes follow the head).
+    pub payload_len: usize,
+}
+
+impl<'a> PlainHead<'a> {
+    /// `envelope`'s head (its headers left out).
+    pub fn of(envelope: &'a Envelope) -> Self {
+        Self {
+            id: envelope.id,
+            timestamp_ms: envelope.timestamp_ms,
+            flags: envelope.flags,
+            topic: envelope.topic.as_str(),
+            payload_len: envelope.payload.len(),
+        }
+    }
+}
+
 /// The envelope up to its payload's length prefix.
 fn put_envelope_head(dst: &mut BytesMut, envelope: &Envelope) -> Result<(), EncodeError> {
-    dst.put_u128(envelope.id.0);
-    dst.put_u64(envelope.timestamp_ms);
-    dst.put_u16(envelope.flags.0);
-    put_str(dst, envelope.topic.as_str())?;
-    let count = envelope.headers.len();
+    put_head_parts(dst, &PlainHead::of(envelope), &envelope.headers)
+}
+
+/// An envelope up to its payload's length prefix, from its parts.
+fn put_head_parts(
+    dst: &mut BytesMut,
+    head: &PlainHead<'_>,
+    headers: &Headers,
+) -> Result<(), EncodeError> {
+    dst.put_u128(head.id.0);
+    dst.put_u64(head.timestamp_ms);
+    dst.put_u16(head.flags.0);
+    put_str(dst, head.topic)?;
+    let count = headers.len();
     let count16 = u16::try_from(count).ok().filter(|c| *c <= MAX_HEADERS);
     dst.put_u16(count16.ok_or(EncodeError::TooManyHeaders { count })?);
-    for (name, value) in envelope.headers.iter() {
+    for (name, value) in headers.iter() {
         put_str(dst, name)?;
         put_bytes32(dst, value);
     }
     // Frames are limited far below 4 GiB, so a longer payload fails the frame length check.
-    dst.put_u32(u32::try_from(envelope.payload.len()).unwrap_or(u32::MAX));
+    dst.put_u32(u32::try_from(head.payload_len).unwrap_or(u32::MAX));
     Ok(())
 }
 
