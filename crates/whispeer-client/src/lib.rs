@@ -392,11 +392,12 @@ impl Client {
         value: &T,
     ) -> Result<MessageId, ClientError> {
         let codec = self.shared.codec;
-        self.publish_sealed(
-            Qos::AtMostOnce,
-            self.envelope(topic, codec.content_type(), codec.encode(value)?)?,
-        )
-        .await
+        let payload = codec.encode(value)?;
+        if !self.shared.sealing {
+            return self.publish_plain(topic, codec.content_type(), payload).await;
+        }
+        self.publish_sealed(Qos::AtMostOnce, self.envelope(topic, codec.content_type(), payload)?)
+            .await
     }
 
     /// Publishes raw bytes (QoS 0), for subscribers that read [`Delivery::plaintext`].
@@ -410,21 +411,26 @@ impl Client {
     ) -> Result<MessageId, ClientError> {
         let payload = payload.into();
         if !self.shared.sealing {
-            return self.publish_plain(topic, payload).await;
+            return self.publish_plain(topic, ContentType::Raw, payload).await;
         }
         self.publish_sealed(Qos::AtMostOnce, self.envelope(topic, ContentType::Raw, payload)?).await
     }
 
-    /// [`Client::publish_bytes`] where nothing seals a payload: encoded from its parts while
-    /// the outbox has room (the topic checked, not copied), as an envelope when it is full.
-    async fn publish_plain(&self, topic: &str, payload: Bytes) -> Result<MessageId, ClientError> {
+    /// A QoS 0 publish where nothing seals a payload: encoded from its parts while the outbox
+    /// has room (the topic checked, not copied), as an envelope when it is full.
+    async fn publish_plain(
+        &self,
+        topic: &str,
+        content: ContentType,
+        payload: Bytes,
+    ) -> Result<MessageId, ClientError> {
         check_topic(topic)?;
         let max = self.shared.max_message_bytes;
         if payload.len() > max {
             return Err(ClientError::TooLarge { len: payload.len(), max });
         }
         let (id, timestamp_ms) = (self.next_id(), whispeer_proto::clock::now_ms());
-        let flags = Flags::with_content(ContentType::Raw);
+        let flags = Flags::with_content(content);
         let payload_len = payload.len();
         let head = PlainHead { id, timestamp_ms, flags, topic, payload_len };
         if !self.outbox.try_publish_plain(&head, &payload)? {

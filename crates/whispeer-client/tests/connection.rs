@@ -321,7 +321,7 @@ async fn one_connection_with_many_subscriptions_gets_each_its_messages() {
 }
 
 #[tokio::test]
-async fn a_raw_publish_without_engines_arrives_as_its_envelope_would() {
+async fn a_publish_without_engines_arrives_as_its_envelope_would() {
     let (addr, mut seen, stop, task) = server("127.0.0.1:0").await;
     let client = Client::connect(addr.to_string()).await.unwrap();
     let before = whispeer_client::proto::clock::now_ms();
@@ -341,6 +341,12 @@ async fn a_raw_publish_without_engines_arrives_as_its_envelope_would() {
     let next = client.publish_bytes("t", &b"after"[..]).await.unwrap();
     assert_ne!(next, id);
     assert_eq!(&soon(seen.recv()).await.unwrap().payload()[..], b"after");
+    // A typed publish takes the same way, with its codec's content type.
+    let typed = client.publish("t", &7u32).await.unwrap();
+    let message = soon(seen.recv()).await.unwrap();
+    let content = ClientOptions::new("").codec.content_type();
+    assert_eq!((message.id(), message.envelope().flags), (typed, Flags::with_content(content)));
+    assert_eq!(message.decode::<u32>().unwrap(), 7);
     let _ = stop.send(());
     soon(task).await.unwrap();
 }
