@@ -297,7 +297,7 @@ impl Conn {
 impl Sub {
     async fn next(&mut self) -> Option<Bytes> {
         match self {
-            Self::Whispeer(sub) => sub.recv().await.map(|d| d.payload().clone()),
+            Self::Whispeer(sub) => sub.recv().await.map(Delivery::into_payload),
             #[cfg(feature = "nats")]
             Self::Nats(sub) => {
                 use futures_util::StreamExt;

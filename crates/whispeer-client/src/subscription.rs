@@ -111,6 +111,12 @@ impl Delivery {
         &self.envelope.payload
     }
 
+    /// The payload as it travelled, taken out of the delivery: no reference is taken on its
+    /// bytes, as [`Delivery::payload`] and a clone would. Acknowledge a QoS 1 delivery first.
+    pub fn into_payload(self) -> Bytes {
+        self.envelope.payload
+    }
+
     /// The whole envelope.
     pub fn envelope(&self) -> &Envelope {
         &self.envelope

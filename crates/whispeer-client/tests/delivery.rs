@@ -65,6 +65,8 @@ async fn large_and_small_payloads_interleaved_arrive_whole_and_in_order() {
     for n in 0..350 {
         let delivery = soon(deliveries.recv()).await.unwrap();
         assert_eq!(&delivery.plaintext().unwrap()[..], &patterned(n)[..], "message {n}");
+        // Nothing sealed it: the payload taken out is the plaintext.
+        assert_eq!(&delivery.into_payload()[..], &patterned(n)[..], "message {n}");
     }
 }
 

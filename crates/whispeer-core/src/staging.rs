@@ -55,11 +55,36 @@ struct Staged {
     wide: bool,
     /// Emptied message lists kept for the next queues.
     spare: Vec<Vec<Message>>,
+    /// Publishes and deliveries counted for a broker and not yet added to its counters.
+    counts: Option<Counts>,
+}
+
+/// A broker's publishes and deliveries counted in a batch, added to its counters at its end.
+struct Counts {
+    counters: Arc<BrokerCounters>,
+    published: u64,
+    deliveries: u64,
+}
+
+impl Counts {
+    fn add_up(self) {
+        let Self { counters, published, deliveries } = self;
+        counters.published.fetch_add(published, Ordering::Relaxed);
+        counters.deliveries.fetch_add(deliveries, Ordering::Relaxed);
+    }
 }
 
 impl Staged {
     const fn new() -> Self {
-        Self { depth: 0, held: Vec::new(), messages: 0, next: 0, wide: false, spare: Vec::new() }
+        Self {
+            depth: 0,
+            held: Vec::new(),
+            messages: 0,
+            next: 0,
+            wide: false,
+            spare: Vec::new(),
+            counts: None,
+        }
     }
 
     fn hold(&mut self, queue: &Arc<Queue>, counters: &Arc<BrokerCounters>, message: Message) {
@@ -109,6 +134,40 @@ pub(crate) fn hold(
         push_held();
     }
     Ok(())
+}
+
+/// Counts `published` publishes and `deliveries` deliveries of the broker of `counters` in
+/// the thread's batch, if one is begun (`false`: count them now). Statistics: they reach the
+/// broker's counters when the batch ends, an atomic operation a batch rather than a publish.
+pub(crate) fn count(counters: &Arc<BrokerCounters>, published: u64, deliveries: u64) -> bool {
+    let counted = STAGED.with(|staged| {
+        let Ok(mut staged) = staged.try_borrow_mut() else { return None };
+        if staged.depth == 0 {
+            return None;
+        }
+        let mine = staged.counts.as_ref().is_some_and(|c| Arc::ptr_eq(&c.counters, counters));
+        // Another broker's counts are added up now; this one's are counted from here.
+        let earlier = if mine {
+            None
+        } else {
+            let fresh = Counts { counters: Arc::clone(counters), published: 0, deliveries: 0 };
+            staged.counts.replace(fresh)
+        };
+        if let Some(counts) = staged.counts.as_mut() {
+            counts.published += published;
+            counts.deliveries += deliveries;
+        }
+        Some(earlier)
+    });
+    match counted {
+        None => false,
+        Some(earlier) => {
+            if let Some(earlier) = earlier {
+                earlier.add_up();
+            }
+            true
+        }
+    }
 }
 
 /// Pushes everything the thread's batch holds, queue by queue. The lists are taken out first:
@@ -168,13 +227,17 @@ impl Drop for PushBatch {
         let outermost = STAGED.with(|staged| {
             let mut staged = staged.borrow_mut();
             staged.depth -= 1;
-            if staged.depth == 0 {
-                staged.wide = false;
+            if staged.depth > 0 {
+                return None;
             }
-            staged.depth == 0
+            staged.wide = false;
+            Some(staged.counts.take())
         });
-        if outermost {
+        if let Some(counts) = outermost {
             push_held();
+            if let Some(counts) = counts {
+                counts.add_up();
+            }
         }
     }
 }
@@ -212,7 +275,22 @@ mod tests {
         // Without a batch, pushes are made at once again.
         broker.publish_bytes("t", Bytes::from(vec![5])).unwrap();
         assert_eq!(ids(&mut held), vec![5]);
-        assert_eq!(broker.stats().deliveries, 12);
+        let stats = broker.stats();
+        assert_eq!((stats.published, stats.deliveries), (6, 12), "counted when the batch ended");
+    }
+
+    #[test]
+    fn two_brokers_publishing_in_one_batch_each_count_their_own() {
+        let (one, two) = (Broker::build_default().build(), Broker::build_default().build());
+        let _subs = [one.messages("t").unwrap(), two.messages("t").unwrap()];
+        let batch = PushBatch::begin();
+        for broker in [&one, &two, &one, &one, &two] {
+            broker.publish_bytes("t", Bytes::from_static(b"x")).unwrap();
+        }
+        drop(batch);
+        let (one, two) = (one.stats(), two.stats());
+        assert_eq!((one.published, one.deliveries), (3, 3));
+        assert_eq!((two.published, two.deliveries), (2, 2));
     }
 
     #[test]

@@ -29,7 +29,10 @@ impl Shared {
         if check == Check::UnlessSubscribed && !subscribed {
             Topic::validate(topic, &self.options.limits)?;
         }
-        bump(&self.counters.published);
+        // Within a `PushBatch`, counted once a batch.
+        if !staging::count(&self.counters, 1, 0) {
+            bump(&self.counters.published);
+        }
         Ok(())
     }
 
@@ -100,7 +103,10 @@ impl Shared {
         if tally.delivered == 0 && tally.full == 0 {
             bump(&self.counters.unrouted);
         }
-        self.counters.deliveries.fetch_add(tally.delivered as u64, Ordering::Relaxed);
+        let delivered = tally.delivered as u64;
+        if !staging::count(&self.counters, 0, delivered) {
+            self.counters.deliveries.fetch_add(delivered, Ordering::Relaxed);
+        }
         if tally.full > 0 {
             return Err(PublishError::QueueFull { full: tally.full, delivered: tally.delivered });
         }
