@@ -351,6 +351,12 @@ impl Client {
         self.envelope_with(topic, content, plaintext, Headers::new())
     }
 
+    /// A payload of `len` bytes within the server's message limit, or why not.
+    fn check_len(&self, len: usize) -> Result<(), ClientError> {
+        let max = self.shared.max_message_bytes;
+        if len > max { Err(ClientError::TooLarge { len, max }) } else { Ok(()) }
+    }
+
     fn envelope_with(
         &self,
         topic: &str,
@@ -359,12 +365,7 @@ impl Client {
         headers: Headers,
     ) -> Result<Envelope, ClientError> {
         let topic = parse_topic(topic)?;
-        if plaintext.len() > self.shared.max_message_bytes {
-            return Err(ClientError::TooLarge {
-                len: plaintext.len(),
-                max: self.shared.max_message_bytes,
-            });
-        }
+        self.check_len(plaintext.len())?;
         let id = self.next_id();
         let timestamp_ms = whispeer_proto::clock::now_ms();
         let meta = Sealing { topic: topic.as_str(), id, timestamp_ms, headers: &headers };
@@ -425,10 +426,7 @@ impl Client {
         payload: Bytes,
     ) -> Result<MessageId, ClientError> {
         check_topic(topic)?;
-        let max = self.shared.max_message_bytes;
-        if payload.len() > max {
-            return Err(ClientError::TooLarge { len: payload.len(), max });
-        }
+        self.check_len(payload.len())?;
         let (id, timestamp_ms) = (self.next_id(), whispeer_proto::clock::now_ms());
         let flags = Flags::with_content(content);
         let payload_len = payload.len();

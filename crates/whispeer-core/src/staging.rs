@@ -12,9 +12,10 @@
 //! The batch is bounded: past [`MOST_MESSAGES`] messages it pushes what it holds and starts
 //! again; past [`MOST_QUEUES`] queues it pushes what it holds and holds nothing more until it
 //! ends (a fan-out that wide gains nothing from it, and would only search). A message's queue
-//! is looked for first after the last one found, where a topic's next publish finds it. It cannot outlive an `.await` in a task that may move between threads (it
-//! is not `Send`), so held-back messages never wait on anything but the publishes of the
-//! same synchronous stretch.
+//! is looked for first after the last one found, where a topic's next publish finds it. The
+//! batch cannot outlive an `.await` in a task that may move between threads (it is not
+//! `Send`), so held-back messages never wait on anything but the publishes of the same
+//! synchronous stretch.
 
 use std::cell::RefCell;
 use std::marker::PhantomData;
@@ -181,13 +182,18 @@ fn push_held() {
     if held.is_empty() {
         return;
     }
-    let mut spare = Vec::with_capacity(held.len());
     for Held { queue, counters, mut messages } in held.drain(..) {
         let dropped = queue.push_all(&mut messages);
         if dropped > 0 {
             counters.dropped_oldest.fetch_add(dropped, Ordering::Relaxed);
         }
-        spare.push(messages);
+        // The emptied list is kept for the next queue, within bounds.
+        STAGED.with(|staged| {
+            let spare = &mut staged.borrow_mut().spare;
+            if spare.len() < MOST_QUEUES && messages.capacity() <= MOST_MESSAGES {
+                spare.push(messages);
+            }
+        });
     }
     STAGED.with(|staged| {
         let mut staged = staged.borrow_mut();
@@ -195,8 +201,6 @@ fn push_held() {
         if staged.held.is_empty() {
             staged.held = held;
         }
-        staged.spare.extend(spare.into_iter().filter(|m| m.capacity() <= MOST_MESSAGES));
-        staged.spare.truncate(MOST_QUEUES);
     });
 }
 
