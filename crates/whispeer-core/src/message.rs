@@ -9,13 +9,12 @@
 //! first to finish fills the slot.
 
 use std::any::{Any, TypeId};
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::fmt;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, LazyLock, OnceLock};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use bytes::Bytes;
-use crossbeam_queue::ArrayQueue;
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 use whispeer_engines::{Codec, Engines, OpenError};
@@ -43,7 +42,7 @@ struct Inner {
     decoded: OnceLock<Decoded>,
     /// The thread that made the message ([`this_thread`]) if it was made by
     /// [`Message::from_spare`], else 0: let go on another thread, its allocation goes to
-    /// [`SPARES`].
+    /// [`DEPOT`].
     made_on: u32,
 }
 
@@ -100,7 +99,7 @@ impl Message {
 
     /// Like [`Message::new`], for a publish in this process on the plain path (see
     /// `Shared::routes_plainly`): made in a spare allocation if
-    /// [`SPARES`] has one, and put back there when let go on another thread. A publisher
+    /// [`DEPOT`] has one, and put back there when let go on another thread. A publisher
     /// thread that only allocates and subscriber workers that only free is the pattern spares
     /// serve; an envelope from elsewhere (a server connection decodes it on one runtime worker
     /// and another writes it out, every worker doing both) is left to the system allocator,
@@ -113,8 +112,8 @@ impl Message {
     ) -> Self {
         let made_on = this_thread();
         // Looking first costs two loads; taking from an empty queue costs more.
-        if !SPARES.is_empty()
-            && let Some(mut spare) = SPARES.pop()
+        // Not reached while the thread's own values are being destroyed.
+        if let Ok(Some(mut spare)) = LOCAL.try_with(|local| local.borrow_mut().take())
             && let Some(slot) = Arc::get_mut(&mut spare)
         {
             // Field by field: `opened` and `decoded` were emptied when it became a spare.
@@ -272,23 +271,74 @@ impl Message {
     }
 }
 
-/// How many spare message allocations [`SPARES`] keeps.
-const SPARE_MESSAGES: usize = 1024;
+/// How many spares move between threads together: a thread keeps the spares it let go until it
+/// has this many, and a thread that reuses them takes this many at a time.
+const MAGAZINE: usize = 32;
+
+/// How many full magazines [`DEPOT`] keeps (1,024 spares).
+const DEPOT_MAGAZINES: usize = 32;
 
 /// Allocations of messages ([`Message::from_spare`]) let go on another thread than the one that
 /// made them, for new messages to reuse. A publisher thread that only allocates and subscriber
 /// threads that only free is a pattern the system allocator serves slowly (its per-thread caches
-/// hold the wrong thread's blocks, so both sides take its shared arena, each other's lock);
-/// handing the allocation back through a bounded queue costs a few atomic operations. A message
-/// let go on the thread that made it is freed as usual: the allocator's own cache for that
-/// thread is faster. Policy when full: the allocation is freed. A spare holds no payload,
-/// headers, engines or opened and decoded values (they are dropped when it is put here); only
-/// its last topic, until it is reused.
-static SPARES: LazyLock<ArrayQueue<Arc<Inner>>> = LazyLock::new(|| ArrayQueue::new(SPARE_MESSAGES));
+/// hold the wrong thread's blocks, so both sides take its shared arena, each other's lock).
+/// A message let go on the thread that made it is freed as usual: the allocator's own cache for
+/// that thread is faster. Spares travel in magazines of [`MAGAZINE`]: each thread gathers those
+/// it lets go in its own ([`LOCAL`]), hands a full one here, and takes one from here when its
+/// own spares run out — one take of this lock for 32 messages, where a queue shared by every
+/// thread moved its cache lines between the two sides for each. Policy when full: the
+/// magazine is freed. A spare holds no payload, headers, engines or opened and decoded values
+/// (they are dropped when it becomes one); only its last topic, until it is reused. A thread
+/// holds at most two magazines' worth.
+static DEPOT: Mutex<Vec<Vec<Arc<Inner>>>> = Mutex::new(Vec::new());
+
+/// How many magazines [`DEPOT`] holds, read without its lock.
+static DEPOT_LEN: AtomicUsize = AtomicUsize::new(0);
+
+/// A thread's spares: those to reuse here, and those let go here to hand on.
+#[derive(Default)]
+struct Spares {
+    reuse: Vec<Arc<Inner>>,
+    let_go: Vec<Arc<Inner>>,
+}
+
+impl Spares {
+    /// A spare to reuse, taking a magazine from [`DEPOT`] when this thread has none.
+    fn take(&mut self) -> Option<Arc<Inner>> {
+        if self.reuse.is_empty() && DEPOT_LEN.load(Ordering::Relaxed) > 0 {
+            let mut depot = DEPOT.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(magazine) = depot.pop() {
+                DEPOT_LEN.store(depot.len(), Ordering::Relaxed);
+                drop(depot);
+                self.reuse = magazine;
+            }
+        }
+        self.reuse.pop()
+    }
+
+    /// Keeps a spare, handing this thread's magazine to [`DEPOT`] once it is full.
+    fn give(&mut self, spare: Arc<Inner>) {
+        if self.let_go.capacity() == 0 {
+            self.let_go.reserve_exact(MAGAZINE);
+        }
+        self.let_go.push(spare);
+        if self.let_go.len() < MAGAZINE {
+            return;
+        }
+        let magazine = std::mem::take(&mut self.let_go);
+        let mut depot = DEPOT.lock().unwrap_or_else(PoisonError::into_inner);
+        if depot.len() < DEPOT_MAGAZINES {
+            depot.push(magazine);
+            DEPOT_LEN.store(depot.len(), Ordering::Relaxed);
+        }
+    }
+}
 
 thread_local! {
     /// This thread's number for [`this_thread`]; 0 until it is first asked.
     static THREAD: Cell<u32> = const { Cell::new(0) };
+    /// This thread's spares; see [`DEPOT`].
+    static LOCAL: RefCell<Spares> = RefCell::default();
 }
 
 /// Numbers threads for [`this_thread`].
@@ -320,7 +370,7 @@ impl Drop for Message {
 
 impl Message {
     /// Empties the last holder's allocation of what it keeps alive and offers it to
-    /// [`SPARES`].
+    /// [`DEPOT`].
     #[inline(never)]
     fn spare(&mut self) {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
@@ -329,8 +379,9 @@ impl Message {
             inner.engines = None;
             inner.opened = OnceLock::new();
             inner.decoded = OnceLock::new();
-            // Full: this reference is dropped here and `self.inner` frees the allocation.
-            let _ = SPARES.push(Arc::clone(&self.inner));
+            // Not kept (the thread's values are being destroyed, or the depot is full): this
+            // reference is dropped here and `self.inner` frees the allocation.
+            let _ = LOCAL.try_with(|local| local.borrow_mut().give(Arc::clone(&self.inner)));
         }
     }
 }
@@ -403,12 +454,12 @@ mod tests {
         assert_eq!(raw, (7, "x".to_string()));
     }
 
-    /// More messages than [`SPARES`] holds are let go on another thread with headers and a
+    /// More messages than [`DEPOT`] holds are let go on another thread with headers and a
     /// decoded value, then as many new ones are made: those made from spares carry
     /// nothing of the old.
     #[test]
     fn a_message_made_from_a_spare_carries_nothing_of_the_last() {
-        let old: Vec<Message> = (0..2 * SPARE_MESSAGES as u32)
+        let old: Vec<Message> = (0..2 * (DEPOT_MAGAZINES * MAGAZINE) as u32)
             .map(|n| {
                 let mut envelope = message(&(n, "old".to_string()), 3).envelope().clone();
                 envelope.headers.insert("h", "old");
@@ -418,9 +469,9 @@ mod tests {
             })
             .collect();
         // Let go on another thread, their allocations become spares (other tests share the
-        // queue, so which new message gets which spare is not known; every one is checked).
+        // depot, so which new message gets which spare is not known; every one is checked).
         std::thread::spawn(move || drop(old)).join().unwrap();
-        for n in 0..2 * SPARE_MESSAGES as u32 {
+        for n in 0..2 * (DEPOT_MAGAZINES * MAGAZINE) as u32 {
             let m = Message::from_spare(
                 message(&(n, "new".to_string()), 3).envelope().clone(),
                 3,
