@@ -19,6 +19,7 @@ use std::task::{Context, Poll};
 use tokio::time::{Instant, Sleep};
 use whispeer_proto::MessageId;
 
+use super::cooperation::Cooperation;
 use crate::delivery::Commits;
 use crate::delivery::{GiveUp, Settled, Step, Tracker};
 use crate::dispatch::Drained;
@@ -51,6 +52,7 @@ pub(crate) struct Consumer {
     replay: Replay,
     commits: Option<Arc<Commits>>,
     qos1: Option<Qos1>,
+    cooperation: Cooperation,
 }
 
 impl fmt::Debug for Consumer {
@@ -79,6 +81,7 @@ impl Consumer {
                 member: registration.member,
                 timer: None,
             }),
+            cooperation: Cooperation::default(),
         }
     }
 
@@ -98,6 +101,14 @@ impl Consumer {
 
     /// Waits for the next message: `Ready(None)` once the subscription has ended.
     pub(crate) fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Taken>> {
+        let unit = std::task::ready!(self.cooperation.proceed(cx));
+        let polled = self.poll_taking(cx);
+        self.cooperation.taken(unit, polled.is_ready());
+        polled
+    }
+
+    #[inline]
+    fn poll_taking(&mut self, cx: &mut Context<'_>) -> Poll<Option<Taken>> {
         loop {
             if self.has_left() {
                 return Poll::Ready(None);

@@ -12,6 +12,7 @@
 //! ```
 
 mod consumer;
+mod cooperation;
 
 pub use consumer::{Acker, Delivery};
 pub(crate) use consumer::{Consumer, Taken};
