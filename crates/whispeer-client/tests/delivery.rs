@@ -319,3 +319,33 @@ async fn randomized_qos1_run_loses_nothing_and_marks_every_duplicate() {
         member.abort();
     }
 }
+
+/// A client's subscriber that always finds a message waiting still lets the other tasks of its
+/// runtime run: taking messages spends the task's share of tokio's cooperative budget (a unit
+/// for 128 of them: on one thread, the other task waits for 16,384 at most, not for all 20,000).
+#[tokio::test(flavor = "current_thread")]
+async fn a_client_subscriber_that_always_finds_a_message_still_yields_to_other_tasks() {
+    const MESSAGES: u32 = 20_000;
+    let (broker, addr) = server(Duration::from_secs(60), 5);
+    let subscriber = client(addr).await;
+    let mut deliveries = subscriber.messages("busy").await.unwrap();
+    for n in 0..MESSAGES {
+        broker.publish_bytes("busy", n.to_be_bytes().to_vec()).unwrap();
+    }
+    // The server and the client's connection run on this thread too: let them bring the
+    // messages over.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let other_ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = Arc::clone(&other_ran);
+    tokio::spawn(async move { flag.store(true, std::sync::atomic::Ordering::Relaxed) });
+    let mut taken_before_it_ran = None;
+    for n in 0..MESSAGES {
+        let delivery = soon(deliveries.recv()).await.unwrap();
+        assert_eq!(&delivery.payload()[..], n.to_be_bytes());
+        if taken_before_it_ran.is_none() && other_ran.load(std::sync::atomic::Ordering::Relaxed) {
+            taken_before_it_ran = Some(n);
+        }
+    }
+    let taken = taken_before_it_ran.expect("the other task ran only once no message waited");
+    assert!(taken <= 16_384, "the other task waited for {taken} messages");
+}

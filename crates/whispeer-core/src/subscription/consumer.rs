@@ -101,14 +101,8 @@ impl Consumer {
 
     /// Waits for the next message: `Ready(None)` once the subscription has ended.
     pub(crate) fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Taken>> {
-        let unit = std::task::ready!(self.cooperation.proceed(cx));
-        let polled = self.poll_taking(cx);
-        self.cooperation.taken(unit, polled.is_ready());
-        polled
-    }
-
-    #[inline]
-    fn poll_taking(&mut self, cx: &mut Context<'_>) -> Poll<Option<Taken>> {
+        // A poll that finds nothing counts too: it only brings a yield a little nearer.
+        std::task::ready!(self.cooperation.spend(cx));
         loop {
             if self.has_left() {
                 return Poll::Ready(None);
