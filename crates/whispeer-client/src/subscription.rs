@@ -194,7 +194,7 @@ pub struct ClientSubscription<T> {
 /// How many messages a subscription takes for one unit of tokio's cooperative budget: with
 /// tokio's 128 units a task's turn, a subscriber that always finds a message waiting yields its
 /// worker after 16,384 of them. The embedded broker's subscriptions spend a unit for 32; here a
-/// unit for 8 or 32 cost the 1→8 receive of `whispeer bench` 5–13 % (a yield is a scheduler
+/// unit for 8 or 32 cost the 1→8 receive of `whispeer bench` 5–20 % (a yield is a scheduler
 /// round trip, often a parked worker woken and the task moved), for 128 about 4 %.
 const MESSAGES_PER_UNIT: u8 = 128;
 

@@ -282,7 +282,7 @@ async fn a_queue_group_gives_each_message_to_exactly_one_member() {
         broker.subscription::<u32>(SubscribeOptions::new("work/#").capacity(8192)).unwrap();
     for qos in [Qos::AtMostOnce, Qos::AtLeastOnce] {
         let options =
-            SubscribeOptions::new("work/#").group(format!("g{qos:?}")).qos(qos).capacity(8192);
+            SubscribeOptions::new("work/#").group(format!("g{qos:?}")).qos(qos).capacity(4096);
         let (members, got) = group_members(&broker, &options, 3);
         let receipt = broker.publish("work/0", &0u32).unwrap();
         assert_eq!(receipt.subscribers, 2, "the group counts once, beside the solo subscriber");
