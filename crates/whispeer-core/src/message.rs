@@ -44,6 +44,9 @@ struct Inner {
     /// [`Message::from_spare`], else 0: let go on another thread, its allocation goes to
     /// [`DEPOT`].
     made_on: u32,
+    /// A spare's: its last payload's allocation, for a later payload of the same length
+    /// ([`kept_payload`]); empty otherwise.
+    kept: Box<[u8]>,
 }
 
 impl Inner {
@@ -64,6 +67,7 @@ impl Inner {
             share_decoded,
             decoded: OnceLock::new(),
             made_on,
+            kept: Box::default(),
         }
     }
 }
@@ -123,6 +127,8 @@ impl Message {
             slot.engines = engines;
             slot.share_decoded = subscribers > 1;
             slot.made_on = made_on;
+            // Not taken for this payload (another length): freed here, where it was made.
+            slot.kept = Box::default();
             return Self { inner: spare };
         }
         let inner = Inner::new(envelope, subscribers > 1, engines, expires_at, 0, made_on);
@@ -287,9 +293,11 @@ const DEPOT_MAGAZINES: usize = 32;
 /// it lets go in its own ([`LOCAL`]), hands a full one here, and takes one from here when its
 /// own spares run out — one take of this lock for 32 messages, where a queue shared by every
 /// thread moved its cache lines between the two sides for each. Policy when full: the
-/// magazine is freed. A spare holds no payload, headers, engines or opened and decoded values
-/// (they are dropped when it becomes one); only its last topic, until it is reused. A thread
-/// holds at most two magazines' worth.
+/// magazine is freed. A spare holds no headers, engines or opened and decoded values (they are
+/// dropped when it becomes one); only its last topic, until it is reused, and its payload's
+/// allocation if that was small and no one else held it ([`keepable`]), for the thread that
+/// takes the spare to encode a payload of that length in ([`kept_payload`]). A thread holds at
+/// most two magazines' worth.
 static DEPOT: Mutex<Vec<Vec<Arc<Inner>>>> = Mutex::new(Vec::new());
 
 /// How many magazines [`DEPOT`] holds, read without its lock.
@@ -305,6 +313,19 @@ struct Spares {
 impl Spares {
     /// A spare to reuse, taking a magazine from [`DEPOT`] when this thread has none.
     fn take(&mut self) -> Option<Arc<Inner>> {
+        self.refill();
+        self.reuse.pop()
+    }
+
+    /// The payload allocation the next spare keeps, if it is `len` bytes long.
+    fn kept(&mut self, len: usize) -> Option<Box<[u8]>> {
+        self.refill();
+        let next = Arc::get_mut(self.reuse.last_mut()?)?;
+        (next.kept.len() == len).then(|| std::mem::take(&mut next.kept))
+    }
+
+    /// Takes a magazine from [`DEPOT`] when this thread has no spare.
+    fn refill(&mut self) {
         if self.reuse.is_empty() && DEPOT_LEN.load(Ordering::Relaxed) > 0 {
             let mut depot = DEPOT.lock().unwrap_or_else(PoisonError::into_inner);
             if let Some(magazine) = depot.pop() {
@@ -313,7 +334,6 @@ impl Spares {
                 self.reuse = magazine;
             }
         }
-        self.reuse.pop()
     }
 
     /// Keeps a spare, handing this thread's magazine to [`DEPOT`] once it is full.
@@ -374,7 +394,7 @@ impl Message {
     #[inline(never)]
     fn spare(&mut self) {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
-            inner.envelope.payload = Bytes::new();
+            inner.kept = keepable(std::mem::take(&mut inner.envelope.payload));
             inner.envelope.headers = Headers::new();
             inner.engines = None;
             inner.opened = OnceLock::new();
@@ -383,6 +403,34 @@ impl Message {
             // reference is dropped here and `self.inner` frees the allocation.
             let _ = LOCAL.try_with(|local| local.borrow_mut().give(Arc::clone(&self.inner)));
         }
+    }
+}
+
+/// Largest payload whose allocation a spare keeps (so [`DEPOT`] holds at most 1 MiB of them).
+const KEPT_PAYLOAD_BYTES: usize = 1024;
+
+/// A payload's allocation if no one else holds it, it is exactly as long as the payload and
+/// small: kept by a spare for a later payload of that length, since a publisher thread that
+/// allocates payloads while subscriber threads free them is the allocator's slow pattern (see
+/// [`DEPOT`]). Otherwise empty, and the payload is freed.
+fn keepable(payload: Bytes) -> Box<[u8]> {
+    if payload.is_empty() || payload.len() > KEPT_PAYLOAD_BYTES {
+        return Box::default();
+    }
+    let Ok(unique) = payload.try_into_mut() else { return Box::default() };
+    let buffer = Vec::from(unique);
+    if buffer.len() == buffer.capacity() { buffer.into_boxed_slice() } else { Box::default() }
+}
+
+/// A payload holding `encoded`: in the allocation the next spare of this thread keeps, if it
+/// is as long (a typed publisher's values often are), else in a new one.
+pub(crate) fn kept_payload(encoded: &[u8]) -> Bytes {
+    match LOCAL.try_with(|local| local.borrow_mut().kept(encoded.len())) {
+        Ok(Some(mut kept)) => {
+            kept.copy_from_slice(encoded);
+            Bytes::from(kept)
+        }
+        _ => Bytes::copy_from_slice(encoded),
     }
 }
 
@@ -482,6 +530,38 @@ mod tests {
             assert_eq!(m.decode_shared::<(u32, String)>().unwrap(), (n, "new".to_string()));
             assert_eq!(m.decode::<(u32, String)>().unwrap(), (n, "new".to_string()));
         }
+    }
+
+    /// Payloads let go on another thread leave their allocations to spares, and new payloads
+    /// of the same length are written in them — never in one still held elsewhere.
+    #[test]
+    fn a_payload_is_written_in_a_kept_allocation_only_if_no_one_holds_it() {
+        let count = 2 * DEPOT_MAGAZINES * MAGAZINE;
+        let mut held = Vec::new();
+        let mut free = std::collections::HashSet::new();
+        let old: Vec<Message> = (0..count)
+            .map(|n| {
+                let payload = kept_payload(&[n as u8; 100]);
+                if n % 2 == 0 {
+                    held.push(payload.clone());
+                } else {
+                    free.insert(payload.as_ptr() as usize);
+                }
+                let mut envelope = message(&(), 1).envelope().clone();
+                envelope.payload = payload;
+                Message::from_spare(envelope, 1, None, None)
+            })
+            .collect();
+        std::thread::spawn(move || drop(old)).join().unwrap();
+        let new: Vec<Bytes> = (0..count).map(|_| kept_payload(&[0xab; 100])).collect();
+        assert!(new.iter().all(|payload| payload[..] == [0xab; 100]));
+        let reused = new.iter().filter(|p| free.contains(&(p.as_ptr() as usize))).count();
+        assert!(reused > 0, "no allocation let go was written in again");
+        for (i, payload) in held.iter().enumerate() {
+            assert_eq!(payload[..], [(2 * i) as u8; 100], "a held payload was overwritten");
+        }
+        // Another length takes no kept allocation (and frees the one it finds).
+        assert_eq!(kept_payload(&[1; 7])[..], [1; 7]);
     }
 
     #[test]

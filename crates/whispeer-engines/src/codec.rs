@@ -86,11 +86,25 @@ impl Codec {
     /// [`CodecError::Encode`] when serde refuses the value (a map with non-string keys in JSON,
     /// a sequence of unknown length in postcard).
     pub fn encode<T: Serialize + ?Sized>(self, value: &T) -> Result<Bytes, CodecError> {
+        self.encode_with(value, Bytes::copy_from_slice)
+    }
+
+    /// Encodes `value` like [`Codec::encode`], with `keep` making the payload out of the
+    /// encoding (a buffer of this thread's, borrowed meanwhile): where it lives is the
+    /// caller's choice, such as an allocation kept from an earlier message.
+    ///
+    /// # Errors
+    /// As [`Codec::encode`].
+    pub fn encode_with<T: Serialize + ?Sized>(
+        self,
+        value: &T,
+        keep: impl FnOnce(&[u8]) -> Bytes,
+    ) -> Result<Bytes, CodecError> {
         SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
             Ok(mut buffer) => {
                 buffer.clear();
                 let written = self.encode_into(value, &mut buffer);
-                let bytes = written.map(|()| Bytes::copy_from_slice(&buffer));
+                let bytes = written.map(|()| keep(&buffer));
                 if buffer.capacity() > SCRATCH_KEEP {
                     *buffer = Vec::new();
                 }

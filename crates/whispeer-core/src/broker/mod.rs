@@ -35,7 +35,7 @@ use whispeer_proto::{ContentType, Envelope, Flags, Topic};
 use crate::options::BrokerOptions;
 
 use crate::error::{BindError, PublishError, SubscribeError};
-use crate::message::Message;
+use crate::message::{Message, kept_payload};
 use crate::options::SubscribeOptions;
 use crate::publish::{NO_OPTIONS, PublishOptions, PublishReceipt};
 use crate::shared::{Binding, Check, RawBytes, SEAL_OVERHEAD, Shared};
@@ -122,7 +122,9 @@ impl Broker {
         options: &PublishOptions,
     ) -> Result<PublishReceipt, PublishError> {
         let codec = self.inner.options.codec;
-        let payload = || Ok((Flags::with_content(codec.content_type()), codec.encode(value)?));
+        let payload = || {
+            Ok((Flags::with_content(codec.content_type()), codec.encode_with(value, kept_payload)?))
+        };
         self.inner.publish_payload(topic, TypeId::of::<T>(), type_name::<T>(), options, payload)
     }
 
