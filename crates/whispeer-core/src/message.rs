@@ -425,12 +425,22 @@ fn keepable(payload: Bytes) -> Box<[u8]> {
 /// A payload holding `encoded`: in the allocation the next spare of this thread keeps, if it
 /// is as long (a typed publisher's values often are), else in a new one.
 pub(crate) fn kept_payload(encoded: &[u8]) -> Bytes {
-    match LOCAL.try_with(|local| local.borrow_mut().kept(encoded.len())) {
-        Ok(Some(mut kept)) => {
-            kept.copy_from_slice(encoded);
-            Bytes::from(kept)
+    let mut buffer = kept_buffer(encoded.len());
+    buffer.extend_from_slice(encoded);
+    Bytes::from(buffer)
+}
+
+/// An empty buffer with room for `len` bytes: the allocation the next spare of this thread
+/// keeps if it is that long (so a payload that fills it becomes `Bytes` without another
+/// allocation), else a new one.
+pub(crate) fn kept_buffer(len: usize) -> Vec<u8> {
+    match LOCAL.try_with(|local| local.borrow_mut().kept(len)) {
+        Ok(Some(kept)) => {
+            let mut buffer = Vec::from(kept);
+            buffer.clear();
+            buffer
         }
-        _ => Bytes::copy_from_slice(encoded),
+        _ => Vec::with_capacity(len),
     }
 }
 

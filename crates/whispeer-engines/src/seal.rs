@@ -380,6 +380,22 @@ impl Engines {
         content: Flags,
         plaintext: Bytes,
     ) -> Result<(Flags, Bytes), SealError> {
+        self.seal_in(meta, content, plaintext, Vec::with_capacity)
+    }
+
+    /// Seals like [`Engines::seal`], with `buffer` giving the empty buffer an encrypted
+    /// payload is written in, given its exact length: where it lives is the caller's choice,
+    /// such as an allocation kept from an earlier message.
+    ///
+    /// # Errors
+    /// See [`SealError`].
+    pub fn seal_in(
+        &self,
+        meta: &Sealing<'_>,
+        content: Flags,
+        plaintext: Bytes,
+        buffer: impl FnOnce(usize) -> Vec<u8>,
+    ) -> Result<(Flags, Bytes), SealError> {
         let rule = self.rules.iter().find(|rule| rule.filter.matches_str(meta.topic));
         let mut flags = content
             .with_compression(CompressionAlgorithm::None)
@@ -421,7 +437,7 @@ impl Engines {
         };
         let (nonce, nonce_len) = nonces.next(cipher)?;
         let header = KEY_ID_LEN + nonce_len;
-        let mut out = Vec::with_capacity(header + body.len() + TAG_LEN);
+        let mut out = buffer(header + body.len() + TAG_LEN);
         out.extend_from_slice(&key_id.0.to_be_bytes());
         out.extend_from_slice(&nonce[..nonce_len]);
         out.extend_from_slice(&body);

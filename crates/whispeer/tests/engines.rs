@@ -191,3 +191,31 @@ async fn one_open_serves_every_subscriber() {
     // Opened once: every subscriber holds the very same plaintext buffer.
     assert!(opened.iter().all(|p| p.as_ptr() == opened[0].as_ptr()));
 }
+
+/// Sealed messages of one length, published from one thread to eight subscribers whose
+/// workers let them go (so their allocations come back to be written in again): each opens to
+/// its own value, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sealed_messages_in_reused_allocations_each_open_to_their_own_value() {
+    const COUNT: usize = 3_000;
+    let broker = Broker::build_default().build();
+    let readers: Vec<_> = (0..8)
+        .map(|_| {
+            let mut sub = broker.subscription::<String>("seq").unwrap();
+            tokio::spawn(async move {
+                let mut got = Vec::with_capacity(COUNT);
+                while got.len() < COUNT {
+                    got.push(soon(sub.recv()).await.unwrap());
+                }
+                got
+            })
+        })
+        .collect();
+    let expected: Vec<String> = (0..COUNT).map(|n| format!("value {n:06}")).collect();
+    for value in &expected {
+        broker.publish("seq", value).unwrap();
+    }
+    for reader in readers {
+        assert_eq!(reader.await.unwrap(), expected);
+    }
+}

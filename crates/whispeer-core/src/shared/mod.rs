@@ -18,7 +18,7 @@ use crate::bridge::{Bridge, Forwarded, Interest};
 use crate::delivery::{CommitStore, Commits, Dedup, GroupKey, Groups, Seen};
 use crate::dispatch::Dispatchers;
 use crate::error::PublishError;
-use crate::message::{Message, now_ms};
+use crate::message::{Message, kept_buffer, now_ms};
 use crate::options::BrokerOptions;
 use crate::plugin::Plugin;
 use crate::publish::{PublishOptions, PublishReceipt};
@@ -172,7 +172,7 @@ impl Shared {
         let (flags, payload) = match &self.engines {
             Some(engines) => {
                 let meta = Sealing { topic, id, timestamp_ms, headers };
-                engines.seal(&meta, flags, payload)?
+                engines.seal_in(&meta, flags, payload, kept_buffer)?
             }
             None => (flags, payload),
         };
