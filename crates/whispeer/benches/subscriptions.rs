@@ -1,7 +1,7 @@
 //! What a subscription costs as their number grows, in process: resident memory per idle
 //! subscription, and publish → deliver throughput with 1,000 and 100,000 exact-topic
-//! subscriptions (sync callbacks counting deliveries; two passes of 1,000,000 messages to topics drawn among
-//! the subscribed ones). Prints figures; asserts nothing about them.
+//! subscriptions (sync callbacks counting deliveries; two passes of 1,000,000 messages to
+//! topics drawn among the subscribed ones). Prints figures; asserts nothing about them.
 //!
 //! Run with `cargo bench -p whispeer --bench subscriptions`: each case runs in a process of its
 //! own (run after the other in one process, the 1,000 case inherited the 100,000 case's heap and

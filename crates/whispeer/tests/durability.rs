@@ -364,6 +364,7 @@ async fn a_durable_subscription_resumes_from_the_store_after_a_commit_older_than
 }
 
 /// The offset the next message of `topic` gets.
+#[cfg(feature = "sqlite")]
 fn next_offset(broker: &Broker, topic: &str) -> u64 {
     let topic = whispeer::Topic::parse(topic).unwrap();
     broker.history(&topic, StartAt::Earliest, 1).unwrap().next_offset
