@@ -1,6 +1,7 @@
 //! Topic → subscribers: an exact-topic hash map, a wildcard trie, and a per-topic match cache.
 //!
-//! Exact filters route with one hash lookup. Wildcard filters live in a trie keyed by segment;
+//! Exact filters route with one hash lookup ([`exact`]: an entry holds its topic's first bytes,
+//! so the look-up compares a short topic within the entry). Wildcard filters live in a trie keyed by segment;
 //! the result of matching a topic against the trie is cached per topic, so a topic seen before
 //! also routes in O(1). The cache holds at most `MAX_CACHED_TOPICS` entries and is cleared
 //! whenever a wildcard subscription comes or goes.
@@ -17,6 +18,8 @@ use whispeer_proto::{Envelope, Filter, FilterSegment, Topic, hidden_from_wildcar
 
 use crate::hash::FastMap;
 use crate::queue::Queue;
+
+mod exact;
 
 /// Bound on the number of topics whose wildcard matches are cached.
 const MAX_CACHED_TOPICS: usize = 64 * 1024;
@@ -137,7 +140,7 @@ fn remove_route(routes: &mut Routes, id: SubId) -> bool {
 
 #[derive(Debug, Default)]
 struct Table {
-    exact: FastMap<Topic, Routes>,
+    exact: exact::Exact,
     wild: Node,
     wild_count: usize,
     total: usize,
@@ -197,7 +200,7 @@ impl Router {
         let mut table = self.table.write().unwrap_or_else(PoisonError::into_inner);
         table.total += 1;
         if let Some(topic) = filter.as_topic() {
-            table.exact.entry(topic).or_default().push(route);
+            table.exact.push(topic, route);
         } else {
             table.wild.insert(filter.segments(), route);
             table.wild_count += 1;
@@ -209,12 +212,7 @@ impl Router {
     pub(crate) fn remove(&self, filter: &Filter, id: SubId) -> bool {
         let mut table = self.table.write().unwrap_or_else(PoisonError::into_inner);
         let found = if filter.is_exact() {
-            let key = filter.as_str();
-            let found = table.exact.get_mut(key).is_some_and(|routes| remove_route(routes, id));
-            if table.exact.get(key).is_some_and(|routes| routes.is_empty()) {
-                table.exact.remove(key);
-            }
-            found
+            table.exact.remove(filter.as_str(), id)
         } else {
             let found = table.wild.remove(filter.segments(), id);
             if found {
@@ -236,7 +234,7 @@ impl Router {
     /// Every route, for introspection (takes the table's read lock once).
     pub(crate) fn routes(&self) -> Vec<Route> {
         let table = self.table.read().unwrap_or_else(PoisonError::into_inner);
-        let mut out: Vec<Route> = table.exact.values().flatten().cloned().collect();
+        let mut out: Vec<Route> = table.exact.routes().flatten().cloned().collect();
         table.wild.all(&mut out);
         out
     }
@@ -277,7 +275,7 @@ impl Router {
         deliver: impl FnOnce(T, Option<Matches<'_>>) -> R,
     ) -> Result<R, E> {
         let table = self.table.read().unwrap_or_else(PoisonError::into_inner);
-        let exact = table.exact.get_key_value(routed.topic_text());
+        let exact = table.exact.get(routed.topic_text());
         admit(routed.topic_text(), exact.is_some())?;
         if table.wild_count == 0 {
             let matches = exact.map(|(topic, exact)| Matches { topic, exact, wild: &[] });
