@@ -1,12 +1,14 @@
 //! What a subscription costs as their number grows, in process: resident memory per idle
 //! subscription, and publish → deliver throughput with 1,000 and 100,000 exact-topic
 //! subscriptions (sync callbacks counting deliveries; two passes of 1,000,000 messages to
-//! topics drawn among the subscribed ones). Prints figures; asserts nothing about them.
+//! topics drawn among the subscribed ones). Each shape runs with short topics (`w/<i>`) and
+//! with longer ones as devices name them (`devices/<i>/telemetry/temperature`, 34–39 bytes).
+//! Prints figures; asserts nothing about them.
 //!
 //! Run with `cargo bench -p whispeer --bench subscriptions`: each case runs in a process of its
 //! own (run after the other in one process, the 1,000 case inherited the 100,000 case's heap and
 //! ran at 0.6–0.8× its rate alone, which flattered the ratio). `… -- 100000` runs one case in
-//! this process.
+//! this process (`… -- 100000 long`: with the longer topics).
 
 #![expect(clippy::unwrap_used, reason = "a benchmark fails loudly on any error")]
 
@@ -23,10 +25,15 @@ fn rss_bytes() -> Option<u64> {
     Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
 }
 
-/// Subscribes `count` callbacks to `w/<i>`, then publishes two passes of `messages` to random
-/// ones; gives the KiB per subscription and the delivered messages per second of each pass
-/// (the first also pays for each subscription's first messages: its queue's buffers).
-fn case(count: usize, messages: u64) -> (f64, [f64; 2]) {
+/// The topic of subscription `i`: short, or as a device would name it.
+fn topic(i: usize, long: bool) -> String {
+    if long { format!("devices/{i:06}/telemetry/temperature") } else { format!("w/{i}") }
+}
+
+/// Subscribes `count` callbacks to [`topic`]s, then publishes two passes of `messages` to
+/// random ones; gives the KiB per subscription and the delivered messages per second of each
+/// pass (the first also pays for each subscription's first messages: its queue's buffers).
+fn case(count: usize, messages: u64, long: bool) -> (f64, [f64; 2]) {
     let broker = Broker::builder(BrokerOptions::default()).build();
     let delivered = Arc::new(AtomicU64::new(0));
     let before = rss_bytes().unwrap_or(0);
@@ -34,14 +41,14 @@ fn case(count: usize, messages: u64) -> (f64, [f64; 2]) {
         .map(|i| {
             let delivered = Arc::clone(&delivered);
             broker
-                .subscribe(format!("w/{i}").as_str(), move |_: Bytes| {
+                .subscribe(topic(i, long).as_str(), move |_: Bytes| {
                     delivered.fetch_add(1, Ordering::Relaxed);
                 })
                 .unwrap()
         })
         .collect();
     let per = rss_bytes().unwrap_or(0).saturating_sub(before) as f64 / count as f64 / 1024.0;
-    let topics: Vec<String> = (0..count).map(|i| format!("w/{i}")).collect();
+    let topics: Vec<String> = (0..count).map(|i| topic(i, long)).collect();
     let payload = Bytes::from(vec![7u8; 128]);
     let mut state = 0x9e37_79b9_7f4a_7c15_u64;
     let mut rates = [0.0; 2];
@@ -70,9 +77,14 @@ fn case(count: usize, messages: u64) -> (f64, [f64; 2]) {
 
 /// Runs one case in a process of its own (this benchmark again, with `-- N`), so that neither
 /// case inherits the other's heap, and reads its figures back.
-fn case_alone(count: usize) -> (f64, [f64; 2]) {
+fn case_alone(count: usize, long: bool) -> (f64, [f64; 2]) {
     let exe = std::env::current_exe().unwrap();
-    let out = std::process::Command::new(exe).arg("--").arg(count.to_string()).output().unwrap();
+    let mut command = std::process::Command::new(exe);
+    command.arg("--").arg(count.to_string());
+    if long {
+        command.arg("long");
+    }
+    let out = command.output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     let figures =
         text.lines().find_map(|line| line.strip_prefix(&format!("{count} subscriptions: ")));
@@ -85,13 +97,14 @@ fn case_alone(count: usize) -> (f64, [f64; 2]) {
 }
 
 fn main() {
-    // `-- N`: only the case with N subscriptions, in this process (also for a profiler).
+    // `-- N [long]`: only the case with N subscriptions, in this process (also for a profiler).
+    let long = std::env::args().skip(1).any(|a| a == "long");
     if let Some(count) = std::env::args().skip(1).find_map(|a| a.parse::<usize>().ok()) {
         let runtime =
             tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
         let runtime = runtime.unwrap();
         let _entered = runtime.enter();
-        let (per, [first, second]) = case(count, 1_000_000);
+        let (per, [first, second]) = case(count, 1_000_000, long);
         println!(
             "{count} subscriptions: {per:.2} KiB each, {:.0} k msgs/s first, {:.0} k msgs/s then",
             first / 1e3,
@@ -99,16 +112,18 @@ fn main() {
         );
         return;
     }
-    let (large_per, large) = case_alone(100_000);
-    let (_, small) = case_alone(1_000);
-    println!("idle subscription, 100,000 of them: {large_per:.2} KiB each");
-    for (pass, name) in ["first million", "second million"].iter().enumerate() {
-        println!(
-            "publish -> deliver, {name}: 1,000 subscriptions {:.0} k msgs/s, 100,000 {:.0} k \
-             ({:.2}x)",
-            small[pass] / 1e3,
-            large[pass] / 1e3,
-            large[pass] / small[pass]
-        );
+    for (long, shape) in [(false, "short topics"), (true, "device topics")] {
+        let (large_per, large) = case_alone(100_000, long);
+        let (_, small) = case_alone(1_000, long);
+        println!("{shape}: idle subscription, 100,000 of them: {large_per:.2} KiB each");
+        for (pass, name) in ["first million", "second million"].iter().enumerate() {
+            println!(
+                "{shape}: publish -> deliver, {name}: 1,000 subscriptions {:.0} k msgs/s, \
+                 100,000 {:.0} k ({:.2}x)",
+                small[pass] / 1e3,
+                large[pass] / 1e3,
+                large[pass] / small[pass]
+            );
+        }
     }
 }
