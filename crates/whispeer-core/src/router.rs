@@ -1,7 +1,7 @@
 //! Topic → subscribers: an exact-topic hash map, a wildcard trie, and a per-topic match cache.
 //!
-//! Exact filters route with one hash lookup ([`exact`]: an entry holds its topic's first bytes,
-//! so the look-up compares a short topic within the entry). Wildcard filters live in a trie keyed by segment;
+//! Exact filters route with one hash lookup ([`exact`]: a topic of up to 23 bytes is held in
+//! the table's entry, so the look-up compares it, and a message copies it, within the entry). Wildcard filters live in a trie keyed by segment;
 //! the result of matching a topic against the trie is cached per topic, so a topic seen before
 //! also routes in O(1). The cache holds at most `MAX_CACHED_TOPICS` entries and is cleared
 //! whenever a wildcard subscription comes or goes.
@@ -171,7 +171,7 @@ pub(crate) struct Router {
 }
 
 /// The subscriptions one topic matches, and the topic as the router holds it, so a publisher can
-/// share that allocation instead of making its own.
+/// clone it instead of parsing its own (and, past 23 bytes, allocating it).
 #[derive(Debug)]
 pub(crate) struct Matches<'a> {
     pub(crate) topic: &'a Topic,

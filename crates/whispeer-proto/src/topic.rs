@@ -7,7 +7,8 @@
 //! segment starts with `$` (those are reserved for the broker, as in MQTT).
 
 use std::fmt;
-use std::sync::Arc;
+
+use smol_str::SmolStr;
 
 use crate::Limits;
 
@@ -142,24 +143,17 @@ fn scan(s: &str, limits: &Limits) -> Result<(usize, Option<(usize, char)>), Topi
 
 /// A validated topic: the concrete name a message is published to, such as `sensor/k1/temperature`.
 ///
-/// Cloning is cheap (the text is shared).
-#[derive(Clone, PartialOrd, Ord)]
-pub struct Topic(Arc<str>);
-
-impl PartialEq for Topic {
-    /// Equal texts. Two clones of one topic (a connection's cached topic, the router's copy a
-    /// message shares) are equal without comparing the text.
-    fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.0, &other.0) || *self.0 == *other.0
-    }
-}
-
-impl Eq for Topic {}
+/// Cloning is cheap: a topic of up to 23 bytes is held in place (a copy of 24 bytes, no
+/// allocation and no shared count: a message, the router's table and a connection's last
+/// topic each hold their own, so none of them reads another's memory); a longer one shares its
+/// text.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Topic(SmolStr);
 
 impl std::hash::Hash for Topic {
     /// Hashes as its text, as `str` does (so maps keyed by `Topic` are searched with a `&str`).
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.0.hash(state);
+        self.as_str().hash(state);
     }
 }
 
@@ -178,7 +172,7 @@ impl Topic {
     /// Returns the first rule the text breaks; see [`TopicError`].
     pub fn parse_with(s: &str, limits: &Limits) -> Result<Self, TopicError> {
         Self::validate(s, limits)?;
-        Ok(Self(Arc::from(s)))
+        Ok(Self(SmolStr::new(s)))
     }
 
     /// Checks that `s` is a valid topic under `limits` without allocating.
@@ -194,48 +188,48 @@ impl Topic {
 
     /// The topic's text.
     pub fn as_str(&self) -> &str {
-        &self.0
+        self.0.as_str()
     }
 
     /// The `/`-separated segments, in order.
     pub fn segments(&self) -> impl Iterator<Item = &str> {
-        self.0.split('/')
+        self.as_str().split('/')
     }
 
     /// Whether a leading wildcard skips this topic: its first segment starts with `$` (reserved
     /// for the broker) or `@` (addressed to one party, like `@inbox/<id>`).
     pub fn is_hidden(&self) -> bool {
-        hidden_from_wildcards(&self.0)
+        hidden_from_wildcards(self.as_str())
     }
 
     /// Whether the topic is reserved for the broker (its first segment starts with `$`).
     pub fn is_reserved(&self) -> bool {
-        self.0.starts_with('$')
+        self.as_str().starts_with('$')
     }
 }
 
 impl fmt::Display for Topic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_str())
     }
 }
 
 impl fmt::Debug for Topic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Topic({:?})", &*self.0)
+        write!(f, "Topic({:?})", self.as_str())
     }
 }
 
 impl std::borrow::Borrow<str> for Topic {
     /// Lets maps keyed by `Topic` be searched with a `&str` (`Topic` hashes as its text).
     fn borrow(&self) -> &str {
-        &self.0
+        self.as_str()
     }
 }
 
 impl AsRef<str> for Topic {
     fn as_ref(&self) -> &str {
-        &self.0
+        self.as_str()
     }
 }
 
@@ -263,10 +257,10 @@ impl<'a> FilterSegment<'a> {
 /// A validated subscription filter, such as `sensor/+/temperature` or `chat/#`.
 ///
 /// A filter without wildcards matches exactly one topic (see [`Filter::is_exact`]).
-/// Cloning is cheap (the text is shared).
+/// Cloning is cheap (as a [`Topic`]'s).
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Filter {
-    text: Arc<str>,
+    text: SmolStr,
     exact: bool,
 }
 
@@ -286,7 +280,7 @@ impl Filter {
     pub fn parse_with(s: &str, limits: &Limits) -> Result<Self, TopicError> {
         let (depth, first_wildcard) = scan(s, limits)?;
         if first_wildcard.is_none() {
-            return Ok(Self { text: Arc::from(s), exact: true });
+            return Ok(Self { text: SmolStr::new(s), exact: true });
         }
         let mut exact = true;
         for (index, segment) in s.split('/').enumerate() {
@@ -305,12 +299,12 @@ impl Filter {
                 }
             }
         }
-        Ok(Self { text: Arc::from(s), exact })
+        Ok(Self { text: SmolStr::new(s), exact })
     }
 
     /// The filter's text, as given.
     pub fn as_str(&self) -> &str {
-        &self.text
+        self.text.as_str()
     }
 
     /// Whether the filter has no wildcard and so matches exactly one topic.
@@ -320,7 +314,7 @@ impl Filter {
 
     /// The one topic an exact filter matches; `None` for a filter with wildcards.
     pub fn as_topic(&self) -> Option<Topic> {
-        self.exact.then(|| Topic(Arc::clone(&self.text)))
+        self.exact.then(|| Topic(self.text.clone()))
     }
 
     /// The segments, in order.
@@ -337,7 +331,7 @@ impl Filter {
     /// for topics validated elsewhere (an invalid one gets an answer, never a panic).
     pub fn matches_str(&self, topic: &str) -> bool {
         if self.exact {
-            return *self.text == *topic;
+            return self.text.as_str() == topic;
         }
         let mut filter = self.segments();
         let mut topic_segments = topic.split('/');
@@ -375,13 +369,13 @@ pub fn hidden_from_wildcards(first: &str) -> bool {
 
 impl fmt::Display for Filter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.text)
+        f.write_str(self.as_str())
     }
 }
 
 impl fmt::Debug for Filter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Filter({:?})", &*self.text)
+        write!(f, "Filter({:?})", self.as_str())
     }
 }
 
@@ -534,17 +528,26 @@ mod tests {
     #[test]
     fn topics_are_equal_by_text_whether_shared_or_not() {
         use std::hash::BuildHasher;
-        let a = Topic::parse("a/b").unwrap();
-        let shared = a.clone();
-        let separate = Topic::parse("a/b").unwrap();
-        let other = Topic::parse("a/c").unwrap();
-        assert!(Arc::ptr_eq(&a.0, &shared.0) && !Arc::ptr_eq(&a.0, &separate.0));
-        assert_eq!(a, shared);
-        assert_eq!(a, separate);
-        assert_ne!(a, other);
         let hasher = std::collections::hash_map::RandomState::new();
-        assert_eq!(hasher.hash_one(&a), hasher.hash_one("a/b"));
-        assert_eq!(hasher.hash_one(&a), hasher.hash_one(&separate));
+        // Held in place up to 23 bytes, shared beyond: equal and hashed by text either way.
+        for (text, changed) in
+            [("a/b", "a/c"), ("sensors/0001/temperature", "sensors/0001/temperaturf")]
+        {
+            let a = Topic::parse(text).unwrap();
+            let copy = a.clone();
+            let separate = Topic::parse(text).unwrap();
+            let other = Topic::parse(changed).unwrap();
+            let shares = a.as_str().as_ptr() == copy.as_str().as_ptr();
+            assert_eq!(shares, text.len() > 23, "{text}");
+            assert_ne!(a.as_str().as_ptr(), separate.as_str().as_ptr());
+            assert_eq!(a, copy);
+            assert_eq!(a, separate);
+            assert_ne!(a, other);
+            assert_eq!(hasher.hash_one(&a), hasher.hash_one(text));
+            assert_eq!(hasher.hash_one(&a), hasher.hash_one(&separate));
+            let filter = Filter::parse(text).unwrap();
+            assert_eq!(filter.as_topic(), Some(a));
+        }
     }
 
     #[test]

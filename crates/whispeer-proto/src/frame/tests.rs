@@ -228,19 +228,24 @@ fn a_topic_cache_shares_a_repeated_topic_and_still_checks_new_ones() {
     };
     let mut cache = TopicCache::default();
     let mut decode = |mut buf: BytesMut| Frame::decode_cached(&mut buf, &limits(), &mut cache);
-    let first = topic_of(decode(publish("a/b")).unwrap().unwrap());
-    let second = topic_of(decode(publish("a/b")).unwrap().unwrap());
+    // Longer than the 23 bytes a topic holds in place, so a repeat shares the cached text.
+    let (b, c) = ("sensors/0001/temperature/b", "sensors/0001/temperature/c");
+    let first = topic_of(decode(publish(b)).unwrap().unwrap());
+    let second = topic_of(decode(publish(b)).unwrap().unwrap());
     assert_eq!(first.as_str().as_ptr(), second.as_str().as_ptr(), "the text is shared");
-    let other = topic_of(decode(publish("a/c")).unwrap().unwrap());
-    assert_eq!(other.as_str(), "a/c");
-    // A topic the cache has not seen is parsed: "a/b" with its `/` made a control character.
-    let mut bad = publish("a/b");
-    let at = bad.iter().position(|&b| b == b'/').unwrap();
+    let other = topic_of(decode(publish(c)).unwrap().unwrap());
+    assert_eq!(other.as_str(), c);
+    // A topic the cache has not seen is parsed: `b` with its `/` made a control character.
+    let mut bad = publish(b);
+    let at = bad.iter().position(|&byte| byte == b'/').unwrap();
     bad[at] = 0x01;
     let refused = decode(bad).unwrap_err();
     assert!(matches!(refused, DecodeError::RequestTopic { .. }), "{refused:?}");
-    let again = topic_of(decode(publish("a/c")).unwrap().unwrap());
+    let again = topic_of(decode(publish(c)).unwrap().unwrap());
     assert_eq!(again.as_str().as_ptr(), other.as_str().as_ptr(), "kept across a refusal");
+    // A short topic is held in place: equal to the cached one, not shared.
+    let short = topic_of(decode(publish("a/b")).unwrap().unwrap());
+    assert_eq!(short, topic_of(decode(publish("a/b")).unwrap().unwrap()));
 }
 
 #[test]
