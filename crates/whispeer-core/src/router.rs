@@ -1,9 +1,10 @@
 //! Topic → subscribers: an exact-topic hash map, a wildcard trie, and a per-topic match cache.
 //!
-//! Exact filters route with one hash lookup ([`exact`]: a topic of up to 23 bytes is held in
-//! the table's entry, so the look-up compares it, and a message copies it, within the entry). Wildcard filters live in a trie keyed by segment;
-//! the result of matching a topic against the trie is cached per topic, so a topic seen before
-//! also routes in O(1). The cache holds at most `MAX_CACHED_TOPICS` entries and is cleared
+//! Exact filters route with one hash lookup (a `Topic` of up to 23 bytes holds its text in
+//! place, so the table's entry holds it: among many topics the look-up compares it, and a
+//! message copies it, without reading another allocation). Wildcard filters live in a trie
+//! keyed by segment; the result of matching a topic against the trie is cached per topic, so a
+//! topic seen before also routes in O(1). The cache holds at most `MAX_CACHED_TOPICS` entries and is cleared
 //! whenever a wildcard subscription comes or goes.
 //!
 //! Locking: `table` is a std `RwLock`, read on every publish and written on (un)subscribe, and
@@ -18,8 +19,6 @@ use whispeer_proto::{Envelope, Filter, FilterSegment, Topic, hidden_from_wildcar
 
 use crate::hash::FastMap;
 use crate::queue::Queue;
-
-mod exact;
 
 /// Bound on the number of topics whose wildcard matches are cached.
 const MAX_CACHED_TOPICS: usize = 64 * 1024;
@@ -140,7 +139,7 @@ fn remove_route(routes: &mut Routes, id: SubId) -> bool {
 
 #[derive(Debug, Default)]
 struct Table {
-    exact: exact::Exact,
+    exact: FastMap<Topic, Routes>,
     wild: Node,
     wild_count: usize,
     total: usize,
@@ -200,7 +199,7 @@ impl Router {
         let mut table = self.table.write().unwrap_or_else(PoisonError::into_inner);
         table.total += 1;
         if let Some(topic) = filter.as_topic() {
-            table.exact.push(topic, route);
+            table.exact.entry(topic).or_default().push(route);
         } else {
             table.wild.insert(filter.segments(), route);
             table.wild_count += 1;
@@ -212,7 +211,13 @@ impl Router {
     pub(crate) fn remove(&self, filter: &Filter, id: SubId) -> bool {
         let mut table = self.table.write().unwrap_or_else(PoisonError::into_inner);
         let found = if filter.is_exact() {
-            table.exact.remove(filter.as_str(), id)
+            let key = filter.as_str();
+            let Some(routes) = table.exact.get_mut(key) else { return false };
+            let found = remove_route(routes, id);
+            if routes.is_empty() {
+                table.exact.remove(key);
+            }
+            found
         } else {
             let found = table.wild.remove(filter.segments(), id);
             if found {
@@ -234,7 +239,7 @@ impl Router {
     /// Every route, for introspection (takes the table's read lock once).
     pub(crate) fn routes(&self) -> Vec<Route> {
         let table = self.table.read().unwrap_or_else(PoisonError::into_inner);
-        let mut out: Vec<Route> = table.exact.routes().flatten().cloned().collect();
+        let mut out: Vec<Route> = table.exact.values().flatten().cloned().collect();
         table.wild.all(&mut out);
         out
     }
@@ -275,7 +280,7 @@ impl Router {
         deliver: impl FnOnce(T, Option<Matches<'_>>) -> R,
     ) -> Result<R, E> {
         let table = self.table.read().unwrap_or_else(PoisonError::into_inner);
-        let exact = table.exact.get(routed.topic_text());
+        let exact = table.exact.get_key_value(routed.topic_text());
         admit(routed.topic_text(), exact.is_some())?;
         if table.wild_count == 0 {
             let matches = exact.map(|(topic, exact)| Matches { topic, exact, wild: &[] });
@@ -371,6 +376,39 @@ mod tests {
         assert!(router.remove(&Filter::parse("a/b").unwrap(), SubId(0)));
         assert_eq!(matched(&router, "a/b"), BTreeSet::from([2, 3, 4]));
         assert_eq!(router.len(), 4);
+    }
+
+    /// Exact topics alike in length and first bytes, held in place (up to 23 bytes) and shared
+    /// (longer), route only to their own subscribers.
+    #[test]
+    fn exact_topics_alike_in_their_first_bytes_route_only_to_their_own() {
+        let router = Router::default();
+        let texts = [
+            "a",
+            "a/b",
+            "abcdefghijklmnopqrstuv",
+            "abcdefghijklmnopqrstuvw",
+            "abcdefghijklmnopqrstuvx",
+            "abcdefghijklmnopqrstuvwx",
+            "abcdefghijklmnopqrstuvwx/y",
+            "abcdefghijklmnopqrstuvwx/z",
+        ];
+        for (i, text) in texts.iter().enumerate() {
+            router.insert(&Filter::parse(text).unwrap(), route(i as u64));
+        }
+        for (i, text) in texts.iter().enumerate() {
+            let topic = router.with_matches(text, |m| m.map(|m| m.topic.as_str().to_owned()));
+            assert_eq!(topic.as_deref(), Some(*text));
+            assert_eq!(matched(&router, text), BTreeSet::from([i as u64]), "{text}");
+        }
+        for absent in ["b", "abcdefghijklmnopqrstu", "abcdefghijklmnopqrstuvwy", "a/bc"] {
+            assert!(matched(&router, absent).is_empty(), "{absent}");
+        }
+        let gone = Filter::parse("abcdefghijklmnopqrstuvwx/y").unwrap();
+        assert!(router.remove(&gone, SubId(6)));
+        assert!(!router.remove(&gone, SubId(6)));
+        assert!(matched(&router, gone.as_str()).is_empty());
+        assert_eq!(matched(&router, "abcdefghijklmnopqrstuvwx/z"), BTreeSet::from([7]));
     }
 
     #[test]
