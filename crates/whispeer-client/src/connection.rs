@@ -24,6 +24,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -48,6 +49,8 @@ type Map<V> = HashMap<u32, V, foldhash::fast::RandomState>;
 const HIGH_WATER: usize = 256 * 1024;
 /// Commands taken per wake-up before writing.
 const BATCH: usize = 256;
+/// A write this soon after the last one first waits for other ready tasks (`Actor::gather`).
+const GATHER_WITHIN: Duration = Duration::from_micros(100);
 
 /// What a client handle asks of the connection task.
 pub(crate) enum Command {
@@ -122,6 +125,10 @@ pub(crate) struct Actor {
     next_correlation: u32,
     /// The address index of the current (or last) connection.
     node: usize,
+    /// Whether this task woke others (acknowledged their publishes, handed them deliveries)
+    /// since its last write, which ended at `last_write`: see `gather`.
+    woke: bool,
+    last_write: Option<Instant>,
 }
 
 impl Actor {
@@ -144,6 +151,8 @@ impl Actor {
             next_sub: 1,
             next_correlation: 100,
             node: 0,
+            woke: false,
+            last_write: None,
         }
     }
 
@@ -351,8 +360,9 @@ impl Actor {
                     if matches!(written, Ok(0) | Err(_)) {
                         return Ended::Lost(ClientError::Disconnected);
                     }
-                    gathered = false;
-                    next_ping = Instant::now() + heartbeat;
+                    let now = Instant::now();
+                    (gathered, self.woke, self.last_write) = (false, false, Some(now));
+                    next_ping = now + heartbeat;
                 }
                 // The server's silence, and this client's: each may have moved since the timer
                 // was armed.
@@ -437,6 +447,7 @@ impl Actor {
                 continue;
             }
             subscription.buffer.put_all(&mut subscription.staged);
+            self.woke = true;
         }
         for sub in gone {
             self.unsubscribe(sub, out, max);
@@ -470,15 +481,19 @@ impl Actor {
     /// task as they publish, and the runtime runs a task woken from a worker right after the
     /// task that woke it: without waiting, each of them would get a write (a system call and a
     /// segment) of its own. So once per write (`gathered` says whether it has since the last
-    /// one) the task yields here, where no other branch can interrupt it, lets every other task
-    /// ready on its worker run, and takes what they added: the write carries them all.
+    /// one), if this task woke others since its last write or wrote less than `GATHER_WITHIN`
+    /// ago, it yields here, where no other branch can interrupt it, lets every other task ready
+    /// on its worker run, and takes what they added: the write carries them all. Otherwise (a
+    /// publish after a quiet spell) it writes at once: the yield, a turn of the runtime, cost
+    /// 60–80 µs of publish-to-deliver latency at 10 k msgs/s here.
     async fn gather(
         &mut self,
         gathered: &mut bool,
         out: &mut OutBuf,
         max: usize,
     ) -> Result<(), ClientError> {
-        if std::mem::replace(gathered, true) {
+        let streaming = self.last_write.is_some_and(|at| at.elapsed() < GATHER_WITHIN);
+        if std::mem::replace(gathered, true) || !(self.woke || streaming) {
             return Ok(());
         }
         tokio::task::yield_now().await;
@@ -535,9 +550,11 @@ impl Actor {
             Body::Ok | Body::PubAck | Body::Pong => match self.pending.remove(&correlation) {
                 Some(Pending::Ack(ack)) | Some(Pending::Flush(ack)) => {
                     let _ = ack.send(Ok(()));
+                    self.woke = true;
                 }
                 Some(Pending::Subscribed { sub, reply }) => {
                     let _ = reply.send(Ok(sub));
+                    self.woke = true;
                 }
                 Some(Pending::Resubscribed { .. }) | None => {}
             },
@@ -570,12 +587,8 @@ impl Actor {
 
 fn fail(pending: Pending, err: ClientError) {
     match pending {
-        Pending::Ack(reply) | Pending::Flush(reply) => {
-            let _ = reply.send(Err(err));
-        }
-        Pending::Subscribed { reply, .. } => {
-            let _ = reply.send(Err(err));
-        }
+        Pending::Ack(reply) | Pending::Flush(reply) => drop(reply.send(Err(err))),
+        Pending::Subscribed { reply, .. } => drop(reply.send(Err(err))),
         Pending::Resubscribed { .. } => {}
     }
 }
