@@ -4,11 +4,10 @@
 //! Every system runs through one harness: each subscriber has its own connection; the publisher
 //! stays at most `--window-bytes` (8 MiB) of payload ahead of the slowest subscriber, as a real
 //! burst would; throughput counts delivered messages, and a lost message stalls the run with an
-//! error. Baselines beside whispeer: nats-server through async-nats (`--nats`) and through its
-//! raw text protocol (`--nats-raw`), and a byte-copying forwarder (`--forwarder`), the limit. Latency publishes at a fixed
-//! rate (paced per millisecond) from a task on the runtime's workers and measures
-//! publish-to-receive time inside this process; throughput publishes from the thread that
-//! blocks on the runtime. Each is where the raw clients do best.
+//! error. Baselines: nats-server through async-nats (`--nats`) and its raw text protocol
+//! (`--nats-raw`), and a byte-copying forwarder (`--forwarder`), the limit. Latency publishes
+//! at a fixed rate (paced per millisecond) from a task, throughput from the thread blocking on
+//! the runtime: where the raw clients do best at each (ARCHITECTURE.md).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -519,15 +518,8 @@ async fn measure(target: &Target, args: &BenchArgs, strict: bool) -> anyhow::Res
         throughput(target, 1, (args.messages / 40).max(100), 64 * 1024, window(64 * 1024));
     let (_, large) = lost("64 KiB", large_run.await)?;
     eprintln!("{name}: latency at {} msgs/s for {} s …", args.rate, args.latency_secs);
-    // The latency run's publisher is a task on the runtime's workers, as an application's
-    // would be: there every client measured is at its best (the raw clients, which write from
-    // the publishing task, at about a fifth of the figures they give publishing from the thread
-    // that blocks on the runtime). The throughput runs publish from that thread, where the raw
-    // clients are at their best (see ARCHITECTURE.md).
-    let (latency_target, rate, seconds) = (target.clone(), args.rate, args.latency_secs);
-    let latency = tokio::spawn(async move { latency(&latency_target, rate, seconds).await })
-        .await
-        .context("the latency run's task failed")??;
+    let (target, rate, seconds) = (target.clone(), args.rate, args.latency_secs);
+    let latency = tokio::spawn(async move { latency(&target, rate, seconds).await }).await??;
     Ok(Report { one_to_one, one_to_eight, large_mb: large / 1e6, latency, cpu_us })
 }
 
