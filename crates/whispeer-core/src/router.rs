@@ -4,8 +4,8 @@
 //! place, so the table's entry holds it: among many topics the look-up compares it, and a
 //! message copies it, without reading another allocation). Wildcard filters live in a trie
 //! keyed by segment; the result of matching a topic against the trie is cached per topic, so a
-//! topic seen before also routes in O(1). The cache holds at most `MAX_CACHED_TOPICS` entries and is cleared
-//! whenever a wildcard subscription comes or goes.
+//! topic seen before also routes in O(1). The cache holds at most `MAX_CACHED_TOPICS` entries
+//! and is cleared whenever a wildcard subscription comes or goes.
 //!
 //! Locking: `table` is a std `RwLock`, read on every publish and written on (un)subscribe, and
 //! never held across `.await`. The cache has its own lock, always taken *after* `table`, so a
