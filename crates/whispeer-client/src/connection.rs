@@ -8,8 +8,8 @@
 //! Publishes skip the command queue: publishing tasks encode them into a shared outbox
 //! ([`outbox`]), which the actor takes whole before a write. Other writes are batched too: the
 //! actor drains every waiting command into the same buffer before writing, and before writing
-//! publishes or acks it lets the other ready tasks run once, so that publishers woken together
-//! share one write (`Actor::gather`).
+//! publishes or acks it lets the other ready tasks run once while tasks it woke have not been
+//! heard from, so that publishers woken together share one write (`Actor::gather`, [`woken`]).
 //! Replies are matched to requests by correlation id. When the socket fails, pending requests
 //! fail with `Disconnected`; with reconnection on, the actor connects again with exponential
 //! backoff and re-subscribes every live subscription under its old id (and group). With
@@ -24,7 +24,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -37,6 +36,7 @@ pub(crate) use handshake::{Established, connect_any};
 pub(crate) use outbox::Outbox;
 use subs::Sub;
 pub(crate) use subs::{Buffer, Incoming, Settle, SubSpec};
+use woken::Woken;
 
 use crate::transport::Writer;
 use crate::{ClientError, ClientOptions};
@@ -49,8 +49,6 @@ type Map<V> = HashMap<u32, V, foldhash::fast::RandomState>;
 const HIGH_WATER: usize = 256 * 1024;
 /// Commands taken per wake-up before writing.
 const BATCH: usize = 256;
-/// A write this soon after the last one first waits for other ready tasks (`Actor::gather`).
-const GATHER_WITHIN: Duration = Duration::from_micros(100);
 
 /// What a client handle asks of the connection task.
 pub(crate) enum Command {
@@ -125,10 +123,8 @@ pub(crate) struct Actor {
     next_correlation: u32,
     /// The address index of the current (or last) connection.
     node: usize,
-    /// Whether this task woke others (acknowledged their publishes, handed them deliveries)
-    /// since its last write, which ended at `last_write`: see `gather`.
-    woke: bool,
-    last_write: Option<Instant>,
+    /// Whom this task woke since its last write, and when that was: see `gather`.
+    woken: Woken,
 }
 
 impl Actor {
@@ -151,8 +147,7 @@ impl Actor {
             next_sub: 1,
             next_correlation: 100,
             node: 0,
-            woke: false,
-            last_write: None,
+            woken: Woken::default(),
         }
     }
 
@@ -167,10 +162,12 @@ impl Actor {
 
     /// Moves the outbox's publishes to `out`, taking over their acknowledgement waiters.
     fn take_publishes(&mut self, out: &mut OutBuf) {
-        let pending = &mut self.pending;
+        let (pending, mut taken) = (&mut self.pending, 0);
         self.outbox.take_into(out, |correlation, ack| {
             pending.insert(correlation, Pending::Ack(ack));
+            taken += 1;
         });
+        self.woken.taken(taken);
     }
 
     pub(crate) async fn run(mut self, first: Established) {
@@ -361,7 +358,8 @@ impl Actor {
                         return Ended::Lost(ClientError::Disconnected);
                     }
                     let now = Instant::now();
-                    (gathered, self.woke, self.last_write) = (false, false, Some(now));
+                    gathered = false;
+                    self.woken.wrote(now);
                     next_ping = now + heartbeat;
                 }
                 // The server's silence, and this client's: each may have moved since the timer
@@ -447,7 +445,7 @@ impl Actor {
                 continue;
             }
             subscription.buffer.put_all(&mut subscription.staged);
-            self.woke = true;
+            self.woken.handed(sub);
         }
         for sub in gone {
             self.unsubscribe(sub, out, max);
@@ -476,24 +474,18 @@ impl Actor {
         encode(&Frame::new(0, body), out.frames(), max)
     }
 
-    /// Called after taking publishes or acks for the next write. Publishing tasks woken
-    /// together — those whose acknowledgements one read brought, say — each wake the connection
-    /// task as they publish, and the runtime runs a task woken from a worker right after the
-    /// task that woke it: without waiting, each of them would get a write (a system call and a
-    /// segment) of its own. So once per write (`gathered` says whether it has since the last
-    /// one), if this task woke others since its last write or wrote less than `GATHER_WITHIN`
-    /// ago, it yields here, where no other branch can interrupt it, lets every other task ready
-    /// on its worker run, and takes what they added: the write carries them all. Otherwise (a
-    /// publish after a quiet spell) it writes at once: the yield, a turn of the runtime, cost
-    /// 60–80 µs of publish-to-deliver latency at 10 k msgs/s here.
+    /// Called after taking publishes or acks for the next write: once per write (`gathered`
+    /// says whether it has since the last one), while tasks it woke have not been heard from
+    /// ([`Woken::wait`]), it yields here, where no other branch can interrupt it, lets every
+    /// other task ready on its worker run, and takes what they added: the write carries them
+    /// all. Otherwise it writes at once.
     async fn gather(
         &mut self,
         gathered: &mut bool,
         out: &mut OutBuf,
         max: usize,
     ) -> Result<(), ClientError> {
-        let streaming = self.last_write.is_some_and(|at| at.elapsed() < GATHER_WITHIN);
-        if std::mem::replace(gathered, true) || !(self.woke || streaming) {
+        if std::mem::replace(gathered, true) || !self.woken.wait(&self.subscriptions) {
             return Ok(());
         }
         tokio::task::yield_now().await;
@@ -548,13 +540,17 @@ impl Actor {
         match frame.body {
             Body::Ping => encode(&Frame::new(correlation, Body::Pong), out.frames(), max)?,
             Body::Ok | Body::PubAck | Body::Pong => match self.pending.remove(&correlation) {
-                Some(Pending::Ack(ack)) | Some(Pending::Flush(ack)) => {
+                Some(Pending::Ack(ack)) => {
                     let _ = ack.send(Ok(()));
-                    self.woke = true;
+                    self.woken.answered();
+                }
+                Some(Pending::Flush(ack)) => {
+                    let _ = ack.send(Ok(()));
+                    self.woken.replied();
                 }
                 Some(Pending::Subscribed { sub, reply }) => {
                     let _ = reply.send(Ok(sub));
-                    self.woke = true;
+                    self.woken.replied();
                 }
                 Some(Pending::Resubscribed { .. }) | None => {}
             },
@@ -598,3 +594,4 @@ mod outbox;
 mod subs;
 #[cfg(test)]
 mod tests;
+mod woken;

@@ -97,6 +97,13 @@ impl Sub {
     }
 }
 
+impl Sub {
+    /// Whether deliveries handed over wait for the subscription to take them.
+    pub(super) fn untaken(&self) -> bool {
+        !self.buffer.waiting.lock().unwrap_or_else(PoisonError::into_inner).is_empty()
+    }
+}
+
 impl Drop for Sub {
     /// The connection task lets go of the subscription: it ends once it has taken what waits.
     fn drop(&mut self) {

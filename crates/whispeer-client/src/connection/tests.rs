@@ -1,6 +1,7 @@
 //! The connection task's QoS 1 bookkeeping, without a socket.
 
 use bytes::Bytes;
+use tokio::task::JoinHandle;
 use whispeer_proto::{ContentType, Envelope, Filter, Flags, Limits, MessageId, Qos, Topic};
 
 use super::subs::RecentIds;
@@ -314,6 +315,18 @@ async fn publishers_taking_turns_share_writes_while_the_connection_streams() {
     assert!(writes <= (ROUNDS * 16) as u64, "{writes} writes for {ROUNDS} rounds of {TASKS}");
 }
 
+/// A task that reads the count of writes once `go` is sent: it runs only when the runtime
+/// gets to it, after the connection task if that was woken first and wrote at once.
+fn writes_seen_later(writes: &Arc<AtomicU64>) -> (oneshot::Sender<()>, JoinHandle<u64>) {
+    let (go, wait) = oneshot::channel::<()>();
+    let writes = Arc::clone(writes);
+    let seen = tokio::spawn(async move {
+        let _ = wait.await;
+        writes.load(Ordering::Relaxed)
+    });
+    (go, seen)
+}
+
 /// A publish on a connection whose task woke no other task since its last write, and wrote
 /// nothing lately, goes out at once: before a task made ready after it runs (gathering would
 /// let that task run first).
@@ -325,17 +338,53 @@ async fn a_lone_publish_is_written_before_tasks_ready_after_it_run() {
         tokio::task::yield_now().await;
     }
     let before = writes.load(Ordering::Relaxed);
-    let (go, wait) = oneshot::channel::<()>();
-    let seen = {
-        let writes = Arc::clone(&writes);
-        tokio::spawn(async move {
-            let _ = wait.await;
-            writes.load(Ordering::Relaxed)
-        })
-    };
+    let (go, seen) = writes_seen_later(&writes);
     tokio::task::yield_now().await;
     // The connection task is woken by the publish, the other task after it.
     outbox.publish(Qos::AtMostOnce, envelope(), None).await.unwrap();
+    go.send(()).unwrap();
+    assert_eq!(seen.await.unwrap(), before + 1, "written before the other task ran");
+}
+
+/// The next write waits for tasks the connection task woke only while one of them has not
+/// been heard from: an answered publisher that has not published again, a subscription that
+/// has not taken the deliveries handed to it.
+#[test]
+fn a_write_waits_only_for_woken_tasks_not_heard_from() {
+    let (mut actor, buffer) = actor_with_sub(Qos::AtMostOnce, 8);
+    let wait = |actor: &Actor| actor.woken.wait(&actor.subscriptions);
+    assert!(!wait(&actor), "nobody was woken");
+    actor.woken.answered();
+    actor.woken.answered();
+    actor.woken.taken(1);
+    assert!(wait(&actor), "one answered publisher has not published again");
+    actor.woken.taken(1);
+    assert!(!wait(&actor), "both published again");
+    let mut out = OutBuf::default();
+    actor.deliver(deliver(1), &mut out, usize::MAX).unwrap();
+    actor.hand_over(&mut out, usize::MAX);
+    assert!(wait(&actor), "the subscription has not taken its delivery");
+    assert_eq!(take(&buffer), Some(vec![1]));
+    assert!(!wait(&actor), "the subscription took it");
+    actor.woken.replied();
+    assert!(wait(&actor), "a flush answered a moment ago");
+}
+
+/// A publisher that publishes again once its acknowledgement came (one in flight, pipelined)
+/// is not waited for: its publish is written before a task made ready after it runs.
+#[tokio::test(flavor = "current_thread")]
+async fn a_publish_after_its_own_acknowledgement_is_written_at_once() {
+    let (outbox, writes, _commands) = counted_connection();
+    let (ack, acked) = oneshot::channel();
+    outbox.publish(Qos::AtLeastOnce, envelope(), Some(ack)).await.unwrap();
+    acked.await.unwrap().unwrap();
+    // Past the streaming rule's moment since the first write.
+    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    let before = writes.load(Ordering::Relaxed);
+    let (go, seen) = writes_seen_later(&writes);
+    tokio::task::yield_now().await;
+    let (ack, _acked) = oneshot::channel();
+    outbox.publish(Qos::AtLeastOnce, envelope(), Some(ack)).await.unwrap();
     go.send(()).unwrap();
     assert_eq!(seen.await.unwrap(), before + 1, "written before the other task ran");
 }
