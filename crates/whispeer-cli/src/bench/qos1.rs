@@ -5,6 +5,8 @@
 //! (awaiting the oldest PUBACK before each publish past them); the subscriber acknowledges
 //! every delivery as it takes it, within its prefetch window. Latency: one publisher at a fixed
 //! rate, each publish waiting for its PUBACK; measured from before the publish to the delivery.
+//! Both publish from a task on the runtime's workers (a publish from the thread that blocks on
+//! the runtime wakes the connection task on another thread: see the client's crate docs).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -130,16 +132,21 @@ pub(super) async fn latency(
     });
     let publisher = connect(addr, api_key).await?;
     let period = Duration::from_secs(1).as_nanos() as u64 / rate.max(1);
-    let start = Instant::now();
-    let mut payload = vec![0u8; 128];
-    for i in 0..total {
-        let due = start + Duration::from_nanos(i * period);
-        if due > Instant::now() {
-            tokio::time::sleep_until(due.into()).await;
+    // From a task on the runtime's workers, as the QoS 0 latency run publishes.
+    tokio::spawn(async move {
+        let start = Instant::now();
+        let mut payload = vec![0u8; 128];
+        for i in 0..total {
+            let due = start + Duration::from_nanos(i * period);
+            if due > Instant::now() {
+                tokio::time::sleep_until(due.into()).await;
+            }
+            payload[..8].copy_from_slice(&(base.elapsed().as_nanos() as u64).to_be_bytes());
+            publisher.publish_acked_bytes(topic, Bytes::copy_from_slice(&payload)).await?;
         }
-        payload[..8].copy_from_slice(&(base.elapsed().as_nanos() as u64).to_be_bytes());
-        publisher.publish_acked_bytes(topic, Bytes::copy_from_slice(&payload)).await?;
-    }
+        anyhow::Ok(())
+    })
+    .await??;
     let samples = tokio::time::timeout(Duration::from_secs(30), reader)
         .await
         .context("QoS 1 latency run stalled")??;
