@@ -5,7 +5,7 @@
 import { createRequire } from "node:module";
 import { spawn } from "node:child_process";
 import { createServer } from "node:net";
-import { mkdtempSync } from "node:fs";
+import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import WebSocket from "ws";
@@ -14,9 +14,15 @@ const [pkg, bin] = process.argv.slice(2);
 globalThis.WebSocket = WebSocket; // Node 20 has no global WebSocket
 const { Client } = createRequire(import.meta.url)(`${pkg}/whispeer_wasm.js`);
 const children = [];
+// nats-server's store, removed once the servers are stopped.
+const natsDir = mkdtempSync(join(tmpdir(), "whispeer-nats-"));
+const stop = () => {
+  for (const child of children) child.kill("SIGKILL");
+  rmSync(natsDir, { recursive: true, force: true });
+};
 const fail = (message) => {
   console.error(`FAIL: ${message}`);
-  for (const child of children) child.kill("SIGKILL");
+  stop();
   process.exit(1);
 };
 const timer = setTimeout(() => fail("timed out"), 30000);
@@ -78,7 +84,7 @@ const port = await new Promise((resolve) => {
     probe.close(() => resolve(port));
   });
 });
-const nats = spawn("nats-server", ["-a", "127.0.0.1", "-p", String(port), "-js", "-sd", mkdtempSync(join(tmpdir(), "whispeer-nats-"))], { stdio: "ignore" });
+const nats = spawn("nats-server", ["-a", "127.0.0.1", "-p", String(port), "-js", "-sd", natsDir], { stdio: "ignore" });
 children.push(nats);
 await sleep(500);
 const node = (name) => serve({
@@ -106,6 +112,6 @@ if (seen.filter((m) => m !== "m0").join() !== wanted.join()) fail(`read ${seen}`
 reader.close();
 w2.close();
 clearTimeout(timer);
-for (const child of children) child.kill("SIGKILL");
+stop();
 console.log("ok: wasm client skipped a dead node, moved to the next when its node died, subscribed there again, and resumed a durable topic after its last offset");
 process.exit(0);

@@ -30,8 +30,12 @@ fn broker_on(dir: &Path) -> Broker {
 
 /// The directory the broker runs in, and the one the disk's image after the cut goes to.
 fn dirs(seed: u64) -> (PathBuf, PathBuf) {
-    let base = std::env::temp_dir().join(format!("whispeer-sqlite-power-{}", std::process::id()));
-    (base.join(format!("{seed}-live")), base.join(format!("{seed}-after")))
+    (base().join(format!("{seed}-live")), base().join(format!("{seed}-after")))
+}
+
+/// This run's directory, holding every round's (removed at the end).
+fn base() -> PathBuf {
+    std::env::temp_dir().join(format!("whispeer-sqlite-power-{}", std::process::id()))
 }
 
 fn rounds() -> u64 {
@@ -72,6 +76,7 @@ fn power_loss_under_sqlite_loses_no_acknowledged_message_and_reuses_no_offset() 
         drop(round);
         let _ = std::fs::remove_dir_all(&after);
     }
+    let _ = std::fs::remove_dir_all(base());
     println!(
         "power loss, SQLite: {} rounds, {mid_run} mid-run, {acked} acknowledged, 0 lost, no \
          offset given twice ({whole} disk operations in a whole run of {} messages on {} topics)",
