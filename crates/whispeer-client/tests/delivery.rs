@@ -10,13 +10,17 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 use whispeer::server::Tcp;
 use whispeer::{Broker, BrokerOptions, Redelivery, SlowConsumer};
 use whispeer_client::engines::{Compression, OpenError};
+use whispeer_client::proto::{Body, ErrorCode, Filter, Frame, Limits, MessageId};
 use whispeer_client::{
-    Client, ClientOptions, ClientSubscription, PublishOptions, Qos, SubscribeOptions,
+    Client, ClientOptions, ClientSubscription, PublishOptions, Qos, StartAt, SubscribeOptions,
 };
 
 async fn soon<F: Future>(f: F) -> F::Output {
@@ -348,4 +352,75 @@ async fn a_client_subscriber_that_always_finds_a_message_still_yields_to_other_t
     }
     let taken = taken_before_it_ran.expect("the other task ran only once no message waited");
     assert!(taken <= 16_384, "the other task waited for {taken} messages");
+}
+
+/// The frames the server sends on `stream` within `wait` (pings left out), read into `buf`.
+async fn frames_within(stream: &mut TcpStream, buf: &mut BytesMut, wait: Duration) -> Vec<Frame> {
+    let mut frames = Vec::new();
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        while let Some(frame) = Frame::decode(buf, &Limits::default()).unwrap() {
+            if frame.body != Body::Ping {
+                frames.push(frame);
+            }
+        }
+        match tokio::time::timeout_at(deadline, stream.read_buf(buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return frames,
+        }
+    }
+}
+
+/// Many ACKs in one write — two subscriptions' interleaved, with an ACK of an unknown
+/// subscription among them — settle every message they name (none comes again after its ack
+/// timeout), and the unknown subscription's ACK alone is refused.
+#[tokio::test]
+async fn acks_written_together_settle_all_they_name_and_refuse_an_unknown_subscription() {
+    let (broker, addr) = server(Duration::from_millis(300), 10);
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let mut out = BytesMut::new();
+    let hello = Body::Hello { version: 1, capabilities: 0, name: "acks".into() };
+    Frame::new(1, hello).encode(&mut out, usize::MAX).unwrap();
+    for (sub, topic) in [(1, "acks/a"), (2, "acks/b")] {
+        let filter = Filter::parse(topic).unwrap();
+        let (qos, start) = (Qos::AtLeastOnce, StartAt::Latest);
+        let body = Body::Subscribe { sub, qos, filter, prefetch: 100, group: None, start };
+        Frame::new(1 + sub, body).encode(&mut out, usize::MAX).unwrap();
+    }
+    stream.write_all(&out).await.unwrap();
+    let mut buf = BytesMut::new();
+    let answers = frames_within(&mut stream, &mut buf, Duration::from_millis(500)).await;
+    let oks = answers.iter().filter(|frame| frame.body == Body::Ok).count();
+    assert_eq!(oks, 2, "both subscribed: {answers:?}");
+    for n in 0..20u32 {
+        broker.publish(if n % 2 == 0 { "acks/a" } else { "acks/b" }, &n).unwrap();
+    }
+    let mut delivered = Vec::new();
+    while delivered.len() < 20 {
+        let frames = frames_within(&mut stream, &mut buf, Duration::from_millis(100)).await;
+        for frame in frames {
+            if let Body::Deliver { sub, envelope, .. } = frame.body {
+                delivered.push((sub, envelope.id));
+            }
+        }
+    }
+    out.clear();
+    for (i, &(sub, id)) in delivered.iter().enumerate() {
+        if i == 7 {
+            let unknown = Body::Ack { sub: 9, id: MessageId(1) };
+            Frame::new(77, unknown).encode(&mut out, usize::MAX).unwrap();
+        }
+        Frame::new(0, Body::Ack { sub, id }).encode(&mut out, usize::MAX).unwrap();
+    }
+    stream.write_all(&out).await.unwrap();
+    // Past the ack timeout: nothing comes again, and the one refusal came.
+    let after = frames_within(&mut stream, &mut buf, Duration::from_millis(1500)).await;
+    let refused: Vec<_> = after.iter().map(|frame| (frame.correlation, &frame.body)).collect();
+    assert!(
+        matches!(refused[..], [(77, Body::Error { code: ErrorCode::UNKNOWN_SUBSCRIPTION, .. })]),
+        "{} frames after the acks, the first {:?}",
+        refused.len(),
+        refused.first()
+    );
+    assert_eq!(broker.stats().acked, 20);
 }

@@ -17,8 +17,8 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use whispeer_proto::{
-    Body, ErrorCode, Filter, Frame, Limits, PROTOCOL_VERSION, Qos, ReadPool, StartAt, Topic,
-    TopicCache,
+    Body, ErrorCode, Filter, Frame, Limits, MessageId, PROTOCOL_VERSION, Qos, ReadPool, StartAt,
+    Topic, TopicCache,
 };
 
 use super::ServerConfig;
@@ -128,6 +128,7 @@ pub(super) async fn run<R, W>(
         config,
         tx,
         confirmations: Confirmations::default(),
+        acks: Vec::new(),
     };
     if let Some(principal) = &connection.principal {
         connection.registered.entry.set_principal(&principal.name);
@@ -178,6 +179,8 @@ struct Connection {
     auth_failures: u32,
     /// Ids in use, with the QoS 1 ones' ackers; the writer owns the subscriptions themselves.
     subscriptions: HashMap<u32, Option<Acker>>,
+    /// ACKs read and not settled yet (see `publish_read`).
+    acks: Vec<(u32, MessageId)>,
     /// What the broker may hold queued for this connection.
     budget: ByteBudget,
 }

@@ -94,6 +94,32 @@ async fn an_ack_settles_the_message_and_a_late_ack_settles_nothing() {
     assert_eq!(broker.stats().acked, 2);
 }
 
+/// Acks settled together (a server's read of ACK frames) settle each message named once,
+/// count only those, and leave the others to come again after their timeout.
+#[tokio::test(start_paused = true)]
+async fn acks_settled_together_count_only_what_was_unacknowledged() {
+    let broker = broker_with(exact(1000));
+    let mut sub = broker.messages(qos1("t")).unwrap();
+    for n in 0..3u32 {
+        broker.publish("t", &n).unwrap();
+    }
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let (message, _) = sub.try_recv_unsettled().expect("queued");
+        ids.push(message.id());
+    }
+    let acker = sub.acker().unwrap();
+    let never_delivered = whispeer::MessageId(7);
+    assert_eq!(acker.ack_all([ids[0], ids[1], ids[0], never_delivered]), 2);
+    assert_eq!((broker.stats().acked, sub.stats().unacked), (2, 1));
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let (again, attempt) =
+        soon(std::future::poll_fn(|cx| sub.poll_recv_unsettled(cx))).await.unwrap();
+    assert_eq!((again.id(), attempt), (ids[2], 2), "only the third comes again");
+    assert_eq!(acker.ack_all([ids[2]]), 1);
+    assert_eq!((broker.stats().acked, sub.stats().unacked), (3, 0));
+}
+
 #[tokio::test(start_paused = true)]
 async fn raw_messages_are_acknowledged_when_taken_and_unsettled_ones_are_not() {
     let broker = broker_with(exact(1000));

@@ -427,7 +427,26 @@ impl Tracker {
 
     /// Settles `id` as processed.
     pub(crate) fn ack(&self, id: MessageId) -> Settled {
+        Self::ack_locked(&mut self.lock(), id)
+    }
+
+    /// [`Tracker::ack`] of each of `ids` under one take of the lock (a read of acks from a
+    /// connection: the deliverer, on another thread, meets the lock once for them all); the
+    /// messages that were unacknowledged go to `settled`.
+    pub(crate) fn ack_all(
+        &self,
+        ids: impl IntoIterator<Item = MessageId>,
+        settled: &mut Vec<Message>,
+    ) {
         let mut state = self.lock();
+        for id in ids {
+            if let Settled::Done(message) = Self::ack_locked(&mut state, id) {
+                settled.push(message);
+            }
+        }
+    }
+
+    fn ack_locked(state: &mut State, id: MessageId) -> Settled {
         if let Some(entry) = state.take(id) {
             return Settled::Done(entry.message);
         }

@@ -338,6 +338,25 @@ impl Acker {
         true
     }
 
+    /// [`Acker::ack`] of each of `ids`, in order, settled together: one take of the tracker's
+    /// lock and one count for them all (a connection's read of acks). Returns how many were
+    /// unacknowledged.
+    pub fn ack_all(&self, ids: impl IntoIterator<Item = MessageId>) -> u64 {
+        let mut settled = Vec::new();
+        self.tracker.ack_all(ids, &mut settled);
+        let count = settled.len() as u64;
+        if count > 0 {
+            self.queue.counters.acked.fetch_add(count, Ordering::Relaxed);
+            self.shared.counters.acked.fetch_add(count, Ordering::Relaxed);
+        }
+        if let Some(commits) = &self.commits {
+            for message in &settled {
+                self.shared.committed(commits, message);
+            }
+        }
+        count
+    }
+
     /// Refuses message `id`: with `requeue`, it is delivered again at once (to this subscriber
     /// or another member of its group), counting an attempt; without, it goes to the
     /// dead-letter topic. Returns whether it was unacknowledged.

@@ -12,6 +12,9 @@ use crate::bump;
 use crate::rate::RateLimit;
 use crate::retained::{Full, Retained};
 
+/// ACKs gathered before they are settled together (a read holds fewer: this bounds the list).
+const MAX_ACKS: usize = 4096;
+
 /// What stopped [`Connection::publish_read`]: something to await.
 pub(super) enum Next {
     /// A publish's reply to send.
@@ -25,6 +28,11 @@ impl Connection {
     /// through `handle`, until one needs an answer sent or is another frame (returned, to be
     /// awaited), or `buf` holds no whole frame (`None`). Their messages reach their queues
     /// together when it returns ([`PushBatch`]), before anything awaits.
+    ///
+    /// ACKs of known subscriptions are gathered on the way and settled together before it
+    /// returns (before the frame it stops at is handled): a subscriber acks every delivery, and
+    /// one take of its tracker's lock for a read's acks, rather than one each, spares the
+    /// writer delivering on another thread from meeting that lock held.
     pub(super) fn publish_read(
         &mut self,
         buf: &mut BytesMut,
@@ -33,20 +41,52 @@ impl Connection {
         progressed: &mut bool,
     ) -> Result<Option<Next>, DecodeError> {
         let _batch = PushBatch::begin();
-        loop {
-            match Frame::decode_cached(buf, limits, topics)? {
-                Some(Frame { correlation, body: Body::Publish { qos, envelope } })
-                    if self.greeted && self.principal.is_some() =>
-                {
+        let next = loop {
+            let logged_in = self.greeted && self.principal.is_some();
+            let frame = match Frame::decode_cached(buf, limits, topics) {
+                Ok(frame) => frame,
+                Err(err) => break Err(err),
+            };
+            match frame {
+                Some(Frame { correlation, body: Body::Publish { qos, envelope } }) if logged_in => {
                     *progressed = true;
                     if let Some(reply) = self.publish(correlation, qos, envelope) {
-                        return Ok(Some(Next::Reply(reply)));
+                        break Ok(Some(Next::Reply(reply)));
                     }
                 }
-                Some(frame) => return Ok(Some(Next::Frame(frame))),
-                None => return Ok(None),
+                // An ACK of an unknown subscription is answered with an error, in `handle`.
+                Some(Frame { body: Body::Ack { sub, id }, .. })
+                    if logged_in && self.subscriptions.contains_key(&sub) =>
+                {
+                    *progressed = true;
+                    self.acks.push((sub, id));
+                    if self.acks.len() >= MAX_ACKS {
+                        self.settle_acks();
+                    }
+                }
+                Some(frame) => break Ok(Some(Next::Frame(frame))),
+                None => break Ok(None),
+            }
+        };
+        self.settle_acks();
+        next
+    }
+
+    /// Settles the ACKs gathered by `publish_read`, each run of one subscription's together;
+    /// those of a QoS 0 subscription settle nothing, as in `handle`.
+    fn settle_acks(&mut self) {
+        if self.acks.is_empty() {
+            return;
+        }
+        let mut acks = std::mem::take(&mut self.acks);
+        for run in acks.chunk_by(|a, b| a.0 == b.0) {
+            if let Some(Some(acker)) = run.first().and_then(|(sub, _)| self.subscriptions.get(sub))
+            {
+                acker.ack_all(run.iter().map(|&(_, id)| id));
             }
         }
+        acks.clear();
+        self.acks = acks;
     }
 
     /// PUBLISH, once the principal may write the topic and the rate limit allows it; returns
