@@ -1,9 +1,10 @@
 //! `whispeer bench --qos1`: the QoS 1 path end to end — publish, PUBACK, deliver, ACK — beside
 //! the QoS 0 figures of the same run.
 //!
-//! Throughput: one publisher keeps `IN_FLIGHT` publishes unacknowledged on its connection
-//! (awaiting the oldest PUBACK before each publish past them); the subscriber acknowledges
-//! every delivery as it takes it, within its prefetch window. Latency: one publisher at a fixed
+//! Throughput: one publisher keeps as many publishes unacknowledged on its connection as the
+//! QoS 0 runs keep in flight (`--window-bytes` of 128-byte payloads, awaiting the oldest PUBACK
+//! before each publish past them), and the subscriber's prefetch is as deep; it acknowledges
+//! every delivery as it takes it. Latency: one publisher at a fixed
 //! rate, each publish waiting for its PUBACK; measured from before the publish to the delivery.
 //! Both publish from a task on the runtime's workers (a publish from the thread that blocks on
 //! the runtime wakes the connection task on another thread: see the client's crate docs).
@@ -17,9 +18,6 @@ use whispeer_client::proto::ErrorCode;
 use whispeer_client::{
     Client, ClientError, ClientOptions, ClientSubscription, Delivery, Qos, SubscribeOptions,
 };
-
-/// Publishes awaiting their PUBACK at once in the throughput run.
-const IN_FLIGHT: u64 = 64;
 
 pub(super) async fn connect(addr: &str, api_key: Option<&str>) -> anyhow::Result<Client> {
     let mut options = ClientOptions::new(addr);
@@ -41,15 +39,16 @@ async fn subscriber(
     Ok((client, sub))
 }
 
-/// Delivered (and acknowledged) messages per second, 1 → 1, 128-byte payloads.
+/// Delivered (and acknowledged) messages per second, 1 → 1, 128-byte payloads, `window` of
+/// them in flight.
 pub(super) async fn throughput(
     addr: &str,
     api_key: Option<&str>,
     messages: u64,
-    prefetch: u32,
+    window: u32,
 ) -> anyhow::Result<f64> {
     let topic = "bench/qos1";
-    let (_receiver, mut sub) = subscriber(addr, api_key, topic, prefetch).await?;
+    let (_receiver, mut sub) = subscriber(addr, api_key, topic, window).await?;
     let reader = tokio::spawn(async move {
         for n in 0..messages {
             let next = tokio::time::timeout(super::STALL, sub.recv()).await;
@@ -60,7 +59,7 @@ pub(super) async fn throughput(
     let publisher = connect(addr, api_key).await?;
     let payload = Bytes::from(vec![b'x'; 128]);
     let start = Instant::now();
-    publish_acked_all(&publisher, topic, &payload, messages, IN_FLIGHT).await?;
+    publish_acked_all(&publisher, topic, &payload, messages, u64::from(window)).await?;
     reader.await??;
     Ok(messages as f64 / start.elapsed().as_secs_f64())
 }
@@ -159,8 +158,8 @@ pub(super) async fn latency(
 pub(super) async fn report(args: &super::BenchArgs, qos0: f64) -> anyhow::Result<()> {
     let (addr, key) = (args.server.as_str(), args.api_key.as_deref());
     eprintln!("whispeer: QoS 1 1→1, 128 B …");
-    let prefetch = u32::try_from((args.window_bytes / 128).clamp(1, 1 << 20)).unwrap_or(u32::MAX);
-    let rate = throughput(addr, key, args.messages, prefetch).await?;
+    let window = u32::try_from((args.window_bytes / 128).clamp(1, 1 << 20)).unwrap_or(u32::MAX);
+    let rate = throughput(addr, key, args.messages, window).await?;
     eprintln!("whispeer: QoS 1 latency at {} msgs/s …", args.rate);
     let [p50, p99, p999] = latency(addr, key, args.rate, args.latency_secs).await?;
     println!("{:<32}{rate:>14.1}{:>15.2}× QoS 0", "QoS 1 1→1 128 B, acked msgs/s", rate / qos0);
