@@ -29,10 +29,11 @@ impl Connection {
     /// awaited), or `buf` holds no whole frame (`None`). Their messages reach their queues
     /// together when it returns ([`PushBatch`]), before anything awaits.
     ///
-    /// ACKs of known subscriptions are gathered on the way and settled together before it
-    /// returns (before the frame it stops at is handled): a subscriber acks every delivery, and
-    /// one take of its tracker's lock for a read's acks, rather than one each, spares the
-    /// writer delivering on another thread from meeting that lock held.
+    /// ACKs of known subscriptions are gathered on the way and settled together, before the
+    /// next publish or before it returns (before the frame it stops at is handled), so frames
+    /// still take effect in the order they came. A subscriber acks every delivery: one take of
+    /// its tracker's lock for a read's ACKs, rather than one each, spares the writer delivering
+    /// on another thread from meeting that lock held.
     pub(super) fn publish_read(
         &mut self,
         buf: &mut BytesMut,
@@ -50,6 +51,8 @@ impl Connection {
             match frame {
                 Some(Frame { correlation, body: Body::Publish { qos, envelope } }) if logged_in => {
                     *progressed = true;
+                    // Frames take effect in order: the ACKs before this publish first.
+                    self.settle_acks();
                     if let Some(reply) = self.publish(correlation, qos, envelope) {
                         break Ok(Some(Next::Reply(reply)));
                     }
