@@ -468,6 +468,7 @@ fn bench_measures_the_server_beside_the_forwarder_with_a_deep_window() {
         .args(["bench", "--server", &server.addr, "--forwarder", &forwarder_addr])
         .args(["--server-pid", &pid])
         .args(["--messages", "20000", "--latency-secs", "1", "--rate", "1000", "--rounds", "2"])
+        .arg("--qos1")
         .output()
         .unwrap();
     let _ = forwarder.kill();
@@ -493,6 +494,12 @@ fn bench_measures_the_server_beside_the_forwarder_with_a_deep_window() {
     let whispeer_cpu: f64 = cpu[0].parse().unwrap();
     assert!(whispeer_cpu.is_finite() && whispeer_cpu >= 0.0, "{table}");
     assert_eq!(cpu[1], "NaN", "{table}");
+    // QoS 1 with the same window, every message acknowledged: a rate and a latency.
+    for label in ["QoS 1 1→1 128 B, acked msgs/s", "QoS 1 latency p50 µs"] {
+        let row = table.lines().find(|l| l.starts_with(label)).unwrap_or_else(|| panic!("{table}"));
+        let figure: f64 = row[label.len()..].split_whitespace().next().unwrap().parse().unwrap();
+        assert!(figure > 0.0, "{table}");
+    }
 }
 
 #[test]

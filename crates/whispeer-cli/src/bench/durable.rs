@@ -212,7 +212,7 @@ pub(super) async fn whispeer(
     // durable topic is acknowledged once it is on disk.
     let payload = Bytes::from(vec![b'x'; PAYLOAD]);
     let start = Instant::now();
-    super::qos1::publish_acked_all(&publisher, TOPIC, &payload, messages, in_flight).await?;
+    super::qos1::publish_acked_all(&publisher, TOPIC, &payload, messages, in_flight, None).await?;
     Ok(messages as f64 / start.elapsed().as_secs_f64())
 }
 

@@ -1,19 +1,22 @@
 //! `whispeer bench --qos1`: the QoS 1 path end to end — publish, PUBACK, deliver, ACK — beside
 //! the QoS 0 figures of the same run.
 //!
-//! Throughput: one publisher keeps as many publishes unacknowledged on its connection as the
-//! QoS 0 runs keep in flight (`--window-bytes` of 128-byte payloads, awaiting the oldest PUBACK
-//! before each publish past them), and the subscriber's prefetch is as deep; it acknowledges
-//! every delivery as it takes it. Latency: one publisher at a fixed
+//! Throughput: one publisher keeps as many publishes unacknowledged on its connection, and at
+//! most as many ahead of the subscriber, as the QoS 0 runs keep in flight (`--window-bytes` of
+//! 128-byte payloads; past them it awaits the oldest PUBACK, or the subscriber), and the
+//! subscriber's prefetch is as deep; it acknowledges every delivery as it takes it. Latency: one publisher at a fixed
 //! rate, each publish waiting for its PUBACK; measured from before the publish to the delivery.
 //! Both publish from a task on the runtime's workers (a publish from the thread that blocks on
 //! the runtime wakes the connection task on another thread: see the client's crate docs).
 
 use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
+use tokio::sync::Notify;
 use whispeer_client::proto::ErrorCode;
 use whispeer_client::{
     Client, ClientError, ClientOptions, ClientSubscription, Delivery, Qos, SubscribeOptions,
@@ -49,33 +52,53 @@ pub(super) async fn throughput(
 ) -> anyhow::Result<f64> {
     let topic = "bench/qos1";
     let (_receiver, mut sub) = subscriber(addr, api_key, topic, window).await?;
-    let reader = tokio::spawn(async move {
-        for n in 0..messages {
-            let next = tokio::time::timeout(super::STALL, sub.recv()).await;
-            anyhow::ensure!(matches!(next, Ok(Some(_))), "stalled after {n} of {messages}");
+    let delivered = Arc::new(Delivered::default());
+    let reader = tokio::spawn({
+        let delivered = Arc::clone(&delivered);
+        async move {
+            for n in 1..=messages {
+                let next = tokio::time::timeout(super::STALL, sub.recv()).await;
+                anyhow::ensure!(matches!(next, Ok(Some(_))), "stalled after {n} of {messages}");
+                delivered.count.store(n, Ordering::Release);
+                if n % 64 == 0 || n == messages {
+                    delivered.moved.notify_waiters();
+                }
+            }
+            Ok(())
         }
-        Ok(())
     });
     let publisher = connect(addr, api_key).await?;
     let payload = Bytes::from(vec![b'x'; 128]);
     let start = Instant::now();
-    publish_acked_all(&publisher, topic, &payload, messages, u64::from(window)).await?;
+    let in_flight = u64::from(window);
+    publish_acked_all(&publisher, topic, &payload, messages, in_flight, Some(delivered)).await?;
     reader.await??;
     Ok(messages as f64 / start.elapsed().as_secs_f64())
+}
+
+/// How many messages the subscriber has taken, and a wake-up every 64 of them.
+#[derive(Default)]
+pub(super) struct Delivered {
+    count: AtomicU64,
+    moved: Notify,
 }
 
 /// Publishes `messages` copies of `payload` at QoS 1 from one task that keeps `in_flight`
 /// unacknowledged, as a user's pipelined publisher does
 /// ([`Client::publish_acked_bytes_deferred`]): past the window, each publish first awaits the
-/// oldest acknowledgement. A publish refused because a QoS 1 queue is full (refused, not
-/// dropped) is made again after a pause. The task runs on the runtime's workers, where the
-/// connection's task wakes it without a thread of its own to wake.
+/// oldest acknowledgement. With `delivered`, it also keeps at most `in_flight` messages ahead
+/// of the subscriber, as the QoS 0 runs do (a PUBACK says a message was queued, not taken: a
+/// publisher held back by PUBACKs alone fills a slower subscriber's queue, and the rest is
+/// refusals). A publish refused because a QoS 1 queue is full (refused, not dropped) is made
+/// again after a pause. The task runs on the runtime's workers, where the connection's task
+/// wakes it without a thread of its own to wake.
 pub(super) async fn publish_acked_all(
     publisher: &Client,
     topic: &'static str,
     payload: &Bytes,
     messages: u64,
     in_flight: u64,
+    delivered: Option<Arc<Delivered>>,
 ) -> anyhow::Result<()> {
     let (publisher, payload) = (publisher.clone(), payload.clone());
     tokio::spawn(async move {
@@ -84,6 +107,16 @@ pub(super) async fn publish_acked_all(
         let (mut acked, mut sent) = (0u64, 0u64);
         while acked < messages {
             if sent < messages && window.len() < window_len {
+                if let Some(delivered) = &delivered {
+                    loop {
+                        let moved = delivered.moved.notified();
+                        if sent - delivered.count.load(Ordering::Acquire) < in_flight {
+                            break;
+                        }
+                        let waited = tokio::time::timeout(super::STALL, moved).await;
+                        anyhow::ensure!(waited.is_ok(), "the subscriber stalled at {sent} sent");
+                    }
+                }
                 let pending = publisher.publish_acked_bytes_deferred(topic, payload.clone());
                 window.push_back(pending.await?);
                 sent += 1;
