@@ -34,6 +34,7 @@ use whispeer_proto::{Body, Frame, OutBuf, ReadPool, StartAt, TopicCache};
 use handshake::handshake;
 pub(crate) use handshake::{Established, connect_any};
 pub(crate) use outbox::Outbox;
+use requests::Requests;
 use subs::Sub;
 pub(crate) use subs::{Buffer, Incoming, Settle, SubSpec};
 use woken::Woken;
@@ -118,7 +119,7 @@ pub(crate) struct Actor {
     subscriptions: Map<Sub>,
     /// Subscriptions with deliveries staged in the current read.
     staged: Vec<u32>,
-    pending: Map<Pending>,
+    pending: Requests,
     next_sub: u32,
     next_correlation: u32,
     /// The address index of the current (or last) connection.
@@ -143,7 +144,7 @@ impl Actor {
             counters,
             subscriptions: Map::default(),
             staged: Vec::new(),
-            pending: Map::default(),
+            pending: Requests::default(),
             next_sub: 1,
             next_correlation: 100,
             node: 0,
@@ -183,7 +184,7 @@ impl Actor {
             // Deliveries read before the connection failed (a bad frame after them, say) still
             // reach their subscriptions; unsubscribes for gone ones have no connection to go to.
             self.hand_over(&mut OutBuf::default(), usize::MAX);
-            for (_, pending) in self.pending.drain() {
+            for pending in self.pending.drain() {
                 fail(pending, ClientError::Disconnected);
             }
             match ended {
@@ -539,7 +540,7 @@ impl Actor {
         let correlation = frame.correlation;
         match frame.body {
             Body::Ping => encode(&Frame::new(correlation, Body::Pong), out.frames(), max)?,
-            Body::Ok | Body::PubAck | Body::Pong => match self.pending.remove(&correlation) {
+            Body::Ok | Body::PubAck | Body::Pong => match self.pending.remove(correlation) {
                 Some(Pending::Ack(ack)) => {
                     let _ = ack.send(Ok(()));
                     self.woken.answered();
@@ -554,7 +555,7 @@ impl Actor {
                 }
                 Some(Pending::Resubscribed { .. }) | None => {}
             },
-            Body::Error { code, message } => match self.pending.remove(&correlation) {
+            Body::Error { code, message } => match self.pending.remove(correlation) {
                 Some(Pending::Subscribed { sub, reply }) => {
                     self.subscriptions.remove(&sub);
                     let _ = reply.send(Err(ClientError::Server { code, message }));
@@ -591,6 +592,7 @@ fn fail(pending: Pending, err: ClientError) {
 
 mod handshake;
 mod outbox;
+mod requests;
 mod subs;
 #[cfg(test)]
 mod tests;

@@ -27,7 +27,7 @@ use crate::ClientError;
 pub(crate) type AckWaiter = oneshot::Sender<Result<(), ClientError>>;
 
 /// The top bit marks a publish's correlation id.
-const PUBLISH_BIT: u32 = 1 << 31;
+pub(crate) const PUBLISH_BIT: u32 = 1 << 31;
 
 #[derive(Debug)]
 pub(crate) struct Outbox {
