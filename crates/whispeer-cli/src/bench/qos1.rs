@@ -4,8 +4,9 @@
 //! Throughput: one publisher keeps as many publishes unacknowledged on its connection, and at
 //! most as many ahead of the subscriber, as the QoS 0 runs keep in flight (`--window-bytes` of
 //! 128-byte payloads; past them it awaits the oldest PUBACK, or the subscriber), and the
-//! subscriber's prefetch is as deep; it acknowledges every delivery as it takes it. Latency: one publisher at a fixed
-//! rate, each publish waiting for its PUBACK; measured from before the publish to the delivery.
+//! subscriber's prefetch is as deep; it acknowledges every delivery as it takes it. Latency: one
+//! publisher at a fixed rate, each publish waiting for its PUBACK; measured from before the
+//! publish to the delivery.
 //! Both publish from a task on the runtime's workers (a publish from the thread that blocks on
 //! the runtime wakes the connection task on another thread: see the client's crate docs).
 

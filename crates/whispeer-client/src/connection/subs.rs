@@ -95,9 +95,7 @@ impl Sub {
         let (acked, staged) = (RecentIds::default(), Staged::default());
         Self { spec, acked, buffer, staged, last_offset: None }
     }
-}
 
-impl Sub {
     /// Whether deliveries handed over wait for the subscription to take them.
     pub(super) fn untaken(&self) -> bool {
         !self.buffer.waiting.lock().unwrap_or_else(PoisonError::into_inner).is_empty()

@@ -330,11 +330,7 @@ impl Acker {
     /// unacknowledged (a second ack, or one after the message went elsewhere, returns `false`).
     pub fn ack(&self, id: MessageId) -> bool {
         let Settled::Done(message) = self.tracker.ack(id) else { return false };
-        bump(&self.queue.counters.acked);
-        bump(&self.shared.counters.acked);
-        if let Some(commits) = &self.commits {
-            self.shared.committed(commits, &message);
-        }
+        self.acked(std::slice::from_ref(&message));
         true
     }
 
@@ -344,17 +340,23 @@ impl Acker {
     pub fn ack_all(&self, ids: impl IntoIterator<Item = MessageId>) -> u64 {
         let mut settled = Vec::new();
         self.tracker.ack_all(ids, &mut settled);
-        let count = settled.len() as u64;
-        if count > 0 {
-            self.queue.counters.acked.fetch_add(count, Ordering::Relaxed);
-            self.shared.counters.acked.fetch_add(count, Ordering::Relaxed);
+        self.acked(&settled);
+        settled.len() as u64
+    }
+
+    /// Counts `settled`, just acknowledged, and commits them for a durable subscription.
+    fn acked(&self, settled: &[Message]) {
+        if settled.is_empty() {
+            return;
         }
+        let count = settled.len() as u64;
+        self.queue.counters.acked.fetch_add(count, Ordering::Relaxed);
+        self.shared.counters.acked.fetch_add(count, Ordering::Relaxed);
         if let Some(commits) = &self.commits {
-            for message in &settled {
+            for message in settled {
                 self.shared.committed(commits, message);
             }
         }
-        count
     }
 
     /// Refuses message `id`: with `requeue`, it is delivered again at once (to this subscriber
