@@ -535,6 +535,10 @@ fn the_durable_bench_gives_the_medians_of_its_rounds_beside_the_disk() {
     // (CPU time is counted in ticks of 10 ms: a short run's may be 0, never NaN with a pid.)
     let wal = figures("whispeer (wal)");
     assert!(wal[..2].iter().all(|&f| f > 0.0) && wal[2..].iter().all(|&f| f >= 0.0), "{table}");
+    // And beside it the same server without the disk (a topic outside `bench/#`): the round
+    // trip alone, its CPU not counted.
+    let memory = figures("whispeer (wal), probe/memory: not durable");
+    assert!(memory[..2].iter().all(|&f| f > 0.0) && memory[2..].iter().all(|f| f.is_nan()));
     for name in ["disk (64 per fdatasync, appended)", "over zeroes laid first)"] {
         let disk = figures(name);
         assert!(
