@@ -21,6 +21,7 @@ use std::cell::RefCell;
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::Waker;
 
 use crate::Message;
 use crate::queue::Queue;
@@ -58,6 +59,9 @@ struct Staged {
     spare: Vec<Vec<Message>>,
     /// Publishes and deliveries counted for a broker and not yet added to its counters.
     counts: Option<Counts>,
+    /// Consumers woken by pushes made at once (queues that answer their publisher), to wake
+    /// when the batch ends (see [`wake`]).
+    woken: Vec<Waker>,
 }
 
 /// A broker's publishes and deliveries counted in a batch, added to its counters at its end.
@@ -85,6 +89,7 @@ impl Staged {
             wide: false,
             spare: Vec::new(),
             counts: None,
+            woken: Vec::new(),
         }
     }
 
@@ -171,6 +176,28 @@ pub(crate) fn count(counters: &Arc<BrokerCounters>, published: u64, deliveries: 
     }
 }
 
+/// Wakes `waker`, a queue's consumer after a push: at once, or, while a batch is begun on this
+/// thread, when it ends (up to [`MOST_QUEUES`] of them; past that, at once).
+///
+/// A server connection's reader pushes a QoS 1 message at once (its queue must say whether it
+/// took it), then hands the PUBACK to its own connection's writer: two tasks woken on one
+/// worker, and the runtime moves the first woken to another worker. Woken last, the subscriber
+/// connection's writer runs next on the reader's worker, with the message still in its cache,
+/// and the PUBACK crosses instead (see ARCHITECTURE.md).
+pub(crate) fn wake(waker: Waker) {
+    let now = STAGED.with(|staged| {
+        let Ok(mut staged) = staged.try_borrow_mut() else { return Some(waker) };
+        if staged.depth == 0 || staged.woken.len() >= MOST_QUEUES {
+            return Some(waker);
+        }
+        staged.woken.push(waker);
+        None
+    });
+    if let Some(waker) = now {
+        waker.wake();
+    }
+}
+
 /// Pushes everything the thread's batch holds, queue by queue. The lists are taken out first:
 /// a wake-up runs outside the batch's borrow.
 fn push_held() {
@@ -207,7 +234,8 @@ fn push_held() {
 /// While it lives, publishes made on this thread leave their messages for queues under
 /// `SlowConsumer::DropOldest` with it, and it pushes them when dropped, each queue's
 /// together (see the module documentation). A publish's receipt counts such a message as
-/// delivered, as a push to such a queue always is.
+/// delivered, as a push to such a queue always is. Pushes to other queues are made at once,
+/// and their consumers woken when it is dropped.
 ///
 /// For a loop that publishes many messages before it waits: a server connection's reader
 /// holds one for each read. Not `Send`: it ends before its task awaits. Batches nest (the
@@ -235,13 +263,22 @@ impl Drop for PushBatch {
                 return None;
             }
             staged.wide = false;
-            Some(staged.counts.take())
+            Some((staged.counts.take(), std::mem::take(&mut staged.woken)))
         });
-        if let Some(counts) = outermost {
+        if let Some((counts, mut woken)) = outermost {
             push_held();
             if let Some(counts) = counts {
                 counts.add_up();
             }
+            woken.drain(..).for_each(Waker::wake);
+            // The list keeps its room for the next batch.
+            STAGED.with(|staged| {
+                if let Ok(mut staged) = staged.try_borrow_mut()
+                    && staged.woken.is_empty()
+                {
+                    staged.woken = woken;
+                }
+            });
         }
     }
 }
@@ -281,6 +318,37 @@ mod tests {
         assert_eq!(ids(&mut held), vec![5]);
         let stats = broker.stats();
         assert_eq!((stats.published, stats.deliveries), (6, 12), "counted when the batch ended");
+    }
+
+    /// Counts its wake-ups.
+    #[derive(Default)]
+    struct Woken(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Woken {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn consumers_of_pushes_made_at_once_are_woken_when_the_batch_ends() {
+        let broker = Broker::builder(BrokerOptions::default()).build();
+        let options = SubscribeOptions::new("t").slow_consumer(SlowConsumer::FailPublish);
+        let mut sub = broker.messages(options).unwrap();
+        let woken = std::sync::Arc::new(Woken::default());
+        let waker = Waker::from(std::sync::Arc::clone(&woken));
+        let mut cx = std::task::Context::from_waker(&waker);
+        assert!(sub.poll_recv_message(&mut cx).is_pending(), "parked");
+        let batch = PushBatch::begin();
+        broker.publish_bytes("t", Bytes::from(vec![1])).unwrap();
+        assert_eq!(woken.0.load(Ordering::Relaxed), 0, "not woken while the batch lives");
+        drop(batch);
+        assert_eq!(woken.0.load(Ordering::Relaxed), 1, "woken when it ends");
+        assert_eq!(ids(&mut sub), vec![1]);
+        // Without a batch, at once.
+        assert!(sub.poll_recv_message(&mut cx).is_pending());
+        broker.publish_bytes("t", Bytes::from(vec![2])).unwrap();
+        assert_eq!(woken.0.load(Ordering::Relaxed), 2);
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! PUBLISH, the frame a connection sees most: the publishes of one read go to the broker
-//! together, and each gets its reply (PUBACK, or why not).
+//! together, and each gets its reply (PUBACK, or why not), handed to the writer as it goes.
 
 use bytes::BytesMut;
 use whispeer_core::{PublishError, PublishReceipt, PushBatch};
@@ -11,13 +11,14 @@ use super::{Connection, error_frame};
 use crate::bump;
 use crate::rate::RateLimit;
 use crate::retained::{Full, Retained};
+use crate::writer::Outbound;
 
 /// ACKs gathered before they are settled together (a read holds fewer: this bounds the list).
 const MAX_ACKS: usize = 4096;
 
 /// What stopped [`Connection::publish_read`]: something to await.
 pub(super) enum Next {
-    /// A publish's reply to send.
+    /// A publish's reply to send, which the writer's queue had no room for.
     Reply(Frame),
     /// A frame other than a publish, to handle.
     Frame(Frame),
@@ -25,9 +26,11 @@ pub(super) enum Next {
 
 impl Connection {
     /// Publishes the frames of `buf` that are publishes, the common case, without a trip
-    /// through `handle`, until one needs an answer sent or is another frame (returned, to be
-    /// awaited), or `buf` holds no whole frame (`None`). Their messages reach their queues
-    /// together when it returns ([`PushBatch`]), before anything awaits.
+    /// through `handle`, until one's answer finds the writer's queue full or a frame is another
+    /// frame (returned, to be awaited), or `buf` holds no whole frame (`None`). Their messages
+    /// reach their queues together when it returns ([`PushBatch`]), before anything awaits,
+    /// and the consumers of those pushed at once (QoS 1 queues) are woken then, after the
+    /// writer got the answers.
     ///
     /// ACKs of known subscriptions are gathered on the way and settled together, before the
     /// next publish or before it returns (before the frame it stops at is handled), so frames
@@ -53,7 +56,12 @@ impl Connection {
                     *progressed = true;
                     // Frames take effect in order: the ACKs before this publish first.
                     self.settle_acks();
-                    if let Some(reply) = self.publish(correlation, qos, envelope) {
+                    // The reply (a PUBACK, mostly) goes to the writer now and the read goes on;
+                    // awaited only when the writer's queue has no room.
+                    if let Some(reply) = self.publish(correlation, qos, envelope)
+                        && let Err(refused) = self.tx.try_send(Outbound::Frame(reply))
+                        && let Outbound::Frame(reply) = refused.into_inner()
+                    {
                         break Ok(Some(Next::Reply(reply)));
                     }
                 }
