@@ -58,11 +58,13 @@ pub(crate) struct Settle {
     pub(crate) requeue: Option<bool>,
 }
 
-/// Ids a subscription acked lately, oldest forgotten first.
+/// Ids a subscription acked lately, oldest forgotten first. Looked up for each delivery and
+/// changed for each ack: foldhash rather than SipHash (the ids come from the server this
+/// client chose, and the set is bounded).
 #[derive(Debug, Default)]
 pub(super) struct RecentIds {
     pub(super) order: VecDeque<MessageId>,
-    pub(super) set: HashSet<MessageId>,
+    pub(super) set: HashSet<MessageId, foldhash::fast::RandomState>,
 }
 
 impl RecentIds {
