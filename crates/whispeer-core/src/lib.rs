@@ -54,6 +54,7 @@ mod staging;
 mod stats;
 mod store;
 mod subscription;
+mod wakeups;
 
 pub use bridge::{Bridge, BridgeFuture, Forwarded, Interest};
 pub use broker::{

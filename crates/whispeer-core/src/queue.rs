@@ -109,8 +109,8 @@ impl Woken {
     fn wake(self) {
         match self {
             Self::None => {}
-            Self::One(one) => crate::staging::wake(one),
-            Self::Many(many) => many.into_iter().for_each(crate::staging::wake),
+            Self::One(one) => crate::wakeups::wake(one),
+            Self::Many(many) => many.into_iter().for_each(crate::wakeups::wake),
         }
     }
 }

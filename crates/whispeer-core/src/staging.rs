@@ -21,11 +21,11 @@ use std::cell::RefCell;
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::Waker;
 
 use crate::Message;
 use crate::queue::Queue;
 use crate::stats::BrokerCounters;
+use crate::wakeups;
 
 /// Most messages a batch holds back before it pushes them.
 pub(crate) const MOST_MESSAGES: usize = 4096;
@@ -59,9 +59,6 @@ struct Staged {
     spare: Vec<Vec<Message>>,
     /// Publishes and deliveries counted for a broker and not yet added to its counters.
     counts: Option<Counts>,
-    /// Consumers woken by pushes made at once (queues that answer their publisher), to wake
-    /// when the batch ends (see [`wake`]).
-    woken: Vec<Waker>,
 }
 
 /// A broker's publishes and deliveries counted in a batch, added to its counters at its end.
@@ -89,7 +86,6 @@ impl Staged {
             wide: false,
             spare: Vec::new(),
             counts: None,
-            woken: Vec::new(),
         }
     }
 
@@ -176,28 +172,6 @@ pub(crate) fn count(counters: &Arc<BrokerCounters>, published: u64, deliveries: 
     }
 }
 
-/// Wakes `waker`, a queue's consumer after a push: at once, or, while a batch is begun on this
-/// thread, when it ends (up to [`MOST_QUEUES`] of them; past that, at once).
-///
-/// A server connection's reader pushes a QoS 1 message at once (its queue must say whether it
-/// took it), then hands the PUBACK to its own connection's writer: two tasks woken on one
-/// worker, and the runtime moves the first woken to another worker. Woken last, the subscriber
-/// connection's writer runs next on the reader's worker, with the message still in its cache,
-/// and the PUBACK crosses instead (see ARCHITECTURE.md).
-pub(crate) fn wake(waker: Waker) {
-    let now = STAGED.with(|staged| {
-        let Ok(mut staged) = staged.try_borrow_mut() else { return Some(waker) };
-        if staged.depth == 0 || staged.woken.len() >= MOST_QUEUES {
-            return Some(waker);
-        }
-        staged.woken.push(waker);
-        None
-    });
-    if let Some(waker) = now {
-        waker.wake();
-    }
-}
-
 /// Pushes everything the thread's batch holds, queue by queue. The lists are taken out first:
 /// a wake-up runs outside the batch's borrow.
 fn push_held() {
@@ -235,7 +209,7 @@ fn push_held() {
 /// `SlowConsumer::DropOldest` with it, and it pushes them when dropped, each queue's
 /// together (see the module documentation). A publish's receipt counts such a message as
 /// delivered, as a push to such a queue always is. Pushes to other queues are made at once,
-/// and their consumers woken when it is dropped.
+/// and their consumers woken when it is dropped (`wakeups.rs`).
 ///
 /// For a loop that publishes many messages before it waits: a server connection's reader
 /// holds one for each read. Not `Send`: it ends before its task awaits. Batches nest (the
@@ -250,6 +224,7 @@ impl PushBatch {
     #[must_use = "the batch pushes what it holds when it is dropped"]
     pub fn begin() -> Self {
         STAGED.with(|staged| staged.borrow_mut().depth += 1);
+        wakeups::hold();
         Self { _not_send: PhantomData }
     }
 }
@@ -263,23 +238,16 @@ impl Drop for PushBatch {
                 return None;
             }
             staged.wide = false;
-            Some((staged.counts.take(), std::mem::take(&mut staged.woken)))
+            Some(staged.counts.take())
         });
-        if let Some((counts, mut woken)) = outermost {
+        if let Some(counts) = outermost {
             push_held();
             if let Some(counts) = counts {
                 counts.add_up();
             }
-            woken.drain(..).for_each(Waker::wake);
-            // The list keeps its room for the next batch.
-            STAGED.with(|staged| {
-                if let Ok(mut staged) = staged.try_borrow_mut()
-                    && staged.woken.is_empty()
-                {
-                    staged.woken = woken;
-                }
-            });
         }
+        // After the held pushes: their consumers' wake-ups are held too, and all made now.
+        wakeups::release();
     }
 }
 
@@ -336,7 +304,7 @@ mod tests {
         let options = SubscribeOptions::new("t").slow_consumer(SlowConsumer::FailPublish);
         let mut sub = broker.messages(options).unwrap();
         let woken = std::sync::Arc::new(Woken::default());
-        let waker = Waker::from(std::sync::Arc::clone(&woken));
+        let waker = std::task::Waker::from(std::sync::Arc::clone(&woken));
         let mut cx = std::task::Context::from_waker(&waker);
         assert!(sub.poll_recv_message(&mut cx).is_pending(), "parked");
         let batch = PushBatch::begin();
