@@ -36,7 +36,12 @@ pub(crate) fn release() {
     let mut wakers = HELD.with(|held| {
         let mut held = held.borrow_mut();
         held.depth -= 1;
-        if held.depth > 0 { Vec::new() } else { std::mem::take(&mut held.wakers) }
+        // Taken only when there is something to wake: an empty list keeps its room here.
+        if held.depth > 0 || held.wakers.is_empty() {
+            Vec::new()
+        } else {
+            std::mem::take(&mut held.wakers)
+        }
     });
     if wakers.is_empty() {
         return;
