@@ -24,8 +24,10 @@ use whispeer_proto::{ErrorCode, Qos};
 
 use super::{Client, ClientError, Delivery, PublishOptions, SubscribeOptions};
 
-/// Requests a responder holds at once before acknowledging them.
-const RESPONDER_WINDOW: u32 = 8;
+/// Requests a responder holds at once: the one it answers and the next, so it does not wait a
+/// round trip between them, while the group's other responders take the rest. Each is acked
+/// once answered: one held by a responder that goes away is given to another.
+const RESPONDER_WINDOW: u32 = 2;
 
 /// A client's inbox: its replies' topics and who waits for each.
 #[derive(Debug)]
@@ -124,9 +126,30 @@ impl Client {
         }
     }
 
+    /// Publishes `handler`'s answer to `request` to its reply topic, if it has one.
+    async fn answer<F>(&self, request: &Delivery, handler: &mut F)
+    where
+        F: FnMut(&Delivery) -> Option<Bytes>,
+    {
+        let reply_to = request.headers().get(RESPONSE_TOPIC);
+        let Some(reply_to) = reply_to.and_then(|t| std::str::from_utf8(t).ok()) else { return };
+        let Some(body) = handler(request) else { return };
+        let mut options = PublishOptions::new();
+        if let Some(correlation) = request.headers().get(CORRELATION_DATA) {
+            options = options.header(CORRELATION_DATA, correlation.clone());
+        }
+        if let Err(err) = self.publish_bytes_with(reply_to, body, &options).await {
+            tracing::debug!(%err, "reply not sent");
+        }
+    }
+
     /// Answers the requests on `filter` with what `handler` returns (`None`: no answer),
     /// sharing them with the other responders of queue group `group`; until the [`Responder`]
-    /// is dropped. A message without a reply topic is passed over.
+    /// is dropped. A message without a reply topic is passed over. A responder holds two
+    /// requests at most and acknowledges each once answered, so a busy responder leaves the
+    /// rest to the others, and a request whose responder goes away before answering goes to
+    /// another; one not answered within the server's ack timeout (30 s unless configured) is
+    /// delivered again too.
     ///
     /// # Errors
     /// As [`Client::messages`].
@@ -139,8 +162,7 @@ impl Client {
     where
         F: FnMut(&Delivery) -> Option<Bytes> + Send + 'static,
     {
-        // QoS 1 with a small window: requests are spread over the group's responders, and one
-        // taken by a responder that goes away is given to another.
+        // QoS 1 with a small window: requests are spread over the group's responders.
         let options = SubscribeOptions::new(filter)
             .group(group)
             .qos(Qos::AtLeastOnce)
@@ -148,19 +170,9 @@ impl Client {
         let mut requests = self.messages(options).await?;
         let client = self.clone();
         let task = tokio::spawn(async move {
-            while let Some(request) = requests.recv().await {
-                let reply_to = request.headers().get(RESPONSE_TOPIC);
-                let Some(reply_to) = reply_to.and_then(|t| std::str::from_utf8(t).ok()) else {
-                    continue;
-                };
-                let Some(body) = handler(&request) else { continue };
-                let mut options = PublishOptions::new();
-                if let Some(correlation) = request.headers().get(CORRELATION_DATA) {
-                    options = options.header(CORRELATION_DATA, correlation.clone());
-                }
-                if let Err(err) = client.publish_bytes_with(reply_to, body, &options).await {
-                    tracing::debug!(%err, "reply not sent");
-                }
+            while let Some(request) = requests.recv_unacked().await {
+                client.answer(&request, &mut handler).await;
+                request.ack();
             }
         });
         Ok(Responder { task })

@@ -382,6 +382,11 @@ impl ClientSubscription<Delivery> {
         }
         Poll::Ready(next)
     }
+
+    /// The next delivery, not acknowledged: the caller acks it once it is done with it.
+    pub(crate) async fn recv_unacked(&mut self) -> Option<Delivery> {
+        poll_fn(|cx| self.poll_delivery(cx)).await
+    }
 }
 
 impl<T> Stream for ClientSubscription<T> {
