@@ -271,6 +271,7 @@ impl Store for MemoryStore {
 pub(crate) mod backlog;
 #[cfg(test)]
 pub(crate) mod conformance;
+pub(crate) mod looking;
 #[cfg(test)]
 pub(crate) mod power_loss;
 #[cfg(feature = "sqlite")]

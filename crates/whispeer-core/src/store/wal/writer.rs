@@ -4,7 +4,7 @@
 //! other one syncing (`sync.rs`).
 
 use std::io;
-use std::sync::mpsc::{Receiver, RecvError, RecvTimeoutError, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,7 @@ use super::{
     Segment, WRITE_SECONDS, WalOptions, segment_path,
 };
 use crate::store::backlog::{Backlog, CloseOnDrop};
+use crate::store::looking::Looking;
 
 /// The writer thread's state.
 pub(super) struct Writer {
@@ -92,42 +93,6 @@ pub(super) const ZERO_AHEAD: u64 = if cfg!(test) { 8 << 10 } else { 2 << 20 };
 
 /// What zeroes are laid from.
 static ZEROES: [u8; 256 << 10] = [0; 256 << 10];
-
-/// How long the writer looks for the next request, yielding its core in between, before it
-/// sleeps (fsync `always`, once a request came that soon after the last one): publishers
-/// whose acknowledgements wait on the sync send their next ones a round trip after it, and a
-/// thread put to sleep meanwhile costs each of them its wake-up, tens of µs on a virtual
-/// machine (see ARCHITECTURE.md).
-const SPIN: Duration = Duration::from_micros(200);
-
-/// Waits for a channel's next item, looking for it a while first ([`SPIN`]) when the last one
-/// came that soon after the looking began.
-#[derive(Debug, Default)]
-struct Looking {
-    spin: bool,
-}
-
-impl Looking {
-    fn next<T>(&mut self, rx: &Receiver<T>) -> Result<T, RecvError> {
-        let started = Instant::now();
-        if self.spin {
-            loop {
-                match rx.try_recv() {
-                    Ok(item) => return Ok(item),
-                    Err(TryRecvError::Disconnected) => return Err(RecvError),
-                    Err(TryRecvError::Empty) => {}
-                }
-                if started.elapsed() >= SPIN {
-                    break;
-                }
-                std::thread::yield_now();
-            }
-        }
-        let next = rx.recv();
-        self.spin = started.elapsed() < SPIN;
-        next
-    }
-}
 
 /// A failed sync is never "no room, try again" (even `ENOSPC`): after it, nothing says what
 /// reached the disk, so writing stops.
@@ -441,42 +406,5 @@ impl Writer {
             tracing::info!(segment = %oldest.path.display(), "oldest log segment deleted");
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod looking_tests {
-    use std::sync::mpsc;
-    use std::time::Duration;
-
-    use super::{Looking, SPIN};
-
-    #[test]
-    fn the_writer_looks_before_sleeping_only_while_requests_come_soon() {
-        let (tx, rx) = mpsc::channel();
-        let mut looking = Looking::default();
-        tx.send(1).unwrap_or_default();
-        assert_eq!(looking.next(&rx), Ok(1));
-        assert!(looking.spin, "a request already there: look for the next one first");
-        // One that comes after the spin: found by the sleep, and the next is waited for.
-        let late = std::thread::spawn({
-            let tx = tx.clone();
-            move || {
-                std::thread::sleep(SPIN * 20);
-                tx.send(2).unwrap_or_default();
-            }
-        });
-        assert_eq!(looking.next(&rx), Ok(2));
-        assert!(!looking.spin, "a request that came late: sleep at once next time");
-        late.join().unwrap_or_default();
-        let soon = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_micros(10));
-            tx.send(3).unwrap_or_default();
-        });
-        soon.join().unwrap_or_default();
-        assert_eq!(looking.next(&rx), Ok(3));
-        assert!(looking.spin);
-        // The sender gone: the end, also while looking.
-        assert!(looking.next(&rx).is_err());
     }
 }
