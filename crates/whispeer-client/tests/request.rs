@@ -32,6 +32,9 @@ async fn responders_share_requests_and_each_request_gets_its_own_reply() {
         let responder = client
             .respond("svc/upper", "workers", move |request| {
                 seen.lock().unwrap().insert(name);
+                // Work that takes a while: one responder cannot take the whole burst alone
+                // (idle and quick, whichever the scheduler runs first may answer them all).
+                tokio::task::block_in_place(|| std::thread::sleep(Duration::from_millis(5)));
                 let text = String::from_utf8_lossy(request.payload()).to_uppercase();
                 Some(Bytes::from(format!("{name}:{text}")))
             })
@@ -68,4 +71,40 @@ async fn responders_share_requests_and_each_request_gets_its_own_reply() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let gone = requester.request("svc/upper", "x", Duration::from_secs(1)).await.unwrap_err();
     assert!(matches!(gone, ClientError::NoResponders(_) | ClientError::NoReply { .. }), "{gone}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_responder_goes_away_before_answering_goes_to_another() {
+    let addr = server().await;
+    let first = Client::connect(&addr).await.unwrap();
+    let (took, mut taken) = tokio::sync::mpsc::unbounded_channel();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let released = Mutex::new(released);
+    let _stuck = first
+        .respond("svc/slow", "workers", move |request| {
+            let _ = took.send(request.payload().clone());
+            // Stuck until the test lets it go, long after its connection is gone.
+            tokio::task::block_in_place(|| {
+                let _ = released.lock().unwrap().recv_timeout(Duration::from_secs(10));
+            });
+            Some(Bytes::from_static(b"first"))
+        })
+        .await
+        .unwrap();
+    let requester = Client::connect(&addr).await.unwrap();
+    let asked = tokio::spawn({
+        let requester = requester.clone();
+        async move { requester.request("svc/slow", "job", Duration::from_secs(5)).await }
+    });
+    assert_eq!(taken.recv().await.unwrap(), Bytes::from_static(b"job"));
+    let second = Client::connect(&addr).await.unwrap();
+    let _other = second
+        .respond("svc/slow", "workers", |_| Some(Bytes::from_static(b"second")))
+        .await
+        .unwrap();
+    // The first responder's connection goes away with the request taken and not answered.
+    first.close().await;
+    let reply = asked.await.unwrap().unwrap();
+    assert_eq!(reply.payload(), &Bytes::from_static(b"second"), "the other responder answered");
+    let _ = release.send(());
 }
