@@ -549,3 +549,34 @@ fn the_durable_bench_gives_the_medians_of_its_rounds_beside_the_disk() {
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_request_bench_measures_the_server_beside_nats_on_its_own_protocol() {
+    let server = Server::start(&[]);
+    let nats = common::engines::Nats::start(0);
+    let nats_addr = nats.url.trim_start_matches("nats://").to_string();
+    let pid = server.child.id().to_string();
+    let out = Command::new(BIN)
+        .args(["bench", "--requests", "--server", &server.addr, "--nats-raw", &nats_addr])
+        .args(["--server-pid", &pid, "--request-count", "2000", "--rounds", "2"])
+        .output()
+        .unwrap();
+    let progress = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{progress}");
+    assert!(progress.contains("round 1 of 2:") && progress.contains("round 2 of 2:"), "{progress}");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.starts_with("medians of 2 rounds"), "{table}");
+    // Replies a second with 64 in flight, p50 and p99 of one at a time, then the CPU time per
+    // request of the server (known only for whispeer, whose pid was given) and of the client.
+    let figures = |name: &str| -> Vec<f64> {
+        let line = table.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{table}"));
+        line[name.len()..].split_whitespace().map(|w| w.parse().unwrap()).collect()
+    };
+    for name in ["whispeer", "nats (raw protocol)"] {
+        let f = figures(name);
+        assert_eq!(f.len(), 5, "{table}");
+        assert!(f[0] > 0.0 && f[1] > 0.0 && f[2] >= f[1] && f[4] >= 0.0, "{table}");
+    }
+    assert!(figures("whispeer")[3] >= 0.0, "{table}");
+    assert!(figures("nats (raw protocol)")[3].is_nan(), "{table}");
+}

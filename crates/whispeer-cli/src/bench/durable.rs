@@ -70,20 +70,13 @@ pub(super) async fn run(
 /// Each system's line as the medians of its figures over the rounds (every round measured the
 /// same systems in the same order).
 fn medians(each: &[Vec<Line>]) -> Vec<Line> {
-    let first = each.first().map(Vec::as_slice).unwrap_or_default();
-    let line = |(i, first): (usize, &Line)| {
-        let of = |value: fn(&Line) -> f64| {
-            super::table::median(each.iter().filter_map(|rows| rows.get(i)).map(value))
-        };
-        Line {
-            name: first.name.clone(),
-            many: of(|row| row.many),
-            one_us: of(|row| row.one_us),
-            server_cpu_us: of(|row| row.server_cpu_us),
-            client_cpu_us: of(|row| row.client_cpu_us),
-        }
-    };
-    first.iter().enumerate().map(line).collect()
+    super::table::medians_of(each, |first, of| Line {
+        name: first.name.clone(),
+        many: of(|row| row.many),
+        one_us: of(|row| row.one_us),
+        server_cpu_us: of(|row| row.server_cpu_us),
+        client_cpu_us: of(|row| row.client_cpu_us),
+    })
 }
 
 /// One round: every system given, in turn.
@@ -177,21 +170,21 @@ fn pid_of(pids: &[String], label: &str) -> anyhow::Result<Option<u32>> {
 }
 
 /// CPU seconds of the server (given its pid) and of this process when a phase started.
-struct Cpu {
+pub(super) struct Cpu {
     pid: Option<u32>,
     server: Option<f64>,
     client: Option<f64>,
 }
 
 impl Cpu {
-    fn start(pid: Option<u32>) -> Self {
+    pub(super) fn start(pid: Option<u32>) -> Self {
         let server = pid.and_then(|pid| super::stats::cpu_seconds(Some(pid)));
         Self { pid, server, client: super::stats::cpu_seconds(None) }
     }
 
     /// Microseconds of CPU a publish since the start, of the server and of this process
     /// (NaN where not known).
-    fn per(&self, publishes: u64) -> (f64, f64) {
+    pub(super) fn per(&self, publishes: u64) -> (f64, f64) {
         let since = |before: Option<f64>, pid: Option<u32>| match before {
             Some(before) => super::stats::cpu_seconds(pid)
                 .map_or(f64::NAN, |now| (now - before) * 1e6 / publishes.max(1) as f64),

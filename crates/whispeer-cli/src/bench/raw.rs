@@ -67,7 +67,8 @@ pub(super) struct RawSub {
     buf: BytesMut,
 }
 
-const NATS_CONNECT: &[u8] = b"CONNECT {\"verbose\":false,\"pedantic\":false,\"echo\":false}\r\n";
+pub(super) const NATS_CONNECT: &[u8] =
+    b"CONNECT {\"verbose\":false,\"pedantic\":false,\"echo\":false}\r\n";
 
 /// MQTT's remaining length: 7 bits a byte, high bit for "more".
 fn mqtt_length(out: &mut Vec<u8>, mut len: usize) {

@@ -86,6 +86,22 @@ pub(super) fn median(values: impl Iterator<Item = f64>) -> f64 {
     }
 }
 
+/// Each system's line as the medians of its figures over the rounds (every round measured the
+/// same systems in the same order): `line` makes it from the first round's line and the median
+/// of any figure.
+pub(super) fn medians_of<L>(
+    each: &[Vec<L>],
+    line: impl Fn(&L, &dyn Fn(fn(&L) -> f64) -> f64) -> L,
+) -> Vec<L> {
+    let first = each.first().map(Vec::as_slice).unwrap_or_default();
+    let one = |(i, first): (usize, &L)| {
+        let of =
+            |value: fn(&L) -> f64| median(each.iter().filter_map(|rows| rows.get(i)).map(value));
+        line(first, &of)
+    };
+    first.iter().enumerate().map(one).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
