@@ -25,11 +25,12 @@ use whispeer_proto::{ErrorCode, Qos};
 use super::{Client, ClientError, Delivery, PublishOptions, SubscribeOptions};
 
 /// Requests a responder holds at once, answered one after another: enough that it does not wait
-/// a round trip for the next (one responder answered 22–23 k requests a second holding two, 67–77
-/// k holding eight, with 64 asked at once), few enough that a busy one leaves the rest to the
-/// group's others. Each is acked once answered: one held by a responder that goes away is given
-/// to another.
-const RESPONDER_WINDOW: u32 = 8;
+/// a round trip for the next (with 64 asked at once, one responder answered 67–72 k requests a
+/// second holding eight, 136–143 k holding 32 and 127–131 k holding 64: `whispeer bench
+/// --requests --responders 1`). The server gives a group's member at most its share of a burst,
+/// so a responder holding this many still leaves the others theirs. Each is acked once
+/// answered: one held by a responder that goes away is given to another.
+const RESPONDER_WINDOW: u32 = 32;
 
 /// A client's inbox: its replies' topics and who waits for each.
 #[derive(Debug)]
@@ -147,11 +148,12 @@ impl Client {
 
     /// Answers the requests on `filter` with what `handler` returns (`None`: no answer),
     /// sharing them with the other responders of queue group `group`; until the [`Responder`]
-    /// is dropped. A message without a reply topic is passed over. A responder holds eight
-    /// requests at most and acknowledges each once answered, so a busy responder leaves the
-    /// rest to the others, and a request whose responder goes away before answering goes to
-    /// another; one not answered within the server's ack timeout (30 s unless configured) is
-    /// delivered again too.
+    /// is dropped. A message without a reply topic is passed over. A responder holds 32
+    /// requests at most, and at most its share of what the group has (so a burst is spread
+    /// over the responders), and acknowledges each once answered, so a busy responder leaves
+    /// the rest to the others, and a request whose responder goes away before answering goes
+    /// to another; one not answered within the server's ack timeout (30 s unless configured)
+    /// is delivered again too.
     ///
     /// # Errors
     /// As [`Client::messages`].
@@ -164,7 +166,7 @@ impl Client {
     where
         F: FnMut(&Delivery) -> Option<Bytes> + Send + 'static,
     {
-        // QoS 1 with a small window: requests are spread over the group's responders.
+        // QoS 1 with a window: the server spreads requests over the group's responders.
         let options = SubscribeOptions::new(filter)
             .group(group)
             .qos(Qos::AtLeastOnce)

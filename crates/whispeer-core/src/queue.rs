@@ -21,7 +21,8 @@
 //! registration, and a push wakes only a consumer that parked.
 //!
 //! A queue has one consumer, or, for a queue group, several: then every waiting member is woken
-//! by a push and the first to poll takes the message.
+//! by a push and the first to poll takes the message (a QoS 1 group's member only up to its
+//! share: `delivery/tracker.rs`).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -562,6 +563,11 @@ impl Queue {
 
     pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
+    }
+
+    /// Leaves `waker` to be woken by the next push (or the close), without taking anything.
+    pub(crate) fn watch(&self, waker: &Waker) {
+        self.inbox().waiting.register(waker);
     }
 
     /// Wakes the consumer(s), so they look at their state again (a group member that left).

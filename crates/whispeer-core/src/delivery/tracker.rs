@@ -229,6 +229,25 @@ impl State {
         }
     }
 
+    /// Whether `member` may take another message: a group's member holds at most its share
+    /// (rounded up) of everything there is, in flight and waiting (`queued` in the queue), so
+    /// that a burst is spread over the members rather than taken whole by the first to poll. A
+    /// member alone, or one whose fellows hold more, takes up to its prefetch; a fellow that
+    /// does not come for its share only holds the others to theirs, taken as their own
+    /// messages settle.
+    fn within_share(&self, member: u64, queued: usize) -> bool {
+        let members = self.members.len();
+        // Retained history first: each takes what its credit allows.
+        if members < 2 || self.replay.is_some() {
+            return true;
+        }
+        let there_is = self.in_flight.len() + self.ready.len() + queued;
+        // A member with nothing in flight may always take one: a refused member has
+        // something to settle, whose settling wakes it.
+        let share = there_is.div_ceil(members).max(1);
+        self.members.get(&member).is_some_and(|m| m.in_flight < share)
+    }
+
     /// Takes `id` out of flight, giving its member the credit back.
     fn take(&mut self, id: MessageId) -> Option<Entry> {
         let entry = self.in_flight.remove(&id)?;
@@ -367,6 +386,21 @@ impl Tracker {
         if !has_credit {
             return step;
         }
+        let queued = queue.len();
+        if !state.within_share(member, queued) {
+            // Left to the others. A fellow's share grows only with a push, which wakes those
+            // parked on the queue or held to their share, or as its own messages settle, which
+            // wakes it: so this one is woken by either too.
+            if let (Some(cx), Some(m)) = (cx, state.members.get_mut(&member)) {
+                m.waker = Some(cx.waker().clone());
+                // And at the next push, which raises its share (one since the look: now).
+                queue.watch(cx.waker());
+                if queue.len() != queued {
+                    cx.waker().wake_by_ref();
+                }
+            }
+            return step;
+        }
         loop {
             let fields = &mut *state;
             let replayed = match &mut fields.replay {
@@ -491,26 +525,5 @@ impl Tracker {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn waits_grow_by_the_factor_up_to_the_cap() {
-        let policy = Redelivery::new(Duration::from_secs(1))
-            .backoff(3.0, Duration::from_secs(20))
-            .jitter(0.0);
-        let waits: Vec<u64> = (1..=5).map(|n| policy.wait(n).as_secs()).collect();
-        assert_eq!(waits, [1, 3, 9, 20, 20]);
-        assert_eq!(policy.wait(u32::MAX), Duration::from_secs(20));
-    }
-
-    #[test]
-    fn jitter_only_shortens_the_wait_by_at_most_its_fraction() {
-        let policy = Redelivery::new(Duration::from_secs(10)).jitter(0.25);
-        let waits: Vec<Duration> = (0..1000).map(|n| policy.jittered_wait(1, n)).collect();
-        assert!(waits.iter().all(|w| *w <= Duration::from_secs(10)));
-        assert!(waits.iter().all(|w| *w >= Duration::from_millis(7500)));
-        let (shortest, longest) = (waits.iter().min().unwrap(), waits.iter().max().unwrap());
-        assert!(*longest - *shortest > Duration::from_secs(2), "spread over the jitter range");
-    }
-}
+#[path = "tracker_tests.rs"]
+mod tests;
