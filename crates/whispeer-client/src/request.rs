@@ -8,9 +8,11 @@
 //! the requests that come for a responder that returns; meanwhile a request waits for its
 //! timeout rather than failing with `NoResponders`.
 //!
-//! The inbox is `_inbox/<16 hex digits>/<n>` (one subscription per client, made on the first
-//! request): on a server with ACLs, grant requesters `subscribe = ["_inbox/#"]` and responders
-//! `publish = ["_inbox/#"]`.
+//! The inbox is `_inbox/<16 hex digits>`, one exact topic per client (subscribed to on the first
+//! request), and a reply finds its request by the correlation id, which a responder gives back:
+//! no topic per request, so the server routes a reply as any exact topic, and its per-topic
+//! traffic counts are not filled with one-off topics. On a server with ACLs, grant requesters
+//! `subscribe = ["_inbox/#"]` and responders `publish = ["_inbox/#"]`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,10 +34,11 @@ use super::{Client, ClientError, Delivery, PublishOptions, SubscribeOptions};
 /// answered: one held by a responder that goes away is given to another.
 const RESPONDER_WINDOW: u32 = 32;
 
-/// A client's inbox: its replies' topics and who waits for each.
+/// A client's inbox: its replies' topic and who waits for each.
 #[derive(Debug)]
 pub(crate) struct Inbox {
-    prefix: String,
+    /// The topic, as each request's `response-topic` header gives it.
+    topic: Bytes,
     next: AtomicU64,
     waiting: Arc<Mutex<HashMap<u64, oneshot::Sender<Delivery>>>>,
     /// Dropped with the inbox: its task ends.
@@ -62,7 +65,7 @@ impl Client {
                 let mut id = [0u8; 8];
                 let _ = getrandom::fill(&mut id);
                 let prefix = format!("_inbox/{:016x}", u64::from_le_bytes(id));
-                let mut replies = self.messages(format!("{prefix}/#")).await?;
+                let mut replies = self.messages(prefix.as_str()).await?;
                 let waiting: Arc<Mutex<HashMap<u64, oneshot::Sender<Delivery>>>> = Arc::default();
                 let (stop, mut stopped) = watch::channel(());
                 let routes = Arc::clone(&waiting);
@@ -83,7 +86,8 @@ impl Client {
                         }
                     }
                 });
-                Ok(Arc::new(Inbox { prefix, next: AtomicU64::new(1), waiting, _stop: stop }))
+                let topic = Bytes::from(prefix);
+                Ok(Arc::new(Inbox { topic, next: AtomicU64::new(1), waiting, _stop: stop }))
             })
             .await
     }
@@ -106,7 +110,7 @@ impl Client {
         inbox.waiting.lock().unwrap_or_else(PoisonError::into_inner).insert(n, answer);
         let options = PublishOptions::new()
             .qos(Qos::AtLeastOnce)
-            .header(RESPONSE_TOPIC, format!("{}/{n}", inbox.prefix))
+            .header(RESPONSE_TOPIC, inbox.topic.clone())
             .header(CORRELATION_DATA, n.to_string());
         match self.publish_bytes_with(topic, payload, &options).await {
             Ok(_) => {}
