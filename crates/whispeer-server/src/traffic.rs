@@ -9,7 +9,7 @@
 //! subscribers are not counted here (the broker's own `BrokerStats` counts everyone).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use whispeer_proto::Topic;
@@ -62,6 +62,8 @@ pub struct FlowStats {
     pub bytes_out: u64,
 }
 
+/// A counted topic's flow and its class's; or, for the topics past `max_topics`, a class's
+/// flow of those (one per class, counting them together: [`Traffic::untracked`]).
 #[derive(Debug)]
 struct TopicFlow {
     flow: Flow,
@@ -73,9 +75,26 @@ struct TopicFlow {
 #[derive(Debug)]
 pub struct Traffic {
     topics: RwLock<HashMap<Topic, Arc<TopicFlow>>>,
-    classes: RwLock<HashMap<Box<str>, Arc<Flow>>>,
+    classes: RwLock<HashMap<Box<str>, Arc<Class>>>,
     max_topics: usize,
-    untracked: AtomicU64,
+    /// `max_topics` are counted: a topic not among them is counted by its class's `untracked`
+    /// entry, without taking the topics' write lock for each of its messages.
+    full: AtomicBool,
+}
+
+/// A class's traffic, and the entry that counts its topics not counted on their own.
+#[derive(Debug)]
+struct Class {
+    flow: Arc<Flow>,
+    untracked: Arc<TopicFlow>,
+}
+
+impl Default for Class {
+    fn default() -> Self {
+        let flow = Arc::new(Flow::default());
+        let untracked = Arc::new(TopicFlow { flow: Flow::default(), class: Arc::clone(&flow) });
+        Self { flow, untracked }
+    }
 }
 
 impl Default for Traffic {
@@ -137,7 +156,7 @@ impl Traffic {
             topics: RwLock::default(),
             classes: RwLock::default(),
             max_topics,
-            untracked: AtomicU64::new(0),
+            full: AtomicBool::new(max_topics == 0),
         }
     }
 
@@ -163,27 +182,22 @@ impl Traffic {
         }
         cache.settle();
         let known = self.topics.read().unwrap_or_else(PoisonError::into_inner).get(topic).cloned();
-        let entry = known.or_else(|| self.track(topic));
-        match entry {
-            Some(entry) => {
-                cache.entry = Some((topic.clone(), entry));
-                (cache.inbound, cache.messages, cache.bytes) = (inbound, 1, bytes);
-            }
-            None => {
-                self.untracked.fetch_add(1, Ordering::Relaxed);
-                self.class(topic).add(inbound, 1, bytes);
-            }
-        }
+        let entry = known
+            .or_else(|| if self.full.load(Ordering::Relaxed) { None } else { self.track(topic) })
+            .unwrap_or_else(|| Arc::clone(&self.class(topic).untracked));
+        cache.entry = Some((topic.clone(), entry));
+        (cache.inbound, cache.messages, cache.bytes) = (inbound, 1, bytes);
     }
 
     /// Starts counting `topic`, unless `max_topics` are counted already.
     fn track(&self, topic: &Topic) -> Option<Arc<TopicFlow>> {
-        let class = self.class(topic);
+        let class = Arc::clone(&self.class(topic).flow);
         let mut topics = self.topics.write().unwrap_or_else(PoisonError::into_inner);
         if let Some(entry) = topics.get(topic) {
             return Some(Arc::clone(entry));
         }
         if topics.len() >= self.max_topics {
+            self.full.store(true, Ordering::Relaxed);
             return None;
         }
         let entry = Arc::new(TopicFlow { flow: Flow::default(), class });
@@ -191,10 +205,16 @@ impl Traffic {
         Some(entry)
     }
 
-    fn class(&self, topic: &Topic) -> Arc<Flow> {
+    fn class(&self, topic: &Topic) -> Arc<Class> {
         let name = class_of(topic);
-        if let Some(flow) = self.classes.read().unwrap_or_else(PoisonError::into_inner).get(name) {
-            return Arc::clone(flow);
+        {
+            let classes = self.classes.read().unwrap_or_else(PoisonError::into_inner);
+            // Past the bound, a new class is `other`'s, found under the read lock too.
+            let full = classes.len() >= MAX_CLASSES;
+            let found = classes.get(name).or_else(|| classes.get("other").filter(|_| full));
+            if let Some(class) = found {
+                return Arc::clone(class);
+            }
         }
         let mut classes = self.classes.write().unwrap_or_else(PoisonError::into_inner);
         let name = if classes.len() >= MAX_CLASSES && !classes.contains_key(name) {
@@ -215,14 +235,16 @@ impl Traffic {
     pub fn classes(&self) -> Vec<(String, FlowStats)> {
         let classes = self.classes.read().unwrap_or_else(PoisonError::into_inner);
         let mut all: Vec<(String, FlowStats)> =
-            classes.iter().map(|(name, flow)| (name.to_string(), flow.snapshot())).collect();
+            classes.iter().map(|(name, class)| (name.to_string(), class.flow.snapshot())).collect();
         all.sort_by(|a, b| a.0.cmp(&b.0));
         all
     }
 
-    /// Messages whose topic was not counted on its own (`max_topics` reached).
+    /// Messages whose topic was not counted on its own (`max_topics` reached), in and out.
     pub fn untracked(&self) -> u64 {
-        self.untracked.load(Ordering::Relaxed)
+        let classes = self.classes.read().unwrap_or_else(PoisonError::into_inner);
+        let each = classes.values().map(|class| class.untracked.flow.snapshot());
+        each.map(|flow| flow.messages_in + flow.messages_out).sum()
     }
 }
 
@@ -248,6 +270,8 @@ mod tests {
         traffic.outbound(&mut cache, &topic("sensor/1/t"), 10);
         traffic.outbound(&mut cache, &topic("sensor/1/t"), 10);
         traffic.inbound(&mut cache, &topic("chat/room"), 5);
+        // Counts wait in the connection's cache until settled (after each read or write).
+        cache.settle();
 
         let classes = traffic.classes();
         let names: Vec<&str> = classes.iter().map(|(name, _)| name.as_str()).collect();
@@ -287,6 +311,7 @@ mod tests {
             traffic.inbound(&mut cache, &topic(&format!("c{n}/x")), 1);
         }
         traffic.inbound(&mut cache, &topic("c0/y"), 1);
+        cache.settle();
         let classes = traffic.classes();
         assert_eq!(classes.len(), MAX_CLASSES + 1);
         let other = classes.iter().find(|(name, _)| name == "other").unwrap().1;
