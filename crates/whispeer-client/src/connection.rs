@@ -33,7 +33,7 @@ use whispeer_proto::{Body, Frame, OutBuf, ReadPool, StartAt, TopicCache};
 
 use handshake::handshake;
 pub(crate) use handshake::{Established, connect_any};
-pub(crate) use outbox::Outbox;
+pub(crate) use outbox::{AckWaiter, Outbox};
 use requests::Requests;
 use subs::Sub;
 pub(crate) use subs::{Buffer, Incoming, Settle, SubSpec};
@@ -69,7 +69,7 @@ pub(crate) enum Command {
 
 /// A request waiting for its reply.
 enum Pending {
-    Ack(oneshot::Sender<Result<(), ClientError>>),
+    Ack(AckWaiter),
     Subscribed { sub: u32, reply: oneshot::Sender<Result<u32, ClientError>> },
     Resubscribed { sub: u32 },
     Flush(oneshot::Sender<Result<(), ClientError>>),
@@ -542,7 +542,7 @@ impl Actor {
             Body::Ping => encode(&Frame::new(correlation, Body::Pong), out.frames(), max)?,
             Body::Ok | Body::PubAck | Body::Pong => match self.pending.remove(correlation) {
                 Some(Pending::Ack(ack)) => {
-                    let _ = ack.send(Ok(()));
+                    ack.send(Ok(()));
                     self.woken.answered();
                 }
                 Some(Pending::Flush(ack)) => {
@@ -584,7 +584,8 @@ impl Actor {
 
 fn fail(pending: Pending, err: ClientError) {
     match pending {
-        Pending::Ack(reply) | Pending::Flush(reply) => drop(reply.send(Err(err))),
+        Pending::Ack(ack) => ack.send(Err(err)),
+        Pending::Flush(reply) => drop(reply.send(Err(err))),
         Pending::Subscribed { reply, .. } => drop(reply.send(Err(err))),
         Pending::Resubscribed { .. } => {}
     }

@@ -11,6 +11,7 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 use whispeer_proto::{ContentType, Envelope, MessageId, Qos};
 
+use crate::connection::AckWaiter;
 use crate::{Client, ClientError};
 
 /// The server's answer to a QoS 1 publish, awaited when the caller chooses
@@ -105,7 +106,7 @@ impl Client {
     ) -> Result<PendingAck, ClientError> {
         let id = envelope.id;
         let (ack, acked) = oneshot::channel();
-        self.outbox.publish(qos, envelope, Some(ack)).await?;
+        self.outbox.publish(qos, envelope, Some(AckWaiter::Told(ack))).await?;
         Ok(PendingAck { id, acked })
     }
 }

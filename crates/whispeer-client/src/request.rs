@@ -22,8 +22,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::{oneshot, watch};
 use whispeer_proto::header::{CORRELATION_DATA, RESPONSE_TOPIC};
-use whispeer_proto::{ErrorCode, Qos};
+use whispeer_proto::{ContentType, ErrorCode, Qos};
 
+use super::connection::AckWaiter;
 use super::{Client, ClientError, Delivery, PublishOptions, SubscribeOptions};
 
 /// Requests a responder holds at once, answered one after another: enough that it does not wait
@@ -34,13 +35,17 @@ use super::{Client, ClientError, Delivery, PublishOptions, SubscribeOptions};
 /// answered: one held by a responder that goes away is given to another.
 const RESPONDER_WINDOW: u32 = 32;
 
+/// Where a request's reply, or its refusal, goes.
+type Waiter = oneshot::Sender<Result<Delivery, ClientError>>;
+
 /// A client's inbox: its replies' topic and who waits for each.
 #[derive(Debug)]
 pub(crate) struct Inbox {
     /// The topic, as each request's `response-topic` header gives it.
     topic: Bytes,
     next: AtomicU64,
-    waiting: Arc<Mutex<HashMap<u64, oneshot::Sender<Delivery>>>>,
+    /// Each request's waiter, told its reply, or the server's refusal of the request.
+    waiting: Arc<Mutex<HashMap<u64, Waiter>>>,
     /// Dropped with the inbox: its task ends.
     _stop: watch::Sender<()>,
 }
@@ -66,7 +71,7 @@ impl Client {
                 let _ = getrandom::fill(&mut id);
                 let prefix = format!("_inbox/{:016x}", u64::from_le_bytes(id));
                 let mut replies = self.messages(prefix.as_str()).await?;
-                let waiting: Arc<Mutex<HashMap<u64, oneshot::Sender<Delivery>>>> = Arc::default();
+                let waiting: Arc<Mutex<HashMap<u64, Waiter>>> = Arc::default();
                 let (stop, mut stopped) = watch::channel(());
                 let routes = Arc::clone(&waiting);
                 tokio::spawn(async move {
@@ -82,7 +87,7 @@ impl Client {
                             routes.lock().unwrap_or_else(PoisonError::into_inner).remove(&n)
                         });
                         if let Some(waiter) = waiter {
-                            let _ = waiter.send(reply);
+                            let _ = waiter.send(Ok(reply));
                         }
                     }
                 });
@@ -109,22 +114,29 @@ impl Client {
         let forget = || inbox.waiting.lock().unwrap_or_else(PoisonError::into_inner).remove(&n);
         inbox.waiting.lock().unwrap_or_else(PoisonError::into_inner).insert(n, answer);
         let options = PublishOptions::new()
-            .qos(Qos::AtLeastOnce)
             .header(RESPONSE_TOPIC, inbox.topic.clone())
             .header(CORRELATION_DATA, n.to_string());
-        match self.publish_bytes_with(topic, payload, &options).await {
-            Ok(_) => {}
-            Err(ClientError::Server { code, .. }) if code == ErrorCode::NO_RESPONDERS => {
-                forget();
-                return Err(ClientError::NoResponders(topic.to_string()));
+        // The server's refusal (no responders, a denial, the connection lost) comes to the
+        // waiter in place of the reply; its acknowledgement wakes nothing.
+        let waiting = Arc::clone(&inbox.waiting);
+        let refused = AckWaiter::Refusal(Box::new(move |err| {
+            let waiter = waiting.lock().unwrap_or_else(PoisonError::into_inner).remove(&n);
+            if let Some(waiter) = waiter {
+                let _ = waiter.send(Err(err));
             }
-            Err(err) => {
-                forget();
-                return Err(err);
-            }
+        }));
+        let envelope =
+            self.envelope_with(topic, ContentType::Raw, payload.into(), options.headers)?;
+        if let Err(err) = self.outbox.publish(Qos::AtLeastOnce, envelope, Some(refused)).await {
+            forget();
+            return Err(err);
         }
         match tokio::time::timeout(timeout, answered).await {
-            Ok(Ok(reply)) => Ok(reply),
+            Ok(Ok(Ok(reply))) => Ok(reply),
+            Ok(Ok(Err(ClientError::Server { code, .. }))) if code == ErrorCode::NO_RESPONDERS => {
+                Err(ClientError::NoResponders(topic.to_string()))
+            }
+            Ok(Ok(Err(err))) => Err(err),
             Ok(Err(_)) => Err(ClientError::Closed),
             Err(_) => {
                 forget();

@@ -24,7 +24,33 @@ use whispeer_proto::{EncodeError, Envelope, Frame, OutBuf, PlainHead, Qos};
 use crate::ClientError;
 
 /// Where a QoS 1 publish's acknowledgement goes.
-pub(crate) type AckWaiter = oneshot::Sender<Result<(), ClientError>>;
+pub(crate) enum AckWaiter {
+    /// Told the answer, either way.
+    Told(oneshot::Sender<Result<(), ClientError>>),
+    /// Told only a refusal (a request's, whose task waits for its reply alone: an
+    /// acknowledged request wakes nothing).
+    Refusal(Box<dyn FnOnce(ClientError) + Send>),
+}
+
+impl AckWaiter {
+    /// Tells the waiter the answer, or, for [`AckWaiter::Refusal`], only a refusal.
+    pub(crate) fn send(self, answer: Result<(), ClientError>) {
+        match (self, answer) {
+            (Self::Told(waiter), answer) => drop(waiter.send(answer)),
+            (Self::Refusal(tell), Err(err)) => tell(err),
+            (Self::Refusal(_), Ok(())) => {}
+        }
+    }
+}
+
+impl std::fmt::Debug for AckWaiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Told(_) => "Told",
+            Self::Refusal(_) => "Refusal",
+        })
+    }
+}
 
 /// The top bit marks a publish's correlation id.
 pub(crate) const PUBLISH_BIT: u32 = 1 << 31;
@@ -204,7 +230,7 @@ impl Outbox {
         state.closed = true;
         state.buf = OutBuf::default();
         for (_, ack) in state.acks.drain(..) {
-            let _ = ack.send(Err(ClientError::Closed));
+            ack.send(Err(ClientError::Closed));
         }
         drop(state);
         self.room.notify_waiters();
@@ -247,7 +273,7 @@ mod tests {
         let outbox = Outbox::new(1 << 20, usize::MAX);
         outbox.publish(Qos::AtMostOnce, envelope(1, 8), None).await.unwrap();
         let (ack, _acked) = oneshot::channel();
-        outbox.publish(Qos::AtLeastOnce, envelope(2, 8), Some(ack)).await.unwrap();
+        outbox.publish(Qos::AtLeastOnce, envelope(2, 8), Some(AckWaiter::Told(ack))).await.unwrap();
         let mut out = OutBuf::default();
         let mut waiters = Vec::new();
         outbox.take_into(&mut out, |correlation, _| waiters.push(correlation));
@@ -292,7 +318,7 @@ mod tests {
     async fn closing_fails_waiters_and_later_publishes() {
         let outbox = Outbox::new(1 << 20, usize::MAX);
         let (ack, acked) = oneshot::channel();
-        outbox.publish(Qos::AtLeastOnce, envelope(1, 8), Some(ack)).await.unwrap();
+        outbox.publish(Qos::AtLeastOnce, envelope(1, 8), Some(AckWaiter::Told(ack))).await.unwrap();
         outbox.close();
         assert!(matches!(acked.await.unwrap(), Err(ClientError::Closed)));
         let refused = outbox.publish(Qos::AtMostOnce, envelope(2, 8), None).await;

@@ -290,7 +290,7 @@ async fn publishers_woken_together_share_a_write() {
     let writes = writes_of_publishers(|outbox| async move {
         for _ in 0..ROUNDS {
             let (ack, acked) = oneshot::channel();
-            outbox.publish(Qos::AtLeastOnce, envelope(), Some(ack)).await.unwrap();
+            outbox.publish(Qos::AtLeastOnce, envelope(), Some(AckWaiter::Told(ack))).await.unwrap();
             acked.await.unwrap().unwrap();
         }
     })
@@ -376,7 +376,7 @@ fn a_write_waits_only_for_woken_tasks_not_heard_from() {
 async fn a_publish_after_its_own_acknowledgement_is_written_at_once() {
     let (outbox, writes, _commands) = counted_connection();
     let (ack, acked) = oneshot::channel();
-    outbox.publish(Qos::AtLeastOnce, envelope(), Some(ack)).await.unwrap();
+    outbox.publish(Qos::AtLeastOnce, envelope(), Some(AckWaiter::Told(ack))).await.unwrap();
     acked.await.unwrap().unwrap();
     // Past the streaming rule's moment since the first write.
     tokio::time::sleep(std::time::Duration::from_millis(2)).await;
@@ -384,7 +384,7 @@ async fn a_publish_after_its_own_acknowledgement_is_written_at_once() {
     let (go, seen) = writes_seen_later(&writes);
     tokio::task::yield_now().await;
     let (ack, _acked) = oneshot::channel();
-    outbox.publish(Qos::AtLeastOnce, envelope(), Some(ack)).await.unwrap();
+    outbox.publish(Qos::AtLeastOnce, envelope(), Some(AckWaiter::Told(ack))).await.unwrap();
     go.send(()).unwrap();
     assert_eq!(seen.await.unwrap(), before + 1, "written before the other task ran");
 }
