@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use whispeer::server::{AccessCounters, ApiKeys, Permissions, Principal, ServerConfig, Tcp};
 use whispeer::{Broker, BrokerOptions, Filter, Retention};
@@ -156,6 +157,11 @@ async fn granted_topics_and_the_own_inbox_keep_working() {
     // Root's grant of everything ordinary does not open anyone's inbox either.
     let err = root.publish_acked("@inbox/alice/dm", &3u32).await.unwrap_err();
     assert_eq!(refusal(&err), Some(ErrorCode::FORBIDDEN));
+    // A request the grants refuse fails with the refusal, not at its timeout.
+    let asked = std::time::Instant::now();
+    let err = root.request("@inbox/alice/dm", "q", Duration::from_secs(10)).await.unwrap_err();
+    assert_eq!(refusal(&err), Some(ErrorCode::FORBIDDEN), "{err}");
+    assert!(asked.elapsed() < Duration::from_secs(5), "at once, not at the timeout");
     assert_eq!(lobby.recv().await, Some(1));
     assert_eq!(any_chat.recv().await, Some(1));
     assert_eq!(news.recv().await, Some(2));
@@ -235,7 +241,7 @@ async fn a_connection_publishing_past_its_rate_is_refused_then_recovers() {
     assert!(accepted as f64 <= 50.0 + 50.0 * elapsed + 1.0, "{accepted} in {elapsed:.3} s");
     assert!(refused > 0 && access.rate_limited() == refused);
     // Both budgets refill; then 4 KB payloads spend the 10 000 bytes per second after two.
-    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     publisher.publish_acked_bytes("t", vec![0u8; 4000]).await.expect("within the byte budget");
     publisher.publish_acked_bytes("t", vec![0u8; 4000]).await.expect("within the byte budget");
     let third = publisher.publish_acked_bytes("t", vec![0u8; 4000]).await.unwrap_err();

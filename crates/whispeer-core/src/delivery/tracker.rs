@@ -386,7 +386,8 @@ impl Tracker {
         if !has_credit {
             return step;
         }
-        let queued = queue.len();
+        // Only a group's members have shares: a lone subscription reads no queue length.
+        let queued = if state.members.len() > 1 { queue.len() } else { 0 };
         if !state.within_share(member, queued) {
             // Left to the others. A fellow's share grows only with a push, which wakes those
             // parked on the queue or held to their share, or as its own messages settle, which
