@@ -20,6 +20,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 mod chat;
 mod durable;
+mod group;
 mod qos1;
 mod raw;
 mod requests;
@@ -341,6 +342,12 @@ async fn measure(target: &Target, args: &BenchArgs, strict: bool) -> anyhow::Res
     eprintln!("{name}: 1→8, 128 B …");
     let (one_to_eight, _) =
         lost("1→8", throughput(target, 8, args.messages / 4, 128, window(128)).await)?;
+    let mut group = [f64::NAN; 2];
+    if group::has_groups(target) {
+        eprintln!("{name}: 1→group of {}, 128 B …", group::MEMBERS);
+        let run = group::throughput(target, args.messages / 2, 128, window(128)).await;
+        (group[0], group[1]) = lost("1→group", run)?;
+    }
     eprintln!("{name}: 1→1, 64 KiB …");
     let large_run =
         throughput(target, 1, (args.messages / 40).max(100), 64 * 1024, window(64 * 1024));
@@ -348,7 +355,7 @@ async fn measure(target: &Target, args: &BenchArgs, strict: bool) -> anyhow::Res
     eprintln!("{name}: latency at {} msgs/s for {} s …", args.rate, args.latency_secs);
     let (target, rate, seconds) = (target.clone(), args.rate, args.latency_secs);
     let latency = tokio::spawn(async move { latency(&target, rate, seconds).await }).await??;
-    Ok(Report { one_to_one, one_to_eight, large_mb: large / 1e6, latency, cpu_us })
+    Ok(Report { one_to_one, one_to_eight, group, large_mb: large / 1e6, latency, cpu_us })
 }
 
 pub(crate) fn run(args: BenchArgs) -> std::process::ExitCode {

@@ -183,14 +183,21 @@ impl RawConn {
 
     /// NATS only: one connection subscribed to every subject of `subjects` (sids from 1),
     /// confirmed by the PONG after them.
-    pub(super) async fn subscribe_nats(&self, subjects: &[String]) -> io::Result<RawSub> {
+    /// Subscribes to each of `subjects` on this one NATS connection, as members of queue group
+    /// `group` if given, and returns once nats-server has them.
+    pub(super) async fn subscribe_nats(
+        &self,
+        subjects: &[String],
+        group: Option<&str>,
+    ) -> io::Result<RawSub> {
         if self.kind != Kind::Nats {
-            return Err(io::Error::other("many subscriptions on one connection: NATS only"));
+            return Err(io::Error::other("many subscriptions or a queue group: NATS only"));
         }
         let (reader, mut writer) = self.take()?.into_split();
         let mut request = NATS_CONNECT.to_vec();
+        let group = group.map(|g| format!(" {g}")).unwrap_or_default();
         for (sid, subject) in subjects.iter().enumerate() {
-            request.extend_from_slice(format!("SUB {subject} {}\r\n", sid + 1).as_bytes());
+            request.extend_from_slice(format!("SUB {subject}{group} {}\r\n", sid + 1).as_bytes());
         }
         request.extend_from_slice(b"PING\r\n");
         writer.write_all(&request).await?;

@@ -171,8 +171,10 @@ async fn case(
                 clients.push(client);
             }
             System::NatsRaw(addr) => {
-                let mut sub =
-                    RawConn::connect(Kind::Nats, addr).await?.subscribe_nats(&subjects).await?;
+                let mut sub = RawConn::connect(Kind::Nats, addr)
+                    .await?
+                    .subscribe_nats(&subjects, None)
+                    .await?;
                 let delivered = Arc::clone(&delivered);
                 readers.spawn(async move {
                     while sub.next().await.is_some() {

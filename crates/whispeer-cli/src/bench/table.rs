@@ -7,6 +7,9 @@ use std::fmt::Write as _;
 pub(super) struct Report {
     pub(super) one_to_one: f64,
     pub(super) one_to_eight: f64,
+    /// The work queue (see `group.rs`): msgs/s, and the smallest member's share against an
+    /// even one; NaN for a system without queue groups.
+    pub(super) group: [f64; 2],
     pub(super) large_mb: f64,
     pub(super) latency: [f64; 3],
     /// CPU microseconds per delivery in the 1→1 run: the server's (NaN without its pid) and
@@ -16,9 +19,11 @@ pub(super) struct Report {
 
 type Row = (&'static str, fn(&Report) -> f64);
 
-const ROWS: [Row; 8] = [
+const ROWS: [Row; 10] = [
     ("1→1 128 B, delivered msgs/s", |r| r.one_to_one),
     ("1→8 128 B, delivered msgs/s", |r| r.one_to_eight),
+    ("1→group of 8 128 B, msgs/s", |r| r.group[0]),
+    ("group: least share / even", |r| r.group[1]),
     ("1→1 64 KiB, MB/s", |r| r.large_mb),
     ("latency p50 µs (fixed rate)", |r| r.latency[0]),
     ("latency p99 µs", |r| r.latency[1]),
@@ -65,6 +70,7 @@ pub(super) fn medians<'a>(rounds: &[Vec<(&'a str, Report)>]) -> Vec<(&'a str, Re
         let report = Report {
             one_to_one: of(&|r| r.one_to_one),
             one_to_eight: of(&|r| r.one_to_eight),
+            group: [0, 1].map(|p| of(&|r| r.group[p])),
             large_mb: of(&|r| r.large_mb),
             latency: [0, 1, 2].map(|p| of(&|r| r.latency[p])),
             cpu_us: [0, 1].map(|p| of(&|r| r.cpu_us[p])),
@@ -110,6 +116,7 @@ mod tests {
         Report {
             one_to_one: scale,
             one_to_eight: 8.0 * scale,
+            group: [4.0 * scale, 0.9],
             large_mb: 100.0 * scale,
             latency: [scale, 2.0 * scale, 3.0 * scale],
             cpu_us: [scale / 10.0, f64::NAN],
@@ -129,6 +136,7 @@ mod tests {
         let (a, b) = (&medians[0].1, &medians[1].1);
         assert_eq!((a.one_to_one, a.one_to_eight, a.large_mb), (2.0, 16.0, 200.0));
         assert_eq!(a.latency, [2.0, 4.0, 6.0]);
+        assert_eq!(a.group, [8.0, 0.9]);
         assert_eq!(a.cpu_us[0], 0.2);
         assert!(a.cpu_us[1].is_nan(), "no round had it");
         // b lost messages in its second round: the median of the two others.

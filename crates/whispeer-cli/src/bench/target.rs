@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use bytes::Bytes;
-use whispeer_client::{Client, ClientOptions, ClientSubscription, Delivery};
+use whispeer_client::{Client, ClientOptions, ClientSubscription, Delivery, SubscribeOptions};
 
 use super::BenchArgs;
 use super::raw;
@@ -141,6 +141,25 @@ impl Conn {
                 Sub::Nats(sub)
             }
             Self::Raw(conn) => Sub::Raw(conn.subscribe(subject).await?),
+        })
+    }
+
+    /// Joins queue group `group` on `subject`: each message goes to one member. Only the
+    /// systems that have queue groups (whispeer, NATS).
+    pub(super) async fn subscribe_group(&self, subject: &str, group: &str) -> anyhow::Result<Sub> {
+        Ok(match self {
+            Self::Whispeer(client) => {
+                Sub::Whispeer(client.messages(SubscribeOptions::new(subject).group(group)).await?)
+            }
+            #[cfg(feature = "nats")]
+            Self::Nats(client) => {
+                let sub = client.queue_subscribe(subject.to_string(), group.to_string()).await?;
+                client.flush().await?;
+                Sub::Nats(sub)
+            }
+            Self::Raw(conn) => {
+                Sub::Raw(conn.subscribe_nats(&[subject.to_string()], Some(group)).await?)
+            }
         })
     }
 
