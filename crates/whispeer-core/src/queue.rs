@@ -20,9 +20,9 @@
 //! waker in the inbox under the same lock, so no push can slip between its last look and its
 //! registration, and a push wakes only a consumer that parked.
 //!
-//! A queue has one consumer, or, for a queue group, several: then every waiting member is woken
-//! by a push and the first to poll takes the message (a QoS 1 group's member only up to its
-//! share: `delivery/tracker.rs`).
+//! A queue has one consumer, or, for a queue group, several: a QoS 1 group's waiting members
+//! are all woken by a push and the first to poll takes the message (up to its share:
+//! `delivery/tracker.rs`); a QoS 0 group deals each push over its members (`waiting.rs`).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -33,6 +33,12 @@ use whispeer_proto::{Filter, Topic};
 
 use crate::Message;
 use crate::budget::ByteBudget;
+
+mod dealing;
+mod waiting;
+
+pub(crate) use waiting::Credit;
+use waiting::{Dealt, Waiting};
 
 /// What happens when a message arrives for a subscriber whose queue is full.
 #[non_exhaustive]
@@ -61,59 +67,6 @@ const BYTES_MASK: u64 = COUNT_ONE - 1;
 /// the envelope and bookkeeping.
 fn weight(message: &Message) -> usize {
     message.payload().len() + 256
-}
-
-/// Who waits for the next message.
-#[derive(Debug)]
-enum Waiting {
-    /// The queue's one consumer, once it parked.
-    One(Option<Waker>),
-    /// The members of a queue group that parked: all are woken, the first to poll takes the
-    /// message.
-    Many(Vec<Waker>),
-}
-
-impl Waiting {
-    fn register(&mut self, waker: &Waker) {
-        match self {
-            Self::One(one) => match one {
-                Some(parked) if parked.will_wake(waker) => {}
-                _ => *one = Some(waker.clone()),
-            },
-            Self::Many(many) => {
-                if !many.iter().any(|w| w.will_wake(waker)) {
-                    many.push(waker.clone());
-                }
-            }
-        }
-    }
-
-    /// Takes the parked consumers out, to wake once the lock is let go.
-    fn take(&mut self) -> Woken {
-        match self {
-            Self::One(one) => one.take().map_or(Woken::None, Woken::One),
-            Self::Many(many) if many.is_empty() => Woken::None,
-            Self::Many(many) => Woken::Many(std::mem::take(many)),
-        }
-    }
-}
-
-/// Consumers taken out of [`Waiting`], woken outside the queue's lock.
-#[must_use = "a consumer taken out of the queue's waiting list must be woken"]
-enum Woken {
-    None,
-    One(Waker),
-    Many(Vec<Waker>),
-}
-
-impl Woken {
-    fn wake(self) {
-        match self {
-            Self::None => {}
-            Self::One(one) => crate::wakeups::wake(one),
-            Self::Many(many) => many.into_iter().for_each(crate::wakeups::wake),
-        }
-    }
 }
 
 /// What producers share with the consumer(s), behind the queue's lock.
@@ -205,6 +158,8 @@ pub(crate) struct Queue {
     pub(crate) counters: Counters,
     /// The broker's count of messages discarded with their queue (set once routed).
     discarded: OnceLock<Arc<AtomicU64>>,
+    /// A QoS 0 group's latest deal (see `waiting.rs`).
+    dealt: Option<Box<Dealt>>,
 }
 
 impl Queue {
@@ -229,6 +184,7 @@ impl Queue {
             policy,
             counters: Counters::default(),
             discarded: OnceLock::new(),
+            dealt: None,
         }
     }
 
@@ -260,6 +216,36 @@ impl Queue {
         self
     }
 
+    /// This group's queue dealing each push over its members (a QoS 0 group's).
+    pub(crate) fn dealing(mut self) -> Self {
+        self.inbox.get_mut().unwrap_or_else(PoisonError::into_inner).waiting =
+            Waiting::Dealing(Box::default());
+        self.dealt = Some(Box::default());
+        self
+    }
+
+    /// Whether this queue deals each push over its members.
+    pub(crate) fn deals(&self) -> bool {
+        self.dealt.is_some()
+    }
+
+    /// Adds `credit`'s member to those a dealing queue deals to.
+    pub(crate) fn join_member(&self, credit: &Arc<Credit>) {
+        self.inbox().waiting.join(credit);
+    }
+
+    /// Takes `credit`'s member out of a dealing queue's members: what it was dealt and did not
+    /// take goes to whoever asks, and every waiting member is woken to ask.
+    pub(crate) fn leave_member(&self, credit: &Arc<Credit>) {
+        let mut inbox = self.inbox();
+        if let Some(dealt) = &self.dealt {
+            dealt.unassign(credit.give_up());
+        }
+        let woken = inbox.waiting.leave(credit);
+        drop(inbox);
+        woken.wake();
+    }
+
     fn inbox(&self) -> MutexGuard<'_, Inbox> {
         self.inbox.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -287,7 +273,7 @@ impl Queue {
         }
         self.charge(weight);
         inbox.items.push_back(message);
-        let woken = inbox.waiting.take();
+        let woken = inbox.waiting.pushed(1, self.len(), self.dealt.as_deref());
         drop(inbox);
         woken.wake();
         if dropped > 0 { Pushed::DroppedOldest(dropped) } else { Pushed::Queued }
@@ -313,6 +299,7 @@ impl Queue {
             return 0;
         }
         let weights: usize = messages.iter().map(weight).sum();
+        let count = messages.len();
         let mut inbox = self.inbox();
         let mut dropped = 0;
         if self.fit(messages.len(), weights) {
@@ -333,7 +320,7 @@ impl Queue {
         if dropped > 0 {
             self.counters.dropped_oldest.fetch_add(dropped, Ordering::Relaxed);
         }
-        let woken = inbox.waiting.take();
+        let woken = inbox.waiting.pushed(count, self.len(), self.dealt.as_deref());
         drop(inbox);
         woken.wake();
         dropped
@@ -433,7 +420,7 @@ impl Queue {
         if self.is_closed() {
             return Poll::Ready(None);
         }
-        if let Some(message) = self.pop_taking(taken, Some(cx.waker())) {
+        if let Some(message) = self.pop_taking(taken, Some(cx.waker()), None) {
             return Poll::Ready(Some(message));
         }
         // Parked under the inbox's lock, which `close` takes too: a close before it is seen
@@ -455,12 +442,17 @@ impl Queue {
         if self.is_closed() {
             return None;
         }
-        self.pop_taking(taken, None)
+        self.pop_taking(taken, None, None)
     }
 
     /// Pops the next message not replayed already, counting what it takes in `taken`; with
-    /// `park`, finding none leaves that waker for the next push.
-    fn pop_taking(&self, taken: &mut Unreleased, park: Option<&Waker>) -> Option<Message> {
+    /// `park`, finding none leaves that waker for the next push (as `member`'s, if given).
+    fn pop_taking(
+        &self,
+        taken: &mut Unreleased,
+        park: Option<&Waker>,
+        member: Option<&Arc<Credit>>,
+    ) -> Option<Message> {
         let mut batch = self.batch.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
             while let Some(message) = batch.pop_front() {
@@ -470,7 +462,7 @@ impl Queue {
                     return Some(message);
                 }
             }
-            if !self.refill(&mut batch, park) {
+            if !self.refill(&mut batch, park, member) {
                 return None;
             }
         }
@@ -503,7 +495,7 @@ impl Queue {
                     return true;
                 }
             }
-            if !self.refill(&mut batch, park) {
+            if !self.refill(&mut batch, park, None) {
                 return false;
             }
         }
@@ -513,11 +505,18 @@ impl Queue {
     /// inbox's; `false`, with `park` left to be woken, when there are none. A buffer grown by a
     /// burst past `KEEP_SLOTS` is freed once batches are small again, so an idle queue holds at
     /// most two buffers of `KEEP_SLOTS` (none before its first message).
-    fn refill(&self, batch: &mut VecDeque<Message>, park: Option<&Waker>) -> bool {
+    fn refill(
+        &self,
+        batch: &mut VecDeque<Message>,
+        park: Option<&Waker>,
+        member: Option<&Arc<Credit>>,
+    ) -> bool {
         let mut inbox = self.inbox();
         if inbox.items.is_empty() {
-            if let Some(waker) = park {
-                inbox.waiting.register(waker);
+            match (park, member) {
+                (Some(waker), Some(member)) => inbox.waiting.park(member, waker),
+                (Some(waker), None) => inbox.waiting.register(waker),
+                (None, _) => {}
             }
             drop(inbox);
             if batch.capacity() > KEEP_SLOTS {

@@ -45,8 +45,9 @@ pub(super) fn table(reports: &[(&str, Report)]) -> String {
     out.push('\n');
     for (label, value) in ROWS {
         let _ = write!(out, "{label:<32}");
-        // CPU per delivery is well under a microsecond: one decimal would hide differences.
-        let decimals = if label.contains("CPU") { 2 } else { 1 };
+        // CPU per delivery is well under a microsecond, a share under one: one decimal would
+        // hide differences.
+        let decimals = if label.contains("CPU") || label.contains("share") { 2 } else { 1 };
         for (_, report) in reports {
             let _ = write!(out, "{:>22.decimals$}", value(report));
         }

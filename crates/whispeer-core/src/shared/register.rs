@@ -203,7 +203,10 @@ impl Shared {
         }
         let key: GroupKey = (filter.as_str().into(), name.as_str().into());
         let group = this.groups.join(key.clone(), options.qos, || {
-            let queue = Queue::new(filter, capacity, max_bytes, policy).for_group(name);
+            let mut queue = Queue::new(filter, capacity, max_bytes, policy).for_group(name);
+            if !is_qos1(options.qos) {
+                queue = queue.dealing();
+            }
             let queue = Arc::new(queue.with_budget(options.budget.clone()));
             let id = this.route_queue(&queue);
             let tracker = tracker();

@@ -24,7 +24,7 @@ use crate::delivery::Commits;
 use crate::delivery::{GiveUp, Settled, Step, Tracker};
 use crate::dispatch::Drained;
 use crate::message::Message;
-use crate::queue::{Queue, Unreleased};
+use crate::queue::{Credit, Queue, Unreleased};
 use crate::retention::Replay;
 use crate::shared::{Registration, Shared};
 use crate::stats::bump;
@@ -52,6 +52,8 @@ pub(crate) struct Consumer {
     replay: Replay,
     commits: Option<Arc<Commits>>,
     qos1: Option<Qos1>,
+    /// A QoS 0 group member's share of what its queue deals (`queue/waiting.rs`).
+    credit: Option<Arc<Credit>>,
     cooperation: Cooperation,
 }
 
@@ -81,8 +83,32 @@ impl Consumer {
                 member: registration.member,
                 timer: None,
             }),
+            credit: registration.queue.deals().then(|| {
+                let credit = Arc::new(Credit::default());
+                registration.queue.join_member(&credit);
+                credit
+            }),
             cooperation: Cooperation::default(),
         }
+    }
+
+    /// The next message off the queue (as this member, in a dealing group), its room given
+    /// back at once.
+    fn poll_pop(&self, cx: &mut Context<'_>) -> Poll<Option<Message>> {
+        let Some(credit) = &self.credit else { return self.queue.poll_pop(cx) };
+        let mut taken = Unreleased::default();
+        let popped = self.queue.poll_pop_member(cx, &mut taken, credit);
+        self.queue.give_back(&mut taken);
+        popped
+    }
+
+    /// [`Consumer::poll_pop`] without waiting.
+    fn try_pop(&self) -> Option<Message> {
+        let Some(credit) = &self.credit else { return self.queue.try_pop() };
+        let mut taken = Unreleased::default();
+        let popped = self.queue.try_pop_member(&mut taken, credit);
+        self.queue.give_back(&mut taken);
+        popped
     }
 
     /// A handle to settle this consumer's QoS 1 messages; `None` under QoS 0.
@@ -115,7 +141,7 @@ impl Consumer {
                 return Poll::Ready(Some(Taken { message, attempt: 1 }));
             }
             let Some(qos1) = &mut self.qos1 else {
-                return match self.queue.poll_pop(cx) {
+                return match self.poll_pop(cx) {
                     Poll::Ready(Some(message)) if message.has_expired() => {
                         self.count_expired(1);
                         continue;
@@ -153,7 +179,7 @@ impl Consumer {
             let Some(qos1) = &self.qos1 else {
                 let message = match self.replay.pop() {
                     Some(message) => message,
-                    None => self.queue.try_pop()?,
+                    None => self.try_pop()?,
                 };
                 if message.has_expired() {
                     self.count_expired(1);
@@ -205,9 +231,15 @@ impl Consumer {
                 return if cx.is_some() { Drained::Ended } else { Drained::Empty };
             }
             let taken = &mut unreleased.taken;
-            let next = match cx.as_deref_mut() {
-                Some(cx) => queue.poll_pop_taking(cx, taken),
-                None => queue.try_pop_taking(taken).map_or(Poll::Pending, |m| Poll::Ready(Some(m))),
+            let next = match (cx.as_deref_mut(), &self.credit) {
+                (Some(cx), Some(credit)) => queue.poll_pop_member(cx, taken, credit),
+                (Some(cx), None) => queue.poll_pop_taking(cx, taken),
+                (None, Some(credit)) => queue
+                    .try_pop_member(taken, credit)
+                    .map_or(Poll::Pending, |m| Poll::Ready(Some(m))),
+                (None, None) => {
+                    queue.try_pop_taking(taken).map_or(Poll::Pending, |m| Poll::Ready(Some(m)))
+                }
             };
             match next {
                 Poll::Ready(Some(message)) if message.has_expired() => self.count_expired(1),
@@ -301,6 +333,15 @@ impl Consumer {
 struct GiveBack<'q> {
     queue: &'q Queue,
     taken: Unreleased,
+}
+
+impl Drop for Consumer {
+    /// A member of a dealing group leaves its deals: what it was dealt goes to the others.
+    fn drop(&mut self) {
+        if let Some(credit) = &self.credit {
+            self.queue.leave_member(credit);
+        }
+    }
 }
 
 impl Drop for GiveBack<'_> {
