@@ -216,36 +216,6 @@ impl Queue {
         self
     }
 
-    /// This group's queue dealing each push over its members (a QoS 0 group's).
-    pub(crate) fn dealing(mut self) -> Self {
-        self.inbox.get_mut().unwrap_or_else(PoisonError::into_inner).waiting =
-            Waiting::Dealing(Box::default());
-        self.dealt = Some(Box::default());
-        self
-    }
-
-    /// Whether this queue deals each push over its members.
-    pub(crate) fn deals(&self) -> bool {
-        self.dealt.is_some()
-    }
-
-    /// Adds `credit`'s member to those a dealing queue deals to.
-    pub(crate) fn join_member(&self, credit: &Arc<Credit>) {
-        self.inbox().waiting.join(credit);
-    }
-
-    /// Takes `credit`'s member out of a dealing queue's members: what it was dealt and did not
-    /// take goes to whoever asks, and every waiting member is woken to ask.
-    pub(crate) fn leave_member(&self, credit: &Arc<Credit>) {
-        let mut inbox = self.inbox();
-        if let Some(dealt) = &self.dealt {
-            dealt.unassign(credit.give_up());
-        }
-        let woken = inbox.waiting.leave(credit);
-        drop(inbox);
-        woken.wake();
-    }
-
     fn inbox(&self) -> MutexGuard<'_, Inbox> {
         self.inbox.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -273,7 +243,7 @@ impl Queue {
         }
         self.charge(weight);
         inbox.items.push_back(message);
-        let woken = inbox.waiting.pushed(1, self.len(), self.dealt.as_deref());
+        let woken = inbox.waiting.pushed(1, self.dealt_len(), self.dealt.as_deref());
         drop(inbox);
         woken.wake();
         if dropped > 0 { Pushed::DroppedOldest(dropped) } else { Pushed::Queued }
@@ -320,7 +290,7 @@ impl Queue {
         if dropped > 0 {
             self.counters.dropped_oldest.fetch_add(dropped, Ordering::Relaxed);
         }
-        let woken = inbox.waiting.pushed(count, self.len(), self.dealt.as_deref());
+        let woken = inbox.waiting.pushed(count, self.dealt_len(), self.dealt.as_deref());
         drop(inbox);
         woken.wake();
         dropped

@@ -1,16 +1,52 @@
-//! Taking from a dealing queue (a QoS 0 group's, see `waiting.rs`) as one of its members.
+//! A dealing queue (a QoS 0 group's, see `waiting.rs`): its members joining and leaving, and
+//! taking from it.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
 use std::task::{Context, Poll, Waker};
 
-use super::{Credit, Queue, Unreleased};
+use super::{Credit, Queue, Unreleased, Waiting};
 use crate::Message;
 
 impl Queue {
-    /// [`Queue::poll_pop_taking`] for member `credit` of a dealing queue: its share of the
-    /// latest push first, then what is no member's share; finding only the others' shares, or
-    /// nothing, it waits for the next push (or a member leaving).
+    /// This group's queue dealing each push over its members (a QoS 0 group's).
+    pub(crate) fn dealing(mut self) -> Self {
+        self.inbox.get_mut().unwrap_or_else(PoisonError::into_inner).waiting =
+            Waiting::Dealing(Box::default());
+        self.dealt = Some(Box::default());
+        self
+    }
+
+    /// Whether this queue deals each push over its members.
+    pub(crate) fn deals(&self) -> bool {
+        self.dealt.is_some()
+    }
+
+    /// Adds `credit`'s member to those a dealing queue deals to.
+    pub(crate) fn join_member(&self, credit: &Arc<Credit>) {
+        self.inbox().waiting.join(credit);
+    }
+
+    /// Takes `credit`'s member out of a dealing queue's members: what it was dealt and did not
+    /// take goes to whoever asks, and every waiting member is woken to ask.
+    pub(crate) fn leave_member(&self, credit: &Arc<Credit>) {
+        let mut inbox = self.inbox();
+        if let Some(dealt) = &self.dealt {
+            dealt.unassign(credit.give_up());
+        }
+        let woken = inbox.waiting.leave(credit);
+        drop(inbox);
+        woken.wake();
+    }
+
+    /// For a dealing queue, [`Queue::len`]; 0 otherwise (never read).
+    pub(super) fn dealt_len(&self) -> usize {
+        if self.dealt.is_some() { self.len() } else { 0 }
+    }
+
+    /// [`Queue::poll_pop_taking`] for member `credit` of a dealing queue: its credit first,
+    /// then what is no one's; finding only the others' credit, or nothing, it waits for the
+    /// next push (or a member leaving).
     pub(crate) fn poll_pop_member(
         &self,
         cx: &mut Context<'_>,
