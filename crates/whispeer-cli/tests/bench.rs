@@ -8,6 +8,40 @@ mod common;
 
 use common::{BIN, Server};
 
+/// A short run of the main workloads: 20,000 messages (with the default 8 MiB window, every one
+/// in flight at once), one second of latency at 1,000 a second.
+const SHORT: [&str; 6] = ["--messages", "20000", "--latency-secs", "1", "--rate", "1000"];
+
+/// Runs `whispeer bench` with `args` and `rounds` rounds: it succeeds, gives each round's table
+/// on standard error as the round ends, and prints the medians' table, which it returns.
+fn bench(args: &[&str], rounds: u32) -> String {
+    let rounds_text = rounds.to_string();
+    let out = Command::new(BIN)
+        .arg("bench")
+        .args(args)
+        .args(["--rounds", &rounds_text])
+        .output()
+        .expect("whispeer bench runs");
+    let progress = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{progress}");
+    for round in 1..=rounds {
+        assert!(progress.contains(&format!("round {round} of {rounds}:")), "{progress}");
+    }
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(table.starts_with(&format!("medians of {rounds} rounds")), "{table}");
+    table
+}
+
+/// The figures of the table's row `label`, up to a ratio (a word ending in ×), if any.
+fn row_of(table: &str, label: &str) -> Vec<f64> {
+    let row = table.lines().find(|l| l.starts_with(label)).unwrap_or_else(|| panic!("{table}"));
+    row[label.len()..]
+        .split_whitespace()
+        .take_while(|w| !w.ends_with('×'))
+        .map(|w| w.parse().expect("a figure"))
+        .collect()
+}
+
 #[test]
 fn bench_measures_the_server_beside_the_forwarder_with_a_deep_window() {
     let server = Server::start(&[]);
@@ -21,28 +55,14 @@ fn bench_measures_the_server_beside_the_forwarder_with_a_deep_window() {
     BufReader::new(forwarder.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let forwarder_addr =
         line.trim().strip_prefix("whispeer: forwarder listening on ").unwrap().to_string();
-    // 20,000 messages with the default 8 MiB window: every one in flight at once, at defaults.
+    // At defaults: every message in flight at once.
     let pid = server.child.id().to_string();
-    let out = Command::new(BIN)
-        .args(["bench", "--server", &server.addr, "--forwarder", &forwarder_addr])
-        .args(["--server-pid", &pid])
-        .args(["--messages", "20000", "--latency-secs", "1", "--rate", "1000", "--rounds", "2"])
-        .arg("--qos1")
-        .output()
-        .unwrap();
+    let args = ["--server", &server.addr, "--forwarder", &forwarder_addr, "--server-pid", &pid];
+    let table = bench(&[&args[..], &SHORT, &["--qos1"]].concat(), 2);
     let _ = forwarder.kill();
     let _ = forwarder.wait();
-    let progress = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{progress}");
-    // Each round's table as it ends, then the medians.
-    assert!(progress.contains("round 1 of 2:") && progress.contains("round 2 of 2:"), "{progress}");
-    let table = String::from_utf8_lossy(&out.stdout);
-    assert!(table.starts_with("medians of 2 rounds"), "{table}");
-    let label = "1→1 128 B, delivered msgs/s";
-    let row = table.lines().find(|l| l.starts_with(label)).unwrap();
-    // Each system's figure, then their ratio (ending in ×).
-    let figures: Vec<f64> =
-        row[label.len()..].split_whitespace().filter_map(|w| w.parse().ok()).collect();
+    // Each system's figure (then their ratio).
+    let figures = row_of(&table, "1→1 128 B, delivered msgs/s");
     assert_eq!(figures.len(), 2, "whispeer and the forwarder: {table}");
     assert!(figures.iter().all(|&f| f > 0.0), "{table}");
     assert!(table.contains("forwarder (limit)"), "{table}");
@@ -50,17 +70,11 @@ fn bench_measures_the_server_beside_the_forwarder_with_a_deep_window() {
     let group = row_of(&table, "1→group of 8 128 B, msgs/s");
     assert!(group[0] > 0.0 && group[1].is_nan(), "{table}");
     // The server's CPU time per delivery is read from its pid; the forwarder's is not known.
-    let label = "server CPU µs/delivery (1→1)";
-    let row = table.lines().find(|l| l.starts_with(label)).unwrap();
-    let cpu: Vec<&str> = row[label.len()..].split_whitespace().collect();
-    let whispeer_cpu: f64 = cpu[0].parse().unwrap();
-    assert!(whispeer_cpu.is_finite() && whispeer_cpu >= 0.0, "{table}");
-    assert_eq!(cpu[1], "NaN", "{table}");
+    let cpu = row_of(&table, "server CPU µs/delivery (1→1)");
+    assert!(cpu[0].is_finite() && cpu[0] >= 0.0 && cpu[1].is_nan(), "{table}");
     // QoS 1 with the same window, every message acknowledged: a rate and a latency.
     for label in ["QoS 1 1→1 128 B, acked msgs/s", "QoS 1 latency p50 µs"] {
-        let row = table.lines().find(|l| l.starts_with(label)).unwrap_or_else(|| panic!("{table}"));
-        let figure: f64 = row[label.len()..].split_whitespace().next().unwrap().parse().unwrap();
-        assert!(figure > 0.0, "{table}");
+        assert!(row_of(&table, label)[0] > 0.0, "{table}");
     }
 }
 
@@ -76,16 +90,9 @@ fn the_durable_bench_gives_the_medians_of_its_rounds_beside_the_disk() {
         ("WHISPEER_STORAGE__DURABLE", r#"["bench/#"]"#),
     ]);
     let (wal, pid) = (format!("wal={}", server.addr), format!("wal={}", server.child.id()));
-    let out = Command::new(BIN)
-        .args(["bench", "--durable", &wal, "--durable-disk", &disk.to_string_lossy()])
-        .args(["--durable-pid", &pid, "--durable-messages", "300", "--rounds", "2"])
-        .output()
-        .unwrap();
-    let progress = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{progress}");
-    assert!(progress.contains("round 1 of 2:") && progress.contains("round 2 of 2:"), "{progress}");
-    let table = String::from_utf8_lossy(&out.stdout);
-    assert!(table.starts_with("medians of 2 rounds"), "{table}");
+    let disk_text = disk.to_string_lossy();
+    let args = ["--durable", &wal, "--durable-disk", &disk_text, "--durable-pid", &pid];
+    let table = bench(&[&args[..], &["--durable-messages", "300"]].concat(), 2);
     // One line each for the log and the disk's two files: rates and times, and for the log the
     // CPU time per acknowledged publish of the server (its pid given) and of the client, which
     // the disk's lines have not (NaN).
@@ -118,39 +125,17 @@ fn the_request_bench_measures_the_server_beside_nats_on_its_own_protocol() {
     let nats = common::engines::Nats::start(0);
     let nats_addr = nats.url.trim_start_matches("nats://").to_string();
     let pid = server.child.id().to_string();
-    let out = Command::new(BIN)
-        .args(["bench", "--requests", "--server", &server.addr, "--nats-raw", &nats_addr])
-        .args(["--server-pid", &pid, "--request-count", "2000", "--rounds", "2"])
-        .output()
-        .unwrap();
-    let progress = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{progress}");
-    assert!(progress.contains("round 1 of 2:") && progress.contains("round 2 of 2:"), "{progress}");
-    let table = String::from_utf8_lossy(&out.stdout);
-    assert!(table.starts_with("medians of 2 rounds"), "{table}");
+    let args = ["--requests", "--server", &server.addr, "--nats-raw", &nats_addr];
+    let table = bench(&[&args[..], &["--server-pid", &pid, "--request-count", "2000"]].concat(), 2);
     // Replies a second with 64 in flight, p50 and p99 of one at a time, then the CPU time per
     // request of the server (known only for whispeer, whose pid was given) and of the client.
-    let figures = |name: &str| -> Vec<f64> {
-        let line = table.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{table}"));
-        line[name.len()..].split_whitespace().map(|w| w.parse().unwrap()).collect()
-    };
     for name in ["whispeer", "nats (raw protocol)"] {
-        let f = figures(name);
+        let f = row_of(&table, name);
         assert_eq!(f.len(), 5, "{table}");
         assert!(f[0] > 0.0 && f[1] > 0.0 && f[2] >= f[1] && f[4] >= 0.0, "{table}");
     }
-    assert!(figures("whispeer")[3] >= 0.0, "{table}");
-    assert!(figures("nats (raw protocol)")[3].is_nan(), "{table}");
-}
-
-/// The figures of the table's row `label` (the ratio column, if any, left out).
-fn row_of(table: &str, label: &str) -> Vec<f64> {
-    let row = table.lines().find(|l| l.starts_with(label)).unwrap_or_else(|| panic!("{table}"));
-    row[label.len()..]
-        .split_whitespace()
-        .filter(|w| !w.ends_with('×'))
-        .map(|w| w.parse().expect("a figure"))
-        .collect()
+    assert!(row_of(&table, "whispeer")[3] >= 0.0, "{table}");
+    assert!(row_of(&table, "nats (raw protocol)")[3].is_nan(), "{table}");
 }
 
 #[test]
@@ -158,15 +143,8 @@ fn the_work_queue_shares_every_message_among_a_group_on_whispeer_and_on_nats() {
     let server = Server::start(&[]);
     let nats = common::engines::Nats::start(0);
     let nats_addr = nats.url.trim_start_matches("nats://").to_string();
-    let out = Command::new(BIN)
-        .args(["bench", "--server", &server.addr, "--nats-raw", &nats_addr])
-        .args(["--messages", "20000", "--latency-secs", "1", "--rate", "1000", "--rounds", "1"])
-        .output()
-        .unwrap();
-    let progress = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{progress}");
-    assert!(progress.contains("1→group of 8"), "{progress}");
-    let table = String::from_utf8_lossy(&out.stdout);
+    let table =
+        bench(&[&["--server", &server.addr, "--nats-raw", &nats_addr][..], &SHORT].concat(), 1);
     // Every message reached exactly one member (the run fails otherwise), on both systems.
     let rates = row_of(&table, "1→group of 8 128 B, msgs/s");
     assert!(rates.len() == 2 && rates.iter().all(|&r| r > 0.0), "{table}");
