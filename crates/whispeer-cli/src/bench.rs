@@ -21,6 +21,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 mod chat;
 mod durable;
 mod group;
+mod nats_text;
 mod qos1;
 mod raw;
 mod requests;
@@ -28,6 +29,7 @@ mod stats;
 mod subscriptions;
 mod table;
 mod target;
+mod work_queue;
 
 use stats::{cpu_seconds, percentiles, pid_of};
 use table::Report;
@@ -136,6 +138,8 @@ pub(crate) struct BenchArgs {
     subscriptions: subscriptions::SubscriptionsBenchArgs,
     #[command(flatten)]
     requests: requests::RequestBenchArgs,
+    #[command(flatten)]
+    work_queue: work_queue::WorkQueueBenchArgs,
 }
 
 /// Delivered messages per second with `subscribers` subscribers; returns (msgs/s, bytes/s).
@@ -370,6 +374,9 @@ pub(crate) fn run(args: BenchArgs) -> std::process::ExitCode {
         }
         if args.requests.requests {
             return requests::run(&args.requests, &args).await;
+        }
+        if args.work_queue.work_queue {
+            return work_queue::run(&args.work_queue, &args).await;
         }
         if let Some(count) = args.subscriptions.subscriptions {
             return subscriptions::run(&args.subscriptions, count, &args).await;

@@ -152,3 +152,30 @@ fn the_work_queue_shares_every_message_among_a_group_on_whispeer_and_on_nats() {
     let shares = row_of(&table, "group: least share / even");
     assert!(shares.len() == 2 && shares.iter().all(|&s| (0.0..=1.0).contains(&s)), "{table}");
 }
+
+#[test]
+fn the_acked_work_queue_bench_measures_the_server_beside_jetstream_on_its_own_protocol() {
+    let server = Server::start(&[]);
+    let nats = common::engines::Nats::start(0);
+    let nats_addr = nats.url.trim_start_matches("nats://").to_string();
+    let pid = server.child.id().to_string();
+    let args = ["--work-queue", "--server", &server.addr, "--server-pid", &pid];
+    let table =
+        bench(&[&args[..], &["--nats-raw", &nats_addr, "--work-messages", "3000"]].concat(), 2);
+    // Messages a second, the smallest worker's share against an even one, redeliveries, then
+    // the CPU time per message of the server (known only for whispeer, whose pid was given) and
+    // of the client: for whispeer, and for a JetStream stream in memory and in files.
+    let systems = [
+        "whispeer (QoS 1 group)",
+        "nats JetStream (memory, raw protocol)",
+        "nats JetStream (file, raw protocol)",
+    ];
+    for name in systems {
+        let f = row_of(&table, name);
+        assert_eq!(f.len(), 5, "{table}");
+        assert!(f[0] > 0.0 && (0.0..=1.0).contains(&f[1]), "{table}");
+        assert!(f[2] == 0.0 && f[4] >= 0.0, "no redelivery in a run this short: {table}");
+    }
+    assert!(row_of(&table, "whispeer (QoS 1 group)")[3] >= 0.0, "{table}");
+    assert!(row_of(&table, "nats JetStream (memory, raw protocol)")[3].is_nan(), "{table}");
+}

@@ -80,8 +80,18 @@ pub(super) async fn throughput(
 /// How many messages the subscriber has taken, and a wake-up every 64 of them.
 #[derive(Default)]
 pub(super) struct Delivered {
-    count: AtomicU64,
-    moved: Notify,
+    pub(super) count: AtomicU64,
+    pub(super) moved: Notify,
+}
+
+impl Delivered {
+    /// One more taken: wakes the waiters every 64 and at `last`.
+    pub(super) fn took_one(&self, last: u64) {
+        let n = self.count.fetch_add(1, Ordering::AcqRel) + 1;
+        if n.is_multiple_of(64) || n >= last {
+            self.moved.notify_waiters();
+        }
+    }
 }
 
 /// Publishes `messages` copies of `payload` at QoS 1 from one task that keeps `in_flight`

@@ -18,19 +18,18 @@
 
 use std::fmt::Write as _;
 use std::future::Future;
-use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use bytes::{Buf, Bytes};
+use tokio::io::AsyncWriteExt;
 use tokio::task::JoinSet;
 
 use super::BenchArgs;
 use super::durable::Cpu;
+use super::nats_text::{Frame, RawNats, ascii, frame};
 use super::stats::percentiles;
 use super::target::{Target, nats_target};
 
@@ -346,90 +345,7 @@ where
     Ok(Vec::new())
 }
 
-/// A NATS protocol frame, its parts as ranges of the buffer it was read from.
-#[derive(Debug, PartialEq, Eq)]
-enum Frame {
-    Msg {
-        subject: Range<usize>,
-        reply: Option<Range<usize>>,
-        payload: Range<usize>,
-    },
-    Ping,
-    Pong,
-    Error(String),
-    /// `+OK`, `INFO` and anything else a client may pass over.
-    Other,
-}
-
-/// The frame `buf` starts with and its length, once it is whole.
-fn frame(buf: &[u8]) -> anyhow::Result<Option<(Frame, usize)>> {
-    let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else { return Ok(None) };
-    let line = &buf[..end];
-    let frame = if let Some(rest) = line.strip_prefix(b"MSG ") {
-        // MSG <subject> <sid> [reply-to] <#bytes>
-        let words: Vec<&[u8]> = rest.split(|&b| b == b' ').filter(|w| !w.is_empty()).collect();
-        let (subject, reply, len) = match words.as_slice() {
-            [subject, _, len] => (*subject, None, *len),
-            [subject, _, reply, len] => (*subject, Some(*reply), *len),
-            _ => anyhow::bail!("a MSG line of {} words", words.len() + 1),
-        };
-        let len: usize = std::str::from_utf8(len)?.parse()?;
-        if buf.len() < end + 2 + len + 2 {
-            return Ok(None);
-        }
-        let at = |word: &[u8]| {
-            let start = word.as_ptr() as usize - buf.as_ptr() as usize;
-            start..start + word.len()
-        };
-        let payload = end + 2..end + 2 + len;
-        let frame = Frame::Msg { subject: at(subject), reply: reply.map(at), payload };
-        return Ok(Some((frame, end + 2 + len + 2)));
-    } else if line.starts_with(b"PING") {
-        Frame::Ping
-    } else if line.starts_with(b"PONG") {
-        Frame::Pong
-    } else if line.starts_with(b"-ERR") {
-        Frame::Error(String::from_utf8_lossy(line).into_owned())
-    } else {
-        Frame::Other
-    };
-    Ok(Some((frame, end + 2)))
-}
-
-/// A connection speaking NATS's text protocol, its subscription in place.
-struct RawNats {
-    stream: TcpStream,
-    buf: BytesMut,
-}
-
 impl RawNats {
-    /// Connects and sends `subscribe` (whole `SUB` lines), waiting for the PONG after them.
-    async fn connect(addr: &str, subscribe: &str) -> anyhow::Result<Self> {
-        let mut stream = TcpStream::connect(addr).await.context("connecting to nats-server")?;
-        stream.set_nodelay(true)?;
-        let hello = [super::raw::NATS_CONNECT, subscribe.as_bytes(), b"PING\r\n"].concat();
-        stream.write_all(&hello).await?;
-        let mut this = Self { stream, buf: BytesMut::with_capacity(64 * 1024) };
-        loop {
-            while let Some((frame, used)) = frame(&this.buf)? {
-                this.buf.advance(used);
-                match frame {
-                    Frame::Pong => return Ok(this),
-                    Frame::Error(err) => anyhow::bail!("nats-server: {err}"),
-                    _ => {}
-                }
-            }
-            this.fill().await?;
-        }
-    }
-
-    async fn fill(&mut self) -> anyhow::Result<()> {
-        self.buf.reserve(64 * 1024);
-        let read = self.stream.read_buf(&mut self.buf).await?;
-        anyhow::ensure!(read > 0, "nats-server closed the connection");
-        Ok(())
-    }
-
     /// Answers every request with its payload until the connection ends: a read's replies
     /// written together.
     async fn answer(mut self) -> anyhow::Result<()> {
@@ -512,33 +428,9 @@ impl RawNats {
     }
 }
 
-fn ascii(bytes: &[u8]) -> &str {
-    std::str::from_utf8(bytes).unwrap_or("")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn nats_frames_are_read_only_when_whole_and_name_their_parts() {
-        let buf = b"MSG bench.q 1 _INBOX.bench.7 3\r\nabc\r\nPING\r\n";
-        let (msg, used) = frame(buf).unwrap().unwrap();
-        let Frame::Msg { subject, reply, payload } = msg else { panic!("{msg:?}") };
-        assert_eq!(&buf[subject], b"bench.q");
-        assert_eq!(&buf[reply.unwrap()], b"_INBOX.bench.7");
-        assert_eq!((&buf[payload], used), (&b"abc"[..], 37));
-        assert_eq!(frame(&buf[used..]).unwrap(), Some((Frame::Ping, 6)));
-        // Without a reply subject; and a payload not whole yet.
-        let (msg, _) = frame(b"MSG _INBOX.bench.2 1 2\r\nok\r\n").unwrap().unwrap();
-        assert!(matches!(msg, Frame::Msg { reply: None, .. }));
-        assert_eq!(frame(b"MSG a 1 _INBOX.x 5\r\nab").unwrap(), None);
-        assert_eq!(frame(b"PON").unwrap(), None);
-        assert!(frame(b"MSG a\r\n").is_err(), "a line too short");
-        assert!(frame(b"MSG a 1 x\r\n").is_err(), "a length that is not a number");
-        let (err, _) = frame(b"-ERR 'Permissions Violation'\r\n").unwrap().unwrap();
-        assert_eq!(err, Frame::Error("-ERR 'Permissions Violation'".into()));
-    }
 
     #[test]
     fn each_line_is_the_medians_of_its_system_over_the_rounds() {
