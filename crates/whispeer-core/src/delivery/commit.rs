@@ -21,6 +21,11 @@ use crate::message::Message;
 struct Mark {
     committed: u64,
     above: BTreeSet<u64>,
+    /// Offsets `from..to` the topic's history was found to hold a message in: any range from
+    /// `from` to `to` or beyond holds one too, and is not asked about again. Members settle
+    /// out of order, so a gap below the lowest settled offset is the common case, and asking
+    /// takes the topic's log lock, which its publishers hold.
+    held: Option<(u64, u64)>,
 }
 
 /// The commit state of one group.
@@ -36,40 +41,60 @@ impl Commits {
     pub(crate) fn new(key: GroupKey, start: HashMap<Topic, u64>) -> Self {
         let marks = start
             .into_iter()
-            .map(|(topic, committed)| (topic, Mark { committed, above: BTreeSet::new() }))
+            .map(|(topic, committed)| (topic, Mark { committed, ..Mark::default() }))
             .collect();
         Self { key, marks: Mutex::new(marks) }
     }
 
-    /// Records `message` as settled; if the topic's committed offset advances, calls `record`
-    /// with it while still holding the state, so the group's commits are recorded in order.
-    /// `empty(from, to)` says whether the topic has no message at offsets `from..to` (asked
-    /// only when a settled message waits above offsets that were never settled).
-    pub(crate) fn settled_then(
+    /// Records each of `settled` as settled, under one take of the state; for each topic whose
+    /// committed offset advanced, calls `record` once with the new offset while still holding
+    /// the state, so the group's commits are recorded in order (one record for a batch of
+    /// acknowledgements, not one per message). `empty(topic, from, to)` says whether the topic
+    /// has no message at offsets `from..to` (asked only when a settled message waits above
+    /// offsets that were never settled).
+    pub(crate) fn settled_then<'m>(
         &self,
-        message: &Message,
-        empty: impl Fn(u64, u64) -> bool,
-        record: impl FnOnce(&Topic, u64),
+        settled: impl IntoIterator<Item = &'m Message>,
+        empty: impl Fn(&Topic, u64, u64) -> bool,
+        mut record: impl FnMut(&Topic, u64),
     ) {
         let mut marks = self.marks.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((topic, offset)) = Self::settle(&mut marks, message, empty) {
-            record(&topic, offset);
+        // Mostly one topic a batch.
+        let mut advanced: Vec<(&Topic, u64)> = Vec::new();
+        for message in settled {
+            let topic = message.topic();
+            let Some(offset) = Self::settle(&mut marks, message, |from, to| empty(topic, from, to))
+            else {
+                continue;
+            };
+            match advanced.iter_mut().find(|(t, _)| *t == topic) {
+                Some(entry) => entry.1 = offset,
+                None => advanced.push((topic, offset)),
+            }
+        }
+        for (topic, offset) in advanced {
+            record(topic, offset);
         }
     }
 
     /// Records `message` as settled; returns the topic's new committed offset if it advanced.
     #[cfg(test)]
     fn settled(&self, message: &Message, empty: impl Fn(u64, u64) -> bool) -> Option<(Topic, u64)> {
-        Self::settle(&mut self.marks.lock().unwrap_or_else(PoisonError::into_inner), message, empty)
+        let mut marks = self.marks.lock().unwrap_or_else(PoisonError::into_inner);
+        Self::settle(&mut marks, message, empty).map(|offset| (message.topic().clone(), offset))
     }
 
     fn settle(
         marks: &mut HashMap<Topic, Mark>,
         message: &Message,
         empty: impl Fn(u64, u64) -> bool,
-    ) -> Option<(Topic, u64)> {
+    ) -> Option<u64> {
         let offset = message.offset()?;
-        let mark = marks.entry(message.topic().clone()).or_default();
+        let topic = message.topic();
+        if !marks.contains_key(topic) {
+            marks.insert(topic.clone(), Mark::default());
+        }
+        let mark = marks.get_mut(topic)?;
         if offset <= mark.committed {
             return None;
         }
@@ -81,12 +106,18 @@ impl Commits {
                 continue;
             }
             // Offsets below the lowest settled one that no message has: past them.
-            match mark.above.first() {
-                Some(&lowest) if empty(mark.committed + 1, lowest) => mark.committed = lowest - 1,
-                _ => break,
+            let Some(&lowest) = mark.above.first() else { break };
+            let from = mark.committed + 1;
+            if mark.held.is_some_and(|(at, to)| at == from && to <= lowest) {
+                break;
             }
+            if !empty(from, lowest) {
+                mark.held = Some((from, lowest));
+                break;
+            }
+            mark.committed = lowest - 1;
         }
-        (mark.committed > before).then(|| (message.topic().clone(), mark.committed))
+        (mark.committed > before).then_some(mark.committed)
     }
 }
 
@@ -101,7 +132,14 @@ impl CommitStore {
     /// (`Broker::rewind`) moves them back.
     pub(crate) fn set(&self, key: &GroupKey, topic: Topic, offset: u64) {
         let mut groups = self.groups.lock().unwrap_or_else(PoisonError::into_inner);
-        groups.entry(key.clone()).or_default().insert(topic, offset);
+        match groups.get_mut(key) {
+            Some(topics) => {
+                topics.insert(topic, offset);
+            }
+            None => {
+                groups.insert(key.clone(), HashMap::from([(topic, offset)]));
+            }
+        }
     }
 
     /// Every commit: group, topic, offset.
@@ -143,6 +181,44 @@ mod tests {
         let advanced = commits.settled(&message(5), full).map(|(_, offset)| offset);
         assert_eq!(advanced, Some(6), "5 closes the gap up to 6");
         assert_eq!(commits.settled(&message(7), full).map(|(_, offset)| offset), Some(7));
+    }
+
+    #[test]
+    fn a_batch_records_each_topic_once_at_its_last_advance() {
+        let key: GroupKey = ("t".into(), "g".into());
+        let commits = Commits::new(key, HashMap::from([(Topic::parse("t").unwrap(), 4)]));
+        let batch = [message(6), message(5), message(9), message(7)];
+        let mut recorded = Vec::new();
+        let full = |_: &Topic, _, _| false;
+        commits.settled_then(&batch, full, |topic, offset| recorded.push((topic.clone(), offset)));
+        assert_eq!(recorded, vec![(Topic::parse("t").unwrap(), 7)], "one record; 8 is still out");
+        recorded.clear();
+        commits.settled_then(&[message(3)], full, |t, o| recorded.push((t.clone(), o)));
+        assert!(recorded.is_empty(), "nothing advanced: nothing recorded");
+        commits.settled_then(&[message(8)], full, |t, o| recorded.push((t.clone(), o)));
+        assert_eq!(recorded, vec![(Topic::parse("t").unwrap(), 9)]);
+    }
+
+    #[test]
+    fn a_gap_found_to_hold_a_message_is_not_asked_about_again_while_it_stands() {
+        let key: GroupKey = ("t".into(), "g".into());
+        let commits = Commits::new(key, HashMap::from([(Topic::parse("t").unwrap(), 4)]));
+        let asked = std::cell::RefCell::new(Vec::new());
+        let full = |from, to| {
+            asked.borrow_mut().push((from, to));
+            false
+        };
+        for offset in [10, 11, 12] {
+            assert_eq!(commits.settled(&message(offset), full), None);
+        }
+        assert_eq!(*asked.borrow(), vec![(5, 10)], "5..10 holds a message; so does 5..10 and on");
+        // A lower offset settled: 5..7 may be empty though 5..10 is not; asked.
+        assert_eq!(commits.settled(&message(7), full), None);
+        assert_eq!(*asked.borrow(), vec![(5, 10), (5, 7)]);
+        // Once the commit moves, the gap is another one.
+        let advanced = commits.settled(&message(5), full).map(|(_, offset)| offset);
+        assert_eq!(advanced, Some(5));
+        assert_eq!(asked.borrow().last(), Some(&(6, 7)));
     }
 
     #[test]

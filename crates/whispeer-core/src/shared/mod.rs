@@ -492,25 +492,46 @@ impl Shared {
 
     /// Ends a subscription: closes its queue and removes its route. Idempotent; plugins hear
     /// of each subscription's end once.
-    /// Records `message` as settled by the durable subscription `commits`; an advance of its
-    /// committed offset is remembered, and written to the log for a durable topic.
-    pub(crate) fn committed(&self, commits: &Commits, message: &Message) {
-        let topic = message.topic();
-        let (durable, sequenced) = self.history.log(topic).map_or((false, false), |log| {
-            let log = retention::lock(&log);
-            (log.durable, log.sequenced)
-        });
-        if sequenced {
-            // The cluster keeps this group's position (offsets there have gaps: no commits).
-            if let (Some(bridge), Some(offset)) = (&self.bridge, message.offset()) {
+    /// Records each of `settled` as settled by the durable subscription `commits`; an advance
+    /// of its committed offset in a topic is remembered, and written to the log for a durable
+    /// topic, once for them all.
+    pub(crate) fn committed(&self, commits: &Commits, settled: &[Message]) {
+        // Per topic (a batch has mostly one): durable, and sequenced by the cluster, which
+        // keeps this group's position there (offsets there have gaps: no commits here).
+        let mut kinds: Vec<(&Topic, bool, bool)> = Vec::new();
+        let mut local = 0;
+        for message in settled {
+            let topic = message.topic();
+            let sequenced = match kinds.iter().find(|(t, ..)| *t == topic) {
+                Some(&(_, _, sequenced)) => sequenced,
+                None => {
+                    let (durable, sequenced) =
+                        self.history.log(topic).map_or((false, false), |log| {
+                            let log = retention::lock(&log);
+                            (log.durable, log.sequenced)
+                        });
+                    kinds.push((topic, durable, sequenced));
+                    sequenced
+                }
+            };
+            if !sequenced {
+                local += 1;
+            } else if let (Some(bridge), Some(offset)) = (&self.bridge, message.offset()) {
                 bridge.group_settled(&commits.key.0, &commits.key.1, offset);
             }
+        }
+        if local == 0 {
             return;
         }
-        let empty = |from: u64, to: u64| {
+        let kind =
+            |topic: &Topic| kinds.iter().find(|(t, ..)| *t == topic).map(|&(_, d, s)| (d, s));
+        let empty = |topic: &Topic, from: u64, to: u64| {
             self.history.log(topic).is_some_and(|log| retention::lock(&log).holds_none(from, to))
         };
-        commits.settled_then(message, empty, |topic, offset| {
+        let local =
+            settled.iter().filter(|m| !kind(m.topic()).is_some_and(|(_, sequenced)| sequenced));
+        commits.settled_then(local, empty, |topic, offset| {
+            let durable = kind(topic).is_some_and(|(durable, _)| durable);
             self.record_commit(&commits.key, topic, offset, durable);
         });
     }

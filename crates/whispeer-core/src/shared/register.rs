@@ -111,7 +111,7 @@ impl Drop for Registration {
                 if let Some(tracker) = &self.tracker {
                     for letter in tracker.leave(self.member) {
                         if let Some(commits) = &self.commits {
-                            self.shared.committed(commits, &letter.message);
+                            self.shared.committed(commits, std::slice::from_ref(&letter.message));
                         }
                         self.shared.dead_letter(letter, &self.queue.counters);
                     }

@@ -306,7 +306,7 @@ impl Consumer {
         }
         for letter in step.dead {
             if let Some(commits) = &self.commits {
-                self.shared.committed(commits, &letter.message);
+                self.shared.committed(commits, std::slice::from_ref(&letter.message));
             }
             self.shared.dead_letter(letter, &self.queue.counters);
         }
@@ -394,9 +394,7 @@ impl Acker {
         self.queue.counters.acked.fetch_add(count, Ordering::Relaxed);
         self.shared.counters.acked.fetch_add(count, Ordering::Relaxed);
         if let Some(commits) = &self.commits {
-            for message in settled {
-                self.shared.committed(commits, message);
-            }
+            self.shared.committed(commits, settled);
         }
     }
 
@@ -416,7 +414,7 @@ impl Acker {
         bump(&self.shared.counters.nacked);
         if let Settled::Dead(letter) = settled {
             if let Some(commits) = &self.commits {
-                self.shared.committed(commits, &letter.message);
+                self.shared.committed(commits, std::slice::from_ref(&letter.message));
             }
             self.shared.dead_letter(letter, &self.queue.counters);
         }
