@@ -448,3 +448,41 @@ async fn the_admin_port_reports_health_and_metrics_that_match_the_workload() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// One connection with more durable QoS 1 publishes in flight than its confirmation queue holds
+/// (16,384): past it the connection reads nothing more until the log catches up
+/// (back-pressure), and every publish is still acknowledged, and stored once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_far_ahead_of_the_disk_gets_every_puback_and_the_log_holds_each_in_order() {
+    let dir = std::env::temp_dir().join(format!("whispeer-far-ahead-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let dir_text = dir.to_string_lossy().to_string();
+    let server = Server::start(&[
+        ("WHISPEER_STORAGE__DIR", dir_text.as_str()),
+        ("WHISPEER_STORAGE__DURABLE", r#"["orders/#"]"#),
+        ("WHISPEER_RETENTION", r#"[{filter="orders/#",max_messages=1000000}]"#),
+    ]);
+    let client = Client::connect(server.addr.clone()).await.expect("connects");
+    const MESSAGES: u32 = 40_000;
+    let mut pending = Vec::with_capacity(MESSAGES as usize);
+    for n in 0..MESSAGES {
+        let payload = bytes::Bytes::copy_from_slice(&n.to_be_bytes());
+        pending.push(client.publish_acked_bytes_deferred("orders/x", payload).await.expect("sent"));
+    }
+    for (n, acked) in pending.into_iter().enumerate() {
+        let acked = tokio::time::timeout(Duration::from_secs(60), acked).await;
+        acked.unwrap_or_else(|_| panic!("no PUBACK for publish {n}")).expect("acknowledged");
+    }
+    let options = SubscribeOptions::new("orders/x")
+        .start(StartAt::Earliest)
+        .qos(whispeer_client::Qos::AtLeastOnce)
+        .prefetch(1024);
+    let mut log = client.messages(options).await.expect("subscribes");
+    for n in 0..MESSAGES {
+        let next = tokio::time::timeout(Duration::from_secs(20), log.recv()).await;
+        let message = next.expect("the log goes on").expect("a message");
+        assert_eq!(message.payload().as_ref(), n.to_be_bytes(), "message {n} of the log");
+    }
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}

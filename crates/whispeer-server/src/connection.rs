@@ -207,6 +207,7 @@ impl Connection {
             loop {
                 match self.publish_read(&mut buf, limits, &mut topics, &mut progressed) {
                     Ok(Some(Next::Reply(reply))) => self.send(reply).await,
+                    Ok(Some(Next::Room)) => self.confirmations.make_room().await,
                     Ok(Some(Next::Frame(frame))) => {
                         progressed = true;
                         self.handle(frame).await?;
@@ -339,6 +340,7 @@ impl Connection {
                 if let Some(reply) = self.publish(correlation, qos, envelope) {
                     self.send(reply).await;
                 }
+                self.confirmations.make_room().await;
             }
             // An ack for a message no longer in flight (acked twice, or after it timed out and
             // went to another member) settles nothing, and is not an error.

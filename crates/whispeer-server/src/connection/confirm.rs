@@ -2,7 +2,10 @@
 //! them in the order they were published, so a group commit that makes many of them durable
 //! wakes one task, which sends all their PUBACKs, instead of one task per publish.
 //!
-//! The queue is bounded (`PENDING`); past it, a publish gets a task of its own, as before.
+//! The queue is bounded (`PENDING`). Its policy when full is back-pressure: the publish that
+//! found no room is held, and the connection reads nothing more until it has its place
+//! ([`Confirmations::make_room`]), so a publisher that keeps more publishes in flight than
+//! that waits for the store instead of costing the server a task (or memory) per publish.
 
 use std::pin::{Pin, pin};
 use std::task::{Context, Poll, Waker};
@@ -25,11 +28,17 @@ type Waiting = (u32, PublishReceipt);
 
 /// A connection's confirmation queue; its task starts with the first publish that waits.
 #[derive(Default)]
-pub(super) struct Confirmations(Option<mpsc::Sender<Waiting>>);
+pub(super) struct Confirmations {
+    queue: Option<mpsc::Sender<Waiting>>,
+    /// The publish that found the queue full, until [`Confirmations::make_room`] queues it.
+    held: Option<Waiting>,
+}
 
 impl Confirmations {
     /// Sends the PUBACK for `correlation` (or why not) through `out` once `receipt` is
-    /// confirmed, after those queued before it.
+    /// confirmed, after those queued before it. When the queue is full the publish is held
+    /// ([`holds`](Self::holds)), and the connection must await [`make_room`](Self::make_room)
+    /// before it reads on.
     pub(super) fn push(
         &mut self,
         broker: &Broker,
@@ -37,23 +46,31 @@ impl Confirmations {
         correlation: u32,
         receipt: PublishReceipt,
     ) {
-        let queue = self.0.get_or_insert_with(|| {
+        let queue = self.queue.get_or_insert_with(|| {
             let (queue, waiting) = mpsc::channel(PENDING);
             tokio::spawn(confirm_in_order(broker.clone(), waiting, out.clone()));
             queue
         });
         match queue.try_send((correlation, receipt)) {
             Ok(()) => {}
-            Err(
-                TrySendError::Full((correlation, receipt))
-                | TrySendError::Closed((correlation, receipt)),
-            ) => {
-                let (broker, out) = (broker.clone(), out.clone());
-                tokio::spawn(async move {
-                    let reply = reply(&broker, correlation, &receipt).await;
-                    let _ = out.send(Outbound::Frame(reply)).await;
-                });
-            }
+            Err(TrySendError::Full(waiting)) => self.held = Some(waiting),
+            // The task ends only when the writer is gone, and the connection with it: no
+            // PUBACK can be sent, and the publisher sends the publish again elsewhere.
+            Err(TrySendError::Closed(_)) => {}
+        }
+    }
+
+    /// Whether a publish is held until the queue has room.
+    pub(super) fn holds(&self) -> bool {
+        self.held.is_some()
+    }
+
+    /// Waits until the held publish, if any, has its place in the queue (back-pressure: the
+    /// connection reads nothing meanwhile).
+    pub(super) async fn make_room(&mut self) {
+        if let (Some(waiting), Some(queue)) = (self.held.take(), &self.queue) {
+            // Closed: the connection is ending (see `push`).
+            let _ = queue.send(waiting).await;
         }
     }
 }

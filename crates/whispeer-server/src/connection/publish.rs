@@ -22,6 +22,9 @@ pub(super) enum Next {
     Reply(Frame),
     /// A frame other than a publish, to handle.
     Frame(Frame),
+    /// A durable publish's confirmation queue is full: wait for room
+    /// ([`Confirmations::make_room`](super::confirm::Confirmations::make_room)) before reading on.
+    Room,
 }
 
 impl Connection {
@@ -63,6 +66,9 @@ impl Connection {
                         && let Outbound::Frame(reply) = refused.into_inner()
                     {
                         break Ok(Some(Next::Reply(reply)));
+                    }
+                    if self.confirmations.holds() {
+                        break Ok(Some(Next::Room));
                     }
                 }
                 // An ACK of an unknown subscription is answered with an error, in `handle`.
