@@ -47,6 +47,15 @@ pub(crate) struct WorkQueueBenchArgs {
     /// Work queue: messages per system and round.
     #[arg(long, default_value_t = 200_000)]
     pub(super) work_messages: u64,
+    /// Work queue: also a whispeer server whose `bench/#` topics are durable (in its log, at
+    /// its `fsync` setting; `scripts/bench-work-queue` starts one at the defaults), measured
+    /// the same way.
+    #[arg(long, value_name = "ADDR")]
+    pub(super) work_queue_durable: Option<String>,
+    /// Work queue: the process id of the `--work-queue-durable` server, to report its CPU time
+    /// per message.
+    #[arg(long, value_name = "PID")]
+    pub(super) work_queue_durable_pid: Option<u32>,
 }
 
 const PAYLOAD: usize = 128;
@@ -111,6 +120,12 @@ pub(super) async fn run(args: &WorkQueueBenchArgs, bench: &super::BenchArgs) -> 
         let cpu = Cpu::start(bench.server_pid);
         let taken = whispeer(&bench.server, bench.api_key.as_deref(), messages, window).await?;
         rows.push(line("whispeer (QoS 1 group)", &cpu, &taken, messages)?);
+        if let Some(addr) = &args.work_queue_durable {
+            eprintln!("whispeer: acknowledged work queue, durable …");
+            let cpu = Cpu::start(args.work_queue_durable_pid);
+            let taken = whispeer(addr, bench.api_key.as_deref(), messages, window).await?;
+            rows.push(line("whispeer (QoS 1 group, durable log)", &cpu, &taken, messages)?);
+        }
         if let Some(addr) = &bench.nats_raw {
             for storage in ["memory", "file"] {
                 eprintln!("nats: JetStream work queue ({storage}) …");
@@ -140,6 +155,8 @@ pub(super) async fn run(args: &WorkQueueBenchArgs, bench: &super::BenchArgs) -> 
 fn line(name: &str, cpu: &Cpu, run: &(Arc<Taken>, f64), messages: u64) -> anyhow::Result<Line> {
     let (taken, seconds) = run;
     let (server_cpu_us, client_cpu_us) = cpu.per(messages);
+    let each: Vec<u64> = taken.each.iter().map(|t| t.load(Ordering::Relaxed)).collect();
+    eprintln!("{name}: each worker took {each:?}");
     Ok(Line {
         name: name.to_string(),
         rate: messages as f64 / seconds,
