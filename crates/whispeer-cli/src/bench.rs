@@ -20,6 +20,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 mod chat;
 mod durable;
+mod fan_in;
 mod group;
 mod nats_text;
 mod qos1;
@@ -346,6 +347,12 @@ async fn measure(target: &Target, args: &BenchArgs, strict: bool) -> anyhow::Res
     eprintln!("{name}: 1→8, 128 B …");
     let (one_to_eight, _) =
         lost("1→8", throughput(target, 8, args.messages / 4, 128, window(128)).await)?;
+    let mut fan_in = f64::NAN;
+    if fan_in::has_fan_in(target) {
+        eprintln!("{name}: {}→1, 128 B …", fan_in::PUBLISHERS);
+        let run = fan_in::throughput(target, args.messages / 2, 128, window(128)).await;
+        (fan_in, _) = lost("fan-in", run.map(|rate| (rate, f64::NAN)))?;
+    }
     let mut group = [f64::NAN; 2];
     if group::has_groups(target) {
         eprintln!("{name}: 1→group of {}, 128 B …", group::MEMBERS);
@@ -359,7 +366,8 @@ async fn measure(target: &Target, args: &BenchArgs, strict: bool) -> anyhow::Res
     eprintln!("{name}: latency at {} msgs/s for {} s …", args.rate, args.latency_secs);
     let (target, rate, seconds) = (target.clone(), args.rate, args.latency_secs);
     let latency = tokio::spawn(async move { latency(&target, rate, seconds).await }).await??;
-    Ok(Report { one_to_one, one_to_eight, group, large_mb: large / 1e6, latency, cpu_us })
+    let large_mb = large / 1e6;
+    Ok(Report { one_to_one, one_to_eight, fan_in, group, large_mb, latency, cpu_us })
 }
 
 pub(crate) fn run(args: BenchArgs) -> std::process::ExitCode {

@@ -66,9 +66,12 @@ fn bench_measures_the_server_beside_the_forwarder_with_a_deep_window() {
     assert_eq!(figures.len(), 2, "whispeer and the forwarder: {table}");
     assert!(figures.iter().all(|&f| f > 0.0), "{table}");
     assert!(table.contains("forwarder (limit)"), "{table}");
-    // The work queue: the forwarder has no queue groups.
-    let group = row_of(&table, "1→group of 8 128 B, msgs/s");
-    assert!(group[0] > 0.0 && group[1].is_nan(), "{table}");
+    // The work queue: the forwarder has no queue groups; nor fan-in (it copies whole reads,
+    // which would interleave eight publishers' frames).
+    for label in ["1→group of 8 128 B, msgs/s", "8→1 128 B, delivered msgs/s"] {
+        let figures = row_of(&table, label);
+        assert!(figures[0] > 0.0 && figures[1].is_nan(), "{table}");
+    }
     // The server's CPU time per delivery is read from its pid; the forwarder's is not known.
     let cpu = row_of(&table, "server CPU µs/delivery (1→1)");
     assert!(cpu[0].is_finite() && cpu[0] >= 0.0 && cpu[1].is_nan(), "{table}");
@@ -139,7 +142,7 @@ fn the_request_bench_measures_the_server_beside_nats_on_its_own_protocol() {
 }
 
 #[test]
-fn the_work_queue_shares_every_message_among_a_group_on_whispeer_and_on_nats() {
+fn the_work_queue_and_fan_in_deliver_every_message_on_whispeer_and_on_nats() {
     let server = Server::start(&[]);
     let nats = common::engines::Nats::start(0);
     let nats_addr = nats.url.trim_start_matches("nats://").to_string();
@@ -151,6 +154,9 @@ fn the_work_queue_shares_every_message_among_a_group_on_whispeer_and_on_nats() {
     // The smallest member's share against an even one: between none and all of them.
     let shares = row_of(&table, "group: least share / even");
     assert!(shares.len() == 2 && shares.iter().all(|&s| (0.0..=1.0).contains(&s)), "{table}");
+    // And eight publishers to one subscriber: every message arrived, on both systems.
+    let fan_in = row_of(&table, "8→1 128 B, delivered msgs/s");
+    assert!(fan_in.len() == 2 && fan_in.iter().all(|&r| r > 0.0), "{table}");
 }
 
 #[test]

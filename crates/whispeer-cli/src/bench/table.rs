@@ -7,6 +7,9 @@ use std::fmt::Write as _;
 pub(super) struct Report {
     pub(super) one_to_one: f64,
     pub(super) one_to_eight: f64,
+    /// Fan-in (see `fan_in.rs`): msgs/s from 8 publishers to one subscriber; NaN for a system
+    /// without it.
+    pub(super) fan_in: f64,
     /// The work queue (see `group.rs`): msgs/s, and the smallest member's share against an
     /// even one; NaN for a system without queue groups.
     pub(super) group: [f64; 2],
@@ -19,9 +22,10 @@ pub(super) struct Report {
 
 type Row = (&'static str, fn(&Report) -> f64);
 
-const ROWS: [Row; 10] = [
+const ROWS: [Row; 11] = [
     ("1→1 128 B, delivered msgs/s", |r| r.one_to_one),
     ("1→8 128 B, delivered msgs/s", |r| r.one_to_eight),
+    ("8→1 128 B, delivered msgs/s", |r| r.fan_in),
     ("1→group of 8 128 B, msgs/s", |r| r.group[0]),
     ("group: least share / even", |r| r.group[1]),
     ("1→1 64 KiB, MB/s", |r| r.large_mb),
@@ -71,6 +75,7 @@ pub(super) fn medians<'a>(rounds: &[Vec<(&'a str, Report)>]) -> Vec<(&'a str, Re
         let report = Report {
             one_to_one: of(&|r| r.one_to_one),
             one_to_eight: of(&|r| r.one_to_eight),
+            fan_in: of(&|r| r.fan_in),
             group: [0, 1].map(|p| of(&|r| r.group[p])),
             large_mb: of(&|r| r.large_mb),
             latency: [0, 1, 2].map(|p| of(&|r| r.latency[p])),
@@ -117,6 +122,7 @@ mod tests {
         Report {
             one_to_one: scale,
             one_to_eight: 8.0 * scale,
+            fan_in: 2.0 * scale,
             group: [4.0 * scale, 0.9],
             large_mb: 100.0 * scale,
             latency: [scale, 2.0 * scale, 3.0 * scale],
