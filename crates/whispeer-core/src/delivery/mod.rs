@@ -3,6 +3,7 @@
 
 mod commit;
 mod dedup;
+mod flight;
 mod group;
 mod tracker;
 

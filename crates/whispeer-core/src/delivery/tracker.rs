@@ -27,6 +27,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use whispeer_proto::MessageId;
 
+use super::flight::Flight;
 use crate::hash::FastMap;
 use crate::message::Message;
 use crate::queue::Queue;
@@ -210,7 +211,7 @@ struct Member {
 
 #[derive(Default)]
 struct State {
-    in_flight: FastMap<MessageId, Entry>,
+    in_flight: Flight<Entry>,
     due: BTreeMap<(Instant, u64), MessageId>,
     ready: VecDeque<Ready>,
     /// Retained history still to deliver, after `ready` and before the queue.
@@ -250,7 +251,7 @@ impl State {
 
     /// Takes `id` out of flight, giving its member the credit back.
     fn take(&mut self, id: MessageId) -> Option<Entry> {
-        let entry = self.in_flight.remove(&id)?;
+        let entry = self.in_flight.remove(id)?;
         self.due.remove(&entry.due);
         if let Some(member) = self.members.get_mut(&entry.member) {
             member.in_flight -= 1;
@@ -319,7 +320,7 @@ impl Tracker {
             .in_flight
             .iter()
             .filter(|(_, entry)| entry.member == member)
-            .map(|(id, entry)| (entry.due.1, *id))
+            .map(|(id, entry)| (entry.due.1, id))
             .collect();
         // In the order they were delivered.
         mine.sort_unstable();
@@ -439,7 +440,7 @@ impl Tracker {
                 continue;
             }
             let id = message.id();
-            if state.in_flight.contains_key(&id) {
+            if state.in_flight.contains(id) {
                 step.duplicates += 1;
                 continue;
             }
