@@ -59,8 +59,12 @@ impl<E> Flight<E> {
     }
 
     /// Adds `entry` under `id`, which is not in flight (see [`contains`](Self::contains)).
+    /// The deque holds one source's ids (the high 64 bits: a broker's or a client's prefix),
+    /// so an id from another source falls outside its range and is looked up in the hash
+    /// table at once, without a binary search.
     pub(super) fn insert(&mut self, id: MessageId, entry: E) {
-        if self.ordered.back().is_none_or(|&(last, _)| last < id) {
+        let follows = |&(last, _): &(MessageId, Option<E>)| last < id && last.0 >> 64 == id.0 >> 64;
+        if self.ordered.back().is_none_or(follows) {
             self.ordered.push_back((id, Some(entry)));
             self.in_order += 1;
         } else {
@@ -145,6 +149,27 @@ mod tests {
         assert_eq!(flight.remove(MessageId(11)), Some(111));
         assert_eq!(flight.remove(MessageId(11)), None);
         assert_eq!(ids(&flight), [10, 12]);
+    }
+
+    #[test]
+    fn ids_of_another_source_go_beside_the_deque() {
+        let (a, b) = (1u128 << 64, 2u128 << 64);
+        let mut flight = Flight::default();
+        for n in 0..3 {
+            flight.insert(MessageId(a | n), n as u32);
+            flight.insert(MessageId(b | n), 10 + n as u32);
+        }
+        assert_eq!(flight.ordered.len(), 3, "one source in order");
+        assert_eq!(flight.others.len(), 3);
+        for n in 0..3 {
+            assert_eq!(flight.remove(MessageId(b | n)), Some(10 + n as u32));
+            assert_eq!(flight.remove(MessageId(a | n)), Some(n as u32));
+        }
+        assert_eq!(flight.len(), 0);
+        // Empty, it takes the next source's ids in order.
+        flight.insert(MessageId(b | 7), 7);
+        flight.insert(MessageId(b | 8), 8);
+        assert_eq!(flight.ordered.len(), 2);
     }
 
     #[test]
