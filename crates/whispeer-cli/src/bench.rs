@@ -45,6 +45,23 @@ const WINDOW_BYTES: u64 = 8 << 20;
 /// A subscriber that receives nothing this long has lost messages.
 const STALL: Duration = Duration::from_secs(10);
 
+/// Waits until `count` reaches `goal`, woken by `moved` as it grows; `Err` with where it stood
+/// once it stood still for [`STALL`] (messages lost).
+async fn reached(count: &AtomicU64, moved: &tokio::sync::Notify, goal: u64) -> Result<(), u64> {
+    loop {
+        let notified = moved.notified();
+        let at = count.load(Ordering::Acquire);
+        if at >= goal {
+            return Ok(());
+        }
+        if tokio::time::timeout(STALL, notified).await.is_err()
+            && count.load(Ordering::Acquire) == at
+        {
+            return Err(at);
+        }
+    }
+}
+
 /// `whispeer bench`.
 #[derive(Debug, Args)]
 pub(crate) struct BenchArgs {

@@ -36,21 +36,13 @@ struct Progress {
 impl Progress {
     /// Waits until the subscriber is at most `window` behind `upto`, or fails after a stall.
     async fn room_for(&self, upto: u64, window: u64) -> anyhow::Result<()> {
-        loop {
-            let notified = self.moved.notified();
-            let at = self.received.load(Ordering::Acquire);
-            if upto.saturating_sub(at) <= window {
-                return Ok(());
-            }
-            if tokio::time::timeout(STALL, notified).await.is_err()
-                && self.received.load(Ordering::Acquire) == at
-            {
-                anyhow::bail!(
-                    "no progress for {STALL:?}: the subscriber has {at} of the {upto} messages \
-                     sent: messages lost"
-                );
-            }
-        }
+        let goal = upto.saturating_sub(window);
+        super::reached(&self.received, &self.moved, goal).await.map_err(|at| {
+            anyhow::anyhow!(
+                "no progress for {STALL:?}: the subscriber has {at} of the {upto} messages sent: \
+                 messages lost"
+            )
+        })
     }
 }
 

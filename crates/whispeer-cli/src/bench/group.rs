@@ -66,21 +66,13 @@ pub(super) async fn throughput(
     // Waits until the group received `goal` (the publisher's next bound), or fails after a
     // stall: a message lost.
     let wait_for = |goal: u64| {
-        let (received, moved) = (&received, &moved);
+        let (total, moved) = (&total, &moved);
         async move {
-            loop {
-                let notified = moved.notified();
-                let at = received();
-                if at >= goal {
-                    return Ok(());
-                }
-                if tokio::time::timeout(STALL, notified).await.is_err() && received() == at {
-                    anyhow::bail!(
-                        "no progress for {STALL:?}: the group has {at} of the messages: \
-                         messages lost"
-                    );
-                }
-            }
+            super::reached(total, moved, goal).await.map_err(|at| {
+                anyhow::anyhow!(
+                    "no progress for {STALL:?}: the group has {at} of the messages: messages lost"
+                )
+            })
         }
     };
     let start = Instant::now();

@@ -119,14 +119,10 @@ pub(super) async fn publish_acked_all(
         while acked < messages {
             if sent < messages && window.len() < window_len {
                 if let Some(delivered) = &delivered {
-                    loop {
-                        let moved = delivered.moved.notified();
-                        if sent - delivered.count.load(Ordering::Acquire) < in_flight {
-                            break;
-                        }
-                        let waited = tokio::time::timeout(super::STALL, moved).await;
-                        anyhow::ensure!(waited.is_ok(), "the subscriber stalled at {sent} sent");
-                    }
+                    // Fewer than `in_flight` ahead of the subscriber.
+                    let goal = (sent + 1).saturating_sub(in_flight);
+                    let paced = super::reached(&delivered.count, &delivered.moved, goal).await;
+                    anyhow::ensure!(paced.is_ok(), "the subscriber stalled at {sent} sent");
                 }
                 let pending = publisher.publish_acked_bytes_deferred(topic, payload.clone());
                 window.push_back(pending.await?);

@@ -189,18 +189,10 @@ fn table(rows: &[Line]) -> String {
 
 /// Waits until the workers took every message, or fails after a stall.
 async fn all_taken(taken: &Taken, messages: u64) -> anyhow::Result<()> {
-    loop {
-        let moved = taken.first.moved.notified();
-        let at = taken.first.count.load(Ordering::Acquire);
-        if at >= messages {
-            return Ok(());
-        }
-        if tokio::time::timeout(STALL, moved).await.is_err()
-            && taken.first.count.load(Ordering::Acquire) == at
-        {
-            anyhow::bail!("no progress for {STALL:?}: the workers took {at} of {messages}");
-        }
-    }
+    let (count, moved) = (&taken.first.count, &taken.first.moved);
+    super::reached(count, moved, messages).await.map_err(|at| {
+        anyhow::anyhow!("no progress for {STALL:?}: the workers took {at} of {messages}")
+    })
 }
 
 /// whispeer: the SDK's QoS 1 publishes to a QoS 1 queue group of [`MEMBERS`].

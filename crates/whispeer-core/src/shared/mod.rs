@@ -490,8 +490,6 @@ impl Shared {
         self.tallied(id, &tally)
     }
 
-    /// Ends a subscription: closes its queue and removes its route. Idempotent; plugins hear
-    /// of each subscription's end once.
     /// Records each of `settled` as settled by the durable subscription `commits`; an advance
     /// of its committed offset in a topic is remembered, and written to the log for a durable
     /// topic, once for them all.
@@ -499,7 +497,6 @@ impl Shared {
         // Per topic (a batch has mostly one): durable, and sequenced by the cluster, which
         // keeps this group's position there (offsets there have gaps: no commits here).
         let mut kinds: Vec<(&Topic, bool, bool)> = Vec::new();
-        let mut local = 0;
         for message in settled {
             let topic = message.topic();
             let sequenced = match kinds.iter().find(|(t, ..)| *t == topic) {
@@ -514,13 +511,11 @@ impl Shared {
                     sequenced
                 }
             };
-            if !sequenced {
-                local += 1;
-            } else if let (Some(bridge), Some(offset)) = (&self.bridge, message.offset()) {
+            if sequenced && let (Some(bridge), Some(offset)) = (&self.bridge, message.offset()) {
                 bridge.group_settled(&commits.key.0, &commits.key.1, offset);
             }
         }
-        if local == 0 {
+        if kinds.iter().all(|&(_, _, sequenced)| sequenced) {
             return;
         }
         let kind =
@@ -546,6 +541,8 @@ impl Shared {
         self.commits.set(key, topic.clone(), offset);
     }
 
+    /// Ends a subscription: closes its queue and removes its route. Idempotent; plugins hear
+    /// of each subscription's end once.
     pub(crate) fn unsubscribe(&self, id: SubId, queue: &Queue) {
         queue.close();
         if self.router.remove(&queue.filter, id) {
