@@ -356,14 +356,19 @@ async fn measure(target: &Target, args: &BenchArgs, strict: bool) -> anyhow::Res
     let before = (server_cpu(), cpu_seconds(None));
     let (one_to_one, _) =
         lost("1→1", throughput(target, 1, args.messages, 128, window(128)).await)?;
-    let per_delivery = |from: Option<f64>, to: Option<f64>| match (from, to) {
-        (Some(from), Some(to)) => (to - from) * 1e6 / args.messages as f64,
+    let per_delivery = |from: Option<f64>, to: Option<f64>, deliveries: u64| match (from, to) {
+        (Some(from), Some(to)) => (to - from) * 1e6 / deliveries as f64,
         _ => f64::NAN,
     };
-    let cpu_us = [per_delivery(before.0, server_cpu()), per_delivery(before.1, cpu_seconds(None))];
+    let mut cpu_us = [f64::NAN; 4];
+    cpu_us[0] = per_delivery(before.0, server_cpu(), args.messages);
+    cpu_us[1] = per_delivery(before.1, cpu_seconds(None), args.messages);
     eprintln!("{name}: 1→8, 128 B …");
+    let before = (server_cpu(), cpu_seconds(None));
     let (one_to_eight, _) =
         lost("1→8", throughput(target, 8, args.messages / 4, 128, window(128)).await)?;
+    cpu_us[2] = per_delivery(before.0, server_cpu(), args.messages / 4 * 8);
+    cpu_us[3] = per_delivery(before.1, cpu_seconds(None), args.messages / 4 * 8);
     let mut fan_in = f64::NAN;
     if fan_in::has_fan_in(target) {
         eprintln!("{name}: {}→1, 128 B …", fan_in::PUBLISHERS);

@@ -15,14 +15,15 @@ pub(super) struct Report {
     pub(super) group: [f64; 2],
     pub(super) large_mb: f64,
     pub(super) latency: [f64; 3],
-    /// CPU microseconds per delivery in the 1→1 run: the server's (NaN without its pid) and
-    /// this harness's (publisher and subscriber clients together).
-    pub(super) cpu_us: [f64; 2],
+    /// CPU microseconds per delivery: in the 1→1 run the server's (NaN without its pid) and
+    /// this harness's (publisher and subscriber clients together), then the same in the 1→8
+    /// run (per delivery: eight a message).
+    pub(super) cpu_us: [f64; 4],
 }
 
 type Row = (&'static str, fn(&Report) -> f64);
 
-const ROWS: [Row; 11] = [
+const ROWS: [Row; 13] = [
     ("1→1 128 B, delivered msgs/s", |r| r.one_to_one),
     ("1→8 128 B, delivered msgs/s", |r| r.one_to_eight),
     ("8→1 128 B, delivered msgs/s", |r| r.fan_in),
@@ -34,6 +35,8 @@ const ROWS: [Row; 11] = [
     ("latency p99.9 µs", |r| r.latency[2]),
     ("server CPU µs/delivery (1→1)", |r| r.cpu_us[0]),
     ("harness CPU µs/delivery (1→1)", |r| r.cpu_us[1]),
+    ("server CPU µs/delivery (1→8)", |r| r.cpu_us[2]),
+    ("harness CPU µs/delivery (1→8)", |r| r.cpu_us[3]),
 ];
 
 /// `reports` side by side, with the first over the second when there are two.
@@ -79,7 +82,7 @@ pub(super) fn medians<'a>(rounds: &[Vec<(&'a str, Report)>]) -> Vec<(&'a str, Re
             group: [0, 1].map(|p| of(&|r| r.group[p])),
             large_mb: of(&|r| r.large_mb),
             latency: [0, 1, 2].map(|p| of(&|r| r.latency[p])),
-            cpu_us: [0, 1].map(|p| of(&|r| r.cpu_us[p])),
+            cpu_us: [0, 1, 2, 3].map(|p| of(&|r| r.cpu_us[p])),
         };
         (*name, report)
     });
@@ -126,7 +129,7 @@ mod tests {
             group: [4.0 * scale, 0.9],
             large_mb: 100.0 * scale,
             latency: [scale, 2.0 * scale, 3.0 * scale],
-            cpu_us: [scale / 10.0, f64::NAN],
+            cpu_us: [scale / 10.0, f64::NAN, scale / 80.0, f64::NAN],
         }
     }
 
