@@ -345,6 +345,19 @@ async fn bad_clients_are_cut_off_and_others_are_served() {
     let mut rude = RawClient::connect(server.addr).await;
     rude.send(Frame::new(3, Body::Ping)).await;
     assert_eq!(rude.drain_errors().await, [ErrorCode::PROTOCOL_VIOLATION]);
+    // A publish before HELLO: refused alike, and published nowhere.
+    let mut early = server.broker.messages("early").unwrap();
+    let mut eager = RawClient::connect(server.addr).await;
+    let envelope = Envelope::new(
+        whispeer_client::proto::MessageId(1),
+        whispeer_client::proto::Topic::parse("early").unwrap(),
+        0,
+        whispeer_client::proto::Flags::default(),
+        bytes::Bytes::from_static(b"too soon"),
+    );
+    let qos = whispeer_client::proto::Qos::AtMostOnce;
+    eager.send(Frame::new(4, Body::Publish { qos, envelope })).await;
+    assert_eq!(eager.drain_errors().await, [ErrorCode::PROTOCOL_VIOLATION]);
 
     // A half-open connection that says nothing, and one that trickles a byte at a time.
     let silent = RawClient::connect(server.addr).await;
@@ -375,6 +388,9 @@ async fn bad_clients_are_cut_off_and_others_are_served() {
     assert_eq!(silent.drain_errors().await, [ErrorCode::IDLE_TIMEOUT]);
     good.publish_acked("alive", &99u32).await.unwrap();
     assert_eq!(soon(sub.recv()).await, Some(99));
+    // The first message on "early" is the one published after it.
+    server.broker.publish_bytes("early", bytes::Bytes::from_static(b"in time")).unwrap();
+    assert_eq!(&soon(early.recv_message()).await.unwrap().payload()[..], b"in time");
     server.stop().await;
 }
 

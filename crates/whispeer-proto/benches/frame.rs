@@ -1,5 +1,7 @@
 //! The codec's cost per frame on the hot paths: a stream of 128-byte `Deliver` frames decoded
-//! as a client reads them (`Frame::decode_cached` over one read buffer), `Publish` frames
+//! whole (`Frame::decode_cached` over one read buffer) and as the SDK reads them (cut off the
+//! buffer, the fixed fields read by the connection task, the envelope decoded by the
+//! subscription), `Publish` frames decoded as a server connection reads them, `Publish` frames
 //! encoded as the SDK's outbox writes them, `Deliver` heads as the server writes them, and a
 //! stream of 64 KiB `Deliver` frames read as a connection reads them (room reserved, each read
 //! filling it, the frames kept meanwhile). Run with `cargo bench -p whispeer-proto --bench
@@ -11,7 +13,8 @@
 use bytes::{Bytes, BytesMut};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use whispeer_proto::{
-    Body, Envelope, Flags, Frame, Limits, MessageId, Qos, Topic, TopicCache, reserve_for_read,
+    Body, Envelope, Flags, Frame, Limits, MessageId, Qos, RawDeliver, Topic, TopicCache,
+    reserve_for_read,
 };
 
 /// Frames in one simulated read.
@@ -52,6 +55,61 @@ fn codec(c: &mut Criterion) {
             }
             assert_eq!(frames.len() as u64, BATCH);
             frames
+        });
+    });
+
+    // The same read as the SDK takes it: each frame cut off and its fixed fields read by the
+    // connection task, weighed for the subscription's buffer, then its envelope decoded.
+    group.bench_function("sdk_deliver_128", |b| {
+        let mut topics = TopicCache::default();
+        b.iter(|| {
+            let mut buf = BytesMut::from(&stream[..]);
+            let mut raws: Vec<RawDeliver> = Vec::with_capacity(BATCH as usize);
+            let mut weight = 0;
+            while let Some(raw) = Frame::split(&mut buf, &limits).unwrap() {
+                let raw = raw.deliver().unwrap();
+                weight += raw.payload_len();
+                raws.push(raw);
+            }
+            let envelopes: Vec<Envelope> =
+                raws.into_iter().map(|raw| raw.decode(&limits, &mut topics).unwrap()).collect();
+            assert_eq!(envelopes.len() as u64, BATCH);
+            (weight, envelopes)
+        });
+    });
+
+    // One read's worth of publishes, decoded as a server connection's reader does.
+    let mut publishes = BytesMut::new();
+    for n in 0..BATCH {
+        let body = Body::Publish { qos: Qos::AtMostOnce, envelope: envelope(n) };
+        Frame::new(1, body).encode(&mut publishes, max).unwrap();
+    }
+    let publishes = publishes.freeze();
+    group.bench_function("raw_publish_128", |b| {
+        let mut topics = TopicCache::default();
+        b.iter(|| {
+            let mut buf = BytesMut::from(&publishes[..]);
+            let mut envelopes = Vec::with_capacity(BATCH as usize);
+            while let Some(raw) = Frame::split(&mut buf, &limits).unwrap() {
+                let (_, envelope) = raw.publish(&limits, &mut topics).unwrap().unwrap();
+                envelopes.push(envelope);
+            }
+            assert_eq!(envelopes.len() as u64, BATCH);
+            envelopes
+        });
+    });
+    group.bench_function("decode_publish_128", |b| {
+        let mut topics = TopicCache::default();
+        b.iter(|| {
+            let mut buf = BytesMut::from(&publishes[..]);
+            let mut envelopes = Vec::with_capacity(BATCH as usize);
+            while let Some(frame) = Frame::decode_cached(&mut buf, &limits, &mut topics).unwrap() {
+                if let Body::Publish { envelope, .. } = frame.body {
+                    envelopes.push(envelope);
+                }
+            }
+            assert_eq!(envelopes.len() as u64, BATCH);
+            envelopes
         });
     });
 

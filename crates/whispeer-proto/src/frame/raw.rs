@@ -12,10 +12,12 @@ use bytes::{Buf, Bytes, BytesMut};
 
 use super::reader::Reader;
 use super::{DecodeError, Frame, HEADER_LEN, MAX_HEADERS, READ_CHUNK, room_for};
-use crate::{Envelope, Limits, MessageId, TopicCache};
+use crate::{Envelope, Limits, MessageId, Qos, TopicCache};
 
 /// The type byte of a DELIVER.
 const DELIVER: u8 = 0x30;
+/// The type byte of a PUBLISH.
+const PUBLISH: u8 = 0x20;
 /// A DELIVER's fixed fields before its envelope: subscription, attempt, offset.
 const DELIVER_HEAD: usize = 4 + 4 + 8;
 
@@ -50,6 +52,7 @@ impl Frame {
     /// # Errors
     /// A length prefix over the limit or too short for a frame's head; the connection should
     /// be closed.
+    #[inline]
     pub fn split(buf: &mut BytesMut, limits: &Limits) -> Result<Option<RawFrame>, DecodeError> {
         let Some(prefix) = buf.first_chunk::<4>() else { return Ok(None) };
         let len = u32::from_be_bytes(*prefix);
@@ -94,6 +97,35 @@ impl RawFrame {
         Ok(RawDeliver { sub, attempt, offset, id, envelope: body })
     }
 
+    /// The frame's correlation id.
+    #[inline]
+    pub fn correlation(&self) -> u32 {
+        self.correlation
+    }
+
+    /// The frame as a PUBLISH: its QoS and envelope, decoded as [`RawFrame::decode`] would
+    /// decode them but without wrapping them in a [`Frame`], which a server moves for each of
+    /// the frames it reads most. `Ok(Err(frame))`, the frame given back, when it is another
+    /// type.
+    ///
+    /// # Errors
+    /// As [`RawFrame::decode`], for a PUBLISH that does not decode.
+    #[inline]
+    pub fn publish(
+        self,
+        limits: &Limits,
+        topics: &mut TopicCache,
+    ) -> Result<Result<(Qos, Envelope), Self>, DecodeError> {
+        if self.frame_type != PUBLISH {
+            return Ok(Err(self));
+        }
+        let Self { frame_type, correlation, body } = self;
+        let mut reader = Reader { buf: body, frame_type, topics };
+        let decoded = reader.publish(limits).map_err(answerable(correlation))?;
+        reader.finish()?;
+        Ok(Ok(decoded))
+    }
+
     /// Decodes the body, sharing a repeated topic through `topics` as
     /// [`Frame::decode_cached`] does.
     ///
@@ -102,12 +134,19 @@ impl RawFrame {
     pub fn decode(self, limits: &Limits, topics: &mut TopicCache) -> Result<Frame, DecodeError> {
         let Self { frame_type, correlation, body } = self;
         let mut reader = Reader { buf: body, frame_type, topics };
-        let body = reader.body(limits).map_err(|err| match err {
-            DecodeError::InvalidTopic(error) => DecodeError::RequestTopic { correlation, error },
-            other => other,
-        })?;
+        let body = reader.body(limits).map_err(answerable(correlation))?;
         reader.finish()?;
         Ok(Frame { correlation, body })
+    }
+}
+
+/// An invalid topic in a whole frame, as an error that names the request (so a server can
+/// refuse that one and go on); other errors as they are.
+#[inline]
+fn answerable(correlation: u32) -> impl Fn(DecodeError) -> DecodeError {
+    move |err| match err {
+        DecodeError::InvalidTopic(error) => DecodeError::RequestTopic { correlation, error },
+        other => other,
     }
 }
 
@@ -115,6 +154,7 @@ impl RawDeliver {
     /// The payload's length as its prefix gives it, found by stepping over the fields before
     /// it without checking them (decoding does); the envelope's whole length when they do not
     /// add up. What a client's buffer counts a delivery by, before decoding it.
+    #[inline]
     pub fn payload_len(&self) -> usize {
         payload_len(&self.envelope).unwrap_or(self.envelope.len())
     }
@@ -135,6 +175,7 @@ impl RawDeliver {
 
 /// The payload length prefix of the envelope in `bytes`: after the id, time stamp and flags,
 /// the topic, and each header's name and value.
+#[inline]
 fn payload_len(bytes: &[u8]) -> Option<usize> {
     let u16_at =
         |at: usize| Some(usize::from(u16::from_be_bytes(*bytes.get(at..)?.first_chunk()?)));

@@ -19,6 +19,7 @@ pub(super) struct Reader<'a> {
 }
 
 impl Reader<'_> {
+    #[inline]
     fn need(&self, n: usize) -> Result<(), DecodeError> {
         if self.buf.remaining() < n {
             return Err(DecodeError::Truncated { frame_type: self.frame_type });
@@ -26,31 +27,37 @@ impl Reader<'_> {
         Ok(())
     }
 
+    #[inline]
     fn u8(&mut self) -> Result<u8, DecodeError> {
         self.need(1)?;
         Ok(self.buf.get_u8())
     }
 
+    #[inline]
     fn u16(&mut self) -> Result<u16, DecodeError> {
         self.need(2)?;
         Ok(self.buf.get_u16())
     }
 
+    #[inline]
     fn u32(&mut self) -> Result<u32, DecodeError> {
         self.need(4)?;
         Ok(self.buf.get_u32())
     }
 
+    #[inline]
     fn u64(&mut self) -> Result<u64, DecodeError> {
         self.need(8)?;
         Ok(self.buf.get_u64())
     }
 
+    #[inline]
     fn u128(&mut self) -> Result<u128, DecodeError> {
         self.need(16)?;
         Ok(self.buf.get_u128())
     }
 
+    #[inline]
     fn bytes(&mut self, len: usize) -> Result<Bytes, DecodeError> {
         self.need(len)?;
         // The frame's last field (a payload) is the rest of the buffer: moved out whole, it
@@ -63,12 +70,14 @@ impl Reader<'_> {
 
     /// The length of a u16-prefixed text, checked to be in the buffer; the caller reads it
     /// as `self.buf[..len]` and advances past it.
+    #[inline]
     fn text(&mut self) -> Result<usize, DecodeError> {
         let len = usize::from(self.u16()?);
         self.need(len)?;
         Ok(len)
     }
 
+    #[inline]
     fn string(&mut self) -> Result<String, DecodeError> {
         let len = self.text()?;
         let text = std::str::from_utf8(&self.buf[..len]).map_err(|_| DecodeError::InvalidUtf8)?;
@@ -110,6 +119,7 @@ impl Reader<'_> {
         self.bytes(len)
     }
 
+    #[inline]
     fn qos(&mut self) -> Result<Qos, DecodeError> {
         Qos::try_from(self.u8()?)
     }
@@ -131,6 +141,12 @@ impl Reader<'_> {
         }
         let payload = self.bytes32()?;
         Ok(Envelope { id, topic, timestamp_ms, flags, headers, payload })
+    }
+
+    /// A PUBLISH's body: its QoS and envelope.
+    #[inline]
+    pub(super) fn publish(&mut self, limits: &Limits) -> Result<(Qos, Envelope), DecodeError> {
+        Ok((self.qos()?, self.envelope(limits)?))
     }
 
     #[inline]
@@ -160,7 +176,10 @@ impl Reader<'_> {
                 start: StartAt::from_wire(self.u8()?, self.u64()?)?,
             },
             0x11 => Body::Unsubscribe { sub: self.u32()? },
-            0x20 => Body::Publish { qos: self.qos()?, envelope: self.envelope(limits)? },
+            0x20 => {
+                let (qos, envelope) = self.publish(limits)?;
+                Body::Publish { qos, envelope }
+            }
             0x21 => Body::PubAck,
             0x30 => Body::Deliver {
                 sub: self.u32()?,
@@ -181,6 +200,7 @@ impl Reader<'_> {
         })
     }
 
+    #[inline]
     pub(super) fn finish(self) -> Result<(), DecodeError> {
         match self.buf.remaining() {
             0 => Ok(()),

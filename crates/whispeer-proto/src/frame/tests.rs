@@ -314,6 +314,48 @@ proptest! {
         }
     }
 
+    /// The server's path for publishes (split off, then decoded straight to their envelope)
+    /// and the whole-frame decoder agree on every PUBLISH, a damaged one included; any other
+    /// frame is given back to be decoded whole.
+    #[test]
+    fn a_publish_decodes_the_same_raw_or_whole(
+        topic in "[a-z]{1,5}(/[a-z]{1,5}){0,3}",
+        payload in prop::collection::vec(any::<u8>(), 0..100),
+        header in prop::option::of(("[a-z]{1,8}", prop::collection::vec(any::<u8>(), 0..20))),
+        damage in prop::option::of((any::<prop::sample::Index>(), 1..=255u8)),
+        correlation in any::<u32>(),
+    ) {
+        let mut sent = envelope(&topic, &payload, &[]);
+        if let Some((name, value)) = header {
+            sent.headers.insert(name, value);
+        }
+        let mut stream = BytesMut::new();
+        let publish = Body::Publish { qos: Qos::AtLeastOnce, envelope: sent };
+        Frame::new(correlation, publish).encode(&mut stream, usize::MAX).unwrap();
+        Frame::new(correlation, Body::Ping).encode(&mut stream, usize::MAX).unwrap();
+        if let Some((at, xor)) = damage {
+            // Anything in the publish but its length prefix and its type.
+            let at = 5 + at.index(stream.len() - 5 - HEADER_LEN);
+            stream[at] ^= xor;
+        }
+        let mut whole = stream.clone();
+        let full = Frame::decode(&mut whole, &limits());
+        let raw = Frame::split(&mut stream, &limits()).unwrap().unwrap();
+        let seen = raw.correlation();
+        match (raw.publish(&limits(), &mut TopicCache::default()), full) {
+            (Ok(Ok((qos, envelope))), Ok(Some(frame))) => {
+                prop_assert_eq!(frame, Frame::new(seen, Body::Publish { qos, envelope }));
+            }
+            (Err(raw), Err(full)) => prop_assert_eq!(raw, full),
+            (raw, full) => prop_assert!(false, "raw {:?}, whole {:?}", raw, full),
+        }
+        // The PING after it is not a publish.
+        let next = Frame::split(&mut stream, &limits()).unwrap().unwrap();
+        let ping = next.publish(&limits(), &mut TopicCache::default()).unwrap().unwrap_err();
+        let ping = ping.decode(&limits(), &mut TopicCache::default());
+        prop_assert_eq!(ping, Ok(Frame::new(correlation, Body::Ping)));
+    }
+
     #[test]
     fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
         let mut buf = BytesMut::from(&bytes[..]);

@@ -50,12 +50,16 @@ impl Connection {
         let _batch = PushBatch::begin();
         let next = loop {
             let logged_in = self.greeted && self.principal.is_some();
-            let frame = match Frame::decode_cached(buf, limits, topics) {
-                Ok(frame) => frame,
+            let raw = match Frame::split(buf, limits) {
+                Ok(Some(raw)) => raw,
+                Ok(None) => break Ok(None),
                 Err(err) => break Err(err),
             };
-            match frame {
-                Some(Frame { correlation, body: Body::Publish { qos, envelope } }) if logged_in => {
+            let correlation = raw.correlation();
+            // A publish is decoded straight to its envelope, not wrapped in a `Frame` (moved
+            // about, that cost a third of its decoding); any other frame whole.
+            let frame = match raw.publish(limits, topics) {
+                Ok(Ok((qos, envelope))) if logged_in => {
                     *progressed = true;
                     // Frames take effect in order: the ACKs before this publish first.
                     self.settle_acks();
@@ -70,9 +74,19 @@ impl Connection {
                     if self.confirmations.holds() {
                         break Ok(Some(Next::Room));
                     }
+                    continue;
                 }
+                // Refused in `handle`.
+                Ok(Ok((qos, envelope))) => Frame::new(correlation, Body::Publish { qos, envelope }),
+                Ok(Err(raw)) => match raw.decode(limits, topics) {
+                    Ok(frame) => frame,
+                    Err(err) => break Err(err),
+                },
+                Err(err) => break Err(err),
+            };
+            match frame {
                 // An ACK of an unknown subscription is answered with an error, in `handle`.
-                Some(Frame { body: Body::Ack { sub, id }, .. })
+                Frame { body: Body::Ack { sub, id }, .. }
                     if logged_in && self.subscriptions.contains_key(&sub) =>
                 {
                     *progressed = true;
@@ -81,8 +95,7 @@ impl Connection {
                         self.settle_acks();
                     }
                 }
-                Some(frame) => break Ok(Some(Next::Frame(frame))),
-                None => break Ok(None),
+                frame => break Ok(Some(Next::Frame(frame))),
             }
         };
         self.settle_acks();
