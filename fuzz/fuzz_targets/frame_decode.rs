@@ -1,7 +1,8 @@
 //! The frame decoder on arbitrary bytes: never panics, never reserves past the limit, and every
 //! frame it accepts encodes back to bytes that decode to the same frame. The SDK's path for
 //! deliveries (a frame split off undecoded, then its envelope decoded on its own) accepts and
-//! refuses the same DELIVERs as the whole-frame decoder, with the same result.
+//! refuses the same DELIVERs as the whole-frame decoder, with the same result; so does the
+//! server's path for publishes (a frame split off, then decoded straight to its envelope).
 #![no_main]
 
 use bytes::BytesMut;
@@ -24,6 +25,19 @@ fuzz_target!(|data: &[u8]| {
     while let Ok(Some(raw)) = Frame::split(&mut split, &limits) {
         // The same frame, consumed whole whether its body decodes or not.
         let full = Frame::decode(&mut whole, &limits);
+        let correlation = raw.correlation();
+        let raw = match raw.publish(&limits, &mut TopicCache::default()) {
+            Ok(Ok((qos, envelope))) => {
+                let publish = Frame::new(correlation, Body::Publish { qos, envelope });
+                assert_eq!(full, Ok(Some(publish)));
+                continue;
+            }
+            Err(err) => {
+                assert_eq!(full, Err(err));
+                continue;
+            }
+            Ok(Err(other)) => other,
+        };
         let Ok(deliver) = raw.deliver() else { continue };
         let (sub, attempt, offset, id) = (deliver.sub, deliver.attempt, deliver.offset, deliver.id);
         let payload_len = deliver.payload_len();
