@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
@@ -18,6 +18,10 @@ use whispeer::{Broker, BrokerOptions, Plugin, Rejection};
 use whispeer_client::engines::{Encryption, Keyring};
 use whispeer_client::proto::{Body, Envelope, ErrorCode, Frame, Limits};
 use whispeer_client::{Client, ClientError, ClientOptions};
+
+#[path = "support/raw_client.rs"]
+mod raw_client;
+use raw_client::RawClient;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Reading {
@@ -274,57 +278,6 @@ async fn shutdown_tells_clients_and_ends_their_subscriptions() {
     assert!(matches!(last.body, Body::Error { code: ErrorCode::SHUTTING_DOWN, .. }), "{last:?}");
 }
 
-/// A hand-driven client, for the misbehaviours the SDK will not commit.
-struct RawClient {
-    stream: TcpStream,
-    buf: BytesMut,
-}
-
-impl RawClient {
-    async fn connect(addr: SocketAddr) -> Self {
-        Self { stream: TcpStream::connect(addr).await.unwrap(), buf: BytesMut::new() }
-    }
-
-    async fn send(&mut self, frame: Frame) {
-        let mut out = BytesMut::new();
-        frame.encode(&mut out, usize::MAX).unwrap();
-        self.stream.write_all(&out).await.unwrap();
-    }
-
-    async fn hello(&mut self) {
-        self.send(Frame::new(1, Body::Hello { version: 1, capabilities: 0, name: "raw".into() }))
-            .await;
-        let welcome = self.next_frame().await.unwrap();
-        assert!(matches!(welcome.body, Body::Welcome { .. }), "{welcome:?}");
-    }
-
-    /// The next frame other than a ping, or `None` once the server closes the connection.
-    async fn next_frame(&mut self) -> Option<Frame> {
-        loop {
-            if let Some(frame) = Frame::decode(&mut self.buf, &Limits::default()).unwrap() {
-                if frame.body == Body::Ping {
-                    continue;
-                }
-                return Some(frame);
-            }
-            if self.stream.read_buf(&mut self.buf).await.unwrap_or(0) == 0 {
-                return None;
-            }
-        }
-    }
-
-    /// Reads until the server closes; returns the error codes it sent.
-    async fn drain_errors(&mut self) -> Vec<ErrorCode> {
-        let mut codes = Vec::new();
-        while let Some(frame) = soon(self.next_frame()).await {
-            if let Body::Error { code, .. } = frame.body {
-                codes.push(code);
-            }
-        }
-        codes
-    }
-}
-
 #[tokio::test]
 async fn bad_clients_are_cut_off_and_others_are_served() {
     let server = TestServer::start(fast_config(), None).await;
@@ -348,15 +301,7 @@ async fn bad_clients_are_cut_off_and_others_are_served() {
     // A publish before HELLO: refused alike, and published nowhere.
     let mut early = server.broker.messages("early").unwrap();
     let mut eager = RawClient::connect(server.addr).await;
-    let envelope = Envelope::new(
-        whispeer_client::proto::MessageId(1),
-        whispeer_client::proto::Topic::parse("early").unwrap(),
-        0,
-        whispeer_client::proto::Flags::default(),
-        bytes::Bytes::from_static(b"too soon"),
-    );
-    let qos = whispeer_client::proto::Qos::AtMostOnce;
-    eager.send(Frame::new(4, Body::Publish { qos, envelope })).await;
+    eager.send(raw_client::publish("early", 1, &b"too soon"[..])).await;
     assert_eq!(eager.drain_errors().await, [ErrorCode::PROTOCOL_VIOLATION]);
 
     // A half-open connection that says nothing, and one that trickles a byte at a time.
@@ -526,15 +471,8 @@ async fn a_busy_publisher_outlasting_the_idle_timeout_is_not_cut_off() {
     let mut sub = server.broker.messages("busy").unwrap();
     let mut stream = BytesMut::new();
     for i in 0..400u32 {
-        let envelope = Envelope::new(
-            whispeer_client::proto::MessageId(u128::from(i)),
-            whispeer_client::proto::Topic::parse("busy").unwrap(),
-            0,
-            whispeer_client::proto::Flags::default(),
-            bytes::Bytes::from(vec![0u8; 100]),
-        );
-        let qos = whispeer_client::proto::Qos::AtMostOnce;
-        Frame::new(0, Body::Publish { qos, envelope }).encode(&mut stream, usize::MAX).unwrap();
+        let frame = raw_client::publish("busy", u128::from(i), vec![0u8; 100]);
+        frame.encode(&mut stream, usize::MAX).unwrap();
     }
     // Send it in pieces that never end on a frame boundary, for about a second.
     let started = std::time::Instant::now();
