@@ -7,17 +7,6 @@ use bytes::{Buf, Bytes};
 use super::{Body, DecodeError, MAX_HEADERS, Qos, StartAt};
 use crate::{Envelope, ErrorCode, Filter, Flags, Headers, Limits, MessageId, Topic};
 
-/// An envelope's fixed fields (id, time stamp, flags) and its topic's length prefix.
-const ENVELOPE_HEAD: usize = 16 + 8 + 2 + 2;
-
-/// The `N` bytes of `head` from `at` (within it: the callers' offsets are constants).
-#[inline]
-fn array<const N: usize>(head: &[u8; ENVELOPE_HEAD], at: usize) -> [u8; N] {
-    let mut out = [0; N];
-    out.copy_from_slice(&head[at..at + N]);
-    out
-}
-
 /// The last topic a stream decoded (see [`Frame::decode_cached`](super::Frame::decode_cached)).
 #[derive(Clone, Debug, Default)]
 pub struct TopicCache(Option<Topic>);
@@ -97,11 +86,10 @@ impl Reader<'_> {
         Ok(string)
     }
 
-    /// The topic of the next `len` bytes: the cached one when the text is the same, else
-    /// parsed (and cached).
+    /// A topic: the cached one when the text is the same, else parsed (and cached).
     #[inline]
-    fn topic_of(&mut self, len: usize, limits: &Limits) -> Result<Topic, DecodeError> {
-        self.need(len)?;
+    fn topic(&mut self, limits: &Limits) -> Result<Topic, DecodeError> {
+        let len = self.text()?;
         let text = &self.buf[..len];
         let topic = match &self.topics.0 {
             Some(topic) if topic.as_str().as_bytes() == text => topic.clone(),
@@ -138,16 +126,10 @@ impl Reader<'_> {
 
     #[inline]
     pub(super) fn envelope(&mut self, limits: &Limits) -> Result<Envelope, DecodeError> {
-        // The fixed fields and the topic's length: one look and one step for the four.
-        let Some(head) = self.buf.first_chunk::<ENVELOPE_HEAD>() else {
-            return Err(DecodeError::Truncated { frame_type: self.frame_type });
-        };
-        let id = MessageId(u128::from_be_bytes(array(head, 0)));
-        let timestamp_ms = u64::from_be_bytes(array(head, 16));
-        let flags = Flags(u16::from_be_bytes(array(head, 24)));
-        let topic_len = usize::from(u16::from_be_bytes(array(head, 26)));
-        self.buf.advance(ENVELOPE_HEAD);
-        let topic = self.topic_of(topic_len, limits)?;
+        let id = MessageId(self.u128()?);
+        let timestamp_ms = self.u64()?;
+        let flags = Flags(self.u16()?);
+        let topic = self.topic(limits)?;
         let count = self.u16()?;
         if count > MAX_HEADERS {
             return Err(DecodeError::TooManyHeaders { count, max: MAX_HEADERS });
