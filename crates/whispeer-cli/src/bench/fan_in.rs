@@ -1,8 +1,9 @@
 //! The fan-in workload of `whispeer bench`: [`PUBLISHERS`] publishers, each on its own
 //! connection, to one subscriber on one subject, as a fleet of devices reports to one
 //! collector. Paced like the other throughput workloads: the publishers together stay at most
-//! the window ahead of what the subscriber received (each reserves its next 64 messages of the
-//! window before sending them). A message lost stalls the run; the system gets no figure.
+//! the window ahead of what the subscriber received (each reserves its next batch of the
+//! window, `cadence`, before sending it). A message lost stalls the run; the system gets no
+//! figure.
 //! The byte-copying forwarder has none (it copies reads whole, so two publishers' frames would
 //! interleave), nor has a cluster (whose nodes the other workloads probe first).
 
@@ -59,7 +60,7 @@ pub(super) async fn throughput(
         reserved: AtomicU64::new(0),
         moved: Notify::new(),
     });
-    let every = window.clamp(1, 64);
+    let every = super::cadence(window);
     let conn = target.connect(0).await?;
     let subscribed = tokio::time::timeout(STALL, conn.subscribe(&subject)).await;
     let mut sub = subscribed.context("subscribing took too long")??;

@@ -40,7 +40,7 @@ pub(super) async fn throughput(
     let taken: Arc<Vec<AtomicU64>> = Arc::new((0..MEMBERS).map(|_| AtomicU64::new(0)).collect());
     let total = Arc::new(AtomicU64::new(0));
     let moved = Arc::new(tokio::sync::Notify::new());
-    let every = window.clamp(1, 64);
+    let every = super::cadence(window);
     let mut members = Vec::new();
     for i in 0..MEMBERS {
         let conn = target.connect(i + 1).await?;
@@ -77,8 +77,8 @@ pub(super) async fn throughput(
     };
     let start = Instant::now();
     for sent in 0..messages {
-        if sent % 64 == 0
-            && let Err(err) = wait_for(sent.saturating_sub(window - 1)).await
+        if sent % every == 0
+            && let Err(err) = wait_for((sent + every).saturating_sub(window)).await
         {
             stop();
             return Err(err);
