@@ -45,10 +45,10 @@ pub struct ClientOptions {
     pub backoff: (Duration, Duration),
     /// Messages buffered per subscription; further ones are dropped and counted. Default:
     /// 131 072, a cap that does not bite before `subscription_max_bytes` (a message weighs its
-    /// payload plus 256 bytes); the buffer grows as messages arrive. A QoS 1 subscription always
-    /// holds its prefetch, beyond both bounds.
+    /// envelope as it came, payload, topic and headers, plus 224 bytes); the buffer grows as
+    /// messages arrive. A QoS 1 subscription always holds its prefetch, beyond both bounds.
     pub subscription_capacity: usize,
-    /// Bytes buffered per subscription (payloads plus 256 a message) while the application has
+    /// Bytes buffered per subscription (envelopes plus 224 a message) while the application has
     /// not taken them; further messages are dropped and counted (`SubscriptionStats::dropped`).
     /// Default: 32 MiB, which holds a burst of 8 MiB of 128-byte messages. A QoS 1
     /// subscription always has room for its prefetch (the server delivers no more

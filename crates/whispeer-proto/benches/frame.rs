@@ -68,7 +68,7 @@ fn codec(c: &mut Criterion) {
             let mut weight = 0;
             while let Some(raw) = Frame::split(&mut buf, &limits).unwrap() {
                 let raw = raw.deliver().unwrap();
-                weight += raw.payload_len();
+                weight += raw.envelope_len();
                 raws.push(raw);
             }
             let envelopes: Vec<Envelope> =

@@ -258,9 +258,10 @@ impl Buffer {
         !into.is_empty()
     }
 
-    /// What a buffered message weighs: its payload and an allowance for the envelope.
+    /// What a buffered message weighs: its envelope as it came (payload, topic and headers)
+    /// and an allowance for the delivery around it. Known without reading the envelope.
     pub(crate) fn weight(incoming: &Incoming) -> usize {
-        incoming.payload_len() + 256
+        incoming.envelope_len() + 224
     }
 
     /// Messages dropped so far.

@@ -11,7 +11,7 @@
 use bytes::{Buf, Bytes, BytesMut};
 
 use super::reader::Reader;
-use super::{DecodeError, Frame, HEADER_LEN, MAX_HEADERS, READ_CHUNK, room_for};
+use super::{DecodeError, Frame, HEADER_LEN, READ_CHUNK, room_for};
 use crate::{Envelope, Limits, MessageId, Qos, TopicCache};
 
 /// The type byte of a DELIVER.
@@ -151,12 +151,11 @@ fn answerable(correlation: u32) -> impl Fn(DecodeError) -> DecodeError {
 }
 
 impl RawDeliver {
-    /// The payload's length as its prefix gives it, found by stepping over the fields before
-    /// it without checking them (decoding does); the envelope's whole length when they do not
-    /// add up. What a client's buffer counts a delivery by, before decoding it.
+    /// The envelope's length as it came (payload, topic, headers and fixed fields), known
+    /// without reading it: what a client's buffer weighs a delivery by, before decoding it.
     #[inline]
-    pub fn payload_len(&self) -> usize {
-        payload_len(&self.envelope).unwrap_or(self.envelope.len())
+    pub fn envelope_len(&self) -> usize {
+        self.envelope.len()
     }
 
     /// Decodes the envelope, sharing a repeated topic through `topics`; its payload is a slice
@@ -171,26 +170,4 @@ impl RawDeliver {
         reader.finish()?;
         Ok(envelope)
     }
-}
-
-/// The payload length prefix of the envelope in `bytes`: after the id, time stamp and flags,
-/// the topic, and each header's name and value.
-#[inline]
-fn payload_len(bytes: &[u8]) -> Option<usize> {
-    let u16_at =
-        |at: usize| Some(usize::from(u16::from_be_bytes(*bytes.get(at..)?.first_chunk()?)));
-    let u32_at =
-        |at: usize| usize::try_from(u32::from_be_bytes(*bytes.get(at..)?.first_chunk()?)).ok();
-    let mut at: usize = 16 + 8 + 2;
-    at = at.checked_add(2 + u16_at(at)?)?;
-    let headers = u16_at(at)?;
-    at += 2;
-    if headers > usize::from(MAX_HEADERS) {
-        return None;
-    }
-    for _ in 0..headers {
-        at = at.checked_add(2 + u16_at(at)?)?;
-        at = at.checked_add(4 + u32_at(at)?)?;
-    }
-    u32_at(at)
 }

@@ -303,10 +303,13 @@ proptest! {
         let full = Frame::decode(&mut whole, &limits());
         let deliver = raw.deliver().unwrap();
         let (sub, attempt, offset) = (deliver.sub, deliver.attempt, deliver.offset);
-        let payload_len = deliver.payload_len();
+        let envelope_len = deliver.envelope_len();
         match (deliver.decode(&limits(), &mut TopicCache::default()), full) {
             (Ok(envelope), Ok(Some(frame))) => {
-                prop_assert_eq!(payload_len, envelope.payload.len());
+                // Fixed fields, topic, headers and payload, each with its length.
+                let fixed = 16 + 8 + 2 + 2 + envelope.topic.as_str().len() + 2 + 4;
+                let headers: usize = envelope.headers.iter().map(|(n, v)| 6 + n.len() + v.len()).sum();
+                prop_assert_eq!(envelope_len, fixed + headers + envelope.payload.len());
                 prop_assert_eq!(frame.body, Body::Deliver { sub, attempt, offset, envelope });
             }
             (Err(_), Err(_)) => {}
@@ -455,7 +458,9 @@ fn a_deliver_split_raw_gives_its_fixed_fields_and_then_its_envelope() {
     let raw = Frame::split(&mut stream, &limits()).unwrap().unwrap();
     let deliver = raw.deliver().unwrap();
     assert_eq!((deliver.sub, deliver.attempt, deliver.offset), (7, 2, 41));
-    assert_eq!((deliver.id, deliver.payload_len()), (sent.id, b"payload".len()));
+    // Fixed fields, the topic "a/b", one header ("k": "v") and the payload, each with its length.
+    let len = 16 + 8 + 2 + (2 + 3) + 2 + (2 + 1 + 4 + 1) + (4 + b"payload".len());
+    assert_eq!((deliver.id, deliver.envelope_len()), (sent.id, len));
     assert_eq!(deliver.decode(&limits(), &mut TopicCache::default()).unwrap(), sent);
     let ping = Frame::split(&mut stream, &limits()).unwrap().unwrap().deliver().unwrap_err();
     let ping = ping.decode(&limits(), &mut TopicCache::default()).unwrap();
