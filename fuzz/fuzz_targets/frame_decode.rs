@@ -1,13 +1,15 @@
 //! The frame decoder on arbitrary bytes: never panics, never reserves past the limit, and every
 //! frame it accepts encodes back to bytes that decode to the same frame. The SDK's path for
 //! deliveries (a frame split off undecoded, then its envelope decoded on its own) accepts and
-//! refuses the same DELIVERs as the whole-frame decoder, with the same result; so does the
-//! server's path for publishes (a frame split off, then decoded straight to its envelope).
+//! refuses the same DELIVERs as the whole-frame decoder, with the same result, and so does its
+//! reading of DELIVERs where they lie (`Frame::peek_deliver`, `RawDeliver::take_from`); so
+//! does the server's path for publishes (a frame split off, then decoded straight to its
+//! envelope).
 #![no_main]
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use libfuzzer_sys::fuzz_target;
-use whispeer_proto::{Body, Frame, Limits, TopicCache};
+use whispeer_proto::{Body, Frame, Limits, RawDeliver, TopicCache};
 
 fuzz_target!(|data: &[u8]| {
     let mut limits = Limits::default();
@@ -22,11 +24,24 @@ fuzz_target!(|data: &[u8]| {
     }
     let (mut whole, mut split) = (BytesMut::from(data), BytesMut::from(data));
     let mut topics = TopicCache::default();
-    while let Ok(Some(raw)) = Frame::split(&mut split, &limits) {
+    loop {
+        let head = Frame::peek_deliver(&split, &limits);
+        // What a run holding the rest of the buffer gives.
+        let taken = head.and_then(|_| {
+            RawDeliver::take_from(&mut Bytes::copy_from_slice(&split), &limits)
+        });
+        let Ok(Some(raw)) = Frame::split(&mut split, &limits) else {
+            assert!(head.is_none(), "read in place, not split off: {head:?}");
+            break;
+        };
         // The same frame, consumed whole whether its body decodes or not.
         let full = Frame::decode(&mut whole, &limits);
         let correlation = raw.correlation();
-        let raw = match raw.publish(&limits, &mut TopicCache::default()) {
+        let publish = raw.publish(&limits, &mut TopicCache::default());
+        if matches!(publish, Ok(Ok(_)) | Err(_)) {
+            assert!(head.is_none(), "a PUBLISH read in place as a DELIVER: {head:?}");
+        }
+        let raw = match publish {
             Ok(Ok((qos, envelope))) => {
                 let publish = Frame::new(correlation, Body::Publish { qos, envelope });
                 assert_eq!(full, Ok(Some(publish)));
@@ -38,12 +53,20 @@ fuzz_target!(|data: &[u8]| {
             }
             Ok(Err(other)) => other,
         };
-        let Ok(deliver) = raw.deliver() else { continue };
+        let Ok(deliver) = raw.deliver() else {
+            assert!(head.is_none(), "a frame read in place as a DELIVER that is none: {head:?}");
+            continue;
+        };
         let (sub, attempt, offset, id) = (deliver.sub, deliver.attempt, deliver.offset, deliver.id);
-        let payload_len = deliver.payload_len();
+        let len = deliver.envelope_len();
+        let head = head.expect("every DELIVER split off is read in place too");
+        assert_eq!((head.sub, head.offset, head.id, head.envelope_len()), (sub, offset, id, len));
+        let taken = taken.expect("and taken from a run");
+        assert_eq!((taken.sub, taken.attempt, taken.offset, taken.id), (sub, attempt, offset, id));
+        assert_eq!(taken.envelope_len(), len);
         match (deliver.decode(&limits, &mut topics), full) {
             (Ok(envelope), Ok(Some(frame))) => {
-                assert_eq!((envelope.id, envelope.payload.len()), (id, payload_len));
+                assert_eq!(envelope.id, id);
                 assert_eq!(frame.body, Body::Deliver { sub, attempt, offset, envelope });
             }
             (Err(_), Err(_)) => {}

@@ -36,7 +36,7 @@ pub(crate) use handshake::{Established, connect_any};
 pub(crate) use outbox::{AckWaiter, Outbox};
 use requests::Requests;
 use subs::Sub;
-pub(crate) use subs::{Buffer, Incoming, Settle, SubSpec};
+pub(crate) use subs::{Buffer, Run, Settle, SubSpec};
 use woken::Woken;
 
 use crate::transport::Writer;
@@ -290,17 +290,23 @@ impl Actor {
         // eight read chunks of them can be in use while the reader goes on.
         let (mut topics, mut pool) = (TopicCache::default(), ReadPool::with_spares(8));
         loop {
-            while let Some(raw) = match Frame::split(&mut inbound, &limits) {
-                Ok(raw) => raw,
-                Err(err) => return Ended::Lost(ClientError::Protocol(err.to_string())),
-            } {
-                // A delivery's envelope is decoded by its subscription; other frames here.
-                let done = match raw.deliver() {
-                    Ok(deliver) => self.deliver(deliver, &mut out, max_frame_bytes),
-                    Err(raw) => match raw.decode(&limits, &mut topics) {
-                        Ok(frame) => self.dispatch(frame, &mut out, max_frame_bytes),
-                        Err(err) => Err(ClientError::Protocol(err.to_string())),
-                    },
+            loop {
+                // Deliveries go to their subscriptions in runs, their envelopes decoded there;
+                // any other frame is decoded here. (A DELIVER that `take_deliveries` left is
+                // not whole yet, or not valid: decoding it says so.)
+                if let Err(err) =
+                    self.take_deliveries(&mut inbound, &limits, &mut out, max_frame_bytes)
+                {
+                    return Ended::Lost(err);
+                }
+                let raw = match Frame::split(&mut inbound, &limits) {
+                    Ok(Some(raw)) => raw,
+                    Ok(None) => break,
+                    Err(err) => return Ended::Lost(ClientError::Protocol(err.to_string())),
+                };
+                let done = match raw.decode(&limits, &mut topics) {
+                    Ok(frame) => self.dispatch(frame, &mut out, max_frame_bytes),
+                    Err(err) => Err(ClientError::Protocol(err.to_string())),
                 };
                 if let Err(err) = done {
                     return Ended::Lost(err);
@@ -503,38 +509,6 @@ impl Actor {
         Ok(())
     }
 
-    /// Stages a delivery for its subscription; a redelivery of a message acked already is
-    /// acked again instead.
-    fn deliver(
-        &mut self,
-        deliver: Incoming,
-        out: &mut OutBuf,
-        max: usize,
-    ) -> Result<(), ClientError> {
-        let (sub, id) = (deliver.sub, deliver.id);
-        let Some(subscription) = self.subscriptions.get_mut(&sub) else { return Ok(()) };
-        if deliver.offset > 0 {
-            subscription.last_offset = Some(deliver.offset);
-        }
-        if subscription.acked.set.contains(&id) {
-            // Acked already; the ack was lost with a connection. Ack again, drop it.
-            subscription.buffer.duplicates.fetch_add(1, Ordering::Relaxed);
-            return encode(&Frame::new(0, Body::Ack { sub, id }), out.frames(), max);
-        }
-        let first = subscription.staged.is_empty();
-        // Under QoS 1 the buffer holds the prefetch, so only what comes beyond it (redeliveries
-        // of messages still waiting there) can be dropped; unacknowledged, it comes again after
-        // its timeout.
-        if !subscription.buffer.stage(&mut subscription.staged, deliver) {
-            tracing::warn!(sub, %id, "subscription buffer full; message dropped");
-            return Ok(());
-        }
-        if first {
-            self.staged.push(sub);
-        }
-        Ok(())
-    }
-
     /// Acts on one frame from the server other than a delivery.
     fn dispatch(&mut self, frame: Frame, out: &mut OutBuf, max: usize) -> Result<(), ClientError> {
         let correlation = frame.correlation;
@@ -591,6 +565,7 @@ fn fail(pending: Pending, err: ClientError) {
     }
 }
 
+mod deliveries;
 mod handshake;
 mod outbox;
 mod requests;

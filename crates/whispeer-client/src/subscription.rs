@@ -16,7 +16,7 @@ use whispeer_engines::{Codec, Engines, OpenError};
 use whispeer_proto::{Envelope, Headers, Limits, MessageId, Topic, TopicCache};
 
 use crate::ReceiveError;
-use crate::connection::{Buffer, Command, Incoming, Settle};
+use crate::connection::{Buffer, Command, Run, Settle};
 
 /// Where a QoS 1 delivery sends its ack.
 #[derive(Clone, Debug)]
@@ -169,8 +169,8 @@ pub struct SubscriptionStats {
 /// task, counted and logged.
 pub struct ClientSubscription<T> {
     sub: u32,
-    /// Deliveries taken from the buffer and not yet handed out.
-    local: VecDeque<Incoming>,
+    /// Runs of deliveries taken from the buffer and not yet handed out.
+    local: VecDeque<Run>,
     commands: mpsc::Sender<Command>,
     settles: Option<mpsc::UnboundedSender<Settle>>,
     /// The client's engines where they can change a payload, as deliveries carry them (decided
@@ -316,8 +316,14 @@ impl<T> ClientSubscription<T> {
                 self.unspent = MESSAGES_PER_UNIT;
             }
             self.unspent -= 1;
-            let Some(incoming) = self.local.pop_front() else { return Poll::Ready(None) };
-            self.unreleased.0 += Buffer::weight(&incoming);
+            let Some(run) = self.local.front_mut() else { return Poll::Ready(None) };
+            let next = run.next(&self.limits);
+            if run.is_empty() {
+                self.local.pop_front();
+            }
+            // Whole deliveries, as the connection task found them: every one comes out.
+            let Some(incoming) = next else { continue };
+            self.unreleased.0 += Buffer::weight(incoming.envelope_len());
             self.unreleased.1 += 1;
             if self.local.is_empty() || self.unreleased.1 >= RELEASE_EVERY {
                 let (bytes, count) = std::mem::take(&mut self.unreleased);

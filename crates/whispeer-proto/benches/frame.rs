@@ -1,6 +1,6 @@
 //! The codec's cost per frame on the hot paths: a stream of 128-byte `Deliver` frames decoded
-//! whole (`Frame::decode_cached` over one read buffer) and as the SDK reads them (cut off the
-//! buffer, the fixed fields read by the connection task, the envelope decoded by the
+//! whole (`Frame::decode_cached` over one read buffer) and as the SDK reads them (each head read
+//! in place by the connection task, the run cut off in one piece, each envelope decoded by the
 //! subscription), `Publish` frames decoded as a server connection reads them, `Publish` frames
 //! encoded as the SDK's outbox writes them, `Deliver` heads as the server writes them, and a
 //! stream of 64 KiB `Deliver` frames read as a connection reads them (room reserved, each read
@@ -58,21 +58,23 @@ fn codec(c: &mut Criterion) {
         });
     });
 
-    // The same read as the SDK takes it: each frame cut off and its fixed fields read by the
-    // connection task, weighed for the subscription's buffer, then its envelope decoded.
+    // The same read as the SDK takes it: each DELIVER's head read where it lies by the
+    // connection task and weighed for the subscription's buffer, the run cut off in one piece,
+    // then each delivery taken from it and its envelope decoded by the subscription.
     group.bench_function("sdk_deliver_128", |b| {
         let mut topics = TopicCache::default();
         b.iter(|| {
             let mut buf = BytesMut::from(&stream[..]);
-            let mut raws: Vec<RawDeliver> = Vec::with_capacity(BATCH as usize);
-            let mut weight = 0;
-            while let Some(raw) = Frame::split(&mut buf, &limits).unwrap() {
-                let raw = raw.deliver().unwrap();
-                weight += raw.envelope_len();
-                raws.push(raw);
+            let (mut at, mut weight) = (0, 0);
+            while let Some(head) = Frame::peek_deliver(&buf[at..], &limits) {
+                weight += head.envelope_len();
+                at += head.frame_len;
             }
-            let envelopes: Vec<Envelope> =
-                raws.into_iter().map(|raw| raw.decode(&limits, &mut topics).unwrap()).collect();
+            let mut run = buf.split_to(at).freeze();
+            let mut envelopes = Vec::with_capacity(BATCH as usize);
+            while let Some(raw) = RawDeliver::take_from(&mut run, &limits) {
+                envelopes.push(raw.decode(&limits, &mut topics).unwrap());
+            }
             assert_eq!(envelopes.len() as u64, BATCH);
             (weight, envelopes)
         });

@@ -421,7 +421,7 @@ mod reader;
 mod writer;
 
 pub use pool::ReadPool;
-pub use raw::{RawDeliver, RawFrame};
+pub use raw::{DeliverHead, RawDeliver, RawFrame};
 use reader::Reader;
 pub use reader::TopicCache;
 pub use writer::PlainHead;

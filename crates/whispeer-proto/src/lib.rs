@@ -31,8 +31,8 @@ pub use envelope::{
     CipherAlgorithm, CompressionAlgorithm, ContentType, Envelope, Flags, Headers, MessageId, header,
 };
 pub use frame::{
-    Body, DecodeError, EncodeError, Frame, MAX_HEADERS, PROTOCOL_VERSION, PlainHead, Qos,
-    READ_CHUNK, RawDeliver, RawFrame, ReadPool, StartAt, TopicCache, reserve_for_read,
+    Body, DecodeError, DeliverHead, EncodeError, Frame, MAX_HEADERS, PROTOCOL_VERSION, PlainHead,
+    Qos, READ_CHUNK, RawDeliver, RawFrame, ReadPool, StartAt, TopicCache, reserve_for_read,
 };
 pub use limits::Limits;
 pub use out::{BY_REFERENCE, OutBuf};

@@ -4,15 +4,17 @@
 //! Deliveries reach their subscription through its [`Buffer`]: the connection task stages the
 //! deliveries of one read and adds them under one lock with one wake-up, and the subscription
 //! takes everything waiting under one lock too, rather than a channel operation and a wake-up
-//! per message.
+//! per message. They move in [`Run`]s: consecutive deliveries to one subscription, cut off the
+//! read buffer in one piece, which the subscription takes apart one by one.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use futures_util::task::AtomicWaker;
-use whispeer_proto::{Body, Filter, MessageId, Qos, RawDeliver, StartAt};
+use whispeer_proto::{Body, Filter, Limits, MessageId, Qos, RawDeliver, StartAt};
 
 /// What a subscription asks the server for; sent again on every reconnect.
 #[derive(Clone, Debug)]
@@ -47,8 +49,33 @@ impl SubSpec {
     }
 }
 
-/// A delivery on its way to its subscription: its envelope is decoded there.
-pub(crate) type Incoming = RawDeliver;
+/// Consecutive deliveries to one subscription, whole DELIVER frames as they were read; each
+/// one's envelope is decoded by the subscription.
+#[derive(Debug)]
+pub(crate) struct Run {
+    frames: Bytes,
+    /// How many.
+    count: usize,
+}
+
+impl Run {
+    pub(super) fn new(frames: Bytes, count: usize) -> Self {
+        Self { frames, count }
+    }
+
+    /// The next delivery of the run; `None` once it is empty.
+    #[inline]
+    pub(crate) fn next(&mut self, limits: &Limits) -> Option<RawDeliver> {
+        let next = RawDeliver::take_from(&mut self.frames, limits);
+        self.count = if next.is_some() { self.count.saturating_sub(1) } else { 0 };
+        next
+    }
+
+    /// Whether every delivery was taken.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+}
 
 /// A QoS 1 delivery's settlement: `requeue: None` acks, `Some(r)` nacks.
 #[derive(Debug)]
@@ -117,16 +144,23 @@ impl Drop for Sub {
 /// both threads (each touch moves their cache line between the cores).
 #[derive(Debug, Default)]
 pub(crate) struct Staged {
-    items: VecDeque<Incoming>,
-    /// What `items` weigh.
+    runs: VecDeque<Run>,
+    /// What the deliveries admitted in this read weigh, and how many they are: those in `runs`
+    /// and those of the run still being read.
     bytes: usize,
+    count: usize,
     /// The buffer's counts (bytes, messages) when this read first looked.
     seen: Option<(usize, usize)>,
 }
 
 impl Staged {
     pub(super) fn is_empty(&self) -> bool {
-        self.items.is_empty()
+        self.runs.is_empty()
+    }
+
+    /// Adds a run of deliveries admitted one by one ([`Buffer::admit`]).
+    pub(super) fn push(&mut self, run: Run) {
+        self.runs.push_back(run);
     }
 }
 
@@ -135,7 +169,7 @@ impl Staged {
 /// count, and its counters.
 #[derive(Debug)]
 pub(crate) struct Buffer {
-    waiting: Mutex<VecDeque<Incoming>>,
+    waiting: Mutex<VecDeque<Run>>,
     waker: AtomicWaker,
     /// The subscription was dropped: the connection task unsubscribes.
     pub(crate) receiver_gone: AtomicBool,
@@ -180,28 +214,30 @@ impl Buffer {
     /// before the deliveries can be taken, so it is never given back before it was counted.
     pub(super) fn put_all(&self, staged: &mut Staged) {
         staged.seen = None;
-        if staged.items.is_empty() {
+        if staged.runs.is_empty() {
             return;
         }
         self.bytes.fetch_add(std::mem::take(&mut staged.bytes), Ordering::AcqRel);
-        self.count.fetch_add(staged.items.len(), Ordering::AcqRel);
+        self.count.fetch_add(std::mem::take(&mut staged.count), Ordering::AcqRel);
         let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
         if waiting.is_empty() {
-            // The subscription took everything: trade queues rather than move each message.
-            std::mem::swap(&mut *waiting, &mut staged.items);
+            // The subscription took everything: trade queues rather than move each run.
+            std::mem::swap(&mut *waiting, &mut staged.runs);
         } else {
-            waiting.append(&mut staged.items);
+            waiting.append(&mut staged.runs);
         }
         drop(waiting);
         self.waker.wake();
     }
 
-    /// Stages `incoming` for the next hand-over if the buffer has room for it; `false`
-    /// (counted as dropped) when it is full by bytes or by count. A message always fits an
-    /// empty buffer. The buffer's counts are read once a read, and again before a message is
-    /// refused (the subscription may have taken messages meanwhile).
-    pub(super) fn stage(&self, staged: &mut Staged, incoming: Incoming) -> bool {
-        let weight = Self::weight(&incoming);
+    /// Admits a delivery whose envelope is `envelope_len` bytes for the next hand-over if the
+    /// buffer has room for it (counting it as staged); `false` (counted as dropped) when it is
+    /// full by bytes or by count. A message always fits an empty buffer. The buffer's counts
+    /// are read once a read, and again before a message is refused (the subscription may have
+    /// taken messages meanwhile).
+    #[inline]
+    pub(super) fn admit(&self, staged: &mut Staged, envelope_len: usize) -> bool {
+        let weight = Self::weight(envelope_len);
         let looked = staged.seen.is_some();
         let fits = self.fits(staged, weight, false) || (looked && self.fits(staged, weight, true));
         if !fits {
@@ -209,7 +245,7 @@ impl Buffer {
             return false;
         }
         staged.bytes += weight;
-        staged.items.push_back(incoming);
+        staged.count += 1;
         true
     }
 
@@ -224,18 +260,14 @@ impl Buffer {
                 seen
             }
         };
-        let (held, count) = (bytes + staged.bytes, count + staged.items.len());
+        let (held, count) = (bytes + staged.bytes, count + staged.count);
         count < self.holds
             || !((held > 0 && held + weight > self.max_bytes) || count >= self.max_count)
     }
 
     /// Moves everything waiting to `into` (which the caller has emptied), or learns that
     /// nothing is waiting (`Pending`, waker registered) or will ever come (`Ready(false)`).
-    pub(crate) fn poll_take(
-        &self,
-        into: &mut VecDeque<Incoming>,
-        cx: &mut Context<'_>,
-    ) -> Poll<bool> {
+    pub(crate) fn poll_take(&self, into: &mut VecDeque<Run>, cx: &mut Context<'_>) -> Poll<bool> {
         if self.take(into) {
             return Poll::Ready(true);
         }
@@ -251,17 +283,17 @@ impl Buffer {
         Poll::Pending
     }
 
-    fn take(&self, into: &mut VecDeque<Incoming>) -> bool {
+    fn take(&self, into: &mut VecDeque<Run>) -> bool {
         let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
         // Trading the two queues keeps each one's capacity and copies nothing.
         std::mem::swap(&mut *waiting, into);
         !into.is_empty()
     }
 
-    /// What a buffered message weighs: its envelope as it came (payload, topic and headers)
-    /// and an allowance for the delivery around it. Known without reading the envelope.
-    pub(crate) fn weight(incoming: &Incoming) -> usize {
-        incoming.envelope_len() + 224
+    /// What a buffered message weighs: its envelope as it came (payload, topic and headers),
+    /// `envelope_len` bytes, and an allowance for the delivery around it.
+    pub(crate) fn weight(envelope_len: usize) -> usize {
+        envelope_len + 224
     }
 
     /// Messages dropped so far.

@@ -2,7 +2,9 @@
 
 use bytes::Bytes;
 use tokio::task::JoinHandle;
-use whispeer_proto::{ContentType, Envelope, Filter, Flags, Limits, MessageId, Qos, Topic};
+use whispeer_proto::{
+    ContentType, Envelope, Filter, Flags, Limits, MessageId, Qos, RawDeliver, Topic,
+};
 
 use super::subs::RecentIds;
 use super::*;
@@ -20,25 +22,62 @@ fn actor_with_sub(qos: Qos, max_count: usize) -> (Actor, Arc<Buffer>) {
     (actor, buffer)
 }
 
-/// What the subscription can take now: `Some` ids, or `None` once nothing more will come.
-fn take(buffer: &Buffer) -> Option<Vec<u128>> {
+/// What the subscription can take now, run by run: `Some` ids, or `None` once nothing more
+/// will come.
+fn take_runs(buffer: &Buffer) -> Option<Vec<Vec<u128>>> {
     let mut taken = std::collections::VecDeque::new();
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let limits = Limits::default();
     match buffer.poll_take(&mut taken, &mut cx) {
         std::task::Poll::Ready(false) => None,
-        _ => Some(taken.iter().map(|incoming| incoming.id.0).collect()),
+        _ => Some(
+            taken
+                .iter_mut()
+                .map(|run| std::iter::from_fn(|| run.next(&limits)).map(|d| d.id.0).collect())
+                .collect(),
+        ),
     }
 }
 
-/// A DELIVER of message `id` to subscription 1, as the connection task reads it.
-fn deliver(id: u128) -> Incoming {
+/// What the subscription can take now: `Some` ids, or `None` once nothing more will come.
+fn take(buffer: &Buffer) -> Option<Vec<u128>> {
+    take_runs(buffer).map(|runs| runs.concat())
+}
+
+/// A DELIVER of message `id` to subscription `sub`, as the server sends it.
+fn deliver_to(sub: u32, id: u128) -> BytesMut {
     let topic = Topic::parse("t").unwrap();
     let flags = Flags::with_content(ContentType::Raw);
     let envelope = Envelope::new(MessageId(id), topic, 0, flags, Bytes::from_static(b"x"));
-    let frame = Frame::new(0, Body::Deliver { sub: 1, attempt: 2, offset: 0, envelope });
+    let frame = Frame::new(0, Body::Deliver { sub, attempt: 2, offset: 0, envelope });
     let mut bytes = BytesMut::new();
     frame.encode(&mut bytes, usize::MAX).unwrap();
-    Frame::split(&mut bytes, &Limits::default()).unwrap().unwrap().deliver().unwrap()
+    bytes
+}
+
+/// A DELIVER of message `id` to subscription 1.
+fn deliver(id: u128) -> BytesMut {
+    deliver_to(1, id)
+}
+
+/// What one delivery of [`deliver`] weighs in a buffer.
+fn weight() -> usize {
+    let mut frames = deliver(0).freeze();
+    Buffer::weight(RawDeliver::take_from(&mut frames, &Limits::default()).unwrap().envelope_len())
+}
+
+impl Actor {
+    /// Reads `frames` as from the socket, every one of them a delivery.
+    fn deliver(
+        &mut self,
+        mut frames: BytesMut,
+        out: &mut OutBuf,
+        max: usize,
+    ) -> Result<(), ClientError> {
+        self.take_deliveries(&mut frames, &Limits::default(), out, max)?;
+        assert!(frames.is_empty(), "every delivery was read");
+        Ok(())
+    }
 }
 
 #[test]
@@ -57,6 +96,35 @@ fn a_redelivery_of_an_acked_message_is_acked_again_and_dropped() {
     actor.hand_over(&mut out, usize::MAX);
     assert_eq!(take(&buffer), Some(vec![8]), "7 was dropped");
     assert_eq!(buffer.duplicates.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn a_read_goes_to_each_subscription_in_runs_in_order_without_what_is_not_taken() {
+    let (mut actor, first) = actor_with_sub(Qos::AtLeastOnce, 8);
+    let second = Arc::new(Buffer::new(1 << 20, 8));
+    let spec = actor.subscriptions[&1].spec.clone();
+    actor.subscriptions.insert(2, Sub::new(spec, Arc::clone(&second)));
+    let mut out = OutBuf::default();
+    actor.settle(Settle { sub: 1, id: MessageId(3), requeue: None }, &mut out, usize::MAX).unwrap();
+    out.frames().clear();
+    let mut read = BytesMut::new();
+    for (sub, id) in [(1, 1), (1, 2), (1, 3), (1, 4), (2, 5), (2, 6), (9, 7), (1, 8)] {
+        read.extend_from_slice(&deliver_to(sub, id));
+    }
+    Frame::new(4, Body::Ping).encode(&mut read, usize::MAX).unwrap();
+    read.extend_from_slice(&deliver(9));
+    actor.take_deliveries(&mut read, &Limits::default(), &mut out, usize::MAX).unwrap();
+    // It stops at the first other frame, which is left for the frame decoder.
+    let ping = Frame::decode(&mut read, &Limits::default()).unwrap().unwrap();
+    assert_eq!((ping.correlation, ping.body), (4, Body::Ping));
+    assert_eq!(read, deliver(9));
+    actor.hand_over(&mut out, usize::MAX);
+    // 3 was acked already (acked again instead); 7 is for no subscription. Each ends a run.
+    assert_eq!(take_runs(&first), Some(vec![vec![1, 2], vec![4], vec![8]]));
+    assert_eq!(take_runs(&second), Some(vec![vec![5, 6]]));
+    let ack = Frame::decode(out.frames(), &Limits::default()).unwrap().unwrap();
+    assert_eq!(ack.body, Body::Ack { sub: 1, id: MessageId(3) });
+    assert_eq!(first.duplicates.load(Ordering::Relaxed), 1);
 }
 
 #[test]
@@ -94,19 +162,20 @@ fn recent_ids_forget_the_oldest_beyond_their_capacity() {
 #[test]
 fn a_subscription_buffer_is_bounded_by_bytes_and_counts_what_it_drops() {
     let (mut actor, buffer) = actor_with_sub(Qos::AtMostOnce, usize::MAX);
-    // Room for 1 MiB: each 1-byte message weighs 257, so 4080 fit and the rest are dropped.
-    // The bytes stay counted until the subscription takes a message off the buffer.
-    let weight = Buffer::weight(&deliver(0));
-    assert_eq!((weight, (1 << 20) / weight), (257, 4080));
+    // Room for 1 MiB: each message (a 36-byte envelope) weighs 260, so 4032 fit and the rest
+    // are dropped. The bytes stay counted until the subscription takes a message off the
+    // buffer.
+    let weight = weight();
+    assert_eq!((weight, (1 << 20) / weight), (260, 4032));
     let mut out = OutBuf::default();
     for id in 0..4100 {
         actor.deliver(deliver(id), &mut out, usize::MAX).unwrap();
         actor.hand_over(&mut out, usize::MAX);
     }
-    assert_eq!(buffer.dropped(), 20);
+    assert_eq!(buffer.dropped(), 68);
     buffer.release(weight, 1);
     actor.deliver(deliver(5000), &mut out, usize::MAX).unwrap();
-    assert_eq!(buffer.dropped(), 20, "room given back is used again");
+    assert_eq!(buffer.dropped(), 68, "room given back is used again");
 }
 
 #[test]
@@ -123,7 +192,7 @@ fn a_subscription_buffer_is_bounded_by_count_too() {
 #[test]
 fn a_qos1_buffer_holds_its_prefetch_past_its_bounds_and_bounds_what_comes_beyond() {
     let (mut actor, _) = actor_with_sub(Qos::AtLeastOnce, 2);
-    // Bounds of 2 messages and 1 KiB (four 257-byte messages), holding a prefetch of 6.
+    // Bounds of 2 messages and 1 KiB (three 260-byte messages), holding a prefetch of 6.
     let buffer = Arc::new(Buffer::new(1024, 2).holding(6));
     if let Some(sub) = actor.subscriptions.get_mut(&1) {
         sub.buffer = Arc::clone(&buffer);
@@ -150,7 +219,7 @@ fn room_given_back_during_a_read_is_seen_before_a_message_is_dropped() {
     assert_eq!(buffer.dropped(), 1);
     // The subscription takes all three and gives their room back in the same read.
     assert_eq!(take(&buffer), Some(vec![0, 1, 2]));
-    buffer.release(3 * Buffer::weight(&deliver(0)), 3);
+    buffer.release(3 * weight(), 3);
     actor.deliver(deliver(4), &mut out, usize::MAX).unwrap();
     actor.hand_over(&mut out, usize::MAX);
     assert_eq!(

@@ -7,6 +7,11 @@
 //! subscription to decode in its own task ([`RawDeliver::decode`]): the decoding is spread
 //! over the tasks that consume, and what moves between them is a few words instead of a
 //! decoded envelope. Any other frame is decoded whole ([`RawFrame::decode`]).
+//!
+//! Deliveries can move in runs, too: [`Frame::peek_deliver`] reads the head of a whole DELIVER
+//! where it lies in the buffer, without cutting it off, so a connection task can cut a run of
+//! consecutive deliveries to one subscription off in one piece, and the subscription takes
+//! them one by one from it ([`RawDeliver::take_from`]).
 
 use bytes::{Buf, Bytes, BytesMut};
 
@@ -44,7 +49,53 @@ pub struct RawDeliver {
     envelope: Bytes,
 }
 
+/// The head of a whole DELIVER at the front of a buffer, read where it lies
+/// ([`Frame::peek_deliver`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeliverHead {
+    /// The subscription.
+    pub sub: u32,
+    /// The message's offset in its topic's retained history; 0 when the topic keeps none.
+    pub offset: u64,
+    /// The message's id, the envelope's first field.
+    pub id: MessageId,
+    /// The whole frame's length, its length prefix included.
+    pub frame_len: usize,
+}
+
+impl DeliverHead {
+    /// The envelope's length, as [`RawDeliver::envelope_len`] gives it.
+    #[inline]
+    pub fn envelope_len(&self) -> usize {
+        self.frame_len - HEADER_LEN - DELIVER_HEAD
+    }
+}
+
 impl Frame {
+    /// The head of the DELIVER at the front of `buf`, if a whole one is there that
+    /// [`Frame::split`] and [`RawFrame::deliver`] would take: within the frame limit and long
+    /// enough for its fixed fields and an id. `None` otherwise (another frame, a frame not
+    /// whole yet, or one that is not valid): `Frame::split` then says what to do with it.
+    #[inline]
+    pub fn peek_deliver(buf: &[u8], limits: &Limits) -> Option<DeliverHead> {
+        let head = buf.first_chunk::<{ HEADER_LEN + DELIVER_HEAD + 16 }>()?;
+        let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        if head[4] != DELIVER
+            || len > limits.max_frame_bytes
+            || len < HEADER_LEN - 4 + DELIVER_HEAD + 16
+            || buf.len() < 4 + len
+        {
+            return None;
+        }
+        let field = |at: usize| {
+            let bytes: [u8; 8] = head[at..at + 8].try_into().unwrap_or_default();
+            u64::from_be_bytes(bytes)
+        };
+        let sub = u32::from_be_bytes([head[9], head[10], head[11], head[12]]);
+        let id = u128::from(field(25)) << 64 | u128::from(field(33));
+        Some(DeliverHead { sub, offset: field(17), id: MessageId(id), frame_len: 4 + len })
+    }
+
     /// Cuts the next whole frame off the front of `buf` without decoding its body; `Ok(None)`
     /// means "need more bytes" (and, for a frame over `READ_CHUNK / 8` bytes, room for the
     /// rest of it has been reserved).
@@ -156,6 +207,18 @@ impl RawDeliver {
     #[inline]
     pub fn envelope_len(&self) -> usize {
         self.envelope.len()
+    }
+
+    /// Cuts the DELIVER at the front of `frames` (whole frames, length prefixes included, as
+    /// [`Frame::peek_deliver`] found them) off it. `None`, taking nothing, when `frames` is
+    /// empty or does not start with a whole DELIVER that `Frame::peek_deliver` would take.
+    #[inline]
+    pub fn take_from(frames: &mut Bytes, limits: &Limits) -> Option<Self> {
+        let head = Frame::peek_deliver(frames, limits)?;
+        let mut body = frames.split_to(head.frame_len);
+        body.advance(HEADER_LEN);
+        let (sub, attempt, offset) = (body.get_u32(), body.get_u32(), body.get_u64());
+        Some(Self { sub, attempt, offset, id: head.id, envelope: body })
     }
 
     /// Decodes the envelope, sharing a repeated topic through `topics`; its payload is a slice

@@ -1,6 +1,6 @@
 //! Frame encoding and decoding: round trips, partial input, limits, malformed input.
 
-use bytes::BufMut;
+use bytes::{Buf, BufMut};
 use proptest::prelude::*;
 
 use super::*;
@@ -277,6 +277,70 @@ fn encode_refuses_frames_over_the_peer_limit() {
 }
 
 proptest! {
+    /// A DELIVER's head read where it lies ([`Frame::peek_deliver`]) and the delivery taken
+    /// from a run ([`RawDeliver::take_from`]) agree with cutting the frame off
+    /// ([`Frame::split`], [`RawFrame::deliver`]) on every stream: deliveries and other frames,
+    /// damaged anywhere, cut short, or over the limit.
+    #[test]
+    fn a_deliver_read_in_place_agrees_with_one_cut_off(
+        frames in prop::collection::vec((0..4u8, 0..40usize), 1..6),
+        damage in prop::option::of((any::<prop::sample::Index>(), 1..=255u8)),
+        cut in any::<prop::sample::Index>(),
+        max in prop::sample::select(vec![64usize, 1 << 20]),
+    ) {
+        let mut stream = BytesMut::new();
+        for (kind, len) in frames {
+            let body = match kind {
+                0 => Body::Ping,
+                // A DELIVER of 33 to 40 bytes after its length prefix: too short for its head
+                // and an id below 37.
+                3 => {
+                    let len = 33 + len % 8;
+                    stream.put_u32(len as u32);
+                    stream.put_u8(0x30);
+                    stream.put_bytes(1, len - 1);
+                    continue;
+                }
+                sub => Body::Deliver {
+                    sub: u32::from(sub),
+                    attempt: 1,
+                    offset: 5,
+                    envelope: envelope("a/b", &vec![7; len], &[]),
+                },
+            };
+            Frame::new(0, body).encode(&mut stream, usize::MAX).unwrap();
+        }
+        if let Some((at, xor)) = damage {
+            let at = at.index(stream.len());
+            stream[at] ^= xor;
+        }
+        stream.truncate(cut.index(stream.len() + 1));
+        let limits = Limits { max_frame_bytes: max, ..limits() };
+        let (mut split, mut run) = (stream.clone(), stream.freeze());
+        loop {
+            let head = Frame::peek_deliver(&split, &limits);
+            let taken = RawDeliver::take_from(&mut run, &limits);
+            let cut_off = match Frame::split(&mut split, &limits) {
+                Ok(Some(raw)) => Some(raw.deliver()),
+                Ok(None) | Err(_) => None,
+            };
+            match (head, taken, cut_off) {
+                (Some(head), Some(taken), Some(Ok(cut_off))) => {
+                    prop_assert_eq!((head.sub, head.offset, head.id), (cut_off.sub, cut_off.offset, cut_off.id));
+                    prop_assert_eq!(head.envelope_len(), cut_off.envelope_len());
+                    prop_assert_eq!((taken.sub, taken.attempt, taken.offset), (cut_off.sub, cut_off.attempt, cut_off.offset));
+                    prop_assert_eq!(taken.decode(&limits, &mut TopicCache::default()).ok(), cut_off.decode(&limits, &mut TopicCache::default()).ok());
+                    prop_assert_eq!(run.len(), split.len());
+                }
+                // Another frame, or a DELIVER too short for its head: neither reads it in
+                // place; step over it.
+                (None, None, Some(Err(_))) => run.advance(run.len() - split.len()),
+                (None, None, None) => break,
+                (head, taken, cut_off) => prop_assert!(false, "{:?} {:?} {:?}", head, taken, cut_off),
+            }
+        }
+    }
+
     /// The SDK's path for deliveries (split off, then the envelope decoded on its own) and the
     /// whole-frame decoder agree on every DELIVER, a damaged one included.
     #[test]
