@@ -13,7 +13,8 @@
 //! For each it prints deliveries a second and the CPU each delivery cost the receiving side (the
 //! process's CPU less the scripted server's thread). Run with
 //! `cargo bench -p whispeer-client --bench receive`; `WHISPEER_BENCH_MESSAGES` sets the count
-//! (default 4,000,000) and `WHISPEER_BENCH_ROUNDS` the rounds (default 3).
+//! (default 4,000,000), `WHISPEER_BENCH_ROUNDS` the rounds (default 3) and
+//! `WHISPEER_BENCH_CASES` which cases run (default `sdk,floor`).
 
 #![expect(clippy::unwrap_used, reason = "a benchmark fails loudly on any error")]
 #![expect(clippy::print_stdout, reason = "a benchmark prints its figures")]
@@ -204,8 +205,13 @@ fn main() {
         (number("WHISPEER_BENCH_MESSAGES", 4_000_000), number("WHISPEER_BENCH_ROUNDS", 3));
     let runtime = tokio::runtime::Runtime::new().unwrap();
     println!("receive, 128 B deliveries, {messages} a round: deliveries/s, receiving CPU µs each");
+    // `WHISPEER_BENCH_CASES=sdk` (or `floor`) measures one alone, for a profiler.
+    let cases = std::env::var("WHISPEER_BENCH_CASES").unwrap_or_else(|_| "sdk,floor".into());
     for round in 1..=rounds {
         for (name, sdk) in [("sdk", true), ("floor", false)] {
+            if !cases.split(',').any(|case| case == name) {
+                continue;
+            }
             let (rate, cpu) = measure(&runtime, sdk, messages);
             println!("round {round} {name:>5}: {:>6.2} M/s {cpu:.3} µs", rate / 1e6);
         }

@@ -228,9 +228,6 @@ impl RawDeliver {
     /// As for a frame: truncation, trailing bytes, invalid topics, too many headers.
     #[inline]
     pub fn decode(self, limits: &Limits, topics: &mut TopicCache) -> Result<Envelope, DecodeError> {
-        let mut reader = Reader { buf: self.envelope, frame_type: DELIVER, topics };
-        let envelope = reader.envelope(limits)?;
-        reader.finish()?;
-        Ok(envelope)
+        Reader { buf: self.envelope, frame_type: DELIVER, topics }.last_envelope(limits)
     }
 }
