@@ -45,7 +45,17 @@ impl Actor {
                 reading = None;
                 continue;
             }
-            if self.admit(&head, out, max)? {
+            let admitted = match self.admit(&head, out, max) {
+                Ok(admitted) => admitted,
+                Err(err) => {
+                    // What was admitted is counted in the staging: it is staged, not lost.
+                    if let Some(run) = reading {
+                        self.cut(inbound, run);
+                    }
+                    return Err(err);
+                }
+            };
+            if admitted {
                 let run = reading.get_or_insert(Reading { sub: head.sub, bytes: 0, count: 0 });
                 run.bytes += head.frame_len;
                 run.count += 1;

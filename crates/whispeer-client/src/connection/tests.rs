@@ -128,6 +128,22 @@ fn a_read_goes_to_each_subscription_in_runs_in_order_without_what_is_not_taken()
 }
 
 #[test]
+fn what_was_admitted_before_a_read_fails_is_still_staged() {
+    let (mut actor, buffer) = actor_with_sub(Qos::AtLeastOnce, 8);
+    let mut out = OutBuf::default();
+    actor.settle(Settle { sub: 1, id: MessageId(3), requeue: None }, &mut out, usize::MAX).unwrap();
+    out.frames().clear();
+    let mut read = BytesMut::new();
+    for id in [1, 2, 3, 4] {
+        read.extend_from_slice(&deliver(id));
+    }
+    // The ack owed for 3, a duplicate, does not fit a frame limit of 4 bytes: the read fails.
+    assert!(actor.take_deliveries(&mut read, &Limits::default(), &mut out, 4).is_err());
+    actor.hand_over(&mut out, usize::MAX);
+    assert_eq!(take(&buffer), Some(vec![1, 2]));
+}
+
+#[test]
 fn a_resubscription_resumes_after_the_last_offset_of_an_exact_topic_only() {
     let spec = |filter: &str, start| SubSpec {
         filter: Filter::parse(filter).unwrap(),
