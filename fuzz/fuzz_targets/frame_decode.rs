@@ -28,7 +28,7 @@ fuzz_target!(|data: &[u8]| {
         let head = Frame::peek_deliver(&split, &limits);
         // What a run holding the rest of the buffer gives.
         let taken = head.and_then(|_| {
-            RawDeliver::take_from(&mut Bytes::copy_from_slice(&split), &limits)
+            RawDeliver::take_from(&mut Bytes::copy_from_slice(&split))
         });
         let Ok(Some(raw)) = Frame::split(&mut split, &limits) else {
             assert!(head.is_none(), "read in place, not split off: {head:?}");

@@ -317,7 +317,7 @@ impl<T> ClientSubscription<T> {
             }
             self.unspent -= 1;
             let Some(run) = self.local.front_mut() else { return Poll::Ready(None) };
-            let next = run.next(&self.limits);
+            let next = run.next();
             if run.is_empty() {
                 self.local.pop_front();
             }

@@ -72,7 +72,7 @@ fn codec(c: &mut Criterion) {
             }
             let mut run = buf.split_to(at).freeze();
             let mut envelopes = Vec::with_capacity(BATCH as usize);
-            while let Some(raw) = RawDeliver::take_from(&mut run, &limits) {
+            while let Some(raw) = RawDeliver::take_from(&mut run) {
                 envelopes.push(raw.decode(&limits, &mut topics).unwrap());
             }
             assert_eq!(envelopes.len() as u64, BATCH);

@@ -14,7 +14,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
-use whispeer_proto::{Body, Filter, Limits, MessageId, Qos, RawDeliver, StartAt};
+use whispeer_proto::{Body, Filter, MessageId, Qos, RawDeliver, StartAt};
 
 /// What a subscription asks the server for; sent again on every reconnect.
 #[derive(Clone, Debug)]
@@ -63,10 +63,12 @@ impl Run {
         Self { frames, count }
     }
 
-    /// The next delivery of the run; `None` once it is empty.
+    /// The next delivery of the run; `None` once it is empty. The connection task checked each
+    /// frame against the client's limits when it read its head: the run is not held to them
+    /// again, so a delivery it admitted is never refused here.
     #[inline]
-    pub(crate) fn next(&mut self, limits: &Limits) -> Option<RawDeliver> {
-        let next = RawDeliver::take_from(&mut self.frames, limits);
+    pub(crate) fn next(&mut self) -> Option<RawDeliver> {
+        let next = RawDeliver::take_from(&mut self.frames);
         self.count = if next.is_some() { self.count.saturating_sub(1) } else { 0 };
         next
     }

@@ -27,13 +27,12 @@ fn actor_with_sub(qos: Qos, max_count: usize) -> (Actor, Arc<Buffer>) {
 fn take_runs(buffer: &Buffer) -> Option<Vec<Vec<u128>>> {
     let mut taken = std::collections::VecDeque::new();
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    let limits = Limits::default();
     match buffer.poll_take(&mut taken, &mut cx) {
         std::task::Poll::Ready(false) => None,
         _ => Some(
             taken
                 .iter_mut()
-                .map(|run| std::iter::from_fn(|| run.next(&limits)).map(|d| d.id.0).collect())
+                .map(|run| std::iter::from_fn(|| run.next()).map(|d| d.id.0).collect())
                 .collect(),
         ),
     }
@@ -63,7 +62,7 @@ fn deliver(id: u128) -> BytesMut {
 /// What one delivery of [`deliver`] weighs in a buffer.
 fn weight() -> usize {
     let mut frames = deliver(0).freeze();
-    Buffer::weight(RawDeliver::take_from(&mut frames, &Limits::default()).unwrap().envelope_len())
+    Buffer::weight(RawDeliver::take_from(&mut frames).unwrap().envelope_len())
 }
 
 impl Actor {

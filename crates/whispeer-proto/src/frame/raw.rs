@@ -78,22 +78,7 @@ impl Frame {
     /// whole yet, or one that is not valid): `Frame::split` then says what to do with it.
     #[inline]
     pub fn peek_deliver(buf: &[u8], limits: &Limits) -> Option<DeliverHead> {
-        let head = buf.first_chunk::<{ HEADER_LEN + DELIVER_HEAD + 16 }>()?;
-        let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
-        if head[4] != DELIVER
-            || len > limits.max_frame_bytes
-            || len < HEADER_LEN - 4 + DELIVER_HEAD + 16
-            || buf.len() < 4 + len
-        {
-            return None;
-        }
-        let field = |at: usize| {
-            let bytes: [u8; 8] = head[at..at + 8].try_into().unwrap_or_default();
-            u64::from_be_bytes(bytes)
-        };
-        let sub = u32::from_be_bytes([head[9], head[10], head[11], head[12]]);
-        let id = u128::from(field(25)) << 64 | u128::from(field(33));
-        Some(DeliverHead { sub, offset: field(17), id: MessageId(id), frame_len: 4 + len })
+        peek_deliver(buf, limits.max_frame_bytes)
     }
 
     /// Cuts the next whole frame off the front of `buf` without decoding its body; `Ok(None)`
@@ -210,11 +195,12 @@ impl RawDeliver {
     }
 
     /// Cuts the DELIVER at the front of `frames` (whole frames, length prefixes included, as
-    /// [`Frame::peek_deliver`] found them) off it. `None`, taking nothing, when `frames` is
-    /// empty or does not start with a whole DELIVER that `Frame::peek_deliver` would take.
+    /// [`Frame::peek_deliver`] found them: their frame limit is not applied again, so what it
+    /// took is taken) off it. `None`, taking nothing, when `frames` is empty or does not start
+    /// with a whole DELIVER long enough for its fixed fields and an id.
     #[inline]
-    pub fn take_from(frames: &mut Bytes, limits: &Limits) -> Option<Self> {
-        let head = Frame::peek_deliver(frames, limits)?;
+    pub fn take_from(frames: &mut Bytes) -> Option<Self> {
+        let head = peek_deliver(frames, usize::MAX)?;
         let mut body = frames.split_to(head.frame_len);
         body.advance(HEADER_LEN);
         let (sub, attempt, offset) = (body.get_u32(), body.get_u32(), body.get_u64());
@@ -230,4 +216,25 @@ impl RawDeliver {
     pub fn decode(self, limits: &Limits, topics: &mut TopicCache) -> Result<Envelope, DecodeError> {
         Reader { buf: self.envelope, frame_type: DELIVER, topics }.last_envelope(limits)
     }
+}
+
+/// [`Frame::peek_deliver`] under a frame limit of `max_frame_bytes`.
+#[inline]
+fn peek_deliver(buf: &[u8], max_frame_bytes: usize) -> Option<DeliverHead> {
+    let head = buf.first_chunk::<{ HEADER_LEN + DELIVER_HEAD + 16 }>()?;
+    let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    if head[4] != DELIVER
+        || len > max_frame_bytes
+        || len < HEADER_LEN - 4 + DELIVER_HEAD + 16
+        || buf.len() < 4 + len
+    {
+        return None;
+    }
+    let field = |at: usize| {
+        let bytes: [u8; 8] = head[at..at + 8].try_into().unwrap_or_default();
+        u64::from_be_bytes(bytes)
+    };
+    let sub = u32::from_be_bytes([head[9], head[10], head[11], head[12]]);
+    let id = u128::from(field(25)) << 64 | u128::from(field(33));
+    Some(DeliverHead { sub, offset: field(17), id: MessageId(id), frame_len: 4 + len })
 }

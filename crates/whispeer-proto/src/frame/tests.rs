@@ -319,7 +319,8 @@ proptest! {
         let (mut split, mut run) = (stream.clone(), stream.freeze());
         loop {
             let head = Frame::peek_deliver(&split, &limits);
-            let taken = RawDeliver::take_from(&mut run, &limits);
+            // A run holds only what was read in place.
+            let taken = head.and_then(|_| RawDeliver::take_from(&mut run));
             let cut_off = match Frame::split(&mut split, &limits) {
                 Ok(Some(raw)) => Some(raw.deliver()),
                 Ok(None) | Err(_) => None,
@@ -508,6 +509,22 @@ fn small_frames_are_read_without_moving_what_is_buffered_more_than_once_a_read_c
     let (read, moved) = read_as_a_connection(&stream);
     assert_eq!(read, frames);
     assert!(moved <= stream.len() / (READ_CHUNK / 2) + 1, "moved {moved} times");
+}
+
+#[test]
+fn a_run_is_not_held_to_the_frame_limit_again() {
+    let sent = envelope("a/b", &[7; 200], &[]);
+    let mut stream = BytesMut::new();
+    let deliver = Body::Deliver { sub: 2, attempt: 1, offset: 0, envelope: sent.clone() };
+    Frame::new(0, deliver).encode(&mut stream, usize::MAX).unwrap();
+    let small = Limits { max_frame_bytes: 64, ..limits() };
+    assert_eq!(Frame::peek_deliver(&stream, &small), None);
+    let head = Frame::peek_deliver(&stream, &limits()).unwrap();
+    let mut run = stream.freeze();
+    let taken = RawDeliver::take_from(&mut run).unwrap();
+    assert_eq!((taken.sub, taken.envelope_len()), (2, head.envelope_len()));
+    assert_eq!(taken.decode(&limits(), &mut TopicCache::default()).unwrap(), sent);
+    assert!(run.is_empty() && RawDeliver::take_from(&mut run).is_none());
 }
 
 #[test]
