@@ -65,7 +65,26 @@ fn weight() -> usize {
     Buffer::weight(RawDeliver::take_from(&mut frames).unwrap().envelope_len())
 }
 
+/// One read of DELIVERs, each `(subscription, message id)`.
+fn read_of(deliveries: &[(u32, u128)]) -> BytesMut {
+    let mut read = BytesMut::new();
+    for &(sub, id) in deliveries {
+        read.extend_from_slice(&deliver_to(sub, id));
+    }
+    read
+}
+
 impl Actor {
+    /// Acks message `id` of subscription 1, remembering it; the connection is then lost before
+    /// the ack is sent. Returns the emptied outgoing buffer.
+    fn acked_then_lost(&mut self, id: u128) -> OutBuf {
+        let mut out = OutBuf::default();
+        self.settle(Settle { sub: 1, id: MessageId(id), requeue: None }, &mut out, usize::MAX)
+            .unwrap();
+        out.frames().clear();
+        out
+    }
+
     /// Reads `frames` as from the socket, every one of them a delivery.
     fn deliver(
         &mut self,
@@ -82,10 +101,7 @@ impl Actor {
 #[test]
 fn a_redelivery_of_an_acked_message_is_acked_again_and_dropped() {
     let (mut actor, buffer) = actor_with_sub(Qos::AtLeastOnce, 8);
-    let mut out = OutBuf::default();
-    // The ack is encoded (and remembered), then the connection is lost before it is sent.
-    actor.settle(Settle { sub: 1, id: MessageId(7), requeue: None }, &mut out, usize::MAX).unwrap();
-    out.frames().clear();
+    let mut out = actor.acked_then_lost(7);
     actor.deliver(deliver(7), &mut out, usize::MAX).unwrap();
     actor.deliver(deliver(8), &mut out, usize::MAX).unwrap();
     let frame = Frame::decode(out.frames(), &Limits::default()).unwrap().unwrap();
@@ -103,13 +119,8 @@ fn a_read_goes_to_each_subscription_in_runs_in_order_without_what_is_not_taken()
     let second = Arc::new(Buffer::new(1 << 20, 8));
     let spec = actor.subscriptions[&1].spec.clone();
     actor.subscriptions.insert(2, Sub::new(spec, Arc::clone(&second)));
-    let mut out = OutBuf::default();
-    actor.settle(Settle { sub: 1, id: MessageId(3), requeue: None }, &mut out, usize::MAX).unwrap();
-    out.frames().clear();
-    let mut read = BytesMut::new();
-    for (sub, id) in [(1, 1), (1, 2), (1, 3), (1, 4), (2, 5), (2, 6), (9, 7), (1, 8)] {
-        read.extend_from_slice(&deliver_to(sub, id));
-    }
+    let mut out = actor.acked_then_lost(3);
+    let mut read = read_of(&[(1, 1), (1, 2), (1, 3), (1, 4), (2, 5), (2, 6), (9, 7), (1, 8)]);
     Frame::new(4, Body::Ping).encode(&mut read, usize::MAX).unwrap();
     read.extend_from_slice(&deliver(9));
     actor.take_deliveries(&mut read, &Limits::default(), &mut out, usize::MAX).unwrap();
@@ -129,13 +140,8 @@ fn a_read_goes_to_each_subscription_in_runs_in_order_without_what_is_not_taken()
 #[test]
 fn what_was_admitted_before_a_read_fails_is_still_staged() {
     let (mut actor, buffer) = actor_with_sub(Qos::AtLeastOnce, 8);
-    let mut out = OutBuf::default();
-    actor.settle(Settle { sub: 1, id: MessageId(3), requeue: None }, &mut out, usize::MAX).unwrap();
-    out.frames().clear();
-    let mut read = BytesMut::new();
-    for id in [1, 2, 3, 4] {
-        read.extend_from_slice(&deliver(id));
-    }
+    let mut out = actor.acked_then_lost(3);
+    let mut read = read_of(&[(1, 1), (1, 2), (1, 3), (1, 4)]);
     // The ack owed for 3, a duplicate, does not fit a frame limit of 4 bytes: the read fails.
     assert!(actor.take_deliveries(&mut read, &Limits::default(), &mut out, 4).is_err());
     actor.hand_over(&mut out, usize::MAX);

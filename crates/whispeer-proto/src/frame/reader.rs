@@ -135,10 +135,7 @@ impl Reader<'_> {
     /// written piecewise, which the processor reads back slowly).
     #[inline]
     pub(super) fn last_envelope(&mut self, limits: &Limits) -> Result<Envelope, DecodeError> {
-        self.envelope_then(limits, |reader| match reader.buf.remaining() {
-            0 => Ok(()),
-            extra => Err(DecodeError::TrailingBytes { frame_type: reader.frame_type, extra }),
-        })
+        self.envelope_then(limits, Self::ended)
     }
 
     #[inline(always)]
@@ -224,6 +221,12 @@ impl Reader<'_> {
 
     #[inline]
     pub(super) fn finish(self) -> Result<(), DecodeError> {
+        self.ended()
+    }
+
+    /// Nothing is left: bytes after the body are an error.
+    #[inline]
+    fn ended(&self) -> Result<(), DecodeError> {
         match self.buf.remaining() {
             0 => Ok(()),
             extra => Err(DecodeError::TrailingBytes { frame_type: self.frame_type, extra }),
