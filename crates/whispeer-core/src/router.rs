@@ -7,11 +7,13 @@
 //! topic seen before also routes in O(1). The cache holds at most `MAX_CACHED_TOPICS` entries
 //! and is cleared whenever a wildcard subscription comes or goes.
 //!
-//! Locking: `table` is a std `RwLock`, read on every publish and written on (un)subscribe, and
-//! never held across `.await`. The cache has its own lock, always taken *after* `table`, so a
-//! cache insert (under a table read lock) can never race a clear (under the table write lock).
+//! Locking: `table` is a std `RwLock`, read on every publish (but a batch's repeats of its last
+//! topic: [`recent`]) and written on (un)subscribe, and never held across `.await`. The cache
+//! has its own lock, always taken *after* `table`, so a cache insert (under a table read lock)
+//! can never race a clear (under the table write lock).
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use smallvec::SmallVec;
@@ -19,6 +21,8 @@ use whispeer_proto::{Envelope, Filter, FilterSegment, Topic, hidden_from_wildcar
 
 use crate::hash::FastMap;
 use crate::queue::Queue;
+
+pub(crate) mod recent;
 
 /// Bound on the number of topics whose wildcard matches are cached.
 const MAX_CACHED_TOPICS: usize = 64 * 1024;
@@ -163,10 +167,37 @@ impl Routed for Envelope {
 }
 
 /// The routing table. See the module documentation for its locking.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Router {
     table: RwLock<Table>,
     cache: RwLock<FastMap<Topic, Arc<[Route]>>>,
+    /// Moved by every change of `table`, under its write lock: routes kept from it (see
+    /// [`recent`]) are reused only while it has not moved. Taken from [`GENERATIONS`], so no
+    /// two routers (even one made where another was freed) share one.
+    generation: Generation,
+}
+
+/// A router's generation, on a cache line of its own: read by every batch's publish, it must
+/// not share one with a lock word that every publish writes.
+#[derive(Debug)]
+#[repr(align(64))]
+struct Generation(AtomicU64);
+
+/// Generations for every router of the process.
+static GENERATIONS: AtomicU64 = AtomicU64::new(1);
+
+fn next_generation() -> u64 {
+    GENERATIONS.fetch_add(1, Ordering::Relaxed)
+}
+
+impl Default for Router {
+    fn default() -> Self {
+        Self {
+            table: RwLock::default(),
+            cache: RwLock::default(),
+            generation: Generation(AtomicU64::new(next_generation())),
+        }
+    }
 }
 
 /// The subscriptions one topic matches, and the topic as the router holds it, so a publisher can
@@ -197,6 +228,7 @@ impl Router {
     /// Adds a subscription.
     pub(crate) fn insert(&self, filter: &Filter, route: Route) {
         let mut table = self.table.write().unwrap_or_else(PoisonError::into_inner);
+        self.generation.0.store(next_generation(), Ordering::Release);
         table.total += 1;
         if let Some(topic) = filter.as_topic() {
             table.exact.entry(topic).or_default().push(route);
@@ -227,6 +259,7 @@ impl Router {
             found
         };
         if found {
+            self.generation.0.store(next_generation(), Ordering::Release);
             table.total -= 1;
         }
         found
@@ -279,21 +312,46 @@ impl Router {
         admit: impl FnOnce(&str, bool) -> Result<(), E>,
         deliver: impl FnOnce(T, Option<Matches<'_>>) -> R,
     ) -> Result<R, E> {
+        // Within a batch, the topic its last publishes routed to routes again without the
+        // table while the table is unchanged. It was let through then (checked, or the text
+        // of an exact subscription's filter): `admit` is told it needs no check.
+        let router = std::ptr::from_ref(self) as usize;
+        let batching = recent::batching();
+        if batching
+            && let Some(kept) =
+                recent::kept(router, self.generation.0.load(Ordering::Acquire), routed.topic_text())
+        {
+            admit(kept.topic.as_str(), true)?;
+            return Ok(deliver(routed, Matches::some(&kept.topic, &kept.routes, &[])));
+        }
         let table = self.table.read().unwrap_or_else(PoisonError::into_inner);
+        let generation = self.generation.0.load(Ordering::Relaxed);
+        let note = |topic: &Topic, exact: &[Route], wild: &[Route]| {
+            if batching {
+                recent::note(router, generation, topic, exact, wild);
+            }
+        };
         let exact = table.exact.get_key_value(routed.topic_text());
         admit(routed.topic_text(), exact.is_some())?;
         if table.wild_count == 0 {
+            if let Some((topic, exact)) = exact {
+                note(topic, exact, &[]);
+            }
             let matches = exact.map(|(topic, exact)| Matches { topic, exact, wild: &[] });
             return Ok(deliver(routed, matches));
         }
         let exact_routes = exact.map_or(&[][..], |(_, routes)| routes.as_slice());
         let cache = self.cache.read().unwrap_or_else(PoisonError::into_inner);
         if let Some((topic, wild)) = cache.get_key_value(routed.topic_text()) {
+            note(topic, exact_routes, wild);
             return Ok(deliver(routed, Matches::some(topic, exact_routes, wild)));
         }
         drop(cache);
         Ok(match self.match_wildcards(&table, routed.topic_text()) {
-            Some((topic, wild)) => deliver(routed, Matches::some(&topic, exact_routes, &wild)),
+            Some((topic, wild)) => {
+                note(&topic, exact_routes, &wild);
+                deliver(routed, Matches::some(&topic, exact_routes, &wild))
+            }
             None => deliver(routed, None),
         })
     }
@@ -325,7 +383,7 @@ mod tests {
     use super::*;
     use crate::SlowConsumer;
 
-    fn route(id: u64) -> Route {
+    pub(super) fn route(id: u64) -> Route {
         Route {
             id: SubId(id),
             queue: Arc::new(Queue::new(
@@ -337,14 +395,14 @@ mod tests {
         }
     }
 
-    fn matched(router: &Router, topic: &str) -> BTreeSet<u64> {
+    pub(super) fn matched(router: &Router, topic: &str) -> BTreeSet<u64> {
         router.with_matches(topic, |m| {
             m.map(|m| m.iter().map(|r| r.id.0).collect()).unwrap_or_default()
         })
     }
 
     /// The reference matcher, written as plainly as possible.
-    fn naive(filter: &str, topic: &str) -> bool {
+    pub(super) fn naive(filter: &str, topic: &str) -> bool {
         let f: Vec<&str> = filter.split('/').collect();
         let t: Vec<&str> = topic.split('/').collect();
         if matches!(f[0], "+" | "*" | "#") && (t[0].starts_with('$') || t[0].starts_with('@')) {
@@ -439,7 +497,7 @@ mod tests {
         prop_oneof![3 => segment(), 1 => Just("+".to_string()), 1 => Just("*".to_string())]
     }
 
-    fn filter() -> impl Strategy<Value = String> {
+    pub(super) fn filter() -> impl Strategy<Value = String> {
         (prop::collection::vec(filter_segment(), 1..4), any::<bool>()).prop_map(|(mut s, hash)| {
             if hash {
                 s.push("#".into());
@@ -448,7 +506,7 @@ mod tests {
         })
     }
 
-    fn topic() -> impl Strategy<Value = String> {
+    pub(super) fn topic() -> impl Strategy<Value = String> {
         prop::collection::vec(segment(), 1..5).prop_map(|s| s.join("/"))
     }
 

@@ -24,6 +24,7 @@ use std::sync::atomic::Ordering;
 
 use crate::Message;
 use crate::queue::Queue;
+use crate::router::recent;
 use crate::stats::BrokerCounters;
 use crate::wakeups;
 
@@ -225,6 +226,7 @@ impl PushBatch {
     pub fn begin() -> Self {
         STAGED.with(|staged| staged.borrow_mut().depth += 1);
         wakeups::hold();
+        recent::hold();
         Self { _not_send: PhantomData }
     }
 }
@@ -248,6 +250,7 @@ impl Drop for PushBatch {
         }
         // After the held pushes: their consumers' wake-ups are held too, and all made now.
         wakeups::release();
+        recent::release();
     }
 }
 

@@ -12,30 +12,59 @@
 //! valgrind --tool=callgrind <the bench binary> 200000 1
 //! ```
 //!
-//! Arguments: messages (2,000,000), then the subscriber counts to run (1 and 8).
+//! Each count runs twice: `publish_bytes` one at a time, and envelopes through
+//! `publish_envelope` inside a `PushBatch` of 64, as a server connection's reader publishes a
+//! read's frames.
+//!
+//! Arguments: messages (2,000,000), then the subscriber counts to run (1 and 8);
+//! `WHISPEER_BENCH_WAY=bytes` or `read` runs one way only.
 
 #![expect(clippy::unwrap_used, reason = "a benchmark fails loudly on any error")]
 
 use std::time::Instant;
 
 use bytes::Bytes;
-use whispeer::{Broker, BrokerOptions, SubscribeOptions};
+use whispeer::proto::{Envelope, Flags};
+use whispeer::{Broker, BrokerOptions, MessageId, PushBatch, SubscribeOptions, Topic};
 
 const BATCH: u64 = 64;
 
+/// How a case publishes.
+#[derive(Clone, Copy)]
+enum Way {
+    /// `publish_bytes`, one at a time.
+    Bytes,
+    /// `publish_envelope` inside a `PushBatch` of [`BATCH`], as a server connection's read.
+    Read,
+}
+
 /// Publishes `messages` to `subscribers` subscriptions of one topic; gives ns per message.
-fn case(subscribers: usize, messages: u64) -> f64 {
+fn case(subscribers: usize, messages: u64, way: Way) -> f64 {
     let broker = Broker::builder(BrokerOptions::default()).build();
     let topic = "bench/publish-cost";
     let mut subs: Vec<_> = (0..subscribers)
         .map(|_| broker.messages(SubscribeOptions::new(topic).capacity(1024)).unwrap())
         .collect();
     let payload = Bytes::from(vec![7u8; 128]);
+    let parsed = Topic::parse(topic).unwrap();
     let start = Instant::now();
     let mut taken = 0u64;
+    let mut batch = None;
     for sent in 1..=messages {
-        broker.publish_bytes(topic, payload.clone()).unwrap();
+        match way {
+            Way::Bytes => drop(broker.publish_bytes(topic, payload.clone()).unwrap()),
+            Way::Read => {
+                if batch.is_none() {
+                    batch = Some(PushBatch::begin());
+                }
+                let id = MessageId(u128::from(sent));
+                let envelope = Envelope::new(id, parsed.clone(), 0, Flags(0), payload.clone());
+                broker.publish_envelope(envelope).unwrap();
+            }
+        }
         if sent % BATCH == 0 {
+            // The read ends: its batch pushes what it held.
+            drop(batch.take());
             for sub in &mut subs {
                 while let Some(message) = sub.try_recv_message() {
                     assert_eq!(message.payload().len(), 128);
@@ -55,9 +84,17 @@ fn main() {
     let messages = args.next().unwrap_or(2_000_000);
     let counts: Vec<u64> = args.collect();
     let counts = if counts.is_empty() { vec![1, 8] } else { counts };
+    // `WHISPEER_BENCH_WAY=bytes` or `read`: that way only (for callgrind).
+    let only = std::env::var("WHISPEER_BENCH_WAY").ok();
     for subscribers in counts {
         let subscribers = subscribers as usize;
-        let ns = case(subscribers, messages);
-        println!("publish + take, 1 → {subscribers}: {ns:.1} ns a message");
+        if only.as_deref() != Some("read") {
+            let ns = case(subscribers, messages, Way::Bytes);
+            println!("publish + take, 1 → {subscribers}: {ns:.1} ns a message");
+        }
+        if only.as_deref() != Some("bytes") {
+            let ns = case(subscribers, messages, Way::Read);
+            println!("a read's publish_envelope + take, 1 → {subscribers}: {ns:.1} ns a message");
+        }
     }
 }
