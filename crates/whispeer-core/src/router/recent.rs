@@ -170,25 +170,24 @@ mod tests {
         use crate::{Broker, PushBatch, SlowConsumer, SubscribeOptions};
         let broker = Broker::build_default().build();
         let _stays = broker.messages("t").unwrap();
-        let options = SubscribeOptions::new("t").slow_consumer(SlowConsumer::FailPublish);
-        let leaves = broker.messages(options).unwrap();
-        let batch = PushBatch::begin();
-        for n in 0..4u8 {
-            broker.publish_bytes("t", Bytes::from(vec![n])).unwrap();
-        }
-        // Its queue holds four messages when it ends; the kept routes still name it.
-        drop(leaves);
+        // A subscription whose queue takes pushes at once (not held by the batch), and which
+        // holds `n` messages when it ends inside a batch.
+        let ends_holding = |n: u8| {
+            let options = SubscribeOptions::new("t").slow_consumer(SlowConsumer::FailPublish);
+            let leaves = broker.messages(options).unwrap();
+            let batch = PushBatch::begin();
+            for n in 0..n {
+                broker.publish_bytes("t", Bytes::from(vec![n])).unwrap();
+            }
+            drop(leaves);
+            batch
+        };
+        let batch = ends_holding(4);
         assert_eq!(broker.stats().discarded, 0, "held by the kept routes");
         drop(batch);
         assert_eq!(broker.stats().discarded, 4, "its queue freed with what it held");
         // A publish that finds the table changed lets go of what was kept at once.
-        let options = SubscribeOptions::new("t").slow_consumer(SlowConsumer::FailPublish);
-        let leaves = broker.messages(options).unwrap();
-        let _batch = PushBatch::begin();
-        for n in 0..3u8 {
-            broker.publish_bytes("t", Bytes::from(vec![n])).unwrap();
-        }
-        drop(leaves);
+        let _batch = ends_holding(3);
         assert_eq!(broker.stats().discarded, 4);
         broker.publish_bytes("t", Bytes::from(vec![3])).unwrap();
         assert_eq!(broker.stats().discarded, 7);
