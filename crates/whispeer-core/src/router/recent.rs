@@ -29,18 +29,22 @@ thread_local! {
     /// the cost of the record's (a publish outside a batch reads only this).
     static DEPTH: Cell<usize> = const { Cell::new(0) };
     static RECENT: RefCell<Recent> = const {
-        RefCell::new(Recent { router: 0, generation: 0, seen: None, kept: None })
+        RefCell::new(Recent { router: 0, generation: 0, seen: 0, kept: None })
     };
 }
 
 /// One thread's last routed topic.
 struct Recent {
     /// The router the topic was routed by (its address: a thread may publish to more than one
-    /// broker), and its generation then.
+    /// broker), and its generation then (generations are unique in the process, so the two
+    /// name one state of one table).
     router: usize,
     generation: u64,
-    /// The last topic looked up in the table.
-    seen: Option<Topic>,
+    /// Where the router held the last topic looked up (the address of its `Topic`, stable
+    /// while the generation holds): compared, never dereferenced, so a look-up that keeps
+    /// nothing clones nothing (a long topic's text is shared, and a clone would write its
+    /// count).
+    seen: usize,
     /// Its routes, once it was looked up twice in a row.
     kept: Option<Rc<Kept>>,
 }
@@ -64,8 +68,9 @@ pub(crate) fn release() {
         return;
     }
     let kept = RECENT.try_with(|recent| {
-        let Ok(mut recent) = recent.try_borrow_mut() else { return (None, None) };
-        (recent.seen.take(), recent.kept.take())
+        let Ok(mut recent) = recent.try_borrow_mut() else { return None };
+        recent.seen = 0;
+        recent.kept.take()
     });
     // Dropped outside the borrow: a queue's last reference may go with it.
     drop(kept);
@@ -95,14 +100,15 @@ pub(crate) fn kept(router: usize, generation: u64, text: &str) -> Option<Rc<Kept
 pub(crate) fn note(router: usize, generation: u64, topic: &Topic, exact: &[Route], wild: &[Route]) {
     let stale = RECENT.try_with(|recent| {
         let Ok(mut recent) = recent.try_borrow_mut() else { return None };
-        let again = recent.router == router && recent.seen.as_ref() == Some(topic);
+        let at = std::ptr::from_ref(topic) as usize;
+        let again = recent.router == router && recent.generation == generation && recent.seen == at;
         let stale = if again {
             let mut routes = Vec::with_capacity(exact.len() + wild.len());
             routes.extend_from_slice(exact);
             routes.extend_from_slice(wild);
             recent.kept.replace(Rc::new(Kept { topic: topic.clone(), routes }))
         } else {
-            recent.seen = Some(topic.clone());
+            recent.seen = at;
             recent.kept.take()
         };
         recent.router = router;
@@ -145,7 +151,11 @@ mod tests {
         // A wildcard subscription comes: the table moved, the kept routes are not reused.
         router.insert(&Filter::parse("#").unwrap(), route(2));
         assert!(!kept_for(&router, "t"));
+        // Matched in the trie first, then twice in the wildcard cache (where the router holds
+        // the topic from then on).
         assert_eq!(matched(&router, "t"), BTreeSet::from([1, 2]));
+        assert_eq!(matched(&router, "t"), BTreeSet::from([1, 2]));
+        assert!(!kept_for(&router, "t"), "kept once looked up twice where the router holds it");
         assert_eq!(matched(&router, "t"), BTreeSet::from([1, 2]));
         assert!(kept_for(&router, "t"));
         assert_eq!(matched(&router, "t"), BTreeSet::from([1, 2]), "reused");
@@ -154,7 +164,9 @@ mod tests {
         // Another topic between two look-ups of one: nothing kept for either yet.
         assert_eq!(matched(&router, "u"), BTreeSet::from([2]));
         assert!(!kept_for(&router, "t") && !kept_for(&router, "u"));
-        // Nested batches: the outermost lets go.
+        // Nested batches: the outermost lets go. ("u" was matched in the trie; now twice in
+        // the cache.)
+        matched(&router, "u");
         matched(&router, "u");
         hold();
         release();
