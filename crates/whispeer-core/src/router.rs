@@ -315,11 +315,11 @@ impl Router {
         // Within a batch, the topic its last publishes routed to routes again without the
         // table while the table is unchanged. It was let through then (checked, or the text
         // of an exact subscription's filter): `admit` is told it needs no check.
-        let router = std::ptr::from_ref(self) as usize;
         let batching = recent::batching();
         if batching
+            && recent::holds()
             && let Some(kept) =
-                recent::kept(router, self.generation.0.load(Ordering::Acquire), routed.topic_text())
+                recent::kept(self.generation.0.load(Ordering::Acquire), routed.topic_text())
         {
             admit(kept.topic.as_str(), true)?;
             return Ok(deliver(routed, Matches::some(&kept.topic, &kept.routes, &[])));
@@ -328,7 +328,7 @@ impl Router {
         let generation = self.generation.0.load(Ordering::Relaxed);
         let note = |topic: &Topic, exact: &[Route], wild: &[Route]| {
             if batching {
-                recent::note(router, generation, topic, exact, wild);
+                recent::note(generation, topic, exact, wild);
             }
         };
         let exact = table.exact.get_key_value(routed.topic_text());

@@ -17,7 +17,8 @@
 //! read's frames.
 //!
 //! Arguments: messages (2,000,000), then the subscriber counts to run (1 and 8);
-//! `WHISPEER_BENCH_WAY=bytes` or `read` runs one way only.
+//! `WHISPEER_BENCH_WAY=bytes` or `read` runs one way only; `WHISPEER_BENCH_TOPICS=N` publishes
+//! to N topics in turn (each with the case's subscriber count), one topic by default.
 
 #![expect(clippy::unwrap_used, reason = "a benchmark fails loudly on any error")]
 
@@ -38,19 +39,27 @@ enum Way {
     Read,
 }
 
-/// Publishes `messages` to `subscribers` subscriptions of one topic; gives ns per message.
-fn case(subscribers: usize, messages: u64, way: Way) -> f64 {
+/// Publishes `messages` to `subscribers` subscriptions of each of `topics` topics, in turn;
+/// gives ns per message.
+fn case(subscribers: usize, topics: usize, messages: u64, way: Way) -> f64 {
     let broker = Broker::builder(BrokerOptions::default()).build();
-    let topic = "bench/publish-cost";
+    let topics: Vec<(String, Topic)> = (0..topics)
+        .map(|i| {
+            let text = if i == 0 { "bench/publish-cost".into() } else { format!("bench/{i}") };
+            let parsed = Topic::parse(&text).unwrap();
+            (text, parsed)
+        })
+        .collect();
     let mut subs: Vec<_> = (0..subscribers)
-        .map(|_| broker.messages(SubscribeOptions::new(topic).capacity(1024)).unwrap())
+        .flat_map(|_| &topics)
+        .map(|(topic, _)| broker.messages(SubscribeOptions::new(topic).capacity(1024)).unwrap())
         .collect();
     let payload = Bytes::from(vec![7u8; 128]);
-    let parsed = Topic::parse(topic).unwrap();
     let start = Instant::now();
     let mut taken = 0u64;
     let mut batch = None;
     for sent in 1..=messages {
+        let (topic, parsed) = &topics[sent as usize % topics.len()];
         match way {
             Way::Bytes => drop(broker.publish_bytes(topic, payload.clone()).unwrap()),
             Way::Read => {
@@ -86,14 +95,16 @@ fn main() {
     let counts = if counts.is_empty() { vec![1, 8] } else { counts };
     // `WHISPEER_BENCH_WAY=bytes` or `read`: that way only (for callgrind).
     let only = std::env::var("WHISPEER_BENCH_WAY").ok();
+    let topics = std::env::var("WHISPEER_BENCH_TOPICS").ok().and_then(|n| n.parse().ok());
+    let topics = topics.unwrap_or(1usize).max(1);
     for subscribers in counts {
         let subscribers = subscribers as usize;
         if only.as_deref() != Some("read") {
-            let ns = case(subscribers, messages, Way::Bytes);
+            let ns = case(subscribers, topics, messages, Way::Bytes);
             println!("publish + take, 1 → {subscribers}: {ns:.1} ns a message");
         }
         if only.as_deref() != Some("bytes") {
-            let ns = case(subscribers, messages, Way::Read);
+            let ns = case(subscribers, topics, messages, Way::Read);
             println!("a read's publish_envelope + take, 1 → {subscribers}: {ns:.1} ns a message");
         }
     }

@@ -25,28 +25,27 @@ use whispeer_proto::Topic;
 use super::Route;
 
 thread_local! {
-    /// Batches begun and not ended on this thread: a value with nothing to drop, read without
-    /// the cost of the record's (a publish outside a batch reads only this).
+    /// Batches begun and not ended on this thread.
     static DEPTH: Cell<usize> = const { Cell::new(0) };
-    static RECENT: RefCell<Recent> = const {
-        RefCell::new(Recent { router: 0, generation: 0, seen: 0, kept: None })
-    };
+    /// The last look-up in a table.
+    static SEEN: Cell<Seen> = const { Cell::new(Seen { generation: 0, at: 0 }) };
+    /// Whether [`KEPT`] holds routes. It and the two above have nothing to drop, so reading
+    /// them costs no more than a field: a publish that keeps nothing (a batch of many topics)
+    /// touches nothing else.
+    static HOLDS: Cell<bool> = const { Cell::new(false) };
+    /// The routes of the topic of [`SEEN`], once it was looked up twice in a row.
+    static KEPT: RefCell<Option<Rc<Kept>>> = const { RefCell::new(None) };
 }
 
-/// One thread's last routed topic.
-struct Recent {
-    /// The router the topic was routed by (its address: a thread may publish to more than one
-    /// broker), and its generation then (generations are unique in the process, so the two
-    /// name one state of one table).
-    router: usize,
+/// One look-up in a table: its router's generation then (generations are unique in the
+/// process, so one names one state of one router's table, whichever broker a thread publishes
+/// to), and where the router held the topic (the address of its `Topic`, stable while the
+/// generation holds). Compared, never dereferenced, so a look-up that keeps nothing clones
+/// nothing (a long topic's text is shared, and a clone would write its count).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Seen {
     generation: u64,
-    /// Where the router held the last topic looked up (the address of its `Topic`, stable
-    /// while the generation holds): compared, never dereferenced, so a look-up that keeps
-    /// nothing clones nothing (a long topic's text is shared, and a clone would write its
-    /// count).
-    seen: usize,
-    /// Its routes, once it was looked up twice in a row.
-    kept: Option<Rc<Kept>>,
+    at: usize,
 }
 
 /// A topic and its routes (exact, then wildcard) as the table had them.
@@ -64,58 +63,66 @@ pub(crate) fn hold() {
 pub(crate) fn release() {
     let depth = DEPTH.get().saturating_sub(1);
     DEPTH.set(depth);
-    if depth > 0 {
-        return;
+    if depth == 0 {
+        SEEN.set(Seen { generation: 0, at: 0 });
+        forget();
     }
-    let kept = RECENT.try_with(|recent| {
-        let Ok(mut recent) = recent.try_borrow_mut() else { return None };
-        recent.seen = 0;
-        recent.kept.take()
-    });
-    // Dropped outside the borrow: a queue's last reference may go with it.
-    drop(kept);
+}
+
+/// Lets go of the kept routes, if any; dropped outside the borrow (a queue's last reference
+/// may go with them).
+fn forget() {
+    if HOLDS.replace(false) {
+        let kept =
+            KEPT.try_with(|kept| kept.try_borrow_mut().ok().and_then(|mut kept| kept.take()));
+        drop(kept);
+    }
 }
 
 /// Whether a batch is begun on this thread: only then is anything kept or reused.
+#[inline]
 pub(crate) fn batching() -> bool {
     DEPTH.get() > 0
 }
 
-/// The routes kept for the topic `text` by `router` at `generation`, if any.
-pub(crate) fn kept(router: usize, generation: u64, text: &str) -> Option<Rc<Kept>> {
-    RECENT
-        .try_with(|recent| {
-            let recent = recent.try_borrow().ok()?;
-            let kept = recent.kept.as_ref()?;
-            let fresh = recent.router == router && recent.generation == generation;
-            (fresh && kept.topic.as_str() == text).then(|| Rc::clone(kept))
-        })
-        .ok()
-        .flatten()
+/// Whether routes are kept on this thread (then [`kept`] may find them).
+#[inline]
+pub(crate) fn holds() -> bool {
+    HOLDS.get()
 }
 
-/// Notes a look-up in the table of `router` at `generation` (made under the table's lock):
-/// the topic, and its routes if the last look-up was of the same topic. For a batch's publish
-/// ([`batching`]): what is noted is let go when the batch ends.
-pub(crate) fn note(router: usize, generation: u64, topic: &Topic, exact: &[Route], wild: &[Route]) {
-    let stale = RECENT.try_with(|recent| {
-        let Ok(mut recent) = recent.try_borrow_mut() else { return None };
-        let at = std::ptr::from_ref(topic) as usize;
-        let again = recent.router == router && recent.generation == generation && recent.seen == at;
-        let stale = if again {
-            let mut routes = Vec::with_capacity(exact.len() + wild.len());
-            routes.extend_from_slice(exact);
-            routes.extend_from_slice(wild);
-            recent.kept.replace(Rc::new(Kept { topic: topic.clone(), routes }))
-        } else {
-            recent.seen = at;
-            recent.kept.take()
-        };
-        recent.router = router;
-        recent.generation = generation;
-        stale
+/// The routes kept for the topic `text` in the table at `generation`, if any.
+pub(crate) fn kept(generation: u64, text: &str) -> Option<Rc<Kept>> {
+    if SEEN.get().generation != generation {
+        return None;
+    }
+    KEPT.try_with(|kept| {
+        let kept = kept.try_borrow().ok()?;
+        let kept = kept.as_ref()?;
+        (kept.topic.as_str() == text).then(|| Rc::clone(kept))
+    })
+    .ok()
+    .flatten()
+}
+
+/// Notes a look-up in the table at `generation` (made under the table's lock): the topic, and
+/// its routes if the last look-up was of the same topic where the router holds it. For a
+/// batch's publish ([`batching`]): what is noted is let go when the batch ends.
+pub(crate) fn note(generation: u64, topic: &Topic, exact: &[Route], wild: &[Route]) {
+    let now = Seen { generation, at: std::ptr::from_ref(topic) as usize };
+    if SEEN.replace(now) != now {
+        forget();
+        return;
+    }
+    let mut routes = Vec::with_capacity(exact.len() + wild.len());
+    routes.extend_from_slice(exact);
+    routes.extend_from_slice(wild);
+    let fresh = Rc::new(Kept { topic: topic.clone(), routes });
+    let stale = KEPT.try_with(|kept| {
+        let mut kept = kept.try_borrow_mut().ok()?;
+        HOLDS.set(true);
+        kept.replace(fresh)
     });
-    // Dropped outside the borrow, as in `release`.
     drop(stale);
 }
 
@@ -132,7 +139,7 @@ mod tests {
 
     fn kept_for(router: &Router, text: &str) -> bool {
         let generation = router.generation.0.load(std::sync::atomic::Ordering::Acquire);
-        kept(std::ptr::from_ref(router) as usize, generation, text).is_some()
+        holds() && kept(generation, text).is_some()
     }
 
     #[test]
