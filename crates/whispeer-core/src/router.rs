@@ -348,10 +348,9 @@ impl Router {
         }
         drop(cache);
         Ok(match self.match_wildcards(&table, routed.topic_text()) {
-            Some((topic, wild)) => {
-                note(&topic, exact_routes, &wild);
-                deliver(routed, Matches::some(&topic, exact_routes, &wild))
-            }
+            // Not noted: the topic is the trie's match, held in this frame, and the cache holds
+            // it from now on (noting a frame's address would take every new topic for a repeat).
+            Some((topic, wild)) => deliver(routed, Matches::some(&topic, exact_routes, &wild)),
             None => deliver(routed, None),
         })
     }

@@ -39,9 +39,12 @@ thread_local! {
 
 /// One look-up in a table: its router's generation then (generations are unique in the
 /// process, so one names one state of one router's table, whichever broker a thread publishes
-/// to), and where the router held the topic (the address of its `Topic`, stable while the
-/// generation holds). Compared, never dereferenced, so a look-up that keeps nothing clones
-/// nothing (a long topic's text is shared, and a clone would write its count).
+/// to), and where the router held the topic (the address of its `Topic` in the exact map or
+/// the wildcard cache). Compared, never dereferenced, so a look-up that keeps nothing clones
+/// nothing (a long topic's text is shared, and a clone would write its count). The address
+/// only tells a repeat: the wildcard cache may move or drop its entries without the generation
+/// moving, so another topic may be found where the last one was; then that look-up keeps its
+/// own topic and routes a look-up early, and [`kept`] still compares the text.
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct Seen {
     generation: u64,
@@ -180,6 +183,18 @@ mod tests {
         assert!(kept_for(&router, "u"), "an inner batch's end keeps it");
         release();
         assert!(!kept_for(&router, "u"), "let go when the outermost batch ends");
+    }
+
+    #[test]
+    fn topics_each_new_to_the_wildcard_cache_keep_nothing() {
+        let router = Router::default();
+        router.insert(&Filter::parse("d/+").unwrap(), route(1));
+        hold();
+        for device in 0..8 {
+            assert_eq!(matched(&router, &format!("d/{device}")), BTreeSet::from([1]));
+            assert!(!holds(), "d/{device}, matched once, taken for a repeat");
+        }
+        release();
     }
 
     #[test]
