@@ -8,7 +8,8 @@
 //! Run with `cargo bench -p whispeer --bench subscriptions`: each case runs in a process of its
 //! own (run after the other in one process, the 1,000 case inherited the 100,000 case's heap and
 //! ran at 0.6–0.8× its rate alone, which flattered the ratio). `… -- 100000` runs one case in
-//! this process (`… -- 100000 long`: with the longer topics).
+//! this process (`… -- 100000 long`: with the longer topics; `WHISPEER_BENCH_MESSAGES` sets the
+//! messages a pass, default 1,000,000).
 
 #![expect(clippy::unwrap_used, reason = "a benchmark fails loudly on any error")]
 
@@ -104,7 +105,10 @@ fn main() {
             tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
         let runtime = runtime.unwrap();
         let _entered = runtime.enter();
-        let (per, [first, second]) = case(count, 1_000_000, long);
+        // `WHISPEER_BENCH_MESSAGES`: messages a pass (default 1,000,000), fewer under a
+        // profiler.
+        let messages = std::env::var("WHISPEER_BENCH_MESSAGES").ok().and_then(|m| m.parse().ok());
+        let (per, [first, second]) = case(count, messages.unwrap_or(1_000_000), long);
         println!(
             "{count} subscriptions: {per:.2} KiB each, {:.0} k msgs/s first, {:.0} k msgs/s then",
             first / 1e3,
