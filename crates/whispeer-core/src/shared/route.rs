@@ -19,25 +19,22 @@ use crate::stats::bump;
 impl Shared {
     /// Lets a publish through routing: checks its topic against the broker's limits unless
     /// `check` says it was, or an exact subscription's filter is the same text (`subscribed`:
-    /// that filter was checked against the same limits), and counts it as published.
+    /// that filter was checked against the same limits). It is one publish to count (with the
+    /// fan-out's deliveries, in [`Shared::tallied`]).
     pub(super) fn admit(
         &self,
         topic: &str,
         check: Check,
         subscribed: bool,
-    ) -> Result<(), PublishError> {
+    ) -> Result<u64, PublishError> {
         if check == Check::UnlessSubscribed && !subscribed {
             Topic::validate(topic, &self.options.limits)?;
         }
-        // Within a `PushBatch`, counted once a batch.
-        if !staging::count(&self.counters, 1, 0) {
-            bump(&self.counters.published);
-        }
-        Ok(())
+        Ok(1)
     }
 
     /// Offers the envelope to every queue whose filter matches `topic`, once `admit` lets it
-    /// through (see [`Router::with_matches_admitted`]).
+    /// through (see [`Router::with_matches_admitted`]) and says how many publishes to count.
     /// `routed` is the topic's text, or the envelope itself, which `envelope` then takes.
     pub(crate) fn route<T: Routed>(
         &self,
@@ -45,7 +42,7 @@ impl Shared {
         routed: T,
         expires_at: Option<Instant>,
         scope: Scope,
-        admit: impl FnOnce(&str, bool) -> Result<(), PublishError>,
+        admit: impl FnOnce(&str, bool) -> Result<u64, PublishError>,
         envelope: impl FnOnce(T, &Topic) -> Envelope,
     ) -> Result<PublishReceipt, PublishError> {
         self.fan_out(id, routed, scope, admit, |routed, matches| {
@@ -61,11 +58,13 @@ impl Shared {
         id: MessageId,
         routed: T,
         scope: Scope,
-        admit: impl FnOnce(&str, bool) -> Result<(), PublishError>,
+        admit: impl FnOnce(&str, bool) -> Result<u64, PublishError>,
         make: impl FnOnce(T, &Matches<'_>) -> Message,
     ) -> Result<PublishReceipt, PublishError> {
         let mut tally = Tally::default();
         let mut disconnected: Vec<(SubId, Arc<Queue>)> = Vec::new();
+        let mut published = 0;
+        let admit = |topic: &str, subscribed| admit(topic, subscribed).map(|n| published = n);
         self.router.with_matches_admitted(routed, admit, |routed, matches| {
             let Some(matches) = matches else { return };
             let mut message = Some(make(routed, &matches));
@@ -87,6 +86,7 @@ impl Shared {
                 }
             }
         })?;
+        tally.published = published;
         for (id, queue) in disconnected {
             tracing::warn!(filter = %queue.filter, "subscriber disconnected: queue full");
             self.unsubscribe(id, &queue);
@@ -104,7 +104,11 @@ impl Shared {
             bump(&self.counters.unrouted);
         }
         let delivered = tally.delivered as u64;
-        if !staging::count(&self.counters, 0, delivered) {
+        // Within a `PushBatch`, counted once a batch.
+        if !staging::count(&self.counters, tally.published, delivered) {
+            if tally.published > 0 {
+                self.counters.published.fetch_add(tally.published, Ordering::Relaxed);
+            }
             self.counters.deliveries.fetch_add(delivered, Ordering::Relaxed);
         }
         if tally.full > 0 {
@@ -133,9 +137,9 @@ pub(crate) enum Check {
 }
 
 /// An `admit` for [`Shared::route`] when the topic is known valid and the publish was
-/// counted already.
-pub(crate) fn known_valid(_topic: &str, _subscribed: bool) -> Result<(), PublishError> {
-    Ok(())
+/// counted already: nothing to count.
+pub(crate) fn known_valid(_topic: &str, _subscribed: bool) -> Result<u64, PublishError> {
+    Ok(0)
 }
 
 /// Which of a topic's routes a fan-out offers a message to.

@@ -8,6 +8,9 @@ use crate::stats::{BrokerCounters, bump};
 /// Outcomes of one fan-out.
 #[derive(Default)]
 pub(super) struct Tally {
+    /// Publishes to count with the deliveries (1 where routing let the publish through and
+    /// counting it was left to the fan-out; 0 where the caller counts it).
+    pub(super) published: u64,
     pub(super) delivered: usize,
     pub(super) full: usize,
 }
