@@ -29,7 +29,7 @@ use super::registry::{Connections, Registered};
 #[cfg(feature = "mqtt")]
 use super::retained::ONE_CLIENT_GROUP;
 use super::traffic::FlowCache;
-use super::writer::{Outbound, write_loop};
+use super::writer::{Outbound, inline, write_loop};
 use crate::bump;
 #[cfg(feature = "mqtt")]
 use whispeer_core::SlowConsumer;
@@ -37,6 +37,8 @@ use whispeer_core::{Acker, Broker, ByteBudget, SubscribeOptions};
 
 /// Capability bit in `Welcome`: the server requires `Auth`.
 const CAP_AUTH_REQUIRED: u32 = 1;
+/// Reads after which a reader that has not waited runs the writers it woke.
+const FLUSH_EVERY: u32 = 4;
 
 /// Why the connection ends, if not by the client's choice.
 struct Close {
@@ -103,7 +105,8 @@ pub(super) async fn run<R, W>(
     let writer_gone = CancellationToken::new();
     let limits = broker.options().limits.clone();
     let registered = Connections::register(&config.connections, peer, &stop);
-    let write_task = tokio::spawn(write_loop(
+    // Driven by its task, and run by the readers whose publishes woke it (`inline.rs`).
+    let write_task = inline::spawn(write_loop(
         writer,
         rx,
         Arc::clone(&config),
@@ -133,7 +136,9 @@ pub(super) async fn run<R, W>(
     if let Some(principal) = &connection.principal {
         connection.registered.entry.set_principal(&principal.name);
     }
-    let outcome = connection.read_loop(reader, &limits, &kick, &writer_gone).await;
+    // The writers its publishes wake run on its thread when it waits (`inline.rs`).
+    let reading = connection.read_loop(reader, &limits, &kick, &writer_gone);
+    let outcome = inline::captured(reading).await;
     connection.settle();
     let close = match outcome {
         Err(close) => Some(close),
@@ -198,6 +203,7 @@ impl Connection {
         let (mut buf, mut pool) = (BytesMut::new(), ReadPool::default());
         let mut topics = TopicCache::default();
         let mut partial_since: Option<Instant> = None;
+        let mut reads = 0u32;
         // The idle timeout as one timer, moved only when it fires: one made each turn makes
         // tokio wake the thread that waits for I/O, to learn when to wake, most round trips.
         let idle_timer = tokio::time::sleep(idle);
@@ -212,7 +218,15 @@ impl Connection {
                         progressed = true;
                         self.handle(frame).await?;
                     }
-                    Ok(None) => break,
+                    Ok(None) => {
+                        // A reader that reads on without waiting lets the writers it woke
+                        // write every few reads (they run at its next wait otherwise).
+                        reads += 1;
+                        if reads.is_multiple_of(FLUSH_EVERY) {
+                            inline::flush();
+                        }
+                        break;
+                    }
                     // A request naming an invalid topic is refused alone; the stream is in step.
                     Err(err) => match err.correlation() {
                         Some(correlation) => {

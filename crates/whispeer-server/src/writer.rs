@@ -32,6 +32,7 @@ use super::registry::Entry;
 use super::traffic::{FlowCache, Traffic};
 use whispeer_core::{Drained, Message, Subscription};
 
+pub(super) mod inline;
 mod ready;
 use ready::{Held, Slots};
 
