@@ -2,8 +2,9 @@
 //!
 //! ```text
 //! serve ─ accept loop ─┬─ connection task (reader: decode frames, act on the broker)
-//!                      │     └─ writer task (owns the subscriptions; replies + deliveries,
-//!                      │                     many frames per write)
+//!                      │     └─ writer (owns the subscriptions; replies + deliveries, many
+//!                      │                frames per write; its own task, or run by the reader
+//!                      │                that woke it when that reader waits)
 //!                      └─ … one per connection, tracked for shutdown
 //! ```
 //!

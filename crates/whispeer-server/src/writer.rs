@@ -1,4 +1,5 @@
-//! A connection's writer: the one task that writes to the socket.
+//! A connection's writer: the one future that writes to the socket, driven by its task and run
+//! by the readers whose publishes woke it when they wait (`inline.rs`).
 //!
 //! It owns the connection's subscriptions and takes their messages straight off their broker
 //! queues, round robin, together with the replies the reader sends it through a bounded control
