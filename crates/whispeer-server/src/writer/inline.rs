@@ -294,6 +294,38 @@ mod tests {
     }
 
     #[test]
+    fn a_reader_runs_its_writers_when_it_waits_or_flushes_and_not_before() {
+        let (shared, polls, task) = polled();
+        let waker = Waker::from(Arc::clone(&shared));
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let mut turn = 0;
+        runtime.block_on(captured(poll_fn(|cx| {
+            turn += 1;
+            match turn {
+                // Woken and flushed while the reader reads on: run at once, and the capture
+                // goes on (the next wake is noted again).
+                1 => {
+                    waker.wake_by_ref();
+                    assert_eq!(polls.load(Ordering::SeqCst), 0, "noted, not run");
+                    flush();
+                    assert_eq!(polls.load(Ordering::SeqCst), 1, "run by the flush");
+                    waker.wake_by_ref();
+                    assert_eq!(polls.load(Ordering::SeqCst), 1, "noted again");
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                }
+                // The reader waited in between: the writer ran then, on this thread.
+                _ => {
+                    assert_eq!(polls.load(Ordering::SeqCst), 2, "run when the reader waited");
+                    Poll::Ready(())
+                }
+            }
+        })));
+        assert_eq!(task.0.load(Ordering::SeqCst), 0, "never left to its task");
+        assert!(!CAPTURING.with(Cell::get), "no capture open once the reader is done");
+    }
+
+    #[test]
     fn a_writer_whose_runtime_ends_goes_with_it() {
         let (notify, held) = (Arc::new(Notify::new()), Arc::new(()));
         let runtime = tokio::runtime::Builder::new_multi_thread()
