@@ -108,12 +108,15 @@ impl Message {
     /// `Shared::routes_plainly`): made in a spare allocation if
     /// this thread or the shared depot has one (`spares.rs`), and made a spare again when let
     /// go. A publisher thread that only allocates and subscriber workers that only free is the
-    /// pattern spares serve, and a thread that publishes many before it takes them; an
-    /// envelope from elsewhere (a server connection decodes it on one runtime worker and
-    /// another writes it out, every worker doing both) is left to the system allocator:
-    /// spares measured no better there (2026-12-06: the allocator's work went, and as much
-    /// went to making the spare, the first touch of a message last seen thousands of messages
-    /// earlier).
+    /// pattern spares serve, and a thread that publishes many before it takes them. An
+    /// envelope from elsewhere (a server connection's read) is made so when it has one
+    /// subscriber: its writer mostly runs on the reader's thread, which lets it go where it
+    /// was made (`Shared::route`; 1 → 1 over the server, 1,514 → 1,309 instructions a
+    /// message on one thread). With several it is left to the system allocator: let go by
+    /// whichever writer is last, often on another worker, where spares measured no better
+    /// (2026-12-06, before writers ran on their readers' threads: the allocator's work went,
+    /// and as much went to making the spare, the first touch of a message last seen
+    /// thousands of messages earlier).
     pub(crate) fn from_spare(
         envelope: Envelope,
         subscribers: usize,
@@ -139,6 +142,13 @@ impl Message {
         }
         let inner = Inner::new(envelope, subscribers > 1, engines, expires_at, 0, made_on);
         Self { inner: Arc::new(inner) }
+    }
+
+    /// Whether the message was made by [`Message::from_spare`]: in a spare, or in an
+    /// allocation that becomes one when let go.
+    #[cfg(test)]
+    pub(crate) fn made_in_a_spare(&self) -> bool {
+        self.inner.made_on != 0
     }
 
     /// The topic the message was published to.

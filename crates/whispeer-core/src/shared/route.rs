@@ -47,7 +47,17 @@ impl Shared {
     ) -> Result<PublishReceipt, PublishError> {
         self.fan_out(id, routed, scope, admit, |routed, matches| {
             let engines = self.engines.clone();
-            Message::new(envelope(routed, matches.topic), matches.len(), engines, expires_at)
+            let envelope = envelope(routed, matches.topic);
+            // One subscriber: a server connection's writer runs on its reader's thread
+            // (`writer/inline.rs` in the server), so the message is mostly let go where it
+            // was made, which spares serve without a lock. Several: let go by whichever
+            // writer is last, often on another worker, which the allocator serves (see
+            // `Message::from_spare`).
+            if matches.len() == 1 {
+                Message::from_spare(envelope, 1, engines, expires_at)
+            } else {
+                Message::new(envelope, matches.len(), engines, expires_at)
+            }
         })
     }
 
@@ -149,4 +159,39 @@ pub(crate) enum Scope {
     All,
     /// Ordinary subscriptions only: queue groups get the message through the cluster.
     Solo,
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use whispeer_proto::{Envelope, Flags, MessageId, Topic};
+
+    use crate::{Broker, BrokerOptions, SubscribeOptions};
+
+    /// An envelope from elsewhere (a server connection's read) with one subscriber is made in
+    /// a spare allocation; with several, by the system allocator.
+    #[test]
+    fn an_envelope_with_one_subscriber_is_made_from_spares_and_one_with_several_is_not() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let _entered = runtime.enter();
+        let broker = Broker::builder(BrokerOptions::default()).build();
+        let options = |filter| SubscribeOptions::new(filter).capacity(16);
+        let mut one = broker.messages(options("one")).unwrap();
+        let mut several: Vec<_> =
+            (0..2).map(|_| broker.messages(options("two")).unwrap()).collect();
+        let envelope = |topic| {
+            let topic = Topic::parse(topic).unwrap();
+            Envelope::new(MessageId(1), topic, 0, Flags(0), Bytes::from_static(b"payload"))
+        };
+        broker.publish_envelope(envelope("one")).unwrap();
+        broker.publish_envelope(envelope("two")).unwrap();
+        let taken = one.try_recv_message().unwrap();
+        assert!(taken.made_in_a_spare());
+        assert_eq!(taken.payload()[..], b"payload"[..]);
+        for sub in &mut several {
+            let taken = sub.try_recv_message().unwrap();
+            assert!(!taken.made_in_a_spare());
+            assert_eq!(taken.payload()[..], b"payload"[..]);
+        }
+    }
 }
