@@ -5,6 +5,13 @@
 //! with longer ones as devices name them (`devices/<i>/telemetry/temperature`, 34–39 bytes).
 //! Prints figures; asserts nothing about them.
 //!
+//! Beside them, this machine's floor: a hash map from each topic to a counter of its own,
+//! looked up for the same random topics on one thread, with 1,000 and 100,000 topics. Any
+//! router that keeps state per subscription pays at least its misses (the bench's own topic
+//! text, the map's bucket and key, the subscription's state); with 100,000 they leave the
+//! cache. The last line says the most whispeer's 100,000 could reach beside its own 1,000 if
+//! it paid exactly the floor's extra time a message and nothing more.
+//!
 //! Run with `cargo bench -p whispeer --bench subscriptions`: each case runs in a process of its
 //! own (run after the other in one process, the 1,000 case inherited the 100,000 case's heap and
 //! ran at 0.6–0.8× its rate alone, which flattered the ratio). `… -- 100000` runs one case in
@@ -13,6 +20,7 @@
 
 #![expect(clippy::unwrap_used, reason = "a benchmark fails loudly on any error")]
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -76,17 +84,38 @@ fn case(count: usize, messages: u64, long: bool) -> (f64, [f64; 2]) {
     (per, rates)
 }
 
+/// The floor: `messages` look-ups of random topics among `count` in a hash map to a counter
+/// of each topic's own (a cache line, as a subscription's state is at least), on one thread;
+/// gives look-ups a second.
+fn floor(count: usize, messages: u64, long: bool) -> f64 {
+    struct Counter {
+        count: AtomicU64,
+        _line: [u64; 7],
+    }
+    let mut map: HashMap<String, Box<Counter>, foldhash::fast::RandomState> = HashMap::default();
+    for i in 0..count {
+        map.insert(topic(i, long), Box::new(Counter { count: AtomicU64::new(0), _line: [0; 7] }));
+    }
+    let topics: Vec<String> = (0..count).map(|i| topic(i, long)).collect();
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let start = Instant::now();
+    for _ in 0..messages {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let topic = &topics[(state % count as u64) as usize];
+        map.get(topic.as_str()).unwrap().count.fetch_add(1, Ordering::Relaxed);
+    }
+    let rate = messages as f64 / start.elapsed().as_secs_f64();
+    let counted: u64 = map.values().map(|c| c.count.load(Ordering::Relaxed)).sum();
+    assert_eq!(counted, messages);
+    rate
+}
+
 /// Runs one case in a process of its own (this benchmark again, with `-- N`), so that neither
 /// case inherits the other's heap, and reads its figures back.
 fn case_alone(count: usize, long: bool) -> (f64, [f64; 2]) {
-    let exe = std::env::current_exe().unwrap();
-    let mut command = std::process::Command::new(exe);
-    command.arg("--").arg(count.to_string());
-    if long {
-        command.arg("long");
-    }
-    let out = command.output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = alone(count, long, false);
     let figures =
         text.lines().find_map(|line| line.strip_prefix(&format!("{count} subscriptions: ")));
     let figures = figures.unwrap_or_else(|| panic!("the case of {count} said: {text}"));
@@ -97,17 +126,45 @@ fn case_alone(count: usize, long: bool) -> (f64, [f64; 2]) {
     (numbers[0], [numbers[1] * 1e3, numbers[2] * 1e3])
 }
 
+/// The floor with `count` topics, in a process of its own; gives look-ups a second.
+fn floor_alone(count: usize, long: bool) -> f64 {
+    let text = alone(count, long, true);
+    let rate = text.lines().find_map(|line| line.strip_prefix(&format!("{count} floor: ")));
+    let rate = rate.unwrap_or_else(|| panic!("the floor of {count} said: {text}"));
+    rate.split_whitespace().next().and_then(|n| n.parse::<f64>().ok()).unwrap() * 1e3
+}
+
+/// What this benchmark printed, run again with `-- count [long] [floor]`.
+fn alone(count: usize, long: bool, floor: bool) -> String {
+    let exe = std::env::current_exe().unwrap();
+    let mut command = std::process::Command::new(exe);
+    command.arg("--").arg(count.to_string());
+    if long {
+        command.arg("long");
+    }
+    if floor {
+        command.arg("floor");
+    }
+    let out = command.output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn main() {
     // `-- N [long]`: only the case with N subscriptions, in this process (also for a profiler).
     let long = std::env::args().skip(1).any(|a| a == "long");
+    let messages = std::env::var("WHISPEER_BENCH_MESSAGES").ok().and_then(|m| m.parse().ok());
     if let Some(count) = std::env::args().skip(1).find_map(|a| a.parse::<usize>().ok()) {
+        if std::env::args().skip(1).any(|a| a == "floor") {
+            let rate = floor(count, 2 * messages.unwrap_or(1_000_000), long);
+            println!("{count} floor: {:.0} k look-ups/s", rate / 1e3);
+            return;
+        }
         let runtime =
             tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
         let runtime = runtime.unwrap();
         let _entered = runtime.enter();
         // `WHISPEER_BENCH_MESSAGES`: messages a pass (default 1,000,000), fewer under a
         // profiler.
-        let messages = std::env::var("WHISPEER_BENCH_MESSAGES").ok().and_then(|m| m.parse().ok());
         let (per, [first, second]) = case(count, messages.unwrap_or(1_000_000), long);
         println!(
             "{count} subscriptions: {per:.2} KiB each, {:.0} k msgs/s first, {:.0} k msgs/s then",
@@ -129,5 +186,18 @@ fn main() {
                 large[pass] / small[pass]
             );
         }
+        let (floor_large, floor_small) = (floor_alone(100_000, long), floor_alone(1_000, long));
+        // Each message of the 1,000 case plus the floor's extra time with 100,000.
+        let extra = 1.0 / floor_large - 1.0 / floor_small;
+        let most = (1.0 / small[1]) / (1.0 / small[1] + extra);
+        println!(
+            "{shape}: floor, a hash map to a counter each on one thread: 1,000 topics {:.1} M \
+             look-ups/s, 100,000 {:.1} M ({:.2}x); at most {most:.2}x for whispeer's 100,000 \
+             beside its 1,000 if it paid only the floor's extra {:.0} ns a message",
+            floor_small / 1e6,
+            floor_large / 1e6,
+            floor_large / floor_small,
+            extra * 1e9
+        );
     }
 }
