@@ -39,6 +39,24 @@ fn topic(i: usize, long: bool) -> String {
     if long { format!("devices/{i:06}/telemetry/temperature") } else { format!("w/{i}") }
 }
 
+/// The topics a run publishes to, drawn by xorshift from the same seed in every case.
+struct Draws(u64);
+
+impl Default for Draws {
+    fn default() -> Self {
+        Self(0x9e37_79b9_7f4a_7c15)
+    }
+}
+
+impl Draws {
+    fn among<'a>(&mut self, topics: &'a [String]) -> &'a String {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        &topics[(self.0 % topics.len() as u64) as usize]
+    }
+}
+
 /// Subscribes `count` callbacks to [`topic`]s, then publishes two passes of `messages` to
 /// random ones; gives the KiB per subscription and the delivered messages per second of each
 /// pass (the first also pays for each subscription's first messages: its queue's buffers).
@@ -59,15 +77,12 @@ fn case(count: usize, messages: u64, long: bool) -> (f64, [f64; 2]) {
     let per = rss_bytes().unwrap_or(0).saturating_sub(before) as f64 / count as f64 / 1024.0;
     let topics: Vec<String> = (0..count).map(|i| topic(i, long)).collect();
     let payload = Bytes::from(vec![7u8; 128]);
-    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut draws = Draws::default();
     let mut rates = [0.0; 2];
     for (pass, rate) in rates.iter_mut().enumerate() {
         let start = Instant::now();
         for _ in 0..messages {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            let topic = &topics[(state % count as u64) as usize];
+            let topic = draws.among(&topics);
             while broker.publish(topic, &payload).is_err() {
                 std::thread::yield_now();
             }
@@ -85,8 +100,8 @@ fn case(count: usize, messages: u64, long: bool) -> (f64, [f64; 2]) {
 }
 
 /// The floor: `messages` look-ups of random topics among `count` in a hash map to a counter
-/// of each topic's own (a cache line, as a subscription's state is at least), on one thread;
-/// gives look-ups a second.
+/// of each topic's own (a cache line, as a subscription's state is at least), on one thread,
+/// one after another; gives look-ups a second.
 fn floor(count: usize, messages: u64, long: bool) -> f64 {
     struct Counter {
         count: AtomicU64,
@@ -97,14 +112,15 @@ fn floor(count: usize, messages: u64, long: bool) -> f64 {
         map.insert(topic(i, long), Box::new(Counter { count: AtomicU64::new(0), _line: [0; 7] }));
     }
     let topics: Vec<String> = (0..count).map(|i| topic(i, long)).collect();
-    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut draws = Draws::default();
     let start = Instant::now();
     for _ in 0..messages {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        let topic = &topics[(state % count as u64) as usize];
-        map.get(topic.as_str()).unwrap().count.fetch_add(1, Ordering::Relaxed);
+        let topic = draws.among(&topics);
+        let before = map.get(topic.as_str()).unwrap().count.fetch_add(1, Ordering::Relaxed);
+        // The next draw waits for this look-up (the bits mixed in are always 0): one
+        // publish's misses do not overlap the next one's, as a publish hundreds of
+        // instructions long leaves them no room to.
+        draws.0 ^= before >> 63;
     }
     let rate = messages as f64 / start.elapsed().as_secs_f64();
     let counted: u64 = map.values().map(|c| c.count.load(Ordering::Relaxed)).sum();
