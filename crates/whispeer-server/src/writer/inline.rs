@@ -22,7 +22,7 @@ use std::cell::{Cell, RefCell};
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, TryLockError};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::task::{Context, Poll, Wake, Waker};
 
 use atomic_waker::AtomicWaker;
@@ -92,21 +92,35 @@ impl Shared {
         })
     }
 
+    /// The future, to poll here; `None` if another thread is polling it, which then wakes
+    /// the task when it lets go (`again`). The lock is tried again after `again` is set: a
+    /// holder that let go and looked at `again` before it was set would wake no one, but then
+    /// the lock is free, and this thread takes its turn.
+    fn turn(&self) -> Option<MutexGuard<'_, Option<Boxed>>> {
+        let mut told = false;
+        loop {
+            match self.future.try_lock() {
+                Ok(slot) => return Some(slot),
+                Err(TryLockError::WouldBlock) if told => return None,
+                Err(TryLockError::WouldBlock) => {
+                    #[cfg(test)]
+                    tests::BUSY.with(|busy| busy.take().map(|then| then()));
+                    self.again.store(true, Ordering::Release);
+                    told = true;
+                }
+                // A writer that panicked is over.
+                Err(TryLockError::Poisoned(_)) => {
+                    self.finish();
+                    return None;
+                }
+            }
+        }
+    }
+
     /// Polls the future here, unless another thread is polling it (then that one wakes the
     /// task when it is done).
     fn poll_here(self: &Arc<Self>) {
-        let mut slot = match self.future.try_lock() {
-            Ok(slot) => slot,
-            Err(TryLockError::WouldBlock) => {
-                self.again.store(true, Ordering::Release);
-                return;
-            }
-            // A writer that panicked is over.
-            Err(TryLockError::Poisoned(_)) => {
-                self.finish();
-                return;
-            }
-        };
+        let Some(mut slot) = self.turn() else { return };
         self.again.store(false, Ordering::Release);
         if let Some(future) = slot.as_mut() {
             let waker = Waker::from(Arc::clone(self));
@@ -233,6 +247,11 @@ mod tests {
 
     use super::*;
 
+    thread_local! {
+        /// Run once by this thread's next poll that finds the writer busy, before it says so.
+        pub(super) static BUSY: Cell<Option<Box<dyn FnOnce()>>> = Cell::new(None);
+    }
+
     /// A writer that counts its wake-ups' turns and the threads it ran on.
     async fn counting(
         notify: Arc<Notify>,
@@ -358,13 +377,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_poll_that_finds_the_writer_busy_has_the_holder_wake_its_task() {
+    /// A writer whose first poll, on a thread of its own, holds it until `let_go` is called
+    /// (which returns once that poll is over); its polls are counted, and so are its task's
+    /// wake-ups.
+    fn held_by_another_thread()
+    -> (Arc<Shared>, Arc<AtomicUsize>, Arc<Counted>, impl FnOnce() + 'static) {
         let (inside, go) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<()>());
         let (tell, wait) = (Mutex::new(inside.0), Mutex::new(go.1));
+        let polls = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&polls);
         let (shared, task) = with_task(poll_fn(move |_| {
-            // The first poll holds the writer until told to go on.
-            if let Ok(tell) = tell.lock()
+            if counted.fetch_add(1, Ordering::SeqCst) == 0
+                && let Ok(tell) = tell.lock()
                 && tell.send(()).is_ok()
             {
                 let _ = wait.lock().unwrap().recv();
@@ -376,12 +400,33 @@ mod tests {
             move || shared.poll_here()
         });
         inside.1.recv().unwrap();
+        let let_go = move || {
+            drop(go.0);
+            holder.join().unwrap();
+        };
+        (shared, polls, task, let_go)
+    }
+
+    #[test]
+    fn a_poll_that_finds_the_writer_busy_has_the_holder_wake_its_task() {
+        let (shared, polls, task, let_go) = held_by_another_thread();
         // Another poll while the holder polls: it cannot, and says so.
         shared.poll_here();
         assert_eq!(task.0.load(Ordering::SeqCst), 0);
-        drop(go.0);
-        holder.join().unwrap();
+        let_go();
         assert_eq!(task.0.load(Ordering::SeqCst), 1, "the holder woke the task as it let go");
+        assert_eq!(polls.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_poll_that_finds_the_writer_busy_and_then_free_runs_it_itself() {
+        let (shared, polls, task, let_go) = held_by_another_thread();
+        // This poll finds it busy; the holder lets go, and looks for a late poll, before this
+        // one says it came.
+        BUSY.with(|busy| busy.set(Some(Box::new(let_go))));
+        shared.poll_here();
+        assert_eq!(polls.load(Ordering::SeqCst), 2, "polled again here once it was free");
+        assert_eq!(task.0.load(Ordering::SeqCst), 0);
     }
 
     /// A writer that counts its polls, with a task waker that counts its wake-ups.
