@@ -123,7 +123,7 @@ pub(crate) struct KeyMaterial {
 
 impl KeyMaterial {
     fn new(key: Key) -> Self {
-        Self { key, ciphers: Ciphers::default() }
+        Self { key, ciphers: Ciphers::for_key() }
     }
 }
 

@@ -272,3 +272,51 @@ proptest! {
         }
     }
 }
+
+/// Sealers sharing a key each keep one nonce prefix, and the key keeps the subkeys of the
+/// prefixes it saw lately: more sealers than it keeps, sealing and opening on threads at once,
+/// all open, and another key under the same id opens none.
+#[test]
+fn many_sealers_on_threads_share_a_key_and_every_message_opens() {
+    let keyring = Keyring::generate().unwrap();
+    let cipher = Some(CipherAlgorithm::XChaCha20Poly1305);
+    let sealed: Vec<Vec<(Vec<u8>, Envelope)>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..40u128)
+            .map(|sealer| {
+                let keyring = &keyring;
+                scope.spawn(move || {
+                    let e = engines(None, cipher, keyring);
+                    (0..50u128)
+                        .map(|n| {
+                            let plain = format!("sealer {sealer} message {n}").into_bytes();
+                            let envelope =
+                                seal(&e, "a/b", sealer << 32 | n, Headers::new(), &plain);
+                            (plain, envelope)
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let opener = engines(None, cipher, &keyring);
+    std::thread::scope(|scope| {
+        for messages in &sealed {
+            let opener = &opener;
+            scope.spawn(move || {
+                for (plain, envelope) in messages {
+                    assert_eq!(opener.open(envelope).unwrap(), plain.as_slice());
+                }
+            });
+        }
+    });
+    let mut other = Keyring::new();
+    other.insert(KeyId(1), Key::generate().unwrap()).unwrap();
+    let stranger = engines(None, cipher, &other);
+    for (_, envelope) in sealed.iter().flatten().step_by(97) {
+        assert!(
+            matches!(stranger.open(envelope), Err(OpenError::Authentication)),
+            "another key under the same id opens nothing"
+        );
+    }
+}
