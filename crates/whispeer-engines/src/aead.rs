@@ -37,7 +37,7 @@ mod backend {
     /// Slots of a key's table of XChaCha20 subkeys: one per nonce prefix seen lately, indexed
     /// by the prefix's first bytes (random), a prefix that lands on a taken slot replacing it.
     /// Every sealer keeps one prefix for its life, so the table serves the few sealers (this
-    /// process's and its peers') that share a key; 768 bytes a key once used.
+    /// process's and its peers') that share a key; about 800 bytes a key once used.
     const SUBKEY_SLOTS: usize = 16;
 
     /// A nonce prefix and the subkey it derives (zeroized when dropped, as keys are).
