@@ -72,6 +72,37 @@ fn random<const N: usize>() -> Result<Zeroizing<[u8; N]>, IdentityError> {
     Ok(bytes)
 }
 
+/// What one box draws at random: a message key, then a nonce for each of `nonces`, from one
+/// call to the operating system (a system call each cost several µs of a direct message's
+/// sealing on a virtual machine).
+struct Draw(Zeroizing<Vec<u8>>);
+
+impl Draw {
+    fn new(nonces: usize) -> Result<Self, IdentityError> {
+        let mut bytes = Zeroizing::new(vec![0u8; 32 + NONCE * nonces]);
+        getrandom::fill(bytes.as_mut()).map_err(|e| IdentityError::Random(e.to_string()))?;
+        Ok(Self(bytes))
+    }
+
+    /// The message key.
+    fn key(&self) -> Zeroizing<[u8; 32]> {
+        let mut key = Zeroizing::new([0u8; 32]);
+        key.copy_from_slice(&self.0[..32]);
+        key
+    }
+
+    /// Nonce `i` of those drawn; an error past them (never a nonce not drawn).
+    fn nonce(&self, i: usize) -> Result<[u8; NONCE], IdentityError> {
+        let drawn = self
+            .0
+            .get(32 + NONCE * i..32 + NONCE * (i + 1))
+            .ok_or_else(|| IdentityError::Random(format!("nonce {i} was not drawn")))?;
+        let mut nonce = [0u8; NONCE];
+        nonce.copy_from_slice(drawn);
+        Ok(nonce)
+    }
+}
+
 /// A device's secret keys. Kept by its owner only (a file for the CLI, the browser's storage
 /// for the WASM client); the crates zeroize them when dropped.
 pub struct Identity {
@@ -319,7 +350,8 @@ pub(crate) fn seal_for_verified(
     if recipients.len() > MAX_RECIPIENTS {
         return Err(IdentityError::TooManyRecipients(recipients.len()));
     }
-    let message_key = random::<32>()?;
+    let draw = Draw::new(recipients.len() + 1)?;
+    let message_key = draw.key();
     let ephemeral = StaticSecret::from(*random::<32>()?);
     let ephemeral_public = PublicKey::from(&ephemeral).to_bytes();
     let mut body =
@@ -328,16 +360,16 @@ pub(crate) fn seal_for_verified(
     body.extend_from_slice(&sender.signing.verifying_key().to_bytes());
     body.extend_from_slice(&ephemeral_public);
     body.extend_from_slice(&(recipients.len() as u16).to_be_bytes());
-    for recipient in recipients {
+    for (i, recipient) in recipients.iter().enumerate() {
         let shared =
             Zeroizing::new(ephemeral.diffie_hellman(&PublicKey::from(recipient.x25519)).to_bytes());
         let wrap = wrap_key(&shared, &ephemeral_public, &recipient.x25519);
-        let nonce = random::<NONCE>()?;
+        let nonce = draw.nonce(i)?;
         body.extend_from_slice(&recipient.key_id());
         body.extend_from_slice(nonce.as_ref());
         body.extend_from_slice(&encrypt(&wrap, &nonce, context, message_key.as_ref())?);
     }
-    let nonce = random::<NONCE>()?;
+    let nonce = draw.nonce(recipients.len())?;
     let ciphertext = encrypt(&message_key, &nonce, context, plain)?;
     body.extend_from_slice(nonce.as_ref());
     body.extend_from_slice(&(ciphertext.len() as u32).to_be_bytes());

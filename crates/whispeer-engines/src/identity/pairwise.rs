@@ -21,8 +21,8 @@ use x25519_dalek::PublicKey;
 use zeroize::Zeroizing;
 
 use super::{
-    Identity, IdentityError, KEY_ID, MAX_RECIPIENTS, NONCE, PublicIdentity, TAG, after_magic,
-    decrypt, encrypt, key_id, random,
+    Draw, Identity, IdentityError, KEY_ID, MAX_RECIPIENTS, NONCE, PublicIdentity, TAG, after_magic,
+    decrypt, encrypt, key_id,
 };
 
 const MAGIC: &[u8; 4] = b"WSP1";
@@ -93,8 +93,9 @@ pub fn seal_pairwise(
         return Err(IdentityError::TooManyRecipients(recipients.len()));
     }
     let sender = me.agreement_public;
-    let message_key = random::<32>()?;
-    let payload_nonce = random::<NONCE>()?;
+    let draw = Draw::new(recipients.len() + 1)?;
+    let message_key = draw.key();
+    let payload_nonce = draw.nonce(recipients.len())?;
     let ciphertext = encrypt(&message_key, &payload_nonce, context, plain)?;
     let mut digest = Sha256::new();
     digest.update(payload_nonce.as_ref());
@@ -109,10 +110,10 @@ pub fn seal_pairwise(
     body.extend_from_slice(MAGIC);
     body.extend_from_slice(&sender);
     body.extend_from_slice(&(recipients.len() as u16).to_be_bytes());
-    for recipient in recipients {
+    for (i, recipient) in recipients.iter().enumerate() {
         let key = pairs.key(me, &recipient.x25519);
         let id = key_id(&recipient.x25519);
-        let nonce = random::<NONCE>()?;
+        let nonce = draw.nonce(i)?;
         body.extend_from_slice(&id);
         body.extend_from_slice(nonce.as_ref());
         body.extend_from_slice(&encrypt(

@@ -107,3 +107,36 @@ fn a_group_message_opens_with_its_epoch_key_only_and_names_its_signer() {
         assert!(open_group(&second, &sealed[..cut], b"group team", None).is_err());
     }
 }
+
+/// The nonces of a pairwise box to three devices, by its layout: each wrap's, then the
+/// payload's.
+fn pairwise_nonces(sealed: &[u8], devices: usize) -> Vec<Vec<u8>> {
+    let mut at = 4 + 32 + 2;
+    let mut nonces = Vec::new();
+    for _ in 0..devices {
+        nonces.push(sealed[at + KEY_ID..at + KEY_ID + NONCE].to_vec());
+        at += KEY_ID + NONCE + 64 + TAG;
+    }
+    nonces.push(sealed[at..at + NONCE].to_vec());
+    nonces
+}
+
+#[test]
+fn one_draw_gives_every_wrap_and_the_payload_a_nonce_of_its_own() {
+    let draw = Draw::new(3).unwrap();
+    let nonces: Vec<_> = (0..3).map(|i| draw.nonce(i).unwrap()).collect();
+    assert!(nonces[0] != nonces[1] && nonces[1] != nonces[2] && nonces[0] != nonces[2]);
+    assert!(nonces.iter().all(|n| n[..] != draw.key()[..NONCE]), "the key is not a nonce");
+    assert!(matches!(draw.nonce(3), Err(IdentityError::Random(_))), "none past those drawn");
+
+    let (alice, _) = device("laptop");
+    let recipients = [device("phone").1, device("laptop").1, device("tablet").1];
+    let mut pairs = PairKeys::default();
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let sealed = seal_pairwise(&alice, &mut pairs, &recipients, b"c", b"hi").unwrap();
+        seen.extend(pairwise_nonces(&sealed, recipients.len()));
+    }
+    let distinct: std::collections::HashSet<_> = seen.iter().collect();
+    assert_eq!(distinct.len(), seen.len(), "no nonce twice within a box or across two");
+}
