@@ -72,6 +72,34 @@ fn random<const N: usize>() -> Result<Zeroizing<[u8; N]>, IdentityError> {
     Ok(bytes)
 }
 
+/// Signing keys decompressed lately on this thread, by their bytes (a group's senders, a
+/// conversation's devices); emptied when full.
+const VERIFYING_KEYS: usize = 64;
+
+thread_local! {
+    static DECOMPRESSED: std::cell::RefCell<std::collections::HashMap<[u8; 32], VerifyingKey>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+/// The Ed25519 key of `bytes`, decompressed (a square root, about a tenth of a verification),
+/// or from those this thread decompressed lately. `None` for bytes that are no point.
+fn verifying_key(bytes: &[u8; 32]) -> Option<VerifyingKey> {
+    let kept = DECOMPRESSED.try_with(|keys| keys.try_borrow().ok()?.get(bytes).copied());
+    if let Ok(Some(key)) = kept {
+        return Some(key);
+    }
+    let key = VerifyingKey::from_bytes(bytes).ok()?;
+    let _ = DECOMPRESSED.try_with(|keys| {
+        if let Ok(mut keys) = keys.try_borrow_mut() {
+            if keys.len() >= VERIFYING_KEYS {
+                keys.clear();
+            }
+            keys.insert(*bytes, key);
+        }
+    });
+    Some(key)
+}
+
 /// What one box draws at random: a message key, then a nonce for each of `nonces`, from one
 /// call to the operating system (a system call each cost several µs of a direct message's
 /// sealing on a virtual machine).
@@ -443,7 +471,7 @@ pub fn open_sealed(
     if sender.is_some_and(|expected| *expected != signer) {
         return Err(IdentityError::WrongSender);
     }
-    let key = VerifyingKey::from_bytes(&signer).map_err(|_| IdentityError::BadSignature)?;
+    let key = verifying_key(&signer).ok_or(IdentityError::BadSignature)?;
     let signature = Signature::from_slice(signature).map_err(|_| IdentityError::BadSignature)?;
     key.verify(&signed_with(BOX_LABEL, context, body), &signature)
         .map_err(|_| IdentityError::BadSignature)?;

@@ -5,10 +5,12 @@
 //! message is encrypted once with the epoch's key (XChaCha20-Poly1305, the context as associated
 //! data) and signed by its sender's Ed25519 key, so one member cannot write as another.
 
-use ed25519_dalek::{Signature, Signer, Verifier, VerifyingKey};
+use ed25519_dalek::{Signature, Signer, Verifier};
 use zeroize::Zeroizing;
 
-use super::{Identity, IdentityError, NONCE, Reader, decrypt, encrypt, random, signed_with};
+use super::{
+    Identity, IdentityError, NONCE, Reader, decrypt, encrypt, random, signed_with, verifying_key,
+};
 
 const MAGIC: &[u8; 4] = b"WSG1";
 
@@ -118,7 +120,7 @@ pub fn open_group(
     if sender.is_some_and(|expected| *expected != signer) {
         return Err(IdentityError::WrongSender);
     }
-    let verifying = VerifyingKey::from_bytes(&signer).map_err(|_| IdentityError::BadSignature)?;
+    let verifying = verifying_key(&signer).ok_or(IdentityError::BadSignature)?;
     let signature = Signature::from_slice(signature).map_err(|_| IdentityError::BadSignature)?;
     verifying
         .verify(&signed_with(LABEL, context, body), &signature)

@@ -140,3 +140,31 @@ fn one_draw_gives_every_wrap_and_the_payload_a_nonce_of_its_own() {
     let distinct: std::collections::HashSet<_> = seen.iter().collect();
     assert_eq!(distinct.len(), seen.len(), "no nonce twice within a box or across two");
 }
+
+#[test]
+fn decompressed_signing_keys_are_kept_by_their_bytes_and_group_messages_still_check_the_signer() {
+    let no_point = (0..=255u8)
+        .map(|b| [b; 32])
+        .find(|bytes| VerifyingKey::from_bytes(bytes).is_err())
+        .unwrap();
+    assert!(verifying_key(&no_point).is_none());
+    assert!(verifying_key(&no_point).is_none(), "a refusal is not kept as a key");
+
+    let senders: Vec<_> = ["a", "b", "c"].iter().map(|d| device(d)).collect();
+    let key = GroupKey::generate(1).unwrap();
+    for round in 0..3 {
+        for (sender, public) in &senders {
+            let sealed = seal_group(sender, &key, b"g", format!("{round}").as_bytes()).unwrap();
+            let opened = open_group(&key, &sealed, b"g", Some(&public.ed25519)).unwrap();
+            assert_eq!(opened, format!("{round}").as_bytes());
+            assert_eq!(
+                verifying_key(&public.ed25519),
+                VerifyingKey::from_bytes(&public.ed25519).ok()
+            );
+        }
+    }
+    // Signed by a, claiming b's key: b's kept key does not verify a's signature.
+    let mut forged = seal_group(&senders[0].0, &key, b"g", b"x").unwrap();
+    forged[8..40].copy_from_slice(&senders[1].1.ed25519);
+    assert_eq!(open_group(&key, &forged, b"g", None), Err(IdentityError::BadSignature));
+}
