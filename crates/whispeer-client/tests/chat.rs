@@ -312,3 +312,39 @@ async fn what_the_program_did_not_take_comes_again_on_the_next_connection() {
     let more = timeout(Duration::from_millis(500), again.next()).await;
     assert!(!matches!(more, Ok(Some(ChatEvent::Message(_)))), "nothing twice: {more:?}");
 }
+
+/// A device that was away comes back to more in its inbox than the events queue holds (1,024):
+/// here the delivery receipts of its own messages, kept for it and never taken (its program
+/// dropped the events), as `whispeer bench --chat` leaves its senders. `connect` publishes the
+/// device's key and returns, though the reply waits behind the backlog that the program can
+/// take only once connected; then the backlog comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_back_to_a_backlog_larger_than_the_events_queue_connects_and_gets_it_all() {
+    let mut config = whispeer::server::ChatConfig::default();
+    config.max_messages_per_sec = 100_000;
+    let chat = ChatListener::new("127.0.0.1:0").config(config);
+    let status = chat.status();
+    let _broker = Broker::builder(BrokerOptions::default()).with(chat).build();
+    let url = format!("ws://{}/ws", status.local_addr().unwrap());
+    let (_bob, mut bob_events) = as_user(&url, "bob", "phone").await;
+    let (alice, alice_events) = as_user(&url, "alice", "laptop").await;
+    drop(alice_events);
+    const BACKLOG: u64 = 1_100;
+    for n in 0..BACKLOG {
+        alice.send_to("bob", n).await.unwrap();
+    }
+    for n in 0..BACKLOG {
+        assert_eq!(next(&mut bob_events, opened).await.msg, serde_json::json!(n));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(alice);
+    let (_alice, mut events) = timeout(Duration::from_secs(20), as_user(&url, "alice", "laptop"))
+        .await
+        .expect("connect returned");
+    let mut receipts = 0;
+    while receipts < BACKLOG {
+        if matches!(next(&mut events, Some).await, ChatEvent::Receipt { .. }) {
+            receipts += 1;
+        }
+    }
+}

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use tokio::sync::{Notify, oneshot};
 use whispeer_engines::{
     ChatKeys, ChatKeysError, Identity, KeyChange, Opened, PublicIdentity, is_sealed,
 };
@@ -408,9 +409,26 @@ impl Chat {
         self.send(Conversation::Group(group.into()), msg.into()).await
     }
 
-    pub(super) async fn publish_identity(&self) -> Result<(), ChatError> {
+    /// Publishes this device's key as the connection opens, and waits for the reply unless the
+    /// events queue fills first: a device that was away may have more waiting in its inbox
+    /// than the queue holds, which the application can take only once `connect` returned, and
+    /// the reply comes behind them. Then the reply is waited for beside, and a refusal logged.
+    pub(super) async fn publish_identity_at_connect(&self, full: &Notify) -> Result<(), ChatError> {
         let public = self.e2e()?.public().to_text();
-        self.request(json!({ "type": "keys", "publish": public })).await.map(drop)
+        let request = json!({ "type": "keys", "publish": public });
+        let (reply, mut answer) = oneshot::channel();
+        self.requests.send((request, Some(reply))).await.map_err(|_| ChatError::Closed)?;
+        tokio::select! {
+            answer = &mut answer => answer.map_err(|_| ChatError::Closed)?.map(drop),
+            () = full.notified() => {
+                tokio::spawn(async move {
+                    if let Ok(Err(err)) = answer.await {
+                        tracing::warn!(%err, "chat: this device's key was not published");
+                    }
+                });
+                Ok(())
+            }
+        }
     }
 
     /// What `message` (fetched some other way: a plain connection's history, say) is on this

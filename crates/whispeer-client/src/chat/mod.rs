@@ -18,7 +18,10 @@
 //! One task owns the socket: requests carry a `ref` and wait for the reply with that `ref`;
 //! everything else (messages, group events, presence, typing, notices) comes out of
 //! [`ChatEvents`] in order. The events queue holds 1 024; while it is full the task stops
-//! reading the socket (the server keeps the rest), so read the events.
+//! reading the socket (the server keeps the rest), so read the events: a request's reply
+//! behind them waits too. `connect` itself does not wait so: a device back to more in its
+//! inbox than the queue holds gets its connection, and its key's publication is confirmed
+//! beside (a refusal is logged).
 //!
 //! The connection acknowledges its inbox (`?ack=1`): what the application took from
 //! [`ChatEvents`] is acknowledged to the server, and the device's cursor moves only so. A
@@ -169,6 +172,9 @@ pub struct ChatEvents {
 struct Taken {
     at: AtomicU64,
     moved: Notify,
+    /// The connection's task found the events queue full and waits for the application to
+    /// take from it: no reply behind the events is read meanwhile.
+    full: Notify,
 }
 
 impl Stream for ChatEvents {
@@ -234,7 +240,7 @@ impl Chat {
         tokio::spawn(run(ws, commands, (events, Arc::clone(&taken)), e2e.clone()));
         let chat = Self { requests, user, device, e2e };
         if chat.e2e.is_some() {
-            chat.publish_identity().await?;
+            chat.publish_identity_at_connect(&taken.full).await?;
         }
         Ok((chat, ChatEvents { events: receiver, taken }))
     }
@@ -535,7 +541,15 @@ async fn run(
                     Some(e2e) => e2e.process(event_of(value)),
                     None => event_of(value),
                 };
-                if events.send((event, at)).await.is_err() && !handles {
+                let sent = match events.try_send((event, at)) {
+                    Ok(()) => Ok(()),
+                    Err(mpsc::error::TrySendError::Full(event)) => {
+                        taken.full.notify_one();
+                        events.send(event).await.map_err(drop)
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
+                };
+                if sent.is_err() && !handles {
                     break;
                 }
             }
