@@ -348,3 +348,38 @@ async fn a_device_back_to_a_backlog_larger_than_the_events_queue_connects_and_ge
         }
     }
 }
+
+/// A program that reads its messages and ends at once: `ChatEvents::close` acknowledges what
+/// it took before the connection goes, so the device's next connection gets none of it again.
+/// (The program is a runtime of its own, dropped once `close` returns, as a process that exits:
+/// without `close`, the acknowledgement, sent at most 50 ms after the messages were taken,
+/// would never go.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_program_that_closes_its_events_and_ends_gets_nothing_again() {
+    let (_broker, url) = listener();
+    let (alice, _alice_events) = plain(&url, "alice", "laptop").await;
+    let (connected, ready) = tokio::sync::oneshot::channel();
+    let program = std::thread::spawn({
+        let url = url.clone();
+        move || {
+            let runtime =
+                tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async move {
+                let (_bob, mut events) = plain(&url, "bob", "phone").await;
+                connected.send(()).unwrap();
+                for n in 0..3 {
+                    assert_eq!(next(&mut events, message).await.msg, serde_json::json!(n));
+                }
+                timeout(Duration::from_secs(10), events.close()).await.expect("closed");
+            });
+        }
+    });
+    ready.await.unwrap();
+    for n in 0..3 {
+        alice.send_to("bob", n).await.unwrap();
+    }
+    tokio::task::spawn_blocking(move || program.join().unwrap()).await.unwrap();
+    let (_bob, mut again) = plain(&url, "bob", "phone").await;
+    alice.send_to("bob", 3).await.unwrap();
+    assert_eq!(next(&mut again, message).await.msg, serde_json::json!(3), "nothing twice");
+}

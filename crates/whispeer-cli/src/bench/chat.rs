@@ -7,6 +7,7 @@
 //! server whose `max_messages_per_sec` is raised: the default (20 a user) is an anti-abuse
 //! limit, and would be measured instead.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -62,20 +63,38 @@ fn stamp(start: Instant) -> u64 {
     start.elapsed().as_nanos() as u64
 }
 
-/// Waits for `count` messages on `events`; their latencies from the stamp in `msg`.
+/// Waits for `count` messages on `events`; their latencies from the stamp in `msg`. A stall
+/// says what else came meanwhile (events by kind, and the last one).
 async fn receive(mut events: ChatEvents, count: usize, start: Instant) -> anyhow::Result<Vec<u64>> {
     let mut latencies = Vec::with_capacity(count);
+    let mut others: BTreeMap<String, usize> = BTreeMap::new();
+    let mut last = None;
     while latencies.len() < count {
         let event = tokio::time::timeout(Duration::from_secs(20), events.next())
             .await
-            .with_context(|| format!("stalled after {} of {count} messages", latencies.len()))?
+            .with_context(|| {
+                format!(
+                    "stalled after {} of {count} messages; other events {others:?}, the last {last:?}",
+                    latencies.len()
+                )
+            })?
             .context("connection closed")?;
-        if let ChatEvent::Message(message) = event
-            && let Some(sent) = message.msg.as_u64()
-        {
-            latencies.push(stamp(start).saturating_sub(sent));
+        match event {
+            ChatEvent::Message(message) if message.unreadable.is_none() => {
+                if let Some(sent) = message.msg.as_u64() {
+                    latencies.push(stamp(start).saturating_sub(sent));
+                }
+            }
+            event => {
+                let text = format!("{event:?}");
+                let kind = text.split([' ', '(', '{']).next().unwrap_or_default().to_string();
+                *others.entry(kind).or_default() += 1;
+                last = Some(text);
+            }
         }
     }
+    // Acknowledged before the connection goes: none of it comes again.
+    events.close().await;
     Ok(latencies)
 }
 
@@ -115,9 +134,12 @@ pub(super) async fn run(url: &str, args: &ChatBenchArgs, pid: Option<u32>) -> an
     println!("chat: messages {}", if plain { "plain" } else { "sealed end to end (the default)" });
     let before = pid.and_then(rss_bytes);
     let idle_start = Instant::now();
+    // Users of this run only: another run's leftovers (an inbox that a killed run never
+    // acknowledged, keys that changed since) do not reach them.
+    let run = std::process::id();
     let mut idle = Vec::with_capacity(args.chat_idle);
     for i in 0..args.chat_idle {
-        idle.push(connect(url, &format!("idle{i}"), plain).await?);
+        idle.push(connect(url, &format!("idle{i}.{run}"), plain).await?);
     }
     let opened = idle_start.elapsed();
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -148,8 +170,8 @@ pub(super) async fn run(url: &str, args: &ChatBenchArgs, pid: Option<u32>) -> an
     let mut receivers = JoinSet::new();
     let mut senders = Vec::new();
     for i in 0..pairs {
-        let (_, events) = connect(url, &format!("r{i}"), plain).await?;
-        let (chat, _) = connect(url, &format!("s{i}"), plain).await?;
+        let (_, events) = connect(url, &format!("r{i}.{run}"), plain).await?;
+        let (chat, _) = connect(url, &format!("s{i}.{run}"), plain).await?;
         receivers.spawn(receive(events, per_pair, start));
         senders.push(chat);
     }
@@ -157,7 +179,7 @@ pub(super) async fn run(url: &str, args: &ChatBenchArgs, pid: Option<u32>) -> an
     let began = Instant::now();
     let mut sending = JoinSet::new();
     for (i, chat) in senders.into_iter().enumerate() {
-        sending.spawn(send(chat, format!("r{i}"), per_pair, window, start));
+        sending.spawn(send(chat, format!("r{i}.{run}"), per_pair, window, start));
     }
     let mut latencies = Vec::new();
     while let Some(done) = receivers.join_next().await {
@@ -178,14 +200,14 @@ pub(super) async fn run(url: &str, args: &ChatBenchArgs, pid: Option<u32>) -> an
 
     // A group of `chat_group` members, one of them sending.
     let members = args.chat_group.max(2);
-    let (owner, _) = connect(url, "g0", plain).await?;
-    let group = format!("bench{}", std::process::id());
+    let (owner, _) = connect(url, &format!("g0.{run}"), plain).await?;
+    let group = format!("bench{run}");
     owner.create_group(&group, true).await?;
     let count = (args.chat_messages / members).max(10);
     let start = Instant::now();
     let mut receivers = JoinSet::new();
     for i in 1..members {
-        let (chat, events) = connect(url, &format!("g{i}"), plain).await?;
+        let (chat, events) = connect(url, &format!("g{i}.{run}"), plain).await?;
         chat.join(&group).await?;
         receivers.spawn(async move {
             let _chat = chat;

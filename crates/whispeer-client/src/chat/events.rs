@@ -1,7 +1,14 @@
 //! What a chat connection receives: messages, events and presence, from the server's JSON.
 
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use futures_util::Stream;
 use serde::Deserialize;
 use serde_json::Value;
+use tokio::sync::{Notify, mpsc, watch};
 
 /// A chat message as received, or as read from history.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -173,4 +180,83 @@ pub struct Presence {
     pub last_seen: Option<u64>,
     /// Its role, in a group's member list.
     pub role: Option<String>,
+}
+
+/// The events of a chat connection, in order; ends when the connection does.
+#[derive(Debug)]
+pub struct ChatEvents {
+    events: mpsc::Receiver<(ChatEvent, Option<u64>)>,
+    taken: Arc<Taken>,
+}
+
+/// How far into its inbox the application took events: the connection task acknowledges it.
+#[derive(Debug)]
+pub(super) struct Taken {
+    pub(super) at: AtomicU64,
+    pub(super) moved: Notify,
+    /// The connection's task found the events queue full and waits for the application to
+    /// take from it: no reply behind the events is read meanwhile.
+    pub(super) full: Notify,
+    /// The application asked to close ([`ChatEvents::close`]).
+    pub(super) closing: Notify,
+    /// The connection's task ended (set by [`Ended`]).
+    ended: watch::Sender<bool>,
+}
+
+impl Default for Taken {
+    fn default() -> Self {
+        Self {
+            at: AtomicU64::new(0),
+            moved: Notify::new(),
+            full: Notify::new(),
+            closing: Notify::new(),
+            ended: watch::Sender::new(false),
+        }
+    }
+}
+
+/// Held by the connection's task: says it ended when dropped, however it ends.
+pub(super) struct Ended(pub(super) Arc<Taken>);
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        self.0.ended.send_replace(true);
+    }
+}
+
+impl ChatEvents {
+    pub(super) fn new(events: mpsc::Receiver<(ChatEvent, Option<u64>)>, taken: Arc<Taken>) -> Self {
+        Self { events, taken }
+    }
+
+    /// Acknowledges everything taken from the events, closes the connection, and returns once
+    /// the server answered the close (after it read the acknowledgement) or the connection
+    /// died. A program that ends after reading its events gets none of them again on the
+    /// device's next connection; what it did not take comes again.
+    ///
+    /// Dropping the events and every [`Chat`](super::Chat) clone closes the connection too,
+    /// in the background: a program that exits at once may end before the last
+    /// acknowledgement (at most 50 ms old) is sent. Requests still awaited on a `Chat` clone
+    /// fail with [`ChatError::Closed`](super::ChatError::Closed).
+    pub async fn close(self) {
+        let Self { events, taken } = self;
+        // The task may wait to queue an event: dropped, that send fails at once.
+        drop(events);
+        let mut ended = taken.ended.subscribe();
+        taken.closing.notify_one();
+        let _ = ended.wait_for(|ended| *ended).await;
+    }
+}
+
+impl Stream for ChatEvents {
+    type Item = ChatEvent;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<ChatEvent>> {
+        let item = self.events.poll_recv(cx);
+        if let Poll::Ready(Some((_, Some(at)))) = &item {
+            self.taken.at.fetch_max(*at, Ordering::AcqRel);
+            self.taken.moved.notify_one();
+        }
+        item.map(|item| item.map(|(event, _)| event))
+    }
 }

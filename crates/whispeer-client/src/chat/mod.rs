@@ -26,17 +26,17 @@
 //! The connection acknowledges its inbox (`?ack=1`): what the application took from
 //! [`ChatEvents`] is acknowledged to the server, and the device's cursor moves only so. A
 //! message the program never took — the connection died, or the program did — comes again on
-//! the device's next connection (with the same `id`).
+//! the device's next connection (with the same `id`). A program that ends after reading calls
+//! [`ChatEvents::close`], which returns once the last acknowledgement reached the server.
 
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
+use std::sync::atomic::Ordering;
 
-use futures_util::{SinkExt, Stream, StreamExt};
+use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::rustls;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
@@ -44,8 +44,8 @@ mod e2e;
 mod events;
 
 use e2e::{E2e, KeySource};
-use events::event_of;
-pub use events::{ChatEvent, ChatMessage, Presence};
+pub use events::{ChatEvent, ChatEvents, ChatMessage, Presence};
+use events::{Ended, Taken, event_of};
 pub use whispeer_engines::KeyChange;
 
 /// Where and as whom to connect.
@@ -160,36 +160,6 @@ impl Conversation {
     }
 }
 
-/// The events of a chat connection, in order; ends when the connection does.
-#[derive(Debug)]
-pub struct ChatEvents {
-    events: mpsc::Receiver<(ChatEvent, Option<u64>)>,
-    taken: Arc<Taken>,
-}
-
-/// How far into its inbox the application took events: the connection task acknowledges it.
-#[derive(Debug, Default)]
-struct Taken {
-    at: AtomicU64,
-    moved: Notify,
-    /// The connection's task found the events queue full and waits for the application to
-    /// take from it: no reply behind the events is read meanwhile.
-    full: Notify,
-}
-
-impl Stream for ChatEvents {
-    type Item = ChatEvent;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<ChatEvent>> {
-        let item = self.events.poll_recv(cx);
-        if let Poll::Ready(Some((_, Some(at)))) = &item {
-            self.taken.at.fetch_max(*at, Ordering::AcqRel);
-            self.taken.moved.notify_one();
-        }
-        item.map(|item| item.map(|(event, _)| event))
-    }
-}
-
 type Reply = oneshot::Sender<Result<Value, ChatError>>;
 
 /// A chat connection; cheap to clone. It closes once every clone and its [`ChatEvents`] are
@@ -242,7 +212,7 @@ impl Chat {
         if chat.e2e.is_some() {
             chat.publish_identity_at_connect(&taken.full).await?;
         }
-        Ok((chat, ChatEvents { events: receiver, taken }))
+        Ok((chat, ChatEvents::new(receiver, taken)))
     }
 
     /// The user this connection is.
@@ -482,6 +452,7 @@ async fn run(
     (events, taken): (mpsc::Sender<(ChatEvent, Option<u64>)>, Arc<Taken>),
     e2e: Option<Arc<E2e>>,
 ) {
+    let _ended = Ended(Arc::clone(&taken));
     let mut pending: HashMap<u64, Reply> = HashMap::new();
     let mut next_ref = 1u64;
     let mut acknowledged = 0u64;
@@ -509,6 +480,7 @@ async fn run(
                 }
             }
             () = events.closed(), if !handles => break,
+            () = taken.closing.notified() => break,
             () = taken.moved.notified(), if ack_due.is_none() => {
                 ack_due = Some(Box::pin(tokio::time::sleep(ACK_EVERY)));
             }
@@ -564,5 +536,19 @@ async fn run(
         let _ =
             ws.send(WsMessage::Text(json!({ "type": "ack", "at": at }).to_string().into())).await;
     }
-    let _ = ws.close(None).await;
+    // The server answers the close once it read everything before it (the acknowledgement
+    // included); the socket is let go only then.
+    if ws.close(None).await.is_ok() {
+        let _ = tokio::time::timeout(CLOSE_WAIT, async {
+            while let Some(Ok(message)) = ws.next().await {
+                if matches!(message, WsMessage::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
 }
+
+/// How long a closing connection waits for the server to answer its close.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
