@@ -3,7 +3,8 @@
 //!
 //! The payload is JSON-like text with varying numbers (compresses about 3–5×), closer to real
 //! traffic than zeros or noise. Also boxes sealed per recipient device (`seal_for`) for 1 to 100
-//! devices. Run with `cargo bench -p whispeer-engines --bench seal`.
+//! devices, and the ciphers alone beside them (`raw-cipher-*`: what sealing costs at least).
+//! Run with `cargo bench -p whispeer-engines --bench seal`.
 
 #![expect(clippy::unwrap_used, reason = "a benchmark fails loudly on any error")]
 #![expect(missing_docs, reason = "criterion_group! generates an undocumented function")]
@@ -137,5 +138,52 @@ fn sealed_boxes(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, seal_open, sealed_boxes);
+/// The ciphers alone, at their best: a key set up once, sealed in place in a buffer that is
+/// reused, no associated data beyond the topic, no nonce drawn. The floor under `seal` above:
+/// what remains between them is the envelope's associated data, the nonce, the key id and the
+/// output's allocation.
+fn raw_ciphers(c: &mut Criterion) {
+    use chacha20poly1305::{AeadInOut, KeyInit, XChaCha20Poly1305, XNonce};
+    let key = [7u8; 32];
+    let aad = b"sensor/kitchen/temperature";
+    for size in [128usize, 4096, 65_536] {
+        let plaintext = payload(size);
+        let mut group = c.benchmark_group(format!("raw-cipher-{size}B"));
+        group.throughput(Throughput::Bytes(size as u64));
+        group
+            .sample_size(10)
+            .measurement_time(Duration::from_secs(1))
+            .warm_up_time(Duration::from_millis(300));
+        let mut buffer = plaintext.clone();
+        let rustcrypto = XChaCha20Poly1305::new(&key.into());
+        let nonce = <&XNonce>::try_from(&[3u8; 24][..]).unwrap();
+        group.bench_function("rustcrypto-xchacha20poly1305", |b| {
+            b.iter(|| {
+                buffer.copy_from_slice(&plaintext);
+                rustcrypto.encrypt_inout_detached(nonce, aad, buffer.as_mut_slice().into()).unwrap()
+            })
+        });
+        #[cfg(feature = "ring")]
+        {
+            use ring::aead::{AES_256_GCM, Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
+            for (name, algorithm) in
+                [("ring-chacha20poly1305", &CHACHA20_POLY1305), ("ring-aes256gcm", &AES_256_GCM)]
+            {
+                let ring_key = LessSafeKey::new(UnboundKey::new(algorithm, &key).unwrap());
+                group.bench_function(name, |b| {
+                    b.iter(|| {
+                        buffer.copy_from_slice(&plaintext);
+                        let nonce = Nonce::assume_unique_for_key([3u8; 12]);
+                        ring_key
+                            .seal_in_place_separate_tag(nonce, Aad::from(aad), &mut buffer)
+                            .unwrap()
+                    })
+                });
+            }
+        }
+        group.finish();
+    }
+}
+
+criterion_group!(benches, seal_open, sealed_boxes, raw_ciphers);
 criterion_main!(benches);
