@@ -231,7 +231,11 @@ pub(crate) fn run(args: ChatArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-    runtime.block_on(session(args))
+    let code = runtime.block_on(session(args));
+    // Not waiting for the thread reading a piped standard input: it ends only at its end, and
+    // `/quit` comes before that.
+    runtime.shutdown_background();
+    code
 }
 
 async fn session(args: ChatArgs) -> ExitCode {
@@ -304,6 +308,10 @@ async fn session(args: ChatArgs) -> ExitCode {
             }
         }
     }
+    // What was shown is acknowledged before the process ends: the next session shows it no
+    // more.
+    drop(chat);
+    events.close().await;
     ExitCode::SUCCESS
 }
 

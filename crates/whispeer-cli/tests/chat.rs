@@ -510,6 +510,26 @@ async fn the_terminal_chat_seals_direct_messages_by_default() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `/quit` right after a message is shown: the message was acknowledged before the process
+/// ended, so the next session does not show it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_terminal_chat_acknowledges_what_it_showed_before_it_quits() {
+    let (dir, _) = temp_dir("quit-identities");
+    let server = ChatServer::start(&[]);
+    let mut bob = TerminalChat::start(&server.url, "bob", &dir);
+    let mut alice = TerminalChat::start(&server.url, "alice", &dir);
+    alice.type_in("/msg bob before quitting\n");
+    bob.wait_for("before quitting");
+    bob.type_in("/quit\n");
+    assert!(bob.wait_exit().success());
+    let bob = TerminalChat::start(&server.url, "bob", &dir);
+    alice.type_in("/msg bob after\n");
+    let shown = bob.wait_for("alice:");
+    assert!(shown.ends_with("alice: after"), "the first message again: {shown}");
+    drop((alice, bob));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_terminal_chat_seals_group_messages_and_reports_a_changed_key() {
     let (dir, _) = temp_dir("group-identities");

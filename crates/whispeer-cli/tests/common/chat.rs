@@ -193,6 +193,11 @@ impl TerminalChat {
         self.input.write_all(text.as_bytes()).unwrap();
     }
 
+    /// Waits for the chat to end by itself (`/quit`, say), and gives its exit status.
+    pub(crate) fn wait_exit(mut self) -> std::process::ExitStatus {
+        self.child.wait().unwrap()
+    }
+
     /// The next output line containing `text`; fails after a while.
     pub(crate) fn wait_for(&self, text: &str) -> String {
         loop {
