@@ -383,3 +383,28 @@ async fn a_program_that_closes_its_events_and_ends_gets_nothing_again() {
     alice.send_to("bob", 3).await.unwrap();
     assert_eq!(next(&mut again, message).await.msg, serde_json::json!(3), "nothing twice");
 }
+
+/// `close` while the connection's task waits for room in a full events queue (1,024): the
+/// program took one message of 1,100 waiting and closes. `close` returns, and the next
+/// connection starts at the second message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_returns_behind_a_full_events_queue_and_acknowledges_only_what_was_taken() {
+    let mut config = whispeer::server::ChatConfig::default();
+    config.max_messages_per_sec = 100_000;
+    let chat = ChatListener::new("127.0.0.1:0").config(config);
+    let status = chat.status();
+    let _broker = Broker::builder(BrokerOptions::default()).with(chat).build();
+    let url = format!("ws://{}/ws", status.local_addr().unwrap());
+    let (alice, _alice_events) = plain(&url, "alice", "laptop").await;
+    drop(plain(&url, "bob", "phone").await);
+    for n in 0..1_100 {
+        alice.send_to("bob", n).await.unwrap();
+    }
+    let (_bob, mut events) = plain(&url, "bob", "phone").await;
+    assert_eq!(next(&mut events, message).await.msg, serde_json::json!(0));
+    // The queue fills behind the message taken.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    timeout(Duration::from_secs(10), events.close()).await.expect("close returned");
+    let (_bob, mut again) = plain(&url, "bob", "phone").await;
+    assert_eq!(next(&mut again, message).await.msg, serde_json::json!(1));
+}

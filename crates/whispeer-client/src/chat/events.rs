@@ -190,7 +190,7 @@ pub struct ChatEvents {
 }
 
 /// How far into its inbox the application took events: the connection task acknowledges it.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(super) struct Taken {
     pub(super) at: AtomicU64,
     pub(super) moved: Notify,
@@ -201,18 +201,6 @@ pub(super) struct Taken {
     pub(super) closing: Notify,
     /// The connection's task ended (set by [`Ended`]).
     ended: watch::Sender<bool>,
-}
-
-impl Default for Taken {
-    fn default() -> Self {
-        Self {
-            at: AtomicU64::new(0),
-            moved: Notify::new(),
-            full: Notify::new(),
-            closing: Notify::new(),
-            ended: watch::Sender::new(false),
-        }
-    }
 }
 
 /// Held by the connection's task: says it ended when dropped, however it ends.
