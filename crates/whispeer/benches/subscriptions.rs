@@ -17,6 +17,17 @@
 //! ran at 0.6–0.8× its rate alone, which flattered the ratio). `… -- 100000` runs one case in
 //! this process (`… -- 100000 long`: with the longer topics; `WHISPEER_BENCH_MESSAGES` sets the
 //! messages a pass, default 1,000,000).
+//!
+//! `… -- 100000 stepped` runs the case on one thread, which publishes 64 messages and then
+//! runs the dispatchers until they delivered them, and so on: a run that a cache simulator
+//! replays the same way each time, where two threads interleave differently. The cache
+//! lines a message misses, which the throughput above swings too much on this machine to
+//! show, then come out as a count (the difference of two message counts, so that subscribing
+//! falls out):
+//!
+//! ```text
+//! valgrind --tool=cachegrind --cache-sim=yes --LL=33554432,16,64 <the bench> -- 100000 stepped
+//! ```
 
 #![expect(clippy::unwrap_used, reason = "a benchmark fails loudly on any error")]
 
@@ -39,6 +50,9 @@ fn topic(i: usize, long: bool) -> String {
     if long { format!("devices/{i:06}/telemetry/temperature") } else { format!("w/{i}") }
 }
 
+/// Messages published between two runs of the one-thread runtime, stepped (`-- N stepped`).
+const STEP: u64 = 64;
+
 /// The topics a run publishes to, drawn by xorshift from the same seed in every case.
 struct Draws(u64);
 
@@ -60,7 +74,14 @@ impl Draws {
 /// Subscribes `count` callbacks to [`topic`]s, then publishes two passes of `messages` to
 /// random ones; gives the KiB per subscription and the delivered messages per second of each
 /// pass (the first also pays for each subscription's first messages: its queue's buffers).
-fn case(count: usize, messages: u64, long: bool) -> (f64, [f64; 2]) {
+/// With `stepped`, the runtime is `runtime`, of one thread: every [`STEP`] messages it runs
+/// until they are delivered.
+fn case(
+    count: usize,
+    messages: u64,
+    long: bool,
+    stepped: Option<&tokio::runtime::Runtime>,
+) -> (f64, [f64; 2]) {
     let broker = Broker::builder(BrokerOptions::default()).build();
     let delivered = Arc::new(AtomicU64::new(0));
     let before = rss_bytes().unwrap_or(0);
@@ -81,10 +102,20 @@ fn case(count: usize, messages: u64, long: bool) -> (f64, [f64; 2]) {
     let mut rates = [0.0; 2];
     for (pass, rate) in rates.iter_mut().enumerate() {
         let start = Instant::now();
-        for _ in 0..messages {
+        for sent in 1..=messages {
             let topic = draws.among(&topics);
             while broker.publish(topic, &payload).is_err() {
                 std::thread::yield_now();
+            }
+            if let Some(runtime) = stepped
+                && sent % STEP == 0
+            {
+                let goal = messages * pass as u64 + sent;
+                runtime.block_on(async {
+                    while delivered.load(Ordering::Relaxed) < goal {
+                        tokio::task::yield_now().await;
+                    }
+                });
             }
         }
         let goal = messages * (pass as u64 + 1);
@@ -175,13 +206,19 @@ fn main() {
             println!("{count} floor: {:.0} k look-ups/s", rate / 1e3);
             return;
         }
-        let runtime =
-            tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
+        // `stepped`: one thread, for a cache simulator (see the module's documentation).
+        let stepped = std::env::args().skip(1).any(|a| a == "stepped");
+        let runtime = if stepped {
+            tokio::runtime::Builder::new_current_thread().enable_all().build()
+        } else {
+            tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()
+        };
         let runtime = runtime.unwrap();
         let _entered = runtime.enter();
         // `WHISPEER_BENCH_MESSAGES`: messages a pass (default 1,000,000), fewer under a
         // profiler.
-        let (per, [first, second]) = case(count, messages.unwrap_or(1_000_000), long);
+        let messages = messages.unwrap_or(1_000_000);
+        let (per, [first, second]) = case(count, messages, long, stepped.then_some(&runtime));
         println!(
             "{count} subscriptions: {per:.2} KiB each, {:.0} k msgs/s first, {:.0} k msgs/s then",
             first / 1e3,
