@@ -342,3 +342,24 @@ fn a_pushed_batch_within_a_shared_budget_charges_it_and_gives_it_back() {
     assert_eq!(std::iter::from_fn(|| queue.try_pop()).count(), 10);
     assert_eq!(budget.used(), 0);
 }
+
+#[test]
+fn what_a_push_touches_comes_first_and_what_a_consumer_touches_lies_together() {
+    use std::mem::offset_of;
+    // A push: the inbox, the bounds, the policy (see `Queue`'s documentation).
+    let push = [
+        offset_of!(Queue, inbox) + size_of::<Mutex<Inbox>>(),
+        offset_of!(Queue, load) + 8,
+        offset_of!(Queue, capacity) + 8,
+        offset_of!(Queue, max_bytes) + 8,
+        offset_of!(Queue, budget) + size_of::<Option<ByteBudget>>(),
+        offset_of!(Queue, dealt) + 8,
+        offset_of!(Queue, closed) + 1,
+        offset_of!(Queue, policy) + 1,
+    ];
+    assert!(push.iter().all(|&end| end <= 112), "a push's fields end at {push:?}");
+    // A consumer's own: its batch, the replay offsets and the count received, 64 bytes.
+    let start = offset_of!(Queue, batch);
+    let end = offset_of!(Queue, counters) + offset_of!(Counters, received) + 8;
+    assert!(offset_of!(Queue, replay_from) > start && end - start <= 64, "{start}..{end}");
+}
