@@ -12,7 +12,18 @@ use whispeer::{Broker, BrokerOptions};
 use whispeer_client::{Chat, ChatError, ChatEvent, ChatEvents, ChatOptions, Conversation};
 
 fn listener() -> (Broker, String) {
-    let chat = ChatListener::new("127.0.0.1:0");
+    listener_with(whispeer::server::ChatConfig::default())
+}
+
+/// A listener whose per-user rate limit lets a test send a backlog of a thousand at once.
+fn fast_listener() -> (Broker, String) {
+    let mut config = whispeer::server::ChatConfig::default();
+    config.max_messages_per_sec = 100_000;
+    listener_with(config)
+}
+
+fn listener_with(config: whispeer::server::ChatConfig) -> (Broker, String) {
+    let chat = ChatListener::new("127.0.0.1:0").config(config);
     let status = chat.status();
     let broker = Broker::builder(BrokerOptions::default()).with(chat).build();
     (broker, format!("ws://{}/ws", status.local_addr().unwrap()))
@@ -320,12 +331,7 @@ async fn what_the_program_did_not_take_comes_again_on_the_next_connection() {
 /// take only once connected; then the backlog comes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_back_to_a_backlog_larger_than_the_events_queue_connects_and_gets_it_all() {
-    let mut config = whispeer::server::ChatConfig::default();
-    config.max_messages_per_sec = 100_000;
-    let chat = ChatListener::new("127.0.0.1:0").config(config);
-    let status = chat.status();
-    let _broker = Broker::builder(BrokerOptions::default()).with(chat).build();
-    let url = format!("ws://{}/ws", status.local_addr().unwrap());
+    let (_broker, url) = fast_listener();
     let (_bob, mut bob_events) = as_user(&url, "bob", "phone").await;
     let (alice, alice_events) = as_user(&url, "alice", "laptop").await;
     drop(alice_events);
@@ -389,12 +395,7 @@ async fn a_program_that_closes_its_events_and_ends_gets_nothing_again() {
 /// connection starts at the second message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_returns_behind_a_full_events_queue_and_acknowledges_only_what_was_taken() {
-    let mut config = whispeer::server::ChatConfig::default();
-    config.max_messages_per_sec = 100_000;
-    let chat = ChatListener::new("127.0.0.1:0").config(config);
-    let status = chat.status();
-    let _broker = Broker::builder(BrokerOptions::default()).with(chat).build();
-    let url = format!("ws://{}/ws", status.local_addr().unwrap());
+    let (_broker, url) = fast_listener();
     let (alice, _alice_events) = plain(&url, "alice", "laptop").await;
     drop(plain(&url, "bob", "phone").await);
     for n in 0..1_100 {

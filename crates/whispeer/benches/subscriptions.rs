@@ -113,6 +113,7 @@ fn case(
                 let goal = messages * pass as u64 + sent;
                 runtime.block_on(async {
                     while delivered.load(Ordering::Relaxed) < goal {
+                        assert!(start.elapsed() < Duration::from_secs(600), "deliveries stalled");
                         tokio::task::yield_now().await;
                     }
                 });
