@@ -103,6 +103,9 @@ pub(crate) struct Config {
     pub(crate) max_retained: usize,
     /// Most payload bytes of retained messages in all.
     pub(crate) max_retained_bytes: usize,
+    /// Bytes of history all topics keep in memory together (`[[retention]]`, durable topics,
+    /// chat inboxes and conversations); past it the oldest messages go first.
+    pub(crate) max_history_bytes: usize,
     /// Most publishes per second per connection (bursts of one second's worth); none if unset.
     pub(crate) max_publish_rate: Option<u32>,
     /// Most published payload bytes per second per connection; none if unset.
@@ -286,6 +289,7 @@ impl Default for Config {
             max_subscriptions: server.max_subscriptions,
             max_retained: server.max_retained,
             max_retained_bytes: server.max_retained_bytes,
+            max_history_bytes: BrokerOptions::default().history_max_bytes,
             max_publish_rate: None,
             max_publish_bytes_per_sec: None,
             log: Log::default(),
@@ -390,6 +394,7 @@ impl Config {
         options.dedup_window = Duration::from_millis(d.dedup_window_ms);
         options.dedup_max_keys = d.dedup_max_keys;
         options.group_linger = Duration::from_millis(d.group_linger_ms);
+        options.history_max_bytes = self.max_history_bytes;
         for rule in &d.ttl {
             let filter = Filter::parse(&rule.filter)
                 .map_err(|e| anyhow::anyhow!("delivery.ttl: filter {:?}: {e}", rule.filter))?;

@@ -105,6 +105,34 @@ fn sub_from_earliest_or_an_offset_replays_retained_history() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_of_all_topics_keeps_to_max_history_bytes_and_the_metrics_say_so() {
+    // Room for ten 744-byte messages (each weighs 1,000 with its 256), where each topic's
+    // rule would keep a hundred.
+    let rules = r#"[{filter="log/#",max_messages=100}]"#;
+    let envs = [("WHISPEER_RETENTION", rules), ("WHISPEER_MAX_HISTORY_BYTES", "10000")];
+    let server = Server::start_with(&["--admin-listen", "127.0.0.1:0"], &envs);
+    let client = Client::connect(server.addr.clone()).await.unwrap();
+    for n in 0..30u8 {
+        let topic = if n % 2 == 0 { "log/even" } else { "log/odd" };
+        client.publish_acked_bytes(topic, vec![n; 744]).await.unwrap();
+    }
+    let admin = server.admin.as_deref().unwrap();
+    let (_, metrics) = http_get(admin, "/metrics");
+    let held = sample(&metrics, "whispeer_history_bytes");
+    let evicted = sample(&metrics, "whispeer_history_evicted_total");
+    assert!(held <= 10_000.0 && evicted >= 20.0, "{held} bytes held, {evicted} evicted");
+    assert_eq!(held / 1_000.0 + evicted, 30.0, "each message held or evicted");
+    // The oldest went first: what is left is the last ones published, of both topics.
+    let options = SubscribeOptions::new("log/#").start(StartAt::Earliest);
+    let mut all = client.messages(options).await.unwrap();
+    let left = (held / 1_000.0) as u8;
+    for n in 30 - left..30 {
+        let got = tokio::time::timeout(Duration::from_secs(20), all.recv()).await.unwrap();
+        assert_eq!(got.unwrap().payload()[0], n);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_durable_topic_without_a_retention_rule_replays_everything_it_stored() {
     let dir = std::env::temp_dir().join(format!("whispeer-durable-all-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);

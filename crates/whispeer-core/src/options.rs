@@ -55,6 +55,11 @@ pub struct BrokerOptions {
     /// topic without a retention rule keeps the last 10 000 messages (64 MiB) in memory.
     /// Default: none.
     pub durability: Option<Durability>,
+    /// Bytes of history (payloads plus 256 a message) all topics keep in memory together:
+    /// each topic within its own rule, and past this the broker's oldest messages go first,
+    /// whatever their topic, counted in [`BrokerStats::history_evicted`](crate::BrokerStats).
+    /// A durable topic's store still holds what memory let go. Default: 1 GiB.
+    pub history_max_bytes: usize,
 }
 
 impl Default for BrokerOptions {
@@ -73,6 +78,7 @@ impl Default for BrokerOptions {
             topic_ttl: Vec::new(),
             retention: Vec::new(),
             durability: None,
+            history_max_bytes: 1 << 30,
         }
     }
 }

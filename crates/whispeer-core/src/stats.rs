@@ -83,6 +83,11 @@ pub struct BrokerStats {
     pub duplicates: u64,
     /// Live subscriptions (a queue group counts once).
     pub subscriptions: usize,
+    /// Bytes of history all topics keep in memory (payloads plus 256 a message).
+    pub history_bytes: usize,
+    /// Messages evicted from history before their topic's own bound, because all topics'
+    /// history together passed `BrokerOptions::history_max_bytes`.
+    pub history_evicted: u64,
 }
 
 impl BrokerCounters {
@@ -107,6 +112,8 @@ impl BrokerCounters {
             dead_lettered: get(&self.dead_lettered),
             duplicates: get(&self.duplicates),
             subscriptions,
+            history_bytes: 0,
+            history_evicted: 0,
         }
     }
 }

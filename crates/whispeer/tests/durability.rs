@@ -342,6 +342,26 @@ async fn history_older_than_memory_is_replayed_from_the_store_never_skipped() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_bound_on_all_history_evicts_of_a_durable_topic_replays_from_the_store() {
+    let dir = TempDir::new("durable-beyond-all-history");
+    let mut options = BrokerOptions::default();
+    let wal = WalOptions::new(&dir.0).fsync(FsyncPolicy::Never);
+    options.durability = Some(Durability::new(wal).topic(Filter::parse("hist/#").unwrap()));
+    // No retention rule: each durable topic would keep 10,000 in memory. All together keep
+    // about fifty (a u32 weighs its one to five bytes plus 256).
+    options.history_max_bytes = 50 * 260;
+    let broker = Broker::builder(options).try_build().unwrap();
+    publish_durably(&broker, "hist/a", 0..1000).await;
+    publish_durably(&broker, "hist/b", 0..1000).await;
+    let in_memory: usize = broker.topics().iter().map(|t| t.messages).sum();
+    assert!((40..=50).contains(&in_memory), "{in_memory} in memory");
+    assert_eq!(broker.stats().history_evicted, 2000 - in_memory as u64);
+    assert_eq!(broker.topics()[0].first_offset, 1001, "hist/a left memory first: the oldest");
+    let (got, _sub) = replay(&broker, "hist/a", 1000).await;
+    assert_eq!(got, (0..1000).map(|n| (n, u64::from(n) + 1)).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_durable_subscription_resumes_from_the_store_after_a_commit_older_than_memory() {
     let dir = TempDir::new("durable-resume-beyond-memory");
     let group = || {

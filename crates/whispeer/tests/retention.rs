@@ -82,6 +82,79 @@ async fn history_is_bounded_by_bytes_and_unretained_topics_keep_none() {
     assert_eq!((live.decode::<u32>().unwrap(), live.offset()), (9, None));
 }
 
+/// (first offset, messages) of each retained topic, by name.
+fn held(broker: &Broker) -> Vec<(String, u64, usize)> {
+    let topics = broker.topics().into_iter();
+    topics.map(|t| (t.topic.to_string(), t.first_offset, t.messages)).collect()
+}
+
+#[tokio::test]
+async fn all_topics_history_together_keeps_to_its_bound_the_oldest_going_first() {
+    // Each message weighs 744 + 256 = 1,000 bytes: room for ten in all, though each topic's
+    // own rule would keep a hundred. A trim goes down to an eighth under the bound: 8.75.
+    let mut options = BrokerOptions::default();
+    options.retention = vec![(Filter::parse("log/#").unwrap(), Retention::messages(100))];
+    options.history_max_bytes = 10_000;
+    let broker = Broker::builder(options).build();
+    let publish = |topic: &str, n: u8| {
+        broker.publish_bytes(topic, vec![n; 744]).unwrap();
+    };
+    (1..=6).for_each(|n| publish("log/a", n));
+    (1..=4).for_each(|n| publish("log/b", n));
+    assert_eq!(broker.stats().history_evicted, 0, "ten fit");
+    assert_eq!(broker.stats().history_bytes, 10_000);
+    // The eleventh passes the bound: the three oldest go, all of them log/a's.
+    publish("log/b", 5);
+    assert_eq!(held(&broker), [("log/a".into(), 4, 3), ("log/b".into(), 1, 5)]);
+    assert_eq!((broker.stats().history_evicted, broker.stats().history_bytes), (3, 8_000));
+    // The next trim, publishing to log/a, takes log/a's 4–6: older than anything of log/b's.
+    (7..=9).for_each(|n| publish("log/a", n));
+    assert_eq!(held(&broker), [("log/a".into(), 7, 3), ("log/b".into(), 1, 5)]);
+    // The one after, still publishing to log/a, takes log/b's 1–3: now the oldest there are.
+    (10..=12).for_each(|n| publish("log/a", n));
+    assert_eq!(held(&broker), [("log/a".into(), 7, 6), ("log/b".into(), 4, 2)]);
+    assert_eq!((broker.stats().history_evicted, broker.stats().history_bytes), (9, 8_000));
+    // What is left replays in the order it was accepted; what went is refused as evicted.
+    let mut all = broker.messages(from("log/#", StartAt::Earliest)).unwrap();
+    let mut got = Vec::new();
+    for _ in 0..8 {
+        let m = soon(all.recv_message()).await.unwrap();
+        got.push((m.topic().to_string(), m.payload()[0]));
+    }
+    let b = |n| ("log/b".to_string(), n);
+    let a = |n| ("log/a".to_string(), n);
+    assert_eq!(got, [b(4), b(5), a(7), a(8), a(9), a(10), a(11), a(12)]);
+    assert!(all.try_recv_message().is_none());
+    let evicted = broker.messages(from("log/b", StartAt::Offset(1))).unwrap_err();
+    assert!(matches!(evicted, SubscribeError::OffsetEvicted { requested: 1, first: 4 }));
+}
+
+#[test]
+fn publishers_on_many_threads_keep_all_history_within_its_bound_and_every_message_counted() {
+    let mut options = BrokerOptions::default();
+    options.retention = vec![(Filter::parse("t/#").unwrap(), Retention::messages(10_000))];
+    options.history_max_bytes = 200 * 1_000;
+    let broker = Broker::builder(options).build();
+    std::thread::scope(|threads| {
+        for t in 0..4 {
+            let broker = &broker;
+            threads.spawn(move || {
+                for n in 0..5_000u32 {
+                    let topic = format!("t/{t}/{}", n % 7);
+                    broker.publish_bytes(&topic, vec![0; 744]).unwrap();
+                }
+            });
+        }
+    });
+    let stats = broker.stats();
+    let topics = broker.topics();
+    let messages: usize = topics.iter().map(|t| t.messages).sum();
+    let bytes: usize = topics.iter().map(|t| t.bytes).sum();
+    assert_eq!(stats.history_bytes, bytes, "the count is what the topics hold");
+    assert!(bytes <= 200 * 1_000, "{bytes} bytes held");
+    assert_eq!(stats.history_evicted + messages as u64, 20_000, "each message held or evicted");
+}
+
 #[tokio::test(start_paused = true)]
 async fn history_older_than_its_age_bound_is_swept_away() {
     let broker = broker(&[("#", Retention::messages(100).max_age(Duration::from_secs(1)))]);

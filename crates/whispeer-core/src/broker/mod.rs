@@ -284,7 +284,12 @@ impl Broker {
 
     /// A snapshot of the broker's counters.
     pub fn stats(&self) -> BrokerStats {
-        self.inner.counters.snapshot(self.inner.router.len())
+        let memory = &self.inner.history.memory;
+        BrokerStats {
+            history_bytes: memory.held(),
+            history_evicted: memory.evicted(),
+            ..self.inner.counters.snapshot(self.inner.router.len())
+        }
     }
 
     /// The broker's options.

@@ -10,10 +10,13 @@
 //! `Queue::set_replay_from`). Nothing is delivered twice and nothing falls in between.
 //!
 //! Eviction: by count and bytes on every append; by age on append and by a background sweep that
-//! evicts at most `SWEEP_BUDGET` messages per tick.
+//! evicts at most `SWEEP_BUDGET` messages per tick; and, across topics, the oldest first once
+//! all history together passes `BrokerOptions::history_max_bytes` (`memory.rs`).
 
+mod memory;
 mod replay;
 
+pub(crate) use memory::Memory;
 pub(crate) use replay::{Replay, StoredRange};
 
 use std::collections::{HashMap, VecDeque};
@@ -103,11 +106,14 @@ pub(crate) struct TopicLog {
     next: u64,
     entries: VecDeque<Entry>,
     bytes: usize,
+    /// What all topics' history holds, which `bytes` is part of.
+    memory: Arc<Memory>,
 }
 
 impl TopicLog {
-    fn new(rule: Retention, durable: bool) -> Self {
-        Self { rule, durable, sequenced: false, next: 1, entries: VecDeque::new(), bytes: 0 }
+    fn new(rule: Retention, durable: bool, memory: Arc<Memory>) -> Self {
+        let (next, entries, bytes) = (1, VecDeque::new(), 0);
+        Self { rule, durable, sequenced: false, next, entries, bytes, memory }
     }
 
     /// The offset the next message will get.
@@ -172,7 +178,9 @@ impl TopicLog {
         // Never earlier than the message before, so sorting by time keeps a topic's order even
         // if the wall clock steps back.
         let time_ms = time_ms.max(self.entries.back().map_or(0, |e| e.time_ms));
-        self.bytes += weight(&message);
+        let weight = weight(&message);
+        self.bytes += weight;
+        self.memory.add(weight);
         self.entries.push_back(Entry { offset, seq, time_ms, at: Instant::now(), message });
         while self.entries.len() > self.rule.max_messages
             || (self.bytes > self.rule.max_bytes && self.entries.len() > 1)
@@ -184,8 +192,23 @@ impl TopicLog {
 
     fn evict_one(&mut self) {
         if let Some(old) = self.entries.pop_front() {
-            self.bytes -= weight(&old.message);
+            let weight = weight(&old.message);
+            self.bytes -= weight;
+            self.memory.sub(weight);
         }
+    }
+
+    /// Gives back most of the room of a log a trim emptied, or mostly: a chat server's many
+    /// inboxes would otherwise each keep room for the most they ever held.
+    fn shrink(&mut self) {
+        if self.entries.capacity() > 16 && self.entries.len() < self.entries.capacity() / 4 {
+            self.entries.shrink_to(self.entries.len() * 2);
+        }
+    }
+
+    /// The broker's acceptance number of the oldest message held, if any.
+    fn first_seq(&self) -> Option<u64> {
+        self.entries.front().map(|e| e.seq)
     }
 
     /// Evicts messages older than the age bound, at most `budget`; returns how many.
@@ -213,6 +236,13 @@ impl TopicLog {
     }
 }
 
+impl Drop for TopicLog {
+    fn drop(&mut self) {
+        // What it held no longer counts against the bound on all history.
+        self.memory.sub(self.bytes);
+    }
+}
+
 /// What a replaying subscription starts from.
 #[derive(Debug, Default)]
 pub(crate) struct Snapshot {
@@ -227,7 +257,6 @@ pub(crate) struct Snapshot {
 }
 
 /// Every topic's history, and the rules that say which topics keep one.
-#[derive(Default)]
 pub(crate) struct History {
     rules: Vec<(Filter, Retention)>,
     /// Topics written to the write-ahead log.
@@ -237,6 +266,8 @@ pub(crate) struct History {
     seq: AtomicU64,
     /// Offsets of durable topics new to this process start after this (see `continue_after`).
     floor: AtomicU64,
+    /// What all topics' history holds together, and its bound.
+    pub(crate) memory: Arc<Memory>,
 }
 
 impl std::fmt::Debug for History {
@@ -250,9 +281,30 @@ pub(crate) fn lock(log: &Mutex<TopicLog>) -> MutexGuard<'_, TopicLog> {
 }
 
 impl History {
-    pub(crate) fn new(rules: Vec<(Filter, Retention)>, durable: Vec<Filter>) -> Self {
+    /// History by `rules` and for the `durable` topics, all of it together within `max_bytes`.
+    pub(crate) fn new(
+        rules: Vec<(Filter, Retention)>,
+        durable: Vec<Filter>,
+        max_bytes: usize,
+    ) -> Self {
         let (logs, seq, floor) = (RwLock::default(), AtomicU64::new(0), AtomicU64::new(0));
-        Self { rules, durable, logs, seq, floor }
+        let memory = Arc::new(Memory::new(max_bytes));
+        Self { rules, durable, logs, seq, floor, memory }
+    }
+
+    /// Once all history together holds more than its bound, evicts the oldest messages
+    /// across topics (see `memory.rs`); returns how many. Call it with no log's lock held.
+    pub(crate) fn trim(&self) -> u64 {
+        if !self.memory.is_over() {
+            return 0;
+        }
+        let logs: Vec<Arc<Mutex<TopicLog>>> =
+            self.logs.read().unwrap_or_else(PoisonError::into_inner).values().cloned().collect();
+        let evicted = self.memory.trim(&logs);
+        if evicted > 0 {
+            tracing::debug!(evicted, held = self.memory.held(), "history trimmed to its bound");
+        }
+        evicted
     }
 
     /// Puts messages read back from the write-ahead log into their topics' history, and
@@ -263,6 +315,8 @@ impl History {
             let mut log = lock(&log);
             log.next = log.next.max(offset + 1);
             log.append(offset, self.next_seq(), accepted_ms, message);
+            drop(log);
+            self.trim();
         }
     }
 
@@ -304,7 +358,7 @@ impl History {
         let mut logs = self.logs.write().unwrap_or_else(PoisonError::into_inner);
         let floor = if durable { self.floor.load(Ordering::Relaxed) } else { 0 };
         let log = logs.entry(topic.clone()).or_insert_with(|| {
-            let mut log = TopicLog::new(rule, durable);
+            let mut log = TopicLog::new(rule, durable, Arc::clone(&self.memory));
             log.next = floor + 1;
             Arc::new(Mutex::new(log))
         });

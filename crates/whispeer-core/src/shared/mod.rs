@@ -108,7 +108,7 @@ impl Shared {
         }
         let dedup = Dedup::new(options.dedup_window, options.dedup_max_keys);
         let durable = options.durability.as_ref().map(|d| d.topics.clone()).unwrap_or_default();
-        let history = History::new(options.retention.clone(), durable);
+        let history = History::new(options.retention.clone(), durable, options.history_max_bytes);
         Self {
             options,
             engines,
@@ -329,6 +329,7 @@ impl Shared {
                 Forwarded::Alongside => (Scope::All, None),
             },
         };
+        let history_kept = history.is_some();
         let routed = match history {
             None => {
                 let (id, topic) = (envelope.id, topic.as_str());
@@ -356,6 +357,9 @@ impl Shared {
                 routed.map(|receipt| PublishReceipt { ticket, ..receipt })
             })(),
         };
+        if history_kept {
+            self.history.trim();
+        }
         let routed = routed.map(|receipt| PublishReceipt { bridged: forwarded, ..receipt });
         self.forget_unless_routed(routed, &topic, key.as_ref())
     }
@@ -409,6 +413,8 @@ impl Shared {
         let make = |_, _: &Matches<'_>| message.clone();
         let routed = self.fan_out(id, topic.as_str(), Scope::Solo, known_valid, make);
         log.append(offset, seq, accepted_ms, message);
+        drop(log);
+        self.history.trim();
         routed
     }
 

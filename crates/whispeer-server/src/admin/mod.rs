@@ -265,6 +265,7 @@ impl AdminServer {
             ("whispeer_dead_letters_total", stats.dead_lettered),
             ("whispeer_messages_expired_total", stats.expired),
             ("whispeer_duplicates_total", stats.duplicates),
+            ("whispeer_history_evicted_total", stats.history_evicted),
             ("whispeer_decode_errors_total", stats.decode_errors),
             ("whispeer_open_errors_total", stats.open_errors),
             ("whispeer_auth_failures_total", self.access.auth_failures()),
@@ -305,6 +306,7 @@ impl AdminServer {
         metrics::gauge!("whispeer_queue_depth_max").set(deepest as f64);
         metrics::gauge!("whispeer_unacked_messages").set(unacked as f64);
         metrics::gauge!("whispeer_subscriptions").set(stats.subscriptions as f64);
+        metrics::gauge!("whispeer_history_bytes").set(stats.history_bytes as f64);
         metrics::gauge!("whispeer_store_healthy").set(if self.broker.store_healthy() {
             1.0
         } else {
