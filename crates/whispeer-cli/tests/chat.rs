@@ -405,6 +405,30 @@ async fn a_device_back_after_the_inbox_bound_is_told_how_many_it_missed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_back_after_the_bound_on_all_history_is_told_how_many_it_missed() {
+    // Each inbox may keep 10,000 messages, but all history together only about twenty (a
+    // message weighs its envelope's payload plus 256, kept in the inbox and the conversation).
+    let server = ChatServer::start(&[
+        ("WHISPEER_MAX_HISTORY_BYTES", "12000"),
+        ("WHISPEER_CHAT__MAX_MESSAGES_PER_SEC", "1000"),
+    ]);
+    ChatClient::join(&server.url, "bob", "phone").await.leave().await;
+    let mut alice = ChatClient::join(&server.url, "alice", "laptop").await;
+    for n in 0..40 {
+        assert_eq!(alice.ask(json!({"to": "bob", "msg": format!("m{n}")})).await["type"], "sent");
+    }
+    let mut phone = ChatClient::join(&server.url, "bob", "phone").await;
+    let notice = phone.next_where(|v| v["type"] == "notice").await;
+    assert_eq!(notice["code"], "missed", "{notice}");
+    let missed = notice["missed"].as_u64().unwrap();
+    assert!((1..40).contains(&missed), "{notice}");
+    // The oldest went: what is left is the latest, in order, to the last one.
+    let kept = numbers_until(&mut phone, 39).await;
+    let expected: Vec<usize> = (missed as usize..40).collect();
+    assert_eq!(kept, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_limit_is_refused_by_name_while_others_are_served() {
     let server = ChatServer::start(&[
         ("WHISPEER_CHAT__MAX_MESSAGES_PER_SEC", "5"),
