@@ -17,7 +17,8 @@
 //! read's frames.
 //!
 //! Arguments: messages (2,000,000), then the subscriber counts to run (1 and 8);
-//! `WHISPEER_BENCH_WAY=bytes` or `read` runs one way only; `WHISPEER_BENCH_TOPICS=N` publishes
+//! `WHISPEER_BENCH_WAY=bytes`, `read` or `broadcast` runs one way only (`broadcast`: the same
+//! shape through `tokio::sync::broadcast`, for comparison); `WHISPEER_BENCH_TOPICS=N` publishes
 //! to N topics in turn (each with the case's subscriber count), one topic by default.
 
 #![expect(clippy::unwrap_used, reason = "a benchmark fails loudly on any error")]
@@ -86,6 +87,29 @@ fn case(subscribers: usize, topics: usize, messages: u64, way: Way) -> f64 {
     start.elapsed().as_nanos() as f64 / messages as f64
 }
 
+/// The same shape through `tokio::sync::broadcast`: a send to `subscribers` receivers, each
+/// emptied with `try_recv` every [`BATCH`] messages. What the in-process target compares with.
+fn broadcast(subscribers: usize, messages: u64) -> f64 {
+    let (tx, _) = tokio::sync::broadcast::channel::<Bytes>(1024);
+    let mut rxs: Vec<_> = (0..subscribers).map(|_| tx.subscribe()).collect();
+    let payload = Bytes::from(vec![7u8; 128]);
+    let start = Instant::now();
+    let mut taken = 0u64;
+    for sent in 1..=messages {
+        tx.send(payload.clone()).unwrap();
+        if sent % BATCH == 0 {
+            for rx in &mut rxs {
+                while let Ok(message) = rx.try_recv() {
+                    assert_eq!(message.len(), 128);
+                    taken += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(taken, messages / BATCH * BATCH * subscribers as u64);
+    start.elapsed().as_nanos() as f64 / messages as f64
+}
+
 fn main() {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let _entered = runtime.enter();
@@ -93,19 +117,25 @@ fn main() {
     let messages = args.next().unwrap_or(2_000_000);
     let counts: Vec<u64> = args.collect();
     let counts = if counts.is_empty() { vec![1, 8] } else { counts };
-    // `WHISPEER_BENCH_WAY=bytes` or `read`: that way only (for callgrind).
+    // `WHISPEER_BENCH_WAY=bytes`, `read` or `broadcast`: that way only (for callgrind).
     let only = std::env::var("WHISPEER_BENCH_WAY").ok();
     let topics = std::env::var("WHISPEER_BENCH_TOPICS").ok().and_then(|n| n.parse().ok());
     let topics = topics.unwrap_or(1usize).max(1);
     for subscribers in counts {
         let subscribers = subscribers as usize;
-        if only.as_deref() != Some("read") {
+        if only.is_none() || only.as_deref() == Some("bytes") {
             let ns = case(subscribers, topics, messages, Way::Bytes);
             println!("publish + take, 1 → {subscribers}: {ns:.1} ns a message");
         }
-        if only.as_deref() != Some("bytes") {
+        if only.is_none() || only.as_deref() == Some("read") {
             let ns = case(subscribers, topics, messages, Way::Read);
             println!("a read's publish_envelope + take, 1 → {subscribers}: {ns:.1} ns a message");
+        }
+        if only.is_none() || only.as_deref() == Some("broadcast") {
+            let ns = broadcast(subscribers, messages);
+            println!(
+                "tokio::sync::broadcast send + try_recv, 1 → {subscribers}: {ns:.1} ns a message"
+            );
         }
     }
 }
