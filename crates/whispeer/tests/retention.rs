@@ -91,7 +91,7 @@ fn held(broker: &Broker) -> Vec<(String, u64, usize)> {
 #[tokio::test]
 async fn all_topics_history_together_keeps_to_its_bound_the_oldest_going_first() {
     // Each message weighs 744 + 256 = 1,000 bytes: room for ten in all, though each topic's
-    // own rule would keep a hundred. A trim goes down to an eighth under the bound: 8.75.
+    // own rule would keep a hundred.
     let mut options = BrokerOptions::default();
     options.retention = vec![(Filter::parse("log/#").unwrap(), Retention::messages(100))];
     options.history_max_bytes = 10_000;
@@ -103,30 +103,54 @@ async fn all_topics_history_together_keeps_to_its_bound_the_oldest_going_first()
     (1..=4).for_each(|n| publish("log/b", n));
     assert_eq!(broker.stats().history_evicted, 0, "ten fit");
     assert_eq!(broker.stats().history_bytes, 10_000);
-    // The eleventh passes the bound: the three oldest go, all of them log/a's.
+    // The eleventh passes the bound: the oldest goes, log/a's first.
     publish("log/b", 5);
-    assert_eq!(held(&broker), [("log/a".into(), 4, 3), ("log/b".into(), 1, 5)]);
-    assert_eq!((broker.stats().history_evicted, broker.stats().history_bytes), (3, 8_000));
-    // The next trim, publishing to log/a, takes log/a's 4–6: older than anything of log/b's.
+    assert_eq!(held(&broker), [("log/a".into(), 2, 5), ("log/b".into(), 1, 5)]);
+    assert_eq!((broker.stats().history_evicted, broker.stats().history_bytes), (1, 10_000));
+    // Publishing to log/a takes log/a's own 2–4: older than anything of log/b's.
     (7..=9).for_each(|n| publish("log/a", n));
-    assert_eq!(held(&broker), [("log/a".into(), 7, 3), ("log/b".into(), 1, 5)]);
-    // The one after, still publishing to log/a, takes log/b's 1–3: now the oldest there are.
+    assert_eq!(held(&broker), [("log/a".into(), 5, 5), ("log/b".into(), 1, 5)]);
+    // Still publishing to log/a: its 5 and 6 go, then log/b's 1, now the oldest there is.
     (10..=12).for_each(|n| publish("log/a", n));
-    assert_eq!(held(&broker), [("log/a".into(), 7, 6), ("log/b".into(), 4, 2)]);
-    assert_eq!((broker.stats().history_evicted, broker.stats().history_bytes), (9, 8_000));
+    assert_eq!(held(&broker), [("log/a".into(), 7, 6), ("log/b".into(), 2, 4)]);
+    assert_eq!((broker.stats().history_evicted, broker.stats().history_bytes), (7, 10_000));
     // What is left replays in the order it was accepted; what went is refused as evicted.
     let mut all = broker.messages(from("log/#", StartAt::Earliest)).unwrap();
     let mut got = Vec::new();
-    for _ in 0..8 {
+    for _ in 0..10 {
         let m = soon(all.recv_message()).await.unwrap();
         got.push((m.topic().to_string(), m.payload()[0]));
     }
     let b = |n| ("log/b".to_string(), n);
     let a = |n| ("log/a".to_string(), n);
-    assert_eq!(got, [b(4), b(5), a(7), a(8), a(9), a(10), a(11), a(12)]);
+    assert_eq!(got, [b(2), b(3), b(4), b(5), a(7), a(8), a(9), a(10), a(11), a(12)]);
     assert!(all.try_recv_message().is_none());
     let evicted = broker.messages(from("log/b", StartAt::Offset(1))).unwrap_err();
-    assert!(matches!(evicted, SubscribeError::OffsetEvicted { requested: 1, first: 4 }));
+    assert!(matches!(evicted, SubscribeError::OffsetEvicted { requested: 1, first: 2 }));
+}
+
+#[test]
+fn the_bound_on_all_history_still_takes_the_oldest_after_a_topic_evicted_by_its_own_rule() {
+    // `x` keeps two messages, `y` a hundred; all together five (1,000 bytes each).
+    let mut options = BrokerOptions::default();
+    options.retention = vec![
+        (Filter::parse("x").unwrap(), Retention::messages(2)),
+        (Filter::parse("y").unwrap(), Retention::messages(100)),
+    ];
+    options.history_max_bytes = 5_000;
+    let broker = Broker::builder(options).build();
+    let publish = |topic: &str, n: u8| {
+        broker.publish_bytes(topic, vec![n; 744]).unwrap();
+    };
+    // x1, y1, x2, x3 (x's own rule lets x1 go), y2, y3: five held.
+    for (topic, n) in [("x", 1), ("y", 1), ("x", 2), ("x", 3), ("y", 2), ("y", 3)] {
+        publish(topic, n);
+    }
+    assert_eq!(held(&broker), [("x".into(), 2, 2), ("y".into(), 1, 3)]);
+    // The sixth passes the bound: the oldest held is y1, not x2 (x's oldest was x1 once).
+    publish("y", 4);
+    assert_eq!(held(&broker), [("x".into(), 2, 2), ("y".into(), 2, 3)]);
+    assert_eq!(broker.stats().history_evicted, 1);
 }
 
 #[test]

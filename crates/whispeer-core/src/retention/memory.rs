@@ -1,20 +1,24 @@
 //! The bound on all topics' history together ([`BrokerOptions::history_max_bytes`]).
 //!
 //! Each topic's log keeps what its own rule allows, and every log adds what it holds to one
-//! count. Past the bound, the broker's oldest messages go first, whatever their topic: a trim
-//! takes the logs' oldest entries in the order the broker accepted them (a heap of each log's
-//! first acceptance number) until the count is an eighth under the bound, so trims come once
-//! per eighth of the bound appended rather than at every append. A trim runs after the
-//! publish that passed the bound, with no topic's lock held, and takes one log's lock at a
-//! time; trims run one at a time (a publisher that passed the bound while one ran waits for it,
-//! then finds the bound kept or trims again).
+//! count. Past the bound, the broker's oldest messages go first, whatever their topic, until
+//! the count is back within it: a publish that passed it evicts a message or two, so no
+//! publish pays for many. Which log holds the oldest comes from `order`, a heap of each
+//! non-empty log's oldest acceptance number, kept as a lower bound: a log enters it when its
+//! first message comes, and an entry that evictions by the log's own rule made stale (the log's
+//! oldest is newer by now) is put back with the right number when it comes up. So finding the
+//! oldest costs a heap's step, not a look at every topic.
+//!
+//! Locks: a trim runs after the publish that passed the bound, with no log's lock held, and
+//! trims run one at a time (`trimming`). A log's lock is taken before `order`'s, never after
+//! (an append puts its log in `order` under its own lock).
 //!
 //! [`BrokerOptions::history_max_bytes`]: crate::BrokerOptions::history_max_bytes
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, Weak};
 
 use super::{TopicLog, lock};
 
@@ -24,12 +28,14 @@ pub(crate) struct Memory {
     /// Bytes held by all logs (payloads plus 256 a message, as each log counts them).
     held: AtomicUsize,
     max: usize,
-    /// Where a trim stops.
-    low: usize,
     /// Messages evicted by trims.
     evicted: AtomicU64,
     /// Held by the trim running, if one is.
     trimming: Mutex<()>,
+    /// (oldest acceptance number, log) of the logs that hold messages; a lower bound.
+    order: Mutex<BinaryHeap<Reverse<(u64, usize)>>>,
+    /// Every log, by its number (logs are never removed).
+    logs: RwLock<Vec<Weak<Mutex<TopicLog>>>>,
 }
 
 impl Memory {
@@ -38,10 +44,32 @@ impl Memory {
         Self {
             held: AtomicUsize::new(0),
             max,
-            low: max - max / 8,
             evicted: AtomicU64::new(0),
             trimming: Mutex::new(()),
+            order: Mutex::new(BinaryHeap::new()),
+            logs: RwLock::new(Vec::new()),
         }
+    }
+
+    /// The number the next log registered gets.
+    pub(super) fn next_log(&self) -> usize {
+        self.logs.read().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
+    /// Registers a log made with the number [`Memory::next_log`] gave (logs are made one at a
+    /// time, under the history's write lock).
+    pub(super) fn register(&self, log: Weak<Mutex<TopicLog>>) {
+        self.logs.write().unwrap_or_else(PoisonError::into_inner).push(log);
+    }
+
+    fn order(&self) -> MutexGuard<'_, BinaryHeap<Reverse<(u64, usize)>>> {
+        self.order.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Log `id`, whose oldest message is now `seq`, is in the order (call it under the log's
+    /// lock).
+    pub(super) fn ordered(&self, id: usize, seq: u64) {
+        self.order().push(Reverse((seq, id)));
     }
 
     pub(super) fn add(&self, bytes: usize) {
@@ -67,32 +95,27 @@ impl Memory {
         self.held() > self.max
     }
 
-    /// Evicts the oldest messages across `logs` until they hold an eighth under the bound;
-    /// returns how many. Call it with no log's lock held. Trims run one at a time: one that
-    /// waited for another finds the bound kept, most often, and returns at once.
-    pub(crate) fn trim(&self, logs: &[Arc<Mutex<TopicLog>>]) -> u64 {
+    /// Evicts the oldest messages across all logs until they are within the bound; returns
+    /// how many. Call it with no log's lock held.
+    pub(crate) fn trim(&self) -> u64 {
         let _trimming = self.trimming.lock().unwrap_or_else(PoisonError::into_inner);
-        if !self.is_over() {
-            return 0;
-        }
-        let mut fronts: BinaryHeap<Reverse<(u64, usize)>> = logs
-            .iter()
-            .enumerate()
-            .filter_map(|(i, log)| lock(log).first_seq().map(|seq| Reverse((seq, i))))
-            .collect();
         let mut evicted = 0;
-        while self.held() > self.low {
-            let Some(Reverse((_, i))) = fronts.pop() else { break };
-            // This log's messages older than every other log's oldest go now, together.
-            let until = fronts.peek().map_or(u64::MAX, |Reverse((seq, _))| *seq);
-            let mut log = lock(&logs[i]);
-            while self.held() > self.low && log.first_seq().is_some_and(|seq| seq <= until) {
+        while self.is_over() {
+            let Some(Reverse((_, id))) = self.order().pop() else { break };
+            let log = self.logs.read().unwrap_or_else(PoisonError::into_inner)[id].upgrade();
+            let Some(log) = log else { continue };
+            let mut log = lock(&log);
+            // Its messages older than every other log's oldest (as far as the order knows) go
+            // now, while the bound is passed.
+            let until = self.order().peek().map_or(u64::MAX, |Reverse((seq, _))| *seq);
+            while self.is_over() && log.first_seq().is_some_and(|seq| seq <= until) {
                 log.evict_one();
                 evicted += 1;
             }
             log.shrink();
-            if let Some(seq) = log.first_seq() {
-                fronts.push(Reverse((seq, i)));
+            match log.first_seq() {
+                Some(seq) => self.ordered(id, seq),
+                None => log.ordered = false,
             }
         }
         self.evicted.fetch_add(evicted, Ordering::Relaxed);

@@ -10,8 +10,8 @@
 //! `Queue::set_replay_from`). Nothing is delivered twice and nothing falls in between.
 //!
 //! Eviction: by count and bytes on every append; by age on append and by a background sweep that
-//! evicts at most `SWEEP_BUDGET` messages per tick; and, across topics, the oldest first once
-//! all history together passes `BrokerOptions::history_max_bytes` (`memory.rs`).
+//! evicts at most `SWEEP_BUDGET` messages per tick; and, across topics, the oldest first while
+//! all history together is past `BrokerOptions::history_max_bytes` (`memory.rs`).
 
 mod memory;
 mod replay;
@@ -108,12 +108,16 @@ pub(crate) struct TopicLog {
     bytes: usize,
     /// What all topics' history holds, which `bytes` is part of.
     memory: Arc<Memory>,
+    /// Its number in `memory`.
+    id: usize,
+    /// Whether `memory`'s order holds an entry for it (see `memory.rs`).
+    ordered: bool,
 }
 
 impl TopicLog {
-    fn new(rule: Retention, durable: bool, memory: Arc<Memory>) -> Self {
+    fn new(rule: Retention, durable: bool, memory: Arc<Memory>, id: usize) -> Self {
         let (next, entries, bytes) = (1, VecDeque::new(), 0);
-        Self { rule, durable, sequenced: false, next, entries, bytes, memory }
+        Self { rule, durable, sequenced: false, next, entries, bytes, memory, id, ordered: false }
     }
 
     /// The offset the next message will get.
@@ -182,6 +186,11 @@ impl TopicLog {
         self.bytes += weight;
         self.memory.add(weight);
         self.entries.push_back(Entry { offset, seq, time_ms, at: Instant::now(), message });
+        if !self.ordered {
+            // Its first message since it was last empty: the bound on all history finds it.
+            self.memory.ordered(self.id, self.entries.front().map_or(seq, |e| e.seq));
+            self.ordered = true;
+        }
         while self.entries.len() > self.rule.max_messages
             || (self.bytes > self.rule.max_bytes && self.entries.len() > 1)
         {
@@ -298,12 +307,8 @@ impl History {
         if !self.memory.is_over() {
             return 0;
         }
-        let logs: Vec<Arc<Mutex<TopicLog>>> =
-            self.logs.read().unwrap_or_else(PoisonError::into_inner).values().cloned().collect();
-        let evicted = self.memory.trim(&logs);
-        if evicted > 0 {
-            tracing::debug!(evicted, held = self.memory.held(), "history trimmed to its bound");
-        }
+        let evicted = self.memory.trim();
+        tracing::trace!(evicted, held = self.memory.held(), "history trimmed to its bound");
         evicted
     }
 
@@ -358,9 +363,12 @@ impl History {
         let mut logs = self.logs.write().unwrap_or_else(PoisonError::into_inner);
         let floor = if durable { self.floor.load(Ordering::Relaxed) } else { 0 };
         let log = logs.entry(topic.clone()).or_insert_with(|| {
-            let mut log = TopicLog::new(rule, durable, Arc::clone(&self.memory));
+            let id = self.memory.next_log();
+            let mut log = TopicLog::new(rule, durable, Arc::clone(&self.memory), id);
             log.next = floor + 1;
-            Arc::new(Mutex::new(log))
+            let log = Arc::new(Mutex::new(log));
+            self.memory.register(Arc::downgrade(&log));
+            log
         });
         Some(Arc::clone(log))
     }
