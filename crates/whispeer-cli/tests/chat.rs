@@ -382,19 +382,24 @@ async fn sent_and_group_receipts(
     (replies, got)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_device_back_after_the_inbox_bound_is_told_how_many_it_missed() {
-    let server = ChatServer::start(&[
-        ("WHISPEER_CHAT__INBOX_MAX_MESSAGES", "5"),
-        ("WHISPEER_CHAT__MAX_MESSAGES_PER_SEC", "1000"),
-    ]);
+/// A server with `bound` set, bob's phone away while alice sends `sent` messages, and the phone
+/// back with the notice it got first.
+async fn back_after(bound: (&str, &str), sent: usize) -> (ChatServer, ChatClient, Value) {
+    let server = ChatServer::start(&[bound, ("WHISPEER_CHAT__MAX_MESSAGES_PER_SEC", "1000")]);
     ChatClient::join(&server.url, "bob", "phone").await.leave().await;
     let mut alice = ChatClient::join(&server.url, "alice", "laptop").await;
-    for n in 0..8 {
+    for n in 0..sent {
         assert_eq!(alice.ask(json!({"to": "bob", "msg": format!("m{n}")})).await["type"], "sent");
     }
     let mut phone = ChatClient::join(&server.url, "bob", "phone").await;
     let notice = phone.next_where(|v| v["type"] == "notice").await;
+    (server, phone, notice)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_back_after_the_inbox_bound_is_told_how_many_it_missed() {
+    let (server, mut phone, notice) =
+        back_after(("WHISPEER_CHAT__INBOX_MAX_MESSAGES", "5"), 8).await;
     assert_eq!((notice["code"].as_str(), notice["missed"].as_u64()), (Some("missed"), Some(3)));
     let kept = numbers_until(&mut phone, 7).await;
     assert_eq!(kept, vec![3, 4, 5, 6, 7]);
@@ -408,17 +413,8 @@ async fn a_device_back_after_the_inbox_bound_is_told_how_many_it_missed() {
 async fn a_device_back_after_the_bound_on_all_history_is_told_how_many_it_missed() {
     // Each inbox may keep 10,000 messages, but all history together only about twenty (a
     // message weighs its envelope's payload plus 256, kept in the inbox and the conversation).
-    let server = ChatServer::start(&[
-        ("WHISPEER_MAX_HISTORY_BYTES", "12000"),
-        ("WHISPEER_CHAT__MAX_MESSAGES_PER_SEC", "1000"),
-    ]);
-    ChatClient::join(&server.url, "bob", "phone").await.leave().await;
-    let mut alice = ChatClient::join(&server.url, "alice", "laptop").await;
-    for n in 0..40 {
-        assert_eq!(alice.ask(json!({"to": "bob", "msg": format!("m{n}")})).await["type"], "sent");
-    }
-    let mut phone = ChatClient::join(&server.url, "bob", "phone").await;
-    let notice = phone.next_where(|v| v["type"] == "notice").await;
+    let (_server, mut phone, notice) =
+        back_after(("WHISPEER_MAX_HISTORY_BYTES", "12000"), 40).await;
     assert_eq!(notice["code"], "missed", "{notice}");
     let missed = notice["missed"].as_u64().unwrap();
     assert!((1..40).contains(&missed), "{notice}");
