@@ -102,8 +102,9 @@ impl Memory {
         let mut evicted = 0;
         while self.is_over() {
             let Some(Reverse((_, id))) = self.order().pop() else { break };
-            let log = self.logs.read().unwrap_or_else(PoisonError::into_inner)[id].upgrade();
-            let Some(log) = log else { continue };
+            let logs = self.logs.read().unwrap_or_else(PoisonError::into_inner);
+            let Some(log) = logs.get(id).and_then(Weak::upgrade) else { continue };
+            drop(logs);
             let mut log = lock(&log);
             // Its messages older than every other log's oldest (as far as the order knows) go
             // now, while the bound is passed.
