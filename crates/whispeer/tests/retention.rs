@@ -154,6 +154,21 @@ fn the_bound_on_all_history_still_takes_the_oldest_after_a_topic_evicted_by_its_
 }
 
 #[test]
+fn a_bound_of_zero_keeps_no_history_in_memory() {
+    let mut options = BrokerOptions::default();
+    options.retention = vec![(Filter::parse("log").unwrap(), Retention::messages(100))];
+    options.history_max_bytes = 0;
+    let broker = Broker::builder(options).build();
+    for n in 0..3u32 {
+        broker.publish("log", &n).unwrap();
+    }
+    assert_eq!(held(&broker), [("log".into(), 4, 0)]);
+    assert_eq!((broker.stats().history_evicted, broker.stats().history_bytes), (3, 0));
+    let mut all = broker.messages(from("log", StartAt::Earliest)).unwrap();
+    assert!(all.try_recv_message().is_none());
+}
+
+#[test]
 fn publishers_on_many_threads_keep_all_history_within_its_bound_and_every_message_counted() {
     let mut options = BrokerOptions::default();
     options.retention = vec![(Filter::parse("t/#").unwrap(), Retention::messages(10_000))];

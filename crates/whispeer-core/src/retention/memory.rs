@@ -18,7 +18,7 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, Weak};
 
 use super::{TopicLog, lock};
 
@@ -51,15 +51,15 @@ impl Memory {
         }
     }
 
-    /// The number the next log registered gets.
-    pub(super) fn next_log(&self) -> usize {
-        self.logs.read().unwrap_or_else(PoisonError::into_inner).len()
-    }
-
-    /// Registers a log made with the number [`Memory::next_log`] gave (logs are made one at a
-    /// time, under the history's write lock).
-    pub(super) fn register(&self, log: Weak<Mutex<TopicLog>>) {
-        self.logs.write().unwrap_or_else(PoisonError::into_inner).push(log);
+    /// Registers the log `make` makes with the number it is given.
+    pub(super) fn register(
+        &self,
+        make: impl FnOnce(usize) -> Arc<Mutex<TopicLog>>,
+    ) -> Arc<Mutex<TopicLog>> {
+        let mut logs = self.logs.write().unwrap_or_else(PoisonError::into_inner);
+        let log = make(logs.len());
+        logs.push(Arc::downgrade(&log));
+        log
     }
 
     fn order(&self) -> MutexGuard<'_, BinaryHeap<Reverse<(u64, usize)>>> {

@@ -363,12 +363,11 @@ impl History {
         let mut logs = self.logs.write().unwrap_or_else(PoisonError::into_inner);
         let floor = if durable { self.floor.load(Ordering::Relaxed) } else { 0 };
         let log = logs.entry(topic.clone()).or_insert_with(|| {
-            let id = self.memory.next_log();
-            let mut log = TopicLog::new(rule, durable, Arc::clone(&self.memory), id);
-            log.next = floor + 1;
-            let log = Arc::new(Mutex::new(log));
-            self.memory.register(Arc::downgrade(&log));
-            log
+            self.memory.register(|id| {
+                let mut log = TopicLog::new(rule, durable, Arc::clone(&self.memory), id);
+                log.next = floor + 1;
+                Arc::new(Mutex::new(log))
+            })
         });
         Some(Arc::clone(log))
     }
