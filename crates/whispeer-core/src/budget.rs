@@ -151,6 +151,11 @@ impl ByteBudget {
         }
     }
 
+    /// Whether `other` is this budget (a clone of it), not merely one of the same size.
+    pub fn same(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     /// Bytes held now by the queues sharing it.
     pub fn used(&self) -> usize {
         (self.inner.load.load(Ordering::Acquire) & BYTES_MASK) as usize

@@ -28,6 +28,10 @@ pub struct BrokerOptions {
     pub queue_capacity: usize,
     /// Default policy when a subscription's queue is full. Default: [`SlowConsumer::DropOldest`].
     pub slow_consumer: SlowConsumer,
+    /// How long a publisher held back by a full queue (`SlowConsumer::BackPressure`) waits for
+    /// its room ([`Room::wait`](crate::Room::wait)) before that subscription is closed as a
+    /// slow consumer and the publisher goes on. Default: 10 s.
+    pub back_pressure_timeout: Duration,
     /// Default byte bound of a subscription's queue: payloads plus 256 bytes per message. It
     /// holds a burst of 8 MiB of small messages in flight (65 536 messages of 128 bytes weigh
     /// 24 MiB). Default: 32 MiB.
@@ -69,6 +73,7 @@ impl Default for BrokerOptions {
             limits: Limits::default(),
             queue_capacity: DEFAULT_QUEUE_BYTES / 256,
             slow_consumer: SlowConsumer::default(),
+            back_pressure_timeout: Duration::from_secs(10),
             queue_max_bytes: DEFAULT_QUEUE_BYTES,
             redelivery: Redelivery::default(),
             prefetch: 1024,

@@ -35,27 +35,14 @@ use crate::Message;
 use crate::budget::ByteBudget;
 
 mod dealing;
+mod policy;
+mod pressure;
 mod waiting;
 
+pub use policy::SlowConsumer;
+use pressure::Pressure;
 pub(crate) use waiting::Credit;
 use waiting::{Dealt, Waiting};
-
-/// What happens when a message arrives for a subscriber whose queue is full.
-#[non_exhaustive]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum SlowConsumer {
-    /// Drop the oldest queued message to make room; counted in `dropped_oldest`.
-    #[default]
-    DropOldest,
-    /// Drop the new message; counted in `dropped_newest`.
-    DropNewest,
-    /// Refuse the new message and make `publish` return `PublishError::QueueFull`; counted in
-    /// `rejected_full`. Other subscribers still get the message.
-    FailPublish,
-    /// Close the subscription: its stream ends and its callback task stops; counted in
-    /// `disconnected`.
-    Disconnect,
-}
 
 /// Where a queue's message count starts in its `load` word; the bytes below can reach 1 TiB,
 /// far past any byte bound, and the count above up to 2^24, past `MAX_QUEUE_CAPACITY`.
@@ -108,6 +95,8 @@ pub(crate) enum Pushed {
     Disconnected,
     /// Not queued; the subscription was already closed.
     Closed,
+    /// Queued past the queue's bounds (`BackPressure`): its publisher is to wait for room.
+    Held,
 }
 
 /// Counters of one subscription. Relaxed atomics: they are statistics, not synchronisation.
@@ -172,6 +161,8 @@ pub(crate) struct Queue {
     pub(crate) filter: Filter,
     /// The broker's count of messages discarded with their queue (set once routed).
     discarded: OnceLock<Arc<AtomicU64>>,
+    /// Under `BackPressure`: who waits for room.
+    pressure: Option<Box<Pressure>>,
 }
 
 impl Queue {
@@ -197,6 +188,7 @@ impl Queue {
             counters: Counters::default(),
             discarded: OnceLock::new(),
             dealt: None,
+            pressure: (policy == SlowConsumer::BackPressure).then(Box::default),
         }
     }
 
@@ -204,6 +196,11 @@ impl Queue {
     pub(crate) fn with_budget(mut self, budget: Option<ByteBudget>) -> Self {
         self.budget = budget;
         self
+    }
+
+    /// The byte budget it shares with other queues, if any.
+    pub(crate) fn budget(&self) -> Option<&ByteBudget> {
+        self.budget.as_ref()
     }
 
     /// Drops, from now on, queued messages of these topics below these offsets: the
@@ -240,8 +237,8 @@ impl Queue {
         let weight = weight(&message);
         let mut inbox = self.inbox();
         let mut dropped = 0;
-        if self.policy == SlowConsumer::DropOldest {
-            while self.is_full(weight) {
+        if self.takes_batches() {
+            while self.must_drop(weight) {
                 let Some(oldest) = self.take_oldest(&mut inbox) else { break };
                 self.release(&oldest);
                 dropped += 1;
@@ -258,27 +255,28 @@ impl Queue {
         let woken = inbox.waiting.pushed(1, self.dealt_len(), self.dealt.as_deref());
         drop(inbox);
         woken.wake();
-        if dropped > 0 { Pushed::DroppedOldest(dropped) } else { Pushed::Queued }
-    }
-
-    /// Whether pushes to this queue may be held back and made together ([`crate::PushBatch`]):
-    /// under `DropOldest` a push always queues, so its publisher needs no answer from it.
-    pub(crate) fn takes_batches(&self) -> bool {
-        self.policy == SlowConsumer::DropOldest
+        if dropped > 0 {
+            Pushed::DroppedOldest(dropped)
+        } else if self.holds_back() {
+            Pushed::Held
+        } else {
+            Pushed::Queued
+        }
     }
 
     /// [`Queue::push`] of each of `messages` in order (leaving it empty), for a queue that
     /// [takes batches](Self::takes_batches), under one take of the inbox's lock and with one
     /// wake-up; when they all fit, charged at once. Returns how many messages were dropped to
-    /// make room (counted in the queue's own counters too). The fan-out counted them as
-    /// delivered: a queue closed meanwhile counts them as discarded with it.
-    pub(crate) fn push_all(&self, messages: &mut Vec<Message>) -> u64 {
+    /// make room (counted in the queue's own counters too), and whether the queue now holds
+    /// its publishers back. The fan-out counted them as delivered: a queue closed meanwhile
+    /// counts them as discarded with it.
+    pub(crate) fn push_all(&self, messages: &mut Vec<Message>) -> (u64, bool) {
         if self.is_closed() {
             if let Some(discarded) = self.discarded.get() {
                 discarded.fetch_add(messages.len() as u64, Ordering::Relaxed);
             }
             messages.clear();
-            return 0;
+            return (0, false);
         }
         let weights: usize = messages.iter().map(weight).sum();
         let count = messages.len();
@@ -290,7 +288,7 @@ impl Queue {
         } else {
             for message in messages.drain(..) {
                 let weight = weight(&message);
-                while self.is_full(weight) {
+                while self.must_drop(weight) {
                     let Some(oldest) = self.take_oldest(&mut inbox) else { break };
                     self.release(&oldest);
                     dropped += 1;
@@ -305,7 +303,7 @@ impl Queue {
         let woken = inbox.waiting.pushed(count, self.dealt_len(), self.dealt.as_deref());
         drop(inbox);
         woken.wake();
-        dropped
+        (dropped, self.holds_back())
     }
 
     /// Whether `count` more messages weighing `weights` together pass every bound as they are.
@@ -315,24 +313,6 @@ impl Queue {
         queued + count as u64 <= self.capacity as u64
             && held + weights <= self.max_bytes
             && !self.budget.as_ref().is_some_and(|b| b.would_exceed(held, weights))
-    }
-
-    /// A message refused by a full queue, under a policy other than `DropOldest`.
-    fn refuse(&self) -> Pushed {
-        match self.policy {
-            SlowConsumer::DropNewest => {
-                self.counters.dropped_newest.fetch_add(1, Ordering::Relaxed);
-                Pushed::DroppedNewest
-            }
-            SlowConsumer::FailPublish => {
-                self.counters.rejected_full.fetch_add(1, Ordering::Relaxed);
-                Pushed::Full
-            }
-            _ => {
-                self.close();
-                Pushed::Disconnected
-            }
-        }
     }
 
     /// The oldest message, for a push that must make room: the consumer's batch's first if no
@@ -379,6 +359,7 @@ impl Queue {
         if let Some(budget) = &self.budget {
             budget.sub(weight as usize, before & BYTES_MASK == weight);
         }
+        self.room_made();
     }
 
     /// Takes the next message, or learns that there is none yet (`Pending`, with the waker
@@ -535,6 +516,9 @@ impl Queue {
         let woken = inbox.waiting.take();
         drop(inbox);
         woken.wake();
+        if let Some(pressure) = &self.pressure {
+            pressure.wake_all();
+        }
     }
 
     /// Counts the messages this queue still holds when it is dropped into `discarded`.

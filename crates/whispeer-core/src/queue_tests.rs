@@ -1,6 +1,8 @@
 //! A shared byte budget: its bound holds, and subscribers that read keep getting messages while
 //! stalled ones hold the rest.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use whispeer_proto::{ContentType, Envelope, Flags, MessageId};
 
@@ -315,12 +317,12 @@ fn a_pushed_batch_keeps_its_order_wakes_once_and_drops_the_oldest_past_the_bound
     assert!(queue.poll_pop(&mut cx).is_pending());
     // Fits: charged together, one wake-up.
     let mut batch: Vec<Message> = (0..3).map(|n| message(n, 8)).collect();
-    assert_eq!(queue.push_all(&mut batch), 0);
+    assert_eq!(queue.push_all(&mut batch), (0, false));
     assert!(batch.is_empty());
     assert_eq!((queue.len(), woken(&count)), (3, 1));
     // Past the bound of 4: the oldest give way one by one, as single pushes would.
     let mut batch: Vec<Message> = (3..9).map(|n| message(n, 8)).collect();
-    assert_eq!(queue.push_all(&mut batch), 5);
+    assert_eq!(queue.push_all(&mut batch), (5, false));
     let left: Vec<u128> = std::iter::from_fn(|| queue.try_pop()).map(|m| id(&m)).collect();
     assert_eq!(left, vec![5, 6, 7, 8]);
     assert_eq!(queue.counters.dropped_oldest.load(Ordering::Relaxed), 5);
@@ -328,7 +330,7 @@ fn a_pushed_batch_keeps_its_order_wakes_once_and_drops_the_oldest_past_the_bound
     // A closed queue takes nothing.
     queue.close();
     let mut batch = vec![message(9, 8)];
-    assert_eq!(queue.push_all(&mut batch), 0);
+    assert_eq!(queue.push_all(&mut batch), (0, false));
     assert!(batch.is_empty() && queue.try_pop().is_none());
 }
 
@@ -337,7 +339,7 @@ fn a_pushed_batch_within_a_shared_budget_charges_it_and_gives_it_back() {
     let budget = ByteBudget::new(1 << 20);
     let queue = queue(&budget);
     let mut batch: Vec<Message> = (0..10).map(|n| message(n, 100)).collect();
-    assert_eq!(queue.push_all(&mut batch), 0);
+    assert_eq!(queue.push_all(&mut batch), (0, false));
     assert_eq!(budget.used(), 10 * (100 + 256));
     assert_eq!(std::iter::from_fn(|| queue.try_pop()).count(), 10);
     assert_eq!(budget.used(), 0);
@@ -362,4 +364,74 @@ fn what_a_push_touches_comes_first_and_what_a_consumer_touches_lies_together() {
     let start = offset_of!(Queue, batch);
     let end = offset_of!(Queue, counters) + offset_of!(Counters, received) + 8;
     assert!(offset_of!(Queue, replay_from) > start && end - start <= 64, "{start}..{end}");
+}
+
+fn pressing(capacity: usize) -> Arc<Queue> {
+    let filter = Filter::parse("t").unwrap();
+    Arc::new(Queue::new(filter, capacity, usize::MAX, SlowConsumer::BackPressure))
+}
+
+#[test]
+fn under_back_pressure_a_full_queue_still_queues_holds_back_and_drops_only_past_twice_its_bound() {
+    let queue = pressing(4);
+    let pushed: Vec<Pushed> = (0..8).map(|n| queue.push(message(n, 8))).collect();
+    // The fourth fills it: from there each push queues and holds its publisher back.
+    let held = [Pushed::Held; 5];
+    assert_eq!(pushed, [&[Pushed::Queued; 3][..], &held].concat());
+    // Past twice the bound (a publisher that never waited), the oldest give way.
+    assert_eq!(queue.push(message(8, 8)), Pushed::DroppedOldest(1));
+    let mut batch: Vec<Message> = (9..11).map(|n| message(n, 8)).collect();
+    assert_eq!(queue.push_all(&mut batch), (2, true));
+    let left: Vec<u128> = std::iter::from_fn(|| queue.try_pop()).map(|m| id(&m)).collect();
+    assert_eq!(left, (3..11).collect::<Vec<_>>());
+    assert_eq!(queue.counters.dropped_oldest.load(Ordering::Relaxed), 3);
+    assert!(!queue.holds_back());
+    // Within its bound, a batch holds nothing back.
+    let mut batch: Vec<Message> = (11..13).map(|n| message(n, 8)).collect();
+    assert_eq!(queue.push_all(&mut batch), (0, false));
+}
+
+#[tokio::test]
+async fn a_publisher_waits_for_room_until_the_consumer_takes_and_no_longer() {
+    let queue = pressing(4);
+    for n in 0..6 {
+        queue.push(message(n, 8));
+    }
+    let far = tokio::time::Instant::now() + Duration::from_secs(30);
+    let waited = tokio::time::timeout(Duration::from_millis(50), queue.room(far)).await;
+    assert!(waited.is_err(), "no room while six are queued against a bound of four");
+    let waiter = tokio::spawn({
+        let queue = Arc::clone(&queue);
+        async move { queue.room(far).await }
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(!waiter.is_finished());
+    // Three taken: three left, within the bound.
+    let mut taken = Unreleased::default();
+    for _ in 0..3 {
+        assert!(queue.try_pop_taking(&mut taken).is_some());
+    }
+    assert!(!waiter.is_finished(), "room given back only with the taken messages' release");
+    queue.give_back(&mut taken);
+    let found = tokio::time::timeout(Duration::from_secs(5), waiter).await;
+    assert!(found.unwrap().unwrap(), "room found");
+}
+
+#[tokio::test]
+async fn a_wait_past_its_deadline_says_so_and_a_closed_queue_ends_every_wait() {
+    let queue = pressing(2);
+    for n in 0..3 {
+        queue.push(message(n, 8));
+    }
+    let soon = tokio::time::Instant::now() + Duration::from_millis(30);
+    assert!(!queue.room(soon).await, "no room before the deadline");
+    let far = tokio::time::Instant::now() + Duration::from_secs(30);
+    let waiter = tokio::spawn({
+        let queue = Arc::clone(&queue);
+        async move { queue.room(far).await }
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    queue.close();
+    let ended = tokio::time::timeout(Duration::from_secs(5), waiter).await;
+    assert!(ended.unwrap().unwrap(), "a closed queue holds nobody back");
 }

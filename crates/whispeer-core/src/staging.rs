@@ -24,6 +24,7 @@ use std::sync::atomic::Ordering;
 
 use crate::Message;
 use crate::queue::Queue;
+use crate::room;
 use crate::router::recent;
 use crate::stats::BrokerCounters;
 use crate::wakeups;
@@ -185,9 +186,12 @@ fn push_held() {
         return;
     }
     for Held { queue, counters, mut messages } in held.drain(..) {
-        let dropped = queue.push_all(&mut messages);
+        let (dropped, held) = queue.push_all(&mut messages);
         if dropped > 0 {
             counters.dropped_oldest.fetch_add(dropped, Ordering::Relaxed);
+        }
+        if held {
+            room::note(&queue, &counters);
         }
         // The emptied list is kept for the next queue, within bounds.
         STAGED.with(|staged| {

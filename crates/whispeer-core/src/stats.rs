@@ -15,6 +15,7 @@ pub(crate) struct BrokerCounters {
     pub(crate) dropped_newest: AtomicU64,
     pub(crate) rejected_full: AtomicU64,
     pub(crate) disconnected: AtomicU64,
+    pub(crate) held_back: AtomicU64,
     /// Shared with every routed queue, which adds what it still holds when it is dropped.
     pub(crate) discarded: Arc<AtomicU64>,
     pub(crate) rejected_by_plugins: AtomicU64,
@@ -53,8 +54,13 @@ pub struct BrokerStats {
     pub dropped_newest: u64,
     /// New messages refused at a full queue, failing the publish (`SlowConsumer::FailPublish`).
     pub rejected_full: u64,
-    /// Subscriptions closed at a full queue (`SlowConsumer::Disconnect`).
+    /// Subscriptions closed at a full queue (`SlowConsumer::Disconnect`), or under
+    /// `SlowConsumer::BackPressure` after making no room for a waiting publisher within
+    /// `BrokerOptions::back_pressure_timeout`.
     pub disconnected: u64,
+    /// Times a publisher waited for room in a full queue (`SlowConsumer::BackPressure`): one a
+    /// queue each time [`Room::wait`](crate::Room::wait) found it past its bounds.
+    pub held_back: u64,
     /// Messages still queued when their subscription closed (unsubscribed, its connection
     /// gone, disconnected as a slow consumer, or a lingering group removed): queued, never
     /// taken. With the other counters, every queued message is accounted for:
@@ -100,6 +106,7 @@ impl BrokerCounters {
             dropped_newest: get(&self.dropped_newest),
             rejected_full: get(&self.rejected_full),
             disconnected: get(&self.disconnected),
+            held_back: get(&self.held_back),
             discarded: get(&self.discarded),
             rejected_by_plugins: get(&self.rejected_by_plugins),
             decode_errors: get(&self.decode_errors),

@@ -38,6 +38,7 @@ use crate::error::{BindError, PublishError, SubscribeError};
 use crate::message::{Message, kept_payload};
 use crate::options::SubscribeOptions;
 use crate::publish::{NO_OPTIONS, PublishOptions, PublishReceipt};
+use crate::room::Room;
 use crate::shared::{Binding, Check, RawBytes, SEAL_OVERHEAD, Shared};
 use crate::stats::BrokerStats;
 use crate::subscription::{self, Subscriber, Subscription};
@@ -290,6 +291,15 @@ impl Broker {
             history_evicted: memory.evicted(),
             ..self.inner.counters.snapshot(self.inner.router.len())
         }
+    }
+
+    /// The queues under [`SlowConsumer::BackPressure`](crate::SlowConsumer::BackPressure)
+    /// that this thread's publishes left past their bounds since it last asked: await
+    /// [`Room::wait`] before publishing more, and the publisher keeps to its subscribers'
+    /// pace with nothing dropped. Take it right after publishing, before anything awaits (the
+    /// publishes noted are this thread's).
+    pub fn room(&self) -> Room {
+        Room::take(self.inner.options.back_pressure_timeout)
     }
 
     /// The broker's options.

@@ -162,12 +162,14 @@ impl Shared {
             })?;
         }
         // A QoS 1 subscriber is not dropped messages silently: unless it chose otherwise, a full
-        // queue refuses the publish, so the publisher hears of it instead of getting an ack.
-        let default_policy = if is_qos1(options.qos) {
-            SlowConsumer::FailPublish
-        } else {
-            this.options.slow_consumer
-        };
+        // queue refuses the publish, so the publisher hears of it instead of getting an ack
+        // (back-pressure, which drops nothing, stays as it is).
+        let default_policy =
+            if is_qos1(options.qos) && this.options.slow_consumer != SlowConsumer::BackPressure {
+                SlowConsumer::FailPublish
+            } else {
+                this.options.slow_consumer
+            };
         let policy = options.policy().unwrap_or(default_policy);
         let max_bytes = options.queue_max_bytes().unwrap_or(this.options.queue_max_bytes);
         let redelivery = options.redelivery.unwrap_or(this.options.redelivery);

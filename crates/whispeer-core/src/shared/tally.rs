@@ -1,8 +1,10 @@
 //! What one fan-out did, counted as it goes.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use crate::queue::Pushed;
+use crate::queue::{Pushed, Queue};
+use crate::room;
 use crate::stats::{BrokerCounters, bump};
 
 /// Outcomes of one fan-out.
@@ -16,10 +18,19 @@ pub(super) struct Tally {
 }
 
 impl Tally {
-    /// Records one push; returns whether the subscriber must now be disconnected.
-    pub(super) fn record(&mut self, pushed: Pushed, counters: &BrokerCounters) -> bool {
+    /// Records one push to `queue`; returns whether the subscriber must now be disconnected.
+    pub(super) fn record(
+        &mut self,
+        queue: &Arc<Queue>,
+        pushed: Pushed,
+        counters: &Arc<BrokerCounters>,
+    ) -> bool {
         match pushed {
             Pushed::Queued => self.delivered += 1,
+            Pushed::Held => {
+                self.delivered += 1;
+                room::note(queue, counters);
+            }
             Pushed::DroppedOldest(evicted) => {
                 self.delivered += 1;
                 counters.dropped_oldest.fetch_add(evicted, Ordering::Relaxed);
