@@ -185,8 +185,11 @@ pub(crate) struct Queues {
     pub(crate) capacity: usize,
     /// Bytes buffered per subscription (payloads plus 256 per message).
     pub(crate) max_bytes: usize,
-    /// `drop-oldest`, `drop-newest` or `disconnect`.
+    /// `drop-oldest`, `drop-newest`, `disconnect` or `back-pressure`.
     pub(crate) slow_consumer: Policy,
+    /// Under `back-pressure`: how long a publisher waits for a full subscriber's room before
+    /// that subscriber is disconnected.
+    pub(crate) back_pressure_timeout_ms: u64,
 }
 
 /// `[storage]`.
@@ -268,6 +271,7 @@ pub(crate) enum Policy {
     DropOldest,
     DropNewest,
     Disconnect,
+    BackPressure,
 }
 
 impl Default for Config {
@@ -332,6 +336,7 @@ impl Default for Queues {
             capacity: defaults.queue_capacity,
             max_bytes: defaults.queue_max_bytes,
             slow_consumer: Policy::DropOldest,
+            back_pressure_timeout_ms: millis(defaults.back_pressure_timeout),
         }
     }
 }
@@ -383,7 +388,9 @@ impl Config {
             Policy::DropOldest => SlowConsumer::DropOldest,
             Policy::DropNewest => SlowConsumer::DropNewest,
             Policy::Disconnect => SlowConsumer::Disconnect,
+            Policy::BackPressure => SlowConsumer::BackPressure,
         };
+        options.back_pressure_timeout = Duration::from_millis(self.queues.back_pressure_timeout_ms);
         let d = &self.delivery;
         anyhow::ensure!((0.0..=1.0).contains(&d.jitter), "delivery.jitter must be within 0 and 1");
         options.redelivery = Redelivery::new(Duration::from_millis(d.ack_timeout_ms))

@@ -33,7 +33,7 @@ use super::writer::{Outbound, inline, write_loop};
 use crate::bump;
 #[cfg(feature = "mqtt")]
 use whispeer_core::SlowConsumer;
-use whispeer_core::{Acker, Broker, ByteBudget, SubscribeOptions};
+use whispeer_core::{Acker, Broker, ByteBudget, Room, SubscribeOptions};
 
 /// Capability bit in `Welcome`: the server requires `Auth`.
 const CAP_AUTH_REQUIRED: u32 = 1;
@@ -132,6 +132,7 @@ pub(super) async fn run<R, W>(
         tx,
         confirmations: Confirmations::default(),
         acks: Vec::new(),
+        room: Room::default(),
     };
     if let Some(principal) = &connection.principal {
         connection.registered.entry.set_principal(&principal.name);
@@ -188,6 +189,8 @@ struct Connection {
     acks: Vec<(u32, MessageId)>,
     /// What the broker may hold queued for this connection.
     budget: ByteBudget,
+    /// Queues under back-pressure its publishes filled, waited for before it reads on.
+    room: Room,
 }
 
 impl Connection {
@@ -211,7 +214,9 @@ impl Connection {
         loop {
             let mut progressed = false;
             loop {
-                match self.publish_read(&mut buf, limits, &mut topics, &mut progressed) {
+                let read = self.publish_read(&mut buf, limits, &mut topics, &mut progressed);
+                self.note_room();
+                match read {
                     Ok(Some(Next::Reply(reply))) => self.send(reply).await,
                     Ok(Some(Next::Room)) => self.confirmations.make_room().await,
                     Ok(Some(Next::Frame(frame))) => {
@@ -253,6 +258,16 @@ impl Connection {
                 return Err(Close::new(ErrorCode::IDLE_TIMEOUT, "frame left incomplete"));
             }
             self.settle();
+            // Subscribers under back-pressure that this connection's publishes filled: it
+            // reads on once they have room (or were closed for making none in time).
+            if !self.room.is_empty() {
+                let room = std::mem::take(&mut self.room);
+                tokio::select! {
+                    () = stop.cancelled() => return Ok(()),
+                    () = writer_gone.cancelled() => return Ok(()),
+                    _ = room.wait() => {}
+                }
+            }
             pool.reserve(&mut buf);
             // Without keys, a connection that says nothing meets the idle timeout, and any
             // frame but HELLO first closes it; with keys, answering pings is not enough.
@@ -295,6 +310,16 @@ impl Connection {
                     Ok(_) => {}
                 },
             }
+        }
+    }
+
+    /// Takes the queues under back-pressure that the publishes just made filled, to wait for
+    /// before reading on; not its own subscriptions' (their room may wait on this very
+    /// connection's acks, which it would stop reading).
+    fn note_room(&mut self) {
+        let room = self.broker.room();
+        if !room.is_empty() {
+            self.room.merge(room.ignoring(&self.budget));
         }
     }
 

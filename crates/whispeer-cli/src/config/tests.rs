@@ -57,6 +57,13 @@ fn file_then_environment_override_defaults() {
         let retention = options.retention[0].1;
         assert_eq!((retention.max_messages, retention.max_bytes), (500, usize::MAX));
         assert_eq!(retention.max_age, Some(Duration::from_secs(60)));
+        assert_eq!(options.back_pressure_timeout, Duration::from_secs(10));
+        jail.set_env("WHISPEER_QUEUES__SLOW_CONSUMER", "back-pressure");
+        jail.set_env("WHISPEER_QUEUES__BACK_PRESSURE_TIMEOUT_MS", "2500");
+        let options = Config::load(Path::new("whispeer.toml"), false).unwrap().0.broker_options();
+        let options = options.unwrap();
+        assert_eq!(options.slow_consumer, SlowConsumer::BackPressure);
+        assert_eq!(options.back_pressure_timeout, Duration::from_millis(2500));
         jail.set_env("WHISPEER_DELIVERY__JITTER", "2");
         let config = Config::load(Path::new("whispeer.toml"), false).unwrap().0;
         assert!(config.broker_options().is_err(), "jitter above 1");

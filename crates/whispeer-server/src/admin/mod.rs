@@ -266,6 +266,7 @@ impl AdminServer {
             ("whispeer_messages_expired_total", stats.expired),
             ("whispeer_duplicates_total", stats.duplicates),
             ("whispeer_history_evicted_total", stats.history_evicted),
+            ("whispeer_publishers_held_back_total", stats.held_back),
             ("whispeer_decode_errors_total", stats.decode_errors),
             ("whispeer_open_errors_total", stats.open_errors),
             ("whispeer_auth_failures_total", self.access.auth_failures()),

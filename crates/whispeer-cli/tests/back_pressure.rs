@@ -1,0 +1,135 @@
+//! `slow_consumer = "back-pressure"` against `whispeer serve`: a real `whispeer sub` is
+//! stopped (SIGSTOP) while 64 MiB is published to it, far past its queue and every socket
+//! buffer between. The publisher is held until the subscriber runs again, and it gets every
+//! message; under the default policy the same run drops. One that stays stopped past
+//! `back_pressure_timeout_ms` is disconnected and the publisher goes on.
+
+#![expect(clippy::unwrap_used, reason = "test helpers fail loudly")]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use whispeer_client::Client;
+
+const PAYLOAD: usize = 16 << 10;
+const MESSAGES: usize = 4096;
+
+/// `whispeer sub flood --count MESSAGES`, its output discarded, once it has subscribed.
+fn subscriber(addr: &str) -> Child {
+    let count = MESSAGES.to_string();
+    let mut child = Command::new(common::BIN)
+        .args(["sub", "flood", "--count", &count, "--server", addr])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stderr.as_mut().unwrap()).read_line(&mut line).unwrap();
+    assert!(line.starts_with("whispeer: subscribed"), "{line:?}");
+    child
+}
+
+fn signal(child: &Child, signal: &str) {
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args([signal, &pid]).status().unwrap().success());
+}
+
+/// Waits up to `limit` for `child` to exit; its status, or `None` if it still runs.
+fn exited(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn metric(admin: &str, name: &str) -> f64 {
+    common::sample(&common::http_get(admin, "/metrics").1, name)
+}
+
+fn drops(admin: &str, reason: &str) -> f64 {
+    metric(admin, &format!("whispeer_drops_total{{reason=\"{reason}\"}}"))
+}
+
+/// Publishes `MESSAGES` of `PAYLOAD` to "flood" and flushes; returns when it was done.
+async fn publish_all(addr: String) -> Instant {
+    let publisher = Client::connect(&addr).await.unwrap();
+    let payload = Bytes::from(vec![7u8; PAYLOAD]);
+    for _ in 0..MESSAGES {
+        publisher.publish_bytes("flood", payload.clone()).await.unwrap();
+    }
+    publisher.flush().await.unwrap();
+    Instant::now()
+}
+
+/// A server with `envs` (a 16-message queue, no heartbeat within the run), a subscriber
+/// stopped while everything is published, resumed after `pause`: (when the publisher was
+/// done, when the subscriber resumed, whether it got everything, the admin address, the
+/// server).
+async fn stopped_while_published(
+    envs: &[(&str, &str)],
+    pause: Duration,
+) -> (Instant, Instant, bool, String, common::Server) {
+    let base = [("WHISPEER_QUEUES__CAPACITY", "16"), ("WHISPEER_HEARTBEAT_MS", "60000")];
+    let server =
+        common::Server::start_with(&["--admin-listen", "127.0.0.1:0"], &[&base, envs].concat());
+    let admin = server.admin.clone().unwrap();
+    let mut sub = subscriber(&server.addr);
+    signal(&sub, "-STOP");
+    let publishing = tokio::spawn(publish_all(server.addr.clone()));
+    tokio::time::sleep(pause).await;
+    let resumed = Instant::now();
+    signal(&sub, "-CONT");
+    let done = tokio::time::timeout(Duration::from_secs(60), publishing).await.unwrap().unwrap();
+    let status = exited(&mut sub, Duration::from_secs(10));
+    let complete = status.is_some_and(|s| s.success());
+    if status.is_none() {
+        let _ = sub.kill();
+        let _ = sub.wait();
+    }
+    (done, resumed, complete, admin, server)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_subscriber_holds_its_publisher_back_and_gets_every_message() {
+    let policy = [("WHISPEER_QUEUES__SLOW_CONSUMER", "back-pressure")];
+    let (done, resumed, complete, admin, _server) =
+        stopped_while_published(&policy, Duration::from_millis(1500)).await;
+    assert!(complete, "the subscriber got all {MESSAGES} messages");
+    assert!(done > resumed, "the publisher was held until the subscriber read again");
+    assert!(metric(&admin, "whispeer_publishers_held_back_total") > 0.0);
+    for reason in ["drop_oldest", "drop_newest", "queue_full", "disconnect"] {
+        assert_eq!(drops(&admin, reason), 0.0, "{reason}");
+    }
+
+    // The same run under the default policy: the publisher is done while the subscriber is
+    // stopped, and the subscriber misses what its queue dropped.
+    let (done, resumed, complete, admin, _server) =
+        stopped_while_published(&[], Duration::from_millis(1500)).await;
+    assert!(!complete && done < resumed, "drop-oldest lets the publisher run on and drops");
+    assert!(drops(&admin, "drop_oldest") > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_stopped_past_the_timeout_is_disconnected_and_the_publisher_goes_on() {
+    let envs = [
+        ("WHISPEER_QUEUES__SLOW_CONSUMER", "back-pressure"),
+        ("WHISPEER_QUEUES__BACK_PRESSURE_TIMEOUT_MS", "300"),
+    ];
+    // Stopped for far longer than the timeout: the publisher finishes meanwhile.
+    let (done, resumed, complete, admin, _server) =
+        stopped_while_published(&envs, Duration::from_secs(8)).await;
+    assert!(done < resumed, "the publisher went on while the subscriber was stopped");
+    assert!(!complete, "the disconnected subscriber did not get everything");
+    assert_eq!(drops(&admin, "disconnect"), 1.0);
+    assert!(metric(&admin, "whispeer_publishers_held_back_total") > 0.0);
+}
