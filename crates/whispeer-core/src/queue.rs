@@ -354,6 +354,7 @@ impl Queue {
     }
 
     /// Gives back the room of `count` messages of `weight` bytes in all.
+    #[inline]
     fn uncharge(&self, count: u64, weight: u64) {
         let before = self.load.fetch_sub(count * COUNT_ONE + weight, Ordering::AcqRel);
         if let Some(budget) = &self.budget {

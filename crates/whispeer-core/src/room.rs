@@ -31,6 +31,8 @@ thread_local! {
 }
 
 /// Notes that a publish on this thread left `queue` past its bounds.
+#[cold]
+#[inline(never)]
 pub(crate) fn note(queue: &Arc<Queue>, counters: &Arc<BrokerCounters>) {
     NOTED.with(|noted| {
         let Ok(mut noted) = noted.try_borrow_mut() else { return };

@@ -143,6 +143,7 @@ pub(crate) fn hold(
 /// Counts `published` publishes and `deliveries` deliveries of the broker of `counters` in
 /// the thread's batch, if one is begun (`false`: count them now). Statistics: they reach the
 /// broker's counters when the batch ends, an atomic operation a batch rather than a publish.
+#[inline]
 pub(crate) fn count(counters: &Arc<BrokerCounters>, published: u64, deliveries: u64) -> bool {
     let counted = STAGED.with(|staged| {
         let Ok(mut staged) = staged.try_borrow_mut() else { return None };

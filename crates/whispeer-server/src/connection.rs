@@ -214,6 +214,9 @@ impl Connection {
         loop {
             let mut progressed = false;
             loop {
+                // Notes left on this thread by publishers that never wait (cluster links, the
+                // chat hub) are not this read's to wait for.
+                let _ = self.broker.room();
                 let read = self.publish_read(&mut buf, limits, &mut topics, &mut progressed);
                 self.note_room();
                 match read {

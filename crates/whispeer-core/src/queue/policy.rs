@@ -11,6 +11,13 @@ pub enum SlowConsumer {
     /// Drop the oldest queued message to make room; counted in `dropped_oldest`.
     #[default]
     DropOldest,
+    /// Hold the publishers back: the message is queued past the bound, and the publisher waits
+    /// for room before it publishes more ([`Broker::room`](crate::Broker::room); a server
+    /// stops reading the publishing connection). Nothing is dropped while publishers wait. A
+    /// subscriber that gives no room within `BrokerOptions::back_pressure_timeout` is closed
+    /// as under `Disconnect`, so one stalled reader cannot stop publishers for ever; a queue
+    /// whose publishers never wait drops its oldest past twice its bounds.
+    BackPressure,
     /// Drop the new message; counted in `dropped_newest`.
     DropNewest,
     /// Refuse the new message and make `publish` return `PublishError::QueueFull`; counted in
@@ -19,13 +26,6 @@ pub enum SlowConsumer {
     /// Close the subscription: its stream ends and its callback task stops; counted in
     /// `disconnected`.
     Disconnect,
-    /// Hold the publishers back: the message is queued past the bound, and the publisher waits
-    /// for room before it publishes more ([`Broker::room`](crate::Broker::room); a server
-    /// stops reading the publishing connection). Nothing is dropped while publishers wait. A
-    /// subscriber that gives no room within `BrokerOptions::back_pressure_timeout` is closed
-    /// as under `Disconnect`, so one stalled reader cannot stop publishers for ever; a queue
-    /// whose publishers never wait drops its oldest past twice its bounds.
-    BackPressure,
 }
 
 impl Queue {
@@ -42,6 +42,7 @@ impl Queue {
     /// under `DropOldest` and `BackPressure` a push always queues, so its publisher needs no
     /// answer from it (but whether to wait for room, which the batch notes).
     pub(crate) fn takes_batches(&self) -> bool {
+        // The two policies come first (one comparison).
         matches!(self.policy, SlowConsumer::DropOldest | SlowConsumer::BackPressure)
     }
 

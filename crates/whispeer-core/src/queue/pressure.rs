@@ -20,7 +20,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{BYTES_MASK, COUNT_SHIFT, Queue};
+use super::{BYTES_MASK, COUNT_SHIFT, Queue, SlowConsumer};
 
 /// How often a waiting publisher looks at the queue again without a signal (room made in a
 /// bound the queue shares with others).
@@ -54,13 +54,26 @@ impl Queue {
 
     /// Whether a publisher would be held back by this queue now: under back-pressure, open, and
     /// past a bound.
+    #[inline]
     pub(crate) fn holds_back(&self) -> bool {
-        self.pressure.is_some() && !self.is_closed() && self.is_full(0)
+        // The policy lies beside the load, where a push looks; the signal, further on, is
+        // touched only under back-pressure.
+        self.policy == SlowConsumer::BackPressure && !self.is_closed() && self.is_full(0)
     }
 
     /// After room was given back: wakes the waiting publishers once the queue is within its
     /// bounds.
+    #[inline]
     pub(super) fn room_made(&self) {
+        if self.policy == SlowConsumer::BackPressure {
+            self.wake_waiters();
+        }
+    }
+
+    /// [`Queue::room_made`] under back-pressure, out of the common path's way.
+    #[cold]
+    #[inline(never)]
+    fn wake_waiters(&self) {
         let Some(pressure) = self.pressure.as_deref() else { return };
         // Orders the load given back before the look at the mark (see the module's text).
         fence(Ordering::SeqCst);

@@ -444,7 +444,7 @@ impl Shared {
         let id = envelope.id;
         let message = Message::retained(envelope, true, self.engines.clone(), expires_at, offset);
         let mut tally = Tally::default();
-        if tally.record(&group.queue, group.queue.push(message), &self.counters) {
+        if tally.record_push(&group.queue, group.queue.push(message), &self.counters) {
             tracing::warn!(%filter, group = name, "group disconnected: queue full");
             self.unsubscribe(group.id, &group.queue);
         }
@@ -488,7 +488,7 @@ impl Shared {
         let mut tally = Tally::default();
         if let Some(group) = self.groups.get(&key) {
             let message = Message::new(envelope, 1, self.engines.clone(), expires_at);
-            if tally.record(&group.queue, group.queue.push(message), &self.counters) {
+            if tally.record_push(&group.queue, group.queue.push(message), &self.counters) {
                 tracing::warn!(%filter, group = name, "group disconnected: queue full");
                 self.unsubscribe(group.id, &group.queue);
             }

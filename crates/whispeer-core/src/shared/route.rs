@@ -91,7 +91,7 @@ impl Shared {
                     tally.delivered += 1;
                     continue;
                 };
-                if tally.record(&route.queue, route.queue.push(next), &self.counters) {
+                if tally.record_push(&route.queue, route.queue.push(next), &self.counters) {
                     disconnected.push((route.id, Arc::clone(&route.queue)));
                 }
             }

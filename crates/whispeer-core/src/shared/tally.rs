@@ -18,19 +18,25 @@ pub(super) struct Tally {
 }
 
 impl Tally {
-    /// Records one push to `queue`; returns whether the subscriber must now be disconnected.
-    pub(super) fn record(
+    /// Records one push to `queue`, noting it if it now holds its publisher back; returns
+    /// whether the subscriber must now be disconnected.
+    #[inline(always)]
+    pub(super) fn record_push(
         &mut self,
         queue: &Arc<Queue>,
         pushed: Pushed,
         counters: &Arc<BrokerCounters>,
     ) -> bool {
+        if pushed == Pushed::Held {
+            room::note(queue, counters);
+        }
+        self.record(pushed, counters)
+    }
+
+    /// Records one push; returns whether the subscriber must now be disconnected.
+    fn record(&mut self, pushed: Pushed, counters: &BrokerCounters) -> bool {
         match pushed {
-            Pushed::Queued => self.delivered += 1,
-            Pushed::Held => {
-                self.delivered += 1;
-                room::note(queue, counters);
-            }
+            Pushed::Queued | Pushed::Held => self.delivered += 1,
             Pushed::DroppedOldest(evicted) => {
                 self.delivered += 1;
                 counters.dropped_oldest.fetch_add(evicted, Ordering::Relaxed);
