@@ -2,13 +2,14 @@
 //! stopped (SIGSTOP) while 64 MiB is published to it, far past its queue and every socket
 //! buffer between. The publisher is held until the subscriber runs again, and it gets every
 //! message; under the default policy the same run drops. One that stays stopped past
-//! `back_pressure_timeout_ms` is disconnected and the publisher goes on.
+//! `back_pressure_timeout_ms` is disconnected and the publisher goes on. An MQTT publisher
+//! (packets written here by hand, blocking writes) is held the same way.
 
 #![expect(clippy::unwrap_used, reason = "test helpers fail loudly")]
 
 mod common;
 
-use std::io::{BufRead, BufReader};
+use std::io::{Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -21,16 +22,8 @@ const MESSAGES: usize = 4096;
 /// `whispeer sub flood --count MESSAGES`, its output discarded, once it has subscribed.
 fn subscriber(addr: &str) -> Child {
     let count = MESSAGES.to_string();
-    let mut child = Command::new(common::BIN)
-        .args(["sub", "flood", "--count", &count, "--server", addr])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stderr.as_mut().unwrap()).read_line(&mut line).unwrap();
-    assert!(line.starts_with("whispeer: subscribed"), "{line:?}");
-    child
+    let args = ["flood", "--count", &count, "--server", addr];
+    common::subscriber_to(&args, &[], Stdio::null())
 }
 
 fn signal(child: &Child, signal: &str) {
@@ -132,4 +125,62 @@ async fn a_subscriber_stopped_past_the_timeout_is_disconnected_and_the_publisher
     assert!(!complete, "the disconnected subscriber did not get everything");
     assert_eq!(drops(&admin, "disconnect"), 1.0);
     assert!(metric(&admin, "whispeer_publishers_held_back_total") > 0.0);
+}
+
+/// An MQTT 3.1.1 client: CONNECT (clean session, no keep-alive), then `MESSAGES` QoS 0
+/// PUBLISH packets of `PAYLOAD` to "flood" with blocking writes; returns when the last one
+/// was written.
+fn mqtt_publish_all(addr: &str) -> Instant {
+    let mut stream = common::mqtt_connect(addr, "bp-publisher");
+    let mut connack = [0u8; 4];
+    stream.read_exact(&mut connack).unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0], "CONNACK accepted");
+    let topic = b"flood";
+    let remaining = 2 + topic.len() + PAYLOAD;
+    // The remaining length as MQTT's variable-length integer (7 bits a byte).
+    let mut packet = vec![0x30];
+    let mut left = remaining;
+    loop {
+        let byte = (left % 128) as u8;
+        left /= 128;
+        packet.push(if left > 0 { byte | 0x80 } else { byte });
+        if left == 0 {
+            break;
+        }
+    }
+    packet.extend_from_slice(&[0, topic.len() as u8]);
+    packet.extend_from_slice(topic);
+    packet.resize(packet.len() + PAYLOAD, 7);
+    for _ in 0..MESSAGES {
+        stream.write_all(&packet).unwrap();
+    }
+    Instant::now()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtt_publisher_is_held_back_like_any_other() {
+    let envs = [
+        ("WHISPEER_QUEUES__SLOW_CONSUMER", "back-pressure"),
+        ("WHISPEER_QUEUES__CAPACITY", "16"),
+        ("WHISPEER_HEARTBEAT_MS", "60000"),
+    ];
+    let (mut server, native, mqtt, admin) = common::serve_mqtt_admin(&envs);
+    let mut sub = subscriber(&native);
+    signal(&sub, "-STOP");
+    let publishing = std::thread::spawn(move || mqtt_publish_all(&mqtt));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let resumed = Instant::now();
+    signal(&sub, "-CONT");
+    let status = exited(&mut sub, Duration::from_secs(60));
+    if status.is_none() {
+        let _ = sub.kill();
+        let _ = sub.wait();
+    }
+    let done = publishing.join().unwrap();
+    assert!(status.is_some_and(|s| s.success()), "the subscriber got all {MESSAGES} messages");
+    assert!(done > resumed, "the MQTT publisher's writes waited for the subscriber");
+    assert!(metric(&admin, "whispeer_publishers_held_back_total") > 0.0);
+    assert_eq!(drops(&admin, "drop_oldest"), 0.0);
+    let _ = server.kill();
+    let _ = server.wait();
 }

@@ -372,18 +372,23 @@ fn pressing(capacity: usize) -> Arc<Queue> {
 }
 
 #[test]
-fn under_back_pressure_a_full_queue_still_queues_holds_back_and_drops_only_past_twice_its_bound() {
+fn under_back_pressure_a_full_queue_still_queues_holds_back_and_drops_only_past_its_hard_bound() {
+    // The hard bound: 4 messages, and 65,536 more.
+    const HARD: u64 = 4 + 65_536;
     let queue = pressing(4);
     let pushed: Vec<Pushed> = (0..8).map(|n| queue.push(message(n, 8))).collect();
     // The fourth fills it: from there each push queues and holds its publisher back.
     let held = [Pushed::Held; 5];
     assert_eq!(pushed, [&[Pushed::Queued; 3][..], &held].concat());
-    // Past twice the bound (a publisher that never waited), the oldest give way.
-    assert_eq!(queue.push(message(8, 8)), Pushed::DroppedOldest(1));
-    let mut batch: Vec<Message> = (9..11).map(|n| message(n, 8)).collect();
+    for n in 8..HARD {
+        assert_eq!(queue.push(message(n, 8)), Pushed::Held);
+    }
+    // Past the hard bound (a publisher that never waited), the oldest give way.
+    assert_eq!(queue.push(message(HARD, 8)), Pushed::DroppedOldest(1));
+    let mut batch: Vec<Message> = (HARD + 1..HARD + 3).map(|n| message(n, 8)).collect();
     assert_eq!(queue.push_all(&mut batch), (2, true));
     let left: Vec<u128> = std::iter::from_fn(|| queue.try_pop()).map(|m| id(&m)).collect();
-    assert_eq!(left, (3..11).collect::<Vec<_>>());
+    assert_eq!(left, (3..u128::from(HARD) + 3).collect::<Vec<_>>());
     assert_eq!(queue.counters.dropped_oldest.load(Ordering::Relaxed), 3);
     assert!(!queue.holds_back());
     // Within its bound, a batch holds nothing back.

@@ -86,11 +86,16 @@ impl Drop for Server {
 
 /// A `whispeer sub` child; waits until it has subscribed.
 pub(crate) fn subscriber(args: &[&str], envs: &[(&str, &str)]) -> Child {
+    subscriber_to(args, envs, Stdio::piped())
+}
+
+/// A `whispeer sub` child writing what it receives to `stdout`; waits until it has subscribed.
+pub(crate) fn subscriber_to(args: &[&str], envs: &[(&str, &str)], stdout: Stdio) -> Child {
     let mut child = Command::new(BIN)
         .arg("sub")
         .args(args)
         .envs(envs.iter().copied())
-        .stdout(Stdio::piped())
+        .stdout(stdout)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -177,15 +182,22 @@ pub(crate) fn rss_kib(pid: u32) -> u64 {
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
-/// Sends an MQTT 3.1.1 CONNECT (clean session, client `id`) and a QoS 0 SUBSCRIBE to `filter`,
-/// written by hand, and returns the stream (the replies are left unread).
-pub(crate) fn mqtt_subscribe(addr: &str, id: &str, filter: &str) -> std::net::TcpStream {
+/// Sends an MQTT 3.1.1 CONNECT (clean session, no keep-alive, client `id`), written by hand,
+/// and returns the stream (the CONNACK left unread).
+pub(crate) fn mqtt_connect(addr: &str, id: &str) -> std::net::TcpStream {
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
     let id = id.as_bytes();
     let mut connect = vec![0x10, 12 + id.len() as u8, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 0];
     connect.extend_from_slice(&[0, id.len() as u8]);
     connect.extend_from_slice(id);
     stream.write_all(&connect).unwrap();
+    stream
+}
+
+/// Sends an MQTT 3.1.1 CONNECT (clean session, client `id`) and a QoS 0 SUBSCRIBE to `filter`,
+/// written by hand, and returns the stream (the replies are left unread).
+pub(crate) fn mqtt_subscribe(addr: &str, id: &str, filter: &str) -> std::net::TcpStream {
+    let mut stream = mqtt_connect(addr, id);
     let mut subscribe = vec![0x82, (5 + filter.len()) as u8, 0, 1, 0, filter.len() as u8];
     subscribe.extend_from_slice(filter.as_bytes());
     subscribe.push(0);

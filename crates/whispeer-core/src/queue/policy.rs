@@ -16,7 +16,8 @@ pub enum SlowConsumer {
     /// stops reading the publishing connection). Nothing is dropped while publishers wait. A
     /// subscriber that gives no room within `BrokerOptions::back_pressure_timeout` is closed
     /// as under `Disconnect`, so one stalled reader cannot stop publishers for ever; a queue
-    /// whose publishers never wait drops its oldest past twice its bounds.
+    /// whose publishers never wait drops its oldest past its bounds and as much again (at least
+    /// 65,536 messages and 16 MiB more).
     BackPressure,
     /// Drop the new message; counted in `dropped_newest`.
     DropNewest,
@@ -30,7 +31,7 @@ pub enum SlowConsumer {
 
 impl Queue {
     /// Whether a push of `weight` must first drop the oldest message: past the bounds under
-    /// `DropOldest`, past twice them under `BackPressure`.
+    /// `DropOldest`, past its hard bound under `BackPressure` (`pressure.rs`).
     pub(super) fn must_drop(&self, weight: usize) -> bool {
         match self.policy {
             SlowConsumer::BackPressure => self.past_hard_bound(weight),

@@ -11,8 +11,11 @@
 //! [`LOOK_AGAIN`].
 //!
 //! Publishers that do not wait (an embedded publish whose caller never asks for room) meet a
-//! hard bound, twice the queue's own bounds, where the oldest messages give way as under
-//! `DropOldest`, counted there: memory stays bounded whoever publishes.
+//! hard bound, where the oldest messages give way as under `DropOldest`, counted there: memory
+//! stays bounded whoever publishes. It lies past the queue's bounds by as much again, and by at
+//! least [`SLACK_MESSAGES`] and [`SLACK_BYTES`]: publishers that do wait each go past the
+//! bounds by what one of their reads brought (a server reads 64 KiB at a time, about 430
+//! messages of 128 bytes), and many that fill one queue at once must not meet it.
 
 use std::sync::atomic::{AtomicBool, Ordering, fence};
 use std::time::Duration;
@@ -21,6 +24,12 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::{BYTES_MASK, COUNT_SHIFT, Queue, SlowConsumer};
+
+/// Messages past its count bound that a queue under back-pressure holds at least before its
+/// oldest give way.
+const SLACK_MESSAGES: u64 = 65_536;
+/// Bytes past its byte bound, likewise (payloads plus 256 a message).
+const SLACK_BYTES: usize = 16 << 20;
 
 /// How often a waiting publisher looks at the queue again without a signal (room made in a
 /// bound the queue shares with others).
@@ -43,13 +52,15 @@ impl Pressure {
 }
 
 impl Queue {
-    /// Whether the queue is past its hard bound for a message of `weight` (twice its count and
-    /// byte bounds): only there does a queue under back-pressure drop its oldest.
+    /// Whether the queue is past its hard bound for a message of `weight` (see the module's
+    /// text): only there does a queue under back-pressure drop its oldest.
     pub(super) fn past_hard_bound(&self, weight: usize) -> bool {
         let load = self.load.load(Ordering::Acquire);
         let (count, queued) = (load >> COUNT_SHIFT, (load & BYTES_MASK) as usize);
-        count >= 2 * self.capacity as u64
-            || (queued > 0 && queued + weight > self.max_bytes.saturating_mul(2))
+        let capacity = self.capacity as u64;
+        let max_bytes = self.max_bytes.saturating_add(self.max_bytes.max(SLACK_BYTES));
+        count >= capacity + capacity.max(SLACK_MESSAGES)
+            || (queued > 0 && queued.saturating_add(weight) > max_bytes)
     }
 
     /// Whether a publisher would be held back by this queue now: under back-pressure, open, and
