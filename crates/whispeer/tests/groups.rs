@@ -1,13 +1,14 @@
 //! QoS 0 queue groups deal each push over their members: a burst is shared evenly among
 //! members that keep up, a slow member still gets its share, and a member that stops taking
-//! holds up at most its credit (8,192 messages), which goes to the others when it leaves.
+//! holds up at most its credit (8,192 messages), which goes to the others when it leaves. A
+//! group its slow-consumer policy closed is started anew by the next member to join.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::{Instant, sleep, timeout};
-use whispeer::{Broker, BrokerOptions, SubscribeOptions};
+use whispeer::{Broker, BrokerOptions, Qos, SlowConsumer, SubscribeOptions, Subscription};
 
 /// Waits (up to 10 s) until `count` reads `goal`.
 async fn reaches(count: &AtomicU64, goal: u64) {
@@ -78,4 +79,46 @@ async fn a_member_that_stops_taking_holds_up_only_its_credit_until_it_leaves() {
     // Leaving, it gives what it was owed to the others.
     drop(stopped);
     reaches(&taking, u64::from(total)).await;
+}
+
+/// A QoS 1 group "w" on "orders" of two messages under `policy`, lingering a minute.
+fn closing_group(broker: &Broker, policy: SlowConsumer) -> Subscription<u32> {
+    let options = SubscribeOptions::new("orders")
+        .group("w")
+        .qos(Qos::AtLeastOnce)
+        .capacity(2)
+        .slow_consumer(policy);
+    broker.subscription::<u32>(options).expect("subscribed")
+}
+
+#[tokio::test]
+async fn a_group_its_policy_closed_is_started_anew_by_the_next_member() {
+    let broker = Broker::builder(BrokerOptions::default()).build();
+    let mut first = closing_group(&broker, SlowConsumer::Disconnect);
+    let mut second = closing_group(&broker, SlowConsumer::Disconnect);
+    // Nobody reads: the third message finds the queue full and closes the group.
+    for n in 0..3u32 {
+        let _ = broker.publish("orders", &n);
+    }
+    assert_eq!(broker.stats().disconnected, 1);
+    assert!(first.recv().await.is_none() && second.recv().await.is_none(), "closed");
+    // A member joining while the closed group's members are still there starts a new group.
+    let mut third = closing_group(&broker, SlowConsumer::Disconnect);
+    broker.publish("orders", &10u32).unwrap();
+    let got = timeout(Duration::from_secs(5), third.recv()).await.expect("delivered");
+    assert_eq!(got, Some(10));
+    // The closed group's members leave it, not the new one.
+    drop((first, second));
+    broker.publish("orders", &11u32).unwrap();
+    assert_eq!(timeout(Duration::from_secs(5), third.recv()).await.expect("delivered"), Some(11));
+    // Once the new one closes and its member has gone (lingering), the next starts another.
+    drop(third);
+    let lingering = closing_group(&broker, SlowConsumer::Disconnect);
+    for n in 0..3u32 {
+        let _ = broker.publish("orders", &n);
+    }
+    drop(lingering);
+    let mut fourth = closing_group(&broker, SlowConsumer::Disconnect);
+    broker.publish("orders", &12u32).unwrap();
+    assert_eq!(timeout(Duration::from_secs(5), fourth.recv()).await.expect("delivered"), Some(12));
 }

@@ -6,6 +6,10 @@
 //! for the broker's `group_linger` (or its own, `SubscribeOptions::linger`), still queueing (within its bounds), so a member that
 //! reconnects under the same name gets what it missed and what it left unacknowledged; after
 //! that the group is removed. A QoS 0 group is removed with its last member.
+//!
+//! A group whose queue its slow-consumer policy closed (`Disconnect`, or back-pressure's
+//! timeout) is over: the next member to join under its name starts a new group, and the old
+//! one is retired, removed when its last member leaves (at once if it had none left).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -62,6 +66,16 @@ pub(crate) enum Left {
 #[derive(Debug, Default)]
 pub(crate) struct Groups {
     slots: Mutex<HashMap<GroupKey, Slot>>,
+    /// Groups closed by their policy and replaced under their name while members remained:
+    /// each removed when its last member leaves. Locked after `slots`.
+    retired: Mutex<Vec<Slot>>,
+}
+
+/// A member's joining: its group, and a closed group it replaced that had no member left, for
+/// the caller to unroute.
+pub(crate) struct Joined {
+    pub(crate) group: Arc<Group>,
+    pub(crate) replaced: Option<Arc<Group>>,
 }
 
 impl Groups {
@@ -69,15 +83,35 @@ impl Groups {
         self.slots.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Joins the group `key`, creating it with `create` if it does not exist. All members must
-    /// ask for the same QoS.
+    fn retired(&self) -> MutexGuard<'_, Vec<Slot>> {
+        self.retired.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Joins the group `key`, creating it with `create` if it does not exist, or if its queue
+    /// was closed by its policy (the old group is then retired). All members must ask for the
+    /// same QoS.
     pub(crate) fn join(
         &self,
         key: GroupKey,
         qos: Qos,
         create: impl FnOnce() -> Result<Arc<Group>, SubscribeError>,
-    ) -> Result<Arc<Group>, SubscribeError> {
+    ) -> Result<Joined, SubscribeError> {
         let mut slots = self.lock();
+        if slots.get(&key).is_some_and(|slot| slot.group.queue.is_closed()) {
+            let group = create()?;
+            let (mut generation, mut replaced) = (0, None);
+            if let Some(old) = slots.remove(&key) {
+                // Raised past the old one's, so a linger timer of the old one leaves it be.
+                generation = old.generation + 1;
+                if old.members > 0 {
+                    self.retired().push(old);
+                } else {
+                    replaced = Some(old.group);
+                }
+            }
+            slots.insert(key, Slot { group: Arc::clone(&group), members: 1, generation });
+            return Ok(Joined { group, replaced });
+        }
         if let Some(slot) = slots.get_mut(&key) {
             if slot.group.qos != qos {
                 return Err(SubscribeError::GroupMismatch {
@@ -88,17 +122,29 @@ impl Groups {
             }
             slot.members += 1;
             slot.generation += 1;
-            return Ok(Arc::clone(&slot.group));
+            return Ok(Joined { group: Arc::clone(&slot.group), replaced: None });
         }
         let group = create()?;
         slots.insert(key, Slot { group: Arc::clone(&group), members: 1, generation: 0 });
-        Ok(group)
+        Ok(Joined { group, replaced: None })
     }
 
-    /// A member leaves the group `key`; the last one starts its linger, if it has one.
-    pub(crate) fn leave(&self, key: &GroupKey) -> Left {
+    /// A member of the group `key` whose queue is `queue` leaves; the last one starts its
+    /// linger, if it has one (a retired group's last member removes it).
+    pub(crate) fn leave(&self, key: &GroupKey, queue: &Arc<Queue>) -> Left {
         let mut slots = self.lock();
-        let Some(slot) = slots.get_mut(key) else { return Left::Stays };
+        let Some(slot) = slots.get_mut(key).filter(|slot| Arc::ptr_eq(&slot.group.queue, queue))
+        else {
+            let mut retired = self.retired();
+            let Some(at) = retired.iter().position(|s| Arc::ptr_eq(&s.group.queue, queue)) else {
+                return Left::Stays;
+            };
+            retired[at].members = retired[at].members.saturating_sub(1);
+            if retired[at].members > 0 {
+                return Left::Stays;
+            }
+            return Left::Remove(retired.swap_remove(at).group);
+        };
         slot.members = slot.members.saturating_sub(1);
         if slot.members > 0 {
             return Left::Stays;

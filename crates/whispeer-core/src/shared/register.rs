@@ -118,7 +118,7 @@ impl Drop for Registration {
                 }
                 // Wake this member's consumer (and the others, harmlessly) to see it has left.
                 self.queue.wake();
-                Shared::leave_group(&self.shared, key);
+                Shared::leave_group(&self.shared, key, &self.queue);
             }
         }
     }
@@ -204,7 +204,7 @@ impl Shared {
             return Err(SubscribeError::InvalidStart { reason });
         }
         let key: GroupKey = (filter.as_str().into(), name.as_str().into());
-        let group = this.groups.join(key.clone(), options.qos, || {
+        let joined = this.groups.join(key.clone(), options.qos, || {
             let mut queue = Queue::new(filter, capacity, max_bytes, policy).for_group(name);
             if !is_qos1(options.qos) {
                 queue = queue.dealing();
@@ -239,7 +239,11 @@ impl Shared {
             let linger = options.linger.unwrap_or(this.options.group_linger);
             Ok(Arc::new(Group { id, queue, tracker, qos: options.qos, commits, linger }))
         })?;
-        Ok(Registration::member(Arc::clone(this), key, &group, prefetch))
+        if let Some(old) = joined.replaced {
+            // Closed by its policy with no member left: its route goes now.
+            this.unsubscribe(old.id, &old.queue);
+        }
+        Ok(Registration::member(Arc::clone(this), key, &joined.group, prefetch))
     }
 
     /// A replay of `stored` ranges from this broker's store, then `memory`.
@@ -249,8 +253,8 @@ impl Shared {
 
     /// A member left group `key`: removes the group when it was the last, at once or after the
     /// linger.
-    pub(crate) fn leave_group(this: &Arc<Self>, key: &GroupKey) {
-        match this.groups.leave(key) {
+    pub(crate) fn leave_group(this: &Arc<Self>, key: &GroupKey, queue: &Arc<Queue>) {
+        match this.groups.leave(key, queue) {
             Left::Stays => {}
             Left::Remove(group) => this.unsubscribe(group.id, &group.queue),
             Left::Linger(generation, linger) => {
