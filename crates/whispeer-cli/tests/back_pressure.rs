@@ -2,8 +2,9 @@
 //! stopped (SIGSTOP) while 64 MiB is published to it, far past its queue and every socket
 //! buffer between. The publisher is held until the subscriber runs again, and it gets every
 //! message; under the default policy the same run drops. One that stays stopped past
-//! `back_pressure_timeout_ms` is disconnected and the publisher goes on. An MQTT publisher
-//! (packets written here by hand, blocking writes) is held the same way.
+//! `back_pressure_timeout_ms` is disconnected and the publisher goes on; one killed lets it go
+//! at once. An MQTT publisher (packets written here by hand, blocking writes) is held the same
+//! way.
 
 #![expect(clippy::unwrap_used, reason = "test helpers fail loudly")]
 
@@ -125,6 +126,29 @@ async fn a_subscriber_stopped_past_the_timeout_is_disconnected_and_the_publisher
     assert!(!complete, "the disconnected subscriber did not get everything");
     assert_eq!(drops(&admin, "disconnect"), 1.0);
     assert!(metric(&admin, "whispeer_publishers_held_back_total") > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_publisher_goes_on_as_soon_as_its_subscriber_dies() {
+    let envs = [
+        ("WHISPEER_QUEUES__SLOW_CONSUMER", "back-pressure"),
+        ("WHISPEER_QUEUES__CAPACITY", "16"),
+        ("WHISPEER_HEARTBEAT_MS", "60000"),
+    ];
+    let server = common::Server::start(&envs);
+    let mut sub = subscriber(&server.addr);
+    signal(&sub, "-STOP");
+    let publishing = tokio::spawn(publish_all(server.addr.clone()));
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(!publishing.is_finished(), "held while the subscriber is stopped");
+    // Killed: its connection ends, its queue closes, and the publisher is let go at once,
+    // long before the 10 s timeout.
+    let killed = Instant::now();
+    let _ = sub.kill();
+    let _ = sub.wait();
+    let done = tokio::time::timeout(Duration::from_secs(30), publishing).await.unwrap().unwrap();
+    let after = done.duration_since(killed);
+    assert!(after < Duration::from_secs(5), "the publisher went on {after:?} after the kill");
 }
 
 /// An MQTT 3.1.1 client: CONNECT (clean session, no keep-alive), then `MESSAGES` QoS 0
