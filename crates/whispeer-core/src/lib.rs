@@ -9,7 +9,8 @@
 //!   as a `Stream`).
 //! - Filters: `+` or `*` match one segment, `#` any number of trailing segments (also none).
 //! - Every subscriber has a bounded queue and a [`SlowConsumer`] policy; drops are counted in
-//!   [`BrokerStats`] and [`SubscriptionStats`].
+//!   [`BrokerStats`] and [`SubscriptionStats`]. Under `SlowConsumer::BackPressure` nothing is
+//!   dropped: the publisher waits for room ([`Broker::room`]) instead.
 //! - Bind a topic to one type with [`Broker::topic`]; extend the broker with [`Plugin`]s.
 //! - Compress and encrypt at the edges: `.with(Compression::new()).with(Encryption::with_keyring(keyring))`,
 //!   or [`Broker::build_default`] for both with a generated key. Plugins and everything between

@@ -379,7 +379,10 @@ impl Connection {
             }
             Body::Unsubscribe { sub } => self.on_unsubscribe(correlation, sub).await,
             Body::Publish { qos, envelope } => {
-                if let Some(reply) = self.publish(correlation, qos, envelope) {
+                let reply = self.publish(correlation, qos, envelope);
+                // Taken before anything awaits: the notes are this thread's.
+                self.note_room();
+                if let Some(reply) = reply {
                     self.send(reply).await;
                 }
                 self.confirmations.make_room().await;
