@@ -3,14 +3,14 @@
 //! buffer between. The publisher is held until the subscriber runs again, and it gets every
 //! message; under the default policy the same run drops. One that stays stopped past
 //! `back_pressure_timeout_ms` is disconnected and the publisher goes on; one killed lets it go
-//! at once. An MQTT publisher (packets written here by hand, blocking writes) is held the same
-//! way.
+//! at once. A WebSocket publisher (the SDK over `ws://`) and an MQTT one (packets written here
+//! by hand, blocking writes) are held the same way.
 
 #![expect(clippy::unwrap_used, reason = "test helpers fail loudly")]
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -149,6 +149,38 @@ async fn a_held_publisher_goes_on_as_soon_as_its_subscriber_dies() {
     let done = tokio::time::timeout(Duration::from_secs(30), publishing).await.unwrap().unwrap();
     let after = done.duration_since(killed);
     assert!(after < Duration::from_secs(5), "the publisher went on {after:?} after the kill");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_publisher_is_held_back_too() {
+    let envs = [
+        ("WHISPEER_QUEUES__SLOW_CONSUMER", "back-pressure"),
+        ("WHISPEER_QUEUES__CAPACITY", "16"),
+        ("WHISPEER_HEARTBEAT_MS", "60000"),
+    ];
+    let mut server = common::serve_command(&["--ws-listen", "127.0.0.1:0"], &envs).spawn().unwrap();
+    let mut lines = BufReader::new(server.stdout.take().unwrap()).lines();
+    let native = lines.next().unwrap().unwrap();
+    let native = native.strip_prefix("whispeer: listening on ").unwrap().to_string();
+    let ws = lines.next().unwrap().unwrap();
+    let url = ws.strip_prefix("whispeer: websocket listening on ").unwrap().to_string();
+    let mut sub = subscriber(&native);
+    signal(&sub, "-STOP");
+    // The Rust SDK over ws://: its frames travel in WebSocket messages.
+    let publishing = tokio::spawn(publish_all(url));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let resumed = Instant::now();
+    signal(&sub, "-CONT");
+    let status = exited(&mut sub, Duration::from_secs(60));
+    if status.is_none() {
+        let _ = sub.kill();
+        let _ = sub.wait();
+    }
+    let done = tokio::time::timeout(Duration::from_secs(60), publishing).await.unwrap().unwrap();
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(status.is_some_and(|s| s.success()), "the subscriber got all {MESSAGES} messages");
+    assert!(done > resumed, "the WebSocket publisher waited for the subscriber");
 }
 
 /// An MQTT 3.1.1 client: CONNECT (clean session, no keep-alive), then `MESSAGES` QoS 0

@@ -44,11 +44,21 @@ pub trait Incoming: Unpin {
     }
 }
 
+/// Most bytes one binary message carries by default: a longer write goes in several messages,
+/// which the peer reads as one stream. A peer bounds its messages (a whispeer server by its
+/// frame limit and 64 KiB more), and a writer whose peer reads slowly may have much to write
+/// at once: before this bound, an SDK held back by its server sent what it had gathered, 2 MiB,
+/// as one message, and the server closed the connection as too large again and again.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
 /// What the writer sends for each write; the defaults suit a binary-only peer.
 pub trait Outgoing: Unpin {
-    /// Queues the messages that carry one write (by default, one binary message).
+    /// Queues the messages that carry one write (by default, binary messages of at most
+    /// [`MAX_MESSAGE_BYTES`]).
     fn write(&mut self, buf: &[u8], queue: &mut VecDeque<Message>) {
-        queue.push_back(Message::Binary(Bytes::copy_from_slice(buf)));
+        for chunk in buf.chunks(MAX_MESSAGE_BYTES) {
+            queue.push_back(Message::Binary(Bytes::copy_from_slice(chunk)));
+        }
     }
 
     /// A last message before the stream closes (a close frame with a code), if any.
@@ -168,6 +178,17 @@ mod tests {
     use tokio_tungstenite::tungstenite::protocol::Role;
 
     use super::*;
+
+    #[test]
+    fn a_long_write_goes_in_messages_no_longer_than_the_bound() {
+        let mut queue = VecDeque::new();
+        let bytes: Vec<u8> = (0..2 * MAX_MESSAGE_BYTES + 10).map(|i| i as u8).collect();
+        Binary.write(&bytes, &mut queue);
+        let sizes: Vec<usize> = queue.iter().map(Message::len).collect();
+        assert_eq!(sizes, [MAX_MESSAGE_BYTES, MAX_MESSAGE_BYTES, 10]);
+        let joined: Vec<u8> = queue.into_iter().flat_map(|m| m.into_data().to_vec()).collect();
+        assert_eq!(joined, bytes);
+    }
 
     #[tokio::test]
     async fn bytes_cross_as_binary_messages_and_text_is_refused() {
