@@ -19,6 +19,12 @@ use whispeer_client::Client;
 
 const PAYLOAD: usize = 16 << 10;
 const MESSAGES: usize = 4096;
+/// A server under back-pressure with 16-message queues and no heartbeat within a run.
+const HELD: [(&str, &str); 3] = [
+    ("WHISPEER_QUEUES__SLOW_CONSUMER", "back-pressure"),
+    ("WHISPEER_QUEUES__CAPACITY", "16"),
+    ("WHISPEER_HEARTBEAT_MS", "60000"),
+];
 
 /// `whispeer sub flood --count MESSAGES`, its output discarded, once it has subscribed.
 fn subscriber(addr: &str) -> Child {
@@ -32,15 +38,18 @@ fn signal(child: &Child, signal: &str) {
     assert!(Command::new("kill").args([signal, &pid]).status().unwrap().success());
 }
 
-/// Waits up to `limit` for `child` to exit; its status, or `None` if it still runs.
-fn exited(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+/// Waits up to `limit` for the subscriber to exit: whether it did so successfully (it got all
+/// `MESSAGES`); one still running is killed.
+fn got_everything(sub: &mut Child, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
     loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return Some(status);
+        if let Some(status) = sub.try_wait().unwrap() {
+            return status.success();
         }
         if Instant::now() > deadline {
-            return None;
+            let _ = sub.kill();
+            let _ = sub.wait();
+            return false;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -84,12 +93,7 @@ async fn stopped_while_published(
     let resumed = Instant::now();
     signal(&sub, "-CONT");
     let done = tokio::time::timeout(Duration::from_secs(60), publishing).await.unwrap().unwrap();
-    let status = exited(&mut sub, Duration::from_secs(10));
-    let complete = status.is_some_and(|s| s.success());
-    if status.is_none() {
-        let _ = sub.kill();
-        let _ = sub.wait();
-    }
+    let complete = got_everything(&mut sub, Duration::from_secs(10));
     (done, resumed, complete, admin, server)
 }
 
@@ -130,12 +134,7 @@ async fn a_subscriber_stopped_past_the_timeout_is_disconnected_and_the_publisher
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_publisher_goes_on_as_soon_as_its_subscriber_dies() {
-    let envs = [
-        ("WHISPEER_QUEUES__SLOW_CONSUMER", "back-pressure"),
-        ("WHISPEER_QUEUES__CAPACITY", "16"),
-        ("WHISPEER_HEARTBEAT_MS", "60000"),
-    ];
-    let server = common::Server::start(&envs);
+    let server = common::Server::start(&HELD);
     let mut sub = subscriber(&server.addr);
     signal(&sub, "-STOP");
     let publishing = tokio::spawn(publish_all(server.addr.clone()));
@@ -153,12 +152,7 @@ async fn a_held_publisher_goes_on_as_soon_as_its_subscriber_dies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_publisher_is_held_back_too() {
-    let envs = [
-        ("WHISPEER_QUEUES__SLOW_CONSUMER", "back-pressure"),
-        ("WHISPEER_QUEUES__CAPACITY", "16"),
-        ("WHISPEER_HEARTBEAT_MS", "60000"),
-    ];
-    let mut server = common::serve_command(&["--ws-listen", "127.0.0.1:0"], &envs).spawn().unwrap();
+    let mut server = common::serve_command(&["--ws-listen", "127.0.0.1:0"], &HELD).spawn().unwrap();
     let mut lines = BufReader::new(server.stdout.take().unwrap()).lines();
     let native = lines.next().unwrap().unwrap();
     let native = native.strip_prefix("whispeer: listening on ").unwrap().to_string();
@@ -171,15 +165,11 @@ async fn a_websocket_publisher_is_held_back_too() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let resumed = Instant::now();
     signal(&sub, "-CONT");
-    let status = exited(&mut sub, Duration::from_secs(60));
-    if status.is_none() {
-        let _ = sub.kill();
-        let _ = sub.wait();
-    }
+    let complete = got_everything(&mut sub, Duration::from_secs(60));
     let done = tokio::time::timeout(Duration::from_secs(60), publishing).await.unwrap().unwrap();
     let _ = server.kill();
     let _ = server.wait();
-    assert!(status.is_some_and(|s| s.success()), "the subscriber got all {MESSAGES} messages");
+    assert!(complete, "the subscriber got all {MESSAGES} messages");
     assert!(done > resumed, "the WebSocket publisher waited for the subscriber");
 }
 
@@ -215,25 +205,16 @@ fn mqtt_publish_all(addr: &str) -> Instant {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_mqtt_publisher_is_held_back_like_any_other() {
-    let envs = [
-        ("WHISPEER_QUEUES__SLOW_CONSUMER", "back-pressure"),
-        ("WHISPEER_QUEUES__CAPACITY", "16"),
-        ("WHISPEER_HEARTBEAT_MS", "60000"),
-    ];
-    let (mut server, native, mqtt, admin) = common::serve_mqtt_admin(&envs);
+    let (mut server, native, mqtt, admin) = common::serve_mqtt_admin(&HELD);
     let mut sub = subscriber(&native);
     signal(&sub, "-STOP");
     let publishing = std::thread::spawn(move || mqtt_publish_all(&mqtt));
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let resumed = Instant::now();
     signal(&sub, "-CONT");
-    let status = exited(&mut sub, Duration::from_secs(60));
-    if status.is_none() {
-        let _ = sub.kill();
-        let _ = sub.wait();
-    }
+    let complete = got_everything(&mut sub, Duration::from_secs(60));
     let done = publishing.join().unwrap();
-    assert!(status.is_some_and(|s| s.success()), "the subscriber got all {MESSAGES} messages");
+    assert!(complete, "the subscriber got all {MESSAGES} messages");
     assert!(done > resumed, "the MQTT publisher's writes waited for the subscriber");
     assert!(metric(&admin, "whispeer_publishers_held_back_total") > 0.0);
     assert_eq!(drops(&admin, "drop_oldest"), 0.0);

@@ -33,7 +33,7 @@ const SLACK_BYTES: usize = 16 << 20;
 
 /// How often a waiting publisher looks at the queue again without a signal (room made in a
 /// bound the queue shares with others).
-pub(crate) const LOOK_AGAIN: Duration = Duration::from_millis(5);
+const LOOK_AGAIN: Duration = Duration::from_millis(5);
 
 /// What a queue under back-pressure keeps for the publishers waiting on it.
 #[derive(Debug, Default)]
