@@ -144,6 +144,10 @@ impl Reader<'_> {
         limits: &Limits,
         check: impl FnOnce(&Self) -> Result<(), DecodeError>,
     ) -> Result<Envelope, DecodeError> {
+        // What passes this look passes every check below, and ends the frame.
+        if let Some(envelope) = self.plain_envelope() {
+            return Ok(envelope);
+        }
         let id = MessageId(self.u128()?);
         let timestamp_ms = self.u64()?;
         let flags = Flags(self.u16()?);
@@ -160,6 +164,42 @@ impl Reader<'_> {
         let payload = self.bytes32()?;
         check(self)?;
         Ok(Envelope { id, topic, timestamp_ms, flags, headers, payload })
+    }
+
+    /// The envelope most frames of a stream carry, read in one look at the buffer rather than
+    /// field by field: its topic the one the stream decoded last, no headers, its payload the
+    /// rest of the frame (moved out whole). `None`, having read nothing, for any other, which
+    /// the field-by-field reading then decodes or refuses. The topic was checked against the
+    /// limits when it was cached, and the payload's length is the bytes left, so nothing is
+    /// accepted here that the field-by-field reading would refuse.
+    #[inline(always)]
+    fn plain_envelope(&mut self) -> Option<Envelope> {
+        /// Id, time stamp, flags and the topic's length.
+        const FIXED: usize = 16 + 8 + 2 + 2;
+        /// The header count (zero) and the payload's length, after the topic.
+        const TAIL: usize = 2 + 4;
+        let cached = self.topics.0.as_ref()?;
+        let text = cached.as_str().as_bytes();
+        let buf: &[u8] = &self.buf;
+        let fixed = buf.first_chunk::<FIXED>()?;
+        if usize::from(u16::from_be_bytes([fixed[26], fixed[27]])) != text.len() {
+            return None;
+        }
+        let (topic, rest) = buf[FIXED..].split_at_checked(text.len())?;
+        let tail = rest.first_chunk::<TAIL>()?;
+        let payload_len = u32::from_be_bytes([tail[2], tail[3], tail[4], tail[5]]) as usize;
+        if tail[..2] != [0, 0] || rest.len() - TAIL != payload_len || topic != text {
+            return None;
+        }
+        let (id, rest) = fixed.split_first_chunk::<16>()?;
+        let (timestamp, flags) = rest.split_first_chunk::<8>()?;
+        let id = MessageId(u128::from_be_bytes(*id));
+        let timestamp_ms = u64::from_be_bytes(*timestamp);
+        let flags = Flags(u16::from_be_bytes([flags[0], flags[1]]));
+        let topic = cached.clone();
+        self.buf.advance(FIXED + text.len() + TAIL);
+        let payload = std::mem::take(&mut self.buf);
+        Some(Envelope { id, topic, timestamp_ms, flags, headers: Headers::new(), payload })
     }
 
     /// A PUBLISH's body: its QoS and envelope.

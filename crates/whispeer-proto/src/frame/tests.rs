@@ -248,6 +248,18 @@ fn a_topic_cache_shares_a_repeated_topic_and_still_checks_new_ones() {
     assert_eq!(short, topic_of(decode(publish("a/b")).unwrap().unwrap()));
 }
 
+/// A stream's topic cache after it decoded a publish to `topic`.
+fn cache_of(topic: &str) -> TopicCache {
+    let envelope = envelope(topic, b"x", &[]);
+    let mut buf = BytesMut::new();
+    Frame::new(1, Body::Publish { qos: Qos::AtMostOnce, envelope })
+        .encode(&mut buf, usize::MAX)
+        .unwrap();
+    let mut cache = TopicCache::default();
+    Frame::decode_cached(&mut buf, &limits(), &mut cache).unwrap().unwrap();
+    cache
+}
+
 #[test]
 fn envelopes_round_trip_on_their_own_and_refuse_extra_bytes() {
     let original = envelope("a/b", b"payload", &[("ttl-ms", b"100")]);
@@ -369,7 +381,11 @@ proptest! {
         let deliver = raw.deliver().unwrap();
         let (sub, attempt, offset) = (deliver.sub, deliver.attempt, deliver.offset);
         let envelope_len = deliver.envelope_len();
-        match (deliver.decode(&limits(), &mut TopicCache::default()), full) {
+        // A stream's later deliveries meet their topic in the cache: the same result.
+        let warm = deliver.clone().decode(&limits(), &mut cache_of(&topic));
+        let cold = deliver.decode(&limits(), &mut TopicCache::default());
+        prop_assert_eq!(&warm, &cold);
+        match (cold, full) {
             (Ok(envelope), Ok(Some(frame))) => {
                 // Fixed fields, topic, headers and payload, each with its length.
                 let fixed = 16 + 8 + 2 + 2 + envelope.topic.as_str().len() + 2 + 4;
@@ -410,7 +426,10 @@ proptest! {
         let full = Frame::decode(&mut whole, &limits());
         let raw = Frame::split(&mut stream, &limits()).unwrap().unwrap();
         let seen = raw.correlation();
-        match (raw.publish(&limits(), &mut TopicCache::default()), full) {
+        let warm = raw.clone().publish(&limits(), &mut cache_of(&topic)).map(|r| r.ok());
+        let cold = raw.publish(&limits(), &mut TopicCache::default());
+        prop_assert_eq!(&warm, &cold.as_ref().map(|r| r.as_ref().ok().cloned()).map_err(Clone::clone));
+        match (cold, full) {
             (Ok(Ok((qos, envelope))), Ok(Some(frame))) => {
                 prop_assert_eq!(frame, Frame::new(seen, Body::Publish { qos, envelope }));
             }
