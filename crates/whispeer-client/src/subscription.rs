@@ -300,10 +300,15 @@ impl<T> ClientSubscription<T> {
         })
     }
 
-    /// The next delivery as it came. One whose envelope does not decode (the server sent it
-    /// malformed) is skipped and counted, and under QoS 1 refused without requeue.
-    #[inline]
-    fn poll_delivery(&mut self, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
+    /// The next delivery as it came, acknowledged first with `ack`. One whose envelope does not
+    /// decode (the server sent it malformed) is skipped and counted, and under QoS 1 refused
+    /// without requeue.
+    ///
+    /// Acknowledging here, before the delivery is made, lets it be made where the caller wants
+    /// it: acknowledged by the caller through a reference, it was made here and then copied out
+    /// whole (160 bytes) for each delivery.
+    #[inline(always)]
+    fn poll_delivery(&mut self, cx: &mut Context<'_>, ack: bool) -> Poll<Option<Delivery>> {
         loop {
             if self.local.is_empty()
                 && !std::task::ready!(self.buffer.poll_take(&mut self.local, cx))
@@ -333,6 +338,9 @@ impl<T> ClientSubscription<T> {
             let ack_to = self.settles.clone().map(|settles| AckTo { sub: self.sub, settles });
             match incoming.decode(&self.limits, &mut self.topics) {
                 Ok(envelope) => {
+                    if let Some(to) = ack_to.as_ref().filter(|_| ack) {
+                        let _ = to.settles.send(Settle { sub: to.sub, id, requeue: None });
+                    }
                     let engines = self.engines.clone();
                     return Poll::Ready(Some(Delivery {
                         envelope,
@@ -356,7 +364,7 @@ impl<T> ClientSubscription<T> {
 
     fn poll_decoded(&mut self, cx: &mut Context<'_>) -> Poll<Option<(T, Delivery)>> {
         loop {
-            let Some(delivery) = std::task::ready!(self.poll_delivery(cx)) else {
+            let Some(delivery) = std::task::ready!(self.poll_delivery(cx, false)) else {
                 return Poll::Ready(None);
             };
             let decoded = match self.decode {
@@ -382,16 +390,12 @@ impl<T> ClientSubscription<T> {
 impl ClientSubscription<Delivery> {
     /// The next delivery, acknowledged (see [`Decode::Itself`]).
     pub(crate) fn poll_itself(&mut self, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
-        let next = std::task::ready!(self.poll_delivery(cx));
-        if let Some(delivery) = &next {
-            delivery.ack();
-        }
-        Poll::Ready(next)
+        self.poll_delivery(cx, true)
     }
 
     /// The next delivery, not acknowledged: the caller acks it once it is done with it.
     pub(crate) async fn recv_unacked(&mut self) -> Option<Delivery> {
-        poll_fn(|cx| self.poll_delivery(cx)).await
+        poll_fn(|cx| self.poll_delivery(cx, false)).await
     }
 }
 

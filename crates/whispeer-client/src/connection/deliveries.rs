@@ -12,20 +12,13 @@ use std::sync::atomic::Ordering;
 use bytes::{Buf, BytesMut};
 use whispeer_proto::{Body, DeliverHead, Frame, Limits, OutBuf};
 
-use super::{Actor, Run, encode};
+use super::{Actor, Run, Sub, encode};
 use crate::ClientError;
-
-/// The run being read at the front of the buffer: its subscription, bytes and deliveries.
-#[derive(Clone, Copy)]
-struct Reading {
-    sub: u32,
-    bytes: usize,
-    count: usize,
-}
 
 impl Actor {
     /// Takes every whole DELIVER at the front of `inbound` to its subscription's staging,
-    /// stopping at the first other frame (or one not whole yet).
+    /// stopping at the first other frame (or one not whole yet). A run's subscription is looked
+    /// up once, not for each of its deliveries.
     pub(super) fn take_deliveries(
         &mut self,
         inbound: &mut BytesMut,
@@ -33,83 +26,79 @@ impl Actor {
         out: &mut OutBuf,
         max: usize,
     ) -> Result<(), ClientError> {
-        let mut reading: Option<Reading> = None;
-        loop {
-            let at = reading.map_or(0, |r| r.bytes);
-            let Some(head) = inbound.get(at..).and_then(|rest| Frame::peek_deliver(rest, limits))
-            else {
-                break;
-            };
-            if let Some(run) = reading.filter(|r| r.sub != head.sub) {
-                self.cut(inbound, run);
-                reading = None;
+        while let Some(first) = Frame::peek_deliver(inbound, limits) {
+            let Some(subscription) = self.subscriptions.get_mut(&first.sub) else {
+                // For a subscription that is gone: dropped.
+                inbound.advance(first.frame_len);
                 continue;
-            }
-            let admitted = match self.admit(&head, out, max) {
-                Ok(admitted) => admitted,
-                Err(err) => {
-                    // What was admitted is counted in the staging: it is staged, not lost.
-                    if let Some(run) = reading {
-                        self.cut(inbound, run);
-                    }
-                    return Err(err);
-                }
             };
-            if admitted {
-                let run = reading.get_or_insert(Reading { sub: head.sub, bytes: 0, count: 0 });
-                run.bytes += head.frame_len;
-                run.count += 1;
-            } else {
-                if let Some(run) = reading.take() {
-                    self.cut(inbound, run);
+            // Bytes and deliveries of the run read so far.
+            let (mut bytes, mut count) = (0, 0);
+            let mut head = Some(first);
+            let mut refused = None;
+            while let Some(next) = head.filter(|next| next.sub == first.sub) {
+                match admit(subscription, &next, out, max) {
+                    Ok(true) => {
+                        bytes += next.frame_len;
+                        count += 1;
+                        head =
+                            inbound.get(bytes..).and_then(|rest| Frame::peek_deliver(rest, limits));
+                    }
+                    Ok(false) => {
+                        refused = Some(Ok(next.frame_len));
+                        break;
+                    }
+                    Err(err) => {
+                        refused = Some(Err(err));
+                        break;
+                    }
                 }
-                inbound.advance(head.frame_len);
             }
-        }
-        if let Some(run) = reading {
-            self.cut(inbound, run);
+            if count > 0 {
+                let frames = inbound.split_to(bytes).freeze();
+                if subscription.staged.is_empty() {
+                    self.staged.push(first.sub);
+                }
+                subscription.staged.push(Run::new(frames, count));
+            }
+            match refused {
+                // Not taken: cut off alone and dropped, after the run before it.
+                Some(Ok(frame_len)) => inbound.advance(frame_len),
+                // What was admitted is counted in the staging: it is staged, not lost.
+                Some(Err(err)) => return Err(err),
+                None => {}
+            }
         }
         Ok(())
     }
+}
 
-    /// Whether a delivery is taken for its subscription (and counted in its staging). A
-    /// redelivery of a message acked already is acked again instead; one over a full buffer is
-    /// dropped and counted; one for a subscription that is gone is dropped.
-    fn admit(
-        &mut self,
-        head: &DeliverHead,
-        out: &mut OutBuf,
-        max: usize,
-    ) -> Result<bool, ClientError> {
-        let (sub, id) = (head.sub, head.id);
-        let Some(subscription) = self.subscriptions.get_mut(&sub) else { return Ok(false) };
-        if head.offset > 0 {
-            subscription.last_offset = Some(head.offset);
-        }
-        if subscription.acked.set.contains(&id) {
-            // Acked already; the ack was lost with a connection. Ack again, drop it.
-            subscription.buffer.duplicates.fetch_add(1, Ordering::Relaxed);
-            encode(&Frame::new(0, Body::Ack { sub, id }), out.frames(), max)?;
-            return Ok(false);
-        }
-        // Under QoS 1 the buffer holds the prefetch, so only what comes beyond it (redeliveries
-        // of messages still waiting there) can be dropped; unacknowledged, it comes again after
-        // its timeout.
-        if !subscription.buffer.admit(&mut subscription.staged, head.envelope_len()) {
-            tracing::warn!(sub, %id, "subscription buffer full; message dropped");
-            return Ok(false);
-        }
-        Ok(true)
+/// Whether a delivery is taken for `subscription` (and counted in its staging). A redelivery
+/// of a message acked already is acked again instead; one over a full buffer is dropped and
+/// counted.
+#[inline]
+fn admit(
+    subscription: &mut Sub,
+    head: &DeliverHead,
+    out: &mut OutBuf,
+    max: usize,
+) -> Result<bool, ClientError> {
+    let (sub, id) = (head.sub, head.id);
+    if head.offset > 0 {
+        subscription.last_offset = Some(head.offset);
     }
-
-    /// Cuts the run read so far off the front of `inbound` and stages it.
-    fn cut(&mut self, inbound: &mut BytesMut, run: Reading) {
-        let frames = inbound.split_to(run.bytes).freeze();
-        // Admitted, so the subscription is there.
-        let Some(subscription) = self.subscriptions.get_mut(&run.sub) else { return };
-        if subscription.staged.is_empty() {
-            self.staged.push(run.sub);
-        }
-        subscription.staged.push(Run::new(frames, run.count));
+    if subscription.acked.set.contains(&id) {
+        // Acked already; the ack was lost with a connection. Ack again, drop it.
+        subscription.buffer.duplicates.fetch_add(1, Ordering::Relaxed);
+        encode(&Frame::new(0, Body::Ack { sub, id }), out.frames(), max)?;
+        return Ok(false);
     }
+    // Under QoS 1 the buffer holds the prefetch, so only what comes beyond it (redeliveries
+    // of messages still waiting there) can be dropped; unacknowledged, it comes again after
+    // its timeout.
+    if !subscription.buffer.admit(&mut subscription.staged, head.envelope_len()) {
+        tracing::warn!(sub, %id, "subscription buffer full; message dropped");
+        return Ok(false);
+    }
+    Ok(true)
 }
