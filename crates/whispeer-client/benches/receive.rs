@@ -10,11 +10,17 @@
 //! - `floor`: one task that reads the same socket and cuts the frames off it, nothing more: what
 //!   reading the bytes costs.
 //!
-//! For each it prints deliveries a second and the CPU each delivery cost the receiving side (the
+//! And the other way, what publishing costs the SDK:
+//!
+//! - `publish`: `Client::publish_bytes` of 128-byte payloads to one topic from one task, as the
+//!   `whispeer bench` harness publishes, while the scripted server reads the PUBLISH frames and
+//!   counts them (the SDK's own outbox bounds what is in flight).
+//!
+//! For each it prints messages a second and the CPU each message cost the client's side (the
 //! process's CPU less the scripted server's thread). Run with
 //! `cargo bench -p whispeer-client --bench receive`; `WHISPEER_BENCH_MESSAGES` sets the count
 //! (default 4,000,000), `WHISPEER_BENCH_ROUNDS` the rounds (default 3) and
-//! `WHISPEER_BENCH_CASES` which cases run (default `sdk,floor`).
+//! `WHISPEER_BENCH_CASES` which cases run (default `sdk,floor,publish`).
 
 #![expect(clippy::unwrap_used, reason = "a benchmark fails loudly on any error")]
 #![expect(clippy::print_stdout, reason = "a benchmark prints its figures")]
@@ -29,7 +35,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncReadExt;
 use whispeer_client::{Client, ClientOptions};
 use whispeer_proto::{
-    Body, Envelope, Flags, Frame, Limits, MessageId, PROTOCOL_VERSION, ReadPool, Topic,
+    Body, Envelope, Flags, Frame, Limits, MessageId, PROTOCOL_VERSION, ReadPool, Topic, TopicCache,
 };
 
 /// Frames written per write.
@@ -79,10 +85,21 @@ fn read_until(stream: &mut TcpStream, buf: &mut BytesMut, want: impl Fn(&Frame) 
     }
 }
 
-/// The scripted server for one connection: the handshake, then (with `subscribe`) the reply to
+/// What is measured.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Case {
+    /// The SDK receiving.
+    Sdk,
+    /// Reading the bytes, nothing more.
+    Floor,
+    /// The SDK publishing.
+    Publish,
+}
+
+/// The scripted server for one connection: the handshake, then (for `Case::Sdk`) the reply to
 /// a SUBSCRIBE and `messages` deliveries to it; returns the CPU seconds its thread used while
-/// writing them.
-fn serve(mut stream: TcpStream, messages: u64, subscribe: bool, received: &AtomicU64) -> f64 {
+/// writing them. For `Case::Publish`, reads `messages` PUBLISH frames instead.
+fn serve(mut stream: TcpStream, messages: u64, case: Case, received: &AtomicU64) -> f64 {
     stream.set_nodelay(true).unwrap();
     let mut buf = BytesMut::new();
     let mut out = BytesMut::new();
@@ -96,8 +113,12 @@ fn serve(mut stream: TcpStream, messages: u64, subscribe: bool, received: &Atomi
         name: "scripted".into(),
     };
     Frame::new(hello.correlation, welcome).encode(&mut out, usize::MAX).unwrap();
+    if case == Case::Publish {
+        stream.write_all(&out).unwrap();
+        return count_publishes(&mut stream, buf, messages, received);
+    }
     let mut sub = 1;
-    if subscribe {
+    if case == Case::Sdk {
         stream.write_all(&out).unwrap();
         out.clear();
         let frame = read_until(&mut stream, &mut buf, |f| matches!(f.body, Body::Subscribe { .. }));
@@ -126,8 +147,37 @@ fn serve(mut stream: TcpStream, messages: u64, subscribe: bool, received: &Atomi
     cpu("/proc/thread-self/stat") - start
 }
 
-/// One measurement: (deliveries a second, receiving CPU µs a delivery).
-fn measure(runtime: &tokio::runtime::Runtime, sdk: bool, messages: u64) -> (f64, f64) {
+/// Reads PUBLISH frames until `messages` came, counting them in `received`; returns the CPU
+/// seconds this thread used.
+fn count_publishes(
+    stream: &mut TcpStream,
+    mut buf: BytesMut,
+    messages: u64,
+    received: &AtomicU64,
+) -> f64 {
+    let start = cpu("/proc/thread-self/stat");
+    let (limits, mut topics) = (Limits::default(), TopicCache::default());
+    let mut seen = 0;
+    let mut chunk = vec![0; 256 * 1024];
+    while seen < messages {
+        while let Some(raw) = Frame::split(&mut buf, &limits).unwrap() {
+            if raw.publish(&limits, &mut topics).is_ok_and(|p| p.is_ok()) {
+                seen += 1;
+            }
+        }
+        received.store(seen, Ordering::Release);
+        if seen >= messages {
+            break;
+        }
+        let n = stream.read(&mut chunk).unwrap();
+        assert!(n > 0, "the client hung up after {seen} publishes");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    cpu("/proc/thread-self/stat") - start
+}
+
+/// One measurement: (messages a second, the client's CPU µs a message).
+fn measure(runtime: &tokio::runtime::Runtime, case: Case, messages: u64) -> (f64, f64) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let received = Arc::new(AtomicU64::new(0));
@@ -135,13 +185,25 @@ fn measure(runtime: &tokio::runtime::Runtime, sdk: bool, messages: u64) -> (f64,
         let received = Arc::clone(&received);
         move || {
             let (stream, _) = listener.accept().unwrap();
-            serve(stream, messages, sdk, &received)
+            serve(stream, messages, case, &received)
         }
     });
     let cpu_before = cpu("/proc/self/stat");
     let start = Instant::now();
     runtime.block_on(async move {
-        if sdk {
+        if case == Case::Publish {
+            let client = Client::connect_with(ClientOptions::new(addr)).await.unwrap();
+            let payload = Bytes::from(vec![b'x'; 128]);
+            for _ in 0..messages {
+                client.publish_bytes("bench/publish", payload.clone()).await.unwrap();
+            }
+            let waited = Instant::now();
+            while received.load(Ordering::Acquire) < messages {
+                assert!(waited.elapsed() < Duration::from_secs(120), "stalled");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            drop(client);
+        } else if case == Case::Sdk {
             let client = Client::connect_with(ClientOptions::new(addr)).await.unwrap();
             let mut sub = client.messages("bench/receive").await.unwrap();
             let reader = tokio::spawn(async move {
@@ -204,16 +266,20 @@ fn main() {
     let (messages, rounds) =
         (number("WHISPEER_BENCH_MESSAGES", 4_000_000), number("WHISPEER_BENCH_ROUNDS", 3));
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    println!("receive, 128 B deliveries, {messages} a round: deliveries/s, receiving CPU µs each");
-    // `WHISPEER_BENCH_CASES=sdk` (or `floor`) measures one alone, for a profiler.
-    let cases = std::env::var("WHISPEER_BENCH_CASES").unwrap_or_else(|_| "sdk,floor".into());
+    println!(
+        "receive and publish, 128 B, {messages} a round: messages/s, the client's CPU µs each"
+    );
+    // `WHISPEER_BENCH_CASES=sdk` (or `floor`, `publish`) measures one alone, for a profiler.
+    let cases =
+        std::env::var("WHISPEER_BENCH_CASES").unwrap_or_else(|_| "sdk,floor,publish".into());
     for round in 1..=rounds {
-        for (name, sdk) in [("sdk", true), ("floor", false)] {
+        for (name, case) in [("sdk", Case::Sdk), ("floor", Case::Floor), ("publish", Case::Publish)]
+        {
             if !cases.split(',').any(|case| case == name) {
                 continue;
             }
-            let (rate, cpu) = measure(&runtime, sdk, messages);
-            println!("round {round} {name:>5}: {:>6.2} M/s {cpu:.3} µs", rate / 1e6);
+            let (rate, cpu) = measure(&runtime, case, messages);
+            println!("round {round} {name:>7}: {:>6.2} M/s {cpu:.3} µs", rate / 1e6);
         }
     }
 }
