@@ -427,4 +427,6 @@ pub use reader::TopicCache;
 pub use writer::PlainHead;
 
 #[cfg(test)]
+mod encode_tests;
+#[cfg(test)]
 mod tests;

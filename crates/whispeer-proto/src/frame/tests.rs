@@ -10,7 +10,7 @@ fn limits() -> Limits {
     Limits::DEFAULT
 }
 
-fn envelope(topic: &str, payload: &[u8], headers: &[(&str, &[u8])]) -> Envelope {
+pub(super) fn envelope(topic: &str, payload: &[u8], headers: &[(&str, &[u8])]) -> Envelope {
     let mut e = Envelope::new(
         MessageId(0x0102_0304),
         Topic::parse(topic).unwrap(),
@@ -71,70 +71,6 @@ fn every_body_round_trips() {
         let frame = Frame::new(i as u32, body);
         assert_eq!(round_trip(&frame), frame);
     }
-}
-
-#[test]
-fn encode_deliver_matches_the_general_encoder() {
-    let envelope = envelope("a/b", b"payload", &[("h", b"1")]);
-    let mut fast = BytesMut::new();
-    Frame::encode_deliver(&mut fast, 3, 2, 9, &envelope, usize::MAX).unwrap();
-    let mut general = BytesMut::new();
-    Frame::new(0, Body::Deliver { sub: 3, attempt: 2, offset: 9, envelope })
-        .encode(&mut general, usize::MAX)
-        .unwrap();
-    assert_eq!(fast, general);
-}
-
-#[test]
-fn a_publish_head_and_its_payload_make_the_whole_frame() {
-    let envelope = envelope("a/b", &[7; 300], &[("k", b"v")]);
-    let mut whole = BytesMut::new();
-    let qos = Qos::AtLeastOnce;
-    Frame::new(5, Body::Publish { qos, envelope: envelope.clone() })
-        .encode(&mut whole, usize::MAX)
-        .unwrap();
-    let mut split = BytesMut::new();
-    Frame::encode_publish_head(&mut split, 5, qos, &envelope, usize::MAX).unwrap();
-    split.extend_from_slice(&envelope.payload);
-    assert_eq!(split, whole);
-    let mut over = BytesMut::from(&b"kept"[..]);
-    let refused = Frame::encode_publish_head(&mut over, 5, qos, &envelope, 300);
-    assert!(matches!(refused, Err(EncodeError::FrameTooLarge { .. })), "{refused:?}");
-    assert_eq!(&over[..], b"kept", "the payload counts against the limit");
-}
-
-#[test]
-fn a_plain_publish_from_its_parts_is_the_frame_of_its_envelope() {
-    let envelope = envelope("a/b", &[7; 300], &[]);
-    let mut whole = BytesMut::new();
-    let qos = Qos::AtMostOnce;
-    Frame::new(5, Body::Publish { qos, envelope: envelope.clone() })
-        .encode(&mut whole, usize::MAX)
-        .unwrap();
-    let head = PlainHead::of(&envelope);
-    let mut parts = BytesMut::new();
-    Frame::encode_plain_publish_head(&mut parts, 5, &head, usize::MAX).unwrap();
-    parts.extend_from_slice(&envelope.payload);
-    assert_eq!(parts, whole);
-    let mut over = BytesMut::from(&b"kept"[..]);
-    let refused = Frame::encode_plain_publish_head(&mut over, 5, &head, 300);
-    assert!(matches!(refused, Err(EncodeError::FrameTooLarge { .. })), "{refused:?}");
-    assert_eq!(&over[..], b"kept", "the payload counts against the limit");
-}
-
-#[test]
-fn a_deliver_head_and_its_payload_make_the_whole_frame() {
-    let envelope = envelope("a/b", &[7; 300], &[("k", b"v")]);
-    let mut whole = BytesMut::new();
-    Frame::encode_deliver(&mut whole, 3, 2, 9, &envelope, usize::MAX).unwrap();
-    let mut split = BytesMut::new();
-    Frame::encode_deliver_head(&mut split, 3, 2, 9, &envelope, usize::MAX).unwrap();
-    split.extend_from_slice(&envelope.payload);
-    assert_eq!(split, whole);
-    let mut over = BytesMut::from(&b"kept"[..]);
-    let refused = Frame::encode_deliver_head(&mut over, 3, 2, 9, &envelope, 300);
-    assert!(matches!(refused, Err(EncodeError::FrameTooLarge { .. })), "{refused:?}");
-    assert_eq!(&over[..], b"kept", "the payload counts against the limit");
 }
 
 #[test]
@@ -275,17 +211,6 @@ fn envelopes_round_trip_on_their_own_and_refuse_extra_bytes() {
     ));
     let short = bytes.slice(..bytes.len() - 1);
     assert!(matches!(Envelope::decode(short, &limits()), Err(DecodeError::Truncated { .. })));
-}
-
-#[test]
-fn encode_refuses_frames_over_the_peer_limit() {
-    let frame = Frame::new(
-        1,
-        Body::Publish { qos: Qos::AtMostOnce, envelope: envelope("t", &[0; 100], &[]) },
-    );
-    let mut buf = BytesMut::from(&b"keep"[..]);
-    assert!(matches!(frame.encode(&mut buf, 64), Err(EncodeError::FrameTooLarge { max: 64, .. })));
-    assert_eq!(&buf[..], b"keep");
 }
 
 proptest! {

@@ -50,6 +50,14 @@ impl Frame {
         envelope: &Envelope,
         max_frame_bytes: usize,
     ) -> Result<(), EncodeError> {
+        if envelope.headers.is_empty() {
+            let mut own = [0; 16];
+            own[..4].copy_from_slice(&sub.to_be_bytes());
+            own[4..8].copy_from_slice(&attempt.to_be_bytes());
+            own[8..].copy_from_slice(&offset.to_be_bytes());
+            let head = PlainHead::of(envelope);
+            return put_plain_frame_head(dst, 0x30, 0, own, &head, max_frame_bytes);
+        }
         let start = begin_frame(dst, 0x30, 0);
         dst.put_u32(sub);
         dst.put_u32(attempt);
@@ -73,6 +81,11 @@ impl Frame {
         envelope: &Envelope,
         max_frame_bytes: usize,
     ) -> Result<(), EncodeError> {
+        if envelope.headers.is_empty() {
+            let head = PlainHead::of(envelope);
+            let qos = [qos.to_byte()];
+            return put_plain_frame_head(dst, 0x20, correlation, qos, &head, max_frame_bytes);
+        }
         let start = begin_frame(dst, 0x20, correlation);
         dst.put_u8(qos.to_byte());
         let written = put_envelope_head(dst, envelope);
@@ -90,37 +103,8 @@ impl Frame {
         head: &PlainHead<'_>,
         max_frame_bytes: usize,
     ) -> Result<(), EncodeError> {
-        // Written in three pieces, not field by field: a publisher's frame head costs a check
-        // of the buffer's room and a copy each, rather than one of each for every field.
-        /// Length prefix, type, correlation, QoS, id, time stamp, flags, the topic's length.
-        const FIXED: usize = 4 + 1 + 4 + 1 + 16 + 8 + 2 + 2;
-        /// The header count (none) and the payload's length, after the topic.
-        const TAIL: usize = 2 + 4;
-        let topic = head.topic.as_bytes();
-        let topic_len =
-            u16::try_from(topic.len()).map_err(|_| EncodeError::TextTooLong { len: topic.len() })?;
-        let len = FIXED - 4 + topic.len() + TAIL + head.payload_len;
-        let frame_len = u32::try_from(len)
-            .ok()
-            .filter(|_| len <= max_frame_bytes)
-            .ok_or(EncodeError::FrameTooLarge { len, max: max_frame_bytes })?;
-        let mut fixed = [0; FIXED];
-        fixed[..4].copy_from_slice(&frame_len.to_be_bytes());
-        fixed[4] = 0x20;
-        fixed[5..9].copy_from_slice(&correlation.to_be_bytes());
-        fixed[9] = Qos::AtMostOnce.to_byte();
-        fixed[10..26].copy_from_slice(&head.id.0.to_be_bytes());
-        fixed[26..34].copy_from_slice(&head.timestamp_ms.to_be_bytes());
-        fixed[34..36].copy_from_slice(&head.flags.0.to_be_bytes());
-        fixed[36..].copy_from_slice(&topic_len.to_be_bytes());
-        let mut tail = [0; TAIL];
-        // Within the frame's length, which fits a u32.
-        tail[2..].copy_from_slice(&(head.payload_len as u32).to_be_bytes());
-        dst.reserve(FIXED + topic.len() + TAIL);
-        dst.extend_from_slice(&fixed);
-        dst.extend_from_slice(topic);
-        dst.extend_from_slice(&tail);
-        Ok(())
+        let qos = [Qos::AtMostOnce.to_byte()];
+        put_plain_frame_head(dst, 0x20, correlation, qos, head, max_frame_bytes)
     }
 
     fn encode_body(&self, dst: &mut BytesMut) -> Result<(), EncodeError> {
@@ -231,6 +215,58 @@ fn finish_frame_with_tail(
             Err(err)
         }
     }
+}
+
+/// Appends the head of a frame that carries an envelope without headers, up to its payload:
+/// the length prefix, type and correlation, the frame's `own` fields (a PUBLISH's QoS, a
+/// DELIVER's subscription, attempt and offset; at most 16 bytes), the envelope's fixed fields,
+/// its topic, the header count (none) and the payload's length. Written in three pieces rather
+/// than field by field: the head of every message a publisher sends or a subscriber gets costs
+/// a check of the buffer's room and a copy for each piece, not for each field. On error nothing
+/// is appended.
+#[inline(always)]
+fn put_plain_frame_head<const OWN: usize>(
+    dst: &mut BytesMut,
+    frame_type: u8,
+    correlation: u32,
+    own: [u8; OWN],
+    head: &PlainHead<'_>,
+    max_frame_bytes: usize,
+) -> Result<(), EncodeError> {
+    /// Length prefix, type, correlation.
+    const FRAME: usize = 4 + 1 + 4;
+    /// Id, time stamp, flags and the topic's length.
+    const ENVELOPE: usize = 16 + 8 + 2 + 2;
+    /// The header count and the payload's length, after the topic.
+    const TAIL: usize = 2 + 4;
+    let topic = head.topic.as_bytes();
+    let topic_len =
+        u16::try_from(topic.len()).map_err(|_| EncodeError::TextTooLong { len: topic.len() })?;
+    // A constant for each caller, so the pieces of constant length are copied in place.
+    let fixed_len = FRAME + OWN + ENVELOPE;
+    let len = fixed_len - 4 + topic.len() + TAIL + head.payload_len;
+    let frame_len = u32::try_from(len)
+        .ok()
+        .filter(|_| len <= max_frame_bytes)
+        .ok_or(EncodeError::FrameTooLarge { len, max: max_frame_bytes })?;
+    let mut fixed = [0; FRAME + 16 + ENVELOPE];
+    fixed[..4].copy_from_slice(&frame_len.to_be_bytes());
+    fixed[4] = frame_type;
+    fixed[5..FRAME].copy_from_slice(&correlation.to_be_bytes());
+    let (own_fields, envelope) = fixed[FRAME..].split_at_mut(OWN);
+    own_fields.copy_from_slice(&own);
+    envelope[..16].copy_from_slice(&head.id.0.to_be_bytes());
+    envelope[16..24].copy_from_slice(&head.timestamp_ms.to_be_bytes());
+    envelope[24..26].copy_from_slice(&head.flags.0.to_be_bytes());
+    envelope[26..ENVELOPE].copy_from_slice(&topic_len.to_be_bytes());
+    let mut tail = [0; TAIL];
+    // Within the frame's length, which fits a u32.
+    tail[2..].copy_from_slice(&(head.payload_len as u32).to_be_bytes());
+    dst.reserve(fixed_len + topic.len() + TAIL);
+    dst.extend_from_slice(&fixed[..fixed_len]);
+    dst.extend_from_slice(topic);
+    dst.extend_from_slice(&tail);
+    Ok(())
 }
 
 fn put_str(dst: &mut BytesMut, text: &str) -> Result<(), EncodeError> {
