@@ -9,7 +9,7 @@ use whispeer_client::{Client, ClientError, ClientOptions, StartAt, SubscribeOpti
 
 mod common;
 
-use common::{BIN, Server, http_get, output_of, publish, publish_with, sample, subscriber};
+use common::{BIN, Reaped, Server, http_get, output_of, publish, publish_with, sample, subscriber};
 
 #[test]
 fn sub_prints_what_pub_sends_like_mosquitto_sub_v() {
@@ -164,18 +164,20 @@ async fn a_durable_topic_without_a_retention_rule_replays_everything_it_stored()
 
 #[test]
 fn unknown_whispeer_variables_are_warned_about_not_fatal() {
-    let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .env("WHISPEER_BIN", "/usr/local/bin/whispeer")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = Reaped::new(
+        Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .env("WHISPEER_BIN", "/usr/local/bin/whispeer")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     assert!(line.starts_with("whispeer: listening on"), "{line:?}");
     let _ = child.kill();
-    let out = child.wait_with_output().unwrap();
+    let out = child.into_inner().wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("WHISPEER_BIN") && stderr.contains("ignored"), "{stderr}");
 }
@@ -263,12 +265,14 @@ async fn serve_accepts_websocket_clients_when_asked() {
     use tokio_tungstenite::tungstenite::Message;
     use whispeer_client::proto::{Body, Frame, Limits};
 
-    let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--ws-listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Reaped::new(
+        Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--ws-listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let tcp = lines.next().unwrap().unwrap();
     let ws = lines.next().unwrap().unwrap();
@@ -316,12 +320,14 @@ fn tls_from_the_config_file_with_pub_and_sub_over_tls() {
     )
     .unwrap();
 
-    let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--config", &path("whispeer.toml")])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Reaped::new(
+        Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--config", &path("whispeer.toml")])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let addr = line.trim().strip_prefix("whispeer: listening on ").unwrap().to_string();
@@ -352,14 +358,16 @@ fn tls_from_the_config_file_with_pub_and_sub_over_tls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_port_reports_health_and_metrics_that_match_the_workload() {
-    let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-        .env("WHISPEER_HEARTBEAT_MS", "500")
-        .env("WHISPEER_ADMIN_TOKEN", "admin-t0ken")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Reaped::new(
+        Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .env("WHISPEER_HEARTBEAT_MS", "500")
+            .env("WHISPEER_ADMIN_TOKEN", "admin-t0ken")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut next = |prefix: &str| {
         let line = lines.next().unwrap().unwrap();

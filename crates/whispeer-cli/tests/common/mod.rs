@@ -84,6 +84,44 @@ impl Drop for Server {
     }
 }
 
+/// A child started by hand (a server with options `Server` does not give), killed and reaped
+/// when dropped: a test that fails part-way leaves no process running.
+pub(crate) struct Reaped(Option<Child>);
+
+impl Reaped {
+    pub(crate) fn new(child: Child) -> Self {
+        Self(Some(child))
+    }
+
+    /// The child itself, no longer killed when dropped (to wait for its output).
+    pub(crate) fn into_inner(mut self) -> Child {
+        self.0.take().unwrap()
+    }
+}
+
+impl std::ops::Deref for Reaped {
+    type Target = Child;
+
+    fn deref(&self) -> &Child {
+        self.0.as_ref().unwrap()
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut Child {
+        self.0.as_mut().unwrap()
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// A `whispeer sub` child; waits until it has subscribed.
 pub(crate) fn subscriber(args: &[&str], envs: &[(&str, &str)]) -> Child {
     subscriber_to(args, envs, Stdio::piped())
