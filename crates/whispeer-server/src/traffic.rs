@@ -123,12 +123,14 @@ pub(crate) struct FlowCache {
 impl FlowCache {
     /// Whether the cache counts `topic`'s traffic in this direction: then [`FlowCache::add`]
     /// counts a message of it without the topic at hand.
+    #[inline]
     pub(crate) fn holds(&self, topic: &Topic, inbound: bool) -> bool {
         matches!(&self.entry, Some((cached, _)) if cached == topic) && self.inbound == inbound
     }
 
     /// Counts one more message of `bytes` to the topic and direction the cache holds (see
     /// [`FlowCache::holds`]).
+    #[inline]
     pub(crate) fn add(&mut self, bytes: usize) {
         self.messages += 1;
         self.bytes += bytes as u64;
@@ -164,25 +166,32 @@ impl Traffic {
     }
 
     /// Counts a message a client published to `topic`.
+    #[inline]
     pub(crate) fn inbound(&self, cache: &mut FlowCache, topic: &Topic, bytes: usize) {
         self.count(cache, topic, true, bytes);
     }
 
     /// Counts a message delivered to a client.
+    #[inline]
     pub(crate) fn outbound(&self, cache: &mut FlowCache, topic: &Topic, bytes: usize) {
         self.count(cache, topic, false, bytes);
     }
 
+    /// Counts in the cache when it holds `topic` and the direction (mostly: a connection's
+    /// last topic), in place at the caller; otherwise out of line.
+    #[inline]
     fn count(&self, cache: &mut FlowCache, topic: &Topic, inbound: bool, bytes: usize) {
-        let bytes = bytes as u64;
-        if let Some((cached, _)) = &cache.entry
-            && cached == topic
-            && cache.inbound == inbound
-        {
-            cache.messages += 1;
-            cache.bytes += bytes;
-            return;
+        if cache.holds(topic, inbound) {
+            cache.add(bytes);
+        } else {
+            self.count_anew(cache, topic, inbound, bytes);
         }
+    }
+
+    /// Settles what the cache counted and makes it count `topic` in this direction.
+    #[inline(never)]
+    fn count_anew(&self, cache: &mut FlowCache, topic: &Topic, inbound: bool, bytes: usize) {
+        let bytes = bytes as u64;
         cache.settle();
         let known = self.topics.read().unwrap_or_else(PoisonError::into_inner).get(topic).cloned();
         let entry = known

@@ -117,12 +117,7 @@ impl Writer {
         match encoded {
             Ok(()) => {
                 let bytes = message.envelope().payload.len();
-                // Mostly the topic of the delivery before: counted in place, not by a call.
-                if self.flows.holds(message.topic(), false) {
-                    self.flows.add(bytes);
-                } else {
-                    self.traffic.outbound(&mut self.flows, message.topic(), bytes);
-                }
+                self.traffic.outbound(&mut self.flows, message.topic(), bytes);
                 self.delivered += 1;
             }
             Err(err) => tracing::warn!(%err, sub, id = %message.id(), "delivery not sent"),

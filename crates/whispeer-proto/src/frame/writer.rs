@@ -239,6 +239,7 @@ fn put_plain_frame_head<const OWN: usize>(
     const ENVELOPE: usize = 16 + 8 + 2 + 2;
     /// The header count and the payload's length, after the topic.
     const TAIL: usize = 2 + 4;
+    const { assert!(OWN <= 16, "a frame's own fields before the envelope: at most 16 bytes") };
     let topic = head.topic.as_bytes();
     let topic_len =
         u16::try_from(topic.len()).map_err(|_| EncodeError::TextTooLong { len: topic.len() })?;
