@@ -4,12 +4,16 @@
 //! refuses the same DELIVERs as the whole-frame decoder, with the same result, and so does its
 //! reading of DELIVERs where they lie (`Frame::peek_deliver`, `RawDeliver::take_from`); so
 //! does the server's path for publishes (a frame split off, then decoded straight to its
-//! envelope).
+//! envelope). A DELIVER_COMPACT, which the whole-frame decoder does not read (its topic may be
+//! a number the connection defined before), decodes with the numbers the stream defined, and
+//! encodes back to the bytes it came as.
 #![no_main]
 
 use bytes::{Bytes, BytesMut};
 use libfuzzer_sys::fuzz_target;
-use whispeer_proto::{Body, Frame, Limits, RawDeliver, TopicCache};
+use whispeer_proto::{
+    Body, Frame, Limits, PlainHead, RawDeliver, TopicAliases, TopicCache, TopicRef,
+};
 
 fuzz_target!(|data: &[u8]| {
     let mut limits = Limits::default();
@@ -26,8 +30,17 @@ fuzz_target!(|data: &[u8]| {
     // Each path keeps its stream's last topic, as a connection does: a repeated topic is
     // read in one look (the cache), and must decode as the whole-frame decoder does.
     let (mut topics, mut publish_topics) = (TopicCache::default(), TopicCache::default());
+    let mut aliases = TopicAliases::default();
     loop {
         let head = Frame::peek_deliver(&split, &limits);
+        if let Some(head) = head.filter(|head| head.compact) {
+            if compact(&mut split, &head, &limits, &mut topics, &mut aliases).is_none() {
+                break;
+            }
+            // The whole-frame decoder steps over it too (refusing it).
+            assert!(Frame::decode(&mut whole, &limits).is_err());
+            continue;
+        }
         // What a run holding the rest of the buffer gives.
         let taken = head.and_then(|_| {
             RawDeliver::take_from(&mut Bytes::copy_from_slice(&split))
@@ -66,7 +79,7 @@ fuzz_target!(|data: &[u8]| {
         let taken = taken.expect("and taken from a run");
         assert_eq!((taken.sub, taken.attempt, taken.offset, taken.id), (sub, attempt, offset, id));
         assert_eq!(taken.envelope_len(), len);
-        match (deliver.decode(&limits, &mut topics), full) {
+        match (deliver.decode(&limits, &mut topics, &aliases), full) {
             (Ok(envelope), Ok(Some(frame))) => {
                 assert_eq!(envelope.id, id);
                 assert_eq!(frame.body, Body::Deliver { sub, attempt, offset, envelope });
@@ -76,3 +89,35 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 });
+
+/// Reads the DELIVER_COMPACT at the front of `split` as a client does: learns the number it
+/// defines, decodes it, and encodes it again. `None` where a client closes the connection (a
+/// definition it refuses).
+fn compact(
+    split: &mut BytesMut,
+    head: &whispeer_proto::DeliverHead,
+    limits: &Limits,
+    topics: &mut TopicCache,
+    aliases: &mut TopicAliases,
+) -> Option<()> {
+    let frame = split.split_to(head.frame_len).freeze();
+    if head.defines {
+        aliases.learn(&frame, limits).ok()?;
+    }
+    let deliver = RawDeliver::take_from(&mut frame.clone()).expect("read in place");
+    assert_eq!((deliver.sub, deliver.attempt, deliver.offset, deliver.id), (head.sub, 1, 0, head.id));
+    let Ok(envelope) = deliver.decode(limits, topics, aliases) else { return Some(()) };
+    let field = u16::from_be_bytes([frame[35], frame[36]]);
+    let topic = match field {
+        0 => TopicRef::Given,
+        n if n & 0x8000 != 0 => TopicRef::Define(n & 0x7fff),
+        n => TopicRef::Alias(n),
+    };
+    let mut again = BytesMut::new();
+    let plain = PlainHead::of(&envelope);
+    Frame::encode_compact_deliver_head(&mut again, head.sub, &plain, topic, usize::MAX)
+        .expect("a decoded delivery encodes");
+    again.extend_from_slice(&envelope.payload);
+    assert_eq!(&again[..], &frame[..], "a compact delivery encodes back to its bytes");
+    Some(())
+}

@@ -6,7 +6,8 @@
 //! multi-threaded default):
 //!
 //! - `sdk`: `Client::messages` and `recv`, each payload taken out of its delivery, as the
-//!   `whispeer bench` harness receives;
+//!   `whispeer bench` harness receives; the deliveries are DELIVER_COMPACT frames (the SDK
+//!   asks for them, as a server gives them), or DELIVERs with `WHISPEER_BENCH_DELIVER=plain`;
 //! - `floor`: one task that reads the same socket and cuts the frames off it, nothing more: what
 //!   reading the bytes costs.
 //!
@@ -35,7 +36,8 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncReadExt;
 use whispeer_client::{Client, ClientOptions};
 use whispeer_proto::{
-    Body, Envelope, Flags, Frame, Limits, MessageId, PROTOCOL_VERSION, ReadPool, Topic, TopicCache,
+    Body, CAP_COMPACT_ACCEPTED, CAP_COMPACT_DELIVER, Envelope, Flags, Frame, Limits, MessageId,
+    PROTOCOL_VERSION, PlainHead, ReadPool, Topic, TopicCache, TopicRef,
 };
 
 /// Frames written per write.
@@ -55,8 +57,9 @@ fn cpu(path: &str) -> f64 {
     (fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap()) / 100.0
 }
 
-/// `BLOCK` DELIVER frames for subscription `sub`, ids from `first`.
-fn block(sub: u32, first: u64) -> Bytes {
+/// `BLOCK` DELIVER frames for subscription `sub`, ids from `first`; DELIVER_COMPACT frames
+/// naming the topic by number 1 when `compact` says how (the first of all defining it).
+fn block(sub: u32, first: u64, compact: Option<TopicRef>) -> Bytes {
     let topic = Topic::parse("bench/receive").unwrap();
     let payload = Bytes::from(vec![b'x'; 128]);
     let mut out = BytesMut::new();
@@ -64,7 +67,16 @@ fn block(sub: u32, first: u64) -> Bytes {
         let id = MessageId(u128::from(n) << 64 | 7);
         let envelope =
             Envelope::new(id, topic.clone(), 1_764_000_000_000, Flags(0), payload.clone());
-        Frame::encode_deliver(&mut out, sub, 1, 0, &envelope, usize::MAX).unwrap();
+        match compact {
+            Some(named) => {
+                let named = if n == first { named } else { TopicRef::Alias(1) };
+                let head = PlainHead::of(&envelope);
+                Frame::encode_compact_deliver_head(&mut out, sub, &head, named, usize::MAX)
+                    .unwrap();
+                out.extend_from_slice(&envelope.payload);
+            }
+            None => Frame::encode_deliver(&mut out, sub, 1, 0, &envelope, usize::MAX).unwrap(),
+        }
     }
     out.freeze()
 }
@@ -104,9 +116,13 @@ fn serve(mut stream: TcpStream, messages: u64, case: Case, received: &AtomicU64)
     let mut buf = BytesMut::new();
     let mut out = BytesMut::new();
     let hello = read_until(&mut stream, &mut buf, |f| matches!(f.body, Body::Hello { .. }));
+    let asked = matches!(hello.body, Body::Hello { capabilities, .. }
+        if capabilities & CAP_COMPACT_DELIVER != 0);
+    let plain = std::env::var("WHISPEER_BENCH_DELIVER").is_ok_and(|v| v == "plain");
+    let compact = asked && !plain;
     let welcome = Body::Welcome {
         version: PROTOCOL_VERSION,
-        capabilities: 0,
+        capabilities: if compact { CAP_COMPACT_ACCEPTED } else { 0 },
         max_frame_bytes: 1 << 20,
         max_message_bytes: 1 << 20,
         heartbeat_ms: 30_000,
@@ -133,7 +149,9 @@ fn serve(mut stream: TcpStream, messages: u64, case: Case, received: &AtomicU64)
         let mut sink = [0; 4096];
         while drain.read(&mut sink).is_ok_and(|n| n > 0) {}
     });
-    let blocks = [block(sub, 0), block(sub, BLOCK)];
+    let alias = compact.then_some(TopicRef::Alias(1));
+    let first = block(sub, 0, compact.then_some(TopicRef::Define(1)));
+    let blocks = [block(sub, 0, alias), block(sub, BLOCK, alias)];
     let start = cpu("/proc/thread-self/stat");
     stream.write_all(&out).unwrap();
     let mut sent = 0;
@@ -141,7 +159,8 @@ fn serve(mut stream: TcpStream, messages: u64, case: Case, received: &AtomicU64)
         while sent + BLOCK > received.load(Ordering::Acquire) + WINDOW {
             std::thread::sleep(Duration::from_micros(50));
         }
-        stream.write_all(&blocks[(sent / BLOCK % 2) as usize]).unwrap();
+        let next = if sent == 0 { &first } else { &blocks[(sent / BLOCK % 2) as usize] };
+        stream.write_all(next).unwrap();
         sent += BLOCK;
     }
     cpu("/proc/thread-self/stat") - start

@@ -29,7 +29,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep, sleep_until};
-use whispeer_proto::{Body, Frame, OutBuf, ReadPool, StartAt, TopicCache};
+use whispeer_proto::{Body, Frame, OutBuf, ReadPool, StartAt, TopicAliases, TopicCache};
 
 use handshake::handshake;
 pub(crate) use handshake::{Established, connect_any};
@@ -126,6 +126,9 @@ pub(crate) struct Actor {
     node: usize,
     /// Whom this task woke since its last write, and when that was: see `gather`.
     woken: Woken,
+    /// The topics the current connection's compact deliveries numbered (each connection
+    /// numbers its own, from none).
+    aliases: TopicAliases,
 }
 
 impl Actor {
@@ -149,6 +152,7 @@ impl Actor {
             next_correlation: 100,
             node: 0,
             woken: Woken::default(),
+            aliases: TopicAliases::default(),
         }
     }
 
@@ -289,6 +293,7 @@ impl Actor {
         // Deliveries wait in their subscriptions' buffers before they are dropped: up to
         // eight read chunks of them can be in use while the reader goes on.
         let (mut topics, mut pool) = (TopicCache::default(), ReadPool::with_spares(8));
+        self.aliases = TopicAliases::default();
         loop {
             loop {
                 // Deliveries go to their subscriptions in runs, their envelopes decoded there;

@@ -322,21 +322,25 @@ impl<T> ClientSubscription<T> {
             }
             self.unspent -= 1;
             let Some(run) = self.local.front_mut() else { return Poll::Ready(None) };
-            let next = run.next();
+            // Whole deliveries, as the connection task found them: every one comes out.
+            let Some(incoming) = run.next() else {
+                self.local.pop_front();
+                continue;
+            };
+            let (id, attempt, offset) = (incoming.id, incoming.attempt, incoming.offset);
+            let weight = Buffer::weight(incoming.envelope_len());
+            let decoded = incoming.decode(&self.limits, &mut self.topics, &run.aliases);
             if run.is_empty() {
                 self.local.pop_front();
             }
-            // Whole deliveries, as the connection task found them: every one comes out.
-            let Some(incoming) = next else { continue };
-            self.unreleased.0 += Buffer::weight(incoming.envelope_len());
+            self.unreleased.0 += weight;
             self.unreleased.1 += 1;
             if self.local.is_empty() || self.unreleased.1 >= RELEASE_EVERY {
                 let (bytes, count) = std::mem::take(&mut self.unreleased);
                 self.buffer.release(bytes, count);
             }
-            let (id, attempt, offset) = (incoming.id, incoming.attempt, incoming.offset);
             let ack_to = self.settles.clone().map(|settles| AckTo { sub: self.sub, settles });
-            match incoming.decode(&self.limits, &mut self.topics) {
+            match decoded {
                 Ok(envelope) => {
                     if let Some(to) = ack_to.as_ref().filter(|_| ack) {
                         let _ = to.settles.send(Settle { sub: to.sub, id, requeue: None });

@@ -13,8 +13,8 @@
 use bytes::{Bytes, BytesMut};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use whispeer_proto::{
-    Body, Envelope, Flags, Frame, Limits, MessageId, Qos, RawDeliver, Topic, TopicCache,
-    reserve_for_read,
+    Body, Envelope, Flags, Frame, Limits, MessageId, Qos, RawDeliver, Topic, TopicAliases,
+    TopicCache, reserve_for_read,
 };
 
 /// Frames in one simulated read.
@@ -62,7 +62,7 @@ fn codec(c: &mut Criterion) {
     // connection task and weighed for the subscription's buffer, the run cut off in one piece,
     // then each delivery taken from it and its envelope decoded by the subscription.
     group.bench_function("sdk_deliver_128", |b| {
-        let mut topics = TopicCache::default();
+        let (mut topics, aliases) = (TopicCache::default(), TopicAliases::default());
         b.iter(|| {
             let mut buf = BytesMut::from(&stream[..]);
             let (mut at, mut weight) = (0, 0);
@@ -73,7 +73,7 @@ fn codec(c: &mut Criterion) {
             let mut run = buf.split_to(at).freeze();
             let mut envelopes = Vec::with_capacity(BATCH as usize);
             while let Some(raw) = RawDeliver::take_from(&mut run) {
-                envelopes.push(raw.decode(&limits, &mut topics).unwrap());
+                envelopes.push(raw.decode(&limits, &mut topics, &aliases).unwrap());
             }
             assert_eq!(envelopes.len() as u64, BATCH);
             (weight, envelopes)

@@ -290,6 +290,13 @@ pub enum DecodeError {
         /// The limit.
         max: u16,
     },
+    /// A compact delivery names a topic number not defined, or defines one out of order or
+    /// over the limit.
+    #[error("topic number {alias} is not defined, or defined out of order")]
+    TopicAlias {
+        /// The number.
+        alias: u16,
+    },
 }
 
 impl DecodeError {
@@ -415,17 +422,23 @@ impl Envelope {
     }
 }
 
+mod compact;
 mod pool;
 mod raw;
 mod reader;
 mod writer;
 
+pub use compact::{
+    CAP_COMPACT_ACCEPTED, CAP_COMPACT_DELIVER, MAX_TOPIC_ALIASES, TopicAliases, TopicRef,
+};
 pub use pool::ReadPool;
 pub use raw::{DeliverHead, RawDeliver, RawFrame};
 use reader::Reader;
 pub use reader::TopicCache;
 pub use writer::PlainHead;
 
+#[cfg(test)]
+mod compact_tests;
 #[cfg(test)]
 mod encode_tests;
 #[cfg(test)]

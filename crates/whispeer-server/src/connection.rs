@@ -17,8 +17,8 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use whispeer_proto::{
-    Body, ErrorCode, Filter, Frame, Limits, MessageId, PROTOCOL_VERSION, Qos, ReadPool, StartAt,
-    Topic, TopicCache,
+    Body, CAP_COMPACT_DELIVER, ErrorCode, Filter, Frame, Limits, MessageId, PROTOCOL_VERSION, Qos,
+    ReadPool, StartAt, Topic, TopicCache,
 };
 
 use super::ServerConfig;
@@ -409,7 +409,7 @@ impl Connection {
 
     /// The first frame: HELLO in this protocol version, or the connection ends.
     async fn on_first(&mut self, correlation: u32, body: Body) -> Result<(), Close> {
-        let Body::Hello { version, .. } = body else {
+        let Body::Hello { version, capabilities, .. } = body else {
             return Err(Close::new(ErrorCode::PROTOCOL_VIOLATION, "the first frame must be HELLO"));
         };
         if version != PROTOCOL_VERSION {
@@ -419,7 +419,11 @@ impl Connection {
             ));
         }
         self.greeted = true;
-        self.send(Frame::new(correlation, self.welcome())).await;
+        let compact = capabilities & CAP_COMPACT_DELIVER != 0;
+        if compact {
+            let _ = self.tx.send(Outbound::Compact).await;
+        }
+        self.send(Frame::new(correlation, self.welcome(compact))).await;
         Ok(())
     }
 

@@ -26,15 +26,17 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio_util::sync::CancellationToken;
-use whispeer_proto::{Body, ErrorCode, Frame, Limits, OutBuf};
+use whispeer_proto::{Body, ErrorCode, Frame, Limits, OutBuf, PlainHead};
 
 use super::ServerConfig;
 use super::registry::Entry;
 use super::traffic::{FlowCache, Traffic};
 use whispeer_core::{Drained, Message, Subscription};
 
+mod aliases;
 pub(super) mod inline;
 mod ready;
+use aliases::Aliases;
 use ready::{Held, Slots};
 
 /// Bytes of frames gathered before a write, so one syscall carries many frames.
@@ -61,6 +63,9 @@ pub(super) enum Outbound {
     },
     /// Stop delivering `sub` (dropping it unsubscribes), then send `reply`.
     Unsubscribed { sub: u32, reply: Frame },
+    /// The client reads compact deliveries (it said so in its HELLO): sent before the
+    /// WELCOME that says they are on, so every delivery after it may be one.
+    Compact,
 }
 
 /// Why the writer woke up.
@@ -86,6 +91,8 @@ struct Writer {
     /// Deliveries in the batch, not yet in the entry's count (added before the batch is
     /// written: one atomic operation a write, not one a delivery).
     delivered: u64,
+    /// The topics compact deliveries number, once the client asked for them.
+    compact: Option<Aliases>,
 }
 
 impl Writer {
@@ -106,14 +113,18 @@ impl Writer {
         }
     }
 
-    /// Encodes a delivery. A QoS 1 delivery stays unacknowledged until the client's ACK
-    /// reaches the reader.
+    /// Encodes a delivery: compact when the client reads them and the delivery needs nothing
+    /// more (a first delivery, not from a topic's history, without headers). A QoS 1 delivery
+    /// stays unacknowledged until the client's ACK reaches the reader.
     fn deliver(&mut self, sub: u32, message: &Message, attempt: u32) {
         let offset = message.offset().unwrap_or(0);
         let (envelope, max) = (message.envelope(), self.limits.max_frame_bytes);
-        let encoded =
-            Frame::encode_deliver_head(self.out.frames(), sub, attempt, offset, envelope, max)
-                .map(|()| self.out.put_payload(&envelope.payload, self.vectored));
+        let compact = attempt == 1 && offset == 0 && envelope.headers.is_empty();
+        let encoded = match &mut self.compact {
+            Some(aliases) if compact => compact_head(self.out.frames(), aliases, sub, message, max),
+            _ => Frame::encode_deliver_head(self.out.frames(), sub, attempt, offset, envelope, max),
+        };
+        let encoded = encoded.map(|()| self.out.put_payload(&envelope.payload, self.vectored));
         match encoded {
             Ok(()) => {
                 let bytes = message.envelope().payload.len();
@@ -137,6 +148,7 @@ impl Writer {
                 self.subscriptions.remove(sub);
                 self.encode(&reply);
             }
+            Outbound::Compact => self.compact = Some(Aliases::default()),
         }
     }
 
@@ -230,6 +242,24 @@ impl Writer {
     }
 }
 
+/// Appends the head of a compact delivery of `message` to `sub`, its topic named as `aliases`
+/// say (a number it defines counts once the head is appended). Out of the writer's loop, so
+/// that the loop stays small enough for the compiler to copy the head's pieces in place.
+#[inline(never)]
+fn compact_head(
+    frames: &mut bytes::BytesMut,
+    aliases: &mut Aliases,
+    sub: u32,
+    message: &Message,
+    max: usize,
+) -> Result<(), whispeer_proto::EncodeError> {
+    let envelope = message.envelope();
+    let (head, named) = (PlainHead::of(envelope), aliases.name(&envelope.topic));
+    Frame::encode_compact_deliver_head(frames, sub, &head, named, max)?;
+    aliases.sent(&envelope.topic, named);
+    Ok(())
+}
+
 /// Writes replies and deliveries until the reader hangs up (then flushes) or the socket fails
 /// or stalls (then cancels `gone` so the reader stops too).
 pub(super) async fn write_loop(
@@ -249,6 +279,7 @@ pub(super) async fn write_loop(
         flows: FlowCache::default(),
         entry,
         delivered: 0,
+        compact: None,
     };
     let stall = config.idle_timeout();
     let mut open = true;

@@ -6,11 +6,15 @@
 //! subscription takes them apart as it hands them out. A delivery not taken (a redelivery of a
 //! message acked already, one over a full buffer, one for a subscription that is gone) ends the
 //! run before it and is cut off alone and dropped.
+//!
+//! A compact delivery that numbers its topic is learnt here, whatever becomes of it, before
+//! any later delivery is cut off: each run carries the connection's numbers as they were when
+//! it was cut, which name every topic its deliveries name by number.
 
 use std::sync::atomic::Ordering;
 
 use bytes::{Buf, BytesMut};
-use whispeer_proto::{Body, DeliverHead, Frame, Limits, OutBuf};
+use whispeer_proto::{Body, DeliverHead, Frame, Limits, OutBuf, TopicAliases};
 
 use super::{Actor, Run, Sub, encode};
 use crate::ClientError;
@@ -29,6 +33,9 @@ impl Actor {
         while let Some(first) = Frame::peek_deliver(inbound, limits) {
             let Some(subscription) = self.subscriptions.get_mut(&first.sub) else {
                 // For a subscription that is gone: dropped.
+                if first.defines {
+                    learn(&mut self.aliases, &first, inbound, limits)?;
+                }
                 inbound.advance(first.frame_len);
                 continue;
             };
@@ -37,6 +44,11 @@ impl Actor {
             let mut head = Some(first);
             let mut refused = None;
             while let Some(next) = head.filter(|next| next.sub == first.sub) {
+                // Taken or dropped below, it is read: what it defines holds from now on.
+                if next.defines {
+                    let at = inbound.get(bytes..).unwrap_or_default();
+                    learn(&mut self.aliases, &next, at, limits)?;
+                }
                 match admit(subscription, &next, out, max) {
                     Ok(true) => {
                         bytes += next.frame_len;
@@ -59,7 +71,7 @@ impl Actor {
                 if subscription.staged.is_empty() {
                     self.staged.push(first.sub);
                 }
-                subscription.staged.push(Run::new(frames, count));
+                subscription.staged.push(Run::new(frames, count, self.aliases.clone()));
             }
             match refused {
                 // Not taken: cut off alone and dropped, after the run before it.
@@ -71,6 +83,20 @@ impl Actor {
         }
         Ok(())
     }
+}
+
+/// Learns the topic number the delivery `head` read at the front of `frames` defines (one that
+/// defines one, `head.defines`). A definition out of order, or of a topic that is not one, is
+/// the server's error: the connection is lost.
+#[cold]
+fn learn(
+    aliases: &mut TopicAliases,
+    head: &DeliverHead,
+    frames: &[u8],
+    limits: &Limits,
+) -> Result<(), ClientError> {
+    let frame = frames.get(..head.frame_len).unwrap_or_default();
+    aliases.learn(frame, limits).map_err(|err| ClientError::Protocol(err.to_string()))
 }
 
 /// Whether a delivery is taken for `subscription` (and counted in its staging). A redelivery

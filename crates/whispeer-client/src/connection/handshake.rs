@@ -6,7 +6,9 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::timeout;
-use whispeer_proto::{Body, ErrorCode, Frame, Limits, PROTOCOL_VERSION, reserve_for_read};
+use whispeer_proto::{
+    Body, CAP_COMPACT_DELIVER, ErrorCode, Frame, Limits, PROTOCOL_VERSION, reserve_for_read,
+};
 
 use super::encode;
 use crate::transport::{self, Reader, Writer};
@@ -62,8 +64,9 @@ async fn handshake_inner(
     let (mut reader, mut writer) =
         transport::open(addr, options.tls.as_ref()).await.map_err(connect_error)?;
     let mut out = BytesMut::new();
-    let hello =
-        Body::Hello { version: PROTOCOL_VERSION, capabilities: 0, name: options.name.clone() };
+    // Compact deliveries: a server that does not know them says nothing and sends DELIVERs.
+    let (capabilities, name) = (CAP_COMPACT_DELIVER, options.name.clone());
+    let hello = Body::Hello { version: PROTOCOL_VERSION, capabilities, name };
     encode(&Frame::new(1, hello), &mut out, usize::MAX)?;
     if let Some(key) = &options.api_key {
         encode(

@@ -14,7 +14,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
-use whispeer_proto::{Body, Filter, MessageId, Qos, RawDeliver, StartAt};
+use whispeer_proto::{Body, Filter, MessageId, Qos, RawDeliver, StartAt, TopicAliases};
 
 /// What a subscription asks the server for; sent again on every reconnect.
 #[derive(Clone, Debug)]
@@ -49,18 +49,21 @@ impl SubSpec {
     }
 }
 
-/// Consecutive deliveries to one subscription, whole DELIVER frames as they were read; each
-/// one's envelope is decoded by the subscription.
+/// Consecutive deliveries to one subscription, whole DELIVER (or DELIVER_COMPACT) frames as
+/// they were read; each one's envelope is decoded by the subscription.
 #[derive(Debug)]
 pub(crate) struct Run {
     frames: Bytes,
     /// How many.
     count: usize,
+    /// The connection's topic numbers when the run was cut: every number its compact
+    /// deliveries name.
+    pub(crate) aliases: TopicAliases,
 }
 
 impl Run {
-    pub(super) fn new(frames: Bytes, count: usize) -> Self {
-        Self { frames, count }
+    pub(super) fn new(frames: Bytes, count: usize, aliases: TopicAliases) -> Self {
+        Self { frames, count, aliases }
     }
 
     /// The next delivery of the run; `None` once it is empty. The connection task checked each

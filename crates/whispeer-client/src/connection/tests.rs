@@ -3,7 +3,8 @@
 use bytes::Bytes;
 use tokio::task::JoinHandle;
 use whispeer_proto::{
-    ContentType, Envelope, Filter, Flags, Limits, MessageId, Qos, RawDeliver, Topic,
+    ContentType, Envelope, Filter, Flags, Limits, MessageId, PlainHead, Qos, RawDeliver, Topic,
+    TopicCache, TopicRef,
 };
 
 use super::subs::RecentIds;
@@ -135,6 +136,63 @@ fn a_read_goes_to_each_subscription_in_runs_in_order_without_what_is_not_taken()
     let ack = Frame::decode(out.frames(), &Limits::default()).unwrap().unwrap();
     assert_eq!(ack.body, Body::Ack { sub: 1, id: MessageId(3) });
     assert_eq!(first.duplicates.load(Ordering::Relaxed), 1);
+}
+
+/// A DELIVER_COMPACT of message `id` on `topic` to subscription `sub`, naming it as `named`.
+fn compact_to(read: &mut BytesMut, sub: u32, id: u128, topic: &str, named: TopicRef) {
+    let (topic, flags) = (Topic::parse(topic).unwrap(), Flags::with_content(ContentType::Raw));
+    let envelope = Envelope::new(MessageId(id), topic, 0, flags, Bytes::from_static(b"x"));
+    let head = PlainHead::of(&envelope);
+    Frame::encode_compact_deliver_head(read, sub, &head, named, usize::MAX).unwrap();
+    read.extend_from_slice(&envelope.payload);
+}
+
+/// The ids and topics the subscription can take now, each decoded as the subscription decodes
+/// it (with the topic numbers its run carries); the room they took is given back.
+fn take_topics(buffer: &Buffer) -> Vec<(u128, String)> {
+    let mut taken = std::collections::VecDeque::new();
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let _ = buffer.poll_take(&mut taken, &mut cx);
+    let mut out = Vec::new();
+    for run in &mut taken {
+        while let Some(delivery) = run.next() {
+            let id = delivery.id.0;
+            let limits = Limits::default();
+            let envelope = delivery.decode(&limits, &mut TopicCache::default(), &run.aliases);
+            out.push((id, envelope.unwrap().topic.as_str().to_owned()));
+            buffer.release(0, 1);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_topic_number_defined_by_a_delivery_dropped_still_names_the_later_ones() {
+    // Room for one delivery at a time.
+    let (mut actor, buffer) = actor_with_sub(Qos::AtMostOnce, 1);
+    let mut out = OutBuf::default();
+    let mut read = BytesMut::new();
+    compact_to(&mut read, 1, 1, "t/1", TopicRef::Define(1));
+    // Over the buffer: dropped.
+    compact_to(&mut read, 1, 2, "t/2", TopicRef::Define(2));
+    // For no subscription: dropped.
+    compact_to(&mut read, 9, 3, "t/3", TopicRef::Define(3));
+    actor.deliver(read, &mut out, usize::MAX).unwrap();
+    actor.hand_over(&mut out, usize::MAX);
+    assert_eq!(take_topics(&buffer), vec![(1, "t/1".to_owned())]);
+    assert_eq!(buffer.dropped(), 1);
+    for (id, alias, topic) in [(4, 3, "t/3"), (5, 2, "t/2"), (6, 1, "t/1")] {
+        let mut read = BytesMut::new();
+        compact_to(&mut read, 1, id, topic, TopicRef::Alias(alias));
+        actor.deliver(read, &mut out, usize::MAX).unwrap();
+        actor.hand_over(&mut out, usize::MAX);
+        assert_eq!(take_topics(&buffer), vec![(id, topic.to_owned())]);
+    }
+    // A number defined out of order is the server's error: the connection is lost.
+    let mut read = BytesMut::new();
+    compact_to(&mut read, 1, 7, "t/7", TopicRef::Define(7));
+    let err = actor.deliver(read, &mut out, usize::MAX).unwrap_err();
+    assert!(matches!(err, ClientError::Protocol(_)), "{err:?}");
 }
 
 #[test]

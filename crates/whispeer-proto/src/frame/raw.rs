@@ -12,12 +12,17 @@
 //! where it lies in the buffer, without cutting it off, so a connection task can cut a run of
 //! consecutive deliveries to one subscription off in one piece, and the subscription takes
 //! them one by one from it ([`RawDeliver::take_from`]).
+//!
+//! A DELIVER_COMPACT (`compact.rs`) is read the same ways: its head says the same things, its
+//! envelope is decoded by the subscription, which finds a numbered topic in the
+//! [`TopicAliases`] its run carries.
 
 use bytes::{Buf, Bytes, BytesMut};
 
+use super::compact::{COMPACT_FIXED, DELIVER_COMPACT, TopicRef};
 use super::reader::Reader;
 use super::{DecodeError, Frame, HEADER_LEN, READ_CHUNK, room_for};
-use crate::{Envelope, Limits, MessageId, Qos, TopicCache};
+use crate::{Envelope, Limits, MessageId, Qos, TopicAliases, TopicCache};
 
 /// The type byte of a DELIVER.
 const DELIVER: u8 = 0x30;
@@ -47,6 +52,8 @@ pub struct RawDeliver {
     /// The message's id, the envelope's first field.
     pub id: MessageId,
     envelope: Bytes,
+    /// A DELIVER_COMPACT's envelope, laid out as `compact.rs` says.
+    compact: bool,
 }
 
 /// The head of a whole DELIVER at the front of a buffer, read where it lies
@@ -61,13 +68,19 @@ pub struct DeliverHead {
     pub id: MessageId,
     /// The whole frame's length, its length prefix included.
     pub frame_len: usize,
+    /// A DELIVER_COMPACT (attempt 1, offset 0, no headers).
+    pub compact: bool,
+    /// A DELIVER_COMPACT that numbers its topic: whoever reads the connection learns the
+    /// number ([`TopicAliases::learn`]) before any later delivery is decoded.
+    pub defines: bool,
 }
 
 impl DeliverHead {
     /// The envelope's length, as [`RawDeliver::envelope_len`] gives it.
     #[inline]
     pub fn envelope_len(&self) -> usize {
-        self.frame_len - HEADER_LEN - DELIVER_HEAD
+        let own = if self.compact { 0 } else { DELIVER_HEAD };
+        self.frame_len - HEADER_LEN - own
     }
 }
 
@@ -116,21 +129,29 @@ impl Frame {
 }
 
 impl RawFrame {
-    /// The frame as a DELIVER with its envelope left undecoded; the frame itself when it is
-    /// another type, or a DELIVER too short to hold its fixed fields and an id (decoding it
-    /// then says what is wrong).
+    /// The frame as a DELIVER (or a DELIVER_COMPACT) with its envelope left undecoded; the
+    /// frame itself when it is another type, or a DELIVER too short to hold its fixed fields
+    /// and an id (decoding it then says what is wrong).
     ///
     /// # Errors
     /// The frame, unchanged, when it is not such a DELIVER.
     #[inline]
     pub fn deliver(self) -> Result<RawDeliver, Self> {
-        if self.frame_type != DELIVER || self.body.len() < DELIVER_HEAD + 16 {
+        let (compact, least) = match self.frame_type {
+            DELIVER => (false, DELIVER_HEAD + 16),
+            DELIVER_COMPACT => (true, COMPACT_FIXED),
+            _ => return Err(self),
+        };
+        if self.body.len() < least {
             return Err(self);
         }
         let mut body = self.body;
-        let (sub, attempt, offset) = (body.get_u32(), body.get_u32(), body.get_u64());
+        let (sub, attempt, offset) = match compact {
+            true => (self.correlation, 1, 0),
+            false => (body.get_u32(), body.get_u32(), body.get_u64()),
+        };
         let id = MessageId(u128::from_be_bytes(*body.first_chunk::<16>().unwrap_or(&[0; 16])));
-        Ok(RawDeliver { sub, attempt, offset, id, envelope: body })
+        Ok(RawDeliver { sub, attempt, offset, id, envelope: body, compact })
     }
 
     /// The frame's correlation id.
@@ -203,38 +224,90 @@ impl RawDeliver {
         let head = peek_deliver(frames, usize::MAX)?;
         let mut body = frames.split_to(head.frame_len);
         body.advance(HEADER_LEN);
-        let (sub, attempt, offset) = (body.get_u32(), body.get_u32(), body.get_u64());
-        Some(Self { sub, attempt, offset, id: head.id, envelope: body })
+        let (sub, id, compact) = (head.sub, head.id, head.compact);
+        if compact {
+            return Some(Self { sub, attempt: 1, offset: 0, id, envelope: body, compact });
+        }
+        let (_, attempt, offset) = (body.get_u32(), body.get_u32(), body.get_u64());
+        Some(Self { sub, attempt, offset, id, envelope: body, compact })
     }
 
-    /// Decodes the envelope, sharing a repeated topic through `topics`; its payload is a slice
-    /// of the bytes read, not a copy.
+    /// Decodes the envelope, sharing a repeated topic through `topics` (and, for a
+    /// DELIVER_COMPACT, finding a numbered topic in `aliases`: the table as it was when the
+    /// delivery was read, or later); its payload is a slice of the bytes read, not a copy.
     ///
     /// # Errors
-    /// As for a frame: truncation, trailing bytes, invalid topics, too many headers.
+    /// As for a frame: truncation, trailing bytes, invalid topics, too many headers; a topic
+    /// number not in `aliases`.
     #[inline]
-    pub fn decode(self, limits: &Limits, topics: &mut TopicCache) -> Result<Envelope, DecodeError> {
-        Reader { buf: self.envelope, frame_type: DELIVER, topics }.last_envelope(limits)
+    pub fn decode(
+        self,
+        limits: &Limits,
+        topics: &mut TopicCache,
+        aliases: &TopicAliases,
+    ) -> Result<Envelope, DecodeError> {
+        let frame_type = if self.compact { DELIVER_COMPACT } else { DELIVER };
+        let mut reader = Reader { buf: self.envelope, frame_type, topics };
+        if self.compact {
+            reader.compact_envelope(limits, aliases)
+        } else {
+            reader.last_envelope(limits)
+        }
     }
 }
 
-/// [`Frame::peek_deliver`] under a frame limit of `max_frame_bytes`.
+/// [`Frame::peek_deliver`] under a frame limit of `max_frame_bytes`: a DELIVER, or a
+/// DELIVER_COMPACT long enough for its fixed fields.
 #[inline]
 fn peek_deliver(buf: &[u8], max_frame_bytes: usize) -> Option<DeliverHead> {
-    let head = buf.first_chunk::<{ HEADER_LEN + DELIVER_HEAD + 16 }>()?;
+    let head = buf.first_chunk::<HEADER_LEN>()?;
     let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
-    if head[4] != DELIVER
-        || len > max_frame_bytes
-        || len < HEADER_LEN - 4 + DELIVER_HEAD + 16
-        || buf.len() < 4 + len
-    {
+    if len > max_frame_bytes || buf.len() < 4 + len {
         return None;
     }
-    let field = |at: usize| {
-        let bytes: [u8; 8] = head[at..at + 8].try_into().unwrap_or_default();
-        u64::from_be_bytes(bytes)
-    };
+    match head[4] {
+        DELIVER => peek_plain(buf, len),
+        DELIVER_COMPACT => peek_compact(buf, len),
+        _ => None,
+    }
+}
+
+/// The big-endian u64 at `at` in a head read whole (`at + 8` within it).
+#[inline(always)]
+fn u64_at(head: &[u8], at: usize) -> u64 {
+    let bytes: [u8; 8] = head[at..at + 8].try_into().unwrap_or_default();
+    u64::from_be_bytes(bytes)
+}
+
+/// The message id at `at` in a head read whole (`at + 16` within it).
+#[inline(always)]
+fn id_at(head: &[u8], at: usize) -> MessageId {
+    MessageId(u128::from(u64_at(head, at)) << 64 | u128::from(u64_at(head, at + 8)))
+}
+
+/// The head of a whole DELIVER of `len` bytes (after its length prefix) at the front of `buf`.
+#[inline(always)]
+fn peek_plain(buf: &[u8], len: usize) -> Option<DeliverHead> {
+    let head = buf.first_chunk::<{ HEADER_LEN + DELIVER_HEAD + 16 }>()?;
+    if len < HEADER_LEN - 4 + DELIVER_HEAD + 16 {
+        return None;
+    }
     let sub = u32::from_be_bytes([head[9], head[10], head[11], head[12]]);
-    let id = u128::from(field(25)) << 64 | u128::from(field(33));
-    Some(DeliverHead { sub, offset: field(17), id: MessageId(id), frame_len: 4 + len })
+    let (id, offset, frame_len) = (id_at(head, 25), u64_at(head, 17), 4 + len);
+    Some(DeliverHead { sub, offset, id, frame_len, compact: false, defines: false })
+}
+
+/// The head of a whole DELIVER_COMPACT of `len` bytes (after its length prefix) at the front
+/// of `buf`.
+#[inline(always)]
+fn peek_compact(buf: &[u8], len: usize) -> Option<DeliverHead> {
+    let head = buf.first_chunk::<{ HEADER_LEN + COMPACT_FIXED }>()?;
+    if len < HEADER_LEN - 4 + COMPACT_FIXED {
+        return None;
+    }
+    let sub = u32::from_be_bytes([head[5], head[6], head[7], head[8]]);
+    let id = id_at(head, 9);
+    let topic = TopicRef::from_wire(u16::from_be_bytes([head[35], head[36]]));
+    let defines = matches!(topic, TopicRef::Define(_));
+    Some(DeliverHead { sub, offset: 0, id, frame_len: 4 + len, compact: true, defines })
 }

@@ -4,8 +4,9 @@
 
 use bytes::{Buf, Bytes};
 
+use super::compact::TopicRef;
 use super::{Body, DecodeError, MAX_HEADERS, Qos, StartAt};
-use crate::{Envelope, ErrorCode, Filter, Flags, Headers, Limits, MessageId, Topic};
+use crate::{Envelope, ErrorCode, Filter, Flags, Headers, Limits, MessageId, Topic, TopicAliases};
 
 /// The last topic a stream decoded (see [`Frame::decode_cached`](super::Frame::decode_cached)).
 #[derive(Clone, Debug, Default)]
@@ -200,6 +201,28 @@ impl Reader<'_> {
         self.buf.advance(FIXED + text.len() + TAIL);
         let payload = std::mem::take(&mut self.buf);
         Some(Envelope { id, topic, timestamp_ms, flags, headers: Headers::new(), payload })
+    }
+
+    /// A DELIVER_COMPACT's envelope (`compact.rs`), which ends the frame: a numbered topic is
+    /// found in `aliases`; a topic given in full (also where it is numbered) is read as in
+    /// any envelope.
+    #[inline]
+    pub(super) fn compact_envelope(
+        &mut self,
+        limits: &Limits,
+        aliases: &TopicAliases,
+    ) -> Result<Envelope, DecodeError> {
+        let id = MessageId(self.u128()?);
+        let timestamp_ms = self.u64()?;
+        let flags = Flags(self.u16()?);
+        let topic = match TopicRef::from_wire(self.u16()?) {
+            TopicRef::Alias(alias) => {
+                aliases.get(alias).cloned().ok_or(DecodeError::TopicAlias { alias })?
+            }
+            TopicRef::Given | TopicRef::Define(_) => self.topic(limits)?,
+        };
+        let payload = std::mem::take(&mut self.buf);
+        Ok(Envelope { id, topic, timestamp_ms, flags, headers: Headers::new(), payload })
     }
 
     /// A PUBLISH's body: its QoS and envelope.

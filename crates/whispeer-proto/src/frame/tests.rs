@@ -267,7 +267,8 @@ proptest! {
                     prop_assert_eq!((head.sub, head.offset, head.id), (cut_off.sub, cut_off.offset, cut_off.id));
                     prop_assert_eq!(head.envelope_len(), cut_off.envelope_len());
                     prop_assert_eq!((taken.sub, taken.attempt, taken.offset), (cut_off.sub, cut_off.attempt, cut_off.offset));
-                    prop_assert_eq!(taken.decode(&limits, &mut TopicCache::default()).ok(), cut_off.decode(&limits, &mut TopicCache::default()).ok());
+                    let none = TopicAliases::default();
+                    prop_assert_eq!(taken.decode(&limits, &mut TopicCache::default(), &none).ok(), cut_off.decode(&limits, &mut TopicCache::default(), &none).ok());
                     prop_assert_eq!(run.len(), split.len());
                 }
                 // Another frame, or a DELIVER too short for its head: neither reads it in
@@ -307,8 +308,8 @@ proptest! {
         let (sub, attempt, offset) = (deliver.sub, deliver.attempt, deliver.offset);
         let envelope_len = deliver.envelope_len();
         // A stream's later deliveries meet their topic in the cache: the same result.
-        let warm = deliver.clone().decode(&limits(), &mut cache_of(&topic));
-        let cold = deliver.decode(&limits(), &mut TopicCache::default());
+        let warm = deliver.clone().decode(&limits(), &mut cache_of(&topic), &TopicAliases::default());
+        let cold = deliver.decode(&limits(), &mut TopicCache::default(), &TopicAliases::default());
         prop_assert_eq!(&warm, &cold);
         match (cold, full) {
             (Ok(envelope), Ok(Some(frame))) => {
@@ -467,7 +468,10 @@ fn a_run_is_not_held_to_the_frame_limit_again() {
     let mut run = stream.freeze();
     let taken = RawDeliver::take_from(&mut run).unwrap();
     assert_eq!((taken.sub, taken.envelope_len()), (2, head.envelope_len()));
-    assert_eq!(taken.decode(&limits(), &mut TopicCache::default()).unwrap(), sent);
+    assert_eq!(
+        taken.decode(&limits(), &mut TopicCache::default(), &TopicAliases::default()).unwrap(),
+        sent
+    );
     assert!(run.is_empty() && RawDeliver::take_from(&mut run).is_none());
 }
 
@@ -486,7 +490,10 @@ fn a_deliver_split_raw_gives_its_fixed_fields_and_then_its_envelope() {
     // Fixed fields, the topic "a/b", one header ("k": "v") and the payload, each with its length.
     let len = 16 + 8 + 2 + (2 + 3) + 2 + (2 + 1 + 4 + 1) + (4 + b"payload".len());
     assert_eq!((deliver.id, deliver.envelope_len()), (sent.id, len));
-    assert_eq!(deliver.decode(&limits(), &mut TopicCache::default()).unwrap(), sent);
+    assert_eq!(
+        deliver.decode(&limits(), &mut TopicCache::default(), &TopicAliases::default()).unwrap(),
+        sent
+    );
     let ping = Frame::split(&mut stream, &limits()).unwrap().unwrap().deliver().unwrap_err();
     let ping = ping.decode(&limits(), &mut TopicCache::default()).unwrap();
     assert_eq!(ping, Frame::new(9, Body::Ping));

@@ -1,6 +1,6 @@
 //! What the connection's principal may do, and the `Welcome` it is greeted with.
 
-use whispeer_proto::{Body, Filter, PROTOCOL_VERSION, Topic};
+use whispeer_proto::{Body, CAP_COMPACT_ACCEPTED, Filter, PROTOCOL_VERSION, Topic};
 
 use super::{CAP_AUTH_REQUIRED, Connection};
 
@@ -31,9 +31,13 @@ impl Connection {
         allowed
     }
 
-    pub(super) fn welcome(&self) -> Body {
+    /// The WELCOME: `compact`, the client asked for compact deliveries (and gets them).
+    pub(super) fn welcome(&self, compact: bool) -> Body {
         let limits = &self.broker.options().limits;
-        let capabilities = if self.config.auth_required() { CAP_AUTH_REQUIRED } else { 0 };
+        let mut capabilities = if self.config.auth_required() { CAP_AUTH_REQUIRED } else { 0 };
+        if compact {
+            capabilities |= CAP_COMPACT_ACCEPTED;
+        }
         Body::Welcome {
             version: PROTOCOL_VERSION,
             capabilities,

@@ -1,0 +1,173 @@
+//! Compact deliveries: DELIVER_COMPACT (0x33), sent only to a client that asked for them in
+//! its HELLO ([`CAP_COMPACT_DELIVER`]) and only for a delivery a DELIVER would carry with
+//! attempt 1, offset 0 and no headers (a first delivery of a message not kept in a topic's
+//! history). What a DELIVER spells out and such a delivery does not need is left out: the
+//! attempt and offset (1 and 0), the header count (none), the payload's length (the rest of the
+//! frame), and the subscription moves into the frame's correlation field, unused by a DELIVER.
+//! The topic is named by a number once the server has named it in full: the first 1,024
+//! distinct topics a connection delivers are numbered in the order they first go out, the frame
+//! that names one defining its number for the rest of the connection.
+//!
+//! ```text
+//! length u32 | 0x33 | sub u32 (the correlation) | id u128 | timestamp_ms u64 | flags u16 |
+//! topic u16 | [topic str, when topic is 0 or defines] | payload (the rest of the frame)
+//! ```
+//!
+//! `topic`: 0, the topic follows and is not numbered; `0x8000 | n`, the topic follows and is
+//! number `n` from now on (`n` one more than the last number defined, at most
+//! [`MAX_TOPIC_ALIASES`]); `n` (1 to [`MAX_TOPIC_ALIASES`]), the topic numbered `n`.
+//!
+//! A 128-byte payload to an 18-byte topic: 205 bytes as a DELIVER, 165 as a DELIVER_COMPACT.
+//! The numbers belong to the connection (not to a subscription), so the task that reads the
+//! connection learns every definition as it reads it — also from a delivery it then drops —
+//! and a subscription decoding a delivery later finds its number known ([`TopicAliases`]).
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+
+use super::{DecodeError, EncodeError, Frame, HEADER_LEN, PlainHead};
+use crate::{Limits, Topic};
+
+/// HELLO capability: the client reads DELIVER_COMPACT frames.
+pub const CAP_COMPACT_DELIVER: u32 = 1;
+/// WELCOME capability: the server sends DELIVER_COMPACT frames (the client asked).
+pub const CAP_COMPACT_ACCEPTED: u32 = 1 << 1;
+/// Most topics one connection numbers.
+pub const MAX_TOPIC_ALIASES: u16 = 1024;
+/// The type byte of a DELIVER_COMPACT.
+pub(super) const DELIVER_COMPACT: u8 = 0x33;
+/// The bit of a topic field that defines its number.
+const DEFINES: u16 = 0x8000;
+/// Id, time stamp, flags and the topic field, after the frame's head.
+pub(super) const COMPACT_FIXED: usize = 16 + 8 + 2 + 2;
+
+/// How a DELIVER_COMPACT names its topic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TopicRef {
+    /// In full, not numbered.
+    Given,
+    /// In full, numbered from now on.
+    Define(u16),
+    /// By the number defined before.
+    Alias(u16),
+}
+
+impl TopicRef {
+    /// The topic field as it is sent.
+    fn to_wire(self) -> u16 {
+        match self {
+            Self::Given => 0,
+            Self::Define(n) => DEFINES | n,
+            Self::Alias(n) => n,
+        }
+    }
+
+    /// The topic field as it was read.
+    pub(super) fn from_wire(field: u16) -> Self {
+        match field {
+            0 => Self::Given,
+            n if n & DEFINES != 0 => Self::Define(n & !DEFINES),
+            n => Self::Alias(n),
+        }
+    }
+}
+
+impl Frame {
+    /// Appends the head of a DELIVER_COMPACT of the message `head` describes (its payload
+    /// not included: the caller appends it, or sends it by a vectored write right after) to
+    /// subscription `sub`, naming its topic as `topic` says. On error nothing is appended.
+    ///
+    /// # Errors
+    /// As [`Frame::encode`]: a frame over `max_frame_bytes`, a topic over 65,535 bytes.
+    #[inline(always)]
+    pub fn encode_compact_deliver_head(
+        dst: &mut BytesMut,
+        sub: u32,
+        head: &PlainHead<'_>,
+        topic: TopicRef,
+        max_frame_bytes: usize,
+    ) -> Result<(), EncodeError> {
+        const FIXED: usize = HEADER_LEN + COMPACT_FIXED;
+        let text = match topic {
+            TopicRef::Alias(_) => &[][..],
+            TopicRef::Given | TopicRef::Define(_) => head.topic.as_bytes(),
+        };
+        let text_len =
+            u16::try_from(text.len()).map_err(|_| EncodeError::TextTooLong { len: text.len() })?;
+        let named = if matches!(topic, TopicRef::Alias(_)) { 0 } else { 2 + text.len() };
+        let len = FIXED - 4 + named + head.payload_len;
+        let frame_len = u32::try_from(len)
+            .ok()
+            .filter(|_| len <= max_frame_bytes)
+            .ok_or(EncodeError::FrameTooLarge { len, max: max_frame_bytes })?;
+        let mut fixed = [0; FIXED];
+        fixed[..4].copy_from_slice(&frame_len.to_be_bytes());
+        fixed[4] = DELIVER_COMPACT;
+        fixed[5..9].copy_from_slice(&sub.to_be_bytes());
+        fixed[9..25].copy_from_slice(&head.id.0.to_be_bytes());
+        fixed[25..33].copy_from_slice(&head.timestamp_ms.to_be_bytes());
+        fixed[33..35].copy_from_slice(&head.flags.0.to_be_bytes());
+        fixed[35..37].copy_from_slice(&topic.to_wire().to_be_bytes());
+        dst.reserve(FIXED + named);
+        dst.extend_from_slice(&fixed);
+        if named > 0 {
+            dst.extend_from_slice(&text_len.to_be_bytes());
+            dst.extend_from_slice(text);
+        }
+        Ok(())
+    }
+}
+
+/// The topics a connection's compact deliveries numbered so far, in order. The table only
+/// grows; a clone is the table as it was (cheap: shared until the next definition), which is
+/// what a run of deliveries cut off the stream carries to the subscription that decodes it.
+#[derive(Clone, Debug, Default)]
+pub struct TopicAliases(Arc<Vec<Topic>>);
+
+impl TopicAliases {
+    /// The topic numbered `alias`.
+    #[inline]
+    pub fn get(&self, alias: u16) -> Option<&Topic> {
+        self.0.get(usize::from(alias).checked_sub(1)?)
+    }
+
+    /// How many topics are numbered.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Learns the number the DELIVER_COMPACT `frame` (whole, its length prefix included and
+    /// nothing after it) defines, if it defines one (see
+    /// [`DeliverHead::defines`](super::DeliverHead::defines)).
+    ///
+    /// # Errors
+    /// A definition out of order (not one more than the last number) or over
+    /// [`MAX_TOPIC_ALIASES`], a topic that is not one, or a frame too short for its topic:
+    /// the connection is beyond repair.
+    pub fn learn(&mut self, frame: &[u8], limits: &Limits) -> Result<(), DecodeError> {
+        const TOPIC_AT: usize = HEADER_LEN + COMPACT_FIXED;
+        let truncated = DecodeError::Truncated { frame_type: DELIVER_COMPACT };
+        let field = frame.get(TOPIC_AT - 2..TOPIC_AT).ok_or(truncated.clone())?;
+        let TopicRef::Define(alias) = TopicRef::from_wire(u16::from_be_bytes([field[0], field[1]]))
+        else {
+            return Ok(());
+        };
+        let next = self.0.len() + 1;
+        if usize::from(alias) != next || alias > MAX_TOPIC_ALIASES {
+            return Err(DecodeError::TopicAlias { alias });
+        }
+        let len_field = frame.get(TOPIC_AT..TOPIC_AT + 2).ok_or(truncated.clone())?;
+        let len = usize::from(u16::from_be_bytes([len_field[0], len_field[1]]));
+        let text = frame.get(TOPIC_AT + 2..TOPIC_AT + 2 + len).ok_or(truncated)?;
+        let text = std::str::from_utf8(text).map_err(|_| DecodeError::InvalidUtf8)?;
+        let topic = Topic::parse_with(text, limits)?;
+        Arc::make_mut(&mut self.0).push(topic);
+        Ok(())
+    }
+}
