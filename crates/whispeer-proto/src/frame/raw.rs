@@ -39,8 +39,8 @@ pub struct RawFrame {
     body: Bytes,
 }
 
-/// A DELIVER whose envelope is not decoded yet: its subscription, attempt, offset and message
-/// id, and the envelope's bytes (see the module's documentation).
+/// A DELIVER (or DELIVER_COMPACT) whose envelope is not decoded yet: its subscription,
+/// attempt, offset and message id, and the envelope's bytes (see the module's documentation).
 #[derive(Clone, Debug)]
 pub struct RawDeliver {
     /// The subscription.
@@ -56,8 +56,8 @@ pub struct RawDeliver {
     compact: bool,
 }
 
-/// The head of a whole DELIVER at the front of a buffer, read where it lies
-/// ([`Frame::peek_deliver`]).
+/// The head of a whole DELIVER (or DELIVER_COMPACT) at the front of a buffer, read where it
+/// lies ([`Frame::peek_deliver`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DeliverHead {
     /// The subscription.
@@ -85,9 +85,9 @@ impl DeliverHead {
 }
 
 impl Frame {
-    /// The head of the DELIVER at the front of `buf`, if a whole one is there that
-    /// [`Frame::split`] and [`RawFrame::deliver`] would take: within the frame limit and long
-    /// enough for its fixed fields and an id. `None` otherwise (another frame, a frame not
+    /// The head of the DELIVER (or DELIVER_COMPACT) at the front of `buf`, if a whole one is
+    /// there that [`Frame::split`] and [`RawFrame::deliver`] would take: within the frame limit
+    /// and long enough for its fixed fields and an id. `None` otherwise (another frame, a frame not
     /// whole yet, or one that is not valid): `Frame::split` then says what to do with it.
     #[inline]
     pub fn peek_deliver(buf: &[u8], limits: &Limits) -> Option<DeliverHead> {
