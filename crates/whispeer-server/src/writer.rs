@@ -26,7 +26,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio_util::sync::CancellationToken;
-use whispeer_proto::{Body, ErrorCode, Frame, Limits, OutBuf, PlainHead};
+use whispeer_proto::{Body, ErrorCode, Frame, Limits, OutBuf, PlainHead, TopicRef};
 
 use super::ServerConfig;
 use super::registry::Entry;
@@ -116,12 +116,16 @@ impl Writer {
     /// Encodes a delivery: compact when the client reads them and the delivery needs nothing
     /// more (a first delivery, not from a topic's history, without headers). A QoS 1 delivery
     /// stays unacknowledged until the client's ACK reaches the reader.
-    fn deliver(&mut self, sub: u32, message: &Message, attempt: u32) {
+    /// `number`: the number of the subscription's one topic, when it has one (see
+    /// [`ready::Held`]), kept here once known.
+    fn deliver(&mut self, sub: u32, message: &Message, attempt: u32, number: Number<'_>) {
         let offset = message.offset().unwrap_or(0);
         let (envelope, max) = (message.envelope(), self.limits.max_frame_bytes);
         let compact = attempt == 1 && offset == 0 && envelope.headers.is_empty();
         let encoded = match &mut self.compact {
-            Some(aliases) if compact => compact_head(self.out.frames(), aliases, sub, message, max),
+            Some(aliases) if compact => {
+                compact_head(self.out.frames(), aliases, sub, message, max, number)
+            }
             _ => Frame::encode_deliver_head(self.out.frames(), sub, attempt, offset, envelope, max),
         };
         let encoded = encoded.map(|()| self.out.put_payload(&envelope.payload, self.vectored));
@@ -180,13 +184,14 @@ impl Writer {
         let waker = held.waker();
         let mut cx = Context::from_waker(&waker);
         let (sub, mut taken) = (held.sub, 0);
+        let exact = held.subscription.filter().is_exact();
+        let (subscription, number) = (&mut held.subscription, &mut held.number);
         // Taken in one drain: the queue's bounds are given back once for all of them.
-        let drained =
-            held.subscription.drain_unsettled(arm.then_some(&mut cx), |message, attempt| {
-                self.deliver(sub, &message, attempt);
-                taken += 1;
-                taken < PER_SUBSCRIPTION && !self.full()
-            });
+        let drained = subscription.drain_unsettled(arm.then_some(&mut cx), |message, attempt| {
+            self.deliver(sub, &message, attempt, exact.then_some(&mut *number));
+            taken += 1;
+            taken < PER_SUBSCRIPTION && !self.full()
+        });
         match drained {
             Drained::More => {
                 // More may wait: after the others that are ready.
@@ -242,8 +247,13 @@ impl Writer {
     }
 }
 
+/// Where a subscription to an exact topic keeps its topic's number (`None` for any other
+/// subscription).
+type Number<'a> = Option<&'a mut Option<u16>>;
+
 /// Appends the head of a compact delivery of `message` to `sub`, its topic named as `aliases`
-/// say (a number it defines counts once the head is appended). Out of the writer's loop, so
+/// say (a number it defines counts once the head is appended), or by the number a subscription
+/// to that one topic kept, which then needs no look at the topic. Out of the writer's loop, so
 /// that the loop stays small enough for the compiler to copy the head's pieces in place.
 #[inline(never)]
 fn compact_head(
@@ -252,11 +262,20 @@ fn compact_head(
     sub: u32,
     message: &Message,
     max: usize,
+    number: Number<'_>,
 ) -> Result<(), whispeer_proto::EncodeError> {
     let envelope = message.envelope();
-    let (head, named) = (PlainHead::of(envelope), aliases.name(&envelope.topic));
-    Frame::encode_compact_deliver_head(frames, sub, &head, named, max)?;
+    let kept = number.as_deref().copied().flatten();
+    debug_assert!(kept.is_none_or(|n| aliases.names(&envelope.topic, n)), "{kept:?}");
+    let named = match kept {
+        Some(n) => TopicRef::Alias(n),
+        None => aliases.name(&envelope.topic),
+    };
+    Frame::encode_compact_deliver_head(frames, sub, &PlainHead::of(envelope), named, max)?;
     aliases.sent(&envelope.topic, named);
+    if let (Some(number), TopicRef::Alias(n) | TopicRef::Define(n)) = (number, named) {
+        *number = Some(n);
+    }
     Ok(())
 }
 

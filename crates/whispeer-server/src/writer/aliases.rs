@@ -37,6 +37,11 @@ impl Aliases {
         }
     }
 
+    /// Whether `topic` is numbered `number` (what a subscription to one topic kept).
+    pub(super) fn names(&self, topic: &Topic, number: u16) -> bool {
+        self.numbers.get(topic) == Some(&number)
+    }
+
     /// A delivery naming `topic` as `named` was written: a number it defined holds from now on.
     #[inline]
     pub(super) fn sent(&mut self, topic: &Topic, named: TopicRef) {

@@ -48,6 +48,9 @@ impl Wake for SlotWaker {
 pub(super) struct Held {
     pub(super) sub: u32,
     pub(super) subscription: Subscription<Message>,
+    /// The number of this subscription's one topic in compact deliveries, once it has one
+    /// (a subscription to an exact topic only: every message it gets has that topic).
+    pub(super) number: Option<u16>,
     flag: Arc<SlotWaker>,
     waker: Waker,
 }
@@ -81,7 +84,7 @@ impl Slots {
         let ready = Arc::clone(&self.ready);
         let flag = Arc::new(SlotWaker { slot, queued: AtomicBool::new(false), ready });
         let waker = Waker::from(Arc::clone(&flag));
-        let held = Held { sub, subscription, flag, waker };
+        let held = Held { sub, subscription, number: None, flag, waker };
         held.again();
         if slot == self.held.len() {
             self.held.push(Some(held));
