@@ -4,9 +4,9 @@
 //! refuses the same DELIVERs as the whole-frame decoder, with the same result, and so does its
 //! reading of DELIVERs where they lie (`Frame::peek_deliver`, `RawDeliver::take_from`); so
 //! does the server's path for publishes (a frame split off, then decoded straight to its
-//! envelope). A DELIVER_COMPACT, which the whole-frame decoder does not read (its topic may be
-//! a number the connection defined before), decodes with the numbers the stream defined, and
-//! encodes back to the bytes it came as.
+//! envelope). A DELIVER_COMPACT or a PUBLISH_COMPACT, which the whole-frame decoder does not
+//! read (its topic may be a number the connection defined before), decodes with the numbers
+//! the stream defined, and encodes back to the bytes it came as.
 #![no_main]
 
 use bytes::{Bytes, BytesMut};
@@ -42,17 +42,25 @@ fuzz_target!(|data: &[u8]| {
             continue;
         }
         // What a run holding the rest of the buffer gives.
-        let taken = head.and_then(|_| {
-            RawDeliver::take_from(&mut Bytes::copy_from_slice(&split))
-        });
+        let taken = head.and_then(|_| RawDeliver::take_from(&mut Bytes::copy_from_slice(&split)));
+        let before = split.clone().freeze();
         let Ok(Some(raw)) = Frame::split(&mut split, &limits) else {
             assert!(head.is_none(), "read in place, not split off: {head:?}");
             break;
         };
         // The same frame, consumed whole whether its body decodes or not.
         let full = Frame::decode(&mut whole, &limits);
-        let correlation = raw.correlation();
+        let (correlation, frame_type) = (raw.correlation(), raw.frame_type());
         let publish = raw.publish(&limits, &mut publish_topics);
+        if frame_type == 0x22 {
+            assert!(head.is_none(), "a PUBLISH_COMPACT read in place as a DELIVER: {head:?}");
+            assert!(full.is_err(), "the whole-frame decoder does not read a PUBLISH_COMPACT");
+            if let Ok(Ok((qos, envelope))) = publish {
+                let frame = &before[..before.len() - split.len()];
+                compact_publish(frame, correlation, qos, &envelope);
+            }
+            continue;
+        }
         if matches!(publish, Ok(Ok(_)) | Err(_)) {
             assert!(head.is_none(), "a PUBLISH read in place as a DELIVER: {head:?}");
         }
@@ -105,14 +113,12 @@ fn compact(
         aliases.learn(&frame, limits).ok()?;
     }
     let deliver = RawDeliver::take_from(&mut frame.clone()).expect("read in place");
-    assert_eq!((deliver.sub, deliver.attempt, deliver.offset, deliver.id), (head.sub, 1, 0, head.id));
+    assert_eq!(
+        (deliver.sub, deliver.attempt, deliver.offset, deliver.id),
+        (head.sub, 1, 0, head.id)
+    );
     let Ok(envelope) = deliver.decode(limits, topics, aliases) else { return Some(()) };
-    let field = u16::from_be_bytes([frame[35], frame[36]]);
-    let topic = match field {
-        0 => TopicRef::Given,
-        n if n & 0x8000 != 0 => TopicRef::Define(n & 0x7fff),
-        n => TopicRef::Alias(n),
-    };
+    let topic = topic_ref(frame[35], frame[36]);
     let mut again = BytesMut::new();
     let plain = PlainHead::of(&envelope);
     Frame::encode_compact_deliver_head(&mut again, head.sub, &plain, topic, usize::MAX)
@@ -120,4 +126,30 @@ fn compact(
     again.extend_from_slice(&envelope.payload);
     assert_eq!(&again[..], &frame[..], "a compact delivery encodes back to its bytes");
     Some(())
+}
+
+/// Encodes the PUBLISH_COMPACT `frame` decoded to (`qos` and `envelope`, its topic read with
+/// the numbers the stream defined) again, naming its topic as it did: the same bytes.
+fn compact_publish(
+    frame: &[u8],
+    correlation: u32,
+    qos: whispeer_proto::Qos,
+    envelope: &whispeer_proto::Envelope,
+) {
+    let topic = topic_ref(frame[36], frame[37]);
+    let mut again = BytesMut::new();
+    let plain = PlainHead::of(envelope);
+    Frame::encode_compact_publish_head(&mut again, correlation, qos, &plain, topic, usize::MAX)
+        .expect("a decoded publish encodes");
+    again.extend_from_slice(&envelope.payload);
+    assert_eq!(&again[..], frame, "a compact publish encodes back to its bytes");
+}
+
+/// A compact frame's topic field, from its two bytes.
+fn topic_ref(high: u8, low: u8) -> TopicRef {
+    match u16::from_be_bytes([high, low]) {
+        0 => TopicRef::Given,
+        n if n & 0x8000 != 0 => TopicRef::Define(n & 0x7fff),
+        n => TopicRef::Alias(n),
+    }
 }

@@ -251,9 +251,10 @@ impl Actor {
             leftover: mut inbound,
             heartbeat,
             max_frame_bytes,
+            compact_publish,
             ..
         } = established;
-        self.outbox.set_connection(max_frame_bytes, writer.is_write_vectored());
+        self.outbox.set_connection(max_frame_bytes, writer.is_write_vectored(), compact_publish);
         let mut out = OutBuf::with_capacity(64 * 1024);
         let limits = self.options.limits.clone();
         let subs: Vec<(u32, Body)> = self

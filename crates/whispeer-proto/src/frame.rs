@@ -290,9 +290,9 @@ pub enum DecodeError {
         /// The limit.
         max: u16,
     },
-    /// A compact delivery names a topic number not defined, or defines one out of order or
-    /// over the limit.
-    #[error("topic number {alias} is not defined, or defined out of order")]
+    /// A compact delivery or publish names a topic number not defined, or defines one out of
+    /// order (a delivery) or out of range.
+    #[error("topic number {alias} is not defined, or defined out of order or range")]
     TopicAlias {
         /// The number.
         alias: u16,
@@ -429,7 +429,8 @@ mod reader;
 mod writer;
 
 pub use compact::{
-    CAP_COMPACT_ACCEPTED, CAP_COMPACT_DELIVER, MAX_TOPIC_ALIASES, TopicAliases, TopicRef,
+    CAP_COMPACT_ACCEPTED, CAP_COMPACT_DELIVER, CAP_COMPACT_PUBLISH, MAX_TOPIC_ALIASES,
+    TopicAliases, TopicRef,
 };
 pub use pool::ReadPool;
 pub use raw::{DeliverHead, RawDeliver, RawFrame};
@@ -437,6 +438,8 @@ use reader::Reader;
 pub use reader::TopicCache;
 pub use writer::PlainHead;
 
+#[cfg(test)]
+mod compact_publish_tests;
 #[cfg(test)]
 mod compact_tests;
 #[cfg(test)]

@@ -31,9 +31,10 @@ pub use envelope::{
     CipherAlgorithm, CompressionAlgorithm, ContentType, Envelope, Flags, Headers, MessageId, header,
 };
 pub use frame::{
-    Body, CAP_COMPACT_ACCEPTED, CAP_COMPACT_DELIVER, DecodeError, DeliverHead, EncodeError, Frame,
-    MAX_HEADERS, MAX_TOPIC_ALIASES, PROTOCOL_VERSION, PlainHead, Qos, READ_CHUNK, RawDeliver,
-    RawFrame, ReadPool, StartAt, TopicAliases, TopicCache, TopicRef, reserve_for_read,
+    Body, CAP_COMPACT_ACCEPTED, CAP_COMPACT_DELIVER, CAP_COMPACT_PUBLISH, DecodeError, DeliverHead,
+    EncodeError, Frame, MAX_HEADERS, MAX_TOPIC_ALIASES, PROTOCOL_VERSION, PlainHead, Qos,
+    READ_CHUNK, RawDeliver, RawFrame, ReadPool, StartAt, TopicAliases, TopicCache, TopicRef,
+    reserve_for_read,
 };
 pub use limits::Limits;
 pub use out::{BY_REFERENCE, OutBuf};

@@ -7,7 +7,8 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::timeout;
 use whispeer_proto::{
-    Body, CAP_COMPACT_DELIVER, ErrorCode, Frame, Limits, PROTOCOL_VERSION, reserve_for_read,
+    Body, CAP_COMPACT_DELIVER, CAP_COMPACT_PUBLISH, ErrorCode, Frame, Limits, PROTOCOL_VERSION,
+    reserve_for_read,
 };
 
 use super::encode;
@@ -24,6 +25,8 @@ pub(crate) struct Established {
     pub(super) heartbeat: Duration,
     pub(crate) max_frame_bytes: usize,
     pub(crate) max_message_bytes: usize,
+    /// The server reads PUBLISH_COMPACT frames (its WELCOME said so).
+    pub(crate) compact_publish: bool,
 }
 
 /// Connects to the first of the options' addresses that answers (`addr`, then the failover
@@ -102,8 +105,9 @@ async fn handshake_inner(
                     let message = "the server requires an API key".to_string();
                     return Err(ClientError::Server { code: ErrorCode::UNAUTHENTICATED, message });
                 }
-                welcome =
-                    Some((max_frame_bytes as usize, max_message_bytes as usize, heartbeat_ms));
+                let compact = capabilities & CAP_COMPACT_PUBLISH != 0;
+                let limits = (max_frame_bytes as usize, max_message_bytes as usize);
+                welcome = Some((limits, heartbeat_ms, compact));
             }
             (2, Body::Ok) => authed = true,
             (_, Body::Error { code, message }) => {
@@ -117,7 +121,8 @@ async fn handshake_inner(
             }
         }
     }
-    let (max_frame_bytes, max_message_bytes, heartbeat_ms) = welcome.unwrap_or((0, 0, 0));
+    let ((max_frame_bytes, max_message_bytes), heartbeat_ms, compact_publish) =
+        welcome.unwrap_or(((0, 0), 0, false));
     Ok(Established {
         node,
         reader,
@@ -126,6 +131,7 @@ async fn handshake_inner(
         heartbeat: Duration::from_millis(u64::from(heartbeat_ms).max(100)),
         max_frame_bytes,
         max_message_bytes,
+        compact_publish,
     })
 }
 

@@ -17,11 +17,14 @@
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::sync::{Notify, oneshot};
-use whispeer_proto::{EncodeError, Envelope, Frame, OutBuf, PlainHead, Qos};
+use whispeer_proto::{BY_REFERENCE, Envelope, Frame, OutBuf, PlainHead, Qos};
 
+use self::compact::Names;
 use crate::ClientError;
+
+mod compact;
 
 /// Where a QoS 1 publish's acknowledgement goes.
 pub(crate) enum AckWaiter {
@@ -52,6 +55,14 @@ impl std::fmt::Debug for AckWaiter {
     }
 }
 
+/// A publish on its way into the buffer: given by its parts (QoS 0, no headers), or as an
+/// envelope.
+#[derive(Clone, Copy)]
+enum Publish<'a> {
+    Plain(&'a PlainHead<'a>),
+    Envelope(Qos, &'a Envelope),
+}
+
 /// The top bit marks a publish's correlation id.
 pub(crate) const PUBLISH_BIT: u32 = 1 << 31;
 
@@ -75,6 +86,10 @@ struct State {
     max_frame_bytes: usize,
     /// Whether the connection writes vectored: large payloads then travel by reference.
     vectored: bool,
+    /// Whether the connection's server reads compact publishes ([`compact`]).
+    compact: bool,
+    /// The topics numbered in `buf`.
+    names: Names,
     closed: bool,
 }
 
@@ -86,6 +101,8 @@ impl Outbox {
             next_correlation: 0,
             max_frame_bytes,
             vectored: false,
+            compact: false,
+            names: Names::default(),
             closed: false,
         };
         // At least one frame at a time, whatever the option says.
@@ -146,10 +163,7 @@ impl Outbox {
         head: &PlainHead<'_>,
         payload: &Bytes,
     ) -> Result<bool, ClientError> {
-        let encode = |buf: &mut BytesMut, correlation, max| {
-            Frame::encode_plain_publish_head(buf, correlation, head, max)
-        };
-        self.try_encode(encode, payload, &mut None)
+        self.try_encode(Publish::Plain(head), payload, &mut None)
     }
 
     /// Encodes the publish if the buffer has room (taking `ack` along), straight from the
@@ -160,17 +174,15 @@ impl Outbox {
         envelope: &Envelope,
         ack: &mut Option<AckWaiter>,
     ) -> Result<bool, ClientError> {
-        let encode = |buf: &mut BytesMut, correlation, max| {
-            Frame::encode_publish_head(buf, correlation, qos, envelope, max)
-        };
-        self.try_encode(encode, &envelope.payload, ack)
+        self.try_encode(Publish::Envelope(qos, envelope), &envelope.payload, ack)
     }
 
-    /// Encodes a publish's head with `encode` (given the buffer, the correlation id and the
-    /// peer's frame limit), then its payload, if the buffer has room.
+    /// Encodes a publish's head, then its payload, if the buffer has room: a PUBLISH_COMPACT
+    /// where the server reads them and the publish has no headers and a payload copied into
+    /// the buffer, else a PUBLISH.
     fn try_encode(
         &self,
-        encode: impl FnOnce(&mut BytesMut, u32, usize) -> Result<(), EncodeError>,
+        publish: Publish<'_>,
         payload: &Bytes,
         ack: &mut Option<AckWaiter>,
     ) -> Result<bool, ClientError> {
@@ -183,9 +195,36 @@ impl Outbox {
         }
         let was_empty = state.buf.is_empty();
         let correlation = PUBLISH_BIT | state.next_correlation;
-        let State { buf, max_frame_bytes, vectored, .. } = &mut *state;
-        encode(buf.frames(), correlation, *max_frame_bytes)
-            .map_err(|err| ClientError::Protocol(err.to_string()))?;
+        let State { buf, max_frame_bytes, vectored, compact, names, .. } = &mut *state;
+        let compact = *compact && !(*vectored && payload.len() >= BY_REFERENCE);
+        let (dst, max) = (buf.frames(), *max_frame_bytes);
+        let encoded = match publish {
+            Publish::Plain(head) if compact => {
+                let topic = names.name(head.topic);
+                Frame::encode_compact_publish_head(
+                    dst,
+                    correlation,
+                    Qos::AtMostOnce,
+                    head,
+                    topic,
+                    max,
+                )
+            }
+            Publish::Envelope(qos, envelope) if compact && envelope.headers.is_empty() => {
+                let head = PlainHead::of(envelope);
+                let topic = names.name(head.topic);
+                Frame::encode_compact_publish_head(dst, correlation, qos, &head, topic, max)
+            }
+            Publish::Plain(head) => Frame::encode_plain_publish_head(dst, correlation, head, max),
+            Publish::Envelope(qos, envelope) => {
+                Frame::encode_publish_head(dst, correlation, qos, envelope, max)
+            }
+        };
+        if let Err(err) = encoded {
+            // A number it may have defined was not sent: the next publishes define theirs again.
+            names.forget();
+            return Err(ClientError::Protocol(err.to_string()));
+        }
         buf.put_payload(payload, *vectored);
         state.next_correlation = (state.next_correlation + 1) & !PUBLISH_BIT;
         if let Some(ack) = ack.take() {
@@ -211,6 +250,7 @@ impl Outbox {
             return;
         }
         out.append(&mut state.buf);
+        state.names.taken();
         for (correlation, ack) in state.acks.drain(..) {
             pending(correlation, ack);
         }
@@ -218,10 +258,15 @@ impl Outbox {
         self.room.notify_waiters();
     }
 
-    /// A new connection's frame limit, and whether it writes vectored.
-    pub(crate) fn set_connection(&self, max_frame_bytes: usize, vectored: bool) {
+    /// A new connection's frame limit, whether it writes vectored, and whether its server
+    /// reads compact publishes. Compact publishes buffered for the last connection name
+    /// numbers this one does not know: they are written back as PUBLISHes.
+    pub(crate) fn set_connection(&self, max_frame_bytes: usize, vectored: bool, compact: bool) {
         let mut state = self.lock();
-        (state.max_frame_bytes, state.vectored) = (max_frame_bytes, vectored);
+        let buffered = std::mem::take(&mut state.buf);
+        state.buf = state.names.connected(buffered, vectored);
+        (state.max_frame_bytes, state.vectored, state.compact) =
+            (max_frame_bytes, vectored, compact);
     }
 
     /// The connection task has ended: what is buffered is never sent; waiters fail.
@@ -248,7 +293,9 @@ mod tests {
     use std::time::Duration;
 
     use bytes::{Buf, Bytes, BytesMut};
-    use whispeer_proto::{BY_REFERENCE, Body, ContentType, Flags, Limits, MessageId, Topic};
+    use whispeer_proto::{
+        BY_REFERENCE, Body, ContentType, Flags, Limits, MessageId, Topic, TopicCache,
+    };
 
     use super::*;
 
@@ -336,6 +383,123 @@ mod tests {
         assert_eq!(ids(&mut out), [2], "nothing of the refused frame is left");
     }
 
+    fn envelope_to(topic: &str, n: u128) -> Envelope {
+        let flags = Flags::with_content(ContentType::Raw);
+        let payload = Bytes::from(vec![b'x'; 128]);
+        Envelope::new(MessageId(n), Topic::parse(topic).unwrap(), 7, flags, payload)
+    }
+
+    /// Reads `out` as a server reads a connection (`topics` its numbers): each frame's type
+    /// byte and correlation, and the publish it decodes to.
+    fn read_as_a_server(out: &mut OutBuf, topics: &mut TopicCache) -> Vec<(u8, u32, Envelope)> {
+        let mut bytes = BytesMut::from(&out.copy_to_bytes(out.remaining())[..]);
+        let mut read = Vec::new();
+        while let Some(raw) = Frame::split(&mut bytes, &Limits::default()).unwrap() {
+            let (kind, correlation) = (raw.frame_type(), raw.correlation());
+            let (_, envelope) = raw.publish(&Limits::default(), topics).unwrap().unwrap();
+            read.push((kind, correlation, envelope));
+        }
+        read
+    }
+
+    /// Takes what the outbox holds.
+    fn take(outbox: &Outbox) -> OutBuf {
+        let mut out = OutBuf::default();
+        outbox.take_into(&mut out, |_, _| {});
+        out
+    }
+
+    #[tokio::test]
+    async fn compact_publishes_name_the_numbers_their_connection_defined_and_no_other() {
+        let outbox = Outbox::new(1 << 20, usize::MAX);
+        outbox.set_connection(usize::MAX, true, true);
+        // More topics than a connection numbers, each twice, and a plain publish among them.
+        let topics: Vec<String> = (0..=compact::SLOTS).map(|i| format!("t/{i}")).collect();
+        let mut sent = Vec::new();
+        for (n, topic) in topics.iter().chain(&topics).enumerate() {
+            let envelope = envelope_to(topic, n as u128);
+            outbox.publish(Qos::AtMostOnce, envelope.clone(), None).await.unwrap();
+            sent.push(envelope);
+        }
+        let head = PlainHead::of(&sent[0]);
+        assert!(outbox.try_publish_plain(&head, &sent[0].payload).unwrap());
+        sent.push(sent[0].clone());
+        let mut connection = TopicCache::default();
+        let read = read_as_a_server(&mut take(&outbox), &mut connection);
+        assert!(read.iter().all(|(kind, _, _)| *kind == 0x22), "all compact");
+        assert_eq!(read.into_iter().map(|(_, _, e)| e).collect::<Vec<_>>(), sent);
+        // A later batch on the same connection names the number defined before: 9 + 1 + 28
+        // bytes and the payload.
+        outbox.publish(Qos::AtMostOnce, sent[0].clone(), None).await.unwrap();
+        let mut out = take(&outbox);
+        assert_eq!(out.remaining(), 38 + 128);
+        let read = read_as_a_server(&mut out, &mut connection);
+        assert_eq!(read[0].2, sent[0]);
+        // A new connection knows no number: the next publish defines it again.
+        outbox.set_connection(usize::MAX, true, true);
+        outbox.publish(Qos::AtMostOnce, sent[0].clone(), None).await.unwrap();
+        let read = read_as_a_server(&mut take(&outbox), &mut TopicCache::default());
+        assert_eq!(read[0].2, sent[0]);
+    }
+
+    #[tokio::test]
+    async fn headers_and_payloads_sent_by_reference_go_as_publishes() {
+        let outbox = Outbox::new(1 << 20, usize::MAX);
+        outbox.set_connection(usize::MAX, true, true);
+        let mut with_header = envelope_to("a", 1);
+        with_header.headers.insert("h", Bytes::from_static(b"v"));
+        let large = envelope(2, BY_REFERENCE);
+        let small = envelope_to("a", 3);
+        for envelope in [&with_header, &large, &small] {
+            outbox.publish(Qos::AtMostOnce, envelope.clone(), None).await.unwrap();
+        }
+        let mut out = OutBuf::default();
+        outbox.take_into(&mut out, |_, _| {});
+        let read = read_as_a_server(&mut out, &mut TopicCache::default());
+        let kinds: Vec<u8> = read.iter().map(|(kind, _, _)| *kind).collect();
+        assert_eq!(kinds, [0x20, 0x20, 0x22]);
+        let ids: Vec<u128> = read.iter().map(|(_, _, e)| e.id.0).collect();
+        assert_eq!(ids, [1, 2, 3]);
+    }
+
+    #[tokio::test]
+    async fn compact_publishes_buffered_when_a_connection_is_lost_go_to_the_next_as_publishes() {
+        let outbox = Outbox::new(1 << 20, usize::MAX);
+        outbox.set_connection(usize::MAX, false, true);
+        // "a/b" numbered in a batch the last connection sent, "c" in the one buffered.
+        outbox.publish(Qos::AtMostOnce, envelope_to("a/b", 0), None).await.unwrap();
+        let _sent = take(&outbox);
+        outbox.publish(Qos::AtMostOnce, envelope_to("a/b", 1), None).await.unwrap();
+        let (ack, _acked) = oneshot::channel();
+        let acked = Some(AckWaiter::Told(ack));
+        outbox.publish(Qos::AtLeastOnce, envelope_to("a/b", 2), acked).await.unwrap();
+        outbox.publish(Qos::AtMostOnce, envelope_to("c", 3), None).await.unwrap();
+        outbox.publish(Qos::AtMostOnce, envelope_to("c", 5), None).await.unwrap();
+        // The connection is lost before the batch is taken; the next server is older.
+        outbox.set_connection(usize::MAX, false, false);
+        outbox.publish(Qos::AtMostOnce, envelope_to("a/b", 4), None).await.unwrap();
+        let mut out = OutBuf::default();
+        let mut waiters = Vec::new();
+        outbox.take_into(&mut out, |correlation, _| waiters.push(correlation));
+        let mut bytes = BytesMut::from(&out.copy_to_bytes(out.remaining())[..]);
+        let frames: Vec<Frame> =
+            std::iter::from_fn(|| Frame::decode(&mut bytes, &Limits::default()).unwrap()).collect();
+        let published: Vec<(u32, Qos, u128, String)> = frames
+            .into_iter()
+            .map(|frame| match frame.body {
+                Body::Publish { qos, envelope } => {
+                    (frame.correlation, qos, envelope.id.0, envelope.topic.as_str().to_string())
+                }
+                other => panic!("not a publish: {other:?}"),
+            })
+            .collect();
+        let topics: Vec<&str> = published.iter().map(|p| p.3.as_str()).collect();
+        assert_eq!(topics, ["a/b", "a/b", "c", "c", "a/b"]);
+        assert_eq!(published.iter().map(|p| p.2).collect::<Vec<_>>(), [1, 2, 3, 5, 4]);
+        // The QoS 1 publish keeps its correlation, which its waiter is known by.
+        assert_eq!((published[1].0, published[1].1), (waiters[0], Qos::AtLeastOnce));
+    }
+
     /// Whether a chunk `out` would write starts where `payload`'s bytes are.
     fn shares(out: &OutBuf, payload: &Bytes) -> bool {
         let mut slices = [std::io::IoSlice::new(&[]); 8];
@@ -349,7 +513,7 @@ mod tests {
         let (small, large) = (envelope(1, 8), envelope(2, BY_REFERENCE));
         let payload = large.payload.clone();
         for vectored in [false, true] {
-            outbox.set_connection(usize::MAX, vectored);
+            outbox.set_connection(usize::MAX, vectored, false);
             outbox.publish(Qos::AtMostOnce, small.clone(), None).await.unwrap();
             outbox.publish(Qos::AtMostOnce, large.clone(), None).await.unwrap();
             outbox.publish(Qos::AtMostOnce, envelope(3, 8), None).await.unwrap();

@@ -397,6 +397,7 @@ fn counted_connection() -> (Arc<Outbox>, Arc<AtomicU64>, mpsc::Sender<Command>) 
         heartbeat: std::time::Duration::from_secs(60),
         max_frame_bytes: 1 << 20,
         max_message_bytes: 1 << 20,
+        compact_publish: false,
     };
     let (commands, rx) = mpsc::channel(1);
     let (_settles, settled) = mpsc::unbounded_channel();

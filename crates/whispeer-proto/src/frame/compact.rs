@@ -1,9 +1,10 @@
-//! Compact deliveries: DELIVER_COMPACT (0x33), sent only to a client that asked for them in
-//! its HELLO ([`CAP_COMPACT_DELIVER`]) and only for a delivery a DELIVER would carry with
-//! attempt 1, offset 0 and no headers (a first delivery of a message not kept in a topic's
-//! history). What a DELIVER spells out and such a delivery does not need is left out: the
-//! attempt and offset (1 and 0), the header count (none), the payload's length (the rest of the
-//! frame), and the subscription moves into the frame's correlation field, unused by a DELIVER.
+//! Compact deliveries and publishes. Deliveries: DELIVER_COMPACT (0x33), sent only to a
+//! client that asked for them in its HELLO ([`CAP_COMPACT_DELIVER`]) and only for a delivery a
+//! DELIVER would carry with attempt 1, offset 0 and no headers (a first delivery of a message
+//! not kept in a topic's history). What a DELIVER spells out and such a delivery does not need
+//! is left out: the attempt and offset (1 and 0), the header count (none), the payload's length
+//! (the rest of the frame), and the subscription moves into the frame's correlation field,
+//! unused by a DELIVER.
 //! The topic is named by a number once the server has named it in full: the first 1,024
 //! distinct topics a connection delivers are numbered in the order they first go out, the frame
 //! that names one defining its number for the rest of the connection.
@@ -21,22 +22,44 @@
 //! The numbers belong to the connection (not to a subscription), so the task that reads the
 //! connection learns every definition as it reads it — also from a delivery it then drops —
 //! and a subscription decoding a delivery later finds its number known ([`TopicAliases`]).
+//!
+//! **Compact publishes** go the other way: PUBLISH_COMPACT (0x22), which a server that sets
+//! [`CAP_COMPACT_PUBLISH`] in its WELCOME reads, means a PUBLISH without headers.
+//!
+//! ```text
+//! length u32 | 0x22 | correlation u32 | qos u8 | id u128 | timestamp_ms u64 | flags u16 |
+//! topic u16 | [topic str, when topic is 0 or defines] | payload (the rest of the frame)
+//! ```
+//!
+//! Its topic field reads as a delivery's, but the client chooses its numbers: any from 1 to
+//! [`MAX_TOPIC_ALIASES`], in any order, a definition replacing the number's earlier one. The
+//! server keeps them for the connection (in its [`TopicCache`](crate::TopicCache)); a
+//! definition whose topic it refuses (`INVALID_TOPIC`) leaves the number naming that refusal,
+//! so later frames naming it are refused the same way, and a number never defined or out of
+//! range closes the connection as malformed. The Rust SDK numbers the topics of each batch it
+//! writes afresh, so no number outlives the connection it was defined on. A 128-byte payload to
+//! an 18-byte topic: 190 bytes as a PUBLISH, 166 as a PUBLISH_COMPACT naming a number (186
+//! defining it).
 
 use std::sync::Arc;
 
 use bytes::BytesMut;
 
 use super::{DecodeError, EncodeError, Frame, HEADER_LEN, PlainHead};
-use crate::{Limits, Topic};
+use crate::{Limits, Qos, Topic};
 
 /// HELLO capability: the client reads DELIVER_COMPACT frames.
 pub const CAP_COMPACT_DELIVER: u32 = 1;
 /// WELCOME capability: the server sends DELIVER_COMPACT frames (the client asked).
 pub const CAP_COMPACT_ACCEPTED: u32 = 1 << 1;
-/// Most topics one connection numbers.
+/// WELCOME capability: the server reads PUBLISH_COMPACT frames (see *Compact publishes*).
+pub const CAP_COMPACT_PUBLISH: u32 = 1 << 2;
+/// Most topics one connection numbers (each way).
 pub const MAX_TOPIC_ALIASES: u16 = 1024;
 /// The type byte of a DELIVER_COMPACT.
 pub(super) const DELIVER_COMPACT: u8 = 0x33;
+/// The type byte of a PUBLISH_COMPACT.
+pub(super) const PUBLISH_COMPACT: u8 = 0x22;
 /// The bit of a topic field that defines its number.
 const DEFINES: u16 = 0x8000;
 /// Id, time stamp, flags and the topic field, after the frame's head.
@@ -74,6 +97,25 @@ impl TopicRef {
 }
 
 impl Frame {
+    /// Appends the head of a PUBLISH_COMPACT of the message `head` describes, with `qos`
+    /// (its payload not included: the caller appends it right after), naming its topic as
+    /// `topic` says. On error nothing is appended. See *Compact publishes* below.
+    ///
+    /// # Errors
+    /// As [`Frame::encode`]: a frame over `max_frame_bytes`, a topic over 65,535 bytes.
+    #[inline]
+    pub fn encode_compact_publish_head(
+        dst: &mut BytesMut,
+        correlation: u32,
+        qos: Qos,
+        head: &PlainHead<'_>,
+        topic: TopicRef,
+        max_frame_bytes: usize,
+    ) -> Result<(), EncodeError> {
+        let lead = Some(qos.to_byte());
+        compact_head(dst, PUBLISH_COMPACT, correlation, lead, head, topic, max_frame_bytes)
+    }
+
     /// Appends the head of a DELIVER_COMPACT of the message `head` describes (its payload
     /// not included: the caller appends it, or sends it by a vectored write right after) to
     /// subscription `sub`, naming its topic as `topic` says. On error nothing is appended.
@@ -88,35 +130,55 @@ impl Frame {
         topic: TopicRef,
         max_frame_bytes: usize,
     ) -> Result<(), EncodeError> {
-        const FIXED: usize = HEADER_LEN + COMPACT_FIXED;
-        let text = match topic {
-            TopicRef::Alias(_) => &[][..],
-            TopicRef::Given | TopicRef::Define(_) => head.topic.as_bytes(),
-        };
-        let text_len =
-            u16::try_from(text.len()).map_err(|_| EncodeError::TextTooLong { len: text.len() })?;
-        let named = if matches!(topic, TopicRef::Alias(_)) { 0 } else { 2 + text.len() };
-        let len = FIXED - 4 + named + head.payload_len;
-        let frame_len = u32::try_from(len)
-            .ok()
-            .filter(|_| len <= max_frame_bytes)
-            .ok_or(EncodeError::FrameTooLarge { len, max: max_frame_bytes })?;
-        let mut fixed = [0; FIXED];
-        fixed[..4].copy_from_slice(&frame_len.to_be_bytes());
-        fixed[4] = DELIVER_COMPACT;
-        fixed[5..9].copy_from_slice(&sub.to_be_bytes());
-        fixed[9..25].copy_from_slice(&head.id.0.to_be_bytes());
-        fixed[25..33].copy_from_slice(&head.timestamp_ms.to_be_bytes());
-        fixed[33..35].copy_from_slice(&head.flags.0.to_be_bytes());
-        fixed[35..37].copy_from_slice(&topic.to_wire().to_be_bytes());
-        dst.reserve(FIXED + named);
-        dst.extend_from_slice(&fixed);
-        if named > 0 {
-            dst.extend_from_slice(&text_len.to_be_bytes());
-            dst.extend_from_slice(text);
-        }
-        Ok(())
+        compact_head(dst, DELIVER_COMPACT, sub, None, head, topic, max_frame_bytes)
     }
+}
+
+/// The head of a compact frame of type `frame_type`: its length, type and correlation, the
+/// byte `lead` if any (a publish's QoS), the message's id, time stamp and flags, and its
+/// topic as `topic` names it. Inlined into each caller, where `lead` is known.
+#[inline(always)]
+fn compact_head(
+    dst: &mut BytesMut,
+    frame_type: u8,
+    correlation: u32,
+    lead: Option<u8>,
+    head: &PlainHead<'_>,
+    topic: TopicRef,
+    max_frame_bytes: usize,
+) -> Result<(), EncodeError> {
+    let at = HEADER_LEN + usize::from(lead.is_some());
+    let fixed_len = at + COMPACT_FIXED;
+    let text = match topic {
+        TopicRef::Alias(_) => &[][..],
+        TopicRef::Given | TopicRef::Define(_) => head.topic.as_bytes(),
+    };
+    let text_len =
+        u16::try_from(text.len()).map_err(|_| EncodeError::TextTooLong { len: text.len() })?;
+    let named = if matches!(topic, TopicRef::Alias(_)) { 0 } else { 2 + text.len() };
+    let len = fixed_len - 4 + named + head.payload_len;
+    let frame_len = u32::try_from(len)
+        .ok()
+        .filter(|_| len <= max_frame_bytes)
+        .ok_or(EncodeError::FrameTooLarge { len, max: max_frame_bytes })?;
+    let mut fixed = [0; HEADER_LEN + 1 + COMPACT_FIXED];
+    fixed[..4].copy_from_slice(&frame_len.to_be_bytes());
+    fixed[4] = frame_type;
+    fixed[5..9].copy_from_slice(&correlation.to_be_bytes());
+    if let Some(lead) = lead {
+        fixed[HEADER_LEN] = lead;
+    }
+    fixed[at..at + 16].copy_from_slice(&head.id.0.to_be_bytes());
+    fixed[at + 16..at + 24].copy_from_slice(&head.timestamp_ms.to_be_bytes());
+    fixed[at + 24..at + 26].copy_from_slice(&head.flags.0.to_be_bytes());
+    fixed[at + 26..at + 28].copy_from_slice(&topic.to_wire().to_be_bytes());
+    dst.reserve(fixed_len + named);
+    dst.extend_from_slice(&fixed[..fixed_len]);
+    if named > 0 {
+        dst.extend_from_slice(&text_len.to_be_bytes());
+        dst.extend_from_slice(text);
+    }
+    Ok(())
 }
 
 /// The topics a connection's compact deliveries numbered so far, in order. The table only

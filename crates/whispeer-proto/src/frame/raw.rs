@@ -19,7 +19,7 @@
 
 use bytes::{Buf, Bytes, BytesMut};
 
-use super::compact::{COMPACT_FIXED, DELIVER_COMPACT, TopicRef};
+use super::compact::{COMPACT_FIXED, DELIVER_COMPACT, PUBLISH_COMPACT, TopicRef};
 use super::reader::Reader;
 use super::{DecodeError, Frame, HEADER_LEN, READ_CHUNK, room_for};
 use crate::{Envelope, Limits, MessageId, Qos, TopicAliases, TopicCache};
@@ -160,25 +160,40 @@ impl RawFrame {
         self.correlation
     }
 
-    /// The frame as a PUBLISH: its QoS and envelope, decoded as [`RawFrame::decode`] would
-    /// decode them but without wrapping them in a [`Frame`], which a server moves for each of
-    /// the frames it reads most. `Ok(Err(frame))`, the frame given back, when it is another
-    /// type.
+    /// The frame's type byte.
+    #[inline]
+    pub fn frame_type(&self) -> u8 {
+        self.frame_type
+    }
+
+    /// The frame as a PUBLISH (or a PUBLISH_COMPACT, whose numbered topics `topics` keeps for
+    /// the stream): its QoS and envelope, decoded as [`RawFrame::decode`] would decode them
+    /// but without wrapping them in a [`Frame`], which a server moves for each of the frames
+    /// it reads most. `Ok(Err(frame))`, the frame given back, when it is another type.
     ///
     /// # Errors
-    /// As [`RawFrame::decode`], for a PUBLISH that does not decode.
+    /// As [`RawFrame::decode`], for a PUBLISH that does not decode; for a PUBLISH_COMPACT,
+    /// also a number over [`MAX_TOPIC_ALIASES`](crate::MAX_TOPIC_ALIASES) or not defined
+    /// ([`DecodeError::TopicAlias`], the stream is beyond repair), and a number whose
+    /// definition gave an invalid topic (answerable, as an invalid topic given in full).
     #[inline]
     pub fn publish(
         self,
         limits: &Limits,
         topics: &mut TopicCache,
     ) -> Result<Result<(Qos, Envelope), Self>, DecodeError> {
-        if self.frame_type != PUBLISH {
-            return Ok(Err(self));
-        }
+        let compact = match self.frame_type {
+            PUBLISH => false,
+            PUBLISH_COMPACT => true,
+            _ => return Ok(Err(self)),
+        };
         let Self { frame_type, correlation, body } = self;
         let mut reader = Reader { buf: body, frame_type, topics };
-        let decoded = reader.publish(limits).map_err(answerable(correlation))?;
+        let decoded = match compact {
+            true => reader.compact_publish(limits),
+            false => reader.publish(limits),
+        };
+        let decoded = decoded.map_err(answerable(correlation))?;
         reader.finish()?;
         Ok(Ok(decoded))
     }

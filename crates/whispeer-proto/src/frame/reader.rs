@@ -4,13 +4,53 @@
 
 use bytes::{Buf, Bytes};
 
-use super::compact::TopicRef;
+use super::compact::{MAX_TOPIC_ALIASES, TopicRef};
 use super::{Body, DecodeError, MAX_HEADERS, Qos, StartAt};
-use crate::{Envelope, ErrorCode, Filter, Flags, Headers, Limits, MessageId, Topic, TopicAliases};
+use crate::{
+    Envelope, ErrorCode, Filter, Flags, Headers, Limits, MessageId, Topic, TopicAliases, TopicError,
+};
 
-/// The last topic a stream decoded (see [`Frame::decode_cached`](super::Frame::decode_cached)).
+/// The topics a stream named: the last one it decoded (see
+/// [`Frame::decode_cached`](super::Frame::decode_cached)), and those its PUBLISH_COMPACT frames
+/// numbered (`compact.rs`), which a server reading publishes keeps for the connection.
 #[derive(Clone, Debug, Default)]
-pub struct TopicCache(Option<Topic>);
+pub struct TopicCache {
+    last: Option<Topic>,
+    /// By number less one: the topic a definition gave, or why it was refused (a later frame
+    /// naming that number is refused the same way); `None` where nothing was defined.
+    numbered: Vec<Option<Result<Topic, TopicError>>>,
+}
+
+impl TopicCache {
+    /// Sets number `alias` (1 to [`MAX_TOPIC_ALIASES`]; any other is ignored) to `topic`, as
+    /// a PUBLISH_COMPACT defining it would have: for a client reading back frames it encoded
+    /// after numbers it defined on an earlier batch.
+    pub fn define_numbered(&mut self, alias: u16, topic: Topic) {
+        if (1..=MAX_TOPIC_ALIASES).contains(&alias) {
+            self.define(alias, Ok(topic));
+        }
+    }
+
+    /// Records what PUBLISH_COMPACT's definition of number `alias` (checked to be in range)
+    /// gave.
+    fn define(&mut self, alias: u16, topic: Result<Topic, TopicError>) {
+        let at = usize::from(alias) - 1;
+        if self.numbered.len() <= at {
+            self.numbered.resize(at + 1, None);
+        }
+        self.numbered[at] = Some(topic);
+    }
+
+    /// The topic PUBLISH_COMPACT's number `alias` names.
+    fn numbered(&self, alias: u16) -> Result<Topic, DecodeError> {
+        let defined = usize::from(alias).checked_sub(1).and_then(|at| self.numbered.get(at));
+        match defined {
+            Some(Some(Ok(topic))) => Ok(topic.clone()),
+            Some(Some(Err(refused))) => Err(DecodeError::InvalidTopic(refused.clone())),
+            _ => Err(DecodeError::TopicAlias { alias }),
+        }
+    }
+}
 
 /// A bounds-checked cursor over one frame's body.
 pub(super) struct Reader<'a> {
@@ -92,12 +132,12 @@ impl Reader<'_> {
     fn topic(&mut self, limits: &Limits) -> Result<Topic, DecodeError> {
         let len = self.text()?;
         let text = &self.buf[..len];
-        let topic = match &self.topics.0 {
+        let topic = match &self.topics.last {
             Some(topic) if topic.as_str().as_bytes() == text => topic.clone(),
             _ => {
                 let text = std::str::from_utf8(text).map_err(|_| DecodeError::InvalidUtf8)?;
                 let topic = Topic::parse_with(text, limits)?;
-                self.topics.0 = Some(topic.clone());
+                self.topics.last = Some(topic.clone());
                 topic
             }
         };
@@ -179,7 +219,7 @@ impl Reader<'_> {
         const FIXED: usize = 16 + 8 + 2 + 2;
         /// The header count (zero) and the payload's length, after the topic.
         const TAIL: usize = 2 + 4;
-        let cached = self.topics.0.as_ref()?;
+        let cached = self.topics.last.as_ref()?;
         let text = cached.as_str().as_bytes();
         let buf: &[u8] = &self.buf;
         let fixed = buf.first_chunk::<FIXED>()?;
@@ -223,6 +263,43 @@ impl Reader<'_> {
         };
         let payload = std::mem::take(&mut self.buf);
         Ok(Envelope { id, topic, timestamp_ms, flags, headers: Headers::new(), payload })
+    }
+
+    /// A PUBLISH_COMPACT's body (`compact.rs`): its QoS and envelope, which ends the frame.
+    /// A definition (numbers 1 to [`MAX_TOPIC_ALIASES`], in any order, a later one replacing
+    /// an earlier) is recorded in the stream's [`TopicCache`] also when its topic is refused,
+    /// so that frames naming that number are refused the same way.
+    #[inline]
+    pub(super) fn compact_publish(
+        &mut self,
+        limits: &Limits,
+    ) -> Result<(Qos, Envelope), DecodeError> {
+        let qos = self.qos()?;
+        let id = MessageId(self.u128()?);
+        let timestamp_ms = self.u64()?;
+        let flags = Flags(self.u16()?);
+        let topic = match TopicRef::from_wire(self.u16()?) {
+            TopicRef::Alias(alias) => self.topics.numbered(alias)?,
+            TopicRef::Given => self.topic(limits)?,
+            TopicRef::Define(alias) => {
+                if alias == 0 || alias > MAX_TOPIC_ALIASES {
+                    return Err(DecodeError::TopicAlias { alias });
+                }
+                match self.topic(limits) {
+                    Ok(topic) => {
+                        self.topics.define(alias, Ok(topic.clone()));
+                        topic
+                    }
+                    Err(DecodeError::InvalidTopic(refused)) => {
+                        self.topics.define(alias, Err(refused.clone()));
+                        return Err(DecodeError::InvalidTopic(refused));
+                    }
+                    Err(other) => return Err(other),
+                }
+            }
+        };
+        let payload = std::mem::take(&mut self.buf);
+        Ok((qos, Envelope { id, topic, timestamp_ms, flags, headers: Headers::new(), payload }))
     }
 
     /// A PUBLISH's body: its QoS and envelope.

@@ -1,6 +1,8 @@
 //! What the connection's principal may do, and the `Welcome` it is greeted with.
 
-use whispeer_proto::{Body, CAP_COMPACT_ACCEPTED, Filter, PROTOCOL_VERSION, Topic};
+use whispeer_proto::{
+    Body, CAP_COMPACT_ACCEPTED, CAP_COMPACT_PUBLISH, Filter, PROTOCOL_VERSION, Topic,
+};
 
 use super::{CAP_AUTH_REQUIRED, Connection};
 
@@ -31,10 +33,12 @@ impl Connection {
         allowed
     }
 
-    /// The WELCOME: `compact`, the client asked for compact deliveries (and gets them).
+    /// The WELCOME: `compact`, the client asked for compact deliveries (and gets them). Every
+    /// connection reads compact publishes (`publish_read`), so every WELCOME says so.
     pub(super) fn welcome(&self, compact: bool) -> Body {
         let limits = &self.broker.options().limits;
         let mut capabilities = if self.config.auth_required() { CAP_AUTH_REQUIRED } else { 0 };
+        capabilities |= CAP_COMPACT_PUBLISH;
         if compact {
             capabilities |= CAP_COMPACT_ACCEPTED;
         }
