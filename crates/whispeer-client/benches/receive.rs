@@ -14,8 +14,10 @@
 //! And the other way, what publishing costs the SDK:
 //!
 //! - `publish`: `Client::publish_bytes` of 128-byte payloads to one topic from one task, as the
-//!   `whispeer bench` harness publishes, while the scripted server reads the PUBLISH frames and
-//!   counts them (the SDK's own outbox bounds what is in flight).
+//!   `whispeer bench` harness publishes, while the scripted server reads the PUBLISH_COMPACT
+//!   frames (its WELCOME says it reads them, as a server's does), or PUBLISHes with
+//!   `WHISPEER_BENCH_PUBLISH=plain`, and counts them (the SDK's own outbox bounds what is in
+//!   flight).
 //!
 //! For each it prints messages a second and the CPU each message cost the client's side (the
 //! process's CPU less the scripted server's thread). Run with
@@ -36,8 +38,8 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncReadExt;
 use whispeer_client::{Client, ClientOptions};
 use whispeer_proto::{
-    Body, CAP_COMPACT_ACCEPTED, CAP_COMPACT_DELIVER, Envelope, Flags, Frame, Limits, MessageId,
-    PROTOCOL_VERSION, PlainHead, ReadPool, Topic, TopicCache, TopicRef,
+    Body, CAP_COMPACT_ACCEPTED, CAP_COMPACT_DELIVER, CAP_COMPACT_PUBLISH, Envelope, Flags, Frame,
+    Limits, MessageId, PROTOCOL_VERSION, PlainHead, ReadPool, Topic, TopicCache, TopicRef,
 };
 
 /// Frames written per write.
@@ -120,9 +122,11 @@ fn serve(mut stream: TcpStream, messages: u64, case: Case, received: &AtomicU64)
         if capabilities & CAP_COMPACT_DELIVER != 0);
     let plain = std::env::var("WHISPEER_BENCH_DELIVER").is_ok_and(|v| v == "plain");
     let compact = asked && !plain;
+    let plain_publishes = std::env::var("WHISPEER_BENCH_PUBLISH").is_ok_and(|v| v == "plain");
+    let reads = if plain_publishes { 0 } else { CAP_COMPACT_PUBLISH };
     let welcome = Body::Welcome {
         version: PROTOCOL_VERSION,
-        capabilities: if compact { CAP_COMPACT_ACCEPTED } else { 0 },
+        capabilities: if compact { CAP_COMPACT_ACCEPTED | reads } else { reads },
         max_frame_bytes: 1 << 20,
         max_message_bytes: 1 << 20,
         heartbeat_ms: 30_000,

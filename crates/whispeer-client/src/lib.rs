@@ -47,7 +47,7 @@ use tokio_rustls::rustls;
 use whispeer_engines::{Codec, CodecError, Engines, SealError, Sealing};
 use whispeer_proto::{
     ContentType, Envelope, ErrorCode, Filter, Flags, Headers, Limits, MessageId, PlainHead, Topic,
-    TopicError,
+    TopicError, same_text,
 };
 
 pub use chat::{
@@ -237,14 +237,15 @@ thread_local! {
 
 /// Checks that `text` is a topic: this thread's last one, or parsed (and kept).
 fn check_topic(text: &str) -> Result<(), ClientError> {
-    let known = LAST_TOPIC.with_borrow(|last| last.as_ref().is_some_and(|t| t.as_str() == text));
+    let known =
+        LAST_TOPIC.with_borrow(|last| last.as_ref().is_some_and(|t| same_text(t.as_str(), text)));
     if known { Ok(()) } else { parse_topic(text).map(drop) }
 }
 
 /// `text` as a topic: this thread's last one when it is the same, else parsed (and kept).
 fn parse_topic(text: &str) -> Result<Topic, ClientError> {
     LAST_TOPIC.with_borrow_mut(|last| {
-        if let Some(topic) = last.as_ref().filter(|topic| topic.as_str() == text) {
+        if let Some(topic) = last.as_ref().filter(|topic| same_text(topic.as_str(), text)) {
             return Ok(topic.clone());
         }
         let topic = Topic::parse(text)?;

@@ -1,11 +1,11 @@
 //! The codec's cost per frame on the hot paths: a stream of 128-byte `Deliver` frames decoded
 //! whole (`Frame::decode_cached` over one read buffer) and as the SDK reads them (each head read
 //! in place by the connection task, the run cut off in one piece, each envelope decoded by the
-//! subscription), `Publish` frames decoded as a server connection reads them, `Publish` frames
-//! encoded as the SDK's outbox writes them, `Deliver` heads as the server writes them, and a
-//! stream of 64 KiB `Deliver` frames read as a connection reads them (room reserved, each read
-//! filling it, the frames kept meanwhile). Run with `cargo bench -p whispeer-proto --bench
-//! frame`.
+//! subscription), `Publish` and `PUBLISH_COMPACT` frames decoded as a server connection reads
+//! them, `Publish` frames encoded as the SDK's outbox writes them, `Deliver` heads as the
+//! server writes them, and a stream of 64 KiB `Deliver` frames read as a connection reads them
+//! (room reserved, each read filling it, the frames kept meanwhile). Run with `cargo bench -p
+//! whispeer-proto --bench frame`.
 
 #![expect(clippy::unwrap_used, reason = "a benchmark fails loudly on any error")]
 #![expect(missing_docs, reason = "criterion_group! generates an undocumented function")]
@@ -13,8 +13,8 @@
 use bytes::{Bytes, BytesMut};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use whispeer_proto::{
-    Body, Envelope, Flags, Frame, Limits, MessageId, Qos, RawDeliver, Topic, TopicAliases,
-    TopicCache, reserve_for_read,
+    Body, Envelope, Flags, Frame, Limits, MessageId, PlainHead, Qos, RawDeliver, Topic,
+    TopicAliases, TopicCache, TopicRef, reserve_for_read,
 };
 
 /// Frames in one simulated read.
@@ -91,6 +91,31 @@ fn codec(c: &mut Criterion) {
         let mut topics = TopicCache::default();
         b.iter(|| {
             let mut buf = BytesMut::from(&publishes[..]);
+            let mut envelopes = Vec::with_capacity(BATCH as usize);
+            while let Some(raw) = Frame::split(&mut buf, &limits).unwrap() {
+                let (_, envelope) = raw.publish(&limits, &mut topics).unwrap().unwrap();
+                envelopes.push(envelope);
+            }
+            assert_eq!(envelopes.len() as u64, BATCH);
+            envelopes
+        });
+    });
+    // The same publishes as PUBLISH_COMPACTs (the first defining the topic's number, the rest
+    // naming it), as the SDK sends them to a server that reads them.
+    let mut compact = BytesMut::new();
+    for n in 0..BATCH {
+        let envelope = envelope(n);
+        let head = PlainHead::of(&envelope);
+        let topic = if n == 0 { TopicRef::Define(1) } else { TopicRef::Alias(1) };
+        Frame::encode_compact_publish_head(&mut compact, 1, Qos::AtMostOnce, &head, topic, max)
+            .unwrap();
+        compact.extend_from_slice(&envelope.payload);
+    }
+    let compact = compact.freeze();
+    group.bench_function("raw_compact_publish_128", |b| {
+        let mut topics = TopicCache::default();
+        b.iter(|| {
+            let mut buf = BytesMut::from(&compact[..]);
             let mut envelopes = Vec::with_capacity(BATCH as usize);
             while let Some(raw) = Frame::split(&mut buf, &limits).unwrap() {
                 let (_, envelope) = raw.publish(&limits, &mut topics).unwrap().unwrap();

@@ -24,6 +24,7 @@ mod limits;
 mod out;
 mod relation;
 pub mod relay;
+mod same;
 mod topic;
 
 pub use code::ErrorCode;
@@ -38,4 +39,5 @@ pub use frame::{
 };
 pub use limits::Limits;
 pub use out::{BY_REFERENCE, OutBuf};
+pub use same::same_text;
 pub use topic::{Filter, FilterSegment, Topic, TopicError, hidden_from_wildcards};

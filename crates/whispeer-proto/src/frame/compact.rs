@@ -103,7 +103,7 @@ impl Frame {
     ///
     /// # Errors
     /// As [`Frame::encode`]: a frame over `max_frame_bytes`, a topic over 65,535 bytes.
-    #[inline]
+    #[inline(never)]
     pub fn encode_compact_publish_head(
         dst: &mut BytesMut,
         correlation: u32,
@@ -112,7 +112,7 @@ impl Frame {
         topic: TopicRef,
         max_frame_bytes: usize,
     ) -> Result<(), EncodeError> {
-        let lead = Some(qos.to_byte());
+        let lead = [qos.to_byte()];
         compact_head(dst, PUBLISH_COMPACT, correlation, lead, head, topic, max_frame_bytes)
     }
 
@@ -130,24 +130,26 @@ impl Frame {
         topic: TopicRef,
         max_frame_bytes: usize,
     ) -> Result<(), EncodeError> {
-        compact_head(dst, DELIVER_COMPACT, sub, None, head, topic, max_frame_bytes)
+        compact_head(dst, DELIVER_COMPACT, sub, [], head, topic, max_frame_bytes)
     }
 }
 
 /// The head of a compact frame of type `frame_type`: its length, type and correlation, the
-/// byte `lead` if any (a publish's QoS), the message's id, time stamp and flags, and its
-/// topic as `topic` names it. Inlined into each caller, where `lead` is known.
+/// bytes `lead` (a publish's QoS; none for a delivery), the message's id, time stamp and
+/// flags, and its topic as `topic` names it. `LEAD` a constant for each caller, the fixed part
+/// is copied in place, without a call.
 #[inline(always)]
-fn compact_head(
+fn compact_head<const LEAD: usize>(
     dst: &mut BytesMut,
     frame_type: u8,
     correlation: u32,
-    lead: Option<u8>,
+    lead: [u8; LEAD],
     head: &PlainHead<'_>,
     topic: TopicRef,
     max_frame_bytes: usize,
 ) -> Result<(), EncodeError> {
-    let at = HEADER_LEN + usize::from(lead.is_some());
+    const { assert!(LEAD <= 1, "at most a QoS before the message's fields") };
+    let at = HEADER_LEN + LEAD;
     let fixed_len = at + COMPACT_FIXED;
     let text = match topic {
         TopicRef::Alias(_) => &[][..],
@@ -165,9 +167,7 @@ fn compact_head(
     fixed[..4].copy_from_slice(&frame_len.to_be_bytes());
     fixed[4] = frame_type;
     fixed[5..9].copy_from_slice(&correlation.to_be_bytes());
-    if let Some(lead) = lead {
-        fixed[HEADER_LEN] = lead;
-    }
+    fixed[HEADER_LEN..at].copy_from_slice(&lead);
     fixed[at..at + 16].copy_from_slice(&head.id.0.to_be_bytes());
     fixed[at + 16..at + 24].copy_from_slice(&head.timestamp_ms.to_be_bytes());
     fixed[at + 24..at + 26].copy_from_slice(&head.flags.0.to_be_bytes());

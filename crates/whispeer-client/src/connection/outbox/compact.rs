@@ -12,7 +12,7 @@
 //! A lone publish that defines its number is still 4 bytes shorter than a PUBLISH.
 
 use bytes::{Buf, BytesMut};
-use whispeer_proto::{Frame, Limits, OutBuf, Topic, TopicCache, TopicRef};
+use whispeer_proto::{Frame, Limits, OutBuf, Topic, TopicCache, TopicRef, same_text};
 
 /// How many topics a connection numbers: past that, the slots are reused in turn.
 pub(super) const SLOTS: usize = 8;
@@ -41,12 +41,20 @@ impl Names {
     /// How a compact publish to `topic` names it: by its number if one is defined, else by
     /// defining one. The caller encodes the frame at once, or calls [`Names::forget`] if it
     /// cannot.
+    #[inline]
     pub(super) fn name(&mut self, topic: &str) -> TopicRef {
         self.held = true;
-        if self.last < self.used && self.slots[self.last] == topic {
+        let last = self.slots.get(self.last).filter(|_| self.last < self.used);
+        if last.is_some_and(|last| same_text(last, topic)) {
             return alias(self.last);
         }
-        if let Some(at) = self.slots[..self.used].iter().position(|held| held == topic) {
+        self.name_other(topic)
+    }
+
+    /// [`Names::name`] for a topic other than the one named last.
+    #[inline(never)]
+    fn name_other(&mut self, topic: &str) -> TopicRef {
+        if let Some(at) = self.slots[..self.used].iter().position(|held| same_text(held, topic)) {
             self.last = at;
             return alias(at);
         }
