@@ -182,9 +182,10 @@ impl Actor {
 
     async fn serve_all(&mut self, first: Established) {
         self.node = first.node;
-        let mut connection = first;
+        let (mut connection, mut prepared) = (first, true);
         loop {
-            let ended = self.serve(connection).await;
+            let ended = self.serve(connection, prepared).await;
+            prepared = false;
             // Deliveries read before the connection failed (a bad frame after them, say) still
             // reach their subscriptions; unsubscribes for gone ones have no connection to go to.
             self.hand_over(&mut OutBuf::default(), usize::MAX);
@@ -238,7 +239,9 @@ impl Actor {
         }
     }
 
-    async fn serve(&mut self, established: Established) -> Ended {
+    /// Serves one connection; `prepared`, the outbox was set for it
+    /// ([`Established::prepare`]) before anything was published on it.
+    async fn serve(&mut self, established: Established, prepared: bool) -> Ended {
         // Offsets may be counted per node: after moving to another one, subscriptions start
         // with new messages rather than after an offset that means something else there —
         // unless the nodes share offsets.
@@ -254,7 +257,13 @@ impl Actor {
             compact_publish,
             ..
         } = established;
-        self.outbox.set_connection(max_frame_bytes, writer.is_write_vectored(), compact_publish);
+        if !prepared {
+            self.outbox.set_connection(
+                max_frame_bytes,
+                writer.is_write_vectored(),
+                compact_publish,
+            );
+        }
         let mut out = OutBuf::with_capacity(64 * 1024);
         let limits = self.options.limits.clone();
         let subs: Vec<(u32, Body)> = self

@@ -320,6 +320,8 @@ impl Client {
             options.publish_buffer_bytes,
             established.max_frame_bytes,
         ));
+        // Publishes made as soon as this returns go as the server reads them best.
+        established.prepare(&outbox);
         let counters = Arc::new(connection::Counters::default());
         let actor = connection::Actor::new(
             options,
@@ -423,20 +425,20 @@ impl Client {
     }
 
     /// A QoS 0 publish where nothing seals a payload: encoded from its parts while the outbox
-    /// has room (the topic checked, not copied), as an envelope when it is full.
+    /// has room (the topic checked, not copied: by the outbox, which need not check again a
+    /// topic it numbered), as an envelope when it is full.
     async fn publish_plain(
         &self,
         topic: &str,
         content: ContentType,
         payload: Bytes,
     ) -> Result<MessageId, ClientError> {
-        check_topic(topic)?;
         self.check_len(payload.len())?;
         let (id, timestamp_ms) = (self.next_id(), whispeer_proto::clock::now_ms());
         let flags = Flags::with_content(content);
         let payload_len = payload.len();
         let head = PlainHead { id, timestamp_ms, flags, topic, payload_len };
-        if !self.outbox.try_publish_plain(&head, &payload)? {
+        if !self.outbox.try_publish_plain(&head, &payload, check_topic)? {
             let envelope = Envelope::new(id, parse_topic(topic)?, timestamp_ms, flags, payload);
             self.outbox.publish(Qos::AtMostOnce, envelope, None).await?;
         }

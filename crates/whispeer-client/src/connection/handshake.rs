@@ -29,6 +29,17 @@ pub(crate) struct Established {
     pub(crate) compact_publish: bool,
 }
 
+impl Established {
+    /// Sets `outbox` for this connection (its frame limit, whether it writes vectored, whether
+    /// its server reads compact publishes) before anything is published on it: the client's
+    /// first connection, set before the client is handed out. The connection task sets every
+    /// later one.
+    pub(crate) fn prepare(&self, outbox: &super::Outbox) {
+        let vectored = self.writer.is_write_vectored();
+        outbox.set_connection(self.max_frame_bytes, vectored, self.compact_publish);
+    }
+}
+
 /// Connects to the first of the options' addresses that answers (`addr`, then the failover
 /// nodes in order); the error of the last one tried if none does.
 pub(crate) async fn connect_any(options: &ClientOptions) -> Result<Established, ClientError> {

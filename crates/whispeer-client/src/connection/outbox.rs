@@ -55,13 +55,16 @@ impl std::fmt::Debug for AckWaiter {
     }
 }
 
-/// A publish on its way into the buffer: given by its parts (QoS 0, no headers), or as an
-/// envelope.
+/// A publish on its way into the buffer: given by its parts (QoS 0, no headers; its topic
+/// not checked yet, and what checks it), or as an envelope.
 #[derive(Clone, Copy)]
 enum Publish<'a> {
-    Plain(&'a PlainHead<'a>),
+    Plain(&'a PlainHead<'a>, TopicCheck),
     Envelope(Qos, &'a Envelope),
 }
+
+/// Checks that a text is a topic.
+pub(crate) type TopicCheck = fn(&str) -> Result<(), ClientError>;
 
 /// The top bit marks a publish's correlation id.
 pub(crate) const PUBLISH_BIT: u32 = 1 << 31;
@@ -154,16 +157,19 @@ impl Outbox {
     }
 
     /// [`Outbox::try_publish`] of a message without headers given by its parts, where the
-    /// publisher built no envelope (nothing seals its payload).
+    /// publisher built no envelope (nothing seals its payload). Its topic is checked with
+    /// `check` unless it is the one a compact publish named last or numbered on this
+    /// connection (checked then).
     ///
     /// # Errors
-    /// As [`Outbox::publish`].
+    /// As [`Outbox::publish`]; `check`'s refusal.
     pub(crate) fn try_publish_plain(
         &self,
         head: &PlainHead<'_>,
         payload: &Bytes,
+        check: TopicCheck,
     ) -> Result<bool, ClientError> {
-        self.try_encode(Publish::Plain(head), payload, &mut None)
+        self.try_encode(Publish::Plain(head, check), payload, &mut None)
     }
 
     /// Encodes the publish if the buffer has room (taking `ack` along), straight from the
@@ -199,8 +205,8 @@ impl Outbox {
         let compact = *compact && !(*vectored && payload.len() >= BY_REFERENCE);
         let (dst, max) = (buf.frames(), *max_frame_bytes);
         let encoded = match publish {
-            Publish::Plain(head) if compact => {
-                let topic = names.name(head.topic);
+            Publish::Plain(head, check) if compact => {
+                let topic = names.name(head.topic, check)?;
                 Frame::encode_compact_publish_head(
                     dst,
                     correlation,
@@ -212,10 +218,14 @@ impl Outbox {
             }
             Publish::Envelope(qos, envelope) if compact && envelope.headers.is_empty() => {
                 let head = PlainHead::of(envelope);
-                let topic = names.name(head.topic);
+                // A topic already.
+                let topic = names.name(head.topic, |_| Ok(()))?;
                 Frame::encode_compact_publish_head(dst, correlation, qos, &head, topic, max)
             }
-            Publish::Plain(head) => Frame::encode_plain_publish_head(dst, correlation, head, max),
+            Publish::Plain(head, check) => {
+                check(head.topic)?;
+                Frame::encode_plain_publish_head(dst, correlation, head, max)
+            }
             Publish::Envelope(qos, envelope) => {
                 Frame::encode_publish_head(dst, correlation, qos, envelope, max)
             }
@@ -290,6 +300,7 @@ pub(crate) fn is_publish(correlation: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
     use bytes::{Buf, Bytes, BytesMut};
@@ -422,7 +433,7 @@ mod tests {
             sent.push(envelope);
         }
         let head = PlainHead::of(&sent[0]);
-        assert!(outbox.try_publish_plain(&head, &sent[0].payload).unwrap());
+        assert!(outbox.try_publish_plain(&head, &sent[0].payload, |_| Ok(())).unwrap());
         sent.push(sent[0].clone());
         let mut connection = TopicCache::default();
         let read = read_as_a_server(&mut take(&outbox), &mut connection);
@@ -440,6 +451,36 @@ mod tests {
         outbox.publish(Qos::AtMostOnce, sent[0].clone(), None).await.unwrap();
         let read = read_as_a_server(&mut take(&outbox), &mut TopicCache::default());
         assert_eq!(read[0].2, sent[0]);
+    }
+
+    #[tokio::test]
+    async fn a_topic_is_checked_once_a_connection_and_a_refused_one_defines_nothing() {
+        static CHECKED: AtomicUsize = AtomicUsize::new(0);
+        fn check(topic: &str) -> Result<(), ClientError> {
+            CHECKED.fetch_add(1, Ordering::Relaxed);
+            crate::check_topic(topic)
+        }
+        let outbox = Outbox::new(1 << 20, usize::MAX);
+        outbox.set_connection(usize::MAX, false, true);
+        let sent = envelope_to("a/b", 1);
+        let head = PlainHead::of(&sent);
+        let bad = PlainHead { topic: "a/+", ..head };
+        let refused = outbox.try_publish_plain(&bad, &sent.payload, check);
+        assert!(matches!(refused, Err(ClientError::InvalidTopic(_))), "{refused:?}");
+        for _ in 0..3 {
+            assert!(outbox.try_publish_plain(&head, &sent.payload, check).unwrap());
+        }
+        // The refused topic and the first of the three.
+        assert_eq!(CHECKED.load(Ordering::Relaxed), 2);
+        let read = read_as_a_server(&mut take(&outbox), &mut TopicCache::default());
+        assert_eq!(
+            read.into_iter().map(|(_, _, e)| e).collect::<Vec<_>>(),
+            [&sent; 3].map(Clone::clone)
+        );
+        // Without compact publishes, each is checked.
+        outbox.set_connection(usize::MAX, false, false);
+        assert!(outbox.try_publish_plain(&head, &sent.payload, check).unwrap());
+        assert_eq!(CHECKED.load(Ordering::Relaxed), 3);
     }
 
     #[tokio::test]

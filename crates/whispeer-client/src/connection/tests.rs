@@ -402,6 +402,7 @@ fn counted_connection() -> (Arc<Outbox>, Arc<AtomicU64>, mpsc::Sender<Command>) 
     let (commands, rx) = mpsc::channel(1);
     let (_settles, settled) = mpsc::unbounded_channel();
     let outbox = Arc::new(Outbox::new(1 << 20, 1 << 20));
+    established.prepare(&outbox);
     let options = ClientOptions::new("127.0.0.1:1");
     let actor = Actor::new(options, rx, settled, Arc::clone(&outbox), Arc::default());
     tokio::spawn(actor.run(established));

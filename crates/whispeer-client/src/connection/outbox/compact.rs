@@ -14,6 +14,9 @@
 use bytes::{Buf, BytesMut};
 use whispeer_proto::{Frame, Limits, OutBuf, Topic, TopicCache, TopicRef, same_text};
 
+use super::TopicCheck;
+use crate::ClientError;
+
 /// How many topics a connection numbers: past that, the slots are reused in turn.
 pub(super) const SLOTS: usize = 8;
 
@@ -38,26 +41,31 @@ pub(super) struct Names {
 }
 
 impl Names {
-    /// How a compact publish to `topic` names it: by its number if one is defined, else by
-    /// defining one. The caller encodes the frame at once, or calls [`Names::forget`] if it
-    /// cannot.
-    #[inline]
-    pub(super) fn name(&mut self, topic: &str) -> TopicRef {
-        self.held = true;
+    /// How a compact publish to `topic` names it: by its number if one is defined (it was
+    /// checked to be a topic then), else by defining one once `check` finds it is a topic. The
+    /// caller encodes the frame at once, or calls [`Names::forget`] if it cannot.
+    ///
+    /// # Errors
+    /// `check`'s refusal, nothing defined.
+    #[inline(always)]
+    pub(super) fn name(&mut self, topic: &str, check: TopicCheck) -> Result<TopicRef, ClientError> {
         let last = self.slots.get(self.last).filter(|_| self.last < self.used);
         if last.is_some_and(|last| same_text(last, topic)) {
-            return alias(self.last);
+            self.held = true;
+            return Ok(alias(self.last));
         }
-        self.name_other(topic)
+        self.name_other(topic, check)
     }
 
     /// [`Names::name`] for a topic other than the one named last.
     #[inline(never)]
-    fn name_other(&mut self, topic: &str) -> TopicRef {
+    fn name_other(&mut self, topic: &str, check: TopicCheck) -> Result<TopicRef, ClientError> {
         if let Some(at) = self.slots[..self.used].iter().position(|held| same_text(held, topic)) {
-            self.last = at;
-            return alias(at);
+            (self.last, self.held) = (at, true);
+            return Ok(alias(at));
         }
+        check(topic)?;
+        self.held = true;
         let at = if self.used < SLOTS {
             self.used += 1;
             if self.slots.len() < self.used {
@@ -72,7 +80,7 @@ impl Names {
         self.slots[at].clear();
         self.slots[at].push_str(topic);
         (self.last, self.changed) = (at, true);
-        TopicRef::Define(number(at))
+        Ok(TopicRef::Define(number(at)))
     }
 
     /// Forgets every number for what is encoded next, which defines them again: after a frame
