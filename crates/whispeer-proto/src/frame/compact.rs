@@ -45,6 +45,7 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 
+use super::writer::frame_len;
 use super::{DecodeError, EncodeError, Frame, HEADER_LEN, PlainHead};
 use crate::{Limits, Qos, Topic};
 
@@ -159,10 +160,7 @@ fn compact_head<const LEAD: usize>(
         u16::try_from(text.len()).map_err(|_| EncodeError::TextTooLong { len: text.len() })?;
     let named = if matches!(topic, TopicRef::Alias(_)) { 0 } else { 2 + text.len() };
     let len = fixed_len - 4 + named + head.payload_len;
-    let frame_len = u32::try_from(len)
-        .ok()
-        .filter(|_| len <= max_frame_bytes)
-        .ok_or(EncodeError::FrameTooLarge { len, max: max_frame_bytes })?;
+    let frame_len = frame_len(len, max_frame_bytes)?;
     let mut fixed = [0; HEADER_LEN + 1 + COMPACT_FIXED];
     fixed[..4].copy_from_slice(&frame_len.to_be_bytes());
     fixed[4] = frame_type;

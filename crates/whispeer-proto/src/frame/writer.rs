@@ -190,6 +190,15 @@ fn finish_frame(
     finish_frame_with_tail(dst, start, written, 0, max_frame_bytes)
 }
 
+/// A frame's length prefix for `len` bytes after it, if the frame is within `max_frame_bytes`.
+#[inline(always)]
+pub(super) fn frame_len(len: usize, max_frame_bytes: usize) -> Result<u32, EncodeError> {
+    u32::try_from(len)
+        .ok()
+        .filter(|_| len <= max_frame_bytes)
+        .ok_or(EncodeError::FrameTooLarge { len, max: max_frame_bytes })
+}
+
 /// As [`finish_frame`] for a frame whose last `tail` bytes are sent separately.
 fn finish_frame_with_tail(
     dst: &mut BytesMut,
@@ -199,12 +208,7 @@ fn finish_frame_with_tail(
     max_frame_bytes: usize,
 ) -> Result<(), EncodeError> {
     let len = dst.len() - start - 4 + tail;
-    let checked = written.and_then(|()| {
-        u32::try_from(len)
-            .ok()
-            .filter(|_| len <= max_frame_bytes)
-            .ok_or(EncodeError::FrameTooLarge { len, max: max_frame_bytes })
-    });
+    let checked = written.and_then(|()| frame_len(len, max_frame_bytes));
     match checked {
         Ok(len) => {
             dst[start..start + 4].copy_from_slice(&len.to_be_bytes());
@@ -246,10 +250,7 @@ fn put_plain_frame_head<const OWN: usize>(
     // A constant for each caller, so the pieces of constant length are copied in place.
     let fixed_len = FRAME + OWN + ENVELOPE;
     let len = fixed_len - 4 + topic.len() + TAIL + head.payload_len;
-    let frame_len = u32::try_from(len)
-        .ok()
-        .filter(|_| len <= max_frame_bytes)
-        .ok_or(EncodeError::FrameTooLarge { len, max: max_frame_bytes })?;
+    let frame_len = frame_len(len, max_frame_bytes)?;
     let mut fixed = [0; FRAME + 16 + ENVELOPE];
     fixed[..4].copy_from_slice(&frame_len.to_be_bytes());
     fixed[4] = frame_type;
