@@ -141,6 +141,12 @@ pub(crate) struct BenchArgs {
     /// with an error saying how many of the messages arrived.
     #[arg(long, default_value_t = WINDOW_BYTES)]
     window_bytes: u64,
+    /// Topics the throughput runs (1→1, 1→8, 64 KiB) publish to, in turn: with more than one,
+    /// each subscriber subscribes once with a wildcard over them (`bench/<run>/+`; NATS
+    /// `bench.<run>.*`, a Redis pattern), as a dashboard of many devices does. The forwarder,
+    /// which has no topics, copies them all alike.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    topics: u64,
     /// Rounds of the comparison (and of `--durable`): each measures every system in turn,
     /// each round's table goes to standard error, and the table printed is each figure's
     /// median over the rounds.
@@ -170,15 +176,17 @@ pub(crate) struct BenchArgs {
     work_queue: work_queue::WorkQueueBenchArgs,
 }
 
-/// Delivered messages per second with `subscribers` subscribers; returns (msgs/s, bytes/s).
+/// Delivered messages per second with `subscribers` subscribers, the publisher cycling through
+/// `topics` topics; returns (msgs/s, bytes/s).
 async fn throughput(
     target: &Target,
     subscribers: usize,
     messages: u64,
     size: usize,
     window: u64,
+    topics: u64,
 ) -> anyhow::Result<(f64, f64)> {
-    let subject = target.subject(&format!("t{subscribers}x{size}"));
+    let (filter, subjects) = target.subjects(&format!("t{subscribers}x{size}"), topics);
     let progress: Arc<Vec<AtomicU64>> =
         Arc::new((0..subscribers).map(|_| AtomicU64::new(0)).collect());
     // Wakes the publisher when a subscriber moved on, so it waits for room without spinning
@@ -190,7 +198,7 @@ async fn throughput(
     let mut readers = Vec::new();
     for i in 0..subscribers {
         let conn = target.connect(i + 1).await?;
-        let subscribed = tokio::time::timeout(STALL, conn.subscribe(&subject)).await;
+        let subscribed = tokio::time::timeout(STALL, conn.subscribe(&filter)).await;
         let mut sub = subscribed.context("subscribing took too long")??;
         let (progress, moved, ready) =
             (Arc::clone(&progress), Arc::clone(&moved), Arc::clone(&ready));
@@ -219,7 +227,8 @@ async fn throughput(
         }));
     }
     let publisher = target.connect(0).await?;
-    probe(target, &publisher, &subject, || ready.iter().all(|r| r.load(Ordering::Acquire))).await?;
+    let all_ready = || ready.iter().all(|r| r.load(Ordering::Acquire));
+    probe(target, &publisher, &subjects[0], all_ready).await?;
     let payload = Bytes::from(vec![b'x'; size]);
     // Drawn on standard error only when it is a terminal.
     let bar = ProgressBar::new(messages)
@@ -248,7 +257,8 @@ async fn throughput(
                 }
             }
         }
-        publisher.publish(&subject, payload.clone()).await?;
+        let subject = &subjects[(sent % subjects.len() as u64) as usize];
+        publisher.publish(subject, payload.clone()).await?;
     }
     publisher.flush().await?;
     let mut at = slowest();
@@ -393,7 +403,7 @@ async fn measure(target: &Target, args: &BenchArgs, strict: bool) -> anyhow::Res
     };
     let before = (server_cpu(), cpu_seconds(None));
     let (one_to_one, _) =
-        lost("1→1", throughput(target, 1, args.messages, 128, window(128)).await)?;
+        lost("1→1", throughput(target, 1, args.messages, 128, window(128), args.topics).await)?;
     let per_delivery = |from: Option<f64>, to: Option<f64>, deliveries: u64| match (from, to) {
         (Some(from), Some(to)) => (to - from) * 1e6 / deliveries as f64,
         _ => f64::NAN,
@@ -404,7 +414,7 @@ async fn measure(target: &Target, args: &BenchArgs, strict: bool) -> anyhow::Res
     eprintln!("{name}: 1→8, 128 B …");
     let before = (server_cpu(), cpu_seconds(None));
     let (one_to_eight, _) =
-        lost("1→8", throughput(target, 8, args.messages / 4, 128, window(128)).await)?;
+        lost("1→8", throughput(target, 8, args.messages / 4, 128, window(128), args.topics).await)?;
     cpu_us[2] = per_delivery(before.0, server_cpu(), args.messages / 4 * 8);
     cpu_us[3] = per_delivery(before.1, cpu_seconds(None), args.messages / 4 * 8);
     let mut fan_in = f64::NAN;
@@ -420,8 +430,14 @@ async fn measure(target: &Target, args: &BenchArgs, strict: bool) -> anyhow::Res
         (group[0], group[1]) = lost("1→group", run)?;
     }
     eprintln!("{name}: 1→1, 64 KiB …");
-    let large_run =
-        throughput(target, 1, (args.messages / 40).max(100), 64 * 1024, window(64 * 1024));
+    let large_run = throughput(
+        target,
+        1,
+        (args.messages / 40).max(100),
+        64 * 1024,
+        window(64 * 1024),
+        args.topics,
+    );
     let (_, large) = lost("64 KiB", large_run.await)?;
     eprintln!("{name}: latency at {} msgs/s for {} s …", args.rate, args.latency_secs);
     let (target, rate, seconds) = (target.clone(), args.rate, args.latency_secs);
@@ -491,6 +507,12 @@ pub(crate) fn run(args: BenchArgs) -> std::process::ExitCode {
         }
         let reports = table::medians(&rounds);
         println!("medians of {} rounds (each measured every system in turn):", args.rounds);
+        if args.topics > 1 {
+            println!(
+                "throughput runs over {} topics in turn, each subscriber on a wildcard over them",
+                args.topics
+            );
+        }
         print!("{}", table::table(&reports));
         if args.qos1 {
             qos1::report(&args, reports.first().map_or(f64::NAN, |(_, r)| r.one_to_one)).await?;

@@ -333,6 +333,11 @@ impl Filter {
         if self.exact {
             return self.text.as_str() == topic;
         }
+        if self.text.as_str() == "#" {
+            // Every topic but those a leading wildcard skips (a grant of everything is checked
+            // for each publish to a topic other than the connection's last).
+            return !hidden_from_wildcards(topic);
+        }
         let mut filter = self.segments();
         let mut topic_segments = topic.split('/');
         // A leading wildcard never matches a reserved (`$`) or addressed (`@`) topic.
@@ -430,6 +435,9 @@ mod tests {
     #[test]
     fn leading_wildcard_skips_reserved_topics() {
         check("#", "$sys/clients", false);
+        check("#", "@inbox/alice", false);
+        check("#", "x/@inbox", true);
+        check("#", "x", true);
         check("+/clients", "$sys/clients", false);
         check("$sys/#", "$sys/clients", true);
         check("a/#", "a/$b", true);

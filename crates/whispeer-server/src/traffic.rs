@@ -14,6 +14,10 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use whispeer_proto::Topic;
 
+mod cache;
+
+pub(crate) use cache::FlowCache;
+
 /// Looked up per message: foldhash, a fraction of SipHash's cost on short keys, seeded per map.
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
@@ -106,54 +110,6 @@ impl Default for Traffic {
     }
 }
 
-/// The last topic one side of a connection (its reader or its writer) counted, with its
-/// counters: consecutive messages on one topic (the usual case) skip the shared map's lock and
-/// hash, and are added up here until [`FlowCache::settle`] (after each read or write, on a
-/// flush, when the topic changes, when dropped), so the shared counters are touched once a
-/// batch rather than once a message. Topics are never removed from the map, so a cached entry
-/// stays the one the map holds.
-#[derive(Debug, Default)]
-pub(crate) struct FlowCache {
-    entry: Option<(Topic, Arc<TopicFlow>)>,
-    inbound: bool,
-    messages: u64,
-    bytes: u64,
-}
-
-impl FlowCache {
-    /// Whether the cache counts `topic`'s traffic in this direction: then [`FlowCache::add`]
-    /// counts a message of it without the topic at hand.
-    #[inline]
-    pub(crate) fn holds(&self, topic: &Topic, inbound: bool) -> bool {
-        matches!(&self.entry, Some((cached, _)) if cached == topic) && self.inbound == inbound
-    }
-
-    /// Counts one more message of `bytes` to the topic and direction the cache holds (see
-    /// [`FlowCache::holds`]).
-    #[inline]
-    pub(crate) fn add(&mut self, bytes: usize) {
-        self.messages += 1;
-        self.bytes += bytes as u64;
-    }
-
-    /// Adds what was counted since the last settle to the shared counters.
-    pub(crate) fn settle(&mut self) {
-        if let Some((_, entry)) = &self.entry
-            && self.messages > 0
-        {
-            entry.flow.add(self.inbound, self.messages, self.bytes);
-            entry.class.add(self.inbound, self.messages, self.bytes);
-        }
-        (self.messages, self.bytes) = (0, 0);
-    }
-}
-
-impl Drop for FlowCache {
-    fn drop(&mut self) {
-        self.settle();
-    }
-}
-
 impl Traffic {
     /// Counts at most `max_topics` distinct topics one by one.
     pub fn new(max_topics: usize) -> Self {
@@ -188,17 +144,18 @@ impl Traffic {
         }
     }
 
-    /// Settles what the cache counted and makes it count `topic` in this direction.
+    /// Counts a message to a topic other than the cache's last: in the cache if it has the
+    /// topic, else in an entry found in (or added to) the shared map, which the cache keeps.
     #[inline(never)]
     fn count_anew(&self, cache: &mut FlowCache, topic: &Topic, inbound: bool, bytes: usize) {
-        let bytes = bytes as u64;
-        cache.settle();
+        if cache.count_cached(topic, inbound, bytes) {
+            return;
+        }
         let known = self.topics.read().unwrap_or_else(PoisonError::into_inner).get(topic).cloned();
         let entry = known
             .or_else(|| if self.full.load(Ordering::Relaxed) { None } else { self.track(topic) })
             .unwrap_or_else(|| Arc::clone(&self.class(topic).untracked));
-        cache.entry = Some((topic.clone(), entry));
-        (cache.inbound, cache.messages, cache.bytes) = (inbound, 1, bytes);
+        cache.count_new(topic, entry, inbound, bytes);
     }
 
     /// Starts counting `topic`, unless `max_topics` are counted already.
@@ -299,7 +256,7 @@ mod tests {
         assert_eq!(topics[0].0.as_str(), "sensor/1/t");
         assert_eq!((topics[0].1.messages_in, topics[0].1.messages_out), (1, 2));
         assert_eq!(traffic.untracked(), 1);
-        // Each connection's cache remembers one topic; another connection's counts add up.
+        // Each connection's cache counts its own; another connection's counts add up.
         let mut other = FlowCache::default();
         traffic.outbound(&mut other, &topic("sensor/1/t"), 1);
         traffic.outbound(&mut cache, &topic("sensor/2/t"), 1);
@@ -313,6 +270,48 @@ mod tests {
         let topics = traffic.topics();
         let flow = |name: &str| topics.iter().find(|t| t.0.as_str() == name).unwrap().1;
         assert_eq!((flow("sensor/1/t").messages_out, flow("sensor/2/t").messages_out), (3, 1));
+    }
+
+    /// A cache counts many topics between settles, in and out, and past its bound settles and
+    /// forgets them: every message is counted once, to its topic and direction.
+    #[test]
+    fn a_cache_counts_many_topics_and_loses_no_count_past_its_bound() {
+        let traffic = Traffic::new(10_000);
+        let mut cache = FlowCache::default();
+        let topics: Vec<Topic> =
+            (0..cache::CACHED_TOPICS + 40).map(|n| topic(&format!("s/{n}"))).collect();
+        let repeats = |n: usize| if n.is_multiple_of(7) { 2 } else { 1 };
+        for round in 0..3 {
+            for (n, t) in topics.iter().enumerate() {
+                for _ in 0..repeats(n) {
+                    traffic.inbound(&mut cache, t, n + 1);
+                }
+            }
+            if round == 1 {
+                cache.settle();
+            }
+        }
+        traffic.outbound(&mut cache, &topics[3], 1000);
+        traffic.outbound(&mut cache, &topics[3], 1000);
+        traffic.inbound(&mut cache, &topics[3], 4);
+        traffic.inbound(&mut cache, &topics[5], 6);
+        cache.settle();
+        traffic.inbound(&mut cache, &topics[5], 6);
+        drop(cache);
+        let counted = traffic.topics();
+        for (n, t) in topics.iter().enumerate() {
+            let flow = counted.iter().find(|(c, _)| c == t).map(|(_, flow)| *flow).unwrap();
+            let (mut messages, mut bytes) =
+                (3 * repeats(n) as u64, (3 * repeats(n) * (n + 1)) as u64);
+            match n {
+                3 => (messages, bytes) = (messages + 1, bytes + 4),
+                5 => (messages, bytes) = (messages + 2, bytes + 12),
+                _ => {}
+            }
+            assert_eq!((flow.messages_in, flow.bytes_in), (messages, bytes), "{t}");
+            let out = if n == 3 { (2, 2000) } else { (0, 0) };
+            assert_eq!((flow.messages_out, flow.bytes_out), out, "{t}");
+        }
     }
 
     #[test]

@@ -159,7 +159,9 @@ impl RawConn {
                 RawSub { kind: self.kind, reader, writer, buf: BytesMut::new() }
             }
             Kind::Redis => {
-                writer.write_all(&resp(&[b"SUBSCRIBE", subject.as_bytes()])).await?;
+                // A wildcard is a pattern (`bench.x.*`), subscribed to with PSUBSCRIBE.
+                let command = if subject.contains('*') { &b"PSUBSCRIBE"[..] } else { b"SUBSCRIBE" };
+                writer.write_all(&resp(&[command, subject.as_bytes()])).await?;
                 let mut sub = RawSub { kind: self.kind, reader, writer, buf: BytesMut::new() };
                 // The confirmation is the first push: [subscribe, subject, 1].
                 sub.redis_push().await?;
@@ -320,18 +322,19 @@ impl RawSub {
         }
     }
 
-    /// The payload of the next Redis `message` push; `Ok(None)` for another push (the
-    /// subscription's confirmation).
+    /// The payload of the next Redis `message` push (or `pmessage`, to a pattern); `Ok(None)`
+    /// for another push (the subscription's confirmation).
     async fn redis_push(&mut self) -> io::Result<Option<Bytes>> {
         loop {
             if let Some((parts, used)) = resp_array(&self.buf) {
-                let is_message = parts.len() == 3
-                    && &self.buf[parts[0].0..parts[0].0 + parts[0].1] == b"message";
-                let (start, len) = parts[parts.len() - 1];
+                let text = |&(at, len): &(usize, usize)| &self.buf[at..at + len];
+                let kind = parts.first().map(text);
+                let message = match (parts.len(), kind) {
+                    (3, Some(b"message")) | (4, Some(b"pmessage")) => parts.last().copied(),
+                    _ => None,
+                };
                 let mut taken = self.buf.split_to(used);
-                if !is_message {
-                    return Ok(None);
-                }
+                let Some((start, len)) = message else { return Ok(None) };
                 taken.advance(start);
                 taken.truncate(len);
                 return Ok(Some(taken.freeze()));
@@ -510,6 +513,10 @@ mod tests {
         assert_eq!(text, [&b"message"[..], b"bench.x", b"hello"]);
         assert!(resp_array(&push[..push.len() - 3]).is_none(), "incomplete");
         assert!(resp_array(b":1\r\n").is_none(), "not an array");
+        let pushed = b"*4\r\n$8\r\npmessage\r\n$9\r\nbench.x.*\r\n$9\r\nbench.x.7\r\n$2\r\nhi\r\n";
+        let (parts, used) = resp_array(pushed).expect("a pattern's push");
+        assert_eq!((parts.len(), used), (4, pushed.len()));
+        assert_eq!(&pushed[parts[3].0..parts[3].0 + parts[3].1], b"hi");
         let confirmed = b"*3\r\n$9\r\nsubscribe\r\n$1\r\nt\r\n:1\r\n";
         let (parts, used) = resp_array(confirmed).expect("a confirmation");
         assert_eq!((parts.len(), used), (3, confirmed.len()));

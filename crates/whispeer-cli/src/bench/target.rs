@@ -86,6 +86,23 @@ impl Target {
         }
     }
 
+    /// What a throughput run named `name` publishes to, in turn, and the one filter each of
+    /// its subscribers subscribes to: the run's subject alone for one topic; for more, that
+    /// many subjects under it and a wildcard over them. The forwarder, which has no topics,
+    /// gets its one subject for every publish.
+    pub(super) fn subjects(&self, name: &str, topics: u64) -> (String, Vec<String>) {
+        let subject = self.subject(name);
+        if topics <= 1 || matches!(self, Self::Forwarder { .. }) {
+            return (subject.clone(), vec![subject]);
+        }
+        let (separator, wildcard) = match self {
+            Self::Whispeer { .. } | Self::Cluster { .. } | Self::Mqtt { .. } => ('/', '+'),
+            _ => ('.', '*'),
+        };
+        let filter = format!("{subject}{separator}{wildcard}");
+        (filter, (0..topics).map(|k| format!("{subject}{separator}{k}")).collect())
+    }
+
     /// A connection for `role`: 0 the publisher, `i` the `i`-th subscriber (only a cluster
     /// tells them apart: they go to different nodes).
     pub(super) async fn connect(&self, role: usize) -> anyhow::Result<Conn> {
