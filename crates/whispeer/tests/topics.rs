@@ -44,3 +44,37 @@ async fn topics_over_the_limits_are_refused_whoever_subscribed() {
     assert_eq!(exact.try_recv().unwrap().payload().as_ref(), b"y");
     assert_eq!(broker.stats().published, 1);
 }
+
+/// An envelope whose topic the caller parsed under the broker's own limits, as a server's
+/// connection reads its clients' publishes, goes through `publish_envelope_checked` without a
+/// second check: one parsed under looser limits is not refused there (it is by
+/// `publish_envelope`), which is why only a reader under the broker's limits calls it.
+#[tokio::test]
+async fn a_checked_envelope_is_not_checked_again() {
+    let mut options = BrokerOptions::default();
+    options.limits.max_topic_len = 12;
+    let broker = Broker::builder(options).build();
+    let mut everything = broker.messages("#").unwrap();
+    let envelope = |topic: &str| {
+        whispeer::proto::Envelope::new(
+            whispeer::proto::MessageId(1),
+            whispeer::Topic::parse(topic).unwrap(),
+            0,
+            whispeer::proto::Flags::default(),
+            bytes::Bytes::from_static(b"x"),
+        )
+    };
+    let too_long = "abc/defghijkl";
+    assert!(matches!(
+        broker.publish_envelope(envelope(too_long)),
+        Err(PublishError::InvalidTopic(_))
+    ));
+    assert_eq!(broker.publish_envelope_checked(envelope(too_long)).unwrap().subscribers, 1);
+    assert_eq!(broker.publish_envelope_checked(envelope("a/b")).unwrap().subscribers, 1);
+    let topics: Vec<String> =
+        std::iter::from_fn(|| everything.try_recv()).map(|m| m.topic().to_string()).collect();
+    assert_eq!(topics, [too_long, "a/b"]);
+    // Reserved topics are refused either way.
+    let reserved = broker.publish_envelope_checked(envelope("$sys/x"));
+    assert!(matches!(reserved, Err(PublishError::ReservedTopic(_))), "{reserved:?}");
+}

@@ -166,6 +166,32 @@ impl Broker {
     /// # Errors
     /// See [`PublishError`].
     pub fn publish_envelope(&self, envelope: Envelope) -> Result<PublishReceipt, PublishError> {
+        // The topic is checked against this broker's limits on the way (a `Topic` is well
+        // formed, but may have been parsed under other limits).
+        self.publish_envelope_as(envelope, Check::UnlessSubscribed)
+    }
+
+    /// [`Broker::publish_envelope`] for an envelope whose topic was parsed under this broker's
+    /// own limits (`self.options().limits`), as a server's connection reads its clients'
+    /// publishes: the topic is not checked against them again. (Otherwise a topic that no
+    /// exact subscription holds, one that only wildcards match, is checked again for each
+    /// publish.) A topic parsed under wider limits goes through unchecked: use
+    /// [`Broker::publish_envelope`] for those.
+    ///
+    /// # Errors
+    /// See [`PublishError`].
+    pub fn publish_envelope_checked(
+        &self,
+        envelope: Envelope,
+    ) -> Result<PublishReceipt, PublishError> {
+        self.publish_envelope_as(envelope, Check::Done)
+    }
+
+    fn publish_envelope_as(
+        &self,
+        envelope: Envelope,
+        check: Check,
+    ) -> Result<PublishReceipt, PublishError> {
         let shared = &*self.inner;
         let limits = &shared.options.limits;
         if envelope.topic.is_reserved() {
@@ -175,9 +201,7 @@ impl Broker {
         if envelope.payload.len() > max {
             return Err(PublishError::TooLarge { len: envelope.payload.len(), max });
         }
-        // The topic is checked against this broker's limits on the way (a `Topic` is well
-        // formed, but may have been parsed under other limits).
-        shared.accept(envelope, Check::UnlessSubscribed)
+        shared.accept(envelope, check)
     }
 
     /// Calls `callback` with every message matching the filter, decoded as `T`, in order, on

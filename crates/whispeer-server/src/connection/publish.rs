@@ -153,7 +153,8 @@ impl Connection {
         // mostly does: the connection's last topic), or a request may need it to refuse.
         let counted = self.flows.holds(&envelope.topic, true);
         let topic = (!counted || request).then(|| envelope.topic.clone());
-        let published = self.broker.publish_envelope(envelope);
+        // Read under the broker's own limits (`connection::run`): checked already.
+        let published = self.broker.publish_envelope_checked(envelope);
         // A request nothing took (known here only when no other node or store is involved).
         if let Ok(receipt) = &published
             && let Some(topic) = topic.as_ref().filter(|_| request)
